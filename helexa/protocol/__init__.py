@@ -1,0 +1,61 @@
+"""helexa's wire protocol: typed, versioned messages and their msgpack codec.
+
+Sans-IO: nothing here imports trio, a websocket or a runtime (a test enforces it).
+"""
+
+from .codec import (
+    DEFAULT_MAX_FRAME,
+    MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
+    Json,
+    decode,
+    encode,
+    from_wire,
+    kinds,
+    message,
+    to_wire,
+)
+from .errors import AuthenticationError, DecodeError, ProtocolError, VersionMismatch
+from .hardware import GpuInfo, GpuUsage, Hardware, NeuronDescriptor, NeuronMetrics
+from .inference import (
+    Cancel,
+    EmbedRequest,
+    EmbedResult,
+    GenerateRequest,
+    GenerateResult,
+    InferenceError,
+    SamplingParams,
+    Task,
+    TokenChunk,
+    Usage,
+)
+from .messages import (
+    Challenge,
+    Fault,
+    Heartbeat,
+    Hello,
+    Join,
+    LoadModel,
+    LoadProgress,
+    ModelStatusChanged,
+    Ping,
+    Pong,
+    ProvisioningCommand,
+    ProvisioningResponse,
+    Refused,
+    Shutdown,
+    UnloadModel,
+    UpsertModelConfig,
+    Welcome,
+)
+from .model import (
+    ModelCapability,
+    ModelConfig,
+    ModelId,
+    ModelState,
+    ModelStatus,
+    Workload,
+    WorkloadClass,
+)
+
+__all__ = [name for name in dir() if not name.startswith("_")]

@@ -1,0 +1,182 @@
+"""Control-plane frames between a cortex and its neurons (besides the inference ones in
+:mod:`helexa.protocol.inference`).
+
+The session, in order::
+
+    neuron                               cortex
+      Hello(node_id, versions, nonce) ->
+                                      <- Challenge(nonce, version)   | Refused
+      Join(proof, descriptor, models) ->
+                                      <- Welcome(proof, interval)    | Refused
+      Heartbeat ...                   ->
+                                      <- UpsertModelConfig / LoadModel / UnloadModel
+      LoadProgress / ProvisioningResponse / ModelStatusChanged ->
+                                      <- GenerateRequest / EmbedRequest / Cancel
+      TokenChunk / GenerateResult / EmbedResult / InferenceError ->
+      Shutdown (either side), Fault (either side, before closing on a protocol error)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .codec import message
+from .hardware import NeuronDescriptor, NeuronMetrics
+from .model import ModelConfig, ModelId, ModelStatus
+
+# --- handshake ---------------------------------------------------------------------------
+
+
+@message("hello")
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """The neuron's first frame: who it claims to be and which versions it speaks."""
+
+    node_id: str
+    min_version: int
+    max_version: int
+    nonce: bytes
+    software: str = ""
+
+
+@message("challenge")
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    """The cortex's answer: the version chosen and a fresh nonce to prove the token on."""
+
+    nonce: bytes
+    version: int
+    cortex_id: str = ""
+
+
+@message("join")
+@dataclass(frozen=True, slots=True)
+class Join:
+    """Proof of the join token, and everything the cortex needs to rebuild its view."""
+
+    proof: bytes
+    descriptor: NeuronDescriptor
+    models: tuple[ModelStatus, ...] = ()
+    configs: tuple[ModelConfig, ...] = ()
+
+
+@message("welcome")
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """Accepted. ``proof`` lets the neuron check it joined the cortex holding its token."""
+
+    proof: bytes
+    session_id: str
+    heartbeat_interval: float
+    operator: str = ""
+
+
+@message("refused")
+@dataclass(frozen=True, slots=True)
+class Refused:
+    code: str
+    reason: str
+
+
+# --- liveness ----------------------------------------------------------------------------
+
+
+@message("heartbeat")
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    seq: int
+    metrics: NeuronMetrics
+    models: tuple[ModelStatus, ...] = ()
+
+
+@message("ping")
+@dataclass(frozen=True, slots=True)
+class Ping:
+    nonce: int
+
+
+@message("pong")
+@dataclass(frozen=True, slots=True)
+class Pong:
+    nonce: int
+
+
+# --- provisioning ------------------------------------------------------------------------
+
+
+@message("upsert_model_config")
+@dataclass(frozen=True, slots=True)
+class UpsertModelConfig:
+    command_id: str
+    config: ModelConfig
+
+
+@message("load_model")
+@dataclass(frozen=True, slots=True)
+class LoadModel:
+    command_id: str
+    model_id: ModelId
+
+
+@message("unload_model")
+@dataclass(frozen=True, slots=True)
+class UnloadModel:
+    command_id: str
+    model_id: ModelId
+
+
+ProvisioningCommand = UpsertModelConfig | LoadModel | UnloadModel
+
+
+@message("provisioning_response")
+@dataclass(frozen=True, slots=True)
+class ProvisioningResponse:
+    """The outcome of one provisioning command: ``ok``, or an error with its reason."""
+
+    command_id: str
+    ok: bool
+    error: str | None = None
+    code: str | None = None
+    status: ModelStatus | None = None
+
+
+@message("load_progress")
+@dataclass(frozen=True, slots=True)
+class LoadProgress:
+    """Progress of a load: ``done`` of ``total`` ``unit`` (bytes, layers) in ``stage``."""
+
+    command_id: str
+    model_id: ModelId
+    stage: str
+    done: int
+    total: int | None = None
+    unit: str = "bytes"
+
+
+@message("model_status")
+@dataclass(frozen=True, slots=True)
+class ModelStatusChanged:
+    """A model changed state outside a command (a supervised process died, say)."""
+
+    status: ModelStatus
+
+
+# --- endings -----------------------------------------------------------------------------
+
+
+@message("shutdown")
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    """The sender is going away: stop sending it new work."""
+
+    reason: str
+    grace: float = 0.0
+
+
+@message("fault")
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """A protocol error; the sender closes the connection after this frame."""
+
+    code: str
+    message: str

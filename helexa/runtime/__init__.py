@@ -1,0 +1,20 @@
+"""Inference backends run by a neuron (see :mod:`helexa.runtime.base`)."""
+
+from .base import (
+    Backend,
+    BackendCrashed,
+    BackendError,
+    ChatInference,
+    EmbeddingInference,
+    GenerationEvent,
+    InvalidRequest,
+    LoadFailed,
+    Overloaded,
+    ProgressFn,
+    TextInference,
+    Unsupported,
+    VisionInference,
+)
+from .registry import BACKENDS, backend_class, create_backend
+
+__all__ = [name for name in dir() if not name.startswith("_")]

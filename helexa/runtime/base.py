@@ -1,0 +1,142 @@
+"""The runtime interface every inference backend meets.
+
+A backend is created from a :class:`~helexa.protocol.ModelConfig`, loaded once, serves any
+number of concurrent requests, and is unloaded. What it can serve is declared by the
+capability interfaces it implements: :class:`ChatInference`, :class:`TextInference`,
+:class:`EmbeddingInference`, :class:`VisionInference` (the seed's ``model-runtime`` traits).
+
+Streaming: :meth:`ChatInference.chat` and :meth:`TextInference.complete` return an async
+iterator of :class:`~helexa.protocol.TokenChunk` items ending with exactly one
+:class:`~helexa.protocol.GenerateResult`. Callers iterate it inside
+``contextlib.aclosing(...)``; leaving the loop early, or cancelling the task that iterates,
+must stop generation in the backend and free its slot before ``aclose`` returns.
+
+Blocking backend calls run off the trio thread (``trio.to_thread.run_sync``) so that one
+model's work never stalls the control plane.
+
+Exception tree::
+
+    BackendError                    anything a backend reports; ``code`` is machine-readable
+    ├── LoadFailed                  load did not succeed (model_not_found, corrupt_model,
+    │                               out_of_memory, missing_extra, load_failed)
+    ├── InvalidRequest              bad parameters for this backend (invalid_request)
+    ├── Unsupported                 the model cannot do this workload (unsupported)
+    ├── Overloaded                  no free slot right now; retryable (overloaded)
+    └── BackendCrashed              the engine or its process died (backend_crashed)
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Callable
+from typing import ClassVar
+
+from helexa.protocol import (
+    EmbedRequest,
+    EmbedResult,
+    GenerateRequest,
+    GenerateResult,
+    ModelConfig,
+    TokenChunk,
+    Workload,
+)
+
+ProgressFn = Callable[[str, int, "int | None", str], None]
+"""``progress(stage, done, total, unit)``: called on the trio thread during a load."""
+
+GenerationEvent = TokenChunk | GenerateResult
+
+
+class BackendError(Exception):
+    code: str = "backend_error"
+    retryable: bool = False
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class LoadFailed(BackendError):
+    code = "load_failed"
+
+
+class InvalidRequest(BackendError):
+    code = "invalid_request"
+
+
+class Unsupported(BackendError):
+    code = "unsupported"
+
+
+class Overloaded(BackendError):
+    code = "overloaded"
+    retryable = True
+
+
+class BackendCrashed(BackendError):
+    code = "backend_crashed"
+
+
+class Backend(abc.ABC):
+    """Lifecycle of one model in one backend.
+
+    Args:
+        config: the model's config as pushed by the cortex.
+
+    Subclasses set ``kind`` (the registry key) and implement the capability interfaces
+    they support.
+    """
+
+    kind: ClassVar[str]
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+
+    @abc.abstractmethod
+    async def load(self, progress: ProgressFn) -> None:
+        """Load the model, reporting progress. Raises :class:`LoadFailed` with a precise
+        reason; on failure nothing stays allocated."""
+
+    @abc.abstractmethod
+    async def unload(self) -> None:
+        """Free everything the load took (memory, VRAM, processes). Idempotent."""
+
+    def memory_bytes(self) -> int:
+        """Approximate resident memory of the loaded model (0 if unknown)."""
+        return 0
+
+    @property
+    def workloads(self) -> frozenset[Workload]:
+        found = set()
+        if isinstance(self, ChatInference):
+            found.add(Workload.CHAT)
+        if isinstance(self, TextInference):
+            found.add(Workload.COMPLETION)
+        if isinstance(self, EmbeddingInference):
+            found.add(Workload.EMBEDDING)
+        if isinstance(self, VisionInference):
+            found.add(Workload.VISION)
+        return frozenset(found)
+
+
+class ChatInference(abc.ABC):
+    @abc.abstractmethod
+    def chat(self, request: GenerateRequest) -> AsyncIterator[GenerationEvent]:
+        """Stream a chat completion (chat template from the model's own metadata)."""
+
+
+class TextInference(abc.ABC):
+    @abc.abstractmethod
+    def complete(self, request: GenerateRequest) -> AsyncIterator[GenerationEvent]:
+        """Stream a raw-prompt completion."""
+
+
+class EmbeddingInference(abc.ABC):
+    @abc.abstractmethod
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        """Embed a batch of inputs; vectors are L2-normalised float32."""
+
+
+class VisionInference(ChatInference):
+    """A chat model that accepts image parts in its messages."""
