@@ -1,0 +1,125 @@
+"""Loading typed configuration: a TOML file, then ``HELEXA_*`` environment variables, then
+command-line flags, validated into a pydantic model at start-up.
+
+Any problem becomes one :class:`ConfigError` whose message names the key and what was
+wrong (``control_socket: expected HOST:PORT, got 'nope'``); the CLI prints that line and
+exits 2, never a traceback.
+
+Environment variables: ``HELEXA_<FIELD>`` for a top-level field, ``HELEXA_<TABLE>__<FIELD>``
+for a field of a nested table (``HELEXA_GATEWAY__MAX_BODY_BYTES``). Lists are written as
+JSON or comma-separated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+from pydantic import AfterValidator, BaseModel, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ConfigError(Exception):
+    """A configuration problem, with a one-line message meant for the operator."""
+
+
+def _check_socket(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return value
+
+
+SocketAddr = Annotated[str, AfterValidator(_check_socket)]
+"""``HOST:PORT``; port 0 asks the OS for a free port."""
+
+
+def split_socket(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def load_config(
+    model: type[M],
+    *,
+    file: Path | None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    prefix: str = "HELEXA_",
+) -> M:
+    """Build ``model`` from ``file`` (optional), the environment and ``overrides``.
+
+    ``overrides`` holds command-line values; ``None`` values are ignored so that an unset
+    flag does not hide the file or the environment. Dotted keys set nested fields.
+
+    Raises:
+        ConfigError: unreadable or invalid TOML, an unknown key, or a value that fails
+            validation.
+    """
+    data: dict[str, Any] = {}
+    if file is not None:
+        try:
+            data = tomllib.loads(Path(file).read_text())
+        except OSError as exc:
+            raise ConfigError(f"config file {file}: cannot read it ({exc.strerror or exc})") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {file}: invalid TOML ({exc})") from None
+    env = os.environ if environ is None else environ
+    for key, value in env.items():
+        if not key.startswith(prefix) or not value:
+            continue
+        path = key[len(prefix) :].lower().split("__")
+        if _known_path(model, path):
+            _set(data, path, _env_value(value))
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set(data, key.split("."), value)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc, file)) from None
+
+
+def _known_path(model: type[BaseModel], path: list[str]) -> bool:
+    fields = model.model_fields
+    head = path[0]
+    if head not in fields:
+        return False
+    if len(path) == 1:
+        return True
+    ann = fields[head].annotation
+    return isinstance(ann, type) and issubclass(ann, BaseModel) and _known_path(ann, path[1:])
+
+
+def _env_value(value: str) -> Any:
+    stripped = value.strip()
+    if stripped[:1] in "[{":
+        try:
+            return json.loads(stripped)
+        except json.JSONDecodeError:
+            pass
+    return value
+
+
+def _set(data: dict[str, Any], path: list[str], value: Any) -> None:
+    for part in path[:-1]:
+        data = data.setdefault(part, {})
+    data[path[-1]] = value
+
+
+def _one_line(exc: ValidationError, file: Path | None) -> str:
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]) or "(config)"
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    where = f" (in {file})" if file is not None else ""
+    more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"{key}: {msg}{where}{more}"

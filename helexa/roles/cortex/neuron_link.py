@@ -1,0 +1,314 @@
+"""One joined neuron's connection, from the cortex's side: state, and the calls that drive it.
+
+A :class:`Link` owns the reader loop of its channel. Provisioning responses are matched to
+commands by command id, inference frames to requests by request id, so any number of
+commands and generations share one connection. The reader never blocks on a consumer:
+each request has its own buffer, and text chunks that pile up while its reader is slow
+are coalesced into one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+
+import trio
+
+from helexa.protocol import (
+    Cancel,
+    EmbedRequest,
+    EmbedResult,
+    Fault,
+    GenerateRequest,
+    GenerateResult,
+    Heartbeat,
+    InferenceError,
+    LoadProgress,
+    ModelConfig,
+    ModelStatus,
+    ModelStatusChanged,
+    NeuronDescriptor,
+    NeuronMetrics,
+    Ping,
+    Pong,
+    ProtocolError,
+    ProvisioningCommand,
+    ProvisioningResponse,
+    Shutdown,
+    TokenChunk,
+    UpsertModelConfig,
+)
+from helexa.transport import Channel, ChannelClosed
+
+from .fleet import CommandTimeout, Health, NeuronGone, RemoteError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Command:
+    done: trio.Event = field(default_factory=trio.Event)
+    response: ProvisioningResponse | None = None
+    error: Exception | None = None
+    on_progress: Callable[[LoadProgress], None] | None = None
+
+
+class _Stream:
+    """Per-request buffer between the reader loop and one consumer."""
+
+    __slots__ = ("request_id", "chunks", "final", "error", "wake", "started")
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.chunks: list[TokenChunk] = []
+        self.final: GenerateResult | EmbedResult | None = None
+        self.error: Exception | None = None
+        self.wake = trio.Event()
+        self.started = False
+
+    def push(self, chunk: TokenChunk) -> None:
+        self.started = True
+        last = self.chunks[-1] if self.chunks else None
+        if last is not None and last.tool_calls is None and chunk.tool_calls is None:
+            self.chunks[-1] = replace(last, text=last.text + chunk.text, tokens=last.tokens + chunk.tokens)
+        else:
+            self.chunks.append(chunk)
+        self.wake.set()
+
+    def finish(self, final: GenerateResult | EmbedResult) -> None:
+        self.final = final
+        self.wake.set()
+
+    def fail(self, error: Exception) -> None:
+        if self.final is None and self.error is None:
+            self.error = error
+        self.wake.set()
+
+    async def events(self) -> AsyncIterator[TokenChunk | GenerateResult]:
+        while True:
+            if self.chunks:
+                chunks, self.chunks = self.chunks, []
+                for chunk in chunks:
+                    yield chunk
+                continue
+            if self.final is not None:
+                assert isinstance(self.final, GenerateResult)
+                yield self.final
+                return
+            if self.error is not None:
+                raise self.error
+            await self.wake.wait()
+            self.wake = trio.Event()
+
+
+class Link:
+    """The cortex's handle on one neuron (implements :class:`~.fleet.NeuronLink`)."""
+
+    def __init__(
+        self,
+        channel: Channel,
+        descriptor: NeuronDescriptor,
+        *,
+        models: tuple[ModelStatus, ...] = (),
+        configs: tuple[ModelConfig, ...] = (),
+        on_change: Callable[[], None] = lambda: None,
+        send_timeout: float = 10.0,
+    ) -> None:
+        self.channel = channel
+        self.node_id = descriptor.node_id
+        self.descriptor = descriptor
+        self.health = Health.HEALTHY
+        self.connected = True
+        self.metrics = NeuronMetrics(ram_total=descriptor.hardware.ram_total)
+        self.models: dict[str, ModelStatus] = {m.model_id: m for m in models}
+        self.configs: dict[str, ModelConfig] = {c.model_id: c for c in configs}
+        self.joined_at = time.time()
+        self.last_heartbeat = time.time()
+        self.last_seen = trio.current_time()
+        self.disconnected_at: float | None = None
+        self.in_flight = 0
+        self.heartbeats = 0
+        self._on_change = on_change
+        self._send_timeout = send_timeout
+        self._commands: dict[str, _Command] = {}
+        self._streams: dict[str, _Stream] = {}
+        self._pings: dict[int, trio.Event] = {}
+
+    # --- the reader ----------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Read frames until the connection ends; then fail everything still waiting."""
+        reason: Exception = NeuronGone(f"neuron {self.node_id} disconnected")
+        try:
+            while True:
+                msg = await self.channel.receive()
+                self.last_seen = trio.current_time()
+                self._dispatch(msg)
+        except ChannelClosed as exc:
+            reason = NeuronGone(f"neuron {self.node_id} disconnected ({exc})")
+        except ProtocolError as exc:
+            log.warning("neuron %s sent a bad frame: %s; connection closed", self.node_id, exc)
+            with trio.move_on_after(2) as scope:
+                scope.shield = True
+                try:
+                    await self.channel.send(Fault(exc.code, str(exc)))
+                except ChannelClosed:
+                    pass
+                await self.channel.aclose(1002, exc.code)
+            reason = NeuronGone(f"neuron {self.node_id} dropped after a protocol error")
+        finally:
+            self._lost(reason)
+
+    def _lost(self, reason: Exception) -> None:
+        self.connected = False
+        self.health = Health.UNHEALTHY
+        self.disconnected_at = trio.current_time()
+        for cmd in self._commands.values():
+            cmd.error = reason
+            cmd.done.set()
+        for stream in self._streams.values():
+            stream.fail(NeuronGone(str(reason), started=stream.started))
+        self._on_change()
+
+    def _dispatch(self, msg: object) -> None:
+        match msg:
+            case TokenChunk(request_id=rid):
+                if (stream := self._streams.get(rid)) is not None:
+                    stream.push(msg)
+            case GenerateResult(request_id=rid) | EmbedResult(request_id=rid):
+                if (stream := self._streams.get(rid)) is not None:
+                    stream.finish(msg)
+            case InferenceError(request_id=rid):
+                if (stream := self._streams.get(rid)) is not None:
+                    stream.fail(RemoteError(msg.code, msg.message, retryable=msg.retryable))
+            case Heartbeat():
+                self.heartbeats += 1
+                self.metrics = msg.metrics
+                self.last_heartbeat = time.time()
+                changed = self._set_models(msg.models)
+                if self.health is Health.UNHEALTHY and self.connected:
+                    self.health = Health.HEALTHY
+                    changed = True
+                if changed:
+                    self._on_change()
+            case ProvisioningResponse(command_id=cid):
+                if msg.status is not None:
+                    self.models[msg.status.model_id] = msg.status
+                    self._on_change()
+                if (cmd := self._commands.get(cid)) is not None:
+                    cmd.response = msg
+                    cmd.done.set()
+            case LoadProgress(command_id=cid):
+                cur = self.models.get(msg.model_id)
+                if cur is not None and msg.total:
+                    self.models[msg.model_id] = replace(cur, progress=msg.done / msg.total)
+                if (cmd := self._commands.get(cid)) is not None and cmd.on_progress is not None:
+                    cmd.on_progress(msg)
+            case ModelStatusChanged(status=status):
+                self.models[status.model_id] = status
+                self._on_change()
+            case Pong(nonce=nonce):
+                if (ev := self._pings.pop(nonce, None)) is not None:
+                    ev.set()
+            case Shutdown(reason=why):
+                log.info("neuron %s is shutting down: %s", self.node_id, why)
+                self.health = Health.DRAINING
+                self._on_change()
+            case _:
+                raise ProtocolError(f"unexpected {type(msg).__name__} from a neuron", code="unexpected")
+
+    def _set_models(self, models: tuple[ModelStatus, ...]) -> bool:
+        new = {m.model_id: m for m in models}
+        old_states = {k: v.state for k, v in self.models.items()}
+        self.models = new
+        return old_states != {k: v.state for k, v in new.items()}
+
+    # --- calls ----------------------------------------------------------------------------
+
+    async def _send(self, msg: object) -> None:
+        if not self.connected:
+            raise NeuronGone(f"neuron {self.node_id} is not connected")
+        try:
+            with trio.fail_after(self._send_timeout):
+                await self.channel.send(msg)
+        except ChannelClosed as exc:
+            raise NeuronGone(f"neuron {self.node_id} disconnected ({exc})") from None
+        except trio.TooSlowError:
+            raise CommandTimeout(f"sending to neuron {self.node_id} timed out") from None
+
+    async def provision(
+        self,
+        command: ProvisioningCommand,
+        *,
+        timeout: float,
+        on_progress: Callable[[LoadProgress], None] | None = None,
+    ) -> ProvisioningResponse:
+        cmd = _Command(on_progress=on_progress)
+        self._commands[command.command_id] = cmd
+        try:
+            await self._send(command)
+            if isinstance(command, UpsertModelConfig):
+                self.configs[command.config.model_id] = command.config
+            with trio.move_on_after(timeout):
+                await cmd.done.wait()
+            if cmd.error is not None:
+                raise cmd.error
+            if cmd.response is None:
+                raise CommandTimeout(
+                    f"neuron {self.node_id} did not answer {type(command).__name__} within {timeout:g}s"
+                )
+            return cmd.response
+        finally:
+            del self._commands[command.command_id]
+
+    @asynccontextmanager
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[AsyncIterator[TokenChunk | GenerateResult]]:
+        stream = _Stream(request.request_id)
+        self._streams[request.request_id] = stream
+        self.in_flight += 1
+        try:
+            await self._send(request)
+            yield stream.events()
+        finally:
+            self.in_flight -= 1
+            del self._streams[request.request_id]
+            if stream.final is None and stream.error is None and self.connected:
+                with trio.move_on_after(2) as scope:
+                    scope.shield = True
+                    try:
+                        await self.channel.send(Cancel(request.request_id))
+                    except ChannelClosed:
+                        pass
+
+    async def embed(self, request: EmbedRequest, *, timeout: float) -> EmbedResult:
+        stream = _Stream(request.request_id)
+        self._streams[request.request_id] = stream
+        self.in_flight += 1
+        try:
+            await self._send(request)
+            with trio.move_on_after(timeout):
+                while stream.final is None and stream.error is None:
+                    await stream.wake.wait()
+                    stream.wake = trio.Event()
+            if stream.error is not None:
+                raise stream.error
+            if not isinstance(stream.final, EmbedResult):
+                raise CommandTimeout(f"neuron {self.node_id} did not answer an embedding within {timeout:g}s")
+            return stream.final
+        finally:
+            self.in_flight -= 1
+            del self._streams[request.request_id]
+
+    async def ping(self, nonce: int, *, timeout: float) -> None:
+        """Round trip one Ping/Pong (used by benchmarks and health probes)."""
+        ev = trio.Event()
+        self._pings[nonce] = ev
+        await self._send(Ping(nonce))
+        with trio.fail_after(timeout):
+            await ev.wait()
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        await self.channel.aclose(code, reason)

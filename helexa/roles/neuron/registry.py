@@ -1,0 +1,211 @@
+"""The neuron's models: configs learned from the cortex, backends, and their states.
+
+Nothing here comes from disk: configs arrive by ``UpsertModelConfig``. Each model moves
+through configured -> loading -> loaded -> unloading -> configured, or to failed with a
+reason. Loads are single-flight: a second load of a model that is loading waits for the
+first and shares its outcome.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from helexa.protocol import ModelConfig, ModelState, ModelStatus
+from helexa.runtime import Backend, BackendError, LoadFailed, ProgressFn, create_backend
+
+log = logging.getLogger(__name__)
+
+
+class ModelNotReady(BackendError):
+    """The model is not configured, or not loaded, on this neuron (retryable elsewhere)."""
+
+    code = "model_not_loaded"
+    retryable = True
+
+
+@dataclass
+class _Entry:
+    config: ModelConfig
+    state: ModelState = ModelState.CONFIGURED
+    backend: Backend | None = None
+    progress: float | None = None
+    error: str | None = None
+    in_flight: int = 0
+    settled: trio.Event = field(default_factory=trio.Event)
+    idle: trio.Event = field(default_factory=trio.Event)
+
+
+class ModelRegistry:
+    """Models on this neuron.
+
+    Args:
+        on_status: called with a model's new status whenever its state changes.
+        factory: builds a backend from a config (the runtime registry by default).
+    """
+
+    def __init__(
+        self,
+        *,
+        on_status: Callable[[ModelStatus], None] = lambda status: None,
+        factory: Callable[[ModelConfig], Backend] = create_backend,
+    ) -> None:
+        self._entries: dict[str, _Entry] = {}
+        self._on_status = on_status
+        self._factory = factory
+
+    # --- views ----------------------------------------------------------------------------
+
+    def status(self, model_id: str) -> ModelStatus:
+        e = self._entries.get(model_id)
+        if e is None:
+            raise ModelNotReady(f"model {model_id!r} is not configured on this neuron")
+        return ModelStatus(
+            model_id=model_id,
+            state=e.state,
+            backend_kind=e.config.backend_kind,
+            progress=e.progress,
+            error=e.error,
+            in_flight=e.in_flight,
+            memory_bytes=e.backend.memory_bytes() if e.backend is not None and e.state is ModelState.LOADED else 0,
+        )
+
+    def statuses(self) -> tuple[ModelStatus, ...]:
+        return tuple(self.status(mid) for mid in sorted(self._entries))
+
+    def configs(self) -> tuple[ModelConfig, ...]:
+        return tuple(e.config for _, e in sorted(self._entries.items()))
+
+    @property
+    def in_flight(self) -> int:
+        return sum(e.in_flight for e in self._entries.values())
+
+    def _set(self, model_id: str, state: ModelState, *, error: str | None = None) -> None:
+        e = self._entries[model_id]
+        e.state = state
+        e.error = error
+        if state is not ModelState.LOADING:
+            e.progress = None
+        self._on_status(self.status(model_id))
+
+    # --- provisioning ---------------------------------------------------------------------
+
+    def upsert(self, config: ModelConfig) -> ModelStatus:
+        """Add or replace a model's config. A loaded model keeps running on its old config
+        until it is reloaded."""
+        e = self._entries.get(config.model_id)
+        if e is None:
+            self._entries[config.model_id] = _Entry(config)
+        else:
+            e.config = config
+            if e.state is ModelState.FAILED:
+                e.state, e.error = ModelState.CONFIGURED, None
+        return self.status(config.model_id)
+
+    async def load(self, model_id: str, progress: ProgressFn) -> ModelStatus:
+        """Load a configured model (single-flight). Raises :class:`LoadFailed` with the
+        backend's precise reason, leaving the model in ``failed`` and the neuron healthy."""
+        e = self._entries.get(model_id)
+        if e is None:
+            raise LoadFailed(f"model {model_id!r} has no config on this neuron", code="not_configured")
+        if e.state is ModelState.LOADED:
+            return self.status(model_id)
+        if e.state in (ModelState.LOADING, ModelState.UNLOADING):
+            await e.settled.wait()
+            if e.state is ModelState.LOADED:
+                return self.status(model_id)
+            if e.state is ModelState.FAILED:
+                raise LoadFailed(e.error or "load failed")
+        e.settled = trio.Event()
+        e.progress = 0.0
+        self._set(model_id, ModelState.LOADING)
+        backend: Backend | None = None
+        try:
+            backend = self._factory(e.config)
+
+            def report(stage: str, done: int, total: int | None, unit: str) -> None:
+                if total:
+                    e.progress = min(1.0, done / total)
+                progress(stage, done, total, unit)
+
+            await backend.load(report)
+        except BaseException as exc:
+            reason = str(exc) if isinstance(exc, BackendError) else f"{type(exc).__name__}: {exc}"
+            code = exc.code if isinstance(exc, BackendError) else "load_failed"
+            if backend is not None:
+                with trio.CancelScope(shield=True):
+                    try:
+                        await backend.unload()
+                    except Exception:
+                        log.exception("cleanup after a failed load of %s failed", model_id)
+            if isinstance(exc, trio.Cancelled):
+                self._set(model_id, ModelState.CONFIGURED)
+                e.settled.set()
+                raise
+            log.warning("loading %s failed: %s", model_id, reason)
+            self._set(model_id, ModelState.FAILED, error=reason)
+            e.settled.set()
+            if isinstance(exc, Exception):
+                raise LoadFailed(reason, code=code) from None
+            raise
+        e.backend = backend
+        self._set(model_id, ModelState.LOADED)
+        e.settled.set()
+        return self.status(model_id)
+
+    async def unload(self, model_id: str, *, drain_timeout: float = 30.0) -> ModelStatus:
+        """Stop new work for the model, let in-flight requests finish (bounded), unload."""
+        e = self._entries.get(model_id)
+        if e is None:
+            raise ModelNotReady(f"model {model_id!r} is not configured on this neuron")
+        if e.state is ModelState.LOADING:
+            await e.settled.wait()
+        if e.state is not ModelState.LOADED or e.backend is None:
+            return self.status(model_id)
+        e.settled = trio.Event()
+        self._set(model_id, ModelState.UNLOADING)
+        with trio.move_on_after(drain_timeout):
+            while e.in_flight:
+                e.idle = trio.Event()
+                await e.idle.wait()
+        backend, e.backend = e.backend, None
+        try:
+            with trio.CancelScope(shield=True):
+                await backend.unload()
+        finally:
+            self._set(model_id, ModelState.CONFIGURED)
+            e.settled.set()
+        return self.status(model_id)
+
+    async def unload_all(self) -> None:
+        for model_id in list(self._entries):
+            try:
+                await self.unload(model_id, drain_timeout=5.0)
+            except Exception:
+                log.exception("unloading %s failed", model_id)
+
+    # --- serving --------------------------------------------------------------------------
+
+    def acquire(self, model_id: str) -> Backend:
+        """Take a loaded model's backend for one request; pair with :meth:`release`."""
+        e = self._entries.get(model_id)
+        if e is None or e.state is not ModelState.LOADED or e.backend is None:
+            state = "not configured" if e is None else e.state.value
+            raise ModelNotReady(f"model {model_id!r} is not loaded on this neuron ({state})")
+        e.in_flight += 1
+        return e.backend
+
+    def release(self, model_id: str) -> None:
+        e = self._entries.get(model_id)
+        if e is not None:
+            e.in_flight -= 1
+            if e.in_flight == 0:
+                e.idle.set()
+
+    def mark_failed(self, model_id: str, reason: str) -> None:
+        """A backend reported it died (a supervised process, say)."""
+        if model_id in self._entries:
+            self._set(model_id, ModelState.FAILED, error=reason)

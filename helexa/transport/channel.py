@@ -1,0 +1,63 @@
+"""A message channel: typed helexa messages in, typed messages out.
+
+The one interface the control plane is written against. Implementations carry encoded
+frames (always through :mod:`helexa.protocol`'s codec) over a websocket
+(:mod:`.websocket`) or an in-memory pipe for unit tests (:mod:`.memory`); both map their
+own errors to this module's tree at the boundary.
+
+Exception tree::
+
+    TransportError
+    ├── ChannelClosed        the peer closed, or the connection broke (``code`` is the
+    │                        websocket close code where there is one)
+    └── ConnectFailed        could not connect / the opening handshake failed or timed out
+
+Decoding failures surface as :class:`helexa.protocol.ProtocolError`; the channel has then
+already sent a ``Fault`` frame and closed itself.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+
+class TransportError(Exception):
+    pass
+
+
+class ChannelClosed(TransportError):
+    def __init__(self, message: str = "channel closed", *, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ConnectFailed(TransportError):
+    pass
+
+
+class Channel(abc.ABC):
+    """A bidirectional stream of protocol messages.
+
+    ``send`` is safe to call from many tasks at once (frames are never interleaved).
+    ``receive`` is meant for one reader task.
+    """
+
+    remote: str = "?"
+
+    @abc.abstractmethod
+    async def send(self, msg: Any) -> None:
+        """Encode and send one message. Raises :class:`ChannelClosed`."""
+
+    @abc.abstractmethod
+    async def receive(self) -> Any:
+        """Receive and decode the next message.
+
+        Raises:
+            ChannelClosed: the peer closed or the connection broke.
+            ProtocolError: the peer sent a malformed frame; the channel is now closed.
+        """
+
+    @abc.abstractmethod
+    async def aclose(self, code: int = 1000, reason: str = "") -> None:
+        """Close the channel; idempotent; never raises for an already broken link."""
