@@ -1,0 +1,136 @@
+"""The ``helexa`` command: parses flags, loads config, calls a role's ``run``. Nothing else.
+
+Exit codes: 0 success, 1 runtime failure, 2 bad configuration or usage, 3 refused by the
+cortex (a neuron with a wrong join token or an incompatible version).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from helexa import __version__, logs
+from helexa.config import ConfigError, load_config
+
+
+def _fail(message: str, code: int = 2) -> None:
+    click.echo(f"helexa: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _load(model: type, file: Path | None, overrides: dict[str, Any]):
+    try:
+        return load_config(model, file=file, overrides=overrides)
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="helexa")
+def main() -> None:
+    """helexa: a distributed AI inference fabric."""
+
+
+@main.command()
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="cortex.toml")
+@click.option("--data-dir", type=click.Path(path_type=Path), help="identity, join token, ledgers")
+@click.option("--control-socket", metavar="HOST:PORT", help="where neurons connect (websocket)")
+@click.option("--gateway-socket", metavar="HOST:PORT", help="the OpenAI-compatible API")
+@click.option("--models", "models_file", type=click.Path(path_type=Path), help="models.toml catalogue")
+@click.option("--operator", help="this operator's name in the mesh")
+@click.option("--mesh-listen", metavar="MULTIADDR", help="join the mesh, listening here")
+@click.option("--bootstrap", metavar="MULTIADDR", multiple=True, help="a mesh peer to dial (repeatable)")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
+def cortex(config_file, data_dir, control_socket, gateway_socket, models_file, operator, mesh_listen, bootstrap, log_level):
+    """Run a cortex: control plane, gateway, orchestrator, mesh."""
+    from helexa.roles.cortex.config import CortexConfig
+
+    overrides: dict[str, Any] = {
+        "data_dir": data_dir,
+        "control_socket": control_socket,
+        "gateway_socket": gateway_socket,
+        "models_file": models_file,
+        "operator": operator,
+        "log_level": log_level,
+    }
+    if mesh_listen:
+        overrides["mesh.enabled"] = True
+        overrides["mesh.listen"] = mesh_listen
+    if bootstrap:
+        overrides["mesh.enabled"] = True
+        overrides["mesh.bootstrap"] = list(bootstrap)
+    config = _load(CortexConfig, config_file, overrides)
+    logs.setup(config.log_level)
+    from helexa.roles.cortex import node
+
+    try:
+        sys.exit(node.run(config))
+    except ConfigError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"cannot start the cortex: {exc}", 1)
+
+
+@main.command()
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="neuron.toml")
+@click.option("--cortex", "cortex_url", metavar="URL", help="ws://HOST:PORT of the cortex control plane")
+@click.option("--node-id", help="this node's id (default: /etc/machine-id)")
+@click.option("--join-token-file", type=click.Path(path_type=Path), help="file holding the join token")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
+def neuron(config_file, cortex_url, node_id, join_token_file, log_level):
+    """Run a neuron: join a cortex and serve models it is told to load."""
+    from helexa.roles.neuron.config import NeuronConfig
+
+    config = _load(
+        NeuronConfig,
+        config_file,
+        {"cortex": cortex_url, "node_id": node_id, "join_token_file": join_token_file, "log_level": log_level},
+    )
+    logs.setup(config.log_level)
+    from helexa.roles.neuron import node
+
+    try:
+        sys.exit(node.run(config))
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+@main.command("join-token")
+@click.option("--data-dir", type=click.Path(path_type=Path), help="the cortex's data directory")
+@click.option("--rotate", is_flag=True, help="replace the token; neurons need the new one to rejoin")
+def join_token_cmd(data_dir, rotate):
+    """Print (or rotate) the join token that neurons need."""
+    from helexa.roles.cortex import join_token
+    from helexa.roles.cortex.config import default_data_dir
+
+    data = data_dir or default_data_dir()
+    try:
+        click.echo(join_token.rotate(data) if rotate else join_token.load_or_create(data))
+    except (OSError, ValueError) as exc:
+        _fail(f"join token in {data}: {exc}", 1)
+
+
+@main.command()
+@click.option("--cortex", "cortex_url", default="http://127.0.0.1:8080", show_default=True, help="the cortex's HTTP address")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--timeout", default=5.0, show_default=True)
+def status(cortex_url, as_json, timeout):
+    """Show the cortex's fleet: neurons, health, models."""
+    from helexa.status import fetch_fleet, render_fleet
+
+    try:
+        fleet = fetch_fleet(cortex_url, timeout=timeout)
+    except RuntimeError as exc:
+        _fail(str(exc), 1)
+    if as_json:
+        click.echo(json.dumps(fleet, indent=2))
+    else:
+        click.echo(render_fleet(fleet))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
