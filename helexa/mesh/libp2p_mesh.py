@@ -1,0 +1,332 @@
+"""The libp2p implementation of :class:`helexa.mesh.base.Mesh` (py-libp2p 0.8.1).
+
+Every sharp edge listed in ``shared/notes/stack.md`` is handled here, and only here:
+
+* the Pubsub and GossipSub services are entered before ``host.run`` (peers dialling in
+  early crash a pubsub that is not yet running);
+* GossipSub is tuned explicitly (1 s heartbeat, raised per-topic rate limit);
+* every stream handler catches everything and resets its stream (an escaping exception
+  tears the host down);
+* a reconnect supervisor redials bootstrap and known peers and clears the swarm's
+  negative dial cache first, so a restarted peer is back in seconds, not a minute;
+* identify (on by default in the host) teaches us peers' listen addresses; mDNS is off;
+* the kad-dht "Failed to read DHT message" log line is filtered.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import multiaddr
+import trio
+from libp2p import new_host
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.tools.anyio_service import background_trio_service
+
+from .base import DialFailed, GossipMessage, Mesh, MessageStream, StreamClosed, StreamHandler, TopicValidator
+from .settings import MeshSettings
+from .streams import FramedStream, run_handler
+
+log = logging.getLogger(__name__)
+
+_READ_CHUNK = 64 * 1024
+
+
+class _DhtNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Failed to read DHT message" not in record.getMessage()
+
+
+logging.getLogger("libp2p.kad_dht.kad_dht").addFilter(_DhtNoise())
+
+
+class _Libp2pStream(FramedStream):
+    def __init__(self, net_stream: Any, remote_peer: str, *, timeout: float, max_frame: int) -> None:
+        super().__init__(remote_peer, timeout=timeout, max_frame=max_frame)
+        self._ns = net_stream
+
+    async def _write_raw(self, data: bytes) -> None:
+        try:
+            await self._ns.write(data)
+        except Exception as exc:
+            raise StreamClosed(f"stream to {self.remote_peer} broke: {type(exc).__name__}") from None
+
+    async def _read_raw(self) -> bytes:
+        try:
+            return await self._ns.read(_READ_CHUNK)
+        except EOFError:
+            return b""
+        except Exception as exc:
+            raise StreamClosed(f"stream from {self.remote_peer} broke: {type(exc).__name__}") from None
+
+    async def _close_raw(self) -> None:
+        await self._ns.close()
+
+    async def _reset_raw(self) -> None:
+        await self._ns.reset()
+
+
+class Libp2pMesh(Mesh):
+    """A libp2p host with GossipSub and our request streams.
+
+    Args:
+        seed: the cortex identity's 32-byte Ed25519 seed (``Identity.seed``); the peer id
+            derives from it, so it is stable across restarts.
+        settings: listen address, bootstrap peers, timeouts, gossip tuning.
+    """
+
+    def __init__(self, seed: bytes, settings: MeshSettings = MeshSettings()) -> None:
+        self._settings = settings
+        self._key_pair = create_new_key_pair(seed)
+        self._id = ID.from_pubkey(self._key_pair.public_key)
+        self._handlers: dict[str, StreamHandler] = {}
+        self._host: Any = None
+        self._pubsub: Any = None
+        self._known: dict[ID, list[multiaddr.Multiaddr]] = {}
+        self._bootstrap_ids: set[ID] = set()
+        self._lost_since: dict[ID, float] = {}
+        self._next_dial: dict[ID, float] = {}
+        self._dialing: set[ID] = set()
+        self._subscribed: set[str] = set()
+        for addr in settings.bootstrap:
+            info = _parse_p2p(addr)
+            self._known[info.peer_id] = list(info.addrs)
+            self._bootstrap_ids.add(info.peer_id)
+
+    @property
+    def peer_id(self) -> str:
+        return self._id.to_base58()
+
+    @property
+    def listen_addrs(self) -> list[str]:
+        if self._host is None:
+            return []
+        return [f"{a}/p2p/{self.peer_id}" for a in self._host.get_transport_addrs()]
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        s = self._settings
+        listen = multiaddr.Multiaddr(s.listen)
+        host = new_host(key_pair=self._key_pair, listen_addrs=[listen], enable_mDNS=s.mdns)
+        gossipsub = GossipSub(
+            protocols=[PROTOCOL_ID_V11, PROTOCOL_ID],
+            degree=s.gossip_degree,
+            degree_low=s.gossip_degree_low,
+            degree_high=s.gossip_degree_high,
+            heartbeat_initial_delay=0.1,
+            heartbeat_interval=s.gossip_heartbeat,  # type: ignore[arg-type]  # a float works
+            max_messages_per_topic_per_second=s.gossip_max_per_topic_per_second,
+            # Loopback tests and small meshes live on one IP: do not starve them.
+            eclipse_protection_enabled=False,
+        )
+        pubsub = Pubsub(host, gossipsub, strict_signing=True)
+        async with background_trio_service(pubsub), background_trio_service(gossipsub):
+            async with host.run(listen_addrs=[listen]):
+                self._host = host
+                self._pubsub = pubsub
+                try:
+                    for protocol, handler in self._handlers.items():
+                        self._install(protocol, handler)
+                    with trio.fail_after(s.dial_timeout):
+                        await pubsub.wait_until_ready()
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._supervise, nursery)
+                        log.info("mesh up as %s on %s", self.peer_id, ", ".join(self.listen_addrs))
+                        task_status.started(self.listen_addrs)
+                        await trio.sleep_forever()
+                finally:
+                    self._host = None
+                    self._pubsub = None
+
+    # --- gossip ---------------------------------------------------------------------------
+
+    async def announce(self, topic: str, data: bytes) -> None:
+        if self._pubsub is None:
+            raise RuntimeError("the mesh is not running")
+        await self._pubsub.publish(topic, data)
+
+    async def subscribe(self, topic: str, validator: TopicValidator | None = None) -> AsyncIterator[GossipMessage]:
+        pubsub = self._pubsub
+        if pubsub is None:
+            raise RuntimeError("the mesh is not running")
+        if topic in self._subscribed:
+            raise RuntimeError(f"already subscribed to {topic!r}")
+        self._subscribed.add(topic)
+        if validator is not None:
+            check = validator
+
+            def validate(_forwarder: ID, msg: Any) -> bool:
+                try:
+                    return bool(check(ID(msg.from_id).to_base58(), msg.data))
+                except Exception:
+                    return False
+
+            pubsub.set_topic_validator(topic, validate, False)
+        sub = await pubsub.subscribe(topic)
+        me = self._id.to_bytes()
+        try:
+            while True:
+                msg = await sub.get()
+                if msg.from_id == me:
+                    continue
+                yield GossipMessage(ID(msg.from_id).to_base58(), bytes(msg.data))
+        finally:
+            self._subscribed.discard(topic)
+            with trio.move_on_after(1) as scope:
+                scope.shield = True
+                try:
+                    await pubsub.unsubscribe(topic)
+                    pubsub.remove_topic_validator(topic)
+                except Exception:
+                    log.debug("unsubscribe from %s failed", topic, exc_info=True)
+
+    # --- streams --------------------------------------------------------------------------
+
+    def serve(self, protocol: str, handler: StreamHandler) -> None:
+        self._handlers[protocol] = handler
+        if self._host is not None:
+            self._install(protocol, handler)
+
+    def _install(self, protocol: str, handler: StreamHandler) -> None:
+        settings = self._settings
+
+        async def on_stream(net_stream: Any) -> None:
+            try:
+                remote = net_stream.muxed_conn.peer_id.to_base58()
+                stream = _Libp2pStream(net_stream, remote, timeout=settings.stream_timeout,
+                                       max_frame=settings.max_frame)
+            except Exception:
+                log.exception("could not accept a %s stream", protocol)
+                try:
+                    await net_stream.reset()
+                except Exception:
+                    pass
+                return
+            await run_handler(handler, stream, protocol)
+
+        self._host.set_stream_handler(TProtocol(protocol), on_stream)
+
+    async def open_stream(self, peer_id: str, protocol: str, *, timeout: float | None = None) -> MessageStream:
+        host = self._require_host()
+        pid = _parse_id(peer_id)
+        host.get_network().unblock_peer(pid)
+        try:
+            with trio.fail_after(self._settings.dial_timeout if timeout is None else timeout):
+                if pid not in host.get_network().connections and pid in self._known:
+                    await host.connect(PeerInfo(pid, self._known[pid]))
+                net_stream = await host.new_stream(pid, [TProtocol(protocol)])
+        except trio.TooSlowError:
+            raise DialFailed(f"opening {protocol} to {peer_id} timed out") from None
+        except Exception as exc:
+            raise DialFailed(f"cannot open {protocol} to {peer_id}: {exc or type(exc).__name__}") from None
+        return _Libp2pStream(net_stream, peer_id, timeout=self._settings.stream_timeout,
+                             max_frame=self._settings.max_frame)
+
+    # --- peers ----------------------------------------------------------------------------
+
+    def peers(self) -> list[str]:
+        if self._host is None:
+            return []
+        return [p.to_base58() for p in self._host.get_connected_peers()]
+
+    async def connect(self, multiaddr_: str, *, timeout: float | None = None) -> str:
+        host = self._require_host()
+        try:
+            info = _parse_p2p(multiaddr_)
+        except ValueError as exc:
+            raise DialFailed(str(exc)) from None
+        self._known[info.peer_id] = list(info.addrs)
+        host.get_network().unblock_peer(info.peer_id)
+        try:
+            with trio.fail_after(self._settings.dial_timeout if timeout is None else timeout):
+                await host.connect(info)
+        except trio.TooSlowError:
+            raise DialFailed(f"dialling {multiaddr_} timed out") from None
+        except Exception as exc:
+            raise DialFailed(f"cannot dial {multiaddr_}: {exc or type(exc).__name__}") from None
+        return info.peer_id.to_base58()
+
+    def add_addrs(self, peer_id: str, addrs: list[str]) -> None:
+        try:
+            pid = _parse_id(peer_id)
+            parsed = [multiaddr.Multiaddr(a.split("/p2p/")[0]) for a in addrs]
+        except Exception:
+            return
+        if pid != self._id and parsed:
+            self._known[pid] = parsed
+
+    def _require_host(self) -> Any:
+        if self._host is None:
+            raise DialFailed("the mesh is not running")
+        return self._host
+
+    async def _supervise(self, nursery: trio.Nursery) -> None:
+        """Keep every known peer connected: redial lost ones with a short back-off."""
+        s = self._settings
+        while True:
+            host = self._host
+            now = trio.current_time()
+            connected = set(host.get_connected_peers())
+            store = host.get_peerstore()
+            for pid in connected:
+                self._lost_since.pop(pid, None)
+                self._next_dial.pop(pid, None)
+                try:
+                    addrs = [a for a in store.addrs(pid) if a.value_for_protocol("tcp")]
+                except Exception:
+                    addrs = []
+                if addrs:
+                    self._known[pid] = addrs
+            for pid in list(self._known):
+                if pid in connected or pid in self._dialing or pid == self._id:
+                    continue
+                since = self._lost_since.setdefault(pid, now)
+                if pid not in self._bootstrap_ids and now - since > s.forget_after:
+                    del self._known[pid]
+                    continue
+                if now >= self._next_dial.get(pid, 0.0):
+                    self._dialing.add(pid)
+                    nursery.start_soon(self._redial, pid)
+            await trio.sleep(s.reconnect_interval)
+
+    async def _redial(self, pid: ID) -> None:
+        s = self._settings
+        try:
+            host = self._host
+            host.get_network().unblock_peer(pid)
+            with trio.move_on_after(s.dial_timeout):
+                await host.connect(PeerInfo(pid, self._known.get(pid, [])))
+                log.info("mesh: connected to %s", pid.to_base58())
+                return
+        except Exception as exc:
+            log.debug("mesh: redial of %s failed: %s", pid, exc)
+        finally:
+            self._dialing.discard(pid)
+        since = self._lost_since.get(pid, trio.current_time())
+        backoff = min(s.max_redial_interval, max(s.reconnect_interval, (trio.current_time() - since) / 4))
+        self._next_dial[pid] = trio.current_time() + backoff
+
+
+def _parse_id(peer_id: str) -> ID:
+    try:
+        return ID.from_base58(peer_id)
+    except Exception:
+        raise DialFailed(f"{peer_id!r} is not a peer id") from None
+
+
+def _parse_p2p(addr: str) -> PeerInfo:
+    """``/ip4/.../tcp/.../p2p/<id>`` to a PeerInfo.
+
+    Raises:
+        ValueError: not a multiaddr, or no ``/p2p/`` part.
+    """
+    try:
+        return info_from_p2p_addr(multiaddr.Multiaddr(addr))
+    except Exception as exc:
+        raise ValueError(f"{addr!r} is not a multiaddr ending in /p2p/<peer id>: {exc}") from None

@@ -1,0 +1,36 @@
+"""The mesh's tunables, as plain data (the cortex's pydantic config maps onto these)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from helexa.protocol import DEFAULT_MAX_FRAME
+
+
+@dataclass(frozen=True, slots=True)
+class MeshSettings:
+    """Settings of a :class:`helexa.mesh.libp2p_mesh.Libp2pMesh`.
+
+    Timeouts are seconds. The GossipSub values are set explicitly because py-libp2p's
+    defaults differ from go-libp2p's (a 120 s heartbeat, 10 messages/topic/s).
+    """
+
+    listen: str = "/ip4/127.0.0.1/tcp/0"
+    bootstrap: tuple[str, ...] = ()
+    """Multiaddrs ending in ``/p2p/<peer id>``; redialled for as long as we run."""
+    dial_timeout: float = 5.0
+    stream_timeout: float = 30.0
+    """Default deadline of one frame's send or receive on a stream."""
+    reconnect_interval: float = 1.0
+    """How often the supervisor looks for lost peers and redials them."""
+    max_redial_interval: float = 3.0
+    """Back-off ceiling between redials of one peer, so a restart is noticed in seconds."""
+    forget_after: float = 600.0
+    """A non-bootstrap peer unreachable this long is no longer redialled."""
+    gossip_degree: int = 6
+    gossip_degree_low: int = 4
+    gossip_degree_high: int = 12
+    gossip_heartbeat: float = 1.0
+    gossip_max_per_topic_per_second: float = 200.0
+    max_frame: int = DEFAULT_MAX_FRAME
+    mdns: bool = False
