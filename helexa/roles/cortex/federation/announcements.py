@@ -1,0 +1,207 @@
+"""Signing and validating announcements, and the table of peers they describe (pure).
+
+The gossip validator calls :func:`check_announcement` (stateless: size, decoding,
+version, signature, key-to-peer-id binding, freshness); the table then applies the
+stateful checks (sequence numbers) and expires what it learned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from helexa.identity import Identity, verify_signature
+from helexa.mesh.peer_id import peer_id_from_ed25519
+from helexa.protocol import ProtocolError, decode
+from helexa.protocol.federation import (
+    ANNOUNCEMENT_VERSION,
+    MAX_ANNOUNCEMENT_BYTES,
+    Announcement,
+    OfferedModel,
+    PolicySummary,
+    signed_payload,
+)
+from helexa.protocol.model import Workload
+
+from .policy import AskPolicy
+
+MAX_TTL = 600.0
+MAX_CLOCK_SKEW = 30.0
+MAX_MODELS = 256
+
+
+class AnnouncementRejected(ValueError):
+    """An announcement failed validation; ``reason`` is a short code."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def sign_announcement(
+    identity: Identity,
+    *,
+    operator: str,
+    models: tuple[OfferedModel, ...],
+    spare_slots: int,
+    policy: PolicySummary,
+    addrs: tuple[str, ...],
+    issued_at: float,
+    ttl: float,
+    sequence: int,
+) -> Announcement:
+    unsigned = Announcement(
+        operator=operator,
+        peer_id=peer_id_from_ed25519(identity.public_bytes),
+        public_key=identity.public_bytes,
+        models=models,
+        spare_slots=spare_slots,
+        policy=policy,
+        addrs=addrs,
+        issued_at=issued_at,
+        ttl=ttl,
+        sequence=sequence,
+    )
+    return dataclasses.replace(unsigned, signature=identity.sign(signed_payload(unsigned)))
+
+
+def check_announcement(data: bytes, *, origin: str | None, now: float) -> Announcement:
+    """Decode and validate one gossiped announcement.
+
+    Args:
+        data: the gossip payload.
+        origin: the gossip message's signed author, which must be the announced peer
+            (``None`` skips that check, for announcements not received by gossip).
+        now: the current Unix time.
+
+    Raises:
+        AnnouncementRejected: oversized, malformed, unknown version, bad signature, key
+            not matching the peer id, author not the peer, too many models, issued in the
+            future, expired, or with an unreasonable ttl.
+    """
+    if len(data) > MAX_ANNOUNCEMENT_BYTES:
+        raise AnnouncementRejected("oversized", f"{len(data)} bytes")
+    try:
+        ann = decode(data, max_size=MAX_ANNOUNCEMENT_BYTES)
+    except ProtocolError as exc:
+        raise AnnouncementRejected("malformed", str(exc)) from None
+    if not isinstance(ann, Announcement):
+        raise AnnouncementRejected("malformed", f"a {type(ann).__name__}, not an announcement")
+    if ann.format_version != ANNOUNCEMENT_VERSION:
+        raise AnnouncementRejected("version", f"format {ann.format_version}")
+    try:
+        key_peer = peer_id_from_ed25519(ann.public_key)
+    except ValueError:
+        raise AnnouncementRejected("bad_key") from None
+    if key_peer != ann.peer_id:
+        raise AnnouncementRejected("bad_key", "public key does not match the peer id")
+    if origin is not None and origin != ann.peer_id:
+        raise AnnouncementRejected("impersonation", f"published by {origin}, announces {ann.peer_id}")
+    if not verify_signature(ann.public_key, ann.signature, signed_payload(ann)):
+        raise AnnouncementRejected("bad_signature")
+    if len(ann.models) > MAX_MODELS:
+        raise AnnouncementRejected("oversized", f"{len(ann.models)} models")
+    if not 0 < ann.ttl <= MAX_TTL:
+        raise AnnouncementRejected("bad_ttl", f"{ann.ttl}")
+    if ann.issued_at > now + MAX_CLOCK_SKEW:
+        raise AnnouncementRejected("future", f"issued {ann.issued_at - now:.0f}s ahead")
+    if ann.issued_at + ann.ttl <= now:
+        raise AnnouncementRejected("stale", f"expired {now - ann.issued_at - ann.ttl:.0f}s ago")
+    return ann
+
+
+@dataclass(frozen=True, slots=True)
+class PeerOffer:
+    """One peer's offer of one model, as a routing candidate."""
+
+    peer_id: str
+    operator: str
+    model: OfferedModel
+    spare_slots: int
+    expires_at: float
+
+
+class PeerTable:
+    """What live peers offer, from their latest valid announcements."""
+
+    def __init__(self, self_peer_id: str | None = None) -> None:
+        self._self = self_peer_id
+        self._latest: dict[str, Announcement] = {}
+        self.rejected: dict[str, int] = {}
+
+    def update(self, ann: Announcement, now: float) -> bool:
+        """Take a validated announcement; False (ignored) for our own, a replay or an
+        out-of-order older one, or an expired one."""
+        if ann.peer_id == self._self or ann.issued_at + ann.ttl <= now:
+            return False
+        prev = self._latest.get(ann.peer_id)
+        if prev is not None and ann.sequence <= prev.sequence:
+            self.rejected["replay"] = self.rejected.get("replay", 0) + 1
+            return False
+        self._latest[ann.peer_id] = ann
+        return True
+
+    def ingest(self, data: bytes, *, origin: str | None, now: float) -> Announcement | None:
+        """Validate and take ``data``; None if it was rejected (counted in ``rejected``)."""
+        try:
+            ann = check_announcement(data, origin=origin, now=now)
+        except AnnouncementRejected as exc:
+            self.rejected[exc.reason] = self.rejected.get(exc.reason, 0) + 1
+            return None
+        return ann if self.update(ann, now) else None
+
+    def expire(self, now: float) -> list[str]:
+        """Forget peers whose announcement expired; returns their ids."""
+        gone = [p for p, a in self._latest.items() if a.issued_at + a.ttl <= now]
+        for p in gone:
+            del self._latest[p]
+        return gone
+
+    def get(self, peer_id: str) -> Announcement | None:
+        return self._latest.get(peer_id)
+
+    def peers(self) -> list[Announcement]:
+        return list(self._latest.values())
+
+    def offers(self, model_id: str, now: float, *, workload: Workload | None = None) -> list[PeerOffer]:
+        """Every live peer's offer of ``model_id``, unordered."""
+        out = []
+        for ann in self._latest.values():
+            if ann.issued_at + ann.ttl <= now or not ann.policy.serves_peers:
+                continue
+            for m in ann.models:
+                if m.model_id == model_id and (workload is None or workload in m.workloads):
+                    out.append(PeerOffer(ann.peer_id, ann.operator, m, ann.spare_slots, ann.issued_at + ann.ttl))
+        return out
+
+    def candidates(
+        self, model_id: str, now: float, policy: AskPolicy, *,
+        workload: Workload | None = None, exclude: frozenset[str] = frozenset(),
+    ) -> list[PeerOffer]:
+        """Offers of ``model_id`` that ``policy`` allows, best first: warm before cold,
+        then cheaper (output price, then input), then more spare capacity, then the
+        faster cold load."""
+        allowed = [
+            o for o in self.offers(model_id, now, workload=workload)
+            if o.peer_id not in exclude and policy.allows_peer(o.peer_id, o.operator) and policy.allows_price(o.model)
+        ]
+        allowed.sort(key=lambda o: (
+            not o.model.warm,
+            o.model.price_output,
+            o.model.price_input,
+            -o.spare_slots,
+            o.model.load_time_s if o.model.load_time_s is not None else float("inf"),
+            o.peer_id,
+        ))
+        return allowed
+
+    def models(self, now: float) -> dict[str, list[PeerOffer]]:
+        """Every model some live peer offers, with its offers (for ``/v1/models``)."""
+        out: dict[str, list[PeerOffer]] = {}
+        for ann in self._latest.values():
+            if ann.issued_at + ann.ttl <= now or not ann.policy.serves_peers:
+                continue
+            for m in ann.models:
+                out.setdefault(m.model_id, []).append(
+                    PeerOffer(ann.peer_id, ann.operator, m, ann.spare_slots, ann.issued_at + ann.ttl))
+        return out

@@ -1,0 +1,160 @@
+"""The durable ledger of federated usage: what this cortex served to peers and what it
+consumed from them, one SQLite row per receipt.
+
+Every statement is small, and the async methods run it on a worker thread
+(``trio.to_thread``), one at a time, so the trio loop never blocks on the disk.
+A receipt that failed verification is stored with ``flagged`` set and the reasons: it
+is never silently accepted, and never silently dropped either.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from helexa.protocol import decode, encode
+from helexa.protocol.federation import Receipt
+
+SERVED = "served"
+CONSUMED = "consumed"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS receipts (
+    direction TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    peer_id TEXT NOT NULL,
+    model_id TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    cost REAL NOT NULL,
+    started_at REAL NOT NULL,
+    ended_at REAL NOT NULL,
+    outcome TEXT NOT NULL,
+    flagged INTEGER NOT NULL DEFAULT 0,
+    flag_reason TEXT NOT NULL DEFAULT '',
+    signature BLOB NOT NULL,
+    raw BLOB NOT NULL,
+    PRIMARY KEY (direction, request_id)
+);
+CREATE INDEX IF NOT EXISTS receipts_peer ON receipts (direction, peer_id);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    direction: str
+    receipt: Receipt
+    flagged: bool
+    flag_reason: str
+
+    @property
+    def peer_id(self) -> str:
+        r = self.receipt
+        return r.client_peer_id if self.direction == SERVED else r.server_peer_id
+
+
+@dataclass(frozen=True, slots=True)
+class PeerSummary:
+    direction: str
+    peer_id: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost: float
+    flagged: int
+
+
+class Ledger:
+    """A ledger file (``:memory:`` for tests). Use as a context manager or call
+    :meth:`close`."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> "Ledger":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def record(self, direction: str, receipt: Receipt, *, flagged: bool = False, flag_reason: str = "") -> bool:
+        """Store a receipt; False if one for this request and direction is already there."""
+        if direction not in (SERVED, CONSUMED):
+            raise ValueError(f"direction must be {SERVED!r} or {CONSUMED!r}")
+        peer = receipt.client_peer_id if direction == SERVED else receipt.server_peer_id
+        with self._lock:
+            cur = self._db.execute(
+                "INSERT OR IGNORE INTO receipts VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (direction, receipt.request_id, peer, receipt.model_id, receipt.prompt_tokens,
+                 receipt.completion_tokens, receipt.cost, receipt.started_at, receipt.ended_at,
+                 receipt.outcome, int(flagged), flag_reason, receipt.signature, encode(receipt)),
+            )
+            return cur.rowcount == 1
+
+    async def arecord(self, direction: str, receipt: Receipt, *, flagged: bool = False, flag_reason: str = "") -> bool:
+        """:meth:`record` on a worker thread."""
+        return await trio.to_thread.run_sync(
+            lambda: self.record(direction, receipt, flagged=flagged, flag_reason=flag_reason))
+
+    def entries(self, direction: str | None = None, peer_id: str | None = None) -> list[LedgerEntry]:
+        sql = "SELECT direction, raw, flagged, flag_reason FROM receipts WHERE 1=1"
+        args: list[str] = []
+        if direction is not None:
+            sql += " AND direction = ?"
+            args.append(direction)
+        if peer_id is not None:
+            sql += " AND peer_id = ?"
+            args.append(peer_id)
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY started_at, request_id", args).fetchall()
+        return [LedgerEntry(d, decode(raw), bool(f), reason) for d, raw, f, reason in rows]
+
+    def get(self, direction: str, request_id: str) -> LedgerEntry | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT direction, raw, flagged, flag_reason FROM receipts WHERE direction=? AND request_id=?",
+                (direction, request_id)).fetchone()
+        return None if row is None else LedgerEntry(row[0], decode(row[1]), bool(row[2]), row[3])
+
+    def summary(self) -> list[PeerSummary]:
+        """Totals per direction and peer."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT direction, peer_id, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cost), "
+                "SUM(flagged) FROM receipts GROUP BY direction, peer_id ORDER BY direction, peer_id").fetchall()
+        return [PeerSummary(*row) for row in rows]
+
+    async def asummary(self) -> list[PeerSummary]:
+        return await trio.to_thread.run_sync(self.summary)
+
+
+def format_report(summary: list[PeerSummary]) -> str:
+    """A plain-text table of :meth:`Ledger.summary` (what ``helexa`` prints)."""
+    if not summary:
+        return "no federated usage recorded"
+    lines = [f"{'direction':<9} {'peer':<54} {'requests':>8} {'prompt':>9} {'completion':>10} {'cost':>12} {'flagged':>7}"]
+    for s in summary:
+        lines.append(f"{s.direction:<9} {s.peer_id:<54} {s.requests:>8} {s.prompt_tokens:>9} "
+                     f"{s.completion_tokens:>10} {s.cost:>12.6f} {s.flagged:>7}")
+    return "\n".join(lines)
+
+
+def report(path: Path | str) -> str:
+    """Open the ledger at ``path`` and format its summary."""
+    with Ledger(path) as ledger:
+        return format_report(ledger.summary())

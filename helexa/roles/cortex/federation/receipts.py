@@ -1,0 +1,88 @@
+"""Usage receipts: signed by the serving cortex, verified by the asking one (pure)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from helexa.identity import Identity, verify_signature
+from helexa.mesh.peer_id import peer_id_from_ed25519
+from helexa.protocol.federation import Receipt, cost_of, signed_payload
+
+
+def sign_receipt(
+    identity: Identity,
+    *,
+    request_id: str,
+    model_id: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    price_input: float,
+    price_output: float,
+    started_at: float,
+    ended_at: float,
+    client_peer_id: str,
+    outcome: str = "ok",
+) -> Receipt:
+    unsigned = Receipt(
+        request_id=request_id,
+        model_id=model_id,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        price_input=price_input,
+        price_output=price_output,
+        cost=cost_of(prompt_tokens, completion_tokens, price_input, price_output),
+        started_at=started_at,
+        ended_at=ended_at,
+        server_peer_id=peer_id_from_ed25519(identity.public_bytes),
+        client_peer_id=client_peer_id,
+        server_public_key=identity.public_bytes,
+        outcome=outcome,
+    )
+    return dataclasses.replace(unsigned, signature=identity.sign(signed_payload(unsigned)))
+
+
+def verify_receipt(
+    receipt: Receipt,
+    *,
+    server_peer_id: str,
+    client_peer_id: str,
+    request_id: str | None = None,
+    model_id: str | None = None,
+    completion_tokens_seen: int | None = None,
+    price_input: float | None = None,
+    price_output: float | None = None,
+) -> list[str]:
+    """Everything wrong with ``receipt`` (an empty list: it verifies).
+
+    Checks the signature, that the key is the server's, both peer ids, and, where
+    given, the request, the model, the prices agreed from the announcement, the cost
+    arithmetic, and that the billed completion tokens are not fewer than the chunks'
+    token counts the asker saw.
+    """
+    problems = []
+    try:
+        key_peer = peer_id_from_ed25519(receipt.server_public_key)
+    except ValueError:
+        key_peer = None
+    if key_peer != server_peer_id or receipt.server_peer_id != server_peer_id:
+        problems.append("signer is not the serving peer")
+    if not verify_signature(receipt.server_public_key, receipt.signature, signed_payload(receipt)):
+        problems.append("bad signature")
+    if receipt.client_peer_id != client_peer_id:
+        problems.append("receipt names another client")
+    if request_id is not None and receipt.request_id != request_id:
+        problems.append("receipt is for another request")
+    if model_id is not None and receipt.model_id != model_id:
+        problems.append("receipt is for another model")
+    if price_input is not None and receipt.price_input > price_input + 1e-9:
+        problems.append("input price above the announced one")
+    if price_output is not None and receipt.price_output > price_output + 1e-9:
+        problems.append("output price above the announced one")
+    expected = cost_of(receipt.prompt_tokens, receipt.completion_tokens, receipt.price_input, receipt.price_output)
+    if abs(receipt.cost - expected) > 1e-9 * max(1.0, expected):
+        problems.append("cost does not match tokens and prices")
+    if completion_tokens_seen is not None and receipt.completion_tokens > max(completion_tokens_seen, 0) * 2 + 16:
+        problems.append("bills far more completion tokens than were streamed")
+    if receipt.ended_at < receipt.started_at:
+        problems.append("ends before it starts")
+    return problems
