@@ -1,0 +1,85 @@
+"""``synthetic``: a backend with no model, FOR LOAD TESTS ONLY.
+
+It answers every chat or completion with ``metadata.tokens`` tokens (default 64) of the
+fixed text ``"tok0 tok1 ..."``, at ``metadata.tokens_per_second`` (default 0: as fast as
+the event loop goes), honouring ``max_tokens`` and stop sequences. It exists so that
+benchmarks measure the fabric (gateway, control plane, neuron) and not a model. It is never
+a default: a model config must name ``backend_kind="synthetic"`` explicitly, and nothing it
+says means anything.
+
+Metadata: ``tokens``, ``tokens_per_second``, ``prompt_tokens`` (the usage it reports for
+the prompt, default 8), ``load_seconds`` (a pretend load time, default 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import trio
+
+from helexa.protocol import GenerateRequest, GenerateResult, ModelConfig, TokenChunk, Usage
+
+from . import openai_shapes
+from .base import Backend, BackendError, ChatInference, GenerationEvent, ProgressFn, TextInference
+
+
+class SyntheticBackend(Backend, ChatInference, TextInference):
+    """Fixed tokens at a fixed rate, for load tests only (see the module docstring)."""
+
+    kind = "synthetic"
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        md = config.metadata
+        self._tokens = int(md.get("tokens", 64))
+        rate = float(md.get("tokens_per_second", 0))
+        self._interval = 1.0 / rate if rate > 0 else 0.0
+        self._prompt_tokens = int(md.get("prompt_tokens", 8))
+        self._load_seconds = float(md.get("load_seconds", 0))
+        self._loaded = False
+
+    async def load(self, progress: ProgressFn) -> None:
+        progress("load", 0, 1, "steps")
+        await trio.sleep(self._load_seconds)
+        self._loaded = True
+        progress("load", 1, 1, "steps")
+
+    async def unload(self) -> None:
+        self._loaded = False
+
+    def chat(self, request: GenerateRequest) -> AsyncIterator[GenerationEvent]:
+        return self._generate(request)
+
+    def complete(self, request: GenerateRequest) -> AsyncIterator[GenerationEvent]:
+        return self._generate(request)
+
+    async def _generate(self, request: GenerateRequest) -> AsyncIterator[GenerationEvent]:
+        openai_shapes.validate(request)
+        if not self._loaded:
+            raise BackendError(f"model {self.config.model_id!r} is not loaded", code="model_not_loaded")
+        limit = min(self._tokens, request.sampling.max_tokens or self._tokens)
+        stops = request.sampling.stop
+        text, emitted = "", 0
+        for i in range(limit):
+            piece = f"tok{i} " if i < limit - 1 else f"tok{i}"
+            candidate = text + piece
+            hits = [candidate.find(s, max(0, len(text) - len(s) + 1)) for s in stops]
+            hit = min((h for h in hits if h >= 0), default=-1)
+            if hit >= 0:
+                if hit > len(text):
+                    emitted += 1
+                    yield TokenChunk(request.request_id, candidate[len(text) : hit])
+                yield GenerateResult(request.request_id, "stop", self._usage(emitted))
+                return
+            if self._interval:
+                await trio.sleep(self._interval)
+            else:
+                await trio.lowlevel.checkpoint()
+            text = candidate
+            emitted += 1
+            yield TokenChunk(request.request_id, piece)
+        reason = "length" if limit < self._tokens else "stop"
+        yield GenerateResult(request.request_id, reason, self._usage(emitted))
+
+    def _usage(self, completion: int) -> Usage:
+        return Usage(prompt_tokens=self._prompt_tokens, completion_tokens=completion)
