@@ -26,7 +26,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from .codec import encode, message
+from .codec import decode, encode, message
 from .model import ModelId, Workload
 
 ANNOUNCEMENT_VERSION = 1
@@ -143,8 +143,12 @@ class Receipt:
 
 
 def signed_payload(msg: Any) -> bytes:
-    """The bytes a signature covers: ``msg`` encoded with an empty ``signature``."""
-    return encode(dataclasses.replace(msg, signature=b""))
+    """The bytes a signature covers: ``msg`` encoded with an empty ``signature``.
+
+    Encoded, decoded and encoded again, so that the bytes do not depend on how the
+    signer happened to type a value (an ``int`` given for a ``float`` field decodes as a
+    float on the verifying side)."""
+    return encode(decode(encode(dataclasses.replace(msg, signature=b""))))
 
 
 def cost_of(prompt_tokens: int, completion_tokens: int, price_input: float, price_output: float) -> float:

@@ -1,0 +1,202 @@
+"""The serving side of a federated request: one inbound stream, under policy, run by the
+local handler the cortex provides, answered with a signed receipt."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+
+import trio
+
+from helexa.identity import Identity
+from helexa.mesh import MessageStream, StreamClosed, StreamTimeout
+from helexa.protocol import (
+    Cancel,
+    EmbedRequest,
+    EmbedResult,
+    GenerateRequest,
+    GenerateResult,
+    InferenceError,
+    ProtocolError,
+    TokenChunk,
+)
+from helexa.protocol.federation import FederatedHello, OfferedModel, Refusal
+
+from .ledger import SERVED, Ledger
+from .policy import Admission
+from .receipts import sign_receipt
+
+log = logging.getLogger(__name__)
+
+GenerateHandler = Callable[
+    [GenerateRequest], AbstractAsyncContextManager[AsyncIterator[TokenChunk | GenerateResult | InferenceError]]
+]
+"""``serve_local(request)``: an async context manager yielding the local generation's
+frames: ``TokenChunk``s then one ``GenerateResult`` (or an ``InferenceError``). Leaving
+the context early (a ``Cancel`` from the asker) must stop the local generation. An
+exception it raises is sent to the asker as an ``InferenceError`` (its ``code`` and
+``retryable`` attributes are used when present)."""
+
+EmbedHandler = Callable[[EmbedRequest], Awaitable[EmbedResult]]
+"""``serve_embed(request) -> EmbedResult``; exceptions as for :data:`GenerateHandler`."""
+
+OfferFn = Callable[[], Sequence[OfferedModel]]
+"""What the local fleet can offer now (before the serve policy filters it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServeTimeouts:
+    handshake: float = 5.0
+    """For the hello and the request frames after a stream opens."""
+    send: float = 10.0
+    """For each frame sent back (a stalled asker is dropped)."""
+
+
+class InboundServer:
+    """Serves ``/helexa/federation/1`` streams. Used by :class:`.service.Federation`."""
+
+    def __init__(self, *, identity: Identity, admission: Admission, ledger: Ledger, offer_fn: Callable[[], Sequence[OfferedModel]],
+                 serve_generate: GenerateHandler | None, serve_embed: EmbedHandler | None,
+                 timeouts: ServeTimeouts, clock: Callable[[], float]) -> None:
+        self._identity = identity
+        self._admission = admission
+        self._ledger = ledger
+        self._offer_fn = offer_fn
+        self._generate = serve_generate
+        self._embed = serve_embed
+        self._t = timeouts
+        self._clock = clock
+
+    async def handle(self, stream: MessageStream) -> None:
+        """The stream handler (run under the mesh's catch-all wrapper)."""
+        hello = await stream.receive(timeout=self._t.handshake)
+        request = await stream.receive(timeout=self._t.handshake)
+        if not isinstance(hello, FederatedHello) or not isinstance(request, (GenerateRequest, EmbedRequest)):
+            rid = getattr(request, "request_id", "")
+            await stream.send(Refusal(rid, "bad_request", "expected FederatedHello then a request"),
+                              timeout=self._t.send)
+            return
+        peer = stream.remote_peer
+        refusal = self._check(request)
+        if refusal is None:
+            decision = self._admission.admit(peer, hello.operator, request.model_id, trio.current_time())
+            if not decision.admitted:
+                refusal = Refusal(request.request_id, decision.code, decision.reason, decision.retry_after)
+        if refusal is not None:
+            log.info("federation: refused %s from %s (%s): %s", request.request_id, peer, refusal.code, refusal.message)
+            await stream.send(refusal, timeout=self._t.send)
+            return
+        try:
+            model = self._offered(request.model_id)
+            if model is None:  # the offer changed since the check above
+                await stream.send(Refusal(request.request_id, "model_not_offered", "no longer offered"),
+                                  timeout=self._t.send)
+                return
+            if isinstance(request, GenerateRequest):
+                await self._serve_generate(stream, request, model)
+            else:
+                await self._serve_embed(stream, request, model)
+        finally:
+            self._admission.release(peer)
+
+    def _offered(self, model_id: str) -> OfferedModel | None:
+        for m in self._admission.policy.filter_offer(list(self._offer_fn())):
+            if m.model_id == model_id:
+                return m
+        return None
+
+    def _check(self, request: GenerateRequest | EmbedRequest) -> Refusal | None:
+        handler = self._generate if isinstance(request, GenerateRequest) else self._embed
+        if handler is None or not self._admission.policy.serve_peers:
+            return Refusal(request.request_id, "not_serving", "this cortex does not serve this kind of request to peers")
+        if self._offered(request.model_id) is None:
+            return Refusal(request.request_id, "model_not_offered", f"model {request.model_id!r} is not offered to peers")
+        return None
+
+    async def _serve_generate(self, stream: MessageStream, request: GenerateRequest, model: OfferedModel) -> None:
+        assert self._generate is not None
+        started = self._clock()
+        outcome = "ok"
+        prompt = completion = 0
+        asker_gone = False
+        gen_scope = trio.CancelScope()
+
+        async def watch() -> None:
+            nonlocal outcome, asker_gone
+            while True:
+                try:
+                    msg = await stream.receive(timeout=math.inf)
+                except (StreamClosed, StreamTimeout, ProtocolError):
+                    asker_gone = True
+                    outcome = "cancelled"
+                    gen_scope.cancel()
+                    return
+                if isinstance(msg, Cancel) and msg.request_id == request.request_id:
+                    outcome = "cancelled"
+                    gen_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            with gen_scope:
+                try:
+                    async with self._generate(request) as frames:
+                        async for frame in frames:
+                            if isinstance(frame, TokenChunk):
+                                completion += frame.tokens
+                            elif isinstance(frame, GenerateResult):
+                                prompt = frame.usage.prompt_tokens
+                                completion = frame.usage.completion_tokens
+                            elif isinstance(frame, InferenceError):
+                                outcome = "error"
+                            await stream.send(frame, timeout=self._t.send)
+                except (StreamClosed, StreamTimeout):
+                    asker_gone = True
+                    outcome = "cancelled"
+                except Exception as exc:
+                    log.warning("federation: local generation of %s failed: %r", request.request_id, exc)
+                    outcome = "error"
+                    await self._send_error(stream, request.request_id, exc)
+            receipt = sign_receipt(
+                self._identity, request_id=request.request_id, model_id=request.model_id,
+                prompt_tokens=prompt, completion_tokens=completion, price_input=model.price_input,
+                price_output=model.price_output, started_at=started, ended_at=self._clock(),
+                client_peer_id=stream.remote_peer, outcome=outcome)
+            await self._ledger.arecord(SERVED, receipt)
+            if not asker_gone:
+                try:
+                    await stream.send(receipt, timeout=self._t.send)
+                except (StreamClosed, StreamTimeout):
+                    pass
+            nursery.cancel_scope.cancel()
+
+    async def _serve_embed(self, stream: MessageStream, request: EmbedRequest, model: OfferedModel) -> None:
+        assert self._embed is not None
+        started = self._clock()
+        prompt = 0
+        try:
+            result = await self._embed(request)
+            prompt = result.usage.prompt_tokens
+            outcome = "ok"
+            await stream.send(result, timeout=self._t.send)
+        except (StreamClosed, StreamTimeout):
+            raise
+        except Exception as exc:
+            outcome = "error"
+            await self._send_error(stream, request.request_id, exc)
+        receipt = sign_receipt(
+            self._identity, request_id=request.request_id, model_id=request.model_id, prompt_tokens=prompt,
+            completion_tokens=0, price_input=model.price_input, price_output=model.price_output,
+            started_at=started, ended_at=self._clock(), client_peer_id=stream.remote_peer, outcome=outcome)
+        await self._ledger.arecord(SERVED, receipt)
+        await stream.send(receipt, timeout=self._t.send)
+
+    async def _send_error(self, stream: MessageStream, request_id: str, exc: Exception) -> None:
+        err = InferenceError(request_id, str(getattr(exc, "code", "internal_error")), str(exc) or type(exc).__name__,
+                             bool(getattr(exc, "retryable", False)))
+        try:
+            await stream.send(err, timeout=self._t.send)
+        except (StreamClosed, StreamTimeout):
+            pass

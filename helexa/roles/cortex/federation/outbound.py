@@ -1,0 +1,174 @@
+"""The asking side of a federated request: a remote generation read frame by frame, its
+receipt verified and recorded when it ends."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import trio
+
+from helexa.mesh import MessageStream, StreamClosed, StreamTimeout
+from helexa.protocol import Cancel, GenerateResult, InferenceError, ProtocolError, TokenChunk
+from helexa.protocol.federation import Receipt, Refusal, cost_of
+
+from .errors import PeerFailed, PeerRefused, PeerVanished
+from .ledger import CONSUMED, Ledger
+from .receipts import verify_receipt
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class AskTimeouts:
+    open: float = 5.0
+    """Opening the stream (dial included)."""
+    first_frame: float = 120.0
+    """From sending the request to the first answer frame (covers a cold load)."""
+    idle: float = 60.0
+    """Between two frames of an answer."""
+    send: float = 10.0
+    receipt: float = 5.0
+    """For the receipt after the result."""
+    cancel: float = 1.0
+    """For sending Cancel and collecting the receipt when we stop early (shielded)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Expectation:
+    """What the receipt must agree with: the request and the announced prices."""
+
+    server_peer_id: str
+    client_peer_id: str
+    request_id: str
+    model_id: str
+    price_input: float
+    price_output: float
+
+
+def refusal_error(refusal: Refusal, peer_id: str) -> PeerRefused:
+    return PeerRefused(f"peer {peer_id} refused: {refusal.message}", code=refusal.code, peer_id=peer_id,
+                       retry_after=refusal.retry_after)
+
+
+class ReceiptKeeper:
+    """Reads the receipt that ends a stream, verifies it, and records it (flagged if it
+    fails, or as a flagged stand-in if none came)."""
+
+    def __init__(self, ledger: Ledger, expect: Expectation, clock) -> None:  # type: ignore[no-untyped-def]
+        self._ledger = ledger
+        self._expect = expect
+        self._clock = clock
+        self.started_at = clock()
+        self.receipt: Receipt | None = None
+        self.problems: list[str] = []
+        self.done = False
+
+    @property
+    def request_id(self) -> str:
+        return self._expect.request_id
+
+    async def collect(self, stream: MessageStream | None, timeout: float, *, tokens_seen: int, outcome: str) -> None:
+        """Read (from ``stream``, unless None), verify and record the receipt; once."""
+        if self.done:
+            return
+        self.done = True
+        receipt: Receipt | None = None
+        if stream is not None:
+            try:
+                with trio.move_on_after(timeout):
+                    while receipt is None:
+                        msg = await stream.receive(timeout=timeout)
+                        if isinstance(msg, Receipt):
+                            receipt = msg
+            except (StreamClosed, StreamTimeout, ProtocolError):
+                pass
+        e = self._expect
+        if receipt is None:
+            self.problems = ["no receipt from the serving peer"]
+            receipt = Receipt(e.request_id, e.model_id, 0, tokens_seen, e.price_input, e.price_output,
+                              cost_of(0, tokens_seen, e.price_input, e.price_output), self.started_at, self._clock(),
+                              e.server_peer_id, e.client_peer_id, b"", outcome)
+        else:
+            self.problems = verify_receipt(
+                receipt, server_peer_id=e.server_peer_id, client_peer_id=e.client_peer_id, request_id=e.request_id,
+                model_id=e.model_id, completion_tokens_seen=tokens_seen, price_input=e.price_input,
+                price_output=e.price_output)
+        self.receipt = receipt
+        if self.problems:
+            log.warning("federation: receipt for %s from %s flagged: %s", e.request_id, e.server_peer_id,
+                        "; ".join(self.problems))
+        with trio.CancelScope(shield=True):
+            await self._ledger.arecord(CONSUMED, receipt, flagged=bool(self.problems),
+                                       flag_reason="; ".join(self.problems))
+
+
+class RemoteGeneration:
+    """An async iterator of a peer's ``TokenChunk``s then its ``GenerateResult``.
+
+    Raises (from ``__anext__``):
+        PeerVanished: the stream broke, timed out or carried garbage mid-answer.
+        PeerFailed: the peer reported an ``InferenceError``.
+    """
+
+    def __init__(self, stream: MessageStream, first: object, keeper: ReceiptKeeper, timeouts: AskTimeouts) -> None:
+        self._stream = stream
+        self._pending: object | None = first
+        self._keeper = keeper
+        self._t = timeouts
+        self.peer_id = stream.remote_peer
+        self.tokens_seen = 0
+        self.finished = False
+
+    def __aiter__(self) -> "RemoteGeneration":
+        return self
+
+    async def __anext__(self) -> TokenChunk | GenerateResult:
+        if self.finished:
+            await self._keeper.collect(self._stream, self._t.receipt, tokens_seen=self.tokens_seen, outcome="ok")
+            raise StopAsyncIteration
+        if self._pending is not None:
+            msg, self._pending = self._pending, None
+        else:
+            try:
+                msg = await self._stream.receive(timeout=self._t.idle)
+            except (StreamClosed, StreamTimeout, ProtocolError) as exc:
+                self.finished = True
+                with trio.CancelScope(shield=True):
+                    await self._keeper.collect(None, 0, tokens_seen=self.tokens_seen, outcome="error")
+                raise PeerVanished(f"peer {self.peer_id} went away mid-answer: {exc}", peer_id=self.peer_id) from None
+        if isinstance(msg, TokenChunk):
+            self.tokens_seen += msg.tokens
+            return msg
+        if isinstance(msg, GenerateResult):
+            self.finished = True
+            return msg
+        self.finished = True
+        if isinstance(msg, InferenceError):
+            await self._keeper.collect(self._stream, self._t.receipt, tokens_seen=self.tokens_seen, outcome="error")
+            raise PeerFailed(f"peer {self.peer_id}: {msg.message}", code=msg.code, retryable=msg.retryable,
+                             peer_id=self.peer_id)
+        if isinstance(msg, Refusal):
+            raise refusal_error(msg, self.peer_id)
+        await self._stream.reset()
+        raise PeerVanished(f"peer {self.peer_id} sent an unexpected {type(msg).__name__}", peer_id=self.peer_id)
+
+    async def finish(self) -> None:
+        """Called when the consumer leaves (done, failed or cancelled): if the answer did
+        not end, send Cancel across the hop; then collect the receipt. Bounded, shielded."""
+        budget = self._t.cancel if not self.finished else self._t.receipt
+        with trio.move_on_after(budget + 0.5) as scope:
+            scope.shield = True
+            if not self.finished:
+                self.finished = True
+                try:
+                    await self._stream.send(Cancel(self._keeper.request_id), timeout=self._t.cancel)
+                except (StreamClosed, StreamTimeout):
+                    pass
+                await self._keeper.collect(self._stream, self._t.cancel, tokens_seen=self.tokens_seen,
+                                           outcome="cancelled")
+            else:
+                await self._keeper.collect(self._stream, self._t.receipt, tokens_seen=self.tokens_seen, outcome="ok")
+        if not self._keeper.done:
+            with trio.CancelScope(shield=True):
+                await self._keeper.collect(None, 0, tokens_seen=self.tokens_seen, outcome="cancelled")

@@ -1,0 +1,260 @@
+"""The :class:`Federation` service: announces this cortex's offer, keeps the table of
+peers' offers from gossip, serves peers' requests, and routes requests out to peers.
+
+Wiring (by the cortex)::
+
+    fed = Federation(mesh=mesh, identity=ident, operator="acme", ledger=Ledger(dir / "ledger.sqlite"),
+                     offer_fn=fleet_offer, spare_fn=fleet_spare_slots,
+                     serve_generate=serve_local, serve_embed=embed_local,
+                     serve_policy=ServePolicy(), ask_policy=AskPolicy())
+    await nursery.start(mesh.run)
+    await nursery.start(fed.run)
+    ...
+    async with fed.route(generate_request) as frames:   # gateway, local fleet cannot serve
+        async for frame in frames: ...                   # TokenChunk..., GenerateResult
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from helexa.identity import Identity
+from helexa.mesh import DialFailed, Mesh, MessageStream, StreamClosed, StreamTimeout
+from helexa.protocol import EmbedRequest, EmbedResult, GenerateRequest, InferenceError, ProtocolError, Task, encode
+from helexa.protocol.federation import ANNOUNCE_TOPIC, FEDERATION_PROTOCOL, FederatedHello, Refusal
+from helexa.protocol.model import Workload
+
+from .announcements import AnnouncementRejected, PeerOffer, PeerTable, check_announcement, sign_announcement
+from .errors import FederationError, NoPeerOffers, OutboundRefused, PeerFailed, PeerRefused, PeerUnreachable, PeerVanished
+from .inbound import EmbedHandler, GenerateHandler, InboundServer, OfferFn, ServeTimeouts
+from .ledger import Ledger
+from .outbound import AskTimeouts, Expectation, ReceiptKeeper, RemoteGeneration, refusal_error
+from .policy import Admission, AskPolicy, Outbound, ServePolicy
+
+log = logging.getLogger(__name__)
+
+_RETRY_NEXT_PEER = {"busy", "rate_limited", "model_not_offered", "not_serving"}
+
+
+@dataclass(frozen=True, slots=True)
+class FederationSettings:
+    announce_interval: float = 5.0
+    announcement_ttl: float = 30.0
+    """Peers forget our offer this long after our last announcement."""
+    max_attempts: int = 3
+    """Peers tried in turn when one is unreachable or busy, before any output."""
+    serve: ServeTimeouts = field(default_factory=ServeTimeouts)
+    ask: AskTimeouts = field(default_factory=AskTimeouts)
+
+
+class Federation:
+    """Args:
+        mesh: a running (or about to run) :class:`helexa.mesh.Mesh`.
+        identity: this cortex's identity (signs announcements and receipts).
+        operator: this operator's name, as peers' policies see it.
+        ledger: where served and consumed receipts are kept.
+        offer_fn: what the local fleet could serve now (filtered by ``serve_policy``).
+        spare_fn: how many more requests the local fleet could start now.
+        serve_generate, serve_embed: run a peer's request locally (``None``: refuse).
+        serve_policy, ask_policy: whom to serve; whether and where to ask.
+        settings: intervals and deadlines.
+        clock: Unix time (announcements and receipts carry wall-clock times).
+    """
+
+    def __init__(
+        self, *, mesh: Mesh, identity: Identity, operator: str, ledger: Ledger, offer_fn: OfferFn,
+        spare_fn: Callable[[], int] = lambda: 1, serve_generate: GenerateHandler | None = None,
+        serve_embed: EmbedHandler | None = None, serve_policy: ServePolicy = ServePolicy(),
+        ask_policy: AskPolicy = AskPolicy(), settings: FederationSettings = FederationSettings(),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.mesh = mesh
+        self.identity = identity
+        self.operator = operator
+        self.ledger = ledger
+        self.serve_policy = serve_policy
+        self.ask_policy = ask_policy
+        self.settings = settings
+        self._offer_fn = offer_fn
+        self._spare_fn = spare_fn
+        self._clock = clock
+        self.table = PeerTable()
+        self._sequence = 0
+        self.inbound = InboundServer(
+            identity=identity, admission=Admission(serve_policy), ledger=ledger, offer_fn=offer_fn,
+            serve_generate=serve_generate, serve_embed=serve_embed, timeouts=settings.serve, clock=clock)
+
+    # --- the service ----------------------------------------------------------------------
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve, listen and announce until cancelled. ``started()`` once subscribed."""
+        self.table = PeerTable(self.mesh.peer_id)
+        self.mesh.serve(FEDERATION_PROTOCOL, self.inbound.handle)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._listen)
+            nursery.start_soon(self._announce_loop)
+            task_status.started()
+
+    async def announce_now(self) -> None:
+        """Sign and gossip our current offer (also done every ``announce_interval``)."""
+        now = self._clock()
+        self._sequence = max(self._sequence + 1, int(now * 1000))
+        ann = sign_announcement(
+            self.identity, operator=self.operator,
+            models=self.serve_policy.filter_offer(list(self._offer_fn())),
+            spare_slots=max(0, int(self._spare_fn())), policy=self.serve_policy.summary(),
+            addrs=tuple(self.mesh.listen_addrs), issued_at=now, ttl=self.settings.announcement_ttl,
+            sequence=self._sequence)
+        with trio.move_on_after(self.settings.ask.send):
+            await self.mesh.announce(ANNOUNCE_TOPIC, encode(ann))
+
+    async def _announce_loop(self) -> None:
+        while True:
+            try:
+                await self.announce_now()
+            except Exception:
+                log.exception("federation: announcing failed")
+            for peer in self.table.expire(self._clock()):
+                log.info("federation: offer of %s expired", peer)
+            await trio.sleep(self.settings.announce_interval)
+
+    def _validate(self, origin: str, data: bytes) -> bool:
+        try:
+            check_announcement(data, origin=origin, now=self._clock())
+        except AnnouncementRejected as exc:
+            log.info("federation: dropped an announcement from %s: %s", origin, exc)
+            return False
+        return True
+
+    async def _listen(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        messages = self.mesh.subscribe(ANNOUNCE_TOPIC, self._validate)
+        async with aclosing(messages):  # type: ignore[type-var]
+            task_status.started()
+            async for msg in messages:
+                ann = self.table.ingest(msg.data, origin=msg.origin, now=self._clock())
+                if ann is not None:
+                    self.mesh.add_addrs(ann.peer_id, list(ann.addrs))
+
+    # --- what the gateway asks ------------------------------------------------------------
+
+    def remote_models(self) -> dict[str, list[PeerOffer]]:
+        """Models live peers offer us (ask policy applied), best offer first; for
+        ``/v1/models`` (served by ``offer.operator`` / ``offer.peer_id``)."""
+        now = self._clock()
+        out = {}
+        for model_id in self.table.models(now):
+            cands = self.table.candidates(model_id, now, self.ask_policy)
+            if cands:
+                out[model_id] = cands
+        return out
+
+    def can_route(self, model_id: str, workload: Workload | None = None) -> bool:
+        return self.ask_policy.outbound is not Outbound.NEVER and bool(
+            self.table.candidates(model_id, self._clock(), self.ask_policy, workload=workload))
+
+    def _candidates(self, model_id: str, workload: Workload, exclude: frozenset[str]) -> list[PeerOffer]:
+        if self.ask_policy.outbound is Outbound.NEVER:
+            raise OutboundRefused("this cortex never sends requests to peers")
+        now = self._clock()
+        cands = self.table.candidates(model_id, now, self.ask_policy, workload=workload, exclude=exclude)
+        if not cands:
+            if self.table.offers(model_id, now, workload=workload):
+                raise OutboundRefused(f"peers offer {model_id!r} but the outbound policy excludes them "
+                                      "(not listed, or over the price ceiling)")
+            raise NoPeerOffers(f"no peer offers {model_id!r}")
+        return cands[: self.settings.max_attempts]
+
+    async def _open(self, offer: PeerOffer, request: GenerateRequest | EmbedRequest) -> tuple[MessageStream, Any]:
+        """Open a stream, send hello and request, and read the first answer frame."""
+        t = self.settings.ask
+        try:
+            stream = await self.mesh.open_stream(offer.peer_id, FEDERATION_PROTOCOL, timeout=t.open)
+        except DialFailed as exc:
+            raise PeerUnreachable(str(exc), peer_id=offer.peer_id) from None
+        try:
+            await stream.send(FederatedHello(self.operator, request.request_id), timeout=t.send)
+            await stream.send(request, timeout=t.send)
+            first = await stream.receive(timeout=t.first_frame)
+        except (StreamClosed, StreamTimeout, ProtocolError) as exc:
+            await stream.reset()
+            raise PeerUnreachable(f"peer {offer.peer_id} did not answer: {exc}", peer_id=offer.peer_id) from None
+        except BaseException:
+            await stream.reset()
+            raise
+        if isinstance(first, Refusal):
+            await stream.aclose()
+            raise refusal_error(first, offer.peer_id)
+        return stream, first
+
+    async def _first_answer(self, request: GenerateRequest | EmbedRequest, workload: Workload,
+                            exclude: frozenset[str]) -> tuple[PeerOffer, MessageStream, Any]:
+        last: FederationError | None = None
+        for offer in self._candidates(request.model_id, workload, exclude):
+            try:
+                stream, first = await self._open(offer, request)
+                return offer, stream, first
+            except PeerUnreachable as exc:
+                last = exc
+            except PeerRefused as exc:
+                last = exc
+                if exc.code not in _RETRY_NEXT_PEER:
+                    raise
+            log.info("federation: %s not served by %s: %s", request.request_id, offer.peer_id, last)
+        assert last is not None
+        raise last
+
+    def _keeper(self, offer: PeerOffer, request: GenerateRequest | EmbedRequest) -> ReceiptKeeper:
+        return ReceiptKeeper(self.ledger, Expectation(
+            offer.peer_id, self.mesh.peer_id, request.request_id, request.model_id,
+            offer.model.price_input, offer.model.price_output), self._clock)
+
+    @asynccontextmanager
+    async def route(self, request: GenerateRequest, *, exclude: frozenset[str] = frozenset()
+                    ) -> AsyncIterator[RemoteGeneration]:
+        """Run ``request`` on the best peer that offers its model, under the ask policy.
+
+        Yields an async iterator of ``TokenChunk``s then one ``GenerateResult`` (its
+        ``peer_id`` says who serves it). Peers are tried in order (warm, price, load)
+        while they are unreachable or busy, before any output. Leaving the block before
+        the result (the client went away, or cancellation) sends ``Cancel`` to the peer.
+        The receipt is verified and recorded in the ledger when the block exits.
+
+        Raises:
+            OutboundRefused, NoPeerOffers: nothing was sent.
+            PeerRefused: the peer's policy said no (``code``, ``retry_after``).
+            PeerUnreachable: no peer could be reached or none answered in time.
+            PeerVanished, PeerFailed: from the iterator, mid-answer.
+        """
+        workload = Workload.CHAT if request.task is Task.CHAT else Workload.COMPLETION
+        offer, stream, first = await self._first_answer(request, workload, exclude)
+        remote = RemoteGeneration(stream, first, self._keeper(offer, request), self.settings.ask)
+        try:
+            yield remote
+        finally:
+            await remote.finish()
+            await stream.aclose()
+
+    async def embed(self, request: EmbedRequest, *, exclude: frozenset[str] = frozenset()) -> EmbedResult:
+        """Run an embedding request on the best peer; errors as for :meth:`route`."""
+        offer, stream, first = await self._first_answer(request, Workload.EMBEDDING, exclude)
+        keeper = self._keeper(offer, request)
+        try:
+            if isinstance(first, EmbedResult):
+                await keeper.collect(stream, self.settings.ask.receipt, tokens_seen=0, outcome="ok")
+                return first
+            if isinstance(first, InferenceError):
+                await keeper.collect(stream, self.settings.ask.receipt, tokens_seen=0, outcome="error")
+                raise PeerFailed(f"peer {offer.peer_id}: {first.message}", code=first.code,
+                                 retryable=first.retryable, peer_id=offer.peer_id)
+            raise PeerVanished(f"peer {offer.peer_id} sent an unexpected {type(first).__name__}", peer_id=offer.peer_id)
+        finally:
+            with trio.CancelScope(shield=True):
+                await keeper.collect(None, 0, tokens_seen=0, outcome="cancelled")
+            await stream.aclose()

@@ -1,0 +1,116 @@
+import dataclasses
+
+import pytest
+
+from helexa.mesh import peer_id_from_ed25519
+from helexa.protocol import encode
+from helexa.protocol.federation import Announcement, OfferedModel, PolicySummary
+from helexa.roles.cortex.federation.announcements import (
+    AnnouncementRejected,
+    PeerTable,
+    check_announcement,
+    sign_announcement,
+)
+from helexa.roles.cortex.federation.policy import AskPolicy, Outbound
+
+from conftest import new_identity
+
+NOW = 1_000_000.0
+
+
+def announce(ident, *, models=(OfferedModel("m", True),), spare=1, issued_at=NOW, ttl=30.0, seq=1, operator="op"):
+    return sign_announcement(ident, operator=operator, models=tuple(models), spare_slots=spare,
+                             policy=PolicySummary(), addrs=("/ip4/127.0.0.1/tcp/1",), issued_at=issued_at,
+                             ttl=ttl, sequence=seq)
+
+
+def test_a_signed_announcement_validates():
+    ident = new_identity()
+    ann = announce(ident)
+    assert check_announcement(encode(ann), origin=ann.peer_id, now=NOW) == ann
+
+
+@pytest.mark.parametrize("change, reason", [
+    (lambda a: dataclasses.replace(a, operator="someone else"), "bad_signature"),
+    (lambda a: dataclasses.replace(a, models=(OfferedModel("m", True, price_output=0.0),
+                                              OfferedModel("n", True))), "bad_signature"),
+    (lambda a: dataclasses.replace(a, public_key=new_identity().public_bytes), "bad_key"),
+    (lambda a: dataclasses.replace(a, format_version=2), "version"),
+])
+def test_forged_announcements_are_rejected(change, reason):
+    ann = change(announce(new_identity()))
+    with pytest.raises(AnnouncementRejected) as err:
+        check_announcement(encode(ann), origin=ann.peer_id, now=NOW)
+    assert err.value.reason == reason
+
+
+def test_announcement_republished_by_another_peer_is_rejected():
+    ann = announce(new_identity())
+    with pytest.raises(AnnouncementRejected) as err:
+        check_announcement(encode(ann), origin=peer_id_from_ed25519(new_identity().public_bytes), now=NOW)
+    assert err.value.reason == "impersonation"
+
+
+def test_stale_future_and_overlong_announcements_are_rejected():
+    ident = new_identity()
+    for ann, reason in [
+        (announce(ident, issued_at=NOW - 31), "stale"),
+        (announce(ident, issued_at=NOW + 3600), "future"),
+        (announce(ident, ttl=10_000), "bad_ttl"),
+    ]:
+        with pytest.raises(AnnouncementRejected) as err:
+            check_announcement(encode(ann), origin=None, now=NOW)
+        assert err.value.reason == reason
+
+
+def test_oversized_and_garbage_payloads_are_rejected():
+    with pytest.raises(AnnouncementRejected) as err:
+        check_announcement(b"\x00" * 70_000, origin=None, now=NOW)
+    assert err.value.reason == "oversized"
+    with pytest.raises(AnnouncementRejected):
+        check_announcement(b"not msgpack", origin=None, now=NOW)
+
+
+def test_table_drops_replays_and_expires_peers():
+    ident = new_identity()
+    table = PeerTable()
+    assert table.ingest(encode(announce(ident, seq=5)), origin=None, now=NOW)
+    assert table.ingest(encode(announce(ident, seq=5)), origin=None, now=NOW) is None
+    assert table.ingest(encode(announce(ident, seq=4)), origin=None, now=NOW) is None
+    assert table.rejected["replay"] == 2
+    assert table.offers("m", NOW + 29)
+    assert table.offers("m", NOW + 30) == []
+    assert table.expire(NOW + 30) == [peer_id_from_ed25519(ident.public_bytes)]
+    assert table.peers() == []
+
+
+def test_best_peer_is_warm_then_cheap_then_least_loaded():
+    table = PeerTable()
+    cold_cheap = new_identity()
+    warm_pricey = new_identity()
+    warm_cheap_busy = new_identity()
+    warm_cheap_idle = new_identity()
+    table.ingest(encode(announce(cold_cheap, models=[OfferedModel("m", False, 5.0, 0.1, 0.1)])), origin=None, now=NOW)
+    table.ingest(encode(announce(warm_pricey, models=[OfferedModel("m", True, None, 1.0, 9.0)])), origin=None, now=NOW)
+    table.ingest(encode(announce(warm_cheap_busy, spare=0, models=[OfferedModel("m", True, None, 1.0, 2.0)])),
+                 origin=None, now=NOW)
+    table.ingest(encode(announce(warm_cheap_idle, spare=4, models=[OfferedModel("m", True, None, 1.0, 2.0)])),
+                 origin=None, now=NOW)
+    order = [o.peer_id for o in table.candidates("m", NOW, AskPolicy())]
+    ids = [peer_id_from_ed25519(i.public_bytes) for i in (warm_cheap_idle, warm_cheap_busy, warm_pricey, cold_cheap)]
+    assert order == ids
+    capped = table.candidates("m", NOW, AskPolicy(max_price_output=5.0))
+    assert [o.peer_id for o in capped] == [ids[0], ids[1], ids[3]]
+    assert table.candidates("m", NOW, AskPolicy(outbound=Outbound.NEVER)) == []
+    listed = AskPolicy(outbound=Outbound.LISTED, peers=frozenset({ids[2]}))
+    assert [o.peer_id for o in table.candidates("m", NOW, listed)] == [ids[2]]
+
+
+def test_peers_that_do_not_serve_are_not_candidates():
+    ident = new_identity()
+    ann = sign_announcement(ident, operator="op", models=(OfferedModel("m", True),), spare_slots=1,
+                            policy=PolicySummary(serves_peers=False), addrs=(), issued_at=NOW, ttl=30, sequence=1)
+    table = PeerTable()
+    table.ingest(encode(ann), origin=None, now=NOW)
+    assert table.candidates("m", NOW, AskPolicy()) == []
+    assert isinstance(ann, Announcement)

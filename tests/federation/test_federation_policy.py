@@ -1,0 +1,57 @@
+from helexa.protocol.federation import OfferedModel
+from helexa.roles.cortex.federation.policy import Admission, AskPolicy, Outbound, ServePolicy, TokenBucket
+
+
+def test_token_bucket_refills_at_its_rate():
+    b = TokenBucket(rate=2.0, burst=2, now=0.0)
+    assert b.take(0.0) and b.take(0.0)
+    assert not b.take(0.0)
+    assert b.wait_time(0.0) == 0.5
+    assert b.take(0.5)
+    assert not b.take(0.5)
+
+
+def test_deny_list_wins_over_allow_list():
+    p = ServePolicy(allow_operators=frozenset({"acme"}), deny_peers=frozenset({"P2"}))
+    assert p.permits("P1", "acme")
+    assert not p.permits("P2", "acme")
+    assert not p.permits("P3", "other")
+
+
+def test_open_policy_serves_everyone_but_a_closed_one_nobody():
+    assert ServePolicy().permits("P", "x")
+    assert not ServePolicy(serve_peers=False).permits("P", "x")
+
+
+def test_admission_enforces_concurrency_then_rate():
+    adm = Admission(ServePolicy(max_concurrent_per_peer=1, rate_per_second=1.0, burst=1))
+    assert adm.admit("P", "op", "m", 0.0).admitted
+    busy = adm.admit("P", "op", "m", 0.0)
+    assert (busy.admitted, busy.code) == (False, "busy")
+    adm.release("P")
+    limited = adm.admit("P", "op", "m", 0.1)
+    assert (limited.admitted, limited.code) == (False, "rate_limited")
+    assert limited.retry_after == 0.9
+    assert adm.admit("P", "op", "m", 1.0).admitted
+
+
+def test_admission_refuses_unoffered_models_and_denied_peers():
+    adm = Admission(ServePolicy(models=frozenset({"a"}), deny_operators=frozenset({"evil"})))
+    assert adm.admit("P", "op", "b", 0).code == "model_not_offered"
+    assert adm.admit("P", "evil", "a", 0).code == "denied"
+    assert Admission(ServePolicy(serve_peers=False)).admit("P", "op", "a", 0).code == "not_serving"
+
+
+def test_offer_is_filtered_by_the_models_offered_to_peers():
+    offer = [OfferedModel("a", True), OfferedModel("b", True)]
+    assert [m.model_id for m in ServePolicy(models=frozenset({"b"})).filter_offer(offer)] == ["b"]
+    assert ServePolicy(serve_peers=False).filter_offer(offer) == ()
+
+
+def test_ask_policy_never_listed_and_price_ceiling():
+    assert not AskPolicy(outbound=Outbound.NEVER).allows_peer("P", "op")
+    listed = AskPolicy(outbound=Outbound.LISTED, operators=frozenset({"acme"}))
+    assert listed.allows_peer("P", "acme") and not listed.allows_peer("P", "other")
+    ceiling = AskPolicy(max_price_output=2.0)
+    assert ceiling.allows_price(OfferedModel("m", True, price_output=2.0))
+    assert not ceiling.allows_price(OfferedModel("m", True, price_output=2.5))

@@ -1,0 +1,62 @@
+import dataclasses
+
+from helexa.mesh import peer_id_from_ed25519
+from helexa.roles.cortex.federation.ledger import CONSUMED, SERVED, Ledger, format_report
+from helexa.roles.cortex.federation.receipts import sign_receipt, verify_receipt
+
+from conftest import new_identity
+
+CLIENT = peer_id_from_ed25519(new_identity().public_bytes)
+
+
+def receipt(ident, **kw):
+    args = dict(request_id="r1", model_id="m", prompt_tokens=10, completion_tokens=20, price_input=1.0,
+                price_output=2.0, started_at=100.0, ended_at=101.0, client_peer_id=CLIENT)
+    args.update(kw)
+    return sign_receipt(ident, **args)
+
+
+def test_a_receipt_verifies_and_its_cost_is_tokens_times_prices():
+    server = new_identity()
+    r = receipt(server)
+    assert r.cost == (10 * 1.0 + 20 * 2.0) / 1e6
+    assert verify_receipt(r, server_peer_id=peer_id_from_ed25519(server.public_bytes), client_peer_id=CLIENT,
+                          request_id="r1", model_id="m", completion_tokens_seen=20, price_input=1.0,
+                          price_output=2.0) == []
+
+
+def test_tampered_or_misattributed_receipts_fail():
+    server = new_identity()
+    sid = peer_id_from_ed25519(server.public_bytes)
+    r = receipt(server)
+    assert "bad signature" in verify_receipt(dataclasses.replace(r, completion_tokens=2000), server_peer_id=sid,
+                                             client_peer_id=CLIENT)
+    assert verify_receipt(r, server_peer_id=peer_id_from_ed25519(new_identity().public_bytes), client_peer_id=CLIENT)
+    assert "receipt names another client" in verify_receipt(r, server_peer_id=sid, client_peer_id="someone")
+    assert "output price above the announced one" in verify_receipt(r, server_peer_id=sid, client_peer_id=CLIENT,
+                                                                    price_output=1.0)
+    greedy = receipt(server, completion_tokens=500)
+    assert verify_receipt(greedy, server_peer_id=sid, client_peer_id=CLIENT, completion_tokens_seen=20)
+
+
+def test_ledger_is_durable_and_keeps_flagged_receipts(tmp_path):
+    server = new_identity()
+    r = receipt(server)
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        assert ledger.record(SERVED, r)
+        assert not ledger.record(SERVED, r)  # once per request and direction
+        assert ledger.record(CONSUMED, dataclasses.replace(r, request_id="r2"), flagged=True, flag_reason="bad")
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        assert ledger.get(SERVED, "r1").receipt == r
+        flagged = ledger.get(CONSUMED, "r2")
+        assert flagged.flagged and flagged.flag_reason == "bad"
+        summary = ledger.summary()
+        assert [(s.direction, s.requests, s.completion_tokens, s.flagged) for s in summary] == [
+            (CONSUMED, 1, 20, 1), (SERVED, 1, 20, 0)]
+        assert "served" in format_report(summary)
+
+
+async def test_async_record_runs_off_the_trio_thread(tmp_path):
+    with Ledger(tmp_path / "l.sqlite") as ledger:
+        assert await ledger.arecord(SERVED, receipt(new_identity()))
+        assert len(await ledger.asummary()) == 1
