@@ -11,7 +11,6 @@ from .base import (
     LoadFailed,
     Overloaded,
     ProgressFn,
-    StatusListener,
     TextInference,
     Unsupported,
     VisionInference,
