@@ -11,6 +11,7 @@ from .base import (
     LoadFailed,
     Overloaded,
     ProgressFn,
+    StatusListener,
     TextInference,
     Unsupported,
     VisionInference,

@@ -31,12 +31,15 @@ import abc
 from collections.abc import AsyncIterator, Callable
 from typing import ClassVar
 
+import trio
+
 from helexa.protocol import (
     EmbedRequest,
     EmbedResult,
     GenerateRequest,
     GenerateResult,
     ModelConfig,
+    ModelStatus,
     TokenChunk,
     Workload,
 )
@@ -45,6 +48,9 @@ ProgressFn = Callable[[str, int, "int | None", str], None]
 """``progress(stage, done, total, unit)``: called on the trio thread during a load."""
 
 GenerationEvent = TokenChunk | GenerateResult
+
+StatusListener = Callable[[ModelStatus], None]
+"""Called on the trio thread when a loaded backend changes state by itself."""
 
 
 class BackendError(Exception):
@@ -86,9 +92,24 @@ class Backend(abc.ABC):
 
     Subclasses set ``kind`` (the registry key) and implement the capability interfaces
     they support.
+
+    Two optional attributes, set by the owner (the neuron) before :meth:`load`:
+
+    ``service_nursery``
+        A nursery that outlives the load, for backends with background work (the
+        ``openai_proxy`` supervisor and its log pumps). Backends that need one say so with
+        ``needs_service_nursery = True`` and fail to load without it; the backend cancels
+        its own tasks there on :meth:`unload`, so the nursery is never cancelled for it.
+    ``status_listener``
+        Told when a loaded backend changes state by itself: its process died and is
+        restarting (``LOADING`` with ``error`` saying why), came back (``LOADED``), or gave
+        up (``FAILED``). The neuron forwards these to the cortex.
     """
 
     kind: ClassVar[str]
+    needs_service_nursery: ClassVar[bool] = False
+    service_nursery: trio.Nursery | None = None
+    status_listener: StatusListener | None = None
 
     def __init__(self, config: ModelConfig) -> None:
         self.config = config

@@ -1,0 +1,337 @@
+"""``openai_proxy``: an OpenAI-style server, supervised by the neuron or already running.
+
+Without ``command`` the backend proxies ``listen_endpoint`` (a base URL such as
+``http://127.0.0.1:8000``; ``/v1`` is appended). With ``command`` it also owns the process:
+
+* :meth:`load` starts ``command`` with ``args`` and ``env`` (added to the neuron's own
+  environment) and waits until ``listen_endpoint`` answers ``GET /v1/models`` or
+  ``GET /health`` with 200, reporting progress in seconds against ``metadata.ready_timeout``
+  (default 120). A process that exits first, or a timeout, fails the load (``load_failed``)
+  with the exit status or the timeout, and leaves no process behind.
+* Its stdout and stderr go, line by line, to the logger ``helexa.runtime.openai_proxy.<model>``.
+* If it dies while loaded it is restarted with exponential backoff (``restart_backoff``,
+  default 1 s, doubling up to 30 s), at most ``max_restarts`` times in a row (default 5);
+  each step is reported to :attr:`Backend.status_listener` (``LOADING`` with the reason,
+  ``LOADED`` once it answers again, ``FAILED`` when it gives up). Requests in between fail
+  with :class:`BackendCrashed` (retryable elsewhere).
+* :meth:`unload` sends SIGTERM, then SIGKILL after ``metadata.stop_grace`` seconds (default 10).
+
+Why a service nursery: the supervisor must outlive :meth:`load`, and trio has no
+fire-and-forget tasks. The owner lends a long-lived nursery (``Backend.service_nursery``);
+the supervisor runs there under its own cancel scope, which :meth:`unload` cancels and then
+waits on, so the owner's nursery is never cancelled on our behalf.
+
+Other metadata: ``upstream_model`` (the ``model`` field sent; default the model id),
+``dialect`` (``"vllm"``, ``"llama.cpp"`` or ``"openai"``: how non-OpenAI sampling fields are
+named), ``embeddings`` (true when the server serves ``/v1/embeddings``), ``request_timeout``
+(seconds between two streamed bytes, default 600).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import numpy as np
+import trio
+
+from helexa.protocol import (
+    EmbedRequest,
+    EmbedResult,
+    GenerateRequest,
+    GenerateResult,
+    ModelConfig,
+    ModelState,
+    ModelStatus,
+    Task,
+    TokenChunk,
+    Usage,
+    Workload,
+)
+
+from . import openai_shapes
+from .base import (
+    Backend,
+    BackendCrashed,
+    BackendError,
+    ChatInference,
+    EmbeddingInference,
+    GenerationEvent,
+    LoadFailed,
+    ProgressFn,
+    TextInference,
+    Unsupported,
+)
+from .embeddings import pack_vectors
+
+log = logging.getLogger(__name__)
+
+
+class OpenAIProxyBackend(Backend, ChatInference, TextInference, EmbeddingInference):
+    """Proxy to (and optionally supervise) an OpenAI-style server; see the module docstring."""
+
+    kind = "openai_proxy"
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        if not config.listen_endpoint:
+            raise LoadFailed("openai_proxy needs listen_endpoint", code="invalid_config")
+        md = config.metadata
+        self._base = config.listen_endpoint.rstrip("/")
+        self._api = self._base if self._base.endswith("/v1") else self._base + "/v1"
+        self._ready_timeout = float(md.get("ready_timeout", 120))
+        self._backoff = float(md.get("restart_backoff", 1.0))
+        self._max_restarts = int(md.get("max_restarts", 5))
+        self._stop_grace = float(md.get("stop_grace", 10))
+        self._upstream_model = str(md.get("upstream_model", config.model_id))
+        self._dialect = str(md.get("dialect", "vllm"))
+        self._embeddings = bool(md.get("embeddings", False))
+        self._request_timeout = float(md.get("request_timeout", 600))
+        self._client: httpx.AsyncClient | None = None
+        self._supervisor: trio.CancelScope | None = None
+        self._supervisor_done = trio.Event()
+        self._process: trio.Process | None = None
+        self._output_log = logging.getLogger(f"{__name__}.{config.model_id}")
+
+    @property
+    def needs_service_nursery(self) -> bool:  # type: ignore[override]
+        return self.config.command is not None
+
+    @property
+    def workloads(self) -> frozenset[Workload]:
+        found = {Workload.CHAT, Workload.COMPLETION}
+        if self._embeddings:
+            found.add(Workload.EMBEDDING)
+        return frozenset(found)
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def load(self, progress: ProgressFn) -> None:
+        """Start (when there is a ``command``) and wait for the server. Raises
+        :class:`LoadFailed` (``load_failed``) when it exits, never answers in time, or
+        cannot be started; nothing is left running then."""
+        if self._client is not None:
+            return
+        timeout = httpx.Timeout(10.0, read=self._request_timeout)
+        self._client = httpx.AsyncClient(timeout=timeout)
+        try:
+            if self.config.command is None:
+                await self._wait_ready(None, progress)
+            else:
+                if self.service_nursery is None:
+                    raise LoadFailed(
+                        "openai_proxy with a command needs Backend.service_nursery set by its owner",
+                        code="load_failed",
+                    )
+                self._supervisor_done = trio.Event()
+                await self.service_nursery.start(self._supervise, progress)
+        except BaseException:
+            await self._close_client()
+            raise
+
+    async def unload(self) -> None:
+        """Stop the supervised process (SIGTERM, SIGKILL after the grace) and the client."""
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with trio.CancelScope(shield=True):
+                await self._supervisor_done.wait()
+        await self._close_client()
+
+    async def _close_client(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            with trio.CancelScope(shield=True):
+                await client.aclose()
+
+    # --- supervision ----------------------------------------------------------------------
+
+    async def _supervise(self, progress: ProgressFn, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope() as scope:
+            self._supervisor = scope
+            try:
+                failures, started = 0, False
+                while True:
+                    reason, was_ready = await self._run_once(progress, None if started else task_status)
+                    started = True
+                    failures = 1 if was_ready else failures + 1
+                    if failures > self._max_restarts:
+                        log.error("%s: giving up after %d restarts: %s", self.config.model_id, failures - 1, reason)
+                        self._report(ModelState.FAILED, f"{reason}; gave up after {failures - 1} restarts")
+                        return
+                    delay = min(30.0, self._backoff * 2 ** (failures - 1))
+                    log.warning("%s: %s; restarting in %.1fs", self.config.model_id, reason, delay)
+                    self._report(ModelState.LOADING, f"{reason}; restarting in {delay:.1f}s")
+                    await trio.sleep(delay)
+            finally:
+                self._supervisor = None
+                self._supervisor_done.set()
+
+    async def _run_once(self, progress: ProgressFn, task_status: Any) -> tuple[str, bool]:
+        """Run the process once; returns why it ended and whether it had become ready
+        (restarts that never get ready add up towards ``max_restarts``). On the first run
+        (``task_status`` given) a failure raises :class:`LoadFailed` instead."""
+        command = [self.config.command or "", *self.config.args]
+        try:
+            process = await trio.lowlevel.open_process(
+                command,
+                env={**os.environ, **self.config.env},
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            if task_status is not None:
+                raise LoadFailed(f"cannot start {command[0]!r}: {exc}", code="load_failed") from None
+            return f"cannot start {command[0]!r}: {exc}", False
+        self._process = process
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump, process.stdout)
+                try:
+                    await self._wait_ready(process, progress if task_status is not None else None)
+                except LoadFailed as exc:
+                    if task_status is not None:
+                        raise
+                    nursery.cancel_scope.cancel()
+                    return str(exc), False
+                if task_status is not None:
+                    task_status.started()
+                else:
+                    self._report(ModelState.LOADED, None)
+                code = await process.wait()
+                return f"process exited with status {code}", True
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._stop(process)
+            self._process = None
+
+    async def _stop(self, process: trio.Process) -> None:
+        if process.returncode is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        with trio.move_on_after(self._stop_grace):
+            await process.wait()
+            return
+        log.warning("%s: no exit %ss after SIGTERM; sending SIGKILL", self.config.model_id, self._stop_grace)
+        process.kill()
+        await process.wait()
+
+    async def _pump(self, stream: trio.abc.ReceiveStream | None) -> None:
+        if stream is None:
+            return
+        pending = b""
+        async for data in stream:
+            pending += data
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                self._output_log.info("%s", line.decode(errors="replace").rstrip())
+        if pending:
+            self._output_log.info("%s", pending.decode(errors="replace").rstrip())
+
+    async def _wait_ready(self, process: trio.Process | None, progress: ProgressFn | None) -> None:
+        assert self._client is not None
+        timeout_s = int(math.ceil(self._ready_timeout))
+        if progress is not None:
+            progress("starting", 0, timeout_s, "seconds")
+        start, delay, last = trio.current_time(), 0.05, "no answer yet"
+        while (elapsed := trio.current_time() - start) < self._ready_timeout:
+            if process is not None and process.poll() is not None:
+                raise LoadFailed(f"{self.config.command!r} exited with status {process.returncode} before answering", code="load_failed")
+            for path in (f"{self._api}/models", f"{self._base}/health"):
+                try:
+                    response = await self._client.get(path, timeout=2.0)
+                except httpx.HTTPError as exc:
+                    last = f"{type(exc).__name__}: {exc}"
+                    break
+                if response.status_code == 200:
+                    if progress is not None:
+                        progress("starting", timeout_s, timeout_s, "seconds")
+                    return
+                last = f"{path} answered {response.status_code}"
+            if progress is not None:
+                progress("starting", int(elapsed), timeout_s, "seconds")
+            await trio.sleep(delay)
+            delay = min(1.0, delay * 2)
+        raise LoadFailed(f"{self._base} did not answer within {self._ready_timeout}s ({last})", code="load_failed")
+
+    def _report(self, state: ModelState, error: str | None) -> None:
+        if self.status_listener is not None:
+            self.status_listener(ModelStatus(self.config.model_id, state, self.kind, error=error))
+
+    # --- inference ------------------------------------------------------------------------
+
+    def chat(self, request: GenerateRequest) -> AsyncIterator[GenerationEvent]:
+        return self._generate(request)
+
+    def complete(self, request: GenerateRequest) -> AsyncIterator[GenerationEvent]:
+        return self._generate(request)
+
+    def _require_client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            raise BackendError(f"model {self.config.model_id!r} is not loaded", code="model_not_loaded")
+        return self._client
+
+    async def _generate(self, request: GenerateRequest) -> AsyncIterator[GenerationEvent]:
+        openai_shapes.validate(request)
+        client = self._require_client()
+        body = openai_shapes.request_body(request, dialect=self._dialect, model=self._upstream_model)
+        path = "/chat/completions" if request.task is Task.CHAT else "/completions"
+        finish_reason, usage, emitted = "stop", None, 0
+        try:
+            async with client.stream("POST", self._api + path, json=body) as response:
+                if response.status_code != 200:
+                    await _raise_for_response(response)
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    view = openai_shapes.parse_chunk(json.loads(data))
+                    usage = view.usage or usage
+                    finish_reason = view.finish_reason or finish_reason
+                    if view.text or view.tool_calls:
+                        emitted += 1
+                        tool_calls = tuple(view.tool_calls) if view.tool_calls else None
+                        yield TokenChunk(request.request_id, view.text, 1, tool_calls=tool_calls)
+        except httpx.HTTPError as exc:
+            raise BackendCrashed(f"{self._base}: {type(exc).__name__}: {exc}") from None
+        yield GenerateResult(request.request_id, finish_reason, usage or Usage(completion_tokens=emitted))
+
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        """Embed through ``/v1/embeddings`` (metadata ``embeddings: true``); vectors are
+        re-normalised here, since not every server normalises."""
+        if not self._embeddings:
+            raise Unsupported(f"model {self.config.model_id!r} is not configured for embeddings")
+        client = self._require_client()
+        try:
+            response = await client.post(self._api + "/embeddings", json={"model": self._upstream_model, "input": list(request.inputs)})
+        except httpx.HTTPError as exc:
+            raise BackendCrashed(f"{self._base}: {type(exc).__name__}: {exc}") from None
+        if response.status_code != 200:
+            await _raise_for_response(response)
+        answer = response.json()
+        vectors = np.asarray([d["embedding"] for d in sorted(answer["data"], key=lambda d: d["index"])], dtype=np.float32)
+        vectors /= np.clip(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12, None)
+        dim, blob = pack_vectors(vectors)
+        return EmbedResult(request.request_id, dim, blob, openai_shapes.usage_of(answer) or Usage())
+
+
+async def _raise_for_response(response: httpx.Response) -> None:
+    raw = await response.aread()
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = {"error": {"code": response.status_code, "message": raw.decode(errors="replace")[:500]}}
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        body["error"].setdefault("code", response.status_code)
+    openai_shapes.raise_for_error(body)
+    raise BackendError(f"upstream answered {response.status_code}: {raw[:500]!r}")

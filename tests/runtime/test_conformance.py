@@ -1,0 +1,141 @@
+"""One suite every generation backend that runs on this machine must pass.
+
+Run against ``llama_cpp`` (a tiny random-weight GGUF), ``openai_proxy`` (in front of
+llama.cpp's own server in a child process) and ``synthetic`` (see ``conftest.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+
+import pytest
+import trio
+
+from helexa.protocol import GenerateRequest, GenerateResult, SamplingParams, Task, TokenChunk
+from helexa.runtime import Backend, InvalidRequest
+
+_ids = itertools.count()
+
+
+def chat(max_tokens: int | None = 8, **sampling) -> GenerateRequest:
+    return GenerateRequest(
+        f"r{next(_ids)}",
+        "m",
+        Task.CHAT,
+        messages=({"role": "user", "content": "Say something."},),
+        sampling=SamplingParams(max_tokens=max_tokens, **sampling),
+    )
+
+
+def completion(max_tokens: int | None = 8, prompt: str = "Once upon a time", **sampling) -> GenerateRequest:
+    return GenerateRequest(
+        f"r{next(_ids)}", "m", Task.COMPLETION, prompt=prompt, sampling=SamplingParams(max_tokens=max_tokens, **sampling)
+    )
+
+
+async def collect(stream) -> tuple[list[TokenChunk], GenerateResult]:
+    events = []
+    async with contextlib.aclosing(stream) as it:
+        async for event in it:
+            events.append(event)
+    assert events and isinstance(events[-1], GenerateResult), events[-1:]
+    assert all(isinstance(e, TokenChunk) for e in events[:-1])
+    return events[:-1], events[-1]
+
+
+async def test_chat_streams_chunks_then_exactly_one_result(backend: Backend) -> None:
+    with trio.fail_after(30):
+        chunks, result = await collect(backend.chat(chat(8)))
+    assert chunks and "".join(c.text for c in chunks)
+    assert result.finish_reason == "length"
+    assert result.usage.completion_tokens == 8
+    assert result.request_id == chunks[0].request_id
+
+
+async def test_max_tokens_bounds_a_completion(backend: Backend) -> None:
+    with trio.fail_after(30):
+        for limit in (1, 5, 17):
+            chunks, result = await collect(backend.complete(completion(limit)))
+            assert result.usage.completion_tokens == limit
+            assert result.finish_reason == "length"
+            assert 1 <= sum(c.tokens for c in chunks) <= limit
+
+
+async def test_stop_sequence_ends_generation_before_it(backend: Backend) -> None:
+    with trio.fail_after(30):
+        chunks, _ = await collect(backend.complete(completion(12, temperature=0.0)))
+        pieces = [c.text for c in chunks]
+        stop = next(p.strip() for p in pieces[3:] if len(p.strip()) >= 2)
+        chunks, result = await collect(backend.complete(completion(12, temperature=0.0, stop=(stop,))))
+    text = "".join(c.text for c in chunks)
+    full = "".join(pieces)
+    assert result.finish_reason == "stop"
+    assert stop not in text
+    assert full.startswith(text) and full[len(text) :].lstrip().startswith(stop)
+
+
+async def test_usage_counts_prompt_and_completion_tokens(backend: Backend) -> None:
+    with trio.fail_after(30):
+        _, short = await collect(backend.complete(completion(3, prompt="Hi")))
+        _, long = await collect(backend.chat(chat(3)))
+    assert short.usage.completion_tokens == long.usage.completion_tokens == 3
+    assert short.usage.prompt_tokens >= 1 and long.usage.prompt_tokens >= 1
+    assert long.usage.total_tokens == long.usage.prompt_tokens + 3
+
+
+async def test_leaving_a_stream_early_frees_its_slot(backend: Backend) -> None:
+    with trio.fail_after(60):
+        for _ in range(4):  # more than the slots: each must have been freed
+            async with contextlib.aclosing(backend.complete(completion(3000))) as it:
+                async for event in it:
+                    assert isinstance(event, TokenChunk)
+                    break
+        _, result = await collect(backend.complete(completion(4)))
+    assert result.usage.completion_tokens == 4
+
+
+async def test_cancelling_the_consumer_stops_generation(backend: Backend) -> None:
+    seen = 0
+    with trio.move_on_after(0.3):
+        async with contextlib.aclosing(backend.chat(chat(3000))) as it:
+            async for _ in it:
+                seen += 1
+    assert seen < 3000
+    with trio.fail_after(30):
+        _, result = await collect(backend.chat(chat(4)))
+    assert result.usage.completion_tokens == 4
+
+
+async def test_concurrent_requests_all_complete(backend: Backend) -> None:
+    results: dict[int, GenerateResult] = {}
+
+    async def one(i: int) -> None:
+        _, results[i] = await collect(backend.complete(completion(6 + i, prompt=f"Story number {i}:")))
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for i in range(5):
+                nursery.start_soon(one, i)
+    assert {i: r.usage.completion_tokens for i, r in results.items()} == {i: 6 + i for i in range(5)}
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        GenerateRequest("bad1", "m", Task.CHAT, messages=()),
+        GenerateRequest("bad2", "m", Task.COMPLETION, prompt=None),
+        GenerateRequest("bad3", "m", Task.CHAT, messages=("not an object",)),
+        GenerateRequest("bad4", "m", Task.COMPLETION, prompt="x", extra={"best_of": 3}),
+        GenerateRequest("bad5", "m", Task.COMPLETION, prompt="x", sampling=SamplingParams(frequency_penalty=7.0)),
+        GenerateRequest("bad6", "m", Task.COMPLETION, prompt="x", sampling=SamplingParams(min_p=1.5)),
+        GenerateRequest("bad7", "m", Task.COMPLETION, prompt="x", sampling=SamplingParams(stop=("",))),
+    ],
+    ids=["no-messages", "no-prompt", "message-not-object", "unknown-field", "penalty-range", "min-p-range", "empty-stop"],
+)
+async def test_bad_parameters_are_rejected_with_invalid_request(backend: Backend, request_: GenerateRequest) -> None:
+    stream = backend.chat(request_) if request_.task is Task.CHAT else backend.complete(request_)
+    with pytest.raises(InvalidRequest):
+        await collect(stream)
+    _, result = await collect(backend.complete(completion(2)))
+    assert result.usage.completion_tokens == 2
