@@ -126,6 +126,8 @@ class MemoryMesh(Mesh):
             self._cancel.cancel()
 
     async def announce(self, topic: str, data: bytes) -> None:
+        if self._nursery is None:
+            raise RuntimeError("the mesh is not running")
         for node in list(self._network.nodes.values()):
             if node is not self:
                 node._deliver(topic, self._peer_id, data)

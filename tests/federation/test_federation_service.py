@@ -1,0 +1,204 @@
+"""The Federation service end to end over the in-memory mesh."""
+
+import pytest
+import trio
+
+from helexa.mesh import MemoryMesh, MemoryNetwork, peer_id_from_ed25519
+from helexa.protocol import EmbedRequest, GenerateRequest, GenerateResult, Task, TokenChunk, encode
+from helexa.protocol.federation import ANNOUNCE_TOPIC, OfferedModel, PolicySummary
+from helexa.roles.cortex.federation import (
+    AskPolicy,
+    NoPeerOffers,
+    Outbound,
+    OutboundRefused,
+    PeerFailed,
+    PeerRefused,
+    PeerVanished,
+    ServePolicy,
+)
+from helexa.roles.cortex.federation.announcements import sign_announcement
+from helexa.roles.cortex.federation.ledger import CONSUMED, SERVED, Ledger
+from helexa.roles.cortex.federation.service import Federation, FederationSettings
+
+from conftest import FakeFleet, new_identity
+
+MODEL = OfferedModel("tiny", warm=True, price_input=1.0, price_output=2.0)
+
+
+def request(rid="r1", model="tiny"):
+    return GenerateRequest(rid, model, Task.CHAT, messages=({"role": "user", "content": "hi"},))
+
+
+async def cortex(nursery, network, operator, *, fleet=None, offer=(MODEL,), serve_policy=ServePolicy(),
+                 ask_policy=AskPolicy(), mesh_node=None):
+    ident = new_identity()
+    mesh = MemoryMesh(network, peer_id_from_ed25519(ident.public_bytes), timeout=5)
+    await nursery.start(mesh.run)
+    fed = Federation(
+        mesh=mesh, identity=ident, operator=operator, ledger=Ledger(":memory:"), offer_fn=lambda: list(offer),
+        serve_generate=fleet.serve if fleet else None, serve_embed=fleet.embed if fleet else None,
+        serve_policy=serve_policy, ask_policy=ask_policy, settings=FederationSettings(announce_interval=1.0),
+        clock=trio.current_time)
+    await nursery.start(fed.run)
+    return fed
+
+
+async def settle():
+    await trio.sleep(1.5)
+
+
+async def test_streamed_request_is_served_by_the_peer_and_both_ledgers_agree(nursery, autojump_clock):
+    net = MemoryNetwork()
+    b_fleet = FakeFleet()
+    a = await cortex(nursery, net, "A", offer=())
+    b = await cortex(nursery, net, "B", fleet=b_fleet)
+    await settle()
+    assert list(a.remote_models()) == ["tiny"] and a.can_route("tiny")
+    async with a.route(request()) as frames:
+        got = [f async for f in frames]
+    assert [f.text for f in got if isinstance(f, TokenChunk)] == ["Hel", "lo", " world"]
+    assert isinstance(got[-1], GenerateResult)
+    consumed = a.ledger.get(CONSUMED, "r1")
+    served = b.ledger.get(SERVED, "r1")
+    assert not consumed.flagged
+    assert consumed.receipt == served.receipt
+    assert consumed.receipt.completion_tokens == 3 and consumed.receipt.prompt_tokens == 7
+    assert consumed.peer_id == b.mesh.peer_id and served.peer_id == a.mesh.peer_id
+
+
+async def test_embeddings_are_routed_too(nursery, autojump_clock):
+    net = MemoryNetwork()
+    offer = (OfferedModel("emb", True, workloads=(__import__("helexa").protocol.Workload.EMBEDDING,)),)
+    a = await cortex(nursery, net, "A", offer=())
+    await cortex(nursery, net, "B", fleet=FakeFleet(), offer=offer)
+    await settle()
+    result = await a.embed(EmbedRequest("e1", "emb", ("x", "y")))
+    assert result.dim == 2
+    assert not a.ledger.get(CONSUMED, "e1").flagged
+
+
+async def test_refusal_by_the_peer_policy_is_a_clear_error(nursery, autojump_clock):
+    net = MemoryNetwork()
+    a = await cortex(nursery, net, "A", offer=())
+    await cortex(nursery, net, "B", fleet=FakeFleet(), serve_policy=ServePolicy(deny_operators=frozenset({"A"})))
+    await settle()
+    with pytest.raises(PeerRefused) as err:
+        async with a.route(request()):
+            pass
+    assert err.value.code == "denied"
+
+
+async def test_rate_limited_peer_refuses_with_retry_after(nursery, autojump_clock):
+    net = MemoryNetwork()
+    a = await cortex(nursery, net, "A", offer=())
+    await cortex(nursery, net, "B", fleet=FakeFleet(), serve_policy=ServePolicy(rate_per_second=0.5, burst=1))
+    await settle()
+    async with a.route(request("r1")) as frames:
+        [f async for f in frames]
+    with pytest.raises(PeerRefused) as err:
+        async with a.route(request("r2")):
+            pass
+    assert err.value.code == "rate_limited" and err.value.retry_after > 0
+
+
+async def test_outbound_policy_and_missing_models_fail_before_sending(nursery, autojump_clock):
+    net = MemoryNetwork()
+    fleet = FakeFleet()
+    never = await cortex(nursery, net, "A", offer=(), ask_policy=AskPolicy(outbound=Outbound.NEVER))
+    cheap = await cortex(nursery, net, "C", offer=(), ask_policy=AskPolicy(max_price_output=1.0))
+    await cortex(nursery, net, "B", fleet=fleet)
+    await settle()
+    with pytest.raises(OutboundRefused):
+        async with never.route(request()):
+            pass
+    with pytest.raises(OutboundRefused):
+        async with cheap.route(request()):
+            pass
+    with pytest.raises(NoPeerOffers):
+        async with cheap.route(request(model="unknown")):
+            pass
+    assert fleet.requests == []
+
+
+async def test_busy_peer_is_skipped_for_the_next_best(nursery, autojump_clock):
+    net = MemoryNetwork()
+    a = await cortex(nursery, net, "A", offer=())
+    cheap_closed = await cortex(nursery, net, "B", fleet=FakeFleet(), serve_policy=ServePolicy(
+        rate_per_second=0.001, burst=0))
+    pricey = await cortex(nursery, net, "C", fleet=FakeFleet(),
+                          offer=(OfferedModel("tiny", True, price_input=5.0, price_output=5.0),))
+    await settle()
+    async with a.route(request()) as frames:
+        assert frames.peer_id == pricey.mesh.peer_id
+        [f async for f in frames]
+    assert cheap_closed.ledger.summary() == []
+
+
+async def test_peer_killed_mid_stream_ends_it_with_an_error(nursery, autojump_clock):
+    net = MemoryNetwork()
+    a = await cortex(nursery, net, "A", offer=())
+    b = await cortex(nursery, net, "B", fleet=FakeFleet(tokens=("a",) * 10, delay=1.0))
+    await settle()
+    texts = []
+    with pytest.raises(PeerVanished):
+        async with a.route(request()) as frames:
+            async for f in frames:
+                texts.append(f.text)
+                if len(texts) == 2:
+                    b.mesh.kill()
+    assert texts == ["a", "a"]
+    flagged = a.ledger.get(CONSUMED, "r1")
+    assert flagged.flagged and "no receipt" in flagged.flag_reason
+
+
+async def test_cancellation_crosses_the_hop(nursery, autojump_clock):
+    net = MemoryNetwork()
+    fleet = FakeFleet(tokens=("a",) * 100, delay=1.0)
+    a = await cortex(nursery, net, "A", offer=())
+    b = await cortex(nursery, net, "B", fleet=fleet)
+    await settle()
+    with trio.move_on_after(3.5):
+        async with a.route(request()) as frames:
+            async for _ in frames:
+                pass
+    await trio.sleep(1)
+    assert fleet.closed_early == ["r1"]
+    assert b.ledger.get(SERVED, "r1").receipt.outcome == "cancelled"
+    consumed = a.ledger.get(CONSUMED, "r1")
+    assert consumed.receipt.outcome == "cancelled" and not consumed.flagged
+
+
+async def test_local_failure_on_the_peer_is_reported_as_peer_failed(nursery, autojump_clock):
+    net = MemoryNetwork()
+    a = await cortex(nursery, net, "A", offer=())
+    await cortex(nursery, net, "B", fleet=FakeFleet(fail=RuntimeError("out of memory")))
+    await settle()
+    with pytest.raises(PeerFailed) as err:
+        async with a.route(request()) as frames:
+            [f async for f in frames]
+    assert "out of memory" in str(err.value)
+
+
+async def test_forged_announcement_never_reaches_the_table(nursery, autojump_clock):
+    net = MemoryNetwork()
+    a = await cortex(nursery, net, "A", offer=())
+    liar = MemoryMesh(net, "liar")
+    await nursery.start(liar.run)
+    victim = new_identity()
+    ann = sign_announcement(victim, operator="V", models=(MODEL,), spare_slots=1, policy=PolicySummary(),
+                            addrs=(), issued_at=trio.current_time(), ttl=30, sequence=1)
+    await liar.announce(ANNOUNCE_TOPIC, encode(ann))  # a real signature, the wrong author
+    await trio.sleep(0.1)
+    assert a.table.peers() == []
+    assert not a.can_route("tiny")
+
+
+async def test_offers_expire_when_a_peer_stops_announcing(nursery, autojump_clock):
+    net = MemoryNetwork()
+    a = await cortex(nursery, net, "A", offer=())
+    b = await cortex(nursery, net, "B", fleet=FakeFleet())
+    await settle()
+    assert a.can_route("tiny")
+    b.mesh.kill()
+    await trio.sleep(31)
+    assert not a.can_route("tiny")
