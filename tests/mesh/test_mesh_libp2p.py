@@ -1,0 +1,153 @@
+"""Real libp2p hosts, each in its own process, on 127.0.0.1."""
+
+import time
+
+import pytest
+import trio
+
+from helexa.mesh import mesh_identity
+
+from nodes import NodeProcess
+
+pytestmark = pytest.mark.slow
+
+
+async def start_all(nursery, tmp_path, specs):
+    """Start nodes concurrently; ``specs`` is a list of (name, args) and args may be a
+    callable of the already started nodes' dict."""
+    nodes = {}
+    for name, args in specs:
+        if callable(args):
+            args = args(nodes)
+        nodes[name] = await NodeProcess.start(nursery, tmp_path / name, *args)
+    return nodes
+
+
+def boot(node):
+    return ["--bootstrap", node.addrs[0]]
+
+
+async def test_three_nodes_discover_each_other_from_one_bootstrap_address(nursery, tmp_path):
+    nodes = await start_all(nursery, tmp_path, [
+        ("a", ["--federation"]),
+        ("b", lambda n: ["--federation", *boot(n["a"])]),
+        ("c", lambda n: ["--federation", *boot(n["a"])]),
+    ])
+    a, b, c = nodes["a"], nodes["b"], nodes["c"]
+    # b and c only know a: they find each other through a's relaying of announcements.
+    async with trio.open_nursery() as waits:
+        waits.start_soon(lambda: a.call("wait_peers", peers=[b.peer_id, c.peer_id], timeout=15))
+        waits.start_soon(lambda: b.call("wait_peers", peers=[a.peer_id, c.peer_id], timeout=15))
+        waits.start_soon(lambda: c.call("wait_peers", peers=[a.peer_id, b.peer_id], timeout=15))
+    assert mesh_identity(tmp_path / "a").peer_id == a.peer_id
+    assert mesh_identity(tmp_path / "a").multiaddrs == tuple(a.addrs)
+    for n in nodes.values():
+        await n.stop()
+
+
+async def test_gossip_crosses_a_line_of_three_and_invalid_messages_are_not_relayed(nursery, tmp_path):
+    nodes = await start_all(nursery, tmp_path, [
+        ("a", []),
+        ("b", lambda n: boot(n["a"])),
+        ("c", lambda n: boot(n["b"])),
+    ])
+    a, b, c = nodes["a"], nodes["b"], nodes["c"]
+    await b.call("wait_peers", peers=[a.peer_id, c.peer_id], timeout=15)
+    assert a.peer_id not in (await c.call("peers"))["peers"]  # a line, not a triangle
+    await a.call("publish", data=b"bad forged".hex())
+    got = None
+    deadline = time.monotonic() + 15
+    while got is None and time.monotonic() < deadline:
+        await a.call("publish", data=b"hello".hex())
+        try:
+            got = await c.call("next_message", timeout=0.5)
+        except RuntimeError:
+            pass
+    assert got is not None, "the announcement never crossed the line"
+    assert bytes.fromhex(got["data"]) == b"hello" and got["origin"] == a.peer_id
+    for n in nodes.values():
+        await n.stop()
+
+
+async def test_federated_request_streams_across_processes_and_ledgers_agree(nursery, tmp_path):
+    nodes = await start_all(nursery, tmp_path, [
+        ("a", ["--federation", "--operator", "A"]),
+        ("b", lambda n: ["--federation", "--operator", "B", "--serve", "--tokens", "4", *boot(n["a"])]),
+    ])
+    a, b = nodes["a"], nodes["b"]
+    await a.call("wait_route", model="tiny", timeout=15)
+    streamed = await a.call("route", model="tiny", rid="r-stream")
+    whole = await a.call("route", model="tiny", rid="r-whole", stream=False)
+    for reply in (streamed, whole):
+        assert reply["error_kind"] is None
+        assert reply["texts"] == ["tok0 ", "tok1 ", "tok2 ", "tok3 ", "<stop>"]
+        assert reply["peer"] == b.peer_id
+    consumed = {e["request_id"]: e for e in (await a.call("ledger"))["entries"]}
+    served = {e["request_id"]: e for e in (await b.call("ledger"))["entries"]}
+    for rid in ("r-stream", "r-whole"):
+        assert consumed[rid]["direction"] == "consumed" and not consumed[rid]["flagged"]
+        assert served[rid]["direction"] == "served"
+        assert consumed[rid]["signature"] == served[rid]["signature"]
+        assert consumed[rid]["peer"] == b.peer_id and served[rid]["peer"] == a.peer_id
+    for n in nodes.values():
+        await n.stop()
+
+
+async def test_peer_killed_mid_stream_ends_the_stream_with_an_error(nursery, tmp_path):
+    nodes = await start_all(nursery, tmp_path, [
+        ("a", ["--federation"]),
+        ("b", lambda n: ["--federation", "--serve", "--tokens", "100", "--token-delay", "0.05", *boot(n["a"])]),
+    ])
+    a, b = nodes["a"], nodes["b"]
+    await a.call("wait_route", model="tiny", timeout=15)
+    result = {}
+
+    async def route():
+        result.update(await a.call("route", model="tiny", rid="r1", timeout=30))
+
+    async with trio.open_nursery() as inner:
+        inner.start_soon(route)
+        await trio.sleep(1.0)
+        b.kill()
+    assert result["error_kind"].startswith("PeerVanished")
+    assert 0 < len(result["texts"]) < 100
+    assert result["s"] < 5
+    [entry] = (await a.call("ledger"))["entries"]
+    assert entry["flagged"]
+    await a.stop()
+
+
+async def test_restarted_peer_is_reached_again_within_seconds(nursery, tmp_path):
+    nodes = await start_all(nursery, tmp_path, [
+        ("a", ["--federation"]),
+        ("b", lambda n: ["--federation", "--serve", *boot(n["a"])]),
+    ])
+    a, b = nodes["a"], nodes["b"]
+    await a.call("wait_route", model="tiny", timeout=15)
+    assert (await a.call("route", model="tiny", rid="before"))["error_kind"] is None
+    port_addr = b.addrs[0].split("/p2p/")[0]
+    b.kill()
+    await b.proc.wait()
+    await trio.sleep(2)  # a's redials fail meanwhile: the peer lands in the negative dial cache
+    # b comes back with the same identity and port, and no bootstrap: a must find it.
+    b2 = await NodeProcess.start(nursery, tmp_path / "b", "--federation", "--serve", "--listen", port_addr)
+    assert b2.peer_id == b.peer_id
+    ready = time.time()
+    back = await a.call("wait_peers", peers=[b2.peer_id], timeout=20)
+    assert back["t"] - ready < 5, f"reconnected after {back['t'] - ready:.1f}s"
+    after = await a.call("route", model="tiny", rid="after")
+    assert after["error_kind"] is None and after["peer"] == b2.peer_id
+    await a.stop()
+    await b2.stop()
+
+
+def test_peer_id_computed_without_libp2p_matches_libp2p():
+    from libp2p.crypto.ed25519 import create_new_key_pair
+    from libp2p.peer.id import ID
+
+    from helexa.identity import Identity
+    from helexa.mesh import peer_id_from_ed25519
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    ident = Identity(Ed25519PrivateKey.generate())
+    assert peer_id_from_ed25519(ident.public_bytes) == ID.from_pubkey(create_new_key_pair(ident.seed).public_key).to_base58()
