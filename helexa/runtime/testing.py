@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from helexa.protocol import ModelConfig
+
 HIDDEN, LAYERS, HEADS, KV_HEADS, FFN, CONTEXT = 64, 2, 4, 2, 128, 4096
 
 
@@ -82,3 +84,10 @@ def write_tiny_llama(source: Path, target: Path, *, seed: int = 0) -> Path:
     w.write_tensors_to_file()
     w.close()
     return target
+
+
+def tiny_llama_config(path: Path, **metadata: object) -> ModelConfig:
+    """A ``llama_cpp`` config for the tiny model: one thread (llama.cpp's spinning threads
+    crawl when they share two cores with anything else), two slots."""
+    md = {"path": str(path), "n_threads": 1, "n_parallel": 2, "n_ctx": 4096, **metadata}
+    return ModelConfig("tiny-llama", "llama_cpp", metadata=md)

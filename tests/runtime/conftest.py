@@ -13,6 +13,7 @@ import pytest
 
 from helexa.protocol import ModelConfig
 from helexa.runtime import Backend, create_backend
+from helexa.runtime.testing import tiny_llama_config
 
 SERVER_SCRIPT = Path(__file__).with_name("llama_server.py")
 
@@ -53,11 +54,6 @@ def llama_server(tiny_gguf: Path):
     finally:
         process.terminate()
         process.wait(timeout=10)
-
-
-def tiny_llama_config(path: Path, **metadata) -> ModelConfig:
-    md = {"path": str(path), "n_threads": 1, "n_parallel": 2, "n_ctx": 4096, **metadata}
-    return ModelConfig("tiny-llama", "llama_cpp", metadata=md)
 
 
 CONFORMANCE_KINDS = ["llama_cpp", "openai_proxy", "synthetic"]

