@@ -192,22 +192,29 @@ class OpenAIProxyBackend(Backend, ChatInference, TextInference, EmbeddingInferen
                 raise LoadFailed(f"cannot start {command[0]!r}: {exc}", code="load_failed") from None
             return f"cannot start {command[0]!r}: {exc}", False
         self._process = process
+        failure: LoadFailed | None = None
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._pump, process.stdout)
                 try:
                     await self._wait_ready(process, progress if task_status is not None else None)
                 except LoadFailed as exc:
-                    if task_status is not None:
-                        raise
-                    nursery.cancel_scope.cancel()
-                    return str(exc), False
-                if task_status is not None:
-                    task_status.started()
+                    # Stop it and let the pump drain: its last lines say why it failed.
+                    failure = exc
+                    with trio.CancelScope(shield=True):
+                        await self._stop(process)
+                    nursery.cancel_scope.deadline = trio.current_time() + 2.0
                 else:
-                    self._report(ModelState.LOADED, None)
-                code = await process.wait()
+                    if task_status is not None:
+                        task_status.started()
+                    else:
+                        self._report(ModelState.LOADED, None)
+                    code = await process.wait()
+            if failure is None:
                 return f"process exited with status {code}", True
+            if task_status is not None:
+                raise failure
+            return str(failure), False
         finally:
             with trio.CancelScope(shield=True):
                 await self._stop(process)

@@ -1,0 +1,141 @@
+"""The openai_proxy backend supervising real server processes."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import textwrap
+from pathlib import Path
+
+import psutil
+import pytest
+import trio
+
+from helexa.protocol import GenerateRequest, ModelConfig, ModelState, ModelStatus, SamplingParams, Task
+from helexa.runtime import LoadFailed, create_backend
+
+SERVER_SCRIPT = Path(__file__).with_name("llama_server.py")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+# A server that answers /health, logs a line, and ignores SIGTERM (to prove the SIGKILL).
+STUBBORN = textwrap.dedent(
+    """
+    import http.server, signal, sys
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200); self.end_headers(); self.wfile.write(b"ok")
+        def log_message(self, *args):
+            pass
+    print("stubborn server says hello", flush=True)
+    http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+    """
+)
+
+
+def supervised(tiny_gguf: Path, port: int, **metadata) -> ModelConfig:
+    return ModelConfig(
+        "tiny-proxied",
+        "openai_proxy",
+        command=sys.executable,
+        args=(str(SERVER_SCRIPT), str(tiny_gguf), str(port)),
+        listen_endpoint=f"http://127.0.0.1:{port}",
+        metadata={"dialect": "llama.cpp", "ready_timeout": 60, "restart_backoff": 0.1, **metadata},
+    )
+
+
+def children() -> list[psutil.Process]:
+    return psutil.Process().children(recursive=True)
+
+
+async def generate(backend, n: int = 3) -> int:
+    request = GenerateRequest("p", "m", Task.COMPLETION, prompt="Hello", sampling=SamplingParams(max_tokens=n))
+    async with contextlib.aclosing(backend.complete(request)) as it:
+        async for event in it:
+            last = event
+    return last.usage.completion_tokens
+
+
+@pytest.mark.slow
+async def test_starts_serves_restarts_and_stops_the_process(tiny_gguf: Path) -> None:
+    statuses: list[ModelStatus] = []
+    progress: list[tuple] = []
+    async with trio.open_nursery() as nursery:
+        backend = create_backend(supervised(tiny_gguf, free_port()))
+        backend.service_nursery = nursery
+        backend.status_listener = statuses.append
+        with trio.fail_after(60):
+            await backend.load(lambda *args: progress.append(args))
+            assert progress[0][0] == "starting" and progress[-1][1] == progress[-1][2]
+            assert await generate(backend) == 3
+            (child,) = children()
+            child.kill()
+            while [s.state for s in statuses] != [ModelState.LOADING, ModelState.LOADED]:
+                await trio.sleep(0.05)
+            assert "exited" in statuses[0].error
+            assert await generate(backend) == 3
+        await backend.unload()
+        assert children() == []
+
+
+async def test_a_command_that_exits_fails_the_load_and_leaves_nothing(tmp_path: Path) -> None:
+    config = ModelConfig(
+        "broken", "openai_proxy", command=sys.executable, args=("-c", "raise SystemExit(3)"),
+        listen_endpoint=f"http://127.0.0.1:{free_port()}",
+    )
+    async with trio.open_nursery() as nursery:
+        backend = create_backend(config)
+        backend.service_nursery = nursery
+        with pytest.raises(LoadFailed) as caught:
+            await backend.load(lambda *args: None)
+        await backend.unload()
+    assert caught.value.code == "load_failed" and "status 3" in str(caught.value)
+    assert children() == []
+
+
+async def test_a_missing_executable_fails_the_load() -> None:
+    config = ModelConfig("x", "openai_proxy", command="/nonexistent/server", listen_endpoint="http://127.0.0.1:9")
+    async with trio.open_nursery() as nursery:
+        backend = create_backend(config)
+        backend.service_nursery = nursery
+        with pytest.raises(LoadFailed, match="cannot start"):
+            await backend.load(lambda *args: None)
+
+
+async def test_a_command_needs_a_service_nursery() -> None:
+    config = ModelConfig("x", "openai_proxy", command=sys.executable, listen_endpoint="http://127.0.0.1:9")
+    with pytest.raises(LoadFailed, match="service_nursery"):
+        await create_backend(config).load(lambda *args: None)
+
+
+async def test_an_endpoint_that_never_answers_times_out() -> None:
+    config = ModelConfig("x", "openai_proxy", listen_endpoint=f"http://127.0.0.1:{free_port()}", metadata={"ready_timeout": 0.5})
+    with pytest.raises(LoadFailed, match="did not answer"):
+        await create_backend(config).load(lambda *args: None)
+
+
+async def test_output_is_logged_and_sigterm_is_followed_by_sigkill(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="helexa.runtime.openai_proxy")
+    port = free_port()
+    config = ModelConfig(
+        "stubborn", "openai_proxy", command=sys.executable, args=("-c", STUBBORN, str(port)),
+        listen_endpoint=f"http://127.0.0.1:{port}", metadata={"stop_grace": 0.5},
+    )
+    async with trio.open_nursery() as nursery:
+        backend = create_backend(config)
+        backend.service_nursery = nursery
+        with trio.fail_after(30):
+            await backend.load(lambda *args: None)
+            while "stubborn server says hello" not in caplog.text:
+                await trio.sleep(0.05)
+            await backend.unload()
+    assert children() == []
+    assert "SIGKILL" in caplog.text
