@@ -1,0 +1,212 @@
+"""The model catalogue (``models.toml``): what the operator offers, and where it can run.
+
+Format (one table per model, keyed by the id clients use)::
+
+    [models."smollm2-135m-instruct"]
+    backend = "llama_cpp"              # a neuron backend kind
+    workloads = ["chat", "completion"] # chat, completion, embedding, vision
+    memory_mb = 300                    # resident memory (VRAM if min_devices > 0, else RAM)
+    min_devices = 0                    # GPUs needed; 0 = runs on CPU
+    min_device_vram_mb = 0             # VRAM each of those GPUs must have
+    pinned_on = ["beast"]              # preferred neurons (a preference, not a restriction)
+    priority = "normal"                # residency class: low < normal < high < critical
+    max_context = 2048
+    max_output = 512
+    price_in = 0.0                     # per million prompt tokens
+    price_out = 0.0                    # per million completion tokens
+    keep_warm = false                  # load at start-up, never unload for idleness
+    idle_ttl = 900                     # seconds unused before unloading; 0 = never
+
+    [models."smollm2-135m-instruct".config]   # handed to the backend (ModelConfig)
+    metadata = { n_ctx = 2048 }
+    # command = "...", args = [...], env = {...}, listen_endpoint = "http://..."
+
+Everything but ``backend`` has a default. :meth:`Catalogue.load` raises
+:class:`CatalogueError` naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import enum
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from helexa.protocol import Hardware, ModelCapability, ModelConfig, Workload
+
+MB = 1024 * 1024
+
+
+class CatalogueError(Exception):
+    """The catalogue file is missing, not TOML, or describes a model wrongly."""
+
+
+class Priority(enum.IntEnum):
+    """Residency priority: a load may evict only models of the same or a lower class."""
+
+    LOW = 0
+    NORMAL = 1
+    HIGH = 2
+    CRITICAL = 3
+
+
+class BackendConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    command: str | None = None
+    args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    listen_endpoint: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class CatalogueEntry(BaseModel):
+    """One model the operator offers."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(min_length=1)
+    backend: str = Field(min_length=1)
+    workloads: tuple[Workload, ...] = (Workload.CHAT, Workload.COMPLETION)
+    memory_mb: int = Field(0, ge=0)
+    min_devices: int = Field(0, ge=0)
+    min_device_vram_mb: int = Field(0, ge=0)
+    pinned_on: tuple[str, ...] = ()
+    priority: Priority = Priority.NORMAL
+    max_context: int | None = Field(None, ge=1)
+    max_output: int | None = Field(None, ge=1)
+    price_in: float = Field(0.0, ge=0)
+    price_out: float = Field(0.0, ge=0)
+    keep_warm: bool = False
+    idle_ttl: float = Field(0.0, ge=0)
+    config: BackendConfig = Field(default_factory=BackendConfig)
+    owned_by: str = "helexa"
+
+    @field_validator("priority", mode="before")
+    @classmethod
+    def _priority_by_name(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return Priority[value.upper()]
+            except KeyError:
+                names = ", ".join(p.name.lower() for p in Priority)
+                raise ValueError(f"unknown priority {value!r} (one of {names})") from None
+        return value
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.min_devices > 0
+
+    def model_config_for_neuron(self) -> ModelConfig:
+        """The :class:`ModelConfig` pushed to a neuron before loading this model."""
+        return ModelConfig(
+            model_id=self.id,
+            backend_kind=self.backend,
+            command=self.config.command,
+            args=tuple(self.config.args),
+            env=dict(self.config.env),
+            listen_endpoint=self.config.listen_endpoint,
+            metadata=dict(self.config.metadata),
+            capability=ModelCapability(
+                workloads=self.workloads,
+                max_context=self.max_context,
+                max_output=self.max_output,
+                memory_mb=self.memory_mb,
+                min_devices=self.min_devices,
+                min_device_vram_mb=self.min_device_vram_mb,
+            ),
+        )
+
+    def is_feasible_on(self, hardware: Hardware) -> bool:
+        """Could a neuron with this hardware ever hold the model (all memory free)?
+
+        GPU models need ``min_devices`` GPUs each with ``min_device_vram_mb`` (or, when
+        that is 0, an equal share of ``memory_mb``); CPU models need ``memory_mb`` of RAM.
+        """
+        if not self.on_gpu:
+            return hardware.ram_total >= self.memory_mb * MB
+        per_device = self.min_device_vram_mb or -(-self.memory_mb // self.min_devices)
+        big_enough = [g for g in hardware.gpus if g.vram_total >= per_device * MB]
+        return len(big_enough) >= self.min_devices
+
+    def capacity_mb(self, hardware: Hardware) -> int:
+        """The memory pool this model draws from on that hardware, in MB."""
+        if self.on_gpu:
+            return sum(g.vram_total for g in hardware.gpus) // MB
+        return hardware.ram_total // MB
+
+
+class Catalogue:
+    """An immutable set of :class:`CatalogueEntry`, looked up by id."""
+
+    def __init__(self, entries: list[CatalogueEntry] | tuple[CatalogueEntry, ...] = ()) -> None:
+        self._entries = {e.id: e for e in entries}
+        if len(self._entries) != len(entries):
+            raise CatalogueError("duplicate model ids in the catalogue")
+
+    def get(self, model_id: str) -> CatalogueEntry | None:
+        return self._entries.get(model_id)
+
+    def __contains__(self, model_id: object) -> bool:
+        return model_id in self._entries
+
+    def __iter__(self) -> Iterator[CatalogueEntry]:
+        return iter(self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "<catalogue>") -> "Catalogue":
+        models = data.get("models", {})
+        if not isinstance(models, dict):
+            raise CatalogueError(f"{source}: [models] must be a table of model tables")
+        entries = []
+        for model_id, table in models.items():
+            if not isinstance(table, dict):
+                raise CatalogueError(f"{source}: models.{model_id} must be a table")
+            try:
+                entries.append(CatalogueEntry.model_validate({**table, "id": model_id}))
+            except ValidationError as exc:
+                first = exc.errors(include_url=False)[0]
+                loc = ".".join(str(p) for p in first["loc"])
+                raise CatalogueError(f"{source}: models.{model_id}.{loc}: {first['msg']}") from None
+        return cls(entries)
+
+    @classmethod
+    def load(cls, path: Path) -> "Catalogue":
+        """Read a ``models.toml``. Raises :class:`CatalogueError`."""
+        try:
+            data = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise CatalogueError(f"cannot read {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise CatalogueError(f"{path} is not valid TOML: {exc}") from None
+        return cls.from_dict(data, source=str(path))
+
+
+def default_catalogue() -> Catalogue:
+    """The built-in catalogue used when no ``models.toml`` is given: the CPU default models."""
+    return Catalogue.from_dict(
+        {
+            "models": {
+                "smollm2-135m-instruct": {
+                    "backend": "llama_cpp",
+                    "memory_mb": 300,
+                    "max_context": 2048,
+                    "idle_ttl": 0,
+                    "config": {"metadata": {"n_ctx": 2048}},
+                },
+                "all-minilm-l6-v2": {
+                    "backend": "embeddings",
+                    "workloads": ["embedding"],
+                    "memory_mb": 100,
+                    "max_context": 256,
+                },
+            }
+        },
+        source="<built-in>",
+    )

@@ -1,0 +1,277 @@
+"""Running a request on a neuron: pick, cold-load if needed, fail over, feed back.
+
+:meth:`Dispatcher.generate` is an async context manager yielding a :class:`Generation`
+(an async iterator of :class:`TokenChunk` then one :class:`GenerateResult`). Before the
+first event arrives, a neuron that dies (``NeuronGone(started=False)``) or refuses
+retryably (``RemoteError(retryable=True)``) is excluded and the request goes to the next
+one; after it, failures propagate as they are. Leaving the context early (a client
+disconnect is a cancellation) leaves :meth:`NeuronLink.generate`'s context, which sends
+``Cancel`` to the neuron. Every wait has a deadline from :class:`DispatchSettings`.
+
+Federation seam: a :class:`RemoteRouter` (the mesh, wired by the cortex) is asked only for
+models the local fleet and catalogue do not know; it returns a link-shaped handle to a
+peer, which is then driven exactly like a local neuron.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Protocol, TypeVar
+
+import trio
+from pydantic import BaseModel, ConfigDict, Field
+
+from helexa.protocol import EmbedRequest, EmbedResult, GenerateRequest, GenerateResult, TokenChunk, WorkloadClass
+
+from .catalogue import Catalogue
+from .errors import ModelNotFound, NoCapacity, UpstreamTimeout, to_gateway_error
+from .fleet import CommandTimeout, Fleet, NeuronGone, NeuronLink, RemoteError
+from .metrics import Metrics
+from .provisioner import Provisioner
+from .scheduler import Hints, LiveLoad, schedule, snapshot
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class DispatchSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    first_token_timeout: float = Field(120.0, gt=0)
+    """Seconds a neuron may take to produce the first output of a generation."""
+    idle_timeout: float = Field(60.0, gt=0)
+    """Seconds between two outputs of a generation before it is abandoned."""
+    embed_timeout: float = Field(60.0, gt=0)
+    route_timeout: float = Field(10.0, gt=0)
+    """Seconds the federation may take to find a peer for a model."""
+    max_attempts: int = Field(3, ge=1)
+    """Neurons tried for one request that has not started."""
+    keepalive_interval: float = Field(10.0, gt=0)
+    """Seconds between keep-alive callbacks while a request waits for a cold load."""
+
+
+class RemoteRouter(Protocol):
+    """The mesh federation, seen from the gateway."""
+
+    async def route(self, request: GenerateRequest | EmbedRequest) -> NeuronLink | None:
+        """A handle to a peer cortex that serves ``request.model_id`` (with ``generate`` and
+        ``embed`` as on :class:`NeuronLink`), or None when no peer does."""
+        ...
+
+
+_RETRYABLE = (NeuronGone, RemoteError)
+
+
+def _retryable(exc: Exception) -> bool:
+    if isinstance(exc, NeuronGone):
+        return not exc.started
+    return isinstance(exc, RemoteError) and exc.retryable
+
+
+class Generation:
+    """The events of one generation on ``node_id``; iterate it once."""
+
+    def __init__(self, node_id: str, first: TokenChunk | GenerateResult, events: AsyncIterator,
+                 idle_timeout: float, started: float) -> None:
+        self.node_id = node_id
+        self.result: GenerateResult | None = None
+        self.ttft: float | None = trio.current_time() - started
+        self._pending: TokenChunk | GenerateResult | None = first
+        self._events = events
+        self._idle = idle_timeout
+
+    def __aiter__(self) -> "Generation":
+        return self
+
+    async def __anext__(self) -> TokenChunk | GenerateResult:
+        if self._pending is not None:
+            event, self._pending = self._pending, None
+        else:
+            if self.result is not None:
+                raise StopAsyncIteration
+            try:
+                with trio.fail_after(self._idle):
+                    event = await self._events.__anext__()
+            except trio.TooSlowError:
+                raise UpstreamTimeout(f"neuron {self.node_id} produced nothing for {self._idle:g}s") from None
+        if isinstance(event, GenerateResult):
+            self.result = event
+        return event
+
+
+class Dispatcher:
+    """Routes requests onto the fleet (see the module docstring)."""
+
+    def __init__(
+        self,
+        fleet: Fleet,
+        catalogue: Catalogue,
+        provisioner: Provisioner,
+        live: LiveLoad,
+        metrics: Metrics,
+        settings: DispatchSettings | None = None,
+        remote_router: RemoteRouter | None = None,
+    ) -> None:
+        self.fleet = fleet
+        self.catalogue = catalogue
+        self.provisioner = provisioner
+        self.live = live
+        self.metrics = metrics
+        self.settings = settings or DispatchSettings()
+        self.remote_router = remote_router
+
+    def served_locally(self, model_id: str) -> bool:
+        """Whether the catalogue or a usable neuron knows ``model_id``."""
+        return model_id in self.catalogue or any(model_id in link.models for link in self.fleet.usable())
+
+    async def remote(self, request: GenerateRequest | EmbedRequest) -> NeuronLink:
+        """A peer's handle for a model unknown here. Raises :class:`ModelNotFound`."""
+        if self.remote_router is None:
+            raise ModelNotFound(request.model_id)
+        with trio.move_on_after(self.settings.route_timeout):
+            handle = await self.remote_router.route(request)
+            if handle is not None:
+                return handle
+        raise ModelNotFound(request.model_id)
+
+    async def _pick(
+        self, model_id: str, workload: WorkloadClass, exclude: set[str],
+        on_wait: Callable[[], Awaitable[None]] | None,
+    ) -> NeuronLink:
+        decision = schedule(workload, Hints(model_id, frozenset(exclude)), snapshot(self.fleet.usable(), self.live))
+        for node_id in decision.targets:
+            if (link := self.fleet.get(node_id)) is not None:
+                return link
+        if model_id not in self.catalogue:
+            if exclude:
+                raise NoCapacity(f"no other neuron serves model {model_id!r}")
+            raise ModelNotFound(model_id)
+        waited = trio.current_time()
+        node_id = await _with_ticks(self.provisioner.ensure_loaded(model_id), on_wait, self.settings.keepalive_interval)
+        self.metrics.queued(model_id, trio.current_time() - waited)
+        link = self.fleet.get(node_id)
+        if link is None or node_id in exclude:
+            raise NoCapacity(f"no usable neuron for model {model_id!r} right now")
+        return link
+
+    @asynccontextmanager
+    async def generate(
+        self, request: GenerateRequest, workload: WorkloadClass, *, endpoint: str = "chat",
+        on_wait: Callable[[], Awaitable[None]] | None = None, link: NeuronLink | None = None,
+    ) -> AsyncIterator[Generation]:
+        """Start ``request`` on the best neuron (or on ``link``, a federation handle).
+
+        ``on_wait`` is awaited every ``keepalive_interval`` while a cold load holds the
+        request. Raises the :mod:`.errors` tree for routing failures and the fleet's errors
+        (``NeuronGone``, ``RemoteError``) from iteration after the stream started.
+        """
+        exclude: set[str] = set()
+        async with AsyncExitStack() as outer:
+            for attempt in range(1, self.settings.max_attempts + 1):
+                target = link or await self._pick(request.model_id, workload, exclude, on_wait)
+                started = trio.current_time()
+                self.live.begin(target.node_id, request.model_id, started)
+                stack = AsyncExitStack()
+                try:
+                    events = await stack.enter_async_context(target.generate(request))
+                    try:
+                        with trio.fail_after(self.settings.first_token_timeout):
+                            first = await events.__anext__()
+                    except trio.TooSlowError:
+                        raise UpstreamTimeout(f"neuron {target.node_id} did not start within "
+                                              f"{self.settings.first_token_timeout:g}s") from None
+                    except StopAsyncIteration:
+                        raise RemoteError("empty_stream", "the neuron ended the stream without a result") from None
+                except BaseException as exc:
+                    with trio.CancelScope(shield=True):
+                        await stack.aclose()
+                    self._failed(target.node_id, request.model_id, started, exc)
+                    if isinstance(exc, Exception) and _retryable(exc) and attempt < self.settings.max_attempts \
+                            and link is None:
+                        log.info("request %s not started on %s (%s): trying another neuron",
+                                 request.request_id, target.node_id, exc)
+                        exclude.add(target.node_id)
+                        continue
+                    raise
+                outer.push_async_exit(stack)
+                gen = Generation(target.node_id, first, events, self.settings.idle_timeout, started)
+                try:
+                    yield gen
+                except BaseException as exc:
+                    self._failed(target.node_id, request.model_id, started, exc)
+                    raise
+                self._done(gen, request.model_id, endpoint, started)
+                return
+
+    async def embed(self, request: EmbedRequest, *, link: NeuronLink | None = None) -> EmbedResult:
+        """Embed on the best neuron, failing over as :meth:`generate` does."""
+        exclude: set[str] = set()
+        for attempt in range(1, self.settings.max_attempts + 1):
+            target = link or await self._pick(request.model_id, WorkloadClass.EMBEDDING, exclude, None)
+            started = trio.current_time()
+            self.live.begin(target.node_id, request.model_id, started)
+            try:
+                result = await target.embed(request, timeout=self.settings.embed_timeout)
+            except BaseException as exc:
+                self._failed(target.node_id, request.model_id, started, exc)
+                if isinstance(exc, Exception) and _retryable(exc) and attempt < self.settings.max_attempts \
+                        and link is None:
+                    exclude.add(target.node_id)
+                    continue
+                if isinstance(exc, CommandTimeout):
+                    raise UpstreamTimeout(str(exc)) from None
+                raise
+            now = trio.current_time()
+            self.live.end(target.node_id, request.model_id, now, latency=now - started, ok=True)
+            self.metrics.request_done(request.model_id, target.node_id, "embeddings", duration=now - started,
+                                      ttft=None, prompt_tokens=result.usage.prompt_tokens, completion_tokens=0)
+            return result
+        raise AssertionError("unreachable")
+
+    def _done(self, gen: Generation, model_id: str, endpoint: str, started: float) -> None:
+        now = trio.current_time()
+        self.live.end(gen.node_id, model_id, now, latency=gen.ttft, ok=True)
+        usage = gen.result.usage if gen.result is not None else None
+        self.metrics.request_done(
+            model_id, gen.node_id, endpoint, duration=now - started, ttft=gen.ttft,
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+        )
+
+    def _failed(self, node_id: str, model_id: str, started: float, exc: BaseException) -> None:
+        cancelled = isinstance(exc, (trio.Cancelled, GeneratorExit))
+        self.live.end(node_id, model_id, trio.current_time(), latency=None, ok=cancelled)
+        if cancelled:
+            code = "cancelled"
+        elif isinstance(exc, Exception):
+            code = getattr(exc, "code", None) or to_gateway_error(exc).code or "error"
+        else:
+            code = "error"
+        self.metrics.request_failed(model_id, node_id, code)
+
+
+async def _with_ticks(awaitable: Awaitable[T], on_tick: Callable[[], Awaitable[None]] | None,
+                      interval: float) -> T:
+    """Await ``awaitable``, calling ``on_tick`` every ``interval`` seconds meanwhile."""
+    if on_tick is None:
+        return await awaitable
+    result: list[T] = []
+
+    async def ticker() -> None:
+        while True:
+            await trio.sleep(interval)
+            await on_tick()
+
+    error: list[Exception] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ticker)
+        try:
+            result.append(await awaitable)
+        except Exception as exc:  # re-raised bare below, not wrapped in an ExceptionGroup
+            error.append(exc)
+        nursery.cancel_scope.cancel()
+    if error:
+        raise error[0]
+    return result[0]

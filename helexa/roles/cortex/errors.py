@@ -1,0 +1,151 @@
+"""The gateway's errors, and the one place they become OpenAI's error envelope.
+
+Everything the gateway, the provisioner and the dispatcher raise toward a client is a
+:class:`GatewayError`; :func:`to_gateway_error` maps anything else (the fleet's errors,
+a bug) onto the tree, and :func:`envelope` renders the ``{"error": {...}}`` body. No
+traceback or exception text from an unexpected error ever reaches a client.
+
+Exception tree (HTTP status, OpenAI ``type``)::
+
+    GatewayError                      500 internal_error
+    ├── InvalidRequest                400 invalid_request_error   (bad JSON, wrong types)
+    ├── NotFound                      404 invalid_request_error   (unknown path)
+    │   └── ModelNotFound             404 invalid_request_error   code model_not_found
+    ├── MethodNotAllowed              405 invalid_request_error
+    ├── PayloadTooLarge               413 invalid_request_error
+    ├── NoCapacity                    503 service_unavailable     (+ Retry-After)
+    │   └── LoadFailed                503 service_unavailable     a cold load failed
+    ├── UpstreamError                 502 upstream_error          the neuron failed it
+    └── UpstreamTimeout               504 timeout                 no answer in time
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from typing import Any
+
+from .fleet import CommandTimeout, FleetError, NeuronGone, RemoteError
+
+log = logging.getLogger(__name__)
+
+
+class GatewayError(Exception):
+    """Base of the tree; ``status``, ``type`` and ``code`` say how a client sees it."""
+
+    status = 500
+    type = "internal_error"
+    code: str | None = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """Extra response headers (``Retry-After`` for 503)."""
+        return []
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+    code = None
+
+
+class NotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model '{model}' does not exist or is not served here", param="model")
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class NoCapacity(GatewayError):
+    """Nothing can serve the request now; the client should retry after ``retry_after`` s."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "no_capacity"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"retry-after", str(max(1, math.ceil(self.retry_after))).encode())]
+
+
+class LoadFailed(NoCapacity):
+    code = "load_failed"
+
+
+class UpstreamError(GatewayError):
+    status = 502
+    type = "upstream_error"
+    code = "upstream_error"
+
+
+class UpstreamTimeout(GatewayError):
+    status = 504
+    type = "timeout"
+    code = "timeout"
+
+
+# Neuron-side codes that mean the client asked for something wrong, not that we failed.
+_CLIENT_CODES = frozenset({"invalid_request", "unsupported", "context_length_exceeded"})
+
+
+def to_gateway_error(exc: BaseException) -> GatewayError:
+    """Map any exception onto the tree. Unexpected ones are logged with their traceback
+    here and become a bare 500 whose message says nothing about the internals."""
+    match exc:
+        case GatewayError():
+            return exc
+        case RemoteError(code=code) if code in _CLIENT_CODES:
+            return InvalidRequest(str(exc), code=code)
+        case RemoteError(retryable=True):
+            return NoCapacity(str(exc), code=exc.code)
+        case RemoteError():
+            return UpstreamError(str(exc), code=exc.code)
+        case NeuronGone():
+            return UpstreamError("the neuron serving this request went away", code="neuron_gone")
+        case CommandTimeout():
+            return UpstreamTimeout(str(exc))
+        case FleetError():
+            return UpstreamError(str(exc))
+    log.error("unexpected error while serving a request", exc_info=exc)
+    return GatewayError("internal error")
+
+
+def error_body(error: GatewayError) -> dict[str, Any]:
+    """The OpenAI envelope for ``error``."""
+    return {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
+
+
+def envelope(exc: BaseException) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """``(status, headers, body)`` of the JSON error response for ``exc``."""
+    error = to_gateway_error(exc)
+    body = json.dumps(error_body(error)).encode()
+    headers = [(b"content-type", b"application/json"), *error.headers()]
+    return error.status, headers, body

@@ -1,0 +1,368 @@
+"""The OpenAI-compatible HTTP API of the cortex, served by hypercorn on trio.
+
+Endpoints::
+
+    GET  /v1/models             catalogue entries feasible on a connected neuron, plus
+                                models loaded anywhere (OpenAI fields + loaded,
+                                feasible_on, locations)
+    POST /v1/chat/completions   streaming (SSE) or not
+    POST /v1/completions        streaming (SSE) or not
+    POST /v1/embeddings         encoding_format float or base64
+    GET  /metrics               Prometheus
+    GET  /admin/fleet           Fleet.snapshot() as JSON (read by ``helexa status``)
+    GET  /health                200 while serving
+
+The app is a plain ASGI callable rather than a Quart app: measured on this machine
+(``benchmarks/gateway_bench.py``, docs in the commit that added it), Quart's request cycle
+costs about a millisecond per request, as much as the whole rest of the hot path, so the
+handful of routes here are dispatched directly.
+
+A client that disconnects cancels its request: each inference request runs beside a task
+watching for ``http.disconnect``, and the cancellation leaves the neuron link's context,
+which sends ``Cancel``. Errors become OpenAI's envelope in :mod:`.errors` only; a stream
+that fails after it began ends with an error event (:mod:`.sse`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import hypercorn.config
+import hypercorn.trio
+import trio
+from pydantic import BaseModel, ConfigDict, Field
+
+from helexa.protocol import GenerateResult, ModelState, TokenChunk
+
+from . import openai_api as api
+from . import sse
+from .catalogue import Catalogue
+from .dispatch import Dispatcher, DispatchSettings, RemoteRouter
+from .errors import InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge, envelope
+from .fleet import Fleet, NeuronLink
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import Metrics
+from .provisioner import Provisioner, ProvisionerSettings
+from .scheduler import LiveLoad, classify
+
+log = logging.getLogger(__name__)
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+_JSON = [(b"content-type", b"application/json")]
+_SSE = [(b"content-type", sse.CONTENT_TYPE), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+
+
+class GatewayConfig(BaseModel):
+    """The gateway's settings (embedded in the cortex config as ``[gateway]``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    """Request bodies over this get 413."""
+    body_timeout: float = Field(30.0, gt=0)
+    """Seconds a client may take to send its request body."""
+    keep_alive_timeout: float = Field(75.0, gt=0)
+    shutdown_grace: float = Field(10.0, ge=0)
+    """Seconds in-flight requests get to finish when the gateway stops."""
+    owned_by: str = "helexa"
+    provisioner: ProvisionerSettings = Field(default_factory=ProvisionerSettings)
+    dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
+
+
+class _ClientGone(Exception):
+    pass
+
+
+class _Responder:
+    """One response: remembers whether the headers went out (then errors go in-band)."""
+
+    __slots__ = ("send", "started", "headers")
+
+    def __init__(self, send: Send, headers: list[tuple[bytes, bytes]]) -> None:
+        self.send = send
+        self.started = False
+        self.headers = headers
+
+    async def start(self, status: int = 200, headers: list[tuple[bytes, bytes]] = _SSE) -> None:
+        if not self.started:
+            self.started = True
+            await self.send({"type": "http.response.start", "status": status, "headers": headers + self.headers})
+
+    async def body(self, data: bytes, more: bool = True) -> None:
+        await self.send({"type": "http.response.body", "body": data, "more_body": more})
+
+    async def full(self, status: int, headers: list[tuple[bytes, bytes]], data: bytes) -> None:
+        self.started = True
+        await self.send({"type": "http.response.start", "status": status,
+                         "headers": [*headers, (b"content-length", str(len(data)).encode()), *self.headers]})
+        await self.send({"type": "http.response.body", "body": data})
+
+    async def json(self, obj: Any, status: int = 200) -> None:
+        await self.full(status, _JSON, json.dumps(obj).encode())
+
+
+class Gateway:
+    """The HTTP API over a fleet. Also the ASGI app (``await gateway(scope, receive, send)``).
+
+    Args:
+        fleet: the live fleet, kept up to date by the control server.
+        catalogue: what the operator offers (``models.toml``).
+        config: :class:`GatewayConfig`.
+        metrics: shared :class:`Metrics` (a fresh one by default).
+        remote_router: the mesh federation, asked for models unknown here (optional).
+
+    The gateway owns its :class:`Provisioner` and :class:`Dispatcher`; :meth:`run` starts
+    the provisioner's housekeeping and the HTTP server.
+    """
+
+    def __init__(self, fleet: Fleet, catalogue: Catalogue, config: GatewayConfig | None = None, *,
+                 metrics: Metrics | None = None, remote_router: RemoteRouter | None = None) -> None:
+        self.fleet = fleet
+        self.catalogue = catalogue
+        self.config = config or GatewayConfig()
+        self.metrics = metrics or Metrics()
+        self.live = LiveLoad()
+        self.provisioner = Provisioner(fleet, catalogue, self.live, self.config.provisioner, self.metrics)
+        self.dispatcher = Dispatcher(fleet, catalogue, self.provisioner, self.live, self.metrics,
+                                     self.config.dispatch, remote_router)
+        self._created = int(time.time())
+        self._stop = trio.Event()
+        self._routes: dict[str, tuple[str, Callable[[Scope, Receive, _Responder], Awaitable[None]]]] = {
+            "/v1/chat/completions": ("POST", self._chat),
+            "/v1/completions": ("POST", self._completions),
+            "/v1/embeddings": ("POST", self._embeddings),
+            "/v1/models": ("GET", self._models),
+            "/metrics": ("GET", self._metrics),
+            "/admin/fleet": ("GET", self._fleet),
+            "/health": ("GET", self._health),
+        }
+
+    def set_remote_router(self, router: RemoteRouter | None) -> None:
+        """Wire (or unwire) the federation after construction."""
+        self.dispatcher.remote_router = router
+
+    # --- serving -------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until :meth:`stop`; reports the bound URLs (``["http://127.0.0.1:8080"]``).
+
+        Stopping lets in-flight requests finish for ``shutdown_grace`` seconds.
+        """
+        cfg = hypercorn.config.Config()
+        cfg.bind = [f"{self.config.host}:{self.config.port}"]
+        cfg.keep_alive_timeout = self.config.keep_alive_timeout
+        cfg.graceful_timeout = self.config.shutdown_grace
+        cfg.accesslog = None
+        cfg.errorlog = logging.getLogger("helexa.gateway.http")
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.provisioner.run)
+            binds = await nursery.start(lambda task_status: hypercorn.trio.serve(
+                self, cfg, shutdown_trigger=self._stop.wait, task_status=task_status, mode="asgi"))
+            log.info("gateway listening on %s", ", ".join(binds))
+            task_status.started(binds)
+            await self._stop.wait()
+            # hypercorn returns once its graceful shutdown is over; then stop housekeeping.
+            nursery.cancel_scope.deadline = trio.current_time() + self.config.shutdown_grace + 1
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            while True:
+                msg = await receive()
+                if msg["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif msg["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request_id = uuid.uuid4().hex
+        out = _Responder(send, [(b"x-request-id", request_id.encode())])
+        scope["helexa.request_id"] = request_id
+        try:
+            route = self._routes.get(scope["path"])
+            if route is None:
+                raise NotFound(f"no route {scope['path']}")
+            method, handler = route
+            if scope["method"] != method:
+                raise MethodNotAllowed(f"{scope['method']} is not allowed on {scope['path']}")
+            await handler(scope, receive, out)
+        except _ClientGone:
+            pass
+        except Exception as exc:
+            if out.started:
+                log.warning("request %s failed after its response began: %s", request_id, exc)
+                return
+            status, headers, body = envelope(exc)
+            await out.full(status, headers, body)
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        limit = self.config.max_body_bytes
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+        parts: list[bytes] = []
+        size = 0
+        try:
+            with trio.fail_after(self.config.body_timeout):
+                while True:
+                    msg = await receive()
+                    if msg["type"] == "http.disconnect":
+                        raise _ClientGone()
+                    chunk = msg.get("body", b"")
+                    size += len(chunk)
+                    if size > limit:
+                        raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+                    parts.append(chunk)
+                    if not msg.get("more_body", False):
+                        return parts[0] if len(parts) == 1 else b"".join(parts)
+        except trio.TooSlowError:
+            raise InvalidRequest(f"the body did not arrive within {self.config.body_timeout:g}s") from None
+
+    async def _until_disconnect(self, receive: Receive, work: Callable[[], Awaitable[None]]) -> None:
+        """Run ``work``; cancel it if the client disconnects first."""
+        error: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            async def watch() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                log.debug("client went away: cancelling its request")
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            try:
+                await work()
+            except Exception as exc:  # re-raised bare below, not wrapped in an ExceptionGroup
+                error = exc
+            nursery.cancel_scope.cancel()
+        if error is not None:
+            raise error
+
+    # --- inference -----------------------------------------------------------------------
+
+    async def _chat(self, scope: Scope, receive: Receive, out: _Responder) -> None:
+        await self._generate(scope, receive, out, api.ChatCompletionRequest, "chat", "chatcmpl-")
+
+    async def _completions(self, scope: Scope, receive: Receive, out: _Responder) -> None:
+        await self._generate(scope, receive, out, api.CompletionRequest, "completions", "cmpl-")
+
+    async def _generate(self, scope: Scope, receive: Receive, out: _Responder, model: type,
+                        endpoint: str, id_prefix: str) -> None:
+        body = api.parse(model, await self._read_body(scope, receive))
+        request = api.to_generate_request(body, scope["helexa.request_id"])
+        entry = self.catalogue.get(request.model_id)
+        max_tokens = request.sampling.max_tokens
+        if entry is not None and entry.max_output and max_tokens and max_tokens > entry.max_output:
+            raise InvalidRequest(f"max_tokens {max_tokens} is over model {entry.id!r}'s limit of "
+                                 f"{entry.max_output}", param="max_tokens")
+        workload = classify(request.task, prompt_chars=api.prompt_size(request), max_tokens=max_tokens)
+        link: NeuronLink | None = None
+        if not self.dispatcher.served_locally(request.model_id):
+            link = await self.dispatcher.remote(request)
+        response_id = id_prefix + request.request_id
+
+        async def keepalive() -> None:
+            # The first tick of a long cold load commits to a 200 stream.
+            await out.start()
+            await out.body(sse.comment())
+
+        async def stream() -> None:
+            encoder = sse.StreamEncoder(request, response_id, include_usage=body.include_usage)
+            try:
+                async with self.dispatcher.generate(request, workload, endpoint=endpoint,
+                                                    on_wait=keepalive, link=link) as gen:
+                    await out.start()
+                    head = encoder.start()
+                    async for event in gen:
+                        frame = encoder.chunk(event) if isinstance(event, TokenChunk) else encoder.finish(event)
+                        if head:
+                            frame, head = head + frame, b""
+                        if frame:
+                            await out.body(frame)
+            except Exception as exc:
+                if not out.started:
+                    raise
+                await out.body(sse.error_event(exc))
+            await out.body(b"", more=False)
+
+        async def complete() -> None:
+            parts: list[str] = []
+            tool_calls: list[Any] = []
+            result: GenerateResult | None = None
+            async with self.dispatcher.generate(request, workload, endpoint=endpoint, link=link) as gen:
+                async for event in gen:
+                    if isinstance(event, TokenChunk):
+                        parts.append(event.text)
+                        tool_calls.extend(event.tool_calls or ())
+                    else:
+                        result = event
+                        parts.append(event.text)
+                        tool_calls.extend(event.tool_calls or ())
+            assert result is not None
+            await out.json(api.completion_response(request, response_id, "".join(parts), result, tool_calls or None))
+
+        await self._until_disconnect(receive, stream if request.stream else complete)
+
+    async def _embeddings(self, scope: Scope, receive: Receive, out: _Responder) -> None:
+        body = api.parse(api.EmbeddingRequest, await self._read_body(scope, receive))
+        request = api.to_embed_request(body, scope["helexa.request_id"])
+        link = None
+        if not self.dispatcher.served_locally(request.model_id):
+            link = await self.dispatcher.remote(request)
+
+        async def work() -> None:
+            result = await self.dispatcher.embed(request, link=link)
+            await out.json(api.embedding_response(request.model_id, result, body.encoding_format))
+
+        await self._until_disconnect(receive, work)
+
+    # --- reads ---------------------------------------------------------------------------
+
+    def models(self) -> list[dict[str, Any]]:
+        """The ``/v1/models`` entries (see the module docstring)."""
+        usable = self.fleet.usable()
+        loaded: dict[str, list[str]] = {}
+        for link in usable:
+            for model_id, status in link.models.items():
+                if status.state is ModelState.LOADED:
+                    loaded.setdefault(model_id, []).append(link.node_id)
+        entries = []
+        for entry in self.catalogue:
+            feasible = sorted(l.node_id for l in usable if entry.is_feasible_on(l.descriptor.hardware))
+            locations = sorted(loaded.get(entry.id, ()))
+            if feasible or locations:
+                entries.append(self._model_entry(entry.id, entry.owned_by, feasible, locations))
+        for model_id in sorted(set(loaded) - {e.id for e in self.catalogue}):
+            entries.append(self._model_entry(model_id, self.config.owned_by, [], sorted(loaded[model_id])))
+        return entries
+
+    def _model_entry(self, model_id: str, owned_by: str, feasible: list[str], locations: list[str]) -> dict[str, Any]:
+        return {"id": model_id, "object": "model", "created": self._created, "owned_by": owned_by,
+                "loaded": bool(locations), "feasible_on": feasible, "locations": locations}
+
+    async def _models(self, scope: Scope, receive: Receive, out: _Responder) -> None:
+        await out.json({"object": "list", "data": self.models()})
+
+    async def _metrics(self, scope: Scope, receive: Receive, out: _Responder) -> None:
+        await out.full(200, [(b"content-type", METRICS_CONTENT_TYPE.encode())], self.metrics.render())
+
+    async def _fleet(self, scope: Scope, receive: Receive, out: _Responder) -> None:
+        await out.json(self.fleet.snapshot())
+
+    async def _health(self, scope: Scope, receive: Receive, out: _Responder) -> None:
+        await out.json({"status": "ok", "neurons": len(self.fleet.usable())})

@@ -1,0 +1,71 @@
+"""Prometheus metrics of the gateway, per model and neuron, served on ``/metrics``.
+
+Each :class:`Metrics` owns its own registry, so several cortexes (or tests) in one process
+never collide.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_LOAD_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+_RATE_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    """The counters and histograms; call the methods from the request path."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("helexa_requests", "Requests served, by model, neuron and endpoint",
+                                ["model", "neuron", "endpoint"], registry=r)
+        self.errors = Counter("helexa_request_errors", "Requests that failed, by model, neuron and code",
+                              ["model", "neuron", "code"], registry=r)
+        self.ttft = Histogram("helexa_time_to_first_token_seconds", "Time from dispatch to the first token",
+                              ["model", "neuron"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.latency = Histogram("helexa_request_duration_seconds", "Time from dispatch to the last byte",
+                                 ["model", "neuron"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.tokens_per_second = Histogram("helexa_tokens_per_second", "Generation speed of a request",
+                                           ["model", "neuron"], buckets=_RATE_BUCKETS, registry=r)
+        self.tokens = Counter("helexa_tokens", "Tokens, by model, neuron and kind (prompt, completion)",
+                              ["model", "neuron", "kind"], registry=r)
+        self.queue_time = Histogram("helexa_queue_seconds", "Time a request waited before dispatch "
+                                    "(scheduling, cold loads)", ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.cold_loads = Counter("helexa_cold_loads", "Models loaded on demand", ["model", "neuron"], registry=r)
+        self.cold_load_seconds = Histogram("helexa_cold_load_seconds", "Duration of on-demand loads",
+                                           ["model", "neuron"], buckets=_LOAD_BUCKETS, registry=r)
+
+    def request_done(
+        self, model: str, neuron: str, endpoint: str, *, duration: float, ttft: float | None,
+        prompt_tokens: int, completion_tokens: int,
+    ) -> None:
+        self.requests.labels(model, neuron, endpoint).inc()
+        self.latency.labels(model, neuron).observe(duration)
+        if ttft is not None:
+            self.ttft.labels(model, neuron).observe(ttft)
+            gen_time = duration - ttft
+            if completion_tokens > 1 and gen_time > 0:
+                self.tokens_per_second.labels(model, neuron).observe((completion_tokens - 1) / gen_time)
+        if prompt_tokens:
+            self.tokens.labels(model, neuron, "prompt").inc(prompt_tokens)
+        if completion_tokens:
+            self.tokens.labels(model, neuron, "completion").inc(completion_tokens)
+
+    def request_failed(self, model: str, neuron: str, code: str) -> None:
+        self.errors.labels(model, neuron or "-", code).inc()
+
+    def queued(self, model: str, seconds: float) -> None:
+        self.queue_time.labels(model).observe(seconds)
+
+    def cold_load(self, model: str, neuron: str, seconds: float) -> None:
+        self.cold_loads.labels(model, neuron).inc()
+        self.cold_load_seconds.labels(model, neuron).observe(seconds)
+
+    def render(self) -> bytes:
+        """The text exposition format, for ``GET /metrics``."""
+        return generate_latest(self.registry)

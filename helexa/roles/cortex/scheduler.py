@@ -1,0 +1,164 @@
+"""Choosing where a request runs: pure functions over plain data.
+
+:func:`classify` turns a request into a :class:`~helexa.protocol.WorkloadClass`;
+:func:`schedule` ranks the healthy neurons that have the model loaded by live load and
+returns a :class:`RoutingDecision`. Neither does I/O, so the tests run them synchronously.
+
+:class:`LiveLoad` is the feedback record the dispatcher updates after every request (in
+flight, latency, errors); :func:`snapshot` reads it together with the fleet into the
+immutable :class:`SchedulerState` that :func:`schedule` decides on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from helexa.protocol import ModelState, Task, WorkloadClass
+
+from .fleet import Health, NeuronLink
+
+BULK_PROMPT_CHARS = 8_000
+"""Prompts longer than this (or asking for more than ``BULK_MAX_TOKENS``) are bulk work."""
+BULK_MAX_TOKENS = 1_024
+
+DEFAULT_LATENCY = 0.05  # s; assumed for a neuron with no history yet
+ERROR_WEIGHT = 4.0  # a neuron failing every request scores as if five times as loaded
+EWMA_ALPHA = 0.2
+
+
+def classify(task: Task | None, *, prompt_chars: int = 0, max_tokens: int | None = None) -> WorkloadClass:
+    """Interactive vs bulk by size; ``task=None`` means an embedding request."""
+    if task is None:
+        return WorkloadClass.EMBEDDING
+    bulk = prompt_chars > BULK_PROMPT_CHARS or (max_tokens or 0) > BULK_MAX_TOKENS
+    if task is Task.CHAT:
+        return WorkloadClass.CHAT_BULK if bulk else WorkloadClass.CHAT_INTERACTIVE
+    return WorkloadClass.COMPLETION_BULK if bulk else WorkloadClass.COMPLETION_INTERACTIVE
+
+
+@dataclass(frozen=True, slots=True)
+class NeuronLoad:
+    """One neuron as the scheduler sees it."""
+
+    node_id: str
+    healthy: bool
+    loaded: frozenset[str]
+    in_flight: int = 0
+    queued: int = 0
+    latency: float | None = None  # EWMA of request latency, seconds
+    error_rate: float = 0.0  # EWMA of failures, 0..1
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerState:
+    neurons: tuple[NeuronLoad, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Hints:
+    """What the caller asks for: the model, neurons to avoid (already failed), and
+    neurons to prefer when otherwise equal."""
+
+    model_id: str
+    exclude: frozenset[str] = frozenset()
+    prefer: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingDecision:
+    """Where to run: ``targets`` best first (the rest are fallbacks). Empty ``targets``
+    means no healthy neuron has the model loaded: it must be provisioned or routed away."""
+
+    model_id: str
+    workload: WorkloadClass
+    targets: tuple[str, ...]
+    mode: str = "single"
+
+    @property
+    def needs_load(self) -> bool:
+        return not self.targets
+
+
+def score(n: NeuronLoad, workload: WorkloadClass) -> float:
+    """Expected cost of sending one more request to ``n``: lower is better."""
+    latency = n.latency if n.latency is not None else DEFAULT_LATENCY
+    busy = n.in_flight + n.queued + 1
+    if workload in (WorkloadClass.CHAT_BULK, WorkloadClass.COMPLETION_BULK):
+        # Bulk work tolerates latency: spread by occupancy alone.
+        latency = DEFAULT_LATENCY
+    return busy * latency * (1.0 + ERROR_WEIGHT * n.error_rate)
+
+
+def schedule(workload: WorkloadClass, hints: Hints, state: SchedulerState) -> RoutingDecision:
+    """Rank the healthy, non-excluded neurons with ``hints.model_id`` loaded."""
+    candidates = [
+        n for n in state.neurons if n.healthy and hints.model_id in n.loaded and n.node_id not in hints.exclude
+    ]
+    candidates.sort(key=lambda n: (score(n, workload), n.node_id not in hints.prefer, n.node_id))
+    return RoutingDecision(hints.model_id, workload, tuple(n.node_id for n in candidates))
+
+
+# --- the feedback record -----------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _NodeStats:
+    in_flight: int = 0
+    latency: float | None = None
+    error_rate: float = 0.0
+
+
+@dataclass
+class LiveLoad:
+    """Live load fed back by the dispatcher: no I/O, the clock is passed in.
+
+    ``last_used[(node_id, model_id)]`` is read by the provisioner for LRU eviction and idle
+    unloading; ``model_in_flight`` keeps it from unloading a model that is serving.
+    """
+
+    nodes: dict[str, _NodeStats] = field(default_factory=dict)
+    last_used: dict[tuple[str, str], float] = field(default_factory=dict)
+    model_in_flight: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def begin(self, node_id: str, model_id: str, now: float) -> None:
+        self.nodes.setdefault(node_id, _NodeStats()).in_flight += 1
+        key = (node_id, model_id)
+        self.model_in_flight[key] = self.model_in_flight.get(key, 0) + 1
+        self.last_used[key] = now
+
+    def end(self, node_id: str, model_id: str, now: float, *, latency: float | None, ok: bool) -> None:
+        stats = self.nodes.setdefault(node_id, _NodeStats())
+        stats.in_flight = max(0, stats.in_flight - 1)
+        key = (node_id, model_id)
+        self.model_in_flight[key] = max(0, self.model_in_flight.get(key, 0) - 1)
+        self.last_used[key] = now
+        if latency is not None:
+            stats.latency = latency if stats.latency is None else stats.latency + EWMA_ALPHA * (latency - stats.latency)
+        stats.error_rate += EWMA_ALPHA * ((0.0 if ok else 1.0) - stats.error_rate)
+
+    def touch(self, node_id: str, model_id: str, now: float) -> None:
+        self.last_used[(node_id, model_id)] = now
+
+    def forget(self, node_id: str, model_id: str) -> None:
+        self.last_used.pop((node_id, model_id), None)
+        self.model_in_flight.pop((node_id, model_id), None)
+
+
+def snapshot(links: Iterable[NeuronLink], live: LiveLoad) -> SchedulerState:
+    """The scheduler's view of the fleet right now."""
+    neurons = []
+    for link in links:
+        stats = live.nodes.get(link.node_id)
+        neurons.append(
+            NeuronLoad(
+                node_id=link.node_id,
+                healthy=link.health is Health.HEALTHY,
+                loaded=frozenset(m for m, st in link.models.items() if st.state is ModelState.LOADED),
+                in_flight=max(link.in_flight, stats.in_flight if stats else 0),
+                queued=link.metrics.queued,
+                latency=stats.latency if stats else None,
+                error_rate=stats.error_rate if stats else 0.0,
+            )
+        )
+    return SchedulerState(tuple(neurons))
