@@ -122,15 +122,16 @@ def place(
 
 def idle_unloads(catalogue: Catalogue, nodes: list[NodeView], now: float) -> tuple[list[Unload], float | None]:
     """Models idle past their ``idle_ttl`` (keep-warm and busy ones never), and the time
-    the next idle one falls due (None: nothing to wait for)."""
+    to look again (None: nothing to wait for)."""
     due: list[Unload] = []
     upcoming: float | None = None
     for node in nodes:
         for r in node.residents:
             entry = catalogue.get(r.model_id)
-            if entry is None or entry.keep_warm or entry.idle_ttl <= 0 or r.busy or not r.evictable:
+            if entry is None or entry.keep_warm or entry.idle_ttl <= 0 or not r.evictable:
                 continue
-            deadline = r.last_used + entry.idle_ttl
+            # A busy model is looked at again a TTL from now: by then its last use is known.
+            deadline = now + entry.idle_ttl if r.busy else r.last_used + entry.idle_ttl
             if deadline <= now:
                 due.append(Unload(node.node_id, r.model_id))
             elif upcoming is None or deadline < upcoming:
@@ -192,6 +193,7 @@ class Provisioner:
         self._flights: dict[str, _Flight] = {}
         self._unloading: set[tuple[str, str]] = set()
         self._warm_failed: dict[str, float] = {}
+        self._warming: set[str] = set()
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
 
@@ -321,10 +323,11 @@ class Provisioner:
             views = self._views()
             for model_id in warm_loads(self.catalogue, views):
                 failed_at = self._warm_failed.get(model_id)
-                if model_id in self._flights or (failed_at is not None and now - failed_at < self.settings.warm_retry):
+                if model_id in self._warming or (failed_at is not None and now - failed_at < self.settings.warm_retry):
                     continue
                 entry = self.catalogue.get(model_id)
                 if entry is not None and any(entry.is_feasible_on(v.hardware) for v in views):
+                    self._warming.add(model_id)
                     nursery.start_soon(self._warm, model_id)
             due, upcoming = idle_unloads(self.catalogue, views, now)
             for unload in due:
@@ -345,6 +348,8 @@ class Provisioner:
         except GatewayError as exc:
             log.warning("keep-warm load of %s failed: %s", model_id, exc.message)
             self._warm_failed[model_id] = trio.current_time()
+        finally:
+            self._warming.discard(model_id)
             self._wake.set()
 
     async def _unload_quietly(self, unload: Unload) -> None:

@@ -1,0 +1,160 @@
+"""A neuron as the cortex sees it, in memory: a test double of :class:`NeuronLink` only.
+
+It conforms to the Protocol the gateway drives, records what it was told (provisioning
+commands, cancellations) and can be killed mid-stream. End-to-end tests with real neuron
+processes live with the control plane.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+
+import trio
+
+from helexa.protocol import (
+    EmbedRequest,
+    EmbedResult,
+    GenerateRequest,
+    GenerateResult,
+    GpuInfo,
+    Hardware,
+    LoadModel,
+    ModelState,
+    ModelStatus,
+    NeuronDescriptor,
+    NeuronMetrics,
+    ProvisioningResponse,
+    TokenChunk,
+    UnloadModel,
+    UpsertModelConfig,
+    Usage,
+)
+from helexa.roles.cortex.fleet import Fleet, Health, NeuronGone, RemoteError
+
+GB = 1024**3
+
+
+def hardware(ram_gb: int = 16, gpus: tuple[int, ...] = ()) -> Hardware:
+    return Hardware(cpu_cores=8, ram_total=ram_gb * GB,
+                    gpus=tuple(GpuInfo(i, "gpu", v * GB, v * GB) for i, v in enumerate(gpus)))
+
+
+class NeuronDouble:
+    """Answers every generation with ``tokens`` chunks ``"t0 "``, ``"t1 "`` ...
+
+    Knobs: ``load_delay`` (seconds a LoadModel takes), ``token_delay`` (between chunks),
+    ``refuse_load`` (answer LoadModel ok=False), ``fail_before_start`` (die as soon as a
+    generation arrives, with nothing produced), ``retryable_error`` (answer with a
+    retryable RemoteError).
+    """
+
+    def __init__(self, node_id: str, fleet: Fleet, *, hw: Hardware | None = None, loaded: tuple[str, ...] = (),
+                 tokens: int = 3, token_delay: float = 0.0, load_delay: float = 0.0) -> None:
+        self.node_id = node_id
+        self.descriptor = NeuronDescriptor(node_id=node_id, hardware=hw or hardware())
+        self.health = Health.HEALTHY
+        self.metrics = NeuronMetrics()
+        self.models: dict[str, ModelStatus] = {m: ModelStatus(m, ModelState.LOADED) for m in loaded}
+        self.configs = {}
+        self.joined_at = time.time()
+        self.last_heartbeat = time.time()
+        self.in_flight = 0
+        self.tokens = tokens
+        self.token_delay = token_delay
+        self.load_delay = load_delay
+        self.refuse_load = False
+        self.fail_before_start = False
+        self.retryable_error = False
+        self.commands: list[object] = []
+        self.generations: list[str] = []
+        self.cancelled: list[str] = []
+        self.finished: list[str] = []
+        self._dead = trio.Event()
+        self._fleet = fleet
+        fleet.links[node_id] = self
+        fleet.notify()
+
+    def kill(self) -> None:
+        """The connection drops: streams fail with NeuronGone, the link turns unhealthy."""
+        self.health = Health.UNHEALTHY
+        self._dead.set()
+        self._fleet.notify()
+
+    async def provision(self, command, *, timeout, on_progress=None) -> ProvisioningResponse:  # noqa: ANN001
+        if self._dead.is_set():
+            raise NeuronGone(f"{self.node_id} is gone")
+        self.commands.append(command)
+        match command:
+            case UpsertModelConfig(config=config):
+                self.configs[config.model_id] = config
+            case LoadModel(model_id=mid):
+                self.models[mid] = ModelStatus(mid, ModelState.LOADING)
+                with trio.fail_after(timeout):
+                    await trio.sleep(self.load_delay)
+                if self.refuse_load:
+                    del self.models[mid]
+                    return ProvisioningResponse(command.command_id, ok=False, error="no", code="load_failed")
+                self.models[mid] = ModelStatus(mid, ModelState.LOADED)
+                self._fleet.notify()
+            case UnloadModel(model_id=mid):
+                self.models.pop(mid, None)
+                self._fleet.notify()
+        return ProvisioningResponse(command.command_id, ok=True)
+
+    def loads(self) -> list[str]:
+        return [c.model_id for c in self.commands if isinstance(c, LoadModel)]
+
+    def unloads(self) -> list[str]:
+        return [c.model_id for c in self.commands if isinstance(c, UnloadModel)]
+
+    @asynccontextmanager
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[AsyncIterator[TokenChunk | GenerateResult]]:
+        if self._dead.is_set():
+            raise NeuronGone(f"{self.node_id} is gone")
+        self.generations.append(request.request_id)
+        self.in_flight += 1
+        done = False
+
+        async def events() -> AsyncIterator[TokenChunk | GenerateResult]:
+            nonlocal done
+            if self.fail_before_start:
+                self.kill()
+                raise NeuronGone(f"{self.node_id} died", started=False)
+            if self.retryable_error:
+                raise RemoteError("model_not_loaded", "not here", retryable=True)
+            limit = request.sampling.max_tokens or self.tokens
+            for i in range(min(self.tokens, limit)):
+                if self.token_delay:
+                    with trio.move_on_after(self.token_delay):
+                        await self._dead.wait()
+                if self._dead.is_set():
+                    raise NeuronGone(f"{self.node_id} died", started=i > 0)
+                yield TokenChunk(request.request_id, f"t{i} ")
+            done = True
+            yield GenerateResult(request.request_id, "stop" if limit >= self.tokens else "length",
+                                 Usage(prompt_tokens=5, completion_tokens=min(self.tokens, limit)))
+
+        try:
+            yield events()
+        finally:
+            self.in_flight -= 1
+            (self.finished if done else self.cancelled).append(request.request_id)
+
+    async def embed(self, request: EmbedRequest, *, timeout: float) -> EmbedResult:
+        if self._dead.is_set():
+            raise NeuronGone(f"{self.node_id} is gone")
+        dim = 3
+        values = [float(i + j) for i in range(len(request.inputs)) for j in range(dim)]
+        return EmbedResult(request.request_id, dim, struct.pack(f"<{len(values)}f", *values),
+                           Usage(prompt_tokens=len(request.inputs)))
+
+    def set_loaded(self, model_id: str) -> None:
+        self.models[model_id] = ModelStatus(model_id, ModelState.LOADED)
+
+
+def with_in_flight(status: ModelStatus, n: int) -> ModelStatus:
+    return replace(status, in_flight=n)

@@ -1,0 +1,101 @@
+"""The catalogue: parsing models.toml and feasibility on a neuron's hardware."""
+
+from __future__ import annotations
+
+import pytest
+
+from helexa.protocol import Workload
+from helexa.roles.cortex.catalogue import Catalogue, CatalogueEntry, CatalogueError, Priority, default_catalogue
+from neuron_double import hardware
+
+TOML = """
+[models."big"]
+backend = "exllamav2"
+memory_mb = 40000
+min_devices = 2
+min_device_vram_mb = 20000
+pinned_on = ["beast"]
+priority = "high"
+max_context = 32768
+max_output = 4096
+price_in = 0.5
+price_out = 1.5
+keep_warm = true
+idle_ttl = 0
+
+[models."big".config]
+metadata = { path = "/models/big" }
+
+[models."embed"]
+backend = "embeddings"
+workloads = ["embedding"]
+memory_mb = 100
+idle_ttl = 300
+"""
+
+
+def test_parses_every_field(tmp_path) -> None:
+    path = tmp_path / "models.toml"
+    path.write_text(TOML)
+    cat = Catalogue.load(path)
+    big = cat.get("big")
+    assert big is not None and len(cat) == 2
+    assert big.priority is Priority.HIGH and big.pinned_on == ("beast",) and big.keep_warm
+    assert (big.price_in, big.price_out, big.max_output) == (0.5, 1.5, 4096)
+    config = big.model_config_for_neuron()
+    assert config.backend_kind == "exllamav2" and config.metadata == {"path": "/models/big"}
+    assert config.capability.min_devices == 2
+    assert cat.get("embed").workloads == (Workload.EMBEDDING,)
+    assert cat.get("embed").idle_ttl == 300
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ('[models."x"]\nmemory_mb = 1\n', "models.x.backend"),
+        ('[models."x"]\nbackend = "s"\npriority = "urgent"\n', "unknown priority"),
+        ('[models."x"]\nbackend = "s"\nmemory_mb = -1\n', "models.x.memory_mb"),
+        ('[models."x"]\nbackend = "s"\nbogus = 1\n', "models.x.bogus"),
+        ("[models\n", "not valid TOML"),
+    ],
+)
+def test_bad_files_are_rejected_naming_the_field(tmp_path, text, fragment) -> None:
+    path = tmp_path / "models.toml"
+    path.write_text(text)
+    with pytest.raises(CatalogueError, match=fragment):
+        Catalogue.load(path)
+
+
+def test_a_missing_file_is_a_catalogue_error(tmp_path) -> None:
+    with pytest.raises(CatalogueError, match="cannot read"):
+        Catalogue.load(tmp_path / "absent.toml")
+
+
+def entry(**kw) -> CatalogueEntry:
+    return CatalogueEntry(id="m", backend="s", **kw)
+
+
+@pytest.mark.parametrize(
+    ("kw", "hw", "feasible"),
+    [
+        ({"memory_mb": 2000}, hardware(ram_gb=1), False),
+        ({"memory_mb": 2000}, hardware(ram_gb=2), True),
+        ({"memory_mb": 20000, "min_devices": 1}, hardware(gpus=(24,)), True),
+        ({"memory_mb": 20000, "min_devices": 1}, hardware(gpus=(12,)), False),
+        ({"memory_mb": 40000, "min_devices": 2}, hardware(gpus=(24, 24)), True),
+        ({"memory_mb": 40000, "min_devices": 2}, hardware(gpus=(24,)), False),
+        ({"memory_mb": 40000, "min_devices": 2, "min_device_vram_mb": 30000}, hardware(gpus=(24, 24)), False),
+        ({"memory_mb": 40000, "min_devices": 2, "min_device_vram_mb": 20000}, hardware(gpus=(24, 12, 24)), True),
+    ],
+)
+def test_feasibility_follows_devices_and_vram(kw, hw, feasible) -> None:
+    assert entry(**kw).is_feasible_on(hw) is feasible
+
+
+def test_pinning_is_a_preference_not_a_restriction() -> None:
+    assert entry(memory_mb=10, pinned_on=("elsewhere",)).is_feasible_on(hardware())
+
+
+def test_the_built_in_catalogue_has_a_chat_and_an_embedding_model() -> None:
+    workloads = {w for e in default_catalogue() for w in e.workloads}
+    assert Workload.CHAT in workloads and Workload.EMBEDDING in workloads

@@ -1,0 +1,100 @@
+"""The scheduler: classification and ranking by live load, pure and synchronous."""
+
+from __future__ import annotations
+
+import pytest
+
+from helexa.protocol import Task, WorkloadClass
+from helexa.roles.cortex.scheduler import (
+    BULK_PROMPT_CHARS,
+    Hints,
+    LiveLoad,
+    NeuronLoad,
+    SchedulerState,
+    classify,
+    schedule,
+)
+
+
+def state(*neurons: NeuronLoad) -> SchedulerState:
+    return SchedulerState(tuple(neurons))
+
+
+def n(node_id: str, *, loaded=("m",), healthy=True, in_flight=0, queued=0, latency=None, errors=0.0) -> NeuronLoad:
+    return NeuronLoad(node_id, healthy, frozenset(loaded), in_flight, queued, latency, errors)
+
+
+@pytest.mark.parametrize(
+    ("task", "chars", "max_tokens", "expected"),
+    [
+        (None, 0, None, WorkloadClass.EMBEDDING),
+        (Task.CHAT, 100, 100, WorkloadClass.CHAT_INTERACTIVE),
+        (Task.CHAT, BULK_PROMPT_CHARS + 1, None, WorkloadClass.CHAT_BULK),
+        (Task.CHAT, 10, 4096, WorkloadClass.CHAT_BULK),
+        (Task.COMPLETION, 10, None, WorkloadClass.COMPLETION_INTERACTIVE),
+        (Task.COMPLETION, BULK_PROMPT_CHARS + 1, None, WorkloadClass.COMPLETION_BULK),
+    ],
+)
+def test_classifies_by_task_and_size(task, chars, max_tokens, expected) -> None:
+    assert classify(task, prompt_chars=chars, max_tokens=max_tokens) is expected
+
+
+def test_only_healthy_neurons_with_the_model_loaded_are_candidates() -> None:
+    s = state(n("a", loaded=()), n("b", healthy=False), n("c"), n("d", loaded=("other",)))
+    assert schedule(WorkloadClass.CHAT_INTERACTIVE, Hints("m"), s).targets == ("c",)
+
+
+def test_no_candidate_means_the_model_needs_a_load() -> None:
+    decision = schedule(WorkloadClass.CHAT_INTERACTIVE, Hints("m"), state(n("a", loaded=())))
+    assert decision.needs_load and decision.targets == ()
+
+
+def test_prefers_the_least_loaded_neuron() -> None:
+    s = state(n("a", in_flight=4), n("b", in_flight=1), n("c", in_flight=2))
+    assert schedule(WorkloadClass.CHAT_INTERACTIVE, Hints("m"), s).targets == ("b", "c", "a")
+
+
+def test_queue_counts_as_load() -> None:
+    s = state(n("a", in_flight=1, queued=5), n("b", in_flight=2))
+    assert schedule(WorkloadClass.CHAT_INTERACTIVE, Hints("m"), s).targets[0] == "b"
+
+
+def test_prefers_the_faster_neuron_at_equal_load() -> None:
+    s = state(n("slow", latency=0.5), n("fast", latency=0.05))
+    assert schedule(WorkloadClass.CHAT_INTERACTIVE, Hints("m"), s).targets == ("fast", "slow")
+
+
+def test_bulk_work_ignores_latency_and_spreads_by_occupancy() -> None:
+    s = state(n("slow", latency=0.5), n("fast", latency=0.05, in_flight=1))
+    assert schedule(WorkloadClass.CHAT_BULK, Hints("m"), s).targets[0] == "slow"
+
+
+def test_neurons_failing_requests_are_avoided() -> None:
+    s = state(n("flaky", errors=0.9), n("ok", in_flight=1))
+    assert schedule(WorkloadClass.CHAT_INTERACTIVE, Hints("m"), s).targets == ("ok", "flaky")
+
+
+def test_excluded_neurons_are_skipped() -> None:
+    s = state(n("a"), n("b"))
+    assert schedule(WorkloadClass.CHAT_INTERACTIVE, Hints("m", exclude=frozenset({"a"})), s).targets == ("b",)
+
+
+def test_ties_break_on_preference_then_node_id() -> None:
+    s = state(n("b"), n("a"), n("c"))
+    assert schedule(WorkloadClass.CHAT_INTERACTIVE, Hints("m"), s).targets == ("a", "b", "c")
+    assert schedule(WorkloadClass.CHAT_INTERACTIVE, Hints("m", prefer=frozenset({"c"})), s).targets[0] == "c"
+
+
+def test_live_load_tracks_in_flight_latency_errors_and_last_use() -> None:
+    live = LiveLoad()
+    live.begin("a", "m", now=1.0)
+    live.begin("a", "m", now=2.0)
+    assert live.nodes["a"].in_flight == 2 and live.model_in_flight[("a", "m")] == 2
+    live.end("a", "m", now=3.0, latency=0.1, ok=True)
+    live.end("a", "m", now=4.0, latency=0.2, ok=False)
+    assert live.nodes["a"].in_flight == 0
+    assert live.nodes["a"].latency == pytest.approx(0.1 + 0.2 * 0.1)
+    assert live.nodes["a"].error_rate == pytest.approx(0.2)
+    assert live.last_used[("a", "m")] == 4.0
+    live.forget("a", "m")
+    assert ("a", "m") not in live.last_used
