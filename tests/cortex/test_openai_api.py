@@ -1,0 +1,108 @@
+"""The OpenAI edge: lenient parsing, conversion to fabric requests, response bodies."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import struct
+
+import pytest
+
+from helexa.protocol import EmbedResult, GenerateResult, Task, Usage
+from helexa.roles.cortex import openai_api as api
+from helexa.roles.cortex.errors import InvalidRequest
+
+
+def chat(**kw) -> bytes:
+    return json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], **kw}).encode()
+
+
+def test_unknown_fields_are_kept_and_logged_not_fatal(caplog) -> None:
+    with caplog.at_level(logging.INFO):
+        body = api.parse(api.ChatCompletionRequest, chat(frobnicate=1))
+    assert body.unknown_fields() == ["frobnicate"]
+    assert "frobnicate" in caplog.text
+
+
+def test_tool_and_json_mode_fields_pass_through() -> None:
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    body = api.parse(api.ChatCompletionRequest, chat(tools=tools, tool_choice="auto",
+                                                     response_format={"type": "json_object"}, user="u"))
+    req = api.to_generate_request(body, "r1")
+    assert req.extra == {"tools": tools, "tool_choice": "auto", "response_format": {"type": "json_object"}}
+
+
+def test_sampling_fields_map_onto_sampling_params() -> None:
+    body = api.parse(api.ChatCompletionRequest, chat(max_completion_tokens=7, max_tokens=99, temperature=0.5,
+                                                     top_p=0.9, stop="END", seed=3, stream=True))
+    req = api.to_generate_request(body, "r1")
+    s = req.sampling
+    assert (s.max_tokens, s.temperature, s.top_p, s.stop, s.seed) == (7, 0.5, 0.9, ("END",), 3)
+    assert req.task is Task.CHAT and req.stream and req.model_id == "m"
+
+
+def test_a_completion_takes_a_string_or_a_single_prompt_list() -> None:
+    for prompt in ("once", ["once"]):
+        body = api.parse(api.CompletionRequest, json.dumps({"model": "m", "prompt": prompt}).encode())
+        assert api.to_generate_request(body, "r").prompt == "once"
+    body = api.parse(api.CompletionRequest, json.dumps({"model": "m", "prompt": ["a", "b"]}).encode())
+    with pytest.raises(InvalidRequest, match="one prompt"):
+        api.to_generate_request(body, "r")
+
+
+@pytest.mark.parametrize(
+    ("raw", "param"),
+    [
+        (b"{not json", None),
+        (b"[1, 2]", None),
+        (json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode(), "model"),
+        (chat(temperature="hot"), "temperature"),
+        (chat(temperature=3), "temperature"),
+        (chat(max_tokens=0), "max_tokens"),
+        (chat(n=2), "n"),
+        (json.dumps({"model": "m", "messages": []}).encode(), "messages"),
+        (json.dumps({"model": "m", "messages": "hi"}).encode(), "messages"),
+    ],
+)
+def test_bad_bodies_are_invalid_requests_naming_the_field(raw, param) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        api.parse(api.ChatCompletionRequest, raw)
+    assert info.value.status == 400 and info.value.param == param
+
+
+def test_a_message_without_a_role_is_rejected() -> None:
+    body = api.parse(api.ChatCompletionRequest, json.dumps({"model": "m", "messages": [{"content": "x"}]}).encode())
+    with pytest.raises(InvalidRequest, match="role"):
+        api.to_generate_request(body, "r")
+
+
+def test_embedding_inputs_are_a_string_or_a_list_of_strings() -> None:
+    body = api.parse(api.EmbeddingRequest, json.dumps({"model": "e", "input": ["a", "b"]}).encode())
+    assert api.to_embed_request(body, "r").inputs == ("a", "b")
+    with pytest.raises(InvalidRequest):
+        api.parse(api.EmbeddingRequest, json.dumps({"model": "e", "input": [1, 2]}).encode())
+    with pytest.raises(InvalidRequest):
+        api.parse(api.EmbeddingRequest, json.dumps({"model": "e", "input": "x", "encoding_format": "hex"}).encode())
+
+
+def test_embedding_response_in_float_and_base64() -> None:
+    vectors = struct.pack("<6f", 1, 2, 3, 4, 5, 6)
+    result = EmbedResult("r", 3, vectors, Usage(prompt_tokens=4))
+    floats = api.embedding_response("e", result, "float")
+    assert [d["embedding"] for d in floats["data"]] == [[1, 2, 3], [4, 5, 6]]
+    assert floats["usage"] == {"prompt_tokens": 4, "total_tokens": 4}
+    b64 = api.embedding_response("e", result, "base64")
+    assert base64.b64decode(b64["data"][1]["embedding"]) == vectors[12:]
+
+
+def test_non_streaming_bodies_for_chat_and_completion() -> None:
+    result = GenerateResult("r", "stop", Usage(2, 3))
+    body = api.parse(api.ChatCompletionRequest, chat())
+    out = api.completion_response(api.to_generate_request(body, "r"), "chatcmpl-r", "hello", result)
+    assert out["object"] == "chat.completion"
+    assert out["choices"][0]["message"] == {"role": "assistant", "content": "hello"}
+    assert out["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+    body = api.parse(api.CompletionRequest, b'{"model": "m", "prompt": "p"}')
+    out = api.completion_response(api.to_generate_request(body, "r"), "cmpl-r", "hello", result)
+    assert out["object"] == "text_completion" and out["choices"][0]["text"] == "hello"
