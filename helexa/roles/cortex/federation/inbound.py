@@ -164,12 +164,12 @@ class InboundServer:
                 prompt_tokens=prompt, completion_tokens=completion, price_input=model.price_input,
                 price_output=model.price_output, started_at=started, ended_at=self._clock(),
                 client_peer_id=stream.remote_peer, outcome=outcome)
-            await self._ledger.arecord(SERVED, receipt)
-            if not asker_gone:
+            if not asker_gone:  # the asker first: it is waiting, the disk is not
                 try:
                     await stream.send(receipt, timeout=self._t.send)
                 except (StreamClosed, StreamTimeout):
                     pass
+            await self._ledger.arecord(SERVED, receipt)
             nursery.cancel_scope.cancel()
 
     async def _serve_embed(self, stream: MessageStream, request: EmbedRequest, model: OfferedModel) -> None:
@@ -190,8 +190,10 @@ class InboundServer:
             self._identity, request_id=request.request_id, model_id=request.model_id, prompt_tokens=prompt,
             completion_tokens=0, price_input=model.price_input, price_output=model.price_output,
             started_at=started, ended_at=self._clock(), client_peer_id=stream.remote_peer, outcome=outcome)
-        await self._ledger.arecord(SERVED, receipt)
-        await stream.send(receipt, timeout=self._t.send)
+        try:
+            await stream.send(receipt, timeout=self._t.send)
+        finally:
+            await self._ledger.arecord(SERVED, receipt)
 
     async def _send_error(self, stream: MessageStream, request_id: str, exc: Exception) -> None:
         err = InferenceError(request_id, str(getattr(exc, "code", "internal_error")), str(exc) or type(exc).__name__,
