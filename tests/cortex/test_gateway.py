@@ -322,3 +322,15 @@ async def test_metrics_and_the_fleet_snapshot() -> None:
     assert 'helexa_cold_loads_total{model="chat",neuron="n1"} 1.0' in metrics
     assert "helexa_time_to_first_token_seconds_bucket" in metrics and "helexa_queue_seconds" in metrics
     assert snapshot["neurons"][0]["node_id"] == "n1" and health == {"status": "ok", "neurons": 1}
+
+
+async def test_a_stalled_stream_ends_with_a_timeout_event_not_a_hang() -> None:
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("chat",), tokens=5, token_delay=0.5)
+    async with serving(fleet, dispatch=DispatchSettings(idle_timeout=0.2)) as (_, url):
+        async with httpx.AsyncClient(timeout=5) as http:
+            with trio.fail_after(3):
+                r = await http.post(url + "/v1/chat/completions", json={
+                    "model": "chat", "stream": True, "messages": [{"role": "user", "content": "x"}]})
+    events = sse_events(r.text)
+    assert events[-1]["error"]["code"] == "timeout"

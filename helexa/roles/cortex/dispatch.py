@@ -42,7 +42,8 @@ class DispatchSettings(BaseModel):
     first_token_timeout: float = Field(120.0, gt=0)
     """Seconds a neuron may take to produce the first output of a generation."""
     idle_timeout: float = Field(60.0, gt=0)
-    """Seconds between two outputs of a generation before it is abandoned."""
+    """Seconds a generation may go without progress (no output from the neuron, or the
+    client not taking it) before it is abandoned."""
     embed_timeout: float = Field(60.0, gt=0)
     route_timeout: float = Field(10.0, gt=0)
     """Seconds the federation may take to find a peer for a model."""
@@ -71,16 +72,22 @@ def _retryable(exc: Exception) -> bool:
 
 
 class Generation:
-    """The events of one generation on ``node_id``; iterate it once."""
+    """The events of one generation on ``node_id``; iterate it once.
+
+    Every event pushes ``idle``'s deadline ``idle_timeout`` further: one cancel scope for
+    the whole stream instead of one per event (measured: the per-event scope was a
+    noticeable share of a short request's cost).
+    """
 
     def __init__(self, node_id: str, first: TokenChunk | GenerateResult, events: AsyncIterator,
-                 idle_timeout: float, started: float) -> None:
+                 idle: trio.CancelScope, idle_timeout: float, started: float) -> None:
         self.node_id = node_id
         self.result: GenerateResult | None = None
         self.ttft: float | None = trio.current_time() - started
         self._pending: TokenChunk | GenerateResult | None = first
         self._events = events
-        self._idle = idle_timeout
+        self._idle = idle
+        self._idle_timeout = idle_timeout
 
     def __aiter__(self) -> "Generation":
         return self
@@ -91,11 +98,8 @@ class Generation:
         else:
             if self.result is not None:
                 raise StopAsyncIteration
-            try:
-                with trio.fail_after(self._idle):
-                    event = await self._events.__anext__()
-            except trio.TooSlowError:
-                raise UpstreamTimeout(f"neuron {self.node_id} produced nothing for {self._idle:g}s") from None
+            event = await self._events.__anext__()
+            self._idle.deadline = trio.current_time() + self._idle_timeout
         if isinstance(event, GenerateResult):
             self.result = event
         return event
@@ -196,12 +200,18 @@ class Dispatcher:
                         continue
                     raise
                 outer.push_async_exit(stack)
-                gen = Generation(target.node_id, first, events, self.settings.idle_timeout, started)
-                try:
-                    yield gen
-                except BaseException as exc:
-                    self._failed(target.node_id, request.model_id, started, exc)
-                    raise
+                idle_timeout = self.settings.idle_timeout
+                idle = trio.CancelScope(deadline=trio.current_time() + idle_timeout)
+                gen = Generation(target.node_id, first, events, idle, idle_timeout, started)
+                with idle:
+                    try:
+                        yield gen
+                    except BaseException as exc:
+                        self._failed(target.node_id, request.model_id, started, exc)
+                        raise
+                if idle.cancelled_caught:
+                    raise UpstreamTimeout(f"the stream from neuron {target.node_id} made no progress "
+                                          f"for {idle_timeout:g}s")
                 self._done(gen, request.model_id, endpoint, started)
                 return
 

@@ -12,10 +12,13 @@ Endpoints::
     GET  /admin/fleet           Fleet.snapshot() as JSON (read by ``helexa status``)
     GET  /health                200 while serving
 
-The app is a plain ASGI callable rather than a Quart app: measured on this machine
-(``benchmarks/gateway_bench.py``, docs in the commit that added it), Quart's request cycle
-costs about a millisecond per request, as much as the whole rest of the hot path, so the
-handful of routes here are dispatched directly.
+The app is a plain ASGI callable rather than a Quart app, decided from
+``benchmarks/gateway_bench.py`` on this 2-core machine (server on one core, medians of 2
+rounds, figures noisy by ~30% between runs): a trivial JSON POST cost p50 0.56-0.69 ms on
+raw ASGI and 0.83-1.58 ms through quart-trio, 546-871 vs 286-613 req/s at c=1; the whole
+gateway path (parse, schedule, dispatch to an in-memory neuron, encode) runs at 403-565
+req/s, p50 1.8 ms. Quart's cycle alone would cost about as much as everything else here,
+and the handful of routes need none of its features.
 
 A client that disconnects cancels its request: each inference request runs beside a task
 watching for ``http.disconnect``, and the cancellation leaves the neuron link's context,
@@ -72,6 +75,8 @@ class GatewayConfig(BaseModel):
     body_timeout: float = Field(30.0, gt=0)
     """Seconds a client may take to send its request body."""
     keep_alive_timeout: float = Field(75.0, gt=0)
+    keep_alive_max_requests: int = Field(100_000, ge=1)
+    """Requests served on one connection before it is closed (hypercorn's default is 1000)."""
     shutdown_grace: float = Field(10.0, ge=0)
     """Seconds in-flight requests get to finish when the gateway stops."""
     owned_by: str = "helexa"
@@ -161,6 +166,7 @@ class Gateway:
         cfg = hypercorn.config.Config()
         cfg.bind = [f"{self.config.host}:{self.config.port}"]
         cfg.keep_alive_timeout = self.config.keep_alive_timeout
+        cfg.keep_alive_max_requests = self.config.keep_alive_max_requests
         cfg.graceful_timeout = self.config.shutdown_grace
         cfg.accesslog = None
         cfg.errorlog = logging.getLogger("helexa.gateway.http")
