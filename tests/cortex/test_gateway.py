@@ -334,3 +334,23 @@ async def test_a_stalled_stream_ends_with_a_timeout_event_not_a_hang() -> None:
                     "model": "chat", "stream": True, "messages": [{"role": "user", "content": "x"}]})
     events = sse_events(r.text)
     assert events[-1]["error"]["code"] == "timeout"
+
+
+async def test_stop_lets_an_in_flight_request_finish_then_returns() -> None:
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("chat",), tokens=5, token_delay=0.05)
+    gateway = Gateway(fleet, CATALOGUE, GatewayConfig(port=0, shutdown_grace=5))
+    results = []
+    async with trio.open_nursery() as nursery:
+        url = (await nursery.start(gateway.run))[0]
+
+        async def ask() -> None:
+            async with httpx.AsyncClient(timeout=5) as http:
+                r = await http.post(url + "/v1/completions", json={"model": "chat", "prompt": "x"})
+                results.append(r.json()["choices"][0]["text"])
+
+        nursery.start_soon(ask)
+        await trio.sleep(0.1)
+        with trio.fail_after(3):
+            gateway.stop()
+    assert results == ["t0 t1 t2 t3 t4 "]

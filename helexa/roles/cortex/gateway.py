@@ -171,14 +171,16 @@ class Gateway:
         cfg.accesslog = None
         cfg.errorlog = logging.getLogger("helexa.gateway.http")
         async with trio.open_nursery() as nursery:
+            async def http(task_status: trio.TaskStatus[list[str]]) -> None:
+                await hypercorn.trio.serve(self, cfg, shutdown_trigger=self._stop.wait,
+                                           task_status=task_status, mode="asgi")
+                # hypercorn returns once its graceful shutdown is over: stop housekeeping too.
+                nursery.cancel_scope.cancel()
+
             await nursery.start(self.provisioner.run)
-            binds = await nursery.start(lambda task_status: hypercorn.trio.serve(
-                self, cfg, shutdown_trigger=self._stop.wait, task_status=task_status, mode="asgi"))
+            binds = await nursery.start(http)
             log.info("gateway listening on %s", ", ".join(binds))
             task_status.started(binds)
-            await self._stop.wait()
-            # hypercorn returns once its graceful shutdown is over; then stop housekeeping.
-            nursery.cancel_scope.deadline = trio.current_time() + self.config.shutdown_grace + 1
 
     def stop(self) -> None:
         self._stop.set()
