@@ -169,6 +169,9 @@ class ControlServer:
         if old is not None and old.connected:
             log.info("neuron %s reconnected; closing its previous connection", link.node_id)
             await old.close(1000, "replaced by a new connection")
+        # Registered before the welcome goes out: once a neuron is welcomed, it is counted.
+        self.fleet.links[link.node_id] = link
+        self.fleet.notify()
         await channel.send(
             Welcome(
                 auth.welcome_proof(token, cortex_nonce, hello.nonce, hello.node_id),
@@ -177,8 +180,6 @@ class ControlServer:
                 operator=self.settings.operator,
             )
         )
-        self.fleet.links[link.node_id] = link
-        self.fleet.notify()
         log.info(
             "neuron %s joined from %s (%d models reported)", link.node_id, channel.remote, len(join.models)
         )

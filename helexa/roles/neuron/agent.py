@@ -174,7 +174,8 @@ class Neuron:
                 log.info("connection to cortex lost: %s", exc or type(exc).__name__)
             finally:
                 self._channel = None
-                self.joined = trio.Event()
+                if self.joined.is_set():
+                    self.joined = trio.Event()
             if self.joins > joined_before:
                 delays = backoff_delays(self.settings.reconnect_initial, self.settings.reconnect_max, self._rng)
             delay = delays()

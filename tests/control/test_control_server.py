@@ -1,0 +1,252 @@
+"""The control plane between real trio tasks: a ControlServer and Neuron agents talking over
+real websockets on 127.0.0.1 (port 0) or the in-memory transport (still through the codec)."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+import msgpack
+import pytest
+import trio
+import trio_websocket
+
+from helexa.protocol import (
+    Challenge,
+    Hello,
+    Join,
+    ModelConfig,
+    Refused,
+    UpsertModelConfig,
+    auth,
+    decode,
+    encode,
+)
+from helexa.roles.cortex.control_server import ControlServer, ControlSettings
+from helexa.roles.cortex.fleet import Fleet, Health
+from helexa.roles.neuron.agent import JoinRefused, Neuron, NeuronSettings, backoff_delays
+from helexa.transport.memory import channel_pair
+
+TOKEN = "hlx1.test-token"
+
+
+async def start_cortex(nursery, **overrides) -> tuple[ControlServer, str]:
+    settings = ControlSettings(port=0, **{"heartbeat_interval": 0.2, **overrides})
+    server = ControlServer(settings, Fleet(), lambda: TOKEN)
+    port = await nursery.start(server.run)
+    return server, f"ws://127.0.0.1:{port}"
+
+
+def neuron_for(url: str, node_id: str = "n1", token: str = TOKEN, **kw) -> Neuron:
+    return Neuron(NeuronSettings(url, node_id, token, reconnect_initial=0.05, reconnect_max=0.2, **kw))
+
+
+async def wait_until(predicate, timeout: float = 5.0) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)
+
+
+async def test_neuron_joins_and_heartbeats_update_the_fleet(nursery):
+    server, url = await start_cortex(nursery)
+    neuron = neuron_for(url, labels={"rack": "a"})
+    nursery.start_soon(neuron.run)
+    await wait_until(lambda: "n1" in server.fleet.links)
+    link = server.fleet.get("n1")
+    assert link.health is Health.HEALTHY
+    assert link.descriptor.labels == {"rack": "a"}
+    assert link.descriptor.hardware.cpu_cores >= 1
+    first = link.heartbeats
+    await wait_until(lambda: link.heartbeats >= first + 2)
+    assert link.metrics.ram_total > 0
+    snapshot = server.fleet.snapshot()
+    assert snapshot["neurons"][0]["node_id"] == "n1"
+
+
+async def test_wrong_token_is_refused_and_the_cortex_carries_on(nursery):
+    server, url = await start_cortex(nursery)
+    good = neuron_for(url, "good")
+    nursery.start_soon(good.run)
+    await wait_until(lambda: "good" in server.fleet.links)
+    with pytest.raises(JoinRefused) as refused:
+        await neuron_for(url, "intruder", token="hlx1.wrong").run()
+    assert refused.value.code == "unauthorized"
+    assert "intruder" not in server.fleet.links
+    assert server.refusals == 1
+    link = server.fleet.get("good")
+    beats = link.heartbeats
+    await wait_until(lambda: link.heartbeats > beats)
+    assert link.health is Health.HEALTHY
+
+
+async def test_incompatible_version_is_refused_naming_both_versions(nursery):
+    _, url = await start_cortex(nursery)
+    async with trio_websocket.open_websocket_url(url) as ws:
+        await ws.send_message(encode(Hello("future", 7, 9, auth.new_nonce())))
+        reply = decode(await ws.get_message())
+    assert isinstance(reply, Refused)
+    assert reply.code == "version_mismatch"
+    assert "7..9" in reply.reason and "1..1" in reply.reason
+
+
+async def test_the_token_never_crosses_the_wire(nursery):
+    _, url = await start_cortex(nursery)
+    frames: list[bytes] = []
+    async with trio_websocket.open_websocket_url(url) as ws:
+        nonce = auth.new_nonce()
+        hello = encode(Hello("n1", 1, 1, nonce))
+        await ws.send_message(hello)
+        challenge = decode(await ws.get_message())
+        assert isinstance(challenge, Challenge)
+        neuron = neuron_for(url)
+        join = encode(Join(auth.join_proof(TOKEN, challenge.nonce, nonce, "n1"), neuron.descriptor()))
+        frames += [hello, join]
+        await ws.send_message(join)
+        frames.append(await ws.get_message())
+    assert all(TOKEN.encode() not in f for f in frames)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        b"\xc1\xc1\xc1",  # not msgpack
+        msgpack.packb({"k": "hello", "v": 1, "node_id": 5}),  # wrong field type
+        msgpack.packb({"k": "warp_drive", "v": 1}),  # unknown kind
+        encode(Hello("n9", 1, 1, b"x" * 32))[:-3],  # truncated
+        b"\x00" * (70 * 1024),  # oversized for this cortex
+    ],
+    ids=["garbage", "wrong-type", "unknown-kind", "truncated", "oversized"],
+)
+async def test_bad_frames_close_only_the_offending_connection(nursery, frame):
+    server, url = await start_cortex(nursery, max_frame=64 * 1024)
+    neuron = neuron_for(url, "bystander")
+    nursery.start_soon(neuron.run)
+    await wait_until(lambda: "bystander" in server.fleet.links)
+    async with trio_websocket.open_websocket_url(url, max_message_size=1 << 20) as ws:
+        await ws.send_message(frame)
+        with trio.fail_after(5):
+            with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                while True:
+                    await ws.get_message()
+    assert closed.value.reason.code in (1002, 1009)
+    link = server.fleet.get("bystander")
+    beats = link.heartbeats
+    await wait_until(lambda: link.heartbeats > beats)
+    assert link.connected and link.health is Health.HEALTHY
+
+
+async def test_provisioning_round_trip_changes_state_on_both_sides(nursery):
+    server, url = await start_cortex(nursery)
+    neuron = neuron_for(url)
+    nursery.start_soon(neuron.run)
+    await wait_until(lambda: "n1" in server.fleet.links)
+    link = server.fleet.get("n1")
+    resp = await link.provision(UpsertModelConfig("c1", ModelConfig("m1", "no_such_backend")), timeout=5)
+    assert resp.ok and resp.status.state.value == "configured"
+    assert neuron.registry.status("m1").state.value == "configured"
+    assert link.models["m1"].state.value == "configured"
+
+
+# --- timing, on the virtual clock ------------------------------------------------------
+
+
+def memory_connector(server: ControlServer, nursery):
+    """Connect neurons to ``server`` through in-memory channels (the codec still runs)."""
+
+    @asynccontextmanager
+    async def connect(url):
+        cortex_side, neuron_side = channel_pair()
+        nursery.start_soon(server.handle, cortex_side)
+        try:
+            yield neuron_side
+        finally:
+            await neuron_side.aclose()
+
+    return connect
+
+
+async def test_missed_heartbeats_mark_unhealthy_then_removed_at_exact_times(nursery, autojump_clock):
+    settings = ControlSettings(port=0, heartbeat_interval=1.0, missed_heartbeats=3, remove_after=30.0)
+    server = ControlServer(settings, Fleet(), lambda: TOKEN)
+    nursery.start_soon(server._watchdog)
+    neuron = Neuron(NeuronSettings("ws://memory", "n1", TOKEN), connector=memory_connector(server, nursery))
+    neuron_scope = trio.CancelScope()
+    nursery.start_soon(_run_in, neuron_scope, neuron.run)
+    await neuron.joined.wait()
+    await trio.sleep(10)
+    link = server.fleet.get("n1")
+    assert link.health is Health.HEALTHY
+    assert link.heartbeats >= 10
+    neuron_scope.cancel()
+    # The neuron went silent at t=10 (its in-memory channel was closed at once).
+    start = trio.current_time()
+    await wait_until(lambda: server.fleet.get("n1") is not None and not server.fleet.get("n1").connected, 100)
+    assert server.fleet.get("n1").health is Health.UNHEALTHY
+    lost_at = server.fleet.get("n1").disconnected_at
+    assert lost_at == pytest.approx(start, abs=0.02)
+    while server.fleet.get("n1") is not None:
+        await server.fleet.wait_changed()
+    # Removed at the first watchdog tick (every 0.5 s) at least 30 s after the drop.
+    assert 30.0 <= trio.current_time() - lost_at <= 30.5
+
+
+async def _run_in(scope: trio.CancelScope, fn) -> None:
+    with scope:
+        await fn()
+
+
+async def test_a_silent_connection_is_declared_unhealthy_after_three_intervals(nursery, autojump_clock):
+    settings = ControlSettings(port=0, heartbeat_interval=1.0, missed_heartbeats=3, remove_after=30.0)
+    server = ControlServer(settings, Fleet(), lambda: TOKEN)
+    nursery.start_soon(server._watchdog)
+    cortex_side, neuron_side = channel_pair()
+    nursery.start_soon(server.handle, cortex_side)
+    nonce = auth.new_nonce()
+    await neuron_side.send(Hello("mute", 1, 1, nonce))
+    challenge = await neuron_side.receive()
+    neuron = neuron_for("ws://x", "mute")
+    await neuron_side.send(Join(auth.join_proof(TOKEN, challenge.nonce, nonce, "mute"), neuron.descriptor()))
+    await neuron_side.receive()  # welcome
+    joined_at = trio.current_time()
+    link = server.fleet.get("mute")
+    while link.health is not Health.UNHEALTHY:
+        await server.fleet.wait_changed()
+    # Declared at the first watchdog tick (every 0.5 s) after 3 s of silence.
+    assert trio.current_time() - joined_at == pytest.approx(3.5)
+
+
+def test_backoff_grows_exponentially_with_jitter_and_caps():
+    import random
+
+    delays = backoff_delays(0.5, 8.0, random.Random(1))
+    got = [delays() for _ in range(8)]
+    bases = [0.5, 1, 2, 4, 8, 8, 8, 8]
+    for d, base in zip(got, bases):
+        assert base / 2 <= d <= base
+
+
+async def test_neuron_reconnects_with_backoff_after_a_drop(nursery, autojump_clock):
+    settings = ControlSettings(port=0, heartbeat_interval=1.0)
+    server = ControlServer(settings, Fleet(), lambda: TOKEN)
+    attempts: list[float] = []
+    inner = memory_connector(server, nursery)
+
+    @asynccontextmanager
+    async def flaky(url):
+        attempts.append(trio.current_time())
+        if len(attempts) <= 3:
+            raise __import__("helexa.transport", fromlist=["ConnectFailed"]).ConnectFailed("refused")
+        async with inner(url) as ch:
+            yield ch
+
+    import random
+
+    neuron = Neuron(
+        NeuronSettings("ws://memory", "n1", TOKEN, reconnect_initial=1.0, reconnect_max=30.0),
+        connector=flaky,
+        rng=random.Random(7),
+    )
+    nursery.start_soon(neuron.run)
+    await neuron.joined.wait()
+    gaps = [b - a for a, b in zip(attempts, attempts[1:])]
+    expected = backoff_delays(1.0, 30.0, random.Random(7))
+    assert gaps == pytest.approx([expected() for _ in range(3)])
