@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from helexa.config import SocketAddr
 
+from .gateway import GatewayConfig
+
 
 def default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
@@ -48,6 +50,8 @@ class CortexConfig(BaseModel):
     shutdown_grace: float = Field(10.0, ge=0)
     log_level: str = "info"
     mesh: MeshConfig = Field(default_factory=MeshConfig)
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    """Gateway tuning; its address is ``gateway_socket``."""
 
     @model_validator(mode="after")
     def _tls_pair(self) -> "CortexConfig":

@@ -11,12 +11,14 @@ from dataclasses import dataclass
 import trio
 
 from helexa import identity as identity_mod
-from helexa.config import split_socket
+from helexa.config import ConfigError, split_socket
 
 from . import join_token
+from .catalogue import Catalogue, CatalogueError, default_catalogue
 from .config import CortexConfig
 from .control_server import ControlServer, ControlSettings
 from .fleet import Fleet
+from .gateway import Gateway
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,18 @@ class Cortex:
             lambda: join_token.read(join_token.path_in(data)),
             ssl_context=self._ssl(),
         )
+        try:
+            self.catalogue = Catalogue.load(config.models_file) if config.models_file else default_catalogue()
+        except CatalogueError as exc:
+            raise ConfigError(f"models_file: {exc}") from None
+        gw_host, gw_port = split_socket(config.gateway_socket)
+        self.gateway = Gateway(
+            self.fleet,
+            self.catalogue,
+            config.gateway.model_copy(
+                update={"host": gw_host, "port": gw_port, "shutdown_grace": config.shutdown_grace}
+            ),
+        )
         self._stop = trio.Event()
 
     def _ssl(self) -> ssl.SSLContext | None:
@@ -71,25 +85,35 @@ class Cortex:
     async def run(self, *, task_status: trio.TaskStatus[CortexAddresses] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             control_port = await nursery.start(self.control.run)
+            gateway_done = trio.Event()
+
+            async def gateway(task_status: trio.TaskStatus[list[str]]) -> None:
+                try:
+                    await self.gateway.run(task_status=task_status)
+                finally:
+                    gateway_done.set()
+
+            binds = await nursery.start(gateway)
             scheme = "wss" if self.config.tls_cert_file else "ws"
             host = self.control.settings.host
             addrs = CortexAddresses(
                 control_url=f"{scheme}://{host}:{control_port}",
-                gateway_url="",
+                gateway_url=binds[0],
             )
             log.info("cortex ready: control=%s gateway=%s", addrs.control_url, addrs.gateway_url)
             task_status.started(addrs)
             await self._stop.wait()
-            await self._drain()
+            with trio.CancelScope(shield=True):
+                # Stop accepting HTTP; in-flight requests get shutdown_grace to finish.
+                self.gateway.stop()
+                with trio.move_on_after(self.config.shutdown_grace + 2):
+                    await gateway_done.wait()
+                await self.control.shutdown_neurons("cortex stopping", self.config.shutdown_grace)
             nursery.cancel_scope.cancel()
 
     def stop(self) -> None:
         """Begin a graceful stop (drain within ``shutdown_grace``, then return from run)."""
         self._stop.set()
-
-    async def _drain(self) -> None:
-        with trio.CancelScope(shield=True):
-            await self.control.shutdown_neurons("cortex stopping", self.config.shutdown_grace)
 
 
 async def serve(config: CortexConfig) -> None:
@@ -105,7 +129,6 @@ async def serve(config: CortexConfig) -> None:
                     return
 
             nursery.start_soon(on_signal)
-            await cortex._stop.wait()
 
 
 def run(config: CortexConfig) -> int:
