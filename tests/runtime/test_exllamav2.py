@@ -39,8 +39,8 @@ async def test_load_without_extra_or_gpu_fails_precisely() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not cuda_available(), reason="needs torch with CUDA, exllamav2 and a GPU (none here)")
 @pytest.mark.skipif(not os.environ.get("HELEXA_EXL2_MODEL"), reason="set HELEXA_EXL2_MODEL to an EXL2 model directory")
+@pytest.mark.skipif(not cuda_available(), reason="needs torch with CUDA, exllamav2 and a GPU (none here)")
 async def test_streams_and_cancels_on_a_gpu() -> None:
     import contextlib
 

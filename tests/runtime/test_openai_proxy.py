@@ -52,8 +52,19 @@ def supervised(tiny_gguf: Path, port: int, **metadata) -> ModelConfig:
     )
 
 
+_BEFORE: set[int] = set()
+
+
+@pytest.fixture(autouse=True)
+def _note_existing_children() -> None:
+    """Children that exist before a test (the session's llama_server) are not its own."""
+    _BEFORE.clear()
+    _BEFORE.update(p.pid for p in psutil.Process().children(recursive=True))
+
+
 def children() -> list[psutil.Process]:
-    return psutil.Process().children(recursive=True)
+    """Processes started during this test that are still alive."""
+    return [p for p in psutil.Process().children(recursive=True) if p.pid not in _BEFORE and p.status() != psutil.STATUS_ZOMBIE]
 
 
 async def generate(backend, n: int = 3) -> int:
