@@ -132,5 +132,16 @@ def status(cortex_url, as_json, timeout):
         click.echo(render_fleet(fleet))
 
 
+def _register_subcommands() -> None:
+    """Command groups that live beside the roles they drive."""
+    from helexa.cli_demo import chat, demo
+    from helexa.cli_mesh import ledger, mesh
+
+    for command in (demo, chat, mesh, ledger):
+        main.add_command(command)
+
+
+_register_subcommands()
+
 if __name__ == "__main__":  # pragma: no cover
     main()

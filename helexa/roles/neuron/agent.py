@@ -77,6 +77,13 @@ class CortexImpostor(NeuronError):
     pass
 
 
+def _first(group: BaseExceptionGroup) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
 @dataclass(frozen=True)
 class NeuronSettings:
     cortex_url: str
@@ -163,7 +170,21 @@ class Neuron:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Stay joined to the cortex until cancelled. Raises :class:`JoinRefused` when the
         cortex refuses us for a reason a retry cannot fix."""
-        task_status.started()
+        try:
+            async with trio.open_nursery() as services:
+                # Backends with background work (supervised processes) live here, so they
+                # survive reconnects to the cortex.
+                self.registry.service_nursery = services
+                task_status.started()
+                await self._connect_loop()
+        except BaseExceptionGroup as group:
+            # A refusal is the one way out of the loop: raise it plainly for callers.
+            refused, rest = group.split(NeuronError)
+            if refused is not None and rest is None:
+                raise _first(refused) from None
+            raise
+
+    async def _connect_loop(self) -> None:
         delays = backoff_delays(self.settings.reconnect_initial, self.settings.reconnect_max, self._rng)
         while True:
             joined_before = self.joins

@@ -56,6 +56,8 @@ class ModelRegistry:
         self._entries: dict[str, _Entry] = {}
         self._on_status = on_status
         self._factory = factory
+        self.service_nursery: trio.Nursery | None = None
+        """A nursery that outlives connections, for backends with background work."""
 
     # --- views ----------------------------------------------------------------------------
 
@@ -125,6 +127,8 @@ class ModelRegistry:
         backend: Backend | None = None
         try:
             backend = self._factory(e.config)
+            backend.service_nursery = self.service_nursery
+            backend.status_listener = lambda status: self._backend_changed(model_id, backend, status)
 
             def report(stage: str, done: int, total: int | None, unit: str) -> None:
                 if total:
@@ -204,6 +208,14 @@ class ModelRegistry:
             e.in_flight -= 1
             if e.in_flight == 0:
                 e.idle.set()
+
+    def _backend_changed(self, model_id: str, backend: Backend, status: ModelStatus) -> None:
+        """A loaded backend changed state by itself (a supervised process died, restarted,
+        or gave up)."""
+        e = self._entries.get(model_id)
+        if e is None or e.backend is not backend:
+            return
+        self._set(model_id, status.state, error=status.error)
 
     def mark_failed(self, model_id: str, reason: str) -> None:
         """A backend reported it died (a supervised process, say)."""

@@ -1,0 +1,160 @@
+"""``helexa chat`` (a streaming client for the gateway) and ``helexa demo`` (a local cortex and
+neuron, one real request, a clean stop)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import httpx
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
+
+
+def stream_chat(gateway: str, model: str, prompt: str, *, max_tokens: int, temperature: float, timeout: float) -> dict:
+    """POST a streamed chat completion, echo the text as it arrives, return the usage."""
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+    }
+    usage: dict = {}
+    url = gateway.rstrip("/") + "/v1/chat/completions"
+    with httpx.stream("POST", url, json=body, timeout=httpx.Timeout(timeout, connect=5.0)) as resp:
+        if resp.status_code != 200:
+            resp.read()
+            try:
+                message = resp.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = resp.text[:300]
+            raise click.ClickException(f"the gateway answered {resp.status_code}: {message}")
+        for line in resp.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[len("data: ") :]
+            if data == "[DONE]":
+                break
+            event = json.loads(data)
+            if "error" in event:
+                raise click.ClickException(f"the stream ended with an error: {event['error'].get('message')}")
+            for choice in event.get("choices", []):
+                text = (choice.get("delta") or {}).get("content")
+                if text:
+                    click.echo(text, nl=False)
+            if event.get("usage"):
+                usage = event["usage"]
+    click.echo()
+    return usage
+
+
+@click.command()
+@click.option("--gateway", default="http://127.0.0.1:8080", show_default=True, help="the cortex's HTTP address")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True)
+@click.option("--max-tokens", default=128, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True)
+@click.option("--timeout", default=300.0, show_default=True, help="seconds to wait (a cold load included)")
+@click.argument("prompt", default=DEFAULT_PROMPT)
+def chat(gateway, model, max_tokens, temperature, timeout, prompt):
+    """Send one chat message to a gateway and stream the answer."""
+    try:
+        usage = stream_chat(gateway, model, prompt, max_tokens=max_tokens, temperature=temperature, timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise click.ClickException(f"cannot talk to the gateway at {gateway}: {exc}") from None
+    if usage:
+        click.echo(f"[{usage.get('prompt_tokens')} prompt + {usage.get('completion_tokens')} completion tokens]", err=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_neuron(gateway: str, node_id: str, deadline: float, procs: list[subprocess.Popen]) -> None:
+    while time.monotonic() < deadline:
+        for p in procs:
+            if p.poll() is not None:
+                raise click.ClickException(f"{p.args[3]} exited early with code {p.returncode}; see its log")
+        try:
+            fleet = httpx.get(gateway + "/admin/fleet", timeout=2).json()
+            if any(n["node_id"] == node_id and n["health"] == "healthy" for n in fleet["neurons"]):
+                return
+        except (httpx.HTTPError, ValueError, KeyError):
+            pass
+        time.sleep(0.2)
+    raise click.ClickException("the neuron did not join in time; see the logs")
+
+
+def _stop(proc: subprocess.Popen, grace: float = 15.0) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+@click.command()
+@click.option("--data-dir", type=click.Path(path_type=Path), help="keep the cortex's data here (default: a temp dir)")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True)
+@click.argument("prompt", default=DEFAULT_PROMPT)
+def demo(data_dir, model, prompt):
+    """Start a cortex and a neuron here, ask the default model one question, stop both."""
+    workdir = Path(tempfile.mkdtemp(prefix="helexa-demo-"))
+    data = data_dir or workdir / "cortex"
+    control, gateway_port = _free_port(), _free_port()
+    gateway = f"http://127.0.0.1:{gateway_port}"
+    exe = [sys.executable, "-m", "helexa.cli"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    logs = {name: open(workdir / f"{name}.log", "w") for name in ("cortex", "neuron")}
+    click.echo(f"starting a cortex (control ws://127.0.0.1:{control}, gateway {gateway})")
+    cortex = subprocess.Popen(
+        exe + ["cortex", "--data-dir", str(data), "--control-socket", f"127.0.0.1:{control}",
+               "--gateway-socket", f"127.0.0.1:{gateway_port}"],
+        stdout=logs["cortex"], stderr=subprocess.STDOUT, env=env,
+    )
+    procs = [cortex]
+    try:
+        token_file = data / "join-token"
+        deadline = time.monotonic() + 60
+        while not token_file.exists() and time.monotonic() < deadline and cortex.poll() is None:
+            time.sleep(0.1)
+        click.echo("starting a neuron and waiting for it to join")
+        neuron = subprocess.Popen(
+            exe + ["neuron", "--cortex", f"ws://127.0.0.1:{control}", "--node-id", "demo-neuron",
+                   "--join-token-file", str(token_file)],
+            stdout=logs["neuron"], stderr=subprocess.STDOUT, env=env,
+        )
+        procs.append(neuron)
+        _wait_for_neuron(gateway, "demo-neuron", time.monotonic() + 60, procs)
+        from helexa.status import fetch_fleet, render_fleet
+
+        click.echo(render_fleet(fetch_fleet(gateway)))
+        click.echo(f"\n> {prompt}   (model {model}; the first request cold-loads it)")
+        started = time.monotonic()
+        usage = stream_chat(gateway, model, prompt, max_tokens=64, temperature=0.0, timeout=300)
+        click.echo(f"[{usage.get('completion_tokens', '?')} tokens in {time.monotonic() - started:.2f}s]\n")
+        click.echo(render_fleet(fetch_fleet(gateway)))
+    finally:
+        names = ["cortex", "neuron"][: len(procs)]
+        codes = {name: _stop(p) for name, p in reversed(list(zip(names, procs)))}
+        for fh in logs.values():
+            fh.close()
+        summary = ", ".join(f"{name} exited {code}" for name, code in codes.items())
+        click.echo(f"\nstopped: {summary}; logs in {workdir}")
+    if any(codes.values()):
+        raise click.ClickException("a process did not stop cleanly; see the logs")
