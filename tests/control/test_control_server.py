@@ -250,3 +250,44 @@ async def test_neuron_reconnects_with_backoff_after_a_drop(nursery, autojump_clo
     gaps = [b - a for a, b in zip(attempts, attempts[1:])]
     expected = backoff_delays(1.0, 30.0, random.Random(7))
     assert gaps == pytest.approx([expected() for _ in range(3)])
+
+
+async def test_load_model_round_trip_changes_state_on_both_sides(nursery):
+    from helexa.protocol import LoadModel, ModelState, UnloadModel
+
+    server, url = await start_cortex(nursery)
+    neuron = neuron_for(url)
+    nursery.start_soon(neuron.run)
+    await wait_until(lambda: "n1" in server.fleet.links)
+    link = server.fleet.get("n1")
+    await link.provision(UpsertModelConfig("c1", ModelConfig("s", "synthetic")), timeout=5)
+    progress = []
+    resp = await link.provision(LoadModel("c2", "s"), timeout=5, on_progress=progress.append)
+    assert resp.ok and resp.status.state is ModelState.LOADED
+    assert link.models["s"].state is ModelState.LOADED
+    assert neuron.registry.status("s").state is ModelState.LOADED
+    resp = await link.provision(UnloadModel("c3", "s"), timeout=5)
+    assert resp.ok and link.models["s"].state is ModelState.CONFIGURED
+
+
+async def test_a_rejoining_neuron_reports_what_it_already_holds(nursery):
+    from helexa.protocol import LoadModel, ModelState
+
+    server, url = await start_cortex(nursery)
+    neuron = neuron_for(url)
+    nursery.start_soon(neuron.run)
+    await wait_until(lambda: "n1" in server.fleet.links)
+    link = server.fleet.get("n1")
+    await link.provision(UpsertModelConfig("c1", ModelConfig("s", "synthetic")), timeout=5)
+    await link.provision(LoadModel("c2", "s"), timeout=5)
+    # A new cortex on another port stands in for a restarted one: the neuron's view of
+    # what it holds travels with its join.
+    server2, url2 = await start_cortex(nursery)
+    neuron2_view = Neuron(
+        NeuronSettings(url2, "n1", TOKEN, reconnect_initial=0.05), registry=neuron.registry
+    )
+    nursery.start_soon(neuron2_view.run)
+    await wait_until(lambda: "n1" in server2.fleet.links)
+    rejoined = server2.fleet.get("n1")
+    assert rejoined.models["s"].state is ModelState.LOADED
+    assert rejoined.configs["s"].backend_kind == "synthetic"
