@@ -4,7 +4,8 @@ Endpoints::
 
     GET  /v1/models             catalogue entries feasible on a connected neuron, plus
                                 models loaded anywhere (OpenAI fields + loaded,
-                                feasible_on, locations)
+                                feasible_on, locations, federated: false), plus models
+                                only peers offer (federated: true, operators, peers)
     POST /v1/chat/completions   streaming (SSE) or not
     POST /v1/completions        streaming (SSE) or not
     POST /v1/embeddings         encoding_format float or base64
@@ -280,14 +281,17 @@ class Gateway:
                                  f"{entry.max_output}", param="max_tokens")
         workload = classify(request.task, prompt_chars=api.prompt_size(request), max_tokens=max_tokens)
         link: NeuronLink | None = None
-        if not self.dispatcher.served_locally(request.model_id):
+        if self.dispatcher.routes_remotely(request.model_id):
             link = await self.dispatcher.remote(request)
         response_id = id_prefix + request.request_id
 
         async def keepalive() -> None:
-            # The first tick of a long cold load commits to a 200 stream.
+            # The first tick of a long cold load commits to a 200 stream; each tick says
+            # how far the load has got (an SSE comment: clients ignore it, people read it).
             await out.start()
-            await out.body(sse.comment())
+            loading = self.provisioner.load_progress.get(request.model_id)
+            note = f"loading {request.model_id}: {loading[0]} {loading[1]:.0%}" if loading else "keep-alive"
+            await out.body(sse.comment(note))
 
         async def stream() -> None:
             encoder = sse.StreamEncoder(request, response_id, include_usage=body.include_usage)
@@ -330,7 +334,7 @@ class Gateway:
         body = api.parse(api.EmbeddingRequest, await self._read_body(scope, receive))
         request = api.to_embed_request(body, scope["helexa.request_id"])
         link = None
-        if not self.dispatcher.served_locally(request.model_id):
+        if self.dispatcher.routes_remotely(request.model_id):
             link = await self.dispatcher.remote(request)
 
         async def work() -> None:
@@ -357,11 +361,17 @@ class Gateway:
                 entries.append(self._model_entry(entry.id, entry.owned_by, feasible, locations))
         for model_id in sorted(set(loaded) - {e.id for e in self.catalogue}):
             entries.append(self._model_entry(model_id, self.config.owned_by, [], sorted(loaded[model_id])))
+        router = self.dispatcher.remote_router
+        if router is not None:
+            listed = {e["id"] for e in entries}
+            for model_id, fields in sorted(router.listing().items()):
+                if model_id not in listed:
+                    entries.append({**self._model_entry(model_id, self.config.owned_by, [], []), **fields})
         return entries
 
     def _model_entry(self, model_id: str, owned_by: str, feasible: list[str], locations: list[str]) -> dict[str, Any]:
         return {"id": model_id, "object": "model", "created": self._created, "owned_by": owned_by,
-                "loaded": bool(locations), "feasible_on": feasible, "locations": locations}
+                "loaded": bool(locations), "feasible_on": feasible, "locations": locations, "federated": False}
 
     async def _models(self, scope: Scope, receive: Receive, out: _Responder) -> None:
         await out.json({"object": "list", "data": self.models()})

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import trio
 from pydantic import BaseModel, ConfigDict, Field
 
-from helexa.protocol import Hardware, LoadModel, ModelState, UnloadModel, UpsertModelConfig
+from helexa.protocol import Hardware, LoadModel, LoadProgress, ModelState, UnloadModel, UpsertModelConfig
 
 from .catalogue import MB, Catalogue, CatalogueEntry, Priority
 from .errors import GatewayError, LoadFailed, ModelNotFound, NoCapacity
@@ -191,6 +191,10 @@ class Provisioner:
         self.settings = settings or ProvisionerSettings()
         self.metrics = metrics
         self._flights: dict[str, _Flight] = {}
+        self.load_times: dict[str, float] = {}
+        self.load_progress: dict[str, tuple[str, float]] = {}
+        """Models loading right now: (stage, fraction done), from the neuron's progress events."""
+        """The last measured cold-load time of each model, in seconds (announced to peers)."""
         self._unloading: set[tuple[str, str]] = set()
         self._warm_failed: dict[str, float] = {}
         self._warming: set[str] = set()
@@ -268,6 +272,7 @@ class Provisioner:
                 last_error = str(exc)
                 continue
             elapsed = trio.current_time() - started
+            self.load_times[entry.id] = elapsed
             log.info("loaded %s on %s in %.2fs (evicted %s)", entry.id, plan.node_id, elapsed, list(plan.evict))
             if self.metrics is not None:
                 self.metrics.cold_load(entry.id, plan.node_id, elapsed)
@@ -283,10 +288,17 @@ class Provisioner:
         config = entry.model_config_for_neuron()
         if link.configs.get(entry.id) != config:
             await self._command(link, UpsertModelConfig(_cid(), config), self.settings.command_timeout)
-        await self._command(link, LoadModel(_cid(), entry.id), self.settings.load_timeout)
+        def progress(event: LoadProgress) -> None:
+            if event.total:
+                self.load_progress[entry.id] = (event.stage, min(1.0, event.done / event.total))
 
-    async def _command(self, link, command, timeout: float) -> None:  # type: ignore[no-untyped-def]
-        response = await link.provision(command, timeout=timeout)
+        try:
+            await self._command(link, LoadModel(_cid(), entry.id), self.settings.load_timeout, progress)
+        finally:
+            self.load_progress.pop(entry.id, None)
+
+    async def _command(self, link, command, timeout: float, on_progress=None) -> None:  # type: ignore[no-untyped-def]
+        response = await link.provision(command, timeout=timeout, on_progress=on_progress)
         if not response.ok:
             if response.code == "already_loaded":
                 return

@@ -58,6 +58,7 @@ from helexa.transport import Channel, ChannelClosed, ConnectFailed
 from helexa.transport import websocket as ws_transport
 
 from . import hardware
+from .progress import LoadBars
 from .registry import ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,7 @@ class Neuron:
         self._requests: dict[str, trio.CancelScope] = {}
         self._draining = False
         self._events: trio.Nursery | None = None
+        self._bars = LoadBars()
         self.joined = trio.Event()
         self.joins = 0
         self.heartbeat_interval = 1.0
@@ -308,6 +310,7 @@ class Neuron:
         last = [-1.0]
 
         def progress(stage: str, done: int, total: int | None, unit: str) -> None:
+            self._bars.update(cmd.model_id, stage, done, total, unit)
             frac = done / total if total else 0.0
             if frac - last[0] >= 0.05 or (total and done >= total):
                 last[0] = frac
@@ -318,8 +321,10 @@ class Neuron:
 
         try:
             status = await self.registry.load(cmd.model_id, progress)
+            self._bars.close(cmd.model_id)
             await self._send_quietly(ProvisioningResponse(cmd.command_id, True, status=status))
         except BackendError as exc:
+            self._bars.close(cmd.model_id)
             status = self._maybe_status(cmd.model_id)
             await self._send_quietly(ProvisioningResponse(cmd.command_id, False, str(exc), exc.code, status))
 
