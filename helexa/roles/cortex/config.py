@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -29,6 +30,48 @@ class MeshConfig(BaseModel):
     mdns: bool = False
 
 
+class FederationConfig(BaseModel):
+    """Whom this cortex serves over the mesh, and where it may send requests out
+    (``[federation]``; used only when the mesh is enabled).
+
+    Defaults, chosen to be safe without being useless: peers are served, but only the
+    models in this operator's catalogue that its own neurons can hold (never a model a
+    neuron happens to have loaded outside the catalogue), each peer at most
+    ``rate_per_second`` (burst ``burst``) and ``max_concurrent_per_peer`` at a time.
+    Requests go out to any peer (``outbound = "any"``) only for models the local fleet
+    cannot serve; the mesh itself is off unless asked for, so nothing leaves a cortex
+    whose operator did not join it. Set ``outbound = "listed"`` with ``peers`` /
+    ``operators`` to trust only some operators, or ``"never"``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    serve_peers: bool = True
+    allow_peers: list[str] = Field(default_factory=list)
+    """Peer ids served; when this or ``allow_operators`` is non-empty, only those."""
+    allow_operators: list[str] = Field(default_factory=list)
+    deny_peers: list[str] = Field(default_factory=list)
+    """Never served (checked before the allow lists)."""
+    deny_operators: list[str] = Field(default_factory=list)
+    rate_per_second: float = Field(5.0, gt=0)
+    """Sustained requests per second per peer (a token bucket of ``burst``)."""
+    burst: int = Field(10, ge=1)
+    max_concurrent_per_peer: int = Field(4, ge=1)
+    models: list[str] | None = None
+    """Models offered to peers; unset: every catalogue model the fleet can hold."""
+    spare_slots_per_neuron: int = Field(4, ge=0)
+    """Requests a neuron is counted as able to run at once, for the announced spare capacity."""
+    outbound: Literal["any", "listed", "never"] = "any"
+    peers: list[str] = Field(default_factory=list)
+    """With ``outbound = "listed"``: the peer ids requests may go to."""
+    operators: list[str] = Field(default_factory=list)
+    """With ``outbound = "listed"``: the operators requests may go to."""
+    max_price_input: float | None = Field(None, ge=0)
+    """Never send to a peer asking more per million prompt tokens."""
+    max_price_output: float | None = Field(None, ge=0)
+    """Never send to a peer asking more per million completion tokens."""
+
+
 class CortexConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -50,6 +93,8 @@ class CortexConfig(BaseModel):
     shutdown_grace: float = Field(10.0, ge=0)
     log_level: str = "info"
     mesh: MeshConfig = Field(default_factory=MeshConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    """Serving and asking peers over the mesh (only when ``mesh.enabled``)."""
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     """Gateway tuning; its address is ``gateway_socket``."""
 

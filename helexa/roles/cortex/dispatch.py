@@ -8,9 +8,11 @@ one; after it, failures propagate as they are. Leaving the context early (a clie
 disconnect is a cancellation) leaves :meth:`NeuronLink.generate`'s context, which sends
 ``Cancel`` to the neuron. Every wait has a deadline from :class:`DispatchSettings`.
 
-Federation seam: a :class:`RemoteRouter` (the mesh, wired by the cortex) is asked only for
-models the local fleet and catalogue do not know; it returns a link-shaped handle to a
-peer, which is then driven exactly like a local neuron.
+Federation seam: a :class:`RemoteRouter` (the mesh, wired by the cortex) is asked for
+models the local fleet and catalogue do not know, and for catalogued models that no
+usable neuron here could ever hold when a peer offers them (:meth:`Dispatcher.routes_remotely`);
+it returns a link-shaped handle to a peer, which is then driven exactly like a local
+neuron (no failover to local neurons; the router tries peers in turn itself).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import trio
 from pydantic import BaseModel, ConfigDict, Field
@@ -55,6 +57,14 @@ class DispatchSettings(BaseModel):
 
 class RemoteRouter(Protocol):
     """The mesh federation, seen from the gateway."""
+
+    def can_route(self, model_id: str) -> bool:
+        """Whether a live peer offers ``model_id`` and the outbound policy allows asking it."""
+        ...
+
+    def listing(self) -> dict[str, dict[str, Any]]:
+        """Models peers offer, each with the fields ``/v1/models`` shows for it."""
+        ...
 
     async def route(self, request: GenerateRequest | EmbedRequest) -> NeuronLink | None:
         """A handle to a peer cortex that serves ``request.model_id`` (with ``generate`` and
@@ -129,6 +139,22 @@ class Dispatcher:
     def served_locally(self, model_id: str) -> bool:
         """Whether the catalogue or a usable neuron knows ``model_id``."""
         return model_id in self.catalogue or any(model_id in link.models for link in self.fleet.usable())
+
+    def routes_remotely(self, model_id: str) -> bool:
+        """Whether a request for ``model_id`` goes to the remote router: the model is
+        unknown here, or it is catalogued but no usable neuron could hold it and a peer
+        offers it."""
+        if not self.served_locally(model_id):
+            return True
+        if self.remote_router is None:
+            return False
+        usable = self.fleet.usable()
+        if any(model_id in link.models for link in usable):
+            return False
+        entry = self.catalogue.get(model_id)
+        if entry is not None and any(entry.is_feasible_on(link.descriptor.hardware) for link in usable):
+            return False
+        return self.remote_router.can_route(model_id)
 
     async def remote(self, request: GenerateRequest | EmbedRequest) -> NeuronLink:
         """A peer's handle for a model unknown here. Raises :class:`ModelNotFound`."""

@@ -11,12 +11,20 @@ Exception tree (HTTP status, OpenAI ``type``)::
     ├── InvalidRequest                400 invalid_request_error   (bad JSON, wrong types)
     ├── NotFound                      404 invalid_request_error   (unknown path)
     │   └── ModelNotFound             404 invalid_request_error   code model_not_found
+    ├── Forbidden                     403 permission_error        a federation policy said no
     ├── MethodNotAllowed              405 invalid_request_error
     ├── PayloadTooLarge               413 invalid_request_error
+    ├── RateLimited                   429 rate_limit_error        (+ Retry-After)
     ├── NoCapacity                    503 service_unavailable     (+ Retry-After)
     │   └── LoadFailed                503 service_unavailable     a cold load failed
     ├── UpstreamError                 502 upstream_error          the neuron failed it
     └── UpstreamTimeout               504 timeout                 no answer in time
+
+Federation errors (:mod:`.federation.errors`) map as: ``OutboundRefused`` and a peer's
+``denied`` / ``not_serving`` / ``model_not_offered`` refusal → 403; ``NoPeerOffers`` →
+404; a peer's ``rate_limited`` → 429 and ``busy`` → 503, both with Retry-After;
+``PeerUnreachable`` → 502 (504 when it timed out); ``PeerVanished`` → 502 (an SSE error
+event once streaming); ``PeerFailed`` → as the same failure on a local neuron.
 """
 
 from __future__ import annotations
@@ -26,6 +34,15 @@ import logging
 import math
 from typing import Any
 
+from .federation.errors import (
+    FederationError,
+    NoPeerOffers,
+    OutboundRefused,
+    PeerFailed,
+    PeerRefused,
+    PeerUnreachable,
+    PeerVanished,
+)
 from .fleet import CommandTimeout, FleetError, NeuronGone, RemoteError
 
 log = logging.getLogger(__name__)
@@ -69,6 +86,12 @@ class ModelNotFound(NotFound):
         super().__init__(f"The model '{model}' does not exist or is not served here", param="model")
 
 
+class Forbidden(GatewayError):
+    status = 403
+    type = "permission_error"
+    code = "forbidden"
+
+
 class MethodNotAllowed(GatewayError):
     status = 405
     type = "invalid_request_error"
@@ -79,6 +102,21 @@ class PayloadTooLarge(GatewayError):
     status = 413
     type = "invalid_request_error"
     code = "payload_too_large"
+
+
+class RateLimited(GatewayError):
+    """Too many requests; the client should retry after ``retry_after`` s."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"retry-after", str(max(1, math.ceil(self.retry_after))).encode())]
 
 
 class NoCapacity(GatewayError):
@@ -134,8 +172,43 @@ def to_gateway_error(exc: BaseException) -> GatewayError:
             return UpstreamTimeout(str(exc))
         case FleetError():
             return UpstreamError(str(exc))
+        case FederationError():
+            return _federation_error(exc)
     log.error("unexpected error while serving a request", exc_info=exc)
     return GatewayError("internal error")
+
+
+_PEER_POLICY_CODES = frozenset({"denied", "not_serving", "model_not_offered"})
+
+
+def _federation_error(exc: FederationError) -> GatewayError:
+    message = str(exc)
+    match exc:
+        case OutboundRefused():
+            return Forbidden(message, code="outbound_refused")
+        case NoPeerOffers():
+            return NotFound(message, param="model", code="model_not_found")
+        case PeerRefused(code="rate_limited"):
+            return RateLimited(message, retry_after=exc.retry_after or 1.0, code="peer_rate_limited")
+        case PeerRefused(code=code) if code in _PEER_POLICY_CODES:
+            return Forbidden(message, code=f"peer_{code}")
+        case PeerRefused():
+            return NoCapacity(message, retry_after=exc.retry_after or 1.0, code=f"peer_{exc.code}")
+        case PeerUnreachable() if "timed out" in message or "in time" in message:
+            return UpstreamTimeout(message, code="peer_timeout")
+        case PeerUnreachable():
+            return UpstreamError(message, code="peer_unreachable")
+        case PeerVanished():
+            return UpstreamError(message, code="peer_vanished")
+        case PeerFailed(code=code) if code in _CLIENT_CODES:
+            return InvalidRequest(message, code=code)
+        case PeerFailed(code="model_not_found"):
+            return NotFound(message, param="model", code="model_not_found")
+        case PeerFailed(retryable=True):
+            return NoCapacity(message, code=exc.code)
+        case PeerFailed(code="timeout"):
+            return UpstreamTimeout(message)
+    return UpstreamError(message, code=exc.code)
 
 
 def error_body(error: GatewayError) -> dict[str, Any]:

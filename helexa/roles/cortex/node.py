@@ -1,12 +1,18 @@
-"""The cortex process: identity, join token, control plane, gateway and mesh in one trio
-nursery; drained on SIGINT/SIGTERM."""
+"""The cortex process: identity, join token, control plane, gateway and (when
+``mesh.enabled``) the libp2p mesh and the federation, in one trio nursery; drained on
+SIGINT/SIGTERM.
+
+With the mesh, the gateway asks peers (:mod:`.peering`) for models its own fleet cannot
+serve, peers' requests run through this cortex's own dispatcher, and receipts go to
+``DATA_DIR/ledger.sqlite`` (``helexa ledger``)."""
 
 from __future__ import annotations
 
 import logging
 import signal
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -20,6 +26,12 @@ from .control_server import ControlServer, ControlSettings
 from .fleet import Fleet
 from .gateway import Gateway
 
+if TYPE_CHECKING:
+    from helexa.mesh import Mesh
+
+    from .federation.ledger import Ledger
+    from .federation.service import Federation
+
 log = logging.getLogger(__name__)
 
 
@@ -27,6 +39,8 @@ log = logging.getLogger(__name__)
 class CortexAddresses:
     control_url: str
     gateway_url: str
+    mesh_addrs: tuple[str, ...] = field(default=())
+    """The mesh multiaddrs (``.../p2p/<peer id>``) when the mesh is enabled."""
 
 
 class Cortex:
@@ -73,7 +87,45 @@ class Cortex:
                 update={"host": gw_host, "port": gw_port, "shutdown_grace": config.shutdown_grace}
             ),
         )
+        self.mesh: Mesh | None = None
+        self.federation: Federation | None = None
+        self.ledger: Ledger | None = None
+        if config.mesh.enabled:
+            self._join_mesh()
         self._stop = trio.Event()
+
+    def _join_mesh(self) -> None:
+        """Build the mesh host and the federation, and wire the gateway to ask peers."""
+        from helexa.mesh import MeshSettings, open_libp2p_mesh
+
+        from .federation.ledger import Ledger
+        from .federation.policy import AskPolicy, Outbound, ServePolicy
+        from .federation.service import Federation, FederationSettings
+        from .peering import FleetOffer, LocalServing, PeerRouter
+
+        mesh_cfg, fed_cfg = self.config.mesh, self.config.federation
+        self.mesh = open_libp2p_mesh(self.identity.seed, MeshSettings(
+            listen=mesh_cfg.listen, bootstrap=tuple(mesh_cfg.bootstrap), mdns=mesh_cfg.mdns,
+            max_frame=self.config.max_frame_bytes))
+        self.ledger = Ledger(self.config.data_dir / "ledger.sqlite")
+        offer = FleetOffer(self.fleet, self.catalogue, self.gateway.provisioner,
+                           slots_per_neuron=fed_cfg.spare_slots_per_neuron)
+        local = LocalServing(self.gateway.dispatcher)
+        self.federation = Federation(
+            mesh=self.mesh, identity=self.identity, operator=self.config.operator, ledger=self.ledger,
+            offer_fn=offer.offer, spare_fn=offer.spare, serve_generate=local.generate, serve_embed=local.embed,
+            serve_policy=ServePolicy(
+                serve_peers=fed_cfg.serve_peers, allow_peers=frozenset(fed_cfg.allow_peers),
+                allow_operators=frozenset(fed_cfg.allow_operators), deny_peers=frozenset(fed_cfg.deny_peers),
+                deny_operators=frozenset(fed_cfg.deny_operators), rate_per_second=fed_cfg.rate_per_second,
+                burst=fed_cfg.burst, max_concurrent_per_peer=fed_cfg.max_concurrent_per_peer,
+                models=None if fed_cfg.models is None else frozenset(fed_cfg.models)),
+            ask_policy=AskPolicy(
+                outbound=Outbound(fed_cfg.outbound), peers=frozenset(fed_cfg.peers),
+                operators=frozenset(fed_cfg.operators), max_price_input=fed_cfg.max_price_input,
+                max_price_output=fed_cfg.max_price_output),
+            settings=FederationSettings(announce_interval=mesh_cfg.announce_interval))
+        self.gateway.set_remote_router(PeerRouter(self.federation))
 
     def _ssl(self) -> ssl.SSLContext | None:
         if self.config.tls_cert_file is None:
@@ -94,11 +146,21 @@ class Cortex:
                     gateway_done.set()
 
             binds = await nursery.start(gateway)
+            mesh_addrs: list[str] = []
+            if self.mesh is not None and self.federation is not None:
+                from helexa.mesh import record_addrs
+
+                mesh_addrs = await nursery.start(self.mesh.run)
+                record_addrs(self.config.data_dir, self.mesh.peer_id, mesh_addrs)
+                await nursery.start(self.federation.run)
+                log.info("mesh: operator %r, peer %s, listening on %s", self.config.operator,
+                         self.mesh.peer_id, ", ".join(mesh_addrs))
             scheme = "wss" if self.config.tls_cert_file else "ws"
             host = self.control.settings.host
             addrs = CortexAddresses(
                 control_url=f"{scheme}://{host}:{control_port}",
                 gateway_url=binds[0],
+                mesh_addrs=tuple(mesh_addrs),
             )
             log.info("cortex ready: control=%s gateway=%s", addrs.control_url, addrs.gateway_url)
             task_status.started(addrs)
@@ -110,6 +172,8 @@ class Cortex:
                     await gateway_done.wait()
                 await self.control.shutdown_neurons("cortex stopping", self.config.shutdown_grace)
             nursery.cancel_scope.cancel()
+        if self.ledger is not None:
+            self.ledger.close()
 
     def stop(self) -> None:
         """Begin a graceful stop (drain within ``shutdown_grace``, then return from run)."""

@@ -1,0 +1,197 @@
+"""Peering: the glue between this cortex's gateway and its :class:`Federation`.
+
+Three adapters, each a thin shell over objects the cortex already has:
+
+* :class:`FleetOffer` — what this cortex offers to peers (``offer_fn`` / ``spare_fn``):
+  catalogue models some usable neuron could hold, ``warm`` when one has it loaded, priced
+  from the catalogue (``price_in`` / ``price_out``), with the provisioner's last measured
+  cold-load time.
+* :class:`LocalServing` — runs a peer's request through this cortex's own
+  :class:`~.dispatch.Dispatcher` (scheduling, cold loads and failover included, never
+  out to another peer, so requests cannot loop). Failures are mapped through
+  :func:`~.errors.to_gateway_error` into an exception with ``code`` and ``retryable``,
+  which the federation sends to the asker as an ``InferenceError``.
+* :class:`PeerRouter` — the gateway's :class:`~.dispatch.RemoteRouter`: ``route`` hands
+  back a :class:`PeerHandle`, shaped like a neuron link, whose ``generate`` is
+  :meth:`Federation.route` and ``embed`` :meth:`Federation.embed`. Federation errors
+  propagate as they are and become HTTP statuses in :mod:`.errors`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import trio
+
+from helexa.protocol import EmbedRequest, EmbedResult, GenerateRequest, GenerateResult, ModelState, TokenChunk
+from helexa.protocol.federation import OfferedModel
+
+from . import openai_api as api
+from .catalogue import Catalogue
+from .dispatch import Dispatcher, Generation
+from .errors import NoCapacity, to_gateway_error
+from .federation.service import Federation
+from .fleet import Fleet
+from .provisioner import Provisioner
+from .scheduler import classify
+
+PEER_NODE_ID = "federation"
+"""The node id under which requests sent to peers appear in metrics and live load."""
+
+
+class FleetOffer:
+    """``offer_fn`` and ``spare_fn`` of the :class:`Federation`, read from the fleet.
+
+    Args:
+        fleet, catalogue, provisioner: the cortex's own.
+        slots_per_neuron: requests a usable neuron is counted as able to run at once.
+    """
+
+    def __init__(self, fleet: Fleet, catalogue: Catalogue, provisioner: Provisioner, *,
+                 slots_per_neuron: int = 4) -> None:
+        self.fleet = fleet
+        self.catalogue = catalogue
+        self.provisioner = provisioner
+        self.slots_per_neuron = slots_per_neuron
+
+    def offer(self) -> Sequence[OfferedModel]:
+        """Catalogue models a usable neuron could hold (only those: a model loaded outside
+        the catalogue is never offered), warm when one has it loaded."""
+        usable = self.fleet.usable()
+        out = []
+        for entry in self.catalogue:
+            warm = any((st := link.models.get(entry.id)) is not None and st.state is ModelState.LOADED
+                       for link in usable)
+            if not warm and not any(entry.is_feasible_on(link.descriptor.hardware) for link in usable):
+                continue
+            out.append(OfferedModel(entry.id, warm, load_time_s=self.provisioner.load_times.get(entry.id),
+                                    price_input=entry.price_in, price_output=entry.price_out,
+                                    workloads=tuple(entry.workloads)))
+        return out
+
+    def spare(self) -> int:
+        usable = self.fleet.usable()
+        return max(0, self.slots_per_neuron * len(usable) - sum(link.in_flight for link in usable))
+
+
+class ServeFailure(Exception):
+    """A peer's request failed here; ``code`` and ``retryable`` cross the hop."""
+
+    def __init__(self, message: str, *, code: str, retryable: bool) -> None:
+        super().__init__(message)
+        self.code = code
+        self.retryable = retryable
+
+
+def _failure(exc: Exception) -> ServeFailure:
+    error = to_gateway_error(exc)  # logs unexpected ones; their text never leaves
+    return ServeFailure(error.message, code=error.code or "internal_error", retryable=isinstance(error, NoCapacity))
+
+
+class _Frames:
+    """A local :class:`Generation`, its failures turned into :class:`ServeFailure`."""
+
+    def __init__(self, gen: Generation) -> None:
+        self._gen = gen
+
+    def __aiter__(self) -> "_Frames":
+        return self
+
+    async def __anext__(self) -> TokenChunk | GenerateResult:
+        try:
+            return await self._gen.__anext__()
+        except (StopAsyncIteration, ServeFailure):
+            raise
+        except Exception as exc:
+            raise _failure(exc) from None
+
+
+class LocalServing:
+    """``serve_generate`` / ``serve_embed`` of the :class:`Federation`, on the local fleet."""
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self.dispatcher = dispatcher
+
+    @asynccontextmanager
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[_Frames]:
+        """Run a peer's generation here. Leaving the context early (the peer cancelled)
+        leaves the dispatcher's, which cancels it on the neuron.
+
+        Raises:
+            ServeFailure: it could not start (unknown model, no capacity, a failed load).
+        """
+        workload = classify(request.task, prompt_chars=api.prompt_size(request),
+                            max_tokens=request.sampling.max_tokens)
+        async with AsyncExitStack() as stack:
+            try:
+                gen = await stack.enter_async_context(
+                    self.dispatcher.generate(request, workload, endpoint="federation"))
+            except Exception as exc:
+                raise _failure(exc) from None
+            yield _Frames(gen)
+
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        """Run a peer's embedding request here. Raises :class:`ServeFailure`."""
+        try:
+            return await self.dispatcher.embed(request)
+        except Exception as exc:
+            raise _failure(exc) from None
+
+
+class PeerHandle:
+    """A peer cortex, driven by the dispatcher like a neuron link (``generate``, ``embed``)."""
+
+    def __init__(self, federation: Federation) -> None:
+        self.federation = federation
+        self.node_id = PEER_NODE_ID
+        self.peer_id: str | None = None
+        """The peer that served the last request, once it answered."""
+
+    @asynccontextmanager
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Any]:
+        """:meth:`Federation.route`; raises the federation's errors (see its docstring)."""
+        async with self.federation.route(request) as frames:
+            self.peer_id = frames.peer_id
+            yield frames
+
+    async def embed(self, request: EmbedRequest, *, timeout: float) -> EmbedResult:
+        with trio.fail_after(timeout):
+            return await self.federation.embed(request)
+
+
+class PeerRouter:
+    """The gateway's :class:`~.dispatch.RemoteRouter` over a :class:`Federation`."""
+
+    def __init__(self, federation: Federation) -> None:
+        self.federation = federation
+
+    def can_route(self, model_id: str) -> bool:
+        return self.federation.can_route(model_id)
+
+    def listing(self) -> dict[str, dict[str, Any]]:
+        """``/v1/models`` fields of each model peers offer us: ``federated``, the
+        ``operators`` and ``peers`` serving it (best offer first), and ``loaded`` (warm
+        on at least one of them)."""
+        out: dict[str, dict[str, Any]] = {}
+        for model_id, offers in self.federation.remote_models().items():
+            out[model_id] = {
+                "loaded": any(o.model.warm for o in offers),
+                "federated": True,
+                "operators": list(dict.fromkeys(o.operator for o in offers)),
+                "peers": [o.peer_id for o in offers],
+            }
+        return out
+
+    async def route(self, request: GenerateRequest | EmbedRequest) -> PeerHandle | None:
+        """A handle that sends ``request`` to the best peer; None when no peer offers the
+        model (a 404). A peer is chosen, and the ask policy applied, when the handle runs:
+        a model peers offer but our policy excludes raises ``OutboundRefused`` (403) there."""
+        if not self.federation.can_route(request.model_id) and not self._offered(request.model_id):
+            return None
+        return PeerHandle(self.federation)
+
+    def _offered(self, model_id: str) -> bool:
+        return bool(self.federation.table.offers(model_id, time.time()))
