@@ -239,6 +239,7 @@ class Neuron:
             self.settings.cortex_url, self.settings.node_id, welcome.operator, len(self.registry.statuses()),
         )
         self.joined.set()
+        lost: Exception | None = None
         async with trio.open_nursery() as nursery:
             self._events = nursery
             nursery.start_soon(self._heartbeats, channel)
@@ -246,17 +247,25 @@ class Neuron:
                 while True:
                     msg = await channel.receive()
                     self._dispatch(msg, nursery)
+            except (ChannelClosed, ProtocolError) as exc:
+                lost = exc  # raised below, outside the nursery, as itself
             finally:
                 self._events = None
                 nursery.cancel_scope.cancel()
+        if lost is not None:
+            raise lost
 
     async def _heartbeats(self, channel: Channel) -> None:
         seq = 0
-        while True:
-            seq += 1
-            metrics = self._sampler.sample(in_flight=self.registry.in_flight)
-            await self._send(Heartbeat(seq, metrics, self.registry.statuses()), channel)
-            await trio.sleep(self.heartbeat_interval)
+        try:
+            while True:
+                seq += 1
+                metrics = self._sampler.sample(in_flight=self.registry.in_flight)
+                await self._send(Heartbeat(seq, metrics, self.registry.statuses()), channel)
+                await trio.sleep(self.heartbeat_interval)
+        except (ChannelClosed, trio.TooSlowError):
+            # The link is dead or stuck: closing it ends the reader, which reconnects.
+            await channel.aclose(1001, "heartbeat could not be sent")
 
     async def _send(self, msg: object, channel: Channel | None = None) -> None:
         channel = channel or self._channel
