@@ -324,6 +324,17 @@ async def test_metrics_and_the_fleet_snapshot() -> None:
     assert snapshot["neurons"][0]["node_id"] == "n1" and health == {"status": "ok", "neurons": 1}
 
 
+async def test_the_fleet_view_is_only_served_to_admin_clients() -> None:
+    fleet = Fleet()
+    NeuronDouble("n1", fleet)
+    async with serving(fleet, admin_clients=["10.9.9.9"]) as (_, url):
+        async with httpx.AsyncClient() as http:
+            resp = await http.get(url + "/admin/fleet")
+    assert resp.status_code == 403
+    assert resp.json()["error"]["code"] == "forbidden"
+    assert "n1" not in resp.text
+
+
 async def test_a_stalled_stream_ends_with_a_timeout_event_not_a_hang() -> None:
     fleet = Fleet()
     NeuronDouble("n1", fleet, loaded=("chat",), tokens=5, token_delay=0.5)

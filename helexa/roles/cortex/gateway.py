@@ -47,7 +47,7 @@ from . import openai_api as api
 from . import sse
 from .catalogue import Catalogue
 from .dispatch import Dispatcher, DispatchSettings, RemoteRouter
-from .errors import InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge, envelope
+from .errors import Forbidden, InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge, envelope
 from .fleet import Fleet, NeuronLink
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
@@ -81,6 +81,8 @@ class GatewayConfig(BaseModel):
     shutdown_grace: float = Field(10.0, ge=0)
     """Seconds in-flight requests get to finish when the gateway stops."""
     owned_by: str = "helexa"
+    admin_clients: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"])
+    """Client addresses allowed on /admin/* (the fleet view); loopback only by default."""
     provisioner: ProvisionerSettings = Field(default_factory=ProvisionerSettings)
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
 
@@ -380,6 +382,9 @@ class Gateway:
         await out.full(200, [(b"content-type", METRICS_CONTENT_TYPE.encode())], self.metrics.render())
 
     async def _fleet(self, scope: Scope, receive: Receive, out: _Responder) -> None:
+        client = (scope.get("client") or ("", 0))[0]
+        if client not in self.config.admin_clients:
+            raise Forbidden(f"the admin API is not served to {client or 'this client'} (see gateway.admin_clients)")
         await out.json(self.fleet.snapshot())
 
     async def _health(self, scope: Scope, receive: Receive, out: _Responder) -> None:
