@@ -1,0 +1,157 @@
+#!/usr/bin/env python3
+"""What a federated request adds over the same request served locally.
+
+Starts real processes on loopback: operator B's cortex with one neuron (the ``synthetic``
+backend, so the model costs nothing and the fabric is what is measured), and operator
+A's cortex with no neuron, bootstrapped to B over the mesh. Then the same non-streamed
+chat request (``--tokens`` tokens) is sent, one at a time over a keep-alive HTTP
+connection, alternately in rounds to:
+
+* ``local``:     B's gateway (gateway -> B's neuron);
+* ``federated``: A's gateway (gateway -> mesh stream -> B's cortex -> B's neuron, and the
+  signed receipt back).
+
+Prints p50 / p99 of both and the difference of the medians (target: under 15 ms).
+Run it under the machine-wide benchmark lock::
+
+    flock /tmp/helexa-bench.lock .venv/bin/python benchmarks/federation_bench.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+HELEXA = [sys.executable, "-m", "helexa.cli"]
+MODEL = "synth-bench"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait(pred, timeout: float, what: str):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            got = pred()
+            if got:
+                return got
+        except (OSError, httpx.HTTPError, ValueError, KeyError):
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"timed out waiting for {what}")
+
+
+class Procs:
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> Path:
+        log = self.work / f"{name}.log"
+        with open(log, "wb") as out:
+            self.procs.append(subprocess.Popen([*HELEXA, *args], stdout=out, stderr=subprocess.STDOUT,
+                                               stdin=subprocess.DEVNULL,
+                                               env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}))
+        return log
+
+    def cortex(self, name: str, operator: str, control: int, gateway: int, *extra: str,
+               env: dict[str, str] | None = None) -> str:
+        """Start a cortex on the mesh; return its first multiaddr once it recorded them."""
+        self.start(name, "cortex", "--data-dir", str(self.work / name), "--operator", operator,
+                   "--control-socket", f"127.0.0.1:{control}", "--gateway-socket", f"127.0.0.1:{gateway}",
+                   "--mesh-listen", "/ip4/127.0.0.1/tcp/0", "--log-level", "warning",
+                   "--models", str(self.work / "models.toml"), *extra, env=env)
+        addrs = wait(lambda: json.loads((self.work / name / "mesh-addrs.json").read_text())["multiaddrs"],
+                     60, f"{name}'s mesh")
+        return addrs[0]
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+
+
+def measure(client: httpx.Client, url: str, body: dict, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        r = client.post(url + "/v1/chat/completions", json=body)
+        out.append(time.perf_counter() - t0)
+        if r.status_code != 200:
+            raise SystemExit(f"{url}: HTTP {r.status_code}: {r.text}")
+    return out
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] * 1000
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=300, help="per side, over all rounds")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--tokens", type=int, default=16)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="helexa-fedbench-") as tmp:
+        work = Path(tmp)
+        (work / "models.toml").write_text(
+            f'[models."{MODEL}"]\nbackend = "synthetic"\n[models."{MODEL}".config]\n'
+            f"metadata = {{ tokens = {args.tokens} }}\n")
+        gw = {name: free_port() for name in ("a", "b")}
+        ctl = {name: free_port() for name in ("a", "b")}
+        procs = Procs(work)
+        try:
+            # B's default per-peer limit (5 requests/s) would refuse a benchmark's pace.
+            b_addr = procs.cortex("b", "operator-b", ctl["b"], gw["b"], env={
+                "HELEXA_FEDERATION__RATE_PER_SECOND": "100000", "HELEXA_FEDERATION__BURST": "100000"})
+            b_url, a_url = f"http://127.0.0.1:{gw['b']}", f"http://127.0.0.1:{gw['a']}"
+            wait(lambda: httpx.get(b_url + "/health").status_code == 200, 30, "b's gateway")
+            procs.start("neuron", "neuron", "--cortex", f"ws://127.0.0.1:{ctl['b']}", "--node-id", "bench",
+                        "--join-token-file", str(work / "b" / "join-token"), "--log-level", "warning")
+            wait(lambda: httpx.get(b_url + "/health").json()["neurons"] == 1, 30, "the neuron")
+            procs.cortex("a", "operator-a", ctl["a"], gw["a"], "--bootstrap", b_addr)
+            wait(lambda: any(m["id"] == MODEL and m.get("federated")
+                             for m in httpx.get(a_url + "/v1/models").json()["data"]), 30, "b's offer at a")
+            body = {"model": MODEL, "max_tokens": args.tokens, "messages": [{"role": "user", "content": "hi"}]}
+            local: list[float] = []
+            fed: list[float] = []
+            per_round = max(1, args.requests // args.rounds)
+            with httpx.Client(timeout=30) as client:
+                measure(client, b_url, body, 20)  # warm-up: cold load, connections, streams
+                measure(client, a_url, body, 20)
+                for _ in range(args.rounds):
+                    local += measure(client, b_url, body, per_round)
+                    fed += measure(client, a_url, body, per_round)
+        finally:
+            procs.stop()
+    lp50, fp50 = statistics.median(local) * 1000, statistics.median(fed) * 1000
+    print(f"chat, non-streamed, {args.tokens} tokens, {len(local)} requests each, sequential, keep-alive:")
+    print(f"  local      (B's gateway -> B's neuron):          p50 {lp50:6.2f} ms  p99 {pct(local, 99):6.2f} ms")
+    print(f"  federated  (A's gateway -> mesh -> B -> neuron): p50 {fp50:6.2f} ms  p99 {pct(fed, 99):6.2f} ms")
+    print(f"  added by the federated hop: p50 {fp50 - lp50:+.2f} ms, p99 {pct(fed, 99) - pct(local, 99):+.2f} ms "
+          f"(target: p50 under 15 ms)")
+
+
+if __name__ == "__main__":
+    main()
