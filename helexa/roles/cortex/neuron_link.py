@@ -47,6 +47,8 @@ from .fleet import CommandTimeout, Health, NeuronGone, RemoteError
 
 log = logging.getLogger(__name__)
 
+_MAX_PENDING_REPLIES = 256
+
 
 @dataclass
 class _Command:
@@ -136,11 +138,32 @@ class Link:
         self._commands: dict[str, _Command] = {}
         self._streams: dict[str, _Stream] = {}
         self._pings: dict[int, trio.Event] = {}
+        # Bounded: a neuron that floods pings without reading the pongs loses pongs, not memory.
+        self._replies_in, self._replies_out = trio.open_memory_channel[Pong](_MAX_PENDING_REPLIES)
 
     # --- the reader ----------------------------------------------------------------------
 
     async def serve(self) -> None:
-        """Read frames until the connection ends; then fail everything still waiting."""
+        """Read frames until the connection ends; then fail everything still waiting.
+
+        Replies the reader owes the neuron (``Pong``) go out from a sender task beside it,
+        so a slow socket never stalls the reading of heartbeats and results.
+        """
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._send_replies)
+            try:
+                await self._read()
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _send_replies(self) -> None:
+        async for msg in self._replies_out:
+            try:
+                await self._send(msg)
+            except (NeuronGone, CommandTimeout):
+                return
+
+    async def _read(self) -> None:
         reason: Exception = NeuronGone(f"neuron {self.node_id} disconnected")
         try:
             while True:
@@ -210,6 +233,11 @@ class Link:
             case ModelStatusChanged(status=status):
                 self.models[status.model_id] = status
                 self._on_change()
+            case Ping(nonce=n):
+                try:
+                    self._replies_in.send_nowait(Pong(n))
+                except trio.WouldBlock:
+                    log.debug("neuron %s: too many unanswered pings; pong %d dropped", self.node_id, n)
             case Pong(nonce=nonce):
                 if (ev := self._pings.pop(nonce, None)) is not None:
                     ev.set()

@@ -1,0 +1,550 @@
+#!/usr/bin/env python3
+"""The control plane across processes: round-trip latency, messages/s, neurons per cortex.
+
+A real cortex process (``helexa cortex``, pinned to CPU 0 where ``taskset`` exists) and
+neuron-side client processes (CPU 1) that join it with the real handshake (Hello,
+Challenge, Join with the HMAC proof of the join token, Welcome) over ``ws://``:
+
+1. **Round trips.** One client sends ``Ping`` and the cortex answers ``Pong``: sequential
+   round trips for p50/p99 latency, then a pipelined window of pings in flight on the same
+   connection for round trips (and frames) per second.
+2. **Neurons per cortex.** Lean simulated neurons (real handshake, then a real
+   ``Heartbeat`` with metrics, one GPU and one model status every second, each on its own
+   phase) are added in steps up to ``--neurons``. After each step: the time the batch
+   took to join, the cortex's and the simulators' CPU share over ``--steady`` seconds of
+   steady state, then ``GET /admin/fleet`` (healthy count, oldest heartbeat) and a few
+   hundred ping round trips under that load.
+
+Usage (other engineers benchmark on this machine too, so take the lock)::
+
+    flock /tmp/helexa-bench.lock .venv/bin/python benchmarks/control_plane_bench.py \\
+        [--pings 3000] [--window 32] [--pipeline-seconds 5] \\
+        [--neurons 100,250,500,1000] [--steady 10] [--sims 1]
+
+Figures go to stdout as Markdown. The simulators are lean clients (not the full
+:class:`~helexa.roles.neuron.agent.Neuron`, which samples psutil and NVML per heartbeat)
+so that one process can stand in for a thousand neurons; what the cortex receives is the
+same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run by path: `import helexa` from this checkout
+
+from helexa.protocol import (  # noqa: E402
+    MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
+    Challenge,
+    GpuInfo,
+    GpuUsage,
+    Hardware,
+    Heartbeat,
+    Hello,
+    Join,
+    ModelState,
+    ModelStatus,
+    NeuronDescriptor,
+    NeuronMetrics,
+    Ping,
+    Pong,
+    Refused,
+    Welcome,
+    auth,
+)
+from helexa.transport import ChannelClosed, ConnectFailed  # noqa: E402
+from helexa.transport import websocket as ws_transport  # noqa: E402
+
+GiB = 1024**3
+
+
+# --- the lean neuron (used by both client modes) ------------------------------------------
+
+
+def descriptor(node_id: str) -> NeuronDescriptor:
+    return NeuronDescriptor(
+        node_id=node_id,
+        hardware=Hardware(
+            cpu_cores=16,
+            ram_total=64 * GiB,
+            cpu_model="Simulated CPU @ 3.0GHz",
+            platform="Linux x86_64",
+            gpus=(GpuInfo(0, "NVIDIA RTX 4090", 24 * GiB, 20 * GiB, "8.9", f"GPU-{node_id}"),),
+        ),
+        hostname=node_id,
+        software="helexa control-plane bench",
+    )
+
+
+MODEL = ModelStatus("smollm2-135m-instruct", ModelState.LOADED, "llama_cpp", memory_bytes=300 * 1024**2)
+
+
+def heartbeat(seq: int, rng: random.Random) -> Heartbeat:
+    return Heartbeat(
+        seq,
+        NeuronMetrics(
+            cpu_percent=rng.uniform(0, 100),
+            ram_used=int(rng.uniform(4, 60) * GiB),
+            ram_total=64 * GiB,
+            gpus=(GpuUsage(0, 4 * GiB, 20 * GiB, rng.uniform(0, 100)),),
+        ),
+        (MODEL,),
+    )
+
+
+async def join(channel, node_id: str, token: str) -> Welcome:  # noqa: ANN001
+    """The neuron's side of the handshake, as :class:`Neuron` does it."""
+    nonce = auth.new_nonce()
+    await channel.send(Hello(node_id, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, nonce, "bench"))
+    challenge = await channel.receive()
+    if not isinstance(challenge, Challenge):
+        raise RuntimeError(f"{node_id}: expected challenge, got {challenge!r}")
+    proof = auth.join_proof(token, challenge.nonce, nonce, node_id)
+    await channel.send(Join(proof, descriptor(node_id), (MODEL,)))
+    welcome = await channel.receive()
+    if isinstance(welcome, Refused) or not isinstance(welcome, Welcome):
+        raise RuntimeError(f"{node_id}: not welcomed: {welcome!r}")
+    if not auth.verify(auth.welcome_proof(token, challenge.nonce, nonce, node_id), welcome.proof):
+        raise RuntimeError(f"{node_id}: the cortex's welcome proof does not verify")
+    return welcome
+
+
+class SimStats:
+    def __init__(self) -> None:
+        self.alive = 0
+        self.drops = 0
+        self.heartbeats = 0
+        self.max_lag = 0.0  # how late a heartbeat went out (the simulator's own lag)
+
+
+async def sim_neuron(url: str, node_id: str, token: str, stats: SimStats, joined, sem: trio.Semaphore) -> None:  # noqa: ANN001
+    """One simulated neuron: join (holding a slot of ``sem`` for the handshake only), then
+    heartbeat until the connection drops or the simulator quits."""
+    rng = random.Random(node_id)
+    t0 = time.perf_counter()
+    welcomed = False
+    await sem.acquire()
+    try:
+        async with ws_transport.connect(url, timeout=30) as channel:
+            with trio.fail_after(30):
+                welcome = await join(channel, node_id, token)
+            welcomed = True
+            sem.release()
+            joined(time.perf_counter() - t0, None)
+            stats.alive += 1
+            await _sim_session(channel, welcome.heartbeat_interval, rng, stats)
+        stats.alive -= 1
+        stats.drops += 1
+    except (ChannelClosed, ConnectFailed, trio.TooSlowError, RuntimeError) as exc:
+        if welcomed:
+            stats.alive -= 1
+            stats.drops += 1
+        else:
+            joined(time.perf_counter() - t0, exc)
+    finally:
+        if not welcomed:
+            sem.release()
+
+
+async def _sim_session(channel, interval: float, rng: random.Random, stats: SimStats) -> None:  # noqa: ANN001
+    """Heartbeat on a random phase and answer pings; returns when the connection drops."""
+    async with trio.open_nursery() as nursery:
+
+        async def beat() -> None:
+            await trio.sleep(rng.random() * interval)  # independent neurons: random phase
+            seq = 0
+            due = trio.current_time()
+            try:
+                while True:
+                    seq += 1
+                    stats.max_lag = max(stats.max_lag, trio.current_time() - due)
+                    await channel.send(heartbeat(seq, rng))
+                    stats.heartbeats += 1
+                    due += interval
+                    await trio.sleep_until(due)
+            except ChannelClosed:
+                nursery.cancel_scope.cancel()
+
+        nursery.start_soon(beat)
+        try:
+            while True:
+                msg = await channel.receive()
+                if isinstance(msg, Ping):
+                    await channel.send(Pong(msg.nonce))
+        except ChannelClosed:
+            nursery.cancel_scope.cancel()
+
+
+async def sim_main(url: str, token: str, prefix: str) -> None:
+    """Simulator process: reads ``add N`` / ``stats`` lines on stdin, answers JSON lines."""
+    stats = SimStats()
+    next_index = 0
+    async with trio.open_nursery() as nursery:
+        while True:
+            line = await trio.to_thread.run_sync(sys.stdin.readline)
+            cmd = line.split()
+            if not cmd or cmd[0] == "quit":
+                nursery.cancel_scope.cancel()
+                return
+            if cmd[0] == "stats":
+                print(json.dumps({"alive": stats.alive, "drops": stats.drops, "heartbeats": stats.heartbeats,
+                                  "max_lag": stats.max_lag}), flush=True)
+                stats.max_lag = 0.0
+            elif cmd[0] == "add":
+                n, concurrency = int(cmd[1]), int(cmd[2])
+                times: list[float] = []
+                errors: list[str] = []
+                done = trio.Event()
+                sem = trio.Semaphore(concurrency)
+
+                def joined(dt: float, exc: Exception | None, times=times, errors=errors, n=n, done=done) -> None:
+                    if exc is None:
+                        times.append(dt)
+                    else:
+                        errors.append(repr(exc))
+                    if len(times) + len(errors) == n:
+                        done.set()
+
+                t0 = time.perf_counter()
+                for i in range(next_index, next_index + n):
+                    nursery.start_soon(sim_neuron, url, f"{prefix}-{i:05d}", token, stats, joined, sem)
+                next_index += n
+                with trio.move_on_after(120):
+                    await done.wait()
+                print(json.dumps({"seconds": time.perf_counter() - t0, "ok": len(times), "failed": len(errors),
+                                  "errors": errors[:3], "join_p50": _pct(times, 50), "join_p99": _pct(times, 99)}),
+                      flush=True)
+
+
+# --- the round-trip client -------------------------------------------------------------------
+
+
+def _pct(xs: list[float], p: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+async def rtt_main(url: str, token: str, node_id: str, pings: int, window: int, seconds: float) -> None:
+    """Round-trip client process: joins, heartbeats, and times Ping -> Pong."""
+    async with ws_transport.connect(url, timeout=10) as channel:
+        with trio.fail_after(10):
+            welcome = await join(channel, node_id, token)
+        waiting: dict[int, float] = {}
+        rtts: list[float] = []
+        arrived = trio.Event()
+        got = [0]
+
+        async def reader() -> None:
+            nonlocal arrived
+            while True:
+                msg = await channel.receive()
+                if isinstance(msg, Pong):
+                    sent = waiting.pop(msg.nonce, None)
+                    if sent is not None:
+                        rtts.append(time.perf_counter() - sent)
+                        got[0] += 1
+                        arrived.set()
+                        arrived = trio.Event()
+
+        async def heartbeats() -> None:
+            rng = random.Random(node_id)
+            seq = 0
+            while True:
+                seq += 1
+                await channel.send(heartbeat(seq, rng))
+                await trio.sleep(welcome.heartbeat_interval)
+
+        result: dict[str, float] = {}
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            nursery.start_soon(heartbeats)
+            nonce = 0
+            for _ in range(min(200, pings)):  # warm up
+                nonce += 1
+                waiting[nonce] = time.perf_counter()
+                await channel.send(Ping(nonce))
+                while nonce in waiting:
+                    await arrived.wait()
+            rtts.clear()
+            t0 = time.perf_counter()
+            for _ in range(pings):
+                nonce += 1
+                waiting[nonce] = time.perf_counter()
+                await channel.send(Ping(nonce))
+                with trio.fail_after(5):
+                    while nonce in waiting:
+                        await arrived.wait()
+            seq_wall = time.perf_counter() - t0
+            result.update(p50_ms=_pct(rtts, 50) * 1e3, p99_ms=_pct(rtts, 99) * 1e3,
+                          max_ms=max(rtts) * 1e3, seq_per_s=pings / seq_wall, n=len(rtts))
+            if window > 0 and seconds > 0:
+                rtts.clear()
+                got[0] = 0
+                t0 = time.perf_counter()
+                deadline = t0 + seconds
+                while time.perf_counter() < deadline:
+                    while len(waiting) < window:
+                        nonce += 1
+                        waiting[nonce] = time.perf_counter()
+                        await channel.send(Ping(nonce))
+                    await arrived.wait()
+                with trio.fail_after(5):
+                    while waiting:
+                        await arrived.wait()
+                wall = time.perf_counter() - t0
+                result.update(pipe_per_s=got[0] / wall, pipe_p50_ms=_pct(rtts, 50) * 1e3,
+                              pipe_p99_ms=_pct(rtts, 99) * 1e3)
+            nursery.cancel_scope.cancel()
+    print(json.dumps(result), flush=True)
+
+
+# --- the orchestrator ------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pinned(cpu: int | None, argv: list[str]) -> list[str]:
+    if cpu is None:
+        return argv
+    return ["taskset", "-c", str(cpu), *argv]
+
+
+def fleet(gateway: str) -> dict:
+    import httpx
+
+    return httpx.get(gateway + "/admin/fleet", timeout=30).json()
+
+
+def machine_busy() -> float:
+    """CPU seconds spent by everything on the machine (to show what else was running)."""
+    import psutil
+
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0)
+
+
+def cpu_seconds(procs: list) -> float:  # noqa: ANN001
+    total = 0.0
+    for p in procs:
+        t = p.cpu_times()
+        total += t.user + t.system
+    return total
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pings", type=int, default=3000, help="sequential round trips")
+    ap.add_argument("--window", type=int, default=32, help="pings in flight in the pipelined mode (0: skip)")
+    ap.add_argument("--pipeline-seconds", type=float, default=5.0)
+    ap.add_argument("--neurons", default="100,250,500,1000", help="simulated fleet sizes, ascending (empty: skip)")
+    ap.add_argument("--steady", type=float, default=10.0, help="seconds of steady state measured per step")
+    ap.add_argument("--settle", type=float, default=3.0, help="seconds after a batch joins before measuring")
+    ap.add_argument("--sims", type=int, default=1, help="simulator processes")
+    ap.add_argument("--join-concurrency", type=int, default=100, help="handshakes in flight per simulator")
+    ap.add_argument("--probe-pings", type=int, default=300, help="round trips measured under each load")
+    ap.add_argument("--no-pin", action="store_true", help="do not pin the cortex and the clients to CPUs")
+    ap.add_argument("--keep", action="store_true", help="keep the cortex's data dir and log")
+    # internal: the client processes
+    ap.add_argument("--_role", choices=["rtt", "sim"], help=argparse.SUPPRESS)
+    ap.add_argument("--_url", help=argparse.SUPPRESS)
+    ap.add_argument("--_token-file", help=argparse.SUPPRESS)
+    ap.add_argument("--_id", default="bench", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args._role:
+        token = Path(args._token_file).read_text().strip()
+        if args._role == "rtt":
+            trio.run(rtt_main, args._url, token, args._id, args.pings, args.window, args.pipeline_seconds)
+        else:
+            trio.run(sim_main, args._url, token, args._id)
+        return 0
+    return orchestrate(args)
+
+
+def orchestrate(args: argparse.Namespace) -> int:
+    import psutil
+
+    pin = not args.no_pin and shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
+    cortex_cpu, client_cpu = (0, 1) if pin else (None, None)
+    if pin:
+        os.sched_setaffinity(0, {1})
+    helexa_bin = Path(sys.executable).parent / "helexa"
+    data = Path(tempfile.mkdtemp(prefix="helexa-cpbench-"))
+    cport, gport = free_port(), free_port()
+    url, gateway = f"ws://127.0.0.1:{cport}", f"http://127.0.0.1:{gport}"
+    log = open(data / "cortex.log", "w")
+    cortex = subprocess.Popen(
+        pinned(cortex_cpu, [str(helexa_bin), "cortex", "--data-dir", str(data / "cortex"),
+                            "--control-socket", f"127.0.0.1:{cport}", "--gateway-socket", f"127.0.0.1:{gport}"]),
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    sims: list[subprocess.Popen] = []
+    me = [sys.executable, str(Path(__file__).resolve())]
+    token_file = data / "cortex" / "join-token"
+    out: list[str] = []
+
+    def say(line: str = "") -> None:
+        print(line, flush=True)
+        out.append(line)
+
+    def client(role: str, node_id: str, *extra: str, **kw) -> subprocess.Popen:  # noqa: ANN003
+        return subprocess.Popen(
+            pinned(client_cpu, [*me, "--_role", role, "--_url", url, "--_token-file", str(token_file),
+                                "--_id", node_id, *extra]),
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL if role == "rtt" else None, text=True, **kw,
+        )
+
+    def rtt(node_id: str, pings: int, window: int, seconds: float) -> dict:
+        p = client("rtt", node_id, "--pings", str(pings), "--window", str(window),
+                   "--pipeline-seconds", str(seconds))
+        stdout, _ = p.communicate(timeout=300)
+        if p.returncode != 0:
+            raise RuntimeError(f"rtt client {node_id} failed ({p.returncode})")
+        return json.loads(stdout.strip().splitlines()[-1])
+
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                fleet(gateway)
+                break
+            except Exception:
+                if cortex.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"the cortex did not start; see {data / 'cortex.log'}") from None
+                time.sleep(0.2)
+        cproc = psutil.Process(cortex.pid)
+        if pin:  # taskset execs the cortex in place: this pid is the cortex
+            assert cproc.cpu_affinity() == [cortex_cpu]
+
+        say(f"machine: {os.cpu_count()} CPUs ({_cpu_model()}), load average before start "
+            f"{os.getloadavg()[0]:.2f}; cortex {'on CPU 0, clients on CPU 1' if pin else 'unpinned'}")
+        say()
+        say("### Round trips (one neuron connection, Ping -> Pong, across processes)")
+        say()
+        m0, t0 = machine_busy(), time.perf_counter()
+        r = rtt("bench-rtt", args.pings, args.window, args.pipeline_seconds)
+        busy = 100 * (machine_busy() - m0) / (time.perf_counter() - t0)
+        say("| mode | round trips | p50 ms | p99 ms | round trips/s | frames/s |")
+        say("|---|---|---|---|---|---|")
+        say(f"| sequential | {r['n']} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['seq_per_s']:.0f} "
+            f"| {2 * r['seq_per_s']:.0f} |")
+        if "pipe_per_s" in r:
+            say(f"| pipelined, {args.window} in flight, {args.pipeline_seconds:g} s | - | {r['pipe_p50_ms']:.3f} "
+                f"| {r['pipe_p99_ms']:.3f} | {r['pipe_per_s']:.0f} | {2 * r['pipe_per_s']:.0f} |")
+        say()
+        say(f"Whole machine busy {busy:.0f}% of one core during the round trips (cortex + client + anything else).")
+        say()
+
+        sizes = [int(x) for x in args.neurons.split(",") if x.strip()]
+        if sizes:
+            sims = [client("sim", f"sim{k}", stdin=subprocess.PIPE) for k in range(args.sims)]
+            sprocs = [psutil.Process(p.pid) for p in sims]
+            say("### Neurons held by one cortex at a 1 s heartbeat (simulated neurons, real handshake "
+                "and heartbeats)")
+            say()
+            say("| neurons | batch joined in s (p99 per join ms) | cortex CPU % | simulators CPU % | healthy "
+                "| oldest heartbeat s | dropped | ping p50 / p99 ms under load | other processes CPU % |")
+            say("|---|---|---|---|---|---|---|---|---|")
+            have = 0
+            for size in sizes:
+                add = size - have
+                shares = [add // len(sims) + (1 if k < add % len(sims) else 0) for k in range(len(sims))]
+                for p, n in zip(sims, shares):
+                    p.stdin.write(f"add {n} {args.join_concurrency}\n")
+                    p.stdin.flush()
+                joins = [json.loads(p.stdout.readline()) for p in sims]
+                have = size
+                join_s = max(j["seconds"] for j in joins)
+                join_p99 = max(j["join_p99"] for j in joins) * 1e3
+                failed = sum(j["failed"] for j in joins)
+                time.sleep(args.settle)
+                c0, s0, m0, t0 = cpu_seconds([cproc]), cpu_seconds(sprocs), machine_busy(), time.perf_counter()
+                time.sleep(args.steady)
+                c1, s1, m1, t1 = cpu_seconds([cproc]), cpu_seconds(sprocs), machine_busy(), time.perf_counter()
+                others = (m1 - m0) - (c1 - c0) - (s1 - s0)
+                wall = t1 - t0
+                view = fleet(gateway)["neurons"]
+                now = time.time()
+                sim_view = [n for n in view if n["node_id"].startswith("sim")]
+                healthy = sum(1 for n in sim_view if n["health"] == "healthy")
+                # Over the healthy ones: a dropped neuron's last heartbeat only ages (it is counted apart).
+                oldest = max((now - n["last_heartbeat"] for n in sim_view if n["health"] == "healthy"),
+                             default=float("nan"))
+                for p in sims:
+                    p.stdin.write("stats\n")
+                    p.stdin.flush()
+                st = [json.loads(p.stdout.readline()) for p in sims]
+                drops = sum(s["drops"] for s in st)
+                try:
+                    probe = rtt(f"bench-probe-{size}", args.probe_pings, 0, 0) if args.probe_pings else None
+                    probe_txt = f"{probe['p50_ms']:.2f} / {probe['p99_ms']:.2f}" if probe else "-"
+                except RuntimeError:
+                    probe_txt = "timed out"
+                say(f"| {size} | {join_s:.2f} ({join_p99:.0f}){f', {failed} failed' if failed else ''} "
+                    f"| {100 * (c1 - c0) / wall:.0f} | {100 * (s1 - s0) / wall:.0f} | {healthy}/{size} "
+                    f"| {oldest:.2f} | {drops} | {probe_txt} | {100 * max(0.0, others) / wall:.0f} |")
+                if healthy < size * 0.9:
+                    say(f"(stopping the ramp: only {healthy} of {size} healthy)")
+                    break
+            say()
+            say(f"Simulator heartbeat lag (its own scheduling, worst): {max(s['max_lag'] for s in st):.3f} s; "
+                f"cortex RSS at the end: {cproc.memory_info().rss / 2**20:.0f} MiB.")
+        return 0
+    finally:
+        for p in sims:
+            try:
+                p.stdin.write("quit\n")
+                p.stdin.flush()
+            except (BrokenPipeError, ValueError):
+                pass
+        for p in sims:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        cortex.send_signal(signal.SIGTERM)
+        try:
+            cortex.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            cortex.kill()
+        log.close()
+        if args.keep:
+            print(f"(cortex data and log kept in {data})", file=sys.stderr)
+        else:
+            shutil.rmtree(data, ignore_errors=True)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "?"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
