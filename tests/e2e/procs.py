@@ -116,14 +116,18 @@ class Proc:
             self.popen.kill()
         self.popen.wait()
 
-    def stop(self, grace: float = 10.0) -> int | None:
-        """SIGTERM, wait up to ``grace`` s, then SIGKILL its process group. Returns the exit code."""
+    def terminate(self) -> None:
+        """Send SIGTERM (the start of a graceful stop); :meth:`stop` finishes it."""
         if self.alive:
             self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(grace)
-            except subprocess.TimeoutExpired:
-                pass
+
+    def stop(self, grace: float = 15.0) -> int | None:
+        """SIGTERM, wait up to ``grace`` s, then SIGKILL its process group. Returns the exit code."""
+        self.terminate()
+        try:
+            self.popen.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
         try:
             os.killpg(self.popen.pid, signal.SIGKILL)  # leftovers: the process or its children
         except (ProcessLookupError, PermissionError):
@@ -223,10 +227,11 @@ class ProcGroup:
 
     Args:
         workdir: where data directories, config files and logs go.
-        grace: seconds each process gets to stop after SIGTERM before SIGKILL.
+        grace: seconds each process gets to stop after SIGTERM before SIGKILL (a cortex
+            drains for its ``shutdown_grace``, 10 s by default, so keep this above that).
     """
 
-    def __init__(self, workdir: Path, *, grace: float = 10.0) -> None:
+    def __init__(self, workdir: Path, *, grace: float = 15.0) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.grace = grace
@@ -313,10 +318,15 @@ class ProcGroup:
                          f" -----\n{p.tail(lines)}" for p in self.procs)
 
     def close(self) -> None:
-        """Stop every process: neurons first (they drain), then the cortex."""
+        """Stop every process: all neurons at once (they drain), then all cortexes."""
         try:
-            for proc in sorted(self.procs, key=lambda p: isinstance(p, Cortex)):
-                proc.stop(self.grace)
+            for wave in ([p for p in self.procs if not isinstance(p, Cortex)],
+                         [p for p in self.procs if isinstance(p, Cortex)]):
+                for proc in wave:
+                    proc.terminate()
+                deadline = time.monotonic() + self.grace
+                for proc in wave:
+                    proc.stop(max(0.0, deadline - time.monotonic()))
         finally:
             if self in _LIVE_GROUPS:
                 _LIVE_GROUPS.remove(self)

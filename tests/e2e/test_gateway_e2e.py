@@ -54,14 +54,28 @@ metadata = {{ tokens = 2000, tokens_per_second = 50 }}
 """
 
 
+_clients: list[openai.OpenAI] = []
+
+
 def client(cortex: Cortex) -> openai.OpenAI:
-    return openai.OpenAI(base_url=cortex.gateway_url + "/v1", api_key="unused", timeout=60, max_retries=0)
+    """The official client, no retries (closed at the end of the module: an idle keep-alive
+    connection would hold the cortex's graceful stop for its whole shutdown_grace)."""
+    c = openai.OpenAI(base_url=cortex.gateway_url + "/v1", api_key="unused", timeout=60, max_retries=0)
+    _clients.append(c)
+    return c
 
 
 @pytest.fixture(scope="module")
 def procs(tmp_path_factory: pytest.TempPathFactory):
-    with ProcGroup(tmp_path_factory.mktemp("gateway-e2e"), grace=10) as group:
-        yield group
+    with ProcGroup(tmp_path_factory.mktemp("gateway-e2e")) as group:
+        try:
+            yield group
+        finally:
+            while _clients:
+                _clients.pop().close()
+    for proc in group.procs:
+        if proc.name in ("cortex", "failover-cortex", "n1"):
+            assert proc.popen.returncode == 0, f"{proc.name} did not stop cleanly:\n{proc.tail()}"
 
 
 @pytest.fixture(scope="module")
