@@ -60,6 +60,7 @@ from helexa.transport import websocket as ws_transport
 from . import hardware
 from .progress import LoadBars
 from .registry import ModelRegistry
+from .relay import relay
 
 log = logging.getLogger(__name__)
 
@@ -352,7 +353,7 @@ class Neuron:
 
     async def _serve_request(self, req: GenerateRequest | EmbedRequest) -> None:
         rid = req.request_id
-        started = False
+        started_now: list[bool] = []
         with trio.CancelScope() as scope:
             self._requests[rid] = scope
             try:
@@ -370,14 +371,12 @@ class Neuron:
                     else:
                         raise Unsupported(f"model {req.model_id!r} does not do {req.task.value} requests")
                     async with aclosing(events) as it:
-                        async for event in it:
-                            started = True
-                            await self._send(event)
+                        await relay(it, self._send, on_first=lambda: started_now.append(True))
                 finally:
                     self.registry.release(req.model_id)
             except BackendError as exc:
                 await self._send_quietly(
-                    InferenceError(rid, exc.code, str(exc), retryable=exc.retryable and not started)
+                    InferenceError(rid, exc.code, str(exc), retryable=exc.retryable and not started_now)
                 )
             except (ChannelClosed, trio.TooSlowError):
                 pass

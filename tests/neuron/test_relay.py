@@ -1,0 +1,111 @@
+"""The neuron's relay of generation events: merged when they pile up, never reordered,
+errors bare."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from helexa.protocol import GenerateResult, TokenChunk, Usage
+from helexa.roles.neuron.relay import merge, relay
+
+RID = "r1"
+
+
+def tok(text: str, rid: str = RID, **kw) -> TokenChunk:  # type: ignore[no-untyped-def]
+    return TokenChunk(rid, text, **kw)
+
+
+def result() -> GenerateResult:
+    return GenerateResult(RID, "stop", Usage(prompt_tokens=1, completion_tokens=3))
+
+
+def test_merge_joins_runs_of_text_and_sums_tokens() -> None:
+    assert merge([tok("a"), tok("b"), tok("c", tokens=2), result()]) == [tok("abc", tokens=4), result()]
+
+
+def test_merge_keeps_tool_call_chunks_and_other_requests_apart() -> None:
+    call = tok("", tool_calls=({"id": "x"},))
+    events = [tok("a"), call, tok("b"), tok("c", rid="r2"), tok("d")]
+    assert merge(events) == events
+
+
+async def _sent(events: list, *, gap: float = 0.0, send_delay: float = 0.0) -> list:  # type: ignore[type-arg]
+    async def backend():  # type: ignore[no-untyped-def]
+        for e in events:
+            if gap:
+                await trio.sleep(gap)
+            else:
+                await trio.lowlevel.checkpoint()
+            yield e
+
+    out: list = []  # type: ignore[type-arg]
+
+    async def send(e) -> None:  # type: ignore[no-untyped-def]
+        await trio.sleep(send_delay)
+        out.append(e)
+
+    await relay(backend(), send)
+    return out
+
+
+async def test_tokens_that_queue_up_behind_a_slow_send_go_as_one_frame(autojump_clock) -> None:  # noqa: ANN001
+    events = [tok(f"t{i} ") for i in range(10)] + [result()]
+    out = await _sent(events, gap=0.001, send_delay=0.1)
+    assert out[0] == tok("t0 ")  # the first token is not held back
+    assert len(out) <= 3
+    assert "".join(e.text for e in out if isinstance(e, TokenChunk)) == "".join(f"t{i} " for i in range(10))
+    assert sum(e.tokens for e in out if isinstance(e, TokenChunk)) == 10
+    assert out[-1] == result()
+
+
+async def test_a_backend_slower_than_the_link_is_relayed_token_by_token(autojump_clock) -> None:  # noqa: ANN001
+    events = [tok(f"t{i} ") for i in range(5)] + [result()]
+    assert await _sent(events, gap=0.05, send_delay=0.001) == events
+
+
+async def test_a_backend_error_comes_bare_after_what_it_produced_before() -> None:
+    sent: list = []  # type: ignore[type-arg]
+    calls: list = []  # type: ignore[type-arg]
+
+    async def backend():  # type: ignore[no-untyped-def]
+        yield tok("a")
+        raise ValueError("backend broke")
+
+    async def send(e) -> None:  # type: ignore[no-untyped-def]
+        sent.append(e)
+
+    with pytest.raises(ValueError, match="backend broke"):
+        await relay(backend(), send, on_first=lambda: calls.append(1))
+    assert sent == [tok("a")] and calls == [1]
+
+
+async def test_a_send_error_comes_bare_and_stops_the_backend() -> None:
+    produced: list = []  # type: ignore[type-arg]
+
+    async def backend():  # type: ignore[no-untyped-def]
+        for i in range(1000):
+            produced.append(i)
+            yield tok(str(i))
+            await trio.sleep(0)
+
+    async def send(e) -> None:  # type: ignore[no-untyped-def]
+        raise ConnectionError("link gone")
+
+    with pytest.raises(ConnectionError):
+        await relay(backend(), send)
+    assert len(produced) < 10
+
+
+async def test_an_empty_generation_sends_nothing_and_never_calls_on_first() -> None:
+    async def backend():  # type: ignore[no-untyped-def]
+        return
+        yield
+
+    calls: list = []  # type: ignore[type-arg]
+
+    async def send(e) -> None:  # type: ignore[no-untyped-def]
+        raise AssertionError("nothing to send")
+
+    await relay(backend(), send, on_first=lambda: calls.append(1))
+    assert calls == []
