@@ -116,9 +116,15 @@ class Proc:
             self.popen.kill()
         self.popen.wait()
 
+    _terminated = False
+
     def terminate(self) -> None:
-        """Send SIGTERM (the start of a graceful stop); :meth:`stop` finishes it."""
-        if self.alive:
+        """Send SIGTERM once (the start of a graceful stop); :meth:`stop` finishes it.
+
+        Never twice: a second SIGTERM that lands after the process has left its signal
+        handler kills it with the default action, and it would exit -15 instead of 0."""
+        if self.alive and not self._terminated:
+            self._terminated = True
             self.popen.send_signal(signal.SIGTERM)
 
     def stop(self, grace: float = 15.0) -> int | None:
