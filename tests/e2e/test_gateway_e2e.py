@@ -284,7 +284,7 @@ def test_requests_not_started_on_a_killed_neuron_are_retried_on_the_other(pair) 
 
     import threading
 
-    threads = [threading.Thread(target=ask) for _ in range(8)]
+    threads = [threading.Thread(target=ask) for _ in range(16)]
     for t in threads:
         t.start()
     time.sleep(0.5)
@@ -292,7 +292,7 @@ def test_requests_not_started_on_a_killed_neuron_are_retried_on_the_other(pair) 
     for t in threads:
         t.join(30)
     assert not errors, errors
-    assert results == ["tok0 tok1 tok2 tok3 tok4 tok5 tok6 tok7"] * 8
+    assert results == ["tok0 tok1 tok2 tok3 tok4 tok5 tok6 tok7"] * 16
     retried = cortex.log().count(f"not started on {first}")
     assert retried >= 1, "no request went to the frozen neuron; nothing was failed over"
     assert _holders(cortex.fleet(), "echo") == {other}
