@@ -291,3 +291,34 @@ async def test_a_rejoining_neuron_reports_what_it_already_holds(nursery):
     rejoined = server2.fleet.get("n1")
     assert rejoined.models["s"].state is ModelState.LOADED
     assert rejoined.configs["s"].backend_kind == "synthetic"
+
+
+async def test_a_neuron_busy_loading_may_stay_silent_longer(nursery, autojump_clock):
+    """llama.cpp holds the interpreter lock while it loads, so a loading neuron cannot
+    heartbeat; the cortex waits busy_silence, not three intervals, while a command is out."""
+    from helexa.protocol import LoadModel
+    from helexa.roles.cortex.fleet import CommandTimeout, NeuronGone
+
+    settings = ControlSettings(port=0, heartbeat_interval=1.0, missed_heartbeats=3, busy_silence=20.0)
+    server = ControlServer(settings, Fleet(), lambda: TOKEN)
+    nursery.start_soon(server._watchdog)
+    cortex_side, neuron_side = channel_pair()
+    nursery.start_soon(server.handle, cortex_side)
+    nonce = auth.new_nonce()
+    await neuron_side.send(Hello("slow", 1, 1, nonce))
+    challenge = await neuron_side.receive()
+    await neuron_side.send(Join(auth.join_proof(TOKEN, challenge.nonce, nonce, "slow"), neuron_for("ws://x", "slow").descriptor()))
+    await neuron_side.receive()  # welcome
+    link = server.fleet.get("slow")
+    start = trio.current_time()
+
+    async def load():
+        with pytest.raises((CommandTimeout, NeuronGone)):
+            await link.provision(LoadModel("c1", "big"), timeout=60)
+
+    nursery.start_soon(load)
+    await trio.sleep(10)
+    assert link.health is Health.HEALTHY  # silent for 10 s, but a load is outstanding
+    while link.health is not Health.UNHEALTHY:
+        await server.fleet.wait_changed()
+    assert trio.current_time() - start == pytest.approx(20.5)

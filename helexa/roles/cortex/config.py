@@ -87,6 +87,8 @@ class CortexConfig(BaseModel):
     heartbeat_interval: float = Field(1.0, gt=0)
     missed_heartbeats: int = Field(3, ge=1)
     remove_after: float = Field(30.0, gt=0)
+    busy_silence: float = Field(120.0, gt=0)
+    """Heartbeat silence tolerated while a neuron is loading a model (see ControlSettings)."""
     handshake_timeout: float = Field(10.0, gt=0)
     send_timeout: float = Field(10.0, gt=0)
     max_frame_bytes: int = Field(16 * 1024 * 1024, ge=1024)

@@ -44,6 +44,10 @@ class ControlSettings:
     heartbeat_interval: float = 1.0
     missed_heartbeats: int = 3
     remove_after: float = 30.0
+    busy_silence: float = 120.0
+    """Silence tolerated while a provisioning command is outstanding: some engines
+    (llama.cpp through xllamacpp) hold the interpreter lock for a whole model load, so a
+    loading neuron cannot heartbeat. A dead process still shows at once (its socket closes)."""
     handshake_timeout: float = 10.0
     send_timeout: float = 10.0
     max_frame: int = 16 * 1024 * 1024
@@ -194,7 +198,8 @@ class ControlServer:
             for link in list(self.fleet.links.values()):
                 if not isinstance(link, Link):
                     continue
-                if link.connected and now - link.last_seen > silence:
+                allowed = max(silence, s.busy_silence) if link.provisioning else silence
+                if link.connected and now - link.last_seen > allowed:
                     log.warning("neuron %s missed %d heartbeats: unhealthy", link.node_id, s.missed_heartbeats)
                     link.health = Health.UNHEALTHY
                     link.disconnected_at = now

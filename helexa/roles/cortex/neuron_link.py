@@ -254,6 +254,11 @@ class Link:
         self.models = new
         return old_states != {k: v.state for k, v in new.items()}
 
+    @property
+    def provisioning(self) -> bool:
+        """True while a provisioning command (a model load, say) awaits its answer."""
+        return bool(self._commands)
+
     # --- calls ----------------------------------------------------------------------------
 
     async def _send(self, msg: object) -> None:

@@ -65,6 +65,7 @@ class Cortex:
                 heartbeat_interval=config.heartbeat_interval,
                 missed_heartbeats=config.missed_heartbeats,
                 remove_after=config.remove_after,
+                busy_silence=config.busy_silence,
                 handshake_timeout=config.handshake_timeout,
                 send_timeout=config.send_timeout,
                 max_frame=config.max_frame_bytes,
