@@ -40,7 +40,7 @@ def neuron_for(url: str, node_id: str = "n1", token: str = TOKEN, **kw) -> Neuro
     return Neuron(NeuronSettings(url, node_id, token, reconnect_initial=0.05, reconnect_max=0.2, **kw))
 
 
-async def wait_until(predicate, timeout: float = 5.0) -> None:
+async def wait_until(predicate, timeout: float = 20.0) -> None:
     with trio.fail_after(timeout):
         while not predicate():
             await trio.sleep(0.01)
