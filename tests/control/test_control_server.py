@@ -40,6 +40,31 @@ def neuron_for(url: str, node_id: str = "n1", token: str = TOKEN, **kw) -> Neuro
     return Neuron(NeuronSettings(url, node_id, token, reconnect_initial=0.05, reconnect_max=0.2, **kw))
 
 
+async def joined_with_synthetic_model(nursery):
+    """A cortex, a neuron joined to it, and a synthetic model configured (not loaded)."""
+    server, url = await start_cortex(nursery)
+    neuron = neuron_for(url)
+    nursery.start_soon(neuron.run)
+    await wait_until(lambda: "n1" in server.fleet.links)
+    link = server.fleet.get("n1")
+    await link.provision(UpsertModelConfig("c1", ModelConfig("s", "synthetic")), timeout=5)
+    return server, neuron, link
+
+
+async def join_by_hand(server: ControlServer, nursery, node_id: str):
+    """Join ``server`` over an in-memory channel with the real handshake, then stay silent
+    (no heartbeats): returns the neuron's side of the channel."""
+    cortex_side, neuron_side = channel_pair()
+    nursery.start_soon(server.handle, cortex_side)
+    nonce = auth.new_nonce()
+    await neuron_side.send(Hello(node_id, 1, 1, nonce))
+    challenge = await neuron_side.receive()
+    proof = auth.join_proof(TOKEN, challenge.nonce, nonce, node_id)
+    await neuron_side.send(Join(proof, neuron_for("ws://x", node_id).descriptor()))
+    await neuron_side.receive()  # welcome
+    return neuron_side
+
+
 async def wait_until(predicate, timeout: float = 20.0) -> None:
     with trio.fail_after(timeout):
         while not predicate():
@@ -198,14 +223,7 @@ async def test_a_silent_connection_is_declared_unhealthy_after_three_intervals(n
     settings = ControlSettings(port=0, heartbeat_interval=1.0, missed_heartbeats=3, remove_after=30.0)
     server = ControlServer(settings, Fleet(), lambda: TOKEN)
     nursery.start_soon(server._watchdog)
-    cortex_side, neuron_side = channel_pair()
-    nursery.start_soon(server.handle, cortex_side)
-    nonce = auth.new_nonce()
-    await neuron_side.send(Hello("mute", 1, 1, nonce))
-    challenge = await neuron_side.receive()
-    neuron = neuron_for("ws://x", "mute")
-    await neuron_side.send(Join(auth.join_proof(TOKEN, challenge.nonce, nonce, "mute"), neuron.descriptor()))
-    await neuron_side.receive()  # welcome
+    await join_by_hand(server, nursery, "mute")
     joined_at = trio.current_time()
     link = server.fleet.get("mute")
     while link.health is not Health.UNHEALTHY:
@@ -255,12 +273,7 @@ async def test_neuron_reconnects_with_backoff_after_a_drop(nursery, autojump_clo
 async def test_load_model_round_trip_changes_state_on_both_sides(nursery):
     from helexa.protocol import LoadModel, ModelState, UnloadModel
 
-    server, url = await start_cortex(nursery)
-    neuron = neuron_for(url)
-    nursery.start_soon(neuron.run)
-    await wait_until(lambda: "n1" in server.fleet.links)
-    link = server.fleet.get("n1")
-    await link.provision(UpsertModelConfig("c1", ModelConfig("s", "synthetic")), timeout=5)
+    server, neuron, link = await joined_with_synthetic_model(nursery)
     progress = []
     resp = await link.provision(LoadModel("c2", "s"), timeout=5, on_progress=progress.append)
     assert resp.ok and resp.status.state is ModelState.LOADED
@@ -273,12 +286,7 @@ async def test_load_model_round_trip_changes_state_on_both_sides(nursery):
 async def test_a_rejoining_neuron_reports_what_it_already_holds(nursery):
     from helexa.protocol import LoadModel, ModelState
 
-    server, url = await start_cortex(nursery)
-    neuron = neuron_for(url)
-    nursery.start_soon(neuron.run)
-    await wait_until(lambda: "n1" in server.fleet.links)
-    link = server.fleet.get("n1")
-    await link.provision(UpsertModelConfig("c1", ModelConfig("s", "synthetic")), timeout=5)
+    server, neuron, link = await joined_with_synthetic_model(nursery)
     await link.provision(LoadModel("c2", "s"), timeout=5)
     # A new cortex on another port stands in for a restarted one: the neuron's view of
     # what it holds travels with its join.
@@ -302,13 +310,7 @@ async def test_a_neuron_busy_loading_may_stay_silent_longer(nursery, autojump_cl
     settings = ControlSettings(port=0, heartbeat_interval=1.0, missed_heartbeats=3, busy_silence=20.0)
     server = ControlServer(settings, Fleet(), lambda: TOKEN)
     nursery.start_soon(server._watchdog)
-    cortex_side, neuron_side = channel_pair()
-    nursery.start_soon(server.handle, cortex_side)
-    nonce = auth.new_nonce()
-    await neuron_side.send(Hello("slow", 1, 1, nonce))
-    challenge = await neuron_side.receive()
-    await neuron_side.send(Join(auth.join_proof(TOKEN, challenge.nonce, nonce, "slow"), neuron_for("ws://x", "slow").descriptor()))
-    await neuron_side.receive()  # welcome
+    await join_by_hand(server, nursery, "slow")
     link = server.fleet.get("slow")
     start = trio.current_time()
 
