@@ -151,3 +151,22 @@ def test_a_wrong_join_token_is_refused_and_the_process_says_why(cluster, tmp_pat
     assert "join proof does not match" in out.stderr
     assert "Traceback" not in out.stderr
     assert cluster.neuron("intruder") is None
+
+
+def test_a_cortex_stops_at_once_with_idle_client_connections_open(cluster):
+    """Graceful means in-flight requests finish; idle keep-alive connections must not hold
+    the stop for the whole grace period."""
+    cortex = cluster.start_cortex()
+    cluster.start_neuron("idle")
+    cluster.wait(lambda: cluster.neuron("idle") is not None, "the neuron to join")
+    with httpx.Client() as client:
+        r = client.post(
+            f"http://127.0.0.1:{cluster.gateway}/v1/embeddings",
+            json={"model": "all-minilm-l6-v2", "input": ["hi"]},
+            timeout=60,
+        )
+        assert r.status_code == 200
+        started = time.monotonic()
+        cortex.send_signal(signal.SIGTERM)
+        assert cortex.wait(20) == 0
+        assert time.monotonic() - started < 5

@@ -217,11 +217,19 @@ class ControlServer:
 
     async def shutdown_neurons(self, reason: str, grace: float) -> None:
         """Tell every connected neuron the cortex is going away (best effort, bounded)."""
+        links = [l for l in self.fleet.links.values() if isinstance(l, Link) and l.connected]
+
+        async def tell(link: Link) -> None:
+            try:
+                await link.channel.send(Shutdown(reason, grace))
+            except ChannelClosed:
+                pass
+            # Closed while the connection's reader still runs, so the close handshake
+            # completes instead of waiting out its timeout.
+            await link.close(1001, "cortex stopping")
+
         with trio.move_on_after(2) as scope:
             scope.shield = True
-            for link in list(self.fleet.links.values()):
-                if isinstance(link, Link) and link.connected:
-                    try:
-                        await link.channel.send(Shutdown(reason, grace))
-                    except ChannelClosed:
-                        pass
+            async with trio.open_nursery() as nursery:
+                for link in links:
+                    nursery.start_soon(tell, link)

@@ -145,6 +145,8 @@ class Gateway:
                                      self.config.dispatch, remote_router)
         self._created = int(time.time())
         self._stop = trio.Event()
+        self.in_flight = 0
+        """HTTP requests being handled right now (a drain waits for this to reach 0)."""
         self._routes: dict[str, tuple[str, Callable[[Scope, Receive, _Responder], Awaitable[None]]]] = {
             "/v1/chat/completions": ("POST", self._chat),
             "/v1/completions": ("POST", self._completions),
@@ -205,6 +207,7 @@ class Gateway:
         request_id = uuid.uuid4().hex
         out = _Responder(send, [(b"x-request-id", request_id.encode())])
         scope["helexa.request_id"] = request_id
+        self.in_flight += 1
         try:
             route = self._routes.get(scope["path"])
             if route is None:
@@ -221,6 +224,8 @@ class Gateway:
                 return
             status, headers, body = envelope(exc)
             await out.full(status, headers, body)
+        finally:
+            self.in_flight -= 1
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
         limit = self.config.max_body_bytes

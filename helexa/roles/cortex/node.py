@@ -170,7 +170,11 @@ class Cortex:
                 # Stop accepting HTTP; in-flight requests get shutdown_grace to finish.
                 self.gateway.stop()
                 with trio.move_on_after(self.config.shutdown_grace + 2):
-                    await gateway_done.wait()
+                    # Done when hypercorn finishes, or as soon as no request is in flight:
+                    # hypercorn would otherwise hold idle keep-alive connections open for
+                    # the whole grace period.
+                    while not gateway_done.is_set() and self.gateway.in_flight:
+                        await trio.sleep(0.05)
                 await self.control.shutdown_neurons("cortex stopping", self.config.shutdown_grace)
             nursery.cancel_scope.cancel()
         if self.ledger is not None:
