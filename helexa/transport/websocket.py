@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
-CLOSE_GOING_AWAY = 1001
 
 
 class WebSocketChannel(Channel):

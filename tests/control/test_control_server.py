@@ -85,6 +85,7 @@ async def test_neuron_joins_and_heartbeats_update_the_fleet(nursery):
     assert link.metrics.ram_total > 0
     snapshot = server.fleet.snapshot()
     assert snapshot["neurons"][0]["node_id"] == "n1"
+    await link.ping(7, timeout=5)  # the neuron answers the cortex's liveness probe
 
 
 async def test_wrong_token_is_refused_and_the_cortex_carries_on(nursery):

@@ -30,7 +30,6 @@ from helexa.protocol import (
     GenerateResult,
     LoadProgress,
     ModelConfig,
-    ModelState,
     ModelStatus,
     NeuronDescriptor,
     NeuronMetrics,
@@ -134,13 +133,6 @@ class Fleet:
 
     async def wait_changed(self) -> None:
         await self._changed.wait()
-
-    def locations(self, model_id: str, state: ModelState = ModelState.LOADED) -> list[NeuronLink]:
-        return [
-            link
-            for link in self.usable()
-            if (st := link.models.get(model_id)) is not None and st.state is state
-        ]
 
     def snapshot(self) -> dict[str, Any]:
         """The fleet as JSON-ready data, for the admin endpoint and ``helexa status``."""

@@ -336,7 +336,8 @@ class Link:
             del self._streams[request.request_id]
 
     async def ping(self, nonce: int, *, timeout: float) -> None:
-        """Round trip one Ping/Pong (used by benchmarks and health probes)."""
+        """Round trip one Ping/Pong with the neuron (a liveness probe). Raises
+        :class:`NeuronGone`, or ``trio.TooSlowError`` after ``timeout``."""
         ev = trio.Event()
         self._pings[nonce] = ev
         await self._send(Ping(nonce))

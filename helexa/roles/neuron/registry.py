@@ -216,8 +216,3 @@ class ModelRegistry:
         if e is None or e.backend is not backend:
             return
         self._set(model_id, status.state, error=status.error)
-
-    def mark_failed(self, model_id: str, reason: str) -> None:
-        """A backend reported it died (a supervised process, say)."""
-        if model_id in self._entries:
-            self._set(model_id, ModelState.FAILED, error=reason)

@@ -8,7 +8,7 @@ Asking side: :class:`AskPolicy` (whether and where requests may go out).
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from helexa.protocol.federation import OfferedModel, PolicySummary
 
