@@ -60,7 +60,7 @@ from helexa.transport import websocket as ws_transport
 from . import hardware
 from .progress import LoadBars
 from .registry import ModelRegistry
-from .relay import relay
+from .relay import collect, relay
 
 log = logging.getLogger(__name__)
 
@@ -371,7 +371,10 @@ class Neuron:
                     else:
                         raise Unsupported(f"model {req.model_id!r} does not do {req.task.value} requests")
                     async with aclosing(events) as it:
-                        await relay(it, self._send, on_first=lambda: started_now.append(True))
+                        if req.stream:
+                            await relay(it, self._send, on_first=lambda: started_now.append(True))
+                        else:
+                            await self._send(await collect(it))
                 finally:
                     self.registry.release(req.model_id)
             except BackendError as exc:

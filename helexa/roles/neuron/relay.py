@@ -9,6 +9,10 @@ own task and, each time the previous send is done, sends whatever is waiting as 
 :class:`TokenChunk` (texts joined, token counts summed). The first token goes out as soon
 as it exists; a backend slower than the link sees no change at all.
 
+:func:`collect` is the non-streaming case: the client sees nothing before the end, so the
+whole generation goes out as one :class:`GenerateResult` (one frame instead of one per
+token; a failure before it is still retryable elsewhere).
+
 :func:`merge` is the pure part: it joins runs of plain text chunks and leaves everything
 else (tool-call chunks, the final result) in order.
 """
@@ -19,7 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import trio
 
-from helexa.protocol import TokenChunk
+from helexa.protocol import GenerateResult, TokenChunk
 from helexa.runtime import GenerationEvent
 
 
@@ -85,3 +89,24 @@ async def relay(events: AsyncIterator[GenerationEvent], send: Callable[[Generati
         raise error[0]
     if failure:
         raise failure[0]
+
+
+async def collect(events: AsyncIterator[GenerationEvent]) -> GenerateResult:
+    """Drain ``events`` into one :class:`GenerateResult` holding all the text and tool calls.
+
+    Raises what the backend raises, or :class:`ValueError` if it ended without a result.
+    """
+    parts: list[str] = []
+    calls: list = []
+    async for event in events:
+        if isinstance(event, TokenChunk):
+            parts.append(event.text)
+            calls.extend(event.tool_calls or ())
+        elif isinstance(event, GenerateResult):
+            if not parts and not calls:
+                return event
+            parts.append(event.text)
+            calls.extend(event.tool_calls or ())
+            return GenerateResult(event.request_id, event.finish_reason, event.usage, "".join(parts),
+                                  tuple(calls) or None)
+    raise ValueError("the backend ended without a result")
