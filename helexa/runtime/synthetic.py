@@ -2,7 +2,10 @@
 
 It answers every chat or completion with ``metadata.tokens`` tokens (default 64) of the
 fixed text ``"tok0 tok1 ..."``, at ``metadata.tokens_per_second`` (default 0: as fast as
-the event loop goes), honouring ``max_tokens`` and stop sequences. It exists so that
+the event loop goes), honouring ``max_tokens`` and stop sequences. At full speed a stream
+yields to the event loop after every token, as a real backend would between tokens; a
+non-streaming request has no reader waiting for single tokens and only checks for
+cancellation (a yield per token there cost more than the rest of the neuron's work). It exists so that
 benchmarks measure the fabric (gateway, control plane, neuron) and not a model. It is never
 a default: a model config must name ``backend_kind="synthetic"`` explicitly, and nothing it
 says means anything.
@@ -73,8 +76,10 @@ class SyntheticBackend(Backend, ChatInference, TextInference):
                 return
             if self._interval:
                 await trio.sleep(self._interval)
-            else:
+            elif request.stream:
                 await trio.lowlevel.checkpoint()
+            else:
+                await trio.lowlevel.checkpoint_if_cancelled()
             text = candidate
             emitted += 1
             yield TokenChunk(request.request_id, piece)
