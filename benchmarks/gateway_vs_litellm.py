@@ -230,9 +230,12 @@ def main() -> None:
         for r in range(a.rounds):
             for name, (base, model, key, pids) in tgt.items():
                 for c in conc:
-                    c0 = cpu(pids)
+                    c0, each0 = cpu(pids), [bench.cpu_s(p) for p in pids]
                     res = bench.wrk(base, c, a.dur, model, key, a.cpus)
                     res["cpu_ms"] = (cpu(pids) - c0) * 1e3 / max(res["n"], 1)
+                    if len(pids) > 1:  # helexa: the cortex's share and the neuron's
+                        res["cpu_ms_each"] = [round((bench.cpu_s(p) - e) * 1e3 / max(res["n"], 1), 3)
+                                              for p, e in zip(pids, each0)]
                     raw.setdefault(f"ns_c{c}|{name}", []).append(res)
                     print(f"# r{r} {name:12s} nonstream c={c:<3d} {res}", file=sys.stderr, flush=True)
                 for c in sconc:
