@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from helexa.protocol import EmbedRequest, EmbedResult, GenerateRequest, GenerateResult, TokenChunk, WorkloadClass
 
 from .catalogue import Catalogue
-from .errors import ModelNotFound, NoCapacity, UpstreamTimeout, to_gateway_error
+from .errors import ClientGone, ModelNotFound, NoCapacity, UpstreamTimeout, to_gateway_error
 from .fleet import CommandTimeout, Fleet, NeuronGone, NeuronLink, RemoteError
 from .metrics import Metrics
 from .provisioner import Provisioner
@@ -277,7 +277,7 @@ class Dispatcher:
         )
 
     def _failed(self, node_id: str, model_id: str, started: float, exc: BaseException) -> None:
-        cancelled = isinstance(exc, (trio.Cancelled, GeneratorExit))
+        cancelled = isinstance(exc, (trio.Cancelled, GeneratorExit, ClientGone))
         self.live.end(node_id, model_id, trio.current_time(), latency=None, ok=cancelled)
         if cancelled:
             code = "cancelled"

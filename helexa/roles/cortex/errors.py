@@ -48,6 +48,12 @@ from .fleet import CommandTimeout, FleetError, NeuronGone, RemoteError
 log = logging.getLogger(__name__)
 
 
+class ClientGone(Exception):
+    """The client went away: nobody is left to answer (not a :class:`GatewayError`)."""
+
+    code = "client_gone"
+
+
 class GatewayError(Exception):
     """Base of the tree; ``status``, ``type`` and ``code`` say how a client sees it."""
 

@@ -21,9 +21,13 @@ gateway path (parse, schedule, dispatch to an in-memory neuron, encode) runs at 
 req/s, p50 1.8 ms. Quart's cycle alone would cost about as much as everything else here,
 and the handful of routes need none of its features.
 
-A client that disconnects cancels its request: each inference request runs beside a task
-watching for ``http.disconnect``, and the cancellation leaves the neuron link's context,
-which sends ``Cancel``. Errors become OpenAI's envelope in :mod:`.errors` only; a stream
+The server is :mod:`.http_server` (trio + h11) by default, hypercorn on request
+(``gateway.server``); the figures that decided it are in that module's docstring.
+
+A client that disconnects cancels its request: each inference request runs in its own
+cancel scope, which :class:`.disconnect_watch.DisconnectWatch` cancels when the client
+leaves, and the cancellation leaves the neuron link's context, which sends ``Cancel``. A
+write to a client that is gone ends the request the same way. Errors become OpenAI's envelope in :mod:`.errors` only; a stream
 that fails after it began ends with an error event (:mod:`.sse`).
 """
 
@@ -34,10 +38,8 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Literal
 
-import hypercorn.config
-import hypercorn.trio
 import trio
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -46,8 +48,10 @@ from helexa.protocol import GenerateResult, ModelState, TokenChunk
 from . import openai_api as api
 from . import sse
 from .catalogue import Catalogue
+from .disconnect_watch import DisconnectWatch
 from .dispatch import Dispatcher, DispatchSettings, RemoteRouter
-from .errors import Forbidden, InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge, envelope
+from .errors import ClientGone, Forbidden, InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge, envelope
+from .http_server import HttpServer
 from .fleet import Fleet, NeuronLink
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
@@ -69,12 +73,17 @@ class GatewayConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    server: Literal["helexa", "hypercorn"] = "helexa"
+    """``helexa``: the lean trio + h11 server (:mod:`.http_server`, measured several times
+    cheaper per request); ``hypercorn``: hypercorn's trio worker (HTTP/2 capable)."""
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     """Request bodies over this get 413."""
     body_timeout: float = Field(30.0, gt=0)
-    """Seconds a client may take to send its request body."""
+    """Seconds a client may take to send its request head or body."""
+    send_timeout: float = Field(60.0, gt=0)
+    """Seconds a client may take to accept one write of a response."""
     keep_alive_timeout: float = Field(75.0, gt=0)
     keep_alive_max_requests: int = Field(100_000, ge=1)
     """Requests served on one connection before it is closed (hypercorn's default is 1000)."""
@@ -87,10 +96,6 @@ class GatewayConfig(BaseModel):
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
 
 
-class _ClientGone(Exception):
-    pass
-
-
 class _Responder:
     """One response: remembers whether the headers went out (then errors go in-band)."""
 
@@ -101,19 +106,25 @@ class _Responder:
         self.started = False
         self.headers = headers
 
+    async def _send(self, message: dict[str, Any]) -> None:
+        try:
+            await self.send(message)
+        except OSError as exc:  # ASGI servers raise an OSError once the client is gone
+            raise ClientGone(str(exc)) from None
+
     async def start(self, status: int = 200, headers: list[tuple[bytes, bytes]] = _SSE) -> None:
         if not self.started:
             self.started = True
-            await self.send({"type": "http.response.start", "status": status, "headers": headers + self.headers})
+            await self._send({"type": "http.response.start", "status": status, "headers": headers + self.headers})
 
     async def body(self, data: bytes, more: bool = True) -> None:
-        await self.send({"type": "http.response.body", "body": data, "more_body": more})
+        await self._send({"type": "http.response.body", "body": data, "more_body": more})
 
     async def full(self, status: int, headers: list[tuple[bytes, bytes]], data: bytes) -> None:
         self.started = True
-        await self.send({"type": "http.response.start", "status": status,
-                         "headers": [*headers, (b"content-length", str(len(data)).encode()), *self.headers]})
-        await self.send({"type": "http.response.body", "body": data})
+        await self._send({"type": "http.response.start", "status": status,
+                          "headers": [*headers, (b"content-length", str(len(data)).encode()), *self.headers]})
+        await self._send({"type": "http.response.body", "body": data})
 
     async def json(self, obj: Any, status: int = 200) -> None:
         await self.full(status, _JSON, json.dumps(obj).encode())
@@ -145,6 +156,7 @@ class Gateway:
                                      self.config.dispatch, remote_router)
         self._created = int(time.time())
         self._stop = trio.Event()
+        self._watch = DisconnectWatch()
         self.in_flight = 0
         """HTTP requests being handled right now (a drain waits for this to reach 0)."""
         self._routes: dict[str, tuple[str, Callable[[Scope, Receive, _Responder], Awaitable[None]]]] = {
@@ -168,6 +180,39 @@ class Gateway:
 
         Stopping lets in-flight requests finish for ``shutdown_grace`` seconds.
         """
+        c = self.config
+        async with trio.open_nursery() as nursery:
+            async def http(task_status: trio.TaskStatus[list[str]]) -> None:
+                if c.server == "hypercorn":
+                    await self._hypercorn(task_status)
+                else:
+                    server = HttpServer(self, host=c.host, port=c.port, keep_alive_timeout=c.keep_alive_timeout,
+                                        keep_alive_max_requests=c.keep_alive_max_requests,
+                                        read_timeout=c.body_timeout, send_timeout=c.send_timeout,
+                                        shutdown_grace=c.shutdown_grace)
+                    async with trio.open_nursery() as inner:
+                        inner.start_soon(self._stop_on_request, server)
+                        task_status.started(await inner.start(server.run))
+                # The server returns once its graceful shutdown is over: stop housekeeping too.
+                nursery.cancel_scope.cancel()
+
+            await nursery.start(self.provisioner.run)
+            await nursery.start(self._watch.run)
+            binds = await nursery.start(http)
+            log.info("gateway listening on %s", ", ".join(binds))
+            task_status.started(binds)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _stop_on_request(self, server: HttpServer) -> None:
+        await self._stop.wait()
+        server.stop()
+
+    async def _hypercorn(self, task_status: trio.TaskStatus[list[str]]) -> None:
+        import hypercorn.config
+        import hypercorn.trio
+
         cfg = hypercorn.config.Config()
         cfg.bind = [f"{self.config.host}:{self.config.port}"]
         cfg.keep_alive_timeout = self.config.keep_alive_timeout
@@ -175,20 +220,7 @@ class Gateway:
         cfg.graceful_timeout = self.config.shutdown_grace
         cfg.accesslog = None
         cfg.errorlog = logging.getLogger("helexa.gateway.http")
-        async with trio.open_nursery() as nursery:
-            async def http(task_status: trio.TaskStatus[list[str]]) -> None:
-                await hypercorn.trio.serve(self, cfg, shutdown_trigger=self._stop.wait,
-                                           task_status=task_status, mode="asgi")
-                # hypercorn returns once its graceful shutdown is over: stop housekeeping too.
-                nursery.cancel_scope.cancel()
-
-            await nursery.start(self.provisioner.run)
-            binds = await nursery.start(http)
-            log.info("gateway listening on %s", ", ".join(binds))
-            task_status.started(binds)
-
-    def stop(self) -> None:
-        self._stop.set()
+        await hypercorn.trio.serve(self, cfg, shutdown_trigger=self._stop.wait, task_status=task_status, mode="asgi")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -216,7 +248,7 @@ class Gateway:
             if scope["method"] != method:
                 raise MethodNotAllowed(f"{scope['method']} is not allowed on {scope['path']}")
             await handler(scope, receive, out)
-        except _ClientGone:
+        except ClientGone:
             pass
         except Exception as exc:
             if out.started:
@@ -239,7 +271,7 @@ class Gateway:
                 while True:
                     msg = await receive()
                     if msg["type"] == "http.disconnect":
-                        raise _ClientGone()
+                        raise ClientGone("the client went away while sending its body")
                     chunk = msg.get("body", b"")
                     size += len(chunk)
                     if size > limit:
@@ -251,23 +283,13 @@ class Gateway:
             raise InvalidRequest(f"the body did not arrive within {self.config.body_timeout:g}s") from None
 
     async def _until_disconnect(self, receive: Receive, work: Callable[[], Awaitable[None]]) -> None:
-        """Run ``work``; cancel it if the client disconnects first."""
-        error: Exception | None = None
-        async with trio.open_nursery() as nursery:
-            async def watch() -> None:
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-                log.debug("client went away: cancelling its request")
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(watch)
+        """Run ``work``; cancel it if the client disconnects first (:mod:`.disconnect_watch`)."""
+        with trio.CancelScope() as scope:
+            watched = self._watch.add(receive, scope)
             try:
                 await work()
-            except Exception as exc:  # re-raised bare below, not wrapped in an ExceptionGroup
-                error = exc
-            nursery.cancel_scope.cancel()
-        if error is not None:
-            raise error
+            finally:
+                self._watch.discard(watched)
 
     # --- inference -----------------------------------------------------------------------
 
