@@ -192,9 +192,27 @@ class _Connection:
                 await exchange.run()
             finally:
                 self.idle = True
+            if exchange.reusable and self.h11.their_state is h11.SEND_BODY:
+                self.skip_buffered_body()
             if not exchange.reusable or self.h11.our_state is not h11.DONE or self.h11.their_state is not h11.DONE:
                 return
             self.h11.start_next_cycle()
+
+    def skip_buffered_body(self) -> None:
+        """Consume what already arrived of a request body the app left unread.
+
+        An app answering a GET never calls ``receive()``, so h11 has not yet seen the
+        request end even though it is buffered; without this every such request would
+        close its keep-alive connection. A body still to come is not waited for: the
+        connection is closed instead.
+        """
+        try:
+            while self.h11.their_state is h11.SEND_BODY:
+                event = self.h11.next_event()
+                if event is h11.NEED_DATA or isinstance(event, h11.ConnectionClosed):
+                    return
+        except h11.RemoteProtocolError:
+            return
 
     async def next_event(self, *, idle: bool = False) -> Any:
         """The next h11 event, reading the socket as needed under a deadline."""
@@ -266,26 +284,29 @@ class _Exchange:
 
     async def run(self) -> None:
         server = self.conn.server
+        failed = False
         try:
             await server.app(self.asgi_scope(), self.receive, self.send)
         except ClientDisconnected:
             pass
         except Exception:
             log.exception("the app failed on %s %s", self.request.method.decode(), self.request.target.decode())
-            if not self.started and not self.disconnected:
-                await self.conn.write_raw(_error_response(500, "internal error", "server_error"))
-                self.reusable = False
+            failed = True
         self._end()
         if self.finished:
             if server.closing or self.conn.served >= server.keep_alive_max_requests:
                 self.reusable = False
             return
         self.reusable = False
-        if self.bad_request is not None and not self.head_sent:
+        # Exactly one fallback response, and only if no response head went out.
+        if self.head_sent:
+            return
+        if self.bad_request is not None:
             await self.conn.write_raw(_error_response(400, f"malformed HTTP request: {self.bad_request}",
                                                       "invalid_request_error"))
-        elif not self.head_sent and not self.disconnected:
-            await self.conn.write_raw(_error_response(500, "the app sent no response", "server_error"))
+        elif not self.disconnected:
+            message = "internal error" if failed else "the app sent no response"
+            await self.conn.write_raw(_error_response(500, message, "server_error"))
 
     def _end(self) -> None:
         self.ended.set()
