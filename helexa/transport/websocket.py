@@ -34,18 +34,17 @@ class WebSocketChannel(Channel):
     def __init__(self, ws: WebSocketConnection, *, max_frame: int, remote: str) -> None:
         self._ws = ws
         self._max_frame = max_frame
-        self._send_lock = trio.Lock()
         self.remote = remote
 
     async def send(self, msg: Any) -> None:
-        data = encode(msg)
-        async with self._send_lock:
-            try:
-                await self._ws.send_message(data)
-            except ConnectionClosed as exc:
-                raise ChannelClosed(str(exc.reason), code=exc.reason.code) from None
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise ChannelClosed(f"connection broken: {exc}") from None
+        # No lock of our own: trio-websocket serialises writers with its FIFO stream lock,
+        # and a second lock cost a yield to the scheduler per frame.
+        try:
+            await self._ws.send_message(encode(msg))
+        except ConnectionClosed as exc:
+            raise ChannelClosed(str(exc.reason), code=exc.reason.code) from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ChannelClosed(f"connection broken: {exc}") from None
 
     async def receive(self) -> Any:
         try:
