@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from typing import Any, Protocol, TypeVar
 
 import trio
@@ -198,48 +198,54 @@ class Dispatcher:
         (``NeuronGone``, ``RemoteError``) from iteration after the stream started.
         """
         exclude: set[str] = set()
-        async with AsyncExitStack() as outer:
-            for attempt in range(1, self.settings.max_attempts + 1):
-                target = link or await self._pick(request.model_id, workload, exclude, on_wait)
-                started = trio.current_time()
-                self.live.begin(target.node_id, request.model_id, started)
-                stack = AsyncExitStack()
+        for attempt in range(1, self.settings.max_attempts + 1):
+            target = link or await self._pick(request.model_id, workload, exclude, on_wait)
+            started = trio.current_time()
+            self.live.begin(target.node_id, request.model_id, started)
+            ctx = target.generate(request)
+            entered = False
+            try:
+                events = await ctx.__aenter__()
+                entered = True
                 try:
-                    events = await stack.enter_async_context(target.generate(request))
-                    try:
-                        with trio.fail_after(self.settings.first_token_timeout):
-                            first = await events.__anext__()
-                    except trio.TooSlowError:
-                        raise UpstreamTimeout(f"neuron {target.node_id} did not start within "
-                                              f"{self.settings.first_token_timeout:g}s") from None
-                    except StopAsyncIteration:
-                        raise RemoteError("empty_stream", "the neuron ended the stream without a result") from None
-                except BaseException as exc:
+                    with trio.fail_after(self.settings.first_token_timeout):
+                        first = await events.__anext__()
+                except trio.TooSlowError:
+                    raise UpstreamTimeout(f"neuron {target.node_id} did not start within "
+                                          f"{self.settings.first_token_timeout:g}s") from None
+                except StopAsyncIteration:
+                    raise RemoteError("empty_stream", "the neuron ended the stream without a result") from None
+            except BaseException as exc:
+                if entered:
                     with trio.CancelScope(shield=True):
-                        await stack.aclose()
-                    self._failed(target.node_id, request.model_id, started, exc)
-                    if isinstance(exc, Exception) and _retryable(exc) and attempt < self.settings.max_attempts \
-                            and link is None:
-                        log.info("request %s not started on %s (%s): trying another neuron",
-                                 request.request_id, target.node_id, exc)
-                        exclude.add(target.node_id)
-                        continue
-                    raise
-                outer.push_async_exit(stack)
-                idle_timeout = self.settings.idle_timeout
-                idle = trio.CancelScope(deadline=trio.current_time() + idle_timeout)
-                gen = Generation(target.node_id, first, events, idle, idle_timeout, started)
+                        await ctx.__aexit__(type(exc), exc, exc.__traceback__)
+                self._failed(target.node_id, request.model_id, started, exc)
+                if isinstance(exc, Exception) and _retryable(exc) and attempt < self.settings.max_attempts \
+                        and link is None:
+                    log.info("request %s not started on %s (%s): trying another neuron",
+                             request.request_id, target.node_id, exc)
+                    exclude.add(target.node_id)
+                    continue
+                raise
+            idle_timeout = self.settings.idle_timeout
+            idle = trio.CancelScope(deadline=trio.current_time() + idle_timeout)
+            gen = Generation(target.node_id, first, events, idle, idle_timeout, started)
+            try:
                 with idle:
                     try:
                         yield gen
                     except BaseException as exc:
                         self._failed(target.node_id, request.model_id, started, exc)
                         raise
-                if idle.cancelled_caught:
-                    raise UpstreamTimeout(f"the stream from neuron {target.node_id} made no progress "
-                                          f"for {idle_timeout:g}s")
-                self._done(gen, request.model_id, endpoint, started)
-                return
+            except BaseException as exc:
+                await ctx.__aexit__(type(exc), exc, exc.__traceback__)
+                raise
+            await ctx.__aexit__(None, None, None)
+            if idle.cancelled_caught:
+                raise UpstreamTimeout(f"the stream from neuron {target.node_id} made no progress "
+                                      f"for {idle_timeout:g}s")
+            self._done(gen, request.model_id, endpoint, started)
+            return
 
     async def embed(self, request: EmbedRequest, *, link: NeuronLink | None = None) -> EmbedResult:
         """Embed on the best neuron, failing over as :meth:`generate` does."""

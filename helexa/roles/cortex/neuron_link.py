@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import trio
@@ -59,9 +58,14 @@ class _Command:
 
 
 class _Stream:
-    """Per-request buffer between the reader loop and one consumer."""
+    """Per-request buffer between the reader loop and one consumer.
 
-    __slots__ = ("request_id", "chunks", "final", "error", "wake", "started")
+    It is also the consumer's async iterator (chunks, then the result), a class rather
+    than an async generator: a generator left suspended after the result has to be
+    finalised by trio's GC hook, which cost a system task per request.
+    """
+
+    __slots__ = ("request_id", "chunks", "final", "error", "wake", "started", "delivered")
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
@@ -70,6 +74,25 @@ class _Stream:
         self.error: Exception | None = None
         self.wake = trio.Event()
         self.started = False
+        self.delivered = False
+
+    def __aiter__(self) -> "_Stream":
+        return self
+
+    async def __anext__(self) -> TokenChunk | GenerateResult:
+        while True:
+            if self.chunks:
+                return self.chunks.pop(0)
+            if self.final is not None:
+                if self.delivered:
+                    raise StopAsyncIteration
+                self.delivered = True
+                assert isinstance(self.final, GenerateResult)
+                return self.final
+            if self.error is not None:
+                raise self.error
+            await self.wake.wait()
+            self.wake = trio.Event()
 
     def push(self, chunk: TokenChunk) -> None:
         self.started = True
@@ -89,21 +112,44 @@ class _Stream:
             self.error = error
         self.wake.set()
 
-    async def events(self) -> AsyncIterator[TokenChunk | GenerateResult]:
-        while True:
-            if self.chunks:
-                chunks, self.chunks = self.chunks, []
-                for chunk in chunks:
-                    yield chunk
-                continue
-            if self.final is not None:
-                assert isinstance(self.final, GenerateResult)
-                yield self.final
-                return
-            if self.error is not None:
-                raise self.error
-            await self.wake.wait()
-            self.wake = trio.Event()
+
+
+class _Generation:
+    """The async context manager :meth:`Link.generate` returns (a class, not
+    ``@asynccontextmanager``: it is on every request's path)."""
+
+    __slots__ = ("link", "request", "stream")
+
+    def __init__(self, link: "Link", request: GenerateRequest) -> None:
+        self.link = link
+        self.request = request
+        self.stream = _Stream(request.request_id)
+
+    async def __aenter__(self) -> _Stream:
+        link, rid = self.link, self.request.request_id
+        link._streams[rid] = self.stream
+        link.in_flight += 1
+        try:
+            await link._send(self.request)
+        except BaseException:
+            self._forget()
+            raise
+        return self.stream
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._forget()
+        stream, link = self.stream, self.link
+        if stream.final is None and stream.error is None and link.connected:
+            with trio.move_on_after(2) as scope:
+                scope.shield = True
+                try:
+                    await link.channel.send(Cancel(self.request.request_id))
+                except ChannelClosed:
+                    pass
+
+    def _forget(self) -> None:
+        self.link.in_flight -= 1
+        del self.link._streams[self.request.request_id]
 
 
 class Link:
@@ -297,24 +343,10 @@ class Link:
         finally:
             del self._commands[command.command_id]
 
-    @asynccontextmanager
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[AsyncIterator[TokenChunk | GenerateResult]]:
-        stream = _Stream(request.request_id)
-        self._streams[request.request_id] = stream
-        self.in_flight += 1
-        try:
-            await self._send(request)
-            yield stream.events()
-        finally:
-            self.in_flight -= 1
-            del self._streams[request.request_id]
-            if stream.final is None and stream.error is None and self.connected:
-                with trio.move_on_after(2) as scope:
-                    scope.shield = True
-                    try:
-                        await self.channel.send(Cancel(request.request_id))
-                    except ChannelClosed:
-                        pass
+    def generate(self, request: GenerateRequest) -> _Generation:
+        """``async with link.generate(request) as events``: send ``request``, then iterate
+        its chunks and result. Leaving early sends ``Cancel`` to the neuron."""
+        return _Generation(self, request)
 
     async def embed(self, request: EmbedRequest, *, timeout: float) -> EmbedResult:
         stream = _Stream(request.request_id)
