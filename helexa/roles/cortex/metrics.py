@@ -37,6 +37,7 @@ class Metrics:
         self.queue_time = Histogram("helexa_queue_seconds", "Time a request waited before dispatch "
                                     "(scheduling, cold loads)", ["model"], buckets=_LATENCY_BUCKETS, registry=r)
         self.cold_loads = Counter("helexa_cold_loads", "Models loaded on demand", ["model", "neuron"], registry=r)
+        self._children: dict[tuple[str, str, str], tuple] = {}
         self.cold_load_seconds = Histogram("helexa_cold_load_seconds", "Duration of on-demand loads",
                                            ["model", "neuron"], buckets=_LOAD_BUCKETS, registry=r)
 
@@ -44,17 +45,26 @@ class Metrics:
         self, model: str, neuron: str, endpoint: str, *, duration: float, ttft: float | None,
         prompt_tokens: int, completion_tokens: int,
     ) -> None:
-        self.requests.labels(model, neuron, endpoint).inc()
-        self.latency.labels(model, neuron).observe(duration)
+        key = (model, neuron, endpoint)
+        children = self._children.get(key)
+        if children is None:  # labels() costs a lock and a dict lookup per metric: once per key
+            children = self._children[key] = (
+                self.requests.labels(model, neuron, endpoint), self.latency.labels(model, neuron),
+                self.ttft.labels(model, neuron), self.tokens_per_second.labels(model, neuron),
+                self.tokens.labels(model, neuron, "prompt"), self.tokens.labels(model, neuron, "completion"),
+            )
+        requests, latency, ttft_h, rate, prompt, completion = children
+        requests.inc()
+        latency.observe(duration)
         if ttft is not None:
-            self.ttft.labels(model, neuron).observe(ttft)
+            ttft_h.observe(ttft)
             gen_time = duration - ttft
             if completion_tokens > 1 and gen_time > 0:
-                self.tokens_per_second.labels(model, neuron).observe((completion_tokens - 1) / gen_time)
+                rate.observe((completion_tokens - 1) / gen_time)
         if prompt_tokens:
-            self.tokens.labels(model, neuron, "prompt").inc(prompt_tokens)
+            prompt.inc(prompt_tokens)
         if completion_tokens:
-            self.tokens.labels(model, neuron, "completion").inc(completion_tokens)
+            completion.inc(completion_tokens)
 
     def request_failed(self, model: str, neuron: str, code: str) -> None:
         self.errors.labels(model, neuron or "-", code).inc()
