@@ -239,9 +239,12 @@ def main() -> None:
                     raw.setdefault(f"ns_c{c}|{name}", []).append(res)
                     print(f"# r{r} {name:12s} nonstream c={c:<3d} {res}", file=sys.stderr, flush=True)
                 for c in sconc:
-                    c0 = cpu(pids)
+                    c0, each0 = cpu(pids), [bench.cpu_s(p) for p in pids]
                     res = bench.stream(base, c, a.dur, model, key, a.chunks, a.cpus)
                     res["cpu_ms"] = (cpu(pids) - c0) * 1e3 / max(res["n"], 1)
+                    if len(pids) > 1:
+                        res["cpu_ms_each"] = [round((bench.cpu_s(p) - e) * 1e3 / max(res["n"], 1), 3)
+                                              for p, e in zip(pids, each0)]
                     raw.setdefault(f"st_c{c}|{name}", []).append(res)
                     print(f"# r{r} {name:12s} stream    c={c:<3d} {res}", file=sys.stderr, flush=True)
     finally:

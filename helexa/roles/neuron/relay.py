@@ -72,6 +72,10 @@ async def relay(events: AsyncIterator[GenerationEvent], send: Callable[[Generati
         try:
             while True:
                 await state["wake"].wait()  # type: ignore[union-attr]
+                if not first and not state["done"]:
+                    # One scheduler tick of batching after the first frame: a backend that
+                    # has the next token ready adds it to this frame instead of the next.
+                    await trio.lowlevel.checkpoint()
                 state["wake"] = trio.Event()
                 batch = pending[:]
                 pending.clear()
