@@ -266,21 +266,19 @@ class Gateway:
                 raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
         parts: list[bytes] = []
         size = 0
-        try:
-            with trio.fail_after(self.config.body_timeout):
-                while True:
-                    msg = await receive()
-                    if msg["type"] == "http.disconnect":
-                        raise ClientGone("the client went away while sending its body")
-                    chunk = msg.get("body", b"")
-                    size += len(chunk)
-                    if size > limit:
-                        raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
-                    parts.append(chunk)
-                    if not msg.get("more_body", False):
-                        return parts[0] if len(parts) == 1 else b"".join(parts)
-        except trio.TooSlowError:
-            raise InvalidRequest(f"the body did not arrive within {self.config.body_timeout:g}s") from None
+        with trio.move_on_after(self.config.body_timeout):  # cheaper than fail_after, on every request
+            while True:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    raise ClientGone("the client went away while sending its body")
+                chunk = msg.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+                parts.append(chunk)
+                if not msg.get("more_body", False):
+                    return parts[0] if len(parts) == 1 else b"".join(parts)
+        raise InvalidRequest(f"the body did not arrive within {self.config.body_timeout:g}s")
 
     async def _until_disconnect(self, receive: Receive, work: Callable[[], Awaitable[None]]) -> None:
         """Run ``work``; cancel it if the client disconnects first (:mod:`.disconnect_watch`)."""

@@ -418,11 +418,16 @@ class _Exchange:
             self._end()
 
     async def _write(self, data: bytes) -> None:
+        error: BaseException | None = None
         try:
-            with trio.fail_after(self.conn.server.send_timeout):
+            with trio.move_on_after(self.conn.server.send_timeout) as scope:  # cheaper than fail_after
                 await self.conn.stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError) as exc:
+            if scope.cancelled_caught:
+                error = trio.TooSlowError(f"a write took over {self.conn.server.send_timeout:g}s")
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            error = exc
+        if error is not None:
             self.disconnected = True
             self.reusable = False
             self._end()
-            raise ClientDisconnected(f"the client is gone: {exc or type(exc).__name__}") from None
+            raise ClientDisconnected(f"the client is gone: {error or type(error).__name__}")

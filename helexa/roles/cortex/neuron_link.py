@@ -311,12 +311,13 @@ class Link:
         if not self.connected:
             raise NeuronGone(f"neuron {self.node_id} is not connected")
         try:
-            with trio.fail_after(self._send_timeout):
+            # move_on_after, not fail_after: fail_after stacks two generator context managers per call.
+            with trio.move_on_after(self._send_timeout) as scope:
                 await self.channel.send(msg)
         except ChannelClosed as exc:
             raise NeuronGone(f"neuron {self.node_id} disconnected ({exc})") from None
-        except trio.TooSlowError:
-            raise CommandTimeout(f"sending to neuron {self.node_id} timed out") from None
+        if scope.cancelled_caught:
+            raise CommandTimeout(f"sending to neuron {self.node_id} timed out")
 
     async def provision(
         self,

@@ -272,8 +272,12 @@ class Neuron:
         channel = channel or self._channel
         if channel is None:
             raise ChannelClosed("not connected")
-        with trio.fail_after(self.settings.send_timeout):
+        # move_on_after, not fail_after: fail_after stacks two generator context managers per call
+        # (a cost paid on every relayed frame).
+        with trio.move_on_after(self.settings.send_timeout) as scope:
             await channel.send(msg)
+        if scope.cancelled_caught:
+            raise trio.TooSlowError
 
     def _status_changed(self, status: ModelStatus) -> None:
         if self._channel is not None and self._events is not None:
