@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP API of the cortex, served by hypercorn on trio.
+"""The OpenAI-compatible HTTP API of the cortex: a raw ASGI app on trio.
 
 Endpoints::
 
