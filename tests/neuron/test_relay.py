@@ -7,7 +7,7 @@ import pytest
 import trio
 
 from helexa.protocol import GenerateResult, TokenChunk, Usage
-from helexa.roles.neuron.relay import merge, relay
+from helexa.roles.neuron.relay import BATCH_TICKS, collect, merge, relay
 
 RID = "r1"
 
@@ -56,6 +56,19 @@ async def test_tokens_that_queue_up_behind_a_slow_send_go_as_one_frame(autojump_
     assert len(out) <= 3
     assert "".join(e.text for e in out if isinstance(e, TokenChunk)) == "".join(f"t{i} " for i in range(10))
     assert sum(e.tokens for e in out if isinstance(e, TokenChunk)) == 10
+    assert out[-1] == result()
+
+
+async def test_tokens_a_backend_has_ready_tick_after_tick_join_one_frame_within_a_bound() -> None:
+    # A backend producing one token per scheduler tick (the synthetic backend at full
+    # speed): after the first frame, frames carry several tokens, at most ~BATCH_TICKS.
+    events = [tok(f"t{i} ") for i in range(64)] + [result()]
+    out = await _sent(events)
+    chunks = [e for e in out if isinstance(e, TokenChunk)]
+    assert chunks[0].tokens <= 2  # the first frame goes out at once, with what is there
+    assert len(chunks) < 64 // 2
+    assert max(c.tokens for c in chunks) <= BATCH_TICKS + 4  # + what came during the send
+    assert "".join(c.text for c in chunks) == "".join(f"t{i} " for i in range(64))
     assert out[-1] == result()
 
 
@@ -109,3 +122,21 @@ async def test_an_empty_generation_sends_nothing_and_never_calls_on_first() -> N
 
     await relay(backend(), send, on_first=lambda: calls.append(1))
     assert calls == []
+
+
+async def test_collect_turns_a_generation_into_one_result_with_all_the_text() -> None:
+    async def backend():  # type: ignore[no-untyped-def]
+        for e in (tok("a"), tok("", tool_calls=({"id": "x"},)), tok("b"),
+                  GenerateResult(RID, "stop", Usage(1, 3), text="c")):
+            yield e
+
+    assert await collect(backend()) == GenerateResult(RID, "stop", Usage(1, 3), "abc", ({"id": "x"},))
+
+
+async def test_collect_raises_what_the_backend_raises() -> None:
+    async def backend():  # type: ignore[no-untyped-def]
+        yield tok("a")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        await collect(backend())

@@ -6,8 +6,12 @@ A backend that produces tokens faster than they can be sent one per frame (the
 ``synthetic`` backend, a proxied server's burst of chunks, llama.cpp's thread handing over
 several tokens at once) would pay that per token. :func:`relay` reads the backend in its
 own task and, each time the previous send is done, sends whatever is waiting as one
-:class:`TokenChunk` (texts joined, token counts summed). The first token goes out as soon
-as it exists; a backend slower than the link sees no change at all.
+:class:`TokenChunk` (texts joined, token counts summed). After the first frame it also
+waits while the backend keeps producing, tick after tick, for at most :data:`BATCH_TICKS`
+scheduler ticks: the synthetic backend's 64-token stream went from 16 frames to 9 and
+streams/s from ~200 to ~310 at concurrency 1. The first token goes out as soon as it
+exists; a backend slower than a tick (every real model) waits two idle ticks (~40 us) per
+token and sends each token alone.
 
 :func:`collect` is the non-streaming case: the client sees nothing before the end, so the
 whole generation goes out as one :class:`GenerateResult` (one frame instead of one per
@@ -25,6 +29,10 @@ import trio
 
 from helexa.protocol import GenerateResult, TokenChunk
 from helexa.runtime import GenerationEvent
+
+BATCH_TICKS = 8
+"""Scheduler ticks a frame waits for more tokens while the backend keeps producing them
+(a backend slower than a tick, every real model, waits two ticks and sends each token alone)."""
 
 
 def merge(events: list[GenerationEvent]) -> list[GenerationEvent]:
@@ -72,10 +80,18 @@ async def relay(events: AsyncIterator[GenerationEvent], send: Callable[[Generati
         try:
             while True:
                 await state["wake"].wait()  # type: ignore[union-attr]
-                if not first and not state["done"]:
-                    # One scheduler tick of batching after the first frame: a backend that
-                    # has the next token ready adds it to this frame instead of the next.
-                    await trio.lowlevel.checkpoint()
+                if not first:
+                    # After the first frame, take what the backend has ready: yield while it
+                    # keeps producing, for at most BATCH_TICKS scheduler ticks (~20 us each).
+                    # Two idle ticks in a row end the wait: trio runs a tick's tasks in a
+                    # random order, so one tick may run this task before the producer.
+                    idle = 0
+                    for _ in range(BATCH_TICKS):
+                        if state["done"] or idle == 2:
+                            break
+                        ready = len(pending)
+                        await trio.lowlevel.checkpoint()
+                        idle = idle + 1 if len(pending) == ready else 0
                 state["wake"] = trio.Event()
                 batch = pending[:]
                 pending.clear()
