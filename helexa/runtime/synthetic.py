@@ -4,8 +4,9 @@ It answers every chat or completion with ``metadata.tokens`` tokens (default 64)
 fixed text ``"tok0 tok1 ..."``, at ``metadata.tokens_per_second`` (default 0: as fast as
 the event loop goes), honouring ``max_tokens`` and stop sequences. At full speed a stream
 yields to the event loop after every token, as a real backend would between tokens; a
-non-streaming request has no reader waiting for single tokens and only checks for
-cancellation (a yield per token there cost more than the rest of the neuron's work). It exists so that
+non-streaming request has no reader waiting for single tokens and gets its whole answer as
+one result (a yield and an event per token there cost more than the rest of the neuron's
+work). It exists so that
 benchmarks measure the fabric (gateway, control plane, neuron) and not a model. It is never
 a default: a model config must name ``backend_kind="synthetic"`` explicitly, and nothing it
 says means anything.
@@ -62,6 +63,10 @@ class SyntheticBackend(Backend, ChatInference, TextInference):
             raise BackendError(f"model {self.config.model_id!r} is not loaded", code="model_not_loaded")
         limit = min(self._tokens, request.sampling.max_tokens or self._tokens)
         stops = request.sampling.stop
+        # Without a rate or a stream, nobody waits for single tokens: the whole answer goes
+        # out as one result (as a real engine's non-streaming answer does), so a benchmark
+        # measures the fabric rather than this loop.
+        whole = not request.stream and not self._interval
         text, emitted = "", 0
         for i in range(limit):
             piece = f"tok{i} " if i < limit - 1 else f"tok{i}"
@@ -71,20 +76,23 @@ class SyntheticBackend(Backend, ChatInference, TextInference):
             if hit >= 0:
                 if hit > len(text):
                     emitted += 1
-                    yield TokenChunk(request.request_id, candidate[len(text) : hit])
-                yield GenerateResult(request.request_id, "stop", self._usage(emitted))
+                    if not whole:
+                        yield TokenChunk(request.request_id, candidate[len(text) : hit])
+                yield GenerateResult(request.request_id, "stop", self._usage(emitted),
+                                     text=candidate[:hit] if whole else "")
                 return
             if self._interval:
                 await trio.sleep(self._interval)
-            elif request.stream:
+            elif not whole:
                 await trio.lowlevel.checkpoint()
-            else:
-                await trio.lowlevel.checkpoint_if_cancelled()
             text = candidate
             emitted += 1
-            yield TokenChunk(request.request_id, piece)
+            if not whole:
+                yield TokenChunk(request.request_id, piece)
+        if whole:
+            await trio.lowlevel.checkpoint()
         reason = "length" if limit < self._tokens else "stop"
-        yield GenerateResult(request.request_id, reason, self._usage(emitted))
+        yield GenerateResult(request.request_id, reason, self._usage(emitted), text=text if whole else "")
 
     def _usage(self, completion: int) -> Usage:
         return Usage(prompt_tokens=self._prompt_tokens, completion_tokens=completion)
