@@ -438,6 +438,23 @@ async def test_a_request_head_that_never_completes_is_dropped_after_read_timeout
     assert 0.15 <= waited < 1.0
 
 
+async def test_a_request_head_trickled_byte_by_byte_is_dropped_after_read_timeout_in_all() -> None:
+    # Each byte arrives well within read_timeout, but the head as a whole must not take longer.
+    async with serving(echo, keep_alive_timeout=5, read_timeout=0.3) as (_, port):
+        client = await Client.connect(port)
+        start = trio.current_time()
+        with trio.move_on_after(2):
+            try:
+                for byte in b"GET / HTTP/1.1\r\nhost: trickle\r\nx-pad: " + b"a" * 100:
+                    await client.send(bytes([byte]))
+                    await trio.sleep(0.05)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+            assert await client.rest() == b""
+        waited = trio.current_time() - start
+    assert 0.25 <= waited < 1.0
+
+
 # --- shutdown -----------------------------------------------------------------------------
 
 

@@ -22,7 +22,8 @@ What it does:
 * ``send()`` on a closed connection raises :class:`ClientDisconnected` (an ``OSError``,
   as the ASGI spec asks); a whole response sent at once is written in one ``send``;
 * deadlines: a keep-alive connection idle for ``keep_alive_timeout`` is closed, a request
-  head or body must arrive within ``read_timeout``, a client must accept each write
+  head must arrive whole within ``read_timeout`` of its first byte, and each part of a
+  body within ``read_timeout`` of the one before, a client must accept each write
   within ``send_timeout``;
 * malformed HTTP gets 400 with OpenAI's error envelope and the connection is closed; an
   app that fails before it answered gets a 500 envelope (the traceback goes to the log,
@@ -169,6 +170,7 @@ class _Connection:
         self.scope = trio.CancelScope()
         self.idle = True
         self.served = 0
+        self.head_deadline: float | None = None
         try:
             self.client: tuple[str, int] | None = stream.socket.getpeername()[:2]
             self.local: tuple[str, int] | None = stream.socket.getsockname()[:2]
@@ -228,9 +230,17 @@ class _Connection:
         while True:
             event = self.h11.next_event()
             if event is not h11.NEED_DATA:
+                self.head_deadline = None
                 return event
             waiting = idle and self.h11.their_state is h11.IDLE and not self.h11.trailing_data[0]
-            timeout = self.server.keep_alive_timeout if waiting else self.server.read_timeout
+            if waiting:
+                timeout = self.server.keep_alive_timeout
+            elif idle:  # a request head has begun: all of it within read_timeout, however it trickles
+                if self.head_deadline is None:
+                    self.head_deadline = trio.current_time() + self.server.read_timeout
+                timeout = self.head_deadline - trio.current_time()
+            else:
+                timeout = self.server.read_timeout
             data = None
             with trio.move_on_after(timeout):
                 try:
