@@ -289,8 +289,14 @@ class OpenAIProxyBackend(Backend, ChatInference, TextInference, EmbeddingInferen
     async def _generate(self, request: GenerateRequest) -> AsyncIterator[GenerationEvent]:
         openai_shapes.validate(request)
         client = self._require_client()
-        body = openai_shapes.request_body(request, dialect=self._dialect, model=self._upstream_model)
+        body = openai_shapes.request_body(request, dialect=self._dialect, model=self._upstream_model,
+                                          stream=request.stream)
         path = "/chat/completions" if request.task is Task.CHAT else "/completions"
+        if not request.stream:
+            # Nobody waits for single tokens: ask the upstream for one JSON answer (one
+            # parse instead of one per token, on both sides of the hop).
+            yield await self._complete_once(request, path, body)
+            return
         finish_reason, usage, emitted = "stop", None, 0
         try:
             async with client.stream("POST", self._api + path, json=body) as response:
@@ -312,6 +318,23 @@ class OpenAIProxyBackend(Backend, ChatInference, TextInference, EmbeddingInferen
         except httpx.HTTPError as exc:
             raise BackendCrashed(f"{self._base}: {type(exc).__name__}: {exc}") from None
         yield GenerateResult(request.request_id, finish_reason, usage or Usage(completion_tokens=emitted))
+
+    async def _complete_once(self, request: GenerateRequest, path: str, body: dict[str, Any]) -> GenerateResult:
+        try:
+            response = await self._require_client().post(self._api + path, json=body)
+        except httpx.HTTPError as exc:
+            raise BackendCrashed(f"{self._base}: {type(exc).__name__}: {exc}") from None
+        if response.status_code != 200:
+            await _raise_for_response(response)
+        try:
+            answer = json.loads(response.content)
+        except ValueError:
+            raise BackendError(f"{self._base} answered with a body that is not JSON") from None
+        if not isinstance(answer, dict):
+            raise BackendError(f"{self._base} answered with JSON that is not an object")
+        view = openai_shapes.parse_completion(answer)
+        return GenerateResult(request.request_id, view.finish_reason or "stop", view.usage or Usage(), view.text,
+                              tuple(view.tool_calls) if view.tool_calls else None)
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         """Embed through ``/v1/embeddings`` (metadata ``embeddings: true``); vectors are

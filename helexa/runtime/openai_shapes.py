@@ -60,10 +60,12 @@ def validate(request: GenerateRequest, *, max_context: int | None = None) -> Non
         raise InvalidRequest("stop sequences must not be empty")
 
 
-def request_body(request: GenerateRequest, *, dialect: str = "llama.cpp", model: str | None = None) -> dict[str, Any]:
-    """The streaming OpenAI body for ``request`` (call :func:`validate` first)."""
+def request_body(request: GenerateRequest, *, dialect: str = "llama.cpp", model: str | None = None,
+                 stream: bool = True) -> dict[str, Any]:
+    """The OpenAI body for ``request`` (call :func:`validate` first): streamed with usage,
+    or with ``stream=False`` a single JSON answer (read it with :func:`parse_completion`)."""
     s = request.sampling
-    body: dict[str, Any] = {"stream": True, "stream_options": {"include_usage": True}}
+    body: dict[str, Any] = {"stream": True, "stream_options": {"include_usage": True}} if stream else {"stream": False}
     if model is not None:
         body["model"] = model
     if request.task is Task.CHAT:
@@ -114,6 +116,25 @@ def parse_chunk(chunk: dict[str, Any]) -> ChunkView:
             view.text += choice.get("text") or ""
         if choice.get("finish_reason"):
             view.finish_reason = choice["finish_reason"]
+    return view
+
+
+def parse_completion(body: dict[str, Any]) -> ChunkView:
+    """Read a non-streamed ``chat.completion`` or ``text_completion`` answer (its first
+    choice). Raises the mapped :class:`BackendError` for an error envelope."""
+    raise_for_error(body)
+    view = ChunkView(usage=usage_of(body))
+    choices = body.get("choices") or ()
+    if choices:
+        choice = choices[0]
+        message = choice.get("message")
+        if message is not None:
+            view.text = message.get("content") or ""
+            if message.get("tool_calls"):
+                view.tool_calls = list(message["tool_calls"])
+        else:
+            view.text = choice.get("text") or ""
+        view.finish_reason = choice.get("finish_reason")
     return view
 
 

@@ -7,6 +7,7 @@ llama.cpp's own server in a child process) and ``synthetic`` (see ``conftest.py`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 
 import pytest
@@ -139,3 +140,18 @@ async def test_bad_parameters_are_rejected_with_invalid_request(backend: Backend
         await collect(stream)
     _, result = await collect(backend.complete(completion(2)))
     assert result.usage.completion_tokens == 2
+
+
+async def test_a_non_streaming_request_gets_the_answer_a_stream_gets(backend: Backend) -> None:
+    # A backend may answer stream=False in one result (synthetic, openai_proxy) or in
+    # chunks as usual: either way the text, the end and the usage match the stream's.
+    streamed = completion(6, temperature=0.0, seed=7)
+    whole = dataclasses.replace(streamed, request_id=f"r{next(_ids)}", stream=False)
+    with trio.fail_after(30):
+        chunks, result = await collect(backend.complete(streamed))
+        events = [e async for e in backend.complete(whole)]
+    assert isinstance(events[-1], GenerateResult) and events[-1].request_id == whole.request_id
+    text = "".join(e.text for e in events[:-1]) + events[-1].text
+    assert text == "".join(c.text for c in chunks) + result.text
+    assert events[-1].finish_reason == result.finish_reason == "length"
+    assert events[-1].usage.completion_tokens == result.usage.completion_tokens == 6
