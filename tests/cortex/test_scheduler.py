@@ -98,3 +98,22 @@ def test_live_load_tracks_in_flight_latency_errors_and_last_use() -> None:
     assert live.last_used[("a", "m")] == 4.0
     live.forget("a", "m")
     assert ("a", "m") not in live.last_used
+
+
+def test_snapshot_for_a_model_holds_only_the_neurons_that_have_it_loaded() -> None:
+    from types import SimpleNamespace
+
+    from helexa.protocol import ModelState, ModelStatus, NeuronMetrics
+    from helexa.roles.cortex.fleet import Health
+    from helexa.roles.cortex.scheduler import snapshot
+
+    def link(node_id: str, **models: ModelState) -> SimpleNamespace:
+        return SimpleNamespace(node_id=node_id, health=Health.HEALTHY, in_flight=0, metrics=NeuronMetrics(),
+                               models={m: ModelStatus(m, st) for m, st in models.items()})
+
+    links = [link("a", m=ModelState.LOADED), link("b", m=ModelState.LOADING), link("c", other=ModelState.LOADED)]
+    live = LiveLoad()
+    live.begin("a", "m", 0.0)
+    state = snapshot(links, live, model_id="m")
+    assert [n.node_id for n in state.neurons] == ["a"] and state.neurons[0].in_flight == 1
+    assert [n.node_id for n in snapshot(links, live).neurons] == ["a", "b", "c"]

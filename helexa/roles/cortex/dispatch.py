@@ -170,7 +170,8 @@ class Dispatcher:
         self, model_id: str, workload: WorkloadClass, exclude: set[str],
         on_wait: Callable[[], Awaitable[None]] | None,
     ) -> NeuronLink:
-        decision = schedule(workload, Hints(model_id, frozenset(exclude)), snapshot(self.fleet.usable(), self.live))
+        state = snapshot(self.fleet.usable(), self.live, model_id=model_id)
+        decision = schedule(workload, Hints(model_id, frozenset(exclude)), state)
         for node_id in decision.targets:
             if (link := self.fleet.get(node_id)) is not None:
                 return link

@@ -145,10 +145,16 @@ class LiveLoad:
         self.model_in_flight.pop((node_id, model_id), None)
 
 
-def snapshot(links: Iterable[NeuronLink], live: LiveLoad) -> SchedulerState:
-    """The scheduler's view of the fleet right now."""
+def snapshot(links: Iterable[NeuronLink], live: LiveLoad, *, model_id: str | None = None) -> SchedulerState:
+    """The scheduler's view of the fleet right now; with ``model_id``, only the neurons
+    that have it loaded (the only ones :func:`schedule` can pick for it: per request on a
+    large fleet, the rest would cost a record each for nothing)."""
     neurons = []
     for link in links:
+        if model_id is not None:
+            status = link.models.get(model_id)
+            if status is None or status.state is not ModelState.LOADED:
+                continue
         stats = live.nodes.get(link.node_id)
         neurons.append(
             NeuronLoad(
