@@ -106,3 +106,26 @@ def test_non_streaming_bodies_for_chat_and_completion() -> None:
     body = api.parse(api.CompletionRequest, b'{"model": "m", "prompt": "p"}')
     out = api.completion_response(api.to_generate_request(body, "r"), "cmpl-r", "hello", result)
     assert out["object"] == "text_completion" and out["choices"][0]["text"] == "hello"
+
+
+def test_a_non_streamed_answer_joins_streamed_tool_call_deltas_into_whole_calls() -> None:
+    deltas = [
+        {"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}},
+        {"index": 0, "function": {"arguments": '{"city": '}},
+        {"index": 1, "id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": "{}"}},
+        {"index": 0, "function": {"arguments": '"Paris"}'}},
+    ]
+    whole = [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+        {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": "{}"}},
+    ]
+    assert api.merge_tool_calls(deltas) == whole
+    body = api.parse(api.ChatCompletionRequest, chat())
+    out = api.completion_response(api.to_generate_request(body, "r"), "chatcmpl-r", "", GenerateResult(
+        "r", "tool_calls", Usage(2, 3)), deltas)
+    assert out["choices"][0]["message"]["tool_calls"] == whole
+
+
+def test_whole_tool_calls_pass_through_unchanged() -> None:
+    whole = [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    assert api.merge_tool_calls(whole) == whole

@@ -178,6 +178,38 @@ def usage_body(usage: Usage) -> dict[str, int]:
             "total_tokens": usage.total_tokens}
 
 
+def merge_tool_calls(parts: list[Any]) -> list[dict[str, Any]]:
+    """The tool calls of a non-streamed answer, from what the neuron relayed.
+
+    Streamed backends relay OpenAI tool-call *deltas*: pieces sharing an ``index``, the
+    first with ``id``, ``type`` and the function's ``name``, the rest carrying more of its
+    ``arguments``. They are joined into one call per index. A part without ``index`` is a
+    whole call already (a backend that answered in one piece) and is kept as it is.
+    """
+    calls: list[dict[str, Any]] = []
+    by_index: dict[Any, dict[str, Any]] = {}
+    for part in parts:
+        if not isinstance(part, dict):
+            continue
+        index = part.get("index")
+        if index is None:
+            calls.append(dict(part))
+            continue
+        fn = part.get("function") or {}
+        call = by_index.get(index)
+        if call is None:
+            call = by_index[index] = {"id": part.get("id"), "type": part.get("type") or "function",
+                                      "function": {"name": fn.get("name") or "", "arguments": ""}}
+            calls.append(call)
+        else:
+            if part.get("id"):
+                call["id"] = part["id"]
+            if fn.get("name"):
+                call["function"]["name"] = fn["name"]
+        call["function"]["arguments"] += fn.get("arguments") or ""
+    return calls
+
+
 def completion_response(
     request: GenerateRequest, response_id: str, text: str, result: GenerateResult,
     tool_calls: list[Any] | None = None,
@@ -187,7 +219,7 @@ def completion_response(
     if request.task is Task.CHAT:
         message: dict[str, Any] = {"role": "assistant", "content": text}
         if tool_calls:
-            message["tool_calls"] = tool_calls
+            message["tool_calls"] = merge_tool_calls(tool_calls)
         choice = {"index": 0, "message": message, "finish_reason": result.finish_reason, "logprobs": None}
         obj = "chat.completion"
     else:
