@@ -16,11 +16,14 @@ from dataclasses import dataclass
 import pytest
 import trio
 
-from helexa.roles.cortex.http_server import ClientDisconnected, HttpServer
+from helexa.roles.cortex.gateway import server_error_body
+from helexa.roles.cortex.http_server import ClientDisconnected, HttpServer, plain_error
 
 
 @asynccontextmanager
 async def serving(app, **options) -> AsyncIterator[tuple[HttpServer, int]]:
+    # As the gateway runs it: the server's own error responses carry OpenAI's envelope.
+    options.setdefault("error_body", server_error_body)
     server = HttpServer(app, port=0, **options)
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
@@ -264,6 +267,15 @@ async def test_malformed_http_gets_a_400_envelope_and_the_connection_closes(garb
     assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
 
 
+async def test_without_an_error_renderer_malformed_http_gets_a_line_of_text() -> None:
+    async with serving(echo, error_body=plain_error) as (_, port):
+        bad = await Client.connect(port)
+        await bad.send(b"\x00 not http\r\n\r\n")
+        r = await bad.response()
+    assert r.status == 400 and r.headers["content-type"].startswith("text/plain")
+    assert r.body.startswith(b"400 Bad Request: malformed HTTP request")
+
+
 async def test_an_app_failing_before_it_answers_gives_one_500_envelope_without_the_traceback(caplog) -> None:
     async def app(scope, receive, send) -> None:
         if scope["path"] == "/boom":
@@ -277,7 +289,7 @@ async def test_an_app_failing_before_it_answers_gives_one_500_envelope_without_t
         after = await client.rest()
         assert (await (await Client.connect(port)).request("GET", "/fine")).status == 200
     assert r.status == 500 and r.headers["connection"] == "close"
-    assert r.json()["error"]["type"] == "server_error"
+    assert r.json()["error"]["type"] == "internal_error"
     assert "secret" not in r.body.decode() and "Traceback" not in r.body.decode()
     assert after == b""  # nothing after the one response
     assert any(rec.exc_info and "secret internals" in str(rec.exc_info[1]) for rec in caplog.records)
@@ -291,7 +303,7 @@ async def test_an_app_that_never_answers_gives_a_500_envelope() -> None:
         client = await Client.connect(port)
         r = await client.request()
         assert await client.rest() == b""
-    assert r.status == 500 and r.json()["error"]["type"] == "server_error"
+    assert r.status == 500 and r.json()["error"]["type"] == "internal_error"
 
 
 async def test_a_body_that_stops_arriving_gets_a_400_after_read_timeout() -> None:

@@ -50,7 +50,7 @@ from . import sse
 from .catalogue import Catalogue
 from .disconnect_watch import DisconnectWatch
 from .dispatch import Dispatcher, DispatchSettings, RemoteRouter
-from .errors import ClientGone, Forbidden, InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge, envelope
+from .errors import ClientGone, Forbidden, GatewayError, InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge, envelope
 from .http_server import HttpServer
 from .fleet import Fleet, NeuronLink
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -94,6 +94,12 @@ class GatewayConfig(BaseModel):
     """Client addresses allowed on /admin/* (the fleet view); loopback only by default."""
     provisioner: ProvisionerSettings = Field(default_factory=ProvisionerSettings)
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
+
+
+def server_error_body(status: int, message: str) -> tuple[bytes, bytes]:
+    """What the HTTP server says itself (malformed HTTP, a failed app), as OpenAI's envelope."""
+    _, headers, body = envelope(InvalidRequest(message) if status < 500 else GatewayError(message))
+    return dict(headers)[b"content-type"], body
 
 
 class _Responder:
@@ -189,7 +195,7 @@ class Gateway:
                     server = HttpServer(self, host=c.host, port=c.port, keep_alive_timeout=c.keep_alive_timeout,
                                         keep_alive_max_requests=c.keep_alive_max_requests,
                                         read_timeout=c.body_timeout, send_timeout=c.send_timeout,
-                                        shutdown_grace=c.shutdown_grace)
+                                        shutdown_grace=c.shutdown_grace, error_body=server_error_body)
                     async with trio.open_nursery() as inner:
                         inner.start_soon(self._stop_on_request, server)
                         task_status.started(await inner.start(server.run))

@@ -25,16 +25,15 @@ What it does:
   head must arrive whole within ``read_timeout`` of its first byte, and each part of a
   body within ``read_timeout`` of the one before, a client must accept each write
   within ``send_timeout``;
-* malformed HTTP gets 400 with OpenAI's error envelope and the connection is closed; an
-  app that fails before it answered gets a 500 envelope (the traceback goes to the log,
-  never to the client);
+* malformed HTTP gets 400 and the connection is closed; an app that fails before it
+  answered gets a 500 (the traceback goes to the log, never to the client); the body of
+  both comes from ``error_body`` (the gateway renders OpenAI's envelope there);
 * :meth:`HttpServer.stop`: stop accepting, close idle connections at once, give requests
   in flight ``shutdown_grace`` seconds, then cancel them.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -62,10 +61,19 @@ class ClientDisconnected(OSError):
     """``send()`` was called after the client went away."""
 
 
-def _error_response(status: int, message: str, kind: str) -> bytes:
-    body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": None}}).encode()
-    return (f"HTTP/1.1 {status} {_REASONS.get(status, b'').decode()}\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode() + body
+ErrorBody = Callable[[int, str], tuple[bytes, bytes]]
+"""``(status, message) -> (content type, body)`` of a response the server makes itself."""
+
+
+def plain_error(status: int, message: str) -> tuple[bytes, bytes]:
+    """The default :data:`ErrorBody`: one line of text."""
+    return b"text/plain; charset=utf-8", f"{status} {_REASONS.get(status, b'').decode()}: {message}\n".encode()
+
+
+def _error_response(render: ErrorBody, status: int, message: str) -> bytes:
+    content_type, body = render(status, message)
+    return (b"HTTP/1.1 %d %b\r\ncontent-type: %b\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+            % (status, _REASONS.get(status, b""), content_type, len(body))) + body
 
 
 class _Clock:
@@ -96,11 +104,14 @@ class HttpServer:
         send_timeout: seconds a client may take to accept one write.
         shutdown_grace: seconds requests in flight get after :meth:`stop`.
         max_header_bytes: the largest request head accepted.
+        error_body: renders the responses the server makes itself (malformed HTTP, an app
+            that failed before answering); the gateway passes its OpenAI envelope.
     """
 
     def __init__(self, app: App, *, host: str = "127.0.0.1", port: int = 0, keep_alive_timeout: float = 75.0,
                  keep_alive_max_requests: int = 100_000, read_timeout: float = 30.0, send_timeout: float = 60.0,
-                 shutdown_grace: float = 10.0, max_header_bytes: int = 65536) -> None:
+                 shutdown_grace: float = 10.0, max_header_bytes: int = 65536,
+                 error_body: ErrorBody = plain_error) -> None:
         self.app = app
         self.host = host
         self.port = port
@@ -110,6 +121,7 @@ class HttpServer:
         self.send_timeout = send_timeout
         self.shutdown_grace = shutdown_grace
         self.max_header_bytes = max_header_bytes
+        self.error_body = error_body
         self.clock = _Clock()
         self.closing = False
         self._stop = trio.Event()
@@ -182,8 +194,8 @@ class _Connection:
             try:
                 event = await self.next_event(idle=True)
             except h11.RemoteProtocolError as exc:
-                await self.write_raw(_error_response(exc.error_status_hint, f"malformed HTTP request: {exc}",
-                                                     "invalid_request_error"))
+                await self.write_raw(_error_response(self.server.error_body, exc.error_status_hint,
+                                                     f"malformed HTTP request: {exc}"))
                 return
             except _ReadTimeout:
                 return
@@ -324,11 +336,11 @@ class _Exchange:
         if self.head_sent:
             return
         if self.bad_request is not None:
-            await self.conn.write_raw(_error_response(400, f"malformed HTTP request: {self.bad_request}",
-                                                      "invalid_request_error"))
+            await self.conn.write_raw(_error_response(server.error_body, 400,
+                                                      f"malformed HTTP request: {self.bad_request}"))
         elif not self.disconnected:
             message = "internal error" if failed else "the app sent no response"
-            await self.conn.write_raw(_error_response(500, message, "server_error"))
+            await self.conn.write_raw(_error_response(server.error_body, 500, message))
 
     def _end(self) -> None:
         self.ended.set()
