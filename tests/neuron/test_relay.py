@@ -7,7 +7,7 @@ import pytest
 import trio
 
 from helexa.protocol import GenerateResult, TokenChunk, Usage
-from helexa.roles.neuron.relay import BATCH_TICKS, collect, merge, relay
+from helexa.roles.neuron.relay import BATCH_TICKS, COLLECT_FLUSH_CHARS, collect, merge, relay
 
 RID = "r1"
 
@@ -124,13 +124,33 @@ async def test_an_empty_generation_sends_nothing_and_never_calls_on_first() -> N
     assert calls == []
 
 
-async def test_collect_turns_a_generation_into_one_result_with_all_the_text() -> None:
+async def _collected(events: list, **kw) -> list:  # type: ignore[type-arg]
     async def backend():  # type: ignore[no-untyped-def]
-        for e in (tok("a"), tok("", tool_calls=({"id": "x"},)), tok("b"),
-                  GenerateResult(RID, "stop", Usage(1, 3), text="c")):
+        for e in events:
             yield e
 
-    assert await collect(backend()) == GenerateResult(RID, "stop", Usage(1, 3), "abc", ({"id": "x"},))
+    out: list = []  # type: ignore[type-arg]
+
+    async def send(e) -> None:  # type: ignore[no-untyped-def]
+        out.append(e)
+
+    await collect(backend(), send, **kw)
+    return out
+
+
+async def test_collect_sends_a_generation_as_one_result_with_all_the_text() -> None:
+    events = [tok("a"), tok("", tool_calls=({"id": "x"},)), tok("b"), GenerateResult(RID, "stop", Usage(1, 3), text="c")]
+    assert await _collected(events) == [GenerateResult(RID, "stop", Usage(1, 3), "abc", ({"id": "x"},))]
+
+
+async def test_collect_sends_a_very_long_answer_in_pieces_no_frame_near_the_limit() -> None:
+    piece = "x" * 1000
+    started: list[bool] = []
+    events = [tok(piece) for _ in range(COLLECT_FLUSH_CHARS // 1000 * 2 + 10)] + [result()]
+    out = await _collected(events, on_first=lambda: started.append(True))
+    assert started and all(isinstance(e, TokenChunk) for e in out[:-1]) and isinstance(out[-1], GenerateResult)
+    assert len(out) == 3 and all(len(e.text) <= COLLECT_FLUSH_CHARS + 1000 for e in out)
+    assert "".join(e.text for e in out) == piece * (len(events) - 1)
 
 
 async def test_collect_raises_what_the_backend_raises() -> None:
@@ -138,5 +158,8 @@ async def test_collect_raises_what_the_backend_raises() -> None:
         yield tok("a")
         raise RuntimeError("boom")
 
+    async def send(e) -> None:  # type: ignore[no-untyped-def]
+        raise AssertionError("nothing is sent before the failure")
+
     with pytest.raises(RuntimeError, match="boom"):
-        await collect(backend())
+        await collect(backend(), send)

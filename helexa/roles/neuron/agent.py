@@ -378,7 +378,7 @@ class Neuron:
                         if req.stream:
                             await relay(it, self._send, on_first=lambda: started_now.append(True))
                         else:
-                            await self._send(await collect(it))
+                            await collect(it, self._send, on_first=lambda: started_now.append(True))
                 finally:
                     self.registry.release(req.model_id)
             except BackendError as exc:

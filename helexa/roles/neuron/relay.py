@@ -15,7 +15,8 @@ token and sends each token alone.
 
 :func:`collect` is the non-streaming case: the client sees nothing before the end, so the
 whole generation goes out as one :class:`GenerateResult` (one frame instead of one per
-token; a failure before it is still retryable elsewhere).
+token; a failure before it is still retryable elsewhere). An answer longer than
+:data:`COLLECT_FLUSH_CHARS` goes out in pieces, so no frame nears the frame limit.
 
 :func:`merge` is the pure part: it joins runs of plain text chunks and leaves everything
 else (tool-call chunks, the final result) in order.
@@ -111,22 +112,39 @@ async def relay(events: AsyncIterator[GenerationEvent], send: Callable[[Generati
         raise failure[0]
 
 
-async def collect(events: AsyncIterator[GenerationEvent]) -> GenerateResult:
-    """Drain ``events`` into one :class:`GenerateResult` holding all the text and tool calls.
+COLLECT_FLUSH_CHARS = 256 * 1024
+"""A non-streaming answer longer than this goes out in pieces of about this size, so no
+frame nears the control plane's frame limit however long the answer."""
+
+
+async def collect(events: AsyncIterator[GenerationEvent], send: Callable[[GenerationEvent], Awaitable[None]],
+                  on_first: Callable[[], None] = lambda: None) -> None:
+    """Send a non-streaming generation as one :class:`GenerateResult` holding all its
+    text and tool calls (or, past :data:`COLLECT_FLUSH_CHARS`, text chunks and then the
+    result; ``on_first`` is called before the first of those goes out).
 
     Raises what the backend raises, or :class:`ValueError` if it ended without a result.
     """
     parts: list[str] = []
+    size = 0
     calls: list = []
+    rid = ""
     async for event in events:
-        if isinstance(event, TokenChunk):
-            parts.append(event.text)
-            calls.extend(event.tool_calls or ())
-        elif isinstance(event, GenerateResult):
+        if isinstance(event, GenerateResult):
             if not parts and not calls:
-                return event
+                await send(event)
+                return
             parts.append(event.text)
             calls.extend(event.tool_calls or ())
-            return GenerateResult(event.request_id, event.finish_reason, event.usage, "".join(parts),
-                                  tuple(calls) or None)
+            await send(GenerateResult(event.request_id, event.finish_reason, event.usage, "".join(parts),
+                                      tuple(calls) or None))
+            return
+        rid = event.request_id
+        parts.append(event.text)
+        size += len(event.text)
+        calls.extend(event.tool_calls or ())
+        if size >= COLLECT_FLUSH_CHARS:
+            on_first()
+            await send(TokenChunk(rid, "".join(parts)))
+            parts, size = [], 0
     raise ValueError("the backend ended without a result")
