@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """What the gateway's HTTP layer costs: raw ASGI vs Quart vs the helexa gateway.
 
-Each server runs in its own process (pinned to CPU 0 where ``taskset`` exists), behind
-hypercorn on trio; a lean HTTP/1.1 keep-alive client in this process (CPU 1) measures:
+Each server runs in its own process (pinned to CPU 0 where ``taskset`` exists): ``raw`` and
+``quart`` behind hypercorn on trio, ``gateway`` on its own server (trio + h11, the
+default); a lean HTTP/1.1 keep-alive client in this process (CPU 1) measures:
 
 * ``raw``:     a bare ASGI app answering the chat POST with a fixed JSON body;
 * ``quart``:   the same handler as a quart-trio route (what the Quart cycle costs);

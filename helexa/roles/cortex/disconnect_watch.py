@@ -46,19 +46,19 @@ class DisconnectWatch:
 
     def __init__(self, grace: float = 0.05) -> None:
         self.grace = grace
-        self._pending: dict[int, Watched] = {}
+        self._pending: set[Watched] = set()
         self._wake = trio.Event()
 
     def add(self, receive: Receive, scope: trio.CancelScope) -> Watched:
         watched = Watched(receive, scope, trio.current_time())
-        self._pending[id(watched)] = watched
+        self._pending.add(watched)
         if not self._wake.is_set():
             self._wake.set()
         return watched
 
     def discard(self, watched: Watched) -> None:
         watched.done = True
-        self._pending.pop(id(watched), None)
+        self._pending.discard(watched)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Sweep until cancelled."""
@@ -70,10 +70,9 @@ class DisconnectWatch:
                 while self._pending:
                     await trio.sleep(self.grace)
                     now = trio.current_time()
-                    for key, watched in list(self._pending.items()):
-                        if now - watched.since >= self.grace:
-                            del self._pending[key]
-                            nursery.start_soon(self._watch, watched)
+                    for watched in [w for w in self._pending if now - w.since >= self.grace]:
+                        self._pending.discard(watched)
+                        nursery.start_soon(self._watch, watched)
 
     @staticmethod
     async def _watch(watched: Watched) -> None:

@@ -163,6 +163,7 @@ class Gateway:
         self._created = int(time.time())
         self._stop = trio.Event()
         self._watch = DisconnectWatch()
+        self._server: HttpServer | None = None
         self.in_flight = 0
         """HTTP requests being handled right now (a drain waits for this to reach 0)."""
         self._routes: dict[str, tuple[str, Callable[[Scope, Receive, _Responder], Awaitable[None]]]] = {
@@ -192,13 +193,13 @@ class Gateway:
                 if c.server == "hypercorn":
                     await self._hypercorn(task_status)
                 else:
-                    server = HttpServer(self, host=c.host, port=c.port, keep_alive_timeout=c.keep_alive_timeout,
-                                        keep_alive_max_requests=c.keep_alive_max_requests,
-                                        read_timeout=c.body_timeout, send_timeout=c.send_timeout,
-                                        shutdown_grace=c.shutdown_grace, error_body=server_error_body)
-                    async with trio.open_nursery() as inner:
-                        inner.start_soon(self._stop_on_request, server)
-                        task_status.started(await inner.start(server.run))
+                    self._server = HttpServer(self, host=c.host, port=c.port, keep_alive_timeout=c.keep_alive_timeout,
+                                              keep_alive_max_requests=c.keep_alive_max_requests,
+                                              read_timeout=c.body_timeout, send_timeout=c.send_timeout,
+                                              shutdown_grace=c.shutdown_grace, error_body=server_error_body)
+                    if self._stop.is_set():
+                        self._server.stop()
+                    await self._server.run(task_status=task_status)
                 # The server returns once its graceful shutdown is over: stop housekeeping too.
                 nursery.cancel_scope.cancel()
 
@@ -210,10 +211,8 @@ class Gateway:
 
     def stop(self) -> None:
         self._stop.set()
-
-    async def _stop_on_request(self, server: HttpServer) -> None:
-        await self._stop.wait()
-        server.stop()
+        if self._server is not None:
+            self._server.stop()
 
     async def _hypercorn(self, task_status: trio.TaskStatus[list[str]]) -> None:
         import hypercorn.config

@@ -210,7 +210,8 @@ class _Connection:
                 self.idle = True
             if exchange.reusable and self.h11.their_state is h11.SEND_BODY:
                 self.skip_buffered_body()
-            if not exchange.reusable or not exchange.finished or self.h11.their_state is not h11.DONE:
+            if (not exchange.reusable or not exchange.finished or self.server.closing
+                    or self.h11.their_state is not h11.DONE):
                 return
             # The response went out without h11 (see _Exchange._head): a fresh parser takes
             # over, with whatever the client already sent of its next request.
@@ -281,7 +282,7 @@ class _Exchange:
     def __init__(self, conn: _Connection, request: h11.Request) -> None:
         self.conn = conn
         self.request = request
-        self.head = request.method == b"HEAD"
+        self.head_request = request.method == b"HEAD"
         self.body_done = False
         self.stash: Any = None
         self.status = 0
@@ -328,8 +329,6 @@ class _Exchange:
             failed = True
         self._end()
         if self.finished:
-            if server.closing or self.conn.served >= server.keep_alive_max_requests:
-                self.reusable = False
             return
         self.reusable = False
         # Exactly one fallback response, and only if no response head went out.
@@ -429,7 +428,7 @@ class _Exchange:
         body = message.get("body", b"")
         more = message.get("more_body", False)
         data = self._head(len(body), more) if not self.head_sent else b""
-        if body and not self.head and self.status not in (204, 304):
+        if body and not self.head_request and self.status not in (204, 304):
             data += b"%x\r\n%b\r\n" % (len(body), body) if self.chunked else body
         if not more:
             if self.chunked:

@@ -20,6 +20,7 @@ import ssl
 from collections.abc import Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import trio
 
@@ -63,6 +64,18 @@ from .registry import ModelRegistry
 from .relay import collect, relay
 
 log = logging.getLogger(__name__)
+
+_M = TypeVar("_M")
+
+
+async def _expect(channel: Channel, kind: type[_M]) -> _M:
+    """The cortex's next handshake message, which must be ``kind`` (or a ``Refused``)."""
+    msg = await channel.receive()
+    if isinstance(msg, Refused):
+        raise JoinRefused(msg.code, msg.reason)
+    if not isinstance(msg, kind):
+        raise ProtocolError(f"expected {kind.__name__.lower()}, got {type(msg).__name__}")
+    return msg
 
 
 class NeuronError(Exception):
@@ -210,20 +223,12 @@ class Neuron:
         s = self.settings
         nonce = auth.new_nonce()
         await channel.send(Hello(s.node_id, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, nonce, f"helexa {__version__}"))
-        challenge = await channel.receive()
-        if isinstance(challenge, Refused):
-            raise JoinRefused(challenge.code, challenge.reason)
-        if not isinstance(challenge, Challenge):
-            raise ProtocolError(f"expected challenge, got {type(challenge).__name__}")
+        challenge = await _expect(channel, Challenge)
         proof = auth.join_proof(s.token, challenge.nonce, nonce, s.node_id)
         await channel.send(
             Join(proof, self.descriptor(), self.registry.statuses(), self.registry.configs())
         )
-        welcome = await channel.receive()
-        if isinstance(welcome, Refused):
-            raise JoinRefused(welcome.code, welcome.reason)
-        if not isinstance(welcome, Welcome):
-            raise ProtocolError(f"expected welcome, got {type(welcome).__name__}")
+        welcome = await _expect(channel, Welcome)
         expected = auth.welcome_proof(s.token, challenge.nonce, nonce, s.node_id)
         if not auth.verify(expected, welcome.proof):
             raise CortexImpostor("the cortex could not prove it holds our join token")

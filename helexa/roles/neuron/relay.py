@@ -82,17 +82,7 @@ async def relay(events: AsyncIterator[GenerationEvent], send: Callable[[Generati
             while True:
                 await state["wake"].wait()  # type: ignore[union-attr]
                 if not first:
-                    # After the first frame, take what the backend has ready: yield while it
-                    # keeps producing, for at most BATCH_TICKS scheduler ticks (~20 us each).
-                    # Two idle ticks in a row end the wait: trio runs a tick's tasks in a
-                    # random order, so one tick may run this task before the producer.
-                    idle = 0
-                    for _ in range(BATCH_TICKS):
-                        if state["done"] or idle == 2:
-                            break
-                        ready = len(pending)
-                        await trio.lowlevel.checkpoint()
-                        idle = idle + 1 if len(pending) == ready else 0
+                    await _while_producing(pending, lambda: bool(state["done"]))
                 state["wake"] = trio.Event()
                 batch = pending[:]
                 pending.clear()
@@ -110,6 +100,20 @@ async def relay(events: AsyncIterator[GenerationEvent], send: Callable[[Generati
         raise error[0]
     if failure:
         raise failure[0]
+
+
+async def _while_producing(pending: list[GenerationEvent], done: Callable[[], bool]) -> None:
+    """Yield while the backend keeps adding to ``pending``, for at most
+    :data:`BATCH_TICKS` scheduler ticks (~20 us each). Two idle ticks in a row end the
+    wait: trio runs a tick's tasks in a random order, so one tick may run this task before
+    the producer."""
+    idle = 0
+    for _ in range(BATCH_TICKS):
+        if done() or idle == 2:
+            return
+        ready = len(pending)
+        await trio.lowlevel.checkpoint()
+        idle = idle + 1 if len(pending) == ready else 0
 
 
 COLLECT_FLUSH_CHARS = 256 * 1024
