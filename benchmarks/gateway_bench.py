@@ -87,7 +87,7 @@ class InstantNeuron:
         self.configs = {}
         self.joined_at = self.last_heartbeat = time.time()
         self.in_flight = 0
-        fleet.links["instant"] = self
+        fleet.add(self)
 
     @asynccontextmanager
     async def generate(self, request):  # noqa: ANN001, ANN201
@@ -110,13 +110,18 @@ async def serve(kind: str, port: int) -> None:
 
     if kind == "gateway":
         from helexa.roles.cortex.catalogue import Catalogue
+        from helexa.roles.cortex.config import CortexConfig
         from helexa.roles.cortex.fleet import Fleet
-        from helexa.roles.cortex.gateway import Gateway, GatewayConfig
+        from helexa.roles.cortex.gateway import Gateway
+        from helexa.roles.cortex.orchestrator import Orchestrator
 
         fleet = Fleet()
         InstantNeuron(fleet)
-        gateway = Gateway(fleet, Catalogue(), GatewayConfig(port=port))
-        await gateway.run()
+        config = CortexConfig(gateway_socket=f"127.0.0.1:{port}")
+        gateway = Gateway(config, Orchestrator(config, fleet, Catalogue()))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gateway.orchestrator.run)
+            await gateway.run()
         return
     app = raw_app if kind == "raw" else quart_app()
     if kind == "quart":

@@ -45,7 +45,7 @@ async def joined_with_synthetic_model(nursery):
     server, url = await start_cortex(nursery)
     neuron = neuron_for(url)
     nursery.start_soon(neuron.run)
-    await wait_until(lambda: "n1" in server.fleet.links)
+    await wait_until(lambda: "n1" in server.fleet)
     link = server.fleet.get("n1")
     await link.provision(UpsertModelConfig("c1", ModelConfig("s", "synthetic")), timeout=5)
     return server, neuron, link
@@ -75,7 +75,7 @@ async def test_neuron_joins_and_heartbeats_update_the_fleet(nursery):
     server, url = await start_cortex(nursery)
     neuron = neuron_for(url, labels={"rack": "a"})
     nursery.start_soon(neuron.run)
-    await wait_until(lambda: "n1" in server.fleet.links)
+    await wait_until(lambda: "n1" in server.fleet)
     link = server.fleet.get("n1")
     assert link.health is Health.HEALTHY
     assert link.descriptor.labels == {"rack": "a"}
@@ -92,11 +92,11 @@ async def test_wrong_token_is_refused_and_the_cortex_carries_on(nursery):
     server, url = await start_cortex(nursery)
     good = neuron_for(url, "good")
     nursery.start_soon(good.run)
-    await wait_until(lambda: "good" in server.fleet.links)
+    await wait_until(lambda: "good" in server.fleet)
     with pytest.raises(JoinRefused) as refused:
         await neuron_for(url, "intruder", token="hlx1.wrong").run()
     assert refused.value.code == "unauthorized"
-    assert "intruder" not in server.fleet.links
+    assert "intruder" not in server.fleet
     assert server.refusals == 1
     link = server.fleet.get("good")
     beats = link.heartbeats
@@ -146,7 +146,7 @@ async def test_bad_frames_close_only_the_offending_connection(nursery, frame):
     server, url = await start_cortex(nursery, max_frame=64 * 1024)
     neuron = neuron_for(url, "bystander")
     nursery.start_soon(neuron.run)
-    await wait_until(lambda: "bystander" in server.fleet.links)
+    await wait_until(lambda: "bystander" in server.fleet)
     async with trio_websocket.open_websocket_url(url, max_message_size=1 << 20) as ws:
         await ws.send_message(frame)
         with trio.fail_after(5):
@@ -164,7 +164,7 @@ async def test_provisioning_round_trip_changes_state_on_both_sides(nursery):
     server, url = await start_cortex(nursery)
     neuron = neuron_for(url)
     nursery.start_soon(neuron.run)
-    await wait_until(lambda: "n1" in server.fleet.links)
+    await wait_until(lambda: "n1" in server.fleet)
     link = server.fleet.get("n1")
     resp = await link.provision(UpsertModelConfig("c1", ModelConfig("m1", "no_such_backend")), timeout=5)
     assert resp.ok and resp.status.state.value == "configured"
@@ -296,7 +296,7 @@ async def test_a_rejoining_neuron_reports_what_it_already_holds(nursery):
         NeuronSettings(url2, "n1", TOKEN, reconnect_initial=0.05), registry=neuron.registry
     )
     nursery.start_soon(neuron2_view.run)
-    await wait_until(lambda: "n1" in server2.fleet.links)
+    await wait_until(lambda: "n1" in server2.fleet)
     rejoined = server2.fleet.get("n1")
     assert rejoined.models["s"].state is ModelState.LOADED
     assert rejoined.configs["s"].backend_kind == "synthetic"

@@ -54,7 +54,7 @@ async def test_neuron_joins_over_wss_and_verifies_the_cortex_certificate(nursery
     nursery.start_soon(neuron.run)
     with trio.fail_after(10):
         await neuron.joined.wait()
-        while "tls-1" not in server.fleet.links or server.fleet.get("tls-1").heartbeats < 1:
+        while "tls-1" not in server.fleet or server.fleet.get("tls-1").heartbeats < 1:
             await trio.sleep(0.05)
     assert server.fleet.get("tls-1").health is Health.HEALTHY
 
@@ -69,4 +69,4 @@ async def test_a_neuron_that_cannot_verify_the_certificate_never_joins(nursery, 
     nursery.start_soon(neuron.run)
     await trio.sleep(5)
     assert not neuron.joined.is_set()
-    assert "tls-2" not in server.fleet.links
+    assert "tls-2" not in server.fleet

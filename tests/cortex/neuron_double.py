@@ -75,8 +75,7 @@ class NeuronDouble:
         self.finished: list[str] = []
         self._dead = trio.Event()
         self._fleet = fleet
-        fleet.links[node_id] = self
-        fleet.notify()
+        fleet.add(self)
 
     def kill(self) -> None:
         """The connection drops: streams fail with NeuronGone, the link turns unhealthy."""
@@ -126,6 +125,11 @@ class NeuronDouble:
                 raise NeuronGone(f"{self.node_id} died", started=False)
             if self.retryable_error:
                 raise RemoteError("model_not_loaded", "not here", retryable=True)
+            status = self.models.get(request.model_id)
+            if status is None or status.state is not ModelState.LOADED:
+                # What a real neuron answers (its registry's ModelNotReady).
+                raise RemoteError("model_not_loaded", f"model {request.model_id!r} is not loaded on {self.node_id}",
+                                  retryable=True)
             limit = request.sampling.max_tokens or self.tokens
             for i in range(min(self.tokens, limit)):
                 if self.token_delay:

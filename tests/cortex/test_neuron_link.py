@@ -5,13 +5,13 @@ from __future__ import annotations
 import trio
 
 from helexa.protocol import Hardware, Heartbeat, NeuronDescriptor, NeuronMetrics, Ping, Pong
-from helexa.roles.cortex.neuron_link import _MAX_PENDING_REPLIES, Link
+from helexa.roles.cortex.neuron_link import _MAX_PENDING_REPLIES, NeuronLink
 from helexa.transport.memory import channel_pair
 
 
 def _link():
     cortex_side, neuron_side = channel_pair()
-    return Link(cortex_side, NeuronDescriptor("n1", Hardware(cpu_cores=1, ram_total=1))), neuron_side
+    return NeuronLink(cortex_side, NeuronDescriptor("n1", Hardware(cpu_cores=1, ram_total=1))), neuron_side
 
 
 async def test_a_neurons_ping_is_answered_with_a_pong_of_the_same_nonce(nursery):

@@ -1,6 +1,6 @@
 """The cortex's control-plane endpoint: neurons dial it, prove the join token, and stay.
 
-For each connection: the handshake (under one deadline), then a :class:`~.neuron_link.Link`
+For each connection: the handshake (under one deadline), then a :class:`~.neuron_link.NeuronLink`
 registered in the :class:`~.fleet.Fleet`, whose reader runs until the connection ends. A
 watchdog marks neurons unhealthy after missed heartbeats (closing a silent connection so
 its requests fail fast) and removes them from the fleet later.
@@ -24,15 +24,14 @@ from helexa.protocol import (
     Join,
     ProtocolError,
     Refused,
-    Shutdown,
     Welcome,
 )
 from helexa.protocol import auth
 from helexa.transport import Channel, ChannelClosed
 from helexa.transport import websocket as ws_transport
 
-from .fleet import Fleet, Health
-from .neuron_link import Link
+from .fleet import Fleet
+from .neuron_link import NeuronLink
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +125,7 @@ class ControlServer:
             pass
         await channel.aclose(ws_transport.CLOSE_POLICY, code)
 
-    async def _handshake(self, channel: Channel) -> Link | None:
+    async def _handshake(self, channel: Channel) -> NeuronLink | None:
         hello = await channel.receive()
         if not isinstance(hello, Hello):
             raise ProtocolError(f"expected hello, got {type(hello).__name__}")
@@ -161,7 +160,7 @@ class ControlServer:
                 f"neuron {hello.node_id!r}: the join proof does not match this cortex's join token",
             )
             return None
-        link = Link(
+        link = NeuronLink(
             channel,
             join.descriptor,
             models=join.models,
@@ -169,13 +168,11 @@ class ControlServer:
             on_change=self.fleet.notify,
             send_timeout=self.settings.send_timeout,
         )
-        old = self.fleet.links.get(link.node_id)
+        # Registered before the welcome goes out: once a neuron is welcomed, it is counted.
+        old = self.fleet.add(link)
         if old is not None and old.connected:
             log.info("neuron %s reconnected; closing its previous connection", link.node_id)
             await old.close(1000, "replaced by a new connection")
-        # Registered before the welcome goes out: once a neuron is welcomed, it is counted.
-        self.fleet.links[link.node_id] = link
-        self.fleet.notify()
         await channel.send(
             Welcome(
                 auth.welcome_proof(token, cortex_nonce, hello.nonce, hello.node_id),
@@ -195,41 +192,26 @@ class ControlServer:
         while True:
             await trio.sleep(s.heartbeat_interval / 2)
             now = trio.current_time()
-            for link in list(self.fleet.links.values()):
-                if not isinstance(link, Link):
+            for link in self.fleet:
+                if not isinstance(link, NeuronLink):
                     continue
                 allowed = max(silence, s.busy_silence) if link.provisioning else silence
                 if link.connected and now - link.last_seen > allowed:
                     log.warning("neuron %s missed %d heartbeats: unhealthy", link.node_id, s.missed_heartbeats)
-                    link.health = Health.UNHEALTHY
-                    link.disconnected_at = now
-                    self.fleet.notify()
-                    await link.close(1001, "missed heartbeats")
+                    await link.drop_silent("missed heartbeats")
                 if (
                     not link.connected
                     and link.disconnected_at is not None
                     and now - link.disconnected_at >= s.remove_after
-                    and self.fleet.links.get(link.node_id) is link
+                    and self.fleet.remove(link)
                 ):
                     log.info("neuron %s removed after %.0fs without a connection", link.node_id, s.remove_after)
-                    del self.fleet.links[link.node_id]
-                    self.fleet.notify()
 
     async def shutdown_neurons(self, reason: str, grace: float) -> None:
         """Tell every connected neuron the cortex is going away (best effort, bounded)."""
-        links = [l for l in self.fleet.links.values() if isinstance(l, Link) and l.connected]
-
-        async def tell(link: Link) -> None:
-            try:
-                await link.channel.send(Shutdown(reason, grace))
-            except ChannelClosed:
-                pass
-            # Closed while the connection's reader still runs, so the close handshake
-            # completes instead of waiting out its timeout.
-            await link.close(1001, "cortex stopping")
-
+        links = [l for l in self.fleet if isinstance(l, NeuronLink) and l.connected]
         with trio.move_on_after(2) as scope:
             scope.shield = True
             async with trio.open_nursery() as nursery:
                 for link in links:
-                    nursery.start_soon(tell, link)
+                    nursery.start_soon(link.part, reason, grace)

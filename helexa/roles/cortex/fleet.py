@@ -1,8 +1,8 @@
-"""The cortex's live view of its neurons, and the handle used to send them work.
+"""The cortex's live view of its neurons.
 
 The control server (:mod:`helexa.roles.cortex.control_server`) owns the connections and
-keeps a :class:`Fleet` up to date; everything else (gateway, provisioner, admin API) reads
-it and acts through :class:`NeuronLink`.
+adds and removes their :class:`~.neuron_link.NeuronLink` here; everything else (the
+orchestrator, the admin API) reads the fleet and acts through those links.
 
 Exception tree::
 
@@ -16,28 +16,15 @@ Exception tree::
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-from helexa.protocol import (
-    EmbedRequest,
-    EmbedResult,
-    GenerateRequest,
-    GenerateResult,
-    LoadProgress,
-    ModelConfig,
-    ModelStatus,
-    NeuronDescriptor,
-    NeuronMetrics,
-    ProvisioningCommand,
-    ProvisioningResponse,
-    TokenChunk,
-    to_wire,
-)
+from helexa.protocol import to_wire
+
+if TYPE_CHECKING:
+    from .neuron_link import NeuronLink
 
 
 class FleetError(Exception):
@@ -69,62 +56,48 @@ class Health(enum.Enum):
     DRAINING = "draining"  # announced Shutdown; no new work
 
 
-class NeuronLink(Protocol):
-    """One joined neuron, as seen and driven by the cortex."""
-
-    node_id: str
-    descriptor: NeuronDescriptor
-    health: Health
-    metrics: NeuronMetrics
-    models: dict[str, ModelStatus]
-    configs: dict[str, ModelConfig]
-    joined_at: float  # wall-clock seconds
-    last_heartbeat: float  # wall-clock seconds
-    in_flight: int
-
-    async def provision(
-        self,
-        command: ProvisioningCommand,
-        *,
-        timeout: float,
-        on_progress: Callable[[LoadProgress], None] | None = None,
-    ) -> ProvisioningResponse:
-        """Send a provisioning command and wait for its response.
-
-        Raises:
-            NeuronGone: the connection dropped first.
-            CommandTimeout: no response within ``timeout`` seconds.
-        """
-        ...
-
-    def generate(
-        self, request: GenerateRequest
-    ) -> AbstractAsyncContextManager[AsyncIterator[TokenChunk | GenerateResult]]:
-        """Start a generation; the iterator yields chunks, then one result.
-
-        Leaving the context before the result sends ``Cancel`` to the neuron. Iteration
-        raises :class:`NeuronGone` or :class:`RemoteError`. Chunks are coalesced when the
-        consumer falls behind, so a slow reader never blocks the connection.
-        """
-        ...
-
-    async def embed(self, request: EmbedRequest, *, timeout: float) -> EmbedResult:
-        ...
-
-
-@dataclass
 class Fleet:
-    """All neurons currently joined (healthy or not). Mutated only by the control server."""
+    """All neurons currently joined (healthy or not), by node id.
 
-    links: dict[str, NeuronLink] = field(default_factory=dict)
-    _changed: trio.Event = field(default_factory=trio.Event)
+    Links enter through :meth:`add` and leave through :meth:`remove` (the control server
+    calls both); every change of membership or of a link's state wakes
+    :meth:`wait_changed`.
+    """
+
+    def __init__(self) -> None:
+        self._links: dict[str, NeuronLink] = {}
+        self._changed = trio.Event()
+
+    def add(self, link: NeuronLink) -> NeuronLink | None:
+        """Register ``link`` under its node id; returns the link it replaces, if any."""
+        old = self._links.get(link.node_id)
+        self._links[link.node_id] = link
+        self.notify()
+        return old
+
+    def remove(self, link: NeuronLink) -> bool:
+        """Forget ``link`` if it is still the one registered under its node id."""
+        if self._links.get(link.node_id) is not link:
+            return False
+        del self._links[link.node_id]
+        self.notify()
+        return True
 
     def get(self, node_id: str) -> NeuronLink | None:
-        return self.links.get(node_id)
+        return self._links.get(node_id)
+
+    def __contains__(self, node_id: object) -> bool:
+        return node_id in self._links
+
+    def __iter__(self) -> Iterator[NeuronLink]:
+        return iter(list(self._links.values()))
+
+    def __len__(self) -> int:
+        return len(self._links)
 
     def usable(self) -> list[NeuronLink]:
         """Neurons that may be given new work."""
-        return [link for link in self.links.values() if link.health is Health.HEALTHY]
+        return [link for link in self._links.values() if link.health is Health.HEALTHY]
 
     def notify(self) -> None:
         """Wake everyone waiting in :meth:`wait_changed` (a join, a leave, a state change)."""
@@ -137,7 +110,7 @@ class Fleet:
     def snapshot(self) -> dict[str, Any]:
         """The fleet as JSON-ready data, for the admin endpoint and ``helexa status``."""
         neurons = []
-        for link in sorted(self.links.values(), key=lambda l: l.node_id):
+        for link in sorted(self._links.values(), key=lambda l: l.node_id):
             neurons.append(
                 {
                     "node_id": link.node_id,

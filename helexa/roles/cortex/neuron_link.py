@@ -1,10 +1,10 @@
 """One joined neuron's connection, from the cortex's side: state, and the calls that drive it.
 
-A :class:`Link` owns the reader loop of its channel. Provisioning responses are matched to
+A :class:`NeuronLink` owns the reader loop of its channel. Provisioning responses are matched to
 commands by command id, inference frames to requests by request id, so any number of
 commands and generations share one connection. The reader never blocks on a consumer:
-each request has its own buffer, and text chunks that pile up while its reader is slow
-are coalesced into one.
+each request has its own :class:`LinkStream`, and text chunks that pile up while its
+reader is slow are coalesced into one.
 """
 
 from __future__ import annotations
@@ -57,18 +57,23 @@ class _Command:
     on_progress: Callable[[LoadProgress], None] | None = None
 
 
-class _Stream:
-    """Per-request buffer between the reader loop and one consumer.
+class LinkStream:
+    """One request on one neuron link: its buffer, its events, and its lifetime.
 
-    It is also the consumer's async iterator (chunks, then the result), a class rather
-    than an async generator: a generator left suspended after the result has to be
+    ``async with link.generate(request) as events`` sends the request on entry; iterating
+    yields the chunks, then the one result; leaving the context before the result sends
+    ``Cancel`` to the neuron. The link's reader pushes into the buffer and never blocks on
+    the consumer: text chunks that pile up while the consumer is slow are coalesced into
+    one. A class rather than an async generator or ``@asynccontextmanager``: it is on
+    every request's path, and a generator left suspended after the result must be
     finalised by trio's GC hook, which cost a system task per request.
     """
 
-    __slots__ = ("request_id", "chunks", "final", "error", "wake", "started", "delivered")
+    __slots__ = ("link", "request", "chunks", "final", "error", "wake", "started", "delivered")
 
-    def __init__(self, request_id: str) -> None:
-        self.request_id = request_id
+    def __init__(self, link: "NeuronLink", request: GenerateRequest | EmbedRequest) -> None:
+        self.link = link
+        self.request = request
         self.chunks: list[TokenChunk] = []
         self.final: GenerateResult | EmbedResult | None = None
         self.error: Exception | None = None
@@ -76,23 +81,7 @@ class _Stream:
         self.started = False
         self.delivered = False
 
-    def __aiter__(self) -> "_Stream":
-        return self
-
-    async def __anext__(self) -> TokenChunk | GenerateResult:
-        while True:
-            if self.chunks:
-                return self.chunks.pop(0)
-            if self.final is not None:
-                if self.delivered:
-                    raise StopAsyncIteration
-                self.delivered = True
-                assert isinstance(self.final, GenerateResult)
-                return self.final
-            if self.error is not None:
-                raise self.error
-            await self.wake.wait()
-            self.wake = trio.Event()
+    # --- the reader's side ----------------------------------------------------------------
 
     def push(self, chunk: TokenChunk) -> None:
         self.started = True
@@ -112,34 +101,16 @@ class _Stream:
             self.error = error
         self.wake.set()
 
+    # --- the consumer's side --------------------------------------------------------------
 
-
-class _Generation:
-    """The async context manager :meth:`Link.generate` returns (a class, not
-    ``@asynccontextmanager``: it is on every request's path)."""
-
-    __slots__ = ("link", "request", "stream")
-
-    def __init__(self, link: "Link", request: GenerateRequest) -> None:
-        self.link = link
-        self.request = request
-        self.stream = _Stream(request.request_id)
-
-    async def __aenter__(self) -> _Stream:
-        link, rid = self.link, self.request.request_id
-        link._streams[rid] = self.stream
-        link.in_flight += 1
-        try:
-            await link._send(self.request)
-        except BaseException:
-            self._forget()
-            raise
-        return self.stream
+    async def __aenter__(self) -> "LinkStream":
+        await self.link._open(self)
+        return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        self._forget()
-        stream, link = self.stream, self.link
-        if stream.final is None and stream.error is None and link.connected:
+        link = self.link
+        link._close(self)
+        if self.final is None and self.error is None and link.connected:
             with trio.move_on_after(2) as scope:
                 scope.shield = True
                 try:
@@ -147,13 +118,30 @@ class _Generation:
                 except ChannelClosed:
                     pass
 
-    def _forget(self) -> None:
-        self.link.in_flight -= 1
-        del self.link._streams[self.request.request_id]
+    def __aiter__(self) -> "LinkStream":
+        return self
+
+    async def __anext__(self) -> TokenChunk | GenerateResult:
+        while True:
+            if self.chunks:
+                return self.chunks.pop(0)
+            if self.final is not None:
+                if self.delivered:
+                    raise StopAsyncIteration
+                self.delivered = True
+                assert isinstance(self.final, GenerateResult)
+                return self.final
+            if self.error is not None:
+                raise self.error
+            await self.wait()
+
+    async def wait(self) -> None:
+        await self.wake.wait()
+        self.wake = trio.Event()
 
 
-class Link:
-    """The cortex's handle on one neuron (implements :class:`~.fleet.NeuronLink`)."""
+class NeuronLink:
+    """The cortex's handle on one joined neuron: its state, and the calls that drive it."""
 
     def __init__(
         self,
@@ -182,7 +170,7 @@ class Link:
         self._on_change = on_change
         self._send_timeout = send_timeout
         self._commands: dict[str, _Command] = {}
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, LinkStream] = {}
         self._pings: dict[int, trio.Event] = {}
         # Bounded: a neuron that floods pings without reading the pongs loses pongs, not memory.
         self._replies_in, self._replies_out = trio.open_memory_channel[Pong](_MAX_PENDING_REPLIES)
@@ -241,6 +229,14 @@ class Link:
         for stream in self._streams.values():
             stream.fail(NeuronGone(str(reason), started=stream.started))
         self._on_change()
+
+    async def drop_silent(self, reason: str) -> None:
+        """The neuron went silent (missed heartbeats): mark it unhealthy at once, so no new
+        work goes there, and close the connection so that its requests fail fast."""
+        self.health = Health.UNHEALTHY
+        self.disconnected_at = trio.current_time()
+        self._on_change()
+        await self.close(1001, reason)
 
     def _dispatch(self, msg: object) -> None:
         match msg:
@@ -344,29 +340,45 @@ class Link:
         finally:
             del self._commands[command.command_id]
 
-    def generate(self, request: GenerateRequest) -> _Generation:
+    def generate(self, request: GenerateRequest) -> LinkStream:
         """``async with link.generate(request) as events``: send ``request``, then iterate
-        its chunks and result. Leaving early sends ``Cancel`` to the neuron."""
-        return _Generation(self, request)
+        its chunks and result. Leaving early sends ``Cancel`` to the neuron.
+
+        Raises (on entry): :class:`NeuronGone`, :class:`CommandTimeout` (the send).
+        Raises (iterating): :class:`NeuronGone`, :class:`RemoteError`.
+        """
+        return LinkStream(self, request)
 
     async def embed(self, request: EmbedRequest, *, timeout: float) -> EmbedResult:
-        stream = _Stream(request.request_id)
-        self._streams[request.request_id] = stream
-        self.in_flight += 1
+        """Embed on this neuron. Raises :class:`NeuronGone`, :class:`RemoteError`, or
+        :class:`CommandTimeout` when no answer comes within ``timeout`` seconds."""
+        stream = LinkStream(self, request)
+        await self._open(stream)
         try:
-            await self._send(request)
             with trio.move_on_after(timeout):
                 while stream.final is None and stream.error is None:
-                    await stream.wake.wait()
-                    stream.wake = trio.Event()
+                    await stream.wait()
             if stream.error is not None:
                 raise stream.error
             if not isinstance(stream.final, EmbedResult):
                 raise CommandTimeout(f"neuron {self.node_id} did not answer an embedding within {timeout:g}s")
             return stream.final
         finally:
+            self._close(stream)
+
+    async def _open(self, stream: LinkStream) -> None:
+        rid = stream.request.request_id
+        self._streams[rid] = stream
+        self.in_flight += 1
+        try:
+            await self._send(stream.request)
+        except BaseException:
+            self._close(stream)
+            raise
+
+    def _close(self, stream: LinkStream) -> None:
+        if self._streams.pop(stream.request.request_id, None) is stream:
             self.in_flight -= 1
-            del self._streams[request.request_id]
 
     async def ping(self, nonce: int, *, timeout: float) -> None:
         """Round trip one Ping/Pong with the neuron (a liveness probe). Raises
@@ -376,6 +388,18 @@ class Link:
         await self._send(Ping(nonce))
         with trio.fail_after(timeout):
             await ev.wait()
+
+    async def part(self, reason: str, grace: float) -> None:
+        """Tell the neuron this cortex is going away, then close (best effort, bounded)."""
+        with trio.move_on_after(2) as scope:
+            scope.shield = True
+            try:
+                await self.channel.send(Shutdown(reason, grace))
+            except ChannelClosed:
+                pass
+            # Closed while the reader still runs, so the close handshake completes instead
+            # of waiting out its timeout.
+            await self.close(1001, "cortex stopping")
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         await self.channel.aclose(code, reason)
