@@ -17,8 +17,8 @@ import trio
 from helexa.roles.cortex.catalogue import Catalogue, CatalogueEntry
 from helexa.roles.cortex.disconnect_watch import DisconnectWatch
 from helexa.roles.cortex.fleet import Fleet
-from helexa.roles.cortex.gateway import Gateway, GatewayConfig
 from neuron_double import NeuronDouble
+from serving import build
 
 GRACE = 1.0
 
@@ -137,11 +137,12 @@ async def test_a_non_streaming_request_whose_client_left_is_cancelled_on_the_neu
     # watch can notice that it left.
     fleet = Fleet()
     neuron = NeuronDouble("n1", fleet, loaded=("chat",), tokens=1000, token_delay=0.01)
-    gateway = Gateway(fleet, Catalogue([CatalogueEntry(id="chat", backend="synthetic", memory_mb=1)]),
-                      GatewayConfig(port=0, server=server))
+    gateway = build(fleet, Catalogue([CatalogueEntry(id="chat", backend="synthetic", memory_mb=1)]),
+                    gateway={"server": server})
     body = json.dumps({"model": "chat", "messages": [{"role": "user", "content": "x"}]})
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
+            await nursery.start(gateway.orchestrator.run)
             url = (await nursery.start(gateway.run))[0]
             stream = await trio.open_tcp_stream("127.0.0.1", int(url.rsplit(":", 1)[1]))
             await stream.send_all(f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json"
@@ -155,4 +156,4 @@ async def test_a_non_streaming_request_whose_client_left_is_cancelled_on_the_neu
             took = trio.current_time() - left_at
             nursery.cancel_scope.cancel()
     assert neuron.cancelled == neuron.generations and neuron.in_flight == 0 and not neuron.finished
-    assert took < 0.5 and gateway.in_flight == 0
+    assert took < 0.5 and gateway.in_flight.count == 0

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from helexa.roles.cortex.errors import (
-    InvalidRequest,
-    LoadFailed,
+    BadRequest,
+    ColdLoadFailed,
     ModelNotFound,
     NoCapacity,
     PayloadTooLarge,
@@ -20,11 +20,11 @@ from helexa.roles.cortex.fleet import CommandTimeout, NeuronGone, RemoteError
 @pytest.mark.parametrize(
     ("exc", "status", "type_", "code"),
     [
-        (InvalidRequest("bad", param="x"), 400, "invalid_request_error", None),
+        (BadRequest("bad", param="x"), 400, "invalid_request_error", None),
         (ModelNotFound("m"), 404, "invalid_request_error", "model_not_found"),
         (PayloadTooLarge("big"), 413, "invalid_request_error", "payload_too_large"),
         (NoCapacity("busy", retry_after=2.5), 503, "service_unavailable", "no_capacity"),
-        (LoadFailed("nope"), 503, "service_unavailable", "load_failed"),
+        (ColdLoadFailed("nope"), 503, "service_unavailable", "load_failed"),
         (RemoteError("invalid_request", "bad prompt"), 400, "invalid_request_error", "invalid_request"),
         (RemoteError("out_of_slots", "full", retryable=True), 503, "service_unavailable", "out_of_slots"),
         (RemoteError("backend_crashed", "boom"), 502, "upstream_error", "backend_crashed"),

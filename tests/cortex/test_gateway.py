@@ -17,11 +17,11 @@ import pytest
 import trio
 
 from helexa.roles.cortex.catalogue import Catalogue, CatalogueEntry, Workload
-from helexa.roles.cortex.dispatch import DispatchSettings
 from helexa.roles.cortex.fleet import Fleet
-from helexa.roles.cortex.gateway import Gateway, GatewayConfig
-from helexa.roles.cortex.provisioner import ProvisionerSettings
+from helexa.roles.cortex.gateway import Gateway
 from neuron_double import NeuronDouble, hardware
+from serving import build
+from serving import serving as serve
 
 CATALOGUE = Catalogue([
     CatalogueEntry(id="chat", backend="synthetic", memory_mb=500, max_output=64),
@@ -32,11 +32,8 @@ CATALOGUE = Catalogue([
 
 @asynccontextmanager
 async def serving(fleet: Fleet, catalogue: Catalogue = CATALOGUE, **config) -> AsyncIterator[tuple[Gateway, str]]:
-    gateway = Gateway(fleet, catalogue, GatewayConfig(port=0, **config))
-    async with trio.open_nursery() as nursery:
-        binds = await nursery.start(gateway.run)
-        yield gateway, binds[0]
-        nursery.cancel_scope.cancel()
+    async with serve(fleet, catalogue, **config) as served:
+        yield served
 
 
 def client(url: str) -> openai.OpenAI:
@@ -158,7 +155,7 @@ async def test_a_request_not_started_fails_over_to_another_neuron() -> None:
     dying.fail_before_start = True
     healthy = NeuronDouble("b", fleet, loaded=("chat",))
     async with serving(fleet) as (gateway, url):
-        gateway.live.begin("b", "chat", 0.0)  # make b look busier, so a is tried first
+        gateway.orchestrator.live.begin("b", "chat", 0.0)  # make b look busier, so a is tried first
         text = await in_thread(lambda: client(url).chat.completions.create(
             model="chat", messages=[{"role": "user", "content": "x"}]).choices[0].message.content)
     assert text == "t0 t1 t2 "
@@ -171,7 +168,7 @@ async def test_a_retryable_refusal_fails_over_too() -> None:
     busy.retryable_error = True
     NeuronDouble("b", fleet, loaded=("chat",))
     async with serving(fleet) as (gateway, url):
-        gateway.live.begin("b", "chat", 0.0)
+        gateway.orchestrator.live.begin("b", "chat", 0.0)
         async with httpx.AsyncClient() as http:
             r = await http.post(url + "/v1/completions", json={"model": "chat", "prompt": "x"})
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == "t0 t1 t2 "
@@ -230,7 +227,7 @@ async def test_a_client_disconnect_cancels_the_generation() -> None:
 async def test_a_stream_waiting_for_a_cold_load_gets_keep_alive_comments() -> None:
     fleet = Fleet()
     NeuronDouble("n1", fleet, load_delay=0.35)
-    async with serving(fleet, dispatch=DispatchSettings(keepalive_interval=0.1)) as (_, url):
+    async with serving(fleet, orchestrator={"keepalive_interval": 0.1}) as (_, url):
         async with httpx.AsyncClient(timeout=5) as http:
             r = await http.post(url + "/v1/chat/completions", json={
                 "model": "chat", "stream": True, "messages": [{"role": "user", "content": "x"}]})
@@ -264,7 +261,7 @@ async def test_a_stream_waiting_for_a_cold_load_gets_keep_alive_comments() -> No
 async def test_every_error_is_the_openai_envelope_with_its_status(method, path, content, status, code) -> None:
     fleet = Fleet()
     NeuronDouble("n1", fleet)
-    async with serving(fleet, max_body_bytes=4096) as (_, url):
+    async with serving(fleet, gateway={"max_body_bytes": 4096}) as (_, url):
         async with httpx.AsyncClient() as http:
             r = await http.request(method, url + path, content=content, headers={"content-type": "application/json"})
     assert r.status_code == status
@@ -277,7 +274,7 @@ async def test_every_error_is_the_openai_envelope_with_its_status(method, path, 
 
 async def test_a_chunked_body_over_the_limit_is_413() -> None:
     fleet = Fleet()
-    async with serving(fleet, max_body_bytes=4096) as (_, url):
+    async with serving(fleet, gateway={"max_body_bytes": 4096}) as (_, url):
         async def chunks():
             for _ in range(10):
                 yield b"x" * 1000
@@ -290,7 +287,7 @@ async def test_a_chunked_body_over_the_limit_is_413() -> None:
 async def test_every_feasible_neuron_refusing_the_load_is_503() -> None:
     fleet = Fleet()
     NeuronDouble("n1", fleet).refuse_load = True
-    async with serving(fleet, provisioner=ProvisionerSettings(retry_after=9)) as (_, url):
+    async with serving(fleet, orchestrator={"retry_after": 9}) as (_, url):
         async with httpx.AsyncClient() as http:
             r = await http.post(url + "/v1/completions", json={"model": "chat", "prompt": "x"})
     assert r.status_code == 503 and r.headers["retry-after"] == "9"
@@ -327,7 +324,7 @@ async def test_metrics_and_the_fleet_snapshot() -> None:
 async def test_the_fleet_view_is_only_served_to_admin_clients() -> None:
     fleet = Fleet()
     NeuronDouble("n1", fleet)
-    async with serving(fleet, admin_clients=["10.9.9.9"]) as (_, url):
+    async with serving(fleet, gateway={"admin_clients": ["10.9.9.9"]}) as (_, url):
         async with httpx.AsyncClient() as http:
             resp = await http.get(url + "/admin/fleet")
     assert resp.status_code == 403
@@ -338,7 +335,7 @@ async def test_the_fleet_view_is_only_served_to_admin_clients() -> None:
 async def test_a_stalled_stream_ends_with_a_timeout_event_not_a_hang() -> None:
     fleet = Fleet()
     NeuronDouble("n1", fleet, loaded=("chat",), tokens=5, token_delay=0.5)
-    async with serving(fleet, dispatch=DispatchSettings(idle_timeout=0.2)) as (_, url):
+    async with serving(fleet, orchestrator={"idle_timeout": 0.2}) as (_, url):
         async with httpx.AsyncClient(timeout=5) as http:
             with trio.fail_after(3):
                 r = await http.post(url + "/v1/chat/completions", json={
@@ -349,19 +346,22 @@ async def test_a_stalled_stream_ends_with_a_timeout_event_not_a_hang() -> None:
 
 async def test_stop_lets_an_in_flight_request_finish_then_returns() -> None:
     fleet = Fleet()
-    NeuronDouble("n1", fleet, loaded=("chat",), tokens=5, token_delay=0.05)
-    gateway = Gateway(fleet, CATALOGUE, GatewayConfig(port=0, shutdown_grace=5))
+    neuron = NeuronDouble("n1", fleet, loaded=("chat",), tokens=5, token_delay=0.05)
+    gateway = build(fleet, CATALOGUE, shutdown_grace=5)
     results = []
-    async with trio.open_nursery() as nursery:
-        url = (await nursery.start(gateway.run))[0]
+    async with trio.open_nursery() as housekeeping:
+        await housekeeping.start(gateway.orchestrator.run)
+        async with trio.open_nursery() as nursery:
+            url = (await nursery.start(gateway.run))[0]
 
-        async def ask() -> None:
-            async with httpx.AsyncClient(timeout=5) as http:
-                r = await http.post(url + "/v1/completions", json={"model": "chat", "prompt": "x"})
-                results.append(r.json()["choices"][0]["text"])
+            async def ask() -> None:
+                async with httpx.AsyncClient(timeout=5) as http:
+                    r = await http.post(url + "/v1/completions", json={"model": "chat", "prompt": "x"})
+                    results.append(r.json()["choices"][0]["text"])
 
-        nursery.start_soon(ask)
-        await trio.sleep(0.1)
-        with trio.fail_after(3):
+            nursery.start_soon(ask)
+            while not neuron.generations:  # the request is running on the neuron
+                await trio.sleep(0.005)
             gateway.stop()
+        housekeeping.cancel_scope.cancel()
     assert results == ["t0 t1 t2 t3 t4 "]

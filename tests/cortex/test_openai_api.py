@@ -11,7 +11,7 @@ import pytest
 
 from helexa.protocol import EmbedResult, GenerateResult, Task, Usage
 from helexa.roles.cortex import openai_api as api
-from helexa.roles.cortex.errors import InvalidRequest
+from helexa.roles.cortex.errors import BadRequest
 
 
 def chat(**kw) -> bytes:
@@ -47,7 +47,7 @@ def test_a_completion_takes_a_string_or_a_single_prompt_list() -> None:
         body = api.parse(api.CompletionRequest, json.dumps({"model": "m", "prompt": prompt}).encode())
         assert api.to_generate_request(body, "r").prompt == "once"
     body = api.parse(api.CompletionRequest, json.dumps({"model": "m", "prompt": ["a", "b"]}).encode())
-    with pytest.raises(InvalidRequest, match="one prompt"):
+    with pytest.raises(BadRequest, match="one prompt"):
         api.to_generate_request(body, "r")
 
 
@@ -66,23 +66,23 @@ def test_a_completion_takes_a_string_or_a_single_prompt_list() -> None:
     ],
 )
 def test_bad_bodies_are_invalid_requests_naming_the_field(raw, param) -> None:
-    with pytest.raises(InvalidRequest) as info:
+    with pytest.raises(BadRequest) as info:
         api.parse(api.ChatCompletionRequest, raw)
     assert info.value.status == 400 and info.value.param == param
 
 
 def test_a_message_without_a_role_is_rejected() -> None:
     body = api.parse(api.ChatCompletionRequest, json.dumps({"model": "m", "messages": [{"content": "x"}]}).encode())
-    with pytest.raises(InvalidRequest, match="role"):
+    with pytest.raises(BadRequest, match="role"):
         api.to_generate_request(body, "r")
 
 
 def test_embedding_inputs_are_a_string_or_a_list_of_strings() -> None:
     body = api.parse(api.EmbeddingRequest, json.dumps({"model": "e", "input": ["a", "b"]}).encode())
     assert api.to_embed_request(body, "r").inputs == ("a", "b")
-    with pytest.raises(InvalidRequest):
+    with pytest.raises(BadRequest):
         api.parse(api.EmbeddingRequest, json.dumps({"model": "e", "input": [1, 2]}).encode())
-    with pytest.raises(InvalidRequest):
+    with pytest.raises(BadRequest):
         api.parse(api.EmbeddingRequest, json.dumps({"model": "e", "input": "x", "encoding_format": "hex"}).encode())
 
 

@@ -90,17 +90,23 @@ class _Router:
 
 
 def test_requests_go_to_peers_only_for_models_the_fleet_cannot_serve() -> None:
-    from helexa.roles.cortex.gateway import Gateway
+    from helexa.protocol import GenerateRequest, Task, WorkloadClass
+
+    from serving import build
 
     catalogue = Catalogue.from_dict({"models": {"small": {"backend": "synthetic", "memory_mb": 100}}})
     fleet = Fleet()
-    gateway = Gateway(fleet, catalogue)
-    d = gateway.dispatcher
-    assert d.routes_remotely("unknown") and not d.routes_remotely("small")  # no router: the local 503 path
-    gateway.set_remote_router(_Router({"small", "remote-only"}))
-    assert d.routes_remotely("small")  # catalogued, but no neuron here could hold it
+    gateway = build(fleet, catalogue)
+    orch = gateway.orchestrator
+
+    def mode(model: str) -> str:
+        return orch.decide(GenerateRequest("r", model, Task.CHAT), WorkloadClass.CHAT_INTERACTIVE).mode
+
+    assert mode("unknown") == "none" and mode("small") == "cold_load"  # no router: 404, and the local 503 path
+    orch.set_remote_router(_Router({"small", "remote-only"}))
+    assert mode("small") == "peer" and mode("unknown") == "peer"  # catalogued, but no neuron here could hold it
     NeuronDouble("n1", fleet, hw=hardware(ram_gb=16))
-    assert not d.routes_remotely("small")  # now it can be cold-loaded here
+    assert mode("small") == "cold_load"  # now it can be cold-loaded here
     models = {m["id"]: m for m in gateway.models()}
     assert models["small"]["federated"] is False
     assert models["remote-only"]["federated"] is True and models["remote-only"]["operators"] == ["op-b"]

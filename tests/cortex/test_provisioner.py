@@ -10,13 +10,13 @@ import pytest
 import trio
 
 from helexa.roles.cortex.catalogue import Catalogue, CatalogueEntry, Priority
-from helexa.roles.cortex.errors import LoadFailed, ModelNotFound, NoCapacity
+from helexa.roles.cortex.errors import ColdLoadFailed, ModelNotFound, NoCapacity
 from helexa.roles.cortex.fleet import Fleet
+from helexa.roles.cortex.config import OrchestratorConfig
 from helexa.roles.cortex.provisioner import (
     NodeView,
     NoPlacement,
     Provisioner,
-    ProvisionerSettings,
     Resident,
     Unload,
     idle_unloads,
@@ -138,7 +138,7 @@ def test_warm_loads_lists_keep_warm_models_resident_nowhere() -> None:
 
 
 async def start(fleet: Fleet, cat: Catalogue, nursery: trio.Nursery, **settings) -> Provisioner:
-    prov = Provisioner(fleet, cat, LiveLoad(), ProvisionerSettings(**settings))
+    prov = Provisioner(fleet, cat, LiveLoad(), OrchestratorConfig(**settings))
     await nursery.start(prov.run)
     return prov
 
@@ -194,7 +194,7 @@ async def test_every_neuron_refusing_is_load_failed(autojump_clock) -> None:
     NeuronDouble("a", fleet).refuse_load = True
     async with trio.open_nursery() as nursery:
         prov = await start(fleet, Catalogue([entry("m")]), nursery)
-        with pytest.raises(LoadFailed):
+        with pytest.raises(ColdLoadFailed):
             await prov.ensure_loaded("m")
         nursery.cancel_scope.cancel()
 

@@ -44,9 +44,9 @@ def test_only_healthy_neurons_with_the_model_loaded_are_candidates() -> None:
     assert schedule(WorkloadClass.CHAT_INTERACTIVE, Hints("m"), s).targets == ("c",)
 
 
-def test_no_candidate_means_the_model_needs_a_load() -> None:
+def test_no_candidate_means_no_targets() -> None:
     decision = schedule(WorkloadClass.CHAT_INTERACTIVE, Hints("m"), state(n("a", loaded=())))
-    assert decision.needs_load and decision.targets == ()
+    assert decision.targets == ()
 
 
 def test_prefers_the_least_loaded_neuron() -> None:

@@ -1,4 +1,9 @@
-"""The cortex's configuration (``cortex.toml``; see ``examples/cortex.toml``)."""
+"""The cortex's configuration (``cortex.toml``; see ``examples/cortex.toml``).
+
+One :class:`CortexConfig` is built at start and passed down whole: each part of the cortex
+reads its own table (``gateway``, ``orchestrator``, ``mesh``, ``federation``) and the
+top-level fields it needs; nothing copies it into a settings type of its own.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +14,65 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from helexa.config import SocketAddr
-
-from .gateway import GatewayConfig
+from helexa.protocol import DEFAULT_MAX_FRAME
 
 
 def default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     return Path(base) / "helexa" / "cortex"
+
+
+class GatewayConfig(BaseModel):
+    """``[gateway]``: the HTTP API's server and limits (its address is ``gateway_socket``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    server: Literal["helexa", "hypercorn"] = "helexa"
+    """``helexa``: the lean trio + h11 server (:mod:`.http`, measured several times
+    cheaper per request); ``hypercorn``: hypercorn's trio worker (HTTP/2 capable)."""
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    """Request bodies over this get 413."""
+    body_timeout: float = Field(30.0, gt=0)
+    """Seconds a client may take to send its request head or body."""
+    send_timeout: float = Field(60.0, gt=0)
+    """Seconds a client may take to accept one write of a response."""
+    keep_alive_timeout: float = Field(75.0, gt=0)
+    keep_alive_max_requests: int = Field(100_000, ge=1)
+    """Requests served on one connection before it is closed (hypercorn's default is 1000)."""
+    owned_by: str = "helexa"
+    admin_clients: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"])
+    """Client addresses allowed on /admin/* (the fleet view); loopback only by default."""
+
+
+class OrchestratorConfig(BaseModel):
+    """``[orchestrator]``: cold loads, placement and dispatch deadlines."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    load_timeout: float = Field(600.0, gt=0)
+    """How long a neuron may take to answer a LoadModel."""
+    command_timeout: float = Field(30.0, gt=0)
+    """How long a neuron may take to answer UpsertModelConfig / UnloadModel."""
+    cold_load_wait: float = Field(300.0, gt=0)
+    """How long a request waits for a cold load before getting 503."""
+    memory_headroom: float = Field(0.9, gt=0, le=1)
+    """Fraction of a neuron's memory pool the provisioner plans to fill."""
+    retry_after: float = Field(5.0, gt=0)
+    """Retry-After (seconds) on a 503 for want of capacity."""
+    warm_retry: float = Field(30.0, gt=0)
+    """Seconds between attempts to load a keep-warm model that failed to load."""
+    first_token_timeout: float = Field(120.0, gt=0)
+    """Seconds a neuron may take to produce the first output of a generation."""
+    idle_timeout: float = Field(60.0, gt=0)
+    """Seconds a generation may go without progress (no output from the neuron, or the
+    client not taking it) before it is abandoned."""
+    embed_timeout: float = Field(60.0, gt=0)
+    route_timeout: float = Field(10.0, gt=0)
+    """Seconds the federation may take to find a peer for a model."""
+    max_attempts: int = Field(3, ge=1)
+    """Neurons tried for one request that has not started."""
+    keepalive_interval: float = Field(10.0, gt=0)
+    """Seconds between keep-alive callbacks while a request waits for a cold load."""
 
 
 class MeshConfig(BaseModel):
@@ -91,7 +148,7 @@ class CortexConfig(BaseModel):
     """Heartbeat silence tolerated while a neuron is loading a model (see ControlSettings)."""
     handshake_timeout: float = Field(10.0, gt=0)
     send_timeout: float = Field(10.0, gt=0)
-    max_frame_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_frame_bytes: int = Field(DEFAULT_MAX_FRAME, ge=1024)
     shutdown_grace: float = Field(10.0, ge=0)
     log_level: str = "info"
     mesh: MeshConfig = Field(default_factory=MeshConfig)
@@ -99,6 +156,8 @@ class CortexConfig(BaseModel):
     """Serving and asking peers over the mesh (only when ``mesh.enabled``)."""
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     """Gateway tuning; its address is ``gateway_socket``."""
+    orchestrator: OrchestratorConfig = Field(default_factory=OrchestratorConfig)
+    """Cold loads, placement and dispatch deadlines."""
 
     @model_validator(mode="after")
     def _tls_pair(self) -> "CortexConfig":

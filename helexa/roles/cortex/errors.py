@@ -8,7 +8,7 @@ traceback or exception text from an unexpected error ever reaches a client.
 Exception tree (HTTP status, OpenAI ``type``)::
 
     GatewayError                      500 internal_error
-    ├── InvalidRequest                400 invalid_request_error   (bad JSON, wrong types)
+    ├── BadRequest                    400 invalid_request_error   (bad JSON, wrong types)
     ├── NotFound                      404 invalid_request_error   (unknown path)
     │   └── ModelNotFound             404 invalid_request_error   code model_not_found
     ├── Forbidden                     403 permission_error        a federation policy said no
@@ -16,7 +16,7 @@ Exception tree (HTTP status, OpenAI ``type``)::
     ├── PayloadTooLarge               413 invalid_request_error
     ├── RateLimited                   429 rate_limit_error        (+ Retry-After)
     ├── NoCapacity                    503 service_unavailable     (+ Retry-After)
-    │   └── LoadFailed                503 service_unavailable     a cold load failed
+    │   └── ColdLoadFailed            503 service_unavailable     a cold load failed
     ├── UpstreamError                 502 upstream_error          the neuron failed it
     └── UpstreamTimeout               504 timeout                 no answer in time
 
@@ -73,7 +73,7 @@ class GatewayError(Exception):
         return []
 
 
-class InvalidRequest(GatewayError):
+class BadRequest(GatewayError):
     status = 400
     type = "invalid_request_error"
     code = None
@@ -140,7 +140,7 @@ class NoCapacity(GatewayError):
         return [(b"retry-after", str(max(1, math.ceil(self.retry_after))).encode())]
 
 
-class LoadFailed(NoCapacity):
+class ColdLoadFailed(NoCapacity):
     code = "load_failed"
 
 
@@ -167,7 +167,7 @@ def to_gateway_error(exc: BaseException) -> GatewayError:
         case GatewayError():
             return exc
         case RemoteError(code=code) if code in _CLIENT_CODES:
-            return InvalidRequest(str(exc), code=code)
+            return BadRequest(str(exc), code=code)
         case RemoteError(retryable=True):
             return NoCapacity(str(exc), code=exc.code)
         case RemoteError():
@@ -207,7 +207,7 @@ def _federation_error(exc: FederationError) -> GatewayError:
         case PeerVanished():
             return UpstreamError(message, code="peer_vanished")
         case PeerFailed(code=code) if code in _CLIENT_CODES:
-            return InvalidRequest(message, code=code)
+            return BadRequest(message, code=code)
         case PeerFailed(code="model_not_found"):
             return NotFound(message, param="model", code="model_not_found")
         case PeerFailed(retryable=True):

@@ -13,22 +13,18 @@ Endpoints::
     GET  /admin/fleet           Fleet.snapshot() as JSON (read by ``helexa status``)
     GET  /health                200 while serving
 
-The app is a plain ASGI callable rather than a Quart app, decided from
-``benchmarks/gateway_bench.py`` on this 2-core machine (server on one core, medians of 2
-rounds, figures noisy by ~30% between runs): a trivial JSON POST cost p50 0.56-0.69 ms on
-raw ASGI and 0.83-1.58 ms through quart-trio, 546-871 vs 286-613 req/s at c=1; the whole
-gateway path (parse, schedule, dispatch to an in-memory neuron, encode) runs at 403-565
-req/s, p50 1.8 ms. Quart's cycle alone would cost about as much as everything else here,
-and the handful of routes need none of its features.
-
-The server is :mod:`.http_server` (trio + h11) by default, hypercorn on request
-(``gateway.server``); the figures that decided it are in that module's docstring.
+The gateway parses a request, asks the :class:`~.orchestrator.Orchestrator` to run it,
+and streams the answer; it decides nothing about where a request runs. It is a plain ASGI
+callable rather than a Quart app (measured: Quart's request cycle cost as much as the rest
+of the hot path; figures in ``docs/benchmarks.md``), served by :mod:`.http` (trio + h11) by
+default and by hypercorn on request (``gateway.server``).
 
 A client that disconnects cancels its request: each inference request runs in its own
 cancel scope, which :class:`.disconnect_watch.DisconnectWatch` cancels when the client
 leaves, and the cancellation leaves the neuron link's context, which sends ``Cancel``. A
-write to a client that is gone ends the request the same way. Errors become OpenAI's envelope in :mod:`.errors` only; a stream
-that fails after it began ends with an error event (:mod:`.sse`).
+write to a client that is gone ends the request the same way. Errors become OpenAI's
+envelope in :mod:`.errors` only; a stream that fails after it began ends with an error
+event (:mod:`.sse`).
 """
 
 from __future__ import annotations
@@ -38,25 +34,24 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import trio
-from pydantic import BaseModel, ConfigDict, Field
 
-from helexa.protocol import GenerateResult, ModelState, TokenChunk
+from helexa.config import split_socket
+from helexa.protocol import GenerateResult, TokenChunk
 
 from . import openai_api as api
 from . import sse
-from .catalogue import Catalogue
 from .disconnect_watch import DisconnectWatch
-from .dispatch import Dispatcher, DispatchSettings, RemoteRouter
-from .errors import ClientGone, Forbidden, GatewayError, InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge, envelope
+from .errors import BadRequest, ClientGone, Forbidden, GatewayError, MethodNotAllowed, NotFound, PayloadTooLarge, envelope
 from .http_server import HttpServer
-from .fleet import Fleet, NeuronLink
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .metrics import Metrics
-from .provisioner import Provisioner, ProvisionerSettings
-from .scheduler import LiveLoad, classify
+from .orchestrator import Orchestrator
+from .shutdown import InFlight
+
+if TYPE_CHECKING:
+    from .config import CortexConfig
 
 log = logging.getLogger(__name__)
 
@@ -68,37 +63,9 @@ _JSON = [(b"content-type", b"application/json")]
 _SSE = [(b"content-type", sse.CONTENT_TYPE), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 
 
-class GatewayConfig(BaseModel):
-    """The gateway's settings (embedded in the cortex config as ``[gateway]``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    server: Literal["helexa", "hypercorn"] = "helexa"
-    """``helexa``: the lean trio + h11 server (:mod:`.http_server`, measured several times
-    cheaper per request); ``hypercorn``: hypercorn's trio worker (HTTP/2 capable)."""
-    host: str = "127.0.0.1"
-    port: int = Field(8080, ge=0, le=65535)
-    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
-    """Request bodies over this get 413."""
-    body_timeout: float = Field(30.0, gt=0)
-    """Seconds a client may take to send its request head or body."""
-    send_timeout: float = Field(60.0, gt=0)
-    """Seconds a client may take to accept one write of a response."""
-    keep_alive_timeout: float = Field(75.0, gt=0)
-    keep_alive_max_requests: int = Field(100_000, ge=1)
-    """Requests served on one connection before it is closed (hypercorn's default is 1000)."""
-    shutdown_grace: float = Field(10.0, ge=0)
-    """Seconds in-flight requests get to finish when the gateway stops."""
-    owned_by: str = "helexa"
-    admin_clients: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"])
-    """Client addresses allowed on /admin/* (the fleet view); loopback only by default."""
-    provisioner: ProvisionerSettings = Field(default_factory=ProvisionerSettings)
-    dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
-
-
 def server_error_body(status: int, message: str) -> tuple[bytes, bytes]:
     """What the HTTP server says itself (malformed HTTP, a failed app), as OpenAI's envelope."""
-    _, headers, body = envelope(InvalidRequest(message) if status < 500 else GatewayError(message))
+    _, headers, body = envelope(BadRequest(message) if status < 500 else GatewayError(message))
     return dict(headers)[b"content-type"], body
 
 
@@ -137,35 +104,27 @@ class _Responder:
 
 
 class Gateway:
-    """The HTTP API over a fleet. Also the ASGI app (``await gateway(scope, receive, send)``).
+    """The HTTP API over an orchestrator. Also the ASGI app (``await gateway(scope, receive, send)``).
 
     Args:
-        fleet: the live fleet, kept up to date by the control server.
-        catalogue: what the operator offers (``models.toml``).
-        config: :class:`GatewayConfig`.
-        metrics: shared :class:`Metrics` (a fresh one by default).
-        remote_router: the mesh federation, asked for models unknown here (optional).
-
-    The gateway owns its :class:`Provisioner` and :class:`Dispatcher`; :meth:`run` starts
-    the provisioner's housekeeping and the HTTP server.
+        config: the cortex's config (``gateway_socket``, ``shutdown_grace``, ``[gateway]``).
+        orchestrator: decides where requests run and runs them (its :meth:`~.Orchestrator.run`
+            must be running too).
     """
 
-    def __init__(self, fleet: Fleet, catalogue: Catalogue, config: GatewayConfig | None = None, *,
-                 metrics: Metrics | None = None, remote_router: RemoteRouter | None = None) -> None:
-        self.fleet = fleet
-        self.catalogue = catalogue
-        self.config = config or GatewayConfig()
-        self.metrics = metrics or Metrics()
-        self.live = LiveLoad()
-        self.provisioner = Provisioner(fleet, catalogue, self.live, self.config.provisioner, self.metrics)
-        self.dispatcher = Dispatcher(fleet, catalogue, self.provisioner, self.live, self.metrics,
-                                     self.config.dispatch, remote_router)
+    def __init__(self, config: CortexConfig, orchestrator: Orchestrator) -> None:
+        self.config = config.gateway
+        self.host, self.port = split_socket(config.gateway_socket)
+        self.shutdown_grace = config.shutdown_grace
+        self.orchestrator = orchestrator
+        self.fleet = orchestrator.fleet
+        self.metrics = orchestrator.metrics
         self._created = int(time.time())
         self._stop = trio.Event()
         self._watch = DisconnectWatch()
         self._server: HttpServer | None = None
-        self.in_flight = 0
-        """HTTP requests being handled right now (a drain waits for this to reach 0)."""
+        self.in_flight = InFlight()
+        """HTTP requests being handled right now (a drain waits for none)."""
         self._routes: dict[str, tuple[str, Callable[[Scope, Receive, _Responder], Awaitable[None]]]] = {
             "/v1/chat/completions": ("POST", self._chat),
             "/v1/completions": ("POST", self._completions),
@@ -175,10 +134,6 @@ class Gateway:
             "/admin/fleet": ("GET", self._fleet),
             "/health": ("GET", self._health),
         }
-
-    def set_remote_router(self, router: RemoteRouter | None) -> None:
-        """Wire (or unwire) the federation after construction."""
-        self.dispatcher.remote_router = router
 
     # --- serving -------------------------------------------------------------------------
 
@@ -193,17 +148,17 @@ class Gateway:
                 if c.server == "hypercorn":
                     await self._hypercorn(task_status)
                 else:
-                    self._server = HttpServer(self, host=c.host, port=c.port, keep_alive_timeout=c.keep_alive_timeout,
+                    self._server = HttpServer(self, host=self.host, port=self.port,
+                                              keep_alive_timeout=c.keep_alive_timeout,
                                               keep_alive_max_requests=c.keep_alive_max_requests,
                                               read_timeout=c.body_timeout, send_timeout=c.send_timeout,
-                                              shutdown_grace=c.shutdown_grace, error_body=server_error_body)
+                                              shutdown_grace=self.shutdown_grace, error_body=server_error_body)
                     if self._stop.is_set():
                         self._server.stop()
                     await self._server.run(task_status=task_status)
-                # The server returns once its graceful shutdown is over: stop housekeeping too.
+                # The server returns once its graceful shutdown is over: stop the watch too.
                 nursery.cancel_scope.cancel()
 
-            await nursery.start(self.provisioner.run)
             await nursery.start(self._watch.run)
             binds = await nursery.start(http)
             log.info("gateway listening on %s", ", ".join(binds))
@@ -219,10 +174,10 @@ class Gateway:
         import hypercorn.trio
 
         cfg = hypercorn.config.Config()
-        cfg.bind = [f"{self.config.host}:{self.config.port}"]
+        cfg.bind = [f"{self.host}:{self.port}"]
         cfg.keep_alive_timeout = self.config.keep_alive_timeout
         cfg.keep_alive_max_requests = self.config.keep_alive_max_requests
-        cfg.graceful_timeout = self.config.shutdown_grace
+        cfg.graceful_timeout = self.shutdown_grace
         cfg.accesslog = None
         cfg.errorlog = logging.getLogger("helexa.gateway.http")
         await hypercorn.trio.serve(self, cfg, shutdown_trigger=self._stop.wait, task_status=task_status, mode="asgi")
@@ -244,7 +199,7 @@ class Gateway:
         request_id = uuid.uuid4().hex
         out = _Responder(send, [(b"x-request-id", request_id.encode())])
         scope["helexa.request_id"] = request_id
-        self.in_flight += 1
+        self.in_flight.enter()
         try:
             route = self._routes.get(scope["path"])
             if route is None:
@@ -262,7 +217,7 @@ class Gateway:
             status, headers, body = envelope(exc)
             await out.full(status, headers, body)
         finally:
-            self.in_flight -= 1
+            self.in_flight.exit()
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
         limit = self.config.max_body_bytes
@@ -283,7 +238,7 @@ class Gateway:
                 parts.append(chunk)
                 if not msg.get("more_body", False):
                     return parts[0] if len(parts) == 1 else b"".join(parts)
-        raise InvalidRequest(f"the body did not arrive within {self.config.body_timeout:g}s")
+        raise BadRequest(f"the body did not arrive within {self.config.body_timeout:g}s")
 
     async def _until_disconnect(self, receive: Receive, work: Callable[[], Awaitable[None]]) -> None:
         """Run ``work``; cancel it if the client disconnects first (:mod:`.disconnect_watch`)."""
@@ -306,30 +261,26 @@ class Gateway:
                         endpoint: str, id_prefix: str) -> None:
         body = api.parse(model, await self._read_body(scope, receive))
         request = api.to_generate_request(body, scope["helexa.request_id"])
-        entry = self.catalogue.get(request.model_id)
+        entry = self.orchestrator.catalogue.get(request.model_id)
         max_tokens = request.sampling.max_tokens
         if entry is not None and entry.max_output and max_tokens and max_tokens > entry.max_output:
-            raise InvalidRequest(f"max_tokens {max_tokens} is over model {entry.id!r}'s limit of "
-                                 f"{entry.max_output}", param="max_tokens")
-        workload = classify(request.task, prompt_chars=api.prompt_size(request), max_tokens=max_tokens)
-        link: NeuronLink | None = None
-        if self.dispatcher.routes_remotely(request.model_id):
-            link = await self.dispatcher.remote(request)
+            raise BadRequest(f"max_tokens {max_tokens} is over model {entry.id!r}'s limit of "
+                             f"{entry.max_output}", param="max_tokens")
         response_id = id_prefix + request.request_id
+        loads = self.orchestrator.provisioner.load_progress
 
         async def keepalive() -> None:
             # The first tick of a long cold load commits to a 200 stream; each tick says
             # how far the load has got (an SSE comment: clients ignore it, people read it).
             await out.start()
-            loading = self.provisioner.load_progress.get(request.model_id)
+            loading = loads.get(request.model_id)
             note = f"loading {request.model_id}: {loading[0]} {loading[1]:.0%}" if loading else "keep-alive"
             await out.body(sse.comment(note))
 
         async def stream() -> None:
             encoder = sse.StreamEncoder(request, response_id, include_usage=body.include_usage)
             try:
-                async with self.dispatcher.generate(request, workload, endpoint=endpoint,
-                                                    on_wait=keepalive, link=link) as gen:
+                async with self.orchestrator.generate(request, endpoint=endpoint, on_wait=keepalive) as gen:
                     await out.start()
                     head = encoder.start()
                     async for event in gen:
@@ -348,15 +299,12 @@ class Gateway:
             parts: list[str] = []
             tool_calls: list[Any] = []
             result: GenerateResult | None = None
-            async with self.dispatcher.generate(request, workload, endpoint=endpoint, link=link) as gen:
+            async with self.orchestrator.generate(request, endpoint=endpoint) as gen:
                 async for event in gen:
-                    if isinstance(event, TokenChunk):
-                        parts.append(event.text)
-                        tool_calls.extend(event.tool_calls or ())
-                    else:
+                    if isinstance(event, GenerateResult):
                         result = event
-                        parts.append(event.text)
-                        tool_calls.extend(event.tool_calls or ())
+                    parts.append(event.text)
+                    tool_calls.extend(event.tool_calls or ())
             assert result is not None
             await out.json(api.completion_response(request, response_id, "".join(parts), result, tool_calls or None))
 
@@ -365,12 +313,9 @@ class Gateway:
     async def _embeddings(self, scope: Scope, receive: Receive, out: _Responder) -> None:
         body = api.parse(api.EmbeddingRequest, await self._read_body(scope, receive))
         request = api.to_embed_request(body, scope["helexa.request_id"])
-        link = None
-        if self.dispatcher.routes_remotely(request.model_id):
-            link = await self.dispatcher.remote(request)
 
         async def work() -> None:
-            result = await self.dispatcher.embed(request, link=link)
+            result = await self.orchestrator.embed(request)
             await out.json(api.embedding_response(request.model_id, result, body.encoding_format))
 
         await self._until_disconnect(receive, work)
@@ -378,32 +323,9 @@ class Gateway:
     # --- reads ---------------------------------------------------------------------------
 
     def models(self) -> list[dict[str, Any]]:
-        """The ``/v1/models`` entries (see the module docstring)."""
-        usable = self.fleet.usable()
-        loaded: dict[str, list[str]] = {}
-        for link in usable:
-            for model_id, status in link.models.items():
-                if status.state is ModelState.LOADED:
-                    loaded.setdefault(model_id, []).append(link.node_id)
-        entries = []
-        for entry in self.catalogue:
-            feasible = sorted(l.node_id for l in usable if entry.is_feasible_on(l.descriptor.hardware))
-            locations = sorted(loaded.get(entry.id, ()))
-            if feasible or locations:
-                entries.append(self._model_entry(entry.id, entry.owned_by, feasible, locations))
-        for model_id in sorted(set(loaded) - {e.id for e in self.catalogue}):
-            entries.append(self._model_entry(model_id, self.config.owned_by, [], sorted(loaded[model_id])))
-        router = self.dispatcher.remote_router
-        if router is not None:
-            listed = {e["id"] for e in entries}
-            for model_id, fields in sorted(router.listing().items()):
-                if model_id not in listed:
-                    entries.append({**self._model_entry(model_id, self.config.owned_by, [], []), **fields})
-        return entries
-
-    def _model_entry(self, model_id: str, owned_by: str, feasible: list[str], locations: list[str]) -> dict[str, Any]:
-        return {"id": model_id, "object": "model", "created": self._created, "owned_by": owned_by,
-                "loaded": bool(locations), "feasible_on": feasible, "locations": locations, "federated": False}
+        """The ``/v1/models`` entries: the orchestrator's listing in OpenAI's shape."""
+        return [{**m, "object": "model", "created": self._created, "owned_by": m["owned_by"] or self.config.owned_by}
+                for m in self.orchestrator.models()]
 
     async def _models(self, scope: Scope, receive: Receive, out: _Responder) -> None:
         await out.json({"object": "list", "data": self.models()})

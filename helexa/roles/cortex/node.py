@@ -1,10 +1,10 @@
-"""The cortex process: identity, join token, control plane, gateway and (when
-``mesh.enabled``) the libp2p mesh and the federation, in one trio nursery; drained on
-SIGINT/SIGTERM.
+"""The cortex process: identity, join token, control plane, orchestrator, gateway and (when
+``mesh.enabled``) the libp2p mesh and the federation, in one trio nursery; stopped by
+:mod:`.shutdown` on SIGINT/SIGTERM.
 
-With the mesh, the gateway asks peers (:mod:`.peering`) for models its own fleet cannot
-serve, peers' requests run through this cortex's own dispatcher, and receipts go to
-``DATA_DIR/ledger.sqlite`` (``helexa ledger``)."""
+With the mesh, the orchestrator asks peers (:mod:`.peering`) for models its own fleet
+cannot serve, peers' requests run through this cortex's own orchestrator (never out
+again), and receipts go to ``DATA_DIR/ledger.sqlite`` (``helexa ledger``)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ from .config import CortexConfig
 from .control_server import ControlServer, ControlSettings
 from .fleet import Fleet
 from .gateway import Gateway
+from .metrics import Metrics
+from .orchestrator import Orchestrator
+from .shutdown import drain
 
 if TYPE_CHECKING:
     from helexa.mesh import Mesh
@@ -80,14 +83,8 @@ class Cortex:
             self.catalogue = Catalogue.load(config.models_file) if config.models_file else default_catalogue()
         except CatalogueError as exc:
             raise ConfigError(f"models_file: {exc}") from None
-        gw_host, gw_port = split_socket(config.gateway_socket)
-        self.gateway = Gateway(
-            self.fleet,
-            self.catalogue,
-            config.gateway.model_copy(
-                update={"host": gw_host, "port": gw_port, "shutdown_grace": config.shutdown_grace}
-            ),
-        )
+        self.orchestrator = Orchestrator(config, self.fleet, self.catalogue, Metrics())
+        self.gateway = Gateway(config, self.orchestrator)
         self.mesh: Mesh | None = None
         self.federation: Federation | None = None
         self.ledger: Ledger | None = None
@@ -109,9 +106,9 @@ class Cortex:
             listen=mesh_cfg.listen, bootstrap=tuple(mesh_cfg.bootstrap), mdns=mesh_cfg.mdns,
             max_frame=self.config.max_frame_bytes))
         self.ledger = Ledger(self.config.data_dir / "ledger.sqlite")
-        offer = FleetOffer(self.fleet, self.catalogue, self.gateway.provisioner,
+        offer = FleetOffer(self.fleet, self.catalogue, self.orchestrator.provisioner,
                            slots_per_neuron=fed_cfg.spare_slots_per_neuron)
-        local = LocalServing(self.gateway.dispatcher)
+        local = LocalServing(self.orchestrator)
         self.federation = Federation(
             mesh=self.mesh, identity=self.identity, operator=self.config.operator, ledger=self.ledger,
             offer_fn=offer.offer, spare_fn=offer.spare, serve_generate=local.generate, serve_embed=local.embed,
@@ -126,7 +123,7 @@ class Cortex:
                 operators=frozenset(fed_cfg.operators), max_price_input=fed_cfg.max_price_input,
                 max_price_output=fed_cfg.max_price_output),
             settings=FederationSettings(announce_interval=mesh_cfg.announce_interval))
-        self.gateway.set_remote_router(PeerRouter(self.federation))
+        self.orchestrator.set_remote_router(PeerRouter(self.federation))
 
     def _ssl(self) -> ssl.SSLContext | None:
         if self.config.tls_cert_file is None:
@@ -136,49 +133,34 @@ class Cortex:
         return ctx
 
     async def run(self, *, task_status: trio.TaskStatus[CortexAddresses] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            control_port = await nursery.start(self.control.run)
-            gateway_done = trio.Event()
+        try:
+            async with trio.open_nursery() as nursery:
+                control_port = await nursery.start(self.control.run)
+                await nursery.start(self.orchestrator.run)
+                binds = await nursery.start(self.gateway.run)
+                mesh_addrs: list[str] = []
+                if self.mesh is not None and self.federation is not None:
+                    from helexa.mesh import record_addrs
 
-            async def gateway(task_status: trio.TaskStatus[list[str]]) -> None:
-                try:
-                    await self.gateway.run(task_status=task_status)
-                finally:
-                    gateway_done.set()
-
-            binds = await nursery.start(gateway)
-            mesh_addrs: list[str] = []
-            if self.mesh is not None and self.federation is not None:
-                from helexa.mesh import record_addrs
-
-                mesh_addrs = await nursery.start(self.mesh.run)
-                record_addrs(self.config.data_dir, self.mesh.peer_id, mesh_addrs)
-                await nursery.start(self.federation.run)
-                log.info("mesh: operator %r, peer %s, listening on %s", self.config.operator,
-                         self.mesh.peer_id, ", ".join(mesh_addrs))
-            scheme = "wss" if self.config.tls_cert_file else "ws"
-            host = self.control.settings.host
-            addrs = CortexAddresses(
-                control_url=f"{scheme}://{host}:{control_port}",
-                gateway_url=binds[0],
-                mesh_addrs=tuple(mesh_addrs),
-            )
-            log.info("cortex ready: control=%s gateway=%s", addrs.control_url, addrs.gateway_url)
-            task_status.started(addrs)
-            await self._stop.wait()
-            with trio.CancelScope(shield=True):
-                # Stop accepting HTTP; in-flight requests get shutdown_grace to finish.
-                self.gateway.stop()
-                with trio.move_on_after(self.config.shutdown_grace + 2):
-                    # Done when hypercorn finishes, or as soon as no request is in flight:
-                    # hypercorn would otherwise hold idle keep-alive connections open for
-                    # the whole grace period.
-                    while not gateway_done.is_set() and self.gateway.in_flight:
-                        await trio.sleep(0.05)
-                await self.control.shutdown_neurons("cortex stopping", self.config.shutdown_grace)
-            nursery.cancel_scope.cancel()
-        if self.ledger is not None:
-            self.ledger.close()
+                    mesh_addrs = await nursery.start(self.mesh.run)
+                    record_addrs(self.config.data_dir, self.mesh.peer_id, mesh_addrs)
+                    await nursery.start(self.federation.run)
+                    log.info("mesh: operator %r, peer %s, listening on %s", self.config.operator,
+                             self.mesh.peer_id, ", ".join(mesh_addrs))
+                scheme = "wss" if self.config.tls_cert_file else "ws"
+                addrs = CortexAddresses(
+                    control_url=f"{scheme}://{self.control.settings.host}:{control_port}",
+                    gateway_url=binds[0],
+                    mesh_addrs=tuple(mesh_addrs),
+                )
+                log.info("cortex ready: control=%s gateway=%s", addrs.control_url, addrs.gateway_url)
+                task_status.started(addrs)
+                await self._stop.wait()
+                await drain(self.gateway, self.control, grace=self.config.shutdown_grace)
+                nursery.cancel_scope.cancel()
+        finally:
+            if self.ledger is not None:
+                self.ledger.close()
 
     def stop(self) -> None:
         """Begin a graceful stop (drain within ``shutdown_grace``, then return from run)."""

@@ -6,7 +6,7 @@ or :class:`~helexa.protocol.EmbedRequest` is serving code and lives in the funct
 not on the models. Response bodies (non-streaming) are built here too; streamed chunks are
 framed in :mod:`.sse`.
 
-Errors: :func:`parse` raises :class:`~.errors.InvalidRequest` (400) naming the field.
+Errors: :func:`parse` raises :class:`~.errors.BadRequest` (400) naming the field.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from helexa.protocol import (
     Usage,
 )
 
-from .errors import InvalidRequest
+from .errors import BadRequest
 
 log = logging.getLogger(__name__)
 
@@ -95,17 +95,17 @@ M = TypeVar("M", bound=_Lenient)
 
 
 def parse(model: type[M], raw: bytes) -> M:
-    """Validate a JSON body. Raises :class:`InvalidRequest` naming the first bad field."""
+    """Validate a JSON body. Raises :class:`BadRequest` naming the first bad field."""
     try:
         body = model.model_validate_json(raw)
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         loc = ".".join(str(p) for p in first["loc"])
         if first["type"] == "json_invalid":
-            raise InvalidRequest(f"the body is not valid JSON: {first['msg']}") from None
+            raise BadRequest(f"the body is not valid JSON: {first['msg']}") from None
         if first["type"] == "model_type" and not loc:
-            raise InvalidRequest("the body must be a JSON object") from None
-        raise InvalidRequest(f"{loc or 'body'}: {first['msg']}", param=loc or None) from None
+            raise BadRequest("the body must be a JSON object") from None
+        raise BadRequest(f"{loc or 'body'}: {first['msg']}", param=loc or None) from None
     for name in body.unknown_fields():
         if name not in PASSTHROUGH and name not in _IGNORED and name not in _logged_unknown:
             _logged_unknown.add(name)
@@ -117,7 +117,7 @@ def to_generate_request(body: ChatCompletionRequest | CompletionRequest, request
     """The fabric request for a validated chat or completion body."""
     stop: tuple[str, ...] = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     if any(not s for s in stop):
-        raise InvalidRequest("stop sequences must not be empty", param="stop")
+        raise BadRequest("stop sequences must not be empty", param="stop")
     try:
         sampling = SamplingParams(
             max_tokens=body.max_completion_tokens or body.max_tokens,
@@ -132,18 +132,18 @@ def to_generate_request(body: ChatCompletionRequest | CompletionRequest, request
             presence_penalty=body.presence_penalty,
         )
     except ValueError as exc:
-        raise InvalidRequest(str(exc)) from None
+        raise BadRequest(str(exc)) from None
     extra = {k: v for k, v in (body.model_extra or {}).items() if k in PASSTHROUGH}
     if isinstance(body, ChatCompletionRequest):
         for i, m in enumerate(body.messages):
             if not isinstance(m.get("role"), str):
-                raise InvalidRequest(f"messages[{i}] needs a string 'role'", param=f"messages.{i}.role")
+                raise BadRequest(f"messages[{i}] needs a string 'role'", param=f"messages.{i}.role")
         return GenerateRequest(request_id, body.model, Task.CHAT, messages=tuple(body.messages),
                                sampling=sampling, stream=body.stream, extra=extra)
     prompt = body.prompt
     if isinstance(prompt, list):
         if len(prompt) != 1:
-            raise InvalidRequest("exactly one prompt per request is supported", param="prompt")
+            raise BadRequest("exactly one prompt per request is supported", param="prompt")
         prompt = prompt[0]
     return GenerateRequest(request_id, body.model, Task.COMPLETION, prompt=prompt, sampling=sampling,
                            stream=body.stream, extra=extra)
@@ -152,22 +152,8 @@ def to_generate_request(body: ChatCompletionRequest | CompletionRequest, request
 def to_embed_request(body: EmbeddingRequest, request_id: str) -> EmbedRequest:
     inputs = (body.input,) if isinstance(body.input, str) else tuple(body.input)
     if any(not isinstance(i, str) or not i for i in inputs):
-        raise InvalidRequest("every input must be a non-empty string", param="input")
+        raise BadRequest("every input must be a non-empty string", param="input")
     return EmbedRequest(request_id, body.model, inputs)
-
-
-def prompt_size(request: GenerateRequest) -> int:
-    """Characters of prompt: the size signal used to classify a request."""
-    if request.prompt is not None:
-        return len(request.prompt)
-    total = 0
-    for m in request.messages:
-        content = m.get("content")
-        if isinstance(content, str):
-            total += len(content)
-        elif isinstance(content, list):
-            total += sum(len(p.get("text", "")) for p in content if isinstance(p, dict))
-    return total
 
 
 # --- responses ---------------------------------------------------------------------------

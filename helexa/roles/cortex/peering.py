@@ -7,12 +7,12 @@ Three adapters, each a thin shell over objects the cortex already has:
   from the catalogue (``price_in`` / ``price_out``), with the provisioner's last measured
   cold-load time.
 * :class:`LocalServing` — runs a peer's request through this cortex's own
-  :class:`~.dispatch.Dispatcher` (scheduling, cold loads and failover included, never
-  out to another peer, so requests cannot loop). Failures are mapped through
+  :class:`~.orchestrator.Orchestrator` (scheduling, cold loads and failover included,
+  never out to another peer, so requests cannot loop). Failures are mapped through
   :func:`~.errors.to_gateway_error` into an exception with ``code`` and ``retryable``,
   which the federation sends to the asker as an ``InferenceError``.
-* :class:`PeerRouter` — the gateway's :class:`~.dispatch.RemoteRouter`: ``route`` hands
-  back a :class:`PeerHandle`, shaped like a neuron link, whose ``generate`` is
+* :class:`PeerRouter` — the orchestrator's :class:`~.dispatch.RemoteRouter`: ``route``
+  hands back a :class:`PeerHandle`, a :class:`~.dispatch.Target` like a neuron link, whose ``generate`` is
   :meth:`Federation.route` and ``embed`` :meth:`Federation.embed`. Federation errors
   propagate as they are and become HTTP statuses in :mod:`.errors`.
 """
@@ -29,14 +29,13 @@ import trio
 from helexa.protocol import EmbedRequest, EmbedResult, GenerateRequest, GenerateResult, ModelState, TokenChunk
 from helexa.protocol.federation import OfferedModel
 
-from . import openai_api as api
 from .catalogue import Catalogue
-from .dispatch import Dispatcher, Generation
+from .dispatch import Generation
 from .errors import NoCapacity, to_gateway_error
 from .federation.service import Federation
 from .fleet import Fleet
+from .orchestrator import Orchestrator
 from .provisioner import Provisioner
-from .scheduler import classify
 
 PEER_NODE_ID = "federation"
 """The node id under which requests sent to peers appear in metrics and live load."""
@@ -112,23 +111,21 @@ class _Frames:
 class LocalServing:
     """``serve_generate`` / ``serve_embed`` of the :class:`Federation`, on the local fleet."""
 
-    def __init__(self, dispatcher: Dispatcher) -> None:
-        self.dispatcher = dispatcher
+    def __init__(self, orchestrator: Orchestrator) -> None:
+        self.orchestrator = orchestrator
 
     @asynccontextmanager
     async def generate(self, request: GenerateRequest) -> AsyncIterator[_Frames]:
         """Run a peer's generation here. Leaving the context early (the peer cancelled)
-        leaves the dispatcher's, which cancels it on the neuron.
+        leaves the orchestrator's, which cancels it on the neuron.
 
         Raises:
             ServeFailure: it could not start (unknown model, no capacity, a failed load).
         """
-        workload = classify(request.task, prompt_chars=api.prompt_size(request),
-                            max_tokens=request.sampling.max_tokens)
         async with AsyncExitStack() as stack:
             try:
                 gen = await stack.enter_async_context(
-                    self.dispatcher.generate(request, workload, endpoint="federation"))
+                    self.orchestrator.generate(request, endpoint="federation", allow_peers=False))
             except Exception as exc:
                 raise _failure(exc) from None
             yield _Frames(gen)
@@ -136,13 +133,13 @@ class LocalServing:
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         """Run a peer's embedding request here. Raises :class:`ServeFailure`."""
         try:
-            return await self.dispatcher.embed(request)
+            return await self.orchestrator.embed(request, allow_peers=False)
         except Exception as exc:
             raise _failure(exc) from None
 
 
 class PeerHandle:
-    """A peer cortex, driven by the dispatcher like a neuron link (``generate``, ``embed``)."""
+    """A peer cortex as a :class:`~.dispatch.Target`, driven like a neuron link."""
 
     def __init__(self, federation: Federation) -> None:
         self.federation = federation
@@ -163,7 +160,7 @@ class PeerHandle:
 
 
 class PeerRouter:
-    """The gateway's :class:`~.dispatch.RemoteRouter` over a :class:`Federation`."""
+    """The orchestrator's :class:`~.dispatch.RemoteRouter` over a :class:`Federation`."""
 
     def __init__(self, federation: Federation) -> None:
         self.federation = federation

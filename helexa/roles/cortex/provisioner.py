@@ -20,16 +20,20 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 
+from typing import TYPE_CHECKING
+
 import trio
-from pydantic import BaseModel, ConfigDict, Field
 
 from helexa.protocol import Hardware, LoadModel, LoadProgress, ModelState, UnloadModel, UpsertModelConfig
 
 from .catalogue import MB, Catalogue, CatalogueEntry, Priority
-from .errors import GatewayError, LoadFailed, ModelNotFound, NoCapacity
+from .errors import GatewayError, ColdLoadFailed, ModelNotFound, NoCapacity
 from .fleet import Fleet, FleetError
 from .metrics import Metrics
 from .scheduler import LiveLoad
+
+if TYPE_CHECKING:
+    from .orchestrator import OrchestratorConfig
 
 log = logging.getLogger(__name__)
 
@@ -148,22 +152,6 @@ def warm_loads(catalogue: Catalogue, nodes: list[NodeView]) -> list[str]:
 # --- the shell ---------------------------------------------------------------------------
 
 
-class ProvisionerSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    load_timeout: float = Field(600.0, gt=0)
-    """How long a neuron may take to answer a LoadModel."""
-    command_timeout: float = Field(30.0, gt=0)
-    """How long a neuron may take to answer UpsertModelConfig / UnloadModel."""
-    cold_load_wait: float = Field(300.0, gt=0)
-    """How long a request waits for a cold load before getting 503."""
-    memory_headroom: float = Field(0.9, gt=0, le=1)
-    """Fraction of a neuron's memory pool the provisioner plans to fill."""
-    retry_after: float = Field(5.0, gt=0)
-    warm_retry: float = Field(30.0, gt=0)
-    """Seconds between attempts to load a keep-warm model that failed to load."""
-
-
 @dataclass
 class _Flight:
     done: trio.Event = field(default_factory=trio.Event)
@@ -182,19 +170,19 @@ class Provisioner:
         fleet: Fleet,
         catalogue: Catalogue,
         live: LiveLoad,
-        settings: ProvisionerSettings | None = None,
+        settings: OrchestratorConfig,
         metrics: Metrics | None = None,
     ) -> None:
         self.fleet = fleet
         self.catalogue = catalogue
         self.live = live
-        self.settings = settings or ProvisionerSettings()
+        self.settings = settings
         self.metrics = metrics
         self._flights: dict[str, _Flight] = {}
         self.load_times: dict[str, float] = {}
+        """The last measured cold-load time of each model, in seconds (announced to peers)."""
         self.load_progress: dict[str, tuple[str, float]] = {}
         """Models loading right now: (stage, fraction done), from the neuron's progress events."""
-        """The last measured cold-load time of each model, in seconds (announced to peers)."""
         self._unloading: set[tuple[str, str]] = set()
         self._warm_failed: dict[str, float] = {}
         self._warming: set[str] = set()
@@ -210,7 +198,7 @@ class Provisioner:
             ModelNotFound: not in the catalogue.
             NoCapacity: nowhere to put it, or not loaded within ``timeout`` (default
                 ``cold_load_wait``); the load itself goes on.
-            LoadFailed: every feasible neuron refused or failed the load.
+            ColdLoadFailed: every feasible neuron refused or failed the load.
         """
         entry = self.catalogue.get(model_id)
         if entry is None:
@@ -245,7 +233,7 @@ class Provisioner:
             flight.error = exc
         except Exception as exc:  # a bug; requests get a clean 503, the log gets the rest
             log.exception("loading %s failed unexpectedly", entry.id)
-            flight.error = LoadFailed(f"loading model {entry.id!r} failed", retry_after=self.settings.retry_after)
+            flight.error = ColdLoadFailed(f"loading model {entry.id!r} failed", retry_after=self.settings.retry_after)
             del exc
         finally:
             del self._flights[entry.id]
@@ -260,7 +248,7 @@ class Provisioner:
                 plan = place(entry, self._views(), headroom=self.settings.memory_headroom, exclude=frozenset(failed))
             except NoPlacement as exc:
                 if failed:
-                    raise LoadFailed(f"loading model {entry.id!r} failed: {last_error}",
+                    raise ColdLoadFailed(f"loading model {entry.id!r} failed: {last_error}",
                                      retry_after=self.settings.retry_after) from None
                 raise NoCapacity(str(exc), retry_after=self.settings.retry_after) from None
             started = trio.current_time()

@@ -13,10 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from helexa.protocol import ModelState, Task, WorkloadClass
+from helexa.protocol import GenerateRequest, ModelState, Task, WorkloadClass
 
-from .fleet import Health, NeuronLink
+from .fleet import Health
+
+if TYPE_CHECKING:
+    from .neuron_link import NeuronLink
 
 BULK_PROMPT_CHARS = 8_000
 """Prompts longer than this (or asking for more than ``BULK_MAX_TOKENS``) are bulk work."""
@@ -35,6 +39,20 @@ def classify(task: Task | None, *, prompt_chars: int = 0, max_tokens: int | None
     if task is Task.CHAT:
         return WorkloadClass.CHAT_BULK if bulk else WorkloadClass.CHAT_INTERACTIVE
     return WorkloadClass.COMPLETION_BULK if bulk else WorkloadClass.COMPLETION_INTERACTIVE
+
+
+def prompt_size(request: GenerateRequest) -> int:
+    """Characters of prompt: the size signal :func:`classify` uses."""
+    if request.prompt is not None:
+        return len(request.prompt)
+    total = 0
+    for m in request.messages:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            total += sum(len(p.get("text", "")) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return total
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,17 +85,19 @@ class Hints:
 
 @dataclass(frozen=True, slots=True)
 class RoutingDecision:
-    """Where to run: ``targets`` best first (the rest are fallbacks). Empty ``targets``
-    means no healthy neuron has the model loaded: it must be provisioned or routed away."""
+    """Where to run (the seed's ``RoutingDecision``).
+
+    ``mode`` is ``local`` (``targets``: neurons that have the model loaded, best first; the
+    rest are fallbacks), ``cold_load`` (no usable neuron has it: load it first), ``peer``
+    (send it to a peer cortex) or ``none`` (nothing can serve it). ``reason`` says why, for
+    logs and metrics.
+    """
 
     model_id: str
     workload: WorkloadClass
     targets: tuple[str, ...]
-    mode: str = "single"
-
-    @property
-    def needs_load(self) -> bool:
-        return not self.targets
+    mode: str = "local"
+    reason: str = ""
 
 
 def score(n: NeuronLoad, workload: WorkloadClass) -> float:
@@ -91,12 +111,14 @@ def score(n: NeuronLoad, workload: WorkloadClass) -> float:
 
 
 def schedule(workload: WorkloadClass, hints: Hints, state: SchedulerState) -> RoutingDecision:
-    """Rank the healthy, non-excluded neurons with ``hints.model_id`` loaded."""
+    """Rank the healthy, non-excluded neurons with ``hints.model_id`` loaded (``mode`` is
+    ``local`` with no ``targets`` when there is none: the orchestrator decides what then)."""
     candidates = [
         n for n in state.neurons if n.healthy and hints.model_id in n.loaded and n.node_id not in hints.exclude
     ]
     candidates.sort(key=lambda n: (score(n, workload), n.node_id not in hints.prefer, n.node_id))
-    return RoutingDecision(hints.model_id, workload, tuple(n.node_id for n in candidates))
+    return RoutingDecision(hints.model_id, workload, tuple(n.node_id for n in candidates),
+                           reason="least loaded" if candidates else "not loaded on a usable neuron")
 
 
 # --- the feedback record -----------------------------------------------------------------

@@ -1,0 +1,246 @@
+"""The orchestrator: where each request runs, and getting the model there.
+
+It owns everything that decides: the scheduler's feedback record (:class:`LiveLoad`), the
+:class:`~.provisioner.Provisioner` (cold loads, eviction, idle unloads, keep-warm), the
+:class:`~.dispatch.Dispatcher` that runs a request on the targets chosen here (deadlines,
+failover, feedback), and the one choice of target: a neuron of this fleet that has the
+model, a neuron that must load it first, or a peer cortex over the mesh.
+
+The choice is :func:`decide`, a pure function over plain data that returns the seed's
+:class:`~.scheduler.RoutingDecision`; :class:`Orchestrator` is the thin shell that builds
+its inputs from the fleet, acts on it and feeds back what happened. The gateway parses a
+request, calls :meth:`Orchestrator.generate` or :meth:`Orchestrator.embed`, and streams.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import trio
+
+from helexa.protocol import EmbedRequest, EmbedResult, GenerateRequest, ModelState, WorkloadClass
+
+from .catalogue import Catalogue
+from .dispatch import Dispatcher, Generation, RemoteRouter, Target
+from .errors import ModelNotFound, NoCapacity
+from .fleet import Fleet
+from .metrics import Metrics
+from .provisioner import Provisioner
+from .scheduler import Hints, LiveLoad, RoutingDecision, SchedulerState, classify, prompt_size, schedule, snapshot
+
+if TYPE_CHECKING:
+    from .config import CortexConfig
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def decide(
+    workload: WorkloadClass, hints: Hints, state: SchedulerState, *, catalogued: bool, feasible: bool,
+    peers: bool, peer_offers: bool,
+) -> RoutingDecision:
+    """Where a request for ``hints.model_id`` goes. Pure.
+
+    Args:
+        workload: the request's class.
+        hints: the model, and neurons to avoid (those that already failed this request).
+        state: the usable neurons that have the model loaded, with their live load.
+        catalogued: the operator's catalogue lists the model.
+        feasible: some usable neuron here could hold it (all its memory free).
+        peers: the request may go to a peer cortex (a mesh is joined and policy allows).
+        peer_offers: a live peer offers the model and the ask policy allows it.
+
+    Returns:
+        A decision whose ``mode`` is ``local`` (``targets`` best first), ``cold_load`` (load
+        it here first), ``peer``, or ``none`` (nothing can serve it: 404 for a model unknown
+        here, 503 when it was known but every neuron failed).
+
+    A request that already failed somewhere (``hints.exclude``) never leaves for a peer:
+    failover stays in the fleet, and the federation tries its peers in turn itself.
+    """
+    local = schedule(workload, hints, state)
+    if local.targets:
+        return local
+    retrying = bool(hints.exclude)
+    if catalogued and (feasible or retrying or not (peers and peer_offers)):
+        return RoutingDecision(hints.model_id, workload, (), mode="cold_load",
+                               reason="not loaded on a usable neuron" if feasible else "no neuron here can hold it")
+    if peers and not retrying:
+        return RoutingDecision(hints.model_id, workload, (), mode="peer",
+                               reason="offered by a peer" if peer_offers else "unknown here")
+    return RoutingDecision(hints.model_id, workload, (), mode="none",
+                           reason="every neuron with it failed" if retrying else "unknown here")
+
+
+class Orchestrator:
+    """Decides where requests run and runs them there (see the module docstring).
+
+    Args:
+        config: the cortex's config (its ``orchestrator`` table).
+        fleet: the live fleet, kept current by the control server.
+        catalogue: what the operator offers.
+        metrics: shared metrics.
+        remote_router: the mesh federation (optional; :meth:`set_remote_router`).
+
+    :meth:`run` must be running (it owns the provisioner's loads and housekeeping) before
+    requests are served.
+    """
+
+    def __init__(self, config: CortexConfig, fleet: Fleet, catalogue: Catalogue, metrics: Metrics | None = None, *,
+                 remote_router: RemoteRouter | None = None) -> None:
+        self.config = config.orchestrator
+        self.fleet = fleet
+        self.catalogue = catalogue
+        self.metrics = metrics or Metrics()
+        self.live = LiveLoad()
+        self.provisioner = Provisioner(fleet, catalogue, self.live, self.config, self.metrics)
+        self.dispatcher = Dispatcher(self.live, self.metrics, self.config)
+        self.remote_router = remote_router
+
+    def set_remote_router(self, router: RemoteRouter | None) -> None:
+        """Wire (or unwire) the federation after construction."""
+        self.remote_router = router
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own cold loads and housekeeping until cancelled."""
+        await self.provisioner.run(task_status=task_status)
+
+    # --- deciding -------------------------------------------------------------------------
+
+    def decide(self, request: GenerateRequest | EmbedRequest, workload: WorkloadClass,
+               exclude: frozenset[str] = frozenset(), *, allow_peers: bool = True) -> RoutingDecision:
+        """:func:`decide` on the fleet as it is now."""
+        model_id = request.model_id
+        usable = self.fleet.usable()
+        entry = self.catalogue.get(model_id)
+        router = self.remote_router if allow_peers else None
+        return decide(
+            workload, Hints(model_id, exclude), snapshot(usable, self.live, model_id=model_id),
+            catalogued=entry is not None,
+            feasible=entry is not None and any(entry.is_feasible_on(link.descriptor.hardware) for link in usable),
+            peers=router is not None,
+            peer_offers=router is not None and router.can_route(model_id),
+        )
+
+    async def _target(self, request: GenerateRequest | EmbedRequest, workload: WorkloadClass,
+                      exclude: frozenset[str], on_wait: Callable[[], Awaitable[None]] | None,
+                      allow_peers: bool) -> Target:
+        decision = self.decide(request, workload, exclude, allow_peers=allow_peers)
+        match decision.mode:
+            case "local":
+                for node_id in decision.targets:
+                    if (link := self.fleet.get(node_id)) is not None:
+                        return link
+            case "cold_load":
+                waited = trio.current_time()
+                node_id = await _with_ticks(self.provisioner.ensure_loaded(request.model_id), on_wait,
+                                            self.config.keepalive_interval)
+                self.metrics.queued(request.model_id, trio.current_time() - waited)
+                link = self.fleet.get(node_id)
+                if link is not None and node_id not in exclude:
+                    return link
+            case "peer":
+                assert self.remote_router is not None
+                with trio.move_on_after(self.config.route_timeout):
+                    handle = await self.remote_router.route(request)
+                    if handle is not None:
+                        return handle
+                raise ModelNotFound(request.model_id)
+            case _ if not exclude:
+                raise ModelNotFound(request.model_id)
+        raise NoCapacity(f"no usable neuron for model {request.model_id!r} right now",
+                         retry_after=self.config.retry_after)
+
+    # --- running --------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def generate(self, request: GenerateRequest, *, endpoint: str = "chat",
+                       on_wait: Callable[[], Awaitable[None]] | None = None,
+                       allow_peers: bool = True) -> AsyncIterator[Generation]:
+        """Run ``request`` where :meth:`decide` says, cold-loading and failing over as needed.
+
+        Args:
+            request: the generation.
+            endpoint: the metrics label of the API surface.
+            on_wait: awaited every ``keepalive_interval`` while a cold load holds the request.
+            allow_peers: False for requests that came from a peer (they never leave again).
+
+        Raises:
+            the :mod:`.errors` tree for routing failures (before the context is entered);
+            the fleet's and the federation's errors from iteration after the stream began.
+        """
+        workload = classify(request.task, prompt_chars=prompt_size(request), max_tokens=request.sampling.max_tokens)
+
+        def pick(exclude: frozenset[str]) -> Awaitable[Target]:
+            return self._target(request, workload, exclude, on_wait, allow_peers)
+
+        async with self.dispatcher.generate(request, pick, endpoint=endpoint) as gen:
+            yield gen
+
+    async def embed(self, request: EmbedRequest, *, allow_peers: bool = True) -> EmbedResult:
+        """Embed where :meth:`decide` says; raises as :meth:`generate` does."""
+        def pick(exclude: frozenset[str]) -> Awaitable[Target]:
+            return self._target(request, WorkloadClass.EMBEDDING, exclude, None, allow_peers)
+
+        return await self.dispatcher.embed(request, pick)
+
+    # --- reading --------------------------------------------------------------------------
+
+    def models(self) -> list[dict[str, Any]]:
+        """What ``/v1/models`` lists: catalogue models some usable neuron could hold or has
+        loaded, models loaded outside the catalogue, then models only peers offer. Each
+        entry: ``id``, ``owned_by``, ``loaded``, ``feasible_on``, ``locations``,
+        ``federated`` (and, for peers' models, ``operators`` and ``peers``)."""
+        usable = self.fleet.usable()
+        loaded: dict[str, list[str]] = {}
+        for link in usable:
+            for model_id, status in link.models.items():
+                if status.state is ModelState.LOADED:
+                    loaded.setdefault(model_id, []).append(link.node_id)
+        entries = []
+        for entry in self.catalogue:
+            feasible = sorted(l.node_id for l in usable if entry.is_feasible_on(l.descriptor.hardware))
+            locations = sorted(loaded.get(entry.id, ()))
+            if feasible or locations:
+                entries.append(_listing(entry.id, entry.owned_by, feasible, locations))
+        for model_id in sorted(set(loaded) - {e.id for e in self.catalogue}):
+            entries.append(_listing(model_id, None, [], sorted(loaded[model_id])))
+        if self.remote_router is not None:
+            listed = {e["id"] for e in entries}
+            for model_id, fields in sorted(self.remote_router.listing().items()):
+                if model_id not in listed:
+                    entries.append({**_listing(model_id, None, [], []), **fields})
+        return entries
+
+
+def _listing(model_id: str, owned_by: str | None, feasible: list[str], locations: list[str]) -> dict[str, Any]:
+    return {"id": model_id, "owned_by": owned_by, "loaded": bool(locations), "feasible_on": feasible,
+            "locations": locations, "federated": False}
+
+
+async def _with_ticks(awaitable: Awaitable[T], on_tick: Callable[[], Awaitable[None]] | None,
+                         interval: float) -> T:
+    """Await ``awaitable``, calling ``on_tick`` every ``interval`` seconds meanwhile."""
+    if on_tick is None:
+        return await awaitable
+    result: list[T] = []
+    error: list[Exception] = []
+
+    async def ticker() -> None:
+        while True:
+            await trio.sleep(interval)
+            await on_tick()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ticker)
+        try:
+            result.append(await awaitable)
+        except Exception as exc:  # re-raised bare below, not wrapped in an ExceptionGroup
+            error.append(exc)
+        nursery.cancel_scope.cancel()
+    if error:
+        raise error[0]
+    return result[0]

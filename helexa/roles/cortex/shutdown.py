@@ -1,0 +1,73 @@
+"""The cortex's graceful stop, written once (the seed's ``shutdown``).
+
+The order, on SIGINT/SIGTERM or :meth:`~.node.Cortex.stop`:
+
+1. **stop accepting**: the gateway's servers close their listeners and their idle
+   keep-alive connections at once;
+2. **let in-flight work finish**: HTTP requests being served get ``shutdown_grace``
+   seconds, and the stop goes on as soon as none is left (:class:`InFlight` wakes it, no
+   polling);
+3. **tell the neurons**: each connected neuron gets ``Shutdown`` and its connection is
+   closed, so it reconnects to whatever cortex comes back instead of waiting for a
+   heartbeat timeout;
+4. **close**: the caller cancels everything else (orchestrator housekeeping, the control
+   server, the mesh) and closes its stores.
+
+Each step is bounded, so a stop never hangs on a slow client or a silent neuron.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import trio
+
+if TYPE_CHECKING:
+    from .control_server import ControlServer
+    from .gateway import Gateway
+
+log = logging.getLogger(__name__)
+
+
+class InFlight:
+    """A count of work in progress that can be waited on until it reaches zero.
+
+    ``enter()`` / ``exit()`` around each piece of work; ``await wait_idle()`` returns when
+    none is left (at once if none is running).
+    """
+
+    __slots__ = ("count", "_idle")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        if self.count == 0:
+            self._idle = trio.Event()
+        self.count += 1
+
+    def exit(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    def __bool__(self) -> bool:
+        return self.count > 0
+
+
+async def drain(gateway: Gateway, control: ControlServer, *, grace: float, reason: str = "cortex stopping") -> None:
+    """Steps 1-3 of the stop (see the module docstring); shielded from cancellation so a
+    second signal cannot cut it short, and bounded by ``grace`` plus a few seconds."""
+    with trio.CancelScope(shield=True):
+        gateway.stop()
+        with trio.move_on_after(grace) as waited:
+            await gateway.in_flight.wait_idle()
+        if waited.cancelled_caught:
+            log.warning("%d request(s) still running after the %.0fs grace: cut", gateway.in_flight.count, grace)
+        await control.shutdown_neurons(reason, grace)
