@@ -9,25 +9,14 @@ its requests fail fast) and removes them from the fleet later.
 from __future__ import annotations
 
 import logging
-import secrets
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
 
-from helexa.protocol import (
-    MIN_PROTOCOL_VERSION,
-    PROTOCOL_VERSION,
-    Challenge,
-    Hello,
-    Join,
-    ProtocolError,
-    Refused,
-    Shutdown,
-    Welcome,
-)
-from helexa.protocol import auth
+from helexa.protocol import ProtocolError, Shutdown
+from helexa.protocol.join import Admitted, CortexJoin, Failure, RecentNonces, Refusal
 from helexa.transport import Channel, ChannelClosed
 from helexa.transport import websocket as ws_transport
 
@@ -78,6 +67,7 @@ class ControlServer:
         self._token = token
         self._ssl = ssl_context
         self.refusals = 0
+        self._recent_nonces = RecentNonces()
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; ``started`` reports the bound port."""
@@ -100,67 +90,73 @@ class ControlServer:
 
     async def handle(self, channel: Channel) -> None:
         """Run one neuron connection from handshake to disconnect."""
+
+        def token() -> str:
+            try:
+                return self._token()
+            except (OSError, ValueError) as exc:
+                log.error("cannot read the join token: %s", exc)
+                raise
+
+        s = self.settings
+        session = CortexJoin(
+            token,
+            recent=self._recent_nonces,
+            heartbeat_interval=s.heartbeat_interval,
+            timeout=s.handshake_timeout,
+            operator=s.operator,
+            cortex_id=s.cortex_id,
+        )
+        link: Link | None = None
         try:
-            with trio.fail_after(self.settings.handshake_timeout):
-                link = await self._handshake(channel)
-        except trio.TooSlowError:
-            log.warning("neuron at %s did not finish the handshake in time", channel.remote)
-            await channel.aclose(1008, "handshake timeout")
-            return
+            with trio.move_on_after(session.timeout):
+                link = await self._handshake(channel, session)
         except (ProtocolError, ChannelClosed) as exc:
             log.info("handshake with %s failed: %s", channel.remote, exc)
             return
+        session.expire()
         if link is None:
+            if isinstance(session.verdict, Failure) and session.verdict.code == "timeout":
+                log.warning("neuron at %s did not finish the handshake in time", channel.remote)
+                await channel.aclose(1008, "handshake timeout")
             return
         try:
             await link.serve()
         finally:
             log.info("neuron %s disconnected", link.node_id)
 
-    async def _refuse(self, channel: Channel, code: str, reason: str) -> None:
+    async def _refuse(self, channel: Channel, refusal: Refusal, frames: list[object]) -> None:
         self.refusals += 1
-        log.warning("refused neuron at %s: %s", channel.remote, reason)
+        log.warning("refused neuron at %s: %s", channel.remote, refusal.reason)
         try:
-            await channel.send(Refused(code, reason))
+            for frame in frames:
+                await channel.send(frame)
         except ChannelClosed:
             pass
-        await channel.aclose(ws_transport.CLOSE_POLICY, code)
+        await channel.aclose(ws_transport.CLOSE_POLICY, refusal.code)
 
-    async def _handshake(self, channel: Channel) -> Link | None:
-        hello = await channel.receive()
-        if not isinstance(hello, Hello):
-            raise ProtocolError(f"expected hello, got {type(hello).__name__}")
-        version = min(PROTOCOL_VERSION, hello.max_version)
-        if version < max(MIN_PROTOCOL_VERSION, hello.min_version):
-            await self._refuse(
-                channel,
-                "version_mismatch",
-                f"neuron {hello.node_id!r} speaks protocol versions {hello.min_version}..{hello.max_version}; "
-                f"this cortex speaks {MIN_PROTOCOL_VERSION}..{PROTOCOL_VERSION}",
-            )
-            return None
-        cortex_nonce = auth.new_nonce()
-        await channel.send(Challenge(cortex_nonce, version, self.settings.cortex_id))
-        join = await channel.receive()
-        if not isinstance(join, Join):
-            raise ProtocolError(f"expected join, got {type(join).__name__}")
-        if join.descriptor.node_id != hello.node_id:
-            await self._refuse(channel, "bad_request", "the join descriptor names another node id than hello")
-            return None
-        try:
-            token = self._token()
-        except (OSError, ValueError) as exc:
-            log.error("cannot read the join token: %s", exc)
-            await self._refuse(channel, "unavailable", "the cortex cannot read its join token")
-            return None
-        expected = auth.join_proof(token, cortex_nonce, hello.nonce, hello.node_id)
-        if not auth.verify(expected, join.proof):
-            await self._refuse(
-                channel,
-                "unauthorized",
-                f"neuron {hello.node_id!r}: the join proof does not match this cortex's join token",
-            )
-            return None
+    async def _handshake(self, channel: Channel, session: CortexJoin) -> Link | None:
+        """Move ``session``'s frames until it has a verdict (the caller holds the deadline).
+        Returns the link registered in the fleet, or None when the neuron was refused or
+        broke the protocol (its connection closed)."""
+        frames: list[object] = []
+        while session.verdict is None:
+            frames = session.receive(await channel.receive())
+            if session.verdict is None:
+                for frame in frames:
+                    await channel.send(frame)
+        match session.verdict:
+            case Refusal() as refusal:
+                await self._refuse(channel, refusal, frames)
+                return None
+            case Failure(code=code, reason=reason):
+                log.info("handshake with %s failed: %s", channel.remote, reason)
+                for frame in frames:
+                    await channel.send(frame)
+                await channel.aclose(ws_transport.CLOSE_PROTOCOL_ERROR, code)
+                return None
+        join = session.verdict
+        assert isinstance(join, Admitted)
         link = Link(
             channel,
             join.descriptor,
@@ -176,14 +172,8 @@ class ControlServer:
         # Registered before the welcome goes out: once a neuron is welcomed, it is counted.
         self.fleet.links[link.node_id] = link
         self.fleet.notify()
-        await channel.send(
-            Welcome(
-                auth.welcome_proof(token, cortex_nonce, hello.nonce, hello.node_id),
-                session_id=secrets.token_hex(8),
-                heartbeat_interval=self.settings.heartbeat_interval,
-                operator=self.settings.operator,
-            )
-        )
+        for frame in frames:  # the welcome
+            await channel.send(frame)
         log.info(
             "neuron %s joined from %s (%d models reported)", link.node_id, channel.remote, len(join.models)
         )
