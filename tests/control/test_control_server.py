@@ -12,18 +12,23 @@ import trio_websocket
 
 from helexa.protocol import (
     Challenge,
+    Hardware,
     Hello,
     Join,
     ModelConfig,
+    NeuronDescriptor,
     Refused,
     UpsertModelConfig,
     auth,
     decode,
     encode,
 )
+from helexa.protocol.join import NeuronJoin, Welcomed
 from helexa.roles.cortex.control_server import ControlServer, ControlSettings
 from helexa.roles.cortex.fleet import Fleet, Health
-from helexa.roles.neuron.agent import JoinRefused, Neuron, NeuronSettings, backoff_delays
+from helexa.roles.neuron.agent import JoinRefused, Neuron, backoff_delays
+from helexa.roles.neuron.config import NeuronConfig
+from helexa.transport.handshake import exchange
 from helexa.transport.memory import channel_pair
 
 TOKEN = "hlx1.test-token"
@@ -36,8 +41,16 @@ async def start_cortex(nursery, **overrides) -> tuple[ControlServer, str]:
     return server, f"ws://127.0.0.1:{port}"
 
 
+def config(url: str, node_id: str = "n1", token: str = TOKEN, **kw) -> NeuronConfig:
+    return NeuronConfig(cortex=url, node_id=node_id, join_token=token, **kw)
+
+
 def neuron_for(url: str, node_id: str = "n1", token: str = TOKEN, **kw) -> Neuron:
-    return Neuron(NeuronSettings(url, node_id, token, reconnect_initial=0.05, reconnect_max=0.2, **kw))
+    return Neuron(config(url, node_id, token, **{"reconnect_initial": 0.05, "reconnect_max": 0.2, **kw}))
+
+
+def descriptor(node_id: str) -> NeuronDescriptor:
+    return NeuronDescriptor(node_id, Hardware(cpu_cores=1, ram_total=1 << 30))
 
 
 async def joined_with_synthetic_model(nursery):
@@ -52,16 +65,13 @@ async def joined_with_synthetic_model(nursery):
 
 
 async def join_by_hand(server: ControlServer, nursery, node_id: str):
-    """Join ``server`` over an in-memory channel with the real handshake, then stay silent
-    (no heartbeats): returns the neuron's side of the channel."""
+    """Join ``server`` over an in-memory channel with the neuron's own join session, then
+    stay silent (no heartbeats): returns the neuron's side of the channel."""
     cortex_side, neuron_side = channel_pair()
     nursery.start_soon(server.handle, cortex_side)
-    nonce = auth.new_nonce()
-    await neuron_side.send(Hello(node_id, 1, 1, nonce))
-    challenge = await neuron_side.receive()
-    proof = auth.join_proof(TOKEN, challenge.nonce, nonce, node_id)
-    await neuron_side.send(Join(proof, neuron_for("ws://x", node_id).descriptor()))
-    await neuron_side.receive()  # welcome
+    session = NeuronJoin(TOKEN, descriptor(node_id), timeout=10)
+    assert await exchange(neuron_side, session, session.start()) == []
+    assert isinstance(session.verdict, Welcomed)
     return neuron_side
 
 
@@ -123,8 +133,7 @@ async def test_the_token_never_crosses_the_wire(nursery):
         await ws.send_message(hello)
         challenge = decode(await ws.get_message())
         assert isinstance(challenge, Challenge)
-        neuron = neuron_for(url)
-        join = encode(Join(auth.join_proof(TOKEN, challenge.nonce, nonce, "n1"), neuron.descriptor()))
+        join = encode(Join(auth.join_proof(TOKEN, challenge.nonce, nonce, "n1"), descriptor("n1")))
         frames += [hello, join]
         await ws.send_message(join)
         frames.append(await ws.get_message())
@@ -194,7 +203,7 @@ async def test_missed_heartbeats_mark_unhealthy_then_removed_at_exact_times(nurs
     settings = ControlSettings(port=0, heartbeat_interval=1.0, missed_heartbeats=3, remove_after=30.0)
     server = ControlServer(settings, Fleet(), lambda: TOKEN)
     nursery.start_soon(server._watchdog)
-    neuron = Neuron(NeuronSettings("ws://memory", "n1", TOKEN), connector=memory_connector(server, nursery))
+    neuron = Neuron(config("ws://memory"), connector=memory_connector(server, nursery))
     neuron_scope = trio.CancelScope()
     nursery.start_soon(_run_in, neuron_scope, neuron.run)
     await neuron.joined.wait()
@@ -260,7 +269,7 @@ async def test_neuron_reconnects_with_backoff_after_a_drop(nursery, autojump_clo
     import random
 
     neuron = Neuron(
-        NeuronSettings("ws://memory", "n1", TOKEN, reconnect_initial=1.0, reconnect_max=30.0),
+        config("ws://memory", reconnect_initial=1.0, reconnect_max=30.0),
         connector=flaky,
         rng=random.Random(7),
     )
@@ -292,9 +301,7 @@ async def test_a_rejoining_neuron_reports_what_it_already_holds(nursery):
     # A new cortex on another port stands in for a restarted one: the neuron's view of
     # what it holds travels with its join.
     server2, url2 = await start_cortex(nursery)
-    neuron2_view = Neuron(
-        NeuronSettings(url2, "n1", TOKEN, reconnect_initial=0.05), registry=neuron.registry
-    )
+    neuron2_view = Neuron(config(url2, reconnect_initial=0.05), registry=neuron.registry)
     nursery.start_soon(neuron2_view.run)
     await wait_until(lambda: "n1" in server2.fleet.links)
     rejoined = server2.fleet.get("n1")

@@ -14,7 +14,8 @@ from cryptography.x509.oid import NameOID
 
 from helexa.roles.cortex.control_server import ControlServer, ControlSettings
 from helexa.roles.cortex.fleet import Fleet, Health
-from helexa.roles.neuron.agent import Neuron, NeuronSettings
+from helexa.roles.neuron.agent import Neuron
+from helexa.roles.neuron.config import NeuronConfig
 
 TOKEN = "hlx1.tls-token"
 
@@ -49,8 +50,8 @@ async def test_neuron_joins_over_wss_and_verifies_the_cortex_certificate(nursery
     server_ctx.load_cert_chain(cert_file, key_file)
     server = ControlServer(ControlSettings(port=0, heartbeat_interval=0.2), Fleet(), lambda: TOKEN, ssl_context=server_ctx)
     port = await nursery.start(server.run)
-    client_ctx = ssl.create_default_context(cafile=str(cert_file))
-    neuron = Neuron(NeuronSettings(f"wss://127.0.0.1:{port}", "tls-1", TOKEN, ssl_context=client_ctx))
+    neuron = Neuron(NeuronConfig(cortex=f"wss://127.0.0.1:{port}", node_id="tls-1", join_token=TOKEN,
+                                 tls_ca_file=cert_file))
     nursery.start_soon(neuron.run)
     with trio.fail_after(10):
         await neuron.joined.wait()
@@ -65,7 +66,8 @@ async def test_a_neuron_that_cannot_verify_the_certificate_never_joins(nursery, 
     server_ctx.load_cert_chain(cert_file, key_file)
     server = ControlServer(ControlSettings(port=0), Fleet(), lambda: TOKEN, ssl_context=server_ctx)
     port = await nursery.start(server.run)
-    neuron = Neuron(NeuronSettings(f"wss://127.0.0.1:{port}", "tls-2", TOKEN, reconnect_initial=1.0))
+    neuron = Neuron(NeuronConfig(cortex=f"wss://127.0.0.1:{port}", node_id="tls-2", join_token=TOKEN,
+                                 reconnect_initial=1.0))
     nursery.start_soon(neuron.run)
     await trio.sleep(5)
     assert not neuron.joined.is_set()

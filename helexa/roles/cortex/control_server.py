@@ -19,6 +19,7 @@ from helexa.protocol import ProtocolError, Shutdown
 from helexa.protocol.join import Admitted, CortexJoin, Failure, RecentNonces, Refusal
 from helexa.transport import Channel, ChannelClosed
 from helexa.transport import websocket as ws_transport
+from helexa.transport.handshake import exchange
 
 from .fleet import Fleet, Health
 from .neuron_link import Link
@@ -139,12 +140,7 @@ class ControlServer:
         """Move ``session``'s frames until it has a verdict (the caller holds the deadline).
         Returns the link registered in the fleet, or None when the neuron was refused or
         broke the protocol (its connection closed)."""
-        frames: list[object] = []
-        while session.verdict is None:
-            frames = session.receive(await channel.receive())
-            if session.verdict is None:
-                for frame in frames:
-                    await channel.send(frame)
+        frames = await exchange(channel, session)
         match session.verdict:
             case Refusal() as refusal:
                 await self._refuse(channel, refusal, frames)
