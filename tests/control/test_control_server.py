@@ -12,6 +12,7 @@ import trio_websocket
 
 from helexa.protocol import (
     Challenge,
+    Fault,
     Hardware,
     Hello,
     Join,
@@ -28,6 +29,7 @@ from helexa.roles.cortex.control_server import ControlServer, ControlSettings
 from helexa.roles.cortex.fleet import Fleet, Health
 from helexa.roles.neuron.agent import JoinRefused, Neuron, backoff_delays
 from helexa.roles.neuron.config import NeuronConfig
+from helexa.transport import ChannelClosed
 from helexa.transport.handshake import exchange
 from helexa.transport.memory import channel_pair
 
@@ -332,3 +334,47 @@ async def test_a_neuron_busy_loading_may_stay_silent_longer(nursery, autojump_cl
     while link.health is not Health.UNHEALTHY:
         await server.fleet.wait_changed()
     assert trio.current_time() - start == pytest.approx(20.5)
+
+
+# --- the handshake's shell on the cortex --------------------------------------------------
+
+
+@pytest.mark.parametrize("says", [[], [Hello("n1", 1, 1, b"h" * 32)]], ids=["nothing", "only-hello"])
+async def test_a_neuron_silent_in_the_handshake_is_dropped_at_the_deadline(autojump_clock, says):
+    server = ControlServer(ControlSettings(port=0, handshake_timeout=7.0), Fleet(), lambda: TOKEN)
+    cortex_side, neuron_side = channel_pair()
+    for msg in says:
+        await neuron_side.send(msg)
+    await server.handle(cortex_side)
+    assert trio.current_time() == pytest.approx(7.0)
+    with pytest.raises(ChannelClosed):
+        while True:
+            await neuron_side.receive()  # the challenge (if any), then the close
+    assert server.fleet.links == {} and server.refusals == 0
+
+
+async def test_a_replayed_hello_nonce_is_refused_on_another_connection(nursery, autojump_clock):
+    server = ControlServer(ControlSettings(port=0), Fleet(), lambda: TOKEN)
+    nonce = auth.new_nonce()
+    first_cortex, first = channel_pair()
+    nursery.start_soon(server.handle, first_cortex)
+    await first.send(Hello("n1", 1, 1, nonce))
+    assert isinstance(await first.receive(), Challenge)
+    replay_cortex, replay = channel_pair()
+    nursery.start_soon(server.handle, replay_cortex)
+    await replay.send(Hello("n1", 1, 1, nonce))
+    reply = await replay.receive()
+    assert isinstance(reply, Refused) and reply.code == "replayed_nonce"
+    assert server.refusals == 1
+
+
+async def test_an_unexpected_frame_in_the_handshake_gets_a_fault_and_a_close(autojump_clock):
+    server = ControlServer(ControlSettings(port=0), Fleet(), lambda: TOKEN)
+    cortex_side, neuron_side = channel_pair()
+    await neuron_side.send(UpsertModelConfig("c1", ModelConfig("m", "synthetic")))
+    await server.handle(cortex_side)
+    fault = await neuron_side.receive()
+    assert isinstance(fault, Fault) and fault.message == "expected hello, got UpsertModelConfig"
+    with pytest.raises(ChannelClosed):
+        await neuron_side.receive()
+    assert trio.current_time() == 0.0 and server.refusals == 0

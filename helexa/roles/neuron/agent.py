@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import trio
@@ -138,7 +139,8 @@ class Neuron:
 
     async def _serve(self, channel: Channel, nursery: trio.Nursery) -> None:
         nursery.start_soon(
-            lambda: send_heartbeats(
+            partial(
+                send_heartbeats,
                 channel,
                 self.connection.send,
                 interval=self.connection.heartbeat_interval,
