@@ -12,32 +12,48 @@ import trio_websocket
 
 from helexa.protocol import (
     Challenge,
+    Fault,
+    Hardware,
     Hello,
     Join,
     ModelConfig,
+    NeuronDescriptor,
     Refused,
     UpsertModelConfig,
     auth,
     decode,
     encode,
 )
-from helexa.roles.cortex.control_server import ControlServer, ControlSettings
+from helexa.protocol.join import NeuronJoin, Welcomed
+from helexa.roles.cortex.config import CortexConfig
+from helexa.roles.cortex.control_server import ControlServer
 from helexa.roles.cortex.fleet import Fleet, Health
-from helexa.roles.neuron.agent import JoinRefused, Neuron, NeuronSettings, backoff_delays
+from helexa.roles.neuron.agent import JoinRefused, Neuron, backoff_delays
+from helexa.roles.neuron.config import NeuronConfig
+from helexa.transport import ChannelClosed
+from helexa.transport.handshake import exchange
 from helexa.transport.memory import channel_pair
 
 TOKEN = "hlx1.test-token"
 
 
 async def start_cortex(nursery, **overrides) -> tuple[ControlServer, str]:
-    settings = ControlSettings(port=0, **{"heartbeat_interval": 0.2, **overrides})
+    settings = CortexConfig(control_socket="127.0.0.1:0", **{"heartbeat_interval": 0.2, **overrides})
     server = ControlServer(settings, Fleet(), lambda: TOKEN)
     port = await nursery.start(server.run)
     return server, f"ws://127.0.0.1:{port}"
 
 
+def config(url: str, node_id: str = "n1", token: str = TOKEN, **kw) -> NeuronConfig:
+    return NeuronConfig(cortex=url, node_id=node_id, join_token=token, **kw)
+
+
 def neuron_for(url: str, node_id: str = "n1", token: str = TOKEN, **kw) -> Neuron:
-    return Neuron(NeuronSettings(url, node_id, token, reconnect_initial=0.05, reconnect_max=0.2, **kw))
+    return Neuron(config(url, node_id, token, **{"reconnect_initial": 0.05, "reconnect_max": 0.2, **kw}))
+
+
+def descriptor(node_id: str) -> NeuronDescriptor:
+    return NeuronDescriptor(node_id, Hardware(cpu_cores=1, ram_total=1 << 30))
 
 
 async def joined_with_synthetic_model(nursery):
@@ -52,16 +68,13 @@ async def joined_with_synthetic_model(nursery):
 
 
 async def join_by_hand(server: ControlServer, nursery, node_id: str):
-    """Join ``server`` over an in-memory channel with the real handshake, then stay silent
-    (no heartbeats): returns the neuron's side of the channel."""
+    """Join ``server`` over an in-memory channel with the neuron's own join session, then
+    stay silent (no heartbeats): returns the neuron's side of the channel."""
     cortex_side, neuron_side = channel_pair()
     nursery.start_soon(server.handle, cortex_side)
-    nonce = auth.new_nonce()
-    await neuron_side.send(Hello(node_id, 1, 1, nonce))
-    challenge = await neuron_side.receive()
-    proof = auth.join_proof(TOKEN, challenge.nonce, nonce, node_id)
-    await neuron_side.send(Join(proof, neuron_for("ws://x", node_id).descriptor()))
-    await neuron_side.receive()  # welcome
+    session = NeuronJoin(TOKEN, descriptor(node_id), timeout=10)
+    assert await exchange(neuron_side, session, session.start()) == []
+    assert isinstance(session.verdict, Welcomed)
     return neuron_side
 
 
@@ -123,8 +136,7 @@ async def test_the_token_never_crosses_the_wire(nursery):
         await ws.send_message(hello)
         challenge = decode(await ws.get_message())
         assert isinstance(challenge, Challenge)
-        neuron = neuron_for(url)
-        join = encode(Join(auth.join_proof(TOKEN, challenge.nonce, nonce, "n1"), neuron.descriptor()))
+        join = encode(Join(auth.join_proof(TOKEN, challenge.nonce, nonce, "n1"), descriptor("n1")))
         frames += [hello, join]
         await ws.send_message(join)
         frames.append(await ws.get_message())
@@ -143,7 +155,7 @@ async def test_the_token_never_crosses_the_wire(nursery):
     ids=["garbage", "wrong-type", "unknown-kind", "truncated", "oversized"],
 )
 async def test_bad_frames_close_only_the_offending_connection(nursery, frame):
-    server, url = await start_cortex(nursery, max_frame=64 * 1024)
+    server, url = await start_cortex(nursery, max_frame_bytes=64 * 1024)
     neuron = neuron_for(url, "bystander")
     nursery.start_soon(neuron.run)
     await wait_until(lambda: "bystander" in server.fleet)
@@ -191,10 +203,10 @@ def memory_connector(server: ControlServer, nursery):
 
 
 async def test_missed_heartbeats_mark_unhealthy_then_removed_at_exact_times(nursery, autojump_clock):
-    settings = ControlSettings(port=0, heartbeat_interval=1.0, missed_heartbeats=3, remove_after=30.0)
+    settings = CortexConfig(control_socket="127.0.0.1:0", heartbeat_interval=1.0, missed_heartbeats=3, remove_after=30.0)
     server = ControlServer(settings, Fleet(), lambda: TOKEN)
     nursery.start_soon(server._watchdog)
-    neuron = Neuron(NeuronSettings("ws://memory", "n1", TOKEN), connector=memory_connector(server, nursery))
+    neuron = Neuron(config("ws://memory"), connector=memory_connector(server, nursery))
     neuron_scope = trio.CancelScope()
     nursery.start_soon(_run_in, neuron_scope, neuron.run)
     await neuron.joined.wait()
@@ -221,7 +233,7 @@ async def _run_in(scope: trio.CancelScope, fn) -> None:
 
 
 async def test_a_silent_connection_is_declared_unhealthy_after_three_intervals(nursery, autojump_clock):
-    settings = ControlSettings(port=0, heartbeat_interval=1.0, missed_heartbeats=3, remove_after=30.0)
+    settings = CortexConfig(control_socket="127.0.0.1:0", heartbeat_interval=1.0, missed_heartbeats=3, remove_after=30.0)
     server = ControlServer(settings, Fleet(), lambda: TOKEN)
     nursery.start_soon(server._watchdog)
     await join_by_hand(server, nursery, "mute")
@@ -244,7 +256,7 @@ def test_backoff_grows_exponentially_with_jitter_and_caps():
 
 
 async def test_neuron_reconnects_with_backoff_after_a_drop(nursery, autojump_clock):
-    settings = ControlSettings(port=0, heartbeat_interval=1.0)
+    settings = CortexConfig(control_socket="127.0.0.1:0", heartbeat_interval=1.0)
     server = ControlServer(settings, Fleet(), lambda: TOKEN)
     attempts: list[float] = []
     inner = memory_connector(server, nursery)
@@ -260,7 +272,7 @@ async def test_neuron_reconnects_with_backoff_after_a_drop(nursery, autojump_clo
     import random
 
     neuron = Neuron(
-        NeuronSettings("ws://memory", "n1", TOKEN, reconnect_initial=1.0, reconnect_max=30.0),
+        config("ws://memory", reconnect_initial=1.0, reconnect_max=30.0),
         connector=flaky,
         rng=random.Random(7),
     )
@@ -292,9 +304,7 @@ async def test_a_rejoining_neuron_reports_what_it_already_holds(nursery):
     # A new cortex on another port stands in for a restarted one: the neuron's view of
     # what it holds travels with its join.
     server2, url2 = await start_cortex(nursery)
-    neuron2_view = Neuron(
-        NeuronSettings(url2, "n1", TOKEN, reconnect_initial=0.05), registry=neuron.registry
-    )
+    neuron2_view = Neuron(config(url2, reconnect_initial=0.05), registry=neuron.registry)
     nursery.start_soon(neuron2_view.run)
     await wait_until(lambda: "n1" in server2.fleet)
     rejoined = server2.fleet.get("n1")
@@ -308,7 +318,7 @@ async def test_a_neuron_busy_loading_may_stay_silent_longer(nursery, autojump_cl
     from helexa.protocol import LoadModel
     from helexa.roles.cortex.fleet import CommandTimeout, NeuronGone
 
-    settings = ControlSettings(port=0, heartbeat_interval=1.0, missed_heartbeats=3, busy_silence=20.0)
+    settings = CortexConfig(control_socket="127.0.0.1:0", heartbeat_interval=1.0, missed_heartbeats=3, busy_silence=20.0)
     server = ControlServer(settings, Fleet(), lambda: TOKEN)
     nursery.start_soon(server._watchdog)
     await join_by_hand(server, nursery, "slow")
@@ -325,3 +335,47 @@ async def test_a_neuron_busy_loading_may_stay_silent_longer(nursery, autojump_cl
     while link.health is not Health.UNHEALTHY:
         await server.fleet.wait_changed()
     assert trio.current_time() - start == pytest.approx(20.5)
+
+
+# --- the handshake's shell on the cortex --------------------------------------------------
+
+
+@pytest.mark.parametrize("says", [[], [Hello("n1", 1, 1, b"h" * 32)]], ids=["nothing", "only-hello"])
+async def test_a_neuron_silent_in_the_handshake_is_dropped_at_the_deadline(autojump_clock, says):
+    server = ControlServer(CortexConfig(control_socket="127.0.0.1:0", handshake_timeout=7.0), Fleet(), lambda: TOKEN)
+    cortex_side, neuron_side = channel_pair()
+    for msg in says:
+        await neuron_side.send(msg)
+    await server.handle(cortex_side)
+    assert trio.current_time() == pytest.approx(7.0)
+    with pytest.raises(ChannelClosed):
+        while True:
+            await neuron_side.receive()  # the challenge (if any), then the close
+    assert len(server.fleet) == 0 and server.refusals == 0
+
+
+async def test_a_replayed_hello_nonce_is_refused_on_another_connection(nursery, autojump_clock):
+    server = ControlServer(CortexConfig(control_socket="127.0.0.1:0"), Fleet(), lambda: TOKEN)
+    nonce = auth.new_nonce()
+    first_cortex, first = channel_pair()
+    nursery.start_soon(server.handle, first_cortex)
+    await first.send(Hello("n1", 1, 1, nonce))
+    assert isinstance(await first.receive(), Challenge)
+    replay_cortex, replay = channel_pair()
+    nursery.start_soon(server.handle, replay_cortex)
+    await replay.send(Hello("n1", 1, 1, nonce))
+    reply = await replay.receive()
+    assert isinstance(reply, Refused) and reply.code == "replayed_nonce"
+    assert server.refusals == 1
+
+
+async def test_an_unexpected_frame_in_the_handshake_gets_a_fault_and_a_close(autojump_clock):
+    server = ControlServer(CortexConfig(control_socket="127.0.0.1:0"), Fleet(), lambda: TOKEN)
+    cortex_side, neuron_side = channel_pair()
+    await neuron_side.send(UpsertModelConfig("c1", ModelConfig("m", "synthetic")))
+    await server.handle(cortex_side)
+    fault = await neuron_side.receive()
+    assert isinstance(fault, Fault) and fault.message == "expected hello, got UpsertModelConfig"
+    with pytest.raises(ChannelClosed):
+        await neuron_side.receive()
+    assert trio.current_time() == 0.0 and server.refusals == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import ssl
+from contextlib import asynccontextmanager
 
 import trio
 from cryptography import x509
@@ -12,9 +13,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from helexa.roles.cortex.control_server import ControlServer, ControlSettings
+from helexa.roles.cortex.config import CortexConfig
+from helexa.roles.cortex.control_server import ControlServer
 from helexa.roles.cortex.fleet import Fleet, Health
-from helexa.roles.neuron.agent import Neuron, NeuronSettings
+from helexa.roles.neuron.agent import Neuron
+from helexa.roles.neuron.config import NeuronConfig
+from helexa.transport import ConnectFailed
+from helexa.transport import websocket as ws_transport
 
 TOKEN = "hlx1.tls-token"
 
@@ -47,10 +52,10 @@ async def test_neuron_joins_over_wss_and_verifies_the_cortex_certificate(nursery
     cert_file, key_file = self_signed(tmp_path)
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_ctx.load_cert_chain(cert_file, key_file)
-    server = ControlServer(ControlSettings(port=0, heartbeat_interval=0.2), Fleet(), lambda: TOKEN, ssl_context=server_ctx)
+    server = ControlServer(CortexConfig(control_socket="127.0.0.1:0", heartbeat_interval=0.2), Fleet(), lambda: TOKEN, ssl_context=server_ctx)
     port = await nursery.start(server.run)
-    client_ctx = ssl.create_default_context(cafile=str(cert_file))
-    neuron = Neuron(NeuronSettings(f"wss://127.0.0.1:{port}", "tls-1", TOKEN, ssl_context=client_ctx))
+    neuron = Neuron(NeuronConfig(cortex=f"wss://127.0.0.1:{port}", node_id="tls-1", join_token=TOKEN,
+                                 tls_ca_file=cert_file))
     nursery.start_soon(neuron.run)
     with trio.fail_after(10):
         await neuron.joined.wait()
@@ -63,10 +68,29 @@ async def test_a_neuron_that_cannot_verify_the_certificate_never_joins(nursery, 
     cert_file, key_file = self_signed(tmp_path)
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_ctx.load_cert_chain(cert_file, key_file)
-    server = ControlServer(ControlSettings(port=0), Fleet(), lambda: TOKEN, ssl_context=server_ctx)
+    server = ControlServer(CortexConfig(control_socket="127.0.0.1:0"), Fleet(), lambda: TOKEN, ssl_context=server_ctx)
     port = await nursery.start(server.run)
-    neuron = Neuron(NeuronSettings(f"wss://127.0.0.1:{port}", "tls-2", TOKEN, reconnect_initial=1.0))
+    failures: list[ConnectFailed] = []
+    two_failed = trio.Event()
+
+    @asynccontextmanager
+    async def recording(url):
+        try:
+            async with ws_transport.connect(url, timeout=10, ssl_context=ssl.create_default_context()) as channel:
+                yield channel
+        except ConnectFailed as exc:
+            failures.append(exc)
+            if len(failures) == 2:
+                two_failed.set()
+            raise
+
+    # No tls_ca_file: the system's CAs, which do not know this self-signed certificate.
+    config = NeuronConfig(cortex=f"wss://127.0.0.1:{port}", node_id="tls-2", join_token=TOKEN,
+                          reconnect_initial=0.05, reconnect_max=0.1)
+    neuron = Neuron(config, connector=recording)
     nursery.start_soon(neuron.run)
-    await trio.sleep(5)
+    # trio-websocket reports a failed verification only when its connect timeout expires
+    # (with an empty message), hence the virtual clock.
+    await two_failed.wait()  # it tried, failed, and tried again
     assert not neuron.joined.is_set()
     assert "tls-2" not in server.fleet

@@ -38,7 +38,8 @@ from helexa.protocol import (
 )
 from helexa.protocol.federation import OfferedModel
 from helexa.roles.cortex.catalogue import Catalogue, CatalogueEntry
-from helexa.roles.cortex.control_server import ControlServer, ControlSettings
+from helexa.roles.cortex.config import CortexConfig
+from helexa.roles.cortex.control_server import ControlServer
 from helexa.roles.cortex.dispatch import Target
 from helexa.roles.cortex.errors import BadRequest, GatewayError, NoCapacity, NotFound, UpstreamError, to_gateway_error
 from helexa.roles.cortex.federation.ledger import Ledger
@@ -46,7 +47,8 @@ from helexa.roles.cortex.federation.service import Federation, FederationSetting
 from helexa.roles.cortex.fleet import Fleet
 from helexa.roles.cortex.orchestrator import Orchestrator
 from helexa.roles.cortex.peering import LocalServing, PeerHandle
-from helexa.roles.neuron.agent import Neuron, NeuronSettings
+from helexa.roles.neuron.agent import Neuron
+from helexa.roles.neuron.config import NeuronConfig
 from helexa.transport.memory import channel_pair
 from neuron_double import NeuronDouble
 from serving import cortex_config
@@ -66,7 +68,7 @@ class LinkHarness:
     """A real NeuronLink to a real neuron agent with two synthetic models loaded."""
 
     async def start(self, nursery: trio.Nursery) -> None:
-        self.server = ControlServer(ControlSettings(port=0), Fleet(), lambda: TOKEN)
+        self.server = ControlServer(CortexConfig(control_socket="127.0.0.1:0"), Fleet(), lambda: TOKEN)
         self._sides: list = []
 
         @asynccontextmanager
@@ -79,7 +81,8 @@ class LinkHarness:
             finally:
                 await neuron_side.aclose()
 
-        self.neuron = Neuron(NeuronSettings("ws://memory", "n1", TOKEN, reconnect_initial=3600), connector=connect)
+        config = NeuronConfig(cortex="ws://memory", node_id="n1", join_token=TOKEN, reconnect_initial=3600)
+        self.neuron = Neuron(config, connector=connect)
         nursery.start_soon(self.neuron.run)
         await until(lambda: "n1" in self.server.fleet)
         self.link = self.server.fleet.get("n1")

@@ -9,157 +9,142 @@ its requests fail fast) and removes them from the fleet later.
 from __future__ import annotations
 
 import logging
-import secrets
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import trio
 
-from helexa.protocol import (
-    MIN_PROTOCOL_VERSION,
-    PROTOCOL_VERSION,
-    Challenge,
-    Hello,
-    Join,
-    ProtocolError,
-    Refused,
-    Welcome,
-)
-from helexa.protocol import auth
+from helexa.protocol import ProtocolError
+from helexa.protocol.join import Admitted, CortexJoin, Failure, RecentNonces, Refusal
 from helexa.transport import Channel, ChannelClosed
 from helexa.transport import websocket as ws_transport
+from helexa.transport.handshake import exchange
+
+from helexa.config import split_socket
 
 from .fleet import Fleet
 from .neuron_link import NeuronLink
 
+if TYPE_CHECKING:
+    from .config import CortexConfig
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ControlSettings:
-    host: str = "127.0.0.1"
-    port: int = 7070
-    heartbeat_interval: float = 1.0
-    missed_heartbeats: int = 3
-    remove_after: float = 30.0
-    busy_silence: float = 120.0
-    """Silence tolerated while a provisioning command is outstanding: some engines
-    (llama.cpp through xllamacpp) hold the interpreter lock for a whole model load, so a
-    loading neuron cannot heartbeat. A dead process still shows at once (its socket closes)."""
-    handshake_timeout: float = 10.0
-    send_timeout: float = 10.0
-    max_frame: int = 16 * 1024 * 1024
-    operator: str = "local"
-    cortex_id: str = ""
 
 
 class ControlServer:
     """Serves the websocket control plane and keeps ``fleet`` current.
 
     Args:
-        settings: addresses, timeouts and heartbeat policy.
+        config: the cortex's config (``control_socket``, the heartbeat policy, the
+            handshake and send deadlines, ``max_frame_bytes``, ``operator``).
         fleet: the fleet view to maintain.
         token: returns the current join token (read per handshake, so rotation applies).
+        cortex_id: this cortex's identity fingerprint, told to joining neurons.
         ssl_context: serve ``wss://`` when given.
     """
 
     def __init__(
         self,
-        settings: ControlSettings,
+        config: CortexConfig,
         fleet: Fleet,
         token: Callable[[], str],
         *,
+        cortex_id: str = "",
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        self.settings = settings
+        self.settings = config
+        self.host, self.port = split_socket(config.control_socket)
+        self.cortex_id = cortex_id
         self.fleet = fleet
         self._token = token
         self._ssl = ssl_context
         self.refusals = 0
+        self._recent_nonces = RecentNonces()
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; ``started`` reports the bound port."""
         async with trio.open_nursery() as nursery:
             port = await nursery.start(self._serve)
             nursery.start_soon(self._watchdog)
-            log.info("control plane listening on %s://%s:%d", "wss" if self._ssl else "ws", self.settings.host, port)
+            log.info("control plane listening on %s://%s:%d", "wss" if self._ssl else "ws", self.host, port)
             task_status.started(port)
 
     async def _serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         await ws_transport.serve(
             self.handle,
-            self.settings.host,
-            self.settings.port,
+            self.host,
+            self.port,
             ssl_context=self._ssl,
-            max_frame=self.settings.max_frame,
+            max_frame=self.settings.max_frame_bytes,
             handshake_timeout=self.settings.handshake_timeout,
             task_status=task_status,
         )
 
     async def handle(self, channel: Channel) -> None:
         """Run one neuron connection from handshake to disconnect."""
+
+        def token() -> str:
+            try:
+                return self._token()
+            except (OSError, ValueError) as exc:
+                log.error("cannot read the join token: %s", exc)
+                raise
+
+        s = self.settings
+        session = CortexJoin(
+            token,
+            recent=self._recent_nonces,
+            heartbeat_interval=s.heartbeat_interval,
+            timeout=s.handshake_timeout,
+            operator=s.operator,
+            cortex_id=self.cortex_id,
+        )
+        link: NeuronLink | None = None
         try:
-            with trio.fail_after(self.settings.handshake_timeout):
-                link = await self._handshake(channel)
-        except trio.TooSlowError:
-            log.warning("neuron at %s did not finish the handshake in time", channel.remote)
-            await channel.aclose(1008, "handshake timeout")
-            return
+            with trio.move_on_after(session.timeout):
+                link = await self._handshake(channel, session)
         except (ProtocolError, ChannelClosed) as exc:
             log.info("handshake with %s failed: %s", channel.remote, exc)
             return
+        session.expire()
         if link is None:
+            if isinstance(session.verdict, Failure) and session.verdict.code == "timeout":
+                log.warning("neuron at %s did not finish the handshake in time", channel.remote)
+                await channel.aclose(1008, "handshake timeout")
             return
         try:
             await link.serve()
         finally:
             log.info("neuron %s disconnected", link.node_id)
 
-    async def _refuse(self, channel: Channel, code: str, reason: str) -> None:
+    async def _refuse(self, channel: Channel, refusal: Refusal, frames: list[object]) -> None:
         self.refusals += 1
-        log.warning("refused neuron at %s: %s", channel.remote, reason)
+        log.warning("refused neuron at %s: %s", channel.remote, refusal.reason)
         try:
-            await channel.send(Refused(code, reason))
+            for frame in frames:
+                await channel.send(frame)
         except ChannelClosed:
             pass
-        await channel.aclose(ws_transport.CLOSE_POLICY, code)
+        await channel.aclose(ws_transport.CLOSE_POLICY, refusal.code)
 
-    async def _handshake(self, channel: Channel) -> NeuronLink | None:
-        hello = await channel.receive()
-        if not isinstance(hello, Hello):
-            raise ProtocolError(f"expected hello, got {type(hello).__name__}")
-        version = min(PROTOCOL_VERSION, hello.max_version)
-        if version < max(MIN_PROTOCOL_VERSION, hello.min_version):
-            await self._refuse(
-                channel,
-                "version_mismatch",
-                f"neuron {hello.node_id!r} speaks protocol versions {hello.min_version}..{hello.max_version}; "
-                f"this cortex speaks {MIN_PROTOCOL_VERSION}..{PROTOCOL_VERSION}",
-            )
-            return None
-        cortex_nonce = auth.new_nonce()
-        await channel.send(Challenge(cortex_nonce, version, self.settings.cortex_id))
-        join = await channel.receive()
-        if not isinstance(join, Join):
-            raise ProtocolError(f"expected join, got {type(join).__name__}")
-        if join.descriptor.node_id != hello.node_id:
-            await self._refuse(channel, "bad_request", "the join descriptor names another node id than hello")
-            return None
-        try:
-            token = self._token()
-        except (OSError, ValueError) as exc:
-            log.error("cannot read the join token: %s", exc)
-            await self._refuse(channel, "unavailable", "the cortex cannot read its join token")
-            return None
-        expected = auth.join_proof(token, cortex_nonce, hello.nonce, hello.node_id)
-        if not auth.verify(expected, join.proof):
-            await self._refuse(
-                channel,
-                "unauthorized",
-                f"neuron {hello.node_id!r}: the join proof does not match this cortex's join token",
-            )
-            return None
+    async def _handshake(self, channel: Channel, session: CortexJoin) -> NeuronLink | None:
+        """Move ``session``'s frames until it has a verdict (the caller holds the deadline).
+        Returns the link registered in the fleet, or None when the neuron was refused or
+        broke the protocol (its connection closed)."""
+        frames = await exchange(channel, session)
+        match session.verdict:
+            case Refusal() as refusal:
+                await self._refuse(channel, refusal, frames)
+                return None
+            case Failure(code=code, reason=reason):
+                log.info("handshake with %s failed: %s", channel.remote, reason)
+                for frame in frames:
+                    await channel.send(frame)
+                await channel.aclose(ws_transport.CLOSE_PROTOCOL_ERROR, code)
+                return None
+        join = session.verdict
+        assert isinstance(join, Admitted)
         link = NeuronLink(
             channel,
             join.descriptor,
@@ -173,14 +158,8 @@ class ControlServer:
         if old is not None and old.connected:
             log.info("neuron %s reconnected; closing its previous connection", link.node_id)
             await old.close(1000, "replaced by a new connection")
-        await channel.send(
-            Welcome(
-                auth.welcome_proof(token, cortex_nonce, hello.nonce, hello.node_id),
-                session_id=secrets.token_hex(8),
-                heartbeat_interval=self.settings.heartbeat_interval,
-                operator=self.settings.operator,
-            )
-        )
+        for frame in frames:  # the welcome
+            await channel.send(frame)
         log.info(
             "neuron %s joined from %s (%d models reported)", link.node_id, channel.remote, len(join.models)
         )

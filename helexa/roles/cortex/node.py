@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING
 import trio
 
 from helexa import identity as identity_mod
-from helexa.config import ConfigError, split_socket
+from helexa.config import ConfigError
 
 from . import join_token
 from .catalogue import Catalogue, CatalogueError, default_catalogue
 from .config import CortexConfig
-from .control_server import ControlServer, ControlSettings
+from .control_server import ControlServer
 from .fleet import Fleet
 from .gateway import Gateway
 from .metrics import Metrics
@@ -60,25 +60,8 @@ class Cortex:
         self.identity = identity_mod.load_or_create(data / "identity.key")
         join_token.load_or_create(data)
         self.fleet = Fleet()
-        host, port = split_socket(config.control_socket)
-        self.control = ControlServer(
-            ControlSettings(
-                host=host,
-                port=port,
-                heartbeat_interval=config.heartbeat_interval,
-                missed_heartbeats=config.missed_heartbeats,
-                remove_after=config.remove_after,
-                busy_silence=config.busy_silence,
-                handshake_timeout=config.handshake_timeout,
-                send_timeout=config.send_timeout,
-                max_frame=config.max_frame_bytes,
-                operator=config.operator,
-                cortex_id=self.identity.fingerprint,
-            ),
-            self.fleet,
-            lambda: join_token.read(join_token.path_in(data)),
-            ssl_context=self._ssl(),
-        )
+        self.control = ControlServer(config, self.fleet, lambda: join_token.read(join_token.path_in(data)),
+                                     cortex_id=self.identity.fingerprint, ssl_context=self._ssl())
         try:
             self.catalogue = Catalogue.load(config.models_file) if config.models_file else default_catalogue()
         except CatalogueError as exc:
@@ -149,7 +132,7 @@ class Cortex:
                              self.mesh.peer_id, ", ".join(mesh_addrs))
                 scheme = "wss" if self.config.tls_cert_file else "ws"
                 addrs = CortexAddresses(
-                    control_url=f"{scheme}://{self.control.settings.host}:{control_port}",
+                    control_url=f"{scheme}://{self.control.host}:{control_port}",
                     gateway_url=binds[0],
                     mesh_addrs=tuple(mesh_addrs),
                 )

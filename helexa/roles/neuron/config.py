@@ -1,10 +1,18 @@
-"""The neuron's configuration (``neuron.toml``; see ``examples/neuron.toml``)."""
+"""The neuron's configuration (``neuron.toml``; see ``examples/neuron.toml``), and what it
+resolves to once at start (:class:`Resolved`: the node id, the join token, the TLS context)."""
 
 from __future__ import annotations
 
+import ssl
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+from helexa.config import ConfigError
+from helexa.protocol import DEFAULT_MAX_FRAME
+
+MACHINE_ID = Path("/etc/machine-id")
 
 
 class NeuronConfig(BaseModel):
@@ -26,7 +34,7 @@ class NeuronConfig(BaseModel):
     reconnect_initial: float = Field(0.5, gt=0)
     reconnect_max: float = Field(30.0, gt=0)
     shutdown_grace: float = Field(10.0, ge=0)
-    max_frame_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_frame_bytes: int = Field(DEFAULT_MAX_FRAME, ge=1024)
     log_level: str = "info"
 
     @field_validator("cortex")
@@ -35,3 +43,49 @@ class NeuronConfig(BaseModel):
         if not (v.startswith("ws://") or v.startswith("wss://")):
             raise ValueError(f"expected a ws:// or wss:// URL, got {v!r}")
         return v
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a :class:`NeuronConfig` names and the neuron reads once, at start."""
+
+    node_id: str
+    token: str = field(repr=False)
+    ssl_context: ssl.SSLContext | None = None
+    """Set for a ``wss://`` cortex: verifies it with ``tls_ca_file`` or the system's CAs."""
+
+    @classmethod
+    def from_config(cls, config: NeuronConfig, *, machine_id: Path = MACHINE_ID) -> Resolved:
+        """Raises :class:`ConfigError` naming the key when a value cannot be resolved."""
+        ctx = None
+        if config.cortex.startswith("wss://"):
+            ctx = ssl.create_default_context(cafile=str(config.tls_ca_file) if config.tls_ca_file else None)
+        return cls(resolve_node_id(config.node_id, machine_id), resolve_token(config), ctx)
+
+
+def resolve_node_id(flag: str | None, machine_id: Path = MACHINE_ID) -> str:
+    """``--node-id`` if given, else /etc/machine-id. Raises :class:`ConfigError` if neither."""
+    if flag:
+        return flag
+    try:
+        value = machine_id.read_text().strip()
+    except OSError:
+        value = ""
+    if not value:
+        raise ConfigError(f"node_id: not given and {machine_id} is missing or empty; pass --node-id")
+    return value
+
+
+def resolve_token(config: NeuronConfig) -> str:
+    """The join token: ``join_token`` if set, else the contents of ``join_token_file``."""
+    if config.join_token is not None and config.join_token.get_secret_value().strip():
+        return config.join_token.get_secret_value().strip()
+    if config.join_token_file is not None:
+        try:
+            token = config.join_token_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"join_token_file: cannot read {config.join_token_file} ({exc.strerror})") from None
+        if not token:
+            raise ConfigError(f"join_token_file: {config.join_token_file} is empty")
+        return token
+    raise ConfigError("join_token: no join token; pass --join-token-file or set HELEXA_JOIN_TOKEN")

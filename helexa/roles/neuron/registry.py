@@ -59,6 +59,12 @@ class ModelRegistry:
         self.service_nursery: trio.Nursery | None = None
         """A nursery that outlives connections, for backends with background work."""
 
+    def set_listener(self, on_status: Callable[[ModelStatus], None]) -> None:
+        """Call ``on_status`` with a model's new status whenever its state changes, instead
+        of the listener given before (a neuron rejoining through a new agent takes over
+        the registry of the one before)."""
+        self._on_status = on_status
+
     # --- views ----------------------------------------------------------------------------
 
     def status(self, model_id: str) -> ModelStatus:

@@ -1,0 +1,91 @@
+"""Provisioning commands from the cortex: model configs, loads (with progress) and unloads.
+
+Each command is answered by one :class:`ProvisioningResponse` with its command id; a load
+also sends :class:`LoadProgress` at every 5 % (and draws a bar on a terminal).
+"""
+
+from __future__ import annotations
+
+import trio
+
+from helexa.protocol import (
+    LoadModel,
+    LoadProgress,
+    ModelStatus,
+    ProvisioningCommand,
+    ProvisioningResponse,
+    UnloadModel,
+    UpsertModelConfig,
+)
+from helexa.runtime import BackendError
+
+from .connection import Connection
+from .progress import LoadBars
+from .registry import ModelRegistry
+
+PROGRESS_STEP = 0.05
+"""A load reports its progress each time it moves by this fraction (and when it ends)."""
+
+
+class Commands:
+    """Carries out provisioning commands on ``registry``; answers go through ``connection``.
+
+    Args:
+        registry: the models held.
+        connection: where answers and progress go (dropped when not connected: the next
+            join reports the registry's state anyway).
+        bars: terminal progress bars (on when stderr is a tty, by default).
+    """
+
+    def __init__(self, registry: ModelRegistry, connection: Connection, *, bars: LoadBars | None = None) -> None:
+        self._registry = registry
+        self._connection = connection
+        self._bars = bars or LoadBars()
+
+    def handle(self, cmd: ProvisioningCommand, nursery: trio.Nursery) -> None:
+        """Start carrying out ``cmd`` in ``nursery`` (the connection's: a load in progress
+        stops when the connection drops, leaving the model configured)."""
+        match cmd:
+            case UpsertModelConfig(command_id=cid, config=config):
+                status = self._registry.upsert(config)
+                self._connection.post(ProvisioningResponse(cid, True, status=status))
+            case LoadModel():
+                nursery.start_soon(self._load, cmd)
+            case UnloadModel():
+                nursery.start_soon(self._unload, cmd)
+
+    async def _load(self, cmd: LoadModel) -> None:
+        last = -1.0
+
+        def progress(stage: str, done: int, total: int | None, unit: str) -> None:
+            nonlocal last
+            self._bars.update(cmd.model_id, stage, done, total, unit)
+            frac = done / total if total else 0.0
+            if frac - last >= PROGRESS_STEP or (total and done >= total):
+                last = frac
+                self._connection.post(LoadProgress(cmd.command_id, cmd.model_id, stage, done, total, unit))
+
+        try:
+            status = await self._registry.load(cmd.model_id, progress)
+        except BackendError as exc:
+            self._bars.close(cmd.model_id)
+            await self._connection.try_send(
+                ProvisioningResponse(cmd.command_id, False, str(exc), exc.code, self._status(cmd.model_id))
+            )
+            return
+        self._bars.close(cmd.model_id)
+        await self._connection.try_send(ProvisioningResponse(cmd.command_id, True, status=status))
+
+    async def _unload(self, cmd: UnloadModel) -> None:
+        try:
+            status = await self._registry.unload(cmd.model_id)
+        except BackendError as exc:
+            await self._connection.try_send(ProvisioningResponse(cmd.command_id, False, str(exc), exc.code))
+            return
+        await self._connection.try_send(ProvisioningResponse(cmd.command_id, True, status=status))
+
+    def _status(self, model_id: str) -> ModelStatus | None:
+        try:
+            return self._registry.status(model_id)
+        except BackendError:
+            return None

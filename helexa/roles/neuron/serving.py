@@ -1,0 +1,119 @@
+"""The requests a neuron runs for its cortex: generations and embeddings, by request id.
+
+Each request runs in its own task and cancel scope (a :class:`Cancel` from the cortex, or
+the connection dropping, stops it). A generation's events go back through
+:mod:`.relay`; a failure goes back as one :class:`InferenceError`, retryable elsewhere
+only while nothing of the answer has been sent.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import aclosing
+
+import trio
+
+from helexa.protocol import EmbedRequest, GenerateRequest, InferenceError, Task
+from helexa.runtime import BackendError, ChatInference, EmbeddingInference, TextInference, Unsupported
+from helexa.transport import ChannelClosed
+
+from .connection import Connection
+from .registry import ModelRegistry
+from .relay import collect, relay
+
+log = logging.getLogger(__name__)
+
+
+class Serving:
+    """Runs requests on the models of ``registry``; answers go through ``connection``."""
+
+    def __init__(self, registry: ModelRegistry, connection: Connection) -> None:
+        self._registry = registry
+        self._connection = connection
+        self._running: dict[str, trio.CancelScope] = {}
+        self._idle = trio.Event()
+        self._idle.set()
+        self.accepting = True
+        """False once :meth:`stop_accepting` was called: new requests are refused."""
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._running)
+
+    def start(self, req: GenerateRequest | EmbedRequest, nursery: trio.Nursery) -> None:
+        """Run ``req`` in ``nursery`` (the connection's), or refuse it as retryable when
+        no longer accepting. The request counts as in flight from this call on."""
+        if not self.accepting:
+            self._connection.post(
+                InferenceError(req.request_id, "draining", "this neuron is shutting down", retryable=True)
+            )
+            return
+        scope = trio.CancelScope()
+        if not self._running:
+            self._idle = trio.Event()
+        self._running[req.request_id] = scope
+        nursery.start_soon(self._run, req, scope)
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a running request (nothing if it already ended)."""
+        if (scope := self._running.get(request_id)) is not None:
+            scope.cancel()
+
+    def cancel_all(self) -> None:
+        for scope in self._running.values():
+            scope.cancel()
+
+    def stop_accepting(self) -> None:
+        """Refuse every request from now on (as retryable, so the cortex sends it elsewhere)."""
+        self.accepting = False
+
+    async def wait_idle(self) -> None:
+        """Return once no request is in flight."""
+        await self._idle.wait()
+
+    async def _run(self, req: GenerateRequest | EmbedRequest, scope: trio.CancelScope) -> None:
+        rid = req.request_id
+        started: list[bool] = []
+        try:
+            with scope:
+                try:
+                    await self._answer(req, on_first=lambda: started.append(True))
+                except BackendError as exc:
+                    await self._connection.try_send(
+                        InferenceError(rid, exc.code, str(exc), retryable=exc.retryable and not started)
+                    )
+                except (ChannelClosed, trio.TooSlowError):
+                    pass
+                except Exception as exc:
+                    log.exception("request %s failed", rid)
+                    await self._connection.try_send(
+                        InferenceError(rid, "internal_error", f"the neuron failed: {type(exc).__name__}")
+                    )
+        finally:
+            if self._running.get(rid) is scope:
+                del self._running[rid]
+            if not self._running:
+                self._idle.set()
+
+    async def _answer(self, req: GenerateRequest | EmbedRequest, *, on_first) -> None:
+        send = self._connection.send
+        backend = self._registry.acquire(req.model_id)
+        try:
+            if isinstance(req, EmbedRequest):
+                if not isinstance(backend, EmbeddingInference):
+                    raise Unsupported(f"model {req.model_id!r} does not do embeddings")
+                await send(await backend.embed(req))
+                return
+            if req.task is Task.CHAT and isinstance(backend, ChatInference):
+                events = backend.chat(req)
+            elif req.task is Task.COMPLETION and isinstance(backend, TextInference):
+                events = backend.complete(req)
+            else:
+                raise Unsupported(f"model {req.model_id!r} does not do {req.task.value} requests")
+            async with aclosing(events) as it:
+                if req.stream:
+                    await relay(it, send, on_first=on_first)
+                else:
+                    await collect(it, send, on_first=on_first)
+        finally:
+            self._registry.release(req.model_id)

@@ -1,0 +1,68 @@
+"""Provisioning commands on the neuron (helexa/roles/neuron/commands.py): every command
+is answered once with its id; a load reports progress; failures name their reason."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from hand_cortex import HandCortex, neuron_for
+
+from helexa.protocol import (
+    LoadModel,
+    LoadProgress,
+    ModelConfig,
+    ModelState,
+    ProvisioningResponse,
+    UnloadModel,
+    UpsertModelConfig,
+)
+
+
+async def joined(nursery):
+    cortex = HandCortex()
+    neuron = neuron_for(cortex)
+    nursery.start_soon(neuron.run)
+    return neuron, await cortex.join()
+
+
+async def answer(channel, command_id: str, seen: list | None = None) -> ProvisioningResponse:
+    while True:
+        msg = await channel.receive()
+        if seen is not None:
+            seen.append((trio.current_time(), msg))
+        if isinstance(msg, ProvisioningResponse) and msg.command_id == command_id:
+            return msg
+
+
+async def test_upsert_load_unload_are_each_answered_with_the_new_state(nursery, autojump_clock):
+    neuron, channel = await joined(nursery)
+    await channel.send(UpsertModelConfig("c1", ModelConfig("s", "synthetic", metadata={"load_seconds": 4})))
+    assert (await answer(channel, "c1")).status.state is ModelState.CONFIGURED
+    t0 = trio.current_time()
+    await channel.send(LoadModel("c2", "s"))
+    seen: list = []
+    loaded = await answer(channel, "c2", seen)
+    assert loaded.ok and loaded.status.state is ModelState.LOADED
+    assert trio.current_time() - t0 == pytest.approx(4.0)
+    # Progress travels beside the answer, so the last report may come just after it.
+    while not any(isinstance(m, LoadProgress) and m.done == 1 for _, m in seen):
+        seen.append((trio.current_time(), await channel.receive()))
+    progress = [(t - t0, m.done, m.total) for t, m in seen if isinstance(m, LoadProgress)]
+    assert progress == [(0.0, 0, 1), (pytest.approx(4.0), 1, 1)]
+    await channel.send(UnloadModel("c3", "s"))
+    unloaded = await answer(channel, "c3")
+    assert unloaded.ok and unloaded.status.state is ModelState.CONFIGURED
+    assert neuron.registry.status("s").state is ModelState.CONFIGURED
+
+
+async def test_a_load_that_fails_is_answered_with_its_reason_and_the_neuron_carries_on(nursery, autojump_clock):
+    neuron, channel = await joined(nursery)
+    await channel.send(UpsertModelConfig("c1", ModelConfig("bad", "no_such_backend")))
+    await answer(channel, "c1")
+    await channel.send(LoadModel("c2", "bad"))
+    failed = await answer(channel, "c2")
+    assert not failed.ok and failed.error and failed.status.state is ModelState.FAILED
+    await channel.send(LoadModel("c3", "never-configured"))
+    missing = await answer(channel, "c3")
+    assert not missing.ok and missing.code == "not_configured" and missing.status is None

@@ -1,0 +1,83 @@
+"""Requests on the neuron (helexa/roles/neuron/serving.py), against a cortex driven by hand,
+on the virtual clock."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from hand_cortex import HandCortex, load_synthetic, neuron_for, next_frame
+
+from helexa.protocol import (
+    Cancel,
+    EmbedRequest,
+    GenerateRequest,
+    GenerateResult,
+    InferenceError,
+    Task,
+    TokenChunk,
+)
+
+
+def generate(rid: str, *, stream: bool = True) -> GenerateRequest:
+    return GenerateRequest(rid, "s", Task.CHAT, messages=({"role": "user", "content": "hi"},), stream=stream)
+
+
+async def joined(nursery, **metadata):
+    cortex = HandCortex()
+    neuron = neuron_for(cortex)
+    nursery.start_soon(neuron.run)
+    channel = await cortex.join()
+    await load_synthetic(channel, **metadata)
+    return neuron, channel
+
+
+async def test_a_cancel_stops_a_running_request_at_once(nursery, autojump_clock):
+    neuron, channel = await joined(nursery, tokens=1000, tokens_per_second=10)
+    await channel.send(generate("r1"))
+    assert isinstance(await next_frame(channel), TokenChunk)
+    assert neuron.serving.in_flight == 1 and neuron.registry.in_flight == 1
+    cancelled_at = trio.current_time()
+    await channel.send(Cancel("r1"))
+    await neuron.serving.wait_idle()
+    assert trio.current_time() == cancelled_at  # stopped, not finished 99.9 s later
+    assert neuron.registry.in_flight == 0  # the backend was released
+    # Nothing more comes for it (heartbeats aside), and other work still runs.
+    await channel.send(generate("r2", stream=False))
+    msg = await next_frame(channel)
+    assert isinstance(msg, GenerateResult) and msg.request_id == "r2"
+
+
+async def test_a_cancel_for_an_unknown_request_changes_nothing(nursery, autojump_clock):
+    neuron, channel = await joined(nursery, tokens=3)
+    await channel.send(Cancel("nobody"))
+    await channel.send(generate("r1", stream=False))
+    msg = await next_frame(channel)
+    assert isinstance(msg, GenerateResult) and msg.text == "tok0 tok1 tok2"
+
+
+async def test_a_request_for_a_model_not_loaded_fails_as_retryable(nursery, autojump_clock):
+    neuron, channel = await joined(nursery)
+    await channel.send(GenerateRequest("r1", "other", Task.CHAT, messages=({"role": "user", "content": "x"},)))
+    msg = await next_frame(channel)
+    assert isinstance(msg, InferenceError) and msg.code == "model_not_loaded" and msg.retryable
+
+
+async def test_an_embedding_from_a_chat_model_fails_naming_the_model(nursery, autojump_clock):
+    neuron, channel = await joined(nursery)
+    await channel.send(EmbedRequest("e1", "s", ("text",)))
+    msg = await next_frame(channel)
+    assert isinstance(msg, InferenceError) and "'s' does not do embeddings" in msg.message
+    await neuron.serving.wait_idle()
+    assert neuron.registry.in_flight == 0
+
+
+async def test_requests_end_with_their_connection(nursery, autojump_clock):
+    neuron, channel = await joined(nursery, tokens=1000, tokens_per_second=10)
+    await channel.send(generate("r1"))
+    assert isinstance(await next_frame(channel), TokenChunk)
+    dropped_at = trio.current_time()
+    await channel.aclose()
+    await neuron.serving.wait_idle()
+    assert trio.current_time() == pytest.approx(dropped_at)
+    assert neuron.registry.in_flight == 0
