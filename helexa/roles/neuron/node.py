@@ -14,6 +14,8 @@ from helexa.config import ConfigError
 
 from .agent import JoinRefused, NeuronError, Neuron, NeuronSettings
 from .config import NeuronConfig
+from .registry import ModelRegistry
+from .sources import ModelSources
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +69,9 @@ def settings_from(config: NeuronConfig) -> NeuronSettings:
     )
 
 
-async def serve(settings: NeuronSettings) -> None:
+async def serve(settings: NeuronSettings, sources: ModelSources | None = None) -> None:
     """Run a neuron until SIGINT/SIGTERM, then drain and return."""
-    neuron = Neuron(settings)
+    neuron = Neuron(settings, registry=ModelRegistry(sources=sources))
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(neuron.run)
@@ -90,7 +92,7 @@ def run(config: NeuronConfig) -> int:
     log.info("neuron %s (pid %d) dialing %s", settings.node_id, os.getpid(), settings.cortex_url)
     code = 0
     try:
-        trio.run(serve, settings)
+        trio.run(serve, settings, ModelSources(config.sources))
     except* JoinRefused as group:
         log.error("%s", group.exceptions[0])
         code = 3
