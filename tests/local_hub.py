@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -51,6 +52,8 @@ class LocalHub:
     lie: set[str] = field(default_factory=set)
     down: set[str] = field(default_factory=set)
     down_after_cut: bool = False
+    rate: float | None = None
+    """Bytes per second each body is sent at (``None``: as fast as it goes)."""
     log: list[tuple[str, str, str | None]] = field(default_factory=list)
 
     @property
@@ -190,7 +193,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             self.close_connection = True
             return
-        self.wfile.write(body)
+        if hub.rate is None:
+            self.wfile.write(body)
+            return
+        step = 64 * 1024
+        for i in range(0, len(body), step):
+            self.wfile.write(body[i : i + step])
+            time.sleep(step / hub.rate)
 
     def _error(self, status: int, code: str, commit: str | None = None) -> None:
         body = json.dumps({"error": code}).encode()
