@@ -46,7 +46,10 @@ def pack_vectors(vectors: Any) -> tuple[int, bytes]:
 def _package_file(package: str, *parts: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise LoadFailed(f"package {package!r} is not installed and no path was configured", code="model_not_found")
+        from .default_models import install_command
+
+        raise LoadFailed(f"package {package!r} is not installed and no path was configured "
+                         f"(install the default models: {install_command()})", code="model_not_found")
     return Path(next(iter(spec.submodule_search_locations)), *parts)
 
 
