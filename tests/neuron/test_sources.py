@@ -293,3 +293,36 @@ async def test_an_embedding_repo_is_fetched_whole_and_embeds(hub, tmp_path):
         registry.release("e")
     assert result.dim == 384
     await registry.unload("e")
+
+
+async def test_a_cancelled_fetch_hands_its_download_to_the_next_load_waiting(hub, tmp_path):
+    data = os.urandom(2 * MB)
+    url = hub.add_url("slow.bin", data)
+    hub.rate = 1 * MB  # two seconds of download
+    sources = make_sources(hub, tmp_path / "cache")
+    downloading = trio.Event()
+    first_scope = trio.CancelScope()
+    got = []
+
+    def first_progress(stage, done, total, unit):
+        if done > 0:
+            downloading.set()
+
+    async def first() -> None:
+        with first_scope:
+            await sources.fetch(config(url, "a"), first_progress)
+
+    async def second() -> None:
+        got.append(await sources.fetch(config(url, "b"), Progress()))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(first)
+        await downloading.wait()
+        nursery.start_soon(second)
+        (flight,) = sources._flights.values()
+        while len(flight.listeners) < 2:  # the second load is waiting on the first's download
+            await trio.sleep(0.01)
+        first_scope.cancel()
+    assert got and got[0].path.read_bytes() == data
+    ranges = hub.gets("/files/slow.bin")
+    assert len(ranges) == 2 and ranges[0] is None and ranges[1].startswith("bytes=") and ranges[1] != "bytes=0-"

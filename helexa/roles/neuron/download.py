@@ -8,7 +8,7 @@ cancellable, on trio (httpx's async client), never blocking the neuron's event l
   ranges) is downloaded from the start again.
 * Integrity: the SHA-256 of the whole file (and the git blob SHA-1, for hub files that are
   not in LFS) is computed as it is written and compared with what is expected; a mismatch
-  removes the partial file. Writing and hashing run on a worker thread, 4 MiB at a time.
+  removes the partial file. Writing and hashing run on a worker thread, 1 MiB at a time.
 * Deadlines: connect and read timeouts on every request (a stalled server is a dropped
   connection); a connection that fails is retried with backoff, up to ``retries`` times in
   a row without progress.
@@ -37,7 +37,8 @@ import trio
 
 log = logging.getLogger(__name__)
 
-WRITE_CHUNK = 4 * 1024 * 1024
+WRITE_CHUNK = 1024 * 1024
+"""Bytes written (and reported) at a time: progress moves at least every MiB."""
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 

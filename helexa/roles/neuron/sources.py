@@ -66,10 +66,8 @@ class _Flight:
     listeners: list[ProgressFn] = field(default_factory=list)
     done: trio.Event = field(default_factory=trio.Event)
     error: LoadFailed | None = None
-    progress: tuple[int, int | None] = (0, None)
 
     def report(self, done: int, total: int | None) -> None:
-        self.progress = (done, total)
         for listener in list(self.listeners):
             listener("download", done, total, "bytes")
 
