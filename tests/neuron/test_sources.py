@@ -326,3 +326,19 @@ async def test_a_cancelled_fetch_hands_its_download_to_the_next_load_waiting(hub
     assert got and got[0].path.read_bytes() == data
     ranges = hub.gets("/files/slow.bin")
     assert len(ranges) == 2 and ranges[0] is None and ranges[1].startswith("bytes=") and ranges[1] != "bytes=0-"
+
+
+async def test_a_hub_file_and_a_url_mirror_of_it_share_one_download_and_one_blob(hub, tiny_bytes, tmp_path):
+    hub.add_repo(REPO, {FILE: tiny_bytes})
+    mirror = hub.add_url("mirror.gguf", tiny_bytes)
+    sources = make_sources(hub, tmp_path / "cache")
+    fetched = []
+
+    async def fetch(source: str, sha256: str | None) -> None:
+        fetched.append(await sources.fetch(config(source, sha256=sha256), Progress()))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fetch, f"hf://{REPO}/{FILE}", None)
+        nursery.start_soon(fetch, mirror, sha(tiny_bytes))
+    assert {f.path.resolve() for f in fetched} == {tmp_path / "cache" / "blobs" / sha(tiny_bytes)}
+    assert len(hub.gets("/cdn/")) + len(hub.gets("/files/")) == 1

@@ -118,6 +118,9 @@ class ModelSources:
             min_free_bytes=int(self.config.min_free_gb * GB),
         )
         self._flights: dict[str, _Flight] = {}
+        self._writing: dict[str, trio.Lock] = {}
+        """One writer per partial file: two sources can name the same bytes (a hub file
+        and a URL mirror of it with its sha256)."""
         self._verified: dict[tuple[str, int, int], str] = {}
 
     async def fetch(self, config: ModelConfig, progress: ProgressFn) -> Fetched:
@@ -215,15 +218,18 @@ class ModelSources:
                 meter.reservations.append(self.cache.reserve(size - already, partials=[part]))
                 meter.total = (meter.total or 0) + size
 
-        try:
-            sha = await download(client, f, part, on_bytes=meter.written, on_total=on_total,
-                                 retries=self.config.retries, backoff=self.config.retry_backoff)
-        except DownloadError as exc:
-            if exc.code == "disk_full":  # give the space back: this file cannot be finished
-                part.unlink(missing_ok=True)
-                part.with_suffix(".json").unlink(missing_ok=True)
-            raise
-        self.cache.adopt(part, sha, meter.reservations[0])
+        async with self._writing.setdefault(part.name, trio.Lock()):
+            if f.sha256 is not None and self.cache.has_blob(f.sha256):  # another source fetched it meanwhile
+                return f.sha256
+            try:
+                sha = await download(client, f, part, on_bytes=meter.written, on_total=on_total,
+                                     retries=self.config.retries, backoff=self.config.retry_backoff)
+            except DownloadError as exc:
+                if exc.code == "disk_full":  # give the space back: this file cannot be finished
+                    part.unlink(missing_ok=True)
+                    part.with_suffix(".json").unlink(missing_ok=True)
+                raise
+            self.cache.adopt(part, sha, meter.reservations[0])
         meter.end_file()
         return sha
 
