@@ -342,3 +342,11 @@ async def test_a_hub_file_and_a_url_mirror_of_it_share_one_download_and_one_blob
         nursery.start_soon(fetch, mirror, sha(tiny_bytes))
     assert {f.path.resolve() for f in fetched} == {tmp_path / "cache" / "blobs" / sha(tiny_bytes)}
     assert len(hub.gets("/cdn/")) + len(hub.gets("/files/")) == 1
+
+
+async def test_an_unwritable_cache_is_a_clear_failure(hub, tiny_bytes, tmp_path):
+    hub.add_repo(REPO, {FILE: tiny_bytes})
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(LoadFailed) as err:
+        await make_sources(hub, tmp_path / "file" / "cache").fetch(config(f"hf://{REPO}/{FILE}"), Progress())
+    assert err.value.code == "load_failed" and "the model cache" in str(err.value)

@@ -24,6 +24,7 @@ Failures raise :class:`~helexa.runtime.LoadFailed` with one line and a ``code``:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 from dataclasses import dataclass, field, replace
@@ -152,10 +153,14 @@ class ModelSources:
         flight = self._flights[key] = _Flight([progress])
         try:
             path = await self._download(key, source, config.sha256, flight)
-        except (DownloadError, NoRoom) as exc:
-            code = "disk_full" if isinstance(exc, NoRoom) else exc.code
-            flight.error = LoadFailed(f"cannot fetch {source.location}: {exc}", code=code)
-            log.warning("%s", flight.error)
+        except (DownloadError, NoRoom, OSError) as exc:
+            reason = str(exc)
+            if isinstance(exc, OSError):  # the cache directory itself: unwritable, or full
+                code = "disk_full" if exc.errno == errno.ENOSPC else "load_failed"
+                reason = f"the model cache {self.cache.root}: {exc.strerror or exc}"
+            else:
+                code = "disk_full" if isinstance(exc, NoRoom) else exc.code
+            flight.error = LoadFailed(f"cannot fetch {source.location}: {reason}", code=code)
             raise flight.error from None
         finally:
             del self._flights[key]
