@@ -132,6 +132,23 @@ def status(cortex_url, as_json, timeout):
         click.echo(render_fleet(fleet))
 
 
+@main.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell):
+    """Print the shell completion script for SHELL.
+
+    \b
+    bash: helexa completion bash > ~/.local/share/bash-completion/completions/helexa
+    zsh:  helexa completion zsh > "${fpath[1]}/_helexa"
+    fish: helexa completion fish > ~/.config/fish/completions/helexa.fish
+    """
+    from click.shell_completion import get_completion_class
+
+    cls = get_completion_class(shell)
+    assert cls is not None  # click ships all three
+    click.echo(cls(main, {}, "helexa", "_HELEXA_COMPLETE").source())
+
+
 def _register_subcommands() -> None:
     """Command groups that live beside the roles they drive."""
     from helexa.cli_demo import chat, demo

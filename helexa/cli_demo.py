@@ -114,6 +114,10 @@ def _stop(proc: subprocess.Popen, grace: float = 15.0) -> int:
 @click.argument("prompt", default=DEFAULT_PROMPT)
 def demo(data_dir, model, prompt):
     """Start a cortex and a neuron here, ask the default model one question, stop both."""
+    from helexa.runtime import default_models
+
+    if model == DEFAULT_MODEL and default_models.missing():
+        raise click.ClickException(f"the default models are not installed; run: {default_models.install_command()}")
     workdir = Path(tempfile.mkdtemp(prefix="helexa-demo-"))
     data = data_dir or workdir / "cortex"
     control, gateway_port = _free_port(), _free_port()

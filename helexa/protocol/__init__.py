@@ -52,10 +52,13 @@ from .model import (
     ModelCapability,
     ModelConfig,
     ModelId,
+    ModelSource,
     ModelState,
     ModelStatus,
     Workload,
     WorkloadClass,
+    SourceKind,
+    parse_source,
 )
 
 __all__ = [name for name in dir() if not name.startswith("_")]

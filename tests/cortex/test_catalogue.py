@@ -99,3 +99,27 @@ def test_pinning_is_a_preference_not_a_restriction() -> None:
 def test_the_built_in_catalogue_has_a_chat_and_an_embedding_model() -> None:
     workloads = {w for e in default_catalogue() for w in e.workloads}
     assert Workload.CHAT in workloads and Workload.EMBEDDING in workloads
+
+
+def test_a_source_and_its_sha256_reach_the_neurons_config() -> None:
+    sha = "ab" * 32
+    cat = Catalogue.from_dict({"models": {"m": {"backend": "llama_cpp", "source": "hf://org/repo@v1/m.gguf",
+                                                "sha256": sha}}})
+    cfg = cat.get("m").model_config_for_neuron()
+    assert (cfg.source, cfg.sha256) == ("hf://org/repo@v1/m.gguf", sha)
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"source": "hf://org"}, "models.m.source: expected hf://ORG/REPO"),
+        ({"source": "http://example.org/m.gguf"}, "models.m.source: 'http://example.org/m.gguf': plain http://"),
+        ({"sha256": "ab" * 32}, "models.m: sha256 needs a source"),
+        ({"source": "https://h.org/m", "sha256": "nothex"}, "models.m.sha256:"),
+        ({"source": "/m.gguf", "config": {"metadata": {"path": "/n.gguf"}}}, "models.m: give either source or"),
+    ],
+)
+def test_a_bad_source_is_refused_naming_the_field(table, message) -> None:
+    with pytest.raises(CatalogueError) as err:
+        Catalogue.from_dict({"models": {"m": {"backend": "llama_cpp", **table}}})
+    assert message in str(err.value)

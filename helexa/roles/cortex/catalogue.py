@@ -4,6 +4,8 @@ Format (one table per model, keyed by the id clients use)::
 
     [models."smollm2-135m-instruct"]
     backend = "llama_cpp"              # a neuron backend kind
+    source = "hf://ORG/REPO/file.gguf" # where the neuron gets the files (see below)
+    sha256 = "..."                     # optional: the expected SHA-256 of that one file
     workloads = ["chat", "completion"] # chat, completion, embedding, vision
     memory_mb = 300                    # resident memory (VRAM if min_devices > 0, else RAM)
     min_devices = 0                    # GPUs needed; 0 = runs on CPU
@@ -23,6 +25,18 @@ Format (one table per model, keyed by the id clients use)::
 
 Everything but ``backend`` has a default. :meth:`Catalogue.load` raises
 :class:`CatalogueError` naming the file and the field.
+
+``source`` is one of: an absolute path on the neuron (used in place);
+``hf://ORG/REPO[@REVISION]/FILE`` (one file of a model hub repository; the hub is
+``HF_ENDPOINT`` or the neuron's ``sources.hf_endpoint``); ``hf://ORG/REPO[@REVISION]`` (the
+whole repository, for EXL2 and safetensors directories); an ``https://`` URL of one file
+(``http://`` only with ``sha256`` or on loopback). The neuron downloads it into its model
+cache when told to load (resumable, checked against ``sha256`` and the hub's own hashes)
+and hands the backend the local path as ``metadata.path``; so ``source`` and
+``config.metadata.path`` are exclusive. Without ``source`` a backend finds its files by
+itself (``metadata.path``, or the default model packages). Pin ``@REVISION`` for
+reproducible fleets: an unpinned hub source is fetched once and then served from each
+neuron's cache until evicted.
 """
 
 from __future__ import annotations
@@ -33,9 +47,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from helexa.protocol import Hardware, ModelCapability, ModelConfig, Workload
+from helexa.protocol import Hardware, ModelCapability, ModelConfig, Workload, parse_source
 
 MB = 1024 * 1024
 
@@ -84,6 +106,23 @@ class CatalogueEntry(BaseModel):
     idle_ttl: float = Field(0.0, ge=0)
     config: BackendConfig = Field(default_factory=BackendConfig)
     owned_by: str = "helexa"
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    source: str | None = None
+
+    @field_validator("source")
+    @classmethod
+    def _parse_source(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None:
+            parse_source(value, sha256=info.data.get("sha256"))
+        return value
+
+    @model_validator(mode="after")
+    def _source_or_path(self) -> "CatalogueEntry":
+        if self.source is None and self.sha256 is not None:
+            raise ValueError("sha256 needs a source")
+        if self.source is not None and "path" in self.config.metadata:
+            raise ValueError("give either source or config.metadata.path, not both")
+        return self
 
     @field_validator("priority", mode="before")
     @classmethod
@@ -110,6 +149,8 @@ class CatalogueEntry(BaseModel):
             env=dict(self.config.env),
             listen_endpoint=self.config.listen_endpoint,
             metadata=dict(self.config.metadata),
+            source=self.source,
+            sha256=self.sha256,
             capability=ModelCapability(
                 workloads=self.workloads,
                 max_context=self.max_context,
@@ -172,8 +213,9 @@ class Catalogue:
                 entries.append(CatalogueEntry.model_validate({**table, "id": model_id}))
             except ValidationError as exc:
                 first = exc.errors(include_url=False)[0]
-                loc = ".".join(str(p) for p in first["loc"])
-                raise CatalogueError(f"{source}: models.{model_id}.{loc}: {first['msg']}") from None
+                loc = "".join(f".{p}" for p in first["loc"])
+                msg = first["msg"].removeprefix("Value error, ")
+                raise CatalogueError(f"{source}: models.{model_id}{loc}: {msg}") from None
         return cls(entries)
 
     @classmethod

@@ -56,11 +56,14 @@ class Commands:
 
     async def _load(self, cmd: LoadModel) -> None:
         last = -1.0
+        last_stage = ""
 
         def progress(stage: str, done: int, total: int | None, unit: str) -> None:
-            nonlocal last
+            nonlocal last, last_stage
             self._bars.update(cmd.model_id, stage, done, total, unit)
             frac = done / total if total else 0.0
+            if stage != last_stage:  # a new stage (download, then load) starts from 0 again
+                last, last_stage = -1.0, stage
             if frac - last >= PROGRESS_STEP or (total and done >= total):
                 last = frac
                 self._connection.post(LoadProgress(cmd.command_id, cmd.model_id, stage, done, total, unit))

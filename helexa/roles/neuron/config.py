@@ -3,16 +3,58 @@ resolves to once at start (:class:`Resolved`: the node id, the join token, the T
 
 from __future__ import annotations
 
+import os
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from helexa.config import ConfigError
 from helexa.protocol import DEFAULT_MAX_FRAME
 
 MACHINE_ID = Path("/etc/machine-id")
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "helexa" / "neuron"
+
+
+class SourcesConfig(BaseModel):
+    """Where models come from and where they are kept (``[sources]`` in ``neuron.toml``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cache_dir: Path | None = None
+    """The model cache (default: ``<data_dir>/models``), shared by every backend."""
+    cache_max_gb: float = Field(100.0, gt=0)
+    """The most the cache may hold; least recently used models not in use go first."""
+    min_free_gb: float = Field(1.0, ge=0)
+    """Disk space a download must leave free on the cache's filesystem."""
+    hf_endpoint: str | None = None
+    """The model hub (default: ``HF_ENDPOINT``, else the public hub)."""
+    hf_token: SecretStr | None = None
+    """A hub token for gated or private repositories (prefer ``hf_token_file`` or ``HF_TOKEN``)."""
+    hf_token_file: Path | None = None
+    connect_timeout: float = Field(10.0, gt=0)
+    read_timeout: float = Field(30.0, gt=0)
+    """Seconds without a byte before a download connection counts as dropped (and resumes)."""
+    retries: int = Field(5, ge=0)
+    """Attempts in a row without progress before a download gives up."""
+    retry_backoff: float = Field(1.0, ge=0)
+
+    def cache_path(self) -> Path:
+        return self.cache_dir or default_data_dir() / "models"
+
+    def token(self) -> str | None:
+        """The configured hub token; ``None`` lets ``huggingface_hub`` look (``HF_TOKEN``,
+        a stored login)."""
+        if self.hf_token is not None and self.hf_token.get_secret_value().strip():
+            return self.hf_token.get_secret_value().strip()
+        if self.hf_token_file is not None:
+            return self.hf_token_file.read_text().strip() or None  # OSError: the caller says which key
+        return None
 
 
 class NeuronConfig(BaseModel):
@@ -36,6 +78,15 @@ class NeuronConfig(BaseModel):
     shutdown_grace: float = Field(10.0, ge=0)
     max_frame_bytes: int = Field(DEFAULT_MAX_FRAME, ge=1024)
     log_level: str = "info"
+    data_dir: Path = Field(default_factory=default_data_dir)
+    """The neuron's state: the model cache lives under it unless ``sources.cache_dir`` says."""
+    sources: SourcesConfig = Field(default_factory=SourcesConfig)
+
+    @model_validator(mode="after")
+    def _cache_under_data_dir(self) -> "NeuronConfig":
+        if self.sources.cache_dir is None:
+            self.sources.cache_dir = self.data_dir / "models"
+        return self
 
     @field_validator("cortex")
     @classmethod

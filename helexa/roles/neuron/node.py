@@ -10,6 +10,8 @@ import trio
 
 from .agent import JoinRefused, Neuron, NeuronError
 from .config import NeuronConfig
+from .registry import ModelRegistry
+from .sources import ModelSources
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,7 @@ async def serve(neuron: Neuron) -> None:
 def run(config: NeuronConfig) -> int:
     """Entry point of ``helexa neuron``: returns the process exit code. Raises
     :class:`~helexa.config.ConfigError` when the node id or join token cannot be resolved."""
-    neuron = Neuron(config)
+    neuron = Neuron(config, registry=ModelRegistry(sources=ModelSources(config.sources)))
     log.info("neuron %s (pid %d) dialing %s", neuron.resolved.node_id, os.getpid(), config.cortex)
     code = 0
     try:

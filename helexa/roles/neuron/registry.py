@@ -3,7 +3,10 @@
 Nothing here comes from disk: configs arrive by ``UpsertModelConfig``. Each model moves
 through configured -> loading -> loaded -> unloading -> configured, or to failed with a
 reason. Loads are single-flight: a second load of a model that is loading waits for the
-first and shares its outcome.
+first and shares its outcome. A config with a ``source`` is fetched first
+(:mod:`.sources`: progress stage ``download``), and the backend is built from the config
+with the local path in ``metadata.path``; the fetched files stay in use until the model is
+unloaded.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import trio
 
 from helexa.protocol import ModelConfig, ModelState, ModelStatus
 from helexa.runtime import Backend, BackendError, LoadFailed, ProgressFn, create_backend
+
+from .sources import Fetched, ModelSources
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +37,7 @@ class _Entry:
     config: ModelConfig
     state: ModelState = ModelState.CONFIGURED
     backend: Backend | None = None
+    fetched: Fetched | None = None
     progress: float | None = None
     error: str | None = None
     in_flight: int = 0
@@ -45,6 +51,8 @@ class ModelRegistry:
     Args:
         on_status: called with a model's new status whenever its state changes.
         factory: builds a backend from a config (the runtime registry by default).
+        sources: fetches configs' sources (built from the default ``[sources]`` config on
+            first use when not given).
     """
 
     def __init__(
@@ -52,10 +60,12 @@ class ModelRegistry:
         *,
         on_status: Callable[[ModelStatus], None] = lambda status: None,
         factory: Callable[[ModelConfig], Backend] = create_backend,
+        sources: ModelSources | None = None,
     ) -> None:
         self._entries: dict[str, _Entry] = {}
         self._on_status = on_status
         self._factory = factory
+        self._sources = sources
         self.service_nursery: trio.Nursery | None = None
         """A nursery that outlives connections, for backends with background work."""
 
@@ -86,6 +96,13 @@ class ModelRegistry:
 
     def configs(self) -> tuple[ModelConfig, ...]:
         return tuple(e.config for _, e in sorted(self._entries.items()))
+
+    @property
+    def sources(self) -> ModelSources:
+        """Where sourced models are fetched from and cached."""
+        if self._sources is None:
+            self._sources = ModelSources()
+        return self._sources
 
     @property
     def in_flight(self) -> int:
@@ -131,16 +148,21 @@ class ModelRegistry:
         e.progress = 0.0
         self._set(model_id, ModelState.LOADING)
         backend: Backend | None = None
+        fetched: Fetched | None = None
+
+        def report(stage: str, done: int, total: int | None, unit: str) -> None:
+            if total:
+                e.progress = min(1.0, done / total)
+            progress(stage, done, total, unit)
+
         try:
-            backend = self._factory(e.config)
+            config = e.config
+            if config.source is not None:
+                fetched = await self.sources.fetch(config, report)
+                config = fetched.apply(config)
+            backend = self._factory(config)
             backend.service_nursery = self.service_nursery
             backend.status_listener = lambda status: self._backend_changed(model_id, backend, status)
-
-            def report(stage: str, done: int, total: int | None, unit: str) -> None:
-                if total:
-                    e.progress = min(1.0, done / total)
-                progress(stage, done, total, unit)
-
             await backend.load(report)
         except BaseException as exc:
             reason = str(exc) if isinstance(exc, BackendError) else f"{type(exc).__name__}: {exc}"
@@ -151,6 +173,8 @@ class ModelRegistry:
                         await backend.unload()
                     except Exception:
                         log.exception("cleanup after a failed load of %s failed", model_id)
+            if fetched is not None:
+                self.sources.release(fetched)
             if isinstance(exc, trio.Cancelled):
                 self._set(model_id, ModelState.CONFIGURED)
                 e.settled.set()
@@ -161,7 +185,7 @@ class ModelRegistry:
             if isinstance(exc, Exception):
                 raise LoadFailed(reason, code=code) from None
             raise
-        e.backend = backend
+        e.backend, e.fetched = backend, fetched
         self._set(model_id, ModelState.LOADED)
         e.settled.set()
         return self.status(model_id)
@@ -186,6 +210,9 @@ class ModelRegistry:
             with trio.CancelScope(shield=True):
                 await backend.unload()
         finally:
+            if e.fetched is not None:
+                self.sources.release(e.fetched)
+                e.fetched = None
             self._set(model_id, ModelState.CONFIGURED)
             e.settled.set()
         return self.status(model_id)
