@@ -111,7 +111,8 @@ async def test_a_cold_load_calls_on_wait_every_keepalive_interval(autojump_clock
     NeuronDouble("n1", fleet, load_delay=2.5)
     ticks: list[float] = []
 
-    async def on_wait() -> None:
+    async def on_wait(status) -> None:  # noqa: ANN001
+        assert status.stage == "loading" and status.describe().startswith("loading chat")
         ticks.append(trio.current_time())
 
     async with orchestrating(fleet, orchestrator={"keepalive_interval": 1.0}) as orch:

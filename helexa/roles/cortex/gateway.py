@@ -47,7 +47,7 @@ from .disconnect_watch import DisconnectWatch
 from .errors import BadRequest, ClientGone, Forbidden, GatewayError, MethodNotAllowed, NotFound, PayloadTooLarge, envelope
 from .http_server import HttpServer
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .orchestrator import Orchestrator
+from .orchestrator import Orchestrator, WaitStatus
 from .shutdown import InFlight
 
 if TYPE_CHECKING:
@@ -267,15 +267,12 @@ class Gateway:
             raise BadRequest(f"max_tokens {max_tokens} is over model {entry.id!r}'s limit of "
                              f"{entry.max_output}", param="max_tokens")
         response_id = id_prefix + request.request_id
-        loads = self.orchestrator.provisioner.load_progress
 
-        async def keepalive() -> None:
-            # The first tick of a long cold load commits to a 200 stream; each tick says
-            # how far the load has got (an SSE comment: clients ignore it, people read it).
+        async def keepalive(status: WaitStatus) -> None:
+            # The first tick of a long wait commits to a 200 stream; each tick says what it
+            # waits for (an SSE comment: clients ignore it, people read it).
             await out.start()
-            loading = loads.get(request.model_id)
-            note = f"loading {request.model_id}: {loading[0]} {loading[1]:.0%}" if loading else "keep-alive"
-            await out.body(sse.comment(note))
+            await out.body(sse.comment(status.describe()))
 
         async def stream() -> None:
             encoder = sse.StreamEncoder(request, response_id, include_usage=body.include_usage)

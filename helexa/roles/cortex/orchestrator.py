@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
@@ -36,6 +37,51 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    """Who a request is for, as the orchestrator sees it: the portal and key it came
+    through (for fairness between tenants), its priority class (``interactive`` before
+    ``normal`` before ``bulk``) and its weight in fair sharing. Requests from peers and
+    from open portals without keys use the defaults."""
+
+    portal: str = "default"
+    key: str = ""
+    priority: str = "normal"
+    weight: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class WaitStatus:
+    """What a request that cannot start yet is waiting for, passed to ``on_wait`` on every
+    keep-alive tick (the API surfaces turn it into a keep-alive their clients ignore and
+    people can read).
+
+    ``stage`` is ``loading`` (a cold load: ``load_stage`` such as ``download`` or ``load``,
+    and ``progress`` 0..1 when the neuron reports it) or ``queued`` (``position`` in the
+    model's queue, 1 = next, and ``eta`` seconds when an estimate exists).
+    """
+
+    model_id: str
+    stage: str
+    load_stage: str | None = None
+    progress: float | None = None
+    position: int | None = None
+    eta: float | None = None
+
+    def describe(self) -> str:
+        """One line for people: ``loading m: download 42%`` or ``queued for m: 3rd, ~2s``."""
+        if self.stage == "loading":
+            done = f" {self.progress:.0%}" if self.progress is not None else ""
+            return f"loading {self.model_id}: {self.load_stage or 'load'}{done}"
+        where = f" position {self.position}" if self.position is not None else ""
+        eta = f", ~{self.eta:.0f}s" if self.eta is not None else ""
+        return f"queued for {self.model_id}:{where}{eta}"
+
+
+OnWait = Callable[[WaitStatus], Awaitable[None]]
+"""Awaited every ``keepalive_interval`` while a request waits (a cold load, a queue)."""
 
 
 def decide(
@@ -126,7 +172,7 @@ class Orchestrator:
         )
 
     async def _target(self, request: GenerateRequest | EmbedRequest, workload: WorkloadClass,
-                      exclude: frozenset[str], on_wait: Callable[[], Awaitable[None]] | None,
+                      exclude: frozenset[str], on_wait: OnWait | None,
                       allow_peers: bool) -> Target:
         decision = self.decide(request, workload, exclude, allow_peers=allow_peers)
         match decision.mode:
@@ -136,7 +182,11 @@ class Orchestrator:
                         return link
             case "cold_load":
                 waited = trio.current_time()
-                node_id = await _with_ticks(self.provisioner.ensure_loaded(request.model_id), on_wait,
+                def status() -> WaitStatus:
+                    stage, progress = self.provisioner.load_progress.get(request.model_id, (None, None))
+                    return WaitStatus(request.model_id, "loading", stage, progress)
+
+                node_id = await _with_ticks(self.provisioner.ensure_loaded(request.model_id), on_wait, status,
                                             self.config.keepalive_interval)
                 self.metrics.queued(request.model_id, trio.current_time() - waited)
                 link = self.fleet.get(node_id)
@@ -158,15 +208,18 @@ class Orchestrator:
 
     @asynccontextmanager
     async def generate(self, request: GenerateRequest, *, endpoint: str = "chat",
-                       on_wait: Callable[[], Awaitable[None]] | None = None,
-                       allow_peers: bool = True) -> AsyncIterator[Generation]:
+                       on_wait: OnWait | None = None, allow_peers: bool = True,
+                       tenant: Tenant = Tenant()) -> AsyncIterator[Generation]:
         """Run ``request`` where :meth:`decide` says, cold-loading and failing over as needed.
 
         Args:
             request: the generation.
             endpoint: the metrics label of the API surface.
-            on_wait: awaited every ``keepalive_interval`` while a cold load holds the request.
-            allow_peers: False for requests that came from a peer (they never leave again).
+            on_wait: awaited with a :class:`WaitStatus` every ``keepalive_interval`` while the
+                request waits for a cold load.
+            allow_peers: False for requests that came from a peer (they never leave again),
+                or from a portal whose routing preferences keep it on the local fleet.
+            tenant: who the request is for (queueing order and fairness).
 
         Raises:
             the :mod:`.errors` tree for routing failures (before the context is entered);
@@ -180,7 +233,7 @@ class Orchestrator:
         async with self.dispatcher.generate(request, pick, endpoint=endpoint) as gen:
             yield gen
 
-    async def embed(self, request: EmbedRequest, *, allow_peers: bool = True) -> EmbedResult:
+    async def embed(self, request: EmbedRequest, *, allow_peers: bool = True, tenant: Tenant = Tenant()) -> EmbedResult:
         """Embed where :meth:`decide` says; raises as :meth:`generate` does."""
         def pick(exclude: frozenset[str]) -> Awaitable[Target]:
             return self._target(request, WorkloadClass.EMBEDDING, exclude, None, allow_peers)
@@ -221,9 +274,9 @@ def _listing(model_id: str, owned_by: str | None, feasible: list[str], locations
             "locations": locations, "federated": False}
 
 
-async def _with_ticks(awaitable: Awaitable[T], on_tick: Callable[[], Awaitable[None]] | None,
-                         interval: float) -> T:
-    """Await ``awaitable``, calling ``on_tick`` every ``interval`` seconds meanwhile."""
+async def _with_ticks(awaitable: Awaitable[T], on_tick: OnWait | None, status: Callable[[], WaitStatus],
+                      interval: float) -> T:
+    """Await ``awaitable``, calling ``on_tick(status())`` every ``interval`` seconds meanwhile."""
     if on_tick is None:
         return await awaitable
     result: list[T] = []
@@ -232,7 +285,7 @@ async def _with_ticks(awaitable: Awaitable[T], on_tick: Callable[[], Awaitable[N
     async def ticker() -> None:
         while True:
             await trio.sleep(interval)
-            await on_tick()
+            await on_tick(status())
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(ticker)
