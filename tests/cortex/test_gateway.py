@@ -224,15 +224,15 @@ async def test_a_client_disconnect_cancels_the_generation() -> None:
     assert neuron.cancelled == neuron.generations and neuron.in_flight == 0 and not neuron.finished
 
 
-async def test_a_stream_waiting_for_a_cold_load_gets_keep_alive_comments() -> None:
+async def test_a_stream_waiting_for_a_cold_load_gets_keep_alive_comments(autojump_clock) -> None:
     fleet = Fleet()
-    NeuronDouble("n1", fleet, load_delay=0.35)
-    async with serving(fleet, orchestrator={"keepalive_interval": 0.1}) as (_, url):
+    NeuronDouble("n1", fleet, load_delay=3.5)
+    async with serving(fleet, orchestrator={"keepalive_interval": 1.0}) as (_, url):
         async with httpx.AsyncClient(timeout=5) as http:
             r = await http.post(url + "/v1/chat/completions", json={
                 "model": "chat", "stream": True, "messages": [{"role": "user", "content": "x"}]})
     events = sse_events(r.text)
-    assert events[:3] == ["comment"] * 3
+    assert events[:3] == ["comment"] * 3 and r.text.startswith(": loading chat: ")  # at t = 1, 2 and 3 s
     assert events[3]["choices"][0]["delta"]["role"] == "assistant" and events[-1] == "[DONE]"
 
 
@@ -332,16 +332,17 @@ async def test_the_fleet_view_is_only_served_to_admin_clients() -> None:
     assert "n1" not in resp.text
 
 
-async def test_a_stalled_stream_ends_with_a_timeout_event_not_a_hang() -> None:
+async def test_a_stalled_stream_ends_with_a_timeout_event_not_a_hang(autojump_clock) -> None:
     fleet = Fleet()
-    NeuronDouble("n1", fleet, loaded=("chat",), tokens=5, token_delay=0.5)
-    async with serving(fleet, orchestrator={"idle_timeout": 0.2}) as (_, url):
-        async with httpx.AsyncClient(timeout=5) as http:
-            with trio.fail_after(3):
-                r = await http.post(url + "/v1/chat/completions", json={
-                    "model": "chat", "stream": True, "messages": [{"role": "user", "content": "x"}]})
+    NeuronDouble("n1", fleet, loaded=("chat",), tokens=5, token_delay=50)
+    async with serving(fleet, orchestrator={"idle_timeout": 20}) as (_, url):
+        async with httpx.AsyncClient(timeout=500) as http:
+            started = trio.current_time()
+            r = await http.post(url + "/v1/chat/completions", json={
+                "model": "chat", "stream": True, "messages": [{"role": "user", "content": "x"}]})
     events = sse_events(r.text)
     assert events[-1]["error"]["code"] == "timeout"
+    assert trio.current_time() - started == pytest.approx(50 + 20, abs=0.5)  # the first token, then 20 s idle
 
 
 async def test_stop_lets_an_in_flight_request_finish_then_returns() -> None:
