@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -14,6 +15,8 @@ import pytest
 from helexa.protocol import ModelConfig
 from helexa.runtime import Backend, create_backend
 from helexa.runtime.testing import tiny_llama_config
+
+from exllama_support import gpu_model
 
 SERVER_SCRIPT = Path(__file__).with_name("llama_server.py")
 
@@ -56,7 +59,15 @@ def llama_server(tiny_gguf: Path):
         process.wait(timeout=10)
 
 
-CONFORMANCE_KINDS = ["llama_cpp", "openai_proxy", "synthetic"]
+GPU_KINDS = {"exllamav2": "HELEXA_EXL2_MODEL", "exllamav3": "HELEXA_EXL3_MODEL"}
+"""GPU backends and the variable naming the model each serves in the conformance suite
+(``scripts/gpu_check.sh`` sets them to the tiny model it quantised)."""
+
+CONFORMANCE_KINDS = ["llama_cpp", "openai_proxy", "synthetic"] + [
+    pytest.param(kind, marks=[pytest.mark.gpu, pytest.mark.skipif(gpu_model(kind, env) is not None,
+                                                                  reason=gpu_model(kind, env) or "")])
+    for kind, env in GPU_KINDS.items()
+]
 
 
 @pytest.fixture(params=CONFORMANCE_KINDS)
@@ -65,6 +76,8 @@ async def backend(request: pytest.FixtureRequest) -> Backend:
     kind = request.param
     if kind == "llama_cpp":
         config = tiny_llama_config(request.getfixturevalue("tiny_gguf"))
+    elif kind in GPU_KINDS:
+        config = ModelConfig("tiny-llama", kind, metadata={"path": os.environ[GPU_KINDS[kind]]})
     elif kind == "openai_proxy":
         url = request.getfixturevalue("llama_server")
         config = ModelConfig("tiny-llama", "openai_proxy", listen_endpoint=url, metadata={"dialect": "llama.cpp"})
