@@ -1,5 +1,5 @@
-"""What the two ExLlama backends share: the model directory, the chat template, sampling,
-and the thread that owns a dynamic generator.
+"""What the two ExLlama backends share: the model directory, sampling, loading, and the
+thread that owns a dynamic generator.
 
 ExLlamaV2 (:mod:`helexa.runtime.exllamav2`) and ExLlamaV3 (:mod:`helexa.runtime.exllamav3`)
 read the same Hugging Face model directories and drive generators with the same job API:
@@ -12,18 +12,18 @@ tested on machines without a GPU.
 Pieces:
 
 * :func:`inspect_model_dir` checks a model directory before the engine sees it and reads
-  what serving needs (stop tokens, whether prompts start with BOS, the chat template).
-* :class:`ChatTemplate` renders OpenAI-shaped messages with the model's own Jinja template,
-  in the sandboxed environment Hugging Face's ``apply_chat_template`` uses.
+  what serving needs (stop tokens, whether prompts start with BOS, the chat template, see
+  :mod:`helexa.runtime.chat_template`).
 * :func:`sampling_of` turns :class:`~helexa.protocol.SamplingParams` into one set of values
   with OpenAI's defaults, so both engines sample alike for the same request.
 * :class:`GeneratorWorker` is the one thread per loaded model that calls the generator;
   :func:`stream_job` is the trio side of one request.
+* :func:`require_cuda`, :func:`load_error` and the ``metadata_*`` readers give both loads
+  the same precise :class:`~helexa.runtime.LoadFailed` codes.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import queue
@@ -31,7 +31,6 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import suppress
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,8 @@ import trio
 
 from helexa.protocol import GenerateResult, SamplingParams, TokenChunk, Usage
 
-from .base import BackendError, GenerationEvent, InvalidRequest, LoadFailed, Unsupported
+from .base import BackendError, GenerationEvent, InvalidRequest, LoadFailed
+from .chat_template import ChatTemplate, read_json
 
 log = logging.getLogger(__name__)
 
@@ -70,16 +70,6 @@ class ModelDir:
     add_bos: bool
     """Whether a raw prompt starts with the BOS token (as the Hugging Face tokenizer would)."""
     chat_template: ChatTemplate | None
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LoadFailed(f"{path} cannot be read as JSON: {exc}", code="corrupt_model") from None
-    if not isinstance(data, dict):
-        raise LoadFailed(f"{path} does not hold a JSON object", code="corrupt_model")
-    return data
 
 
 def _ids(value: Any) -> list[int]:
@@ -113,7 +103,7 @@ def inspect_model_dir(path: Path, *, accepted: dict[str | None, str], engine: st
     config_file = path / "config.json"
     if not config_file.is_file():
         raise LoadFailed(f"{path} holds no config.json: not a model directory", code="corrupt_model")
-    config = _read_json(config_file)
+    config = read_json(config_file)
     architectures = config.get("architectures")
     if not isinstance(architectures, list) or len(architectures) != 1 or not isinstance(architectures[0], str):
         raise LoadFailed(f"{config_file} must name exactly one architecture", code="corrupt_model")
@@ -132,8 +122,8 @@ def inspect_model_dir(path: Path, *, accepted: dict[str | None, str], engine: st
     stops = _ids(config.get("eos_token_id"))
     generation_file = path / "generation_config.json"
     if generation_file.is_file():
-        stops += _ids(_read_json(generation_file).get("eos_token_id"))
-    tokenizer_config = _read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
+        stops += _ids(read_json(generation_file).get("eos_token_id"))
+    tokenizer_config = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
     return ModelDir(
         path=path,
         architecture=architectures[0],
@@ -156,114 +146,13 @@ def _adds_bos(path: Path, tokenizer_config: dict[str, Any]) -> bool:
     if not tokenizer_file.is_file():
         return False
     with suppress(LoadFailed):
-        processor = _read_json(tokenizer_file).get("post_processor") or {}
+        processor = read_json(tokenizer_file).get("post_processor") or {}
         steps = processor.get("processors", [processor]) if isinstance(processor, dict) else []
         for step in steps:
             if isinstance(step, dict) and step.get("type") == "TemplateProcessing":
                 first = (step.get("single") or [{}])[0]
                 return "SpecialToken" in first
     return False
-
-
-# --- the chat template ---------------------------------------------------------------------
-
-
-class ChatTemplate:
-    """A model's own chat template, rendered as ``transformers``' ``apply_chat_template``
-    renders it (sandboxed Jinja, ``trim_blocks``/``lstrip_blocks``, ``raise_exception``,
-    ``strftime_now``, a non-ASCII-escaping ``tojson``) without needing ``transformers``.
-
-    Args:
-        source: the Jinja template.
-        special_tokens: ``bos_token``, ``eos_token``... as the template sees them.
-    """
-
-    def __init__(self, source: str, special_tokens: dict[str, str] | None = None) -> None:
-        import jinja2.ext
-        import jinja2.sandbox
-
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
-        )
-        env.filters["tojson"] = _tojson
-        env.globals["raise_exception"] = _raise_exception
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        try:
-            self._template = env.from_string(source)
-        except jinja2.TemplateSyntaxError as exc:
-            raise LoadFailed(f"the model's chat template does not parse: {exc}", code="corrupt_model") from None
-        self._special = dict(special_tokens or {})
-
-    @classmethod
-    def from_model_dir(cls, path: Path, tokenizer_config: dict[str, Any] | None = None) -> ChatTemplate | None:
-        """The template in ``chat_template.jinja``, ``chat_template.json`` or
-        ``tokenizer_config.json`` (the default of a list of named templates), in that
-        order; ``None`` when the model has none."""
-        if tokenizer_config is None:
-            file = path / "tokenizer_config.json"
-            tokenizer_config = _read_json(file) if file.is_file() else {}
-        source: Any = None
-        if (path / "chat_template.jinja").is_file():
-            source = (path / "chat_template.jinja").read_text(encoding="utf-8")
-        elif (path / "chat_template.json").is_file():
-            source = _read_json(path / "chat_template.json").get("chat_template")
-        else:
-            source = tokenizer_config.get("chat_template")
-        if isinstance(source, list):
-            source = next((t.get("template") for t in source if isinstance(t, dict) and t.get("name") == "default"), None)
-        if not isinstance(source, str) or not source.strip():
-            return None
-        special = {}
-        for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
-            value = tokenizer_config.get(key)
-            if isinstance(value, dict):
-                value = value.get("content")
-            if isinstance(value, str):
-                special[key] = value
-        return cls(source, special)
-
-    def render(self, messages: list[dict[str, Any]] | tuple[dict[str, Any], ...]) -> str:
-        """The prompt for ``messages``, ending with the assistant's turn.
-
-        Content given as a list of parts is joined when every part is text. Raises
-        :class:`Unsupported` for image or audio parts, :class:`InvalidRequest` when the
-        template refuses the conversation (``raise_exception``, e.g. roles that do not
-        alternate) or fails on it."""
-        import jinja2
-
-        plain = [_flatten(i, m) for i, m in enumerate(messages)]
-        try:
-            return self._template.render(messages=plain, add_generation_prompt=True, **self._special)
-        except _TemplateRefused as exc:
-            raise InvalidRequest(f"the model's chat template refused the messages: {exc}") from None
-        except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError) as exc:
-            raise InvalidRequest(f"the model's chat template failed on the messages: {exc}") from None
-
-
-class _TemplateRefused(Exception):
-    pass
-
-
-def _raise_exception(message: str) -> None:
-    raise _TemplateRefused(message)
-
-
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
-            sort_keys: bool = False) -> str:
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _flatten(index: int, message: dict[str, Any]) -> dict[str, Any]:
-    content = message.get("content")
-    if not isinstance(content, list):
-        return dict(message)
-    texts = []
-    for part in content:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind != "text":
-            raise Unsupported(f"messages[{index}] has a {kind or 'malformed'} part; this model takes text only")
-        texts.append(str(part.get("text", "")))
-    return {**message, "content": "".join(texts)}
 
 
 # --- sampling ------------------------------------------------------------------------------
@@ -419,6 +308,7 @@ class GeneratorWorker:
                 arg(("done", None))
             elif kind == "cancel":
                 arg()
+        self._generator = None  # so that unloading frees the model even if this object lingers
 
 
 async def stream_job(worker: GeneratorWorker, job: Any, request_id: str, prompt_tokens: int,

@@ -25,7 +25,7 @@ Metadata:
     tensor_parallel: true to load tensor-parallel over the visible GPUs (or ``gpu_split``).
     cache: ``"fp16"`` (default), ``"q8"``, ``"q6"`` or ``"q4"``.
 
-Chat templates come from the model directory (see :class:`~helexa.runtime.exllama.ChatTemplate`).
+Chat templates come from the model directory (see :class:`~helexa.runtime.chat_template.ChatTemplate`).
 Unset sampling parameters take OpenAI's defaults (:func:`~helexa.runtime.exllama.sampling_of`),
 not ExLlamaV2's (which add a repetition penalty of 1.025 and top-p 0.8).
 """

@@ -33,7 +33,7 @@ Metadata:
     warmup: false to skip ExLlamaV3's warm-up passes after the load (default true: kernel
         autotuning then happens at load time, not on the first requests).
 
-Chat templates come from the model directory (see :class:`~helexa.runtime.exllama.ChatTemplate`;
+Chat templates come from the model directory (see :class:`~helexa.runtime.chat_template.ChatTemplate`;
 ExLlamaV3's own ``hf_chat_template`` would need ``transformers``). Unset sampling
 parameters take OpenAI's defaults (:func:`~helexa.runtime.exllama.sampling_of`).
 """

@@ -16,8 +16,8 @@ import trio
 
 from helexa.protocol import GenerateResult, SamplingParams, TokenChunk
 from helexa.runtime import BackendError, InvalidRequest, LoadFailed, Unsupported
+from helexa.runtime.chat_template import ChatTemplate
 from helexa.runtime.exllama import (
-    ChatTemplate,
     GeneratorWorker,
     Sampling,
     inspect_model_dir,
