@@ -17,8 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import free_port
-from exllama_support import REPO
+from exllama_support import REPO, free_port
 
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
 
