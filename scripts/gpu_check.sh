@@ -43,7 +43,12 @@
 # a dry run), HELEXA_GPU_WORK (default .gpu-build, a temporary directory in a dry run),
 # HELEXA_GPU_TOKENS (512), HELEXA_GPU_ROUNDS (3), HELEXA_GPU_CONCURRENCY (8),
 # HELEXA_GPU_IDLE_TTL (10 s), HELEXA_GPU_TINY_ARGS (tiny_model.py's shape flags),
-# HELEXA_GPU_KEEP_LOGS=1 (keep OUTDIR/logs/ beside the tarball), MAX_JOBS (all cores).
+# HELEXA_GPU_SLIM_V3=0 (build every ExLlamaV3 kernel, not only the 4-bit ones the tiny model
+# uses; see scripts/gpu/slim_exllamav3.py),
+# HELEXA_GPU_KEEP_LOGS=1 (keep OUTDIR/logs/ beside the tarball), HELEXA_GPU_ENGINES ("v2 v3";
+# "v3" alone gives ExLlamaV3's build every core), HELEXA_GPU_FRESH=1 (redo the tiny model and
+# the quantised ones even if .gpu-build has them), HELEXA_GPU_SYNTHETIC_RATE (tokens/s of the
+# synthetic model; 0, unlimited, on a GPU, 2000 in a dry run), MAX_JOBS (all cores).
 set -uo pipefail
 
 usage() { echo "usage: $0 OUTDIR [--dry-run]" >&2; exit 2; }
@@ -63,6 +68,9 @@ TOKENS=${HELEXA_GPU_TOKENS:-512}
 ROUNDS=${HELEXA_GPU_ROUNDS:-3}
 CONCURRENCY=${HELEXA_GPU_CONCURRENCY:-8}
 IDLE_TTL=${HELEXA_GPU_IDLE_TTL:-10}
+ENGINES=${HELEXA_GPU_ENGINES:-v2 v3}
+REUSE=$([ "${HELEXA_GPU_FRESH:-0}" = 1 ] && echo 0 || echo 1)
+SLIM_V3=${HELEXA_GPU_SLIM_V3:-1}
 SYNTHETIC_RATE=${HELEXA_GPU_SYNTHETIC_RATE:-$([ "$DRY" = 1 ] && echo 2000 || echo 0)}
 CONTROL_PORT=${HELEXA_GPU_CONTROL_PORT:-17071}
 GATEWAY_PORT=${HELEXA_GPU_GATEWAY_PORT:-18081}
@@ -96,6 +104,7 @@ N=0
 CORTEX_PID="" NEURON_PID="" BUILD3_PID=""
 
 remaining() { echo $((BUDGET - ($(date +%s) - START))); }
+wanted() { case " $ENGINES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 record() {  # record NAME STATUS SECONDS NOTE
     STATUS[$1]=$2
     printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$LOGS/steps.tsv"
@@ -123,7 +132,7 @@ step() {  # step NAME MAX_SECONDS COMMAND: run COMMAND (bash) under the smaller 
     esac
     return $rc
 }
-export PY REPO WORK SITE LOGS GATEWAY TOKENS ROUNDS CONCURRENCY DRY WHEELS
+export PY REPO WORK SITE LOGS GATEWAY TOKENS ROUNDS CONCURRENCY DRY WHEELS REUSE
 
 # --- the fabric: a cortex and a neuron in the background ---------------------------------
 
@@ -204,6 +213,7 @@ build3_running() { [ -n "$BUILD3_PID" ] && kill -0 "$BUILD3_PID" 2>/dev/null; }
 build3_pause() { build3_running && kill -STOP -- "-$BUILD3_PID" 2>/dev/null; }   # keep timings clean
 build3_resume() { build3_running && kill -CONT -- "-$BUILD3_PID" 2>/dev/null; }
 build3_objects() { find "$TORCH_EXTENSIONS_DIR/exllamav3_ext" -name '*.o' 2>/dev/null | wc -l; }
+build3_sources() { find "$SITE/exllamav3/exllamav3_ext" \( -name '*.cu' -o -name '*.cpp' \) -not -path '*/rocm/*' 2>/dev/null | wc -l; }
 
 FAILED=0
 finish() {  # stop what runs, summarise, pack the logs; FAILED counts failed steps
@@ -218,7 +228,8 @@ finish() {  # stop what runs, summarise, pack the logs; FAILED counts failed ste
     [ "${HELEXA_GPU_KEEP_LOGS:-$DRY}" = 1 ] || rm -rf "$LOGS"
     cat "$OUT/summary.md"
     if build3_running; then
-        echo "ExLlamaV3's extension is still building ($(build3_objects) objects so far, process group $BUILD3_PID): a run on this machine soon after goes on from there."
+        echo "ExLlamaV3's extension is still building ($(build3_objects) of $(build3_sources) objects, process group $BUILD3_PID)."
+        echo "It goes on while this machine is held: run 'HELEXA_GPU_ENGINES=v3 scripts/gpu_check.sh OUTDIR' now (within 30 s) to finish it and check ExLlamaV3."
     fi
     [ -z "$TEMP_WORK" ] || rm -rf "$TEMP_WORK"
 }
@@ -252,8 +263,12 @@ elif [ "$DRY" = 1 ] && [ "$PY_IS_312" != 1 ]; then
         --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
         --platform manylinux2014_x86_64 "$WHEELS"/*.whl && ls "$SITE" | grep dist-info'
 else
-    step install 180 '"$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target "$SITE" "$WHEELS"/*.whl && ls "$SITE" | grep dist-info' && export PYTHONPATH=$SITE:$PYTHONPATH
+    # Installed once per machine: a second run must not rewrite ExLlamaV3's sources under a
+    # build that the first run left going.
+    step install 180 'stamp=$(ls "$WHEELS"/*.whl | xargs -n1 basename | sort | sha256sum | cut -c1-16)
+        if [ "$(cat "$SITE/.helexa-wheels" 2>/dev/null)" = "$stamp" ]; then echo "already installed ($stamp)"; else
+            "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl &&
+            echo "$stamp" >"$SITE/.helexa-wheels"; fi && ls "$SITE" | grep dist-info' && export PYTHONPATH=$SITE:$PYTHONPATH
 fi
 step imports 60 '"$PY" -c "
 import importlib.util
@@ -271,12 +286,26 @@ elif ! ok imports; then
     skip build-v3 "imports did not succeed"
     skip build-v2 "imports did not succeed"
 else
+    wanted v2 || skip build-v2 "not in HELEXA_GPU_ENGINES"
+    wanted v3 || skip build-v3 "not in HELEXA_GPU_ENGINES"
+fi
+if ok imports && [ "$DRY" != 1 ] && wanted v3; then
+    # ExLlamaV3 builds kernels for every bitrate; the tiny model needs one (see
+    # scripts/gpu/slim_exllamav3.py). HELEXA_GPU_SLIM_V3=0 builds them all (and restores a
+    # slimmed install), which takes far longer.
+    if [ "$SLIM_V3" = 1 ]; then
+        step slim-v3 60 '"$PY" "$REPO/scripts/gpu/slim_exllamav3.py" "$SITE" --bits 4'
+    else
+        step slim-v3 60 '"$PY" "$REPO/scripts/gpu/slim_exllamav3.py" "$SITE" --restore'
+    fi
     N=$((N + 1))
     BUILD3_LOG=$(printf '%s/%02d-build-v3.log' "$LOGS" "$N")
     BUILD3_STEP=$N BUILD3_START=$(date +%s)
     setsid nice -n 10 "$PY" -c 'import exllamav3, exllamav3.ext; print("exllamav3", exllamav3.__version__ if hasattr(exllamav3, "__version__") else "")' \
         >"$BUILD3_LOG" 2>&1 &
     BUILD3_PID=$!
+fi
+if ok imports && [ "$DRY" != 1 ] && wanted v2; then
     step build-v2 360 '"$PY" -c "import exllamav2, exllamav2.ext; from exllamav2 import attn; print(\"exllamav2\", exllamav2.__version__, \"paged attention (flash-attn):\", attn.has_flash_attn_with_paged)"'
 fi
 
@@ -287,7 +316,9 @@ else
     step tokenizer 120 '"$PY" "$REPO/scripts/gpu/tiny_model.py" tokenizer "$WORK/tokenizer"'
 fi
 if ok tokenizer; then
-    step tiny-model 180 'rm -rf "$WORK/tiny" && "$PY" "$REPO/scripts/gpu/tiny_model.py" model --tokenizer "$WORK/tokenizer" '"${HELEXA_GPU_TINY_ARGS:-}"' "$WORK/tiny" && ls -la "$WORK/tiny"'
+    step tiny-model 180 'if [ "$REUSE" = 1 ] && [ -f "$WORK/tiny/model.safetensors" ]; then echo "reusing $WORK/tiny"; else
+        rm -rf "$WORK/tiny" && "$PY" "$REPO/scripts/gpu/tiny_model.py" model --tokenizer "$WORK/tokenizer" '"${HELEXA_GPU_TINY_ARGS:-}"' "$WORK/tiny"; fi &&
+        ls -la "$WORK/tiny"'
 else
     skip tiny-model "no tokenizer"
 fi
@@ -303,15 +334,17 @@ else
 fi
 
 engine_steps() {  # engine_steps KIND TAG MODEL_ID METADATA_JSON CONVERT_COMMAND
-    local kind=$1 tag=$2 model=$3 metadata=$4 convert=$5 missing
+    local kind=$1 tag=$2 model=$3 metadata=$4 convert=$5 missing reuse
     missing=$(needs "build-$tag" tiny-model)
-    if [ -n "$missing" ]; then skip "convert-$tag" "$missing did not succeed"; else step "convert-$tag" 240 "$convert"; fi
+    # A rerun on the same machine keeps the quantised model (HELEXA_GPU_FRESH=1 redoes it).
+    reuse='[ "$REUSE" = 1 ] && grep -qs "quant_method.*exl'"${tag#v}"'" "$WORK/'"$model"'/config.json" && echo "reusing $WORK/'"$model"'" ||'
+    if [ -n "$missing" ]; then skip "convert-$tag" "$missing did not succeed"; else step "convert-$tag" 240 "$reuse ( $convert )"; fi
     missing=$(needs "convert-$tag")
     if [ -n "$missing" ]; then
         skip "direct-$tag" "$missing did not succeed"
     else
         build3_pause
-        step "direct-$tag" 240 '"$PY" "$REPO/scripts/gpu/direct_bench.py" '"$kind"' "$WORK/tiny-'"$tag"'" --metadata '"'$metadata'"' \
+        step "direct-$tag" 240 '"$PY" "$REPO/scripts/gpu/direct_bench.py" '"$kind"' "$WORK/'"$model"'" --metadata '"'$metadata'"' \
             --tokens "$TOKENS" --rounds "$ROUNDS" --concurrency "$CONCURRENCY" --json "$LOGS/direct-'"$kind"'.json"'
         build3_resume
     fi
@@ -328,7 +361,7 @@ engine_steps() {  # engine_steps KIND TAG MODEL_ID METADATA_JSON CONVERT_COMMAND
 }
 
 # 6. ExLlamaV2: quantise (its converter, 4.0 bits), measure directly, then through the fabric.
-engine_steps exllamav2 v2 tiny-exl2 "$EXL2_JSON" 'rm -rf "$WORK/exl2-work" "$WORK/tiny-v2" && mkdir -p "$WORK/exl2-work" &&
+wanted v2 && engine_steps exllamav2 v2 tiny-exl2 "$EXL2_JSON" 'rm -rf "$WORK/exl2-work" "$WORK/tiny-v2" && mkdir -p "$WORK/exl2-work" &&
     "$PY" -m exllamav2.conversion.convert_exl2 -i "$WORK/tiny" -o "$WORK/exl2-work" -cf "$WORK/tiny-v2" \
         -b 4.0 -hb 6 -r 16 -mr 8 -l 512 -ml 512 &&
     grep -q "\"exl2\"" "$WORK/tiny-v2/config.json" && rm -rf "$WORK/tiny-exl2" && mv "$WORK/tiny-v2" "$WORK/tiny-exl2"'
@@ -338,16 +371,19 @@ engine_steps exllamav2 v2 tiny-exl2 "$EXL2_JSON" 'rm -rf "$WORK/exl2-work" "$WOR
 if [ -n "$BUILD3_PID" ]; then
     while build3_running && [ "$(remaining)" -gt 200 ]; do sleep 2; done
     if build3_running; then
-        record build-v3 failed $(($(date +%s) - BUILD3_START)) "not finished: $(build3_objects) objects built so far (still building in process group $BUILD3_PID)"
+        record build-v3 failed $(($(date +%s) - BUILD3_START)) "not finished: $(build3_objects) of $(build3_sources) objects built (still building in process group $BUILD3_PID)"
     elif wait "$BUILD3_PID"; then
         record build-v3 ok $(($(date +%s) - BUILD3_START)) "$(build3_objects) objects"
     else
         record build-v3 failed $(($(date +%s) - BUILD3_START)) "see $(basename "$BUILD3_LOG")"
     fi
 fi
-engine_steps exllamav3 v3 tiny-exl3 "$EXL3_JSON" 'rm -rf "$WORK/exl3-work" "$WORK/tiny-v3" &&
+# With the slim build: every layer 4 bits (mul1 codebook), the output layer unquantised.
+printf 'target_bpw: 4.0\nhead_bits: 16\ntensors:\n  "*": 4\n' >"$WORK/exl3-recipe.yaml"
+EXL3_BITS=$([ "$SLIM_V3" = 1 ] && echo "-b 4.0 -rcp $WORK/exl3-recipe.yaml" || echo "-b 4.0")
+wanted v3 && engine_steps exllamav3 v3 tiny-exl3 "$EXL3_JSON" 'rm -rf "$WORK/exl3-work" "$WORK/tiny-v3" &&
     "$PY" -m exllamav3.conversion.convert_model -i "$WORK/tiny" -o "$WORK/tiny-v3" -w "$WORK/exl3-work" \
-        -b 4.0 -cr 16 -cc 512 &&
+        '"$EXL3_BITS"' -cr 16 -cc 512 &&
     grep -q "\"exl3\"" "$WORK/tiny-v3/config.json" && rm -rf "$WORK/tiny-exl3" && mv "$WORK/tiny-v3" "$WORK/tiny-exl3"'
 
 # 8. The fabric's own ceiling here (a synthetic model); in a dry run, the client checks.
@@ -361,7 +397,7 @@ fi
 fabric_down
 
 # 9. If time is left: the backends' own tests on this GPU (conformance suite included).
-for tag in v2 v3; do
+for tag in $ENGINES; do
     kind=exllamav${tag#v}
     missing=$(needs "convert-$tag")
     if [ -n "$missing" ]; then
