@@ -23,6 +23,7 @@ import json
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -206,14 +207,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     md = json.loads(args.metadata)
-    out: dict[str, Any] = {"kind": args.kind, "tokens": args.tokens, "rounds": args.rounds}
+    out: dict[str, Any] = {"kind": args.kind, "tokens": args.tokens, "rounds": args.rounds, "failures": []}
     for mode in args.modes.split(","):
         run = library_run if mode == "library" else backend_run
-        out[mode] = run(args.kind, args.model, md, args.tokens, args.rounds, args.concurrency)
+        try:
+            out[mode] = run(args.kind, args.model, md, args.tokens, args.rounds, args.concurrency)
+        except Exception as exc:  # recorded, and the other mode still runs
+            traceback.print_exc()
+            out["failures"].append(f"{mode}: {type(exc).__name__}: {exc}")
+            continue
         print(mode, json.dumps(out[mode]), flush=True)
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
-    return 0
+    return 1 if out["failures"] else 0
 
 
 if __name__ == "__main__":

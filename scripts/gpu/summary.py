@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         if figures["fabric_ratio"] is not None:
             verdicts.append(f"{kind}: fabric {figures['fabric_ratio']:.1%} of the library "
                             f"({'meets' if figures['fabric_ratio'] >= TARGET else 'BELOW'} the {TARGET:.0%} target)")
-        for failure in (fabric or {}).get("failures", []):
+        for failure in (direct or {}).get("failures", []) + (fabric or {}).get("failures", []):
             verdicts.append(f"{kind}: FAILED check: {failure}")
     if not results["engines"]:
         lines.append("| (no figures: the measuring steps did not run) | | | | | | | |")
