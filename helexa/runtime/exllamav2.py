@@ -1,45 +1,50 @@
-"""``exllamav2``: EXL2 models on CUDA GPUs through ExLlamaV2's dynamic generator.
+"""``exllamav2``: EXL2 (and GPTQ) models on CUDA GPUs through ExLlamaV2's dynamic generator.
 
 ``exllamav2`` and ``torch`` are imported only inside :meth:`ExLlamaV2Backend.load` (the
-optional extra ``helexa[exllamav2]``), so this module imports anywhere; without them, or
-without a CUDA device, ``load`` raises :class:`LoadFailed` with ``missing_extra`` or
-``no_gpu``.
+optional extra ``helexa[exllamav2]``), so this module imports anywhere. ExLlamaV2 0.3.2 is
+its last release; :mod:`helexa.runtime.exllamav3` serves the EXL3 models of its successor.
 
-One worker thread per loaded model owns the generator: it takes new jobs and cancels from
-a queue, calls ``generator.iterate()`` while jobs remain (continuous batching, paged
-attention where flash-attn is installed), and posts each job's results to that job's trio
-channel without blocking. Leaving a stream queues a cancel of its job
-(``generator.cancel``, which frees its cache pages); the worker applies it before its next
-forward pass.
+The first import of ``exllamav2`` compiles its CUDA extension (a few minutes; set
+``MAX_JOBS`` to the cores to use, ``TORCH_CUDA_ARCH_LIST`` to the GPU's architecture only,
+and ``TORCH_EXTENSIONS_DIR`` to keep the build). The load runs it off the trio thread.
+
+Paged attention, and with it continuous batching of several requests, needs flash-attn
+2.5.7 or later. Without it (flash-attn has no wheels on PyPI) the generator runs unpaged:
+one request at a time, the others queued, each with the whole cache.
+
+One :class:`~helexa.runtime.exllama.GeneratorWorker` thread per loaded model owns the
+generator (see :mod:`helexa.runtime.exllama`): leaving a stream cancels its job and returns
+once the job's cache pages are free.
 
 Metadata:
-    path: the EXL2 model directory (required).
-    max_seq_len: cache length in tokens, shared by all jobs (default: the model's).
-    max_batch_size: jobs decoded at once (default 16).
+    path: the model directory (required): EXL2, GPTQ or unquantised safetensors.
+    max_seq_len: tokens per request, prompt included, and the cache's length (default: the
+        model's context, rounded down to a multiple of 256; must be a multiple of 256).
+    max_batch_size: jobs decoded at once (default 16; 1 without flash-attn).
     gpu_split: list of GiB per GPU; absent: auto-split over every visible GPU.
     tensor_parallel: true to load tensor-parallel over the visible GPUs (or ``gpu_split``).
     cache: ``"fp16"`` (default), ``"q8"``, ``"q6"`` or ``"q4"``.
 
-Chat templates come from the model's own ``tokenizer_config.json`` (rendered with jinja2).
-Status: written against ExLlamaV2 0.3.x's documented API; not run in this repository's CI
-(no GPU). Its tests are marked ``gpu`` and skip without CUDA.
+Chat templates come from the model directory (see :class:`~helexa.runtime.chat_template.ChatTemplate`).
+Unset sampling parameters take OpenAI's defaults (:func:`~helexa.runtime.exllama.sampling_of`),
+not ExLlamaV2's (which add a repetition penalty of 1.025 and top-p 0.8).
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import gc
 import logging
-import math
-import queue
-import threading
 from collections.abc import AsyncIterator
 from contextlib import suppress
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from helexa.protocol import GenerateRequest, GenerateResult, ModelConfig, Task, TokenChunk, Usage
+from helexa.protocol import GenerateRequest, ModelConfig, Task
 
 from . import openai_shapes
 from .base import (
@@ -53,11 +58,72 @@ from .base import (
     TextInference,
     Unsupported,
 )
+from .exllama import (
+    GeneratorWorker,
+    ModelDir,
+    inspect_model_dir,
+    load_error,
+    metadata_int,
+    metadata_split,
+    require_cuda,
+    room_for,
+    sampling_of,
+    stream_job,
+)
 
 log = logging.getLogger(__name__)
 
-_FINISH = {"stop_token": "stop", "stop_string": "stop", "max_new_tokens": "length"}
-_CACHES = {"fp16": "ExLlamaV2Cache", "q8": "ExLlamaV2Cache_Q8", "q6": "ExLlamaV2Cache_Q6", "q4": "ExLlamaV2Cache_Q4"}
+PAGE = 256
+"""ExLlamaV2's cache page: the cache length must be a multiple of it."""
+CACHES = {"fp16": "ExLlamaV2Cache", "q8": "ExLlamaV2Cache_Q8", "q6": "ExLlamaV2Cache_Q6", "q4": "ExLlamaV2Cache_Q4"}
+ACCEPTED = {None: "unquantised", "exl2": "EXL2", "gptq": "GPTQ"}
+
+
+@dataclass(frozen=True, slots=True)
+class ExLlamaV2Settings:
+    """The backend's metadata, checked (see the module docstring)."""
+
+    path: Path
+    max_seq_len: int | None = None
+    max_batch_size: int = 16
+    gpu_split: list[float] | None = None
+    tensor_parallel: bool = False
+    cache: str = "fp16"
+
+    @classmethod
+    def from_metadata(cls, md: dict[str, Any]) -> ExLlamaV2Settings:
+        """Raises :class:`LoadFailed` (``invalid_config``) naming the key."""
+        if not isinstance(md.get("path"), str) or not md["path"]:
+            raise LoadFailed("metadata 'path' (the model directory) is required", code="invalid_config")
+        cache = md.get("cache", "fp16")
+        if cache not in CACHES:
+            raise LoadFailed(f"metadata 'cache' must be one of {', '.join(CACHES)}, not {cache!r}", code="invalid_config")
+        return cls(
+            path=Path(md["path"]),
+            max_seq_len=metadata_int(md, "max_seq_len", None, minimum=PAGE, multiple_of=PAGE),
+            max_batch_size=metadata_int(md, "max_batch_size", 16) or 16,
+            gpu_split=metadata_split(md),
+            tensor_parallel=bool(md.get("tensor_parallel", False)),
+            cache=cache,
+        )
+
+
+@dataclass(slots=True)
+class _Engine:
+    """One loaded model: everything ``unload`` frees."""
+
+    torch: Any
+    model_dir: ModelDir
+    model: Any = None
+    cache: Any = None
+    tokenizer: Any = None
+    generator: Any = None
+    sampler: Any = None
+    job_class: Any = None
+    worker: GeneratorWorker | None = None
+    context: int = 0
+    stops: tuple[int, ...] = ()
+    memory: int = 0
 
 
 class ExLlamaV2Backend(Backend, ChatInference, TextInference):
@@ -67,159 +133,98 @@ class ExLlamaV2Backend(Backend, ChatInference, TextInference):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
-        md = config.metadata
-        self._path = Path(str(md["path"])) if md.get("path") else None
-        self._max_seq_len = md.get("max_seq_len")
-        self._max_batch_size = int(md.get("max_batch_size", 16))
-        self._gpu_split = md.get("gpu_split")
-        self._tensor_parallel = bool(md.get("tensor_parallel", False))
-        self._cache_kind = str(md.get("cache", "fp16"))
-        self._parts: dict[str, Any] = {}
-        self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
-        self._worker_done = threading.Event()
-        self._template: Any = None
+        self.settings = ExLlamaV2Settings.from_metadata(config.metadata)
+        self._engine: _Engine | None = None
+
+    def memory_bytes(self) -> int:
+        return self._engine.memory if self._engine is not None else 0
 
     # --- lifecycle ------------------------------------------------------------------------
 
     async def load(self, progress: ProgressFn) -> None:
-        """Load weights and cache onto the GPU(s); progress counts modules loaded.
+        """Load weights and cache onto the GPU(s); progress counts modules loaded (after
+        ``build``, the extension's import, which compiles it on first use).
 
-        Raises :class:`LoadFailed`: ``missing_extra`` (exllamav2/torch absent), ``no_gpu``,
-        ``model_not_found``, ``corrupt_model`` (not an EXL2 directory), ``out_of_memory``."""
-        if self._parts:
+        Raises :class:`LoadFailed`: ``missing_extra`` (exllamav2 or torch absent),
+        ``no_gpu``, ``model_not_found``, ``corrupt_model`` (not a model directory
+        ExLlamaV2 reads, e.g. EXL3 weights), ``out_of_memory``, ``load_failed`` (e.g. the
+        CUDA extension did not build)."""
+        if self._engine is not None:
             return
-        try:
-            import torch
-            import exllamav2
-            from exllamav2 import generator as exl_generator
-        except ImportError as exc:
-            raise LoadFailed(
-                f"the exllamav2 backend needs the 'exllamav2' extra (exllamav2 and torch): {exc}",
-                code="missing_extra",
-            ) from None
-        if not torch.cuda.is_available():
-            raise LoadFailed("the exllamav2 backend needs a CUDA GPU and none is visible", code="no_gpu")
-        if self._path is None or not (self._path / "config.json").is_file():
-            raise LoadFailed(f"no EXL2 model directory at {self._path} (metadata 'path')", code="model_not_found")
-        if self._cache_kind not in _CACHES:
-            raise LoadFailed(f"unknown cache kind {self._cache_kind!r} ({', '.join(_CACHES)})", code="invalid_config")
+        torch = require_cuda("exllamav2", "exllamav2")
+        model_dir = await trio.to_thread.run_sync(
+            partial(inspect_model_dir, self.settings.path, accepted=ACCEPTED, engine="ExLlamaV2")
+        )
         token = trio.lowlevel.current_trio_token()
 
-        def report(done: int, total: int) -> None:
+        def report(stage: str, done: int, total: int | None, unit: str) -> None:
             with suppress(trio.RunFinishedError):
-                token.run_sync_soon(progress, "load", done, total, "modules")
+                token.run_sync_soon(progress, stage, done, total, unit)
 
+        engine = _Engine(torch=torch, model_dir=model_dir)
         try:
-            self._parts = await trio.to_thread.run_sync(self._load_sync, torch, exllamav2, exl_generator, report)
-        except torch.cuda.OutOfMemoryError as exc:
-            await self._free()
-            raise LoadFailed(f"out of GPU memory loading {self._path}: {exc}", code="out_of_memory") from None
-        except (ValueError, KeyError, OSError, AssertionError) as exc:
-            await self._free()
-            raise LoadFailed(f"cannot load {self._path} as EXL2: {exc}", code="corrupt_model") from None
-        self._template = _load_template(self._path)
-        self._worker_done.clear()
-        trio.lowlevel.start_thread_soon(self._worker, lambda outcome: self._worker_done.set())
+            await trio.to_thread.run_sync(self._load_sync, engine, report)
+        except BaseException as exc:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(_free, engine)
+            if isinstance(exc, Exception):
+                raise load_error(exc, torch, self.settings.path, "ExLlamaV2") from None
+            raise
+        engine.worker = GeneratorWorker(engine.generator, f"exllamav2-{self.config.model_id}")
+        engine.worker.start()
+        self._engine = engine
 
-    def _load_sync(self, torch: Any, exl: Any, exl_generator: Any, report: Any) -> dict[str, Any]:
-        parts: dict[str, Any] = {"torch": torch}
-        self._parts = parts  # so that a failure half-way can still be freed
-        config = exl.ExLlamaV2Config(str(self._path))
-        if self._max_seq_len:
-            config.max_seq_len = int(self._max_seq_len)
-        model = parts["model"] = exl.ExLlamaV2(config)
-        cache_cls = getattr(exl, _CACHES[self._cache_kind])
-        if self._tensor_parallel:
-            model.load_tp(self._gpu_split, callback=report)
-            cache = exl.ExLlamaV2Cache_TP(model, base=cache_cls, max_seq_len=config.max_seq_len)
-        elif self._gpu_split:
-            model.load(self._gpu_split, callback=report)
+    def _load_sync(self, engine: _Engine, report: Any) -> None:
+        torch, s = engine.torch, self.settings
+        report("build", 0, 1, "extension")
+        import exllamav2
+        from exllamav2 import attn
+        from exllamav2.generator import ExLlamaV2DynamicGenerator, ExLlamaV2DynamicJob, ExLlamaV2Sampler
+
+        report("build", 1, 1, "extension")
+        before = _allocated(torch)
+        config = exllamav2.ExLlamaV2Config(str(s.path))
+        config.max_seq_len = s.max_seq_len or max(PAGE, config.max_seq_len // PAGE * PAGE)
+        model = engine.model = exllamav2.ExLlamaV2(config)
+
+        def modules(done: int, total: int) -> None:
+            report("load", done, total, "modules")
+
+        cache_cls = getattr(exllamav2, CACHES[s.cache])
+        if s.tensor_parallel:
+            model.load_tp(s.gpu_split, callback=modules, expect_cache_tokens=config.max_seq_len, expect_cache_base=cache_cls)
+            cache = exllamav2.ExLlamaV2Cache_TP(model, base=cache_cls, max_seq_len=config.max_seq_len)
+        elif s.gpu_split:
+            model.load(s.gpu_split, callback=modules)
             cache = cache_cls(model, max_seq_len=config.max_seq_len)
         else:
             cache = cache_cls(model, max_seq_len=config.max_seq_len, lazy=True)
-            model.load_autosplit(cache, callback=report)
-        parts["cache"] = cache
-        tokenizer = parts["tokenizer"] = exl.ExLlamaV2Tokenizer(config)
-        parts["generator"] = exl_generator.ExLlamaV2DynamicGenerator(
-            model=model, cache=cache, tokenizer=tokenizer, max_batch_size=self._max_batch_size
+            model.load_autosplit(cache, callback=modules)
+        engine.cache = cache
+        engine.tokenizer = exllamav2.ExLlamaV2Tokenizer(config)
+        paged = bool(attn.has_flash_attn_with_paged) and not config.no_flash_attn
+        if not paged:
+            log.warning("flash-attn >= 2.5.7 is not installed: ExLlamaV2 serves %s one request at a time",
+                        self.config.model_id)
+        engine.generator = ExLlamaV2DynamicGenerator(
+            model=model, cache=cache, tokenizer=engine.tokenizer,
+            max_batch_size=s.max_batch_size if paged else 1, paged=paged,
         )
-        parts["exl_generator"] = exl_generator
-        parts["max_seq_len"] = config.max_seq_len
-        return parts
+        engine.sampler, engine.job_class = ExLlamaV2Sampler, ExLlamaV2DynamicJob
+        engine.context = config.max_seq_len
+        eos = engine.tokenizer.eos_token_id
+        engine.stops = tuple(dict.fromkeys([*engine.model_dir.stop_token_ids, *([eos] if eos is not None else [])]))
+        engine.memory = max(0, _allocated(torch) - before)
 
     async def unload(self) -> None:
-        """Cancel every job, stop the worker, and free weights, cache and CUDA memory."""
-        if not self._parts:
+        """Cancel every job, stop the generator thread, and free weights, cache and VRAM."""
+        engine, self._engine = self._engine, None
+        if engine is None:
             return
-        if "generator" in self._parts:
-            self._commands.put(("stop", None))
-            await trio.to_thread.run_sync(self._worker_done.wait, 60.0)
-        await self._free()
-
-    async def _free(self) -> None:
-        parts, self._parts = self._parts, {}
-        torch = parts.get("torch")
-        model = parts.get("model")
-
-        def free() -> None:
-            if model is not None:
-                model.unload()
-            parts.clear()
-            if torch is not None:
-                import gc
-
-                gc.collect()
-                torch.cuda.empty_cache()
-
-        await trio.to_thread.run_sync(free)
-
-    # --- the generator thread -------------------------------------------------------------
-
-    def _worker(self) -> None:
-        generator = self._parts["generator"]
-        routes: dict[Any, Any] = {}  # job -> post(item)
-        while True:
-            try:
-                block = not routes
-                command, arg = self._commands.get(block=block)
-            except queue.Empty:
-                command = None
-            if command == "stop":
-                for job, post in routes.items():
-                    generator.cancel(job)
-                    post(("done", None))
-                return
-            if command == "enqueue":
-                job, post = arg
-                try:
-                    generator.enqueue(job)
-                    routes[job] = post
-                except Exception as exc:  # ExLlamaV2 asserts on jobs that cannot fit
-                    post(("error", exc))
-            elif command == "cancel":
-                job = arg
-                if routes.pop(job, None) is not None:
-                    generator.cancel(job)
-                continue
-            if command is not None and not self._commands.empty():
-                continue  # take every pending command before the next forward pass
-            if not routes:
-                continue
-            try:
-                results = generator.iterate()
-            except Exception as exc:
-                log.exception("ExLlamaV2 iterate failed")
-                for job, post in routes.items():
-                    post(("error", exc))
-                routes.clear()
-                continue
-            for result in results:
-                post = routes.get(result["job"])
-                if post is None:
-                    continue
-                post(("result", result))
-                if result.get("eos"):
-                    del routes[result["job"]]
+        if engine.worker is not None:
+            engine.worker.stop()
+            await trio.to_thread.run_sync(engine.worker.join, 60.0)
+        await trio.to_thread.run_sync(_free, engine)
 
     # --- inference ------------------------------------------------------------------------
 
@@ -229,102 +234,64 @@ class ExLlamaV2Backend(Backend, ChatInference, TextInference):
     def complete(self, request: GenerateRequest) -> AsyncIterator[GenerationEvent]:
         return self._generate(request)
 
-    def _prompt(self, request: GenerateRequest) -> str:
-        if request.task is Task.COMPLETION:
-            return request.prompt or ""
-        if self._template is None:
-            raise Unsupported(f"model {self.config.model_id!r} has no chat template in tokenizer_config.json")
-        return self._template(list(request.messages))
+    async def _generate(self, request: GenerateRequest) -> AsyncIterator[GenerationEvent]:
+        engine = self._engine
+        openai_shapes.validate(request, max_context=engine.context if engine else None)
+        if request.extra:
+            raise Unsupported(f"the exllamav2 backend does not support {', '.join(sorted(request.extra))}")
+        if engine is None or engine.worker is None:
+            raise BackendError(f"model {self.config.model_id!r} is not loaded", code="model_not_loaded")
+        job, prompt_tokens = await trio.to_thread.run_sync(self._job, engine, request)
+        stream = stream_job(engine.worker, job, request.request_id, prompt_tokens, "ExLlamaV2")
+        async with contextlib.aclosing(stream) as events:
+            async for event in events:
+                yield event
 
-    def _job(self, request: GenerateRequest) -> tuple[Any, int]:
-        parts = self._parts
-        exl_generator, tokenizer = parts["exl_generator"], parts["tokenizer"]
-        s = request.sampling
-        settings = exl_generator.ExLlamaV2Sampler.Settings()
-        if s.temperature is not None:
-            settings.temperature = s.temperature
-            if s.temperature == 0.0:
-                settings.top_k = 1
-        for ours, theirs in (
-            ("top_p", "top_p"),
-            ("top_k", "top_k"),
-            ("min_p", "min_p"),
-            ("repetition_penalty", "token_repetition_penalty"),
-            ("frequency_penalty", "token_frequency_penalty"),
-            ("presence_penalty", "token_presence_penalty"),
-        ):
-            value = getattr(s, ours)
-            if value is not None and not (ours == "top_k" and s.temperature == 0.0):
-                setattr(settings, theirs, value)
-        input_ids = tokenizer.encode(self._prompt(request), encode_special_tokens=True)
-        prompt_tokens = int(input_ids.shape[-1])
-        room = parts["max_seq_len"] - prompt_tokens
-        max_new = min(s.max_tokens or room, room)
-        if max_new < 1:
-            raise InvalidRequest(f"the prompt ({prompt_tokens} tokens) fills the context")
-        job = exl_generator.ExLlamaV2DynamicJob(
-            input_ids=input_ids,
+    def _job(self, engine: _Engine, request: GenerateRequest) -> tuple[Any, int]:
+        if request.task is Task.COMPLETION:
+            text, add_bos = request.prompt or "", engine.model_dir.add_bos
+        elif engine.model_dir.chat_template is None:
+            raise Unsupported(f"model {self.config.model_id!r} has no chat template")
+        else:
+            text, add_bos = engine.model_dir.chat_template.render(request.messages), False
+        ids = engine.tokenizer.encode(text, add_bos=add_bos, encode_special_tokens=True)
+        prompt_tokens = int(ids.shape[-1])
+        if prompt_tokens == 0:
+            raise InvalidRequest("the prompt is empty")
+        max_new = room_for(request.sampling.max_tokens, prompt_tokens, engine.context)
+        s = sampling_of(request.sampling)
+        settings = engine.sampler.Settings()
+        settings.temperature = 1.0 if s.greedy else s.temperature
+        settings.top_k = 1 if s.greedy else s.top_k
+        settings.top_p, settings.min_p = s.top_p, s.min_p
+        settings.token_repetition_penalty = s.repetition_penalty
+        settings.token_frequency_penalty = s.frequency_penalty
+        settings.token_presence_penalty = s.presence_penalty
+        job = engine.job_class(
+            input_ids=ids,
             max_new_tokens=max_new,
             gen_settings=settings,
-            stop_conditions=[tokenizer.eos_token_id, *s.stop],
-            seed=s.seed,
+            stop_conditions=[*engine.stops, *request.sampling.stop],
+            seed=request.sampling.seed,
             identifier=request.request_id,
         )
         return job, prompt_tokens
 
-    async def _generate(self, request: GenerateRequest) -> AsyncIterator[GenerationEvent]:
-        openai_shapes.validate(request)
-        if request.extra:
-            raise Unsupported(f"the exllamav2 backend does not support {', '.join(sorted(request.extra))}")
-        if not self._parts:
-            raise BackendError(f"model {self.config.model_id!r} is not loaded", code="model_not_loaded")
-        job, prompt_tokens = await trio.to_thread.run_sync(self._job, request)
-        send, receive = trio.open_memory_channel[tuple[str, Any]](math.inf)
-        token = trio.lowlevel.current_trio_token()
 
-        def post(item: tuple[str, Any]) -> None:
-            with suppress(trio.RunFinishedError):
-                token.run_sync_soon(send.send_nowait, item)
+def _allocated(torch: Any) -> int:
+    return sum(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count()))
 
-        self._commands.put(("enqueue", (job, post)))
-        finished = False
+
+def _free(engine: _Engine) -> None:
+    """Drop the model, cache and generator and hand their VRAM back to the driver."""
+    model = engine.model
+    engine.generator = engine.cache = engine.tokenizer = engine.model = engine.worker = None
+    if model is not None:
         try:
-            while not finished:
-                kind, payload = await receive.receive()
-                if kind == "error":
-                    finished = True
-                    raise BackendError(f"ExLlamaV2: {payload}")
-                if kind == "done":
-                    finished = True
-                    raise BackendError("the model was unloaded", code="model_not_loaded")
-                if payload.get("text"):
-                    yield TokenChunk(request.request_id, payload["text"], int(payload["token_ids"].shape[-1]) if "token_ids" in payload else 1)
-                if payload.get("eos"):
-                    finished = True
-                    usage = Usage(
-                        prompt_tokens=int(payload.get("prompt_tokens", prompt_tokens)),
-                        completion_tokens=int(payload.get("new_tokens", 0)),
-                        cached_tokens=int(payload.get("cached_tokens", 0)),
-                    )
-                    yield GenerateResult(request.request_id, _FINISH.get(payload.get("eos_reason", ""), "stop"), usage)
-        finally:
-            if not finished:
-                self._commands.put(("cancel", job))
-
-
-def _load_template(path: Path) -> Any:
-    """A function rendering chat messages with the model's own template, or ``None``."""
-    config = path / "tokenizer_config.json"
-    if not config.is_file():
-        return None
-    data = json.loads(config.read_text())
-    source = data.get("chat_template")
-    if isinstance(source, list):  # named templates: take the default
-        source = next((t["template"] for t in source if t.get("name") == "default"), None)
-    if not source:
-        return None
-    import jinja2.sandbox
-
-    template = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(source)
-    special = {k: (v if isinstance(v, str) else (v or {}).get("content", "")) for k, v in data.items() if k in ("bos_token", "eos_token")}
-    return lambda messages: template.render(messages=messages, add_generation_prompt=True, **special)
+            model.unload()
+        except Exception:
+            log.exception("ExLlamaV2 unload failed")
+    del model
+    gc.collect()
+    with suppress(Exception):
+        engine.torch.cuda.empty_cache()

@@ -16,6 +16,7 @@ BACKENDS: dict[str, str] = {
     "llama_cpp": "helexa.runtime.llama_cpp:LlamaCppBackend",
     "embeddings": "helexa.runtime.embeddings:OnnxEmbeddingBackend",
     "exllamav2": "helexa.runtime.exllamav2:ExLlamaV2Backend",
+    "exllamav3": "helexa.runtime.exllamav3:ExLlamaV3Backend",
     "openai_proxy": "helexa.runtime.openai_proxy:OpenAIProxyBackend",
     "synthetic": "helexa.runtime.synthetic:SyntheticBackend",
 }

