@@ -101,7 +101,9 @@ async def test_refusal_by_the_peer_policy_is_a_clear_error(nursery, autojump_clo
 async def test_rate_limited_peer_refuses_with_retry_after(nursery, autojump_clock):
     net = MemoryNetwork()
     a = await cortex(nursery, net, "A", offer=())
-    await cortex(nursery, net, "B", fleet=FakeFleet(), serve_policy=ServePolicy(rate_per_second=0.5, burst=1))
+    # A bucket that refills only after hours of virtual time: the ledger writes on a worker
+    # thread, and while it does the autojump clock may run ahead by many announce ticks.
+    await cortex(nursery, net, "B", fleet=FakeFleet(), serve_policy=ServePolicy(rate_per_second=1e-4, burst=1))
     await settle()
     async with a.route(request("r1")) as frames:
         [f async for f in frames]
