@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from helexa.roles.cortex.gateway import server_error_body
-from helexa.roles.cortex.http_server import ClientDisconnected, HttpServer, plain_error
+from helexa.roles.cortex.http import ClientGone, HttpServer, plain_error
 
 
 @asynccontextmanager
@@ -282,7 +282,7 @@ async def test_an_app_failing_before_it_answers_gives_one_500_envelope_without_t
             raise RuntimeError("secret internals")
         await echo(scope, receive, send)
 
-    caplog.set_level(logging.ERROR, logger="helexa.roles.cortex.http_server")
+    caplog.set_level(logging.ERROR, logger="helexa.roles.cortex.http.server")
     async with serving(app) as (_, port):
         client = await Client.connect(port)
         r = await client.request("GET", "/boom")
@@ -355,7 +355,7 @@ async def test_receive_after_the_body_reports_the_client_closing_its_socket() ->
                 await trio.sleep(0.005)
     assert seen["message"] == {"type": "http.disconnect"}
     assert seen["at"] - closed_at < 0.2
-    assert isinstance(seen["send"], ClientDisconnected)
+    assert isinstance(seen["send"], ClientGone)
 
 
 async def test_receive_after_the_response_ended_reports_a_disconnect_at_once() -> None:
@@ -424,7 +424,7 @@ async def test_send_to_a_client_that_went_away_raises_client_disconnected() -> N
         with trio.fail_after(1):
             while not failure:
                 await trio.sleep(0.005)
-    assert isinstance(failure[0], ClientDisconnected) and isinstance(failure[0], OSError)
+    assert isinstance(failure[0], ClientGone) and isinstance(failure[0], OSError)
 
 
 # --- deadlines ----------------------------------------------------------------------------

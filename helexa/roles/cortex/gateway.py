@@ -45,7 +45,7 @@ from . import openai_api as api
 from . import sse
 from .disconnect_watch import DisconnectWatch
 from .errors import BadRequest, ClientGone, Forbidden, GatewayError, MethodNotAllowed, NotFound, PayloadTooLarge, envelope
-from .http_server import HttpServer
+from .http import HttpServer
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .orchestrator import Orchestrator, WaitStatus
 from .shutdown import InFlight
