@@ -109,13 +109,16 @@ def parse_head(head: bytes) -> tuple[Request, int | None, bool, bool]:
                 value = values.pop()
             if _DIGITS.fullmatch(value) is None:
                 raise RemoteProtocolError("bad Content-Length")
-            if length is not None and length != value:
-                raise RemoteProtocolError("conflicting Content-Length headers")
+            if length is not None:
+                if length != value:
+                    raise RemoteProtocolError("conflicting Content-Length headers")
+                continue  # a repeat says nothing new (h11 drops it too)
             length = value
         elif name == b"transfer-encoding":
             if chunked:
                 raise RemoteProtocolError("multiple Transfer-Encoding headers", 501)
-            if value.lower() != b"chunked":
+            value = value.lower()
+            if value != b"chunked":
                 raise RemoteProtocolError("only Transfer-Encoding: chunked is supported", 501)
             chunked = True
         elif name == b"connection":
@@ -161,7 +164,7 @@ class LengthBody:
 class ChunkedBody:
     """Reads a chunked body: sizes, data, the CRLF after each chunk, trailers (dropped)."""
 
-    __slots__ = ("_phase", "_remaining", "_max_trailers")
+    __slots__ = ("_phase", "_remaining", "_max_trailers", "_failed")
 
     _SIZE, _DATA, _CRLF, _TRAILERS = range(4)
 
@@ -169,6 +172,7 @@ class ChunkedBody:
         self._phase = self._SIZE
         self._remaining = 0  # of the current chunk's data, or of its CRLF
         self._max_trailers = max_trailers
+        self._failed: RemoteProtocolError | None = None  # raised on the call after the good data
 
     def feed(self, buf: bytes) -> tuple[bytes, int, bool]:
         """Take what ``buf`` holds of the body (see :meth:`LengthBody.feed`).
@@ -177,7 +181,18 @@ class ChunkedBody:
             RemoteProtocolError: a malformed chunk size, a chunk not followed by CRLF, a
                 malformed trailer, or a size line or trailers over their limits.
         """
-        parts = []
+        if self._failed is not None:
+            raise self._failed
+        parts: list[bytes] = []
+        try:
+            return self._feed(buf, parts)
+        except RemoteProtocolError as exc:
+            if not parts:
+                raise
+            self._failed = exc  # hand out the chunks before the fault first
+            return b"".join(parts), 0, False
+
+    def _feed(self, buf: bytes, parts: list[bytes]) -> tuple[bytes, int, bool]:
         pos = 0
         end = len(buf)
         while pos < end:
