@@ -4,7 +4,9 @@ against another checkout of helexa (an A/B of a change to the server).
 
 The server runs a trivial ASGI app (read the JSON POST, answer a fixed JSON body) in its
 own process pinned to CPU 0; ``wrk`` (one thread) drives it from CPU 1 over keep-alive
-connections at each concurrency. With ``--old DIR`` each round runs the server from
+connections at each concurrency. Besides wrk's requests/s and p50 latency it reports the
+server's CPU time per request (utime + stime from ``/proc``), which moves least when
+other work shares the machine. With ``--old DIR`` each round runs the server from
 ``DIR`` (a checkout of helexa: ``git archive <commit> | tar -x -C DIR``) and from this
 tree, interleaved, so that noise from the rest of the machine falls on both.
 
@@ -79,16 +81,24 @@ def wait_for_port(port: int, timeout: float = 15.0) -> None:
     raise RuntimeError(f"the server on port {port} did not come up")
 
 
-def wrk(port: int, concurrency: int, dur: int, script: str) -> tuple[float, float]:
-    """Requests/s and p50 latency (ms) of one ``wrk`` run."""
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(port: int, concurrency: int, dur: int, script: str, pid: int) -> tuple[float, float, float]:
+    """Requests/s, p50 latency (ms) and server CPU per request (ms) of one ``wrk`` run."""
+    cpu = cpu_seconds(pid)
     out = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(dur))}s", "--latency",
                           "-s", script, f"http://127.0.0.1:{port}/v1/chat/completions"],
                          capture_output=True, text=True, check=True).stdout
     if "Non-2xx" in out or "Socket errors" in out:
         raise RuntimeError(out)
+    cpu = cpu_seconds(pid) - cpu
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
     value, unit = re.search(r"50%\s+([\d.]+)(us|ms|s)", out).groups()
-    return rps, float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+    return rps, float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit], cpu / requests * 1e3
 
 
 def main() -> None:
@@ -105,7 +115,7 @@ def main() -> None:
         return
     trees = ([("old", str(Path(args.old).resolve()))] if args.old else []) + [("new", str(HERE))]
     levels = [int(c) for c in args.concurrency.split(",")]
-    results: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    results: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as lua:
         lua.write(LUA)
     try:
@@ -116,22 +126,22 @@ def main() -> None:
                                          "--port", str(port)])
                 try:
                     wait_for_port(port)
-                    wrk(port, 1, 1, lua.name)  # warm up
+                    wrk(port, 1, 1, lua.name, proc.pid)  # warm up
                     for c in levels:
-                        rps, p50 = wrk(port, c, args.dur, lua.name)
-                        results.setdefault((label, c), []).append((rps, p50))
-                        print(f"round {rnd + 1} {label} c={c}: {rps:,.0f} requests/s, p50 {p50:.3f} ms",
-                              file=sys.stderr)
+                        rps, p50, cpu = wrk(port, c, args.dur, lua.name, proc.pid)
+                        results.setdefault((label, c), []).append((rps, p50, cpu))
+                        print(f"round {rnd + 1} {label} c={c}: {rps:,.0f} requests/s, p50 {p50:.3f} ms, "
+                              f"{cpu * 1e3:.0f} µs CPU/request", file=sys.stderr)
                 finally:
                     proc.terminate()
                     proc.wait(10)
     finally:
         os.unlink(lua.name)
-    print(f"| tree | concurrency | requests/s (median of {args.rounds}) | p50 ms (median) |")
-    print("|---|---|---|---|")
+    print(f"| tree | concurrency | requests/s | p50 ms | server CPU µs/request |  (medians of {args.rounds})")
+    print("|---|---|---|---|---|")
     for (label, c), runs in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         print(f"| {label} | {c} | {statistics.median(r[0] for r in runs):,.0f} "
-              f"| {statistics.median(r[1] for r in runs):.3f} |")
+              f"| {statistics.median(r[1] for r in runs):.3f} | {statistics.median(r[2] for r in runs) * 1e3:.0f} |")
 
 
 if __name__ == "__main__":

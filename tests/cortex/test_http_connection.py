@@ -10,7 +10,8 @@ from __future__ import annotations
 import h11
 import pytest
 
-from helexa.roles.cortex.http.connection import TRANSITIONS, Connection, State, plain_error
+from helexa.roles.cortex.http.connection import Connection, plain_error
+from helexa.roles.cortex.http.states import TRANSITIONS, State
 from helexa.roles.cortex.http.errors import ClientGone, LocalProtocolError
 from helexa.roles.cortex.http.events import CLOSED, NEED_DATA, PAUSED, Data, Request, Sentinel
 

@@ -16,8 +16,9 @@ Endpoints::
 The gateway parses a request, asks the :class:`~.orchestrator.Orchestrator` to run it,
 and streams the answer; it decides nothing about where a request runs. It is a plain ASGI
 callable rather than a Quart app (measured: Quart's request cycle cost as much as the rest
-of the hot path; figures in ``docs/benchmarks.md``), served by :mod:`.http` (trio + h11) by
-default and by hypercorn on request (``gateway.server``).
+of the hot path; figures in ``docs/benchmarks.md``), served by :mod:`.http` (a sans-IO
+HTTP/1.1 connection in a trio shell) by default and by hypercorn on request
+(``gateway.server``).
 
 A client that disconnects cancels its request: each inference request runs in its own
 cancel scope, which :class:`.disconnect_watch.DisconnectWatch` cancels when the client

@@ -6,10 +6,11 @@ Why it exists beside hypercorn, and what it measured, is in ``docs/benchmarks.md
 ("Gateway vs LiteLLM", "the lean HTTP server").
 """
 
-from .connection import TRANSITIONS, Connection, ErrorBody, Role, State, Trigger, plain_error
+from .connection import Connection, ErrorBody, plain_error
 from .errors import ClientGone, LocalProtocolError, RemoteProtocolError
 from .events import CLOSED, NEED_DATA, PAUSED, Data, Request
 from .server import App, HttpServer
+from .states import TRANSITIONS, Role, State, Trigger
 
 __all__ = [
     "App", "CLOSED", "ClientGone", "Connection", "Data", "ErrorBody", "HttpServer", "LocalProtocolError",

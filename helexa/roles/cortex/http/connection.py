@@ -2,9 +2,9 @@
 events and bytes to write out. No sockets, no trio, no clock (:mod:`.server` is the shell
 that moves the bytes).
 
-The states of both sides are written in one table, :data:`TRANSITIONS`, as h11's
+The states of both sides are written in one table, :data:`.states.TRANSITIONS`, as h11's
 ``_state.py`` does: the client side follows what the client sent, the server side what
-the app answered. Every change of state is one :class:`Trigger` looked up there; a
+the app answered. Every change of state is one :class:`.Trigger` looked up there; a
 trigger the table does not allow in the current state is a bug (:class:`.LocalProtocolError`).
 Three values live beside the table: ``keep_alive`` (whether this connection may serve
 another request: the client's wish, the request limit, a stopping server, the response's
@@ -25,21 +25,22 @@ What it owns:
 * deadlines, as timer events: an idle keep-alive connection is closed after
   ``keep_alive_timeout``, a head must arrive whole within ``read_timeout`` of its first
   byte, each part of a body within ``read_timeout`` of the wait for it;
-* response framing, by hand (h11's events and header validation cost about a tenth of
-  the cortex's CPU per request): ``Content-Length`` for a response sent in one piece,
+* response framing, by hand (h11's response events and header validation were a measured
+  share of the cortex's CPU per request: ``docs/benchmarks.md``): ``Content-Length`` for a
+  response sent in one piece,
   chunked for a streamed one, close-delimited for an HTTP/1.0 client, no body for HEAD,
   204 and 304.
 """
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable
 from http import HTTPStatus
 
 from .errors import ClientGone, LocalProtocolError, RemoteProtocolError
 from .events import CLOSED, NEED_DATA, PAUSED, Data, Request, Sentinel
 from .parser import ChunkedBody, LengthBody, find_head_end, parse_head
+from .states import MOVES, State, Trigger
 
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 
@@ -52,67 +53,6 @@ def plain_error(status: int, message: str) -> tuple[bytes, bytes]:
     return b"text/plain; charset=utf-8", f"{status} {_REASONS.get(status, b'').decode()}: {message}\n".encode()
 
 
-class Role(enum.Enum):
-    CLIENT = "client"
-    SERVER = "server"
-
-
-class State(enum.Enum):
-    IDLE = "idle"                    # both: between exchanges (client: no byte of a head yet)
-    HEAD = "head"                    # client: part of a request head has arrived
-    BODY = "body"                    # client: the head was handed out, the app has not had all the body
-    DONE = "done"                    # both: the request was read / the response was written
-    ERROR = "error"                  # client: a malformed head or body, or one that did not arrive
-    SEND_RESPONSE = "send_response"  # server: the app is running and has not started its response
-    HEAD_HELD = "head_held"          # server: the app started its response; the head waits for the body
-    SEND_BODY = "send_body"          # server: the head went out; more body is to come
-    CLOSED = "closed"                # both: the connection is over (client: it closed or went away)
-
-
-class Trigger(enum.Enum):
-    BYTES = "bytes"                  # the first bytes of a head arrived
-    REQUEST = "request"              # a whole, valid head was parsed
-    DATA = "data"                    # a part of the body was handed to the app
-    BODY_END = "body_end"            # the last of the body was handed out (or skipped)
-    EOF = "eof"                      # the client closed its side, or a write to it failed
-    MALFORMED = "malformed"          # the client broke HTTP/1.1
-    TIMEOUT = "timeout"              # the deadline of the current wait passed
-    START = "start"                  # the app sent http.response.start
-    BODY_PART = "body_part"          # a part of the response body went out, more to come
-    RESPONSE_END = "response_end"    # the last part of the response went out
-    FALLBACK = "fallback"            # the server answered for an app that returned without answering
-    NEXT_CYCLE = "next_cycle"        # the exchange ended and the connection stays open
-    CLOSE = "close"                  # the connection ends
-
-
-S, T = State, Trigger
-TRANSITIONS: dict[Role, dict[State, dict[Trigger, State]]] = {
-    Role.CLIENT: {
-        S.IDLE: {T.BYTES: S.HEAD, T.EOF: S.CLOSED, T.TIMEOUT: S.CLOSED, T.CLOSE: S.CLOSED},
-        S.HEAD: {T.REQUEST: S.BODY, T.EOF: S.CLOSED, T.MALFORMED: S.ERROR, T.TIMEOUT: S.ERROR,
-                 T.CLOSE: S.CLOSED},
-        S.BODY: {T.DATA: S.BODY, T.BODY_END: S.DONE, T.EOF: S.CLOSED, T.MALFORMED: S.ERROR,
-                 T.TIMEOUT: S.ERROR, T.CLOSE: S.CLOSED},
-        S.DONE: {T.NEXT_CYCLE: S.IDLE, T.EOF: S.CLOSED, T.CLOSE: S.CLOSED},
-        S.ERROR: {T.CLOSE: S.CLOSED},
-        S.CLOSED: {T.CLOSE: S.CLOSED},
-    },
-    Role.SERVER: {
-        S.IDLE: {T.REQUEST: S.SEND_RESPONSE, T.CLOSE: S.CLOSED},
-        S.SEND_RESPONSE: {T.START: S.HEAD_HELD, T.FALLBACK: S.DONE, T.CLOSE: S.CLOSED},
-        S.HEAD_HELD: {T.BODY_PART: S.SEND_BODY, T.RESPONSE_END: S.DONE, T.FALLBACK: S.DONE,
-                      T.CLOSE: S.CLOSED},
-        S.SEND_BODY: {T.BODY_PART: S.SEND_BODY, T.RESPONSE_END: S.DONE, T.CLOSE: S.CLOSED},
-        S.DONE: {T.NEXT_CYCLE: S.IDLE, T.CLOSE: S.CLOSED},
-        S.CLOSED: {},
-    },
-}
-"""``TRANSITIONS[role][state][trigger]`` is the state ``role`` moves to; a trigger named
-for both roles moves both."""
-del S, T
-
-_ROLES = {trigger: tuple(role for role, states in TRANSITIONS.items()
-                         if any(trigger in moves for moves in states.values())) for trigger in Trigger}
 _RESPONDING = frozenset({State.SEND_RESPONSE, State.HEAD_HELD, State.SEND_BODY})
 _NO_BODY = frozenset({204, 304})
 _RAW, _CHUNKED, _NONE = range(3)  # how response body bytes go on the wire
@@ -128,8 +68,8 @@ class Connection:
         max_requests: requests served before the connection closes.
         max_head_bytes: the largest request head (and chunked trailer) accepted.
         error_body: renders the responses the server makes itself.
-        date: the value of the ``Date`` header now (the shell's clock: this object reads
-            none).
+        date: returns the value of the ``Date`` header for now (the shell's clock: this
+            object reads none); without it responses carry no ``Date``.
 
     Every method is synchronous and does no I/O. Methods that take ``now`` (any
     monotonic clock) use it only to set :attr:`deadline`.
@@ -137,7 +77,7 @@ class Connection:
 
     def __init__(self, *, keep_alive_timeout: float = 75.0, read_timeout: float = 30.0,
                  max_requests: int = 100_000, max_head_bytes: int = 65536,
-                 error_body: ErrorBody = plain_error, date: Callable[[], bytes] = lambda: b"") -> None:
+                 error_body: ErrorBody = plain_error, date: Callable[[], bytes] | None = None) -> None:
         self.keep_alive_timeout = keep_alive_timeout
         self.read_timeout = read_timeout
         self.max_requests = max_requests
@@ -365,7 +305,7 @@ class Connection:
                 self.keep_alive = False  # an HTTP/1.0 stream ends when the connection does
         if not self.keep_alive:
             lines.append(b"connection: close\r\n")
-        lines.append(b"date: %b\r\n\r\n" % self.date())
+        lines.append(b"\r\n" if self.date is None else b"date: %b\r\n\r\n" % self.date())
         self._expect_continue = False
         return b"".join(lines)
 
@@ -427,15 +367,17 @@ class Connection:
     # --- the table ------------------------------------------------------------------------
 
     def _fire(self, trigger: Trigger) -> None:
-        for role in _ROLES[trigger]:
-            state = self.client_state if role is Role.CLIENT else self.server_state
-            new = TRANSITIONS[role][state].get(trigger)
+        client, server = MOVES[trigger]
+        if client is not None:
+            new = client.get(self.client_state)
             if new is None:
-                raise LocalProtocolError(f"{trigger.name} is not allowed with the {role.value} in {state.name}")
-            if role is Role.CLIENT:
-                self.client_state = new
-            else:
-                self.server_state = new
+                raise LocalProtocolError(f"{trigger.name} is not allowed with the client in {self.client_state.name}")
+            self.client_state = new
+        if server is not None:
+            new = server.get(self.server_state)
+            if new is None:
+                raise LocalProtocolError(f"{trigger.name} is not allowed with the server in {self.server_state.name}")
+            self.server_state = new
 
     def _close(self) -> None:
         if self.server_state is not State.CLOSED:
@@ -448,5 +390,6 @@ class Connection:
 
     def _error_response(self, status: int, message: str) -> bytes:
         content_type, body = self.error_body(status, message)
-        return b"HTTP/1.1 %d %b\r\ncontent-type: %b\r\ncontent-length: %d\r\nconnection: close\r\ndate: %b\r\n\r\n%b" % (
-            status, _REASONS.get(status, b""), content_type, len(body), self.date(), body)
+        date = b"" if self.date is None else b"date: %b\r\n" % self.date()
+        return b"HTTP/1.1 %d %b\r\ncontent-type: %b\r\ncontent-length: %d\r\nconnection: close\r\n%b\r\n%b" % (
+            status, _REASONS.get(status, b""), content_type, len(body), date, body)

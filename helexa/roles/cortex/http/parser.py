@@ -12,10 +12,10 @@ h11 is lenient and leniency only helps request smuggling or nobody:
 * a head over the size limit is rejected even when it arrives in one piece.
 
 Why not h11 itself: h11 couples parsing to its own connection state machine, which
-expects every response to be sent through it as events (their validation and framing
-cost a tenth of the cortex's CPU per request), so the server used to discard and rebuild
-an ``h11.Connection`` after each response. Parsing here keeps one buffer and one state
-table (:mod:`.connection`) per connection.
+expects every response to be sent through it as events (whose validation and framing
+were a measured share of the cortex's CPU per request: ``docs/benchmarks.md``), so the
+server used to discard and rebuild an ``h11.Connection`` after each response. Parsing
+here keeps one buffer and one state table (:mod:`.states`) per connection.
 """
 
 from __future__ import annotations

@@ -37,9 +37,10 @@ from urllib.parse import unquote
 
 import trio
 
-from .connection import Connection, ErrorBody, State, plain_error
+from .connection import Connection, ErrorBody, plain_error
 from .errors import ClientGone, LocalProtocolError
 from .events import NEED_DATA, Data, Request
+from .states import State
 
 log = logging.getLogger(__name__)
 
