@@ -2,8 +2,8 @@
 request parser :mod:`.parser`) inside a thin trio shell (:mod:`.server`), as hypercorn
 splits ``protocol/h11.py`` from ``trio/tcp_server.py``.
 
-Why it exists beside hypercorn, and what it measured, is in ``docs/benchmarks.md``
-("Gateway vs LiteLLM", "the lean HTTP server").
+Why it exists beside hypercorn, and what it measured, is in ``docs/benchmarks.md`` ("The
+gateway's lean HTTP server").
 """
 
 from .connection import Connection, ErrorBody, plain_error
