@@ -268,6 +268,32 @@ async def test_a_streamed_response_arrives_chunked_and_complete() -> None:
     assert again.body == b"one two three"
 
 
+async def test_a_response_larger_than_the_socket_buffer_arrives_whole() -> None:
+    big = bytes(range(256)) * (32 << 10)  # 8 MiB: os.write takes a part, trio sends the rest
+
+    async def app(scope, receive, send) -> None:
+        await respond(send, big)
+
+    async with serving(app) as (_, port):
+        client = await Client.connect(port)
+        assert (await client.request()).body == big
+        assert (await client.request()).body == big
+
+
+async def test_http_1_0_gets_its_stream_until_the_connection_closes() -> None:
+    async def app(scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for part in (b"one ", b"two", b""):
+            await send({"type": "http.response.body", "body": part, "more_body": bool(part)})
+
+    async with serving(app) as (_, port):
+        client = await Client.connect(port)
+        await client.send(b"GET / HTTP/1.0\r\n\r\n")
+        head = await client.read_until(b"\r\n\r\n")
+        assert await client.rest() == b"one two"
+    assert b"connection: close" in head and b"content-length" not in head
+
+
 # --- errors -------------------------------------------------------------------------------
 
 
@@ -498,6 +524,27 @@ async def test_a_request_head_trickled_byte_by_byte_is_dropped_after_read_timeou
             closed = trio.current_time() - start
             nursery.cancel_scope.cancel()
     assert closed == 9.5
+
+
+async def test_a_client_that_stops_reading_is_dropped_after_send_timeout(autojump_clock) -> None:
+    failure = []
+    done = trio.Event()
+
+    async def app(scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        started = trio.current_time()
+        try:
+            await send({"type": "http.response.body", "body": b"x" * (64 << 20)})  # more than any socket buffer
+        except OSError as exc:
+            failure.append((exc, trio.current_time() - started))
+        done.set()
+
+    async with serving(app, send_timeout=60) as (_, port):
+        client = await Client.connect(port)
+        await client.send(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")  # and never reads
+        await done.wait()
+    (exc, took), = failure
+    assert isinstance(exc, ClientGone) and "60s" in str(exc) and took == 60
 
 
 # --- shutdown -----------------------------------------------------------------------------
