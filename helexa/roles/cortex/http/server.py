@@ -295,6 +295,7 @@ class _Exchange:
             self.watch.cancel()
 
     async def receive(self) -> dict[str, Any]:
+        """ASGI ``receive``: the body's parts, then ``http.disconnect`` when it is due."""
         conn = self.conn
         if conn.exchange is not self or self.ended.is_set():
             return dict(_DISCONNECT)
@@ -322,15 +323,22 @@ class _Exchange:
         return dict(_DISCONNECT)
 
     async def send(self, message: dict[str, Any]) -> None:
+        """ASGI ``send``.
+
+        Raises:
+            ClientGone: the client went away (see :meth:`.Connection.send_body`).
+            LocalProtocolError: a message out of order, of an unknown type, or after the
+                app returned.
+        """
         conn = self.conn
         if conn.exchange is not self:
             raise LocalProtocolError("send() after the app returned")
         kind = message["type"]
         if kind == "http.response.body":
             protocol = conn.protocol
-            protocol.send_body(message.get("body", b""), message.get("more_body", False))
-            data = protocol.data_to_send()
             try:
+                protocol.send_body(message.get("body", b""), message.get("more_body", False))
+                data = protocol.data_to_send()
                 if data:
                     await conn.write(data)
             except ClientGone:
