@@ -28,7 +28,7 @@ class GatewayConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     server: Literal["helexa", "hypercorn"] = "helexa"
-    """``helexa``: the lean trio + h11 server (:mod:`.http`, measured several times
+    """``helexa``: the lean HTTP/1.1 server (:mod:`.http`, measured several times
     cheaper per request); ``hypercorn``: hypercorn's trio worker (HTTP/2 capable)."""
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     """Request bodies over this get 413."""

@@ -3,8 +3,8 @@
 ASGI says a client left only through ``receive()`` returning ``http.disconnect``, so
 noticing it needs a task blocked in ``receive()`` beside the handler. Opening a nursery and
 starting that task for every request was a measured share of a short request's cost
-(about a fifth of the gateway's own work per request, ``benchmarks/gateway_vs_litellm.py``),
-and a request answered in a millisecond has nothing worth cancelling. So a request
+(``docs/benchmarks.md``, "How the fabric got here"), and a request answered in a
+millisecond has nothing worth cancelling. So a request
 registers here under its own cancel scope; one sweeper task starts a watcher only for
 requests still running after ``grace`` seconds, and that watcher cancels the scope if the
 client disconnects. A client that leaves in the first ``grace`` seconds is noticed when

@@ -44,14 +44,9 @@ from .federation.errors import (
     PeerVanished,
 )
 from .fleet import CommandTimeout, FleetError, NeuronGone, RemoteError
+from .http import ClientGone  # the client went away: nobody is left to answer (not a GatewayError)
 
 log = logging.getLogger(__name__)
-
-
-class ClientGone(Exception):
-    """The client went away: nobody is left to answer (not a :class:`GatewayError`)."""
-
-    code = "client_gone"
 
 
 class GatewayError(Exception):

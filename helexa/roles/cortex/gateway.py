@@ -16,8 +16,9 @@ Endpoints::
 The gateway parses a request, asks the :class:`~.orchestrator.Orchestrator` to run it,
 and streams the answer; it decides nothing about where a request runs. It is a plain ASGI
 callable rather than a Quart app (measured: Quart's request cycle cost as much as the rest
-of the hot path; figures in ``docs/benchmarks.md``), served by :mod:`.http` (trio + h11) by
-default and by hypercorn on request (``gateway.server``).
+of the hot path; figures in ``docs/benchmarks.md``), served by :mod:`.http` (a sans-IO
+HTTP/1.1 connection in a trio shell) by default and by hypercorn on request
+(``gateway.server``).
 
 A client that disconnects cancels its request: each inference request runs in its own
 cancel scope, which :class:`.disconnect_watch.DisconnectWatch` cancels when the client
@@ -45,7 +46,7 @@ from . import openai_api as api
 from . import sse
 from .disconnect_watch import DisconnectWatch
 from .errors import BadRequest, ClientGone, Forbidden, GatewayError, MethodNotAllowed, NotFound, PayloadTooLarge, envelope
-from .http_server import HttpServer
+from .http import HttpServer
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .orchestrator import Orchestrator, WaitStatus
 from .shutdown import InFlight

@@ -1,0 +1,352 @@
+"""The trio shell around :class:`.Connection`: it accepts, reads and writes, and runs the
+app; every decision about HTTP is the connection's.
+
+One task per connection, and the app runs in it (HTTP/1.1 answers one request at a time
+per connection), so a request costs no task of its own. Reads wait no later than the
+connection's :attr:`~.Connection.deadline`; when it passes the connection is told
+(:meth:`~.Connection.timeout`). Writes go straight to the non-blocking socket
+(``os.write``) and only what does not fit goes through trio, under ``send_timeout``.
+
+The app is plain ASGI 3 (HTTP only):
+
+* ``receive()`` hands out the body, then returns ``http.disconnect`` once the client
+  closes the connection (noticed by peeking at the socket, which never consumes a
+  pipelined request) or once the response is complete, as hypercorn does;
+* ``send()`` on a connection whose client went away raises :class:`.ClientGone` (an
+  ``OSError``, as the ASGI spec asks); a response sent whole goes out in one write;
+* an app that raises before it answered gets a 500 from the connection (the traceback
+  goes to the log, never to the client).
+
+:meth:`HttpServer.stop` stops accepting, closes idle connections at once, gives requests
+in flight ``shutdown_grace`` seconds (it waits for the last connection to end, not for a
+poll), then cancels them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from email.utils import formatdate
+from functools import partial
+from typing import Any
+from urllib.parse import unquote
+
+import trio
+
+from .connection import Connection, ErrorBody, plain_error
+from .errors import ClientGone, LocalProtocolError
+from .events import NEED_DATA, Data, Request
+from .states import State
+
+log = logging.getLogger(__name__)
+
+App = Callable[[dict[str, Any], Callable[[], Awaitable[dict[str, Any]]],
+                Callable[[dict[str, Any]], Awaitable[None]]], Awaitable[None]]
+
+_MAX_RECV = 65536
+_DISCONNECT = {"type": "http.disconnect"}
+
+
+class _Clock:
+    """The ``Date`` header, formatted once a second."""
+
+    def __init__(self) -> None:
+        self._second = 0
+        self._value = b""
+
+    def date(self) -> bytes:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._value = formatdate(now, usegmt=True).encode()
+        return self._value
+
+
+class HttpServer:
+    """Serve ``app`` (ASGI 3, HTTP only) on ``host:port`` (see the module docstring).
+
+    Args:
+        app: the ASGI callable.
+        host: the address to listen on.
+        port: the port (0 picks a free one).
+        keep_alive_timeout: seconds an idle keep-alive connection is kept.
+        keep_alive_max_requests: requests served on one connection before it is closed.
+        read_timeout: seconds a client may take to send a request head, or between parts
+            of its body.
+        send_timeout: seconds a client may take to accept one write.
+        shutdown_grace: seconds requests in flight get after :meth:`stop`.
+        max_header_bytes: the largest request head accepted.
+        error_body: renders the responses the server makes itself (malformed HTTP, an app
+            that failed before answering); the gateway passes its OpenAI envelope.
+    """
+
+    def __init__(self, app: App, *, host: str = "127.0.0.1", port: int = 0, keep_alive_timeout: float = 75.0,
+                 keep_alive_max_requests: int = 100_000, read_timeout: float = 30.0, send_timeout: float = 60.0,
+                 shutdown_grace: float = 10.0, max_header_bytes: int = 65536,
+                 error_body: ErrorBody = plain_error) -> None:
+        self.app = app
+        self.host = host
+        self.port = port
+        self.keep_alive_timeout = keep_alive_timeout
+        self.keep_alive_max_requests = keep_alive_max_requests
+        self.read_timeout = read_timeout
+        self.send_timeout = send_timeout
+        self.shutdown_grace = shutdown_grace
+        self.max_header_bytes = max_header_bytes
+        self.error_body = error_body
+        self.clock = _Clock()
+        self.closing = False
+        """True once :meth:`stop` was called and the listeners are closed."""
+        self._stop = trio.Event()
+        self._drained = trio.Event()
+        self._connections: set[_ServerConnection] = set()
+
+    def stop(self) -> None:
+        """Begin the graceful shutdown (see the module docstring); :meth:`run` returns when done."""
+        self._stop.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until :meth:`stop`.
+
+        Reports the bound URLs through ``task_status`` (``["http://127.0.0.1:8080"]``).
+
+        Raises:
+            OSError: the address could not be bound.
+        """
+        listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+        binds = []
+        for listener in listeners:
+            host, port = listener.socket.getsockname()[:2]
+            binds.append(f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}")
+        async with trio.open_nursery() as nursery:
+            async with trio.open_nursery() as accepting:
+                accepting.start_soon(partial(trio.serve_listeners, self._serve, listeners, handler_nursery=nursery))
+                task_status.started(binds)
+                await self._stop.wait()
+                accepting.cancel_scope.cancel()
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)
+            self.closing = True
+            for conn in list(self._connections):
+                conn.shutdown()
+            if not self._connections:
+                self._drained.set()
+            with trio.move_on_after(self.shutdown_grace):
+                await self._drained.wait()
+            nursery.cancel_scope.cancel()
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
+        conn = _ServerConnection(self, stream)
+        self._connections.add(conn)
+        try:
+            with conn.scope:
+                if self.closing:
+                    conn.shutdown()
+                await conn.serve()
+        except Exception:  # a bug here must cost one connection, never the server
+            log.exception("HTTP connection from %s failed", conn.client)
+        finally:
+            self._connections.discard(conn)
+            if self.closing and not self._connections:
+                self._drained.set()
+            await trio.aclose_forcefully(stream)
+
+
+class _ServerConnection:
+    """One client connection: moves bytes between its socket and its :class:`.Connection`."""
+
+    def __init__(self, server: HttpServer, stream: trio.SocketStream) -> None:
+        self.server = server
+        self.stream = stream
+        self.fd = stream.socket.fileno()
+        self.protocol = Connection(keep_alive_timeout=server.keep_alive_timeout, read_timeout=server.read_timeout,
+                                   max_requests=server.keep_alive_max_requests,
+                                   max_head_bytes=server.max_header_bytes, error_body=server.error_body,
+                                   date=server.clock.date)
+        self.scope = trio.CancelScope()
+        self.exchange: _Exchange | None = None
+        try:
+            self.client: tuple[str, int] | None = stream.socket.getpeername()[:2]
+            self.local: tuple[str, int] | None = stream.socket.getsockname()[:2]
+        except OSError:
+            self.client = self.local = None
+
+    def shutdown(self) -> None:
+        """The server is stopping: an idle connection closes now (its task is in a read)."""
+        if self.protocol.shutdown():
+            self.scope.cancel()
+
+    async def serve(self) -> None:
+        protocol = self.protocol
+        while True:
+            event = await self.next_event()
+            if type(event) is not Request:
+                return  # CLOSED
+            exchange = self.exchange = _Exchange(self, event)
+            failed = False
+            try:
+                await self.server.app(exchange.asgi_scope(), exchange.receive, exchange.send)
+            except ClientGone:
+                pass
+            except Exception:
+                log.exception("the app failed on %s %s", event.method.decode(), event.target.decode("latin-1"))
+                failed = True
+            self.exchange = None
+            exchange.end()
+            protocol.app_returned(failed)
+            out = protocol.data_to_send()
+            if out:
+                await self.write_quietly(out)
+
+    async def next_event(self) -> Any:
+        """The connection's next event other than NEED_DATA, reading as it asks."""
+        protocol = self.protocol
+        while True:
+            event = protocol.next_event(trio.current_time())
+            out = protocol.data_to_send()
+            if out:
+                await self.write_quietly(out)
+            if event is not NEED_DATA:
+                return event
+            deadline = protocol.deadline
+            data = None
+            with trio.move_on_at(math.inf if deadline is None else deadline):
+                try:
+                    data = await self.stream.receive_some(_MAX_RECV)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    data = b""
+            if data is None:
+                protocol.timeout(trio.current_time())
+            else:
+                protocol.receive_data(data, trio.current_time())
+
+    async def write(self, data: bytes) -> None:
+        """Write ``data`` to the client.
+
+        Raises:
+            ClientGone: the client is gone, or did not take the data within ``send_timeout``
+                (the connection is told: it will not be reused).
+        """
+        error: BaseException | None = None
+        try:
+            # Most writes fit in the socket's buffer: write them straight to the non-blocking
+            # socket, and go through trio (a pass through its scheduler) only for the rest.
+            try:
+                sent = os.write(self.fd, data)
+            except BlockingIOError:
+                sent = 0
+            if sent < len(data):
+                with trio.move_on_after(self.server.send_timeout) as scope:  # cheaper than fail_after
+                    await self.stream.send_all(memoryview(data)[sent:])
+                if scope.cancelled_caught:
+                    error = trio.TooSlowError(f"a write took over {self.server.send_timeout:g}s")
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            error = exc
+        if error is not None:
+            self.protocol.send_failed()
+            raise ClientGone(f"the client is gone: {error or type(error).__name__}")
+
+    async def write_quietly(self, data: bytes) -> None:
+        """Write what the server says on its own (nobody to tell if the client is gone)."""
+        try:
+            await self.write(data)
+        except ClientGone:
+            pass
+
+
+class _Exchange:
+    """One request and its response: the ``receive`` and ``send`` the app gets."""
+
+    __slots__ = ("conn", "request", "ended", "watch")
+
+    def __init__(self, conn: _ServerConnection, request: Request) -> None:
+        self.conn = conn
+        self.request = request
+        self.ended = trio.Event()
+        """Set once ``http.disconnect`` is due: the response is complete, the client left,
+        or the app returned."""
+        self.watch: trio.CancelScope | None = None
+
+    def asgi_scope(self) -> dict[str, Any]:
+        req = self.request
+        path, _, query = req.target.partition(b"?")
+        return {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": req.http_version.decode(),
+            "method": req.method.decode(),
+            "scheme": "http",
+            "path": unquote(path.decode("latin-1")),
+            "raw_path": path,
+            "query_string": query,
+            "root_path": "",
+            "headers": req.headers,
+            "client": self.conn.client,
+            "server": self.conn.local,
+        }
+
+    def end(self) -> None:
+        self.ended.set()
+        if self.watch is not None:
+            self.watch.cancel()
+
+    async def receive(self) -> dict[str, Any]:
+        """ASGI ``receive``: the body's parts, then ``http.disconnect`` when it is due."""
+        conn = self.conn
+        if conn.exchange is not self or self.ended.is_set():
+            return dict(_DISCONNECT)
+        if conn.protocol.client_state is State.BODY:
+            event = await conn.next_event()
+            if type(event) is Data:
+                return {"type": "http.request", "body": event.body, "more_body": event.more}
+            return dict(_DISCONNECT)  # the client left mid-body, or its body was malformed or late
+        if not conn.protocol.exchange_open:
+            return dict(_DISCONNECT)
+        if self.watch is not None:  # a task is already watching the socket
+            await self.ended.wait()
+            return dict(_DISCONNECT)
+        self.watch = trio.CancelScope()
+        with self.watch:
+            try:
+                peek = await conn.stream.socket.recv(1, socket.MSG_PEEK)
+            except OSError:
+                peek = b""
+            if peek:
+                await self.ended.wait()  # a pipelined request: it waits its turn
+            else:
+                conn.protocol.receive_data(b"", trio.current_time())
+                self.end()
+        return dict(_DISCONNECT)
+
+    async def send(self, message: dict[str, Any]) -> None:
+        """ASGI ``send``.
+
+        Raises:
+            ClientGone: the client went away (see :meth:`.Connection.send_body`).
+            LocalProtocolError: a message out of order, of an unknown type, or after the
+                app returned.
+        """
+        conn = self.conn
+        if conn.exchange is not self:
+            raise LocalProtocolError("send() after the app returned")
+        kind = message["type"]
+        if kind == "http.response.body":
+            protocol = conn.protocol
+            try:
+                protocol.send_body(message.get("body", b""), message.get("more_body", False))
+                data = protocol.data_to_send()
+                if data:
+                    await conn.write(data)
+            except ClientGone:
+                self.end()
+                raise
+            if protocol.server_state is State.DONE:
+                self.end()
+        elif kind == "http.response.start":
+            conn.protocol.start_response(message["status"], list(message.get("headers", ())))
+        else:
+            raise LocalProtocolError(f"unexpected ASGI message {kind!r}")

@@ -1,0 +1,530 @@
+"""The HTTP connection's state machine, driven synchronously: no trio, no sockets, no clock.
+
+Bytes go in with :meth:`Connection.receive_data`, time passes only as the ``now`` given
+to it; what the server writes is read back with h11 as a strict client would read it.
+The last test checks that these tests, together, take every transition of the table.
+"""
+
+from __future__ import annotations
+
+import h11
+import pytest
+
+from helexa.roles.cortex.http.connection import Connection, plain_error
+from helexa.roles.cortex.http.states import TRANSITIONS, State
+from helexa.roles.cortex.http.errors import ClientGone, LocalProtocolError
+from helexa.roles.cortex.http.events import CLOSED, NEED_DATA, PAUSED, Data, Request, Sentinel
+
+DATE = b"Mon, 30 Nov 2026 00:00:00 GMT"
+GET = b"GET / HTTP/1.1\r\nhost: t\r\n\r\n"
+
+
+def make(**options) -> Connection:
+    options.setdefault("keep_alive_timeout", 75.0)
+    options.setdefault("read_timeout", 30.0)
+    return Connection(date=lambda: DATE, **options)
+
+
+def post(body: bytes, headers: bytes = b"", *, length: int | None = None) -> bytes:
+    """A POST of ``body``, announcing ``length`` bytes (``len(body)`` by default)."""
+    length = len(body) if length is None else length
+    return b"POST /p HTTP/1.1\r\nhost: t\r\ncontent-length: %d\r\n%b\r\n%b" % (length, headers, body)
+
+
+def read(conn: Connection, data: bytes = b"", now: float = 0.0) -> list:
+    """Feed ``data``, then every event up to and including the first sentinel."""
+    if data:
+        conn.receive_data(data, now)
+    events = []
+    while not isinstance(event := conn.next_event(now), Sentinel):
+        events.append(event)
+    return [*events, event]
+
+
+def head(conn: Connection, data: bytes, now: float = 0.0) -> Request:
+    """Feed ``data`` and take the request, as the shell does before the app asks for the body."""
+    conn.receive_data(data, now)
+    request = conn.next_event(now)
+    assert type(request) is Request
+    return request
+
+
+def states(conn: Connection) -> tuple[State, State]:
+    return conn.client_state, conn.server_state
+
+
+def answer(conn: Connection, body: bytes = b"ok", *, status: int = 200, headers=(), parts=()) -> bytes:
+    """What an app does: start, stream ``parts``, end with ``body``; returns the bytes to write."""
+    conn.start_response(status, list(headers))
+    for part in parts:
+        conn.send_body(part, True)
+    conn.send_body(body, False)
+    return conn.data_to_send()
+
+
+def responses(data: bytes, *methods: bytes) -> list[tuple[int, dict[bytes, bytes], bytes]]:
+    """Read ``data`` as h11 does, as the answers to requests with ``methods`` (GET)."""
+    client = h11.Connection(h11.CLIENT)
+    client.receive_data(data)
+    out = []
+    for method in methods or (b"GET",):
+        if client.our_state is h11.DONE:
+            client.start_next_cycle()
+        client.send(h11.Request(method=method, target="/", headers=[("host", "t")]))
+        client.send(h11.EndOfMessage())
+        status, headers, body = 0, {}, b""
+        while True:
+            event = client.next_event()
+            if event is h11.NEED_DATA:
+                client.receive_data(b"")  # close-delimited: the connection's end is the body's
+                continue
+            if isinstance(event, h11.Response):
+                status, headers = event.status_code, dict(event.headers)
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                break
+        out.append((status, headers, body))
+    return out
+
+
+# --- keep-alive and pipelining -------------------------------------------------------------
+
+
+def test_a_request_without_a_body_is_handed_out_with_one_empty_last_part() -> None:
+    conn = make()
+    request, data, paused = read(conn, b"GET /v1/models?x=1 HTTP/1.1\r\nHost: t\r\nX-A:  b \r\n\r\n")
+    assert request == Request(b"GET", b"/v1/models?x=1", b"1.1", [(b"host", b"t"), (b"x-a", b"b")])
+    assert data == Data(b"", False) and paused is PAUSED
+    assert states(conn) == (State.DONE, State.SEND_RESPONSE) and conn.exchange_open
+
+
+def test_a_response_sent_whole_gets_a_content_length_and_the_connection_serves_the_next() -> None:
+    conn = make()
+    read(conn, GET)
+    out = answer(conn, b"hello", headers=[(b"content-type", b"text/plain")])
+    assert out == (b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 5\r\ndate: " + DATE
+                   + b"\r\n\r\nhello")
+    assert states(conn) == (State.DONE, State.DONE) and not conn.exchange_open
+    conn.app_returned()
+    assert states(conn) == (State.IDLE, State.IDLE) and conn.keep_alive
+    assert read(conn, now=5.0) == [NEED_DATA] and conn.deadline == 5.0 + 75.0
+    assert read(conn, GET, now=6.0)[0].method == b"GET" and conn.served == 2
+
+
+def test_pipelined_requests_wait_behind_the_current_one() -> None:
+    conn = make()
+    first, body, paused = read(conn, post(b"one") + post(b"two") + b"GET /thr")
+    assert (first.target, body, paused) == (b"/p", Data(b"one", False), PAUSED)
+    assert conn.next_event(1.0) is PAUSED  # however often it is asked
+    answer(conn, b"1")
+    assert conn.next_event(1.0) is PAUSED  # until the app has returned
+    conn.app_returned()
+    second, body, paused = read(conn, now=2.0)
+    assert body == Data(b"two", False) and paused is PAUSED
+    answer(conn, b"2")
+    conn.app_returned()
+    assert read(conn, now=3.0) == [NEED_DATA]
+    assert states(conn) == (State.HEAD, State.IDLE) and conn.deadline == 3.0 + 30.0  # from when it was taken up
+    assert read(conn, b"ee HTTP/1.1\r\nhost: t\r\n\r\n", now=4.0)[0].target == b"/three"
+
+
+def test_connection_close_from_the_client_closes_after_the_response_which_says_so() -> None:
+    conn = make()
+    read(conn, b"GET / HTTP/1.1\r\nhost: t\r\nconnection: Keep-Alive, Close\r\n\r\n")
+    (status, headers, _), = responses(answer(conn))
+    assert status == 200 and headers[b"connection"] == b"close"
+    conn.app_returned()
+    assert states(conn) == (State.CLOSED, State.CLOSED) and read(conn) == [CLOSED]
+
+
+def test_http_1_0_gets_no_keep_alive_and_its_streamed_response_ends_with_the_connection() -> None:
+    conn = make()
+    request, *_ = read(conn, b"GET / HTTP/1.0\r\n\r\n")  # no Host needed in 1.0
+    assert request.http_version == b"1.0"
+    out = answer(conn, b"c", parts=[b"a", b"b"])
+    assert b"transfer-encoding" not in out and b"content-length" not in out and out.endswith(b"\r\n\r\nabc")
+    assert responses(out) == [(200, {b"connection": b"close", b"date": DATE}, b"abc")]
+    conn.app_returned()
+    assert states(conn) == (State.CLOSED, State.CLOSED)
+
+
+def test_the_request_limit_closes_the_connection_after_its_last_response() -> None:
+    conn = make(max_requests=2)
+    read(conn, GET)
+    assert b"connection" not in answer(conn)
+    conn.app_returned()
+    read(conn, GET)
+    assert b"connection: close\r\n" in answer(conn)
+    conn.app_returned()
+    assert states(conn) == (State.CLOSED, State.CLOSED)
+
+
+def test_a_client_closing_an_idle_connection_ends_it_quietly() -> None:
+    conn = make()
+    read(conn, GET)
+    answer(conn)
+    conn.app_returned()
+    conn.receive_data(b"", 1.0)
+    assert states(conn) == (State.CLOSED, State.CLOSED) and conn.data_to_send() == b"" and read(conn) == [CLOSED]
+
+
+# --- request bodies ------------------------------------------------------------------------
+
+
+def test_a_body_arriving_in_parts_is_handed_out_in_parts() -> None:
+    conn = make()
+    assert read(conn, b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 11\r\n\r\nhello")[1:] == [
+        Data(b"hello", True), NEED_DATA]
+    assert read(conn, b" world") == [Data(b" world", False), PAUSED]
+    assert states(conn) == (State.DONE, State.SEND_RESPONSE)
+
+
+def test_a_chunked_body_is_decoded_and_its_extensions_and_trailers_dropped() -> None:
+    conn = make()
+    head = b"POST / HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n"
+    assert read(conn, head + b"5;ext=1\r\nhello\r\n")[1:] == [Data(b"hello", True), NEED_DATA]
+    assert read(conn, b"6\r\n world\r\n0\r\nx-trailer: 1\r\n\r\n" + GET) == [Data(b" world", False), PAUSED]
+    answer(conn)
+    conn.app_returned()
+    assert read(conn)[0].target == b"/"  # the next request, right behind the trailers
+
+
+def test_a_chunked_body_split_at_every_byte_decodes_the_same() -> None:
+    conn = make()
+    read(conn, b"POST / HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n")
+    body, last = b"", None
+    for byte in b"3\r\nabc\r\n10\r\n0123456789abcdef\r\n0\r\n\r\n":
+        for event in read(conn, bytes([byte])):
+            if type(event) is Data:
+                body, last = body + event.body, event
+    assert body == b"abc0123456789abcdef" and last.more is False and conn.client_state is State.DONE
+
+
+def test_a_malformed_chunk_ends_the_body_and_is_answered_400_once_the_app_returns() -> None:
+    conn = make()
+    events = read(conn, b"POST / HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabcXY")
+    assert events[1:] == [Data(b"abc", True), CLOSED] and conn.client_state is State.ERROR
+    with pytest.raises(ClientGone):  # the app answers a request whose body failed: the 400 wins
+        answer(conn)
+    conn.app_returned()
+    (status, headers, body), = responses(conn.data_to_send())
+    assert status == 400 and headers[b"connection"] == b"close"
+    assert body.startswith(b"400 Bad Request: malformed HTTP request: chunk not followed by CRLF")
+    assert states(conn) == (State.CLOSED, State.CLOSED)
+
+
+def test_expect_100_continue_is_answered_when_the_app_first_waits_for_the_body() -> None:
+    conn = make()
+    request, waiting = read(conn, post(b"", b"expect: 100-continue\r\n", length=5))
+    assert waiting is NEED_DATA and conn.data_to_send() == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert read(conn) == [NEED_DATA] and conn.data_to_send() == b""  # said once
+    assert read(conn, b"hello") == [Data(b"hello", False), PAUSED]
+
+
+def test_expect_100_continue_is_not_sent_after_the_response_began_or_once_the_body_is_here() -> None:
+    started = make()
+    head(started, b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\n")
+    started.start_response(413, [])
+    started.send_body(b"", False)
+    assert started.data_to_send().startswith(b"HTTP/1.1 413")
+    assert read(started) == [NEED_DATA] and started.data_to_send() == b""  # the app reads after answering
+    here = make()
+    read(here, b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\nhel")
+    assert read(here) == [NEED_DATA] and here.data_to_send() == b""
+
+
+def test_a_body_the_app_left_unread_is_skipped_when_it_is_all_here() -> None:
+    conn = make()
+    head(conn, post(b"unread") + GET)  # the app answers without asking for the body
+    answer(conn)
+    conn.app_returned()
+    assert states(conn) == (State.IDLE, State.IDLE) and read(conn)[0].target == b"/"
+
+
+def test_a_body_the_app_left_unread_and_still_arriving_closes_the_connection() -> None:
+    conn = make()
+    assert conn.next_event(0.0) is NEED_DATA
+    head(conn, b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 1000\r\n\r\nabc")
+    answer(conn, b"early")
+    conn.app_returned()
+    assert states(conn) == (State.CLOSED, State.CLOSED)
+
+
+def test_a_client_gone_mid_body_gets_a_disconnect_and_no_answer() -> None:
+    conn = make()
+    read(conn, b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 10\r\n\r\nabc")
+    conn.receive_data(b"", 1.0)
+    assert read(conn) == [CLOSED] and conn.client_state is State.CLOSED and conn.deadline is None
+    conn.app_returned()
+    assert conn.data_to_send() == b"" and states(conn) == (State.CLOSED, State.CLOSED)
+
+
+# --- request heads -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("head", "status", "says"), [
+    (b"\x00\x01\x02 not http at all\r\n\r\n", 400, b"illegal request line"),
+    (b"GET / HTTP/1.1\r\nhost: t\r\nthis is no header\r\n\r\n", 400, b"illegal header line"),
+    (b"GET / HTTP/1.1\r\nhost: t\r\ncontent-length: twelve\r\n\r\n", 400, b"bad Content-Length"),
+    (b"GET / HTTP/1.1\r\n\r\n", 400, b"missing Host header"),
+    (b"GET / HTTP/1.1\r\nhost: t\r\ntransfer-encoding: gzip\r\n\r\n", 501, b"chunked is supported"),
+    (b"GET / HTTP/2.0\r\nhost: t\r\n\r\n", 505, b"HTTP/2.0 is not supported"),
+])
+def test_a_malformed_head_gets_its_status_and_the_connection_closes(head: bytes, status: int, says: bytes) -> None:
+    conn = make()
+    assert read(conn, head) == [CLOSED]
+    (got, headers, body), = responses(conn.data_to_send())
+    assert got == status and headers[b"connection"] == b"close" and says in body
+    assert body.startswith(b"%d " % status) and b"malformed HTTP request" in body
+    assert states(conn) == (State.CLOSED, State.CLOSED) and conn.served == 0
+
+
+@pytest.mark.parametrize("pieces", [1, 2])
+def test_a_head_over_the_limit_gets_431_whether_it_ends_or_not(pieces: int) -> None:
+    conn = make(max_head_bytes=100)
+    head = b"GET / HTTP/1.1\r\nhost: t\r\nx-pad: " + b"a" * 120
+    events = read(conn, head + b"\r\n\r\n") if pieces == 1 else read(conn, head)
+    assert events == [CLOSED] and conn.data_to_send().startswith(b"HTTP/1.1 431 Request Header Fields Too Large")
+
+
+def test_a_head_closed_midway_ends_quietly() -> None:
+    conn = make()
+    assert read(conn, b"GET / HT") == [NEED_DATA] and conn.client_state is State.HEAD
+    conn.receive_data(b"", 1.0)
+    assert states(conn) == (State.CLOSED, State.CLOSED) and conn.data_to_send() == b""
+
+
+def test_the_renderer_given_writes_the_servers_own_answers() -> None:
+    conn = Connection(error_body=lambda status, message: (b"application/json", b'{"m": "%b"}' % message.encode()))
+    read(conn, b"\x00\r\n\r\n")
+    out = conn.data_to_send()
+    assert b"content-type: application/json\r\n" in out and out.endswith(b'{"m": "malformed HTTP request: illegal request line"}')
+    assert plain_error(404, "x") == (b"text/plain; charset=utf-8", b"404 Not Found: x\n")
+
+
+# --- deadlines, as timer events --------------------------------------------------------------
+
+
+def test_an_idle_connection_closes_at_keep_alive_timeout_and_not_before() -> None:
+    conn = make(keep_alive_timeout=5.0)
+    assert read(conn, now=10.0) == [NEED_DATA] and conn.deadline == 15.0
+    assert read(conn, now=12.0) == [NEED_DATA] and conn.deadline == 15.0  # asking again does not move it
+    conn.timeout(14.9)
+    assert conn.client_state is State.IDLE  # early: nothing
+    conn.timeout(15.0)
+    assert states(conn) == (State.CLOSED, State.CLOSED) and conn.deadline is None and conn.data_to_send() == b""
+
+
+def test_a_head_must_arrive_whole_within_read_timeout_of_its_first_byte() -> None:
+    conn = make(read_timeout=3.0)
+    read(conn, now=0.0)
+    for i, byte in enumerate(b"GET / HTTP/1.1\r\n"):  # a byte a second: each in time, the head not
+        assert read(conn, bytes([byte]), now=10.0 + i) == [NEED_DATA]
+        assert conn.deadline == 13.0
+        conn.timeout(10.0 + i)
+        if conn.client_state is not State.HEAD:
+            break
+    assert states(conn) == (State.CLOSED, State.CLOSED) and conn.data_to_send() == b""
+
+
+def test_a_body_that_stops_arriving_ends_with_a_400_after_read_timeout() -> None:
+    conn = make(read_timeout=2.0)
+    assert read(conn, post(b"abc", length=10), now=1.0)[1:] == [
+        Data(b"abc", True), NEED_DATA]
+    assert conn.deadline == 3.0
+    assert read(conn, b"de", now=2.5) == [Data(b"de", True), NEED_DATA] and conn.deadline == 4.5  # each part restarts it
+    conn.timeout(4.5)
+    assert read(conn) == [CLOSED] and conn.client_state is State.ERROR
+    conn.app_returned()
+    (status, _, body), = responses(conn.data_to_send())
+    assert status == 400 and b"the body did not arrive within 2s" in body
+    assert states(conn) == (State.CLOSED, State.CLOSED)
+
+
+def test_the_body_deadline_runs_only_while_the_app_waits_for_the_body() -> None:
+    conn = make(read_timeout=2.0)
+    head(conn, b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 3\r\n\r\n", now=0.0)
+    assert conn.deadline is None  # handed out; the app has not asked for the body yet
+    assert read(conn, now=50.0) == [NEED_DATA] and conn.deadline == 52.0
+
+
+# --- responses ------------------------------------------------------------------------------
+
+
+def test_a_streamed_response_is_chunked_and_the_connection_stays() -> None:
+    conn = make()
+    read(conn, GET)
+    conn.start_response(200, [(b"content-type", b"text/event-stream")])
+    assert conn.server_state is State.HEAD_HELD and conn.data_to_send() == b""  # held for the first part
+    conn.send_body(b"one ", True)
+    head = conn.data_to_send()
+    assert b"transfer-encoding: chunked\r\n" in head and head.endswith(b"\r\n\r\n4\r\none \r\n")
+    conn.send_body(b"", True)  # an empty part writes nothing
+    assert conn.data_to_send() == b"" and conn.server_state is State.SEND_BODY
+    conn.send_body(b"two", True)
+    conn.send_body(b"", False)
+    assert conn.data_to_send() == b"3\r\ntwo\r\n0\r\n\r\n"
+    assert responses(head + b"3\r\ntwo\r\n0\r\n\r\n")[0][2] == b"one two"
+    conn.app_returned()
+    assert states(conn) == (State.IDLE, State.IDLE)
+
+
+def test_head_gets_the_headers_and_no_body_even_when_streamed() -> None:
+    for parts in ((), (b"a",)):
+        conn = make()
+        read(conn, b"HEAD / HTTP/1.1\r\nhost: t\r\n\r\n")
+        out = answer(conn, b"hello", headers=[(b"content-length", b"5")], parts=parts)
+        assert out.endswith(b"\r\n\r\n") and b"hello" not in out
+        assert responses(out, b"HEAD") == [
+            (200, {b"content-length": b"5", b"date": DATE}, b"")]
+
+
+@pytest.mark.parametrize("status", [204, 304])
+def test_204_and_304_carry_no_body_and_no_content_length(status: int) -> None:
+    conn = make()
+    read(conn, GET)
+    out = answer(conn, b"ignored", status=status)
+    assert b"content-length" not in out and out.endswith(b"\r\n\r\n")
+    conn.app_returned()
+    assert conn.server_state is State.IDLE
+
+
+def test_the_apps_own_content_length_is_kept_and_its_connection_header_decides_nothing_else() -> None:
+    conn = make()
+    read(conn, GET)
+    out = answer(conn, b"abc", headers=[(b"Content-Length", b"3"), (b"connection", b"keep-alive")])
+    assert out.lower().count(b"content-length") == 1 and b"connection" not in out
+    conn.app_returned()
+    read(conn, GET)
+    assert b"connection: close\r\n" in answer(conn, headers=[(b"Connection", b"close")])
+    conn.app_returned()
+    assert states(conn) == (State.CLOSED, State.CLOSED)
+
+
+def test_sends_out_of_order_are_refused() -> None:
+    conn = make()
+    with pytest.raises(LocalProtocolError, match="no request"):
+        conn.start_response(200, [])
+    read(conn, GET)
+    with pytest.raises(LocalProtocolError, match="before http.response.start"):
+        conn.send_body(b"x", False)
+    conn.start_response(200, [(b"x-bad", b"a\r\nset-cookie: 1")])
+    with pytest.raises(LocalProtocolError, match="line break"):
+        conn.send_body(b"x", False)
+    conn = make()
+    read(conn, GET)
+    answer(conn)
+    with pytest.raises(LocalProtocolError, match="sent twice"):
+        conn.start_response(200, [])
+    with pytest.raises(LocalProtocolError, match="after the response ended"):
+        conn.send_body(b"x", False)
+
+
+# --- what the app did -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("started", "failed", "says"), [
+    (False, False, b"the app sent no response"),
+    (False, True, b"internal error"),
+    (True, False, b"the app sent no response"),
+])
+def test_an_app_that_returned_without_answering_gets_one_500(started: bool, failed: bool, says: bytes) -> None:
+    conn = make()
+    read(conn, GET + GET)
+    if started:
+        conn.start_response(200, [])
+    conn.app_returned(failed=failed)
+    (status, headers, body), = responses(conn.data_to_send())
+    assert status == 500 and says in body and headers[b"connection"] == b"close"
+    assert states(conn) == (State.CLOSED, State.CLOSED) and conn.data_to_send() == b""
+
+
+def test_an_app_that_failed_after_the_head_went_out_only_closes_the_connection() -> None:
+    conn = make()
+    read(conn, GET + GET)
+    conn.start_response(200, [])
+    conn.send_body(b"partial", True)
+    conn.data_to_send()
+    conn.app_returned(failed=True)
+    assert conn.data_to_send() == b"" and states(conn) == (State.CLOSED, State.CLOSED)  # no second response
+
+
+def test_send_to_a_client_that_went_away_raises_client_gone_and_nothing_is_answered() -> None:
+    conn = make()
+    read(conn, GET)
+    assert conn.exchange_open
+    conn.receive_data(b"", 1.0)  # the shell saw the socket end while the app was working
+    assert not conn.exchange_open and conn.client_state is State.CLOSED
+    conn.start_response(200, [])
+    with pytest.raises(ClientGone) as caught:
+        conn.send_body(b"late", False)
+    assert isinstance(caught.value, OSError)
+    conn.app_returned()
+    assert conn.data_to_send() == b"" and states(conn) == (State.CLOSED, State.CLOSED)
+
+
+def test_a_failed_write_marks_the_client_gone() -> None:
+    conn = make()
+    read(conn, GET)
+    conn.start_response(200, [])
+    conn.send_body(b"a", True)
+    conn.data_to_send()
+    conn.send_failed()
+    with pytest.raises(ClientGone):
+        conn.send_body(b"b", True)
+    conn.app_returned()
+    assert states(conn) == (State.CLOSED, State.CLOSED)
+
+
+# --- shutdown -------------------------------------------------------------------------------
+
+
+def test_shutdown_closes_an_idle_connection_at_once() -> None:
+    idle = make()
+    assert read(idle) == [NEED_DATA]
+    assert idle.shutdown() and states(idle) == (State.CLOSED, State.CLOSED) and idle.deadline is None
+    half = make()
+    read(half, b"GET / HTTP/1.1\r\n")
+    assert half.shutdown() and states(half) == (State.CLOSED, State.CLOSED)
+
+
+def test_shutdown_during_a_request_closes_after_its_response_which_says_so() -> None:
+    conn = make()
+    read(conn, GET + GET)
+    assert not conn.shutdown() and conn.server_state is State.SEND_RESPONSE
+    assert b"connection: close\r\n" in answer(conn)
+    conn.app_returned()
+    assert states(conn) == (State.CLOSED, State.CLOSED)  # the pipelined request is not served
+
+
+# --- the table ------------------------------------------------------------------------------
+
+
+def test_every_state_and_transition_of_the_table_is_exercised(monkeypatch: pytest.MonkeyPatch) -> None:
+    taken: set[tuple[str, State, object]] = set()
+    fire = Connection._fire
+
+    def recording(self: Connection, trigger) -> None:  # noqa: ANN001
+        before = {"client": self.client_state, "server": self.server_state}
+        fire(self, trigger)
+        for role, moves in TRANSITIONS.items():
+            if any(trigger in m for m in moves.values()):
+                taken.add((role.value, before[role.value], trigger))
+
+    monkeypatch.setattr(Connection, "_fire", recording)
+    for name, test in list(globals().items()):
+        if not name.startswith("test_") or test is test_every_state_and_transition_of_the_table_is_exercised:
+            continue
+        marks = [m for m in getattr(test, "pytestmark", []) if m.name == "parametrize"]
+        if not marks:
+            test()
+            continue
+        names, values = marks[0].args
+        names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+        for value in values:
+            test(**dict(zip(names, value if len(names) > 1 else (value,))))
+    table = {(role.value, state, trigger) for role, moves in TRANSITIONS.items()
+             for state, triggers in moves.items() for trigger in triggers}
+    assert table - taken == set()
+    assert {s for _, s, _ in taken} | {State.CLOSED} == set(State)
