@@ -273,7 +273,7 @@ class ExLlamaV2Backend(Backend, ChatInference, TextInference):
         return job, prompt_tokens
 
     async def _generate(self, request: GenerateRequest) -> AsyncIterator[GenerationEvent]:
-        openai_shapes.validate(request)
+        openai_shapes.validate(request, features=self.features)
         if request.extra:
             raise Unsupported(f"the exllamav2 backend does not support {', '.join(sorted(request.extra))}")
         if not self._parts:

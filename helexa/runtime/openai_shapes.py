@@ -42,9 +42,11 @@ _DIALECT_NAMES = {
 
 
 def validate(request: GenerateRequest, *, max_context: int | None = None,
-             features: frozenset[Feature] | None = None) -> None:
-    """Reject what no backend can serve, and (given the backend's ``features``) what this
-    one cannot. Raises :class:`InvalidRequest` naming the field, or :class:`Unsupported`."""
+             features: frozenset[Feature] | None = None, vision: bool = False) -> None:
+    """Reject what no backend can serve, and (given the backend's ``features``, and whether
+    it can see images) what this one cannot. Raises :class:`InvalidRequest` naming the
+    field, or :class:`Unsupported`. The cortex's edge checks all this first; this is for
+    requests from elsewhere (a peer's cortex, an older one)."""
     s = request.sampling
     if request.task is Task.CHAT:
         if not request.messages:
@@ -52,6 +54,7 @@ def validate(request: GenerateRequest, *, max_context: int | None = None,
         for i, m in enumerate(request.messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str):
                 raise InvalidRequest(f"messages[{i}] must be an object with a string 'role'")
+            _check_content(m.get("content"), f"messages[{i}].content", request.model_id, vision=vision)
     elif request.prompt is None:
         raise InvalidRequest("a completion request needs a prompt")
     unknown = sorted(set(request.extra) - PASSTHROUGH_EXTRA)
@@ -92,6 +95,27 @@ def validate(request: GenerateRequest, *, max_context: int | None = None,
         missing = sorted(f.value for f, on in wanted.items() if on and f not in features)
         if missing:
             raise Unsupported(f"model {request.model_id!r} cannot do {', '.join(missing)} on its backend")
+
+
+def _check_content(content: Any, where: str, model_id: str, *, vision: bool) -> None:
+    if content is None or isinstance(content, str):
+        return
+    if not isinstance(content, list):
+        raise InvalidRequest(f"{where} must be a string or an array of content parts")
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if not isinstance(kind, str):
+            raise InvalidRequest(f"{where}[{j}] must be an object with a string 'type'")
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise InvalidRequest(f"{where}[{j}].text must be a string")
+        elif kind in ("image_url", "input_image") and vision:
+            continue
+        elif kind in ("image_url", "input_image", "input_audio", "file", "refusal"):
+            if kind != "refusal":
+                raise Unsupported(f"model {model_id!r} cannot take {kind} content ({where}[{j}])")
+        else:
+            raise InvalidRequest(f"{where}[{j}] has an unknown type {kind!r}")
 
 
 def request_body(request: GenerateRequest, *, dialect: str = "llama.cpp", model: str | None = None,

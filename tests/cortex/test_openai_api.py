@@ -9,7 +9,17 @@ import struct
 
 import pytest
 
-from helexa.protocol import EmbedResult, GenerateResult, Task, Usage
+from helexa.protocol import (
+    EmbedResult,
+    GenerateResult,
+    OutputFormat,
+    ResponseFormat,
+    Task,
+    ToolChoice,
+    ToolChoiceMode,
+    ToolSpec,
+    Usage,
+)
 from helexa.roles.cortex import openai_api as api
 from helexa.roles.cortex.errors import BadRequest
 
@@ -25,12 +35,20 @@ def test_unknown_fields_are_kept_and_logged_not_fatal(caplog) -> None:
     assert "frobnicate" in caplog.text
 
 
-def test_tool_and_json_mode_fields_pass_through() -> None:
-    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+def test_tools_tool_choice_and_json_mode_become_typed_fields() -> None:
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     body = api.parse(api.ChatCompletionRequest, chat(tools=tools, tool_choice="auto",
                                                      response_format={"type": "json_object"}, user="u"))
     req = api.to_generate_request(body, "r1")
-    assert req.extra == {"tools": tools, "tool_choice": "auto", "response_format": {"type": "json_object"}}
+    assert req.tools == (ToolSpec("f", None, {"type": "object"}),)
+    assert req.tool_choice == ToolChoice(ToolChoiceMode.AUTO)
+    assert req.response_format == ResponseFormat(OutputFormat.JSON_OBJECT)
+    assert req.extra == {}
+
+
+def test_llama_cpp_grammar_fields_pass_through_untouched() -> None:
+    body = api.parse(api.ChatCompletionRequest, chat(grammar="root ::= \"x\"", logit_bias={"42": -100}))
+    assert api.to_generate_request(body, "r1").extra == {"grammar": 'root ::= "x"', "logit_bias": {"42": -100.0}}
 
 
 def test_sampling_fields_map_onto_sampling_params() -> None:
@@ -60,7 +78,7 @@ def test_a_completion_takes_a_string_or_a_single_prompt_list() -> None:
         (chat(temperature="hot"), "temperature"),
         (chat(temperature=3), "temperature"),
         (chat(max_tokens=0), "max_tokens"),
-        (chat(n=2), "n"),
+        (chat(n=17), "n"),
         (json.dumps({"model": "m", "messages": []}).encode(), "messages"),
         (json.dumps({"model": "m", "messages": "hi"}).encode(), "messages"),
     ],
@@ -72,9 +90,9 @@ def test_bad_bodies_are_invalid_requests_naming_the_field(raw, param) -> None:
 
 
 def test_a_message_without_a_role_is_rejected() -> None:
-    body = api.parse(api.ChatCompletionRequest, json.dumps({"model": "m", "messages": [{"content": "x"}]}).encode())
-    with pytest.raises(BadRequest, match="role"):
-        api.to_generate_request(body, "r")
+    with pytest.raises(BadRequest, match="role") as info:
+        api.parse(api.ChatCompletionRequest, json.dumps({"model": "m", "messages": [{"content": "x"}]}).encode())
+    assert info.value.param == "messages[0]"
 
 
 def test_embedding_inputs_are_a_string_or_a_list_of_strings() -> None:
