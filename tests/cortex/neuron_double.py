@@ -32,6 +32,8 @@ from helexa.protocol import (
     UnloadModel,
     UpsertModelConfig,
     Usage,
+    decode,
+    encode,
 )
 from helexa.roles.cortex.fleet import Fleet, Health, NeuronGone, RemoteError
 
@@ -71,6 +73,7 @@ class NeuronDouble:
         self.retryable_error = False
         self.commands: list[object] = []
         self.generations: list[str] = []
+        self.requests: list[GenerateRequest] = []
         self.cancelled: list[str] = []
         self.finished: list[str] = []
         self._dead = trio.Event()
@@ -114,7 +117,9 @@ class NeuronDouble:
     async def generate(self, request: GenerateRequest) -> AsyncIterator[AsyncIterator[TokenChunk | GenerateResult]]:
         if self._dead.is_set():
             raise NeuronGone(f"{self.node_id} is gone")
+        request = decode(encode(request))  # as the real link does: what cannot travel fails here
         self.generations.append(request.request_id)
+        self.requests.append(request)
         self.in_flight += 1
         done = False
 
