@@ -39,9 +39,11 @@ from helexa.protocol import (
 
 from .errors import BadRequest
 from .openai_requests import (
+    AudioPart,
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
+    FilePart,
     GenerateBody,
     ImagePart,
     JsonObjectFormat,
@@ -168,6 +170,12 @@ def to_generate_request(body: ChatCompletionRequest | CompletionRequest, request
         raise BadRequest(str(exc)) from None
     extra = _extra(body)
     if isinstance(body, ChatCompletionRequest):
+        for i, m in enumerate(body.messages):
+            if isinstance(m, UserMessage) and isinstance(m.content, list):
+                for j, part in enumerate(m.content):
+                    if isinstance(part, (AudioPart, FilePart)):
+                        raise BadRequest(f"{part.type} content is not supported: no backend here takes it",
+                                         param=f"messages[{i}].content[{j}]", code="unsupported")
         messages = tuple(m.model_dump(mode="json", exclude_none=True, by_alias=True) for m in body.messages)
         try:
             check_wire_json(list(messages), "messages")
