@@ -29,6 +29,8 @@ from helexa.protocol import (
     NeuronMetrics,
     ProvisioningResponse,
     TokenChunk,
+    TokenLogprob,
+    TopLogprob,
     UnloadModel,
     UpsertModelConfig,
     Usage,
@@ -46,7 +48,8 @@ def hardware(ram_gb: int = 16, gpus: tuple[int, ...] = ()) -> Hardware:
 
 
 class NeuronDouble:
-    """Answers every generation with ``tokens`` chunks ``"t0 "``, ``"t1 "`` ...
+    """Answers every generation with ``tokens`` chunks ``"t0 "``, ``"t1 "`` ... (certain ones,
+    log-probability 0, when logprobs are asked for, as the synthetic backend answers)
 
     Knobs: ``load_delay`` (seconds a LoadModel takes), ``token_delay`` (between chunks),
     ``refuse_load`` (answer LoadModel ok=False), ``fail_before_start`` (die as soon as a
@@ -142,7 +145,10 @@ class NeuronDouble:
                         await self._dead.wait()
                 if self._dead.is_set():
                     raise NeuronGone(f"{self.node_id} died", started=i > 0)
-                yield TokenChunk(request.request_id, f"t{i} ")
+                text = f"t{i} "
+                lp = (TokenLogprob(text, 0.0, text.encode(), (TopLogprob(text, 0.0, text.encode()),)
+                                   [:request.sampling.top_logprobs]),) if request.sampling.logprobs else None
+                yield TokenChunk(request.request_id, text, logprobs=lp)
             done = True
             yield GenerateResult(request.request_id, "stop" if limit >= self.tokens else "length",
                                  Usage(prompt_tokens=5, completion_tokens=min(self.tokens, limit)))
