@@ -174,6 +174,7 @@ class Gateway:
                 nursery.cancel_scope.cancel()
 
             await nursery.start(self._watch.run)
+            nursery.start_soon(self.limits.counter.warm)
             binds = await nursery.start(http)
             log.info("gateway listening on %s", ", ".join(binds))
             task_status.started(binds)

@@ -12,8 +12,8 @@ Which models get a count, and how exact it is (see :mod:`helexa.tokenizer` for t
   request waits for a slot (``llama_cpp`` asks llama.cpp itself) and refuses with
   ``context_length_exceeded``, which the gateway answers as a 400.
 
-A tokenizer is read once per model, on first use, off the trio thread (under a second for
-SmolLM2); a file that cannot be read is logged once and the model is left to its neurons.
+A tokenizer is read once per model, off the trio thread (under a second for SmolLM2), at
+start-up (:meth:`TokenCounter.warm`) or on first use; a file that cannot be read is logged once and the model is left to its neurons.
 The same :meth:`TokenCounter.count_messages` answers token-count questions that are not
 generations (Anthropic's ``/v1/messages/count_tokens``).
 """
@@ -91,6 +91,12 @@ class TokenCounter:
             del self._loading[model_id]
             done.set()
         return tokenizer
+
+    async def warm(self) -> None:
+        """Read every catalogue model's tokenizer now (call in the background at start-up),
+        so that the first request for a model is counted as fast as the rest."""
+        for entry in self._catalogue:
+            await self.tokenizer(entry.id)
 
     async def count_messages(self, model_id: str, messages: list[dict[str, Any]], *,
                              tools: bool = False) -> TokenCount | None:
