@@ -147,3 +147,37 @@ def test_a_non_streamed_answer_joins_streamed_tool_call_deltas_into_whole_calls(
 def test_whole_tool_calls_pass_through_unchanged() -> None:
     whole = [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
     assert api.merge_tool_calls(whole) == whole
+
+
+def test_a_field_path_reads_as_the_client_wrote_it() -> None:
+    loc = ("messages", 0, "role=user", "content", "list[tagged-union[TextPart,ImagePart]]", 1, "type=image_url",
+           "image_url", "url")
+    assert api.param_of(loc) == "messages[0].content[1].image_url.url"
+    assert api.param_of(("response_format", "type=json_schema", "json_schema", "schema_")) == \
+        "response_format.json_schema.schema"
+    assert api.param_of(("tool_choice", "literal['none','auto','required']")) == "tool_choice"
+
+
+def test_logprobs_bodies_for_chat_and_for_completions() -> None:
+    from helexa.protocol import TokenLogprob, TopLogprob
+
+    lps = (TokenLogprob("He", -0.5, b"He", (TopLogprob("He", -0.5, b"He"), TopLogprob("Hi", -1.5, None))),
+           TokenLogprob("llo", -0.25, None))
+    chat_body = api.logprobs_body(Task.CHAT, lps)
+    assert chat_body["content"][0] == {"token": "He", "logprob": -0.5, "bytes": [72, 101], "top_logprobs": [
+        {"token": "He", "logprob": -0.5, "bytes": [72, 101]}, {"token": "Hi", "logprob": -1.5, "bytes": [72, 105]}]}
+    assert chat_body["content"][1]["bytes"] == [108, 108, 111]
+    legacy = api.logprobs_body(Task.COMPLETION, lps, text_offset=4)
+    assert legacy == {"tokens": ["He", "llo"], "token_logprobs": [-0.5, -0.25],
+                      "top_logprobs": [{"He": -0.5, "Hi": -1.5}, {}], "text_offset": [4, 6]}
+
+
+def test_echo_suffix_and_dimensions_are_refused_not_ignored() -> None:
+    for raw, param in ((b'{"model": "m", "prompt": "p", "echo": true}', "echo"),
+                       (b'{"model": "m", "prompt": "p", "suffix": "s"}', "suffix")):
+        with pytest.raises(BadRequest) as info:
+            api.to_generate_request(api.parse(api.CompletionRequest, raw), "r")
+        assert info.value.param == param
+    with pytest.raises(BadRequest) as info:
+        api.to_embed_request(api.parse(api.EmbeddingRequest, b'{"model": "e", "input": "x", "dimensions": 8}'), "r")
+    assert info.value.param == "dimensions"
