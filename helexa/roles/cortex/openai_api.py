@@ -67,6 +67,9 @@ that travel the same way."""
 _IGNORED = frozenset({"user", "store", "metadata", "service_tier", "modalities", "prediction", "reasoning_effort",
                       "stream_options", "web_search_options", "safety_identifier", "prompt_cache_key", "verbosity"})
 _logged_unknown: set[str] = set()
+MAX_LOGGED_UNKNOWN = 200
+"""Distinct unknown field names logged (once each); past that, a client inventing names
+cannot grow the set or the log."""
 
 __all__ = ["ChatCompletionRequest", "CompletionRequest", "EmbeddingRequest", "parse", "to_generate_request",
            "to_embed_request", "Choices", "completion_body", "completion_response", "embedding_response"]
@@ -105,9 +108,10 @@ def parse(model: type[M], raw: bytes) -> M:
     except ValidationError as exc:
         raise _bad_request(exc) from None
     for name in body.unknown_fields():
-        if name not in PASSTHROUGH and name not in _IGNORED and name not in _logged_unknown:
+        if (name not in PASSTHROUGH and name not in _IGNORED and name not in _logged_unknown
+                and len(_logged_unknown) < MAX_LOGGED_UNKNOWN):
             _logged_unknown.add(name)
-            log.info("ignoring unknown request field %r (%s)", name, model.__name__)
+            log.info("ignoring unknown request field %r (%s)", name[:64], model.__name__)
     return body
 
 

@@ -5,7 +5,8 @@
 * a feature the model's backend lacks (``response_format`` JSON, ``tools``, ``logprobs``;
   the catalogue declares them per backend, see :data:`.catalogue.BACKEND_FEATURES`);
 * an image for a model that cannot see, naming the models here that can;
-* ``max_tokens`` over the model's ``max_output``;
+* ``max_tokens`` over the model's ``max_output`` (a request without ``max_tokens`` gets
+  ``max_output``, when the catalogue sets one);
 * a prompt that does not fit the context one request gets (``context_length_exceeded``,
   param ``messages`` or ``prompt``): the prompt alone reaches the context, or the prompt
   and an explicit ``max_tokens`` pass it, as OpenAI counts. The context is the catalogue's
@@ -100,6 +101,8 @@ class RequestLimits:
             if entry.max_output and max_tokens and max_tokens > entry.max_output:
                 raise BadRequest(f"max_tokens {max_tokens} is over model {entry.id!r}'s limit of {entry.max_output}",
                                  param="max_tokens")
+            if entry.max_output and max_tokens is None:
+                request = replace(request, sampling=replace(request.sampling, max_tokens=entry.max_output))
         limit = self.context_length(request.model_id)
         if limit is None:
             return request
