@@ -289,7 +289,8 @@ class OpenAIProxyBackend(Backend, ChatInference, TextInference, EmbeddingInferen
         return self._client
 
     async def _generate(self, request: GenerateRequest) -> AsyncIterator[GenerationEvent]:
-        openai_shapes.validate(request, features=self.features)
+        openai_shapes.validate(request, features=self.features,
+                               vision=Workload.VISION in self.config.capability.workloads)
         client = self._require_client()
         body = openai_shapes.request_body(request, dialect=self._dialect, model=self._upstream_model,
                                           stream=request.stream)
