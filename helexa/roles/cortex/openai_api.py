@@ -52,7 +52,7 @@ from .openai_requests import (
     NamedToolChoice,
     UserMessage,
     WireJsonError,
-    _FieldError,
+    FieldError,
     check_wire_json,
 )
 
@@ -123,7 +123,7 @@ def _bad_request(exc: ValidationError) -> BadRequest:
     if first["type"] in ("model_type", "model_attributes_type") and not first["loc"]:
         return BadRequest("the body must be a JSON object")
     cause = (first.get("ctx") or {}).get("error")
-    if isinstance(cause, _FieldError):
+    if isinstance(cause, FieldError):
         return BadRequest(str(cause), param=cause.param)
     # The deepest location is the most precise; errors sharing it are a union's members.
     located = [(param_of(tuple(e["loc"])), e) for e in errors]

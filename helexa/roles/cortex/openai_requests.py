@@ -218,15 +218,6 @@ class FunctionMessage(Lenient):
 Message = _tagged("role", SystemMessage, UserMessage, AssistantMessage, ToolMessage, FunctionMessage)
 
 
-def message_text(content: Any) -> str:
-    """The text of a message's ``content`` (a string, text parts, or None)."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    return "".join(p.text for p in content if isinstance(p, TextPart))
-
-
 # --- tools, tool_choice, response_format --------------------------------------------------
 
 
@@ -332,16 +323,16 @@ class ChatCompletionRequest(GenerateBody):
     @model_validator(mode="after")
     def _consistent(self) -> "ChatCompletionRequest":
         if self.top_logprobs is not None and not self.logprobs:
-            raise _FieldError("top_logprobs needs logprobs: true", "top_logprobs")
+            raise FieldError("top_logprobs needs logprobs: true", "top_logprobs")
         if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
-            raise _FieldError("tool_choice needs tools", "tool_choice")
+            raise FieldError("tool_choice needs tools", "tool_choice")
         if isinstance(self.tool_choice, NamedToolChoice):
             names = {t.function.name for t in self.tools or ()}
             if self.tool_choice.function.name not in names:
-                raise _FieldError(f"tool_choice names {self.tool_choice.function.name!r}, which is not in tools",
+                raise FieldError(f"tool_choice names {self.tool_choice.function.name!r}, which is not in tools",
                                   "tool_choice")
         if self.tools and len({t.function.name for t in self.tools}) != len(self.tools):
-            raise _FieldError("tool names must be unique", "tools")
+            raise FieldError("tool names must be unique", "tools")
         return self
 
 
@@ -361,7 +352,7 @@ class EmbeddingRequest(Lenient):
     user: str | None = None
 
 
-class _FieldError(ValueError):
+class FieldError(ValueError):
     """A cross-field rule broken; ``param`` names the field (raised inside validators)."""
 
     def __init__(self, message: str, param: str) -> None:
