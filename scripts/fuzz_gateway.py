@@ -60,10 +60,13 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds allowed for one answer")
+    parser.add_argument("--keep", type=Path, help="a directory to keep the processes' logs and every failing body in")
     args = parser.parse_args()
     # A SIGTERM (a timeout) unwinds like an exception, so the cortex and neuron started
     # here are stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
 
     from hypothesis import HealthCheck, Phase, given, seed, settings
 
@@ -91,6 +94,10 @@ def main() -> int:
             problem = None
             if status == 0 or status >= 500:
                 problem = f"{status} {path} {text[:300]} <- {body[:300]!r}"
+                if args.keep:
+                    with lock, (args.keep / "failing-bodies.jsonl").open("a") as f:
+                        f.write(json.dumps({"path": path, "status": status, "answer": text[:2000],
+                                            "body": body.decode("utf-8", "replace")}) + "\n")
             elif status >= 400:
                 try:
                     error = json.loads(text)["error"]
@@ -135,6 +142,9 @@ def main() -> int:
                 procs.neuron(cortex, "n1")
                 run(cortex.gateway_url)
             tracebacks = {p.name: p.log().count("Traceback") for p in procs.procs}  # after a clean stop
+            if args.keep:
+                for p in procs.procs:
+                    (args.keep / f"{p.name}.log").write_text(p.log())
     total = sum(counts.values())
     print(f"\n{total} requests")
     for (path, status), n in sorted(counts.items()):
