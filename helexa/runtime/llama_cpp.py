@@ -314,6 +314,10 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
         model's template has no tool syntax of its own)."""
         generic = request.task is Task.CHAT and request.wants_tools and not self._native_tools
         if not generic:
+            if request.tools and not request.wants_tools:
+                # tool_choice "none": nothing may be called, so nothing is offered (llama.cpp
+                # also refuses logprobs with tools when streaming).
+                request = replace(request, tools=(), tool_choice=None)
             return openai_shapes.request_body(request, dialect="llama.cpp"), False
         if request.wants_json:
             raise InvalidRequest(f"model {self.config.model_id!r} takes tools through a JSON grammar, so they "
@@ -380,7 +384,10 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
                 for kind, payload in batch:
                     if kind == "done":
                         finished = True
-                        payload.unwrap()
+                        try:
+                            payload.unwrap()
+                        except ValueError as exc:  # xllamacpp's word for a request llama.cpp refused
+                            raise InvalidRequest(f"llama.cpp refused the request: {exc}") from None
                         continue
                     view = openai_shapes.parse_chunk(payload)
                     if view.usage is not None:

@@ -112,3 +112,12 @@ async def test_an_image_is_unsupported(tiny) -> None:
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]},))
     with pytest.raises(Unsupported, match="image_url"):
         await run(tiny, request)
+
+
+async def test_tools_under_tool_choice_none_are_not_offered_so_logprobs_stream(tiny) -> None:
+    # llama.cpp refuses logprobs with tools when streaming (found by scripts/fuzz_gateway.py:
+    # a 502 "the neuron failed: ValueError").
+    request = chat("hi", tools=(ToolSpec("f", None, {"type": "object"}),), tool_choice=ToolChoice(ToolChoiceMode.NONE),
+                   sampling=SamplingParams(max_tokens=2, temperature=0.0, logprobs=True, top_logprobs=1))
+    events = await run(tiny, request)
+    assert isinstance(events[-1], GenerateResult) and any(isinstance(e, TokenChunk) and e.logprobs for e in events)
