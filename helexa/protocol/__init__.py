@@ -24,9 +24,16 @@ from .inference import (
     GenerateRequest,
     GenerateResult,
     InferenceError,
+    OutputFormat,
+    ResponseFormat,
     SamplingParams,
     Task,
     TokenChunk,
+    TokenLogprob,
+    ToolChoice,
+    ToolChoiceMode,
+    ToolSpec,
+    TopLogprob,
     Usage,
 )
 from .messages import (
@@ -49,6 +56,7 @@ from .messages import (
     Welcome,
 )
 from .model import (
+    Feature,
     ModelCapability,
     ModelConfig,
     ModelId,

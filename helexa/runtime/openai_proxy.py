@@ -43,6 +43,7 @@ import numpy as np
 import trio
 
 from helexa.protocol import (
+    Feature,
     EmbedRequest,
     EmbedResult,
     GenerateRequest,
@@ -78,6 +79,7 @@ class OpenAIProxyBackend(Backend, ChatInference, TextInference, EmbeddingInferen
     """Proxy to (and optionally supervise) an OpenAI-style server; see the module docstring."""
 
     kind = "openai_proxy"
+    features = frozenset({Feature.STRUCTURED_OUTPUT, Feature.TOOLS, Feature.LOGPROBS})
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
@@ -287,7 +289,8 @@ class OpenAIProxyBackend(Backend, ChatInference, TextInference, EmbeddingInferen
         return self._client
 
     async def _generate(self, request: GenerateRequest) -> AsyncIterator[GenerationEvent]:
-        openai_shapes.validate(request)
+        openai_shapes.validate(request, features=self.features,
+                               vision=Workload.VISION in self.config.capability.workloads)
         client = self._require_client()
         body = openai_shapes.request_body(request, dialect=self._dialect, model=self._upstream_model,
                                           stream=request.stream)

@@ -153,6 +153,7 @@ class UpstreamTimeout(GatewayError):
 
 # Neuron-side codes that mean the client asked for something wrong, not that we failed.
 _CLIENT_CODES = frozenset({"invalid_request", "unsupported", "context_length_exceeded"})
+_CLIENT_PARAMS = {"context_length_exceeded": "messages"}
 
 
 def to_gateway_error(exc: BaseException) -> GatewayError:
@@ -162,7 +163,7 @@ def to_gateway_error(exc: BaseException) -> GatewayError:
         case GatewayError():
             return exc
         case RemoteError(code=code) if code in _CLIENT_CODES:
-            return BadRequest(str(exc), code=code)
+            return BadRequest(str(exc), code=code, param=_CLIENT_PARAMS.get(code))
         case RemoteError(retryable=True):
             return NoCapacity(str(exc), code=exc.code)
         case RemoteError():
@@ -202,7 +203,7 @@ def _federation_error(exc: FederationError) -> GatewayError:
         case PeerVanished():
             return UpstreamError(message, code="peer_vanished")
         case PeerFailed(code=code) if code in _CLIENT_CODES:
-            return BadRequest(message, code=code)
+            return BadRequest(message, code=code, param=_CLIENT_PARAMS.get(code))
         case PeerFailed(code="model_not_found"):
             return NotFound(message, param="model", code="model_not_found")
         case PeerFailed(retryable=True):

@@ -2,6 +2,7 @@
 
 Endpoints::
 
+    GET  /v1/models/{id}        one entry of that list (404 model_not_found otherwise)
     GET  /v1/models             catalogue entries feasible on a connected neuron, plus
                                 models loaded anywhere (OpenAI fields + loaded,
                                 feasible_on, locations, federated: false), plus models
@@ -40,15 +41,27 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from helexa.config import split_socket
-from helexa.protocol import GenerateResult, TokenChunk
+from helexa.protocol import TokenChunk
 
+from . import choices
 from . import openai_api as api
 from . import sse
 from .disconnect_watch import DisconnectWatch
-from .errors import BadRequest, ClientGone, Forbidden, GatewayError, MethodNotAllowed, NotFound, PayloadTooLarge, envelope
+from .errors import (
+    BadRequest,
+    ClientGone,
+    Forbidden,
+    GatewayError,
+    MethodNotAllowed,
+    ModelNotFound,
+    NotFound,
+    PayloadTooLarge,
+    envelope,
+)
 from .http import HttpServer
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .orchestrator import Orchestrator, WaitStatus
+from .request_limits import RequestLimits
 from .shutdown import InFlight
 
 if TYPE_CHECKING:
@@ -120,6 +133,7 @@ class Gateway:
         self.orchestrator = orchestrator
         self.fleet = orchestrator.fleet
         self.metrics = orchestrator.metrics
+        self.limits = RequestLimits(orchestrator.catalogue, orchestrator.fleet)
         self._created = int(time.time())
         self._stop = trio.Event()
         self._watch = DisconnectWatch()
@@ -161,6 +175,7 @@ class Gateway:
                 nursery.cancel_scope.cancel()
 
             await nursery.start(self._watch.run)
+            nursery.start_soon(self.limits.counter.warm)
             binds = await nursery.start(http)
             log.info("gateway listening on %s", ", ".join(binds))
             task_status.started(binds)
@@ -203,6 +218,8 @@ class Gateway:
         self.in_flight.enter()
         try:
             route = self._routes.get(scope["path"])
+            if route is None and scope["path"].startswith("/v1/models/"):
+                route = ("GET", self._model)
             if route is None:
                 raise NotFound(f"no route {scope['path']}")
             method, handler = route
@@ -262,11 +279,8 @@ class Gateway:
                         endpoint: str, id_prefix: str) -> None:
         body = api.parse(model, await self._read_body(scope, receive))
         request = api.to_generate_request(body, scope["helexa.request_id"])
-        entry = self.orchestrator.catalogue.get(request.model_id)
-        max_tokens = request.sampling.max_tokens
-        if entry is not None and entry.max_output and max_tokens and max_tokens > entry.max_output:
-            raise BadRequest(f"max_tokens {max_tokens} is over model {entry.id!r}'s limit of "
-                             f"{entry.max_output}", param="max_tokens")
+        image = api.image_parts(body) if isinstance(body, api.ChatCompletionRequest) else None
+        request = await self.limits.check(request, image=image)
         response_id = id_prefix + request.request_id
 
         async def keepalive(status: WaitStatus) -> None:
@@ -276,13 +290,15 @@ class Gateway:
             await out.body(sse.comment(status.describe()))
 
         async def stream() -> None:
-            encoder = sse.StreamEncoder(request, response_id, include_usage=body.include_usage)
+            encoder = sse.StreamEncoder(request, response_id, include_usage=body.include_usage, n=body.n)
             try:
-                async with self.orchestrator.generate(request, endpoint=endpoint, on_wait=keepalive) as gen:
+                async with choices.generate(self.orchestrator.generate, request, body.n, endpoint=endpoint,
+                                            on_wait=keepalive) as gen:
                     await out.start()
                     head = encoder.start()
-                    async for event in gen:
-                        frame = encoder.chunk(event) if isinstance(event, TokenChunk) else encoder.finish(event)
+                    async for index, event in gen:
+                        frame = (encoder.chunk(event, index) if isinstance(event, TokenChunk)
+                                 else encoder.finish(event, index))
                         if head:
                             frame, head = head + frame, b""
                         if frame:
@@ -294,17 +310,11 @@ class Gateway:
             await out.body(b"", more=False)
 
         async def complete() -> None:
-            parts: list[str] = []
-            tool_calls: list[Any] = []
-            result: GenerateResult | None = None
-            async with self.orchestrator.generate(request, endpoint=endpoint) as gen:
-                async for event in gen:
-                    if isinstance(event, GenerateResult):
-                        result = event
-                    parts.append(event.text)
-                    tool_calls.extend(event.tool_calls or ())
-            assert result is not None
-            await out.json(api.completion_response(request, response_id, "".join(parts), result, tool_calls or None))
+            answers = api.Choices(body.n)
+            async with choices.generate(self.orchestrator.generate, request, body.n, endpoint=endpoint) as gen:
+                async for index, event in gen:
+                    answers.add(index, event)
+            await out.json(api.completion_body(request, response_id, answers, logprobs=request.sampling.logprobs))
 
         await self._until_disconnect(receive, stream if request.stream else complete)
 
@@ -327,6 +337,14 @@ class Gateway:
 
     async def _models(self, scope: Scope, receive: Receive, out: _Responder) -> None:
         await out.json({"object": "list", "data": self.models()})
+
+    async def _model(self, scope: Scope, receive: Receive, out: _Responder) -> None:
+        model_id = scope["path"][len("/v1/models/"):]
+        for entry in self.models():
+            if entry["id"] == model_id:
+                await out.json(entry)
+                return
+        raise ModelNotFound(model_id)
 
     async def _metrics(self, scope: Scope, receive: Receive, out: _Responder) -> None:
         await out.full(200, [(b"content-type", METRICS_CONTENT_TYPE.encode())], self.metrics.render())

@@ -89,6 +89,8 @@ class ModelRegistry:
             error=e.error,
             in_flight=e.in_flight,
             memory_bytes=e.backend.memory_bytes() if e.backend is not None and e.state is ModelState.LOADED else 0,
+            context_length=e.backend.context_length() if e.backend is not None and e.state is ModelState.LOADED
+            else None,
         )
 
     def statuses(self) -> tuple[ModelStatus, ...]:
