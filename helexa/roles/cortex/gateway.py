@@ -230,7 +230,7 @@ class Gateway:
         async with trio.open_nursery() as services:
             await services.start(self.watch.run)
             await services.start(self.writer.run)
-            keys = await trio.to_thread.run_sync(self.store.keys)
+            keys = await self.metering.blocking(self.store.keys)
             for key in keys:
                 self.keyring.put(key)
             await self.metering.restore(keys, list(self.portals.values()))

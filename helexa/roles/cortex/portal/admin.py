@@ -34,7 +34,6 @@ from collections.abc import Callable
 from datetime import date, datetime, timezone
 from typing import Any
 
-import trio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..admin_token import matches
@@ -198,7 +197,7 @@ class AdminApi:
         return {**key.public(self.clock()), "quota": self.metering.account_state("key:" + key.key_id)}
 
     async def _save(self, key: ApiKey) -> None:
-        await trio.to_thread.run_sync(self.store.put_key, key)
+        await self.metering.blocking(self.store.put_key, key)
         self.keyring.put(key)
         await self.metering.key_changed(key)
 
@@ -242,7 +241,7 @@ class AdminApi:
         key = self._key(ex.path_rest)
         now = self.clock()
         start = period_bounds(key.limits.period, now)[0]
-        rows = await trio.to_thread.run_sync(
+        rows = await self.metering.blocking(
             lambda: self.store.report(by="model", key_id=key.key_id, since=start or None))
         await ex.out.json({**self._view(key), "period_usage": rows})
 
@@ -297,7 +296,7 @@ class AdminApi:
         if by not in GROUPS:
             raise BadRequest(f"by: one of {', '.join(GROUPS)}", param="by")
         filters = self._filters(ex)
-        rows = await trio.to_thread.run_sync(lambda: self.store.report(by=by, **filters))
+        rows = await self.metering.blocking(lambda: self.store.report(by=by, **filters))
         if q.get("format") == "csv":
             await ex.out.full(200, [(b"content-type", b"text/csv; charset=utf-8")], to_csv(rows).encode())
             return
@@ -310,7 +309,7 @@ class AdminApi:
         except ValueError:
             raise BadRequest("limit: an integer", param="limit") from None
         filters = self._filters(ex)
-        rows = await trio.to_thread.run_sync(lambda: self.store.records(limit=max(1, min(limit, 100_000)), **filters))
+        rows = await self.metering.blocking(lambda: self.store.records(limit=max(1, min(limit, 100_000)), **filters))
         await ex.out.full(200, [(b"content-type", b"application/json")],
                           json.dumps({"object": "list", "data": [r.as_dict() for r in rows]}).encode())
 

@@ -38,7 +38,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     from .store import Store
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PEER_NODE_ID = "federation"
 _MESSAGE_ALLOWANCE = 8
@@ -151,6 +152,9 @@ class Metering:
         store: keys and the ledger (read at start to rebuild budgets, and for reports).
         metrics: the cortex's metrics (the ``portal`` label).
         clock: Unix time (budget periods, rate buckets, record times).
+
+    Store reads run on a worker thread (:meth:`blocking`), or inline when the writer is
+    (tests under the autojump clock, which would jump while a thread works).
     """
 
     def __init__(self, orchestrator: Orchestrator, writer: LedgerWriter, store: Store, metrics: Metrics, *,
@@ -164,6 +168,12 @@ class Metering:
         self.receipts: Receipts | None = None
         """Set when the mesh is on: links a federated request's ledger row to its receipt."""
         self._accounts: dict[str, Account] = {}
+
+    async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)``, a blocking store call, off the trio thread."""
+        if self.writer.inline:
+            return fn(*args)
+        return await trio.to_thread.run_sync(fn, *args)
 
     # --- accounts --------------------------------------------------------------------------
 
@@ -207,7 +217,7 @@ class Metering:
         def query() -> dict[tuple[str, float], dict[str, tuple[float, int]]]:
             return {(column, start): self.store.spent_since(column, start) for column, start in starts}
 
-        spent = await trio.to_thread.run_sync(query)
+        spent = await self.blocking(query)
         for subject, label, column, ident, limits in subjects:
             money, tokens = spent[(column, period_bounds(limits.period, now)[0])].get(ident, (0.0, 0))
             self._accounts[subject] = Account(label, limits, now, spent_money=money, spent_tokens=tokens)
@@ -219,7 +229,7 @@ class Metering:
         now = self.clock()
         if account is None or account.set_limits(key.limits, now):
             start = period_bounds(key.limits.period, now)[0]
-            spent = await trio.to_thread.run_sync(self.store.spent_since, "key_id", start)
+            spent = await self.blocking(self.store.spent_since, "key_id", start)
             money, tokens = spent.get(key.key_id, (0.0, 0))
             if account is None:
                 if key.limits.unlimited:
@@ -423,8 +433,7 @@ class Metering:
         assert key is not None
         now = self.clock()
         start, end = period_bounds(key.limits.period, now)
-        rows = await trio.to_thread.run_sync(
-            lambda: self.store.report(by="model", key_id=key.key_id, since=start or None))
+        rows = await self.blocking(lambda: self.store.report(by="model", key_id=key.key_id, since=start or None))
         state = self.account_state("key:" + key.key_id)
         spent_money = sum(r["cost"] for r in rows)
         spent_tokens = sum(r["total_tokens"] for r in rows)

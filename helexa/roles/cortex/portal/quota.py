@@ -33,6 +33,9 @@ from typing import Any
 UNITS = ("money", "tokens")
 PERIODS = ("day", "month", "total")
 _EPS = 1e-9
+_LEVEL_EPS = 1e-6
+"""Bucket levels are compared with this slack: Unix times as floats resolve only about a
+quarter of a microsecond, so refills carry errors far above ``_EPS``."""
 REFUSE_FOREVER = 86400.0
 """Retry-After for a spent ``total`` budget (nothing changes until an operator acts)."""
 
@@ -118,9 +121,9 @@ class Bucket:
     def wait(self, n: float, now: float) -> float:
         """Seconds until ``n`` can be taken (inf if ``n`` is over the capacity)."""
         level = self.at(now)
-        if level + _EPS >= n:
+        if level + _LEVEL_EPS >= n:
             return 0.0
-        if n > self.capacity + _EPS:
+        if n > self.capacity + _LEVEL_EPS:
             return math.inf
         return (n - level) / self.rate
 
@@ -276,9 +279,9 @@ class Account:
                                "spent": {"money": self.spent_money, "tokens": int(self.spent_tokens)},
                                "remaining_budget": self.remaining_budget(now)}
         if self.requests is not None:
-            out["remaining_requests"] = max(0, math.floor(self.requests.at(now) + _EPS))
+            out["remaining_requests"] = max(0, math.floor(self.requests.at(now) + _LEVEL_EPS))
         if self.tokens is not None:
-            out["remaining_tokens"] = max(0, math.floor(self.tokens.at(now) + _EPS))
+            out["remaining_tokens"] = max(0, math.floor(self.tokens.at(now) + _LEVEL_EPS))
         return out
 
 
@@ -324,6 +327,6 @@ def rate_headers(accounts: Sequence[Account], now: float) -> list[tuple[bytes, b
         level, account = best
         bucket = getattr(account, attr)
         out += [(b"x-ratelimit-limit-" + kind.encode(), str(getattr(account.limits, limit)).encode()),
-                (b"x-ratelimit-remaining-" + kind.encode(), str(max(0, math.floor(level + _EPS))).encode()),
+                (b"x-ratelimit-remaining-" + kind.encode(), str(max(0, math.floor(level + _LEVEL_EPS))).encode()),
                 (b"x-ratelimit-reset-" + kind.encode(), duration(bucket.full_in(now)).encode())]
     return out
