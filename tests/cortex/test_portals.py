@@ -178,3 +178,45 @@ def test_a_portal_on_a_public_address_must_say_how_it_authenticates() -> None:
                              overrides={"portals": {"acme": {"listen": ["0.0.0.0:9000"], "auth": auth}}})
         assert config.portals["acme"].auth == auth
     assert list(CortexConfig().portals) == ["default"] and CortexConfig().portals["default"].listen == ["127.0.0.1:8080"]
+
+
+def _self_signed(tmp_path):  # noqa: ANN001, ANN202
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = tmp_path / "portal.crt", tmp_path / "portal.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+async def test_a_portal_with_a_certificate_serves_https(tmp_path) -> None:
+    import ssl
+
+    cert_file, key_file = _self_signed(tmp_path)
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("chat",))
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme")
+    tables = {"acme": acme(listen=["localhost:0"], tls_cert_file=str(cert_file), tls_key_file=str(key_file))}
+    async with portals(fleet, tables, store=store) as (_, urls):
+        assert urls["acme"].startswith("https://")
+        port = urls["acme"].rsplit(":", 1)[1]
+        ctx = ssl.create_default_context(cafile=str(cert_file))
+        async with httpx.AsyncClient(verify=ctx) as http:
+            r = await http.post(f"https://localhost:{port}/v1/completions", json={"model": "fast", "prompt": "x"},
+                                headers=bearer(key))
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "t0 t1 t2 "

@@ -185,6 +185,8 @@ class Gateway:
         self.addresses: dict[str, list[str]] = {}
         """Each portal's bound URLs, once :meth:`run` reported them."""
         self.admin_urls: list[str] = []
+        self.apps: dict[str, PortalApp] = {}
+        """The app served at each URL."""
         self._stop = trio.Event()
         self._servers: list[HttpServer] = []
 
@@ -240,11 +242,15 @@ class Gateway:
                     urls: list[str] = []
                     for i, addr in enumerate(portal.config.listen):
                         app = self.app(pid, admin=admin_socket is None and pid == DEFAULT_PORTAL and i == 0)
-                        urls += await servers.start(self._serve, app, addr, portal.config)
+                        bound = await servers.start(self._serve, app, addr, portal.config)
+                        self.apps.update(dict.fromkeys(bound, app))
+                        urls += bound
                     self.addresses[pid] = urls
                     log.info("portal %s (%s) listening on %s", pid, portal.config.auth or "open", ", ".join(urls))
                 if admin_socket is not None:
-                    self.admin_urls = await servers.start(self._serve, self.admin_app(), admin_socket, None)
+                    admin_app = self.admin_app()
+                    self.admin_urls = await servers.start(self._serve, admin_app, admin_socket, None)
+                    self.apps.update(dict.fromkeys(self.admin_urls, admin_app))
                     log.info("admin API listening on %s", ", ".join(self.admin_urls))
                 else:
                     self.admin_urls = self.addresses[DEFAULT_PORTAL][:1]
