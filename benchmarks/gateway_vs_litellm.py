@@ -177,7 +177,9 @@ metadata = {{ tokens = 64 }}
         t0 = time.monotonic()
         while True:
             try:
-                with urllib.request.urlopen(gateway + "/admin/fleet", timeout=2) as r:
+                token = (procs.workdir / "cortex" / "admin-token").read_text().strip()
+                req = urllib.request.Request(gateway + "/admin/fleet", headers={"authorization": f"Bearer {token}"})
+                with urllib.request.urlopen(req, timeout=2) as r:
                     if any(n["node_id"] == "bench" and n["health"] == "healthy" for n in json.loads(r.read())["neurons"]):
                         break
             except OSError:

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
-from helexa.protocol import EmbedRequest, EmbedResult, GenerateRequest, GenerateResult, Task, TokenChunk, Usage
+from helexa.protocol import EmbedRequest, EmbedResult, GenerateRequest, GenerateResult, TokenChunk, Usage
 
 from ..errors import BadRequest, ClientGone, GatewayError, InsufficientQuota, ModelNotFound, RateLimited, UpstreamError, to_gateway_error
 from ..metrics import Metrics
