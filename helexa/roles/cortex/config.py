@@ -53,6 +53,11 @@ class GatewayConfig(BaseModel):
     required); loopback only by default, ``["*"]`` for any address."""
     ledger_timeout: float = Field(10.0, gt=0)
     """Seconds a usage record may take to become durable before its request fails (500)."""
+    ledger_sync: Literal["full", "normal"] = "full"
+    """How durable a usage record is when its answer ends: ``full`` (SQLite
+    ``synchronous=FULL``: on disk, survives a power cut) or ``normal`` (in the WAL through
+    the OS: survives ``kill -9`` of the cortex, not an OS crash; several times cheaper, see
+    ``docs/benchmarks.md``)."""
 
 
 class OrchestratorConfig(BaseModel):

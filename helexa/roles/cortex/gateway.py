@@ -169,7 +169,8 @@ class Gateway:
         self.metrics = orchestrator.metrics
         self.clock = clock
         self.portals = {pid: Portal(pid, pc) for pid, pc in config.portals.items()}
-        self.store: Store = store if store is not None else SqliteStore(config.usage_store_path)
+        self.store: Store = store if store is not None else SqliteStore(
+            config.usage_store_path, synchronous=self.config.ledger_sync.upper())
         self.writer = LedgerWriter(self.store, timeout=self.config.ledger_timeout, inline=inline_ledger)
         self.metering = Metering(orchestrator, self.writer, self.store, self.metrics, clock=clock)
         self.keyring = Keyring()

@@ -56,6 +56,7 @@ class Metrics:
         self.ledger_write = Histogram("helexa_ledger_write_seconds", "Time until a usage record was on disk",
                                       ["portal"], buckets=_WRITE_BUCKETS, registry=r)
         self._portal_children: dict[tuple[str, str, str], tuple] = {}
+        self._ledger_children: dict[str, Histogram] = {}
 
     def request_done(
         self, model: str, neuron: str, endpoint: str, *, duration: float, ttft: float | None,
@@ -99,6 +100,12 @@ class Metrics:
             completion.inc(completion_tokens)
         if cost:
             money.inc(cost)
+
+    def ledger_written(self, portal: str, seconds: float) -> None:
+        child = self._ledger_children.get(portal)
+        if child is None:
+            child = self._ledger_children[portal] = self.ledger_write.labels(portal)
+        child.observe(seconds)
 
     def portal_refused(self, portal: str, reason: str) -> None:
         self.portal_refusals.labels(portal, reason).inc()

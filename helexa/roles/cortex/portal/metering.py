@@ -422,7 +422,7 @@ class Metering:
             peer_id=peer_id, receipt_signature=signature, outcome=outcome, error_code=code)
         w0 = trio.current_time()
         await self.writer.write(record)
-        self.metrics.ledger_write.labels(portal.id).observe(trio.current_time() - w0)
+        self.metrics.ledger_written(portal.id, trio.current_time() - w0)
 
     # --- reading ---------------------------------------------------------------------------
 

@@ -6,8 +6,10 @@ thread (:mod:`.writer` for ledger rows, ``trio.to_thread`` for the rest). An ope
 running several cortexes could later point them at a shared database by implementing
 :class:`Store` over it.
 
-SQLite runs in WAL mode with ``synchronous=FULL``: when :meth:`SqliteStore.append`
-returns, the rows are in the WAL on disk and survive ``kill -9`` and a power cut. Writes
+SQLite runs in WAL mode with ``synchronous=FULL`` by default: when
+:meth:`SqliteStore.append` returns, the rows are in the WAL on disk and survive ``kill -9``
+and a power cut (``NORMAL``: in the WAL through the OS, which survives ``kill -9`` of the
+process but not an OS crash). Writes
 go through one connection, reads through another, so a report never waits for a commit's
 fsync. The database holds no usable key: keys are stored as their SHA-256 digest only
 (:mod:`.keys`).
@@ -16,6 +18,7 @@ fsync. The database holds no usable key: keys are stored as their SHA-256 digest
 from __future__ import annotations
 
 import json
+import operator
 import sqlite3
 import threading
 from collections.abc import Sequence
@@ -66,6 +69,7 @@ CREATE INDEX IF NOT EXISTS usage_portal ON usage (portal, ended_at);
 CREATE INDEX IF NOT EXISTS usage_request ON usage (request_id);
 """
 _INSERT = f"INSERT INTO usage ({', '.join(FIELDS)}) VALUES ({', '.join('?' * len(FIELDS))})"
+_ROW = operator.attrgetter(*FIELDS)
 _GROUP_SQL = {"key": "key_id", "model": "model_asked", "day": "date(ended_at, 'unixepoch')", "portal": "portal"}
 
 
@@ -114,9 +118,13 @@ def _where(portal: str | None, key_id: str | None, since: float | None, until: f
 
 
 class SqliteStore:
-    """:class:`Store` in one SQLite file (``:memory:`` shares one connection, for tests)."""
+    """:class:`Store` in one SQLite file (``:memory:`` shares one connection, for tests);
+    ``synchronous`` is SQLite's (``FULL`` or ``NORMAL``, see the module docstring)."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, synchronous: str = "FULL") -> None:
+        if synchronous not in ("FULL", "NORMAL"):
+            raise ValueError("synchronous is FULL or NORMAL")
+        self.synchronous = synchronous
         self.path = str(path)
         memory = self.path == ":memory:"
         if not memory:
@@ -129,7 +137,7 @@ class SqliteStore:
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
+        db.execute(f"PRAGMA synchronous={self.synchronous}")
         db.execute("PRAGMA busy_timeout=10000")
         db.executescript(_SCHEMA)
         return db
@@ -161,7 +169,11 @@ class SqliteStore:
     # --- the ledger ------------------------------------------------------------------------
 
     def append(self, records: Sequence[UsageRecord]) -> None:
-        rows = [tuple(getattr(r, f) for f in FIELDS) for r in records]
+        if len(records) == 1:  # one statement, its own transaction (autocommit)
+            with self._wlock:
+                self._w.execute(_INSERT, _ROW(records[0]))
+            return
+        rows = [_ROW(r) for r in records]
         with self._wlock:
             self._w.execute("BEGIN IMMEDIATE")
             try:

@@ -41,6 +41,11 @@ class _Waiter:
         self.event.set()
 
 
+def _release(waiters: list[_Waiter], error: BaseException | None) -> None:
+    for waiter in waiters:
+        waiter.done(error)
+
+
 @dataclass
 class WriterStats:
     """What the writer has done: commits, records, and the time the commits took."""
@@ -141,8 +146,7 @@ class LedgerWriter:
                 log.error("usage ledger: a commit of %d record(s) failed: %s", len(batch), exc)
                 error = exc
             assert self._token is not None
-            for _, waiter in batch:
-                try:
-                    self._token.run_sync_soon(waiter.done, error)
-                except trio.RunFinishedError:
-                    pass
+            try:  # one wake-up of the trio thread per commit, not one per record
+                self._token.run_sync_soon(_release, [w for _, w in batch], error)
+            except trio.RunFinishedError:
+                pass

@@ -1,0 +1,317 @@
+#!/usr/bin/env python3
+"""What a keyed, metered request costs the cortex over an open one.
+
+Two measurements, each an interleaved A/B.
+
+**In process** (``--inproc``, the default first part): one trio process runs the same
+request through the orchestrator directly (``direct``: what the gateway did before
+portals), and through the metered path for an open portal (``open``), an open portal that
+records usage (``ledger``), and a keyed portal (``keyed``: the key authenticated, four
+quotas reserved and settled, the rate-limit headers rendered, the record made durable).
+CPU per request is the process's CPU time (``time.process_time``: every thread, the
+ledger writer's included) over blocks of requests, sequential (c=1) and 16 at a time.
+This isolates the portal's cost from HTTP and from the noise of a busy machine.
+
+**Over HTTP**: one cortex gateway process (pinned to CPU 0) serves three portals over an in-memory neuron
+that answers at once (the fabric's own work: parse, schedule, dispatch, encode; no
+websocket hop), so the difference between them is the portal's work alone:
+
+* ``open``    the default portal: no key, no quotas, no ledger (as before portals);
+* ``ledger``  an open portal that records every request in the usage ledger (SQLite, WAL,
+              ``synchronous=FULL``, written durably off the event loop before the answer);
+* ``keyed``   a keyed portal: the API key checked, rpm, tpm, concurrency and a money budget
+              reserved and settled on the key, and the ledger record written durably.
+
+``wrk`` (CPU 1) sends non-streaming chat completions (``max_tokens`` 16) at each
+concurrency; the targets are measured interleaved (every round visits each in turn). CPU
+per request is the gateway process's utime+stime (all threads, the ledger writer's
+included) over the requests wrk completed; the ledger's commit time comes from the
+gateway's ``helexa_ledger_write_seconds``. At the end, the ledger must hold one row per
+keyed and ledger request that got a 200.
+
+Run (under the machine-wide lock)::
+
+    apt-get install -y wrk
+    flock /tmp/helexa-bench.lock .venv/bin/python benchmarks/portal_bench.py [--rounds 3 --dur 5 --conc 1,16]
+    [--inproc-requests 2000] [--no-http]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / "litellm_harness"))
+import bench  # noqa: E402  (wrk and cpu_s: the harness the LiteLLM comparison uses)
+
+TARGETS = ("open", "ledger", "keyed")
+UNLIMITED = {"rpm": 10**9, "tpm": 10**12, "max_concurrent": 10**6, "budget": 10.0**12, "period": "month"}
+
+
+class InstantNeuron:
+    """A neuron link answering every generation at once (``max_tokens`` chunks)."""
+
+    def __init__(self, fleet) -> None:  # noqa: ANN001
+        from helexa.protocol import Hardware, ModelState, ModelStatus, NeuronDescriptor, NeuronMetrics
+        from helexa.roles.cortex.fleet import Health
+
+        self.node_id = "instant"
+        self.descriptor = NeuronDescriptor("instant", Hardware(cpu_cores=1, ram_total=1 << 34))
+        self.health = Health.HEALTHY
+        self.metrics = NeuronMetrics()
+        self.models = {"bench": ModelStatus("bench", ModelState.LOADED)}
+        self.configs = {}
+        self.joined_at = self.last_heartbeat = time.time()
+        self.in_flight = 0
+        fleet.add(self)
+
+    @asynccontextmanager
+    async def generate(self, request):  # noqa: ANN001, ANN201
+        import trio
+
+        from helexa.protocol import GenerateResult, TokenChunk, Usage
+
+        n = request.sampling.max_tokens or 16
+
+        async def events():  # noqa: ANN202
+            for _ in range(n):
+                await trio.lowlevel.checkpoint()
+                yield TokenChunk(request.request_id, "tok ")
+            yield GenerateResult(request.request_id, "length", Usage(4, n))
+
+        yield events()
+
+
+def serve(workdir: Path) -> None:
+    """The gateway process: prints one JSON line (its URLs and the key) once it listens."""
+    import trio
+
+    from helexa.roles.cortex.catalogue import Catalogue
+    from helexa.roles.cortex.config import CortexConfig
+    from helexa.roles.cortex.fleet import Fleet
+    from helexa.roles.cortex.gateway import Gateway
+    from helexa.roles.cortex.orchestrator import Orchestrator
+    from helexa.roles.cortex.portal import keys
+    from helexa.roles.cortex.portal.quota import Limits
+    from helexa.roles.cortex.portal.store import SqliteStore
+
+    prices = {"bench": {"input": 1.0, "output": 2.0}}
+    config = CortexConfig.model_validate({
+        "data_dir": str(workdir), "gateway_socket": "127.0.0.1:0", "log_level": "warning",
+        "gateway": {"keep_alive_max_requests": 10**9},
+        "portals": {
+            "ledger": {"listen": ["127.0.0.1:0"], "record_usage": True, "prices": prices},
+            "keyed": {"listen": ["127.0.0.1:0"], "auth": "keys", "prices": prices},
+        }})
+    store = SqliteStore(config.usage_store_path)
+    secret, key = keys.create("keyed", "bench", limits=Limits(**UNLIMITED), now=time.time())
+    store.put_key(key)
+
+    async def main() -> None:
+        fleet = Fleet()
+        InstantNeuron(fleet)
+        gateway = Gateway(config, Orchestrator(config, fleet, Catalogue()), store=store)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gateway.orchestrator.run)
+            await nursery.start(gateway.run)
+            urls = {pid: u[0] for pid, u in gateway.addresses.items()}
+            print(json.dumps({"open": urls["default"], "ledger": urls["ledger"], "keyed": urls["keyed"],
+                              "key": secret}), flush=True)
+
+    trio.run(main)
+
+
+def inproc(workdir: Path, n: int, rounds: int) -> dict[tuple[str, int], list[float]]:
+    """CPU ms per request of each in-process target (see the module docstring)."""
+    import trio
+
+    from helexa.protocol import GenerateRequest, SamplingParams, Task
+    from helexa.roles.cortex.catalogue import Catalogue
+    from helexa.roles.cortex.config import CortexConfig
+    from helexa.roles.cortex.fleet import Fleet
+    from helexa.roles.cortex.gateway import Gateway
+    from helexa.roles.cortex.orchestrator import Orchestrator
+    from helexa.roles.cortex.portal import keys
+    from helexa.roles.cortex.portal.metering import Caller
+    from helexa.roles.cortex.portal.quota import Limits
+    from helexa.roles.cortex.portal.store import SqliteStore
+
+    prices = {"bench": {"input": 1.0, "output": 2.0}}
+    config = CortexConfig.model_validate({
+        "data_dir": str(workdir), "usage_store": str(workdir / "inproc.sqlite"),
+        "portals": {"ledger": {"listen": ["127.0.0.1:0"], "record_usage": True, "prices": prices},
+                    "keyed": {"listen": ["127.0.0.1:0"], "auth": "keys", "prices": prices}}})
+    store = SqliteStore(config.usage_store_path)
+    secret, key = keys.create("keyed", "bench", limits=Limits(**UNLIMITED), now=time.time())
+    store.put_key(key)
+    out: dict[tuple[str, int], list[float]] = {}
+    messages = ({"role": "user", "content": "Say hello"},)
+
+    async def main() -> None:
+        fleet = Fleet()
+        InstantNeuron(fleet)
+        gateway = Gateway(config, Orchestrator(config, fleet, Catalogue()), store=store)
+        orch, meter, ring = gateway.orchestrator, gateway.metering, gateway.keyring
+        ring.put(key)
+        callers = {"open": Caller(gateway.portals["default"]), "ledger": Caller(gateway.portals["ledger"])}
+        keyed_portal = gateway.portals["keyed"]
+        counter = [0]
+
+        def request() -> GenerateRequest:
+            counter[0] += 1
+            return GenerateRequest(f"r{counter[0]}", "bench", Task.CHAT, messages=messages,
+                                   sampling=SamplingParams(max_tokens=16), stream=False)
+
+        async def direct() -> None:
+            async with orch.generate(request(), endpoint="chat") as gen:
+                async for _ in gen:
+                    pass
+
+        def metered(name: str):  # noqa: ANN202
+            async def one() -> None:
+                if name == "keyed":  # what the portal app does for a keyed request
+                    caller = Caller(keyed_portal, ring.authenticate("keyed", secret, time.time()))
+                    meter.rate_headers(caller)
+                else:
+                    caller = callers[name]
+                async with meter.generate(caller, request(), endpoint="chat") as gen:
+                    async for _ in gen:
+                        pass
+            return one
+
+        work = {"direct": direct, "open": metered("open"), "ledger": metered("ledger"), "keyed": metered("keyed")}
+        async with trio.open_nursery() as nursery:
+            await nursery.start(orch.run)
+            await nursery.start(gateway.writer.run)
+            for fn in work.values():  # warm up
+                for _ in range(200):
+                    await fn()
+            for _ in range(rounds):
+                for c in (1, 16):
+                    for name, fn in work.items():
+                        async def worker(fn=fn, count=n // c) -> None:  # noqa: ANN001
+                            for _ in range(count):
+                                await fn()
+
+                        t0 = time.process_time()
+                        async with trio.open_nursery() as batch:
+                            for _ in range(c):
+                                batch.start_soon(worker)
+                        out.setdefault((name, c), []).append((time.process_time() - t0) / (n // c * c) * 1e3)
+            stats = gateway.writer.stats
+            print(f"# in process: {stats.records} ledger records in {stats.commits} commits, commit mean "
+                  f"{stats.commit_seconds / max(1, stats.commits) * 1e3:.2f} ms, max {stats.max_commit_seconds * 1e3:.1f} ms",
+                  file=sys.stderr)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    store.close()
+    return out
+
+
+def ledger_writes(url: str) -> tuple[float, float]:
+    """``(sum of seconds, count)`` of the ledger writes so far, from /metrics."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    total = sum(float(m) for m in re.findall(r"^helexa_ledger_write_seconds_sum\{[^}]*\} (\S+)$", text, re.M))
+    count = sum(float(m) for m in re.findall(r"^helexa_ledger_write_seconds_count\{[^}]*\} (\S+)$", text, re.M))
+    return total, count
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--dur", type=int, default=5, help="seconds per measurement")
+    ap.add_argument("--conc", default="1,16")
+    ap.add_argument("--inproc-requests", type=int, default=2000, help="requests per in-process block")
+    ap.add_argument("--http", action=argparse.BooleanOptionalAction, default=True, help="the HTTP part")
+    ap.add_argument("--json", help="write the raw figures here")
+    args = ap.parse_args()
+    if args.serve:
+        serve(args.serve)
+        return
+    workdir = Path(tempfile.mkdtemp(prefix="helexa-portal-bench-"))
+    if (os.cpu_count() or 1) >= 2:
+        os.sched_setaffinity(0, {0})
+    cpu = inproc(workdir, args.inproc_requests, args.rounds)
+    med_in = {k: statistics.median(v) for k, v in cpu.items()}
+    print("| path (in process) | c | CPU per request (ms) | over direct (ms) |")
+    print("|---|---|---:|---:|")
+    for c in (1, 16):
+        for name in ("direct", "open", "ledger", "keyed"):
+            over = "—" if name == "direct" else f"{med_in[(name, c)] - med_in[('direct', c)]:+.3f}"
+            print(f"| {name} | {c} | {med_in[(name, c)]:.3f} | {over} |")
+    print()
+    os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+    if not args.http:
+        return
+    if shutil.which("wrk") is None:
+        sys.exit("needs wrk: apt-get install -y wrk")
+    pin = (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
+    cmd = [sys.executable, __file__, "--serve", str(workdir)]
+    server = subprocess.Popen((["taskset", "-c", "0"] if pin else []) + cmd, stdout=subprocess.PIPE, text=True)
+    try:
+        info = json.loads(server.stdout.readline())
+        concs = [int(c) for c in args.conc.split(",")]
+        for target in TARGETS:  # warm up every path once
+            bench.wrk(info[target], 4, 1, "bench", info["key"], "1" if pin else None)
+        raw: dict[tuple[str, int], list[dict[str, float]]] = {}
+        served = {t: 0 for t in TARGETS}
+        for rnd in range(args.rounds):
+            for c in concs:
+                for target in TARGETS:
+                    cpu0, (w0, n0) = bench.cpu_s(server.pid), ledger_writes(info["open"])
+                    r = bench.wrk(info[target], c, args.dur, "bench", info["key"], "1" if pin else None)
+                    cpu1, (w1, n1) = bench.cpu_s(server.pid), ledger_writes(info["open"])
+                    if r["errors"]:
+                        sys.exit(f"{target} c={c}: {r['errors']} errors")
+                    served[target] += r["n"]
+                    fig = {"rps": r["rps"], "p50_ms": r["p50_ms"], "cpu_ms": (cpu1 - cpu0) / r["n"] * 1e3,
+                           "write_ms": (w1 - w0) / (n1 - n0) * 1e3 if n1 > n0 else 0.0, "n": r["n"]}
+                    raw.setdefault((target, c), []).append(fig)
+                    print(f"round {rnd + 1} {target:>6} c={c:<3} {fig['rps']:8.0f} req/s  p50 {fig['p50_ms']:.3f} ms  "
+                          f"cpu {fig['cpu_ms']:.3f} ms/req  ledger write {fig['write_ms']:.3f} ms", file=sys.stderr)
+    finally:
+        server.terminate()
+        server.wait(10)
+    with sqlite3.connect(workdir / "usage.sqlite") as db:
+        rows = dict(db.execute("SELECT portal, COUNT(*) FROM usage GROUP BY portal").fetchall())
+    # wrk's warm-up requests count too: the ledger may hold more rows than the rounds served, never fewer.
+    ok = rows.get("keyed", 0) >= served["keyed"] and rows.get("ledger", 0) >= served["ledger"]
+    med = {k: {f: statistics.median(x[f] for x in v) for f in v[0]} for k, v in raw.items()}
+    print("| portal | load | requests/s | p50 ms | cortex CPU per request (ms) | extra CPU vs open (ms) | "
+          "ledger write p50-of-means (ms) |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for c in concs:
+        base = med[("open", c)]["cpu_ms"]
+        for target in TARGETS:
+            m = med[(target, c)]
+            extra = "—" if target == "open" else f"{m['cpu_ms'] - base:+.3f}"
+            write = "—" if target == "open" else f"{m['write_ms']:.3f}"
+            print(f"| {target} | POST c={c} | {m['rps']:,.0f} | {m['p50_ms']:.3f} | {m['cpu_ms']:.3f} | {extra} | {write} |")
+    print(f"\nledger rows: keyed {rows.get('keyed', 0)} (>= {served['keyed']} served), ledger "
+          f"{rows.get('ledger', 0)} (>= {served['ledger']}): {'ok' if ok else 'MISSING ROWS'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"inproc": {f"{t}/c{c}": v for (t, c), v in cpu.items()},
+                                               "http": {f"{t}/c{c}": v for (t, c), v in raw.items()}}, indent=2))
+    shutil.rmtree(workdir, ignore_errors=True)
+    if not ok:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
