@@ -75,13 +75,15 @@ async def test_an_alias_runs_its_catalogue_model_and_never_names_it() -> None:
     fleet = Fleet()
     NeuronDouble("n1", fleet, loaded=("chat",), tokens=2)
     seen: list[str] = []
+    tenants = []
     store = SqliteStore(":memory:")
     key = new_key(store, "acme")
-    async with portals(fleet, {"acme": acme()}, store=store) as (gateway, urls):
+    async with portals(fleet, {"acme": acme(priority="interactive")}, store=store) as (gateway, urls):
         real = gateway.orchestrator.generate
 
         def spy(request, **kw):  # noqa: ANN001, ANN202
             seen.append(request.model_id)
+            tenants.append(kw["tenant"])
             return real(request, **kw)
 
         gateway.orchestrator.generate = spy  # type: ignore[method-assign]
@@ -94,7 +96,13 @@ async def test_an_alias_runs_its_catalogue_model_and_never_names_it() -> None:
         models = await in_thread(run)
         async with httpx.AsyncClient() as http:
             listed = (await http.get(urls["acme"] + "/v1/models", headers=bearer(key))).json()["data"]
+            metrics = (await http.get(urls["default"] + "/metrics")).text
     assert seen == ["chat"] and set(models) == {"fast"}
+    key_id = key.split("_")[0].removeprefix("sk-hlx-")
+    assert [(t.portal, t.key, t.priority) for t in tenants] == [("acme", key_id, "interactive")]
+    assert 'helexa_portal_requests_total{model="fast",outcome="ok",portal="acme"} 1.0' in metrics
+    assert 'helexa_portal_tokens_total{kind="completion",model="fast",portal="acme"} 2.0' in metrics
+    assert key_id not in metrics
     fast = next(m for m in listed if m["id"] == "fast")
     assert set(fast) == {"id", "object", "created", "owned_by", "loaded"} and fast["owned_by"] == "acme"
 
