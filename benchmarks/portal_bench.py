@@ -3,11 +3,12 @@
 
 Two measurements, each an interleaved A/B.
 
-**In process** (``--inproc``, the default first part): one trio process runs the same
-request through the orchestrator directly (``direct``: what the gateway did before
-portals), and through the metered path for an open portal (``open``), an open portal that
-records usage (``ledger``), and a keyed portal (``keyed``: the key authenticated, four
-quotas reserved and settled, the rate-limit headers rendered, the record made durable).
+**In process** (the first part): one trio process runs the same request through the
+orchestrator directly (``direct``: what the gateway did before portals), and through the
+metered path for an open portal (``open``), a keyed portal without a ledger (``quotas``:
+the key authenticated, four quotas reserved and settled, the rate-limit headers
+rendered), and a keyed portal with the ledger (``keyed``: and the record made durable,
+``synchronous=FULL``; ``keyed-normal``: with ``ledger_sync = "normal"``).
 CPU per request is the process's CPU time (``time.process_time``: every thread, the
 ledger writer's included) over blocks of requests, sequential (c=1) and 16 at a time.
 This isolates the portal's cost from HTTP and from the noise of a busy machine.
@@ -134,8 +135,15 @@ def serve(workdir: Path) -> None:
     trio.run(main)
 
 
+INPROC = ("direct", "open", "quotas", "keyed", "keyed-normal")
+
+
 def inproc(workdir: Path, n: int, rounds: int) -> dict[tuple[str, int], list[float]]:
-    """CPU ms per request of each in-process target (see the module docstring)."""
+    """CPU ms per request of each in-process target (see the module docstring):
+    ``direct`` (the orchestrator alone), ``open`` (the metered path of an open portal),
+    ``quotas`` (a key checked, four quotas reserved and settled, the rate-limit headers; no
+    ledger), ``keyed`` (the same and the durable ledger write, ``synchronous=FULL``),
+    ``keyed-normal`` (the same with ``ledger_sync = "normal"``)."""
     import trio
 
     from helexa.protocol import GenerateRequest, SamplingParams, Task
@@ -150,24 +158,26 @@ def inproc(workdir: Path, n: int, rounds: int) -> dict[tuple[str, int], list[flo
     from helexa.roles.cortex.portal.store import SqliteStore
 
     prices = {"bench": {"input": 1.0, "output": 2.0}}
+    keyed = {"listen": ["127.0.0.1:0"], "auth": "keys", "prices": prices}
     config = CortexConfig.model_validate({
-        "data_dir": str(workdir), "usage_store": str(workdir / "inproc.sqlite"),
-        "portals": {"ledger": {"listen": ["127.0.0.1:0"], "record_usage": True, "prices": prices},
-                    "keyed": {"listen": ["127.0.0.1:0"], "auth": "keys", "prices": prices}}})
-    store = SqliteStore(config.usage_store_path)
-    secret, key = keys.create("keyed", "bench", limits=Limits(**UNLIMITED), now=time.time())
-    store.put_key(key)
+        "data_dir": str(workdir), "portals": {"keyed": keyed, "quotas": {**keyed, "record_usage": False}}})
+    stores = {sync: SqliteStore(workdir / f"inproc-{sync}.sqlite", synchronous=sync) for sync in ("FULL", "NORMAL")}
+    secrets = {}
+    for portal in ("keyed", "quotas"):
+        secrets[portal], key = keys.create(portal, "bench", limits=Limits(**UNLIMITED), now=time.time())
+        for store in stores.values():
+            store.put_key(key)
     out: dict[tuple[str, int], list[float]] = {}
     messages = ({"role": "user", "content": "Say hello"},)
 
     async def main() -> None:
         fleet = Fleet()
         InstantNeuron(fleet)
-        gateway = Gateway(config, Orchestrator(config, fleet, Catalogue()), store=store)
-        orch, meter, ring = gateway.orchestrator, gateway.metering, gateway.keyring
-        ring.put(key)
-        callers = {"open": Caller(gateway.portals["default"]), "ledger": Caller(gateway.portals["ledger"])}
-        keyed_portal = gateway.portals["keyed"]
+        orch = Orchestrator(config, fleet, Catalogue())
+        full, normal = (Gateway(config, orch, store=stores[s]) for s in ("FULL", "NORMAL"))
+        for gateway in (full, normal):
+            for key in stores["FULL"].keys():
+                gateway.keyring.put(key)
         counter = [0]
 
         def request() -> GenerateRequest:
@@ -180,22 +190,27 @@ def inproc(workdir: Path, n: int, rounds: int) -> dict[tuple[str, int], list[flo
                 async for _ in gen:
                     pass
 
-        def metered(name: str):  # noqa: ANN202
+        def metered(gateway: Gateway, portal: str):  # noqa: ANN202
+            meter, ring, target = gateway.metering, gateway.keyring, gateway.portals[portal]
+            anonymous = Caller(target)
+
             async def one() -> None:
-                if name == "keyed":  # what the portal app does for a keyed request
-                    caller = Caller(keyed_portal, ring.authenticate("keyed", secret, time.time()))
+                if target.keyed:  # what the portal app does for a keyed request
+                    caller = Caller(target, ring.authenticate(portal, secrets[portal], time.time()))
                     meter.rate_headers(caller)
                 else:
-                    caller = callers[name]
+                    caller = anonymous
                 async with meter.generate(caller, request(), endpoint="chat") as gen:
                     async for _ in gen:
                         pass
             return one
 
-        work = {"direct": direct, "open": metered("open"), "ledger": metered("ledger"), "keyed": metered("keyed")}
+        work = {"direct": direct, "open": metered(full, "default"), "quotas": metered(full, "quotas"),
+                "keyed": metered(full, "keyed"), "keyed-normal": metered(normal, "keyed")}
         async with trio.open_nursery() as nursery:
             await nursery.start(orch.run)
-            await nursery.start(gateway.writer.run)
+            await nursery.start(full.writer.run)
+            await nursery.start(normal.writer.run)
             for fn in work.values():  # warm up
                 for _ in range(200):
                     await fn()
@@ -211,14 +226,16 @@ def inproc(workdir: Path, n: int, rounds: int) -> dict[tuple[str, int], list[flo
                             for _ in range(c):
                                 batch.start_soon(worker)
                         out.setdefault((name, c), []).append((time.process_time() - t0) / (n // c * c) * 1e3)
-            stats = gateway.writer.stats
-            print(f"# in process: {stats.records} ledger records in {stats.commits} commits, commit mean "
-                  f"{stats.commit_seconds / max(1, stats.commits) * 1e3:.2f} ms, max {stats.max_commit_seconds * 1e3:.1f} ms",
-                  file=sys.stderr)
+            for sync, gateway in (("FULL", full), ("NORMAL", normal)):
+                st = gateway.writer.stats
+                print(f"# in process, {sync}: {st.records} records in {st.commits} commits, commit mean "
+                      f"{st.commit_seconds / max(1, st.commits) * 1e3:.2f} ms, max {st.max_commit_seconds * 1e3:.1f} ms",
+                      file=sys.stderr)
             nursery.cancel_scope.cancel()
 
     trio.run(main)
-    store.close()
+    for store in stores.values():
+        store.close()
     return out
 
 
@@ -252,7 +269,7 @@ def main() -> None:
     print("| path (in process) | c | CPU per request (ms) | over direct (ms) |")
     print("|---|---|---:|---:|")
     for c in (1, 16):
-        for name in ("direct", "open", "ledger", "keyed"):
+        for name in INPROC:
             over = "—" if name == "direct" else f"{med_in[(name, c)] - med_in[('direct', c)]:+.3f}"
             print(f"| {name} | {c} | {med_in[(name, c)]:.3f} | {over} |")
     print()
