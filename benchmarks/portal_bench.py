@@ -30,11 +30,16 @@ included) over the requests wrk completed; the ledger's commit time comes from t
 gateway's ``helexa_ledger_write_seconds``. At the end, the ledger must hold one row per
 keyed and ledger request that got a 200.
 
+**Before and after** (``--baseline DIR``, a checkout of the gateway before portals, with
+its own ``.venv``): the open default portal of this tree against that tree's gateway, each
+served by its own tree's ``benchmarks/gateway_bench.py --serve gateway`` (the same
+in-memory neuron), interleaved under ``wrk``: what the open path costs now over before.
+
 Run (under the machine-wide lock)::
 
     apt-get install -y wrk
     flock /tmp/helexa-bench.lock .venv/bin/python benchmarks/portal_bench.py [--rounds 3 --dur 5 --conc 1,16]
-    [--inproc-requests 2000] [--no-http]
+    [--inproc-requests 2000] [--no-http] [--baseline /path/to/checkout-before-portals]
 """
 
 from __future__ import annotations
@@ -248,6 +253,62 @@ def ledger_writes(url: str) -> tuple[float, float]:
     return total, count
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def before_after(baseline: Path, concs: list[int], rounds: int, dur: int, pin: bool) -> None:
+    """The open path of this tree against ``baseline``'s gateway (see the module docstring)."""
+    trees = {"before": baseline.resolve(), "after": HERE.parent}
+    servers: dict[str, tuple[subprocess.Popen, str]] = {}
+    try:
+        for name, tree in trees.items():
+            python = tree / ".venv" / "bin" / "python"
+            port = free_port()
+            cmd = [str(python if python.exists() else sys.executable), str(tree / "benchmarks" / "gateway_bench.py"),
+                   "--serve", "gateway", "--port", str(port)]
+            env = dict(os.environ, PYTHONPATH=str(tree))
+            proc = subprocess.Popen((["taskset", "-c", "0"] if pin else []) + cmd, env=env, cwd=tree)
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    urllib.request.urlopen(url + "/health", timeout=2).read()
+                    break
+                except OSError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        sys.exit(f"the {name} gateway did not start")
+                    time.sleep(0.2)
+            servers[name] = (proc, url)
+            bench.wrk(url, 4, 1, "bench", "sk-none", "1" if pin else None)
+        raw: dict[tuple[str, int], list[dict[str, float]]] = {}
+        for rnd in range(rounds):
+            for c in concs:
+                for name, (proc, url) in servers.items():
+                    cpu0 = bench.cpu_s(proc.pid)
+                    r = bench.wrk(url, c, dur, "bench", "sk-none", "1" if pin else None)
+                    cpu = (bench.cpu_s(proc.pid) - cpu0) / r["n"] * 1e3
+                    raw.setdefault((name, c), []).append({"rps": r["rps"], "p50_ms": r["p50_ms"], "cpu_ms": cpu})
+                    print(f"round {rnd + 1} {name:>6} c={c:<3} {r['rps']:8.0f} req/s  p50 {r['p50_ms']:.3f} ms  "
+                          f"cpu {cpu:.3f} ms/req", file=sys.stderr)
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(10)
+    print("| gateway (open) | load | requests/s | p50 ms | CPU per request (ms) |")
+    print("|---|---|---:|---:|---:|")
+    for c in concs:
+        for name in trees:
+            runs = raw[(name, c)]
+            med = {f: statistics.median(x[f] for x in runs) for f in runs[0]}
+            print(f"| {name} | POST c={c} | {med['rps']:,.0f} | {med['p50_ms']:.3f} | {med['cpu_ms']:.3f} |")
+    print()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
@@ -256,6 +317,7 @@ def main() -> None:
     ap.add_argument("--conc", default="1,16")
     ap.add_argument("--inproc-requests", type=int, default=2000, help="requests per in-process block")
     ap.add_argument("--http", action=argparse.BooleanOptionalAction, default=True, help="the HTTP part")
+    ap.add_argument("--baseline", type=Path, help="a checkout before portals: compare the open path with it")
     ap.add_argument("--json", help="write the raw figures here")
     args = ap.parse_args()
     if args.serve:
@@ -274,6 +336,9 @@ def main() -> None:
             print(f"| {name} | {c} | {med_in[(name, c)]:.3f} | {over} |")
     print()
     os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+    if args.baseline is not None:
+        before_after(args.baseline, [int(c) for c in args.conc.split(",")], args.rounds, args.dur,
+                     (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None)
     if not args.http:
         return
     if shutil.which("wrk") is None:
