@@ -243,7 +243,10 @@ class Metering:
 
     # --- planning --------------------------------------------------------------------------
 
-    def _plan_generate(self, caller: Caller, request: GenerateRequest, metered: bool) -> Plan:
+    def _plan_generate(self, caller: Caller, request: GenerateRequest, *, bounded: bool, counted: bool) -> Plan:
+        """``bounded``: quotas apply (the worst case is reserved, and ``max_tokens`` sent so
+        it holds); ``counted``: the usage is recorded or reserved (an open portal with no
+        limits and no ledger skips the prompt's measure)."""
         portal = caller.portal
         asked = request.model_id
         served = portal.resolve(asked, caller.key)
@@ -252,6 +255,9 @@ class Metering:
         if entry is not None and entry.max_output and max_tokens and max_tokens > entry.max_output:
             raise BadRequest(f"max_tokens {max_tokens} is over model {asked!r}'s limit of {entry.max_output}",
                              param="max_tokens")
+        if not counted:
+            forward = request if served == asked else dataclasses.replace(request, model_id=served)
+            return Plan(asked, forward, Reservation(0, 0.0), 0)
         size, messages = prompt_bytes(request)
         completion = max_tokens or (entry.max_output if entry is not None else None) or portal.config.default_max_tokens
         prompt = size + _MESSAGE_ALLOWANCE * messages + _PROMPT_ALLOWANCE
@@ -262,9 +268,9 @@ class Metering:
         cost = (prompt * p_in + completion * p_out) / 1_000_000
         tokens = min(prompt + completion, context) if context else prompt + completion
         forward = request
-        if served != asked or (metered and max_tokens is None):
+        if served != asked or (bounded and max_tokens is None):
             sampling = request.sampling
-            if metered and max_tokens is None:
+            if bounded and max_tokens is None:
                 sampling = dataclasses.replace(sampling, max_tokens=completion)
             forward = dataclasses.replace(request, model_id=served, sampling=sampling)
         return Plan(asked, forward, Reservation(tokens, cost), size)
@@ -281,9 +287,7 @@ class Metering:
         forward = request if served == asked else dataclasses.replace(request, model_id=served)
         return Plan(asked, forward, Reservation(tokens, tokens * p_in / 1_000_000), sum(sizes))
 
-    def _admit(self, caller: Caller, plan: Plan) -> list[Account]:
-        now = self.clock()
-        accounts = self.accounts(caller, now)
+    def _admit(self, caller: Caller, plan: Plan, accounts: list[Account], now: float) -> list[Account]:
         if accounts:
             refusal = admit(accounts, plan.reservation, now)
             if refusal is not None:
@@ -312,11 +316,13 @@ class Metering:
             without a result; ``LedgerError`` (500) when the record could not be written.
         """
         portal = caller.portal
-        metered = bool(portal.keyed or not portal.limits.unlimited or caller.key is not None)
-        plan = self._plan_generate(caller, request, metered)
-        accounts = self._admit(caller, plan)
+        now = self.clock()
+        accounts = self.accounts(caller, now)
+        plan = self._plan_generate(caller, request, bounded=bool(accounts),
+                                   counted=bool(accounts) or portal.records_usage)
+        self._admit(caller, plan, accounts, now)
         run = MeteredGeneration()
-        started = self.clock()
+        started = now
         t0 = trio.current_time()
         token = ASK_POLICY.set(portal.ask_policy) if portal.ask_policy is not None else None
         try:
@@ -345,7 +351,9 @@ class Metering:
         """Embed ``request`` (public model name), metered; raises as :meth:`generate`."""
         portal = caller.portal
         plan = self._plan_embed(caller, request)
-        accounts = self._admit(caller, plan)
+        now = self.clock()
+        accounts = self.accounts(caller, now)
+        self._admit(caller, plan, accounts, now)
         started = self.clock()
         t0 = trio.current_time()
         token = ASK_POLICY.set(portal.ask_policy) if portal.ask_policy is not None else None
