@@ -177,8 +177,9 @@ metadata = {{ tokens = 64 }}
         t0 = time.monotonic()
         while True:
             try:
-                token = (procs.workdir / "cortex" / "admin-token").read_text().strip()
-                req = urllib.request.Request(gateway + "/admin/fleet", headers={"authorization": f"Bearer {token}"})
+                token_file = procs.workdir / "cortex" / "admin-token"  # absent on a cortex from before portals
+                auth = {"authorization": f"Bearer {token_file.read_text().strip()}"} if token_file.exists() else {}
+                req = urllib.request.Request(gateway + "/admin/fleet", headers=auth)
                 with urllib.request.urlopen(req, timeout=2) as r:
                     if any(n["node_id"] == "bench" and n["health"] == "healthy" for n in json.loads(r.read())["neurons"]):
                         break
