@@ -31,9 +31,11 @@ gateway's ``helexa_ledger_write_seconds``. At the end, the ledger must hold one 
 keyed and ledger request that got a 200.
 
 **Before and after** (``--baseline DIR``, a checkout of the gateway before portals, with
-its own ``.venv``): the open default portal of this tree against that tree's gateway, each
-served by its own tree's ``benchmarks/gateway_bench.py --serve gateway`` (the same
-in-memory neuron), interleaved under ``wrk``: what the open path costs now over before.
+its own ``.venv``): the open default portal of this tree against that tree's gateway:
+first each tree's app called directly (no sockets, blocks of 3,000 requests, the trees
+alternating), then each served by its own tree's ``benchmarks/gateway_bench.py --serve
+gateway`` (the same in-memory neuron), interleaved under ``wrk``: what the open path costs
+now over before.
 
 Run (under the machine-wide lock)::
 
@@ -253,6 +255,69 @@ def ledger_writes(url: str) -> tuple[float, float]:
     return total, count
 
 
+def app_cpu(n: int) -> None:
+    """Call this tree's open gateway app directly (no sockets) in blocks of ``n`` requests;
+    print the CPU ms per request of each block (JSON). Runs against the gateway from before
+    portals too (``--baseline``), so it only uses what both have."""
+    import trio
+
+    from helexa.roles.cortex.catalogue import Catalogue
+    from helexa.roles.cortex.config import CortexConfig
+    from helexa.roles.cortex.fleet import Fleet
+    from helexa.roles.cortex.gateway import Gateway
+    from helexa.roles.cortex.orchestrator import Orchestrator
+
+    body = json.dumps({"model": "bench", "max_tokens": 16, "messages": [{"role": "user", "content": "Say hello"}]})
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "query_string": b"",
+             "client": ("127.0.0.1", 1), "headers": [(b"content-type", b"application/json"),
+                                                     (b"content-length", str(len(body)).encode())]}
+
+    async def main() -> None:
+        fleet = Fleet()
+        InstantNeuron(fleet)
+        config = CortexConfig(gateway_socket="127.0.0.1:0")
+        extra = {}
+        try:
+            from helexa.roles.cortex.portal.store import SqliteStore
+
+            extra["store"] = SqliteStore(":memory:")
+        except ImportError:  # the gateway from before portals
+            pass
+        gateway = Gateway(config, Orchestrator(config, fleet, Catalogue()), **extra)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gateway.orchestrator.run)
+            await nursery.start(gateway.run)
+            apps = getattr(gateway, "apps", None)
+            app = apps[gateway.addresses["default"][0]] if apps else gateway
+
+            async def send(message) -> None:  # noqa: ANN001
+                pass
+
+            def receive():  # noqa: ANN202
+                first = [True]
+
+                async def receive():  # noqa: ANN202
+                    if first[0]:
+                        first[0] = False
+                        return {"type": "http.request", "body": body.encode(), "more_body": False}
+                    await trio.sleep_forever()  # the client stays: what a watcher would wait for
+                return receive
+
+            for _ in range(500):
+                await app(dict(scope), receive(), send)
+            blocks = []
+            for _ in range(5):
+                t0 = time.process_time()
+                for _ in range(n):
+                    await app(dict(scope), receive(), send)
+                blocks.append((time.process_time() - t0) / n * 1e3)
+            print(json.dumps(blocks), flush=True)
+            gateway.stop()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
 def free_port() -> int:
     import socket
 
@@ -264,6 +329,22 @@ def free_port() -> int:
 def before_after(baseline: Path, concs: list[int], rounds: int, dur: int, pin: bool) -> None:
     """The open path of this tree against ``baseline``'s gateway (see the module docstring)."""
     trees = {"before": baseline.resolve(), "after": HERE.parent}
+    blocks: dict[str, list[float]] = {}
+    for _ in range(2):
+        for name, tree in trees.items():
+            python = tree / ".venv" / "bin" / "python"
+            done = subprocess.run(
+                (["taskset", "-c", "0"] if pin else []) + [str(python if python.exists() else sys.executable),
+                                                          __file__, "--app-cpu", "3000"],
+                env=dict(os.environ, PYTHONPATH=str(tree)), capture_output=True, text=True, timeout=600)
+            if done.returncode != 0:
+                sys.exit(f"the {name} app run failed:\n{done.stderr[-2000:]}")
+            blocks.setdefault(name, []).extend(json.loads(done.stdout.strip().splitlines()[-1]))
+    print("| gateway (open), the app called directly | CPU per request, min (ms) | median (ms) |")
+    print("|---|---:|---:|")
+    for name, values in blocks.items():
+        print(f"| {name} | {min(values):.3f} | {statistics.median(values):.3f} |")
+    print()
     servers: dict[str, tuple[subprocess.Popen, str]] = {}
     try:
         for name, tree in trees.items():
@@ -312,6 +393,7 @@ def before_after(baseline: Path, concs: list[int], rounds: int, dur: int, pin: b
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--app-cpu", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dur", type=int, default=5, help="seconds per measurement")
     ap.add_argument("--conc", default="1,16")
@@ -322,6 +404,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.serve:
         serve(args.serve)
+        return
+    if args.app_cpu:
+        app_cpu(args.app_cpu)
         return
     workdir = Path(tempfile.mkdtemp(prefix="helexa-portal-bench-"))
     if (os.cpu_count() or 1) >= 2:
