@@ -109,9 +109,11 @@ def main() -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
-                if httpx.get(gateway + "/admin/fleet", timeout=2).json()["neurons"]:
+                token = (work / "c" / "admin-token").read_text().strip()
+                if httpx.get(gateway + "/admin/fleet", timeout=2,
+                             headers={"authorization": f"Bearer {token}"}).json()["neurons"]:
                     break
-            except (httpx.HTTPError, ValueError, KeyError):
+            except (httpx.HTTPError, OSError, ValueError, KeyError):
                 pass
             time.sleep(0.2)
         through_fabric(gateway, 8)  # cold load + warm-up

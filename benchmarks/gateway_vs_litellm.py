@@ -177,7 +177,10 @@ metadata = {{ tokens = 64 }}
         t0 = time.monotonic()
         while True:
             try:
-                with urllib.request.urlopen(gateway + "/admin/fleet", timeout=2) as r:
+                token_file = procs.workdir / "cortex" / "admin-token"  # absent on a cortex from before portals
+                auth = {"authorization": f"Bearer {token_file.read_text().strip()}"} if token_file.exists() else {}
+                req = urllib.request.Request(gateway + "/admin/fleet", headers=auth)
+                with urllib.request.urlopen(req, timeout=2) as r:
                     if any(n["node_id"] == "bench" and n["health"] == "healthy" for n in json.loads(r.read())["neurons"]):
                         break
             except OSError:

@@ -2,9 +2,11 @@
 
 OpenAI's ``n`` asks for several answers to one prompt. Every backend answers one, so the
 edge runs ``n`` fabric requests (ids ``<id>-0`` ... ``<id>-<n-1>``; with a ``seed``, choice
-``i`` samples with ``seed + i`` so that the choices differ yet repeat) through the
-orchestrator at once (they may land on different neurons), and merges their events,
-each tagged with its choice's index. Usage is summed by whoever renders the answer.
+``i`` samples with ``seed + i`` so that the choices differ yet repeat) through the metered
+path at once (they may land on different neurons; each is reserved, billed and recorded
+as the generation it is), and merges their token chunks, each tagged with its choice's
+index. Each choice's :class:`GenerateResult` exists once its ledger record does, so the
+results come after the block (:attr:`Choices.results`), as a single generation's does.
 
 A failure of any choice fails the request (the others are cancelled), raised bare, as a
 single generation's failure would be.
@@ -16,16 +18,25 @@ import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
 from helexa.protocol import GenerateRequest, GenerateResult, TokenChunk
 from helexa.protocol.inference import SEED_MAX, SEED_MIN
 
-Event = TokenChunk | GenerateResult
-Run = Callable[..., AbstractAsyncContextManager[AsyncIterator[Event]]]
-"""``Orchestrator.generate``: ``run(request, **kwargs)`` is a context holding its events."""
+
+class Generation(Protocol):
+    """One metered generation (:class:`~.portal.metering.MeteredGeneration`): its chunks,
+    then its ``result`` once its context has exited."""
+
+    result: GenerateResult | None
+
+    def __aiter__(self) -> AsyncIterator[TokenChunk]: ...
+
+
+Run = Callable[..., AbstractAsyncContextManager[Generation]]
+"""``run(request, **kwargs)`` is a context holding one generation (``Metering.generate``)."""
 
 
 def split(request: GenerateRequest, n: int) -> list[GenerateRequest]:
@@ -42,48 +53,63 @@ def split(request: GenerateRequest, n: int) -> list[GenerateRequest]:
     return out
 
 
+class Choices:
+    """What :func:`generate` yields: iterate it for ``(index, chunk)`` pairs; after the
+    block, :attr:`results` holds each choice's result, in index order."""
+
+    def __init__(self, chunks: AsyncIterator[tuple[int, TokenChunk]]) -> None:
+        self._chunks = chunks
+        self.results: list[GenerateResult] = []
+
+    def __aiter__(self) -> AsyncIterator[tuple[int, TokenChunk]]:
+        return self._chunks
+
+
 @asynccontextmanager
-async def generate(run: Run, request: GenerateRequest, n: int = 1,
-                   **kwargs: Any) -> AsyncIterator[AsyncIterator[tuple[int, Event]]]:
-    """Run the ``n`` choices of ``request``; the context holds ``(index, event)`` pairs.
+async def generate(run: Run, request: GenerateRequest, n: int = 1, **kwargs: Any) -> AsyncIterator[Choices]:
+    """Run the ``n`` choices of ``request`` (see the module docstring).
 
     Args:
-        run: starts one generation (``Orchestrator.generate``); ``kwargs`` go to it.
+        run: starts one generation (``Metering.generate`` with its caller); ``kwargs`` go to it.
         request: the request as the client made it.
         n: choices wanted.
 
     Raises:
-        what ``run`` raises, before the context is entered (routing) or from iteration.
+        what ``run`` raises, before the context is entered (routing, quotas) or from iteration.
     """
     if n == 1:
         async with run(request, **kwargs) as gen:
-            yield _tagged(gen)
+            choices = Choices(_tagged(gen))
+            yield choices
+        choices.results = [gen.result]
         return
     async with AsyncExitStack() as stack:
         gens = [await stack.enter_async_context(run(r, **kwargs)) for r in split(request, n)]
         send, receive = trio.open_memory_channel[tuple[int, Any]](math.inf)
         async with trio.open_nursery() as nursery:
-            async def pump(index: int, gen: AsyncIterator[Event], out: trio.MemorySendChannel) -> None:
+            async def pump(index: int, gen: Generation, out: trio.MemorySendChannel) -> None:
                 async with out:
                     try:
-                        async for event in gen:
-                            await out.send((index, event))
+                        async for chunk in gen:
+                            await out.send((index, chunk))
                     except Exception as exc:  # handed to the reader, raised there bare
                         await out.send((-1, exc))
 
             async with send:
                 for i, gen in enumerate(gens):
                     nursery.start_soon(pump, i, gen, send.clone())
-            yield _merged(receive)
+            choices = Choices(_merged(receive))
+            yield choices
             nursery.cancel_scope.cancel()
+    choices.results = [g.result for g in gens]  # every record is durable now
 
 
-async def _tagged(gen: AsyncIterator[Event]) -> AsyncIterator[tuple[int, Event]]:
-    async for event in gen:
-        yield 0, event
+async def _tagged(gen: Generation) -> AsyncIterator[tuple[int, TokenChunk]]:
+    async for chunk in gen:
+        yield 0, chunk
 
 
-async def _merged(receive: trio.MemoryReceiveChannel) -> AsyncIterator[tuple[int, Event]]:
+async def _merged(receive: trio.MemoryReceiveChannel) -> AsyncIterator[tuple[int, TokenChunk]]:
     async with receive:
         async for index, item in receive:
             if index < 0:
