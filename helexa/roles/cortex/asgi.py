@@ -150,6 +150,9 @@ class Exchange:
 
 
 Handler = Callable[[Exchange], Awaitable[None]]
+ErrorShape = Callable[[BaseException], tuple[int, Headers, bytes]]
+"""``(status, headers, body)`` of the error response for an exception, in a surface's own
+shape (OpenAI's :func:`.errors.envelope`, Anthropic's, Ollama's)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +163,8 @@ class Route:
     :class:`~.portal.metering.Metering` (a test checks every such route is metered).
     ``keyed``: on a portal with keys, the caller must present one (else 401).
     ``prefix``: ``path`` matches every path under it (``/admin/keys/``).
+    ``errors``: how its errors are shaped (None: OpenAI's envelope), before and after the
+    caller is authenticated.
     """
 
     method: str
@@ -168,6 +173,7 @@ class Route:
     metered: bool = False
     keyed: bool = True
     prefix: bool = False
+    errors: ErrorShape | None = None
 
 
 class Router:

@@ -5,8 +5,8 @@ API surfaces there; all of them share one orchestrator, one metered path
 (:class:`~.portal.metering.Metering`: authorisation of the model, quotas, the usage
 ledger) and one key ring. A :class:`PortalApp` is the ASGI app of one socket: it finds the
 route, authenticates the caller (a keyed portal's API key: ``Authorization: Bearer`` or
-``x-api-key``), runs the handler, and turns every error into OpenAI's envelope
-(:mod:`.errors`); every answer to a caller with rate limits carries the
+``x-api-key``), runs the handler, and turns every error into the route's surface's error
+shape (``Route.errors``; OpenAI's envelope, :mod:`.errors`, by default); every answer to a caller with rate limits carries the
 ``x-ratelimit-*`` headers.
 
 Routes on every portal socket::
@@ -112,6 +112,7 @@ class PortalApp:
         scope["helexa.request_id"] = request_id
         ex = Exchange(scope, receive, out, request_id, g.edge_limits, g.watch)
         g.in_flight.enter()
+        route: Route | None = None
         try:
             route, ex.path_rest = self.router.find(scope["method"], scope["path"])
             portal = self.portal
@@ -135,7 +136,8 @@ class PortalApp:
             if out.started:
                 log.warning("request %s failed after its response began: %s", request_id, exc)
                 return
-            status, headers, body = envelope(exc)
+            shape = route.errors if route is not None and route.errors is not None else envelope
+            status, headers, body = shape(exc)
             try:
                 await out.full(status, headers, body)
             except ClientGone:
