@@ -14,6 +14,7 @@ import pytest
 from helexa.protocol import ModelConfig
 from helexa.runtime import Backend, create_backend
 from helexa.runtime.testing import tiny_llama_config
+from helexa.runtime.worker import WorkerBackend
 
 SERVER_SCRIPT = Path(__file__).with_name("llama_server.py")
 
@@ -57,12 +58,14 @@ def llama_server(tiny_gguf: Path):
 
 
 CONFORMANCE_KINDS = ["llama_cpp", "openai_proxy", "synthetic"]
+PLACES = ["in-process", "in-a-worker"]
 
 
-@pytest.fixture(params=CONFORMANCE_KINDS)
-async def backend(request: pytest.FixtureRequest) -> Backend:
-    """A loaded generation backend of each kind that runs here; unloaded afterwards."""
-    kind = request.param
+@pytest.fixture(params=[(k, p) for k in CONFORMANCE_KINDS for p in PLACES], ids=lambda kp: f"{kp[0]}-{kp[1]}")
+async def backend(request: pytest.FixtureRequest, nursery) -> Backend:
+    """A loaded generation backend of each kind that runs here, in this process and in a
+    worker process (:mod:`helexa.runtime.worker`); unloaded afterwards."""
+    kind, place = request.param
     if kind == "llama_cpp":
         config = tiny_llama_config(request.getfixturevalue("tiny_gguf"))
     elif kind == "openai_proxy":
@@ -70,7 +73,8 @@ async def backend(request: pytest.FixtureRequest) -> Backend:
         config = ModelConfig("tiny-llama", "openai_proxy", listen_endpoint=url, metadata={"dialect": "llama.cpp"})
     else:
         config = ModelConfig("synthetic", "synthetic", metadata={"tokens": 4096, "tokens_per_second": 1000})
-    b = create_backend(config)
+    b = create_backend(config) if place == "in-process" else WorkerBackend(config)
+    b.service_nursery = nursery
     await b.load(lambda *args: None)
     try:
         yield b
