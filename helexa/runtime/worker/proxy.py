@@ -182,6 +182,11 @@ class WorkerBackend(Backend, ChatInference, TextInference, EmbeddingInference):
         return None if self._process is None else self._process.pid
 
     @property
+    def in_flight(self) -> int:
+        """Requests sent to the worker and not yet ended."""
+        return len(self._requests)
+
+    @property
     def workloads(self) -> frozenset[Workload]:
         return self._workloads
 
