@@ -385,7 +385,7 @@ class WorkerBackend(Backend, ChatInference, TextInference, EmbeddingInference):
             self._crashed(self._describe_exit(self._process.returncode), was_loaded=was is _Phase.LOADED)
 
     def _describe_exit(self, code: int) -> str:
-        who = f"the backend process of model {self.config.model_id!r} (pid {self.pid})"
+        who = f"the backend process of model {self.config.model_id!r}"
         if self._kill_reason is not None:
             return f"{who} {self._kill_reason}; it was killed"
         if code < 0:
@@ -400,7 +400,7 @@ class WorkerBackend(Backend, ChatInference, TextInference, EmbeddingInference):
 
     def _crashed(self, reason: str, *, was_loaded: bool) -> None:
         self.crash_reason = reason
-        log.error("%s", reason)
+        log.error("%s (pid %s)", reason, self.pid)
         for queue in list(self._requests.values()):
             queue.send_nowait(_Crash(reason))
         if not self._loaded.is_set():
