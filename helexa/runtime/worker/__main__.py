@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     # and unloads its models (which ends this worker), so the worker itself ignores it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sock = socket.socket(fileno=args.fd)
-    trio.run(serve, Pipe.from_socket(sock))
+    trio.run(serve, Pipe(sock))
     return 0
 
 

@@ -91,57 +91,77 @@ def coalesce(msgs: list[Any]) -> list[Any]:
 
 
 class Outbox:
-    """The worker's frames to the neuron, written by one task (:meth:`run`).
+    """The worker's frames to the neuron.
 
-    A request's first frame and every control frame go out at once; text of a request
-    already under way waits while the backend keeps producing (at most
-    :data:`BATCH_TICKS` ticks) so that a fast backend's tokens share frames.
+    A control frame, a request's first chunk and its end go out at once when nothing is
+    queued before them. Text of a request already under way goes through :meth:`run`: it
+    waits while the neuron has not read what was written before (so text that piles up
+    meanwhile shares a frame), and while the backend keeps producing (at most
+    :data:`BATCH_TICKS` ticks), so that a fast backend's tokens share frames.
     """
 
     def __init__(self, pipe: Pipe) -> None:
         self._pipe = pipe
         self._pending: list[Any] = []
         self._wake = trio.Event()
-        self._flushed = trio.Event()
-        self._flushed.set()
+        self._taken = trio.Event()
         self._streaming: set[str] = set()
 
     def put(self, msg: Any) -> None:
+        """Send ``msg`` after everything put before it (dropped once the neuron is gone:
+        the reader then ends the session)."""
+        if not self._pending and not self._running_text(msg):
+            self._track(msg)
+            try:
+                self._pipe.send(msg)
+            except ChannelClosed:
+                pass
+            return
         self._pending.append(msg)
-        self._flushed = self._flushed if not self._flushed.is_set() else trio.Event()
         self._wake.set()
 
     async def flush(self) -> None:
         """Return once everything put so far has been written."""
-        await self._flushed.wait()
+        while self._pending:
+            self._taken = trio.Event() if self._taken.is_set() else self._taken
+            await self._taken.wait()
+        await self._pipe.wait_flushed()
 
     async def run(self) -> None:
-        """Write until cancelled. Raises :class:`ChannelClosed` when the neuron is gone."""
+        """Write the queued frames until cancelled."""
         while True:
             await self._wake.wait()
-            if self._only_running_text():
-                await self._while_producing()
             self._wake = trio.Event()
-            batch, self._pending = coalesce(self._pending), []
-            for m in batch:
-                rid = getattr(m, "request_id", None)
-                if rid is None:
-                    continue
-                if isinstance(m, END_OF_REQUEST):
-                    self._streaming.discard(rid)
-                else:
-                    self._streaming.add(rid)
-            await self._pipe.send_bytes(b"".join(map(frame, batch)))
             if not self._pending:
-                self._flushed.set()
+                continue
+            await self._pipe.wait_flushed()
+            if all(self._running_text(m) for m in self._pending):
+                await self._while_producing()
+            batch, self._pending = coalesce(self._pending), []
+            self._taken.set()
+            for m in batch:
+                self._track(m)
+            try:
+                self._pipe.post(b"".join(map(frame, batch)))
+            except ChannelClosed:
+                return
 
-    def _only_running_text(self) -> bool:
-        return all(type(m) is TokenChunk and m.request_id in self._streaming for m in self._pending)
+    def _running_text(self, msg: Any) -> bool:
+        return type(msg) is TokenChunk and not msg.tool_calls and msg.request_id in self._streaming
+
+    def _track(self, msg: Any) -> None:
+        rid = getattr(msg, "request_id", None)
+        if rid is None:
+            return
+        if isinstance(msg, END_OF_REQUEST):
+            self._streaming.discard(rid)
+        else:
+            self._streaming.add(rid)
 
     async def _while_producing(self) -> None:
         idle = 0
         for _ in range(BATCH_TICKS):
-            if idle == 2 or not self._only_running_text():
+            if idle == 2 or not all(self._running_text(m) for m in self._pending):
                 return
             ready = len(self._pending)
             await trio.lowlevel.checkpoint()
@@ -166,20 +186,14 @@ class Worker:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._write)
+                nursery.start_soon(self._pipe.run)
+                nursery.start_soon(self._out.run)
                 self._out.put(WorkerReady(os.getpid()))
                 await self._read(nursery)
         finally:
             if self._backend is not None:  # the neuron went away: free what we hold
                 with trio.CancelScope(shield=True), trio.move_on_after(UNLOAD_DRAIN_S):
                     await self._backend.unload()
-
-    async def _write(self) -> None:
-        try:
-            await self._out.run()
-        except ChannelClosed:
-            assert self._nursery is not None
-            self._nursery.cancel_scope.cancel()
 
     async def _read(self, nursery: trio.Nursery) -> None:
         while True:

@@ -165,7 +165,6 @@ class WorkerBackend(Backend, ChatInference, TextInference, EmbeddingInference):
         self._load_error: BackendError | None = None
         self._progress: ProgressFn | None = None
         self._liveness: Liveness | None = None
-        self._pinging = False
         self._kill_reason: str | None = None
         self._workloads: frozenset[Workload] = frozenset()
         self._memory = 0
@@ -216,7 +215,7 @@ class WorkerBackend(Backend, ChatInference, TextInference, EmbeddingInference):
         log.info("model %s: worker pid %d started in %.2fs", self.config.model_id, self.pid, self.start_seconds)
         assert self._pipe is not None
         try:
-            await self._pipe.send(WorkerLoad(self.config))
+            self._pipe.send(WorkerLoad(self.config))
         except ChannelClosed:
             pass  # it died: the wait below reports why
         await self._wait(self._loaded, self.settings.load_timeout, "load")
@@ -242,7 +241,7 @@ class WorkerBackend(Backend, ChatInference, TextInference, EmbeddingInference):
                              code="load_failed") from None
         finally:
             theirs.close()
-        self._pipe = Pipe.from_socket(ours)
+        self._pipe = Pipe(ours)
         assert self.service_nursery is not None
         self.service_nursery.start_soon(self._supervise)
 
@@ -270,7 +269,7 @@ class WorkerBackend(Backend, ChatInference, TextInference, EmbeddingInference):
                 with trio.move_on_after(self.settings.unload_timeout):
                     try:
                         assert self._pipe is not None
-                        await self._pipe.send(WorkerUnload())
+                        self._pipe.send(WorkerUnload())
                     except ChannelClosed:
                         pass
                     await self._exited.wait()
@@ -286,7 +285,8 @@ class WorkerBackend(Backend, ChatInference, TextInference, EmbeddingInference):
         try:
             with self._scope:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._watch, nursery)
+                    nursery.start_soon(self._pipe.run)
+                    nursery.start_soon(self._watch)
                     await self._read()
                     nursery.cancel_scope.cancel()
                 await self._reap()
@@ -340,7 +340,7 @@ class WorkerBackend(Backend, ChatInference, TextInference, EmbeddingInference):
                         self._kill(f"sent an unexpected {type(msg).__name__}")
                         return
 
-    async def _watch(self, nursery: trio.Nursery) -> None:
+    async def _watch(self) -> None:
         s = self.settings
         live = self._liveness = Liveness(interval=s.ping_interval, timeout=s.ping_timeout, now=trio.current_time())
         while True:
@@ -349,20 +349,12 @@ class WorkerBackend(Backend, ChatInference, TextInference, EmbeddingInference):
                 self._kill(f"did not answer for {live.silent_for(now):.1f} s (ping_timeout {s.ping_timeout:g} s)")
                 return
             nonce = live.ping_due(now)
-            if nonce is not None and not self._pinging:
-                nursery.start_soon(self._ping, nonce)
+            if nonce is not None:
+                try:
+                    self._pipe.send(Ping(nonce))  # never blocks, even towards a frozen worker
+                except ChannelClosed:
+                    return
             await trio.sleep_until(live.next_check(now))
-
-    async def _ping(self, nonce: int) -> None:
-        # Its own task: a write to a frozen worker blocks until the worker is killed.
-        assert self._pipe is not None
-        self._pinging = True
-        try:
-            await self._pipe.send(Ping(nonce))
-        except ChannelClosed:
-            pass
-        finally:
-            self._pinging = False
 
     def _kill(self, reason: str) -> None:
         if self._process is not None and self._process.returncode is None:
@@ -423,7 +415,7 @@ class WorkerBackend(Backend, ChatInference, TextInference, EmbeddingInference):
         receive = self._open(rid)
         sent = ended = False
         try:
-            sent = await self._send(request)
+            sent = self._send(request)
             while True:
                 item = await receive.receive()
                 if type(item) is TokenChunk:
@@ -444,7 +436,7 @@ class WorkerBackend(Backend, ChatInference, TextInference, EmbeddingInference):
         receive = self._open(rid)
         sent = ended = False
         try:
-            sent = await self._send(request)
+            sent = self._send(request)
             item = await receive.receive()
             ended = True
             if type(item) is EmbedResult:
@@ -466,12 +458,12 @@ class WorkerBackend(Backend, ChatInference, TextInference, EmbeddingInference):
         self._requests[rid] = send
         return receive
 
-    async def _send(self, request: GenerateRequest | EmbedRequest) -> bool:
+    def _send(self, request: GenerateRequest | EmbedRequest) -> bool:
         """Send ``request``; True once it was written. A dead worker is reported through
         the request's queue, like a death later on."""
         assert self._pipe is not None
         try:
-            await self._pipe.send(request)
+            self._pipe.send(request)
         except ChannelClosed:
             return False
         return True
@@ -482,7 +474,7 @@ class WorkerBackend(Backend, ChatInference, TextInference, EmbeddingInference):
         assert self._pipe is not None
         with trio.CancelScope(shield=True), trio.move_on_after(CANCEL_GRACE_S) as waited:
             try:
-                await self._pipe.send(Cancel(rid))
+                self._pipe.send(Cancel(rid))
             except ChannelClosed:
                 pass
             while type(await receive.receive()) is TokenChunk:
