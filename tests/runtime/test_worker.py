@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import stat
+import sys
 from contextlib import aclosing
 
 import pytest
@@ -195,6 +196,22 @@ async def test_a_worker_that_never_starts_is_killed_at_the_start_deadline(nurser
     assert not _alive(backend.pid)
 
 
+async def test_a_worker_that_breaks_the_protocol_is_killed(nursery, tmp_path):
+    rogue = tmp_path / "python"
+    rogue.write_text(f"#!{sys.executable}\n"
+                     "import socket, sys, time\n"
+                     "s = socket.socket(fileno=int(sys.argv[sys.argv.index('--fd') + 1]))\n"
+                     "s.sendall(b'\\x00\\x00\\x00\\x03\\xc1\\xc1\\xc1')\n"
+                     "time.sleep(60)\n")
+    rogue.chmod(rogue.stat().st_mode | stat.S_IEXEC)
+    backend = WorkerBackend(slow(), WorkerSettings(python=str(rogue)))
+    backend.service_nursery = nursery
+    with trio.fail_after(30), pytest.raises(LoadFailed) as err:
+        await backend.load(lambda *a: None)
+    assert err.value.code == "backend_crashed" and "broke the protocol" in str(err.value)
+    assert not _alive(backend.pid)
+
+
 async def test_a_frozen_worker_is_killed_after_ping_timeout_and_its_stream_ends(nursery):
     backend = await loaded(nursery, slow(), WorkerSettings(ping_interval=0.1, ping_timeout=1.0))
     with trio.fail_after(30), pytest.raises(BackendCrashed) as err:
@@ -251,3 +268,11 @@ def _alive(pid: int | None) -> bool:
         return False
     with open(f"/proc/{pid}/stat") as f:
         return f.read().split(") ")[1][0] != "Z"
+
+
+def test_joined_text_stops_growing_at_its_limit():
+    from helexa.runtime.worker.child import MAX_JOINED_CHARS
+
+    piece = "x" * (MAX_JOINED_CHARS // 2 + 1)
+    out = coalesce([TokenChunk("a", piece)] * 3)
+    assert [len(c.text) for c in out] == [2 * len(piece), len(piece)]

@@ -63,6 +63,10 @@ BATCH_TICKS = 8
 """Scheduler ticks the writer waits for more text while a backend keeps producing it
 (a backend slower than a tick, every real model, costs two idle ticks per token)."""
 
+MAX_JOINED_CHARS = 256 * 1024
+"""Text chunks are joined up to about this size, so no frame grows without bound while the
+neuron is not reading."""
+
 UNLOAD_DRAIN_S = 10.0
 """How long cancelled requests get to hand their slots back before the backend unloads."""
 
@@ -76,7 +80,7 @@ def coalesce(msgs: list[Any]) -> list[Any]:
     for m in msgs:
         if type(m) is TokenChunk and not m.tool_calls:
             i = open_.get(m.request_id)
-            if i is not None:
+            if i is not None and len(out[i].text) < MAX_JOINED_CHARS:
                 prev = out[i]
                 out[i] = TokenChunk(m.request_id, prev.text + m.text, prev.tokens + m.tokens)
                 continue
@@ -198,13 +202,16 @@ class Worker:
     async def _read(self, nursery: trio.Nursery) -> None:
         while True:
             try:
-                msgs = await self._pipe.receive_batch()
+                for msg in await self._pipe.receive_batch():
+                    self._dispatch(msg, nursery)
             except ChannelClosed:
                 log.info("the neuron closed the connection; exiting")
                 nursery.cancel_scope.cancel()
                 return
-            for msg in msgs:
-                self._dispatch(msg, nursery)
+            except ProtocolError as exc:
+                log.error("the neuron broke the protocol (%s); exiting", exc)
+                nursery.cancel_scope.cancel()
+                return
 
     def _dispatch(self, msg: Any, nursery: trio.Nursery) -> None:
         match msg:

@@ -18,11 +18,15 @@ from typing import Any
 
 import trio
 
-from helexa.protocol import DEFAULT_MAX_FRAME
 from helexa.protocol.worker import FrameReader, frame
 from helexa.transport import ChannelClosed
 
 READ_SIZE = 256 * 1024
+
+MAX_FRAME = 256 * 1024 * 1024
+"""The largest frame either side accepts. The peer is our own process, so this only
+turns a corrupt length into a clear error; it is well above the control plane's frame
+limit, so that any request a neuron accepted can be handed to its worker."""
 
 
 class Pipe:
@@ -37,7 +41,7 @@ class Pipe:
         max_frame: the largest frame accepted from the peer.
     """
 
-    def __init__(self, sock: socket.socket, *, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+    def __init__(self, sock: socket.socket, *, max_frame: int = MAX_FRAME) -> None:
         sock.setblocking(False)
         self._sock = sock
         self._reader = FrameReader(max_frame)

@@ -152,7 +152,6 @@ class WorkerBackend(Backend, ChatInference, TextInference, EmbeddingInference):
 
     def __init__(self, config: ModelConfig, settings: WorkerSettings | None = None) -> None:
         super().__init__(config)
-        self.kind = config.backend_kind  # what runs inside, as the neuron reports it
         self.settings = settings or WorkerSettings()
         self._phase = _Phase.NEW
         self._process: trio.Process | None = None
