@@ -2,7 +2,7 @@
 
     flock /tmp/helexa-bench.lock .venv/bin/python benchmarks/worker_bench.py [--rounds 3] [--dur 5]
 
-Four parts, each an A/B between a backend in the neuron's own process and the same backend
+Five parts, each an A/B between a backend in the neuron's own process and the same backend
 in a worker process (``metadata.isolate``), rounds alternating so that noise from other work
 on the machine hits both alike; figures are medians over rounds.
 
@@ -13,11 +13,12 @@ on the machine hits both alike; figures are medians over rounds.
    holds through a load stalls the loop in-process, not from a worker.
 3. **hop**: the ``synthetic`` backend called directly in one trio process: sequential
    non-streaming requests (p50 and requests/s), 16 concurrent, and 64-token streams.
-4. **fabric**: a real ``helexa cortex`` and ``helexa neuron``, two synthetic models (16
+4. **tokens**: SmolLM2 decoding 128 tokens through the backend interface (greedy).
+5. **fabric**: a real ``helexa cortex`` and ``helexa neuron``, two synthetic models (16
    tokens) on the one neuron, one in-process and one in a worker; ``wrk`` (non-streaming,
    c=1 and c=16) and sequential 64-token streams through the gateway.
 
-Needs ``wrk`` (``apt-get install -y wrk``) for part 4; ``--skip-fabric`` leaves it out.
+Needs ``wrk`` (``apt-get install -y wrk``) for part 5; ``--skip-fabric`` leaves it out.
 """
 
 from __future__ import annotations
@@ -169,7 +170,48 @@ async def hop(rounds: int, n: int) -> None:
           f"stream +{(w['s_p50'] - a['s_p50']) * 1e6:.0f} us p50")
 
 
-# --- 4. fabric ----------------------------------------------------------------------------
+# --- 4. tokens ----------------------------------------------------------------------------
+
+
+async def tokens(rounds: int, n: int) -> None:
+    from helexa.protocol import GenerateResult, TokenChunk
+    from helexa.runtime.llama_cpp import default_gguf_path
+
+    prompt = "Write a long story about a lighthouse keeper."
+    cfg = ModelConfig("smollm2", "llama_cpp", metadata={"path": str(default_gguf_path())})
+
+    async def decode(b) -> float:
+        r = GenerateRequest("t", "smollm2", Task.CHAT, messages=({"role": "user", "content": prompt},),
+                            sampling=SamplingParams(max_tokens=n, temperature=0.0))
+        first = end = None
+        count = 0
+        async with aclosing(b.chat(r)) as it:
+            async for e in it:
+                if isinstance(e, TokenChunk) and first is None:
+                    first = time.perf_counter()
+                elif isinstance(e, GenerateResult):
+                    count = e.usage.completion_tokens
+        end = time.perf_counter()
+        return (count - 1) / (end - first)
+
+    res: dict[str, list[float]] = {"in-process": [], "worker": []}
+    async with trio.open_nursery() as nursery:
+        bs = {p: backend(cfg, p, nursery) for p in res}
+        for b in bs.values():
+            await b.load(lambda *a: None)
+            await decode(b)
+        for _ in range(rounds):
+            for place, b in bs.items():
+                res[place].append(await decode(b))
+        for b in bs.values():
+            await b.unload()
+    for place, r in res.items():
+        print(f"[tokens] SmolLM2 {place:>10}: decode {med(r):5.1f} tokens/s (rounds: "
+              f"{', '.join(f'{x:.1f}' for x in r)})")
+    print(f"[tokens] worker / in-process: {med(res['worker']) / med(res['in-process']):.1%}")
+
+
+# --- 5. fabric ----------------------------------------------------------------------------
 
 MODELS = """
 [models."synth-local"]
@@ -244,6 +286,7 @@ def main() -> None:
     trio.run(start_cost, a.starts)
     trio.run(stall, a.rounds)
     trio.run(hop, a.rounds, a.requests)
+    trio.run(tokens, a.rounds * 2 + 1, 128)
     if not a.skip_fabric:
         fabric(a.rounds, a.dur)
     print(f"load average {os.getloadavg()[0]:.1f} at the end")

@@ -19,6 +19,7 @@ stuck in a native call only notices once the call returns).
 from __future__ import annotations
 
 import logging
+import math
 import os
 from contextlib import aclosing
 from typing import Any
@@ -60,8 +61,12 @@ from .pipe import Pipe
 log = logging.getLogger(__name__)
 
 BATCH_TICKS = 8
-"""Scheduler ticks the writer waits for more text while a backend keeps producing it
-(a backend slower than a tick, every real model, costs two idle ticks per token)."""
+"""Scheduler ticks the writer waits for more text while a fast backend keeps producing it."""
+
+FAST_S = 0.001
+"""Text that follows the previous text within this time comes from a backend faster than a
+round trip through the pipe: it is joined into fewer frames. Slower text (every real model's
+tokens) goes out at once, without a scheduler pass of its own."""
 
 MAX_JOINED_CHARS = 256 * 1024
 """Text chunks are joined up to about this size, so no frame grows without bound while the
@@ -97,11 +102,12 @@ def coalesce(msgs: list[Any]) -> list[Any]:
 class Outbox:
     """The worker's frames to the neuron.
 
-    A control frame, a request's first chunk and its end go out at once when nothing is
-    queued before them. Text of a request already under way goes through :meth:`run`: it
-    waits while the neuron has not read what was written before (so text that piles up
-    meanwhile shares a frame), and while the backend keeps producing (at most
-    :data:`BATCH_TICKS` ticks), so that a fast backend's tokens share frames.
+    A frame goes out at once when nothing is queued before it, and, for text of a request
+    already under way, when the neuron has read what was written before and the text did
+    not follow other text within :data:`FAST_S`. Otherwise it queues for :meth:`run`, which
+    waits until the neuron has read what was written, and while a fast backend keeps
+    producing (at most :data:`BATCH_TICKS` ticks), then joins each request's queued text
+    into one frame (:func:`coalesce`).
     """
 
     def __init__(self, pipe: Pipe) -> None:
@@ -110,19 +116,27 @@ class Outbox:
         self._wake = trio.Event()
         self._taken = trio.Event()
         self._streaming: set[str] = set()
+        self._last_text = -math.inf
 
     def put(self, msg: Any) -> None:
         """Send ``msg`` after everything put before it (dropped once the neuron is gone:
         the reader then ends the session)."""
-        if not self._pending and not self._running_text(msg):
-            self._track(msg)
-            try:
-                self._pipe.send(msg)
-            except ChannelClosed:
-                pass
-            return
+        if not self._pending:
+            if not self._running_text(msg):
+                return self._post(msg)
+            now = trio.current_time()
+            fast, self._last_text = now - self._last_text < FAST_S, now
+            if not fast and self._pipe.flushed:
+                return self._post(msg)
         self._pending.append(msg)
         self._wake.set()
+
+    def _post(self, msg: Any) -> None:
+        self._track(msg)
+        try:
+            self._pipe.send(msg)
+        except ChannelClosed:
+            pass
 
     async def flush(self) -> None:
         """Return once everything put so far has been written."""
@@ -139,8 +153,7 @@ class Outbox:
             if not self._pending:
                 continue
             await self._pipe.wait_flushed()
-            if all(self._running_text(m) for m in self._pending):
-                await self._while_producing()
+            await self._while_producing()
             batch, self._pending = coalesce(self._pending), []
             self._taken.set()
             for m in batch:
