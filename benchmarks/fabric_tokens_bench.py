@@ -4,9 +4,9 @@ directly in this process with the same parameters.
 
     flock /tmp/helexa-bench.lock .venv/bin/python benchmarks/fabric_tokens_bench.py [--rounds 7]
 
-Rounds alternate direct / fabric (the model in a worker process, the default) / fabric with
-the model in the neuron's own process (``metadata.isolate = false``, the same GGUF as a
-second model id); figures are medians. The direct path uses the neuron's default thread
+Rounds run direct / fabric (the model in a worker process, the default) / fabric with the
+model in the neuron's own process (``metadata.isolate = false``, the same GGUF as a
+second model id), in an order that rotates each round; figures are medians. The direct path uses the neuron's default thread
 count (all cores but one), so every path runs llama.cpp the same way; each measurement runs
 while the others are idle (their models stay loaded).
 """
@@ -148,10 +148,15 @@ def main() -> None:
         direct(server, 8)
 
         rows = {"direct": [], "fabric": [], "in-process": []}
-        for _ in range(args.rounds):
-            rows["direct"].append(direct(server, args.tokens))
-            rows["fabric"].append(through_fabric(gateway, args.tokens))
-            rows["in-process"].append(through_fabric(gateway, args.tokens, IN_PROCESS))
+        paths = {
+            "direct": lambda: direct(server, args.tokens),
+            "fabric": lambda: through_fabric(gateway, args.tokens),
+            "in-process": lambda: through_fabric(gateway, args.tokens, IN_PROCESS),
+        }
+        order = list(paths)
+        for i in range(args.rounds):
+            for name in order[i % 3:] + order[: i % 3]:  # each path goes first, second, third in turn
+                rows[name].append(paths[name]())
         med = {k: (statistics.median(r[0] for r in v) * 1000, statistics.median(r[1] for r in v),
                    statistics.median(r[2] for r in v)) for k, v in rows.items()}
         print(f"SmolLM2-135M-Instruct, {threads} llama.cpp thread(s), {args.rounds} rounds, greedy, max {args.tokens} tokens")

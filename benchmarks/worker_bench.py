@@ -10,7 +10,8 @@ on the machine hits both alike; figures are medians over rounds.
    until its first frame, and an idle worker's resident memory.
 2. **stall**: how long the event loop stands still while SmolLM2 loads (a task that
    sleeps 10 ms in a loop records its worst lateness): the interpreter lock that xllamacpp
-   holds through a load stalls the loop in-process, not from a worker.
+   holds through a load stalls the loop in-process, not from a worker. Each load runs in
+   a fresh process.
 3. **hop**: the ``synthetic`` backend called directly in one trio process: sequential
    non-streaming requests (p50 and requests/s), 16 concurrent, and 64-token streams.
 4. **tokens**: SmolLM2 decoding 128 tokens through the backend interface (greedy).
@@ -79,34 +80,43 @@ async def start_cost(n: int) -> None:
 # --- 2. stall -----------------------------------------------------------------------------
 
 
-async def stall(rounds: int) -> None:
+async def stall_probe(place: str) -> None:
+    """One SmolLM2 load, ``place`` in-process or in a worker; prints ``load worst`` seconds."""
     from helexa.runtime.llama_cpp import default_gguf_path
 
     config = ModelConfig("smollm2", "llama_cpp", metadata={"path": str(default_gguf_path())})
+    worst = 0.0
+    async with trio.open_nursery() as nursery:
+        b = backend(config, place, nursery)
+
+        async def tick() -> None:
+            nonlocal worst
+            while True:
+                t = trio.current_time()
+                await trio.sleep(0.01)
+                worst = max(worst, trio.current_time() - t - 0.01)
+
+        nursery.start_soon(tick)
+        t0 = trio.current_time()
+        await b.load(lambda *a: None)
+        took = trio.current_time() - t0
+        nursery.cancel_scope.cancel()
+    print(f"{took} {worst}", flush=True)
+
+
+def stall(rounds: int) -> None:
+    # Each load in a fresh process that exits without unloading: destroying an in-process
+    # xllamacpp.Server has been seen to hang (a worker's unload is bounded by a kill).
     rows: dict[str, list[tuple[float, float]]] = {"in-process": [], "worker": []}
     for _ in range(rounds):
         for place in rows:
-            worst = 0.0
-            async with trio.open_nursery() as nursery:
-                b = backend(config, place, nursery)
-
-                async def tick() -> None:
-                    nonlocal worst
-                    while True:
-                        t = trio.current_time()
-                        await trio.sleep(0.01)
-                        worst = max(worst, trio.current_time() - t - 0.01)
-
-                nursery.start_soon(tick)
-                t0 = trio.current_time()
-                await b.load(lambda *a: None)
-                took = trio.current_time() - t0
-                nursery.cancel_scope.cancel()
-            await b.unload()
-            rows[place].append((took, worst))
+            out = subprocess.run([sys.executable, __file__, "--stall-probe", place], capture_output=True,
+                                 text=True, timeout=300).stdout.split()
+            rows[place].append((float(out[-2]), float(out[-1])))
     for place, r in rows.items():
         print(f"[stall] SmolLM2 load {place:>10}: load {med([x[0] for x in r]) * 1000:5.0f} ms, "
-              f"event loop stood still for up to {med([x[1] for x in r]) * 1000:5.0f} ms")
+              f"event loop stood still for up to {med([x[1] for x in r]) * 1000:5.0f} ms "
+              f"(rounds: {', '.join(f'{x[1] * 1000:.0f}' for x in r)})")
 
 
 # --- 3. hop -------------------------------------------------------------------------------
@@ -245,8 +255,8 @@ def fabric(rounds: int, dur: float) -> None:
 
     work = Path(tempfile.mkdtemp(prefix="helexa-worker-bench-"))
     with ProcGroup(work) as procs:
-        cortex = procs.cortex(models=MODELS, extra_args=["--log-level", "warning"])
-        procs.neuron(cortex, "n1", extra_args=["--log-level", "warning"])
+        cortex = procs.cortex(models=MODELS)
+        procs.neuron(cortex, "n1")
         base = cortex.gateway_url
         client = httpx.Client(timeout=60)
         for model in ("synth-local", "synth-worker"):  # cold loads and warm-up
@@ -281,10 +291,14 @@ def main() -> None:
     ap.add_argument("--starts", type=int, default=10)
     ap.add_argument("--requests", type=int, default=2000, help="requests per round in the hop part")
     ap.add_argument("--skip-fabric", action="store_true")
+    ap.add_argument("--stall-probe", choices=["in-process", "worker"], help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.stall_probe:
+        trio.run(stall_probe, a.stall_probe)
+        os._exit(0)  # without unloading (see stall)
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
     trio.run(start_cost, a.starts)
-    trio.run(stall, a.rounds)
+    stall(a.rounds)
     trio.run(hop, a.rounds, a.requests)
     trio.run(tokens, a.rounds * 2 + 1, 128)
     if not a.skip_fabric:
