@@ -101,6 +101,22 @@ def direct(server, tokens: int) -> tuple[float, float, int]:
     return times[0] - start, (n - 1) / (end - times[0]), n
 
 
+def fabric_cpu(*pids: int) -> float:
+    """CPU seconds used so far by ``pids`` and all their descendants."""
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        root = psutil.Process(pid)
+        for p in (root, *root.children(recursive=True)):
+            try:
+                t = p.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += t.user + t.system
+    return total
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=7)
@@ -153,10 +169,14 @@ def main() -> None:
             "fabric": lambda: through_fabric(gateway, args.tokens),
             "in-process": lambda: through_fabric(gateway, args.tokens, IN_PROCESS),
         }
+        cpu = {"fabric": [], "in-process": []}
         order = list(paths)
         for i in range(args.rounds):
             for name in order[i % 3:] + order[: i % 3]:  # each path goes first, second, third in turn
+                before = fabric_cpu(cortex.pid, neuron.pid)
                 rows[name].append(paths[name]())
+                if name in cpu:
+                    cpu[name].append((fabric_cpu(cortex.pid, neuron.pid) - before) / rows[name][-1][2])
         med = {k: (statistics.median(r[0] for r in v) * 1000, statistics.median(r[1] for r in v),
                    statistics.median(r[2] for r in v)) for k, v in rows.items()}
         print(f"SmolLM2-135M-Instruct, {threads} llama.cpp thread(s), {args.rounds} rounds, greedy, max {args.tokens} tokens")
@@ -165,6 +185,8 @@ def main() -> None:
             print(f"  {names[k]:>27}: ttft {ttft:6.1f} ms   decode {tps:6.1f} tok/s   ({n:.0f} tokens)")
         print(f"fabric (worker) / direct decode tokens/s: {med['fabric'][1] / med['direct'][1]:.1%}")
         print(f"fabric (in the neuron) / direct decode tokens/s: {med['in-process'][1] / med['direct'][1]:.1%}")
+        print("CPU per token, cortex + neuron + its workers (llama.cpp's decoding included): "
+              + ", ".join(f"{names[k]} {statistics.median(v) * 1000:.2f} ms" for k, v in cpu.items()))
     finally:
         for p in (neuron, cortex):
             p.send_signal(signal.SIGTERM)

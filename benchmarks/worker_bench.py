@@ -19,7 +19,8 @@ on the machine hits both alike; figures are medians over rounds.
    tokens) on the one neuron, one in-process and one in a worker; ``wrk`` (non-streaming,
    c=1 and c=16) and sequential 64-token streams through the gateway.
 
-Needs ``wrk`` (``apt-get install -y wrk``) for part 5; ``--skip-fabric`` leaves it out.
+Needs ``wrk`` (``apt-get install -y wrk``) for part 5; ``--parts`` picks parts
+(``start,stall,hop,tokens,fabric``).
 """
 
 from __future__ import annotations
@@ -249,7 +250,7 @@ def streams(client: httpx.Client, base: str, model: str, n: int) -> tuple[float,
     return n / (time.perf_counter() - t0), med(lat)
 
 
-def fabric(rounds: int, dur: float) -> None:
+def fabric(rounds: int, dur: int) -> None:
     import bench  # benchmarks/litellm_harness/bench.py: wrk with post.lua
     from procs import ProcGroup
 
@@ -287,21 +288,26 @@ def fabric(rounds: int, dur: float) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--dur", type=float, default=5.0, help="seconds per wrk run")
+    ap.add_argument("--dur", type=int, default=5, help="seconds per wrk run")
     ap.add_argument("--starts", type=int, default=10)
     ap.add_argument("--requests", type=int, default=2000, help="requests per round in the hop part")
-    ap.add_argument("--skip-fabric", action="store_true")
+    ap.add_argument("--parts", default="start,stall,hop,tokens,fabric", help="which parts to run")
     ap.add_argument("--stall-probe", choices=["in-process", "worker"], help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.stall_probe:
         trio.run(stall_probe, a.stall_probe)
         os._exit(0)  # without unloading (see stall)
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
-    trio.run(start_cost, a.starts)
-    stall(a.rounds)
-    trio.run(hop, a.rounds, a.requests)
-    trio.run(tokens, a.rounds * 2 + 1, 128)
-    if not a.skip_fabric:
+    parts = a.parts.split(",")
+    if "start" in parts:
+        trio.run(start_cost, a.starts)
+    if "stall" in parts:
+        stall(a.rounds)
+    if "hop" in parts:
+        trio.run(hop, a.rounds, a.requests)
+    if "tokens" in parts:
+        trio.run(tokens, a.rounds * 2 + 1, 128)
+    if "fabric" in parts:
         fabric(a.rounds, a.dur)
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
