@@ -68,5 +68,6 @@ from .model import (
     SourceKind,
     parse_source,
 )
+from . import worker  # registers the neuron <-> worker process messages
 
 __all__ = [name for name in dir() if not name.startswith("_")]

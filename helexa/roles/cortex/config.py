@@ -294,10 +294,6 @@ class CortexConfig(BaseModel):
     heartbeat_interval: float = Field(1.0, gt=0)
     missed_heartbeats: int = Field(3, ge=1)
     remove_after: float = Field(30.0, gt=0)
-    busy_silence: float = Field(120.0, gt=0)
-    """Heartbeat silence tolerated while a provisioning command is outstanding: some engines
-    (llama.cpp through xllamacpp) hold the interpreter lock for a whole model load, so a
-    loading neuron cannot heartbeat. A dead process still shows at once (its socket closes)."""
     handshake_timeout: float = Field(10.0, gt=0)
     send_timeout: float = Field(10.0, gt=0)
     max_frame_bytes: int = Field(DEFAULT_MAX_FRAME, ge=1024)
