@@ -78,6 +78,7 @@ class Head:
 
 _STATUS = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([^\x00-\x08\x0a-\x1f\x7f]*))?")
 _FIELD = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*")
+_FIELDS = re.compile(rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\x00-\x08\x0a-\x1f\x7f]*\r\n)*")
 _HEX = b"0123456789abcdefABCDEF"
 
 
@@ -181,32 +182,35 @@ class ResponseReader:
         raise ProtocolError(f"no head to read in state {self.state.value}")
 
     def _parse_head(self, raw: bytes) -> Head | None:
-        lines = raw.split(b"\r\n")
-        status_line = _STATUS.fullmatch(lines[0])
+        eol = raw.find(b"\r\n")
+        status_line = _STATUS.fullmatch(raw, 0, eol if eol >= 0 else len(raw))
         if status_line is None:
-            self._fail(f"malformed status line {lines[0][:100]!r}")
+            self._fail(f"malformed status line {raw[:eol if eol >= 0 else 100][:100]!r}")
         minor, status = status_line.group(1), int(status_line.group(2))
         headers: list[tuple[str, str]] = []
         lengths: set[int] = set()
         chunked = False
         connection: set[str] = set()
-        for line in lines[1:]:
-            field = _FIELD.fullmatch(line)
-            if field is None:
-                self._fail(f"malformed header line {line[:100]!r}")
-            name, value = field.group(1).decode("ascii").lower(), field.group(2).decode("latin-1")
-            headers.append((name, value))
-            if name == "content-length":
-                for part in value.split(","):
-                    if not part.strip().isdigit() or len(part.strip()) > 18:
-                        self._fail(f"malformed content-length {value[:40]!r}")
-                    lengths.add(int(part.strip()))
-            elif name == "transfer-encoding":
-                if value.strip().lower() != "chunked" or chunked:
-                    self._fail(f"unsupported transfer-encoding {value[:40]!r}")
-                chunked = True
-            elif name == "connection":
-                connection.update(t.strip().lower() for t in value.split(","))
+        if eol >= 0:
+            fields = raw[eol + 2:] + b"\r\n"
+            if _FIELDS.fullmatch(fields) is None:  # one scan for them all; the slow path names the line
+                bad = next(line for line in fields.split(b"\r\n") if _FIELD.fullmatch(line) is None)
+                self._fail(f"malformed header line {bad[:100]!r}")
+            for line in fields.split(b"\r\n")[:-1]:
+                name_b, _, value_b = line.partition(b":")
+                name, value = name_b.decode("ascii").lower(), value_b.strip(b" \t").decode("latin-1")
+                headers.append((name, value))
+                if name == "content-length":
+                    for part in value.split(","):
+                        if not part.strip().isdigit() or len(part.strip()) > 18:
+                            self._fail(f"malformed content-length {value[:40]!r}")
+                        lengths.add(int(part.strip()))
+                elif name == "transfer-encoding":
+                    if value.strip().lower() != "chunked" or chunked:
+                        self._fail(f"unsupported transfer-encoding {value[:40]!r}")
+                    chunked = True
+                elif name == "connection":
+                    connection.update(t.strip().lower() for t in value.split(","))
         if 100 <= status < 200:
             if status == 101:
                 self._fail("the server switched protocols")

@@ -37,6 +37,7 @@ let them through as they are)::
 from __future__ import annotations
 
 import select
+import socket
 import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -79,28 +80,31 @@ class Response:
 
 
 class _Connection:
-    """One socket (or TLS stream) and the reader of its responses."""
+    """One connection and the reader of its responses: a plain socket driven directly
+    (``sock``), or a TLS stream (``stream``)."""
 
-    __slots__ = ("stream", "socket", "reader", "poll", "idle_since")
+    __slots__ = ("sock", "stream", "reader", "poll", "idle_since", "_fd_owner")
 
-    def __init__(self, stream: trio.abc.Stream, socket: trio.socket.SocketType, tls: bool) -> None:
+    def __init__(self, sock: socket.socket | None, stream: trio.SSLStream | None, fd_owner: socket.socket) -> None:
+        self.sock = sock
         self.stream = stream
-        self.socket = socket
         self.reader = http1.ResponseReader()
         self.idle_since = 0.0
         # A plain socket that is readable while idle was closed by the server (or holds
         # bytes nobody asked for): either way it is not reusable. TLS may send records
         # of its own (session tickets), so there the retry alone covers a stale connection.
         self.poll: select.poll | None = None
-        if not tls:
+        if sock is not None:
             self.poll = select.poll()
-            self.poll.register(socket.fileno(), select.POLLIN)
+            self.poll.register(fd_owner.fileno(), select.POLLIN)
+        self._fd_owner = fd_owner
 
     def looks_alive(self) -> bool:
         return self.poll is None or not self.poll.poll(0)
 
     def close(self) -> None:
-        self.socket.close()
+        trio.lowlevel.notify_closing(self._fd_owner)
+        self._fd_owner.close()
 
 
 class Upstream:
@@ -225,6 +229,9 @@ class Upstream:
                 await self._send(conn, data)
                 conn.reader.start(head_request=method == "HEAD")
                 reader = conn.reader
+                # The answer cannot be there yet: wait before the first read (a read that
+                # fails costs a system call, the largest cost of a request after Python's).
+                reader.feed(await self._receive(conn, wait_first=True))
                 while (head := reader.head()) is None:
                     reader.feed(await self._receive(conn))
                 return conn, head
@@ -275,7 +282,11 @@ class Upstream:
             except OSError as exc:
                 raise UpstreamUnreachable(f"{self.origin}: cannot connect: {exc}") from None
             if self._ssl is None:
-                return _Connection(tcp, tcp.socket, tls=False)
+                # The plain socket is driven directly (see _send, _receive): trio's stream
+                # layers cost more per request than the rest of the client.
+                sock = socket.socket(fileno=tcp.socket.detach())
+                sock.setblocking(False)
+                return _Connection(sock, None, sock)
             stream = trio.SSLStream(tcp, self._ssl, server_hostname=self.host, https_compatible=True)
             try:
                 await stream.do_handshake()
@@ -285,26 +296,70 @@ class Upstream:
             except BaseException:
                 tcp.socket.close()
                 raise
-            return _Connection(stream, tcp.socket, tls=True)
+            return _Connection(None, stream, tcp.socket)  # type: ignore[arg-type]
         raise UpstreamUnreachable(f"{self.origin}: no connection within {self.connect_timeout:g}s")
 
     async def _send(self, conn: _Connection, data: bytes) -> None:
-        with trio.move_on_after(self.write_timeout) as scope:
-            try:
-                await conn.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise UpstreamClosed(str(exc.__cause__ or exc)) from None
-        if scope.cancelled_caught:
-            raise UpstreamTimeout(f"{self.origin}: the request was not accepted within {self.write_timeout:g}s")
+        sock = conn.sock
+        if sock is None:
+            with trio.move_on_after(self.write_timeout) as scope:
+                try:
+                    await conn.stream.send_all(data)  # type: ignore[union-attr]
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    raise UpstreamClosed(str(exc.__cause__ or exc)) from None
+            if scope.cancelled_caught:
+                raise UpstreamTimeout(f"{self.origin}: the request was not accepted within {self.write_timeout:g}s")
+            return
+        await trio.lowlevel.checkpoint_if_cancelled()
+        view, deadline = memoryview(data), None
+        try:
+            while view:
+                try:
+                    view = view[sock.send(view):]
+                    continue
+                except BlockingIOError:
+                    pass
+                if deadline is None:
+                    deadline = trio.current_time() + self.write_timeout
+                with trio.CancelScope(deadline=deadline) as scope:
+                    await trio.lowlevel.wait_writable(sock)
+                if scope.cancelled_caught:
+                    raise UpstreamTimeout(f"{self.origin}: the request was not accepted within {self.write_timeout:g}s")
+        except OSError as exc:  # reset, broken pipe
+            raise UpstreamClosed(str(exc)) from None
 
-    async def _receive(self, conn: _Connection) -> bytes:
-        """The next bytes from the server; ``b""`` when it closed or reset the connection."""
-        with trio.move_on_after(self.read_timeout) as scope:
+    async def _receive(self, conn: _Connection, wait_first: bool = False) -> bytes:
+        """The next bytes from the server; ``b""`` when it closed or reset the connection.
+        Always a checkpoint, as trio's own receives are. ``wait_first``: wait until the
+        socket is readable before trying to read."""
+        sock = conn.sock
+        if sock is None:
+            with trio.move_on_after(self.read_timeout):
+                try:
+                    return await conn.stream.receive_some(_RECEIVE)  # type: ignore[union-attr]
+                except trio.BrokenResourceError:
+                    return b""
+            raise UpstreamTimeout(f"{self.origin}: no answer within {self.read_timeout:g}s")
+        if not wait_first:
+            await trio.lowlevel.checkpoint_if_cancelled()
             try:
-                return await conn.stream.receive_some(_RECEIVE)
-            except trio.BrokenResourceError:
+                data = sock.recv(_RECEIVE)
+            except BlockingIOError:
+                pass
+            except OSError:
                 return b""
-        assert scope.cancelled_caught
+            else:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return data
+        with trio.CancelScope(deadline=trio.current_time() + self.read_timeout):
+            while True:
+                await trio.lowlevel.wait_readable(sock)
+                try:
+                    return sock.recv(_RECEIVE)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    return b""
         raise UpstreamTimeout(f"{self.origin}: no answer within {self.read_timeout:g}s")
 
     def _release(self, conn: _Connection) -> None:
