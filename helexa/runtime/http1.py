@@ -82,9 +82,8 @@ _FIELDS = re.compile(rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\x00-\x08\x0a-\x1f\x7f]
 _HEX = b"0123456789abcdefABCDEF"
 
 
-def _chunk_size(buf: bytearray, start: int, end: int) -> int:
-    """The size on a chunk line ``buf[start:end]`` (extensions after ``;`` ignored), or -1."""
-    line = buf[start:end]
+def _chunk_size(line: bytearray) -> int:
+    """The size on a chunk line (extensions after ``;`` ignored), or -1."""
     semi = line.find(b";")
     if semi >= 0:
         if not _TEXT.fullmatch(line[semi:].decode("latin-1")):
@@ -274,9 +273,13 @@ class ResponseReader:
                     if len(buf) - pos > MAX_CHUNK_LINE:
                         self._fail("chunk size line too long")
                     break
-                remaining = _chunk_size(buf, pos, end)
-                if remaining < 0:
-                    self._fail(f"malformed chunk size line {bytes(buf[pos:end])[:40]!r}")
+                line = buf[pos:end]
+                if 0 < len(line) <= 16 and not line.translate(None, _HEX):
+                    remaining = int(line, 16)
+                else:  # extensions, or malformed
+                    remaining = _chunk_size(line)
+                    if remaining < 0:
+                        self._fail(f"malformed chunk size line {bytes(line)[:40]!r}")
                 pos = end + 2
                 if not remaining:
                     state = State.TRAILERS

@@ -20,7 +20,7 @@ raises :class:`~helexa.runtime.upstream.UpstreamProtocolError`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 
@@ -79,22 +79,65 @@ class StreamReader:
         self._pending = buf[end + 2:] + keep
         out: list[TokenChunk] = []
         texts: list[str] = []
+        loads, chunks = orjson.loads, 0
         try:
+            # One loop for every chunk of a read, inlined: this runs once per token.
             for event in buf[:end].split(b"\n\n"):
                 if event[:6] == b"data: " and b"\n" not in event:
-                    payload, field = event[6:], b"data"
+                    payload = event[6:]
                 else:
                     payload, field = _parse_event(event)
                     if payload is None:
                         continue
+                    if field == b"error":  # llama.cpp's server: "error: {...}"
+                        _raise_error(payload)
                 if payload == b"[DONE]":
                     self.done = True
                     break
-                self._chunk(payload, field, out, texts)
+                try:
+                    chunk = loads(payload)
+                except orjson.JSONDecodeError:
+                    raise UpstreamProtocolError(f"a streamed chunk is not JSON: {payload[:200]!r}") from None
+                if type(chunk) is not dict:
+                    raise UpstreamProtocolError(f"a streamed chunk is not a JSON object: {payload[:200]!r}")
+                if "error" in chunk:
+                    _raise_error(payload)
+                if "usage" in chunk or "timings" in chunk:
+                    self.usage = openai_shapes.usage_of(chunk) or self.usage
+                choices = chunk.get("choices")
+                if choices is None:
+                    if chunk.get("object") == "error":  # older vLLM: the envelope's fields at the top
+                        _raise_error(payload)
+                    continue
+                try:
+                    for choice in choices:
+                        delta = choice.get("delta")
+                        if delta is not None:
+                            text, calls = delta.get("content"), delta.get("tool_calls")
+                        else:
+                            text, calls = choice.get("text"), None
+                        reason = choice.get("finish_reason")
+                        if reason:
+                            self.finish_reason = str(reason)
+                        if calls:
+                            if texts:
+                                out.append(TokenChunk(self.request_id, "".join(texts), len(texts)))
+                                texts = []
+                            out.append(TokenChunk(self.request_id, text or "", 1, tool_calls=tuple(calls)))
+                            chunks += 1
+                        elif text:
+                            if type(text) is not str:
+                                raise TypeError("text")
+                            texts.append(text)
+                            chunks += 1
+                except (AttributeError, TypeError):
+                    raise UpstreamProtocolError(f"a streamed chunk has an unexpected shape: {payload[:200]!r}") from None
         except BackendError as exc:
             if not out and not texts:
+                self.chunks += chunks
                 raise
             self._error = exc
+        self.chunks += chunks
         if texts:
             out.append(TokenChunk(self.request_id, "".join(texts), len(texts)))
         return out
@@ -107,44 +150,17 @@ class StreamReader:
         return GenerateResult(self.request_id, self.finish_reason or "stop",
                               self.usage or Usage(completion_tokens=self.chunks))
 
-    def _chunk(self, payload: bytes, field: bytes, out: list[TokenChunk], texts: list[str]) -> None:
-        try:
-            chunk = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            raise UpstreamProtocolError(f"a streamed chunk is not JSON: {payload[:200]!r}") from None
-        if not isinstance(chunk, dict):
-            raise UpstreamProtocolError(f"a streamed chunk is not a JSON object: {payload[:200]!r}")
-        if field == b"error":  # llama.cpp's server: "error: {...}"
-            chunk = chunk if "error" in chunk else {"error": chunk}
-        elif chunk.get("object") == "error":  # older vLLM: the envelope's fields at the top
-            chunk = {"error": chunk}
-        if "error" in chunk:
-            openai_shapes.raise_for_error(chunk)
-            raise BackendError(f"the upstream reported an error: {payload[:200]!r}")
-        try:
-            if "usage" in chunk or "timings" in chunk:
-                self.usage = openai_shapes.usage_of(chunk) or self.usage
-            for choice in chunk.get("choices") or ():
-                delta = choice.get("delta")
-                if delta is not None:
-                    text, calls = delta.get("content"), delta.get("tool_calls")
-                else:
-                    text, calls = choice.get("text"), None
-                if choice.get("finish_reason"):
-                    self.finish_reason = str(choice["finish_reason"])
-                if text is not None and not isinstance(text, str):
-                    raise TypeError("text")
-                if calls:
-                    if texts:
-                        out.append(TokenChunk(self.request_id, "".join(texts), len(texts)))
-                        texts.clear()
-                    out.append(TokenChunk(self.request_id, text or "", 1, tool_calls=tuple(calls)))
-                    self.chunks += 1
-                elif text:
-                    texts.append(text)
-                    self.chunks += 1
-        except (AttributeError, TypeError, ValueError):
-            raise UpstreamProtocolError(f"a streamed chunk has an unexpected shape: {payload[:200]!r}") from None
+
+def _raise_error(payload: bytes) -> NoReturn:
+    """Raise what an error chunk stands for: ``{"error": {...}}``, older vLLM's
+    ``{"object": "error", ...}``, or the data of llama.cpp's ``error:`` field."""
+    try:
+        chunk = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        raise BackendError(f"the upstream reported an error: {payload[:200]!r}") from None
+    if isinstance(chunk, dict):
+        openai_shapes.raise_for_error(chunk if "error" in chunk else {"error": chunk})
+    raise BackendError(f"the upstream reported an error: {payload[:200]!r}")
 
 
 def _parse_event(event: bytes) -> tuple[bytes | None, bytes]:
