@@ -101,7 +101,8 @@ async def test_starts_serves_restarts_and_stops_the_process(tiny_gguf: Path) -> 
                 await trio.sleep(0.05)
             assert "exited" in statuses[0].error
             assert await generate(backend) == 3
-        await backend.unload()
+        with trio.fail_after(30):  # SIGTERM's grace, then SIGKILL: never a hang
+            await backend.unload()
         assert children() == []
 
 
