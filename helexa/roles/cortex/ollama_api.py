@@ -11,7 +11,9 @@ the neuron's configuration. ``format`` is ``"json"`` (any JSON object) or a JSON
 enforced by the backend's grammar as ``response_format`` is. ``keep_alive`` and ``think``
 are accepted; where a model stays loaded is the orchestrator's decision.
 
-Model names are the portal's public names; ``name:latest`` is the same model as ``name``.
+The fabric request always streams (an answer in one object is gathered at the edge), so
+that the final object's durations split the prompt's evaluation (to the first token) from
+the generation. Model names are the portal's public names; ``name:latest`` is the same model as ``name``.
 Tool calls travel as Ollama writes them (``arguments`` an object) and become OpenAI's
 (``arguments`` a JSON string, an ``id`` each) inside: a ``tool`` message is answered to
 the earliest unanswered call of the same ``tool_name`` (or the earliest at all).
@@ -247,7 +249,7 @@ def chat_request(body: ChatBody, request_id: str, model: str) -> tuple[GenerateR
     """The fabric request for ``/api/chat`` (``model``: the public name, ``:latest`` gone)."""
     messages, image = chat_messages(body)
     return GenerateRequest(
-        request_id, model, Task.CHAT, messages=tuple(messages), sampling=sampling(body), stream=body.stream,
+        request_id, model, Task.CHAT, messages=tuple(messages), sampling=sampling(body), stream=True,
         tools=tuple(ToolSpec(t.function.name, t.function.description, t.function.parameters,
                              bool(t.function.strict)) for t in body.tools or ()),
         response_format=response_format(body.format)), image
@@ -267,11 +269,11 @@ def generate_request(body: GenerateBody, request_id: str, model: str) -> tuple[G
         if body.images:
             raise BadRequest("images need a chat turn, not raw", param="images", code="unsupported")
         return GenerateRequest(request_id, model, Task.COMPLETION, prompt=prompt, sampling=sampling(body),
-                               stream=body.stream, response_format=response_format(body.format)), None
+                               stream=True, response_format=response_format(body.format)), None
     messages = ([{"role": "system", "content": body.system}] if body.system else []) + [
         {"role": "user", "content": _user(prompt, body.images)}]
     return GenerateRequest(request_id, model, Task.CHAT, messages=tuple(messages), sampling=sampling(body),
-                           stream=body.stream, response_format=response_format(body.format)), (
+                           stream=True, response_format=response_format(body.format)), (
         "images[0]" if body.images else None)
 
 

@@ -100,7 +100,8 @@ class OllamaSurface:
     @staticmethod
     def _name(caller: Caller, asked: str) -> str:
         """The public name behind an Ollama model name (``name:latest`` is ``name``)."""
-        if asked.endswith(":latest") and caller.portal.serves(asked) is None:
+        named = caller.portal.config
+        if asked.endswith(":latest") and asked not in named.aliases and asked not in (named.models or ()):
             return asked.removesuffix(":latest")
         return asked
 
@@ -239,7 +240,7 @@ class OllamaSurface:
 
         def final(result: GenerateResult) -> dict[str, Any]:
             end = trio.current_time()
-            start = first[0] if first else end
+            start = first[0] if first else t0
             obj = piece("")
             obj.update(done=True, done_reason=api.done_reason(result.finish_reason),
                        total_duration=_ns(end - t0), load_duration=0,
@@ -304,7 +305,7 @@ class OllamaSurface:
                 obj["logprobs"] = api.logprobs_body(tuple(lps))
             await out.json(obj)
 
-        await ex.until_disconnect(stream if request.stream else complete)
+        await ex.until_disconnect(stream if body.stream else complete)
 
     # --- embeddings ------------------------------------------------------------------------
 
