@@ -183,3 +183,25 @@ def test_tool_calls_and_their_results_become_openai_messages_with_ids() -> None:
         {"id": "call_1_1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]}
     assert messages[2:] == [{"role": "tool", "tool_call_id": "call_1_1", "content": "noon"},
                             {"role": "tool", "tool_call_id": "call_1_0", "content": "sunny"}]
+
+
+async def test_a_neuron_lost_mid_stream_ends_the_stream_with_an_error_line(autojump_clock) -> None:
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=("chat",), tokens=5, token_delay=1.0)
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme")
+
+    async def kill() -> None:
+        await trio.sleep(2.5)
+        neuron.kill()
+
+    async with portals(fleet, {"acme": acme()}, store=store, virtual=True) as (_, urls):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kill)
+            async with httpx.AsyncClient(timeout=10) as http:
+                r = await http.post(urls["acme"] + "/api/generate", headers=bearer(key),
+                                    json={"model": "fast", "prompt": "x"})
+    lines = [json.loads(line) for line in r.text.splitlines()]
+    assert [line.get("response") for line in lines[:2]] == ["t0 ", "t1 "]
+    assert list(lines[-1]) == ["error"] and "went away" in lines[-1]["error"] and len(lines) == 3
+    assert [(row.endpoint, row.outcome) for row in store.records()] == [("ollama_generate", "error")]

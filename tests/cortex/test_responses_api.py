@@ -239,3 +239,41 @@ def test_an_answer_cut_by_max_output_tokens_is_incomplete() -> None:
     b.finish(GenerateResult("r", "length", Usage(1, 1), text="a"))
     assert b.completed()["type"] == "response.incomplete"
     assert b.response["incomplete_details"] == {"reason": "max_output_tokens"}
+
+
+async def test_a_stream_waiting_for_a_cold_load_gets_comments_then_the_events(autojump_clock) -> None:
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, load_delay=3.5, tokens=1)
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme")
+    async with portals(fleet, {"acme": acme()}, store=store, virtual=True,
+                       orchestrator={"keepalive_interval": 1.0}) as (_, urls):
+        async with httpx.AsyncClient(timeout=5) as http:
+            r = await http.post(urls["acme"] + "/v1/responses", headers=bearer(key),
+                                json={"model": "fast", "input": "x", "stream": True})
+    blocks = [b for b in r.text.split("\n\n") if b]
+    assert [b.startswith(": loading fast") for b in blocks[:3]] == [True] * 3  # at t = 1, 2 and 3 s
+    assert blocks[3].startswith("event: response.created\n") and blocks[-1].startswith("event: response.completed\n")
+
+
+async def test_a_neuron_lost_mid_stream_ends_the_stream_with_response_failed(autojump_clock) -> None:
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=("chat",), tokens=5, token_delay=1.0)
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme")
+    async with portals(fleet, {"acme": acme()}, store=store, virtual=True) as (_, urls):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_kill_after, neuron, 2.5)
+            async with httpx.AsyncClient(timeout=10) as http:
+                r = await http.post(urls["acme"] + "/v1/responses", headers=bearer(key),
+                                    json={"model": "fast", "input": "x", "stream": True})
+    events = [json.loads(b.split("\n")[1][6:]) for b in r.text.split("\n\n") if b]
+    assert [e["type"] for e in events] == TEXT_EVENTS[:6] + ["response.failed"]
+    failed = events[-1]["response"]
+    assert failed["status"] == "failed" and failed["error"]["code"] == "neuron_gone"
+    assert [(row.endpoint, row.outcome) for row in store.records()] == [("responses", "error")]
+
+
+async def _kill_after(neuron: NeuronDouble, delay: float) -> None:
+    await trio.sleep(delay)
+    neuron.kill()
