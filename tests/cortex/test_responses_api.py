@@ -277,3 +277,23 @@ async def test_a_neuron_lost_mid_stream_ends_the_stream_with_response_failed(aut
 async def _kill_after(neuron: NeuronDouble, delay: float) -> None:
     await trio.sleep(delay)
     neuron.kill()
+
+
+async def test_top_logprobs_come_with_the_text_and_each_delta() -> None:
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("chat",), tokens=2)
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme")
+    async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
+        def run():  # noqa: ANN202
+            c = client(urls["acme"], key)
+            plain = c.responses.create(model="fast", input="hi", top_logprobs=1)
+            with c.responses.stream(model="fast", input="hi", include=["message.output_text.logprobs"]) as s:
+                deltas = [e.logprobs for e in s if e.type == "response.output_text.delta"]
+            return plain, deltas
+
+        plain, deltas = await in_thread(run)
+    lps = plain.output[0].content[0].logprobs
+    assert [(lp.token, lp.logprob, [t.token for t in lp.top_logprobs]) for lp in lps] == [
+        ("t0 ", 0.0, ["t0 "]), ("t1 ", 0.0, ["t1 "])]
+    assert [[lp.token for lp in d] for d in deltas] == [["t0 "], ["t1 "]]
