@@ -15,6 +15,7 @@ import json
 import jsonschema
 import ollama
 import openai
+import pydantic
 import pytest
 
 from procs import Cortex, ProcGroup
@@ -108,6 +109,15 @@ def test_a_json_schema_text_format_answer_validates(oai: openai.OpenAI) -> None:
                              max_output_tokens=60, text={"format": {"type": "json_schema", "name": "person",
                                                                     "schema": PERSON, "strict": True}})
     jsonschema.validate(json.loads(r.output_text), PERSON)
+    # The SDK's own structured-output helper: a pydantic model in, a parsed instance out.
+    parsed = oai.responses.parse(model=CHAT, input="Give me a person named Bob aged 30 as JSON.", temperature=0,
+                                 max_output_tokens=60, text_format=Person).output_parsed
+    assert isinstance(parsed, Person) and isinstance(parsed.age, int)
+
+
+class Person(pydantic.BaseModel):
+    name: str
+    age: int
 
 
 def test_ollama_chat_generate_and_stream(oll: ollama.Client) -> None:

@@ -85,7 +85,8 @@ class GenerateCommon(Common):
 
 class ToolCallFunction(Lenient):
     name: str = Field(min_length=1)
-    arguments: dict[str, Any] = Field(default_factory=dict)
+    arguments: dict[str, Any] | str = Field(default_factory=dict)
+    """An object, as Ollama writes it (a JSON string, as some clients send, is taken too)."""
     index: int | None = None
 
     @field_validator("arguments")
@@ -229,7 +230,8 @@ def chat_messages(body: ChatBody) -> tuple[list[dict[str, Any]], str | None]:
                         call_id = call.id or f"call_{i}_{j}"
                         pending.append((call.function.name, call_id))
                         calls.append({"id": call_id, "type": "function", "function": {
-                            "name": call.function.name, "arguments": json.dumps(call.function.arguments)}})
+                            "name": call.function.name, "arguments": args if isinstance(
+                                args := call.function.arguments, str) else json.dumps(args)}})
                     message["tool_calls"] = calls
                 out.append(message)
             case "tool":
