@@ -217,7 +217,7 @@ class PortalConfig(BaseModel):
     auth: Literal["keys", "none"] | None = None
     """``keys``: every request needs one of this portal's API keys. ``none``: open. Unset
     is open, and allowed only on loopback sockets."""
-    surfaces: list[Literal["openai"]] = Field(default_factory=lambda: ["openai"])
+    surfaces: list[Literal["openai", "anthropic"]] = Field(default_factory=lambda: ["openai", "anthropic"])
     """API surfaces served."""
     models: list[str] | None = None
     """Catalogue models served under their own names (unset: every model, unless

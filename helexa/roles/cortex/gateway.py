@@ -13,6 +13,7 @@ Routes on every portal socket::
 
     POST /v1/chat/completions, /v1/completions, /v1/embeddings    (metered; :mod:`.openai_surface`)
     GET  /v1/models, /v1/models/{id}, /v1/usage
+    POST /v1/messages (metered), /v1/messages/count_tokens   (:mod:`.anthropic_surface`)
     GET  /health                200 while serving
 
 and on the admin socket (``admin_socket``, else the default portal's)::
@@ -42,6 +43,7 @@ import trio
 
 from helexa.config import split_socket
 
+from .anthropic_surface import AnthropicSurface
 from .asgi import Exchange, Limits, Receive, Responder, Route, Router, Scope, Send
 from .config import DEFAULT_PORTAL, PortalConfig
 from .disconnect_watch import DisconnectWatch
@@ -184,6 +186,7 @@ class Gateway:
         """HTTP requests being handled right now, on every socket (a drain waits for none)."""
         self._created = int(time.time())
         self.openai = OpenAISurface(self.metering, self._fabric_models)
+        self.anthropic = AnthropicSurface(self.metering)
         self.admin = AdminApi(portals=self.portals, keyring=self.keyring, store=self.store, metering=self.metering,
                               fleet=self.fleet, token=admin_token, admin_clients=self.config.admin_clients,
                               clock=clock)
@@ -216,6 +219,8 @@ class Gateway:
         routes = self._common_routes()
         if "openai" in portal.config.surfaces:
             routes += self.openai.routes()
+        if "anthropic" in portal.config.surfaces:
+            routes += self.anthropic.routes()
         if admin:
             routes += self._admin_routes()
         return PortalApp(self, portal, routes)
