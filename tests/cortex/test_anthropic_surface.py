@@ -11,6 +11,7 @@ import httpx
 import pytest
 import trio
 
+from helexa.protocol import Feature
 from helexa.roles.cortex.catalogue import Catalogue, CatalogueEntry, Workload
 from helexa.roles.cortex.fleet import Fleet
 from helexa.roles.cortex.portal.store import SqliteStore
@@ -286,3 +287,64 @@ async def test_count_tokens_estimates_for_a_model_without_a_tokenizer_here() -> 
         raw = await in_thread(count)
     assert raw.headers["x-helexa-token-count"] == "estimate" and raw.parse().input_tokens > 0
     assert not neuron.requests
+
+
+# --- what reaches the fabric ----------------------------------------------------------------
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+TOOLED = Catalogue([CatalogueEntry(id="chat", backend="synthetic", memory_mb=1, features=(Feature.TOOLS,))])
+
+
+async def test_multi_turn_blocks_tools_and_tool_results_reach_the_fabric_as_its_chat() -> None:
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=("chat",))
+    history = [
+        {"role": "user", "content": [{"type": "text", "text": "Weather"}, {"type": "text", "text": "in Paris?"}]},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "hm", "signature": "s"},
+            {"type": "text", "text": "Let me look."},
+            {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "Sunny"}]},
+            {"type": "tool_result", "tool_use_id": "toolu_2", "content": "down", "is_error": True},
+            {"type": "text", "text": "And tomorrow?"}]},
+    ]
+    async with serving(fleet, TOOLED) as (_, url):
+        def ask() -> anthropic.types.Message:
+            with client(url) as c:
+                return c.messages.create(
+                    model="chat", max_tokens=8, messages=history,
+                    system=[{"type": "text", "text": "You are terse."}, {"type": "text", "text": "Use tools."}],
+                    tools=[{"name": "get_weather", "description": "Weather in a city", "input_schema": WEATHER}],
+                    tool_choice={"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True})
+
+        await in_thread(ask)
+    (sent,) = neuron.requests
+    assert sent.messages == (
+        {"role": "system", "content": "You are terse.\nUse tools."},
+        {"role": "user", "content": "Weather\nin Paris?"},
+        {"role": "assistant", "content": "Let me look.", "tool_calls": [
+            {"id": "toolu_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "toolu_1", "content": "Sunny"},
+        {"role": "tool", "tool_call_id": "toolu_2", "content": "Error: down"},
+        {"role": "user", "content": "And tomorrow?"},
+    )
+    (tool,) = sent.tools
+    assert (tool.name, tool.description, tool.parameters) == ("get_weather", "Weather in a city", WEATHER)
+    assert (sent.tool_choice.mode.value, sent.tool_choice.name) == ("function", "get_weather")
+    assert sent.extra == {"parallel_tool_calls": False}
+
+
+@pytest.mark.parametrize(("choice", "mode"), [({"type": "auto"}, "auto"), ({"type": "any"}, "required"),
+                                               ({"type": "none"}, "none")])
+async def test_tool_choice_maps_onto_the_fabrics(choice, mode) -> None:
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=("chat",))
+    async with serving(fleet, TOOLED) as (_, url):
+        def ask() -> None:
+            with client(url) as c:
+                c.messages.create(model="chat", max_tokens=2, messages=ASK, tool_choice=choice,
+                                  tools=[{"name": "f", "input_schema": {"type": "object"}}])
+
+        await in_thread(ask)
+    assert neuron.requests[0].tool_choice.mode.value == mode
