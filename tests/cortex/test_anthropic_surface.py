@@ -367,3 +367,16 @@ async def test_tool_choice_maps_onto_the_fabrics(choice, mode) -> None:
 
         await in_thread(ask)
     assert neuron.requests[0].tool_choice.mode.value == mode
+
+
+async def test_count_tokens_of_a_model_nobody_has_is_not_found() -> None:
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("chat",))
+    async with serving(fleet, Catalogue([CatalogueEntry(id="chat", backend="synthetic", memory_mb=1)])) as (_, url):
+        def count() -> None:
+            with client(url) as c:
+                c.messages.count_tokens(model="nope", messages=ASK)
+
+        with pytest.raises(anthropic.NotFoundError) as info:
+            await in_thread(count)
+    assert info.value.body["error"]["type"] == "not_found_error" and "nope" in info.value.body["error"]["message"]

@@ -19,7 +19,8 @@ both); ``anthropic-version`` and ``anthropic-beta`` are informational and accept
 whatever they say.
 
 ``count_tokens`` runs no model: it resolves the portal's name for the model (404 / 403 as
-a generation would), and counts the prompt as the fabric's request would carry it with the
+a generation would; 404 too for a model neither the catalogue nor the fleet nor a peer
+has), and counts the prompt as the fabric's request would carry it with the
 model's own tokenizer (:mod:`.token_counter`): exact for the vocabularies the edge mirrors
 (SmolLM2's), when no tools are offered; with tools, the count leaves out the tool
 instructions a backend adds (a lower bound). A model this cortex has no tokenizer for is
@@ -40,6 +41,7 @@ from . import anthropic_api as api
 from .anthropic_requests import CountTokensRequest, MessagesRequest
 from .anthropic_stream import MessageStream, error_event
 from .asgi import JSON, Exchange, Route
+from .errors import ModelNotFound
 from .openai_api import parse
 from .orchestrator import WaitStatus
 from .portal.metering import Metering
@@ -120,6 +122,9 @@ class AnthropicSurface:
         caller = ex.caller
         assert caller is not None
         served = caller.portal.resolve(body.model, caller.key)
+        if self.metering.catalogue.get(served) is None and all(
+                m["id"] != served for m in self.metering.orchestrator.models()):
+            raise ModelNotFound(body.model)  # as a generation would find it: nowhere
         image = api.image_location(body)
         limits = self.metering.limits
         if limits is not None and image is not None:
