@@ -83,6 +83,7 @@ class AnthropicSurface:
                 await out.start()
                 await out.body(encoder.ping())
 
+            head = b""  # message_start, held back to go out with the first content
             try:
                 async with self.metering.generate(caller, request, endpoint=ENDPOINT, on_wait=ping,
                                                   image=image) as gen:
@@ -99,7 +100,7 @@ class AnthropicSurface:
             except Exception as exc:
                 if not out.started:
                     raise
-                await out.body(error_event(exc))
+                await out.body(head + error_event(exc))
             await out.body(b"", more=False)
 
         async def complete() -> None:
