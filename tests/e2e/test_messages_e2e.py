@@ -9,12 +9,15 @@ tokens the generation is billed for.
 
 from __future__ import annotations
 
+import json
+import subprocess
+
 import anthropic
 import httpx
 import jsonschema
 import pytest
 
-from procs import Cortex, ProcGroup
+from procs import Cortex, ProcGroup, helexa_command
 
 pytestmark = pytest.mark.slow
 
@@ -30,12 +33,18 @@ WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "requir
 TOOLS = [{"name": "get_weather", "description": "Get the weather in a city", "input_schema": WEATHER}]
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 FRANCE = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+CONFIG = f"""
+[portals.acme]
+listen = ["127.0.0.1:0"]
+auth = "keys"
+aliases = {{ fast = "{CHAT}" }}
+"""
 
 
 @pytest.fixture(scope="module")
 def cortex(tmp_path_factory: pytest.TempPathFactory):
     with ProcGroup(tmp_path_factory.mktemp("messages-e2e")) as procs:
-        cortex = procs.cortex(models=MODELS_TOML, env={"HELEXA_MISSED_HEARTBEATS": "10"})
+        cortex = procs.cortex(models=MODELS_TOML, config=CONFIG, env={"HELEXA_MISSED_HEARTBEATS": "10"})
         procs.neuron(cortex, "n1")
         yield cortex
 
@@ -118,3 +127,28 @@ def test_the_raw_stream_of_a_tool_call_is_anthropics_event_sequence(cortex: Cort
     names = [line.removeprefix("event: ") for line in r.text.splitlines() if line.startswith("event: ")]
     assert names == ["message_start", "content_block_start", "content_block_delta", "content_block_stop",
                      "message_delta", "message_stop"], r.text
+
+
+def cli(cortex: Cortex, *args: str) -> str:
+    done = subprocess.run([*helexa_command(), *args, "--cortex", cortex.admin_url, "--data-dir", str(cortex.data_dir)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_a_keyed_portal_takes_x_api_key_and_bills_what_the_answer_says(cortex: Cortex) -> None:
+    key = cli(cortex, "keys", "create", "--portal", "acme", "--name", "messages").strip()
+    acme = cortex.portal_urls["acme"][0]
+    with anthropic.Anthropic(base_url=acme, api_key="sk-hlx-nope_nope", max_retries=0, timeout=60) as bad:
+        with pytest.raises(anthropic.AuthenticationError):
+            bad.messages.create(model="fast", max_tokens=4, messages=FRANCE)
+    with anthropic.Anthropic(base_url=acme, api_key=key, max_retries=0, timeout=120) as client:  # x-api-key
+        whole = client.messages.create(model="fast", max_tokens=6, messages=FRANCE)
+        with client.messages.stream(model="fast", max_tokens=6, messages=FRANCE) as stream:
+            streamed = stream.get_final_message()
+    assert whole.model == streamed.model == "fast"
+    (row,) = json.loads(cli(cortex, "usage", "--by", "key", "--json", "--portal", "acme"))
+    billed = [whole.usage, streamed.usage]
+    assert row["requests"] == 2
+    assert row["prompt_tokens"] == sum(u.input_tokens + u.cache_read_input_tokens for u in billed)
+    assert row["completion_tokens"] == sum(u.output_tokens for u in billed) == 12
