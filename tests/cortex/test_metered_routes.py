@@ -24,6 +24,8 @@ SAMPLES: dict[tuple[str, str], tuple[str, object]] = {
     ("POST", "/v1/chat/completions"): ("/v1/chat/completions", CHAT),
     ("POST", "/v1/completions"): ("/v1/completions", {"model": "fast", "prompt": "x", "stream": True}),
     ("POST", "/v1/embeddings"): ("/v1/embeddings", {"model": "embed", "input": ["a"]}),
+    ("POST", "/v1/messages"): ("/v1/messages", {"model": "fast", "max_tokens": 4, "messages": CHAT["messages"]}),
+    ("POST", "/v1/messages/count_tokens"): ("/v1/messages/count_tokens", {"model": "fast", "messages": CHAT["messages"]}),
     ("GET", "/v1/models"): ("/v1/models", None),
     ("GET", "/v1/models/"): ("/v1/models/fast", None),
     ("GET", "/v1/usage"): ("/v1/usage", None),
@@ -97,7 +99,7 @@ async def test_every_route_that_reaches_the_orchestrator_is_metered_and_recorded
     metered = {f"{r.method} {r.path}" for r in app.routes if r.metered}
     assert {name for name, _ in reached} == metered == {
         "POST /v1/chat/completions", "POST /v1/completions", "POST /v1/embeddings", "POST /v1/responses",
-        "POST /api/chat", "POST /api/generate", "POST /api/embed", "POST /api/embeddings"}
+        "POST /api/chat", "POST /api/generate", "POST /api/embed", "POST /api/embeddings", "POST /v1/messages"}
     for name, request_id in reached:
         rows = store.records(request_id=request_id)
         assert len(rows) == 1 and rows[0].key_id == key_id and rows[0].outcome == "ok", name

@@ -16,6 +16,7 @@ Routes on every portal socket::
     POST /v1/responses (metered), GET and DELETE /v1/responses/{id}  (:mod:`.responses_surface`)
     /api/chat, /api/generate, /api/embed(dings) (metered), /api/tags, show, ps, version
                                                                   (Ollama's; :mod:`.ollama_surface`)
+    POST /v1/messages (metered), /v1/messages/count_tokens   (:mod:`.anthropic_surface`)
     GET  /health                200 while serving
 
 and on the admin socket (``admin_socket``, else the default portal's)::
@@ -45,6 +46,7 @@ import trio
 
 from helexa.config import split_socket
 
+from .anthropic_surface import AnthropicSurface
 from .asgi import Exchange, Limits, Receive, Responder, Route, Router, Scope, Send
 from .config import DEFAULT_PORTAL, PortalConfig
 from .disconnect_watch import DisconnectWatch
@@ -193,6 +195,7 @@ class Gateway:
         # Stored responses live in the ledger's SQLite file (their own table and connection).
         self.responses = ResponsesSurface(self.metering, ResponseStore(getattr(self.store, "path", ":memory:")))
         self.ollama = OllamaSurface(self.metering, self._fabric_models)
+        self.anthropic = AnthropicSurface(self.metering)
         self.admin = AdminApi(portals=self.portals, keyring=self.keyring, store=self.store, metering=self.metering,
                               fleet=self.fleet, token=admin_token, admin_clients=self.config.admin_clients,
                               clock=clock)
@@ -229,6 +232,8 @@ class Gateway:
             routes += self.responses.routes()
         if "ollama" in portal.config.surfaces:
             routes += self.ollama.routes()
+        if "anthropic" in portal.config.surfaces:
+            routes += self.anthropic.routes()
         if admin:
             routes += self._admin_routes()
         return PortalApp(self, portal, routes)
