@@ -352,7 +352,8 @@ async def _usage_rows() -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
 @page
 async def usage(session: Session) -> Any:
     by, filters, rows = await _usage_rows()
-    return await _render("usage.html", session, rows=rows, filters=filters, groups=GROUPS,
+    top = max((r["total_tokens"] for r in rows), default=0)
+    return await _render("usage.html", session, rows=rows, top=top, filters=filters, groups=GROUPS,
                          portals=list(web().gateway.portals), csv_query=_query(**{**filters, "format": "csv"}))
 
 
