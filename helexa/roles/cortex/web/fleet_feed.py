@@ -61,6 +61,7 @@ class FleetFeed:
         self.clock = clock
         self._subscribers: set[Subscription] = set()
         self._wanted = trio.Event()
+        self._dirty = trio.Event()
         self.latest: bytes = b""
         self.documents = 0
         """Documents built so far (the benchmark reads it)."""
@@ -84,18 +85,27 @@ class FleetFeed:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Build and broadcast documents while anyone watches, until cancelled."""
-        task_status.started()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_changes)
+            task_status.started()
+            while True:
+                if not self._subscribers:
+                    self._wanted = trio.Event()
+                    await self._wanted.wait()
+                self._dirty = trio.Event()
+                self.latest = self.document()
+                self.documents += 1
+                for sub in self._subscribers:
+                    sub.offer(self.latest)
+                await trio.sleep(self.min_gap)
+                with trio.move_on_after(max(0.0, self.interval - self.min_gap)):
+                    await self._dirty.wait()
+
+    async def _watch_changes(self) -> None:
+        # Its own task, so a change during the gap between two documents is not missed.
         while True:
-            if not self._subscribers:
-                self._wanted = trio.Event()
-                await self._wanted.wait()
-            self.latest = self.document()
-            self.documents += 1
-            for sub in self._subscribers:
-                sub.offer(self.latest)
-            await trio.sleep(self.min_gap)
-            with trio.move_on_after(max(0.0, self.interval - self.min_gap)):
-                await self.fleet.wait_changed()
+            await self.fleet.wait_changed()
+            self._dirty.set()
 
 
 class Subscription:

@@ -94,19 +94,23 @@
     svg.setAttribute("role", "img");
     const last = values.filter((v) => v != null).slice(-1)[0];
     svg.setAttribute("aria-label", title + ": peak " + max.toFixed(2) + " " + unit + ", latest " + (last == null ? "none" : last.toFixed(2)));
-    let d = "";
+    // One bar per 10-second bucket: sparse traffic stays visible, and a gap is a gap.
+    const step = w / values.length;
     values.forEach((v, i) => {
-      if (v == null) return;
-      const x = (i / (values.length - 1)) * w, y = h - 4 - (v / max) * (h - 8);
-      d += (d ? "L" : "M") + x.toFixed(1) + " " + y.toFixed(1);
+      if (v == null || v <= 0) return;
+      const bh = Math.max(1.5, (v / max) * (h - 6));
+      const r = document.createElementNS("http://www.w3.org/2000/svg", "rect");
+      r.setAttribute("x", (i * step).toFixed(2));
+      r.setAttribute("y", (h - bh).toFixed(2));
+      r.setAttribute("width", Math.max(1, step * 0.9).toFixed(2));
+      r.setAttribute("height", bh.toFixed(2));
+      svg.append(r);
     });
-    const path = document.createElementNS("http://www.w3.org/2000/svg", "path");
-    path.setAttribute("d", d || "M0 " + (h - 4) + "L" + w + " " + (h - 4));
-    path.setAttribute("fill", "none");
-    path.setAttribute("stroke", "currentColor");
-    path.setAttribute("stroke-width", "2");
-    path.setAttribute("vector-effect", "non-scaling-stroke");
-    svg.append(path);
+    const axis = document.createElementNS("http://www.w3.org/2000/svg", "line");
+    axis.setAttribute("x1", "0"); axis.setAttribute("x2", String(w));
+    axis.setAttribute("y1", String(h - 0.5)); axis.setAttribute("y2", String(h - 0.5));
+    axis.setAttribute("vector-effect", "non-scaling-stroke");
+    svg.append(axis);
     return el("div", {}, el("div", { class: "legend", text: title + " (peak " + max.toFixed(2) + " " + unit + ")" }), svg);
   }
 
@@ -122,6 +126,7 @@
       box.append(chart("tokens/s", s.tokens_per_s, "/s"));
       box.append(chart("time to first token", s.ttft.map((v) => (v == null ? null : v * 1000)), "ms"));
       box.append(chart("errors per 10 s", s.errors, ""));
+      box.append(el("div", { class: "legend axis", text: "an hour ago … now" }));
       out.push(box);
     }
     if (!out.length) out.push(el("p", { class: "muted", text: "No requests in the last hour." }));
