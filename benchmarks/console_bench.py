@@ -76,6 +76,31 @@ def watch_main(gateway: str, token: str, seconds: float) -> None:
                       "neurons": len(last["neurons"]) if docs else 0}), flush=True)
 
 
+def document_cost(neurons: int, repeat: int = 200) -> float:
+    """Milliseconds to build one fleet document of ``neurons`` neurons, in this process (the
+    same :class:`FleetFeed` code over link-shaped records of what a heartbeat leaves)."""
+    import random
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(CONTROL_BENCH.parent))
+    from control_plane_bench import MODEL, descriptor, heartbeat
+
+    from helexa.roles.cortex.fleet import Health
+    from helexa.roles.cortex.web.fleet_feed import FleetFeed
+
+    rng = random.Random(1)
+    links = [SimpleNamespace(node_id=f"sim-{i:05d}", descriptor=descriptor(f"sim-{i:05d}"),
+                             metrics=heartbeat(1, rng).metrics, models={MODEL.model_id: MODEL},
+                             health=Health.HEALTHY, last_heartbeat=time.time(), in_flight=0)
+             for i in range(neurons)]
+    feed = FleetFeed(links, None)  # type: ignore[arg-type]  # iterating is all it does with a fleet
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        feed.document()
+    return (time.perf_counter() - t0) / repeat * 1000
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--neurons", type=int, default=100)
@@ -170,6 +195,9 @@ def orchestrate(args: argparse.Namespace) -> int:
             print(f"| {label} | {', '.join(f'{s:.1f}' for s in shares)} | {mean:.1f} | "
                   f"{'' if w == 0 else f'{mean - base * 100:+.1f}'} | {f'{rate:.2f}' if watch else ''} | "
                   f"{f'{size / 1024:.1f} KiB' if watch else ''} |")
+        ms = document_cost(args.neurons)
+        print(f"\nBuilding one document of {args.neurons} neurons: {ms:.2f} ms in process, so one a second "
+              f"costs {ms / 10:.2f}% of a core, however many pages watch.")
         return 0
     finally:
         if sim is not None:
