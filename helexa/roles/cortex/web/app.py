@@ -22,9 +22,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
-from quart import Response, request
-from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
 
 from ..asgi import Exchange, Route
 from .fleet_feed import FleetFeed
@@ -32,6 +29,10 @@ from .sessions import Sessions
 from .traffic import Traffic
 
 if TYPE_CHECKING:
+    from quart import Response
+    from quart_trio import QuartTrio
+    from werkzeug.exceptions import HTTPException
+
     from ..gateway import Gateway
 
 log = logging.getLogger(__name__)
@@ -58,17 +59,28 @@ class WebApp:
     """
 
     def __init__(self, gateway: Gateway) -> None:
-        from . import console, portal_site
-
         self.gateway = gateway
         self.sessions = Sessions()
         self.traffic = Traffic(gateway.clock)
         self.feed = FleetFeed(gateway.fleet, gateway.orchestrator.provisioner)
         self.mesh: Any = None
         """Set by the cortex when the mesh is on: ``(federation, ledger)``."""
-        app = self.app = QuartTrio(__name__, template_folder=str(HERE / "templates"),
-                                   static_folder=str(HERE / "static"), static_url_path="/static")
-        app.config.update(RESPONSE_TIMEOUT=None, BODY_TIMEOUT=gateway.config.body_timeout,
+        self.app: QuartTrio | None = None
+        """The quart-trio app, once :meth:`run` built it."""
+        self._built = trio.Event()
+
+    def build(self) -> QuartTrio:
+        """The quart-trio app with the console's and the portals' pages. Blocking (importing
+        Quart takes about a second): :meth:`run` calls it on a worker thread, so the cortex
+        is serving its API meanwhile."""
+        from quart_trio import QuartTrio
+        from werkzeug.exceptions import HTTPException
+
+        from . import console, portal_site
+
+        app = QuartTrio(__name__, template_folder=str(HERE / "templates"), static_folder=str(HERE / "static"),
+                        static_url_path="/static")
+        app.config.update(RESPONSE_TIMEOUT=None, BODY_TIMEOUT=self.gateway.config.body_timeout,
                           MAX_CONTENT_LENGTH=64 * 1024, PROPAGATE_EXCEPTIONS=False,
                           SEND_FILE_MAX_AGE_DEFAULT=3600)
         app.extensions["helexa"] = self
@@ -78,6 +90,7 @@ class WebApp:
         app.after_request(_secure)
         app.register_error_handler(HTTPException, _http_error)
         app.register_error_handler(Exception, _server_error)
+        return app
 
     def routes(self, portal_id: str | None, *, admin: bool) -> list[Route]:
         """The routes a socket hands to this app (``portal_id``: whose socket, None for
@@ -86,6 +99,13 @@ class WebApp:
             scope = dict(ex.scope)
             scope["helexa.portal"] = portal_id
             scope["helexa.admin"] = admin
+            if self.app is None:
+                with trio.move_on_after(30):
+                    await self._built.wait()
+                if self.app is None:
+                    await ex.out.full(503, [(b"content-type", b"text/plain; charset=utf-8"), (b"retry-after", b"5")],
+                                      b"The web pages are starting; try again in a moment.\n")
+                    return
             ex.out.started = True  # the app answers for itself, its errors included
             await self.app(scope, ex.receive, ex.out.send)
 
@@ -98,17 +118,21 @@ class WebApp:
         return routes
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the app's startup and the fleet feed until cancelled."""
+        """Run the fleet feed, build the app (on a worker thread) and run its startup, until
+        cancelled. Reports started at once: the API does not wait for the pages."""
         async with trio.open_nursery() as nursery:
-            self.app.nursery = nursery
-            await self.app.startup()
             await nursery.start(self.feed.run)
             task_status.started()
+            app = await trio.to_thread.run_sync(self.build, abandon_on_cancel=True)
+            app.nursery = nursery
+            await app.startup()
+            self.app = app
+            self._built.set()
             try:
                 await trio.sleep_forever()
             finally:
                 with trio.CancelScope(shield=True), trio.move_on_after(2):
-                    await self.app.shutdown()
+                    await app.shutdown()
 
 
 def web() -> WebApp:
@@ -119,10 +143,14 @@ def web() -> WebApp:
 
 
 def socket_portal() -> str | None:
+    from quart import request
+
     return request.scope.get("helexa.portal")
 
 
 def socket_admin() -> bool:
+    from quart import request
+
     return bool(request.scope.get("helexa.admin"))
 
 
@@ -133,6 +161,8 @@ async def _root() -> Response:
 
 
 async def _secure(response: Response) -> Response:
+    from quart import request
+
     for name, value in _SECURITY_HEADERS.items():
         response.headers.setdefault(name, value)
     if request.path.startswith("/console"):
@@ -148,7 +178,7 @@ async def _http_error(exc: HTTPException) -> Any:
 
 
 async def _server_error(exc: Exception) -> Any:
-    from quart import render_template
+    from quart import render_template, request
 
     log.exception("web page %s failed", request.path)
     return await render_template("error.html", code=500, title="Something went wrong",
