@@ -28,6 +28,8 @@ class Traffic:
         self.clock = clock
         self.max_series = max_series
         self._series: dict[tuple[str, str], dict[int, list[float]]] = {}
+        self._version = 0
+        self._cached: tuple[int, int, dict[str, Any]] | None = None
         self.key_seen: dict[str, float] = {}
         """When each API key was last used (since the cortex started)."""
 
@@ -35,6 +37,7 @@ class Traffic:
                 ttft: float | None, key_id: str = "") -> None:
         """Count one finished request (``ok``: it did not fail)."""
         now = self.clock()
+        self._version += 1
         if key_id:
             self.key_seen[key_id] = now
         slot = int(now // BUCKET)
@@ -64,6 +67,8 @@ class Traffic:
         ``bucket`` seconds, and per series ``portal``, ``model`` and per-bucket lists
         ``requests_per_s``, ``tokens_per_s``, ``ttft`` (mean seconds, or None), ``errors``."""
         now_slot = int(self.clock() // BUCKET)
+        if self._cached is not None and self._cached[:2] == (now_slot, self._version):
+            return self._cached[2]  # every open console asks every 10 s: build it once
         first = now_slot - SPAN + 1
         out = []
         for (portal, model), series in sorted(self._series.items()):
@@ -91,4 +96,6 @@ class Traffic:
                             "totals": {"requests": int(totals[0]), "errors": int(totals[1]),
                                        "tokens": int(totals[2] + totals[3]),
                                        "ttft": round(totals[4] / totals[5], 4) if totals[5] else None}})
-        return {"start": first * BUCKET, "bucket": BUCKET, "series": out}
+        view = {"start": first * BUCKET, "bucket": BUCKET, "series": out}
+        self._cached = (now_slot, self._version, view)
+        return view
