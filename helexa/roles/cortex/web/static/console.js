@@ -29,18 +29,20 @@
     card.append(el("h2", { id: "n-" + n.id }, el("span", { text: n.id }),
       el("span", { class: "health health-" + n.health, "data-field": "health", text: n.health })));
     const dl = el("dl");
-    const row = (k, v, field) => { dl.append(el("dt", { text: k }), el("dd", { text: v, "data-field": field || "" })); };
+    const row = (k, v, field, bar) => {
+      dl.append(el("dt", { text: k }), el("dd", {}, el("span", { text: v, "data-field": field || "" }), bar || null));
+    };
     row("heartbeat", n.heartbeat_age + " s ago", "heartbeat");
     row("CPU", n.cpu.toFixed(0) + "% of " + n.cores + " cores", "cpu");
-    row("RAM", gib(n.ram_used) + " / " + gib(n.ram_total), "ram");
-    row("in flight", String(n.in_flight), "in_flight");
-    card.append(dl);
-    card.append(meter(n.ram_total ? n.ram_used / n.ram_total : 0, "RAM used on " + n.id));
+    row("RAM", gib(n.ram_used) + " / " + gib(n.ram_total), "ram",
+        meter(n.ram_total ? n.ram_used / n.ram_total : 0, "RAM used on " + n.id));
     for (const g of n.gpus) {
       const total = g.used + g.free;
-      card.append(el("div", { class: "muted", text: "GPU " + g.index + " " + g.name + ": " + gib(g.used) + " / " + gib(total) + " VRAM" }));
-      card.append(meter(total ? g.used / total : 0, "VRAM used on GPU " + g.index + " of " + n.id));
+      row("GPU " + g.index, g.name + ": " + gib(g.used) + " / " + gib(total) + " VRAM", "gpu" + g.index,
+          meter(total ? g.used / total : 0, "VRAM used on GPU " + g.index + " of " + n.id));
     }
+    row("in flight", String(n.in_flight), "in_flight");
+    card.append(dl);
     const ul = el("ul", { "aria-label": "models on " + n.id });
     for (const m of n.models) {
       let state = m.state;

@@ -49,6 +49,11 @@
   // --- model names (playground picker, snippets) ---
   async function models() {
     const resp = await fetch("/v1/models", { headers: headers() });
+    if (resp.status === 401 && keyed) {  // revoked or expired since sign-in
+      sessionStorage.removeItem(STORE);
+      location.replace("/portal/");
+      return [];
+    }
     if (!resp.ok) return [];
     return (await resp.json()).data.map((m) => m.id);
   }
