@@ -106,9 +106,10 @@ def login(browser, cortex: Cortex, **kw):  # noqa: ANN001, ANN201
 def test_console_shows_a_neuron_join_and_a_load_progress_live_and_an_unload_changes_its_state(
         browser, cortex: Cortex, procs: ProcGroup, artifacts: Path) -> None:  # noqa: ANN001
     fleet = login(browser, cortex)
+    expect(fleet.locator("article.neuron[data-node=n1]")).to_be_visible()
+    fleet.wait_for_load_state("load")  # the sign-in's own navigation is over
     loads: list[str] = []
     fleet.on("load", lambda p: loads.append(p.url))
-    expect(fleet.locator("article.neuron[data-node=n1]")).to_be_visible()
 
     n2 = procs.neuron(cortex, "n2", wait=False)
     card = fleet.locator("article.neuron[data-node=n2]")
@@ -151,7 +152,7 @@ def test_console_shows_a_neuron_join_and_a_load_progress_live_and_an_unload_chan
     n2.stop(10)
 
 
-def test_a_key_created_in_the_console_works_with_openai_until_revoked_there(
+def test_a_key_created_in_the_console_works_with_openai_rotated_and_revoked_there(
         browser, cortex: Cortex, artifacts: Path) -> None:  # noqa: ANN001
     page = login(browser, cortex)
     page.get_by_role("link", name="Portals & keys").click()
@@ -173,6 +174,15 @@ def test_a_key_created_in_the_console_works_with_openai_until_revoked_there(
         page.goto(cortex.admin_url + "/console/keys")
         expect(page.get_by_label("API key")).to_have_count(0)  # never shown again
         assert key not in page.content()
+        page.get_by_role("button", name=f"Rotate key {key_id}").click()
+        rotated = page.get_by_label("API key").input_value()
+        assert rotated != key and rotated.startswith(f"sk-hlx-{key_id}_")  # same id, new secret
+        with pytest.raises(openai.AuthenticationError):
+            client.chat.completions.create(model="fast", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
+    with openai.OpenAI(base_url=acme + "/v1", api_key=rotated, max_retries=0, timeout=30) as client:
+        assert client.chat.completions.create(model="fast", max_tokens=4, messages=[
+            {"role": "user", "content": "hi"}]).choices[0].message.content.startswith("tok0")
+        page.goto(cortex.admin_url + "/console/keys")
         page.get_by_role("button", name=f"Revoke key {key_id}").click()
         expect(page.locator(f"tr[data-key='{key_id}'] .status-revoked")).to_have_text("revoked")
         with pytest.raises(openai.AuthenticationError):
