@@ -240,7 +240,8 @@ class Gateway:
             routes += self.ollama.routes()
         if admin:
             routes += self._admin_routes()
-        routes += self.web.routes(portal_id, admin=admin)
+        taken = {(r.method, r.path, r.prefix) for r in routes}  # a surface's own route wins over a page
+        routes += [r for r in self.web.routes(portal_id, admin=admin) if (r.method, r.path, r.prefix) not in taken]
         return PortalApp(self, portal, routes)
 
     def admin_app(self) -> PortalApp:
