@@ -24,6 +24,10 @@ and on the admin socket (``admin_socket``, else the default portal's)::
     GET  /metrics               Prometheus
     /admin/*                    the admin API (:mod:`.portal.admin`; needs the admin token)
 
+The web pages (:mod:`.web`: the console on the admin socket, each portal's own pages on
+its sockets) are a quart-trio app that every socket hands ``/``, ``/console``, ``/portal``
+and ``/static`` to.
+
 The app is plain ASGI rather than a Quart app (measured: Quart's request cycle cost as
 much as the rest of the hot path; figures in ``docs/benchmarks.md``), served by
 :class:`~.http.HttpServer` (a sans-IO HTTP/1.1 connection in a trio shell) by default, and by hypercorn on request
@@ -206,6 +210,11 @@ class Gateway:
         """The app served at each URL."""
         self._stop = trio.Event()
         self._servers: list[HttpServer] = []
+        from .web.app import WebApp
+
+        self.web = WebApp(self)
+        """The console (admin socket) and each portal's pages, mounted beside the API."""
+        self.metering.traffic = self.web.traffic
 
     # --- apps ------------------------------------------------------------------------------
 
@@ -236,11 +245,13 @@ class Gateway:
             routes += self.anthropic.routes()
         if admin:
             routes += self._admin_routes()
+        taken = {(r.method, r.path, r.prefix) for r in routes}  # a surface's own route wins over a page
+        routes += [r for r in self.web.routes(portal_id, admin=admin) if (r.method, r.path, r.prefix) not in taken]
         return PortalApp(self, portal, routes)
 
     def admin_app(self) -> PortalApp:
         """The ASGI app of the admin socket alone."""
-        return PortalApp(self, None, self._common_routes() + self._admin_routes())
+        return PortalApp(self, None, self._common_routes() + self._admin_routes() + self.web.routes(None, admin=True))
 
     # --- serving -------------------------------------------------------------------------
 
@@ -255,6 +266,7 @@ class Gateway:
         async with trio.open_nursery() as services:
             await services.start(self.watch.run)
             await services.start(self.writer.run)
+            await services.start(self.web.run)
             services.start_soon(self.limits.counter.warm)
             keys = await self.metering.blocking(self.store.keys)
             for key in keys:

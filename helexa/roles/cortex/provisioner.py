@@ -27,7 +27,7 @@ import trio
 from helexa.protocol import Hardware, LoadModel, LoadProgress, ModelState, UnloadModel, UpsertModelConfig
 
 from .catalogue import MB, Catalogue, CatalogueEntry, Priority
-from .errors import GatewayError, ColdLoadFailed, ModelNotFound, NoCapacity
+from .errors import BadRequest, GatewayError, ColdLoadFailed, ModelNotFound, NoCapacity, NotFound
 from .fleet import Fleet, FleetError
 from .metrics import Metrics
 from .scheduler import LiveLoad
@@ -184,6 +184,9 @@ class Provisioner:
         self.load_progress: dict[str, tuple[str, float]] = {}
         """Models loading right now: (stage, fraction done), from the neuron's progress events."""
         self._unloading: set[tuple[str, str]] = set()
+        self.pins: set[tuple[str, str]] = set()
+        """``(node id, model id)`` the operator pinned: never evicted or idle-unloaded there
+        (kept in memory: a restarted cortex forgets them)."""
         self._warm_failed: dict[str, float] = {}
         self._warming: set[str] = set()
         self._wake = trio.Event()
@@ -226,9 +229,9 @@ class Provisioner:
             self._nursery.start_soon(self._fly, entry, flight)
         return flight
 
-    async def _fly(self, entry: CatalogueEntry, flight: _Flight) -> None:
+    async def _fly(self, entry: CatalogueEntry, flight: _Flight, plan: LoadPlan | None = None) -> None:
         try:
-            flight.node_id = await self._load(entry)
+            flight.node_id = await (self._load(entry) if plan is None else self._load_planned(entry, plan))
         except GatewayError as exc:
             flight.error = exc
         except Exception as exc:  # a bug; requests get a clean 503, the log gets the rest
@@ -267,6 +270,19 @@ class Provisioner:
             self.live.touch(plan.node_id, entry.id, trio.current_time())
             return plan.node_id
 
+    async def _load_planned(self, entry: CatalogueEntry, plan: LoadPlan) -> str:
+        started = trio.current_time()
+        try:
+            await self._carry_out(entry, plan)
+        except (FleetError, _Refused) as exc:
+            log.warning("loading %s on %s failed: %s", entry.id, plan.node_id, exc)
+            raise ColdLoadFailed(f"loading model {entry.id!r} on {plan.node_id} failed: {exc}",
+                                 retry_after=self.settings.retry_after) from None
+        self.load_times[entry.id] = trio.current_time() - started
+        log.info("loaded %s on %s as the operator asked (evicted %s)", entry.id, plan.node_id, list(plan.evict))
+        self.live.touch(plan.node_id, entry.id, trio.current_time())
+        return plan.node_id
+
     async def _carry_out(self, entry: CatalogueEntry, plan: LoadPlan) -> None:
         link = self.fleet.get(plan.node_id)
         if link is None:
@@ -304,6 +320,53 @@ class Provisioner:
             log.info("unloaded %s from %s", unload.model_id, unload.node_id)
         finally:
             self._unloading.discard(key)
+
+    # --- the operator's paths (the web console) --------------------------------------------
+
+    def load_on(self, model_id: str, node_id: str) -> None:
+        """Start loading catalogued ``model_id`` on neuron ``node_id`` (evicting there as a
+        cold load would); returns at once, the fleet's next update shows the load. A
+        request for the model meanwhile waits for this load, as for any cold load.
+
+        Raises:
+            ModelNotFound: not in the catalogue. NotFound: no usable neuron ``node_id``.
+            BadRequest: already loading, or it cannot fit on that neuron.
+        """
+        entry = self.catalogue.get(model_id)
+        if entry is None:
+            raise ModelNotFound(model_id)
+        views = [v for v in self._views() if v.node_id == node_id]
+        if not views:
+            raise NotFound(f"no usable neuron {node_id!r}", param="node")
+        if model_id in self._flights:
+            raise BadRequest(f"model {model_id!r} is already loading", param="model")
+        try:
+            plan = place(entry, views, headroom=self.settings.memory_headroom)
+        except NoPlacement as exc:
+            raise BadRequest(f"{exc} (on {node_id})", param="node") from None
+        if self._nursery is None:
+            raise RuntimeError("Provisioner.run is not running")
+        flight = self._flights[entry.id] = _Flight()
+        self._nursery.start_soon(self._fly, entry, flight, plan)
+
+    def unload_from(self, node_id: str, model_id: str) -> None:
+        """Start unloading ``model_id`` from ``node_id`` (its pin goes too); returns at once.
+        Raises NotFound when that neuron does not hold it."""
+        link = self.fleet.get(node_id)
+        if link is None or model_id not in link.models:
+            raise NotFound(f"neuron {node_id!r} does not hold model {model_id!r}", param="model")
+        self.pins.discard((node_id, model_id))
+        if self._nursery is None:
+            raise RuntimeError("Provisioner.run is not running")
+        self._nursery.start_soon(self._unload_quietly, Unload(node_id, model_id))
+
+    def pin(self, node_id: str, model_id: str, pinned: bool = True) -> None:
+        """Keep ``model_id`` on ``node_id`` (never evicted or idle-unloaded there), or stop."""
+        if pinned:
+            self.pins.add((node_id, model_id))
+        else:
+            self.pins.discard((node_id, model_id))
+        self._wake.set()
 
     # --- background ----------------------------------------------------------------------
 
@@ -381,7 +444,8 @@ class Provisioner:
                         priority=entry.priority if entry else Priority.CRITICAL,
                         last_used=last_used,
                         busy=busy,
-                        evictable=entry is not None and status.state is ModelState.LOADED,
+                        evictable=entry is not None and status.state is ModelState.LOADED
+                        and key not in self.pins,
                     )
                 )
             views.append(NodeView(link.node_id, link.descriptor.hardware, tuple(residents)))
