@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from helexa import identity as identity_mod
+from helexa import secret_files
 from helexa.config import ConfigError
 
 from . import admin_token, join_token
@@ -64,8 +65,13 @@ class Cortex:
         self.config = config
         data = config.data_dir
         data.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._check_secrets()
         self.identity = identity_mod.load_or_create(data / "identity.key")
         join_token.load_or_create(data)
+        try:
+            join_token.record_fingerprint(data, config.tls_cert_file)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"tls_cert_file: {exc}") from None
         admin_token.load_or_create(data)
         self.fleet = Fleet()
         self.control = ControlServer(config, self.fleet, lambda: join_token.read(join_token.path_in(data)),
@@ -83,6 +89,16 @@ class Cortex:
         if config.mesh.enabled:
             self._join_mesh()
         self._stop = trio.Event()
+
+    def _check_secrets(self) -> None:
+        """Refuse to start on a secrets file that other users may read (one clear line)."""
+        data = self.config.data_dir
+        secret_files.check(data / "identity.key", "the node key")
+        secret_files.check(join_token.path_in(data), "the join token")
+        secret_files.check(admin_token.path_in(data), "the admin token")
+        secret_files.check(self.config.tls_key_file, "tls_key_file")
+        for name, portal in self.config.portals.items():
+            secret_files.check(portal.tls_key_file, f"portals.{name}.tls_key_file")
 
     def _join_mesh(self) -> None:
         """Build the mesh host and the federation, and wire the gateway to ask peers."""
