@@ -10,7 +10,11 @@ Every sharp edge listed in ``shared/notes/stack.md`` is handled here, and only h
 * a reconnect supervisor redials bootstrap and known peers and clears the swarm's
   negative dial cache first, so a restarted peer is back in seconds, not a minute;
 * identify (on by default in the host) teaches us peers' listen addresses; mDNS is off;
-* the kad-dht "Failed to read DHT message" log line is filtered.
+* the kad-dht "Failed to read DHT message" log line is filtered;
+* a neighbour may forward only so many new gossip messages per second
+  (:mod:`.gossip_limit`); the rest are rejected as invalid, which GossipSub's peer score
+  counts (:data:`GOSSIP_SCORE`): a flooding neighbour is soon ignored, then forgiven as
+  its score decays.
 """
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pubsub import Pubsub
+from libp2p.pubsub.score import ScoreParams, TopicScoreParams
 from libp2p.tools.anyio_service import background_trio_service
 
+from .gossip_limit import GossipLimiter
 from .base import DialFailed, GossipMessage, Mesh, MessageStream, StreamClosed, StreamHandler, TopicValidator
 from .settings import MeshSettings
 from .streams import FramedStream, run_handler
@@ -73,6 +79,17 @@ class _Libp2pStream(FramedStream):
         await self._ns.reset()
 
 
+GOSSIP_SCORE = ScoreParams(
+    # Each rejected message (over the rate limit, or refused by a topic's validator) costs
+    # its forwarder 1 point, decaying by 10% per heartbeat (1 s): 100 in a few seconds
+    # puts it under the thresholds, and it is heard again some 25 s after it stops.
+    p4_invalid_messages=TopicScoreParams(weight=1.0, cap=10_000.0, decay=0.9),
+    publish_threshold=-100.0,
+    gossip_threshold=-100.0,
+    graylist_threshold=-100.0,
+)
+
+
 class Libp2pMesh(Mesh):
     """A libp2p host with GossipSub and our request streams.
 
@@ -95,6 +112,7 @@ class Libp2pMesh(Mesh):
         self._next_dial: dict[ID, float] = {}
         self._dialing: set[ID] = set()
         self._subscribed: set[str] = set()
+        self.gossip_limit = GossipLimiter(settings.gossip_per_peer_per_second, settings.gossip_per_peer_burst)
         for addr in settings.bootstrap:
             info = _parse_p2p(addr)
             self._known[info.peer_id] = list(info.addrs)
@@ -124,6 +142,7 @@ class Libp2pMesh(Mesh):
             max_messages_per_topic_per_second=s.gossip_max_per_topic_per_second,
             # Loopback tests and small meshes live on one IP: do not starve them.
             eclipse_protection_enabled=False,
+            score_params=GOSSIP_SCORE,
         )
         pubsub = Pubsub(host, gossipsub, strict_signing=True)
         async with background_trio_service(pubsub), background_trio_service(gossipsub):
@@ -158,16 +177,20 @@ class Libp2pMesh(Mesh):
         if topic in self._subscribed:
             raise RuntimeError(f"already subscribed to {topic!r}")
         self._subscribed.add(topic)
-        if validator is not None:
-            check = validator
+        check = validator
+        limit, me_id = self.gossip_limit, self._id
 
-            def validate(_forwarder: ID, msg: Any) -> bool:
-                try:
-                    return bool(check(ID(msg.from_id).to_base58(), msg.data))
-                except Exception:
-                    return False
+        def validate(forwarder: ID, msg: Any) -> bool:
+            if forwarder != me_id and not limit.allow(forwarder.to_base58(), trio.current_time()):
+                return False
+            if check is None:
+                return True
+            try:
+                return bool(check(ID(msg.from_id).to_base58(), msg.data))
+            except Exception:
+                return False
 
-            pubsub.set_topic_validator(topic, validate, False)
+        pubsub.set_topic_validator(topic, validate, False)
         sub = await pubsub.subscribe(topic)
         me = self._id.to_bytes()
         try:
@@ -234,6 +257,14 @@ class Libp2pMesh(Mesh):
         if self._host is None:
             return []
         return [p.to_base58() for p in self._host.get_connected_peers()]
+
+    def gossip_score(self, peer: str, topic: str) -> float:
+        """``peer``'s GossipSub score on ``topic`` as this node keeps it (0 when unknown)."""
+        router = getattr(self._pubsub, "router", None)
+        scorer = getattr(router, "scorer", None)
+        if scorer is None:
+            return 0.0
+        return float(scorer.topic_score(ID.from_base58(peer), topic))
 
     async def connect(self, multiaddr_: str, *, timeout: float | None = None) -> str:
         host = self._require_host()

@@ -32,5 +32,10 @@ class MeshSettings:
     gossip_degree_high: int = 12
     gossip_heartbeat: float = 1.0
     gossip_max_per_topic_per_second: float = 200.0
+    gossip_per_peer_per_second: float = 50.0
+    """New messages one neighbour may forward us per second, all topics together (an
+    announcement per operator every few seconds is far below it); more are rejected and
+    score the neighbour down (:mod:`helexa.mesh.gossip_limit`)."""
+    gossip_per_peer_burst: int = 200
     max_frame: int = DEFAULT_MAX_FRAME
     mdns: bool = False
