@@ -11,6 +11,9 @@ Every sharp edge listed in ``shared/notes/stack.md`` is handled here, and only h
   negative dial cache first, so a restarted peer is back in seconds, not a minute;
 * identify (on by default in the host) teaches us peers' listen addresses; mDNS is off;
 * the kad-dht "Failed to read DHT message" log line is filtered;
+* every connected peer is pinged each ``liveness_interval``; one silent for
+  ``liveness_timeout`` (a frozen process keeps its TCP connection open, so nothing else
+  notices) has its connection closed, which fails its streams at once;
 * a neighbour may forward only so many new gossip messages per second
   (:mod:`.gossip_limit`); the rest are rejected as invalid, which GossipSub's peer score
   counts (:data:`GOSSIP_SCORE`): a flooding neighbour is soon ignored, then forgiven as
@@ -28,6 +31,8 @@ import trio
 from libp2p import new_host
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.host.ping import ID as PING_PROTOCOL
+from libp2p.host.ping import perform_ping_roundtrip
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
@@ -112,6 +117,8 @@ class Libp2pMesh(Mesh):
         self._next_dial: dict[ID, float] = {}
         self._dialing: set[ID] = set()
         self._subscribed: set[str] = set()
+        self._probing: set[ID] = set()
+        self.silent_peers_closed = 0
         self.gossip_limit = GossipLimiter(settings.gossip_per_peer_per_second, settings.gossip_per_peer_burst)
         for addr in settings.bootstrap:
             info = _parse_p2p(addr)
@@ -156,6 +163,7 @@ class Libp2pMesh(Mesh):
                         await pubsub.wait_until_ready()
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._supervise, nursery)
+                        nursery.start_soon(self._watch_liveness, nursery)
                         log.info("mesh up as %s on %s", self.peer_id, ", ".join(self.listen_addrs))
                         task_status.started(self.listen_addrs)
                         await trio.sleep_forever()
@@ -325,6 +333,49 @@ class Libp2pMesh(Mesh):
                     self._dialing.add(pid)
                     nursery.start_soon(self._redial, pid)
             await trio.sleep(s.reconnect_interval)
+
+    async def _watch_liveness(self, nursery: trio.Nursery) -> None:
+        """Ping every connected peer, one prober per peer, each ``liveness_interval``."""
+        while True:
+            host = self._host
+            for pid in host.get_connected_peers():
+                if pid not in self._probing and pid != self._id:
+                    self._probing.add(pid)
+                    nursery.start_soon(self._probe, pid)
+            await trio.sleep(self._settings.liveness_interval)
+
+    async def _probe(self, pid: ID) -> None:
+        s = self._settings
+        try:
+            while pid in self._host.get_connected_peers():
+                started = trio.current_time()
+                answered = False
+                with trio.move_on_after(s.liveness_timeout):
+                    try:
+                        stream = await self._host.new_stream(pid, [PING_PROTOCOL])
+                        try:
+                            await perform_ping_roundtrip(stream)
+                            answered = True
+                        finally:
+                            with trio.move_on_after(1):
+                                await stream.close()
+                    except Exception as exc:  # a broken connection: the supervisor redials
+                        log.debug("mesh: ping of %s failed: %s", pid, exc)
+                        return
+                if not answered:
+                    self.silent_peers_closed += 1
+                    log.warning("mesh: peer %s did not answer a ping within %.1fs: closing its connection",
+                                pid.to_base58(), s.liveness_timeout)
+                    with trio.move_on_after(2) as scope:
+                        scope.shield = True
+                        try:
+                            await self._host.disconnect(pid)
+                        except Exception:
+                            log.debug("mesh: closing %s failed", pid, exc_info=True)
+                    return
+                await trio.sleep(max(0.0, s.liveness_interval - (trio.current_time() - started)))
+        finally:
+            self._probing.discard(pid)
 
     async def _redial(self, pid: ID) -> None:
         s = self._settings

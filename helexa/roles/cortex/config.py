@@ -103,6 +103,9 @@ class MeshConfig(BaseModel):
     enabled: bool = False
     listen: str = "/ip4/127.0.0.1/tcp/0"
     bootstrap: list[str] = Field(default_factory=list)
+    liveness_timeout: float = Field(3.0, gt=0)
+    """A peer that does not answer a ping (sent every second) within this is dropped: its
+    streams fail at once and it is redialled (a frozen peer is detected in seconds)."""
     announce_interval: float = Field(5.0, gt=0)
     mdns: bool = False
 

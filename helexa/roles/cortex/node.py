@@ -112,7 +112,7 @@ class Cortex:
         mesh_cfg, fed_cfg = self.config.mesh, self.config.federation
         self.mesh = open_libp2p_mesh(self.identity.seed, MeshSettings(
             listen=mesh_cfg.listen, bootstrap=tuple(mesh_cfg.bootstrap), mdns=mesh_cfg.mdns,
-            max_frame=self.config.max_frame_bytes))
+            max_frame=self.config.max_frame_bytes, liveness_timeout=mesh_cfg.liveness_timeout))
         self.ledger = Ledger(self.config.data_dir / "ledger.sqlite")
         offer = FleetOffer(self.fleet, self.catalogue, self.orchestrator.provisioner,
                            slots_per_neuron=fed_cfg.spare_slots_per_neuron)
