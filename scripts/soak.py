@@ -137,8 +137,8 @@ def main() -> int:
                 next_sample += args.sample_every
             if now >= next_kill:
                 name = rng.choice(sorted(neurons))
+                kills.append(time.monotonic())  # before the kill: its errors follow it at once
                 neurons[name].kill()
-                kills.append(time.monotonic())
                 group.procs.remove(neurons[name])
                 neurons[name] = group.neuron(cortex, name, timeout=60)
                 next_kill += args.restart_every
