@@ -33,7 +33,7 @@ from .metrics import Metrics
 from .scheduler import LiveLoad
 
 if TYPE_CHECKING:
-    from .orchestrator import OrchestratorConfig
+    from .config import OrchestratorConfig
 
 log = logging.getLogger(__name__)
 
