@@ -81,6 +81,10 @@ class OrchestratorConfig(BaseModel):
     """Retry-After (seconds) on a 503 for want of capacity."""
     warm_retry: float = Field(30.0, gt=0)
     """Seconds between attempts to load a keep-warm model that failed to load."""
+    warm_start_delay: float = Field(5.0, ge=0)
+    """Seconds after the cortex starts before keep-warm models are loaded: after a restart
+    the neurons rejoin and report what they hold first, so nothing is loaded twice (a
+    request meanwhile still loads what it needs)."""
     first_token_timeout: float = Field(120.0, gt=0)
     """Seconds a neuron may take to produce the first output of a generation."""
     idle_timeout: float = Field(60.0, gt=0)

@@ -320,6 +320,9 @@ class Provisioner:
 
     async def _housekeep(self, nursery: trio.Nursery) -> None:
         last_pass = -HOUSEKEEP_SPACING
+        # After a restart, the neurons rejoin within seconds and report what they hold:
+        # keep-warm loads wait for them, or a model would be loaded twice.
+        warm_from = trio.current_time() + self.settings.warm_start_delay
         while True:
             # A pass looks at every neuron; a join storm (a restarted cortex: thousands of
             # rejoins in seconds) wakes it once per join, which made joins O(n^2): passes
@@ -329,7 +332,7 @@ class Provisioner:
             self._woken_by_fleet = False
             now = last_pass = trio.current_time()
             views = self._views()
-            for model_id in warm_loads(self.catalogue, views):
+            for model_id in warm_loads(self.catalogue, views) if now >= warm_from else ():
                 failed_at = self._warm_failed.get(model_id)
                 if model_id in self._warming or (failed_at is not None and now - failed_at < self.settings.warm_retry):
                     continue
@@ -341,6 +344,8 @@ class Provisioner:
             for unload in due:
                 nursery.start_soon(self._unload_quietly, unload)
             wake_at = upcoming if upcoming is not None else now + 3600.0
+            if now < warm_from:
+                wake_at = min(wake_at, warm_from)
             if any(t + self.settings.warm_retry > now for t in self._warm_failed.values()):
                 wake_at = min(wake_at, min(t for t in self._warm_failed.values()) + self.settings.warm_retry)
             self._wake = trio.Event()
