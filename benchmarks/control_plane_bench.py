@@ -205,8 +205,15 @@ async def sim_main(url: str, token: str, prefix: str) -> None:
                 print(json.dumps({"alive": stats.alive, "drops": stats.drops, "heartbeats": stats.heartbeats,
                                   "max_lag": stats.max_lag}), flush=True)
                 stats.max_lag = 0.0
-            elif cmd[0] == "add":
+            elif cmd[0] in ("add", "rejoin"):
                 n, concurrency = int(cmd[1]), int(cmd[2])
+                if cmd[0] == "rejoin":  # the cortex restarted: the same neurons join again
+                    with trio.move_on_after(60):
+                        while stats.alive:
+                            await trio.sleep(0.05)
+                    first = 0
+                else:
+                    first, next_index = next_index, next_index + n
                 times: list[float] = []
                 errors: list[str] = []
                 done = trio.Event()
@@ -221,9 +228,8 @@ async def sim_main(url: str, token: str, prefix: str) -> None:
                         done.set()
 
                 t0 = time.perf_counter()
-                for i in range(next_index, next_index + n):
+                for i in range(first, first + n):
                     nursery.start_soon(sim_neuron, url, f"{prefix}-{i:05d}", token, stats, joined, sem)
-                next_index += n
                 with trio.move_on_after(120):
                     await done.wait()
                 print(json.dumps({"seconds": time.perf_counter() - t0, "ok": len(times), "failed": len(errors),
@@ -365,6 +371,8 @@ def main() -> int:
     ap.add_argument("--sims", type=int, default=1, help="simulator processes")
     ap.add_argument("--join-concurrency", type=int, default=100, help="handshakes in flight per simulator")
     ap.add_argument("--probe-pings", type=int, default=300, help="round trips measured under each load")
+    ap.add_argument("--restart", action="store_true",
+                    help="after the ramp, kill -9 the cortex, start it again and time every neuron's rejoin")
     ap.add_argument("--no-pin", action="store_true", help="do not pin the cortex and the clients to CPUs")
     ap.add_argument("--keep", action="store_true", help="keep the cortex's data dir and log")
     # internal: the client processes
@@ -396,11 +404,10 @@ def orchestrate(args: argparse.Namespace) -> int:
     cport, gport = free_port(), free_port()
     url, gateway = f"ws://127.0.0.1:{cport}", f"http://127.0.0.1:{gport}"
     log = open(data / "cortex.log", "w")
-    cortex = subprocess.Popen(
-        pinned(cortex_cpu, [str(helexa_bin), "cortex", "--data-dir", str(data / "cortex"),
-                            "--control-socket", f"127.0.0.1:{cport}", "--gateway-socket", f"127.0.0.1:{gport}"]),
-        stdout=log, stderr=subprocess.STDOUT,
-    )
+    cortex_cmd = pinned(cortex_cpu, [str(helexa_bin), "cortex", "--data-dir", str(data / "cortex"),
+                                     "--control-socket", f"127.0.0.1:{cport}", "--gateway-socket",
+                                     f"127.0.0.1:{gport}"])
+    cortex = subprocess.Popen(cortex_cmd, stdout=log, stderr=subprocess.STDOUT)
     sims: list[subprocess.Popen] = []
     me = [sys.executable, str(Path(__file__).resolve())]
     token_file = data / "cortex" / "join-token"
@@ -512,6 +519,8 @@ def orchestrate(args: argparse.Namespace) -> int:
             say()
             say(f"Simulator heartbeat lag (its own scheduling, worst): {max(s['max_lag'] for s in st):.3f} s; "
                 f"cortex RSS at the end: {cproc.memory_info().rss / 2**20:.0f} MiB.")
+            if args.restart:
+                cortex, cproc = restart_storm(args, sims, sprocs, cortex, cortex_cmd, log, gateway, data, have, say)
         return 0
     finally:
         for p in sims:
@@ -535,6 +544,62 @@ def orchestrate(args: argparse.Namespace) -> int:
             print(f"(cortex data and log kept in {data})", file=sys.stderr)
         else:
             shutil.rmtree(data, ignore_errors=True)
+
+
+def restart_storm(args, sims, sprocs, cortex, cortex_cmd, log, gateway, data, size, say):  # noqa: ANN001, ANN201
+    """Kill -9 the cortex holding ``size`` neurons, start it again on the same sockets and
+    data directory, and time every neuron's rejoin; then the CPU per heartbeat at 1 s."""
+    import psutil
+
+    cortex.kill()
+    cortex.wait()
+    t_kill = time.perf_counter()
+    cortex = subprocess.Popen(cortex_cmd, stdout=log, stderr=subprocess.STDOUT)
+    cproc = psutil.Process(cortex.pid)
+    deadline = time.time() + 60
+    while True:
+        try:
+            fleet(gateway, data / "cortex")
+            break
+        except Exception:
+            if cortex.poll() is not None or time.time() > deadline:
+                raise RuntimeError("the restarted cortex did not start") from None
+            time.sleep(0.1)
+    t_up = time.perf_counter()
+    shares = [size // len(sims) + (1 if k < size % len(sims) else 0) for k in range(len(sims))]
+    for p, n in zip(sims, shares):
+        p.stdin.write(f"rejoin {n} {args.join_concurrency}\n")
+        p.stdin.flush()
+    joins = [json.loads(p.stdout.readline()) for p in sims]
+    t_joined = time.perf_counter()
+    failed = sum(j["failed"] for j in joins)
+    time.sleep(args.settle)
+    c0, t0 = cpu_seconds([cproc]), time.perf_counter()
+    for p in sims:
+        p.stdin.write("stats\n")
+        p.stdin.flush()
+    h0 = sum(json.loads(p.stdout.readline())["heartbeats"] for p in sims)
+    time.sleep(args.steady)
+    c1, t1 = cpu_seconds([cproc]), time.perf_counter()
+    for p in sims:
+        p.stdin.write("stats\n")
+        p.stdin.flush()
+    st = [json.loads(p.stdout.readline()) for p in sims]
+    beats = sum(s["heartbeats"] for s in st) - h0
+    view = [n for n in fleet(gateway, data / "cortex")["neurons"] if n["node_id"].startswith("sim")]
+    healthy = sum(1 for n in view if n["health"] == "healthy")
+    say()
+    say("### A cortex restarted (kill -9) under its whole fleet: every neuron rejoins")
+    say()
+    say("| neurons | cortex up again s | all rejoined s after it was up (p99 per join ms) | failed joins "
+        "| healthy after | cortex CPU % at 1 s heartbeats | cortex CPU ms per heartbeat |")
+    say("|---|---|---|---|---|---|---|")
+    say(f"| {size} | {t_up - t_kill:.2f} | {t_joined - t_up:.2f} ({max(j['join_p99'] for j in joins) * 1e3:.0f}) "
+        f"| {failed} | {healthy}/{size} | {100 * (c1 - c0) / (t1 - t0):.0f} "
+        f"| {1e3 * (c1 - c0) / max(1, beats):.3f} |")
+    if failed:
+        say(f"(first errors: {[e for j in joins for e in j['errors']][:3]})")
+    return cortex, cproc
 
 
 def _cpu_model() -> str:

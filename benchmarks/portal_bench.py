@@ -119,7 +119,7 @@ def serve(workdir: Path) -> None:
     prices = {"bench": {"input": 1.0, "output": 2.0}}
     config = CortexConfig.model_validate({
         "data_dir": str(workdir), "gateway_socket": "127.0.0.1:0", "log_level": "warning",
-        "gateway": {"keep_alive_max_requests": 10**9},
+        "gateway": {"keep_alive_max_requests": 10**9, "metrics_public": True},
         "portals": {
             "ledger": {"listen": ["127.0.0.1:0"], "record_usage": True, "prices": prices},
             "keyed": {"listen": ["127.0.0.1:0"], "auth": "keys", "prices": prices},

@@ -103,13 +103,16 @@ def neuron(config_file, cortex_url, node_id, join_token_file, log_level):
 @click.option("--data-dir", type=click.Path(path_type=Path), help="the cortex's data directory")
 @click.option("--rotate", is_flag=True, help="replace the token; neurons need the new one to rejoin")
 def join_token_cmd(data_dir, rotate):
-    """Print (or rotate) the join token that neurons need."""
+    """Print (or rotate) the join token that neurons need (with the control plane's
+    certificate pin when the cortex serves wss://)."""
     from helexa.roles.cortex import join_token
     from helexa.roles.cortex.config import default_data_dir
 
     data = data_dir or default_data_dir()
     try:
-        click.echo(join_token.rotate(data) if rotate else join_token.load_or_create(data))
+        if rotate:
+            join_token.rotate(data)
+        click.echo(join_token.for_neurons(data))
     except (OSError, ValueError) as exc:
         _fail(f"join token in {data}: {exc}", 1)
 

@@ -9,6 +9,13 @@ neuron's logs; every 4xx must be OpenAI's error envelope.
     .venv/bin/python scripts/fuzz_gateway.py                       # own cortex + neuron (SmolLM2)
     .venv/bin/python scripts/fuzz_gateway.py --requests 20000 --concurrency 4
     .venv/bin/python scripts/fuzz_gateway.py --gateway http://127.0.0.1:8080   # a running cortex
+    .venv/bin/python scripts/fuzz_gateway.py --requests 0 --raw 20000  # raw HTTP garbage only
+
+``--raw N`` also sends N raw byte sequences straight to the socket, one connection each
+(:func:`raw_requests`: broken request lines, methods and versions, oversized and
+malformed headers, lying or broken Content-Length and chunked bodies, bare garbage), while
+a well-formed request runs beside them every 100: each must get a 4xx or a close, never a
+5xx, a hang or a traceback, and the well-formed ones must all succeed.
 
 Without ``--gateway`` it starts ``helexa cortex`` and ``helexa neuron`` here (SmolLM2
 through llama.cpp with ``max_output = 16``, so that a body without ``max_tokens`` does not
@@ -53,11 +60,100 @@ max_context = 256
 """
 
 
+def raw_requests(rng: "random.Random") -> bytes:
+    """One raw, hostile HTTP/1.1 byte sequence."""
+    host = b"Host: fuzz\r\n"
+    good_body = b'{"model":"x","messages":[{"role":"user","content":"hi"}]}'
+    choices = [
+        lambda: bytes(rng.getrandbits(8) for _ in range(rng.choice([1, 16, 300, 5000]))),
+        lambda: b"GET / HTTP/1.1\r\n" + b"X: " + b"a" * rng.choice([9000, 70000]) + b"\r\n\r\n",
+        lambda: rng.choice([b"GET", b"G\x00T", b"", b"POST POST", b"\xff\xfe"]) + b" /v1/models "
+        + rng.choice([b"HTTP/1.1", b"HTTP/9.9", b"HTTP/1", b"", b"http/1.1"]) + b"\r\n" + host + b"\r\n",
+        lambda: b"POST /v1/chat/completions HTTP/1.1\r\n" + host + b"Content-Length: "
+        + rng.choice([b"-1", b"99999999999999999999", b"abc", b"10, 20", b"5"]) + b"\r\n\r\n" + good_body,
+        lambda: b"POST /v1/chat/completions HTTP/1.1\r\n" + host + b"Transfer-Encoding: chunked\r\n\r\n"
+        + rng.choice([b"zz\r\nabc\r\n0\r\n\r\n", b"ffffffffffffffff\r\n", b"5\r\nab\r\n", b"0\r\nX\r\n"]),
+        lambda: b"POST /v1/chat/completions HTTP/1.1\r\n" + host + b"Content-Length: 5\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        lambda: b"GET /v1/models HTTP/1.1\r\n" + b"".join(b"H%d: v\r\n" % i for i in range(rng.choice([50, 500])))
+        + host + b"\r\n",
+        lambda: b"GET /v1/models HTTP/1.1\r\n" + rng.choice([b"NoColon\r\n", b" folded: x\r\n", b": empty\r\n",
+                                                               b"Bad\x00Name: v\r\n", b"X: \x01\x7f\r\n"]) + host
+        + b"\r\n",
+        lambda: b"GET " + rng.choice([b"/" + b"a" * 20000, b"/%zz", b"/..%2f..%2fetc", b"*", b"http://x/v1/models"])
+        + b" HTTP/1.1\r\n" + host + b"\r\n",
+        lambda: (b"GET /v1/models HTTP/1.1\r\n" + host + b"\r\n") * rng.choice([2, 50]) + b"\x00garbage",
+    ]
+    return rng.choice(choices)()
+
+
+def raw_fuzz(url: str, n: int, seed: int, concurrency: int) -> tuple[collections.Counter[str], list[str]]:
+    """Send ``n`` raw hostile byte sequences (see ``--raw``); the outcomes and problems."""
+    import random
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    addr = (parts.hostname, parts.port)
+    rng = random.Random(seed)
+    outcomes: collections.Counter[str] = collections.Counter()
+    problems: list[str] = []
+    lock = threading.Lock()
+
+    def one(data: bytes) -> None:
+        try:
+            with socket.create_connection(addr, timeout=30) as sock:
+                try:
+                    sock.sendall(data)
+                    sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass  # the server may close before reading it all
+                answer = b""
+                try:
+                    while chunk := sock.recv(65536):
+                        answer += chunk
+                except ConnectionResetError:
+                    pass
+        except socket.timeout:
+            with lock:
+                outcomes["hang (30 s)"] += 1
+                problems.append(f"no answer in 30 s to {data[:120]!r}")
+            return
+        except OSError as exc:
+            with lock:
+                outcomes[f"socket error {type(exc).__name__}"] += 1
+            return
+        status = answer[9:12].decode("latin-1") if answer.startswith(b"HTTP/1.") else ("closed" if not answer else "?")
+        # 505 is the right answer to an HTTP version the server does not speak.
+        bad = (status.startswith("5") and status != "505") or b"Traceback" in answer or status == "?"
+        with lock:
+            outcomes[status] += 1
+            if bad and len(problems) < 50:
+                problems.append(f"{status}: {answer[:200]!r} <- {data[:120]!r}")
+
+    with ThreadPoolExecutor(concurrency) as pool, httpx.Client(base_url=url, timeout=30) as probe:
+        futures = []
+        for i in range(n):
+            futures.append(pool.submit(one, raw_requests(rng)))
+            if i % 100 == 0:
+                r = probe.get("/v1/models")
+                with lock:
+                    outcomes["well-formed beside: " + str(r.status_code)] += 1
+                    if r.status_code != 200:
+                        problems.append(f"a well-formed request beside the garbage got {r.status_code}")
+            if i % 1000 == 0 and i:
+                print(f"  {i} raw sent", file=sys.stderr)
+        for f in futures:
+            f.result()
+    return outcomes, problems
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gateway", help="a running cortex's gateway URL (default: start one here)")
     parser.add_argument("--requests", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--raw", type=int, default=0, help="raw HTTP garbage sequences to send too")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds allowed for one answer")
     parser.add_argument("--keep", type=Path, help="a directory to keep the processes' logs and every failing body in")
@@ -116,7 +212,7 @@ def main() -> int:
         started = time.monotonic()
 
         @seed(args.seed)
-        @settings(max_examples=args.requests, deadline=None, database=None, phases=[Phase.generate],
+        @settings(max_examples=max(1, args.requests), deadline=None, database=None, phases=[Phase.generate],
                   suppress_health_check=list(HealthCheck))
         @given(requests([CHAT, EMBED], chat_models=[CHAT]))
         def fuzz(request: tuple[str, bytes]) -> None:
@@ -126,10 +222,16 @@ def main() -> int:
             if sent[0] % 50 == 0:
                 print(f"  {sent[0]} sent, {time.monotonic() - started:.0f}s", file=sys.stderr)
 
-        fuzz()
+        if args.requests:
+            fuzz()
         pool.shutdown(wait=True)
         client.close()
+        if args.raw:
+            outcomes, problems = raw_fuzz(url, args.raw, args.seed, args.concurrency)
+            raw_outcomes.update(outcomes)
+            unexpected.extend(problems)
 
+    raw_outcomes: collections.Counter[str] = collections.Counter()
     tracebacks: dict[str, int] = {}
     if args.gateway:
         run(args.gateway)
@@ -149,6 +251,8 @@ def main() -> int:
     print(f"\n{total} requests")
     for (path, status), n in sorted(counts.items()):
         print(f"  {status:>3}  {path:<22} {n}")
+    if raw_outcomes:
+        print(f"{args.raw} raw sequences: " + ", ".join(f"{k}: {v}" for k, v in sorted(raw_outcomes.items())))
     if stream_errors:
         print("error events inside 200 streams:")
         for text, n in stream_errors.most_common(10):

@@ -10,7 +10,14 @@ Every sharp edge listed in ``shared/notes/stack.md`` is handled here, and only h
 * a reconnect supervisor redials bootstrap and known peers and clears the swarm's
   negative dial cache first, so a restarted peer is back in seconds, not a minute;
 * identify (on by default in the host) teaches us peers' listen addresses; mDNS is off;
-* the kad-dht "Failed to read DHT message" log line is filtered.
+* the kad-dht "Failed to read DHT message" log line is filtered;
+* every connected peer is pinged each ``liveness_interval``; one silent for
+  ``liveness_timeout`` (a frozen process keeps its TCP connection open, so nothing else
+  notices) has its connection closed, which fails its streams at once;
+* a neighbour may forward only so many new gossip messages per second
+  (:mod:`.gossip_limit`); the rest are rejected as invalid, which GossipSub's peer score
+  counts (:data:`GOSSIP_SCORE`): a flooding neighbour is soon ignored, then forgiven as
+  its score decays.
 """
 
 from __future__ import annotations
@@ -24,12 +31,16 @@ import trio
 from libp2p import new_host
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.host.ping import ID as PING_PROTOCOL
+from libp2p.host.ping import perform_ping_roundtrip
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pubsub import Pubsub
+from libp2p.pubsub.score import ScoreParams, TopicScoreParams
 from libp2p.tools.anyio_service import background_trio_service
 
+from .gossip_limit import GossipLimiter
 from .base import DialFailed, GossipMessage, Mesh, MessageStream, StreamClosed, StreamHandler, TopicValidator
 from .settings import MeshSettings
 from .streams import FramedStream, run_handler
@@ -73,6 +84,17 @@ class _Libp2pStream(FramedStream):
         await self._ns.reset()
 
 
+GOSSIP_SCORE = ScoreParams(
+    # Each rejected message (over the rate limit, or refused by a topic's validator) costs
+    # its forwarder 1 point, decaying by 10% per heartbeat (1 s): 100 in a few seconds
+    # puts it under the thresholds, and it is heard again some 25 s after it stops.
+    p4_invalid_messages=TopicScoreParams(weight=1.0, cap=10_000.0, decay=0.9),
+    publish_threshold=-100.0,
+    gossip_threshold=-100.0,
+    graylist_threshold=-100.0,
+)
+
+
 class Libp2pMesh(Mesh):
     """A libp2p host with GossipSub and our request streams.
 
@@ -95,6 +117,9 @@ class Libp2pMesh(Mesh):
         self._next_dial: dict[ID, float] = {}
         self._dialing: set[ID] = set()
         self._subscribed: set[str] = set()
+        self._probing: set[ID] = set()
+        self.silent_peers_closed = 0
+        self.gossip_limit = GossipLimiter(settings.gossip_per_peer_per_second, settings.gossip_per_peer_burst)
         for addr in settings.bootstrap:
             info = _parse_p2p(addr)
             self._known[info.peer_id] = list(info.addrs)
@@ -124,6 +149,7 @@ class Libp2pMesh(Mesh):
             max_messages_per_topic_per_second=s.gossip_max_per_topic_per_second,
             # Loopback tests and small meshes live on one IP: do not starve them.
             eclipse_protection_enabled=False,
+            score_params=GOSSIP_SCORE,
         )
         pubsub = Pubsub(host, gossipsub, strict_signing=True)
         async with background_trio_service(pubsub), background_trio_service(gossipsub):
@@ -137,6 +163,7 @@ class Libp2pMesh(Mesh):
                         await pubsub.wait_until_ready()
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._supervise, nursery)
+                        nursery.start_soon(self._watch_liveness, nursery)
                         log.info("mesh up as %s on %s", self.peer_id, ", ".join(self.listen_addrs))
                         task_status.started(self.listen_addrs)
                         await trio.sleep_forever()
@@ -158,16 +185,20 @@ class Libp2pMesh(Mesh):
         if topic in self._subscribed:
             raise RuntimeError(f"already subscribed to {topic!r}")
         self._subscribed.add(topic)
-        if validator is not None:
-            check = validator
+        check = validator
+        limit, me_id = self.gossip_limit, self._id
 
-            def validate(_forwarder: ID, msg: Any) -> bool:
-                try:
-                    return bool(check(ID(msg.from_id).to_base58(), msg.data))
-                except Exception:
-                    return False
+        def validate(forwarder: ID, msg: Any) -> bool:
+            if forwarder != me_id and not limit.allow(forwarder.to_base58(), trio.current_time()):
+                return False
+            if check is None:
+                return True
+            try:
+                return bool(check(ID(msg.from_id).to_base58(), msg.data))
+            except Exception:
+                return False
 
-            pubsub.set_topic_validator(topic, validate, False)
+        pubsub.set_topic_validator(topic, validate, False)
         sub = await pubsub.subscribe(topic)
         me = self._id.to_bytes()
         try:
@@ -235,6 +266,14 @@ class Libp2pMesh(Mesh):
             return []
         return [p.to_base58() for p in self._host.get_connected_peers()]
 
+    def gossip_score(self, peer: str, topic: str) -> float:
+        """``peer``'s GossipSub score on ``topic`` as this node keeps it (0 when unknown)."""
+        router = getattr(self._pubsub, "router", None)
+        scorer = getattr(router, "scorer", None)
+        if scorer is None:
+            return 0.0
+        return float(scorer.topic_score(ID.from_base58(peer), topic))
+
     async def connect(self, multiaddr_: str, *, timeout: float | None = None) -> str:
         host = self._require_host()
         try:
@@ -294,6 +333,49 @@ class Libp2pMesh(Mesh):
                     self._dialing.add(pid)
                     nursery.start_soon(self._redial, pid)
             await trio.sleep(s.reconnect_interval)
+
+    async def _watch_liveness(self, nursery: trio.Nursery) -> None:
+        """Ping every connected peer, one prober per peer, each ``liveness_interval``."""
+        while True:
+            host = self._host
+            for pid in host.get_connected_peers():
+                if pid not in self._probing and pid != self._id:
+                    self._probing.add(pid)
+                    nursery.start_soon(self._probe, pid)
+            await trio.sleep(self._settings.liveness_interval)
+
+    async def _probe(self, pid: ID) -> None:
+        s = self._settings
+        try:
+            while pid in self._host.get_connected_peers():
+                started = trio.current_time()
+                answered = False
+                with trio.move_on_after(s.liveness_timeout):
+                    try:
+                        stream = await self._host.new_stream(pid, [PING_PROTOCOL])
+                        try:
+                            await perform_ping_roundtrip(stream)
+                            answered = True
+                        finally:
+                            with trio.move_on_after(1):
+                                await stream.close()
+                    except Exception as exc:  # a broken connection: the supervisor redials
+                        log.debug("mesh: ping of %s failed: %s", pid, exc)
+                        return
+                if not answered:
+                    self.silent_peers_closed += 1
+                    log.warning("mesh: peer %s did not answer a ping within %.1fs: closing its connection",
+                                pid.to_base58(), s.liveness_timeout)
+                    with trio.move_on_after(2) as scope:
+                        scope.shield = True
+                        try:
+                            await self._host.disconnect(pid)
+                        except Exception:
+                            log.debug("mesh: closing %s failed", pid, exc_info=True)
+                    return
+                await trio.sleep(max(0.0, s.liveness_interval - (trio.current_time() - started)))
+        finally:
+            self._probing.discard(pid)
 
     async def _redial(self, pid: ID) -> None:
         s = self._settings

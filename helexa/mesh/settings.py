@@ -27,10 +27,21 @@ class MeshSettings:
     """Back-off ceiling between redials of one peer, so a restart is noticed in seconds."""
     forget_after: float = 600.0
     """A non-bootstrap peer unreachable this long is no longer redialled."""
+    liveness_interval: float = 1.0
+    """How often each connected peer is pinged (libp2p's ``/ipfs/ping/1.0.0``)."""
+    liveness_timeout: float = 3.0
+    """A peer that does not answer a ping within this is silent (frozen, partitioned):
+    its connection is closed, so every stream to it fails at once instead of waiting for
+    a stream deadline; the supervisor redials it."""
     gossip_degree: int = 6
     gossip_degree_low: int = 4
     gossip_degree_high: int = 12
     gossip_heartbeat: float = 1.0
     gossip_max_per_topic_per_second: float = 200.0
+    gossip_per_peer_per_second: float = 50.0
+    """New messages one neighbour may forward us per second, all topics together (an
+    announcement per operator every few seconds is far below it); more are rejected and
+    score the neighbour down (:mod:`helexa.mesh.gossip_limit`)."""
+    gossip_per_peer_burst: int = 200
     max_frame: int = DEFAULT_MAX_FRAME
     mdns: bool = False

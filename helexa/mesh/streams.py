@@ -102,9 +102,11 @@ async def run_handler(handler: StreamHandler, stream: MessageStream, protocol: s
         await handler(stream)
     except BaseException as exc:
         # ExceptionGroups of Cancelled are cancellations too; everything else is swallowed.
+        # (``split`` by type: a predicate given to ``subgroup`` is also asked about the
+        # group itself, which is never a Cancelled, so a group of cancellations counted
+        # as a failure and was logged with a traceback at every shutdown.)
         if isinstance(exc, trio.Cancelled) or (
-            isinstance(exc, BaseExceptionGroup) and exc.subgroup(trio.Cancelled) is not None
-            and exc.subgroup(lambda e: not isinstance(e, trio.Cancelled)) is None
+            isinstance(exc, BaseExceptionGroup) and exc.split(trio.Cancelled)[1] is None
         ):
             await stream.reset()
             raise

@@ -4,6 +4,11 @@ The neuron proves it holds the operator's join token without sending it: both si
 compute HMAC-SHA256 over the two nonces and the node id. The cortex answers with a
 counter-proof over the same values under another label, so a neuron also knows it joined
 the cortex that holds its token (and not an impostor on the same address).
+
+A join token handed to neurons may carry the cortex's TLS certificate fingerprint, as a
+k3s token carries its CA's hash: ``hlx1.<secret>::sha256:<64 hex>``. The neuron then
+verifies a ``wss://`` cortex by that pin, with no public CA; only ``<secret>`` enters the
+proofs (:func:`split_token`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,33 @@ def new_nonce() -> bytes:
 def new_token() -> str:
     """A fresh join token (printable, 256 bits of entropy)."""
     return "hlx1." + secrets.token_urlsafe(32)
+
+
+PIN_MARK = "::sha256:"
+
+
+def cert_fingerprint(der: bytes) -> str:
+    """The pin of a certificate: SHA-256 of its DER bytes, lowercase hex."""
+    return hashlib.sha256(der).hexdigest()
+
+
+def with_pin(token: str, fingerprint: str) -> str:
+    """``token`` carrying the certificate pin ``fingerprint`` (replacing any it had)."""
+    return split_token(token)[0] + PIN_MARK + fingerprint.lower()
+
+
+def split_token(text: str) -> tuple[str, str | None]:
+    """``(secret, pin)`` of a join token; ``pin`` is None when it carries none.
+
+    Raises ``ValueError`` for a pin that is not 64 hex digits.
+    """
+    secret, mark, pin = text.strip().partition(PIN_MARK)
+    if not mark:
+        return secret, None
+    pin = pin.lower()
+    if len(pin) != 64 or any(c not in "0123456789abcdef" for c in pin):
+        raise ValueError("the join token's certificate pin must be 64 hex digits after '::sha256:'")
+    return secret, pin
 
 
 def _mac(label: bytes, token: str, cortex_nonce: bytes, neuron_nonce: bytes, node_id: str) -> bytes:

@@ -18,7 +18,9 @@ import trio_websocket
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
 from helexa.protocol import DEFAULT_MAX_FRAME, Fault, ProtocolError, decode, encode
+from helexa.protocol.auth import cert_fingerprint
 
+from .admission import PendingHandshakes
 from .channel import Channel, ChannelClosed, ConnectFailed
 
 log = logging.getLogger(__name__)
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
+CLOSE_TRY_LATER = 1013
 
 
 class WebSocketChannel(Channel):
@@ -94,16 +97,29 @@ async def connect(
     *,
     timeout: float = 10.0,
     ssl_context: ssl.SSLContext | None = None,
+    pin: str | None = None,
     max_frame: int = DEFAULT_MAX_FRAME,
 ) -> AsyncIterator[WebSocketChannel]:
     """Open a channel to ``url`` (``ws://`` or ``wss://``).
 
+    With ``pin`` (a ``wss://`` URL), the server's certificate must have that SHA-256
+    (:func:`helexa.protocol.auth.cert_fingerprint`); it is checked right after the TLS
+    handshake, before a byte of the websocket upgrade is sent, and ``ssl_context`` need not
+    verify anything itself.
+
     Raises:
-        ConnectFailed: refused, unreachable, TLS failure, or no handshake within ``timeout``.
+        ConnectFailed: refused, unreachable, TLS failure, a certificate that does not match
+            ``pin``, or no handshake within ``timeout``.
     """
     scheme = urlsplit(url).scheme
     if scheme not in ("ws", "wss"):
         raise ConnectFailed(f"unsupported URL scheme {scheme!r} in {url!r} (use ws:// or wss://)")
+    if pin is not None:
+        if scheme != "wss":
+            raise ConnectFailed(f"a certificate pin needs a wss:// URL, got {url!r}")
+        async with _connect_pinned(url, pin, timeout, ssl_context, max_frame) as channel:
+            yield channel
+        return
     try:
         cm = trio_websocket.open_websocket_url(
             url,
@@ -128,6 +144,95 @@ async def connect(
                 pass
 
 
+@asynccontextmanager
+async def _connect_pinned(url: str, pin: str, timeout: float, ssl_context: ssl.SSLContext | None,
+                          max_frame: int) -> AsyncIterator[WebSocketChannel]:
+    parts = urlsplit(url)
+    host, port = parts.hostname or "", parts.port or 443
+    resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    if ssl_context is None:
+        ssl_context = ssl.create_default_context()
+        ssl_context.check_hostname = False
+        ssl_context.verify_mode = ssl.CERT_NONE
+    failure: str | None = None
+    async with trio.open_nursery() as nursery:
+        stream: trio.SSLStream[trio.SocketStream] | None = None
+        ws: WebSocketConnection | None = None
+        try:
+            with trio.fail_after(timeout):
+                tcp = await trio.open_tcp_stream(host, port)
+                stream = trio.SSLStream(tcp, ssl_context, server_hostname=host, https_compatible=True)
+                await stream.do_handshake()
+                seen = cert_fingerprint(stream.getpeercert(binary_form=True) or b"")
+                if seen != pin:
+                    failure = (f"its certificate (sha256 {seen[:16]}...) is not the one the join token pins "
+                               f"(sha256 {pin[:16]}...)")
+                else:
+                    ws = await trio_websocket.wrap_client_stream(
+                        nursery, stream, f"{host}:{port}", resource, message_queue_size=64,
+                        max_message_size=max_frame)
+        except trio.TooSlowError:
+            failure = f"no handshake within {timeout:g}s"
+        except (OSError, trio.BrokenResourceError, trio_websocket.HandshakeError, ssl.SSLError) as exc:
+            failure = str(exc) or type(exc).__name__
+        if ws is None:
+            if stream is not None:
+                await trio.aclose_forcefully(stream)
+            nursery.cancel_scope.cancel()
+        else:
+            # A failure inside the body must not escape the nursery (it would come out
+            # wrapped in an ExceptionGroup): it is raised after.
+            try:
+                yield WebSocketChannel(ws, max_frame=max_frame, remote=url)
+            finally:
+                with trio.move_on_after(3) as scope:
+                    scope.shield = True
+                    try:
+                        await ws.aclose()
+                    except Exception:
+                        pass
+                nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise ConnectFailed(f"cannot connect to {url}: {failure}")
+
+
+def _peer(stream: trio.abc.Stream) -> str:
+    sock = stream.transport_stream.socket if isinstance(stream, trio.SSLStream) else getattr(stream, "socket", None)
+    if sock is None:
+        return repr(stream)
+    try:
+        addr, port, *_ = sock.getpeername()
+    except OSError:
+        return repr(stream)
+    return f"{addr}:{port}"
+
+
+class _Admitting(trio.abc.Listener[trio.abc.Stream]):
+    """A listener that closes a new connection at once when ``pending`` is full.
+
+    It wraps the outermost listener (the TLS one for ``wss://``) and returns its streams
+    unchanged, so trio-websocket still sees a socket or TLS stream; a TLS handshake is
+    lazy, so refusing costs no crypto.
+    """
+
+    def __init__(self, inner: trio.abc.Listener[Any], pending: PendingHandshakes) -> None:
+        self.inner = inner
+        self.pending = pending
+
+    async def accept(self) -> trio.abc.Stream:
+        while True:
+            stream = await self.inner.accept()
+            if self.pending.admit(_peer(stream), trio.current_time()):
+                return stream
+            if self.pending.refused in (1, 10, 100) or self.pending.refused % 1000 == 0:
+                log.warning("%d pending handshakes: refused %d connections so far", len(self.pending),
+                            self.pending.refused)
+            await trio.aclose_forcefully(stream)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 async def serve(
     handler: Callable[[WebSocketChannel], Awaitable[None]],
     host: str,
@@ -136,45 +241,57 @@ async def serve(
     ssl_context: ssl.SSLContext | None = None,
     max_frame: int = DEFAULT_MAX_FRAME,
     handshake_timeout: float = 10.0,
+    pending: PendingHandshakes | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve websocket channels until cancelled; reports the bound port via ``started``.
 
     Each accepted connection runs ``handler(channel)`` in its own task; an exception
-    escaping a handler is logged and closes only that connection.
+    escaping a handler is logged and closes only that connection. With ``pending``, a
+    connection counts in it from its accept (refused at once past its limit) until the
+    handler releases it (or the connection ends); the websocket upgrade must finish within
+    ``handshake_timeout``.
     """
 
     async def on_request(request: WebSocketRequest) -> None:
+        remote = f"{request.remote.address}:{request.remote.port}" if hasattr(request.remote, "port") \
+            else str(request.remote)
         try:
-            ws = await request.accept()
-        except Exception as exc:
-            log.info("websocket upgrade failed: %s", exc)
-            return
-        remote = f"{ws.remote.address}:{ws.remote.port}" if hasattr(ws.remote, "port") else str(ws.remote)
-        channel = WebSocketChannel(ws, max_frame=max_frame, remote=remote)
-        try:
-            await handler(channel)
-        except ProtocolError:
-            pass  # already logged and closed by the channel
-        except ChannelClosed:
-            pass
-        except Exception:
-            log.exception("control connection handler failed for %s", remote)
+            try:
+                ws = await request.accept()
+            except Exception as exc:
+                log.info("websocket upgrade failed: %s", exc)
+                return
+            channel = WebSocketChannel(ws, max_frame=max_frame, remote=remote)
+            try:
+                await handler(channel)
+            except ProtocolError:
+                pass  # already logged and closed by the channel
+            except ChannelClosed:
+                pass
+            except Exception:
+                log.exception("control connection handler failed for %s", remote)
+            finally:
+                await channel.aclose()
         finally:
-            await channel.aclose()
+            if pending is not None:
+                pending.release(remote)
 
+    tcp = await trio.open_tcp_listeners(port, host=host)
+    bound = tcp[0].socket.getsockname()[1]
+    listeners: list[Any] = tcp
+    if ssl_context is not None:
+        listeners = [trio.SSLListener(l, ssl_context, https_compatible=True) for l in listeners]
+    if pending is not None:
+        listeners = [_Admitting(l, pending) for l in listeners]
+    server = trio_websocket.WebSocketServer(
+        on_request,
+        listeners,
+        message_queue_size=64,
+        max_message_size=max_frame,
+        connect_timeout=handshake_timeout,
+        disconnect_timeout=2,
+    )
     async with trio.open_nursery() as nursery:
-        srv = await nursery.start(
-            lambda task_status: trio_websocket.serve_websocket(
-                on_request,
-                host,
-                port,
-                ssl_context,
-                message_queue_size=64,
-                max_message_size=max_frame,
-                connect_timeout=handshake_timeout,
-                disconnect_timeout=2,
-                task_status=task_status,
-            )
-        )
-        task_status.started(srv.port)
+        await nursery.start(server.run)
+        task_status.started(bound)

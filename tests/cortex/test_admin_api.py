@@ -140,3 +140,34 @@ async def test_an_admin_socket_takes_the_admin_api_off_the_default_portal() -> N
     assert admin_url != urls["default"]
     assert on_portal.status_code == metrics_on_portal.status_code == 404
     assert on_admin.status_code == 200 and metrics.status_code == 200 and models_on_admin.status_code == 404
+
+
+@pytest.mark.parametrize("admin_socket", [None, "127.0.0.1:0"], ids=["on-the-default-portal", "on-an-admin-socket"])
+async def test_metrics_need_the_admin_token_wherever_they_are_served(admin_socket) -> None:
+    fields = {"admin_socket": admin_socket} if admin_socket else {}
+    async with portals(Fleet(), {}, **fields) as (gateway, _):
+        (url,) = gateway.admin_urls
+        async with httpx.AsyncClient() as http:
+            anonymous = await http.get(url + "/metrics")
+            wrong = await http.get(url + "/metrics", headers=bearer("hlx-admin-wrong"))
+            right = await http.get(url + "/metrics", headers=admin_headers())
+    assert anonymous.status_code == wrong.status_code == 401
+    assert "admin token" in anonymous.json()["error"]["message"] and "helexa_" not in anonymous.text
+    assert right.status_code == 200 and "helexa_" in right.text
+
+
+async def test_metrics_public_serves_them_without_the_token_and_nothing_else() -> None:
+    async with portals(Fleet(), {}, gateway={"metrics_public": True}) as (gateway, _):
+        (url,) = gateway.admin_urls
+        async with httpx.AsyncClient() as http:
+            metrics = await http.get(url + "/metrics")
+            fleet = await http.get(url + "/admin/fleet")
+    assert metrics.status_code == 200 and fleet.status_code == 401
+
+
+async def test_metrics_from_an_address_outside_admin_clients_are_forbidden_even_with_the_token() -> None:
+    async with portals(Fleet(), {}, gateway={"admin_clients": ["10.9.9.9"]}) as (gateway, _):
+        (url,) = gateway.admin_urls
+        async with httpx.AsyncClient() as http:
+            metrics = await http.get(url + "/metrics", headers=admin_headers())
+    assert metrics.status_code == 403

@@ -312,7 +312,7 @@ async def test_metrics_and_the_fleet_snapshot() -> None:
     async with serving(fleet) as (_, url):
         async with httpx.AsyncClient() as http:
             await http.post(url + "/v1/completions", json={"model": "chat", "prompt": "x"})
-            metrics = (await http.get(url + "/metrics")).text
+            metrics = (await http.get(url + "/metrics", headers=admin_headers())).text
             snapshot = (await http.get(url + "/admin/fleet", headers=admin_headers())).json()
             health = (await http.get(url + "/health")).json()
     assert 'helexa_requests_total{endpoint="completions",model="chat",neuron="n1"} 1.0' in metrics

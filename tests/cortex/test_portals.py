@@ -13,6 +13,7 @@ from helexa.roles.cortex.fleet import Fleet
 from helexa.roles.cortex.portal.store import SqliteStore
 from neuron_double import NeuronDouble
 from portals import acme, bearer, new_key, portals
+from serving import admin_headers
 
 BETA = {"listen": ["127.0.0.1:0"], "auth": "keys", "aliases": {"smart": "chat2"}}
 
@@ -96,7 +97,7 @@ async def test_an_alias_runs_its_catalogue_model_and_never_names_it() -> None:
         models = await in_thread(run)
         async with httpx.AsyncClient() as http:
             listed = (await http.get(urls["acme"] + "/v1/models", headers=bearer(key))).json()["data"]
-            metrics = (await http.get(urls["default"] + "/metrics")).text
+            metrics = (await http.get(urls["default"] + "/metrics", headers=admin_headers())).text
     assert seen == ["chat"] and set(models) == {"fast"}
     key_id = key.split("_")[0].removeprefix("sk-hlx-")
     assert [(t.portal, t.key, t.priority) for t in tenants] == [("acme", key_id, "interactive")]

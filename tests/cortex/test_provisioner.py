@@ -266,7 +266,7 @@ async def test_keep_warm_models_load_at_start_up_and_when_a_neuron_joins(autojum
     fleet = Fleet()
     cat = Catalogue([entry("warm", keep_warm=True, idle_ttl=5), entry("cold")])
     async with trio.open_nursery() as nursery:
-        await start(fleet, cat, nursery)
+        await start(fleet, cat, nursery, warm_start_delay=0)
         await trio.sleep(1)
         neuron = NeuronDouble("a", fleet, load_delay=2.0)  # joins after start-up
         await trio.sleep(3.0)
@@ -281,7 +281,7 @@ async def test_a_failed_keep_warm_load_is_retried_later(autojump_clock) -> None:
     neuron = NeuronDouble("a", fleet)
     neuron.refuse_load = True
     async with trio.open_nursery() as nursery:
-        await start(fleet, Catalogue([entry("warm", keep_warm=True)]), nursery, warm_retry=30.0)
+        await start(fleet, Catalogue([entry("warm", keep_warm=True)]), nursery, warm_retry=30.0, warm_start_delay=0)
         await trio.sleep(1)
         assert neuron.loads() == ["warm"]
         neuron.refuse_load = False
@@ -317,3 +317,27 @@ async def test_the_operator_loads_on_a_chosen_neuron_pins_and_unloads(autojump_c
             prov.load_on("unknown", "a")
         nursery.cancel_scope.cancel()
     assert a.loads() == [] and b.loads() == ["m"] and b.unloads() == ["m"]
+
+
+async def test_keep_warm_loads_wait_for_neurons_to_rejoin_after_a_start(autojump_clock) -> None:
+    fleet = Fleet()
+    other = NeuronDouble("other", fleet)  # rejoins first, holding nothing
+    async with trio.open_nursery() as nursery:
+        await start(fleet, Catalogue([entry("warm", keep_warm=True)]), nursery, warm_start_delay=5.0)
+        await trio.sleep(2.0)
+        NeuronDouble("holder", fleet, loaded=("warm",))  # rejoins holding it
+        await trio.sleep(10.0)
+        nursery.cancel_scope.cancel()
+    assert other.loads() == []  # nothing loaded twice
+
+
+async def test_a_keep_warm_model_nobody_holds_loads_when_the_start_delay_ends(autojump_clock) -> None:
+    fleet = Fleet()
+    neuron = NeuronDouble("a", fleet)
+    async with trio.open_nursery() as nursery:
+        await start(fleet, Catalogue([entry("warm", keep_warm=True)]), nursery, warm_start_delay=5.0)
+        await trio.sleep(4.9)
+        assert neuron.loads() == []
+        await trio.sleep(0.2)
+        assert neuron.loads() == ["warm"]
+        nursery.cancel_scope.cancel()

@@ -154,6 +154,7 @@ def test_a_wrong_join_token_is_refused_and_the_process_says_why(cluster, tmp_pat
     cluster.start_cortex()
     bad = tmp_path / "bad-token"
     bad.write_text("hlx1.not-the-token\n")
+    bad.chmod(0o600)  # a token open to others is refused before any dialling
     out = subprocess.run(
         HELEXA + ["neuron", "--cortex", f"ws://127.0.0.1:{cluster.control}", "--node-id", "intruder",
                   "--join-token-file", str(bad)],

@@ -39,6 +39,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=3)
     p.add_argument("--token-delay", type=float, default=0.0)
     p.add_argument("--announce-interval", type=float, default=1.0)
+    p.add_argument("--gossip-per-peer", type=float, default=50.0, help="new messages/s a neighbour may forward")
+    p.add_argument("--gossip-burst", type=int, default=200)
     return p.parse_args()
 
 
@@ -46,11 +48,13 @@ class Node:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.identity = load_or_create(args.data_dir / "identity.key")
-        self.mesh = open_libp2p_mesh(self.identity.seed, MeshSettings(listen=args.listen,
-                                                                      bootstrap=tuple(args.bootstrap)))
+        self.mesh = open_libp2p_mesh(self.identity.seed, MeshSettings(
+            listen=args.listen, bootstrap=tuple(args.bootstrap), gossip_per_peer_per_second=args.gossip_per_peer,
+            gossip_per_peer_burst=args.gossip_burst))
         self.messages = trio.open_memory_channel[dict](1000)
         self.out_lock = trio.Lock()
         self.fed: Federation | None = None
+        self.received: dict[str, int] = {}
 
     @asynccontextmanager
     async def serve_local(self, request: GenerateRequest):
@@ -77,6 +81,7 @@ class Node:
         task_status.started()
         async with aclosing(sub):
             async for m in sub:
+                self.received[m.origin] = self.received.get(m.origin, 0) + 1
                 await self.messages[0].send({"origin": m.origin, "data": m.data.hex(), "t": time.time()})
 
     async def command(self, cmd: dict) -> None:
@@ -100,6 +105,15 @@ class Node:
         if op == "publish":
             await self.mesh.announce(TEST_TOPIC, bytes.fromhex(cmd["data"]))
             return {"t": time.time()}
+        if op == "flood":
+            for i in range(cmd["n"]):
+                await self.mesh.announce(TEST_TOPIC, b"flood %d" % i)
+                await trio.sleep(cmd.get("interval", 0))
+            return {"t": time.time()}
+        if op == "gossip_state":
+            return {"dropped": self.mesh.gossip_limit.dropped,
+                    "scores": {p: self.mesh.gossip_score(p, TEST_TOPIC) for p in self.mesh.peers()},
+                    "received": self.received}
         if op == "next_message":
             with trio.fail_after(timeout):
                 return await self.messages[1].receive()

@@ -51,6 +51,10 @@ class GatewayConfig(BaseModel):
     admin_clients: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"])
     """Client addresses allowed on ``/admin/*`` (besides the admin token, which is always
     required); loopback only by default, ``["*"]`` for any address."""
+    metrics_public: bool = False
+    """Serve ``/metrics`` (on the admin socket) to anyone who can reach it, without the
+    admin token or the ``admin_clients`` check; by default a scraper presents the token
+    (Prometheus: ``authorization: {credentials_file: .../admin-token}``)."""
     ledger_timeout: float = Field(10.0, gt=0)
     """Seconds a usage record may take to become durable before its request fails (500)."""
     ledger_sync: Literal["full", "normal"] = "full"
@@ -77,6 +81,10 @@ class OrchestratorConfig(BaseModel):
     """Retry-After (seconds) on a 503 for want of capacity."""
     warm_retry: float = Field(30.0, gt=0)
     """Seconds between attempts to load a keep-warm model that failed to load."""
+    warm_start_delay: float = Field(5.0, ge=0)
+    """Seconds after the cortex starts before keep-warm models are loaded: after a restart
+    the neurons rejoin and report what they hold first, so nothing is loaded twice (a
+    request meanwhile still loads what it needs)."""
     first_token_timeout: float = Field(120.0, gt=0)
     """Seconds a neuron may take to produce the first output of a generation."""
     idle_timeout: float = Field(60.0, gt=0)
@@ -99,6 +107,9 @@ class MeshConfig(BaseModel):
     enabled: bool = False
     listen: str = "/ip4/127.0.0.1/tcp/0"
     bootstrap: list[str] = Field(default_factory=list)
+    liveness_timeout: float = Field(3.0, gt=0)
+    """A peer that does not answer a ping (sent every second) within this is dropped: its
+    streams fail at once and it is redialled (a frozen peer is detected in seconds)."""
     announce_interval: float = Field(5.0, gt=0)
     mdns: bool = False
 
@@ -301,6 +312,15 @@ class CortexConfig(BaseModel):
     missed_heartbeats: int = Field(3, ge=1)
     remove_after: float = Field(30.0, gt=0)
     handshake_timeout: float = Field(10.0, gt=0)
+    """Seconds a neuron's connection may take from its accept to its join verdict (the
+    websocket upgrade, then the join, each within it)."""
+    max_pending_handshakes: int = Field(1024, ge=1)
+    """Control connections accepted but not yet joined at once; past it new connections
+    are closed at once (a flood of half-open connections cannot exhaust the cortex)."""
+    failed_joins_burst: int = Field(10, ge=1)
+    """Refused join proofs an address may send in a row before its connections are closed
+    unheard; its allowance comes back at ``failed_joins_per_minute``."""
+    failed_joins_per_minute: float = Field(6.0, gt=0)
     send_timeout: float = Field(10.0, gt=0)
     max_frame_bytes: int = Field(DEFAULT_MAX_FRAME, ge=1024)
     shutdown_grace: float = Field(10.0, ge=0)

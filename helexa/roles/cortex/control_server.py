@@ -4,6 +4,11 @@ For each connection: the handshake (under one deadline), then a :class:`~.neuron
 registered in the :class:`~.fleet.Fleet`, whose reader runs until the connection ends. A
 watchdog marks neurons unhealthy after missed heartbeats (closing a silent connection so
 its requests fail fast) and removes them from the fleet later.
+
+Admission (:mod:`helexa.transport.admission`): at most ``max_pending_handshakes``
+connections between accept and join verdict (more are closed at once); an address whose
+join proofs were refused ``failed_joins_burst`` times has its connections closed unheard
+(code 1013, "try again later") until its allowance drains back.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from helexa.protocol import ProtocolError
 from helexa.protocol.join import Admitted, CortexJoin, Failure, RecentNonces, Refusal
 from helexa.transport import Channel, ChannelClosed
 from helexa.transport import websocket as ws_transport
+from helexa.transport.admission import FailedJoins, PendingHandshakes, host_of
 from helexa.transport.handshake import exchange
 
 from helexa.config import split_socket
@@ -30,6 +36,9 @@ if TYPE_CHECKING:
     from .config import CortexConfig
 
 log = logging.getLogger(__name__)
+
+_FAILED_PROOF = frozenset({"unauthorized", "replayed_nonce", "bad_request"})
+"""Refusals that count against an address: a wrong proof, a replay, a malformed join."""
 
 
 class ControlServer:
@@ -60,7 +69,10 @@ class ControlServer:
         self._token = token
         self._ssl = ssl_context
         self.refusals = 0
+        self.throttled = 0
         self._recent_nonces = RecentNonces()
+        self.pending = PendingHandshakes(config.max_pending_handshakes, stale_after=config.handshake_timeout)
+        self.failed_joins = FailedJoins(config.failed_joins_burst, config.failed_joins_per_minute)
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; ``started`` reports the bound port."""
@@ -78,6 +90,7 @@ class ControlServer:
             ssl_context=self._ssl,
             max_frame=self.settings.max_frame_bytes,
             handshake_timeout=self.settings.handshake_timeout,
+            pending=self.pending,
             task_status=task_status,
         )
 
@@ -91,6 +104,12 @@ class ControlServer:
                 log.error("cannot read the join token: %s", exc)
                 raise
 
+        wait = self.failed_joins.retry_after(host_of(channel.remote), trio.current_time())
+        if wait > 0:
+            self.throttled += 1
+            self.pending.release(channel.remote)
+            await channel.aclose(ws_transport.CLOSE_TRY_LATER, f"too many failed joins: retry in {wait:.0f}s")
+            return
         s = self.settings
         session = CortexJoin(
             token,
@@ -107,6 +126,8 @@ class ControlServer:
         except (ProtocolError, ChannelClosed) as exc:
             log.info("handshake with %s failed: %s", channel.remote, exc)
             return
+        finally:
+            self.pending.release(channel.remote)
         session.expire()
         if link is None:
             if isinstance(session.verdict, Failure) and session.verdict.code == "timeout":
@@ -121,6 +142,12 @@ class ControlServer:
     async def _refuse(self, channel: Channel, refusal: Refusal, frames: list[object]) -> None:
         self.refusals += 1
         log.warning("refused neuron at %s: %s", channel.remote, refusal.reason)
+        if refusal.code in _FAILED_PROOF:
+            host, now = host_of(channel.remote), trio.current_time()
+            self.failed_joins.failed(host, now)
+            wait = self.failed_joins.retry_after(host, now)
+            if wait > 0:
+                log.warning("%s failed to join too often: its connections are closed unheard for %.0fs", host, wait)
         try:
             for frame in frames:
                 await channel.send(frame)

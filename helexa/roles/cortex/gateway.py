@@ -21,7 +21,8 @@ Routes on every portal socket::
 
 and on the admin socket (``admin_socket``, else the default portal's)::
 
-    GET  /metrics               Prometheus
+    GET  /metrics               Prometheus (needs the admin token unless
+                                gateway.metrics_public)
     /admin/*                    the admin API (:mod:`.portal.admin`; needs the admin token)
 
 The web pages (:mod:`.web`: the console on the admin socket, each portal's own pages on
@@ -229,7 +230,8 @@ class Gateway:
         return [Route("GET", "/health", self._health, keyed=False)]
 
     def _admin_routes(self) -> list[Route]:
-        return [Route("GET", "/metrics", self._metrics, keyed=False), *self.admin.routes()]
+        metrics = self._metrics if self.config.metrics_public else self._guarded_metrics
+        return [Route("GET", "/metrics", metrics, keyed=False), *self.admin.routes()]
 
     def app(self, portal_id: str, *, admin: bool = False) -> PortalApp:
         """The ASGI app of a socket of ``portal_id`` (with the admin routes when ``admin``)."""
@@ -334,6 +336,10 @@ class Gateway:
                                    task_status=task_status, mode="asgi")
 
     # --- reads ---------------------------------------------------------------------------
+
+    async def _guarded_metrics(self, ex: Exchange) -> None:
+        self.admin.authorize(ex)  # the admin token, from an address in admin_clients
+        await self._metrics(ex)
 
     async def _metrics(self, ex: Exchange) -> None:
         await ex.out.full(200, [(b"content-type", METRICS_CONTENT_TYPE.encode())], self.metrics.render())

@@ -13,13 +13,18 @@ from __future__ import annotations
 
 import logging
 import signal
+import sqlite3
 import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import trio
 
 from helexa import identity as identity_mod
+from helexa import secret_files
 from helexa.config import ConfigError
 
 from . import admin_token, join_token
@@ -53,6 +58,20 @@ class CortexAddresses:
     """Each portal's URLs."""
 
 
+@contextmanager
+def _data_file(what: str, path: Path, fix: str) -> Iterator[None]:
+    """Turn a data-directory file that cannot be read or is corrupt into one clear line
+    (a :class:`ConfigError`: the CLI prints it and exits 2, no traceback). Nothing is
+    repaired or replaced on its own: each of these files is a key, a secret or money."""
+    try:
+        yield
+    except (ValueError, TypeError, UnicodeDecodeError, sqlite3.DatabaseError) as exc:
+        reason = str(exc).split(". See ")[0] or type(exc).__name__
+        raise ConfigError(f"{what} {path} is corrupt or truncated ({reason}): {fix}") from None
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: cannot read it ({exc.strerror or exc})") from None
+
+
 class Cortex:
     """Everything a cortex runs, composed.
 
@@ -64,9 +83,19 @@ class Cortex:
         self.config = config
         data = config.data_dir
         data.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.identity = identity_mod.load_or_create(data / "identity.key")
-        join_token.load_or_create(data)
-        admin_token.load_or_create(data)
+        self._check_secrets()
+        with _data_file("the node key", data / "identity.key",
+                        "restore it from a backup, or remove it to start as a new peer"):
+            self.identity = identity_mod.load_or_create(data / "identity.key")
+        with _data_file("the join token", join_token.path_in(data),
+                        "run 'helexa join-token --rotate' and give neurons the new token"):
+            join_token.load_or_create(data)
+        try:
+            join_token.record_fingerprint(data, config.tls_cert_file)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"tls_cert_file: {exc}") from None
+        with _data_file("the admin token", admin_token.path_in(data), "run 'helexa admin-token --rotate'"):
+            admin_token.load_or_create(data)
         self.fleet = Fleet()
         self.control = ControlServer(config, self.fleet, lambda: join_token.read(join_token.path_in(data)),
                                      cortex_id=self.identity.fingerprint, ssl_context=self._ssl())
@@ -75,14 +104,26 @@ class Cortex:
         except CatalogueError as exc:
             raise ConfigError(f"models_file: {exc}") from None
         self.orchestrator = Orchestrator(config, self.fleet, self.catalogue, Metrics())
-        self.gateway = Gateway(config, self.orchestrator,
-                               admin_token=lambda: admin_token.read(admin_token.path_in(data)))
+        with _data_file("the usage store", config.usage_store_path,
+                        "it holds the API keys and the usage ledger: restore it from a backup"):
+            self.gateway = Gateway(config, self.orchestrator,
+                                   admin_token=lambda: admin_token.read(admin_token.path_in(data)))
         self.mesh: Mesh | None = None
         self.federation: Federation | None = None
         self.ledger: Ledger | None = None
         if config.mesh.enabled:
             self._join_mesh()
         self._stop = trio.Event()
+
+    def _check_secrets(self) -> None:
+        """Refuse to start on a secrets file that other users may read (one clear line)."""
+        data = self.config.data_dir
+        secret_files.check(data / "identity.key", "the node key")
+        secret_files.check(join_token.path_in(data), "the join token")
+        secret_files.check(admin_token.path_in(data), "the admin token")
+        secret_files.check(self.config.tls_key_file, "tls_key_file")
+        for name, portal in self.config.portals.items():
+            secret_files.check(portal.tls_key_file, f"portals.{name}.tls_key_file")
 
     def _join_mesh(self) -> None:
         """Build the mesh host and the federation, and wire the gateway to ask peers."""
@@ -96,8 +137,10 @@ class Cortex:
         mesh_cfg, fed_cfg = self.config.mesh, self.config.federation
         self.mesh = open_libp2p_mesh(self.identity.seed, MeshSettings(
             listen=mesh_cfg.listen, bootstrap=tuple(mesh_cfg.bootstrap), mdns=mesh_cfg.mdns,
-            max_frame=self.config.max_frame_bytes))
-        self.ledger = Ledger(self.config.data_dir / "ledger.sqlite")
+            max_frame=self.config.max_frame_bytes, liveness_timeout=mesh_cfg.liveness_timeout))
+        with _data_file("the federation ledger", self.config.data_dir / "ledger.sqlite",
+                        "it holds the peers' signed receipts: restore it from a backup"):
+            self.ledger = Ledger(self.config.data_dir / "ledger.sqlite")
         offer = FleetOffer(self.fleet, self.catalogue, self.orchestrator.provisioner,
                            slots_per_neuron=fed_cfg.spare_slots_per_neuron)
         local = LocalServing(self.orchestrator)

@@ -190,6 +190,7 @@ class Provisioner:
         self._warm_failed: dict[str, float] = {}
         self._warming: set[str] = set()
         self._wake = trio.Event()
+        self._woken_by_fleet = False
         self._nursery: trio.Nursery | None = None
 
     # --- requests ------------------------------------------------------------------------
@@ -381,10 +382,20 @@ class Provisioner:
                 self._nursery = None
 
     async def _housekeep(self, nursery: trio.Nursery) -> None:
+        last_pass = -HOUSEKEEP_SPACING
+        # After a restart, the neurons rejoin within seconds and report what they hold:
+        # keep-warm loads wait for them, or a model would be loaded twice.
+        warm_from = trio.current_time() + self.settings.warm_start_delay
         while True:
-            now = trio.current_time()
+            # A pass looks at every neuron; a join storm (a restarted cortex: thousands of
+            # rejoins in seconds) wakes it once per join, which made joins O(n^2): passes
+            # woken by fleet changes are spaced, so a storm costs one pass per spacing.
+            if self._woken_by_fleet and trio.current_time() - last_pass < HOUSEKEEP_SPACING:
+                await trio.sleep(last_pass + HOUSEKEEP_SPACING - trio.current_time())
+            self._woken_by_fleet = False
+            now = last_pass = trio.current_time()
             views = self._views()
-            for model_id in warm_loads(self.catalogue, views):
+            for model_id in warm_loads(self.catalogue, views) if now >= warm_from else ():
                 failed_at = self._warm_failed.get(model_id)
                 if model_id in self._warming or (failed_at is not None and now - failed_at < self.settings.warm_retry):
                     continue
@@ -396,13 +407,19 @@ class Provisioner:
             for unload in due:
                 nursery.start_soon(self._unload_quietly, unload)
             wake_at = upcoming if upcoming is not None else now + 3600.0
+            if now < warm_from:
+                wake_at = min(wake_at, warm_from)
             if any(t + self.settings.warm_retry > now for t in self._warm_failed.values()):
                 wake_at = min(wake_at, min(t for t in self._warm_failed.values()) + self.settings.warm_retry)
             self._wake = trio.Event()
             with trio.move_on_at(max(wake_at, now)):
                 async with trio.open_nursery() as waiters:
                     waiters.start_soon(_wait_then_cancel, self._wake.wait, waiters.cancel_scope)
-                    waiters.start_soon(_wait_then_cancel, self.fleet.wait_changed, waiters.cancel_scope)
+                    waiters.start_soon(_wait_then_cancel, self._fleet_changed, waiters.cancel_scope)
+
+    async def _fleet_changed(self) -> None:
+        await self.fleet.wait_changed()
+        self._woken_by_fleet = True
 
     async def _warm(self, model_id: str) -> None:
         try:
@@ -450,6 +467,10 @@ class Provisioner:
                 )
             views.append(NodeView(link.node_id, link.descriptor.hardware, tuple(residents)))
         return views
+
+
+HOUSEKEEP_SPACING = 0.25
+"""Seconds between housekeeping passes woken by fleet changes (see ``_housekeep``)."""
 
 
 class _Refused(Exception):

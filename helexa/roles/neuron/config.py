@@ -10,8 +10,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from helexa import secret_files
 from helexa.config import ConfigError
 from helexa.protocol import DEFAULT_MAX_FRAME
+from helexa.protocol.auth import split_token
 
 MACHINE_ID = Path("/etc/machine-id")
 
@@ -102,16 +104,32 @@ class Resolved:
 
     node_id: str
     token: str = field(repr=False)
+    """The join token's secret (what the proofs are over)."""
     ssl_context: ssl.SSLContext | None = None
-    """Set for a ``wss://`` cortex: verifies it with ``tls_ca_file`` or the system's CAs."""
+    """Set for a ``wss://`` cortex: verifies it with ``tls_ca_file`` or the system's CAs,
+    or (with ``pin``) checks nothing itself: the pin is the verification."""
+    pin: str | None = None
+    """The cortex certificate's SHA-256 the join token carries (``::sha256:<hex>``)."""
 
     @classmethod
     def from_config(cls, config: NeuronConfig, *, machine_id: Path = MACHINE_ID) -> Resolved:
         """Raises :class:`ConfigError` naming the key when a value cannot be resolved."""
+        try:
+            secret, pin = split_token(resolve_token(config))
+        except ValueError as exc:
+            raise ConfigError(f"join_token: {exc}") from None
+        wss = config.cortex.startswith("wss://")
+        if pin is not None and not wss:
+            raise ConfigError(f"join_token: it pins the cortex's certificate, but cortex = {config.cortex!r} is not "
+                              "wss://")
         ctx = None
-        if config.cortex.startswith("wss://"):
+        if wss and pin is not None:
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        elif wss:
             ctx = ssl.create_default_context(cafile=str(config.tls_ca_file) if config.tls_ca_file else None)
-        return cls(resolve_node_id(config.node_id, machine_id), resolve_token(config), ctx)
+        return cls(resolve_node_id(config.node_id, machine_id), secret, ctx, pin)
 
 
 def resolve_node_id(flag: str | None, machine_id: Path = MACHINE_ID) -> str:
@@ -132,6 +150,7 @@ def resolve_token(config: NeuronConfig) -> str:
     if config.join_token is not None and config.join_token.get_secret_value().strip():
         return config.join_token.get_secret_value().strip()
     if config.join_token_file is not None:
+        secret_files.check(config.join_token_file, "join_token_file")
         try:
             token = config.join_token_file.read_text().strip()
         except OSError as exc:

@@ -109,6 +109,7 @@ class Connection:
             url,
             timeout=self._config.connect_timeout,
             ssl_context=self._resolved.ssl_context,
+            pin=self._resolved.pin,
             max_frame=self._config.max_frame_bytes,
         )
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import trio
 
+from ..errors import NoCapacity
 from .store import Store
 from .usage import UsageRecord
 
@@ -25,8 +26,22 @@ log = logging.getLogger(__name__)
 _MAX_BATCH = 512
 
 
-class LedgerError(Exception):
-    """A usage record could not be made durable (the disk failed, or it took too long)."""
+class LedgerError(NoCapacity):
+    """A usage record could not be made durable (the disk is full or failed, or it took
+    too long). The rule: a portal that records usage serves nothing it cannot record, so
+    its requests get 503 ``ledger_unavailable`` (with ``Retry-After``) until the ledger can
+    write again; portals that record nothing keep serving. The writer logs each failed
+    commit at ERROR; the client sees only that the ledger is unavailable."""
+
+    code = "ledger_unavailable"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("the usage ledger cannot record this request now, so it was not served (or charged); "
+                         "retry later", retry_after=5.0)
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return self.detail
 
 
 class _Waiter:

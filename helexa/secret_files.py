@@ -1,0 +1,36 @@
+"""Refusing secrets files that other users may read: the join token, the admin token, a
+TLS private key, a node's identity key.
+
+A secret left at mode 0644 is readable by every local account; like ssh with a private
+key, helexa refuses to start on one and says which file and the fix, in one line (a
+:class:`~helexa.config.ConfigError`, which the CLI prints and exits 2 on).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from helexa.config import ConfigError
+
+LOOSE = 0o077
+"""Any permission bit for the group or others."""
+
+
+def check(path: Path | str | None, what: str) -> None:
+    """Raise :class:`ConfigError` when ``path`` exists and its group or others have any
+    permission on it. A missing file passes (whoever creates it creates it 0600)."""
+    if path is None:
+        return
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: cannot read it ({exc.strerror or exc})") from None
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & LOOSE:
+        raise ConfigError(
+            f"{what} {path} is open to other users (mode {mode:04o}); refusing to start: run 'chmod 600 {path}'"
+        )

@@ -1,0 +1,142 @@
+"""Who may start a handshake: the pending-handshake cap against a flood of half-open
+connections, and the per-address throttle on failed join proofs. The bookkeeping is tested
+as pure code; the cortex's use of it over real sockets on 127.0.0.1, under the virtual clock."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio_websocket
+
+from helexa.protocol import Hardware, NeuronDescriptor
+from helexa.protocol.join import NeuronJoin, Refusal, Welcomed
+from helexa.roles.cortex.config import CortexConfig
+from helexa.roles.cortex.control_server import ControlServer
+from helexa.roles.cortex.fleet import Fleet
+from helexa.transport import ChannelClosed
+from helexa.transport.admission import FailedJoins, PendingHandshakes, host_of
+from helexa.transport.handshake import exchange
+from helexa.transport.websocket import WebSocketChannel
+
+TOKEN = "hlx1.admission-token"
+
+
+# --- the bookkeeping ---------------------------------------------------------------------
+
+
+def test_pending_handshakes_refuse_past_the_limit_and_forget_stale_entries() -> None:
+    pending = PendingHandshakes(2, stale_after=10.0)
+    assert pending.admit("a:1", 0.0) and pending.admit("a:2", 1.0)
+    assert not pending.admit("a:3", 2.0) and pending.refused == 1
+    pending.release("a:1")
+    pending.release("a:1")  # idempotent
+    assert pending.admit("a:3", 3.0) and len(pending) == 2
+    assert not pending.admit("a:4", 10.9)  # a:2 is 9.9 s old: still counted
+    assert pending.admit("a:4", 11.0) and len(pending) == 2  # a:2 forgotten at 10 s
+
+
+def test_failed_joins_block_an_address_at_the_burst_and_drain_at_the_rate() -> None:
+    throttle = FailedJoins(burst=3, per_minute=6.0)  # one forgiven every 10 s
+    for t in (0.0, 1.0):
+        throttle.failed("10.0.0.1", t)
+        assert throttle.retry_after("10.0.0.1", t) == 0.0
+    throttle.failed("10.0.0.1", 2.0)  # level 3 - 0.2 = 2.8 drained: still under 3
+    assert throttle.retry_after("10.0.0.1", 2.0) == 0.0
+    throttle.failed("10.0.0.1", 2.0)  # 3.8: blocked until it drains under 3
+    assert throttle.retry_after("10.0.0.1", 2.0) == pytest.approx(18.0)
+    assert throttle.retry_after("10.0.0.1", 10.0) == pytest.approx(10.0)
+    assert throttle.retry_after("10.0.0.1", 20.0) == 0.0
+    assert throttle.retry_after("10.0.0.2", 2.0) == 0.0  # other addresses are untouched
+
+
+def test_failed_joins_remember_a_bounded_number_of_addresses() -> None:
+    throttle = FailedJoins(burst=1, per_minute=1.0, capacity=3)
+    for i in range(5):
+        throttle.failed(f"10.0.0.{i}", 0.0)
+    assert len(throttle) == 3
+    assert throttle.retry_after("10.0.0.0", 0.0) == 0.0 and throttle.retry_after("10.0.0.4", 0.0) > 0
+
+
+@pytest.mark.parametrize(("remote", "host"), [("127.0.0.1:5000", "127.0.0.1"), ("[::1]:80", "::1"),
+                                              ("::1:80", "::1"), ("memory:a", "memory:a")])
+def test_host_of_drops_the_port(remote: str, host: str) -> None:
+    assert host_of(remote) == host
+
+
+# --- the cortex --------------------------------------------------------------------------
+
+
+async def start(nursery, **fields) -> tuple[ControlServer, int]:
+    server = ControlServer(CortexConfig(control_socket="127.0.0.1:0", **fields), Fleet(), lambda: TOKEN)
+    return server, await nursery.start(server.run)
+
+
+async def join(port: int, node_id: str, token: str, *, source: str = "127.0.0.1") -> object:
+    """One real join over a websocket from ``source``: the verdict, or the close code the
+    cortex answered with instead."""
+    tcp = await trio.open_tcp_stream("127.0.0.1", port, local_address=source)
+    async with trio.open_nursery() as nursery:
+        try:
+            ws = await trio_websocket.wrap_client_stream(nursery, tcp, f"127.0.0.1:{port}", "/",
+                                                         message_queue_size=8)
+            channel = WebSocketChannel(ws, max_frame=1 << 20, remote=f"127.0.0.1:{port}")
+            session = NeuronJoin(token, NeuronDescriptor(node_id, Hardware(cpu_cores=1, ram_total=1 << 30)),
+                                 timeout=10)
+            try:
+                await exchange(channel, session, session.start())
+                return session.verdict
+            except ChannelClosed as exc:
+                return exc.code
+            finally:
+                await channel.aclose()
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def test_an_address_that_fails_its_proof_too_often_is_closed_unheard_until_it_drains(
+        nursery, autojump_clock) -> None:
+    server, port = await start(nursery, failed_joins_burst=3, failed_joins_per_minute=6.0)
+    for _ in range(3):
+        verdict = await join(port, "intruder", "hlx1.wrong")
+        assert isinstance(verdict, Refusal) and verdict.code == "unauthorized"
+    t0 = trio.current_time()
+    assert await join(port, "intruder", "hlx1.wrong") == 1013  # try again later, before any hello
+    assert await join(port, "good", TOKEN) == 1013  # the same address, even with the token
+    assert server.refusals == 3 and server.throttled == 2
+    # Another address is not slowed at all.
+    assert isinstance(await join(port, "elsewhere", TOKEN, source="127.0.0.2"), Welcomed)
+    # The level (3 at t0, less 0.1/s) is under the burst as soon as it drains a little;
+    # 10 s after t0 a failed proof is heard again.
+    await trio.sleep(10.0 - (trio.current_time() - t0))
+    assert isinstance(await join(port, "good", TOKEN), Welcomed)
+    assert server.throttled == 2
+
+
+async def test_a_flood_of_half_open_connections_holds_at_most_the_cap_and_ends_at_the_deadline(
+        nursery, autojump_clock) -> None:
+    server, port = await start(nursery, max_pending_handshakes=8, handshake_timeout=5.0)
+    silent = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(40)]
+    await trio.sleep(0.1)
+    assert len(server.pending) == 8 and server.pending.refused == 32
+    # The refused ones were closed at once: they read end-of-file; the 8 admitted are
+    # closed at the handshake deadline.
+    closed_at: list[float] = []
+
+    async def until_closed(stream: trio.SocketStream) -> None:
+        with trio.fail_after(30):
+            while await stream.receive_some(1024):
+                pass
+        closed_at.append(trio.current_time())
+
+    t0 = trio.current_time()
+    async with trio.open_nursery() as readers:
+        for stream in silent:
+            readers.start_soon(until_closed, stream)
+    refused_times = [t - t0 for t in closed_at if t - t0 < 1]
+    admitted_times = [t - t0 for t in closed_at if t - t0 >= 1]
+    assert len(refused_times) == 32 and len(admitted_times) == 8
+    assert all(t == pytest.approx(5.0 - 0.1, abs=0.01) for t in admitted_times)
+    # Then a neuron joins at once.
+    assert isinstance(await join(port, "after-the-flood", TOKEN), Welcomed)
+    for stream in silent:
+        await stream.aclose()

@@ -1,0 +1,73 @@
+"""Secrets files open to other users (the join token, the admin token, the node key, a TLS
+key) are refused at start with one line naming the file, its mode and the fix."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from helexa.config import ConfigError
+from helexa.roles.cortex.config import CortexConfig
+from helexa.roles.cortex.node import Cortex
+from helexa.roles.neuron.config import NeuronConfig, Resolved
+
+HELEXA = [sys.executable, "-m", "helexa.cli"]
+
+
+def cortex_config(data_dir, **fields) -> CortexConfig:
+    return CortexConfig(data_dir=data_dir, control_socket="127.0.0.1:0", gateway_socket="127.0.0.1:0", **fields)
+
+
+def test_a_fresh_data_dir_gets_private_secrets_and_starts(tmp_path) -> None:
+    cortex = Cortex(cortex_config(tmp_path / "data"))
+    cortex.gateway.store.close()
+    for name in ("join-token", "admin-token", "identity.key"):
+        assert (tmp_path / "data" / name).stat().st_mode & 0o777 == 0o600, name
+
+
+@pytest.mark.parametrize(("name", "what"), [("join-token", "the join token"), ("admin-token", "the admin token"),
+                                            ("identity.key", "the node key")])
+def test_a_secret_in_the_data_dir_open_to_others_is_refused(tmp_path, name, what) -> None:
+    data = tmp_path / "data"
+    Cortex(cortex_config(data)).gateway.store.close()
+    (data / name).chmod(0o644)
+    with pytest.raises(ConfigError) as err:
+        Cortex(cortex_config(data))
+    assert str(err.value) == (f"{what} {data / name} is open to other users (mode 0644); refusing to start: "
+                              f"run 'chmod 600 {data / name}'")
+
+
+def test_a_tls_key_readable_by_the_group_is_refused(tmp_path) -> None:
+    cert, key = tmp_path / "cortex.crt", tmp_path / "cortex.key"
+    cert.write_text("not read: the key is refused first\n")
+    key.write_text("-----BEGIN PRIVATE KEY-----\n")
+    key.chmod(0o640)
+    with pytest.raises(ConfigError, match=r"^tls_key_file .* is open to other users \(mode 0640\)"):
+        Cortex(cortex_config(tmp_path / "data", tls_cert_file=cert, tls_key_file=key))
+
+
+def test_a_neuron_refuses_a_join_token_file_open_to_others(tmp_path) -> None:
+    token = tmp_path / "join-token"
+    token.write_text("hlx1.x\n")
+    token.chmod(0o604)
+    with pytest.raises(ConfigError, match=r"^join_token_file .* \(mode 0604\)"):
+        Resolved.from_config(NeuronConfig(node_id="n", join_token_file=token))
+    token.chmod(0o600)
+    assert Resolved.from_config(NeuronConfig(node_id="n", join_token_file=token)).token == "hlx1.x"
+
+
+@pytest.mark.parametrize("role", ["cortex", "neuron"])
+def test_the_process_says_it_in_one_line_and_exits_2(tmp_path, role) -> None:
+    data = tmp_path / "data"
+    Cortex(cortex_config(data)).gateway.store.close()
+    (data / "join-token").chmod(0o644)
+    args = (["cortex", "--data-dir", str(data), "--control-socket", "127.0.0.1:0", "--gateway-socket", "127.0.0.1:0"]
+            if role == "cortex" else
+            ["neuron", "--node-id", "n", "--join-token-file", str(data / "join-token")])
+    out = subprocess.run(HELEXA + args, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    lines = [l for l in out.stderr.splitlines() if l.startswith("helexa: error:")]
+    assert len(lines) == 1 and "is open to other users (mode 0644)" in lines[0], out.stderr
+    assert "Traceback" not in out.stderr
