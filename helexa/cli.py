@@ -67,8 +67,11 @@ def cortex(config_file, data_dir, control_socket, gateway_socket, models_file, o
     logs.setup(config.log_level)
     from helexa.roles.cortex import node
 
+    def loader() -> CortexConfig:  # what SIGHUP re-reads: the same file, environment and flags
+        return load_config(CortexConfig, file=config_file, overrides=overrides)
+
     try:
-        sys.exit(node.run(config))
+        sys.exit(node.run(config, loader=loader))
     except ConfigError as exc:
         _fail(str(exc))
     except OSError as exc:

@@ -159,11 +159,12 @@ class Gateway:
         clock: Unix time, for quotas and the ledger.
         inline_ledger: write ledger records on the trio thread (tests under the autojump
             clock only; see :class:`~.portal.writer.LedgerWriter`).
+        reload: re-reads the cortex's config (``POST /admin/reload``; None: not offered).
     """
 
     def __init__(self, config: CortexConfig, orchestrator: Orchestrator, *, store: Store | None = None,
                  admin_token: Callable[[], str | None] = lambda: None, clock: Callable[[], float] = time.time,
-                 inline_ledger: bool = False) -> None:
+                 inline_ledger: bool = False, reload: Callable[[], Any] | None = None) -> None:
         self.cortex_config = config
         self.config = config.gateway
         self.shutdown_grace = config.shutdown_grace
@@ -186,7 +187,7 @@ class Gateway:
         self.openai = OpenAISurface(self.metering, self._fabric_models)
         self.admin = AdminApi(portals=self.portals, keyring=self.keyring, store=self.store, metering=self.metering,
                               fleet=self.fleet, token=admin_token, admin_clients=self.config.admin_clients,
-                              clock=clock)
+                              clock=clock, reload=reload)
         self.addresses: dict[str, list[str]] = {}
         """Each portal's bound URLs, once :meth:`run` reported them."""
         self.admin_urls: list[str] = []

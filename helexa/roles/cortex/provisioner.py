@@ -305,6 +305,10 @@ class Provisioner:
         finally:
             self._unloading.discard(key)
 
+    def wake(self) -> None:
+        """Look at the fleet and the catalogue again now (a reload changed the catalogue)."""
+        self._wake.set()
+
     # --- background ----------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -26,7 +26,7 @@ from helexa.protocol import (
 from helexa.protocol.federation import FederatedHello, OfferedModel, Refusal
 
 from .ledger import SERVED, Ledger
-from .policy import Admission
+from .policy import Admission, ServePolicy
 from .receipts import sign_receipt
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,10 @@ class InboundServer:
         self._embed = serve_embed
         self._t = timeouts
         self._clock = clock
+
+    def set_policy(self, policy: ServePolicy) -> None:
+        """Serve under ``policy`` from now on (a live reload)."""
+        self._admission.set_policy(policy)
 
     async def handle(self, stream: MessageStream) -> None:
         """The stream handler (run under the mesh's catch-all wrapper)."""
