@@ -174,9 +174,10 @@ def _register_subcommands() -> None:
     """Command groups that live beside the roles they drive."""
     from helexa.cli_demo import chat, demo
     from helexa.cli_mesh import ledger, mesh
+    from helexa.cli_models import models, reload
     from helexa.cli_portal import keys, usage
 
-    for command in (demo, chat, mesh, ledger, keys, usage):
+    for command in (demo, chat, mesh, ledger, keys, usage, models, reload):
         main.add_command(command)
 
 

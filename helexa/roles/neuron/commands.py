@@ -1,4 +1,5 @@
-"""Provisioning commands from the cortex: model configs, loads (with progress) and unloads.
+"""Provisioning commands from the cortex: model configs, loads and pulls (with progress)
+and unloads.
 
 Each command is answered by one :class:`ProvisioningResponse` with its command id; a load
 also sends :class:`LoadProgress` at every 5 % (and draws a bar on a terminal).
@@ -14,6 +15,7 @@ from helexa.protocol import (
     ModelStatus,
     ProvisioningCommand,
     ProvisioningResponse,
+    PullModel,
     UnloadModel,
     UpsertModelConfig,
 )
@@ -49,12 +51,12 @@ class Commands:
             case UpsertModelConfig(command_id=cid, config=config):
                 status = self._registry.upsert(config)
                 self._connection.post(ProvisioningResponse(cid, True, status=status))
-            case LoadModel():
+            case LoadModel() | PullModel():
                 nursery.start_soon(self._load, cmd)
             case UnloadModel():
                 nursery.start_soon(self._unload, cmd)
 
-    async def _load(self, cmd: LoadModel) -> None:
+    async def _load(self, cmd: LoadModel | PullModel) -> None:
         last = -1.0
         last_stage = ""
 
@@ -69,7 +71,10 @@ class Commands:
                 self._connection.post(LoadProgress(cmd.command_id, cmd.model_id, stage, done, total, unit))
 
         try:
-            status = await self._registry.load(cmd.model_id, progress)
+            if isinstance(cmd, PullModel):
+                status = await self._registry.pull(cmd.model_id, progress)
+            else:
+                status = await self._registry.load(cmd.model_id, progress)
         except BackendError as exc:
             self._bars.close(cmd.model_id)
             await self._connection.try_send(
