@@ -40,6 +40,9 @@ SAMPLES: dict[tuple[str, str], tuple[str, object]] = {
     ("GET", "/admin/usage"): ("/admin/usage", None),
     ("GET", "/admin/usage/records"): ("/admin/usage/records", None),
     ("POST", "/admin/reload"): ("/admin/reload", None),
+    ("GET", "/admin/models"): ("/admin/models", None),
+    ("GET", "/admin/models/"): ("/admin/models/chat", None),
+    ("POST", "/admin/models/"): ("/admin/models/chat/load", {"neuron": "n1"}),
 }
 
 

@@ -18,7 +18,8 @@ Routes on every portal socket::
 and on the admin socket (``admin_socket``, else the default portal's)::
 
     GET  /metrics               Prometheus
-    /admin/*                    the admin API (:mod:`.portal.admin`; needs the admin token)
+    /admin/*                    the admin API (:mod:`.portal.admin`, :mod:`.portal.admin_models`;
+                                needs the admin token)
 
 The app is plain ASGI rather than a Quart app (measured: Quart's request cycle cost as
 much as the rest of the hot path; figures in ``docs/benchmarks.md``), served by
@@ -51,6 +52,7 @@ from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .openai_surface import OpenAISurface, model_listing
 from .orchestrator import Orchestrator
 from .portal.admin import AdminApi
+from .portal.admin_models import ModelsAdmin
 from .portal.keys import Keyring
 from .portal.metering import Caller, Metering
 from .portal.portal import Portal
@@ -187,7 +189,7 @@ class Gateway:
         self.openai = OpenAISurface(self.metering, self._fabric_models)
         self.admin = AdminApi(portals=self.portals, keyring=self.keyring, store=self.store, metering=self.metering,
                               fleet=self.fleet, token=admin_token, admin_clients=self.config.admin_clients,
-                              clock=clock, reload=reload)
+                              clock=clock, reload=reload, models=ModelsAdmin(orchestrator))
         self.addresses: dict[str, list[str]] = {}
         """Each portal's bound URLs, once :meth:`run` reported them."""
         self.admin_urls: list[str] = []

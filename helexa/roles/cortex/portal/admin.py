@@ -18,6 +18,8 @@ Routes::
     POST  /admin/keys/ID/rotate          a new key for the same id (usage and budget go on)
     GET   /admin/usage?by=key|model|day|portal&portal=&key=&since=&until=[&format=csv]
     GET   /admin/usage/records?portal=&key=&since=&until=&limit=   ledger rows
+    GET   /admin/models[/ID], POST /admin/models/ID/pull|load|unload|pin|unpin
+                                         the catalogue against the fleet (:mod:`.admin_models`)
     POST  /admin/reload                  re-read cortex.toml and models.toml (as SIGHUP does):
                                          what applied and what needs a restart; 400 naming
                                          the key when the new file is invalid
@@ -46,6 +48,7 @@ from ..asgi import Exchange, Route
 from ..errors import BadRequest, Forbidden, NotFound, Unauthorized
 from ..fleet import Fleet
 from . import keys as keys_mod
+from .admin_models import ModelsAdmin
 from .keys import ApiKey, Keyring
 from .metering import Metering
 from .portal import Portal
@@ -122,11 +125,13 @@ class AdminApi:
         clock: Unix time.
         reload: the cortex's reload (returns a report with ``as_dict()``; raises
             ``ConfigError``); None when the cortex offers none.
+        models: the model routes (None: not served).
     """
 
     def __init__(self, *, portals: dict[str, Portal], keyring: Keyring, store: Store, metering: Metering,
                  fleet: Fleet, token: Callable[[], str | None], admin_clients: list[str],
-                 clock: Callable[[], float], reload: Callable[[], Any] | None = None) -> None:
+                 clock: Callable[[], float], reload: Callable[[], Any] | None = None,
+                 models: ModelsAdmin | None = None) -> None:
         self.portals = portals
         self.keyring = keyring
         self.store = store
@@ -136,6 +141,7 @@ class AdminApi:
         self.admin_clients = frozenset(admin_clients)
         self.clock = clock
         self.reload = reload
+        self.models = models
 
     def set_admin_clients(self, admin_clients: list[str]) -> None:
         """Allow these addresses from now on (a live reload)."""
@@ -154,6 +160,7 @@ class AdminApi:
             Route("GET", "/admin/usage", guard(self.usage), keyed=False),
             Route("GET", "/admin/usage/records", guard(self.records), keyed=False),
             Route("POST", "/admin/reload", guard(self.reload_config), keyed=False),
+            *(self.models.routes(guard) if self.models is not None else []),
         ]
 
     def _guarded(self, handler: Callable[[Exchange], Any]) -> Callable[[Exchange], Any]:
