@@ -40,7 +40,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 
+from helexa import logs, telemetry
 from helexa.config import split_socket
 
 from .asgi import Exchange, Limits, Receive, Responder, Route, Router, Scope, Send
@@ -108,8 +111,25 @@ class PortalApp:
                     return
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        g = self.gateway
         request_id = uuid.uuid4().hex
+        fields = {"request_id": request_id, "portal": self.portal.id if self.portal is not None else "admin"}
+        with logs.bound(**fields):
+            if not telemetry.enabled():
+                await self._handle(scope, receive, send, request_id)
+                return
+            parent = None
+            for name, value in scope["headers"]:
+                if name == b"traceparent":
+                    parent = telemetry.parent_context(value)
+            span = telemetry.tracer().start_span(
+                f"{scope['method']} {scope['path']}", context=parent, kind=SpanKind.SERVER,
+                attributes={"http.request.method": scope["method"], "url.path": scope["path"],
+                            "helexa.request_id": request_id, "helexa.portal": fields["portal"]})
+            with trace.use_span(span, end_on_exit=True):
+                await self._handle(scope, receive, send, request_id)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
+        g = self.gateway
         out = Responder(send, [(b"x-request-id", request_id.encode())])
         scope["helexa.request_id"] = request_id
         ex = Exchange(scope, receive, out, request_id, g.edge_limits, g.watch)
@@ -117,6 +137,8 @@ class PortalApp:
         route: Route | None = None
         try:
             route, ex.path_rest = self.router.find(scope["method"], scope["path"])
+            if telemetry.enabled():
+                trace.get_current_span().update_name(f"{route.method} {route.path}")
             portal = self.portal
             if portal is not None:
                 if portal.keyed and route.keyed:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from helexa import identity as identity_mod
+from helexa import telemetry
 from helexa.config import ConfigError
 
 from . import admin_token, join_token
@@ -254,6 +255,9 @@ async def serve(config: CortexConfig, *, loader: Callable[[], CortexConfig] | No
 
 def run(config: CortexConfig, *, loader: Callable[[], CortexConfig] | None = None) -> int:
     """Entry point of ``helexa cortex``: returns the process exit code."""
-    trio.run(lambda: serve(config, loader=loader))
+    try:
+        trio.run(lambda: serve(config, loader=loader))
+    finally:
+        telemetry.shutdown()  # the spans still batched
     log.info("cortex stopped")
     return 0
