@@ -50,6 +50,7 @@ from .asgi import Exchange, Limits, Receive, Responder, Route, Router, Scope, Se
 from .config import DEFAULT_PORTAL, PortalConfig
 from .disconnect_watch import DisconnectWatch
 from .errors import BadRequest, ClientGone, GatewayError, envelope
+from .fleet_metrics import FleetCollector
 from .http import HttpServer
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .openai_surface import OpenAISurface, model_listing
@@ -66,6 +67,7 @@ from .shutdown import InFlight
 
 if TYPE_CHECKING:
     from .config import CortexConfig
+    from .federation.service import Federation
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +209,10 @@ class Gateway:
         self.edge_limits = Limits(self.config.max_body_bytes, self.config.body_timeout)
         self.in_flight = InFlight()
         """HTTP requests being handled right now, on every socket (a drain waits for none)."""
+        self.metrics.add_collector(FleetCollector(orchestrator, lambda: self.in_flight.count,
+                                                  lambda: self.federation))
+        self.federation: Federation | None = None
+        """The mesh federation, when the cortex joined one (its peers and traffic on ``/metrics``)."""
         self._created = int(time.time())
         self.openai = OpenAISurface(self.metering, self._fabric_models)
         self.admin = AdminApi(portals=self.portals, keyring=self.keyring, store=self.store, metering=self.metering,
@@ -219,6 +225,10 @@ class Gateway:
         """The app served at each URL."""
         self._stop = trio.Event()
         self._servers: list[HttpServer] = []
+
+    def set_federation(self, federation: Federation) -> None:
+        """The cortex joined the mesh: its peers and federated traffic go on ``/metrics``."""
+        self.federation = federation
 
     # --- apps ------------------------------------------------------------------------------
 

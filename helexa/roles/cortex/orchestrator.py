@@ -147,6 +147,8 @@ class Orchestrator:
         self.provisioner = Provisioner(fleet, catalogue, self.live, self.config, self.metrics)
         self.dispatcher = Dispatcher(self.live, self.metrics, self.config)
         self.remote_router = remote_router
+        self.waiting = 0
+        """Requests waiting for a cold load right now (``/metrics``)."""
 
     def set_remote_router(self, router: RemoteRouter | None) -> None:
         """Wire (or unwire) the federation after construction."""
@@ -193,10 +195,14 @@ class Orchestrator:
                     stage, progress = self.provisioner.load_progress.get(request.model_id, (None, None))
                     return WaitStatus(request.model_id, "loading", stage, progress)
 
-                with (telemetry.tracer().start_as_current_span("orchestrator.cold_load", attributes={
-                        "helexa.model": request.model_id}) if telemetry.enabled() else contextlib.nullcontext()):
-                    node_id = await _with_ticks(self.provisioner.ensure_loaded(request.model_id), on_wait, status,
-                                                self.config.keepalive_interval)
+                self.waiting += 1
+                try:
+                    with (telemetry.tracer().start_as_current_span("orchestrator.cold_load", attributes={
+                            "helexa.model": request.model_id}) if telemetry.enabled() else contextlib.nullcontext()):
+                        node_id = await _with_ticks(self.provisioner.ensure_loaded(request.model_id), on_wait,
+                                                    status, self.config.keepalive_interval)
+                finally:
+                    self.waiting -= 1
                 self.metrics.queued(request.model_id, trio.current_time() - waited)
                 link = self.fleet.get(node_id)
                 if link is not None and node_id not in exclude:
