@@ -88,17 +88,23 @@ class _ContextFilter(logging.Filter):
         except ImportError:  # pragma: no cover
             pass
         message = record.getMessage()
-        if record.exc_info and not record.exc_text:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
         clean = redact(message)
         if clean != message or record.args:
             record.msg, record.args = clean, None
-        if record.exc_text:
-            record.exc_text = redact(record.exc_text)
         return True
 
 
-class _TextFormatter(logging.Formatter):
+class _Redacting(logging.Formatter):
+    """Tracebacks and stacks masked too (the message is, by the filter)."""
+
+    def formatException(self, ei) -> str:  # type: ignore[no-untyped-def]  # noqa: N802
+        return redact(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:  # noqa: N802
+        return redact(super().formatStack(stack_info))
+
+
+class _TextFormatter(_Redacting):
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
         extra = " ".join(f"{name}={getattr(record, name)}" for name in FIELDS if getattr(record, name, None))
@@ -108,7 +114,7 @@ class _TextFormatter(logging.Formatter):
 def _json_formatter() -> logging.Formatter:
     from pythonjsonlogger.json import JsonFormatter
 
-    class Formatter(JsonFormatter):
+    class Formatter(_Redacting, JsonFormatter):
         def add_fields(self, log_record: dict[str, Any], record: logging.LogRecord,
                        message_dict: dict[str, Any]) -> None:
             super().add_fields(log_record, record, message_dict)

@@ -170,6 +170,8 @@ class PortalApp:
                 pass
         finally:
             g.in_flight.exit()
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s %s -> %s", scope["method"], scope["path"], out.status or "no response")
 
 
 class Gateway:
