@@ -1,11 +1,13 @@
 """Traces with OpenTelemetry, off and free unless configured (``[telemetry]``).
 
 One trace follows a request across processes: the gateway's span (``POST
-/v1/chat/completions``), the orchestrator's decision and any cold load, each dispatch
-attempt, the neuron's generation, and on a federated request the peer cortex's spans and
-its neuron's. The W3C ``traceparent`` of the current span rides in the request frame
-(``GenerateRequest.trace`` / ``EmbedRequest.trace``, over the control plane and the mesh);
-an HTTP client's own ``traceparent`` header is honoured as the gateway span's parent.
+/v1/chat/completions``), the orchestrator's decision and any cold load (the provisioner's
+load command and the neuron's ``neuron.load``, with an event per stage: download, load),
+each dispatch attempt, the neuron's generation, and on a federated request the peer
+cortex's spans and its neuron's. The W3C ``traceparent`` of the current span rides in the
+frames (``GenerateRequest.trace``, ``EmbedRequest.trace``, ``LoadModel.trace``, over the
+control plane and the mesh); an HTTP client's own ``traceparent`` header is honoured as
+the gateway span's parent.
 
 With ``exporter = "none"`` (the default) no provider is installed: :func:`tracer` is
 OpenTelemetry's no-op tracer, spans are non-recording and :func:`traceparent` is ``""``,

@@ -116,6 +116,8 @@ class UpsertModelConfig:
 class LoadModel:
     command_id: str
     model_id: ModelId
+    trace: str = ""
+    """The W3C ``traceparent`` of the load's span at the cortex (empty while tracing is off)."""
 
 
 @message("unload_model")

@@ -85,6 +85,12 @@ async def test_one_trace_runs_from_the_gateway_through_the_orchestrator_to_the_n
     assert served.attributes["helexa.model"] == "synth"
     assert [e.name for e in served.events] == ["first_output"]
     assert any(s.attributes["helexa.decision"] == "cold_load" for s in named["orchestrator.decide"])
+    # The cold load it waited for: the provisioner's load command, and the neuron carrying it out.
+    (load,) = named["provisioner.load"]
+    (loaded,) = named["neuron.load"]
+    assert load.parent.span_id == cold.context.span_id and loaded.parent.span_id == load.context.span_id
+    assert load.context.trace_id == loaded.context.trace_id == trace_id
+    assert [e.name for e in loaded.events] == ["load"]
 
 
 async def test_a_federated_request_is_one_trace_across_both_cortexes_to_the_peers_neuron(

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import trio
+from opentelemetry.trace import Status, StatusCode
 
+from helexa import telemetry
 from helexa.protocol import (
     LoadModel,
     LoadProgress,
@@ -273,10 +275,20 @@ class Provisioner:
             if on_progress is not None:
                 on_progress(event)
 
+        span = telemetry.tracer().start_span("provisioner.load", attributes={
+            "helexa.model": entry.id, "helexa.neuron": plan.node_id,
+            "helexa.evicted": list(plan.evict)}) if telemetry.enabled() else None
         try:
-            await self._command(link, LoadModel(_cid(), entry.id), self.settings.load_timeout, progress)
+            await self._command(link, LoadModel(_cid(), entry.id, trace=telemetry.traceparent(span) if span else ""),
+                                self.settings.load_timeout, progress)
+        except BaseException as exc:
+            if span is not None:
+                span.set_status(Status(StatusCode.ERROR, str(exc)))
+            raise
         finally:
             self.load_progress.pop(entry.id, None)
+            if span is not None:
+                span.end()
 
     async def _command(self, link, command, timeout: float, on_progress=None) -> None:  # type: ignore[no-untyped-def]
         response = await link.provision(command, timeout=timeout, on_progress=on_progress)

@@ -8,7 +8,9 @@ also sends :class:`LoadProgress` at every 5 % (and draws a bar on a terminal).
 from __future__ import annotations
 
 import trio
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
+from helexa import logs, telemetry
 from helexa.protocol import (
     LoadModel,
     LoadProgress,
@@ -57,6 +59,20 @@ class Commands:
                 nursery.start_soon(self._unload, cmd)
 
     async def _load(self, cmd: LoadModel | PullModel) -> None:
+        span = None
+        if telemetry.enabled():
+            span = telemetry.tracer().start_span(
+                "neuron.load" if isinstance(cmd, LoadModel) else "neuron.pull", kind=SpanKind.SERVER,
+                context=telemetry.parent_context(cmd.trace if isinstance(cmd, LoadModel) else None),
+                attributes={"helexa.model": cmd.model_id})
+        try:
+            with logs.bound(model=cmd.model_id):
+                await self._load_traced(cmd, span)
+        finally:
+            if span is not None:
+                span.end()
+
+    async def _load_traced(self, cmd: LoadModel | PullModel, span: Span | None) -> None:
         last = -1.0
         last_stage = ""
 
@@ -66,6 +82,8 @@ class Commands:
             frac = done / total if total else 0.0
             if stage != last_stage:  # a new stage (download, then load) starts from 0 again
                 last, last_stage = -1.0, stage
+                if span is not None:
+                    span.add_event(stage, {"total": total or 0, "unit": unit})
             if frac - last >= PROGRESS_STEP or (total and done >= total):
                 last = frac
                 self._connection.post(LoadProgress(cmd.command_id, cmd.model_id, stage, done, total, unit))
@@ -76,6 +94,8 @@ class Commands:
             else:
                 status = await self._registry.load(cmd.model_id, progress)
         except BackendError as exc:
+            if span is not None:
+                span.set_status(Status(StatusCode.ERROR, f"{exc.code}: {exc}"))
             self._bars.close(cmd.model_id)
             await self._connection.try_send(
                 ProvisioningResponse(cmd.command_id, False, str(exc), exc.code, self._status(cmd.model_id))
