@@ -46,7 +46,7 @@ from .placement import (  # noqa: F401  (re-exported: the provisioner's tests us
 from .scheduler import LiveLoad
 
 if TYPE_CHECKING:
-    from .orchestrator import OrchestratorConfig
+    from .config import OrchestratorConfig
 
 log = logging.getLogger(__name__)
 
