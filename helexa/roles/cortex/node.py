@@ -34,7 +34,7 @@ from .gateway import Gateway
 from .metrics import Metrics
 from .orchestrator import Orchestrator
 from .portal.portal import Portal
-from .reload import _PORTAL_RESTART, ReloadReport, plan_reload
+from .reload import PORTAL_RESTART_FIELDS, ReloadReport, plan_reload
 from .shutdown import drain
 
 if TYPE_CHECKING:
@@ -187,7 +187,7 @@ class Cortex:
         report.catalogue = {"added": added, "removed": removed, "changed": changed}
         live = self.config
         for pid in plan.portals:
-            kept = {name: getattr(live.portals[pid], name) for name in _PORTAL_RESTART}
+            kept = {name: getattr(live.portals[pid], name) for name in PORTAL_RESTART_FIELDS}
             portal_config = new.portals[pid].model_copy(update=kept)
             live.portals[pid] = portal_config
             portal: Portal = self.gateway.portals[pid]

@@ -25,7 +25,8 @@ from typing import Any
 
 from .config import CortexConfig
 
-_PORTAL_RESTART = frozenset({"listen", "tls_cert_file", "tls_key_file", "surfaces"})
+PORTAL_RESTART_FIELDS = frozenset({"listen", "tls_cert_file", "tls_key_file", "surfaces"})
+"""A portal's settings bound to its sockets and routes: kept as started until a restart."""
 _LIVE_TOP = frozenset({"orchestrator", "federation", "log_level", "models_file"})
 _FEDERATION_RESTART = frozenset({"spare_slots_per_neuron"})
 
@@ -110,7 +111,7 @@ def plan_reload(old: CortexConfig, new: CortexConfig) -> ReloadPlan:
     for pid in sorted(set(old_p) & set(new_p)):
         for key in _changed(old_p[pid], new_p[pid]):
             top = key.split(".")[0]
-            if top in _PORTAL_RESTART:
+            if top in PORTAL_RESTART_FIELDS:
                 restart.add(f"portals.{pid}.{top}")
             else:
                 live.add(f"portals.{pid}.{top}")
