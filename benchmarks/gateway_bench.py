@@ -202,6 +202,21 @@ async def load(port: int, concurrency: int, dur: float, streaming: bool) -> dict
             "ttft50": ttft[len(ttft) // 2] * 1e3}
 
 
+def _wait_listening(port: int, timeout: float = 30.0) -> None:
+    """Until the server accepts connections (a fixed sleep was too short on a busy machine)."""
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--serve", choices=["raw", "quart", "gateway", "traced"])
@@ -223,7 +238,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--serve", kind, "--port", str(port)]
             proc = subprocess.Popen((["taskset", "-c", "0"] if pin else []) + cmd)
             try:
-                time.sleep(1.5)
+                _wait_listening(port)
                 for label, conc, streaming in (("c1", 1, False), ("c16", 16, False), ("s1", 1, True),
                                                ("s16", 16, True)):
                     if streaming and kind not in ("gateway", "traced"):
