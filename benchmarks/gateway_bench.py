@@ -8,9 +8,11 @@ default); a lean HTTP/1.1 keep-alive client in this process (CPU 1) measures:
 * ``raw``:     a bare ASGI app answering the chat POST with a fixed JSON body;
 * ``quart``:   the same handler as a quart-trio route (what the Quart cycle costs);
 * ``gateway``: helexa's :class:`Gateway` with an in-memory neuron that answers at once
-  (parse, schedule, dispatch, encode: everything but the websocket hop to a neuron).
+  (parse, schedule, dispatch, encode: everything but the websocket hop to a neuron);
+* ``traced`` (with ``--tracing``): the same gateway recording OpenTelemetry spans (a
+  provider with no exporter: the cost of making the spans, not of shipping them).
 
-Usage: ``python benchmarks/gateway_bench.py [--dur 3] [--rounds 2]``. Figures go to stdout
+Usage: ``python benchmarks/gateway_bench.py [--dur 3] [--rounds 2] [--tracing]``. Figures go to stdout
 as a Markdown table; the neuron hop is measured by the end-to-end benchmark.
 """
 
@@ -108,7 +110,13 @@ async def serve(kind: str, port: int) -> None:
     import hypercorn.config
     import hypercorn.trio
 
-    if kind == "gateway":
+    if kind in ("gateway", "traced"):
+        if kind == "traced":
+            from opentelemetry.sdk.trace import TracerProvider
+
+            from helexa import telemetry
+
+            telemetry.use_provider(TracerProvider())
         from helexa.roles.cortex.catalogue import Catalogue
         from helexa.roles.cortex.config import CortexConfig
         from helexa.roles.cortex.fleet import Fleet
@@ -194,12 +202,28 @@ async def load(port: int, concurrency: int, dur: float, streaming: bool) -> dict
             "ttft50": ttft[len(ttft) // 2] * 1e3}
 
 
+def _wait_listening(port: int, timeout: float = 30.0) -> None:
+    """Until the server accepts connections (a fixed sleep was too short on a busy machine)."""
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--serve", choices=["raw", "quart", "gateway"])
+    parser.add_argument("--serve", choices=["raw", "quart", "gateway", "traced"])
     parser.add_argument("--port", type=int, default=18080)
     parser.add_argument("--dur", type=float, default=3.0)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--tracing", action="store_true", help="also the gateway recording spans")
     args = parser.parse_args()
     if args.serve:
         trio.run(serve, args.serve, args.port)
@@ -209,15 +233,15 @@ def main() -> None:
         os.sched_setaffinity(0, {1})
     results: dict[tuple[str, str], list[dict[str, float]]] = {}
     for rnd in range(args.rounds):
-        for i, kind in enumerate(["raw", "quart", "gateway"]):
+        for i, kind in enumerate(["raw", "quart", "gateway", *(["traced"] if args.tracing else [])]):
             port = args.port + i + 10 * rnd
             cmd = [sys.executable, __file__, "--serve", kind, "--port", str(port)]
             proc = subprocess.Popen((["taskset", "-c", "0"] if pin else []) + cmd)
             try:
-                time.sleep(1.5)
+                _wait_listening(port)
                 for label, conc, streaming in (("c1", 1, False), ("c16", 16, False), ("s1", 1, True),
                                                ("s16", 16, True)):
-                    if streaming and kind != "gateway":
+                    if streaming and kind not in ("gateway", "traced"):
                         continue
                     results.setdefault((kind, label), []).append(trio.run(load, port, conc, args.dur, streaming))
             finally:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+import json as jsonlib
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -76,6 +78,30 @@ class AdminClient:
             return resp.json()
         except ValueError:
             raise AdminError(f"the cortex sent something that is not JSON for {method} {path}") from None
+
+    def stream(self, method: str, path: str, *, json: Any = None, timeout: float | None = None) -> Iterator[Any]:
+        """The answer's lines as JSON objects, as they arrive (an NDJSON stream of progress
+        events). ``timeout``: seconds between two lines (default none: loads take long).
+        Raises :class:`AdminError`."""
+        url = self.base + path
+        try:
+            with httpx.stream(method, url, json=json, headers=self._headers,
+                              timeout=httpx.Timeout(self.timeout, read=timeout)) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    try:
+                        message = resp.json()["error"]["message"]
+                    except (ValueError, KeyError, TypeError):
+                        message = resp.text[:200]
+                    raise AdminError(f"the cortex answered {resp.status_code} for {method} {path}: {message}")
+                for line in resp.iter_lines():
+                    if line.strip():
+                        try:
+                            yield jsonlib.loads(line)
+                        except ValueError:
+                            raise AdminError(f"the cortex sent something that is not JSON for {method} {path}") from None
+        except httpx.HTTPError as exc:
+            raise AdminError(f"cannot reach the cortex at {self.base}: {exc}") from None
 
     def get(self, path: str, **params: Any) -> Any:
         return self.request("GET", path, params=params)

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from helexa import __version__, logs
+from helexa import __version__, logs, telemetry
 from helexa.config import ConfigError, load_config
 
 
@@ -45,7 +45,9 @@ def main() -> None:
 @click.option("--mesh-listen", metavar="MULTIADDR", help="join the mesh, listening here")
 @click.option("--bootstrap", metavar="MULTIADDR", multiple=True, help="a mesh peer to dial (repeatable)")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
-def cortex(config_file, data_dir, control_socket, gateway_socket, models_file, operator, mesh_listen, bootstrap, log_level):
+@click.option("--log-format", type=click.Choice(["text", "json"]), help="json: one JSON object a line")
+def cortex(config_file, data_dir, control_socket, gateway_socket, models_file, operator, mesh_listen, bootstrap, log_level,
+           log_format):
     """Run a cortex: control plane, gateway, orchestrator, mesh."""
     from helexa.roles.cortex.config import CortexConfig
 
@@ -56,6 +58,7 @@ def cortex(config_file, data_dir, control_socket, gateway_socket, models_file, o
         "models_file": models_file,
         "operator": operator,
         "log_level": log_level,
+        "log_format": log_format,
     }
     if mesh_listen:
         overrides["mesh.enabled"] = True
@@ -64,11 +67,15 @@ def cortex(config_file, data_dir, control_socket, gateway_socket, models_file, o
         overrides["mesh.enabled"] = True
         overrides["mesh.bootstrap"] = list(bootstrap)
     config = _load(CortexConfig, config_file, overrides)
-    logs.setup(config.log_level)
+    logs.setup(config.log_level, config.log_format)
+    telemetry.setup(config.telemetry, service="helexa-cortex")
     from helexa.roles.cortex import node
 
+    def loader() -> CortexConfig:  # what SIGHUP re-reads: the same file, environment and flags
+        return load_config(CortexConfig, file=config_file, overrides=overrides)
+
     try:
-        sys.exit(node.run(config))
+        sys.exit(node.run(config, loader=loader))
     except ConfigError as exc:
         _fail(str(exc))
     except OSError as exc:
@@ -81,16 +88,19 @@ def cortex(config_file, data_dir, control_socket, gateway_socket, models_file, o
 @click.option("--node-id", help="this node's id (default: /etc/machine-id)")
 @click.option("--join-token-file", type=click.Path(path_type=Path), help="file holding the join token")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
-def neuron(config_file, cortex_url, node_id, join_token_file, log_level):
+@click.option("--log-format", type=click.Choice(["text", "json"]), help="json: one JSON object a line")
+def neuron(config_file, cortex_url, node_id, join_token_file, log_level, log_format):
     """Run a neuron: join a cortex and serve models it is told to load."""
     from helexa.roles.neuron.config import NeuronConfig
 
     config = _load(
         NeuronConfig,
         config_file,
-        {"cortex": cortex_url, "node_id": node_id, "join_token_file": join_token_file, "log_level": log_level},
+        {"cortex": cortex_url, "node_id": node_id, "join_token_file": join_token_file, "log_level": log_level,
+         "log_format": log_format},
     )
-    logs.setup(config.log_level)
+    logs.setup(config.log_level, config.log_format)
+    telemetry.setup(config.telemetry, service="helexa-neuron")
     from helexa.roles.neuron import node
 
     try:
@@ -174,9 +184,10 @@ def _register_subcommands() -> None:
     """Command groups that live beside the roles they drive."""
     from helexa.cli_demo import chat, demo
     from helexa.cli_mesh import ledger, mesh
+    from helexa.cli_models import models, reload
     from helexa.cli_portal import keys, usage
 
-    for command in (demo, chat, mesh, ledger, keys, usage):
+    for command in (demo, chat, mesh, ledger, keys, usage, models, reload):
         main.add_command(command)
 
 

@@ -1,9 +1,30 @@
-"""Process-wide logging set-up shared by every role."""
+"""Process-wide logging set-up shared by every role.
+
+* ``text`` (the default, for a terminal): ``12:00:01 INFO    helexa.x: message``, followed
+  by ``[request_id=... portal=... model=... neuron=...]`` on lines about a request.
+* ``json`` (``--log-format json`` or ``log_format = "json"``): one JSON object a line
+  (python-json-logger), with ``time``, ``level``, ``logger``, ``message`` and the request's
+  fields, and ``trace_id`` / ``span_id`` when a span is recording.
+
+The request's fields come from :func:`bound`, which code on the request path enters as it
+learns them (the gateway: request id and portal; the dispatcher: model and neuron; the
+neuron: request id and model). They live in a ``contextvars`` variable, so in trio they
+follow the task that bound them and its children, never another request.
+
+Secrets never reach a log: every record's text passes through :func:`redact`, which masks
+API keys (``sk-hlx-...``), join tokens (``hlx1....``) and ``Bearer`` credentials, however
+they got into a message or an exception.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
+import re
 import sys
+from collections.abc import Iterator
+from typing import Any
 
 _NOISY = {
     # kad-dht logs this at ERROR constantly (see docs/mesh.md)
@@ -11,14 +32,111 @@ _NOISY = {
     "hypercorn.access": logging.WARNING,
 }
 
+FIELDS = ("request_id", "portal", "model", "neuron")
+"""The request's fields, on every line logged about it."""
 
-def setup(level: str = "info") -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        force=True,
-    )
+_context: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("helexa_log_fields", default={})
+
+_SECRETS = re.compile(r"(sk-hlx-)[A-Za-z0-9_\-]+|(hlx1\.)[A-Za-z0-9_\-.]+|((?i:bearer)\s+)[^\s'\",]+")
+
+
+def redact(text: str) -> str:
+    """``text`` with API keys, join tokens and bearer credentials masked."""
+    return _SECRETS.sub(lambda m: (m.group(1) or m.group(2) or m.group(3)) + "***", text)
+
+
+@contextlib.contextmanager
+def bound(**fields: str | None) -> Iterator[None]:
+    """Add ``fields`` (of :data:`FIELDS`) to every line logged in this block (and in the
+    tasks it starts)."""
+    token = push(**fields)
+    try:
+        yield
+    finally:
+        pop(token)
+
+
+def push(**fields: str | None) -> contextvars.Token[dict[str, str]]:
+    """:func:`bound` without a block (where a ``with`` cannot span the code, as across a
+    generator's ``yield``): pair with :func:`pop` in a ``finally``."""
+    return _context.set({**_context.get(), **{k: v for k, v in fields.items() if v}})
+
+
+def pop(token: contextvars.Token[dict[str, str]]) -> None:
+    _context.reset(token)
+
+
+def current() -> dict[str, str]:
+    """The fields bound here."""
+    return dict(_context.get())
+
+
+class _ContextFilter(logging.Filter):
+    """Puts the bound fields, the trace ids and a redacted message on each record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        fields = _context.get()
+        for name in FIELDS:
+            setattr(record, name, fields.get(name))
+        record.trace_id = record.span_id = None
+        try:
+            from opentelemetry import trace
+
+            ctx = trace.get_current_span().get_span_context()
+            if ctx.is_valid:
+                record.trace_id, record.span_id = f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}"
+        except ImportError:  # pragma: no cover
+            pass
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message or record.args:
+            record.msg, record.args = clean, None
+        return True
+
+
+class _Redacting(logging.Formatter):
+    """Tracebacks and stacks masked too (the message is, by the filter)."""
+
+    def formatException(self, ei) -> str:  # type: ignore[no-untyped-def]  # noqa: N802
+        return redact(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:  # noqa: N802
+        return redact(super().formatStack(stack_info))
+
+
+class _TextFormatter(_Redacting):
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        extra = " ".join(f"{name}={getattr(record, name)}" for name in FIELDS if getattr(record, name, None))
+        return f"{text} [{extra}]" if extra else text
+
+
+def _json_formatter() -> logging.Formatter:
+    from pythonjsonlogger.json import JsonFormatter
+
+    class Formatter(_Redacting, JsonFormatter):
+        def add_fields(self, log_record: dict[str, Any], record: logging.LogRecord,
+                       message_dict: dict[str, Any]) -> None:
+            super().add_fields(log_record, record, message_dict)
+            for name in (*FIELDS, "trace_id", "span_id"):
+                if log_record.get(name) is None:
+                    log_record.pop(name, None)
+
+    return Formatter("%(asctime)s %(levelname)s %(name)s %(message)s %(request_id)s %(portal)s %(model)s "
+                     "%(neuron)s %(trace_id)s %(span_id)s",
+                     rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+                     datefmt="%Y-%m-%dT%H:%M:%S%z")
+
+
+def setup(level: str = "info", fmt: str = "text", *, stream: Any = None) -> None:
+    """Configure the root logger: ``level``, ``fmt`` (``text`` or ``json``), on ``stream``
+    (stderr by default)."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.addFilter(_ContextFilter())
+    if fmt == "json":
+        handler.setFormatter(_json_formatter())
+    else:
+        handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler], force=True)
     for name, lvl in _NOISY.items():
         logging.getLogger(name).setLevel(lvl)

@@ -48,6 +48,7 @@ from .messages import (
     Ping,
     Pong,
     ProvisioningCommand,
+    PullModel,
     ProvisioningResponse,
     Refused,
     Shutdown,

@@ -154,6 +154,8 @@ class GenerateRequest:
     tool_choice: ToolChoice | None = None
     response_format: ResponseFormat | None = None
     prompt_tokens: int | None = None
+    trace: str = ""
+    """The W3C ``traceparent`` of the sender's span (empty while tracing is off)."""
 
     @property
     def wants_tools(self) -> bool:
@@ -171,6 +173,8 @@ class EmbedRequest:
     request_id: str
     model_id: ModelId
     inputs: tuple[str, ...]
+    trace: str = ""
+    """The W3C ``traceparent`` of the sender's span (empty while tracing is off)."""
 
 
 @message("chunk")

@@ -9,7 +9,7 @@ The session, in order::
       Join(proof, descriptor, models) ->
                                       <- Welcome(proof, interval)    | Refused
       Heartbeat ...                   ->
-                                      <- UpsertModelConfig / LoadModel / UnloadModel
+                                      <- UpsertModelConfig / LoadModel / UnloadModel / PullModel
       LoadProgress / ProvisioningResponse / ModelStatusChanged ->
                                       <- GenerateRequest / EmbedRequest / Cancel
       TokenChunk / GenerateResult / EmbedResult / InferenceError ->
@@ -116,6 +116,8 @@ class UpsertModelConfig:
 class LoadModel:
     command_id: str
     model_id: ModelId
+    trace: str = ""
+    """The W3C ``traceparent`` of the load's span at the cortex (empty while tracing is off)."""
 
 
 @message("unload_model")
@@ -125,7 +127,17 @@ class UnloadModel:
     model_id: ModelId
 
 
-ProvisioningCommand = UpsertModelConfig | LoadModel | UnloadModel
+@message("pull_model")
+@dataclass(frozen=True, slots=True)
+class PullModel:
+    """Fetch a configured model's source into the neuron's cache without loading it
+    (progress as :class:`LoadProgress`, stage ``download``)."""
+
+    command_id: str
+    model_id: ModelId
+
+
+ProvisioningCommand = UpsertModelConfig | LoadModel | UnloadModel | PullModel
 
 
 @message("provisioning_response")

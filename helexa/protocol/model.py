@@ -199,3 +199,6 @@ class ModelStatus:
     context_length: int | None = None
     """The context one request gets, as loaded (llama.cpp splits ``n_ctx`` across its
     slots); ``None`` when the backend does not say."""
+    cached: bool | None = None
+    """Whether the model's source is in the neuron's cache (``None``: it has no source to
+    fetch, or a path used in place)."""

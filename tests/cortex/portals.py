@@ -45,11 +45,12 @@ def new_key(store: SqliteStore, portal: str, *, models: tuple[str, ...] | None =
 
 @asynccontextmanager
 async def portals(fleet: Fleet, portal_tables: dict[str, dict[str, Any]], *, store: SqliteStore | None = None,
-                  virtual: bool = False, **fields: Any) -> AsyncIterator[tuple[Gateway, dict[str, str]]]:
+                  virtual: bool = False, reload: Any = None, **fields: Any) -> AsyncIterator[tuple[Gateway, dict[str, str]]]:
     """Serve ``portal_tables`` (plus the open default portal); yields the gateway and each
     portal's first URL (``"default"`` too). ``virtual``: quotas and the ledger run on
-    trio's clock from :data:`T0` and the ledger is written inline (for the autojump clock)."""
-    gateway_args: dict[str, Any] = {"store": store or SqliteStore(":memory:")}
+    trio's clock from :data:`T0` and the ledger is written inline (for the autojump clock).
+    ``reload``: what ``POST /admin/reload`` calls."""
+    gateway_args: dict[str, Any] = {"store": store or SqliteStore(":memory:"), "reload": reload}
     if virtual:
         gateway_args |= {"clock": lambda: T0 + trio.current_time(), "inline_ledger": True}
     async with serving(fleet, CATALOGUE, gateway_args=gateway_args, portals=portal_tables, **fields) as (gateway, _):

@@ -13,6 +13,7 @@ import httpx
 
 from helexa.roles.cortex.fleet import Fleet
 from helexa.roles.cortex.portal.store import SqliteStore
+from helexa.roles.cortex.reload import ReloadReport
 from neuron_double import NeuronDouble
 from portals import acme, bearer, new_key, portals
 from serving import admin_headers
@@ -51,6 +52,10 @@ SAMPLES: dict[tuple[str, str], tuple[str, object]] = {
     ("POST", "/admin/keys/"): ("/admin/keys/KEY/rotate", None),
     ("GET", "/admin/usage"): ("/admin/usage", None),
     ("GET", "/admin/usage/records"): ("/admin/usage/records", None),
+    ("POST", "/admin/reload"): ("/admin/reload", None),
+    ("GET", "/admin/models"): ("/admin/models", None),
+    ("GET", "/admin/models/"): ("/admin/models/chat", None),
+    ("POST", "/admin/models/"): ("/admin/models/chat/load", {"neuron": "n1"}),
 }
 # The web pages (helexa/roles/cortex/web) are mounted under these paths; a page never runs a
 # model itself (the playground's script calls /v1/chat/completions like any client), and
@@ -72,7 +77,7 @@ async def test_every_route_that_reaches_the_orchestrator_is_metered_and_recorded
     admin_key = new_key(store, "default")  # rotated by the sample; the requests use `key`
     admin_key_id = admin_key.split("_")[0].removeprefix("sk-hlx-")
     reached: list[tuple[str, str]] = []
-    async with portals(fleet, {"default": acme(listen=[])}, store=store) as (gateway, urls):
+    async with portals(fleet, {"default": acme(listen=[])}, store=store, reload=ReloadReport) as (gateway, urls):
         app = gateway.apps[urls["default"]]
         orchestrator = gateway.orchestrator
         real_generate, real_embed = orchestrator.generate, orchestrator.embed

@@ -40,9 +40,10 @@ from typing import Any
 
 import httpx
 
-READY = re.compile(r"cortex ready: control=(\S+) gateway=(\S+)(?: admin=(\S+))?")
-PORTAL = re.compile(r"portal (\S+) \(\S+\) listening on (.*)$", re.M)
-MESH = re.compile(r"mesh: operator .*, peer (\S+), listening on (.*)$", re.M)
+# [^\s"]: the same lines inside a JSON log (--log-format json) end at the closing quote.
+READY = re.compile(r'cortex ready: control=([^\s"]+) gateway=([^\s"]+)(?: admin=([^\s"]+))?')
+PORTAL = re.compile(r'portal (\S+) \(\S+\) listening on ([^"\n]*)', re.M)
+MESH = re.compile(r'mesh: operator .*, peer (\S+), listening on ([^"\n]*)', re.M)
 _LIVE_GROUPS: list["ProcGroup"] = []
 
 

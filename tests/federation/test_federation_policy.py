@@ -55,3 +55,15 @@ def test_ask_policy_never_listed_and_price_ceiling():
     ceiling = AskPolicy(max_price_output=2.0)
     assert ceiling.allows_price(OfferedModel("m", True, price_output=2.0))
     assert not ceiling.allows_price(OfferedModel("m", True, price_output=2.5))
+
+
+def test_a_reloaded_policy_applies_to_the_next_request_and_keeps_those_in_flight():
+    adm = Admission(ServePolicy(rate_per_second=1.0, burst=1, max_concurrent_per_peer=2))
+    assert adm.admit("p1", "op", "m", 0.0).admitted
+    assert adm.admit("p1", "op", "m", 0.0).code == "rate_limited"
+    adm.set_policy(ServePolicy(rate_per_second=10.0, burst=5, max_concurrent_per_peer=2))
+    assert adm.in_flight == {"p1": 1}  # the request admitted before stays counted
+    assert adm.admit("p1", "op", "m", 0.0).admitted  # a fresh bucket at the new rate
+    assert adm.admit("p1", "op", "m", 0.0).code == "busy"
+    adm.set_policy(ServePolicy(deny_operators=frozenset({"op"})))
+    assert adm.admit("p2", "op", "m", 0.0).code == "denied"

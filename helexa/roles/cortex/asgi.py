@@ -40,11 +40,12 @@ class Responder:
     and its headers are added too (a portal's rate-limit state at that moment).
     """
 
-    __slots__ = ("send", "started", "headers", "late")
+    __slots__ = ("send", "started", "headers", "late", "status")
 
     def __init__(self, send: Send, headers: Headers) -> None:
         self.send = send
         self.started = False
+        self.status = 0
         self.headers = headers
         self.late: Callable[[], Headers] | None = None
 
@@ -60,6 +61,7 @@ class Responder:
     async def start(self, status: int = 200, headers: Headers = SSE) -> None:
         if not self.started:
             self.started = True
+            self.status = status
             await self._send({"type": "http.response.start", "status": status, "headers": self._all(headers)})
 
     async def body(self, data: bytes, more: bool = True) -> None:
@@ -67,6 +69,7 @@ class Responder:
 
     async def full(self, status: int, headers: Headers, data: bytes) -> None:
         self.started = True
+        self.status = status
         await self._send({"type": "http.response.start", "status": status,
                           "headers": self._all([*headers, (b"content-length", str(len(data)).encode())])})
         await self._send({"type": "http.response.body", "body": data})

@@ -243,7 +243,11 @@ class CatalogueEntry(BaseModel):
 
 
 class Catalogue:
-    """An immutable set of :class:`CatalogueEntry`, looked up by id."""
+    """A set of :class:`CatalogueEntry`, looked up by id.
+
+    Entries are immutable; the set changes only as a whole, through :meth:`replace` (a
+    live reload), so every part of the cortex holding this object sees the new set at once.
+    """
 
     def __init__(self, entries: list[CatalogueEntry] | tuple[CatalogueEntry, ...] = ()) -> None:
         self._entries = {e.id: e for e in entries}
@@ -261,6 +265,15 @@ class Catalogue:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def replace(self, other: "Catalogue") -> tuple[list[str], list[str], list[str]]:
+        """Take ``other``'s entries; returns the ids ``(added, removed, changed)``."""
+        old, new = self._entries, other._entries
+        added = sorted(set(new) - set(old))
+        removed = sorted(set(old) - set(new))
+        changed = sorted(m for m in set(old) & set(new) if old[m] != new[m])
+        self._entries = dict(new)
+        return added, removed, changed
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "<catalogue>") -> "Catalogue":

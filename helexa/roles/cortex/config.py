@@ -21,6 +21,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from helexa.telemetry import TelemetryConfig
 from helexa.config import SocketAddr, split_socket
 from helexa.protocol import DEFAULT_MAX_FRAME
 
@@ -325,6 +326,11 @@ class CortexConfig(BaseModel):
     max_frame_bytes: int = Field(DEFAULT_MAX_FRAME, ge=1024)
     shutdown_grace: float = Field(10.0, ge=0)
     log_level: str = "info"
+    log_format: Literal["text", "json"] = "text"
+    """``text`` for a terminal; ``json``: one JSON object a line, with the request's fields
+    (:mod:`helexa.logs`)."""
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    """OpenTelemetry traces (off by default; :mod:`helexa.telemetry`)."""
     mesh: MeshConfig = Field(default_factory=MeshConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
     """Serving and asking peers over the mesh (only when ``mesh.enabled``)."""

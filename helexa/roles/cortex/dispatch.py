@@ -17,10 +17,13 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
+from helexa import logs, telemetry
 from helexa.protocol import EmbedRequest, EmbedResult, GenerateRequest, GenerateResult, TokenChunk
 
 from .errors import ClientGone, UpstreamTimeout, to_gateway_error
@@ -134,52 +137,63 @@ class Dispatcher:
         exclude: frozenset[str] = frozenset()
         for attempt in range(1, self.config.max_attempts + 1):
             target = await pick(exclude)
-            started = trio.current_time()
-            self.live.begin(target.node_id, request.model_id, started)
-            ctx = target.generate(request)
-            entered = False
+            span = _span("dispatch", request, target.node_id, attempt)
+            traced = replace(request, trace=telemetry.traceparent(span)) if span is not None else request
+            fields = logs.push(model=request.model_id, neuron=target.node_id)
             try:
-                events = await ctx.__aenter__()
-                entered = True
-                first = None
+                started = trio.current_time()
+                self.live.begin(target.node_id, request.model_id, started)
+                ctx = target.generate(traced)
+                entered = False
                 try:
-                    with trio.move_on_after(self.config.first_token_timeout):  # cheaper than fail_after
-                        first = await events.__anext__()
-                except StopAsyncIteration:
-                    raise RemoteError("empty_stream", "the neuron ended the stream without a result") from None
-                if first is None:
-                    raise UpstreamTimeout(f"neuron {target.node_id} did not start within "
-                                          f"{self.config.first_token_timeout:g}s")
-            except BaseException as exc:
-                if entered:
-                    with trio.CancelScope(shield=True):
-                        await ctx.__aexit__(type(exc), exc, exc.__traceback__)
-                self._failed(target.node_id, request.model_id, exc)
-                if _retryable(exc) and attempt < self.config.max_attempts:
-                    log.info("request %s not started on %s (%s): trying another neuron",
-                             request.request_id, target.node_id, exc)
-                    exclude = exclude | {target.node_id}
-                    continue
-                raise
-            idle_timeout = self.config.idle_timeout
-            idle = trio.CancelScope(deadline=trio.current_time() + idle_timeout)
-            gen = Generation(target.node_id, first, events, idle, idle_timeout, started)
-            try:
-                with idle:
+                    events = await ctx.__aenter__()
+                    entered = True
+                    first = None
                     try:
-                        yield gen
-                    except BaseException as exc:
-                        self._failed(target.node_id, request.model_id, exc)
-                        raise
-            except BaseException as exc:
-                await ctx.__aexit__(type(exc), exc, exc.__traceback__)
-                raise
-            await ctx.__aexit__(None, None, None)
-            if idle.cancelled_caught:
-                raise UpstreamTimeout(f"the stream from neuron {target.node_id} made no progress "
-                                      f"for {idle_timeout:g}s")
-            self._done(gen, request.model_id, endpoint, started)
-            return
+                        with trio.move_on_after(self.config.first_token_timeout):  # cheaper than fail_after
+                            first = await events.__anext__()
+                    except StopAsyncIteration:
+                        raise RemoteError("empty_stream", "the neuron ended the stream without a result") from None
+                    if first is None:
+                        raise UpstreamTimeout(f"neuron {target.node_id} did not start within "
+                                              f"{self.config.first_token_timeout:g}s")
+                except BaseException as exc:
+                    if entered:
+                        with trio.CancelScope(shield=True):
+                            await ctx.__aexit__(type(exc), exc, exc.__traceback__)
+                    self._failed(target.node_id, request.model_id, exc)
+                    _mark(span, exc)
+                    if _retryable(exc) and attempt < self.config.max_attempts:
+                        log.info("request %s not started on %s (%s): trying another neuron",
+                                 request.request_id, target.node_id, exc)
+                        exclude = exclude | {target.node_id}
+                        continue
+                    raise
+                idle_timeout = self.config.idle_timeout
+                idle = trio.CancelScope(deadline=trio.current_time() + idle_timeout)
+                gen = Generation(target.node_id, first, events, idle, idle_timeout, started)
+                try:
+                    with idle:
+                        try:
+                            yield gen
+                        except BaseException as exc:
+                            self._failed(target.node_id, request.model_id, exc)
+                            _mark(span, exc)
+                            raise
+                except BaseException as exc:
+                    await ctx.__aexit__(type(exc), exc, exc.__traceback__)
+                    raise
+                await ctx.__aexit__(None, None, None)
+                if idle.cancelled_caught:
+                    raise UpstreamTimeout(f"the stream from neuron {target.node_id} made no progress "
+                                          f"for {idle_timeout:g}s")
+                self._done(gen, request.model_id, endpoint, started)
+                return
+            finally:
+                logs.pop(fields)
+                if span is not None:
+                    span.end()
+        raise AssertionError("unreachable")
 
     async def embed(self, request: EmbedRequest, pick: Pick) -> EmbedResult:
         """Embed on ``pick``'s target, failing over as :meth:`generate` does."""
@@ -188,16 +202,23 @@ class Dispatcher:
             target = await pick(exclude)
             started = trio.current_time()
             self.live.begin(target.node_id, request.model_id, started)
+            span = _span("dispatch", request, target.node_id, attempt)
+            traced = replace(request, trace=telemetry.traceparent(span)) if span is not None else request
             try:
-                result = await target.embed(request, timeout=self.config.embed_timeout)
+                result = await target.embed(traced, timeout=self.config.embed_timeout)
             except BaseException as exc:
                 self._failed(target.node_id, request.model_id, exc)
+                _mark(span, exc)
+                if span is not None:
+                    span.end()
                 if _retryable(exc) and attempt < self.config.max_attempts:
                     exclude = exclude | {target.node_id}
                     continue
                 if isinstance(exc, CommandTimeout):
                     raise UpstreamTimeout(str(exc)) from None
                 raise
+            if span is not None:
+                span.end()
             now = trio.current_time()
             self.live.end(target.node_id, request.model_id, now, latency=now - started, ok=True)
             self.metrics.request_done(request.model_id, target.node_id, "embeddings", duration=now - started,
@@ -225,3 +246,18 @@ class Dispatcher:
         else:
             code = "error"
         self.metrics.request_failed(model_id, node_id, code)
+
+
+def _span(name: str, request: GenerateRequest | EmbedRequest, node_id: str, attempt: int) -> Span | None:
+    """A span for one attempt on one target (None while tracing is off); its
+    ``traceparent`` goes to the target in the request frame."""
+    if not telemetry.enabled():
+        return None
+    return telemetry.tracer().start_span(name, kind=SpanKind.CLIENT, attributes={
+        "helexa.request_id": request.request_id, "helexa.model": request.model_id, "helexa.neuron": node_id,
+        "helexa.attempt": attempt})
+
+
+def _mark(span: Span | None, exc: BaseException) -> None:
+    if span is not None:
+        span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))

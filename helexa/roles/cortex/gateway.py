@@ -23,7 +23,8 @@ and on the admin socket (``admin_socket``, else the default portal's)::
 
     GET  /metrics               Prometheus (needs the admin token unless
                                 gateway.metrics_public)
-    /admin/*                    the admin API (:mod:`.portal.admin`; needs the admin token)
+    /admin/*                    the admin API (:mod:`.portal.admin`, :mod:`.portal.admin_models`;
+                                needs the admin token)
 
 The web pages (:mod:`.web`: the console on the admin socket, each portal's own pages on
 its sockets) are a quart-trio app that every socket hands ``/``, ``/console``, ``/portal``
@@ -48,7 +49,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 
+from helexa import logs, telemetry
 from helexa.config import split_socket
 
 from .anthropic_surface import AnthropicSurface
@@ -56,12 +60,14 @@ from .asgi import Exchange, Limits, Receive, Responder, Route, Router, Scope, Se
 from .config import DEFAULT_PORTAL, PortalConfig
 from .disconnect_watch import DisconnectWatch
 from .errors import BadRequest, ClientGone, GatewayError, envelope
+from .fleet_metrics import FleetCollector
 from .http import HttpServer
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .ollama_surface import OllamaSurface
 from .openai_surface import OpenAISurface, model_listing
 from .orchestrator import Orchestrator
 from .portal.admin import AdminApi
+from .portal.admin_models import ModelsAdmin
 from .portal.keys import Keyring
 from .portal.metering import Caller, Metering
 from .portal.portal import Portal
@@ -74,6 +80,7 @@ from .shutdown import InFlight
 
 if TYPE_CHECKING:
     from .config import CortexConfig
+    from .federation.service import Federation
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +126,25 @@ class PortalApp:
                     return
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        g = self.gateway
         request_id = uuid.uuid4().hex
+        fields = {"request_id": request_id, "portal": self.portal.id if self.portal is not None else "admin"}
+        with logs.bound(**fields):
+            if not telemetry.enabled():
+                await self._handle(scope, receive, send, request_id)
+                return
+            parent = None
+            for name, value in scope["headers"]:
+                if name == b"traceparent":
+                    parent = telemetry.parent_context(value)
+            span = telemetry.tracer().start_span(
+                f"{scope['method']} {scope['path']}", context=parent, kind=SpanKind.SERVER,
+                attributes={"http.request.method": scope["method"], "url.path": scope["path"],
+                            "helexa.request_id": request_id, "helexa.portal": fields["portal"]})
+            with trace.use_span(span, end_on_exit=True):
+                await self._handle(scope, receive, send, request_id)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
+        g = self.gateway
         out = Responder(send, [(b"x-request-id", request_id.encode())])
         scope["helexa.request_id"] = request_id
         ex = Exchange(scope, receive, out, request_id, g.edge_limits, g.watch)
@@ -128,6 +152,8 @@ class PortalApp:
         route: Route | None = None
         try:
             route, ex.path_rest = self.router.find(scope["method"], scope["path"])
+            if telemetry.enabled():
+                trace.get_current_span().update_name(f"{route.method} {route.path}")
             portal = self.portal
             if portal is not None:
                 if portal.keyed and route.keyed:
@@ -157,6 +183,8 @@ class PortalApp:
                 pass
         finally:
             g.in_flight.exit()
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s %s -> %s", scope["method"], scope["path"], out.status or "no response")
 
 
 class Gateway:
@@ -172,11 +200,12 @@ class Gateway:
         clock: Unix time, for quotas and the ledger.
         inline_ledger: write ledger records on the trio thread (tests under the autojump
             clock only; see :class:`~.portal.writer.LedgerWriter`).
+        reload: re-reads the cortex's config (``POST /admin/reload``; None: not offered).
     """
 
     def __init__(self, config: CortexConfig, orchestrator: Orchestrator, *, store: Store | None = None,
                  admin_token: Callable[[], str | None] = lambda: None, clock: Callable[[], float] = time.time,
-                 inline_ledger: bool = False) -> None:
+                 inline_ledger: bool = False, reload: Callable[[], Any] | None = None) -> None:
         self.cortex_config = config
         self.config = config.gateway
         self.shutdown_grace = config.shutdown_grace
@@ -195,6 +224,10 @@ class Gateway:
         self.edge_limits = Limits(self.config.max_body_bytes, self.config.body_timeout)
         self.in_flight = InFlight()
         """HTTP requests being handled right now, on every socket (a drain waits for none)."""
+        self.metrics.add_collector(FleetCollector(orchestrator, lambda: self.in_flight.count,
+                                                  lambda: self.federation))
+        self.federation: Federation | None = None
+        """The mesh federation, when the cortex joined one (its peers and traffic on ``/metrics``)."""
         self._created = int(time.time())
         self.openai = OpenAISurface(self.metering, self._fabric_models)
         # Stored responses live in the ledger's SQLite file (their own table and connection).
@@ -203,7 +236,7 @@ class Gateway:
         self.anthropic = AnthropicSurface(self.metering)
         self.admin = AdminApi(portals=self.portals, keyring=self.keyring, store=self.store, metering=self.metering,
                               fleet=self.fleet, token=admin_token, admin_clients=self.config.admin_clients,
-                              clock=clock)
+                              clock=clock, reload=reload, models=ModelsAdmin(orchestrator))
         self.addresses: dict[str, list[str]] = {}
         """Each portal's bound URLs, once :meth:`run` reported them."""
         self.admin_urls: list[str] = []
@@ -216,6 +249,10 @@ class Gateway:
         self.web = WebApp(self)
         """The console (admin socket) and each portal's pages, mounted beside the API."""
         self.metering.traffic = self.web.traffic
+
+    def set_federation(self, federation: Federation) -> None:
+        """The cortex joined the mesh: its peers and federated traffic go on ``/metrics``."""
+        self.federation = federation
 
     # --- apps ------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _LOAD_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -119,6 +120,10 @@ class Metrics:
     def cold_load(self, model: str, neuron: str, seconds: float) -> None:
         self.cold_loads.labels(model, neuron).inc()
         self.cold_load_seconds.labels(model, neuron).observe(seconds)
+
+    def add_collector(self, collector: Collector) -> None:
+        """Serve ``collector``'s families on ``/metrics`` too (the fleet's gauges)."""
+        self.registry.register(collector)
 
     def render(self) -> bytes:
         """The text exposition format, for ``GET /metrics``."""

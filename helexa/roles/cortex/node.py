@@ -1,7 +1,8 @@
 """The cortex process: identity, join and admin tokens, control plane, orchestrator, the
 gateway's portals (with their keys and usage ledger in ``DATA_DIR/usage.sqlite``) and
 (when ``mesh.enabled``) the libp2p mesh and the federation, in one trio nursery; stopped
-by :mod:`.shutdown` on SIGINT/SIGTERM.
+by :mod:`.shutdown` on SIGINT/SIGTERM; ``SIGHUP`` re-reads the config and the catalogue
+and applies what can change live (:mod:`.reload`).
 
 With the mesh, the orchestrator asks peers (:mod:`.peering`) for models its own fleet
 cannot serve (as each portal's routing preferences allow), peers' requests run through
@@ -15,7 +16,7 @@ import logging
 import signal
 import sqlite3
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from helexa import identity as identity_mod
-from helexa import secret_files
+from helexa import secret_files, telemetry
 from helexa.config import ConfigError
 
 from . import admin_token, join_token
@@ -35,6 +36,8 @@ from .fleet import Fleet
 from .gateway import Gateway
 from .metrics import Metrics
 from .orchestrator import Orchestrator
+from .portal.portal import Portal
+from .reload import PORTAL_RESTART_FIELDS, ReloadReport, plan_reload
 from .shutdown import drain
 
 if TYPE_CHECKING:
@@ -77,10 +80,17 @@ class Cortex:
 
     ``run`` reports :class:`CortexAddresses` through ``task_status.started`` once every
     listener is bound.
+
+    Args:
+        config: the configuration to start with.
+        loader: reads the configuration again, as it was first built (file, environment,
+            flags), for :meth:`reload`; by default ``config`` itself (only the catalogue
+            file is re-read).
     """
 
-    def __init__(self, config: CortexConfig) -> None:
+    def __init__(self, config: CortexConfig, *, loader: Callable[[], CortexConfig] | None = None) -> None:
         self.config = config
+        self._loader = loader or (lambda: config.model_copy(deep=True))
         data = config.data_dir
         data.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._check_secrets()
@@ -99,15 +109,13 @@ class Cortex:
         self.fleet = Fleet()
         self.control = ControlServer(config, self.fleet, lambda: join_token.read(join_token.path_in(data)),
                                      cortex_id=self.identity.fingerprint, ssl_context=self._ssl())
-        try:
-            self.catalogue = Catalogue.load(config.models_file) if config.models_file else default_catalogue()
-        except CatalogueError as exc:
-            raise ConfigError(f"models_file: {exc}") from None
+        self.catalogue = _catalogue(config)
         self.orchestrator = Orchestrator(config, self.fleet, self.catalogue, Metrics())
         with _data_file("the usage store", config.usage_store_path,
                         "it holds the API keys and the usage ledger: restore it from a backup"):
             self.gateway = Gateway(config, self.orchestrator,
-                                   admin_token=lambda: admin_token.read(admin_token.path_in(data)))
+                                   admin_token=lambda: admin_token.read(admin_token.path_in(data)),
+                                   reload=self.reload)
         self.mesh: Mesh | None = None
         self.federation: Federation | None = None
         self.ledger: Ledger | None = None
@@ -130,11 +138,10 @@ class Cortex:
         from helexa.mesh import MeshSettings, open_libp2p_mesh
 
         from .federation.ledger import Ledger
-        from .federation.policy import AskPolicy, Outbound, ServePolicy
         from .federation.service import Federation, FederationSettings
         from .peering import FleetOffer, LocalServing, PeerRouter
 
-        mesh_cfg, fed_cfg = self.config.mesh, self.config.federation
+        mesh_cfg = self.config.mesh
         self.mesh = open_libp2p_mesh(self.identity.seed, MeshSettings(
             listen=mesh_cfg.listen, bootstrap=tuple(mesh_cfg.bootstrap), mdns=mesh_cfg.mdns,
             max_frame=self.config.max_frame_bytes, liveness_timeout=mesh_cfg.liveness_timeout))
@@ -142,26 +149,19 @@ class Cortex:
                         "it holds the peers' signed receipts: restore it from a backup"):
             self.ledger = Ledger(self.config.data_dir / "ledger.sqlite")
         offer = FleetOffer(self.fleet, self.catalogue, self.orchestrator.provisioner,
-                           slots_per_neuron=fed_cfg.spare_slots_per_neuron)
+                           slots_per_neuron=self.config.federation.spare_slots_per_neuron)
         local = LocalServing(self.orchestrator)
+        serve_policy, ask_policy = _federation_policies(self.config)
         self.federation = Federation(
             mesh=self.mesh, identity=self.identity, operator=self.config.operator, ledger=self.ledger,
             offer_fn=offer.offer, spare_fn=offer.spare, serve_generate=local.generate, serve_embed=local.embed,
-            serve_policy=ServePolicy(
-                serve_peers=fed_cfg.serve_peers, allow_peers=frozenset(fed_cfg.allow_peers),
-                allow_operators=frozenset(fed_cfg.allow_operators), deny_peers=frozenset(fed_cfg.deny_peers),
-                deny_operators=frozenset(fed_cfg.deny_operators), rate_per_second=fed_cfg.rate_per_second,
-                burst=fed_cfg.burst, max_concurrent_per_peer=fed_cfg.max_concurrent_per_peer,
-                models=None if fed_cfg.models is None else frozenset(fed_cfg.models)),
-            ask_policy=AskPolicy(
-                outbound=Outbound(fed_cfg.outbound), peers=frozenset(fed_cfg.peers),
-                operators=frozenset(fed_cfg.operators), max_price_input=fed_cfg.max_price_input,
-                max_price_output=fed_cfg.max_price_output),
+            serve_policy=serve_policy, ask_policy=ask_policy,
             settings=FederationSettings(announce_interval=mesh_cfg.announce_interval))
         router = PeerRouter(self.federation)
         self.orchestrator.set_remote_router(router)
         self.gateway.metering.receipts = router.take_receipt
         self.gateway.web.mesh = (self.federation, self.ledger)
+        self.gateway.set_federation(self.federation)
 
     def _ssl(self) -> ssl.SSLContext | None:
         if self.config.tls_cert_file is None:
@@ -209,15 +209,87 @@ class Cortex:
         """Begin a graceful stop (drain within ``shutdown_grace``, then return from run)."""
         self._stop.set()
 
+    def reload(self) -> ReloadReport:
+        """Re-read the config and the catalogue and apply what can change live (see
+        :mod:`.reload`); logs one line saying what changed and what needs a restart.
 
-async def serve(config: CortexConfig) -> None:
-    cortex = Cortex(config)
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        Raises:
+            ConfigError: the new config or catalogue is invalid (one line naming the key);
+                nothing was changed.
+        """
+        try:
+            new = self._loader()
+            catalogue = _catalogue(new)
+        except ConfigError as exc:
+            log.error("reload refused, the running config stays: %s", exc)
+            raise
+        plan = plan_reload(self.config, new)
+        report = ReloadReport(live=list(plan.live), restart=list(plan.restart))
+        added, removed, changed = self.catalogue.replace(catalogue)
+        report.catalogue = {"added": added, "removed": removed, "changed": changed}
+        live = self.config
+        for pid in plan.portals:
+            kept = {name: getattr(live.portals[pid], name) for name in PORTAL_RESTART_FIELDS}
+            portal_config = new.portals[pid].model_copy(update=kept)
+            live.portals[pid] = portal_config
+            portal: Portal = self.gateway.portals[pid]
+            portal.reconfigure(portal_config)
+        for name in type(live.orchestrator).model_fields:
+            setattr(live.orchestrator, name, getattr(new.orchestrator, name))
+        spare = live.federation.spare_slots_per_neuron
+        live.federation = new.federation.model_copy(update={"spare_slots_per_neuron": spare})
+        if self.federation is not None:
+            self.federation.set_policies(*_federation_policies(live))
+        live.gateway.admin_clients = list(new.gateway.admin_clients)
+        self.gateway.admin.set_admin_clients(new.gateway.admin_clients)
+        live.models_file = new.models_file
+        if new.log_level != live.log_level:
+            live.log_level = new.log_level
+            logging.getLogger().setLevel(getattr(logging, new.log_level.upper(), logging.INFO))
+        self.orchestrator.provisioner.wake()
+        self.fleet.notify()
+        log.info("%s", report.line())
+        return report
+
+
+def _catalogue(config: CortexConfig) -> Catalogue:
+    try:
+        return Catalogue.load(config.models_file) if config.models_file else default_catalogue()
+    except CatalogueError as exc:
+        raise ConfigError(f"models_file: {exc}") from None
+
+
+def _federation_policies(config: CortexConfig):  # type: ignore[no-untyped-def]
+    """The serve and ask policies of ``config.federation``."""
+    from .federation.policy import AskPolicy, Outbound, ServePolicy
+
+    f = config.federation
+    serve = ServePolicy(
+        serve_peers=f.serve_peers, allow_peers=frozenset(f.allow_peers), allow_operators=frozenset(f.allow_operators),
+        deny_peers=frozenset(f.deny_peers), deny_operators=frozenset(f.deny_operators),
+        rate_per_second=f.rate_per_second, burst=f.burst, max_concurrent_per_peer=f.max_concurrent_per_peer,
+        models=None if f.models is None else frozenset(f.models))
+    ask = AskPolicy(outbound=Outbound(f.outbound), peers=frozenset(f.peers), operators=frozenset(f.operators),
+                    max_price_input=f.max_price_input, max_price_output=f.max_price_output)
+    return serve, ask
+
+
+async def serve(config: CortexConfig, *, loader: Callable[[], CortexConfig] | None = None) -> None:
+    """Run a cortex until SIGINT or SIGTERM; SIGHUP reloads (:meth:`Cortex.reload`)."""
+    cortex = Cortex(config, loader=loader)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(cortex.run)
 
             async def on_signal() -> None:
                 async for sig in signals:
+                    if sig == signal.SIGHUP:
+                        log.info("received SIGHUP: reloading")
+                        try:
+                            cortex.reload()
+                        except ConfigError:
+                            pass  # logged by reload; the running config stays
+                        continue
                     log.info("received %s: stopping", signal.Signals(sig).name)
                     cortex.stop()
                     return
@@ -225,8 +297,11 @@ async def serve(config: CortexConfig) -> None:
             nursery.start_soon(on_signal)
 
 
-def run(config: CortexConfig) -> int:
+def run(config: CortexConfig, *, loader: Callable[[], CortexConfig] | None = None) -> int:
     """Entry point of ``helexa cortex``: returns the process exit code."""
-    trio.run(serve, config)
+    try:
+        trio.run(lambda: serve(config, loader=loader))
+    finally:
+        telemetry.shutdown()  # the spans still batched
     log.info("cortex stopped")
     return 0

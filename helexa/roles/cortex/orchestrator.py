@@ -14,6 +14,7 @@ request, calls :meth:`Orchestrator.generate` or :meth:`Orchestrator.embed`, and 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
+from helexa import telemetry
 from helexa.protocol import EmbedRequest, EmbedResult, GenerateRequest, ModelState, WorkloadClass
 
 from .catalogue import Catalogue
@@ -145,6 +147,8 @@ class Orchestrator:
         self.provisioner = Provisioner(fleet, catalogue, self.live, self.config, self.metrics)
         self.dispatcher = Dispatcher(self.live, self.metrics, self.config)
         self.remote_router = remote_router
+        self.waiting = 0
+        """Requests waiting for a cold load right now (``/metrics``)."""
 
     def set_remote_router(self, router: RemoteRouter | None) -> None:
         """Wire (or unwire) the federation after construction."""
@@ -175,6 +179,11 @@ class Orchestrator:
                       exclude: frozenset[str], on_wait: OnWait | None,
                       allow_peers: bool) -> Target:
         decision = self.decide(request, workload, exclude, allow_peers=allow_peers)
+        if telemetry.enabled():
+            with telemetry.tracer().start_as_current_span("orchestrator.decide", attributes={
+                    "helexa.model": request.model_id, "helexa.decision": decision.mode,
+                    "helexa.targets": list(decision.targets), "helexa.excluded": sorted(exclude)}):
+                pass
         match decision.mode:
             case "local":
                 for node_id in decision.targets:
@@ -186,8 +195,14 @@ class Orchestrator:
                     stage, progress = self.provisioner.load_progress.get(request.model_id, (None, None))
                     return WaitStatus(request.model_id, "loading", stage, progress)
 
-                node_id = await _with_ticks(self.provisioner.ensure_loaded(request.model_id), on_wait, status,
-                                            self.config.keepalive_interval)
+                self.waiting += 1
+                try:
+                    with (telemetry.tracer().start_as_current_span("orchestrator.cold_load", attributes={
+                            "helexa.model": request.model_id}) if telemetry.enabled() else contextlib.nullcontext()):
+                        node_id = await _with_ticks(self.provisioner.ensure_loaded(request.model_id), on_wait,
+                                                    status, self.config.keepalive_interval)
+                finally:
+                    self.waiting -= 1
                 self.metrics.queued(request.model_id, trio.current_time() - waited)
                 link = self.fleet.get(node_id)
                 if link is not None and node_id not in exclude:

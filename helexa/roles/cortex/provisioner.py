@@ -1,15 +1,7 @@
-"""Getting models onto neurons: pure placement decisions and the thin shell that acts on them.
-
-The pure core works on :class:`NodeView` snapshots:
-
-* :func:`place` picks the neuron for a cold load (pinned neurons first, then those with
-  room, then the fewest evictions) and the models to evict there: only models of the same
-  or a lower priority class, idle ones, least recently used first.
-* :func:`idle_unloads` lists models idle past their TTL, and when the next one falls due.
-* :func:`warm_loads` lists keep-warm models resident nowhere.
-
-:class:`Provisioner` carries these out through :meth:`NeuronLink.provision`. A cold load is
-single-flight: however many requests race for a model, one load runs (in the provisioner's
+"""Getting models onto neurons: the thin shell that carries out :mod:`.placement`'s pure
+decisions (placement, idle unloads, keep-warm and pinned loads) through
+:meth:`NeuronLink.provision`; a model pinned on a neuron (``helexa models pin``) is never
+evicted nor unloaded for idleness there. A cold load is single-flight: however many requests race for a model, one load runs (in the provisioner's
 own nursery, so a client leaving does not abort it) and every request waits for it, each
 with its own deadline.
 """
@@ -18,135 +10,45 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from typing import TYPE_CHECKING
 
 import trio
+from opentelemetry.trace import Status, StatusCode
 
-from helexa.protocol import Hardware, LoadModel, LoadProgress, ModelState, UnloadModel, UpsertModelConfig
+from helexa import telemetry
+from helexa.protocol import (
+    LoadModel,
+    LoadProgress,
+    ModelState,
+    PullModel,
+    UnloadModel,
+    UpsertModelConfig,
+)
 
 from .catalogue import MB, Catalogue, CatalogueEntry, Priority
 from .errors import BadRequest, GatewayError, ColdLoadFailed, ModelNotFound, NoCapacity, NotFound
 from .fleet import Fleet, FleetError
 from .metrics import Metrics
+from .placement import (  # noqa: F401  (re-exported: the provisioner's tests use them from here)
+    LoadPlan,
+    NodeView,
+    NoPlacement,
+    Resident,
+    Unload,
+    idle_unloads,
+    pinned_loads,
+    place,
+    warm_loads,
+)
 from .scheduler import LiveLoad
 
 if TYPE_CHECKING:
     from .config import OrchestratorConfig
 
 log = logging.getLogger(__name__)
-
-
-# --- the pure core -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Resident:
-    """A model loaded (or loading) on a neuron."""
-
-    model_id: str
-    memory_mb: int
-    on_gpu: bool
-    priority: Priority
-    last_used: float
-    busy: bool = False
-    evictable: bool = True  # False for loading models and models outside the catalogue
-
-
-@dataclass(frozen=True, slots=True)
-class NodeView:
-    node_id: str
-    hardware: Hardware
-    residents: tuple[Resident, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class LoadPlan:
-    model_id: str
-    node_id: str
-    evict: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Unload:
-    node_id: str
-    model_id: str
-
-
-class NoPlacement(Exception):
-    """No neuron can take the model now; ``ever`` says whether any could with memory free."""
-
-    def __init__(self, message: str, *, ever: bool) -> None:
-        super().__init__(message)
-        self.ever = ever
-
-
-def _evictions(entry: CatalogueEntry, node: NodeView, headroom: float) -> tuple[str, ...] | None:
-    """Models to unload from ``node`` so ``entry`` fits; None if it cannot fit."""
-    pool = [r for r in node.residents if r.on_gpu == entry.on_gpu]
-    free = entry.capacity_mb(node.hardware) * headroom - sum(r.memory_mb for r in pool)
-    if free >= entry.memory_mb:
-        return ()
-    victims = sorted(
-        (r for r in pool if r.evictable and not r.busy and r.priority <= entry.priority),
-        key=lambda r: (r.last_used, r.model_id),
-    )
-    chosen: list[str] = []
-    for r in victims:
-        chosen.append(r.model_id)
-        free += r.memory_mb
-        if free >= entry.memory_mb:
-            return tuple(chosen)
-    return None
-
-
-def place(
-    entry: CatalogueEntry, nodes: list[NodeView], *, headroom: float = 1.0, exclude: frozenset[str] = frozenset()
-) -> LoadPlan:
-    """Choose the neuron for a cold load of ``entry``. Raises :class:`NoPlacement`."""
-    feasible = [n for n in nodes if n.node_id not in exclude and entry.is_feasible_on(n.hardware)]
-    if not feasible:
-        raise NoPlacement(f"no connected neuron has the hardware for model {entry.id!r}", ever=False)
-    ranked = []
-    for n in feasible:
-        evict = _evictions(entry, n, headroom)
-        if evict is None:
-            continue
-        evicted_mb = sum(r.memory_mb for r in n.residents if r.model_id in evict)
-        ranked.append(((n.node_id not in entry.pinned_on, len(evict) > 0, evicted_mb, n.node_id), n.node_id, evict))
-    if not ranked:
-        raise NoPlacement(
-            f"no neuron has room for model {entry.id!r}: memory is held by busy or higher-priority models",
-            ever=True,
-        )
-    _, node_id, evict = min(ranked)
-    return LoadPlan(entry.id, node_id, evict)
-
-
-def idle_unloads(catalogue: Catalogue, nodes: list[NodeView], now: float) -> tuple[list[Unload], float | None]:
-    """Models idle past their ``idle_ttl`` (keep-warm and busy ones never), and the time
-    to look again (None: nothing to wait for)."""
-    due: list[Unload] = []
-    upcoming: float | None = None
-    for node in nodes:
-        for r in node.residents:
-            entry = catalogue.get(r.model_id)
-            if entry is None or entry.keep_warm or entry.idle_ttl <= 0 or not r.evictable:
-                continue
-            # A busy model is looked at again a TTL from now: by then its last use is known.
-            deadline = now + entry.idle_ttl if r.busy else r.last_used + entry.idle_ttl
-            if deadline <= now:
-                due.append(Unload(node.node_id, r.model_id))
-            elif upcoming is None or deadline < upcoming:
-                upcoming = deadline
-    return due, upcoming
-
-
-def warm_loads(catalogue: Catalogue, nodes: list[NodeView]) -> list[str]:
-    """Keep-warm models resident on no neuron (loading counts as resident)."""
-    resident = {r.model_id for n in nodes for r in n.residents}
-    return [e.id for e in catalogue if e.keep_warm and e.id not in resident]
 
 
 # --- the shell ---------------------------------------------------------------------------
@@ -184,11 +86,11 @@ class Provisioner:
         self.load_progress: dict[str, tuple[str, float]] = {}
         """Models loading right now: (stage, fraction done), from the neuron's progress events."""
         self._unloading: set[tuple[str, str]] = set()
-        self.pins: set[tuple[str, str]] = set()
-        """``(node id, model id)`` the operator pinned: never evicted or idle-unloaded there
-        (kept in memory: a restarted cortex forgets them)."""
         self._warm_failed: dict[str, float] = {}
         self._warming: set[str] = set()
+        self._pins: dict[str, frozenset[str]] = {}
+        self._pin_failed: dict[tuple[str, str], float] = {}
+        self._pinning: set[tuple[str, str]] = set()
         self._wake = trio.Event()
         self._woken_by_fleet = False
         self._nursery: trio.Nursery | None = None
@@ -221,6 +123,128 @@ class Provisioner:
     def loading(self, model_id: str) -> bool:
         return model_id in self._flights
 
+    # --- operators (helexa models) -------------------------------------------------------
+
+    def pins(self) -> dict[str, frozenset[str]]:
+        """Model -> the neurons it is pinned on (until the cortex restarts)."""
+        return dict(self._pins)
+
+    def pin(self, model_id: str, node_id: str) -> None:
+        """Keep ``model_id`` loaded on ``node_id``: loaded now (in the background) and again
+        whenever it is lost, never evicted nor unloaded for idleness there. Raises
+        :class:`ModelNotFound` for a model outside the catalogue."""
+        if self.catalogue.get(model_id) is None:
+            raise ModelNotFound(model_id)
+        self._pins[model_id] = self._pins.get(model_id, frozenset()) | {node_id}
+        self._pin_failed.pop((model_id, node_id), None)
+        self._wake.set()
+
+    def unpin(self, model_id: str, node_id: str) -> bool:
+        """Drop a pin (the model stays loaded, as any other); False if there was none."""
+        on = self._pins.get(model_id, frozenset())
+        if node_id not in on:
+            return False
+        if on - {node_id}:
+            self._pins[model_id] = on - {node_id}
+        else:
+            del self._pins[model_id]
+        self._wake.set()
+        return True
+
+    async def load_on(self, model_id: str, node_id: str | None = None,
+                      on_progress: Callable[[LoadProgress], None] | None = None) -> str:
+        """Load ``model_id`` on ``node_id`` (evicting there as a cold load would), or where
+        a cold load would put it; returns the node id. Raises :class:`ModelNotFound`,
+        :class:`NoCapacity` (no room there, or no such neuron) or :class:`ColdLoadFailed`."""
+        entry = self._entry(model_id)
+        views = self._views()
+        if node_id is not None:
+            views = [v for v in views if v.node_id == node_id]
+            if not views:
+                raise NoCapacity(f"no usable neuron {node_id!r}", retry_after=self.settings.retry_after)
+        try:
+            plan = place(entry, views, headroom=self.settings.memory_headroom)
+        except NoPlacement as exc:
+            raise NoCapacity(str(exc), retry_after=self.settings.retry_after) from None
+        try:
+            await self._carry_out(entry, plan, on_progress)
+        except (FleetError, _Refused) as exc:
+            raise ColdLoadFailed(f"loading model {model_id!r} on {plan.node_id} failed: {exc}",
+                                 retry_after=self.settings.retry_after) from None
+        self.live.touch(plan.node_id, entry.id, trio.current_time())
+        log.info("loaded %s on %s (asked by an operator; evicted %s)", model_id, plan.node_id, list(plan.evict))
+        return plan.node_id
+
+    async def unload_from(self, model_id: str, node_id: str) -> None:
+        """Unload ``model_id`` from ``node_id`` (in-flight requests finish first, on the
+        neuron). Raises :class:`NoCapacity` (no such neuron) or :class:`ColdLoadFailed`."""
+        if self.fleet.get(node_id) is None:
+            raise NoCapacity(f"no neuron {node_id!r}", retry_after=self.settings.retry_after)
+        try:
+            await self._unload(Unload(node_id, model_id))
+        except (FleetError, _Refused) as exc:
+            raise ColdLoadFailed(f"unloading {model_id!r} from {node_id} failed: {exc}",
+                                 retry_after=self.settings.retry_after) from None
+
+    async def pull_on(self, model_id: str, node_id: str,
+                      on_progress: Callable[[LoadProgress], None] | None = None) -> None:
+        """Fetch ``model_id``'s source into ``node_id``'s cache without loading it.
+        Raises :class:`ModelNotFound`, :class:`NoCapacity` (no such neuron) or
+        :class:`ColdLoadFailed` (the neuron refused: the disk is full, a wrong hash...)."""
+        entry = self._entry(model_id)
+        link = self.fleet.get(node_id)
+        if link is None:
+            raise NoCapacity(f"no neuron {node_id!r}", retry_after=self.settings.retry_after)
+        try:
+            config = entry.model_config_for_neuron()
+            if link.configs.get(entry.id) != config:
+                await self._command(link, UpsertModelConfig(_cid(), config), self.settings.command_timeout)
+            await self._command(link, PullModel(_cid(), entry.id), self.settings.load_timeout, on_progress)
+        except (FleetError, _Refused) as exc:
+            raise ColdLoadFailed(f"pulling {model_id!r} onto {node_id} failed: {exc}",
+                                 retry_after=self.settings.retry_after) from None
+
+    def begin_load_on(self, model_id: str, node_id: str) -> None:
+        """Start :meth:`load_on` ``node_id`` and return at once (the web console: the fleet's
+        next updates show the load). Requests for the model meanwhile wait for this load,
+        as for any cold load.
+
+        Raises:
+            ModelNotFound: not in the catalogue. NotFound: no usable neuron ``node_id``.
+            BadRequest: already loading, or it cannot fit on that neuron.
+        """
+        entry = self._entry(model_id)
+        views = [v for v in self._views() if v.node_id == node_id]
+        if not views:
+            raise NotFound(f"no usable neuron {node_id!r}", param="node")
+        if model_id in self._flights:
+            raise BadRequest(f"model {model_id!r} is already loading", param="model")
+        try:
+            place(entry, views, headroom=self.settings.memory_headroom)
+        except NoPlacement as exc:
+            raise BadRequest(f"{exc} (on {node_id})", param="node") from None
+        if self._nursery is None:
+            raise RuntimeError("Provisioner.run is not running")
+        flight = self._flights[entry.id] = _Flight()
+        self._nursery.start_soon(self._fly, entry, flight, node_id)
+
+    def begin_unload_from(self, model_id: str, node_id: str) -> None:
+        """Start unloading ``model_id`` from ``node_id`` (its pin goes too) and return at
+        once. Raises NotFound when that neuron does not hold it."""
+        link = self.fleet.get(node_id)
+        if link is None or model_id not in link.models:
+            raise NotFound(f"neuron {node_id!r} does not hold model {model_id!r}", param="model")
+        self.unpin(model_id, node_id)
+        if self._nursery is None:
+            raise RuntimeError("Provisioner.run is not running")
+        self._nursery.start_soon(self._unload_quietly, Unload(node_id, model_id))
+
+    def _entry(self, model_id: str) -> CatalogueEntry:
+        entry = self.catalogue.get(model_id)
+        if entry is None:
+            raise ModelNotFound(model_id)
+        return entry
+
     def _start_flight(self, entry: CatalogueEntry) -> _Flight:
         flight = self._flights.get(entry.id)
         if flight is None:
@@ -230,9 +254,9 @@ class Provisioner:
             self._nursery.start_soon(self._fly, entry, flight)
         return flight
 
-    async def _fly(self, entry: CatalogueEntry, flight: _Flight, plan: LoadPlan | None = None) -> None:
+    async def _fly(self, entry: CatalogueEntry, flight: _Flight, node_id: str | None = None) -> None:
         try:
-            flight.node_id = await (self._load(entry) if plan is None else self._load_planned(entry, plan))
+            flight.node_id = await (self._load(entry) if node_id is None else self.load_on(entry.id, node_id))
         except GatewayError as exc:
             flight.error = exc
         except Exception as exc:  # a bug; requests get a clean 503, the log gets the rest
@@ -271,20 +295,8 @@ class Provisioner:
             self.live.touch(plan.node_id, entry.id, trio.current_time())
             return plan.node_id
 
-    async def _load_planned(self, entry: CatalogueEntry, plan: LoadPlan) -> str:
-        started = trio.current_time()
-        try:
-            await self._carry_out(entry, plan)
-        except (FleetError, _Refused) as exc:
-            log.warning("loading %s on %s failed: %s", entry.id, plan.node_id, exc)
-            raise ColdLoadFailed(f"loading model {entry.id!r} on {plan.node_id} failed: {exc}",
-                                 retry_after=self.settings.retry_after) from None
-        self.load_times[entry.id] = trio.current_time() - started
-        log.info("loaded %s on %s as the operator asked (evicted %s)", entry.id, plan.node_id, list(plan.evict))
-        self.live.touch(plan.node_id, entry.id, trio.current_time())
-        return plan.node_id
-
-    async def _carry_out(self, entry: CatalogueEntry, plan: LoadPlan) -> None:
+    async def _carry_out(self, entry: CatalogueEntry, plan: LoadPlan,
+                         on_progress: Callable[[LoadProgress], None] | None = None) -> None:
         link = self.fleet.get(plan.node_id)
         if link is None:
             raise _Refused(f"neuron {plan.node_id} left")
@@ -296,11 +308,23 @@ class Provisioner:
         def progress(event: LoadProgress) -> None:
             if event.total:
                 self.load_progress[entry.id] = (event.stage, min(1.0, event.done / event.total))
+            if on_progress is not None:
+                on_progress(event)
 
+        span = telemetry.tracer().start_span("provisioner.load", attributes={
+            "helexa.model": entry.id, "helexa.neuron": plan.node_id,
+            "helexa.evicted": list(plan.evict)}) if telemetry.enabled() else None
         try:
-            await self._command(link, LoadModel(_cid(), entry.id), self.settings.load_timeout, progress)
+            await self._command(link, LoadModel(_cid(), entry.id, trace=telemetry.traceparent(span) if span else ""),
+                                self.settings.load_timeout, progress)
+        except BaseException as exc:
+            if span is not None:
+                span.set_status(Status(StatusCode.ERROR, str(exc)))
+            raise
         finally:
             self.load_progress.pop(entry.id, None)
+            if span is not None:
+                span.end()
 
     async def _command(self, link, command, timeout: float, on_progress=None) -> None:  # type: ignore[no-untyped-def]
         response = await link.provision(command, timeout=timeout, on_progress=on_progress)
@@ -322,51 +346,8 @@ class Provisioner:
         finally:
             self._unloading.discard(key)
 
-    # --- the operator's paths (the web console) --------------------------------------------
-
-    def load_on(self, model_id: str, node_id: str) -> None:
-        """Start loading catalogued ``model_id`` on neuron ``node_id`` (evicting there as a
-        cold load would); returns at once, the fleet's next update shows the load. A
-        request for the model meanwhile waits for this load, as for any cold load.
-
-        Raises:
-            ModelNotFound: not in the catalogue. NotFound: no usable neuron ``node_id``.
-            BadRequest: already loading, or it cannot fit on that neuron.
-        """
-        entry = self.catalogue.get(model_id)
-        if entry is None:
-            raise ModelNotFound(model_id)
-        views = [v for v in self._views() if v.node_id == node_id]
-        if not views:
-            raise NotFound(f"no usable neuron {node_id!r}", param="node")
-        if model_id in self._flights:
-            raise BadRequest(f"model {model_id!r} is already loading", param="model")
-        try:
-            plan = place(entry, views, headroom=self.settings.memory_headroom)
-        except NoPlacement as exc:
-            raise BadRequest(f"{exc} (on {node_id})", param="node") from None
-        if self._nursery is None:
-            raise RuntimeError("Provisioner.run is not running")
-        flight = self._flights[entry.id] = _Flight()
-        self._nursery.start_soon(self._fly, entry, flight, plan)
-
-    def unload_from(self, node_id: str, model_id: str) -> None:
-        """Start unloading ``model_id`` from ``node_id`` (its pin goes too); returns at once.
-        Raises NotFound when that neuron does not hold it."""
-        link = self.fleet.get(node_id)
-        if link is None or model_id not in link.models:
-            raise NotFound(f"neuron {node_id!r} does not hold model {model_id!r}", param="model")
-        self.pins.discard((node_id, model_id))
-        if self._nursery is None:
-            raise RuntimeError("Provisioner.run is not running")
-        self._nursery.start_soon(self._unload_quietly, Unload(node_id, model_id))
-
-    def pin(self, node_id: str, model_id: str, pinned: bool = True) -> None:
-        """Keep ``model_id`` on ``node_id`` (never evicted or idle-unloaded there), or stop."""
-        if pinned:
-            self.pins.add((node_id, model_id))
-        else:
-            self.pins.discard((node_id, model_id))
+    def wake(self) -> None:
+        """Look at the fleet and the catalogue again now (a reload changed the catalogue)."""
         self._wake.set()
 
     # --- background ----------------------------------------------------------------------
@@ -403,14 +384,22 @@ class Provisioner:
                 if entry is not None and any(entry.is_feasible_on(v.hardware) for v in views):
                     self._warming.add(model_id)
                     nursery.start_soon(self._warm, model_id)
+            for model_id, node_id in pinned_loads(self._pins, views):
+                key = (model_id, node_id)
+                failed_at = self._pin_failed.get(key)
+                if key in self._pinning or (failed_at is not None and now - failed_at < self.settings.warm_retry):
+                    continue
+                self._pinning.add(key)
+                nursery.start_soon(self._load_pinned, model_id, node_id)
             due, upcoming = idle_unloads(self.catalogue, views, now)
             for unload in due:
                 nursery.start_soon(self._unload_quietly, unload)
             wake_at = upcoming if upcoming is not None else now + 3600.0
             if now < warm_from:
                 wake_at = min(wake_at, warm_from)
-            if any(t + self.settings.warm_retry > now for t in self._warm_failed.values()):
-                wake_at = min(wake_at, min(t for t in self._warm_failed.values()) + self.settings.warm_retry)
+            failures = [*self._warm_failed.values(), *self._pin_failed.values()]
+            if any(t + self.settings.warm_retry > now for t in failures):
+                wake_at = min(wake_at, min(failures) + self.settings.warm_retry)
             self._wake = trio.Event()
             with trio.move_on_at(max(wake_at, now)):
                 async with trio.open_nursery() as waiters:
@@ -430,6 +419,17 @@ class Provisioner:
             self._warm_failed[model_id] = trio.current_time()
         finally:
             self._warming.discard(model_id)
+            self._wake.set()
+
+    async def _load_pinned(self, model_id: str, node_id: str) -> None:
+        try:
+            await self.load_on(model_id, node_id)
+            self._pin_failed.pop((model_id, node_id), None)
+        except GatewayError as exc:
+            log.warning("loading %s pinned on %s failed: %s", model_id, node_id, exc.message)
+            self._pin_failed[(model_id, node_id)] = trio.current_time()
+        finally:
+            self._pinning.discard((model_id, node_id))
             self._wake.set()
 
     async def _unload_quietly(self, unload: Unload) -> None:
@@ -462,7 +462,7 @@ class Provisioner:
                         last_used=last_used,
                         busy=busy,
                         evictable=entry is not None and status.state is ModelState.LOADED
-                        and key not in self.pins,
+                        and link.node_id not in self._pins.get(model_id, ()),
                     )
                 )
             views.append(NodeView(link.node_id, link.descriptor.hardware, tuple(residents)))

@@ -26,6 +26,7 @@ from helexa.protocol import (
     Fault,
     GenerateRequest,
     LoadModel,
+    PullModel,
     ModelStatus,
     ModelStatusChanged,
     NeuronDescriptor,
@@ -157,7 +158,7 @@ class Neuron:
                 self.serving.start(msg, nursery)
             case Cancel(request_id=rid):
                 self.serving.cancel(rid)
-            case UpsertModelConfig() | LoadModel() | UnloadModel():
+            case UpsertModelConfig() | LoadModel() | UnloadModel() | PullModel():
                 self.commands.handle(msg, nursery)
             case Ping(nonce=n):
                 self.connection.post(Pong(n))

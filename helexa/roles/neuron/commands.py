@@ -1,4 +1,5 @@
-"""Provisioning commands from the cortex: model configs, loads (with progress) and unloads.
+"""Provisioning commands from the cortex: model configs, loads and pulls (with progress)
+and unloads.
 
 Each command is answered by one :class:`ProvisioningResponse` with its command id; a load
 also sends :class:`LoadProgress` at every 5 % (and draws a bar on a terminal).
@@ -7,13 +8,16 @@ also sends :class:`LoadProgress` at every 5 % (and draws a bar on a terminal).
 from __future__ import annotations
 
 import trio
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
+from helexa import logs, telemetry
 from helexa.protocol import (
     LoadModel,
     LoadProgress,
     ModelStatus,
     ProvisioningCommand,
     ProvisioningResponse,
+    PullModel,
     UnloadModel,
     UpsertModelConfig,
 )
@@ -49,12 +53,26 @@ class Commands:
             case UpsertModelConfig(command_id=cid, config=config):
                 status = self._registry.upsert(config)
                 self._connection.post(ProvisioningResponse(cid, True, status=status))
-            case LoadModel():
+            case LoadModel() | PullModel():
                 nursery.start_soon(self._load, cmd)
             case UnloadModel():
                 nursery.start_soon(self._unload, cmd)
 
-    async def _load(self, cmd: LoadModel) -> None:
+    async def _load(self, cmd: LoadModel | PullModel) -> None:
+        span = None
+        if telemetry.enabled():
+            span = telemetry.tracer().start_span(
+                "neuron.load" if isinstance(cmd, LoadModel) else "neuron.pull", kind=SpanKind.SERVER,
+                context=telemetry.parent_context(cmd.trace if isinstance(cmd, LoadModel) else None),
+                attributes={"helexa.model": cmd.model_id})
+        try:
+            with logs.bound(model=cmd.model_id):
+                await self._load_traced(cmd, span)
+        finally:
+            if span is not None:
+                span.end()
+
+    async def _load_traced(self, cmd: LoadModel | PullModel, span: Span | None) -> None:
         last = -1.0
         last_stage = ""
 
@@ -64,13 +82,20 @@ class Commands:
             frac = done / total if total else 0.0
             if stage != last_stage:  # a new stage (download, then load) starts from 0 again
                 last, last_stage = -1.0, stage
+                if span is not None:
+                    span.add_event(stage, {"total": total or 0, "unit": unit})
             if frac - last >= PROGRESS_STEP or (total and done >= total):
                 last = frac
                 self._connection.post(LoadProgress(cmd.command_id, cmd.model_id, stage, done, total, unit))
 
         try:
-            status = await self._registry.load(cmd.model_id, progress)
+            if isinstance(cmd, PullModel):
+                status = await self._registry.pull(cmd.model_id, progress)
+            else:
+                status = await self._registry.load(cmd.model_id, progress)
         except BackendError as exc:
+            if span is not None:
+                span.set_status(Status(StatusCode.ERROR, f"{exc.code}: {exc}"))
             self._bars.close(cmd.model_id)
             await self._connection.try_send(
                 ProvisioningResponse(cmd.command_id, False, str(exc), exc.code, self._status(cmd.model_id))

@@ -7,10 +7,12 @@ import os
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from helexa import secret_files
+from helexa.telemetry import TelemetryConfig
 from helexa.config import ConfigError
 from helexa.protocol import DEFAULT_MAX_FRAME
 from helexa.protocol.auth import split_token
@@ -80,6 +82,11 @@ class NeuronConfig(BaseModel):
     shutdown_grace: float = Field(10.0, ge=0)
     max_frame_bytes: int = Field(DEFAULT_MAX_FRAME, ge=1024)
     log_level: str = "info"
+    log_format: Literal["text", "json"] = "text"
+    """``text`` for a terminal; ``json``: one JSON object a line, with the request's fields
+    (:mod:`helexa.logs`)."""
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    """OpenTelemetry traces (off by default; :mod:`helexa.telemetry`)."""
     data_dir: Path = Field(default_factory=default_data_dir)
     """The neuron's state: the model cache lives under it unless ``sources.cache_dir`` says."""
     sources: SourcesConfig = Field(default_factory=SourcesConfig)

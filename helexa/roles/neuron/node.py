@@ -8,6 +8,8 @@ import signal
 
 import trio
 
+from helexa import telemetry
+
 from .agent import JoinRefused, Neuron, NeuronError
 from .config import NeuronConfig
 from .registry import ModelRegistry
@@ -46,6 +48,8 @@ def run(config: NeuronConfig) -> int:
     except* NeuronError as group:
         log.error("%s", group.exceptions[0])
         code = 1
+    finally:
+        telemetry.shutdown()  # the spans still batched
     if code == 0:
         log.info("neuron stopped")
     return code

@@ -99,6 +99,7 @@ class ModelRegistry:
             memory_bytes=e.backend.memory_bytes() if e.backend is not None and e.state is ModelState.LOADED else 0,
             context_length=e.backend.context_length() if e.backend is not None and e.state is ModelState.LOADED
             else None,
+            cached=self.sources.is_cached(e.config) if e.config.source is not None else None,
         )
 
     def statuses(self) -> tuple[ModelStatus, ...]:
@@ -139,6 +140,18 @@ class ModelRegistry:
             if e.state is ModelState.FAILED:
                 e.state, e.error = ModelState.CONFIGURED, None
         return self.status(config.model_id)
+
+    async def pull(self, model_id: str, progress: ProgressFn) -> ModelStatus:
+        """Fetch a configured model's source into the cache without loading it (a model
+        without a source, or with a local path, has nothing to fetch). Raises
+        :class:`LoadFailed` as a load's fetch would."""
+        e = self._entries.get(model_id)
+        if e is None:
+            raise LoadFailed(f"model {model_id!r} has no config on this neuron", code="not_configured")
+        if e.config.source is not None:
+            fetched = await self.sources.fetch(e.config, progress)
+            self.sources.release(fetched)
+        return self.status(model_id)
 
     async def load(self, model_id: str, progress: ProgressFn) -> ModelStatus:
         """Load a configured model (single-flight). Raises :class:`LoadFailed` with the

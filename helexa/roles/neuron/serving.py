@@ -12,7 +12,10 @@ import logging
 from contextlib import aclosing
 
 import trio
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from helexa import logs, telemetry
 from helexa.protocol import EmbedRequest, GenerateRequest, InferenceError, Task
 from helexa.runtime import BackendError, ChatInference, EmbeddingInference, TextInference, Unsupported
 from helexa.transport import ChannelClosed
@@ -72,13 +75,34 @@ class Serving:
         await self._idle.wait()
 
     async def _run(self, req: GenerateRequest | EmbedRequest, scope: trio.CancelScope) -> None:
+        with logs.bound(request_id=req.request_id, model=req.model_id):
+            if not telemetry.enabled():
+                await self._run_traced(req, scope, None)
+                return
+            kind = "embed" if isinstance(req, EmbedRequest) else "generate"
+            span = telemetry.tracer().start_span(
+                f"neuron.{kind}", context=telemetry.parent_context(req.trace), kind=SpanKind.SERVER,
+                attributes={"helexa.request_id": req.request_id, "helexa.model": req.model_id})
+            with trace.use_span(span, end_on_exit=True):
+                await self._run_traced(req, scope, span)
+
+    async def _run_traced(self, req: GenerateRequest | EmbedRequest, scope: trio.CancelScope,
+                          span: trace.Span | None) -> None:
         rid = req.request_id
         started: list[bool] = []
+
+        def first() -> None:
+            started.append(True)
+            if span is not None:
+                span.add_event("first_output")
+
         try:
             with scope:
                 try:
-                    await self._answer(req, on_first=lambda: started.append(True))
+                    await self._answer(req, on_first=first)
                 except BackendError as exc:
+                    if span is not None:
+                        span.set_status(Status(StatusCode.ERROR, f"{exc.code}: {exc}"))
                     await self._connection.try_send(
                         InferenceError(rid, exc.code, str(exc), retryable=exc.retryable and not started)
                     )

@@ -168,6 +168,13 @@ class ModelSources:
         self.cache.acquire(key)
         return Fetched(path, key)
 
+    def is_cached(self, config: ModelConfig) -> bool | None:
+        """Whether ``config``'s source is in the cache (None: no source, or a local path)."""
+        source = config.parsed_source
+        if source is None or source.kind is SourceKind.PATH:
+            return None
+        return self.cache.cached(source_key(f"{source.location} {config.sha256 or ''}")) is not None
+
     def release(self, fetched: Fetched) -> None:
         """The model loaded from ``fetched`` is gone: its files may be evicted again."""
         if fetched.key is not None:

@@ -3,6 +3,7 @@ local handler the cortex provides, answered with a signed receipt."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -10,7 +11,10 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
 import trio
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 
+from helexa import telemetry
 from helexa.identity import Identity
 from helexa.mesh import MessageStream, StreamClosed, StreamTimeout
 from helexa.protocol import (
@@ -26,7 +30,7 @@ from helexa.protocol import (
 from helexa.protocol.federation import FederatedHello, OfferedModel, Refusal
 
 from .ledger import SERVED, Ledger
-from .policy import Admission
+from .policy import Admission, ServePolicy
 from .receipts import sign_receipt
 
 log = logging.getLogger(__name__)
@@ -70,6 +74,10 @@ class InboundServer:
         self._t = timeouts
         self._clock = clock
 
+    def set_policy(self, policy: ServePolicy) -> None:
+        """Serve under ``policy`` from now on (a live reload)."""
+        self._admission.set_policy(policy)
+
     async def handle(self, stream: MessageStream) -> None:
         """The stream handler (run under the mesh's catch-all wrapper)."""
         hello = await stream.receive(timeout=self._t.handshake)
@@ -89,18 +97,28 @@ class InboundServer:
             log.info("federation: refused %s from %s (%s): %s", request.request_id, peer, refusal.code, refusal.message)
             await stream.send(refusal, timeout=self._t.send)
             return
+        span = None
+        if telemetry.enabled():
+            span = telemetry.tracer().start_span(
+                "federation.serve", context=telemetry.parent_context(request.trace), kind=SpanKind.SERVER,
+                attributes={"helexa.request_id": request.request_id, "helexa.model": request.model_id,
+                            "helexa.peer": peer, "helexa.operator": hello.operator})
         try:
-            model = self._offered(request.model_id)
-            if model is None:  # the offer changed since the check above
-                await stream.send(Refusal(request.request_id, "model_not_offered", "no longer offered"),
-                                  timeout=self._t.send)
-                return
-            if isinstance(request, GenerateRequest):
-                await self._serve_generate(stream, request, model)
-            else:
-                await self._serve_embed(stream, request, model)
+            with trace.use_span(span, end_on_exit=True) if span is not None else contextlib.nullcontext():
+                await self._serve(stream, request)
         finally:
             self._admission.release(peer)
+
+    async def _serve(self, stream: MessageStream, request: GenerateRequest | EmbedRequest) -> None:
+        model = self._offered(request.model_id)
+        if model is None:  # the offer changed since the check above
+            await stream.send(Refusal(request.request_id, "model_not_offered", "no longer offered"),
+                              timeout=self._t.send)
+            return
+        if isinstance(request, GenerateRequest):
+            await self._serve_generate(stream, request, model)
+        else:
+            await self._serve_embed(stream, request, model)
 
     def _offered(self, model_id: str) -> OfferedModel | None:
         for m in self._admission.policy.filter_offer(list(self._offer_fn())):

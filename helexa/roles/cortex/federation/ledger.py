@@ -81,6 +81,9 @@ class Ledger:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
+        self.recorded: dict[tuple[str, str], list[int]] = {}
+        """Since this process started, per (direction, outcome): [requests, tokens] (for
+        ``/metrics``; the ledger file holds the whole history)."""
 
     def __enter__(self) -> "Ledger":
         return self
@@ -104,6 +107,10 @@ class Ledger:
                  receipt.completion_tokens, receipt.cost, receipt.started_at, receipt.ended_at,
                  receipt.outcome, int(flagged), flag_reason, receipt.signature, encode(receipt)),
             )
+            if cur.rowcount == 1:
+                counts = self.recorded.setdefault((direction, receipt.outcome), [0, 0])
+                counts[0] += 1
+                counts[1] += receipt.prompt_tokens + receipt.completion_tokens
             return cur.rowcount == 1
 
     async def arecord(self, direction: str, receipt: Receipt, *, flagged: bool = False, flag_reason: str = "") -> bool:

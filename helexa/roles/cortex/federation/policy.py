@@ -108,6 +108,13 @@ class Admission:
         self._buckets: dict[str, TokenBucket] = {}
         self.in_flight: dict[str, int] = {}
 
+    def set_policy(self, policy: ServePolicy) -> None:
+        """A new policy (a live reload): requests in flight keep their slots; rate
+        buckets start afresh at the new rate."""
+        if policy != self.policy:
+            self.policy = policy
+            self._buckets.clear()
+
     def admit(self, peer_id: str, operator: str, model_id: str, now: float) -> Decision:
         p = self.policy
         if not p.serve_peers:

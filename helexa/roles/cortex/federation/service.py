@@ -91,6 +91,12 @@ class Federation:
             identity=identity, admission=Admission(serve_policy), ledger=ledger, offer_fn=offer_fn,
             serve_generate=serve_generate, serve_embed=serve_embed, timeouts=settings.serve, clock=clock)
 
+    def set_policies(self, serve_policy: ServePolicy, ask_policy: AskPolicy) -> None:
+        """New policies (a live reload); the next announcement carries the new offer."""
+        self.serve_policy = serve_policy
+        self.ask_policy = ask_policy
+        self.inbound.set_policy(serve_policy)
+
     # --- the service ----------------------------------------------------------------------
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

@@ -18,6 +18,11 @@ Routes::
     POST  /admin/keys/ID/rotate          a new key for the same id (usage and budget go on)
     GET   /admin/usage?by=key|model|day|portal&portal=&key=&since=&until=[&format=csv]
     GET   /admin/usage/records?portal=&key=&since=&until=&limit=   ledger rows
+    GET   /admin/models[/ID], POST /admin/models/ID/pull|load|unload|pin|unpin
+                                         the catalogue against the fleet (:mod:`.admin_models`)
+    POST  /admin/reload                  re-read cortex.toml and models.toml (as SIGHUP does):
+                                         what applied and what needs a restart; 400 naming
+                                         the key when the new file is invalid
 
 Times (``since``, ``until``, ``expires_at``) are Unix seconds or ISO 8601 (a date is its
 midnight UTC). Unset limits of a new key are its portal's ``quotas``.
@@ -36,11 +41,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from helexa.config import ConfigError
+
 from ..admin_token import matches
 from ..asgi import Exchange, Route
 from ..errors import BadRequest, Forbidden, NotFound, Unauthorized
 from ..fleet import Fleet
 from . import keys as keys_mod
+from .admin_models import ModelsAdmin
 from .keys import ApiKey, Keyring
 from .metering import Metering
 from .portal import Portal
@@ -115,11 +123,15 @@ class AdminApi:
         token: returns the current admin token (None: the admin API refuses everyone).
         admin_clients: addresses allowed (``*``: any).
         clock: Unix time.
+        reload: the cortex's reload (returns a report with ``as_dict()``; raises
+            ``ConfigError``); None when the cortex offers none.
+        models: the model routes (None: not served).
     """
 
     def __init__(self, *, portals: dict[str, Portal], keyring: Keyring, store: Store, metering: Metering,
                  fleet: Fleet, token: Callable[[], str | None], admin_clients: list[str],
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], reload: Callable[[], Any] | None = None,
+                 models: ModelsAdmin | None = None) -> None:
         self.portals = portals
         self.keyring = keyring
         self.store = store
@@ -128,6 +140,12 @@ class AdminApi:
         self.token = token
         self.admin_clients = frozenset(admin_clients)
         self.clock = clock
+        self.reload = reload
+        self.models = models
+
+    def set_admin_clients(self, admin_clients: list[str]) -> None:
+        """Allow these addresses from now on (a live reload)."""
+        self.admin_clients = frozenset(admin_clients)
 
     def routes(self) -> list[Route]:
         guard = self._guarded
@@ -141,6 +159,8 @@ class AdminApi:
             Route("POST", "/admin/keys/", guard(self.key_action), keyed=False, prefix=True),
             Route("GET", "/admin/usage", guard(self.usage), keyed=False),
             Route("GET", "/admin/usage/records", guard(self.records), keyed=False),
+            Route("POST", "/admin/reload", guard(self.reload_config), keyed=False),
+            *(self.models.routes(guard) if self.models is not None else []),
         ]
 
     def _guarded(self, handler: Callable[[Exchange], Any]) -> Callable[[Exchange], Any]:
@@ -166,6 +186,17 @@ class AdminApi:
         if not matches(expected, presented):
             raise Unauthorized("the admin API needs the operator's admin token ('Authorization: Bearer <token>'; "
                                "helexa admin-token prints it)", code="invalid_admin_token")
+
+    # --- reload ----------------------------------------------------------------------------
+
+    async def reload_config(self, ex: Exchange) -> None:
+        if self.reload is None:
+            raise NotFound("this cortex has no config to reload", code="reload_unavailable")
+        try:
+            report = self.reload()
+        except ConfigError as exc:
+            raise BadRequest(f"reload refused, the running config stays: {exc}", code="invalid_config") from None
+        await ex.out.json(report.as_dict())
 
     # --- fleet and portals -----------------------------------------------------------------
 

@@ -33,6 +33,12 @@ class Portal:
 
     def __init__(self, portal_id: str, config: PortalConfig) -> None:
         self.id = portal_id
+        self.reconfigure(config)
+
+    def reconfigure(self, config: PortalConfig) -> None:
+        """Serve under ``config`` from now on (a live reload; its sockets are not this
+        object's business). Requests already admitted finish under what they were given."""
+        portal_id = self.id
         self.config = config
         self.name = config.name or portal_id
         self.keyed = config.keyed

@@ -69,7 +69,8 @@ class FleetFeed:
     def document(self) -> bytes:
         """The fleet now, as the JSON the Fleet page renders."""
         now = self.clock()
-        pins = self.provisioner.pins if self.provisioner is not None else set()
+        pins = ({(node, model) for model, nodes in self.provisioner.pins().items() for node in nodes}
+                if self.provisioner is not None else set())
         loading = dict(self.provisioner.load_progress) if self.provisioner is not None else {}
         neurons = [neuron_view(link, now, pins) for link in sorted(self.fleet, key=lambda l: l.node_id)]
         return json.dumps({"at": now, "neurons": neurons,

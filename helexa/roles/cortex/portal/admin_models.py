@@ -1,0 +1,192 @@
+"""The admin API's model routes (``helexa models``): the catalogue against the fleet, and
+moving models onto and off neurons. Served with the rest of :mod:`.admin`, behind the
+admin token.
+
+Routes::
+
+    GET   /admin/models                  every catalogue model: where it is feasible, loaded,
+                                         loading (with progress), cached, pinned; then models
+                                         loaded outside the catalogue
+    GET   /admin/models/ID               one of them
+    POST  /admin/models/ID/pull          {neuron?}  fetch into the cache without loading
+                                         (every feasible neuron when none is named)
+    POST  /admin/models/ID/load          {neuron?}  load there (or where a cold load would)
+    POST  /admin/models/ID/unload        {neuron?}  unload there (or everywhere)
+    POST  /admin/models/ID/pin           {neuron}   keep it loaded there (until restart)
+    POST  /admin/models/ID/unpin         {neuron}
+
+``pull`` and ``load`` answer ``application/x-ndjson``: one JSON object a line as the work
+goes, ``{"event": "progress", "neuron", "stage", "done", "total", "unit"}`` (from the
+neuron's download and load progress), then ``{"event": "done", "neuron": ...}`` per neuron
+or ``{"event": "error", "neuron", "code", "message"}``, and last ``{"event": "end", "ok"}``.
+What can be refused before any work (an unknown model or neuron) is a plain 4xx.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+from pydantic import BaseModel, ConfigDict, Field
+
+from helexa.protocol import LoadProgress, to_wire
+
+from ..asgi import Exchange, Route
+from ..errors import BadRequest, GatewayError, ModelNotFound, NotFound
+from ..orchestrator import Orchestrator
+
+NDJSON = [(b"content-type", b"application/x-ndjson"), (b"cache-control", b"no-cache")]
+
+
+class _Target(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    neuron: str | None = Field(None, min_length=1)
+
+
+def _parse_target(raw: bytes) -> _Target:
+    from .admin import _parse
+
+    body = _parse(_Target, raw)
+    assert isinstance(body, _Target)
+    return body
+
+
+class ModelsAdmin:
+    """The model routes (see the module docstring) over ``orchestrator``'s fleet,
+    catalogue and provisioner. ``guard`` wraps each handler with the admin checks."""
+
+    def __init__(self, orchestrator: Orchestrator) -> None:
+        self.fleet = orchestrator.fleet
+        self.catalogue = orchestrator.catalogue
+        self.provisioner = orchestrator.provisioner
+
+    def routes(self, guard: Callable[[Callable[[Exchange], Awaitable[None]]], Any]) -> list[Route]:
+        return [
+            Route("GET", "/admin/models", guard(self.list_models), keyed=False),
+            Route("GET", "/admin/models/", guard(self.show_model), keyed=False, prefix=True),
+            Route("POST", "/admin/models/", guard(self.model_action), keyed=False, prefix=True),
+        ]
+
+    # --- views -------------------------------------------------------------------------------
+
+    def view(self) -> list[dict[str, Any]]:
+        """Every catalogue model against the fleet, then models loaded outside it."""
+        pins = self.provisioner.pins()
+        links = sorted(self.fleet, key=lambda link: link.node_id)
+        out = []
+        for entry in self.catalogue:
+            progress = self.provisioner.load_progress.get(entry.id)
+            out.append({
+                "id": entry.id, "catalogued": True, "backend": entry.backend, "source": entry.source,
+                "memory_mb": entry.memory_mb, "on_gpu": entry.on_gpu, "keep_warm": entry.keep_warm,
+                "priority": entry.priority.name.lower(), "pinned_on": sorted(pins.get(entry.id, ())),
+                "feasible_on": [link.node_id for link in links if entry.is_feasible_on(link.descriptor.hardware)],
+                "loading": None if progress is None else {"stage": progress[0], "fraction": progress[1]},
+                "neurons": self._on_neurons(entry.id, links),
+            })
+        known = {e.id for e in self.catalogue}
+        others = sorted({mid for link in links for mid in link.models} - known)
+        for model_id in others:
+            out.append({"id": model_id, "catalogued": False, "backend": None, "source": None, "memory_mb": None,
+                        "on_gpu": None, "keep_warm": False, "priority": None, "pinned_on": [], "feasible_on": [],
+                        "loading": None, "neurons": self._on_neurons(model_id, links)})
+        return out
+
+    @staticmethod
+    def _on_neurons(model_id: str, links: list[Any]) -> dict[str, Any]:
+        return {link.node_id: to_wire(link.models[model_id]) for link in links if model_id in link.models}
+
+    async def list_models(self, ex: Exchange) -> None:
+        await ex.out.json({"object": "list", "data": self.view()})
+
+    async def show_model(self, ex: Exchange) -> None:
+        for model in self.view():
+            if model["id"] == ex.path_rest:
+                await ex.out.json(model)
+                return
+        raise ModelNotFound(ex.path_rest)
+
+    # --- actions -----------------------------------------------------------------------------
+
+    async def model_action(self, ex: Exchange) -> None:
+        model_id, _, action = ex.path_rest.rpartition("/")
+        if action not in ("pull", "load", "unload", "pin", "unpin") or not model_id:
+            raise NotFound(f"no route /admin/models/{ex.path_rest}")
+        target = _parse_target(await ex.body())
+        entry = self.catalogue.get(model_id)
+        if entry is None and action != "unload":
+            raise ModelNotFound(model_id)
+        if target.neuron is not None and self.fleet.get(target.neuron) is None:
+            raise NotFound(f"no neuron {target.neuron!r}", param="neuron", code="neuron_not_found")
+        if action in ("pin", "unpin"):
+            if target.neuron is None:
+                raise BadRequest("neuron: required to pin or unpin", param="neuron")
+            if action == "pin":
+                self.provisioner.pin(model_id, target.neuron)
+                changed = True
+            else:
+                changed = self.provisioner.unpin(model_id, target.neuron)
+            await ex.out.json({"model": model_id, "neuron": target.neuron, "pinned": action == "pin",
+                               "changed": changed})
+        elif action == "unload":
+            nodes = [target.neuron] if target.neuron else [l.node_id for l in self.fleet if model_id in l.models]
+            if not nodes:
+                raise BadRequest(f"model {model_id!r} is loaded on no neuron", param="model", code="not_loaded")
+            for node_id in nodes:
+                await self.provisioner.unload_from(model_id, node_id)
+            await ex.out.json({"model": model_id, "unloaded_from": nodes})
+        elif action == "load":
+            node = target.neuron
+
+            async def load(on_progress: Callable[[LoadProgress], None], _node: str | None) -> str:
+                return await self.provisioner.load_on(model_id, node, on_progress)
+
+            await self._stream(ex, [node], load)
+        else:
+            nodes = [target.neuron] if target.neuron else [
+                l.node_id for l in self.fleet.usable() if entry is not None
+                and entry.is_feasible_on(l.descriptor.hardware)]
+            if not nodes:
+                raise BadRequest(f"no usable neuron can hold model {model_id!r}", param="neuron",
+                                 code="no_feasible_neuron")
+
+            async def pull(on_progress: Callable[[LoadProgress], None], node_id: str | None) -> str:
+                assert node_id is not None
+                await self.provisioner.pull_on(model_id, node_id, on_progress)
+                return node_id
+
+            await self._stream(ex, nodes, pull)
+
+    async def _stream(self, ex: Exchange, nodes: list[str | None],
+                      work: Callable[[Callable[[LoadProgress], None], str | None], Awaitable[str]]) -> None:
+        """Run ``work`` for each node at once, streaming its progress and outcome as NDJSON."""
+        send, receive = trio.open_memory_channel[dict[str, Any]](math.inf)
+        ok = True
+
+        async def one(node: str | None, send: trio.MemorySendChannel[dict[str, Any]]) -> None:
+            nonlocal ok
+            async with send:
+                def progress(event: LoadProgress) -> None:
+                    send.send_nowait({"event": "progress", "neuron": node, "stage": event.stage,
+                                      "done": event.done, "total": event.total, "unit": event.unit})
+                try:
+                    where = await work(progress, node)
+                except GatewayError as exc:
+                    ok = False
+                    await send.send({"event": "error", "neuron": node, "code": exc.code, "message": exc.message})
+                else:
+                    await send.send({"event": "done", "neuron": where})
+
+        await ex.out.start(200, NDJSON)
+        async with trio.open_nursery() as nursery:
+            async with send:
+                for node in nodes:
+                    nursery.start_soon(one, node, send.clone())
+            async with receive:
+                async for event in receive:
+                    await ex.out.body(json.dumps(event).encode() + b"\n")
+        await ex.out.body(json.dumps({"event": "end", "ok": ok}).encode() + b"\n", more=False)

@@ -1,0 +1,144 @@
+"""Live reload: the pure plan, and a whole in-process :class:`Cortex` reloading its
+config and catalogue while a stream is running (the process test, with SIGHUP, is in
+``tests/e2e/test_reload_e2e.py``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from helexa.config import ConfigError, load_config
+from helexa.roles.cortex.config import CortexConfig
+from helexa.roles.cortex.node import Cortex
+from helexa.roles.cortex.reload import plan_reload
+from neuron_double import NeuronDouble
+
+MODELS = """
+[models.chat]
+backend = "synthetic"
+memory_mb = 100
+"""
+
+CONFIG = """
+gateway_socket = "127.0.0.1:0"
+control_socket = "127.0.0.1:0"
+usage_store = ":memory:"
+
+[orchestrator]
+retry_after = 5.0
+
+[portals.acme]
+listen = ["127.0.0.1:0"]
+aliases = { fast = "chat" }
+prices = { fast = { input = 1.0, output = 1.0 } }
+"""
+
+
+def config(**fields) -> CortexConfig:  # noqa: ANN003
+    return CortexConfig.model_validate({"gateway_socket": "127.0.0.1:0", **fields})
+
+
+def test_plan_sorts_live_keys_from_those_that_need_a_restart() -> None:
+    old = config(portals={"acme": {"listen": ["127.0.0.1:0"], "aliases": {"fast": "chat"}}})
+    new = config(gateway_socket="127.0.0.1:9", orchestrator={"retry_after": 1.0}, log_level="debug",
+                 gateway={"admin_clients": ["*"], "max_body_bytes": 2048},
+                 federation={"rate_per_second": 1.0, "spare_slots_per_neuron": 1},
+                 portals={"acme": {"listen": ["127.0.0.1:1"], "aliases": {"quick": "chat"}},
+                          "beta": {"listen": ["127.0.0.1:2"]}})
+    plan = plan_reload(old, new)
+    assert plan.live == ("federation.rate_per_second", "gateway.admin_clients", "log_level", "orchestrator",
+                         "portals.acme.aliases")
+    assert plan.restart == ("federation.spare_slots_per_neuron", "gateway.max_body_bytes", "gateway_socket",
+                            "portals.acme.listen", "portals.beta (added)", "portals.default.listen")
+    assert plan.portals == ("acme",)
+
+
+def test_plan_of_an_unchanged_config_is_empty() -> None:
+    assert plan_reload(config(), config()) == plan_reload(config(log_level="info"), config())
+
+
+def _write(tmp_path: Path, config_text: str, models_text: str) -> Path:
+    (tmp_path / "models.toml").write_text(models_text)
+    path = tmp_path / "cortex.toml"
+    path.write_text(f'models_file = "{tmp_path / "models.toml"}"\n' + config_text)
+    return path
+
+
+async def test_reload_applies_portal_and_catalogue_changes_while_a_stream_runs(tmp_path: Path, caplog) -> None:
+    path = _write(tmp_path, CONFIG, MODELS)
+    overrides = {"data_dir": str(tmp_path / "data")}
+
+    def loader() -> CortexConfig:
+        return load_config(CortexConfig, file=path, overrides=overrides)
+
+    cortex = Cortex(loader(), loader=loader)
+    neuron = NeuronDouble("n1", cortex.fleet, loaded=("chat",), tokens=20, token_delay=0.05)
+    token = (tmp_path / "data" / "admin-token").read_text().strip()
+    async with trio.open_nursery() as nursery:
+        addrs = await nursery.start(cortex.run)
+        acme = addrs.portals["acme"][0]
+        admin = {"authorization": f"Bearer {token}"}
+        async with httpx.AsyncClient(timeout=10) as http:
+            chunks: list[str] = []
+            streaming, finished = trio.Event(), trio.Event()
+
+            async def stream() -> None:
+                body = {"model": "fast", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+                async with http.stream("POST", acme + "/v1/chat/completions", json=body) as r:
+                    assert r.status_code == 200
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: {"):
+                            chunks.append(line)
+                            streaming.set()
+                finished.set()
+
+            nursery.start_soon(stream)
+            await streaming.wait()
+            assert (await http.post(acme + "/v1/chat/completions", json={
+                "model": "quick", "messages": [{"role": "user", "content": "x"}]})).status_code == 404
+
+            # A new alias and price on the running portal, a new model, an orchestrator knob,
+            # and a new socket (which only a restart can open).
+            _write(tmp_path, CONFIG.replace('fast = "chat" }', 'fast = "chat", quick = "chat2" }')
+                   .replace("retry_after = 5.0", "retry_after = 2.0")
+                   .replace('gateway_socket = "127.0.0.1:0"', 'gateway_socket = "127.0.0.1:0"\n'
+                            'admin_socket = "127.0.0.1:0"'),
+                   MODELS + '\n[models.chat2]\nbackend = "synthetic"\nmemory_mb = 100\n')
+            with caplog.at_level(logging.INFO, logger="helexa.roles.cortex.node"):
+                r = await http.post(addrs.admin_url + "/admin/reload", headers=admin)
+            assert r.status_code == 200, r.text
+            report = r.json()
+            assert report["catalogue"] == {"added": ["chat2"], "removed": [], "changed": []}
+            assert report["applied"] == ["orchestrator", "portals.acme.aliases"]
+            assert report["needs_restart"] == ["admin_socket"]
+            line = [rec.getMessage() for rec in caplog.records if rec.getMessage().startswith("reload:")]
+            assert line == ["reload: applied catalogue +chat2, orchestrator, portals.acme.aliases; "
+                            "needs a restart to apply: admin_socket"]
+            assert cortex.config.orchestrator.retry_after == 2.0
+            assert cortex.orchestrator.provisioner.settings.retry_after == 2.0
+            assert cortex.config.admin_socket is None  # still the running one
+
+            r = await http.post(acme + "/v1/chat/completions", json={
+                "model": "quick", "messages": [{"role": "user", "content": "x"}]})
+            assert r.status_code == 200, r.text  # chat2 cold-loaded on the neuron
+            assert "chat2" in neuron.loads()
+
+            # A broken file is refused with the key named, and nothing changes.
+            _write(tmp_path, CONFIG.replace("retry_after = 5.0", "retry_after = -1"), MODELS)
+            r = await http.post(addrs.admin_url + "/admin/reload", headers=admin)
+            assert r.status_code == 400
+            assert "orchestrator.retry_after" in r.json()["error"]["message"]
+            with pytest.raises(ConfigError, match="orchestrator.retry_after"):
+                cortex.reload()
+            assert cortex.config.orchestrator.retry_after == 2.0
+            assert "chat2" in cortex.catalogue
+            await finished.wait()
+        # The stream that ran across both reloads finished whole.
+        assert len(chunks) >= 20
+        assert json.loads(chunks[-1].removeprefix("data: "))["choices"][0]["finish_reason"] == "stop"
+        cortex.stop()
