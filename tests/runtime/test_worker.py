@@ -276,3 +276,18 @@ def test_joined_text_stops_growing_at_its_limit():
     piece = "x" * (MAX_JOINED_CHARS // 2 + 1)
     out = coalesce([TokenChunk("a", piece)] * 3)
     assert [len(c.text) for c in out] == [2 * len(piece), len(piece)]
+
+
+async def test_what_the_worker_and_its_native_code_write_comes_back_through_the_neurons_logger(
+        nursery, tiny_gguf, caplog):
+    from helexa.runtime.testing import tiny_llama_config
+
+    config = tiny_llama_config(tiny_gguf)
+    with caplog.at_level("INFO", logger="helexa.worker"):
+        backend = WorkerBackend(config)
+        backend.service_nursery = nursery
+        await backend.load(lambda *args: None)
+        await backend.unload()
+    lines = [r.getMessage() for r in caplog.records if r.name == "helexa.worker"]
+    assert lines and all(line.startswith(f"[{config.model_id}] ") for line in lines)
+    assert any("llama" in line for line in lines), lines[:5]  # llama.cpp's own stderr, not only Python's

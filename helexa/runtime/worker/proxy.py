@@ -230,8 +230,11 @@ class WorkerBackend(Backend, ChatInference, TextInference, EmbeddingInference):
         argv = [self.settings.python, "-m", "helexa.runtime.worker", "--fd", str(theirs.fileno()),
                 "--model", self.config.model_id, "--log-level", level]
         try:
+            # Its output (its own log lines, and what native code such as llama.cpp writes
+            # to stderr) comes back through the neuron's logger, JSON lines included.
             self._process = await trio.lowlevel.open_process(
-                argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL
+                argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
             )
         except OSError as exc:
             ours.close()
@@ -243,6 +246,23 @@ class WorkerBackend(Backend, ChatInference, TextInference, EmbeddingInference):
         self._pipe = Pipe(ours)
         assert self.service_nursery is not None
         self.service_nursery.start_soon(self._supervise)
+
+    async def _relay_output(self, stream: trio.abc.ReceiveStream | None) -> None:
+        """Each line the worker writes, logged here (``helexa.worker``, with the model)."""
+        if stream is None:
+            return
+        out = logging.getLogger("helexa.worker")
+        pending = b""
+        async for data in stream:
+            *lines, pending = (pending + data).split(b"\n")
+            if len(pending) > 65536:  # a line without end: log what there is
+                lines.append(pending)
+                pending = b""
+            for line in lines:
+                if line.strip():
+                    out.info("[%s] %s", self.config.model_id, line.decode(errors="replace").rstrip())
+        if pending.strip():
+            out.info("[%s] %s", self.config.model_id, pending.decode(errors="replace").rstrip())
 
     async def _wait(self, event: trio.Event, timeout: float, what: str) -> None:
         """Wait for a step of the load; a worker that misses the deadline is killed."""
@@ -286,6 +306,7 @@ class WorkerBackend(Backend, ChatInference, TextInference, EmbeddingInference):
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._pipe.run)
                     nursery.start_soon(self._watch)
+                    nursery.start_soon(self._relay_output, self._process.stdout)
                     await self._read()
                     nursery.cancel_scope.cancel()
                 await self._reap()
