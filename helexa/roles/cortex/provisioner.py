@@ -1,152 +1,62 @@
-"""Getting models onto neurons: pure placement decisions and the thin shell that acts on them.
+"""Getting models onto neurons and off them: the thin shell over :mod:`.placement`.
 
-The pure core works on :class:`NodeView` snapshots:
+:class:`Provisioner` carries out what the pure core decides, through
+:meth:`NeuronLink.provision`:
 
-* :func:`place` picks the neuron for a cold load (pinned neurons first, then those with
-  room, then the fewest evictions) and the models to evict there: only models of the same
-  or a lower priority class, idle ones, least recently used first.
-* :func:`idle_unloads` lists models idle past their TTL, and when the next one falls due.
-* :func:`warm_loads` lists keep-warm models resident nowhere.
-
-:class:`Provisioner` carries these out through :meth:`NeuronLink.provision`. A cold load is
-single-flight: however many requests race for a model, one load runs (in the provisioner's
-own nursery, so a client leaving does not abort it) and every request waits for it, each
-with its own deadline.
+* **Loads for the queue.** Whenever the admission queue, the fleet or a load changes, it
+  asks :func:`~.placement.plan_loads` which waiting models to load where (evicting what
+  the :class:`~.placement.Policy` lets go), and when to look again if nothing can be
+  placed yet (a resident's minimum residency, or the drain of its own queue, lapsing).
+* **Single-flight loads.** However many requests race for a model, one load runs (in the
+  provisioner's own nursery, so a client leaving does not abort it);
+  :meth:`ensure_loaded` joins it with its own deadline.
+* **Drain before evict.** No unload (an eviction, an idle TTL, :meth:`unload` for an
+  operator) cuts a running request: the model is marked draining (the orchestrator stops
+  admitting work to it), the requests it runs finish within ``drain_grace``, and only
+  then is ``UnloadModel`` sent, carrying what is left of the grace for the neuron's own
+  drain.
+* **Keep-warm** models are kept resident; **idle** ones unload at their TTL.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from typing import TYPE_CHECKING
 
 import trio
 
-from helexa.protocol import Hardware, LoadModel, LoadProgress, ModelState, UnloadModel, UpsertModelConfig
+from helexa.protocol import LoadModel, LoadProgress, ModelState, UnloadModel, UpsertModelConfig
 
 from .catalogue import MB, Catalogue, CatalogueEntry, Priority
 from .errors import GatewayError, ColdLoadFailed, ModelNotFound, NoCapacity
 from .fleet import Fleet, FleetError
-from .metrics import Metrics
+from .metrics import Metrics, OrchestratorMetrics
+from .placement import (
+    LoadPlan,
+    NodeView,
+    NoPlacement,
+    Policy,
+    Resident,
+    Unload,
+    idle_unloads,
+    place,
+    plan_loads,
+    warm_loads,
+)
+from .queue import Demand
 from .scheduler import LiveLoad
 
 if TYPE_CHECKING:
     from .orchestrator import OrchestratorConfig
 
+__all__ = ["LoadPlan", "NoPlacement", "NodeView", "Policy", "Provisioner", "Resident", "Unload", "idle_unloads",
+           "place", "plan_loads", "warm_loads"]
+
 log = logging.getLogger(__name__)
-
-
-# --- the pure core -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Resident:
-    """A model loaded (or loading) on a neuron."""
-
-    model_id: str
-    memory_mb: int
-    on_gpu: bool
-    priority: Priority
-    last_used: float
-    busy: bool = False
-    evictable: bool = True  # False for loading models and models outside the catalogue
-
-
-@dataclass(frozen=True, slots=True)
-class NodeView:
-    node_id: str
-    hardware: Hardware
-    residents: tuple[Resident, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class LoadPlan:
-    model_id: str
-    node_id: str
-    evict: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Unload:
-    node_id: str
-    model_id: str
-
-
-class NoPlacement(Exception):
-    """No neuron can take the model now; ``ever`` says whether any could with memory free."""
-
-    def __init__(self, message: str, *, ever: bool) -> None:
-        super().__init__(message)
-        self.ever = ever
-
-
-def _evictions(entry: CatalogueEntry, node: NodeView, headroom: float) -> tuple[str, ...] | None:
-    """Models to unload from ``node`` so ``entry`` fits; None if it cannot fit."""
-    pool = [r for r in node.residents if r.on_gpu == entry.on_gpu]
-    free = entry.capacity_mb(node.hardware) * headroom - sum(r.memory_mb for r in pool)
-    if free >= entry.memory_mb:
-        return ()
-    victims = sorted(
-        (r for r in pool if r.evictable and not r.busy and r.priority <= entry.priority),
-        key=lambda r: (r.last_used, r.model_id),
-    )
-    chosen: list[str] = []
-    for r in victims:
-        chosen.append(r.model_id)
-        free += r.memory_mb
-        if free >= entry.memory_mb:
-            return tuple(chosen)
-    return None
-
-
-def place(
-    entry: CatalogueEntry, nodes: list[NodeView], *, headroom: float = 1.0, exclude: frozenset[str] = frozenset()
-) -> LoadPlan:
-    """Choose the neuron for a cold load of ``entry``. Raises :class:`NoPlacement`."""
-    feasible = [n for n in nodes if n.node_id not in exclude and entry.is_feasible_on(n.hardware)]
-    if not feasible:
-        raise NoPlacement(f"no connected neuron has the hardware for model {entry.id!r}", ever=False)
-    ranked = []
-    for n in feasible:
-        evict = _evictions(entry, n, headroom)
-        if evict is None:
-            continue
-        evicted_mb = sum(r.memory_mb for r in n.residents if r.model_id in evict)
-        ranked.append(((n.node_id not in entry.pinned_on, len(evict) > 0, evicted_mb, n.node_id), n.node_id, evict))
-    if not ranked:
-        raise NoPlacement(
-            f"no neuron has room for model {entry.id!r}: memory is held by busy or higher-priority models",
-            ever=True,
-        )
-    _, node_id, evict = min(ranked)
-    return LoadPlan(entry.id, node_id, evict)
-
-
-def idle_unloads(catalogue: Catalogue, nodes: list[NodeView], now: float) -> tuple[list[Unload], float | None]:
-    """Models idle past their ``idle_ttl`` (keep-warm and busy ones never), and the time
-    to look again (None: nothing to wait for)."""
-    due: list[Unload] = []
-    upcoming: float | None = None
-    for node in nodes:
-        for r in node.residents:
-            entry = catalogue.get(r.model_id)
-            if entry is None or entry.keep_warm or entry.idle_ttl <= 0 or not r.evictable:
-                continue
-            # A busy model is looked at again a TTL from now: by then its last use is known.
-            deadline = now + entry.idle_ttl if r.busy else r.last_used + entry.idle_ttl
-            if deadline <= now:
-                due.append(Unload(node.node_id, r.model_id))
-            elif upcoming is None or deadline < upcoming:
-                upcoming = deadline
-    return due, upcoming
-
-
-def warm_loads(catalogue: Catalogue, nodes: list[NodeView]) -> list[str]:
-    """Keep-warm models resident on no neuron (loading counts as resident)."""
-    resident = {r.model_id for n in nodes for r in n.residents}
-    return [e.id for e in catalogue if e.keep_warm and e.id not in resident]
 
 
 # --- the shell ---------------------------------------------------------------------------
@@ -162,7 +72,17 @@ class _Flight:
 class Provisioner:
     """Loads and unloads catalogued models on the fleet (see the module docstring).
 
-    Start :meth:`run` in a nursery before calling :meth:`ensure_loaded`.
+    Args:
+        fleet, catalogue, live, settings, metrics: the cortex's own.
+        demand: what the admission queue waits for, per model (no queue: nothing).
+        in_use: requests of a model running or admitted on a neuron (default: the
+            dispatcher's count in ``live``); an unload drains until it is 0.
+        on_load_failed: told when a load for the queue failed on every neuron, so that the
+            requests waiting for it fail at once instead of at their deadlines.
+        on_unloaded: told after a model left a neuron (its cache went with it).
+
+    Start :meth:`run` in a nursery before calling :meth:`ensure_loaded`; call :meth:`wake`
+    when the queue changed and :meth:`released` when a request ended.
     """
 
     def __init__(
@@ -172,22 +92,45 @@ class Provisioner:
         live: LiveLoad,
         settings: OrchestratorConfig,
         metrics: Metrics | None = None,
+        *,
+        demand: Callable[[], dict[str, Demand]] = dict,
+        in_use: Callable[[str, str], int] | None = None,
+        on_load_failed: Callable[[str, GatewayError], None] = lambda model_id, error: None,
+        on_unloaded: Callable[[str, str], None] = lambda node_id, model_id: None,
     ) -> None:
         self.fleet = fleet
         self.catalogue = catalogue
         self.live = live
         self.settings = settings
         self.metrics = metrics
+        self._om = OrchestratorMetrics.of(metrics) if metrics is not None else None
+        self._demand = demand
+        self._in_use = in_use or (lambda node_id, model_id: live.model_in_flight.get((node_id, model_id), 0))
+        self._on_load_failed = on_load_failed
+        self._on_unloaded = on_unloaded
         self._flights: dict[str, _Flight] = {}
         self.load_times: dict[str, float] = {}
-        """The last measured cold-load time of each model, in seconds (announced to peers)."""
+        """The last measured cold-load time of each model, in seconds (announced to peers,
+        and what eviction weighs)."""
         self.load_progress: dict[str, tuple[str, float]] = {}
         """Models loading right now: (stage, fraction done), from the neuron's progress events."""
-        self._unloading: set[tuple[str, str]] = set()
+        self.loaded_at: dict[tuple[str, str], float] = {}
+        """When each (neuron, model) became resident (first sight, for what was there before)."""
+        self.draining: set[tuple[str, str]] = set()
+        """(neuron, model) pairs being unloaded: no new work goes there."""
+        self.evictions: dict[str, tuple[str, ...]] = {}
+        """The evictions each model's last load caused."""
+        self._pending: dict[str, str] = {}  # model -> neuron of a load under way
+        self._idle: dict[tuple[str, str], trio.Event] = {}
         self._warm_failed: dict[str, float] = {}
         self._warming: set[str] = set()
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
+
+    @property
+    def policy(self) -> Policy:
+        s = self.settings
+        return Policy(s.swap_policy, s.min_residency, s.swap_drain)
 
     # --- requests ------------------------------------------------------------------------
 
@@ -217,18 +160,35 @@ class Provisioner:
     def loading(self, model_id: str) -> bool:
         return model_id in self._flights
 
-    def _start_flight(self, entry: CatalogueEntry) -> _Flight:
+    def wake(self) -> None:
+        """Something the plans depend on changed (a request queued or ended): plan again."""
+        self._wake.set()
+
+    def released(self, node_id: str, model_id: str) -> None:
+        """A request of ``model_id`` on ``node_id`` ended: an unload draining it may go on."""
+        key = (node_id, model_id)
+        if (ev := self._idle.get(key)) is not None and self._in_use(node_id, model_id) <= 0:
+            ev.set()
+
+    async def unload(self, node_id: str, model_id: str, *, reason: str = "operator") -> None:
+        """Unload ``model_id`` from ``node_id`` without cutting a running request (drained
+        within ``drain_grace``). Raises :class:`FleetError` when the neuron cannot be told."""
+        await self._unload(Unload(node_id, model_id), reason)
+
+    def _start_flight(self, entry: CatalogueEntry, plan: LoadPlan | None = None) -> _Flight:
         flight = self._flights.get(entry.id)
         if flight is None:
             if self._nursery is None:
                 raise RuntimeError("Provisioner.run is not running")
             flight = self._flights[entry.id] = _Flight()
-            self._nursery.start_soon(self._fly, entry, flight)
+            if plan is not None:
+                self._pending[entry.id] = plan.node_id
+            self._nursery.start_soon(self._fly, entry, flight, plan)
         return flight
 
-    async def _fly(self, entry: CatalogueEntry, flight: _Flight) -> None:
+    async def _fly(self, entry: CatalogueEntry, flight: _Flight, plan: LoadPlan | None) -> None:
         try:
-            flight.node_id = await self._load(entry)
+            flight.node_id = await self._load(entry, plan)
         except GatewayError as exc:
             flight.error = exc
         except Exception as exc:  # a bug; requests get a clean 503, the log gets the rest
@@ -237,20 +197,26 @@ class Provisioner:
             del exc
         finally:
             del self._flights[entry.id]
+            self._pending.pop(entry.id, None)
             flight.done.set()
             self._wake.set()
+        if flight.error is not None and plan is not None:
+            self._on_load_failed(entry.id, flight.error)
 
-    async def _load(self, entry: CatalogueEntry) -> str:
+    async def _load(self, entry: CatalogueEntry, plan: LoadPlan | None) -> str:
         failed: set[str] = set()
         last_error = ""
         while True:
-            try:
-                plan = place(entry, self._views(), headroom=self.settings.memory_headroom, exclude=frozenset(failed))
-            except NoPlacement as exc:
-                if failed:
-                    raise ColdLoadFailed(f"loading model {entry.id!r} failed: {last_error}",
-                                     retry_after=self.settings.retry_after) from None
-                raise NoCapacity(str(exc), retry_after=self.settings.retry_after) from None
+            if plan is None:
+                try:
+                    plan = place(entry, self._views(), headroom=self.settings.memory_headroom,
+                                 exclude=frozenset(failed), policy=self.policy, now=trio.current_time())
+                except NoPlacement as exc:
+                    if failed:
+                        raise ColdLoadFailed(f"loading model {entry.id!r} failed: {last_error}",
+                                             retry_after=self.settings.retry_after) from None
+                    raise NoCapacity(str(exc), retry_after=self.settings.retry_after) from None
+            self._pending[entry.id] = plan.node_id
             started = trio.current_time()
             try:
                 await self._carry_out(entry, plan)
@@ -258,21 +224,36 @@ class Provisioner:
                 log.warning("loading %s on %s failed: %s", entry.id, plan.node_id, exc)
                 failed.add(plan.node_id)
                 last_error = str(exc)
+                plan = None
                 continue
-            elapsed = trio.current_time() - started
+            now = trio.current_time()
+            elapsed = now - started
             self.load_times[entry.id] = elapsed
+            self.evictions[entry.id] = plan.evict
+            self.loaded_at[(plan.node_id, entry.id)] = now
             log.info("loaded %s on %s in %.2fs (evicted %s)", entry.id, plan.node_id, elapsed, list(plan.evict))
             if self.metrics is not None:
                 self.metrics.cold_load(entry.id, plan.node_id, elapsed)
-            self.live.touch(plan.node_id, entry.id, trio.current_time())
+            self.live.touch(plan.node_id, entry.id, now)
             return plan.node_id
 
     async def _carry_out(self, entry: CatalogueEntry, plan: LoadPlan) -> None:
         link = self.fleet.get(plan.node_id)
         if link is None:
             raise _Refused(f"neuron {plan.node_id} left")
-        for victim in plan.evict:
-            await self._unload(Unload(plan.node_id, victim))
+        errors: list[Exception] = []
+
+        async def evict(victim: str) -> None:
+            try:
+                await self._unload(Unload(plan.node_id, victim), "swap")
+            except (FleetError, _Refused) as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as nursery:  # victims drain side by side
+            for victim in plan.evict:
+                nursery.start_soon(evict, victim)
+        if errors:
+            raise errors[0]
         config = entry.model_config_for_neuron()
         if link.configs.get(entry.id) != config:
             await self._command(link, UpsertModelConfig(_cid(), config), self.settings.command_timeout)
@@ -292,23 +273,42 @@ class Provisioner:
                 return
             raise _Refused(f"{type(command).__name__} refused by {link.node_id}: {response.error or response.code}")
 
-    async def _unload(self, unload: Unload) -> None:
+    async def _unload(self, unload: Unload, reason: str) -> None:
         key = (unload.node_id, unload.model_id)
         link = self.fleet.get(unload.node_id)
-        if link is None or key in self._unloading:
+        if link is None or key in self.draining:
             return
-        self._unloading.add(key)
+        self.draining.add(key)
         try:
-            await self._command(link, UnloadModel(_cid(), unload.model_id), self.settings.command_timeout)
+            grace = self.settings.drain_grace
+            began = trio.current_time()
+            with trio.move_on_after(grace):
+                while self._in_use(*key) > 0:
+                    event = self._idle[key] = trio.Event()
+                    await event.wait()
+            self._idle.pop(key, None)
+            left = max(0.0, grace - (trio.current_time() - began))
+            if self._in_use(*key) > 0:
+                log.warning("unloading %s from %s: requests still running after the %gs grace are cut",
+                            unload.model_id, unload.node_id, grace)
+            await self._command(link, UnloadModel(_cid(), unload.model_id, grace=left),
+                                self.settings.command_timeout + left)
             self.live.forget(*key)
-            log.info("unloaded %s from %s", unload.model_id, unload.node_id)
+            self.loaded_at.pop(key, None)
+            log.info("unloaded %s from %s (%s)", unload.model_id, unload.node_id, reason)
+            if self._om is not None:
+                self._om.evicted(unload.model_id, reason)
+            self._on_unloaded(*key)
         finally:
-            self._unloading.discard(key)
+            self.draining.discard(key)
+            self._idle.pop(key, None)
+            self._wake.set()
 
     # --- background ----------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Own the load tasks; keep keep-warm models resident; unload idle models on time."""
+        """Own the load tasks; load what the queue waits for; keep keep-warm models
+        resident; unload idle models on time."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
@@ -319,8 +319,10 @@ class Provisioner:
 
     async def _housekeep(self, nursery: trio.Nursery) -> None:
         while True:
+            self._wake = trio.Event()
             now = trio.current_time()
-            views = self._views()
+            demand = self._demand()
+            views = self._views(demand)
             for model_id in warm_loads(self.catalogue, views):
                 failed_at = self._warm_failed.get(model_id)
                 if model_id in self._warming or (failed_at is not None and now - failed_at < self.settings.warm_retry):
@@ -329,17 +331,37 @@ class Provisioner:
                 if entry is not None and any(entry.is_feasible_on(v.hardware) for v in views):
                     self._warming.add(model_id)
                     nursery.start_soon(self._warm, model_id)
+            wake_at = self._plan(demand, views, now)
             due, upcoming = idle_unloads(self.catalogue, views, now)
             for unload in due:
                 nursery.start_soon(self._unload_quietly, unload)
-            wake_at = upcoming if upcoming is not None else now + 3600.0
+            if upcoming is not None:
+                wake_at = upcoming if wake_at is None else min(wake_at, upcoming)
+            if wake_at is None:
+                wake_at = now + 3600.0
             if any(t + self.settings.warm_retry > now for t in self._warm_failed.values()):
                 wake_at = min(wake_at, min(t for t in self._warm_failed.values()) + self.settings.warm_retry)
-            self._wake = trio.Event()
             with trio.move_on_at(max(wake_at, now)):
                 async with trio.open_nursery() as waiters:
                     waiters.start_soon(_wait_then_cancel, self._wake.wait, waiters.cancel_scope)
                     waiters.start_soon(_wait_then_cancel, self.fleet.wait_changed, waiters.cancel_scope)
+
+    def _plan(self, demand: dict[str, Demand], views: list[NodeView], now: float) -> float | None:
+        """Start the loads the queue needs now; return when to plan again (None: on a change)."""
+        resident = {r.model_id for v in views for r in v.residents}
+        needs = [d for m, d in demand.items()
+                 if m not in resident and m not in self._flights and m in self.catalogue]
+        if not needs:
+            return None
+        plans, retry = plan_loads(needs, {d.model_id: e for d in needs if (e := self.catalogue.get(d.model_id))},
+                                  views, policy=self.policy, headroom=self.settings.memory_headroom, now=now)
+        for plan in plans:
+            entry = self.catalogue.get(plan.model_id)
+            assert entry is not None
+            log.info("loading %s on %s for %d waiting request(s), evicting %s", plan.model_id, plan.node_id,
+                     demand[plan.model_id].waiting, list(plan.evict) or "nothing")
+            self._start_flight(entry, plan)
+        return retry
 
     async def _warm(self, model_id: str) -> None:
         try:
@@ -354,13 +376,18 @@ class Provisioner:
 
     async def _unload_quietly(self, unload: Unload) -> None:
         try:
-            await self._unload(unload)
+            await self._unload(unload, "idle")
         except (FleetError, _Refused) as exc:
             log.warning("idle unload of %s from %s failed: %s", unload.model_id, unload.node_id, exc)
 
-    def _views(self) -> list[NodeView]:
-        """The fleet as the pure core sees it; first sight of a resident counts as a use."""
+    def _views(self, demand: dict[str, Demand] | None = None) -> list[NodeView]:
+        """The fleet as the pure core sees it (loads under way count as resident, models
+        being unloaded do not); first sight of a resident counts as a use."""
         now = trio.current_time()
+        demand = demand if demand is not None else {}
+        pending: dict[str, list[str]] = {}
+        for model_id, node_id in self._pending.items():
+            pending.setdefault(node_id, []).append(model_id)
         views = []
         for link in self.fleet.usable():
             residents = []
@@ -368,11 +395,12 @@ class Provisioner:
                 if status.state not in (ModelState.LOADED, ModelState.LOADING):
                     continue
                 key = (link.node_id, model_id)
-                if key in self._unloading:
+                if key in self.draining:
                     continue
                 last_used = self.live.last_used.setdefault(key, now)
                 entry = self.catalogue.get(model_id)
-                busy = self.live.model_in_flight.get(key, 0) > 0 or status.in_flight > 0
+                busy = self._in_use(*key) > 0 or status.in_flight > 0
+                wanted = demand.get(model_id)
                 residents.append(
                     Resident(
                         model_id=model_id,
@@ -381,9 +409,23 @@ class Provisioner:
                         priority=entry.priority if entry else Priority.CRITICAL,
                         last_used=last_used,
                         busy=busy,
-                        evictable=entry is not None and status.state is ModelState.LOADED,
+                        evictable=entry is not None and status.state is ModelState.LOADED
+                        and model_id not in self._pending,
+                        loaded_at=self.loaded_at.setdefault(key, now),
+                        keep_warm=entry is not None and entry.keep_warm,
+                        pinned=entry is not None and link.node_id in entry.pinned_on,
+                        queued=wanted.waiting if wanted is not None else 0,
+                        rate=self.live.rate(model_id, now),
+                        load_time=self.load_times.get(model_id),
                     )
                 )
+            for model_id in pending.get(link.node_id, ()):
+                if model_id not in link.models or link.models[model_id].state not in (ModelState.LOADED,
+                                                                                        ModelState.LOADING):
+                    entry = self.catalogue.get(model_id)
+                    if entry is not None:
+                        residents.append(Resident(model_id, entry.memory_mb, entry.on_gpu, entry.priority, now,
+                                                  evictable=False))
             views.append(NodeView(link.node_id, link.descriptor.hardware, tuple(residents)))
         return views
 
