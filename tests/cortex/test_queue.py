@@ -158,5 +158,6 @@ def test_the_drain_rate_is_measured_from_services_and_sets_eta_and_retry_after()
     assert q.drain_rate("m", 4.0) == pytest.approx(1.0)
     assert q.eta("m", 3, 4.0) == pytest.approx(3.0)
     assert q.retry_after("m", 4.0, default=5.0, ceiling=60.0) == pytest.approx(6.0)  # 5 waiting, +1
-    assert q.drain_rate("m", 8.0) == pytest.approx(0.5)  # nothing served since: it slows
+    assert q.drain_rate("m", 5.0) == pytest.approx(1.0)  # the next one is not overdue yet
+    assert q.drain_rate("m", 8.0) == pytest.approx(4 / 7)  # 3 s overdue: it slows
     assert q.retry_after("m", 4.0, default=5.0, ceiling=3.0) == 3.0

@@ -284,16 +284,20 @@ class FairQueue:
 
     def drain_rate(self, model_id: str, now: float) -> float | None:
         """Requests served from ``model_id``'s queue per second, over its last services
-        (None until two were seen within :data:`DRAIN_HORIZON`). Time since the last one
-        counts too, so a queue that stopped draining shows it."""
+        (None until two were seen within :data:`DRAIN_HORIZON`). Once the next service is
+        overdue by more than the mean interval, the rate falls with the time waited, so a
+        queue that stopped draining shows it."""
         served = self._served.get(model_id)
         if not served:
             return None
         recent = [t for t in served if now - t <= DRAIN_HORIZON]
         if len(recent) < 2:
             return None
-        span = now - recent[0]
-        return (len(recent) - 1) / span if span > 0 else None
+        n = len(recent) - 1
+        span = recent[-1] - recent[0]
+        if span <= 0:
+            return None
+        return n / max(span, (now - recent[0]) - span / n)
 
     def eta(self, model_id: str, position: int, now: float) -> float | None:
         """Seconds until the waiter at ``position`` is served, at the measured drain rate."""
