@@ -118,3 +118,23 @@ async def test_a_neuron_that_leaves_or_unloads_takes_its_prefixes_along(autojump
         orch.fleet.remove(doubles[1])
         await trio.sleep(0.1)
         assert orch.prefix.held() == {}
+
+
+async def test_the_gateway_passes_the_session_header_or_the_user_field() -> None:
+    import openai
+
+    from serving import serving
+
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("m",))
+    async with serving(fleet, CATALOGUE) as (gateway, url):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=10)
+
+        def ask() -> None:
+            messages = [{"role": "user", "content": "hi"}]
+            client.chat.completions.create(model="m", messages=messages, extra_headers={"x-session-id": "s1"})
+            list(client.chat.completions.create(model="m", messages=messages, user="alice", stream=True))
+
+        await trio.to_thread.run_sync(ask)
+        prefix = gateway.orchestrator.prefix
+    assert prefix.session_node("m", "s1") == "n1" and prefix.session_node("m", "user:alice") == "n1"

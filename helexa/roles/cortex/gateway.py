@@ -49,6 +49,7 @@ from .errors import BadRequest, ClientGone, Forbidden, GatewayError, MethodNotAl
 from .http import HttpServer
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .orchestrator import Orchestrator, WaitStatus
+from .prefix import session_of
 from .shutdown import InFlight
 
 if TYPE_CHECKING:
@@ -278,7 +279,8 @@ class Gateway:
         async def stream() -> None:
             encoder = sse.StreamEncoder(request, response_id, include_usage=body.include_usage)
             try:
-                async with self.orchestrator.generate(request, endpoint=endpoint, on_wait=keepalive) as gen:
+                async with self.orchestrator.generate(request, endpoint=endpoint, on_wait=keepalive,
+                                                      session=session_of(scope["headers"], body)) as gen:
                     await out.start()
                     head = encoder.start()
                     async for event in gen:
@@ -297,7 +299,8 @@ class Gateway:
             parts: list[str] = []
             tool_calls: list[Any] = []
             result: GenerateResult | None = None
-            async with self.orchestrator.generate(request, endpoint=endpoint) as gen:
+            async with self.orchestrator.generate(request, endpoint=endpoint,
+                                                  session=session_of(scope["headers"], body)) as gen:
                 async for event in gen:
                     if isinstance(event, GenerateResult):
                         result = event
