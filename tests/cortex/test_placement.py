@@ -150,3 +150,14 @@ def test_a_model_no_neuron_can_hold_is_skipped_and_does_not_block_the_others() -
     plans, _ = plan_loads([need("huge", oldest=0.0), need("x", oldest=1.0)],
                           {"huge": entry("huge", 100_000), "x": entry("x")}, [node("n", 4)], policy=Policy("fifo"))
     assert [p.model_id for p in plans] == ["x"]
+
+
+def test_a_busy_model_gets_another_copy_where_there_is_room_but_never_by_eviction() -> None:
+    busy = node("a", 2, res("m", busy=True))
+    spare = node("b", 4)
+    full = node("c", 1, res("other", last_used=0.0))
+    plans, _ = plan_loads([], {"m": entry("m")}, [busy, full, spare], policy=COST, now=100.0,
+                          replicas=[need("m", waiting=3)])
+    assert [(p.model_id, p.node_id, p.evict) for p in plans] == [("m", "b", ())]
+    plans, _ = plan_loads([], {"m": entry("m")}, [busy, full], policy=COST, now=100.0, replicas=[need("m")])
+    assert plans == []

@@ -148,3 +148,24 @@ async def test_waiting_requests_are_grouped_onto_one_load(autojump_clock) -> Non
                 await trio.sleep(0.01)
     # A is loaded for its three, then B for its three: two loads, not six.
     assert neuron.loads() == ["A", "B"]
+
+
+async def test_a_model_whose_slots_are_all_busy_is_copied_to_a_neuron_with_room(autojump_clock) -> None:
+    fleet = Fleet()
+    catalogue = Catalogue([CatalogueEntry(id="m", backend="synthetic", memory_mb=500,
+                                          config={"metadata": {"n_parallel": 1}})])
+    n1 = NeuronDouble("n1", fleet, loaded=("m",), tokens=4, token_delay=1.0)
+    n2 = NeuronDouble("n2", fleet, tokens=4, token_delay=1.0, load_delay=1.0)
+    orch = Orchestrator(cortex_config(), fleet, catalogue)
+    log: dict = {}
+    async with trio.open_nursery() as nursery:
+        await nursery.start(orch.run)
+        async with trio.open_nursery() as clients:
+            for i in range(3):
+                clients.start_soon(run, orch, f"r{i}", "m", log)
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert n2.loads() == ["m"] and not n1.loads()
+    assert {d.targets[0] for d in log["decisions"].values()} == {"n1", "n2"}
+    # r0 on n1 (0-4 s); r1 on the copy, loaded at 1.01 s (1.01-5.01 s); r2 on n1 again (4-8 s), not at 12
+    assert sorted(t for _, t in log["results"].values()) == pytest.approx([4.0, 5.01, 8.0])

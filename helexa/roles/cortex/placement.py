@@ -3,7 +3,8 @@
 * :func:`place` picks the neuron for a load of one model (pinned neurons first, then those
   with room, then the cheapest evictions) and the residents to evict there.
 * :func:`plan_loads` decides, from the whole queue's view, which waiting models to load
-  now, in which order, and when to look again if none can be placed yet.
+  now, in which order, and when to look again if none can be placed yet; and which busy
+  models get another copy where there is room to spare.
 * :func:`idle_unloads` lists models idle past their TTL; :func:`warm_loads` keep-warm
   models resident nowhere.
 
@@ -176,12 +177,14 @@ def place(entry: CatalogueEntry, nodes: list[NodeView], *, headroom: float = 1.0
 
 
 def plan_loads(needs: Iterable[Demand], entries: Mapping[str, CatalogueEntry], nodes: list[NodeView], *,
-               policy: Policy, headroom: float = 1.0, now: float = 0.0
+               policy: Policy, headroom: float = 1.0, now: float = 0.0, replicas: Iterable[Demand] = ()
                ) -> tuple[list[LoadPlan], float | None]:
     """Which of the waiting models (``needs``: none resident anywhere usable, none loading)
     to load now, and where; and when to plan again if some must wait (None: on the next
     change). Models that cannot be placed ever are left out (their requests wait out their
-    deadlines or are refused by the caller)."""
+    deadlines or are refused by the caller). Then ``replicas``: models resident somewhere
+    whose requests still wait (every slot busy) get one more copy on a neuron with room for
+    it, but never at the price of an eviction."""
     if policy.kind == "cost":
         order = sorted(needs, key=lambda d: (d.priority, -d.waiting, d.oldest, d.model_id))
     else:
@@ -205,6 +208,18 @@ def plan_loads(needs: Iterable[Demand], entries: Mapping[str, CatalogueEntry], n
         views = [_applied(v, plan, entry) if v.node_id == plan.node_id else v for v in views]
         if policy.kind == "fifo":
             break
+    for need in sorted(replicas, key=lambda d: (d.priority, -d.waiting, d.oldest, d.model_id)):
+        entry = entries.get(need.model_id)
+        if entry is None:
+            continue
+        holders = frozenset(v.node_id for v in views if any(r.model_id == entry.id for r in v.residents))
+        try:
+            plan = place(entry, views, headroom=headroom, exclude=holders, policy=policy, now=now)
+        except NoPlacement:
+            continue
+        if not plan.evict:
+            plans.append(plan)
+            views = [_applied(v, plan, entry) if v.node_id == plan.node_id else v for v in views]
     return plans, retry
 
 

@@ -7,6 +7,8 @@
   asks :func:`~.placement.plan_loads` which waiting models to load where (evicting what
   the :class:`~.placement.Policy` lets go), and when to look again if nothing can be
   placed yet (a resident's minimum residency, or the drain of its own queue, lapsing).
+  A model whose every slot is busy while requests wait gets another copy on a neuron
+  with memory to spare (never by evicting).
 * **Single-flight loads.** However many requests race for a model, one load runs (in the
   provisioner's own nursery, so a client leaving does not abort it);
   :meth:`ensure_loaded` joins it with its own deadline.
@@ -349,12 +351,13 @@ class Provisioner:
     def _plan(self, demand: dict[str, Demand], views: list[NodeView], now: float) -> float | None:
         """Start the loads the queue needs now; return when to plan again (None: on a change)."""
         resident = {r.model_id for v in views for r in v.residents}
-        needs = [d for m, d in demand.items()
-                 if m not in resident and m not in self._flights and m in self.catalogue]
-        if not needs:
+        wanted = [d for m, d in demand.items() if m not in self._flights and m in self.catalogue]
+        if not wanted:
             return None
-        plans, retry = plan_loads(needs, {d.model_id: e for d in needs if (e := self.catalogue.get(d.model_id))},
-                                  views, policy=self.policy, headroom=self.settings.memory_headroom, now=now)
+        plans, retry = plan_loads([d for d in wanted if d.model_id not in resident],
+                                  {d.model_id: e for d in wanted if (e := self.catalogue.get(d.model_id))},
+                                  views, policy=self.policy, headroom=self.settings.memory_headroom, now=now,
+                                  replicas=[d for d in wanted if d.model_id in resident])
         for plan in plans:
             entry = self.catalogue.get(plan.model_id)
             assert entry is not None
