@@ -402,7 +402,10 @@ class Provisioner:
                     continue
                 last_used = self.live.last_used.setdefault(key, now)
                 entry = self.catalogue.get(model_id)
-                busy = self._in_use(*key) > 0 or status.in_flight > 0
+                # The cortex's own count, not the neuron's (a heartbeat old): a plan must see a
+                # model go idle the moment its last request ends. What the cortex does not
+                # know of, the neuron drains by itself within the unload's grace.
+                busy = self._in_use(*key) > 0
                 wanted = demand.get(model_id)
                 residents.append(
                     Resident(
