@@ -330,10 +330,12 @@ def pinned(cpu: int | None, argv: list[str]) -> list[str]:
     return ["taskset", "-c", str(cpu), *argv]
 
 
-def fleet(gateway: str) -> dict:
+def fleet(gateway: str, data_dir: Path) -> dict:
+    """``/admin/fleet`` with the cortex's admin token (read from its data directory)."""
     import httpx
 
-    return httpx.get(gateway + "/admin/fleet", timeout=30).json()
+    token = (data_dir / "admin-token").read_text().strip()
+    return httpx.get(gateway + "/admin/fleet", timeout=30, headers={"authorization": f"Bearer {token}"}).json()
 
 
 def machine_busy() -> float:
@@ -427,7 +429,7 @@ def orchestrate(args: argparse.Namespace) -> int:
         deadline = time.time() + 30
         while True:
             try:
-                fleet(gateway)
+                fleet(gateway, data / "cortex")
                 break
             except Exception:
                 if cortex.poll() is not None or time.time() > deadline:
@@ -484,7 +486,7 @@ def orchestrate(args: argparse.Namespace) -> int:
                 c1, s1, m1, t1 = cpu_seconds([cproc]), cpu_seconds(sprocs), machine_busy(), time.perf_counter()
                 others = (m1 - m0) - (c1 - c0) - (s1 - s0)
                 wall = t1 - t0
-                view = fleet(gateway)["neurons"]
+                view = fleet(gateway, data / "cortex")["neurons"]
                 now = time.time()
                 sim_view = [n for n in view if n["node_id"].startswith("sim")]
                 healthy = sum(1 for n in sim_view if n["health"] == "healthy")

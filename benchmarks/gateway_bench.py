@@ -117,8 +117,10 @@ async def serve(kind: str, port: int) -> None:
 
         fleet = Fleet()
         InstantNeuron(fleet)
+        from helexa.roles.cortex.portal.store import SqliteStore
+
         config = CortexConfig(gateway_socket=f"127.0.0.1:{port}")
-        gateway = Gateway(config, Orchestrator(config, fleet, Catalogue()))
+        gateway = Gateway(config, Orchestrator(config, fleet, Catalogue()), store=SqliteStore(":memory:"))
         async with trio.open_nursery() as nursery:
             await nursery.start(gateway.orchestrator.run)
             await gateway.run()

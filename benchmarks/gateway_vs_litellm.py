@@ -10,7 +10,10 @@ requests, an aiohttp closed-loop client for streams, medians over rounds):
 * ``helexa-proxy`` helexa cortex -> neuron (both on CPU 1), model ``fake`` on the
                    ``openai_proxy`` backend pointing at the fake backend;
 * ``helexa-synth`` the same cortex and neuron, model ``synth`` on the ``synthetic``
-                   backend (no upstream HTTP hop: the fabric alone).
+                   backend (no upstream HTTP hop: the fabric alone);
+* ``base-proxy``, ``base-synth`` the same from another source tree (``--baseline-src``,
+                   e.g. ``git archive OLD | tar -x -C /tmp/old``): before and after a change
+                   in one interleaved run.
 
 The load generators run on CPU 0 beside the fake backend (which is never the bottleneck:
 ~7,000 requests/s on one core), as in the harness README. CPU per request/stream is the
@@ -146,8 +149,22 @@ general_settings:
         print(f"# litellm ready after {took:.1f}s (pid {ll.pid})", file=sys.stderr)
         out["litellm"] = (f"http://127.0.0.1:{port}", "fake", key, [ll.pid])
     if any(t.startswith("helexa") for t in targets):
-        models = procs.workdir / "models.toml"
-        models.write_text(f"""
+        out.update(start_helexa(a, procs, be_url, "helexa", {}))
+    if any(t.startswith("base") for t in targets):
+        # The same commands from another source tree (--baseline-src): before/after a change
+        # in one interleaved run.
+        out.update(start_helexa(a, procs, be_url, "base", {"PYTHONPATH": str(Path(a.baseline_src).resolve())}))
+    return {t: out[t] for t in targets}
+
+
+def start_helexa(a: argparse.Namespace, procs: Procs, be_url: str, tag: str,
+                 env: dict[str, str]) -> dict[str, tuple[str, str, str, list[int]]]:
+    """A cortex and a neuron (both on the gateway CPUs) serving ``fake`` (openai_proxy in
+    front of the fake backend) and ``synth`` (synthetic); targets ``TAG-proxy``, ``TAG-synth``."""
+    workdir = procs.workdir / tag
+    workdir.mkdir()
+    models = workdir / "models.toml"
+    models.write_text(f"""
 [models."fake"]
 backend = "openai_proxy"
 [models."fake".config]
@@ -159,39 +176,41 @@ backend = "synthetic"
 [models."synth".config]
 metadata = {{ tokens = 64 }}
 """)
-        helexa = str(Path(a.helexa))
-        env = {"HELEXA_LOG_LEVEL": "warning"}
-        cx, cx_log = procs.start("cortex", ["taskset", "-c", a.gateway_cpus, helexa, "cortex", "--data-dir",
-                                            str(procs.workdir / "cortex"), "--control-socket", "127.0.0.1:0",
-                                            "--gateway-socket", "127.0.0.1:0", "--models", str(models)],
-                                 env={"HELEXA_LOG_LEVEL": "info"})
-        t0 = time.monotonic()
-        while not (m := re.search(r"cortex ready: control=(\S+) gateway=(\S+)", cx_log.read_text())):
-            if cx.poll() is not None or time.monotonic() - t0 > 60:
-                sys.exit("cortex did not start:\n" + cx_log.read_text()[-3000:])
-            time.sleep(0.1)
-        control, gateway = m.group(1), m.group(2)
-        nr, nr_log = procs.start("neuron", ["taskset", "-c", a.gateway_cpus, helexa, "neuron", "--cortex", control,
-                                            "--node-id", "bench", "--join-token-file",
-                                            str(procs.workdir / "cortex" / "join-token")], env=env)
-        t0 = time.monotonic()
-        while True:
-            try:
-                with urllib.request.urlopen(gateway + "/admin/fleet", timeout=2) as r:
-                    if any(n["node_id"] == "bench" and n["health"] == "healthy" for n in json.loads(r.read())["neurons"]):
-                        break
-            except OSError:
-                pass
-            if nr.poll() is not None or time.monotonic() - t0 > 60:
-                sys.exit("neuron did not join:\n" + nr_log.read_text()[-3000:])
-            time.sleep(0.1)
-        for model in ("fake", "synth"):  # cold-load both before measuring
-            post(gateway + "/v1/chat/completions", {"model": model, "max_tokens": 4,
-                                                   "messages": [{"role": "user", "content": "hi"}]})
-        print(f"# helexa ready: cortex pid {cx.pid}, neuron pid {nr.pid}, gateway {gateway}", file=sys.stderr)
-        out["helexa-proxy"] = (gateway, "fake", "sk-fake", [cx.pid, nr.pid])
-        out["helexa-synth"] = (gateway, "synth", "sk-fake", [cx.pid, nr.pid])
-    return {t: out[t] for t in targets}
+    helexa = str(Path(a.helexa))
+    cx, cx_log = procs.start(f"{tag}-cortex", ["taskset", "-c", a.gateway_cpus, helexa, "cortex", "--data-dir",
+                                               str(workdir / "cortex"), "--control-socket", "127.0.0.1:0",
+                                               "--gateway-socket", "127.0.0.1:0", "--models", str(models)],
+                             env={"HELEXA_LOG_LEVEL": "info", **env})
+    t0 = time.monotonic()
+    while not (m := re.search(r"cortex ready: control=(\S+) gateway=(\S+)", cx_log.read_text())):
+        if cx.poll() is not None or time.monotonic() - t0 > 60:
+            sys.exit("cortex did not start:\n" + cx_log.read_text()[-3000:])
+        time.sleep(0.1)
+    control, gateway = m.group(1), m.group(2)
+    nr, nr_log = procs.start(f"{tag}-neuron", ["taskset", "-c", a.gateway_cpus, helexa, "neuron", "--cortex", control,
+                                               "--node-id", "bench", "--join-token-file",
+                                               str(workdir / "cortex" / "join-token")],
+                             env={"HELEXA_LOG_LEVEL": "warning", **env})
+    t0 = time.monotonic()
+    while True:
+        try:
+            token_file = workdir / "cortex" / "admin-token"  # absent on a cortex from before portals
+            auth = {"authorization": f"Bearer {token_file.read_text().strip()}"} if token_file.exists() else {}
+            req = urllib.request.Request(gateway + "/admin/fleet", headers=auth)
+            with urllib.request.urlopen(req, timeout=2) as r:
+                if any(n["node_id"] == "bench" and n["health"] == "healthy" for n in json.loads(r.read())["neurons"]):
+                    break
+        except OSError:
+            pass
+        if nr.poll() is not None or time.monotonic() - t0 > 60:
+            sys.exit("neuron did not join:\n" + nr_log.read_text()[-3000:])
+        time.sleep(0.1)
+    for model in ("fake", "synth"):  # cold-load both before measuring
+        post(gateway + "/v1/chat/completions", {"model": model, "max_tokens": 4,
+                                               "messages": [{"role": "user", "content": "hi"}]})
+    print(f"# {tag} ready: cortex pid {cx.pid}, neuron pid {nr.pid}, gateway {gateway}", file=sys.stderr)
+    return {f"{tag}-proxy": (gateway, "fake", "sk-fake", [cx.pid, nr.pid]),
+            f"{tag}-synth": (gateway, "synth", "sk-fake", [cx.pid, nr.pid])}
 
 
 def cpu(pids: list[int]) -> float:
@@ -213,6 +232,8 @@ def main() -> None:
     ap.add_argument("--be-venv", default="/tmp/venv-be")
     ap.add_argument("--litellm-venv", default="/tmp/venv-litellm")
     ap.add_argument("--helexa", default=str(REPO / ".venv" / "bin" / "helexa"))
+    ap.add_argument("--baseline-src", help="another source tree (e.g. `git archive` of an older commit): "
+                    "its cortex and neuron are targets base-proxy and base-synth")
     ap.add_argument("--json", help="write the raw figures here")
     a = ap.parse_args()
     targets = a.targets.split(",")
@@ -278,7 +299,7 @@ def main() -> None:
     if "litellm" in names:
         ll = names.index("litellm")
         print()
-        for n in (n for n in names if n.startswith("helexa")):
+        for n in (n for n in names if n.startswith(("helexa", "base"))):
             h = names.index(n)
             ratio = lambda label: dict(rows)[label][h] / dict(rows)[label][ll]  # noqa: E731
             added = dict(rows)[f"added latency p50 ms, c={conc[0]}"]

@@ -48,7 +48,7 @@ NEURON_PID=$!
 echo "== waiting for the neuron to join"
 joined=""
 for _ in $(seq 150); do
-    if $HELEXA status --cortex "$GATEWAY" --json 2>/dev/null | grep -q '"node_id": "demo-neuron"'; then
+    if $HELEXA status --cortex "$GATEWAY" --data-dir "$WORK/cortex" --json 2>/dev/null | grep -q '"node_id": "demo-neuron"'; then
         joined=1; break
     fi
     sleep 0.2
@@ -58,11 +58,11 @@ if [ -z "$joined" ]; then
     tail -n 20 "$WORK/cortex.log" "$WORK/neuron.log" >&2
     exit 1
 fi
-$HELEXA status --cortex "$GATEWAY"
+$HELEXA status --cortex "$GATEWAY" --data-dir "$WORK/cortex"
 
 echo
 echo "== asking smollm2-135m-instruct (the first request cold-loads it): $PROMPT"
 $HELEXA chat --gateway "$GATEWAY" "$PROMPT"
 echo
-$HELEXA status --cortex "$GATEWAY"
+$HELEXA status --cortex "$GATEWAY" --data-dir "$WORK/cortex"
 echo

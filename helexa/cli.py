@@ -114,16 +114,34 @@ def join_token_cmd(data_dir, rotate):
         _fail(f"join token in {data}: {exc}", 1)
 
 
+@main.command("admin-token")
+@click.option("--data-dir", type=click.Path(path_type=Path), help="the cortex's data directory")
+@click.option("--rotate", is_flag=True, help="replace the token; the old one stops working at once")
+def admin_token_cmd(data_dir, rotate):
+    """Print (or rotate) the admin token that the admin API, helexa keys/usage/status need."""
+    from helexa.roles.cortex import admin_token
+    from helexa.roles.cortex.config import default_data_dir
+
+    data = data_dir or default_data_dir()
+    try:
+        click.echo(admin_token.rotate(data) if rotate else admin_token.load_or_create(data))
+    except (OSError, ValueError) as exc:
+        _fail(f"admin token in {data}: {exc}", 1)
+
+
 @main.command()
-@click.option("--cortex", "cortex_url", default="http://127.0.0.1:8080", show_default=True, help="the cortex's HTTP address")
+@click.option("--cortex", "cortex_url", default="http://127.0.0.1:8080", show_default=True,
+              help="the cortex's admin address (its admin socket, or the default portal's)")
+@click.option("--data-dir", type=click.Path(path_type=Path), help="the cortex's data directory (for its admin token)")
+@click.option("--admin-token-file", type=click.Path(path_type=Path), help="a file holding the admin token")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.option("--timeout", default=5.0, show_default=True)
-def status(cortex_url, as_json, timeout):
+def status(cortex_url, data_dir, admin_token_file, as_json, timeout):
     """Show the cortex's fleet: neurons, health, models."""
     from helexa.status import fetch_fleet, render_fleet
 
     try:
-        fleet = fetch_fleet(cortex_url, timeout=timeout)
+        fleet = fetch_fleet(cortex_url, timeout=timeout, token_file=admin_token_file, data_dir=data_dir)
     except RuntimeError as exc:
         _fail(str(exc), 1)
     if as_json:
@@ -153,8 +171,9 @@ def _register_subcommands() -> None:
     """Command groups that live beside the roles they drive."""
     from helexa.cli_demo import chat, demo
     from helexa.cli_mesh import ledger, mesh
+    from helexa.cli_portal import keys, usage
 
-    for command in (demo, chat, mesh, ledger):
+    for command in (demo, chat, mesh, ledger, keys, usage):
         main.add_command(command)
 
 

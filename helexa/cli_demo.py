@@ -82,16 +82,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_for_neuron(gateway: str, node_id: str, deadline: float, procs: list[subprocess.Popen]) -> None:
+def _wait_for_neuron(gateway: str, node_id: str, deadline: float, procs: list[subprocess.Popen],
+                     data_dir: Path) -> None:
+    from helexa.status import fetch_fleet
+
     while time.monotonic() < deadline:
         for p in procs:
             if p.poll() is not None:
                 raise click.ClickException(f"{p.args[3]} exited early with code {p.returncode}; see its log")
         try:
-            fleet = httpx.get(gateway + "/admin/fleet", timeout=2).json()
+            fleet = fetch_fleet(gateway, timeout=2, data_dir=data_dir)
             if any(n["node_id"] == node_id and n["health"] == "healthy" for n in fleet["neurons"]):
                 return
-        except (httpx.HTTPError, ValueError, KeyError):
+        except (RuntimeError, ValueError, KeyError):  # not up yet: no token file, no answer
             pass
         time.sleep(0.2)
     raise click.ClickException("the neuron did not join in time; see the logs")
@@ -144,15 +147,15 @@ def demo(data_dir, model, prompt):
             stdout=logs["neuron"], stderr=subprocess.STDOUT, env=env,
         )
         procs.append(neuron)
-        _wait_for_neuron(gateway, "demo-neuron", time.monotonic() + 60, procs)
+        _wait_for_neuron(gateway, "demo-neuron", time.monotonic() + 60, procs, data)
         from helexa.status import fetch_fleet, render_fleet
 
-        click.echo(render_fleet(fetch_fleet(gateway)))
+        click.echo(render_fleet(fetch_fleet(gateway, data_dir=data)))
         click.echo(f"\n> {prompt}   (model {model}; the first request cold-loads it)")
         started = time.monotonic()
         usage = stream_chat(gateway, model, prompt, max_tokens=64, temperature=0.0, timeout=300)
         click.echo(f"[{usage.get('completion_tokens', '?')} tokens in {time.monotonic() - started:.2f}s]\n")
-        click.echo(render_fleet(fetch_fleet(gateway)))
+        click.echo(render_fleet(fetch_fleet(gateway, data_dir=data)))
     finally:
         names = ["cortex", "neuron"][: len(procs)]
         codes = {name: _stop(p) for name, p in reversed(list(zip(names, procs)))}

@@ -1,26 +1,23 @@
-"""``helexa status``: fetch the cortex's fleet view and render it for a terminal."""
+"""``helexa status``: fetch the cortex's fleet view (``/admin/fleet``, with the admin
+token) and render it for a terminal."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
-import httpx
+from helexa.admin_client import AdminClient, find_token
 
 
-def fetch_fleet(cortex_url: str, *, timeout: float = 5.0) -> dict[str, Any]:
-    """GET ``/admin/fleet``. Raises ``RuntimeError`` with a readable reason."""
-    url = cortex_url.rstrip("/") + "/admin/fleet"
-    try:
-        resp = httpx.get(url, timeout=timeout)
-    except httpx.HTTPError as exc:
-        raise RuntimeError(f"cannot reach the cortex at {cortex_url}: {exc}") from None
-    if resp.status_code != 200:
-        raise RuntimeError(f"the cortex answered {resp.status_code} for {url}: {resp.text[:200]}")
-    try:
-        return resp.json()
-    except ValueError:
-        raise RuntimeError(f"the cortex sent something that is not JSON from {url}") from None
+def fetch_fleet(cortex_url: str, *, timeout: float = 5.0, token: str | None = None,
+                token_file: Path | None = None, data_dir: Path | None = None) -> dict[str, Any]:
+    """GET ``/admin/fleet`` with the admin token (``token``, or found as
+    :func:`~helexa.admin_client.find_token` says). Raises ``RuntimeError`` (an
+    :class:`~helexa.admin_client.AdminError`) with a readable reason."""
+    if token is None:
+        token = find_token(token_file=token_file, data_dir=data_dir)
+    return AdminClient(cortex_url, token, timeout=timeout).get("/admin/fleet")
 
 
 def _gib(n: int) -> str:

@@ -183,8 +183,9 @@ fabric_up() {
         --join-token-file "$WORK/cortex/join-token" >"$LOGS/neuron.log" 2>&1 &
     NEURON_PID=$!
     for _ in $(seq 150); do
-        if "$PY" -m helexa.cli status --cortex "$GATEWAY" --json >"$LOGS/fleet.json" 2>/dev/null &&
+        if "$PY" -m helexa.cli status --cortex "$GATEWAY" --data-dir "$WORK/cortex" --json >"$LOGS/fleet.json" 2>/dev/null &&
             grep -q '"node_id": "gpu-neuron"' "$LOGS/fleet.json"; then
+            export HELEXA_ADMIN_TOKEN="$(cat "$WORK/cortex/admin-token")"
             echo "the neuron joined"
             return 0
         fi

@@ -24,9 +24,16 @@ from .inference import (
     GenerateRequest,
     GenerateResult,
     InferenceError,
+    OutputFormat,
+    ResponseFormat,
     SamplingParams,
     Task,
     TokenChunk,
+    TokenLogprob,
+    ToolChoice,
+    ToolChoiceMode,
+    ToolSpec,
+    TopLogprob,
     Usage,
 )
 from .messages import (
@@ -49,6 +56,7 @@ from .messages import (
     Welcome,
 )
 from .model import (
+    Feature,
     ModelCapability,
     ModelConfig,
     ModelId,
@@ -60,5 +68,6 @@ from .model import (
     SourceKind,
     parse_source,
 )
+from . import worker  # registers the neuron <-> worker process messages
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -18,6 +18,11 @@ class Task(enum.Enum):
     COMPLETION = "completion"
 
 
+MAX_TOP_LOGPROBS = 20
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+"""Seeds are any 64-bit integer (what msgpack carries); backends fold them into their own range."""
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     """Sampling parameters; ``None`` means the backend's default."""
@@ -32,6 +37,10 @@ class SamplingParams:
     repetition_penalty: float | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
+    logprobs: bool = False
+    """Return each sampled token's log-probability (:class:`TokenLogprob`)."""
+    top_logprobs: int = 0
+    """With ``logprobs``: also the ``top_logprobs`` most likely tokens at each position."""
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -44,6 +53,67 @@ class SamplingParams:
             raise ValueError("top_k must not be negative")
         if len(self.stop) > 16:
             raise ValueError("at most 16 stop sequences")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise ValueError("seed must fit in 64 bits")
+
+
+@dataclass(frozen=True, slots=True)
+class ToolSpec:
+    """A function the model may call: its ``parameters`` are a JSON Schema object (the
+    runtime checks what it needs: :func:`helexa.runtime.openai_shapes.validate`)."""
+
+    name: str
+    description: str | None = None
+    parameters: Json = None
+    strict: bool = False
+
+
+class ToolChoiceMode(enum.Enum):
+    NONE = "none"
+    AUTO = "auto"
+    REQUIRED = "required"
+    FUNCTION = "function"
+    """Call the one tool named by :attr:`ToolChoice.name`."""
+
+
+@dataclass(frozen=True, slots=True)
+class ToolChoice:
+    mode: ToolChoiceMode = ToolChoiceMode.AUTO
+    name: str | None = None
+
+
+class OutputFormat(enum.Enum):
+    TEXT = "text"
+    JSON_OBJECT = "json_object"
+    JSON_SCHEMA = "json_schema"
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseFormat:
+    """Structured output: any JSON object, or JSON valid against ``schema``. Backends with a
+    grammar enforce it while sampling; the others refuse the request."""
+
+    kind: OutputFormat = OutputFormat.TEXT
+    schema: Json = None
+    name: str | None = None
+    strict: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TopLogprob:
+    token: str
+    logprob: float
+    token_bytes: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One sampled token's log-probability, and the most likely alternatives at its place."""
+
+    token: str
+    logprob: float
+    token_bytes: bytes | None = None
+    top: tuple[TopLogprob, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,9 +133,13 @@ class GenerateRequest:
     """A chat or completion request.
 
     ``messages`` holds OpenAI-shaped chat messages (role, content, tool calls) for
-    ``Task.CHAT``; ``prompt`` the text for ``Task.COMPLETION``. ``extra`` passes fields such
-    as ``tools``, ``tool_choice`` and ``response_format`` through to backends that support
-    them.
+    ``Task.CHAT``; ``prompt`` the text for ``Task.COMPLETION``. ``tools``, ``tool_choice``
+    and ``response_format`` are what every API surface maps its own tools and structured
+    output onto. ``extra`` passes backend fields such as ``logit_bias`` through (older
+    cortexes also sent ``tools``, ``tool_choice`` and ``response_format`` there).
+
+    ``prompt_tokens`` is the prompt's exact token count when the cortex counted it (and
+    found it fits the model's context); ``None`` leaves the check to the neuron.
     """
 
     request_id: str
@@ -76,6 +150,19 @@ class GenerateRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stream: bool = True
     extra: dict[str, Json] = field(default_factory=dict)
+    tools: tuple[ToolSpec, ...] = ()
+    tool_choice: ToolChoice | None = None
+    response_format: ResponseFormat | None = None
+    prompt_tokens: int | None = None
+
+    @property
+    def wants_tools(self) -> bool:
+        """Tools are offered and the model may call them (not ``tool_choice: none``)."""
+        return bool(self.tools) and (self.tool_choice is None or self.tool_choice.mode is not ToolChoiceMode.NONE)
+
+    @property
+    def wants_json(self) -> bool:
+        return self.response_format is not None and self.response_format.kind is not OutputFormat.TEXT
 
 
 @message("embed")
@@ -95,6 +182,7 @@ class TokenChunk:
     text: str
     tokens: int = 1
     tool_calls: tuple[Json, ...] | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @message("result")
@@ -107,6 +195,7 @@ class GenerateResult:
     usage: Usage
     text: str = ""
     tool_calls: tuple[Json, ...] | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @message("embed_result")

@@ -22,6 +22,20 @@ class Workload(enum.Enum):
     VISION = "vision"
 
 
+class Feature(enum.Enum):
+    """Generation features beyond plain text that a backend may or may not have.
+
+    ``STRUCTURED_OUTPUT``: JSON output enforced while sampling (a grammar), for
+    ``response_format`` ``json_object`` / ``json_schema``. ``TOOLS``: function calling,
+    answered as whole tool calls whose arguments are JSON. ``LOGPROBS``: each sampled
+    token's log-probability and the most likely alternatives.
+    """
+
+    STRUCTURED_OUTPUT = "structured_output"
+    TOOLS = "tools"
+    LOGPROBS = "logprobs"
+
+
 class WorkloadClass(enum.Enum):
     """A request classified by behaviour and footprint, for scheduling."""
 
@@ -182,3 +196,6 @@ class ModelStatus:
     error: str | None = None
     in_flight: int = 0
     memory_bytes: int = 0
+    context_length: int | None = None
+    """The context one request gets, as loaded (llama.cpp splits ``n_ctx`` across its
+    slots); ``None`` when the backend does not say."""

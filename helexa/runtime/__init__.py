@@ -5,6 +5,7 @@ from .base import (
     BackendCrashed,
     BackendError,
     ChatInference,
+    ContextLengthExceeded,
     EmbeddingInference,
     GenerationEvent,
     InvalidRequest,

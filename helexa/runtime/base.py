@@ -20,6 +20,7 @@ Exception tree::
     ├── LoadFailed                  load did not succeed (model_not_found, corrupt_model,
     │                               out_of_memory, missing_extra, load_failed)
     ├── InvalidRequest              bad parameters for this backend (invalid_request)
+    │   └── ContextLengthExceeded   the prompt does not fit (context_length_exceeded)
     ├── Unsupported                 the model cannot do this workload (unsupported)
     ├── Overloaded                  no free slot right now; retryable (overloaded)
     └── BackendCrashed              the engine or its process died (backend_crashed)
@@ -38,6 +39,7 @@ from helexa.protocol import (
     EmbedResult,
     GenerateRequest,
     GenerateResult,
+    Feature,
     ModelConfig,
     ModelStatus,
     TokenChunk,
@@ -69,6 +71,12 @@ class LoadFailed(BackendError):
 
 class InvalidRequest(BackendError):
     code = "invalid_request"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    """The prompt (with ``max_tokens``) does not fit the context one request gets."""
+
+    code = "context_length_exceeded"
 
 
 class Unsupported(BackendError):
@@ -107,6 +115,10 @@ class Backend(abc.ABC):
     """
 
     kind: ClassVar[str]
+    features: ClassVar[frozenset[Feature]] = frozenset()
+    """What this backend can do beyond plain text (structured output, tools, logprobs). A
+    request asking for a feature its backend lacks is refused (:class:`Unsupported`); the
+    cortex's catalogue defaults match these (a test keeps them equal)."""
     needs_service_nursery: ClassVar[bool] = False
     service_nursery: trio.Nursery | None = None
     status_listener: StatusListener | None = None
@@ -126,6 +138,11 @@ class Backend(abc.ABC):
     def memory_bytes(self) -> int:
         """Approximate resident memory of the loaded model (0 if unknown)."""
         return 0
+
+    def context_length(self) -> int | None:
+        """The context one request gets (prompt and answer together), once loaded; by
+        default what the model's config says (``capability.max_context``)."""
+        return self.config.capability.max_context
 
     @property
     def workloads(self) -> frozenset[Workload]:

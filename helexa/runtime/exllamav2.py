@@ -236,7 +236,7 @@ class ExLlamaV2Backend(Backend, ChatInference, TextInference):
 
     async def _generate(self, request: GenerateRequest) -> AsyncIterator[GenerationEvent]:
         engine = self._engine
-        openai_shapes.validate(request, max_context=engine.context if engine else None)
+        openai_shapes.validate(request, max_context=engine.context if engine else None, features=self.features)
         if request.extra:
             raise Unsupported(f"the exllamav2 backend does not support {', '.join(sorted(request.extra))}")
         if engine is None or engine.worker is None:

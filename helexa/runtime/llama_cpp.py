@@ -46,21 +46,38 @@ import secrets
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import suppress
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 import trio
 
-from helexa.protocol import EmbedRequest, EmbedResult, GenerateRequest, GenerateResult, ModelConfig, TokenChunk, Usage, Workload
+from helexa.protocol import (
+    EmbedRequest,
+    EmbedResult,
+    Feature,
+    GenerateRequest,
+    GenerateResult,
+    ModelConfig,
+    OutputFormat,
+    ResponseFormat,
+    Task,
+    TokenChunk,
+    Usage,
+    Workload,
+)
 
-from . import openai_shapes
+from . import openai_shapes, tool_grammar
 from .base import (
     Backend,
     BackendError,
     ChatInference,
+    ContextLengthExceeded,
     EmbeddingInference,
     GenerationEvent,
+    InvalidRequest,
     LoadFailed,
     Overloaded,
     ProgressFn,
@@ -71,6 +88,8 @@ from .embeddings import pack_vectors
 
 log = logging.getLogger(__name__)
 
+PROBE_TIMEOUT_S = 10.0
+"""Deadline of a call to the loaded server's own HTTP API (props, template, tokenize)."""
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CANCEL_GRACE_S = 30.0
 """How long ``aclose`` waits for llama.cpp to hand a cancelled request's thread back."""
@@ -114,6 +133,7 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
     """A GGUF model served by llama.cpp in this process (see the module docstring)."""
 
     kind = "llama_cpp"
+    features = frozenset({Feature.STRUCTURED_OUTPUT, Feature.TOOLS, Feature.LOGPROBS})
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
@@ -126,6 +146,11 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
         self._max_pending = int(md.get("max_pending", 8 * self._n_parallel))
         self._embeddings = bool(md.get("embeddings", False))
         self._server: Any = None
+        self._base_url = ""
+        self._api_key = ""
+        self._slot_ctx = max(1, self._n_ctx // max(1, self._n_parallel))
+        self._native_tools = False
+        self._http: httpx.Client | None = None  # to the server's own loopback port
         self._size = 0
         self._in_flight = 0
         self._cancels: set[threading.Event] = set()
@@ -141,6 +166,10 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
 
     def memory_bytes(self) -> int:
         return self._size if self._server is not None else 0
+
+    def context_length(self) -> int:
+        """``n_ctx`` split across the ``n_parallel`` slots (llama.cpp's own figure once loaded)."""
+        return self._slot_ctx
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -176,7 +205,44 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
                 code="corrupt_model",
             ) from None
         self._server, self._size = server, size
+        self._base_url, self._api_key = server.listening_address, params.api_keys[0]
+        props = await trio.to_thread.run_sync(self._props)
+        settings = props.get("default_generation_settings") or {}
+        if isinstance(settings.get("n_ctx"), int) and settings["n_ctx"] > 0:
+            self._slot_ctx = settings["n_ctx"]
+        self._native_tools = bool((props.get("chat_template_caps") or {}).get("supports_tool_calls"))
         progress("load", size, size, "bytes")
+
+    def _call(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One call to the loaded server's own HTTP API on loopback (``/props``,
+        ``/apply-template``, ``/tokenize``: answered by its HTTP threads, never queued behind
+        generations). Blocking: run it off the trio thread."""
+        if self._http is None:
+            self._http = httpx.Client(base_url=self._base_url, timeout=PROBE_TIMEOUT_S, verify=False,
+                                      headers={"Authorization": f"Bearer {self._api_key}"})
+        r = self._http.get(path) if body is None else self._http.post(path, json=body)
+        answer = r.json()
+        openai_shapes.raise_for_error(answer)
+        return answer
+
+    def _props(self) -> dict[str, Any]:
+        try:
+            return self._call("/props")
+        except (httpx.HTTPError, ValueError, BackendError) as exc:
+            log.warning("llama.cpp /props unreadable (%s): assuming %d tokens per slot, no native tools",
+                        exc, self._slot_ctx)
+            return {}
+
+    def count_prompt(self, request: GenerateRequest, body: dict[str, Any]) -> int:
+        """The exact number of tokens llama.cpp will see for ``body`` (its chat template
+        applied, tools included), counted by llama.cpp itself. Blocking."""
+        if request.task is Task.CHAT:
+            prompt = self._call("/apply-template", {k: v for k, v in body.items()
+                                                    if k in ("messages", "tools", "tool_choice")})["prompt"]
+        else:
+            prompt = body.get("prompt") or ""
+        tokens = self._call("/tokenize", {"content": prompt, "add_special": True, "parse_special": True})["tokens"]
+        return len(tokens)
 
     def _params(self, xllamacpp: Any, path: Path) -> Any:
         p = xllamacpp.CommonParams()
@@ -206,6 +272,9 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
             await self._drained.wait()
         holder = [self._server]
         self._server = None
+        if self._http is not None:
+            self._http.close()
+            self._http = None
         # The destructor joins llama.cpp's loop thread: run it off the trio thread.
         await trio.to_thread.run_sync(holder.clear)
 
@@ -250,12 +319,51 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
         if self._in_flight == 0:
             self._drained.set()
 
+    def _body(self, request: GenerateRequest) -> tuple[dict[str, Any], bool]:
+        """The llama.cpp body, and whether tools go through :mod:`.tool_grammar` (the
+        model's template has no tool syntax of its own)."""
+        generic = request.task is Task.CHAT and request.wants_tools and not self._native_tools
+        if not generic:
+            if request.tools and not request.wants_tools:
+                # tool_choice "none": nothing may be called, so nothing is offered (llama.cpp
+                # also refuses logprobs with tools when streaming).
+                request = replace(request, tools=(), tool_choice=None)
+            return openai_shapes.request_body(request, dialect="llama.cpp"), False
+        if request.wants_json:
+            raise InvalidRequest(f"model {self.config.model_id!r} takes tools through a JSON grammar, so they "
+                                 "cannot be combined with response_format")
+        schema = tool_grammar.schema(request)
+        plain = replace(request, messages=tuple(tool_grammar.prepare(request)), tools=(), tool_choice=None,
+                        response_format=ResponseFormat(OutputFormat.JSON_SCHEMA, schema, "tool_call"),
+                        sampling=replace(request.sampling, logprobs=False, top_logprobs=0))
+        body = openai_shapes.request_body(plain, dialect="llama.cpp")
+        body.pop("parallel_tool_calls", None)
+        return body, True
+
+    async def _check_context(self, request: GenerateRequest, body: dict[str, Any], generic: bool) -> None:
+        """Refuse a prompt that does not fit one slot, before it waits for one. A count the
+        cortex made is trusted (tools drawn in by the grammar add to it, so those are
+        recounted here); otherwise llama.cpp counts, off the trio thread."""
+        counted = request.prompt_tokens
+        if counted is None or generic:
+            try:
+                counted = await trio.to_thread.run_sync(self.count_prompt, request, body)
+            except (httpx.HTTPError, ValueError, KeyError) as exc:
+                log.warning("could not count request %s's prompt (%s); llama.cpp will check it",
+                            request.request_id, exc)
+                return
+        limit = self._slot_ctx
+        wanted = counted + (request.sampling.max_tokens or 0)
+        if counted >= limit or wanted > limit:
+            raise ContextLengthExceeded(context_message(limit, counted, request.sampling.max_tokens))
+
     async def _generate(
         self, request: GenerateRequest, method: Callable[[Any], Callable[..., Any]]
     ) -> AsyncIterator[GenerationEvent]:
-        openai_shapes.validate(request, max_context=self._n_ctx)
+        openai_shapes.validate(request, max_context=self._slot_ctx, features=self.features)
         handle = method(self._require_loaded())
-        body = openai_shapes.request_body(request, dialect="llama.cpp")
+        body, generic = self._body(request)
+        await self._check_context(request, body, generic)
         self._admit()
         cancel = threading.Event()
         self._cancels.add(cancel)
@@ -274,6 +382,7 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
         # hold a nursery across its yields, and the thread must outlive each yield.
         trio.lowlevel.start_thread_soon(lambda: handle(body, on_chunk), lambda outcome: post(("done", outcome)))
         finished = False
+        held: list[str] = []  # a generic tool answer is JSON until it is whole: held back
         try:
             finish_reason, usage, emitted = "stop", None, 0
             while not finished:
@@ -281,31 +390,45 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
                 with suppress(trio.WouldBlock):
                     while True:
                         batch.append(receive.receive_nowait())
-                text, tokens = "", 0
+                text, tokens, logprobs = "", 0, []
                 for kind, payload in batch:
                     if kind == "done":
                         finished = True
-                        payload.unwrap()
+                        try:
+                            payload.unwrap()
+                        except ValueError as exc:  # xllamacpp's word for a request llama.cpp refused
+                            raise InvalidRequest(f"llama.cpp refused the request: {exc}") from None
                         continue
                     view = openai_shapes.parse_chunk(payload)
                     if view.usage is not None:
                         usage = view.usage
                     if view.finish_reason:
                         finish_reason = view.finish_reason
+                    if generic:
+                        held.append(view.text)
+                        continue
                     if view.tool_calls:
                         if text:
-                            yield TokenChunk(request.request_id, text, tokens)
-                            text, tokens = "", 0
+                            yield TokenChunk(request.request_id, text, tokens, logprobs=tuple(logprobs) or None)
+                            text, tokens, logprobs = "", 0, []
                         yield TokenChunk(request.request_id, "", 1, tool_calls=tuple(view.tool_calls))
                     elif view.text:
                         text += view.text
                         tokens += 1
+                    if view.logprobs:
+                        logprobs.extend(_trimmed(view.logprobs, request.sampling.top_logprobs))
                 if text:
                     emitted += tokens
-                    yield TokenChunk(request.request_id, text, tokens)
-            yield GenerateResult(
-                request.request_id, finish_reason, usage or Usage(completion_tokens=emitted)
-            )
+                    yield TokenChunk(request.request_id, text, tokens, logprobs=tuple(logprobs) or None)
+            usage = usage or Usage(completion_tokens=emitted)
+            if generic:
+                parsed = tool_grammar.parse("".join(held))
+                if parsed.tool_calls:
+                    finish_reason = "tool_calls"
+                yield GenerateResult(request.request_id, finish_reason, usage, text=parsed.content,
+                                     tool_calls=parsed.tool_calls or None)
+            else:
+                yield GenerateResult(request.request_id, finish_reason, usage)
         finally:
             if not finished:
                 cancel.set()
@@ -316,3 +439,19 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
                     log.error("llama.cpp kept request %s past %ss after cancel", request.request_id, CANCEL_GRACE_S)
             self._cancels.discard(cancel)
             self._release()
+
+
+def _trimmed(logprobs: list[Any], top: int) -> list[Any]:
+    """llama.cpp reports at least one alternative (``n_probs`` >= 1); OpenAI's
+    ``top_logprobs`` may be 0."""
+    return [replace(lp, top=lp.top[:top]) for lp in logprobs] if any(len(lp.top) > top for lp in logprobs) else logprobs
+
+
+def context_message(limit: int, prompt: int, max_tokens: int | None) -> str:
+    """OpenAI's wording for a request that does not fit the context."""
+    if max_tokens:
+        return (f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{prompt + max_tokens} tokens ({prompt} in the messages, {max_tokens} in the completion). "
+                "Please reduce the length of the messages or completion.")
+    return (f"This model's maximum context length is {limit} tokens. However, your messages resulted in "
+            f"{prompt} tokens. Please reduce the length of the messages.")

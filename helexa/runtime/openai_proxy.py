@@ -24,25 +24,35 @@ waits on, so the owner's nursery is never cancelled on our behalf.
 Other metadata: ``upstream_model`` (the ``model`` field sent; default the model id),
 ``dialect`` (``"vllm"``, ``"llama.cpp"`` or ``"openai"``: how non-OpenAI sampling fields are
 named), ``embeddings`` (true when the server serves ``/v1/embeddings``), ``request_timeout``
-(seconds between two streamed bytes, default 600).
+(seconds the server may take to answer, or between two streamed pieces; default 600),
+``connect_timeout`` (default 10), ``max_connections`` (to the server at once, default 256).
+
+Requests go through :class:`~helexa.runtime.upstream.Upstream` (pooled keep-alive HTTP/1.1;
+its errors are the runtime's own). A streamed answer is read with
+:class:`~helexa.runtime.openai_stream.StreamReader`; leaving it early closes its connection,
+which stops the generation upstream. The server's HTTP errors map to the runtime's tree:
+``429``/``503`` :class:`Overloaded`, ``401``/``403`` a ``backend_error`` (our credentials,
+not the client's request), ``501`` :class:`Unsupported`, other ``4xx``
+:class:`InvalidRequest` with the server's message, other ``5xx`` :class:`BackendCrashed`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import signal
 import subprocess
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
-import httpx
 import numpy as np
+import orjson
 import trio
 
 from helexa.protocol import (
+    Feature,
     EmbedRequest,
     EmbedResult,
     GenerateRequest,
@@ -64,12 +74,20 @@ from .base import (
     ChatInference,
     EmbeddingInference,
     GenerationEvent,
+    InvalidRequest,
     LoadFailed,
+    Overloaded,
     ProgressFn,
     TextInference,
     Unsupported,
 )
 from .embeddings import pack_vectors
+from .openai_stream import StreamReader, loads_object
+from .upstream import Upstream, UpstreamProtocolError
+
+_JSON = (("content-type", "application/json"),)
+DRAIN_TIMEOUT = 1.0
+"""Seconds a stream waits, after ``data: [DONE]``, for the end of the HTTP body."""
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +96,7 @@ class OpenAIProxyBackend(Backend, ChatInference, TextInference, EmbeddingInferen
     """Proxy to (and optionally supervise) an OpenAI-style server; see the module docstring."""
 
     kind = "openai_proxy"
+    features = frozenset({Feature.STRUCTURED_OUTPUT, Feature.TOOLS, Feature.LOGPROBS})
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
@@ -94,7 +113,10 @@ class OpenAIProxyBackend(Backend, ChatInference, TextInference, EmbeddingInferen
         self._dialect = str(md.get("dialect", "vllm"))
         self._embeddings = bool(md.get("embeddings", False))
         self._request_timeout = float(md.get("request_timeout", 600))
-        self._client: httpx.AsyncClient | None = None
+        self._connect_timeout = float(md.get("connect_timeout", 10))
+        self._max_connections = int(md.get("max_connections", 256))
+        self._path = urlsplit(self._api).path.rstrip("/")
+        self._client: Upstream | None = None
         self._supervisor: trio.CancelScope | None = None
         self._supervisor_done = trio.Event()
         self._process: trio.Process | None = None
@@ -119,8 +141,12 @@ class OpenAIProxyBackend(Backend, ChatInference, TextInference, EmbeddingInferen
         cannot be started; nothing is left running then."""
         if self._client is not None:
             return
-        timeout = httpx.Timeout(10.0, read=self._request_timeout)
-        self._client = httpx.AsyncClient(timeout=timeout)
+        try:
+            self._client = Upstream(self._base, connect_timeout=self._connect_timeout,
+                                    read_timeout=self._request_timeout, write_timeout=self._connect_timeout,
+                                    max_connections=self._max_connections)
+        except ValueError as exc:
+            raise LoadFailed(f"openai_proxy: {exc}", code="invalid_config") from None
         try:
             if self.config.command is None:
                 await self._wait_ready(None, progress)
@@ -244,29 +270,35 @@ class OpenAIProxyBackend(Backend, ChatInference, TextInference, EmbeddingInferen
             self._output_log.info("%s", pending.decode(errors="replace").rstrip())
 
     async def _wait_ready(self, process: trio.Process | None, progress: ProgressFn | None) -> None:
-        assert self._client is not None
+        # Its own short-lived connections with short deadlines: a probe must not wait
+        # request_timeout for a server that is still starting.
+        probe = Upstream(self._base, connect_timeout=2.0, read_timeout=2.0, write_timeout=2.0,
+                         max_connections=1, idle_timeout=0.0)
         timeout_s = int(math.ceil(self._ready_timeout))
         if progress is not None:
             progress("starting", 0, timeout_s, "seconds")
         start, delay, last = trio.current_time(), 0.05, "no answer yet"
-        while (elapsed := trio.current_time() - start) < self._ready_timeout:
-            if process is not None and process.poll() is not None:
-                raise LoadFailed(f"{self.config.command!r} exited with status {process.returncode} before answering", code="load_failed")
-            for path in (f"{self._api}/models", f"{self._base}/health"):
-                try:
-                    response = await self._client.get(path, timeout=2.0)
-                except httpx.HTTPError as exc:
-                    last = f"{type(exc).__name__}: {exc}"
-                    break
-                if response.status_code == 200:
-                    if progress is not None:
-                        progress("starting", timeout_s, timeout_s, "seconds")
-                    return
-                last = f"{path} answered {response.status_code}"
-            if progress is not None:
-                progress("starting", int(elapsed), timeout_s, "seconds")
-            await trio.sleep(delay)
-            delay = min(1.0, delay * 2)
+        try:
+            while (elapsed := trio.current_time() - start) < self._ready_timeout:
+                if process is not None and process.poll() is not None:
+                    raise LoadFailed(f"{self.config.command!r} exited with status {process.returncode} before answering", code="load_failed")
+                for path in (f"{self._path}/models", urlsplit(self._base).path.rstrip("/") + "/health"):
+                    try:
+                        response = await probe.request("GET", path, max_body=1 << 20)
+                    except BackendError as exc:
+                        last = str(exc)
+                        break
+                    if response.status == 200:
+                        if progress is not None:
+                            progress("starting", timeout_s, timeout_s, "seconds")
+                        return
+                    last = f"{path} answered {response.status}"
+                if progress is not None:
+                    progress("starting", int(elapsed), timeout_s, "seconds")
+                await trio.sleep(delay)
+                delay = min(1.0, delay * 2)
+        finally:
+            await probe.aclose()
         raise LoadFailed(f"{self._base} did not answer within {self._ready_timeout}s ({last})", code="load_failed")
 
     def _report(self, state: ModelState, error: str | None) -> None:
@@ -281,58 +313,51 @@ class OpenAIProxyBackend(Backend, ChatInference, TextInference, EmbeddingInferen
     def complete(self, request: GenerateRequest) -> AsyncIterator[GenerationEvent]:
         return self._generate(request)
 
-    def _require_client(self) -> httpx.AsyncClient:
+    def _require_client(self) -> Upstream:
         if self._client is None:
             raise BackendError(f"model {self.config.model_id!r} is not loaded", code="model_not_loaded")
         return self._client
 
     async def _generate(self, request: GenerateRequest) -> AsyncIterator[GenerationEvent]:
-        openai_shapes.validate(request)
+        openai_shapes.validate(request, features=self.features,
+                               vision=Workload.VISION in self.config.capability.workloads)
         client = self._require_client()
         body = openai_shapes.request_body(request, dialect=self._dialect, model=self._upstream_model,
                                           stream=request.stream)
-        path = "/chat/completions" if request.task is Task.CHAT else "/completions"
+        path = self._path + ("/chat/completions" if request.task is Task.CHAT else "/completions")
         if not request.stream:
             # Nobody waits for single tokens: ask the upstream for one JSON answer (one
             # parse instead of one per token, on both sides of the hop).
             yield await self._complete_once(request, path, body)
             return
-        finish_reason, usage, emitted = "stop", None, 0
+        response = await client.stream("POST", path, _dumps(body), _JSON)
         try:
-            async with client.stream("POST", self._api + path, json=body) as response:
-                if response.status_code != 200:
-                    await _raise_for_response(response)
-                async for line in response.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
-                    view = openai_shapes.parse_chunk(json.loads(data))
-                    usage = view.usage or usage
-                    finish_reason = view.finish_reason or finish_reason
-                    if view.text or view.tool_calls:
-                        emitted += 1
-                        tool_calls = tuple(view.tool_calls) if view.tool_calls else None
-                        yield TokenChunk(request.request_id, view.text, 1, tool_calls=tool_calls)
-        except httpx.HTTPError as exc:
-            raise BackendCrashed(f"{self._base}: {type(exc).__name__}: {exc}") from None
-        yield GenerateResult(request.request_id, finish_reason, usage or Usage(completion_tokens=emitted))
+            if response.status != 200:
+                _raise_for_status(response.status, await response.read(64 << 10))
+            reader = StreamReader(request.request_id)
+            while True:
+                data = await response.receive()
+                for event in reader.feed(data):  # b"" at the body's end
+                    yield event
+                if reader.done or not data:
+                    break
+            yield reader.result()
+            if reader.done:
+                # What follows [DONE] is the body's end: read it, so that the connection
+                # can serve again; a server that sends more is not waited for long.
+                with trio.move_on_after(DRAIN_TIMEOUT):
+                    while await response.receive():
+                        pass
+        finally:
+            # Before its end (the consumer left, an error) this closes the connection,
+            # which is how the upstream learns to stop generating.
+            response.close()
 
     async def _complete_once(self, request: GenerateRequest, path: str, body: dict[str, Any]) -> GenerateResult:
-        try:
-            response = await self._require_client().post(self._api + path, json=body)
-        except httpx.HTTPError as exc:
-            raise BackendCrashed(f"{self._base}: {type(exc).__name__}: {exc}") from None
-        if response.status_code != 200:
-            await _raise_for_response(response)
-        try:
-            answer = json.loads(response.content)
-        except ValueError:
-            raise BackendError(f"{self._base} answered with a body that is not JSON") from None
-        if not isinstance(answer, dict):
-            raise BackendError(f"{self._base} answered with JSON that is not an object")
-        view = openai_shapes.parse_completion(answer)
+        response = await self._require_client().request("POST", path, _dumps(body), _JSON)
+        if response.status != 200:
+            _raise_for_status(response.status, response.body)
+        view = openai_shapes.parse_completion(loads_object(response.body, f"{self._base}'s answer"))
         return GenerateResult(request.request_id, view.finish_reason or "stop", view.usage or Usage(), view.text,
                               tuple(view.tool_calls) if view.tool_calls else None)
 
@@ -341,27 +366,50 @@ class OpenAIProxyBackend(Backend, ChatInference, TextInference, EmbeddingInferen
         re-normalised here, since not every server normalises."""
         if not self._embeddings:
             raise Unsupported(f"model {self.config.model_id!r} is not configured for embeddings")
-        client = self._require_client()
+        body = {"model": self._upstream_model, "input": list(request.inputs)}
+        response = await self._require_client().request("POST", self._path + "/embeddings", _dumps(body), _JSON)
+        if response.status != 200:
+            _raise_for_status(response.status, response.body)
+        answer = loads_object(response.body, f"{self._base}'s embeddings")
         try:
-            response = await client.post(self._api + "/embeddings", json={"model": self._upstream_model, "input": list(request.inputs)})
-        except httpx.HTTPError as exc:
-            raise BackendCrashed(f"{self._base}: {type(exc).__name__}: {exc}") from None
-        if response.status_code != 200:
-            await _raise_for_response(response)
-        answer = response.json()
-        vectors = np.asarray([d["embedding"] for d in sorted(answer["data"], key=lambda d: d["index"])], dtype=np.float32)
+            vectors = np.asarray([d["embedding"] for d in sorted(answer["data"], key=lambda d: d["index"])],
+                                 dtype=np.float32)
+        except (KeyError, TypeError, ValueError):
+            raise UpstreamProtocolError(f"{self._base}'s embeddings have an unexpected shape") from None
         vectors /= np.clip(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12, None)
         dim, blob = pack_vectors(vectors)
         return EmbedResult(request.request_id, dim, blob, openai_shapes.usage_of(answer) or Usage())
 
 
-async def _raise_for_response(response: httpx.Response) -> None:
-    raw = await response.aread()
+def _dumps(body: dict[str, Any]) -> bytes:
     try:
-        body = json.loads(raw)
-    except ValueError:
-        body = {"error": {"code": response.status_code, "message": raw.decode(errors="replace")[:500]}}
-    if isinstance(body, dict) and isinstance(body.get("error"), dict):
-        body["error"].setdefault("code", response.status_code)
-    openai_shapes.raise_for_error(body)
-    raise BackendError(f"upstream answered {response.status_code}: {raw[:500]!r}")
+        return orjson.dumps(body)
+    except TypeError as exc:  # only what the request carried in ``extra`` can get here
+        raise InvalidRequest(f"a request field cannot be sent as JSON: {exc}") from None
+
+
+def _raise_for_status(status: int, raw: bytes) -> NoReturn:
+    """Raise the runtime error for an upstream's non-200 answer (module docstring)."""
+    message = raw.decode(errors="replace")[:500]
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        body = None
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            message = err["message"]
+        elif isinstance(err, str):
+            message = err
+    text = f"upstream answered {status}: {message}"
+    if status in (429, 503):
+        raise Overloaded(text)
+    if status in (401, 403, 407):
+        raise BackendError(f"upstream refused the neuron's credentials ({status}): {message}")
+    if status == 501:
+        raise Unsupported(text)
+    if 400 <= status < 500:
+        raise InvalidRequest(message)
+    if status >= 500:
+        raise BackendCrashed(text)
+    raise UpstreamProtocolError(f"upstream answered with an unexpected status {status}")

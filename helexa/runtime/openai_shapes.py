@@ -10,10 +10,21 @@ so that sampling parameters mean the same thing on every backend.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
-from helexa.protocol import GenerateRequest, Task, Usage
+from helexa.protocol import (
+    Feature,
+    GenerateRequest,
+    OutputFormat,
+    Task,
+    TokenLogprob,
+    ToolChoiceMode,
+    TopLogprob,
+    Usage,
+)
+from helexa.protocol.inference import MAX_TOP_LOGPROBS
 
 from .base import BackendError, InvalidRequest, Overloaded, Unsupported
 
@@ -30,8 +41,12 @@ _DIALECT_NAMES = {
 }
 
 
-def validate(request: GenerateRequest, *, max_context: int | None = None) -> None:
-    """Reject what no backend can serve. Raises :class:`InvalidRequest` naming the field."""
+def validate(request: GenerateRequest, *, max_context: int | None = None,
+             features: frozenset[Feature] | None = None, vision: bool = False) -> None:
+    """Reject what no backend can serve, and (given the backend's ``features``, and whether
+    it can see images) what this one cannot. Raises :class:`InvalidRequest` naming the
+    field, or :class:`Unsupported`. The cortex's edge checks all this first; this is for
+    requests from elsewhere (a peer's cortex, an older one)."""
     s = request.sampling
     if request.task is Task.CHAT:
         if not request.messages:
@@ -39,6 +54,7 @@ def validate(request: GenerateRequest, *, max_context: int | None = None) -> Non
         for i, m in enumerate(request.messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str):
                 raise InvalidRequest(f"messages[{i}] must be an object with a string 'role'")
+            _check_content(m.get("content"), f"messages[{i}].content", request.model_id, vision=vision)
     elif request.prompt is None:
         raise InvalidRequest("a completion request needs a prompt")
     unknown = sorted(set(request.extra) - PASSTHROUGH_EXTRA)
@@ -58,6 +74,48 @@ def validate(request: GenerateRequest, *, max_context: int | None = None) -> Non
         raise InvalidRequest(f"max_tokens {s.max_tokens} exceeds the model's context of {max_context}")
     if any(not stop for stop in s.stop):
         raise InvalidRequest("stop sequences must not be empty")
+    if not 0 <= s.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise InvalidRequest(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
+    names = [t.name for t in request.tools]
+    if any(not n for n in names) or len(set(names)) != len(names):
+        raise InvalidRequest("tools need unique, non-empty names")
+    if any(t.parameters is not None and not isinstance(t.parameters, dict) for t in request.tools):
+        raise InvalidRequest("a tool's parameters must be a JSON Schema object")
+    choice = request.tool_choice
+    if choice is not None and choice.mode is ToolChoiceMode.FUNCTION and choice.name not in names:
+        raise InvalidRequest(f"tool_choice names {choice.name!r}, which is not among the tools")
+    if choice is not None and choice.mode is not ToolChoiceMode.NONE and not names:
+        raise InvalidRequest("tool_choice needs tools")
+    fmt = request.response_format
+    if fmt is not None and fmt.kind is OutputFormat.JSON_SCHEMA and not isinstance(fmt.schema, dict):
+        raise InvalidRequest("a json_schema response format needs a schema object")
+    if features is not None:
+        wanted = {Feature.TOOLS: request.wants_tools, Feature.STRUCTURED_OUTPUT: request.wants_json,
+                  Feature.LOGPROBS: s.logprobs}
+        missing = sorted(f.value for f, on in wanted.items() if on and f not in features)
+        if missing:
+            raise Unsupported(f"model {request.model_id!r} cannot do {', '.join(missing)} on its backend")
+
+
+def _check_content(content: Any, where: str, model_id: str, *, vision: bool) -> None:
+    if content is None or isinstance(content, str):
+        return
+    if not isinstance(content, list):
+        raise InvalidRequest(f"{where} must be a string or an array of content parts")
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if not isinstance(kind, str):
+            raise InvalidRequest(f"{where}[{j}] must be an object with a string 'type'")
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise InvalidRequest(f"{where}[{j}].text must be a string")
+        elif kind in ("image_url", "input_image") and vision:
+            continue
+        elif kind in ("image_url", "input_image", "input_audio", "file", "refusal"):
+            if kind != "refusal":
+                raise Unsupported(f"model {model_id!r} cannot take {kind} content ({where}[{j}])")
+        else:
+            raise InvalidRequest(f"{where}[{j}] has an unknown type {kind!r}")
 
 
 def request_body(request: GenerateRequest, *, dialect: str = "llama.cpp", model: str | None = None,
@@ -81,14 +139,56 @@ def request_body(request: GenerateRequest, *, dialect: str = "llama.cpp", model:
         "presence_penalty": s.presence_penalty,
     }
     body.update({k: v for k, v in standard.items() if v is not None})
+    if s.seed is not None and dialect == "llama.cpp":
+        body["seed"] = s.seed % 0xFFFFFFFF  # a uint32 there, and 0xFFFFFFFF means "random"
     if s.stop:
         body["stop"] = list(s.stop)
     for ours, theirs in _DIALECT_NAMES[dialect].items():
         value = getattr(s, ours)
         if value is not None:
             body[theirs] = value
+    if s.logprobs:
+        # llama.cpp reports probabilities only when asked for at least one alternative (the
+        # sampled token's own logprob comes with them); the backend trims them back to 0.
+        top = max(1, s.top_logprobs) if dialect == "llama.cpp" else s.top_logprobs
+        if request.task is Task.CHAT:
+            body["logprobs"] = True
+            body["top_logprobs"] = top
+        else:
+            body["logprobs"] = top
     body.update(request.extra)
+    if request.tools:
+        body["tools"] = [tool_body(t) for t in request.tools]
+    if request.tool_choice is not None:
+        c = request.tool_choice
+        body["tool_choice"] = ({"type": "function", "function": {"name": c.name}}
+                               if c.mode is ToolChoiceMode.FUNCTION else c.mode.value)
+    if request.response_format is not None:
+        body["response_format"] = response_format_body(request)
     return body
+
+
+def tool_body(tool: Any) -> dict[str, Any]:
+    """One :class:`~helexa.protocol.ToolSpec` as OpenAI's ``{"type": "function", ...}``."""
+    fn: dict[str, Any] = {"name": tool.name}
+    if tool.description is not None:
+        fn["description"] = tool.description
+    if tool.parameters is not None:
+        fn["parameters"] = tool.parameters
+    if tool.strict:
+        fn["strict"] = True
+    return {"type": "function", "function": fn}
+
+
+def response_format_body(request: GenerateRequest) -> dict[str, Any]:
+    fmt = request.response_format
+    assert fmt is not None
+    if fmt.kind is not OutputFormat.JSON_SCHEMA:
+        return {"type": fmt.kind.value}
+    spec: dict[str, Any] = {"name": fmt.name or "response", "schema": fmt.schema}
+    if fmt.strict:
+        spec["strict"] = True
+    return {"type": "json_schema", "json_schema": spec}
 
 
 @dataclass(slots=True)
@@ -99,6 +199,7 @@ class ChunkView:
     tool_calls: list[Any] | None = None
     finish_reason: str | None = None
     usage: Usage | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 def parse_chunk(chunk: dict[str, Any]) -> ChunkView:
@@ -116,7 +217,52 @@ def parse_chunk(chunk: dict[str, Any]) -> ChunkView:
             view.text += choice.get("text") or ""
         if choice.get("finish_reason"):
             view.finish_reason = choice["finish_reason"]
+        if choice.get("logprobs"):
+            view.logprobs = (view.logprobs or []) + logprobs_of(choice["logprobs"])
     return view
+
+
+LOGPROB_FLOOR = -9999.0
+"""What a log-probability of -inf (or NaN) is reported as: JSON has no infinity, and
+OpenAI itself reports the impossible as -9999."""
+
+
+def _logprob(value: Any) -> float:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return LOGPROB_FLOOR
+    return f if math.isfinite(f) else LOGPROB_FLOOR
+
+
+def _token_bytes(value: Any) -> bytes | None:
+    if isinstance(value, list) and all(isinstance(b, int) and 0 <= b < 256 for b in value):
+        return bytes(value)
+    return None
+
+
+def logprobs_of(body: Any) -> list[TokenLogprob]:
+    """The tokens of a choice's ``logprobs``: OpenAI's chat shape (``content``: one entry
+    per token with ``top_logprobs``, as llama.cpp answers both endpoints) or the legacy
+    completions shape (``tokens`` / ``token_logprobs`` / ``top_logprobs`` maps)."""
+    if not isinstance(body, dict):
+        return []
+    out: list[TokenLogprob] = []
+    if isinstance(body.get("content"), list):
+        for e in body["content"]:
+            if not isinstance(e, dict):
+                continue
+            top = tuple(TopLogprob(str(t.get("token", "")), _logprob(t.get("logprob")), _token_bytes(t.get("bytes")))
+                        for t in e.get("top_logprobs") or () if isinstance(t, dict))
+            out.append(TokenLogprob(str(e.get("token", "")), _logprob(e.get("logprob")), _token_bytes(e.get("bytes")),
+                                    top))
+        return out
+    tokens, lps, tops = body.get("tokens") or [], body.get("token_logprobs") or [], body.get("top_logprobs") or []
+    for i, token in enumerate(tokens):
+        alts = tops[i] if i < len(tops) and isinstance(tops[i], dict) else {}
+        out.append(TokenLogprob(str(token), _logprob(lps[i] if i < len(lps) else None), None,
+                                tuple(TopLogprob(str(k), _logprob(v)) for k, v in alts.items())))
+    return out
 
 
 def parse_completion(body: dict[str, Any]) -> ChunkView:
@@ -135,6 +281,8 @@ def parse_completion(body: dict[str, Any]) -> ChunkView:
         else:
             view.text = choice.get("text") or ""
         view.finish_reason = choice.get("finish_reason")
+        if choice.get("logprobs"):
+            view.logprobs = logprobs_of(choice["logprobs"])
     return view
 
 

@@ -2,7 +2,9 @@
 
 It answers every chat or completion with ``metadata.tokens`` tokens (default 64) of the
 fixed text ``"tok0 tok1 ..."``, at ``metadata.tokens_per_second`` (default 0: as fast as
-the event loop goes), honouring ``max_tokens`` and stop sequences. At full speed a stream
+the event loop goes), honouring ``max_tokens`` and stop sequences. With ``logprobs`` each
+token says it was certain (log-probability 0: the text is fixed); it has no grammar and no
+tools. At full speed a stream
 yields to the event loop after every token, as a real backend would between tokens; a
 non-streaming request has no reader waiting for single tokens and gets its whole answer as
 one result (a yield and an event per token there cost more than the rest of the neuron's
@@ -21,7 +23,7 @@ from collections.abc import AsyncIterator
 
 import trio
 
-from helexa.protocol import GenerateRequest, GenerateResult, ModelConfig, TokenChunk, Usage
+from helexa.protocol import Feature, GenerateRequest, GenerateResult, ModelConfig, TokenChunk, TokenLogprob, TopLogprob, Usage
 
 from . import openai_shapes
 from .base import Backend, BackendError, ChatInference, GenerationEvent, ProgressFn, TextInference
@@ -31,6 +33,7 @@ class SyntheticBackend(Backend, ChatInference, TextInference):
     """Fixed tokens at a fixed rate, for load tests only (see the module docstring)."""
 
     kind = "synthetic"
+    features = frozenset({Feature.LOGPROBS})
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
@@ -58,7 +61,7 @@ class SyntheticBackend(Backend, ChatInference, TextInference):
         return self._generate(request)
 
     async def _generate(self, request: GenerateRequest) -> AsyncIterator[GenerationEvent]:
-        openai_shapes.validate(request)
+        openai_shapes.validate(request, features=self.features)
         if not self._loaded:
             raise BackendError(f"model {self.config.model_id!r} is not loaded", code="model_not_loaded")
         limit = min(self._tokens, request.sampling.max_tokens or self._tokens)
@@ -66,7 +69,7 @@ class SyntheticBackend(Backend, ChatInference, TextInference):
         # Without a rate or a stream, nobody waits for single tokens: the whole answer goes
         # out as one result (as a real engine's non-streaming answer does), so a benchmark
         # measures the fabric rather than this loop.
-        whole = not request.stream and not self._interval
+        whole = not request.stream and not self._interval and not request.sampling.logprobs
         text, emitted = "", 0
         for i in range(limit):
             piece = f"tok{i} " if i < limit - 1 else f"tok{i}"
@@ -77,7 +80,7 @@ class SyntheticBackend(Backend, ChatInference, TextInference):
                 if hit > len(text):
                     emitted += 1
                     if not whole:
-                        yield TokenChunk(request.request_id, candidate[len(text) : hit])
+                        yield self._chunk(request, candidate[len(text) : hit])
                 yield GenerateResult(request.request_id, "stop", self._usage(emitted),
                                      text=candidate[:hit] if whole else "")
                 return
@@ -88,11 +91,19 @@ class SyntheticBackend(Backend, ChatInference, TextInference):
             text = candidate
             emitted += 1
             if not whole:
-                yield TokenChunk(request.request_id, piece)
+                yield self._chunk(request, piece)
         if whole:
             await trio.lowlevel.checkpoint()
         reason = "length" if limit < self._tokens else "stop"
         yield GenerateResult(request.request_id, reason, self._usage(emitted), text=text if whole else "")
+
+    @staticmethod
+    def _chunk(request: GenerateRequest, piece: str) -> TokenChunk:
+        if not request.sampling.logprobs:
+            return TokenChunk(request.request_id, piece)
+        # The text is fixed: every token had probability 1.
+        top = (TopLogprob(piece, 0.0, piece.encode()),)[: request.sampling.top_logprobs]
+        return TokenChunk(request.request_id, piece, logprobs=(TokenLogprob(piece, 0.0, piece.encode(), top),))
 
     def _usage(self, completion: int) -> Usage:
         return Usage(prompt_tokens=self._prompt_tokens, completion_tokens=completion)

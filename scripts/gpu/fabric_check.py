@@ -24,6 +24,7 @@ import json
 import shutil
 import subprocess
 import sys
+import os
 import threading
 import time
 from pathlib import Path
@@ -55,7 +56,9 @@ class Fabric:
 
     def fleet_model(self) -> dict[str, Any]:
         """This model's status on the first neuron that has it (empty if none)."""
-        fleet = httpx.get(f"{self.gateway}/admin/fleet", timeout=10).json()
+        token = os.environ.get("HELEXA_ADMIN_TOKEN", "")  # the admin API needs the cortex's admin token
+        fleet = httpx.get(f"{self.gateway}/admin/fleet", headers={"authorization": f"Bearer {token}"},
+                          timeout=10).json()
         for neuron in fleet.get("neurons", []):
             status = neuron.get("models", {}).get(self.model)
             if status is not None:

@@ -29,9 +29,13 @@ from helexa.protocol import (
     NeuronMetrics,
     ProvisioningResponse,
     TokenChunk,
+    TokenLogprob,
+    TopLogprob,
     UnloadModel,
     UpsertModelConfig,
     Usage,
+    decode,
+    encode,
 )
 from helexa.roles.cortex.fleet import Fleet, Health, NeuronGone, RemoteError
 
@@ -44,7 +48,8 @@ def hardware(ram_gb: int = 16, gpus: tuple[int, ...] = ()) -> Hardware:
 
 
 class NeuronDouble:
-    """Answers every generation with ``tokens`` chunks ``"t0 "``, ``"t1 "`` ...
+    """Answers every generation with ``tokens`` chunks ``"t0 "``, ``"t1 "`` ... (certain ones,
+    log-probability 0, when logprobs are asked for, as the synthetic backend answers)
 
     Knobs: ``load_delay`` (seconds a LoadModel takes), ``token_delay`` (between chunks),
     ``refuse_load`` (answer LoadModel ok=False), ``fail_before_start`` (die as soon as a
@@ -75,6 +80,7 @@ class NeuronDouble:
         self.retryable_error = False
         self.commands: list[object] = []
         self.generations: list[str] = []
+        self.requests: list[GenerateRequest] = []
         self.cancelled: list[str] = []
         self.finished: list[str] = []
         self.unloaded_at: list[tuple[str, float]] = []
@@ -129,7 +135,9 @@ class NeuronDouble:
     async def generate(self, request: GenerateRequest) -> AsyncIterator[AsyncIterator[TokenChunk | GenerateResult]]:
         if self._dead.is_set():
             raise NeuronGone(f"{self.node_id} is gone")
+        request = decode(encode(request))  # as the real link does: what cannot travel fails here
         self.generations.append(request.request_id)
+        self.requests.append(request)
         self.in_flight += 1
         self.model_in_flight[request.model_id] = self.model_in_flight.get(request.model_id, 0) + 1
         done = False
@@ -153,7 +161,10 @@ class NeuronDouble:
                         await self._dead.wait()
                 if self._dead.is_set():
                     raise NeuronGone(f"{self.node_id} died", started=i > 0)
-                yield TokenChunk(request.request_id, f"t{i} ")
+                text = f"t{i} "
+                lp = (TokenLogprob(text, 0.0, text.encode(), (TopLogprob(text, 0.0, text.encode()),)
+                                   [:request.sampling.top_logprobs]),) if request.sampling.logprobs else None
+                yield TokenChunk(request.request_id, text, logprobs=lp)
             done = True
             yield GenerateResult(request.request_id, "stop" if limit >= self.tokens else "length",
                                  Usage(prompt_tokens=5, completion_tokens=min(self.tokens, limit)))

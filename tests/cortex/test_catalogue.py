@@ -123,3 +123,46 @@ def test_a_bad_source_is_refused_naming_the_field(table, message) -> None:
     with pytest.raises(CatalogueError) as err:
         Catalogue.from_dict({"models": {"m": {"backend": "llama_cpp", **table}}})
     assert message in str(err.value)
+
+
+# --- the context one request gets, and features --------------------------------------------
+
+
+def llama(**table) -> CatalogueEntry:
+    return Catalogue.from_dict({"models": {"m": {"backend": "llama_cpp", **table}}}).get("m")
+
+
+def test_max_context_is_per_request_and_kept_consistent_with_the_slots() -> None:
+    assert llama(config={"metadata": {"n_ctx": 2048}}).max_context == 1024
+    assert llama(config={"metadata": {"n_ctx": 4096, "n_parallel": 4}}).max_context == 1024
+    assert llama().max_context == 2048  # the backend's defaults: 4096 over 2 slots
+    entry = llama(max_context=3000)
+    assert entry.config.metadata["n_ctx"] == 6000  # what gives each of 2 slots 3000
+    assert llama(max_context=512, config={"metadata": {"n_ctx": 2048}}).max_context == 512
+
+
+def test_a_max_context_no_request_gets_is_refused() -> None:
+    with pytest.raises(CatalogueError, match=r"max_context 2048 is more than one request gets.*leaves 1024.*n_ctx = 4096"):
+        llama(max_context=2048, config={"metadata": {"n_ctx": 2048}})
+
+
+def test_the_built_in_and_example_catalogues_give_smollm2_2048_per_request() -> None:
+    from pathlib import Path
+
+    example = Catalogue.load(Path(__file__).parents[2] / "examples" / "models.toml")
+    for catalogue in (default_catalogue(), example):
+        entry = catalogue.get("smollm2-135m-instruct")
+        assert entry.max_context == 2048 and entry.config.metadata["n_ctx"] == 4096
+
+
+def test_features_default_to_the_backends_and_can_be_narrowed() -> None:
+    from helexa.protocol import Feature
+    from helexa.roles.cortex.catalogue import BACKEND_FEATURES
+    from helexa.runtime import BACKENDS, backend_class
+
+    for kind in BACKENDS:  # the catalogue's defaults are what each backend class declares
+        assert BACKEND_FEATURES[kind] == backend_class(kind).features, kind
+    assert llama().feature_set == {Feature.STRUCTURED_OUTPUT, Feature.TOOLS, Feature.LOGPROBS}
+    assert llama(features=["logprobs"]).feature_set == {Feature.LOGPROBS}
+    with pytest.raises(CatalogueError, match="features"):
+        llama(features=["telepathy"])

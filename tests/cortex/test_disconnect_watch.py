@@ -151,7 +151,7 @@ async def test_a_non_streaming_request_whose_client_left_is_cancelled_on_the_neu
 
     neuron.generate = observed
     gateway = build(fleet, Catalogue([CatalogueEntry(id="chat", backend="synthetic", memory_mb=1)]),
-                    gateway={"server": server})
+                    gateway={"server": server}, gateway_args={"inline_ledger": True})
     body = json.dumps({"model": "chat", "messages": [{"role": "user", "content": "x"}]})
     with trio.fail_after(100):  # virtual seconds; the generation alone would take 10
         async with trio.open_nursery() as nursery:

@@ -20,7 +20,7 @@ from helexa.roles.cortex.catalogue import Catalogue, CatalogueEntry, Workload
 from helexa.roles.cortex.fleet import Fleet
 from helexa.roles.cortex.gateway import Gateway
 from neuron_double import NeuronDouble, hardware
-from serving import build
+from serving import admin_headers, build
 from serving import serving as serve
 
 CATALOGUE = Catalogue([
@@ -313,7 +313,7 @@ async def test_metrics_and_the_fleet_snapshot() -> None:
         async with httpx.AsyncClient() as http:
             await http.post(url + "/v1/completions", json={"model": "chat", "prompt": "x"})
             metrics = (await http.get(url + "/metrics")).text
-            snapshot = (await http.get(url + "/admin/fleet")).json()
+            snapshot = (await http.get(url + "/admin/fleet", headers=admin_headers())).json()
             health = (await http.get(url + "/health")).json()
     assert 'helexa_requests_total{endpoint="completions",model="chat",neuron="n1"} 1.0' in metrics
     assert 'helexa_cold_loads_total{model="chat",neuron="n1"} 1.0' in metrics
@@ -326,10 +326,22 @@ async def test_the_fleet_view_is_only_served_to_admin_clients() -> None:
     NeuronDouble("n1", fleet)
     async with serving(fleet, gateway={"admin_clients": ["10.9.9.9"]}) as (_, url):
         async with httpx.AsyncClient() as http:
-            resp = await http.get(url + "/admin/fleet")
+            resp = await http.get(url + "/admin/fleet", headers=admin_headers())
     assert resp.status_code == 403
     assert resp.json()["error"]["code"] == "forbidden"
     assert "n1" not in resp.text
+
+
+async def test_the_fleet_view_needs_the_admin_token() -> None:
+    fleet = Fleet()
+    NeuronDouble("n1", fleet)
+    async with serving(fleet) as (_, url):
+        async with httpx.AsyncClient() as http:
+            missing = await http.get(url + "/admin/fleet")
+            wrong = await http.get(url + "/admin/fleet", headers={"authorization": "Bearer hlx-admin-nope"})
+    for resp in (missing, wrong):
+        assert resp.status_code == 401 and resp.json()["error"]["code"] == "invalid_admin_token"
+        assert "n1" not in resp.text
 
 
 async def test_a_stalled_stream_ends_with_a_timeout_event_not_a_hang(autojump_clock) -> None:

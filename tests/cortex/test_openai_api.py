@@ -9,7 +9,17 @@ import struct
 
 import pytest
 
-from helexa.protocol import EmbedResult, GenerateResult, Task, Usage
+from helexa.protocol import (
+    EmbedResult,
+    GenerateResult,
+    OutputFormat,
+    ResponseFormat,
+    Task,
+    ToolChoice,
+    ToolChoiceMode,
+    ToolSpec,
+    Usage,
+)
 from helexa.roles.cortex import openai_api as api
 from helexa.roles.cortex.errors import BadRequest
 
@@ -18,19 +28,28 @@ def chat(**kw) -> bytes:
     return json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], **kw}).encode()
 
 
-def test_unknown_fields_are_kept_and_logged_not_fatal(caplog) -> None:
+def test_unknown_fields_are_kept_and_logged_not_fatal(caplog, monkeypatch) -> None:
+    monkeypatch.setattr(api, "_logged_unknown", set())  # other tests have logged their own
     with caplog.at_level(logging.INFO):
         body = api.parse(api.ChatCompletionRequest, chat(frobnicate=1))
     assert body.unknown_fields() == ["frobnicate"]
     assert "frobnicate" in caplog.text
 
 
-def test_tool_and_json_mode_fields_pass_through() -> None:
-    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+def test_tools_tool_choice_and_json_mode_become_typed_fields() -> None:
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     body = api.parse(api.ChatCompletionRequest, chat(tools=tools, tool_choice="auto",
                                                      response_format={"type": "json_object"}, user="u"))
     req = api.to_generate_request(body, "r1")
-    assert req.extra == {"tools": tools, "tool_choice": "auto", "response_format": {"type": "json_object"}}
+    assert req.tools == (ToolSpec("f", None, {"type": "object"}),)
+    assert req.tool_choice == ToolChoice(ToolChoiceMode.AUTO)
+    assert req.response_format == ResponseFormat(OutputFormat.JSON_OBJECT)
+    assert req.extra == {}
+
+
+def test_llama_cpp_grammar_fields_pass_through_untouched() -> None:
+    body = api.parse(api.ChatCompletionRequest, chat(grammar="root ::= \"x\"", logit_bias={"42": -100}))
+    assert api.to_generate_request(body, "r1").extra == {"grammar": 'root ::= "x"', "logit_bias": {"42": -100.0}}
 
 
 def test_sampling_fields_map_onto_sampling_params() -> None:
@@ -60,7 +79,7 @@ def test_a_completion_takes_a_string_or_a_single_prompt_list() -> None:
         (chat(temperature="hot"), "temperature"),
         (chat(temperature=3), "temperature"),
         (chat(max_tokens=0), "max_tokens"),
-        (chat(n=2), "n"),
+        (chat(n=17), "n"),
         (json.dumps({"model": "m", "messages": []}).encode(), "messages"),
         (json.dumps({"model": "m", "messages": "hi"}).encode(), "messages"),
     ],
@@ -72,9 +91,9 @@ def test_bad_bodies_are_invalid_requests_naming_the_field(raw, param) -> None:
 
 
 def test_a_message_without_a_role_is_rejected() -> None:
-    body = api.parse(api.ChatCompletionRequest, json.dumps({"model": "m", "messages": [{"content": "x"}]}).encode())
-    with pytest.raises(BadRequest, match="role"):
-        api.to_generate_request(body, "r")
+    with pytest.raises(BadRequest, match="role") as info:
+        api.parse(api.ChatCompletionRequest, json.dumps({"model": "m", "messages": [{"content": "x"}]}).encode())
+    assert info.value.param == "messages[0]"
 
 
 def test_embedding_inputs_are_a_string_or_a_list_of_strings() -> None:
@@ -129,3 +148,37 @@ def test_a_non_streamed_answer_joins_streamed_tool_call_deltas_into_whole_calls(
 def test_whole_tool_calls_pass_through_unchanged() -> None:
     whole = [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
     assert api.merge_tool_calls(whole) == whole
+
+
+def test_a_field_path_reads_as_the_client_wrote_it() -> None:
+    loc = ("messages", 0, "role=user", "content", "list[tagged-union[TextPart,ImagePart]]", 1, "type=image_url",
+           "image_url", "url")
+    assert api.param_of(loc) == "messages[0].content[1].image_url.url"
+    assert api.param_of(("response_format", "type=json_schema", "json_schema", "schema_")) == \
+        "response_format.json_schema.schema"
+    assert api.param_of(("tool_choice", "literal['none','auto','required']")) == "tool_choice"
+
+
+def test_logprobs_bodies_for_chat_and_for_completions() -> None:
+    from helexa.protocol import TokenLogprob, TopLogprob
+
+    lps = (TokenLogprob("He", -0.5, b"He", (TopLogprob("He", -0.5, b"He"), TopLogprob("Hi", -1.5, None))),
+           TokenLogprob("llo", -0.25, None))
+    chat_body = api.logprobs_body(Task.CHAT, lps)
+    assert chat_body["content"][0] == {"token": "He", "logprob": -0.5, "bytes": [72, 101], "top_logprobs": [
+        {"token": "He", "logprob": -0.5, "bytes": [72, 101]}, {"token": "Hi", "logprob": -1.5, "bytes": [72, 105]}]}
+    assert chat_body["content"][1]["bytes"] == [108, 108, 111]
+    legacy = api.logprobs_body(Task.COMPLETION, lps, text_offset=4)
+    assert legacy == {"tokens": ["He", "llo"], "token_logprobs": [-0.5, -0.25],
+                      "top_logprobs": [{"He": -0.5, "Hi": -1.5}, {}], "text_offset": [4, 6]}
+
+
+def test_echo_suffix_and_dimensions_are_refused_not_ignored() -> None:
+    for raw, param in ((b'{"model": "m", "prompt": "p", "echo": true}', "echo"),
+                       (b'{"model": "m", "prompt": "p", "suffix": "s"}', "suffix")):
+        with pytest.raises(BadRequest) as info:
+            api.to_generate_request(api.parse(api.CompletionRequest, raw), "r")
+        assert info.value.param == param
+    with pytest.raises(BadRequest) as info:
+        api.to_embed_request(api.parse(api.EmbeddingRequest, b'{"model": "e", "input": "x", "dimensions": 8}'), "r")
+    assert info.value.param == "dimensions"

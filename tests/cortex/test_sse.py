@@ -65,3 +65,22 @@ def test_an_error_event_carries_the_envelope_and_no_done() -> None:
 
 def test_a_comment_is_one_line() -> None:
     assert sse.comment("a\nb") == b": a b\n\n"
+
+
+def test_n_choices_each_start_and_finish_under_their_index_and_the_stream_ends_after_the_last() -> None:
+    enc = sse.StreamEncoder(request(), "id", include_usage=True, n=2)
+    head = events(enc.start())
+    assert [e["choices"][0]["index"] for e in head] == [0, 1]
+    one = events(enc.chunk(TokenChunk("r", "b"), 1) + enc.finish(GenerateResult("r", "stop", Usage(2, 1)), 1))
+    assert one[0]["choices"][0] == {"index": 1, "delta": {"content": "b"}, "finish_reason": None}
+    assert one[-1]["choices"][0]["finish_reason"] == "stop" and "[DONE]" not in one
+    zero = events(enc.finish(GenerateResult("r", "length", Usage(2, 3)), 0))
+    assert zero[-2]["usage"] == {"prompt_tokens": 4, "completion_tokens": 4, "total_tokens": 8}
+    assert zero[-1] == "[DONE]"
+
+
+def test_a_whole_tool_call_gets_the_index_the_client_accumulates_by() -> None:
+    enc = sse.StreamEncoder(request(), "id")
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    ev = events(enc.finish(GenerateResult("r", "tool_calls", Usage(), tool_calls=(call, call))))
+    assert [c["index"] for c in ev[0]["choices"][0]["delta"]["tool_calls"]] == [0, 1]

@@ -40,7 +40,8 @@ from typing import Any
 
 import httpx
 
-READY = re.compile(r"cortex ready: control=(\S+) gateway=(\S+)")
+READY = re.compile(r"cortex ready: control=(\S+) gateway=(\S+)(?: admin=(\S+))?")
+PORTAL = re.compile(r"portal (\S+) \(\S+\) listening on (.*)$", re.M)
 MESH = re.compile(r"mesh: operator .*, peer (\S+), listening on (.*)$", re.M)
 _LIVE_GROUPS: list["ProcGroup"] = []
 
@@ -148,6 +149,8 @@ class Cortex(Proc):
 
     control_url: str = ""
     gateway_url: str = ""
+    admin_url: str = ""
+    portal_urls: dict[str, list[str]] = {}
     peer_id: str | None = None
     mesh_addrs: list[str] = []
     data_dir: Path
@@ -155,6 +158,9 @@ class Cortex(Proc):
     def _ready(self, timeout: float) -> None:
         m = self.wait_log(READY, timeout)
         self.control_url, self.gateway_url = m.group(1), m.group(2)
+        self.admin_url = m.group(3) or self.gateway_url
+        self.portal_urls = {pm.group(1): [u.strip() for u in pm.group(2).split(",")]
+                            for pm in PORTAL.finditer(self.log())}
         mesh = MESH.search(self.log())
         if mesh:
             self.peer_id = mesh.group(1)
@@ -170,12 +176,21 @@ class Cortex(Proc):
     def join_token_file(self) -> Path:
         return self.data_dir / "join-token"
 
+    @property
+    def admin_token(self) -> str:
+        return (self.data_dir / "admin-token").read_text().strip()
+
     def get(self, path: str, timeout: float = 5.0) -> httpx.Response:
         return httpx.get(self.gateway_url + path, timeout=timeout)
 
+    def admin(self, method: str, path: str, timeout: float = 5.0, **kwargs: Any) -> httpx.Response:
+        """A request to the admin API, with the admin token."""
+        return httpx.request(method, self.admin_url + path, timeout=timeout,
+                             headers={"authorization": f"Bearer {self.admin_token}"}, **kwargs)
+
     def fleet(self) -> dict[str, Any]:
         """``GET /admin/fleet`` as JSON."""
-        resp = self.get("/admin/fleet")
+        resp = self.admin("GET", "/admin/fleet")
         resp.raise_for_status()
         return resp.json()
 

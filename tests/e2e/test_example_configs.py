@@ -15,6 +15,9 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 def test_the_example_cortex_config_loads() -> None:
     config = load_config(CortexConfig, file=EXAMPLES / "cortex.toml", environ={})
     assert config.gateway.server == "helexa"
+    assert list(config.portals) == ["default", "acme", "lab"]  # the example shows two portals
+    assert config.portals["acme"].keyed and config.portals["acme"].aliases == {"fast": "smollm2-135m-instruct"}
+    assert config.portals["default"].auth is None and config.portals["default"].listen == ["127.0.0.1:8080"]
 
 
 def test_the_example_neuron_config_loads() -> None:

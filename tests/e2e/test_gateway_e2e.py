@@ -30,7 +30,7 @@ backend = "llama_cpp"
 memory_mb = 300
 max_context = 2048
 [models."{CHAT}".config]
-metadata = {{ n_ctx = 2048 }}
+metadata = {{ n_ctx = 4096 }}
 
 [models."{EMBED}"]
 backend = "embeddings"

@@ -46,8 +46,9 @@ async def test_concurrent_loads_of_one_model_load_it_once():
     assert all(r.state is ModelState.LOADED for r in results)
 
 
-async def test_a_failed_load_reports_a_precise_reason_and_can_be_retried(tmp_path):
+async def test_a_failed_load_reports_a_precise_reason_and_can_be_retried(tmp_path, nursery):
     reg = ModelRegistry()
+    reg.service_nursery = nursery  # llama_cpp runs in a worker process
     missing = tmp_path / "nope.gguf"
     reg.upsert(ModelConfig("m", "llama_cpp", metadata={"path": str(missing)}))
     with pytest.raises(LoadFailed) as err:

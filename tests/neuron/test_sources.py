@@ -80,9 +80,10 @@ async def test_a_url_is_fetched_and_checked_against_its_sha256(hub, tiny_bytes, 
     assert fetched.path.name == "tiny.gguf" and fetched.path.read_bytes() == tiny_bytes
 
 
-async def test_two_concurrent_loads_of_one_source_download_it_once(hub, tiny_bytes, tmp_path):
+async def test_two_concurrent_loads_of_one_source_download_it_once(hub, tiny_bytes, tmp_path, nursery):
     hub.add_repo(REPO, {FILE: tiny_bytes})
     registry = ModelRegistry(sources=make_sources(hub, tmp_path / "cache"))
+    registry.service_nursery = nursery  # the model runs in a worker process
     registry.upsert(config(f"hf://{REPO}/{FILE}", "a"))
     registry.upsert(config(f"hf://{REPO}/{FILE}", "b"))
     progress = {"a": Progress(), "b": Progress()}
@@ -247,11 +248,12 @@ async def test_a_local_path_source_is_used_in_place_and_can_be_pinned(tmp_path):
     assert err.value.code == "model_not_found"
 
 
-async def test_a_hub_model_loads_through_the_registry_and_answers(hub, tiny_bytes, tmp_path):
+async def test_a_hub_model_loads_through_the_registry_and_answers(hub, tiny_bytes, tmp_path, nursery):
     from helexa.protocol import GenerateRequest, GenerateResult, SamplingParams, Task
 
     hub.add_repo(REPO, {FILE: tiny_bytes})
     registry = ModelRegistry(sources=make_sources(hub, tmp_path / "cache"))
+    registry.service_nursery = nursery  # the model runs in a worker process
     registry.upsert(config(f"hf://{REPO}/{FILE}", "tiny"))
     progress = Progress()
     status = await registry.load("tiny", progress)
@@ -270,7 +272,7 @@ async def test_a_hub_model_loads_through_the_registry_and_answers(hub, tiny_byte
     assert not registry.sources.cache.in_use(key)
 
 
-async def test_an_embedding_repo_is_fetched_whole_and_embeds(hub, tmp_path):
+async def test_an_embedding_repo_is_fetched_whole_and_embeds(hub, tmp_path, nursery):
     import importlib.util
 
     from helexa.protocol import EmbedRequest
@@ -284,6 +286,7 @@ async def test_an_embedding_repo_is_fetched_whole_and_embeds(hub, tmp_path):
     hub.add_repo("org/minilm-onnx", {"onnx/model.onnx": onnx_file.read_bytes(),
                                      "tokenizer.json": tok_file.read_bytes(), "config.json": b"{}"})
     registry = ModelRegistry(sources=make_sources(hub, tmp_path / "cache"))
+    registry.service_nursery = nursery  # the model runs in a worker process
     registry.upsert(ModelConfig("e", "embeddings", source="hf://org/minilm-onnx"))
     await registry.load("e", Progress())
     backend = registry.acquire("e")

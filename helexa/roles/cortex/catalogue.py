@@ -12,18 +12,31 @@ Format (one table per model, keyed by the id clients use)::
     min_device_vram_mb = 0             # VRAM each of those GPUs must have
     pinned_on = ["beast"]              # preferred neurons (a preference, not a restriction)
     priority = "normal"                # residency class: low < normal < high < critical
-    max_context = 2048
+    max_context = 2048                 # the context ONE request gets (see below)
     max_output = 512
     price_in = 0.0                     # per million prompt tokens
     price_out = 0.0                    # per million completion tokens
     keep_warm = false                  # load at start-up, never unload for idleness
     idle_ttl = 900                     # seconds unused before unloading; 0 = never
 
+    features = ["tools", "logprobs"]  # default: what the backend can (BACKEND_FEATURES)
+
     [models."smollm2-135m-instruct".config]   # handed to the backend (ModelConfig)
-    metadata = { n_ctx = 2048 }
+    metadata = { n_ctx = 4096 }
     # command = "...", args = [...], env = {...}, listen_endpoint = "http://..."
 
-Everything but ``backend`` has a default. :meth:`Catalogue.load` raises
+Everything but ``backend`` has a default.
+
+``max_context`` is the context one request gets (prompt and answer), which is what the
+gateway checks prompts against. llama.cpp splits ``n_ctx`` across its ``n_parallel`` slots
+(default 2), so for a ``llama_cpp`` entry the two are kept consistent: without ``n_ctx``
+the catalogue sets it to ``max_context * n_parallel``; without ``max_context`` it is
+``n_ctx // n_parallel``; a ``max_context`` larger than that is refused (it would promise
+requests a context they do not get).
+
+``features`` lists what the model can do beyond plain text (``structured_output``,
+``tools``, ``logprobs``); by default what its backend can (:data:`BACKEND_FEATURES`). A
+request asking for a feature its model lacks is refused at the edge with a 400. :meth:`Catalogue.load` raises
 :class:`CatalogueError` naming the file and the field.
 
 ``source`` is one of: an absolute path on the neuron (used in place);
@@ -57,9 +70,24 @@ from pydantic import (
     model_validator,
 )
 
-from helexa.protocol import Hardware, ModelCapability, ModelConfig, Workload, parse_source
+from helexa.protocol import Feature, Hardware, ModelCapability, ModelConfig, Workload, parse_source
 
 MB = 1024 * 1024
+
+BACKEND_FEATURES: dict[str, frozenset[Feature]] = {
+    "llama_cpp": frozenset({Feature.STRUCTURED_OUTPUT, Feature.TOOLS, Feature.LOGPROBS}),
+    # An external server: what it can is its own; narrow it with the entry's `features`.
+    "openai_proxy": frozenset({Feature.STRUCTURED_OUTPUT, Feature.TOOLS, Feature.LOGPROBS}),
+    "synthetic": frozenset({Feature.LOGPROBS}),
+    "exllamav2": frozenset(),
+    "exllamav3": frozenset(),
+    "embeddings": frozenset(),
+}
+"""What each backend kind can do beyond plain text: the default of an entry's ``features``
+(equal to each backend class's own ``features``; a test keeps them so)."""
+
+LLAMA_CPP_N_CTX, LLAMA_CPP_N_PARALLEL = 4096, 2
+"""The ``llama_cpp`` backend's defaults for ``n_ctx`` and ``n_parallel`` (a test keeps them equal)."""
 
 
 class CatalogueError(Exception):
@@ -105,6 +133,7 @@ class CatalogueEntry(BaseModel):
     keep_warm: bool = False
     idle_ttl: float = Field(0.0, ge=0)
     config: BackendConfig = Field(default_factory=BackendConfig)
+    features: tuple[Feature, ...] | None = None
     owned_by: str = "helexa"
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     source: str | None = None
@@ -115,6 +144,39 @@ class CatalogueEntry(BaseModel):
         if value is not None:
             parse_source(value, sha256=info.data.get("sha256"))
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _context_per_request(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("backend") != "llama_cpp":
+            return data
+        config = data.get("config") or {}
+        if isinstance(config, BackendConfig):
+            config = config.model_dump()
+        if not isinstance(config, dict) or not isinstance(config.get("metadata", {}), dict):
+            return data
+        metadata = dict(config.get("metadata") or {})
+        slots, n_ctx, max_context = metadata.get("n_parallel", LLAMA_CPP_N_PARALLEL), metadata.get("n_ctx"), \
+            data.get("max_context")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (slots, n_ctx or 1, max_context or 1)):
+            return data  # the field validators say what is wrong
+        if n_ctx is None and max_context is not None:
+            metadata["n_ctx"] = max_context * slots
+        per_request = (n_ctx or LLAMA_CPP_N_CTX) // slots
+        if max_context is None:
+            max_context = per_request
+        elif n_ctx is not None and max_context > per_request:
+            raise ValueError(f"max_context {max_context} is more than one request gets: n_ctx {n_ctx} split "
+                             f"across {slots} slots (n_parallel) leaves {per_request}; set config.metadata.n_ctx "
+                             f"= {max_context * slots} or max_context = {per_request}")
+        return {**data, "max_context": max_context, "config": {**config, "metadata": metadata}}
+
+    @property
+    def feature_set(self) -> frozenset[Feature]:
+        """What the model can do beyond plain text (``features``, else its backend's)."""
+        if self.features is not None:
+            return frozenset(self.features)
+        return BACKEND_FEATURES.get(self.backend, frozenset())
 
     @model_validator(mode="after")
     def _source_or_path(self) -> "CatalogueEntry":
@@ -240,7 +302,7 @@ def default_catalogue() -> Catalogue:
                     "memory_mb": 300,
                     "max_context": 2048,
                     "idle_ttl": 0,
-                    "config": {"metadata": {"n_ctx": 2048}},
+                    "config": {"metadata": {"n_ctx": 4096}},  # 2 slots of 2048
                 },
                 "all-minilm-l6-v2": {
                     "backend": "embeddings",

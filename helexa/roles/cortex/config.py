@@ -1,19 +1,27 @@
 """The cortex's configuration (``cortex.toml``; see ``examples/cortex.toml``).
 
 One :class:`CortexConfig` is built at start and passed down whole: each part of the cortex
-reads its own table (``gateway``, ``orchestrator``, ``mesh``, ``federation``) and the
-top-level fields it needs; nothing copies it into a settings type of its own.
+reads its own table (``gateway``, ``orchestrator``, ``mesh``, ``federation``, ``portals``)
+and the top-level fields it needs; nothing copies it into a settings type of its own.
+
+Portals (``[portals.NAME]``, :class:`PortalConfig`) are the gateway's front doors: each has
+its sockets, auth, models, prices, quotas and routing preferences. The ``default`` portal
+always exists and listens on ``gateway_socket`` (a ``[portals.default]`` table configures
+it); with no ``[portals]`` at all it is open and behaves as the single gateway always did.
+A portal listening on anything but loopback must say ``auth = "keys"`` or, explicitly,
+``auth = "none"``.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from helexa.config import SocketAddr
+from helexa.config import SocketAddr, split_socket
 from helexa.protocol import DEFAULT_MAX_FRAME
 
 
@@ -41,7 +49,15 @@ class GatewayConfig(BaseModel):
     """Requests served on one connection before it is closed (hypercorn's default is 1000)."""
     owned_by: str = "helexa"
     admin_clients: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"])
-    """Client addresses allowed on /admin/* (the fleet view); loopback only by default."""
+    """Client addresses allowed on ``/admin/*`` (besides the admin token, which is always
+    required); loopback only by default, ``["*"]`` for any address."""
+    ledger_timeout: float = Field(10.0, gt=0)
+    """Seconds a usage record may take to become durable before its request fails (500)."""
+    ledger_sync: Literal["full", "normal"] = "full"
+    """How durable a usage record is when its answer ends: ``full`` (SQLite
+    ``synchronous=FULL``: on disk, survives a power cut) or ``normal`` (in the WAL through
+    the OS: survives ``kill -9`` of the cortex, not an OS crash; several times cheaper, see
+    ``docs/benchmarks.md``)."""
 
 
 class OrchestratorConfig(BaseModel):
@@ -157,6 +173,140 @@ class FederationConfig(BaseModel):
     """Never send to a peer asking more per million completion tokens."""
 
 
+class QuotaConfig(BaseModel):
+    """Limits of one API key or of a whole portal; an unset limit does not apply.
+
+    ``rpm`` and ``tpm`` are token buckets (a minute's worth may be spent at once, refilled
+    evenly); ``max_concurrent`` counts requests in flight; ``budget`` is a hard stop per
+    ``period`` (a UTC ``day``, a UTC calendar ``month``, or ``total``), in the portal's
+    ``currency`` (``budget_unit = "money"``) or in tokens (``"tokens"``).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    rpm: int | None = Field(None, ge=1)
+    tpm: int | None = Field(None, ge=1)
+    max_concurrent: int | None = Field(None, ge=1)
+    budget: float | None = Field(None, ge=0)
+    budget_unit: Literal["money", "tokens"] = "money"
+    period: Literal["day", "month", "total"] = "month"
+
+
+class PriceConfig(BaseModel):
+    """A model's price on a portal, per million tokens, in the portal's ``currency``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: float = Field(0.0, ge=0)
+    output: float = Field(0.0, ge=0)
+
+
+class RoutingConfig(BaseModel):
+    """Where a portal's requests may run (``[portals.NAME.routing]``).
+
+    ``mode = "local"`` keeps them on this operator's fleet; ``"mesh"`` lets the ones the
+    fleet cannot serve go to peers, under ``[federation]``'s outbound policy narrowed by
+    ``peers`` / ``operators`` (non-empty: only those) and the price ceilings (per million
+    tokens, in what peers announce).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["local", "mesh"] = "mesh"
+    peers: list[str] = Field(default_factory=list)
+    operators: list[str] = Field(default_factory=list)
+    max_price_input: float | None = Field(None, ge=0)
+    max_price_output: float | None = Field(None, ge=0)
+
+
+class ThemeConfig(BaseModel):
+    """How the portal looks (for its web pages): ``logo`` is a URL or a file path."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    logo: str | None = None
+    colors: dict[str, str] = Field(default_factory=dict)
+    """Named colours, e.g. ``{ primary = "#0b5fff", background = "#ffffff" }``."""
+
+
+class PortalConfig(BaseModel):
+    """One front door of the gateway (``[portals.NAME]``; see ``docs/portals.md``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = ""
+    """Display name (default: the portal's id)."""
+    listen: list[SocketAddr] = Field(default_factory=list)
+    """``HOST:PORT`` sockets (the ``default`` portal always listens on ``gateway_socket``
+    too, first)."""
+    tls_cert_file: Path | None = None
+    """Serve HTTPS on this portal's sockets with this certificate (PEM)."""
+    tls_key_file: Path | None = None
+    auth: Literal["keys", "none"] | None = None
+    """``keys``: every request needs one of this portal's API keys. ``none``: open. Unset
+    is open, and allowed only on loopback sockets."""
+    surfaces: list[Literal["openai"]] = Field(default_factory=lambda: ["openai"])
+    """API surfaces served."""
+    models: list[str] | None = None
+    """Catalogue models served under their own names (unset: every model, unless
+    ``aliases`` are given, then only those)."""
+    aliases: dict[str, str] = Field(default_factory=dict)
+    """Public name -> catalogue model (``fast = "smollm2-135m-instruct"``)."""
+    currency: str = "USD"
+    prices: dict[str, PriceConfig] = Field(default_factory=dict)
+    """Per public model name (an alias or a model id); unlisted models are free."""
+    quotas: QuotaConfig = Field(default_factory=QuotaConfig)
+    """Defaults for keys created on this portal."""
+    limits: QuotaConfig = Field(default_factory=QuotaConfig)
+    """Limits of the portal as a whole (all its keys together)."""
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    priority: Literal["interactive", "normal", "bulk"] = "normal"
+    """The orchestrator's priority class for this portal's requests."""
+    weight: float = Field(1.0, gt=0)
+    """Share of this portal's keys in fair queueing."""
+    record_usage: bool | None = None
+    """Write a ledger row per request (default: on for ``auth = "keys"``, off when open)."""
+    default_max_tokens: int = Field(4096, ge=1)
+    """The completion tokens reserved for a request that sets no ``max_tokens`` and whose
+    model has no ``max_output`` (and passed to the neuron as its limit, so the reservation
+    holds)."""
+    owned_by: str | None = None
+    """``owned_by`` of this portal's models in ``/v1/models`` (default: the portal id)."""
+    theme: ThemeConfig = Field(default_factory=ThemeConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PortalConfig":
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file must be given together")
+        if self.models is not None:
+            clash = sorted(set(self.models) & set(self.aliases))
+            if clash:
+                raise ValueError(f"{clash[0]!r} is both a model and an alias")
+        return self
+
+    @property
+    def keyed(self) -> bool:
+        return self.auth == "keys"
+
+    @property
+    def records_usage(self) -> bool:
+        return self.keyed if self.record_usage is None else self.record_usage
+
+
+DEFAULT_PORTAL = "default"
+
+
+def is_loopback(socket_addr: str) -> bool:
+    """Whether ``HOST:PORT`` binds only the loopback interface."""
+    host, _ = split_socket(socket_addr)
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: whatever it resolves to is not known to be loopback
+
+
 class CortexConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -172,10 +322,6 @@ class CortexConfig(BaseModel):
     heartbeat_interval: float = Field(1.0, gt=0)
     missed_heartbeats: int = Field(3, ge=1)
     remove_after: float = Field(30.0, gt=0)
-    busy_silence: float = Field(120.0, gt=0)
-    """Heartbeat silence tolerated while a provisioning command is outstanding: some engines
-    (llama.cpp through xllamacpp) hold the interpreter lock for a whole model load, so a
-    loading neuron cannot heartbeat. A dead process still shows at once (its socket closes)."""
     handshake_timeout: float = Field(10.0, gt=0)
     send_timeout: float = Field(10.0, gt=0)
     max_frame_bytes: int = Field(DEFAULT_MAX_FRAME, ge=1024)
@@ -188,9 +334,41 @@ class CortexConfig(BaseModel):
     """Gateway tuning; its address is ``gateway_socket``."""
     orchestrator: OrchestratorConfig = Field(default_factory=OrchestratorConfig)
     """Cold loads, placement and dispatch deadlines."""
+    portals: dict[str, PortalConfig] = Field(default_factory=dict)
+    """The gateway's front doors, by id (``[portals.NAME]``); ``default`` always exists."""
+    admin_socket: SocketAddr | None = None
+    """Serve ``/admin/*`` and ``/metrics`` here instead of on the default portal's socket."""
+    usage_store: Path | None = None
+    """The SQLite file of API keys and the usage ledger (default ``DATA_DIR/usage.sqlite``)."""
 
     @model_validator(mode="after")
     def _tls_pair(self) -> "CortexConfig":
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file must be given together")
         return self
+
+    @model_validator(mode="after")
+    def _portals(self) -> "CortexConfig":
+        default = self.portals.get(DEFAULT_PORTAL) or PortalConfig()
+        listen = [self.gateway_socket, *(a for a in default.listen if a != self.gateway_socket)]
+        default = default.model_copy(update={"listen": listen})
+        self.portals = {DEFAULT_PORTAL: default, **{k: v for k, v in self.portals.items() if k != DEFAULT_PORTAL}}
+        seen: dict[str, str] = {}
+        for name, portal in self.portals.items():
+            if not name.replace("-", "").replace("_", "").isalnum():
+                raise ValueError(f"portals.{name}: a portal id is letters, digits, - and _")
+            if not portal.listen:
+                raise ValueError(f"portals.{name}.listen: give at least one HOST:PORT")
+            for addr in portal.listen:
+                if portal.auth is None and not is_loopback(addr):
+                    raise ValueError(f"portals.{name}: listens on {addr}, which is not loopback: set auth = \"keys\" "
+                                     f"(or auth = \"none\" to serve it open on purpose)")
+                if not addr.endswith(":0"):
+                    if addr in seen:
+                        raise ValueError(f"portals.{name}.listen: {addr} is also portal {seen[addr]!r}'s")
+                    seen[addr] = name
+        return self
+
+    @property
+    def usage_store_path(self) -> Path:
+        return self.usage_store or self.data_dir / "usage.sqlite"

@@ -174,8 +174,8 @@ class ControlServer:
             for link in self.fleet:
                 if not isinstance(link, NeuronLink):
                     continue
-                allowed = max(silence, s.busy_silence) if link.provisioning else silence
-                if link.connected and now - link.last_seen > allowed:
+                # Loading or not, a neuron heartbeats: its models load in worker processes.
+                if link.connected and now - link.last_seen > silence:
                     log.warning("neuron %s missed %d heartbeats: unhealthy", link.node_id, s.missed_heartbeats)
                     await link.drop_silent("missed heartbeats")
                 if (

@@ -9,12 +9,14 @@ Exception tree (HTTP status, OpenAI ``type``)::
 
     GatewayError                      500 internal_error
     ├── BadRequest                    400 invalid_request_error   (bad JSON, wrong types)
+    ├── Unauthorized                  401 invalid_request_error   code invalid_api_key
     ├── NotFound                      404 invalid_request_error   (unknown path)
     │   └── ModelNotFound             404 invalid_request_error   code model_not_found
-    ├── Forbidden                     403 permission_error        a federation policy said no
+    ├── Forbidden                     403 permission_error        a federation policy or the key said no
     ├── MethodNotAllowed              405 invalid_request_error
     ├── PayloadTooLarge               413 invalid_request_error
-    ├── RateLimited                   429 rate_limit_error        (+ Retry-After)
+    ├── RateLimited                   429 rate_limit_error        (+ Retry-After, x-ratelimit-*)
+    │   └── InsufficientQuota         429 insufficient_quota      a budget is spent
     ├── NoCapacity                    503 service_unavailable     (+ Retry-After)
     │   └── ColdLoadFailed            503 service_unavailable     a cold load failed
     ├── UpstreamError                 502 upstream_error          the neuron failed it
@@ -87,6 +89,17 @@ class ModelNotFound(NotFound):
         super().__init__(f"The model '{model}' does not exist or is not served here", param="model")
 
 
+class Unauthorized(GatewayError):
+    """No key, or a wrong, revoked or expired one, on a portal that needs keys."""
+
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"www-authenticate", b'Bearer realm="helexa"')]
+
+
 class Forbidden(GatewayError):
     status = 403
     type = "permission_error"
@@ -106,18 +119,29 @@ class PayloadTooLarge(GatewayError):
 
 
 class RateLimited(GatewayError):
-    """Too many requests; the client should retry after ``retry_after`` s."""
+    """Too many requests; the client should retry after ``retry_after`` s. ``extra``
+    headers go with it (a portal's ``x-ratelimit-*``)."""
 
     status = 429
     type = "rate_limit_error"
     code = "rate_limited"
 
-    def __init__(self, message: str, *, retry_after: float = 1.0, code: str | None = None) -> None:
+    def __init__(self, message: str, *, retry_after: float = 1.0, code: str | None = None,
+                 extra: list[tuple[bytes, bytes]] | None = None) -> None:
         super().__init__(message, code=code)
         self.retry_after = retry_after
+        self.extra = extra or []
 
     def headers(self) -> list[tuple[bytes, bytes]]:
-        return [(b"retry-after", str(max(1, math.ceil(self.retry_after))).encode())]
+        return [(b"retry-after", str(max(1, math.ceil(self.retry_after))).encode()),
+                (b"retry-after-ms", str(max(1, math.ceil(self.retry_after * 1000))).encode()), *self.extra]
+
+
+class InsufficientQuota(RateLimited):
+    """A budget is spent: nothing more until its period ends (or an operator raises it)."""
+
+    type = "insufficient_quota"
+    code = "insufficient_quota"
 
 
 class NoCapacity(GatewayError):
@@ -153,6 +177,7 @@ class UpstreamTimeout(GatewayError):
 
 # Neuron-side codes that mean the client asked for something wrong, not that we failed.
 _CLIENT_CODES = frozenset({"invalid_request", "unsupported", "context_length_exceeded"})
+_CLIENT_PARAMS = {"context_length_exceeded": "messages"}
 
 
 def to_gateway_error(exc: BaseException) -> GatewayError:
@@ -162,7 +187,7 @@ def to_gateway_error(exc: BaseException) -> GatewayError:
         case GatewayError():
             return exc
         case RemoteError(code=code) if code in _CLIENT_CODES:
-            return BadRequest(str(exc), code=code)
+            return BadRequest(str(exc), code=code, param=_CLIENT_PARAMS.get(code))
         case RemoteError(retryable=True):
             return NoCapacity(str(exc), code=exc.code)
         case RemoteError():
@@ -202,7 +227,7 @@ def _federation_error(exc: FederationError) -> GatewayError:
         case PeerVanished():
             return UpstreamError(message, code="peer_vanished")
         case PeerFailed(code=code) if code in _CLIENT_CODES:
-            return BadRequest(message, code=code)
+            return BadRequest(message, code=code, param=_CLIENT_PARAMS.get(code))
         case PeerFailed(code="model_not_found"):
             return NotFound(message, param="model", code="model_not_found")
         case PeerFailed(retryable=True):

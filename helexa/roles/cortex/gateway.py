@@ -1,68 +1,68 @@
-"""The OpenAI-compatible HTTP API of the cortex: a raw ASGI app on trio.
+"""The gateway: the portals' HTTP front doors over one orchestrator, as raw ASGI on trio.
 
-Endpoints::
+Each portal (``[portals.NAME]``; :mod:`.portal`) listens on its own sockets and serves its
+API surfaces there; all of them share one orchestrator, one metered path
+(:class:`~.portal.metering.Metering`: authorisation of the model, quotas, the usage
+ledger) and one key ring. A :class:`PortalApp` is the ASGI app of one socket: it finds the
+route, authenticates the caller (a keyed portal's API key: ``Authorization: Bearer`` or
+``x-api-key``), runs the handler, and turns every error into the route's surface's error
+shape (``Route.errors``; OpenAI's envelope, :mod:`.errors`, by default); every answer to a caller with rate limits carries the
+``x-ratelimit-*`` headers.
 
-    GET  /v1/models             catalogue entries feasible on a connected neuron, plus
-                                models loaded anywhere (OpenAI fields + loaded,
-                                feasible_on, locations, federated: false), plus models
-                                only peers offer (federated: true, operators, peers)
-    POST /v1/chat/completions   streaming (SSE) or not
-    POST /v1/completions        streaming (SSE) or not
-    POST /v1/embeddings         encoding_format float or base64
-    GET  /metrics               Prometheus
-    GET  /admin/fleet           Fleet.snapshot() as JSON (read by ``helexa status``)
+Routes on every portal socket::
+
+    POST /v1/chat/completions, /v1/completions, /v1/embeddings    (metered; :mod:`.openai_surface`)
+    GET  /v1/models, /v1/models/{id}, /v1/usage
     GET  /health                200 while serving
 
-The gateway parses a request, asks the :class:`~.orchestrator.Orchestrator` to run it,
-and streams the answer; it decides nothing about where a request runs. It is a plain ASGI
-callable rather than a Quart app (measured: Quart's request cycle cost as much as the rest
-of the hot path; figures in ``docs/benchmarks.md``), served by :mod:`.http` (a sans-IO
-HTTP/1.1 connection in a trio shell) by default and by hypercorn on request
-(``gateway.server``).
+and on the admin socket (``admin_socket``, else the default portal's)::
+
+    GET  /metrics               Prometheus
+    /admin/*                    the admin API (:mod:`.portal.admin`; needs the admin token)
+
+The app is plain ASGI rather than a Quart app (measured: Quart's request cycle cost as
+much as the rest of the hot path; figures in ``docs/benchmarks.md``), served by
+:class:`~.http.HttpServer` (a sans-IO HTTP/1.1 connection in a trio shell) by default, and by hypercorn on request
+(``gateway.server``) and for sockets with TLS.
 
 A client that disconnects cancels its request: each inference request runs in its own
 cancel scope, which :class:`.disconnect_watch.DisconnectWatch` cancels when the client
-leaves, and the cancellation leaves the neuron link's context, which sends ``Cancel``. A
-write to a client that is gone ends the request the same way. Errors become OpenAI's
-envelope in :mod:`.errors` only; a stream that fails after it began ends with an error
-event (:mod:`.sse`).
+leaves, and the cancellation leaves the neuron link's context, which sends ``Cancel``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from helexa.config import split_socket
-from helexa.protocol import GenerateResult, TokenChunk
 
-from . import openai_api as api
-from . import sse
+from .asgi import Exchange, Limits, Receive, Responder, Route, Router, Scope, Send
+from .config import DEFAULT_PORTAL, PortalConfig
 from .disconnect_watch import DisconnectWatch
-from .errors import BadRequest, ClientGone, Forbidden, GatewayError, MethodNotAllowed, NotFound, PayloadTooLarge, envelope
+from .errors import BadRequest, ClientGone, GatewayError, envelope
 from .http import HttpServer
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .orchestrator import Orchestrator, WaitStatus
-from .prefix import session_of
+from .openai_surface import OpenAISurface, model_listing
+from .orchestrator import Orchestrator
+from .portal.admin import AdminApi
+from .portal.keys import Keyring
+from .portal.metering import Caller, Metering
+from .portal.portal import Portal
+from .portal.store import SqliteStore, Store
+from .portal.writer import LedgerWriter
+from .request_limits import RequestLimits
 from .shutdown import InFlight
 
 if TYPE_CHECKING:
     from .config import CortexConfig
 
 log = logging.getLogger(__name__)
-
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-
-_JSON = [(b"content-type", b"application/json")]
-_SSE = [(b"content-type", sse.CONTENT_TYPE), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 
 
 def server_error_body(status: int, message: str) -> tuple[bytes, bytes]:
@@ -71,118 +71,26 @@ def server_error_body(status: int, message: str) -> tuple[bytes, bytes]:
     return dict(headers)[b"content-type"], body
 
 
-class _Responder:
-    """One response: remembers whether the headers went out (then errors go in-band)."""
-
-    __slots__ = ("send", "started", "headers")
-
-    def __init__(self, send: Send, headers: list[tuple[bytes, bytes]]) -> None:
-        self.send = send
-        self.started = False
-        self.headers = headers
-
-    async def _send(self, message: dict[str, Any]) -> None:
-        try:
-            await self.send(message)
-        except OSError as exc:  # ASGI servers raise an OSError once the client is gone
-            raise ClientGone(str(exc)) from None
-
-    async def start(self, status: int = 200, headers: list[tuple[bytes, bytes]] = _SSE) -> None:
-        if not self.started:
-            self.started = True
-            await self._send({"type": "http.response.start", "status": status, "headers": headers + self.headers})
-
-    async def body(self, data: bytes, more: bool = True) -> None:
-        await self._send({"type": "http.response.body", "body": data, "more_body": more})
-
-    async def full(self, status: int, headers: list[tuple[bytes, bytes]], data: bytes) -> None:
-        self.started = True
-        await self._send({"type": "http.response.start", "status": status,
-                          "headers": [*headers, (b"content-length", str(len(data)).encode()), *self.headers]})
-        await self._send({"type": "http.response.body", "body": data})
-
-    async def json(self, obj: Any, status: int = 200) -> None:
-        await self.full(status, _JSON, json.dumps(obj).encode())
+def _presented_key(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            if value[:7].lower() == b"bearer ":
+                return value[7:].decode("latin-1").strip()
+        elif name == b"x-api-key":
+            return value.decode("latin-1").strip()
+    return None
 
 
-class Gateway:
-    """The HTTP API over an orchestrator. Also the ASGI app (``await gateway(scope, receive, send)``).
+class PortalApp:
+    """The ASGI app of one socket: a portal's routes (and the admin routes on the admin
+    socket). See the module docstring."""
 
-    Args:
-        config: the cortex's config (``gateway_socket``, ``shutdown_grace``, ``[gateway]``).
-        orchestrator: decides where requests run and runs them (its :meth:`~.Orchestrator.run`
-            must be running too).
-    """
-
-    def __init__(self, config: CortexConfig, orchestrator: Orchestrator) -> None:
-        self.config = config.gateway
-        self.host, self.port = split_socket(config.gateway_socket)
-        self.shutdown_grace = config.shutdown_grace
-        self.orchestrator = orchestrator
-        self.fleet = orchestrator.fleet
-        self.metrics = orchestrator.metrics
-        self._created = int(time.time())
-        self._stop = trio.Event()
-        self._watch = DisconnectWatch()
-        self._server: HttpServer | None = None
-        self.in_flight = InFlight()
-        """HTTP requests being handled right now (a drain waits for none)."""
-        self._routes: dict[str, tuple[str, Callable[[Scope, Receive, _Responder], Awaitable[None]]]] = {
-            "/v1/chat/completions": ("POST", self._chat),
-            "/v1/completions": ("POST", self._completions),
-            "/v1/embeddings": ("POST", self._embeddings),
-            "/v1/models": ("GET", self._models),
-            "/metrics": ("GET", self._metrics),
-            "/admin/fleet": ("GET", self._fleet),
-            "/health": ("GET", self._health),
-        }
-
-    # --- serving -------------------------------------------------------------------------
-
-    async def run(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve until :meth:`stop`; reports the bound URLs (``["http://127.0.0.1:8080"]``).
-
-        Stopping lets in-flight requests finish for ``shutdown_grace`` seconds.
-        """
-        c = self.config
-        async with trio.open_nursery() as nursery:
-            async def http(task_status: trio.TaskStatus[list[str]]) -> None:
-                if c.server == "hypercorn":
-                    await self._hypercorn(task_status)
-                else:
-                    self._server = HttpServer(self, host=self.host, port=self.port,
-                                              keep_alive_timeout=c.keep_alive_timeout,
-                                              keep_alive_max_requests=c.keep_alive_max_requests,
-                                              read_timeout=c.body_timeout, send_timeout=c.send_timeout,
-                                              shutdown_grace=self.shutdown_grace, error_body=server_error_body)
-                    if self._stop.is_set():
-                        self._server.stop()
-                    await self._server.run(task_status=task_status)
-                # The server returns once its graceful shutdown is over: stop the watch too.
-                nursery.cancel_scope.cancel()
-
-            await nursery.start(self._watch.run)
-            binds = await nursery.start(http)
-            log.info("gateway listening on %s", ", ".join(binds))
-            task_status.started(binds)
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._server is not None:
-            self._server.stop()
-
-    async def _hypercorn(self, task_status: trio.TaskStatus[list[str]]) -> None:
-        import hypercorn.config
-        import hypercorn.trio
-
-        cfg = hypercorn.config.Config()
-        cfg.bind = [f"{self.host}:{self.port}"]
-        cfg.keep_alive_timeout = self.config.keep_alive_timeout
-        cfg.keep_alive_max_requests = self.config.keep_alive_max_requests
-        cfg.graceful_timeout = self.shutdown_grace
-        cfg.accesslog = None
-        cfg.errorlog = logging.getLogger("helexa.gateway.http")
-        await hypercorn.trio.serve(self, cfg, shutdown_trigger=self._stop.wait, task_status=task_status, mode="asgi")
+    def __init__(self, gateway: Gateway, portal: Portal | None, routes: list[Route]) -> None:
+        self.gateway = gateway
+        self.portal = portal
+        self.router = Router(routes)
+        self.routes = self.router.routes
+        self._anonymous = Caller(portal) if portal is not None else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -198,147 +106,208 @@ class Gateway:
                     return
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        g = self.gateway
         request_id = uuid.uuid4().hex
-        out = _Responder(send, [(b"x-request-id", request_id.encode())])
+        out = Responder(send, [(b"x-request-id", request_id.encode())])
         scope["helexa.request_id"] = request_id
-        self.in_flight.enter()
+        ex = Exchange(scope, receive, out, request_id, g.edge_limits, g.watch)
+        g.in_flight.enter()
+        route: Route | None = None
         try:
-            route = self._routes.get(scope["path"])
-            if route is None:
-                raise NotFound(f"no route {scope['path']}")
-            method, handler = route
-            if scope["method"] != method:
-                raise MethodNotAllowed(f"{scope['method']} is not allowed on {scope['path']}")
-            await handler(scope, receive, out)
+            route, ex.path_rest = self.router.find(scope["method"], scope["path"])
+            portal = self.portal
+            if portal is not None:
+                if portal.keyed and route.keyed:
+                    try:
+                        key = g.keyring.authenticate(portal.id, _presented_key(scope), g.clock())
+                    except GatewayError:
+                        g.metrics.portal_refused(portal.id, "unauthorized")
+                        raise
+                    ex.caller = caller = Caller(portal, key)
+                    out.late = lambda: g.metering.rate_headers(caller)
+                else:
+                    ex.caller = self._anonymous
+                    if not portal.limits.unlimited:
+                        out.late = lambda: g.metering.rate_headers(self._anonymous)  # type: ignore[arg-type]
+            await route.handler(ex)
         except ClientGone:
             pass
         except Exception as exc:
             if out.started:
                 log.warning("request %s failed after its response began: %s", request_id, exc)
                 return
-            status, headers, body = envelope(exc)
-            await out.full(status, headers, body)
+            shape = route.errors if route is not None and route.errors is not None else envelope
+            status, headers, body = shape(exc)
+            try:
+                await out.full(status, headers, body)
+            except ClientGone:
+                pass
         finally:
-            self.in_flight.exit()
+            g.in_flight.exit()
 
-    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
-        limit = self.config.max_body_bytes
-        for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > limit:
-                raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
-        parts: list[bytes] = []
-        size = 0
-        with trio.move_on_after(self.config.body_timeout):  # cheaper than fail_after, on every request
-            while True:
-                msg = await receive()
-                if msg["type"] == "http.disconnect":
-                    raise ClientGone("the client went away while sending its body")
-                chunk = msg.get("body", b"")
-                size += len(chunk)
-                if size > limit:
-                    raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
-                parts.append(chunk)
-                if not msg.get("more_body", False):
-                    return parts[0] if len(parts) == 1 else b"".join(parts)
-        raise BadRequest(f"the body did not arrive within {self.config.body_timeout:g}s")
 
-    async def _until_disconnect(self, receive: Receive, work: Callable[[], Awaitable[None]]) -> None:
-        """Run ``work``; cancel it if the client disconnects first (:mod:`.disconnect_watch`)."""
-        with trio.CancelScope() as scope:
-            watched = self._watch.add(receive, scope)
-            try:
-                await work()
-            finally:
-                self._watch.discard(watched)
+class Gateway:
+    """Every portal's sockets over one orchestrator (see the module docstring).
 
-    # --- inference -----------------------------------------------------------------------
+    Args:
+        config: the cortex's config (``portals``, ``gateway_socket``, ``admin_socket``,
+            ``[gateway]``, ``shutdown_grace``, ``usage_store``).
+        orchestrator: decides where requests run and runs them (its ``run`` must be
+            running too).
+        store: keys and the usage ledger (default: SQLite at ``config.usage_store_path``).
+        admin_token: returns the operator's admin token (None: the admin API refuses all).
+        clock: Unix time, for quotas and the ledger.
+        inline_ledger: write ledger records on the trio thread (tests under the autojump
+            clock only; see :class:`~.portal.writer.LedgerWriter`).
+    """
 
-    async def _chat(self, scope: Scope, receive: Receive, out: _Responder) -> None:
-        await self._generate(scope, receive, out, api.ChatCompletionRequest, "chat", "chatcmpl-")
+    def __init__(self, config: CortexConfig, orchestrator: Orchestrator, *, store: Store | None = None,
+                 admin_token: Callable[[], str | None] = lambda: None, clock: Callable[[], float] = time.time,
+                 inline_ledger: bool = False) -> None:
+        self.cortex_config = config
+        self.config = config.gateway
+        self.shutdown_grace = config.shutdown_grace
+        self.orchestrator = orchestrator
+        self.fleet = orchestrator.fleet
+        self.metrics = orchestrator.metrics
+        self.clock = clock
+        self.portals = {pid: Portal(pid, pc) for pid, pc in config.portals.items()}
+        self.store: Store = store if store is not None else SqliteStore(
+            config.usage_store_path, synchronous=self.config.ledger_sync.upper())
+        self.writer = LedgerWriter(self.store, timeout=self.config.ledger_timeout, inline=inline_ledger)
+        self.limits = RequestLimits(orchestrator.catalogue, orchestrator.fleet)
+        self.metering = Metering(orchestrator, self.writer, self.store, self.metrics, limits=self.limits, clock=clock)
+        self.keyring = Keyring()
+        self.watch = DisconnectWatch()
+        self.edge_limits = Limits(self.config.max_body_bytes, self.config.body_timeout)
+        self.in_flight = InFlight()
+        """HTTP requests being handled right now, on every socket (a drain waits for none)."""
+        self._created = int(time.time())
+        self.openai = OpenAISurface(self.metering, self._fabric_models)
+        self.admin = AdminApi(portals=self.portals, keyring=self.keyring, store=self.store, metering=self.metering,
+                              fleet=self.fleet, token=admin_token, admin_clients=self.config.admin_clients,
+                              clock=clock)
+        self.addresses: dict[str, list[str]] = {}
+        """Each portal's bound URLs, once :meth:`run` reported them."""
+        self.admin_urls: list[str] = []
+        self.apps: dict[str, PortalApp] = {}
+        """The app served at each URL."""
+        self._stop = trio.Event()
+        self._servers: list[HttpServer] = []
 
-    async def _completions(self, scope: Scope, receive: Receive, out: _Responder) -> None:
-        await self._generate(scope, receive, out, api.CompletionRequest, "completions", "cmpl-")
+    # --- apps ------------------------------------------------------------------------------
 
-    async def _generate(self, scope: Scope, receive: Receive, out: _Responder, model: type,
-                        endpoint: str, id_prefix: str) -> None:
-        body = api.parse(model, await self._read_body(scope, receive))
-        request = api.to_generate_request(body, scope["helexa.request_id"])
-        entry = self.orchestrator.catalogue.get(request.model_id)
-        max_tokens = request.sampling.max_tokens
-        if entry is not None and entry.max_output and max_tokens and max_tokens > entry.max_output:
-            raise BadRequest(f"max_tokens {max_tokens} is over model {entry.id!r}'s limit of "
-                             f"{entry.max_output}", param="max_tokens")
-        response_id = id_prefix + request.request_id
+    def _fabric_models(self) -> list[dict[str, Any]]:
+        return model_listing(self.orchestrator.models(), self.config.owned_by, self._created)
 
-        async def keepalive(status: WaitStatus) -> None:
-            # The first tick of a long wait commits to a 200 stream; each tick says what it
-            # waits for (an SSE comment: clients ignore it, people read it).
-            await out.start()
-            await out.body(sse.comment(status.describe()))
+    def models(self) -> list[dict[str, Any]]:
+        """The default portal's ``/v1/models`` entries."""
+        return self.portals[DEFAULT_PORTAL].listing(self._fabric_models(), full=True)
 
-        async def stream() -> None:
-            encoder = sse.StreamEncoder(request, response_id, include_usage=body.include_usage)
-            try:
-                async with self.orchestrator.generate(request, endpoint=endpoint, on_wait=keepalive,
-                                                      session=session_of(scope["headers"], body)) as gen:
-                    await out.start()
-                    head = encoder.start()
-                    async for event in gen:
-                        frame = encoder.chunk(event) if isinstance(event, TokenChunk) else encoder.finish(event)
-                        if head:
-                            frame, head = head + frame, b""
-                        if frame:
-                            await out.body(frame)
-            except Exception as exc:
-                if not out.started:
-                    raise
-                await out.body(sse.error_event(exc))
-            await out.body(b"", more=False)
+    def _common_routes(self) -> list[Route]:
+        return [Route("GET", "/health", self._health, keyed=False)]
 
-        async def complete() -> None:
-            parts: list[str] = []
-            tool_calls: list[Any] = []
-            result: GenerateResult | None = None
-            async with self.orchestrator.generate(request, endpoint=endpoint,
-                                                  session=session_of(scope["headers"], body)) as gen:
-                async for event in gen:
-                    if isinstance(event, GenerateResult):
-                        result = event
-                    parts.append(event.text)
-                    tool_calls.extend(event.tool_calls or ())
-            assert result is not None
-            await out.json(api.completion_response(request, response_id, "".join(parts), result, tool_calls or None))
+    def _admin_routes(self) -> list[Route]:
+        return [Route("GET", "/metrics", self._metrics, keyed=False), *self.admin.routes()]
 
-        await self._until_disconnect(receive, stream if request.stream else complete)
+    def app(self, portal_id: str, *, admin: bool = False) -> PortalApp:
+        """The ASGI app of a socket of ``portal_id`` (with the admin routes when ``admin``)."""
+        portal = self.portals[portal_id]
+        routes = self._common_routes()
+        if "openai" in portal.config.surfaces:
+            routes += self.openai.routes()
+        if admin:
+            routes += self._admin_routes()
+        return PortalApp(self, portal, routes)
 
-    async def _embeddings(self, scope: Scope, receive: Receive, out: _Responder) -> None:
-        body = api.parse(api.EmbeddingRequest, await self._read_body(scope, receive))
-        request = api.to_embed_request(body, scope["helexa.request_id"])
+    def admin_app(self) -> PortalApp:
+        """The ASGI app of the admin socket alone."""
+        return PortalApp(self, None, self._common_routes() + self._admin_routes())
 
-        async def work() -> None:
-            result = await self.orchestrator.embed(request)
-            await out.json(api.embedding_response(request.model_id, result, body.encoding_format))
+    # --- serving -------------------------------------------------------------------------
 
-        await self._until_disconnect(receive, work)
+    async def run(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve every portal until :meth:`stop`; reports the default portal's URLs
+        (``["http://127.0.0.1:8080"]``); :attr:`addresses` has every portal's.
+
+        Keys and the budgets' spending are loaded from the store first. Stopping lets
+        in-flight requests finish for ``shutdown_grace`` seconds; records still being
+        written are written.
+        """
+        async with trio.open_nursery() as services:
+            await services.start(self.watch.run)
+            await services.start(self.writer.run)
+            services.start_soon(self.limits.counter.warm)
+            keys = await self.metering.blocking(self.store.keys)
+            for key in keys:
+                self.keyring.put(key)
+            await self.metering.restore(keys, list(self.portals.values()))
+            admin_socket = self.cortex_config.admin_socket
+            async with trio.open_nursery() as servers:
+                for pid, portal in self.portals.items():
+                    urls: list[str] = []
+                    for i, addr in enumerate(portal.config.listen):
+                        app = self.app(pid, admin=admin_socket is None and pid == DEFAULT_PORTAL and i == 0)
+                        bound = await servers.start(self._serve, app, addr, portal.config)
+                        self.apps.update(dict.fromkeys(bound, app))
+                        urls += bound
+                    self.addresses[pid] = urls
+                    log.info("portal %s (%s) listening on %s", pid, portal.config.auth or "open", ", ".join(urls))
+                if admin_socket is not None:
+                    admin_app = self.admin_app()
+                    self.admin_urls = await servers.start(self._serve, admin_app, admin_socket, None)
+                    self.apps.update(dict.fromkeys(self.admin_urls, admin_app))
+                    log.info("admin API listening on %s", ", ".join(self.admin_urls))
+                else:
+                    self.admin_urls = self.addresses[DEFAULT_PORTAL][:1]
+                task_status.started(self.addresses[DEFAULT_PORTAL])
+            # Every server returned (their graceful stop is over): stop the services too.
+            services.cancel_scope.cancel()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for server in self._servers:
+            server.stop()
+
+    async def _serve(self, app: PortalApp, addr: str, portal: PortalConfig | None,
+                     task_status: trio.TaskStatus[list[str]]) -> None:
+        host, port = split_socket(addr)
+        tls = portal is not None and portal.tls_cert_file is not None
+        if tls or self.config.server == "hypercorn":
+            await self._hypercorn(app, host, port, portal if tls else None, task_status)
+            return
+        c = self.config
+        server = HttpServer(app, host=host, port=port, keep_alive_timeout=c.keep_alive_timeout,
+                            keep_alive_max_requests=c.keep_alive_max_requests, read_timeout=c.body_timeout,
+                            send_timeout=c.send_timeout, shutdown_grace=self.shutdown_grace,
+                            error_body=server_error_body)
+        self._servers.append(server)
+        if self._stop.is_set():
+            server.stop()
+        await server.run(task_status=task_status)
+
+    async def _hypercorn(self, app: PortalApp, host: str, port: int, tls: PortalConfig | None,
+                         task_status: trio.TaskStatus[list[str]]) -> None:
+        import hypercorn.config
+        import hypercorn.trio
+
+        cfg = hypercorn.config.Config()
+        cfg.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+        cfg.keep_alive_timeout = self.config.keep_alive_timeout
+        cfg.keep_alive_max_requests = self.config.keep_alive_max_requests
+        cfg.graceful_timeout = self.shutdown_grace
+        cfg.accesslog = None
+        cfg.errorlog = logging.getLogger("helexa.gateway.http")
+        if tls is not None:
+            cfg.certfile, cfg.keyfile = str(tls.tls_cert_file), str(tls.tls_key_file)
+        await hypercorn.trio.serve(app, cfg, shutdown_trigger=self._stop.wait,  # type: ignore[arg-type]
+                                   task_status=task_status, mode="asgi")
 
     # --- reads ---------------------------------------------------------------------------
 
-    def models(self) -> list[dict[str, Any]]:
-        """The ``/v1/models`` entries: the orchestrator's listing in OpenAI's shape."""
-        return [{**m, "object": "model", "created": self._created, "owned_by": m["owned_by"] or self.config.owned_by}
-                for m in self.orchestrator.models()]
+    async def _metrics(self, ex: Exchange) -> None:
+        await ex.out.full(200, [(b"content-type", METRICS_CONTENT_TYPE.encode())], self.metrics.render())
 
-    async def _models(self, scope: Scope, receive: Receive, out: _Responder) -> None:
-        await out.json({"object": "list", "data": self.models()})
+    async def _health(self, ex: Exchange) -> None:
+        await ex.out.json({"status": "ok", "neurons": len(self.fleet.usable())})
 
-    async def _metrics(self, scope: Scope, receive: Receive, out: _Responder) -> None:
-        await out.full(200, [(b"content-type", METRICS_CONTENT_TYPE.encode())], self.metrics.render())
-
-    async def _fleet(self, scope: Scope, receive: Receive, out: _Responder) -> None:
-        client = (scope.get("client") or ("", 0))[0]
-        if client not in self.config.admin_clients:
-            raise Forbidden(f"the admin API is not served to {client or 'this client'} (see gateway.admin_clients)")
-        await out.json(self.fleet.snapshot())
-
-    async def _health(self, scope: Scope, receive: Receive, out: _Responder) -> None:
-        await out.json({"status": "ok", "neurons": len(self.fleet.usable())})

@@ -1,7 +1,9 @@
-"""Prometheus metrics of the gateway, per model and neuron, served on ``/metrics``.
+"""Prometheus metrics of the gateway, per model and neuron, and per portal, served on
+``/metrics`` (the admin socket).
 
 Each :class:`Metrics` owns its own registry, so several cortexes (or tests) in one process
-never collide.
+never collide. Labels name portals, models, neurons and outcomes, never a key: a key id
+would make a series per customer, and the ledger is where per-key usage lives.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _LOAD_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _RATE_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
+_WRITE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -40,6 +43,20 @@ class Metrics:
         self._children: dict[tuple[str, str, str], tuple] = {}
         self.cold_load_seconds = Histogram("helexa_cold_load_seconds", "Duration of on-demand loads",
                                            ["model", "neuron"], buckets=_LOAD_BUCKETS, registry=r)
+        self.portal_requests = Counter("helexa_portal_requests", "Requests a portal served, by model (as asked) "
+                                       "and outcome (ok, client_gone, error)", ["portal", "model", "outcome"],
+                                       registry=r)
+        self.portal_tokens = Counter("helexa_portal_tokens", "Tokens a portal billed, by model and kind "
+                                     "(prompt, completion)", ["portal", "model", "kind"], registry=r)
+        self.portal_cost = Counter("helexa_portal_cost", "What a portal billed, in its currency",
+                                   ["portal", "currency"], registry=r)
+        self.portal_refusals = Counter("helexa_portal_refusals", "Requests a portal refused, by reason "
+                                       "(unauthorized, requests, tokens, too_large, concurrency, budget)",
+                                       ["portal", "reason"], registry=r)
+        self.ledger_write = Histogram("helexa_ledger_write_seconds", "Time until a usage record was on disk",
+                                      ["portal"], buckets=_WRITE_BUCKETS, registry=r)
+        self._portal_children: dict[tuple[str, str, str], tuple] = {}
+        self._ledger_children: dict[str, Histogram] = {}
 
     def request_done(
         self, model: str, neuron: str, endpoint: str, *, duration: float, ttft: float | None,
@@ -65,6 +82,33 @@ class Metrics:
             prompt.inc(prompt_tokens)
         if completion_tokens:
             completion.inc(completion_tokens)
+
+    def portal_request(self, portal: str, model: str, outcome: str, *, prompt_tokens: int, completion_tokens: int,
+                       cost: float, currency: str) -> None:
+        """One request a portal served and billed (``model`` as the client asked for it)."""
+        key = (portal, model, outcome)
+        children = self._portal_children.get(key)
+        if children is None:
+            children = self._portal_children[key] = (
+                self.portal_requests.labels(portal, model, outcome), self.portal_tokens.labels(portal, model, "prompt"),
+                self.portal_tokens.labels(portal, model, "completion"), self.portal_cost.labels(portal, currency))
+        requests, prompt, completion, money = children
+        requests.inc()
+        if prompt_tokens:
+            prompt.inc(prompt_tokens)
+        if completion_tokens:
+            completion.inc(completion_tokens)
+        if cost:
+            money.inc(cost)
+
+    def ledger_written(self, portal: str, seconds: float) -> None:
+        child = self._ledger_children.get(portal)
+        if child is None:
+            child = self._ledger_children[portal] = self.ledger_write.labels(portal)
+        child.observe(seconds)
+
+    def portal_refused(self, portal: str, reason: str) -> None:
+        self.portal_refusals.labels(portal, reason).inc()
 
     def request_failed(self, model: str, neuron: str, code: str) -> None:
         self.errors.labels(model, neuron or "-", code).inc()

@@ -1,10 +1,13 @@
-"""The cortex process: identity, join token, control plane, orchestrator, gateway and (when
-``mesh.enabled``) the libp2p mesh and the federation, in one trio nursery; stopped by
-:mod:`.shutdown` on SIGINT/SIGTERM.
+"""The cortex process: identity, join and admin tokens, control plane, orchestrator, the
+gateway's portals (with their keys and usage ledger in ``DATA_DIR/usage.sqlite``) and
+(when ``mesh.enabled``) the libp2p mesh and the federation, in one trio nursery; stopped
+by :mod:`.shutdown` on SIGINT/SIGTERM.
 
 With the mesh, the orchestrator asks peers (:mod:`.peering`) for models its own fleet
-cannot serve, peers' requests run through this cortex's own orchestrator (never out
-again), and receipts go to ``DATA_DIR/ledger.sqlite`` (``helexa ledger``)."""
+cannot serve (as each portal's routing preferences allow), peers' requests run through
+this cortex's own orchestrator (never out again), and receipts go to
+``DATA_DIR/ledger.sqlite`` (``helexa ledger``), each linked to the usage ledger's row of
+the request it paid for."""
 
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import trio
 from helexa import identity as identity_mod
 from helexa.config import ConfigError
 
-from . import join_token
+from . import admin_token, join_token
 from .catalogue import Catalogue, CatalogueError, default_catalogue
 from .config import CortexConfig
 from .control_server import ControlServer
@@ -44,6 +47,10 @@ class CortexAddresses:
     gateway_url: str
     mesh_addrs: tuple[str, ...] = field(default=())
     """The mesh multiaddrs (``.../p2p/<peer id>``) when the mesh is enabled."""
+    admin_url: str = ""
+    """Where the admin API is served (``admin_socket``, else the default portal's socket)."""
+    portals: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Each portal's URLs."""
 
 
 class Cortex:
@@ -59,6 +66,7 @@ class Cortex:
         data.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.identity = identity_mod.load_or_create(data / "identity.key")
         join_token.load_or_create(data)
+        admin_token.load_or_create(data)
         self.fleet = Fleet()
         self.control = ControlServer(config, self.fleet, lambda: join_token.read(join_token.path_in(data)),
                                      cortex_id=self.identity.fingerprint, ssl_context=self._ssl())
@@ -67,7 +75,8 @@ class Cortex:
         except CatalogueError as exc:
             raise ConfigError(f"models_file: {exc}") from None
         self.orchestrator = Orchestrator(config, self.fleet, self.catalogue, Metrics())
-        self.gateway = Gateway(config, self.orchestrator)
+        self.gateway = Gateway(config, self.orchestrator,
+                               admin_token=lambda: admin_token.read(admin_token.path_in(data)))
         self.mesh: Mesh | None = None
         self.federation: Federation | None = None
         self.ledger: Ledger | None = None
@@ -106,7 +115,9 @@ class Cortex:
                 operators=frozenset(fed_cfg.operators), max_price_input=fed_cfg.max_price_input,
                 max_price_output=fed_cfg.max_price_output),
             settings=FederationSettings(announce_interval=mesh_cfg.announce_interval))
-        self.orchestrator.set_remote_router(PeerRouter(self.federation))
+        router = PeerRouter(self.federation)
+        self.orchestrator.set_remote_router(router)
+        self.gateway.metering.receipts = router.take_receipt
 
     def _ssl(self) -> ssl.SSLContext | None:
         if self.config.tls_cert_file is None:
@@ -135,8 +146,11 @@ class Cortex:
                     control_url=f"{scheme}://{self.control.host}:{control_port}",
                     gateway_url=binds[0],
                     mesh_addrs=tuple(mesh_addrs),
+                    admin_url=self.gateway.admin_urls[0],
+                    portals={pid: tuple(urls) for pid, urls in self.gateway.addresses.items()},
                 )
-                log.info("cortex ready: control=%s gateway=%s", addrs.control_url, addrs.gateway_url)
+                log.info("cortex ready: control=%s gateway=%s admin=%s", addrs.control_url, addrs.gateway_url,
+                         addrs.admin_url)
                 task_status.started(addrs)
                 await self._stop.wait()
                 await drain(self.gateway, self.control, grace=self.config.shutdown_grace)
@@ -144,6 +158,7 @@ class Cortex:
         finally:
             if self.ledger is not None:
                 self.ledger.close()
+            self.gateway.store.close()
 
     def stop(self) -> None:
         """Begin a graceful stop (drain within ``shutdown_grace``, then return from run)."""

@@ -1,7 +1,7 @@
 """OpenAI's request and response shapes, kept at the HTTP edge of the cortex.
 
-Request models are lenient: unknown fields are kept (and logged once per field name), never
-fatal. Turning a validated body into the fabric's own :class:`~helexa.protocol.GenerateRequest`
+The request models are in :mod:`.openai_requests` (typed, lenient to unknown fields: kept
+and logged once per field name, never fatal). Turning a validated body into the fabric's own :class:`~helexa.protocol.GenerateRequest`
 or :class:`~helexa.protocol.EmbedRequest` is serving code and lives in the functions below,
 not on the models. Response bodies (non-streaming) are built here too; streamed chunks are
 framed in :mod:`.sse`.
@@ -15,109 +15,146 @@ import base64
 import logging
 import struct
 import time
-from typing import Any, Literal, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from helexa.protocol import (
     EmbedRequest,
     EmbedResult,
     GenerateRequest,
     GenerateResult,
+    OutputFormat,
+    ResponseFormat,
     SamplingParams,
     Task,
+    TokenChunk,
+    TokenLogprob,
+    ToolChoice,
+    ToolChoiceMode,
+    ToolSpec,
     Usage,
 )
 
 from .errors import BadRequest
+from .openai_requests import (
+    AudioPart,
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    FilePart,
+    GenerateBody,
+    ImagePart,
+    JsonObjectFormat,
+    JsonSchemaResponseFormat,
+    Lenient,
+    NamedToolChoice,
+    UserMessage,
+    WireJsonError,
+    FieldError,
+    check_wire_json,
+)
 
 log = logging.getLogger(__name__)
 
-PASSTHROUGH = frozenset(
-    {"tools", "tool_choice", "parallel_tool_calls", "response_format", "logit_bias", "grammar", "json_schema"}
-)
-"""Body fields handed to the backend untouched (``GenerateRequest.extra``)."""
+PASSTHROUGH = frozenset({"grammar", "json_schema"})
+"""Unknown body fields handed to the backend untouched (``GenerateRequest.extra``): llama.cpp's
+own ways of constraining output. ``logit_bias`` and ``parallel_tool_calls`` are typed fields
+that travel the same way."""
 
 # Fields the official client may send that we accept and deliberately ignore.
-_IGNORED = frozenset({"user", "store", "metadata", "service_tier", "logprobs", "top_logprobs", "echo", "best_of",
-                      "suffix", "modalities", "prediction", "reasoning_effort", "dimensions"})
+_IGNORED = frozenset({"user", "store", "metadata", "service_tier", "modalities", "prediction", "reasoning_effort",
+                      "stream_options", "web_search_options", "safety_identifier", "prompt_cache_key", "verbosity"})
 _logged_unknown: set[str] = set()
+MAX_LOGGED_UNKNOWN = 200
+"""Distinct unknown field names logged (once each); past that, a client inventing names
+cannot grow the set or the log."""
+
+__all__ = ["ChatCompletionRequest", "CompletionRequest", "EmbeddingRequest", "parse", "to_generate_request",
+           "to_embed_request", "Choices", "completion_body", "completion_response", "embedding_response"]
+
+M = TypeVar("M", bound=Lenient)
+
+_TYPE_LABELS = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
 
 
-class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="allow", frozen=True)
-
-    def unknown_fields(self) -> list[str]:
-        return sorted(self.model_extra or ())
-
-
-class StreamOptions(_Lenient):
-    include_usage: bool = False
-
-
-class _GenerateBody(_Lenient):
-    model: str = Field(min_length=1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    min_p: float | None = Field(None, ge=0, le=1)
-    n: int = Field(1, ge=1, le=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    repetition_penalty: float | None = Field(None, gt=0)
-
-    @property
-    def include_usage(self) -> bool:
-        return self.stream_options is not None and self.stream_options.include_usage
+def param_of(loc: tuple[Any, ...]) -> str:
+    """A pydantic error location as the field path a client wrote: ``messages[0].content``.
+    Union-member labels (``str``, ``list[...]``, ``role=user``) are left out."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif (not part or "[" in part or "=" in part or part in _TYPE_LABELS or part[0].isupper()
+              or part.startswith(("function-", "json-or-python", "nullable", "literal"))):
+            continue
+        else:
+            out += ("." if out else "") + ("schema" if part == "schema_" else part)
+    return out
 
 
-class ChatCompletionRequest(_GenerateBody):
-    messages: list[dict[str, Any]] = Field(min_length=1)
-
-
-class CompletionRequest(_GenerateBody):
-    prompt: str | list[str]
-
-
-class EmbeddingRequest(_Lenient):
-    model: str = Field(min_length=1)
-    input: str | list[str] = Field(min_length=1)
-    encoding_format: Literal["float", "base64"] = "float"
-
-
-M = TypeVar("M", bound=_Lenient)
+def _got(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
 
 
 def parse(model: type[M], raw: bytes) -> M:
-    """Validate a JSON body. Raises :class:`BadRequest` naming the first bad field."""
+    """Validate a JSON body. Raises :class:`BadRequest` naming the bad field (``param``) and
+    saying what was expected and what came."""
     try:
         body = model.model_validate_json(raw)
     except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        if first["type"] == "json_invalid":
-            raise BadRequest(f"the body is not valid JSON: {first['msg']}") from None
-        if first["type"] == "model_type" and not loc:
-            raise BadRequest("the body must be a JSON object") from None
-        raise BadRequest(f"{loc or 'body'}: {first['msg']}", param=loc or None) from None
+        raise _bad_request(exc) from None
     for name in body.unknown_fields():
-        if name not in PASSTHROUGH and name not in _IGNORED and name not in _logged_unknown:
+        if (name not in PASSTHROUGH and name not in _IGNORED and name not in _logged_unknown
+                and len(_logged_unknown) < MAX_LOGGED_UNKNOWN):
             _logged_unknown.add(name)
-            log.info("ignoring unknown request field %r (%s)", name, model.__name__)
+            log.info("ignoring unknown request field %r (%s)", name[:64], model.__name__)
     return body
 
 
+def _bad_request(exc: ValidationError) -> BadRequest:
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    if first["type"] == "json_invalid":
+        return BadRequest(f"the body is not valid JSON: {first['msg']}")
+    if first["type"] in ("model_type", "model_attributes_type") and not first["loc"]:
+        return BadRequest("the body must be a JSON object")
+    cause = (first.get("ctx") or {}).get("error")
+    if isinstance(cause, FieldError):
+        return BadRequest(str(cause), param=cause.param)
+    # The deepest location is the most precise; errors sharing it are a union's members.
+    located = [(param_of(tuple(e["loc"])), e) for e in errors]
+    param = max((p for p, _ in located), key=lambda p: (p.count(".") + p.count("["), len(p)))
+    here = [e for p, e in located if p == param]
+    cause = (here[0].get("ctx") or {}).get("error")
+    if isinstance(cause, WireJsonError):
+        inner = param + ("." + cause.path if cause.path and not cause.path.startswith("[") else cause.path)
+        return BadRequest(f"Invalid value for '{inner}': {cause}", param=param or None)
+    messages = list(dict.fromkeys(e["msg"].removeprefix("Value error, ") for e in here))
+    detail = " or ".join(messages)
+    if any(e["type"].endswith("_type") or e["type"] in ("literal_error", "union_tag_invalid") for e in here):
+        detail += f" (got {_got(here[0]['input'])})"
+    if not param:
+        return BadRequest(detail)
+    return BadRequest(f"Invalid value for '{param}': {detail}", param=param)
+
+
 def to_generate_request(body: ChatCompletionRequest | CompletionRequest, request_id: str) -> GenerateRequest:
-    """The fabric request for a validated chat or completion body."""
+    """The fabric request for a validated chat or completion body. Raises
+    :class:`BadRequest` for what the types alone could not rule out."""
     stop: tuple[str, ...] = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     if any(not s for s in stop):
         raise BadRequest("stop sequences must not be empty", param="stop")
+    if len(stop) > 16:
+        raise BadRequest("at most 16 stop sequences", param="stop")
+    chat = isinstance(body, ChatCompletionRequest)
+    if chat:
+        logprobs, top = bool(body.logprobs), body.top_logprobs or 0
+    else:
+        logprobs, top = body.logprobs is not None, body.logprobs or 0
     try:
         sampling = SamplingParams(
             max_tokens=body.max_completion_tokens or body.max_tokens,
@@ -130,16 +167,37 @@ def to_generate_request(body: ChatCompletionRequest | CompletionRequest, request
             repetition_penalty=body.repetition_penalty,
             frequency_penalty=body.frequency_penalty,
             presence_penalty=body.presence_penalty,
+            logprobs=logprobs,
+            top_logprobs=top,
         )
     except ValueError as exc:
         raise BadRequest(str(exc)) from None
-    extra = {k: v for k, v in (body.model_extra or {}).items() if k in PASSTHROUGH}
+    extra = _extra(body)
     if isinstance(body, ChatCompletionRequest):
         for i, m in enumerate(body.messages):
-            if not isinstance(m.get("role"), str):
-                raise BadRequest(f"messages[{i}] needs a string 'role'", param=f"messages.{i}.role")
-        return GenerateRequest(request_id, body.model, Task.CHAT, messages=tuple(body.messages),
-                               sampling=sampling, stream=body.stream, extra=extra)
+            if isinstance(m, UserMessage) and isinstance(m.content, list):
+                for j, part in enumerate(m.content):
+                    if isinstance(part, (AudioPart, FilePart)):
+                        raise BadRequest(f"{part.type} content is not supported: no backend here takes it",
+                                         param=f"messages[{i}].content[{j}]", code="unsupported")
+        messages = tuple(m.model_dump(mode="json", exclude_none=True, by_alias=True) for m in body.messages)
+        try:
+            check_wire_json(list(messages), "messages")
+        except WireJsonError as exc:  # an unknown extra field with an odd value
+            raise BadRequest(f"Invalid value for '{exc.path}': {exc}", param=exc.path) from None
+        return GenerateRequest(
+            request_id, body.model, Task.CHAT,
+            messages=messages,
+            sampling=sampling, stream=body.stream, extra=extra,
+            tools=tuple(ToolSpec(t.function.name, t.function.description, t.function.parameters,
+                                 bool(t.function.strict)) for t in body.tools or ()),
+            tool_choice=_tool_choice(body.tool_choice),
+            response_format=_response_format(body.response_format),
+        )
+    if body.echo:
+        raise BadRequest("echo is not supported", param="echo")
+    if body.suffix:
+        raise BadRequest("suffix (fill-in-the-middle) is not supported", param="suffix")
     prompt = body.prompt
     if isinstance(prompt, list):
         if len(prompt) != 1:
@@ -149,10 +207,55 @@ def to_generate_request(body: ChatCompletionRequest | CompletionRequest, request
                            stream=body.stream, extra=extra)
 
 
+def _extra(body: GenerateBody) -> dict[str, Any]:
+    extra = {k: v for k, v in (body.model_extra or {}).items() if k in PASSTHROUGH}
+    for name, value in extra.items():
+        try:
+            check_wire_json(value)
+        except WireJsonError as exc:
+            raise BadRequest(f"Invalid value for '{name}': {exc}", param=name) from None
+    if body.logit_bias:
+        extra["logit_bias"] = dict(body.logit_bias)
+    if isinstance(body, ChatCompletionRequest) and body.parallel_tool_calls is not None:
+        extra["parallel_tool_calls"] = body.parallel_tool_calls
+    return extra
+
+
+def _tool_choice(choice: Any) -> ToolChoice | None:
+    if choice is None:
+        return None
+    if isinstance(choice, NamedToolChoice):
+        return ToolChoice(ToolChoiceMode.FUNCTION, choice.function.name)
+    return ToolChoice(ToolChoiceMode(choice))
+
+
+def _response_format(fmt: Any) -> ResponseFormat | None:
+    if fmt is None:
+        return None
+    if isinstance(fmt, JsonSchemaResponseFormat):
+        spec = fmt.json_schema
+        return ResponseFormat(OutputFormat.JSON_SCHEMA, spec.schema_ or {}, spec.name, bool(spec.strict))
+    if isinstance(fmt, JsonObjectFormat):
+        return ResponseFormat(OutputFormat.JSON_OBJECT)
+    return ResponseFormat(OutputFormat.TEXT)
+
+
+def image_parts(body: ChatCompletionRequest) -> str | None:
+    """The location of the first image content part (``messages[i].content[j]``), if any."""
+    for i, m in enumerate(body.messages):
+        if isinstance(m, UserMessage) and isinstance(m.content, list):
+            for j, part in enumerate(m.content):
+                if isinstance(part, ImagePart):
+                    return f"messages[{i}].content[{j}]"
+    return None
+
+
 def to_embed_request(body: EmbeddingRequest, request_id: str) -> EmbedRequest:
     inputs = (body.input,) if isinstance(body.input, str) else tuple(body.input)
     if any(not isinstance(i, str) or not i for i in inputs):
         raise BadRequest("every input must be a non-empty string", param="input")
+    if body.dimensions is not None:
+        raise BadRequest("dimensions is not supported: each model answers in its own size", param="dimensions")
     return EmbedRequest(request_id, body.model, inputs)
 
 
@@ -196,23 +299,93 @@ def merge_tool_calls(parts: list[Any]) -> list[dict[str, Any]]:
     return calls
 
 
+def logprobs_body(task: Task, logprobs: list[TokenLogprob] | tuple[TokenLogprob, ...], *,
+                  text_offset: int = 0) -> dict[str, Any]:
+    """A choice's ``logprobs`` in OpenAI's shape: ``{"content": [...]}`` for chat, the
+    legacy ``tokens`` / ``token_logprobs`` / ``top_logprobs`` / ``text_offset`` lists for
+    completions (offsets counted from ``text_offset``)."""
+    if task is Task.CHAT:
+        return {"content": [_token_body(lp) for lp in logprobs], "refusal": None}
+    offsets, at = [], text_offset
+    for lp in logprobs:
+        offsets.append(at)
+        at += len(lp.token)
+    return {"tokens": [lp.token for lp in logprobs], "token_logprobs": [lp.logprob for lp in logprobs],
+            "top_logprobs": [{t.token: t.logprob for t in lp.top} for lp in logprobs], "text_offset": offsets}
+
+
+def _token_body(lp: TokenLogprob) -> dict[str, Any]:
+    return {"token": lp.token, "logprob": lp.logprob,
+            "bytes": list(lp.token_bytes) if lp.token_bytes is not None else list(lp.token.encode()),
+            "top_logprobs": [{"token": t.token, "logprob": t.logprob,
+                              "bytes": list(t.token_bytes) if t.token_bytes is not None else list(t.token.encode())}
+                             for t in lp.top]}
+
+
+@dataclass
+class _Choice:
+    parts: list[str] = field(default_factory=list)
+    tool_calls: list[Any] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    result: GenerateResult | None = None
+
+
+class Choices:
+    """The ``n`` choices of a non-streamed answer, gathered from indexed fabric events."""
+
+    def __init__(self, n: int = 1) -> None:
+        self._choices = [_Choice() for _ in range(n)]
+
+    def add(self, index: int, event: TokenChunk | GenerateResult) -> None:
+        c = self._choices[index]
+        c.parts.append(event.text)
+        c.tool_calls.extend(event.tool_calls or ())
+        c.logprobs.extend(event.logprobs or ())
+        if isinstance(event, GenerateResult):
+            c.result = event
+
+    @property
+    def usage(self) -> Usage:
+        """Usage summed over the choices (each is a whole generation)."""
+        results = [c.result for c in self._choices if c.result is not None]
+        return Usage(sum(r.usage.prompt_tokens for r in results), sum(r.usage.completion_tokens for r in results),
+                     sum(r.usage.cached_tokens for r in results))
+
+    def __iter__(self):
+        return iter(self._choices)
+
+
+def completion_body(request: GenerateRequest, response_id: str, choices: Choices, *,
+                    logprobs: bool = False) -> dict[str, Any]:
+    """The non-streaming body of a chat completion or a completion with every choice."""
+    out = []
+    for index, c in enumerate(choices):
+        assert c.result is not None, "every choice ends with a result"
+        text = "".join(c.parts)
+        lps = logprobs_body(request.task, c.logprobs) if logprobs else None
+        if request.task is Task.CHAT:
+            calls = merge_tool_calls(c.tool_calls) if c.tool_calls else None
+            message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
+            if calls:
+                message["tool_calls"] = calls
+            out.append({"index": index, "message": message, "finish_reason": c.result.finish_reason,
+                        "logprobs": lps})
+        else:
+            out.append({"index": index, "text": text, "finish_reason": c.result.finish_reason, "logprobs": lps})
+    obj = "chat.completion" if request.task is Task.CHAT else "text_completion"
+    return {"id": response_id, "object": obj, "created": int(time.time()), "model": request.model_id,
+            "choices": out, "usage": usage_body(choices.usage)}
+
+
 def completion_response(
     request: GenerateRequest, response_id: str, text: str, result: GenerateResult,
     tool_calls: list[Any] | None = None,
 ) -> dict[str, Any]:
-    """The non-streaming body of a chat completion or a completion."""
-    created = int(time.time())
-    if request.task is Task.CHAT:
-        message: dict[str, Any] = {"role": "assistant", "content": text}
-        if tool_calls:
-            message["tool_calls"] = merge_tool_calls(tool_calls)
-        choice = {"index": 0, "message": message, "finish_reason": result.finish_reason, "logprobs": None}
-        obj = "chat.completion"
-    else:
-        choice = {"index": 0, "text": text, "finish_reason": result.finish_reason, "logprobs": None}
-        obj = "text_completion"
-    return {"id": response_id, "object": obj, "created": created, "model": request.model_id,
-            "choices": [choice], "usage": usage_body(result.usage)}
+    """The non-streaming body of a single-choice answer (see :func:`completion_body`)."""
+    choices = Choices(1)
+    choices.add(0, GenerateResult(result.request_id, result.finish_reason, result.usage, text,
+                                  tuple(tool_calls) if tool_calls else None))
+    return completion_body(request, response_id, choices)
 
 
 def embedding_response(model: str, result: EmbedResult, encoding_format: str) -> dict[str, Any]:

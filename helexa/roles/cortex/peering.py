@@ -15,11 +15,18 @@ Three adapters, each a thin shell over objects the cortex already has:
   hands back a :class:`PeerHandle`, a :class:`~.dispatch.Target` like a neuron link, whose ``generate`` is
   :meth:`Federation.route` and ``embed`` :meth:`Federation.embed`. Federation errors
   propagate as they are and become HTTP statuses in :mod:`.errors`.
+
+  The asking portal's routing preferences (:data:`.portal.routing.ASK_POLICY`, set by
+  the metered path around its orchestrator call) narrow the operator's outbound policy
+  for that request: which peers and at what price. When a peer has answered, the
+  request's receipt (as the federation ledger recorded it) is kept for
+  :meth:`PeerRouter.take_receipt`, which links it to the usage ledger's row.
 """
 
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
@@ -32,9 +39,12 @@ from helexa.protocol.federation import OfferedModel
 from .catalogue import Catalogue
 from .dispatch import Generation
 from .errors import NoCapacity, to_gateway_error
+from .federation.ledger import CONSUMED
+from .federation.policy import AskPolicy
 from .federation.service import Federation
 from .fleet import Fleet
 from .orchestrator import Orchestrator
+from .portal.routing import ASK_POLICY
 from .provisioner import Provisioner
 
 PEER_NODE_ID = "federation"
@@ -138,35 +148,72 @@ class LocalServing:
             raise _failure(exc) from None
 
 
-class PeerHandle:
-    """A peer cortex as a :class:`~.dispatch.Target`, driven like a neuron link."""
+_RECEIPTS_KEPT = 10_000
 
-    def __init__(self, federation: Federation) -> None:
+
+class PeerHandle:
+    """A peer cortex as a :class:`~.dispatch.Target`, driven like a neuron link.
+
+    ``also`` narrows the outbound policy (the asking portal's preferences); ``router``
+    keeps each request's receipt once it ended.
+    """
+
+    def __init__(self, federation: Federation, router: "PeerRouter | None" = None, also: AskPolicy | None = None
+                 ) -> None:
         self.federation = federation
         self.node_id = PEER_NODE_ID
         self.peer_id: str | None = None
         """The peer that served the last request, once it answered."""
+        self._router = router
+        self._also = also
 
     @asynccontextmanager
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Any]:
         """:meth:`Federation.route`; raises the federation's errors (see its docstring)."""
-        async with self.federation.route(request) as frames:
-            self.peer_id = frames.peer_id
-            yield frames
+        try:
+            async with self.federation.route(request, also=self._also) as frames:
+                self.peer_id = frames.peer_id
+                yield frames
+        finally:
+            if self.peer_id is not None and self._router is not None:
+                with trio.CancelScope(shield=True):
+                    await self._router.keep_receipt(request.request_id)
 
     async def embed(self, request: EmbedRequest, *, timeout: float) -> EmbedResult:
-        with trio.fail_after(timeout):
-            return await self.federation.embed(request)
+        try:
+            with trio.fail_after(timeout):
+                return await self.federation.embed(request, also=self._also)
+        finally:
+            if self._router is not None:
+                with trio.CancelScope(shield=True):
+                    await self._router.keep_receipt(request.request_id)
 
 
 class PeerRouter:
-    """The orchestrator's :class:`~.dispatch.RemoteRouter` over a :class:`Federation`."""
+    """The orchestrator's :class:`~.dispatch.RemoteRouter` over a :class:`Federation`,
+    under the asking portal's routing preferences (see the module docstring)."""
 
     def __init__(self, federation: Federation) -> None:
         self.federation = federation
+        self._receipts: OrderedDict[str, tuple[str, str]] = OrderedDict()
 
     def can_route(self, model_id: str) -> bool:
-        return self.federation.can_route(model_id)
+        return self.federation.can_route(model_id, also=ASK_POLICY.get())
+
+    async def keep_receipt(self, request_id: str) -> None:
+        """Keep the consumed receipt of ``request_id`` (as recorded in the federation
+        ledger) for :meth:`take_receipt`; the oldest are dropped past a bound."""
+        entry = await trio.to_thread.run_sync(self.federation.ledger.get, CONSUMED, request_id)
+        if entry is None:
+            return
+        self._receipts[request_id] = (entry.receipt.server_peer_id, entry.receipt.signature.hex())
+        while len(self._receipts) > _RECEIPTS_KEPT:
+            self._receipts.popitem(last=False)
+
+    async def take_receipt(self, request_id: str) -> tuple[str, str] | None:
+        """``(peer id, receipt signature hex)`` of a request a peer served, once (None if
+        no peer served it)."""
+        return self._receipts.pop(request_id, None)
 
     def listing(self) -> dict[str, dict[str, Any]]:
         """``/v1/models`` fields of each model peers offer us: ``federated``, the
@@ -186,9 +233,10 @@ class PeerRouter:
         """A handle that sends ``request`` to the best peer; None when no peer offers the
         model (a 404). A peer is chosen, and the ask policy applied, when the handle runs:
         a model peers offer but our policy excludes raises ``OutboundRefused`` (403) there."""
-        if not self.federation.can_route(request.model_id) and not self._offered(request.model_id):
+        also = ASK_POLICY.get()
+        if not self.federation.can_route(request.model_id, also=also) and not self._offered(request.model_id):
             return None
-        return PeerHandle(self.federation)
+        return PeerHandle(self.federation, self, also)
 
     def _offered(self, model_id: str) -> bool:
         return bool(self.federation.table.offers(model_id, time.time()))

@@ -7,6 +7,11 @@ first and shares its outcome. A config with a ``source`` is fetched first
 (:mod:`.sources`: progress stage ``download``), and the backend is built from the config
 with the local path in ``metadata.path``; the fetched files stay in use until the model is
 unloaded.
+
+Backends run in worker processes by default (:mod:`helexa.runtime.worker`): a load never
+blocks the neuron, and a worker that dies takes only its own model down. Such a model goes
+to ``failed`` with the reason (reported to the cortex like any state change), its requests
+fail with ``backend_crashed``, and the next load starts a new worker.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from dataclasses import dataclass, field
 import trio
 
 from helexa.protocol import ModelConfig, ModelState, ModelStatus
-from helexa.runtime import Backend, BackendError, LoadFailed, ProgressFn, create_backend
+from helexa.runtime import Backend, BackendError, LoadFailed, ProgressFn
+from helexa.runtime.worker import backend_for
 
 from .sources import Fetched, ModelSources
 
@@ -50,7 +56,9 @@ class ModelRegistry:
 
     Args:
         on_status: called with a model's new status whenever its state changes.
-        factory: builds a backend from a config (the runtime registry by default).
+        factory: builds a backend from a config (by default a worker process's, or an
+            in-process one for the kinds that gain nothing from a process of their own:
+            :func:`helexa.runtime.worker.backend_for`).
         sources: fetches configs' sources (built from the default ``[sources]`` config on
             first use when not given).
     """
@@ -59,7 +67,7 @@ class ModelRegistry:
         self,
         *,
         on_status: Callable[[ModelStatus], None] = lambda status: None,
-        factory: Callable[[ModelConfig], Backend] = create_backend,
+        factory: Callable[[ModelConfig], Backend] = backend_for,
         sources: ModelSources | None = None,
     ) -> None:
         self._entries: dict[str, _Entry] = {}
@@ -89,6 +97,8 @@ class ModelRegistry:
             error=e.error,
             in_flight=e.in_flight,
             memory_bytes=e.backend.memory_bytes() if e.backend is not None and e.state is ModelState.LOADED else 0,
+            context_length=e.backend.context_length() if e.backend is not None and e.state is ModelState.LOADED
+            else None,
         )
 
     def statuses(self) -> tuple[ModelStatus, ...]:
@@ -147,6 +157,7 @@ class ModelRegistry:
         e.settled = trio.Event()
         e.progress = 0.0
         self._set(model_id, ModelState.LOADING)
+        await self._discard(e)  # what a crashed backend left behind
         backend: Backend | None = None
         fetched: Fetched | None = None
 
@@ -200,6 +211,10 @@ class ModelRegistry:
             raise ModelNotReady(f"model {model_id!r} is not configured on this neuron")
         if e.state in (ModelState.LOADING, ModelState.UNLOADING):
             await e.settled.wait()
+        if e.state is ModelState.FAILED and e.backend is not None:  # its worker died
+            await self._discard(e)
+            self._set(model_id, ModelState.CONFIGURED)
+            return self.status(model_id)
         if e.state is not ModelState.LOADED or e.backend is None:
             return self.status(model_id)
         e.settled = trio.Event()
@@ -219,6 +234,19 @@ class ModelRegistry:
             self._set(model_id, ModelState.CONFIGURED)
             e.settled.set()
         return self.status(model_id)
+
+    async def _discard(self, e: _Entry) -> None:
+        """Free a backend that failed by itself (its worker died) and the files it held."""
+        backend, e.backend = e.backend, None
+        if backend is not None:
+            with trio.CancelScope(shield=True):
+                try:
+                    await backend.unload()
+                except Exception:
+                    log.exception("cleaning up after %s failed", e.config.model_id)
+        if e.fetched is not None:
+            self.sources.release(e.fetched)
+            e.fetched = None
 
     async def unload_all(self) -> None:
         for model_id in list(self._entries):

@@ -37,16 +37,22 @@ BATCH_TICKS = 8
 
 
 def merge(events: list[GenerationEvent]) -> list[GenerationEvent]:
-    """Join consecutive plain-text :class:`TokenChunk`\\ s (same request, no tool calls)."""
+    """Join consecutive plain-text :class:`TokenChunk`\\ s (same request, no tool calls;
+    their logprobs joined too)."""
     out: list[GenerationEvent] = []
     for event in events:
         prev = out[-1] if out else None
         if (isinstance(event, TokenChunk) and isinstance(prev, TokenChunk) and not event.tool_calls
                 and not prev.tool_calls and prev.request_id == event.request_id):
-            out[-1] = TokenChunk(prev.request_id, prev.text + event.text, prev.tokens + event.tokens)
+            out[-1] = TokenChunk(prev.request_id, prev.text + event.text, prev.tokens + event.tokens,
+                                 logprobs=_joined(prev.logprobs, event.logprobs))
         else:
             out.append(event)
     return out
+
+
+def _joined(a: tuple | None, b: tuple | None) -> tuple | None:
+    return a + b if a and b else a or b
 
 
 async def relay(events: AsyncIterator[GenerationEvent], send: Callable[[GenerationEvent], Awaitable[None]],
@@ -132,23 +138,26 @@ async def collect(events: AsyncIterator[GenerationEvent], send: Callable[[Genera
     parts: list[str] = []
     size = 0
     calls: list = []
+    logprobs: list = []
     rid = ""
     async for event in events:
         if isinstance(event, GenerateResult):
-            if not parts and not calls:
+            if not parts and not calls and not logprobs:
                 await send(event)
                 return
             parts.append(event.text)
             calls.extend(event.tool_calls or ())
+            logprobs.extend(event.logprobs or ())
             await send(GenerateResult(event.request_id, event.finish_reason, event.usage, "".join(parts),
-                                      tuple(calls) or None))
+                                      tuple(calls) or None, tuple(logprobs) or None))
             return
         rid = event.request_id
         parts.append(event.text)
         size += len(event.text)
         calls.extend(event.tool_calls or ())
+        logprobs.extend(event.logprobs or ())
         if size >= COLLECT_FLUSH_CHARS:
             on_first()
-            await send(TokenChunk(rid, "".join(parts)))
-            parts, size = [], 0
+            await send(TokenChunk(rid, "".join(parts), logprobs=tuple(logprobs) or None))
+            parts, size, logprobs = [], 0, []
     raise ValueError("the backend ended without a result")

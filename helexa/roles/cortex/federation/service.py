@@ -155,15 +155,25 @@ class Federation:
                 out[model_id] = cands
         return out
 
-    def can_route(self, model_id: str, workload: Workload | None = None) -> bool:
-        return self.ask_policy.outbound is not Outbound.NEVER and bool(
-            self.table.candidates(model_id, self._clock(), self.ask_policy, workload=workload))
+    def _allowed(self, model_id: str, now: float, also: AskPolicy | None, *, workload: Workload | None = None,
+                 exclude: frozenset[str] = frozenset()) -> list[PeerOffer]:
+        """Candidates under the ask policy, narrowed by ``also`` (an asking portal's)."""
+        cands = self.table.candidates(model_id, now, self.ask_policy, workload=workload, exclude=exclude)
+        if also is not None:
+            cands = [o for o in cands if also.allows_peer(o.peer_id, o.operator) and also.allows_price(o.model)]
+        return cands
 
-    def _candidates(self, model_id: str, workload: Workload, exclude: frozenset[str]) -> list[PeerOffer]:
+    def can_route(self, model_id: str, workload: Workload | None = None, *, also: AskPolicy | None = None) -> bool:
+        """Whether some live peer may be asked for ``model_id`` (under ``also`` too)."""
+        return self.ask_policy.outbound is not Outbound.NEVER and bool(
+            self._allowed(model_id, self._clock(), also, workload=workload))
+
+    def _candidates(self, model_id: str, workload: Workload, exclude: frozenset[str],
+                    also: AskPolicy | None = None) -> list[PeerOffer]:
         if self.ask_policy.outbound is Outbound.NEVER:
             raise OutboundRefused("this cortex never sends requests to peers")
         now = self._clock()
-        cands = self.table.candidates(model_id, now, self.ask_policy, workload=workload, exclude=exclude)
+        cands = self._allowed(model_id, now, also, workload=workload, exclude=exclude)
         if not cands:
             if self.table.offers(model_id, now, workload=workload):
                 raise OutboundRefused(f"peers offer {model_id!r} but the outbound policy excludes them "
@@ -194,9 +204,10 @@ class Federation:
         return stream, first
 
     async def _first_answer(self, request: GenerateRequest | EmbedRequest, workload: Workload,
-                            exclude: frozenset[str]) -> tuple[PeerOffer, MessageStream, Any]:
+                            exclude: frozenset[str], also: AskPolicy | None = None
+                            ) -> tuple[PeerOffer, MessageStream, Any]:
         last: FederationError | None = None
-        for offer in self._candidates(request.model_id, workload, exclude):
+        for offer in self._candidates(request.model_id, workload, exclude, also):
             try:
                 stream, first = await self._open(offer, request)
                 return offer, stream, first
@@ -216,9 +227,10 @@ class Federation:
             offer.model.price_input, offer.model.price_output), self._clock)
 
     @asynccontextmanager
-    async def route(self, request: GenerateRequest, *, exclude: frozenset[str] = frozenset()
-                    ) -> AsyncIterator[RemoteGeneration]:
-        """Run ``request`` on the best peer that offers its model, under the ask policy.
+    async def route(self, request: GenerateRequest, *, exclude: frozenset[str] = frozenset(),
+                    also: AskPolicy | None = None) -> AsyncIterator[RemoteGeneration]:
+        """Run ``request`` on the best peer that offers its model, under the ask policy
+        (narrowed by ``also``: the asking portal's routing preferences).
 
         Yields an async iterator of ``TokenChunk``s then one ``GenerateResult`` (its
         ``peer_id`` says who serves it). Peers are tried in order (warm, price, load)
@@ -233,7 +245,7 @@ class Federation:
             PeerVanished, PeerFailed: from the iterator, mid-answer.
         """
         workload = Workload.CHAT if request.task is Task.CHAT else Workload.COMPLETION
-        offer, stream, first = await self._first_answer(request, workload, exclude)
+        offer, stream, first = await self._first_answer(request, workload, exclude, also)
         remote = RemoteGeneration(stream, first, self._keeper(offer, request), self.settings.ask)
         try:
             yield remote
@@ -241,9 +253,10 @@ class Federation:
             await remote.finish()
             await stream.aclose()
 
-    async def embed(self, request: EmbedRequest, *, exclude: frozenset[str] = frozenset()) -> EmbedResult:
+    async def embed(self, request: EmbedRequest, *, exclude: frozenset[str] = frozenset(),
+                    also: AskPolicy | None = None) -> EmbedResult:
         """Run an embedding request on the best peer; errors as for :meth:`route`."""
-        offer, stream, first = await self._first_answer(request, Workload.EMBEDDING, exclude)
+        offer, stream, first = await self._first_answer(request, Workload.EMBEDDING, exclude, also)
         keeper = self._keeper(offer, request)
         try:
             if isinstance(first, EmbedResult):

@@ -1,0 +1,301 @@
+#!/usr/bin/env python3
+"""SmolLM2 under concurrency: llama.cpp's own OpenAI server, the fabric, and the proxy path.
+
+Three paths to the same model with the same llama.cpp parameters (slots, threads, context):
+
+* ``direct``  client -> llama.cpp's OpenAI server (xllamacpp's, in its own process);
+* ``fabric``  client -> cortex -> neuron -> ``llama_cpp`` backend (llama.cpp in the neuron);
+* ``proxy``   client -> cortex -> neuron -> ``openai_proxy`` backend -> the direct server.
+
+At each concurrency (``--conc``, default 1,2,4,8) every path runs ``--requests`` streamed
+chat completions per client, closed loop, greedy, about ``--tokens`` tokens each (clients
+are staggered and lengths vary, identically for every path: see :func:`run_level`);
+rounds visit the paths in a rotating order. llama.cpp gets as many slots as the highest
+concurrency, so no stream waits for a slot. The client is one thread per stream on plain blocking
+sockets (``http.client``), so a token's time is when its bytes arrived. Reported per path
+and concurrency: aggregate tokens/s (all completion tokens / wall time of the round,
+median over rounds), time to first token p50/p99 and inter-token latency p50/p99
+(gaps between consecutive content events, all rounds pooled).
+
+    flock /tmp/helexa-bench.lock .venv/bin/python benchmarks/concurrency_tokens_bench.py
+
+``--json`` keeps every sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+PROMPT = "Write a long story about a lighthouse keeper."
+STAGGER_S = 0.1
+"""A client's first request waits up to this long (see :func:`run_level`)."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_llama(port: int, slots: int, threads: int, ctx: int) -> None:
+    """Run llama.cpp's own OpenAI server on ``port`` until killed (``--serve-llama``)."""
+    import xllamacpp
+
+    from helexa.runtime.llama_cpp import default_gguf_path
+
+    params = xllamacpp.CommonParams()
+    params.model.path = str(default_gguf_path())
+    params.port = port
+    params.n_ctx = ctx
+    params.n_parallel = slots
+    params.cpuparams.n_threads = threads
+    params.cpuparams_batch.n_threads = threads
+    server = xllamacpp.Server(params)
+    print(f"listening on {server.listening_address}", flush=True)
+    threading.Event().wait()
+
+
+def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    host, port = url.removeprefix("http://").split(":")
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if proc.poll() is not None:
+            sys.exit(f"{url}: exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            conn = http.client.HTTPConnection(host, int(port), timeout=2)
+            conn.request("GET", "/health")
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    sys.exit(f"{url} not ready after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def one_stream(conn: http.client.HTTPConnection, model: str, tokens: int) -> tuple[float, list[float], int]:
+    """One streamed chat completion: (time to first token, inter-token gaps, completion tokens)."""
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": PROMPT}], "stream": True,
+                       "max_tokens": tokens, "temperature": 0, "stream_options": {"include_usage": True}})
+    for attempt in (1, 2):
+        start = time.perf_counter()
+        try:
+            conn.request("POST", "/v1/chat/completions", body=body, headers={"content-type": "application/json"})
+            response = conn.getresponse()
+            break
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            # llama.cpp's server closes a connection after a streamed answer without saying
+            # so: connect again (the time to do so is not counted).
+            conn.close()
+            if attempt == 2:
+                raise
+    if response.status != 200:
+        raise RuntimeError(f"{model}: {response.status} {response.read()[:300]!r}")
+    stamps: list[float] = []
+    used = 0
+    while line := response.readline():
+        if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+            continue
+        now = time.perf_counter()
+        event = json.loads(line[6:])
+        if event.get("usage"):
+            used = event["usage"]["completion_tokens"]
+        if any((c.get("delta") or {}).get("content") for c in event.get("choices") or ()):
+            stamps.append(now)
+    if not stamps:
+        raise RuntimeError(f"{model}: no tokens")
+    return stamps[0] - start, [b - a for a, b in zip(stamps, stamps[1:])], used
+
+
+def run_level(url: str, model: str, conc: int, requests: int, tokens: int, seed: int = 0) -> dict:
+    """``conc`` clients, ``requests`` streams each, back to back.
+
+    Clients are not in lock step: each starts after a pause of up to ``STAGGER_S`` and
+    asks for between half and one and a half times ``tokens`` (both drawn from ``seed``,
+    so every path gets the same sequence). In lock step, identical requests sent at the
+    same instant all land in llama.cpp's first batch, and any path that spaces them by a
+    millisecond (every proxy does) makes the later ones wait a whole batch: a measure of
+    the clients' synchrony more than of the path.
+    """
+    host, port = url.removeprefix("http://").split(":")
+    ttft: list[float] = []
+    gaps: list[float] = []
+    total = [0]
+    errors: list[str] = []
+    lock = threading.Lock()
+    rng = random.Random(seed)
+    plans = [(rng.uniform(0, STAGGER_S), [rng.randint(tokens // 2, tokens * 3 // 2) for _ in range(requests)])
+             for _ in range(conc)]
+
+    def client(pause: float, lengths: list[int]) -> None:
+        conn = http.client.HTTPConnection(host, int(port), timeout=300)
+        time.sleep(pause)
+        for n in lengths:
+            try:
+                first, between, used = one_stream(conn, model, n)
+            except Exception as exc:  # reported, and the round goes on
+                errors.append(str(exc))
+                conn.close()
+                continue
+            with lock:
+                ttft.append(first)
+                gaps.extend(between)
+                total[0] += used
+        conn.close()
+
+    threads = [threading.Thread(target=client, args=plan, daemon=True) for plan in plans]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    return {"tokens_per_s": total[0] / wall, "ttft": ttft, "gaps": gaps, "errors": errors, "wall": wall}
+
+
+def pct(xs: list[float], p: int) -> float:
+    if len(xs) < 2:
+        return xs[0] if xs else float("nan")
+    return statistics.quantiles(xs, n=100, method="inclusive")[p - 1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--conc", default="1,2,4,8")
+    ap.add_argument("--paths", default="direct,fabric,proxy")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--requests", type=int, default=3, help="streams per client per round")
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--slots", type=int, help="llama.cpp n_parallel, both servers (default: the highest "
+                    "concurrency, so that no stream waits for a slot)")
+    ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="llama.cpp threads")
+    ap.add_argument("--ctx", type=int, default=4096)
+    ap.add_argument("--json", help="write every sample here")
+    ap.add_argument("--serve-llama", type=int, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.slots is None:
+        a.slots = max(int(c) for c in a.conc.split(","))
+    if a.serve_llama:
+        serve_llama(a.serve_llama, a.slots, a.threads, a.ctx)
+        return
+
+    work = Path(tempfile.mkdtemp(prefix="helexa-conc-bench-"))
+    procs: list[subprocess.Popen] = []
+
+    def start(name: str, args: list[str]) -> tuple[subprocess.Popen, Path]:
+        log = work / f"{name}.log"
+        p = subprocess.Popen(args, stdout=open(log, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             start_new_session=True)
+        procs.append(p)
+        return p, log
+
+    try:
+        port = free_port()
+        direct = f"http://127.0.0.1:{port}"
+        p, log = start("llama-server", [sys.executable, __file__, "--serve-llama", str(port), "--slots", str(a.slots),
+                                        "--threads", str(a.threads), "--ctx", str(a.ctx)])
+        wait_ready(direct, p, log)
+        models = work / "models.toml"
+        models.write_text(f"""
+[models."smollm2"]
+backend = "llama_cpp"
+max_context = {a.ctx}
+[models."smollm2".config]
+metadata = {{ n_ctx = {a.ctx}, n_parallel = {a.slots}, n_threads = {a.threads} }}
+
+[models."smollm2-proxy"]
+backend = "openai_proxy"
+max_context = {a.ctx}
+[models."smollm2-proxy".config]
+listen_endpoint = "{direct}"
+metadata = {{ dialect = "llama.cpp", upstream_model = "smollm2" }}
+""")
+        control, gw = free_port(), free_port()
+        gateway = f"http://127.0.0.1:{gw}"
+        exe = [sys.executable, "-m", "helexa.cli"]
+        p, log = start("cortex", exe + ["cortex", "--data-dir", str(work / "c"), "--control-socket",
+                                        f"127.0.0.1:{control}", "--gateway-socket", f"127.0.0.1:{gw}",
+                                        "--models", str(models), "--log-level", "warning"])
+        while not (work / "c" / "join-token").exists():
+            if p.poll() is not None:
+                sys.exit("cortex exited:\n" + log.read_text()[-3000:])
+            time.sleep(0.1)
+        start("neuron", exe + ["neuron", "--cortex", f"ws://127.0.0.1:{control}", "--node-id", "bench",
+                               "--join-token-file", str(work / "c" / "join-token"), "--log-level", "warning"])
+        targets = {"direct": (direct, "smollm2"), "fabric": (gateway, "smollm2"), "proxy": (gateway, "smollm2-proxy")}
+        targets = {k: v for k, v in targets.items() if k in a.paths.split(",")}
+        deadline = time.monotonic() + 120
+        for name, (url, model) in targets.items():  # cold loads and warm-up
+            while True:
+                try:
+                    run_level(url, model, 1, 1, 8)
+                    break
+                except (OSError, RuntimeError, http.client.HTTPException):
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)
+        concs = [int(c) for c in a.conc.split(",")]
+        raw: dict[str, list[dict]] = {}
+        names = list(targets)
+        for r in range(a.rounds):
+            for c in concs:
+                order = names[r % len(names):] + names[:r % len(names)]
+                for name in order:
+                    url, model = targets[name]
+                    res = run_level(url, model, c, a.requests, a.tokens, seed=r * 1000 + c)
+                    raw.setdefault(f"{name}|{c}", []).append(res)
+                    print(f"# r{r} c={c} {name:6s} {res['tokens_per_s']:7.1f} tok/s  ttft p50 "
+                          f"{pct(res['ttft'], 50) * 1e3:6.1f} ms  itl p99 {pct(res['gaps'], 99) * 1e3:6.1f} ms"
+                          f"  errors {len(res['errors'])} {res['errors'][:1]}", file=sys.stderr, flush=True)
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in reversed(procs):
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+    print(f"\nSmolLM2-135M-Instruct, {a.slots} slots, {a.threads} llama.cpp thread(s), {a.tokens // 2}-"
+          f"{a.tokens * 3 // 2} tokens per stream, {a.requests} streams per client per round, {a.rounds} rounds\n")
+    print("| concurrency | path | tokens/s | vs direct | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms "
+          "| added TTFT p50 | added ITL p99 | errors |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for c in concs:
+        base = raw.get(f"direct|{c}")
+        for name in names:
+            runs = raw[f"{name}|{c}"]
+            tps = statistics.median(x["tokens_per_s"] for x in runs)
+            ttft = [t for x in runs for t in x["ttft"]]
+            gaps = [g for x in runs for g in x["gaps"]]
+            if base:
+                d_tps = statistics.median(x["tokens_per_s"] for x in base)
+                d_ttft = [t for x in base for t in x["ttft"]]
+                d_gaps = [g for x in base for g in x["gaps"]]
+                vs = f"{tps / d_tps:.1%}"
+                added = (f"{(pct(ttft, 50) - pct(d_ttft, 50)) * 1e3:+.1f}", f"{(pct(gaps, 99) - pct(d_gaps, 99)) * 1e3:+.1f}")
+            else:
+                vs, added = "", ("", "")
+            errors = sum(len(x["errors"]) for x in runs)
+            print(f"| {c} | {name} | {tps:.1f} | {vs} | {pct(ttft, 50) * 1e3:.1f} | {pct(ttft, 99) * 1e3:.1f} | "
+                  f"{pct(gaps, 50) * 1e3:.1f} | {pct(gaps, 99) * 1e3:.1f} | {added[0]} | {added[1]} | {errors} |")
+    if a.json:
+        Path(a.json).write_text(json.dumps(raw))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Talking to a cortex's admin API from the command line (``helexa status``, ``helexa keys``,
+``helexa usage``): finding the admin token, and one request at a time with readable errors.
+
+The token comes from, in order: ``--admin-token-file``, ``HELEXA_ADMIN_TOKEN``, the
+``admin-token`` file in ``--data-dir``, the one in the default data directory. It is sent
+as ``Authorization: Bearer`` and never printed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+DEFAULT_CORTEX = "http://127.0.0.1:8080"
+
+
+class AdminError(RuntimeError):
+    """The admin API could not be reached, or answered with an error (the message says which)."""
+
+
+def find_token(*, token_file: Path | None = None, data_dir: Path | None = None) -> str:
+    """The admin token (see the module docstring). Raises :class:`AdminError` if none is found."""
+    from helexa.roles.cortex import admin_token
+    from helexa.roles.cortex.config import default_data_dir
+
+    if token_file is not None:
+        return _read(token_file)
+    env = os.environ.get("HELEXA_ADMIN_TOKEN", "").strip()
+    if env:
+        return env
+    path = admin_token.path_in(data_dir or default_data_dir())
+    if data_dir is not None or path.exists():
+        return _read(path)
+    raise AdminError("no admin token: pass --data-dir (the cortex's) or --admin-token-file, or set HELEXA_ADMIN_TOKEN")
+
+
+def _read(path: Path) -> str:
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise AdminError(f"cannot read the admin token in {path}: {exc.strerror or exc}") from None
+    if not token:
+        raise AdminError(f"{path} is empty")
+    return token
+
+
+class AdminClient:
+    """Requests to the admin API at ``cortex_url`` with ``token``."""
+
+    def __init__(self, cortex_url: str, token: str, *, timeout: float = 10.0) -> None:
+        self.base = cortex_url.rstrip("/")
+        self._headers = {"authorization": f"Bearer {token}"}
+        self.timeout = timeout
+
+    def request(self, method: str, path: str, *, params: dict[str, Any] | None = None,
+                json: Any = None, raw: bool = False) -> Any:
+        """The answer's JSON (its text with ``raw``). Raises :class:`AdminError`."""
+        url = self.base + path
+        clean = {k: v for k, v in (params or {}).items() if v is not None}
+        try:
+            resp = httpx.request(method, url, params=clean, json=json, headers=self._headers, timeout=self.timeout)
+        except httpx.HTTPError as exc:
+            raise AdminError(f"cannot reach the cortex at {self.base}: {exc}") from None
+        if resp.status_code >= 400:
+            try:
+                message = resp.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = resp.text[:200]
+            raise AdminError(f"the cortex answered {resp.status_code} for {method} {path}: {message}")
+        if raw:
+            return resp.text
+        try:
+            return resp.json()
+        except ValueError:
+            raise AdminError(f"the cortex sent something that is not JSON for {method} {path}") from None
+
+    def get(self, path: str, **params: Any) -> Any:
+        return self.request("GET", path, params=params)

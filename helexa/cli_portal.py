@@ -1,0 +1,225 @@
+"""``helexa keys`` and ``helexa usage``: the portals' API keys and the usage ledger, through
+the cortex's admin API (``docs/portals.md``) with the operator's admin token.
+
+Every command takes ``--cortex URL`` (the admin socket, or the default portal's), and
+finds the admin token as :mod:`helexa.admin_client` says (``--data-dir``,
+``--admin-token-file``, ``HELEXA_ADMIN_TOKEN``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import click
+
+from helexa.admin_client import DEFAULT_CORTEX, AdminClient, AdminError, find_token
+
+
+def _admin_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the connection options; the command receives ``client`` instead of them."""
+    @click.option("--cortex", "cortex_url", default=DEFAULT_CORTEX, show_default=True,
+                  help="the cortex's admin address")
+    @click.option("--data-dir", type=click.Path(path_type=Path), help="the cortex's data directory (its admin token)")
+    @click.option("--admin-token-file", type=click.Path(path_type=Path), help="a file holding the admin token")
+    @click.option("--timeout", default=10.0, show_default=True)
+    @functools.wraps(fn)
+    def wrapper(cortex_url: str, data_dir: Path | None, admin_token_file: Path | None, timeout: float,
+                **kwargs: Any) -> None:
+        try:
+            client = AdminClient(cortex_url, find_token(token_file=admin_token_file, data_dir=data_dir),
+                                 timeout=timeout)
+            fn(client=client, **kwargs)
+        except AdminError as exc:
+            click.echo(f"helexa: error: {exc}", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+def _when(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return datetime.fromtimestamp(value, timezone.utc).strftime("%Y-%m-%d %H:%M")
+
+
+def _limits(limits: dict[str, Any]) -> str:
+    parts = [f"{name}={limits[name]}" for name in ("rpm", "tpm", "max_concurrent") if limits.get(name) is not None]
+    if limits.get("budget") is not None:
+        unit = "" if limits["budget_unit"] == "money" else " tokens"
+        parts.append(f"budget={limits['budget']:g}{unit}/{limits['period']}")
+    return " ".join(parts) or "unlimited"
+
+
+def table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _key_rows(keys: list[dict[str, Any]]) -> str:
+    if not keys:
+        return "no keys"
+    rows = [["KEY ID", "PORTAL", "NAME", "STATE", "LIMITS", "MODELS", "CREATED", "EXPIRES"]]
+    for k in keys:
+        rows.append([k["key_id"], k["portal"], k["name"], k["state"], _limits(k["limits"]),
+                     ",".join(k["models"]) if k["models"] is not None else "all", _when(k["created_at"]),
+                     _when(k["expires_at"])])
+    return table(rows)
+
+
+def _csv_list(value: str | None) -> list[str] | None:
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
+@click.group()
+def keys() -> None:
+    """API keys of the portals: create, list, show, update, rotate, revoke."""
+
+
+_LIMIT_OPTIONS = [
+    click.option("--rpm", type=click.IntRange(min=1), help="requests per minute"),
+    click.option("--tpm", type=click.IntRange(min=1), help="tokens per minute (prompt + completion)"),
+    click.option("--max-concurrent", type=click.IntRange(min=1), help="requests at once"),
+    click.option("--budget", type=click.FloatRange(min=0), help="a hard stop per period, in the portal's currency "
+                                                                "(or tokens with --budget-unit tokens)"),
+    click.option("--budget-unit", type=click.Choice(["money", "tokens"])),
+    click.option("--period", type=click.Choice(["day", "month", "total"])),
+    click.option("--models", help="comma-separated public model names this key may use (default: all the portal's)"),
+    click.option("--expires", help="expiry: a date (YYYY-MM-DD, UTC) or an ISO 8601 time"),
+]
+
+
+def _limit_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(_LIMIT_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+def _key_fields(rpm, tpm, max_concurrent, budget, budget_unit, period, models, expires) -> dict[str, Any]:  # noqa: ANN001
+    fields = {"rpm": rpm, "tpm": tpm, "max_concurrent": max_concurrent, "budget": budget,
+              "budget_unit": budget_unit, "period": period, "models": _csv_list(models), "expires_at": expires}
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+@keys.command("create")
+@click.option("--portal", required=True, help="the portal the key opens")
+@click.option("--name", required=True, help="who or what the key is for")
+@_limit_options
+@click.option("--json", "as_json", is_flag=True, help="the whole record, with the key, as JSON")
+@_admin_options
+def keys_create(client: AdminClient, portal: str, name: str, as_json: bool, **limits: Any) -> None:
+    """Create a key and print it (only this once: it is stored hashed)."""
+    made = client.request("POST", "/admin/keys", json={"portal": portal, "name": name, **_key_fields(**limits)})
+    if as_json:
+        click.echo(json.dumps(made, indent=2))
+        return
+    click.echo(made["key"])
+    click.echo(f"key {made['key_id']} on portal {made['portal']}: {_limits(made['limits'])}. "
+               "Store it now: it is never shown again.", err=True)
+    if made.get("warning"):
+        click.echo(f"warning: {made['warning']}", err=True)
+
+
+@keys.command("list")
+@click.option("--portal", help="only this portal's keys")
+@click.option("--json", "as_json", is_flag=True)
+@_admin_options
+def keys_list(client: AdminClient, portal: str | None, as_json: bool) -> None:
+    """List keys (never the keys themselves)."""
+    data = client.get("/admin/keys", portal=portal)["data"]
+    click.echo(json.dumps(data, indent=2) if as_json else _key_rows(data))
+
+
+@keys.command("show")
+@click.argument("key_id")
+@click.option("--json", "as_json", is_flag=True)
+@_admin_options
+def keys_show(client: AdminClient, key_id: str, as_json: bool) -> None:
+    """One key: its limits, its quota state and this period's usage."""
+    k = client.get(f"/admin/keys/{key_id}")
+    if as_json:
+        click.echo(json.dumps(k, indent=2))
+        return
+    click.echo(_key_rows([k]))
+    quota = k.get("quota")
+    if quota is not None:
+        left = quota["remaining_budget"]
+        click.echo(f"\nin flight {quota['in_flight']}, spent {quota['spent']['money']:.6g} "
+                   f"({quota['spent']['tokens']} tokens) since {_when(quota['period_start'])}"
+                   + (f", {left:.6g} left" if left is not None else ""))
+    if k["period_usage"]:
+        click.echo("")
+        click.echo(_usage_table(k["period_usage"], "model"))
+
+
+@keys.command("update")
+@click.argument("key_id")
+@click.option("--name")
+@_limit_options
+@click.option("--json", "as_json", is_flag=True)
+@_admin_options
+def keys_update(client: AdminClient, key_id: str, name: str | None, as_json: bool, **limits: Any) -> None:
+    """Change a key's limits, models, expiry or name (the rest stays)."""
+    fields = _key_fields(**limits)
+    if name:
+        fields["name"] = name
+    k = client.request("PATCH", f"/admin/keys/{key_id}", json=fields)
+    click.echo(json.dumps(k, indent=2) if as_json else _key_rows([k]))
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+@_admin_options
+def keys_revoke(client: AdminClient, key_id: str) -> None:
+    """Stop a key at once (its usage stays in the ledger)."""
+    k = client.request("POST", f"/admin/keys/{key_id}/revoke")
+    click.echo(f"key {k['key_id']} is {k['state']}")
+
+
+@keys.command("rotate")
+@click.argument("key_id")
+@click.option("--json", "as_json", is_flag=True)
+@_admin_options
+def keys_rotate(client: AdminClient, key_id: str, as_json: bool) -> None:
+    """Replace a key's secret (same id, limits and budget); the old one stops working at once."""
+    k = client.request("POST", f"/admin/keys/{key_id}/rotate")
+    if as_json:
+        click.echo(json.dumps(k, indent=2))
+        return
+    click.echo(k["key"])
+    click.echo(f"key {k['key_id']} rotated. Store it now: it is never shown again.", err=True)
+
+
+def _usage_table(rows: list[dict[str, Any]], by: str) -> str:
+    if not rows:
+        return "no usage recorded"
+    out = [[by.upper(), "REQUESTS", "PROMPT", "COMPLETION", "COST", "INCOMPLETE"]]
+    for r in rows:
+        out.append([str(r[by]), str(r["requests"]), str(r["prompt_tokens"]), str(r["completion_tokens"]),
+                    f"{r['cost']:.6f} {r['currency']}".strip(), str(r.get("incomplete", 0))])
+    return table(out)
+
+
+@click.command()
+@click.option("--portal", help="only this portal")
+@click.option("--key", "key_id", help="only this key id")
+@click.option("--since", help="from this date or time (YYYY-MM-DD, ISO 8601, or Unix seconds)")
+@click.option("--until", help="before this date or time")
+@click.option("--by", type=click.Choice(["key", "model", "day", "portal"]), default="key", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="rows as JSON")
+@click.option("--csv", "as_csv", is_flag=True, help="rows as CSV")
+@_admin_options
+def usage(client: AdminClient, portal: str | None, key_id: str | None, since: str | None, until: str | None,
+          by: str, as_json: bool, as_csv: bool) -> None:
+    """What the portals served and billed, from the usage ledger."""
+    params = {"portal": portal, "key": key_id, "since": since, "until": until, "by": by}
+    if as_csv:
+        click.echo(client.request("GET", "/admin/usage", params={**params, "format": "csv"}, raw=True), nl=False)
+        return
+    rows = client.get("/admin/usage", **params)["data"]
+    click.echo(json.dumps(rows, indent=2) if as_json else _usage_table(rows, by))

@@ -1,0 +1,65 @@
+"""The operator's admin token: what the admin API (``/admin/*``) and ``helexa keys`` /
+``helexa usage`` / ``helexa status`` authenticate with. Created on first start in the data
+directory (``admin-token``, mode 0600, like the join token), rotatable from the CLI
+(``helexa admin-token --rotate``); the cortex re-reads the file on every admin request, so
+a rotation applies at once.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import secrets
+from pathlib import Path
+
+FILENAME = "admin-token"
+PREFIX = "hlx-admin-"
+
+
+def path_in(data_dir: Path) -> Path:
+    return Path(data_dir) / FILENAME
+
+
+def new_token() -> str:
+    """A fresh admin token (256 bits of entropy)."""
+    return PREFIX + secrets.token_urlsafe(32)
+
+
+def _write(path: Path, token: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token + "\n")
+    os.replace(tmp, path)
+
+
+def load_or_create(data_dir: Path) -> str:
+    path = path_in(data_dir)
+    if path.exists():
+        return read(path)
+    token = new_token()
+    _write(path, token)
+    return token
+
+
+def rotate(data_dir: Path) -> str:
+    """Replace the token with a fresh one and return it."""
+    token = new_token()
+    _write(path_in(data_dir), token)
+    return token
+
+
+def read(path: Path) -> str:
+    """Read a token file. Raises ``ValueError`` if it is empty, ``OSError`` if unreadable."""
+    token = Path(path).read_text().strip()
+    if not token:
+        raise ValueError(f"{path} is empty")
+    return token
+
+
+def matches(expected: str | None, presented: str | None) -> bool:
+    """Whether ``presented`` is the admin token, compared in constant time."""
+    if not expected or not presented:
+        return False
+    return hmac.compare_digest(expected.encode(), presented.encode())

@@ -1,0 +1,211 @@
+"""The ASGI edge of the gateway: one request as its handler sees it (:class:`Exchange`),
+the response being written (:class:`Responder`), and the routes a surface serves
+(:class:`Route`, :class:`Router`).
+
+A surface (``openai_surface.py``, the admin API) is a set of routes whose handlers take an
+:class:`Exchange`; the portal app (``gateway.py``) finds the route, authenticates the
+caller and turns every error into the error envelope.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
+
+import trio
+
+from . import sse
+from .disconnect_watch import DisconnectWatch
+from .errors import BadRequest, ClientGone, MethodNotAllowed, NotFound, PayloadTooLarge
+
+if TYPE_CHECKING:
+    from .portal.metering import Caller
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
+
+JSON: Headers = [(b"content-type", b"application/json")]
+SSE: Headers = [(b"content-type", sse.CONTENT_TYPE), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+
+
+class Responder:
+    """One response: remembers whether the headers went out (then errors go in-band).
+
+    ``headers`` go on every response; ``late``, when set, is called as the head goes out
+    and its headers are added too (a portal's rate-limit state at that moment).
+    """
+
+    __slots__ = ("send", "started", "headers", "late")
+
+    def __init__(self, send: Send, headers: Headers) -> None:
+        self.send = send
+        self.started = False
+        self.headers = headers
+        self.late: Callable[[], Headers] | None = None
+
+    def _all(self, headers: Headers) -> Headers:
+        return headers + self.headers + self.late() if self.late is not None else headers + self.headers
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        try:
+            await self.send(message)
+        except OSError as exc:  # ASGI servers raise an OSError once the client is gone
+            raise ClientGone(str(exc)) from None
+
+    async def start(self, status: int = 200, headers: Headers = SSE) -> None:
+        if not self.started:
+            self.started = True
+            await self._send({"type": "http.response.start", "status": status, "headers": self._all(headers)})
+
+    async def body(self, data: bytes, more: bool = True) -> None:
+        await self._send({"type": "http.response.body", "body": data, "more_body": more})
+
+    async def full(self, status: int, headers: Headers, data: bytes) -> None:
+        self.started = True
+        await self._send({"type": "http.response.start", "status": status,
+                          "headers": self._all([*headers, (b"content-length", str(len(data)).encode())])})
+        await self._send({"type": "http.response.body", "body": data})
+
+    async def json(self, obj: Any, status: int = 200) -> None:
+        await self.full(status, JSON, json.dumps(obj).encode())
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The edge's limits on a request (from ``[gateway]``)."""
+
+    max_body_bytes: int
+    body_timeout: float
+
+
+class Exchange:
+    """One HTTP request, as a route handler gets it.
+
+    ``caller`` is who asks (the portal, and its key when the portal needs keys);
+    ``path_rest`` the part of the path after a prefix route's prefix.
+    """
+
+    __slots__ = ("scope", "receive", "out", "request_id", "caller", "path_rest", "_limits", "_watch")
+
+    def __init__(self, scope: Scope, receive: Receive, out: Responder, request_id: str, limits: Limits,
+                 watch: DisconnectWatch) -> None:
+        self.scope = scope
+        self.receive = receive
+        self.out = out
+        self.request_id = request_id
+        self.caller: Caller | None = None
+        self.path_rest = ""
+        self._limits = limits
+        self._watch = watch
+
+    @property
+    def client(self) -> str:
+        return (self.scope.get("client") or ("", 0))[0]
+
+    def header(self, name: bytes) -> bytes | None:
+        for key, value in self.scope["headers"]:
+            if key == name:
+                return value
+        return None
+
+    def query(self) -> dict[str, str]:
+        raw = self.scope.get("query_string") or b""
+        return dict(parse_qsl(raw.decode("latin-1"))) if raw else {}
+
+    async def body(self) -> bytes:
+        """The request body. Raises PayloadTooLarge (413), BadRequest (too slow), ClientGone."""
+        limit = self._limits.max_body_bytes
+        for name, value in self.scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+        parts: list[bytes] = []
+        size = 0
+        with trio.move_on_after(self._limits.body_timeout):  # cheaper than fail_after, on every request
+            while True:
+                msg = await self.receive()
+                if msg["type"] == "http.disconnect":
+                    raise ClientGone("the client went away while sending its body")
+                chunk = msg.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+                parts.append(chunk)
+                if not msg.get("more_body", False):
+                    return parts[0] if len(parts) == 1 else b"".join(parts)
+        raise BadRequest(f"the body did not arrive within {self._limits.body_timeout:g}s")
+
+    async def until_disconnect(self, work: Callable[[], Awaitable[None]]) -> None:
+        """Run ``work``; cancel it if the client disconnects first (:mod:`.disconnect_watch`)."""
+        with trio.CancelScope() as scope:
+            watched = self._watch.add(self.receive, scope)
+            try:
+                await work()
+            finally:
+                self._watch.discard(watched)
+
+
+Handler = Callable[[Exchange], Awaitable[None]]
+ErrorShape = Callable[[BaseException], tuple[int, Headers, bytes]]
+"""``(status, headers, body)`` of the error response for an exception, in a surface's own
+shape (OpenAI's :func:`.errors.envelope`, Anthropic's, Ollama's)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One route.
+
+    ``metered``: it runs a model, so its handler must go through
+    :class:`~.portal.metering.Metering` (a test checks every such route is metered).
+    ``keyed``: on a portal with keys, the caller must present one (else 401).
+    ``prefix``: ``path`` matches every path under it (``/admin/keys/``).
+    ``errors``: how its errors are shaped (None: OpenAI's envelope), before and after the
+    caller is authenticated.
+    """
+
+    method: str
+    path: str
+    handler: Handler
+    metered: bool = False
+    keyed: bool = True
+    prefix: bool = False
+    errors: ErrorShape | None = None
+
+
+class Router:
+    """Finds the route of a method and path (exact paths first, then prefixes)."""
+
+    def __init__(self, routes: list[Route]) -> None:
+        self.routes = list(routes)
+        self._exact: dict[str, dict[str, Route]] = {}
+        self._prefixes: list[tuple[str, dict[str, Route]]] = []
+        for route in routes:
+            if route.prefix:
+                for prefix, methods in self._prefixes:
+                    if prefix == route.path:
+                        methods[route.method] = route
+                        break
+                else:
+                    self._prefixes.append((route.path, {route.method: route}))
+            else:
+                self._exact.setdefault(route.path, {})[route.method] = route
+
+    def find(self, method: str, path: str) -> tuple[Route, str]:
+        """``(route, rest of the path)``. Raises NotFound (404) or MethodNotAllowed (405)."""
+        methods = self._exact.get(path)
+        rest = ""
+        if methods is None:
+            for prefix, candidates in self._prefixes:
+                if path.startswith(prefix) and len(path) > len(prefix):
+                    methods, rest = candidates, path[len(prefix):]
+                    break
+            else:
+                raise NotFound(f"no route {path}")
+        route = methods.get(method)
+        if route is None:
+            raise MethodNotAllowed(f"{method} is not allowed on {path}")
+        return route, rest

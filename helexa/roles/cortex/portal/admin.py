@@ -1,0 +1,325 @@
+"""The admin API: everything ``helexa keys``, ``helexa usage`` and ``helexa status`` do,
+for a billing or account system to integrate with. Served on the admin socket (the
+default portal's, or ``admin_socket``); every route needs the operator's admin token
+(``Authorization: Bearer``; :mod:`..admin_token`), from an address in
+``gateway.admin_clients`` (loopback only by default; ``["*"]`` for any).
+
+Routes::
+
+    GET   /admin/fleet                   the fleet (neurons, health, models)
+    GET   /admin/portals                 each portal's settings, limits and their state
+    GET   /admin/keys[?portal=P]         key records (never a key)
+    POST  /admin/keys                    {portal, name, rpm, tpm, max_concurrent, budget,
+                                         budget_unit, period, models, expires_at} -> 201,
+                                         with "key": the key, shown this once
+    GET   /admin/keys/ID                 one key, its quota state and this period's usage
+    PATCH /admin/keys/ID                 change limits, models, expiry or name
+    POST  /admin/keys/ID/revoke          stop it at once
+    POST  /admin/keys/ID/rotate          a new key for the same id (usage and budget go on)
+    GET   /admin/usage?by=key|model|day|portal&portal=&key=&since=&until=[&format=csv]
+    GET   /admin/usage/records?portal=&key=&since=&until=&limit=   ledger rows
+
+Times (``since``, ``until``, ``expires_at``) are Unix seconds or ISO 8601 (a date is its
+midnight UTC). Unset limits of a new key are its portal's ``quotas``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import logging
+from collections.abc import Callable
+from datetime import date, datetime, timezone
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..admin_token import matches
+from ..asgi import Exchange, Route
+from ..errors import BadRequest, Forbidden, NotFound, Unauthorized
+from ..fleet import Fleet
+from . import keys as keys_mod
+from .keys import ApiKey, Keyring
+from .metering import Metering
+from .portal import Portal
+from .quota import Limits, period_bounds
+from .store import Store
+from .usage import GROUPS
+
+log = logging.getLogger(__name__)
+
+_LIMIT_FIELDS = ("rpm", "tpm", "max_concurrent", "budget", "budget_unit", "period")
+
+
+def parse_time(value: Any, name: str) -> float | None:
+    """Unix seconds from a number or an ISO 8601 date or time (naive means UTC)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    text = str(value).strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        if len(text) == 10:
+            d = date.fromisoformat(text)
+            return datetime(d.year, d.month, d.day, tzinfo=timezone.utc).timestamp()
+        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).timestamp()
+    except ValueError:
+        raise BadRequest(f"{name}: expected Unix seconds or an ISO 8601 date, got {text!r}", param=name) from None
+
+
+class _KeyFields(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, min_length=1, max_length=200)
+    rpm: int | None = Field(None, ge=1)
+    tpm: int | None = Field(None, ge=1)
+    max_concurrent: int | None = Field(None, ge=1)
+    budget: float | None = Field(None, ge=0)
+    budget_unit: str | None = Field(None, pattern="^(money|tokens)$")
+    period: str | None = Field(None, pattern="^(day|month|total)$")
+    models: list[str] | None = None
+    expires_at: float | str | None = None
+
+
+class _KeyCreate(_KeyFields):
+    portal: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=200)
+
+
+def _parse(model: type[BaseModel], raw: bytes) -> BaseModel:
+    try:
+        return model.model_validate_json(raw or b"{}")
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "body"
+        msg = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
+        raise BadRequest(f"{loc}: {msg}", param=loc) from None
+
+
+class AdminApi:
+    """The admin routes (see the module docstring).
+
+    Args:
+        portals: every portal, by id.
+        keyring: the keys in memory (kept in step with ``store``).
+        store: keys and the ledger.
+        metering: quota state (and its changes when a key's limits change).
+        fleet: the live fleet.
+        token: returns the current admin token (None: the admin API refuses everyone).
+        admin_clients: addresses allowed (``*``: any).
+        clock: Unix time.
+    """
+
+    def __init__(self, *, portals: dict[str, Portal], keyring: Keyring, store: Store, metering: Metering,
+                 fleet: Fleet, token: Callable[[], str | None], admin_clients: list[str],
+                 clock: Callable[[], float]) -> None:
+        self.portals = portals
+        self.keyring = keyring
+        self.store = store
+        self.metering = metering
+        self.fleet = fleet
+        self.token = token
+        self.admin_clients = frozenset(admin_clients)
+        self.clock = clock
+
+    def routes(self) -> list[Route]:
+        guard = self._guarded
+        return [
+            Route("GET", "/admin/fleet", guard(self.fleet_view), keyed=False),
+            Route("GET", "/admin/portals", guard(self.portals_view), keyed=False),
+            Route("GET", "/admin/keys", guard(self.list_keys), keyed=False),
+            Route("POST", "/admin/keys", guard(self.create_key), keyed=False),
+            Route("GET", "/admin/keys/", guard(self.show_key), keyed=False, prefix=True),
+            Route("PATCH", "/admin/keys/", guard(self.update_key), keyed=False, prefix=True),
+            Route("POST", "/admin/keys/", guard(self.key_action), keyed=False, prefix=True),
+            Route("GET", "/admin/usage", guard(self.usage), keyed=False),
+            Route("GET", "/admin/usage/records", guard(self.records), keyed=False),
+        ]
+
+    def _guarded(self, handler: Callable[[Exchange], Any]) -> Callable[[Exchange], Any]:
+        async def guarded(ex: Exchange) -> None:
+            self.authorize(ex)
+            await handler(ex)
+
+        guarded.__name__ = handler.__name__
+        return guarded
+
+    def authorize(self, ex: Exchange) -> None:
+        """Raises Forbidden (an address not allowed) or Unauthorized (no or a wrong token)."""
+        client = ex.client
+        if "*" not in self.admin_clients and client not in self.admin_clients:
+            raise Forbidden(f"the admin API is not served to {client or 'this client'} (see gateway.admin_clients)")
+        auth = ex.header(b"authorization") or b""
+        presented = auth[7:].decode("latin-1").strip() if auth[:7].lower() == b"bearer " else None
+        try:
+            expected = self.token()
+        except (OSError, ValueError) as exc:
+            log.error("admin API: cannot read the admin token: %s", exc)
+            expected = None
+        if not matches(expected, presented):
+            raise Unauthorized("the admin API needs the operator's admin token ('Authorization: Bearer <token>'; "
+                               "helexa admin-token prints it)", code="invalid_admin_token")
+
+    # --- fleet and portals -----------------------------------------------------------------
+
+    async def fleet_view(self, ex: Exchange) -> None:
+        await ex.out.json(self.fleet.snapshot())
+
+    async def portals_view(self, ex: Exchange) -> None:
+        data = []
+        for portal in self.portals.values():
+            data.append({**portal.describe(), "keys": len(self.keyring.list(portal.id)),
+                         "state": self.metering.account_state("portal:" + portal.id)})
+        await ex.out.json({"object": "list", "data": data})
+
+    # --- keys ------------------------------------------------------------------------------
+
+    def _portal(self, portal_id: str) -> Portal:
+        portal = self.portals.get(portal_id)
+        if portal is None:
+            raise NotFound(f"no portal {portal_id!r}", param="portal", code="portal_not_found")
+        return portal
+
+    def _key(self, key_id: str) -> ApiKey:
+        key = self.keyring.get(key_id)
+        if key is None:
+            raise NotFound(f"no key {key_id!r}", code="key_not_found")
+        return key
+
+    def _view(self, key: ApiKey) -> dict[str, Any]:
+        return {**key.public(self.clock()), "quota": self.metering.account_state("key:" + key.key_id)}
+
+    async def _save(self, key: ApiKey) -> None:
+        await self.metering.blocking(self.store.put_key, key)
+        self.keyring.put(key)
+        await self.metering.key_changed(key)
+
+    def _limits(self, base: Limits, fields: _KeyFields) -> Limits:
+        given = fields.model_fields_set
+        values = {name: getattr(fields, name) if name in given else getattr(base, name) for name in _LIMIT_FIELDS}
+        values["budget_unit"] = values["budget_unit"] or base.budget_unit
+        values["period"] = values["period"] or base.period
+        return Limits(**values)
+
+    def _models(self, portal: Portal, models: list[str] | None) -> tuple[str, ...] | None:
+        if models is None:
+            return None
+        for m in models:
+            if portal.serves(m) is None:
+                raise BadRequest(f"models: portal {portal.id!r} does not serve {m!r}", param="models")
+        return tuple(models)
+
+    async def list_keys(self, ex: Exchange) -> None:
+        portal = ex.query().get("portal")
+        if portal is not None:
+            self._portal(portal)
+        await ex.out.json({"object": "list", "data": [self._view(k) for k in self.keyring.list(portal)]})
+
+    async def create_key(self, ex: Exchange) -> None:
+        body = _parse(_KeyCreate, await ex.body())
+        assert isinstance(body, _KeyCreate)
+        portal = self._portal(body.portal)
+        secret, key = keys_mod.create(
+            portal.id, body.name, limits=self._limits(portal.key_defaults, body),
+            models=self._models(portal, body.models), now=self.clock(),
+            expires_at=parse_time(body.expires_at, "expires_at"))
+        await self._save(key)
+        log.info("admin: created key %s (%r) on portal %s", key.key_id, key.name, portal.id)
+        view: dict[str, Any] = {"key": secret, **self._view(key)}
+        if not portal.keyed:
+            view["warning"] = f"portal {portal.id!r} is open (auth is not \"keys\"): its requests need no key"
+        await ex.out.json(view, status=201)
+
+    async def show_key(self, ex: Exchange) -> None:
+        key = self._key(ex.path_rest)
+        now = self.clock()
+        start = period_bounds(key.limits.period, now)[0]
+        rows = await self.metering.blocking(
+            lambda: self.store.report(by="model", key_id=key.key_id, since=start or None))
+        await ex.out.json({**self._view(key), "period_usage": rows})
+
+    async def update_key(self, ex: Exchange) -> None:
+        key = self._key(ex.path_rest)
+        body = _parse(_KeyFields, await ex.body())
+        assert isinstance(body, _KeyFields)
+        given = body.model_fields_set
+        changes: dict[str, Any] = {"limits": self._limits(key.limits, body)}
+        if "name" in given and body.name:
+            changes["name"] = body.name
+        if "models" in given:
+            changes["models"] = self._models(self._portal(key.portal), body.models)
+        if "expires_at" in given:
+            changes["expires_at"] = parse_time(body.expires_at, "expires_at")
+        key = dataclasses.replace(key, **changes)
+        await self._save(key)
+        log.info("admin: updated key %s", key.key_id)
+        await ex.out.json(self._view(key))
+
+    async def key_action(self, ex: Exchange) -> None:
+        key_id, _, action = ex.path_rest.partition("/")
+        key = self._key(key_id)
+        if action == "revoke":
+            if key.revoked_at is None:
+                key = dataclasses.replace(key, revoked_at=self.clock())
+                await self._save(key)
+                log.info("admin: revoked key %s", key.key_id)
+            await ex.out.json(self._view(key))
+        elif action == "rotate":
+            if key.revoked_at is not None:
+                raise BadRequest(f"key {key.key_id} is revoked; create a new one", code="key_revoked")
+            secret, key = keys_mod.rotate(key)
+            await self._save(key)
+            log.info("admin: rotated key %s", key.key_id)
+            await ex.out.json({"key": secret, **self._view(key)})
+        else:
+            raise NotFound(f"no route /admin/keys/{ex.path_rest}")
+
+    # --- usage -----------------------------------------------------------------------------
+
+    def _filters(self, ex: Exchange) -> dict[str, Any]:
+        q = ex.query()
+        if q.get("portal") is not None:
+            self._portal(q["portal"])
+        return {"portal": q.get("portal"), "key_id": q.get("key"), "since": parse_time(q.get("since"), "since"),
+                "until": parse_time(q.get("until"), "until")}
+
+    async def usage(self, ex: Exchange) -> None:
+        q = ex.query()
+        by = q.get("by", "key")
+        if by not in GROUPS:
+            raise BadRequest(f"by: one of {', '.join(GROUPS)}", param="by")
+        filters = self._filters(ex)
+        rows = await self.metering.blocking(lambda: self.store.report(by=by, **filters))
+        if q.get("format") == "csv":
+            await ex.out.full(200, [(b"content-type", b"text/csv; charset=utf-8")], to_csv(rows).encode())
+            return
+        await ex.out.json({"object": "list", "by": by, "data": rows})
+
+    async def records(self, ex: Exchange) -> None:
+        q = ex.query()
+        try:
+            limit = int(q.get("limit", "1000"))
+        except ValueError:
+            raise BadRequest("limit: an integer", param="limit") from None
+        filters = self._filters(ex)
+        rows = await self.metering.blocking(lambda: self.store.records(limit=max(1, min(limit, 100_000)), **filters))
+        await ex.out.full(200, [(b"content-type", b"application/json")],
+                          json.dumps({"object": "list", "data": [r.as_dict() for r in rows]}).encode())
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    """Rows of a usage report as CSV (a header line first)."""
+    if not rows:
+        return ""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()

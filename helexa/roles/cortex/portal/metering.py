@@ -1,0 +1,475 @@
+"""The one metered path: every request that runs a model passes through :class:`Metering`.
+
+An API surface (OpenAI's now; Anthropic's, Responses and Ollama's as adapters later) turns
+its request into the fabric's :class:`GenerateRequest` / :class:`EmbedRequest` under the
+model name the client asked for, and calls :meth:`Metering.generate` or
+:meth:`Metering.embed` with the :class:`Caller` (portal and key). In one place, that:
+
+1. **authorises the model**: the portal's public name is resolved to the catalogue model
+   (404 if the portal does not serve it, 403 if the key may not use it), and ``max_tokens``
+   is checked against the model's limit;
+2. **reserves the worst case** against every limit of the key and the portal
+   (:mod:`.quota`): the prompt's upper bound (its UTF-8 bytes plus a per-message
+   allowance for the chat template, capped by the model's ``max_context``; a tokenizer
+   makes at most about one token per byte) plus the completion limit (``max_tokens``, else
+   the model's ``max_output``, else the portal's ``default_max_tokens``, which then goes
+   to the neuron as the request's limit so the bound holds). Over a limit: 429;
+3. **runs** the request through the orchestrator with the portal's tenant, priority and
+   routing preferences;
+4. **settles** what was really used: the neuron's usage when the answer completed, else
+   (the client left, or it failed) the tokens of the chunks it produced and the prompt
+   estimated at a quarter of its bytes when any output came;
+5. **writes the ledger record**, durably (:mod:`.writer`), *before* the adapter gets the
+   final result: a generation yields only its :class:`TokenChunk`\\ s, and its
+   :attr:`MeteredGeneration.result` (with the usage that was billed) exists only once
+   the record is on disk, so no surface can send an answer's end before its record.
+
+The usage a client sees in an answer is the usage billed: the result's usage is replaced
+by the billed one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import trio
+
+from helexa.protocol import EmbedRequest, EmbedResult, GenerateRequest, GenerateResult, TokenChunk, Usage
+
+from ..errors import BadRequest, ClientGone, GatewayError, InsufficientQuota, ModelNotFound, RateLimited, UpstreamError, to_gateway_error
+from ..metrics import Metrics
+from .keys import ApiKey
+from .portal import Portal
+from .quota import Account, Limits, Reservation, admit, period_bounds, rate_headers
+from .routing import ASK_POLICY
+from .usage import UsageRecord
+from .writer import LedgerWriter
+
+if TYPE_CHECKING:
+    from ..orchestrator import OnWait, Orchestrator
+    from ..request_limits import RequestLimits
+    from .store import Store
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+PEER_NODE_ID = "federation"
+_MESSAGE_ALLOWANCE = 8
+"""Tokens a chat template may add per message (role markers, separators)."""
+_PROMPT_ALLOWANCE = 16
+"""Tokens a template may add once (the assistant's turn, a BOS token)."""
+
+Receipts = Callable[[str], Awaitable[tuple[str, str] | None]]
+"""``receipts(request_id)``: ``(peer id, receipt signature hex)`` of a federated request."""
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who asks: the portal the request came through, and its key (None on an open portal)."""
+
+    portal: Portal
+    key: ApiKey | None = None
+
+    @property
+    def key_id(self) -> str:
+        return self.key.key_id if self.key is not None else ""
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A request made ready to run: what goes to the orchestrator, and its worst case."""
+
+    asked: str
+    forward: GenerateRequest | EmbedRequest
+    reservation: Reservation
+    prompt_bytes: int
+
+
+def prompt_bytes(request: GenerateRequest) -> tuple[int, int]:
+    """``(UTF-8 bytes of the prompt, messages)``: text parts counted as text, anything else
+    (images, tool calls) as its JSON; tools passed to the backend count too."""
+    if request.prompt is not None:
+        return len(request.prompt.encode()), 1
+    total = 0
+    for m in request.messages:
+        for name, value in m.items():
+            if isinstance(value, str):
+                total += len(value.encode())
+            elif name == "content" and isinstance(value, list):
+                for part in value:
+                    text = part.get("text") if isinstance(part, dict) else None
+                    total += len(text.encode()) if isinstance(text, str) else len(json.dumps(part).encode())
+            elif value is not None:
+                total += len(json.dumps(value).encode())
+    tools = request.extra.get("tools")
+    if tools:
+        total += len(json.dumps(tools).encode())
+    return total, len(request.messages)
+
+
+class MeteredGeneration:
+    """What :meth:`Metering.generate` yields: iterate it for the :class:`TokenChunk`\\ s;
+    after the ``async with`` block, :attr:`result` is the :class:`GenerateResult` (text
+    and tool calls not sent as chunks, and the usage billed), on disk in the ledger."""
+
+    __slots__ = ("_gen", "completion_tokens", "final", "result", "node_id", "ttft")
+
+    def __init__(self) -> None:
+        self._gen: Any = None
+        self.completion_tokens = 0
+        self.final: GenerateResult | None = None
+        self.result: GenerateResult | None = None
+        self.node_id = ""
+        self.ttft: float | None = None
+
+    def __aiter__(self) -> "MeteredGeneration":
+        return self
+
+    async def __anext__(self) -> TokenChunk:
+        if self.final is not None:
+            raise StopAsyncIteration
+        event = await self._gen.__anext__()
+        if type(event) is TokenChunk:
+            self.completion_tokens += event.tokens
+            return event
+        self.final = event
+        raise StopAsyncIteration
+
+
+class Metering:
+    """The metered path (see the module docstring).
+
+    Args:
+        orchestrator: runs requests.
+        writer: makes ledger records durable.
+        store: keys and the ledger (read at start to rebuild budgets, and for reports).
+        metrics: the cortex's metrics (the ``portal`` label).
+        clock: Unix time (budget periods, rate buckets, record times).
+
+    Store reads run on a worker thread (:meth:`blocking`), or inline when the writer is
+    (tests under the autojump clock, which would jump while a thread works).
+    """
+
+    def __init__(self, orchestrator: Orchestrator, writer: LedgerWriter, store: Store, metrics: Metrics, *,
+                 limits: RequestLimits | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.orchestrator = orchestrator
+        self.limits = limits
+        """The edge's checks of a generation against its model (features, context, images)."""
+        self.catalogue = orchestrator.catalogue
+        self.writer = writer
+        self.store = store
+        self.metrics = metrics
+        self.clock = clock
+        self.receipts: Receipts | None = None
+        """Set when the mesh is on: links a federated request's ledger row to its receipt."""
+        self._accounts: dict[str, Account] = {}
+
+    async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)``, a blocking store call, off the trio thread."""
+        if self.writer.inline:
+            return fn(*args)
+        return await trio.to_thread.run_sync(fn, *args)
+
+    # --- accounts --------------------------------------------------------------------------
+
+    def _account(self, subject: str, label: str, limits: Limits, now: float) -> Account:
+        account = self._accounts.get(subject)
+        if account is None:
+            account = self._accounts[subject] = Account(label, limits, now)
+        elif account.limits is not limits and account.limits != limits:
+            account.set_limits(limits, now)
+        return account
+
+    def accounts(self, caller: Caller, now: float) -> list[Account]:
+        """The accounts a request of ``caller`` is admitted against (key's, then portal's)."""
+        out = []
+        key = caller.key
+        if key is not None and not key.limits.unlimited:
+            out.append(self._account("key:" + key.key_id, f"key {key.key_id}", key.limits, now))
+        portal = caller.portal
+        if not portal.limits.unlimited:
+            out.append(self._account("portal:" + portal.id, f"portal {portal.id}", portal.limits, now))
+        return out
+
+    def rate_headers(self, caller: Caller) -> list[tuple[bytes, bytes]]:
+        """OpenAI's ``x-ratelimit-*`` headers for ``caller`` now (empty without rpm/tpm limits)."""
+        accounts = self.accounts(caller, self.clock())
+        return rate_headers(accounts, self.clock()) if accounts else []
+
+    async def restore(self, keys: list[ApiKey], portals: list[Portal]) -> None:
+        """Rebuild every budget's spent amount from the ledger (at start, so a restart does
+        not reset a budget)."""
+        now = self.clock()
+        subjects: list[tuple[str, str, str, str, Limits]] = []
+        for key in keys:
+            if not key.limits.unlimited:
+                subjects.append(("key:" + key.key_id, f"key {key.key_id}", "key_id", key.key_id, key.limits))
+        for portal in portals:
+            if not portal.limits.unlimited:
+                subjects.append(("portal:" + portal.id, f"portal {portal.id}", "portal", portal.id, portal.limits))
+        starts = {(column, period_bounds(limits.period, now)[0]) for _, _, column, _, limits in subjects}
+
+        def query() -> dict[tuple[str, float], dict[str, tuple[float, int]]]:
+            return {(column, start): self.store.spent_since(column, start) for column, start in starts}
+
+        spent = await self.blocking(query)
+        for subject, label, column, ident, limits in subjects:
+            money, tokens = spent[(column, period_bounds(limits.period, now)[0])].get(ident, (0.0, 0))
+            self._accounts[subject] = Account(label, limits, now, spent_money=money, spent_tokens=tokens)
+
+    async def key_changed(self, key: ApiKey) -> None:
+        """A key's limits changed (admin API): its account follows, its budget period's
+        spending re-read from the ledger when the period changed."""
+        account = self._accounts.get("key:" + key.key_id)
+        now = self.clock()
+        if account is None or account.set_limits(key.limits, now):
+            start = period_bounds(key.limits.period, now)[0]
+            spent = await self.blocking(self.store.spent_since, "key_id", start)
+            money, tokens = spent.get(key.key_id, (0.0, 0))
+            if account is None:
+                if key.limits.unlimited:
+                    return
+                account = self._accounts["key:" + key.key_id] = Account(f"key {key.key_id}", key.limits, now)
+            account.restore(money, tokens)
+
+    def account_state(self, subject: str) -> dict[str, Any] | None:
+        account = self._accounts.get(subject)
+        return None if account is None else account.snapshot(self.clock())
+
+    # --- planning --------------------------------------------------------------------------
+
+    def _plan_generate(self, caller: Caller, request: GenerateRequest, *, bounded: bool, counted: bool) -> Plan:
+        """``bounded``: quotas apply (the worst case is reserved, and ``max_tokens`` sent so
+        it holds); ``counted``: the usage is recorded or reserved (an open portal with no
+        limits and no ledger skips the prompt's measure)."""
+        portal = caller.portal
+        asked = request.model_id
+        served = portal.resolve(asked, caller.key)
+        entry = self.catalogue.get(served)
+        max_tokens = request.sampling.max_tokens
+        if entry is not None and entry.max_output and max_tokens and max_tokens > entry.max_output:
+            raise BadRequest(f"max_tokens {max_tokens} is over model {asked!r}'s limit of {entry.max_output}",
+                             param="max_tokens")
+        if not counted:
+            forward = request if served == asked else dataclasses.replace(request, model_id=served)
+            return Plan(asked, forward, Reservation(0, 0.0), 0)
+        size, messages = prompt_bytes(request)
+        completion = max_tokens or (entry.max_output if entry is not None else None) or portal.config.default_max_tokens
+        # An exact count (the edge's tokenizer) bounds the prompt; else its bytes do.
+        prompt = request.prompt_tokens or size + _MESSAGE_ALLOWANCE * messages + _PROMPT_ALLOWANCE
+        context = entry.max_context if entry is not None else None
+        if context:
+            prompt, completion = min(prompt, context), min(completion, context)
+        p_in, p_out = portal.price(asked)
+        cost = (prompt * p_in + completion * p_out) / 1_000_000
+        tokens = min(prompt + completion, context) if context else prompt + completion
+        forward = request
+        if served != asked or (bounded and max_tokens is None):
+            sampling = request.sampling
+            if bounded and max_tokens is None:
+                sampling = dataclasses.replace(sampling, max_tokens=completion)
+            forward = dataclasses.replace(request, model_id=served, sampling=sampling)
+        return Plan(asked, forward, Reservation(tokens, cost), size)
+
+    def _plan_embed(self, caller: Caller, request: EmbedRequest) -> Plan:
+        portal = caller.portal
+        asked = request.model_id
+        served = portal.resolve(asked, caller.key)
+        entry = self.catalogue.get(served)
+        context = entry.max_context if entry is not None else None
+        sizes = [len(text.encode()) + 2 for text in request.inputs]
+        tokens = sum(min(s, context) for s in sizes) if context else sum(sizes)
+        p_in, _ = portal.price(asked)
+        forward = request if served == asked else dataclasses.replace(request, model_id=served)
+        return Plan(asked, forward, Reservation(tokens, tokens * p_in / 1_000_000), sum(sizes))
+
+    def _admit(self, caller: Caller, plan: Plan, accounts: list[Account], now: float) -> list[Account]:
+        if accounts:
+            refusal = admit(accounts, plan.reservation, now)
+            if refusal is not None:
+                self.metrics.portal_refused(caller.portal.id, refusal.code)
+                log.info("portal %s: refused a request of %s: %s", caller.portal.id,
+                         f"key {caller.key_id}" if caller.key else "an open client", refusal.message)
+                if refusal.code == "budget":
+                    raise InsufficientQuota(refusal.message, retry_after=refusal.retry_after)
+                raise RateLimited(refusal.message, retry_after=refusal.retry_after, code="rate_limit_exceeded")
+        return accounts
+
+    # --- running ---------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def generate(self, caller: Caller, request: GenerateRequest, *, endpoint: str,
+                       on_wait: OnWait | None = None, image: str | None = None,
+                       session: str | None = None) -> AsyncIterator[MeteredGeneration]:
+        """Run ``request`` (its ``model_id`` the public name the client asked for), metered.
+
+        Yields a :class:`MeteredGeneration`; its ``result`` is set when the block ends
+        normally, once the ledger record is durable. ``session`` (the client's session id)
+        goes to the orchestrator, which routes the request back to where the session went.
+
+        Raises:
+            the :mod:`..errors` tree: ModelNotFound (404), Forbidden (403), BadRequest (what
+            the model cannot take, :mod:`..request_limits`; ``image`` names the request's
+            first image part, if any), RateLimited / InsufficientQuota (429) before anything ran; the orchestrator's
+            errors (before or during the stream); UpstreamError when the stream ended
+            without a result; ``LedgerError`` (500) when the record could not be written.
+        """
+        portal = caller.portal
+        if self.limits is not None:
+            # Checked as the model behind the portal's name, answered under the name asked.
+            asked = request.model_id
+            served = portal.resolve(asked, caller.key)
+            checked = await self.limits.check(request if served == asked else dataclasses.replace(request, model_id=served),
+                                              image=image)
+            request = checked if served == asked else dataclasses.replace(checked, model_id=asked)
+        now = self.clock()
+        accounts = self.accounts(caller, now)
+        plan = self._plan_generate(caller, request, bounded=bool(accounts),
+                                   counted=bool(accounts) or portal.records_usage)
+        self._admit(caller, plan, accounts, now)
+        run = MeteredGeneration()
+        started = now
+        t0 = trio.current_time()
+        token = ASK_POLICY.set(portal.ask_policy) if portal.ask_policy is not None else None
+        try:
+            async with self.orchestrator.generate(plan.forward, endpoint=endpoint, on_wait=on_wait,
+                                                  allow_peers=portal.allow_peers,
+                                                  tenant=portal.tenant(caller.key), session=session) as gen:
+                run._gen = gen
+                run.node_id = gen.node_id
+                yield run
+                run.ttft = getattr(gen, "ttft", None)
+        except BaseException as exc:
+            with trio.CancelScope(shield=True):
+                await self._settle_generation(caller, plan, accounts, run, endpoint, started, t0, exc)
+            if isinstance(exc, ModelNotFound) and plan.forward.model_id != plan.asked:
+                raise ModelNotFound(plan.asked) from None  # never name the model behind an alias
+            raise
+        finally:
+            if token is not None:
+                ASK_POLICY.reset(token)
+        with trio.CancelScope(shield=True):
+            await self._settle_generation(caller, plan, accounts, run, endpoint, started, t0, None)
+        if run.result is None:
+            raise UpstreamError("the generation ended without a result", code="empty_stream")
+
+    async def embed(self, caller: Caller, request: EmbedRequest) -> EmbedResult:
+        """Embed ``request`` (public model name), metered; raises as :meth:`generate`."""
+        portal = caller.portal
+        plan = self._plan_embed(caller, request)
+        now = self.clock()
+        accounts = self.accounts(caller, now)
+        self._admit(caller, plan, accounts, now)
+        started = self.clock()
+        t0 = trio.current_time()
+        token = ASK_POLICY.set(portal.ask_policy) if portal.ask_policy is not None else None
+        try:
+            result = await self.orchestrator.embed(plan.forward, allow_peers=portal.allow_peers,
+                                                   tenant=portal.tenant(caller.key))
+        except BaseException as exc:
+            with trio.CancelScope(shield=True):
+                await self._settle(caller, plan, accounts, "embeddings", started, t0, prompt=0, completion=0,
+                                   cached=0, error=exc)
+            if isinstance(exc, ModelNotFound) and plan.forward.model_id != plan.asked:
+                raise ModelNotFound(plan.asked) from None
+            raise
+        finally:
+            if token is not None:
+                ASK_POLICY.reset(token)
+        with trio.CancelScope(shield=True):
+            await self._settle(caller, plan, accounts, "embeddings", started, t0,
+                               prompt=result.usage.prompt_tokens, completion=0, cached=0, error=None)
+        return result
+
+    # --- settling --------------------------------------------------------------------------
+
+    async def _settle_generation(self, caller: Caller, plan: Plan, accounts: list[Account], run: MeteredGeneration,
+                                 endpoint: str, started: float, t0: float, error: BaseException | None) -> None:
+        final = run.final
+        if final is not None and error is None:
+            u = final.usage
+            billed = Usage(u.prompt_tokens, max(u.completion_tokens, run.completion_tokens), u.cached_tokens)
+            await self._settle(caller, plan, accounts, endpoint, started, t0, prompt=billed.prompt_tokens,
+                               completion=billed.completion_tokens, cached=billed.cached_tokens, error=None,
+                               node_id=run.node_id, ttft=run.ttft)
+            run.result = final if billed == u else dataclasses.replace(final, usage=billed)
+            return
+        completion = run.completion_tokens
+        prompt = math.ceil(plan.prompt_bytes / 4) if completion else 0
+        await self._settle(caller, plan, accounts, endpoint, started, t0, prompt=prompt, completion=completion,
+                           cached=0, error=error if error is not None else UpstreamError("no result"),
+                           node_id=run.node_id, ttft=run.ttft)
+
+    async def _settle(self, caller: Caller, plan: Plan, accounts: list[Account], endpoint: str, started: float,
+                      t0: float, *, prompt: int, completion: int, cached: int, error: BaseException | None,
+                      node_id: str = "", ttft: float | None = None) -> None:
+        """Settle the accounts, count the metrics, and make the record durable."""
+        portal = caller.portal
+        cost = portal.cost(plan.asked, prompt, completion)
+        now = self.clock()
+        for account in accounts:
+            account.settle(plan.reservation, prompt + completion, cost, now)
+        if error is None:
+            outcome, code = "ok", ""
+        elif isinstance(error, (trio.Cancelled, ClientGone)):
+            outcome, code = "client_gone", "client_gone"
+        else:
+            outcome = "error"
+            code = (error.code if isinstance(error, GatewayError) else to_gateway_error(error).code
+                    ) if isinstance(error, Exception) else "cancelled"
+            code = code or "error"
+        self.metrics.portal_request(portal.id, plan.asked if not isinstance(error, ModelNotFound) else "-", outcome,
+                                    prompt_tokens=prompt, completion_tokens=completion, cost=cost,
+                                    currency=portal.currency)
+        if not portal.records_usage:
+            return
+        peer_id = signature = ""
+        if node_id == PEER_NODE_ID and self.receipts is not None:
+            linked = await self.receipts(plan.forward.request_id)
+            if linked is not None:
+                peer_id, signature = linked
+        record = UsageRecord(
+            request_id=plan.forward.request_id, portal=portal.id, key_id=caller.key_id, endpoint=endpoint,
+            model_asked=plan.asked, model_served=plan.forward.model_id, started_at=started, ended_at=now,
+            prompt_tokens=prompt, cached_tokens=cached, completion_tokens=completion, cost=cost,
+            currency=portal.currency, latency=trio.current_time() - t0, ttft=ttft, node_id=node_id,
+            peer_id=peer_id, receipt_signature=signature, outcome=outcome, error_code=code)
+        w0 = trio.current_time()
+        await self.writer.write(record)
+        self.metrics.ledger_written(portal.id, trio.current_time() - w0)
+
+    # --- reading ---------------------------------------------------------------------------
+
+    async def usage_of(self, caller: Caller) -> dict[str, Any]:
+        """What ``GET /v1/usage`` answers a key holder: its limits, what it spent in the
+        current budget period, what is left, and its totals per model in that period."""
+        key = caller.key
+        assert key is not None
+        now = self.clock()
+        start, end = period_bounds(key.limits.period, now)
+        rows = await self.blocking(lambda: self.store.report(by="model", key_id=key.key_id, since=start or None))
+        state = self.account_state("key:" + key.key_id)
+        spent_money = sum(r["cost"] for r in rows)
+        spent_tokens = sum(r["total_tokens"] for r in rows)
+        budget = key.limits.budget
+        remaining = state["remaining_budget"] if state is not None else (
+            None if budget is None else max(0.0, budget - (spent_money if key.limits.budget_unit == "money"
+                                                           else spent_tokens)))
+        return {"object": "usage", "key_id": key.key_id, "name": key.name, "portal": caller.portal.id,
+                "currency": caller.portal.currency, "limits": key.limits.as_dict(),
+                "period": {"name": key.limits.period, "start": start, "end": None if end == math.inf else end},
+                "spent": {"money": spent_money, "tokens": spent_tokens}, "remaining_budget": remaining,
+                "in_flight": state["in_flight"] if state is not None else 0,
+                "models": [{k: r[k] for k in ("model", "requests", "prompt_tokens", "completion_tokens", "cost")}
+                           for r in rows]}
+
+
+__all__ = ["Caller", "Metering", "MeteredGeneration", "ModelNotFound", "PEER_NODE_ID"]

@@ -1,0 +1,332 @@
+"""Quotas, as a pure state machine fed the time (``now``, Unix seconds).
+
+Every subject that has limits (an API key, a whole portal) has an :class:`Account`:
+
+* ``rpm`` and ``tpm``: token buckets of a minute's worth, refilled evenly (``rpm / 60``
+  requests a second), so a burst of a full minute's allowance is admitted at once and
+  the rest as it refills;
+* ``max_concurrent``: requests admitted and not yet settled;
+* ``budget`` per ``period`` (a UTC day, a UTC calendar month, or ``total``), in money or
+  in tokens: a hard stop.
+
+A request is admitted against all its accounts at once (:func:`admit`) with its
+**worst case** (:class:`Reservation`: the most tokens it could use and what they would
+cost): one request token and the tokens are taken from the buckets, the concurrency slot
+is held, and the cost is reserved against the budget. :meth:`Account.settle` replaces the
+reservation with what the request really used: unused tokens go back to the bucket, the
+real cost is spent. Since nothing is admitted that the worst case would not fit, any
+number of concurrent requests stays within a budget. The shell (:mod:`.metering`) calls
+these on the trio thread, so check-then-reserve is atomic without locks.
+
+:func:`rate_headers` renders OpenAI's ``x-ratelimit-*`` headers from the accounts.
+"""
+
+from __future__ import annotations
+
+import calendar
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+UNITS = ("money", "tokens")
+PERIODS = ("day", "month", "total")
+_EPS = 1e-9
+_LEVEL_EPS = 1e-6
+"""Bucket levels are compared with this slack: Unix times as floats resolve only about a
+quarter of a microsecond, so refills carry errors far above ``_EPS``."""
+REFUSE_FOREVER = 86400.0
+"""Retry-After for a spent ``total`` budget (nothing changes until an operator acts)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The limits of one subject; None means unlimited (see the module docstring)."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrent: int | None = None
+    budget: float | None = None
+    budget_unit: str = "money"
+    period: str = "month"
+
+    def __post_init__(self) -> None:
+        if self.budget_unit not in UNITS:
+            raise ValueError(f"budget_unit must be one of {', '.join(UNITS)}")
+        if self.period not in PERIODS:
+            raise ValueError(f"period must be one of {', '.join(PERIODS)}")
+        for name in ("rpm", "tpm", "max_concurrent"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.budget is not None and self.budget < 0:
+            raise ValueError("budget must not be negative")
+
+    @property
+    def unlimited(self) -> bool:
+        return self.rpm is None and self.tpm is None and self.max_concurrent is None and self.budget is None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "Limits":
+        return cls(**{k: v for k, v in (data or {}).items() if k in cls.__dataclass_fields__})
+
+
+def period_bounds(period: str, now: float) -> tuple[float, float]:
+    """``[start, end)`` of the budget period holding ``now`` (UTC)."""
+    if period == "total":
+        return 0.0, math.inf
+    t = time.gmtime(now)
+    if period == "day":
+        start = calendar.timegm((t.tm_year, t.tm_mon, t.tm_mday, 0, 0, 0))
+        return float(start), float(start + 86400)
+    start = calendar.timegm((t.tm_year, t.tm_mon, 1, 0, 0, 0))
+    year, month = (t.tm_year + 1, 1) if t.tm_mon == 12 else (t.tm_year, t.tm_mon + 1)
+    return float(start), float(calendar.timegm((year, month, 1, 0, 0, 0)))
+
+
+class Bucket:
+    """A token bucket of ``capacity`` refilled at ``rate`` a second; pure given ``now``.
+
+    The level may go below zero when a request used more than it reserved: the debt
+    delays the next admissions.
+    """
+
+    __slots__ = ("capacity", "rate", "level", "stamp")
+
+    def __init__(self, capacity: float, rate: float, now: float) -> None:
+        self.capacity = float(capacity)
+        self.rate = rate
+        self.level = float(capacity)
+        self.stamp = now
+
+    def at(self, now: float) -> float:
+        """The level at ``now`` (refilling up to then)."""
+        if now > self.stamp:
+            self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+            self.stamp = now
+        return self.level
+
+    def take(self, n: float, now: float) -> None:
+        self.at(now)
+        self.level -= n
+
+    def give(self, n: float, now: float) -> None:
+        self.at(now)
+        self.level = min(self.capacity, self.level + n)
+
+    def wait(self, n: float, now: float) -> float:
+        """Seconds until ``n`` can be taken (inf if ``n`` is over the capacity)."""
+        level = self.at(now)
+        if level + _LEVEL_EPS >= n:
+            return 0.0
+        if n > self.capacity + _LEVEL_EPS:
+            return math.inf
+        return (n - level) / self.rate
+
+    def full_in(self, now: float) -> float:
+        """Seconds until the bucket is full again."""
+        return max(0.0, (self.capacity - self.at(now)) / self.rate)
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """A request's worst case: ``tokens`` (prompt bound + completion limit) and ``cost``."""
+
+    tokens: int
+    cost: float
+
+    def amount(self, unit: str) -> float:
+        return self.cost if unit == "money" else float(self.tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a request was not admitted: ``code`` is ``requests`` (rpm), ``tokens`` (tpm),
+    ``too_large`` (the worst case is over the tpm limit itself), ``concurrency`` or
+    ``budget``; ``retry_after`` in seconds."""
+
+    subject: str
+    code: str
+    message: str
+    retry_after: float
+
+
+class Account:
+    """The quota state of one subject (see the module docstring).
+
+    Args:
+        subject: a name for messages (``key 3f9a...``, ``portal acme``).
+        limits: its limits.
+        now: Unix seconds.
+        spent_money, spent_tokens: already spent in the current period (rebuilt from the
+            ledger at start, so a restart does not reset a budget).
+    """
+
+    def __init__(self, subject: str, limits: Limits, now: float, *, spent_money: float = 0.0,
+                 spent_tokens: float = 0.0) -> None:
+        self.subject = subject
+        self.in_flight = 0
+        self.reserved_money = 0.0
+        self.reserved_tokens = 0.0
+        self.spent_money = spent_money
+        self.spent_tokens = spent_tokens
+        self.limits = limits
+        self.period_start, self.period_end = period_bounds(limits.period, now)
+        self.requests = Bucket(limits.rpm, limits.rpm / 60.0, now) if limits.rpm else None
+        self.tokens = Bucket(limits.tpm, limits.tpm / 60.0, now) if limits.tpm else None
+
+    def set_limits(self, limits: Limits, now: float) -> bool:
+        """New limits; the buckets start full again if their size changed. Returns True
+        when the budget period changed (the caller then restores the spent amounts for the
+        new period from the ledger with :meth:`restore`)."""
+        old, self.limits = self.limits, limits
+        if limits.rpm != old.rpm:
+            self.requests = Bucket(limits.rpm, limits.rpm / 60.0, now) if limits.rpm else None
+        if limits.tpm != old.tpm:
+            self.tokens = Bucket(limits.tpm, limits.tpm / 60.0, now) if limits.tpm else None
+        if limits.period != old.period:
+            self.period_start, self.period_end = period_bounds(limits.period, now)
+            return True
+        return False
+
+    def restore(self, spent_money: float, spent_tokens: float) -> None:
+        self.spent_money = spent_money
+        self.spent_tokens = spent_tokens
+
+    def _roll(self, now: float) -> None:
+        if now >= self.period_end:
+            self.period_start, self.period_end = period_bounds(self.limits.period, now)
+            self.spent_money = self.spent_tokens = 0.0
+
+    def spent(self, unit: str) -> float:
+        return self.spent_money if unit == "money" else self.spent_tokens
+
+    def reserved(self, unit: str) -> float:
+        return self.reserved_money if unit == "money" else self.reserved_tokens
+
+    def remaining_budget(self, now: float) -> float | None:
+        """Budget left for new requests (what is reserved by those in flight excluded)."""
+        if self.limits.budget is None:
+            return None
+        self._roll(now)
+        unit = self.limits.budget_unit
+        return max(0.0, self.limits.budget - self.spent(unit) - self.reserved(unit))
+
+    def refusal(self, r: Reservation, now: float) -> Refusal | None:
+        """Why ``r`` cannot be admitted now, or None. Changes nothing but the refill."""
+        lim = self.limits
+        if lim.max_concurrent is not None and self.in_flight >= lim.max_concurrent:
+            return Refusal(self.subject, "concurrency",
+                           f"{self.subject}: at most {lim.max_concurrent} concurrent requests", 1.0)
+        if self.requests is not None:
+            wait = self.requests.wait(1, now)
+            if wait > 0:
+                return Refusal(self.subject, "requests", f"{self.subject}: over {lim.rpm} requests per minute", wait)
+        if self.tokens is not None:
+            wait = self.tokens.wait(r.tokens, now)
+            if wait == math.inf:
+                return Refusal(self.subject, "too_large",
+                               f"{self.subject}: this request may use up to {r.tokens} tokens, over the limit of "
+                               f"{lim.tpm} tokens per minute (lower max_tokens or the prompt)",
+                               self.tokens.full_in(now))
+            if wait > 0:
+                return Refusal(self.subject, "tokens", f"{self.subject}: over {lim.tpm} tokens per minute", wait)
+        if lim.budget is not None:
+            self._roll(now)
+            unit = lim.budget_unit
+            if self.spent(unit) + self.reserved(unit) + r.amount(unit) > lim.budget * (1 + _EPS) + _EPS:
+                left = max(0.0, lim.budget - self.spent(unit) - self.reserved(unit))
+                what = f"{left:.6g} left of {lim.budget:g}" if unit == "money" else f"{left:.0f} of {lim.budget:.0f} tokens left"
+                until = self.period_end - now if lim.period != "total" else REFUSE_FOREVER
+                return Refusal(self.subject, "budget",
+                               f"{self.subject}: the {lim.period} budget is spent ({what}; this request may "
+                               f"cost up to {r.amount(unit):.6g})", until)
+        return None
+
+    def reserve(self, r: Reservation, now: float) -> None:
+        self.in_flight += 1
+        if self.requests is not None:
+            self.requests.take(1, now)
+        if self.tokens is not None:
+            self.tokens.take(r.tokens, now)
+        self.reserved_money += r.cost
+        self.reserved_tokens += r.tokens
+
+    def settle(self, r: Reservation, tokens: int, cost: float, now: float) -> None:
+        """End a reservation with what the request really used."""
+        self.in_flight -= 1
+        self.reserved_money = max(0.0, self.reserved_money - r.cost)
+        self.reserved_tokens = max(0.0, self.reserved_tokens - r.tokens)
+        if self.tokens is not None:
+            if tokens <= r.tokens:
+                self.tokens.give(r.tokens - tokens, now)
+            else:
+                self.tokens.take(tokens - r.tokens, now)
+        self._roll(now)
+        self.spent_money += cost
+        self.spent_tokens += tokens
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """The account's state, for ``/v1/usage`` and the admin API."""
+        self._roll(now)
+        out: dict[str, Any] = {"limits": self.limits.as_dict(), "in_flight": self.in_flight,
+                               "period_start": self.period_start,
+                               "period_end": None if self.period_end == math.inf else self.period_end,
+                               "spent": {"money": self.spent_money, "tokens": int(self.spent_tokens)},
+                               "remaining_budget": self.remaining_budget(now)}
+        if self.requests is not None:
+            out["remaining_requests"] = max(0, math.floor(self.requests.at(now) + _LEVEL_EPS))
+        if self.tokens is not None:
+            out["remaining_tokens"] = max(0, math.floor(self.tokens.at(now) + _LEVEL_EPS))
+        return out
+
+
+def admit(accounts: Sequence[Account], r: Reservation, now: float) -> Refusal | None:
+    """Reserve ``r`` on every account, or on none: returns the first refusal (None: admitted)."""
+    for account in accounts:
+        refusal = account.refusal(r, now)
+        if refusal is not None:
+            return refusal
+    for account in accounts:
+        account.reserve(r, now)
+    return None
+
+
+def duration(seconds: float) -> str:
+    """A reset time as OpenAI writes it: ``250ms``, ``1s``, ``6m0s``, ``1h2m3s``."""
+    if seconds < 1:
+        return f"{max(0, math.ceil(seconds * 1000))}ms"
+    s = math.ceil(seconds - 1e-9)
+    h, rest = divmod(s, 3600)
+    m, sec = divmod(rest, 60)
+    if h:
+        return f"{h}h{m}m{sec}s"
+    if m:
+        return f"{m}m{sec}s"
+    return f"{sec}s"
+
+
+def rate_headers(accounts: Sequence[Account], now: float) -> list[tuple[bytes, bytes]]:
+    """``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` for the tightest account
+    of each kind (those with an rpm / tpm limit); empty when none has one."""
+    out: list[tuple[bytes, bytes]] = []
+    for kind, attr, limit in (("requests", "requests", "rpm"), ("tokens", "tokens", "tpm")):
+        best: tuple[float, Account] | None = None
+        for account in accounts:
+            bucket = getattr(account, attr)
+            if bucket is not None:
+                level = bucket.at(now)
+                if best is None or level < best[0]:
+                    best = (level, account)
+        if best is None:
+            continue
+        level, account = best
+        bucket = getattr(account, attr)
+        out += [(b"x-ratelimit-limit-" + kind.encode(), str(getattr(account.limits, limit)).encode()),
+                (b"x-ratelimit-remaining-" + kind.encode(), str(max(0, math.floor(level + _LEVEL_EPS))).encode()),
+                (b"x-ratelimit-reset-" + kind.encode(), duration(bucket.full_in(now)).encode())]
+    return out

@@ -1,0 +1,219 @@
+"""Where API keys and the usage ledger live: the :class:`Store` interface and its embedded
+default, :class:`SqliteStore`.
+
+Every method is synchronous and may block on the disk: the cortex calls them off the trio
+thread (:mod:`.writer` for ledger rows, ``trio.to_thread`` for the rest). An operator
+running several cortexes could later point them at a shared database by implementing
+:class:`Store` over it.
+
+SQLite runs in WAL mode with ``synchronous=FULL`` by default: when
+:meth:`SqliteStore.append` returns, the rows are in the WAL on disk and survive ``kill -9``
+and a power cut (``NORMAL``: in the WAL through the OS, which survives ``kill -9`` of the
+process but not an OS crash). Writes
+go through one connection, reads through another, so a report never waits for a commit's
+fsync. The database holds no usable key: keys are stored as their SHA-256 digest only
+(:mod:`.keys`).
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import sqlite3
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from .keys import ApiKey
+from .quota import Limits
+from .usage import FIELDS, GROUPS, UsageRecord
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id TEXT PRIMARY KEY,
+    portal TEXT NOT NULL,
+    name TEXT NOT NULL,
+    digest BLOB NOT NULL,
+    limits TEXT NOT NULL,
+    models TEXT,
+    created_at REAL NOT NULL,
+    expires_at REAL,
+    revoked_at REAL
+);
+CREATE TABLE IF NOT EXISTS usage (
+    id INTEGER PRIMARY KEY,
+    request_id TEXT NOT NULL,
+    portal TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    model_asked TEXT NOT NULL,
+    model_served TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    ended_at REAL NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    cached_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    cost REAL NOT NULL,
+    currency TEXT NOT NULL,
+    latency REAL NOT NULL,
+    ttft REAL,
+    node_id TEXT NOT NULL,
+    peer_id TEXT NOT NULL,
+    receipt_signature TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    error_code TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS usage_key ON usage (key_id, ended_at);
+CREATE INDEX IF NOT EXISTS usage_portal ON usage (portal, ended_at);
+CREATE INDEX IF NOT EXISTS usage_request ON usage (request_id);
+"""
+_INSERT = f"INSERT INTO usage ({', '.join(FIELDS)}) VALUES ({', '.join('?' * len(FIELDS))})"
+_ROW = operator.attrgetter(*FIELDS)
+_GROUP_SQL = {"key": "key_id", "model": "model_asked", "day": "date(ended_at, 'unixepoch')", "portal": "portal"}
+
+
+class Store(Protocol):
+    """Keys and the usage ledger (see the module docstring). All methods block."""
+
+    def put_key(self, key: ApiKey) -> None:
+        """Insert or replace a key's record (durable on return)."""
+        ...
+
+    def keys(self) -> list[ApiKey]:
+        ...
+
+    def append(self, records: Sequence[UsageRecord]) -> None:
+        """Add ledger rows in one transaction, durable on return."""
+        ...
+
+    def spent_since(self, column: str, since: float) -> dict[str, tuple[float, int]]:
+        """``{subject: (cost, tokens)}`` of rows that ended at or after ``since``, per
+        ``key_id`` or ``portal``."""
+        ...
+
+    def report(self, *, by: str = "key", portal: str | None = None, key_id: str | None = None,
+               since: float | None = None, until: float | None = None) -> list[dict[str, Any]]:
+        """Totals grouped ``by`` key, model (as asked), day (UTC) or portal."""
+        ...
+
+    def records(self, *, portal: str | None = None, key_id: str | None = None, since: float | None = None,
+                until: float | None = None, request_id: str | None = None,
+                limit: int | None = None) -> list[UsageRecord]:
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+def _where(portal: str | None, key_id: str | None, since: float | None, until: float | None,
+           request_id: str | None = None) -> tuple[str, list[Any]]:
+    clauses, args = [], []
+    for column, op, value in (("portal", "=", portal), ("key_id", "=", key_id), ("ended_at", ">=", since),
+                              ("ended_at", "<", until), ("request_id", "=", request_id)):
+        if value is not None:
+            clauses.append(f"{column} {op} ?")
+            args.append(value)
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), args
+
+
+class SqliteStore:
+    """:class:`Store` in one SQLite file (``:memory:`` shares one connection, for tests);
+    ``synchronous`` is SQLite's (``FULL`` or ``NORMAL``, see the module docstring)."""
+
+    def __init__(self, path: Path | str, *, synchronous: str = "FULL") -> None:
+        if synchronous not in ("FULL", "NORMAL"):
+            raise ValueError("synchronous is FULL or NORMAL")
+        self.synchronous = synchronous
+        self.path = str(path)
+        memory = self.path == ":memory:"
+        if not memory:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._w = self._connect()
+        self._r = self._w if memory else self._connect()
+        self._wlock = threading.Lock()
+        self._rlock = self._wlock if memory else threading.Lock()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={self.synchronous}")
+        db.execute("PRAGMA busy_timeout=10000")
+        db.executescript(_SCHEMA)
+        return db
+
+    def close(self) -> None:
+        with self._wlock:
+            self._w.close()
+        if self._r is not self._w:
+            with self._rlock:
+                self._r.close()
+
+    # --- keys ------------------------------------------------------------------------------
+
+    def put_key(self, key: ApiKey) -> None:
+        with self._wlock:
+            self._w.execute(
+                "INSERT OR REPLACE INTO api_keys VALUES (?,?,?,?,?,?,?,?,?)",
+                (key.key_id, key.portal, key.name, key.digest, json.dumps(key.limits.as_dict()),
+                 None if key.models is None else json.dumps(list(key.models)), key.created_at, key.expires_at,
+                 key.revoked_at))
+
+    def keys(self) -> list[ApiKey]:
+        with self._rlock:
+            rows = self._r.execute("SELECT * FROM api_keys ORDER BY created_at, key_id").fetchall()
+        return [ApiKey(kid, portal, name, bytes(digest), Limits.from_dict(json.loads(limits)),
+                       None if models is None else tuple(json.loads(models)), created, expires, revoked)
+                for kid, portal, name, digest, limits, models, created, expires, revoked in rows]
+
+    # --- the ledger ------------------------------------------------------------------------
+
+    def append(self, records: Sequence[UsageRecord]) -> None:
+        if len(records) == 1:  # one statement, its own transaction (autocommit)
+            with self._wlock:
+                self._w.execute(_INSERT, _ROW(records[0]))
+            return
+        rows = [_ROW(r) for r in records]
+        with self._wlock:
+            self._w.execute("BEGIN IMMEDIATE")
+            try:
+                self._w.executemany(_INSERT, rows)
+            except BaseException:
+                self._w.execute("ROLLBACK")
+                raise
+            self._w.execute("COMMIT")
+
+    def spent_since(self, column: str, since: float) -> dict[str, tuple[float, int]]:
+        if column not in ("key_id", "portal"):
+            raise ValueError("column is key_id or portal")
+        with self._rlock:
+            rows = self._r.execute(
+                f"SELECT {column}, SUM(cost), SUM(prompt_tokens + completion_tokens) FROM usage "
+                f"WHERE ended_at >= ? GROUP BY {column}", (since,)).fetchall()
+        return {subject: (cost or 0.0, tokens or 0) for subject, cost, tokens in rows}
+
+    def report(self, *, by: str = "key", portal: str | None = None, key_id: str | None = None,
+               since: float | None = None, until: float | None = None) -> list[dict[str, Any]]:
+        if by not in GROUPS:
+            raise ValueError(f"by is one of {', '.join(GROUPS)}")
+        where, args = _where(portal, key_id, since, until)
+        group = _GROUP_SQL[by]
+        with self._rlock:
+            rows = self._r.execute(
+                f"SELECT {group}, currency, COUNT(*), SUM(prompt_tokens), SUM(cached_tokens), "
+                f"SUM(completion_tokens), SUM(cost), SUM(outcome != 'ok') FROM usage{where} "
+                f"GROUP BY {group}, currency ORDER BY {group}, currency", args).fetchall()
+        return [{by: g, "currency": cur, "requests": n, "prompt_tokens": p, "cached_tokens": c,
+                 "completion_tokens": o, "total_tokens": p + o, "cost": cost, "incomplete": bad}
+                for g, cur, n, p, c, o, cost, bad in rows]
+
+    def records(self, *, portal: str | None = None, key_id: str | None = None, since: float | None = None,
+                until: float | None = None, request_id: str | None = None,
+                limit: int | None = None) -> list[UsageRecord]:
+        where, args = _where(portal, key_id, since, until, request_id)
+        sql = f"SELECT {', '.join(FIELDS)} FROM usage{where} ORDER BY ended_at, id"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        with self._rlock:
+            rows = self._r.execute(sql, args).fetchall()
+        return [UsageRecord(*row) for row in rows]

@@ -1,0 +1,120 @@
+"""What a model can take, checked at the edge before a request costs a neuron anything.
+
+:meth:`RequestLimits.check` refuses, each with a 400 in OpenAI's envelope naming the field:
+
+* a feature the model's backend lacks (``response_format`` JSON, ``tools``, ``logprobs``;
+  the catalogue declares them per backend, see :data:`.catalogue.BACKEND_FEATURES`);
+* an image for a model that cannot see, naming the models here that can;
+* ``max_tokens`` over the model's ``max_output`` (a request without ``max_tokens`` gets
+  ``max_output``, when the catalogue sets one);
+* a prompt that does not fit the context one request gets (``context_length_exceeded``,
+  param ``messages`` or ``prompt``): the prompt alone reaches the context, or the prompt
+  and an explicit ``max_tokens`` pass it, as OpenAI counts. The context is the catalogue's
+  ``max_context`` (made consistent with how the backend splits its context, see
+  :mod:`.catalogue`), or for a model outside the catalogue what its neurons report.
+
+An exact count travels with the request (``GenerateRequest.prompt_tokens``) so that the
+neuron need not count again; a lower bound, or no count (:mod:`.token_counter` says which
+models get one), leaves the exact check to the neuron.
+
+Models outside the catalogue (loaded by hand, or a peer's) have no declared features here:
+their neurons refuse what they cannot do, with the same 400.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from helexa.protocol import Feature, GenerateRequest, ModelState, Task, Workload
+
+from .catalogue import Catalogue
+from .errors import BadRequest
+from .fleet import Fleet
+from .token_counter import TokenCounter
+
+_FEATURE_FIELDS = {Feature.STRUCTURED_OUTPUT: "response_format", Feature.TOOLS: "tools", Feature.LOGPROBS: "logprobs"}
+
+
+def context_exceeded(limit: int, prompt: int, max_tokens: int | None, param: str) -> BadRequest:
+    """OpenAI's error for a request that does not fit ``limit`` tokens."""
+    if max_tokens:
+        message = (f"This model's maximum context length is {limit} tokens. However, you requested "
+                   f"{prompt + max_tokens} tokens ({prompt} in the messages, {max_tokens} in the completion). "
+                   "Please reduce the length of the messages or completion.")
+    else:
+        message = (f"This model's maximum context length is {limit} tokens. However, your messages resulted in "
+                   f"{prompt} tokens. Please reduce the length of the messages.")
+    return BadRequest(message, param=param, code="context_length_exceeded")
+
+
+class RequestLimits:
+    """The edge's checks of a generation against its model (see the module docstring).
+
+    Args:
+        catalogue: what the operator offers (features, context, output limit, workloads).
+        fleet: the live fleet (the context neurons report for models outside the catalogue).
+        counter: prompt token counts (built over ``catalogue`` when not given).
+    """
+
+    def __init__(self, catalogue: Catalogue, fleet: Fleet, counter: TokenCounter | None = None) -> None:
+        self._catalogue = catalogue
+        self._fleet = fleet
+        self.counter = counter or TokenCounter(catalogue)
+
+    def context_length(self, model_id: str) -> int | None:
+        """The context one request for ``model_id`` gets: the catalogue's figure, else the
+        largest any neuron with it loaded reports (the neuron checks exactly anyway)."""
+        entry = self._catalogue.get(model_id)
+        if entry is not None and entry.max_context:
+            return entry.max_context
+        reported = [s.context_length for link in self._fleet.usable()
+                    if (s := link.models.get(model_id)) is not None and s.state is ModelState.LOADED
+                    and s.context_length]
+        return max(reported) if reported else None
+
+    def seeing_models(self) -> list[str]:
+        return sorted(e.id for e in self._catalogue if Workload.VISION in e.workloads)
+
+    async def check(self, request: GenerateRequest, *, image: str | None = None) -> GenerateRequest:
+        """Refuse what ``request``'s model cannot take (raises :class:`BadRequest`); return
+        the request, with ``prompt_tokens`` when counted exactly.
+
+        Args:
+            image: where the request's first image part is (``messages[0].content[1]``), if any.
+        """
+        entry = self._catalogue.get(request.model_id)
+        if image is not None and (entry is None or Workload.VISION not in entry.workloads):
+            seeing = self.seeing_models()
+            can = f"models that can: {', '.join(seeing)}" if seeing else "no model served here can"
+            raise BadRequest(f"model {request.model_id!r} cannot see images ({can})", param=image,
+                             code="image_not_supported")
+        if entry is not None:
+            features = entry.feature_set
+            wanted = {Feature.TOOLS: request.wants_tools, Feature.STRUCTURED_OUTPUT: request.wants_json,
+                      Feature.LOGPROBS: request.sampling.logprobs}
+            for feature, on in wanted.items():
+                if on and feature not in features:
+                    raise BadRequest(f"model {request.model_id!r} cannot do {_FEATURE_FIELDS[feature]} "
+                                     f"(its backend {entry.backend!r} has no {feature.value.replace('_', ' ')})",
+                                     param=_FEATURE_FIELDS[feature], code="unsupported")
+            max_tokens = request.sampling.max_tokens
+            if entry.max_output and max_tokens and max_tokens > entry.max_output:
+                raise BadRequest(f"max_tokens {max_tokens} is over model {entry.id!r}'s limit of {entry.max_output}",
+                                 param="max_tokens")
+            if entry.max_output and max_tokens is None:
+                request = replace(request, sampling=replace(request.sampling, max_tokens=entry.max_output))
+        limit = self.context_length(request.model_id)
+        if limit is None:
+            return request
+        param = "messages" if request.task is Task.CHAT else "prompt"
+        max_tokens = request.sampling.max_tokens
+        if max_tokens and max_tokens >= limit:
+            raise BadRequest(
+                f"max_tokens {max_tokens} leaves no room for the prompt in model {request.model_id!r}'s context "
+                f"of {limit} tokens", param="max_tokens", code="context_length_exceeded")
+        count = await self.counter.count(request)
+        if count is None:
+            return request
+        if count.tokens >= limit or count.tokens + (max_tokens or 0) > limit:
+            raise context_exceeded(limit, count.tokens, max_tokens, param)
+        return replace(request, prompt_tokens=count.tokens) if count.exact else request

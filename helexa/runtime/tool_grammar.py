@@ -1,0 +1,139 @@
+"""Tool calling for models whose chat template knows no tools, through a JSON grammar.
+
+Pure functions, no I/O. A model like SmolLM2 has a ChatML template with no tool syntax,
+and llama.cpp then answers a request with ``tools`` as plain text (measured: even under
+``tool_choice: required``). For such a model the backend instead:
+
+1. describes the tools in a system message (:func:`prepare`), and shows earlier tool calls
+   and their results in the conversation as the JSON the model is asked to write;
+2. enforces, with a JSON schema turned into a grammar by the backend, an answer of the form
+   ``{"tool_call": {"name": ..., "arguments": {...}}}`` (``required``, or one named
+   function), or either that or ``{"response": "..."}`` (``auto``);
+3. reads the answer back (:func:`parse`) as OpenAI ``tool_calls`` whose ``arguments`` are
+   the JSON the grammar forced to match the tool's ``parameters``, or as plain content.
+
+This is the format llama.cpp itself once called "generic". Its costs: the answer is JSON
+until it is complete, so a streamed answer arrives as one piece at the end; logprobs are
+not reported (they would be those of the JSON); and ``response_format`` cannot be combined
+with tools (both need the one grammar).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from helexa.protocol import GenerateRequest, ToolChoiceMode, ToolSpec
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    """What a generic answer said: ``content`` text, or ``tool_calls`` (OpenAI's shape)."""
+
+    content: str
+    tool_calls: tuple[dict[str, Any], ...] = ()
+
+
+def offered(request: GenerateRequest) -> tuple[ToolSpec, ...]:
+    """The tools the model may call under the request's ``tool_choice``."""
+    choice = request.tool_choice
+    if not request.wants_tools:
+        return ()
+    if choice is not None and choice.mode is ToolChoiceMode.FUNCTION:
+        return tuple(t for t in request.tools if t.name == choice.name)
+    return request.tools
+
+
+def must_call(request: GenerateRequest) -> bool:
+    choice = request.tool_choice
+    return choice is not None and choice.mode in (ToolChoiceMode.REQUIRED, ToolChoiceMode.FUNCTION)
+
+
+def schema(request: GenerateRequest) -> dict[str, Any]:
+    """The JSON schema every answer must match (the backend turns it into a grammar)."""
+    calls = [_call_schema(t) for t in offered(request)]
+    call = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    tool_call = _object({"tool_call": call})
+    if must_call(request):
+        return tool_call
+    return {"anyOf": [tool_call, _object({"response": {"type": "string"}})]}
+
+
+def _object(properties: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "properties": properties, "required": list(properties), "additionalProperties": False}
+
+
+def _call_schema(tool: ToolSpec) -> dict[str, Any]:
+    arguments = tool.parameters if isinstance(tool.parameters, dict) else {"type": "object"}
+    return _object({"name": {"type": "string", "const": tool.name}, "arguments": arguments})
+
+
+def instructions(request: GenerateRequest) -> str:
+    """The system text that describes the tools and the answer format."""
+    tools = [{"name": t.name, **({"description": t.description} if t.description else {}),
+              "parameters": t.parameters if isinstance(t.parameters, dict) else {"type": "object"}}
+             for t in offered(request)]
+    text = ("You can call these tools:\n" + json.dumps(tools, indent=2, ensure_ascii=False) +
+            '\n\nTo call a tool, answer with JSON: {"tool_call": {"name": "<tool name>", "arguments": {...}}}')
+    if not must_call(request):
+        text += '\nTo answer the user directly, answer with JSON: {"response": "<your answer>"}'
+    return text
+
+
+def prepare(request: GenerateRequest) -> list[dict[str, Any]]:
+    """The conversation as the model should see it: the tool instructions joined to the
+    system message (or a new one first), earlier tool calls written as the JSON the model
+    writes, and tool results as plain messages."""
+    messages = [_plain(dict(m)) for m in request.messages]
+    note = instructions(request)
+    if messages and messages[0].get("role") in ("system", "developer"):
+        first = messages[0]
+        messages[0] = {**first, "role": "system", "content": f"{_text(first.get('content'))}\n\n{note}".lstrip()}
+    else:
+        messages.insert(0, {"role": "system", "content": note})
+    return messages
+
+
+def _plain(message: dict[str, Any]) -> dict[str, Any]:
+    calls = message.get("tool_calls")
+    if message.get("role") == "assistant" and calls:
+        shown = []
+        for call in calls:
+            fn = call.get("function") or {}
+            try:
+                args = json.loads(fn.get("arguments") or "{}")
+            except ValueError:
+                args = fn.get("arguments")
+            shown.append(json.dumps({"tool_call": {"name": fn.get("name"), "arguments": args}}, ensure_ascii=False))
+        return {"role": "assistant", "content": "\n".join(shown)}
+    if message.get("role") == "tool":
+        return {"role": "tool", "content": _text(message.get("content"))}
+    return message
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""
+
+
+def parse(text: str) -> Parsed:
+    """Read a generic answer. Text that is not the expected JSON (an answer cut short by
+    ``max_tokens``) comes back as content, unchanged."""
+    try:
+        answer = json.loads(text)
+    except ValueError:
+        return Parsed(text)
+    if isinstance(answer, dict) and isinstance(answer.get("tool_call"), dict):
+        call = answer["tool_call"]
+        arguments = call.get("arguments", {})
+        return Parsed("", ({"id": "call_" + secrets.token_hex(12), "type": "function",
+                            "function": {"name": str(call.get("name", "")),
+                                         "arguments": json.dumps(arguments, ensure_ascii=False)}},))
+    if isinstance(answer, dict) and isinstance(answer.get("response"), str):
+        return Parsed(answer["response"])
+    return Parsed(text)

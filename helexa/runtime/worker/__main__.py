@@ -1,0 +1,39 @@
+"""``python -m helexa.runtime.worker --fd N --model ID``: a worker process (see
+:mod:`helexa.runtime.worker.child`). Started by a neuron, never by hand."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import socket
+import sys
+
+import trio
+
+from .child import serve
+from .pipe import Pipe
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m helexa.runtime.worker")
+    ap.add_argument("--fd", type=int, required=True, help="this worker's end of the neuron's socketpair")
+    ap.add_argument("--model", default="?", help="the model this worker runs (for logs and ps)")
+    ap.add_argument("--log-level", default="info")
+    args = ap.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper(), logging.INFO),
+        stream=sys.stderr,
+        format=f"%(asctime)s %(levelname)-7s worker[{args.model}] %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    # Ctrl-C on the neuron's terminal reaches its whole process group: the neuron drains
+    # and unloads its models (which ends this worker), so the worker itself ignores it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sock = socket.socket(fileno=args.fd)
+    trio.run(serve, Pipe(sock))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

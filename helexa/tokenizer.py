@@ -1,0 +1,240 @@
+"""A GGUF model's tokenizer and chat template, read from the file's metadata alone.
+
+The cortex counts a prompt's tokens before a request costs a neuron anything (a prompt that
+cannot fit the context is refused at once), and the same count answers "how many tokens is
+this?" questions (Anthropic's ``count_tokens``). It needs the model's own tokenizer and chat
+template, but not its weights: both are in the GGUF's metadata, at the front of the file.
+
+How exact a count is:
+
+* **Exact** (the same token ids llama.cpp produces; a test checks SmolLM2 against
+  llama.cpp's own ``/tokenize`` and ``/apply-template``) for byte-level BPE vocabularies
+  (``tokenizer.ggml.model = "gpt2"``) whose pre-tokenizer is one llama.cpp names and we
+  mirror (:data:`PRE_TOKENIZERS`: SmolLM2, StarCoder, GPT-2, Qwen2 and their kin), for a
+  chat rendered by the model's template with Jinja2 as llama.cpp renders it (system,
+  developer, user, assistant and tool messages with text content).
+* **A lower bound** for every other GGUF (SentencePiece vocabularies, pre-tokenizers not in
+  the table): ``ceil(bytes / longest token)``, since no token stands for more bytes than the
+  longest one in the vocabulary. Also a lower bound whenever tools are offered (backends
+  add their own tool instructions to the prompt).
+
+A lower bound can only refuse prompts that certainly do not fit; the neuron makes the exact
+check for the rest before the request waits for a slot (``llama_cpp`` asks llama.cpp to
+count). The metadata is read by :func:`read_metadata`, not ``gguf.GGUFReader``: that reader
+parses every tensor too and took 11.6 s for SmolLM2's 98 MB file on this machine; the
+metadata alone takes well under a second.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+MAX_METADATA_BYTES = 256 * 1024 * 1024
+"""A GGUF whose metadata claims more than this is refused as corrupt."""
+
+PRE_TOKENIZERS: dict[str, tuple[str, ...]] = {}
+"""llama.cpp's pre-tokenizer regexes (``llama-vocab.cpp``), by ``tokenizer.ggml.pre``: each
+splits the pieces the one before left, keeping both the matches and what lies between."""
+
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_QWEN2 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
+          r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+for _name in ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"):
+    PRE_TOKENIZERS[_name] = (r"\p{N}", _GPT2)
+for _name in ("gpt-2", "mpt", "olmo", "jais"):
+    PRE_TOKENIZERS[_name] = (_GPT2,)
+for _name in ("qwen2", "stablelm2"):
+    PRE_TOKENIZERS[_name] = (_QWEN2,)
+
+_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.merges",
+         "tokenizer.ggml.token_type", "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token",
+         "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.chat_template")
+_CONTROL, _USER_DEFINED = 3, 4
+
+
+class TokenizerError(Exception):
+    """The file is not a GGUF, or its metadata is truncated or has no vocabulary."""
+
+
+# --- GGUF metadata ------------------------------------------------------------------------
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def read_metadata(path: Path, keys: tuple[str, ...] = _KEYS) -> dict[str, Any]:
+    """The metadata values named by ``keys`` (others are skipped) of the GGUF at ``path``.
+    Raises :class:`TokenizerError` for a file that is not a GGUF or is cut short."""
+    try:
+        with path.open("rb") as f:
+            return _read_metadata(f, set(keys))
+    except (OSError, struct.error, UnicodeDecodeError, OverflowError) as exc:
+        raise TokenizerError(f"{path}: unreadable GGUF metadata ({exc})") from None
+
+
+def _read_metadata(f: BinaryIO, wanted: set[str]) -> dict[str, Any]:
+    head = f.read(8)
+    if head[:4] != b"GGUF":
+        raise TokenizerError("not a GGUF file")
+    version = struct.unpack("<I", head[4:8])[0]
+    if version not in (2, 3):
+        raise TokenizerError(f"unsupported GGUF version {version}")
+    _, kv_count = struct.unpack("<QQ", _exact(f, 16))
+    out: dict[str, Any] = {}
+    for _ in range(kv_count):
+        key = _string(f)
+        (vtype,) = struct.unpack("<I", _exact(f, 4))
+        out_value = _value(f, vtype, keep=key in wanted)
+        if key in wanted:
+            out[key] = out_value
+    return out
+
+
+def _exact(f: BinaryIO, n: int) -> bytes:
+    if n > MAX_METADATA_BYTES:
+        raise TokenizerError("metadata field too large")
+    data = f.read(n)
+    if len(data) != n:
+        raise TokenizerError("GGUF metadata cut short")
+    return data
+
+
+def _string(f: BinaryIO) -> str:
+    (n,) = struct.unpack("<Q", _exact(f, 8))
+    return _exact(f, n).decode("utf-8", errors="replace")
+
+
+def _value(f: BinaryIO, vtype: int, *, keep: bool) -> Any:
+    if vtype in _SCALARS:
+        fmt = _SCALARS[vtype]
+        return struct.unpack(fmt, _exact(f, struct.calcsize(fmt)))[0]
+    if vtype == 8:
+        return _string(f)
+    if vtype == 9:
+        (itype,) = struct.unpack("<I", _exact(f, 4))
+        (n,) = struct.unpack("<Q", _exact(f, 8))
+        if itype in _SCALARS and not keep:
+            f.seek(n * struct.calcsize(_SCALARS[itype]), 1)
+            return None
+        if itype in _SCALARS:
+            fmt = _SCALARS[itype]
+            return list(struct.unpack(f"<{n}{fmt[1]}", _exact(f, n * struct.calcsize(fmt))))
+        return [_value(f, itype, keep=keep) for _ in range(n)]
+    raise TokenizerError(f"unknown GGUF value type {vtype}")
+
+
+# --- the tokenizer ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TokenCount:
+    """A prompt's token count: ``exact``, or a lower bound of the true count."""
+
+    tokens: int
+    exact: bool
+
+
+class GgufTokenizer:
+    """Counts tokens as a GGUF model's llama.cpp would (see the module docstring for which
+    counts are exact). Build with :meth:`from_file`; counting is thread-safe."""
+
+    def __init__(self, metadata: dict[str, Any]) -> None:
+        tokens = metadata.get("tokenizer.ggml.tokens")
+        if not isinstance(tokens, list) or not tokens:
+            raise TokenizerError("the GGUF has no vocabulary")
+        self.model = str(metadata.get("tokenizer.ggml.model", ""))
+        self.pre = str(metadata.get("tokenizer.ggml.pre", "default"))
+        self._add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", False))
+        self._add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False))
+        self._longest = max(len(t.encode()) for t in tokens)
+        bos, eos = metadata.get("tokenizer.ggml.bos_token_id"), metadata.get("tokenizer.ggml.eos_token_id")
+        self._bos = tokens[bos] if isinstance(bos, int) and 0 <= bos < len(tokens) else ""
+        self._eos = tokens[eos] if isinstance(eos, int) and 0 <= eos < len(tokens) else ""
+        template = metadata.get("tokenizer.chat_template")
+        self._template = _compile(template) if isinstance(template, str) else None
+        self._bpe = None
+        merges = metadata.get("tokenizer.ggml.merges")
+        if self.model == "gpt2" and self.pre in PRE_TOKENIZERS and isinstance(merges, list):
+            self._bpe = _byte_level_bpe(tokens, merges, metadata.get("tokenizer.ggml.token_type") or [],
+                                        PRE_TOKENIZERS[self.pre])
+
+    @classmethod
+    def from_file(cls, path: Path) -> "GgufTokenizer":
+        """Read ``path``'s metadata (blocking: a few hundred ms for a 50k vocabulary)."""
+        return cls(read_metadata(path))
+
+    @property
+    def exact(self) -> bool:
+        """Whether :meth:`count_text` counts exactly (else it gives a lower bound)."""
+        return self._bpe is not None
+
+    def count_text(self, text: str, *, add_special: bool = True) -> TokenCount:
+        """Tokens of ``text`` as llama.cpp tokenizes a prompt (special tokens written in the
+        text are parsed; BOS/EOS added when the vocabulary says so and ``add_special``)."""
+        extra = int(add_special and self._add_bos) + int(add_special and self._add_eos)
+        if self._bpe is not None:
+            return TokenCount(len(self._bpe.encode(text, add_special_tokens=False).ids) + extra, True)
+        return TokenCount(math.ceil(len(text.encode("utf-8", "surrogatepass")) / self._longest) + extra, False)
+
+    def render_chat(self, messages: list[dict[str, Any]]) -> str | None:
+        """The prompt the model's chat template makes of ``messages`` (OpenAI-shaped), as
+        llama.cpp renders it: ``developer`` is ``system``, text parts are joined by newlines,
+        a missing content is empty. ``None`` when the GGUF has no template or it fails."""
+        if self._template is None:
+            return None
+        try:
+            return self._template.render(messages=[_plain(m) for m in messages], add_generation_prompt=True,
+                                         bos_token=self._bos, eos_token=self._eos)
+        except Exception:  # a template may raise anything (raise_exception, bad filters)
+            return None
+
+    def count_chat(self, messages: list[dict[str, Any]], *, tools: bool = False) -> TokenCount:
+        """The tokens of the prompt ``messages`` make; a lower bound with ``tools`` (backends
+        add their own tool instructions) or without a usable template (the contents alone)."""
+        prompt = self.render_chat(messages)
+        if prompt is None:
+            count = self.count_text("".join(_plain(m)["content"] for m in messages))
+            return TokenCount(count.tokens, False)
+        count = self.count_text(prompt)
+        return TokenCount(count.tokens, count.exact and not tools)
+
+
+def _plain(message: dict[str, Any]) -> dict[str, Any]:
+    content = message.get("content")
+    if isinstance(content, list):
+        content = "\n".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    role = message.get("role")
+    return {**message, "role": "system" if role == "developer" else role,
+            "content": content if isinstance(content, str) else ""}
+
+
+def _compile(source: str) -> Any:
+    import jinja2.sandbox  # the cortex imports this module; only a count needs Jinja2
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.TemplateError(message)
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateError:
+        return None
+
+
+def _byte_level_bpe(tokens: list[str], merges: list[str], types: list[int], regexes: tuple[str, ...]) -> Any:
+    from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(tokens)}
+    pairs = [tuple(m.split(" ", 1)) for m in merges if " " in m]
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    special = [tokens[i] for i, t in enumerate(types) if t in (_CONTROL, _USER_DEFINED) and i < len(tokens)]
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special if t])
+    return tk

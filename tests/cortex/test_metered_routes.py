@@ -1,0 +1,87 @@
+"""Every route that runs a model is metered: the proof walks the app's own route table.
+
+Each route of a keyed default portal's socket (which serves the admin API too) is called
+once over that socket (a sample request per route, below); the orchestrator is watched. Every request that reached the
+orchestrator must have its ledger row (only the metered path writes one), and the routes
+that reach it must be exactly those declared ``metered``. A new route fails here until it
+has a sample, so nobody adds a route that runs a model without this test seeing it.
+"""
+
+from __future__ import annotations
+
+import httpx
+
+from helexa.roles.cortex.fleet import Fleet
+from helexa.roles.cortex.portal.store import SqliteStore
+from neuron_double import NeuronDouble
+from portals import acme, bearer, new_key, portals
+from serving import admin_headers
+
+CHAT = {"model": "fast", "messages": [{"role": "user", "content": "x"}]}
+
+# (method, route path) -> (path to call, JSON body or None)
+SAMPLES: dict[tuple[str, str], tuple[str, object]] = {
+    ("POST", "/v1/chat/completions"): ("/v1/chat/completions", CHAT),
+    ("POST", "/v1/completions"): ("/v1/completions", {"model": "fast", "prompt": "x", "stream": True}),
+    ("POST", "/v1/embeddings"): ("/v1/embeddings", {"model": "embed", "input": ["a"]}),
+    ("GET", "/v1/models"): ("/v1/models", None),
+    ("GET", "/v1/models/"): ("/v1/models/fast", None),
+    ("GET", "/v1/usage"): ("/v1/usage", None),
+    ("GET", "/health"): ("/health", None),
+    ("GET", "/metrics"): ("/metrics", None),
+    ("GET", "/admin/fleet"): ("/admin/fleet", None),
+    ("GET", "/admin/portals"): ("/admin/portals", None),
+    ("GET", "/admin/keys"): ("/admin/keys", None),
+    ("POST", "/admin/keys"): ("/admin/keys", {"portal": "default", "name": "sample"}),
+    ("GET", "/admin/keys/"): ("/admin/keys/KEY", None),
+    ("PATCH", "/admin/keys/"): ("/admin/keys/KEY", {"rpm": 100}),
+    ("POST", "/admin/keys/"): ("/admin/keys/KEY/rotate", None),
+    ("GET", "/admin/usage"): ("/admin/usage", None),
+    ("GET", "/admin/usage/records"): ("/admin/usage/records", None),
+}
+
+
+async def test_every_route_that_reaches_the_orchestrator_is_metered_and_recorded() -> None:
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("chat", "embed"))
+    store = SqliteStore(":memory:")
+    key = new_key(store, "default")
+    key_id = key.split("_")[0].removeprefix("sk-hlx-")
+    admin_key = new_key(store, "default")  # rotated by the sample; the requests use `key`
+    admin_key_id = admin_key.split("_")[0].removeprefix("sk-hlx-")
+    reached: list[tuple[str, str]] = []
+    async with portals(fleet, {"default": acme(listen=[])}, store=store) as (gateway, urls):
+        app = gateway.apps[urls["default"]]
+        orchestrator = gateway.orchestrator
+        real_generate, real_embed = orchestrator.generate, orchestrator.embed
+
+        def generate(request, **kw):  # noqa: ANN001, ANN202
+            reached.append((current[0], request.request_id))
+            return real_generate(request, **kw)
+
+        async def embed(request, **kw):  # noqa: ANN001, ANN202
+            reached.append((current[0], request.request_id))
+            return await real_embed(request, **kw)
+
+        orchestrator.generate, orchestrator.embed = generate, embed  # type: ignore[method-assign]
+        current = [""]
+        statuses = {}
+        async with httpx.AsyncClient(base_url=urls["default"]) as http:
+            for route in app.routes:
+                sample = SAMPLES.get((route.method, route.path))
+                assert sample is not None, (
+                    f"{route.method} {route.path} is a new route: add a sample request to SAMPLES so this test "
+                    f"checks whether it runs a model outside the metered path")
+                path, body = sample
+                path = path.replace("KEY", admin_key_id)
+                headers = admin_headers() if route.path.startswith(("/admin", "/metrics")) else bearer(key)
+                current[0] = f"{route.method} {route.path}"
+                r = await http.request(route.method, path, json=body, headers=headers)
+                statuses[current[0]] = r.status_code
+    assert all(s < 300 for s in statuses.values()), statuses
+    metered = {f"{r.method} {r.path}" for r in app.routes if r.metered}
+    assert {name for name, _ in reached} == metered == {
+        "POST /v1/chat/completions", "POST /v1/completions", "POST /v1/embeddings"}
+    for name, request_id in reached:
+        rows = store.records(request_id=request_id)
+        assert len(rows) == 1 and rows[0].key_id == key_id and rows[0].outcome == "ok", name

@@ -1,0 +1,111 @@
+"""Federation per portal: a portal's routing preferences decide whether and where its
+requests leave the operator; a federated request is billed to the asking key at the
+asking portal's price, and its ledger row names the peer and carries the peer's signed
+receipt.
+
+Cortex A has no neurons; cortex B serves ``tiny`` from a neuron double through its own
+orchestrator (the real peering glue on both sides), over the in-memory mesh.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+import pytest
+import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from helexa.identity import Identity
+from helexa.mesh import MemoryMesh, MemoryNetwork, peer_id_from_ed25519
+from helexa.roles.cortex.catalogue import Catalogue, CatalogueEntry
+from helexa.roles.cortex.config import CortexConfig
+from helexa.roles.cortex.federation.ledger import CONSUMED, Ledger
+from helexa.roles.cortex.federation.service import Federation, FederationSettings
+from helexa.roles.cortex.fleet import Fleet
+from helexa.roles.cortex.orchestrator import Orchestrator
+from helexa.roles.cortex.peering import FleetOffer, LocalServing, PeerRouter
+from helexa.roles.cortex.portal.store import SqliteStore
+from neuron_double import NeuronDouble
+from portals import bearer, new_key, portals
+
+PEER_CATALOGUE = Catalogue([CatalogueEntry(id="tiny", backend="synthetic", memory_mb=100, price_in=1.0,
+                                           price_out=2.0)])
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "x"}]}
+
+
+def keyed(**fields) -> dict:  # noqa: ANN003
+    return {"listen": ["127.0.0.1:0"], "auth": "keys", "models": ["tiny"], "currency": "EUR",
+            "prices": {"tiny": {"input": 500.0, "output": 500.0}}, **fields}
+
+
+async def federation(nursery: trio.Nursery, net: MemoryNetwork, operator: str, orchestrator: Orchestrator,
+                     catalogue: Catalogue) -> Federation:
+    ident = Identity(Ed25519PrivateKey.generate())
+    mesh = MemoryMesh(net, peer_id_from_ed25519(ident.public_bytes), timeout=5)
+    await nursery.start(mesh.run)
+    offer = FleetOffer(orchestrator.fleet, catalogue, orchestrator.provisioner)
+    local = LocalServing(orchestrator)
+    fed = Federation(mesh=mesh, identity=ident, operator=operator, ledger=Ledger(":memory:"), offer_fn=offer.offer,
+                     spare_fn=offer.spare, serve_generate=local.generate, serve_embed=local.embed,
+                     settings=FederationSettings(announce_interval=0.05))
+    await nursery.start(fed.run)
+    return fed
+
+
+@asynccontextmanager
+async def two_operators(tables: dict, store: SqliteStore) -> AsyncIterator[tuple[dict[str, str], Federation,
+                                                                                  Federation, NeuronDouble]]:
+    net = MemoryNetwork()
+    async with trio.open_nursery() as nursery:
+        b_fleet = Fleet()
+        neuron = NeuronDouble("b1", b_fleet, loaded=("tiny",), tokens=3)
+        config = CortexConfig()
+        b_orch = Orchestrator(config, b_fleet, PEER_CATALOGUE)
+        await nursery.start(b_orch.run)
+        fed_b = await federation(nursery, net, "B", b_orch, PEER_CATALOGUE)
+        async with portals(Fleet(), tables, store=store) as (gateway, urls):
+            fed_a = await federation(nursery, net, "A", gateway.orchestrator, Catalogue())
+            router = PeerRouter(fed_a)
+            gateway.orchestrator.set_remote_router(router)
+            gateway.metering.receipts = router.take_receipt
+            with trio.fail_after(5):
+                while not fed_a.can_route("tiny"):
+                    await trio.sleep(0.01)
+            yield urls, fed_a, fed_b, neuron
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_federated_request_is_billed_at_the_asking_portals_price_with_the_receipt_linked() -> None:
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme")
+    async with two_operators({"acme": keyed()}, store) as (urls, fed_a, fed_b, neuron):
+        async with httpx.AsyncClient(base_url=urls["acme"], headers=bearer(key)) as http:
+            r = await http.post("/v1/chat/completions", json=CHAT)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "t0 t1 t2 "
+    assert len(neuron.finished) == 1
+    (row,) = store.records()
+    receipt = fed_a.ledger.get(CONSUMED, row.request_id).receipt
+    assert (row.node_id, row.peer_id) == ("federation", fed_b.mesh.peer_id)
+    assert row.receipt_signature == receipt.signature.hex() and receipt.signature
+    assert (row.prompt_tokens, row.completion_tokens) == (receipt.prompt_tokens, receipt.completion_tokens) == (5, 3)
+    assert row.cost == pytest.approx(8 * 500 / 1e6) and row.currency == "EUR"  # our price, not the peer's
+    assert receipt.cost == pytest.approx((5 * 1.0 + 3 * 2.0) / 1e6)
+
+
+async def test_routing_preferences_keep_a_portals_requests_home_or_with_listed_peers() -> None:
+    store = SqliteStore(":memory:")
+    tables = {"home": keyed(routing={"mode": "local"}),
+              "listed": keyed(routing={"peers": ["12D3KooWsomeoneElse"]}),
+              "cheap": keyed(routing={"max_price_output": 1.0}),
+              "trusting": keyed(routing={"operators": ["B"], "max_price_output": 2.0})}
+    keys = {name: new_key(store, name) for name in tables}
+    async with two_operators(tables, store) as (urls, _, _, neuron):
+        async with httpx.AsyncClient() as http:
+            answers = {name: await http.post(urls[name] + "/v1/chat/completions", json=CHAT,
+                                             headers=bearer(keys[name])) for name in tables}
+    codes = {name: (r.status_code, r.json().get("error", {}).get("code")) for name, r in answers.items()}
+    assert codes == {"home": (404, "model_not_found"), "listed": (403, "outbound_refused"),
+                     "cheap": (403, "outbound_refused"), "trusting": (200, None)}
+    assert len(neuron.generations) == 1

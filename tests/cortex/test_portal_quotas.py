@@ -1,0 +1,172 @@
+"""Quotas over real sockets at exact virtual times (trio's autojump clock; httpx's async
+client and raw sockets, since a client in a thread would let the clock jump under it).
+
+The worst case of the requests here: the prompt ``"x"`` from ``user`` is 5 bytes, plus 8
+tokens for the message and 16 for the template: 29 tokens; with ``max_tokens`` 10, 39
+tokens, which at 1,000 EUR per million tokens each way is 0.039 EUR. The neuron double
+really uses 5 prompt tokens and ``tokens`` completion tokens.
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+import trio
+
+from helexa.roles.cortex.fleet import Fleet
+from helexa.roles.cortex.portal.store import SqliteStore
+from neuron_double import NeuronDouble
+from portals import acme, bearer, new_key, portals
+
+CHAT = {"model": "fast", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}]}
+WORST_TOKENS = 39
+WORST_COST = 0.039
+
+
+def limits(r: httpx.Response) -> dict[str, str]:
+    return {k: v for k, v in r.headers.items() if k.startswith(("x-ratelimit-", "retry-after"))}
+
+
+async def test_rpm_is_answered_with_429_retry_after_and_the_headers(autojump_clock) -> None:
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("chat",))
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme", rpm=2)
+    async with portals(fleet, {"acme": acme()}, store=store, virtual=True) as (_, urls):
+        async with httpx.AsyncClient(base_url=urls["acme"], headers=bearer(key)) as http:
+            first = await http.post("/v1/chat/completions", json=CHAT)
+            second = await http.post("/v1/chat/completions", json=CHAT)
+            refused = await http.post("/v1/chat/completions", json=CHAT)
+            t_refused = trio.current_time()
+            await trio.sleep(29)
+            still = await http.post("/v1/chat/completions", json=CHAT)
+            await trio.sleep(1)
+            again = await http.post("/v1/chat/completions", json=CHAT)
+    assert t_refused == 0
+    assert first.status_code == second.status_code == 200
+    assert limits(first) == {"x-ratelimit-limit-requests": "2", "x-ratelimit-remaining-requests": "1",
+                             "x-ratelimit-reset-requests": "30s"}
+    assert limits(second)["x-ratelimit-remaining-requests"] == "0"
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert limits(refused) == {"retry-after": "30", "retry-after-ms": "30000", "x-ratelimit-limit-requests": "2",
+                               "x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1m0s"}
+    assert still.status_code == 429 and still.headers["retry-after"] == "1"
+    assert again.status_code == 200 and limits(again)["x-ratelimit-remaining-requests"] == "0"
+
+
+async def test_tpm_reserves_the_worst_case_and_refunds_what_was_not_used(autojump_clock) -> None:
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("chat",), tokens=3)  # really uses 5 + 3 = 8 tokens
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme", tpm=100)  # 100 a minute: 5/3 a second
+    async with portals(fleet, {"acme": acme()}, store=store, virtual=True) as (_, urls):
+        async with httpx.AsyncClient(base_url=urls["acme"], headers=bearer(key)) as http:
+            answers = [await http.post("/v1/chat/completions", json=CHAT) for _ in range(9)]
+            await trio.sleep(1.7)
+            early = await http.post("/v1/chat/completions", json=CHAT)
+            await trio.sleep(0.1)  # 3 tokens short of 39 take 3 / (5/3) = 1.8 s
+            later = await http.post("/v1/chat/completions", json=CHAT)
+            huge = await http.post("/v1/chat/completions", json={**CHAT, "max_tokens": 64,
+                                                                  "messages": [{"role": "user", "content": "x" * 60}]})
+    # Each reserves 39 and gives back 31 when it settles (a non-streamed answer's headers
+    # show the bucket after that): 92, 84, ... 36, which no longer holds a worst case of 39.
+    assert [a.status_code for a in answers] == [200] * 8 + [429]
+    assert [limits(a)["x-ratelimit-remaining-tokens"] for a in answers] == [str(100 - 8 * i) for i in range(1, 9)] + ["36"]
+    refused = answers[8]
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded" and refused.headers["retry-after"] == "2"
+    assert limits(refused)["x-ratelimit-limit-tokens"] == "100"
+    assert limits(refused)["x-ratelimit-reset-tokens"] == "39s"  # (100 - 36) / (5/3) = 38.4 s
+    assert early.status_code == 429 and later.status_code == 200
+    assert huge.status_code == 429 and "lower max_tokens" in huge.json()["error"]["message"]
+
+
+async def test_max_concurrent_refuses_a_third_stream_while_two_run(autojump_clock) -> None:
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("chat",), tokens=5, token_delay=1.0)
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme", max_concurrent=2)
+    statuses: dict[str, int] = {}
+    async with portals(fleet, {"acme": acme()}, store=store, virtual=True) as (_, urls):
+        async with httpx.AsyncClient(base_url=urls["acme"], headers=bearer(key), timeout=60) as http:
+            async def ask(name: str, at: float) -> None:
+                await trio.sleep(at)
+                r = await http.post("/v1/chat/completions", json={**CHAT, "stream": True})
+                statuses[name] = r.status_code
+                if r.status_code == 429:
+                    statuses["retry-after"] = int(r.headers["retry-after"])
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask, "a", 0)
+                nursery.start_soon(ask, "b", 0)
+                nursery.start_soon(ask, "c", 2.5)  # both still streaming (5 tokens, 1 s each)
+                nursery.start_soon(ask, "d", 5.5)  # both done
+    assert statuses == {"a": 200, "b": 200, "c": 429, "retry-after": 1, "d": 200}
+
+
+async def test_a_hundred_concurrent_requests_against_a_budget_for_ten_admit_ten(autojump_clock) -> None:
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=("chat",), tokens=3, token_delay=1.0)
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme", budget=10 * WORST_COST, period="day")
+    answers: list[httpx.Response] = []
+    async with portals(fleet, {"acme": acme()}, store=store, virtual=True) as (gateway, urls):
+        async with httpx.AsyncClient(base_url=urls["acme"], headers=bearer(key), timeout=60,
+                                     limits=httpx.Limits(max_connections=100)) as http:
+            async def ask() -> None:
+                answers.append(await http.post("/v1/chat/completions", json=CHAT))
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(100):
+                    nursery.start_soon(ask)
+            mine = (await http.get("/v1/usage")).json()
+    ok = [a for a in answers if a.status_code == 200]
+    refused = [a for a in answers if a.status_code == 429]
+    assert len(ok) == 10 and len(refused) == 90 and len(neuron.generations) == 10
+    assert {a.json()["error"]["code"] for a in refused} == {"insufficient_quota"}
+    assert {a.json()["error"]["type"] for a in refused} == {"insufficient_quota"}
+    assert {a.headers["retry-after"] for a in refused} == {str(12 * 3600)}  # until UTC midnight
+    rows = store.records()
+    assert len(rows) == 10 and sum(r.cost for r in rows) == pytest.approx(10 * 8 * 1000 / 1e6)
+    assert mine["spent"]["money"] == pytest.approx(0.08)
+    assert mine["remaining_budget"] == pytest.approx(0.39 - 0.08)
+
+
+async def test_a_client_that_hangs_up_mid_stream_is_billed_for_the_tokens_it_got(autojump_clock) -> None:
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=("chat",), tokens=1000, token_delay=1.0)
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme", budget=1.0)
+    async with portals(fleet, {"acme": acme()}, store=store, virtual=True) as (_, urls):
+        host, port = urls["acme"].removeprefix("http://").rsplit(":", 1)
+        body = json.dumps({**CHAT, "max_tokens": 64, "stream": True})
+        stream = await trio.open_tcp_stream(host, int(port))
+        await stream.send_all(
+            f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            f"authorization: Bearer {key}\r\ncontent-length: {len(body)}\r\n\r\n{body}".encode())
+        received = b""
+        while b"t2 " not in received:
+            received += await stream.receive_some()
+        await stream.aclose()
+        while not neuron.cancelled:
+            await trio.sleep(0.01)
+        (row,) = store.records()
+    assert neuron.cancelled == neuron.generations
+    assert (row.outcome, row.completion_tokens, row.prompt_tokens) == ("client_gone", 3, 2)  # prompt: 5 bytes / 4
+    assert row.cost == pytest.approx(5 * 1000 / 1e6)
+    assert key not in received.decode()
+
+
+async def test_a_portal_wide_limit_holds_across_its_keys(autojump_clock) -> None:
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("chat",))
+    store = SqliteStore(":memory:")
+    k1, k2 = new_key(store, "acme"), new_key(store, "acme")
+    async with portals(fleet, {"acme": acme(limits={"rpm": 2})}, store=store, virtual=True) as (_, urls):
+        async with httpx.AsyncClient(base_url=urls["acme"]) as http:
+            codes = [(await http.post("/v1/chat/completions", json=CHAT, headers=bearer(k))).status_code
+                     for k in (k1, k2, k1, k2)]
+            unknown = await http.post("/v1/chat/completions", json={**CHAT, "model": "nope"}, headers=bearer(k1))
+    assert codes == [200, 200, 429, 429]
+    assert unknown.status_code == 404 and unknown.headers["x-ratelimit-limit-requests"] == "2"

@@ -1,0 +1,110 @@
+"""The usage ledger's storage (SQLite) and its durable writer."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+import trio
+
+from helexa.roles.cortex.portal import keys
+from helexa.roles.cortex.portal.quota import Limits
+from helexa.roles.cortex.portal.store import SqliteStore
+from helexa.roles.cortex.portal.usage import UsageRecord
+from helexa.roles.cortex.portal.writer import LedgerError, LedgerWriter
+
+DAY = 86400.0
+
+
+def record(rid: str, *, key: str = "k1", portal: str = "acme", model: str = "fast", at: float = 10 * DAY,
+           prompt: int = 10, completion: int = 5, cost: float = 0.5, outcome: str = "ok") -> UsageRecord:
+    return UsageRecord(rid, portal, key, "chat", model, "smollm", at - 1, at, prompt, 0, completion, cost, "EUR",
+                       1.0, 0.1, "n1", outcome=outcome)
+
+
+def test_the_database_is_wal_and_fully_synchronous(tmp_path) -> None:
+    store = SqliteStore(tmp_path / "usage.sqlite")
+    try:
+        for conn in (store._w, store._r):
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    finally:
+        store.close()
+
+
+def test_reports_group_by_key_model_day_and_portal(tmp_path) -> None:
+    store = SqliteStore(tmp_path / "usage.sqlite")
+    store.append([record("a"), record("b", key="k2", model="smart", cost=1.0),
+                  record("c", at=11 * DAY + 5, outcome="client_gone"), record("d", portal="beta", key="k3")])
+    by_key = {r["key"]: r for r in store.report(by="key", portal="acme")}
+    assert by_key["k1"]["requests"] == 2 and by_key["k1"]["total_tokens"] == 30
+    assert by_key["k1"]["cost"] == 1.0 and by_key["k1"]["incomplete"] == 1 and "k3" not in by_key
+    assert [r["model"] for r in store.report(by="model")] == ["fast", "smart"]
+    assert [(r["day"], r["requests"]) for r in store.report(by="day")] == [("1970-01-11", 3), ("1970-01-12", 1)]
+    assert [r["portal"] for r in store.report(by="portal")] == ["acme", "beta"]
+    assert [r["requests"] for r in store.report(by="key", key_id="k1", since=11 * DAY)] == [1]
+    assert store.spent_since("key_id", 11 * DAY) == {"k1": (0.5, 15)}
+    assert store.spent_since("portal", 0) == {"acme": (2.0, 45), "beta": (0.5, 15)}
+    assert [r.request_id for r in store.records(portal="acme", until=11 * DAY)] == ["a", "b"]
+    assert store.records(request_id="c")[0].outcome == "client_gone"
+    store.close()
+
+
+def test_keys_are_stored_as_digests_and_read_back(tmp_path) -> None:
+    path = tmp_path / "usage.sqlite"
+    store = SqliteStore(path)
+    secret, key = keys.create("acme", "ci", limits=Limits(rpm=3, budget=2.5, period="day"), models=("fast",), now=5.0)
+    store.put_key(key)
+    store.close()
+    again = SqliteStore(path)
+    assert again.keys() == [key]
+    again.close()
+    assert secret.encode() not in path.read_bytes()
+
+
+async def test_a_write_returns_once_the_record_is_committed(tmp_path) -> None:
+    path = tmp_path / "usage.sqlite"
+    store = SqliteStore(path)
+    writer = LedgerWriter(store)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        await writer.write(record("a"))
+        # Another connection (another process would do the same) sees it at once.
+        with sqlite3.connect(path) as other:
+            assert other.execute("SELECT request_id FROM usage").fetchall() == [("a",)]
+
+        async def one(i: int) -> None:
+            await writer.write(record(f"r{i}"))
+
+        async with trio.open_nursery() as batch:
+            for i in range(50):
+                batch.start_soon(one, i)
+        nursery.cancel_scope.cancel()
+    assert len(store.records()) == 51 and writer.stats.records == 51
+    assert writer.stats.commits < 51  # concurrent records shared commits
+    store.close()
+
+
+async def test_a_failed_write_raises_a_ledger_error(tmp_path) -> None:
+    class Broken(SqliteStore):
+        def append(self, records) -> None:  # noqa: ANN001
+            raise sqlite3.OperationalError("disk I/O error")
+
+    writer = LedgerWriter(Broken(tmp_path / "u.sqlite"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        with pytest.raises(LedgerError, match="disk I/O error"):
+            await writer.write(record("a"))
+        nursery.cancel_scope.cancel()
+
+
+async def test_records_queued_when_the_writer_stops_are_still_written(tmp_path) -> None:
+    store = SqliteStore(tmp_path / "usage.sqlite")
+    writer = LedgerWriter(store)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        nursery.start_soon(writer.write, record("last"))
+        await trio.sleep(0)
+        nursery.cancel_scope.cancel()
+    assert [r.request_id for r in store.records()] == ["last"]
+    store.close()

@@ -1,0 +1,123 @@
+"""The llama_cpp backend's generation features on the tiny GGUF: the context one request
+gets, the check before a request waits for a slot, logprobs, and tools through a grammar
+for a template without tool syntax (answers with real weights: tests/e2e)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import pytest
+
+from helexa.protocol import (
+    GenerateRequest,
+    GenerateResult,
+    ModelConfig,
+    OutputFormat,
+    ResponseFormat,
+    SamplingParams,
+    Task,
+    TokenChunk,
+    ToolChoice,
+    ToolChoiceMode,
+    ToolSpec,
+)
+from helexa.roles.cortex.catalogue import LLAMA_CPP_N_CTX, LLAMA_CPP_N_PARALLEL
+from helexa.runtime import ContextLengthExceeded, InvalidRequest, Unsupported, create_backend
+from helexa.runtime.llama_cpp import LlamaCppBackend
+from helexa.runtime.testing import tiny_llama_config
+
+
+@pytest.fixture
+async def tiny(tiny_gguf: Path):
+    backend = create_backend(tiny_llama_config(tiny_gguf, n_ctx=512))
+    await backend.load(lambda *args: None)
+    try:
+        yield backend
+    finally:
+        await backend.unload()
+
+
+def chat(content: str, **kw) -> GenerateRequest:
+    sampling = kw.pop("sampling", SamplingParams(max_tokens=4, temperature=0.0))
+    return GenerateRequest("r", "tiny-llama", Task.CHAT, messages=({"role": "user", "content": content},),
+                           sampling=sampling, **kw)
+
+
+async def run(backend, request) -> list:
+    async with contextlib.aclosing(backend.chat(request)) as it:
+        return [e async for e in it]
+
+
+def test_the_catalogue_knows_the_backend_defaults() -> None:
+    backend = LlamaCppBackend(ModelConfig("m", "llama_cpp"))
+    assert (backend._n_ctx, backend._n_parallel) == (LLAMA_CPP_N_CTX, LLAMA_CPP_N_PARALLEL)
+    assert backend.context_length() == LLAMA_CPP_N_CTX // LLAMA_CPP_N_PARALLEL
+
+
+async def test_a_request_gets_n_ctx_split_across_the_slots(tiny) -> None:
+    assert tiny.context_length() == 256  # llama.cpp's own figure, read from the loaded server
+
+
+async def test_a_prompt_too_long_for_a_slot_is_refused_before_it_waits_for_one(tiny) -> None:
+    with pytest.raises(ContextLengthExceeded, match="maximum context length is 256 tokens"):
+        await run(tiny, chat("hello " * 300))
+    with pytest.raises(ContextLengthExceeded, match="in the completion"):
+        await run(tiny, chat("hello " * 200, sampling=SamplingParams(max_tokens=100)))
+    assert tiny._in_flight == 0  # never admitted
+    events = await run(tiny, chat("hello " * 200))
+    assert isinstance(events[-1], GenerateResult) and events[-1].usage.completion_tokens == 4
+
+
+async def test_a_count_made_at_the_edge_is_trusted(tiny) -> None:
+    with pytest.raises(ContextLengthExceeded):
+        await run(tiny, chat("hi", prompt_tokens=300))
+
+
+async def test_logprobs_come_with_each_token(tiny) -> None:
+    events = await run(tiny, chat("hi", sampling=SamplingParams(max_tokens=3, temperature=0.0, logprobs=True,
+                                                               top_logprobs=2)))
+    chunks = [e for e in events if isinstance(e, TokenChunk)]
+    logprobs = [lp for c in chunks for lp in c.logprobs or ()]
+    assert len(logprobs) == 3 and "".join(lp.token for lp in logprobs) == "".join(c.text for c in chunks)
+    assert all(lp.logprob <= 0 and len(lp.top) == 2 for lp in logprobs)
+
+
+async def test_tools_and_response_format_together_are_refused_for_a_grammar_tool_model(tiny) -> None:
+    tools = (ToolSpec("f", None, {"type": "object"}),)
+    with pytest.raises(InvalidRequest, match="response_format"):
+        await run(tiny, chat("hi", tools=tools, tool_choice=ToolChoice(ToolChoiceMode.REQUIRED),
+                             response_format=ResponseFormat(OutputFormat.JSON_OBJECT)))
+
+
+async def test_a_required_tool_call_is_forced_into_shape_by_the_grammar(tiny) -> None:
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+              "additionalProperties": False}
+    request = chat("hi", tools=(ToolSpec("count", None, schema),), tool_choice=ToolChoice(ToolChoiceMode.REQUIRED),
+                   sampling=SamplingParams(max_tokens=60, temperature=0.0))
+    events = await run(tiny, request)
+    result = events[-1]
+    # Random weights may run out of tokens inside the JSON: then it is content, never a half call.
+    if result.tool_calls:
+        (call,) = result.tool_calls
+        assert call["function"]["name"] == "count" and isinstance(json.loads(call["function"]["arguments"])["n"], int)
+        assert result.finish_reason == "tool_calls"
+    else:
+        assert result.finish_reason == "length"
+
+
+async def test_an_image_is_unsupported(tiny) -> None:
+    request = GenerateRequest("r", "tiny-llama", Task.CHAT, messages=({"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]},))
+    with pytest.raises(Unsupported, match="image_url"):
+        await run(tiny, request)
+
+
+async def test_tools_under_tool_choice_none_are_not_offered_so_logprobs_stream(tiny) -> None:
+    # llama.cpp refuses logprobs with tools when streaming (found by scripts/fuzz_gateway.py:
+    # a 502 "the neuron failed: ValueError").
+    request = chat("hi", tools=(ToolSpec("f", None, {"type": "object"}),), tool_choice=ToolChoice(ToolChoiceMode.NONE),
+                   sampling=SamplingParams(max_tokens=2, temperature=0.0, logprobs=True, top_logprobs=1))
+    events = await run(tiny, request)
+    assert isinstance(events[-1], GenerateResult) and any(isinstance(e, TokenChunk) and e.logprobs for e in events)

@@ -1,0 +1,71 @@
+"""The OpenAI bodies backends speak: typed tools, formats and logprobs out; logprobs back."""
+
+from __future__ import annotations
+
+import pytest
+
+from helexa.protocol import (
+    Feature,
+    GenerateRequest,
+    OutputFormat,
+    ResponseFormat,
+    SamplingParams,
+    Task,
+    TokenLogprob,
+    ToolChoice,
+    ToolChoiceMode,
+    ToolSpec,
+    TopLogprob,
+)
+from helexa.runtime import InvalidRequest, Unsupported, openai_shapes
+
+TOOL = ToolSpec("get_weather", "Weather", {"type": "object"})
+
+
+def chat(**kw) -> GenerateRequest:
+    return GenerateRequest("r", "m", Task.CHAT, messages=({"role": "user", "content": "hi"},), **kw)
+
+
+def test_typed_fields_become_openai_fields() -> None:
+    body = openai_shapes.request_body(chat(
+        tools=(TOOL,), tool_choice=ToolChoice(ToolChoiceMode.FUNCTION, "get_weather"),
+        response_format=ResponseFormat(OutputFormat.JSON_SCHEMA, {"type": "object"}, "answer", True),
+        sampling=SamplingParams(logprobs=True, top_logprobs=0, seed=2**40)), dialect="llama.cpp")
+    assert body["tools"] == [{"type": "function", "function": {"name": "get_weather", "description": "Weather",
+                                                               "parameters": {"type": "object"}}}]
+    assert body["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
+    assert body["response_format"] == {"type": "json_schema", "json_schema": {
+        "name": "answer", "schema": {"type": "object"}, "strict": True}}
+    assert body["logprobs"] is True and body["top_logprobs"] == 1  # llama.cpp reports none for 0
+    assert 0 <= body["seed"] < 0xFFFFFFFF
+    openai = openai_shapes.request_body(chat(sampling=SamplingParams(logprobs=True, top_logprobs=0)), dialect="openai")
+    assert openai["top_logprobs"] == 0
+
+
+def test_features_a_backend_lacks_are_unsupported() -> None:
+    request = chat(tools=(TOOL,), sampling=SamplingParams(logprobs=True))
+    with pytest.raises(Unsupported, match="logprobs, tools"):
+        openai_shapes.validate(request, features=frozenset())
+    openai_shapes.validate(request, features=frozenset({Feature.TOOLS, Feature.LOGPROBS}))
+
+
+@pytest.mark.parametrize(("content", "error"), [
+    (5, InvalidRequest), ({"a": 1}, InvalidRequest), ([{"type": "text", "text": 1}], InvalidRequest),
+    ([{"type": "image_url", "image_url": {"url": "x"}}], Unsupported), ([{"kind": "x"}], InvalidRequest),
+])
+def test_content_a_backend_cannot_take_is_refused_there_too(content, error) -> None:
+    request = GenerateRequest("r", "m", Task.CHAT, messages=({"role": "user", "content": content},))
+    with pytest.raises(error):
+        openai_shapes.validate(request)
+
+
+def test_logprobs_are_read_from_both_shapes_and_infinity_is_floored() -> None:
+    chat_shape = {"content": [{"token": "a", "logprob": float("-inf"), "bytes": [97],
+                               "top_logprobs": [{"token": "a", "logprob": -0.1, "bytes": [97]}]}]}
+    assert openai_shapes.logprobs_of(chat_shape) == [
+        TokenLogprob("a", -9999.0, b"a", (TopLogprob("a", -0.1, b"a"),))]
+    legacy = {"tokens": ["a", "b"], "token_logprobs": [-0.5, None], "top_logprobs": [{"a": -0.5}, None]}
+    assert openai_shapes.logprobs_of(legacy) == [TokenLogprob("a", -0.5, None, (TopLogprob("a", -0.5),)),
+                                                 TokenLogprob("b", -9999.0, None, ())]
+    view = openai_shapes.parse_chunk({"choices": [{"delta": {"content": "a"}, "logprobs": chat_shape}]})
+    assert view.text == "a" and len(view.logprobs) == 1

