@@ -95,8 +95,9 @@ def session_of(headers: Iterable[tuple[bytes, bytes]], body: Any = None) -> str 
     for name, value in headers:
         if name.lower() == b"x-session-id" and value:
             return value.decode("latin-1")[:MAX_SESSION_CHARS]
-    extra = getattr(body, "model_extra", None)
-    user = extra.get("user") if isinstance(extra, dict) else getattr(body, "user", None)
+    user = getattr(body, "user", None)  # a typed field, or kept among a lenient model's extras
+    if user is None and isinstance(extra := getattr(body, "model_extra", None), dict):
+        user = extra.get("user")
     if isinstance(user, str) and user:
         return "user:" + user[:MAX_SESSION_CHARS]
     return None
