@@ -250,3 +250,39 @@ async def test_the_decision_says_how_long_it_waited_and_metrics_show_the_queue(a
     assert decisions["b"].mode == "queue" and decisions["b"].waited == pytest.approx(2.0, abs=0.01)
     assert 'helexa_queue_wait_seconds_count{model="m",portal="p1"} 1.0' in text
     assert 'helexa_routing_decisions_total{cache="miss",mode="local",model="m"} 1.0' in text
+
+
+async def test_a_portals_priority_and_key_reach_the_queue_through_the_gateway(autojump_clock) -> None:
+    # The metered path hands the orchestrator the portal's tenant: its priority class orders
+    # the queue, and the queue's metrics are labelled with the portal.
+    import httpx
+
+    from helexa.roles.cortex.portal.store import SqliteStore
+    from portals import acme, bearer, new_key, portals
+
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=("chat",), tokens=2, token_delay=1.0)
+    store = SqliteStore(":memory:")
+    bulk_key, fast_key = new_key(store, "batch"), new_key(store, "live")
+    tables = {"batch": acme(priority="bulk"), "live": acme(priority="interactive")}
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    statuses: list[int] = []
+    async with portals(fleet, tables, store=store, virtual=True, orchestrator={"default_slots": 1}) as (gw, urls):
+        async def ask(portal: str, key: str, rid: str) -> None:
+            async with httpx.AsyncClient(base_url=urls[portal], headers=bearer(key), timeout=60) as http:
+                r = await http.post("/v1/chat/completions", json={**body, "messages": [{"role": "user",
+                                                                                          "content": rid}]})
+                statuses.append(r.status_code)
+
+        async with trio.open_nursery() as clients:
+            clients.start_soon(ask, "batch", bulk_key, "b0")
+            await trio.sleep(0.5)  # b0 holds the one slot until t=2
+            for i in (1, 2):
+                clients.start_soon(ask, "batch", bulk_key, f"b{i}")
+                await trio.sleep(0.1)
+            clients.start_soon(ask, "live", fast_key, "live")
+        text = gw.orchestrator.metrics.render().decode()
+    order = [r.messages[-1]["content"] for r in neuron.requests]
+    assert statuses == [200] * 4 and order == ["b0", "live", "b1", "b2"]
+    assert 'helexa_queue_wait_seconds_count{model="chat",portal="batch"} 2.0' in text
+    assert 'helexa_queue_wait_seconds_count{model="chat",portal="live"} 1.0' in text
