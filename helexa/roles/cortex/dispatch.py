@@ -8,7 +8,7 @@ there and waits for the first event. Before that first event, a neuron that dies
 excluded and ``pick`` is asked again; after it, failures propagate as they are. Leaving the
 context early (a client disconnect is a cancellation) leaves the target's own context,
 which tells the neuron (or the peer) to stop. Every wait has a deadline from
-:class:`~.orchestrator.OrchestratorConfig`, and every outcome is fed back to
+:class:`~.config.OrchestratorConfig`, and every outcome is fed back to
 :class:`~.scheduler.LiveLoad` and the metrics, then to ``on_end`` (the orchestrator admits
 the next request waiting for the slot).
 """
@@ -30,7 +30,7 @@ from .metrics import Metrics
 from .scheduler import LiveLoad
 
 if TYPE_CHECKING:
-    from .orchestrator import OrchestratorConfig
+    from .config import OrchestratorConfig
 
 log = logging.getLogger(__name__)
 

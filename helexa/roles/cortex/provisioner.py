@@ -53,7 +53,7 @@ from .queue import Demand
 from .scheduler import LiveLoad
 
 if TYPE_CHECKING:
-    from .orchestrator import OrchestratorConfig
+    from .config import OrchestratorConfig
 
 __all__ = ["LoadPlan", "NoPlacement", "NodeView", "Policy", "Provisioner", "Resident", "Unload", "idle_unloads",
            "place", "plan_loads", "warm_loads"]

@@ -1,17 +1,16 @@
 """Relaying a generation's events to the cortex, in fewer frames when they pile up.
 
 Every frame costs a websocket send on the neuron and a receive, decode and dispatch on the
-cortex (~0.13 ms between them on one core, measured with ``benchmarks/gateway_vs_litellm.py``).
+cortex (what that costs: docs/benchmarks.md, "Relaying tokens in fewer frames").
 A backend that produces tokens faster than they can be sent one per frame (the
 ``synthetic`` backend, a proxied server's burst of chunks, llama.cpp's thread handing over
 several tokens at once) would pay that per token. :func:`relay` reads the backend in its
 own task and, each time the previous send is done, sends whatever is waiting as one
 :class:`TokenChunk` (texts joined, token counts summed). After the first frame it also
 waits while the backend keeps producing, tick after tick, for at most :data:`BATCH_TICKS`
-scheduler ticks: the synthetic backend's 64-token stream went from 16 frames to 9 and
-streams/s from ~200 to ~310 at concurrency 1. The first token goes out as soon as it
-exists; a backend slower than a tick (every real model) waits two idle ticks (~40 us) per
-token and sends each token alone.
+scheduler ticks (fewer frames per stream, more streams/s; figures in docs/benchmarks.md).
+The first token goes out as soon as it exists; a backend slower than a tick (every real
+model) waits two idle ticks per token and sends each token alone.
 
 :func:`collect` is the non-streaming case: the client sees nothing before the end, so the
 whole generation goes out as one :class:`GenerateResult` (one frame instead of one per
