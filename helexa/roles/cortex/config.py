@@ -171,6 +171,9 @@ class FederationConfig(BaseModel):
     """Never send to a peer asking more per million prompt tokens."""
     max_price_output: float | None = Field(None, ge=0)
     """Never send to a peer asking more per million completion tokens."""
+    idle_streams: int = Field(8, ge=0)
+    """Mesh streams kept open to each peer between requests and reused (0: a new stream
+    per request, ~10 ms more a federated request)."""
 
 
 class QuotaConfig(BaseModel):

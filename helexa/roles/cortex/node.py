@@ -114,7 +114,8 @@ class Cortex:
                 outbound=Outbound(fed_cfg.outbound), peers=frozenset(fed_cfg.peers),
                 operators=frozenset(fed_cfg.operators), max_price_input=fed_cfg.max_price_input,
                 max_price_output=fed_cfg.max_price_output),
-            settings=FederationSettings(announce_interval=mesh_cfg.announce_interval))
+            settings=FederationSettings(announce_interval=mesh_cfg.announce_interval,
+                                        idle_streams=fed_cfg.idle_streams))
         router = PeerRouter(self.federation)
         self.orchestrator.set_remote_router(router)
         self.gateway.metering.receipts = router.take_receipt
