@@ -93,25 +93,28 @@ async def generate(run: Run, request: GenerateRequest, n: int = 1, **kwargs: Any
     send, receive = trio.open_memory_channel[tuple[int, Any]](math.inf)
     gens: list[Generation | None] = [None] * n
     early: list[BaseException] = []
-    ready = [trio.Event() for _ in range(n)]
+    started = 0
+    decided = trio.Event()  # every choice started, or one failed before it could
     if kwargs.get("on_wait") is not None:
         kwargs["on_wait"] = _one_at_a_time(kwargs["on_wait"])  # choices may wait at once
 
     async def one(index: int, fabric: GenerateRequest, out: trio.MemorySendChannel) -> None:
+        nonlocal started
         async with out:
             try:
                 async with run(fabric, **kwargs) as gen:
                     gens[index] = gen
-                    ready[index].set()
+                    started += 1
+                    if started == n:
+                        decided.set()
                     async for chunk in gen:
                         await out.send((index, chunk))
             except Exception as exc:  # handed to the reader (or raised before the block), bare
-                if not ready[index].is_set():
+                if gens[index] is None:
                     early.append(exc)
+                    decided.set()
                 else:
                     await out.send((-1, exc))
-            finally:
-                ready[index].set()
 
     failed: BaseException | None = None
     choices = Choices(_merged(receive))
@@ -119,8 +122,7 @@ async def generate(run: Run, request: GenerateRequest, n: int = 1, **kwargs: Any
         async with send:
             for i, fabric in enumerate(split(request, n)):
                 nursery.start_soon(one, i, fabric, send.clone())
-        for event in ready:
-            await event.wait()
+        await decided.wait()
         if early:
             failed = early[0]
             nursery.cancel_scope.cancel()
