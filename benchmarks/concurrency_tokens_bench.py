@@ -211,13 +211,13 @@ def main() -> None:
         models.write_text(f"""
 [models."smollm2"]
 backend = "llama_cpp"
-max_context = {a.ctx}
+max_context = {a.ctx // a.slots}
 [models."smollm2".config]
 metadata = {{ n_ctx = {a.ctx}, n_parallel = {a.slots}, n_threads = {a.threads} }}
 
 [models."smollm2-proxy"]
 backend = "openai_proxy"
-max_context = {a.ctx}
+max_context = {a.ctx // a.slots}
 [models."smollm2-proxy".config]
 listen_endpoint = "{direct}"
 metadata = {{ dialect = "llama.cpp", upstream_model = "smollm2" }}
@@ -227,8 +227,8 @@ metadata = {{ dialect = "llama.cpp", upstream_model = "smollm2" }}
         exe = [sys.executable, "-m", "helexa.cli"]
         p, log = start("cortex", exe + ["cortex", "--data-dir", str(work / "c"), "--control-socket",
                                         f"127.0.0.1:{control}", "--gateway-socket", f"127.0.0.1:{gw}",
-                                        "--models", str(models), "--log-level", "warning"])
-        while not (work / "c" / "join-token").exists():
+                                        "--models", str(models), "--log-level", "info"])
+        while not (work / "c" / "join-token").exists() or "cortex ready" not in log.read_text():
             if p.poll() is not None:
                 sys.exit("cortex exited:\n" + log.read_text()[-3000:])
             time.sleep(0.1)

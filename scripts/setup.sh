@@ -12,7 +12,7 @@ fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 
-if ! .venv/bin/python -c 'import helexa, pytest, openai, gguf' 2>/dev/null; then
+if ! .venv/bin/python -c 'import helexa, pytest, openai, gguf, ollama' 2>/dev/null; then
     echo "installing helexa and its dependencies into .venv ..."
     "${PIP[@]}" install -e '.[test]'
 fi

@@ -27,6 +27,17 @@ SAMPLES: dict[tuple[str, str], tuple[str, object]] = {
     ("GET", "/v1/models"): ("/v1/models", None),
     ("GET", "/v1/models/"): ("/v1/models/fast", None),
     ("GET", "/v1/usage"): ("/v1/usage", None),
+    ("POST", "/v1/responses"): ("/v1/responses", {"model": "fast", "input": "x", "store": False}),
+    ("GET", "/v1/responses/"): ("/v1/responses/RESPONSE", None),
+    ("DELETE", "/v1/responses/"): ("/v1/responses/RESPONSE", None),
+    ("GET", "/api/version"): ("/api/version", None),
+    ("GET", "/api/tags"): ("/api/tags", None),
+    ("POST", "/api/show"): ("/api/show", {"model": "fast"}),
+    ("GET", "/api/ps"): ("/api/ps", None),
+    ("POST", "/api/chat"): ("/api/chat", {"model": "fast", "messages": [{"role": "user", "content": "x"}]}),
+    ("POST", "/api/generate"): ("/api/generate", {"model": "fast:latest", "prompt": "x", "stream": False}),
+    ("POST", "/api/embed"): ("/api/embed", {"model": "embed", "input": "a"}),
+    ("POST", "/api/embeddings"): ("/api/embeddings", {"model": "embed", "prompt": "a"}),
     ("GET", "/health"): ("/health", None),
     ("GET", "/metrics"): ("/metrics", None),
     ("GET", "/admin/fleet"): ("/admin/fleet", None),
@@ -67,13 +78,17 @@ async def test_every_route_that_reaches_the_orchestrator_is_metered_and_recorded
         current = [""]
         statuses = {}
         async with httpx.AsyncClient(base_url=urls["default"]) as http:
+            # A stored response for the GET and DELETE samples (made before the walk, so unwatched).
+            response_id = (await http.post("/v1/responses", json={"model": "fast", "input": "x"},
+                                           headers=bearer(key))).json()["id"]
+            reached.clear()
             for route in app.routes:
                 sample = SAMPLES.get((route.method, route.path))
                 assert sample is not None, (
                     f"{route.method} {route.path} is a new route: add a sample request to SAMPLES so this test "
                     f"checks whether it runs a model outside the metered path")
                 path, body = sample
-                path = path.replace("KEY", admin_key_id)
+                path = path.replace("KEY", admin_key_id).replace("RESPONSE", response_id)
                 headers = admin_headers() if route.path.startswith(("/admin", "/metrics")) else bearer(key)
                 current[0] = f"{route.method} {route.path}"
                 r = await http.request(route.method, path, json=body, headers=headers)
@@ -81,7 +96,8 @@ async def test_every_route_that_reaches_the_orchestrator_is_metered_and_recorded
     assert all(s < 300 for s in statuses.values()), statuses
     metered = {f"{r.method} {r.path}" for r in app.routes if r.metered}
     assert {name for name, _ in reached} == metered == {
-        "POST /v1/chat/completions", "POST /v1/completions", "POST /v1/embeddings"}
+        "POST /v1/chat/completions", "POST /v1/completions", "POST /v1/embeddings", "POST /v1/responses",
+        "POST /api/chat", "POST /api/generate", "POST /api/embed", "POST /api/embeddings"}
     for name, request_id in reached:
         rows = store.records(request_id=request_id)
         assert len(rows) == 1 and rows[0].key_id == key_id and rows[0].outcome == "ok", name

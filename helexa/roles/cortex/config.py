@@ -248,8 +248,12 @@ class PortalConfig(BaseModel):
     auth: Literal["keys", "none"] | None = None
     """``keys``: every request needs one of this portal's API keys. ``none``: open. Unset
     is open, and allowed only on loopback sockets."""
-    surfaces: list[Literal["openai"]] = Field(default_factory=lambda: ["openai"])
-    """API surfaces served."""
+    surfaces: list[Literal["openai", "responses", "ollama"]] = Field(default_factory=lambda: ["openai", "responses", "ollama"])
+    """API surfaces served: ``openai`` (Chat Completions, completions, embeddings, models),
+    ``responses`` (OpenAI's ``/v1/responses``), ``ollama`` (Ollama's ``/api/*``)."""
+    responses_retention: float = Field(30 * 86400.0, gt=0)
+    """Seconds a stored ``/v1/responses`` answer (``store: true``) is kept for ``GET`` and
+    ``previous_response_id``; older ones are deleted."""
     models: list[str] | None = None
     """Catalogue models served under their own names (unset: every model, unless
     ``aliases`` are given, then only those)."""

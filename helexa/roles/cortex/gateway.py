@@ -13,6 +13,9 @@ Routes on every portal socket::
 
     POST /v1/chat/completions, /v1/completions, /v1/embeddings    (metered; :mod:`.openai_surface`)
     GET  /v1/models, /v1/models/{id}, /v1/usage
+    POST /v1/responses (metered), GET and DELETE /v1/responses/{id}  (:mod:`.responses_surface`)
+    /api/chat, /api/generate, /api/embed(dings) (metered), /api/tags, show, ps, version
+                                                                  (Ollama's; :mod:`.ollama_surface`)
     GET  /health                200 while serving
 
 and on the admin socket (``admin_socket``, else the default portal's)::
@@ -48,15 +51,18 @@ from .disconnect_watch import DisconnectWatch
 from .errors import BadRequest, ClientGone, GatewayError, envelope
 from .http import HttpServer
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .ollama_surface import OllamaSurface
 from .openai_surface import OpenAISurface, model_listing
 from .orchestrator import Orchestrator
 from .portal.admin import AdminApi
 from .portal.keys import Keyring
 from .portal.metering import Caller, Metering
 from .portal.portal import Portal
+from .portal.response_store import ResponseStore
 from .portal.store import SqliteStore, Store
 from .portal.writer import LedgerWriter
 from .request_limits import RequestLimits
+from .responses_surface import ResponsesSurface
 from .shutdown import InFlight
 
 if TYPE_CHECKING:
@@ -184,6 +190,9 @@ class Gateway:
         """HTTP requests being handled right now, on every socket (a drain waits for none)."""
         self._created = int(time.time())
         self.openai = OpenAISurface(self.metering, self._fabric_models)
+        # Stored responses live in the ledger's SQLite file (their own table and connection).
+        self.responses = ResponsesSurface(self.metering, ResponseStore(getattr(self.store, "path", ":memory:")))
+        self.ollama = OllamaSurface(self.metering, self._fabric_models)
         self.admin = AdminApi(portals=self.portals, keyring=self.keyring, store=self.store, metering=self.metering,
                               fleet=self.fleet, token=admin_token, admin_clients=self.config.admin_clients,
                               clock=clock)
@@ -216,6 +225,10 @@ class Gateway:
         routes = self._common_routes()
         if "openai" in portal.config.surfaces:
             routes += self.openai.routes()
+        if "responses" in portal.config.surfaces:
+            routes += self.responses.routes()
+        if "ollama" in portal.config.surfaces:
+            routes += self.ollama.routes()
         if admin:
             routes += self._admin_routes()
         return PortalApp(self, portal, routes)

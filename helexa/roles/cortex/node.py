@@ -160,6 +160,7 @@ class Cortex:
             if self.ledger is not None:
                 self.ledger.close()
             self.gateway.store.close()
+            self.gateway.responses.store.close()
 
     def stop(self) -> None:
         """Begin a graceful stop (drain within ``shutdown_grace``, then return from run)."""

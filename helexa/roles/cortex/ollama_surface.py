@@ -1,0 +1,346 @@
+"""Ollama's API on a portal: an adapter between its shapes and the metered path, so that
+the tools that speak Ollama (chat front-ends, editor plugins, its Python client) work
+against helexa unchanged.
+
+Routes::
+
+    GET  /api/version          the Ollama API version implemented (:data:`.ollama_api.VERSION`)
+    GET  /api/tags             the portal's models, under their public names
+    POST /api/show             one model: details, capabilities, context length
+    GET  /api/ps               the portal's models loaded on some neuron now
+    POST /api/chat             NDJSON stream (the default) or one object     (metered)
+    POST /api/generate         NDJSON stream (the default) or one object     (metered)
+    POST /api/embed            ``input`` a string or strings                 (metered)
+    POST /api/embeddings       the legacy form: one ``prompt``               (metered)
+
+A generation is parsed (:mod:`.ollama_api`), made into the fabric's request and run
+through :class:`~.portal.metering.Metering` (model authorisation, quotas, the ledger
+record) exactly as Chat Completions is. A stream is one JSON object a line: the text as it
+comes, then (when the model called tools) one line with the whole ``tool_calls``, then
+the final ``done: true`` line with ``done_reason``, the token counts and durations in
+nanoseconds; it goes out only once the ledger record is durable. An empty ``prompt`` /
+``messages`` answers ``done_reason: "load"`` at once, as Ollama does, without running a
+model. Errors are Ollama's ``{"error": "message"}`` with its status codes, the field named
+in the message; a stream that fails after it began ends with such a line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import time
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from helexa.protocol import EmbedResult, Feature, GenerateRequest, GenerateResult, Workload
+
+from . import ollama_api as api
+from .asgi import Exchange, Route
+from .catalogue import CatalogueEntry
+from .errors import BadRequest, ModelNotFound, to_gateway_error
+from .openai_api import merge_tool_calls, parse
+from .portal.metering import Caller, Metering
+from .prefix import session_of
+
+NDJSON = [(b"content-type", b"application/x-ndjson")]
+PARAMS = {"max_tokens": "options.num_predict", "response_format": "format"}
+"""The shared path's field names (Chat Completions') as Ollama names them, for errors."""
+_FORMATS = {"llama_cpp": "gguf", "embeddings": "onnx", "exllamav2": "exl2", "exllamav3": "exl3"}
+
+
+def _line(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
+
+def ollama_errors(exc: BaseException) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """Ollama's error shape, ``{"error": "message"}``, the field named in the message."""
+    error = to_gateway_error(exc)
+    message = error.message
+    param = PARAMS.get(error.param or "", error.param)
+    if param and param not in message:
+        message = f"{param}: {message}"
+    return error.status, [(b"content-type", b"application/json"), *error.headers()], json.dumps(
+        {"error": message}).encode()
+
+
+def _ns(seconds: float) -> int:
+    return max(0, int(seconds * 1e9))
+
+
+class OllamaSurface:
+    """The Ollama routes of a portal (see the module docstring).
+
+    Args:
+        metering: the one metered path (its catalogue and limits describe the models).
+        models: the fabric's model listing (the orchestrator's).
+    """
+
+    def __init__(self, metering: Metering, models: Callable[[], list[dict[str, Any]]]) -> None:
+        self.metering = metering
+        self._models = models
+        self._created = time.time()
+
+    def routes(self) -> list[Route]:
+        e = ollama_errors
+        return [
+            Route("GET", "/api/version", self.version, keyed=False, errors=e),
+            Route("GET", "/api/tags", self.tags, errors=e),
+            Route("POST", "/api/show", self.show, errors=e),
+            Route("GET", "/api/ps", self.ps, errors=e),
+            Route("POST", "/api/chat", self.chat, metered=True, errors=e),
+            Route("POST", "/api/generate", self.generate, metered=True, errors=e),
+            Route("POST", "/api/embed", self.embed, metered=True, errors=e),
+            Route("POST", "/api/embeddings", self.embeddings, metered=True, errors=e),
+        ]
+
+    # --- models ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _name(caller: Caller, asked: str) -> str:
+        """The public name behind an Ollama model name (``name:latest`` is ``name``)."""
+        named = caller.portal.config
+        if asked.endswith(":latest") and asked not in named.aliases and asked not in (named.models or ()):
+            return asked.removesuffix(":latest")
+        return asked
+
+    def _listing(self, caller: Caller) -> list[dict[str, Any]]:
+        entries = caller.portal.listing(self._models(), full=False)
+        if caller.key is not None and caller.key.models is not None:
+            entries = [e for e in entries if caller.key.allows(e["id"])]
+        return entries
+
+    def _entry(self, caller: Caller, public: str) -> CatalogueEntry | None:
+        served = caller.portal.serves(public)
+        return self.metering.catalogue.get(served) if served is not None else None
+
+    def _model(self, caller: Caller, listed: dict[str, Any]) -> dict[str, Any]:
+        public = listed["id"]
+        entry = self._entry(caller, public)
+        backend = entry.backend if entry is not None else ""
+        details = {"parent_model": "", "format": _FORMATS.get(backend, backend), "family": "", "families": None,
+                   "parameter_size": "", "quantization_level": ""}
+        return {"name": public, "model": public, "modified_at": api.timestamp(self._created),
+                "size": (entry.memory_mb if entry is not None else 0) * 1024 * 1024,
+                "digest": hashlib.sha256(public.encode()).hexdigest(), "details": details}
+
+    async def version(self, ex: Exchange) -> None:
+        await ex.out.json({"version": api.VERSION})
+
+    async def tags(self, ex: Exchange) -> None:
+        caller = ex.caller
+        assert caller is not None
+        await ex.out.json({"models": [self._model(caller, m) for m in self._listing(caller)]})
+
+    async def ps(self, ex: Exchange) -> None:
+        caller = ex.caller
+        assert caller is not None
+        out = []
+        for listed in self._listing(caller):
+            if listed.get("loaded"):
+                model = self._model(caller, listed)
+                out.append({**model, "expires_at": None, "size_vram": 0,
+                            "context_length": self._context(caller, listed["id"])})
+        await ex.out.json({"models": out})
+
+    def _context(self, caller: Caller, public: str) -> int | None:
+        served = caller.portal.serves(public)
+        limits = self.metering.limits
+        return limits.context_length(served) if served is not None and limits is not None else None
+
+    async def show(self, ex: Exchange) -> None:
+        body = parse(api.ShowBody, await ex.body())
+        caller = ex.caller
+        assert caller is not None
+        public = self._name(caller, body.asked)
+        listed = next((m for m in self._listing(caller) if m["id"] == public), None)
+        if listed is None:
+            raise ModelNotFound(body.asked)
+        model = self._model(caller, listed)
+        entry = self._entry(caller, public)
+        workloads = entry.workloads if entry is not None else (Workload.CHAT, Workload.COMPLETION)
+        features = entry.feature_set if entry is not None else frozenset()
+        capabilities = []
+        if Workload.CHAT in workloads or Workload.COMPLETION in workloads:
+            capabilities.append("completion")
+        if Feature.TOOLS in features:
+            capabilities.append("tools")
+        if Workload.EMBEDDING in workloads:
+            capabilities.append("embedding")
+        if Workload.VISION in workloads:
+            capabilities.append("vision")
+        info: dict[str, Any] = {"general.architecture": "helexa", "general.basename": public}
+        context = self._context(caller, public)
+        if context:
+            info["helexa.context_length"] = context
+        await ex.out.json({"modelfile": "", "parameters": "", "template": "", "license": "",
+                           "details": model["details"], "model_info": info, "capabilities": capabilities,
+                           "modified_at": model["modified_at"]})
+
+    # --- generation ------------------------------------------------------------------------
+
+    async def chat(self, ex: Exchange) -> None:
+        body = parse(api.ChatBody, await ex.body())
+        caller = ex.caller
+        assert caller is not None
+        asked = body.model
+        if not body.messages:
+            await self._loaded(ex, body.stream, {"model": asked, "message": {"role": "assistant", "content": ""}})
+            return
+        request, image = api.chat_request(body, ex.request_id, self._name(caller, asked))
+        await self._run(ex, body, request, image, asked, chat=True)
+
+    async def generate(self, ex: Exchange) -> None:
+        body = parse(api.GenerateBody, await ex.body())
+        caller = ex.caller
+        assert caller is not None
+        asked = body.model
+        if not body.prompt and not body.images:
+            await self._loaded(ex, body.stream, {"model": asked, "response": ""})
+            return
+        request, image = api.generate_request(body, ex.request_id, self._name(caller, asked))
+        await self._run(ex, body, request, image, asked, chat=False)
+
+    async def _loaded(self, ex: Exchange, stream: bool, head: dict[str, Any]) -> None:
+        """What Ollama answers a request with nothing to generate (it loads the model)."""
+        caller = ex.caller
+        assert caller is not None
+        public = self._name(caller, head["model"])
+        if caller.portal.serves(public) is None or (caller.key is not None and not caller.key.allows(public)):
+            raise ModelNotFound(head["model"])
+        obj = {**head, "created_at": api.timestamp(), "done": True, "done_reason": "load"}
+        if stream:
+            await ex.out.full(200, NDJSON, _line(obj))
+        else:
+            await ex.out.json(obj)
+
+    async def _run(self, ex: Exchange, body: api.GenerateCommon, request: GenerateRequest, image: str | None,
+                   asked: str, *, chat: bool) -> None:
+        caller = ex.caller
+        assert caller is not None
+        out = ex.out
+        t0 = trio.current_time()
+        first: list[float] = []
+        logprobs = request.sampling.logprobs
+        endpoint = "ollama_chat" if chat else "ollama_generate"
+
+        def piece(text: str, lps: Any = None, calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+            obj: dict[str, Any] = {"model": asked, "created_at": api.timestamp()}
+            if chat:
+                obj["message"] = {"role": "assistant", "content": text}
+                if calls:
+                    obj["message"]["tool_calls"] = calls
+            else:
+                obj["response"] = text
+            obj["done"] = False
+            if logprobs and lps:
+                obj["logprobs"] = api.logprobs_body(lps)
+            return obj
+
+        def final(result: GenerateResult) -> dict[str, Any]:
+            end = trio.current_time()
+            start = first[0] if first else t0
+            obj = piece("")
+            obj.update(done=True, done_reason=api.done_reason(result.finish_reason),
+                       total_duration=_ns(end - t0), load_duration=0,
+                       prompt_eval_count=result.usage.prompt_tokens, prompt_eval_duration=_ns(start - t0),
+                       eval_count=result.usage.completion_tokens, eval_duration=_ns(end - start))
+            if not chat:
+                obj["context"] = []
+            return obj
+
+        def run():  # noqa: ANN202
+            return self.metering.generate(caller, request, endpoint=endpoint, image=image,
+                                          session=session_of(ex.scope["headers"]))
+
+        async def stream() -> None:
+            parts: list[Any] = []
+            try:
+                async with run() as gen:
+                    await out.start(200, NDJSON)
+                    async for chunk in gen:
+                        if not first:
+                            first.append(trio.current_time())
+                        parts.extend(chunk.tool_calls or ())
+                        if chunk.text or (logprobs and chunk.logprobs):
+                            await out.body(_line(piece(chunk.text, chunk.logprobs)))
+                result = gen.result
+                assert result is not None
+                lines = [piece(result.text, result.logprobs)] if result.text else []
+                parts.extend(result.tool_calls or ())
+                if parts and chat:
+                    lines.append(piece("", calls=api.tool_calls_body(merge_tool_calls(parts))))
+                lines.append(final(result))
+                await out.body(b"".join(map(_line, lines)))
+            except Exception as exc:
+                if not out.started:
+                    raise
+                await out.body(_line({"error": json.loads(ollama_errors(exc)[2])["error"]}))
+            await out.body(b"", more=False)
+
+        async def complete() -> None:
+            text: list[str] = []
+            parts: list[Any] = []
+            lps: list[Any] = []
+            async with run() as gen:
+                async for chunk in gen:
+                    if not first:
+                        first.append(trio.current_time())
+                    text.append(chunk.text)
+                    parts.extend(chunk.tool_calls or ())
+                    lps.extend(chunk.logprobs or ())
+            result = gen.result
+            assert result is not None
+            text.append(result.text)
+            parts.extend(result.tool_calls or ())
+            lps.extend(result.logprobs or ())
+            obj = final(result)
+            if chat:
+                obj["message"]["content"] = "".join(text)
+                if parts:
+                    obj["message"]["tool_calls"] = api.tool_calls_body(merge_tool_calls(parts))
+            else:
+                obj["response"] = "".join(text)
+            if logprobs:
+                obj["logprobs"] = api.logprobs_body(tuple(lps))
+            await out.json(obj)
+
+        await ex.until_disconnect(stream if body.stream else complete)
+
+    # --- embeddings ------------------------------------------------------------------------
+
+    async def embed(self, ex: Exchange) -> None:
+        body = parse(api.EmbedBody, await ex.body())
+        if body.dimensions is not None:
+            raise BadRequest("dimensions is not supported: each model answers in its own size",
+                             param="dimensions", code="unsupported")
+
+        async def work() -> None:
+            vectors, result, took = await self._embed(ex, body.model, body.input, "input")
+            await ex.out.json({"model": body.model, "embeddings": vectors, "total_duration": took,
+                               "load_duration": 0, "prompt_eval_count": result.usage.prompt_tokens})
+
+        await ex.until_disconnect(work)
+
+    async def embeddings(self, ex: Exchange) -> None:
+        body = parse(api.EmbeddingsBody, await ex.body())
+
+        async def work() -> None:
+            vectors, _, _ = await self._embed(ex, body.model, body.prompt, "prompt")
+            await ex.out.json({"embedding": vectors[0]})
+
+        await ex.until_disconnect(work)
+
+    async def _embed(self, ex: Exchange, asked: str, inputs: str | list[str], param: str
+                     ) -> tuple[list[list[float]], EmbedResult, int]:
+        caller = ex.caller
+        assert caller is not None
+        request = api.embed_request(inputs, ex.request_id, self._name(caller, asked), param)
+        t0 = trio.current_time()
+        result = await self.metering.embed(caller, request)
+        values = struct.unpack(f"<{len(result.vectors) // 4}f", result.vectors)
+        dim = result.dim or 1
+        vectors = [list(values[i:i + dim]) for i in range(0, len(values), dim)]
+        return vectors, result, _ns(trio.current_time() - t0)

@@ -1,0 +1,207 @@
+"""Ollama's API on a keyed portal, over real sockets, with Ollama's official Python client
+(its sync client, run in a worker thread: it is httpx's sync client, so no asyncio loop
+enters this trio process): models, chat and generate streamed as NDJSON and not, options,
+embeddings, errors in Ollama's shape naming the field, every generation metered and in the
+ledger."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import ollama
+import pytest
+import trio
+
+from helexa.roles.cortex.fleet import Fleet
+from helexa.roles.cortex.ollama_api import ChatBody, chat_messages
+from helexa.roles.cortex.portal.store import SqliteStore
+from neuron_double import NeuronDouble
+from portals import acme, bearer, new_key, portals
+
+
+def client(url: str, key: str) -> ollama.Client:
+    return ollama.Client(host=url, headers=bearer(key), timeout=10)
+
+
+def in_thread(fn, *args):  # noqa: ANN001, ANN201
+    return trio.to_thread.run_sync(fn, *args)
+
+
+async def test_the_ollama_client_lists_shows_chats_generates_and_embeds() -> None:
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=("chat", "embed"), tokens=3)
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme")
+    async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
+        def run():  # noqa: ANN202
+            c = client(urls["acme"], key)
+            listed = sorted(m.model for m in c.list().models)
+            shown = c.show("fast:latest")
+            running = sorted(m.model for m in c.ps().models)
+            chat = c.chat(model="fast:latest", messages=[{"role": "system", "content": "Be brief."},
+                                                         {"role": "user", "content": "hi"}],
+                          options={"temperature": 0.2, "top_k": 5, "num_predict": 2, "seed": 7, "stop": ["\n"],
+                                   "num_ctx": 4096, "repeat_penalty": 1.1}, keep_alive="5m", stream=False)
+            pieces = list(c.chat(model="fast", messages=[{"role": "user", "content": "hi"}], stream=True))
+            gen = c.generate(model="fast", prompt="Why?", system="Answer.", stream=False)
+            gen_pieces = list(c.generate(model="fast", prompt="Why?", stream=True))
+            embedded = c.embed(model="embed", input=["a", "b"])
+            legacy = c.embeddings(model="embed", prompt="a")
+            return listed, shown, running, chat, pieces, gen, gen_pieces, embedded, legacy
+
+        listed, shown, running, chat, pieces, gen, gen_pieces, embedded, legacy = await in_thread(run)
+        async with httpx.AsyncClient() as http:
+            version = (await http.get(urls["acme"] + "/api/version")).json()
+    assert listed == ["chat", "embed", "fast"] and running == ["chat", "embed", "fast"]
+    assert shown.capabilities == ["completion"] and shown.modelinfo["helexa.context_length"] == 2048
+    assert chat.message.content == "t0 t1 " and chat.done and chat.done_reason == "length"
+    assert (chat.prompt_eval_count, chat.eval_count) == (5, 2) and chat.total_duration >= chat.eval_duration >= 0
+    first = neuron.requests[0]
+    s = first.sampling
+    assert (s.temperature, s.top_k, s.max_tokens, s.seed, s.stop, s.repetition_penalty) == (0.2, 5, 2, 7, ("\n",), 1.1)
+    assert first.model_id == "chat" and first.messages[0] == {"role": "system", "content": "Be brief."}
+    assert [p.message.content for p in pieces] == ["t0 ", "t1 ", "t2 ", ""]
+    assert [p.done for p in pieces] == [False, False, False, True] and pieces[-1].done_reason == "stop"
+    assert gen.response == "t0 t1 t2 " and gen.done and gen.eval_count == 3
+    assert neuron.requests[2].messages == ({"role": "system", "content": "Answer."}, {"role": "user", "content": "Why?"})
+    assert "".join(p.response for p in gen_pieces) == "t0 t1 t2 " and gen_pieces[-1].done
+    assert [list(v) for v in embedded.embeddings] == [[0.0, 1.0, 2.0], [1.0, 2.0, 3.0]]
+    assert list(legacy.embedding) == [0.0, 1.0, 2.0]
+    assert version == {"version": "0.12.0"}
+    rows = store.records()
+    assert sorted(r.endpoint for r in rows) == sorted(["ollama_chat"] * 2 + ["ollama_generate"] * 2 + ["embeddings"] * 2)
+    assert all(r.outcome == "ok" and r.key_id for r in rows)
+
+
+async def test_a_stream_is_ndjson_ending_with_the_counts_and_durations() -> None:
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("chat",), tokens=2)
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme")
+    async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
+        async with httpx.AsyncClient() as http:
+            r = await http.post(urls["acme"] + "/api/chat", headers=bearer(key),
+                                json={"model": "fast", "messages": [{"role": "user", "content": "hi"}],
+                                      "logprobs": True})
+    assert r.headers["content-type"] == "application/x-ndjson"
+    lines = [json.loads(line) for line in r.text.splitlines()]
+    assert [line["done"] for line in lines] == [False, False, True]
+    assert lines[0]["logprobs"] == [{"token": "t0 ", "logprob": 0.0, "top_logprobs": []}]
+    last = lines[-1]
+    assert last["done_reason"] == "stop" and (last["prompt_eval_count"], last["eval_count"]) == (5, 2)
+    assert all(isinstance(last[k], int) for k in ("total_duration", "load_duration", "prompt_eval_duration",
+                                                  "eval_duration"))
+    assert last["created_at"].endswith("Z") and last["message"] == {"role": "assistant", "content": ""}
+
+
+async def test_an_empty_prompt_answers_load_without_running_a_model() -> None:
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=("chat",))
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme")
+    async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
+        got = await in_thread(lambda: client(urls["acme"], key).generate(model="fast", prompt=""))
+    assert got.done and got.done_reason == "load" and neuron.requests == []
+
+
+@pytest.mark.parametrize(("path", "body", "status", "names"), [
+    ("/api/chat", {"model": "fast", "messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role"),
+    ("/api/chat", {"model": "fast", "messages": [{"role": "user", "content": "x"}],
+                   "options": {"temperature": 9}}, 400, "options.temperature"),
+    ("/api/chat", {"model": "fast", "messages": [{"role": "user", "content": "x"}], "format": "xml"}, 400, "format"),
+    ("/api/chat", {"model": "fast", "messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0]"),
+    ("/api/chat", {"model": "fast", "messages": [{"role": "user", "content": "x"}],
+                   "options": {"num_predict": 1000}}, 400, "options.num_predict"),
+    ("/api/chat", {"model": "fast", "messages": [{"role": "user", "content": "x"}], "format": "json"}, 400, "format"),
+    ("/api/generate", {"model": "fast", "prompt": "x", "suffix": "y"}, 400, "suffix"),
+    ("/api/generate", {"model": "fast", "prompt": "x", "context": [1, 2]}, 400, "context"),
+    ("/api/generate", {"model": "fast", "prompt": "x", "images": ["iVBORw0KGgo="]}, 400, "images[0]"),
+    ("/api/embed", {"model": "embed", "input": ["a", ""]}, 400, "input"),
+    ("/api/embed", {"model": "embed", "input": "a", "dimensions": 2}, 400, "dimensions"),
+    ("/api/chat", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "nope"),
+    ("/api/show", {"model": "nope"}, 404, "nope"),
+    ("/api/generate", "not json", 400, "JSON"),
+])
+async def test_errors_are_ollamas_shape_naming_the_field_before_a_neuron_sees_them(
+        path: str, body: object, status: int, names: str) -> None:
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=("chat", "embed"))
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme")
+    async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
+        async with httpx.AsyncClient() as http:
+            kwargs = {"json": body} if not isinstance(body, str) else {"content": body}
+            r = await http.post(urls["acme"] + path, headers=bearer(key), **kwargs)
+    assert r.status_code == status
+    error = r.json()
+    assert list(error) == ["error"] and isinstance(error["error"], str) and names in error["error"], error
+    assert neuron.requests == []
+
+
+async def test_the_client_raises_response_error_with_the_message_and_status() -> None:
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("chat",))
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme")
+    async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
+        def run():  # noqa: ANN202
+            try:
+                client(urls["acme"], key).chat(model="nope", messages=[{"role": "user", "content": "x"}])
+            except ollama.ResponseError as exc:
+                return exc
+            return None
+
+        unknown = await in_thread(run)
+        unauthorized = await in_thread(lambda: _raises(lambda: client(urls["acme"], "sk-hlx-0123456789abcdef_" + "A" * 43)
+                                                       .list()))
+    assert unknown.status_code == 404 and "nope" in unknown.error
+    assert unauthorized.status_code == 401
+
+
+def _raises(call):  # noqa: ANN001, ANN202
+    try:
+        call()
+    except ollama.ResponseError as exc:
+        return exc
+    raise AssertionError("no error")
+
+
+def test_tool_calls_and_their_results_become_openai_messages_with_ids() -> None:
+    body = ChatBody.model_validate({"model": "m", "messages": [
+        {"role": "user", "content": "weather in Paris and Rome?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+            {"function": {"name": "get_time", "arguments": {}}}]},
+        {"role": "tool", "tool_name": "get_time", "content": "noon"},
+        {"role": "tool", "content": "sunny"},
+    ]})
+    messages, image = chat_messages(body)
+    assert image is None
+    assert messages[1] == {"role": "assistant", "tool_calls": [
+        {"id": "call_1_0", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+        {"id": "call_1_1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]}
+    assert messages[2:] == [{"role": "tool", "tool_call_id": "call_1_1", "content": "noon"},
+                            {"role": "tool", "tool_call_id": "call_1_0", "content": "sunny"}]
+
+
+async def test_a_neuron_lost_mid_stream_ends_the_stream_with_an_error_line(autojump_clock) -> None:
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=("chat",), tokens=5, token_delay=1.0)
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme")
+
+    async def kill() -> None:
+        await trio.sleep(2.5)
+        neuron.kill()
+
+    async with portals(fleet, {"acme": acme()}, store=store, virtual=True) as (_, urls):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kill)
+            async with httpx.AsyncClient(timeout=10) as http:
+                r = await http.post(urls["acme"] + "/api/generate", headers=bearer(key),
+                                    json={"model": "fast", "prompt": "x"})
+    lines = [json.loads(line) for line in r.text.splitlines()]
+    assert [line.get("response") for line in lines[:2]] == ["t0 ", "t1 "]
+    assert list(lines[-1]) == ["error"] and "went away" in lines[-1]["error"] and len(lines) == 3
+    assert [(row.endpoint, row.outcome) for row in store.records()] == [("ollama_generate", "error")]
