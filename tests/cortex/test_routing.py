@@ -138,3 +138,20 @@ async def test_the_gateway_passes_the_session_header_or_the_user_field() -> None
         await trio.to_thread.run_sync(ask)
         prefix = gateway.orchestrator.prefix
     assert prefix.session_node("m", "s1") == "n1" and prefix.session_node("m", "user:alice") == "n1"
+
+
+async def test_the_responses_and_ollama_surfaces_pass_the_session_too() -> None:
+    import httpx
+
+    from serving import serving
+
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("m",))
+    async with serving(fleet, CATALOGUE) as (gateway, url):
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            r1 = await http.post("/v1/responses", json={"model": "m", "input": "hi", "user": "bob"})
+            r2 = await http.post("/api/chat", headers={"x-session-id": "s2"},
+                                 json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": False})
+        prefix = gateway.orchestrator.prefix
+    assert r1.status_code == 200 and r2.status_code == 200
+    assert prefix.session_node("m", "user:bob") == "n1" and prefix.session_node("m", "s2") == "n1"
