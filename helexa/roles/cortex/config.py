@@ -248,9 +248,11 @@ class PortalConfig(BaseModel):
     auth: Literal["keys", "none"] | None = None
     """``keys``: every request needs one of this portal's API keys. ``none``: open. Unset
     is open, and allowed only on loopback sockets."""
-    surfaces: list[Literal["openai", "responses", "ollama"]] = Field(default_factory=lambda: ["openai", "responses", "ollama"])
+    surfaces: list[Literal["openai", "anthropic", "responses", "ollama"]] = Field(
+        default_factory=lambda: ["openai", "anthropic", "responses", "ollama"])
     """API surfaces served: ``openai`` (Chat Completions, completions, embeddings, models),
-    ``responses`` (OpenAI's ``/v1/responses``), ``ollama`` (Ollama's ``/api/*``)."""
+    ``anthropic`` (Anthropic's ``/v1/messages``), ``responses`` (OpenAI's ``/v1/responses``),
+    ``ollama`` (Ollama's ``/api/*``)."""
     responses_retention: float = Field(30 * 86400.0, gt=0)
     """Seconds a stored ``/v1/responses`` answer (``store: true``) is kept for ``GET`` and
     ``previous_response_id``; older ones are deleted."""

@@ -16,12 +16,17 @@ Routes on every portal socket::
     POST /v1/responses (metered), GET and DELETE /v1/responses/{id}  (:mod:`.responses_surface`)
     /api/chat, /api/generate, /api/embed(dings) (metered), /api/tags, show, ps, version
                                                                   (Ollama's; :mod:`.ollama_surface`)
+    POST /v1/messages (metered), /v1/messages/count_tokens   (:mod:`.anthropic_surface`)
     GET  /health                200 while serving
 
 and on the admin socket (``admin_socket``, else the default portal's)::
 
     GET  /metrics               Prometheus
     /admin/*                    the admin API (:mod:`.portal.admin`; needs the admin token)
+
+The web pages (:mod:`.web`: the console on the admin socket, each portal's own pages on
+its sockets) are a quart-trio app that every socket hands ``/``, ``/console``, ``/portal``
+and ``/static`` to.
 
 The app is plain ASGI rather than a Quart app (measured: Quart's request cycle cost as
 much as the rest of the hot path; figures in ``docs/benchmarks.md``), served by
@@ -45,6 +50,7 @@ import trio
 
 from helexa.config import split_socket
 
+from .anthropic_surface import AnthropicSurface
 from .asgi import Exchange, Limits, Receive, Responder, Route, Router, Scope, Send
 from .config import DEFAULT_PORTAL, PortalConfig
 from .disconnect_watch import DisconnectWatch
@@ -193,6 +199,7 @@ class Gateway:
         # Stored responses live in the ledger's SQLite file (their own table and connection).
         self.responses = ResponsesSurface(self.metering, ResponseStore(getattr(self.store, "path", ":memory:")))
         self.ollama = OllamaSurface(self.metering, self._fabric_models)
+        self.anthropic = AnthropicSurface(self.metering)
         self.admin = AdminApi(portals=self.portals, keyring=self.keyring, store=self.store, metering=self.metering,
                               fleet=self.fleet, token=admin_token, admin_clients=self.config.admin_clients,
                               clock=clock)
@@ -203,6 +210,11 @@ class Gateway:
         """The app served at each URL."""
         self._stop = trio.Event()
         self._servers: list[HttpServer] = []
+        from .web.app import WebApp
+
+        self.web = WebApp(self)
+        """The console (admin socket) and each portal's pages, mounted beside the API."""
+        self.metering.traffic = self.web.traffic
 
     # --- apps ------------------------------------------------------------------------------
 
@@ -229,13 +241,17 @@ class Gateway:
             routes += self.responses.routes()
         if "ollama" in portal.config.surfaces:
             routes += self.ollama.routes()
+        if "anthropic" in portal.config.surfaces:
+            routes += self.anthropic.routes()
         if admin:
             routes += self._admin_routes()
+        taken = {(r.method, r.path, r.prefix) for r in routes}  # a surface's own route wins over a page
+        routes += [r for r in self.web.routes(portal_id, admin=admin) if (r.method, r.path, r.prefix) not in taken]
         return PortalApp(self, portal, routes)
 
     def admin_app(self) -> PortalApp:
         """The ASGI app of the admin socket alone."""
-        return PortalApp(self, None, self._common_routes() + self._admin_routes())
+        return PortalApp(self, None, self._common_routes() + self._admin_routes() + self.web.routes(None, admin=True))
 
     # --- serving -------------------------------------------------------------------------
 
@@ -250,6 +266,7 @@ class Gateway:
         async with trio.open_nursery() as services:
             await services.start(self.watch.run)
             await services.start(self.writer.run)
+            await services.start(self.web.run)
             services.start_soon(self.limits.counter.warm)
             keys = await self.metering.blocking(self.store.keys)
             for key in keys:

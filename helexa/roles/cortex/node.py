@@ -119,6 +119,7 @@ class Cortex:
         router = PeerRouter(self.federation)
         self.orchestrator.set_remote_router(router)
         self.gateway.metering.receipts = router.take_receipt
+        self.gateway.web.mesh = (self.federation, self.ledger)
 
     def _ssl(self) -> ssl.SSLContext | None:
         if self.config.tls_cert_file is None:

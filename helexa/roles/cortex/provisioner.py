@@ -34,7 +34,7 @@ import trio
 from helexa.protocol import LoadModel, LoadProgress, ModelState, UnloadModel, UpsertModelConfig
 
 from .catalogue import MB, Catalogue, CatalogueEntry, Priority
-from .errors import GatewayError, ColdLoadFailed, ModelNotFound, NoCapacity
+from .errors import BadRequest, GatewayError, ColdLoadFailed, ModelNotFound, NoCapacity, NotFound
 from .fleet import Fleet, FleetError
 from .metrics import Metrics, OrchestratorMetrics
 from .placement import (
@@ -124,6 +124,9 @@ class Provisioner:
         """The evictions each model's last load caused."""
         self._pending: dict[str, str] = {}  # model -> neuron of a load under way
         self._idle: dict[tuple[str, str], trio.Event] = {}
+        self.pins: set[tuple[str, str]] = set()
+        """``(node id, model id)`` the operator pinned: never evicted or idle-unloaded there
+        (kept in memory: a restarted cortex forgets them)."""
         self._warm_failed: dict[str, float] = {}
         self._warming: set[str] = set()
         self._wake = trio.Event()
@@ -188,9 +191,11 @@ class Provisioner:
             self._nursery.start_soon(self._fly, entry, flight, plan)
         return flight
 
-    async def _fly(self, entry: CatalogueEntry, flight: _Flight, plan: LoadPlan | None) -> None:
+    async def _fly(self, entry: CatalogueEntry, flight: _Flight, plan: LoadPlan | None,
+                   operator: bool = False) -> None:
         try:
-            flight.node_id = await self._load(entry, plan)
+            flight.node_id = await (self._load_planned(entry, plan) if operator and plan is not None
+                                    else self._load(entry, plan))
         except GatewayError as exc:
             flight.error = exc
         except Exception as exc:  # a bug; requests get a clean 503, the log gets the rest
@@ -238,6 +243,26 @@ class Provisioner:
                 self.metrics.cold_load(entry.id, plan.node_id, elapsed)
             self.live.touch(plan.node_id, entry.id, now)
             return plan.node_id
+
+    async def _load_planned(self, entry: CatalogueEntry, plan: LoadPlan) -> str:
+        """The operator's load: on ``plan``'s neuron only (a failure there is the answer)."""
+        self._pending[entry.id] = plan.node_id
+        started = trio.current_time()
+        try:
+            await self._carry_out(entry, plan)
+        except (FleetError, _Refused) as exc:
+            log.warning("loading %s on %s failed: %s", entry.id, plan.node_id, exc)
+            raise ColdLoadFailed(f"loading model {entry.id!r} on {plan.node_id} failed: {exc}",
+                                 retry_after=self.settings.retry_after) from None
+        now = trio.current_time()
+        self.load_times[entry.id] = now - started
+        self.evictions[entry.id] = plan.evict
+        self.loaded_at[(plan.node_id, entry.id)] = now
+        log.info("loaded %s on %s as the operator asked (evicted %s)", entry.id, plan.node_id, list(plan.evict))
+        if self.metrics is not None:
+            self.metrics.cold_load(entry.id, plan.node_id, now - started)
+        self.live.touch(plan.node_id, entry.id, now)
+        return plan.node_id
 
     async def _carry_out(self, entry: CatalogueEntry, plan: LoadPlan) -> None:
         link = self.fleet.get(plan.node_id)
@@ -305,6 +330,55 @@ class Provisioner:
             self.draining.discard(key)
             self._idle.pop(key, None)
             self._wake.set()
+
+    # --- the operator's paths (the web console) --------------------------------------------
+
+    def load_on(self, model_id: str, node_id: str) -> None:
+        """Start loading catalogued ``model_id`` on neuron ``node_id`` (evicting there as a
+        cold load would); returns at once, the fleet's next update shows the load. A
+        request for the model meanwhile waits for this load, as for any cold load.
+
+        Raises:
+            ModelNotFound: not in the catalogue. NotFound: no usable neuron ``node_id``.
+            BadRequest: already loading, or it cannot fit on that neuron.
+        """
+        entry = self.catalogue.get(model_id)
+        if entry is None:
+            raise ModelNotFound(model_id)
+        views = [v for v in self._views() if v.node_id == node_id]
+        if not views:
+            raise NotFound(f"no usable neuron {node_id!r}", param="node")
+        if model_id in self._flights:
+            raise BadRequest(f"model {model_id!r} is already loading", param="model")
+        try:
+            plan = place(entry, views, headroom=self.settings.memory_headroom, policy=self.policy,
+                         now=trio.current_time())
+        except NoPlacement as exc:
+            raise BadRequest(f"{exc} (on {node_id})", param="node") from None
+        if self._nursery is None:
+            raise RuntimeError("Provisioner.run is not running")
+        flight = self._flights[entry.id] = _Flight()
+        self._pending[entry.id] = plan.node_id
+        self._nursery.start_soon(self._fly, entry, flight, plan, True)
+
+    def unload_from(self, node_id: str, model_id: str) -> None:
+        """Start unloading ``model_id`` from ``node_id`` (its pin goes too); returns at once.
+        Raises NotFound when that neuron does not hold it."""
+        link = self.fleet.get(node_id)
+        if link is None or model_id not in link.models:
+            raise NotFound(f"neuron {node_id!r} does not hold model {model_id!r}", param="model")
+        self.pins.discard((node_id, model_id))
+        if self._nursery is None:
+            raise RuntimeError("Provisioner.run is not running")
+        self._nursery.start_soon(self._unload_quietly, Unload(node_id, model_id), "operator")
+
+    def pin(self, node_id: str, model_id: str, pinned: bool = True) -> None:
+        """Keep ``model_id`` on ``node_id`` (never evicted or idle-unloaded there), or stop."""
+        if pinned:
+            self.pins.add((node_id, model_id))
+        else:
+            self.pins.discard((node_id, model_id))
+        self._wake.set()
 
     # --- background ----------------------------------------------------------------------
 
@@ -377,11 +451,11 @@ class Provisioner:
             self._warming.discard(model_id)
             self._wake.set()
 
-    async def _unload_quietly(self, unload: Unload) -> None:
+    async def _unload_quietly(self, unload: Unload, reason: str = "idle") -> None:
         try:
-            await self._unload(unload, "idle")
+            await self._unload(unload, reason)
         except (FleetError, _Refused) as exc:
-            log.warning("idle unload of %s from %s failed: %s", unload.model_id, unload.node_id, exc)
+            log.warning("%s unload of %s from %s failed: %s", reason, unload.model_id, unload.node_id, exc)
 
     def _views(self, demand: dict[str, Demand] | None = None) -> list[NodeView]:
         """The fleet as the pure core sees it (loads under way count as resident, models
@@ -416,10 +490,10 @@ class Provisioner:
                         last_used=last_used,
                         busy=busy,
                         evictable=entry is not None and status.state is ModelState.LOADED
-                        and model_id not in self._pending,
+                        and model_id not in self._pending and key not in self.pins,
                         loaded_at=self.loaded_at.setdefault(key, now),
                         keep_warm=entry is not None and entry.keep_warm,
-                        pinned=entry is not None and link.node_id in entry.pinned_on,
+                        pinned=(entry is not None and link.node_id in entry.pinned_on) or key in self.pins,
                         queued=wanted.waiting if wanted is not None else 0,
                         rate=self.live.rate(model_id, now),
                         load_time=self.load_times.get(model_id),

@@ -75,6 +75,16 @@ class RequestLimits:
     def seeing_models(self) -> list[str]:
         return sorted(e.id for e in self._catalogue if Workload.VISION in e.workloads)
 
+    def check_image(self, model_id: str, image: str, *, named: str | None = None) -> None:
+        """Refuse an image (its location ``image``) for a model that cannot see, naming the
+        models that can; ``named`` is the model as the client named it (default ``model_id``)."""
+        entry = self._catalogue.get(model_id)
+        if entry is None or Workload.VISION not in entry.workloads:
+            seeing = self.seeing_models()
+            can = f"models that can: {', '.join(seeing)}" if seeing else "no model served here can"
+            raise BadRequest(f"model {(named or model_id)!r} cannot see images ({can})", param=image,
+                             code="image_not_supported")
+
     async def check(self, request: GenerateRequest, *, image: str | None = None) -> GenerateRequest:
         """Refuse what ``request``'s model cannot take (raises :class:`BadRequest`); return
         the request, with ``prompt_tokens`` when counted exactly.
@@ -83,11 +93,8 @@ class RequestLimits:
             image: where the request's first image part is (``messages[0].content[1]``), if any.
         """
         entry = self._catalogue.get(request.model_id)
-        if image is not None and (entry is None or Workload.VISION not in entry.workloads):
-            seeing = self.seeing_models()
-            can = f"models that can: {', '.join(seeing)}" if seeing else "no model served here can"
-            raise BadRequest(f"model {request.model_id!r} cannot see images ({can})", param=image,
-                             code="image_not_supported")
+        if image is not None:
+            self.check_image(request.model_id, image)
         if entry is not None:
             features = entry.feature_set
             wanted = {Feature.TOOLS: request.wants_tools, Feature.STRUCTURED_OUTPUT: request.wants_json,

@@ -136,6 +136,7 @@ async def collect(events: AsyncIterator[GenerationEvent], send: Callable[[Genera
     """
     parts: list[str] = []
     size = 0
+    tokens = 0  # in the parts not yet sent (a cut answer is billed for what was sent)
     calls: list = []
     logprobs: list = []
     rid = ""
@@ -153,10 +154,11 @@ async def collect(events: AsyncIterator[GenerationEvent], send: Callable[[Genera
         rid = event.request_id
         parts.append(event.text)
         size += len(event.text)
+        tokens += event.tokens
         calls.extend(event.tool_calls or ())
         logprobs.extend(event.logprobs or ())
         if size >= COLLECT_FLUSH_CHARS:
             on_first()
-            await send(TokenChunk(rid, "".join(parts), logprobs=tuple(logprobs) or None))
-            parts, size, logprobs = [], 0, []
+            await send(TokenChunk(rid, "".join(parts), tokens, logprobs=tuple(logprobs) or None))
+            parts, size, tokens, logprobs = [], 0, 0, []
     raise ValueError("the backend ended without a result")

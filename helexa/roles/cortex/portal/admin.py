@@ -220,10 +220,15 @@ class AdminApi:
         portal = ex.query().get("portal")
         if portal is not None:
             self._portal(portal)
-        await ex.out.json({"object": "list", "data": [self._view(k) for k in self.keyring.list(portal)]})
+        await ex.out.json({"object": "list", "data": self.key_views(portal)})
 
     async def create_key(self, ex: Exchange) -> None:
-        body = _parse(_KeyCreate, await ex.body())
+        await ex.out.json(await self.create(await ex.body()), status=201)
+
+    async def create(self, raw: bytes) -> dict[str, Any]:
+        """Create a key from a JSON body (the fields of ``POST /admin/keys``): its view, with
+        ``"key"``, the key itself, shown this once. Raises BadRequest, NotFound."""
+        body = _parse(_KeyCreate, raw)
         assert isinstance(body, _KeyCreate)
         portal = self._portal(body.portal)
         secret, key = keys_mod.create(
@@ -235,7 +240,7 @@ class AdminApi:
         view: dict[str, Any] = {"key": secret, **self._view(key)}
         if not portal.keyed:
             view["warning"] = f"portal {portal.id!r} is open (auth is not \"keys\"): its requests need no key"
-        await ex.out.json(view, status=201)
+        return view
 
     async def show_key(self, ex: Exchange) -> None:
         key = self._key(ex.path_rest)
@@ -264,22 +269,37 @@ class AdminApi:
 
     async def key_action(self, ex: Exchange) -> None:
         key_id, _, action = ex.path_rest.partition("/")
-        key = self._key(key_id)
         if action == "revoke":
-            if key.revoked_at is None:
-                key = dataclasses.replace(key, revoked_at=self.clock())
-                await self._save(key)
-                log.info("admin: revoked key %s", key.key_id)
-            await ex.out.json(self._view(key))
+            await ex.out.json(await self.revoke(key_id))
         elif action == "rotate":
-            if key.revoked_at is not None:
-                raise BadRequest(f"key {key.key_id} is revoked; create a new one", code="key_revoked")
-            secret, key = keys_mod.rotate(key)
-            await self._save(key)
-            log.info("admin: rotated key %s", key.key_id)
-            await ex.out.json({"key": secret, **self._view(key)})
+            await ex.out.json(await self.rotate(key_id))
         else:
+            self._key(key_id)
             raise NotFound(f"no route /admin/keys/{ex.path_rest}")
+
+    async def revoke(self, key_id: str) -> dict[str, Any]:
+        """Revoke a key at once (again: no change); its view. Raises NotFound."""
+        key = self._key(key_id)
+        if key.revoked_at is None:
+            key = dataclasses.replace(key, revoked_at=self.clock())
+            await self._save(key)
+            log.info("admin: revoked key %s", key.key_id)
+        return self._view(key)
+
+    async def rotate(self, key_id: str) -> dict[str, Any]:
+        """A new secret for the same key id: its view with ``"key"``, shown this once.
+        Raises NotFound, BadRequest (a revoked key)."""
+        key = self._key(key_id)
+        if key.revoked_at is not None:
+            raise BadRequest(f"key {key.key_id} is revoked; create a new one", code="key_revoked")
+        secret, key = keys_mod.rotate(key)
+        await self._save(key)
+        log.info("admin: rotated key %s", key.key_id)
+        return {"key": secret, **self._view(key)}
+
+    def key_views(self, portal: str | None = None) -> list[dict[str, Any]]:
+        """Every key's record (of ``portal``, when given) and quota state; never a key."""
+        return [self._view(k) for k in self.keyring.list(portal)]
 
     # --- usage -----------------------------------------------------------------------------
 

@@ -171,6 +171,8 @@ class Metering:
         self.receipts: Receipts | None = None
         """Set when the mesh is on: links a federated request's ledger row to its receipt."""
         self._accounts: dict[str, Account] = {}
+        self.traffic: Any = None
+        """Told of every settled request (the console's Traffic page; :mod:`..web.traffic`)."""
 
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)``, a blocking store call, off the trio thread."""
@@ -429,6 +431,9 @@ class Metering:
         self.metrics.portal_request(portal.id, plan.asked if not isinstance(error, ModelNotFound) else "-", outcome,
                                     prompt_tokens=prompt, completion_tokens=completion, cost=cost,
                                     currency=portal.currency)
+        if self.traffic is not None:
+            self.traffic.observe(portal.id, plan.asked, ok=outcome != "error", prompt_tokens=prompt,
+                                 completion_tokens=completion, ttft=ttft, key_id=caller.key_id)
         if not portal.records_usage:
             return
         peer_id = signature = ""

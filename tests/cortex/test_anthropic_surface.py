@@ -1,0 +1,382 @@
+"""Anthropic's Messages API on a real socket, over in-memory neuron doubles, with the official
+``anthropic`` client (sync, run in a thread) wherever it can say what is being tested, and
+httpx where the bytes on the wire are the point."""
+
+from __future__ import annotations
+
+import json
+
+import anthropic
+import httpx
+import pytest
+import trio
+
+from helexa.protocol import Feature
+from helexa.roles.cortex.catalogue import Catalogue, CatalogueEntry, Workload
+from helexa.roles.cortex.fleet import Fleet
+from helexa.roles.cortex.portal.store import SqliteStore
+from neuron_double import NeuronDouble
+from portals import acme, new_key, portals
+from serving import serving
+
+ASK = [{"role": "user", "content": "x"}]
+
+
+def client(url: str, key: str | None = None, **kw) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=url, api_key=key or "unused", max_retries=0, timeout=10, **kw)
+
+
+def in_thread(fn, *args):
+    return trio.to_thread.run_sync(fn, *args)
+
+
+def keyed(**limits):
+    """A fleet with one neuron holding ``chat``, a store with one key of the acme portal."""
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=("chat",))
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme", **limits)
+    return fleet, neuron, store, key
+
+
+async def test_a_message_is_answered_and_billed_as_the_ledger_records_it() -> None:
+    fleet, neuron, store, key = keyed()
+    async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
+        def ask() -> anthropic.types.Message:
+            with client(urls["acme"], key) as c:
+                return c.messages.create(model="fast", max_tokens=16, messages=ASK, system="Be brief.",
+                                         stop_sequences=["END"],
+                                         extra_body={"temperature": 0.5, "top_k": 5, "top_p": 0.9})
+
+        message = await in_thread(ask)
+    assert message.type == "message" and message.role == "assistant" and message.model == "fast"
+    assert [b.type for b in message.content] == ["text"] and message.content[0].text == "t0 t1 t2 "
+    assert message.stop_reason == "end_turn" and message.stop_sequence is None
+    (row,) = store.records()
+    assert row.endpoint == "messages" and row.model_asked == "fast" and row.model_served == "chat"
+    assert (message.usage.input_tokens, message.usage.output_tokens) == (row.prompt_tokens, row.completion_tokens)
+    (sent,) = neuron.requests
+    assert sent.messages == ({"role": "system", "content": "Be brief."}, {"role": "user", "content": "x"})
+    s = sent.sampling
+    assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.stop) == (16, 0.5, 0.9, 5, ("END",))
+    assert message.id == "msg_" + sent.request_id
+
+
+async def test_the_key_may_come_as_a_bearer_token_and_any_anthropic_version_is_taken() -> None:
+    fleet, _, store, key = keyed()
+    async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
+        def ask() -> anthropic.types.Message:
+            with anthropic.Anthropic(base_url=urls["acme"], auth_token=key, max_retries=0, timeout=10,
+                                     default_headers={"anthropic-version": "1999-01-01"}) as c:
+                return c.messages.create(model="fast", max_tokens=2, messages=ASK)
+
+        message = await in_thread(ask)
+    assert message.content[0].text == "t0 t1 " and message.stop_reason == "max_tokens"
+
+
+async def test_a_stream_accumulates_in_the_sdk_to_the_same_message() -> None:
+    fleet, _, store, key = keyed()
+    async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
+        def ask():
+            with client(urls["acme"], key) as c:
+                with c.messages.stream(model="fast", max_tokens=16, messages=ASK) as stream:
+                    texts = list(stream.text_stream)
+                    return texts, stream.get_final_message()
+
+        texts, message = await in_thread(ask)
+    assert texts == ["t0 ", "t1 ", "t2 "]
+    assert message.content[0].text == "t0 t1 t2 " and message.stop_reason == "end_turn"
+    (row,) = store.records()
+    assert (message.usage.input_tokens, message.usage.output_tokens) == (row.prompt_tokens, row.completion_tokens)
+
+
+def expected_stream(message_id: str, model: str, texts: list[str], usage: tuple[int, int], stop: str) -> bytes:
+    out = (
+        'event: message_start\ndata: {"type":"message_start","message":{"id":"%s","type":"message",'
+        '"role":"assistant","model":"%s","content":[],"stop_reason":null,"stop_sequence":null,'
+        '"usage":{"input_tokens":0,"output_tokens":0}}}\n\n' % (message_id, model))
+    out += ('event: content_block_start\ndata: {"type":"content_block_start","index":0,'
+            '"content_block":{"type":"text","text":""}}\n\n')
+    for text in texts:
+        out += ('event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+                '"delta":{"type":"text_delta","text":"%s"}}\n\n' % text)
+    out += 'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n'
+    out += ('event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"%s","stop_sequence":null},'
+            '"usage":{"input_tokens":%d,"output_tokens":%d,"cache_creation_input_tokens":0,'
+            '"cache_read_input_tokens":0}}\n\n' % (stop, *usage))
+    out += 'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+    return out.encode()
+
+
+async def test_the_raw_stream_is_the_event_sequence_byte_for_byte() -> None:
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("chat",))
+    async with serving(fleet, Catalogue([CatalogueEntry(id="chat", backend="synthetic", memory_mb=1)])) as (_, url):
+        async with httpx.AsyncClient(timeout=10) as http:
+            r = await http.post(url + "/v1/messages", json={"model": "chat", "max_tokens": 64, "stream": True,
+                                                            "messages": ASK},
+                                headers={"anthropic-version": "2023-06-01"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    message_id = "msg_" + r.headers["x-request-id"]
+    assert r.content == expected_stream(message_id, "chat", ["t0 ", "t1 ", "t2 "], (5, 3), "end_turn")
+
+
+async def test_a_stream_waiting_for_a_cold_load_pings_after_message_start(autojump_clock) -> None:
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, load_delay=2.5)
+    catalogue = Catalogue([CatalogueEntry(id="chat", backend="synthetic", memory_mb=1)])
+    async with serving(fleet, catalogue, orchestrator={"keepalive_interval": 1.0}) as (_, url):
+        async with httpx.AsyncClient(timeout=5) as http:
+            r = await http.post(url + "/v1/messages", json={"model": "chat", "max_tokens": 2, "stream": True,
+                                                            "messages": ASK})
+    message_id = "msg_" + r.headers["x-request-id"]
+    whole = expected_stream(message_id, "chat", ["t0 ", "t1 "], (5, 2), "max_tokens")
+    start, rest = whole.split(b"\n\n", 1)
+    ping = b'event: ping\ndata: {"type":"ping"}\n\n'
+    assert r.content == start + b"\n\n" + ping * 2 + rest  # pings at t = 1 and 2 s; loaded at 2.5 s
+
+
+async def test_a_failure_after_the_stream_began_is_an_error_event_in_anthropics_shape() -> None:
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=("chat",), tokens=50, token_delay=0.05)
+    catalogue = Catalogue([CatalogueEntry(id="chat", backend="synthetic", memory_mb=1)])
+    async with serving(fleet, catalogue) as (_, url):
+        async with httpx.AsyncClient(timeout=10) as http:
+            async with http.stream("POST", url + "/v1/messages", json={
+                    "model": "chat", "max_tokens": 64, "stream": True, "messages": ASK}) as r:
+                raw = b""
+                async for part in r.aiter_bytes():
+                    raw += part
+                    if b"t1 " in raw and neuron.health.value != "unhealthy":
+                        neuron.kill()
+    last = raw.rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
+    name, data = last.split(b"\n")
+    assert name == b"event: error"
+    body = json.loads(data.removeprefix(b"data: "))
+    assert body["type"] == "error" and body["error"]["type"] == "api_error" and body["error"]["message"]
+    assert b"message_stop" not in raw and b"Traceback" not in raw
+
+
+# --- errors ------------------------------------------------------------------------------
+
+
+async def test_a_wrong_key_is_an_authentication_error() -> None:
+    fleet, _, _, _ = keyed()
+    async with portals(fleet, {"acme": acme()}) as (_, urls):
+        def ask() -> None:
+            with client(urls["acme"], "sk-hlx-wrong_key") as c:
+                c.messages.create(model="fast", max_tokens=4, messages=ASK)
+
+        with pytest.raises(anthropic.AuthenticationError) as info:
+            await in_thread(ask)
+    assert info.value.status_code == 401 and info.value.body["type"] == "error"
+    assert info.value.body["error"]["type"] == "authentication_error"
+    assert info.value.response.headers["x-should-retry"] == "false"
+
+
+async def test_an_unknown_model_is_not_found() -> None:
+    fleet, _, store, key = keyed()
+    async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
+        def ask() -> None:
+            with client(urls["acme"], key) as c:
+                c.messages.create(model="chat2", max_tokens=4, messages=ASK)  # in the catalogue, not on acme
+
+        with pytest.raises(anthropic.NotFoundError) as info:
+            await in_thread(ask)
+    assert info.value.body["error"]["type"] == "not_found_error" and "chat2" in info.value.body["error"]["message"]
+
+
+async def test_a_model_the_key_may_not_use_is_a_permission_error_for_messages_and_counts() -> None:
+    fleet, neuron, store, _ = keyed()
+    key = new_key(store, "acme", models=("embed",))
+    async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
+        def ask() -> list[anthropic.PermissionDeniedError]:
+            errors = []
+            with client(urls["acme"], key) as c:
+                for call in (lambda: c.messages.create(model="fast", max_tokens=4, messages=ASK),
+                             lambda: c.messages.count_tokens(model="fast", messages=ASK)):
+                    with pytest.raises(anthropic.PermissionDeniedError) as info:
+                        call()
+                    errors.append(info.value)
+            return errors
+
+        errors = await in_thread(ask)
+    assert [e.body["error"]["type"] for e in errors] == ["permission_error"] * 2
+    assert not neuron.requests
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"model": "fast", "messages": ASK}, "max_tokens"),
+    ({"model": "fast", "max_tokens": 0, "messages": ASK}, "max_tokens"),
+    ({"model": "fast", "max_tokens": 4, "messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
+    ({"model": "fast", "max_tokens": 4, "messages": [{"role": "system", "content": "x"}]}, "messages[0]': role must be"),
+    ({"model": "fast", "max_tokens": 4, "messages": [{"role": "user", "content": [{"type": "video"}]}]},
+     "messages[0].content[0]': type must be"),
+    ({"model": "fast", "max_tokens": 4, "messages": ASK, "temperature": 1.5}, "temperature"),
+    ({"model": "fast", "max_tokens": 4, "messages": ASK, "stop_sequences": [""]}, "stop_sequences[0]"),
+    ({"model": "fast", "max_tokens": 4, "messages": ASK, "tool_choice": {"type": "any"}}, "tool_choice"),
+    ({"model": "fast", "max_tokens": 4, "messages": ASK, "tools": [{"name": "f", "input_schema": {}}],
+      "tool_choice": {"type": "tool", "name": "g"}}, "tool_choice.name"),
+    ({"model": "fast", "max_tokens": 4, "messages": ASK, "tools": [{"name": "f f", "input_schema": {}}]},
+     "tools[0].name"),
+    ({"model": "fast", "max_tokens": 4, "messages": ASK, "tools": [{"name": "web_search", "type": "web_search_20250305",
+                                                                     "input_schema": {}}]}, "tools[0].type"),
+    ({"model": "fast", "max_tokens": 4, "messages": [{"role": "user", "content": [
+        {"type": "document", "source": {"type": "text", "data": "x", "media_type": "text/plain"}}]}]},
+     "messages[0].content[0]"),
+    ({"model": "fast", "max_tokens": 4, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}]}]},
+     "messages[0].content[0]"),
+])
+async def test_a_malformed_request_is_a_400_naming_the_field_before_any_neuron(body, field) -> None:
+    fleet, neuron, store, key = keyed()
+    async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
+        def ask() -> None:
+            with client(urls["acme"], key) as c:
+                c.post("/v1/messages", cast_to=object, body=body)
+
+        with pytest.raises(anthropic.BadRequestError) as info:
+            await in_thread(ask)
+    error = info.value.body["error"]
+    assert error["type"] == "invalid_request_error" and field in error["message"], error
+    assert info.value.response.headers["x-should-retry"] == "false"
+    assert not neuron.requests
+
+
+async def test_an_image_names_the_models_that_can_see() -> None:
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("chat",))
+    catalogue = Catalogue([CatalogueEntry(id="chat", backend="synthetic", memory_mb=1),
+                           CatalogueEntry(id="eyes", backend="synthetic", memory_mb=1, workloads=(Workload.VISION,))])
+    image = {"type": "image", "source": {"type": "url", "url": "https://example.invalid/cat.png"}}
+    async with serving(fleet, catalogue) as (_, url):
+        async with httpx.AsyncClient(timeout=10) as http:
+            r = await http.post(url + "/v1/messages", json={"model": "chat", "max_tokens": 4, "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "what is it?"}, image]}]})
+    assert r.status_code == 400 and r.json() == {"type": "error", "error": {
+        "type": "invalid_request_error",
+        "message": "messages[0].content[1]: model 'chat' cannot see images (models that can: eyes)"}}
+
+
+async def test_over_quota_is_a_rate_limit_error_and_a_spent_budget_says_do_not_retry() -> None:
+    fleet, _, store, rpm = keyed(rpm=1)
+    spent = new_key(store, "acme", budget=0.0)
+    async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
+        def ask(key: str) -> None:
+            with client(urls["acme"], key) as c:
+                c.messages.create(model="fast", max_tokens=4, messages=ASK)
+
+        await in_thread(ask, rpm)
+        with pytest.raises(anthropic.RateLimitError) as limited:
+            await in_thread(ask, rpm)
+        with pytest.raises(anthropic.RateLimitError) as budget:
+            await in_thread(ask, spent)
+    assert limited.value.body["error"]["type"] == "rate_limit_error"
+    assert int(limited.value.response.headers["retry-after"]) >= 1
+    assert "x-should-retry" not in limited.value.response.headers
+    assert budget.value.body["error"]["type"] == "rate_limit_error"
+    assert budget.value.response.headers["x-should-retry"] == "false"
+
+
+async def test_no_capacity_is_529_overloaded() -> None:
+    fleet = Fleet()
+    NeuronDouble("n1", fleet).refuse_load = True
+    catalogue = Catalogue([CatalogueEntry(id="chat", backend="synthetic", memory_mb=1)])
+    async with serving(fleet, catalogue, orchestrator={"retry_after": 9}) as (_, url):
+        def ask() -> None:
+            with client(url) as c:
+                c.messages.create(model="chat", max_tokens=4, messages=ASK)
+
+        with pytest.raises(anthropic.APIStatusError) as info:
+            await in_thread(ask)
+    assert info.value.status_code == 529 and info.value.body["error"]["type"] == "overloaded_error"
+    assert info.value.response.headers["retry-after"] == "9"
+
+
+# --- count_tokens ---------------------------------------------------------------------------
+
+
+async def test_count_tokens_estimates_for_a_model_without_a_tokenizer_here() -> None:
+    fleet, neuron, store, key = keyed()
+    async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
+        def count():
+            with client(urls["acme"], key) as c:
+                return c.messages.with_raw_response.count_tokens(model="fast", messages=ASK)
+
+        raw = await in_thread(count)
+    assert raw.headers["x-helexa-token-count"] == "estimate" and raw.parse().input_tokens > 0
+    assert not neuron.requests
+
+
+# --- what reaches the fabric ----------------------------------------------------------------
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+TOOLED = Catalogue([CatalogueEntry(id="chat", backend="synthetic", memory_mb=1, features=(Feature.TOOLS,))])
+
+
+async def test_multi_turn_blocks_tools_and_tool_results_reach_the_fabric_as_its_chat() -> None:
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=("chat",))
+    history = [
+        {"role": "user", "content": [{"type": "text", "text": "Weather"}, {"type": "text", "text": "in Paris?"}]},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "hm", "signature": "s"},
+            {"type": "text", "text": "Let me look."},
+            {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "Sunny"}]},
+            {"type": "tool_result", "tool_use_id": "toolu_2", "content": "down", "is_error": True},
+            {"type": "text", "text": "And tomorrow?"}]},
+    ]
+    async with serving(fleet, TOOLED) as (_, url):
+        def ask() -> anthropic.types.Message:
+            with client(url) as c:
+                return c.messages.create(
+                    model="chat", max_tokens=8, messages=history,
+                    system=[{"type": "text", "text": "You are terse."}, {"type": "text", "text": "Use tools."}],
+                    tools=[{"name": "get_weather", "description": "Weather in a city", "input_schema": WEATHER}],
+                    tool_choice={"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True})
+
+        await in_thread(ask)
+    (sent,) = neuron.requests
+    assert sent.messages == (
+        {"role": "system", "content": "You are terse.\nUse tools."},
+        {"role": "user", "content": "Weather\nin Paris?"},
+        {"role": "assistant", "content": "Let me look.", "tool_calls": [
+            {"id": "toolu_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "toolu_1", "content": "Sunny"},
+        {"role": "tool", "tool_call_id": "toolu_2", "content": "Error: down"},
+        {"role": "user", "content": "And tomorrow?"},
+    )
+    (tool,) = sent.tools
+    assert (tool.name, tool.description, tool.parameters) == ("get_weather", "Weather in a city", WEATHER)
+    assert (sent.tool_choice.mode.value, sent.tool_choice.name) == ("function", "get_weather")
+    assert sent.extra == {"parallel_tool_calls": False}
+
+
+@pytest.mark.parametrize(("choice", "mode"), [({"type": "auto"}, "auto"), ({"type": "any"}, "required"),
+                                               ({"type": "none"}, "none")])
+async def test_tool_choice_maps_onto_the_fabrics(choice, mode) -> None:
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=("chat",))
+    async with serving(fleet, TOOLED) as (_, url):
+        def ask() -> None:
+            with client(url) as c:
+                c.messages.create(model="chat", max_tokens=2, messages=ASK, tool_choice=choice,
+                                  tools=[{"name": "f", "input_schema": {"type": "object"}}])
+
+        await in_thread(ask)
+    assert neuron.requests[0].tool_choice.mode.value == mode
+
+
+async def test_count_tokens_of_a_model_nobody_has_is_not_found() -> None:
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("chat",))
+    async with serving(fleet, Catalogue([CatalogueEntry(id="chat", backend="synthetic", memory_mb=1)])) as (_, url):
+        def count() -> None:
+            with client(url) as c:
+                c.messages.count_tokens(model="nope", messages=ASK)
+
+        with pytest.raises(anthropic.NotFoundError) as info:
+            await in_thread(count)
+    assert info.value.body["error"]["type"] == "not_found_error" and "nope" in info.value.body["error"]["message"]

@@ -1,0 +1,126 @@
+"""The web pages' pure parts: console sessions, the traffic ring, the fleet feed (under
+the autojump clock) and a portal's theme colours."""
+
+from __future__ import annotations
+
+import hashlib
+
+import trio
+
+from helexa.roles.cortex.config import PortalConfig
+from helexa.roles.cortex.fleet import Fleet
+from helexa.roles.cortex.portal.portal import Portal
+from helexa.roles.cortex.web.fleet_feed import FleetFeed
+from helexa.roles.cortex.web.portal_site import colors
+from helexa.roles.cortex.web.sessions import Sessions
+from helexa.roles.cortex.web.traffic import BUCKET, SPAN, Traffic
+
+
+class Clock:
+    def __init__(self, t: float = 1_000_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_a_session_is_kept_only_as_the_hash_of_its_secret_and_ends_with_the_admin_token() -> None:
+    clock = Clock()
+    sessions = Sessions(ttl=60, clock=clock)
+    secret, session = sessions.open("token-1")
+    assert secret not in repr(sessions.__dict__) and "token-1" not in repr(sessions.__dict__)
+    assert hashlib.sha256(secret.encode()).digest() in sessions._by_digest
+    assert sessions.find(secret, "token-1") is session
+    assert sessions.find(secret + "x", "token-1") is None
+    assert sessions.find(secret, "token-2") is None  # the token was rotated: the session is over
+    assert sessions.find(secret, "token-1") is None and len(sessions) == 0
+
+
+def test_a_session_expires_and_the_csrf_token_must_match() -> None:
+    clock = Clock()
+    sessions = Sessions(ttl=60, clock=clock)
+    secret, session = sessions.open("t")
+    assert session.csrf_ok(session.csrf) and not session.csrf_ok("nope") and not session.csrf_ok(None)
+    clock.t += 59
+    assert sessions.find(secret, "t") is session
+    clock.t += 1
+    assert sessions.find(secret, "t") is None
+
+
+def test_sessions_are_bounded() -> None:
+    sessions = Sessions(limit=3, clock=Clock())
+    secrets = [sessions.open("t")[0] for _ in range(5)]
+    assert len(sessions) == 3
+    assert sessions.find(secrets[0], "t") is None and sessions.find(secrets[-1], "t") is not None
+
+
+def test_traffic_counts_per_ten_seconds_and_forgets_after_an_hour() -> None:
+    clock = Clock(10_000.0)
+    traffic = Traffic(clock)
+    traffic.observe("acme", "fast", ok=True, prompt_tokens=10, completion_tokens=30, ttft=0.2, key_id="k1")
+    traffic.observe("acme", "fast", ok=False, prompt_tokens=5, completion_tokens=0, ttft=None)
+    clock.t += BUCKET
+    traffic.observe("acme", "fast", ok=True, prompt_tokens=0, completion_tokens=10, ttft=0.4)
+    view = traffic.view()
+    (series,) = view["series"]
+    assert len(series["requests_per_s"]) == SPAN
+    assert series["requests_per_s"][-2:] == [0.2, 0.1]
+    assert series["tokens_per_s"][-2:] == [4.5, 1.0]
+    assert series["ttft"][-2:] == [0.2, 0.4] and series["errors"][-2:] == [1, 0]
+    assert series["totals"] == {"requests": 3, "errors": 1, "tokens": 55, "ttft": 0.3}
+    assert traffic.key_seen == {"k1": 10_000.0}
+    clock.t += SPAN * BUCKET
+    assert traffic.view()["series"] == []  # an hour later, nothing is left to draw
+
+
+def test_traffic_keeps_a_bounded_number_of_series() -> None:
+    traffic = Traffic(Clock(), max_series=2)
+    for model in ("a", "b", "c"):
+        traffic.observe("p", model, ok=True, prompt_tokens=1, completion_tokens=1, ttft=None)
+    assert [s["model"] for s in traffic.view()["series"]] == ["a", "b"]
+
+
+async def test_the_fleet_feed_builds_only_while_watched_and_at_most_once_a_min_gap(autojump_clock) -> None:
+    fleet = Fleet()
+    feed = FleetFeed(fleet, None, interval=1.0, min_gap=0.25)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(feed.run)
+        await trio.sleep(10)
+        assert feed.documents == 0  # nobody watches: nothing is built
+        with feed.subscribe() as sub:
+            first = await sub.next()
+            t0 = trio.current_time()
+            assert b'"neurons":[]' in first
+            for _ in range(3):
+                await sub.next()
+            assert trio.current_time() - t0 == 3.0  # one a second while nothing changes
+            for _ in range(10):
+                fleet.notify()  # a burst of changes
+            await sub.next()
+            assert trio.current_time() - t0 == 3.25
+        built = feed.documents
+        await trio.sleep(10)
+        assert feed.documents <= built + 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_slow_watcher_gets_the_newest_document_not_a_queue(autojump_clock) -> None:
+    feed = FleetFeed(Fleet(), None, interval=1.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(feed.run)
+        with feed.subscribe() as sub:
+            await trio.sleep(30.5)  # thirty documents went by
+            await sub.next()
+            with trio.move_on_after(0.4) as scope:
+                await sub.next()
+            assert scope.cancelled_caught  # only the newest one was waiting
+        nursery.cancel_scope.cancel()
+
+
+def test_a_portal_theme_takes_plain_css_colours_only_and_picks_readable_text_on_its_primary() -> None:
+    portal = Portal("acme", PortalConfig(name="Acme", theme={"colors": {
+        "primary": "#ffe14d", "background": "red;} body{display:none", "text": "#111"}}))
+    c = colors(portal)
+    assert c["primary"] == "#ffe14d" and c["on_primary"] == "#000000"  # dark text on yellow
+    assert c["background"] == "#f7f8fa"  # the injection attempt is ignored
+    assert colors(Portal("b", PortalConfig(theme={"colors": {"primary": "#0b1f5c"}})))["on_primary"] == "#ffffff"
