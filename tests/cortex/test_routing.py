@@ -140,7 +140,7 @@ async def test_the_gateway_passes_the_session_header_or_the_user_field() -> None
     assert prefix.session_node("m", "s1") == "n1" and prefix.session_node("m", "user:alice") == "n1"
 
 
-async def test_the_responses_and_ollama_surfaces_pass_the_session_too() -> None:
+async def test_the_responses_ollama_and_anthropic_surfaces_pass_the_session_too() -> None:
     import httpx
 
     from serving import serving
@@ -152,6 +152,9 @@ async def test_the_responses_and_ollama_surfaces_pass_the_session_too() -> None:
             r1 = await http.post("/v1/responses", json={"model": "m", "input": "hi", "user": "bob"})
             r2 = await http.post("/api/chat", headers={"x-session-id": "s2"},
                                  json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": False})
+            r3 = await http.post("/v1/messages", headers={"x-session-id": "s3"},
+                                 json={"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]})
         prefix = gateway.orchestrator.prefix
-    assert r1.status_code == 200 and r2.status_code == 200
+    assert r1.status_code == r2.status_code == r3.status_code == 200
     assert prefix.session_node("m", "user:bob") == "n1" and prefix.session_node("m", "s2") == "n1"
+    assert prefix.session_node("m", "s3") == "n1"
