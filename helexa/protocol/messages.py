@@ -123,8 +123,12 @@ class LoadModel:
 @message("unload_model")
 @dataclass(frozen=True, slots=True)
 class UnloadModel:
+    """Unload a model: refuse it new work at once, let the requests it runs finish for up to
+    ``grace`` seconds, then unload (cutting what is left)."""
+
     command_id: str
     model_id: ModelId
+    grace: float = 30.0
 
 
 @message("pull_model")

@@ -17,6 +17,13 @@ Metadata (``ModelConfig.metadata``):
     max_pending: requests admitted at once, running or queued for a slot (default
         ``8 * n_parallel``); past it, requests fail with :class:`Overloaded`.
     embeddings: true to serve embeddings (mean pooling) as well as generation.
+    cache_ram_mib, slot_prompt_similarity, n_cache_reuse: llama.cpp's prompt cache (host
+        memory for the KV of earlier prompts, default 8192 MiB), the prefix similarity above
+        which a request takes the slot already holding its prompt (default 0.1), and the
+        chunk size for reusing a cached prompt past a changed middle (default 0: off). The
+        prompt cache is on for every request (llama.cpp's ``cache_prompt`` default); the
+        cortex routes a conversation back to the neuron that served it (see
+        ``helexa/roles/cortex/prefix.py``), where these find its prefix.
 
 Cancellation: leaving the stream (``aclose``, or cancelling the task iterating it) makes the
 streaming callback answer True to llama.cpp at its next chunk, which cancels the task and
@@ -250,6 +257,9 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
             p.embedding = True
             p.pooling_type = xllamacpp.llama_pooling_type.LLAMA_POOLING_TYPE_MEAN
         p.api_keys = [secrets.token_hex(16)]
+        for key in ("cache_ram_mib", "slot_prompt_similarity", "n_cache_reuse"):
+            if key in self.config.metadata:
+                setattr(p, key, type(getattr(p, key))(self.config.metadata[key]))
         return p
 
     async def unload(self) -> None:

@@ -55,6 +55,10 @@ class NeuronDouble:
     ``refuse_load`` (answer LoadModel ok=False), ``fail_before_start`` (die as soon as a
     generation arrives, with nothing produced), ``retryable_error`` (answer with a
     retryable RemoteError).
+
+    An UnloadModel drains as a neuron's registry does: the model turns ``unloading`` (new
+    generations are refused as retryable), the ones running get the command's ``grace`` to
+    finish, then it is gone. ``unloaded_at`` records when each unload completed.
     """
 
     def __init__(self, node_id: str, fleet: Fleet, *, hw: Hardware | None = None, loaded: tuple[str, ...] = (),
@@ -79,6 +83,9 @@ class NeuronDouble:
         self.requests: list[GenerateRequest] = []
         self.cancelled: list[str] = []
         self.finished: list[str] = []
+        self.unloaded_at: list[tuple[str, float]] = []
+        self.model_in_flight: dict[str, int] = {}
+        self._idle = trio.Event()
         self._dead = trio.Event()
         self._fleet = fleet
         fleet.add(self)
@@ -105,8 +112,16 @@ class NeuronDouble:
                     return ProvisioningResponse(command.command_id, ok=False, error="no", code="load_failed")
                 self.models[mid] = ModelStatus(mid, ModelState.LOADED)
                 self._fleet.notify()
-            case UnloadModel(model_id=mid):
+            case UnloadModel(model_id=mid, grace=grace):
+                if mid in self.models:
+                    self.models[mid] = ModelStatus(mid, ModelState.UNLOADING)
+                    self._fleet.notify()
+                    with trio.move_on_after(grace):
+                        while self.model_in_flight.get(mid, 0):
+                            self._idle = trio.Event()
+                            await self._idle.wait()
                 self.models.pop(mid, None)
+                self.unloaded_at.append((mid, trio.current_time()))
                 self._fleet.notify()
         return ProvisioningResponse(command.command_id, ok=True)
 
@@ -124,6 +139,7 @@ class NeuronDouble:
         self.generations.append(request.request_id)
         self.requests.append(request)
         self.in_flight += 1
+        self.model_in_flight[request.model_id] = self.model_in_flight.get(request.model_id, 0) + 1
         done = False
 
         async def events() -> AsyncIterator[TokenChunk | GenerateResult]:
@@ -157,6 +173,8 @@ class NeuronDouble:
             yield events()
         finally:
             self.in_flight -= 1
+            self.model_in_flight[request.model_id] -= 1
+            self._idle.set()
             (self.finished if done else self.cancelled).append(request.request_id)
 
     async def embed(self, request: EmbedRequest, *, timeout: float) -> EmbedResult:

@@ -195,6 +195,29 @@ async def test_n_choices_arrive_with_indices_streamed_and_not_and_usage_is_summe
     assert seeds == [7, 8]  # each choice its own seed, so that they differ yet repeat
 
 
+async def test_more_choices_than_the_model_has_slots_all_complete_streamed_and_not() -> None:
+    # The orchestrator queues a choice until a slot is free: a choice must not hold its
+    # slot while it waits for the others to start (it once deadlocked here).
+    catalogue = Catalogue([CatalogueEntry(id="one-slot", backend="synthetic", memory_mb=100,
+                                          config={"metadata": {"n_parallel": 1}})])
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=("one-slot",), tokens=2)
+    async with serving(fleet, catalogue) as (_, url):
+        def run():
+            c = client(url)
+            whole = c.chat.completions.create(model="one-slot", messages=USER, n=3)
+            streamed: dict[int, str] = {}
+            for chunk in c.chat.completions.create(model="one-slot", messages=USER, n=3, stream=True):
+                for ch in chunk.choices:
+                    streamed[ch.index] = streamed.get(ch.index, "") + (ch.delta.content or "")
+            return whole, streamed
+
+        whole, streamed = await trio.to_thread.run_sync(run)
+    assert [c.message.content for c in whole.choices] == ["t0 t1 "] * 3
+    assert streamed == {0: "t0 t1 ", 1: "t0 t1 ", 2: "t0 t1 "}
+    assert len(neuron.requests) == 6
+
+
 async def test_logprobs_in_openai_shape_streamed_and_not() -> None:
     fleet = Fleet()
     NeuronDouble("n1", fleet, loaded=("chat",), tokens=2)

@@ -170,3 +170,19 @@ async def test_a_portal_wide_limit_holds_across_its_keys(autojump_clock) -> None
             unknown = await http.post("/v1/chat/completions", json={**CHAT, "model": "nope"}, headers=bearer(k1))
     assert codes == [200, 200, 429, 429]
     assert unknown.status_code == 404 and unknown.headers["x-ratelimit-limit-requests"] == "2"
+
+
+async def test_a_choice_refused_before_it_starts_fails_the_request_at_once(autojump_clock) -> None:
+    # n=3 with room for two at once and one slot: choice 0 runs, choice 1 queues for its
+    # slot, choice 2 is refused; the 429 comes at once, not after choice 1's wait.
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=("chat",), tokens=5, token_delay=1.0)
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme", max_concurrent=2)
+    async with portals(fleet, {"acme": acme()}, store=store, virtual=True,
+                       orchestrator={"default_slots": 1}) as (_, urls):
+        async with httpx.AsyncClient(base_url=urls["acme"], headers=bearer(key), timeout=60) as http:
+            r = await http.post("/v1/chat/completions", json={**CHAT, "n": 3})
+            answered = trio.current_time()
+    assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
+    assert answered == 0 and len(neuron.requests) <= 1

@@ -217,7 +217,7 @@ async def test_a_cold_load_evicts_the_lru_model_of_a_lower_class_first(autojump_
     cat = Catalogue([entry("x", 1000), entry("y", 1000), entry("vip", 1000, priority=Priority.HIGH),
                      entry("new", 1500)])
     async with trio.open_nursery() as nursery:
-        prov = await start(fleet, cat, nursery, memory_headroom=1.0)
+        prov = await start(fleet, cat, nursery, memory_headroom=1.0, swap_policy="lru")
         for model in ("vip", "x", "y"):
             await prov.ensure_loaded(model)
             await trio.sleep(1)

@@ -117,3 +117,64 @@ def test_snapshot_for_a_model_holds_only_the_neurons_that_have_it_loaded() -> No
     state = snapshot(links, live, model_id="m")
     assert [n.node_id for n in state.neurons] == ["a"] and state.neurons[0].in_flight == 1
     assert [n.node_id for n in snapshot(links, live).neurons] == ["a", "b", "c"]
+
+
+# --- slots and cache-aware routing ---------------------------------------------------------
+
+
+def c(node_id: str, *, in_flight=0, cached=0, session=False, slots=0, model_in_flight=0, latency=None) -> NeuronLoad:
+    return NeuronLoad(node_id, True, frozenset({"m"}), in_flight, 0, latency, 0.0, slots, model_in_flight, cached,
+                      session)
+
+
+CHAT = WorkloadClass.CHAT_INTERACTIVE
+
+
+def test_a_neuron_whose_slots_are_all_taken_is_not_a_target_and_all_busy_means_queue() -> None:
+    s = state(c("a", slots=2, model_in_flight=2), c("b", slots=2, model_in_flight=1))
+    assert schedule(CHAT, Hints("m"), s).targets == ("b",)
+    full = state(c("a", slots=2, model_in_flight=2))
+    d = schedule(CHAT, Hints("m"), full)
+    assert d.targets == () and d.mode == "queue" and "busy" in d.reason
+
+
+def test_without_load_pressure_the_neuron_holding_the_longest_prefix_wins() -> None:
+    s = state(c("a", cached=2), c("b", cached=9), c("c", cached=0))
+    d = schedule(CHAT, Hints("m", blocks=10), s, max_skew=2)
+    assert d.targets[0] == "b" and (d.cache, d.matched, d.blocks) == ("hit", 9, 10)
+
+
+def test_under_load_pressure_a_busy_cache_holder_loses_to_the_least_busy() -> None:
+    s = state(c("hot", cached=9, in_flight=4), c("cold", cached=0, in_flight=1))
+    d = schedule(CHAT, Hints("m", blocks=10), s, max_skew=2)
+    assert d.targets[0] == "cold" and d.cache == "miss"
+    # within the bound, the cache still wins
+    s = state(c("hot", cached=9, in_flight=3), c("cold", cached=0, in_flight=1))
+    assert schedule(CHAT, Hints("m", blocks=10), s, max_skew=2).targets[0] == "hot"
+
+
+def test_the_sessions_neuron_comes_before_a_longer_prefix_elsewhere() -> None:
+    s = state(c("a", cached=9), c("b", session=True))
+    d = schedule(CHAT, Hints("m", blocks=10), s, max_skew=2)
+    assert d.targets[0] == "b" and d.cache == "session"
+
+
+def test_with_nothing_cached_it_is_least_busy_routing() -> None:
+    s = state(c("a", in_flight=2), c("b", in_flight=0), c("c", in_flight=1))
+    aware = schedule(CHAT, Hints("m", blocks=10), s, max_skew=2)
+    assert aware.targets == schedule(CHAT, Hints("m"), s).targets == ("b", "c", "a")
+    assert aware.cache == "miss"
+
+
+def test_least_busy_mode_ignores_the_cache() -> None:
+    s = state(c("a", cached=9, in_flight=1), c("b"))
+    d = schedule(CHAT, Hints("m", blocks=10), s)
+    assert d.targets[0] == "b" and d.cache == "none"
+
+
+def test_the_demand_rate_decays() -> None:
+    live = LiveLoad()
+    for t in range(60):
+        live.arrived("m", float(t))
+    assert live.rate("m", 59.0) == pytest.approx(0.63, abs=0.02)
+    assert live.rate("m", 59.0 + 600) < 0.001 and live.rate("other", 0.0) == 0.0

@@ -12,7 +12,8 @@ The implementations:
 
 Each harness offers two models: ``fast`` (5 tokens at once) and ``slow`` (1,000 tokens at
 10 per second, virtual time), ``running()`` (generations in progress at the far end) and
-``kill()`` (the far end dies).
+``kill()`` (the far end dies). The neurons (``link`` and ``double``) also take provisioning
+commands (``provisioned(model)``): an unload drains the requests running before it unloads.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from helexa.protocol import (
     SamplingParams,
     Task,
     TokenChunk,
+    UnloadModel,
     UpsertModelConfig,
 )
 from helexa.protocol.federation import OfferedModel
@@ -42,6 +44,7 @@ from helexa.roles.cortex.config import CortexConfig
 from helexa.roles.cortex.control_server import ControlServer
 from helexa.roles.cortex.dispatch import Target
 from helexa.roles.cortex.errors import BadRequest, GatewayError, NoCapacity, NotFound, UpstreamError, to_gateway_error
+from helexa.roles.cortex.fleet import RemoteError
 from helexa.roles.cortex.federation.ledger import Ledger
 from helexa.roles.cortex.federation.service import Federation, FederationSettings
 from helexa.roles.cortex.fleet import Fleet
@@ -94,6 +97,9 @@ class LinkHarness:
     def target(self, model: str) -> Target:
         return self.link
 
+    def provisioned(self, model: str):  # noqa: ANN201
+        return self.link
+
     def running(self) -> int:
         return self.neuron.registry.in_flight
 
@@ -110,6 +116,9 @@ class DoubleHarness:
                         SLOW: NeuronDouble("slow-n", fleet, loaded=(SLOW,), tokens=1000, token_delay=0.1)}
 
     def target(self, model: str) -> Target:
+        return self.doubles[model]
+
+    def provisioned(self, model: str):  # noqa: ANN201
         return self.doubles[model]
 
     def running(self) -> int:
@@ -241,3 +250,36 @@ async def test_the_far_end_dying_mid_stream_ends_it_with_an_upstream_error(harne
                 await harness.kill()
     error = to_gateway_error(info.value)
     assert isinstance(error, GatewayError) and isinstance(error, UpstreamError)
+
+
+@pytest.fixture(params=["double", "link"])
+async def neuron_harness(request, nursery, autojump_clock):
+    h = HARNESSES[request.param]()
+    await h.start(nursery)
+    return h
+
+
+async def test_an_unload_lets_the_running_generation_finish_and_refuses_new_ones_meanwhile(neuron_harness) -> None:
+    h = neuron_harness
+    neuron = h.provisioned(SLOW)
+    answered: list[float] = []
+
+    async def unload() -> None:
+        response = await neuron.provision(UnloadModel("u-slow", SLOW, grace=500.0), timeout=600)
+        assert response.ok
+        answered.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        async with h.target(SLOW).generate(req(SLOW, max_tokens=50)) as events:
+            start = trio.current_time()
+            first = await events.__anext__()
+            nursery.start_soon(unload)
+            await until(lambda: neuron.models[SLOW].state.value == "unloading")
+            with pytest.raises(RemoteError) as refused:
+                await run(h.target(SLOW), req(SLOW, "r2"))
+            assert refused.value.retryable
+            rest = [e async for e in events]
+        *chunks, result = [first, *rest]
+        assert isinstance(result, GenerateResult) and result.usage.completion_tokens == 50
+    assert answered and answered[0] >= start + 4.9  # 50 tokens at 10/s: unloaded only once they were out
+    assert SLOW not in neuron.models or neuron.models[SLOW].state.value == "configured"

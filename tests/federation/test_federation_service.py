@@ -32,14 +32,14 @@ def request(rid="r1", model="tiny"):
 
 
 async def cortex(nursery, network, operator, *, fleet=None, offer=(MODEL,), serve_policy=ServePolicy(),
-                 ask_policy=AskPolicy(), mesh_node=None):
+                 ask_policy=AskPolicy(), mesh_node=None, settings=FederationSettings(announce_interval=1.0)):
     ident = new_identity()
     mesh = MemoryMesh(network, peer_id_from_ed25519(ident.public_bytes), timeout=5)
     await nursery.start(mesh.run)
     fed = Federation(
         mesh=mesh, identity=ident, operator=operator, ledger=Ledger(":memory:"), offer_fn=lambda: list(offer),
         serve_generate=fleet.serve if fleet else None, serve_embed=fleet.embed if fleet else None,
-        serve_policy=serve_policy, ask_policy=ask_policy, settings=FederationSettings(announce_interval=1.0),
+        serve_policy=serve_policy, ask_policy=ask_policy, settings=settings,
         clock=trio.current_time)
     await nursery.start(fed.run)
     return fed
@@ -214,3 +214,93 @@ async def test_offers_expire_when_a_peer_stops_announcing(nursery, autojump_cloc
     b.mesh.kill()
     await trio.sleep(31)
     assert not a.can_route("tiny")
+
+
+# --- streams reused between requests ----------------------------------------------------
+
+
+def count_opens(fed):
+    """The peers ``fed`` opened a new stream to, one entry a stream."""
+    opened = []
+    real = fed.mesh.open_stream
+
+    async def open_stream(peer_id, protocol, **kw):
+        opened.append(peer_id)
+        return await real(peer_id, protocol, **kw)
+
+    fed.mesh.open_stream = open_stream
+    return opened
+
+
+async def test_requests_to_one_peer_reuse_one_stream_errors_included(nursery, autojump_clock):
+    net = MemoryNetwork()
+    fleet = FakeFleet()
+    offer = (MODEL, OfferedModel("emb", True, workloads=(__import__("helexa").protocol.Workload.EMBEDDING,)))
+    a = await cortex(nursery, net, "A", offer=())
+    b = await cortex(nursery, net, "B", fleet=fleet, offer=offer)
+    await settle()
+    opened = count_opens(a)
+    for rid in ("r1", "r2"):
+        async with a.route(request(rid)) as frames:
+            assert len([f async for f in frames]) == 4
+    assert (await a.embed(EmbedRequest("e1", "emb", ("x",)))).dim == 2
+    fleet.fail = RuntimeError("out of memory")
+    with pytest.raises(PeerFailed, match="out of memory"):
+        async with a.route(request("r3")) as frames:
+            [f async for f in frames]
+    fleet.fail = None
+    async with a.route(request("r4")) as frames:
+        assert isinstance([f async for f in frames][-1], GenerateResult)
+    assert opened == [b.mesh.peer_id]
+    for rid in ("r1", "r2", "e1", "r3", "r4"):
+        consumed = a.ledger.get(CONSUMED, rid)
+        assert not consumed.flagged and consumed.receipt == (await recorded(b.ledger, SERVED, rid)).receipt
+
+
+async def test_a_cancelled_request_does_not_leave_its_stream_for_the_next(nursery, autojump_clock):
+    net = MemoryNetwork()
+    fleet = FakeFleet(tokens=("a",) * 100, delay=1.0)
+    a = await cortex(nursery, net, "A", offer=())
+    b = await cortex(nursery, net, "B", fleet=fleet)
+    await settle()
+    opened = count_opens(a)
+    with trio.move_on_after(3.5):
+        async with a.route(request("r1")) as frames:
+            async for _ in frames:
+                pass
+    fleet.tokens, fleet.delay = ("b",), 0.0
+    async with a.route(request("r2")) as frames:
+        got = [f async for f in frames]
+    assert fleet.closed_early == ["r1"] and [f.text for f in got[:-1]] == ["b"]
+    assert opened == [b.mesh.peer_id, b.mesh.peer_id]
+    assert (await recorded(b.ledger, SERVED, "r1")).receipt.outcome == "cancelled"
+    assert a.ledger.get(CONSUMED, "r2").receipt.outcome == "ok"
+
+
+async def test_a_stream_the_peer_closed_while_idle_is_replaced_unseen(nursery, autojump_clock):
+    net = MemoryNetwork()
+    a = await cortex(nursery, net, "A", offer=(),
+                     settings=FederationSettings(announce_interval=1.0, stream_max_idle=1000.0))
+    b = await cortex(nursery, net, "B", fleet=FakeFleet())
+    await settle()
+    opened = count_opens(a)
+    async with a.route(request("r1")) as frames:
+        [f async for f in frames]
+    await trio.sleep(61)  # past the serving side's idle timeout (60 s): it closed the stream
+    async with a.route(request("r2")) as frames:
+        got = [f async for f in frames]
+    assert isinstance(got[-1], GenerateResult) and not a.ledger.get(CONSUMED, "r2").flagged
+    assert opened == [b.mesh.peer_id, b.mesh.peer_id]
+
+
+async def test_an_idle_stream_past_its_age_is_closed_not_reused(nursery, autojump_clock):
+    net = MemoryNetwork()
+    a = await cortex(nursery, net, "A", offer=())  # stream_max_idle 30 s
+    b = await cortex(nursery, net, "B", fleet=FakeFleet())
+    await settle()
+    opened = count_opens(a)
+    for rid, pause in (("r1", 0), ("r2", 29), ("r3", 31)):
+        await trio.sleep(pause)
+        async with a.route(request(rid)) as frames:
+            [f async for f in frames]
+    assert opened == [b.mesh.peer_id, b.mesh.peer_id]  # r2 reused r1's stream; r3 did not

@@ -9,11 +9,16 @@ import trio
 from hand_cortex import HandCortex, neuron_for
 
 from helexa.protocol import (
+    GenerateRequest,
+    GenerateResult,
+    InferenceError,
     LoadModel,
     LoadProgress,
     ModelConfig,
     ModelState,
     ProvisioningResponse,
+    SamplingParams,
+    Task,
     UnloadModel,
     UpsertModelConfig,
 )
@@ -66,3 +71,35 @@ async def test_a_load_that_fails_is_answered_with_its_reason_and_the_neuron_carr
     await channel.send(LoadModel("c3", "never-configured"))
     missing = await answer(channel, "c3")
     assert not missing.ok and missing.code == "not_configured" and missing.status is None
+
+
+async def test_an_unload_lets_running_requests_finish_within_its_grace(nursery, autojump_clock):
+    neuron, channel = await joined(nursery)
+    slow = ModelConfig("s", "synthetic", metadata={"tokens": 100, "tokens_per_second": 10})
+    await channel.send(UpsertModelConfig("c1", slow))
+    await answer(channel, "c1")
+
+    async def generate_then_unload(rid: str, tokens: int, grace: float) -> tuple[float, list]:
+        await channel.send(LoadModel(f"load-{rid}", "s"))
+        assert (await answer(channel, f"load-{rid}")).ok
+        await channel.send(GenerateRequest(rid, "s", Task.CHAT, messages=({"role": "user", "content": "hi"},),
+                                           sampling=SamplingParams(max_tokens=tokens)))
+        t0 = trio.current_time()
+        await channel.send(UnloadModel(f"unload-{rid}", "s", grace=grace))
+        await channel.send(GenerateRequest(f"{rid}-late", "s", Task.CHAT, messages=({"role": "user", "content": "x"},)))
+        seen: list = []
+        unloaded = await answer(channel, f"unload-{rid}", seen)
+        assert unloaded.ok and unloaded.status.state is ModelState.CONFIGURED
+        return trio.current_time() - t0, [m for _, m in seen]
+
+    # 20 tokens at 10/s: the unload waits the 2 s they take, the stream ends whole.
+    took, seen = await generate_then_unload("r1", 20, grace=60.0)
+    assert took == pytest.approx(2.0)
+    result = next(m for m in seen if isinstance(m, GenerateResult) and m.request_id == "r1")
+    assert result.usage.completion_tokens == 20
+    late = next(m for m in seen if isinstance(m, InferenceError) and m.request_id == "r1-late")
+    assert late.retryable  # refused while draining: the cortex sends it elsewhere
+
+    # 100 tokens would take 10 s; the grace is 3 s: the unload goes on at 3 s.
+    took, _ = await generate_then_unload("r2", 100, grace=3.0)
+    assert took == pytest.approx(3.0)

@@ -45,6 +45,7 @@ from .errors import ModelNotFound
 from .openai_api import parse
 from .orchestrator import WaitStatus
 from .portal.metering import Metering
+from .prefix import session_of
 
 ENDPOINT = "messages"
 """The ledger's ``endpoint`` for a Messages request."""
@@ -74,6 +75,7 @@ class AnthropicSurface:
         assert caller is not None
         out = ex.out
         message_id = "msg_" + request.request_id
+        session = session_of(ex.scope["headers"])  # x-session-id: back to the neuron holding the cache
 
         async def stream() -> None:
             encoder = MessageStream(message_id, request.model_id)
@@ -86,7 +88,7 @@ class AnthropicSurface:
             head = b""  # message_start, held back to go out with the first content
             try:
                 async with self.metering.generate(caller, request, endpoint=ENDPOINT, on_wait=ping,
-                                                  image=image) as gen:
+                                                  image=image, session=session) as gen:
                     await out.start()
                     head = encoder.start()
                     async for chunk in gen:
@@ -106,7 +108,8 @@ class AnthropicSurface:
         async def complete() -> None:
             parts: list[str] = []
             calls: list[object] = []
-            async with self.metering.generate(caller, request, endpoint=ENDPOINT, image=image) as gen:
+            async with self.metering.generate(caller, request, endpoint=ENDPOINT, image=image,
+                                              session=session) as gen:
                 async for chunk in gen:
                     parts.append(chunk.text)
                     calls.extend(chunk.tool_calls or ())

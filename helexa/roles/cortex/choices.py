@@ -8,15 +8,18 @@ as the generation it is), and merges their token chunks, each tagged with its ch
 index. Each choice's :class:`GenerateResult` exists once its ledger record does, so the
 results come after the block (:attr:`Choices.results`), as a single generation's does.
 
-A failure of any choice fails the request (the others are cancelled), raised bare, as a
-single generation's failure would be.
+Each choice runs whole in its own task, so that ``n`` over the model's slots queues the
+later choices behind the earlier ones rather than deadlocking; the block is entered once
+every choice has started (so a refusal of any one is still raised before a response
+begins). A failure of any choice fails the request (the others are cancelled), raised
+bare, as a single generation's failure would be.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -83,25 +86,65 @@ async def generate(run: Run, request: GenerateRequest, n: int = 1, **kwargs: Any
             yield choices
         choices.results = [gen.result]
         return
-    async with AsyncExitStack() as stack:
-        gens = [await stack.enter_async_context(run(r, **kwargs)) for r in split(request, n)]
-        send, receive = trio.open_memory_channel[tuple[int, Any]](math.inf)
-        async with trio.open_nursery() as nursery:
-            async def pump(index: int, gen: Generation, out: trio.MemorySendChannel) -> None:
-                async with out:
-                    try:
-                        async for chunk in gen:
-                            await out.send((index, chunk))
-                    except Exception as exc:  # handed to the reader, raised there bare
-                        await out.send((-1, exc))
+    # Each choice runs whole in its own task: the orchestrator queues a request until a slot
+    # is free, so a choice that holds its slot until every other one has started would
+    # deadlock wherever n is over the model's slots (n=3 on a 2-slot llama.cpp). A choice
+    # that starts early runs on; its chunks wait in the channel.
+    send, receive = trio.open_memory_channel[tuple[int, Any]](math.inf)
+    gens: list[Generation | None] = [None] * n
+    early: list[BaseException] = []
+    started = 0
+    decided = trio.Event()  # every choice started, or one failed before it could
+    if kwargs.get("on_wait") is not None:
+        kwargs["on_wait"] = _one_at_a_time(kwargs["on_wait"])  # choices may wait at once
 
-            async with send:
-                for i, gen in enumerate(gens):
-                    nursery.start_soon(pump, i, gen, send.clone())
-            choices = Choices(_merged(receive))
-            yield choices
+    async def one(index: int, fabric: GenerateRequest, out: trio.MemorySendChannel) -> None:
+        nonlocal started
+        async with out:
+            try:
+                async with run(fabric, **kwargs) as gen:
+                    gens[index] = gen
+                    started += 1
+                    if started == n:
+                        decided.set()
+                    async for chunk in gen:
+                        await out.send((index, chunk))
+            except Exception as exc:  # handed to the reader (or raised before the block), bare
+                if gens[index] is None:
+                    early.append(exc)
+                    decided.set()
+                else:
+                    await out.send((-1, exc))
+
+    failed: BaseException | None = None
+    choices = Choices(_merged(receive))
+    async with trio.open_nursery() as nursery:
+        async with send:
+            for i, fabric in enumerate(split(request, n)):
+                nursery.start_soon(one, i, fabric, send.clone())
+        await decided.wait()
+        if early:
+            failed = early[0]
             nursery.cancel_scope.cancel()
-    choices.results = [g.result for g in gens]  # every record is durable now
+        else:
+            try:
+                yield choices
+            except Exception as exc:  # re-raised bare below, not wrapped in the nursery's group
+                failed = exc
+                nursery.cancel_scope.cancel()
+    if failed is not None:
+        raise failed
+    choices.results = [g.result for g in gens if g is not None]  # every record is durable now
+
+
+def _one_at_a_time(on_wait: Any) -> Any:
+    lock = trio.Lock()
+
+    async def serialised(status: Any) -> None:
+        async with lock:
+            await on_wait(status)
+
+    return serialised
 
 
 async def _tagged(gen: Generation) -> AsyncIterator[tuple[int, TokenChunk]]:

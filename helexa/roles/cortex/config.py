@@ -97,7 +97,35 @@ class OrchestratorConfig(BaseModel):
     max_attempts: int = Field(3, ge=1)
     """Neurons tried for one request that has not started."""
     keepalive_interval: float = Field(10.0, gt=0)
-    """Seconds between keep-alive callbacks while a request waits for a cold load."""
+    """Seconds between keep-alive callbacks while a request waits (a cold load, the queue)."""
+    queue_timeout: float = Field(300.0, gt=0)
+    """Seconds a request may wait for capacity (a free slot, a swap, its model's load)
+    before 503; a request may ask for less."""
+    max_queue: int = Field(1000, ge=1)
+    """Requests waiting per model; past it, 503 at once."""
+    retry_after_max: float = Field(300.0, gt=0)
+    """The most a queue's Retry-After says (computed from how fast the queue drains)."""
+    default_slots: int = Field(0, ge=0)
+    """Requests a neuron runs at once for a model whose config gives no ``n_parallel``
+    (llama.cpp's default of 2 is known); 0: no limit at the cortex, the backend queues."""
+    swap_policy: Literal["cost", "lru", "fifo"] = "cost"
+    """How models give way to the ones the queue waits for: ``cost`` (load time times
+    demand, minimum residency, drain first), ``lru`` or ``fifo`` (see placement.py)."""
+    min_residency: float = Field(30.0, ge=0)
+    """Seconds a loaded model stays before it may be evicted for another (``cost``)."""
+    swap_drain: float = Field(10.0, ge=0)
+    """Seconds a resident model's queued and running work may hold off its eviction (``cost``)."""
+    drain_grace: float = Field(60.0, ge=0)
+    """Seconds the requests running on a model being unloaded get to finish before they are cut."""
+    routing: Literal["cache", "least_busy"] = "cache"
+    """``cache``: to the neuron holding the session or the prompt's longest prefix, within
+    ``cache_max_skew``; ``least_busy``: by live load alone."""
+    cache_max_skew: int = Field(2, ge=0)
+    """A neuron this many requests busier than the least busy one loses its cache preference."""
+    prefix_block_chars: int = Field(256, ge=16)
+    """Characters of rendered prompt per hashed block of the prefix index."""
+    prefix_cache_blocks: int = Field(16384, ge=0)
+    """Blocks the prefix index remembers per neuron and model (0: no prefix routing)."""
 
 
 class MeshConfig(BaseModel):
@@ -155,6 +183,9 @@ class FederationConfig(BaseModel):
     """Never send to a peer asking more per million prompt tokens."""
     max_price_output: float | None = Field(None, ge=0)
     """Never send to a peer asking more per million completion tokens."""
+    idle_streams: int = Field(8, ge=0)
+    """Mesh streams kept open to each peer between requests and reused (0: a new stream
+    per request, ~10 ms more a federated request)."""
 
 
 class QuotaConfig(BaseModel):

@@ -9,7 +9,8 @@ excluded and ``pick`` is asked again; after it, failures propagate as they are. 
 context early (a client disconnect is a cancellation) leaves the target's own context,
 which tells the neuron (or the peer) to stop. Every wait has a deadline from
 :class:`~.config.OrchestratorConfig`, and every outcome is fed back to
-:class:`~.scheduler.LiveLoad` and the metrics.
+:class:`~.scheduler.LiveLoad` and the metrics, then to ``on_end`` (the orchestrator admits
+the next request waiting for the slot).
 """
 
 from __future__ import annotations
@@ -92,10 +93,14 @@ class Generation:
     """
 
     def __init__(self, node_id: str, first: TokenChunk | GenerateResult, events: AsyncIterator,
-                 idle: trio.CancelScope, idle_timeout: float, started: float) -> None:
+                 idle: trio.CancelScope, idle_timeout: float, started: float, *, keep_text: bool = False) -> None:
         self.node_id = node_id
         self.result: GenerateResult | None = None
         self.ttft: float | None = trio.current_time() - started
+        self.decision: Any = None
+        """The orchestrator's :class:`~.scheduler.RoutingDecision` for this request."""
+        self.text: list[str] | None = [] if keep_text else None
+        """The answer's text as it went by (when asked for: the prefix index records it)."""
         self._pending: TokenChunk | GenerateResult | None = first
         self._events = events
         self._idle = idle
@@ -114,21 +119,27 @@ class Generation:
             self._idle.deadline = trio.current_time() + self._idle_timeout
         if isinstance(event, GenerateResult):
             self.result = event
+        if self.text is not None and event.text:
+            self.text.append(event.text)
         return event
 
 
 class Dispatcher:
     """Runs requests on picked targets (see the module docstring)."""
 
-    def __init__(self, live: LiveLoad, metrics: Metrics, config: OrchestratorConfig) -> None:
+    def __init__(self, live: LiveLoad, metrics: Metrics, config: OrchestratorConfig,
+                 on_end: Callable[[str, str], None] | None = None) -> None:
         self.live = live
         self.metrics = metrics
         self.config = config
+        self.on_end = on_end
+        """Called with (node id, model id) each time a request there ended, any way."""
 
     @asynccontextmanager
     async def generate(self, request: GenerateRequest, pick: Pick, *, endpoint: str = "chat",
-                       ) -> AsyncIterator[Generation]:
-        """Start ``request`` on ``pick``'s target, failing over while nothing has started.
+                       keep_text: bool = False) -> AsyncIterator[Generation]:
+        """Start ``request`` on ``pick``'s target, failing over while nothing has started
+        (``keep_text``: the :class:`Generation` keeps the answer's text).
 
         Raises what ``pick`` raises, :class:`UpstreamTimeout` when no first event comes in
         time, and the target's errors (``NeuronGone``, ``RemoteError``, the federation's)
@@ -171,7 +182,7 @@ class Dispatcher:
                     raise
                 idle_timeout = self.config.idle_timeout
                 idle = trio.CancelScope(deadline=trio.current_time() + idle_timeout)
-                gen = Generation(target.node_id, first, events, idle, idle_timeout, started)
+                gen = Generation(target.node_id, first, events, idle, idle_timeout, started, keep_text=keep_text)
                 try:
                     with idle:
                         try:
@@ -221,6 +232,8 @@ class Dispatcher:
                 span.end()
             now = trio.current_time()
             self.live.end(target.node_id, request.model_id, now, latency=now - started, ok=True)
+            if self.on_end is not None:
+                self.on_end(target.node_id, request.model_id)
             self.metrics.request_done(request.model_id, target.node_id, "embeddings", duration=now - started,
                                       ttft=None, prompt_tokens=result.usage.prompt_tokens, completion_tokens=0)
             return result
@@ -229,6 +242,8 @@ class Dispatcher:
     def _done(self, gen: Generation, model_id: str, endpoint: str, started: float) -> None:
         now = trio.current_time()
         self.live.end(gen.node_id, model_id, now, latency=gen.ttft, ok=True)
+        if self.on_end is not None:
+            self.on_end(gen.node_id, model_id)
         usage = gen.result.usage if gen.result is not None else None
         self.metrics.request_done(
             model_id, gen.node_id, endpoint, duration=now - started, ttft=gen.ttft,
@@ -239,6 +254,8 @@ class Dispatcher:
     def _failed(self, node_id: str, model_id: str, exc: BaseException) -> None:
         cancelled = isinstance(exc, (trio.Cancelled, GeneratorExit, ClientGone))
         self.live.end(node_id, model_id, trio.current_time(), latency=None, ok=cancelled)
+        if self.on_end is not None:
+            self.on_end(node_id, model_id)
         if cancelled:
             code = "cancelled"
         elif isinstance(exc, Exception):

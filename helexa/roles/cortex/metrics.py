@@ -128,3 +128,58 @@ class Metrics:
     def render(self) -> bytes:
         """The text exposition format, for ``GET /metrics``."""
         return generate_latest(self.registry)
+
+
+_WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class OrchestratorMetrics:
+    """The orchestrator's own families, in the registry of a :class:`Metrics` (one set per
+    registry: :meth:`of`): the admission queue per model and portal, the routing decisions
+    (mode, and whether the prompt's prefix was found cached), and evictions by reason."""
+
+    @classmethod
+    def of(cls, metrics: Metrics) -> "OrchestratorMetrics":
+        """The families in ``metrics``' registry (created on first use)."""
+        found = getattr(metrics, "_orchestrator_metrics", None)
+        if found is None:
+            found = cls(metrics.registry)
+            metrics._orchestrator_metrics = found  # type: ignore[attr-defined]  # a cache, not state
+        return found
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        from prometheus_client import Gauge
+
+        r = self.registry = registry
+        self.queue_length = Gauge("helexa_queue_length", "Requests waiting in the admission queue",
+                                  ["model", "portal"], registry=r)
+        self.queue_wait = Histogram("helexa_queue_wait_seconds", "Time a request waited in the admission queue "
+                                    "before it was admitted", ["model", "portal"], buckets=_WAIT_BUCKETS, registry=r)
+        self.queue_rejections = Counter("helexa_queue_rejections", "Requests refused by the admission queue, "
+                                        "by reason (full, deadline, load_failed)", ["model", "portal", "reason"],
+                                        registry=r)
+        self.decisions = Counter("helexa_routing_decisions", "Routing decisions, by mode (local, queue, cold_load, "
+                                 "peer, none) and cache (hit, miss, session, none)", ["model", "mode", "cache"],
+                                 registry=r)
+        self.prefix_blocks = Counter("helexa_prefix_blocks", "Prompt blocks routed, by whether the chosen neuron "
+                                     "already held them (hit, miss)", ["model", "kind"], registry=r)
+        self.evictions = Counter("helexa_evictions", "Models unloaded by the cortex, by reason (swap, idle, "
+                                 "operator)", ["model", "reason"], registry=r)
+
+    def waiting(self, model: str, portal: str, delta: int) -> None:
+        self.queue_length.labels(model, portal).inc(delta)
+
+    def admitted(self, model: str, portal: str, waited: float) -> None:
+        self.queue_wait.labels(model, portal).observe(waited)
+
+    def rejected(self, model: str, portal: str, reason: str) -> None:
+        self.queue_rejections.labels(model, portal, reason).inc()
+
+    def decided(self, model: str, mode: str, cache: str, *, matched: int = 0, total: int = 0) -> None:
+        self.decisions.labels(model, mode, cache).inc()
+        if total:
+            self.prefix_blocks.labels(model, "hit").inc(matched)
+            self.prefix_blocks.labels(model, "miss").inc(total - matched)
+
+    def evicted(self, model: str, reason: str) -> None:
+        self.evictions.labels(model, reason).inc()

@@ -156,7 +156,8 @@ class Cortex:
             mesh=self.mesh, identity=self.identity, operator=self.config.operator, ledger=self.ledger,
             offer_fn=offer.offer, spare_fn=offer.spare, serve_generate=local.generate, serve_embed=local.embed,
             serve_policy=serve_policy, ask_policy=ask_policy,
-            settings=FederationSettings(announce_interval=mesh_cfg.announce_interval))
+            settings=FederationSettings(announce_interval=mesh_cfg.announce_interval,
+                                        idle_streams=self.config.federation.idle_streams))
         router = PeerRouter(self.federation)
         self.orchestrator.set_remote_router(router)
         self.gateway.metering.receipts = router.take_receipt

@@ -43,6 +43,7 @@ from .catalogue import CatalogueEntry
 from .errors import BadRequest, ModelNotFound, to_gateway_error
 from .openai_api import merge_tool_calls, parse
 from .portal.metering import Caller, Metering
+from .prefix import session_of
 
 NDJSON = [(b"content-type", b"application/x-ndjson")]
 PARAMS = {"max_tokens": "options.num_predict", "response_format": "format"}
@@ -251,7 +252,8 @@ class OllamaSurface:
             return obj
 
         def run():  # noqa: ANN202
-            return self.metering.generate(caller, request, endpoint=endpoint, image=image)
+            return self.metering.generate(caller, request, endpoint=endpoint, image=image,
+                                          session=session_of(ex.scope["headers"]))
 
         async def stream() -> None:
             parts: list[Any] = []

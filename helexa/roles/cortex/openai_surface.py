@@ -31,6 +31,7 @@ from .asgi import Exchange, Route
 from .errors import BadRequest, ModelNotFound
 from .orchestrator import WaitStatus
 from .portal.metering import Caller, Metering
+from .prefix import session_of
 
 
 class OpenAISurface:
@@ -71,7 +72,9 @@ class OpenAISurface:
         assert caller is not None
         out = ex.out
         response_id = id_prefix + request.request_id
-        run = functools.partial(self.metering.generate, caller)
+        # The client's session (x-session-id, else OpenAI's ``user``) routes the request back
+        # to the neuron that holds its conversation's cache.
+        run = functools.partial(self.metering.generate, caller, session=session_of(ex.scope["headers"], body))
 
         async def keepalive(status: WaitStatus) -> None:
             # The first tick of a long wait commits to a 200 stream; each tick says what it

@@ -1,117 +1,96 @@
-"""The orchestrator: where each request runs, and getting the model there.
+"""The orchestrator: where each request runs, when, and getting the model there.
 
 It owns everything that decides: the scheduler's feedback record (:class:`LiveLoad`), the
-:class:`~.provisioner.Provisioner` (cold loads, eviction, idle unloads, keep-warm), the
+admission queue (:class:`~.admission.Admission`: requests wait there for a slot, a swap or
+a cold load, in priority order and fairly between tenants), the prefix index
+(:class:`~.prefix.PrefixIndex`: which neuron likely holds a prompt's prefix in its cache),
+the :class:`~.provisioner.Provisioner` (loads planned from the whole queue, evictions by
+cost that drain before they unload, idle unloads, keep-warm), the
 :class:`~.dispatch.Dispatcher` that runs a request on the targets chosen here (deadlines,
-failover, feedback), and the one choice of target: a neuron of this fleet that has the
-model, a neuron that must load it first, or a peer cortex over the mesh.
+failover, feedback), and the one choice of target: a neuron of this fleet with the model
+and a free slot, the queue, a load first, or a peer cortex over the mesh.
 
 The choice is :func:`decide`, a pure function over plain data that returns the seed's
 :class:`~.scheduler.RoutingDecision`; :class:`Orchestrator` is the thin shell that builds
 its inputs from the fleet, acts on it and feeds back what happened. The gateway parses a
 request, calls :meth:`Orchestrator.generate` or :meth:`Orchestrator.embed`, and streams.
+Each decision is logged at debug level and counted in ``/metrics``
+(``helexa_routing_decisions``, ``helexa_prefix_blocks``, the queue's families), and the
+:class:`~.dispatch.Generation` carries it (``gen.decision``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 import trio
+from opentelemetry import context as otel_context
 
 from helexa import telemetry
 from helexa.protocol import EmbedRequest, EmbedResult, GenerateRequest, ModelState, WorkloadClass
 
+from .admission import Admission, OnWait, Pending, Tenant, WaitStatus
 from .catalogue import Catalogue
 from .dispatch import Dispatcher, Generation, RemoteRouter, Target
-from .errors import ModelNotFound, NoCapacity
+from .errors import GatewayError, ModelNotFound, NoCapacity
 from .fleet import Fleet
-from .metrics import Metrics
+from .metrics import Metrics, OrchestratorMetrics
+from .prefix import PrefixIndex, answered_blocks, prompt_blocks
 from .provisioner import Provisioner
 from .scheduler import Hints, LiveLoad, RoutingDecision, SchedulerState, classify, prompt_size, schedule, snapshot
 
 if TYPE_CHECKING:
     from .config import CortexConfig
 
+__all__ = ["OnWait", "Orchestrator", "Tenant", "WaitStatus", "decide"]
+
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
-
-@dataclass(frozen=True, slots=True)
-class Tenant:
-    """Who a request is for, as the orchestrator sees it: the portal and key it came
-    through (for fairness between tenants), its priority class (``interactive`` before
-    ``normal`` before ``bulk``) and its weight in fair sharing. Requests from peers and
-    from open portals without keys use the defaults."""
-
-    portal: str = "default"
-    key: str = ""
-    priority: str = "normal"
-    weight: float = 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class WaitStatus:
-    """What a request that cannot start yet is waiting for, passed to ``on_wait`` on every
-    keep-alive tick (the API surfaces turn it into a keep-alive their clients ignore and
-    people can read).
-
-    ``stage`` is ``loading`` (a cold load: ``load_stage`` such as ``download`` or ``load``,
-    and ``progress`` 0..1 when the neuron reports it) or ``queued`` (``position`` in the
-    model's queue, 1 = next, and ``eta`` seconds when an estimate exists).
-    """
-
-    model_id: str
-    stage: str
-    load_stage: str | None = None
-    progress: float | None = None
-    position: int | None = None
-    eta: float | None = None
-
-    def describe(self) -> str:
-        """One line for people: ``loading m: download 42%`` or ``queued for m: 3rd, ~2s``."""
-        if self.stage == "loading":
-            done = f" {self.progress:.0%}" if self.progress is not None else ""
-            return f"loading {self.model_id}: {self.load_stage or 'load'}{done}"
-        where = f" position {self.position}" if self.position is not None else ""
-        eta = f", ~{self.eta:.0f}s" if self.eta is not None else ""
-        return f"queued for {self.model_id}:{where}{eta}"
-
-
-OnWait = Callable[[WaitStatus], Awaitable[None]]
-"""Awaited every ``keepalive_interval`` while a request waits (a cold load, a queue)."""
+BACKEND_SLOTS = {"llama_cpp": 2}
+"""Slots of backends that have a default ``n_parallel`` (llama_cpp.py's own default)."""
+MAX_PICKS = 8
+"""Times one attempt may go back to the queue (its neuron left between admission and dispatch)."""
 
 
 def decide(
     workload: WorkloadClass, hints: Hints, state: SchedulerState, *, catalogued: bool, feasible: bool,
-    peers: bool, peer_offers: bool,
+    peers: bool, peer_offers: bool, waiting: int = 0, max_skew: int | None = None,
 ) -> RoutingDecision:
     """Where a request for ``hints.model_id`` goes. Pure.
 
     Args:
         workload: the request's class.
-        hints: the model, and neurons to avoid (those that already failed this request).
-        state: the usable neurons that have the model loaded, with their live load.
+        hints: the model, neurons to avoid (those that already failed this request), and
+            the size of its prompt in prefix blocks.
+        state: the usable neurons that have the model loaded, with their live load, slots,
+            and the prefix blocks (or session) of this request each holds.
         catalogued: the operator's catalogue lists the model.
         feasible: some usable neuron here could hold it (all its memory free).
         peers: the request may go to a peer cortex (a mesh is joined and policy allows).
         peer_offers: a live peer offers the model and the ask policy allows it.
+        waiting: requests already queued for the model (a newcomer does not jump them).
+        max_skew: cache-aware routing's load bound (None: least busy only).
 
     Returns:
-        A decision whose ``mode`` is ``local`` (``targets`` best first), ``cold_load`` (load
-        it here first), ``peer``, or ``none`` (nothing can serve it: 404 for a model unknown
-        here, 503 when it was known but every neuron failed).
+        A decision whose ``mode`` is ``local`` (``targets`` best first, each with a free
+        slot), ``queue`` (loaded here, but no slot free or others waiting), ``cold_load``
+        (load it here first), ``peer``, or ``none`` (nothing can serve it: 404 for a model
+        unknown here, 503 when it was known but every neuron failed).
 
     A request that already failed somewhere (``hints.exclude``) never leaves for a peer:
     failover stays in the fleet, and the federation tries its peers in turn itself.
     """
-    local = schedule(workload, hints, state)
-    if local.targets:
+    local = schedule(workload, hints, state, max_skew=max_skew)
+    if local.targets and not waiting:
         return local
+    if local.targets or local.mode == "queue":
+        reason = f"{waiting} request(s) wait ahead" if waiting else local.reason
+        return replace(local, targets=(), mode="queue", reason=reason)
     retrying = bool(hints.exclude)
     if catalogued and (feasible or retrying or not (peers and peer_offers)):
         return RoutingDecision(hints.model_id, workload, (), mode="cold_load",
@@ -124,7 +103,7 @@ def decide(
 
 
 class Orchestrator:
-    """Decides where requests run and runs them there (see the module docstring).
+    """Decides where and when requests run and runs them there (see the module docstring).
 
     Args:
         config: the cortex's config (its ``orchestrator`` table).
@@ -133,19 +112,32 @@ class Orchestrator:
         metrics: shared metrics.
         remote_router: the mesh federation (optional; :meth:`set_remote_router`).
 
-    :meth:`run` must be running (it owns the provisioner's loads and housekeeping) before
-    requests are served.
+    :meth:`run` must be running (it owns the provisioner's loads and housekeeping, and
+    admits queued requests as the fleet changes) before requests are served.
     """
 
     def __init__(self, config: CortexConfig, fleet: Fleet, catalogue: Catalogue, metrics: Metrics | None = None, *,
                  remote_router: RemoteRouter | None = None) -> None:
-        self.config = config.orchestrator
+        self.config = c = config.orchestrator
         self.fleet = fleet
         self.catalogue = catalogue
         self.metrics = metrics or Metrics()
+        self.om = OrchestratorMetrics.of(self.metrics)
         self.live = LiveLoad()
-        self.provisioner = Provisioner(fleet, catalogue, self.live, self.config, self.metrics)
-        self.dispatcher = Dispatcher(self.live, self.metrics, self.config)
+        self.prefix = PrefixIndex(c.prefix_cache_blocks)
+        self._track = c.routing == "cache" and c.prefix_cache_blocks > 0
+        self._max_skew = c.cache_max_skew if c.routing == "cache" else None
+        self._slots: dict[str, int] = {}
+        self.admission: Admission
+        self.provisioner = Provisioner(fleet, catalogue, self.live, c, self.metrics,
+                                       demand=lambda: self.admission.queue.demand(),
+                                       in_use=lambda n, m: self.admission.in_use(n, m),
+                                       on_load_failed=lambda m, e: self.admission.fail(m, e),
+                                       on_unloaded=self.prefix.forget)
+        self.admission = Admission(c, fleet, self.live, self.prefix, self.metrics,
+                                   draining=self.provisioner.draining, slots=self.slots,
+                                   loading=self._loading, max_skew=self._max_skew)
+        self.dispatcher = Dispatcher(self.live, self.metrics, c, on_end=self._ended)
         self.remote_router = remote_router
         self.waiting = 0
         """Requests waiting for a cold load right now (``/metrics``)."""
@@ -155,103 +147,207 @@ class Orchestrator:
         self.remote_router = router
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Own cold loads and housekeeping until cancelled."""
-        await self.provisioner.run(task_status=task_status)
+        """Own cold loads and housekeeping, and admit queued requests as the fleet changes,
+        until cancelled."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.provisioner.run)
+            task_status.started()
+            known = {link.node_id for link in self.fleet}
+            while True:
+                await self.fleet.wait_changed()
+                now = {link.node_id for link in self.fleet}
+                for gone in known - now:
+                    self.prefix.forget(gone)
+                known = now
+                self.admission.pump_all()
+
+    async def unload(self, node_id: str, model_id: str) -> None:
+        """An operator's unload: the model takes no new work there, the requests it runs
+        finish within ``drain_grace``, then it unloads."""
+        await self.provisioner.unload(node_id, model_id, reason="operator")
+
+    def slots(self, model_id: str) -> int:
+        """Requests one neuron runs at once for ``model_id`` (0: no limit known): its
+        config's ``n_parallel``, the backend's default, else ``default_slots``."""
+        n = self._slots.get(model_id)
+        if n is None:
+            entry = self.catalogue.get(model_id)
+            configured = entry.config.metadata.get("n_parallel") if entry is not None else None
+            if isinstance(configured, int) and configured > 0:
+                n = configured
+            elif entry is not None and entry.backend in BACKEND_SLOTS:
+                n = BACKEND_SLOTS[entry.backend]
+            else:
+                n = self.config.default_slots
+            self._slots[model_id] = n
+        return n
+
+    def _loading(self, model_id: str) -> tuple[str | None, float | None] | None:
+        if not self.provisioner.loading(model_id):
+            return None
+        return self.provisioner.load_progress.get(model_id, (None, None))
+
+    def _ended(self, node_id: str, model_id: str) -> None:
+        """A request on ``node_id`` ended: its slot may go to the next waiter."""
+        self.provisioner.released(node_id, model_id)
+        if self.admission.queue.waiting():
+            self.admission.pump(model_id)
+            self.provisioner.wake()  # a victim may be idle now
 
     # --- deciding -------------------------------------------------------------------------
 
     def decide(self, request: GenerateRequest | EmbedRequest, workload: WorkloadClass,
-               exclude: frozenset[str] = frozenset(), *, allow_peers: bool = True) -> RoutingDecision:
+               exclude: frozenset[str] = frozenset(), *, allow_peers: bool = True, blocks: tuple[bytes, ...] = (),
+               session: str | None = None) -> RoutingDecision:
         """:func:`decide` on the fleet as it is now."""
         model_id = request.model_id
         usable = self.fleet.usable()
         entry = self.catalogue.get(model_id)
         router = self.remote_router if allow_peers else None
+        matches = self.prefix.matches(model_id, blocks, [l.node_id for l in usable]) if blocks else None
+        state = snapshot(usable, self.live, model_id=model_id, slots=self.slots(model_id),
+                         reserved=self.admission.reserved, matches=matches,
+                         session_node=self.prefix.session_node(model_id, session), draining=self.provisioner.draining)
         return decide(
-            workload, Hints(model_id, exclude), snapshot(usable, self.live, model_id=model_id),
+            workload, Hints(model_id, exclude, blocks=len(blocks)), state,
             catalogued=entry is not None,
             feasible=entry is not None and any(entry.is_feasible_on(link.descriptor.hardware) for link in usable),
             peers=router is not None,
             peer_offers=router is not None and router.can_route(model_id),
+            waiting=self.admission.queue.waiting(model_id), max_skew=self._max_skew,
         )
 
     async def _target(self, request: GenerateRequest | EmbedRequest, workload: WorkloadClass,
-                      exclude: frozenset[str], on_wait: OnWait | None,
-                      allow_peers: bool) -> Target:
-        decision = self.decide(request, workload, exclude, allow_peers=allow_peers)
-        if telemetry.enabled():
-            with telemetry.tracer().start_as_current_span("orchestrator.decide", attributes={
-                    "helexa.model": request.model_id, "helexa.decision": decision.mode,
-                    "helexa.targets": list(decision.targets), "helexa.excluded": sorted(exclude)}):
-                pass
-        match decision.mode:
-            case "local":
-                for node_id in decision.targets:
+                      exclude: frozenset[str], on_wait: OnWait | None, allow_peers: bool, tenant: Tenant,
+                      arrived: float, deadline: float, blocks: tuple[bytes, ...], session: str | None,
+                      chosen: list[RoutingDecision]) -> Target:
+        model_id = request.model_id
+        for _ in range(MAX_PICKS):
+            decision = self.decide(request, workload, exclude, allow_peers=allow_peers, blocks=blocks, session=session)
+            if telemetry.enabled():
+                with telemetry.tracer().start_as_current_span("orchestrator.decide", attributes={
+                        "helexa.model": model_id, "helexa.decision": decision.mode,
+                        "helexa.targets": list(decision.targets), "helexa.excluded": sorted(exclude)}):
+                    pass
+            match decision.mode:
+                case "local":
+                    for node_id in decision.targets:
+                        if (link := self.fleet.get(node_id)) is not None:
+                            return self._chosen(decision, link, blocks, session, chosen)
+                case "queue" | "cold_load":
+                    if decision.mode == "cold_load":
+                        entry = self.catalogue.get(model_id)
+                        usable = self.fleet.usable()
+                        if entry is None or not any(entry.is_feasible_on(l.descriptor.hardware) for l in usable):
+                            break  # no neuron here can ever hold it
+                        if exclude and any((st := l.models.get(model_id)) is not None
+                                           and st.state is ModelState.LOADED for l in usable):
+                            break  # it is loaded only where this request already failed
+                    pending = Pending(model_id, workload, tenant, arrived, deadline, exclude, blocks, session)
+                    self.waiting += 1
+                    try:
+                        with (telemetry.tracer().start_as_current_span(f"orchestrator.{decision.mode}", attributes={
+                                "helexa.model": model_id}) if telemetry.enabled() else contextlib.nullcontext()):
+                            if telemetry.enabled():  # the load this wait starts is part of this trace
+                                self.provisioner.trace_parents.setdefault(model_id, otel_context.get_current())
+                            node_id, decision = await self.admission.wait(pending, on_wait, self.provisioner.wake)
+                    finally:
+                        self.waiting -= 1
+                    self.admission.claim(node_id, model_id)
+                    decision = replace(decision, evictions=self.provisioner.evictions.get(model_id, ())
+                                       if self.provisioner.loaded_at.get((node_id, model_id), -1.0) >= arrived
+                                       else ())
                     if (link := self.fleet.get(node_id)) is not None:
-                        return link
-            case "cold_load":
-                waited = trio.current_time()
-                def status() -> WaitStatus:
-                    stage, progress = self.provisioner.load_progress.get(request.model_id, (None, None))
-                    return WaitStatus(request.model_id, "loading", stage, progress)
-
-                self.waiting += 1
-                try:
-                    with (telemetry.tracer().start_as_current_span("orchestrator.cold_load", attributes={
-                            "helexa.model": request.model_id}) if telemetry.enabled() else contextlib.nullcontext()):
-                        node_id = await _with_ticks(self.provisioner.ensure_loaded(request.model_id), on_wait,
-                                                    status, self.config.keepalive_interval)
-                finally:
-                    self.waiting -= 1
-                self.metrics.queued(request.model_id, trio.current_time() - waited)
-                link = self.fleet.get(node_id)
-                if link is not None and node_id not in exclude:
-                    return link
-            case "peer":
-                assert self.remote_router is not None
-                with trio.move_on_after(self.config.route_timeout):
-                    handle = await self.remote_router.route(request)
-                    if handle is not None:
-                        return handle
-                raise ModelNotFound(request.model_id)
-            case _ if not exclude:
-                raise ModelNotFound(request.model_id)
-        raise NoCapacity(f"no usable neuron for model {request.model_id!r} right now",
+                        return self._chosen(decision, link, blocks, session, chosen)
+                    continue  # it left in between: decide again
+                case "peer":
+                    assert self.remote_router is not None
+                    with trio.move_on_after(self.config.route_timeout):
+                        handle = await self.remote_router.route(request)
+                        if handle is not None:
+                            self._log(decision, handle.node_id)
+                            chosen.append(decision)
+                            return handle
+                    raise ModelNotFound(model_id)
+                case _ if not exclude:
+                    self._log(decision, None)
+                    raise ModelNotFound(model_id)
+            break
+        self._log(decision, None)
+        raise NoCapacity(f"no usable neuron for model {model_id!r} right now",
                          retry_after=self.config.retry_after)
+
+    def _chosen(self, decision: RoutingDecision, link: Target, blocks: tuple[bytes, ...], session: str | None,
+                chosen: list[RoutingDecision]) -> Target:
+        if self._track:
+            self.prefix.record(link.node_id, decision.model_id, blocks, session)
+        self._log(decision, link.node_id)
+        chosen.append(decision)
+        return link
+
+    def _log(self, d: RoutingDecision, node_id: str | None) -> None:
+        self.om.decided(d.model_id, d.mode, d.cache, matched=d.matched, total=d.blocks)
+        if log.isEnabledFor(logging.DEBUG):
+            waited = f" waited={d.waited:.3f}s" if d.waited is not None else ""
+            log.debug("route %s mode=%s to=%s cache=%s %d/%d%s evicted=%s: %s", d.model_id, d.mode, node_id,
+                      d.cache, d.matched, d.blocks, waited, list(d.evictions), d.reason)
 
     # --- running --------------------------------------------------------------------------
 
     @asynccontextmanager
     async def generate(self, request: GenerateRequest, *, endpoint: str = "chat",
                        on_wait: OnWait | None = None, allow_peers: bool = True,
-                       tenant: Tenant = Tenant()) -> AsyncIterator[Generation]:
-        """Run ``request`` where :meth:`decide` says, cold-loading and failing over as needed.
+                       tenant: Tenant = Tenant(), session: str | None = None,
+                       queue_timeout: float | None = None) -> AsyncIterator[Generation]:
+        """Run ``request`` where :meth:`decide` says, waiting in the queue, cold-loading
+        and failing over as needed.
 
         Args:
             request: the generation.
             endpoint: the metrics label of the API surface.
             on_wait: awaited with a :class:`WaitStatus` every ``keepalive_interval`` while the
-                request waits for a cold load.
+                request waits (its place in the queue, or its model's load).
             allow_peers: False for requests that came from a peer (they never leave again),
                 or from a portal whose routing preferences keep it on the local fleet.
             tenant: who the request is for (queueing order and fairness).
+            session: the client's session id (``x-session-id`` or ``user``): the request
+                goes back where the session went before, cache permitting.
+            queue_timeout: the most this request may wait (at most the config's).
 
         Raises:
-            the :mod:`.errors` tree for routing failures (before the context is entered);
-            the fleet's and the federation's errors from iteration after the stream began.
+            the :mod:`.errors` tree for routing failures (before the context is entered):
+            :class:`NoCapacity` with ``Retry-After`` when the queue is full or the wait
+            outlasts its deadline; the fleet's and the federation's errors from iteration
+            after the stream began.
         """
         workload = classify(request.task, prompt_chars=prompt_size(request), max_tokens=request.sampling.max_tokens)
+        arrived = trio.current_time()
+        self.live.arrived(request.model_id, arrived)
+        deadline = arrived + min(queue_timeout or self.config.queue_timeout, self.config.queue_timeout)
+        blocks = prompt_blocks(request, self.config.prefix_block_chars) if self._track else ()
+        chosen: list[RoutingDecision] = []
 
         def pick(exclude: frozenset[str]) -> Awaitable[Target]:
-            return self._target(request, workload, exclude, on_wait, allow_peers)
+            return self._target(request, workload, exclude, on_wait, allow_peers, tenant, arrived, deadline,
+                                blocks, session, chosen)
 
-        async with self.dispatcher.generate(request, pick, endpoint=endpoint) as gen:
+        async with self.dispatcher.generate(request, pick, endpoint=endpoint, keep_text=self._track) as gen:
+            gen.decision = chosen[-1] if chosen else None
             yield gen
+        if self._track and gen.text is not None and gen.result is not None:
+            self.prefix.record(gen.node_id, request.model_id,
+                               answered_blocks(request, "".join(gen.text), self.config.prefix_block_chars))
 
-    async def embed(self, request: EmbedRequest, *, allow_peers: bool = True, tenant: Tenant = Tenant()) -> EmbedResult:
+    async def embed(self, request: EmbedRequest, *, allow_peers: bool = True, tenant: Tenant = Tenant(),
+                    queue_timeout: float | None = None) -> EmbedResult:
         """Embed where :meth:`decide` says; raises as :meth:`generate` does."""
+        arrived = trio.current_time()
+        self.live.arrived(request.model_id, arrived)
+        deadline = arrived + min(queue_timeout or self.config.queue_timeout, self.config.queue_timeout)
+
         def pick(exclude: frozenset[str]) -> Awaitable[Target]:
-            return self._target(request, WorkloadClass.EMBEDDING, exclude, None, allow_peers)
+            return self._target(request, WorkloadClass.EMBEDDING, exclude, None, allow_peers, tenant, arrived,
+                                deadline, (), None, [])
 
         return await self.dispatcher.embed(request, pick)
 
@@ -287,28 +383,3 @@ class Orchestrator:
 def _listing(model_id: str, owned_by: str | None, feasible: list[str], locations: list[str]) -> dict[str, Any]:
     return {"id": model_id, "owned_by": owned_by, "loaded": bool(locations), "feasible_on": feasible,
             "locations": locations, "federated": False}
-
-
-async def _with_ticks(awaitable: Awaitable[T], on_tick: OnWait | None, status: Callable[[], WaitStatus],
-                      interval: float) -> T:
-    """Await ``awaitable``, calling ``on_tick(status())`` every ``interval`` seconds meanwhile."""
-    if on_tick is None:
-        return await awaitable
-    result: list[T] = []
-    error: list[Exception] = []
-
-    async def ticker() -> None:
-        while True:
-            await trio.sleep(interval)
-            await on_tick(status())
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(ticker)
-        try:
-            result.append(await awaitable)
-        except Exception as exc:  # re-raised bare below, not wrapped in an ExceptionGroup
-            error.append(exc)
-        nursery.cancel_scope.cancel()
-    if error:
-        raise error[0]
-    return result[0]

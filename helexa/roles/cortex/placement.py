@@ -1,28 +1,52 @@
-"""Where models go: the provisioner's pure decisions over :class:`NodeView` snapshots.
+"""Where models go and which give way: pure decisions over snapshots of the fleet.
 
-* :func:`place` picks the neuron for a cold load (pinned neurons first, then those with
-  room, then the fewest evictions) and the models to evict there: only models of the same
-  or a lower priority class, idle ones, least recently used first.
-* :func:`idle_unloads` lists models idle past their TTL, and when the next one falls due.
-* :func:`warm_loads` lists keep-warm models resident nowhere.
-* :func:`pinned_loads` lists models pinned on a neuron (``helexa models pin``) and not
-  resident there.
+* :func:`place` picks the neuron for a load of one model (pinned neurons first, then those
+  with room, then the cheapest evictions) and the residents to evict there.
+* :func:`plan_loads` decides, from the whole queue's view, which waiting models to load
+  now, in which order, and when to look again if none can be placed yet; and which busy
+  models get another copy where there is room to spare.
+* :func:`idle_unloads` lists models idle past their TTL; :func:`warm_loads` keep-warm
+  models resident nowhere.
 
-No I/O and no clock: :mod:`.provisioner` carries the decisions out.
+Eviction follows a :class:`Policy`:
+
+``cost`` (the default)
+    A resident gives way only if it is of the same or a lower priority class, is neither
+    keep-warm nor pinned to that neuron, has been resident for ``min_residency`` (so a mixed
+    stream A B A C does not reload A), and has no requests running or waiting unless the
+    model that needs the room has waited ``swap_drain`` already (its own work drains first,
+    for a bounded time; a busy victim is then drained before it unloads). Among those, the
+    one cheapest to lose goes first: its measured load time times its demand (recent
+    request rate plus the work queued for it), least recently used on a tie. Waiting models
+    are loaded by class, then by how many wait, then by the longest wait: requests are
+    grouped by model instead of swapping at each arrival.
+``lru``
+    Any idle resident of the same or a lower class, least recently used first; every
+    waiting model is loaded as soon as it can be placed (the behaviour before the queue).
+``fifo``
+    As ``lru``, but only the model of the longest-waiting request is loaded: strict arrival
+    order, one model at a time.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
 
 from helexa.protocol import Hardware
 
 from .catalogue import Catalogue, CatalogueEntry, Priority
+from .queue import Demand
+
+DEFAULT_LOAD_SECONDS = 10.0
+"""What bringing back a model costs before its load was ever measured."""
+DEMAND_HORIZON = 60.0
+"""Queued or running work counts as this many seconds of demand, against the request rate."""
 
 
 @dataclass(frozen=True, slots=True)
 class Resident:
-    """A model loaded (or loading) on a neuron."""
+    """A model loaded (or loading) on a neuron, with what eviction weighs."""
 
     model_id: str
     memory_mb: int
@@ -31,6 +55,12 @@ class Resident:
     last_used: float
     busy: bool = False
     evictable: bool = True  # False for loading models and models outside the catalogue
+    loaded_at: float = float("-inf")
+    keep_warm: bool = False
+    pinned: bool = False  # pinned to this neuron
+    queued: int = 0  # requests waiting for it
+    rate: float = 0.0  # recent requests per second
+    load_time: float | None = None  # its last measured load, seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,54 +83,151 @@ class Unload:
     model_id: str
 
 
-class NoPlacement(Exception):
-    """No neuron can take the model now; ``ever`` says whether any could with memory free."""
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """How eviction chooses (see the module docstring)."""
 
-    def __init__(self, message: str, *, ever: bool) -> None:
+    kind: str = "lru"  # cost | lru | fifo
+    min_residency: float = 0.0
+    swap_drain: float = 0.0
+
+
+class NoPlacement(Exception):
+    """No neuron can take the model now; ``ever`` says whether any could with memory free,
+    ``retry_at`` when a resident's protection lapses (None: nothing to wait for)."""
+
+    def __init__(self, message: str, *, ever: bool, retry_at: float | None = None) -> None:
         super().__init__(message)
         self.ever = ever
+        self.retry_at = retry_at
 
 
-def _evictions(entry: CatalogueEntry, node: NodeView, headroom: float) -> tuple[str, ...] | None:
-    """Models to unload from ``node`` so ``entry`` fits; None if it cannot fit."""
+def value(r: Resident) -> float:
+    """What losing ``r`` costs: the time to bring it back times how much it is wanted."""
+    load = r.load_time if r.load_time is not None else DEFAULT_LOAD_SECONDS
+    return load * (r.rate + (r.queued + (1 if r.busy else 0)) / DEMAND_HORIZON)
+
+
+def _protected_until(r: Resident, entry: CatalogueEntry, policy: Policy, now: float,
+                     waited: float) -> float | None:
+    """When ``r`` may give way to ``entry`` (``now`` or before: it may), or None: never."""
+    if not r.evictable or r.priority > entry.priority:
+        return None
+    if policy.kind != "cost":
+        return None if r.busy else now
+    if r.keep_warm or r.pinned:
+        return None
+    until = max(now, r.loaded_at + policy.min_residency)
+    if (r.busy or r.queued) and waited < policy.swap_drain:
+        until = max(until, now + policy.swap_drain - waited)
+    return until
+
+
+def _evictions(entry: CatalogueEntry, node: NodeView, headroom: float, policy: Policy = Policy(), now: float = 0.0,
+               waited: float = 0.0) -> tuple[tuple[str, ...] | None, float | None]:
+    """Residents to unload from ``node`` so ``entry`` fits (None: not now), and when that
+    could change (None: not by waiting)."""
     pool = [r for r in node.residents if r.on_gpu == entry.on_gpu]
     free = entry.capacity_mb(node.hardware) * headroom - sum(r.memory_mb for r in pool)
     if free >= entry.memory_mb:
-        return ()
-    victims = sorted(
-        (r for r in pool if r.evictable and not r.busy and r.priority <= entry.priority),
-        key=lambda r: (r.last_used, r.model_id),
-    )
+        return (), None
+    ready, later = [], []
+    for r in pool:
+        until = _protected_until(r, entry, policy, now, waited)
+        if until is not None:
+            (ready if until <= now else later).append((until, r))
+    key = (lambda r: (value(r), r.last_used, r.model_id)) if policy.kind == "cost" else \
+        (lambda r: (r.last_used, r.model_id))
     chosen: list[str] = []
-    for r in victims:
+    for r in sorted((r for _, r in ready), key=key):
         chosen.append(r.model_id)
         free += r.memory_mb
         if free >= entry.memory_mb:
-            return tuple(chosen)
-    return None
+            return tuple(chosen), None
+    if later and free + sum(r.memory_mb for _, r in later) >= entry.memory_mb:
+        return None, min(until for until, _ in later)
+    return None, None
 
 
-def place(
-    entry: CatalogueEntry, nodes: list[NodeView], *, headroom: float = 1.0, exclude: frozenset[str] = frozenset()
-) -> LoadPlan:
-    """Choose the neuron for a cold load of ``entry``. Raises :class:`NoPlacement`."""
+def place(entry: CatalogueEntry, nodes: list[NodeView], *, headroom: float = 1.0,
+          exclude: frozenset[str] = frozenset(), policy: Policy = Policy(), now: float = 0.0,
+          waited: float = 0.0) -> LoadPlan:
+    """Choose the neuron for a load of ``entry`` (``waited``: how long its oldest request
+    has waited). Raises :class:`NoPlacement`."""
     feasible = [n for n in nodes if n.node_id not in exclude and entry.is_feasible_on(n.hardware)]
     if not feasible:
         raise NoPlacement(f"no connected neuron has the hardware for model {entry.id!r}", ever=False)
     ranked = []
+    retry: float | None = None
     for n in feasible:
-        evict = _evictions(entry, n, headroom)
+        evict, until = _evictions(entry, n, headroom, policy, now, waited)
         if evict is None:
+            if until is not None:
+                retry = until if retry is None else min(retry, until)
             continue
-        evicted_mb = sum(r.memory_mb for r in n.residents if r.model_id in evict)
-        ranked.append(((n.node_id not in entry.pinned_on, len(evict) > 0, evicted_mb, n.node_id), n.node_id, evict))
+        lost = [r for r in n.residents if r.model_id in evict]
+        cost = sum(value(r) for r in lost) if policy.kind == "cost" else 0.0
+        ranked.append(((n.node_id not in entry.pinned_on, len(evict) > 0, cost, sum(r.memory_mb for r in lost),
+                        n.node_id), n.node_id, evict))
     if not ranked:
-        raise NoPlacement(
-            f"no neuron has room for model {entry.id!r}: memory is held by busy or higher-priority models",
-            ever=True,
-        )
+        raise NoPlacement(f"no neuron has room for model {entry.id!r} now: memory is held by busy, "
+                          "recently loaded or higher-priority models", ever=True, retry_at=retry)
     _, node_id, evict = min(ranked)
     return LoadPlan(entry.id, node_id, evict)
+
+
+def plan_loads(needs: Iterable[Demand], entries: Mapping[str, CatalogueEntry], nodes: list[NodeView], *,
+               policy: Policy, headroom: float = 1.0, now: float = 0.0, replicas: Iterable[Demand] = ()
+               ) -> tuple[list[LoadPlan], float | None]:
+    """Which of the waiting models (``needs``: none resident anywhere usable, none loading)
+    to load now, and where; and when to plan again if some must wait (None: on the next
+    change). Models that cannot be placed ever are left out (their requests wait out their
+    deadlines or are refused by the caller). Then ``replicas``: models resident somewhere
+    whose requests still wait (every slot busy) get one more copy on a neuron with room for
+    it, but never at the price of an eviction."""
+    if policy.kind == "cost":
+        order = sorted(needs, key=lambda d: (d.priority, -d.waiting, d.oldest, d.model_id))
+    else:
+        order = sorted(needs, key=lambda d: (d.oldest, d.model_id))
+    plans: list[LoadPlan] = []
+    retry: float | None = None
+    views = list(nodes)
+    for need in order:
+        entry = entries.get(need.model_id)
+        if entry is None:
+            continue
+        try:
+            plan = place(entry, views, headroom=headroom, policy=policy, now=now, waited=now - need.oldest)
+        except NoPlacement as exc:
+            if exc.retry_at is not None:
+                retry = exc.retry_at if retry is None else min(retry, exc.retry_at)
+            if policy.kind == "fifo" and exc.ever:
+                break  # head of line: nothing behind it is loaded first
+            continue
+        plans.append(plan)
+        views = [_applied(v, plan, entry) if v.node_id == plan.node_id else v for v in views]
+        if policy.kind == "fifo":
+            break
+    for need in sorted(replicas, key=lambda d: (d.priority, -d.waiting, d.oldest, d.model_id)):
+        entry = entries.get(need.model_id)
+        if entry is None:
+            continue
+        holders = frozenset(v.node_id for v in views if any(r.model_id == entry.id for r in v.residents))
+        try:
+            plan = place(entry, views, headroom=headroom, exclude=holders, policy=policy, now=now)
+        except NoPlacement:
+            continue
+        if not plan.evict:
+            plans.append(plan)
+            views = [_applied(v, plan, entry) if v.node_id == plan.node_id else v for v in views]
+    return plans, retry
+
+
+def _applied(view: NodeView, plan: LoadPlan, entry: CatalogueEntry) -> NodeView:
+    """``view`` once ``plan`` is carried out (the new model counts as loading)."""
+    kept = tuple(r for r in view.residents if r.model_id not in plan.evict)
+    new = Resident(entry.id, entry.memory_mb, entry.on_gpu, entry.priority, float("inf"), evictable=False)
+    return replace(view, residents=kept + (new,))
 
 
 def idle_unloads(catalogue: Catalogue, nodes: list[NodeView], now: float) -> tuple[list[Unload], float | None]:
@@ -114,7 +241,7 @@ def idle_unloads(catalogue: Catalogue, nodes: list[NodeView], now: float) -> tup
             if entry is None or entry.keep_warm or entry.idle_ttl <= 0 or not r.evictable:
                 continue
             # A busy model is looked at again a TTL from now: by then its last use is known.
-            deadline = now + entry.idle_ttl if r.busy else r.last_used + entry.idle_ttl
+            deadline = now + entry.idle_ttl if r.busy or r.queued else r.last_used + entry.idle_ttl
             if deadline <= now:
                 due.append(Unload(node.node_id, r.model_id))
             elif upcoming is None or deadline < upcoming:
@@ -126,13 +253,3 @@ def warm_loads(catalogue: Catalogue, nodes: list[NodeView]) -> list[str]:
     """Keep-warm models resident on no neuron (loading counts as resident)."""
     resident = {r.model_id for n in nodes for r in n.residents}
     return [e.id for e in catalogue if e.keep_warm and e.id not in resident]
-
-
-def pinned_loads(pins: dict[str, frozenset[str]], nodes: list[NodeView]) -> list[tuple[str, str]]:
-    """``(model, node)`` pairs pinned but not resident (loading counts) on a connected node."""
-    out = []
-    for node in nodes:
-        resident = {r.model_id for r in node.residents}
-        out += [(model_id, node.node_id) for model_id, on in sorted(pins.items())
-                if node.node_id in on and model_id not in resident]
-    return out

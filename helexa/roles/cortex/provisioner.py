@@ -1,9 +1,23 @@
-"""Getting models onto neurons: the thin shell that carries out :mod:`.placement`'s pure
-decisions (placement, idle unloads, keep-warm and pinned loads) through
-:meth:`NeuronLink.provision`; a model pinned on a neuron (``helexa models pin``) is never
-evicted nor unloaded for idleness there. A cold load is single-flight: however many requests race for a model, one load runs (in the provisioner's
-own nursery, so a client leaving does not abort it) and every request waits for it, each
-with its own deadline.
+"""Getting models onto neurons and off them: the thin shell over :mod:`.placement`.
+
+:class:`Provisioner` carries out what the pure core decides, through
+:meth:`NeuronLink.provision`:
+
+* **Loads for the queue.** Whenever the admission queue, the fleet or a load changes, it
+  asks :func:`~.placement.plan_loads` which waiting models to load where (evicting what
+  the :class:`~.placement.Policy` lets go), and when to look again if nothing can be
+  placed yet (a resident's minimum residency, or the drain of its own queue, lapsing).
+  A model whose every slot is busy while requests wait gets another copy on a neuron
+  with memory to spare (never by evicting).
+* **Single-flight loads.** However many requests race for a model, one load runs (in the
+  provisioner's own nursery, so a client leaving does not abort it);
+  :meth:`ensure_loaded` joins it with its own deadline.
+* **Drain before evict.** No unload (an eviction, an idle TTL, :meth:`unload` for an
+  operator) cuts a running request: the model is marked draining (the orchestrator stops
+  admitting work to it), the requests it runs finish within ``drain_grace``, and only
+  then is ``UnloadModel`` sent, carrying what is left of the grace for the neuron's own
+  drain.
+* **Keep-warm** models are kept resident; **idle** ones unload at their TTL.
 """
 
 from __future__ import annotations
@@ -13,42 +27,43 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 from opentelemetry.trace import Status, StatusCode
 
 from helexa import telemetry
-from helexa.protocol import (
-    LoadModel,
-    LoadProgress,
-    ModelState,
-    PullModel,
-    UnloadModel,
-    UpsertModelConfig,
-)
+from helexa.protocol import LoadModel, LoadProgress, ModelState, PullModel, UnloadModel, UpsertModelConfig
 
 from .catalogue import MB, Catalogue, CatalogueEntry, Priority
 from .errors import BadRequest, GatewayError, ColdLoadFailed, ModelNotFound, NoCapacity, NotFound
 from .fleet import Fleet, FleetError
-from .metrics import Metrics
-from .placement import (  # noqa: F401  (re-exported: the provisioner's tests use them from here)
+from .metrics import Metrics, OrchestratorMetrics
+from .placement import (
     LoadPlan,
     NodeView,
     NoPlacement,
+    Policy,
     Resident,
     Unload,
     idle_unloads,
-    pinned_loads,
     place,
+    plan_loads,
     warm_loads,
 )
+from .queue import Demand
 from .scheduler import LiveLoad
 
 if TYPE_CHECKING:
     from .config import OrchestratorConfig
 
+__all__ = ["LoadPlan", "NoPlacement", "NodeView", "Policy", "Provisioner", "Resident", "Unload", "idle_unloads",
+           "place", "plan_loads", "warm_loads"]
+
 log = logging.getLogger(__name__)
+
+HOUSEKEEP_SPACING = 0.25
+"""Seconds between housekeeping passes woken by fleet changes (see ``_housekeep``)."""
 
 
 # --- the shell ---------------------------------------------------------------------------
@@ -64,7 +79,17 @@ class _Flight:
 class Provisioner:
     """Loads and unloads catalogued models on the fleet (see the module docstring).
 
-    Start :meth:`run` in a nursery before calling :meth:`ensure_loaded`.
+    Args:
+        fleet, catalogue, live, settings, metrics: the cortex's own.
+        demand: what the admission queue waits for, per model (no queue: nothing).
+        in_use: requests of a model running or admitted on a neuron (default: the
+            dispatcher's count in ``live``); an unload drains until it is 0.
+        on_load_failed: told when a load for the queue failed on every neuron, so that the
+            requests waiting for it fail at once instead of at their deadlines.
+        on_unloaded: told after a model left a neuron (its cache went with it).
+
+    Start :meth:`run` in a nursery before calling :meth:`ensure_loaded`; call :meth:`wake`
+    when the queue changed and :meth:`released` when a request ended.
     """
 
     def __init__(
@@ -74,26 +99,51 @@ class Provisioner:
         live: LiveLoad,
         settings: OrchestratorConfig,
         metrics: Metrics | None = None,
+        *,
+        demand: Callable[[], dict[str, Demand]] = dict,
+        in_use: Callable[[str, str], int] | None = None,
+        on_load_failed: Callable[[str, GatewayError], None] = lambda model_id, error: None,
+        on_unloaded: Callable[[str, str], None] = lambda node_id, model_id: None,
     ) -> None:
         self.fleet = fleet
         self.catalogue = catalogue
         self.live = live
         self.settings = settings
         self.metrics = metrics
+        self._om = OrchestratorMetrics.of(metrics) if metrics is not None else None
+        self._demand = demand
+        self._in_use = in_use or (lambda node_id, model_id: live.model_in_flight.get((node_id, model_id), 0))
+        self._on_load_failed = on_load_failed
+        self._on_unloaded = on_unloaded
         self._flights: dict[str, _Flight] = {}
         self.load_times: dict[str, float] = {}
-        """The last measured cold-load time of each model, in seconds (announced to peers)."""
+        """The last measured cold-load time of each model, in seconds (announced to peers,
+        and what eviction weighs)."""
         self.load_progress: dict[str, tuple[str, float]] = {}
         """Models loading right now: (stage, fraction done), from the neuron's progress events."""
-        self._unloading: set[tuple[str, str]] = set()
-        self._warm_failed: dict[str, float] = {}
-        self._warming: set[str] = set()
-        self._pins: dict[str, frozenset[str]] = {}
+        self.loaded_at: dict[tuple[str, str], float] = {}
+        """When each (neuron, model) became resident (first sight, for what was there before)."""
+        self.draining: set[tuple[str, str]] = set()
+        """(neuron, model) pairs being unloaded: no new work goes there."""
+        self.evictions: dict[str, tuple[str, ...]] = {}
+        """The evictions each model's last load caused."""
+        self._pending: dict[str, str] = {}  # model -> neuron of a load under way
+        self._idle: dict[tuple[str, str], trio.Event] = {}
+        self._pinned: set[tuple[str, str]] = set()  # (node, model) the operator pinned (in memory)
         self._pin_failed: dict[tuple[str, str], float] = {}
         self._pinning: set[tuple[str, str]] = set()
-        self._wake = trio.Event()
         self._woken_by_fleet = False
+        self.trace_parents: dict[str, Any] = {}
+        """Model -> the trace context of the first request waiting for its load (tracing on)."""
+        self._warm_failed: dict[str, float] = {}
+        self._warming: set[str] = set()
+        self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
+
+    @property
+    def policy(self) -> Policy:
+        s = self.settings
+        return Policy(s.swap_policy, s.min_residency, s.swap_drain)
 
     # --- requests ------------------------------------------------------------------------
 
@@ -123,140 +173,37 @@ class Provisioner:
     def loading(self, model_id: str) -> bool:
         return model_id in self._flights
 
-    # --- operators (helexa models) -------------------------------------------------------
-
-    def pins(self) -> dict[str, frozenset[str]]:
-        """Model -> the neurons it is pinned on (until the cortex restarts)."""
-        return dict(self._pins)
-
-    def pin(self, model_id: str, node_id: str) -> None:
-        """Keep ``model_id`` loaded on ``node_id``: loaded now (in the background) and again
-        whenever it is lost, never evicted nor unloaded for idleness there. Raises
-        :class:`ModelNotFound` for a model outside the catalogue."""
-        if self.catalogue.get(model_id) is None:
-            raise ModelNotFound(model_id)
-        self._pins[model_id] = self._pins.get(model_id, frozenset()) | {node_id}
-        self._pin_failed.pop((model_id, node_id), None)
+    def wake(self) -> None:
+        """Something the plans depend on changed (a request queued or ended): plan again."""
         self._wake.set()
 
-    def unpin(self, model_id: str, node_id: str) -> bool:
-        """Drop a pin (the model stays loaded, as any other); False if there was none."""
-        on = self._pins.get(model_id, frozenset())
-        if node_id not in on:
-            return False
-        if on - {node_id}:
-            self._pins[model_id] = on - {node_id}
-        else:
-            del self._pins[model_id]
-        self._wake.set()
-        return True
+    def released(self, node_id: str, model_id: str) -> None:
+        """A request of ``model_id`` on ``node_id`` ended: an unload draining it may go on."""
+        key = (node_id, model_id)
+        if (ev := self._idle.get(key)) is not None and self._in_use(node_id, model_id) <= 0:
+            ev.set()
 
-    async def load_on(self, model_id: str, node_id: str | None = None,
-                      on_progress: Callable[[LoadProgress], None] | None = None) -> str:
-        """Load ``model_id`` on ``node_id`` (evicting there as a cold load would), or where
-        a cold load would put it; returns the node id. Raises :class:`ModelNotFound`,
-        :class:`NoCapacity` (no room there, or no such neuron) or :class:`ColdLoadFailed`."""
-        entry = self._entry(model_id)
-        views = self._views()
-        if node_id is not None:
-            views = [v for v in views if v.node_id == node_id]
-            if not views:
-                raise NoCapacity(f"no usable neuron {node_id!r}", retry_after=self.settings.retry_after)
-        try:
-            plan = place(entry, views, headroom=self.settings.memory_headroom)
-        except NoPlacement as exc:
-            raise NoCapacity(str(exc), retry_after=self.settings.retry_after) from None
-        try:
-            await self._carry_out(entry, plan, on_progress)
-        except (FleetError, _Refused) as exc:
-            raise ColdLoadFailed(f"loading model {model_id!r} on {plan.node_id} failed: {exc}",
-                                 retry_after=self.settings.retry_after) from None
-        self.live.touch(plan.node_id, entry.id, trio.current_time())
-        log.info("loaded %s on %s (asked by an operator; evicted %s)", model_id, plan.node_id, list(plan.evict))
-        return plan.node_id
+    async def unload(self, node_id: str, model_id: str, *, reason: str = "operator") -> None:
+        """Unload ``model_id`` from ``node_id`` without cutting a running request (drained
+        within ``drain_grace``). Raises :class:`FleetError` when the neuron cannot be told."""
+        await self._unload(Unload(node_id, model_id), reason)
 
-    async def unload_from(self, model_id: str, node_id: str) -> None:
-        """Unload ``model_id`` from ``node_id`` (in-flight requests finish first, on the
-        neuron). Raises :class:`NoCapacity` (no such neuron) or :class:`ColdLoadFailed`."""
-        if self.fleet.get(node_id) is None:
-            raise NoCapacity(f"no neuron {node_id!r}", retry_after=self.settings.retry_after)
-        try:
-            await self._unload(Unload(node_id, model_id))
-        except (FleetError, _Refused) as exc:
-            raise ColdLoadFailed(f"unloading {model_id!r} from {node_id} failed: {exc}",
-                                 retry_after=self.settings.retry_after) from None
-
-    async def pull_on(self, model_id: str, node_id: str,
-                      on_progress: Callable[[LoadProgress], None] | None = None) -> None:
-        """Fetch ``model_id``'s source into ``node_id``'s cache without loading it.
-        Raises :class:`ModelNotFound`, :class:`NoCapacity` (no such neuron) or
-        :class:`ColdLoadFailed` (the neuron refused: the disk is full, a wrong hash...)."""
-        entry = self._entry(model_id)
-        link = self.fleet.get(node_id)
-        if link is None:
-            raise NoCapacity(f"no neuron {node_id!r}", retry_after=self.settings.retry_after)
-        try:
-            config = entry.model_config_for_neuron()
-            if link.configs.get(entry.id) != config:
-                await self._command(link, UpsertModelConfig(_cid(), config), self.settings.command_timeout)
-            await self._command(link, PullModel(_cid(), entry.id), self.settings.load_timeout, on_progress)
-        except (FleetError, _Refused) as exc:
-            raise ColdLoadFailed(f"pulling {model_id!r} onto {node_id} failed: {exc}",
-                                 retry_after=self.settings.retry_after) from None
-
-    def begin_load_on(self, model_id: str, node_id: str) -> None:
-        """Start :meth:`load_on` ``node_id`` and return at once (the web console: the fleet's
-        next updates show the load). Requests for the model meanwhile wait for this load,
-        as for any cold load.
-
-        Raises:
-            ModelNotFound: not in the catalogue. NotFound: no usable neuron ``node_id``.
-            BadRequest: already loading, or it cannot fit on that neuron.
-        """
-        entry = self._entry(model_id)
-        views = [v for v in self._views() if v.node_id == node_id]
-        if not views:
-            raise NotFound(f"no usable neuron {node_id!r}", param="node")
-        if model_id in self._flights:
-            raise BadRequest(f"model {model_id!r} is already loading", param="model")
-        try:
-            place(entry, views, headroom=self.settings.memory_headroom)
-        except NoPlacement as exc:
-            raise BadRequest(f"{exc} (on {node_id})", param="node") from None
-        if self._nursery is None:
-            raise RuntimeError("Provisioner.run is not running")
-        flight = self._flights[entry.id] = _Flight()
-        self._nursery.start_soon(self._fly, entry, flight, node_id)
-
-    def begin_unload_from(self, model_id: str, node_id: str) -> None:
-        """Start unloading ``model_id`` from ``node_id`` (its pin goes too) and return at
-        once. Raises NotFound when that neuron does not hold it."""
-        link = self.fleet.get(node_id)
-        if link is None or model_id not in link.models:
-            raise NotFound(f"neuron {node_id!r} does not hold model {model_id!r}", param="model")
-        self.unpin(model_id, node_id)
-        if self._nursery is None:
-            raise RuntimeError("Provisioner.run is not running")
-        self._nursery.start_soon(self._unload_quietly, Unload(node_id, model_id))
-
-    def _entry(self, model_id: str) -> CatalogueEntry:
-        entry = self.catalogue.get(model_id)
-        if entry is None:
-            raise ModelNotFound(model_id)
-        return entry
-
-    def _start_flight(self, entry: CatalogueEntry) -> _Flight:
+    def _start_flight(self, entry: CatalogueEntry, plan: LoadPlan | None = None) -> _Flight:
         flight = self._flights.get(entry.id)
         if flight is None:
             if self._nursery is None:
                 raise RuntimeError("Provisioner.run is not running")
             flight = self._flights[entry.id] = _Flight()
-            self._nursery.start_soon(self._fly, entry, flight)
+            if plan is not None:
+                self._pending[entry.id] = plan.node_id
+            self._nursery.start_soon(self._fly, entry, flight, plan)
         return flight
 
-    async def _fly(self, entry: CatalogueEntry, flight: _Flight, node_id: str | None = None) -> None:
+    async def _fly(self, entry: CatalogueEntry, flight: _Flight, plan: LoadPlan | None,
+                   operator: bool = False, on_progress: Callable[[LoadProgress], None] | None = None) -> None:
         try:
-            flight.node_id = await (self._load(entry) if node_id is None else self.load_on(entry.id, node_id))
+            flight.node_id = await (self._load_planned(entry, plan, on_progress) if operator and plan is not None
+                                    else self._load(entry, plan))
         except GatewayError as exc:
             flight.error = exc
         except Exception as exc:  # a bug; requests get a clean 503, the log gets the rest
@@ -265,20 +212,26 @@ class Provisioner:
             del exc
         finally:
             del self._flights[entry.id]
+            self._pending.pop(entry.id, None)
             flight.done.set()
             self._wake.set()
+        if flight.error is not None and plan is not None:
+            self._on_load_failed(entry.id, flight.error)
 
-    async def _load(self, entry: CatalogueEntry) -> str:
+    async def _load(self, entry: CatalogueEntry, plan: LoadPlan | None) -> str:
         failed: set[str] = set()
         last_error = ""
         while True:
-            try:
-                plan = place(entry, self._views(), headroom=self.settings.memory_headroom, exclude=frozenset(failed))
-            except NoPlacement as exc:
-                if failed:
-                    raise ColdLoadFailed(f"loading model {entry.id!r} failed: {last_error}",
-                                     retry_after=self.settings.retry_after) from None
-                raise NoCapacity(str(exc), retry_after=self.settings.retry_after) from None
+            if plan is None:
+                try:
+                    plan = place(entry, self._views(), headroom=self.settings.memory_headroom,
+                                 exclude=frozenset(failed), policy=self.policy, now=trio.current_time())
+                except NoPlacement as exc:
+                    if failed:
+                        raise ColdLoadFailed(f"loading model {entry.id!r} failed: {last_error}",
+                                             retry_after=self.settings.retry_after) from None
+                    raise NoCapacity(str(exc), retry_after=self.settings.retry_after) from None
+            self._pending[entry.id] = plan.node_id
             started = trio.current_time()
             try:
                 await self._carry_out(entry, plan)
@@ -286,22 +239,58 @@ class Provisioner:
                 log.warning("loading %s on %s failed: %s", entry.id, plan.node_id, exc)
                 failed.add(plan.node_id)
                 last_error = str(exc)
+                plan = None
                 continue
-            elapsed = trio.current_time() - started
+            now = trio.current_time()
+            elapsed = now - started
             self.load_times[entry.id] = elapsed
+            self.evictions[entry.id] = plan.evict
+            self.loaded_at[(plan.node_id, entry.id)] = now
             log.info("loaded %s on %s in %.2fs (evicted %s)", entry.id, plan.node_id, elapsed, list(plan.evict))
             if self.metrics is not None:
                 self.metrics.cold_load(entry.id, plan.node_id, elapsed)
-            self.live.touch(plan.node_id, entry.id, trio.current_time())
+            self.live.touch(plan.node_id, entry.id, now)
             return plan.node_id
+
+    async def _load_planned(self, entry: CatalogueEntry, plan: LoadPlan,
+                            on_progress: Callable[[LoadProgress], None] | None = None) -> str:
+        """The operator's load: on ``plan``'s neuron only (a failure there is the answer)."""
+        self._pending[entry.id] = plan.node_id
+        started = trio.current_time()
+        try:
+            await self._carry_out(entry, plan, on_progress)
+        except (FleetError, _Refused) as exc:
+            log.warning("loading %s on %s failed: %s", entry.id, plan.node_id, exc)
+            raise ColdLoadFailed(f"loading model {entry.id!r} on {plan.node_id} failed: {exc}",
+                                 retry_after=self.settings.retry_after) from None
+        now = trio.current_time()
+        self.load_times[entry.id] = now - started
+        self.evictions[entry.id] = plan.evict
+        self.loaded_at[(plan.node_id, entry.id)] = now
+        log.info("loaded %s on %s as the operator asked (evicted %s)", entry.id, plan.node_id, list(plan.evict))
+        if self.metrics is not None:
+            self.metrics.cold_load(entry.id, plan.node_id, now - started)
+        self.live.touch(plan.node_id, entry.id, now)
+        return plan.node_id
 
     async def _carry_out(self, entry: CatalogueEntry, plan: LoadPlan,
                          on_progress: Callable[[LoadProgress], None] | None = None) -> None:
         link = self.fleet.get(plan.node_id)
         if link is None:
             raise _Refused(f"neuron {plan.node_id} left")
-        for victim in plan.evict:
-            await self._unload(Unload(plan.node_id, victim))
+        errors: list[Exception] = []
+
+        async def evict(victim: str) -> None:
+            try:
+                await self._unload(Unload(plan.node_id, victim), "swap")
+            except (FleetError, _Refused) as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as nursery:  # victims drain side by side
+            for victim in plan.evict:
+                nursery.start_soon(evict, victim)
+        if errors:
+            raise errors[0]
         config = entry.model_config_for_neuron()
         if link.configs.get(entry.id) != config:
             await self._command(link, UpsertModelConfig(_cid(), config), self.settings.command_timeout)
@@ -311,7 +300,8 @@ class Provisioner:
             if on_progress is not None:
                 on_progress(event)
 
-        span = telemetry.tracer().start_span("provisioner.load", attributes={
+        parent = self.trace_parents.pop(entry.id, None)
+        span = telemetry.tracer().start_span("provisioner.load", context=parent, attributes={
             "helexa.model": entry.id, "helexa.neuron": plan.node_id,
             "helexa.evicted": list(plan.evict)}) if telemetry.enabled() else None
         try:
@@ -333,27 +323,164 @@ class Provisioner:
                 return
             raise _Refused(f"{type(command).__name__} refused by {link.node_id}: {response.error or response.code}")
 
-    async def _unload(self, unload: Unload) -> None:
+    async def _unload(self, unload: Unload, reason: str) -> None:
         key = (unload.node_id, unload.model_id)
         link = self.fleet.get(unload.node_id)
-        if link is None or key in self._unloading:
+        if link is None or key in self.draining:
             return
-        self._unloading.add(key)
+        self.draining.add(key)
         try:
-            await self._command(link, UnloadModel(_cid(), unload.model_id), self.settings.command_timeout)
+            grace = self.settings.drain_grace
+            began = trio.current_time()
+            with trio.move_on_after(grace):
+                while self._in_use(*key) > 0:
+                    event = self._idle[key] = trio.Event()
+                    await event.wait()
+            self._idle.pop(key, None)
+            left = max(0.0, grace - (trio.current_time() - began))
+            if self._in_use(*key) > 0:
+                log.warning("unloading %s from %s: requests still running after the %gs grace are cut",
+                            unload.model_id, unload.node_id, grace)
+            await self._command(link, UnloadModel(_cid(), unload.model_id, grace=left),
+                                self.settings.command_timeout + left)
             self.live.forget(*key)
-            log.info("unloaded %s from %s", unload.model_id, unload.node_id)
+            self.loaded_at.pop(key, None)
+            log.info("unloaded %s from %s (%s)", unload.model_id, unload.node_id, reason)
+            if self._om is not None:
+                self._om.evicted(unload.model_id, reason)
+            self._on_unloaded(*key)
         finally:
-            self._unloading.discard(key)
+            self.draining.discard(key)
+            self._idle.pop(key, None)
+            self._wake.set()
 
-    def wake(self) -> None:
-        """Look at the fleet and the catalogue again now (a reload changed the catalogue)."""
+    # --- the operator's paths (helexa models, the admin API, the web console) ---------------
+
+    def _operator_plan(self, model_id: str, node_id: str | None) -> tuple[CatalogueEntry, LoadPlan]:
+        entry = self._entry(model_id)
+        views = self._views()
+        if node_id is not None:
+            views = [v for v in views if v.node_id == node_id]
+            if not views:
+                raise NotFound(f"no usable neuron {node_id!r}", param="node")
+        if model_id in self._flights:
+            raise BadRequest(f"model {model_id!r} is already loading", param="model")
+        try:
+            plan = place(entry, views, headroom=self.settings.memory_headroom, policy=self.policy,
+                         now=trio.current_time())
+        except NoPlacement as exc:
+            raise BadRequest(f"{exc}" + (f" (on {node_id})" if node_id else ""), param="node") from None
+        return entry, plan
+
+    async def load_on(self, model_id: str, node_id: str | None = None,
+                      on_progress: Callable[[LoadProgress], None] | None = None) -> str:
+        """Load ``model_id`` on ``node_id`` (evicting there as a cold load would, draining
+        first), or where a cold load would put it; returns the node id once loaded. Requests
+        for the model meanwhile wait for this load.
+
+        Raises:
+            ModelNotFound: not in the catalogue. NotFound: no usable neuron ``node_id``.
+            BadRequest: already loading, or it cannot fit there. ColdLoadFailed: the neuron failed.
+        """
+        entry, plan = self._operator_plan(model_id, node_id)
+        if self._nursery is None:
+            raise RuntimeError("Provisioner.run is not running")
+        flight = self._flights[entry.id] = _Flight()
+        self._pending[entry.id] = plan.node_id
+        await self._fly(entry, flight, plan, True, on_progress)
+        if flight.error is not None:
+            raise flight.error
+        assert flight.node_id is not None
+        return flight.node_id
+
+    def begin_load_on(self, model_id: str, node_id: str) -> None:
+        """:meth:`load_on`, started in the background; returns at once (the web console:
+        the fleet's next updates show the load). Raises as :meth:`load_on` does before it starts."""
+        entry, plan = self._operator_plan(model_id, node_id)
+        if self._nursery is None:
+            raise RuntimeError("Provisioner.run is not running")
+        flight = self._flights[entry.id] = _Flight()
+        self._pending[entry.id] = plan.node_id
+        self._nursery.start_soon(self._fly, entry, flight, plan, True)
+
+    async def unload_from(self, model_id: str, node_id: str) -> None:
+        """Unload ``model_id`` from ``node_id``, draining its requests first (its pin goes
+        too). Raises NotFound when that neuron does not hold it, ColdLoadFailed when the
+        neuron could not be told."""
+        self._check_holds(model_id, node_id)
+        self.unpin(model_id, node_id)
+        try:
+            await self._unload(Unload(node_id, model_id), "operator")
+        except (FleetError, _Refused) as exc:
+            raise ColdLoadFailed(f"unloading {model_id!r} from {node_id} failed: {exc}",
+                                 retry_after=self.settings.retry_after) from None
+
+    def begin_unload_from(self, model_id: str, node_id: str) -> None:
+        """:meth:`unload_from`, started in the background; returns at once."""
+        self._check_holds(model_id, node_id)
+        self.unpin(model_id, node_id)
+        if self._nursery is None:
+            raise RuntimeError("Provisioner.run is not running")
+        self._nursery.start_soon(self._unload_quietly, Unload(node_id, model_id), "operator")
+
+    def _check_holds(self, model_id: str, node_id: str) -> None:
+        link = self.fleet.get(node_id)
+        if link is None or model_id not in link.models:
+            raise NotFound(f"neuron {node_id!r} does not hold model {model_id!r}", param="model")
+
+    async def pull_on(self, model_id: str, node_id: str,
+                      on_progress: Callable[[LoadProgress], None] | None = None) -> None:
+        """Fetch ``model_id``'s source into ``node_id``'s cache without loading it.
+        Raises :class:`ModelNotFound`, :class:`NotFound` (no such neuron) or
+        :class:`ColdLoadFailed` (the neuron refused: the disk is full, a wrong hash...)."""
+        entry = self._entry(model_id)
+        link = self.fleet.get(node_id)
+        if link is None:
+            raise NotFound(f"no neuron {node_id!r}", param="node")
+        try:
+            config = entry.model_config_for_neuron()
+            if link.configs.get(entry.id) != config:
+                await self._command(link, UpsertModelConfig(_cid(), config), self.settings.command_timeout)
+            await self._command(link, PullModel(_cid(), entry.id), self.settings.load_timeout, on_progress)
+        except (FleetError, _Refused) as exc:
+            raise ColdLoadFailed(f"pulling {model_id!r} onto {node_id} failed: {exc}",
+                                 retry_after=self.settings.retry_after) from None
+
+    def pins(self) -> dict[str, frozenset[str]]:
+        """Model -> the neurons it is pinned on (until the cortex restarts)."""
+        out: dict[str, frozenset[str]] = {}
+        for node_id, model_id in self._pinned:
+            out[model_id] = out.get(model_id, frozenset()) | {node_id}
+        return out
+
+    def pin(self, model_id: str, node_id: str) -> None:
+        """Keep ``model_id`` loaded on ``node_id``: loaded now (in the background) and again
+        whenever it is lost, never evicted nor unloaded for idleness there. Raises
+        :class:`ModelNotFound` for a model outside the catalogue."""
+        self._entry(model_id)
+        self._pinned.add((node_id, model_id))
+        self._pin_failed.pop((model_id, node_id), None)
         self._wake.set()
+
+    def unpin(self, model_id: str, node_id: str) -> bool:
+        """Drop a pin (the model stays loaded, as any other); False if there was none."""
+        if (node_id, model_id) not in self._pinned:
+            return False
+        self._pinned.discard((node_id, model_id))
+        self._wake.set()
+        return True
+
+    def _entry(self, model_id: str) -> CatalogueEntry:
+        entry = self.catalogue.get(model_id)
+        if entry is None:
+            raise ModelNotFound(model_id)
+        return entry
 
     # --- background ----------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Own the load tasks; keep keep-warm models resident; unload idle models on time."""
+        """Own the load tasks; load what the queue waits for; keep keep-warm models
+        resident; unload idle models on time."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
@@ -374,8 +501,17 @@ class Provisioner:
             if self._woken_by_fleet and trio.current_time() - last_pass < HOUSEKEEP_SPACING:
                 await trio.sleep(last_pass + HOUSEKEEP_SPACING - trio.current_time())
             self._woken_by_fleet = False
+            self._wake = trio.Event()
             now = last_pass = trio.current_time()
-            views = self._views()
+            demand = self._demand()
+            views = self._views(demand)
+            for model_id, node_id in self._pins_to_load(views):
+                key = (model_id, node_id)
+                failed_at = self._pin_failed.get(key)
+                if key in self._pinning or (failed_at is not None and now - failed_at < self.settings.warm_retry):
+                    continue
+                self._pinning.add(key)
+                nursery.start_soon(self._load_pinned, model_id, node_id)
             for model_id in warm_loads(self.catalogue, views) if now >= warm_from else ():
                 failed_at = self._warm_failed.get(model_id)
                 if model_id in self._warming or (failed_at is not None and now - failed_at < self.settings.warm_retry):
@@ -384,23 +520,19 @@ class Provisioner:
                 if entry is not None and any(entry.is_feasible_on(v.hardware) for v in views):
                     self._warming.add(model_id)
                     nursery.start_soon(self._warm, model_id)
-            for model_id, node_id in pinned_loads(self._pins, views):
-                key = (model_id, node_id)
-                failed_at = self._pin_failed.get(key)
-                if key in self._pinning or (failed_at is not None and now - failed_at < self.settings.warm_retry):
-                    continue
-                self._pinning.add(key)
-                nursery.start_soon(self._load_pinned, model_id, node_id)
+            wake_at = self._plan(demand, views, now)
             due, upcoming = idle_unloads(self.catalogue, views, now)
             for unload in due:
                 nursery.start_soon(self._unload_quietly, unload)
-            wake_at = upcoming if upcoming is not None else now + 3600.0
+            if upcoming is not None:
+                wake_at = upcoming if wake_at is None else min(wake_at, upcoming)
+            if wake_at is None:
+                wake_at = now + 3600.0
             if now < warm_from:
                 wake_at = min(wake_at, warm_from)
             failures = [*self._warm_failed.values(), *self._pin_failed.values()]
             if any(t + self.settings.warm_retry > now for t in failures):
                 wake_at = min(wake_at, min(failures) + self.settings.warm_retry)
-            self._wake = trio.Event()
             with trio.move_on_at(max(wake_at, now)):
                 async with trio.open_nursery() as waiters:
                     waiters.start_soon(_wait_then_cancel, self._wake.wait, waiters.cancel_scope)
@@ -410,16 +542,14 @@ class Provisioner:
         await self.fleet.wait_changed()
         self._woken_by_fleet = True
 
-    async def _warm(self, model_id: str) -> None:
-        try:
-            await self.ensure_loaded(model_id, timeout=self.settings.load_timeout)
-            self._warm_failed.pop(model_id, None)
-        except GatewayError as exc:
-            log.warning("keep-warm load of %s failed: %s", model_id, exc.message)
-            self._warm_failed[model_id] = trio.current_time()
-        finally:
-            self._warming.discard(model_id)
-            self._wake.set()
+    def _pins_to_load(self, views: list[NodeView]) -> list[tuple[str, str]]:
+        """``(model, node)`` pairs pinned but not resident (loading counts) on a usable neuron."""
+        out = []
+        for view in views:
+            resident = {r.model_id for r in view.residents}
+            out += [(model_id, node_id) for node_id, model_id in sorted(self._pinned)
+                    if node_id == view.node_id and model_id not in resident and model_id not in self._flights]
+        return out
 
     async def _load_pinned(self, model_id: str, node_id: str) -> None:
         try:
@@ -432,15 +562,49 @@ class Provisioner:
             self._pinning.discard((model_id, node_id))
             self._wake.set()
 
-    async def _unload_quietly(self, unload: Unload) -> None:
-        try:
-            await self._unload(unload)
-        except (FleetError, _Refused) as exc:
-            log.warning("idle unload of %s from %s failed: %s", unload.model_id, unload.node_id, exc)
+    def _plan(self, demand: dict[str, Demand], views: list[NodeView], now: float) -> float | None:
+        """Start the loads the queue needs now; return when to plan again (None: on a change)."""
+        resident = {r.model_id for v in views for r in v.residents}
+        wanted = [d for m, d in demand.items() if m not in self._flights and m in self.catalogue]
+        if not wanted:
+            return None
+        plans, retry = plan_loads([d for d in wanted if d.model_id not in resident],
+                                  {d.model_id: e for d in wanted if (e := self.catalogue.get(d.model_id))},
+                                  views, policy=self.policy, headroom=self.settings.memory_headroom, now=now,
+                                  replicas=[d for d in wanted if d.model_id in resident])
+        for plan in plans:
+            entry = self.catalogue.get(plan.model_id)
+            assert entry is not None
+            log.info("loading %s on %s for %d waiting request(s), evicting %s", plan.model_id, plan.node_id,
+                     demand[plan.model_id].waiting, list(plan.evict) or "nothing")
+            self._start_flight(entry, plan)
+        return retry
 
-    def _views(self) -> list[NodeView]:
-        """The fleet as the pure core sees it; first sight of a resident counts as a use."""
+    async def _warm(self, model_id: str) -> None:
+        try:
+            await self.ensure_loaded(model_id, timeout=self.settings.load_timeout)
+            self._warm_failed.pop(model_id, None)
+        except GatewayError as exc:
+            log.warning("keep-warm load of %s failed: %s", model_id, exc.message)
+            self._warm_failed[model_id] = trio.current_time()
+        finally:
+            self._warming.discard(model_id)
+            self._wake.set()
+
+    async def _unload_quietly(self, unload: Unload, reason: str = "idle") -> None:
+        try:
+            await self._unload(unload, reason)
+        except (FleetError, _Refused) as exc:
+            log.warning("%s unload of %s from %s failed: %s", reason, unload.model_id, unload.node_id, exc)
+
+    def _views(self, demand: dict[str, Demand] | None = None) -> list[NodeView]:
+        """The fleet as the pure core sees it (loads under way count as resident, models
+        being unloaded do not); first sight of a resident counts as a use."""
         now = trio.current_time()
+        demand = demand if demand is not None else {}
+        pending: dict[str, list[str]] = {}
+        for model_id, node_id in self._pending.items():
+            pending.setdefault(node_id, []).append(model_id)
         views = []
         for link in self.fleet.usable():
             residents = []
@@ -448,11 +612,15 @@ class Provisioner:
                 if status.state not in (ModelState.LOADED, ModelState.LOADING):
                     continue
                 key = (link.node_id, model_id)
-                if key in self._unloading:
+                if key in self.draining:
                     continue
                 last_used = self.live.last_used.setdefault(key, now)
                 entry = self.catalogue.get(model_id)
-                busy = self.live.model_in_flight.get(key, 0) > 0 or status.in_flight > 0
+                # The cortex's own count, not the neuron's (a heartbeat old): a plan must see a
+                # model go idle the moment its last request ends. What the cortex does not
+                # know of, the neuron drains by itself within the unload's grace.
+                busy = self._in_use(*key) > 0
+                wanted = demand.get(model_id)
                 residents.append(
                     Resident(
                         model_id=model_id,
@@ -462,15 +630,24 @@ class Provisioner:
                         last_used=last_used,
                         busy=busy,
                         evictable=entry is not None and status.state is ModelState.LOADED
-                        and link.node_id not in self._pins.get(model_id, ()),
+                        and model_id not in self._pending and key not in self._pinned,
+                        loaded_at=self.loaded_at.setdefault(key, now),
+                        keep_warm=entry is not None and entry.keep_warm,
+                        pinned=(entry is not None and link.node_id in entry.pinned_on) or key in self._pinned,
+                        queued=wanted.waiting if wanted is not None else 0,
+                        rate=self.live.rate(model_id, now),
+                        load_time=self.load_times.get(model_id),
                     )
                 )
+            for model_id in pending.get(link.node_id, ()):
+                if model_id not in link.models or link.models[model_id].state not in (ModelState.LOADED,
+                                                                                        ModelState.LOADING):
+                    entry = self.catalogue.get(model_id)
+                    if entry is not None:
+                        residents.append(Resident(model_id, entry.memory_mb, entry.on_gpu, entry.priority, now,
+                                                  evictable=False))
             views.append(NodeView(link.node_id, link.descriptor.hardware, tuple(residents)))
         return views
-
-
-HOUSEKEEP_SPACING = 0.25
-"""Seconds between housekeeping passes woken by fleet changes (see ``_housekeep``)."""
 
 
 class _Refused(Exception):

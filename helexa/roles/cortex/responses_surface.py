@@ -31,6 +31,7 @@ from .errors import NotFound, error_body, to_gateway_error
 from .orchestrator import WaitStatus
 from .portal.metering import Caller, Metering
 from .portal.response_store import ResponseStore, StoredResponse
+from .prefix import session_of
 from .responses_api import PARAMS, ResponsesRequest, output_messages, to_generate_request
 from .responses_stream import ResponseBuilder
 
@@ -94,7 +95,8 @@ class ResponsesSurface:
         out = ex.out
 
         def run():  # noqa: ANN202
-            return self.metering.generate(caller, request, endpoint="responses", on_wait=keepalive, image=image)
+            return self.metering.generate(caller, request, endpoint="responses", on_wait=keepalive, image=image,
+                                          session=session_of(ex.scope["headers"], body))
 
         async def keepalive(status: WaitStatus) -> None:
             await out.start()

@@ -2,7 +2,9 @@
 and unloads.
 
 Each command is answered by one :class:`ProvisioningResponse` with its command id; a load
-also sends :class:`LoadProgress` at every 5 % (and draws a bar on a terminal).
+also sends :class:`LoadProgress` at every 5 % (and draws a bar on a terminal). An unload
+drains first: the model takes no new request, and the ones it runs get the command's
+``grace`` to finish before the backend is unloaded under them.
 """
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ class Commands:
 
     async def _unload(self, cmd: UnloadModel) -> None:
         try:
-            status = await self._registry.unload(cmd.model_id)
+            status = await self._registry.unload(cmd.model_id, drain_timeout=cmd.grace)
         except BackendError as exc:
             await self._connection.try_send(ProvisioningResponse(cmd.command_id, False, str(exc), exc.code))
             return

@@ -215,11 +215,14 @@ class ModelRegistry:
         return self.status(model_id)
 
     async def unload(self, model_id: str, *, drain_timeout: float = 30.0) -> ModelStatus:
-        """Stop new work for the model, let in-flight requests finish (bounded), unload."""
+        """Stop new work for the model (new requests are refused as retryable elsewhere), let
+        the requests it runs finish for up to ``drain_timeout`` seconds, then unload it (the
+        backend's unload cuts what is still running). A second unload meanwhile waits for
+        the first."""
         e = self._entries.get(model_id)
         if e is None:
             raise ModelNotReady(f"model {model_id!r} is not configured on this neuron")
-        if e.state is ModelState.LOADING:
+        if e.state in (ModelState.LOADING, ModelState.UNLOADING):
             await e.settled.wait()
         if e.state is ModelState.FAILED and e.backend is not None:  # its worker died
             await self._discard(e)

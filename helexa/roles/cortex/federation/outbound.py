@@ -63,6 +63,8 @@ class ReceiptKeeper:
         self.receipt: Receipt | None = None
         self.problems: list[str] = []
         self.done = False
+        self.received = False
+        """The receipt came over the stream (the exchange ended where both sides agree)."""
 
     @property
     def request_id(self) -> str:
@@ -84,6 +86,7 @@ class ReceiptKeeper:
             except (StreamClosed, StreamTimeout, ProtocolError):
                 pass
         e = self._expect
+        self.received = receipt is not None
         if receipt is None:
             self.problems = ["no receipt from the serving peer"]
             receipt = Receipt(e.request_id, e.model_id, 0, tokens_seen, e.price_input, e.price_output,
@@ -119,6 +122,12 @@ class RemoteGeneration:
         self.peer_id = stream.remote_peer
         self.tokens_seen = 0
         self.finished = False
+        self.cancelled = False
+
+    @property
+    def clean(self) -> bool:
+        """The answer and its receipt were read whole: the stream may carry another request."""
+        return self._keeper.received and not self.cancelled
 
     def __aiter__(self) -> "RemoteGeneration":
         return self
@@ -160,7 +169,7 @@ class RemoteGeneration:
         with trio.move_on_after(budget + 0.5) as scope:
             scope.shield = True
             if not self.finished:
-                self.finished = True
+                self.finished = self.cancelled = True
                 try:
                     await self._stream.send(Cancel(self._keeper.request_id), timeout=self._t.cancel)
                 except (StreamClosed, StreamTimeout):

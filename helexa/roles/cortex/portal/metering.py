@@ -309,11 +309,13 @@ class Metering:
 
     @asynccontextmanager
     async def generate(self, caller: Caller, request: GenerateRequest, *, endpoint: str,
-                       on_wait: OnWait | None = None, image: str | None = None) -> AsyncIterator[MeteredGeneration]:
+                       on_wait: OnWait | None = None, image: str | None = None,
+                       session: str | None = None) -> AsyncIterator[MeteredGeneration]:
         """Run ``request`` (its ``model_id`` the public name the client asked for), metered.
 
         Yields a :class:`MeteredGeneration`; its ``result`` is set when the block ends
-        normally, once the ledger record is durable.
+        normally, once the ledger record is durable. ``session`` (the client's session id)
+        goes to the orchestrator, which routes the request back to where the session went.
 
         Raises:
             the :mod:`..errors` tree: ModelNotFound (404), Forbidden (403), BadRequest (what
@@ -342,7 +344,7 @@ class Metering:
         try:
             async with self.orchestrator.generate(plan.forward, endpoint=endpoint, on_wait=on_wait,
                                                   allow_peers=portal.allow_peers,
-                                                  tenant=portal.tenant(caller.key)) as gen:
+                                                  tenant=portal.tenant(caller.key), session=session) as gen:
                 run._gen = gen
                 run.node_id = gen.node_id
                 yield run

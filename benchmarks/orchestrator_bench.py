@@ -1,0 +1,245 @@
+"""The orchestrator's policies against real processes (a cortex and its neurons, as a user
+starts them), each A/B interleaved in rounds on fresh processes:
+
+    flock /tmp/helexa-bench.lock .venv/bin/python benchmarks/orchestrator_bench.py [--part cache|swap|all]
+        [--rounds 2] [--conversations 4] [--turns 4] [--requests 60]
+
+``cache``: multi-turn conversations over two neurons with real SmolLM2 (a long system
+prompt every conversation shares, a document of its own, short questions), routed
+cache-aware (``routing = "cache"``) against least-busy (``routing = "least_busy"``): time
+to first token, p50 and p90, over every turn and over the follow-up turns alone.
+
+``swap``: a burst of requests for three ``synthetic`` models (a pretend 2 s load each;
+memory for two of them at a time), popularity 50/30/20 %, under each eviction policy
+(``cost``, ``lru``, ``fifo``): loads, latency p50/p99 from arrival to answer, and requests
+answered within a deadline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "e2e"))
+from procs import Cortex, ProcGroup  # noqa: E402
+
+CHAT = "smollm2-135m-instruct"
+CLIENT = httpx.Client(timeout=600)
+
+# --- (a) cache-aware routing -----------------------------------------------------------------
+
+CACHE_MODELS = f"""
+[models."{CHAT}"]
+backend = "llama_cpp"
+memory_mb = 300
+max_context = 4096
+[models."{CHAT}".config]
+metadata = {{ n_ctx = 8192, n_parallel = 2 }}
+"""
+
+SYSTEM = ("You are the archivist of a small museum. Answer visitors' questions about the documents they "
+          "bring, briefly and exactly, quoting figures from the document when asked. " +
+          " ".join(f"Rule {i}: when a visitor mentions item {i}, give its catalogue number {1000 + i} and the room "
+                   f"where it is shown, room {i % 7}." for i in range(24)))
+QUESTIONS = ["What is the first fact?", "And the second one?", "Which fact mentions the largest number?",
+             "Summarise the document in five words.", "What is the last fact?", "Any fact about the colour blue?"]
+
+
+def document(k: int) -> str:
+    rng = random.Random(k)
+    facts = [f"Fact {i}: the {rng.choice(['red', 'blue', 'green', 'grey'])} box number {rng.randint(1, 999)} "
+             f"weighs {rng.randint(1, 90)} kilograms." for i in range(18)]
+    return f"Document {k} of the visitor. " + " ".join(facts)
+
+
+def stream_ttft(url: str, messages: list[dict]) -> tuple[float, str]:
+    """Time to the first content chunk of a streamed chat, and the whole answer."""
+    body = {"model": CHAT, "messages": messages, "max_tokens": 16, "temperature": 0, "stream": True}
+    start = time.monotonic()
+    first: float | None = None
+    parts: list[str] = []
+    with CLIENT.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            delta = json.loads(line[6:])["choices"][0]["delta"] if json.loads(line[6:])["choices"] else {}
+            if delta.get("content"):
+                if first is None:
+                    first = time.monotonic() - start
+                parts.append(delta["content"])
+    return (first if first is not None else time.monotonic() - start), "".join(parts)
+
+
+def conversation(url: str, k: int, turns: int, out: list[tuple[int, float]]) -> None:
+    messages = [{"role": "system", "content": SYSTEM},
+                {"role": "user", "content": document(k) + " " + QUESTIONS[0]}]
+    for turn in range(turns):
+        ttft, answer = stream_ttft(url, messages)
+        out.append((turn, ttft))
+        messages += [{"role": "assistant", "content": answer},
+                     {"role": "user", "content": QUESTIONS[(turn + 1) % len(QUESTIONS)]}]
+
+
+def loaded_on(cortex: Cortex, model: str) -> list[str]:
+    return [n["node_id"] for n in cortex.fleet()["neurons"]
+            if n["models"].get(model, {}).get("state") == "loaded"]
+
+
+def cache_arm(routing: str, work: Path, conversations: int, turns: int) -> list[tuple[int, float]]:
+    with ProcGroup(work) as procs:
+        cortex = procs.cortex(models=CACHE_MODELS, config=f'[orchestrator]\nrouting = "{routing}"\n')
+        for n in ("n1", "n2"):
+            procs.neuron(cortex, n)
+        # Three at once on two slots: the third waits, and the queue copies the model to n2.
+        with ThreadPoolExecutor(3) as pool:
+            list(pool.map(lambda i: stream_ttft(cortex.gateway_url, [{"role": "user", "content": f"Hi {i}"}]),
+                          range(3)))
+        cortex.wait_for(lambda f: len(loaded_on(cortex, CHAT)) == 2, "the model on both neurons", timeout=120)
+        out: list[tuple[int, float]] = []
+        threads = [threading.Thread(target=conversation, args=(cortex.gateway_url, k, turns, out))
+                   for k in range(conversations)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        hits = _metric_sum(cortex, r'helexa_prefix_blocks_total\{kind="hit"[^}]*\} (\S+)')
+        total = hits + _metric_sum(cortex, r'helexa_prefix_blocks_total\{kind="miss"[^}]*\} (\S+)')
+        if total:
+            print(f"    {routing}: the cortex routed {hits:.0f}/{total:.0f} prompt blocks to a neuron holding them")
+        return out
+
+
+def part_cache(rounds: int, conversations: int, turns: int) -> None:
+    print(f"(a) {conversations} conversations x {turns} turns over two neurons, SmolLM2; TTFT in seconds")
+    results: dict[str, list[tuple[int, float]]] = {"cache": [], "least_busy": []}
+    for r in range(rounds):
+        for routing in (("cache", "least_busy") if r % 2 == 0 else ("least_busy", "cache")):
+            with tempfile.TemporaryDirectory(prefix="orch-bench-") as tmp:
+                got = cache_arm(routing, Path(tmp), conversations, turns)
+            results[routing] += got
+            print(f"  round {r + 1} {routing:10s}: p50 {_p(got, 50):6.2f}  follow-ups p50 "
+                  f"{_p([x for x in got if x[0] > 0], 50):6.2f}")
+    print("\n| routing | requests | TTFT p50 | TTFT p90 | follow-up turns p50 | follow-up p90 |")
+    print("|---|---|---|---|---|---|")
+    for routing, got in results.items():
+        follow = [x for x in got if x[0] > 0]
+        print(f"| {routing} | {len(got)} | {_p(got, 50):.2f} s | {_p(got, 90):.2f} s | {_p(follow, 50):.2f} s | "
+              f"{_p(follow, 90):.2f} s |")
+    ratio = _p(results["least_busy"], 50) / max(1e-9, _p(results["cache"], 50))
+    print(f"\nTTFT p50 least-busy / cache-aware: {ratio:.2f}x")
+
+
+# --- (b) swaps -------------------------------------------------------------------------------
+
+def swap_models(load_seconds: float) -> str:
+    share = int(psutil.virtual_memory().total / 2**20 * 0.4)  # two fit (with 90 % headroom), three do not
+    return "\n".join(f"""
+[models."{m}"]
+backend = "synthetic"
+memory_mb = {share}
+[models."{m}".config]
+metadata = {{ tokens = 16, tokens_per_second = 32, load_seconds = {load_seconds}, n_parallel = 2 }}
+""" for m in ("A", "B", "C"))
+
+
+def burst(requests: int, seconds: float, seed: int) -> list[tuple[float, str]]:
+    rng = random.Random(seed)
+    arrivals = sorted(rng.uniform(0, seconds) for _ in range(requests))
+    return [(t, rng.choices("ABC", weights=(50, 30, 20))[0]) for t in arrivals]
+
+
+def swap_arm(policy: str, work: Path, plan: list[tuple[float, str]], load_seconds: float,
+             deadline: float) -> tuple[int, list[float | None]]:
+    config = (f'[orchestrator]\nswap_policy = "{policy}"\nmin_residency = {2 * load_seconds}\n'
+              f"swap_drain = {load_seconds}\nqueue_timeout = 120\n")
+    with ProcGroup(work) as procs:
+        cortex = procs.cortex(models=swap_models(load_seconds), config=config)
+        procs.neuron(cortex, "n1")
+        latencies: list[float | None] = [None] * len(plan)
+        start = time.monotonic() + 0.5
+
+        def one(i: int) -> None:
+            at, model = plan[i]
+            time.sleep(max(0.0, start + at - time.monotonic()))
+            body = {"model": model, "messages": [{"role": "user", "content": f"request {i}"}], "stream": False}
+            r = CLIENT.post(cortex.gateway_url + "/v1/chat/completions", json=body)
+            if r.status_code == 200:
+                latencies[i] = time.monotonic() - (start + at)
+
+        with ThreadPoolExecutor(len(plan)) as pool:
+            list(pool.map(one, range(len(plan))))
+        loads = int(_metric_sum(cortex, r"helexa_cold_loads_total\{[^}]*\} (\S+)"))
+        return loads, latencies
+
+
+def part_swap(rounds: int, requests: int, load_seconds: float = 2.0, deadline: float = 30.0) -> None:
+    print(f"(b) {requests} requests over 15 s for three synthetic models (load {load_seconds:g} s, two fit), "
+          f"deadline {deadline:g} s")
+    results: dict[str, list] = {"cost": [], "lru": [], "fifo": []}
+    loads: dict[str, list[int]] = {p: [] for p in results}
+    for r in range(rounds):
+        plan = burst(requests, 15.0, seed=r)
+        order = list(results)[r % 3:] + list(results)[:r % 3]
+        for policy in order:
+            with tempfile.TemporaryDirectory(prefix="orch-bench-") as tmp:
+                n, got = swap_arm(policy, Path(tmp), plan, load_seconds, deadline)
+            loads[policy].append(n)
+            results[policy] += got
+            done = [x for x in got if x is not None]
+            print(f"  round {r + 1} {policy:5s}: loads {n:3d}  p50 {_q(done, 50):6.2f}  p99 {_q(done, 99):6.2f}  "
+                  f"within {deadline:g} s {sum(1 for x in done if x <= deadline)}/{len(got)}")
+    print("\n| policy | loads (per round) | latency p50 | latency p99 | answered within the deadline |")
+    print("|---|---|---|---|---|")
+    for policy, got in results.items():
+        done = [x for x in got if x is not None]
+        within = sum(1 for x in done if x <= deadline)
+        print(f"| {policy} | {statistics.mean(loads[policy]):.1f} | {_q(done, 50):.2f} s | {_q(done, 99):.2f} s | "
+              f"{within}/{len(got)} |")
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+def _metric_sum(cortex: Cortex, pattern: str) -> float:
+    return sum(float(v) for v in re.findall(pattern, cortex.get("/metrics").text))
+
+
+def _q(values: list[float], pct: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered) + 0.5) - 1))]
+
+
+def _p(pairs: list[tuple[int, float]], pct: float) -> float:
+    return _q([t for _, t in pairs], pct)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=("cache", "swap", "all"), default="all")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--conversations", type=int, default=4)
+    ap.add_argument("--turns", type=int, default=4)
+    ap.add_argument("--requests", type=int, default=60)
+    args = ap.parse_args()
+    if args.part in ("cache", "all"):
+        part_cache(args.rounds, args.conversations, args.turns)
+    if args.part in ("swap", "all"):
+        part_swap(args.rounds, args.requests)
+
+
+if __name__ == "__main__":
+    main()
