@@ -34,3 +34,13 @@ def check(path: Path | str | None, what: str) -> None:
         raise ConfigError(
             f"{what} {path} is open to other users (mode {mode:04o}); refusing to start: run 'chmod 600 {path}'"
         )
+
+
+def write(path: Path, text: str) -> None:
+    """Write a secret atomically, mode 0600 from its first byte (its folder 0700 if new)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text + "\n")
+    os.replace(tmp, path)

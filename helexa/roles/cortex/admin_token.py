@@ -8,9 +8,10 @@ a rotation applies at once.
 from __future__ import annotations
 
 import hmac
-import os
 import secrets
 from pathlib import Path
+
+from helexa import secret_files
 
 FILENAME = "admin-token"
 PREFIX = "hlx-admin-"
@@ -25,28 +26,19 @@ def new_token() -> str:
     return PREFIX + secrets.token_urlsafe(32)
 
 
-def _write(path: Path, token: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(token + "\n")
-    os.replace(tmp, path)
-
-
 def load_or_create(data_dir: Path) -> str:
     path = path_in(data_dir)
     if path.exists():
         return read(path)
     token = new_token()
-    _write(path, token)
+    secret_files.write(path, token)
     return token
 
 
 def rotate(data_dir: Path) -> str:
     """Replace the token with a fresh one and return it."""
     token = new_token()
-    _write(path_in(data_dir), token)
+    secret_files.write(path_in(data_dir), token)
     return token
 
 

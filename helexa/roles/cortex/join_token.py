@@ -12,10 +12,10 @@ verifies its ``wss://`` cortex by it, with no public CA.
 
 from __future__ import annotations
 
-import os
 import ssl
 from pathlib import Path
 
+from helexa import secret_files
 from helexa.protocol.auth import cert_fingerprint, new_token, split_token, with_pin
 
 FILENAME = "join-token"
@@ -26,28 +26,19 @@ def path_in(data_dir: Path) -> Path:
     return Path(data_dir) / FILENAME
 
 
-def _write(path: Path, token: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(token + "\n")
-    os.replace(tmp, path)
-
-
 def load_or_create(data_dir: Path) -> str:
     path = path_in(data_dir)
     if path.exists():
         return read(path)
     token = new_token()
-    _write(path, token)
+    secret_files.write(path, token)
     return token
 
 
 def rotate(data_dir: Path) -> str:
     """Replace the token with a fresh one and return it."""
     token = new_token()
-    _write(path_in(data_dir), token)
+    secret_files.write(path_in(data_dir), token)
     return token
 
 
