@@ -127,6 +127,6 @@ def test_requests_beyond_the_slots_wait_their_turn_and_all_complete(cortex: Cort
 
 
 def _queue_count(cortex: Cortex) -> float:
-    text = cortex.get("/metrics").text
+    text = cortex.admin("GET", "/metrics").text
     m = re.search(rf'helexa_queue_wait_seconds_count{{model="{CHAT}",portal="default"}} (\S+)', text)
     return float(m.group(1)) if m else 0.0
