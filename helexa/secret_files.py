@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 from helexa.config import ConfigError
@@ -44,3 +45,12 @@ def write(path: Path, text: str) -> None:
     with os.fdopen(fd, "w") as fh:
         fh.write(text + "\n")
     os.replace(tmp, path)
+
+
+def load_or_create(path: Path, new: Callable[[], str], read: Callable[[Path], str]) -> str:
+    """The secret in ``path`` (through ``read``), made with ``new`` and written first if absent."""
+    if path.exists():
+        return read(path)
+    secret = new()
+    write(path, secret)
+    return secret

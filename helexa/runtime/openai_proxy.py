@@ -81,6 +81,7 @@ from .base import (
     TextInference,
     Unsupported,
 )
+from .process_output import relay_lines
 from .embeddings import pack_vectors
 from .openai_stream import StreamReader, loads_object
 from .upstream import Upstream, UpstreamProtocolError
@@ -221,7 +222,7 @@ class OpenAIProxyBackend(Backend, ChatInference, TextInference, EmbeddingInferen
         failure: LoadFailed | None = None
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._pump, process.stdout)
+                nursery.start_soon(relay_lines, process.stdout, lambda line: self._output_log.info("%s", line))
                 try:
                     await self._wait_ready(process, progress if task_status is not None else None)
                 except LoadFailed as exc:
@@ -256,18 +257,6 @@ class OpenAIProxyBackend(Backend, ChatInference, TextInference, EmbeddingInferen
         log.warning("%s: no exit %ss after SIGTERM; sending SIGKILL", self.config.model_id, self._stop_grace)
         process.kill()
         await process.wait()
-
-    async def _pump(self, stream: trio.abc.ReceiveStream | None) -> None:
-        if stream is None:
-            return
-        pending = b""
-        async for data in stream:
-            pending += data
-            *lines, pending = pending.split(b"\n")
-            for line in lines:
-                self._output_log.info("%s", line.decode(errors="replace").rstrip())
-        if pending:
-            self._output_log.info("%s", pending.decode(errors="replace").rstrip())
 
     async def _wait_ready(self, process: trio.Process | None, progress: ProgressFn | None) -> None:
         # Its own short-lived connections with short deadlines: a probe must not wait

@@ -27,12 +27,7 @@ def new_token() -> str:
 
 
 def load_or_create(data_dir: Path) -> str:
-    path = path_in(data_dir)
-    if path.exists():
-        return read(path)
-    token = new_token()
-    secret_files.write(path, token)
-    return token
+    return secret_files.load_or_create(path_in(data_dir), new_token, read)
 
 
 def rotate(data_dir: Path) -> str:

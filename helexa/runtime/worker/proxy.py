@@ -83,6 +83,7 @@ from ..base import (
     TextInference,
     Unsupported,
 )
+from ..process_output import relay_lines
 from .pipe import Pipe
 
 log = logging.getLogger(__name__)
@@ -247,22 +248,8 @@ class WorkerBackend(Backend, ChatInference, TextInference, EmbeddingInference):
         assert self.service_nursery is not None
         self.service_nursery.start_soon(self._supervise)
 
-    async def _relay_output(self, stream: trio.abc.ReceiveStream | None) -> None:
-        """Each line the worker writes, logged here (``helexa.worker``, with the model)."""
-        if stream is None:
-            return
-        out = logging.getLogger("helexa.worker")
-        pending = b""
-        async for data in stream:
-            *lines, pending = (pending + data).split(b"\n")
-            if len(pending) > 65536:  # a line without end: log what there is
-                lines.append(pending)
-                pending = b""
-            for line in lines:
-                if line.strip():
-                    out.info("[%s] %s", self.config.model_id, line.decode(errors="replace").rstrip())
-        if pending.strip():
-            out.info("[%s] %s", self.config.model_id, pending.decode(errors="replace").rstrip())
+    def _log_output(self, line: str) -> None:
+        logging.getLogger("helexa.worker").info("[%s] %s", self.config.model_id, line)
 
     async def _wait(self, event: trio.Event, timeout: float, what: str) -> None:
         """Wait for a step of the load; a worker that misses the deadline is killed."""
@@ -306,7 +293,7 @@ class WorkerBackend(Backend, ChatInference, TextInference, EmbeddingInference):
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._pipe.run)
                     nursery.start_soon(self._watch)
-                    nursery.start_soon(self._relay_output, self._process.stdout)
+                    nursery.start_soon(relay_lines, self._process.stdout, self._log_output)
                     await self._read()
                     nursery.cancel_scope.cancel()
                 await self._reap()
