@@ -123,6 +123,12 @@ class WebApp:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.feed.run)
             task_status.started()
+            # Jinja2 first, on this thread: the chat templates import it here too, and two
+            # threads importing one package at once can meet it half initialised (seen:
+            # ImportError from a partially initialised jinja2.environment).
+            import jinja2.ext  # noqa: F401
+            import jinja2.sandbox  # noqa: F401
+
             app = await trio.to_thread.run_sync(self.build, abandon_on_cancel=True)
             app.nursery = nursery
             await app.startup()
