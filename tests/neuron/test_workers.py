@@ -173,7 +173,7 @@ async def test_a_neuron_heartbeats_at_its_interval_while_smollm2_loads_in_a_work
     heartbeat, and the model the neuron already holds keeps answering."""
     from helexa.runtime.llama_cpp import default_gguf_path
 
-    interval = 0.05
+    interval = 0.02  # a warm page cache loads SmolLM2 in half a second: beats must be denser
     neuron, channel = await joined_neuron(nursery, heartbeat_interval=interval)
     with trio.fail_after(120):
         assert (await provision(channel, tiny_llama_config(tiny_gguf), "c1"))[-1].ok
