@@ -9,6 +9,11 @@ else: wrong types, missing or unknown fields, unknown kinds, oversized frames, b
 are not msgpack at all.
 
 Converters are built once per class, so the per-frame cost is a dict walk, not reflection.
+
+Growing a message without a version bump: a field added later is declared with
+:func:`added_field`. A frame without it decodes to its default (an older peer's frame),
+and the encoder leaves it out while it holds its default, so an older peer, which rejects
+unknown fields, still decodes every frame that does not use the new field.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ T = TypeVar("T")
 _Decoder = Callable[[Any, str], Any]
 _Encoder = Callable[[Any], Any]
 
+_OMIT_DEFAULT = "helexa.omit_default"
+
 _KINDS: dict[str, type] = {}
 _CODECS: dict[type, tuple[_Encoder, _Decoder]] = {}
 
@@ -57,6 +64,13 @@ def message(kind: str) -> Callable[[type[T]], type[T]]:
         return cls
 
     return register
+
+
+def added_field(default: Any = None) -> Any:
+    """A dataclass field added after a message was first released: left out of a frame
+    while it equals ``default`` (so older peers still decode the frame), and ``default``
+    when a frame lacks it (so this build decodes older peers' frames)."""
+    return dataclasses.field(default=default, metadata={_OMIT_DEFAULT: True})
 
 
 def kinds() -> dict[str, type]:
@@ -142,14 +156,21 @@ def _build_dataclass(cls: type) -> tuple[_Encoder, _Decoder]:
     hints = typing.get_type_hints(cls)
     fields = [f for f in dataclasses.fields(cls) if f.init]
     plan: list[tuple[str, _Encoder, _Decoder, bool]] = []
+    omit: list[tuple[str, Any]] = []  # (name, default) of fields left out at their default
     for f in fields:
         enc, dec = _build(hints[f.name])
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         plan.append((f.name, enc, dec, required))
+        if f.metadata.get(_OMIT_DEFAULT):
+            omit.append((f.name, f.default))
     names = {p[0] for p in plan}
 
     def encode_dc(value: Any) -> dict[str, Any]:
-        return {name: enc(getattr(value, name)) for name, enc, _, _ in plan}
+        out = {name: enc(getattr(value, name)) for name, enc, _, _ in plan}
+        for name, default in omit:
+            if getattr(value, name) == default:
+                del out[name]
+        return out
 
     def decode_dc(data: Any, where: str) -> Any:
         if not isinstance(data, dict):
@@ -288,6 +309,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "Json",
     "ProtocolError",
+    "added_field",
     "decode",
     "encode",
     "from_wire",

@@ -162,6 +162,14 @@ class NeuronDouble:
                 if self._dead.is_set():
                     raise NeuronGone(f"{self.node_id} died", started=i > 0)
                 text = f"t{i} "
+                hit = min(((text.find(s), s) for s in request.sampling.stop if s in text), default=None)
+                if hit is not None:  # as a backend does: the text up to the stop, which it names
+                    if hit[0]:
+                        yield TokenChunk(request.request_id, text[:hit[0]])
+                    done = True
+                    yield GenerateResult(request.request_id, "stop", Usage(prompt_tokens=5, completion_tokens=i + 1),
+                                         stop_sequence=hit[1])
+                    return
                 lp = (TokenLogprob(text, 0.0, text.encode(), (TopLogprob(text, 0.0, text.encode()),)
                                    [:request.sampling.top_logprobs]),) if request.sampling.logprobs else None
                 yield TokenChunk(request.request_id, text, logprobs=lp)

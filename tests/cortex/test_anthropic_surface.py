@@ -108,6 +108,23 @@ def expected_stream(message_id: str, model: str, texts: list[str], usage: tuple[
     return out.encode()
 
 
+async def test_a_stop_sequence_that_ends_the_answer_is_named_whole_and_streamed() -> None:
+    fleet, _, store, key = keyed()
+    async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
+        def ask():
+            with client(urls["acme"], key) as c:
+                whole = c.messages.create(model="fast", max_tokens=16, messages=ASK, stop_sequences=["zz", "2 "])
+                with c.messages.stream(model="fast", max_tokens=16, messages=ASK, stop_sequences=["2 "]) as stream:
+                    events = [e for e in stream if e.type == "message_delta"]
+                    return whole, events, stream.get_final_message()
+
+        whole, deltas, streamed = await in_thread(ask)
+    assert whole.content[0].text == "t0 t1 t" and (whole.stop_reason, whole.stop_sequence) == ("stop_sequence", "2 ")
+    assert [(d.delta.stop_reason, d.delta.stop_sequence) for d in deltas] == [("stop_sequence", "2 ")]
+    assert (streamed.stop_reason, streamed.stop_sequence) == ("stop_sequence", "2 ")
+    assert streamed.content[0].text == "t0 t1 t"
+
+
 async def test_the_raw_stream_is_the_event_sequence_byte_for_byte() -> None:
     fleet = Fleet()
     NeuronDouble("n1", fleet, loaded=("chat",))

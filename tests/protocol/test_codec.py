@@ -177,3 +177,23 @@ def test_protocol_package_imports_no_io_libraries():
                 names = [node.module or ""]
             for name in names:
                 assert name.split(".")[0] not in forbidden, f"{path.name} imports {name}"
+
+
+def test_result_without_stop_sequence_decodes_from_an_older_peers_frame():
+    """A GenerateResult frame as builds before ``stop_sequence`` wrote it still decodes."""
+    old = msgpack.packb({"k": "result", "v": 1, "request_id": "r", "finish_reason": "stop",
+                         "usage": {"prompt_tokens": 3, "completion_tokens": 2, "cached_tokens": 0},
+                         "text": "hi", "tool_calls": None, "logprobs": None}, use_bin_type=True)
+    result = p.decode(old)
+    assert result == p.GenerateResult("r", "stop", p.Usage(3, 2), "hi")
+    assert result.stop_sequence is None
+
+
+def test_result_leaves_an_unused_stop_sequence_out_of_the_frame():
+    """An older peer rejects unknown fields: a result that names no stop sequence is the
+    frame it has always decoded."""
+    frame = msgpack.unpackb(p.encode(p.GenerateResult("r", "stop", p.Usage(3, 2), "hi")))
+    assert "stop_sequence" not in frame
+    named = p.GenerateResult("r", "stop", p.Usage(3, 2), "hi", stop_sequence="\n\n")
+    assert msgpack.unpackb(p.encode(named))["stop_sequence"] == "\n\n"
+    assert p.decode(p.encode(named)) == named
