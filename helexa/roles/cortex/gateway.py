@@ -175,7 +175,10 @@ class PortalApp:
             if out.started:
                 log.warning("request %s failed after its response began: %s", request_id, exc)
                 return
-            shape = route.errors if route is not None and route.errors is not None else envelope
+            shape = None
+            if route is not None:
+                shape = (route.errors_by(scope) if route.errors_by is not None else None) or route.errors
+            shape = shape or envelope
             status, headers, body = shape(exc)
             try:
                 await out.full(status, headers, body)
