@@ -99,7 +99,7 @@ class OllamaSurface:
     # --- models ----------------------------------------------------------------------------
 
     @staticmethod
-    def _name(caller: Caller, asked: str) -> str:
+    def public_name(caller: Caller, asked: str) -> str:
         """The public name behind an Ollama model name (``name:latest`` is ``name``)."""
         named = caller.portal.config
         if asked.endswith(":latest") and asked not in named.aliases and asked not in (named.models or ()):
@@ -154,7 +154,7 @@ class OllamaSurface:
         body = parse(api.ShowBody, await ex.body())
         caller = ex.caller
         assert caller is not None
-        public = self._name(caller, body.asked)
+        public = self.public_name(caller, body.asked)
         listed = next((m for m in self._listing(caller) if m["id"] == public), None)
         if listed is None:
             raise ModelNotFound(body.asked)
@@ -189,7 +189,7 @@ class OllamaSurface:
         if not body.messages:
             await self._loaded(ex, body.stream, {"model": asked, "message": {"role": "assistant", "content": ""}})
             return
-        request, image = api.chat_request(body, ex.request_id, self._name(caller, asked))
+        request, image = api.chat_request(body, ex.request_id, self.public_name(caller, asked))
         await self._run(ex, body, request, image, asked, chat=True)
 
     async def generate(self, ex: Exchange) -> None:
@@ -200,14 +200,14 @@ class OllamaSurface:
         if not body.prompt and not body.images:
             await self._loaded(ex, body.stream, {"model": asked, "response": ""})
             return
-        request, image = api.generate_request(body, ex.request_id, self._name(caller, asked))
+        request, image = api.generate_request(body, ex.request_id, self.public_name(caller, asked))
         await self._run(ex, body, request, image, asked, chat=False)
 
     async def _loaded(self, ex: Exchange, stream: bool, head: dict[str, Any]) -> None:
         """What Ollama answers a request with nothing to generate (it loads the model)."""
         caller = ex.caller
         assert caller is not None
-        public = self._name(caller, head["model"])
+        public = self.public_name(caller, head["model"])
         if caller.portal.serves(public) is None or (caller.key is not None and not caller.key.allows(public)):
             raise ModelNotFound(head["model"])
         obj = {**head, "created_at": api.timestamp(), "done": True, "done_reason": "load"}
@@ -337,7 +337,7 @@ class OllamaSurface:
                      ) -> tuple[list[list[float]], EmbedResult, int]:
         caller = ex.caller
         assert caller is not None
-        request = api.embed_request(inputs, ex.request_id, self._name(caller, asked), param)
+        request = api.embed_request(inputs, ex.request_id, self.public_name(caller, asked), param)
         t0 = trio.current_time()
         result = await self.metering.embed(caller, request)
         values = struct.unpack(f"<{len(result.vectors) // 4}f", result.vectors)
