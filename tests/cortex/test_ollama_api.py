@@ -13,12 +13,13 @@ import ollama
 import pytest
 import trio
 
+from helexa.roles.cortex.catalogue import Catalogue, CatalogueEntry
 from helexa.roles.cortex.fleet import Fleet
 from helexa.roles.cortex.ollama_api import ChatBody, chat_messages
 from helexa.roles.cortex.portal.store import SqliteStore
 from neuron_double import NeuronDouble
 from portals import acme, bearer, new_key, portals
-from serving import admin_headers
+from serving import admin_headers, serving
 
 
 def client(url: str, key: str) -> ollama.Client:
@@ -296,3 +297,30 @@ async def test_delete_unloads_the_model_everywhere_and_copy_create_push_say_why_
     assert errors["key deletes"][0] == 401
     assert errors["copy"][0] == errors["create"][0] == errors["push"][0] == 400
     assert "alias" in errors["copy"][1] and "catalogue" in errors["create"][1] and "registry" in errors["push"][1]
+
+
+@pytest.mark.parametrize("path, body, response_type", [
+    ("/api/chat", {"messages": [{"role": "user", "content": "x"}]}, ollama.ChatResponse),
+    ("/api/generate", {"prompt": "x"}, ollama.GenerateResponse),
+])
+async def test_a_stream_waiting_for_a_cold_load_sends_empty_pieces_the_client_takes(
+        autojump_clock, path: str, body: dict, response_type: type) -> None:
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, load_delay=2.5)
+    catalogue = Catalogue([CatalogueEntry(id="chat", backend="synthetic", memory_mb=1)])
+    async with serving(fleet, catalogue, orchestrator={"keepalive_interval": 1.0}) as (_, url):
+        async with httpx.AsyncClient(timeout=5) as http:
+            arrived = []
+            t0 = trio.current_time()
+            async with http.stream("POST", url + path, json={"model": "chat", "options": {"num_predict": 2},
+                                                             **body}) as r:
+                async for line in r.aiter_lines():
+                    arrived.append((trio.current_time(), json.loads(line)))
+    text = [(p.get("message") or {}).get("content", p.get("response")) for _, p in arrived]
+    assert text == ["", "", "t0 ", "t1 ", ""]  # keep-alives at t = 1 and 2 s; loaded at 2.5 s
+    assert [round(t - t0, 3) for t, _ in arrived[:2]] == [1.0, 2.0]
+    assert [p["done"] for _, p in arrived] == [False, False, False, False, True]
+    # What the ollama client's streaming iterator does with each line (ollama/_client.py):
+    # no "error", so cls(**part).
+    parsed = [response_type(**p) for _, p in arrived]
+    assert parsed[0].done is False and parsed[-1].done_reason == "length"

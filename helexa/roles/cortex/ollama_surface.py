@@ -18,7 +18,9 @@ through :class:`~.portal.metering.Metering` (model authorisation, quotas, the le
 record) exactly as Chat Completions is. A stream is one JSON object a line: the text as it
 comes, then (when the model called tools) one line with the whole ``tool_calls``, then
 the final ``done: true`` line with ``done_reason``, the token counts and durations in
-nanoseconds; it goes out only once the ledger record is durable. An empty ``prompt`` /
+nanoseconds; it goes out only once the ledger record is durable. While the request waits
+(a cold load, a queue) the stream sends an empty piece (``content`` / ``response`` ``""``,
+``done: false``) every keep-alive interval, as the other surfaces send their keep-alives. An empty ``prompt`` /
 ``messages`` answers ``done_reason: "load"`` at once, as Ollama does, without running a
 model. Errors are Ollama's ``{"error": "message"}`` with its status codes, the field named
 in the message; a stream that fails after it began ends with such a line.
@@ -30,7 +32,7 @@ import hashlib
 import json
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -42,6 +44,7 @@ from .asgi import Exchange, Route
 from .catalogue import CatalogueEntry
 from .errors import BadRequest, ModelNotFound, to_gateway_error
 from .openai_api import merge_tool_calls, parse
+from .orchestrator import WaitStatus
 from .portal.metering import Caller, Metering
 from .prefix import session_of
 
@@ -251,14 +254,20 @@ class OllamaSurface:
                 obj["context"] = []
             return obj
 
-        def run():  # noqa: ANN202
-            return self.metering.generate(caller, request, endpoint=endpoint, image=image,
+        def run(on_wait: Callable[[WaitStatus], Awaitable[None]] | None = None):  # noqa: ANN202
+            return self.metering.generate(caller, request, endpoint=endpoint, image=image, on_wait=on_wait,
                                           session=session_of(ex.scope["headers"]))
+
+        async def keepalive(status: WaitStatus) -> None:
+            # NDJSON has no comment line: an empty, unfinished piece is what Ollama's client
+            # (and a front-end adding up the pieces) takes without a change.
+            await out.start(200, NDJSON)
+            await out.body(_line(piece("")))
 
         async def stream() -> None:
             parts: list[Any] = []
             try:
-                async with run() as gen:
+                async with run(keepalive) as gen:
                     await out.start(200, NDJSON)
                     async for chunk in gen:
                         if not first:
