@@ -13,6 +13,8 @@ Routes::
     POST /api/embed            ``input`` a string or strings                 (metered)
     POST /api/embeddings       the legacy form: one ``prompt``               (metered)
 
+(``pull``, ``delete``, ``copy``, ``create`` and ``push`` are :mod:`.ollama_models`'.)
+
 A generation is parsed (:mod:`.ollama_api`), made into the fabric's request and run
 through :class:`~.portal.metering.Metering` (model authorisation, quotas, the ledger
 record) exactly as Chat Completions is. A stream is one JSON object a line: the text as it
