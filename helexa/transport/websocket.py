@@ -196,14 +196,15 @@ async def _connect_pinned(url: str, pin: str, timeout: float, ssl_context: ssl.S
         raise ConnectFailed(f"cannot connect to {url}: {failure}")
 
 
-def _peer(stream: trio.abc.Stream) -> str:
+def _peer(stream: trio.abc.Stream) -> str | None:
+    """``"addr:port"`` of the peer; None when it is already gone (reset before we looked)."""
     sock = stream.transport_stream.socket if isinstance(stream, trio.SSLStream) else getattr(stream, "socket", None)
     if sock is None:
         return repr(stream)
     try:
         addr, port, *_ = sock.getpeername()
     except OSError:
-        return repr(stream)
+        return None
     return f"{addr}:{port}"
 
 
@@ -222,7 +223,11 @@ class _Admitting(trio.abc.Listener[trio.abc.Stream]):
     async def accept(self) -> trio.abc.Stream:
         while True:
             stream = await self.inner.accept()
-            if self.pending.admit(_peer(stream), trio.current_time()):
+            peer = _peer(stream)
+            if peer is None:  # reset while it waited in the backlog (a neuron that gave up)
+                await trio.aclose_forcefully(stream)
+                continue
+            if self.pending.admit(peer, trio.current_time()):
                 return stream
             if self.pending.refused in (1, 10, 100) or self.pending.refused % 1000 == 0:
                 log.warning("%d pending handshakes: refused %d connections so far", len(self.pending),
@@ -254,8 +259,15 @@ async def serve(
     """
 
     async def on_request(request: WebSocketRequest) -> None:
-        remote = f"{request.remote.address}:{request.remote.port}" if hasattr(request.remote, "port") \
-            else str(request.remote)
+        try:
+            endpoint = request.remote
+        except OSError:
+            # The peer reset the connection after sending its upgrade and before we read it
+            # (in a join storm: a neuron whose deadline passed). Nothing to answer; its
+            # pending entry, if any, is forgotten at the handshake deadline.
+            log.info("a connection went away before its websocket upgrade was read")
+            return
+        remote = f"{endpoint.address}:{endpoint.port}" if hasattr(endpoint, "port") else str(endpoint)
         try:
             try:
                 ws = await request.accept()

@@ -140,3 +140,25 @@ async def test_a_flood_of_half_open_connections_holds_at_most_the_cap_and_ends_a
     assert isinstance(await join(port, "after-the-flood", TOKEN), Welcomed)
     for stream in silent:
         await stream.aclose()
+
+
+async def test_a_connection_reset_before_the_cortex_reads_its_upgrade_closes_only_itself(
+        nursery, autojump_clock) -> None:
+    # Seen in a join storm: a neuron gave up (its handshake deadline passed while the
+    # cortex was busy) and its connection was reset before the cortex read its upgrade;
+    # the peer's address could no longer be read, and that error took the cortex down.
+    import socket
+    import struct
+
+    server, port = await start(nursery)
+    for _ in range(3):
+        # Blocking calls with no checkpoint between them: the reset lands before the
+        # cortex's accept loop runs.
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+    await trio.sleep(0.5)
+    assert isinstance(await join(port, "after-the-resets", TOKEN), Welcomed)
+    assert len(server.pending) == 0
