@@ -3,8 +3,7 @@ throttle on failed join proofs. Pure bookkeeping over a time the caller passes i
 clock in the server, any number in tests); no I/O.
 
 - :class:`PendingHandshakes`: a connection counts from its TCP accept until its join
-  verdict. Past the limit (``max_pending_handshakes``, lowered while joins finish late)
-  the listener turns new connections away at once (``503`` on a
+  verdict. Past ``limit`` the listener turns new connections away at once (``503`` on a
   plain socket, then closed; the neuron redials on its backoff), so a flood of
   half-open connections costs the cortex at most ``limit`` sockets and tasks; each still
   ends at its handshake deadline.
@@ -21,38 +20,20 @@ from collections import OrderedDict
 
 
 class PendingHandshakes:
-    """Connections accepted but not yet joined, by ``"addr:port"``, under a limit that adapts
-    to how fast joins finish.
-
-    The limit starts at ``limit``. A join that took longer than ``target`` (from accept to
-    welcome) halves it, at most once per ``target`` seconds, down to ``floor``; each join
-    faster than that raises it by one, back up to ``limit``. So when the cortex is short of
-    CPU (a restarted cortex under its whole fleet, whose heartbeats come back with every
-    join), it takes only as many handshakes as it finishes in time and turns the rest away
-    at once, cheaply, to redial on their backoff; accepting them all made every handshake
-    late, the neurons gave up at their deadline, and the work done for them was wasted (in
-    a 5,000-neuron storm, 24,000 handshakes timed out against 2,300 joins). Only joins
-    move the limit: a connection that never proves the token cannot slow anyone down.
+    """Connections accepted but not yet joined, by ``"addr:port"``.
 
     Args:
-        limit: the most pending at once (also the adaptive limit's ceiling).
+        limit: the most pending at once.
         stale_after: seconds after which an entry nobody released is forgotten: the
             handshake deadline, by which a connection that never upgraded is closed (one
             that did is in its join, which has its own deadline). So a flood holds at most
             ``limit`` connections before their upgrade and ``limit`` in their join.
-        target: a join slower than this lowers the limit (default: a quarter of
-            ``stale_after``, well inside the neuron's own handshake deadline).
-        floor: the lowest the limit goes.
     """
 
-    def __init__(self, limit: int, stale_after: float, *, target: float | None = None, floor: int = 16) -> None:
-        self.ceiling = limit
+    def __init__(self, limit: int, stale_after: float) -> None:
         self.limit = limit
         self.stale_after = stale_after
-        self.target = target if target is not None else stale_after / 4
-        self.floor = min(floor, limit)
         self._since: OrderedDict[str, float] = OrderedDict()  # oldest first
-        self._last_cut = float("-inf")
         self.refused = 0
 
     def __len__(self) -> int:
@@ -73,19 +54,8 @@ class PendingHandshakes:
         return True
 
     def release(self, remote: str) -> None:
-        """``remote`` was refused, failed or went away (idempotent)."""
+        """``remote`` joined, was refused or went away (idempotent)."""
         self._since.pop(remote, None)
-
-    def joined(self, remote: str, now: float) -> None:
-        """``remote`` joined: released, and its handshake's duration adapts the limit."""
-        since = self._since.pop(remote, None)
-        if since is None:
-            return
-        if now - since <= self.target:
-            self.limit = min(self.ceiling, self.limit + 1)
-        elif now - self._last_cut >= self.target:
-            self.limit = max(self.floor, self.limit // 2)
-            self._last_cut = now
 
 
 class FailedJoins:

@@ -35,34 +35,6 @@ def test_pending_handshakes_refuse_past_the_limit_and_forget_stale_entries() -> 
     assert pending.admit("a:4", 11.0) and len(pending) == 2  # a:2 forgotten at 10 s
 
 
-def test_late_joins_halve_the_pending_limit_once_per_target_and_fast_ones_raise_it_by_one() -> None:
-    pending = PendingHandshakes(64, stale_after=10.0, floor=8)  # target: 2.5 s
-    assert pending.target == 2.5 and pending.limit == 64
-    for i in range(40):
-        assert pending.admit(f"a:{i}", 0.0)
-    pending.joined("a:0", 3.0)  # 3 s from accept to join: late
-    assert pending.limit == 32
-    pending.joined("a:1", 4.0)  # late too, but within 2.5 s of the last cut: the same backlog
-    assert pending.limit == 32
-    pending.joined("a:2", 5.5)  # late, 2.5 s after the cut: halved again
-    assert pending.limit == 16
-    assert len(pending) == 37 and not pending.admit("b:1", 5.5)  # over the limit: turned away
-    for t in (8.0, 10.5, 13.0):
-        pending.joined(f"a:{int(t)}", t)
-    assert pending.limit == 8  # never under the floor
-    pending.release("a:3")  # a handshake that failed or was refused moves nothing
-    pending.joined("unknown:1", 13.0)  # nor does one it never counted
-    assert pending.limit == 8
-    for i in range(5):
-        assert pending.admit(f"c:{i}", 20.0)
-        pending.joined(f"c:{i}", 21.0)  # 1 s: on time
-    assert pending.limit == 13
-    for i in range(100):
-        pending.admit(f"d:{i}", 30.0)
-        pending.joined(f"d:{i}", 30.5)
-    assert pending.limit == 64  # back to the configured ceiling, not past it
-
-
 def test_failed_joins_block_an_address_at_the_burst_and_drain_at_the_rate() -> None:
     throttle = FailedJoins(burst=3, per_minute=6.0)  # one forgiven every 10 s
     for t in (0.0, 1.0):

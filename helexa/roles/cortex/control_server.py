@@ -128,14 +128,7 @@ class ControlServer:
             log.info("handshake with %s failed: %s", channel.remote, exc)
             return
         finally:
-            if link is not None:
-                limit = self.pending.limit
-                self.pending.joined(channel.remote, trio.current_time())
-                if self.pending.limit < limit:
-                    log.warning("joins are finishing late (over %.1fs): at most %d handshakes at once for now",
-                                self.pending.target, self.pending.limit)
-            else:
-                self.pending.release(channel.remote)
+            self.pending.release(channel.remote)
         session.expire()
         if link is None:
             if isinstance(session.verdict, Failure) and session.verdict.code == "timeout":
