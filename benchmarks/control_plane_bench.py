@@ -8,23 +8,28 @@ Challenge, Join with the HMAC proof of the join token, Welcome) over ``ws://``:
 1. **Round trips.** One client sends ``Ping`` and the cortex answers ``Pong``: sequential
    round trips for p50/p99 latency, then a pipelined window of pings in flight on the same
    connection for round trips (and frames) per second.
-2. **Neurons per cortex.** Lean simulated neurons (real handshake, then a real
-   ``Heartbeat`` with metrics, one GPU and one model status every second, each on its own
-   phase) are added in steps up to ``--neurons``. After each step: the time the batch
-   took to join, the cortex's and the simulators' CPU share over ``--steady`` seconds of
-   steady state, then ``GET /admin/fleet`` (healthy count, oldest heartbeat) and a few
-   hundred ping round trips under that load.
+2. **Neurons per cortex.** Simulated neurons (:mod:`swarm`: the real handshake, then a
+   real ``Heartbeat`` with metrics, one GPU and one model status every second, each on its
+   own phase; every redial on the neuron's own backoff with jitter) are added in steps up
+   to ``--neurons``. After each step: the time the batch took to join, failed attempts by
+   kind, the cortex's and the simulators' CPU share over ``--steady`` seconds of steady
+   state, then ``GET /admin/fleet`` (healthy count, oldest heartbeat) and a few hundred
+   ping round trips under that load.
+3. **A restart storm** (``--restart``): the cortex is killed with SIGKILL under its whole
+   fleet and started again on the same sockets and data directory; every neuron redials on
+   its own. Reported: the time until the last one is back, those that never were within
+   ``--rejoin-deadline``, the cortex's CPU for the storm and the time its event loop waited
+   for a CPU, then its CPU per heartbeat at 1 s (less its idle CPU). ``--profile`` samples
+   the cortex with py-spy (collapsed stacks kept in its data directory).
 
 Usage (other engineers benchmark on this machine too, so take the lock)::
 
     flock /tmp/helexa-bench.lock .venv/bin/python benchmarks/control_plane_bench.py \\
         [--pings 3000] [--window 32] [--pipeline-seconds 5] \\
-        [--neurons 100,250,500,1000] [--steady 10] [--sims 1]
+        [--neurons 100,250,500,1000] [--steady 10] [--sims 1] \\
+        [--restart [--rejoin-deadline 180] [--profile] [--keep]] [--no-pin]
 
-Figures go to stdout as Markdown. The simulators are lean clients (not the full
-:class:`~helexa.roles.neuron.agent.Neuron`, which samples psutil and NVML per heartbeat)
-so that one process can stand in for a thousand neurons; what the cortex receives is the
-same.
+Figures go to stdout as Markdown.
 """
 
 from __future__ import annotations
@@ -67,7 +72,6 @@ from helexa.protocol import (  # noqa: E402
     Welcome,
     auth,
 )
-from helexa.transport import ChannelClosed, ConnectFailed  # noqa: E402
 from helexa.transport import websocket as ws_transport  # noqa: E402
 
 GiB = 1024**3

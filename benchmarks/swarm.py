@@ -158,7 +158,6 @@ class Swarm:
         self._tick = 0
         self.generation = 0
         self.joined_in_generation = 0
-        self.generation_changed = trio.Event()
         self.alive = 0
         self.drops = 0
         self.heartbeats = 0
@@ -242,8 +241,6 @@ class Swarm:
         """From now on, count joins afresh (a cortex restart: every neuron must rejoin)."""
         self.generation += 1
         self.joined_in_generation = 0
-        self.generation_changed.set()
-        self.generation_changed = trio.Event()
 
     async def _live(self, n: SimNeuron) -> None:
         delays = backoff_delays(_DEFAULTS["reconnect_initial"], _DEFAULTS["reconnect_max"], n.rng)
@@ -272,8 +269,6 @@ class Swarm:
         if n.joined_generation != self.generation:
             n.joined_generation = self.generation
             self.joined_in_generation += 1
-            if self.joined_in_generation == len(self.neurons):
-                self.generation_changed.set()
         n.session += 1
         self._tick += 1
         # An independent neuron: its first heartbeat at a random phase.
