@@ -42,7 +42,8 @@ Json = Any
 parameters): carried as is, never interpreted by the protocol."""
 
 T = TypeVar("T")
-_Decoder = Callable[[Any, str], Any]
+_Decoder = Callable[[Any], Any]
+"""Validates one msgpack-native value and converts it; raises :class:`_Invalid`."""
 _Encoder = Callable[[Any], Any]
 
 _OMIT_DEFAULT = "helexa.omit_default"
@@ -126,7 +127,10 @@ def decode(data: bytes, *, max_size: int = DEFAULT_MAX_FRAME) -> Any:
     if type(version) is not int or not MIN_PROTOCOL_VERSION <= version <= PROTOCOL_VERSION:
         raise DecodeError(f"{kind}: unsupported protocol version {version!r}", code="version_mismatch")
     _, dec = _codec(cls)
-    return dec(obj, kind)
+    try:
+        return dec(obj)
+    except _Invalid as exc:
+        raise exc.error(kind) from None
 
 
 # --- converters -------------------------------------------------------------------------
@@ -140,8 +144,34 @@ def to_wire(value: Any) -> Any:
 
 
 def from_wire(cls: type[T], data: Any) -> T:
-    """Validate msgpack-native ``data`` into the dataclass ``cls``."""
-    return _codec(cls)[1](data, cls.__name__)
+    """Validate msgpack-native ``data`` into the dataclass ``cls``.
+
+    Raises:
+        DecodeError: a field is missing, unknown or of the wrong type.
+    """
+    try:
+        return _codec(cls)[1](data)
+    except _Invalid as exc:
+        raise exc.error(cls.__name__) from None
+
+
+class _Invalid(Exception):
+    """A value failed validation somewhere inside a frame.
+
+    Raised by the converters and caught at :func:`decode` / :func:`from_wire`, which turn
+    it into a :class:`DecodeError` naming the field. The field's path (``.metrics.gpus[0]``)
+    is gathered only while it propagates, so a valid frame formats no strings: building
+    the path eagerly for every field cost more than the checks themselves (a heartbeat
+    arrives every second from every neuron).
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.path: list[str] = []  # innermost first
+
+    def error(self, root: str) -> DecodeError:
+        return DecodeError(f"{root}{''.join(reversed(self.path))}: {self.message}")
 
 
 def _codec(cls: type) -> tuple[_Encoder, _Decoder]:
@@ -172,22 +202,25 @@ def _build_dataclass(cls: type) -> tuple[_Encoder, _Decoder]:
                 del out[name]
         return out
 
-    def decode_dc(data: Any, where: str) -> Any:
+    def decode_dc(data: Any) -> Any:
         if not isinstance(data, dict):
-            raise DecodeError(f"{where}: expected a map, got {type(data).__name__}")
-        extra = data.keys() - names
-        if extra:
-            raise DecodeError(f"{where}: unknown field(s) {sorted(map(str, extra))}")
+            raise _Invalid(f"expected a map, got {type(data).__name__}")
+        if not names.issuperset(data):
+            raise _Invalid(f"unknown field(s) {sorted(map(str, data.keys() - names))}")
         kwargs = {}
         for name, _, dec, required in plan:
             if name in data:
-                kwargs[name] = dec(data[name], f"{where}.{name}")
+                try:
+                    kwargs[name] = dec(data[name])
+                except _Invalid as exc:
+                    exc.path.append("." + name)
+                    raise
             elif required:
-                raise DecodeError(f"{where}: missing field {name!r}")
+                raise _Invalid(f"missing field {name!r}")
         try:
             return cls(**kwargs)
         except (ValueError, TypeError) as exc:  # __post_init__ validation
-            raise DecodeError(f"{where}: {exc}") from None
+            raise _Invalid(str(exc)) from None
 
     return encode_dc, decode_dc
 
@@ -200,7 +233,7 @@ def _build(tp: Any) -> tuple[_Encoder, _Decoder]:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
-        return _identity, lambda v, where: v
+        return _identity, _identity
     if tp is type(None):
         return _identity, _check_none
     if tp in (str, bytes, bool):
@@ -212,7 +245,7 @@ def _build(tp: Any) -> tuple[_Encoder, _Decoder]:
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         return _enum_codec(tp)
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        return (lambda v: _codec(tp)[0](v)), (lambda v, where: _codec(tp)[1](v, where))
+        return (lambda v: _codec(tp)[0](v)), (lambda v: _codec(tp)[1](v))
     if origin in (typing.Union, types.UnionType):
         return _union_codec(args)
     if origin in (list, tuple) and (origin is list or (len(args) == 2 and args[1] is Ellipsis)):
@@ -222,10 +255,17 @@ def _build(tp: Any) -> tuple[_Encoder, _Decoder]:
         def enc_seq(v: Any) -> list[Any]:
             return [item_enc(x) for x in v]
 
-        def dec_seq(v: Any, where: str) -> Any:
+        def dec_seq(v: Any) -> Any:
             if not isinstance(v, list):
-                raise DecodeError(f"{where}: expected a list, got {type(v).__name__}")
-            return seq(item_dec(x, f"{where}[{i}]") for i, x in enumerate(v))
+                raise _Invalid(f"expected a list, got {type(v).__name__}")
+            out = []
+            for x in v:
+                try:
+                    out.append(item_dec(x))
+                except _Invalid as exc:
+                    exc.path.append(f"[{len(out)}]")
+                    raise
+            return out if seq is list else tuple(out)
 
         return enc_seq, dec_seq
     if origin is dict:
@@ -236,54 +276,61 @@ def _build(tp: Any) -> tuple[_Encoder, _Decoder]:
         def enc_map(v: Any) -> dict[str, Any]:
             return {k: val_enc(x) for k, x in v.items()}
 
-        def dec_map(v: Any, where: str) -> dict[str, Any]:
+        def dec_map(v: Any) -> dict[str, Any]:
             if not isinstance(v, dict):
-                raise DecodeError(f"{where}: expected a map, got {type(v).__name__}")
-            return {k: val_dec(x, f"{where}[{k!r}]") for k, x in v.items()}
+                raise _Invalid(f"expected a map, got {type(v).__name__}")
+            out = {}
+            for k, x in v.items():
+                try:
+                    out[k] = val_dec(x)
+                except _Invalid as exc:
+                    exc.path.append(f"[{k!r}]")
+                    raise
+            return out
 
         return enc_map, dec_map
     raise TypeError(f"unsupported wire type {tp!r}")
 
 
-def _check_none(v: Any, where: str) -> None:
+def _check_none(v: Any) -> None:
     if v is not None:
-        raise DecodeError(f"{where}: expected nil")
+        raise _Invalid("expected nil")
     return None
 
 
 def _check_exact(tp: type) -> _Decoder:
     name = tp.__name__
 
-    def check(v: Any, where: str) -> Any:
+    def check(v: Any) -> Any:
         if type(v) is not tp:
-            raise DecodeError(f"{where}: expected {name}, got {type(v).__name__}")
+            raise _Invalid(f"expected {name}, got {type(v).__name__}")
         return v
 
     return check
 
 
-def _check_int(v: Any, where: str) -> int:
+def _check_int(v: Any) -> int:
     if type(v) is not int:
-        raise DecodeError(f"{where}: expected int, got {type(v).__name__}")
+        raise _Invalid(f"expected int, got {type(v).__name__}")
     return v
 
 
-def _check_float(v: Any, where: str) -> float:
+def _check_float(v: Any) -> float:
     if type(v) is float:
         return v
     if type(v) is int:
         return float(v)
-    raise DecodeError(f"{where}: expected float, got {type(v).__name__}")
+    raise _Invalid(f"expected float, got {type(v).__name__}")
 
 
 def _enum_codec(tp: type[enum.Enum]) -> tuple[_Encoder, _Decoder]:
     members = {m.value: m for m in tp}
 
-    def dec(v: Any, where: str) -> Any:
+    def dec(v: Any) -> Any:
         try:
             return members[v]
         except (KeyError, TypeError):
-            raise DecodeError(f"{where}: {v!r} is not a valid {tp.__name__}") from None
+            raise _Invalid(f"{v!r} is not a valid {tp.__name__}") from None
 
     return (lambda v: v.value), dec
 
@@ -297,8 +344,8 @@ def _union_codec(args: tuple[Any, ...]) -> tuple[_Encoder, _Decoder]:
     def enc(v: Any) -> Any:
         return None if v is None else inner_enc(v)
 
-    def dec(v: Any, where: str) -> Any:
-        return None if v is None else inner_dec(v, where)
+    def dec(v: Any) -> Any:
+        return None if v is None else inner_dec(v)
 
     return enc, dec
 
