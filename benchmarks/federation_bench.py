@@ -64,6 +64,7 @@ class Procs:
     def __init__(self, work: Path) -> None:
         self.work = work
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.pids: dict[str, int] = {}
 
     def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> Path:
         log = self.work / f"{name}.log"
@@ -71,7 +72,17 @@ class Procs:
             self.procs.append(subprocess.Popen([*HELEXA, *args], stdout=out, stderr=subprocess.STDOUT,
                                                stdin=subprocess.DEVNULL,
                                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}))
+        self.pids[name] = self.procs[-1].pid
         return log
+
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds (user + system, all threads) each process has used so far."""
+        out = {}
+        tick = os.sysconf("SC_CLK_TCK")
+        for name, pid in self.pids.items():
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[name] = (int(fields[11]) + int(fields[12])) / tick
+        return out
 
     def cortex(self, name: str, operator: str, control: int, gateway: int, *extra: str,
                env: dict[str, str] | None = None) -> str:
@@ -116,7 +127,11 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=300, help="per side, over all rounds")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--cpu-requests", type=int, default=200,
+                    help="requests per path in the CPU-per-request phase after the rounds")
+    ap.add_argument("--no-new", action="store_true", help="skip the new-stream-per-request path")
     args = ap.parse_args()
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     with tempfile.TemporaryDirectory(prefix="helexa-fedbench-") as tmp:
         work = Path(tmp)
         (work / "models.toml").write_text(
@@ -133,7 +148,7 @@ def main() -> None:
             procs.start("neuron", "neuron", "--cortex", f"ws://127.0.0.1:{ctl['b']}", "--node-id", "bench",
                         "--join-token-file", str(work / "b" / "join-token"), "--log-level", "warning")
             wait(lambda: httpx.get(b_url + "/health").json()["neurons"] == 1, 30, "the neuron")
-            paths = {"fed-new": "0", "fed-reuse": "8"}
+            paths = {"fed-reuse": "8"} if args.no_new else {"fed-new": "0", "fed-reuse": "8"}
             urls = {"local": b_url}
             for name, idle in paths.items():
                 gw[name], ctl[name] = free_port(), free_port()
@@ -151,9 +166,16 @@ def main() -> None:
                 for url in urls.values():
                     measure(client, url, body, 20)  # warm-up: cold load, connections, streams
                 for r in range(args.rounds):
-                    order = list(urls)[r % 3:] + list(urls)[:r % 3]
+                    order = list(urls)[r % len(urls):] + list(urls)[:r % len(urls)]
                     for name in order:
                         times[name] += measure(client, urls[name], body, per_round)
+                # Where the time goes: CPU per request of each process, one path at a time.
+                cpu: dict[str, dict[str, float]] = {}
+                for name in urls:
+                    before = procs.cpu()
+                    measure(client, urls[name], body, args.cpu_requests)
+                    after = procs.cpu()
+                    cpu[name] = {p: (after[p] - before[p]) / args.cpu_requests * 1000 for p in after}
         finally:
             procs.stop()
     local = times["local"]
@@ -166,6 +188,12 @@ def main() -> None:
         print(f"  {name:10s} (A's gateway -> mesh -> B -> neuron): p50 {fp50:6.2f} ms  p99 {pct(fed, 99):6.2f} ms"
               f"  added: p50 {fp50 - lp50:+.2f} ms, p99 {pct(fed, 99) - pct(local, 99):+.2f} ms")
     print("  (target: the federated hop adds at most 3 ms at p50)")
+    print("CPU ms per request, per process (one path at a time, after the rounds):")
+    names = list(next(iter(cpu.values())))
+    print("  " + f"{'path':10s}" + "".join(f"{n:>11s}" for n in names) + f"{'total':>9s}")
+    for path, per in cpu.items():
+        print("  " + f"{path:10s}" + "".join(f"{per[n]:11.2f}" for n in names) + f"{sum(per.values()):9.2f}")
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":
