@@ -30,7 +30,7 @@ from helexa.protocol import (
     ProtocolError,
     TokenChunk,
 )
-from helexa.protocol.federation import FederatedHello, OfferedModel, Refusal
+from helexa.protocol.federation import FederatedHello, OfferedModel, Receipt, Refusal
 
 from .ledger import SERVED, Ledger
 from .policy import Admission, ServePolicy
@@ -163,21 +163,35 @@ class InboundServer:
         outcome = "ok"
         prompt = completion = 0
         asker_gone = False
+        receipt_sent: Receipt | None = None
         gen_scope = trio.CancelScope()
+        watch_scope = trio.CancelScope()
+        watched = trio.Event()
+
+        def receipt_now() -> Receipt:
+            return sign_receipt(
+                self._identity, request_id=request.request_id, model_id=request.model_id,
+                prompt_tokens=prompt, completion_tokens=completion, price_input=model.price_input,
+                price_output=model.price_output, started_at=started, ended_at=self._clock(),
+                client_peer_id=stream.remote_peer, outcome=outcome)
 
         async def watch() -> None:
             nonlocal outcome, asker_gone
-            while True:
-                try:
-                    msg = await stream.receive(timeout=math.inf)
-                except (StreamClosed, StreamTimeout, ProtocolError):
-                    asker_gone = True
-                    outcome = "cancelled"
-                    gen_scope.cancel()
-                    return
-                if isinstance(msg, Cancel) and msg.request_id == request.request_id:
-                    outcome = "cancelled"
-                    gen_scope.cancel()
+            try:
+                with watch_scope:
+                    while True:
+                        try:
+                            msg = await stream.receive(timeout=math.inf)
+                        except (StreamClosed, StreamTimeout, ProtocolError):
+                            asker_gone = True
+                            outcome = "cancelled"
+                            gen_scope.cancel()
+                            return
+                        if isinstance(msg, Cancel) and msg.request_id == request.request_id:
+                            outcome = "cancelled"
+                            gen_scope.cancel()
+            finally:
+                watched.set()
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch)
@@ -185,11 +199,23 @@ class InboundServer:
                 try:
                     async with self._generate(request) as frames:
                         async for frame in frames:
-                            if isinstance(frame, TokenChunk):
-                                completion += frame.tokens
-                            elif isinstance(frame, GenerateResult):
+                            if isinstance(frame, GenerateResult):
+                                # The answer and its receipt leave in one write: the asker
+                                # waits for both, and a second frame costs it a muxer
+                                # frame and a wake-up. The watcher stops first (the asker
+                                # may send its next request once it has the receipt).
                                 prompt = frame.usage.prompt_tokens
                                 completion = frame.usage.completion_tokens
+                                watch_scope.cancel()
+                                await watched.wait()
+                                if outcome == "cancelled":  # the asker left meanwhile
+                                    break
+                                receipt = receipt_now()
+                                await stream.send(frame, receipt, timeout=self._t.send)
+                                receipt_sent = receipt
+                                break
+                            if isinstance(frame, TokenChunk):
+                                completion += frame.tokens
                             elif isinstance(frame, InferenceError):
                                 outcome = "error"
                             await stream.send(frame, timeout=self._t.send)
@@ -203,11 +229,10 @@ class InboundServer:
             # The watcher stops before the receipt goes: after it, the asker may send its
             # next request on this stream, which must not be read here.
             nursery.cancel_scope.cancel()
-        receipt = sign_receipt(
-            self._identity, request_id=request.request_id, model_id=request.model_id,
-            prompt_tokens=prompt, completion_tokens=completion, price_input=model.price_input,
-            price_output=model.price_output, started_at=started, ended_at=self._clock(),
-            client_peer_id=stream.remote_peer, outcome=outcome)
+        if receipt_sent is not None:
+            await self._ledger.arecord(SERVED, receipt_sent)
+            return True
+        receipt = receipt_now()
         if not asker_gone:  # the asker first: it is waiting, the disk is not
             try:
                 await stream.send(receipt, timeout=self._t.send)

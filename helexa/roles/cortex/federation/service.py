@@ -228,8 +228,7 @@ class Federation:
                 except DialFailed as exc:
                     raise PeerUnreachable(str(exc), peer_id=offer.peer_id) from None
             try:
-                await stream.send(FederatedHello(self.operator, request.request_id), timeout=t.send)
-                await stream.send(request, timeout=t.send)
+                await stream.send(FederatedHello(self.operator, request.request_id), request, timeout=t.send)
                 first = await stream.receive(timeout=t.first_frame)
             except StreamClosed as exc:
                 await stream.reset()
