@@ -136,6 +136,10 @@ class Federation:
                 log.exception("federation: announcing failed")
             for peer in self.table.expire(self._clock()):
                 log.info("federation: offer of %s expired", peer)
+            try:
+                await self.ledger.acheckpoint()  # the receipts' fsync, off the answers' path
+            except Exception:
+                log.exception("federation: checkpointing the ledger failed")
             await trio.sleep(self.settings.announce_interval)
 
     def _validate(self, origin: str, data: bytes) -> bool:
