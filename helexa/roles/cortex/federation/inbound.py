@@ -110,7 +110,9 @@ class InboundServer:
                               timeout=self._t.send)
             return False
         peer = stream.remote_peer
-        refusal = self._check(request)
+        # The offer is read once: nothing awaits between this check and the serving.
+        model = self._offered(request.model_id)
+        refusal = self._check(request, model)
         if refusal is None:
             decision = self._admission.admit(peer, hello.operator, request.model_id, trio.current_time())
             if not decision.admitted:
@@ -119,6 +121,7 @@ class InboundServer:
             log.info("federation: refused %s from %s (%s): %s", request.request_id, peer, refusal.code, refusal.message)
             await stream.send(refusal, timeout=self._t.send)
             return True
+        assert model is not None  # _check refused otherwise
         span = None
         if telemetry.enabled():
             span = telemetry.tracer().start_span(
@@ -127,21 +130,12 @@ class InboundServer:
                             "helexa.peer": peer, "helexa.operator": hello.operator})
         try:
             with trace.use_span(span, end_on_exit=True) if span is not None else contextlib.nullcontext():
-                return await self._serve(stream, request)
+                if isinstance(request, GenerateRequest):
+                    return await self._serve_generate(stream, request, model)
+                await self._serve_embed(stream, request, model)
+                return True
         finally:
             self._admission.release(peer)
-
-    async def _serve(self, stream: MessageStream, request: GenerateRequest | EmbedRequest) -> bool:
-        """Serve one admitted request; True if the stream is clean for the next one."""
-        model = self._offered(request.model_id)
-        if model is None:  # the offer changed since the check above
-            await stream.send(Refusal(request.request_id, "model_not_offered", "no longer offered"),
-                              timeout=self._t.send)
-            return True
-        if isinstance(request, GenerateRequest):
-            return await self._serve_generate(stream, request, model)
-        await self._serve_embed(stream, request, model)
-        return True
 
     def _offered(self, model_id: str) -> OfferedModel | None:
         for m in self._admission.policy.filter_offer(list(self._offer_fn())):
@@ -149,11 +143,11 @@ class InboundServer:
                 return m
         return None
 
-    def _check(self, request: GenerateRequest | EmbedRequest) -> Refusal | None:
+    def _check(self, request: GenerateRequest | EmbedRequest, model: OfferedModel | None) -> Refusal | None:
         handler = self._generate if isinstance(request, GenerateRequest) else self._embed
         if handler is None or not self._admission.policy.serve_peers:
             return Refusal(request.request_id, "not_serving", "this cortex does not serve this kind of request to peers")
-        if self._offered(request.model_id) is None:
+        if model is None:
             return Refusal(request.request_id, "model_not_offered", f"model {request.model_id!r} is not offered to peers")
         return None
 
