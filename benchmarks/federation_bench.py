@@ -74,7 +74,7 @@ class Procs:
         log = self.work / f"{name}.log"
         with open(log, "wb") as out:
             self.procs.append(subprocess.Popen([*HELEXA, *args], stdout=out, stderr=subprocess.STDOUT,
-                                               stdin=subprocess.DEVNULL,
+                                               stdin=subprocess.DEVNULL, cwd=self.work,
                                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}))
         self.pids[name] = self.procs[-1].pid
         return log
@@ -149,6 +149,8 @@ def main() -> None:
         kinds = {"fed-reuse": "8"} if args.no_new else {"fed-new": "0", "fed-reuse": "8"}
         trees = {"": {}}
         if args.baseline:
+            # (Every process runs in the work directory: ``-m`` puts the current
+            # directory first on sys.path, which would shadow PYTHONPATH with this tree.)
             trees["base-"] = {"PYTHONPATH": str(Path(args.baseline).resolve())}
         urls: dict[str, str] = {}
         paths: list[str] = []
