@@ -15,7 +15,10 @@ connection, alternately in rounds to:
 * ``fed-reuse``: the other A's gateway, streams reused.
 
 Prints p50 / p99 of each and what each federated path adds to the local one's median
-(target: 3 ms at p50).
+(target: 3 ms at p50), then the CPU each process spends per request on each path.
+``--baseline DIR`` starts the same processes a second time from the helexa source tree in
+DIR (e.g. ``git archive COMMIT helexa | tar -x -C DIR``) and interleaves them with these:
+a before/after in one run, on a machine whose load changes from minute to minute.
 Run it under the machine-wide benchmark lock::
 
     flock /tmp/helexa-bench.lock .venv/bin/python benchmarks/federation_bench.py
@@ -64,18 +67,31 @@ class Procs:
     def __init__(self, work: Path) -> None:
         self.work = work
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.pids: dict[str, int] = {}
+        self.control: dict[str, int] = {}
 
     def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> Path:
         log = self.work / f"{name}.log"
         with open(log, "wb") as out:
             self.procs.append(subprocess.Popen([*HELEXA, *args], stdout=out, stderr=subprocess.STDOUT,
-                                               stdin=subprocess.DEVNULL,
+                                               stdin=subprocess.DEVNULL, cwd=self.work,
                                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}))
+        self.pids[name] = self.procs[-1].pid
         return log
+
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds (user + system, all threads) each process has used so far."""
+        out = {}
+        tick = os.sysconf("SC_CLK_TCK")
+        for name, pid in self.pids.items():
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[name] = (int(fields[11]) + int(fields[12])) / tick
+        return out
 
     def cortex(self, name: str, operator: str, control: int, gateway: int, *extra: str,
                env: dict[str, str] | None = None) -> str:
         """Start a cortex on the mesh; return its first multiaddr once it recorded them."""
+        self.control[name] = control
         self.start(name, "cortex", "--data-dir", str(self.work / name), "--operator", operator,
                    "--control-socket", f"127.0.0.1:{control}", "--gateway-socket", f"127.0.0.1:{gateway}",
                    "--mesh-listen", "/ip4/127.0.0.1/tcp/0", "--log-level", "warning",
@@ -116,30 +132,47 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=300, help="per side, over all rounds")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--cpu-requests", type=int, default=200,
+                    help="requests per path in the CPU-per-request phase after the rounds")
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="also run the same setup from the helexa source tree in DIR (its PYTHONPATH), "
+                         "interleaved: an A/B in one run")
+    ap.add_argument("--no-new", action="store_true", help="skip the new-stream-per-request path")
     args = ap.parse_args()
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     with tempfile.TemporaryDirectory(prefix="helexa-fedbench-") as tmp:
         work = Path(tmp)
         (work / "models.toml").write_text(
             f'[models."{MODEL}"]\nbackend = "synthetic"\n[models."{MODEL}".config]\n'
             f"metadata = {{ tokens = {args.tokens} }}\n")
-        gw, ctl = {"b": free_port()}, {"b": free_port()}
         procs = Procs(work)
+        kinds = {"fed-reuse": "8"} if args.no_new else {"fed-new": "0", "fed-reuse": "8"}
+        trees = {"": {}}
+        if args.baseline:
+            # (Every process runs in the work directory: ``-m`` puts the current
+            # directory first on sys.path, which would shadow PYTHONPATH with this tree.)
+            trees["base-"] = {"PYTHONPATH": str(Path(args.baseline).resolve())}
+        urls: dict[str, str] = {}
+        paths: list[str] = []
         try:
-            # B's default per-peer limit (5 requests/s) would refuse a benchmark's pace.
-            b_addr = procs.cortex("b", "operator-b", ctl["b"], gw["b"], env={
-                "HELEXA_FEDERATION__RATE_PER_SECOND": "100000", "HELEXA_FEDERATION__BURST": "100000"})
-            b_url = f"http://127.0.0.1:{gw['b']}"
-            wait(lambda: httpx.get(b_url + "/health").status_code == 200, 30, "b's gateway")
-            procs.start("neuron", "neuron", "--cortex", f"ws://127.0.0.1:{ctl['b']}", "--node-id", "bench",
-                        "--join-token-file", str(work / "b" / "join-token"), "--log-level", "warning")
-            wait(lambda: httpx.get(b_url + "/health").json()["neurons"] == 1, 30, "the neuron")
-            paths = {"fed-new": "0", "fed-reuse": "8"}
-            urls = {"local": b_url}
-            for name, idle in paths.items():
-                gw[name], ctl[name] = free_port(), free_port()
-                procs.cortex(name, "operator-a", ctl[name], gw[name], "--bootstrap", b_addr,
-                             env={"HELEXA_FEDERATION__IDLE_STREAMS": idle})
-                urls[name] = f"http://127.0.0.1:{gw[name]}"
+            for tag, tree_env in trees.items():
+                # B's default per-peer limit (5 requests/s) would refuse a benchmark's pace.
+                b_addr = procs.cortex(tag + "b", "operator-b", free_port(), b_gw := free_port(), env={
+                    **tree_env, "HELEXA_FEDERATION__RATE_PER_SECOND": "100000", "HELEXA_FEDERATION__BURST": "100000"})
+                b_ctl = procs.control[tag + "b"]
+                b_url = f"http://127.0.0.1:{b_gw}"
+                wait(lambda: httpx.get(b_url + "/health").status_code == 200, 30, "b's gateway")
+                procs.start(tag + "neuron", "neuron", "--cortex", f"ws://127.0.0.1:{b_ctl}", "--node-id", "bench",
+                            "--join-token-file", str(work / (tag + "b") / "join-token"), "--log-level", "warning",
+                            env=tree_env)
+                wait(lambda: httpx.get(b_url + "/health").json()["neurons"] == 1, 30, "the neuron")
+                urls[tag + "local"] = b_url
+                for kind, idle in kinds.items():
+                    name = tag + kind
+                    procs.cortex(name, "operator-a", free_port(), a_gw := free_port(), "--bootstrap", b_addr,
+                                 env={**tree_env, "HELEXA_FEDERATION__IDLE_STREAMS": idle})
+                    urls[name] = f"http://127.0.0.1:{a_gw}"
+                    paths.append(name)
             for name in paths:
                 wait(lambda: any(m["id"] == MODEL and m.get("federated")
                                  for m in httpx.get(urls[name] + "/v1/models").json()["data"]), 30,
@@ -151,21 +184,41 @@ def main() -> None:
                 for url in urls.values():
                     measure(client, url, body, 20)  # warm-up: cold load, connections, streams
                 for r in range(args.rounds):
-                    order = list(urls)[r % 3:] + list(urls)[:r % 3]
+                    order = list(urls)[r % len(urls):] + list(urls)[:r % len(urls)]
                     for name in order:
                         times[name] += measure(client, urls[name], body, per_round)
+                # Where the time goes: CPU per request of each process, one path at a time.
+                cpu: dict[str, dict[str, float]] = {}
+                for name in urls:
+                    before = procs.cpu()
+                    measure(client, urls[name], body, args.cpu_requests)
+                    after = procs.cpu()
+                    cpu[name] = {p: (after[p] - before[p]) / args.cpu_requests * 1000 for p in after}
         finally:
             procs.stop()
-    local = times["local"]
-    lp50 = statistics.median(local) * 1000
-    print(f"chat, non-streamed, {args.tokens} tokens, {len(local)} requests each, sequential, keep-alive:")
-    print(f"  {'local':10s} (B's gateway -> B's neuron):          p50 {lp50:6.2f} ms  p99 {pct(local, 99):6.2f} ms")
-    for name in paths:
-        fed = times[name]
-        fp50 = statistics.median(fed) * 1000
-        print(f"  {name:10s} (A's gateway -> mesh -> B -> neuron): p50 {fp50:6.2f} ms  p99 {pct(fed, 99):6.2f} ms"
-              f"  added: p50 {fp50 - lp50:+.2f} ms, p99 {pct(fed, 99) - pct(local, 99):+.2f} ms")
+    print(f"chat, non-streamed, {args.tokens} tokens, {len(times['local'])} requests each, sequential, keep-alive"
+          + (f"; base- = the tree at {args.baseline}" if args.baseline else "") + ":")
+    for tag in trees:
+        local = times[tag + "local"]
+        lp50 = statistics.median(local) * 1000
+        print(f"  {tag + 'local':15s} (B's gateway -> B's neuron):          p50 {lp50:6.2f} ms  p99 {pct(local, 99):6.2f} ms")
+        for name in paths:
+            if not name.startswith(tag) or (not tag and name.startswith("base-")):
+                continue
+            fed = times[name]
+            fp50 = statistics.median(fed) * 1000
+            print(f"  {name:15s} (A's gateway -> mesh -> B -> neuron): p50 {fp50:6.2f} ms  p99 {pct(fed, 99):6.2f} ms"
+                  f"  added: p50 {fp50 - lp50:+.2f} ms, p99 {pct(fed, 99) - pct(local, 99):+.2f} ms")
     print("  (target: the federated hop adds at most 3 ms at p50)")
+    print("CPU ms per request, per process (one path at a time, after the rounds; the other processes idle):")
+    for tag in trees:
+        names = [n for n in procs.pids if n.startswith(tag) and (tag or not n.startswith("base-"))]
+        print("  " + f"{'path':15s}" + "".join(f"{n:>15s}" for n in names) + f"{'total':>9s}")
+        for path, per in cpu.items():
+            if path.startswith(tag) and (tag or not path.startswith("base-")):
+                print("  " + f"{path:15s}" + "".join(f"{per[n]:15.2f}" for n in names)
+                      + f"{sum(per[n] for n in names):9.2f}")
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

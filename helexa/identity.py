@@ -5,6 +5,7 @@ Stored as an unencrypted PKCS#8 PEM file, mode 0600, created on first start.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +19,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 class Identity:
     private_key: Ed25519PrivateKey
 
-    @property
+    @functools.cached_property
     def public_bytes(self) -> bytes:
-        """The raw 32-byte public key."""
+        """The raw 32-byte public key (derived once: every signed receipt names it)."""
         return self.private_key.public_key().public_bytes(
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
         )
@@ -43,10 +44,17 @@ class Identity:
 def verify_signature(public_key: bytes, signature: bytes, data: bytes) -> bool:
     """True if ``signature`` is ``public_key``'s Ed25519 signature over ``data``."""
     try:
-        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, data)
+        _public_key(public_key).verify(signature, data)
     except (InvalidSignature, ValueError):
         return False
     return True
+
+
+@functools.lru_cache(maxsize=1024)
+def _public_key(raw: bytes) -> Ed25519PublicKey:
+    # A cortex verifies the same few peers' keys over and over (each receipt and
+    # announcement); parsing one costs as much as a third of a verification.
+    return Ed25519PublicKey.from_public_bytes(raw)
 
 
 def load_or_create(path: Path) -> Identity:

@@ -75,8 +75,10 @@ class MessageStream(abc.ABC):
     """The authenticated peer id at the other end."""
 
     @abc.abstractmethod
-    async def send(self, msg: Any, *, timeout: float | None = None) -> None:
-        """Encode and send one message.
+    async def send(self, *msgs: Any, timeout: float | None = None) -> None:
+        """Encode and send ``msgs`` (one or more), in order and in one write: messages that
+        are ready together cross the mesh as one muxer frame (on libp2p each write costs a
+        frame, an encryption and a syscall here and a wake-up at the peer).
 
         Raises:
             StreamClosed: the peer closed/reset the stream or the connection broke.

@@ -17,12 +17,16 @@ Every sharp edge listed in ``shared/notes/stack.md`` is handled here, and only h
 * a neighbour may forward only so many new gossip messages per second
   (:mod:`.gossip_limit`); the rest are rejected as invalid, which GossipSub's peer score
   counts (:data:`GOSSIP_SCORE`): a flooding neighbour is soon ignored, then forgiven as
-  its score decays.
+  its score decays;
+* yamux returns receive window credit the way go-yamux does (once half the window is
+  read) instead of py-libp2p's default of a WINDOW_UPDATE frame after every read, which
+  doubled the frames of a request/response exchange (see :data:`_YAMUX_TUNING`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -48,6 +52,16 @@ from .streams import FramedStream, run_handler
 log = logging.getLogger(__name__)
 
 _READ_CHUNK = 64 * 1024
+
+_YAMUX_TUNING = {"PY_YAMUX_RELEASE_ON_READ": "0"}
+"""py-libp2p's yamux reads its tuning from the environment at each call. With
+``RELEASE_ON_READ`` on (its default) every read of a stream sends a WINDOW_UPDATE frame
+back: one more encrypted frame, syscall and wake-up of the peer per message, measured at
+about a millisecond of a federated request (``docs/benchmarks.md``). Off, credit goes back
+once half the receive window (256 KiB) is consumed, as in go-yamux; long streams keep
+flowing. An operator's own setting of the variable wins."""
+for _name, _value in _YAMUX_TUNING.items():
+    os.environ.setdefault(_name, _value)
 
 
 class _DhtNoise(logging.Filter):

@@ -7,6 +7,8 @@ above which libp2p would hash it with sha256 instead. A test checks this against
 
 from __future__ import annotations
 
+import functools
+
 _ALPHABET = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 _ED25519_PROTO_PREFIX = b"\x08\x01\x12\x20"
 
@@ -21,6 +23,7 @@ def b58encode(data: bytes) -> str:
     return "1" * pad + "".join(reversed(out))
 
 
+@functools.lru_cache(maxsize=1024)  # the same few peers' keys, with every receipt
 def peer_id_from_ed25519(public_key: bytes) -> str:
     """The peer id of a raw 32-byte Ed25519 public key.
 

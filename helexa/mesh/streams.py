@@ -45,8 +45,8 @@ class FramedStream(MessageStream):
     @abc.abstractmethod
     async def _reset_raw(self) -> None: ...
 
-    async def send(self, msg: Any, *, timeout: float | None = None) -> None:
-        data = encode_frame(encode(msg))
+    async def send(self, *msgs: Any, timeout: float | None = None) -> None:
+        data = b"".join(encode_frame(encode(msg)) for msg in msgs)
         try:
             with trio.fail_after(self._timeout if timeout is None else timeout):
                 async with self._send_lock:

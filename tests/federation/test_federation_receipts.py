@@ -1,7 +1,11 @@
 import dataclasses
+import signal
+import sqlite3
+import subprocess
+import sys
 
 from helexa.mesh import peer_id_from_ed25519
-from helexa.roles.cortex.federation.ledger import CONSUMED, SERVED, Ledger, format_report
+from helexa.roles.cortex.federation.ledger import CHECKPOINT_AFTER, CONSUMED, SERVED, Ledger, format_report
 from helexa.roles.cortex.federation.receipts import sign_receipt, verify_receipt
 
 from conftest import new_identity
@@ -56,7 +60,45 @@ def test_ledger_is_durable_and_keeps_flagged_receipts(tmp_path):
         assert "served" in format_report(summary)
 
 
-async def test_async_record_runs_off_the_trio_thread(tmp_path):
+async def test_an_async_record_is_in_the_file_when_it_returns(tmp_path):
     with Ledger(tmp_path / "l.sqlite") as ledger:
         assert await ledger.arecord(SERVED, receipt(new_identity()))
         assert len(await ledger.asummary()) == 1
+        # Another connection (another process, after a kill -9) sees it already.
+        other = sqlite3.connect(tmp_path / "l.sqlite")
+        assert other.execute("SELECT request_id FROM receipts").fetchall() == [("r1",)]
+        other.close()
+
+
+def test_a_record_survives_kill_9_of_the_process_that_made_it(tmp_path):
+    path = tmp_path / "l.sqlite"
+    code = f"""
+import os, signal, trio
+from helexa.roles.cortex.federation.ledger import SERVED, Ledger
+from helexa.roles.cortex.federation.receipts import sign_receipt
+from helexa.identity import Identity
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+r = sign_receipt(Identity(Ed25519PrivateKey.generate()), request_id="r1", model_id="m", prompt_tokens=1,
+                 completion_tokens=2, price_input=1.0, price_output=1.0, started_at=1.0, ended_at=2.0,
+                 client_peer_id="c")
+ledger = Ledger({str(path)!r})
+trio.run(ledger.arecord, SERVED, r)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    with Ledger(path) as ledger:
+        assert ledger.get(SERVED, "r1") is not None
+
+
+async def test_the_log_is_checkpointed_off_the_loop_once_enough_records_were_written(tmp_path):
+    ident = new_identity()
+    with Ledger(tmp_path / "l.sqlite") as ledger:
+        for i in range(CHECKPOINT_AFTER):
+            await ledger.arecord(SERVED, receipt(ident, request_id=f"r{i}"))
+        await ledger.acheckpoint()
+        # The checkpoint moved every page of the log into the database file.
+        busy, log_pages, moved = sqlite3.connect(tmp_path / "l.sqlite").execute(
+            "PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        assert busy == 0 and moved == log_pages
+        assert len(ledger.entries(SERVED)) == CHECKPOINT_AFTER

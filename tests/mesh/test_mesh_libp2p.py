@@ -208,3 +208,41 @@ async def test_a_gossip_flood_from_one_peer_is_cut_to_its_rate_and_scores_it_dow
     assert got is not None
     for n in nodes.values():
         await n.stop()
+
+
+async def test_a_stream_carries_megabytes_both_ways_with_window_credit_returned_at_half_window():
+    # The mesh turns py-libp2p's WINDOW_UPDATE-after-every-read off (go-yamux's rule: credit
+    # goes back once half the 256 KiB window is read): 8 MB one way, over many windows,
+    # must still flow, with the answers interleaved on the same stream.
+    import os
+
+    from helexa.mesh.libp2p_mesh import Libp2pMesh
+    from helexa.protocol import TokenChunk
+
+    assert os.environ["PY_YAMUX_RELEASE_ON_READ"] == "0"
+    count, size = 200, 40_000
+    received = []
+
+    async def handler(stream):
+        for _ in range(count):
+            msg = await stream.receive(timeout=20)
+            received.append(len(msg.text))
+            await stream.send(TokenChunk("r", "ok"), timeout=20)
+
+    a, b = Libp2pMesh(os.urandom(32)), Libp2pMesh(os.urandom(32))
+    b.serve("/helexa/test-bulk/1", handler)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.run)
+        addrs = await nursery.start(b.run)
+        peer = await a.connect(addrs[0], timeout=10)
+        stream = await a.open_stream(peer, "/helexa/test-bulk/1", timeout=10)
+
+        async def send_all():
+            for _ in range(count):
+                await stream.send(TokenChunk("r", "x" * size), timeout=20)
+
+        async with trio.open_nursery() as inner:
+            inner.start_soon(send_all)
+            answers = [await stream.receive(timeout=20) for _ in range(count)]
+        assert received == [size] * count and len(answers) == count
+        nursery.cancel_scope.cancel()

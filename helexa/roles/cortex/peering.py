@@ -34,7 +34,7 @@ from typing import Any
 import trio
 
 from helexa.protocol import EmbedRequest, EmbedResult, GenerateRequest, GenerateResult, ModelState, TokenChunk
-from helexa.protocol.federation import OfferedModel
+from helexa.protocol.federation import OfferedModel, Receipt
 
 from .catalogue import Catalogue
 from .dispatch import Generation
@@ -170,14 +170,16 @@ class PeerHandle:
     @asynccontextmanager
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Any]:
         """:meth:`Federation.route`; raises the federation's errors (see its docstring)."""
+        frames = None
         try:
             async with self.federation.route(request, also=self._also) as frames:
                 self.peer_id = frames.peer_id
                 yield frames
         finally:
-            if self.peer_id is not None and self._router is not None:
-                with trio.CancelScope(shield=True):
-                    await self._router.keep_receipt(request.request_id)
+            # The receipt the route recorded, kept from memory: reading it back from the
+            # ledger cost a worker-thread hop on every federated answer's path.
+            if frames is not None and frames.receipt is not None and self._router is not None:
+                self._router.remember(request.request_id, frames.receipt)
 
     async def embed(self, request: EmbedRequest, *, timeout: float) -> EmbedResult:
         try:
@@ -204,9 +206,12 @@ class PeerRouter:
         """Keep the consumed receipt of ``request_id`` (as recorded in the federation
         ledger) for :meth:`take_receipt`; the oldest are dropped past a bound."""
         entry = await trio.to_thread.run_sync(self.federation.ledger.get, CONSUMED, request_id)
-        if entry is None:
-            return
-        self._receipts[request_id] = (entry.receipt.server_peer_id, entry.receipt.signature.hex())
+        if entry is not None:
+            self.remember(request_id, entry.receipt)
+
+    def remember(self, request_id: str, receipt: Receipt) -> None:
+        """Keep ``receipt`` (as the ledger recorded it) for :meth:`take_receipt`."""
+        self._receipts[request_id] = (receipt.server_peer_id, receipt.signature.hex())
         while len(self._receipts) > _RECEIPTS_KEPT:
             self._receipts.popitem(last=False)
 

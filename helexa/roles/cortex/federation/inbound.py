@@ -30,7 +30,7 @@ from helexa.protocol import (
     ProtocolError,
     TokenChunk,
 )
-from helexa.protocol.federation import FederatedHello, OfferedModel, Refusal
+from helexa.protocol.federation import FederatedHello, OfferedModel, Receipt, Refusal
 
 from .ledger import SERVED, Ledger
 from .policy import Admission, ServePolicy
@@ -110,7 +110,9 @@ class InboundServer:
                               timeout=self._t.send)
             return False
         peer = stream.remote_peer
-        refusal = self._check(request)
+        # The offer is read once: nothing awaits between this check and the serving.
+        model = self._offered(request.model_id)
+        refusal = self._check(request, model)
         if refusal is None:
             decision = self._admission.admit(peer, hello.operator, request.model_id, trio.current_time())
             if not decision.admitted:
@@ -119,6 +121,7 @@ class InboundServer:
             log.info("federation: refused %s from %s (%s): %s", request.request_id, peer, refusal.code, refusal.message)
             await stream.send(refusal, timeout=self._t.send)
             return True
+        assert model is not None  # _check refused otherwise
         span = None
         if telemetry.enabled():
             span = telemetry.tracer().start_span(
@@ -127,21 +130,12 @@ class InboundServer:
                             "helexa.peer": peer, "helexa.operator": hello.operator})
         try:
             with trace.use_span(span, end_on_exit=True) if span is not None else contextlib.nullcontext():
-                return await self._serve(stream, request)
+                if isinstance(request, GenerateRequest):
+                    return await self._serve_generate(stream, request, model)
+                await self._serve_embed(stream, request, model)
+                return True
         finally:
             self._admission.release(peer)
-
-    async def _serve(self, stream: MessageStream, request: GenerateRequest | EmbedRequest) -> bool:
-        """Serve one admitted request; True if the stream is clean for the next one."""
-        model = self._offered(request.model_id)
-        if model is None:  # the offer changed since the check above
-            await stream.send(Refusal(request.request_id, "model_not_offered", "no longer offered"),
-                              timeout=self._t.send)
-            return True
-        if isinstance(request, GenerateRequest):
-            return await self._serve_generate(stream, request, model)
-        await self._serve_embed(stream, request, model)
-        return True
 
     def _offered(self, model_id: str) -> OfferedModel | None:
         for m in self._admission.policy.filter_offer(list(self._offer_fn())):
@@ -149,11 +143,11 @@ class InboundServer:
                 return m
         return None
 
-    def _check(self, request: GenerateRequest | EmbedRequest) -> Refusal | None:
+    def _check(self, request: GenerateRequest | EmbedRequest, model: OfferedModel | None) -> Refusal | None:
         handler = self._generate if isinstance(request, GenerateRequest) else self._embed
         if handler is None or not self._admission.policy.serve_peers:
             return Refusal(request.request_id, "not_serving", "this cortex does not serve this kind of request to peers")
-        if self._offered(request.model_id) is None:
+        if model is None:
             return Refusal(request.request_id, "model_not_offered", f"model {request.model_id!r} is not offered to peers")
         return None
 
@@ -163,21 +157,35 @@ class InboundServer:
         outcome = "ok"
         prompt = completion = 0
         asker_gone = False
+        receipt_sent: Receipt | None = None
         gen_scope = trio.CancelScope()
+        watch_scope = trio.CancelScope()
+        watched = trio.Event()
+
+        def receipt_now() -> Receipt:
+            return sign_receipt(
+                self._identity, request_id=request.request_id, model_id=request.model_id,
+                prompt_tokens=prompt, completion_tokens=completion, price_input=model.price_input,
+                price_output=model.price_output, started_at=started, ended_at=self._clock(),
+                client_peer_id=stream.remote_peer, outcome=outcome)
 
         async def watch() -> None:
             nonlocal outcome, asker_gone
-            while True:
-                try:
-                    msg = await stream.receive(timeout=math.inf)
-                except (StreamClosed, StreamTimeout, ProtocolError):
-                    asker_gone = True
-                    outcome = "cancelled"
-                    gen_scope.cancel()
-                    return
-                if isinstance(msg, Cancel) and msg.request_id == request.request_id:
-                    outcome = "cancelled"
-                    gen_scope.cancel()
+            try:
+                with watch_scope:
+                    while True:
+                        try:
+                            msg = await stream.receive(timeout=math.inf)
+                        except (StreamClosed, StreamTimeout, ProtocolError):
+                            asker_gone = True
+                            outcome = "cancelled"
+                            gen_scope.cancel()
+                            return
+                        if isinstance(msg, Cancel) and msg.request_id == request.request_id:
+                            outcome = "cancelled"
+                            gen_scope.cancel()
+            finally:
+                watched.set()
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch)
@@ -185,11 +193,23 @@ class InboundServer:
                 try:
                     async with self._generate(request) as frames:
                         async for frame in frames:
-                            if isinstance(frame, TokenChunk):
-                                completion += frame.tokens
-                            elif isinstance(frame, GenerateResult):
+                            if isinstance(frame, GenerateResult):
+                                # The answer and its receipt leave in one write: the asker
+                                # waits for both, and a second frame costs it a muxer
+                                # frame and a wake-up. The watcher stops first (the asker
+                                # may send its next request once it has the receipt).
                                 prompt = frame.usage.prompt_tokens
                                 completion = frame.usage.completion_tokens
+                                watch_scope.cancel()
+                                await watched.wait()
+                                if outcome == "cancelled":  # the asker left meanwhile
+                                    break
+                                receipt = receipt_now()
+                                await stream.send(frame, receipt, timeout=self._t.send)
+                                receipt_sent = receipt
+                                break
+                            if isinstance(frame, TokenChunk):
+                                completion += frame.tokens
                             elif isinstance(frame, InferenceError):
                                 outcome = "error"
                             await stream.send(frame, timeout=self._t.send)
@@ -203,11 +223,10 @@ class InboundServer:
             # The watcher stops before the receipt goes: after it, the asker may send its
             # next request on this stream, which must not be read here.
             nursery.cancel_scope.cancel()
-        receipt = sign_receipt(
-            self._identity, request_id=request.request_id, model_id=request.model_id,
-            prompt_tokens=prompt, completion_tokens=completion, price_input=model.price_input,
-            price_output=model.price_output, started_at=started, ended_at=self._clock(),
-            client_peer_id=stream.remote_peer, outcome=outcome)
+        if receipt_sent is not None:
+            await self._ledger.arecord(SERVED, receipt_sent)
+            return True
+        receipt = receipt_now()
         if not asker_gone:  # the asker first: it is waiting, the disk is not
             try:
                 await stream.send(receipt, timeout=self._t.send)

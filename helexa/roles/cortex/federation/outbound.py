@@ -125,6 +125,12 @@ class RemoteGeneration:
         self.cancelled = False
 
     @property
+    def receipt(self) -> Receipt | None:
+        """The receipt as the ledger recorded it (a flagged stand-in if none came), once
+        the generation finished; None before."""
+        return self._keeper.receipt
+
+    @property
     def clean(self) -> bool:
         """The answer and its receipt were read whole: the stream may carry another request."""
         return self._keeper.received and not self.cancelled

@@ -136,6 +136,10 @@ class Federation:
                 log.exception("federation: announcing failed")
             for peer in self.table.expire(self._clock()):
                 log.info("federation: offer of %s expired", peer)
+            try:
+                await self.ledger.acheckpoint()  # the receipts' fsync, off the answers' path
+            except Exception:
+                log.exception("federation: checkpointing the ledger failed")
             await trio.sleep(self.settings.announce_interval)
 
     def _validate(self, origin: str, data: bytes) -> bool:
@@ -228,8 +232,7 @@ class Federation:
                 except DialFailed as exc:
                     raise PeerUnreachable(str(exc), peer_id=offer.peer_id) from None
             try:
-                await stream.send(FederatedHello(self.operator, request.request_id), timeout=t.send)
-                await stream.send(request, timeout=t.send)
+                await stream.send(FederatedHello(self.operator, request.request_id), request, timeout=t.send)
                 first = await stream.receive(timeout=t.first_frame)
             except StreamClosed as exc:
                 await stream.reset()
