@@ -11,6 +11,10 @@ iterator of :class:`~helexa.protocol.TokenChunk` items ending with exactly one
 ``contextlib.aclosing(...)``; leaving the loop early, or cancelling the task that iterates,
 must stop generation in the backend and free its slot before ``aclose`` returns.
 
+Queue wait: a backend whose requests can wait before the engine starts on them (for a
+slot, a batch, a worker) calls :func:`helexa.runtime.start_signal.report` when that wait
+ends, and says how many it runs at once in :meth:`Backend.slots`.
+
 Blocking backend calls run off the trio thread (``trio.to_thread.run_sync``) so that one
 model's work never stalls the control plane.
 
@@ -138,6 +142,11 @@ class Backend(abc.ABC):
     def memory_bytes(self) -> int:
         """Approximate resident memory of the loaded model (0 if unknown)."""
         return 0
+
+    def slots(self) -> int | None:
+        """Requests the loaded backend works on at once (more wait in its queue); None when
+        it has no such limit or does not say."""
+        return None
 
     def context_length(self) -> int | None:
         """The context one request gets (prompt and answer together), once loaded; by

@@ -84,6 +84,12 @@ async def test_one_trace_runs_from_the_gateway_through_the_orchestrator_to_the_n
     assert dispatches[-1].attributes["helexa.neuron"] == "n1"
     assert served.attributes["helexa.model"] == "synth"
     assert [e.name for e in served.events] == ["first_output"]
+    # Its wait on the neuron before the backend started (the synthetic backend has no queue).
+    (queued,) = named["neuron.queue"]
+    assert queued.parent.span_id == served.context.span_id and queued.context.trace_id == trace_id
+    assert queued.attributes["helexa.queue.ended_by"] == "backend_start"
+    assert queued.attributes["helexa.queue.busy_at_entry"] == 0 and queued.attributes["helexa.model"] == "synth"
+    assert "helexa.queue.slots" not in queued.attributes
     assert any(s.attributes["helexa.decision"] == "cold_load" for s in named["orchestrator.decide"])
     # The cold load it waited for: the provisioner's load command, and the neuron carrying it out.
     (load,) = named["provisioner.load"]

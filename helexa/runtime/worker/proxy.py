@@ -35,7 +35,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import trio
@@ -63,10 +63,12 @@ from helexa.protocol.worker import (
     WorkerLoadFailed,
     WorkerProgress,
     WorkerReady,
+    WorkerStarted,
     WorkerStatus,
     WorkerUnload,
     WorkerUnloaded,
 )
+from helexa import telemetry
 from helexa.transport import ChannelClosed
 
 from ..base import (
@@ -83,6 +85,7 @@ from ..base import (
     TextInference,
     Unsupported,
 )
+from .. import start_signal
 from ..process_output import relay_lines
 from .pipe import Pipe
 
@@ -168,6 +171,7 @@ class WorkerBackend(Backend, ChatInference, TextInference, EmbeddingInference):
         self._kill_reason: str | None = None
         self._workloads: frozenset[Workload] = frozenset()
         self._memory = 0
+        self._slots: int | None = None
         self.crash_reason: str | None = None
         """Why the worker died, once it did without being asked to."""
         self.start_seconds: float | None = None
@@ -191,6 +195,9 @@ class WorkerBackend(Backend, ChatInference, TextInference, EmbeddingInference):
 
     def memory_bytes(self) -> int:
         return self._memory if self._phase is _Phase.LOADED else 0
+
+    def slots(self) -> int | None:
+        return self._slots
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -322,7 +329,7 @@ class WorkerBackend(Backend, ChatInference, TextInference, EmbeddingInference):
                 self._liveness.heard(trio.current_time())
             for msg in msgs:
                 match msg:
-                    case TokenChunk() | GenerateResult() | EmbedResult() | InferenceError():
+                    case TokenChunk() | GenerateResult() | EmbedResult() | InferenceError() | WorkerStarted():
                         if (queue := self._requests.get(msg.request_id)) is not None:
                             queue.send_nowait(msg)
                     case Pong():
@@ -332,8 +339,8 @@ class WorkerBackend(Backend, ChatInference, TextInference, EmbeddingInference):
                             self._progress(stage, done, total, unit)
                     case WorkerReady():
                         self._ready.set()
-                    case WorkerLoaded(workloads=workloads, memory_bytes=memory):
-                        self._workloads, self._memory = frozenset(workloads), memory
+                    case WorkerLoaded(workloads=workloads, memory_bytes=memory, slots=slots):
+                        self._workloads, self._memory, self._slots = frozenset(workloads), memory, slots
                         self._loaded.set()
                     case WorkerLoadFailed(code=code, message=message):
                         self._load_error = LoadFailed(message, code=code)
@@ -428,6 +435,9 @@ class WorkerBackend(Backend, ChatInference, TextInference, EmbeddingInference):
                 if type(item) is TokenChunk:
                     yield item
                     continue
+                if type(item) is WorkerStarted:
+                    start_signal.report()
+                    continue
                 ended = True
                 if type(item) is GenerateResult:
                     yield item
@@ -445,6 +455,9 @@ class WorkerBackend(Backend, ChatInference, TextInference, EmbeddingInference):
         try:
             sent = self._send(request)
             item = await receive.receive()
+            if type(item) is WorkerStarted:
+                start_signal.report()
+                item = await receive.receive()
             ended = True
             if type(item) is EmbedResult:
                 return item
@@ -469,6 +482,8 @@ class WorkerBackend(Backend, ChatInference, TextInference, EmbeddingInference):
         """Send ``request``; True once it was written. A dead worker is reported through
         the request's queue, like a death later on."""
         assert self._pipe is not None
+        if start_signal.listening():  # the worker reports the start of a request with a trace
+            request = replace(request, trace=telemetry.traceparent() or request.trace)
         try:
             self._pipe.send(request)
         except ChannelClosed:
@@ -484,7 +499,7 @@ class WorkerBackend(Backend, ChatInference, TextInference, EmbeddingInference):
                 self._pipe.send(Cancel(rid))
             except ChannelClosed:
                 pass
-            while type(await receive.receive()) is TokenChunk:
+            while type(await receive.receive()) in (TokenChunk, WorkerStarted):
                 pass
         if waited.cancelled_caught:
             log.error("the worker of %s kept request %s past %ss after cancel",
