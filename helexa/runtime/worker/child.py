@@ -1,6 +1,6 @@
 """The worker process: one model's backend, run for a neuron over a socket.
 
-Started by :class:`~helexa.runtime.worker.proxy.WorkerBackend` as
+Started by :class:`~helexa.runtime.worker.process.WorkerProcess` as
 ``python -m helexa.runtime.worker --fd N --model ID`` with one end of a socketpair. It runs
 its own trio loop with the ordinary backend (:func:`helexa.runtime.create_backend`) inside
 and answers the session of :mod:`helexa.protocol.worker`: load, requests by id, cancels,
