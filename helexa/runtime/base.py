@@ -46,6 +46,7 @@ from helexa.protocol import (
     Feature,
     ModelConfig,
     ModelStatus,
+    Task,
     TokenChunk,
     Workload,
 )
@@ -187,3 +188,21 @@ class EmbeddingInference(abc.ABC):
 
 class VisionInference(ChatInference):
     """A chat model that accepts image parts in its messages."""
+
+
+def events_of(backend: Backend, request: GenerateRequest) -> AsyncIterator[GenerationEvent]:
+    """``request``'s stream on ``backend``: its chat or its completion, as the request's task
+    says. Raises :class:`Unsupported` when the backend does not serve that task."""
+    if request.task is Task.CHAT and isinstance(backend, ChatInference):
+        return backend.chat(request)
+    if request.task is Task.COMPLETION and isinstance(backend, TextInference):
+        return backend.complete(request)
+    raise Unsupported(f"model {request.model_id!r} does not do {request.task.value} requests")
+
+
+def embedder(backend: Backend, request: EmbedRequest) -> EmbeddingInference:
+    """``backend`` as the embedder of ``request``. Raises :class:`Unsupported` when it does
+    not do embeddings."""
+    if not isinstance(backend, EmbeddingInference):
+        raise Unsupported(f"model {request.model_id!r} does not do embeddings")
+    return backend

@@ -16,8 +16,8 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from helexa import logs, telemetry
-from helexa.protocol import EmbedRequest, GenerateRequest, InferenceError, Task
-from helexa.runtime import BackendError, ChatInference, EmbeddingInference, TextInference, Unsupported, start_signal
+from helexa.protocol import EmbedRequest, GenerateRequest, InferenceError
+from helexa.runtime import BackendError, embedder, events_of, start_signal
 from helexa.transport import ChannelClosed
 
 from .connection import Connection
@@ -139,20 +139,12 @@ class Serving:
         try:
             with listening:
                 if isinstance(req, EmbedRequest):
-                    if not isinstance(backend, EmbeddingInference):
-                        raise Unsupported(f"model {req.model_id!r} does not do embeddings")
-                    result = await backend.embed(req)
+                    result = await embedder(backend, req).embed(req)
                     if wait is not None:
                         wait.end("result")
                     await send(result)
                     return
-                if req.task is Task.CHAT and isinstance(backend, ChatInference):
-                    events = backend.chat(req)
-                elif req.task is Task.COMPLETION and isinstance(backend, TextInference):
-                    events = backend.complete(req)
-                else:
-                    raise Unsupported(f"model {req.model_id!r} does not do {req.task.value} requests")
-                async with aclosing(events) as it:
+                async with aclosing(events_of(backend, req)) as it:
                     if req.stream:
                         await relay(it, send, on_first=on_first)
                     else:

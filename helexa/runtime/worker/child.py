@@ -37,7 +37,6 @@ from helexa.protocol import (
     Ping,
     Pong,
     ProtocolError,
-    Task,
     TokenChunk,
 )
 from helexa.protocol.worker import (
@@ -56,7 +55,7 @@ from helexa.protocol.worker import (
 from helexa.transport import ChannelClosed
 
 from .. import start_signal
-from ..base import Backend, BackendError, ChatInference, EmbeddingInference, TextInference, Unsupported
+from ..base import Backend, BackendError, embedder, events_of
 from ..registry import create_backend
 from .pipe import Pipe
 
@@ -322,18 +321,10 @@ class Worker:
                 try:
                     backend = self._require()
                     if isinstance(req, EmbedRequest):
-                        if not isinstance(backend, EmbeddingInference):
-                            raise Unsupported(f"model {req.model_id!r} does not do embeddings")
-                        put(await backend.embed(req))
+                        put(await embedder(backend, req).embed(req))
                         ended = True
                         return
-                    if req.task is Task.CHAT and isinstance(backend, ChatInference):
-                        events = backend.chat(req)
-                    elif req.task is Task.COMPLETION and isinstance(backend, TextInference):
-                        events = backend.complete(req)
-                    else:
-                        raise Unsupported(f"model {req.model_id!r} does not do {req.task.value} requests")
-                    async with aclosing(events) as it:
+                    async with aclosing(events_of(backend, req)) as it:
                         async for event in it:
                             put(event)
                             if type(event) is GenerateResult:
