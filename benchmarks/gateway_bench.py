@@ -28,35 +28,14 @@ import sys
 import time
 
 import trio
+from fixed_answer import ANSWER, BODY, raw_app
 from instant_neuron import InstantNeuron
 
-BODY = json.dumps({"model": "bench", "max_tokens": 16, "messages": [{"role": "user", "content": "Say hello"}]})
 STREAM_BODY = json.dumps({"model": "bench", "stream": True, "max_tokens": 64,
                           "messages": [{"role": "user", "content": "Say hello"}]})
-ANSWER = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "bench", "choices": [
-    {"index": 0, "message": {"role": "assistant", "content": "hello"}, "finish_reason": "stop"}],
-    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
 
 
 # --- servers -----------------------------------------------------------------------------
-
-
-async def raw_app(scope, receive, send):  # noqa: ANN001
-    if scope["type"] != "http":
-        while (msg := await receive())["type"] != "lifespan.shutdown":
-            await send({"type": "lifespan.startup.complete"})
-        await send({"type": "lifespan.shutdown.complete"})
-        return
-    body = b""
-    while True:
-        msg = await receive()
-        body += msg.get("body", b"")
-        if not msg.get("more_body"):
-            break
-    json.loads(body)
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(ANSWER)).encode())]})
-    await send({"type": "http.response.body", "body": ANSWER})
 
 
 def quart_app():  # noqa: ANN201
