@@ -5,14 +5,10 @@ hop's span is the child of the hop before it (the context rides in the request f
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 import trio
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from helexa import telemetry
@@ -26,18 +22,6 @@ from test_portal_federation import CHAT, keyed, two_operators
 
 CLIENT_TRACE = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 """A client's own span, sent as the ``traceparent`` header (the W3C spec's example)."""
-
-
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    telemetry.use_provider(provider)
-    try:
-        yield exporter
-    finally:
-        telemetry.use_provider(None)
 
 
 def by_name(exporter: InMemorySpanExporter) -> dict[str, list]:

@@ -9,17 +9,13 @@ with a fixed window; the wait is judged by the order of events.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 import trio
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from hand_cortex import HandCortex, neuron_for, next_frame
 
-from helexa import telemetry
 from helexa.protocol import (
     EmbedRequest,
     EmbedResult,
@@ -39,18 +35,6 @@ pytestmark = pytest.mark.slow
 
 TRACE = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 """The cortex's dispatch span, as it rides in the request frame."""
-
-
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    telemetry.use_provider(provider)
-    try:
-        yield exporter
-    finally:
-        telemetry.use_provider(None)
 
 
 async def joined(nursery):
