@@ -36,7 +36,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from .codec import DEFAULT_MAX_FRAME, decode, encode, message
+from .codec import DEFAULT_MAX_FRAME, added_field, decode, encode, message
 from .errors import DecodeError
 from .inference import Cancel, EmbedRequest, EmbedResult, GenerateRequest, GenerateResult, InferenceError, TokenChunk
 from .messages import Ping, Pong
@@ -79,7 +79,7 @@ class WorkerLoaded:
 
     workloads: tuple[Workload, ...]
     memory_bytes: int = 0
-    slots: int | None = None
+    slots: int | None = added_field()
     """Requests the backend works on at once (:meth:`helexa.runtime.Backend.slots`)."""
 
 
