@@ -289,6 +289,19 @@ def fleet(gateway: str, data_dir: Path) -> dict:
     return httpx.get(gateway + "/admin/fleet", timeout=30, headers={"authorization": f"Bearer {token}"}).json()
 
 
+def wait_for_cortex(cortex: subprocess.Popen, gateway: str, data: Path, *, timeout: float, poll: float) -> None:
+    """Return once the cortex answers its fleet view; raise if it exited or took ``timeout`` s."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            fleet(gateway, data / "cortex")
+            return
+        except Exception:
+            if cortex.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"the cortex did not start; see {data / 'cortex.log'}") from None
+            time.sleep(poll)
+
+
 def machine_busy() -> float:
     """CPU seconds spent by everything on the machine (to show what else was running)."""
     import psutil
@@ -382,15 +395,7 @@ def orchestrate(args: argparse.Namespace) -> int:
         return json.loads(stdout.strip().splitlines()[-1])
 
     try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                fleet(gateway, data / "cortex")
-                break
-            except Exception:
-                if cortex.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"the cortex did not start; see {data / 'cortex.log'}") from None
-                time.sleep(0.2)
+        wait_for_cortex(cortex, gateway, data, timeout=30, poll=0.2)
         cproc = psutil.Process(cortex.pid)
         if pin:  # taskset execs the cortex in place: this pid is the cortex
             assert cproc.cpu_affinity() == [cortex_cpu]
@@ -523,15 +528,7 @@ def restart_storm(args, sims, sprocs, cortex, cortex_cmd, log, gateway, data, si
     cortex = subprocess.Popen(cortex_cmd, stdout=log, stderr=subprocess.STDOUT)
     cproc = psutil.Process(cortex.pid)
     spy = _spy(args, cortex.pid, data / "storm.collapsed")
-    deadline = time.time() + 60
-    while True:
-        try:
-            fleet(gateway, data / "cortex")
-            break
-        except Exception:
-            if cortex.poll() is not None or time.time() > deadline:
-                raise RuntimeError("the restarted cortex did not start") from None
-            time.sleep(0.1)
+    wait_for_cortex(cortex, gateway, data, timeout=60, poll=0.1)
     t_up, t_up_wall = time.perf_counter(), time.time()
     c_up, w_up = cpu_seconds([cproc]), sched_wait(cortex.pid)
     joins = [json.loads(p.stdout.readline()) for p in sims]

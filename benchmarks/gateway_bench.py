@@ -26,37 +26,16 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import asynccontextmanager
 
 import trio
+from fixed_answer import ANSWER, BODY, raw_app
+from instant_neuron import InstantNeuron
 
-BODY = json.dumps({"model": "bench", "max_tokens": 16, "messages": [{"role": "user", "content": "Say hello"}]})
 STREAM_BODY = json.dumps({"model": "bench", "stream": True, "max_tokens": 64,
                           "messages": [{"role": "user", "content": "Say hello"}]})
-ANSWER = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "bench", "choices": [
-    {"index": 0, "message": {"role": "assistant", "content": "hello"}, "finish_reason": "stop"}],
-    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
 
 
 # --- servers -----------------------------------------------------------------------------
-
-
-async def raw_app(scope, receive, send):  # noqa: ANN001
-    if scope["type"] != "http":
-        while (msg := await receive())["type"] != "lifespan.shutdown":
-            await send({"type": "lifespan.startup.complete"})
-        await send({"type": "lifespan.shutdown.complete"})
-        return
-    body = b""
-    while True:
-        msg = await receive()
-        body += msg.get("body", b"")
-        if not msg.get("more_body"):
-            break
-    json.loads(body)
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(ANSWER)).encode())]})
-    await send({"type": "http.response.body", "body": ANSWER})
 
 
 def quart_app():  # noqa: ANN201
@@ -71,39 +50,6 @@ def quart_app():  # noqa: ANN201
         return ANSWER, 200, {"content-type": "application/json"}
 
     return app
-
-
-class InstantNeuron:
-    """A neuron link answering every generation at once (``max_tokens`` chunks)."""
-
-    def __init__(self, fleet) -> None:  # noqa: ANN001
-        from helexa.protocol import ModelState, ModelStatus, NeuronDescriptor, NeuronMetrics
-        from helexa.roles.cortex.fleet import Health
-        from helexa.protocol import Hardware
-
-        self.node_id = "instant"
-        self.descriptor = NeuronDescriptor("instant", Hardware(cpu_cores=1, ram_total=1 << 34))
-        self.health = Health.HEALTHY
-        self.metrics = NeuronMetrics()
-        self.models = {"bench": ModelStatus("bench", ModelState.LOADED)}
-        self.configs = {}
-        self.joined_at = self.last_heartbeat = time.time()
-        self.in_flight = 0
-        fleet.add(self)
-
-    @asynccontextmanager
-    async def generate(self, request):  # noqa: ANN001, ANN201
-        from helexa.protocol import GenerateResult, TokenChunk, Usage
-
-        n = request.sampling.max_tokens or 16
-
-        async def events():  # noqa: ANN202
-            for i in range(n):
-                await trio.lowlevel.checkpoint()
-                yield TokenChunk(request.request_id, "tok ")
-            yield GenerateResult(request.request_id, "length", Usage(4, n))
-
-        yield events()
 
 
 async def serve(kind: str, port: int) -> None:

@@ -32,11 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from fixed_answer import BODY, raw_app
+
 HERE = Path(__file__).resolve().parent.parent
-BODY = json.dumps({"model": "bench", "max_tokens": 16, "messages": [{"role": "user", "content": "Say hello"}]})
-ANSWER = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "bench", "choices": [
-    {"index": 0, "message": {"role": "assistant", "content": "hello"}, "finish_reason": "stop"}],
-    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
 LUA = f"""wrk.method = "POST"
 wrk.body = {json.dumps(BODY)}
 wrk.headers["content-type"] = "application/json"
@@ -55,19 +53,7 @@ def serve(tree: str, port: int) -> None:
     import helexa
     assert helexa.__file__.startswith(tree), helexa.__file__
 
-    async def app(scope, receive, send) -> None:  # noqa: ANN001
-        body = b""
-        while True:
-            msg = await receive()
-            body += msg.get("body", b"")
-            if not msg.get("more_body"):
-                break
-        json.loads(body)
-        await send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(ANSWER)).encode())]})
-        await send({"type": "http.response.body", "body": ANSWER})
-
-    trio.run(HttpServer(app, port=port, keep_alive_max_requests=10**9).run)
+    trio.run(HttpServer(raw_app, port=port, keep_alive_max_requests=10**9).run)
 
 
 def wait_for_port(port: int, timeout: float = 15.0) -> None:

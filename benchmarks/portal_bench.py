@@ -58,49 +58,15 @@ import sys
 import tempfile
 import time
 import urllib.request
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "litellm_harness"))
 import bench  # noqa: E402  (wrk and cpu_s: the harness the LiteLLM comparison uses)
+from instant_neuron import InstantNeuron  # noqa: E402
 
 TARGETS = ("open", "ledger", "keyed")
 UNLIMITED = {"rpm": 10**9, "tpm": 10**12, "max_concurrent": 10**6, "budget": 10.0**12, "period": "month"}
-
-
-class InstantNeuron:
-    """A neuron link answering every generation at once (``max_tokens`` chunks)."""
-
-    def __init__(self, fleet) -> None:  # noqa: ANN001
-        from helexa.protocol import Hardware, ModelState, ModelStatus, NeuronDescriptor, NeuronMetrics
-        from helexa.roles.cortex.fleet import Health
-
-        self.node_id = "instant"
-        self.descriptor = NeuronDescriptor("instant", Hardware(cpu_cores=1, ram_total=1 << 34))
-        self.health = Health.HEALTHY
-        self.metrics = NeuronMetrics()
-        self.models = {"bench": ModelStatus("bench", ModelState.LOADED)}
-        self.configs = {}
-        self.joined_at = self.last_heartbeat = time.time()
-        self.in_flight = 0
-        fleet.add(self)
-
-    @asynccontextmanager
-    async def generate(self, request):  # noqa: ANN001, ANN201
-        import trio
-
-        from helexa.protocol import GenerateResult, TokenChunk, Usage
-
-        n = request.sampling.max_tokens or 16
-
-        async def events():  # noqa: ANN202
-            for _ in range(n):
-                await trio.lowlevel.checkpoint()
-                yield TokenChunk(request.request_id, "tok ")
-            yield GenerateResult(request.request_id, "length", Usage(4, n))
-
-        yield events()
 
 
 def serve(workdir: Path) -> None:

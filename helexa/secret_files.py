@@ -47,6 +47,22 @@ def write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def read(path: Path) -> str:
+    """The secret in ``path``, without surrounding white space. Raises ``ValueError`` if the
+    file is empty, ``OSError`` if it cannot be read."""
+    secret = Path(path).read_text().strip()
+    if not secret:
+        raise ValueError(f"{path} is empty")
+    return secret
+
+
+def rotate(path: Path, new: Callable[[], str]) -> str:
+    """Replace the secret in ``path`` with a fresh one from ``new``, and return it."""
+    secret = new()
+    write(path, secret)
+    return secret
+
+
 def load_or_create(path: Path, new: Callable[[], str], read: Callable[[Path], str]) -> str:
     """The secret in ``path`` (through ``read``), made with ``new`` and written first if absent."""
     if path.exists():

@@ -3,7 +3,8 @@
 One trace follows a request across processes: the gateway's span (``POST
 /v1/chat/completions``), the orchestrator's decision and any cold load (the provisioner's
 load command and the neuron's ``neuron.load``, with an event per stage: download, load),
-each dispatch attempt, the neuron's generation, and on a federated request the peer
+each dispatch attempt, the neuron's generation and its wait before the backend started on
+it (``neuron.queue``: :mod:`helexa.roles.neuron.queue_wait`), and on a federated request the peer
 cortex's spans and its neuron's. The W3C ``traceparent`` of the current span rides in the
 frames (``GenerateRequest.trace``, ``EmbedRequest.trace``, ``LoadModel.trace``, over the
 control plane and the mesh); an HTTP client's own ``traceparent`` header is honoured as

@@ -17,22 +17,17 @@ tracebacks, and the bystander's state. Exits 1 when the target is missed.
 
 from __future__ import annotations
 
-import argparse
-import collections
-import json
-import logging
 import random
 import sys
-import time
 from pathlib import Path
 
 import trio
 import trio_websocket
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "control")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "control"), str(ROOT / "scripts")]
 
-from frames import frame as hostile_frame  # noqa: E402
+from fuzz_driver import Tracebacks, main, rates, run_frames  # noqa: E402
 
 from helexa.protocol import Hardware, NeuronDescriptor, decode, encode  # noqa: E402
 from helexa.protocol.join import NeuronJoin  # noqa: E402
@@ -44,16 +39,6 @@ from helexa.roles.neuron.config import NeuronConfig  # noqa: E402
 
 TOKEN = "hlx1.fuzz-control-token"
 STAGES = ("first", "join", "joined")
-
-
-class Tracebacks(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.exc_info or "Traceback" in record.getMessage():
-            self.records.append(self.format(record))
 
 
 def descriptor(node_id: str) -> NeuronDescriptor:
@@ -94,14 +79,10 @@ async def one(url: str, stage: str, data: bytes, node_id: str) -> str:
         return f"socket error: {exc}"
 
 
-async def fuzz(frames: int, concurrency: int = 32, seed: int = 0, *, log_every: float = 0) -> dict:
+async def fuzz(frames: int, concurrency: int = 32, seed: int = 0, *, log_every: int = 0) -> dict:
     """Run the fuzz; returns the report (see the module docstring)."""
     rng = random.Random(seed)
-    catcher = Tracebacks()
-    logging.getLogger("helexa").addHandler(catcher)
-    logging.getLogger("trio-websocket").addHandler(catcher)
-    outcomes: collections.Counter[str] = collections.Counter()
-    try:
+    with Tracebacks().catching("helexa", "trio-websocket") as catcher:
         config = CortexConfig(control_socket="127.0.0.1:0", heartbeat_interval=0.5, failed_joins_burst=10**9,
                               max_pending_handshakes=4 * concurrency + 16)
         server = ControlServer(config, Fleet(), lambda: TOKEN)
@@ -113,56 +94,23 @@ async def fuzz(frames: int, concurrency: int = 32, seed: int = 0, *, log_every: 
             with trio.fail_after(10):
                 await bystander.joined.wait()
             beats0 = server.fleet.get("bystander").heartbeats
-            send, receive = trio.open_memory_channel[tuple[int, str, bytes]](concurrency)
-            t0 = time.perf_counter()
-
-            async def produce() -> None:
-                async with send:
-                    for i in range(frames):
-                        await send.send((i, STAGES[i % 3], hostile_frame(rng)))
-
-            async def work() -> None:
-                async for i, stage, data in receive:
-                    outcomes[f"{stage}: {await one(url, stage, data, f'fz-{i % 64}')}"] += 1
-                    if log_every and i and i % int(log_every) == 0:
-                        print(f"{i} frames, {i / (time.perf_counter() - t0):.0f}/s", file=sys.stderr)
-
-            async with trio.open_nursery() as workers:
-                workers.start_soon(produce)
-                for _ in range(concurrency):
-                    workers.start_soon(work)
-            took = time.perf_counter() - t0
+            outcomes, took = await run_frames(lambda i, stage, data: one(url, stage, data, f"fz-{i % 64}"),
+                                              frames=frames, stages=STAGES, concurrency=concurrency, rng=rng,
+                                              log_every=log_every)
             link = server.fleet.get("bystander")
             beats_before = link.heartbeats
             await trio.sleep(1.5)  # it keeps heartbeating
             report = {
-                "frames": frames, "seconds": round(took, 1), "frames_per_second": round(frames / took),
-                "outcomes": dict(sorted(outcomes.items())), "tracebacks": len(catcher.records),
-                "traceback_examples": catcher.records[:3], "bystander_healthy": link.health is Health.HEALTHY,
+                **rates(frames, took, outcomes, catcher), "bystander_healthy": link.health is Health.HEALTHY,
                 "bystander_connected": link.connected, "bystander_heartbeats_during": beats_before - beats0,
                 "bystander_heartbeats_after": link.heartbeats - beats_before, "refusals": server.refusals,
             }
             nursery.cancel_scope.cancel()
-    finally:
-        logging.getLogger("helexa").removeHandler(catcher)
-        logging.getLogger("trio-websocket").removeHandler(catcher)
     report["ok"] = (report["tracebacks"] == 0 and report["bystander_healthy"] and report["bystander_connected"]
                     and report["bystander_heartbeats_after"] > 0
                     and not any("no answer" in k or "join failed" in k for k in outcomes))
     return report
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--frames", type=int, default=100_000)
-    parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
-    report = trio.run(lambda: fuzz(args.frames, args.concurrency, args.seed, log_every=5000))
-    print(json.dumps(report, indent=1))
-    return 0 if report["ok"] else 1
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(__doc__, fuzz))

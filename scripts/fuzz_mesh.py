@@ -17,13 +17,8 @@ decoder. Prints JSON; exits 1 when the target is missed.
 
 from __future__ import annotations
 
-import argparse
-import collections
-import json
-import logging
 import random
 import sys
-import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -31,9 +26,9 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "control")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "control"), str(ROOT / "scripts")]
 
-from frames import frame as hostile_frame  # noqa: E402
+from fuzz_driver import Tracebacks, main, rates, run_frames  # noqa: E402
 
 from helexa.identity import Identity  # noqa: E402
 from helexa.mesh import MemoryMesh, MemoryNetwork, StreamClosed, StreamTimeout, peer_id_from_ed25519  # noqa: E402
@@ -46,16 +41,6 @@ from helexa.roles.cortex.federation.service import Federation, FederationSetting
 
 MODEL = OfferedModel("tiny", warm=True, price_input=1.0, price_output=2.0)
 STAGES = ("first", "request", "streaming")
-
-
-class Tracebacks(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.exc_info:
-            self.records.append(self.format(record))
 
 
 @asynccontextmanager
@@ -108,11 +93,8 @@ async def one(mesh: MemoryMesh, server: str, stage: str, data: bytes, rid: str) 
 
 async def fuzz(frames: int, concurrency: int = 32, seed: int = 0, *, log_every: int = 0) -> dict:
     rng = random.Random(seed)
-    catcher = Tracebacks()
-    logging.getLogger("helexa").addHandler(catcher)
-    outcomes: collections.Counter[str] = collections.Counter()
     served = failed = 0
-    try:
+    with Tracebacks().catching("helexa") as catcher:
         network = MemoryNetwork()
         async with trio.open_nursery() as nursery:
             ident = Identity(Ed25519PrivateKey.generate())
@@ -152,49 +134,17 @@ async def fuzz(frames: int, concurrency: int = 32, seed: int = 0, *, log_every: 
                     await trio.sleep(0.05)
 
             nursery.start_soon(ask)
-            send, receive = trio.open_memory_channel[tuple[int, str, bytes]](concurrency)
-            t0 = time.perf_counter()
-
-            async def produce() -> None:
-                async with send:
-                    for i in range(frames):
-                        await send.send((i, STAGES[i % 3], hostile_frame(rng)))
-
-            async def work() -> None:
-                async for i, stage, data in receive:
-                    outcomes[f"{stage}: {await one(fuzzer, server_mesh.peer_id, stage, data, f'f{i}')}"] += 1
-                    if log_every and i and i % log_every == 0:
-                        print(f"{i} frames, {i / (time.perf_counter() - t0):.0f}/s", file=sys.stderr)
-
-            async with trio.open_nursery() as workers:
-                workers.start_soon(produce)
-                for _ in range(concurrency):
-                    workers.start_soon(work)
-            took = time.perf_counter() - t0
+            outcomes, took = await run_frames(
+                lambda i, stage, data: one(fuzzer, server_mesh.peer_id, stage, data, f"f{i}"),
+                frames=frames, stages=STAGES, concurrency=concurrency, rng=rng, log_every=log_every)
             done.set()
             await trio.sleep(0.2)
             nursery.cancel_scope.cancel()
-    finally:
-        logging.getLogger("helexa").removeHandler(catcher)
-    report = {"frames": frames, "seconds": round(took, 1), "frames_per_second": round(frames / took),
-              "outcomes": dict(sorted(outcomes.items())), "tracebacks": len(catcher.records),
-              "traceback_examples": catcher.records[:3], "bystander_served": served, "bystander_failed": failed}
+    report = {**rates(frames, took, outcomes, catcher), "bystander_served": served, "bystander_failed": failed}
     report["ok"] = (report["tracebacks"] == 0 and failed == 0 and served > 0
                     and not any("no answer" in k or "open failed" in k for k in outcomes))
     return report
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--frames", type=int, default=100_000)
-    parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
-    report = trio.run(lambda: fuzz(args.frames, args.concurrency, args.seed, log_every=5000))
-    print(json.dumps(report, indent=1))
-    return 0 if report["ok"] else 1
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(__doc__, fuzz))

@@ -12,6 +12,7 @@ The session, in order::
       WorkerLoad(config)                  ->
                                           <- WorkerProgress ... then WorkerLoaded | WorkerLoadFailed
       GenerateRequest / EmbedRequest      ->
+                                          <- WorkerStarted (only for a request with a ``trace``)
                                           <- TokenChunk ... then exactly one of GenerateResult,
                                              EmbedResult, InferenceError per request
       Cancel(request_id)                  ->  (the request still ends with its one last frame)
@@ -35,7 +36,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from .codec import DEFAULT_MAX_FRAME, decode, encode, message
+from .codec import DEFAULT_MAX_FRAME, added_field, decode, encode, message
 from .errors import DecodeError
 from .inference import Cancel, EmbedRequest, EmbedResult, GenerateRequest, GenerateResult, InferenceError, TokenChunk
 from .messages import Ping, Pong
@@ -78,6 +79,8 @@ class WorkerLoaded:
 
     workloads: tuple[Workload, ...]
     memory_bytes: int = 0
+    slots: int | None = added_field()
+    """Requests the backend works on at once (:meth:`helexa.runtime.Backend.slots`)."""
 
 
 @message("worker_load_failed")
@@ -88,6 +91,16 @@ class WorkerLoadFailed:
 
     code: str
     message: str
+
+
+@message("worker_started")
+@dataclass(frozen=True, slots=True)
+class WorkerStarted:
+    """The backend started on request ``request_id``: its wait in the backend's queue is over
+    (:mod:`helexa.runtime.start_signal`). Sent only for a request whose ``trace`` is set,
+    i.e. while the neuron traces, and always before the request's last frame."""
+
+    request_id: str
 
 
 @message("worker_status")
@@ -114,7 +127,7 @@ TO_WORKER = (WorkerLoad, WorkerUnload, GenerateRequest, EmbedRequest, Cancel, Pi
 """What a neuron sends its worker."""
 
 FROM_WORKER = (
-    WorkerReady, WorkerProgress, WorkerLoaded, WorkerLoadFailed, WorkerStatus, WorkerUnloaded,
+    WorkerReady, WorkerProgress, WorkerLoaded, WorkerLoadFailed, WorkerStatus, WorkerUnloaded, WorkerStarted,
     TokenChunk, GenerateResult, EmbedResult, InferenceError, Pong,
 )
 """What a worker sends its neuron."""

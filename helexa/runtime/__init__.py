@@ -16,6 +16,8 @@ from .base import (
     TextInference,
     Unsupported,
     VisionInference,
+    embedder,
+    events_of,
 )
 from .registry import BACKENDS, backend_class, create_backend
 

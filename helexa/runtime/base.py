@@ -11,6 +11,10 @@ iterator of :class:`~helexa.protocol.TokenChunk` items ending with exactly one
 ``contextlib.aclosing(...)``; leaving the loop early, or cancelling the task that iterates,
 must stop generation in the backend and free its slot before ``aclose`` returns.
 
+Queue wait: a backend whose requests can wait before the engine starts on them (for a
+slot, a batch, a worker) calls :func:`helexa.runtime.start_signal.report` when that wait
+ends, and says how many it runs at once in :meth:`Backend.slots`.
+
 Blocking backend calls run off the trio thread (``trio.to_thread.run_sync``) so that one
 model's work never stalls the control plane.
 
@@ -42,6 +46,7 @@ from helexa.protocol import (
     Feature,
     ModelConfig,
     ModelStatus,
+    Task,
     TokenChunk,
     Workload,
 )
@@ -139,6 +144,11 @@ class Backend(abc.ABC):
         """Approximate resident memory of the loaded model (0 if unknown)."""
         return 0
 
+    def slots(self) -> int | None:
+        """Requests the loaded backend works on at once (more wait in its queue); None when
+        it has no such limit or does not say."""
+        return None
+
     def context_length(self) -> int | None:
         """The context one request gets (prompt and answer together), once loaded; by
         default what the model's config says (``capability.max_context``)."""
@@ -178,3 +188,21 @@ class EmbeddingInference(abc.ABC):
 
 class VisionInference(ChatInference):
     """A chat model that accepts image parts in its messages."""
+
+
+def events_of(backend: Backend, request: GenerateRequest) -> AsyncIterator[GenerationEvent]:
+    """``request``'s stream on ``backend``: its chat or its completion, as the request's task
+    says. Raises :class:`Unsupported` when the backend does not serve that task."""
+    if request.task is Task.CHAT and isinstance(backend, ChatInference):
+        return backend.chat(request)
+    if request.task is Task.COMPLETION and isinstance(backend, TextInference):
+        return backend.complete(request)
+    raise Unsupported(f"model {request.model_id!r} does not do {request.task.value} requests")
+
+
+def embedder(backend: Backend, request: EmbedRequest) -> EmbeddingInference:
+    """``backend`` as the embedder of ``request``. Raises :class:`Unsupported` when it does
+    not do embeddings."""
+    if not isinstance(backend, EmbeddingInference):
+        raise Unsupported(f"model {request.model_id!r} does not do embeddings")
+    return backend

@@ -30,6 +30,7 @@ import trio
 
 from helexa.protocol import EmbedRequest, EmbedResult, ModelConfig, Usage
 
+from . import start_signal
 from .base import Backend, BackendError, EmbeddingInference, InvalidRequest, LoadFailed, ProgressFn
 
 MAX_INPUTS = 2048
@@ -75,6 +76,9 @@ class OnnxEmbeddingBackend(Backend, EmbeddingInference):
 
     def memory_bytes(self) -> int:
         return self._size if self._session is not None else 0
+
+    def slots(self) -> int:
+        return 1
 
     async def load(self, progress: ProgressFn) -> None:
         """Load the ONNX model and tokenizer (progress in bytes of the model file).
@@ -144,7 +148,9 @@ class OnnxEmbeddingBackend(Backend, EmbeddingInference):
             raise InvalidRequest("every input must be a non-empty string")
         if self._session is None:
             raise BackendError(f"model {self.config.model_id!r} is not loaded", code="model_not_loaded")
-        vectors, tokens = await trio.to_thread.run_sync(self._run, list(request.inputs), limiter=self._limiter)
+        async with self._limiter:  # one batch at a time: the others queue here
+            start_signal.report()
+            vectors, tokens = await trio.to_thread.run_sync(self._run, list(request.inputs))
         dim, blob = pack_vectors(vectors)
         return EmbedResult(request.request_id, dim, blob, Usage(prompt_tokens=tokens))
 

@@ -30,6 +30,10 @@ streaming callback answer True to llama.cpp at its next chunk, which cancels the
 releases the slot; ``aclose`` returns only after the worker thread has come back, so the
 slot is free when it does. A request still queued for a slot is cancelled when it gets one.
 
+Queue wait: while the neuron traces, a request asks llama.cpp for ``return_progress``, and
+llama.cpp's first progress report (sent when a slot takes the request) is reported as its
+start (:mod:`.start_signal`); those reports carry no text and go no further.
+
 Unload drops the last reference to the server; its destructor stops the loop and frees
 the weights and KV cache (measured: RSS falls by ~170 MB for SmolLM2 of ~170 MB loaded).
 The server also listens on a random loopback port (xllamacpp cannot be told not to); we
@@ -69,7 +73,7 @@ from helexa.protocol import (
     Workload,
 )
 
-from . import openai_shapes, tool_grammar
+from . import openai_shapes, start_signal, tool_grammar
 from .base import (
     Backend,
     BackendError,
@@ -166,6 +170,9 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
 
     def memory_bytes(self) -> int:
         return self._size if self._server is not None else 0
+
+    def slots(self) -> int:
+        return self._n_parallel
 
     def context_length(self) -> int:
         """``n_ctx`` split across the ``n_parallel`` slots (llama.cpp's own figure once loaded)."""
@@ -365,6 +372,11 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
         body, generic = self._body(request)
         stops = request.sampling.stop
         await self._check_context(request, body, generic)
+        # llama.cpp reports prompt progress from the moment a slot takes the request: its
+        # first report ends the request's wait in llama.cpp's own queue.
+        waiting = start_signal.listening()
+        if waiting:
+            body["return_progress"] = True
         self._admit()
         cancel = threading.Event()
         self._cancels.add(cancel)
@@ -399,6 +411,11 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
                             payload.unwrap()
                         except ValueError as exc:  # xllamacpp's word for a request llama.cpp refused
                             raise InvalidRequest(f"llama.cpp refused the request: {exc}") from None
+                        continue
+                    if "prompt_progress" in payload:
+                        if waiting:
+                            waiting = False
+                            start_signal.report()
                         continue
                     view = openai_shapes.parse_chunk(payload, stops)
                     if view.usage is not None:

@@ -26,7 +26,7 @@ import trio
 
 from helexa.protocol import Feature, GenerateRequest, GenerateResult, ModelConfig, TokenChunk, TokenLogprob, TopLogprob, Usage
 
-from . import openai_shapes
+from . import openai_shapes, start_signal
 from .base import Backend, BackendError, ChatInference, GenerationEvent, ProgressFn, TextInference
 
 
@@ -68,6 +68,7 @@ class SyntheticBackend(Backend, ChatInference, TextInference):
         openai_shapes.validate(request, features=self.features)
         if not self._loaded:
             raise BackendError(f"model {self.config.model_id!r} is not loaded", code="model_not_loaded")
+        start_signal.report()  # no queue: every request starts at once
         limit = min(self._tokens, request.sampling.max_tokens or self._tokens)
         stops = request.sampling.stop
         # Without a rate or a stream, nobody waits for single tokens: the whole answer goes

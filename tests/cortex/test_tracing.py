@@ -5,14 +5,10 @@ hop's span is the child of the hop before it (the context rides in the request f
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 import trio
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from helexa import telemetry
@@ -26,18 +22,6 @@ from test_portal_federation import CHAT, keyed, two_operators
 
 CLIENT_TRACE = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 """A client's own span, sent as the ``traceparent`` header (the W3C spec's example)."""
-
-
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    telemetry.use_provider(provider)
-    try:
-        yield exporter
-    finally:
-        telemetry.use_provider(None)
 
 
 def by_name(exporter: InMemorySpanExporter) -> dict[str, list]:
@@ -84,6 +68,12 @@ async def test_one_trace_runs_from_the_gateway_through_the_orchestrator_to_the_n
     assert dispatches[-1].attributes["helexa.neuron"] == "n1"
     assert served.attributes["helexa.model"] == "synth"
     assert [e.name for e in served.events] == ["first_output"]
+    # Its wait on the neuron before the backend started (the synthetic backend has no queue).
+    (queued,) = named["neuron.queue"]
+    assert queued.parent.span_id == served.context.span_id and queued.context.trace_id == trace_id
+    assert queued.attributes["helexa.queue.ended_by"] == "backend_start"
+    assert queued.attributes["helexa.queue.busy_at_entry"] == 0 and queued.attributes["helexa.model"] == "synth"
+    assert "helexa.queue.slots" not in queued.attributes
     assert any(s.attributes["helexa.decision"] == "cold_load" for s in named["orchestrator.decide"])
     # The cold load it waited for: the provisioner's load command, and the neuron carrying it out.
     (load,) = named["provisioner.load"]

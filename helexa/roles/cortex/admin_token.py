@@ -32,17 +32,12 @@ def load_or_create(data_dir: Path) -> str:
 
 def rotate(data_dir: Path) -> str:
     """Replace the token with a fresh one and return it."""
-    token = new_token()
-    secret_files.write(path_in(data_dir), token)
-    return token
+    return secret_files.rotate(path_in(data_dir), new_token)
 
 
 def read(path: Path) -> str:
     """Read a token file. Raises ``ValueError`` if it is empty, ``OSError`` if unreadable."""
-    token = Path(path).read_text().strip()
-    if not token:
-        raise ValueError(f"{path} is empty")
-    return token
+    return secret_files.read(path)
 
 
 def matches(expected: str | None, presented: str | None) -> bool:

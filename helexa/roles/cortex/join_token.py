@@ -32,18 +32,13 @@ def load_or_create(data_dir: Path) -> str:
 
 def rotate(data_dir: Path) -> str:
     """Replace the token with a fresh one and return it."""
-    token = new_token()
-    secret_files.write(path_in(data_dir), token)
-    return token
+    return secret_files.rotate(path_in(data_dir), new_token)
 
 
 def read(path: Path) -> str:
     """The secret of a token file (a pin, if one was pasted in, is not part of it).
     Raises ``ValueError`` if it is empty."""
-    token = Path(path).read_text().strip()
-    if not token:
-        raise ValueError(f"{path} is empty")
-    return split_token(token)[0]
+    return split_token(secret_files.read(path))[0]
 
 
 def record_fingerprint(data_dir: Path, cert_file: Path | None) -> str | None:

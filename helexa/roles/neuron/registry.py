@@ -119,6 +119,11 @@ class ModelRegistry:
     def in_flight(self) -> int:
         return sum(e.in_flight for e in self._entries.values())
 
+    def in_flight_of(self, model_id: str) -> int:
+        """Requests running on ``model_id`` now (0 for a model not configured)."""
+        e = self._entries.get(model_id)
+        return 0 if e is None else e.in_flight
+
     def _set(self, model_id: str, state: ModelState, *, error: str | None = None) -> None:
         e = self._entries[model_id]
         e.state = state

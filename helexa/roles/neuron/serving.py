@@ -9,22 +9,25 @@ only while nothing of the answer has been sent.
 from __future__ import annotations
 
 import logging
-from contextlib import aclosing
+from contextlib import aclosing, nullcontext
 
 import trio
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from helexa import logs, telemetry
-from helexa.protocol import EmbedRequest, GenerateRequest, InferenceError, Task
-from helexa.runtime import BackendError, ChatInference, EmbeddingInference, TextInference, Unsupported
+from helexa.protocol import EmbedRequest, GenerateRequest, InferenceError
+from helexa.runtime import BackendError, embedder, events_of, start_signal
 from helexa.transport import ChannelClosed
 
 from .connection import Connection
+from .queue_wait import QueueWait
 from .registry import ModelRegistry
 from .relay import collect, relay
 
 log = logging.getLogger(__name__)
+
+_NOT_LISTENING = nullcontext()
 
 
 class Serving:
@@ -99,7 +102,7 @@ class Serving:
         try:
             with scope:
                 try:
-                    await self._answer(req, on_first=first)
+                    await self._answer(req, on_first=first, traced=span is not None)
                 except BackendError as exc:
                     if span is not None:
                         span.set_status(Status(StatusCode.ERROR, f"{exc.code}: {exc}"))
@@ -119,25 +122,36 @@ class Serving:
             if not self._running:
                 self._idle.set()
 
-    async def _answer(self, req: GenerateRequest | EmbedRequest, *, on_first) -> None:
+    async def _answer(self, req: GenerateRequest | EmbedRequest, *, on_first, traced: bool) -> None:
         send = self._connection.send
+        busy = self._registry.in_flight_of(req.model_id) if traced else 0
         backend = self._registry.acquire(req.model_id)
+        wait: QueueWait | None = None
+        listening = _NOT_LISTENING
+        if traced:
+            wait = QueueWait(request_id=req.request_id, model_id=req.model_id, busy=busy, slots=backend.slots())
+            listening = start_signal.listen(lambda: wait.end("backend_start"))
+            first_output = on_first
+
+            def on_first() -> None:
+                wait.end("first_output")
+                first_output()
         try:
-            if isinstance(req, EmbedRequest):
-                if not isinstance(backend, EmbeddingInference):
-                    raise Unsupported(f"model {req.model_id!r} does not do embeddings")
-                await send(await backend.embed(req))
-                return
-            if req.task is Task.CHAT and isinstance(backend, ChatInference):
-                events = backend.chat(req)
-            elif req.task is Task.COMPLETION and isinstance(backend, TextInference):
-                events = backend.complete(req)
-            else:
-                raise Unsupported(f"model {req.model_id!r} does not do {req.task.value} requests")
-            async with aclosing(events) as it:
-                if req.stream:
-                    await relay(it, send, on_first=on_first)
-                else:
-                    await collect(it, send, on_first=on_first)
+            with listening:
+                if isinstance(req, EmbedRequest):
+                    result = await embedder(backend, req).embed(req)
+                    if wait is not None:
+                        wait.end("result")
+                    await send(result)
+                    return
+                async with aclosing(events_of(backend, req)) as it:
+                    if req.stream:
+                        await relay(it, send, on_first=on_first)
+                    else:
+                        await collect(it, send, on_first=on_first)
+            if wait is not None:
+                wait.end("result")
         finally:
+            if wait is not None:
+                wait.end("failed")  # nothing when it ended before
             self._registry.release(req.model_id)

@@ -1,7 +1,9 @@
 """Models in worker processes: each loaded model runs in a child process of the neuron.
 
 - :mod:`.proxy`: :class:`WorkerBackend`, the neuron's side (a :class:`~helexa.runtime.Backend`
-  that starts the worker and forwards everything to it);
+  that forwards every request to the worker and routes its frames back by request id);
+- :mod:`.process`: :class:`~.process.WorkerProcess`, the worker's supervision from the
+  neuron (spawn, load, pings, kill on a missed deadline, reaping, why it died);
 - :mod:`.child`: the worker's side (``python -m helexa.runtime.worker``), the ordinary
   backend inside its own trio loop;
 - :mod:`.pipe`: framed messages over the socketpair between them (the frames are
@@ -25,7 +27,8 @@ from helexa.protocol import ModelConfig
 
 from ..base import Backend, LoadFailed
 from ..registry import BACKENDS, create_backend
-from .proxy import WorkerBackend, WorkerSettings
+from .process import WorkerSettings
+from .proxy import WorkerBackend
 
 IN_PROCESS_KINDS = frozenset({"openai_proxy", "synthetic"})
 """Backend kinds that run in the neuron's own process unless ``metadata.isolate`` says."""

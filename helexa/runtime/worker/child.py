@@ -1,6 +1,6 @@
 """The worker process: one model's backend, run for a neuron over a socket.
 
-Started by :class:`~helexa.runtime.worker.proxy.WorkerBackend` as
+Started by :class:`~helexa.runtime.worker.process.WorkerProcess` as
 ``python -m helexa.runtime.worker --fd N --model ID`` with one end of a socketpair. It runs
 its own trio loop with the ordinary backend (:func:`helexa.runtime.create_backend`) inside
 and answers the session of :mod:`helexa.protocol.worker`: load, requests by id, cancels,
@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from contextlib import aclosing
+from contextlib import aclosing, nullcontext
 from typing import Any
 
 import trio
@@ -37,7 +37,6 @@ from helexa.protocol import (
     Ping,
     Pong,
     ProtocolError,
-    Task,
     TokenChunk,
 )
 from helexa.protocol.worker import (
@@ -47,6 +46,7 @@ from helexa.protocol.worker import (
     WorkerLoadFailed,
     WorkerProgress,
     WorkerReady,
+    WorkerStarted,
     WorkerStatus,
     WorkerUnload,
     WorkerUnloaded,
@@ -54,7 +54,8 @@ from helexa.protocol.worker import (
 )
 from helexa.transport import ChannelClosed
 
-from ..base import Backend, BackendError, ChatInference, EmbeddingInference, TextInference, Unsupported
+from .. import start_signal
+from ..base import Backend, BackendError, embedder, events_of
 from ..registry import create_backend
 from .pipe import Pipe
 
@@ -71,6 +72,8 @@ tokens) goes out at once, without a scheduler pass of its own."""
 MAX_JOINED_CHARS = 256 * 1024
 """Text chunks are joined up to about this size, so no frame grows without bound while the
 neuron is not reading."""
+
+_NOT_LISTENING = nullcontext()
 
 UNLOAD_DRAIN_S = 10.0
 """How long cancelled requests get to hand their slots back before the backend unloads."""
@@ -168,7 +171,7 @@ class Outbox:
 
     def _track(self, msg: Any) -> None:
         rid = getattr(msg, "request_id", None)
-        if rid is None:
+        if rid is None or type(msg) is WorkerStarted:  # a request's text starts with its first chunk
             return
         if isinstance(msg, END_OF_REQUEST):
             self._streaming.discard(rid)
@@ -284,7 +287,7 @@ class Worker:
             self._loading = False
         self._backend = backend
         workloads = tuple(sorted(backend.workloads, key=lambda w: w.value))
-        self._out.put(WorkerLoaded(workloads, backend.memory_bytes()))
+        self._out.put(WorkerLoaded(workloads, backend.memory_bytes(), backend.slots()))
 
     def _status_changed(self, status: ModelStatus) -> None:
         self._out.put(WorkerStatus(status))
@@ -311,23 +314,17 @@ class Worker:
         rid = req.request_id
         ended = False
         put = self._out.put
+        # A traced request's neuron measures its queue wait: tell it when the backend starts.
+        listening = start_signal.listen(lambda: put(WorkerStarted(rid))) if req.trace else _NOT_LISTENING
         try:
-            with scope:
+            with scope, listening:
                 try:
                     backend = self._require()
                     if isinstance(req, EmbedRequest):
-                        if not isinstance(backend, EmbeddingInference):
-                            raise Unsupported(f"model {req.model_id!r} does not do embeddings")
-                        put(await backend.embed(req))
+                        put(await embedder(backend, req).embed(req))
                         ended = True
                         return
-                    if req.task is Task.CHAT and isinstance(backend, ChatInference):
-                        events = backend.chat(req)
-                    elif req.task is Task.COMPLETION and isinstance(backend, TextInference):
-                        events = backend.complete(req)
-                    else:
-                        raise Unsupported(f"model {req.model_id!r} does not do {req.task.value} requests")
-                    async with aclosing(events) as it:
+                    async with aclosing(events_of(backend, req)) as it:
                         async for event in it:
                             put(event)
                             if type(event) is GenerateResult:

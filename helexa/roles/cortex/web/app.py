@@ -13,6 +13,11 @@ nothing is fetched from elsewhere.
 Every response carries a strict Content-Security-Policy (scripts and styles from this
 origin only; no inline script), ``X-Frame-Options: DENY``, ``nosniff`` and
 ``no-referrer``; an error is a plain page, never a traceback.
+
+A failed build (a broken template folder, a missing dependency, an error in a page's
+module) does not take the cortex down: :meth:`WebApp.run` logs one error line, the API
+keeps serving, and every web page answers ``503`` with a plain page saying the console
+failed to start and to see the log.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 PREFIXES = ("/console", "/portal", "/static")
 _METHODS = ("GET", "POST", "HEAD")
+FAILED_PAGE = b"The web console failed to start; the cortex's log says why. The API is unaffected.\n"
+"""What every web page answers (503) when the pages could not be built."""
 _SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data: https:; style-src 'self'; "
                                "script-src 'self'; connect-src 'self'; frame-ancestors 'none'; "
@@ -68,6 +75,8 @@ class WebApp:
         self.app: QuartTrio | None = None
         """The quart-trio app, once :meth:`run` built it."""
         self._built = trio.Event()
+        self.failure: str | None = None
+        """Why the pages could not be built (None while building and once built)."""
 
     def build(self) -> QuartTrio:
         """The quart-trio app with the console's and the portals' pages. Blocking (importing
@@ -102,6 +111,9 @@ class WebApp:
             if self.app is None:
                 with trio.move_on_after(30):
                     await self._built.wait()
+                if self.failure is not None:
+                    await ex.out.full(503, [(b"content-type", b"text/plain; charset=utf-8")], FAILED_PAGE)
+                    return
                 if self.app is None:
                     await ex.out.full(503, [(b"content-type", b"text/plain; charset=utf-8"), (b"retry-after", b"5")],
                                       b"The web pages are starting; try again in a moment.\n")
@@ -129,9 +141,18 @@ class WebApp:
             import jinja2.ext  # noqa: F401
             import jinja2.sandbox  # noqa: F401
 
-            app = await trio.to_thread.run_sync(self.build, abandon_on_cancel=True)
-            app.nursery = nursery
-            await app.startup()
+            try:
+                app = await trio.to_thread.run_sync(self.build, abandon_on_cancel=True)
+                app.nursery = nursery
+                await app.startup()
+            except Exception as exc:
+                # The pages are an extra: the API, the control plane and the mesh run on.
+                self.failure = f"{type(exc).__name__}: {exc}"
+                log.error("the web console failed to start (%s); the API keeps serving and the web pages "
+                          "answer 503", self.failure)
+                log.debug("the web console's failure", exc_info=True)
+                self._built.set()
+                await trio.sleep_forever()
             self.app = app
             self._built.set()
             try:
