@@ -17,6 +17,8 @@ Metadata (``ModelConfig.metadata``):
     max_pending: requests admitted at once, running or queued for a slot (default
         ``8 * n_parallel``); past it, requests fail with :class:`Overloaded`.
     embeddings: true to serve embeddings (mean pooling) as well as generation.
+    slot_affinity: run each request in the slot :class:`~.slot_table.SlotTable` chooses
+        (default true; false: llama.cpp chooses, by ``slot_prompt_similarity``).
     cache_ram_mib, slot_prompt_similarity, n_cache_reuse: llama.cpp's prompt cache (host
         memory for the KV of earlier prompts, default 8192 MiB), the prefix similarity above
         which a request takes the slot already holding its prompt (default 0.1), and the
@@ -25,7 +27,8 @@ Metadata (``ModelConfig.metadata``):
         cortex routes a conversation back to the neuron that served it (see
         ``helexa/roles/cortex/prefix.py``), where these find its prefix.
 
-Slots: each request runs in the slot :class:`~.slot_table.SlotTable` chooses (``id_slot``):
+Slots: each request runs in the slot :class:`~.slot_table.SlotTable` chooses (``id_slot``,
+unless ``slot_affinity`` is false):
 the one its conversation used last, else an empty one, else the least recently used, so
 that a conversation finds its prefix cached however the requests interleave. Requests
 beyond the slots wait here (in arrival order) for one to be free.
@@ -163,6 +166,7 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
         self._drained = trio.Event()
         self._drained.set()
         self._slots = SlotTable(self._n_parallel)
+        self._slot_affinity = bool(md.get("slot_affinity", True))
         self._slot_freed = trio.lowlevel.ParkingLot()
         self._unloading = False
 
@@ -388,7 +392,8 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
             self._slot_freed.unpark()  # a slot freed for this request goes to the next one
             self._release()
             raise
-        body["id_slot"] = slot
+        if self._slot_affinity:
+            body["id_slot"] = slot
         answer: list[str] = []
         cancel = threading.Event()
         self._cancels.add(cancel)
