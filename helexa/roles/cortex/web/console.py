@@ -209,7 +209,7 @@ def _models_view() -> dict[str, Any]:
                      "keep_warm": entry.keep_warm, "idle_ttl": entry.idle_ttl,
                      "feasible": sorted(l.node_id for l in usable if entry.is_feasible_on(l.descriptor.hardware)),
                      "where": where, "loading": prov.load_progress.get(entry.id)})
-    return {"models": rows, "neurons": sorted(l.node_id for l in usable)}
+    return {"models": rows, "neurons": sorted(l.node_id for l in usable), "decisions": orch.routing_log.view()}
 
 
 @blueprint.get("/models")
