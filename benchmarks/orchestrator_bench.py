@@ -129,8 +129,10 @@ def cache_arm(routing: str, work: Path, conversations: int, turns: int, think: f
             t.join()
         hits = _metric_sum(cortex, r'helexa_prefix_blocks_total\{kind="hit"[^}]*\} (\S+)')
         total = hits + _metric_sum(cortex, r'helexa_prefix_blocks_total\{kind="miss"[^}]*\} (\S+)')
-        if total:
-            print(f"    {routing}: the cortex routed {hits:.0f}/{total:.0f} prompt blocks to a neuron holding them")
+        per_neuron = {n: _metric_sum(cortex, r'helexa_requests_total\{[^}]*neuron="' + n + r'"[^}]*\} (\S+)')
+                      for n in ("n1", "n2")}
+        print(f"    {routing}: requests per neuron {per_neuron}" + (
+            f"; the cortex routed {hits:.0f}/{total:.0f} prompt blocks to a neuron holding them" if total else ""))
         return out
 
 
@@ -230,7 +232,7 @@ def _load() -> str:
 
 
 def _metric_sum(cortex: Cortex, pattern: str) -> float:
-    return sum(float(v) for v in re.findall(pattern, cortex.get("/metrics").text))
+    return sum(float(v) for v in re.findall(pattern, cortex.admin("GET", "/metrics").text))  # behind the admin token
 
 
 def _q(values: list[float], pct: float) -> float:

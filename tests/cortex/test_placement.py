@@ -161,3 +161,30 @@ def test_a_busy_model_gets_another_copy_where_there_is_room_but_never_by_evictio
     assert [(p.model_id, p.node_id, p.evict) for p in plans] == [("m", "b", ())]
     plans, _ = plan_loads([], {"m": entry("m")}, [busy, full], policy=COST, now=100.0, replicas=[need("m")])
     assert plans == []
+
+
+def test_a_hold_lapses_once_the_newcomer_has_waited_the_residents_measured_load_time() -> None:
+    capped = Policy("cost", min_residency=30.0, swap_drain=10.0, hold_loads=1.0)
+    young = res("young", loaded_at=95.0, load_time=4.0)
+    with pytest.raises(NoPlacement) as info:
+        place(entry("m", 1000), [node("a", 1, young)], policy=capped, now=100.0, waited=1.0)
+    assert info.value.retry_at == 103.0  # 4 s of waiting cost what reloading "young" would
+    assert place(entry("m", 1000), [node("a", 1, young)], policy=capped, now=103.0, waited=4.0).evict == ("young",)
+    queued = res("queued", queued=3, load_time=2.0)
+    with pytest.raises(NoPlacement) as info:
+        place(entry("m", 1000), [node("a", 1, queued)], policy=capped, now=100.0, waited=0.5)
+    assert info.value.retry_at == 101.5  # its own work's drain is capped the same way
+    unmeasured = res("unmeasured", loaded_at=95.0)
+    with pytest.raises(NoPlacement) as info:
+        place(entry("m", 1000), [node("a", 1, unmeasured)], policy=capped, now=100.0, waited=60.0)
+    assert info.value.retry_at == 125.0  # no measured load: the configured residency holds
+
+
+def test_running_work_alone_need_not_hold_off_an_eviction() -> None:
+    queued_only = Policy("cost", min_residency=30.0, swap_drain=10.0, drain_busy=False)
+    busy = res("busy", busy=True)
+    assert place(entry("m", 1000), [node("a", 1, busy)], policy=queued_only, now=100.0).evict == ("busy",)
+    queued = res("queued", queued=2)
+    with pytest.raises(NoPlacement) as info:
+        place(entry("m", 1000), [node("a", 1, queued)], policy=queued_only, now=100.0, waited=4.0)
+    assert info.value.retry_at == 106.0

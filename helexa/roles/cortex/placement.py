@@ -90,6 +90,8 @@ class Policy:
     kind: str = "lru"  # cost | lru | fifo
     min_residency: float = 0.0
     swap_drain: float = 0.0
+    hold_loads: float = 0.0  # 0: off; else a hold lapses once the newcomer waited this many victim load times
+    drain_busy: bool = True  # False: only queued work (not running work alone) holds off an eviction
 
 
 class NoPlacement(Exception):
@@ -118,8 +120,10 @@ def _protected_until(r: Resident, entry: CatalogueEntry, policy: Policy, now: fl
     if r.keep_warm or r.pinned:
         return None
     until = max(now, r.loaded_at + policy.min_residency)
-    if (r.busy or r.queued) and waited < policy.swap_drain:
+    if ((r.busy and policy.drain_busy) or r.queued) and waited < policy.swap_drain:
         until = max(until, now + policy.swap_drain - waited)
+    if policy.hold_loads > 0 and r.load_time is not None:
+        until = min(until, max(now, now + policy.hold_loads * r.load_time - waited))
     return until
 
 
