@@ -126,7 +126,7 @@ class Orchestrator:
         self.metrics = metrics or Metrics()
         self.om = OrchestratorMetrics.of(self.metrics)
         self.live = LiveLoad()
-        self.prefix = PrefixIndex(c.prefix_cache_blocks)
+        self.prefix = PrefixIndex(c.prefix_cache_blocks, slots=self.slots)
         self.routing_log = RoutingLog()
         """The recent routing decisions (the console's Models page shows them)."""
         self._track = c.routing == "cache" and c.prefix_cache_blocks > 0
@@ -208,9 +208,11 @@ class Orchestrator:
         usable = self.fleet.usable()
         entry = self.catalogue.get(model_id)
         router = self.remote_router if allow_peers else None
-        matches = self.prefix.matches(model_id, blocks, [l.node_id for l in usable]) if blocks else None
+        nodes = [l.node_id for l in usable]
+        matches = self.prefix.matches(model_id, blocks, nodes) if blocks else None
+        rooms = self.prefix.room(model_id, blocks, nodes) if blocks else None
         state = snapshot(usable, self.live, model_id=model_id, slots=self.slots(model_id),
-                         reserved=self.admission.reserved, matches=matches,
+                         reserved=self.admission.reserved, matches=matches, rooms=rooms,
                          session_node=self.prefix.session_node(model_id, session), draining=self.provisioner.draining)
         return decide(
             workload, Hints(model_id, exclude, blocks=len(blocks)), state,
