@@ -19,13 +19,13 @@ Metadata (``ModelConfig.metadata``):
     embeddings: true to serve embeddings (mean pooling) as well as generation.
     slot_affinity: run each request in the slot :class:`~.slot_table.SlotTable` chooses
         (default true; false: llama.cpp chooses, by ``slot_prompt_similarity``).
-    cache_ram_mib, slot_prompt_similarity, n_cache_reuse: llama.cpp's prompt cache (host
-        memory for the KV of earlier prompts, default 8192 MiB), the prefix similarity above
-        which a request takes the slot already holding its prompt (default 0.1), and the
-        chunk size for reusing a cached prompt past a changed middle (default 0: off). The
-        prompt cache is on for every request (llama.cpp's ``cache_prompt`` default); the
-        cortex routes a conversation back to the neuron that served it (see
-        ``helexa/roles/cortex/prefix.py``), where these find its prefix.
+    cache_ram_mib, slot_prompt_similarity, n_cache_reuse: passed to llama.cpp: its
+        host-memory prompt cache (the xllamacpp build measured here never enables it:
+        setting it changed nothing), the prefix similarity above which llama.cpp itself
+        gives a request the slot holding its prompt (only without ``slot_affinity``), and
+        the chunk size for reusing a cached prompt past a changed middle (default 0: off).
+        The cortex routes a conversation back to the neuron that served it (see
+        ``helexa/roles/cortex/prefix.py``), and slot affinity back to its slot there.
 
 Slots: each request runs in the slot :class:`~.slot_table.SlotTable` chooses (``id_slot``,
 unless ``slot_affinity`` is false):

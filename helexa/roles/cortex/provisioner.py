@@ -145,7 +145,7 @@ class Provisioner:
     @property
     def policy(self) -> Policy:
         s = self.settings
-        return Policy(s.swap_policy, s.min_residency, s.swap_drain, s.swap_hold_loads, s.swap_drain_busy)
+        return Policy(s.swap_policy, s.min_residency, s.swap_drain, s.swap_hold_loads)
 
     # --- requests ------------------------------------------------------------------------
 
