@@ -243,16 +243,7 @@ class Provisioner:
                 last_error = str(exc)
                 plan = None
                 continue
-            now = trio.current_time()
-            elapsed = now - started
-            self.load_times[entry.id] = elapsed
-            self.evictions[entry.id] = plan.evict
-            self.loaded_at[(plan.node_id, entry.id)] = now
-            log.info("loaded %s on %s in %.2fs (evicted %s)", entry.id, plan.node_id, elapsed, list(plan.evict))
-            if self.metrics is not None:
-                self.metrics.cold_load(entry.id, plan.node_id, elapsed)
-            self.live.touch(plan.node_id, entry.id, now)
-            return plan.node_id
+            return self._loaded(entry, plan, started, "")
 
     async def _load_planned(self, entry: CatalogueEntry, plan: LoadPlan,
                             on_progress: Callable[[LoadProgress], None] | None = None) -> str:
@@ -265,13 +256,18 @@ class Provisioner:
             log.warning("loading %s on %s failed: %s", entry.id, plan.node_id, exc)
             raise ColdLoadFailed(f"loading model {entry.id!r} on {plan.node_id} failed: {exc}",
                                  retry_after=self.settings.retry_after) from None
+        return self._loaded(entry, plan, started, " as the operator asked")
+
+    def _loaded(self, entry: CatalogueEntry, plan: LoadPlan, started: float, how: str) -> str:
+        """Record a load that succeeded (its time is what eviction weighs); return the node."""
         now = trio.current_time()
-        self.load_times[entry.id] = now - started
+        elapsed = now - started
+        self.load_times[entry.id] = elapsed
         self.evictions[entry.id] = plan.evict
         self.loaded_at[(plan.node_id, entry.id)] = now
-        log.info("loaded %s on %s as the operator asked (evicted %s)", entry.id, plan.node_id, list(plan.evict))
+        log.info("loaded %s on %s%s in %.2fs (evicted %s)", entry.id, plan.node_id, how, elapsed, list(plan.evict))
         if self.metrics is not None:
-            self.metrics.cold_load(entry.id, plan.node_id, now - started)
+            self.metrics.cold_load(entry.id, plan.node_id, elapsed)
         self.live.touch(plan.node_id, entry.id, now)
         return plan.node_id
 
