@@ -8,23 +8,28 @@ Challenge, Join with the HMAC proof of the join token, Welcome) over ``ws://``:
 1. **Round trips.** One client sends ``Ping`` and the cortex answers ``Pong``: sequential
    round trips for p50/p99 latency, then a pipelined window of pings in flight on the same
    connection for round trips (and frames) per second.
-2. **Neurons per cortex.** Lean simulated neurons (real handshake, then a real
-   ``Heartbeat`` with metrics, one GPU and one model status every second, each on its own
-   phase) are added in steps up to ``--neurons``. After each step: the time the batch
-   took to join, the cortex's and the simulators' CPU share over ``--steady`` seconds of
-   steady state, then ``GET /admin/fleet`` (healthy count, oldest heartbeat) and a few
-   hundred ping round trips under that load.
+2. **Neurons per cortex.** Simulated neurons (:mod:`swarm`: the real handshake, then a
+   real ``Heartbeat`` with metrics, one GPU and one model status every second, each on its
+   own phase; every redial on the neuron's own backoff with jitter) are added in steps up
+   to ``--neurons``. After each step: the time the batch took to join, failed attempts by
+   kind, the cortex's and the simulators' CPU share over ``--steady`` seconds of steady
+   state, then ``GET /admin/fleet`` (healthy count, oldest heartbeat) and a few hundred
+   ping round trips under that load.
+3. **A restart storm** (``--restart``): the cortex is killed with SIGKILL under its whole
+   fleet and started again on the same sockets and data directory; every neuron redials on
+   its own. Reported: the time until the last one is back, those that never were within
+   ``--rejoin-deadline``, the cortex's CPU for the storm and the time its event loop waited
+   for a CPU, then its CPU per heartbeat at 1 s (less its idle CPU). ``--profile`` samples
+   the cortex with py-spy (collapsed stacks kept in its data directory).
 
 Usage (other engineers benchmark on this machine too, so take the lock)::
 
     flock /tmp/helexa-bench.lock .venv/bin/python benchmarks/control_plane_bench.py \\
         [--pings 3000] [--window 32] [--pipeline-seconds 5] \\
-        [--neurons 100,250,500,1000] [--steady 10] [--sims 1]
+        [--neurons 100,250,500,1000] [--steady 10] [--sims 1] \\
+        [--restart [--rejoin-deadline 180] [--profile] [--keep]] [--no-pin]
 
-Figures go to stdout as Markdown. The simulators are lean clients (not the full
-:class:`~helexa.roles.neuron.agent.Neuron`, which samples psutil and NVML per heartbeat)
-so that one process can stand in for a thousand neurons; what the cortex receives is the
-same.
+Figures go to stdout as Markdown.
 """
 
 from __future__ import annotations
@@ -67,7 +72,6 @@ from helexa.protocol import (  # noqa: E402
     Welcome,
     auth,
 )
-from helexa.transport import ChannelClosed, ConnectFailed  # noqa: E402
 from helexa.transport import websocket as ws_transport  # noqa: E402
 
 GiB = 1024**3
@@ -124,77 +128,27 @@ async def join(channel, node_id: str, token: str) -> Welcome:  # noqa: ANN001
     return welcome
 
 
-class SimStats:
-    def __init__(self) -> None:
-        self.alive = 0
-        self.drops = 0
-        self.heartbeats = 0
-        self.max_lag = 0.0  # how late a heartbeat went out (the simulator's own lag)
-
-
-async def sim_neuron(url: str, node_id: str, token: str, stats: SimStats, joined, sem: trio.Semaphore) -> None:  # noqa: ANN001
-    """One simulated neuron: join (holding a slot of ``sem`` for the handshake only), then
-    heartbeat until the connection drops or the simulator quits."""
-    rng = random.Random(node_id)
-    t0 = time.perf_counter()
-    welcomed = False
-    await sem.acquire()
-    try:
-        async with ws_transport.connect(url, timeout=30) as channel:
-            with trio.fail_after(30):
-                welcome = await join(channel, node_id, token)
-            welcomed = True
-            sem.release()
-            joined(time.perf_counter() - t0, None)
-            stats.alive += 1
-            await _sim_session(channel, welcome.heartbeat_interval, rng, stats)
-        stats.alive -= 1
-        stats.drops += 1
-    except (ChannelClosed, ConnectFailed, trio.TooSlowError, RuntimeError) as exc:
-        if welcomed:
-            stats.alive -= 1
-            stats.drops += 1
-        else:
-            joined(time.perf_counter() - t0, exc)
-    finally:
-        if not welcomed:
-            sem.release()
-
-
-async def _sim_session(channel, interval: float, rng: random.Random, stats: SimStats) -> None:  # noqa: ANN001
-    """Heartbeat on a random phase and answer pings; returns when the connection drops."""
-    async with trio.open_nursery() as nursery:
-
-        async def beat() -> None:
-            await trio.sleep(rng.random() * interval)  # independent neurons: random phase
-            seq = 0
-            due = trio.current_time()
-            try:
-                while True:
-                    seq += 1
-                    stats.max_lag = max(stats.max_lag, trio.current_time() - due)
-                    await channel.send(heartbeat(seq, rng))
-                    stats.heartbeats += 1
-                    due += interval
-                    await trio.sleep_until(due)
-            except ChannelClosed:
-                nursery.cancel_scope.cancel()
-
-        nursery.start_soon(beat)
-        try:
-            while True:
-                msg = await channel.receive()
-                if isinstance(msg, Ping):
-                    await channel.send(Pong(msg.nonce))
-        except ChannelClosed:
-            nursery.cancel_scope.cancel()
-
-
 async def sim_main(url: str, token: str, prefix: str) -> None:
-    """Simulator process: reads ``add N`` / ``stats`` lines on stdin, answers JSON lines."""
-    stats = SimStats()
-    next_index = 0
+    """Simulator process: a :class:`swarm.Swarm`; reads ``add N`` / ``rejoin`` / ``stats`` /
+    ``quit`` lines on stdin and answers each with one JSON line."""
+    from swarm import Swarm, heartbeat_body_check
+
+    heartbeat_body_check(heartbeat(1, random.Random(1)))
+    swarm = Swarm(url, token, prefix, descriptor=descriptor, models=(MODEL,), heartbeat=heartbeat)
+    cpu0 = time.process_time()
+
+    async def all_joined(deadline: float) -> None:
+        with trio.move_on_after(deadline):
+            while swarm.joined_in_generation < len(swarm.neurons):
+                await trio.sleep(0.05)
+
+    def failures() -> dict[str, int]:
+        out = dict(swarm.attempt_failures.most_common(8))
+        swarm.attempt_failures.clear()
+        return out
+
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(swarm.run_timetable)
         while True:
             line = await trio.to_thread.run_sync(sys.stdin.readline)
             cmd = line.split()
@@ -202,39 +156,30 @@ async def sim_main(url: str, token: str, prefix: str) -> None:
                 nursery.cancel_scope.cancel()
                 return
             if cmd[0] == "stats":
-                print(json.dumps({"alive": stats.alive, "drops": stats.drops, "heartbeats": stats.heartbeats,
-                                  "max_lag": stats.max_lag}), flush=True)
-                stats.max_lag = 0.0
-            elif cmd[0] in ("add", "rejoin"):
-                n, concurrency = int(cmd[1]), int(cmd[2])
-                if cmd[0] == "rejoin":  # the cortex restarted: the same neurons join again
-                    with trio.move_on_after(60):
-                        while stats.alive:
-                            await trio.sleep(0.05)
-                    first = 0
-                else:
-                    first, next_index = next_index, next_index + n
-                times: list[float] = []
-                errors: list[str] = []
-                done = trio.Event()
-                sem = trio.Semaphore(concurrency)
-
-                def joined(dt: float, exc: Exception | None, times=times, errors=errors, n=n, done=done) -> None:
-                    if exc is None:
-                        times.append(dt)
-                    else:
-                        errors.append(repr(exc))
-                    if len(times) + len(errors) == n:
-                        done.set()
-
+                print(json.dumps({"alive": swarm.alive, "drops": swarm.drops, "heartbeats": swarm.heartbeats,
+                                  "held_back": swarm.held_back, "max_lag": swarm.max_lag,
+                                  "cpu_s": time.process_time() - cpu0}), flush=True)
+                swarm.max_lag = 0.0
+            elif cmd[0] == "add":
                 t0 = time.perf_counter()
-                for i in range(first, first + n):
-                    nursery.start_soon(sim_neuron, url, f"{prefix}-{i:05d}", token, stats, joined, sem)
-                with trio.move_on_after(120):
-                    await done.wait()
-                print(json.dumps({"seconds": time.perf_counter() - t0, "ok": len(times), "failed": len(errors),
-                                  "errors": errors[:3], "join_p50": _pct(times, 50), "join_p99": _pct(times, 99)}),
-                      flush=True)
+                swarm.take_join_times()
+                swarm.add(nursery, int(cmd[1]))
+                await all_joined(120)
+                times = swarm.take_join_times()
+                print(json.dumps({"seconds": time.perf_counter() - t0, "ok": swarm.joined_in_generation,
+                                  "missing": len(swarm.neurons) - swarm.joined_in_generation,
+                                  "attempt_failures": failures(),
+                                  "join_p50": _pct(times, 50), "join_p99": _pct(times, 99)}), flush=True)
+            elif cmd[0] == "rejoin":  # the cortex is being restarted: every neuron must join again
+                swarm.take_join_times()
+                swarm.next_generation()
+                failures()
+                await all_joined(float(cmd[1]) if len(cmd) > 1 else 180)
+                times = swarm.take_join_times()
+                print(json.dumps({"last_join_wall": swarm.last_join_wall, "ok": swarm.joined_in_generation,
+                                  "missing": len(swarm.neurons) - swarm.joined_in_generation,
+                                  "attempt_failures": failures(),
+                                  "join_p50": _pct(times, 50), "join_p99": _pct(times, 99)}), flush=True)
 
 
 # --- the round-trip client -------------------------------------------------------------------
@@ -369,12 +314,16 @@ def main() -> int:
     ap.add_argument("--steady", type=float, default=10.0, help="seconds of steady state measured per step")
     ap.add_argument("--settle", type=float, default=3.0, help="seconds after a batch joins before measuring")
     ap.add_argument("--sims", type=int, default=1, help="simulator processes")
-    ap.add_argument("--join-concurrency", type=int, default=100, help="handshakes in flight per simulator")
+    ap.add_argument("--rejoin-deadline", type=float, default=180.0,
+                    help="seconds the simulators wait for every neuron to rejoin after the restart")
     ap.add_argument("--probe-pings", type=int, default=300, help="round trips measured under each load")
     ap.add_argument("--restart", action="store_true",
                     help="after the ramp, kill -9 the cortex, start it again and time every neuron's rejoin")
     ap.add_argument("--no-pin", action="store_true", help="do not pin the cortex and the clients to CPUs")
     ap.add_argument("--keep", action="store_true", help="keep the cortex's data dir and log")
+    ap.add_argument("--profile", action="store_true",
+                    help="with --restart: sample the restarted cortex with py-spy (collapsed stacks kept in its "
+                         "data dir; implies --keep)")
     # internal: the client processes
     ap.add_argument("--_role", choices=["rtt", "sim"], help=argparse.SUPPRESS)
     ap.add_argument("--_url", help=argparse.SUPPRESS)
@@ -466,9 +415,16 @@ def orchestrate(args: argparse.Namespace) -> int:
         say()
 
         sizes = [int(x) for x in args.neurons.split(",") if x.strip()]
+        # The cortex's own background work with no neuron at all, to take off per heartbeat.
+        c0, t0 = cpu_seconds([cproc]), time.perf_counter()
+        time.sleep(5)
+        args.idle_cpu = (cpu_seconds([cproc]) - c0) / (time.perf_counter() - t0)
+        say(f"Cortex CPU with no neuron joined: {100 * args.idle_cpu:.1f}% of a core.")
+        say()
         if sizes:
             sims = [client("sim", f"sim{k}", stdin=subprocess.PIPE) for k in range(args.sims)]
             sprocs = [psutil.Process(p.pid) for p in sims]
+            spy = _spy(args, cortex.pid, data / "ramp.collapsed")
             say("### Neurons held by one cortex at a 1 s heartbeat (simulated neurons, real handshake "
                 "and heartbeats)")
             say()
@@ -480,13 +436,14 @@ def orchestrate(args: argparse.Namespace) -> int:
                 add = size - have
                 shares = [add // len(sims) + (1 if k < add % len(sims) else 0) for k in range(len(sims))]
                 for p, n in zip(sims, shares):
-                    p.stdin.write(f"add {n} {args.join_concurrency}\n")
+                    p.stdin.write(f"add {n}\n")
                     p.stdin.flush()
                 joins = [json.loads(p.stdout.readline()) for p in sims]
                 have = size
                 join_s = max(j["seconds"] for j in joins)
                 join_p99 = max(j["join_p99"] for j in joins) * 1e3
-                failed = sum(j["failed"] for j in joins)
+                failed = sum(j["missing"] for j in joins)
+                retried = _merge(j["attempt_failures"] for j in joins)
                 time.sleep(args.settle)
                 c0, s0, m0, t0 = cpu_seconds([cproc]), cpu_seconds(sprocs), machine_busy(), time.perf_counter()
                 time.sleep(args.steady)
@@ -510,15 +467,20 @@ def orchestrate(args: argparse.Namespace) -> int:
                     probe_txt = f"{probe['p50_ms']:.2f} / {probe['p99_ms']:.2f}" if probe else "-"
                 except RuntimeError:
                     probe_txt = "timed out"
-                say(f"| {size} | {join_s:.2f} ({join_p99:.0f}){f', {failed} failed' if failed else ''} "
+                say(f"| {size} | {join_s:.2f} ({join_p99:.0f}){f', {failed} never joined' if failed else ''} "
                     f"| {100 * (c1 - c0) / wall:.0f} | {100 * (s1 - s0) / wall:.0f} | {healthy}/{size} "
                     f"| {oldest:.2f} | {drops} | {probe_txt} | {100 * max(0.0, others) / wall:.0f} |")
+                if retried:
+                    say(f"(attempts that failed and were retried, by kind: {retried})")
                 if healthy < size * 0.9:
                     say(f"(stopping the ramp: only {healthy} of {size} healthy)")
                     break
             say()
             say(f"Simulator heartbeat lag (its own scheduling, worst): {max(s['max_lag'] for s in st):.3f} s; "
                 f"cortex RSS at the end: {cproc.memory_info().rss / 2**20:.0f} MiB.")
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)
+                spy.wait(timeout=60)
             if args.restart:
                 cortex, cproc = restart_storm(args, sims, sprocs, cortex, cortex_cmd, log, gateway, data, have, say)
         return 0
@@ -540,7 +502,7 @@ def orchestrate(args: argparse.Namespace) -> int:
         except subprocess.TimeoutExpired:
             cortex.kill()
         log.close()
-        if args.keep:
+        if args.keep or args.profile:
             print(f"(cortex data and log kept in {data})", file=sys.stderr)
         else:
             shutil.rmtree(data, ignore_errors=True)
@@ -548,14 +510,19 @@ def orchestrate(args: argparse.Namespace) -> int:
 
 def restart_storm(args, sims, sprocs, cortex, cortex_cmd, log, gateway, data, size, say):  # noqa: ANN001, ANN201
     """Kill -9 the cortex holding ``size`` neurons, start it again on the same sockets and
-    data directory, and time every neuron's rejoin; then the CPU per heartbeat at 1 s."""
+    data directory, and time every neuron's rejoin (each redials on its own, with the
+    neuron's backoff and jitter); then the CPU per heartbeat at 1 s."""
     import psutil
 
     cortex.kill()
     cortex.wait()
     t_kill = time.perf_counter()
+    for p in sims:
+        p.stdin.write(f"rejoin {args.rejoin_deadline}\n")
+        p.stdin.flush()
     cortex = subprocess.Popen(cortex_cmd, stdout=log, stderr=subprocess.STDOUT)
     cproc = psutil.Process(cortex.pid)
+    spy = _spy(args, cortex.pid, data / "storm.collapsed")
     deadline = time.time() + 60
     while True:
         try:
@@ -565,41 +532,84 @@ def restart_storm(args, sims, sprocs, cortex, cortex_cmd, log, gateway, data, si
             if cortex.poll() is not None or time.time() > deadline:
                 raise RuntimeError("the restarted cortex did not start") from None
             time.sleep(0.1)
-    t_up = time.perf_counter()
-    shares = [size // len(sims) + (1 if k < size % len(sims) else 0) for k in range(len(sims))]
-    for p, n in zip(sims, shares):
-        p.stdin.write(f"rejoin {n} {args.join_concurrency}\n")
-        p.stdin.flush()
+    t_up, t_up_wall = time.perf_counter(), time.time()
+    c_up, w_up = cpu_seconds([cproc]), sched_wait(cortex.pid)
     joins = [json.loads(p.stdout.readline()) for p in sims]
-    t_joined = time.perf_counter()
-    failed = sum(j["failed"] for j in joins)
+    missing = sum(j["missing"] for j in joins)
+    c_joined, w_joined = cpu_seconds([cproc]), sched_wait(cortex.pid)
+    last = max(j["last_join_wall"] for j in joins)
+    if spy is not None:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(timeout=60)
     time.sleep(args.settle)
-    c0, t0 = cpu_seconds([cproc]), time.perf_counter()
-    for p in sims:
-        p.stdin.write("stats\n")
-        p.stdin.flush()
-    h0 = sum(json.loads(p.stdout.readline())["heartbeats"] for p in sims)
+    stats = _stats(sims)
+    c0, w0, t0, h0 = cpu_seconds([cproc]), sched_wait(cortex.pid), time.perf_counter(), sum(s["heartbeats"] for s in stats)
+    s0 = sum(s["cpu_s"] for s in stats)
+    load0 = os.getloadavg()[0]
     time.sleep(args.steady)
-    c1, t1 = cpu_seconds([cproc]), time.perf_counter()
-    for p in sims:
-        p.stdin.write("stats\n")
-        p.stdin.flush()
-    st = [json.loads(p.stdout.readline()) for p in sims]
+    c1, w1, t1 = cpu_seconds([cproc]), sched_wait(cortex.pid), time.perf_counter()
+    st = _stats(sims)
     beats = sum(s["heartbeats"] for s in st) - h0
-    view = [n for n in fleet(gateway, data / "cortex")["neurons"] if n["node_id"].startswith("sim")]
+    s1 = sum(s["cpu_s"] for s in st)
+    load1 = os.getloadavg()[0]
+    view = fleet(gateway, data / "cortex")["neurons"]
+    now = time.time()
+    view = [n for n in view if n["node_id"].startswith("sim")]
     healthy = sum(1 for n in view if n["health"] == "healthy")
+    oldest = max((now - n["last_heartbeat"] for n in view if n["health"] == "healthy"), default=float("nan"))
+    wall = t1 - t0
     say()
     say("### A cortex restarted (kill -9) under its whole fleet: every neuron rejoins")
     say()
-    say("| neurons | cortex up again s | all rejoined s after it was up (p99 per join ms) | failed joins "
-        "| healthy after | cortex CPU % at 1 s heartbeats | cortex CPU ms per heartbeat |")
-    say("|---|---|---|---|---|---|---|")
-    say(f"| {size} | {t_up - t_kill:.2f} | {t_joined - t_up:.2f} ({max(j['join_p99'] for j in joins) * 1e3:.0f}) "
-        f"| {failed} | {healthy}/{size} | {100 * (c1 - c0) / (t1 - t0):.0f} "
-        f"| {1e3 * (c1 - c0) / max(1, beats):.3f} |")
-    if failed:
-        say(f"(first errors: {[e for j in joins for e in j['errors']][:3]})")
+    say("| neurons | cortex up again s | all rejoined s after it was up (p99 per neuron ms) | never rejoined "
+        "| cortex CPU s for the storm (waited for a CPU s) | healthy after | cortex CPU % at 1 s heartbeats "
+        "(waited %) | cortex CPU ms per heartbeat (less its idle CPU) | oldest heartbeat s | simulators CPU % (worst lag s) "
+        "| load average |")
+    say("|---|---|---|---|---|---|---|---|---|---|---|")
+    say(f"| {size} | {t_up - t_kill:.2f} | {last - t_up_wall:.2f} ({max(j['join_p99'] for j in joins) * 1e3:.0f}) "
+        f"| {missing} | {c_joined - c_up:.2f} ({w_joined - w_up:.2f}) | {healthy}/{size} "
+        f"| {100 * (c1 - c0) / wall:.0f} ({100 * (w1 - w0) / wall:.0f}) "
+        f"| {1e3 * (c1 - c0) / max(1, beats):.3f} ({1e3 * (c1 - c0 - args.idle_cpu * wall) / max(1, beats):.3f}) "
+        f"| {oldest:.2f} "
+        f"| {100 * (s1 - s0) / wall:.0f} ({max(s['max_lag'] for s in st):.3f}) | {load0:.1f}-{load1:.1f} |")
+    retried = _merge(j["attempt_failures"] for j in joins)
+    if retried:
+        say(f"(attempts that failed and were retried, by kind: {retried})")
     return cortex, cproc
+
+
+def _merge(counts) -> dict[str, int]:  # noqa: ANN001
+    out: dict[str, int] = {}
+    for c in counts:
+        for k, n in c.items():
+            out[k] = out.get(k, 0) + n
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def _stats(sims) -> list[dict]:  # noqa: ANN001
+    for p in sims:
+        p.stdin.write("stats\n")
+        p.stdin.flush()
+    return [json.loads(p.stdout.readline()) for p in sims]
+
+
+def sched_wait(pid: int) -> float:
+    """Seconds the process's main thread (the cortex's event loop) has spent runnable but
+    waiting for a CPU (``/proc/PID/schedstat``)."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
+def _spy(args, pid: int, out: Path):  # noqa: ANN001, ANN202
+    """py-spy sampling ``pid`` into collapsed stacks at ``out`` (with ``--profile``)."""
+    exe = shutil.which("py-spy", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    if not args.profile or exe is None:
+        return None
+    return subprocess.Popen([exe, "record", "--pid", str(pid), "--format", "raw", "--rate", "50",
+                             "--nonblocking", "--output", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def _cpu_model() -> str:

@@ -9,6 +9,11 @@ else: wrong types, missing or unknown fields, unknown kinds, oversized frames, b
 are not msgpack at all.
 
 Converters are built once per class, so the per-frame cost is a dict walk, not reflection.
+
+Growing a message without a version bump: a field added later is declared with
+:func:`added_field`. A frame without it decodes to its default (an older peer's frame),
+and the encoder leaves it out while it holds its default, so an older peer, which rejects
+unknown fields, still decodes every frame that does not use the new field.
 """
 
 from __future__ import annotations
@@ -37,8 +42,11 @@ Json = Any
 parameters): carried as is, never interpreted by the protocol."""
 
 T = TypeVar("T")
-_Decoder = Callable[[Any, str], Any]
+_Decoder = Callable[[Any], Any]
+"""Validates one msgpack-native value and converts it; raises :class:`_Invalid`."""
 _Encoder = Callable[[Any], Any]
+
+_OMIT_DEFAULT = "helexa.omit_default"
 
 _KINDS: dict[str, type] = {}
 _CODECS: dict[type, tuple[_Encoder, _Decoder]] = {}
@@ -57,6 +65,13 @@ def message(kind: str) -> Callable[[type[T]], type[T]]:
         return cls
 
     return register
+
+
+def added_field(default: Any = None) -> Any:
+    """A dataclass field added after a message was first released: left out of a frame
+    while it equals ``default`` (so older peers still decode the frame), and ``default``
+    when a frame lacks it (so this build decodes older peers' frames)."""
+    return dataclasses.field(default=default, metadata={_OMIT_DEFAULT: True})
 
 
 def kinds() -> dict[str, type]:
@@ -112,7 +127,10 @@ def decode(data: bytes, *, max_size: int = DEFAULT_MAX_FRAME) -> Any:
     if type(version) is not int or not MIN_PROTOCOL_VERSION <= version <= PROTOCOL_VERSION:
         raise DecodeError(f"{kind}: unsupported protocol version {version!r}", code="version_mismatch")
     _, dec = _codec(cls)
-    return dec(obj, kind)
+    try:
+        return dec(obj)
+    except _Invalid as exc:
+        raise exc.error(kind) from None
 
 
 # --- converters -------------------------------------------------------------------------
@@ -126,8 +144,34 @@ def to_wire(value: Any) -> Any:
 
 
 def from_wire(cls: type[T], data: Any) -> T:
-    """Validate msgpack-native ``data`` into the dataclass ``cls``."""
-    return _codec(cls)[1](data, cls.__name__)
+    """Validate msgpack-native ``data`` into the dataclass ``cls``.
+
+    Raises:
+        DecodeError: a field is missing, unknown or of the wrong type.
+    """
+    try:
+        return _codec(cls)[1](data)
+    except _Invalid as exc:
+        raise exc.error(cls.__name__) from None
+
+
+class _Invalid(Exception):
+    """A value failed validation somewhere inside a frame.
+
+    Raised by the converters and caught at :func:`decode` / :func:`from_wire`, which turn
+    it into a :class:`DecodeError` naming the field. The field's path (``.metrics.gpus[0]``)
+    is gathered only while it propagates, so a valid frame formats no strings: building
+    the path eagerly for every field cost more than the checks themselves (a heartbeat
+    arrives every second from every neuron).
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.path: list[str] = []  # innermost first
+
+    def error(self, root: str) -> DecodeError:
+        return DecodeError(f"{root}{''.join(reversed(self.path))}: {self.message}")
 
 
 def _codec(cls: type) -> tuple[_Encoder, _Decoder]:
@@ -142,31 +186,41 @@ def _build_dataclass(cls: type) -> tuple[_Encoder, _Decoder]:
     hints = typing.get_type_hints(cls)
     fields = [f for f in dataclasses.fields(cls) if f.init]
     plan: list[tuple[str, _Encoder, _Decoder, bool]] = []
+    omit: list[tuple[str, Any]] = []  # (name, default) of fields left out at their default
     for f in fields:
         enc, dec = _build(hints[f.name])
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         plan.append((f.name, enc, dec, required))
+        if f.metadata.get(_OMIT_DEFAULT):
+            omit.append((f.name, f.default))
     names = {p[0] for p in plan}
 
     def encode_dc(value: Any) -> dict[str, Any]:
-        return {name: enc(getattr(value, name)) for name, enc, _, _ in plan}
+        out = {name: enc(getattr(value, name)) for name, enc, _, _ in plan}
+        for name, default in omit:
+            if getattr(value, name) == default:
+                del out[name]
+        return out
 
-    def decode_dc(data: Any, where: str) -> Any:
+    def decode_dc(data: Any) -> Any:
         if not isinstance(data, dict):
-            raise DecodeError(f"{where}: expected a map, got {type(data).__name__}")
-        extra = data.keys() - names
-        if extra:
-            raise DecodeError(f"{where}: unknown field(s) {sorted(map(str, extra))}")
+            raise _Invalid(f"expected a map, got {type(data).__name__}")
+        if not names.issuperset(data):
+            raise _Invalid(f"unknown field(s) {sorted(map(str, data.keys() - names))}")
         kwargs = {}
         for name, _, dec, required in plan:
             if name in data:
-                kwargs[name] = dec(data[name], f"{where}.{name}")
+                try:
+                    kwargs[name] = dec(data[name])
+                except _Invalid as exc:
+                    exc.path.append("." + name)
+                    raise
             elif required:
-                raise DecodeError(f"{where}: missing field {name!r}")
+                raise _Invalid(f"missing field {name!r}")
         try:
             return cls(**kwargs)
         except (ValueError, TypeError) as exc:  # __post_init__ validation
-            raise DecodeError(f"{where}: {exc}") from None
+            raise _Invalid(str(exc)) from None
 
     return encode_dc, decode_dc
 
@@ -179,7 +233,7 @@ def _build(tp: Any) -> tuple[_Encoder, _Decoder]:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
-        return _identity, lambda v, where: v
+        return _identity, _identity
     if tp is type(None):
         return _identity, _check_none
     if tp in (str, bytes, bool):
@@ -191,7 +245,7 @@ def _build(tp: Any) -> tuple[_Encoder, _Decoder]:
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         return _enum_codec(tp)
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        return (lambda v: _codec(tp)[0](v)), (lambda v, where: _codec(tp)[1](v, where))
+        return (lambda v: _codec(tp)[0](v)), (lambda v: _codec(tp)[1](v))
     if origin in (typing.Union, types.UnionType):
         return _union_codec(args)
     if origin in (list, tuple) and (origin is list or (len(args) == 2 and args[1] is Ellipsis)):
@@ -201,10 +255,17 @@ def _build(tp: Any) -> tuple[_Encoder, _Decoder]:
         def enc_seq(v: Any) -> list[Any]:
             return [item_enc(x) for x in v]
 
-        def dec_seq(v: Any, where: str) -> Any:
+        def dec_seq(v: Any) -> Any:
             if not isinstance(v, list):
-                raise DecodeError(f"{where}: expected a list, got {type(v).__name__}")
-            return seq(item_dec(x, f"{where}[{i}]") for i, x in enumerate(v))
+                raise _Invalid(f"expected a list, got {type(v).__name__}")
+            out = []
+            for x in v:
+                try:
+                    out.append(item_dec(x))
+                except _Invalid as exc:
+                    exc.path.append(f"[{len(out)}]")
+                    raise
+            return out if seq is list else tuple(out)
 
         return enc_seq, dec_seq
     if origin is dict:
@@ -215,54 +276,61 @@ def _build(tp: Any) -> tuple[_Encoder, _Decoder]:
         def enc_map(v: Any) -> dict[str, Any]:
             return {k: val_enc(x) for k, x in v.items()}
 
-        def dec_map(v: Any, where: str) -> dict[str, Any]:
+        def dec_map(v: Any) -> dict[str, Any]:
             if not isinstance(v, dict):
-                raise DecodeError(f"{where}: expected a map, got {type(v).__name__}")
-            return {k: val_dec(x, f"{where}[{k!r}]") for k, x in v.items()}
+                raise _Invalid(f"expected a map, got {type(v).__name__}")
+            out = {}
+            for k, x in v.items():
+                try:
+                    out[k] = val_dec(x)
+                except _Invalid as exc:
+                    exc.path.append(f"[{k!r}]")
+                    raise
+            return out
 
         return enc_map, dec_map
     raise TypeError(f"unsupported wire type {tp!r}")
 
 
-def _check_none(v: Any, where: str) -> None:
+def _check_none(v: Any) -> None:
     if v is not None:
-        raise DecodeError(f"{where}: expected nil")
+        raise _Invalid("expected nil")
     return None
 
 
 def _check_exact(tp: type) -> _Decoder:
     name = tp.__name__
 
-    def check(v: Any, where: str) -> Any:
+    def check(v: Any) -> Any:
         if type(v) is not tp:
-            raise DecodeError(f"{where}: expected {name}, got {type(v).__name__}")
+            raise _Invalid(f"expected {name}, got {type(v).__name__}")
         return v
 
     return check
 
 
-def _check_int(v: Any, where: str) -> int:
+def _check_int(v: Any) -> int:
     if type(v) is not int:
-        raise DecodeError(f"{where}: expected int, got {type(v).__name__}")
+        raise _Invalid(f"expected int, got {type(v).__name__}")
     return v
 
 
-def _check_float(v: Any, where: str) -> float:
+def _check_float(v: Any) -> float:
     if type(v) is float:
         return v
     if type(v) is int:
         return float(v)
-    raise DecodeError(f"{where}: expected float, got {type(v).__name__}")
+    raise _Invalid(f"expected float, got {type(v).__name__}")
 
 
 def _enum_codec(tp: type[enum.Enum]) -> tuple[_Encoder, _Decoder]:
     members = {m.value: m for m in tp}
 
-    def dec(v: Any, where: str) -> Any:
+    def dec(v: Any) -> Any:
         try:
             return members[v]
         except (KeyError, TypeError):
-            raise DecodeError(f"{where}: {v!r} is not a valid {tp.__name__}") from None
+            raise _Invalid(f"{v!r} is not a valid {tp.__name__}") from None
 
     return (lambda v: v.value), dec
 
@@ -276,8 +344,8 @@ def _union_codec(args: tuple[Any, ...]) -> tuple[_Encoder, _Decoder]:
     def enc(v: Any) -> Any:
         return None if v is None else inner_enc(v)
 
-    def dec(v: Any, where: str) -> Any:
-        return None if v is None else inner_dec(v, where)
+    def dec(v: Any) -> Any:
+        return None if v is None else inner_dec(v)
 
     return enc, dec
 
@@ -288,6 +356,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "Json",
     "ProtocolError",
+    "added_field",
     "decode",
     "encode",
     "from_wire",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from .codec import Json, message
+from .codec import Json, added_field, message
 from .model import ModelId
 
 
@@ -192,7 +192,12 @@ class TokenChunk:
 @message("result")
 @dataclass(frozen=True, slots=True)
 class GenerateResult:
-    """The end of a generation. ``text`` holds only text not already sent as chunks."""
+    """The end of a generation. ``text`` holds only text not already sent as chunks.
+
+    ``stop_sequence`` is the request's stop sequence that ended the text (``finish_reason``
+    ``"stop"``), when the backend knows which one did; ``None`` when the model ended on
+    its own, ran out of tokens, or the backend cannot say.
+    """
 
     request_id: str
     finish_reason: str
@@ -200,6 +205,7 @@ class GenerateResult:
     text: str = ""
     tool_calls: tuple[Json, ...] | None = None
     logprobs: tuple[TokenLogprob, ...] | None = None
+    stop_sequence: str | None = added_field()
 
 
 @message("embed_result")

@@ -312,9 +312,11 @@ class GeneratorWorker:
 
 
 async def stream_job(worker: GeneratorWorker, job: Any, request_id: str, prompt_tokens: int,
-                     engine: str) -> AsyncIterator[GenerationEvent]:
+                     engine: str, stops: tuple[str, ...] = ()) -> AsyncIterator[GenerationEvent]:
     """Run ``job`` on ``worker`` and stream it: :class:`TokenChunk` items (results that
-    arrived while the reader was busy are joined into one), then one :class:`GenerateResult`.
+    arrived while the reader was busy are joined into one), then one :class:`GenerateResult`
+    (naming the one of ``stops``, the request's stop sequences, that ended the text: the
+    generator's ``eos_triggering_string``).
 
     Leaving early (``aclose``, or cancelling the reading task) cancels the job and returns
     only once the worker has dropped it, so its cache pages are free (bounded by
@@ -356,7 +358,9 @@ async def stream_job(worker: GeneratorWorker, job: Any, request_id: str, prompt_
                     completion_tokens=int(end.get("new_tokens") or 0),
                     cached_tokens=int(end.get("cached_tokens") or 0),
                 )
-                yield GenerateResult(request_id, FINISH_REASONS.get(end.get("eos_reason", ""), "stop"), usage)
+                word = end.get("eos_triggering_string") if end.get("eos_reason") == "stop_string" else None
+                yield GenerateResult(request_id, FINISH_REASONS.get(end.get("eos_reason", ""), "stop"), usage,
+                                     stop_sequence=word if word in stops else None)
     finally:
         if not finished:
             dropped = trio.Event()

@@ -242,7 +242,8 @@ class ExLlamaV2Backend(Backend, ChatInference, TextInference):
         if engine is None or engine.worker is None:
             raise BackendError(f"model {self.config.model_id!r} is not loaded", code="model_not_loaded")
         job, prompt_tokens = await trio.to_thread.run_sync(self._job, engine, request)
-        stream = stream_job(engine.worker, job, request.request_id, prompt_tokens, "ExLlamaV2")
+        stream = stream_job(engine.worker, job, request.request_id, prompt_tokens, "ExLlamaV2",
+                            request.sampling.stop)
         async with contextlib.aclosing(stream) as events:
             async for event in events:
                 yield event

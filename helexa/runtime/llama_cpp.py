@@ -379,6 +379,7 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
         openai_shapes.validate(request, max_context=self._slot_ctx, features=self.features)
         handle = method(self._require_loaded())
         body, generic = self._body(request)
+        stops = request.sampling.stop
         await self._check_context(request, body, generic)
         self._admit()
         chat = request.task is Task.CHAT
@@ -414,7 +415,7 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
         finished = False
         held: list[str] = []  # a generic tool answer is JSON until it is whole: held back
         try:
-            finish_reason, usage, emitted = "stop", None, 0
+            finish_reason, usage, emitted, stop_sequence = "stop", None, 0, None
             while not finished:
                 batch = [await receive.receive()]
                 with suppress(trio.WouldBlock):
@@ -429,11 +430,11 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
                         except ValueError as exc:  # xllamacpp's word for a request llama.cpp refused
                             raise InvalidRequest(f"llama.cpp refused the request: {exc}") from None
                         continue
-                    view = openai_shapes.parse_chunk(payload)
+                    view = openai_shapes.parse_chunk(payload, stops)
                     if view.usage is not None:
                         usage = view.usage
                     if view.finish_reason:
-                        finish_reason = view.finish_reason
+                        finish_reason, stop_sequence = view.finish_reason, view.stop_sequence
                     answer.append(view.text or "")
                     if generic:
                         held.append(view.text)
@@ -457,9 +458,10 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
                 if parsed.tool_calls:
                     finish_reason = "tool_calls"
                 yield GenerateResult(request.request_id, finish_reason, usage, text=parsed.content,
-                                     tool_calls=parsed.tool_calls or None)
+                                     tool_calls=parsed.tool_calls or None,
+                                     stop_sequence=None if parsed.tool_calls else stop_sequence)
             else:
-                yield GenerateResult(request.request_id, finish_reason, usage)
+                yield GenerateResult(request.request_id, finish_reason, usage, stop_sequence=stop_sequence)
         finally:
             if not finished:
                 cancel.set()

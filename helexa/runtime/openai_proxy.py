@@ -323,7 +323,7 @@ class OpenAIProxyBackend(Backend, ChatInference, TextInference, EmbeddingInferen
         try:
             if response.status != 200:
                 _raise_for_status(response.status, await response.read(64 << 10))
-            reader = StreamReader(request.request_id)
+            reader = StreamReader(request.request_id, request.sampling.stop)
             while True:
                 data = await response.receive()
                 for event in reader.feed(data):  # b"" at the body's end
@@ -346,9 +346,10 @@ class OpenAIProxyBackend(Backend, ChatInference, TextInference, EmbeddingInferen
         response = await self._require_client().request("POST", path, _dumps(body), _JSON)
         if response.status != 200:
             _raise_for_status(response.status, response.body)
-        view = openai_shapes.parse_completion(loads_object(response.body, f"{self._base}'s answer"))
+        view = openai_shapes.parse_completion(loads_object(response.body, f"{self._base}'s answer"),
+                                              request.sampling.stop)
         return GenerateResult(request.request_id, view.finish_reason or "stop", view.usage or Usage(), view.text,
-                              tuple(view.tool_calls) if view.tool_calls else None)
+                              tuple(view.tool_calls) if view.tool_calls else None, stop_sequence=view.stop_sequence)
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         """Embed through ``/v1/embeddings`` (metadata ``embeddings: true``); vectors are

@@ -143,6 +143,10 @@ def request_body(request: GenerateRequest, *, dialect: str = "llama.cpp", model:
         body["seed"] = s.seed % 0xFFFFFFFF  # a uint32 there, and 0xFFFFFFFF means "random"
     if s.stop:
         body["stop"] = list(s.stop)
+        if dialect == "llama.cpp":
+            # llama.cpp names the stop word that ended the text only in its verbose block
+            # (read by stop_sequence_of), so it is asked for only when there are stops.
+            body["verbose"] = True
     for ours, theirs in _DIALECT_NAMES[dialect].items():
         value = getattr(s, ours)
         if value is not None:
@@ -200,10 +204,30 @@ class ChunkView:
     finish_reason: str | None = None
     usage: Usage | None = None
     logprobs: list[TokenLogprob] | None = None
+    stop_sequence: str | None = None
 
 
-def parse_chunk(chunk: dict[str, Any]) -> ChunkView:
-    """Read a ``chat.completion.chunk`` or ``text_completion`` chunk. Raises the mapped
+def stop_sequence_of(body: dict[str, Any], choice: dict[str, Any], stops: tuple[str, ...]) -> str | None:
+    """Which of the request's ``stops`` ended a choice, where the server says so: vLLM's
+    ``stop_reason`` (the matched string; a number is a stop token), or llama.cpp's
+    ``__verbose`` block (``stop_type: "word"``, ``stopping_word``; present when the request
+    asked for ``verbose``). A word the request did not ask for is not reported."""
+    if not stops:
+        return None
+    word = choice.get("stop_reason")
+    if type(word) is str and word in stops:
+        return word
+    verbose = body.get("__verbose")
+    if isinstance(verbose, dict) and verbose.get("stop_type") == "word":
+        word = verbose.get("stopping_word")
+        if type(word) is str and word in stops:
+            return word
+    return None
+
+
+def parse_chunk(chunk: dict[str, Any], stops: tuple[str, ...] = ()) -> ChunkView:
+    """Read a ``chat.completion.chunk`` or ``text_completion`` chunk (``stops``: the
+    request's stop sequences, to say which one ended it). Raises the mapped
     :class:`BackendError` for an error envelope."""
     raise_for_error(chunk)
     view = ChunkView(usage=usage_of(chunk))
@@ -217,6 +241,7 @@ def parse_chunk(chunk: dict[str, Any]) -> ChunkView:
             view.text += choice.get("text") or ""
         if choice.get("finish_reason"):
             view.finish_reason = choice["finish_reason"]
+            view.stop_sequence = stop_sequence_of(chunk, choice, stops)
         if choice.get("logprobs"):
             view.logprobs = (view.logprobs or []) + logprobs_of(choice["logprobs"])
     return view
@@ -265,9 +290,10 @@ def logprobs_of(body: Any) -> list[TokenLogprob]:
     return out
 
 
-def parse_completion(body: dict[str, Any]) -> ChunkView:
+def parse_completion(body: dict[str, Any], stops: tuple[str, ...] = ()) -> ChunkView:
     """Read a non-streamed ``chat.completion`` or ``text_completion`` answer (its first
-    choice). Raises the mapped :class:`BackendError` for an error envelope."""
+    choice; ``stops`` as for :func:`parse_chunk`). Raises the mapped :class:`BackendError`
+    for an error envelope."""
     raise_for_error(body)
     view = ChunkView(usage=usage_of(body))
     choices = body.get("choices") or ()
@@ -281,6 +307,7 @@ def parse_completion(body: dict[str, Any]) -> ChunkView:
         else:
             view.text = choice.get("text") or ""
         view.finish_reason = choice.get("finish_reason")
+        view.stop_sequence = stop_sequence_of(body, choice, stops)
         if choice.get("logprobs"):
             view.logprobs = logprobs_of(choice["logprobs"])
     return view

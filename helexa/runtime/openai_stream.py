@@ -38,16 +38,20 @@ class StreamReader:
     """The events of one streamed answer (see the module docstring).
 
     Attributes, once the stream has been fed: ``done`` (``data: [DONE]`` was seen; later
-    bytes are ignored), ``finish_reason``, ``usage`` and ``chunks`` (chunks with text or
-    tool calls).
+    bytes are ignored), ``finish_reason``, ``stop_sequence`` (which of ``stops``, the
+    request's stop sequences, ended it, where the server says so), ``usage`` and ``chunks``
+    (chunks with text or tool calls).
     """
 
-    __slots__ = ("request_id", "done", "finish_reason", "usage", "chunks", "_pending", "_cr", "_error")
+    __slots__ = ("request_id", "done", "finish_reason", "stop_sequence", "usage", "chunks", "_stops", "_pending",
+                 "_cr", "_error")
 
-    def __init__(self, request_id: str) -> None:
+    def __init__(self, request_id: str, stops: tuple[str, ...] = ()) -> None:
         self.request_id = request_id
         self.done = False
         self.finish_reason: str | None = None
+        self.stop_sequence: str | None = None
+        self._stops = stops
         self.usage: Usage | None = None
         self.chunks = 0
         self._pending = b""
@@ -119,6 +123,7 @@ class StreamReader:
                         reason = choice.get("finish_reason")
                         if reason:
                             self.finish_reason = str(reason)
+                            self.stop_sequence = openai_shapes.stop_sequence_of(chunk, choice, self._stops)
                         if calls:
                             if texts:
                                 out.append(TokenChunk(self.request_id, "".join(texts), len(texts)))
@@ -148,7 +153,7 @@ class StreamReader:
         if self._error is not None:
             raise self._error
         return GenerateResult(self.request_id, self.finish_reason or "stop",
-                              self.usage or Usage(completion_tokens=self.chunks))
+                              self.usage or Usage(completion_tokens=self.chunks), stop_sequence=self.stop_sequence)
 
 
 def _raise_error(payload: bytes) -> NoReturn:

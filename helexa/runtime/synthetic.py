@@ -78,15 +78,15 @@ class SyntheticBackend(Backend, ChatInference, TextInference):
         for i in range(limit):
             piece = f"tok{i} " if i < limit - 1 else f"tok{i}"
             candidate = text + piece
-            hits = [candidate.find(s, max(0, len(text) - len(s) + 1)) for s in stops]
-            hit = min((h for h in hits if h >= 0), default=-1)
-            if hit >= 0:
+            hits = [(h, s) for s in stops if (h := candidate.find(s, max(0, len(text) - len(s) + 1))) >= 0]
+            if hits:
+                hit, word = min(hits, key=lambda h: h[0])
                 if hit > len(text):
                     emitted += 1
                     if not whole:
                         yield self._chunk(request, candidate[len(text) : hit])
                 yield GenerateResult(request.request_id, "stop", self._usage(emitted),
-                                     text=candidate[:hit] if whole else "")
+                                     text=candidate[:hit] if whole else "", stop_sequence=word)
                 return
             if self._interval:
                 await trio.sleep(self._interval)

@@ -3,7 +3,8 @@ throttle on failed join proofs. Pure bookkeeping over a time the caller passes i
 clock in the server, any number in tests); no I/O.
 
 - :class:`PendingHandshakes`: a connection counts from its TCP accept until its join
-  verdict. Past ``limit`` the listener closes new connections at once, so a flood of
+  verdict. Past ``limit`` the listener turns new connections away at once (``503`` on a
+  plain socket, then closed; the neuron redials on its backoff), so a flood of
   half-open connections costs the cortex at most ``limit`` sockets and tasks; each still
   ends at its handshake deadline.
 - :class:`FailedJoins`: every refused join proof from an address adds one to that

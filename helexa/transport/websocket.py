@@ -196,23 +196,33 @@ async def _connect_pinned(url: str, pin: str, timeout: float, ssl_context: ssl.S
         raise ConnectFailed(f"cannot connect to {url}: {failure}")
 
 
-def _peer(stream: trio.abc.Stream) -> str:
+def _peer(stream: trio.abc.Stream) -> str | None:
+    """``"addr:port"`` of the peer; None when it is already gone (reset before we looked)."""
     sock = stream.transport_stream.socket if isinstance(stream, trio.SSLStream) else getattr(stream, "socket", None)
     if sock is None:
         return repr(stream)
     try:
         addr, port, *_ = sock.getpeername()
     except OSError:
-        return repr(stream)
+        return None
     return f"{addr}:{port}"
 
 
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\n"
+         b"Connection: close\r\n\r\n")
+"""What a connection turned away at the cap reads: a websocket client fails its connect at
+once on it (a bare close before the upgrade's answer left trio-websocket waiting out its
+whole connect timeout), and the neuron redials on its own backoff with jitter."""
+
+
 class _Admitting(trio.abc.Listener[trio.abc.Stream]):
-    """A listener that closes a new connection at once when ``pending`` is full.
+    """A listener that turns a new connection away at once when ``pending`` is full.
 
     It wraps the outermost listener (the TLS one for ``wss://``) and returns its streams
-    unchanged, so trio-websocket still sees a socket or TLS stream; a TLS handshake is
-    lazy, so refusing costs no crypto.
+    unchanged, so trio-websocket still sees a socket or TLS stream. A plain connection
+    turned away is answered ``503`` (``Retry-After: 1``) and closed; a TLS one is only
+    closed (a TLS handshake is lazy, so refusing costs no crypto; its client waits out its
+    connect timeout before it redials).
     """
 
     def __init__(self, inner: trio.abc.Listener[Any], pending: PendingHandshakes) -> None:
@@ -222,11 +232,23 @@ class _Admitting(trio.abc.Listener[trio.abc.Stream]):
     async def accept(self) -> trio.abc.Stream:
         while True:
             stream = await self.inner.accept()
-            if self.pending.admit(_peer(stream), trio.current_time()):
+            peer = _peer(stream)
+            if peer is None:  # reset while it waited in the backlog (a neuron that gave up)
+                await trio.aclose_forcefully(stream)
+                continue
+            if self.pending.admit(peer, trio.current_time()):
                 return stream
             if self.pending.refused in (1, 10, 100) or self.pending.refused % 1000 == 0:
                 log.warning("%d pending handshakes: refused %d connections so far", len(self.pending),
                             self.pending.refused)
+            if isinstance(stream, trio.SocketStream):
+                # A fresh socket's send buffer is empty: this never waits in practice, and
+                # the deadline bounds the accept loop if it ever did.
+                with trio.move_on_after(1):
+                    try:
+                        await stream.send_all(_BUSY)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
             await trio.aclose_forcefully(stream)
 
     async def aclose(self) -> None:
@@ -254,8 +276,15 @@ async def serve(
     """
 
     async def on_request(request: WebSocketRequest) -> None:
-        remote = f"{request.remote.address}:{request.remote.port}" if hasattr(request.remote, "port") \
-            else str(request.remote)
+        try:
+            endpoint = request.remote
+        except OSError:
+            # The peer reset the connection after sending its upgrade and before we read it
+            # (in a join storm: a neuron whose deadline passed). Nothing to answer; its
+            # pending entry, if any, is forgotten at the handshake deadline.
+            log.info("a connection went away before its websocket upgrade was read")
+            return
+        remote = f"{endpoint.address}:{endpoint.port}" if hasattr(endpoint, "port") else str(endpoint)
         try:
             try:
                 ws = await request.accept()

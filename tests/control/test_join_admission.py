@@ -140,3 +140,55 @@ async def test_a_flood_of_half_open_connections_holds_at_most_the_cap_and_ends_a
     assert isinstance(await join(port, "after-the-flood", TOKEN), Welcomed)
     for stream in silent:
         await stream.aclose()
+
+
+async def test_a_connection_reset_before_the_cortex_reads_its_upgrade_closes_only_itself(
+        nursery, autojump_clock) -> None:
+    # Seen in a join storm: a neuron gave up (its handshake deadline passed while the
+    # cortex was busy) and its connection was reset before the cortex read its upgrade;
+    # the peer's address could no longer be read, and that error took the cortex down.
+    import socket
+    import struct
+
+    server, port = await start(nursery)
+    for _ in range(3):
+        # Blocking calls with no checkpoint between them: the reset lands before the
+        # cortex's accept loop runs.
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+    await trio.sleep(0.5)
+    assert isinstance(await join(port, "after-the-resets", TOKEN), Welcomed)
+    assert len(server.pending) == 0
+
+
+async def test_a_neuron_turned_away_at_the_cap_redials_with_its_backoff_and_joins_when_a_slot_frees(
+        nursery, autojump_clock) -> None:
+    # In a join storm the cap turns joins away by closing them at accept; the neuron is
+    # not dropped: it redials on its own backoff with jitter, so a storm spreads out.
+    import random
+
+    from helexa.roles.neuron.agent import Neuron
+    from helexa.roles.neuron.config import NeuronConfig
+    from helexa.roles.neuron.connection import backoff_delays
+
+    server, port = await start(nursery, max_pending_handshakes=2, handshake_timeout=5.0)
+    silent = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(2)]  # both slots, until 5 s
+    await trio.sleep(0.1)
+    t0 = trio.current_time()
+    neuron = Neuron(NeuronConfig(cortex=f"ws://127.0.0.1:{port}", node_id="storm-1", join_token=TOKEN,
+                                 reconnect_initial=0.5, reconnect_max=30.0), rng=random.Random(3))
+    nursery.start_soon(neuron.run)
+    await neuron.joined.wait()
+    # Its dials: at t0, then after each backoff delay, until the first one at or after the
+    # moment the silent connections' slots were forgotten (their deadline, 5 s after 0).
+    delays = backoff_delays(0.5, 30.0, random.Random(3))
+    dials = [t0]
+    while dials[-1] < 5.0:
+        dials.append(dials[-1] + delays())
+    assert trio.current_time() == pytest.approx(dials[-1], abs=0.01)
+    assert server.pending.refused == len(dials) - 1 and "storm-1" in server.fleet
+    for stream in silent:
+        await stream.aclose()

@@ -23,11 +23,13 @@ from helexa.protocol import (
     GpuInfo,
     Hardware,
     LoadModel,
+    LoadProgress,
     ModelState,
     ModelStatus,
     NeuronDescriptor,
     NeuronMetrics,
     ProvisioningResponse,
+    PullModel,
     TokenChunk,
     TokenLogprob,
     TopLogprob,
@@ -52,7 +54,8 @@ class NeuronDouble:
     log-probability 0, when logprobs are asked for, as the synthetic backend answers)
 
     Knobs: ``load_delay`` (seconds a LoadModel takes), ``token_delay`` (between chunks),
-    ``refuse_load`` (answer LoadModel ok=False), ``fail_before_start`` (die as soon as a
+    ``refuse_load`` (answer LoadModel ok=False), ``pull_bytes`` (a PullModel reports its
+    download in three steps of a third each, as a neuron's download progress), ``fail_before_start`` (die as soon as a
     generation arrives, with nothing produced), ``retryable_error`` (answer with a
     retryable RemoteError).
 
@@ -76,6 +79,7 @@ class NeuronDouble:
         self.token_delay = token_delay
         self.load_delay = load_delay
         self.refuse_load = False
+        self.pull_bytes = 3000
         self.fail_before_start = False
         self.retryable_error = False
         self.commands: list[object] = []
@@ -112,6 +116,14 @@ class NeuronDouble:
                     return ProvisioningResponse(command.command_id, ok=False, error="no", code="load_failed")
                 self.models[mid] = ModelStatus(mid, ModelState.LOADED)
                 self._fleet.notify()
+            case PullModel(model_id=mid):
+                if self.refuse_load:
+                    return ProvisioningResponse(command.command_id, ok=False, error="disk full", code="pull_failed")
+                for step in range(4):
+                    if on_progress is not None:
+                        on_progress(LoadProgress(command.command_id, mid, "download", self.pull_bytes * step // 3,
+                                                 self.pull_bytes))
+                    await trio.sleep(0)
             case UnloadModel(model_id=mid, grace=grace):
                 if mid in self.models:
                     self.models[mid] = ModelStatus(mid, ModelState.UNLOADING)
@@ -162,6 +174,14 @@ class NeuronDouble:
                 if self._dead.is_set():
                     raise NeuronGone(f"{self.node_id} died", started=i > 0)
                 text = f"t{i} "
+                hit = min(((text.find(s), s) for s in request.sampling.stop if s in text), default=None)
+                if hit is not None:  # as a backend does: the text up to the stop, which it names
+                    if hit[0]:
+                        yield TokenChunk(request.request_id, text[:hit[0]])
+                    done = True
+                    yield GenerateResult(request.request_id, "stop", Usage(prompt_tokens=5, completion_tokens=i + 1),
+                                         stop_sequence=hit[1])
+                    return
                 lp = (TokenLogprob(text, 0.0, text.encode(), (TopLogprob(text, 0.0, text.encode()),)
                                    [:request.sampling.top_logprobs]),) if request.sampling.logprobs else None
                 yield TokenChunk(request.request_id, text, logprobs=lp)

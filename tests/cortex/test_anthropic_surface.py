@@ -108,6 +108,60 @@ def expected_stream(message_id: str, model: str, texts: list[str], usage: tuple[
     return out.encode()
 
 
+async def test_a_stop_sequence_that_ends_the_answer_is_named_whole_and_streamed() -> None:
+    fleet, _, store, key = keyed()
+    async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
+        def ask():
+            with client(urls["acme"], key) as c:
+                whole = c.messages.create(model="fast", max_tokens=16, messages=ASK, stop_sequences=["zz", "2 "])
+                with c.messages.stream(model="fast", max_tokens=16, messages=ASK, stop_sequences=["2 "]) as stream:
+                    events = [e for e in stream if e.type == "message_delta"]
+                    return whole, events, stream.get_final_message()
+
+        whole, deltas, streamed = await in_thread(ask)
+    assert whole.content[0].text == "t0 t1 t" and (whole.stop_reason, whole.stop_sequence) == ("stop_sequence", "2 ")
+    assert [(d.delta.stop_reason, d.delta.stop_sequence) for d in deltas] == [("stop_sequence", "2 ")]
+    assert (streamed.stop_reason, streamed.stop_sequence) == ("stop_sequence", "2 ")
+    assert streamed.content[0].text == "t0 t1 t"
+
+
+async def test_the_anthropic_sdk_lists_pages_and_retrieves_the_portals_models() -> None:
+    fleet, _, store, key = keyed()
+    async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
+        def ask():
+            with client(urls["acme"], key) as c:
+                everything = [m.id for m in c.models.list()]
+                first = c.models.list(limit=1)
+                walked = [m.id for m in first]  # the SDK's auto-paging follows last_id
+                before = c.models.list(before_id=everything[-1], limit=5)
+                one = c.models.retrieve(everything[0])
+                with pytest.raises(anthropic.NotFoundError) as missing:
+                    c.models.retrieve("nope")
+                with pytest.raises(anthropic.BadRequestError) as bad:
+                    c.models.list(limit=0)
+                return everything, first, walked, before, one, missing.value, bad.value
+
+        everything, first, walked, before, one, missing, bad = await in_thread(ask)
+    assert everything and everything == walked
+    assert (len(first.data), first.has_more, first.first_id, first.last_id) == (
+        1, len(everything) > 1, everything[0], everything[0])
+    assert [m.id for m in before.data] == everything[:-1] and before.has_more is False
+    assert one.type == "model" and one.id == everything[0] and one.display_name == everything[0]
+    assert one.created_at.tzinfo is not None
+    assert missing.response.json()["error"]["type"] == "not_found_error"
+    assert bad.response.json()["error"]["type"] == "invalid_request_error" and "limit" in bad.message
+
+
+async def test_an_openai_client_still_gets_openais_model_list() -> None:
+    fleet, _, store, key = keyed()
+    async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
+        async with httpx.AsyncClient(timeout=10) as http:
+            r = await http.get(urls["acme"] + "/v1/models", headers={"authorization": f"Bearer {key}"})
+            anthropic_401 = await http.get(urls["acme"] + "/v1/models", headers={"anthropic-version": "2023-06-01"})
+    assert r.json()["object"] == "list" and all(m["object"] == "model" for m in r.json()["data"])
+    assert anthropic_401.status_code == 401 and anthropic_401.json()["error"]["type"] == "authentication_error"
+
+
 async def test_the_raw_stream_is_the_event_sequence_byte_for_byte() -> None:
     fleet = Fleet()
     NeuronDouble("n1", fleet, loaded=("chat",))

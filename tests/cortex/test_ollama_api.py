@@ -13,11 +13,13 @@ import ollama
 import pytest
 import trio
 
+from helexa.roles.cortex.catalogue import Catalogue, CatalogueEntry
 from helexa.roles.cortex.fleet import Fleet
 from helexa.roles.cortex.ollama_api import ChatBody, chat_messages
 from helexa.roles.cortex.portal.store import SqliteStore
 from neuron_double import NeuronDouble
 from portals import acme, bearer, new_key, portals
+from serving import admin_headers, serving
 
 
 def client(url: str, key: str) -> ollama.Client:
@@ -205,3 +207,120 @@ async def test_a_neuron_lost_mid_stream_ends_the_stream_with_an_error_line(autoj
     assert [line.get("response") for line in lines[:2]] == ["t0 ", "t1 "]
     assert list(lines[-1]) == ["error"] and "went away" in lines[-1]["error"] and len(lines) == 3
     assert [(row.endpoint, row.outcome) for row in store.records()] == [("ollama_generate", "error")]
+
+
+# --- model management: pull, delete, copy, create, push -------------------------------------
+
+
+async def test_pull_streams_the_neurons_download_progress_to_the_ollama_client() -> None:
+    fleet = Fleet()
+    n1, n2 = NeuronDouble("n1", fleet, loaded=("embed",)), NeuronDouble("n2", fleet)
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme")
+    async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
+        def run():  # noqa: ANN202
+            operator = ollama.Client(host=urls["acme"], headers=admin_headers(), timeout=10)
+            lines = list(operator.pull("fast:latest", stream=True))
+            whole = operator.pull("fast", stream=False)
+            errors = {}
+            for name, call in {
+                "a key is not the operator": lambda: list(client(urls["acme"], key).pull("fast", stream=True)),
+                "unknown model": lambda: operator.pull("nope"),
+                "not the portal's name": lambda: operator.pull("chat2"),
+            }.items():
+                try:
+                    call()
+                except ollama.ResponseError as exc:
+                    errors[name] = (exc.status_code, exc.error)
+            return lines, whole, errors
+
+        lines, whole, errors = await in_thread(run)
+    assert lines[-1].status == "success" and whole.status == "success"
+    for node in ("n1", "n2"):
+        mine = [line for line in lines if line.status == f"pulling fast:latest on {node}"]
+        assert mine[0].digest is None  # the announcement, then the download
+        assert [(line.completed, line.total) for line in mine[1:]] == [(0, 3000), (1000, 3000), (2000, 3000),
+                                                                         (3000, 3000)]
+        assert all(line.digest and line.digest.startswith("sha256:") for line in mine[1:])
+    assert [type(c).__name__ for c in n1.commands + n2.commands].count("PullModel") == 4  # streamed, then whole
+    assert errors["a key is not the operator"][0] == 401 and "admin token" in errors["a key is not the operator"][1]
+    assert errors["unknown model"][0] == 404 and errors["not the portal's name"][0] == 404
+
+
+async def test_a_failed_pull_ends_the_stream_with_an_error_the_client_raises() -> None:
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet)
+    neuron.refuse_load = True
+    async with portals(fleet, {"acme": acme()}) as (_, urls):
+        def run():  # noqa: ANN202
+            operator = ollama.Client(host=urls["acme"], headers=admin_headers(), timeout=10)
+            seen = []
+            with pytest.raises(ollama.ResponseError) as streamed:
+                for line in operator.pull("fast", stream=True):
+                    seen.append(line)
+            with pytest.raises(ollama.ResponseError) as whole:
+                operator.pull("fast", stream=False)
+            return seen, streamed.value, whole.value
+
+        seen, streamed, whole = await in_thread(run)
+    assert seen and seen[0].status == "pulling fast on n1"
+    assert "disk full" in streamed.error and "disk full" in whole.error and whole.status_code == 503
+
+
+async def test_delete_unloads_the_model_everywhere_and_copy_create_push_say_why_not() -> None:
+    fleet = Fleet()
+    n1, n2 = NeuronDouble("n1", fleet, loaded=("chat",)), NeuronDouble("n2", fleet, loaded=("chat", "embed"))
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme")
+    async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
+        def run():  # noqa: ANN202
+            operator = ollama.Client(host=urls["acme"], headers=admin_headers(), timeout=10)
+            deleted = operator.delete("fast")
+            errors = {}
+            for name, call in {
+                "again": lambda: operator.delete("fast"),
+                "key deletes": lambda: client(urls["acme"], key).delete("embed"),
+                "copy": lambda: client(urls["acme"], key).copy("fast", "mine"),
+                "create": lambda: client(urls["acme"], key).create(model="mine", from_="fast"),
+                "push": lambda: client(urls["acme"], key).push("fast"),
+            }.items():
+                try:
+                    call()
+                except ollama.ResponseError as exc:
+                    errors[name] = (exc.status_code, exc.error)
+            return deleted, errors
+
+        deleted, errors = await in_thread(run)
+    assert deleted.status == "success"
+    assert "chat" not in n1.models and "chat" not in n2.models and "embed" in n2.models
+    assert errors["again"][0] == 400 and "loaded on no neuron" in errors["again"][1]
+    assert errors["key deletes"][0] == 401
+    assert errors["copy"][0] == errors["create"][0] == errors["push"][0] == 400
+    assert "alias" in errors["copy"][1] and "catalogue" in errors["create"][1] and "registry" in errors["push"][1]
+
+
+@pytest.mark.parametrize("path, body, response_type", [
+    ("/api/chat", {"messages": [{"role": "user", "content": "x"}]}, ollama.ChatResponse),
+    ("/api/generate", {"prompt": "x"}, ollama.GenerateResponse),
+])
+async def test_a_stream_waiting_for_a_cold_load_sends_empty_pieces_the_client_takes(
+        autojump_clock, path: str, body: dict, response_type: type) -> None:
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, load_delay=2.5)
+    catalogue = Catalogue([CatalogueEntry(id="chat", backend="synthetic", memory_mb=1)])
+    async with serving(fleet, catalogue, orchestrator={"keepalive_interval": 1.0}) as (_, url):
+        async with httpx.AsyncClient(timeout=5) as http:
+            arrived = []
+            t0 = trio.current_time()
+            async with http.stream("POST", url + path, json={"model": "chat", "options": {"num_predict": 2},
+                                                             **body}) as r:
+                async for line in r.aiter_lines():
+                    arrived.append((trio.current_time(), json.loads(line)))
+    text = [(p.get("message") or {}).get("content", p.get("response")) for _, p in arrived]
+    assert text == ["", "", "t0 ", "t1 ", ""]  # keep-alives at t = 1 and 2 s; loaded at 2.5 s
+    assert [round(t - t0, 3) for t, _ in arrived[:2]] == [1.0, 2.0]
+    assert [p["done"] for _, p in arrived] == [False, False, False, False, True]
+    # What the ollama client's streaming iterator does with each line (ollama/_client.py):
+    # no "error", so cls(**part).
+    parsed = [response_type(**p) for _, p in arrived]
+    assert parsed[0].done is False and parsed[-1].done_reason == "length"

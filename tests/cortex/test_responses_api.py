@@ -146,6 +146,54 @@ async def test_previous_response_id_continues_the_conversation_and_only_its_key_
     }
 
 
+async def test_input_items_list_a_stored_responses_own_input_in_the_sdks_pages() -> None:
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("chat",), tokens=2)
+    store = SqliteStore(":memory:")
+    key, other = new_key(store, "acme"), new_key(store, "acme")
+    items = [{"role": "system", "content": "Be brief."},
+             {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Weather?"}]},
+             {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city":"Paris"}'},
+             {"type": "function_call_output", "call_id": "c1", "output": "Sunny"},
+             {"role": "assistant", "content": "It is sunny."}]
+    async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
+        def run():  # noqa: ANN202
+            c = client(urls["acme"], key)
+            first = c.responses.create(model="fast", input="Hello")
+            second = c.responses.create(model="fast", input=items, previous_response_id=first.id)
+            listed = list(c.responses.input_items.list(second.id, order="asc", limit=2))  # pages of 2
+            newest = c.responses.input_items.list(second.id)
+            greeting = c.responses.input_items.list(first.id)
+            errors = {}
+            for name, call in {
+                "other key": lambda: client(urls["acme"], other).responses.input_items.list(first.id),
+                "bad limit": lambda: c.responses.input_items.list(first.id, limit=101),
+                "bad order": lambda: c.responses.input_items.list(first.id, order="up"),  # type: ignore[arg-type]
+                "cancel": lambda: c.responses.cancel(first.id),
+                "cancel unknown": lambda: c.responses.cancel("resp_nope"),
+            }.items():
+                try:
+                    call()
+                except openai.APIStatusError as exc:
+                    errors[name] = (exc.status_code, exc.body.get("code"), exc.body.get("param"))
+            return listed, newest, greeting, errors
+
+        listed, newest, greeting, errors = await in_thread(run)
+    assert [(i.type, getattr(i, "role", None)) for i in listed] == [
+        ("message", "system"), ("message", "user"), ("function_call", None), ("function_call_output", None),
+        ("message", "assistant")]
+    assert listed[1].content[0].text == "Weather?" and listed[2].arguments == '{"city":"Paris"}'
+    assert listed[3].output == "Sunny" and listed[4].content[0].text == "It is sunny."
+    assert len({i.id for i in listed}) == 5
+    assert [i.id for i in newest.data] == [i.id for i in reversed(listed)] and newest.has_more is False
+    assert newest.first_id == listed[-1].id and newest.last_id == listed[0].id
+    (hello,) = greeting.data
+    assert (hello.role, hello.content[0].type, hello.content[0].text) == ("user", "input_text", "Hello")
+    assert errors == {"other key": (404, "not_found", None), "bad limit": (400, None, "limit"),
+                      "bad order": (400, None, "order"), "cancel": (400, "unsupported", None),
+                      "cancel unknown": (404, "not_found", None)}
+
+
 async def test_a_stored_response_expires_after_the_portals_retention(autojump_clock) -> None:
     fleet = Fleet()
     NeuronDouble("n1", fleet, loaded=("chat",), tokens=1)

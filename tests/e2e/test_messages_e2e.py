@@ -110,7 +110,7 @@ def test_a_tool_result_in_a_later_turn_is_taken(client: anthropic.Anthropic) -> 
     assert message.content and message.stop_reason in ("end_turn", "tool_use", "max_tokens")
 
 
-def test_a_stop_sequence_ends_the_answer_before_it(client: anthropic.Anthropic) -> None:
+def test_a_stop_sequence_ends_the_answer_before_it_and_is_named(client: anthropic.Anthropic) -> None:
     ask = [{"role": "user", "content": "Count from 1 to 10, separated by commas."}]
     free = client.messages.create(model=CHAT, max_tokens=40, messages=ask, extra_body={"temperature": 0})
     assert "5" in free.content[0].text
@@ -118,6 +118,13 @@ def test_a_stop_sequence_ends_the_answer_before_it(client: anthropic.Anthropic) 
                                      extra_body={"temperature": 0})
     text = stopped.content[0].text
     assert "5" not in text and free.content[0].text.startswith(text)
+    assert (stopped.stop_reason, stopped.stop_sequence) == ("stop_sequence", "5")
+    with client.messages.stream(model=CHAT, max_tokens=40, messages=ask, stop_sequences=["zzz", "5"],
+                                extra_body={"temperature": 0}) as stream:
+        deltas = [e.delta for e in stream if e.type == "message_delta"]
+        streamed = stream.get_final_message()
+    assert [(d.stop_reason, d.stop_sequence) for d in deltas] == [("stop_sequence", "5")]
+    assert streamed.content[0].text == text and streamed.stop_sequence == "5"
 
 
 def test_the_raw_stream_of_a_tool_call_is_anthropics_event_sequence(cortex: Cortex) -> None:

@@ -17,8 +17,9 @@ def new_identity() -> Identity:
 class FakeFleet:
     """A local handler that streams fixed tokens, optionally slowly; records cancels."""
 
-    def __init__(self, tokens=("Hel", "lo", " world"), delay=0.0, fail=None):
+    def __init__(self, tokens=("Hel", "lo", " world"), delay=0.0, fail=None, stop_sequence=None):
         self.tokens = tokens
+        self.stop_sequence = stop_sequence
         self.delay = delay
         self.fail = fail
         self.requests = []
@@ -37,7 +38,8 @@ class FakeFleet:
                 await trio.sleep(self.delay)
                 yield TokenChunk(request.request_id, t)
             done = True
-            yield GenerateResult(request.request_id, "stop", Usage(7, len(self.tokens)))
+            yield GenerateResult(request.request_id, "stop", Usage(7, len(self.tokens)),
+                                 stop_sequence=self.stop_sequence)
 
         gen = frames()
         try:

@@ -76,6 +76,16 @@ async def test_streamed_request_is_served_by_the_peer_and_both_ledgers_agree(nur
     assert consumed.peer_id == b.mesh.peer_id and served.peer_id == a.mesh.peer_id
 
 
+async def test_the_stop_sequence_that_ended_an_answer_crosses_the_hop(nursery, autojump_clock):
+    net = MemoryNetwork()
+    a = await cortex(nursery, net, "A", offer=())
+    await cortex(nursery, net, "B", fleet=FakeFleet(stop_sequence="\n\n"))
+    await settle()
+    async with a.route(request()) as frames:
+        got = [f async for f in frames]
+    assert got[-1].finish_reason == "stop" and got[-1].stop_sequence == "\n\n"
+
+
 async def test_embeddings_are_routed_too(nursery, autojump_clock):
     net = MemoryNetwork()
     offer = (OfferedModel("emb", True, workloads=(__import__("helexa").protocol.Workload.EMBEDDING,)),)

@@ -177,3 +177,46 @@ def test_protocol_package_imports_no_io_libraries():
                 names = [node.module or ""]
             for name in names:
                 assert name.split(".")[0] not in forbidden, f"{path.name} imports {name}"
+
+
+def test_result_without_stop_sequence_decodes_from_an_older_peers_frame():
+    """A GenerateResult frame as builds before ``stop_sequence`` wrote it still decodes."""
+    old = msgpack.packb({"k": "result", "v": 1, "request_id": "r", "finish_reason": "stop",
+                         "usage": {"prompt_tokens": 3, "completion_tokens": 2, "cached_tokens": 0},
+                         "text": "hi", "tool_calls": None, "logprobs": None}, use_bin_type=True)
+    result = p.decode(old)
+    assert result == p.GenerateResult("r", "stop", p.Usage(3, 2), "hi")
+    assert result.stop_sequence is None
+
+
+def test_result_leaves_an_unused_stop_sequence_out_of_the_frame():
+    """An older peer rejects unknown fields: a result that names no stop sequence is the
+    frame it has always decoded."""
+    frame = msgpack.unpackb(p.encode(p.GenerateResult("r", "stop", p.Usage(3, 2), "hi")))
+    assert "stop_sequence" not in frame
+    named = p.GenerateResult("r", "stop", p.Usage(3, 2), "hi", stop_sequence="\n\n")
+    assert msgpack.unpackb(p.encode(named))["stop_sequence"] == "\n\n"
+    assert p.decode(p.encode(named)) == named
+
+
+def test_a_nested_field_error_names_its_whole_path():
+    body = p.to_wire(p.Heartbeat(3, p.NeuronMetrics(gpus=(p.GpuUsage(0, 1, 2),)),
+                                 (p.ModelStatus("m", p.ModelState.LOADED),)))
+    body.update(k="heartbeat", v=1)
+    body["metrics"]["gpus"][0]["vram_used"] = "lots"
+    with pytest.raises(p.DecodeError, match=r"^heartbeat\.metrics\.gpus\[0\]\.vram_used: expected int, got str$"):
+        p.decode(msgpack.packb(body))
+    body["metrics"]["gpus"][0]["vram_used"] = 1
+    body["models"][0]["state"] = "melted"
+    with pytest.raises(p.DecodeError, match=r"^heartbeat\.models\[0\]\.state: 'melted' is not a valid ModelState$"):
+        p.decode(msgpack.packb(body))
+    with pytest.raises(p.DecodeError, match=r"^ModelStatus: missing field 'state'$"):
+        p.from_wire(p.ModelStatus, {"model_id": "m"})
+
+
+def test_a_float_field_takes_an_int_as_a_float():
+    body = p.to_wire(p.Heartbeat(1, p.NeuronMetrics()))
+    body.update(k="heartbeat", v=1)
+    body["metrics"]["cpu_percent"] = 7
+    hb = p.decode(msgpack.packb(body))
+    assert hb.metrics.cpu_percent == 7.0 and type(hb.metrics.cpu_percent) is float

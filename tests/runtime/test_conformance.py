@@ -77,6 +77,7 @@ async def test_stop_sequence_ends_generation_before_it(backend: Backend) -> None
         chunks, result = await collect(backend.complete(completion(12, temperature=0.0, stop=(stop,))))
     text = "".join(c.text for c in chunks)
     assert result.finish_reason == "stop"
+    assert result.stop_sequence == stop  # every backend here can say which stop matched
     assert stop not in text
     assert full.startswith(text) and full[len(text) :].lstrip().startswith(stop)
 

@@ -201,8 +201,9 @@ class _Ids:
 
 
 class ScriptedJob:
-    def __init__(self, tokens: int, fail_at: int | None = None) -> None:
+    def __init__(self, tokens: int, fail_at: int | None = None, stop_string: str | None = None) -> None:
         self.tokens, self.fail_at, self.emitted = tokens, fail_at, 0
+        self.stop_string = stop_string  # the job ends on this stop string, as the engines report one
 
 
 class ScriptedGenerator:
@@ -241,6 +242,8 @@ class ScriptedGenerator:
                 self.active.remove(job)
                 result |= {"eos": True, "eos_reason": "max_new_tokens", "new_tokens": job.tokens, "prompt_tokens": 3,
                            "cached_tokens": 0}
+                if job.stop_string is not None:
+                    result |= {"eos_reason": "stop_string", "eos_triggering_string": job.stop_string}
             results.append(result)
         return results
 
@@ -259,6 +262,19 @@ async def running(generator: ScriptedGenerator):
 async def collect(stream) -> list:
     async with contextlib.aclosing(stream) as events:
         return [event async for event in events]
+
+
+async def test_the_result_names_the_requests_stop_string_the_engine_ended_on() -> None:
+    generator = ScriptedGenerator()
+    async with running(generator) as worker:
+        with trio.fail_after(10):
+            named = await collect(stream_job(worker, ScriptedJob(2, stop_string="END"), "r1", 3, "Scripted",
+                                             ("STOP", "END")))
+            # A stop string the request did not give (a chat template's own) is not reported.
+            own = await collect(stream_job(worker, ScriptedJob(2, stop_string="<|im_end|>"), "r2", 3, "Scripted",
+                                           ("END",)))
+    assert (named[-1].finish_reason, named[-1].stop_sequence) == ("stop", "END")
+    assert (own[-1].finish_reason, own[-1].stop_sequence) == ("stop", None)
 
 
 async def test_a_job_streams_chunks_then_one_result() -> None:

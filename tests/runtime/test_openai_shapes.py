@@ -69,3 +69,20 @@ def test_logprobs_are_read_from_both_shapes_and_infinity_is_floored() -> None:
                                                  TokenLogprob("b", -9999.0, None, ())]
     view = openai_shapes.parse_chunk({"choices": [{"delta": {"content": "a"}, "logprobs": chat_shape}]})
     assert view.text == "a" and len(view.logprobs) == 1
+
+
+def test_a_completion_names_the_stop_sequence_only_when_the_request_had_it() -> None:
+    body = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "The capital is "},
+                         "finish_reason": "stop"}],
+            "__verbose": {"stop": True, "stop_type": "word", "stopping_word": "Paris"}}
+    assert openai_shapes.parse_completion(body, ("Paris",)).stop_sequence == "Paris"
+    assert openai_shapes.parse_completion(body, ("Rome",)).stop_sequence is None
+    assert openai_shapes.parse_completion(body).stop_sequence is None
+
+
+def test_llama_cpp_is_asked_for_its_verbose_block_only_with_stop_sequences() -> None:
+    plain = GenerateRequest("r", "m", Task.COMPLETION, prompt="x")
+    stopped = GenerateRequest("r", "m", Task.COMPLETION, prompt="x", sampling=SamplingParams(stop=("\n",)))
+    assert "verbose" not in openai_shapes.request_body(plain)
+    assert openai_shapes.request_body(stopped)["verbose"] is True
+    assert "verbose" not in openai_shapes.request_body(stopped, dialect="vllm")

@@ -109,3 +109,19 @@ def test_error_chunks_raise_the_mapped_error(payload: dict) -> None:
 def test_malformed_chunks_are_protocol_errors(payload: str) -> None:
     with pytest.raises(UpstreamProtocolError):
         read(sse(payload))
+
+
+@pytest.mark.parametrize("final, named", [
+    ({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop", "stop_reason": "END"}]}, "END"),  # vLLM
+    ({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+      "__verbose": {"stop": True, "stop_type": "word", "stopping_word": "END"}}, "END"),  # llama.cpp
+    ({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop", "stop_reason": 2}]}, None),  # a stop token
+    ({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+      "__verbose": {"stop": True, "stop_type": "eos", "stopping_word": ""}}, None),
+    ({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop", "stop_reason": "<|im_end|>"}]}, None),
+])
+def test_the_result_names_the_stop_sequence_the_server_says_ended_it(final: dict, named: str | None) -> None:
+    reader = StreamReader("r1", ("END", "STOP"))
+    reader.feed(sse(chunk("Hi"), final, "[DONE]"))
+    result = reader.result()
+    assert result.finish_reason == "stop" and result.stop_sequence == named

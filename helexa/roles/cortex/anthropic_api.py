@@ -80,6 +80,7 @@ from .errors import (
 from .openai_api import merge_tool_calls
 
 __all__ = ["to_generate_request", "to_messages", "to_tools", "image_location", "message_body", "stop_reason",
+           "stop_sequence",
            "tool_use_blocks", "usage_body", "error_shape", "error_body"]
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
@@ -204,12 +205,20 @@ def image_location(body: CountTokensRequest) -> str | None:
 
 
 def stop_reason(result: GenerateResult, has_tool_use: bool) -> str:
-    """Anthropic's ``stop_reason`` for a finished generation. The fabric does not say which
-    stop sequence matched (llama.cpp's chat endpoint does not report it), so a stop is
-    ``end_turn``."""
+    """Anthropic's ``stop_reason`` for a finished generation: ``stop_sequence`` when the
+    backend named the stop sequence that ended it (:func:`stop_sequence`), ``end_turn``
+    for any other stop."""
     if has_tool_use:
         return "tool_use"
+    if result.stop_sequence is not None and result.finish_reason == "stop":
+        return "stop_sequence"
     return STOP_REASONS.get(result.finish_reason, "end_turn")
+
+
+def stop_sequence(result: GenerateResult, has_tool_use: bool) -> str | None:
+    """Anthropic's ``stop_sequence``: the one of the request's ``stop_sequences`` that
+    ended the answer, when :func:`stop_reason` says ``stop_sequence``; else ``None``."""
+    return result.stop_sequence if stop_reason(result, has_tool_use) == "stop_sequence" else None
 
 
 def tool_use_blocks(parts: list[Any]) -> list[dict[str, Any]]:
@@ -246,7 +255,8 @@ def message_body(message_id: str, model: str, text: str, tool_calls: list[Any], 
     tools = tool_use_blocks(tool_calls)
     content: list[dict[str, Any]] = [{"type": "text", "text": text}] if text or not tools else []
     return {"id": message_id, "type": "message", "role": "assistant", "model": model, "content": content + tools,
-            "stop_reason": stop_reason(result, bool(tools)), "stop_sequence": None, "usage": usage_body(result.usage)}
+            "stop_reason": stop_reason(result, bool(tools)), "stop_sequence": stop_sequence(result, bool(tools)),
+            "usage": usage_body(result.usage)}
 
 
 # --- errors --------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from typing import Any
 
 from helexa.protocol import GenerateResult, TokenChunk
 
-from .anthropic_api import error_body, stop_reason, tool_use_blocks, usage_body
+from .anthropic_api import error_body, stop_reason, stop_sequence, tool_use_blocks, usage_body
 from .errors import to_gateway_error
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
@@ -138,7 +138,7 @@ class MessageStream:
             out += self._close()
         out += event("message_delta", {"type": "message_delta",
                                        "delta": {"stop_reason": stop_reason(result, bool(tools)),
-                                                 "stop_sequence": None},
+                                                 "stop_sequence": stop_sequence(result, bool(tools))},
                                        "usage": usage_body(result.usage)})
         self._state = _State.DONE
         return out + event("message_stop", {"type": "message_stop"})

@@ -167,7 +167,8 @@ class Route:
     ``keyed``: on a portal with keys, the caller must present one (else 401).
     ``prefix``: ``path`` matches every path under it (``/admin/keys/``).
     ``errors``: how its errors are shaped (None: OpenAI's envelope), before and after the
-    caller is authenticated.
+    caller is authenticated. ``errors_by``: for a route that two APIs share, the shape
+    chosen from the request (its headers); None from it falls back to ``errors``.
     """
 
     method: str
@@ -177,6 +178,7 @@ class Route:
     keyed: bool = True
     prefix: bool = False
     errors: ErrorShape | None = None
+    errors_by: Callable[[Scope], ErrorShape | None] | None = None
 
 
 class Router:

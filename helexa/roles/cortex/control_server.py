@@ -6,7 +6,8 @@ watchdog marks neurons unhealthy after missed heartbeats (closing a silent conne
 its requests fail fast) and removes them from the fleet later.
 
 Admission (:mod:`helexa.transport.admission`): at most ``max_pending_handshakes``
-connections between accept and join verdict (more are closed at once); an address whose
+connections between accept and join verdict (more are answered ``503`` and closed at once;
+a neuron redials on its own backoff with jitter, so a join storm spreads out); an address whose
 join proofs were refused ``failed_joins_burst`` times has its connections closed unheard
 (code 1013, "try again later") until its allowance drains back.
 """

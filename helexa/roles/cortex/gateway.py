@@ -63,6 +63,7 @@ from .errors import BadRequest, ClientGone, GatewayError, envelope
 from .fleet_metrics import FleetCollector
 from .http import HttpServer
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .ollama_models import OllamaModels
 from .ollama_surface import OllamaSurface
 from .openai_surface import OpenAISurface, model_listing
 from .orchestrator import Orchestrator
@@ -175,7 +176,10 @@ class PortalApp:
             if out.started:
                 log.warning("request %s failed after its response began: %s", request_id, exc)
                 return
-            shape = route.errors if route is not None and route.errors is not None else envelope
+            shape = None
+            if route is not None:
+                shape = (route.errors_by(scope) if route.errors_by is not None else None) or route.errors
+            shape = shape or envelope
             status, headers, body = shape(exc)
             try:
                 await out.full(status, headers, body)
@@ -237,6 +241,7 @@ class Gateway:
         self.admin = AdminApi(portals=self.portals, keyring=self.keyring, store=self.store, metering=self.metering,
                               fleet=self.fleet, token=admin_token, admin_clients=self.config.admin_clients,
                               clock=clock, reload=reload, models=ModelsAdmin(orchestrator))
+        self.ollama_models = OllamaModels(orchestrator, self.admin.authorize)
         self.addresses: dict[str, list[str]] = {}
         """Each portal's bound URLs, once :meth:`run` reported them."""
         self.admin_urls: list[str] = []
@@ -279,7 +284,7 @@ class Gateway:
         if "responses" in portal.config.surfaces:
             routes += self.responses.routes()
         if "ollama" in portal.config.surfaces:
-            routes += self.ollama.routes()
+            routes += self.ollama.routes() + self.ollama_models.routes()
         if "anthropic" in portal.config.surfaces:
             routes += self.anthropic.routes()
         if admin:

@@ -13,12 +13,16 @@ Routes::
     POST /api/embed            ``input`` a string or strings                 (metered)
     POST /api/embeddings       the legacy form: one ``prompt``               (metered)
 
+(``pull``, ``delete``, ``copy``, ``create`` and ``push`` are :mod:`.ollama_models`'.)
+
 A generation is parsed (:mod:`.ollama_api`), made into the fabric's request and run
 through :class:`~.portal.metering.Metering` (model authorisation, quotas, the ledger
 record) exactly as Chat Completions is. A stream is one JSON object a line: the text as it
 comes, then (when the model called tools) one line with the whole ``tool_calls``, then
 the final ``done: true`` line with ``done_reason``, the token counts and durations in
-nanoseconds; it goes out only once the ledger record is durable. An empty ``prompt`` /
+nanoseconds; it goes out only once the ledger record is durable. While the request waits
+(a cold load, a queue) the stream sends an empty piece (``content`` / ``response`` ``""``,
+``done: false``) every keep-alive interval, as the other surfaces send their keep-alives. An empty ``prompt`` /
 ``messages`` answers ``done_reason: "load"`` at once, as Ollama does, without running a
 model. Errors are Ollama's ``{"error": "message"}`` with its status codes, the field named
 in the message; a stream that fails after it began ends with such a line.
@@ -30,7 +34,7 @@ import hashlib
 import json
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -42,6 +46,7 @@ from .asgi import Exchange, Route
 from .catalogue import CatalogueEntry
 from .errors import BadRequest, ModelNotFound, to_gateway_error
 from .openai_api import merge_tool_calls, parse
+from .orchestrator import WaitStatus
 from .portal.metering import Caller, Metering
 from .prefix import session_of
 
@@ -99,7 +104,7 @@ class OllamaSurface:
     # --- models ----------------------------------------------------------------------------
 
     @staticmethod
-    def _name(caller: Caller, asked: str) -> str:
+    def public_name(caller: Caller, asked: str) -> str:
         """The public name behind an Ollama model name (``name:latest`` is ``name``)."""
         named = caller.portal.config
         if asked.endswith(":latest") and asked not in named.aliases and asked not in (named.models or ()):
@@ -154,7 +159,7 @@ class OllamaSurface:
         body = parse(api.ShowBody, await ex.body())
         caller = ex.caller
         assert caller is not None
-        public = self._name(caller, body.asked)
+        public = self.public_name(caller, body.asked)
         listed = next((m for m in self._listing(caller) if m["id"] == public), None)
         if listed is None:
             raise ModelNotFound(body.asked)
@@ -189,7 +194,7 @@ class OllamaSurface:
         if not body.messages:
             await self._loaded(ex, body.stream, {"model": asked, "message": {"role": "assistant", "content": ""}})
             return
-        request, image = api.chat_request(body, ex.request_id, self._name(caller, asked))
+        request, image = api.chat_request(body, ex.request_id, self.public_name(caller, asked))
         await self._run(ex, body, request, image, asked, chat=True)
 
     async def generate(self, ex: Exchange) -> None:
@@ -200,14 +205,14 @@ class OllamaSurface:
         if not body.prompt and not body.images:
             await self._loaded(ex, body.stream, {"model": asked, "response": ""})
             return
-        request, image = api.generate_request(body, ex.request_id, self._name(caller, asked))
+        request, image = api.generate_request(body, ex.request_id, self.public_name(caller, asked))
         await self._run(ex, body, request, image, asked, chat=False)
 
     async def _loaded(self, ex: Exchange, stream: bool, head: dict[str, Any]) -> None:
         """What Ollama answers a request with nothing to generate (it loads the model)."""
         caller = ex.caller
         assert caller is not None
-        public = self._name(caller, head["model"])
+        public = self.public_name(caller, head["model"])
         if caller.portal.serves(public) is None or (caller.key is not None and not caller.key.allows(public)):
             raise ModelNotFound(head["model"])
         obj = {**head, "created_at": api.timestamp(), "done": True, "done_reason": "load"}
@@ -251,14 +256,20 @@ class OllamaSurface:
                 obj["context"] = []
             return obj
 
-        def run():  # noqa: ANN202
-            return self.metering.generate(caller, request, endpoint=endpoint, image=image,
+        def run(on_wait: Callable[[WaitStatus], Awaitable[None]] | None = None):  # noqa: ANN202
+            return self.metering.generate(caller, request, endpoint=endpoint, image=image, on_wait=on_wait,
                                           session=session_of(ex.scope["headers"]))
+
+        async def keepalive(status: WaitStatus) -> None:
+            # NDJSON has no comment line: an empty, unfinished piece is what Ollama's client
+            # (and a front-end adding up the pieces) takes without a change.
+            await out.start(200, NDJSON)
+            await out.body(_line(piece("")))
 
         async def stream() -> None:
             parts: list[Any] = []
             try:
-                async with run() as gen:
+                async with run(keepalive) as gen:
                     await out.start(200, NDJSON)
                     async for chunk in gen:
                         if not first:
@@ -337,7 +348,7 @@ class OllamaSurface:
                      ) -> tuple[list[list[float]], EmbedResult, int]:
         caller = ex.caller
         assert caller is not None
-        request = api.embed_request(inputs, ex.request_id, self._name(caller, asked), param)
+        request = api.embed_request(inputs, ex.request_id, self.public_name(caller, asked), param)
         t0 = trio.current_time()
         result = await self.metering.embed(caller, request)
         values = struct.unpack(f"<{len(result.vectors) // 4}f", result.vectors)

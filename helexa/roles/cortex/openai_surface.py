@@ -7,6 +7,7 @@ Routes::
     POST /v1/embeddings         encoding_format float or base64   (metered)
     GET  /v1/models             the models this portal serves, under their public names
     GET  /v1/models/{id}        one entry of that list (404 model_not_found otherwise)
+                                (both in Anthropic's shape for Anthropic's clients: .anthropic_models)
     GET  /v1/usage              the caller's key: limits, spending, what is left
 
 Each model route parses its body (:mod:`.openai_api`), makes the fabric's request under the
@@ -24,10 +25,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import choices
+from . import anthropic_api, anthropic_models, choices
 from . import openai_api as api
 from . import sse
-from .asgi import Exchange, Route
+from .asgi import ErrorShape, Exchange, Route, Scope
 from .errors import BadRequest, ModelNotFound
 from .orchestrator import WaitStatus
 from .portal.metering import Caller, Metering
@@ -51,8 +52,8 @@ class OpenAISurface:
             Route("POST", "/v1/chat/completions", self.chat, metered=True),
             Route("POST", "/v1/completions", self.completions, metered=True),
             Route("POST", "/v1/embeddings", self.embeddings, metered=True),
-            Route("GET", "/v1/models", self.models),
-            Route("GET", "/v1/models/", self.model, prefix=True),
+            Route("GET", "/v1/models", self.models, errors_by=_models_errors),
+            Route("GET", "/v1/models/", self.model, prefix=True, errors_by=_models_errors),
             Route("GET", "/v1/usage", self.usage),
         ]
 
@@ -139,6 +140,9 @@ class OpenAISurface:
     async def models(self, ex: Exchange) -> None:
         caller = ex.caller
         assert caller is not None
+        if anthropic_models.speaks_anthropic(ex.scope["headers"]):
+            await ex.out.json(anthropic_models.model_page(self._listing(caller), ex.query()))
+            return
         await ex.out.json({"object": "list", "data": self._listing(caller)})
 
     async def model(self, ex: Exchange) -> None:
@@ -146,6 +150,8 @@ class OpenAISurface:
         assert caller is not None
         for entry in self._listing(caller):
             if entry["id"] == ex.path_rest:
+                if anthropic_models.speaks_anthropic(ex.scope["headers"]):
+                    entry = anthropic_models.model_object(entry)
                 await ex.out.json(entry)
                 return
         raise ModelNotFound(ex.path_rest)
@@ -156,6 +162,11 @@ class OpenAISurface:
         if caller.key is None:
             raise BadRequest("usage is reported per API key, and this portal has none")
         await ex.out.json(await self.metering.usage_of(caller))
+
+
+def _models_errors(scope: Scope) -> ErrorShape | None:
+    """Anthropic's error shape for an Anthropic client's model reads; else OpenAI's."""
+    return anthropic_api.error_shape if anthropic_models.speaks_anthropic(scope["headers"]) else None
 
 
 def model_listing(orchestrator_models: list[dict[str, Any]], owned_by: str, created: int | None = None

@@ -2,9 +2,12 @@
 
 Routes::
 
-    POST   /v1/responses        streaming (SSE, named events) or not      (metered)
-    GET    /v1/responses/{id}   a stored response, to the key that made it
-    DELETE /v1/responses/{id}   deletes it
+    POST   /v1/responses                    streaming (SSE, named events) or not      (metered)
+    GET    /v1/responses/{id}               a stored response, to the key that made it
+    GET    /v1/responses/{id}/input_items   its input items, paged (:mod:`.responses_items`)
+    DELETE /v1/responses/{id}               deletes it
+    POST   /v1/responses/{id}/cancel        400: only background responses can be cancelled,
+                                            and helexa runs none (``background`` is refused)
 
 A request is parsed (:mod:`.responses_api`; a malformed one is a 400 naming the field),
 continued from its ``previous_response_id``'s stored conversation, made into the
@@ -27,12 +30,13 @@ from typing import Any
 from . import openai_api
 from . import sse
 from .asgi import Exchange, Route
-from .errors import NotFound, error_body, to_gateway_error
+from .errors import BadRequest, NotFound, error_body, to_gateway_error
 from .orchestrator import WaitStatus
 from .portal.metering import Caller, Metering
 from .portal.response_store import ResponseStore, StoredResponse
 from .prefix import session_of
 from .responses_api import PARAMS, ResponsesRequest, output_messages, to_generate_request
+from .responses_items import input_items, item_page
 from .responses_stream import ResponseBuilder
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
@@ -69,6 +73,7 @@ class ResponsesSurface:
             Route("POST", "/v1/responses", self.create, metered=True, errors=responses_errors),
             Route("GET", "/v1/responses/", self.retrieve, prefix=True, errors=responses_errors),
             Route("DELETE", "/v1/responses/", self.delete, prefix=True, errors=responses_errors),
+            Route("POST", "/v1/responses/", self.cancel, prefix=True, errors=responses_errors),
         ]
 
     async def _stored(self, caller: Caller, response_id: str, param: str | None = None) -> StoredResponse:
@@ -91,6 +96,7 @@ class ResponsesSurface:
         if body.previous_response_id is not None:
             history = (await self._stored(caller, body.previous_response_id, "previous_response_id")).history
         request, conversation, image = to_generate_request(body, ex.request_id, history)
+        items = input_items(body) if body.stored else []
         builder = ResponseBuilder(body, "resp_" + request.request_id)
         out = ex.out
 
@@ -130,7 +136,7 @@ class ResponsesSurface:
             response = builder.response
             await self.metering.blocking(self.store.put, StoredResponse(
                 response["id"], caller.portal.id, caller.key_id, now, now + caller.portal.config.responses_retention,
-                response, [*conversation, *output_messages(response["output"])]))
+                response, [*conversation, *output_messages(response["output"])], items))
 
         async def complete() -> None:
             async with run() as gen:
@@ -146,7 +152,26 @@ class ResponsesSurface:
     async def retrieve(self, ex: Exchange) -> None:
         caller = ex.caller
         assert caller is not None
-        await ex.out.json((await self._stored(caller, ex.path_rest)).body)
+        response_id, _, rest = ex.path_rest.partition("/")
+        if rest == "input_items":
+            stored = await self._stored(caller, response_id)
+            await ex.out.json(item_page(stored.input_items, ex.query()))
+        elif not rest:
+            await ex.out.json((await self._stored(caller, response_id)).body)
+        else:
+            raise NotFound(f"no route /v1/responses/{ex.path_rest}")
+
+    async def cancel(self, ex: Exchange) -> None:
+        """Only a ``background`` response can be cancelled (OpenAI's rule), and helexa
+        refuses ``background``: a stored response is a 400 that says so, anything else 404."""
+        caller = ex.caller
+        assert caller is not None
+        response_id, _, rest = ex.path_rest.partition("/")
+        if rest != "cancel":
+            raise NotFound(f"no route /v1/responses/{ex.path_rest}")
+        await self._stored(caller, response_id)
+        raise BadRequest("Cannot cancel a synchronous response: only responses created with background=true can "
+                         "be cancelled, and this server does not run background responses.", code="unsupported")
 
     async def delete(self, ex: Exchange) -> None:
         caller = ex.caller

@@ -24,6 +24,7 @@ else (tool-call chunks, the final result) in order.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 
 import trio
 
@@ -148,8 +149,8 @@ async def collect(events: AsyncIterator[GenerationEvent], send: Callable[[Genera
             parts.append(event.text)
             calls.extend(event.tool_calls or ())
             logprobs.extend(event.logprobs or ())
-            await send(GenerateResult(event.request_id, event.finish_reason, event.usage, "".join(parts),
-                                      tuple(calls) or None, tuple(logprobs) or None))
+            await send(replace(event, text="".join(parts), tool_calls=tuple(calls) or None,
+                               logprobs=tuple(logprobs) or None))
             return
         rid = event.request_id
         parts.append(event.text)
