@@ -2,17 +2,18 @@
 starts them), each A/B interleaved in rounds on fresh processes:
 
     flock /tmp/helexa-bench.lock .venv/bin/python benchmarks/orchestrator_bench.py [--part cache|swap|all]
-        [--rounds 2] [--conversations 4] [--turns 4] [--requests 60]
+        [--rounds 2] [--conversations 4] [--turns 4] [--think 2] [--no-slot-affinity] [--requests 60]
 
 ``cache``: multi-turn conversations over two neurons with real SmolLM2 (a long system
-prompt every conversation shares, a document of its own, short questions), routed
+prompt every conversation shares, a document of its own, short questions; users start
+``--think`` seconds apart and read each answer for about as long before the next turn), routed
 cache-aware (``routing = "cache"``) against least-busy (``routing = "least_busy"``): time
 to first token, p50 and p90, over every turn and over the follow-up turns alone.
 
 ``swap``: a burst of requests for three ``synthetic`` models (a pretend 2 s load each;
 memory for two of them at a time), popularity 50/30/20 %, under each eviction policy
-(``cost``, ``lru``, ``fifo``): loads, latency p50/p99 from arrival to answer, and requests
-answered within a deadline.
+(``cost`` with its default holds, ``lru``, ``fifo``): loads, latency p50/p99 from arrival
+to answer, and requests answered within a deadline.
 """
 
 from __future__ import annotations
@@ -40,14 +41,18 @@ CLIENT = httpx.Client(timeout=600)
 
 # --- (a) cache-aware routing -----------------------------------------------------------------
 
-CACHE_MODELS = f"""
+
+
+def cache_models(slot_affinity: bool) -> str:
+    return f"""
 [models."{CHAT}"]
 backend = "llama_cpp"
 memory_mb = 300
 max_context = 4096
 [models."{CHAT}".config]
-metadata = {{ n_ctx = 8192, n_parallel = 2 }}
+metadata = {{ n_ctx = 8192, n_parallel = 2, slot_affinity = {str(slot_affinity).lower()} }}
 """
+
 
 SYSTEM = ("You are the archivist of a small museum. Answer visitors' questions about the documents they "
           "bring, briefly and exactly, quoting figures from the document when asked. " +
@@ -83,10 +88,16 @@ def stream_ttft(url: str, messages: list[dict]) -> tuple[float, str]:
     return (first if first is not None else time.monotonic() - start), "".join(parts)
 
 
-def conversation(url: str, k: int, turns: int, out: list[tuple[int, float]]) -> None:
+def conversation(url: str, k: int, turns: int, think: float, out: list[tuple[int, float]]) -> None:
+    """One user: a first question about their document, then follow-ups, each after reading
+    the answer for ``think`` seconds on average (0: at once). Users start ``think`` apart."""
+    rng = random.Random(1000 + k)
+    time.sleep(k * think)
     messages = [{"role": "system", "content": SYSTEM},
                 {"role": "user", "content": document(k) + " " + QUESTIONS[0]}]
     for turn in range(turns):
+        if turn and think:
+            time.sleep(rng.uniform(0.5, 1.5) * think)
         ttft, answer = stream_ttft(url, messages)
         out.append((turn, ttft))
         messages += [{"role": "assistant", "content": answer},
@@ -98,9 +109,10 @@ def loaded_on(cortex: Cortex, model: str) -> list[str]:
             if n["models"].get(model, {}).get("state") == "loaded"]
 
 
-def cache_arm(routing: str, work: Path, conversations: int, turns: int) -> list[tuple[int, float]]:
+def cache_arm(routing: str, work: Path, conversations: int, turns: int, think: float,
+              slot_affinity: bool) -> list[tuple[int, float]]:
     with ProcGroup(work) as procs:
-        cortex = procs.cortex(models=CACHE_MODELS, config=f'[orchestrator]\nrouting = "{routing}"\n')
+        cortex = procs.cortex(models=cache_models(slot_affinity), config=f'[orchestrator]\nrouting = "{routing}"\n')
         for n in ("n1", "n2"):
             procs.neuron(cortex, n)
         # Three at once on two slots: the third waits, and the queue copies the model to n2.
@@ -109,7 +121,7 @@ def cache_arm(routing: str, work: Path, conversations: int, turns: int) -> list[
                           range(3)))
         cortex.wait_for(lambda f: len(loaded_on(cortex, CHAT)) == 2, "the model on both neurons", timeout=120)
         out: list[tuple[int, float]] = []
-        threads = [threading.Thread(target=conversation, args=(cortex.gateway_url, k, turns, out))
+        threads = [threading.Thread(target=conversation, args=(cortex.gateway_url, k, turns, think, out))
                    for k in range(conversations)]
         for t in threads:
             t.start()
@@ -117,21 +129,24 @@ def cache_arm(routing: str, work: Path, conversations: int, turns: int) -> list[
             t.join()
         hits = _metric_sum(cortex, r'helexa_prefix_blocks_total\{kind="hit"[^}]*\} (\S+)')
         total = hits + _metric_sum(cortex, r'helexa_prefix_blocks_total\{kind="miss"[^}]*\} (\S+)')
-        if total:
-            print(f"    {routing}: the cortex routed {hits:.0f}/{total:.0f} prompt blocks to a neuron holding them")
+        per_neuron = {n: _metric_sum(cortex, r'helexa_requests_total\{[^}]*neuron="' + n + r'"[^}]*\} (\S+)')
+                      for n in ("n1", "n2")}
+        print(f"    {routing}: requests per neuron {per_neuron}" + (
+            f"; the cortex routed {hits:.0f}/{total:.0f} prompt blocks to a neuron holding them" if total else ""))
         return out
 
 
-def part_cache(rounds: int, conversations: int, turns: int) -> None:
-    print(f"(a) {conversations} conversations x {turns} turns over two neurons, SmolLM2; TTFT in seconds")
+def part_cache(rounds: int, conversations: int, turns: int, think: float, slot_affinity: bool) -> None:
+    print(f"(a) {conversations} conversations x {turns} turns over two neurons, SmolLM2, think time "
+          f"{think:g} s, slot affinity {'on' if slot_affinity else 'off'}; TTFT in seconds; load average {_load()}")
     results: dict[str, list[tuple[int, float]]] = {"cache": [], "least_busy": []}
     for r in range(rounds):
         for routing in (("cache", "least_busy") if r % 2 == 0 else ("least_busy", "cache")):
             with tempfile.TemporaryDirectory(prefix="orch-bench-") as tmp:
-                got = cache_arm(routing, Path(tmp), conversations, turns)
+                got = cache_arm(routing, Path(tmp), conversations, turns, think, slot_affinity)
             results[routing] += got
             print(f"  round {r + 1} {routing:10s}: p50 {_p(got, 50):6.2f}  follow-ups p50 "
-                  f"{_p([x for x in got if x[0] > 0], 50):6.2f}")
+                  f"{_p([x for x in got if x[0] > 0], 50):6.2f}  (load average {_load()})")
     print("\n| routing | requests | TTFT p50 | TTFT p90 | follow-up turns p50 | follow-up p90 |")
     print("|---|---|---|---|---|---|")
     for routing, got in results.items():
@@ -163,8 +178,9 @@ def burst(requests: int, seconds: float, seed: int) -> list[tuple[float, str]]:
 
 def swap_arm(policy: str, work: Path, plan: list[tuple[float, str]], load_seconds: float,
              deadline: float) -> tuple[int, list[float | None]]:
-    config = (f'[orchestrator]\nswap_policy = "{policy}"\nmin_residency = {2 * load_seconds}\n'
-              f"swap_drain = {load_seconds}\nqueue_timeout = 120\n")
+    # The cost policy's defaults: residency and drain held at most one measured load time.
+    config = f'[orchestrator]\nswap_policy = "{policy}"\nqueue_timeout = 120\n'
+
     with ProcGroup(work) as procs:
         cortex = procs.cortex(models=swap_models(load_seconds), config=config)
         procs.neuron(cortex, "n1")
@@ -212,8 +228,12 @@ def part_swap(rounds: int, requests: int, load_seconds: float = 2.0, deadline: f
 
 # --- helpers -----------------------------------------------------------------------------------
 
+def _load() -> str:
+    return " ".join(f"{x:.1f}" for x in psutil.getloadavg())
+
+
 def _metric_sum(cortex: Cortex, pattern: str) -> float:
-    return sum(float(v) for v in re.findall(pattern, cortex.get("/metrics").text))
+    return sum(float(v) for v in re.findall(pattern, cortex.admin("GET", "/metrics").text))  # behind the admin token
 
 
 def _q(values: list[float], pct: float) -> float:
@@ -234,9 +254,13 @@ def main() -> None:
     ap.add_argument("--conversations", type=int, default=4)
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--requests", type=int, default=60)
+    ap.add_argument("--think", type=float, default=2.0,
+                    help="(a) mean seconds a user reads an answer before the next turn (0: closed loop)")
+    ap.add_argument("--no-slot-affinity", action="store_true",
+                    help="(a) let llama.cpp choose each request's slot (the neurons' behaviour before slot affinity)")
     args = ap.parse_args()
     if args.part in ("cache", "all"):
-        part_cache(args.rounds, args.conversations, args.turns)
+        part_cache(args.rounds, args.conversations, args.turns, args.think, not args.no_slot_affinity)
     if args.part in ("swap", "all"):
         part_swap(args.rounds, args.requests)
 

@@ -17,18 +17,26 @@ Metadata (``ModelConfig.metadata``):
     max_pending: requests admitted at once, running or queued for a slot (default
         ``8 * n_parallel``); past it, requests fail with :class:`Overloaded`.
     embeddings: true to serve embeddings (mean pooling) as well as generation.
-    cache_ram_mib, slot_prompt_similarity, n_cache_reuse: llama.cpp's prompt cache (host
-        memory for the KV of earlier prompts, default 8192 MiB), the prefix similarity above
-        which a request takes the slot already holding its prompt (default 0.1), and the
-        chunk size for reusing a cached prompt past a changed middle (default 0: off). The
-        prompt cache is on for every request (llama.cpp's ``cache_prompt`` default); the
-        cortex routes a conversation back to the neuron that served it (see
-        ``helexa/roles/cortex/prefix.py``), where these find its prefix.
+    slot_affinity: run each request in the slot :class:`~.slot_table.SlotTable` chooses
+        (default true; false: llama.cpp chooses, by ``slot_prompt_similarity``).
+    cache_ram_mib, slot_prompt_similarity, n_cache_reuse: passed to llama.cpp: its
+        host-memory prompt cache (the xllamacpp build measured here never enables it:
+        setting it changed nothing), the prefix similarity above which llama.cpp itself
+        gives a request the slot holding its prompt (only without ``slot_affinity``), and
+        the chunk size for reusing a cached prompt past a changed middle (default 0: off).
+        The cortex routes a conversation back to the neuron that served it (see
+        ``helexa/roles/cortex/prefix.py``), and slot affinity back to its slot there.
+
+Slots: each request runs in the slot :class:`~.slot_table.SlotTable` chooses (``id_slot``,
+unless ``slot_affinity`` is false):
+the one its conversation used last, else an empty one, else the least recently used, so
+that a conversation finds its prefix cached however the requests interleave. Requests
+beyond the slots wait here (in arrival order) for one to be free.
 
 Cancellation: leaving the stream (``aclose``, or cancelling the task iterating it) makes the
 streaming callback answer True to llama.cpp at its next chunk, which cancels the task and
 releases the slot; ``aclose`` returns only after the worker thread has come back, so the
-slot is free when it does. A request still queued for a slot is cancelled when it gets one.
+slot is free when it does. A request still waiting for a slot just leaves.
 
 Queue wait: while the neuron traces, a request asks llama.cpp for ``return_progress``, and
 llama.cpp's first progress report (sent when a slot takes the request) is reported as its
@@ -89,6 +97,7 @@ from .base import (
     Unsupported,
 )
 from .embeddings import pack_vectors
+from .slot_table import SlotTable, render_answer, render_chat
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +169,10 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
         self._cancels: set[threading.Event] = set()
         self._drained = trio.Event()
         self._drained.set()
+        self._slots = SlotTable(self._n_parallel)
+        self._slot_affinity = bool(md.get("slot_affinity", True))
+        self._slot_freed = trio.lowlevel.ParkingLot()
+        self._unloading = False
 
     @property
     def workloads(self) -> frozenset[Workload]:
@@ -212,6 +225,7 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
                 code="corrupt_model",
             ) from None
         self._server, self._size = server, size
+        self._slots, self._unloading = SlotTable(self._n_parallel), False  # a fresh server's slots are empty
         self._base_url, self._api_key = server.listening_address, params.api_keys[0]
         props = await trio.to_thread.run_sync(self._props)
         settings = props.get("default_generation_settings") or {}
@@ -273,8 +287,10 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
         """Cancel what is running, wait for the worker threads, and free the model."""
         if self._server is None:
             return
+        self._unloading = True
         for cancel in self._cancels:
             cancel.set()
+        self._slot_freed.unpark_all()
         with trio.CancelScope(shield=True), trio.move_on_after(CANCEL_GRACE_S):
             await self._drained.wait()
         holder = [self._server]
@@ -378,6 +394,20 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
         if waiting:
             body["return_progress"] = True
         self._admit()
+        chat = request.task is Task.CHAT
+        prompt = render_chat(body.get("messages"), body.get("tools")) if chat else str(body.get("prompt") or "")
+        try:
+            while (slot := self._slots.choose(prompt)) is None:
+                await self._slot_freed.park()
+                if self._server is None or self._unloading:
+                    raise BackendError(f"model {self.config.model_id!r} was unloaded", code="model_not_loaded")
+        except BaseException:
+            self._slot_freed.unpark()  # a slot freed for this request goes to the next one
+            self._release()
+            raise
+        if self._slot_affinity:
+            body["id_slot"] = slot
+        answer: list[str] = []
         cancel = threading.Event()
         self._cancels.add(cancel)
         send, receive = trio.open_memory_channel[tuple[str, Any]](math.inf)
@@ -422,6 +452,7 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
                         usage = view.usage
                     if view.finish_reason:
                         finish_reason, stop_sequence = view.finish_reason, view.stop_sequence
+                    answer.append(view.text or "")
                     if generic:
                         held.append(view.text)
                         continue
@@ -457,6 +488,9 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
                 if waited.cancelled_caught:
                     log.error("llama.cpp kept request %s past %ss after cancel", request.request_id, CANCEL_GRACE_S)
             self._cancels.discard(cancel)
+            text = "".join(answer)
+            self._slots.release(slot, prompt, render_answer(text) if chat else text)
+            self._slot_freed.unpark()
             self._release()
 
 

@@ -161,3 +161,28 @@ def test_a_busy_model_gets_another_copy_where_there_is_room_but_never_by_evictio
     assert [(p.model_id, p.node_id, p.evict) for p in plans] == [("m", "b", ())]
     plans, _ = plan_loads([], {"m": entry("m")}, [busy, full], policy=COST, now=100.0, replicas=[need("m")])
     assert plans == []
+
+
+def test_residency_and_drain_last_at_most_the_residents_measured_load_time() -> None:
+    capped = Policy("cost", min_residency=30.0, swap_drain=10.0, hold_loads=1.0)
+    young = res("young", loaded_at=95.0, load_time=4.0)
+    with pytest.raises(NoPlacement) as info:
+        place(entry("m", 1000), [node("a", 1, young)], policy=capped, now=97.0)
+    assert info.value.retry_at == 99.0  # loaded at 95, held one 4 s load time (not 30 s)
+    assert place(entry("m", 1000), [node("a", 1, young)], policy=capped, now=99.0).evict == ("young",)
+    queued = res("queued", queued=3, load_time=2.0)
+    with pytest.raises(NoPlacement) as info:
+        place(entry("m", 1000), [node("a", 1, queued)], policy=capped, now=100.0, waited=0.5)
+    assert info.value.retry_at == 101.5  # its own work drains for 2 s of the newcomer's wait, not 10
+    twice = Policy("cost", min_residency=30.0, swap_drain=10.0, hold_loads=2.0)
+    with pytest.raises(NoPlacement) as info:
+        place(entry("m", 1000), [node("a", 1, young)], policy=twice, now=97.0)
+    assert info.value.retry_at == 103.0
+    unmeasured = res("unmeasured", loaded_at=95.0)
+    with pytest.raises(NoPlacement) as info:
+        place(entry("m", 1000), [node("a", 1, unmeasured)], policy=capped, now=100.0)
+    assert info.value.retry_at == 125.0  # never measured: the configured residency holds
+    slow = res("slow", loaded_at=95.0, load_time=600.0)
+    with pytest.raises(NoPlacement) as info:
+        place(entry("m", 1000), [node("a", 1, slow)], policy=capped, now=100.0)
+    assert info.value.retry_at == 125.0  # the configured residency stays the most

@@ -81,3 +81,26 @@ def test_the_session_comes_from_the_header_else_the_user_field() -> None:
     assert session_of([(b"content-type", b"x")], body) == "user:alice"
     assert session_of([], SimpleNamespace(model_extra={})) is None
     assert len(session_of([(b"x-session-id", b"z" * 5000)]) or "") == 256
+
+
+def test_with_slots_known_a_neuron_holds_the_last_conversations_one_per_slot() -> None:
+    index = PrefixIndex(slots=lambda model_id: 2)
+    convs = {k: chat(SYSTEM, {"role": "user", "content": f"document {k} " * 30}) for k in "ABC"}
+    blocks = {k: prompt_blocks(r, 32) for k, r in convs.items()}
+    system_blocks = sum(1 for a, b in zip(blocks["A"], blocks["B"]) if a == b)
+    assert 0 < system_blocks < len(blocks["A"])
+    index.record("n1", "m", blocks["A"])
+    index.record("n1", "m", blocks["B"])
+    assert index.matches("m", blocks["A"], ["n1"]) == {"n1": len(blocks["A"])}
+    assert index.room("m", blocks["C"], ["n1", "n2"]) == {"n1": False, "n2": True}  # two slots, two conversations
+    # A's next turn extends A's chain: it goes on in A's slot, pushing nothing out.
+    after = answered_blocks(convs["A"], "an answer " * 10, 32)
+    assert index.room("m", after, ["n1"]) == {"n1": True}
+    index.record("n1", "m", after)
+    assert index.matches("m", blocks["B"], ["n1"]) == {"n1": len(blocks["B"])}  # B is still there
+    # A third conversation pushes out the least recently used one (B), keeping A.
+    index.record("n1", "m", blocks["C"])
+    assert index.matches("m", blocks["B"], ["n1"]) == {"n1": system_blocks}
+    assert index.matches("m", after, ["n1"]) == {"n1": len(after)}
+    index.forget("n1", "m")
+    assert index.matches("m", after, ["n1"]) == {"n1": 0} and index.room("m", after, ["n1"]) == {"n1": True}

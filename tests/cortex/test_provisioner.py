@@ -298,23 +298,23 @@ async def test_the_operator_loads_on_a_chosen_neuron_pins_and_unloads(autojump_c
     cat = Catalogue([entry("m", idle_ttl=60)])
     async with trio.open_nursery() as nursery:
         prov = await start(fleet, cat, nursery)
-        prov.begin_load_on("m", "b")  # placement alone would pick "a"
+        prov.operator.begin_load_on("m", "b")  # placement alone would pick "a"
         with pytest.raises(BadRequest):
-            prov.begin_load_on("m", "b")  # already loading
+            prov.operator.begin_load_on("m", "b")  # already loading
         assert await prov.ensure_loaded("m") == "b" and trio.current_time() == 3.0  # requests join that load
-        prov.pin("m", "b")
+        prov.operator.pin("m", "b")
         await trio.sleep(600)
         assert "m" in b.models  # pinned: never idle-unloaded
-        prov.begin_unload_from("m", "b")
+        prov.operator.begin_unload_from("m", "b")
         while "m" in b.models:
             await fleet.wait_changed()
-        assert "m" not in prov.pins()
+        assert "m" not in prov.operator.pins()
         with pytest.raises(NotFound):
-            prov.begin_unload_from("m", "b")
+            prov.operator.begin_unload_from("m", "b")
         with pytest.raises(NotFound):
-            prov.begin_load_on("m", "nobody")
+            prov.operator.begin_load_on("m", "nobody")
         with pytest.raises(ModelNotFound):
-            prov.begin_load_on("unknown", "a")
+            prov.operator.begin_load_on("unknown", "a")
         nursery.cancel_scope.cancel()
     assert a.loads() == [] and b.loads() == ["m"] and b.unloads() == ["m"]
 

@@ -178,3 +178,18 @@ def test_the_demand_rate_decays() -> None:
         live.arrived("m", float(t))
     assert live.rate("m", 59.0) == pytest.approx(0.63, abs=0.02)
     assert live.rate("m", 59.0 + 600) < 0.001 and live.rate("other", 0.0) == 0.0
+
+
+def test_a_new_conversation_goes_where_it_pushes_no_other_out_of_the_cache() -> None:
+    # "full" holds the shared system prompt (4 blocks) in every slot it has, each with another
+    # conversation behind it; "spare" has a free slot.
+    full = NeuronLoad("full", True, frozenset({"m"}), cached=4, room=False)
+    spare = NeuronLoad("spare", True, frozenset({"m"}), cached=0, room=True)
+    d = schedule(CHAT, Hints("m", blocks=10), state(full, spare), max_skew=2)
+    assert d.targets[0] == "spare" and d.cache == "miss" and "push out another conversation" in d.reason
+    # A conversation going on with its own chain has room where that chain is.
+    mine = NeuronLoad("mine", True, frozenset({"m"}), cached=9, room=True)
+    assert schedule(CHAT, Hints("m", blocks=10), state(mine, spare), max_skew=2).targets[0] == "mine"
+    # With no room anywhere, the longest prefix wins as before.
+    other = NeuronLoad("other", True, frozenset({"m"}), cached=2, room=False)
+    assert schedule(CHAT, Hints("m", blocks=10), state(full, other), max_skew=2).targets[0] == "full"

@@ -48,12 +48,12 @@ async def run(orch: Orchestrator, rid: str, model: str, log: dict, tokens: int |
         log.setdefault("decisions", {})[rid] = gen.decision
 
 
-async def mixed_stream(policy: str) -> tuple[NeuronDouble, dict]:
+async def mixed_stream(policy: str, **orchestrator) -> tuple[NeuronDouble, dict]:
     """A at 0, B at 6.5, A at 8, C at 9; each generation takes 1 s, each load 5 s."""
     fleet = Fleet()
     neuron = NeuronDouble("n1", fleet, hw=hardware(ram_gb=2), tokens=4, token_delay=0.25, load_delay=5.0)
     log: dict = {}
-    async with orchestrating(fleet, swap_policy=policy, min_residency=30.0) as orch:
+    async with orchestrating(fleet, swap_policy=policy, min_residency=30.0, **orchestrator) as orch:
         async with trio.open_nursery() as clients:
             for at, rid, model in ((0.0, "a1", "A"), (6.5, "b1", "B"), (8.0, "a2", "A"), (9.0, "c1", "C")):
                 await trio.sleep_until(at)
@@ -62,13 +62,22 @@ async def mixed_stream(policy: str) -> tuple[NeuronDouble, dict]:
 
 
 async def test_a_mixed_stream_a_b_a_c_loads_a_once(autojump_clock) -> None:
-    neuron, log = await mixed_stream("cost")
+    neuron, log = await mixed_stream("cost", swap_hold_loads=0.0)  # the configured residency alone
     assert neuron.loads() == ["A", "B", "C"]
     first_token = {rid: t - 0.25 for rid, t in log["started"].items()}  # started = first token, 0.25 s in
     assert first_token["a1"] == 5.0 and first_token["a2"] == 8.0  # a2 found A still resident
     # A stays its 30 s (loaded at 5); then B (waiting longest) for its 30 s, then C.
     assert first_token["b1"] == 40.0 and first_token["c1"] == 75.0
     assert log["decisions"]["b1"].evictions == ("A",) and log["decisions"]["a2"].mode == "local"
+
+
+async def test_a_residency_of_one_measured_load_time_still_loads_a_once_and_serves_sooner(autojump_clock) -> None:
+    neuron, log = await mixed_stream("cost")  # swap_hold_loads 1: held 5 s (a load), not 30
+    assert neuron.loads() == ["A", "B", "C"]
+    first_token = {rid: t - 0.25 for rid, t in log["started"].items()}
+    assert first_token["a2"] == 8.0  # A, loaded at 5, is still resident at 8
+    # A gives way at 10 (5 + 5), B loads until 15; B gives way at 20, C loads until 25.
+    assert first_token["b1"] == 15.0 and first_token["c1"] == 25.0
 
 
 async def test_the_same_stream_under_lru_loads_a_twice(autojump_clock) -> None:

@@ -152,6 +152,25 @@ def test_console_shows_a_neuron_join_and_a_load_progress_live_and_an_unload_chan
     n2.stop(10)
 
 
+def test_the_models_page_says_why_each_request_went_where_it_went(browser, cortex: Cortex,
+                                                                   artifacts: Path) -> None:  # noqa: ANN001
+    with openai.OpenAI(base_url=cortex.gateway_url + "/v1", api_key="none", max_retries=0, timeout=60) as client:
+        for question in ("first", "second"):
+            client.chat.completions.create(model="synth", max_tokens=2, messages=[{"role": "user", "content": question}])
+    page = login(browser, cortex)
+    page.get_by_role("link", name="Models").click()
+    table = page.get_by_role("table", name="Routing decisions")
+    rows = table.locator("tr[data-route-model=synth]")
+    expect(rows.first).to_be_visible()
+    newest = rows.first  # the second request: synth was resident by then
+    expect(newest).to_have_attribute("data-mode", "local")
+    expect(newest).to_contain_text(re.compile(r"n\d"))
+    expect(newest.locator("td.cache")).to_have_text(re.compile(r"hit \d+/\d+ blocks|miss|session"))
+    assert rows.count() >= 2
+    page.screenshot(path=artifacts / "console-routing.png", full_page=True)
+    page.close()
+
+
 def test_a_key_created_in_the_console_works_with_openai_rotated_and_revoked_there(
         browser, cortex: Cortex, artifacts: Path) -> None:  # noqa: ANN001
     page = login(browser, cortex)

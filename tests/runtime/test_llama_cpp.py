@@ -128,3 +128,36 @@ async def test_embeddings_need_the_embeddings_flag(tiny_gguf: Path) -> None:
     finally:
         await embedder.unload()
     assert result.dim == 64 and len(result.vectors) == 2 * 64 * 4
+
+
+async def _turn(backend, messages: list[dict], request_id: str) -> tuple[str, GenerateResult]:
+    request = GenerateRequest(request_id, "tiny-llama", Task.CHAT, messages=tuple(messages),
+                              sampling=SamplingParams(max_tokens=8, temperature=0.0))
+    text = ""
+    async with contextlib.aclosing(backend.chat(request)) as it:
+        async for event in it:
+            if isinstance(event, TokenChunk):
+                text += event.text
+            else:
+                return text, event
+    raise AssertionError("no result")
+
+
+async def test_a_conversation_finds_its_prefix_cached_though_another_ran_in_between(tiny_gguf: Path) -> None:
+    # Conversations sharing a system prompt are all "similar" to llama.cpp, which would run
+    # every one of them in the slot used last, each overwriting the one before.
+    system = {"role": "system", "content": " ".join(f"Rule {i}: item {i} is in room {i % 7}." for i in range(30))}
+    backend = create_backend(tiny_llama_config(tiny_gguf))
+    await backend.load(lambda *args: None)
+    try:
+        conversations = {k: [system, {"role": "user", "content": f"Document {k}: " + f"box {k} weighs 3 kg. " * 20}]
+                         for k in "AB"}
+        first = {}
+        for k in "AB":
+            answer_text, first[k] = await _turn(backend, conversations[k], f"{k}1")
+            conversations[k] += [{"role": "assistant", "content": answer_text}, {"role": "user", "content": "And?"}]
+        _, again = await _turn(backend, conversations["A"], "A2")
+    finally:
+        await backend.unload()
+    # A's second turn reuses all of A's first prompt, not only the system prompt B shares.
+    assert again.usage.cached_tokens >= first["A"].usage.prompt_tokens

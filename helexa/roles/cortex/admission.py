@@ -244,9 +244,11 @@ class Admission:
             if ticket is None:
                 continue
             p = ticket.pending
-            matches = self.prefix.matches(model_id, p.blocks, [l.node_id for l in links]) if p.blocks else None
+            nodes = [l.node_id for l in links]
+            matches = self.prefix.matches(model_id, p.blocks, nodes) if p.blocks else None
+            rooms = self.prefix.room(model_id, p.blocks, nodes) if p.blocks else None
             state = snapshot(links, self.live, model_id=model_id, slots=slots, reserved=self.reserved,
-                             matches=matches, session_node=self.prefix.session_node(model_id, p.session))
+                             matches=matches, rooms=rooms, session_node=self.prefix.session_node(model_id, p.session))
             decision = schedule(p.workload, Hints(model_id, p.exclude, blocks=len(p.blocks)), state,
                                 max_skew=self._max_skew)
             if not decision.targets:

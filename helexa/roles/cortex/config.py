@@ -115,6 +115,10 @@ class OrchestratorConfig(BaseModel):
     """Seconds a loaded model stays before it may be evicted for another (``cost``)."""
     swap_drain: float = Field(10.0, ge=0)
     """Seconds a resident model's queued and running work may hold off its eviction (``cost``)."""
+    swap_hold_loads: float = Field(1.0, ge=0)
+    """Caps ``min_residency`` and ``swap_drain`` (``cost``) at this many of the resident's
+    measured load times: a model that loads in 2 s is not held 30 s (0: no cap; a model
+    never measured is held the configured times)."""
     drain_grace: float = Field(60.0, ge=0)
     """Seconds the requests running on a model being unloaded get to finish before they are cut."""
     routing: Literal["cache", "least_busy"] = "cache"

@@ -110,7 +110,7 @@ class FleetCollector(Collector):
         yield GaugeMetricFamily("helexa_catalogue_models", "Models in the catalogue",
                                 value=len(self.orchestrator.catalogue))
         yield GaugeMetricFamily("helexa_pinned_models", "Models pinned on neurons (helexa models pin)",
-                                value=sum(len(on) for on in provisioner.pins().values()))
+                                value=sum(len(on) for on in provisioner.operator.pins().values()))
         yield GaugeMetricFamily("helexa_gateway_in_flight_requests", "HTTP requests being handled",
                                 value=self.in_flight())
         yield GaugeMetricFamily("helexa_cold_load_waiting_requests", "Requests waiting for a cold load",

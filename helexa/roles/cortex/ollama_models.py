@@ -132,7 +132,7 @@ class OllamaModels:
                     send.send_nowait(line)
 
                 try:
-                    await self.provisioner.pull_on(model_id, node, progress)
+                    await self.provisioner.operator.pull_on(model_id, node, progress)
                 except GatewayError as exc:
                     failures.append(exc)
 
@@ -174,7 +174,7 @@ class OllamaModels:
             raise BadRequest(f"model {body.asked!r} is loaded on no neuron, so there is nothing to delete (it stays "
                              "in the operator's catalogue)", param="model", code="not_loaded")
         for node in nodes:
-            await self.provisioner.unload_from(model_id, node)
+            await self.provisioner.operator.unload_from(model_id, node)
         await ex.out.full(200, [], b"")
 
     async def copy(self, ex: Exchange) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -42,6 +43,7 @@ from .fleet import Fleet
 from .metrics import Metrics, OrchestratorMetrics
 from .prefix import PrefixIndex, answered_blocks, prompt_blocks
 from .provisioner import Provisioner
+from .routing_log import RoutingLog
 from .scheduler import Hints, LiveLoad, RoutingDecision, SchedulerState, classify, prompt_size, schedule, snapshot
 
 if TYPE_CHECKING:
@@ -124,7 +126,9 @@ class Orchestrator:
         self.metrics = metrics or Metrics()
         self.om = OrchestratorMetrics.of(self.metrics)
         self.live = LiveLoad()
-        self.prefix = PrefixIndex(c.prefix_cache_blocks)
+        self.prefix = PrefixIndex(c.prefix_cache_blocks, slots=self.slots)
+        self.routing_log = RoutingLog()
+        """The recent routing decisions (the console's Models page shows them)."""
         self._track = c.routing == "cache" and c.prefix_cache_blocks > 0
         self._max_skew = c.cache_max_skew if c.routing == "cache" else None
         self._slots: dict[str, int] = {}
@@ -204,9 +208,11 @@ class Orchestrator:
         usable = self.fleet.usable()
         entry = self.catalogue.get(model_id)
         router = self.remote_router if allow_peers else None
-        matches = self.prefix.matches(model_id, blocks, [l.node_id for l in usable]) if blocks else None
+        nodes = [l.node_id for l in usable]
+        matches = self.prefix.matches(model_id, blocks, nodes) if blocks else None
+        rooms = self.prefix.room(model_id, blocks, nodes) if blocks else None
         state = snapshot(usable, self.live, model_id=model_id, slots=self.slots(model_id),
-                         reserved=self.admission.reserved, matches=matches,
+                         reserved=self.admission.reserved, matches=matches, rooms=rooms,
                          session_node=self.prefix.session_node(model_id, session), draining=self.provisioner.draining)
         return decide(
             workload, Hints(model_id, exclude, blocks=len(blocks)), state,
@@ -287,6 +293,7 @@ class Orchestrator:
 
     def _log(self, d: RoutingDecision, node_id: str | None) -> None:
         self.om.decided(d.model_id, d.mode, d.cache, matched=d.matched, total=d.blocks)
+        self.routing_log.record(d, node_id, time.time())
         if log.isEnabledFor(logging.DEBUG):
             waited = f" waited={d.waited:.3f}s" if d.waited is not None else ""
             log.debug("route %s mode=%s to=%s cache=%s %d/%d%s evicted=%s: %s", d.model_id, d.mode, node_id,

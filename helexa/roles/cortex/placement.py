@@ -17,7 +17,9 @@ Eviction follows a :class:`Policy`:
     model that needs the room has waited ``swap_drain`` already (its own work drains first,
     for a bounded time; a busy victim is then drained before it unloads). Among those, the
     one cheapest to lose goes first: its measured load time times its demand (recent
-    request rate plus the work queued for it), least recently used on a tie. Waiting models
+    request rate plus the work queued for it), least recently used on a tie. With
+    ``hold_loads``, a model whose load time was measured is held (resident, or draining
+    its own work) at most that many load times. Waiting models
     are loaded by class, then by how many wait, then by the longest wait: requests are
     grouped by model instead of swapping at each arrival.
 ``lru``
@@ -90,6 +92,7 @@ class Policy:
     kind: str = "lru"  # cost | lru | fifo
     min_residency: float = 0.0
     swap_drain: float = 0.0
+    hold_loads: float = 0.0  # 0: off; else residency and drain last at most this many of the resident's load times
 
 
 class NoPlacement(Exception):
@@ -117,9 +120,15 @@ def _protected_until(r: Resident, entry: CatalogueEntry, policy: Policy, now: fl
         return None if r.busy else now
     if r.keep_warm or r.pinned:
         return None
-    until = max(now, r.loaded_at + policy.min_residency)
-    if (r.busy or r.queued) and waited < policy.swap_drain:
-        until = max(until, now + policy.swap_drain - waited)
+    residency, drain = policy.min_residency, policy.swap_drain
+    if policy.hold_loads > 0 and r.load_time is not None:
+        # Holding a model longer than it takes to load it again saves less than it costs the
+        # model waiting for the room (a mixed stream A B A C still loads A once).
+        residency = min(residency, policy.hold_loads * r.load_time)
+        drain = min(drain, policy.hold_loads * r.load_time)
+    until = max(now, r.loaded_at + residency)
+    if (r.busy or r.queued) and waited < drain:
+        until = max(until, now + drain - waited)
     return until
 
 

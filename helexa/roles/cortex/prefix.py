@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from helexa.protocol import GenerateRequest
@@ -109,12 +109,21 @@ class PrefixIndex:
     Args:
         capacity: blocks remembered per (neuron, model); the least recently used go first.
         sessions: sessions remembered (least recently used go first).
+        slots: a model's slots per neuron (0: unknown). A neuron's engine caches one prompt
+            per slot (``llama_cpp`` puts a conversation back in its own slot, else in an
+            empty one, else in the least recently used), so for such a model the index
+            keeps, per neuron, the last ``slots`` prompt chains the same way: a prompt that
+            extends a chain replaces it, any other pushes out the least recently used.
+            :meth:`room` then says where a new conversation pushes out no other one.
     """
 
-    def __init__(self, capacity: int = 8192, sessions: int = 65536) -> None:
+    def __init__(self, capacity: int = 8192, sessions: int = 65536,
+                 slots: Callable[[str], int] | None = None) -> None:
         self.capacity = capacity
         self.session_capacity = sessions
+        self._slots = slots or (lambda model_id: 0)
         self._blocks: dict[tuple[str, str], OrderedDict[bytes, None]] = {}
+        self._chains: dict[tuple[str, str], OrderedDict[tuple[bytes, ...], None]] = {}
         self._sessions: OrderedDict[tuple[str, str], str] = OrderedDict()
 
     def record(self, node_id: str, model_id: str, blocks: tuple[bytes, ...], session: str | None = None) -> None:
@@ -126,6 +135,14 @@ class PrefixIndex:
             while len(self._sessions) > self.session_capacity:
                 self._sessions.popitem(last=False)
         if not blocks or self.capacity <= 0:
+            return
+        if (slots := self._slots(model_id)) > 0:
+            chains = self._chains.setdefault((node_id, model_id), OrderedDict())
+            for held_chain in [c for c in chains if _extends(blocks, c)]:
+                del chains[held_chain]  # the same conversation, in the same slot
+            chains[blocks[:self.capacity]] = None
+            while len(chains) > slots:
+                chains.popitem(last=False)
             return
         held = self._blocks.setdefault((node_id, model_id), OrderedDict())
         # Newest last, and a chain's first blocks touched last of all: a shared prefix (a
@@ -139,6 +156,11 @@ class PrefixIndex:
     def matches(self, model_id: str, blocks: tuple[bytes, ...], node_ids: Iterable[str]) -> dict[str, int]:
         """How many leading blocks of ``blocks`` each of ``node_ids`` holds (0 when none)."""
         out = {}
+        if self._slots(model_id) > 0:
+            for node_id in node_ids:
+                chains = self._chains.get((node_id, model_id)) or ()
+                out[node_id] = max((_common(c, blocks) for c in chains), default=0)
+            return out
         for node_id in node_ids:
             held = self._blocks.get((node_id, model_id))
             n = 0
@@ -148,6 +170,17 @@ class PrefixIndex:
                         break
                     n += 1
             out[node_id] = n
+        return out
+
+    def room(self, model_id: str, blocks: tuple[bytes, ...], node_ids: Iterable[str]) -> dict[str, bool]:
+        """Whether sending ``blocks`` to each of ``node_ids`` keeps every other conversation
+        cached there: it goes on with a chain held there, or a slot is free (always True
+        for a model whose slots are unknown)."""
+        slots = self._slots(model_id)
+        out = {}
+        for node_id in node_ids:
+            chains = self._chains.get((node_id, model_id)) or ()
+            out[node_id] = slots <= 0 or len(chains) < slots or any(_extends(blocks, c) for c in chains)
         return out
 
     def session_node(self, model_id: str, session: str | None) -> str | None:
@@ -160,9 +193,26 @@ class PrefixIndex:
         """The neuron dropped its cache of ``model_id`` (unloaded), or of everything (left)."""
         for key in [k for k in self._blocks if k[0] == node_id and (model_id is None or k[1] == model_id)]:
             del self._blocks[key]
+        for key in [k for k in self._chains if k[0] == node_id and (model_id is None or k[1] == model_id)]:
+            del self._chains[key]
         for key in [k for k, n in self._sessions.items() if n == node_id and (model_id is None or k[0] == model_id)]:
             del self._sessions[key]
 
     def held(self) -> Mapping[tuple[str, str], int]:
         """Blocks remembered per (neuron, model)."""
-        return {k: len(v) for k, v in self._blocks.items()}
+        return {**{k: len(v) for k, v in self._blocks.items()},
+                **{k: len({b for c in v for b in c}) for k, v in self._chains.items()}}
+
+
+def _extends(chain: tuple[bytes, ...], head: tuple[bytes, ...]) -> bool:
+    """``chain`` starts with the whole of ``head``."""
+    return len(head) <= len(chain) and chain[:len(head)] == head
+
+
+def _common(a: tuple[bytes, ...], b: tuple[bytes, ...]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

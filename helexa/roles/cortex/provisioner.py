@@ -33,12 +33,13 @@ import trio
 from opentelemetry.trace import Status, StatusCode
 
 from helexa import telemetry
-from helexa.protocol import LoadModel, LoadProgress, ModelState, PullModel, UnloadModel, UpsertModelConfig
+from helexa.protocol import LoadModel, LoadProgress, ModelState, UnloadModel, UpsertModelConfig
 
 from .catalogue import MB, Catalogue, CatalogueEntry, Priority
-from .errors import BadRequest, GatewayError, ColdLoadFailed, ModelNotFound, NoCapacity, NotFound
+from .errors import GatewayError, ColdLoadFailed, ModelNotFound, NoCapacity
 from .fleet import Fleet, FleetError
 from .metrics import Metrics, OrchestratorMetrics
+from .operator_actions import OperatorActions
 from .placement import (
     LoadPlan,
     NodeView,
@@ -129,7 +130,6 @@ class Provisioner:
         """The evictions each model's last load caused."""
         self._pending: dict[str, str] = {}  # model -> neuron of a load under way
         self._idle: dict[tuple[str, str], trio.Event] = {}
-        self._pinned: set[tuple[str, str]] = set()  # (node, model) the operator pinned (in memory)
         self._pin_failed: dict[tuple[str, str], float] = {}
         self._pinning: set[tuple[str, str]] = set()
         self._woken_by_fleet = False
@@ -139,11 +139,13 @@ class Provisioner:
         self._warming: set[str] = set()
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
+        self.operator = OperatorActions(self)
+        """The operator's commands: load here, unload there, pull, pin."""
 
     @property
     def policy(self) -> Policy:
         s = self.settings
-        return Policy(s.swap_policy, s.min_residency, s.swap_drain)
+        return Policy(s.swap_policy, s.min_residency, s.swap_drain, s.swap_hold_loads)
 
     # --- requests ------------------------------------------------------------------------
 
@@ -224,7 +226,7 @@ class Provisioner:
         while True:
             if plan is None:
                 try:
-                    plan = place(entry, self._views(), headroom=self.settings.memory_headroom,
+                    plan = place(entry, self.views(), headroom=self.settings.memory_headroom,
                                  exclude=frozenset(failed), policy=self.policy, now=trio.current_time())
                 except NoPlacement as exc:
                     if failed:
@@ -241,16 +243,7 @@ class Provisioner:
                 last_error = str(exc)
                 plan = None
                 continue
-            now = trio.current_time()
-            elapsed = now - started
-            self.load_times[entry.id] = elapsed
-            self.evictions[entry.id] = plan.evict
-            self.loaded_at[(plan.node_id, entry.id)] = now
-            log.info("loaded %s on %s in %.2fs (evicted %s)", entry.id, plan.node_id, elapsed, list(plan.evict))
-            if self.metrics is not None:
-                self.metrics.cold_load(entry.id, plan.node_id, elapsed)
-            self.live.touch(plan.node_id, entry.id, now)
-            return plan.node_id
+            return self._loaded(entry, plan, started, "")
 
     async def _load_planned(self, entry: CatalogueEntry, plan: LoadPlan,
                             on_progress: Callable[[LoadProgress], None] | None = None) -> str:
@@ -263,13 +256,18 @@ class Provisioner:
             log.warning("loading %s on %s failed: %s", entry.id, plan.node_id, exc)
             raise ColdLoadFailed(f"loading model {entry.id!r} on {plan.node_id} failed: {exc}",
                                  retry_after=self.settings.retry_after) from None
+        return self._loaded(entry, plan, started, " as the operator asked")
+
+    def _loaded(self, entry: CatalogueEntry, plan: LoadPlan, started: float, how: str) -> str:
+        """Record a load that succeeded (its time is what eviction weighs); return the node."""
         now = trio.current_time()
-        self.load_times[entry.id] = now - started
+        elapsed = now - started
+        self.load_times[entry.id] = elapsed
         self.evictions[entry.id] = plan.evict
         self.loaded_at[(plan.node_id, entry.id)] = now
-        log.info("loaded %s on %s as the operator asked (evicted %s)", entry.id, plan.node_id, list(plan.evict))
+        log.info("loaded %s on %s%s in %.2fs (evicted %s)", entry.id, plan.node_id, how, elapsed, list(plan.evict))
         if self.metrics is not None:
-            self.metrics.cold_load(entry.id, plan.node_id, now - started)
+            self.metrics.cold_load(entry.id, plan.node_id, elapsed)
         self.live.touch(plan.node_id, entry.id, now)
         return plan.node_id
 
@@ -293,7 +291,7 @@ class Provisioner:
             raise errors[0]
         config = entry.model_config_for_neuron()
         if link.configs.get(entry.id) != config:
-            await self._command(link, UpsertModelConfig(_cid(), config), self.settings.command_timeout)
+            await self.command(link, UpsertModelConfig(_cid(), config), self.settings.command_timeout)
         def progress(event: LoadProgress) -> None:
             if event.total:
                 self.load_progress[entry.id] = (event.stage, min(1.0, event.done / event.total))
@@ -305,7 +303,7 @@ class Provisioner:
             "helexa.model": entry.id, "helexa.neuron": plan.node_id,
             "helexa.evicted": list(plan.evict)}) if telemetry.enabled() else None
         try:
-            await self._command(link, LoadModel(_cid(), entry.id, trace=telemetry.traceparent(span) if span else ""),
+            await self.command(link, LoadModel(_cid(), entry.id, trace=telemetry.traceparent(span) if span else ""),
                                 self.settings.load_timeout, progress)
         except BaseException as exc:
             if span is not None:
@@ -316,7 +314,9 @@ class Provisioner:
             if span is not None:
                 span.end()
 
-    async def _command(self, link, command, timeout: float, on_progress=None) -> None:  # type: ignore[no-untyped-def]
+    async def command(self, link, command, timeout: float, on_progress=None) -> None:  # type: ignore[no-untyped-def]
+        """Send a provisioning ``command``; raises a :class:`FleetError` when it failed or
+        the neuron refused it."""
         response = await link.provision(command, timeout=timeout, on_progress=on_progress)
         if not response.ok:
             if response.code == "already_loaded":
@@ -341,7 +341,7 @@ class Provisioner:
             if self._in_use(*key) > 0:
                 log.warning("unloading %s from %s: requests still running after the %gs grace are cut",
                             unload.model_id, unload.node_id, grace)
-            await self._command(link, UnloadModel(_cid(), unload.model_id, grace=left),
+            await self.command(link, UnloadModel(_cid(), unload.model_id, grace=left),
                                 self.settings.command_timeout + left)
             self.live.forget(*key)
             self.loaded_at.pop(key, None)
@@ -354,123 +354,45 @@ class Provisioner:
             self._idle.pop(key, None)
             self._wake.set()
 
-    # --- the operator's paths (helexa models, the admin API, the web console) ---------------
+    # --- for the operator's paths (:mod:`.operator_actions`) -------------------------------
 
-    def _operator_plan(self, model_id: str, node_id: str | None) -> tuple[CatalogueEntry, LoadPlan]:
-        entry = self._entry(model_id)
-        views = self._views()
-        if node_id is not None:
-            views = [v for v in views if v.node_id == node_id]
-            if not views:
-                raise NotFound(f"no usable neuron {node_id!r}", param="node")
-        if model_id in self._flights:
-            raise BadRequest(f"model {model_id!r} is already loading", param="model")
-        try:
-            plan = place(entry, views, headroom=self.settings.memory_headroom, policy=self.policy,
-                         now=trio.current_time())
-        except NoPlacement as exc:
-            raise BadRequest(f"{exc}" + (f" (on {node_id})" if node_id else ""), param="node") from None
-        return entry, plan
-
-    async def load_on(self, model_id: str, node_id: str | None = None,
-                      on_progress: Callable[[LoadProgress], None] | None = None) -> str:
-        """Load ``model_id`` on ``node_id`` (evicting there as a cold load would, draining
-        first), or where a cold load would put it; returns the node id once loaded. Requests
-        for the model meanwhile wait for this load.
-
-        Raises:
-            ModelNotFound: not in the catalogue. NotFound: no usable neuron ``node_id``.
-            BadRequest: already loading, or it cannot fit there. ColdLoadFailed: the neuron failed.
-        """
-        entry, plan = self._operator_plan(model_id, node_id)
-        if self._nursery is None:
-            raise RuntimeError("Provisioner.run is not running")
-        flight = self._flights[entry.id] = _Flight()
-        self._pending[entry.id] = plan.node_id
+    async def load_planned(self, entry: CatalogueEntry, plan: LoadPlan,
+                           on_progress: Callable[[LoadProgress], None] | None = None) -> str:
+        """Carry out ``plan`` (on its neuron only) as the model's one load; return the node id.
+        Raises ColdLoadFailed when that neuron failed."""
+        flight = self._operator_flight(entry, plan)
         await self._fly(entry, flight, plan, True, on_progress)
         if flight.error is not None:
             raise flight.error
         assert flight.node_id is not None
         return flight.node_id
 
-    def begin_load_on(self, model_id: str, node_id: str) -> None:
-        """:meth:`load_on`, started in the background; returns at once (the web console:
-        the fleet's next updates show the load). Raises as :meth:`load_on` does before it starts."""
-        entry, plan = self._operator_plan(model_id, node_id)
+    def begin_load_planned(self, entry: CatalogueEntry, plan: LoadPlan) -> None:
+        """:meth:`load_planned` in the background; returns at once."""
+        flight = self._operator_flight(entry, plan)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._fly, entry, flight, plan, True)
+
+    def begin_unload(self, unload: Unload, reason: str) -> None:
+        """:meth:`unload` in the background (a failure is logged)."""
+        if self._nursery is None:
+            raise RuntimeError("Provisioner.run is not running")
+        self._nursery.start_soon(self._unload_quietly, unload, reason)
+
+    def pin_changed(self, model_id: str, node_id: str) -> None:
+        """A pin was added: load it at once, even if its last load failed."""
+        self._pin_failed.pop((model_id, node_id), None)
+        self._wake.set()
+
+    def _operator_flight(self, entry: CatalogueEntry, plan: LoadPlan) -> _Flight:
         if self._nursery is None:
             raise RuntimeError("Provisioner.run is not running")
         flight = self._flights[entry.id] = _Flight()
         self._pending[entry.id] = plan.node_id
-        self._nursery.start_soon(self._fly, entry, flight, plan, True)
+        return flight
 
-    async def unload_from(self, model_id: str, node_id: str) -> None:
-        """Unload ``model_id`` from ``node_id``, draining its requests first (its pin goes
-        too). Raises NotFound when that neuron does not hold it, ColdLoadFailed when the
-        neuron could not be told."""
-        self._check_holds(model_id, node_id)
-        self.unpin(model_id, node_id)
-        try:
-            await self._unload(Unload(node_id, model_id), "operator")
-        except (FleetError, _Refused) as exc:
-            raise ColdLoadFailed(f"unloading {model_id!r} from {node_id} failed: {exc}",
-                                 retry_after=self.settings.retry_after) from None
-
-    def begin_unload_from(self, model_id: str, node_id: str) -> None:
-        """:meth:`unload_from`, started in the background; returns at once."""
-        self._check_holds(model_id, node_id)
-        self.unpin(model_id, node_id)
-        if self._nursery is None:
-            raise RuntimeError("Provisioner.run is not running")
-        self._nursery.start_soon(self._unload_quietly, Unload(node_id, model_id), "operator")
-
-    def _check_holds(self, model_id: str, node_id: str) -> None:
-        link = self.fleet.get(node_id)
-        if link is None or model_id not in link.models:
-            raise NotFound(f"neuron {node_id!r} does not hold model {model_id!r}", param="model")
-
-    async def pull_on(self, model_id: str, node_id: str,
-                      on_progress: Callable[[LoadProgress], None] | None = None) -> None:
-        """Fetch ``model_id``'s source into ``node_id``'s cache without loading it.
-        Raises :class:`ModelNotFound`, :class:`NotFound` (no such neuron) or
-        :class:`ColdLoadFailed` (the neuron refused: the disk is full, a wrong hash...)."""
-        entry = self._entry(model_id)
-        link = self.fleet.get(node_id)
-        if link is None:
-            raise NotFound(f"no neuron {node_id!r}", param="node")
-        try:
-            config = entry.model_config_for_neuron()
-            if link.configs.get(entry.id) != config:
-                await self._command(link, UpsertModelConfig(_cid(), config), self.settings.command_timeout)
-            await self._command(link, PullModel(_cid(), entry.id), self.settings.load_timeout, on_progress)
-        except (FleetError, _Refused) as exc:
-            raise ColdLoadFailed(f"pulling {model_id!r} onto {node_id} failed: {exc}",
-                                 retry_after=self.settings.retry_after) from None
-
-    def pins(self) -> dict[str, frozenset[str]]:
-        """Model -> the neurons it is pinned on (until the cortex restarts)."""
-        out: dict[str, frozenset[str]] = {}
-        for node_id, model_id in self._pinned:
-            out[model_id] = out.get(model_id, frozenset()) | {node_id}
-        return out
-
-    def pin(self, model_id: str, node_id: str) -> None:
-        """Keep ``model_id`` loaded on ``node_id``: loaded now (in the background) and again
-        whenever it is lost, never evicted nor unloaded for idleness there. Raises
-        :class:`ModelNotFound` for a model outside the catalogue."""
-        self._entry(model_id)
-        self._pinned.add((node_id, model_id))
-        self._pin_failed.pop((model_id, node_id), None)
-        self._wake.set()
-
-    def unpin(self, model_id: str, node_id: str) -> bool:
-        """Drop a pin (the model stays loaded, as any other); False if there was none."""
-        if (node_id, model_id) not in self._pinned:
-            return False
-        self._pinned.discard((node_id, model_id))
-        self._wake.set()
-        return True
-
-    def _entry(self, model_id: str) -> CatalogueEntry:
+    def entry(self, model_id: str) -> CatalogueEntry:
+        """The catalogue's entry; raises ModelNotFound."""
         entry = self.catalogue.get(model_id)
         if entry is None:
             raise ModelNotFound(model_id)
@@ -504,7 +426,7 @@ class Provisioner:
             self._wake = trio.Event()
             now = last_pass = trio.current_time()
             demand = self._demand()
-            views = self._views(demand)
+            views = self.views(demand)
             for model_id, node_id in self._pins_to_load(views):
                 key = (model_id, node_id)
                 failed_at = self._pin_failed.get(key)
@@ -547,13 +469,13 @@ class Provisioner:
         out = []
         for view in views:
             resident = {r.model_id for r in view.residents}
-            out += [(model_id, node_id) for node_id, model_id in sorted(self._pinned)
+            out += [(model_id, node_id) for node_id, model_id in self.operator.pinned_pairs()
                     if node_id == view.node_id and model_id not in resident and model_id not in self._flights]
         return out
 
     async def _load_pinned(self, model_id: str, node_id: str) -> None:
         try:
-            await self.load_on(model_id, node_id)
+            await self.operator.load_on(model_id, node_id)
             self._pin_failed.pop((model_id, node_id), None)
         except GatewayError as exc:
             log.warning("loading %s pinned on %s failed: %s", model_id, node_id, exc.message)
@@ -597,7 +519,7 @@ class Provisioner:
         except (FleetError, _Refused) as exc:
             log.warning("%s unload of %s from %s failed: %s", reason, unload.model_id, unload.node_id, exc)
 
-    def _views(self, demand: dict[str, Demand] | None = None) -> list[NodeView]:
+    def views(self, demand: dict[str, Demand] | None = None) -> list[NodeView]:
         """The fleet as the pure core sees it (loads under way count as resident, models
         being unloaded do not); first sight of a resident counts as a use."""
         now = trio.current_time()
@@ -630,10 +552,10 @@ class Provisioner:
                         last_used=last_used,
                         busy=busy,
                         evictable=entry is not None and status.state is ModelState.LOADED
-                        and model_id not in self._pending and key not in self._pinned,
+                        and model_id not in self._pending and not self.operator.pinned(*key),
                         loaded_at=self.loaded_at.setdefault(key, now),
                         keep_warm=entry is not None and entry.keep_warm,
-                        pinned=(entry is not None and link.node_id in entry.pinned_on) or key in self._pinned,
+                        pinned=(entry is not None and link.node_id in entry.pinned_on) or self.operator.pinned(*key),
                         queued=wanted.waiting if wanted is not None else 0,
                         rate=self.live.rate(model_id, now),
                         load_time=self.load_times.get(model_id),
@@ -650,8 +572,9 @@ class Provisioner:
         return views
 
 
-class _Refused(Exception):
-    """A neuron answered a provisioning command with ok=False."""
+class _Refused(FleetError):
+    """A neuron answered a provisioning command with ok=False (a :class:`FleetError`, so
+    that :mod:`.operator_actions` catches it as such)."""
 
 
 def _cid() -> str:

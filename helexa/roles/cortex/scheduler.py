@@ -6,8 +6,9 @@ it, and returns a :class:`RoutingDecision`. Neither does I/O, so the tests run t
 synchronously.
 
 Ranking is cache-aware when the caller says so (``max_skew``): the neuron the request's
-session last went to, then the one holding the longest prefix of its prompt (see
-:mod:`.prefix`), then the least loaded; but a neuron more than ``max_skew`` requests busier
+session last went to, then one where it pushes no other conversation out of the cache (it
+goes on with its own, or a slot is free), then the one holding the longest prefix of its
+prompt (see :mod:`.prefix`), then the least loaded; but a neuron more than ``max_skew`` requests busier
 than the least busy candidate loses its cache preference, so one hot conversation (or a
 system prompt every conversation shares) does not pile onto one neuron. With nothing
 cached anywhere it is least-busy routing.
@@ -80,6 +81,7 @@ class NeuronLoad:
     model_in_flight: int = 0  # requests of this model running (or admitted) here
     cached: int = 0  # leading blocks of the request's prompt this neuron likely holds
     session: bool = False  # the request's session last went here
+    room: bool = True  # the request would push no other conversation out of this neuron's cache
 
     @property
     def free(self) -> bool:
@@ -160,8 +162,8 @@ def schedule(workload: WorkloadClass, hints: Hints, state: SchedulerState, *,
     def key(n: NeuronLoad) -> tuple:
         far = aware and n.in_flight + n.queued - least > max_skew  # type: ignore[operator]
         near = aware and not far
-        return (far, not (near and n.session), -(n.cached if near else 0), score(n, workload),
-                n.node_id not in hints.prefer, n.node_id)
+        return (far, not (near and n.session), not (near and n.room), -(n.cached if near else 0),
+                score(n, workload), n.node_id not in hints.prefer, n.node_id)
 
     free.sort(key=key)
     best = free[0]
@@ -173,6 +175,8 @@ def schedule(workload: WorkloadClass, hints: Hints, state: SchedulerState, *,
         cache, reason = "hit", f"holds {best.cached}/{hints.blocks} prompt blocks"
     else:
         cache, reason = "miss", "nothing cached: least loaded"
+    if aware and not best.session and any(n.cached > best.cached and not n.room for n in free[1:]):
+        reason += "; a neuron holding more would push out another conversation"
     return RoutingDecision(hints.model_id, workload, tuple(n.node_id for n in free), reason=reason, cache=cache,
                            matched=best.cached if cache == "hit" else 0, blocks=hints.blocks)
 
@@ -236,12 +240,14 @@ class LiveLoad:
 
 def snapshot(links: Iterable[NeuronLink], live: LiveLoad, *, model_id: str | None = None, slots: int = 0,
              reserved: Mapping[tuple[str, str], int] | None = None, matches: Mapping[str, int] | None = None,
-             session_node: str | None = None, draining: Container[tuple[str, str]] = ()) -> SchedulerState:
+             session_node: str | None = None, draining: Container[tuple[str, str]] = (),
+             rooms: Mapping[str, bool] | None = None) -> SchedulerState:
     """The scheduler's view of the fleet right now; with ``model_id``, only the neurons
     that have it loaded and are not draining it (the only ones :func:`schedule` can pick
     for it: per request on a large fleet, the rest would cost a record each for nothing),
     each with its ``slots``, the model's requests running or ``reserved`` there, the prompt
-    blocks it ``matches`` and whether it is the ``session_node``."""
+    blocks it ``matches``, whether it is the ``session_node`` and whether it has cache
+    ``rooms`` for the request without pushing another conversation out."""
     neurons = []
     for link in links:
         in_model = 0
@@ -265,6 +271,7 @@ def snapshot(links: Iterable[NeuronLink], live: LiveLoad, *, model_id: str | Non
                 model_in_flight=in_model,
                 cached=matches.get(link.node_id, 0) if matches else 0,
                 session=session_node == link.node_id,
+                room=rooms.get(link.node_id, True) if rooms else True,
             )
         )
     return SchedulerState(tuple(neurons))

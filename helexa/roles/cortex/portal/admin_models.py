@@ -75,7 +75,7 @@ class ModelsAdmin:
 
     def view(self) -> list[dict[str, Any]]:
         """Every catalogue model against the fleet, then models loaded outside it."""
-        pins = self.provisioner.pins()
+        pins = self.provisioner.operator.pins()
         links = sorted(self.fleet, key=lambda link: link.node_id)
         out = []
         for entry in self.catalogue:
@@ -126,10 +126,10 @@ class ModelsAdmin:
             if target.neuron is None:
                 raise BadRequest("neuron: required to pin or unpin", param="neuron")
             if action == "pin":
-                self.provisioner.pin(model_id, target.neuron)
+                self.provisioner.operator.pin(model_id, target.neuron)
                 changed = True
             else:
-                changed = self.provisioner.unpin(model_id, target.neuron)
+                changed = self.provisioner.operator.unpin(model_id, target.neuron)
             await ex.out.json({"model": model_id, "neuron": target.neuron, "pinned": action == "pin",
                                "changed": changed})
         elif action == "unload":
@@ -137,13 +137,13 @@ class ModelsAdmin:
             if not nodes:
                 raise BadRequest(f"model {model_id!r} is loaded on no neuron", param="model", code="not_loaded")
             for node_id in nodes:
-                await self.provisioner.unload_from(model_id, node_id)
+                await self.provisioner.operator.unload_from(model_id, node_id)
             await ex.out.json({"model": model_id, "unloaded_from": nodes})
         elif action == "load":
             node = target.neuron
 
             async def load(on_progress: Callable[[LoadProgress], None], _node: str | None) -> str:
-                return await self.provisioner.load_on(model_id, node, on_progress)
+                return await self.provisioner.operator.load_on(model_id, node, on_progress)
 
             await self._stream(ex, [node], load)
         else:
@@ -156,7 +156,7 @@ class ModelsAdmin:
 
             async def pull(on_progress: Callable[[LoadProgress], None], node_id: str | None) -> str:
                 assert node_id is not None
-                await self.provisioner.pull_on(model_id, node_id, on_progress)
+                await self.provisioner.operator.pull_on(model_id, node_id, on_progress)
                 return node_id
 
             await self._stream(ex, nodes, pull)

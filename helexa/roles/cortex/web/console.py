@@ -204,12 +204,12 @@ def _models_view() -> dict[str, Any]:
             last = orch.live.last_used.get((link.node_id, entry.id))
             where.append({"node": link.node_id, "state": st.state.value, "progress": st.progress,
                           "idle": None if last is None else round(now - last),
-                          "pinned": link.node_id in prov.pins().get(entry.id, ())})
+                          "pinned": link.node_id in prov.operator.pins().get(entry.id, ())})
         rows.append({"id": entry.id, "backend": entry.backend, "memory_mb": entry.memory_mb,
                      "keep_warm": entry.keep_warm, "idle_ttl": entry.idle_ttl,
                      "feasible": sorted(l.node_id for l in usable if entry.is_feasible_on(l.descriptor.hardware)),
                      "where": where, "loading": prov.load_progress.get(entry.id)})
-    return {"models": rows, "neurons": sorted(l.node_id for l in usable)}
+    return {"models": rows, "neurons": sorted(l.node_id for l in usable), "decisions": orch.routing_log.view()}
 
 
 @blueprint.get("/models")
@@ -226,16 +226,16 @@ async def model_action(session: Session) -> Any:
     prov = web().gateway.orchestrator.provisioner
     try:
         if what == "load":
-            prov.begin_load_on(model, node)
+            prov.operator.begin_load_on(model, node)
             notice = f"Loading {model} on {node}: the fleet shows it as it happens."
         elif what == "unload":
-            prov.begin_unload_from(model, node)
+            prov.operator.begin_unload_from(model, node)
             notice = f"Unloading {model} from {node}."
         elif what in ("pin", "unpin"):
             if what == "pin":
-                prov.pin(model, node)
+                prov.operator.pin(model, node)
             else:
-                prov.unpin(model, node)
+                prov.operator.unpin(model, node)
             notice = f"{model} is {'pinned' if what == 'pin' else 'no longer pinned'} on {node}."
         else:
             abort(400, "action: one of load, unload, pin, unpin")

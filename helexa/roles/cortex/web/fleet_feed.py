@@ -69,7 +69,7 @@ class FleetFeed:
     def document(self) -> bytes:
         """The fleet now, as the JSON the Fleet page renders."""
         now = self.clock()
-        pins = ({(node, model) for model, nodes in self.provisioner.pins().items() for node in nodes}
+        pins = ({(node, model) for model, nodes in self.provisioner.operator.pins().items() for node in nodes}
                 if self.provisioner is not None else set())
         loading = dict(self.provisioner.load_progress) if self.provisioner is not None else {}
         neurons = [neuron_view(link, now, pins) for link in sorted(self.fleet, key=lambda l: l.node_id)]

@@ -1,0 +1,161 @@
+"""What an operator asks of the fleet's models: load here, unload there, pull, pin.
+
+:class:`OperatorActions` serves ``helexa models``, the admin API and the web console. Each
+command goes through the :class:`~.provisioner.Provisioner`'s own machinery, so the
+guarantees of the queue's loads hold for it too: one load of a model at a time (requests
+for the model wait for the operator's load), evictions drain before they unload, and no
+unload cuts a running request.
+
+Pins live here (in memory, until the cortex restarts); the provisioner's housekeeping
+reads them to load a pinned model again when it is lost and never to evict or idle-unload
+it there.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import trio
+
+from helexa.protocol import LoadProgress, PullModel, UpsertModelConfig
+
+from .catalogue import CatalogueEntry
+from .errors import BadRequest, ColdLoadFailed, NotFound
+from .fleet import FleetError
+from .placement import LoadPlan, NoPlacement, Unload, place
+
+if TYPE_CHECKING:
+    from .provisioner import Provisioner
+
+__all__ = ["OperatorActions"]
+
+
+class OperatorActions:
+    """The operator's commands on ``provisioner``'s fleet (see the module docstring).
+
+    Methods that start work in the background need :meth:`Provisioner.run` running.
+    """
+
+    def __init__(self, provisioner: Provisioner) -> None:
+        self._prov = provisioner
+        self._pinned: set[tuple[str, str]] = set()  # (node, model)
+
+    # --- loads and unloads -----------------------------------------------------------------
+
+    async def load_on(self, model_id: str, node_id: str | None = None,
+                      on_progress: Callable[[LoadProgress], None] | None = None) -> str:
+        """Load ``model_id`` on ``node_id`` (evicting there as a cold load would, draining
+        first), or where a cold load would put it; returns the node id once loaded. Requests
+        for the model meanwhile wait for this load.
+
+        Raises:
+            ModelNotFound: not in the catalogue. NotFound: no usable neuron ``node_id``.
+            BadRequest: already loading, or it cannot fit there. ColdLoadFailed: the neuron failed.
+        """
+        entry, plan = self._plan(model_id, node_id)
+        return await self._prov.load_planned(entry, plan, on_progress)
+
+    def begin_load_on(self, model_id: str, node_id: str) -> None:
+        """:meth:`load_on`, started in the background; returns at once (the web console:
+        the fleet's next updates show the load). Raises as :meth:`load_on` does before it starts."""
+        entry, plan = self._plan(model_id, node_id)
+        self._prov.begin_load_planned(entry, plan)
+
+    async def unload_from(self, model_id: str, node_id: str) -> None:
+        """Unload ``model_id`` from ``node_id``, draining its requests first (its pin goes
+        too). Raises NotFound when that neuron does not hold it, ColdLoadFailed when the
+        neuron could not be told."""
+        self._check_holds(model_id, node_id)
+        self.unpin(model_id, node_id)
+        try:
+            await self._prov.unload(node_id, model_id)
+        except FleetError as exc:
+            raise ColdLoadFailed(f"unloading {model_id!r} from {node_id} failed: {exc}",
+                                 retry_after=self._prov.settings.retry_after) from None
+
+    def begin_unload_from(self, model_id: str, node_id: str) -> None:
+        """:meth:`unload_from`, started in the background; returns at once."""
+        self._check_holds(model_id, node_id)
+        self.unpin(model_id, node_id)
+        self._prov.begin_unload(Unload(node_id, model_id), "operator")
+
+    async def pull_on(self, model_id: str, node_id: str,
+                      on_progress: Callable[[LoadProgress], None] | None = None) -> None:
+        """Fetch ``model_id``'s source into ``node_id``'s cache without loading it.
+        Raises :class:`ModelNotFound`, :class:`NotFound` (no such neuron) or
+        :class:`ColdLoadFailed` (the neuron refused: the disk is full, a wrong hash...)."""
+        prov = self._prov
+        entry = prov.entry(model_id)
+        link = prov.fleet.get(node_id)
+        if link is None:
+            raise NotFound(f"no neuron {node_id!r}", param="node")
+        try:
+            config = entry.model_config_for_neuron()
+            if link.configs.get(entry.id) != config:
+                await prov.command(link, UpsertModelConfig(_cid(), config), prov.settings.command_timeout)
+            await prov.command(link, PullModel(_cid(), entry.id), prov.settings.load_timeout, on_progress)
+        except FleetError as exc:
+            raise ColdLoadFailed(f"pulling {model_id!r} onto {node_id} failed: {exc}",
+                                 retry_after=prov.settings.retry_after) from None
+
+    # --- pins ------------------------------------------------------------------------------
+
+    def pins(self) -> dict[str, frozenset[str]]:
+        """Model -> the neurons it is pinned on (until the cortex restarts)."""
+        out: dict[str, frozenset[str]] = {}
+        for node_id, model_id in self._pinned:
+            out[model_id] = out.get(model_id, frozenset()) | {node_id}
+        return out
+
+    def pinned(self, node_id: str, model_id: str) -> bool:
+        return (node_id, model_id) in self._pinned
+
+    def pinned_pairs(self) -> list[tuple[str, str]]:
+        """Every ``(node, model)`` pin, sorted."""
+        return sorted(self._pinned)
+
+    def pin(self, model_id: str, node_id: str) -> None:
+        """Keep ``model_id`` loaded on ``node_id``: loaded now (in the background) and again
+        whenever it is lost, never evicted nor unloaded for idleness there. Raises
+        :class:`ModelNotFound` for a model outside the catalogue."""
+        self._prov.entry(model_id)
+        self._pinned.add((node_id, model_id))
+        self._prov.pin_changed(model_id, node_id)
+
+    def unpin(self, model_id: str, node_id: str) -> bool:
+        """Drop a pin (the model stays loaded, as any other); False if there was none."""
+        if (node_id, model_id) not in self._pinned:
+            return False
+        self._pinned.discard((node_id, model_id))
+        self._prov.wake()
+        return True
+
+    # --- inside ----------------------------------------------------------------------------
+
+    def _plan(self, model_id: str, node_id: str | None) -> tuple[CatalogueEntry, LoadPlan]:
+        prov = self._prov
+        entry = prov.entry(model_id)
+        views = prov.views()
+        if node_id is not None:
+            views = [v for v in views if v.node_id == node_id]
+            if not views:
+                raise NotFound(f"no usable neuron {node_id!r}", param="node")
+        if prov.loading(model_id):
+            raise BadRequest(f"model {model_id!r} is already loading", param="model")
+        try:
+            plan = place(entry, views, headroom=prov.settings.memory_headroom, policy=prov.policy,
+                         now=trio.current_time())
+        except NoPlacement as exc:
+            raise BadRequest(f"{exc}" + (f" (on {node_id})" if node_id else ""), param="node") from None
+        return entry, plan
+
+    def _check_holds(self, model_id: str, node_id: str) -> None:
+        link = self._prov.fleet.get(node_id)
+        if link is None or model_id not in link.models:
+            raise NotFound(f"neuron {node_id!r} does not hold model {model_id!r}", param="model")
+
+
+def _cid() -> str:
+    return uuid.uuid4().hex
