@@ -17,7 +17,8 @@
   admitting work to it), the requests it runs finish within ``drain_grace``, and only
   then is ``UnloadModel`` sent, carrying what is left of the grace for the neuron's own
   drain.
-* **Keep-warm** models are kept resident; **idle** ones unload at their TTL.
+* **Keep-warm** models are kept resident; **idle** ones unload at their TTL (the
+  background pass that sees to it, and to the loads above, is :mod:`.housekeeping`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from helexa.protocol import LoadModel, LoadProgress, ModelState, UnloadModel, Up
 from .catalogue import MB, Catalogue, CatalogueEntry, Priority
 from .errors import GatewayError, ColdLoadFailed, ModelNotFound, NoCapacity
 from .fleet import Fleet, FleetError
+from .housekeeping import Housekeeping
 from .metrics import Metrics, OrchestratorMetrics
 from .operator_actions import OperatorActions
 from .placement import (
@@ -63,8 +65,6 @@ __all__ = ["LoadPlan", "NoPlacement", "NodeView", "Policy", "Provisioner", "Resi
 
 log = logging.getLogger(__name__)
 
-HOUSEKEEP_SPACING = 0.25
-"""Seconds between housekeeping passes woken by fleet changes (see ``_housekeep``)."""
 
 
 # --- the shell ---------------------------------------------------------------------------
@@ -130,17 +130,14 @@ class Provisioner:
         """The evictions each model's last load caused."""
         self._pending: dict[str, str] = {}  # model -> neuron of a load under way
         self._idle: dict[tuple[str, str], trio.Event] = {}
-        self._pin_failed: dict[tuple[str, str], float] = {}
-        self._pinning: set[tuple[str, str]] = set()
-        self._woken_by_fleet = False
         self.trace_parents: dict[str, Any] = {}
         """Model -> the trace context of the first request waiting for its load (tracing on)."""
-        self._warm_failed: dict[str, float] = {}
-        self._warming: set[str] = set()
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         self.operator = OperatorActions(self)
         """The operator's commands: load here, unload there, pull, pin."""
+        self.housekeeping = Housekeeping(self)
+        """The background pass: keep-warm and pinned loads, idle unloads, the queue's loads."""
 
     @property
     def policy(self) -> Policy:
@@ -381,7 +378,7 @@ class Provisioner:
 
     def pin_changed(self, model_id: str, node_id: str) -> None:
         """A pin was added: load it at once, even if its last load failed."""
-        self._pin_failed.pop((model_id, node_id), None)
+        self.housekeeping.pin_changed(model_id, node_id)
         self._wake.set()
 
     def _operator_flight(self, entry: CatalogueEntry, plan: LoadPlan) -> _Flight:
@@ -407,85 +404,13 @@ class Provisioner:
             self._nursery = nursery
             task_status.started()
             try:
-                await self._housekeep(nursery)
+                await self.housekeeping.run(nursery)
             finally:
                 self._nursery = None
 
-    async def _housekeep(self, nursery: trio.Nursery) -> None:
-        last_pass = -HOUSEKEEP_SPACING
-        # After a restart, the neurons rejoin within seconds and report what they hold:
-        # keep-warm loads wait for them, or a model would be loaded twice.
-        warm_from = trio.current_time() + self.settings.warm_start_delay
-        while True:
-            # A pass looks at every neuron; a join storm (a restarted cortex: thousands of
-            # rejoins in seconds) wakes it once per join, which made joins O(n^2): passes
-            # woken by fleet changes are spaced, so a storm costs one pass per spacing.
-            if self._woken_by_fleet and trio.current_time() - last_pass < HOUSEKEEP_SPACING:
-                await trio.sleep(last_pass + HOUSEKEEP_SPACING - trio.current_time())
-            self._woken_by_fleet = False
-            self._wake = trio.Event()
-            now = last_pass = trio.current_time()
-            demand = self._demand()
-            views = self.views(demand)
-            for model_id, node_id in self._pins_to_load(views):
-                key = (model_id, node_id)
-                failed_at = self._pin_failed.get(key)
-                if key in self._pinning or (failed_at is not None and now - failed_at < self.settings.warm_retry):
-                    continue
-                self._pinning.add(key)
-                nursery.start_soon(self._load_pinned, model_id, node_id)
-            for model_id in warm_loads(self.catalogue, views) if now >= warm_from else ():
-                failed_at = self._warm_failed.get(model_id)
-                if model_id in self._warming or (failed_at is not None and now - failed_at < self.settings.warm_retry):
-                    continue
-                entry = self.catalogue.get(model_id)
-                if entry is not None and any(entry.is_feasible_on(v.hardware) for v in views):
-                    self._warming.add(model_id)
-                    nursery.start_soon(self._warm, model_id)
-            wake_at = self._plan(demand, views, now)
-            due, upcoming = idle_unloads(self.catalogue, views, now)
-            for unload in due:
-                nursery.start_soon(self._unload_quietly, unload)
-            if upcoming is not None:
-                wake_at = upcoming if wake_at is None else min(wake_at, upcoming)
-            if wake_at is None:
-                wake_at = now + 3600.0
-            if now < warm_from:
-                wake_at = min(wake_at, warm_from)
-            failures = [*self._warm_failed.values(), *self._pin_failed.values()]
-            if any(t + self.settings.warm_retry > now for t in failures):
-                wake_at = min(wake_at, min(failures) + self.settings.warm_retry)
-            with trio.move_on_at(max(wake_at, now)):
-                async with trio.open_nursery() as waiters:
-                    waiters.start_soon(_wait_then_cancel, self._wake.wait, waiters.cancel_scope)
-                    waiters.start_soon(_wait_then_cancel, self._fleet_changed, waiters.cancel_scope)
-
-    async def _fleet_changed(self) -> None:
-        await self.fleet.wait_changed()
-        self._woken_by_fleet = True
-
-    def _pins_to_load(self, views: list[NodeView]) -> list[tuple[str, str]]:
-        """``(model, node)`` pairs pinned but not resident (loading counts) on a usable neuron."""
-        out = []
-        for view in views:
-            resident = {r.model_id for r in view.residents}
-            out += [(model_id, node_id) for node_id, model_id in self.operator.pinned_pairs()
-                    if node_id == view.node_id and model_id not in resident and model_id not in self._flights]
-        return out
-
-    async def _load_pinned(self, model_id: str, node_id: str) -> None:
-        try:
-            await self.operator.load_on(model_id, node_id)
-            self._pin_failed.pop((model_id, node_id), None)
-        except GatewayError as exc:
-            log.warning("loading %s pinned on %s failed: %s", model_id, node_id, exc.message)
-            self._pin_failed[(model_id, node_id)] = trio.current_time()
-        finally:
-            self._pinning.discard((model_id, node_id))
-            self._wake.set()
-
     def _plan(self, demand: dict[str, Demand], views: list[NodeView], now: float) -> float | None:
-        """Start the loads the queue needs now; return when to plan again (None: on a change)."""
+        """Start the loads the queue needs now (each :mod:`.housekeeping` pass); return when to
+        plan again (None: on a change)."""
         resident = {r.model_id for v in views for r in v.residents}
         wanted = [d for m, d in demand.items() if m not in self._flights and m in self.catalogue]
         if not wanted:
@@ -501,17 +426,6 @@ class Provisioner:
                      demand[plan.model_id].waiting, list(plan.evict) or "nothing")
             self._start_flight(entry, plan)
         return retry
-
-    async def _warm(self, model_id: str) -> None:
-        try:
-            await self.ensure_loaded(model_id, timeout=self.settings.load_timeout)
-            self._warm_failed.pop(model_id, None)
-        except GatewayError as exc:
-            log.warning("keep-warm load of %s failed: %s", model_id, exc.message)
-            self._warm_failed[model_id] = trio.current_time()
-        finally:
-            self._warming.discard(model_id)
-            self._wake.set()
 
     async def _unload_quietly(self, unload: Unload, reason: str = "idle") -> None:
         try:
@@ -579,8 +493,3 @@ class _Refused(FleetError):
 
 def _cid() -> str:
     return uuid.uuid4().hex
-
-
-async def _wait_then_cancel(wait, scope: trio.CancelScope) -> None:  # type: ignore[no-untyped-def]
-    await wait()
-    scope.cancel()
