@@ -161,3 +161,27 @@ async def test_a_conversation_finds_its_prefix_cached_though_another_ran_in_betw
         await backend.unload()
     # A's second turn reuses all of A's first prompt, not only the system prompt B shares.
     assert again.usage.cached_tokens >= first["A"].usage.prompt_tokens
+
+
+async def test_an_unload_whose_destructor_never_joins_returns_with_a_warning(tiny_gguf: Path, monkeypatch, caplog) -> None:
+    """llama.cpp's destructor joins its loop thread; if that join never returns (seen in CI),
+    the unload abandons it after UNLOAD_JOIN_S instead of hanging its caller."""
+    import threading
+
+    from helexa.runtime import llama_cpp
+
+    released = threading.Event()
+
+    class StuckServer:
+        def __del__(self) -> None:
+            released.wait()
+
+    monkeypatch.setattr(llama_cpp, "UNLOAD_JOIN_S", 0.2)
+    backend = create_backend(tiny_llama_config(tiny_gguf))
+    backend._server = StuckServer()
+    try:
+        await backend.unload()
+        assert backend._server is None
+        assert "did not stop its loop thread" in caplog.text
+    finally:
+        released.set()
