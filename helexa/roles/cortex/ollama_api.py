@@ -142,13 +142,14 @@ class EmbeddingsBody(Common):
     prompt: str
 
 
-class ShowBody(Lenient):
+class NamedModel(Lenient):
+    """A body that names one model as ``model`` (or Ollama's legacy ``name``)."""
+
     model: str | None = Field(None, min_length=1)
     name: str | None = Field(None, min_length=1)
-    verbose: bool | None = None
 
     @model_validator(mode="after")
-    def _named(self) -> "ShowBody":
+    def _named(self) -> "NamedModel":
         if self.model is None and self.name is None:
             raise FieldError("model is required", "model")
         return self
@@ -156,6 +157,10 @@ class ShowBody(Lenient):
     @property
     def asked(self) -> str:
         return self.model or self.name or ""
+
+
+class ShowBody(NamedModel):
+    verbose: bool | None = None
 
 
 # --- requests -----------------------------------------------------------------------------

@@ -36,35 +36,22 @@ from collections.abc import Callable
 from typing import Any
 
 import trio
-from pydantic import Field, model_validator
 
 from helexa.protocol import LoadProgress
 
 from .asgi import Exchange, Route
 from .errors import BadRequest, GatewayError, ModelNotFound
+from .ollama_api import NamedModel
 from .ollama_surface import NDJSON, OllamaSurface, ollama_errors
 from .openai_api import parse
-from .openai_requests import FieldError, Lenient
 from .orchestrator import Orchestrator
 
 
-class ModelBody(Lenient):
+class ModelBody(NamedModel):
     """``pull``, ``delete`` and ``push`` bodies: ``model`` (or the legacy ``name``)."""
 
-    model: str | None = Field(None, min_length=1)
-    name: str | None = Field(None, min_length=1)
     insecure: bool | None = None
     stream: bool = True
-
-    @model_validator(mode="after")
-    def _named(self) -> "ModelBody":
-        if self.model is None and self.name is None:
-            raise FieldError("model is required", "model")
-        return self
-
-    @property
-    def asked(self) -> str:
-        return self.model or self.name or ""
 
 
 def _line(obj: dict[str, Any]) -> bytes:
