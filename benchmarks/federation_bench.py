@@ -135,7 +135,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--cpu-requests", type=int, default=200,
-                    help="requests per path in the CPU-per-request phase after the rounds")
+                    help="requests per path in the CPU-per-request phase after the rounds (in as many rounds)")
     ap.add_argument("--baseline", metavar="DIR", action="append", default=[],
                     help="also run the same setup from the helexa source tree in DIR (its PYTHONPATH), "
                          "interleaved: an A/B in one run (repeatable: base-, base2-, ...)")
@@ -189,13 +189,21 @@ def main() -> None:
                     order = list(urls)[r % len(urls):] + list(urls)[:r % len(urls)]
                     for name in order:
                         times[name] += measure(client, urls[name], body, per_round)
-                # Where the time goes: CPU per request of each process, one path at a time.
-                cpu: dict[str, dict[str, float]] = {}
-                for name in urls:
-                    before = procs.cpu()
-                    measure(client, urls[name], body, args.cpu_requests)
-                    after = procs.cpu()
-                    cpu[name] = {p: (after[p] - before[p]) / args.cpu_requests * 1000 for p in after}
+                # Where the time goes: CPU per request of each process, one path at a time,
+                # the paths interleaved in rounds too (a tree measured during a busy minute
+                # of the machine was ~0.6 ms off on a path whose code is the same in all).
+                used: dict[str, dict[str, float]] = {name: {} for name in urls}
+                per_cpu_round = max(1, args.cpu_requests // args.rounds)
+                for r in range(args.rounds):
+                    order = list(urls)[r % len(urls):] + list(urls)[:r % len(urls)]
+                    for name in order:
+                        before = procs.cpu()
+                        measure(client, urls[name], body, per_cpu_round)
+                        after = procs.cpu()
+                        for p in after:
+                            used[name][p] = used[name].get(p, 0.0) + after[p] - before[p]
+                cpu = {name: {p: s / (per_cpu_round * args.rounds) * 1000 for p, s in per.items()}
+                       for name, per in used.items()}
         finally:
             procs.stop()
     print(f"chat, non-streamed, {args.tokens} tokens, {len(times['local'])} requests each, sequential, keep-alive"
@@ -212,7 +220,7 @@ def main() -> None:
             print(f"  {name:15s} (A's gateway -> mesh -> B -> neuron): p50 {fp50:6.2f} ms  p99 {pct(fed, 99):6.2f} ms"
                   f"  added: p50 {fp50 - lp50:+.2f} ms, p99 {pct(fed, 99) - pct(local, 99):+.2f} ms")
     print("  (target: the federated hop adds at most 3 ms at p50)")
-    print("CPU ms per request, per process (one path at a time, after the rounds; the other processes idle):")
+    print("CPU ms per request, per process (one path at a time, interleaved in rounds; the others idle):")
     for tag in trees:
         names = [n for n in procs.pids if n.startswith(tag) and (tag or not n.startswith("base"))]
         print("  " + f"{'path':15s}" + "".join(f"{n:>15s}" for n in names) + f"{'total':>9s}")
