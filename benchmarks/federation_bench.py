@@ -18,7 +18,9 @@ Prints p50 / p99 of each and what each federated path adds to the local one's me
 (target: 3 ms at p50), then the CPU each process spends per request on each path.
 ``--baseline DIR`` starts the same processes a second time from the helexa source tree in
 DIR (e.g. ``git archive COMMIT helexa | tar -x -C DIR``) and interleaves them with these:
-a before/after in one run, on a machine whose load changes from minute to minute.
+a before/after in one run, on a machine whose load changes from minute to minute. Given
+more than once, each tree gets its own set (``base-``, ``base2-``, ...): one run compares
+several steps.
 Run it under the machine-wide benchmark lock::
 
     flock /tmp/helexa-bench.lock .venv/bin/python benchmarks/federation_bench.py
@@ -133,10 +135,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--cpu-requests", type=int, default=200,
-                    help="requests per path in the CPU-per-request phase after the rounds")
-    ap.add_argument("--baseline", metavar="DIR",
+                    help="requests per path in the CPU-per-request phase after the rounds (in as many rounds)")
+    ap.add_argument("--baseline", metavar="DIR", action="append", default=[],
                     help="also run the same setup from the helexa source tree in DIR (its PYTHONPATH), "
-                         "interleaved: an A/B in one run")
+                         "interleaved: an A/B in one run (repeatable: base-, base2-, ...)")
     ap.add_argument("--no-new", action="store_true", help="skip the new-stream-per-request path")
     args = ap.parse_args()
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
@@ -148,10 +150,10 @@ def main() -> None:
         procs = Procs(work)
         kinds = {"fed-reuse": "8"} if args.no_new else {"fed-new": "0", "fed-reuse": "8"}
         trees = {"": {}}
-        if args.baseline:
+        for i, tree in enumerate(args.baseline):
             # (Every process runs in the work directory: ``-m`` puts the current
             # directory first on sys.path, which would shadow PYTHONPATH with this tree.)
-            trees["base-"] = {"PYTHONPATH": str(Path(args.baseline).resolve())}
+            trees[f"base{i + 1 if i else ''}-"] = {"PYTHONPATH": str(Path(tree).resolve())}
         urls: dict[str, str] = {}
         paths: list[str] = []
         try:
@@ -187,35 +189,43 @@ def main() -> None:
                     order = list(urls)[r % len(urls):] + list(urls)[:r % len(urls)]
                     for name in order:
                         times[name] += measure(client, urls[name], body, per_round)
-                # Where the time goes: CPU per request of each process, one path at a time.
-                cpu: dict[str, dict[str, float]] = {}
-                for name in urls:
-                    before = procs.cpu()
-                    measure(client, urls[name], body, args.cpu_requests)
-                    after = procs.cpu()
-                    cpu[name] = {p: (after[p] - before[p]) / args.cpu_requests * 1000 for p in after}
+                # Where the time goes: CPU per request of each process, one path at a time,
+                # the paths interleaved in rounds too (a tree measured during a busy minute
+                # of the machine was ~0.6 ms off on a path whose code is the same in all).
+                used: dict[str, dict[str, float]] = {name: {} for name in urls}
+                per_cpu_round = max(1, args.cpu_requests // args.rounds)
+                for r in range(args.rounds):
+                    order = list(urls)[r % len(urls):] + list(urls)[:r % len(urls)]
+                    for name in order:
+                        before = procs.cpu()
+                        measure(client, urls[name], body, per_cpu_round)
+                        after = procs.cpu()
+                        for p in after:
+                            used[name][p] = used[name].get(p, 0.0) + after[p] - before[p]
+                cpu = {name: {p: s / (per_cpu_round * args.rounds) * 1000 for p, s in per.items()}
+                       for name, per in used.items()}
         finally:
             procs.stop()
     print(f"chat, non-streamed, {args.tokens} tokens, {len(times['local'])} requests each, sequential, keep-alive"
-          + (f"; base- = the tree at {args.baseline}" if args.baseline else "") + ":")
+          + "".join(f"; {tag}= the tree at {env['PYTHONPATH']}" for tag, env in trees.items() if tag) + ":")
     for tag in trees:
         local = times[tag + "local"]
         lp50 = statistics.median(local) * 1000
         print(f"  {tag + 'local':15s} (B's gateway -> B's neuron):          p50 {lp50:6.2f} ms  p99 {pct(local, 99):6.2f} ms")
         for name in paths:
-            if not name.startswith(tag) or (not tag and name.startswith("base-")):
+            if not name.startswith(tag) or (not tag and name.startswith("base")):
                 continue
             fed = times[name]
             fp50 = statistics.median(fed) * 1000
             print(f"  {name:15s} (A's gateway -> mesh -> B -> neuron): p50 {fp50:6.2f} ms  p99 {pct(fed, 99):6.2f} ms"
                   f"  added: p50 {fp50 - lp50:+.2f} ms, p99 {pct(fed, 99) - pct(local, 99):+.2f} ms")
     print("  (target: the federated hop adds at most 3 ms at p50)")
-    print("CPU ms per request, per process (one path at a time, after the rounds; the other processes idle):")
+    print("CPU ms per request, per process (one path at a time, interleaved in rounds; the others idle):")
     for tag in trees:
-        names = [n for n in procs.pids if n.startswith(tag) and (tag or not n.startswith("base-"))]
+        names = [n for n in procs.pids if n.startswith(tag) and (tag or not n.startswith("base"))]
         print("  " + f"{'path':15s}" + "".join(f"{n:>15s}" for n in names) + f"{'total':>9s}")
         for path, per in cpu.items():
-            if path.startswith(tag) and (tag or not path.startswith("base-")):
+            if path.startswith(tag) and (tag or not path.startswith("base")):
                 print("  " + f"{path:15s}" + "".join(f"{per[n]:15.2f}" for n in names)
                       + f"{sum(per[n] for n in names):9.2f}")
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

@@ -18,9 +18,10 @@ Every sharp edge listed in ``shared/notes/stack.md`` is handled here, and only h
   (:mod:`.gossip_limit`); the rest are rejected as invalid, which GossipSub's peer score
   counts (:data:`GOSSIP_SCORE`): a flooding neighbour is soon ignored, then forgiven as
   its score decays;
-* yamux returns receive window credit the way go-yamux does (once half the window is
-  read) instead of py-libp2p's default of a WINDOW_UPDATE frame after every read, which
-  doubled the frames of a request/response exchange (see :data:`_YAMUX_TUNING`).
+* yamux returns receive window credit on our request streams the way go-yamux does (once
+  half the window is read) instead of py-libp2p's WINDOW_UPDATE frame after almost every
+  read, which doubled the frames of a request/response exchange (:mod:`.yamux_credit`;
+  :data:`_YAMUX_TUNING` does part of it for libp2p's own streams).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from .gossip_limit import GossipLimiter
 from .base import DialFailed, GossipMessage, Mesh, MessageStream, StreamClosed, StreamHandler, TopicValidator
 from .settings import MeshSettings
 from .streams import FramedStream, run_handler
+from .yamux_credit import credit_at_half_window
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +57,10 @@ _READ_CHUNK = 64 * 1024
 
 _YAMUX_TUNING = {"PY_YAMUX_RELEASE_ON_READ": "0"}
 """py-libp2p's yamux reads its tuning from the environment at each call. With
-``RELEASE_ON_READ`` on (its default) every read of a stream sends a WINDOW_UPDATE frame
-back: one more encrypted frame, syscall and wake-up of the peer per message, measured at
-about a millisecond of a federated request (``docs/benchmarks.md``). Off, credit goes back
-once half the receive window (256 KiB) is consumed, as in go-yamux; long streams keep
-flowing. An operator's own setting of the variable wins."""
+``RELEASE_ON_READ`` on (its default) a read that finds the window over-credited sends a
+WINDOW_UPDATE frame back anyway. Off, fewer of them go out on libp2p's own streams
+(identify, ping, gossipsub); our request streams go further (:mod:`.yamux_credit`: none
+until half the window is read). An operator's own setting of the variable wins."""
 for _name, _value in _YAMUX_TUNING.items():
     os.environ.setdefault(_name, _value)
 
@@ -76,6 +77,7 @@ class _Libp2pStream(FramedStream):
     def __init__(self, net_stream: Any, remote_peer: str, *, timeout: float, max_frame: int) -> None:
         super().__init__(remote_peer, timeout=timeout, max_frame=max_frame)
         self._ns = net_stream
+        credit_at_half_window(getattr(net_stream, "muxed_stream", None))
 
     async def _write_raw(self, data: bytes) -> None:
         try:

@@ -314,3 +314,50 @@ async def test_an_idle_stream_past_its_age_is_closed_not_reused(nursery, autojum
         async with a.route(request(rid)) as frames:
             [f async for f in frames]
     assert opened == [b.mesh.peer_id, b.mesh.peer_id]  # r2 reused r1's stream; r3 did not
+
+
+# --- the serving side's one reader per stream -------------------------------------------
+
+
+async def test_a_cancel_sent_together_with_its_request_stops_it(nursery, autojump_clock):
+    # The Cancel is read before the exchange starts (the stream's reader queues it behind
+    # the request): it must still count for that request, not be taken for the next.
+    from helexa.protocol import Cancel
+    from helexa.protocol.federation import FEDERATION_PROTOCOL, FederatedHello, Receipt
+
+    net = MemoryNetwork()
+    fleet = FakeFleet(tokens=("a",) * 100, delay=1.0)
+    b = await cortex(nursery, net, "B", fleet=fleet)
+    asker = MemoryMesh(net, "asker", timeout=5)
+    await nursery.start(asker.run)
+    stream = await asker.open_stream(b.mesh.peer_id, FEDERATION_PROTOCOL)
+    await stream.send(FederatedHello("A", "r1"), request("r1"), Cancel("r1"))
+    frames = []
+    while not isinstance(frame := await stream.receive(), Receipt):
+        frames.append(frame)
+    assert frame.outcome == "cancelled" and fleet.closed_early == ["r1"]
+    assert len(frames) <= 1 and trio.current_time() < 2
+    # The stream serves the next request as usual.
+    fleet.tokens, fleet.delay = ("b",), 0.0
+    await stream.send(FederatedHello("A", "r2"), request("r2"))
+    got = [await stream.receive() for _ in range(3)]
+    assert [type(f).__name__ for f in got] == ["TokenChunk", "GenerateResult", "Receipt"]
+    assert got[-1].outcome == "ok"
+
+
+async def test_an_asker_that_goes_away_mid_answer_stops_the_generation(nursery, autojump_clock):
+    from helexa.protocol.federation import FEDERATION_PROTOCOL, FederatedHello
+
+    net = MemoryNetwork()
+    fleet = FakeFleet(tokens=("a",) * 100, delay=1.0)
+    b = await cortex(nursery, net, "B", fleet=fleet)
+    asker = MemoryMesh(net, "asker", timeout=5)
+    await nursery.start(asker.run)
+    stream = await asker.open_stream(b.mesh.peer_id, FEDERATION_PROTOCOL)
+    await stream.send(FederatedHello("A", "r1"), request("r1"))
+    for _ in range(3):
+        await stream.receive()
+    asker.kill()
+    await trio.sleep(2)
+    assert fleet.closed_early == ["r1"]
+    assert (await recorded(b.ledger, SERVED, "r1")).receipt.outcome == "cancelled"

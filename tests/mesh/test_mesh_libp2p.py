@@ -246,3 +246,42 @@ async def test_a_stream_carries_megabytes_both_ways_with_window_credit_returned_
             answers = [await stream.receive(timeout=20) for _ in range(count)]
         assert received == [size] * count and len(answers) == count
         nursery.cancel_scope.cancel()
+
+
+async def test_small_exchanges_on_a_reused_stream_send_no_window_updates():
+    # go-yamux's rule on our request streams: no credit goes back until half the window
+    # (128 KiB) is read, so a request/response exchange of a few KiB is two frames, not
+    # four. Seen from the receiving yamux stream: its window shrinks by exactly what it
+    # read, in both directions (py-libp2p's default would have credited each read back).
+    import os
+
+    from helexa.mesh.libp2p_mesh import Libp2pMesh
+    from helexa.protocol import TokenChunk
+
+    count, size = 40, 1_000
+    served = []
+
+    async def handler(stream):
+        served.append(stream)
+        for _ in range(count):
+            msg = await stream.receive(timeout=20)
+            await stream.send(TokenChunk("r", msg.text), timeout=20)
+
+    a, b = Libp2pMesh(os.urandom(32)), Libp2pMesh(os.urandom(32))
+    b.serve("/helexa/test-credit/1", handler)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.run)
+        addrs = await nursery.start(b.run)
+        peer = await a.connect(addrs[0], timeout=10)
+        stream = await a.open_stream(peer, "/helexa/test-credit/1", timeout=10)
+        for _ in range(count):
+            await stream.send(TokenChunk("r", "x" * size), timeout=20)
+            answer = await stream.receive(timeout=20)
+            assert answer.text == "x" * size
+        asker, server = stream._ns.muxed_stream, served[0]._ns.muxed_stream
+        window = asker.target_recv_window
+        received = window - asker.recv_window
+        sent = window - server.recv_window
+        assert count * size < received < count * (size + 100)
+        assert count * size < sent < count * (size + 100)
+        nursery.cancel_scope.cancel()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from helexa.protocol.federation import FederatedHello, OfferedModel, Receipt, Re
 from .ledger import SERVED, Ledger
 from .policy import Admission, ServePolicy
 from .receipts import sign_receipt
+from .stream_reader import Exchange, StreamReader
 
 log = logging.getLogger(__name__)
 
@@ -86,27 +86,49 @@ class InboundServer:
     async def handle(self, stream: MessageStream) -> None:
         """The stream handler (run under the mesh's catch-all wrapper): serves requests on
         ``stream`` until the asker closes it, leaves it idle, or an exchange ends unclean."""
+        reader = StreamReader(stream)
+        ended: StreamClosed | StreamTimeout | ProtocolError | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader.run)
+            try:
+                await self._serve_stream(stream, reader)
+            except (StreamClosed, StreamTimeout, ProtocolError) as exc:
+                ended = exc  # raised outside the nursery: not wrapped in an ExceptionGroup
+            finally:
+                nursery.cancel_scope.cancel()
+        if ended is not None:
+            raise ended
+
+    async def _serve_stream(self, stream: MessageStream, reader: StreamReader) -> None:
         first = True
         while True:
             try:
-                hello = await stream.receive(timeout=self._t.handshake if first else self._t.idle)
+                hello = await reader.next(self._t.handshake if first else self._t.idle)
             except (StreamClosed, StreamTimeout):
                 if first:
                     raise  # a stream that never asked anything is an error; an idle one is not
                 return
             if isinstance(hello, Cancel):
                 continue  # a Cancel that crossed the end of the answer it was meant for
-            if not await self._exchange(stream, hello):
+            if not await self._exchange(stream, reader, hello):
                 return
             first = False
 
-    async def _exchange(self, stream: MessageStream, hello: object) -> bool:
+    async def _exchange(self, stream: MessageStream, reader: StreamReader, hello: object) -> bool:
         """Serve one request whose first frame was ``hello``; True if the stream is clean
         for the next one."""
-        request = await stream.receive(timeout=self._t.handshake)
+        request = await reader.next(self._t.handshake)
+        exchange = reader.begin(str(getattr(request, "request_id", "")))
+        try:
+            return await self._admit_and_serve(stream, reader, exchange, hello, request)
+        finally:
+            reader.end()
+
+    async def _admit_and_serve(self, stream: MessageStream, reader: StreamReader, exchange: Exchange,
+                               hello: object, request: object) -> bool:
         if not isinstance(hello, FederatedHello) or not isinstance(request, (GenerateRequest, EmbedRequest)):
-            rid = getattr(request, "request_id", "")
-            await stream.send(Refusal(rid, "bad_request", "expected FederatedHello then a request"),
+            reader.end()
+            await stream.send(Refusal(exchange.request_id, "bad_request", "expected FederatedHello then a request"),
                               timeout=self._t.send)
             return False
         peer = stream.remote_peer
@@ -119,6 +141,7 @@ class InboundServer:
                 refusal = Refusal(request.request_id, decision.code, decision.reason, decision.retry_after)
         if refusal is not None:
             log.info("federation: refused %s from %s (%s): %s", request.request_id, peer, refusal.code, refusal.message)
+            reader.end()
             await stream.send(refusal, timeout=self._t.send)
             return True
         assert model is not None  # _check refused otherwise
@@ -131,7 +154,8 @@ class InboundServer:
         try:
             with trace.use_span(span, end_on_exit=True) if span is not None else contextlib.nullcontext():
                 if isinstance(request, GenerateRequest):
-                    return await self._serve_generate(stream, request, model)
+                    return await self._serve_generate(stream, reader, exchange, request, model)
+                reader.end()
                 await self._serve_embed(stream, request, model)
                 return True
         finally:
@@ -151,89 +175,64 @@ class InboundServer:
             return Refusal(request.request_id, "model_not_offered", f"model {request.model_id!r} is not offered to peers")
         return None
 
-    async def _serve_generate(self, stream: MessageStream, request: GenerateRequest, model: OfferedModel) -> bool:
+    async def _serve_generate(self, stream: MessageStream, reader: StreamReader, exchange: Exchange,
+                              request: GenerateRequest, model: OfferedModel) -> bool:
         assert self._generate is not None
         started = self._clock()
         outcome = "ok"
         prompt = completion = 0
-        asker_gone = False
         receipt_sent: Receipt | None = None
-        gen_scope = trio.CancelScope()
-        watch_scope = trio.CancelScope()
-        watched = trio.Event()
 
         def receipt_now() -> Receipt:
             return sign_receipt(
                 self._identity, request_id=request.request_id, model_id=request.model_id,
                 prompt_tokens=prompt, completion_tokens=completion, price_input=model.price_input,
                 price_output=model.price_output, started_at=started, ended_at=self._clock(),
-                client_peer_id=stream.remote_peer, outcome=outcome)
+                client_peer_id=stream.remote_peer, outcome="cancelled" if exchange.cancelled else outcome)
 
-        async def watch() -> None:
-            nonlocal outcome, asker_gone
+        # A Cancel from the asker, or the stream breaking, cancels this scope (the reader).
+        with exchange.scope:
             try:
-                with watch_scope:
-                    while True:
-                        try:
-                            msg = await stream.receive(timeout=math.inf)
-                        except (StreamClosed, StreamTimeout, ProtocolError):
-                            asker_gone = True
-                            outcome = "cancelled"
-                            gen_scope.cancel()
-                            return
-                        if isinstance(msg, Cancel) and msg.request_id == request.request_id:
-                            outcome = "cancelled"
-                            gen_scope.cancel()
-            finally:
-                watched.set()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch)
-            with gen_scope:
-                try:
-                    async with self._generate(request) as frames:
-                        async for frame in frames:
-                            if isinstance(frame, GenerateResult):
-                                # The answer and its receipt leave in one write: the asker
-                                # waits for both, and a second frame costs it a muxer
-                                # frame and a wake-up. The watcher stops first (the asker
-                                # may send its next request once it has the receipt).
-                                prompt = frame.usage.prompt_tokens
-                                completion = frame.usage.completion_tokens
-                                watch_scope.cancel()
-                                await watched.wait()
-                                if outcome == "cancelled":  # the asker left meanwhile
-                                    break
-                                receipt = receipt_now()
-                                await stream.send(frame, receipt, timeout=self._t.send)
-                                receipt_sent = receipt
+                async with self._generate(request) as frames:
+                    async for frame in frames:
+                        if isinstance(frame, GenerateResult):
+                            # The answer and its receipt leave in one write: the asker
+                            # waits for both, and a second frame costs it a muxer frame
+                            # and a wake-up. After it the asker may send its next request,
+                            # which the reader must queue, not take for this one's.
+                            prompt = frame.usage.prompt_tokens
+                            completion = frame.usage.completion_tokens
+                            reader.end()
+                            if exchange.cancelled:  # the asker left meanwhile
                                 break
-                            if isinstance(frame, TokenChunk):
-                                completion += frame.tokens
-                            elif isinstance(frame, InferenceError):
-                                outcome = "error"
-                            await stream.send(frame, timeout=self._t.send)
-                except (StreamClosed, StreamTimeout):
-                    asker_gone = True
-                    outcome = "cancelled"
-                except Exception as exc:
-                    log.warning("federation: local generation of %s failed: %r", request.request_id, exc)
-                    outcome = "error"
-                    await self._send_error(stream, request.request_id, exc)
-            # The watcher stops before the receipt goes: after it, the asker may send its
-            # next request on this stream, which must not be read here.
-            nursery.cancel_scope.cancel()
+                            receipt = receipt_now()
+                            await stream.send(frame, receipt, timeout=self._t.send)
+                            receipt_sent = receipt
+                            break
+                        if isinstance(frame, TokenChunk):
+                            completion += frame.tokens
+                        elif isinstance(frame, InferenceError):
+                            outcome = "error"
+                        await stream.send(frame, timeout=self._t.send)
+            except (StreamClosed, StreamTimeout):
+                exchange.cancelled = exchange.asker_gone = True
+            except Exception as exc:
+                log.warning("federation: local generation of %s failed: %r", request.request_id, exc)
+                outcome = "error"
+                reader.end()
+                await self._send_error(stream, request.request_id, exc)
+        reader.end()
         if receipt_sent is not None:
             await self._ledger.arecord(SERVED, receipt_sent)
             return True
         receipt = receipt_now()
-        if not asker_gone:  # the asker first: it is waiting, the disk is not
+        if not exchange.asker_gone:  # the asker first: it is waiting, the disk is not
             try:
                 await stream.send(receipt, timeout=self._t.send)
             except (StreamClosed, StreamTimeout):
-                asker_gone = True
+                exchange.asker_gone = True
         await self._ledger.arecord(SERVED, receipt)
-        return not asker_gone
+        return not exchange.asker_gone
 
     async def _serve_embed(self, stream: MessageStream, request: EmbedRequest, model: OfferedModel) -> None:
         assert self._embed is not None
