@@ -20,7 +20,6 @@ import trio
 from . import sse
 from .disconnect_watch import DisconnectWatch
 from .errors import BadRequest, ClientGone, MethodNotAllowed, NotFound, PayloadTooLarge
-from .http.server import BOUNDED_BODY
 
 if TYPE_CHECKING:
     from .portal.metering import Caller
@@ -127,28 +126,21 @@ class Exchange:
         for name, value in self.scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > limit:
                 raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
-        if BOUNDED_BODY in (self.scope.get("extensions") or ()):
-            # The server times the body out and answers that itself (with the same limit,
-            # gateway.body_timeout): a cancel scope here would be one more per request.
-            return await self._read_body(limit)
-        with trio.move_on_after(self._limits.body_timeout):  # cheaper than fail_after, on every request
-            return await self._read_body(limit)
-        raise BadRequest(f"the body did not arrive within {self._limits.body_timeout:g}s")
-
-    async def _read_body(self, limit: int) -> bytes:
         parts: list[bytes] = []
         size = 0
-        while True:
-            msg = await self.receive()
-            if msg["type"] == "http.disconnect":
-                raise ClientGone("the client went away while sending its body")
-            chunk = msg.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
-            parts.append(chunk)
-            if not msg.get("more_body", False):
-                return parts[0] if len(parts) == 1 else b"".join(parts)
+        with trio.move_on_after(self._limits.body_timeout):  # cheaper than fail_after, on every request
+            while True:
+                msg = await self.receive()
+                if msg["type"] == "http.disconnect":
+                    raise ClientGone("the client went away while sending its body")
+                chunk = msg.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+                parts.append(chunk)
+                if not msg.get("more_body", False):
+                    return parts[0] if len(parts) == 1 else b"".join(parts)
+        raise BadRequest(f"the body did not arrive within {self._limits.body_timeout:g}s")
 
     async def until_disconnect(self, work: Callable[[], Awaitable[None]]) -> None:
         """Run ``work``; cancel it if the client disconnects first (:mod:`.disconnect_watch`)."""

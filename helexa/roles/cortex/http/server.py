@@ -49,11 +49,6 @@ App = Callable[[dict[str, Any], Callable[[], Awaitable[dict[str, Any]]],
 
 _MAX_RECV = 65536
 _DISCONNECT = {"type": "http.disconnect"}
-BOUNDED_BODY = "helexa.bounded_body"
-"""The ASGI extension this server announces in every scope: a body that stops arriving is
-timed out and answered (400) by the server itself (``read_timeout``), so an app need not
-put a deadline of its own on reading it."""
-_EXTENSIONS: dict[str, dict] = {BOUNDED_BODY: {}}
 
 
 class _Clock:
@@ -292,7 +287,6 @@ class _Exchange:
             "headers": req.headers,
             "client": self.conn.client,
             "server": self.conn.local,
-            "extensions": _EXTENSIONS,
         }
 
     def end(self) -> None:
