@@ -153,8 +153,22 @@ general_settings:
     if any(t.startswith("base") for t in targets):
         # The same commands from another source tree (--baseline-src): before/after a change
         # in one interleaved run.
-        out.update(start_helexa(a, procs, be_url, "base", {"PYTHONPATH": str(Path(a.baseline_src).resolve())}))
+        out.update(start_helexa(a, procs, be_url, "base", {"HELEXA_SRC": str(Path(a.baseline_src).resolve())}))
     return {t: out[t] for t in targets}
+
+
+_FROM_SRC = """\
+import sys
+src = sys.argv.pop(1)
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f)]
+sys.path.insert(0, src)
+import helexa
+assert helexa.__file__.startswith(src), f"helexa from {helexa.__file__}, not {src}"
+from helexa.cli import main
+sys.argv[0] = "helexa"
+sys.exit(main())
+"""
+"""Runs helexa's CLI from the source tree given as its first argument (``--baseline-src``)."""
 
 
 def start_helexa(a: argparse.Namespace, procs: Procs, be_url: str, tag: str,
@@ -176,8 +190,13 @@ backend = "synthetic"
 [models."synth".config]
 metadata = {{ tokens = 64 }}
 """)
-    helexa = str(Path(a.helexa))
-    cx, cx_log = procs.start(f"{tag}-cortex", ["taskset", "-c", a.gateway_cpus, helexa, "cortex", "--data-dir",
+    helexa = [str(Path(a.helexa))]
+    if "HELEXA_SRC" in env:
+        # Another source tree: put it first on the path of helexa's own interpreter, and drop
+        # the editable install's import hook, which would otherwise import the checkout's
+        # helexa whatever PYTHONPATH says.
+        helexa = [str(Path(a.helexa).parent / "python"), "-c", _FROM_SRC, env["HELEXA_SRC"]]
+    cx, cx_log = procs.start(f"{tag}-cortex", ["taskset", "-c", a.gateway_cpus, *helexa, "cortex", "--data-dir",
                                                str(workdir / "cortex"), "--control-socket", "127.0.0.1:0",
                                                "--gateway-socket", "127.0.0.1:0", "--models", str(models)],
                              env={"HELEXA_LOG_LEVEL": "info", **env})
@@ -187,7 +206,7 @@ metadata = {{ tokens = 64 }}
             sys.exit("cortex did not start:\n" + cx_log.read_text()[-3000:])
         time.sleep(0.1)
     control, gateway = m.group(1), m.group(2)
-    nr, nr_log = procs.start(f"{tag}-neuron", ["taskset", "-c", a.gateway_cpus, helexa, "neuron", "--cortex", control,
+    nr, nr_log = procs.start(f"{tag}-neuron", ["taskset", "-c", a.gateway_cpus, *helexa, "neuron", "--cortex", control,
                                                "--node-id", "bench", "--join-token-file",
                                                str(workdir / "cortex" / "join-token")],
                              env={"HELEXA_LOG_LEVEL": "warning", **env})

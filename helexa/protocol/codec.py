@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import operator
 import types
 import typing
 from collections.abc import Callable
@@ -194,12 +195,22 @@ def _build_dataclass(cls: type) -> tuple[_Encoder, _Decoder]:
         if f.metadata.get(_OMIT_DEFAULT):
             omit.append((f.name, f.default))
     names = {p[0] for p in plan}
+    # Encoding reads every field in one C-level call and converts only the fields whose
+    # values are not msgpack-native already (enums, nested dataclasses): on every frame.
+    ordered = tuple(p[0] for p in plan)
+    read = operator.attrgetter(*ordered) if len(ordered) > 1 else (lambda v: (getattr(v, ordered[0]),))
+    convert = tuple((name, enc) for name, enc, _, _ in plan if enc is not _identity)
+    if not ordered:
+        read = lambda v: ()  # noqa: E731
 
     def encode_dc(value: Any) -> dict[str, Any]:
-        out = {name: enc(getattr(value, name)) for name, enc, _, _ in plan}
+        out = dict(zip(ordered, read(value)))
         for name, default in omit:
-            if getattr(value, name) == default:
+            if out[name] == default:
                 del out[name]
+        for name, enc in convert:
+            if name in out:
+                out[name] = enc(out[name])
         return out
 
     def decode_dc(data: Any) -> Any:
@@ -255,6 +266,9 @@ def _build(tp: Any) -> tuple[_Encoder, _Decoder]:
         def enc_seq(v: Any) -> list[Any]:
             return [item_enc(x) for x in v]
 
+        if item_enc is _identity:
+            enc_seq = _identity  # noqa: F811  (msgpack writes a tuple as an array itself)
+
         def dec_seq(v: Any) -> Any:
             if not isinstance(v, list):
                 raise _Invalid(f"expected a list, got {type(v).__name__}")
@@ -267,6 +281,13 @@ def _build(tp: Any) -> tuple[_Encoder, _Decoder]:
                     raise
             return out if seq is list else tuple(out)
 
+        if item_dec is _identity:  # items of any type: only the array itself to check
+
+            def dec_seq(v: Any) -> Any:  # noqa: F811
+                if not isinstance(v, list):
+                    raise _Invalid(f"expected a list, got {type(v).__name__}")
+                return v if seq is list else tuple(v)
+
         return enc_seq, dec_seq
     if origin is dict:
         if args[0] is not str:
@@ -275,6 +296,9 @@ def _build(tp: Any) -> tuple[_Encoder, _Decoder]:
 
         def enc_map(v: Any) -> dict[str, Any]:
             return {k: val_enc(x) for k, x in v.items()}
+
+        if val_enc is _identity:
+            enc_map = _identity  # noqa: F811
 
         def dec_map(v: Any) -> dict[str, Any]:
             if not isinstance(v, dict):
@@ -287,6 +311,13 @@ def _build(tp: Any) -> tuple[_Encoder, _Decoder]:
                     exc.path.append(f"[{k!r}]")
                     raise
             return out
+
+        if val_dec is _identity:  # values of any type: the map (a fresh one, from msgpack) as it is
+
+            def dec_map(v: Any) -> dict[str, Any]:  # noqa: F811
+                if not isinstance(v, dict):
+                    raise _Invalid(f"expected a map, got {type(v).__name__}")
+                return v
 
         return enc_map, dec_map
     raise TypeError(f"unsupported wire type {tp!r}")
@@ -340,6 +371,8 @@ def _union_codec(args: tuple[Any, ...]) -> tuple[_Encoder, _Decoder]:
     if len(non_none) != 1:
         raise TypeError(f"only Optional[T] unions are supported on the wire: {args}")
     inner_enc, inner_dec = _build(non_none[0])
+    if inner_enc is _identity:
+        return _identity, lambda v: None if v is None else inner_dec(v)
 
     def enc(v: Any) -> Any:
         return None if v is None else inner_enc(v)

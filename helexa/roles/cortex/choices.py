@@ -68,9 +68,11 @@ class Choices:
         return self._chunks
 
 
-@asynccontextmanager
-async def generate(run: Run, request: GenerateRequest, n: int = 1, **kwargs: Any) -> AsyncIterator[Choices]:
-    """Run the ``n`` choices of ``request`` (see the module docstring).
+def generate(run: Run, request: GenerateRequest, n: int = 1,
+             **kwargs: Any) -> AbstractAsyncContextManager[Choices | "_One"]:
+    """Run the ``n`` choices of ``request`` (see the module docstring): ``async with
+    generate(...) as choices``, then iterate ``choices`` for ``(index, chunk)`` pairs; after
+    the block ``choices.results`` holds each choice's result.
 
     Args:
         run: starts one generation (``Metering.generate`` with its caller); ``kwargs`` go to it.
@@ -81,11 +83,45 @@ async def generate(run: Run, request: GenerateRequest, n: int = 1, **kwargs: Any
         what ``run`` raises, before the context is entered (routing, quotas) or from iteration.
     """
     if n == 1:
-        async with run(request, **kwargs) as gen:
-            choices = Choices(_tagged(gen))
-            yield choices
-        choices.results = [gen.result]
-        return
+        return _One(run(request, **kwargs))
+    return _several(run, request, n, **kwargs)
+
+
+class _One:
+    """One choice (nearly every request): the generation itself, its chunks tagged with
+    index 0. A class rather than a generator-based context and an async generator around
+    the generation: it is on every request's path, and each generator layer cost a
+    measurable share of a short request (docs/benchmarks.md, 2026-11-30, item 2)."""
+
+    __slots__ = ("_context", "_gen", "results")
+
+    def __init__(self, context: AbstractAsyncContextManager[Generation]) -> None:
+        self._context = context
+        self._gen: Generation | None = None
+        self.results: list[GenerateResult] = []
+
+    async def __aenter__(self) -> "_One":
+        self._gen = await self._context.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        suppressed = await self._context.__aexit__(*exc_info)
+        if exc_info[0] is None:
+            assert self._gen is not None
+            self.results = [self._gen.result]  # type: ignore[list-item]
+        return suppressed
+
+    def __aiter__(self) -> "_One":
+        return self
+
+    async def __anext__(self) -> tuple[int, TokenChunk]:
+        assert self._gen is not None
+        return 0, await self._gen.__anext__()  # type: ignore[attr-defined]
+
+
+@asynccontextmanager
+async def _several(run: Run, request: GenerateRequest, n: int, **kwargs: Any) -> AsyncIterator[Choices]:
+    """``n`` > 1 choices, each whole in its own task (see the module docstring)."""
     # Each choice runs whole in its own task: the orchestrator queues a request until a slot
     # is free, so a choice that holds its slot until every other one has started would
     # deadlock wherever n is over the model's slots (n=3 on a 2-slot llama.cpp). A choice
@@ -145,11 +181,6 @@ def _one_at_a_time(on_wait: Any) -> Any:
             await on_wait(status)
 
     return serialised
-
-
-async def _tagged(gen: Generation) -> AsyncIterator[tuple[int, TokenChunk]]:
-    async for chunk in gen:
-        yield 0, chunk
 
 
 async def _merged(receive: trio.MemoryReceiveChannel) -> AsyncIterator[tuple[int, TokenChunk]]:

@@ -165,6 +165,7 @@ class OrchestratorMetrics:
                                      "already held them (hit, miss)", ["model", "kind"], registry=r)
         self.evictions = Counter("helexa_evictions", "Models unloaded by the cortex, by reason (swap, idle, "
                                  "operator)", ["model", "reason"], registry=r)
+        self._decided: dict[tuple[str, str, str], tuple] = {}
 
     def waiting(self, model: str, portal: str, delta: int) -> None:
         self.queue_length.labels(model, portal).inc(delta)
@@ -176,10 +177,19 @@ class OrchestratorMetrics:
         self.queue_rejections.labels(model, portal, reason).inc()
 
     def decided(self, model: str, mode: str, cache: str, *, matched: int = 0, total: int = 0) -> None:
-        self.decisions.labels(model, mode, cache).inc()
+        key = (model, mode, cache)
+        children = self._decided.get(key)
+        if children is None:  # one per request: labels() costs a lock and a lookup per metric
+            children = self._decided[key] = (self.decisions.labels(model, mode, cache),
+                                             self.prefix_blocks.labels(model, "hit"),
+                                             self.prefix_blocks.labels(model, "miss"))
+        decisions, hit, miss = children
+        decisions.inc()
         if total:
-            self.prefix_blocks.labels(model, "hit").inc(matched)
-            self.prefix_blocks.labels(model, "miss").inc(total - matched)
+            if matched:
+                hit.inc(matched)
+            if total > matched:
+                miss.inc(total - matched)
 
     def evicted(self, model: str, reason: str) -> None:
         self.evictions.labels(model, reason).inc()

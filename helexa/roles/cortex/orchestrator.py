@@ -24,8 +24,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -301,13 +301,13 @@ class Orchestrator:
 
     # --- running --------------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def generate(self, request: GenerateRequest, *, endpoint: str = "chat",
-                       on_wait: OnWait | None = None, allow_peers: bool = True,
-                       tenant: Tenant = Tenant(), session: str | None = None,
-                       queue_timeout: float | None = None) -> AsyncIterator[Generation]:
-        """Run ``request`` where :meth:`decide` says, waiting in the queue, cold-loading
-        and failing over as needed.
+    def generate(self, request: GenerateRequest, *, endpoint: str = "chat",
+                 on_wait: OnWait | None = None, allow_peers: bool = True,
+                 tenant: Tenant = Tenant(), session: str | None = None,
+                 queue_timeout: float | None = None) -> "Running":
+        """``async with orchestrator.generate(request) as gen``: run ``request`` where
+        :meth:`decide` says, waiting in the queue, cold-loading and failing over as needed;
+        ``gen`` is the dispatcher's :class:`~.dispatch.Generation`.
 
         Args:
             request: the generation.
@@ -338,12 +338,8 @@ class Orchestrator:
             return self._target(request, workload, exclude, on_wait, allow_peers, tenant, arrived, deadline,
                                 blocks, session, chosen)
 
-        async with self.dispatcher.generate(request, pick, endpoint=endpoint, keep_text=self._track) as gen:
-            gen.decision = chosen[-1] if chosen else None
-            yield gen
-        if self._track and gen.text is not None and gen.result is not None:
-            self.prefix.record(gen.node_id, request.model_id,
-                               answered_blocks(request, "".join(gen.text), self.config.prefix_block_chars))
+        return Running(self, request, self.dispatcher.generate(request, pick, endpoint=endpoint,
+                                                               keep_text=self._track), chosen)
 
     async def embed(self, request: EmbedRequest, *, allow_peers: bool = True, tenant: Tenant = Tenant(),
                     queue_timeout: float | None = None) -> EmbedResult:
@@ -385,6 +381,36 @@ class Orchestrator:
                 if model_id not in listed:
                     entries.append({**_listing(model_id, None, [], []), **fields})
         return entries
+
+
+class Running:
+    """:meth:`Orchestrator.generate`'s context: the dispatcher's, plus what the orchestrator
+    does around it (the decision on the generation; the answer into the prefix index). A
+    class rather than ``@asynccontextmanager``: it is on every request's path, where each
+    generator-based layer was a measurable share (docs/benchmarks.md, 2026-11-30, item 2)."""
+
+    __slots__ = ("_orchestrator", "_request", "_context", "_chosen", "_gen")
+
+    def __init__(self, orchestrator: Orchestrator, request: GenerateRequest,
+                 context: AbstractAsyncContextManager[Generation], chosen: list[RoutingDecision]) -> None:
+        self._orchestrator = orchestrator
+        self._request = request
+        self._context = context
+        self._chosen = chosen
+        self._gen: Generation | None = None
+
+    async def __aenter__(self) -> Generation:
+        gen = self._gen = await self._context.__aenter__()
+        gen.decision = self._chosen[-1] if self._chosen else None
+        return gen
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        suppressed = await self._context.__aexit__(*exc_info)
+        gen, o = self._gen, self._orchestrator
+        if exc_info[0] is None and o._track and gen is not None and gen.text is not None and gen.result is not None:
+            o.prefix.record(gen.node_id, self._request.model_id,
+                            answered_blocks(self._request, "".join(gen.text), o.config.prefix_block_chars))
+        return suppressed
 
 
 def _listing(model_id: str, owned_by: str | None, feasible: list[str], locations: list[str]) -> dict[str, Any]:

@@ -350,16 +350,16 @@ class Metering:
                 yield run
                 run.ttft = getattr(gen, "ttft", None)
         except BaseException as exc:
-            with trio.CancelScope(shield=True):
-                await self._settle_generation(caller, plan, accounts, run, endpoint, started, t0, exc)
+            await self._record(self._book_generation(caller, plan, accounts, run, endpoint, started, t0, exc),
+                               run.node_id)
             if isinstance(exc, ModelNotFound) and plan.forward.model_id != plan.asked:
                 raise ModelNotFound(plan.asked) from None  # never name the model behind an alias
             raise
         finally:
             if token is not None:
                 ASK_POLICY.reset(token)
-        with trio.CancelScope(shield=True):
-            await self._settle_generation(caller, plan, accounts, run, endpoint, started, t0, None)
+        await self._record(self._book_generation(caller, plan, accounts, run, endpoint, started, t0, None),
+                           run.node_id)
         if run.result is None:
             raise UpstreamError("the generation ended without a result", code="empty_stream")
 
@@ -377,43 +377,44 @@ class Metering:
             result = await self.orchestrator.embed(plan.forward, allow_peers=portal.allow_peers,
                                                    tenant=portal.tenant(caller.key))
         except BaseException as exc:
-            with trio.CancelScope(shield=True):
-                await self._settle(caller, plan, accounts, "embeddings", started, t0, prompt=0, completion=0,
-                                   cached=0, error=exc)
+            await self._record(self._book(caller, plan, accounts, "embeddings", started, t0, prompt=0, completion=0,
+                                          cached=0, error=exc), "")
             if isinstance(exc, ModelNotFound) and plan.forward.model_id != plan.asked:
                 raise ModelNotFound(plan.asked) from None
             raise
         finally:
             if token is not None:
                 ASK_POLICY.reset(token)
-        with trio.CancelScope(shield=True):
-            await self._settle(caller, plan, accounts, "embeddings", started, t0,
-                               prompt=result.usage.prompt_tokens, completion=0, cached=0, error=None)
+        await self._record(self._book(caller, plan, accounts, "embeddings", started, t0,
+                                      prompt=result.usage.prompt_tokens, completion=0, cached=0, error=None), "")
         return result
 
     # --- settling --------------------------------------------------------------------------
 
-    async def _settle_generation(self, caller: Caller, plan: Plan, accounts: list[Account], run: MeteredGeneration,
-                                 endpoint: str, started: float, t0: float, error: BaseException | None) -> None:
+    def _book_generation(self, caller: Caller, plan: Plan, accounts: list[Account], run: MeteredGeneration,
+                         endpoint: str, started: float, t0: float, error: BaseException | None
+                         ) -> UsageRecord | None:
         final = run.final
         if final is not None and error is None:
             u = final.usage
             billed = Usage(u.prompt_tokens, max(u.completion_tokens, run.completion_tokens), u.cached_tokens)
-            await self._settle(caller, plan, accounts, endpoint, started, t0, prompt=billed.prompt_tokens,
-                               completion=billed.completion_tokens, cached=billed.cached_tokens, error=None,
-                               node_id=run.node_id, ttft=run.ttft)
+            record = self._book(caller, plan, accounts, endpoint, started, t0, prompt=billed.prompt_tokens,
+                                completion=billed.completion_tokens, cached=billed.cached_tokens, error=None,
+                                node_id=run.node_id, ttft=run.ttft)
             run.result = final if billed == u else dataclasses.replace(final, usage=billed)
-            return
+            return record
         completion = run.completion_tokens
         prompt = math.ceil(plan.prompt_bytes / 4) if completion else 0
-        await self._settle(caller, plan, accounts, endpoint, started, t0, prompt=prompt, completion=completion,
-                           cached=0, error=error if error is not None else UpstreamError("no result"),
-                           node_id=run.node_id, ttft=run.ttft)
+        return self._book(caller, plan, accounts, endpoint, started, t0, prompt=prompt, completion=completion,
+                          cached=0, error=error if error is not None else UpstreamError("no result"),
+                          node_id=run.node_id, ttft=run.ttft)
 
-    async def _settle(self, caller: Caller, plan: Plan, accounts: list[Account], endpoint: str, started: float,
-                      t0: float, *, prompt: int, completion: int, cached: int, error: BaseException | None,
-                      node_id: str = "", ttft: float | None = None) -> None:
-        """Settle the accounts, count the metrics, and make the record durable."""
+    def _book(self, caller: Caller, plan: Plan, accounts: list[Account], endpoint: str, started: float,
+              t0: float, *, prompt: int, completion: int, cached: int, error: BaseException | None,
+              node_id: str = "", ttft: float | None = None) -> UsageRecord | None:
+        """Settle the accounts and count the metrics, at once (nothing here awaits, so no
+        cancellation can come between a reservation and its settling); returns the usage
+        record to make durable (:meth:`_record`), None when the portal records no usage."""
         portal = caller.portal
         cost = portal.cost(plan.asked, prompt, completion)
         now = self.clock()
@@ -435,21 +436,29 @@ class Metering:
             self.traffic.observe(portal.id, plan.asked, ok=outcome != "error", prompt_tokens=prompt,
                                  completion_tokens=completion, ttft=ttft, key_id=caller.key_id)
         if not portal.records_usage:
-            return
-        peer_id = signature = ""
-        if node_id == PEER_NODE_ID and self.receipts is not None:
-            linked = await self.receipts(plan.forward.request_id)
-            if linked is not None:
-                peer_id, signature = linked
-        record = UsageRecord(
+            return None
+        return UsageRecord(
             request_id=plan.forward.request_id, portal=portal.id, key_id=caller.key_id, endpoint=endpoint,
             model_asked=plan.asked, model_served=plan.forward.model_id, started_at=started, ended_at=now,
             prompt_tokens=prompt, cached_tokens=cached, completion_tokens=completion, cost=cost,
             currency=portal.currency, latency=trio.current_time() - t0, ttft=ttft, node_id=node_id,
-            peer_id=peer_id, receipt_signature=signature, outcome=outcome, error_code=code)
-        w0 = trio.current_time()
-        await self.writer.write(record)
-        self.metrics.ledger_written(portal.id, trio.current_time() - w0)
+            outcome=outcome, error_code=code)
+
+    async def _record(self, record: UsageRecord | None, node_id: str) -> None:
+        """Make ``record`` durable (with the peer's receipt for a federated request),
+        shielded from cancellation: a client that left still has its record written. No
+        record (a portal that records no usage): nothing to wait for, and no cancel scope
+        on the request's path."""
+        if record is None:
+            return
+        with trio.CancelScope(shield=True):
+            if node_id == PEER_NODE_ID and self.receipts is not None:
+                linked = await self.receipts(record.request_id)
+                if linked is not None:
+                    record = dataclasses.replace(record, peer_id=linked[0], receipt_signature=linked[1])
+            w0 = trio.current_time()
+            await self.writer.write(record)
+            self.metrics.ledger_written(record.portal, trio.current_time() - w0)
 
     # --- reading ---------------------------------------------------------------------------
 

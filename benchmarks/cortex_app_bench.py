@@ -1,0 +1,161 @@
+#!/usr/bin/env python3
+"""The cortex's own work per request, in one process: CPU time and Python calls.
+
+The default portal's ASGI app (:class:`~helexa.roles.cortex.gateway.PortalApp`) is called
+directly with a non-streaming chat completion (the body ``gateway_vs_litellm.py``'s wrk
+sends), and its one neuron answers with one :class:`GenerateResult` at once, as a real
+neuron's non-streaming relay does: parsing, metering, the orchestrator's decision, dispatch
+and the JSON answer, without the HTTP server or the websocket hop (those are measured end to
+end by ``gateway_vs_litellm.py``). Figures: CPU microseconds per request (the process's,
+best and median of ``--blocks`` blocks of ``--requests``), and Python function calls per
+request (``cProfile``'s count: the same on a busy machine as on a quiet one, so it shows a
+change even where CPU time is lost in other people's noise).
+
+Usage::
+
+    python benchmarks/cortex_app_bench.py [--requests 1000] [--blocks 5] [--src TREE ...]
+
+``--src`` runs the same in another source tree (``git archive OLD | tar -x -C /tmp/old``);
+several are run one after another, twice, in alternating order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+BODY = b'{"model":"bench","messages":[{"role":"user","content":"Say hello"}],"max_tokens":16}'
+
+
+def measure(requests: int, blocks: int) -> None:
+    import cProfile
+    import pstats
+
+    import trio
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from instant_neuron import InstantNeuron
+
+    from helexa.protocol import GenerateResult, Usage
+    from helexa.roles.cortex.catalogue import Catalogue
+    from helexa.roles.cortex.config import CortexConfig
+    from helexa.roles.cortex.fleet import Fleet
+    from helexa.roles.cortex.gateway import Gateway
+    from helexa.roles.cortex.orchestrator import Orchestrator
+    from helexa.roles.cortex.portal.store import SqliteStore
+
+    text = " ".join(f"tok{i}" for i in range(16))
+
+    class Answer:
+        """One generation's events: a single result after one pass through the scheduler."""
+
+        def __init__(self, request) -> None:  # noqa: ANN001
+            self.request, self.done = request, False
+
+        async def __aenter__(self) -> "Answer":
+            return self
+
+        async def __aexit__(self, *exc: object) -> None:
+            pass
+
+        def __aiter__(self) -> "Answer":
+            return self
+
+        async def __anext__(self) -> GenerateResult:
+            if self.done:
+                raise StopAsyncIteration
+            self.done = True
+            await trio.lowlevel.checkpoint()
+            return GenerateResult(self.request.request_id, "length", Usage(8, 16), text=text)
+
+    class OneResultNeuron(InstantNeuron):
+        def generate(self, request):  # noqa: ANN001, ANN201
+            return Answer(request)
+
+    async def main() -> None:
+        fleet = Fleet()
+        OneResultNeuron(fleet)
+        config = CortexConfig(gateway_socket="127.0.0.1:0")
+        gateway = Gateway(config, Orchestrator(config, fleet, Catalogue()), store=SqliteStore(":memory:"))
+        app = gateway.app("default")
+        headers = [(b"host", b"bench"), (b"content-type", b"application/json"),
+                   (b"authorization", b"Bearer sk-bench"), (b"content-length", str(len(BODY)).encode())]
+        sent: list[dict] = []
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        async def one() -> None:
+            given = False
+
+            async def receive() -> dict:
+                nonlocal given
+                if given:  # the client stays (until the request is over)
+                    await trio.sleep_forever()
+                given = True
+                return {"type": "http.request", "body": BODY, "more_body": False}
+
+            sent.clear()
+            await app({"type": "http", "method": "POST", "path": "/v1/chat/completions", "query_string": b"",
+                       "headers": headers, "client": ("127.0.0.1", 1)}, receive, send)
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gateway.orchestrator.run)
+            await nursery.start(gateway.watch.run)
+            await nursery.start(gateway.writer.run)
+            for _ in range(300):
+                await one()
+            assert sent[-1]["type"] == "http.response.body" and b"tok15" in sent[-1]["body"], sent
+            per: list[float] = []
+            for _ in range(blocks):
+                t0 = time.process_time()
+                for _ in range(requests):
+                    await one()
+                per.append((time.process_time() - t0) / requests * 1e6)
+            profile = cProfile.Profile()
+            profile.enable()
+            for _ in range(requests):
+                await one()
+            profile.disable()
+            calls = sum(v[1] for v in pstats.Stats(profile).stats.values())
+            per.sort()
+            import helexa
+
+            print(f"{os.path.dirname(os.path.dirname(helexa.__file__))}: {per[0]:.0f} us/request best, "
+                  f"{per[len(per) // 2]:.0f} median; {calls / requests:.0f} Python calls/request", flush=True)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+_FROM_SRC = """\
+import sys
+src = sys.argv.pop(1)
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f)]  # the checkout's import hook
+sys.path.insert(0, src)
+sys.argv[0] = {script!r}
+exec(compile(open({script!r}).read(), {script!r}, "exec"), {{"__name__": "__main__", "__file__": {script!r}}})
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--requests", type=int, default=1000, help="requests per block")
+    ap.add_argument("--blocks", type=int, default=5)
+    ap.add_argument("--src", action="append", default=[], help="another source tree (repeatable)")
+    a = ap.parse_args()
+    if not a.src:
+        measure(a.requests, a.blocks)
+        return
+    here = os.path.abspath(__file__)
+    for order in (a.src, a.src[::-1]):
+        for src in order:
+            subprocess.run([sys.executable, "-c", _FROM_SRC.format(script=here), os.path.abspath(src),
+                            "--requests", str(a.requests), "--blocks", str(a.blocks)], check=True)
+
+
+if __name__ == "__main__":
+    main()
