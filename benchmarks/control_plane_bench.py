@@ -335,8 +335,8 @@ def main() -> int:
     ap.add_argument("--no-pin", action="store_true", help="do not pin the cortex and the clients to CPUs")
     ap.add_argument("--keep", action="store_true", help="keep the cortex's data dir and log")
     ap.add_argument("--profile", action="store_true",
-                    help="with --restart: sample the restarted cortex with py-spy (collapsed stacks kept in its "
-                         "data dir; implies --keep)")
+                    help="sample the cortex with py-spy over the last step's steady state and, with --restart, over "
+                         "the storm (collapsed stacks kept in its data dir; implies --keep)")
     # internal: the client processes
     ap.add_argument("--_role", choices=["rtt", "sim"], help=argparse.SUPPRESS)
     ap.add_argument("--_url", help=argparse.SUPPRESS)
@@ -429,13 +429,14 @@ def orchestrate(args: argparse.Namespace) -> int:
         if sizes:
             sims = [client("sim", f"sim{k}", stdin=subprocess.PIPE) for k in range(args.sims)]
             sprocs = [psutil.Process(p.pid) for p in sims]
-            spy = _spy(args, cortex.pid, data / "ramp.collapsed")
+            spy = None
             say("### Neurons held by one cortex at a 1 s heartbeat (simulated neurons, real handshake "
                 "and heartbeats)")
             say()
-            say("| neurons | batch joined in s (p99 per join ms) | cortex CPU % | simulators CPU % | healthy "
+            say("| neurons | batch joined in s (p99 per join ms) | cortex CPU % | cortex CPU ms per heartbeat "
+                "(less its idle CPU) | simulators CPU % | healthy "
                 "| oldest heartbeat s | dropped | ping p50 / p99 ms under load | other processes CPU % |")
-            say("|---|---|---|---|---|---|---|---|---|")
+            say("|---|---|---|---|---|---|---|---|---|---|")
             have = 0
             for size in sizes:
                 add = size - have
@@ -450,9 +451,17 @@ def orchestrate(args: argparse.Namespace) -> int:
                 failed = sum(j["missing"] for j in joins)
                 retried = _merge(j["attempt_failures"] for j in joins)
                 time.sleep(args.settle)
+                if size == sizes[-1]:  # the steady state of the last step, without the joins
+                    spy = _spy(args, cortex.pid, data / "steady.collapsed")
+                h0 = sum(s["heartbeats"] for s in _stats(sims))
                 c0, s0, m0, t0 = cpu_seconds([cproc]), cpu_seconds(sprocs), machine_busy(), time.perf_counter()
                 time.sleep(args.steady)
                 c1, s1, m1, t1 = cpu_seconds([cproc]), cpu_seconds(sprocs), machine_busy(), time.perf_counter()
+                beats = max(1, sum(s["heartbeats"] for s in _stats(sims)) - h0)
+                if spy is not None:
+                    spy.send_signal(signal.SIGINT)
+                    spy.wait(timeout=60)
+                    spy = None
                 others = (m1 - m0) - (c1 - c0) - (s1 - s0)
                 wall = t1 - t0
                 view = fleet(gateway, data / "cortex")["neurons"]
@@ -473,7 +482,9 @@ def orchestrate(args: argparse.Namespace) -> int:
                 except RuntimeError:
                     probe_txt = "timed out"
                 say(f"| {size} | {join_s:.2f} ({join_p99:.0f}){f', {failed} never joined' if failed else ''} "
-                    f"| {100 * (c1 - c0) / wall:.0f} | {100 * (s1 - s0) / wall:.0f} | {healthy}/{size} "
+                    f"| {100 * (c1 - c0) / wall:.0f} | {1e3 * (c1 - c0) / beats:.3f} "
+                    f"({1e3 * (c1 - c0 - args.idle_cpu * wall) / beats:.3f}) "
+                    f"| {100 * (s1 - s0) / wall:.0f} | {healthy}/{size} "
                     f"| {oldest:.2f} | {drops} | {probe_txt} | {100 * max(0.0, others) / wall:.0f} |")
                 if retried:
                     say(f"(attempts that failed and were retried, by kind: {retried})")
