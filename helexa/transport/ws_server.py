@@ -52,8 +52,9 @@ class ServerChannel(Channel):
     """
 
     def __init__(self, stream: trio.abc.Stream, conn: wsframes.ServerConnection, *, max_frame: int,
-                 remote: str) -> None:
+                 remote: str, raw: socket.socket | None = None) -> None:
         self._stream = stream
+        self._raw = raw  # the plain socket under ``stream``, read directly (not under TLS)
         self._conn = conn
         self._max_frame = max_frame
         self.remote = remote
@@ -139,8 +140,8 @@ class ServerChannel(Channel):
             raise ChannelClosed("channel closed", code=self._close_code)
         self._reading = True
         try:
-            data = await self._stream.receive_some(_READ)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            data = await (self._recv(self._raw) if self._raw is not None else self._stream.receive_some(_READ))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ValueError) as exc:
             await self._drop()
             raise ChannelClosed(f"connection broken: {exc}", code=self._close_code) from None
         finally:
@@ -149,6 +150,18 @@ class ServerChannel(Channel):
             await self._drop()
             raise ChannelClosed("connection lost (no close frame)", code=self._close_code or wsframes.CLOSE_ABNORMAL)
         self._conn.receive_data(data)
+
+    @staticmethod
+    async def _recv(sock: socket.socket) -> bytes:
+        # Wait first, then read: a neuron sends a frame a second, so trying the read first
+        # (as trio's socket does) would nearly always cost a failed system call, and trio's
+        # wrappers around it cost more than the read. The wait is the checkpoint.
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                return sock.recv(_READ)
+            except BlockingIOError:
+                continue
 
     async def _fail(self, exc: ProtocolError, code: int) -> None:
         """Tell the client (a Fault, then a Close with ``code``) and drop the connection;
@@ -229,7 +242,8 @@ async def serve(
     # The frame budget also bounds what a client may send in one message.
     max_message = max_frame + 64
 
-    async def connection(stream: trio.SocketStream, remote: str) -> None:
+    async def connection(raw: socket.socket, remote: str) -> None:
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(raw))
         wire: trio.abc.Stream = stream
         try:
             if ssl_context is not None:
@@ -242,7 +256,8 @@ async def serve(
                 log.info("no websocket upgrade from %s within %gs", remote, handshake_timeout)
             if not upgraded:
                 return
-            channel = ServerChannel(wire, conn, max_frame=max_frame, remote=remote)
+            channel = ServerChannel(wire, conn, max_frame=max_frame, remote=remote,
+                                    raw=raw if ssl_context is None else None)
             try:
                 await handler(channel)
             except (ProtocolError, ChannelClosed):
@@ -299,7 +314,7 @@ async def _accept_loop(sock: socket.socket, nursery: trio.Nursery, connection: A
             if pending is not None and not pending.admit(remote, trio.current_time()):
                 _turn_away(raw, pending, tls)
                 continue
-            nursery.start_soon(connection, trio.SocketStream(trio.socket.from_stdlib_socket(raw)), remote)
+            nursery.start_soon(connection, raw, remote)
 
 
 def _turn_away(raw: socket.socket, pending: PendingHandshakes, tls: bool) -> None:
