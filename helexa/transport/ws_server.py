@@ -38,6 +38,7 @@ CLOSE_TRY_LATER = 1013
 
 _READ = 65536
 _CLOSE_WAIT = 2.0
+_PONG_WAIT = 10.0
 """Seconds a close waits for the client's answering Close before it drops the socket."""
 
 
@@ -116,10 +117,14 @@ class ServerChannel(Channel):
                     raise error
                 case wsframes.Ping(payload=payload):
                     if conn.state is wsframes.State.OPEN:
-                        try:
-                            await self._write(conn.pong(payload))
-                        except ChannelClosed:
-                            pass
+                        with trio.move_on_after(_PONG_WAIT) as scope:
+                            try:
+                                await self._write(conn.pong(payload))
+                            except ChannelClosed:
+                                pass
+                        if scope.cancelled_caught:  # a client that pings and does not read
+                            await self._drop()
+                            raise ChannelClosed("a websocket pong could not be sent in time")
                 case wsframes.Pong():
                     pass
                 case wsframes.CloseReceived(code=code, reason=reason):
