@@ -337,6 +337,8 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true",
                     help="sample the cortex with py-spy over the last step's steady state and, with --restart, over "
                          "the storm (collapsed stacks kept in its data dir; implies --keep)")
+    ap.add_argument("--native", action="store_true",
+                    help="with --profile: sample native frames too (the interpreter's garbage collector, say)")
     # internal: the client processes
     ap.add_argument("--_role", choices=["rtt", "sim"], help=argparse.SUPPRESS)
     ap.add_argument("--_url", help=argparse.SUPPRESS)
@@ -616,7 +618,7 @@ def _spy(args, pid: int, out: Path):  # noqa: ANN001, ANN202
     if not args.profile or exe is None:
         return None
     return subprocess.Popen([exe, "record", "--pid", str(pid), "--format", "raw", "--rate", "50",
-                             "--nonblocking", "--output", str(out)],
+                             *(["--native"] if args.native else ["--nonblocking"]), "--output", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

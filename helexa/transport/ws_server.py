@@ -288,17 +288,19 @@ async def serve(
             sock.close()
 
 
-_ACCEPT_BATCH = 64
+_ACCEPT_BATCH = 4096
+"""The most connections accepted in one go: in practice all that wait (the kernel's
+backlog is at most ``somaxconn`` deep); those past the pending cap cost a ``503`` each."""
 
 
 async def _accept_loop(sock: socket.socket, nursery: trio.Nursery, connection: Any,
                        pending: PendingHandshakes | None, tls: bool) -> None:
-    """Accept every connection waiting (up to a batch) each time the socket is readable.
+    """Accept every connection waiting each time the socket is readable.
 
-    trio's own listener takes one connection per trip through its scheduler; in a join
-    storm, with thousands of neurons' heartbeats in each trip, that alone let the kernel's
-    accept queue grow until its connections were older than the neurons' handshake
-    deadline."""
+    trio's own listener takes one connection per trip through its scheduler, and a batch
+    of 64 did no better in a storm: with 5,000 neurons' heartbeats a trip took about a
+    second, so joins came 64 a second while the kernel's accept queue grew older than the
+    neurons' handshake deadline."""
     sock.setblocking(False)
     while True:
         await trio.lowlevel.wait_readable(sock)
