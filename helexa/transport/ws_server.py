@@ -38,8 +38,9 @@ CLOSE_TRY_LATER = 1013
 
 _READ = 65536
 _CLOSE_WAIT = 2.0
-_PONG_WAIT = 10.0
 """Seconds a close waits for the client's answering Close before it drops the socket."""
+_PONG_WAIT = 10.0
+"""Seconds an answer to a client's websocket ping may take to be written."""
 
 
 class ServerChannel(Channel):
