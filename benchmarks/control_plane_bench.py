@@ -20,14 +20,17 @@ Challenge, Join with the HMAC proof of the join token, Welcome) over ``ws://``:
    its own. Reported: the time until the last one is back, those that never were within
    ``--rejoin-deadline``, the cortex's CPU for the storm and the time its event loop waited
    for a CPU, then its CPU per heartbeat at 1 s (less its idle CPU). ``--profile`` samples
-   the cortex with py-spy (collapsed stacks kept in its data directory).
+   the cortex with py-spy over the last ramp step's steady state (no joins in it) and over
+   the storm (collapsed stacks kept in its data directory); ``--native`` adds the
+   interpreter's own frames (the garbage collector), at the cost of pausing the cortex to
+   sample it.
 
 Usage (other engineers benchmark on this machine too, so take the lock)::
 
     flock /tmp/helexa-bench.lock .venv/bin/python benchmarks/control_plane_bench.py \\
         [--pings 3000] [--window 32] [--pipeline-seconds 5] \\
         [--neurons 100,250,500,1000] [--steady 10] [--sims 1] \\
-        [--restart [--rejoin-deadline 180] [--profile] [--keep]] [--no-pin]
+        [--restart [--rejoin-deadline 180]] [--profile [--native]] [--keep] [--no-pin]
 
 Figures go to stdout as Markdown.
 """
