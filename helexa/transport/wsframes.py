@@ -9,8 +9,9 @@ moves the bytes.
 Why it exists beside wsproto (which trio-websocket drives, and which the neuron's client
 still uses): the cortex reads a heartbeat from every neuron every second, and
 trio-websocket's reader task per connection, its memory channel and wsproto's general
-frame machinery were most of the cortex's CPU per heartbeat (``docs/reliability.md``,
-"Join storms"). This reads only what a server must: masked client frames, no extensions.
+frame machinery cost more than a third of the cortex's CPU per heartbeat
+(``docs/reliability.md``, "Join storms"). This reads only what a server must: masked
+client frames, no extensions.
 
 The states, as one table (:data:`MOVES`)::
 
@@ -18,9 +19,8 @@ The states, as one table (:data:`MOVES`)::
       └───peer's Close──────▶ CLOSE_RECEIVED ──close()───▶ CLOSED
 
 A frame that breaks the protocol raises :class:`FrameError` with the close code to answer
-(1002 protocol error, 1009 too big, 1007 a close reason that is not UTF-8); the connection
-is then :data:`State.CLOSE_RECEIVED`-like for the caller: it should send ``close(code)``
-and drop the connection.
+(1002 protocol error, 1009 too big, 1007 a close reason that is not UTF-8); the caller
+writes ``close(exc.code)`` and drops the connection without waiting for an answer.
 """
 
 from __future__ import annotations
