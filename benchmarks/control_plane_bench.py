@@ -20,14 +20,17 @@ Challenge, Join with the HMAC proof of the join token, Welcome) over ``ws://``:
    its own. Reported: the time until the last one is back, those that never were within
    ``--rejoin-deadline``, the cortex's CPU for the storm and the time its event loop waited
    for a CPU, then its CPU per heartbeat at 1 s (less its idle CPU). ``--profile`` samples
-   the cortex with py-spy (collapsed stacks kept in its data directory).
+   the cortex with py-spy over the last ramp step's steady state (no joins in it) and over
+   the storm (collapsed stacks kept in its data directory); ``--native`` adds the
+   interpreter's own frames (the garbage collector), at the cost of pausing the cortex to
+   sample it.
 
 Usage (other engineers benchmark on this machine too, so take the lock)::
 
     flock /tmp/helexa-bench.lock .venv/bin/python benchmarks/control_plane_bench.py \\
         [--pings 3000] [--window 32] [--pipeline-seconds 5] \\
         [--neurons 100,250,500,1000] [--steady 10] [--sims 1] \\
-        [--restart [--rejoin-deadline 180] [--profile] [--keep]] [--no-pin]
+        [--restart [--rejoin-deadline 180]] [--profile [--native]] [--keep] [--no-pin]
 
 Figures go to stdout as Markdown.
 """
@@ -335,8 +338,10 @@ def main() -> int:
     ap.add_argument("--no-pin", action="store_true", help="do not pin the cortex and the clients to CPUs")
     ap.add_argument("--keep", action="store_true", help="keep the cortex's data dir and log")
     ap.add_argument("--profile", action="store_true",
-                    help="with --restart: sample the restarted cortex with py-spy (collapsed stacks kept in its "
-                         "data dir; implies --keep)")
+                    help="sample the cortex with py-spy over the last step's steady state and, with --restart, over "
+                         "the storm (collapsed stacks kept in its data dir; implies --keep)")
+    ap.add_argument("--native", action="store_true",
+                    help="with --profile: sample native frames too (the interpreter's garbage collector, say)")
     # internal: the client processes
     ap.add_argument("--_role", choices=["rtt", "sim"], help=argparse.SUPPRESS)
     ap.add_argument("--_url", help=argparse.SUPPRESS)
@@ -429,13 +434,14 @@ def orchestrate(args: argparse.Namespace) -> int:
         if sizes:
             sims = [client("sim", f"sim{k}", stdin=subprocess.PIPE) for k in range(args.sims)]
             sprocs = [psutil.Process(p.pid) for p in sims]
-            spy = _spy(args, cortex.pid, data / "ramp.collapsed")
+            spy = None
             say("### Neurons held by one cortex at a 1 s heartbeat (simulated neurons, real handshake "
                 "and heartbeats)")
             say()
-            say("| neurons | batch joined in s (p99 per join ms) | cortex CPU % | simulators CPU % | healthy "
+            say("| neurons | batch joined in s (p99 per join ms) | cortex CPU % | cortex CPU ms per heartbeat "
+                "(less its idle CPU) | simulators CPU % | healthy "
                 "| oldest heartbeat s | dropped | ping p50 / p99 ms under load | other processes CPU % |")
-            say("|---|---|---|---|---|---|---|---|---|")
+            say("|---|---|---|---|---|---|---|---|---|---|")
             have = 0
             for size in sizes:
                 add = size - have
@@ -450,9 +456,17 @@ def orchestrate(args: argparse.Namespace) -> int:
                 failed = sum(j["missing"] for j in joins)
                 retried = _merge(j["attempt_failures"] for j in joins)
                 time.sleep(args.settle)
+                if size == sizes[-1]:  # the steady state of the last step, without the joins
+                    spy = _spy(args, cortex.pid, data / "steady.collapsed")
+                h0 = sum(s["heartbeats"] for s in _stats(sims))
                 c0, s0, m0, t0 = cpu_seconds([cproc]), cpu_seconds(sprocs), machine_busy(), time.perf_counter()
                 time.sleep(args.steady)
                 c1, s1, m1, t1 = cpu_seconds([cproc]), cpu_seconds(sprocs), machine_busy(), time.perf_counter()
+                beats = max(1, sum(s["heartbeats"] for s in _stats(sims)) - h0)
+                if spy is not None:
+                    spy.send_signal(signal.SIGINT)
+                    spy.wait(timeout=60)
+                    spy = None
                 others = (m1 - m0) - (c1 - c0) - (s1 - s0)
                 wall = t1 - t0
                 view = fleet(gateway, data / "cortex")["neurons"]
@@ -473,7 +487,9 @@ def orchestrate(args: argparse.Namespace) -> int:
                 except RuntimeError:
                     probe_txt = "timed out"
                 say(f"| {size} | {join_s:.2f} ({join_p99:.0f}){f', {failed} never joined' if failed else ''} "
-                    f"| {100 * (c1 - c0) / wall:.0f} | {100 * (s1 - s0) / wall:.0f} | {healthy}/{size} "
+                    f"| {100 * (c1 - c0) / wall:.0f} | {1e3 * (c1 - c0) / beats:.3f} "
+                    f"({1e3 * (c1 - c0 - args.idle_cpu * wall) / beats:.3f}) "
+                    f"| {100 * (s1 - s0) / wall:.0f} | {healthy}/{size} "
                     f"| {oldest:.2f} | {drops} | {probe_txt} | {100 * max(0.0, others) / wall:.0f} |")
                 if retried:
                     say(f"(attempts that failed and were retried, by kind: {retried})")
@@ -605,7 +621,7 @@ def _spy(args, pid: int, out: Path):  # noqa: ANN001, ANN202
     if not args.profile or exe is None:
         return None
     return subprocess.Popen([exe, "record", "--pid", str(pid), "--format", "raw", "--rate", "50",
-                             "--nonblocking", "--output", str(out)],
+                             *(["--native"] if args.native else ["--nonblocking"]), "--output", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

@@ -3,10 +3,10 @@ throttle on failed join proofs. Pure bookkeeping over a time the caller passes i
 clock in the server, any number in tests); no I/O.
 
 - :class:`PendingHandshakes`: a connection counts from its TCP accept until its join
-  verdict. Past ``limit`` the listener turns new connections away at once (``503`` on a
+  verdict. Past its limit the listener turns new connections away at once (``503`` on a
   plain socket, then closed; the neuron redials on its backoff), so a flood of
   half-open connections costs the cortex at most ``limit`` sockets and tasks; each still
-  ends at its handshake deadline.
+  ends at its handshake deadline. The limit halves while handshakes finish late.
 - :class:`FailedJoins`: every refused join proof from an address adds one to that
   address's level, which drains at ``per_minute``; at ``burst`` the address is refused
   at once (its connections are closed before a hello is read) until the level drains
@@ -20,21 +20,35 @@ from collections import OrderedDict
 
 
 class PendingHandshakes:
-    """Connections accepted but not yet joined, by ``"addr:port"``.
+    """Connections accepted but not yet joined, by ``"addr:port"``, under a limit that
+    shrinks while handshakes finish late.
+
+    A handshake's time (accept to verdict) is reported through :meth:`finished`. One that
+    took more than half of ``stale_after`` (the neuron's deadline runs from its connect,
+    before the accept) halves the number admitted at once, at most once per quarter of
+    ``stale_after`` and never below ``floor``; each one on time raises it by one, up to
+    ``limit``. So a cortex that cannot finish what it admitted in time admits fewer, and
+    those it turns away redial on their backoff, instead of all missing their deadline
+    while their redials refill the queue.
 
     Args:
         limit: the most pending at once.
-        stale_after: seconds after which an entry nobody released is forgotten: the
-            handshake deadline, by which a connection that never upgraded is closed (one
-            that did is in its join, which has its own deadline). So a flood holds at most
-            ``limit`` connections before their upgrade and ``limit`` in their join.
+        stale_after: the handshake deadline, in seconds; an entry nobody released is
+            forgotten after it (by then its connection was closed, if it never upgraded;
+            one that did is in its join, which has its own deadline). So a flood holds at
+            most ``limit`` connections before their upgrade and ``limit`` in their join.
+        floor: the fewest the shrinking limit still admits at once.
     """
 
-    def __init__(self, limit: int, stale_after: float) -> None:
+    def __init__(self, limit: int, stale_after: float, *, floor: int = 32) -> None:
         self.limit = limit
         self.stale_after = stale_after
+        self.floor = min(floor, limit)
+        self.allowed = limit
         self._since: OrderedDict[str, float] = OrderedDict()  # oldest first
+        self._last_cut = float("-inf")
         self.refused = 0
+        self.late = 0
 
     def __len__(self) -> int:
         return len(self._since)
@@ -46,15 +60,29 @@ class PendingHandshakes:
             if now - since < self.stale_after:
                 break
             del self._since[oldest]
-        if len(self._since) >= self.limit:
+        if len(self._since) >= self.allowed:
             self.refused += 1
             return False
         self._since[remote] = now
         self._since.move_to_end(remote)
         return True
 
+    def finished(self, remote: str, now: float) -> None:
+        """``remote``'s handshake ended (a verdict, or the connection went away) at ``now``:
+        release it and adjust the limit by how long it took (idempotent)."""
+        since = self._since.pop(remote, None)
+        if since is None:
+            return
+        if now - since > self.stale_after / 2:
+            self.late += 1
+            if now - self._last_cut >= self.stale_after / 4:
+                self.allowed = max(self.floor, self.allowed // 2)
+                self._last_cut = now
+        elif self.allowed < self.limit:
+            self.allowed += 1
+
     def release(self, remote: str) -> None:
-        """``remote`` joined, was refused or went away (idempotent)."""
+        """``remote`` went away or was turned away unheard (idempotent; no timing)."""
         self._since.pop(remote, None)
 
 

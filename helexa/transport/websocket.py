@@ -1,27 +1,31 @@
-"""The websocket transport (``ws://`` and ``wss://``) on trio-websocket.
+"""The websocket transport (``ws://`` and ``wss://``): the client on trio-websocket, the
+server in :mod:`.ws_server` (re-exported here as :func:`serve`).
 
 Close codes used: 1000 normal, 1001 going away, 1002 protocol error (malformed or unknown
-frame), 1008 policy violation (refused join), 1009 frame too large.
+frame), 1008 policy violation (refused join), 1009 frame too large, 1013 try again later.
 """
 
 from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
 import trio
 import trio_websocket
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
+from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from helexa.protocol import DEFAULT_MAX_FRAME, Fault, ProtocolError, decode, encode
 from helexa.protocol.auth import cert_fingerprint
 
-from .admission import PendingHandshakes
 from .channel import Channel, ChannelClosed, ConnectFailed
+from .ws_server import ServerChannel, serve
+
+__all__ = ["CLOSE_POLICY", "CLOSE_PROTOCOL_ERROR", "CLOSE_TOO_BIG", "CLOSE_TRY_LATER", "ServerChannel",
+           "WebSocketChannel", "connect", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -194,133 +198,3 @@ async def _connect_pinned(url: str, pin: str, timeout: float, ssl_context: ssl.S
                 nursery.cancel_scope.cancel()
     if failure is not None:
         raise ConnectFailed(f"cannot connect to {url}: {failure}")
-
-
-def _peer(stream: trio.abc.Stream) -> str | None:
-    """``"addr:port"`` of the peer; None when it is already gone (reset before we looked)."""
-    sock = stream.transport_stream.socket if isinstance(stream, trio.SSLStream) else getattr(stream, "socket", None)
-    if sock is None:
-        return repr(stream)
-    try:
-        addr, port, *_ = sock.getpeername()
-    except OSError:
-        return None
-    return f"{addr}:{port}"
-
-
-_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\n"
-         b"Connection: close\r\n\r\n")
-"""What a connection turned away at the cap reads: a websocket client fails its connect at
-once on it (a bare close before the upgrade's answer left trio-websocket waiting out its
-whole connect timeout), and the neuron redials on its own backoff with jitter."""
-
-
-class _Admitting(trio.abc.Listener[trio.abc.Stream]):
-    """A listener that turns a new connection away at once when ``pending`` is full.
-
-    It wraps the outermost listener (the TLS one for ``wss://``) and returns its streams
-    unchanged, so trio-websocket still sees a socket or TLS stream. A plain connection
-    turned away is answered ``503`` (``Retry-After: 1``) and closed; a TLS one is only
-    closed (a TLS handshake is lazy, so refusing costs no crypto; its client waits out its
-    connect timeout before it redials).
-    """
-
-    def __init__(self, inner: trio.abc.Listener[Any], pending: PendingHandshakes) -> None:
-        self.inner = inner
-        self.pending = pending
-
-    async def accept(self) -> trio.abc.Stream:
-        while True:
-            stream = await self.inner.accept()
-            peer = _peer(stream)
-            if peer is None:  # reset while it waited in the backlog (a neuron that gave up)
-                await trio.aclose_forcefully(stream)
-                continue
-            if self.pending.admit(peer, trio.current_time()):
-                return stream
-            if self.pending.refused in (1, 10, 100) or self.pending.refused % 1000 == 0:
-                log.warning("%d pending handshakes: refused %d connections so far", len(self.pending),
-                            self.pending.refused)
-            if isinstance(stream, trio.SocketStream):
-                # A fresh socket's send buffer is empty: this never waits in practice, and
-                # the deadline bounds the accept loop if it ever did.
-                with trio.move_on_after(1):
-                    try:
-                        await stream.send_all(_BUSY)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        pass
-            await trio.aclose_forcefully(stream)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-
-async def serve(
-    handler: Callable[[WebSocketChannel], Awaitable[None]],
-    host: str,
-    port: int,
-    *,
-    ssl_context: ssl.SSLContext | None = None,
-    max_frame: int = DEFAULT_MAX_FRAME,
-    handshake_timeout: float = 10.0,
-    pending: PendingHandshakes | None = None,
-    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve websocket channels until cancelled; reports the bound port via ``started``.
-
-    Each accepted connection runs ``handler(channel)`` in its own task; an exception
-    escaping a handler is logged and closes only that connection. With ``pending``, a
-    connection counts in it from its accept (refused at once past its limit) until the
-    handler releases it (or the connection ends); the websocket upgrade must finish within
-    ``handshake_timeout``.
-    """
-
-    async def on_request(request: WebSocketRequest) -> None:
-        try:
-            endpoint = request.remote
-        except OSError:
-            # The peer reset the connection after sending its upgrade and before we read it
-            # (in a join storm: a neuron whose deadline passed). Nothing to answer; its
-            # pending entry, if any, is forgotten at the handshake deadline.
-            log.info("a connection went away before its websocket upgrade was read")
-            return
-        remote = f"{endpoint.address}:{endpoint.port}" if hasattr(endpoint, "port") else str(endpoint)
-        try:
-            try:
-                ws = await request.accept()
-            except Exception as exc:
-                log.info("websocket upgrade failed: %s", exc)
-                return
-            channel = WebSocketChannel(ws, max_frame=max_frame, remote=remote)
-            try:
-                await handler(channel)
-            except ProtocolError:
-                pass  # already logged and closed by the channel
-            except ChannelClosed:
-                pass
-            except Exception:
-                log.exception("control connection handler failed for %s", remote)
-            finally:
-                await channel.aclose()
-        finally:
-            if pending is not None:
-                pending.release(remote)
-
-    tcp = await trio.open_tcp_listeners(port, host=host)
-    bound = tcp[0].socket.getsockname()[1]
-    listeners: list[Any] = tcp
-    if ssl_context is not None:
-        listeners = [trio.SSLListener(l, ssl_context, https_compatible=True) for l in listeners]
-    if pending is not None:
-        listeners = [_Admitting(l, pending) for l in listeners]
-    server = trio_websocket.WebSocketServer(
-        on_request,
-        listeners,
-        message_queue_size=64,
-        max_message_size=max_frame,
-        connect_timeout=handshake_timeout,
-        disconnect_timeout=2,
-    )
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.run)
-        task_status.started(bound)

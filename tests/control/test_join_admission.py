@@ -192,3 +192,29 @@ async def test_a_neuron_turned_away_at_the_cap_redials_with_its_backoff_and_join
     assert server.pending.refused == len(dials) - 1 and "storm-1" in server.fleet
     for stream in silent:
         await stream.aclose()
+
+
+def test_late_handshakes_halve_the_pending_limit_and_on_time_ones_raise_it_back() -> None:
+    pending = PendingHandshakes(100, stale_after=10.0, floor=10)
+    for i in range(100):
+        assert pending.admit(f"a:{i}", 0.0)
+    pending.finished("a:0", 4.0)  # on time (under half the deadline): already at the limit
+    assert pending.allowed == 100 and pending.late == 0
+    pending.finished("a:1", 6.0)  # late: halved
+    assert pending.allowed == 50 and pending.late == 1
+    pending.finished("a:2", 6.5)  # late again, within a quarter of the deadline of the cut
+    assert pending.allowed == 50 and pending.late == 2
+    pending.finished("a:3", 8.5)  # 2.5 s after the cut
+    assert pending.allowed == 25
+    assert not pending.admit("b:0", 8.5)  # 96 still pending, 25 allowed
+    for i in range(4, 90):
+        pending.finished(f"a:{i}", 9.0)
+    pending.finished("a:90", 11.0)  # the floor holds
+    pending.finished("a:91", 13.5)
+    pending.finished("a:92", 16.0)
+    assert pending.allowed == 10
+    pending.finished("a:92", 16.0)  # idempotent
+    for i in range(5):
+        assert pending.admit(f"c:{i}", 20.0)
+        pending.finished(f"c:{i}", 20.5)
+    assert pending.allowed == 15 and pending.refused == 1

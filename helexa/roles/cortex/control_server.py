@@ -6,7 +6,8 @@ watchdog marks neurons unhealthy after missed heartbeats (closing a silent conne
 its requests fail fast) and removes them from the fleet later.
 
 Admission (:mod:`helexa.transport.admission`): at most ``max_pending_handshakes``
-connections between accept and join verdict (more are answered ``503`` and closed at once;
+connections between accept and join verdict, fewer while handshakes finish late (more are
+answered ``503`` and closed at once;
 a neuron redials on its own backoff with jitter, so a join storm spreads out); an address whose
 join proofs were refused ``failed_joins_burst`` times has its connections closed unheard
 (code 1013, "try again later") until its allowance drains back.
@@ -128,7 +129,7 @@ class ControlServer:
             log.info("handshake with %s failed: %s", channel.remote, exc)
             return
         finally:
-            self.pending.release(channel.remote)
+            self.pending.finished(channel.remote, trio.current_time())
         session.expire()
         if link is None:
             if isinstance(session.verdict, Failure) and session.verdict.code == "timeout":

@@ -291,10 +291,18 @@ class NeuronLink:
                 raise ProtocolError(f"unexpected {type(msg).__name__} from a neuron", code="unexpected")
 
     def _set_models(self, models: tuple[ModelStatus, ...]) -> bool:
-        new = {m.model_id: m for m in models}
-        old_states = {k: v.state for k, v in self.models.items()}
+        """Take the models a heartbeat reports; True when a model came, went or changed state.
+
+        On every heartbeat of every neuron: one pass, no second dict of states."""
+        old = self.models
+        new: dict[str, ModelStatus] = {}
+        changed = False
+        for m in models:
+            new[m.model_id] = m
+            if not changed and ((prev := old.get(m.model_id)) is None or prev.state is not m.state):
+                changed = True
         self.models = new
-        return old_states != {k: v.state for k, v in new.items()}
+        return changed or len(new) != len(old)
 
     @property
     def provisioning(self) -> bool:

@@ -28,7 +28,7 @@ from helexa import identity as identity_mod
 from helexa import secret_files, telemetry
 from helexa.config import ConfigError
 
-from . import admin_token, join_token
+from . import admin_token, collector, join_token
 from .catalogue import Catalogue, CatalogueError, default_catalogue
 from .config import CortexConfig
 from .control_server import ControlServer
@@ -300,6 +300,7 @@ async def serve(config: CortexConfig, *, loader: Callable[[], CortexConfig] | No
 
 def run(config: CortexConfig, *, loader: Callable[[], CortexConfig] | None = None) -> int:
     """Entry point of ``helexa cortex``: returns the process exit code."""
+    collector.tune()
     try:
         trio.run(lambda: serve(config, loader=loader))
     finally:

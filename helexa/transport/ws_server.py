@@ -1,0 +1,372 @@
+"""The websocket server of the control plane: a thin trio shell around the sans-IO
+upgrade (:mod:`.wsupgrade`) and connection (:mod:`.wsframes`).
+
+Each connection is one task: it reads the upgrade, then runs the handler, whose
+``channel.receive()`` reads and parses frames in that same task (no reader task or
+memory channel per connection, as trio-websocket has: at thousands of neurons those were
+most of the cortex's CPU per heartbeat). Clients are unchanged: neurons dial with
+trio-websocket's client (:func:`.websocket.connect`), ``ws://`` or ``wss://``.
+
+Close codes used: 1000 normal, 1001 going away, 1002 protocol error (malformed or unknown
+frame), 1007 bad data, 1008 policy violation (refused join), 1009 frame too large, 1013
+try again later.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from helexa.protocol import DEFAULT_MAX_FRAME, Fault, ProtocolError, decode, encode
+
+from . import wsframes, wsupgrade
+from .admission import PendingHandshakes
+from .channel import Channel, ChannelClosed
+
+log = logging.getLogger(__name__)
+
+CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_TRY_LATER = 1013
+
+_READ = 65536
+_CLOSE_WAIT = 2.0
+"""Seconds a close waits for the client's answering Close before it drops the socket."""
+_PONG_WAIT = 10.0
+"""Seconds an answer to a client's websocket ping may take to be written."""
+
+
+class ServerChannel(Channel):
+    """A :class:`Channel` over one upgraded server connection.
+
+    ``receive`` is for one reader task; ``send`` may be called from any number of tasks
+    (frames never interleave). ``aclose`` may be called from any task, also while another
+    one waits in ``receive``: it sends the Close, and the reader (or ``aclose`` itself,
+    when nobody reads) waits up to 2 s for the client's answering Close before the socket
+    is dropped.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, conn: wsframes.ServerConnection, *, max_frame: int,
+                 remote: str, raw: socket.socket | None = None) -> None:
+        self._stream = stream
+        self._raw = raw  # the plain socket under ``stream``, read directly (not under TLS)
+        self._conn = conn
+        self._max_frame = max_frame
+        self.remote = remote
+        self._send_lock = trio.StrictFIFOLock()
+        self._reading = False
+        self._closed = False  # the socket is gone
+        self._gone = trio.Event()  # set with _closed
+        self._close_code: int | None = None  # the client's Close, once read
+
+    # --- sending --------------------------------------------------------------------------
+
+    async def send(self, msg: Any) -> None:
+        if self._conn.state is not wsframes.State.OPEN or self._closed:
+            raise ChannelClosed("channel closed", code=self._close_code)
+        await self._write(self._conn.message(encode(msg)))
+
+    async def _write(self, data: bytes) -> None:
+        lock = self._send_lock
+        try:
+            if lock.locked():
+                async with lock:
+                    await self._stream.send_all(data)
+            else:
+                # Uncontended (the common case): no extra trip through the scheduler;
+                # send_all has its own checkpoint.
+                lock.acquire_nowait()
+                try:
+                    await self._stream.send_all(data)
+                finally:
+                    lock.release()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ChannelClosed(f"connection broken: {exc}") from None
+
+    # --- receiving ------------------------------------------------------------------------
+
+    async def receive(self) -> Any:
+        conn = self._conn
+        while True:
+            try:
+                event = conn.next_event()
+            except wsframes.FrameError as exc:
+                error = ProtocolError(f"websocket: {exc.reason}",
+                                      code="oversized" if exc.code == CLOSE_TOO_BIG else "bad_frame")
+                await self._fail(error, exc.code)
+                raise error from None
+            if event is None:
+                await self._read_more()
+                continue
+            match event:
+                case wsframes.Message(data=data, text=False):
+                    try:
+                        return decode(data, max_size=self._max_frame)
+                    except ProtocolError as exc:
+                        await self._fail(exc, CLOSE_TOO_BIG if exc.code == "oversized" else CLOSE_PROTOCOL_ERROR)
+                        raise
+                case wsframes.Message():
+                    error = ProtocolError("text frames are not part of the protocol")
+                    await self._fail(error, CLOSE_PROTOCOL_ERROR)
+                    raise error
+                case wsframes.Ping(payload=payload):
+                    if conn.state is wsframes.State.OPEN:
+                        with trio.move_on_after(_PONG_WAIT) as scope:
+                            try:
+                                await self._write(conn.pong(payload))
+                            except ChannelClosed:
+                                pass
+                        if scope.cancelled_caught:  # a client that pings and does not read
+                            await self._drop()
+                            raise ChannelClosed("a websocket pong could not be sent in time")
+                case wsframes.Pong():
+                    pass
+                case wsframes.CloseReceived(code=code, reason=reason):
+                    self._close_code = code
+                    if conn.state is wsframes.State.CLOSE_RECEIVED:  # the client closed first: answer
+                        with trio.move_on_after(_CLOSE_WAIT) as scope:
+                            scope.shield = True
+                            try:
+                                await self._write(conn.close(code if code != wsframes.CLOSE_NO_STATUS
+                                                             else wsframes.CLOSE_NORMAL))
+                            except ChannelClosed:
+                                pass
+                    await self._drop()
+                    raise ChannelClosed(f"closed by peer: {code} {reason}".strip(), code=code)
+
+    async def _read_more(self) -> None:
+        if self._closed:
+            raise ChannelClosed("channel closed", code=self._close_code)
+        self._reading = True
+        try:
+            data = await (self._recv(self._raw) if self._raw is not None else self._stream.receive_some(_READ))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ValueError) as exc:
+            await self._drop()
+            raise ChannelClosed(f"connection broken: {exc}", code=self._close_code) from None
+        finally:
+            self._reading = False
+        if not data:
+            await self._drop()
+            raise ChannelClosed("connection lost (no close frame)", code=self._close_code or wsframes.CLOSE_ABNORMAL)
+        self._conn.receive_data(data)
+
+    @staticmethod
+    async def _recv(sock: socket.socket) -> bytes:
+        # Wait first, then read: a neuron sends a frame a second, so trying the read first
+        # (as trio's socket does) would nearly always cost a failed system call, and trio's
+        # wrappers around it cost more than the read. The wait is the checkpoint.
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                return sock.recv(_READ)
+            except BlockingIOError:
+                continue
+
+    async def _fail(self, exc: ProtocolError, code: int) -> None:
+        """Tell the client (a Fault, then a Close with ``code``) and drop the connection;
+        the caller raises ``exc``."""
+        log.warning("protocol error from %s: %s; closing", self.remote, exc)
+        with trio.move_on_after(_CLOSE_WAIT) as scope:
+            scope.shield = True
+            if self._conn.state is wsframes.State.OPEN:
+                try:
+                    await self.send(Fault(exc.code, str(exc)))
+                    await self._write(self._conn.close(code, exc.code))
+                except ChannelClosed:
+                    pass
+        # The client's answering Close is not awaited: it broke the protocol.
+        await self._drop()
+
+    # --- closing --------------------------------------------------------------------------
+
+    async def aclose(self, code: int = 1000, reason: str = "") -> None:
+        if self._closed:
+            return
+        with trio.move_on_after(_CLOSE_WAIT) as scope:
+            scope.shield = True
+            if self._conn.state is wsframes.State.OPEN:
+                try:
+                    await self._write(self._conn.close(code, reason))
+                except ChannelClosed:
+                    pass
+            if self._reading:
+                await self._gone.wait()  # the reader reads the client's Close and drops the socket
+            else:
+                try:
+                    while not self._closed and self._conn.state is wsframes.State.CLOSE_SENT:
+                        await self.receive()  # frames after our Close are dropped unread
+                except (ChannelClosed, ProtocolError):
+                    pass
+        await self._drop()
+
+    async def _drop(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._gone.set()
+            await trio.aclose_forcefully(self._stream)
+
+
+# --- the server ------------------------------------------------------------------------------
+
+
+_ACCEPT_RETRY = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
+
+async def serve(
+    handler: Callable[[ServerChannel], Awaitable[None]],
+    host: str,
+    port: int,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    max_frame: int = DEFAULT_MAX_FRAME,
+    handshake_timeout: float = 10.0,
+    pending: PendingHandshakes | None = None,
+    backlog: int | None = None,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve websocket channels until cancelled; reports the bound port via ``started``.
+
+    Each accepted connection runs ``handler(channel)`` in its own task; an exception
+    escaping a handler is logged and closes only that connection. With ``pending``, a
+    connection counts in it from its accept (refused at once past its limit: ``503`` with
+    ``Retry-After: 1`` on ``ws://``, only closed on ``wss://``, where TLS has not started)
+    until the handler releases it (or the connection ends); the TLS handshake and the
+    websocket upgrade must finish within ``handshake_timeout``. ``backlog`` is the listen
+    backlog (the kernel's ``somaxconn`` when None).
+    """
+    listeners = await trio.open_tcp_listeners(port, host=host, backlog=backlog)
+    bound = listeners[0].socket.getsockname()[1]
+    # Accepted by hand (below): the listening sockets leave trio's listener objects.
+    socks = [socket.socket(fileno=l.socket.detach()) for l in listeners]
+    # The frame budget also bounds what a client may send in one message.
+    max_message = max_frame + 64
+
+    async def connection(raw: socket.socket, remote: str) -> None:
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(raw))
+        wire: trio.abc.Stream = stream
+        try:
+            if ssl_context is not None:
+                wire = trio.SSLStream(stream, ssl_context, server_side=True, https_compatible=True)
+            conn = wsframes.ServerConnection(max_message)
+            upgraded = False
+            with trio.move_on_after(handshake_timeout) as scope:
+                upgraded = await _upgrade(wire, conn, remote)
+            if scope.cancelled_caught:
+                log.info("no websocket upgrade from %s within %gs", remote, handshake_timeout)
+            if not upgraded:
+                return
+            channel = ServerChannel(wire, conn, max_frame=max_frame, remote=remote,
+                                    raw=raw if ssl_context is None else None)
+            try:
+                await handler(channel)
+            except (ProtocolError, ChannelClosed):
+                pass  # a protocol error was logged and closed by the channel
+            except Exception:
+                log.exception("control connection handler failed for %s", remote)
+            finally:
+                await channel.aclose()
+        except Exception:  # one connection's failure never reaches the server's nursery
+            log.exception("control connection from %s failed", remote)
+        finally:
+            if pending is not None:
+                pending.release(remote)
+            await trio.aclose_forcefully(wire)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for sock in socks:
+                nursery.start_soon(_accept_loop, sock, nursery, connection, pending, ssl_context is not None)
+            task_status.started(bound)
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+_ACCEPT_BATCH = 4096
+"""The most connections accepted in one go: in practice all that wait (the kernel's
+backlog is at most ``somaxconn`` deep); those past the pending cap cost a ``503`` each."""
+
+
+async def _accept_loop(sock: socket.socket, nursery: trio.Nursery, connection: Any,
+                       pending: PendingHandshakes | None, tls: bool) -> None:
+    """Accept every connection waiting each time the socket is readable.
+
+    trio's own listener takes one connection per trip through its scheduler, and a batch
+    of 64 did no better in a storm: with 5,000 neurons' heartbeats a trip took about a
+    second, so joins came 64 a second while the kernel's accept queue grew older than the
+    neurons' handshake deadline."""
+    sock.setblocking(False)
+    while True:
+        await trio.lowlevel.wait_readable(sock)
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                raw, addr = sock.accept()
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno in _ACCEPT_RETRY:
+                    log.error("accept failed (%s); retrying in 0.1 s", errno.errorcode.get(exc.errno or 0, exc))
+                    await trio.sleep(0.1)
+                    break
+                if exc.errno == errno.ECONNABORTED:  # reset while it waited in the backlog
+                    continue
+                raise
+            remote = f"[{addr[0]}]:{addr[1]}" if raw.family == socket.AF_INET6 else f"{addr[0]}:{addr[1]}"
+            if pending is not None and not pending.admit(remote, trio.current_time()):
+                _turn_away(raw, pending, tls)
+                continue
+            nursery.start_soon(connection, raw, remote)
+
+
+def _turn_away(raw: socket.socket, pending: PendingHandshakes, tls: bool) -> None:
+    if pending.refused in (1, 10, 100) or pending.refused % 1000 == 0:
+        log.warning("%d pending handshakes: refused %d connections so far", len(pending), pending.refused)
+    if not tls:
+        # A websocket client fails its connect at once on this answer (a bare close before
+        # the upgrade's answer leaves trio-websocket waiting out its whole connect timeout)
+        # and the neuron redials on its backoff with jitter. A fresh socket's send buffer is
+        # empty: the non-blocking send takes it all.
+        try:
+            raw.send(_BUSY)
+        except OSError:
+            pass
+    raw.close()
+
+
+_BUSY = wsupgrade.reject(503, retry_after=1)
+
+
+async def _upgrade(stream: trio.abc.Stream, conn: wsframes.ServerConnection, remote: str) -> bool:
+    """Read and answer the upgrade (the caller holds the deadline); bytes after the head go
+    to ``conn``. False when the client went away or was refused (answered, then closed)."""
+    buf = b""
+    try:
+        while (end := wsupgrade.head_end(buf)) < 0:
+            data = await stream.receive_some(_READ)
+            if not data:
+                return False
+            buf += data
+        key = wsupgrade.parse_upgrade(buf[:end])
+    except wsupgrade.UpgradeRejected as exc:
+        log.info("websocket upgrade from %s refused: %s", remote, exc.reason)
+        try:
+            await stream.send_all(wsupgrade.reject(exc.status, exc.reason))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        return False
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        log.info("a connection from %s went away before its websocket upgrade: %s", remote, exc)
+        return False
+    try:
+        await stream.send_all(wsupgrade.accept(key))
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return False
+    conn.receive_data(buf[end:])
+    return True
