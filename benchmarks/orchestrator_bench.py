@@ -14,6 +14,10 @@ to first token, p50 and p90, over every turn and over the follow-up turns alone.
 memory for two of them at a time), popularity 50/30/20 %, under each eviction policy
 (``cost`` with its default holds, ``lru``, ``fifo``): loads, latency p50/p99 from arrival
 to answer, and requests answered within a deadline.
+
+``swap-replay``: the same workload on trio's virtual clock, through the cortex's own
+orchestrator over a neuron double (no processes, no noise from a shared machine:
+deterministic figures for the policies' decisions alone; ``--rounds 8`` takes seconds).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "e2e"))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "tests" / "cortex"))  # swap-replay's neuron double
 from procs import Cortex, ProcGroup  # noqa: E402
 
 CHAT = "smollm2-135m-instruct"
@@ -171,9 +176,15 @@ metadata = {{ tokens = 16, tokens_per_second = 32, load_seconds = {load_seconds}
 
 
 def burst(requests: int, seconds: float, seed: int) -> list[tuple[float, str]]:
+    """Arrivals uniform over ``seconds``; exactly 50/30/20 % of them for A, B and C, in a
+    random order (drawing each request's model instead gave B more requests than A in the
+    first two rounds)."""
     rng = random.Random(seed)
     arrivals = sorted(rng.uniform(0, seconds) for _ in range(requests))
-    return [(t, rng.choices("ABC", weights=(50, 30, 20))[0]) for t in arrivals]
+    models = [m for m, share in zip("ABC", (50, 30, 20)) for _ in range(round(requests * share / 100))]
+    models += ["A"] * (requests - len(models))
+    rng.shuffle(models)
+    return list(zip(arrivals, models))
 
 
 def swap_arm(policy: str, work: Path, plan: list[tuple[float, str]], load_seconds: float,
@@ -201,9 +212,57 @@ def swap_arm(policy: str, work: Path, plan: list[tuple[float, str]], load_second
         return loads, latencies
 
 
-def part_swap(rounds: int, requests: int, load_seconds: float = 2.0, deadline: float = 30.0) -> None:
+def replay_arm(policy: str, work: Path, plan: list[tuple[float, str]], load_seconds: float,
+               deadline: float) -> tuple[int, list[float | None]]:
+    """:func:`swap_arm` on trio's virtual clock: the cortex's real orchestrator over a
+    neuron double (``tests/cortex/neuron_double.py``) that answers and loads as the
+    synthetic backend does, so the policies' decisions alone set the figures."""
+    import trio
+    import trio.testing
+    from helexa.protocol import GenerateRequest, SamplingParams, Task
+    from helexa.roles.cortex.catalogue import Catalogue, CatalogueEntry
+    from helexa.roles.cortex.fleet import Fleet
+    from helexa.roles.cortex.orchestrator import Orchestrator
+    from neuron_double import NeuronDouble, hardware
+    from serving import cortex_config
+
+    catalogue = Catalogue([CatalogueEntry(id=m, backend="synthetic", memory_mb=4000,
+                                          config={"metadata": {"n_parallel": 2}}) for m in "ABC"])
+    config = cortex_config(orchestrator={"swap_policy": policy, "queue_timeout": 120})  # two fit in 90 % of 10 GB
+    latencies: list[float | None] = [None] * len(plan)
+
+    async def main() -> int:
+        fleet = Fleet()
+        neuron = NeuronDouble("n1", fleet, hw=hardware(ram_gb=10), tokens=16, token_delay=1 / 32,
+                              load_delay=load_seconds)
+        orch = Orchestrator(config, fleet, catalogue)
+
+        async def one(i: int) -> None:
+            at, model = plan[i]
+            await trio.sleep_until(start + at)
+            request = GenerateRequest(f"r{i}", model, Task.CHAT, messages=({"role": "user", "content": f"request {i}"},),
+                                      sampling=SamplingParams())
+            async with orch.generate(request) as gen:
+                async for _ in gen:
+                    pass
+            latencies[i] = trio.current_time() - (start + at)
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(orch.run)
+            start = trio.current_time() + 0.5
+            async with trio.open_nursery() as clients:
+                for i in range(len(plan)):
+                    clients.start_soon(one, i)
+            nursery.cancel_scope.cancel()
+        return len(neuron.loads())
+
+    return trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0)), latencies
+
+
+def part_swap(rounds: int, requests: int, load_seconds: float = 2.0, deadline: float = 30.0,
+              replay: bool = False) -> None:
     print(f"(b) {requests} requests over 15 s for three synthetic models (load {load_seconds:g} s, two fit), "
-          f"deadline {deadline:g} s")
+          f"deadline {deadline:g} s" + (", replayed on virtual time" if replay else f"; load average {_load()}"))
     results: dict[str, list] = {"cost": [], "lru": [], "fifo": []}
     loads: dict[str, list[int]] = {p: [] for p in results}
     for r in range(rounds):
@@ -211,7 +270,7 @@ def part_swap(rounds: int, requests: int, load_seconds: float = 2.0, deadline: f
         order = list(results)[r % 3:] + list(results)[:r % 3]
         for policy in order:
             with tempfile.TemporaryDirectory(prefix="orch-bench-") as tmp:
-                n, got = swap_arm(policy, Path(tmp), plan, load_seconds, deadline)
+                n, got = (replay_arm if replay else swap_arm)(policy, Path(tmp), plan, load_seconds, deadline)
             loads[policy].append(n)
             results[policy] += got
             done = [x for x in got if x is not None]
@@ -222,8 +281,10 @@ def part_swap(rounds: int, requests: int, load_seconds: float = 2.0, deadline: f
     for policy, got in results.items():
         done = [x for x in got if x is not None]
         within = sum(1 for x in done if x <= deadline)
-        print(f"| {policy} | {statistics.mean(loads[policy]):.1f} | {_q(done, 50):.2f} s | {_q(done, 99):.2f} s | "
+        print(f"| {policy} | {statistics.mean(loads[policy]):.2f} | {_q(done, 50):.2f} s | {_q(done, 99):.2f} s | "
               f"{within}/{len(got)} |")
+    if not replay:
+        print(f"load average {_load()}")
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -249,7 +310,7 @@ def _p(pairs: list[tuple[int, float]], pct: float) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=("cache", "swap", "all"), default="all")
+    ap.add_argument("--part", choices=("cache", "swap", "swap-replay", "all"), default="all")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--conversations", type=int, default=4)
     ap.add_argument("--turns", type=int, default=4)
@@ -263,6 +324,8 @@ def main() -> None:
         part_cache(args.rounds, args.conversations, args.turns, args.think, not args.no_slot_affinity)
     if args.part in ("swap", "all"):
         part_swap(args.rounds, args.requests)
+    if args.part == "swap-replay":
+        part_swap(args.rounds, args.requests, replay=True)
 
 
 if __name__ == "__main__":

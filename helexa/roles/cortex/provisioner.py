@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from typing import TYPE_CHECKING, Any
 
@@ -126,6 +126,7 @@ class Provisioner:
         """When each (neuron, model) became resident (first sight, for what was there before)."""
         self.draining: set[tuple[str, str]] = set()
         """(neuron, model) pairs being unloaded: no new work goes there."""
+        self._swapped: set[str] = set()  # models draining to make room for another
         self.evictions: dict[str, tuple[str, ...]] = {}
         """The evictions each model's last load caused."""
         self._pending: dict[str, str] = {}  # model -> neuron of a load under way
@@ -231,9 +232,8 @@ class Provisioner:
                                              retry_after=self.settings.retry_after) from None
                     raise NoCapacity(str(exc), retry_after=self.settings.retry_after) from None
             self._pending[entry.id] = plan.node_id
-            started = trio.current_time()
             try:
-                await self._carry_out(entry, plan)
+                started = await self._carry_out(entry, plan)
             except (FleetError, _Refused) as exc:
                 log.warning("loading %s on %s failed: %s", entry.id, plan.node_id, exc)
                 failed.add(plan.node_id)
@@ -246,9 +246,8 @@ class Provisioner:
                             on_progress: Callable[[LoadProgress], None] | None = None) -> str:
         """The operator's load: on ``plan``'s neuron only (a failure there is the answer)."""
         self._pending[entry.id] = plan.node_id
-        started = trio.current_time()
         try:
-            await self._carry_out(entry, plan, on_progress)
+            started = await self._carry_out(entry, plan, on_progress)
         except (FleetError, _Refused) as exc:
             log.warning("loading %s on %s failed: %s", entry.id, plan.node_id, exc)
             raise ColdLoadFailed(f"loading model {entry.id!r} on {plan.node_id} failed: {exc}",
@@ -256,7 +255,8 @@ class Provisioner:
         return self._loaded(entry, plan, started, " as the operator asked")
 
     def _loaded(self, entry: CatalogueEntry, plan: LoadPlan, started: float, how: str) -> str:
-        """Record a load that succeeded (its time is what eviction weighs); return the node."""
+        """Record a load that succeeded (its time, from ``started``, is what eviction weighs);
+        return the node."""
         now = trio.current_time()
         elapsed = now - started
         self.load_times[entry.id] = elapsed
@@ -269,7 +269,9 @@ class Provisioner:
         return plan.node_id
 
     async def _carry_out(self, entry: CatalogueEntry, plan: LoadPlan,
-                         on_progress: Callable[[LoadProgress], None] | None = None) -> None:
+                         on_progress: Callable[[LoadProgress], None] | None = None) -> float:
+        """Evict (draining first), then load; returns when the load itself began (what it
+        costs to bring the model back excludes the victims' drains)."""
         link = self.fleet.get(plan.node_id)
         if link is None:
             raise _Refused(f"neuron {plan.node_id} left")
@@ -295,6 +297,7 @@ class Provisioner:
             if on_progress is not None:
                 on_progress(event)
 
+        started = trio.current_time()
         parent = self.trace_parents.pop(entry.id, None)
         span = telemetry.tracer().start_span("provisioner.load", context=parent, attributes={
             "helexa.model": entry.id, "helexa.neuron": plan.node_id,
@@ -310,6 +313,7 @@ class Provisioner:
             self.load_progress.pop(entry.id, None)
             if span is not None:
                 span.end()
+        return started
 
     async def command(self, link, command, timeout: float, on_progress=None) -> None:  # type: ignore[no-untyped-def]
         """Send a provisioning ``command``; raises a :class:`FleetError` when it failed or
@@ -326,6 +330,8 @@ class Provisioner:
         if link is None or key in self.draining:
             return
         self.draining.add(key)
+        if reason == "swap":
+            self._swapped.add(unload.model_id)
         try:
             grace = self.settings.drain_grace
             began = trio.current_time()
@@ -348,6 +354,7 @@ class Provisioner:
             self._on_unloaded(*key)
         finally:
             self.draining.discard(key)
+            self._swapped.discard(unload.model_id)
             self._idle.pop(key, None)
             self._wake.set()
 
@@ -412,7 +419,11 @@ class Provisioner:
         """Start the loads the queue needs now (each :mod:`.housekeeping` pass); return when to
         plan again (None: on a change)."""
         resident = {r.model_id for v in views for r in v.residents}
-        wanted = [d for m, d in demand.items() if m not in self._flights and m in self.catalogue]
+        # A model draining to make room is not planned back before it left: its requests wait
+        # their turn, rather than evict a third model for it.
+        wanted = [replace(d, rate=self.live.rate(m, now), load_time=self.load_times.get(m))
+                  for m, d in demand.items() if m not in self._flights and m not in self._swapped
+                  and m in self.catalogue]
         if not wanted:
             return None
         plans, retry = plan_loads([d for d in wanted if d.model_id not in resident],

@@ -66,6 +66,8 @@ class Demand:
     waiting: int
     oldest: float  # arrival time of the longest waiter
     priority: int  # the best class waiting
+    rate: float = 0.0  # recent requests per second (the provisioner fills it in)
+    load_time: float | None = None  # its last measured load, seconds (likewise)
 
 
 @dataclass
