@@ -42,29 +42,16 @@ from .fleet import Fleet, FleetError
 from .housekeeping import Housekeeping
 from .metrics import Metrics, OrchestratorMetrics
 from .operator_actions import OperatorActions
-from .placement import (
-    LoadPlan,
-    NodeView,
-    NoPlacement,
-    Policy,
-    Resident,
-    Unload,
-    idle_unloads,
-    place,
-    plan_loads,
-    warm_loads,
-)
+from .placement import LoadPlan, NodeView, NoPlacement, Policy, Resident, Unload, place, plan_loads
 from .queue import Demand
 from .scheduler import LiveLoad
 
 if TYPE_CHECKING:
     from .config import OrchestratorConfig
 
-__all__ = ["LoadPlan", "NoPlacement", "NodeView", "Policy", "Provisioner", "Resident", "Unload", "idle_unloads",
-           "place", "plan_loads", "warm_loads"]
+__all__ = ["Provisioner"]
 
 log = logging.getLogger(__name__)
-
 
 
 # --- the shell ---------------------------------------------------------------------------
@@ -133,7 +120,6 @@ class Provisioner:
         self._idle: dict[tuple[str, str], trio.Event] = {}
         self.trace_parents: dict[str, Any] = {}
         """Model -> the trace context of the first request waiting for its load (tracing on)."""
-        self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         self.operator = OperatorActions(self)
         """The operator's commands: load here, unload there, pull, pin."""
@@ -175,7 +161,11 @@ class Provisioner:
 
     def wake(self) -> None:
         """Something the plans depend on changed (a request queued or ended): plan again."""
-        self._wake.set()
+        self.housekeeping.wake()
+
+    def demand(self) -> dict[str, Demand]:
+        """What the admission queue waits for, per model."""
+        return self._demand()
 
     def released(self, node_id: str, model_id: str) -> None:
         """A request of ``model_id`` on ``node_id`` ended: an unload draining it may go on."""
@@ -214,7 +204,7 @@ class Provisioner:
             del self._flights[entry.id]
             self._pending.pop(entry.id, None)
             flight.done.set()
-            self._wake.set()
+            self.wake()
         if flight.error is not None and plan is not None:
             self._on_load_failed(entry.id, flight.error)
 
@@ -356,7 +346,7 @@ class Provisioner:
             self.draining.discard(key)
             self._swapped.discard(unload.model_id)
             self._idle.pop(key, None)
-            self._wake.set()
+            self.wake()
 
     # --- for the operator's paths (:mod:`.operator_actions`) -------------------------------
 
@@ -386,7 +376,7 @@ class Provisioner:
     def pin_changed(self, model_id: str, node_id: str) -> None:
         """A pin was added: load it at once, even if its last load failed."""
         self.housekeeping.pin_changed(model_id, node_id)
-        self._wake.set()
+        self.wake()
 
     def _operator_flight(self, entry: CatalogueEntry, plan: LoadPlan) -> _Flight:
         if self._nursery is None:
@@ -415,9 +405,9 @@ class Provisioner:
             finally:
                 self._nursery = None
 
-    def _plan(self, demand: dict[str, Demand], views: list[NodeView], now: float) -> float | None:
-        """Start the loads the queue needs now (each :mod:`.housekeeping` pass); return when to
-        plan again (None: on a change)."""
+    def start_queue_loads(self, demand: dict[str, Demand], views: list[NodeView], now: float) -> float | None:
+        """Start the loads the queue needs now (``views``: :meth:`views` of ``demand``; each
+        :mod:`.housekeeping` pass calls it); return when to plan again (None: on a change)."""
         resident = {r.model_id for v in views for r in v.residents}
         # A model draining to make room is not planned back before it left: its requests wait
         # their turn, rather than evict a third model for it.
