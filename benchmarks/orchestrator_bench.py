@@ -276,12 +276,13 @@ def part_swap(rounds: int, requests: int, load_seconds: float = 2.0, deadline: f
             done = [x for x in got if x is not None]
             print(f"  round {r + 1} {policy:5s}: loads {n:3d}  p50 {_q(done, 50):6.2f}  p99 {_q(done, 99):6.2f}  "
                   f"within {deadline:g} s {sum(1 for x in done if x <= deadline)}/{len(got)}")
-    print("\n| policy | loads (per round) | latency p50 | latency p99 | answered within the deadline |")
-    print("|---|---|---|---|---|")
+    print("\n| policy | loads (per round) | latency p50 | p90 | p99 | mean | answered within the deadline |")
+    print("|---|---|---|---|---|---|---|")
     for policy, got in results.items():
         done = [x for x in got if x is not None]
         within = sum(1 for x in done if x <= deadline)
-        print(f"| {policy} | {statistics.mean(loads[policy]):.2f} | {_q(done, 50):.2f} s | {_q(done, 99):.2f} s | "
+        print(f"| {policy} | {statistics.mean(loads[policy]):.2f} ({', '.join(map(str, loads[policy]))}) | "
+              f"{_q(done, 50):.2f} s | {_q(done, 90):.2f} s | {_q(done, 99):.2f} s | {statistics.mean(done):.2f} s | "
               f"{within}/{len(got)} |")
     if not replay:
         print(f"load average {_load()}")

@@ -220,3 +220,28 @@ def test_residency_and_drain_last_at_most_the_residents_measured_load_time() -> 
     with pytest.raises(NoPlacement) as info:
         place(entry("m", 1000), [node("a", 1, slow)], policy=capped, now=100.0)
     assert info.value.retry_at == 125.0  # the configured residency stays the most
+
+
+def test_a_residency_ends_once_the_requests_waiting_have_together_waited_twice_the_residents_hold() -> None:
+    capped = Policy("cost", min_residency=30.0, swap_drain=10.0, hold_loads=1.0)
+    young = res("young", loaded_at=99.0, load_time=2.0)  # held until 101 (one 2 s load)
+    few = Demand("m", waiting=1, oldest=99.5, priority=1, arrived_sum=99.5)
+    plans, retry = plan_loads([few], {"m": entry("m")}, [node("a", 1, young)], policy=capped, now=100.0)
+    assert plans == [] and retry == 101.0  # one request, 0.5 s waited: the residency holds
+    # Three requests have waited 1 s each by 100: 3 s of the 4 (twice the hold); at 3 s of
+    # waiting a second between them, the 4th comes at 100.33.
+    many = Demand("m", waiting=3, oldest=99.0, priority=1, arrived_sum=3 * 99.0)
+    plans, retry = plan_loads([many], {"m": entry("m")}, [node("a", 1, young)], policy=capped, now=100.0)
+    assert plans == [] and retry == pytest.approx(100.0 + 1 / 3)
+    plans, _ = plan_loads([many], {"m": entry("m")}, [node("a", 1, young)], policy=capped, now=100.5)
+    assert [p.evict for p in plans] == [("young",)]
+    # A resident with requests of its own queued would strand them: the bar rises with them.
+    queued = res("queued", loaded_at=99.0, load_time=2.0, queued=2)
+    with pytest.raises(NoPlacement):
+        place(entry("m"), [node("a", 1, queued)], policy=capped, now=100.5, waited=5.0, pressure=(4.5, 3))
+    assert place(entry("m"), [node("a", 1, queued)], policy=capped, now=100.5, waited=5.0,
+                 pressure=(12.0, 3)).evict == ("queued",)
+    # Without hold_loads the configured residency holds however long they wait.
+    plans, retry = plan_loads([many], {"m": entry("m")}, [node("a", 1, young)],
+                              policy=Policy("cost", min_residency=30.0, swap_drain=10.0), now=110.0)
+    assert plans == [] and retry == 129.0

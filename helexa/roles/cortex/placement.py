@@ -21,7 +21,9 @@ Eviction follows a :class:`Policy`:
     work queued for it; requests running on it are drained, not lost), least recently used
     on a tie; a cheaper one still protected is waited for, at most its drain, rather than
     a dearer one evicted now. With ``hold_loads``, a model whose load time was measured is
-    held (resident, or draining its own work) at most that many load times. Waiting models
+    held (resident, or draining its own work) at most that many load times, and its
+    residency ends sooner once the requests waiting for the room have waited, together,
+    :data:`RESIDENCY_PRESSURE` such holds (per request of its own it would strand). Waiting models
     are loaded by class, then by how many wait, then by the longest wait: requests are
     grouped by model instead of swapping at each arrival.
 ``lru``
@@ -47,6 +49,10 @@ DEFAULT_LOAD_SECONDS = 10.0
 """What bringing back a model costs before its load was ever measured."""
 DEMAND_HORIZON = 60.0
 """Queued or running work counts as this many seconds of demand, against the request rate."""
+RESIDENCY_PRESSURE = 2.0
+"""With ``hold_loads``, a resident's minimum residency ends once the requests waiting for
+the room have waited, together, this many times ``hold_loads`` times what bringing the
+resident back would cost (its load time, for each request queued for it and one more)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +124,8 @@ def value(r: Resident) -> float:
 
 
 def _protected_until(r: Resident, entry: CatalogueEntry, policy: Policy, now: float,
-                     waited: float, worth: float = math.inf) -> float | None:
+                     waited: float, worth: float = math.inf, pressure: tuple[float, int] = (0.0, 0)
+                     ) -> float | None:
     """When ``r`` may give way to ``entry`` (``now`` or before: it may), or None: never."""
     if not r.evictable or r.priority > entry.priority:
         return None
@@ -127,12 +134,16 @@ def _protected_until(r: Resident, entry: CatalogueEntry, policy: Policy, now: fl
     if r.keep_warm or r.pinned:
         return None
     residency, drain = policy.min_residency, policy.swap_drain
+    until = max(now, r.loaded_at + residency)
     if policy.hold_loads > 0 and r.load_time is not None:
         # Holding a model longer than it takes to load it again saves less than it costs the
-        # model waiting for the room (a mixed stream A B A C still loads A once).
-        residency = min(residency, policy.hold_loads * r.load_time)
-        drain = min(drain, policy.hold_loads * r.load_time)
-    until = max(now, r.loaded_at + residency)
+        # model waiting for the room (a mixed stream A B A C still loads A once); so does
+        # holding it once the requests waiting have waited, together, well past its load.
+        hold = policy.hold_loads * r.load_time
+        drain = min(drain, hold)
+        waited_sum, waiting = pressure
+        pressed = now + max(0.0, RESIDENCY_PRESSURE * hold * (1 + r.queued) - waited_sum) / max(1, waiting)
+        until = max(now, min(r.loaded_at + min(residency, hold), pressed))
     # Its own work drains first; and a model wanted more than the newcomer is not given up
     # for it at once (the newcomer's wait grows its claim, up to the drain).
     if (r.busy or r.queued or value(r) > worth) and waited < drain:
@@ -149,7 +160,7 @@ def _patience(r: Resident, policy: Policy) -> float:
 
 
 def _evictions(entry: CatalogueEntry, node: NodeView, headroom: float, policy: Policy = Policy(), now: float = 0.0,
-               waited: float = 0.0, worth: float = math.inf) -> tuple[tuple[str, ...] | None, float | None]:
+               waited: float = 0.0, worth: float = math.inf, pressure: tuple[float, int] = (0.0, 0)) -> tuple[tuple[str, ...] | None, float | None]:
     """Residents to unload from ``node`` so ``entry`` fits (None: not now), and when that
     could change (None: not by waiting)."""
     pool = [r for r in node.residents if r.on_gpu == entry.on_gpu]
@@ -158,7 +169,7 @@ def _evictions(entry: CatalogueEntry, node: NodeView, headroom: float, policy: P
         return (), None
     ready, later = [], []
     for r in pool:
-        until = _protected_until(r, entry, policy, now, waited, worth)
+        until = _protected_until(r, entry, policy, now, waited, worth, pressure)
         if until is not None:
             (ready if until <= now else later).append((until, r))
     if policy.kind == "cost":
@@ -183,17 +194,18 @@ def _evictions(entry: CatalogueEntry, node: NodeView, headroom: float, policy: P
 
 def place(entry: CatalogueEntry, nodes: list[NodeView], *, headroom: float = 1.0,
           exclude: frozenset[str] = frozenset(), policy: Policy = Policy(), now: float = 0.0,
-          waited: float = 0.0, worth: float = math.inf) -> LoadPlan:
+          waited: float = 0.0, worth: float = math.inf, pressure: tuple[float, int] = (0.0, 0)) -> LoadPlan:
     """Choose the neuron for a load of ``entry`` (``waited``: how long its oldest request
     has waited; ``worth``: its :func:`worth`, inf for a load nobody queued for, which a
-    resident's value never holds off). Raises :class:`NoPlacement`."""
+    resident's value never holds off; ``pressure``: the seconds its requests have waited,
+    summed, and how many wait). Raises :class:`NoPlacement`."""
     feasible = [n for n in nodes if n.node_id not in exclude and entry.is_feasible_on(n.hardware)]
     if not feasible:
         raise NoPlacement(f"no connected neuron has the hardware for model {entry.id!r}", ever=False)
     ranked = []
     retry: float | None = None
     for n in feasible:
-        evict, until = _evictions(entry, n, headroom, policy, now, waited, worth)
+        evict, until = _evictions(entry, n, headroom, policy, now, waited, worth, pressure)
         if evict is None:
             if until is not None:
                 retry = until if retry is None else min(retry, until)
@@ -231,7 +243,7 @@ def plan_loads(needs: Iterable[Demand], entries: Mapping[str, CatalogueEntry], n
             continue
         try:
             plan = place(entry, views, headroom=headroom, policy=policy, now=now, waited=now - need.oldest,
-                         worth=worth(need))
+                         worth=worth(need), pressure=(need.waiting * now - need.arrived_sum, need.waiting))
         except NoPlacement as exc:
             if exc.retry_at is not None:
                 retry = exc.retry_at if retry is None else min(retry, exc.retry_at)
