@@ -240,8 +240,8 @@ def replay_arm(policy: str, work: Path, plan: list[tuple[float, str]], load_seco
         async def one(i: int) -> None:
             at, model = plan[i]
             await trio.sleep_until(start + at)
-            request = GenerateRequest(f"r{i}", model, Task.CHAT, messages=({"role": "user", "content": f"request {i}"},),
-                                      sampling=SamplingParams())
+            request = GenerateRequest(f"r{i}", model, Task.CHAT, sampling=SamplingParams(),
+                                      messages=({"role": "user", "content": f"request {i}"},))
             async with orch.generate(request) as gen:
                 async for _ in gen:
                     pass

@@ -160,7 +160,8 @@ def _patience(r: Resident, policy: Policy) -> float:
 
 
 def _evictions(entry: CatalogueEntry, node: NodeView, headroom: float, policy: Policy = Policy(), now: float = 0.0,
-               waited: float = 0.0, worth: float = math.inf, pressure: tuple[float, int] = (0.0, 0)) -> tuple[tuple[str, ...] | None, float | None]:
+               waited: float = 0.0, worth: float = math.inf, pressure: tuple[float, int] = (0.0, 0)
+               ) -> tuple[tuple[str, ...] | None, float | None]:
     """Residents to unload from ``node`` so ``entry`` fits (None: not now), and when that
     could change (None: not by waiting)."""
     pool = [r for r in node.residents if r.on_gpu == entry.on_gpu]
