@@ -244,7 +244,8 @@ def plan_loads(needs: Iterable[Demand], entries: Mapping[str, CatalogueEntry], n
             continue
         try:
             plan = place(entry, views, headroom=headroom, policy=policy, now=now, waited=now - need.oldest,
-                         worth=worth(need), pressure=(need.waiting * now - need.arrived_sum, need.waiting))
+                         worth=worth(need), pressure=(0.0, 0) if need.arrived_sum is None
+                         else (need.waiting * now - need.arrived_sum, need.waiting))
         except NoPlacement as exc:
             if exc.retry_at is not None:
                 retry = exc.retry_at if retry is None else min(retry, exc.retry_at)

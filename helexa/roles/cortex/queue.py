@@ -66,7 +66,7 @@ class Demand:
     waiting: int
     oldest: float  # arrival time of the longest waiter
     priority: int  # the best class waiting
-    arrived_sum: float = 0.0  # the waiters' arrival times summed: together they have waited waiting * now - this
+    arrived_sum: float | None = None  # their arrival times summed: they have waited waiting * now - this
     rate: float = 0.0  # recent requests per second (the provisioner fills it in)
     load_time: float | None = None  # its last measured load, seconds (likewise)
 
