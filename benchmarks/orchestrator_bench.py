@@ -1,8 +1,9 @@
 """The orchestrator's policies against real processes (a cortex and its neurons, as a user
 starts them), each A/B interleaved in rounds on fresh processes:
 
-    flock /tmp/helexa-bench.lock .venv/bin/python benchmarks/orchestrator_bench.py [--part cache|swap|all]
-        [--rounds 2] [--conversations 4] [--turns 4] [--think 2] [--no-slot-affinity] [--requests 60]
+    flock /tmp/helexa-bench.lock .venv/bin/python benchmarks/orchestrator_bench.py [--part cache|swap|swap-replay|all]
+        [--rounds 2] [--conversations 4] [--turns 4] [--think 2] [--no-slot-affinity] [--cache-max-skew N]
+        [--requests 60]
 
 ``cache``: multi-turn conversations over two neurons with real SmolLM2 (a long system
 prompt every conversation shares, a document of its own, short questions; users start
@@ -115,9 +116,11 @@ def loaded_on(cortex: Cortex, model: str) -> list[str]:
 
 
 def cache_arm(routing: str, work: Path, conversations: int, turns: int, think: float,
-              slot_affinity: bool) -> list[tuple[int, float]]:
+              slot_affinity: bool, max_skew: int | None = None) -> list[tuple[int, float]]:
+    skew = "" if max_skew is None else f"cache_max_skew = {max_skew}\n"
     with ProcGroup(work) as procs:
-        cortex = procs.cortex(models=cache_models(slot_affinity), config=f'[orchestrator]\nrouting = "{routing}"\n')
+        cortex = procs.cortex(models=cache_models(slot_affinity),
+                              config=f'[orchestrator]\nrouting = "{routing}"\n{skew}')
         for n in ("n1", "n2"):
             procs.neuron(cortex, n)
         # Three at once on two slots: the third waits, and the queue copies the model to n2.
@@ -141,14 +144,16 @@ def cache_arm(routing: str, work: Path, conversations: int, turns: int, think: f
         return out
 
 
-def part_cache(rounds: int, conversations: int, turns: int, think: float, slot_affinity: bool) -> None:
+def part_cache(rounds: int, conversations: int, turns: int, think: float, slot_affinity: bool,
+               max_skew: int | None = None) -> None:
     print(f"(a) {conversations} conversations x {turns} turns over two neurons, SmolLM2, think time "
-          f"{think:g} s, slot affinity {'on' if slot_affinity else 'off'}; TTFT in seconds; load average {_load()}")
+          f"{think:g} s, slot affinity {'on' if slot_affinity else 'off'}, cache_max_skew "
+          f"{2 if max_skew is None else max_skew}; TTFT in seconds; load average {_load()}")
     results: dict[str, list[tuple[int, float]]] = {"cache": [], "least_busy": []}
     for r in range(rounds):
         for routing in (("cache", "least_busy") if r % 2 == 0 else ("least_busy", "cache")):
             with tempfile.TemporaryDirectory(prefix="orch-bench-") as tmp:
-                got = cache_arm(routing, Path(tmp), conversations, turns, think, slot_affinity)
+                got = cache_arm(routing, Path(tmp), conversations, turns, think, slot_affinity, max_skew)
             results[routing] += got
             print(f"  round {r + 1} {routing:10s}: p50 {_p(got, 50):6.2f}  follow-ups p50 "
                   f"{_p([x for x in got if x[0] > 0], 50):6.2f}  (load average {_load()})")
@@ -318,11 +323,15 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=60)
     ap.add_argument("--think", type=float, default=2.0,
                     help="(a) mean seconds a user reads an answer before the next turn (0: closed loop)")
+    ap.add_argument("--cache-max-skew", type=int, default=None,
+                    help="(a) the cache-aware arm's cache_max_skew (default: the config's, 2); 0: a neuron "
+                         "holding the prefix only when it is as idle as the least busy one")
     ap.add_argument("--no-slot-affinity", action="store_true",
                     help="(a) let llama.cpp choose each request's slot (the neurons' behaviour before slot affinity)")
     args = ap.parse_args()
     if args.part in ("cache", "all"):
-        part_cache(args.rounds, args.conversations, args.turns, args.think, not args.no_slot_affinity)
+        part_cache(args.rounds, args.conversations, args.turns, args.think, not args.no_slot_affinity,
+                   args.cache_max_skew)
     if args.part in ("swap", "all"):
         part_swap(args.rounds, args.requests)
     if args.part == "swap-replay":
