@@ -297,21 +297,17 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
         server = self._require_loaded()
         body = {"input": list(request.inputs)}
         self._admit()
-        try:
+        slot: int | None = None
+        try:  # llama.cpp ignores id_slot here: borrow() takes the slot it will most likely use
             while (slot := self._slots.borrow()) is None:
                 await self._slot_freed.park()
                 if self._server is None or self._unloading:
                     raise BackendError(f"model {self.config.model_id!r} was unloaded", code="model_not_loaded")
-        except BaseException:
-            self._slot_freed.unpark()
-            self._release()
-            raise
-        try:  # llama.cpp ignores id_slot here: borrow() took the slot it will most likely use
             answer = await trio.to_thread.run_sync(server.handle_embeddings, body)
         finally:
-            # With the prompt cache off, the embedding's tokens replaced the slot's cache.
-            self._slots.give_back(slot, kept=self._cache_ram != 0)
-            self._slot_freed.unpark()
+            if slot is not None:  # with the prompt cache off, the embedding replaced the slot's cache
+                self._slots.give_back(slot, kept=self._cache_ram != 0)
+            self._slot_freed.unpark()  # the slot, or the turn this request was woken for, goes on
             self._release()
         openai_shapes.raise_for_error(answer)
         vectors = [item["embedding"] for item in sorted(answer["data"], key=lambda d: d["index"])]
