@@ -33,6 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+INLINE_CHARS = 32 * 1024
+"""Prompts up to this size are counted on the event loop's thread (tens of microseconds);
+longer ones in a worker thread, so that a megabyte of prompt never stalls an event loop."""
 MAX_METADATA_BYTES = 256 * 1024 * 1024
 """A GGUF whose metadata claims more than this is refused as corrupt."""
 

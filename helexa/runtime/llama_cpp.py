@@ -99,6 +99,7 @@ from .base import (
 )
 from .embeddings import pack_vectors
 from .gguf_file import check_gguf, default_gguf_path
+from .prompt_count import PromptCounter
 from .slot_table import SlotTable, render_answer, render_chat
 
 __all__ = ["LlamaCppBackend", "check_gguf", "context_message", "default_gguf_path"]
@@ -138,6 +139,7 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
         self._slot_ctx = max(1, self._n_ctx // max(1, self._n_parallel))
         self._native_tools = False
         self._http: httpx.Client | None = None  # to the server's own loopback port
+        self._counter: PromptCounter | None = None
         self._size = 0
         self._in_flight = 0
         self._cancels: set[threading.Event] = set()
@@ -207,6 +209,8 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
         if isinstance(settings.get("n_ctx"), int) and settings["n_ctx"] > 0:
             self._slot_ctx = settings["n_ctx"]
         self._native_tools = bool((props.get("chat_template_caps") or {}).get("supports_tool_calls"))
+        self._counter = PromptCounter(path)
+        self._counter.start()  # in the background: llama.cpp counts until it is read
         progress("load", size, size, "bytes")
 
     def _call(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -355,8 +359,11 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
     async def _check_context(self, request: GenerateRequest, body: dict[str, Any], generic: bool) -> None:
         """Refuse a prompt that does not fit one slot, before it waits for one. A count the
         cortex made is trusted (tools drawn in by the grammar add to it, so those are
-        recounted here); otherwise llama.cpp counts, off the trio thread."""
+        recounted here); otherwise the GGUF's own tokenizer where it counts exactly, else
+        llama.cpp, off the trio thread."""
         counted = request.prompt_tokens
+        if counted is None and not generic and self._counter is not None:
+            counted = await self._counter.count(request)
         if counted is None or generic:
             try:
                 counted = await trio.to_thread.run_sync(self.count_prompt, request, body)

