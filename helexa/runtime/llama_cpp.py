@@ -21,10 +21,10 @@ Metadata (``ModelConfig.metadata``):
     slot_affinity: run each request in the slot :class:`~.slot_table.SlotTable` chooses
         (default true; false: llama.cpp chooses, by ``slot_prompt_similarity``).
     cache_ram_mib, slot_prompt_similarity, n_cache_reuse: passed to llama.cpp: its
-        host-memory prompt cache (the xllamacpp build measured here never enables it:
-        setting it changed nothing), the prefix similarity above which llama.cpp itself
-        gives a request the slot holding its prompt (only without ``slot_affinity``), and
-        the chunk size for reusing a cached prompt past a changed middle (default 0: off).
+        host-memory prompt cache (default on: a slot's state is saved there when another
+        request takes the slot and restored when it comes back; 0: off), the similarity
+        above which llama.cpp gives a request the slot holding its prompt (without
+        ``slot_affinity``), the chunk for reusing a prompt past a changed middle (0: off).
         The cortex routes a conversation back to the neuron that served it (see
         ``helexa/roles/cortex/prefix.py``), and slot affinity back to its slot there.
 
@@ -32,7 +32,8 @@ Slots: each request runs in the slot :class:`~.slot_table.SlotTable` chooses (``
 unless ``slot_affinity`` is false):
 the one its conversation used last, else an empty one, else the least recently used, so
 that a conversation finds its prefix cached however the requests interleave. Requests
-beyond the slots wait here (in arrival order) for one to be free.
+beyond the slots wait here (in arrival order) for one to be free; embeddings too
+(:meth:`~.slot_table.SlotTable.borrow`: llama.cpp picks their slots itself).
 
 Cancellation: leaving the stream (``aclose``, or cancelling the task iterating it) makes the
 streaming callback answer True to llama.cpp at its next chunk, which cancels the task and
@@ -147,6 +148,7 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
         self._slots = SlotTable(self._n_parallel)
         self._slot_affinity = bool(md.get("slot_affinity", True))
         self._slot_freed = trio.lowlevel.ParkingLot()
+        self._cache_ram = int(md.get("cache_ram_mib", -1))  # -1: llama.cpp's default (on)
         self._unloading = False
 
     @property
@@ -299,9 +301,17 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
         server = self._require_loaded()
         body = {"input": list(request.inputs)}
         self._admit()
-        try:
+        slot: int | None = None
+        try:  # llama.cpp ignores id_slot here: borrow() takes the slot it will most likely use
+            while (slot := self._slots.borrow()) is None:
+                await self._slot_freed.park()
+                if self._server is None or self._unloading:
+                    raise BackendError(f"model {self.config.model_id!r} was unloaded", code="model_not_loaded")
             answer = await trio.to_thread.run_sync(server.handle_embeddings, body)
         finally:
+            if slot is not None:  # with the prompt cache off, the embedding replaced the slot's cache
+                self._slots.give_back(slot, kept=self._cache_ram != 0)
+            self._slot_freed.unpark()  # the slot, or the turn this request was woken for, goes on
             self._release()
         openai_shapes.raise_for_error(answer)
         vectors = [item["embedding"] for item in sorted(answer["data"], key=lambda d: d["index"])]

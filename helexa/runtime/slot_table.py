@@ -20,6 +20,13 @@ to each slot:
 It is pure: the backend renders the prompt to text (:func:`render_chat`), asks
 :meth:`~SlotTable.choose` (None: every slot is busy, wait), and tells
 :meth:`~SlotTable.release` what the slot holds afterwards.
+
+Embeddings take a slot too, but llama.cpp chooses it itself (it ignores ``id_slot`` for
+them: by prompt similarity, else the least recently used idle slot). :meth:`~SlotTable.borrow`
+marks busy the slot it most likely takes (the least recently used idle one), so that no
+generation is sent to wait behind it while another slot is free, and
+:meth:`~SlotTable.give_back` returns it, with what it held (llama.cpp's host-memory prompt
+cache saves and restores the conversation's state) or emptied (that cache off).
 """
 
 from __future__ import annotations
@@ -106,6 +113,26 @@ class SlotTable:
         slot = self._slots[slot_id]
         slot.busy = False
         slot.held, slot.prompt = prompt + answer, len(prompt)
+
+    def borrow(self) -> int | None:
+        """Mark busy the idle slot llama.cpp gives a request that names none (an embedding):
+        the least recently used (one never used first); None when all are busy."""
+        idle = [i for i, s in enumerate(self._slots) if not s.busy]
+        if not idle:
+            return None
+        chosen = min(idle, key=lambda i: self._slots[i].used)
+        self._clock += 1
+        slot = self._slots[chosen]
+        slot.busy, slot.used = True, self._clock
+        return chosen
+
+    def give_back(self, slot_id: int, *, kept: bool) -> None:
+        """The embedding in ``slot_id`` ended; ``kept``: the slot still holds what it held
+        (restored from llama.cpp's prompt cache), else it holds nothing known."""
+        slot = self._slots[slot_id]
+        slot.busy = False
+        if not kept:
+            slot.held, slot.prompt = "", 0
 
     def holding(self) -> list[int]:
         """Characters each slot is known to hold (for logs and tests)."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from helexa.roles.cortex.catalogue import CatalogueEntry, Priority
-from helexa.roles.cortex.placement import NodeView, NoPlacement, Policy, Resident, place, plan_loads, value
+from helexa.roles.cortex.placement import NodeView, NoPlacement, Policy, Resident, place, plan_loads, value, worth
 from helexa.roles.cortex.queue import Demand, rank
 from neuron_double import hardware
 
@@ -82,6 +82,40 @@ def test_a_resident_models_own_work_drains_first_for_a_bounded_time() -> None:
             place(entry("m", 1000), [node("a", 1, r)], policy=COST, now=100.0, waited=4.0)
         assert info.value.retry_at == 106.0  # the newcomer has waited 4 s of the 10
         assert place(entry("m", 1000), [node("a", 1, r)], policy=COST, now=106.0, waited=10.0).evict == (r.model_id,)
+
+
+def test_requests_running_on_a_model_do_not_add_to_what_losing_it_costs() -> None:
+    # They are drained before it unloads, not lost; the requests waiting for it are.
+    assert value(res("x", rate=0.5, load_time=2.0, busy=True)) == value(res("x", rate=0.5, load_time=2.0))
+    assert value(res("x", rate=0.5, load_time=2.0, queued=6)) == pytest.approx(2.0 * (0.5 + 6 / 60))
+
+
+def test_a_resident_wanted_more_than_the_waiting_model_is_held_until_the_newcomer_waited_the_drain() -> None:
+    popular = res("popular", rate=2.0, load_time=2.0)  # idle, long resident, but asked for twice a second
+    rare = Demand("rare", waiting=1, oldest=100.0, priority=1, rate=0.5, load_time=2.0)
+    plans, retry = plan_loads([rare], {"rare": entry("rare")}, [node("a", 1, popular)], policy=COST, now=100.0)
+    assert plans == [] and retry == 110.0  # the rare model's first request has waited 0 s of the 10
+    plans, _ = plan_loads([rare], {"rare": entry("rare")}, [node("a", 1, popular)], policy=COST, now=110.0)
+    assert [p.evict for p in plans] == [("popular",)]  # its claim is bounded: no starvation
+    wanted = Demand("wanted", waiting=1, oldest=100.0, priority=1, rate=3.0, load_time=2.0)
+    plans, _ = plan_loads([wanted], {"wanted": entry("wanted")}, [node("a", 1, popular)], policy=COST, now=100.0)
+    assert [p.evict for p in plans] == [("popular",)]  # wanted more than the resident: at once
+    assert worth(wanted) == pytest.approx(2.0 * (3.0 + 1 / 60))
+
+
+def test_a_cheaper_victim_still_protected_is_waited_for_rather_than_a_dearer_one_evicted_now() -> None:
+    capped = Policy("cost", min_residency=30.0, swap_drain=10.0, hold_loads=1.0)
+    dear = res("dear", rate=2.0, load_time=4.0, loaded_at=0.0)
+    cheap = res("cheap", rate=0.1, load_time=4.0, loaded_at=97.0)  # resident until 101
+    with pytest.raises(NoPlacement) as info:
+        place(entry("m", 1000), [node("a", 2, dear, cheap)], policy=capped, now=98.0, waited=20.0)
+    assert info.value.retry_at == 101.0
+    plan = place(entry("m", 1000), [node("a", 2, dear, cheap)], policy=capped, now=101.0, waited=23.0)
+    assert plan.evict == ("cheap",)
+    # Held longer than its drain (4 s: one load time) would be: the dearer one goes now.
+    slow = res("cheap", rate=0.1, load_time=20.0, loaded_at=90.0)  # resident until 110
+    plan = place(entry("m", 1000), [node("a", 2, dear, slow)], policy=capped, now=98.0, waited=20.0)
+    assert plan.evict == ("dear",)
 
 
 def test_lru_never_evicts_a_busy_model_however_long_the_newcomer_waited() -> None:
@@ -186,3 +220,28 @@ def test_residency_and_drain_last_at_most_the_residents_measured_load_time() -> 
     with pytest.raises(NoPlacement) as info:
         place(entry("m", 1000), [node("a", 1, slow)], policy=capped, now=100.0)
     assert info.value.retry_at == 125.0  # the configured residency stays the most
+
+
+def test_a_residency_ends_once_the_requests_waiting_have_together_waited_twice_the_residents_hold() -> None:
+    capped = Policy("cost", min_residency=30.0, swap_drain=10.0, hold_loads=1.0)
+    young = res("young", loaded_at=99.0, load_time=2.0)  # held until 101 (one 2 s load)
+    few = Demand("m", waiting=1, oldest=99.5, priority=1, arrived_sum=99.5)
+    plans, retry = plan_loads([few], {"m": entry("m")}, [node("a", 1, young)], policy=capped, now=100.0)
+    assert plans == [] and retry == 101.0  # one request, 0.5 s waited: the residency holds
+    # Three requests have waited 1 s each by 100: 3 s of the 4 (twice the hold); at 3 s of
+    # waiting a second between them, the 4th comes at 100.33.
+    many = Demand("m", waiting=3, oldest=99.0, priority=1, arrived_sum=3 * 99.0)
+    plans, retry = plan_loads([many], {"m": entry("m")}, [node("a", 1, young)], policy=capped, now=100.0)
+    assert plans == [] and retry == pytest.approx(100.0 + 1 / 3)
+    plans, _ = plan_loads([many], {"m": entry("m")}, [node("a", 1, young)], policy=capped, now=100.5)
+    assert [p.evict for p in plans] == [("young",)]
+    # A resident with requests of its own queued would strand them: the bar rises with them.
+    queued = res("queued", loaded_at=99.0, load_time=2.0, queued=2)
+    with pytest.raises(NoPlacement):
+        place(entry("m"), [node("a", 1, queued)], policy=capped, now=100.5, waited=5.0, pressure=(4.5, 3))
+    assert place(entry("m"), [node("a", 1, queued)], policy=capped, now=100.5, waited=5.0,
+                 pressure=(12.0, 3)).evict == ("queued",)
+    # Without hold_loads the configured residency holds however long they wait.
+    plans, retry = plan_loads([many], {"m": entry("m")}, [node("a", 1, young)],
+                              policy=Policy("cost", min_residency=30.0, swap_drain=10.0), now=110.0)
+    assert plans == [] and retry == 129.0

@@ -13,16 +13,8 @@ from helexa.roles.cortex.catalogue import Catalogue, CatalogueEntry, Priority
 from helexa.roles.cortex.errors import BadRequest, ColdLoadFailed, ModelNotFound, NoCapacity, NotFound
 from helexa.roles.cortex.fleet import Fleet
 from helexa.roles.cortex.config import OrchestratorConfig
-from helexa.roles.cortex.provisioner import (
-    NodeView,
-    NoPlacement,
-    Provisioner,
-    Resident,
-    Unload,
-    idle_unloads,
-    place,
-    warm_loads,
-)
+from helexa.roles.cortex.placement import NodeView, NoPlacement, Resident, Unload, idle_unloads, place, warm_loads
+from helexa.roles.cortex.provisioner import Provisioner
 from helexa.roles.cortex.scheduler import LiveLoad
 from neuron_double import NeuronDouble, hardware
 
@@ -341,3 +333,18 @@ async def test_a_keep_warm_model_nobody_holds_loads_when_the_start_delay_ends(au
         await trio.sleep(0.2)
         assert neuron.loads() == ["warm"]
         nursery.cancel_scope.cancel()
+
+
+def test_housekeeping_uses_only_the_provisioners_public_interface() -> None:
+    # One owner per state: housekeeping asks the provisioner, it does not reach into it.
+    import ast
+    import inspect
+
+    from helexa.roles.cortex import housekeeping
+
+    tree = ast.parse(inspect.getsource(housekeeping))
+    private = sorted({node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+                      and node.attr.startswith("_") and not node.attr.startswith("__")
+                      and ((isinstance(node.value, ast.Name) and node.value.id == "p")
+                           or (isinstance(node.value, ast.Attribute) and node.value.attr == "provisioner"))})
+    assert private == []

@@ -145,6 +145,7 @@ def test_demand_sums_up_each_models_queue() -> None:
     q.push(w(model="a", arrived=1.0, priority="normal"))
     d = q.demand()["a"]
     assert (d.waiting, d.oldest, d.priority) == (2, 1.0, rank("normal"))
+    assert 2 * 10.0 - d.arrived_sum == 9.0 + 7.0  # at 10 they have waited 16 s together
 
 
 def test_the_drain_rate_is_measured_from_services_and_sets_eta_and_retry_after() -> None:

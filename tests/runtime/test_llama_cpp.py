@@ -187,6 +187,32 @@ async def test_an_unload_whose_destructor_never_joins_returns_with_a_warning(tin
         released.set()
 
 
+async def test_an_embedding_between_two_turns_leaves_the_conversation_its_cache(tiny_gguf: Path) -> None:
+    # llama.cpp runs an embedding in a slot it picks itself (id_slot is ignored); its
+    # host-memory prompt cache keeps the conversation the slot held. Without that cache the
+    # embedding's tokens replace it: the slot table is told, and the turn prefills again.
+    from helexa.protocol import EmbedRequest
+
+    system = {"role": "system", "content": " ".join(f"Rule {i}: item {i} is in room {i % 7}." for i in range(30))}
+    cached = {}
+    for cache_ram in (None, 0):
+        extra = {} if cache_ram is None else {"cache_ram_mib": cache_ram}
+        backend = create_backend(tiny_llama_config(tiny_gguf, embeddings=True, **extra))
+        await backend.load(lambda *args: None)
+        try:
+            conversation = [system, {"role": "user", "content": "Document A: " + "box A weighs 3 kg. " * 20}]
+            answer_text, first = await _turn(backend, conversation, "A1")
+            conversation += [{"role": "assistant", "content": answer_text}, {"role": "user", "content": "And?"}]
+            for i in range(2):  # one in each slot
+                await backend.embed(EmbedRequest(f"e{i}", "tiny-llama", (f"an unrelated sentence {i} " * 10,)))
+            _, again = await _turn(backend, conversation, "A2")
+            cached[cache_ram] = again.usage.cached_tokens
+        finally:
+            await backend.unload()
+    assert cached[None] >= first.usage.prompt_tokens
+    assert cached[0] == 0
+
+
 @pytest.mark.slow
 async def test_a_prompt_the_cortex_did_not_count_is_counted_on_the_neuron_as_llama_cpp_counts_it(monkeypatch) -> None:
     backend = create_backend(smollm2())

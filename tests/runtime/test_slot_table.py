@@ -67,3 +67,31 @@ def test_tools_and_messages_render_so_that_a_next_turn_extends_the_last() -> Non
     rendered = render_chat(first, tools)
     nxt = render_chat(first + [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "and?"}], tools)
     assert nxt.startswith(rendered + render_answer("hello"))
+
+
+def test_an_embedding_borrows_a_slot_never_used_first_and_gives_it_back_as_it_was() -> None:
+    table = SlotTable(2)
+    a1 = render_chat(turn([SYSTEM], "document A"))
+    assert table.choose(a1) == 0
+    table.release(0, a1, render_answer("answer A"))
+    assert table.borrow() == 1  # never used: llama.cpp's least recently used
+    a2 = render_chat(turn(turn([SYSTEM], "document A") + [{"role": "assistant", "content": "answer A"}], "more"))
+    assert table.choose(a2) == 0  # the conversation goes on in its own slot meanwhile
+    assert table.choose("another") is None  # every slot is busy: a generation waits
+    table.give_back(1, kept=True)
+    assert table.holding()[1] == 0 and table.choose("another") == 1
+
+
+def test_an_embedding_takes_the_least_recently_used_slot_and_without_the_prompt_cache_empties_it() -> None:
+    table = SlotTable(2)
+    for slot, text in ((0, "conversation A"), (1, "conversation B")):
+        assert table.choose(text) == slot
+        table.release(slot, text)
+    assert table.borrow() == 0
+    table.give_back(0, kept=True)
+    assert table.holding() == [len("conversation A"), len("conversation B")]  # restored by llama.cpp
+    assert table.borrow() == 1  # slot 0 was used last now
+    table.give_back(1, kept=False)
+    assert table.holding() == [len("conversation A"), 0]
+    assert table.choose("conversation C") == 1  # an empty slot before overwriting A's
+    assert table.borrow() == 0 and table.borrow() is None

@@ -1,13 +1,13 @@
 """The provisioner's background pass: what to load and unload when nobody asked.
 
 :class:`Housekeeping` is run by :meth:`.provisioner.Provisioner.run` and owned by it (as
-``provisioner.housekeeping``). Each pass, woken by the provisioner's ``wake``, a fleet
+``provisioner.housekeeping``). Each pass, woken by :meth:`Housekeeping.wake`, a fleet
 change, or a deadline of its own, it:
 
 * loads the models the operator pinned on a neuron and the catalogue's **keep-warm**
   models (the latter only once the neurons had ``warm_start_delay`` to rejoin after a
   restart), retrying a failed one after ``warm_retry``;
-* starts the loads the admission queue waits for (:meth:`Provisioner._plan`);
+* starts the loads the admission queue waits for (:meth:`Provisioner.start_queue_loads`);
 * unloads **idle** models at their TTL (drained first, like every unload).
 
 Passes woken by fleet changes are at least :data:`HOUSEKEEP_SPACING` apart.
@@ -44,6 +44,11 @@ class Housekeeping:
         self._warm_failed: dict[str, float] = {}
         self._warming: set[str] = set()
         self._woken_by_fleet = False
+        self._wake = trio.Event()
+
+    def wake(self) -> None:
+        """Something the passes depend on changed (the queue, a load or unload ended): pass again."""
+        self._wake.set()
 
     def pin_changed(self, model_id: str, node_id: str) -> None:
         """A pin was added: its next pass loads it even if its last load failed."""
@@ -64,9 +69,9 @@ class Housekeeping:
             if self._woken_by_fleet and trio.current_time() - last_pass < HOUSEKEEP_SPACING:
                 await trio.sleep(last_pass + HOUSEKEEP_SPACING - trio.current_time())
             self._woken_by_fleet = False
-            p._wake = trio.Event()
+            self._wake = trio.Event()
             now = last_pass = trio.current_time()
-            demand = p._demand()
+            demand = p.demand()
             views = p.views(demand)
             for model_id, node_id in self._pins_to_load(views):
                 key = (model_id, node_id)
@@ -83,10 +88,10 @@ class Housekeeping:
                 if entry is not None and any(entry.is_feasible_on(v.hardware) for v in views):
                     self._warming.add(model_id)
                     nursery.start_soon(self._warm, model_id)
-            wake_at = p._plan(demand, views, now)
+            wake_at = p.start_queue_loads(demand, views, now)
             due, upcoming = idle_unloads(p.catalogue, views, now)
             for unload in due:
-                nursery.start_soon(p._unload_quietly, unload)
+                p.begin_unload(unload, "idle")
             if upcoming is not None:
                 wake_at = upcoming if wake_at is None else min(wake_at, upcoming)
             if wake_at is None:
@@ -98,7 +103,7 @@ class Housekeeping:
                 wake_at = min(wake_at, min(failures) + p.settings.warm_retry)
             with trio.move_on_at(max(wake_at, now)):
                 async with trio.open_nursery() as waiters:
-                    waiters.start_soon(_wait_then_cancel, p._wake.wait, waiters.cancel_scope)
+                    waiters.start_soon(_wait_then_cancel, self._wake.wait, waiters.cancel_scope)
                     waiters.start_soon(_wait_then_cancel, self._fleet_changed, waiters.cancel_scope)
 
     async def _fleet_changed(self) -> None:

@@ -13,13 +13,17 @@ Eviction follows a :class:`Policy`:
 ``cost`` (the default)
     A resident gives way only if it is of the same or a lower priority class, is neither
     keep-warm nor pinned to that neuron, has been resident for ``min_residency`` (so a mixed
-    stream A B A C does not reload A), and has no requests running or waiting unless the
-    model that needs the room has waited ``swap_drain`` already (its own work drains first,
-    for a bounded time; a busy victim is then drained before it unloads). Among those, the
-    one cheapest to lose goes first: its measured load time times its demand (recent
-    request rate plus the work queued for it), least recently used on a tie. With
-    ``hold_loads``, a model whose load time was measured is held (resident, or draining
-    its own work) at most that many load times. Waiting models
+    stream A B A C does not reload A), and, until the model that needs the room has waited
+    ``swap_drain``, has no requests running or waiting and is not worth more than that model
+    (its own work drains first, and a popular model is not given up at once for a rarer
+    one; a busy victim is then drained before it unloads). Among those, the one cheapest to
+    lose goes first: its measured load time times its demand (recent request rate plus the
+    work queued for it; requests running on it are drained, not lost), least recently used
+    on a tie; a cheaper one still protected is waited for, at most its drain, rather than
+    a dearer one evicted now. With ``hold_loads``, a model whose load time was measured is
+    held (resident, or draining its own work) at most that many load times, and its
+    residency ends sooner once the requests waiting for the room have waited, together,
+    :data:`RESIDENCY_PRESSURE` such holds (per request of its own it would strand). Waiting models
     are loaded by class, then by how many wait, then by the longest wait: requests are
     grouped by model instead of swapping at each arrival.
 ``lru``
@@ -32,6 +36,7 @@ Eviction follows a :class:`Policy`:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
@@ -44,6 +49,10 @@ DEFAULT_LOAD_SECONDS = 10.0
 """What bringing back a model costs before its load was ever measured."""
 DEMAND_HORIZON = 60.0
 """Queued or running work counts as this many seconds of demand, against the request rate."""
+RESIDENCY_PRESSURE = 2.0
+"""With ``hold_loads``, a resident's minimum residency ends once the requests waiting for
+the room have waited, together, this many times ``hold_loads`` times what bringing the
+resident back would cost (its load time, for each request queued for it and one more)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,13 +115,17 @@ class NoPlacement(Exception):
 
 
 def value(r: Resident) -> float:
-    """What losing ``r`` costs: the time to bring it back times how much it is wanted."""
+    """What losing ``r`` costs: the time to bring it back times how much it is wanted (its
+    recent request rate plus the requests queued for it, over :data:`DEMAND_HORIZON`)."""
     load = r.load_time if r.load_time is not None else DEFAULT_LOAD_SECONDS
-    return load * (r.rate + (r.queued + (1 if r.busy else 0)) / DEMAND_HORIZON)
+    # Requests running on it are not lost (an eviction drains them first): only the requests
+    # that will want it (its rate) and those queued for it count.
+    return load * (r.rate + r.queued / DEMAND_HORIZON)
 
 
 def _protected_until(r: Resident, entry: CatalogueEntry, policy: Policy, now: float,
-                     waited: float) -> float | None:
+                     waited: float, worth: float = math.inf, pressure: tuple[float, int] = (0.0, 0)
+                     ) -> float | None:
     """When ``r`` may give way to ``entry`` (``now`` or before: it may), or None: never."""
     if not r.evictable or r.priority > entry.priority:
         return None
@@ -121,19 +134,34 @@ def _protected_until(r: Resident, entry: CatalogueEntry, policy: Policy, now: fl
     if r.keep_warm or r.pinned:
         return None
     residency, drain = policy.min_residency, policy.swap_drain
+    until = max(now, r.loaded_at + residency)
     if policy.hold_loads > 0 and r.load_time is not None:
         # Holding a model longer than it takes to load it again saves less than it costs the
-        # model waiting for the room (a mixed stream A B A C still loads A once).
-        residency = min(residency, policy.hold_loads * r.load_time)
-        drain = min(drain, policy.hold_loads * r.load_time)
-    until = max(now, r.loaded_at + residency)
-    if (r.busy or r.queued) and waited < drain:
+        # model waiting for the room (a mixed stream A B A C still loads A once); so does
+        # holding it once the requests waiting have waited, together, well past its load.
+        hold = policy.hold_loads * r.load_time
+        drain = min(drain, hold)
+        waited_sum, waiting = pressure
+        pressed = now + max(0.0, RESIDENCY_PRESSURE * hold * (1 + r.queued) - waited_sum) / max(1, waiting)
+        until = max(now, min(r.loaded_at + min(residency, hold), pressed))
+    # Its own work drains first; and a model wanted more than the newcomer is not given up
+    # for it at once (the newcomer's wait grows its claim, up to the drain).
+    if (r.busy or r.queued or value(r) > worth) and waited < drain:
         until = max(until, now + drain - waited)
     return until
 
 
+def _patience(r: Resident, policy: Policy) -> float:
+    """How long a swap may wait for ``r`` to lapse rather than evict a dearer resident now:
+    as long as ``r``'s own work may hold a swap off (its drain)."""
+    if policy.hold_loads > 0 and r.load_time is not None:
+        return min(policy.swap_drain, policy.hold_loads * r.load_time)
+    return policy.swap_drain
+
+
 def _evictions(entry: CatalogueEntry, node: NodeView, headroom: float, policy: Policy = Policy(), now: float = 0.0,
-               waited: float = 0.0) -> tuple[tuple[str, ...] | None, float | None]:
+               waited: float = 0.0, worth: float = math.inf, pressure: tuple[float, int] = (0.0, 0)
+               ) -> tuple[tuple[str, ...] | None, float | None]:
     """Residents to unload from ``node`` so ``entry`` fits (None: not now), and when that
     could change (None: not by waiting)."""
     pool = [r for r in node.residents if r.on_gpu == entry.on_gpu]
@@ -142,17 +170,24 @@ def _evictions(entry: CatalogueEntry, node: NodeView, headroom: float, policy: P
         return (), None
     ready, later = [], []
     for r in pool:
-        until = _protected_until(r, entry, policy, now, waited)
+        until = _protected_until(r, entry, policy, now, waited, worth, pressure)
         if until is not None:
             (ready if until <= now else later).append((until, r))
-    key = (lambda r: (value(r), r.last_used, r.model_id)) if policy.kind == "cost" else \
-        (lambda r: (r.last_used, r.model_id))
+    if policy.kind == "cost":
+        # The cheapest victims, even one still protected for a while: evicting a dearer model
+        # now, because a cheaper one is held a moment longer, reloads the dearer one soon.
+        pool = ready + [(u, r) for u, r in later if u - now <= _patience(r, policy)]
+        key = lambda ur: (value(ur[1]), ur[1].last_used, ur[1].model_id)  # noqa: E731
+    else:
+        pool, key = ready, (lambda ur: (ur[1].last_used, ur[1].model_id))
     chosen: list[str] = []
-    for r in sorted((r for _, r in ready), key=key):
+    wait = now
+    for until, r in sorted(pool, key=key):
         chosen.append(r.model_id)
         free += r.memory_mb
+        wait = max(wait, until)
         if free >= entry.memory_mb:
-            return tuple(chosen), None
+            return (tuple(chosen), None) if wait <= now else (None, wait)
     if later and free + sum(r.memory_mb for _, r in later) >= entry.memory_mb:
         return None, min(until for until, _ in later)
     return None, None
@@ -160,16 +195,18 @@ def _evictions(entry: CatalogueEntry, node: NodeView, headroom: float, policy: P
 
 def place(entry: CatalogueEntry, nodes: list[NodeView], *, headroom: float = 1.0,
           exclude: frozenset[str] = frozenset(), policy: Policy = Policy(), now: float = 0.0,
-          waited: float = 0.0) -> LoadPlan:
+          waited: float = 0.0, worth: float = math.inf, pressure: tuple[float, int] = (0.0, 0)) -> LoadPlan:
     """Choose the neuron for a load of ``entry`` (``waited``: how long its oldest request
-    has waited). Raises :class:`NoPlacement`."""
+    has waited; ``worth``: its :func:`worth`, inf for a load nobody queued for, which a
+    resident's value never holds off; ``pressure``: the seconds its requests have waited,
+    summed, and how many wait). Raises :class:`NoPlacement`."""
     feasible = [n for n in nodes if n.node_id not in exclude and entry.is_feasible_on(n.hardware)]
     if not feasible:
         raise NoPlacement(f"no connected neuron has the hardware for model {entry.id!r}", ever=False)
     ranked = []
     retry: float | None = None
     for n in feasible:
-        evict, until = _evictions(entry, n, headroom, policy, now, waited)
+        evict, until = _evictions(entry, n, headroom, policy, now, waited, worth, pressure)
         if evict is None:
             if until is not None:
                 retry = until if retry is None else min(retry, until)
@@ -206,7 +243,9 @@ def plan_loads(needs: Iterable[Demand], entries: Mapping[str, CatalogueEntry], n
         if entry is None:
             continue
         try:
-            plan = place(entry, views, headroom=headroom, policy=policy, now=now, waited=now - need.oldest)
+            plan = place(entry, views, headroom=headroom, policy=policy, now=now, waited=now - need.oldest,
+                         worth=worth(need), pressure=(0.0, 0) if need.arrived_sum is None
+                         else (need.waiting * now - need.arrived_sum, need.waiting))
         except NoPlacement as exc:
             if exc.retry_at is not None:
                 retry = exc.retry_at if retry is None else min(retry, exc.retry_at)
@@ -230,6 +269,13 @@ def plan_loads(needs: Iterable[Demand], entries: Mapping[str, CatalogueEntry], n
             plans.append(plan)
             views = [_applied(v, plan, entry) if v.node_id == plan.node_id else v for v in views]
     return plans, retry
+
+
+def worth(need: Demand) -> float:
+    """What loading the waiting model is worth, in :func:`value`'s terms (its rate and its
+    waiting requests; an unmeasured load counts :data:`DEFAULT_LOAD_SECONDS`)."""
+    load = need.load_time if need.load_time is not None else DEFAULT_LOAD_SECONDS
+    return load * (need.rate + need.waiting / DEMAND_HORIZON)
 
 
 def _applied(view: NodeView, plan: LoadPlan, entry: CatalogueEntry) -> NodeView:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from typing import TYPE_CHECKING, Any
 
@@ -42,29 +42,16 @@ from .fleet import Fleet, FleetError
 from .housekeeping import Housekeeping
 from .metrics import Metrics, OrchestratorMetrics
 from .operator_actions import OperatorActions
-from .placement import (
-    LoadPlan,
-    NodeView,
-    NoPlacement,
-    Policy,
-    Resident,
-    Unload,
-    idle_unloads,
-    place,
-    plan_loads,
-    warm_loads,
-)
+from .placement import LoadPlan, NodeView, NoPlacement, Policy, Resident, Unload, place, plan_loads
 from .queue import Demand
 from .scheduler import LiveLoad
 
 if TYPE_CHECKING:
     from .config import OrchestratorConfig
 
-__all__ = ["LoadPlan", "NoPlacement", "NodeView", "Policy", "Provisioner", "Resident", "Unload", "idle_unloads",
-           "place", "plan_loads", "warm_loads"]
+__all__ = ["Provisioner"]
 
 log = logging.getLogger(__name__)
-
 
 
 # --- the shell ---------------------------------------------------------------------------
@@ -126,13 +113,13 @@ class Provisioner:
         """When each (neuron, model) became resident (first sight, for what was there before)."""
         self.draining: set[tuple[str, str]] = set()
         """(neuron, model) pairs being unloaded: no new work goes there."""
+        self._swapped: set[str] = set()  # models draining to make room for another
         self.evictions: dict[str, tuple[str, ...]] = {}
         """The evictions each model's last load caused."""
         self._pending: dict[str, str] = {}  # model -> neuron of a load under way
         self._idle: dict[tuple[str, str], trio.Event] = {}
         self.trace_parents: dict[str, Any] = {}
         """Model -> the trace context of the first request waiting for its load (tracing on)."""
-        self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         self.operator = OperatorActions(self)
         """The operator's commands: load here, unload there, pull, pin."""
@@ -174,7 +161,11 @@ class Provisioner:
 
     def wake(self) -> None:
         """Something the plans depend on changed (a request queued or ended): plan again."""
-        self._wake.set()
+        self.housekeeping.wake()
+
+    def demand(self) -> dict[str, Demand]:
+        """What the admission queue waits for, per model."""
+        return self._demand()
 
     def released(self, node_id: str, model_id: str) -> None:
         """A request of ``model_id`` on ``node_id`` ended: an unload draining it may go on."""
@@ -213,7 +204,7 @@ class Provisioner:
             del self._flights[entry.id]
             self._pending.pop(entry.id, None)
             flight.done.set()
-            self._wake.set()
+            self.wake()
         if flight.error is not None and plan is not None:
             self._on_load_failed(entry.id, flight.error)
 
@@ -231,9 +222,8 @@ class Provisioner:
                                              retry_after=self.settings.retry_after) from None
                     raise NoCapacity(str(exc), retry_after=self.settings.retry_after) from None
             self._pending[entry.id] = plan.node_id
-            started = trio.current_time()
             try:
-                await self._carry_out(entry, plan)
+                started = await self._carry_out(entry, plan)
             except (FleetError, _Refused) as exc:
                 log.warning("loading %s on %s failed: %s", entry.id, plan.node_id, exc)
                 failed.add(plan.node_id)
@@ -246,9 +236,8 @@ class Provisioner:
                             on_progress: Callable[[LoadProgress], None] | None = None) -> str:
         """The operator's load: on ``plan``'s neuron only (a failure there is the answer)."""
         self._pending[entry.id] = plan.node_id
-        started = trio.current_time()
         try:
-            await self._carry_out(entry, plan, on_progress)
+            started = await self._carry_out(entry, plan, on_progress)
         except (FleetError, _Refused) as exc:
             log.warning("loading %s on %s failed: %s", entry.id, plan.node_id, exc)
             raise ColdLoadFailed(f"loading model {entry.id!r} on {plan.node_id} failed: {exc}",
@@ -256,7 +245,8 @@ class Provisioner:
         return self._loaded(entry, plan, started, " as the operator asked")
 
     def _loaded(self, entry: CatalogueEntry, plan: LoadPlan, started: float, how: str) -> str:
-        """Record a load that succeeded (its time is what eviction weighs); return the node."""
+        """Record a load that succeeded (its time, from ``started``, is what eviction weighs);
+        return the node."""
         now = trio.current_time()
         elapsed = now - started
         self.load_times[entry.id] = elapsed
@@ -269,7 +259,9 @@ class Provisioner:
         return plan.node_id
 
     async def _carry_out(self, entry: CatalogueEntry, plan: LoadPlan,
-                         on_progress: Callable[[LoadProgress], None] | None = None) -> None:
+                         on_progress: Callable[[LoadProgress], None] | None = None) -> float:
+        """Evict (draining first), then load; returns when the load itself began (what it
+        costs to bring the model back excludes the victims' drains)."""
         link = self.fleet.get(plan.node_id)
         if link is None:
             raise _Refused(f"neuron {plan.node_id} left")
@@ -295,6 +287,7 @@ class Provisioner:
             if on_progress is not None:
                 on_progress(event)
 
+        started = trio.current_time()
         parent = self.trace_parents.pop(entry.id, None)
         span = telemetry.tracer().start_span("provisioner.load", context=parent, attributes={
             "helexa.model": entry.id, "helexa.neuron": plan.node_id,
@@ -310,6 +303,7 @@ class Provisioner:
             self.load_progress.pop(entry.id, None)
             if span is not None:
                 span.end()
+        return started
 
     async def command(self, link, command, timeout: float, on_progress=None) -> None:  # type: ignore[no-untyped-def]
         """Send a provisioning ``command``; raises a :class:`FleetError` when it failed or
@@ -326,6 +320,8 @@ class Provisioner:
         if link is None or key in self.draining:
             return
         self.draining.add(key)
+        if reason == "swap":
+            self._swapped.add(unload.model_id)
         try:
             grace = self.settings.drain_grace
             began = trio.current_time()
@@ -348,8 +344,9 @@ class Provisioner:
             self._on_unloaded(*key)
         finally:
             self.draining.discard(key)
+            self._swapped.discard(unload.model_id)
             self._idle.pop(key, None)
-            self._wake.set()
+            self.wake()
 
     # --- for the operator's paths (:mod:`.operator_actions`) -------------------------------
 
@@ -379,7 +376,7 @@ class Provisioner:
     def pin_changed(self, model_id: str, node_id: str) -> None:
         """A pin was added: load it at once, even if its last load failed."""
         self.housekeeping.pin_changed(model_id, node_id)
-        self._wake.set()
+        self.wake()
 
     def _operator_flight(self, entry: CatalogueEntry, plan: LoadPlan) -> _Flight:
         if self._nursery is None:
@@ -408,11 +405,15 @@ class Provisioner:
             finally:
                 self._nursery = None
 
-    def _plan(self, demand: dict[str, Demand], views: list[NodeView], now: float) -> float | None:
-        """Start the loads the queue needs now (each :mod:`.housekeeping` pass); return when to
-        plan again (None: on a change)."""
+    def start_queue_loads(self, demand: dict[str, Demand], views: list[NodeView], now: float) -> float | None:
+        """Start the loads the queue needs now (``views``: :meth:`views` of ``demand``; each
+        :mod:`.housekeeping` pass calls it); return when to plan again (None: on a change)."""
         resident = {r.model_id for v in views for r in v.residents}
-        wanted = [d for m, d in demand.items() if m not in self._flights and m in self.catalogue]
+        # A model draining to make room is not planned back before it left: its requests wait
+        # their turn, rather than evict a third model for it.
+        wanted = [replace(d, rate=self.live.rate(m, now), load_time=self.load_times.get(m))
+                  for m, d in demand.items() if m not in self._flights and m not in self._swapped
+                  and m in self.catalogue]
         if not wanted:
             return None
         plans, retry = plan_loads([d for d in wanted if d.model_id not in resident],

@@ -66,6 +66,9 @@ class Demand:
     waiting: int
     oldest: float  # arrival time of the longest waiter
     priority: int  # the best class waiting
+    arrived_sum: float | None = None  # their arrival times summed: they have waited waiting * now - this
+    rate: float = 0.0  # recent requests per second (the provisioner fills it in)
+    load_time: float | None = None  # its last measured load, seconds (likewise)
 
 
 @dataclass
@@ -279,7 +282,8 @@ class FairQueue:
         out = {}
         for model_id, q in self._models.items():
             ws = [w for c in q.classes for keys in c.waiting.values() for fifo in keys.values() for w in fifo]
-            out[model_id] = Demand(model_id, q.count, min(w.arrived for w in ws), min(w.priority for w in ws))
+            out[model_id] = Demand(model_id, q.count, min(w.arrived for w in ws), min(w.priority for w in ws),
+                                   sum(w.arrived for w in ws))
         return out
 
     def drain_rate(self, model_id: str, now: float) -> float | None:
