@@ -99,7 +99,7 @@ from .base import (
 )
 from .embeddings import pack_vectors
 from .gguf_file import check_gguf, default_gguf_path
-from .prompt_count import PromptCounter
+from .prompt_count import PromptCounter, context_message
 from .slot_table import SlotTable, render_answer, render_chat
 
 __all__ = ["LlamaCppBackend", "check_gguf", "context_message", "default_gguf_path"]
@@ -495,12 +495,3 @@ def _trimmed(logprobs: list[Any], top: int) -> list[Any]:
     ``top_logprobs`` may be 0."""
     return [replace(lp, top=lp.top[:top]) for lp in logprobs] if any(len(lp.top) > top for lp in logprobs) else logprobs
 
-
-def context_message(limit: int, prompt: int, max_tokens: int | None) -> str:
-    """OpenAI's wording for a request that does not fit the context."""
-    if max_tokens:
-        return (f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{prompt + max_tokens} tokens ({prompt} in the messages, {max_tokens} in the completion). "
-                "Please reduce the length of the messages or completion.")
-    return (f"This model's maximum context length is {limit} tokens. However, your messages resulted in "
-            f"{prompt} tokens. Please reduce the length of the messages.")

@@ -9,7 +9,8 @@ file's tokenizer once, in a thread, after the model has loaded, and from then on
 in-process (a fraction of a millisecond) whenever :mod:`helexa.tokenizer` counts exactly:
 the same vocabularies and templates for which the cortex trusts its own count. Anything it
 cannot count exactly (tools, other vocabularies, the first requests while the tokenizer is
-still being read) is left to llama.cpp as before.
+still being read) is left to llama.cpp as before. :func:`context_message` is how a prompt that
+does not fit is refused, in OpenAI's words.
 """
 
 from __future__ import annotations
@@ -82,3 +83,13 @@ class PromptCounter:
                 return tokenizer.count_text(text)
         count = counted() if size <= INLINE_CHARS else await trio.to_thread.run_sync(counted)
         return count.tokens if count.exact else None
+
+
+def context_message(limit: int, prompt: int, max_tokens: int | None) -> str:
+    """OpenAI's wording for a request that does not fit the context."""
+    if max_tokens:
+        return (f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{prompt + max_tokens} tokens ({prompt} in the messages, {max_tokens} in the completion). "
+                "Please reduce the length of the messages or completion.")
+    return (f"This model's maximum context length is {limit} tokens. However, your messages resulted in "
+            f"{prompt} tokens. Please reduce the length of the messages.")
