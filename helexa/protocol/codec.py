@@ -198,10 +198,11 @@ def _build_dataclass(cls: type) -> tuple[_Encoder, _Decoder]:
     # Encoding reads every field in one C-level call and converts only the fields whose
     # values are not msgpack-native already (enums, nested dataclasses): on every frame.
     ordered = tuple(p[0] for p in plan)
-    read = operator.attrgetter(*ordered) if len(ordered) > 1 else (lambda v: (getattr(v, ordered[0]),))
+    if len(ordered) > 1:
+        read = operator.attrgetter(*ordered)
+    else:  # attrgetter returns a bare value for one name and takes no empty list
+        read = lambda v: tuple(getattr(v, name) for name in ordered)  # noqa: E731
     convert = tuple((name, enc) for name, enc, _, _ in plan if enc is not _identity)
-    if not ordered:
-        read = lambda v: ()  # noqa: E731
 
     def encode_dc(value: Any) -> dict[str, Any]:
         out = dict(zip(ordered, read(value)))

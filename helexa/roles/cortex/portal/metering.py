@@ -350,16 +350,14 @@ class Metering:
                 yield run
                 run.ttft = getattr(gen, "ttft", None)
         except BaseException as exc:
-            await self._record(self._book_generation(caller, plan, accounts, run, endpoint, started, t0, exc),
-                               run.node_id)
+            await self._record(self._book_generation(caller, plan, accounts, run, endpoint, started, t0, exc))
             if isinstance(exc, ModelNotFound) and plan.forward.model_id != plan.asked:
                 raise ModelNotFound(plan.asked) from None  # never name the model behind an alias
             raise
         finally:
             if token is not None:
                 ASK_POLICY.reset(token)
-        await self._record(self._book_generation(caller, plan, accounts, run, endpoint, started, t0, None),
-                           run.node_id)
+        await self._record(self._book_generation(caller, plan, accounts, run, endpoint, started, t0, None))
         if run.result is None:
             raise UpstreamError("the generation ended without a result", code="empty_stream")
 
@@ -378,7 +376,7 @@ class Metering:
                                                    tenant=portal.tenant(caller.key))
         except BaseException as exc:
             await self._record(self._book(caller, plan, accounts, "embeddings", started, t0, prompt=0, completion=0,
-                                          cached=0, error=exc), "")
+                                          cached=0, error=exc))
             if isinstance(exc, ModelNotFound) and plan.forward.model_id != plan.asked:
                 raise ModelNotFound(plan.asked) from None
             raise
@@ -386,7 +384,7 @@ class Metering:
             if token is not None:
                 ASK_POLICY.reset(token)
         await self._record(self._book(caller, plan, accounts, "embeddings", started, t0,
-                                      prompt=result.usage.prompt_tokens, completion=0, cached=0, error=None), "")
+                                      prompt=result.usage.prompt_tokens, completion=0, cached=0, error=None))
         return result
 
     # --- settling --------------------------------------------------------------------------
@@ -444,7 +442,7 @@ class Metering:
             currency=portal.currency, latency=trio.current_time() - t0, ttft=ttft, node_id=node_id,
             outcome=outcome, error_code=code)
 
-    async def _record(self, record: UsageRecord | None, node_id: str) -> None:
+    async def _record(self, record: UsageRecord | None) -> None:
         """Make ``record`` durable (with the peer's receipt for a federated request),
         shielded from cancellation: a client that left still has its record written. No
         record (a portal that records no usage): nothing to wait for, and no cancel scope
@@ -452,7 +450,7 @@ class Metering:
         if record is None:
             return
         with trio.CancelScope(shield=True):
-            if node_id == PEER_NODE_ID and self.receipts is not None:
+            if record.node_id == PEER_NODE_ID and self.receipts is not None:
                 linked = await self.receipts(record.request_id)
                 if linked is not None:
                     record = dataclasses.replace(record, peer_id=linked[0], receipt_signature=linked[1])
