@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from helexa.protocol import DecodeError
@@ -30,6 +30,11 @@ _GRANT = struct.Struct("!4sHII16s32s")
 GRANT_SIZE = _GRANT.size
 TICKET_ID_SIZE = 16
 SECRET_SIZE = 32
+RECENT_NONCES = 64
+"""Dialer nonces remembered per ticket. Older replays are refused too, one step later:
+the listener's own fresh nonce gives a replayed connection other keys, so its first
+record does not open (:mod:`.direct_session`). The bound keeps a ticket's memory small
+whatever its uses."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +70,7 @@ class _Ticket:
     secret: bytes
     expires: float
     uses_left: int
-    nonces: set[bytes]
+    nonces: deque[bytes]
 
 
 class TicketBook:
@@ -99,13 +104,14 @@ class TicketBook:
         while len(self._tickets) >= self._max:
             self._tickets.popitem(last=False)
         ticket_id, secret = os.urandom(TICKET_ID_SIZE), os.urandom(SECRET_SIZE)
-        self._tickets[ticket_id] = _Ticket(peer, secret, now + self._ttl, self._max_uses, set())
+        self._tickets[ticket_id] = _Ticket(peer, secret, now + self._ttl, self._max_uses,
+                                           deque(maxlen=RECENT_NONCES))
         return Grant(self.port, self._ttl, self._max_uses, ticket_id, secret)
 
     def redeem(self, ticket_id: bytes, nonce: bytes, now: float) -> tuple[str, bytes] | None:
         """``(peer, secret)`` of a live ticket for one new connection whose dialer sent
         ``nonce``; ``None`` for an unknown, expired or used-up ticket or a nonce this
-        ticket has already seen (a replayed hello)."""
+        ticket has seen among its last :data:`RECENT_NONCES` (a replayed hello)."""
         ticket = self._tickets.get(ticket_id)
         if ticket is None:
             return None
@@ -114,7 +120,7 @@ class TicketBook:
             return None
         if nonce in ticket.nonces:
             return None
-        ticket.nonces.add(nonce)
+        ticket.nonces.append(nonce)
         ticket.uses_left -= 1
         return ticket.peer, ticket.secret
 

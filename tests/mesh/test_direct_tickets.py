@@ -60,3 +60,18 @@ def test_issuing_drops_expired_tickets():
     book.issue("b", 5.0)
     book.issue("c", 12.0)
     assert len(book) == 2
+
+
+def test_a_ticket_remembers_only_its_recent_nonces():
+    # Bounded memory per ticket; an older replay still fails, at its first record
+    # (the listener's fresh nonce gives it other keys: test_direct_session.py).
+    from helexa.mesh.direct_tickets import RECENT_NONCES
+
+    book = TicketBook(1, ttl=10, max_tickets=8)
+    grant = book.issue("a", 0.0)
+    nonces = [i.to_bytes(32, "big") for i in range(RECENT_NONCES + 1)]
+    for n in nonces:
+        assert book.redeem(grant.ticket_id, n, 0.0)
+    assert book.redeem(grant.ticket_id, nonces[-1], 0.0) is None
+    assert book.redeem(grant.ticket_id, nonces[1], 0.0) is None
+    assert book.redeem(grant.ticket_id, nonces[0], 0.0) is not None
