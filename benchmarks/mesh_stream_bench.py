@@ -135,7 +135,8 @@ def main() -> None:
     args = ap.parse_args()
     wall, cpu = trio.run(floor, args.exchanges) if args.floor else trio.run(over_libp2p, args.exchanges, args.muxer,
                                                                                        args.cancelled_read, args.direct)
-    what = "floor (TCP + framing + AEAD)" if args.floor else "direct channel" if args.direct else f"libp2p, {args.muxer}" + (
+    what = ("floor (TCP + framing + AEAD)" if args.floor else "direct channel" if args.direct
+            else f"libp2p, {args.muxer}") + (
         ", a read cancelled per exchange" if args.cancelled_read else "")
     print(f"{what}: {args.exchanges} exchanges, per exchange: wall {wall * 1e3:.3f} ms, CPU {cpu * 1e3:.3f} ms "
           "(both ends)")

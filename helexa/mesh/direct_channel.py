@@ -347,7 +347,8 @@ class DirectChannel:
 
     def _stream(self, sock: trio.SocketStream, session: DirectSession, peer: str) -> DirectStream:
         s = self._settings
-        stream = DirectStream(sock, session, peer, timeout=s.stream_timeout, max_frame=s.max_frame, on_done=self._forget)
+        stream = DirectStream(sock, session, peer, timeout=s.stream_timeout, max_frame=s.max_frame,
+                              on_done=self._forget)
         self._live.setdefault(peer, set()).add(stream)
         return stream
 
