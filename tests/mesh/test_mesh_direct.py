@@ -3,7 +3,6 @@ process: federated requests over it, attacks on its listener, fallback to libp2p
 
 import os
 import socket
-import time
 from contextlib import asynccontextmanager
 
 import pytest
@@ -12,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from helexa.identity import Identity
 from helexa.mesh import DialFailed, MeshSettings, StreamClosed
-from helexa.mesh.direct_channel import DirectStream
+from helexa.mesh.direct_channel import DirectChannel, DirectStream
 from helexa.mesh.direct_session import NONCE_SIZE, DirectSession, encode_hello
 from helexa.mesh.direct_tickets import Grant
 from helexa.mesh.libp2p_mesh import Libp2pMesh
@@ -214,14 +213,17 @@ async def test_bad_connections_are_closed_and_only_they(nursery):
     assert isinstance(stream, DirectStream) and (await exchange(stream, "still")).text == "still"
 
 
-async def test_a_handshake_that_stalls_is_closed_at_the_deadline(nursery):
-    a, b = await meshes(nursery, ON, MeshSettings(direct_timeout=0.5))
-    grant = Grant.decode((await a._ask_ticket(b.peer_id))[1])
-    sock = await trio.open_tcp_stream("127.0.0.1", grant.port)
-    await sock.send_all(b"HXD1")  # and nothing more
-    started = time.monotonic()
+async def test_a_handshake_that_stalls_is_closed_at_the_deadline(nursery, autojump_clock):
+    # The listener alone (no libp2p host needed to grant a ticket), on virtual time.
+    channel = DirectChannel(MeshSettings(direct_timeout=0.5), {ECHO: echo})
+    port = await nursery.start(channel.run, "127.0.0.1")
+    grant = Grant.decode(channel.grant("peer-a"))
+    sock = await trio.open_tcp_stream("127.0.0.1", port)
+    started = trio.current_time()
+    await sock.send_all(encode_hello(grant.ticket_id, os.urandom(NONCE_SIZE))[:10])  # and nothing more
     assert await closed_by_listener(sock)
-    assert 0.4 < time.monotonic() - started < 3
+    assert trio.current_time() - started == pytest.approx(0.5)
+    assert channel.stats.refused == 1
 
 
 # --- falling back to libp2p ---------------------------------------------------------------
