@@ -20,7 +20,9 @@ Prints p50 / p99 of each and what each federated path adds to the local one's me
 DIR (e.g. ``git archive COMMIT helexa | tar -x -C DIR``) and interleaves them with these:
 a before/after in one run, on a machine whose load changes from minute to minute. Given
 more than once, each tree gets its own set (``base-``, ``base2-``, ...): one run compares
-several steps.
+several steps. ``--variant TAG:VAR=VALUE`` runs this checkout once more with an
+environment variable set in all its processes (``off:HELEXA_MESH__DIRECT=false``: the
+mesh's direct channel off), interleaved the same way.
 Run it under the machine-wide benchmark lock::
 
     flock /tmp/helexa-bench.lock .venv/bin/python benchmarks/federation_bench.py
@@ -139,6 +141,8 @@ def main() -> None:
     ap.add_argument("--baseline", metavar="DIR", action="append", default=[],
                     help="also run the same setup from the helexa source tree in DIR (its PYTHONPATH), "
                          "interleaved: an A/B in one run (repeatable: base-, base2-, ...)")
+    ap.add_argument("--variant", metavar="TAG:VAR=VALUE", action="append", default=[],
+                    help="also run this checkout with VAR=VALUE in its processes, tagged TAG- (repeatable)")
     ap.add_argument("--no-new", action="store_true", help="skip the new-stream-per-request path")
     args = ap.parse_args()
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
@@ -154,6 +158,10 @@ def main() -> None:
             # (Every process runs in the work directory: ``-m`` puts the current
             # directory first on sys.path, which would shadow PYTHONPATH with this tree.)
             trees[f"base{i + 1 if i else ''}-"] = {"PYTHONPATH": str(Path(tree).resolve())}
+        for variant in args.variant:
+            tag, _, assignment = variant.partition(":")
+            var, _, value = assignment.partition("=")
+            trees[f"{tag}-"] = {var: value}
         urls: dict[str, str] = {}
         paths: list[str] = []
         try:
@@ -207,13 +215,20 @@ def main() -> None:
         finally:
             procs.stop()
     print(f"chat, non-streamed, {args.tokens} tokens, {len(times['local'])} requests each, sequential, keep-alive"
-          + "".join(f"; {tag}= the tree at {env['PYTHONPATH']}" for tag, env in trees.items() if tag) + ":")
+          + "".join(f"; {tag}= the tree at {env['PYTHONPATH']}" if "PYTHONPATH" in env else
+                    f"; {tag}= this checkout with {' '.join(f'{k}={v}' for k, v in env.items())}"
+                    for tag, env in trees.items() if tag) + ":")
+    tagged = tuple(tag for tag in trees if tag)
+
+    def mine(name: str, tag: str) -> bool:
+        return name.startswith(tag) if tag else not name.startswith(tagged)
+
     for tag in trees:
         local = times[tag + "local"]
         lp50 = statistics.median(local) * 1000
         print(f"  {tag + 'local':15s} (B's gateway -> B's neuron):          p50 {lp50:6.2f} ms  p99 {pct(local, 99):6.2f} ms")
         for name in paths:
-            if not name.startswith(tag) or (not tag and name.startswith("base")):
+            if not mine(name, tag):
                 continue
             fed = times[name]
             fp50 = statistics.median(fed) * 1000
@@ -222,10 +237,10 @@ def main() -> None:
     print("  (target: the federated hop adds at most 3 ms at p50)")
     print("CPU ms per request, per process (one path at a time, interleaved in rounds; the others idle):")
     for tag in trees:
-        names = [n for n in procs.pids if n.startswith(tag) and (tag or not n.startswith("base"))]
+        names = [n for n in procs.pids if mine(n, tag)]
         print("  " + f"{'path':15s}" + "".join(f"{n:>15s}" for n in names) + f"{'total':>9s}")
         for path, per in cpu.items():
-            if path.startswith(tag) and (tag or not path.startswith("base")):
+            if mine(path, tag):
                 print("  " + f"{path:15s}" + "".join(f"{per[n]:15.2f}" for n in names)
                       + f"{sum(per[n] for n in names):9.2f}")
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

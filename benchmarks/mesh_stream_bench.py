@@ -6,6 +6,9 @@ shaped like a federated request: two messages one way in one write (~0.7 KiB, as
 request), two back (as result + receipt). Prints wall and process CPU time per exchange
 (both hosts together: the figure that survives a shared machine).
 
+``--direct`` runs it over the mesh's direct channel (``helexa/mesh/direct_channel.py``:
+TCP sealed with ChaCha20-Poly1305 under keys granted over libp2p); otherwise the
+channel is off and the stream is a yamux (or ``--muxer mplex``) stream over noise.
 ``--cancelled-read`` makes the serving end start a read and cancel it before each answer,
 as the federation's serving side did for every request before 2026-11-30 (a task that
 watched for ``Cancel``). ``--muxer mplex`` offers mplex first (py-libp2p's own ``muxer_preference``; the mesh does
@@ -14,6 +17,7 @@ same framing and codec and one ChaCha20-Poly1305 seal per write: roughly what a 
 channel and a muxer cost at the least, in Python, in this process.
 
     .venv/bin/python benchmarks/mesh_stream_bench.py --exchanges 2000
+    .venv/bin/python benchmarks/mesh_stream_bench.py --exchanges 2000 --direct
     PYTHONPATH=/tmp/base .venv/bin/python benchmarks/mesh_stream_bench.py   # another tree
 
 (Run it from a directory other than the checkout when PYTHONPATH names another tree.)
@@ -50,12 +54,14 @@ async def exchanges(send, receive, n: int) -> tuple[float, float]:
     return (time.perf_counter() - t0) / n, (time.process_time() - c0) / n
 
 
-async def over_libp2p(n: int, muxer: str, cancelled_read: bool) -> tuple[float, float]:
+async def over_libp2p(n: int, muxer: str, cancelled_read: bool, direct: bool) -> tuple[float, float]:
     if muxer != "yamux":
         from helexa.mesh import libp2p_mesh
 
         libp2p_mesh.new_host = functools.partial(libp2p_mesh.new_host, muxer_preference=muxer.upper())
-    a, b = open_libp2p_mesh(os.urandom(32), MeshSettings()), open_libp2p_mesh(os.urandom(32), MeshSettings())
+    # (``direct`` is a setting of trees after 2026-11-30; older ones have no channel.)
+    settings = MeshSettings(direct=direct) if "direct" in MeshSettings.__dataclass_fields__ else MeshSettings()
+    a, b = open_libp2p_mesh(os.urandom(32), settings), open_libp2p_mesh(os.urandom(32), settings)
 
     async def echo(stream):  # type: ignore[no-untyped-def]
         while True:
@@ -73,6 +79,8 @@ async def over_libp2p(n: int, muxer: str, cancelled_read: bool) -> tuple[float, 
         addrs = await nursery.start(b.run)
         await nursery.start(a.run)
         stream = await a.open_stream(await a.connect(addrs[0]), PROTOCOL)
+        if direct and type(stream).__name__ != "DirectStream":
+            raise SystemExit(f"asked for the direct channel, got a {type(stream).__name__}")
         result = await exchanges(stream.send, stream.receive, n)
         nursery.cancel_scope.cancel()
     return result
@@ -121,12 +129,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--exchanges", type=int, default=2000)
     ap.add_argument("--muxer", choices=("yamux", "mplex"), default="yamux")
+    ap.add_argument("--direct", action="store_true", help="over the mesh's direct channel")
     ap.add_argument("--floor", action="store_true", help="bare TCP + framing + one AEAD seal per write instead")
     ap.add_argument("--cancelled-read", action="store_true", help="the serving end starts and cancels a read each time")
     args = ap.parse_args()
     wall, cpu = trio.run(floor, args.exchanges) if args.floor else trio.run(over_libp2p, args.exchanges, args.muxer,
-                                                                                       args.cancelled_read)
-    what = "floor (TCP + framing + AEAD)" if args.floor else f"libp2p, {args.muxer}" + (
+                                                                                       args.cancelled_read, args.direct)
+    what = ("floor (TCP + framing + AEAD)" if args.floor else "direct channel" if args.direct
+            else f"libp2p, {args.muxer}") + (
         ", a read cancelled per exchange" if args.cancelled_read else "")
     print(f"{what}: {args.exchanges} exchanges, per exchange: wall {wall * 1e3:.3f} ms, CPU {cpu * 1e3:.3f} ms "
           "(both ends)")

@@ -21,7 +21,10 @@ Every sharp edge listed in ``shared/notes/stack.md`` is handled here, and only h
 * yamux returns receive window credit on our request streams the way go-yamux does (once
   half the window is read) instead of py-libp2p's WINDOW_UPDATE frame after almost every
   read, which doubled the frames of a request/response exchange (:mod:`.yamux_credit`;
-  :data:`_YAMUX_TUNING` does part of it for libp2p's own streams).
+  :data:`_YAMUX_TUNING` does part of it for libp2p's own streams);
+* our request streams go over the direct channel where the peer has one
+  (:mod:`.direct_channel`: a TCP connection sealed with keys granted over the libp2p
+  connection, without yamux and noise in Python), over libp2p otherwise.
 """
 
 from __future__ import annotations
@@ -46,9 +49,11 @@ from libp2p.pubsub.score import ScoreParams, TopicScoreParams
 from libp2p.tools.anyio_service import background_trio_service
 
 from .gossip_limit import GossipLimiter
+from .direct_channel import DIRECT_PROTOCOL, DirectChannel
 from .base import DialFailed, GossipMessage, Mesh, MessageStream, StreamClosed, StreamHandler, TopicValidator
 from .settings import MeshSettings
 from .streams import FramedStream, run_handler
+from .ticket_exchange import ask_ticket, grant_ticket
 from .yamux_credit import credit_at_half_window
 
 log = logging.getLogger(__name__)
@@ -136,6 +141,9 @@ class Libp2pMesh(Mesh):
         self._probing: set[ID] = set()
         self.silent_peers_closed = 0
         self.gossip_limit = GossipLimiter(settings.gossip_per_peer_per_second, settings.gossip_per_peer_burst)
+        self.direct: DirectChannel | None = DirectChannel(settings, self._handlers) if settings.direct else None
+        """The direct channel (``None`` when ``settings.direct`` is off); its ``stats``
+        count the streams it carried."""
         for addr in settings.bootstrap:
             info = _parse_p2p(addr)
             self._known[info.peer_id] = list(info.addrs)
@@ -178,6 +186,8 @@ class Libp2pMesh(Mesh):
                     with trio.fail_after(s.dial_timeout):
                         await pubsub.wait_until_ready()
                     async with trio.open_nursery() as nursery:
+                        if self.direct is not None:
+                            await self._start_direct(nursery, listen)
                         nursery.start_soon(self._supervise, nursery)
                         nursery.start_soon(self._watch_liveness, nursery)
                         log.info("mesh up as %s on %s", self.peer_id, ", ".join(self.listen_addrs))
@@ -186,6 +196,36 @@ class Libp2pMesh(Mesh):
                 finally:
                     self._host = None
                     self._pubsub = None
+
+    async def _start_direct(self, nursery: trio.Nursery, listen: multiaddr.Multiaddr) -> None:
+        """Listen for direct connections on the libp2p listener's address and grant
+        tickets over ``/helexa/direct/1``; without a listener, only dial others'."""
+        assert self.direct is not None
+        host_ip = None
+        for proto in ("ip4", "ip6"):
+            try:
+                host_ip = listen.value_for_protocol(proto)
+                break
+            except Exception:
+                continue
+        if not host_ip:
+            log.warning("mesh: no direct channel on %s (not an IP address); peers reach us over libp2p", listen)
+            return
+        try:
+            port = await nursery.start(self.direct.run, host_ip)
+        except OSError as exc:
+            log.warning("mesh: the direct channel could not listen on %s port %d (%s); peers reach us over "
+                        "libp2p", host_ip, self._settings.direct_port, exc)
+            return
+        self._host.set_stream_handler(TProtocol(DIRECT_PROTOCOL), self._grant_ticket)
+        log.info("mesh: direct channel on %s port %d", host_ip, port)
+
+    async def _grant_ticket(self, net_stream: Any) -> None:
+        assert self.direct is not None
+        await grant_ticket(net_stream, self.direct, timeout=self._settings.direct_timeout)
+
+    async def _ask_ticket(self, peer_id: str) -> tuple[str, bytes]:
+        return await ask_ticket(await self._require_host().new_stream(_parse_id(peer_id), [TProtocol(DIRECT_PROTOCOL)]))
 
     # --- gossip ---------------------------------------------------------------------------
 
@@ -263,13 +303,21 @@ class Libp2pMesh(Mesh):
         host = self._require_host()
         pid = _parse_id(peer_id)
         host.get_network().unblock_peer(pid)
+        deadline = trio.current_time() + (self._settings.dial_timeout if timeout is None else timeout)
         try:
-            with trio.fail_after(self._settings.dial_timeout if timeout is None else timeout):
+            with trio.fail_at(deadline):
                 if pid not in host.get_network().connections and pid in self._known:
                     await host.connect(PeerInfo(pid, self._known[pid]))
+            if self.direct is not None and pid in host.get_network().connections:
+                stream = await self.direct.open(peer_id, protocol, self._ask_ticket, deadline=deadline)
+                if stream is not None:
+                    return stream
+            with trio.fail_at(deadline):
                 net_stream = await host.new_stream(pid, [TProtocol(protocol)])
         except trio.TooSlowError:
             raise DialFailed(f"opening {protocol} to {peer_id} timed out") from None
+        except DialFailed:
+            raise
         except Exception as exc:
             raise DialFailed(f"cannot open {protocol} to {peer_id}: {exc or type(exc).__name__}") from None
         return _Libp2pStream(net_stream, peer_id, timeout=self._settings.stream_timeout,
@@ -385,6 +433,8 @@ class Libp2pMesh(Mesh):
                     with trio.move_on_after(2) as scope:
                         scope.shield = True
                         try:
+                            if self.direct is not None:
+                                await self.direct.abort_peer(pid.to_base58())
                             await self._host.disconnect(pid)
                         except Exception:
                             log.debug("mesh: closing %s failed", pid, exc_info=True)

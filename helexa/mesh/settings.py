@@ -45,3 +45,19 @@ class MeshSettings:
     gossip_per_peer_burst: int = 200
     max_frame: int = DEFAULT_MAX_FRAME
     mdns: bool = False
+    direct: bool = True
+    """Serve and use the direct channel (:mod:`.direct_channel`): request streams over a
+    plain TCP connection sealed with keys granted through the libp2p connection, instead
+    of py-libp2p's yamux and noise; a peer without it is reached over libp2p as before."""
+    direct_port: int = 0
+    """TCP port of the direct listener, on the libp2p listener's address (0: any free
+    one; peers learn it from their ticket)."""
+    direct_timeout: float = 2.0
+    """How long getting a ticket, connecting and the handshake may take together, on
+    either side (capped at half an ``open_stream``'s own deadline), before the stream is
+    opened over libp2p instead."""
+    direct_retry_after: float = 30.0
+    """After a peer's direct channel failed, its streams go over libp2p this long."""
+    direct_ticket_ttl: float = 600.0
+    direct_max_tickets: int = 1024
+    """Tickets a node keeps granted, all peers together (the oldest goes first)."""

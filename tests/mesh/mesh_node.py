@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from contextlib import aclosing, asynccontextmanager
@@ -41,6 +42,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--announce-interval", type=float, default=1.0)
     p.add_argument("--gossip-per-peer", type=float, default=50.0, help="new messages/s a neighbour may forward")
     p.add_argument("--gossip-burst", type=int, default=200)
+    # The cortex's own switch (``[mesh] direct``), so one variable runs a suite either way.
+    p.add_argument("--direct", action=argparse.BooleanOptionalAction,
+                   default=os.environ.get("HELEXA_MESH__DIRECT", "true").lower() not in ("0", "false", "no", "off"))
     return p.parse_args()
 
 
@@ -50,7 +54,7 @@ class Node:
         self.identity = load_or_create(args.data_dir / "identity.key")
         self.mesh = open_libp2p_mesh(self.identity.seed, MeshSettings(
             listen=args.listen, bootstrap=tuple(args.bootstrap), gossip_per_peer_per_second=args.gossip_per_peer,
-            gossip_per_peer_burst=args.gossip_burst))
+            gossip_per_peer_burst=args.gossip_burst, direct=args.direct))
         self.messages = trio.open_memory_channel[dict](1000)
         self.out_lock = trio.Lock()
         self.fed: Federation | None = None

@@ -145,6 +145,11 @@ class MeshConfig(BaseModel):
     streams fail at once and it is redialled (a frozen peer is detected in seconds)."""
     announce_interval: float = Field(5.0, gt=0)
     mdns: bool = False
+    direct: bool = True
+    """Carry federated requests over the mesh's direct channel (TCP sealed with keys
+    granted over libp2p) where the peer has one; off: always over libp2p's streams."""
+    direct_port: int = Field(0, ge=0, le=65535)
+    """TCP port of the direct channel, on the ``listen`` address (0: any free port)."""
 
 
 class FederationConfig(BaseModel):

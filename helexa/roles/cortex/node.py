@@ -144,7 +144,8 @@ class Cortex:
         mesh_cfg = self.config.mesh
         self.mesh = open_libp2p_mesh(self.identity.seed, MeshSettings(
             listen=mesh_cfg.listen, bootstrap=tuple(mesh_cfg.bootstrap), mdns=mesh_cfg.mdns,
-            max_frame=self.config.max_frame_bytes, liveness_timeout=mesh_cfg.liveness_timeout))
+            max_frame=self.config.max_frame_bytes, liveness_timeout=mesh_cfg.liveness_timeout,
+            direct=mesh_cfg.direct, direct_port=mesh_cfg.direct_port))
         with _data_file("the federation ledger", self.config.data_dir / "ledger.sqlite",
                         "it holds the peers' signed receipts: restore it from a backup"):
             self.ledger = Ledger(self.config.data_dir / "ledger.sqlite")
