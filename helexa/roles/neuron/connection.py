@@ -97,6 +97,8 @@ class Connection:
         self._rng = rng or random.Random()
         self._channel: Channel | None = None
         self._nursery: trio.Nursery | None = None
+        self._posts: list[object] = []  # what post() queued, sent in order by one task
+        self._posting = False
         self._stop = trio.CancelScope()
         self.joined = trio.Event()
         """Set while joined; replaced by a fresh event when the connection drops."""
@@ -185,6 +187,7 @@ class Connection:
                 lost = exc  # raised below, outside the nursery, as itself
             finally:
                 self._channel = self._nursery = None
+                self._posts.clear()  # the next join reports the state anyway
                 self.joined = trio.Event()
                 nursery.cancel_scope.cancel()
         if lost is not None:
@@ -224,7 +227,19 @@ class Connection:
             pass
 
     def post(self, msg: object) -> None:
-        """:meth:`try_send` in the background on the current connection; dropped when not
-        connected (the next join reports the state anyway)."""
-        if self._nursery is not None:
-            self._nursery.start_soon(self.try_send, msg)
+        """:meth:`try_send` in the background on the current connection, in the order of
+        the calls (a model's status changes must reach the cortex as they happened); dropped
+        when not connected (the next join reports the state anyway)."""
+        if self._nursery is None:
+            return
+        self._posts.append(msg)
+        if not self._posting:
+            self._posting = True
+            self._nursery.start_soon(self._send_posts)
+
+    async def _send_posts(self) -> None:
+        try:
+            while self._posts:
+                await self.try_send(self._posts.pop(0))
+        finally:
+            self._posting = False
