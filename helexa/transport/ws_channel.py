@@ -8,7 +8,8 @@ writes everything queued in one system call; when other tasks are runnable it fi
 yields once, so every frame sent in the same scheduler tick goes out in that one write
 (at c=16 a neuron's answers and a cortex's requests come in bursts). A frame queued behind
 a write under way returns at once, as a frame handed to the kernel does; past
-:data:`HIGH_WATER` bytes queued a sender waits for room under its own deadline.
+:data:`HIGH_WATER` bytes queued a sender waits for room. A send's ``timeout`` applies only
+where it waits (a full socket, no room): the common case opens no cancel scope.
 
 Close codes used: 1000 normal, 1001 going away, 1002 protocol error (malformed or unknown
 frame), 1007 bad data, 1008 policy violation (refused join), 1009 frame too large, 1013
@@ -45,6 +46,10 @@ CLOSE_WAIT = 2.0
 """Seconds a close waits for the peer's answering Close before it drops the socket."""
 PONG_WAIT = 10.0
 """Seconds an answer to the peer's websocket ping may take to be written."""
+
+def _deadline(timeout: float | None) -> trio.CancelScope:
+    return trio.CancelScope() if timeout is None else trio.move_on_after(timeout)
+
 
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
@@ -85,21 +90,24 @@ class FrameChannel(Channel):
 
     # --- sending --------------------------------------------------------------------------
 
-    async def send(self, msg: Any) -> None:
+    async def send(self, msg: Any, *, timeout: float | None = None) -> None:
         if self._conn.state is not wsframes.State.OPEN or self._closed:
             raise ChannelClosed("channel closed", code=self._close_code)
-        await self._write(self._conn.message(encode(msg)))
+        await self._write(self._conn.message(encode(msg)), timeout)
 
-    async def _write(self, frame: bytes) -> None:
+    async def _write(self, frame: bytes, timeout: float | None = None) -> None:
         if self._closed:
             raise ChannelClosed("channel closed", code=self._close_code)
         self._out.append(frame)
         self._out_size += len(frame)
         if self._writing:  # the task writing takes this frame too
             if self._out_size > HIGH_WATER:
-                await self._wait_room()
+                with _deadline(timeout) as scope:
+                    await self._wait_room()
+                if scope.cancelled_caught:
+                    raise trio.TooSlowError
             return
-        await self._flush()
+        await self._flush(timeout)
 
     async def _wait_room(self) -> None:
         while self._writing and self._out_size > HIGH_WATER:
@@ -109,23 +117,28 @@ class FrameChannel(Channel):
         if not self._writing and self._out:  # the writer gave up (cancelled): take over
             await self._flush()
 
-    async def _flush(self) -> None:
-        """Write everything queued, in as few writes as the kernel allows. Cancelled while
-        the socket is full, the rest stays queued for the next sender (or one waiting for
-        room); under TLS a cancelled write breaks the stream."""
+    async def _flush(self, timeout: float | None = None) -> None:
+        """Write everything queued, in as few writes as the kernel allows. Stopped while
+        the socket is full (cancelled, or ``timeout`` passed: TooSlowError), the rest stays
+        queued for the next sender (or one waiting for room); under TLS a stopped write
+        breaks the stream."""
         self._writing = True
         try:
             if trio.lowlevel.current_statistics().tasks_runnable:
                 # Let the other tasks of this tick queue their frames into this write.
                 await trio.lowlevel.cancel_shielded_checkpoint()
             raw = self._raw
+            deadline: float | None = None
             while self._out:
                 out = self._out
                 data = out[0] if len(out) == 1 else b"".join(out)
                 out.clear()
                 self._out_size = 0
                 if raw is None:
-                    await self._stream.send_all(data)
+                    with _deadline(timeout) as scope:
+                        await self._stream.send_all(data)
+                    if scope.cancelled_caught:
+                        raise trio.TooSlowError
                     continue
                 try:
                     sent = raw.send(data)
@@ -135,7 +148,15 @@ class FrameChannel(Channel):
                     rest = data[sent:]
                     out.insert(0, rest)
                     self._out_size += len(rest)
-                    await trio.lowlevel.wait_writable(raw)
+                    if timeout is None:
+                        await trio.lowlevel.wait_writable(raw)
+                        continue
+                    if deadline is None:  # the deadline starts with the first wait
+                        deadline = trio.current_time() + timeout
+                    with trio.CancelScope(deadline=deadline) as scope:
+                        await trio.lowlevel.wait_writable(raw)
+                    if scope.cancelled_caught:
+                        raise trio.TooSlowError
         except _BROKEN as exc:
             self._out.clear()
             self._out_size = 0

@@ -258,3 +258,33 @@ def test_the_client_frames_are_masked_and_read_back_by_the_server_side() -> None
     assert client.next_event() == wsframes.Message(b"back")
     assert client.next_event() == wsframes.Pong(b"p")
     assert ws_channel.HIGH_WATER > 0
+
+
+async def test_a_send_timeout_applies_only_once_the_socket_is_full(nursery, autojump_clock) -> None:
+    reading = trio.Event()
+    sizes: list[int] = []
+    last = TokenChunk("r", "", 0)
+
+    async def script(stream, conn) -> None:
+        await reading.wait()
+        with trio.fail_after(20):
+            while not sizes or sizes[-1] != len(encode(last)):
+                if (event := conn.next_event()) is None:
+                    conn.receive_data(await stream.receive_some(1 << 20))
+                else:
+                    sizes.append(len(event.data))
+
+    url = await listen(nursery, raw_server(script))
+    async with ws_transport.connect(url, timeout=5) as channel:
+        big = TokenChunk("r", "x" * 60_000, 1)
+        t0 = trio.current_time()
+        with pytest.raises(trio.TooSlowError):
+            for _ in range(10_000):  # until the kernel's buffers are full
+                await channel.send(big, timeout=2.5)
+        assert trio.current_time() - t0 == pytest.approx(2.5)  # sends that did not wait took no time
+        reading.set()
+        await channel.send(last, timeout=2.5)  # the last frame, after what was left queued
+        with trio.fail_after(20):
+            while not sizes or sizes[-1] != len(encode(last)):
+                await trio.sleep(0.01)
+    assert len(set(sizes[:-1])) == 1  # every big frame arrived whole, the one cut off included
