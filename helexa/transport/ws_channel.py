@@ -23,6 +23,7 @@ import socket
 from typing import Any
 
 import trio
+from trio._core._run import GLOBAL_RUN_CONTEXT as _RUN_CONTEXT  # see _others_runnable
 
 from helexa.protocol import Fault, ProtocolError, decode, encode
 
@@ -46,6 +47,17 @@ CLOSE_WAIT = 2.0
 """Seconds a close waits for the peer's answering Close before it drops the socket."""
 PONG_WAIT = 10.0
 """Seconds an answer to the peer's websocket ping may take to be written."""
+
+def _others_runnable() -> bool:
+    """Whether other tasks wait to run (then a send yields once before it writes).
+
+    Read from trio's run queue directly: ``trio.lowlevel.current_statistics()`` says the
+    same, but also counts every registered socket (O(connections) per call: a cortex with
+    thousands of neurons would pay that on every send). ``tests/transport`` checks that
+    this still reads trio's queue."""
+    runner = getattr(_RUN_CONTEXT, "runner", None)
+    return bool(runner.runq) if runner is not None else False
+
 
 def _deadline(timeout: float | None) -> trio.CancelScope:
     return trio.CancelScope() if timeout is None else trio.move_on_after(timeout)
@@ -124,7 +136,7 @@ class FrameChannel(Channel):
         breaks the stream."""
         self._writing = True
         try:
-            if trio.lowlevel.current_statistics().tasks_runnable:
+            if _others_runnable():
                 # Let the other tasks of this tick queue their frames into this write.
                 await trio.lowlevel.cancel_shielded_checkpoint()
             raw = self._raw

@@ -288,3 +288,18 @@ async def test_a_send_timeout_applies_only_once_the_socket_is_full(nursery, auto
             while not sizes or sizes[-1] != len(encode(last)):
                 await trio.sleep(0.01)
     assert len(set(sizes[:-1])) == 1  # every big frame arrived whole, the one cut off included
+
+
+async def test_the_run_queue_probe_reads_trios_queue() -> None:
+    # ws_channel reads trio's run queue (private) because current_statistics() is
+    # O(sockets); this fails loudly if a trio upgrade moves it.
+    woken = trio.Event()
+
+    async def sleeper() -> None:
+        await woken.wait()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sleeper)
+        assert ws_channel._others_runnable()  # the new task is queued to run
+        assert trio.lowlevel.current_statistics().tasks_runnable > 0
+        woken.set()
