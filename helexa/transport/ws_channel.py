@@ -48,6 +48,7 @@ CLOSE_WAIT = 2.0
 PONG_WAIT = 10.0
 """Seconds an answer to the peer's websocket ping may take to be written."""
 
+
 def _others_runnable() -> bool:
     """Whether other tasks wait to run (then a send yields once before it writes).
 
