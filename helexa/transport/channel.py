@@ -46,8 +46,17 @@ class Channel(abc.ABC):
     remote: str = "?"
 
     @abc.abstractmethod
-    async def send(self, msg: Any) -> None:
-        """Encode and send one message. Raises :class:`ChannelClosed`."""
+    async def send(self, msg: Any, *, timeout: float | None = None) -> None:
+        """Encode and send one message.
+
+        ``timeout`` bounds the wait when the connection cannot take the message at once
+        (the peer does not read); a channel that can applies it only then, so the common
+        case pays for no cancel scope.
+
+        Raises:
+            ChannelClosed: the channel is closed or broke.
+            trio.TooSlowError: ``timeout`` passed; the message may still go out later.
+        """
 
     @abc.abstractmethod
     async def receive(self) -> Any:

@@ -27,7 +27,8 @@ class MemoryChannel(Channel):
         self._max_frame = max_frame
         self.remote = remote
 
-    async def send(self, msg: Any) -> None:
+    async def send(self, msg: Any, *, timeout: float | None = None) -> None:
+        # The buffer is unbounded: a send never waits, so ``timeout`` never applies.
         await self.send_raw(encode(msg))
 
     async def send_raw(self, data: bytes) -> None:

@@ -1,11 +1,11 @@
 """The websocket server of the control plane: a thin trio shell around the sans-IO
-upgrade (:mod:`.wsupgrade`) and connection (:mod:`.wsframes`).
+upgrade (:mod:`.wsupgrade`); each upgraded connection is a :class:`.ws_channel.ServerChannel`.
 
 Each connection is one task: it reads the upgrade, then runs the handler, whose
 ``channel.receive()`` reads and parses frames in that same task (no reader task or
 memory channel per connection, as trio-websocket has: at thousands of neurons those were
-most of the cortex's CPU per heartbeat). Clients are unchanged: neurons dial with
-trio-websocket's client (:func:`.websocket.connect`), ``ws://`` or ``wss://``.
+most of the cortex's CPU per heartbeat). Neurons dial with :mod:`.ws_client`; any RFC 6455
+client works (the tests also use trio-websocket's).
 
 Close codes used: 1000 normal, 1001 going away, 1002 protocol error (malformed or unknown
 frame), 1007 bad data, 1008 policy violation (refused join), 1009 frame too large, 1013
@@ -23,194 +23,18 @@ from typing import Any
 
 import trio
 
-from helexa.protocol import DEFAULT_MAX_FRAME, Fault, ProtocolError, decode, encode
+from helexa.protocol import DEFAULT_MAX_FRAME, ProtocolError
 
 from . import wsframes, wsupgrade
 from .admission import PendingHandshakes
-from .channel import Channel, ChannelClosed
+from .channel import ChannelClosed
+from .ws_channel import CLOSE_POLICY, CLOSE_PROTOCOL_ERROR, CLOSE_TOO_BIG, CLOSE_TRY_LATER, ServerChannel
+
+__all__ = ["CLOSE_POLICY", "CLOSE_PROTOCOL_ERROR", "CLOSE_TOO_BIG", "CLOSE_TRY_LATER", "ServerChannel", "serve"]
 
 log = logging.getLogger(__name__)
 
-CLOSE_PROTOCOL_ERROR = 1002
-CLOSE_POLICY = 1008
-CLOSE_TOO_BIG = 1009
-CLOSE_TRY_LATER = 1013
-
 _READ = 65536
-_CLOSE_WAIT = 2.0
-"""Seconds a close waits for the client's answering Close before it drops the socket."""
-_PONG_WAIT = 10.0
-"""Seconds an answer to a client's websocket ping may take to be written."""
-
-
-class ServerChannel(Channel):
-    """A :class:`Channel` over one upgraded server connection.
-
-    ``receive`` is for one reader task; ``send`` may be called from any number of tasks
-    (frames never interleave). ``aclose`` may be called from any task, also while another
-    one waits in ``receive``: it sends the Close, and the reader (or ``aclose`` itself,
-    when nobody reads) waits up to 2 s for the client's answering Close before the socket
-    is dropped.
-    """
-
-    def __init__(self, stream: trio.abc.Stream, conn: wsframes.ServerConnection, *, max_frame: int,
-                 remote: str, raw: socket.socket | None = None) -> None:
-        self._stream = stream
-        self._raw = raw  # the plain socket under ``stream``, read directly (not under TLS)
-        self._conn = conn
-        self._max_frame = max_frame
-        self.remote = remote
-        self._send_lock = trio.StrictFIFOLock()
-        self._reading = False
-        self._closed = False  # the socket is gone
-        self._gone = trio.Event()  # set with _closed
-        self._close_code: int | None = None  # the client's Close, once read
-
-    # --- sending --------------------------------------------------------------------------
-
-    async def send(self, msg: Any) -> None:
-        if self._conn.state is not wsframes.State.OPEN or self._closed:
-            raise ChannelClosed("channel closed", code=self._close_code)
-        await self._write(self._conn.message(encode(msg)))
-
-    async def _write(self, data: bytes) -> None:
-        lock = self._send_lock
-        try:
-            if lock.locked():
-                async with lock:
-                    await self._stream.send_all(data)
-            else:
-                # Uncontended (the common case): no extra trip through the scheduler;
-                # send_all has its own checkpoint.
-                lock.acquire_nowait()
-                try:
-                    await self._stream.send_all(data)
-                finally:
-                    lock.release()
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise ChannelClosed(f"connection broken: {exc}") from None
-
-    # --- receiving ------------------------------------------------------------------------
-
-    async def receive(self) -> Any:
-        conn = self._conn
-        while True:
-            try:
-                event = conn.next_event()
-            except wsframes.FrameError as exc:
-                error = ProtocolError(f"websocket: {exc.reason}",
-                                      code="oversized" if exc.code == CLOSE_TOO_BIG else "bad_frame")
-                await self._fail(error, exc.code)
-                raise error from None
-            if event is None:
-                await self._read_more()
-                continue
-            match event:
-                case wsframes.Message(data=data, text=False):
-                    try:
-                        return decode(data, max_size=self._max_frame)
-                    except ProtocolError as exc:
-                        await self._fail(exc, CLOSE_TOO_BIG if exc.code == "oversized" else CLOSE_PROTOCOL_ERROR)
-                        raise
-                case wsframes.Message():
-                    error = ProtocolError("text frames are not part of the protocol")
-                    await self._fail(error, CLOSE_PROTOCOL_ERROR)
-                    raise error
-                case wsframes.Ping(payload=payload):
-                    if conn.state is wsframes.State.OPEN:
-                        with trio.move_on_after(_PONG_WAIT) as scope:
-                            try:
-                                await self._write(conn.pong(payload))
-                            except ChannelClosed:
-                                pass
-                        if scope.cancelled_caught:  # a client that pings and does not read
-                            await self._drop()
-                            raise ChannelClosed("a websocket pong could not be sent in time")
-                case wsframes.Pong():
-                    pass
-                case wsframes.CloseReceived(code=code, reason=reason):
-                    self._close_code = code
-                    if conn.state is wsframes.State.CLOSE_RECEIVED:  # the client closed first: answer
-                        with trio.move_on_after(_CLOSE_WAIT) as scope:
-                            scope.shield = True
-                            try:
-                                await self._write(conn.close(code if code != wsframes.CLOSE_NO_STATUS
-                                                             else wsframes.CLOSE_NORMAL))
-                            except ChannelClosed:
-                                pass
-                    await self._drop()
-                    raise ChannelClosed(f"closed by peer: {code} {reason}".strip(), code=code)
-
-    async def _read_more(self) -> None:
-        if self._closed:
-            raise ChannelClosed("channel closed", code=self._close_code)
-        self._reading = True
-        try:
-            data = await (self._recv(self._raw) if self._raw is not None else self._stream.receive_some(_READ))
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ValueError) as exc:
-            await self._drop()
-            raise ChannelClosed(f"connection broken: {exc}", code=self._close_code) from None
-        finally:
-            self._reading = False
-        if not data:
-            await self._drop()
-            raise ChannelClosed("connection lost (no close frame)", code=self._close_code or wsframes.CLOSE_ABNORMAL)
-        self._conn.receive_data(data)
-
-    @staticmethod
-    async def _recv(sock: socket.socket) -> bytes:
-        # Wait first, then read: a neuron sends a frame a second, so trying the read first
-        # (as trio's socket does) would nearly always cost a failed system call, and trio's
-        # wrappers around it cost more than the read. The wait is the checkpoint.
-        while True:
-            await trio.lowlevel.wait_readable(sock)
-            try:
-                return sock.recv(_READ)
-            except BlockingIOError:
-                continue
-
-    async def _fail(self, exc: ProtocolError, code: int) -> None:
-        """Tell the client (a Fault, then a Close with ``code``) and drop the connection;
-        the caller raises ``exc``."""
-        log.warning("protocol error from %s: %s; closing", self.remote, exc)
-        with trio.move_on_after(_CLOSE_WAIT) as scope:
-            scope.shield = True
-            if self._conn.state is wsframes.State.OPEN:
-                try:
-                    await self.send(Fault(exc.code, str(exc)))
-                    await self._write(self._conn.close(code, exc.code))
-                except ChannelClosed:
-                    pass
-        # The client's answering Close is not awaited: it broke the protocol.
-        await self._drop()
-
-    # --- closing --------------------------------------------------------------------------
-
-    async def aclose(self, code: int = 1000, reason: str = "") -> None:
-        if self._closed:
-            return
-        with trio.move_on_after(_CLOSE_WAIT) as scope:
-            scope.shield = True
-            if self._conn.state is wsframes.State.OPEN:
-                try:
-                    await self._write(self._conn.close(code, reason))
-                except ChannelClosed:
-                    pass
-            if self._reading:
-                await self._gone.wait()  # the reader reads the client's Close and drops the socket
-            else:
-                try:
-                    while not self._closed and self._conn.state is wsframes.State.CLOSE_SENT:
-                        await self.receive()  # frames after our Close are dropped unread
-                except (ChannelClosed, ProtocolError):
-                    pass
-        await self._drop()
-
-    async def _drop(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._gone.set()
-            await trio.aclose_forcefully(self._stream)
 
 
 # --- the server ------------------------------------------------------------------------------

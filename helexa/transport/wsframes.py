@@ -1,17 +1,18 @@
-"""The server side of one websocket connection after its upgrade (RFC 6455), sans-IO.
+"""One websocket connection after its upgrade (RFC 6455), sans-IO, from either side.
 
-Bytes from the client go in (:meth:`ServerConnection.receive_data`), events come out
-(:meth:`ServerConnection.next_event`); what the server says becomes bytes to write
-(:meth:`ServerConnection.message`, :meth:`~ServerConnection.close`,
-:meth:`~ServerConnection.pong`). No sockets, no trio: :mod:`.ws_server` is the shell that
-moves the bytes.
+Bytes from the peer go in (:meth:`Connection.receive_data`), events come out
+(:meth:`Connection.next_event`); what this side says becomes bytes to write
+(:meth:`Connection.message`, :meth:`~Connection.close`, :meth:`~Connection.pong`).
+:class:`ServerConnection` reads masked frames and writes plain ones;
+:class:`ClientConnection` the reverse. No sockets, no trio: :mod:`.ws_channel` is the
+shell that moves the bytes.
 
-Why it exists beside wsproto (which trio-websocket drives, and which the neuron's client
-still uses): the cortex reads a heartbeat from every neuron every second, and
-trio-websocket's reader task per connection, its memory channel and wsproto's general
-frame machinery cost more than a third of the cortex's CPU per heartbeat
-(``docs/reliability.md``, "Join storms"). This reads only what a server must: masked
-client frames, no extensions.
+Why it exists beside wsproto (which trio-websocket drives): the cortex reads a heartbeat
+from every neuron every second, and trio-websocket's reader task per connection, its
+memory channel and wsproto's general frame machinery cost more than a third of the
+cortex's CPU per heartbeat (``docs/reliability.md``, "Join storms"); on the neuron they
+were the largest part of its transport's cost per request (docs/benchmarks.md, issue 17).
+This reads only what the control plane needs: no extensions.
 
 The states, as one table (:data:`MOVES`)::
 
@@ -26,6 +27,7 @@ writes ``close(exc.code)`` and drops the connection without waiting for an answe
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass
 
 BINARY, TEXT, CONTINUATION, CLOSE, PING, PONG = 0x2, 0x1, 0x0, 0x8, 0x9, 0xA
@@ -41,7 +43,7 @@ CLOSE_TOO_BIG = 1009
 
 
 class FrameError(Exception):
-    """The client broke RFC 6455; ``code`` is the close code to answer with."""
+    """The peer broke RFC 6455; ``code`` is the close code to answer with."""
 
     def __init__(self, code: int, reason: str) -> None:
         super().__init__(reason)
@@ -50,7 +52,7 @@ class FrameError(Exception):
 
 
 class LocalError(Exception):
-    """The server asked for something its state does not allow (a bug in the caller)."""
+    """This side asked for something its state does not allow (a bug in the caller)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +75,7 @@ class Pong:
 
 @dataclass(frozen=True, slots=True)
 class CloseReceived:
-    """The client's Close frame: its code (1005 when it gave none) and reason."""
+    """The peer's Close frame: its code (1005 when it gave none) and reason."""
 
     code: int
     reason: str
@@ -109,6 +111,41 @@ def server_frame(payload: bytes, opcode: int = BINARY) -> bytes:
     return bytes((0x80 | opcode, 127)) + n.to_bytes(8, "big") + payload
 
 
+_KEYS = b""
+_KEYS_POS = 0
+
+
+def _mask_key() -> bytes:
+    """Four bytes from the system's random source, drawn a page at a time (one system call
+    per 1,024 frames rather than one per frame)."""
+    global _KEYS, _KEYS_POS
+    if _KEYS_POS >= len(_KEYS):
+        _KEYS, _KEYS_POS = os.urandom(4096), 0
+    _KEYS_POS += 4
+    return _KEYS[_KEYS_POS - 4:_KEYS_POS]
+
+
+def _forget_keys() -> None:
+    global _KEYS, _KEYS_POS
+    _KEYS, _KEYS_POS = b"", 0
+
+
+os.register_at_fork(after_in_child=_forget_keys)  # a forked child never reuses its parent's keys
+
+
+def client_frame(payload: bytes, opcode: int = BINARY) -> bytes:
+    """One final frame, masked with a fresh random key (a client always masks)."""
+    n = len(payload)
+    key = _mask_key()
+    if n < 126:
+        head = bytes((0x80 | opcode, 0x80 | n))
+    elif n < 65536:
+        head = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((0x80 | opcode, 0x80 | 127)) + n.to_bytes(8, "big")
+    return head + key + unmask(payload, key)
+
+
 def unmask(payload: bytes, key: bytes) -> bytes:
     """``payload`` XOR the repeated 4-byte ``key``, as one big-integer XOR (C speed)."""
     n = len(payload)
@@ -118,8 +155,8 @@ def unmask(payload: bytes, key: bytes) -> bytes:
     return (int.from_bytes(payload, "little") ^ int.from_bytes(mask, "little")).to_bytes(n, "little")
 
 
-class ServerConnection:
-    """One upgraded connection, from the server's side.
+class Connection:
+    """One upgraded connection; use :class:`ServerConnection` or :class:`ClientConnection`.
 
     Args:
         max_message: the largest message accepted (all fragments together); a bigger one
@@ -127,6 +164,9 @@ class ServerConnection:
     """
 
     __slots__ = ("max_message", "state", "_buf", "_pos", "_fragments", "_fragment_size", "_fragment_text")
+
+    _PEER_MASKS = True
+    """Whether the peer's frames carry a mask (a client's do, a server's must not)."""
 
     def __init__(self, max_message: int) -> None:
         self.max_message = max_message
@@ -146,7 +186,7 @@ class ServerConnection:
     # --- bytes in, events out -------------------------------------------------------------
 
     def receive_data(self, data: bytes) -> None:
-        """Add bytes read from the client (after the upgrade's head)."""
+        """Add bytes read from the peer (after the upgrade's head)."""
         if self._pos >= len(self._buf):
             self._buf, self._pos = data, 0
         else:
@@ -156,8 +196,9 @@ class ServerConnection:
         """The next whole event, or None until more bytes come.
 
         Raises:
-            FrameError: the client broke the protocol (answer ``close(exc.code)``).
+            FrameError: the peer broke the protocol (answer ``close(exc.code)``).
         """
+        masked = self._PEER_MASKS
         while True:
             buf, pos = self._buf, self._pos
             avail = len(buf) - pos
@@ -174,11 +215,16 @@ class ServerConnection:
                     return None
                 n, off = int.from_bytes(buf[pos + 2:pos + 10], "big"), 10
             self._check_header(b0, b1, opcode, n)
-            end = off + 4 + n
-            if avail < end:
-                return None
-            key = buf[pos + off:pos + off + 4]
-            payload = unmask(buf[pos + off + 4:pos + end], key)
+            if masked:
+                end = off + 4 + n
+                if avail < end:
+                    return None
+                payload = unmask(buf[pos + off + 4:pos + end], buf[pos + off:pos + off + 4])
+            else:
+                end = off + n
+                if avail < end:
+                    return None
+                payload = buf[pos + off:pos + end]
             self._pos = pos + end
             if opcode >= CLOSE:
                 return self._control(opcode, payload)
@@ -191,8 +237,9 @@ class ServerConnection:
             raise FrameError(CLOSE_PROTOCOL_ERROR, "reserved bits set (no extension was agreed)")
         if opcode not in _KNOWN:
             raise FrameError(CLOSE_PROTOCOL_ERROR, f"unknown opcode {opcode}")
-        if not b1 & 0x80:
-            raise FrameError(CLOSE_PROTOCOL_ERROR, "a client frame must be masked")
+        if bool(b1 & 0x80) is not self._PEER_MASKS:
+            raise FrameError(CLOSE_PROTOCOL_ERROR, "a client frame must be masked" if self._PEER_MASKS
+                             else "a server frame must not be masked")
         if opcode >= CLOSE:
             if not b0 & 0x80 or n > 125:
                 raise FrameError(CLOSE_PROTOCOL_ERROR, "a control frame must be final and at most 125 bytes")
@@ -237,17 +284,25 @@ class ServerConnection:
         self._move(Trigger.RECEIVE_CLOSE)
         return CloseReceived(code, reason)
 
-    # --- what the server says, as bytes -----------------------------------------------------
+    # --- what this side says, as bytes -------------------------------------------------------
+
+    @staticmethod
+    def _frame(payload: bytes, opcode: int = BINARY) -> bytes:
+        return server_frame(payload, opcode)
 
     def message(self, data: bytes) -> bytes:
         """One binary message, to write. Raises :class:`LocalError` once a close was sent."""
         if self.state is not State.OPEN and self.state is not State.CLOSE_RECEIVED:
             raise LocalError(f"cannot send a message in state {self.state.value}")
-        return server_frame(data)
+        return self._frame(data)
 
     def pong(self, payload: bytes) -> bytes:
-        """The answer to a client's Ping."""
-        return server_frame(payload, PONG)
+        """The answer to the peer's Ping."""
+        return self._frame(payload, PONG)
+
+    def ping(self, payload: bytes = b"") -> bytes:
+        """A Ping (at most 125 bytes of payload)."""
+        return self._frame(payload[:125], PING)
 
     def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> bytes:
         """The Close frame to write (``reason`` cut to fit a control frame)."""
@@ -259,4 +314,21 @@ class ServerConnection:
                 break
             except UnicodeDecodeError:  # cut inside a character
                 raw = raw[:-1]
-        return server_frame(code.to_bytes(2, "big") + raw, CLOSE)
+        return self._frame(code.to_bytes(2, "big") + raw, CLOSE)
+
+
+class ServerConnection(Connection):
+    """The server's side: reads masked client frames, writes plain ones."""
+
+    __slots__ = ()
+
+
+class ClientConnection(Connection):
+    """The client's side: reads plain server frames, writes masked ones."""
+
+    __slots__ = ()
+    _PEER_MASKS = False
+
+    @staticmethod
+    def _frame(payload: bytes, opcode: int = BINARY) -> bytes:
+        return client_frame(payload, opcode)

@@ -1,8 +1,9 @@
-"""The server side of a websocket opening handshake (RFC 6455 section 4.2), sans-IO.
+"""Both sides of a websocket opening handshake (RFC 6455 section 4), sans-IO.
 
-:func:`parse_upgrade` reads a request head (the bytes up to and including the blank line)
-and returns the client's key, or raises :class:`UpgradeRejected` with the HTTP status to
-answer; :func:`accept` and :func:`reject` render the answers. No extension and no
+The server's: :func:`parse_upgrade` reads a request head (the bytes up to and including
+the blank line) and returns the client's key, or raises :class:`UpgradeRejected` with the
+HTTP status to answer; :func:`accept` and :func:`reject` render the answers. The client's:
+:func:`request` renders the upgrade request, :func:`check_answer` reads the server's head. No extension and no
 subprotocol is ever agreed (the control plane uses neither), so the answer has no
 ``Sec-WebSocket-Extensions``: a client that offered permessage-deflate gets plain frames,
 as the RFC allows.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 from http import HTTPStatus
 
 MAX_HEAD = 16 * 1024
@@ -93,9 +95,13 @@ def _tokens(value: str) -> set[str]:
     return {t.strip().lower() for t in value.split(",")}
 
 
+def _accept_value(key: str) -> str:
+    return base64.b64encode(hashlib.sha1(key.encode("ascii") + _GUID).digest()).decode()
+
+
 def accept(key: str) -> bytes:
     """The ``101 Switching Protocols`` answer to the request that sent ``key``."""
-    digest = base64.b64encode(hashlib.sha1(key.encode("ascii") + _GUID).digest()).decode()
+    digest = _accept_value(key)
     return (f"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             f"Sec-WebSocket-Accept: {digest}\r\n\r\n").encode()
 
@@ -112,3 +118,46 @@ def reject(status: int, reason: str = "", *, retry_after: float | None = None) -
         extra += f"Retry-After: {retry_after:.0f}\r\n"
     return (f"HTTP/1.1 {status} {phrase}\r\n{extra}Content-Type: text/plain; charset=utf-8\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+
+
+# --- the client's side -----------------------------------------------------------------------
+
+
+def new_key() -> str:
+    """A fresh ``Sec-WebSocket-Key`` (16 random bytes in base64)."""
+    return base64.b64encode(os.urandom(16)).decode()
+
+
+def request(host: str, resource: str, key: str) -> bytes:
+    """The upgrade request for ``resource`` on ``host`` (``host[:port]``, as the Host header)."""
+    return (f"GET {resource} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode()
+
+
+def check_answer(head: bytes, key: str) -> None:
+    """Accept the server's answer head to the request that sent ``key``.
+
+    Raises:
+        UpgradeRejected: with the answer's status: anything but ``101``, or a ``101`` without
+            the upgrade headers or with a ``Sec-WebSocket-Accept`` not made from ``key``
+            (reason: the status line, plus ``Retry-After`` when the server gave one).
+    """
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+        raise UpgradeRejected(0, f"not an HTTP answer: {lines[0][:80]!r}")
+    status = int(parts[1])
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    if status != 101:
+        retry = f" (Retry-After: {headers['retry-after']})" if "retry-after" in headers else ""
+        raise UpgradeRejected(status, f"the server answered {lines[0][:80]}{retry}")
+    if "websocket" not in _tokens(headers.get("upgrade", "")) or "upgrade" not in _tokens(headers.get("connection", "")):
+        raise UpgradeRejected(status, "a 101 answer without Upgrade: websocket and Connection: Upgrade")
+    if headers.get("sec-websocket-accept") != _accept_value(key):
+        raise UpgradeRejected(status, "a 101 answer with the wrong Sec-WebSocket-Accept")
+    if headers.get("sec-websocket-extensions"):
+        raise UpgradeRejected(status, "the server agreed an extension the client did not offer")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import trio
-import trio_websocket
 
 from helexa.protocol import Hardware, NeuronDescriptor
 from helexa.protocol.join import NeuronJoin, Refusal, Welcomed
@@ -16,7 +15,7 @@ from helexa.roles.cortex.fleet import Fleet
 from helexa.transport import ChannelClosed
 from helexa.transport.admission import FailedJoins, PendingHandshakes, host_of
 from helexa.transport.handshake import exchange
-from helexa.transport.websocket import WebSocketChannel
+from helexa.transport.ws_client import handshake
 
 TOKEN = "hlx1.admission-token"
 
@@ -75,22 +74,16 @@ async def join(port: int, node_id: str, token: str, *, source: str = "127.0.0.1"
     """One real join over a websocket from ``source``: the verdict, or the close code the
     cortex answered with instead."""
     tcp = await trio.open_tcp_stream("127.0.0.1", port, local_address=source)
-    async with trio.open_nursery() as nursery:
-        try:
-            ws = await trio_websocket.wrap_client_stream(nursery, tcp, f"127.0.0.1:{port}", "/",
-                                                         message_queue_size=8)
-            channel = WebSocketChannel(ws, max_frame=1 << 20, remote=f"127.0.0.1:{port}")
-            session = NeuronJoin(token, NeuronDescriptor(node_id, Hardware(cpu_cores=1, ram_total=1 << 30)),
-                                 timeout=10)
-            try:
-                await exchange(channel, session, session.start())
-                return session.verdict
-            except ChannelClosed as exc:
-                return exc.code
-            finally:
-                await channel.aclose()
-        finally:
-            nursery.cancel_scope.cancel()
+    with trio.fail_after(10):
+        channel = await handshake(tcp, host=f"127.0.0.1:{port}", max_frame=1 << 20, remote=f"127.0.0.1:{port}")
+    session = NeuronJoin(token, NeuronDescriptor(node_id, Hardware(cpu_cores=1, ram_total=1 << 30)), timeout=10)
+    try:
+        await exchange(channel, session, session.start())
+        return session.verdict
+    except ChannelClosed as exc:
+        return exc.code
+    finally:
+        await channel.aclose()
 
 
 async def test_an_address_that_fails_its_proof_too_often_is_closed_unheard_until_it_drains(

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -135,76 +135,17 @@ class Dispatcher:
         self.on_end = on_end
         """Called with (node id, model id) each time a request there ended, any way."""
 
-    @asynccontextmanager
-    async def generate(self, request: GenerateRequest, pick: Pick, *, endpoint: str = "chat",
-                       keep_text: bool = False) -> AsyncIterator[Generation]:
+    def generate(self, request: GenerateRequest, pick: Pick, *, endpoint: str = "chat",
+                 keep_text: bool = False) -> "Dispatching":
         """Start ``request`` on ``pick``'s target, failing over while nothing has started
-        (``keep_text``: the :class:`Generation` keeps the answer's text).
+        (``keep_text``: the :class:`Generation` keeps the answer's text); ``async with``
+        it for the :class:`Generation`.
 
         Raises what ``pick`` raises, :class:`UpstreamTimeout` when no first event comes in
         time, and the target's errors (``NeuronGone``, ``RemoteError``, the federation's)
         from iteration after the stream started.
         """
-        exclude: frozenset[str] = frozenset()
-        for attempt in range(1, self.config.max_attempts + 1):
-            target = await pick(exclude)
-            span = _span("dispatch", request, target.node_id, attempt)
-            traced = replace(request, trace=telemetry.traceparent(span)) if span is not None else request
-            fields = logs.push(model=request.model_id, neuron=target.node_id)
-            try:
-                started = trio.current_time()
-                self.live.begin(target.node_id, request.model_id, started)
-                ctx = target.generate(traced)
-                entered = False
-                try:
-                    events = await ctx.__aenter__()
-                    entered = True
-                    first = None
-                    try:
-                        with trio.move_on_after(self.config.first_token_timeout):  # cheaper than fail_after
-                            first = await events.__anext__()
-                    except StopAsyncIteration:
-                        raise RemoteError("empty_stream", "the neuron ended the stream without a result") from None
-                    if first is None:
-                        raise UpstreamTimeout(f"neuron {target.node_id} did not start within "
-                                              f"{self.config.first_token_timeout:g}s")
-                except BaseException as exc:
-                    if entered:
-                        with trio.CancelScope(shield=True):
-                            await ctx.__aexit__(type(exc), exc, exc.__traceback__)
-                    self._failed(target.node_id, request.model_id, exc)
-                    _mark(span, exc)
-                    if _retryable(exc) and attempt < self.config.max_attempts:
-                        log.info("request %s not started on %s (%s): trying another neuron",
-                                 request.request_id, target.node_id, exc)
-                        exclude = exclude | {target.node_id}
-                        continue
-                    raise
-                idle_timeout = self.config.idle_timeout
-                idle = trio.CancelScope(deadline=trio.current_time() + idle_timeout)
-                gen = Generation(target.node_id, first, events, idle, idle_timeout, started, keep_text=keep_text)
-                try:
-                    with idle:
-                        try:
-                            yield gen
-                        except BaseException as exc:
-                            self._failed(target.node_id, request.model_id, exc)
-                            _mark(span, exc)
-                            raise
-                except BaseException as exc:
-                    await ctx.__aexit__(type(exc), exc, exc.__traceback__)
-                    raise
-                await ctx.__aexit__(None, None, None)
-                if idle.cancelled_caught:
-                    raise UpstreamTimeout(f"the stream from neuron {target.node_id} made no progress "
-                                          f"for {idle_timeout:g}s")
-                self._done(gen, request.model_id, endpoint, started)
-                return
-            finally:
-                logs.pop(fields)
-                if span is not None:
-                    span.end()
-        raise AssertionError("unreachable")
+        return Dispatching(self, request, pick, endpoint, keep_text)
 
     async def embed(self, request: EmbedRequest, pick: Pick) -> EmbedResult:
         """Embed on ``pick``'s target, failing over as :meth:`generate` does."""
@@ -263,6 +204,102 @@ class Dispatcher:
         else:
             code = "error"
         self.metrics.request_failed(model_id, node_id, code)
+
+
+class Dispatching:
+    """:meth:`Dispatcher.generate`'s context. A class rather than ``@asynccontextmanager``:
+    it is on every request's path, where each generator-based layer was a measurable share
+    (docs/benchmarks.md, 2026-11-30, item 2). Entering runs the attempts until one has its
+    first event; the idle deadline's cancel scope is entered then and left on exit, around
+    the caller's block."""
+
+    __slots__ = ("_dispatcher", "_request", "_pick", "_endpoint", "_keep_text", "_context", "_gen", "_idle",
+                 "_span", "_fields", "_started")
+
+    def __init__(self, dispatcher: Dispatcher, request: GenerateRequest, pick: Pick, endpoint: str,
+                 keep_text: bool) -> None:
+        self._dispatcher = dispatcher
+        self._request = request
+        self._pick = pick
+        self._endpoint = endpoint
+        self._keep_text = keep_text
+
+    async def __aenter__(self) -> Generation:
+        d, request = self._dispatcher, self._request
+        config = d.config
+        exclude: frozenset[str] = frozenset()
+        for attempt in range(1, config.max_attempts + 1):
+            target = await self._pick(exclude)
+            span = _span("dispatch", request, target.node_id, attempt)
+            traced = replace(request, trace=telemetry.traceparent(span)) if span is not None else request
+            fields = logs.push(model=request.model_id, neuron=target.node_id)
+            try:
+                started = trio.current_time()
+                d.live.begin(target.node_id, request.model_id, started)
+                ctx = target.generate(traced)
+                entered = False
+                try:
+                    events = await ctx.__aenter__()
+                    entered = True
+                    first = None
+                    try:
+                        with trio.move_on_after(config.first_token_timeout):  # cheaper than fail_after
+                            first = await events.__anext__()
+                    except StopAsyncIteration:
+                        raise RemoteError("empty_stream", "the neuron ended the stream without a result") from None
+                    if first is None:
+                        raise UpstreamTimeout(f"neuron {target.node_id} did not start within "
+                                              f"{config.first_token_timeout:g}s")
+                except BaseException as exc:
+                    if entered:
+                        with trio.CancelScope(shield=True):
+                            await ctx.__aexit__(type(exc), exc, exc.__traceback__)
+                    d._failed(target.node_id, request.model_id, exc)
+                    _mark(span, exc)
+                    if _retryable(exc) and attempt < config.max_attempts:
+                        log.info("request %s not started on %s (%s): trying another neuron",
+                                 request.request_id, target.node_id, exc)
+                        exclude = exclude | {target.node_id}
+                        _end(fields, span)
+                        continue
+                    raise
+            except BaseException:
+                _end(fields, span)
+                raise
+            idle = trio.CancelScope(deadline=trio.current_time() + config.idle_timeout)
+            gen = Generation(target.node_id, first, events, idle, config.idle_timeout, started,
+                             keep_text=self._keep_text)
+            self._context, self._gen, self._idle = ctx, gen, idle
+            self._span, self._fields, self._started = span, fields, started
+            idle.__enter__()
+            return gen
+        raise AssertionError("unreachable")
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        d, gen, idle, span = self._dispatcher, self._gen, self._idle, self._span
+        model_id = self._request.model_id
+        try:
+            if exc is not None:
+                d._failed(gen.node_id, model_id, exc)
+                _mark(span, exc)
+            swallowed = idle.__exit__(exc_type, exc, tb)  # its own Cancelled: the idle deadline passed
+            if exc is not None and not swallowed:
+                await self._context.__aexit__(exc_type, exc, tb)
+                return False
+            await self._context.__aexit__(None, None, None)
+            if idle.cancelled_caught:
+                raise UpstreamTimeout(f"the stream from neuron {gen.node_id} made no progress "
+                                      f"for {d.config.idle_timeout:g}s")
+            d._done(gen, model_id, self._endpoint, self._started)
+            return bool(swallowed)
+        finally:
+            _end(self._fields, span)
+
+
+def _end(fields: Any, span: Span | None) -> None:
+    logs.pop(fields)
+    if span is not None:
+        span.end()
 
 
 def _span(name: str, request: GenerateRequest | EmbedRequest, node_id: str, attempt: int) -> Span | None:

@@ -315,13 +315,12 @@ class NeuronLink:
         if not self.connected:
             raise NeuronGone(f"neuron {self.node_id} is not connected")
         try:
-            # move_on_after, not fail_after: fail_after stacks two generator context managers per call.
-            with trio.move_on_after(self._send_timeout) as scope:
-                await self.channel.send(msg)
+            # The channel applies the deadline only if it has to wait: no cancel scope per request.
+            await self.channel.send(msg, timeout=self._send_timeout)
         except ChannelClosed as exc:
             raise NeuronGone(f"neuron {self.node_id} disconnected ({exc})") from None
-        if scope.cancelled_caught:
-            raise CommandTimeout(f"sending to neuron {self.node_id} timed out")
+        except trio.TooSlowError:
+            raise CommandTimeout(f"sending to neuron {self.node_id} timed out") from None
 
     async def provision(
         self,

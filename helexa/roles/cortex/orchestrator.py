@@ -206,21 +206,29 @@ class Orchestrator:
         """:func:`decide` on the fleet as it is now."""
         model_id = request.model_id
         usable = self.fleet.usable()
-        entry = self.catalogue.get(model_id)
-        router = self.remote_router if allow_peers else None
         nodes = [l.node_id for l in usable]
         matches = self.prefix.matches(model_id, blocks, nodes) if blocks else None
         rooms = self.prefix.room(model_id, blocks, nodes) if blocks else None
         state = snapshot(usable, self.live, model_id=model_id, slots=self.slots(model_id),
                          reserved=self.admission.reserved, matches=matches, rooms=rooms,
                          session_node=self.prefix.session_node(model_id, session), draining=self.provisioner.draining)
+        hints = Hints(model_id, exclude, blocks=len(blocks))
+        waiting = self.admission.queue.waiting(model_id)
+        if not waiting:
+            # The common case, a free slot here: what the fallbacks need (whether a neuron
+            # could hold the model, whether a peer offers it) is not worked out.
+            local = schedule(workload, hints, state, max_skew=self._max_skew)
+            if local.targets:
+                return local
+        entry = self.catalogue.get(model_id)
+        router = self.remote_router if allow_peers else None
         return decide(
-            workload, Hints(model_id, exclude, blocks=len(blocks)), state,
+            workload, hints, state,
             catalogued=entry is not None,
             feasible=entry is not None and any(entry.is_feasible_on(link.descriptor.hardware) for link in usable),
             peers=router is not None,
             peer_offers=router is not None and router.can_route(model_id),
-            waiting=self.admission.queue.waiting(model_id), max_skew=self._max_skew,
+            waiting=waiting, max_skew=self._max_skew,
         )
 
     async def _target(self, request: GenerateRequest | EmbedRequest, workload: WorkloadClass,

@@ -35,18 +35,18 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
-from helexa.protocol import EmbedRequest, EmbedResult, GenerateRequest, GenerateResult, TokenChunk, Usage
+from helexa.protocol import EmbedRequest, EmbedResult, GenerateRequest, Usage
 
 from ..errors import BadRequest, ClientGone, GatewayError, InsufficientQuota, ModelNotFound, RateLimited, UpstreamError, to_gateway_error
 from ..metrics import Metrics
 from .keys import ApiKey
+from .metered import MeteredGeneration, MeteredRun
 from .portal import Portal
 from .quota import Account, Limits, Reservation, admit, period_bounds, rate_headers
 from .routing import ASK_POLICY
@@ -113,35 +113,6 @@ def prompt_bytes(request: GenerateRequest) -> tuple[int, int]:
     if tools:
         total += len(json.dumps(tools).encode())
     return total, len(request.messages)
-
-
-class MeteredGeneration:
-    """What :meth:`Metering.generate` yields: iterate it for the :class:`TokenChunk`\\ s;
-    after the ``async with`` block, :attr:`result` is the :class:`GenerateResult` (text
-    and tool calls not sent as chunks, and the usage billed), on disk in the ledger."""
-
-    __slots__ = ("_gen", "completion_tokens", "final", "result", "node_id", "ttft")
-
-    def __init__(self) -> None:
-        self._gen: Any = None
-        self.completion_tokens = 0
-        self.final: GenerateResult | None = None
-        self.result: GenerateResult | None = None
-        self.node_id = ""
-        self.ttft: float | None = None
-
-    def __aiter__(self) -> "MeteredGeneration":
-        return self
-
-    async def __anext__(self) -> TokenChunk:
-        if self.final is not None:
-            raise StopAsyncIteration
-        event = await self._gen.__anext__()
-        if type(event) is TokenChunk:
-            self.completion_tokens += event.tokens
-            return event
-        self.final = event
-        raise StopAsyncIteration
 
 
 class Metering:
@@ -307,13 +278,12 @@ class Metering:
 
     # --- running ---------------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def generate(self, caller: Caller, request: GenerateRequest, *, endpoint: str,
-                       on_wait: OnWait | None = None, image: str | None = None,
-                       session: str | None = None) -> AsyncIterator[MeteredGeneration]:
+    def generate(self, caller: Caller, request: GenerateRequest, *, endpoint: str,
+                 on_wait: OnWait | None = None, image: str | None = None,
+                 session: str | None = None) -> MeteredRun:
         """Run ``request`` (its ``model_id`` the public name the client asked for), metered.
 
-        Yields a :class:`MeteredGeneration`; its ``result`` is set when the block ends
+        ``async with`` it for a :class:`MeteredGeneration`; its ``result`` is set when the block ends
         normally, once the ledger record is durable. ``session`` (the client's session id)
         goes to the orchestrator, which routes the request back to where the session went.
 
@@ -324,42 +294,7 @@ class Metering:
             errors (before or during the stream); UpstreamError when the stream ended
             without a result; ``LedgerError`` (500) when the record could not be written.
         """
-        portal = caller.portal
-        if self.limits is not None:
-            # Checked as the model behind the portal's name, answered under the name asked.
-            asked = request.model_id
-            served = portal.resolve(asked, caller.key)
-            checked = await self.limits.check(request if served == asked else dataclasses.replace(request, model_id=served),
-                                              image=image)
-            request = checked if served == asked else dataclasses.replace(checked, model_id=asked)
-        now = self.clock()
-        accounts = self.accounts(caller, now)
-        plan = self._plan_generate(caller, request, bounded=bool(accounts),
-                                   counted=bool(accounts) or portal.records_usage)
-        self._admit(caller, plan, accounts, now)
-        run = MeteredGeneration()
-        started = now
-        t0 = trio.current_time()
-        token = ASK_POLICY.set(portal.ask_policy) if portal.ask_policy is not None else None
-        try:
-            async with self.orchestrator.generate(plan.forward, endpoint=endpoint, on_wait=on_wait,
-                                                  allow_peers=portal.allow_peers,
-                                                  tenant=portal.tenant(caller.key), session=session) as gen:
-                run._gen = gen
-                run.node_id = gen.node_id
-                yield run
-                run.ttft = getattr(gen, "ttft", None)
-        except BaseException as exc:
-            await self._record(self._book_generation(caller, plan, accounts, run, endpoint, started, t0, exc))
-            if isinstance(exc, ModelNotFound) and plan.forward.model_id != plan.asked:
-                raise ModelNotFound(plan.asked) from None  # never name the model behind an alias
-            raise
-        finally:
-            if token is not None:
-                ASK_POLICY.reset(token)
-        await self._record(self._book_generation(caller, plan, accounts, run, endpoint, started, t0, None))
-        if run.result is None:
-            raise UpstreamError("the generation ended without a result", code="empty_stream")
+        return MeteredRun(self, caller, request, endpoint, on_wait, image, session)
 
     async def embed(self, caller: Caller, request: EmbedRequest) -> EmbedResult:
         """Embed ``request`` (public model name), metered; raises as :meth:`generate`."""

@@ -1,0 +1,139 @@
+"""One metered generation: what :meth:`.metering.Metering.generate` returns.
+
+:class:`MeteredRun` is the ``async with`` context (admit, run on the orchestrator, book);
+:class:`MeteredGeneration` is what it yields. Classes rather than ``@asynccontextmanager``:
+this is on every request's path, where each generator-based layer was a measurable share
+(docs/benchmarks.md, 2026-11-30, item 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from helexa.protocol import GenerateRequest, GenerateResult, TokenChunk
+
+from ..errors import ModelNotFound, UpstreamError
+from .routing import ASK_POLICY
+
+if TYPE_CHECKING:
+    from ..orchestrator import OnWait
+    from .metering import Caller, Metering
+
+
+class MeteredGeneration:
+    """What :meth:`Metering.generate` yields: iterate it for the :class:`TokenChunk`\\ s;
+    after the ``async with`` block, :attr:`result` is the :class:`GenerateResult` (text
+    and tool calls not sent as chunks, and the usage billed), on disk in the ledger."""
+
+    __slots__ = ("_gen", "completion_tokens", "final", "result", "node_id", "ttft")
+
+    def __init__(self) -> None:
+        self._gen: Any = None
+        self.completion_tokens = 0
+        self.final: GenerateResult | None = None
+        self.result: GenerateResult | None = None
+        self.node_id = ""
+        self.ttft: float | None = None
+
+    def __aiter__(self) -> "MeteredGeneration":
+        return self
+
+    async def __anext__(self) -> TokenChunk:
+        if self.final is not None:
+            raise StopAsyncIteration
+        event = await self._gen.__anext__()
+        if type(event) is TokenChunk:
+            self.completion_tokens += event.tokens
+            return event
+        self.final = event
+        raise StopAsyncIteration
+
+
+class MeteredRun:
+    """``async with metering.generate(...) as run`` (see :meth:`Metering.generate`)."""
+
+    __slots__ = ("_metering", "_caller", "_request", "_endpoint", "_on_wait", "_image", "_session",
+                 "_plan", "_accounts", "_run", "_context", "_gen", "_started", "_t0", "_token")
+
+    def __init__(self, metering: Metering, caller: Caller, request: GenerateRequest, endpoint: str,
+                 on_wait: OnWait | None, image: str | None, session: str | None) -> None:
+        self._metering = metering
+        self._caller = caller
+        self._request = request
+        self._endpoint = endpoint
+        self._on_wait = on_wait
+        self._image = image
+        self._session = session
+        self._token: Any = None
+
+    async def __aenter__(self) -> MeteredGeneration:
+        m, caller, request = self._metering, self._caller, self._request
+        portal = caller.portal
+        if m.limits is not None:
+            # Checked as the model behind the portal's name, answered under the name asked.
+            asked = request.model_id
+            served = portal.resolve(asked, caller.key)
+            checked = await m.limits.check(request if served == asked else dataclasses.replace(request, model_id=served),
+                                           image=self._image)
+            request = checked if served == asked else dataclasses.replace(checked, model_id=asked)
+        now = m.clock()
+        accounts = self._accounts = m.accounts(caller, now)
+        plan = self._plan = m._plan_generate(caller, request, bounded=bool(accounts),
+                                             counted=bool(accounts) or portal.records_usage)
+        m._admit(caller, plan, accounts, now)
+        run = self._run = MeteredGeneration()
+        self._started, self._t0 = now, trio.current_time()
+        if portal.ask_policy is not None:
+            self._token = ASK_POLICY.set(portal.ask_policy)
+        context = m.orchestrator.generate(plan.forward, endpoint=self._endpoint, on_wait=self._on_wait,
+                                          allow_peers=portal.allow_peers, tenant=portal.tenant(caller.key),
+                                          session=self._session)
+        try:
+            gen = self._gen = await context.__aenter__()
+        except BaseException as exc:
+            await self._failed(exc)
+            raise
+        self._context = context
+        run._gen = gen
+        run.node_id = gen.node_id
+        return run
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        run = self._run
+        try:
+            if exc is None:
+                run.ttft = getattr(self._gen, "ttft", None)
+            suppressed = await self._context.__aexit__(exc_type, exc, tb)
+        except BaseException as raised:
+            await self._failed(raised)
+            raise
+        if exc is not None and not suppressed:
+            await self._failed(exc)
+            return False
+        self._reset()
+        m = self._metering
+        await m._record(m._book_generation(self._caller, self._plan, self._accounts, run, self._endpoint,
+                                           self._started, self._t0, None))
+        if run.result is None:
+            raise UpstreamError("the generation ended without a result", code="empty_stream")
+        return bool(suppressed)
+
+    async def _failed(self, exc: BaseException) -> None:
+        """Book a generation that failed with ``exc``; the caller raises it, unless this
+        raises what the client must see instead (an alias's model is never named)."""
+        m, plan = self._metering, self._plan
+        try:
+            await m._record(m._book_generation(self._caller, plan, self._accounts, self._run, self._endpoint,
+                                               self._started, self._t0, exc))
+            if isinstance(exc, ModelNotFound) and plan.forward.model_id != plan.asked:
+                raise ModelNotFound(plan.asked) from None  # never name the model behind an alias
+        finally:
+            self._reset()
+
+    def _reset(self) -> None:
+        if self._token is not None:
+            ASK_POLICY.reset(self._token)
+            self._token = None
