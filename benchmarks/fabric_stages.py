@@ -176,7 +176,7 @@ metadata = {{ n_ctx = {a.ctx}, n_parallel = {a.slots}, n_threads = {a.threads} }
                 try:
                     one_stream(http.client.HTTPConnection(*addr, timeout=60), "smollm2", 8)
                     break
-                except (OSError, http.client.HTTPException):
+                except (OSError, http.client.HTTPException, RuntimeError):
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(0.5)
