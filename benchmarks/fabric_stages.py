@@ -226,7 +226,8 @@ metadata = {{ n_ctx = {a.ctx}, n_parallel = {a.slots}, n_threads = {a.threads} }
           f"{a.tokens // 2}-{a.tokens * 3 // 2} tokens; load average {load_before} before, {load_after} after\n")
     stages = [("client→neuron", "client", "neuron"), ("neuron→worker", "neuron", "sent"),
               ("worker→call", "sent", "call"), ("call→first", "call", "first"), ("first→pipe", "first", "out"),
-              ("pipe→relay", "out", "relay"), ("relay→sent", "relay", "relayed"), ("relay→client", "relay", "seen")]
+              ("pipe→relay", "out", "relay"), ("relay→sent", "relay", "relayed"),
+              ("relay→client", "relay", "seen")]
     print("| conc | direct TTFT p50 | fabric TTFT p50 | added | " + " | ".join(s[0] for s in stages)
           + " | fabric outside llama.cpp |")
     print("|---:|---:|---:|---:|" + "---:|" * len(stages) + "---:|")

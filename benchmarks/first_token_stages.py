@@ -264,7 +264,8 @@ async def run(a: argparse.Namespace) -> None:
 
         async def through(b: Any, rid: str, tokens: int) -> tuple[float, list[float]]:
             request = GenerateRequest(rid, "smollm2", Task.CHAT, messages=({"role": "user", "content": PROMPT},),
-                                      sampling=SamplingParams(max_tokens=tokens, temperature=0.0), prompt_tokens=counted)
+                                      sampling=SamplingParams(max_tokens=tokens, temperature=0.0),
+                                      prompt_tokens=counted)
             times: list[float] = []
             start = clock()
             stamps.mark(rid, "start", start)
@@ -319,11 +320,12 @@ async def run(a: argparse.Namespace) -> None:
     stamps.load(str(stamp_file))
 
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"\nSmolLM2, {a.slots} slots, {a.threads} thread(s), {a.rounds} rounds x {a.requests} streams per client, "
-          f"{a.tokens // 2}-{a.tokens * 3 // 2} tokens; load average at the end {load}\n")
+    print(f"\nSmolLM2, {a.slots} slots, {a.threads} thread(s), {a.rounds} rounds x {a.requests} streams per "
+          f"client, {a.tokens // 2}-{a.tokens * 3 // 2} tokens; load average at the end {load}\n")
     stages = [("sent→recv", "sent", "recv"), ("recv→serve", "recv", "serve"), ("serve→thread", "serve", "thread"),
               ("start→thread", "start", "thread"), ("thread→call", "thread", "call"), ("start→call", "start", "call"),
-              ("call→first", "call", "first"), ("first→trio", "first", "trio"), ("trio→out", "trio", "out"), ("first→yield", "first", "yield"),
+              ("call→first", "call", "first"), ("first→trio", "first", "trio"), ("trio→out", "trio", "out"),
+              ("first→yield", "first", "yield"),
               ("out→read", "out", "read"), ("read→yield", "read", "yield")]
     print("| conc | path | tokens/s | TTFT p50 | " + " | ".join(s[0] for s in stages)
           + " | ITL p50 | ITL p99 | cb ITL p99 |")
