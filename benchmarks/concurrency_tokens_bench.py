@@ -19,7 +19,10 @@ median over rounds), time to first token p50/p99 and inter-token latency p50/p99
 
     flock /tmp/helexa-bench.lock .venv/bin/python benchmarks/concurrency_tokens_bench.py
 
-``--json`` keeps every sample.
+``--json`` keeps every sample. ``--baseline DIR`` also starts a cortex and a neuron from
+another source tree with its own virtual environment (``DIR/.venv``, e.g. a ``git archive``
+of main with ``./scripts/setup.sh`` run in it, so that its worker processes run that tree
+too) and adds its paths as ``base-fabric`` and ``base-proxy``, interleaved with the rest.
 """
 
 from __future__ import annotations
@@ -183,6 +186,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="llama.cpp threads")
     ap.add_argument("--ctx", type=int, default=4096)
     ap.add_argument("--json", help="write every sample here")
+    ap.add_argument("--baseline", help="another source tree with its own .venv: adds base-fabric, base-proxy")
     ap.add_argument("--serve-llama", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.slots is None:
@@ -194,10 +198,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="helexa-conc-bench-"))
     procs: list[subprocess.Popen] = []
 
-    def start(name: str, args: list[str]) -> tuple[subprocess.Popen, Path]:
+    def start(name: str, args: list[str], cwd: str | None = None) -> tuple[subprocess.Popen, Path]:
         log = work / f"{name}.log"
         p = subprocess.Popen(args, stdout=open(log, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                             start_new_session=True)
+                             start_new_session=True, cwd=cwd)
         procs.append(p)
         return p, log
 
@@ -222,19 +226,30 @@ max_context = {a.ctx // a.slots}
 listen_endpoint = "{direct}"
 metadata = {{ dialect = "llama.cpp", upstream_model = "smollm2" }}
 """)
-        control, gw = free_port(), free_port()
-        gateway = f"http://127.0.0.1:{gw}"
-        exe = [sys.executable, "-m", "helexa.cli"]
-        p, log = start("cortex", exe + ["cortex", "--data-dir", str(work / "c"), "--control-socket",
-                                        f"127.0.0.1:{control}", "--gateway-socket", f"127.0.0.1:{gw}",
-                                        "--models", str(models), "--log-level", "info"])
-        while not (work / "c" / "join-token").exists() or "cortex ready" not in log.read_text():
-            if p.poll() is not None:
-                sys.exit("cortex exited:\n" + log.read_text()[-3000:])
-            time.sleep(0.1)
-        start("neuron", exe + ["neuron", "--cortex", f"ws://127.0.0.1:{control}", "--node-id", "bench",
-                               "--join-token-file", str(work / "c" / "join-token"), "--log-level", "warning"])
+
+        def fabric(tag: str, python: str, cwd: str | None) -> str:
+            control, gw = free_port(), free_port()
+            exe = [python, "-m", "helexa.cli"]
+            data = work / f"{tag}c"
+            p, log = start(f"{tag}cortex", exe + ["cortex", "--data-dir", str(data), "--control-socket",
+                                                  f"127.0.0.1:{control}", "--gateway-socket", f"127.0.0.1:{gw}",
+                                                  "--models", str(models), "--log-level", "info"], cwd)
+            while not (data / "join-token").exists() or "cortex ready" not in log.read_text():
+                if p.poll() is not None:
+                    sys.exit(f"{tag}cortex exited:\n" + log.read_text()[-3000:])
+                time.sleep(0.1)
+            start(f"{tag}neuron", exe + ["neuron", "--cortex", f"ws://127.0.0.1:{control}", "--node-id", "bench",
+                                         "--join-token-file", str(data / "join-token"), "--log-level", "warning"], cwd)
+            return f"http://127.0.0.1:{gw}"
+
+        gateway = fabric("", sys.executable, None)
         targets = {"direct": (direct, "smollm2"), "fabric": (gateway, "smollm2"), "proxy": (gateway, "smollm2-proxy")}
+        if a.baseline:
+            tree = Path(a.baseline).resolve()
+            base = fabric("base-", str(tree / ".venv" / "bin" / "python"), str(tree))
+            targets.update({"base-fabric": (base, "smollm2"), "base-proxy": (base, "smollm2-proxy")})
+            if "base" not in a.paths:
+                a.paths += ",base-fabric,base-proxy"
         targets = {k: v for k, v in targets.items() if k in a.paths.split(",")}
         deadline = time.monotonic() + 120
         for name, (url, model) in targets.items():  # cold loads and warm-up
@@ -247,6 +262,7 @@ metadata = {{ dialect = "llama.cpp", upstream_model = "smollm2" }}
                         raise
                     time.sleep(0.5)
         concs = [int(c) for c in a.conc.split(",")]
+        load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
         raw: dict[str, list[dict]] = {}
         names = list(targets)
         for r in range(a.rounds):
@@ -271,7 +287,8 @@ metadata = {{ dialect = "llama.cpp", upstream_model = "smollm2" }}
                 p.wait()
 
     print(f"\nSmolLM2-135M-Instruct, {a.slots} slots, {a.threads} llama.cpp thread(s), {a.tokens // 2}-"
-          f"{a.tokens * 3 // 2} tokens per stream, {a.requests} streams per client per round, {a.rounds} rounds\n")
+          f"{a.tokens * 3 // 2} tokens per stream, {a.requests} streams per client per round, {a.rounds} rounds; "
+          f"load average {load_before} before, {' '.join(f'{x:.1f}' for x in os.getloadavg())} after\n")
     print("| concurrency | path | tokens/s | vs direct | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms "
           "| added TTFT p50 | added ITL p99 | errors |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

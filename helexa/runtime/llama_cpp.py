@@ -414,7 +414,10 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
                 token.run_sync_soon(send.send_nowait, item)
 
         def on_chunk(chunk: dict[str, Any]) -> bool:
-            post(("chunk", chunk))
+            # The opening chunk only names the role and comes just before the first token:
+            # handing it over would make that token wait behind one more wake-up.
+            if not openai_shapes.says_nothing(chunk):
+                post(("chunk", chunk))
             return cancel.is_set()
 
         # A raw worker thread rather than to_thread.run_sync: an async generator cannot

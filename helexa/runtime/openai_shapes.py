@@ -247,6 +247,23 @@ def parse_chunk(chunk: dict[str, Any], stops: tuple[str, ...] = ()) -> ChunkView
     return view
 
 
+_OPENING_DELTA = {"role": "assistant", "content": None}
+_NEWS = ("usage", "timings", "error", "prompt_progress")
+
+
+def says_nothing(chunk: Any) -> bool:
+    """Whether ``chunk`` is a chat stream's opening chunk that only names the role (no text,
+    no end, no usage, no error): :func:`parse_chunk` would find nothing in it."""
+    if type(chunk) is not dict:
+        return False
+    choices = chunk.get("choices")
+    if type(choices) is not list or len(choices) != 1 or type(choices[0]) is not dict:
+        return False
+    choice = choices[0]
+    return (choice.get("delta") == _OPENING_DELTA and not choice.get("finish_reason") and not choice.get("logprobs")
+            and not any(k in chunk for k in _NEWS))
+
+
 LOGPROB_FLOOR = -9999.0
 """What a log-probability of -inf (or NaN) is reported as: JSON has no infinity, and
 OpenAI itself reports the impossible as -9999."""

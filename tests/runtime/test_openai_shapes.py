@@ -86,3 +86,17 @@ def test_llama_cpp_is_asked_for_its_verbose_block_only_with_stop_sequences() -> 
     assert "verbose" not in openai_shapes.request_body(plain)
     assert openai_shapes.request_body(stopped)["verbose"] is True
     assert "verbose" not in openai_shapes.request_body(stopped, dialect="vllm")
+
+
+def test_only_the_opening_role_chunk_says_nothing():
+    opening = {"choices": [{"finish_reason": None, "index": 0, "delta": {"role": "assistant", "content": None}}],
+               "id": "c", "object": "chat.completion.chunk"}
+    assert openai_shapes.says_nothing(opening)
+    assert openai_shapes.parse_chunk(opening) == openai_shapes.ChunkView()
+    text = {"choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hi"}}]}
+    ended = {"choices": [{"index": 0, "delta": {"role": "assistant", "content": None}, "finish_reason": "stop"}]}
+    usage = {**opening, "usage": {"prompt_tokens": 1, "completion_tokens": 0, "total_tokens": 1}}
+    progress = {**opening, "prompt_progress": {"total": 3, "processed": 1}}
+    two = {"choices": opening["choices"] * 2}
+    for chunk in (text, ended, usage, progress, two, {"choices": []}, {"error": {"message": "x"}}, "data"):
+        assert not openai_shapes.says_nothing(chunk), chunk
