@@ -4,9 +4,15 @@ import sqlite3
 import subprocess
 import sys
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from helexa.identity import verify_signature
 from helexa.mesh import peer_id_from_ed25519
+from helexa.protocol import decode, encode
+from helexa.protocol.federation import Receipt, signed_payload
 from helexa.roles.cortex.federation.ledger import CHECKPOINT_AFTER, CONSUMED, SERVED, Ledger, format_report
-from helexa.roles.cortex.federation.receipts import sign_receipt, verify_receipt
+from helexa.roles.cortex.federation.receipts import receipt_payload, sign_receipt, verify_receipt
 
 from conftest import new_identity
 
@@ -102,3 +108,24 @@ async def test_the_log_is_checkpointed_off_the_loop_once_enough_records_were_wri
             "PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         assert busy == 0 and moved == log_pages
         assert len(ledger.entries(SERVED)) == CHECKPOINT_AFTER
+
+
+@given(prompt=st.integers(0, 2**40), completion=st.integers(0, 2**40),
+       price_in=st.one_of(st.integers(0, 10**6), st.floats(0, 1e6)),
+       price_out=st.one_of(st.integers(0, 10**6), st.floats(0, 1e6)),
+       started=st.one_of(st.integers(0, 2**33), st.floats(0, 2**33)), outcome=st.sampled_from(["ok", "error", "cancelled"]),
+       request_id=st.text(max_size=40))
+@settings(max_examples=200, deadline=None)
+def test_receipt_payload_is_signed_payload(prompt, completion, price_in, price_out, started, outcome, request_id):
+    """The one-encoding payload receipts are signed and verified over is, byte for byte,
+    the protocol's encode-decode-encode one (an int given for a float field included):
+    peers on either version verify each other's receipts."""
+    server = new_identity()
+    r = Receipt(request_id, "m", prompt, completion, price_in, price_out, 0, started, started, "server", CLIENT,
+                server.public_bytes, outcome, b"sig")
+    assert receipt_payload(r) == signed_payload(r)
+    signed = receipt(server, request_id=request_id, prompt_tokens=prompt, completion_tokens=completion,
+                     price_input=price_in, price_output=price_out, started_at=started, ended_at=started,
+                     outcome=outcome)
+    assert signed.signature and receipt_payload(signed) == signed_payload(signed)
+    assert verify_signature(server.public_bytes, signed.signature, signed_payload(decode(encode(signed))))

@@ -162,7 +162,12 @@ class InboundServer:
             self._admission.release(peer)
 
     def _offered(self, model_id: str) -> OfferedModel | None:
-        for m in self._admission.policy.filter_offer(list(self._offer_fn())):
+        # What ``policy.filter_offer(offer)`` would keep of this one model, without
+        # filtering (and copying) the whole offer on every request.
+        policy = self._admission.policy
+        if not policy.serve_peers or not policy.offers(model_id):
+            return None
+        for m in self._offer_fn():
             if m.model_id == model_id:
                 return m
         return None

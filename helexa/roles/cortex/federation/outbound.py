@@ -78,11 +78,19 @@ class ReceiptKeeper:
         receipt: Receipt | None = None
         if stream is not None:
             try:
-                with trio.move_on_after(timeout):
-                    while receipt is None:
-                        msg = await stream.receive(timeout=timeout)
-                        if isinstance(msg, Receipt):
-                            receipt = msg
+                # Nearly always already read: the peer sends the receipt in the result's
+                # write, and a buffered frame is taken without a cancel scope; the scope
+                # bounding the whole wait is entered only if something else came first.
+                deadline = trio.current_time() + timeout
+                msg = await stream.receive(timeout=timeout)
+                if isinstance(msg, Receipt):
+                    receipt = msg
+                else:
+                    with trio.CancelScope(deadline=deadline):
+                        while receipt is None:
+                            msg = await stream.receive(timeout=timeout)
+                            if isinstance(msg, Receipt):
+                                receipt = msg
             except (StreamClosed, StreamTimeout, ProtocolError):
                 pass
         e = self._expect
@@ -171,6 +179,8 @@ class RemoteGeneration:
     async def finish(self) -> None:
         """Called when the consumer leaves (done, failed or cancelled): if the answer did
         not end, send Cancel across the hop; then collect the receipt. Bounded, shielded."""
+        if self._keeper.done:
+            return  # the consumer read to the end: the receipt is in the ledger
         budget = self._t.cancel if not self.finished else self._t.receipt
         with trio.move_on_after(budget + 0.5) as scope:
             scope.shield = True

@@ -6,7 +6,24 @@ import dataclasses
 
 from helexa.identity import Identity, verify_signature
 from helexa.mesh.peer_id import peer_id_from_ed25519
-from helexa.protocol.federation import Receipt, cost_of, signed_payload
+from helexa.protocol import encode
+from helexa.protocol.federation import Receipt, cost_of
+
+
+def receipt_payload(receipt: Receipt) -> bytes:
+    """The bytes a receipt's signature covers: the same bytes as
+    :func:`helexa.protocol.federation.signed_payload` gives (the wire is unchanged),
+    made in one encoding instead of three. ``signed_payload`` encodes, decodes and
+    encodes again so that the bytes do not depend on how the signer typed a value (an
+    ``int`` for a ``float`` field); here each field is converted to the type decoding
+    gives it, which is what the round trip did (``test_receipt_payload_is_signed_payload``).
+    Signing and verifying one on every federated request's answer path made the round
+    trip ~40 us of CPU on each side."""
+    r = receipt
+    return encode(Receipt(
+        str(r.request_id), str(r.model_id), int(r.prompt_tokens), int(r.completion_tokens), float(r.price_input),
+        float(r.price_output), float(r.cost), float(r.started_at), float(r.ended_at), str(r.server_peer_id),
+        str(r.client_peer_id), bytes(r.server_public_key), str(r.outcome), b""))
 
 
 def sign_receipt(
@@ -38,7 +55,7 @@ def sign_receipt(
         server_public_key=identity.public_bytes,
         outcome=outcome,
     )
-    return dataclasses.replace(unsigned, signature=identity.sign(signed_payload(unsigned)))
+    return dataclasses.replace(unsigned, signature=identity.sign(receipt_payload(unsigned)))
 
 
 def verify_receipt(
@@ -66,7 +83,7 @@ def verify_receipt(
         key_peer = None
     if key_peer != server_peer_id or receipt.server_peer_id != server_peer_id:
         problems.append("signer is not the serving peer")
-    if not verify_signature(receipt.server_public_key, receipt.signature, signed_payload(receipt)):
+    if not verify_signature(receipt.server_public_key, receipt.signature, receipt_payload(receipt)):
         problems.append("bad signature")
     if receipt.client_peer_id != client_peer_id:
         problems.append("receipt names another client")

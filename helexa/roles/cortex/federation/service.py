@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing, asynccontextmanager
+from collections.abc import Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -274,11 +274,11 @@ class Federation:
             offer.peer_id, self.mesh.peer_id, request.request_id, request.model_id,
             offer.model.price_input, offer.model.price_output), self._clock)
 
-    @asynccontextmanager
-    async def route(self, request: GenerateRequest, *, exclude: frozenset[str] = frozenset(),
-                    also: AskPolicy | None = None) -> AsyncIterator[RemoteGeneration]:
+    def route(self, request: GenerateRequest, *, exclude: frozenset[str] = frozenset(),
+              also: AskPolicy | None = None) -> "_Route":
         """Run ``request`` on the best peer that offers its model, under the ask policy
-        (narrowed by ``also``: the asking portal's routing preferences).
+        (narrowed by ``also``: the asking portal's routing preferences). Use as
+        ``async with fed.route(request) as frames``.
 
         Yields an async iterator of ``TokenChunk``s then one ``GenerateResult`` (its
         ``peer_id`` says who serves it). Peers are tried in order (warm, price, load)
@@ -292,14 +292,7 @@ class Federation:
             PeerUnreachable: no peer could be reached or none answered in time.
             PeerVanished, PeerFailed: from the iterator, mid-answer.
         """
-        workload = Workload.CHAT if request.task is Task.CHAT else Workload.COMPLETION
-        offer, stream, first = await self._first_answer(request, workload, exclude, also)
-        remote = RemoteGeneration(stream, first, self._keeper(offer, request), self.settings.ask)
-        try:
-            yield remote
-        finally:
-            await remote.finish()
-            await self._release(offer.peer_id, stream, clean=remote.clean)
+        return _Route(self, request, exclude, also)
 
     async def embed(self, request: EmbedRequest, *, exclude: frozenset[str] = frozenset(),
                     also: AskPolicy | None = None) -> EmbedResult:
@@ -319,3 +312,31 @@ class Federation:
             with trio.CancelScope(shield=True):
                 await keeper.collect(None, 0, tokens_seen=0, outcome="cancelled")
             await self._release(offer.peer_id, stream, clean=keeper.received)
+
+
+class _Route:
+    """:meth:`Federation.route`'s context manager: a small class rather than an
+    ``asynccontextmanager`` generator, which cost a generator and its frames on every
+    federated request's path."""
+
+    __slots__ = ("_fed", "_request", "_exclude", "_also", "_offer", "_stream", "_remote")
+
+    def __init__(self, fed: Federation, request: GenerateRequest, exclude: frozenset[str],
+                 also: AskPolicy | None) -> None:
+        self._fed = fed
+        self._request = request
+        self._exclude = exclude
+        self._also = also
+
+    async def __aenter__(self) -> RemoteGeneration:
+        fed, request = self._fed, self._request
+        workload = Workload.CHAT if request.task is Task.CHAT else Workload.COMPLETION
+        self._offer, self._stream, first = await fed._first_answer(request, workload, self._exclude, self._also)
+        self._remote = RemoteGeneration(self._stream, first, fed._keeper(self._offer, request), fed.settings.ask)
+        return self._remote
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            await self._remote.finish()
+        finally:
+            await self._fed._release(self._offer.peer_id, self._stream, clean=self._remote.clean)

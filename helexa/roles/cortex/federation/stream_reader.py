@@ -77,6 +77,14 @@ class StreamReader:
             StreamTimeout: none came within ``timeout``.
             StreamClosed, StreamTimeout, ProtocolError: the stream ended (what ended it).
         """
+        try:
+            # A request arrives in the same write as its hello: it is queued already, and
+            # taken without a cancel scope (two per federated request otherwise).
+            return self._recv.receive_nowait()
+        except trio.WouldBlock:
+            pass
+        except trio.EndOfChannel:
+            raise self._error or StreamClosed(f"{self._stream.remote_peer} closed the stream") from None
         with trio.move_on_after(timeout):
             try:
                 return await self._recv.receive()
