@@ -21,22 +21,14 @@ several are run one after another, twice, in alternating order.
 
 from __future__ import annotations
 
-import argparse
-import os
-import subprocess
-import sys
-import time
+from cpu_per_request import main, report
 
 BODY = b'{"model":"bench","messages":[{"role":"user","content":"Say hello"}],"max_tokens":16}'
 
 
 def measure(requests: int, blocks: int) -> None:
-    import cProfile
-    import pstats
-
     import trio
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from instant_neuron import InstantNeuron
 
     from helexa.protocol import GenerateResult, Usage
@@ -109,53 +101,11 @@ def measure(requests: int, blocks: int) -> None:
             for _ in range(300):
                 await one()
             assert sent[-1]["type"] == "http.response.body" and b"tok15" in sent[-1]["body"], sent
-            per: list[float] = []
-            for _ in range(blocks):
-                t0 = time.process_time()
-                for _ in range(requests):
-                    await one()
-                per.append((time.process_time() - t0) / requests * 1e6)
-            profile = cProfile.Profile()
-            profile.enable()
-            for _ in range(requests):
-                await one()
-            profile.disable()
-            calls = sum(v[1] for v in pstats.Stats(profile).stats.values())
-            per.sort()
-            import helexa
-
-            print(f"{os.path.dirname(os.path.dirname(helexa.__file__))}: {per[0]:.0f} us/request best, "
-                  f"{per[len(per) // 2]:.0f} median; {calls / requests:.0f} Python calls/request", flush=True)
+            await report(one, requests, blocks)
             nursery.cancel_scope.cancel()
 
     trio.run(main)
 
 
-_FROM_SRC = """\
-import sys
-src = sys.argv.pop(1)
-sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f)]  # the checkout's import hook
-sys.path.insert(0, src)
-sys.argv[0] = {script!r}
-exec(compile(open({script!r}).read(), {script!r}, "exec"), {{"__name__": "__main__", "__file__": {script!r}}})
-"""
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--requests", type=int, default=1000, help="requests per block")
-    ap.add_argument("--blocks", type=int, default=5)
-    ap.add_argument("--src", action="append", default=[], help="another source tree (repeatable)")
-    a = ap.parse_args()
-    if not a.src:
-        measure(a.requests, a.blocks)
-        return
-    here = os.path.abspath(__file__)
-    for order in (a.src, a.src[::-1]):
-        for src in order:
-            subprocess.run([sys.executable, "-c", _FROM_SRC.format(script=here), os.path.abspath(src),
-                            "--requests", str(a.requests), "--blocks", str(a.blocks)], check=True)
-
-
 if __name__ == "__main__":
-    main()
+    main(__file__, __doc__, measure, requests=1000)
