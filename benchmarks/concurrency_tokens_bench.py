@@ -185,6 +185,7 @@ def main() -> None:
                     "concurrency, so that no stream waits for a slot)")
     ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="llama.cpp threads")
     ap.add_argument("--ctx", type=int, default=4096)
+    ap.add_argument("--warmup", type=float, default=5.0, help="seconds each path serves before the rounds")
     ap.add_argument("--json", help="write every sample here")
     ap.add_argument("--baseline", help="another source tree with its own .venv: adds base-fabric, base-proxy")
     ap.add_argument("--serve-llama", type=int, help=argparse.SUPPRESS)
@@ -261,6 +262,12 @@ metadata = {{ dialect = "llama.cpp", upstream_model = "smollm2" }}
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(0.5)
+            # Serve a few seconds more before measuring: what a load leaves running in the
+            # background (the neuron reading the GGUF's tokenizer for its prompt counts)
+            # would otherwise land in the first round's figures, not the steady state's.
+            settle = time.monotonic() + a.warmup
+            while time.monotonic() < settle:
+                run_level(url, model, 1, 1, 8)
         concs = [int(c) for c in a.conc.split(",")]
         load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
         raw: dict[str, list[dict]] = {}
