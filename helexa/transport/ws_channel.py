@@ -27,7 +27,7 @@ from trio._core._run import GLOBAL_RUN_CONTEXT as _RUN_CONTEXT  # see _others_ru
 
 from helexa.protocol import Fault, ProtocolError, decode, encode
 
-from . import wsframes
+from . import wsframes, wsupgrade
 from .channel import Channel, ChannelClosed
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,21 @@ def _others_runnable() -> bool:
     this still reads trio's queue."""
     runner = getattr(_RUN_CONTEXT, "runner", None)
     return bool(runner.runq) if runner is not None else False
+
+
+async def read_head(stream: trio.abc.Stream) -> tuple[bytes, bytes] | None:
+    """The upgrade's HTTP head read from ``stream`` (the caller holds the deadline) and the
+    bytes that came after it; ``None`` when the peer closed first.
+
+    Raises:
+        wsupgrade.UpgradeRejected: 431, no end of the head within its size limit."""
+    buf = b""
+    while (end := wsupgrade.head_end(buf)) < 0:
+        data = await stream.receive_some(READ_SIZE)
+        if not data:
+            return None
+        buf += data
+    return buf[:end], buf[end:]
 
 
 def _deadline(timeout: float | None) -> trio.CancelScope:

@@ -30,7 +30,7 @@ from helexa.protocol.auth import cert_fingerprint
 
 from . import wsframes, wsupgrade
 from .channel import ConnectFailed
-from .ws_channel import READ_SIZE, ClientChannel
+from .ws_channel import ClientChannel, read_head
 
 __all__ = ["connect", "handshake"]
 
@@ -103,15 +103,13 @@ async def handshake(stream: trio.abc.Stream, *, host: str, resource: str = "/", 
     """
     key = wsupgrade.new_key()
     await stream.send_all(wsupgrade.request(host, resource, key))
-    buf = b""
-    while (end := wsupgrade.head_end(buf)) < 0:
-        data = await stream.receive_some(READ_SIZE)
-        if not data:
-            raise trio.BrokenResourceError("the server closed the connection before answering the upgrade")
-        buf += data
-    wsupgrade.check_answer(buf[:end], key)
+    read = await read_head(stream)
+    if read is None:
+        raise trio.BrokenResourceError("the server closed the connection before answering the upgrade")
+    head, rest = read
+    wsupgrade.check_answer(head, key)
     conn = wsframes.ClientConnection(max_frame + 64)  # the frame budget bounds a message too
-    conn.receive_data(buf[end:])
+    conn.receive_data(rest)
     return ClientChannel(stream, conn, max_frame=max_frame, remote=remote, raw=raw, eager_read=True)
 
 

@@ -5,11 +5,8 @@ Each connection is one task: it reads the upgrade, then runs the handler, whose
 ``channel.receive()`` reads and parses frames in that same task (no reader task or
 memory channel per connection, as trio-websocket has: at thousands of neurons those were
 most of the cortex's CPU per heartbeat). Neurons dial with :mod:`.ws_client`; any RFC 6455
-client works (the tests also use trio-websocket's).
-
-Close codes used: 1000 normal, 1001 going away, 1002 protocol error (malformed or unknown
-frame), 1007 bad data, 1008 policy violation (refused join), 1009 frame too large, 1013
-try again later.
+client works (the tests also use trio-websocket's). The close codes are
+:mod:`.ws_channel`'s.
 """
 
 from __future__ import annotations
@@ -28,13 +25,11 @@ from helexa.protocol import DEFAULT_MAX_FRAME, ProtocolError
 from . import wsframes, wsupgrade
 from .admission import PendingHandshakes
 from .channel import ChannelClosed
-from .ws_channel import CLOSE_POLICY, CLOSE_PROTOCOL_ERROR, CLOSE_TOO_BIG, CLOSE_TRY_LATER, ServerChannel
+from .ws_channel import ServerChannel, read_head
 
-__all__ = ["CLOSE_POLICY", "CLOSE_PROTOCOL_ERROR", "CLOSE_TOO_BIG", "CLOSE_TRY_LATER", "ServerChannel", "serve"]
+__all__ = ["ServerChannel", "serve"]
 
 log = logging.getLogger(__name__)
-
-_READ = 65536
 
 
 # --- the server ------------------------------------------------------------------------------
@@ -170,14 +165,12 @@ _BUSY = wsupgrade.reject(503, retry_after=1)
 async def _upgrade(stream: trio.abc.Stream, conn: wsframes.ServerConnection, remote: str) -> bool:
     """Read and answer the upgrade (the caller holds the deadline); bytes after the head go
     to ``conn``. False when the client went away or was refused (answered, then closed)."""
-    buf = b""
     try:
-        while (end := wsupgrade.head_end(buf)) < 0:
-            data = await stream.receive_some(_READ)
-            if not data:
-                return False
-            buf += data
-        key = wsupgrade.parse_upgrade(buf[:end])
+        read = await read_head(stream)
+        if read is None:
+            return False
+        head, rest = read
+        key = wsupgrade.parse_upgrade(head)
     except wsupgrade.UpgradeRejected as exc:
         log.info("websocket upgrade from %s refused: %s", remote, exc.reason)
         try:
@@ -192,5 +185,5 @@ async def _upgrade(stream: trio.abc.Stream, conn: wsframes.ServerConnection, rem
         await stream.send_all(wsupgrade.accept(key))
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         return False
-    conn.receive_data(buf[end:])
+    conn.receive_data(rest)
     return True
