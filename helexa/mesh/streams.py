@@ -73,6 +73,12 @@ class FramedStream(MessageStream):
             await self.reset()
             raise
 
+    def receive_nowait(self) -> Any:
+        frame = self._decoder.next_frame()
+        if frame is None:
+            raise trio.WouldBlock
+        return decode(frame, max_size=self._max_frame)
+
     async def _read_frame(self, timeout: float) -> bytes:
         with trio.CancelScope(deadline=trio.current_time() + timeout):
             while True:
