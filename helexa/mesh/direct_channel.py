@@ -46,8 +46,8 @@ from helexa.protocol import DecodeError, encode
 from .base import DialFailed, StreamClosed, StreamHandler, StreamTimeout
 from .direct_session import HELLO_SIZE, NONCE_SIZE, DirectSession, decode_hello, encode_hello
 from .direct_tickets import Grant, TicketBook
-from .settings import MeshSettings
 from .framing import encode_frame
+from .settings import MeshSettings
 from .streams import FramedStream, run_handler
 
 log = logging.getLogger(__name__)
