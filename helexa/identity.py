@@ -10,9 +10,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from nacl import bindings as _sodium
+from nacl.exceptions import BadSignatureError
 
 
 @dataclass(frozen=True)
@@ -37,24 +38,31 @@ class Identity:
     def fingerprint(self) -> str:
         return self.public_bytes.hex()[:16]
 
+    @functools.cached_property
+    def _sodium_secret(self) -> bytes:
+        return _sodium.crypto_sign_seed_keypair(self.seed)[1]
+
     def sign(self, data: bytes) -> bytes:
-        return self.private_key.sign(data)
+        """The Ed25519 signature of ``data`` (the same bytes as ``private_key.sign``:
+        Ed25519 is deterministic). Made by libsodium, ~35 us against OpenSSL's ~50 us
+        here; a serving cortex signs a receipt on every federated answer's path."""
+        return _sodium.crypto_sign(data, self._sodium_secret)[:64]
 
 
 def verify_signature(public_key: bytes, signature: bytes, data: bytes) -> bool:
-    """True if ``signature`` is ``public_key``'s Ed25519 signature over ``data``."""
+    """True if ``signature`` is ``public_key``'s Ed25519 signature over ``data``.
+
+    Verified by libsodium (~90 us here against ~150 us for OpenSSL through
+    ``cryptography``; an asking cortex verifies a receipt on every federated answer's
+    path). libsodium is the stricter of the two: it also rejects small-order keys and
+    non-canonical signatures, which no honest signer makes."""
+    if len(signature) != 64 or len(public_key) != 32:
+        return False
     try:
-        _public_key(public_key).verify(signature, data)
-    except (InvalidSignature, ValueError):
+        _sodium.crypto_sign_open(signature + data, public_key)
+    except (BadSignatureError, ValueError, TypeError):
         return False
     return True
-
-
-@functools.lru_cache(maxsize=1024)
-def _public_key(raw: bytes) -> Ed25519PublicKey:
-    # A cortex verifies the same few peers' keys over and over (each receipt and
-    # announcement); parsing one costs as much as a third of a verification.
-    return Ed25519PublicKey.from_public_bytes(raw)
 
 
 def load_or_create(path: Path) -> Identity:

@@ -95,6 +95,16 @@ class MessageStream(abc.ABC):
             ProtocolError: the peer sent a malformed or oversized frame (stream reset).
         """
 
+    def receive_nowait(self) -> Any:
+        """The next message if a whole frame of it is here already, without waiting (and
+        without a checkpoint: nothing to cancel).
+
+        Raises:
+            trio.WouldBlock: none is (this default: a stream that buffers nothing).
+            ProtocolError: the buffered frame is malformed (close or reset the stream).
+        """
+        raise trio.WouldBlock
+
     @abc.abstractmethod
     async def aclose(self) -> None:
         """Close our side gracefully (bounded by a short shielded deadline); idempotent;

@@ -41,11 +41,12 @@ from typing import Any
 
 import trio
 
-from helexa.protocol import DecodeError
+from helexa.protocol import DecodeError, encode
 
-from .base import DialFailed, StreamClosed, StreamHandler
+from .base import DialFailed, StreamClosed, StreamHandler, StreamTimeout
 from .direct_session import HELLO_SIZE, NONCE_SIZE, DirectSession, decode_hello, encode_hello
 from .direct_tickets import Grant, TicketBook
+from .framing import encode_frame
 from .settings import MeshSettings
 from .streams import FramedStream, run_handler
 
@@ -69,50 +70,106 @@ class _Unavailable(Exception):
 
 
 class DirectStream(FramedStream):
-    """A :class:`~.base.MessageStream` over one sealed TCP connection."""
+    """A :class:`~.base.MessageStream` over one sealed TCP connection.
 
-    def __init__(self, sock: trio.SocketStream, session: DirectSession, remote_peer: str, *, timeout: float,
+    Reads and writes go straight to the socket (``send``/``recv`` on the non-blocking
+    socket, trio's ``wait_readable``/``wait_writable`` only when it must wait), not
+    through trio's ``SocketStream``, whose layers cost as much as the system calls on
+    both ends of every federated request; a send opens a cancel scope (its deadline)
+    only once the socket is full (``docs/benchmarks.md``, issue 17)."""
+
+    def __init__(self, raw: socket.socket, session: DirectSession, remote_peer: str, *, timeout: float,
                  max_frame: int, on_done: Callable[["DirectStream"], None]) -> None:
         super().__init__(remote_peer, timeout=timeout, max_frame=max_frame)
-        self._sock = sock
+        self._raw = raw
         self._session = session
         self._on_done = on_done
         self._broken = False
 
-    async def _write_raw(self, data: bytes) -> None:
-        if self._broken:
-            raise StreamClosed(f"direct stream to {self.remote_peer} broke earlier")
-        done = False
+    async def send(self, *msgs: Any, timeout: float | None = None) -> None:
+        data = b"".join(encode_frame(encode(msg)) for msg in msgs)
+        deadline = None
+        lock = self._send_lock
         try:
-            await self._sock.send_all(self._session.seal(data))
-            done = True
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise StreamClosed(f"direct stream to {self.remote_peer} broke: {type(exc).__name__}") from None
+            lock.acquire_nowait()  # uncontended, as it nearly always is
+        except trio.WouldBlock:
+            deadline = trio.current_time() + (self._timeout if timeout is None else timeout)
+            with trio.CancelScope(deadline=deadline) as scope:
+                await lock.acquire()
+            if scope.cancelled_caught:
+                await self.reset()
+                raise StreamTimeout(f"send to {self.remote_peer} timed out") from None
+        try:
+            if self._broken:
+                raise StreamClosed(f"direct stream to {self.remote_peer} broke earlier")
+            out = memoryview(self._session.seal(data))
+            raw = self._raw
+            try:
+                while out:
+                    try:
+                        out = out[raw.send(out):]
+                    except BlockingIOError:
+                        pass
+                    if out:  # the socket is full: wait for room, under the send's deadline
+                        if deadline is None:
+                            deadline = trio.current_time() + (self._timeout if timeout is None else timeout)
+                        with trio.CancelScope(deadline=deadline):
+                            await trio.lowlevel.wait_writable(raw)
+                        if trio.current_time() >= deadline:
+                            break
+            except (OSError, trio.ClosedResourceError) as exc:
+                self._broken = True
+                raise StreamClosed(f"direct stream to {self.remote_peer} broke: {type(exc).__name__}") from None
+            finally:
+                # A write cut short (cancelled, or past its deadline) leaves half a record
+                # on the wire: the stream cannot carry another.
+                self._broken = self._broken or bool(out)
         finally:
-            # A write cut short (cancelled) leaves half a record on the wire: the stream
-            # cannot carry another.
-            self._broken = not done
+            lock.release()
+        if out:
+            await self.reset()
+            raise StreamTimeout(f"send to {self.remote_peer} timed out")
+
+    async def _write_raw(self, data: bytes) -> None:
+        raise AssertionError("DirectStream.send writes itself")  # pragma: no cover
 
     async def _read_raw(self) -> bytes:
+        session, raw = self._session, self._raw
         try:
-            return await read_record(self._sock, self._session)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            while True:
+                record = session.next_record()
+                if record:
+                    return record
+                if record is None:
+                    await trio.lowlevel.wait_readable(raw)
+                    try:
+                        data = raw.recv(_READ_CHUNK)
+                    except BlockingIOError:
+                        continue
+                    if not data:
+                        return b""
+                    session.feed(data)
+        except (OSError, trio.ClosedResourceError) as exc:
             raise StreamClosed(f"direct stream from {self.remote_peer} broke: {type(exc).__name__}") from None
 
     async def _close_raw(self) -> None:
-        try:
-            await self._sock.aclose()
-        finally:
-            self._on_done(self)
+        self._close_socket()
+        await trio.lowlevel.checkpoint()
 
     async def _reset_raw(self) -> None:
         try:
             # An abort, as a reset is on a muxed stream: RST, no FIN, no TIME_WAIT.
-            self._sock.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self._raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         except OSError:
             pass
+        self._close_socket()
+        await trio.lowlevel.checkpoint()
+
+    def _close_socket(self) -> None:
         try:
-            await self._sock.aclose()
+            if self._raw.fileno() != -1:
+                trio.lowlevel.notify_closing(self._raw)  # wakes a task waiting on it
+                self._raw.close()
         finally:
             self._on_done(self)
 
@@ -347,7 +404,11 @@ class DirectChannel:
 
     def _stream(self, sock: trio.SocketStream, session: DirectSession, peer: str) -> DirectStream:
         s = self._settings
-        stream = DirectStream(sock, session, peer, timeout=s.stream_timeout, max_frame=s.max_frame,
+        # The standard socket is taken out of trio's stream (which is left closed, so that
+        # closing it later is a no-op): the DirectStream reads and writes it itself.
+        raw = socket.socket(fileno=sock.socket.detach())
+        raw.setblocking(False)
+        stream = DirectStream(raw, session, peer, timeout=s.stream_timeout, max_frame=s.max_frame,
                               on_done=self._forget)
         self._live.setdefault(peer, set()).add(stream)
         return stream

@@ -140,6 +140,9 @@ class Libp2pMesh(Mesh):
         self._subscribed: set[str] = set()
         self._probing: set[ID] = set()
         self.silent_peers_closed = 0
+        self.pings = 0
+        self.ping_streams = 0
+        """Liveness pings answered, and the streams they were sent on (for tests)."""
         self.gossip_limit = GossipLimiter(settings.gossip_per_peer_per_second, settings.gossip_per_peer_burst)
         self.direct: DirectChannel | None = DirectChannel(settings, self._handlers) if settings.direct else None
         """The direct channel (``None`` when ``settings.direct`` is off); its ``stats``
@@ -410,19 +413,15 @@ class Libp2pMesh(Mesh):
 
     async def _probe(self, pid: ID) -> None:
         s = self._settings
+        stream = None
         try:
             while pid in self._host.get_connected_peers():
                 started = trio.current_time()
                 answered = False
                 with trio.move_on_after(s.liveness_timeout):
                     try:
-                        stream = await self._host.new_stream(pid, [PING_PROTOCOL])
-                        try:
-                            await perform_ping_roundtrip(stream)
-                            answered = True
-                        finally:
-                            with trio.move_on_after(1):
-                                await stream.close()
+                        stream = await self._ping(pid, stream)
+                        answered = True
                     except Exception as exc:  # a broken connection: the supervisor redials
                         log.debug("mesh: ping of %s failed: %s", pid, exc)
                         return
@@ -442,6 +441,29 @@ class Libp2pMesh(Mesh):
                 await trio.sleep(max(0.0, s.liveness_interval - (trio.current_time() - started)))
         finally:
             self._probing.discard(pid)
+            if stream is not None:
+                await _reset_quietly(stream)
+
+    async def _ping(self, pid: ID, stream: Any) -> Any:
+        """One ping on ``stream`` (the last probe's), else on a new one; returns it for the
+        next. (A stream per ping cost its opening, negotiation and closing on both sides
+        every ``liveness_interval``; the ping protocol answers many pings on one.)"""
+        if stream is not None:
+            try:
+                await perform_ping_roundtrip(stream)
+                self.pings += 1
+                return stream
+            except Exception:  # the peer dropped it (its handler's idle limit): a new one decides
+                await _reset_quietly(stream)
+        stream = await self._host.new_stream(pid, [PING_PROTOCOL])
+        self.ping_streams += 1
+        try:
+            await perform_ping_roundtrip(stream)
+        except BaseException:
+            await _reset_quietly(stream)
+            raise
+        self.pings += 1
+        return stream
 
     async def _redial(self, pid: ID) -> None:
         s = self._settings
@@ -459,6 +481,15 @@ class Libp2pMesh(Mesh):
         since = self._lost_since.get(pid, trio.current_time())
         backoff = min(s.max_redial_interval, max(s.reconnect_interval, (trio.current_time() - since) / 4))
         self._next_dial[pid] = trio.current_time() + backoff
+
+
+async def _reset_quietly(stream: Any) -> None:
+    with trio.move_on_after(1) as scope:  # never raises
+        scope.shield = True
+        try:
+            await stream.reset()
+        except Exception:
+            pass
 
 
 def _parse_id(peer_id: str) -> ID:

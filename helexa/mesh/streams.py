@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import math
 from typing import Any
 
 import trio
@@ -73,17 +74,28 @@ class FramedStream(MessageStream):
             await self.reset()
             raise
 
+    def receive_nowait(self) -> Any:
+        frame = self._decoder.next_frame()
+        if frame is None:
+            raise trio.WouldBlock
+        return decode(frame, max_size=self._max_frame)
+
     async def _read_frame(self, timeout: float) -> bytes:
+        if timeout == math.inf:  # a reader for the stream's life: no deadline, no scope
+            return await self._read_frame_now()
         with trio.CancelScope(deadline=trio.current_time() + timeout):
-            while True:
-                data = await self._read_raw()
-                if not data:
-                    raise StreamClosed(f"{self.remote_peer} closed the stream")
-                self._decoder.feed(data)
-                frame = self._decoder.next_frame()
-                if frame is not None:
-                    return frame
+            return await self._read_frame_now()
         raise StreamTimeout(f"no frame from {self.remote_peer} in time")
+
+    async def _read_frame_now(self) -> bytes:
+        while True:
+            data = await self._read_raw()
+            if not data:
+                raise StreamClosed(f"{self.remote_peer} closed the stream")
+            self._decoder.feed(data)
+            frame = self._decoder.next_frame()
+            if frame is not None:
+                return frame
 
     async def aclose(self) -> None:
         if self._closed:

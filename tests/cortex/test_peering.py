@@ -63,6 +63,9 @@ def test_offer_lists_catalogue_models_the_fleet_can_hold_warm_when_loaded() -> N
     assert by_id["small"].warm and (by_id["small"].price_input, by_id["small"].price_output) == (1.0, 2.0)
     assert not by_id["cold"].warm and by_id["cold"].load_time_s == 1.25
     assert offer.spare() == 3
+    # The one-model lookup a peer's every request is checked with says the same.
+    for model_id in ("small", "huge", "cold", "foreign", "unknown"):
+        assert offer.offered(model_id) == by_id.get(model_id)
 
 
 def test_nothing_is_offered_without_a_usable_neuron() -> None:
@@ -72,7 +75,7 @@ def test_nothing_is_offered_without_a_usable_neuron() -> None:
         load_times: dict = {}
 
     offer = FleetOffer(Fleet(), catalogue, Prov())  # type: ignore[arg-type]
-    assert offer.offer() == [] and offer.spare() == 0
+    assert offer.offer() == [] and offer.spare() == 0 and offer.offered("small") is None
 
 
 class _Router:

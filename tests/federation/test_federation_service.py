@@ -6,7 +6,7 @@ import pytest
 import trio
 
 from helexa.mesh import MemoryMesh, MemoryNetwork, peer_id_from_ed25519
-from helexa.protocol import EmbedRequest, GenerateRequest, GenerateResult, Task, TokenChunk, encode
+from helexa.protocol import EmbedRequest, GenerateRequest, GenerateResult, Task, TokenChunk, decode, encode
 from helexa.protocol.federation import ANNOUNCE_TOPIC, OfferedModel, PolicySummary
 from helexa.roles.cortex.federation import (
     AskPolicy,
@@ -361,3 +361,35 @@ async def test_an_asker_that_goes_away_mid_answer_stops_the_generation(nursery, 
     await trio.sleep(2)
     assert fleet.closed_early == ["r1"]
     assert (await recorded(b.ledger, SERVED, "r1")).receipt.outcome == "cancelled"
+
+
+async def test_candidates_follow_new_announcements_expiries_and_policies_at_once():
+    # The candidate lists are kept between requests (three lookups a request): kept
+    # only while the table is unchanged and none of their offers expired.
+    now = [1000.0]
+    ident = new_identity()
+    fed = Federation(mesh=MemoryMesh(MemoryNetwork(), "me", timeout=5), identity=new_identity(), operator="A",
+                     ledger=Ledger(":memory:"), offer_fn=lambda: [], clock=lambda: now[0])
+
+    def announce(seq, models=(MODEL,)):
+        ann = decode(encode(sign_announcement(
+            ident, operator="B", models=models, spare_slots=1, policy=ServePolicy().summary(), addrs=(),
+            issued_at=now[0], ttl=30.0, sequence=seq)))
+        assert fed.table.update(ann, now[0])
+
+    assert not fed.can_route("tiny")
+    announce(1)
+    assert fed.can_route("tiny") and fed.can_route("tiny")
+    now[0] += 29.9
+    assert fed.can_route("tiny")
+    now[0] += 0.2  # expired, though nobody has told the table yet
+    assert not fed.can_route("tiny")
+    announce(2, models=())
+    assert not fed.can_route("tiny")
+    announce(3)
+    assert fed.can_route("tiny")
+    assert not fed.can_route("tiny", also=AskPolicy(outbound=Outbound.LISTED))
+    fed.set_policies(ServePolicy(), AskPolicy(max_price_output=1.0))
+    assert not fed.can_route("tiny")
+    fed.set_policies(ServePolicy(), AskPolicy())
+    assert fed.can_route("tiny")

@@ -10,7 +10,7 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from helexa.identity import Identity
-from helexa.mesh import DialFailed, MeshSettings, StreamClosed
+from helexa.mesh import DialFailed, MeshSettings, StreamClosed, StreamTimeout
 from helexa.mesh.direct_channel import DirectChannel, DirectStream
 from helexa.mesh.direct_session import NONCE_SIZE, DirectSession, encode_hello
 from helexa.mesh.direct_tickets import Grant
@@ -138,6 +138,41 @@ async def test_megabytes_cross_both_ways_on_one_direct_stream():
             answers = [await stream.receive(timeout=20) for _ in range(count)]
         assert received == [size] * count and len(answers) == count
         nursery.cancel_scope.cancel()
+
+
+async def test_frames_that_came_in_one_write_are_taken_without_waiting(nursery):
+    async def two(stream):
+        msg = await stream.receive(timeout=20)
+        await stream.send(TokenChunk("r", msg.text), TokenChunk("r", "second"), timeout=20)
+        await trio.sleep_forever()
+
+    a, b = await meshes(nursery, ON, ON)
+    b.serve("/helexa/test-two/1", two)
+    stream = await a.open_stream(b.peer_id, "/helexa/test-two/1", timeout=10)
+    with pytest.raises(trio.WouldBlock):
+        stream.receive_nowait()
+    assert (await exchange(stream, "first")).text == "first"
+    assert stream.receive_nowait().text == "second"
+    with pytest.raises(trio.WouldBlock):
+        stream.receive_nowait()
+
+
+async def test_a_send_to_a_peer_that_stops_reading_times_out_and_breaks_only_its_stream(nursery):
+    # The send's deadline starts once the socket is full (the common send opens no scope):
+    # a peer that reads nothing makes it time out; that stream is reset, not the others.
+    async def deaf(stream):
+        await trio.sleep_forever()
+
+    a, b = await meshes(nursery, ON, ON)
+    b.serve("/helexa/test-deaf/1", deaf)
+    stream = await a.open_stream(b.peer_id, "/helexa/test-deaf/1", timeout=10)
+    assert isinstance(stream, DirectStream)
+    with pytest.raises(StreamTimeout):
+        for _ in range(10_000):  # ~600 MB at most: loopback's buffers hold a few MB
+            await stream.send(TokenChunk("r", "x" * 60_000), timeout=0.5)
+    with pytest.raises(StreamClosed):
+        await stream.send(TokenChunk("r", "after"), timeout=5)
+    assert (await exchange(await a.open_stream(b.peer_id, ECHO))).text == "hi"
 
 
 async def test_a_silent_peers_direct_streams_are_reset_at_once(nursery):

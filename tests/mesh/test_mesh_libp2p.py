@@ -288,3 +288,37 @@ async def test_small_exchanges_on_a_reused_stream_send_no_window_updates():
         assert count * size < received < count * (size + 100)
         assert count * size < sent < count * (size + 100)
         nursery.cancel_scope.cancel()
+
+
+async def test_liveness_pings_reuse_one_stream_and_a_dropped_one_is_replaced():
+    # The ping protocol answers any number of pings on one stream: a stream per ping
+    # cost both peers a stream's opening and negotiation every liveness interval.
+    import os
+
+    from helexa.mesh.libp2p_mesh import Libp2pMesh
+
+    fast = MeshSettings(direct=False, liveness_interval=0.05)
+    a, b = Libp2pMesh(os.urandom(32), fast), Libp2pMesh(os.urandom(32), fast)
+
+    async def pinged(node, n):
+        with trio.fail_after(20):
+            while node.pings < n:
+                await trio.sleep(0.01)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.run)
+        addrs = await nursery.start(b.run)
+        await a.connect(addrs[0], timeout=10)
+        await pinged(a, 8)
+        await pinged(b, 8)
+        assert a.ping_streams == 1 and b.ping_streams == 1
+        # The answering side resets the stream (as a peer's handler does when it gives
+        # up on it): the next probe opens another, and the peer is not taken as silent.
+        for conn in b._host.get_network().connections.values():
+            for c in conn if isinstance(conn, list) else [conn]:
+                for stream in list(c.get_streams()):
+                    if str(stream.get_protocol()) == "/ipfs/ping/1.0.0":
+                        await stream.reset()
+        await pinged(a, a.pings + 8)
+        assert a.ping_streams >= 2 and a.silent_peers_closed == 0
+        nursery.cancel_scope.cancel()

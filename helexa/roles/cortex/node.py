@@ -155,7 +155,8 @@ class Cortex:
         serve_policy, ask_policy = _federation_policies(self.config)
         self.federation = Federation(
             mesh=self.mesh, identity=self.identity, operator=self.config.operator, ledger=self.ledger,
-            offer_fn=offer.offer, spare_fn=offer.spare, serve_generate=local.generate, serve_embed=local.embed,
+            offer_fn=offer.offer, offered_fn=offer.offered, spare_fn=offer.spare,
+            serve_generate=local.generate, serve_embed=local.embed,
             serve_policy=serve_policy, ask_policy=ask_policy,
             settings=FederationSettings(announce_interval=mesh_cfg.announce_interval,
                                         idle_streams=self.config.federation.idle_streams))

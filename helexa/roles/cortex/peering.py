@@ -27,8 +27,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import trio
@@ -36,13 +35,14 @@ import trio
 from helexa.protocol import EmbedRequest, EmbedResult, GenerateRequest, GenerateResult, ModelState, TokenChunk
 from helexa.protocol.federation import OfferedModel, Receipt
 
-from .catalogue import Catalogue
+from .catalogue import Catalogue, CatalogueEntry
 from .dispatch import Generation
 from .errors import NoCapacity, to_gateway_error
 from .federation.ledger import CONSUMED
 from .federation.policy import AskPolicy
 from .federation.service import Federation
 from .fleet import Fleet
+from .neuron_link import NeuronLink
 from .orchestrator import Orchestrator
 from .portal.routing import ASK_POLICY
 from .provisioner import Provisioner
@@ -70,16 +70,22 @@ class FleetOffer:
         """Catalogue models a usable neuron could hold (only those: a model loaded outside
         the catalogue is never offered), warm when one has it loaded."""
         usable = self.fleet.usable()
-        out = []
-        for entry in self.catalogue:
-            warm = any((st := link.models.get(entry.id)) is not None and st.state is ModelState.LOADED
-                       for link in usable)
-            if not warm and not any(entry.is_feasible_on(link.descriptor.hardware) for link in usable):
-                continue
-            out.append(OfferedModel(entry.id, warm, load_time_s=self.provisioner.load_times.get(entry.id),
-                                    price_input=entry.price_in, price_output=entry.price_out,
-                                    workloads=tuple(entry.workloads)))
-        return out
+        return [m for entry in self.catalogue if (m := self._offered(entry, usable)) is not None]
+
+    def offered(self, model_id: str) -> OfferedModel | None:
+        """:meth:`offer`'s entry for ``model_id`` alone (None: not offered), for the
+        check of every request a peer sends, without building the whole offer."""
+        entry = self.catalogue.get(model_id)
+        return None if entry is None else self._offered(entry, self.fleet.usable())
+
+    def _offered(self, entry: CatalogueEntry, usable: list[NeuronLink]) -> OfferedModel | None:
+        warm = any((st := link.models.get(entry.id)) is not None and st.state is ModelState.LOADED
+                   for link in usable)
+        if not warm and not any(entry.is_feasible_on(link.descriptor.hardware) for link in usable):
+            return None
+        return OfferedModel(entry.id, warm, load_time_s=self.provisioner.load_times.get(entry.id),
+                            price_input=entry.price_in, price_output=entry.price_out,
+                            workloads=tuple(entry.workloads))
 
     def spare(self) -> int:
         usable = self.fleet.usable()
@@ -118,27 +124,41 @@ class _Frames:
             raise _failure(exc) from None
 
 
+class _LocalGeneration:
+    """:meth:`LocalServing.generate`'s context manager: a small class rather than an
+    ``asynccontextmanager`` generator over an ``AsyncExitStack`` (on every served
+    federated request's path)."""
+
+    __slots__ = ("_running",)
+
+    def __init__(self, running: Any) -> None:
+        self._running = running
+
+    async def __aenter__(self) -> _Frames:
+        try:
+            return _Frames(await self._running.__aenter__())
+        except Exception as exc:
+            raise _failure(exc) from None
+
+    async def __aexit__(self, *exc: Any) -> bool | None:
+        return await self._running.__aexit__(*exc)
+
+
 class LocalServing:
     """``serve_generate`` / ``serve_embed`` of the :class:`Federation`, on the local fleet."""
 
     def __init__(self, orchestrator: Orchestrator) -> None:
         self.orchestrator = orchestrator
 
-    @asynccontextmanager
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[_Frames]:
-        """Run a peer's generation here. Leaving the context early (the peer cancelled)
-        leaves the orchestrator's, which cancels it on the neuron.
+    def generate(self, request: GenerateRequest) -> "_LocalGeneration":
+        """Run a peer's generation here (``async with serving.generate(request) as
+        frames``). Leaving the context early (the peer cancelled) leaves the
+        orchestrator's, which cancels it on the neuron.
 
         Raises:
             ServeFailure: it could not start (unknown model, no capacity, a failed load).
         """
-        async with AsyncExitStack() as stack:
-            try:
-                gen = await stack.enter_async_context(
-                    self.orchestrator.generate(request, endpoint="federation", allow_peers=False))
-            except Exception as exc:
-                raise _failure(exc) from None
-            yield _Frames(gen)
+        return _LocalGeneration(self.orchestrator.generate(request, endpoint="federation", allow_peers=False))
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         """Run a peer's embedding request here. Raises :class:`ServeFailure`."""
@@ -167,19 +187,10 @@ class PeerHandle:
         self._router = router
         self._also = also
 
-    @asynccontextmanager
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[Any]:
-        """:meth:`Federation.route`; raises the federation's errors (see its docstring)."""
-        frames = None
-        try:
-            async with self.federation.route(request, also=self._also) as frames:
-                self.peer_id = frames.peer_id
-                yield frames
-        finally:
-            # The receipt the route recorded, kept from memory: reading it back from the
-            # ledger cost a worker-thread hop on every federated answer's path.
-            if frames is not None and frames.receipt is not None and self._router is not None:
-                self._router.remember(request.request_id, frames.receipt)
+    def generate(self, request: GenerateRequest) -> "_PeerGeneration":
+        """:meth:`Federation.route` (``async with handle.generate(request) as frames``);
+        raises the federation's errors (see its docstring)."""
+        return _PeerGeneration(self, request)
 
     async def embed(self, request: EmbedRequest, *, timeout: float) -> EmbedResult:
         try:
@@ -189,6 +200,36 @@ class PeerHandle:
             if self._router is not None:
                 with trio.CancelScope(shield=True):
                     await self._router.keep_receipt(request.request_id)
+
+
+class _PeerGeneration:
+    """:meth:`PeerHandle.generate`'s context manager: a small class rather than an
+    ``asynccontextmanager`` generator (a generator, its frames and contextlib's wrapper
+    on every federated request's path, ~3% of the asking cortex's CPU)."""
+
+    __slots__ = ("_handle", "_request", "_route", "_frames")
+
+    def __init__(self, handle: PeerHandle, request: GenerateRequest) -> None:
+        self._handle = handle
+        self._request = request
+        self._frames: Any = None
+
+    async def __aenter__(self) -> Any:
+        handle = self._handle
+        self._route = handle.federation.route(self._request, also=handle._also)
+        self._frames = frames = await self._route.__aenter__()
+        handle.peer_id = frames.peer_id
+        return frames
+
+    async def __aexit__(self, *exc: Any) -> None:
+        try:
+            await self._route.__aexit__(*exc)
+        finally:
+            # The receipt the route recorded, kept from memory: reading it back from the
+            # ledger cost a worker-thread hop on every federated answer's path.
+            frames, router = self._frames, self._handle._router
+            if frames.receipt is not None and router is not None:
+                router.remember(self._request.request_id, frames.receipt)
 
 
 class PeerRouter:

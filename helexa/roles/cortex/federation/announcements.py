@@ -128,6 +128,8 @@ class PeerTable:
         self._self = self_peer_id
         self._latest: dict[str, Announcement] = {}
         self.rejected: dict[str, int] = {}
+        self.version = 0
+        """Bumped whenever the set of announcements changes (for callers' memos)."""
 
     def update(self, ann: Announcement, now: float) -> bool:
         """Take a validated announcement; False (ignored) for our own, a replay or an
@@ -139,6 +141,7 @@ class PeerTable:
             self.rejected["replay"] = self.rejected.get("replay", 0) + 1
             return False
         self._latest[ann.peer_id] = ann
+        self.version += 1
         return True
 
     def ingest(self, data: bytes, *, origin: str | None, now: float) -> Announcement | None:
@@ -155,6 +158,8 @@ class PeerTable:
         gone = [p for p, a in self._latest.items() if a.issued_at + a.ttl <= now]
         for p in gone:
             del self._latest[p]
+        if gone:
+            self.version += 1
         return gone
 
     def get(self, peer_id: str) -> Announcement | None:

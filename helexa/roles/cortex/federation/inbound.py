@@ -53,6 +53,10 @@ EmbedHandler = Callable[[EmbedRequest], Awaitable[EmbedResult]]
 OfferFn = Callable[[], Sequence[OfferedModel]]
 """What the local fleet can offer now (before the serve policy filters it)."""
 
+OfferedFn = Callable[[str], OfferedModel | None]
+"""``offered(model_id)``: the offer's entry for that one model now, or None; the same as
+looking it up in ``offer_fn()`` (checked on every request a peer sends)."""
+
 
 @dataclass(frozen=True, slots=True)
 class ServeTimeouts:
@@ -69,11 +73,12 @@ class InboundServer:
 
     def __init__(self, *, identity: Identity, admission: Admission, ledger: Ledger, offer_fn: Callable[[], Sequence[OfferedModel]],
                  serve_generate: GenerateHandler | None, serve_embed: EmbedHandler | None,
-                 timeouts: ServeTimeouts, clock: Callable[[], float]) -> None:
+                 timeouts: ServeTimeouts, clock: Callable[[], float], offered_fn: OfferedFn | None = None) -> None:
         self._identity = identity
         self._admission = admission
         self._ledger = ledger
         self._offer_fn = offer_fn
+        self._offered_fn = offered_fn
         self._generate = serve_generate
         self._embed = serve_embed
         self._t = timeouts
@@ -167,6 +172,8 @@ class InboundServer:
         policy = self._admission.policy
         if not policy.serve_peers or not policy.offers(model_id):
             return None
+        if self._offered_fn is not None:
+            return self._offered_fn(model_id)
         for m in self._offer_fn():
             if m.model_id == model_id:
                 return m

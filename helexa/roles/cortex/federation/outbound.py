@@ -70,29 +70,44 @@ class ReceiptKeeper:
     def request_id(self) -> str:
         return self._expect.request_id
 
+    def collect_buffered(self, stream: MessageStream, *, tokens_seen: int, outcome: str) -> bool:
+        """:meth:`collect` without waiting, when the receipt is here already (the peer
+        sends it in the result's write, so nearly always): no await, hence no cancel
+        scope or shield needed around it. False (nothing done) when it must be waited for."""
+        if self.done:
+            return True
+        try:
+            receipt = _buffered_receipt(stream)
+        except trio.WouldBlock:
+            return False
+        except ProtocolError:
+            receipt = None
+        self.done = True
+        self._keep(receipt, tokens_seen, outcome)
+        return True
+
     async def collect(self, stream: MessageStream | None, timeout: float, *, tokens_seen: int, outcome: str) -> None:
         """Read (from ``stream``, unless None), verify and record the receipt; once."""
         if self.done:
+            return
+        if stream is not None and self.collect_buffered(stream, tokens_seen=tokens_seen, outcome=outcome):
             return
         self.done = True
         receipt: Receipt | None = None
         if stream is not None:
             try:
-                # Nearly always already read: the peer sends the receipt in the result's
-                # write, and a buffered frame is taken without a cancel scope; the scope
-                # bounding the whole wait is entered only if something else came first.
-                deadline = trio.current_time() + timeout
-                msg = await stream.receive(timeout=timeout)
-                if isinstance(msg, Receipt):
-                    receipt = msg
-                else:
-                    with trio.CancelScope(deadline=deadline):
-                        while receipt is None:
-                            msg = await stream.receive(timeout=timeout)
-                            if isinstance(msg, Receipt):
-                                receipt = msg
+                with trio.CancelScope(deadline=trio.current_time() + timeout):
+                    while receipt is None:
+                        msg = await stream.receive(timeout=timeout)
+                        if isinstance(msg, Receipt):
+                            receipt = msg
             except (StreamClosed, StreamTimeout, ProtocolError):
                 pass
+        self._keep(receipt, tokens_seen, outcome)
+
+    def _keep(self, receipt: Receipt | None, tokens_seen: int, outcome: str) -> None:
+        """Verify and record ``receipt`` (a flagged stand-in for None). Never awaits: the
+        ledger's append is made on this thread, so no cancellation can skip it."""
         e = self._expect
         self.received = receipt is not None
         if receipt is None:
@@ -109,9 +124,17 @@ class ReceiptKeeper:
         if self.problems:
             log.warning("federation: receipt for %s from %s flagged: %s", e.request_id, e.server_peer_id,
                         "; ".join(self.problems))
-        with trio.CancelScope(shield=True):
-            await self._ledger.arecord(CONSUMED, receipt, flagged=bool(self.problems),
-                                       flag_reason="; ".join(self.problems))
+        self._ledger.record(CONSUMED, receipt, flagged=bool(self.problems), flag_reason="; ".join(self.problems))
+
+
+def _buffered_receipt(stream: MessageStream) -> Receipt:
+    """The receipt among the frames buffered on ``stream`` (those before it skipped, as
+    :meth:`ReceiptKeeper.collect` skips them). Raises ``trio.WouldBlock`` when it has not
+    come whole yet, ``ProtocolError`` for a malformed frame."""
+    while True:
+        msg = stream.receive_nowait()
+        if isinstance(msg, Receipt):
+            return msg
 
 
 class RemoteGeneration:
@@ -181,6 +204,8 @@ class RemoteGeneration:
         not end, send Cancel across the hop; then collect the receipt. Bounded, shielded."""
         if self._keeper.done:
             return  # the consumer read to the end: the receipt is in the ledger
+        if self.finished and self._keeper.collect_buffered(self._stream, tokens_seen=self.tokens_seen, outcome="ok"):
+            return  # it came with the result (nearly always): nothing to wait for, or shield
         budget = self._t.cancel if not self.finished else self._t.receipt
         with trio.move_on_after(budget + 0.5) as scope:
             scope.shield = True

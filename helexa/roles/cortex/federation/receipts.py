@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 from helexa.identity import Identity, verify_signature
 from helexa.mesh.peer_id import peer_id_from_ed25519
 from helexa.protocol import encode
@@ -40,22 +38,12 @@ def sign_receipt(
     client_peer_id: str,
     outcome: str = "ok",
 ) -> Receipt:
-    unsigned = Receipt(
-        request_id=request_id,
-        model_id=model_id,
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        price_input=price_input,
-        price_output=price_output,
-        cost=cost_of(prompt_tokens, completion_tokens, price_input, price_output),
-        started_at=started_at,
-        ended_at=ended_at,
-        server_peer_id=peer_id_from_ed25519(identity.public_bytes),
-        client_peer_id=client_peer_id,
-        server_public_key=identity.public_bytes,
-        outcome=outcome,
-    )
-    return dataclasses.replace(unsigned, signature=identity.sign(receipt_payload(unsigned)))
+    fields = (request_id, model_id, prompt_tokens, completion_tokens, price_input, price_output,
+              cost_of(prompt_tokens, completion_tokens, price_input, price_output), started_at, ended_at,
+              peer_id_from_ed25519(identity.public_bytes), client_peer_id, identity.public_bytes, outcome)
+    # Built twice from the same fields rather than with ``dataclasses.replace`` (which
+    # re-reads every field by name): a serving cortex signs one per federated answer.
+    return Receipt(*fields, signature=identity.sign(receipt_payload(Receipt(*fields))))
 
 
 def verify_receipt(

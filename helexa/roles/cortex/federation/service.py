@@ -17,6 +17,7 @@ Wiring (by the cortex)::
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from contextlib import aclosing
@@ -33,12 +34,15 @@ from helexa.protocol.model import Workload
 
 from .announcements import AnnouncementRejected, PeerOffer, PeerTable, check_announcement, sign_announcement
 from .errors import FederationError, NoPeerOffers, OutboundRefused, PeerFailed, PeerRefused, PeerUnreachable, PeerVanished
-from .inbound import EmbedHandler, GenerateHandler, InboundServer, OfferFn, ServeTimeouts
+from .inbound import EmbedHandler, GenerateHandler, InboundServer, OfferedFn, OfferFn, ServeTimeouts
 from .ledger import Ledger
 from .outbound import AskTimeouts, Expectation, ReceiptKeeper, RemoteGeneration, refusal_error
 from .policy import Admission, AskPolicy, Outbound, ServePolicy
 
 log = logging.getLogger(__name__)
+
+_ALLOWED_MEMO = 256
+"""Candidate lists kept (per model, workload, exclusions and policies)."""
 
 _RETRY_NEXT_PEER = {"busy", "rate_limited", "model_not_offered", "not_serving"}
 
@@ -72,6 +76,8 @@ class Federation:
         serve_policy, ask_policy: whom to serve; whether and where to ask.
         settings: intervals and deadlines.
         clock: Unix time (announcements and receipts carry wall-clock times).
+        offered_fn: ``offered(model_id)``, ``offer_fn``'s entry for one model (optional: a
+            faster lookup for the check of each peer's request; default: ``offer_fn``).
     """
 
     def __init__(
@@ -79,7 +85,7 @@ class Federation:
         spare_fn: Callable[[], int] = lambda: 1, serve_generate: GenerateHandler | None = None,
         serve_embed: EmbedHandler | None = None, serve_policy: ServePolicy = ServePolicy(),
         ask_policy: AskPolicy = AskPolicy(), settings: FederationSettings = FederationSettings(),
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.time, offered_fn: OfferedFn | None = None,
     ) -> None:
         self.mesh = mesh
         self.identity = identity
@@ -94,9 +100,11 @@ class Federation:
         self.table = PeerTable()
         self._sequence = 0
         self._idle: dict[str, list[tuple[MessageStream, float]]] = {}
+        self._allowed_memo: dict[tuple[Any, ...], tuple[PeerTable, int, float, list[PeerOffer]]] = {}
         self.inbound = InboundServer(
             identity=identity, admission=Admission(serve_policy), ledger=ledger, offer_fn=offer_fn,
-            serve_generate=serve_generate, serve_embed=serve_embed, timeouts=settings.serve, clock=clock)
+            serve_generate=serve_generate, serve_embed=serve_embed, timeouts=settings.serve, clock=clock,
+            offered_fn=offered_fn)
 
     def set_policies(self, serve_policy: ServePolicy, ask_policy: AskPolicy) -> None:
         """New policies (a live reload); the next announcement carries the new offer."""
@@ -174,10 +182,24 @@ class Federation:
 
     def _allowed(self, model_id: str, now: float, also: AskPolicy | None, *, workload: Workload | None = None,
                  exclude: frozenset[str] = frozenset()) -> list[PeerOffer]:
-        """Candidates under the ask policy, narrowed by ``also`` (an asking portal's)."""
-        cands = self.table.candidates(model_id, now, self.ask_policy, workload=workload, exclude=exclude)
+        """Candidates under the ask policy, narrowed by ``also`` (an asking portal's).
+        The list is shared: callers must not change it.
+
+        Kept until the peer table changes or one of them expires: a federated request
+        asks three times (the orchestrator's decision, the router, the route), and the
+        offers change every few seconds, not per request."""
+        key = (model_id, workload, exclude, also, self.ask_policy)
+        memo = self._allowed_memo.get(key)
+        table = self.table
+        if memo is not None and memo[0] is table and memo[1] == table.version and now < memo[2]:
+            return memo[3]
+        cands = table.candidates(model_id, now, self.ask_policy, workload=workload, exclude=exclude)
         if also is not None:
             cands = [o for o in cands if also.allows_peer(o.peer_id, o.operator) and also.allows_price(o.model)]
+        if len(self._allowed_memo) >= _ALLOWED_MEMO:
+            self._allowed_memo.clear()
+        # Offers only leave the list by expiring (or by a table change) while the key holds.
+        self._allowed_memo[key] = (table, table.version, min((o.expires_at for o in cands), default=math.inf), cands)
         return cands
 
     def can_route(self, model_id: str, workload: Workload | None = None, *, also: AskPolicy | None = None) -> bool:
