@@ -19,6 +19,17 @@ median over rounds), time to first token p50/p99 and inter-token latency p50/p99
 
     flock /tmp/helexa-bench.lock .venv/bin/python benchmarks/concurrency_tokens_bench.py
 
+Also per path: CPU milliseconds per request of the processes that serve it (llama.cpp's
+server for ``direct``; the cortex, the neuron and its workers for the fabric's paths, so
+``fabric`` includes llama.cpp's own work and ``proxy`` does not), from the threads'
+``schedstat`` before and after each round.
+
+``--upstream idle`` (or ``busy``) replaces llama.cpp's server by one with no model that
+waits ``--idle-ms`` before the first token and between tokens, sleeping (or computing on
+one thread, as llama.cpp's does): with ``direct`` and ``proxy`` it tells what the fabric
+adds when a model costs the cores nothing. ``synth`` and ``synth-worker`` are the
+``synthetic`` backend at one token per ``--idle-ms``, in the neuron and in a worker process.
+
 ``--json`` keeps every sample. ``--baseline DIR`` also starts a cortex and a neuron from
 another source tree with its own virtual environment (``DIR/.venv``, e.g. a ``git archive``
 of main with ``./scripts/setup.sh`` run in it, so that its worker processes run that tree
@@ -248,6 +259,27 @@ def run_level(url: str, model: str, conc: int, requests: int, tokens: int, seed:
     return {"tokens_per_s": total[0] / wall, "ttft": ttft, "gaps": gaps, "errors": errors, "wall": wall}
 
 
+def cpu_seconds(procs: list[subprocess.Popen]) -> float:
+    """CPU time used so far by ``procs``, their live children (a neuron's workers) and all
+    their threads, in nanoseconds' resolution (``/proc/PID/task/TID/schedstat``; the
+    clock-tick figures of ``stat`` are too coarse for a few requests)."""
+    import psutil
+
+    total = 0
+    for p in procs:
+        try:
+            pids = [p.pid, *(c.pid for c in psutil.Process(p.pid).children(recursive=True))]
+        except psutil.Error:
+            continue
+        for pid in pids:
+            for task in Path(f"/proc/{pid}/task").glob("*"):
+                try:
+                    total += int((task / "schedstat").read_text().split()[0])
+                except (OSError, ValueError, IndexError):
+                    pass
+    return total / 1e9
+
+
 def pct(xs: list[float], p: int) -> float:
     if len(xs) < 2:
         return xs[0] if xs else float("nan")
@@ -305,6 +337,7 @@ def main() -> None:
             p, log = start("llama-server", [sys.executable, __file__, "--serve-llama", str(port), "--slots",
                                             str(a.slots), "--threads", str(a.threads), "--ctx", str(a.ctx)])
         wait_ready(direct, p, log)
+        servers: dict[str, list[subprocess.Popen]] = {"direct": [p]}  # whose CPU each path costs
         models = work / "models.toml"
         models.write_text(f"""
 [models."smollm2"]
@@ -342,8 +375,10 @@ metadata = {{ tokens = {a.tokens * 2}, tokens_per_second = {1e3 / a.idle_ms}, is
                 if p.poll() is not None:
                     sys.exit(f"{tag}cortex exited:\n" + log.read_text()[-3000:])
                 time.sleep(0.1)
-            start(f"{tag}neuron", exe + ["neuron", "--cortex", f"ws://127.0.0.1:{control}", "--node-id", "bench",
+            servers[tag] = [p]
+            n, _ = start(f"{tag}neuron", exe + ["neuron", "--cortex", f"ws://127.0.0.1:{control}", "--node-id", "bench",
                                          "--join-token-file", str(data / "join-token"), "--log-level", "warning"], cwd)
+            servers[tag].append(n)
             return f"http://127.0.0.1:{gw}"
 
         gateway = fabric("", sys.executable, None)
@@ -383,10 +418,14 @@ metadata = {{ tokens = {a.tokens * 2}, tokens_per_second = {1e3 / a.idle_ms}, is
                 order = names[r % len(names):] + names[:r % len(names)]
                 for name in order:
                     url, model = targets[name]
+                    side = servers["direct" if name == "direct" else "base-" if name.startswith("base-") else ""]
+                    cpu = cpu_seconds(side)
                     res = run_level(url, model, c, a.requests, a.tokens, seed=r * 1000 + c)
+                    res["cpu_per_request"] = (cpu_seconds(side) - cpu) / max(1, len(res["ttft"]))
                     raw.setdefault(f"{name}|{c}", []).append(res)
                     print(f"# r{r} c={c} {name:6s} {res['tokens_per_s']:7.1f} tok/s  ttft p50 "
                           f"{pct(res['ttft'], 50) * 1e3:6.1f} ms  itl p99 {pct(res['gaps'], 99) * 1e3:6.1f} ms"
+                          f"  cpu {res['cpu_per_request'] * 1e3:5.2f} ms/req"
                           f"  errors {len(res['errors'])} {res['errors'][:1]}", file=sys.stderr, flush=True)
     finally:
         for p in reversed(procs):
@@ -403,8 +442,8 @@ metadata = {{ tokens = {a.tokens * 2}, tokens_per_second = {1e3 / a.idle_ms}, is
           f"{a.tokens * 3 // 2} tokens per stream, {a.requests} streams per client per round, {a.rounds} rounds; "
           f"load average {load_before} before, {' '.join(f'{x:.1f}' for x in os.getloadavg())} after\n")
     print("| concurrency | path | tokens/s | vs direct | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms "
-          "| added TTFT p50 | added ITL p99 | errors |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| added TTFT p50 | added ITL p99 | CPU ms/request | errors |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for c in concs:
         base = raw.get(f"direct|{c}")
         for name in names:
@@ -422,7 +461,8 @@ metadata = {{ tokens = {a.tokens * 2}, tokens_per_second = {1e3 / a.idle_ms}, is
                 vs, added = "", ("", "")
             errors = sum(len(x["errors"]) for x in runs)
             print(f"| {c} | {name} | {tps:.1f} | {vs} | {pct(ttft, 50) * 1e3:.1f} | {pct(ttft, 99) * 1e3:.1f} | "
-                  f"{pct(gaps, 50) * 1e3:.1f} | {pct(gaps, 99) * 1e3:.1f} | {added[0]} | {added[1]} | {errors} |")
+                  f"{pct(gaps, 50) * 1e3:.1f} | {pct(gaps, 99) * 1e3:.1f} | {added[0]} | {added[1]} | "
+                  f"{statistics.median(x['cpu_per_request'] for x in runs) * 1e3:.2f} | {errors} |")
     if a.json:
         Path(a.json).write_text(json.dumps(raw))
 
