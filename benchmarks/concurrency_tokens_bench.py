@@ -19,6 +19,17 @@ median over rounds), time to first token p50/p99 and inter-token latency p50/p99
 
     flock /tmp/helexa-bench.lock .venv/bin/python benchmarks/concurrency_tokens_bench.py
 
+Also per path: CPU milliseconds per request of the processes that serve it (llama.cpp's
+server for ``direct``; the cortex, the neuron and its workers for the fabric's paths, so
+``fabric`` includes llama.cpp's own work and ``proxy`` does not), from the threads'
+``schedstat`` before and after each round.
+
+``--upstream idle`` (or ``busy``) replaces llama.cpp's server by one with no model that
+waits ``--idle-ms`` before the first token and between tokens, sleeping (or computing on
+one thread, as llama.cpp's does): with ``direct`` and ``proxy`` it tells what the fabric
+adds when a model costs the cores nothing. ``synth`` and ``synth-worker`` are the
+``synthetic`` backend at one token per ``--idle-ms``, in the neuron and in a worker process.
+
 ``--json`` keeps every sample. ``--baseline DIR`` also starts a cortex and a neuron from
 another source tree with its own virtual environment (``DIR/.venv``, e.g. a ``git archive``
 of main with ``./scripts/setup.sh`` run in it, so that its worker processes run that tree
@@ -69,6 +80,86 @@ def serve_llama(port: int, slots: int, threads: int, ctx: int) -> None:
     server = xllamacpp.Server(params)
     print(f"listening on {server.listening_address}", flush=True)
     threading.Event().wait()
+
+
+def serve_idle(port: int, first_ms: float, gap_ms: float, busy: bool) -> None:
+    """Run an OpenAI-style server with no model on ``port`` until killed (``--serve-idle``).
+
+    Each streamed chat completion waits ``first_ms`` and then sends ``max_tokens`` content
+    chunks ``gap_ms`` apart, shaped as llama.cpp's (a role chunk with the first token, a
+    final chunk, usage, ``[DONE]``; chunked transfer encoding, keep-alive). Without ``busy``
+    the waits are sleeps: the fabric in front of it gets idle cores, so what it adds to the
+    first token is its own path. With ``busy`` a thread computes through every wait (hashing,
+    without the interpreter lock), as llama.cpp's one thread does through a generation.
+    """
+    import hashlib
+
+    import trio
+
+    block = bytes(1 << 16)
+
+    def spin(seconds: float) -> None:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            hashlib.sha256(block)  # releases the GIL: the trio thread sends meanwhile
+
+    async def wait(ms: float) -> None:
+        if busy:
+            await trio.to_thread.run_sync(spin, ms / 1e3)
+        else:
+            await trio.sleep(ms / 1e3)
+
+    async def reply(stream: trio.SocketStream, body: dict) -> None:
+        n = int(body.get("max_tokens") or 16)
+
+        def framed(data: bytes) -> bytes:
+            return b"%x\r\n%s\r\n" % (len(data), data)
+
+        def chunk(obj: dict) -> bytes:
+            return framed(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n")
+
+        def delta(d: dict, reason: str | None = None) -> dict:
+            return {"id": "idle", "object": "chat.completion.chunk", "created": 0, "model": "idle",
+                    "choices": [{"index": 0, "delta": d, "finish_reason": reason}]}
+
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                              b"transfer-encoding: chunked\r\nkeep-alive: timeout=5, max=100\r\n\r\n")
+        await wait(first_ms)
+        await stream.send_all(chunk(delta({"role": "assistant", "content": None})) + chunk(delta({"content": "tok0"})))
+        for i in range(1, n):
+            await wait(gap_ms)
+            await stream.send_all(chunk(delta({"content": f" tok{i}"})))
+        usage = {"prompt_tokens": 8, "completion_tokens": n, "total_tokens": n + 8}
+        await stream.send_all(chunk(delta({}, "length")) + chunk({**delta({}), "choices": [], "usage": usage})
+                              + framed(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+
+    async def handle(stream: trio.SocketStream) -> None:
+        buf = b""
+        try:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    buf += data
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                fields = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
+                size = int(fields.get("content-length", 0))
+                while len(buf) < size:
+                    buf += await stream.receive_some(65536)
+                raw, buf = buf[:size], buf[size:]
+                path = lines[0].split(" ")[1]
+                if path.endswith("/chat/completions"):
+                    await reply(stream, json.loads(raw))
+                else:  # /health, /v1/models
+                    await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                                          b"content-length: 2\r\n\r\n{}")
+        except trio.BrokenResourceError:
+            return
+
+    print(f"listening on 127.0.0.1:{port}", flush=True)
+    trio.run(trio.serve_tcp, handle, port)
 
 
 def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
@@ -168,6 +259,27 @@ def run_level(url: str, model: str, conc: int, requests: int, tokens: int, seed:
     return {"tokens_per_s": total[0] / wall, "ttft": ttft, "gaps": gaps, "errors": errors, "wall": wall}
 
 
+def cpu_seconds(procs: list[subprocess.Popen]) -> float:
+    """CPU time used so far by ``procs``, their live children (a neuron's workers) and all
+    their threads, in nanoseconds' resolution (``/proc/PID/task/TID/schedstat``; the
+    clock-tick figures of ``stat`` are too coarse for a few requests)."""
+    import psutil
+
+    total = 0
+    for p in procs:
+        try:
+            pids = [p.pid, *(c.pid for c in psutil.Process(p.pid).children(recursive=True))]
+        except psutil.Error:
+            continue
+        for pid in pids:
+            for task in Path(f"/proc/{pid}/task").glob("*"):
+                try:
+                    total += int((task / "schedstat").read_text().split()[0])
+                except (OSError, ValueError, IndexError):
+                    pass
+    return total / 1e9
+
+
 def pct(xs: list[float], p: int) -> float:
     if len(xs) < 2:
         return xs[0] if xs else float("nan")
@@ -188,12 +300,21 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=5.0, help="seconds each path serves before the rounds")
     ap.add_argument("--json", help="write every sample here")
     ap.add_argument("--baseline", help="another source tree with its own .venv: adds base-fabric, base-proxy")
+    ap.add_argument("--upstream", choices=("llama", "idle", "busy"), default="llama",
+                    help="what direct and proxy reach: llama.cpp's server, or one with no model that "
+                    "waits --idle-ms before the first token and between tokens, sleeping (idle) or "
+                    "computing on one thread (busy); see serve_idle")
+    ap.add_argument("--idle-ms", type=float, default=20.0)
     ap.add_argument("--serve-llama", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--serve-idle", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.slots is None:
         a.slots = max(int(c) for c in a.conc.split(","))
     if a.serve_llama:
         serve_llama(a.serve_llama, a.slots, a.threads, a.ctx)
+        return
+    if a.serve_idle:
+        serve_idle(a.serve_idle, a.idle_ms, a.idle_ms, a.upstream == "busy")
         return
 
     work = Path(tempfile.mkdtemp(prefix="helexa-conc-bench-"))
@@ -209,9 +330,14 @@ def main() -> None:
     try:
         port = free_port()
         direct = f"http://127.0.0.1:{port}"
-        p, log = start("llama-server", [sys.executable, __file__, "--serve-llama", str(port), "--slots", str(a.slots),
-                                        "--threads", str(a.threads), "--ctx", str(a.ctx)])
+        if a.upstream != "llama":
+            p, log = start("idle-server", [sys.executable, __file__, "--serve-idle", str(port),
+                                           "--idle-ms", str(a.idle_ms), "--upstream", a.upstream])
+        else:
+            p, log = start("llama-server", [sys.executable, __file__, "--serve-llama", str(port), "--slots",
+                                            str(a.slots), "--threads", str(a.threads), "--ctx", str(a.ctx)])
         wait_ready(direct, p, log)
+        servers: dict[str, list[subprocess.Popen]] = {"direct": [p]}  # whose CPU each path costs
         models = work / "models.toml"
         models.write_text(f"""
 [models."smollm2"]
@@ -226,6 +352,16 @@ max_context = {a.ctx // a.slots}
 [models."smollm2-proxy".config]
 listen_endpoint = "{direct}"
 metadata = {{ dialect = "llama.cpp", upstream_model = "smollm2" }}
+
+[models."synth"]
+backend = "synthetic"
+[models."synth".config]
+metadata = {{ tokens = {a.tokens * 2}, tokens_per_second = {1e3 / a.idle_ms} }}
+
+[models."synth-worker"]
+backend = "synthetic"
+[models."synth-worker".config]
+metadata = {{ tokens = {a.tokens * 2}, tokens_per_second = {1e3 / a.idle_ms}, isolate = true }}
 """)
 
         def fabric(tag: str, python: str, cwd: str | None) -> str:
@@ -239,16 +375,21 @@ metadata = {{ dialect = "llama.cpp", upstream_model = "smollm2" }}
                 if p.poll() is not None:
                     sys.exit(f"{tag}cortex exited:\n" + log.read_text()[-3000:])
                 time.sleep(0.1)
-            start(f"{tag}neuron", exe + ["neuron", "--cortex", f"ws://127.0.0.1:{control}", "--node-id", "bench",
+            servers[tag] = [p]
+            n, _ = start(f"{tag}neuron", exe + ["neuron", "--cortex", f"ws://127.0.0.1:{control}", "--node-id", "bench",
                                          "--join-token-file", str(data / "join-token"), "--log-level", "warning"], cwd)
+            servers[tag].append(n)
             return f"http://127.0.0.1:{gw}"
 
         gateway = fabric("", sys.executable, None)
-        targets = {"direct": (direct, "smollm2"), "fabric": (gateway, "smollm2"), "proxy": (gateway, "smollm2-proxy")}
+        # synth, synth-worker: the synthetic backend at one token per --idle-ms, in the
+        # neuron and in a worker process (no upstream at all).
+        own = {"fabric": "smollm2", "proxy": "smollm2-proxy", "synth": "synth", "synth-worker": "synth-worker"}
+        targets = {"direct": (direct, "smollm2"), **{k: (gateway, m) for k, m in own.items()}}
         if a.baseline:
             tree = Path(a.baseline).resolve()
             base = fabric("base-", str(tree / ".venv" / "bin" / "python"), str(tree))
-            targets.update({"base-fabric": (base, "smollm2"), "base-proxy": (base, "smollm2-proxy")})
+            targets.update({f"base-{k}": (base, m) for k, m in own.items()})
             if "base" not in a.paths:
                 a.paths += ",base-fabric,base-proxy"
         targets = {k: v for k, v in targets.items() if k in a.paths.split(",")}
@@ -277,10 +418,14 @@ metadata = {{ dialect = "llama.cpp", upstream_model = "smollm2" }}
                 order = names[r % len(names):] + names[:r % len(names)]
                 for name in order:
                     url, model = targets[name]
+                    side = servers["direct" if name == "direct" else "base-" if name.startswith("base-") else ""]
+                    cpu = cpu_seconds(side)
                     res = run_level(url, model, c, a.requests, a.tokens, seed=r * 1000 + c)
+                    res["cpu_per_request"] = (cpu_seconds(side) - cpu) / max(1, len(res["ttft"]))
                     raw.setdefault(f"{name}|{c}", []).append(res)
                     print(f"# r{r} c={c} {name:6s} {res['tokens_per_s']:7.1f} tok/s  ttft p50 "
                           f"{pct(res['ttft'], 50) * 1e3:6.1f} ms  itl p99 {pct(res['gaps'], 99) * 1e3:6.1f} ms"
+                          f"  cpu {res['cpu_per_request'] * 1e3:5.2f} ms/req"
                           f"  errors {len(res['errors'])} {res['errors'][:1]}", file=sys.stderr, flush=True)
     finally:
         for p in reversed(procs):
@@ -297,8 +442,8 @@ metadata = {{ dialect = "llama.cpp", upstream_model = "smollm2" }}
           f"{a.tokens * 3 // 2} tokens per stream, {a.requests} streams per client per round, {a.rounds} rounds; "
           f"load average {load_before} before, {' '.join(f'{x:.1f}' for x in os.getloadavg())} after\n")
     print("| concurrency | path | tokens/s | vs direct | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms "
-          "| added TTFT p50 | added ITL p99 | errors |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| added TTFT p50 | added ITL p99 | CPU ms/request | errors |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for c in concs:
         base = raw.get(f"direct|{c}")
         for name in names:
@@ -316,7 +461,8 @@ metadata = {{ dialect = "llama.cpp", upstream_model = "smollm2" }}
                 vs, added = "", ("", "")
             errors = sum(len(x["errors"]) for x in runs)
             print(f"| {c} | {name} | {tps:.1f} | {vs} | {pct(ttft, 50) * 1e3:.1f} | {pct(ttft, 99) * 1e3:.1f} | "
-                  f"{pct(gaps, 50) * 1e3:.1f} | {pct(gaps, 99) * 1e3:.1f} | {added[0]} | {added[1]} | {errors} |")
+                  f"{pct(gaps, 50) * 1e3:.1f} | {pct(gaps, 99) * 1e3:.1f} | {added[0]} | {added[1]} | "
+                  f"{statistics.median(x['cpu_per_request'] for x in runs) * 1e3:.2f} | {errors} |")
     if a.json:
         Path(a.json).write_text(json.dumps(raw))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 import trio
 from scripted_server import Conn, keep_answering, serving
@@ -278,3 +280,13 @@ def test_a_bad_url_or_header_is_refused() -> None:
         Upstream("ftp://example.com")
     with pytest.raises(ValueError):
         Upstream("http://127.0.0.1:1", headers=(("authorization", "a\nb"),))
+
+
+async def test_connections_are_dialled_with_nagle_off(nursery: trio.Nursery) -> None:
+    # A request's last segment must not wait for the server's delayed ACK.
+    server = await serving(nursery, keep_answering)
+    upstream = Upstream(server.url)
+    assert (await upstream.request("GET", "/")).status == 200
+    (conn,) = upstream._idle
+    assert conn.sock is not None and conn.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    await upstream.aclose()
