@@ -36,7 +36,6 @@ let them through as they are)::
 
 from __future__ import annotations
 
-import os
 import select
 import socket
 import ssl
@@ -44,6 +43,8 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import trio
+
+from helexa.transport.dial import dial
 
 from . import http1
 from .base import BackendCrashed, BackendError, Overloaded
@@ -106,40 +107,6 @@ class _Connection:
     def close(self) -> None:
         trio.lowlevel.notify_closing(self._fd_owner)
         self._fd_owner.close()
-
-
-async def _dial(host: str, port: int) -> socket.socket:
-    """A connected non-blocking TCP socket (``TCP_NODELAY`` set) to the first address of
-    ``host`` that answers; the caller holds the deadline.
-
-    Not ``trio.open_tcp_stream``: its happy-eyeballs nursery and stream object cost
-    ~0.3 ms a connect, and llama.cpp's server closes the connection after every streamed
-    answer, so that connect was on the path of every proxied first token (see
-    docs/benchmarks.md, "The first token's milliseconds, 2026-11-30 evening").
-    """
-    infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    failure: OSError = OSError(f"no address for {host!r}")
-    for family, kind, proto, _, address in infos:
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setblocking(False)
-            # Requests and their bodies are written whole; Nagle would only hold a
-            # request's last segment for the server's delayed ACK.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            try:
-                sock.connect(address)
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(sock)
-                if err := sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
-                    raise OSError(err, os.strerror(err)) from None
-            return sock
-        except OSError as exc:
-            sock.close()
-            failure = exc
-        except BaseException:
-            sock.close()
-            raise
-    raise failure
 
 
 class Upstream:
@@ -313,7 +280,7 @@ class Upstream:
     async def _connect(self) -> _Connection:
         with trio.move_on_after(self.connect_timeout):
             try:
-                sock = await _dial(self.host, self.port)
+                sock = await dial(self.host, self.port)
             except OSError as exc:
                 raise UpstreamUnreachable(f"{self.origin}: cannot connect: {exc}") from None
             if self._ssl is None:

@@ -15,8 +15,6 @@ address in practice).
 
 from __future__ import annotations
 
-import errno
-import os
 import socket
 import ssl
 from collections.abc import AsyncIterator
@@ -30,6 +28,7 @@ from helexa.protocol.auth import cert_fingerprint
 
 from . import wsframes, wsupgrade
 from .channel import ConnectFailed
+from .dial import dial
 from .ws_channel import ClientChannel, read_head
 
 __all__ = ["connect", "handshake"]
@@ -68,7 +67,7 @@ async def connect(
     host_header = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         with trio.fail_after(timeout):
-            raw = await _dial(host, port)
+            raw = await dial(host, port)
             wire: trio.abc.Stream = trio.SocketStream(trio.socket.from_stdlib_socket(raw))
             try:
                 if tls:
@@ -111,30 +110,6 @@ async def handshake(stream: trio.abc.Stream, *, host: str, resource: str = "/", 
     conn = wsframes.ClientConnection(max_frame + 64)  # the frame budget bounds a message too
     conn.receive_data(rest)
     return ClientChannel(stream, conn, max_frame=max_frame, remote=remote, raw=raw, eager_read=True)
-
-
-async def _dial(host: str, port: int) -> socket.socket:
-    """A connected non-blocking TCP socket to the first address of ``host`` that answers."""
-    infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    failure: OSError = OSError(f"no address for {host!r}")
-    for family, kind, proto, _, address in infos:
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setblocking(False)
-            try:
-                sock.connect(address)
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(sock)
-                if err := sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
-                    raise OSError(err, f"{os.strerror(err)} ({errno.errorcode.get(err, err)})") from None
-            return sock
-        except OSError as exc:
-            sock.close()
-            failure = exc
-        except BaseException:
-            sock.close()
-            raise
-    raise failure
 
 
 async def _tls(stream: trio.SocketStream, host: str, ssl_context: ssl.SSLContext | None,
