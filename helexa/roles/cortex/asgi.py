@@ -20,6 +20,7 @@ import trio
 from . import sse
 from .disconnect_watch import DisconnectWatch
 from .errors import BadRequest, ClientGone, MethodNotAllowed, NotFound, PayloadTooLarge
+from .http import BODY_EXTENSION
 
 if TYPE_CHECKING:
     from .portal.metering import Caller
@@ -121,8 +122,18 @@ class Exchange:
         return dict(parse_qsl(raw.decode("latin-1"))) if raw else {}
 
     async def body(self) -> bytes:
-        """The request body. Raises PayloadTooLarge (413), BadRequest (too slow), ClientGone."""
+        """The request body. Raises PayloadTooLarge (413), BadRequest (too slow), ClientGone.
+
+        A body the server already holds whole (:data:`.http.BODY_EXTENSION`) is taken as it
+        is; otherwise it is read within ``body_timeout``."""
         limit = self._limits.max_body_bytes
+        extensions = self.scope.get("extensions")
+        if extensions is not None:
+            whole = extensions.get(BODY_EXTENSION)
+            if whole is not None:
+                if len(whole) > limit:
+                    raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+                return whole
         for name, value in self.scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > limit:
                 raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
