@@ -20,7 +20,7 @@ import trio
 from . import sse
 from .disconnect_watch import DisconnectWatch
 from .errors import BadRequest, ClientGone, MethodNotAllowed, NotFound, PayloadTooLarge
-from .http import BODY_EXTENSION
+from .http import BODY_EXTENSION, CANCEL_EXTENSION
 
 if TYPE_CHECKING:
     from .portal.metering import Caller
@@ -154,7 +154,21 @@ class Exchange:
         raise BadRequest(f"the body did not arrive within {self._limits.body_timeout:g}s")
 
     async def until_disconnect(self, work: Callable[[], Awaitable[None]]) -> None:
-        """Run ``work``; cancel it if the client disconnects first (:mod:`.disconnect_watch`)."""
+        """Run ``work``; cancel it if the client disconnects first (:mod:`.disconnect_watch`).
+
+        Under the gateway's own server the scope cancelled is the connection's
+        (:data:`.http.CANCEL_EXTENSION`): the request's cancellation then ends the
+        connection too, where a scope opened here per request would cost more than the
+        rest of this method (docs/benchmarks.md, issue 17 item 2)."""
+        extensions = self.scope.get("extensions")
+        connection = extensions.get(CANCEL_EXTENSION) if extensions is not None else None
+        if connection is not None:
+            watched = self._watch.add(self.receive, connection)
+            try:
+                await work()
+            finally:
+                self._watch.discard(watched)
+            return
         with trio.CancelScope() as scope:
             watched = self._watch.add(self.receive, scope)
             try:

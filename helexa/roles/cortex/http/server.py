@@ -55,6 +55,12 @@ BODY_EXTENSION = "helexa.body"
 it came with the head: the app may take it from there rather than through ``receive()``
 (which still hands it out too), and so wait for nothing and need no deadline for it."""
 
+CANCEL_EXTENSION = "helexa.cancel_scope"
+"""The ASGI scope's ``extensions`` key of the connection's ``trio.CancelScope``, around the
+app's call: an app that learns the client went away may cancel it rather than open a scope
+of its own per request (the request ends, and so does the connection, which has nobody
+left to answer)."""
+
 
 class _Clock:
     """The ``Date`` header, formatted once a second."""
@@ -320,8 +326,10 @@ class _Exchange:
             "client": self.conn.client,
             "server": self.conn.local,
         }
+        extensions: dict[str, Any] = {CANCEL_EXTENSION: self.conn.scope}
         if self.body is not None:
-            scope["extensions"] = {BODY_EXTENSION: self.body}
+            extensions[BODY_EXTENSION] = self.body
+        scope["extensions"] = extensions
         return scope
 
     def end(self) -> None:
