@@ -13,7 +13,8 @@ from .server import BODY_EXTENSION, CANCEL_EXTENSION, App, HttpServer
 from .states import TRANSITIONS, Role, State, Trigger
 
 __all__ = [
-    "App", "BODY_EXTENSION", "CANCEL_EXTENSION", "CLOSED", "ClientGone", "Connection", "Data", "ErrorBody", "HttpServer", "LocalProtocolError",
+    "App", "BODY_EXTENSION", "CANCEL_EXTENSION", "CLOSED", "ClientGone", "Connection", "Data", "ErrorBody",
+    "HttpServer", "LocalProtocolError",
     "NEED_DATA", "PAUSED", "RemoteProtocolError", "Request", "Role", "State", "TRANSITIONS", "Trigger",
     "plain_error",
 ]
