@@ -7,9 +7,10 @@ sends, in the ASGI scope the gateway's own server gives), and its one neuron ans
 one :class:`GenerateResult` at once, as a real neuron's non-streaming relay does: parsing,
 metering, the orchestrator's decision, dispatch and the JSON answer, without the HTTP server
 or the websocket hop (those are measured end to end by ``gateway_vs_litellm.py``). Figures:
-CPU microseconds per request (the process's, best and median of ``--blocks`` blocks of ``--requests``), and Python function calls per
-request (``cProfile``'s count: the same on a busy machine as on a quiet one, so it shows a
-change even where CPU time is lost in other people's noise).
+CPU microseconds per request (the process's, best and median of ``--blocks`` blocks of
+``--requests``), and Python function calls per request (``cProfile``'s count: the same on a
+busy machine as on a quiet one, so it shows a change even where CPU time is lost in other
+people's noise).
 
 Usage::
 
