@@ -16,7 +16,6 @@ the next request waiting for the slot).
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
@@ -212,15 +211,15 @@ class Dispatching:
     it is on every request's path, where each generator-based layer was a measurable share
     (docs/benchmarks.md, 2026-11-30, item 2).
 
-    One cancel scope holds every deadline of the generation, entered on entry and left on
-    exit (around the caller's block): none while a target is picked and the request sent,
-    ``first_token_timeout`` while each attempt waits for its first event, then
-    ``idle_timeout`` from event to event. Opening a scope costs several times what moving
-    a deadline does (docs/benchmarks.md, issue 17 item 2), and this was two per request.
+    One cancel scope per attempt holds both of its deadlines: entered once the request is
+    sent (inside the target's context, so the two nest), with ``first_token_timeout`` for
+    the first event, then moved to ``idle_timeout`` from event to event, and left on exit
+    (around the caller's block). Opening a scope costs several times what moving a deadline
+    does (docs/benchmarks.md, issue 17 item 2), and this was two scopes per request.
     """
 
     __slots__ = ("_dispatcher", "_request", "_pick", "_endpoint", "_keep_text", "_context", "_gen", "_scope",
-                 "_left", "_span", "_fields", "_started")
+                 "_span", "_fields", "_started")
 
     def __init__(self, dispatcher: Dispatcher, request: GenerateRequest, pick: Pick, endpoint: str,
                  keep_text: bool) -> None:
@@ -231,17 +230,6 @@ class Dispatching:
         self._keep_text = keep_text
 
     async def __aenter__(self) -> Generation:
-        scope = self._scope = trio.CancelScope()
-        scope.__enter__()
-        self._left = False
-        try:
-            return await self._attempts(scope)
-        except BaseException as exc:
-            if not self._left:  # swallows nothing here: its deadline's cancellation was handled
-                scope.__exit__(type(exc), exc, exc.__traceback__)
-            raise
-
-    async def _attempts(self, scope: trio.CancelScope) -> Generation:
         d, request = self._dispatcher, self._request
         config = d.config
         exclude: frozenset[str] = frozenset()
@@ -258,22 +246,7 @@ class Dispatching:
                 try:
                     events = await ctx.__aenter__()
                     entered = True
-                    scope.deadline = trio.current_time() + config.first_token_timeout
-                    try:
-                        first = await events.__anext__()
-                    except StopAsyncIteration:
-                        raise RemoteError("empty_stream", "the neuron ended the stream without a result") from None
-                    except trio.Cancelled as cancelled:
-                        if not scope.cancel_called:
-                            raise
-                        # The first event's deadline passed: leave the scope, which catches its
-                        # own cancellation (and lets it through when an outer scope is
-                        # cancelled too, as move_on_after would).
-                        self._left = True
-                        if not scope.__exit__(type(cancelled), cancelled, cancelled.__traceback__):
-                            raise
-                        raise UpstreamTimeout(f"neuron {target.node_id} did not start within "
-                                              f"{config.first_token_timeout:g}s") from None
+                    first = await self._first(events, target.node_id)
                 except BaseException as exc:
                     if entered:
                         with trio.CancelScope(shield=True):
@@ -284,20 +257,40 @@ class Dispatching:
                         log.info("request %s not started on %s (%s): trying another neuron",
                                  request.request_id, target.node_id, exc)
                         exclude = exclude | {target.node_id}
-                        scope.deadline = math.inf
                         _end(fields, span)
                         continue
                     raise
             except BaseException:
                 _end(fields, span)
                 raise
-            scope.deadline = trio.current_time() + config.idle_timeout
-            gen = Generation(target.node_id, first, events, scope, config.idle_timeout, started,
+            gen = Generation(target.node_id, first, events, self._scope, config.idle_timeout, started,
                              keep_text=self._keep_text)
             self._context, self._gen = ctx, gen
             self._span, self._fields, self._started = span, fields, started
             return gen
         raise AssertionError("unreachable")
+
+    async def _first(self, events: AsyncIterator[Any], node_id: str) -> TokenChunk | GenerateResult:
+        """The attempt's first event, within ``first_token_timeout``; on return the scope
+        is entered (``self._scope``) with the idle deadline, else it was left."""
+        config = self._dispatcher.config
+        scope = self._scope = trio.CancelScope(deadline=trio.current_time() + config.first_token_timeout)
+        scope.__enter__()
+        try:
+            first = await events.__anext__()
+        except BaseException as exc:
+            if scope.__exit__(type(exc), exc, exc.__traceback__):  # its own deadline (never an outer cancel)
+                raise UpstreamTimeout(f"neuron {node_id} did not start within "
+                                      f"{config.first_token_timeout:g}s") from None
+            if isinstance(exc, StopAsyncIteration):
+                raise RemoteError("empty_stream", "the neuron ended the stream without a result") from None
+            raise
+        if scope.cancel_called:  # the deadline passed just as the event came: a fresh scope for the rest
+            scope.__exit__(None, None, None)
+            scope = self._scope = trio.CancelScope()
+            scope.__enter__()
+        scope.deadline = trio.current_time() + config.idle_timeout
+        return first
 
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         d, gen, idle, span = self._dispatcher, self._gen, self._scope, self._span
