@@ -3,13 +3,14 @@
 
 The default portal's ASGI app (:class:`~helexa.roles.cortex.gateway.PortalApp`) is called
 directly with a non-streaming chat completion (the body ``gateway_vs_litellm.py``'s wrk
-sends), and its one neuron answers with one :class:`GenerateResult` at once, as a real
-neuron's non-streaming relay does: parsing, metering, the orchestrator's decision, dispatch
-and the JSON answer, without the HTTP server or the websocket hop (those are measured end to
-end by ``gateway_vs_litellm.py``). Figures: CPU microseconds per request (the process's,
-best and median of ``--blocks`` blocks of ``--requests``), and Python function calls per
-request (``cProfile``'s count: the same on a busy machine as on a quiet one, so it shows a
-change even where CPU time is lost in other people's noise).
+sends, in the ASGI scope the gateway's own server gives), and its one neuron answers with
+one :class:`GenerateResult` at once, as a real neuron's non-streaming relay does: parsing,
+metering, the orchestrator's decision, dispatch and the JSON answer, without the HTTP server
+or the websocket hop (those are measured end to end by ``gateway_vs_litellm.py``). Figures:
+CPU microseconds per request (the process's, best and median of ``--blocks`` blocks of
+``--requests``), and Python function calls per request (``cProfile``'s count: the same on a
+busy machine as on a quiet one, so it shows a change even where CPU time is lost in other
+people's noise).
 
 Usage::
 
@@ -92,16 +93,22 @@ def measure(requests: int, blocks: int) -> None:
 
             sent.clear()
             await app({"type": "http", "method": "POST", "path": "/v1/chat/completions", "query_string": b"",
-                       "headers": headers, "client": ("127.0.0.1", 1)}, receive, send)
+                       "headers": headers, "client": ("127.0.0.1", 1), "extensions": extensions}, receive, send)
 
+        # What the gateway's own server adds to the scope (helexa.roles.cortex.http's
+        # BODY_EXTENSION and CANCEL_EXTENSION; older trees ignore them): the body that came
+        # with the head, and the connection's cancel scope (here one around all requests).
+        connection = trio.CancelScope()
+        extensions = {"helexa.body": BODY, "helexa.cancel_scope": connection}
         async with trio.open_nursery() as nursery:
             await nursery.start(gateway.orchestrator.run)
             await nursery.start(gateway.watch.run)
             await nursery.start(gateway.writer.run)
-            for _ in range(300):
-                await one()
-            assert sent[-1]["type"] == "http.response.body" and b"tok15" in sent[-1]["body"], sent
-            await report(one, requests, blocks)
+            with connection:
+                for _ in range(300):
+                    await one()
+                assert sent[-1]["type"] == "http.response.body" and b"tok15" in sent[-1]["body"], sent
+                await report(one, requests, blocks)
             nursery.cancel_scope.cancel()
 
     trio.run(main)

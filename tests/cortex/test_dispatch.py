@@ -132,3 +132,34 @@ async def test_embeddings_fail_over_too(autojump_clock) -> None:
     pick, calls = picker(dead, ok)
     result = await dispatcher().embed(EmbedRequest("e1", "e", ("x",)), pick)
     assert result.dim == 3 and calls == [frozenset(), {"a"}]
+
+
+async def test_the_first_event_deadline_runs_per_attempt_and_not_while_picking(autojump_clock) -> None:
+    fleet = Fleet()
+    busy = NeuronDouble("a", fleet, loaded=("m",))
+    busy.retryable_error = True
+    slow = NeuronDouble("b", fleet, loaded=("m",), tokens=3, token_delay=100)
+    pick_fast, _ = picker(busy, slow)
+
+    async def pick(exclude: frozenset[str]):
+        await trio.sleep(50)  # a wait for a slot: longer than the first event's deadline
+        return await pick_fast(exclude)
+
+    start = trio.current_time()
+    with pytest.raises(UpstreamTimeout):
+        async with dispatcher(first_token_timeout=30).generate(request(), pick):
+            pass
+    assert trio.current_time() - start == 50 + 50 + 30  # two picks, then the second attempt's deadline
+    assert slow.cancelled == ["r1"]
+
+
+async def test_an_outer_cancellation_at_the_first_event_deadline_stays_a_cancellation(autojump_clock) -> None:
+    fleet = Fleet()
+    slow = NeuronDouble("a", fleet, loaded=("m",), tokens=3, token_delay=100)
+    pick, _ = picker(slow)
+    d = dispatcher(first_token_timeout=30, max_attempts=1)
+    with trio.move_on_after(30) as outer:  # the client leaves just as the deadline passes
+        async with d.generate(request(), pick):
+            pass
+    assert outer.cancelled_caught and slow.cancelled == ["r1"]
+    assert d.live.nodes["a"].in_flight == 0

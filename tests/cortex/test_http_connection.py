@@ -180,6 +180,22 @@ def test_a_body_arriving_in_parts_is_handed_out_in_parts() -> None:
     assert states(conn) == (State.DONE, State.SEND_RESPONSE)
 
 
+def test_a_body_that_came_with_its_head_is_had_whole_and_only_then() -> None:
+    conn = make()
+    head(conn, post(b"hello") + GET)
+    assert conn.whole_body(0.0) == b"hello" and conn.client_state is State.DONE
+    assert read(conn) == [PAUSED]  # the next request waits its turn, as after a Data
+    partial = make()
+    head(partial, post(b"hel", length=5))
+    assert partial.whole_body(0.0) is None and read(partial) == [Data(b"hel", True), NEED_DATA]
+    waiting = make()  # a client waiting for 100 Continue is not told to go on by the look
+    head(waiting, post(b"", b"expect: 100-continue\r\n", length=5))
+    assert waiting.whole_body(0.0) is None and waiting.data_to_send() == b"" and waiting.deadline is None
+    chunked = make()
+    head(chunked, b"POST / HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n")
+    assert chunked.whole_body(0.0) is None and read(chunked) == [Data(b"", False), PAUSED]
+
+
 def test_a_chunked_body_is_decoded_and_its_extensions_and_trailers_dropped() -> None:
     conn = make()
     head = b"POST / HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n"

@@ -22,7 +22,7 @@ import trio
 from trio.testing import MockClock, wait_all_tasks_blocked
 
 from helexa.roles.cortex.gateway import server_error_body
-from helexa.roles.cortex.http import ClientGone, HttpServer, plain_error
+from helexa.roles.cortex.http import BODY_EXTENSION, ClientGone, HttpServer, plain_error
 
 
 def guard() -> trio.CancelScope:
@@ -183,6 +183,27 @@ async def test_a_post_body_arrives_whole() -> None:
         client = await Client.connect(port)
         r = await client.request("POST", "/v1/x", body=b'{"a": 1}')
     assert r.json()["body"] == '{"a": 1}' and r.json()["parts"] == 1 and r.json()["method"] == "POST"
+
+
+async def test_a_body_that_came_with_its_head_is_given_in_the_scope_and_by_receive_too() -> None:
+    seen = []
+    called = trio.Event()
+
+    async def app(scope, receive, send) -> None:
+        given = scope.get("extensions", {}).get(BODY_EXTENSION)
+        called.set()
+        seen.append((given, await read_body(receive)))
+        await respond(send, b"ok")
+
+    async with serving(app) as (_, port):
+        client = await Client.connect(port)
+        await client.request("POST", "/v1/x", body=b'{"a": 1}')
+        called = trio.Event()
+        await client.send(b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 5\r\n\r\n")
+        await called.wait()  # the body follows once the app runs
+        await client.send(b"hello")
+        await client.response()
+    assert seen == [(b'{"a": 1}', (b'{"a": 1}', 1)), (None, (b"hello", 1))]
 
 
 async def test_a_chunked_request_body_arrives_in_its_chunks() -> None:

@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
+import orjson
 import trio
 
 from . import sse
 from .disconnect_watch import DisconnectWatch
 from .errors import BadRequest, ClientGone, MethodNotAllowed, NotFound, PayloadTooLarge
+from .http import BODY_EXTENSION, CANCEL_EXTENSION
 
 if TYPE_CHECKING:
     from .portal.metering import Caller
@@ -75,7 +77,11 @@ class Responder:
         await self._send({"type": "http.response.body", "body": data})
 
     async def json(self, obj: Any, status: int = 200) -> None:
-        await self.full(status, JSON, json.dumps(obj).encode())
+        try:  # orjson: ~1 us for a completion's body where json.dumps took ~9 (on every answer)
+            data = orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS)
+        except TypeError:  # what orjson refuses (a lone surrogate, an int past 64 bits): json's escapes
+            data = json.dumps(obj).encode()
+        await self.full(status, JSON, data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,8 +127,18 @@ class Exchange:
         return dict(parse_qsl(raw.decode("latin-1"))) if raw else {}
 
     async def body(self) -> bytes:
-        """The request body. Raises PayloadTooLarge (413), BadRequest (too slow), ClientGone."""
+        """The request body. Raises PayloadTooLarge (413), BadRequest (too slow), ClientGone.
+
+        A body the server already holds whole (:data:`.http.BODY_EXTENSION`) is taken as it
+        is; otherwise it is read within ``body_timeout``."""
         limit = self._limits.max_body_bytes
+        extensions = self.scope.get("extensions")
+        if extensions is not None:
+            whole = extensions.get(BODY_EXTENSION)
+            if whole is not None:
+                if len(whole) > limit:
+                    raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+                return whole
         for name, value in self.scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > limit:
                 raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
@@ -143,7 +159,21 @@ class Exchange:
         raise BadRequest(f"the body did not arrive within {self._limits.body_timeout:g}s")
 
     async def until_disconnect(self, work: Callable[[], Awaitable[None]]) -> None:
-        """Run ``work``; cancel it if the client disconnects first (:mod:`.disconnect_watch`)."""
+        """Run ``work``; cancel it if the client disconnects first (:mod:`.disconnect_watch`).
+
+        Under the gateway's own server the scope cancelled is the connection's
+        (:data:`.http.CANCEL_EXTENSION`): the request's cancellation then ends the
+        connection too, where a scope opened here per request would cost more than the
+        rest of this method (docs/benchmarks.md, issue 17 item 2)."""
+        extensions = self.scope.get("extensions")
+        connection = extensions.get(CANCEL_EXTENSION) if extensions is not None else None
+        if connection is not None:
+            watched = self._watch.add(self.receive, connection)
+            try:
+                await work()
+            finally:
+                self._watch.discard(watched)
+            return
         with trio.CancelScope() as scope:
             watched = self._watch.add(self.receive, scope)
             try:

@@ -209,11 +209,16 @@ class Dispatcher:
 class Dispatching:
     """:meth:`Dispatcher.generate`'s context. A class rather than ``@asynccontextmanager``:
     it is on every request's path, where each generator-based layer was a measurable share
-    (docs/benchmarks.md, 2026-11-30, item 2). Entering runs the attempts until one has its
-    first event; the idle deadline's cancel scope is entered then and left on exit, around
-    the caller's block."""
+    (docs/benchmarks.md, 2026-11-30, item 2).
 
-    __slots__ = ("_dispatcher", "_request", "_pick", "_endpoint", "_keep_text", "_context", "_gen", "_idle",
+    One cancel scope per attempt holds both of its deadlines: entered once the request is
+    sent (inside the target's context, so the two nest), with ``first_token_timeout`` for
+    the first event, then moved to ``idle_timeout`` from event to event, and left on exit
+    (around the caller's block). Opening a scope costs several times what moving a deadline
+    does (docs/benchmarks.md, issue 17 item 2), and this was two scopes per request.
+    """
+
+    __slots__ = ("_dispatcher", "_request", "_pick", "_endpoint", "_keep_text", "_context", "_gen", "_scope",
                  "_span", "_fields", "_started")
 
     def __init__(self, dispatcher: Dispatcher, request: GenerateRequest, pick: Pick, endpoint: str,
@@ -241,15 +246,7 @@ class Dispatching:
                 try:
                     events = await ctx.__aenter__()
                     entered = True
-                    first = None
-                    try:
-                        with trio.move_on_after(config.first_token_timeout):  # cheaper than fail_after
-                            first = await events.__anext__()
-                    except StopAsyncIteration:
-                        raise RemoteError("empty_stream", "the neuron ended the stream without a result") from None
-                    if first is None:
-                        raise UpstreamTimeout(f"neuron {target.node_id} did not start within "
-                                              f"{config.first_token_timeout:g}s")
+                    first = await self._first(events, target.node_id)
                 except BaseException as exc:
                     if entered:
                         with trio.CancelScope(shield=True):
@@ -266,17 +263,37 @@ class Dispatching:
             except BaseException:
                 _end(fields, span)
                 raise
-            idle = trio.CancelScope(deadline=trio.current_time() + config.idle_timeout)
-            gen = Generation(target.node_id, first, events, idle, config.idle_timeout, started,
+            gen = Generation(target.node_id, first, events, self._scope, config.idle_timeout, started,
                              keep_text=self._keep_text)
-            self._context, self._gen, self._idle = ctx, gen, idle
+            self._context, self._gen = ctx, gen
             self._span, self._fields, self._started = span, fields, started
-            idle.__enter__()
             return gen
         raise AssertionError("unreachable")
 
+    async def _first(self, events: AsyncIterator[Any], node_id: str) -> TokenChunk | GenerateResult:
+        """The attempt's first event, within ``first_token_timeout``; on return the scope
+        is entered (``self._scope``) with the idle deadline, else it was left."""
+        config = self._dispatcher.config
+        scope = self._scope = trio.CancelScope(deadline=trio.current_time() + config.first_token_timeout)
+        scope.__enter__()
+        try:
+            first = await events.__anext__()
+        except BaseException as exc:
+            if scope.__exit__(type(exc), exc, exc.__traceback__):  # its own deadline (never an outer cancel)
+                raise UpstreamTimeout(f"neuron {node_id} did not start within "
+                                      f"{config.first_token_timeout:g}s") from None
+            if isinstance(exc, StopAsyncIteration):
+                raise RemoteError("empty_stream", "the neuron ended the stream without a result") from None
+            raise
+        if scope.cancel_called:  # the deadline passed just as the event came: a fresh scope for the rest
+            scope.__exit__(None, None, None)
+            scope = self._scope = trio.CancelScope()
+            scope.__enter__()
+        scope.deadline = trio.current_time() + config.idle_timeout
+        return first
+
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
-        d, gen, idle, span = self._dispatcher, self._gen, self._idle, self._span
+        d, gen, idle, span = self._dispatcher, self._gen, self._scope, self._span
         model_id = self._request.model_id
         try:
             if exc is not None:

@@ -128,8 +128,9 @@ class PortalApp:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id = os.urandom(16).hex()  # as random as uuid4().hex, without a UUID object per request
-        fields = {"request_id": request_id, "portal": self.portal.id if self.portal is not None else "admin"}
-        with logs.bound(**fields):
+        portal = self.portal.id if self.portal is not None else "admin"
+        fields = logs.push(request_id=request_id, portal=portal)  # not logs.bound: no generator per request
+        try:
             if not telemetry.enabled():
                 await self._handle(scope, receive, send, request_id)
                 return
@@ -140,9 +141,11 @@ class PortalApp:
             span = telemetry.tracer().start_span(
                 f"{scope['method']} {scope['path']}", context=parent, kind=SpanKind.SERVER,
                 attributes={"http.request.method": scope["method"], "url.path": scope["path"],
-                            "helexa.request_id": request_id, "helexa.portal": fields["portal"]})
+                            "helexa.request_id": request_id, "helexa.portal": portal})
             with trace.use_span(span, end_on_exit=True):
                 await self._handle(scope, receive, send, request_id)
+        finally:
+            logs.pop(fields)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
         g = self.gateway

@@ -9,11 +9,12 @@ gateway's lean HTTP server").
 from .connection import Connection, ErrorBody, plain_error
 from .errors import ClientGone, LocalProtocolError, RemoteProtocolError
 from .events import CLOSED, NEED_DATA, PAUSED, Data, Request
-from .server import App, HttpServer
+from .server import BODY_EXTENSION, CANCEL_EXTENSION, App, HttpServer
 from .states import TRANSITIONS, Role, State, Trigger
 
 __all__ = [
-    "App", "CLOSED", "ClientGone", "Connection", "Data", "ErrorBody", "HttpServer", "LocalProtocolError",
+    "App", "BODY_EXTENSION", "CANCEL_EXTENSION", "CLOSED", "ClientGone", "Connection", "Data", "ErrorBody",
+    "HttpServer", "LocalProtocolError",
     "NEED_DATA", "PAUSED", "RemoteProtocolError", "Request", "Role", "State", "TRANSITIONS", "Trigger",
     "plain_error",
 ]

@@ -211,6 +211,18 @@ class Connection:
             self.deadline = now + self.read_timeout
         return NEED_DATA
 
+    def whole_body(self, now: float) -> bytes | None:
+        """The current request's body when all of it is already buffered and framed by
+        ``Content-Length`` (a body sent with its head: the common case), handed out as
+        :meth:`next_event` would hand out its one :class:`.Data`; otherwise ``None``, and
+        nothing changes (no ``100 Continue`` is owed yet, no deadline is set)."""
+        body = self._body
+        if self.client_state is not State.BODY or type(body) is not LengthBody or len(self._buf) < body.remaining:
+            return None
+        event = self._next_body(now)
+        assert type(event) is Data and not event.more
+        return event.body
+
     def timeout(self, now: float) -> None:
         """The shell's timer fired: act on :attr:`deadline` if it has passed (an early or
         stale call does nothing). An idle connection and an unfinished head close without

@@ -50,6 +50,17 @@ App = Callable[[dict[str, Any], Callable[[], Awaitable[dict[str, Any]]],
 _MAX_RECV = 65536
 _DISCONNECT = {"type": "http.disconnect"}
 
+BODY_EXTENSION = "helexa.body"
+"""The ASGI scope's ``extensions`` key under which a request's whole body is given when
+it came with the head: the app may take it from there rather than through ``receive()``
+(which still hands it out too), and so wait for nothing and need no deadline for it."""
+
+CANCEL_EXTENSION = "helexa.cancel_scope"
+"""The ASGI scope's ``extensions`` key of the connection's ``trio.CancelScope``, around the
+app's call: an app that learns the client went away may cancel it rather than open a scope
+of its own per request (the request ends, and so does the connection, which has nobody
+left to answer)."""
+
 
 class _Clock:
     """The ``Date`` header, formatted once a second."""
@@ -187,6 +198,8 @@ class _ServerConnection:
             if type(event) is not Request:
                 return  # CLOSED
             exchange = self.exchange = _Exchange(self, event)
+            if protocol.client_state is State.BODY:
+                exchange.body = protocol.whole_body(trio.current_time())
             failed = False
             try:
                 await self.server.app(exchange.asgi_scope(), exchange.receive, exchange.send)
@@ -212,17 +225,40 @@ class _ServerConnection:
                 await self.write_quietly(out)
             if event is not NEED_DATA:
                 return event
-            deadline = protocol.deadline
-            data = None
-            with trio.move_on_at(math.inf if deadline is None else deadline):
-                try:
-                    data = await self.stream.receive_some(_MAX_RECV)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    data = b""
+            data = await self.read(protocol.deadline)
             if data is None:
                 protocol.timeout(trio.current_time())
             else:
                 protocol.receive_data(data, trio.current_time())
+
+    async def read(self, deadline: float | None) -> bytes | None:
+        """The next bytes from the client (``b""``: it closed, or the read failed), or
+        ``None`` when ``deadline`` passed first.
+
+        Under load the bytes are usually there already (a keep-alive client's next
+        request, a body sent behind its head): they are read straight from the
+        non-blocking socket, and only a read that would block opens a cancel scope for
+        the deadline and waits (a scope and trio's socket wrapper were a measured share of
+        a request's CPU: docs/benchmarks.md, item 2 of issue 17)."""
+        try:
+            data = os.read(self.fd, _MAX_RECV)
+        except BlockingIOError:
+            pass
+        except OSError:
+            return b""
+        else:
+            await trio.lowlevel.checkpoint()  # a client that keeps bytes coming must not starve the others
+            return data
+        with trio.move_on_at(math.inf if deadline is None else deadline):
+            while True:
+                await trio.lowlevel.wait_readable(self.fd)
+                try:
+                    return os.read(self.fd, _MAX_RECV)
+                except BlockingIOError:
+                    continue  # woken with nothing to read after all
+                except OSError:
+                    return b""
+        return None
 
     async def write(self, data: bytes) -> None:
         """Write ``data`` to the client.
@@ -261,11 +297,13 @@ class _ServerConnection:
 class _Exchange:
     """One request and its response: the ``receive`` and ``send`` the app gets."""
 
-    __slots__ = ("conn", "request", "ended", "watch")
+    __slots__ = ("conn", "request", "ended", "watch", "body")
 
     def __init__(self, conn: _ServerConnection, request: Request) -> None:
         self.conn = conn
         self.request = request
+        self.body: bytes | None = None
+        """The whole body, when it came with the head (until ``receive()`` hands it out)."""
         self.ended = trio.Event()
         """Set once ``http.disconnect`` is due: the response is complete, the client left,
         or the app returned."""
@@ -274,7 +312,7 @@ class _Exchange:
     def asgi_scope(self) -> dict[str, Any]:
         req = self.request
         path, _, query = req.target.partition(b"?")
-        return {
+        scope = {
             "type": "http",
             "asgi": {"version": "3.0", "spec_version": "2.3"},
             "http_version": req.http_version.decode(),
@@ -288,6 +326,11 @@ class _Exchange:
             "client": self.conn.client,
             "server": self.conn.local,
         }
+        extensions: dict[str, Any] = {CANCEL_EXTENSION: self.conn.scope}
+        if self.body is not None:
+            extensions[BODY_EXTENSION] = self.body
+        scope["extensions"] = extensions
+        return scope
 
     def end(self) -> None:
         self.ended.set()
@@ -299,6 +342,9 @@ class _Exchange:
         conn = self.conn
         if conn.exchange is not self or self.ended.is_set():
             return dict(_DISCONNECT)
+        if self.body is not None:
+            body, self.body = self.body, None
+            return {"type": "http.request", "body": body, "more_body": False}
         if conn.protocol.client_state is State.BODY:
             event = await conn.next_event()
             if type(event) is Data:
