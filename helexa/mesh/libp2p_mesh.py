@@ -13,7 +13,7 @@ Every sharp edge listed in ``shared/notes/stack.md`` is handled here, and only h
 * the kad-dht "Failed to read DHT message" log line is filtered;
 * every connected peer is pinged each ``liveness_interval``; one silent for
   ``liveness_timeout`` (a frozen process keeps its TCP connection open, so nothing else
-  notices) has its connection closed, which fails its streams at once;
+  notices) has its connection closed, which fails its streams at once (:mod:`.liveness`);
 * a neighbour may forward only so many new gossip messages per second
   (:mod:`.gossip_limit`); the rest are rejected as invalid, which GossipSub's peer score
   counts (:data:`GOSSIP_SCORE`): a flooding neighbour is soon ignored, then forgiven as
@@ -39,8 +39,6 @@ import trio
 from libp2p import new_host
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.custom_types import TProtocol
-from libp2p.host.ping import ID as PING_PROTOCOL
-from libp2p.host.ping import perform_ping_roundtrip
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
@@ -49,6 +47,7 @@ from libp2p.pubsub.score import ScoreParams, TopicScoreParams
 from libp2p.tools.anyio_service import background_trio_service
 
 from .gossip_limit import GossipLimiter
+from .liveness import Liveness
 from .direct_channel import DIRECT_PROTOCOL, DirectChannel
 from .base import DialFailed, GossipMessage, Mesh, MessageStream, StreamClosed, StreamHandler, TopicValidator
 from .settings import MeshSettings
@@ -138,15 +137,12 @@ class Libp2pMesh(Mesh):
         self._next_dial: dict[ID, float] = {}
         self._dialing: set[ID] = set()
         self._subscribed: set[str] = set()
-        self._probing: set[ID] = set()
-        self.silent_peers_closed = 0
-        self.pings = 0
-        self.ping_streams = 0
-        """Liveness pings answered, and the streams they were sent on (for tests)."""
         self.gossip_limit = GossipLimiter(settings.gossip_per_peer_per_second, settings.gossip_per_peer_burst)
         self.direct: DirectChannel | None = DirectChannel(settings, self._handlers) if settings.direct else None
         """The direct channel (``None`` when ``settings.direct`` is off); its ``stats``
         count the streams it carried."""
+        self.liveness = Liveness(self._id, settings, self.direct)
+        """Pings of the connected peers; its counters say what was pinged and closed."""
         for addr in settings.bootstrap:
             info = _parse_p2p(addr)
             self._known[info.peer_id] = list(info.addrs)
@@ -192,7 +188,7 @@ class Libp2pMesh(Mesh):
                         if self.direct is not None:
                             await self._start_direct(nursery, listen)
                         nursery.start_soon(self._supervise, nursery)
-                        nursery.start_soon(self._watch_liveness, nursery)
+                        nursery.start_soon(self.liveness.watch, host, nursery)
                         log.info("mesh up as %s on %s", self.peer_id, ", ".join(self.listen_addrs))
                         task_status.started(self.listen_addrs)
                         await trio.sleep_forever()
@@ -401,70 +397,6 @@ class Libp2pMesh(Mesh):
                     nursery.start_soon(self._redial, pid)
             await trio.sleep(s.reconnect_interval)
 
-    async def _watch_liveness(self, nursery: trio.Nursery) -> None:
-        """Ping every connected peer, one prober per peer, each ``liveness_interval``."""
-        while True:
-            host = self._host
-            for pid in host.get_connected_peers():
-                if pid not in self._probing and pid != self._id:
-                    self._probing.add(pid)
-                    nursery.start_soon(self._probe, pid)
-            await trio.sleep(self._settings.liveness_interval)
-
-    async def _probe(self, pid: ID) -> None:
-        s = self._settings
-        stream = None
-        try:
-            while pid in self._host.get_connected_peers():
-                started = trio.current_time()
-                answered = False
-                with trio.move_on_after(s.liveness_timeout):
-                    try:
-                        stream = await self._ping(pid, stream)
-                        answered = True
-                    except Exception as exc:  # a broken connection: the supervisor redials
-                        log.debug("mesh: ping of %s failed: %s", pid, exc)
-                        return
-                if not answered:
-                    self.silent_peers_closed += 1
-                    log.warning("mesh: peer %s did not answer a ping within %.1fs: closing its connection",
-                                pid.to_base58(), s.liveness_timeout)
-                    with trio.move_on_after(2) as scope:
-                        scope.shield = True
-                        try:
-                            if self.direct is not None:
-                                await self.direct.abort_peer(pid.to_base58())
-                            await self._host.disconnect(pid)
-                        except Exception:
-                            log.debug("mesh: closing %s failed", pid, exc_info=True)
-                    return
-                await trio.sleep(max(0.0, s.liveness_interval - (trio.current_time() - started)))
-        finally:
-            self._probing.discard(pid)
-            if stream is not None:
-                await _reset_quietly(stream)
-
-    async def _ping(self, pid: ID, stream: Any) -> Any:
-        """One ping on ``stream`` (the last probe's), else on a new one; returns it for the
-        next. (A stream per ping cost its opening, negotiation and closing on both sides
-        every ``liveness_interval``; the ping protocol answers many pings on one.)"""
-        if stream is not None:
-            try:
-                await perform_ping_roundtrip(stream)
-                self.pings += 1
-                return stream
-            except Exception:  # the peer dropped it (its handler's idle limit): a new one decides
-                await _reset_quietly(stream)
-        stream = await self._host.new_stream(pid, [PING_PROTOCOL])
-        self.ping_streams += 1
-        try:
-            await perform_ping_roundtrip(stream)
-        except BaseException:
-            await _reset_quietly(stream)
-            raise
-        self.pings += 1
-        return stream
-
     async def _redial(self, pid: ID) -> None:
         s = self._settings
         try:
@@ -481,15 +413,6 @@ class Libp2pMesh(Mesh):
         since = self._lost_since.get(pid, trio.current_time())
         backoff = min(s.max_redial_interval, max(s.reconnect_interval, (trio.current_time() - since) / 4))
         self._next_dial[pid] = trio.current_time() + backoff
-
-
-async def _reset_quietly(stream: Any) -> None:
-    with trio.move_on_after(1) as scope:  # never raises
-        scope.shield = True
-        try:
-            await stream.reset()
-        except Exception:
-            pass
 
 
 def _parse_id(peer_id: str) -> ID:

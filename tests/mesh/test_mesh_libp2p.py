@@ -302,7 +302,7 @@ async def test_liveness_pings_reuse_one_stream_and_a_dropped_one_is_replaced():
 
     async def pinged(node, n):
         with trio.fail_after(20):
-            while node.pings < n:
+            while node.liveness.pings < n:
                 await trio.sleep(0.01)
 
     async with trio.open_nursery() as nursery:
@@ -311,7 +311,7 @@ async def test_liveness_pings_reuse_one_stream_and_a_dropped_one_is_replaced():
         await a.connect(addrs[0], timeout=10)
         await pinged(a, 8)
         await pinged(b, 8)
-        assert a.ping_streams == 1 and b.ping_streams == 1
+        assert a.liveness.ping_streams == 1 and b.liveness.ping_streams == 1
         # The answering side resets the stream (as a peer's handler does when it gives
         # up on it): the next probe opens another, and the peer is not taken as silent.
         for conn in b._host.get_network().connections.values():
@@ -319,6 +319,6 @@ async def test_liveness_pings_reuse_one_stream_and_a_dropped_one_is_replaced():
                 for stream in list(c.get_streams()):
                     if str(stream.get_protocol()) == "/ipfs/ping/1.0.0":
                         await stream.reset()
-        await pinged(a, a.pings + 8)
-        assert a.ping_streams >= 2 and a.silent_peers_closed == 0
+        await pinged(a, a.liveness.pings + 8)
+        assert a.liveness.ping_streams >= 2 and a.liveness.silent_peers_closed == 0
         nursery.cancel_scope.cancel()
