@@ -286,6 +286,19 @@ def pct(xs: list[float], p: int) -> float:
     return statistics.quantiles(xs, n=100, method="inclusive")[p - 1]
 
 
+def stop(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM every process, last started first; SIGKILL the group of one still there after 20 s."""
+    for p in reversed(procs):
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in reversed(procs):
+        try:
+            p.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--conc", default="1,2,4,8")
@@ -428,15 +441,7 @@ metadata = {{ tokens = {a.tokens * 2}, tokens_per_second = {1e3 / a.idle_ms}, is
                           f"  cpu {res['cpu_per_request'] * 1e3:5.2f} ms/req"
                           f"  errors {len(res['errors'])} {res['errors'][:1]}", file=sys.stderr, flush=True)
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in reversed(procs):
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+        stop(procs)
 
     print(f"\nSmolLM2-135M-Instruct, {a.slots} slots, {a.threads} llama.cpp thread(s), {a.tokens // 2}-"
           f"{a.tokens * 3 // 2} tokens per stream, {a.requests} streams per client per round, {a.rounds} rounds; "

@@ -31,7 +31,6 @@ import json
 import os
 import random
 import runpy
-import signal
 import statistics
 import subprocess
 import sys
@@ -42,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from concurrency_tokens_bench import PROMPT, free_port, wait_ready  # noqa: E402
+from concurrency_tokens_bench import PROMPT, free_port, stop, wait_ready  # noqa: E402
 from first_token_stages import STAMPS_ENV, Stamps, clock, instrument  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -209,15 +208,7 @@ metadata = {{ n_ctx = {a.ctx}, n_parallel = {a.slots}, n_threads = {a.threads} }
                     for t in threads:
                         t.join()
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in reversed(procs):
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+        stop(procs)
 
     stamps = Stamps()
     stamps.load(str(stamp_file))
