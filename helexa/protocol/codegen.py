@@ -153,7 +153,9 @@ def _write_decoder(cls: type, fields: list[dataclasses.Field], hints: dict[str, 
                     lines += ["    else:", *check]
     values = [f"v{i}" for i in range(len(fields))]
     slotted = all(isinstance(cls.__dict__.get(f.name), types.MemberDescriptorType) for f in fields)
-    if slotted and not hasattr(cls, "__post_init__") and not any(f.kw_only for f in fields):
+    if (slotted and not hasattr(cls, "__post_init__") and not any(f.kw_only for f in fields)
+            and len(fields) == len(dataclasses.fields(cls))  # no init=False field for __init__ to set
+            and cls.__dataclass_params__.init):  # type: ignore[attr-defined]  # __init__ is the dataclass's own
         # What the dataclass's frozen __init__ would do (one object.__setattr__ per field),
         # through the slots' own setters.
         ns["_new"] = object.__new__
