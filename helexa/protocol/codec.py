@@ -8,7 +8,8 @@ pass-through values) and raises :class:`~helexa.protocol.errors.DecodeError` for
 else: wrong types, missing or unknown fields, unknown kinds, oversized frames, bytes that
 are not msgpack at all.
 
-Converters are built once per class, so the per-frame cost is a dict walk, not reflection.
+Converters are written once per class, as Python source compiled at first use (see
+:mod:`.codegen`), so the per-frame cost is straight-line code, not reflection.
 
 Growing a message without a version bump: a field added later is declared with
 :func:`added_field`. A frame without it decodes to its default (an older peer's frame),
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import operator
 import types
 import typing
 from collections.abc import Callable
@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 import msgpack
 
+from .codegen import Writer
 from .errors import DecodeError, ProtocolError
 
 PROTOCOL_VERSION = 1
@@ -184,61 +185,31 @@ def _codec(cls: type) -> tuple[_Encoder, _Decoder]:
 
 
 def _build_dataclass(cls: type) -> tuple[_Encoder, _Decoder]:
-    hints = typing.get_type_hints(cls)
-    fields = [f for f in dataclasses.fields(cls) if f.init]
-    plan: list[tuple[str, _Encoder, _Decoder, bool]] = []
-    omit: list[tuple[str, Any]] = []  # (name, default) of fields left out at their default
-    for f in fields:
-        enc, dec = _build(hints[f.name])
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        plan.append((f.name, enc, dec, required))
-        if f.metadata.get(_OMIT_DEFAULT):
-            omit.append((f.name, f.default))
-    names = {p[0] for p in plan}
-    # Encoding reads every field in one C-level call and converts only the fields whose
-    # values are not msgpack-native already (enums, nested dataclasses): on every frame.
-    ordered = tuple(p[0] for p in plan)
-    if len(ordered) > 1:
-        read = operator.attrgetter(*ordered)
-    else:  # attrgetter returns a bare value for one name and takes no empty list
-        read = lambda v: tuple(getattr(v, name) for name in ordered)  # noqa: E731
-    convert = tuple((name, enc) for name, enc, _, _ in plan if enc is not _identity)
+    """The class's encoder and decoder, written for its fields and compiled once (see
+    :mod:`.codegen`)."""
+    _BUILDING.add(cls)
+    try:
+        return _WRITER.encoder(cls), _WRITER.decoder(cls)
+    finally:
+        _BUILDING.discard(cls)
 
-    def encode_dc(value: Any) -> dict[str, Any]:
-        out = dict(zip(ordered, read(value)))
-        for name, default in omit:
-            if out[name] == default:
-                del out[name]
-        for name, enc in convert:
-            if name in out:
-                out[name] = enc(out[name])
-        return out
 
-    def decode_dc(data: Any) -> Any:
-        if not isinstance(data, dict):
-            raise _Invalid(f"expected a map, got {type(data).__name__}")
-        if not names.issuperset(data):
-            raise _Invalid(f"unknown field(s) {sorted(map(str, data.keys() - names))}")
-        kwargs = {}
-        for name, _, dec, required in plan:
-            if name in data:
-                try:
-                    kwargs[name] = dec(data[name])
-                except _Invalid as exc:
-                    exc.path.append("." + name)
-                    raise
-            elif required:
-                raise _Invalid(f"missing field {name!r}")
-        try:
-            return cls(**kwargs)
-        except (ValueError, TypeError) as exc:  # __post_init__ validation
-            raise _Invalid(str(exc)) from None
+_BUILDING: set[type] = set()  # classes whose converters are being written (recursive types)
 
-    return encode_dc, decode_dc
+
+def _converters(tp: Any) -> tuple[_Encoder, _Decoder]:
+    """:func:`_build`, but a dataclass's own converters directly (not through a lookup per
+    value) unless that class is still being written."""
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp) and tp not in _BUILDING:
+        return _codec(tp)
+    return _build(tp)
 
 
 def _identity(v: Any) -> Any:
     return v
+
+
+_WRITER = Writer(_Invalid, _converters, _identity, _OMIT_DEFAULT)
 
 
 def _build(tp: Any) -> tuple[_Encoder, _Decoder]:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass
 from typing import NoReturn
 
 MAX_HEAD = 64 * 1024
@@ -59,14 +58,32 @@ class State(enum.Enum):
     ERROR = "error"
 
 
-@dataclass(frozen=True, slots=True)
 class Head:
-    """A response's status line and headers (names lower-cased, in order)."""
+    """A response's status line and headers (names lower-cased, in order).
 
-    status: int
-    reason: str
-    headers: tuple[tuple[str, str], ...]
-    keep_alive: bool
+    Only the framing headers are read when the head arrives (every line is checked, none
+    is decoded): :attr:`headers` and :attr:`reason` are decoded on first use, which on the
+    proxy path is never."""
+
+    __slots__ = ("status", "keep_alive", "_reason", "_fields", "_headers")
+
+    def __init__(self, status: int, reason: bytes, fields: bytes, keep_alive: bool) -> None:
+        self.status = status
+        self.keep_alive = keep_alive
+        self._reason = reason
+        self._fields = fields  # the header lines, each ending in CRLF, already checked
+        self._headers: tuple[tuple[str, str], ...] | None = None
+
+    @property
+    def reason(self) -> str:
+        return self._reason.decode("latin-1")
+
+    @property
+    def headers(self) -> tuple[tuple[str, str], ...]:
+        if self._headers is None:
+            self._headers = tuple((name.decode("ascii").lower(), value.decode("latin-1"))
+                                  for name, value in _FIELD_ALL.findall(self._fields))
+        return self._headers
 
     def header(self, name: str) -> str | None:
         """The first value of ``name`` (lower-case), or ``None``."""
@@ -75,10 +92,17 @@ class Head:
                 return value
         return None
 
+    def __repr__(self) -> str:
+        return f"Head({self.status}, {self.reason!r}, {self.headers!r}, keep_alive={self.keep_alive})"
+
 
 _STATUS = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([^\x00-\x08\x0a-\x1f\x7f]*))?")
 _FIELD = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*")
 _FIELDS = re.compile(rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\x00-\x08\x0a-\x1f\x7f]*\r\n)*")
+_FIELD_ALL = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*\r\n")
+_FRAMING = re.compile(rb"^(content-length|transfer-encoding|connection):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*\r$",
+                      re.IGNORECASE | re.MULTILINE)
+"""The framing headers among lines that passed :data:`_FIELDS`: all a client must read."""
 _HEX = b"0123456789abcdefABCDEF"
 
 
@@ -186,29 +210,27 @@ class ResponseReader:
         if status_line is None:
             self._fail(f"malformed status line {raw[:eol if eol >= 0 else 100][:100]!r}")
         minor, status = status_line.group(1), int(status_line.group(2))
-        headers: list[tuple[str, str]] = []
         lengths: set[int] = set()
         chunked = False
         connection: set[str] = set()
+        fields = b""
         if eol >= 0:
             fields = raw[eol + 2:] + b"\r\n"
             if _FIELDS.fullmatch(fields) is None:  # one scan for them all; the slow path names the line
                 bad = next(line for line in fields.split(b"\r\n") if _FIELD.fullmatch(line) is None)
                 self._fail(f"malformed header line {bad[:100]!r}")
-            for line in fields.split(b"\r\n")[:-1]:
-                name_b, _, value_b = line.partition(b":")
-                name, value = name_b.decode("ascii").lower(), value_b.strip(b" \t").decode("latin-1")
-                headers.append((name, value))
-                if name == "content-length":
+            for name_b, value_b in _FRAMING.findall(fields):
+                name, value = name_b.lower(), value_b.decode("latin-1")
+                if name == b"content-length":
                     for part in value.split(","):
                         if not part.strip().isdigit() or len(part.strip()) > 18:
                             self._fail(f"malformed content-length {value[:40]!r}")
                         lengths.add(int(part.strip()))
-                elif name == "transfer-encoding":
+                elif name == b"transfer-encoding":
                     if value.strip().lower() != "chunked" or chunked:
                         self._fail(f"unsupported transfer-encoding {value[:40]!r}")
                     chunked = True
-                elif name == "connection":
+                else:
                     connection.update(t.strip().lower() for t in value.split(","))
         if 100 <= status < 200:
             if status == 101:
@@ -230,7 +252,7 @@ class ResponseReader:
         else:
             self._keep_alive = keep_alive = False
             self.state = State.UNTIL_CLOSE
-        return Head(status, (status_line.group(3) or b"").decode("latin-1"), tuple(headers), keep_alive)
+        return Head(status, status_line.group(3) or b"", fields, keep_alive)
 
     def body(self) -> bytes:
         """The body bytes decoded so far (``b""`` when none are waiting); :attr:`state` is

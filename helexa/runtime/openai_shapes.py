@@ -57,39 +57,41 @@ def validate(request: GenerateRequest, *, max_context: int | None = None,
             _check_content(m.get("content"), f"messages[{i}].content", request.model_id, vision=vision)
     elif request.prompt is None:
         raise InvalidRequest("a completion request needs a prompt")
-    unknown = sorted(set(request.extra) - PASSTHROUGH_EXTRA)
-    if unknown:
+    # Each check looks at its field first and does its work only when the field is set:
+    # this runs on every request a backend takes (most set none of them).
+    if request.extra and not PASSTHROUGH_EXTRA.issuperset(request.extra):
+        unknown = sorted(set(request.extra) - PASSTHROUGH_EXTRA)
         raise InvalidRequest(f"unsupported request fields: {', '.join(unknown)}")
     if s.min_p is not None and not 0.0 <= s.min_p <= 1.0:
         raise InvalidRequest("min_p must be between 0 and 1")
-    for name in ("frequency_penalty", "presence_penalty"):
-        value = getattr(s, name)
-        if value is not None and not -2.0 <= value <= 2.0:
-            raise InvalidRequest(f"{name} must be between -2 and 2")
+    if s.frequency_penalty is not None and not -2.0 <= s.frequency_penalty <= 2.0:
+        raise InvalidRequest("frequency_penalty must be between -2 and 2")
+    if s.presence_penalty is not None and not -2.0 <= s.presence_penalty <= 2.0:
+        raise InvalidRequest("presence_penalty must be between -2 and 2")
     if s.repetition_penalty is not None and s.repetition_penalty <= 0.0:
         raise InvalidRequest("repetition_penalty must be positive")
     if s.seed is not None and s.seed < 0:
         raise InvalidRequest("seed must not be negative")
     if s.max_tokens is not None and max_context is not None and s.max_tokens > max_context:
         raise InvalidRequest(f"max_tokens {s.max_tokens} exceeds the model's context of {max_context}")
-    if any(not stop for stop in s.stop):
+    if s.stop and not all(s.stop):
         raise InvalidRequest("stop sequences must not be empty")
     if not 0 <= s.top_logprobs <= MAX_TOP_LOGPROBS:
         raise InvalidRequest(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
-    names = [t.name for t in request.tools]
-    if any(not n for n in names) or len(set(names)) != len(names):
-        raise InvalidRequest("tools need unique, non-empty names")
-    if any(t.parameters is not None and not isinstance(t.parameters, dict) for t in request.tools):
-        raise InvalidRequest("a tool's parameters must be a JSON Schema object")
-    choice = request.tool_choice
-    if choice is not None and choice.mode is ToolChoiceMode.FUNCTION and choice.name not in names:
-        raise InvalidRequest(f"tool_choice names {choice.name!r}, which is not among the tools")
-    if choice is not None and choice.mode is not ToolChoiceMode.NONE and not names:
-        raise InvalidRequest("tool_choice needs tools")
-    fmt = request.response_format
+    choice, fmt = request.tool_choice, request.response_format
+    if request.tools or choice is not None:
+        names = [t.name for t in request.tools]
+        if any(not n for n in names) or len(set(names)) != len(names):
+            raise InvalidRequest("tools need unique, non-empty names")
+        if any(t.parameters is not None and not isinstance(t.parameters, dict) for t in request.tools):
+            raise InvalidRequest("a tool's parameters must be a JSON Schema object")
+        if choice is not None and choice.mode is ToolChoiceMode.FUNCTION and choice.name not in names:
+            raise InvalidRequest(f"tool_choice names {choice.name!r}, which is not among the tools")
+        if choice is not None and choice.mode is not ToolChoiceMode.NONE and not names:
+            raise InvalidRequest("tool_choice needs tools")
     if fmt is not None and fmt.kind is OutputFormat.JSON_SCHEMA and not isinstance(fmt.schema, dict):
         raise InvalidRequest("a json_schema response format needs a schema object")
-    if features is not None:
+    if features is not None and (request.tools or fmt is not None or s.logprobs):
         wanted = {Feature.TOOLS: request.wants_tools, Feature.STRUCTURED_OUTPUT: request.wants_json,
                   Feature.LOGPROBS: s.logprobs}
         missing = sorted(f.value for f, on in wanted.items() if on and f not in features)

@@ -153,3 +153,16 @@ def test_requests_are_framed_and_control_characters_refused() -> None:
     assert http1.format_request("GET", "/health", "h") == b"GET /health HTTP/1.1\r\nhost: h\r\n\r\n"
     with pytest.raises(ValueError):
         http1.format_request("GET", "/", "h", (("authorization", "x\r\ninjected: yes"),))
+
+
+def test_framing_headers_are_read_whatever_their_case_and_the_others_on_demand() -> None:
+    """Only the framing headers are read when the head arrives; the others come whole,
+    in order and lower-cased, when asked for."""
+    head, body, reader = read_all(b"HTTP/1.1 200 OK\r\nDate: today\r\nCONTENT-LENGTH: 2\r\n"
+                                  b"Connection: Close\r\nX-B:\tb \r\n\r\nhi", eof=True)
+    assert body == b"hi" and not head.keep_alive and not reader.reusable
+    assert head.headers == (("date", "today"), ("content-length", "2"), ("connection", "Close"), ("x-b", "b"))
+    head, body, _ = read_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: CHUNKED\r\n\r\n2\r\nhi\r\n0\r\n\r\n")
+    assert body == b"hi"
+    with pytest.raises(ProtocolError, match="conflicting content-length"):
+        read_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nContent-Length: 3\r\n\r\nhi")
