@@ -56,7 +56,8 @@ def test_same_operations_render_the_same_text_as_prometheus_client(frozen_time) 
     assert b'helexa_wait_seconds_bucket{le="+Inf",model="m1"}' in generate_latest(ours)
 
 
-def test_a_nan_observation_falls_in_no_bucket_but_in_the_sum_as_prometheus_client_has_it(frozen_time) -> None:  # noqa: ANN001
+def test_a_nan_observation_falls_in_no_bucket_but_in_the_sum_as_prometheus_client_does(
+        frozen_time) -> None:  # noqa: ANN001
     ours, theirs = CollectorRegistry(), CollectorRegistry()
     for registry, module in ((ours, metric_families), (theirs, None)):
         h = (module.Histogram("h", "h", ["m"], buckets=BUCKETS, registry=registry) if module
@@ -76,8 +77,9 @@ def test_series_touched_but_never_counted_are_shown_at_zero(frozen_time) -> None
 def test_created_series_follow_the_exporters_switch(frozen_time, monkeypatch) -> None:  # noqa: ANN001
     monkeypatch.setattr(exporter, "_use_created", False)
     ours, theirs = CollectorRegistry(), CollectorRegistry()
-    _run(*_pair(metric_families.Counter, metric_families.Histogram, ours), [("inc", ("a", "b"), 2), ("observe", ("a",), 1)])
-    _run(*_pair(PromCounter, PromHistogram, theirs), [("inc", ("a", "b"), 2), ("observe", ("a",), 1)])
+    ops = [("inc", ("a", "b"), 2), ("observe", ("a",), 1)]
+    _run(*_pair(metric_families.Counter, metric_families.Histogram, ours), ops)
+    _run(*_pair(PromCounter, PromHistogram, theirs), ops)
     assert generate_latest(ours) == generate_latest(theirs)
     assert b"_created" not in generate_latest(ours)
 

@@ -227,7 +227,8 @@ def test_messages_travel_exactly_as_pydantic_dumps_them_and_odd_values_are_refus
         [{"role": "user", "content": "q", "x": deep(MAX_JSON_DEPTH - 1)}],
         [{"role": "user", "content": "q", "x": deep(MAX_JSON_DEPTH)}],
         [{"role": "user", "content": "q", "x": 1.5, "w": [1, {"a": None}]}],
-        [{"role": "assistant", "content": None, "tool_calls": [{"id": "a", "function": {"name": "f", "arguments": "{}"}}]}],
+        [{"role": "assistant", "content": None,
+          "tool_calls": [{"id": "a", "function": {"name": "f", "arguments": "{}"}}]}],
         [{"role": "tool", "content": [{"type": "text", "text": "t", "extra": 2**70}], "tool_call_id": "a"}],
         [{"role": "function", "content": None, "name": "f"}],
     ]
