@@ -14,7 +14,10 @@ people's noise).
 
 Usage::
 
-    python benchmarks/cortex_app_bench.py [--requests 1000] [--blocks 5] [--src TREE ...]
+    python benchmarks/cortex_app_bench.py [--requests 1000] [--blocks 5] [--stream] [--src TREE ...]
+
+``--stream`` asks for a streamed answer instead, which the neuron gives as 8 chunks of 8
+tokens and a result (SSE framing, the chunks' metering, the stream's end).
 
 ``--src`` runs the same in another source tree (``git archive OLD | tar -x -C /tmp/old``);
 several are run one after another, twice, in alternating order.
@@ -25,14 +28,19 @@ from __future__ import annotations
 from cpu_per_request import main, report
 
 BODY = b'{"model":"bench","messages":[{"role":"user","content":"Say hello"}],"max_tokens":16}'
+STREAM_BODY = b'{"model":"bench","messages":[{"role":"user","content":"Say hello"}],"max_tokens":64,"stream":true}'
+STREAM_FRAMES = 8
+"""Chunks of a streamed answer: 64 tokens in 8 chunks of 8, about as the neuron's relay
+joins the synthetic backend's 64-token stream (docs/benchmarks.md, "Relaying tokens in
+fewer frames"), then the result."""
 
 
-def measure(requests: int, blocks: int) -> None:
+def measure(requests: int, blocks: int, stream: bool = False) -> None:
     import trio
 
     from instant_neuron import InstantNeuron
 
-    from helexa.protocol import GenerateResult, Usage
+    from helexa.protocol import GenerateResult, TokenChunk, Usage
     from helexa.roles.cortex.catalogue import Catalogue
     from helexa.roles.cortex.config import CortexConfig
     from helexa.roles.cortex.fleet import Fleet
@@ -41,12 +49,15 @@ def measure(requests: int, blocks: int) -> None:
     from helexa.roles.cortex.portal.store import SqliteStore
 
     text = " ".join(f"tok{i}" for i in range(16))
+    body = STREAM_BODY if stream else BODY
+    pieces = [" ".join(f"tok{i}" for i in range(j, j + 8)) + " " for j in range(0, 64, 8)]
 
     class Answer:
         """One generation's events: a single result after one pass through the scheduler."""
 
         def __init__(self, request) -> None:  # noqa: ANN001
             self.request, self.done = request, False
+            self.chunks = list(pieces) if request.stream else []
 
         async def __aenter__(self) -> "Answer":
             return self
@@ -60,8 +71,12 @@ def measure(requests: int, blocks: int) -> None:
         async def __anext__(self) -> GenerateResult:
             if self.done:
                 raise StopAsyncIteration
-            self.done = True
             await trio.lowlevel.checkpoint()
+            if self.chunks:
+                return TokenChunk(self.request.request_id, self.chunks.pop(0), tokens=8)
+            self.done = True
+            if self.request.stream:
+                return GenerateResult(self.request.request_id, "length", Usage(8, 64))
             return GenerateResult(self.request.request_id, "length", Usage(8, 16), text=text)
 
     class OneResultNeuron(InstantNeuron):
@@ -75,7 +90,7 @@ def measure(requests: int, blocks: int) -> None:
         gateway = Gateway(config, Orchestrator(config, fleet, Catalogue()), store=SqliteStore(":memory:"))
         app = gateway.app("default")
         headers = [(b"host", b"bench"), (b"content-type", b"application/json"),
-                   (b"authorization", b"Bearer sk-bench"), (b"content-length", str(len(BODY)).encode())]
+                   (b"authorization", b"Bearer sk-bench"), (b"content-length", str(len(body)).encode())]
         sent: list[dict] = []
 
         async def send(message: dict) -> None:
@@ -89,7 +104,7 @@ def measure(requests: int, blocks: int) -> None:
                 if given:  # the client stays (until the request is over)
                     await trio.sleep_forever()
                 given = True
-                return {"type": "http.request", "body": BODY, "more_body": False}
+                return {"type": "http.request", "body": body, "more_body": False}
 
             sent.clear()
             await app({"type": "http", "method": "POST", "path": "/v1/chat/completions", "query_string": b"",
@@ -99,7 +114,7 @@ def measure(requests: int, blocks: int) -> None:
         # BODY_EXTENSION and CANCEL_EXTENSION; older trees ignore them): the body that came
         # with the head, and the connection's cancel scope (here one around all requests).
         connection = trio.CancelScope()
-        extensions = {"helexa.body": BODY, "helexa.cancel_scope": connection}
+        extensions = {"helexa.body": body, "helexa.cancel_scope": connection}
         async with trio.open_nursery() as nursery:
             await nursery.start(gateway.orchestrator.run)
             await nursery.start(gateway.watch.run)
@@ -107,7 +122,11 @@ def measure(requests: int, blocks: int) -> None:
             with connection:
                 for _ in range(300):
                     await one()
-                assert sent[-1]["type"] == "http.response.body" and b"tok15" in sent[-1]["body"], sent
+                if stream:
+                    streamed = b"".join(m.get("body", b"") for m in sent)
+                    assert b"tok63" in streamed and streamed.endswith(b"data: [DONE]\n\n"), sent
+                else:
+                    assert sent[-1]["type"] == "http.response.body" and b"tok15" in sent[-1]["body"], sent
                 await report(one, requests, blocks)
             nursery.cancel_scope.cancel()
 
@@ -115,4 +134,5 @@ def measure(requests: int, blocks: int) -> None:
 
 
 if __name__ == "__main__":
-    main(__file__, __doc__, measure, requests=1000)
+    main(__file__, __doc__, measure, requests=1000,
+         flags={"stream": "a streamed chat completion (64 tokens in 8 chunks) instead of a non-streamed one"})

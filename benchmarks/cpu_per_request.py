@@ -49,20 +49,27 @@ exec(compile(open({script!r}).read(), {script!r}, "exec"), {{"__name__": "__main
 """
 
 
-def main(script: str, doc: str, measure: Callable[[int, int], None], *, requests: int) -> None:
+def main(script: str, doc: str, measure: Callable[..., None], *, requests: int,
+         flags: dict[str, str] | None = None) -> None:
     """The command line: ``--requests``, ``--blocks`` and ``--src TREE`` (repeatable: each
-    tree run twice, in alternating order, in a process that imports ``helexa`` from it)."""
+    tree run twice, in alternating order, in a process that imports ``helexa`` from it).
+    ``flags``: the script's own on/off options (name: help), passed to ``measure`` as
+    keyword arguments and on to the runs of the other trees."""
     ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--requests", type=int, default=requests, help="requests per block")
     ap.add_argument("--blocks", type=int, default=5)
     ap.add_argument("--src", action="append", default=[], help="another source tree (repeatable)")
+    for name, text in (flags or {}).items():
+        ap.add_argument(f"--{name}", action="store_true", help=text)
     a = ap.parse_args()
+    chosen = {name: getattr(a, name) for name in flags or {}}
     if not a.src:
-        measure(a.requests, a.blocks)
+        measure(a.requests, a.blocks, **chosen)
         return
     script = os.path.abspath(script)
     runner = _FROM_SRC.format(script=script, here=os.path.dirname(script))
     for order in (a.src, a.src[::-1]):
         for src in order:
             subprocess.run([sys.executable, "-c", runner, os.path.abspath(src),
-                            "--requests", str(a.requests), "--blocks", str(a.blocks)], check=True)
+                            "--requests", str(a.requests), "--blocks", str(a.blocks),
+                            *(f"--{name}" for name, on in chosen.items() if on)], check=True)

@@ -182,3 +182,80 @@ def test_echo_suffix_and_dimensions_are_refused_not_ignored() -> None:
     with pytest.raises(BadRequest) as info:
         api.to_embed_request(api.parse(api.EmbeddingRequest, b'{"model": "e", "input": "x", "dimensions": 8}'), "r")
     assert info.value.param == "dimensions"
+
+
+def _dumped_and_walked(body: api.ChatCompletionRequest) -> tuple[dict, ...]:
+    """The messages as the edge made them before they were copied without the dump: every
+    message dumped by pydantic, then the whole list walked by check_wire_json."""
+    from helexa.roles.cortex.openai_requests import WireJsonError, check_wire_json
+
+    messages = tuple(m.model_dump(mode="json", exclude_none=True, by_alias=True) for m in body.messages)
+    try:
+        check_wire_json(list(messages), "messages")
+    except WireJsonError as exc:
+        raise BadRequest(f"Invalid value for '{exc.path}': {exc}", param=exc.path) from None
+    return messages
+
+
+def _outcome(fn, *args):  # noqa: ANN001, ANN202
+    try:
+        return "ok", fn(*args)
+    except BadRequest as exc:
+        return "bad", (str(exc), exc.param, exc.code)
+
+
+def test_messages_travel_exactly_as_pydantic_dumps_them_and_odd_values_are_refused_alike() -> None:
+    """Hostile and ordinary chat bodies: the fabric request's messages, and any 400, are
+    those of dumping every message and walking the list (strings included in extras,
+    nulls dropped, field order kept, nesting bounded at the same depth)."""
+    from hypothesis import HealthCheck, given, settings
+
+    from fuzz_bodies import chat_body
+    from helexa.roles.cortex.openai_requests import MAX_JSON_DEPTH
+
+    def deep(depth: int) -> object:
+        value: object = 1
+        for _ in range(depth):
+            value = {"k": value}
+        return value
+
+    fixed = [
+        [{"role": "user", "content": "hi"}],
+        [{"role": "system", "name": "n", "content": "c"}, {"role": "user", "content": "q", "name": None, "x": None}],
+        [{"role": "user", "content": "q", "x": "s", "y": None, "z": "t"}],
+        [{"role": "user", "content": "q", "x": 2**64}],
+        [{"role": "user", "content": "q", "x": deep(MAX_JSON_DEPTH - 1)}],
+        [{"role": "user", "content": "q", "x": deep(MAX_JSON_DEPTH)}],
+        [{"role": "user", "content": "q", "x": 1.5, "w": [1, {"a": None}]}],
+        [{"role": "assistant", "content": None,
+          "tool_calls": [{"id": "a", "function": {"name": "f", "arguments": "{}"}}]}],
+        [{"role": "tool", "content": [{"type": "text", "text": "t", "extra": 2**70}], "tool_call_id": "a"}],
+        [{"role": "function", "content": None, "name": "f"}],
+    ]
+    for messages in fixed:
+        body = api.parse(api.ChatCompletionRequest, json.dumps({"model": "m", "messages": messages}).encode())
+        new = _outcome(lambda b: api.to_generate_request(b, "r").messages, body)
+        assert new == _outcome(_dumped_and_walked, body), messages
+        if new[0] == "ok":
+            assert [list(m) for m in new[1]] == [list(m) for m in _dumped_and_walked(body)]  # key order too
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(chat_body(["m"]))
+    def check(raw: object) -> None:
+        try:
+            body = api.parse(api.ChatCompletionRequest, json.dumps(raw, allow_nan=True).encode())
+        except BadRequest:
+            return
+        try:
+            expected = _outcome(_dumped_and_walked, body)
+        except Exception:  # noqa: BLE001  (what the old path raised is not this test's matter)
+            return
+        new = _outcome(lambda b: api.to_generate_request(b, "r").messages, body)
+        if new[0] == "bad" and expected[0] == "ok":  # refused for another field, before the messages
+            assert not (new[1][1] or "").startswith("messages") or new[1][2] == "unsupported"
+            return
+        assert new == expected
+        if new[0] == "ok":
+            assert [list(m) for m in new[1]] == [list(m) for m in expected[1]]
+
+    check()

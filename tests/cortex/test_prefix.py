@@ -104,3 +104,28 @@ def test_with_slots_known_a_neuron_holds_the_last_conversations_one_per_slot() -
     assert index.matches("m", after, ["n1"]) == {"n1": len(after)}
     index.forget("n1", "m")
     assert index.matches("m", after, ["n1"]) == {"n1": 0} and index.room("m", after, ["n1"]) == {"n1": True}
+
+
+def test_an_answers_chain_continued_from_the_prompts_equals_the_whole_chain_hashed_again() -> None:
+    """Answered blocks from the kept :class:`Prompt` (hashing only what follows its last
+    whole block) are the blocks of the whole conversation rendered and hashed anew, for
+    chats and completions, prompts shorter than a block, exactly one block, and longer."""
+    import random
+
+    from helexa.roles.cortex.prefix import Prompt
+
+    rng = random.Random(5)
+    alphabet = "ab é😀\n\x1e"
+    for _ in range(300):
+        size = rng.choice([0, 1, 15, 16, 17, 31, 32, 33, 100, 700])
+        block = rng.choice([1, 7, 16, 32, 256])
+        text = "".join(rng.choice(alphabet) for _ in range(size))
+        answer = "".join(rng.choice(alphabet) for _ in range(rng.choice([0, 1, 16, 50])))
+        if rng.random() < 0.5:
+            request = GenerateRequest("r", "m", Task.COMPLETION, prompt=text)
+        else:
+            request = GenerateRequest("r", "m", Task.CHAT, messages=(
+                {"role": "system", "content": text[:size // 2]}, {"role": "user", "content": text[size // 2:]}))
+        prompt = Prompt(request, block)
+        assert prompt.blocks == prompt_blocks(request, block)
+        assert answered_blocks(request, answer, block, prompt=prompt) == answered_blocks(request, answer, block)

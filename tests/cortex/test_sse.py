@@ -84,3 +84,16 @@ def test_a_whole_tool_call_gets_the_index_the_client_accumulates_by() -> None:
     call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
     ev = events(enc.finish(GenerateResult("r", "tool_calls", Usage(), tool_calls=(call, call))))
     assert [c["index"] for c in ev[0]["choices"][0]["delta"]["tool_calls"]] == [0, 1]
+
+
+def test_any_text_a_token_can_hold_is_framed_as_the_json_it_is() -> None:
+    """Quotes, backslashes, control characters, line separators, astral characters, and a
+    lone surrogate (which orjson refuses: json's escapes then), on the chunk's fast path
+    and through the envelope of another choice."""
+    texts = ['"', "\\", "\x00\x1f\x7f", "a\nb\r\tc", "\u2028\u2029", "é😀", "</script>", "\ud800x", ""]
+    for text in texts:
+        for index in (0, 1):
+            enc = sse.StreamEncoder(request(), "chatcmpl-r", n=2)
+            got = events(enc.chunk(TokenChunk("r", text + "!"), index))
+            assert got[0]["choices"][0]["delta"]["content"] == text + "!", text
+            assert got[0]["choices"][0]["index"] == index

@@ -180,14 +180,9 @@ def to_generate_request(body: ChatCompletionRequest | CompletionRequest, request
                     if isinstance(part, (AudioPart, FilePart)):
                         raise BadRequest(f"{part.type} content is not supported: no backend here takes it",
                                          param=f"messages[{i}].content[{j}]", code="unsupported")
-        messages = tuple(m.model_dump(mode="json", exclude_none=True, by_alias=True) for m in body.messages)
-        try:
-            check_wire_json(list(messages), "messages")
-        except WireJsonError as exc:  # an unknown extra field with an odd value
-            raise BadRequest(f"Invalid value for '{exc.path}': {exc}", param=exc.path) from None
         return GenerateRequest(
             request_id, body.model, Task.CHAT,
-            messages=messages,
+            messages=_wire_messages(body.messages),
             sampling=sampling, stream=body.stream, extra=extra,
             tools=tuple(ToolSpec(t.function.name, t.function.description, t.function.parameters,
                                  bool(t.function.strict)) for t in body.tools or ()),
@@ -205,6 +200,45 @@ def to_generate_request(body: ChatCompletionRequest | CompletionRequest, request
         prompt = prompt[0]
     return GenerateRequest(request_id, body.model, Task.COMPLETION, prompt=prompt, sampling=sampling,
                            stream=body.stream, extra=extra)
+
+
+def _wire_messages(messages: list[Any]) -> tuple[dict[str, Any], ...]:
+    """The messages as they travel to the neuron: each one's ``model_dump(mode="json",
+    exclude_none=True, by_alias=True)``, every value checked by :func:`check_wire_json`.
+    Raises :class:`BadRequest` naming the value that cannot travel."""
+    out = []
+    for i, m in enumerate(messages):
+        plain = _plain_message(m)
+        if plain is not None:
+            out.append(plain)
+            continue
+        dumped = m.model_dump(mode="json", exclude_none=True, by_alias=True)
+        try:
+            check_wire_json(dumped, f"messages[{i}]", 1)  # depth 1: inside the messages list
+        except WireJsonError as exc:  # an unknown extra field with an odd value
+            raise BadRequest(f"Invalid value for '{exc.path}': {exc}", param=exc.path) from None
+        out.append(dumped)
+    return tuple(out)
+
+
+def _plain_message(m: Lenient) -> dict[str, str] | None:
+    """What the dump gives for a message whose every value, extra fields included, is a
+    string or null (nearly every message: a role, a text, perhaps a name): its strings in
+    field order, then the extras', the nulls left out. A string always travels, so such a
+    message needs neither pydantic's dump nor the wire check's walk. None otherwise."""
+    out: dict[str, str] = {}
+    for name, value in m.__dict__.items():
+        if type(value) is str:
+            out[name] = value
+        elif value is not None:
+            return None
+    if m.__pydantic_extra__:
+        for name, value in m.__pydantic_extra__.items():
+            if type(value) is str:
+                out[name] = value
+            elif value is not None:
+                return None
+    return out
 
 
 def _extra(body: GenerateBody) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from .dispatch import Dispatcher, Generation, RemoteRouter, Target
 from .errors import GatewayError, ModelNotFound, NoCapacity
 from .fleet import Fleet
 from .metrics import Metrics, OrchestratorMetrics
-from .prefix import PrefixIndex, answered_blocks, prompt_blocks
+from .prefix import PrefixIndex, Prompt, answered_blocks
 from .provisioner import Provisioner
 from .routing_log import RoutingLog
 from .scheduler import Hints, LiveLoad, RoutingDecision, SchedulerState, classify, prompt_size, schedule, snapshot
@@ -339,7 +339,8 @@ class Orchestrator:
         arrived = trio.current_time()
         self.live.arrived(request.model_id, arrived)
         deadline = arrived + min(queue_timeout or self.config.queue_timeout, self.config.queue_timeout)
-        blocks = prompt_blocks(request, self.config.prefix_block_chars) if self._track else ()
+        prompt = Prompt(request, self.config.prefix_block_chars) if self._track else None
+        blocks = prompt.blocks if prompt is not None else ()
         chosen: list[RoutingDecision] = []
 
         def pick(exclude: frozenset[str]) -> Awaitable[Target]:
@@ -347,7 +348,7 @@ class Orchestrator:
                                 blocks, session, chosen)
 
         return Running(self, request, self.dispatcher.generate(request, pick, endpoint=endpoint,
-                                                               keep_text=self._track), chosen)
+                                                               keep_text=self._track), chosen, prompt)
 
     async def embed(self, request: EmbedRequest, *, allow_peers: bool = True, tenant: Tenant = Tenant(),
                     queue_timeout: float | None = None) -> EmbedResult:
@@ -397,15 +398,17 @@ class Running:
     class rather than ``@asynccontextmanager``: it is on every request's path, where each
     generator-based layer was a measurable share (docs/benchmarks.md, 2026-11-30, item 2)."""
 
-    __slots__ = ("_orchestrator", "_request", "_context", "_chosen", "_gen")
+    __slots__ = ("_orchestrator", "_request", "_context", "_chosen", "_gen", "_prompt")
 
     def __init__(self, orchestrator: Orchestrator, request: GenerateRequest,
-                 context: AbstractAsyncContextManager[Generation], chosen: list[RoutingDecision]) -> None:
+                 context: AbstractAsyncContextManager[Generation], chosen: list[RoutingDecision],
+                 prompt: Prompt | None = None) -> None:
         self._orchestrator = orchestrator
         self._request = request
         self._context = context
         self._chosen = chosen
         self._gen: Generation | None = None
+        self._prompt = prompt
 
     async def __aenter__(self) -> Generation:
         gen = self._gen = await self._context.__aenter__()
@@ -417,7 +420,8 @@ class Running:
         gen, o = self._gen, self._orchestrator
         if exc_info[0] is None and o._track and gen is not None and gen.text is not None and gen.result is not None:
             o.prefix.record(gen.node_id, self._request.model_id,
-                            answered_blocks(self._request, "".join(gen.text), o.config.prefix_block_chars))
+                            answered_blocks(self._request, "".join(gen.text), o.config.prefix_block_chars,
+                                            prompt=self._prompt))
         return suppressed
 
 

@@ -80,13 +80,30 @@ def prompt_blocks(request: GenerateRequest, block_chars: int) -> tuple[bytes, ..
     return chain(render(request), block_chars)
 
 
-def answered_blocks(request: GenerateRequest, answer: str, block_chars: int) -> tuple[bytes, ...]:
+def answered_blocks(request: GenerateRequest, answer: str, block_chars: int, *,
+                    prompt: Prompt | None = None) -> tuple[bytes, ...]:
     """The block chain of ``request`` followed by its answer, as the next turn of the same
     conversation will render it (a chat's answer as an assistant message; a completion's
-    appended to its prompt)."""
-    if request.prompt is not None:
-        return chain(request.prompt + answer, block_chars)
-    return chain(render(request) + render_message({"role": "assistant", "content": answer}), block_chars)
+    appended to its prompt). ``prompt``: the request's :class:`Prompt` at the same
+    ``block_chars``, when the caller has it: then only what follows its last whole block is
+    hashed, not the whole conversation again."""
+    more = answer if request.prompt is not None else render_message({"role": "assistant", "content": answer})
+    if prompt is None:
+        return chain(render(request) + more, block_chars)
+    blocks = prompt.blocks
+    step = max(1, block_chars)
+    return blocks + chain(prompt.text[len(blocks) * step:] + more, block_chars, start=blocks[-1] if blocks else b"")
+
+
+class Prompt:
+    """A request's rendered prompt (:func:`render`) and its block chain (:func:`chain`),
+    kept together so that the answer's chain can start where the prompt's ended."""
+
+    __slots__ = ("text", "blocks")
+
+    def __init__(self, request: GenerateRequest, block_chars: int) -> None:
+        self.text = render(request)
+        self.blocks = chain(self.text, block_chars)
 
 
 def session_of(headers: Iterable[tuple[bytes, bytes]], body: Any = None) -> str | None:

@@ -157,15 +157,16 @@ def schedule(workload: WorkloadClass, hints: Hints, state: SchedulerState, *,
                                    reason=f"every slot busy on {len(candidates)} neuron(s)")
         return RoutingDecision(hints.model_id, workload, (), reason="not loaded on a usable neuron")
     aware = max_skew is not None
-    least = min(n.in_flight + n.queued for n in free)
+    if len(free) > 1:  # (one candidate, the common fleet of one neuron per model: nothing to rank)
+        least = min(n.in_flight + n.queued for n in free)
 
-    def key(n: NeuronLoad) -> tuple:
-        far = aware and n.in_flight + n.queued - least > max_skew  # type: ignore[operator]
-        near = aware and not far
-        return (far, not (near and n.session), not (near and n.room), -(n.cached if near else 0),
-                score(n, workload), n.node_id not in hints.prefer, n.node_id)
+        def key(n: NeuronLoad) -> tuple:
+            far = aware and n.in_flight + n.queued - least > max_skew  # type: ignore[operator]
+            near = aware and not far
+            return (far, not (near and n.session), not (near and n.room), -(n.cached if near else 0),
+                    score(n, workload), n.node_id not in hints.prefer, n.node_id)
 
-    free.sort(key=key)
+        free.sort(key=key)
     best = free[0]
     if not aware:
         cache, reason = "none", "least loaded"
@@ -175,9 +176,9 @@ def schedule(workload: WorkloadClass, hints: Hints, state: SchedulerState, *,
         cache, reason = "hit", f"holds {best.cached}/{hints.blocks} prompt blocks"
     else:
         cache, reason = "miss", "nothing cached: least loaded"
-    if aware and not best.session and any(n.cached > best.cached and not n.room for n in free[1:]):
+    if aware and not best.session and len(free) > 1 and any(n.cached > best.cached and not n.room for n in free[1:]):
         reason += "; a neuron holding more would push out another conversation"
-    return RoutingDecision(hints.model_id, workload, tuple(n.node_id for n in free), reason=reason, cache=cache,
+    return RoutingDecision(hints.model_id, workload, tuple([n.node_id for n in free]), reason=reason, cache=cache,
                            matched=best.cached if cache == "hit" else 0, blocks=hints.blocks)
 
 

@@ -21,6 +21,8 @@ import json
 import time
 from typing import Any
 
+import orjson
+
 from helexa.protocol import GenerateRequest, GenerateResult, Task, TokenChunk, Usage
 
 from .errors import error_body, to_gateway_error
@@ -30,11 +32,22 @@ DONE = b"data: [DONE]\n\n"
 CONTENT_TYPE = b"text/event-stream"
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_ascii_dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _json(obj: Any) -> bytes:
+    """``obj`` as compact UTF-8 JSON: orjson (~0.5 us for a chunk where json took ~4, a
+    dozen times per stream), else json's escapes for what orjson refuses (a lone
+    surrogate, an int past 64 bits), as :meth:`.asgi.Responder.json` does."""
+    try:
+        return orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError:
+        return _ascii_dumps(obj).encode()
 
 
 def data(obj: Any) -> bytes:
     """One ``data:`` event carrying ``obj`` as compact JSON."""
-    return b"data: " + _dumps(obj).encode() + b"\n\n"
+    return b"data: " + _json(obj) + b"\n\n"
 
 
 def comment(text: str = "keep-alive") -> bytes:
@@ -109,7 +122,7 @@ class StreamEncoder:
         out = b""
         if chunk.text or chunk.logprobs:
             if index == 0 and not (self._logprobs and chunk.logprobs):
-                out = self._prefix + _dumps(chunk.text).encode() + self._suffix
+                out = self._prefix + _json(chunk.text) + self._suffix
             else:
                 choice: dict[str, Any] = ({"index": index, "delta": {"content": chunk.text}} if self._chat
                                           else {"index": index, "text": chunk.text})
