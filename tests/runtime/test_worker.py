@@ -309,7 +309,6 @@ async def test_frames_posted_from_threads_and_the_trio_thread_arrive_whole_and_i
     a, b = socket.socketpair()
     writer, reader = Pipe(a), Pipe(b)
     nursery.start_soon(writer.run)
-    await trio.sleep(0)  # run() has taken the trio token
     n, text = 300, "x" * 3000  # ~3.6 MB in all: far past the socket's buffer
 
     def post_many(name: str) -> None:
@@ -343,7 +342,6 @@ async def test_a_thread_posting_to_a_pipe_whose_peer_is_gone_is_told_so(nursery)
     a, b = socket.socketpair()
     writer = Pipe(a)
     nursery.start_soon(writer.run)
-    await trio.sleep(0)
     b.close()
 
     def post() -> None:

@@ -59,6 +59,8 @@ class Pipe:
         self._broken: str | None = None
         self._hurried = False
         self._token: trio.lowlevel.TrioToken | None = None
+        with suppress(RuntimeError):  # made outside trio: run() takes the token
+            self._token = trio.lowlevel.current_trio_token()
 
     # --- writing --------------------------------------------------------------------------
 
