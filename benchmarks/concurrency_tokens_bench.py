@@ -259,25 +259,40 @@ def run_level(url: str, model: str, conc: int, requests: int, tokens: int, seed:
     return {"tokens_per_s": total[0] / wall, "ttft": ttft, "gaps": gaps, "errors": errors, "wall": wall}
 
 
-def cpu_seconds(procs: list[subprocess.Popen]) -> float:
+def cpu_parts(procs: list[subprocess.Popen]) -> dict[str, float]:
     """CPU time used so far by ``procs``, their live children (a neuron's workers) and all
     their threads, in nanoseconds' resolution (``/proc/PID/task/TID/schedstat``; the
-    clock-tick figures of ``stat`` are too coarse for a few requests)."""
+    clock-tick figures of ``stat`` are too coarse for a few requests), in parts: each of
+    ``procs`` by its place (``p0``, ``p1``: the cortex and the neuron of a fabric), and its
+    children's main threads (``trio``: a worker's event loop) apart from their other
+    threads (``threads``: llama.cpp's, its callback threads among them)."""
     import psutil
 
-    total = 0
-    for p in procs:
+    parts: dict[str, float] = {}
+    for i, p in enumerate(procs):
         try:
-            pids = [p.pid, *(c.pid for c in psutil.Process(p.pid).children(recursive=True))]
+            pids = [(f"p{i}", p.pid, None), *(("child", c.pid, c.pid) for c in psutil.Process(p.pid).children(recursive=True))]
         except psutil.Error:
             continue
-        for pid in pids:
+        for label, pid, main in pids:
             for task in Path(f"/proc/{pid}/task").glob("*"):
                 try:
-                    total += int((task / "schedstat").read_text().split()[0])
+                    ns = int((task / "schedstat").read_text().split()[0])
                 except (OSError, ValueError, IndexError):
-                    pass
-    return total / 1e9
+                    continue
+                part = label if main is None else "trio" if int(task.name) == main else "threads"
+                parts[part] = parts.get(part, 0.0) + ns / 1e9
+    return parts
+
+
+PARTS = ("p0", "p1", "trio", "threads")
+"""The CPU parts reported (:func:`cpu_parts`): for a fabric's paths the cortex, the neuron,
+the worker's trio thread and the worker's other threads; for ``direct``, p0 is llama.cpp's
+server."""
+
+
+def parts_text(parts: dict[str, float]) -> str:
+    return " / ".join(f"{parts.get(k, 0.0) * 1e3:.2f}" for k in PARTS)
 
 
 def pct(xs: list[float], p: int) -> float:
@@ -432,13 +447,15 @@ metadata = {{ tokens = {a.tokens * 2}, tokens_per_second = {1e3 / a.idle_ms}, is
                 for name in order:
                     url, model = targets[name]
                     side = servers["direct" if name == "direct" else "base-" if name.startswith("base-") else ""]
-                    cpu = cpu_seconds(side)
+                    before = cpu_parts(side)
                     res = run_level(url, model, c, a.requests, a.tokens, seed=r * 1000 + c)
-                    res["cpu_per_request"] = (cpu_seconds(side) - cpu) / max(1, len(res["ttft"]))
+                    after, n = cpu_parts(side), max(1, len(res["ttft"]))
+                    res["cpu_parts"] = {k: (v - before.get(k, 0.0)) / n for k, v in after.items()}
+                    res["cpu_per_request"] = sum(res["cpu_parts"].values())
                     raw.setdefault(f"{name}|{c}", []).append(res)
                     print(f"# r{r} c={c} {name:6s} {res['tokens_per_s']:7.1f} tok/s  ttft p50 "
                           f"{pct(res['ttft'], 50) * 1e3:6.1f} ms  itl p99 {pct(res['gaps'], 99) * 1e3:6.1f} ms"
-                          f"  cpu {res['cpu_per_request'] * 1e3:5.2f} ms/req"
+                          f"  cpu {res['cpu_per_request'] * 1e3:5.2f} ms/req ({parts_text(res['cpu_parts'])})"
                           f"  errors {len(res['errors'])} {res['errors'][:1]}", file=sys.stderr, flush=True)
     finally:
         stop(procs)
@@ -447,8 +464,9 @@ metadata = {{ tokens = {a.tokens * 2}, tokens_per_second = {1e3 / a.idle_ms}, is
           f"{a.tokens * 3 // 2} tokens per stream, {a.requests} streams per client per round, {a.rounds} rounds; "
           f"load average {load_before} before, {' '.join(f'{x:.1f}' for x in os.getloadavg())} after\n")
     print("| concurrency | path | tokens/s | vs direct | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms "
-          "| added TTFT p50 | added ITL p99 | CPU ms/request | errors |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| added TTFT p50 | added ITL p99 | CPU ms/request | of which cortex / neuron / worker trio / worker others"
+          " | errors |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
     for c in concs:
         base = raw.get(f"direct|{c}")
         for name in names:
@@ -467,7 +485,9 @@ metadata = {{ tokens = {a.tokens * 2}, tokens_per_second = {1e3 / a.idle_ms}, is
             errors = sum(len(x["errors"]) for x in runs)
             print(f"| {c} | {name} | {tps:.1f} | {vs} | {pct(ttft, 50) * 1e3:.1f} | {pct(ttft, 99) * 1e3:.1f} | "
                   f"{pct(gaps, 50) * 1e3:.1f} | {pct(gaps, 99) * 1e3:.1f} | {added[0]} | {added[1]} | "
-                  f"{statistics.median(x['cpu_per_request'] for x in runs) * 1e3:.2f} | {errors} |")
+                  f"{statistics.median(x['cpu_per_request'] for x in runs) * 1e3:.2f} | "
+                  f"{parts_text({k: statistics.median(x['cpu_parts'].get(k, 0.0) for x in runs) for k in PARTS})} | "
+                  f"{errors} |")
     if a.json:
         Path(a.json).write_text(json.dumps(raw))
 

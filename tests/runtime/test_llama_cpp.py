@@ -242,3 +242,95 @@ async def test_a_prompt_the_cortex_did_not_count_is_counted_on_the_neuron_as_lla
             tools=({"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}},))) is None
     finally:
         await backend.unload()
+
+
+class RecordingTap:
+    """A token tap (helexa/runtime/token_tap.py) that keeps what it is sent, and from where."""
+
+    def __init__(self, accept: int = 1 << 30) -> None:
+        self.chunks: list[TokenChunk] = []
+        self.threads: set[int] = set()
+        self.started_calls = 0
+        self._accept = accept
+
+    def send(self, chunk: TokenChunk) -> bool:
+        import threading
+
+        self.threads.add(threading.get_ident())
+        self.chunks.append(chunk)
+        return len(self.chunks) < self._accept
+
+    def started(self) -> None:
+        self.started_calls += 1
+
+
+def _tiny_chat(rid: str, max_tokens: int) -> GenerateRequest:
+    return GenerateRequest(rid, "tiny-llama", Task.CHAT, messages=({"role": "user", "content": "Count with me."},),
+                           sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0))
+
+
+async def _events(backend, request: GenerateRequest, route=None) -> list:
+    from helexa.runtime import token_tap
+
+    out = []
+    with token_tap.tap(route) if route is not None else contextlib.nullcontext():
+        async with contextlib.aclosing(backend.chat(request)) as it:
+            async for event in it:
+                out.append(event)
+    return out
+
+
+async def test_with_a_tap_the_text_goes_out_from_llama_cpps_thread_and_only_the_end_is_yielded(tiny_gguf: Path) -> None:
+    import threading
+
+    backend = create_backend(tiny_llama_config(tiny_gguf))
+    await backend.load(lambda *args: None)
+    try:
+        plain = await _events(backend, _tiny_chat("a", 12))
+        tap = RecordingTap()
+        tapped = await _events(backend, _tiny_chat("b", 12), tap)
+    finally:
+        await backend.unload()
+    assert [type(e) for e in tapped] == [GenerateResult]
+    assert "".join(c.text for c in tap.chunks) == "".join(e.text for e in plain if isinstance(e, TokenChunk))
+    assert sum(c.tokens for c in tap.chunks) == tapped[0].usage.completion_tokens == plain[-1].usage.completion_tokens
+    assert tap.threads and threading.get_ident() not in tap.threads
+    assert {c.request_id for c in tap.chunks} == {"b"}
+
+
+async def test_a_tap_nobody_reads_stops_the_request_and_frees_its_slot(tiny_gguf: Path) -> None:
+    backend = create_backend(tiny_llama_config(tiny_gguf, n_parallel=1))
+    await backend.load(lambda *args: None)
+    try:
+        tap = RecordingTap(accept=2)
+        with trio.fail_after(30):
+            events = await _events(backend, _tiny_chat("gone", 400), tap)
+            again = await _events(backend, _tiny_chat("next", 4))  # the one slot is free again
+    finally:
+        await backend.unload()
+    assert len(tap.chunks) == 2 and isinstance(events[-1], GenerateResult)
+    assert isinstance(again[-1], GenerateResult)
+
+
+async def test_leaving_a_tapped_stream_early_stops_llama_cpp_and_frees_its_slot(tiny_gguf: Path) -> None:
+    backend = create_backend(tiny_llama_config(tiny_gguf, n_parallel=1))
+    await backend.load(lambda *args: None)
+    token = trio.lowlevel.current_trio_token()
+    try:
+        with trio.fail_after(30):
+            with trio.CancelScope() as scope:
+                class LeavingTap(RecordingTap):  # the consumer leaves once three chunks came
+                    def send(self, chunk: TokenChunk) -> bool:
+                        if len(self.chunks) == 2:
+                            token.run_sync_soon(scope.cancel)
+                        return super().send(chunk)
+
+                tap = LeavingTap()
+                await _events(backend, _tiny_chat("left", 4000), tap)
+            assert scope.cancelled_caught
+            sent = len(tap.chunks)
+            again = await _events(backend, _tiny_chat("next", 4))  # the one slot is free again
+    finally:
+        await backend.unload()
+    assert 3 <= sent < 100 and len(tap.chunks) == sent
+    assert isinstance(again[-1], GenerateResult)

@@ -9,8 +9,9 @@ own task and, each time the previous send is done, sends whatever is waiting as 
 :class:`TokenChunk` (texts joined, token counts summed). After the first frame it also
 waits while the backend keeps producing, tick after tick, for at most :data:`BATCH_TICKS`
 scheduler ticks (fewer frames per stream, more streams/s; figures in docs/benchmarks.md).
-The first token goes out as soon as it exists; a backend slower than a tick (every real
-model) waits two idle ticks per token and sends each token alone.
+The first token goes out as soon as it exists, sent by the task that read it before it reads
+the backend again; a token that comes more than :data:`FAST_S` after the one before it
+(every real model's) goes out at once, alone, without waiting idle ticks.
 
 :func:`collect` is the non-streaming case: the client sees nothing before the end, so the
 whole generation goes out as one :class:`GenerateResult` (one frame instead of one per
@@ -23,6 +24,7 @@ else (tool-call chunks, the final result) in order.
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 
@@ -32,8 +34,12 @@ from helexa.protocol import GenerateResult, TokenChunk
 from helexa.runtime import GenerationEvent
 
 BATCH_TICKS = 8
-"""Scheduler ticks a frame waits for more tokens while the backend keeps producing them
-(a backend slower than a tick, every real model, waits two ticks and sends each token alone)."""
+"""Scheduler ticks a frame waits for more tokens while the backend keeps producing them."""
+
+FAST_S = 0.001
+"""An event that follows the one before it within this time comes from a backend faster than
+a send: the sender waits for more (:func:`_while_producing`). One that comes later (every real
+model's tokens) goes out at once, without idle scheduler ticks of its own."""
 
 
 def merge(events: list[GenerationEvent]) -> list[GenerationEvent]:
@@ -67,11 +73,29 @@ async def relay(events: AsyncIterator[GenerationEvent], send: Callable[[Generati
     """
     pending: list[GenerationEvent] = []
     failure: list[BaseException] = []
-    state = {"done": False, "wake": trio.Event()}
+    error: list[BaseException] = []
+    state = {"done": False, "wake": trio.Event(), "slow": False}
 
     async def produce() -> None:
+        first, last = True, -math.inf
         try:
             async for event in events:
+                if first:
+                    # The first event goes out from here, before the backend is read again
+                    # (for a proxied server: a read that finds nothing and registers with
+                    # the poller) and without waking the sender for it.
+                    first = False
+                    on_first()
+                    try:
+                        await send(event)
+                    except Exception as exc:  # raised bare below, not wrapped in an ExceptionGroup
+                        error.append(exc)
+                        nursery.cancel_scope.cancel()
+                        return
+                    last = trio.current_time()
+                    continue
+                now = trio.current_time()
+                state["slow"], last = now - last >= FAST_S, now
                 pending.append(event)
                 state["wake"].set()  # type: ignore[union-attr]
         except Exception as exc:  # re-raised bare by the sender, after what came before it
@@ -80,22 +104,17 @@ async def relay(events: AsyncIterator[GenerationEvent], send: Callable[[Generati
             state["done"] = True
             state["wake"].set()  # type: ignore[union-attr]
 
-    error: list[BaseException] = []
-    first = True
     async with trio.open_nursery() as nursery:
         nursery.start_soon(produce)
         try:
             while True:
                 await state["wake"].wait()  # type: ignore[union-attr]
-                if not first:
+                if not state["slow"]:
                     await _while_producing(pending, lambda: bool(state["done"]))
                 state["wake"] = trio.Event()
                 batch = pending[:]
                 pending.clear()
                 for event in merge(batch):
-                    if first:
-                        first = False
-                        on_first()
                     await send(event)
                 if state["done"] and not pending:
                     break

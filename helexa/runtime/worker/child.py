@@ -10,6 +10,9 @@ load, crash in native code, run out of memory) stays in this process.
 Frames to the neuron go through one writer (:class:`Outbox`): what queues up while a write
 is under way goes out in one write, and text chunks of one request are joined on the way
 (:func:`coalesce`), so a backend faster than the pipe costs fewer frames on both sides.
+A backend whose engine has a thread of its own (llama.cpp) writes a request's text frames
+from that thread instead (:mod:`helexa.runtime.token_tap`), and the trio thread sleeps
+until the request ends.
 
 The worker exits after unloading, and when the neuron's end of the socket closes (the
 neuron exited or was killed: a worker never outlives its neuron for long, although one
@@ -21,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from contextlib import aclosing, nullcontext
+from contextlib import aclosing, nullcontext, suppress
 from typing import Any
 
 import trio
@@ -54,7 +57,7 @@ from helexa.protocol.worker import (
 )
 from helexa.transport import ChannelClosed
 
-from .. import start_signal
+from .. import start_signal, token_tap
 from ..base import Backend, BackendError, embedder, events_of
 from ..registry import create_backend
 from .pipe import Pipe
@@ -188,6 +191,31 @@ class Outbox:
             idle = idle + 1 if len(self._pending) == ready else 0
 
 
+class _Frames:
+    """A request's :mod:`~helexa.runtime.token_tap`: its chunks written to the neuron from
+    the engine's own thread (:meth:`Pipe.post_from_thread`), so that the worker's trio
+    thread is not woken per token. They go out before anything the request puts in the
+    :class:`Outbox` later (its end comes from the generator once the engine's thread is
+    done); frames of other requests waiting in the outbox may be overtaken, which the
+    protocol allows (each request's frames keep their own order)."""
+
+    __slots__ = ("_pipe", "_rid")
+
+    def __init__(self, pipe: Pipe, rid: str) -> None:
+        self._pipe, self._rid = pipe, rid
+
+    def send(self, chunk: TokenChunk) -> bool:
+        try:
+            self._pipe.post_from_thread(frame(chunk))
+        except ChannelClosed:
+            return False
+        return True
+
+    def started(self) -> None:
+        with suppress(ChannelClosed):
+            self._pipe.post_from_thread(frame(WorkerStarted(self._rid)))
+
+
 class Worker:
     """One worker process's session with its neuron (see the module docstring)."""
 
@@ -317,7 +345,7 @@ class Worker:
         # A traced request's neuron measures its queue wait: tell it when the backend starts.
         listening = start_signal.listen(lambda: put(WorkerStarted(rid))) if req.trace else _NOT_LISTENING
         try:
-            with scope, listening:
+            with scope, listening, token_tap.tap(_Frames(self._pipe, rid)):
                 try:
                     backend = self._require()
                     if isinstance(req, EmbedRequest):

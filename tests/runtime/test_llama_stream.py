@@ -1,0 +1,78 @@
+"""llama.cpp's streamed chunks read into events (helexa/runtime/llama_stream.py), sans-IO."""
+
+from __future__ import annotations
+
+import pytest
+
+from helexa.protocol import GenerateRequest, SamplingParams, Task, TokenChunk, Usage
+from helexa.runtime import BackendError
+from helexa.runtime.llama_stream import LlamaStream
+
+
+def request(**sampling) -> GenerateRequest:
+    return GenerateRequest("r", "m", Task.CHAT, messages=({"role": "user", "content": "hi"},),
+                           sampling=SamplingParams(**sampling))
+
+
+def delta(text: str | None = None, *, finish: str | None = None, tool_calls=None, logprobs=None, **extra) -> dict:
+    d: dict = {}
+    if text is not None:
+        d["content"] = text
+    if tool_calls is not None:
+        d["tool_calls"] = tool_calls
+    choice: dict = {"index": 0, "delta": d, "finish_reason": finish}
+    if logprobs is not None:
+        choice["logprobs"] = {"content": logprobs}
+    return {"object": "chat.completion.chunk", "choices": [choice], **extra}
+
+
+def lp(token: str, n: int) -> dict:
+    return {"token": token, "logprob": -0.5, "top_logprobs": [{"token": f"{token}{i}", "logprob": -1.0} for i in range(n)]}
+
+
+def test_chunks_fed_together_make_one_event_and_fed_alone_one_each():
+    together = LlamaStream(request())
+    assert together.feed([delta("Hel"), delta("lo")]) == [TokenChunk("r", "Hello", 2)]
+    alone = LlamaStream(request())
+    assert alone.feed([delta("Hel")]) + alone.feed([delta("lo")]) == [TokenChunk("r", "Hel", 1), TokenChunk("r", "lo", 1)]
+    assert together.answer == alone.answer == "Hello"
+
+
+def test_the_end_carries_the_finish_and_the_usage_or_a_count_of_the_text():
+    s = LlamaStream(request())
+    s.feed([delta("a"), delta("b")])
+    s.feed([delta(finish="stop")])
+    result = s.result()
+    assert (result.finish_reason, result.usage) == ("stop", Usage(completion_tokens=2))
+    s2 = LlamaStream(request())
+    s2.feed([delta("a"), delta(finish="length", usage={"prompt_tokens": 3, "completion_tokens": 1,
+                                                         "total_tokens": 4})])
+    assert s2.result().finish_reason == "length"
+    assert s2.result().usage.prompt_tokens == 3
+
+
+def test_a_tool_call_stays_its_own_event_between_the_text_around_it():
+    call = [{"index": 0, "id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    s = LlamaStream(request())
+    events = s.feed([delta("a"), delta(tool_calls=call), delta("b")])
+    assert [(e.text, e.tokens, e.tool_calls is not None) for e in events] == [("a", 1, False), ("", 1, True), ("b", 1, False)]
+
+
+def test_alternatives_are_trimmed_to_the_top_logprobs_asked_for():
+    s = LlamaStream(request(logprobs=True, top_logprobs=0))
+    (event,) = s.feed([delta("a", logprobs=[lp("a", 1)]), delta("b", logprobs=[lp("b", 1)])])
+    assert [(t.token, t.top) for t in event.logprobs] == [("a", ()), ("b", ())]
+
+
+def test_a_generic_tool_answer_is_held_and_read_at_the_end():
+    s = LlamaStream(request(), generic=True)
+    assert s.feed([delta('{"tool_call": {"name": "f", '), delta('"arguments": {"x": 1}}}')]) == []
+    result = s.result()
+    assert result.finish_reason == "tool_calls" and result.tool_calls[0]["function"]["name"] == "f"
+
+
+def test_progress_reports_carry_nothing_and_an_error_envelope_raises():
+    s = LlamaStream(request())
+    assert s.feed([{"prompt_progress": {"total": 3, "processed": 3}}]) == []
+    with pytest.raises(BackendError):
+        s.feed([{"error": {"code": 500, "message": "boom", "type": "server_error"}}])
