@@ -259,3 +259,36 @@ def test_messages_travel_exactly_as_pydantic_dumps_them_and_odd_values_are_refus
             assert [list(m) for m in new[1]] == [list(m) for m in expected[1]]
 
     check()
+
+
+def test_a_message_class_whose_dump_renames_a_field_is_not_copied_as_it_is() -> None:
+    """The string-only shortcut copies a message's fields by their Python names; a message
+    class with an alias or a serializer (none today) must still travel as pydantic dumps it."""
+    from pydantic import Field, field_serializer
+
+    from helexa.roles.cortex.openai_requests import Lenient
+
+    class Aliased(Lenient):
+        role: str
+        text_: str = Field(alias="text")
+
+    class Serialized(Lenient):
+        role: str
+        content: str
+
+        @field_serializer("content")
+        def _upper(self, value: str) -> str:
+            return value.upper()
+
+    class Plain(Lenient):
+        role: str
+        content: str | None = None
+
+    aliased = Aliased.model_validate({"role": "user", "text": "hi"})
+    serialized = Serialized.model_validate({"role": "user", "content": "hi"})
+    plain = Plain.model_validate({"role": "user", "content": "hi", "name": "n"})
+    assert api._wire_messages([aliased, serialized, plain]) == (
+        {"role": "user", "text": "hi"},
+        {"role": "user", "content": "HI"},
+        {"role": "user", "content": "hi", "name": "n"},
+    )

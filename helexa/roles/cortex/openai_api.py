@@ -225,7 +225,14 @@ def _plain_message(m: Lenient) -> dict[str, str] | None:
     """What the dump gives for a message whose every value, extra fields included, is a
     string or null (nearly every message: a role, a text, perhaps a name): its strings in
     field order, then the extras', the nulls left out. A string always travels, so such a
-    message needs neither pydantic's dump nor the wire check's walk. None otherwise."""
+    message needs neither pydantic's dump nor the wire check's walk. None otherwise, and
+    for a message class whose dump renames or reshapes a field (an alias, a serializer)."""
+    cls = type(m)
+    plain = _DUMPS_AS_IS.get(cls)
+    if plain is None:
+        plain = _DUMPS_AS_IS[cls] = _dumps_as_is(cls)
+    if not plain:
+        return None
     out: dict[str, str] = {}
     for name, value in m.__dict__.items():
         if type(value) is str:
@@ -239,6 +246,18 @@ def _plain_message(m: Lenient) -> dict[str, str] | None:
             elif value is not None:
                 return None
     return out
+
+
+_DUMPS_AS_IS: dict[type, bool] = {}
+
+
+def _dumps_as_is(cls: type[Lenient]) -> bool:
+    """Whether ``cls``'s dump keeps every field's name and value as they are on the model."""
+    decorators = cls.__pydantic_decorators__
+    if decorators.field_serializers or decorators.model_serializers:
+        return False
+    return all(f.alias in (None, name) and f.serialization_alias in (None, name)
+               for name, f in cls.model_fields.items())
 
 
 def _extra(body: GenerateBody) -> dict[str, Any]:
