@@ -238,9 +238,15 @@ class ModelSources:
                                      retries=self.config.retries, backoff=self.config.retry_backoff)
             except DownloadError as exc:
                 if exc.code == "disk_full":  # give the space back: this file cannot be finished
-                    part.unlink(missing_ok=True)
-                    part.with_suffix(".json").unlink(missing_ok=True)
+                    _discard_part(part)
                 raise
+            except OSError as exc:
+                # The disk can also fill up outside the body's writes (closing the part file
+                # flushes it; its side file is written apart): the same failure, said alike.
+                if exc.errno != errno.ENOSPC:
+                    raise
+                _discard_part(part)
+                raise DownloadError("the disk filled up during the download", code="disk_full") from None
             self.cache.adopt(part, sha, meter.reservations[0])
         meter.end_file()
         return sha
@@ -289,3 +295,8 @@ def _sha256_file(path: Path) -> str:
             h.update(block)
     return h.hexdigest()
 
+
+def _discard_part(part: Path) -> None:
+    """Give a download's space back: its part file and its side file."""
+    part.unlink(missing_ok=True)
+    part.with_suffix(".json").unlink(missing_ok=True)
