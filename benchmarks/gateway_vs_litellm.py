@@ -209,7 +209,7 @@ metadata = {{ tokens = 64 }}
     nr, nr_log = procs.start(f"{tag}-neuron", ["taskset", "-c", a.gateway_cpus, *helexa, "neuron", "--cortex", control,
                                                "--node-id", "bench", "--join-token-file",
                                                str(workdir / "cortex" / "join-token")],
-                             env={"HELEXA_LOG_LEVEL": "warning", **env})
+                             env={"HELEXA_LOG_LEVEL": "warning", "HELEXA_CPU_POLICY": getattr(a, "neuron_cpu_policy", "normal"), **env})
     t0 = time.monotonic()
     while True:
         try:
@@ -253,6 +253,8 @@ def main() -> None:
     ap.add_argument("--helexa", default=str(REPO / ".venv" / "bin" / "helexa"))
     ap.add_argument("--baseline-src", help="another source tree (e.g. `git archive` of an older commit): "
                     "its cortex and neuron are targets base-proxy and base-synth")
+    ap.add_argument("--neuron-cpu-policy", default="normal", choices=("normal", "batch"),
+                    help="the neurons' cpu_policy (batch: a frame from the cortex does not preempt it on the shared core)")
     ap.add_argument("--json", help="write the raw figures here")
     a = ap.parse_args()
     targets = a.targets.split(",")

@@ -93,10 +93,10 @@ class Generation:
     """
 
     def __init__(self, node_id: str, first: TokenChunk | GenerateResult, events: AsyncIterator,
-                 idle: trio.CancelScope, idle_timeout: float, started: float, *, keep_text: bool = False) -> None:
+                 idle: trio.CancelScope, idle_timeout: float, ttft: float, *, keep_text: bool = False) -> None:
         self.node_id = node_id
         self.result: GenerateResult | None = None
-        self.ttft: float | None = trio.current_time() - started
+        self.ttft: float | None = ttft
         self.decision: Any = None
         """The orchestrator's :class:`~.scheduler.RoutingDecision` for this request."""
         self.text: list[str] | None = [] if keep_text else None
@@ -246,7 +246,7 @@ class Dispatching:
                 try:
                     events = await ctx.__aenter__()
                     entered = True
-                    first = await self._first(events, target.node_id)
+                    first, now = await self._first(events, target.node_id)
                 except BaseException as exc:
                     if entered:
                         with trio.CancelScope(shield=True):
@@ -263,16 +263,17 @@ class Dispatching:
             except BaseException:
                 _end(fields, span)
                 raise
-            gen = Generation(target.node_id, first, events, self._scope, config.idle_timeout, started,
+            gen = Generation(target.node_id, first, events, self._scope, config.idle_timeout, now - started,
                              keep_text=self._keep_text)
             self._context, self._gen = ctx, gen
             self._span, self._fields, self._started = span, fields, started
             return gen
         raise AssertionError("unreachable")
 
-    async def _first(self, events: AsyncIterator[Any], node_id: str) -> TokenChunk | GenerateResult:
-        """The attempt's first event, within ``first_token_timeout``; on return the scope
-        is entered (``self._scope``) with the idle deadline, else it was left."""
+    async def _first(self, events: AsyncIterator[Any], node_id: str) -> tuple[TokenChunk | GenerateResult, float]:
+        """The attempt's first event, within ``first_token_timeout``, and the time it came;
+        on return the scope is entered (``self._scope``) with the idle deadline, else it
+        was left."""
         config = self._dispatcher.config
         scope = self._scope = trio.CancelScope(deadline=trio.current_time() + config.first_token_timeout)
         scope.__enter__()
@@ -285,12 +286,15 @@ class Dispatching:
             if isinstance(exc, StopAsyncIteration):
                 raise RemoteError("empty_stream", "the neuron ended the stream without a result") from None
             raise
-        if scope.cancel_called:  # the deadline passed just as the event came: a fresh scope for the rest
+        # One clock read for the checks below and the first token's time (each read is
+        # three Python calls through trio).
+        now = trio.current_time()
+        if now >= scope.deadline:  # it passed just as the event came (the scope's only cancel): a fresh scope
             scope.__exit__(None, None, None)
             scope = self._scope = trio.CancelScope()
             scope.__enter__()
-        scope.deadline = trio.current_time() + config.idle_timeout
-        return first
+        scope.deadline = now + config.idle_timeout
+        return first, now
 
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         d, gen, idle, span = self._dispatcher, self._gen, self._scope, self._span

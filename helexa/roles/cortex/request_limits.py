@@ -96,14 +96,15 @@ class RequestLimits:
         if image is not None:
             self.check_image(request.model_id, image)
         if entry is not None:
-            features = entry.feature_set
-            wanted = {Feature.TOOLS: request.wants_tools, Feature.STRUCTURED_OUTPUT: request.wants_json,
-                      Feature.LOGPROBS: request.sampling.logprobs}
-            for feature, on in wanted.items():
-                if on and feature not in features:
-                    raise BadRequest(f"model {request.model_id!r} cannot do {_FEATURE_FIELDS[feature]} "
-                                     f"(its backend {entry.backend!r} has no {feature.value.replace('_', ' ')})",
-                                     param=_FEATURE_FIELDS[feature], code="unsupported")
+            tools, json_out, logprobs = request.wants_tools, request.wants_json, request.sampling.logprobs
+            if tools or json_out or logprobs:  # (most requests want none: no feature set, no walk)
+                features = entry.feature_set
+                for feature, on in ((Feature.TOOLS, tools), (Feature.STRUCTURED_OUTPUT, json_out),
+                                    (Feature.LOGPROBS, logprobs)):
+                    if on and feature not in features:
+                        raise BadRequest(f"model {request.model_id!r} cannot do {_FEATURE_FIELDS[feature]} "
+                                         f"(its backend {entry.backend!r} has no {feature.value.replace('_', ' ')})",
+                                         param=_FEATURE_FIELDS[feature], code="unsupported")
             max_tokens = request.sampling.max_tokens
             if entry.max_output and max_tokens and max_tokens > entry.max_output:
                 raise BadRequest(f"max_tokens {max_tokens} is over model {entry.id!r}'s limit of {entry.max_output}",

@@ -90,6 +90,14 @@ class NeuronConfig(BaseModel):
     data_dir: Path = Field(default_factory=default_data_dir)
     """The neuron's state: the model cache lives under it unless ``sources.cache_dir`` says."""
     sources: SourcesConfig = Field(default_factory=SourcesConfig)
+    cpu_policy: Literal["normal", "batch"] = "normal"
+    """``batch``: the neuron runs under Linux's ``SCHED_BATCH`` (its threads and the engine
+    processes it starts inherit it), so a frame from the cortex that wakes it does not
+    preempt what runs on that core. For a neuron sharing cores with its own cortex: under
+    load the cortex then hands it several requests per wake-up instead of about two
+    (``docs/benchmarks.md``, issue 17 item 2, branch fab3). Where a core is idle the neuron
+    runs at once either way; where every core is busy, a wake-up waits up to a scheduler
+    slice, which a token stream's latency would feel. ``HELEXA_CPU_POLICY``."""
 
     @model_validator(mode="after")
     def _cache_under_data_dir(self) -> "NeuronConfig":
