@@ -12,7 +12,7 @@ this uses), a closed-loop client at one stream (CPU 0), two synthetic models:
   15-20 ms with SmolLM2).
 
 Figures per stream: the client's time to first token and total time, the SSE events, and
-the CPU time of the cortex and of the neuron (all their threads' ``schedstat``, in ns;
+the CPU time of the cortex and of the neuron (their threads' ``schedstat``, in ns;
 ``/proc``'s utime/stime are samples of 10 ms ticks, too coarse for a few hundred streams).
 ``--baseline-src TREE`` starts a second cortex and neuron from another source tree (a ``git
 archive`` of main), measured in the same rounds, interleaved; ``NAME=TREE,NAME=TREE`` more
@@ -66,15 +66,22 @@ if os.environ.get("HELEXA_BENCH_CPROF"):
 """
 
 
-def cpu_s(pid: int) -> float:
-    """Run time of all of ``pid``'s threads, in seconds."""
-    total = 0
+def threads_ns(pid: int) -> dict[str, int]:
+    """Run time of each of ``pid``'s threads, in ns."""
+    out = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+            out[tid] = int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
         except OSError:  # the thread ended
             pass
-    return total / 1e9
+    return out
+
+
+def cpu_ms_since(pid: int, before: dict[str, int]) -> float:
+    """CPU ms of ``pid`` since ``before`` (:func:`threads_ns`), thread by thread: a thread
+    that ended meanwhile (trio's idle worker threads do, after 10 s) takes only its own
+    count away, not the difference between two sums."""
+    return sum(ns - before.get(tid, 0) for tid, ns in threads_ns(pid).items()) / 1e6
 
 
 def main() -> None:
@@ -118,9 +125,9 @@ def main() -> None:
         for r in range(a.rounds):
             for m in models:
                 for tree, (base, key, pids) in trees.items():
-                    c0 = [cpu_s(p) for p in pids]
+                    c0 = [threads_ns(p) for p in pids]
                     res = g.bench.stream(base, 1, a.dur, m, key, TOKENS[m], a.cpus)
-                    each = [(cpu_s(p) - c) * 1e3 / max(res["n"], 1) for p, c in zip(pids, c0)]
+                    each = [cpu_ms_since(p, c) / max(res["n"], 1) for p, c in zip(pids, c0)]
                     rows.setdefault((m, tree), []).append(
                         (res["ttfc_p50"], res["tot_p50"], res["events"], each[0], each[1]))
                     print(f"# r{r} {m:6s} {tree:5s} n={res['n']} ttft={res['ttfc_p50']:.2f} "
