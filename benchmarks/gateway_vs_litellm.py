@@ -172,9 +172,11 @@ sys.exit(main())
 
 
 def start_helexa(a: argparse.Namespace, procs: Procs, be_url: str, tag: str,
-                 env: dict[str, str]) -> dict[str, tuple[str, str, str, list[int]]]:
+                 env: dict[str, str], extra: dict[str, dict[str, float]] | None = None,
+                 ) -> dict[str, tuple[str, str, str, list[int]]]:
     """A cortex and a neuron (both on the gateway CPUs) serving ``fake`` (openai_proxy in
-    front of the fake backend) and ``synth`` (synthetic); targets ``TAG-proxy``, ``TAG-synth``."""
+    front of the fake backend) and ``synth`` (synthetic); targets ``TAG-proxy``, ``TAG-synth``.
+    ``extra``: more synthetic models, name -> metadata (``stream_event_bench.py``'s paced one)."""
     workdir = procs.workdir / tag
     workdir.mkdir()
     models = workdir / "models.toml"
@@ -189,7 +191,12 @@ metadata = {{ upstream_model = "fake-model", dialect = "openai" }}
 backend = "synthetic"
 [models."synth".config]
 metadata = {{ tokens = 64 }}
-""")
+""" + "".join(f"""
+[models."{name}"]
+backend = "synthetic"
+[models."{name}".config]
+metadata = {{ {", ".join(f"{k} = {v}" for k, v in md.items())} }}
+""" for name, md in (extra or {}).items()))
     helexa = [str(Path(a.helexa))]
     if "HELEXA_SRC" in env:
         # Another source tree: put it first on the path of helexa's own interpreter, and drop
@@ -224,7 +231,7 @@ metadata = {{ tokens = 64 }}
         if nr.poll() is not None or time.monotonic() - t0 > 60:
             sys.exit("neuron did not join:\n" + nr_log.read_text()[-3000:])
         time.sleep(0.1)
-    for model in ("fake", "synth"):  # cold-load both before measuring
+    for model in ("fake", "synth", *(extra or {})):  # cold-load them all before measuring
         post(gateway + "/v1/chat/completions", {"model": model, "max_tokens": 4,
                                                "messages": [{"role": "user", "content": "hi"}]})
     print(f"# {tag} ready: cortex pid {cx.pid}, neuron pid {nr.pid}, gateway {gateway}", file=sys.stderr)

@@ -3,12 +3,14 @@ with deadlines, failover of unstarted requests and feedback (all on the virtual 
 
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
+
 import pytest
 import trio
 
 from helexa.protocol import EmbedRequest, GenerateRequest, GenerateResult, Task, TokenChunk
 from helexa.roles.cortex.config import OrchestratorConfig
-from helexa.roles.cortex.dispatch import Dispatcher
+from helexa.roles.cortex.dispatch import IDLE_SLACK, Dispatcher
 from helexa.roles.cortex.errors import NoCapacity, UpstreamTimeout
 from helexa.roles.cortex.fleet import Fleet, NeuronGone, RemoteError
 from helexa.roles.cortex.metrics import Metrics
@@ -110,6 +112,39 @@ async def test_a_stream_that_stalls_after_it_began_times_out_idle(autojump_clock
             async for event in gen:
                 got.append(event)
     assert len(got) == 1 and trio.current_time() - start == 14  # first token at 10, then 4 s idle
+
+
+class _StallsAfter:
+    """A target streaming a token a second for ``n`` seconds, then silent for ever."""
+
+    node_id = "s"
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    @asynccontextmanager
+    async def generate(self, request: GenerateRequest):  # noqa: ANN201
+        async def events():  # noqa: ANN202
+            for i in range(self.n):
+                await trio.sleep(1)
+                yield TokenChunk(request.request_id, f"t{i} ")
+            await trio.sleep_forever()
+
+        yield events()
+
+
+async def test_a_stream_that_stalls_after_many_events_is_cut_idle_timeout_after_the_last_or_a_little_later(
+        autojump_clock) -> None:  # noqa: ANN001
+    # The deadline is not moved on every event (IDLE_SLACK): never sooner than idle_timeout
+    # after the last event, at most a sixteenth later.
+    got = []
+    start = trio.current_time()
+    with pytest.raises(UpstreamTimeout):
+        async with dispatcher(idle_timeout=16).generate(request(), picker(_StallsAfter(20))[0]) as gen:
+            async for event in gen:
+                got.append(event)
+    assert len(got) == 20
+    assert 16 <= trio.current_time() - start - 20 <= 16 * (1 + IDLE_SLACK)
 
 
 async def test_leaving_early_cancels_on_the_target_and_counts_as_no_error(autojump_clock) -> None:

@@ -105,6 +105,29 @@ async def test_the_first_event_is_sent_before_the_backend_is_read_again_and_slow
     assert [e for e in log if e[0] == "sent"] == [("sent", "t0"), ("sent", "t1"), ("sent", "t2"), ("sent", "result")]
 
 
+async def test_slow_tokens_go_out_from_the_task_that_read_them_until_a_send_has_to_wait(autojump_clock) -> None:  # noqa: ANN001
+    reader: list = []  # type: ignore[type-arg]
+    senders: list = []  # type: ignore[type-arg]
+
+    async def backend():  # type: ignore[no-untyped-def]
+        reader.append(trio.lowlevel.current_task())
+        for i in range(4):
+            yield tok(f"t{i}")
+            await trio.sleep(0.02)  # a real model's pace
+        yield result()
+
+    async def send(e) -> None:  # type: ignore[no-untyped-def]
+        senders.append(trio.lowlevel.current_task())
+        if isinstance(e, TokenChunk) and e.text == "t1":
+            await trio.sleep(0.01)  # the link makes this send wait
+
+    await relay(backend(), send)
+    by_reader = [task is reader[0] for task in senders]
+    # t0, t1: from the reading task; t2 after a send that waited: through the sender, whose
+    # send did not wait; so t3 and the result from the reading task again.
+    assert by_reader == [True, True, False, True, True]
+
+
 async def test_a_backend_error_comes_bare_after_what_it_produced_before() -> None:
     sent: list = []  # type: ignore[type-arg]
     calls: list = []  # type: ignore[type-arg]

@@ -90,7 +90,8 @@ class OrchestratorConfig(BaseModel):
     """Seconds a neuron may take to produce the first output of a generation."""
     idle_timeout: float = Field(60.0, gt=0)
     """Seconds a generation may go without progress (no output from the neuron, or the
-    client not taking it) before it is abandoned."""
+    client not taking it) before it is abandoned (after at most a sixteenth more: the
+    deadline is not moved on every token, see ``dispatch.Generation``)."""
     embed_timeout: float = Field(60.0, gt=0)
     route_timeout: float = Field(10.0, gt=0)
     """Seconds the federation may take to find a peer for a model."""

@@ -84,12 +84,22 @@ def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, RemoteError) and exc.retryable
 
 
+IDLE_SLACK = 1 / 16
+"""How much later than ``idle_timeout`` after its last event a stalled stream may be cut, as
+a fraction of ``idle_timeout`` (see :class:`Generation`)."""
+
+
 class Generation:
     """The events of one generation on ``node_id``; iterate it once.
 
-    Every event pushes ``idle``'s deadline ``idle_timeout`` further: one cancel scope for
-    the whole stream instead of one per event (measured: the per-event scope was a
-    noticeable share of a short request's cost).
+    Every event keeps ``idle``'s deadline at least ``idle_timeout`` ahead: one cancel scope
+    for the whole stream instead of one per event (measured: the per-event scope was a
+    noticeable share of a short request's cost). The deadline is moved only when an event
+    finds it nearer than that, and then :data:`IDLE_SLACK` of ``idle_timeout`` further, so a
+    stream that stalls is cut between ``idle_timeout`` and ``idle_timeout`` times
+    ``1 + IDLE_SLACK`` after its last event, never sooner; moving a deadline re-files it in
+    trio's deadline heap, and doing that per token was a share of each streamed event's
+    cost (docs/benchmarks.md, 2026-12-01, branch tok3).
     """
 
     def __init__(self, node_id: str, first: TokenChunk | GenerateResult, events: AsyncIterator,
@@ -105,6 +115,7 @@ class Generation:
         self._events = events
         self._idle = idle
         self._idle_timeout = idle_timeout
+        self._idle_at = idle.deadline  # where the deadline is now (kept here: reading it back costs a call)
 
     def __aiter__(self) -> "Generation":
         return self
@@ -116,7 +127,10 @@ class Generation:
             if self.result is not None:
                 raise StopAsyncIteration
             event = await self._events.__anext__()
-            self._idle.deadline = trio.current_time() + self._idle_timeout
+            due = trio.current_time() + self._idle_timeout
+            if due > self._idle_at:
+                self._idle_at = due + self._idle_timeout * IDLE_SLACK
+                self._idle.deadline = self._idle_at
         if isinstance(event, GenerateResult):
             self.result = event
         if self.text is not None and event.text:

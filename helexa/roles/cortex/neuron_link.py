@@ -66,10 +66,12 @@ class LinkStream:
     the consumer: text chunks that pile up while the consumer is slow are coalesced into
     one. A class rather than an async generator or ``@asynccontextmanager``: it is on
     every request's path, and a generator left suspended after the result must be
-    finalised by trio's GC hook, which cost a system task per request.
+    finalised by trio's GC hook, which cost a system task per request. The consumer parks
+    its own task and the reader reschedules it, rather than through a ``trio.Event`` made
+    anew for every wait: that is once per streamed event.
     """
 
-    __slots__ = ("link", "request", "chunks", "final", "error", "wake", "started", "delivered")
+    __slots__ = ("link", "request", "chunks", "final", "error", "waiter", "woken", "started", "delivered")
 
     def __init__(self, link: "NeuronLink", request: GenerateRequest | EmbedRequest) -> None:
         self.link = link
@@ -77,7 +79,8 @@ class LinkStream:
         self.chunks: list[TokenChunk] = []
         self.final: GenerateResult | EmbedResult | None = None
         self.error: Exception | None = None
-        self.wake = trio.Event()
+        self.waiter: trio.lowlevel.Task | None = None  # the consumer, parked in wait()
+        self.woken = False  # something came while the consumer was not waiting
         self.started = False
         self.delivered = False
 
@@ -90,16 +93,24 @@ class LinkStream:
             self.chunks[-1] = replace(last, text=last.text + chunk.text, tokens=last.tokens + chunk.tokens)
         else:
             self.chunks.append(chunk)
-        self.wake.set()
+        self._wake()
 
     def finish(self, final: GenerateResult | EmbedResult) -> None:
         self.final = final
-        self.wake.set()
+        self._wake()
 
     def fail(self, error: Exception) -> None:
         if self.final is None and self.error is None:
             self.error = error
-        self.wake.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        task = self.waiter
+        if task is None:
+            self.woken = True
+        else:
+            self.waiter = None
+            trio.lowlevel.reschedule(task)
 
     # --- the consumer's side --------------------------------------------------------------
 
@@ -136,8 +147,18 @@ class LinkStream:
             await self.wait()
 
     async def wait(self) -> None:
-        await self.wake.wait()
-        self.wake = trio.Event()
+        """Until the reader pushed, finished or failed since the last wait (at once, after a
+        checkpoint, if it did meanwhile). Cancellable."""
+        if self.woken:
+            self.woken = False
+            await trio.lowlevel.checkpoint()
+            return
+        self.waiter = trio.lowlevel.current_task()
+        await trio.lowlevel.wait_task_rescheduled(self._abort)
+
+    def _abort(self, _: object) -> trio.lowlevel.Abort:
+        self.waiter = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
 
 class NeuronLink:

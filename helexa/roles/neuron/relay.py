@@ -10,8 +10,12 @@ own task and, each time the previous send is done, sends whatever is waiting as 
 waits while the backend keeps producing, tick after tick, for at most :data:`BATCH_TICKS`
 scheduler ticks (fewer frames per stream, more streams/s; figures in docs/benchmarks.md).
 The first token goes out as soon as it exists, sent by the task that read it before it reads
-the backend again; a token that comes more than :data:`FAST_S` after the one before it
-(every real model's) goes out at once, alone, without waiting idle ticks.
+the backend again. So does a later token that comes more than :data:`FAST_S` after the relay
+was last ready for it (every real model's), while the sender is idle and the last send did
+not have to wait for the link: one wake-up of the sender task and one pass of the scheduler
+less per token. A slow token that finds the sender busy, or a link that made the last send
+wait, goes to the sender as before, at once and alone, so tokens still queue up (and join)
+behind a slow send rather than in front of it.
 
 :func:`collect` is the non-streaming case: the client sees nothing before the end, so the
 whole generation goes out as one :class:`GenerateResult` (one frame instead of one per
@@ -39,7 +43,9 @@ BATCH_TICKS = 8
 FAST_S = 0.001
 """An event that follows the one before it within this time comes from a backend faster than
 a send: the sender waits for more (:func:`_while_producing`). One that comes later (every real
-model's tokens) goes out at once, without idle scheduler ticks of its own."""
+model's tokens) goes out at once, without idle scheduler ticks of its own, from the task that
+read it when it can (see the module docstring). A send that took this long or longer had to
+wait for the link."""
 
 
 def merge(events: list[GenerationEvent]) -> list[GenerationEvent]:
@@ -74,28 +80,33 @@ async def relay(events: AsyncIterator[GenerationEvent], send: Callable[[Generati
     pending: list[GenerationEvent] = []
     failure: list[BaseException] = []
     error: list[BaseException] = []
-    state = {"done": False, "wake": trio.Event(), "slow": False}
+    # "sending": the sender task is sending a batch; "direct": the last send did not wait
+    # for the link (so the producer may send a slow event itself).
+    state = {"done": False, "wake": trio.Event(), "slow": False, "sending": False, "direct": True}
 
     async def produce() -> None:
-        first, last = True, -math.inf
+        first, ready = True, -math.inf  # ready: when this task last went back to the backend
         try:
             async for event in events:
-                if first:
-                    # The first event goes out from here, before the backend is read again
-                    # (for a proxied server: a read that finds nothing and registers with
-                    # the poller) and without waking the sender for it.
-                    first = False
-                    on_first()
+                now = trio.current_time()
+                slow = now - ready >= FAST_S
+                if first or (slow and state["direct"] and not pending and not state["sending"]):
+                    # Sent from here, before the backend is read again (for a proxied
+                    # server: a read that finds nothing and registers with the poller) and
+                    # without waking the sender for it.
+                    if first:
+                        first = False
+                        on_first()
                     try:
                         await send(event)
                     except Exception as exc:  # raised bare below, not wrapped in an ExceptionGroup
                         error.append(exc)
                         nursery.cancel_scope.cancel()
                         return
-                    last = trio.current_time()
+                    ready = trio.current_time()
+                    state["direct"] = ready - now < FAST_S
                     continue
-                now = trio.current_time()
-                state["slow"], last = now - last >= FAST_S, now
+                state["slow"], ready = slow, now
                 pending.append(event)
                 state["wake"].set()  # type: ignore[union-attr]
         except Exception as exc:  # re-raised bare by the sender, after what came before it
@@ -109,13 +120,18 @@ async def relay(events: AsyncIterator[GenerationEvent], send: Callable[[Generati
         try:
             while True:
                 await state["wake"].wait()  # type: ignore[union-attr]
-                if not state["slow"]:
+                if pending and not state["slow"]:
                     await _while_producing(pending, lambda: bool(state["done"]))
                 state["wake"] = trio.Event()
                 batch = pending[:]
                 pending.clear()
-                for event in merge(batch):
-                    await send(event)
+                if batch:
+                    state["sending"] = True
+                    began = trio.current_time()
+                    for event in merge(batch):
+                        await send(event)
+                    state["sending"] = False
+                    state["direct"] = trio.current_time() - began < FAST_S
                 if state["done"] and not pending:
                     break
         except Exception as exc:  # raised bare below, not wrapped in an ExceptionGroup
