@@ -12,6 +12,7 @@ Errors: :func:`parse` raises :class:`~.errors.BadRequest` (400) naming the field
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 import struct
 import time
@@ -227,11 +228,7 @@ def _plain_message(m: Lenient) -> dict[str, str] | None:
     field order, then the extras', the nulls left out. A string always travels, so such a
     message needs neither pydantic's dump nor the wire check's walk. None otherwise, and
     for a message class whose dump renames or reshapes a field (an alias, a serializer)."""
-    cls = type(m)
-    plain = _DUMPS_AS_IS.get(cls)
-    if plain is None:
-        plain = _DUMPS_AS_IS[cls] = _dumps_as_is(cls)
-    if not plain:
+    if not _dumps_as_is(type(m)):
         return None
     out: dict[str, str] = {}
     for name, value in m.__dict__.items():
@@ -248,11 +245,10 @@ def _plain_message(m: Lenient) -> dict[str, str] | None:
     return out
 
 
-_DUMPS_AS_IS: dict[type, bool] = {}
-
-
+@functools.cache
 def _dumps_as_is(cls: type[Lenient]) -> bool:
-    """Whether ``cls``'s dump keeps every field's name and value as they are on the model."""
+    """Whether ``cls``'s dump keeps every field's name and value as they are on the model
+    (worked out once per class)."""
     decorators = cls.__pydantic_decorators__
     if decorators.field_serializers or decorators.model_serializers:
         return False
