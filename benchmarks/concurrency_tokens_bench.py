@@ -291,6 +291,28 @@ the worker's trio thread and the worker's other threads; for ``direct``, p0 is l
 server."""
 
 
+def place(servers: dict[str, list[subprocess.Popen]], *, pinned: bool) -> None:
+    """Pinned: every engine thread (llama.cpp's server, the neuron's worker processes) on
+    CPU 0 and every fabric process and this client on the other CPUs; else all anywhere."""
+    import psutil
+
+    every = set(range(os.cpu_count() or 1))
+    engine, rest = ({0}, every - {0}) if pinned and len(every) > 1 else (every, every)
+    os.sched_setaffinity(0, rest)  # the clients' threads, started after this, inherit it
+    for tag, procs in servers.items():
+        for i, p in enumerate(procs):
+            try:
+                kids = psutil.Process(p.pid).children(recursive=True)
+            except psutil.Error:
+                continue
+            for pid, cpus in [(p.pid, engine if tag == "direct" else rest), *((c.pid, engine) for c in kids)]:
+                for task in Path(f"/proc/{pid}/task").glob("*"):
+                    try:
+                        os.sched_setaffinity(int(task.name), cpus)
+                    except OSError:
+                        pass
+
+
 def parts_text(parts: dict[str, float]) -> str:
     return " / ".join(f"{parts.get(k, 0.0) * 1e3:.2f}" for k in PARTS)
 
@@ -333,6 +355,10 @@ def main() -> None:
                     "waits --idle-ms before the first token and between tokens, sleeping (idle) or "
                     "computing on one thread (busy); see serve_idle")
     ap.add_argument("--idle-ms", type=float, default=20.0)
+    ap.add_argument("--pin", action="store_true",
+                    help="add paths NAME-pin for each path: the engines (llama.cpp's server, the neuron's "
+                    "workers) on the first CPU, the fabric's processes and the clients on the others, "
+                    "switched round by round in the same processes")
     ap.add_argument("--serve-llama", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--serve-idle", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -421,6 +447,8 @@ metadata = {{ tokens = {a.tokens * 2}, tokens_per_second = {1e3 / a.idle_ms}, is
             if "base" not in a.paths:
                 a.paths += ",base-fabric,base-proxy"
         targets = {k: v for k, v in targets.items() if k in a.paths.split(",")}
+        if a.pin:
+            targets.update({f"{k}-pin": v for k, v in list(targets.items())})
         deadline = time.monotonic() + 120
         for name, (url, model) in targets.items():  # cold loads and warm-up
             while True:
@@ -446,7 +474,9 @@ metadata = {{ tokens = {a.tokens * 2}, tokens_per_second = {1e3 / a.idle_ms}, is
                 order = names[r % len(names):] + names[:r % len(names)]
                 for name in order:
                     url, model = targets[name]
-                    side = servers["direct" if name == "direct" else "base-" if name.startswith("base-") else ""]
+                    plain = name.removesuffix("-pin")
+                    side = servers["direct" if plain == "direct" else "base-" if plain.startswith("base-") else ""]
+                    place(servers, pinned=name.endswith("-pin"))
                     before = cpu_parts(side)
                     res = run_level(url, model, c, a.requests, a.tokens, seed=r * 1000 + c)
                     after, n = cpu_parts(side), max(1, len(res["ttft"]))
