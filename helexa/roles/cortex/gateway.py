@@ -143,11 +143,12 @@ class PortalApp:
                 attributes={"http.request.method": scope["method"], "url.path": scope["path"],
                             "helexa.request_id": request_id, "helexa.portal": portal})
             with trace.use_span(span, end_on_exit=True):
-                await self._handle(scope, receive, send, request_id)
+                await self._handle(scope, receive, send, request_id, traced=True)
         finally:
             logs.pop(fields)
 
-    async def _handle(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, request_id: str, *,
+                      traced: bool = False) -> None:
         g = self.gateway
         out = Responder(send, [(b"x-request-id", request_id.encode())])
         scope["helexa.request_id"] = request_id
@@ -156,7 +157,7 @@ class PortalApp:
         route: Route | None = None
         try:
             route, ex.path_rest = self.router.find(scope["method"], scope["path"])
-            if telemetry.enabled():
+            if traced:
                 trace.get_current_span().update_name(f"{route.method} {route.path}")
             portal = self.portal
             if portal is not None:
