@@ -196,6 +196,7 @@ class _ServerConnection:
         self.exchange: _Exchange | None = None
         self.now = trio.lowlevel.current_clock().current_time
         """The run's clock (``trio.current_time()`` is four Python calls, this two)."""
+        self._yields = -1  # the task's count of yields to the scheduler at its last read
         self.read_at = 0.0
         """The clock when :meth:`next_event` last returned."""
         self._target = b""  # the last request target, and what the ASGI scope makes of it
@@ -272,7 +273,19 @@ class _ServerConnection:
         except OSError:
             return b""
         else:
-            await trio.lowlevel.checkpoint()  # a client that keeps bytes coming must not starve the others
+            # A client that keeps bytes coming must not starve the others: every pass of the
+            # serve loop yields to the scheduler at least once. Most passes already did (a
+            # request that went to a neuron waited for its answer); then this read only
+            # checks for cancellation, which saves a pass through trio's scheduler per
+            # request (docs/benchmarks.md, issue 17 item 2).
+            # (task._schedule_points: trio's own count of a task's yields, which it keeps for
+            # trio.testing.assert_checkpoints; tests/cortex/test_http_server.py checks it.)
+            task = trio.lowlevel.current_task()
+            if task._schedule_points == self._yields:
+                await trio.lowlevel.checkpoint()
+            else:
+                await trio.lowlevel.checkpoint_if_cancelled()
+            self._yields = task._schedule_points
             return data
         with trio.move_on_at(math.inf if deadline is None else deadline):
             while True:
