@@ -95,7 +95,9 @@ class Connection:
         """When :meth:`timeout` is due if no bytes arrive first (``None``: no wait)."""
         self._buf = b""
         self._scan = 0  # where the search for the end of the head resumes
-        self._out = b""
+        self.out = b""
+        """The bytes waiting to be written (read-only: :meth:`data_to_send` takes them; a
+        shell may look here first rather than call it for nothing)."""
         # the current exchange
         self._body: LengthBody | ChunkedBody | None = None
         self._expect_continue = False
@@ -384,7 +386,7 @@ class Connection:
 
     def data_to_send(self) -> bytes:
         """The bytes to write to the client now (taken: a second call returns ``b""``)."""
-        out, self._out = self._out, b""
+        out, self.out = self.out, b""
         return out
 
     # --- the table ------------------------------------------------------------------------
@@ -413,7 +415,7 @@ class Connection:
         self.deadline = None
 
     def _emit(self, data: bytes) -> None:
-        self._out = self._out + data if self._out else data
+        self.out = self.out + data if self.out else data
 
     def _error_response(self, status: int, message: str) -> bytes:
         content_type, body = self.error_body(status, message)

@@ -232,9 +232,8 @@ class _ServerConnection:
             self.exchange = None
             exchange.end()
             protocol.app_returned(failed)
-            out = protocol.data_to_send()
-            if out:
-                await self.write_quietly(out)
+            if protocol.out:  # (an answer made for the app, or nothing: usually nothing)
+                await self.write_quietly(protocol.data_to_send())
 
     async def next_event(self) -> Any:
         """The connection's next event other than NEED_DATA, reading as it asks."""
@@ -243,9 +242,8 @@ class _ServerConnection:
         now = clock()  # read again only after a read or a write
         while True:
             event = protocol.next_event(now)
-            out = protocol.data_to_send()
-            if out:
-                await self.write_quietly(out)
+            if protocol.out:
+                await self.write_quietly(protocol.data_to_send())
                 now = clock()
             if event is not NEED_DATA:
                 self.read_at = now
