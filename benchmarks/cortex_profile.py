@@ -152,6 +152,17 @@ def step_table(results: dict[str, tuple[pstats.Stats, int]]) -> None:
         if any(steps[t].get(step) for t in names):
             print(f"| {step} | " + " | ".join(f"{steps[t].get(step, 0) / results[t][1]:.1f}" for t in names) + " |")
     print("| **all** | " + " | ".join(f"**{sum(steps[t].values()) / results[t][1]:.0f}**" for t in names) + " |")
+    print("| task steps (trio's run loop resuming a task) | "
+          + " | ".join(f"{task_steps(s) / n:.2f}" for s, n in results.values()) + " |")
+
+
+def task_steps(stats: pstats.Stats) -> int:
+    """How many times trio's run loop resumed a task (``Context.run`` called from
+    ``unrolled_run``): the scheduler passes."""
+    for func, (_, _, _, _, callers) in stats.stats.items():  # type: ignore[attr-defined]
+        if func[0] == "~" and func[2] == "<method 'run' of '_contextvars.Context' objects>":
+            return sum(v[1] for c, v in callers.items() if c[2] == "unrolled_run")
+    return 0
 
 
 def top_table(label: str, stats: pstats.Stats, requests: int, top: int) -> None:
@@ -178,19 +189,19 @@ def print_profile(label: str, stats: pstats.Stats, requests: int, top: int) -> N
 def profile_pair(g: Any, tag: str, base: str, model: str, key: str, cortex: int, out: str, a: argparse.Namespace
                  ) -> tuple[pstats.Stats, int]:
     g.bench.wrk(base, a.conc, 2, model, key, a.cpus)  # warm
-    for old in Path(out).parent.glob(Path(out).name + ".*"):
-        old.unlink()
     os.kill(cortex, signal.SIGUSR1)
     time.sleep(0.2)
     res = g.bench.wrk(base, a.conc, a.dur, model, key, a.cpus)
     os.kill(cortex, signal.SIGUSR2)
+    written = Path(f"{os.environ['HELEXA_PROFILE_OUT']}.{cortex}")
     path = Path(f"{out}.{cortex}")
     t0 = time.monotonic()
-    while not path.exists() or path.stat().st_size == 0:
+    while not written.exists() or written.stat().st_size == 0:
         if time.monotonic() - t0 > 60:
-            sys.exit(f"{tag}: no profile written at {path}")
+            sys.exit(f"{tag}: no profile written at {written}")
         time.sleep(0.2)
     time.sleep(0.5)  # the write finishes
+    written.rename(path)
     n = max(res["n"], 1)
     print(f"# {tag}: {res['rps']:.0f} requests/s under the profiler, {n} requests, errors {res['errors']}",
           file=sys.stderr, flush=True)
@@ -221,7 +232,7 @@ def main() -> None:
         Path(a.save).mkdir(parents=True, exist_ok=True)
     out = str(Path(a.save).resolve() / "cortex") if a.save else str(hook / "cortex")
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
-    os.environ["HELEXA_PROFILE_OUT"] = out
+    os.environ["HELEXA_PROFILE_OUT"] = out  # the sitecustomize appends the pid: each pair's file is renamed below
     procs = g.Procs(Path(tempfile.mkdtemp(prefix="helexa-profile-run-")))
     results: dict[str, tuple[pstats.Stats, int]] = {}
     try:
@@ -232,7 +243,7 @@ def main() -> None:
             pairs[Path(src).name] = g.start_helexa(ns, procs, started["direct"][0], tag,
                                                    {"HELEXA_SRC": str(Path(src).resolve())})[f"{tag}-synth"]
         for t, (base, model, key, pids) in pairs.items():
-            results[t] = profile_pair(g, t, base, model, key, pids[0], out, a)
+            results[t] = profile_pair(g, t, base, model, key, pids[0], f"{out}-{t}", a)
     finally:
         procs.stop_all()
     print(f"Python calls per request in the cortex, c={a.conc}, by step of the request path")
