@@ -32,10 +32,21 @@ async def report(one: Callable[[], Awaitable[object]], requests: int, blocks: in
     for _ in range(requests):
         await one()
     profile.disable()
-    calls = sum(v[1] for v in pstats.Stats(profile).stats.values())  # type: ignore[attr-defined]
+    stats = pstats.Stats(profile)
+    calls = sum(v[1] for v in stats.stats.values())  # type: ignore[attr-defined]
     per.sort()
-    print(f"{os.path.dirname(os.path.dirname(helexa.__file__))}: {per[0]:.0f} us/request best, "
+    tree = os.path.dirname(os.path.dirname(helexa.__file__))
+    print(f"{tree}: {per[0]:.0f} us/request best, "
           f"{per[len(per) // 2]:.0f} median; {calls / requests:.0f} Python calls/request", flush=True)
+    if TOP:
+        from cortex_profile import print_profile
+
+        print_profile(tree, stats, requests, TOP)
+
+
+TOP = 0
+"""``--top N``: also print the calls per request by step of the request path and the ``N``
+functions called most (``cortex_profile.print_profile``)."""
 
 
 _FROM_SRC = """\
@@ -59,10 +70,14 @@ def main(script: str, doc: str, measure: Callable[..., None], *, requests: int,
     ap.add_argument("--requests", type=int, default=requests, help="requests per block")
     ap.add_argument("--blocks", type=int, default=5)
     ap.add_argument("--src", action="append", default=[], help="another source tree (repeatable)")
+    ap.add_argument("--top", type=int, default=0,
+                    help="also print the calls per request by step, and the N functions called most")
     for name, text in (flags or {}).items():
         ap.add_argument(f"--{name}", action="store_true", help=text)
     a = ap.parse_args()
     chosen = {name: getattr(a, name) for name in flags or {}}
+    global TOP
+    TOP = a.top
     if not a.src:
         measure(a.requests, a.blocks, **chosen)
         return
@@ -71,5 +86,5 @@ def main(script: str, doc: str, measure: Callable[..., None], *, requests: int,
     for order in (a.src, a.src[::-1]):
         for src in order:
             subprocess.run([sys.executable, "-c", runner, os.path.abspath(src),
-                            "--requests", str(a.requests), "--blocks", str(a.blocks),
+                            "--requests", str(a.requests), "--blocks", str(a.blocks), "--top", str(a.top),
                             *(f"--{name}" for name, on in chosen.items() if on)], check=True)

@@ -13,6 +13,10 @@ and how often it preempts the cortex), then the medians by policy.
 Usage (under the benchmark lock)::
 
     flock /tmp/helexa-bench.lock /tmp/venv-be/bin/python benchmarks/cpu_policy_ab.py [--conc 1,16] [--rounds 8]
+
+With ``--baseline-src TREE`` the same is measured for another source tree's cortex and
+neuron in every round (the trees in alternating order), with ``--policy batch`` (or
+``normal``) for both: a before/after of a change on one shared core.
 """
 
 from __future__ import annotations
@@ -51,36 +55,46 @@ def main() -> None:
     ap.add_argument("--dur", type=int, default=4)
     ap.add_argument("--gateway-cpus", default="1")
     ap.add_argument("--cpus", default="0", help="CPUs of wrk and the fake backend")
+    ap.add_argument("--policy", default="alternate", choices=("alternate", "normal", "batch"),
+                    help="the neuron's policy: switched round by round (the A/B of the policies), or one for all")
+    ap.add_argument("--baseline-src", help="another source tree (`git archive OLD | tar -x -C /tmp/old`): its "
+                    "cortex and neuron are measured in every round too, the two trees in alternating order")
     a = ap.parse_args()
     ns = argparse.Namespace(backend_cpus=a.cpus, gateway_cpus=a.gateway_cpus, be_venv="/tmp/venv-be", litellm_venv="",
-                            helexa=str(g.REPO / ".venv" / "bin" / "helexa"), baseline_src=None, cpus=a.cpus,
+                            helexa=str(g.REPO / ".venv" / "bin" / "helexa"), baseline_src=a.baseline_src, cpus=a.cpus,
                             neuron_cpu_policy="normal")
     procs = g.Procs(Path(tempfile.mkdtemp(prefix="helexa-cpu-policy-")))
-    rows: dict[tuple[str, int], list[dict]] = {}
+    rows: dict[tuple[str, str, int], list[dict]] = {}
     try:
-        base, model, key, pids = g.start_all(ns, procs, ["direct", "helexa-synth"])["helexa-synth"]
-        g.bench.wrk(base, 4, 2, model, key, a.cpus)
+        started = g.start_all(ns, procs, ["direct", "helexa-synth"] + (["base-synth"] if a.baseline_src else []))
+        trees = {"checkout": started["helexa-synth"]}
+        if a.baseline_src:
+            trees["baseline"] = started["base-synth"]
+        for base, model, key, _ in trees.values():
+            g.bench.wrk(base, 4, 2, model, key, a.cpus)
         for r in range(a.rounds):
-            policy = "batch" if r % 2 else "normal"
-            set_policy(pids[1], policy == "batch")
-            for c in (int(x) for x in a.conc.split(",")):
-                sw0, cpu0 = [switches(p) for p in pids], [g.bench.cpu_s(p) for p in pids]
-                res = g.bench.wrk(base, c, a.dur, model, key, a.cpus)
-                n = max(res["n"], 1)
-                row = dict(rps=res["rps"], p50=res.get("p50_ms", 0.0),
-                           cpu=[(g.bench.cpu_s(p) - x) * 1e3 / n for p, x in zip(pids, cpu0)],
-                           sw=[(switches(p) - x) / n for p, x in zip(pids, sw0)])
-                rows.setdefault((policy, c), []).append(row)
-                print(f"# r{r} {policy:6s} c={c:<3d} {row['rps']:8.1f} requests/s  p50 {row['p50']:.3f} ms  CPU ms/request "
-                      f"cortex {row['cpu'][0]:.3f} neuron {row['cpu'][1]:.3f}  switches/request "
-                      f"{row['sw'][0]:.2f} / {row['sw'][1]:.2f}", file=sys.stderr, flush=True)
+            policy = a.policy if a.policy != "alternate" else "batch" if r % 2 else "normal"
+            for tree in (list(trees) if r % 2 == 0 else list(trees)[::-1]):
+                base, model, key, pids = trees[tree]
+                set_policy(pids[1], policy == "batch")
+                for c in (int(x) for x in a.conc.split(",")):
+                    sw0, cpu0 = [switches(p) for p in pids], [g.bench.cpu_s(p) for p in pids]
+                    res = g.bench.wrk(base, c, a.dur, model, key, a.cpus)
+                    n = max(res["n"], 1)
+                    row = dict(rps=res["rps"], p50=res.get("p50_ms", 0.0),
+                               cpu=[(g.bench.cpu_s(p) - x) * 1e3 / n for p, x in zip(pids, cpu0)],
+                               sw=[(switches(p) - x) / n for p, x in zip(pids, sw0)])
+                    rows.setdefault((tree, policy, c), []).append(row)
+                    print(f"# r{r} {tree:8s} {policy:6s} c={c:<3d} {row['rps']:8.1f} requests/s  p50 {row['p50']:.3f} ms"
+                          f"  CPU ms/request cortex {row['cpu'][0]:.3f} neuron {row['cpu'][1]:.3f}  switches/request "
+                          f"{row['sw'][0]:.2f} / {row['sw'][1]:.2f}", file=sys.stderr, flush=True)
     finally:
         procs.stop_all()
-    print("| policy | c | requests/s | p50 ms | CPU ms/request cortex + neuron | context switches/request cortex / neuron |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for (policy, c), v in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0] != "normal")):
+    print("| tree | policy | c | requests/s | p50 ms | CPU ms/request cortex + neuron | context switches/request cortex / neuron |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for (tree, policy, c), v in sorted(rows.items(), key=lambda kv: (kv[0][2], kv[0][1] != "normal", kv[0][0])):
         med = lambda f: st.median(f(x) for x in v)  # noqa: E731
-        print(f"| {policy} | {c} | {med(lambda x: x['rps']):,.0f} | {med(lambda x: x['p50']):.3f} | "
+        print(f"| {tree} | {policy} | {c} | {med(lambda x: x['rps']):,.0f} | {med(lambda x: x['p50']):.3f} | "
               f"{med(lambda x: x['cpu'][0]):.3f} + {med(lambda x: x['cpu'][1]):.3f} | "
               f"{med(lambda x: x['sw'][0]):.2f} / {med(lambda x: x['sw'][1]):.2f} |")
 

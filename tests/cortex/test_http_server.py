@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -173,6 +174,58 @@ async def test_the_connection_closes_after_keep_alive_max_requests() -> None:
         second = await client.request()
         assert "connection" not in first.headers and second.headers["connection"] == "close"
         assert await client.rest() == b""
+
+
+async def _serve_back_to_back(app_yields: bool, requests: int = 5) -> list[int]:
+    """Serve ``requests`` on one connection whose next request is always in the socket by
+    the time the server reads (the app sends it on the client's behalf through a blocking
+    stdlib socket, which never yields); returns the serving task's count of yields to the
+    scheduler (trio's ``Task._schedule_points``) as each request reached the app."""
+    seen: list[int] = []
+    raw: list[socket.socket] = []
+
+    async def app(scope, receive, send) -> None:
+        seen.append(trio.lowlevel.current_task()._schedule_points)
+        if app_yields:
+            await trio.lowlevel.checkpoint()
+        await respond(send, b"ok")
+        if len(seen) < requests:
+            raw[0].send(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")
+
+    async with serving(app) as (_, port):
+        raw.append(socket.create_connection(("127.0.0.1", port)))
+        try:
+            raw[0].send(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")
+            while len(seen) < requests:
+                await wait_all_tasks_blocked()
+        finally:
+            raw[0].close()
+    return seen
+
+
+async def test_a_client_whose_next_request_is_always_there_still_lets_other_tasks_run() -> None:
+    # An app that never yields, and a request always waiting: the serving task must still
+    # yield once per request, or one busy keep-alive client would starve every other.
+    seen = await _serve_back_to_back(app_yields=False)
+    assert [b - a for a, b in zip(seen, seen[1:])] == [1, 1, 1, 1]
+
+
+async def test_a_request_that_already_yielded_is_not_made_to_yield_again_at_the_next_read() -> None:
+    # (A request that went to a neuron waited for its answer: one more pass through the
+    # scheduler at the read was a measured share of a request's cost.)
+    seen = await _serve_back_to_back(app_yields=True)
+    assert [b - a for a, b in zip(seen, seen[1:])] == [1, 1, 1, 1]
+
+
+async def test_trio_still_counts_each_tasks_yields_in_schedule_points() -> None:
+    # The server's read decides whether to yield by this count (see the tests above); if a
+    # trio upgrade moved or dropped it, this says so.
+    task = trio.lowlevel.current_task()
+    before = task._schedule_points
+    await trio.lowlevel.checkpoint_if_cancelled()
+    assert task._schedule_points == before
+    await trio.lowlevel.checkpoint()
+    assert task._schedule_points == before + 1
 
 
 # --- request bodies and methods -----------------------------------------------------------

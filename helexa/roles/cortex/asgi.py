@@ -73,7 +73,7 @@ class Responder:
         self.started = True
         self.status = status
         await self._send({"type": "http.response.start", "status": status,
-                          "headers": self._all([*headers, (b"content-length", str(len(data)).encode())])})
+                          "headers": self._all([*headers, (b"content-length", b"%d" % len(data))])})
         await self._send({"type": "http.response.body", "body": data})
 
     async def json(self, obj: Any, status: int = 200) -> None:
@@ -132,9 +132,10 @@ class Exchange:
         A body the server already holds whole (:data:`.http.BODY_EXTENSION`) is taken as it
         is; otherwise it is read within ``body_timeout``."""
         limit = self._limits.max_body_bytes
-        extensions = self.scope.get("extensions")
-        if extensions is not None:
-            whole = extensions.get(BODY_EXTENSION)
+        scope = self.scope
+        # (`in` and subscripts: no method call on every request's path)
+        if "extensions" in scope and (extensions := scope["extensions"]) and BODY_EXTENSION in extensions:
+            whole = extensions[BODY_EXTENSION]
             if whole is not None:
                 if len(whole) > limit:
                     raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
@@ -165,8 +166,10 @@ class Exchange:
         (:data:`.http.CANCEL_EXTENSION`): the request's cancellation then ends the
         connection too, where a scope opened here per request would cost more than the
         rest of this method (docs/benchmarks.md, issue 17 item 2)."""
-        extensions = self.scope.get("extensions")
-        connection = extensions.get(CANCEL_EXTENSION) if extensions is not None else None
+        scope = self.scope
+        connection = None
+        if "extensions" in scope and (extensions := scope["extensions"]) and CANCEL_EXTENSION in extensions:
+            connection = extensions[CANCEL_EXTENSION]
         if connection is not None:
             watched = self._watch.add(self.receive, connection)
             try:
@@ -231,7 +234,7 @@ class Router:
 
     def find(self, method: str, path: str) -> tuple[Route, str]:
         """``(route, rest of the path)``. Raises NotFound (404) or MethodNotAllowed (405)."""
-        methods = self._exact.get(path)
+        methods = self._exact[path] if path in self._exact else None  # (no method call per request)
         rest = ""
         if methods is None:
             for prefix, candidates in self._prefixes:
@@ -240,7 +243,7 @@ class Router:
                     break
             else:
                 raise NotFound(f"no route {path}")
-        route = methods.get(method)
+        route = methods[method] if method in methods else None
         if route is None:
             raise MethodNotAllowed(f"{method} is not allowed on {path}")
         return route, rest

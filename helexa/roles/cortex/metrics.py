@@ -66,7 +66,7 @@ class Metrics:
         prompt_tokens: int, completion_tokens: int,
     ) -> None:
         key = (model, neuron, endpoint)
-        children = self._children.get(key)
+        children = self._children[key] if key in self._children else None  # (no method call per request)
         if children is None:  # labels() costs a lock and a dict lookup per metric: once per key
             children = self._children[key] = (
                 self.requests.labels(model, neuron, endpoint), self.latency.labels(model, neuron),
@@ -90,7 +90,7 @@ class Metrics:
                        cost: float, currency: str) -> None:
         """One request a portal served and billed (``model`` as the client asked for it)."""
         key = (portal, model, outcome)
-        children = self._portal_children.get(key)
+        children = self._portal_children[key] if key in self._portal_children else None
         if children is None:
             children = self._portal_children[key] = (
                 self.portal_requests.labels(portal, model, outcome), self.portal_tokens.labels(portal, model, "prompt"),
@@ -180,7 +180,7 @@ class OrchestratorMetrics:
 
     def decided(self, model: str, mode: str, cache: str, *, matched: int = 0, total: int = 0) -> None:
         key = (model, mode, cache)
-        children = self._decided.get(key)
+        children = self._decided[key] if key in self._decided else None
         if children is None:  # one per request: labels() costs a lock and a lookup per metric
             children = self._decided[key] = (self.decisions.labels(model, mode, cache),
                                              self.prefix_blocks.labels(model, "hit"),

@@ -108,6 +108,8 @@ def parse(model: type[M], raw: bytes) -> M:
         body = model.model_validate_json(raw)
     except ValidationError as exc:
         raise _bad_request(exc) from None
+    if not body.__pydantic_extra__:  # (nearly every body: no unknown field, nothing to sort)
+        return body
     for name in body.unknown_fields():
         if (name not in PASSTHROUGH and name not in _IGNORED and name not in _logged_unknown
                 and len(_logged_unknown) < MAX_LOGGED_UNKNOWN):
@@ -147,7 +149,7 @@ def to_generate_request(body: ChatCompletionRequest | CompletionRequest, request
     """The fabric request for a validated chat or completion body. Raises
     :class:`BadRequest` for what the types alone could not rule out."""
     stop: tuple[str, ...] = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    if any(not s for s in stop):
+    if "" in stop:
         raise BadRequest("stop sequences must not be empty", param="stop")
     if len(stop) > 16:
         raise BadRequest("at most 16 stop sequences", param="stop")
@@ -174,7 +176,7 @@ def to_generate_request(body: ChatCompletionRequest | CompletionRequest, request
     except ValueError as exc:
         raise BadRequest(str(exc)) from None
     extra = _extra(body)
-    if isinstance(body, ChatCompletionRequest):
+    if chat:
         for i, m in enumerate(body.messages):
             if isinstance(m, UserMessage) and isinstance(m.content, list):
                 for j, part in enumerate(m.content):
@@ -186,9 +188,9 @@ def to_generate_request(body: ChatCompletionRequest | CompletionRequest, request
             messages=_wire_messages(body.messages),
             sampling=sampling, stream=body.stream, extra=extra,
             tools=tuple(ToolSpec(t.function.name, t.function.description, t.function.parameters,
-                                 bool(t.function.strict)) for t in body.tools or ()),
-            tool_choice=_tool_choice(body.tool_choice),
-            response_format=_response_format(body.response_format),
+                                 bool(t.function.strict)) for t in body.tools) if body.tools else (),
+            tool_choice=_tool_choice(body.tool_choice) if body.tool_choice is not None else None,
+            response_format=_response_format(body.response_format) if body.response_format is not None else None,
         )
     if body.echo:
         raise BadRequest("echo is not supported", param="echo")
@@ -257,7 +259,8 @@ def _dumps_as_is(cls: type[Lenient]) -> bool:
 
 
 def _extra(body: GenerateBody) -> dict[str, Any]:
-    extra = {k: v for k, v in (body.model_extra or {}).items() if k in PASSTHROUGH}
+    unknown = body.__pydantic_extra__
+    extra = {k: v for k, v in unknown.items() if k in PASSTHROUGH} if unknown else {}
     for name, value in extra.items():
         try:
             check_wire_json(value)
@@ -397,6 +400,8 @@ class Choices:
     def usage(self) -> Usage:
         """Usage summed over the choices (each is a whole generation)."""
         results = [c.result for c in self._choices if c.result is not None]
+        if len(results) == 1:  # one choice (nearly every request): its usage as it is, not summed anew
+            return results[0].usage
         return Usage(sum(r.usage.prompt_tokens for r in results), sum(r.usage.completion_tokens for r in results),
                      sum(r.usage.cached_tokens for r in results))
 

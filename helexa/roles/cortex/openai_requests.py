@@ -146,7 +146,14 @@ def _tagged(field: str, *members: type[BaseModel]) -> Any:
         tagged.append(Annotated[m, Tag(f"{field}={values[0]}")])
 
     def tag(value: Any) -> str | None:
-        got = value.get(field) if isinstance(value, dict) else getattr(value, field, None)
+        # type() and `in` for the plain dict and str that a JSON body gives: no method call,
+        # once per message and content part of every request.
+        if type(value) is dict:
+            got = value[field] if field in value else None
+        else:
+            got = value.get(field) if isinstance(value, dict) else getattr(value, field, None)
+        if type(got) is str:
+            return tags[got] if got in tags else None
         return tags.get(got) if isinstance(got, str) else None
 
     names = ", ".join(sorted(tags))

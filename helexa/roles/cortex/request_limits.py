@@ -67,6 +67,9 @@ class RequestLimits:
         entry = self._catalogue.get(model_id)
         if entry is not None and entry.max_context:
             return entry.max_context
+        return self._reported_context(model_id)
+
+    def _reported_context(self, model_id: str) -> int | None:
         reported = [s.context_length for link in self._fleet.usable()
                     if (s := link.models.get(model_id)) is not None and s.state is ModelState.LOADED
                     and s.context_length]
@@ -111,7 +114,8 @@ class RequestLimits:
                                  param="max_tokens")
             if entry.max_output and max_tokens is None:
                 request = replace(request, sampling=replace(request.sampling, max_tokens=entry.max_output))
-        limit = self.context_length(request.model_id)
+        # (the entry looked up above: context_length() would look it up again)
+        limit = entry.max_context if entry is not None and entry.max_context else self._reported_context(request.model_id)
         if limit is None:
             return request
         param = "messages" if request.task is Task.CHAT else "prompt"

@@ -39,10 +39,11 @@ from http import HTTPStatus
 
 from .errors import ClientGone, LocalProtocolError, RemoteProtocolError
 from .events import CLOSED, NEED_DATA, PAUSED, Data, Request, Sentinel
-from .parser import ChunkedBody, LengthBody, find_head_end, parse_head
+from .parser import LOWER, ChunkedBody, LengthBody, find_head_end, parse_head
 from .states import MOVES, State, Trigger
 
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+_STATUS_LINES = {status: b"HTTP/1.1 %d %b\r\n" % (status, reason) for status, reason in _REASONS.items()}
 
 ErrorBody = Callable[[int, str], tuple[bytes, bytes]]
 """``(status, message) -> (content type, body)`` of a response the server makes itself."""
@@ -94,7 +95,9 @@ class Connection:
         """When :meth:`timeout` is due if no bytes arrive first (``None``: no wait)."""
         self._buf = b""
         self._scan = 0  # where the search for the end of the head resumes
-        self._out = b""
+        self.out = b""
+        """The bytes waiting to be written (read-only: :meth:`data_to_send` takes them; a
+        shell may look here first rather than call it for nothing)."""
         # the current exchange
         self._body: LengthBody | ChunkedBody | None = None
         self._expect_continue = False
@@ -219,9 +222,15 @@ class Connection:
         body = self._body
         if self.client_state is not State.BODY or type(body) is not LengthBody or len(self._buf) < body.remaining:
             return None
-        event = self._next_body(now)
-        assert type(event) is Data and not event.more
-        return event.body
+        # What _next_body does for a body that is all here, without a Data event to unwrap.
+        data, used, done = body.feed(self._buf)
+        assert done
+        if used:
+            self._buf = self._buf[used:]
+        self._fire(Trigger.BODY_END)
+        self.deadline = None
+        self._expect_continue = False
+        return data
 
     def timeout(self, now: float) -> None:
         """The shell's timer fired: act on :attr:`deadline` if it has passed (an early or
@@ -290,36 +299,40 @@ class Connection:
             self._emit(data)
 
     def _head(self, length: int, more: bool) -> bytes:
+        # Built by concatenation, names lowered through LOWER, the status line looked up:
+        # no method call per header line (docs/benchmarks.md, issue 17 item 2).
         status = self._status
-        lines = [b"HTTP/1.1 %d %b\r\n" % (status, _REASONS.get(status, b""))]
+        try:
+            head = _STATUS_LINES[status]
+        except KeyError:
+            head = b"HTTP/1.1 %d \r\n" % status
         has_length = False
         for name, value in self._headers:
             if b"\n" in value or b"\r" in value or b"\n" in name or b"\r" in name:
                 raise LocalProtocolError(f"header {name!r} holds a line break")
-            lowered = name.lower()
+            lowered = LOWER[name]
             if lowered == b"content-length":
                 has_length = True
             elif lowered == b"connection":
                 if b"close" in value.lower():
                     self.keep_alive = False
                 continue  # the server says whether the connection stays
-            lines.append(b"%b: %b\r\n" % (name, value))
+            head += b"%b: %b\r\n" % (name, value)
         bodyless = self._head_request or status in _NO_BODY
         self._framing = _NONE if bodyless else _RAW
         if not has_length and status not in _NO_BODY:
             if not more:
-                lines.append(b"content-length: %d\r\n" % length)
+                head += b"content-length: %d\r\n" % length
             elif self._http11:
-                lines.append(b"transfer-encoding: chunked\r\n")
+                head += b"transfer-encoding: chunked\r\n"
                 if not bodyless:
                     self._framing = _CHUNKED
             else:
                 self.keep_alive = False  # an HTTP/1.0 stream ends when the connection does
         if not self.keep_alive:
-            lines.append(b"connection: close\r\n")
-        lines.append(b"\r\n" if self.date is None else b"date: %b\r\n\r\n" % self.date())
+            head += b"connection: close\r\n"
         self._expect_continue = False
-        return b"".join(lines)
+        return head + (b"\r\n" if self.date is None else b"date: %b\r\n\r\n" % self.date())
 
     def send_failed(self) -> None:
         """A write to the client failed: it is gone (the app's next send raises
@@ -373,23 +386,27 @@ class Connection:
 
     def data_to_send(self) -> bytes:
         """The bytes to write to the client now (taken: a second call returns ``b""``)."""
-        out, self._out = self._out, b""
+        out, self.out = self.out, b""
         return out
 
     # --- the table ------------------------------------------------------------------------
 
     def _fire(self, trigger: Trigger) -> None:
+        # Subscripts rather than ``.get``: six triggers per request, and a method call is a
+        # Python call where a subscript is not (docs/benchmarks.md, issue 17 item 2).
         client, server = MOVES[trigger]
         if client is not None:
-            new = client.get(self.client_state)
-            if new is None:
-                raise LocalProtocolError(f"{trigger.name} is not allowed with the client in {self.client_state.name}")
-            self.client_state = new
+            try:
+                self.client_state = client[self.client_state]
+            except KeyError:
+                raise LocalProtocolError(
+                    f"{trigger.name} is not allowed with the client in {self.client_state.name}") from None
         if server is not None:
-            new = server.get(self.server_state)
-            if new is None:
-                raise LocalProtocolError(f"{trigger.name} is not allowed with the server in {self.server_state.name}")
-            self.server_state = new
+            try:
+                self.server_state = server[self.server_state]
+            except KeyError:
+                raise LocalProtocolError(
+                    f"{trigger.name} is not allowed with the server in {self.server_state.name}") from None
 
     def _close(self) -> None:
         if self.server_state is not State.CLOSED:
@@ -398,7 +415,7 @@ class Connection:
         self.deadline = None
 
     def _emit(self, data: bytes) -> None:
-        self._out = self._out + data if self._out else data
+        self.out = self.out + data if self.out else data
 
     def _error_response(self, status: int, message: str) -> bytes:
         content_type, body = self.error_body(status, message)

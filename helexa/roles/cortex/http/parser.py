@@ -38,6 +38,31 @@ _MAX_CHUNK_LINE = 4096
 """The longest chunk-size line (with extensions) accepted."""
 
 
+class _Lowered(dict[bytes, bytes]):
+    """Header names and their lowercase forms, remembered: ``LOWER[name]`` is ``name.lower()``
+    without a method call for a name seen before (a request's and a response's few headers,
+    on every request: docs/benchmarks.md, issue 17 item 2). Bounded: at most
+    :attr:`limit` names of at most :attr:`longest` bytes are kept, so a client inventing
+    names grows nothing; past that a name is lowered each time."""
+
+    limit = 512
+    longest = 64
+
+    def __missing__(self, name: bytes) -> bytes:
+        lowered = name.lower()
+        if len(name) <= self.longest and len(self) < self.limit:
+            self[name] = lowered
+        return lowered
+
+
+LOWER = _Lowered()
+for _name in (b"Host", b"Content-Type", b"Content-Length", b"Authorization", b"User-Agent", b"Accept",
+              b"Accept-Encoding", b"Connection", b"Transfer-Encoding", b"Expect", b"X-Api-Key", b"X-Request-Id",
+              b"Cache-Control", b"X-Accel-Buffering", b"Date", b"Traceparent", b"X-Session-Id"):
+    LOWER[_name], LOWER[_name.lower()] = _name.lower(), _name.lower()
+del _name
+
+
 def find_head_end(buf: bytes, start: int = 0) -> int:
     """Where the head at the start of ``buf`` ends (just past its blank line), or -1.
 
@@ -82,7 +107,7 @@ def parse_head(head: bytes) -> tuple[Request, int | None, bool, bool]:
     match = _REQUEST_LINE.fullmatch(lines[0])
     if match is None:
         raise RemoteProtocolError(f"illegal request line: {lines[0][:200]!r}")
-    method, target, version = match.groups()
+    method, target, version = match[1], match[2], match[3]  # (subscripts: no call per request)
     if version != b"1.1" and version != b"1.0":
         raise RemoteProtocolError(f"HTTP/{version.decode()} is not supported", 505)
     headers = []
@@ -97,8 +122,7 @@ def parse_head(head: bytes) -> tuple[Request, int | None, bool, bool]:
             if line[:1] in (b" ", b"\t"):
                 raise RemoteProtocolError("obsolete line folding is not accepted")
             raise RemoteProtocolError(f"illegal header line: {line[:200]!r}")
-        name, value = header.groups()
-        name = name.lower()
+        name, value = LOWER[header[1]], header[2]
         if name == b"host":
             hosts += 1
         elif name == b"content-length":

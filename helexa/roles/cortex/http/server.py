@@ -48,6 +48,20 @@ App = Callable[[dict[str, Any], Callable[[], Awaitable[dict[str, Any]]],
                 Callable[[dict[str, Any]], Awaitable[None]]], Awaitable[None]]
 
 _MAX_RECV = 65536
+
+
+class _MethodNames(dict[bytes, str]):
+    """``METHODS[b"POST"]`` is ``"POST"``: a request method as the ASGI scope's string,
+    without a ``decode`` per request. Bounded, as :class:`.parser._Lowered` is."""
+
+    def __missing__(self, method: bytes) -> str:
+        name = method.decode()
+        if len(method) <= 16 and len(self) < 64:
+            self[method] = name
+        return name
+
+
+_METHODS = _MethodNames({m: m.decode() for m in (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS")})
 _DISCONNECT = {"type": "http.disconnect"}
 
 BODY_EXTENSION = "helexa.body"
@@ -180,6 +194,13 @@ class _ServerConnection:
                                    date=server.clock.date)
         self.scope = trio.CancelScope()
         self.exchange: _Exchange | None = None
+        self.now = trio.lowlevel.current_clock().current_time
+        """The run's clock (``trio.current_time()`` is four Python calls, this two)."""
+        self._yields = -1  # the task's count of yields to the scheduler at its last read
+        self.read_at = 0.0
+        """The clock when :meth:`next_event` last returned."""
+        self._target = b""  # the last request target, and what the ASGI scope makes of it
+        self._path: tuple[str, bytes, bytes] = ("", b"", b"")
         try:
             self.client: tuple[str, int] | None = stream.socket.getpeername()[:2]
             self.local: tuple[str, int] | None = stream.socket.getsockname()[:2]
@@ -199,7 +220,7 @@ class _ServerConnection:
                 return  # CLOSED
             exchange = self.exchange = _Exchange(self, event)
             if protocol.client_state is State.BODY:
-                exchange.body = protocol.whole_body(trio.current_time())
+                exchange.body = protocol.whole_body(self.read_at)
             failed = False
             try:
                 await self.server.app(exchange.asgi_scope(), exchange.receive, exchange.send)
@@ -211,24 +232,24 @@ class _ServerConnection:
             self.exchange = None
             exchange.end()
             protocol.app_returned(failed)
-            out = protocol.data_to_send()
-            if out:
-                await self.write_quietly(out)
+            if protocol.out:  # (an answer made for the app, or nothing: usually nothing)
+                await self.write_quietly(protocol.data_to_send())
 
     async def next_event(self) -> Any:
         """The connection's next event other than NEED_DATA, reading as it asks."""
         protocol = self.protocol
-        now = trio.current_time()  # read again only after a read (each read is three Python calls)
+        clock = self.now
+        now = clock()  # read again only after a read or a write
         while True:
             event = protocol.next_event(now)
-            out = protocol.data_to_send()
-            if out:
-                await self.write_quietly(out)
-                now = trio.current_time()
+            if protocol.out:
+                await self.write_quietly(protocol.data_to_send())
+                now = clock()
             if event is not NEED_DATA:
+                self.read_at = now
                 return event
             data = await self.read(protocol.deadline)
-            now = trio.current_time()
+            now = clock()
             if data is None:
                 protocol.timeout(now)
             else:
@@ -250,7 +271,19 @@ class _ServerConnection:
         except OSError:
             return b""
         else:
-            await trio.lowlevel.checkpoint()  # a client that keeps bytes coming must not starve the others
+            # A client that keeps bytes coming must not starve the others: every pass of the
+            # serve loop yields to the scheduler at least once. Most passes already did (a
+            # request that went to a neuron waited for its answer); then this read only
+            # checks for cancellation, which saves a pass through trio's scheduler per
+            # request (docs/benchmarks.md, issue 17 item 2).
+            # (task._schedule_points: trio's own count of a task's yields, which it keeps for
+            # trio.testing.assert_checkpoints; tests/cortex/test_http_server.py checks it.)
+            task = trio.lowlevel.current_task()
+            if task._schedule_points == self._yields:
+                await trio.lowlevel.checkpoint()
+            else:
+                await trio.lowlevel.checkpoint_if_cancelled()
+            self._yields = task._schedule_points
             return data
         with trio.move_on_at(math.inf if deadline is None else deadline):
             while True:
@@ -300,50 +333,70 @@ class _ServerConnection:
 class _Exchange:
     """One request and its response: the ``receive`` and ``send`` the app gets."""
 
-    __slots__ = ("conn", "request", "ended", "watch", "body")
+    __slots__ = ("conn", "request", "ended", "_ended_event", "watch", "body")
 
     def __init__(self, conn: _ServerConnection, request: Request) -> None:
         self.conn = conn
         self.request = request
         self.body: bytes | None = None
         """The whole body, when it came with the head (until ``receive()`` hands it out)."""
-        self.ended = trio.Event()
-        """Set once ``http.disconnect`` is due: the response is complete, the client left,
+        self.ended = False
+        """Whether ``http.disconnect`` is due: the response is complete, the client left,
         or the app returned."""
+        self._ended_event: trio.Event | None = None  # made only for a receive() that waits for the end
         self.watch: trio.CancelScope | None = None
 
     def asgi_scope(self) -> dict[str, Any]:
         req = self.request
-        path, _, query = req.target.partition(b"?")
+        conn = self.conn
+        target = req.target
+        if target == conn._target:  # a keep-alive client asks for the same path again and again
+            path, raw_path, query = conn._path
+        else:
+            raw_path, _, query = target.partition(b"?")
+            path = raw_path.decode("latin-1")
+            if "%" in path:
+                path = unquote(path)
+            conn._target, conn._path = target, (path, raw_path, query)
         scope = {
             "type": "http",
             "asgi": {"version": "3.0", "spec_version": "2.3"},
-            "http_version": req.http_version.decode(),
-            "method": req.method.decode(),
+            "http_version": "1.1" if req.http_version == b"1.1" else req.http_version.decode(),
+            "method": _METHODS[req.method],
             "scheme": "http",
-            "path": unquote(path.decode("latin-1")),
-            "raw_path": path,
+            "path": path,
+            "raw_path": raw_path,
             "query_string": query,
             "root_path": "",
             "headers": req.headers,
-            "client": self.conn.client,
-            "server": self.conn.local,
+            "client": conn.client,
+            "server": conn.local,
         }
-        extensions: dict[str, Any] = {CANCEL_EXTENSION: self.conn.scope}
+        extensions: dict[str, Any] = {CANCEL_EXTENSION: conn.scope}
         if self.body is not None:
             extensions[BODY_EXTENSION] = self.body
         scope["extensions"] = extensions
         return scope
 
     def end(self) -> None:
-        self.ended.set()
+        self.ended = True
+        if self._ended_event is not None:
+            self._ended_event.set()
         if self.watch is not None:
             self.watch.cancel()
+
+    async def _wait_ended(self) -> None:
+        if self.ended:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._ended_event is None:
+            self._ended_event = trio.Event()
+        await self._ended_event.wait()
 
     async def receive(self) -> dict[str, Any]:
         """ASGI ``receive``: the body's parts, then ``http.disconnect`` when it is due."""
         conn = self.conn
-        if conn.exchange is not self or self.ended.is_set():
+        if conn.exchange is not self or self.ended:
             return dict(_DISCONNECT)
         if self.body is not None:
             body, self.body = self.body, None
@@ -356,7 +409,7 @@ class _Exchange:
         if not conn.protocol.exchange_open:
             return dict(_DISCONNECT)
         if self.watch is not None:  # a task is already watching the socket
-            await self.ended.wait()
+            await self._wait_ended()
             return dict(_DISCONNECT)
         self.watch = trio.CancelScope()
         with self.watch:
@@ -365,9 +418,9 @@ class _Exchange:
             except OSError:
                 peek = b""
             if peek:
-                await self.ended.wait()  # a pipelined request: it waits its turn
+                await self._wait_ended()  # a pipelined request: it waits its turn
             else:
-                conn.protocol.receive_data(b"", trio.current_time())
+                conn.protocol.receive_data(b"", conn.now())
                 self.end()
         return dict(_DISCONNECT)
 
@@ -386,7 +439,9 @@ class _Exchange:
         if kind == "http.response.body":
             protocol = conn.protocol
             try:
-                protocol.send_body(message.get("body", b""), message.get("more_body", False))
+                # (`in` and subscripts rather than .get: no method call per message)
+                protocol.send_body(message["body"] if "body" in message else b"",
+                                   "more_body" in message and message["more_body"])
                 data = protocol.data_to_send()
                 if data:
                     await conn.write(data)
@@ -396,6 +451,6 @@ class _Exchange:
             if protocol.server_state is State.DONE:
                 self.end()
         elif kind == "http.response.start":
-            conn.protocol.start_response(message["status"], list(message.get("headers", ())))
+            conn.protocol.start_response(message["status"], list(message["headers"]) if "headers" in message else [])
         else:
             raise LocalProtocolError(f"unexpected ASGI message {kind!r}")

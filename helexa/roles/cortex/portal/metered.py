@@ -72,16 +72,16 @@ class MeteredRun:
     async def __aenter__(self) -> MeteredGeneration:
         m, caller, request = self._metering, self._caller, self._request
         portal = caller.portal
+        asked = request.model_id
+        served = portal.resolve(asked, caller.key)  # once: the model checked is the model planned
         if m.limits is not None:
             # Checked as the model behind the portal's name, answered under the name asked.
-            asked = request.model_id
-            served = portal.resolve(asked, caller.key)
             checked = await m.limits.check(request if served == asked else dataclasses.replace(request, model_id=served),
                                            image=self._image)
             request = checked if served == asked else dataclasses.replace(checked, model_id=asked)
         now = m.clock()
         accounts = self._accounts = m.accounts(caller, now)
-        plan = self._plan = m._plan_generate(caller, request, bounded=bool(accounts),
+        plan = self._plan = m._plan_generate(caller, request, served, bounded=bool(accounts),
                                              counted=bool(accounts) or portal.records_usage)
         m._admit(caller, plan, accounts, now)
         run = self._run = MeteredGeneration()

@@ -67,6 +67,9 @@ _MESSAGE_ALLOWANCE = 8
 _PROMPT_ALLOWANCE = 16
 """Tokens a template may add once (the assistant's turn, a BOS token)."""
 
+_NOTHING_RESERVED = Reservation(0, 0.0)
+"""The reservation of a request that is neither limited nor recorded (frozen: one for all)."""
+
 Receipts = Callable[[str], Awaitable[tuple[str, str] | None]]
 """``receipts(request_id)``: ``(peer id, receipt signature hex)`` of a federated request."""
 
@@ -219,13 +222,14 @@ class Metering:
 
     # --- planning --------------------------------------------------------------------------
 
-    def _plan_generate(self, caller: Caller, request: GenerateRequest, *, bounded: bool, counted: bool) -> Plan:
-        """``bounded``: quotas apply (the worst case is reserved, and ``max_tokens`` sent so
+    def _plan_generate(self, caller: Caller, request: GenerateRequest, served: str, *, bounded: bool,
+                       counted: bool) -> Plan:
+        """``served``: the catalogue model behind ``request.model_id`` (``Portal.resolve``);
+        ``bounded``: quotas apply (the worst case is reserved, and ``max_tokens`` sent so
         it holds); ``counted``: the usage is recorded or reserved (an open portal with no
         limits and no ledger skips the prompt's measure)."""
         portal = caller.portal
         asked = request.model_id
-        served = portal.resolve(asked, caller.key)
         entry = self.catalogue.get(served)
         max_tokens = request.sampling.max_tokens
         if entry is not None and entry.max_output and max_tokens and max_tokens > entry.max_output:
@@ -233,7 +237,7 @@ class Metering:
                              param="max_tokens")
         if not counted:
             forward = request if served == asked else dataclasses.replace(request, model_id=served)
-            return Plan(asked, forward, Reservation(0, 0.0), 0)
+            return Plan(asked, forward, _NOTHING_RESERVED, 0)
         size, messages = prompt_bytes(request)
         completion = max_tokens or (entry.max_output if entry is not None else None) or portal.config.default_max_tokens
         # An exact count (the edge's tokenizer) bounds the prompt; else its bytes do.
@@ -330,11 +334,14 @@ class Metering:
         final = run.final
         if final is not None and error is None:
             u = final.usage
-            billed = Usage(u.prompt_tokens, max(u.completion_tokens, run.completion_tokens), u.cached_tokens)
+            # Billed: the neuron's usage, unless the chunks counted more completion tokens
+            # (then a new Usage and result). Nearly always it is the neuron's own, used as it is.
+            billed = u if run.completion_tokens <= u.completion_tokens else Usage(
+                u.prompt_tokens, run.completion_tokens, u.cached_tokens)
             record = self._book(caller, plan, accounts, endpoint, started, t0, prompt=billed.prompt_tokens,
                                 completion=billed.completion_tokens, cached=billed.cached_tokens, error=None,
                                 node_id=run.node_id, ttft=run.ttft)
-            run.result = final if billed == u else dataclasses.replace(final, usage=billed)
+            run.result = final if billed is u else dataclasses.replace(final, usage=billed)
             return record
         completion = run.completion_tokens
         prompt = math.ceil(plan.prompt_bytes / 4) if completion else 0
