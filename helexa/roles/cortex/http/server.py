@@ -279,12 +279,12 @@ class _ServerConnection:
             # (task._schedule_points: trio's own count of a task's yields, which it keeps for
             # trio.testing.assert_checkpoints; tests/cortex/test_http_server.py checks it. A
             # trio without it gives None here, and every read yields as it used to.)
-            points = getattr(trio.lowlevel.current_task(), "_schedule_points", None)
-            if points == self._yields:
+            task = trio.lowlevel.current_task()
+            if getattr(task, "_schedule_points", None) == self._yields:
                 await trio.lowlevel.checkpoint()
             else:
                 await trio.lowlevel.checkpoint_if_cancelled()
-            self._yields = points
+            self._yields = getattr(task, "_schedule_points", None)
             return data
         with trio.move_on_at(math.inf if deadline is None else deadline):
             while True:
