@@ -89,6 +89,7 @@ def main() -> None:
     ap.add_argument("--models", default="synth,paced")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--dur", type=float, default=5, help="seconds per model and tree in a round")
+    ap.add_argument("--conc", type=int, default=1, help="streams at a time (1: each event wakes the processes)")
     ap.add_argument("--calls", action="store_true", help="also count Python calls per stream (one more round)")
     ap.add_argument("--baseline-src", help="other source trees, TREE or NAME=TREE,...: their cortex and "
                     "neuron are measured too")
@@ -120,13 +121,13 @@ def main() -> None:
             trees[name] = (base, key, pids)
         for base, key, _ in trees.values():
             for m in models:
-                g.bench.stream(base, 1, 1, m, key, TOKENS[m], a.cpus)  # warm-up, not recorded
+                g.bench.stream(base, a.conc, 1, m, key, TOKENS[m], a.cpus)  # warm-up, not recorded
         rows: dict[tuple[str, str], list[tuple[float, ...]]] = {}
         for r in range(a.rounds):
             for m in models:
                 for tree, (base, key, pids) in trees.items():
                     c0 = [threads_ns(p) for p in pids]
-                    res = g.bench.stream(base, 1, a.dur, m, key, TOKENS[m], a.cpus)
+                    res = g.bench.stream(base, a.conc, a.dur, m, key, TOKENS[m], a.cpus)
                     each = [cpu_ms_since(p, c) / max(res["n"], 1) for p, c in zip(pids, c0)]
                     rows.setdefault((m, tree), []).append(
                         (res["ttfc_p50"], res["tot_p50"], res["events"], each[0], each[1]))
@@ -141,7 +142,7 @@ def main() -> None:
                     for p in pids:
                         os.kill(p, signal.SIGUSR1)
                     time.sleep(0.5)
-                    res = g.bench.stream(base, 1, a.dur, m, key, TOKENS[m], a.cpus)
+                    res = g.bench.stream(base, a.conc, a.dur, m, key, TOKENS[m], a.cpus)
                     for p in pids:
                         os.kill(p, signal.SIGUSR1)
                     counted = [work / f"calls.{p}" for p in pids]
@@ -154,7 +155,7 @@ def main() -> None:
                         f.unlink()
     finally:
         procs.stop_all()
-    print(f"\nMedians of {a.rounds} interleaved rounds, {a.dur:g}s each, one stream at a time; cortex and "
+    print(f"\nMedians of {a.rounds} interleaved rounds, {a.dur:g}s each, {a.conc} stream(s) at a time; cortex and "
           f"neuron on CPU {a.gateway_cpus}, the client on CPU {a.cpus}.\n")
     head = "| model | tree | TTFT p50 ms | total p50 ms | SSE events | cortex CPU ms/stream | neuron CPU ms/stream |"
     if calls:
