@@ -268,12 +268,15 @@ class FrameChannel(Channel):
         # call. Where they usually do (a neuron under load), read first; the wait is
         # then skipped, so a checkpoint is taken by hand.
         if self._eager_read:
+            await trio.lowlevel.checkpoint_if_cancelled()
             try:
                 data = sock.recv(READ_SIZE)
             except BlockingIOError:
                 pass
             else:
-                await trio.lowlevel.checkpoint()
+                # A schedule point, not a cancel point: the bytes are read, and a cancel
+                # here would drop them unparsed (the cancel point is before the read).
+                await trio.lowlevel.cancel_shielded_checkpoint()
                 return data
         while True:
             await trio.lowlevel.wait_readable(sock)

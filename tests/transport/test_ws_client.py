@@ -308,3 +308,43 @@ async def test_the_run_queue_probe_reads_trios_queue() -> None:
         assert ws_channel._others_runnable()  # the new task is queued to run
         assert trio.lowlevel.current_statistics().tasks_runnable > 0
         woken.set()
+
+
+async def test_a_receive_cancelled_just_after_its_read_loses_none_of_the_bytes_read(nursery) -> None:
+    """The client reads before it waits (a neuron's side): a cancel that lands at the
+    schedule point after such a read must leave the bytes for the next receive. Each round
+    the server sends half a frame, a canceller cancels the receive in the scheduler tick
+    after it read them (before or after the receiving task runs again, in trio's random
+    order), then the server sends the rest and the next receive gets the whole message."""
+    rounds = 12
+    go_on = trio.Semaphore(0)
+
+    async def script(stream, conn) -> None:
+        for n in range(rounds):
+            frame = wsframes.server_frame(encode(TokenChunk(f"r{n}", "x" * 64, 1)))
+            await stream.send_all(frame[:20])
+            with trio.fail_after(5):
+                await go_on.acquire()
+            await stream.send_all(frame[20:])
+        await trio.sleep_forever()
+
+    url = await listen(nursery, raw_server(script))
+    async with ws_transport.connect(url, timeout=5) as channel:
+        for n in range(rounds):
+            await trio.sleep(0.02)  # the half frame is in the socket: the eager read finds it
+            reading = False
+            with trio.CancelScope() as scope:
+
+                async def cancel_after_the_read() -> None:
+                    while not reading:
+                        await trio.lowlevel.checkpoint()
+                    scope.cancel()
+
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(cancel_after_the_read)
+                    reading = True
+                    await channel.receive()
+            assert scope.cancelled_caught
+            go_on.release()
+            with trio.fail_after(5):
+                assert await channel.receive() == TokenChunk(f"r{n}", "x" * 64, 1)
