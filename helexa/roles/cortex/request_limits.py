@@ -27,7 +27,7 @@ from dataclasses import replace
 
 from helexa.protocol import Feature, GenerateRequest, ModelState, Task, Workload
 
-from .catalogue import Catalogue
+from .catalogue import Catalogue, CatalogueEntry
 from .errors import BadRequest
 from .fleet import Fleet
 from .token_counter import TokenCounter
@@ -64,12 +64,12 @@ class RequestLimits:
     def context_length(self, model_id: str) -> int | None:
         """The context one request for ``model_id`` gets: the catalogue's figure, else the
         largest any neuron with it loaded reports (the neuron checks exactly anyway)."""
-        entry = self._catalogue.get(model_id)
+        return self._context(model_id, self._catalogue.get(model_id))
+
+    def _context(self, model_id: str, entry: CatalogueEntry | None) -> int | None:
+        """:meth:`context_length`, with ``model_id``'s catalogue entry already looked up."""
         if entry is not None and entry.max_context:
             return entry.max_context
-        return self._reported_context(model_id)
-
-    def _reported_context(self, model_id: str) -> int | None:
         reported = [s.context_length for link in self._fleet.usable()
                     if (s := link.models.get(model_id)) is not None and s.state is ModelState.LOADED
                     and s.context_length]
@@ -114,8 +114,7 @@ class RequestLimits:
                                  param="max_tokens")
             if entry.max_output and max_tokens is None:
                 request = replace(request, sampling=replace(request.sampling, max_tokens=entry.max_output))
-        # (the entry looked up above: context_length() would look it up again)
-        limit = entry.max_context if entry is not None and entry.max_context else self._reported_context(request.model_id)
+        limit = self._context(request.model_id, entry)
         if limit is None:
             return request
         param = "messages" if request.task is Task.CHAT else "prompt"
