@@ -183,17 +183,17 @@ def test_a_body_arriving_in_parts_is_handed_out_in_parts() -> None:
 def test_a_body_that_came_with_its_head_is_had_whole_and_only_then() -> None:
     conn = make()
     head(conn, post(b"hello") + GET)
-    assert conn.whole_body(0.0) == b"hello" and conn.client_state is State.DONE
+    assert conn.whole_body() == b"hello" and conn.client_state is State.DONE
     assert read(conn) == [PAUSED]  # the next request waits its turn, as after a Data
     partial = make()
     head(partial, post(b"hel", length=5))
-    assert partial.whole_body(0.0) is None and read(partial) == [Data(b"hel", True), NEED_DATA]
+    assert partial.whole_body() is None and read(partial) == [Data(b"hel", True), NEED_DATA]
     waiting = make()  # a client waiting for 100 Continue is not told to go on by the look
     head(waiting, post(b"", b"expect: 100-continue\r\n", length=5))
-    assert waiting.whole_body(0.0) is None and waiting.data_to_send() == b"" and waiting.deadline is None
+    assert waiting.whole_body() is None and waiting.data_to_send() == b"" and waiting.deadline is None
     chunked = make()
     head(chunked, b"POST / HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n")
-    assert chunked.whole_body(0.0) is None and read(chunked) == [Data(b"", False), PAUSED]
+    assert chunked.whole_body() is None and read(chunked) == [Data(b"", False), PAUSED]
 
 
 def test_a_chunked_body_is_decoded_and_its_extensions_and_trailers_dropped() -> None:
@@ -544,3 +544,14 @@ def test_every_state_and_transition_of_the_table_is_exercised(monkeypatch: pytes
              for state, triggers in moves.items() for trigger in triggers}
     assert table - taken == set()
     assert {s for _, s, _ in taken} | {State.CLOSED} == set(State)
+
+
+def test_the_header_name_memo_is_bounded() -> None:
+    # A client inventing header names grows the memo to its bound and no further; long
+    # names are lowered each time and never kept.
+    from helexa.roles.cortex.http.parser import BoundedMemo
+
+    memo = BoundedMemo(bytes.lower, limit=4, longest=8, seed=(b"Host",))
+    assert [memo[n] for n in (b"A", b"B", b"C", b"D", b"E")] == [b"a", b"b", b"c", b"d", b"e"]
+    assert len(memo) == 4 and b"E" not in memo
+    assert memo[b"X" * 9] == b"x" * 9 and b"X" * 9 not in memo

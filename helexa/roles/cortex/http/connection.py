@@ -199,9 +199,7 @@ class Connection:
         if used:
             self._buf = self._buf[used:]
         if done:
-            self._fire(Trigger.BODY_END)
-            self.deadline = None
-            self._expect_continue = False
+            self._body_ended()
             return Data(data, False)
         if data:
             self._fire(Trigger.DATA)
@@ -214,7 +212,7 @@ class Connection:
             self.deadline = now + self.read_timeout
         return NEED_DATA
 
-    def whole_body(self, now: float) -> bytes | None:
+    def whole_body(self) -> bytes | None:
         """The current request's body when all of it is already buffered and framed by
         ``Content-Length`` (a body sent with its head: the common case), handed out as
         :meth:`next_event` would hand out its one :class:`.Data`; otherwise ``None``, and
@@ -227,10 +225,13 @@ class Connection:
         assert done
         if used:
             self._buf = self._buf[used:]
+        self._body_ended()
+        return data
+
+    def _body_ended(self) -> None:
         self._fire(Trigger.BODY_END)
         self.deadline = None
         self._expect_continue = False
-        return data
 
     def timeout(self, now: float) -> None:
         """The shell's timer fired: act on :attr:`deadline` if it has passed (an early or

@@ -21,6 +21,8 @@ here keeps one buffer and one state table (:mod:`.states`) per connection.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from .errors import RemoteProtocolError
 from .events import Request
@@ -38,29 +40,33 @@ _MAX_CHUNK_LINE = 4096
 """The longest chunk-size line (with extensions) accepted."""
 
 
-class _Lowered(dict[bytes, bytes]):
-    """Header names and their lowercase forms, remembered: ``LOWER[name]`` is ``name.lower()``
-    without a method call for a name seen before (a request's and a response's few headers,
-    on every request: docs/benchmarks.md, issue 17 item 2). Bounded: at most
-    :attr:`limit` names of at most :attr:`longest` bytes are kept, so a client inventing
-    names grows nothing; past that a name is lowered each time."""
+class BoundedMemo(dict[bytes, Any]):
+    """``memo[key]`` is ``fn(key)``, remembered: no call for a key seen before (a request's
+    header names and method, on every request: docs/benchmarks.md, issue 17 item 2).
+    Bounded: at most ``limit`` keys of at most ``longest`` bytes are kept, so a client
+    inventing names grows nothing; past that ``fn`` runs each time."""
 
-    limit = 512
-    longest = 64
+    __slots__ = ("_fn", "_limit", "_longest")
 
-    def __missing__(self, name: bytes) -> bytes:
-        lowered = name.lower()
-        if len(name) <= self.longest and len(self) < self.limit:
-            self[name] = lowered
-        return lowered
+    def __init__(self, fn: Callable[[bytes], Any], *, limit: int, longest: int, seed: Iterable[bytes] = ()) -> None:
+        super().__init__()
+        self._fn, self._limit, self._longest = fn, limit, longest
+        for key in seed:
+            self[key] = fn(key)
+
+    def __missing__(self, key: bytes) -> Any:
+        value = self._fn(key)
+        if len(key) <= self._longest and len(self) < self._limit:
+            self[key] = value
+        return value
 
 
-LOWER = _Lowered()
-for _name in (b"Host", b"Content-Type", b"Content-Length", b"Authorization", b"User-Agent", b"Accept",
-              b"Accept-Encoding", b"Connection", b"Transfer-Encoding", b"Expect", b"X-Api-Key", b"X-Request-Id",
-              b"Cache-Control", b"X-Accel-Buffering", b"Date", b"Traceparent", b"X-Session-Id"):
-    LOWER[_name], LOWER[_name.lower()] = _name.lower(), _name.lower()
-del _name
+_COMMON_NAMES = (b"Host", b"Content-Type", b"Content-Length", b"Authorization", b"User-Agent", b"Accept",
+                 b"Accept-Encoding", b"Connection", b"Transfer-Encoding", b"Expect", b"X-Api-Key", b"X-Request-Id",
+                 b"Cache-Control", b"X-Accel-Buffering", b"Date", b"Traceparent", b"X-Session-Id")
+LOWER = BoundedMemo(bytes.lower, limit=512, longest=64,
+                    seed=(*_COMMON_NAMES, *(name.lower() for name in _COMMON_NAMES)))
+"""``LOWER[name]`` is ``name.lower()`` (see :class:`BoundedMemo`)."""
 
 
 def find_head_end(buf: bytes, start: int = 0) -> int:

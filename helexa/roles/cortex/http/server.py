@@ -40,6 +40,7 @@ import trio
 from .connection import Connection, ErrorBody, plain_error
 from .errors import ClientGone, LocalProtocolError
 from .events import NEED_DATA, Data, Request
+from .parser import BoundedMemo
 from .states import State
 
 log = logging.getLogger(__name__)
@@ -50,18 +51,9 @@ App = Callable[[dict[str, Any], Callable[[], Awaitable[dict[str, Any]]],
 _MAX_RECV = 65536
 
 
-class _MethodNames(dict[bytes, str]):
-    """``METHODS[b"POST"]`` is ``"POST"``: a request method as the ASGI scope's string,
-    without a ``decode`` per request. Bounded, as :class:`.parser._Lowered` is."""
-
-    def __missing__(self, method: bytes) -> str:
-        name = method.decode()
-        if len(method) <= 16 and len(self) < 64:
-            self[method] = name
-        return name
-
-
-_METHODS = _MethodNames({m: m.decode() for m in (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS")})
+_METHODS = BoundedMemo(bytes.decode, limit=64, longest=16,
+                       seed=(b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS"))
+"""``_METHODS[b"POST"]`` is ``"POST"``: a request method as the ASGI scope's string."""
 _DISCONNECT = {"type": "http.disconnect"}
 
 BODY_EXTENSION = "helexa.body"
@@ -197,8 +189,6 @@ class _ServerConnection:
         self.now = trio.lowlevel.current_clock().current_time
         """The run's clock (``trio.current_time()`` is four Python calls, this two)."""
         self._yields: int | None = -1  # the task's count of yields to the scheduler at its last read
-        self.read_at = 0.0
-        """The clock when :meth:`next_event` last returned."""
         self._target = b""  # the last request target, and what the ASGI scope makes of it
         self._path: tuple[str, bytes, bytes] = ("", b"", b"")
         try:
@@ -220,7 +210,7 @@ class _ServerConnection:
                 return  # CLOSED
             exchange = self.exchange = _Exchange(self, event)
             if protocol.client_state is State.BODY:
-                exchange.body = protocol.whole_body(self.read_at)
+                exchange.body = protocol.whole_body()
             failed = False
             try:
                 await self.server.app(exchange.asgi_scope(), exchange.receive, exchange.send)
@@ -246,7 +236,6 @@ class _ServerConnection:
                 await self.write_quietly(protocol.data_to_send())
                 now = clock()
             if event is not NEED_DATA:
-                self.read_at = now
                 return event
             data = await self.read(protocol.deadline)
             now = clock()
