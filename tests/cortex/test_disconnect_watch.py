@@ -116,6 +116,26 @@ async def test_a_request_starting_between_sweeps_is_watched_within_two_graces(au
     assert [t - t0 for t in second.calls] == [2 * GRACE]
 
 
+async def test_registering_wakes_no_task_and_a_lone_request_is_watched_one_grace_after_it_started(
+        autojump_clock) -> None:
+    # A request's registration only sets the sweeper's deadline: a task made runnable here
+    # would run before the request's frame is written to its neuron (the websocket's write
+    # yields to runnable tasks).
+    receive = Receive()
+    async with watching() as (watch, nursery):
+        await trio.sleep(7.25 * GRACE)  # idle, long after any sweep
+        t0 = trio.current_time()
+        with trio.CancelScope() as scope:
+            watched = watch.add(receive, scope)
+            assert trio.lowlevel.current_statistics().tasks_runnable == 0
+            try:
+                await trio.sleep(4 * GRACE)
+            finally:
+                watch.discard(watched)
+        receive.disconnect()
+    assert [t - t0 for t in receive.calls] == [GRACE]
+
+
 async def test_a_receive_that_fails_ends_its_watcher_without_cancelling(autojump_clock) -> None:
     async def failing() -> dict[str, str]:
         raise RuntimeError("receive() after the response")

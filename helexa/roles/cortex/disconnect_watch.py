@@ -10,11 +10,18 @@ requests still running after ``grace`` seconds, and that watcher cancels the sco
 client disconnects. A client that leaves in the first ``grace`` seconds is noticed when
 the watcher starts (its ``http.disconnect`` is already waiting), so the neuron is told to
 stop at most ``grace`` later than with a watcher per request.
+
+A request registering never wakes the sweeper: it only sets the deadline of the sweeper's
+wait, when none is set, to its own start plus ``grace``. Waking the sweeper at once put a
+pass of its loop on every request's path to the neuron (the websocket's write yields to
+tasks that are ready to run, so that they can join it; the sweeper was one), and the
+sweep itself is due only ``grace`` later.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -47,7 +54,10 @@ class DisconnectWatch:
     def __init__(self, grace: float = 0.05) -> None:
         self.grace = grace
         self._pending: set[Watched] = set()
-        self._wake = trio.Event()
+        self._wait: trio.CancelScope | None = None
+        """The sweeper's wait for its next sweep (None while it sweeps, or before :meth:`run`)."""
+        self._due = math.inf
+        """That wait's deadline (kept here: reading a scope's deadline back costs a call)."""
         self._now: Callable[[], float] = trio.current_time
         """The clock; once :meth:`run` runs, the run's own (two Python calls per request
         instead of four)."""
@@ -55,8 +65,8 @@ class DisconnectWatch:
     def add(self, receive: Receive, scope: trio.CancelScope) -> Watched:
         watched = Watched(receive, scope, self._now())
         self._pending.add(watched)
-        if not self._wake.is_set():
-            self._wake.set()
+        if self._due == math.inf and self._wait is not None:  # the sweeper waits with no sweep due
+            self._wait.deadline = self._due = watched.since + self.grace
         return watched
 
     def discard(self, watched: Watched) -> None:
@@ -64,19 +74,27 @@ class DisconnectWatch:
         self._pending.discard(watched)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Sweep until cancelled."""
-        self._now = trio.lowlevel.current_clock().current_time
+        """Sweep until cancelled: each request still registered ``grace`` seconds after it
+        started gets its watcher then."""
+        self._now = now = trio.lowlevel.current_clock().current_time
         async with trio.open_nursery() as nursery:
             task_status.started()
+            swept = -math.inf
             while True:
-                await self._wake.wait()
-                self._wake = trio.Event()
-                while self._pending:
-                    await trio.sleep(self.grace)
-                    now = trio.current_time()
-                    for watched in [w for w in self._pending if now - w.since >= self.grace]:
-                        self._pending.discard(watched)
-                        nursery.start_soon(self._watch, watched)
+                # The next sweep is due when the oldest request left reaches its grace, and
+                # no sooner than a grace after the last (under load, one sweep per grace
+                # watches every request within two graces of its start). With none left it
+                # waits with no deadline, which the next request to register sets: add().
+                oldest = min((w.since for w in self._pending), default=math.inf)
+                self._due = max(oldest, swept) + self.grace if oldest < math.inf else math.inf
+                with trio.CancelScope(deadline=self._due) as self._wait:
+                    await trio.sleep_forever()
+                self._wait = None
+                swept = now()
+                due = swept - self.grace
+                for watched in [w for w in self._pending if w.since <= due]:
+                    self._pending.discard(watched)
+                    nursery.start_soon(self._watch, watched)
 
     @staticmethod
     async def _watch(watched: Watched) -> None:
