@@ -106,14 +106,15 @@ async def test_the_first_event_is_sent_before_the_backend_is_read_again_and_slow
 
 
 async def test_slow_tokens_go_out_from_the_task_that_read_them_until_a_send_has_to_wait(autojump_clock) -> None:  # noqa: ANN001
-    reader: list = []  # type: ignore[type-arg]
+    readers: list = []  # type: ignore[type-arg]  # the task that read each event
     senders: list = []  # type: ignore[type-arg]
 
     async def backend():  # type: ignore[no-untyped-def]
-        reader.append(trio.lowlevel.current_task())
         for i in range(4):
+            readers.append(trio.lowlevel.current_task())
             yield tok(f"t{i}")
             await trio.sleep(0.02)  # a real model's pace
+        readers.append(trio.lowlevel.current_task())
         yield result()
 
     async def send(e) -> None:  # type: ignore[no-untyped-def]
@@ -121,11 +122,35 @@ async def test_slow_tokens_go_out_from_the_task_that_read_them_until_a_send_has_
         if isinstance(e, TokenChunk) and e.text == "t1":
             await trio.sleep(0.01)  # the link makes this send wait
 
+    caller = trio.lowlevel.current_task()
     await relay(backend(), send)
-    by_reader = [task is reader[0] for task in senders]
-    # t0, t1: from the reading task; t2 after a send that waited: through the sender, whose
-    # send did not wait; so t3 and the result from the reading task again.
+    by_reader = [sender is reader for sender, reader in zip(senders, readers, strict=True)]
+    # t0: read and sent by the caller's own task; t1 by the producer that read it; t2, after
+    # a send that waited, through the sender, whose send did not wait; so t3 and the result
+    # from the producer again.
     assert by_reader == [True, True, False, True, True]
+    assert readers[0] is caller and all(r is readers[1] for r in readers[1:]) and readers[1] is not caller
+
+
+async def test_the_first_event_is_read_and_sent_by_the_callers_task_with_no_other_task_started(
+        autojump_clock) -> None:  # noqa: ANN001
+    # The request reaches its backend (a worker's pipe, a proxied server) with no task start
+    # and no scheduler pass before it.
+    seen: list = []  # type: ignore[type-arg]
+
+    async def backend():  # type: ignore[no-untyped-def]
+        seen.append(("read", trio.lowlevel.current_task(), trio.lowlevel.current_statistics().tasks_living))
+        yield tok("a")
+        await trio.sleep(0.02)
+        yield result()
+
+    async def send(e) -> None:  # type: ignore[no-untyped-def]
+        seen.append(("send", trio.lowlevel.current_task(), trio.lowlevel.current_statistics().tasks_living))
+
+    caller = trio.lowlevel.current_task()
+    living = trio.lowlevel.current_statistics().tasks_living
+    await relay(backend(), send)
+    assert seen[0] == ("read", caller, living) and seen[1] == ("send", caller, living)
 
 
 async def test_a_backend_error_comes_bare_after_what_it_produced_before() -> None:

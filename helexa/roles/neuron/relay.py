@@ -10,7 +10,9 @@ own task and, each time the previous send is done, sends whatever is waiting as 
 waits while the backend keeps producing, tick after tick, for at most :data:`BATCH_TICKS`
 scheduler ticks (fewer frames per stream, more streams/s; figures in docs/benchmarks.md).
 The first token goes out as soon as it exists, sent by the task that read it before it reads
-the backend again. So does a later token that comes more than :data:`FAST_S` after the relay
+the backend again: the caller's own task, which reads the first event itself and starts the
+producer task only once it is sent (so a request reaches its backend, a worker's pipe or
+a proxied server, with no task start and no scheduler pass before it). So does a later token that comes more than :data:`FAST_S` after the relay
 was last ready for it (every real model's), while the sender is idle and the last send did
 not have to wait for the link: one wake-up of the sender task and one pass of the scheduler
 less per token. A slow token that finds the sender busy, or a link that made the last send
@@ -75,28 +77,36 @@ async def relay(events: AsyncIterator[GenerationEvent], send: Callable[[Generati
     started, so a failure after it cannot be retried elsewhere). An exception from the
     backend is raised once every event produced before it has been sent; one from ``send``
     stops the backend and is raised at once. Both come out bare, never in a group.
-    Cancellation stops both sides. The caller closes ``events``.
+    Cancellation stops both sides. The caller closes ``events``. ``events`` is read by
+    two tasks in turn (the caller's for the first event, then the producer's), so it
+    must not hold a cancel scope or a nursery across its yields (trio's rule for async
+    generators anyway; no backend does).
     """
+    try:
+        first = await events.__anext__()
+    except StopAsyncIteration:
+        return
+    on_first()
+    began = trio.current_time()
+    await send(first)  # (an exception from it, or from the backend so far, is raised as it is)
+    ready = trio.current_time()  # when the producer goes back to the backend
     pending: list[GenerationEvent] = []
     failure: list[BaseException] = []
     error: list[BaseException] = []
     # "sending": the sender task is sending a batch; "direct": the last send did not wait
     # for the link (so the producer may send a slow event itself).
-    state = {"done": False, "wake": trio.Event(), "slow": False, "sending": False, "direct": True}
+    state = {"done": False, "wake": trio.Event(), "slow": False, "sending": False, "direct": ready - began < FAST_S}
 
     async def produce() -> None:
-        first, ready = True, -math.inf  # ready: when this task last went back to the backend
+        nonlocal ready
         try:
             async for event in events:
                 now = trio.current_time()
                 slow = now - ready >= FAST_S
-                if first or (slow and state["direct"] and not pending and not state["sending"]):
+                if slow and state["direct"] and not pending and not state["sending"]:
                     # Sent from here, before the backend is read again (for a proxied
                     # server: a read that finds nothing and registers with the poller) and
                     # without waking the sender for it.
-                    if first:
-                        first = False
-                        on_first()
                     try:
                         await send(event)
                     except Exception as exc:  # raised bare below, not wrapped in an ExceptionGroup
