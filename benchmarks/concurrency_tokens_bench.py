@@ -4,8 +4,13 @@
 Three paths to the same model with the same llama.cpp parameters (slots, threads, context):
 
 * ``direct``  client -> llama.cpp's OpenAI server (xllamacpp's, in its own process);
-* ``fabric``  client -> cortex -> neuron -> ``llama_cpp`` backend (llama.cpp in the neuron);
+* ``fabric``  client -> cortex -> neuron -> ``llama_cpp`` backend (llama.cpp in a worker
+  process of the neuron, the default);
 * ``proxy``   client -> cortex -> neuron -> ``openai_proxy`` backend -> the direct server.
+
+and, when asked for (``--paths``), ``fabric-inproc``: the same ``llama_cpp`` model with
+``metadata.isolate = false``, llama.cpp in the neuron's own process (what the worker
+process's isolation costs).
 
 At each concurrency (``--conc``, default 1,2,4,8) every path runs ``--requests`` streamed
 chat completions per client, closed loop, greedy, about ``--tokens`` tokens each (clients
@@ -400,6 +405,12 @@ max_context = {a.ctx // a.slots}
 [models."smollm2".config]
 metadata = {{ n_ctx = {a.ctx}, n_parallel = {a.slots}, n_threads = {a.threads} }}
 
+[models."smollm2-inproc"]
+backend = "llama_cpp"
+max_context = {a.ctx // a.slots}
+[models."smollm2-inproc".config]
+metadata = {{ n_ctx = {a.ctx}, n_parallel = {a.slots}, n_threads = {a.threads}, isolate = false }}
+
 [models."smollm2-proxy"]
 backend = "openai_proxy"
 max_context = {a.ctx // a.slots}
@@ -438,7 +449,7 @@ metadata = {{ tokens = {a.tokens * 2}, tokens_per_second = {1e3 / a.idle_ms}, is
         gateway = fabric("", sys.executable, None)
         # synth, synth-worker: the synthetic backend at one token per --idle-ms, in the
         # neuron and in a worker process (no upstream at all).
-        own = {"fabric": "smollm2", "proxy": "smollm2-proxy", "synth": "synth", "synth-worker": "synth-worker"}
+        own = {"fabric": "smollm2", "fabric-inproc": "smollm2-inproc", "proxy": "smollm2-proxy", "synth": "synth", "synth-worker": "synth-worker"}
         targets = {"direct": (direct, "smollm2"), **{k: (gateway, m) for k, m in own.items()}}
         if a.baseline:
             tree = Path(a.baseline).resolve()
