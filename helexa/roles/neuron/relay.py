@@ -11,11 +11,11 @@ waits while the backend keeps producing, tick after tick, for at most :data:`BAT
 scheduler ticks (fewer frames per stream, more streams/s; figures in docs/benchmarks.md).
 The first token goes out as soon as it exists, sent by the task that read it before it reads
 the backend again: the caller's own task, which reads the first event itself and starts the
-producer task only once it is sent (so a request reaches its backend, a worker's pipe or
-a proxied server, with no task start and no scheduler pass before it). So does a later token that comes more than :data:`FAST_S` after the relay
-was last ready for it (every real model's), while the sender is idle and the last send did
-not have to wait for the link: one wake-up of the sender task and one pass of the scheduler
-less per token. A slow token that finds the sender busy, or a link that made the last send
+producer task only once it is sent (so a request reaches its backend, a worker's pipe or a
+proxied server, with no task start and no scheduler pass before it). So does a later token
+that comes more than :data:`FAST_S` after the relay was last ready for it (every real
+model's), while the sender is idle and the last send did not have to wait for the link: one
+wake-up of the sender task and one pass of the scheduler less per token. A slow token that finds the sender busy, or a link that made the last send
 wait, goes to the sender as before, at once and alone, so tokens still queue up (and join)
 behind a slow send rather than in front of it.
 
@@ -30,7 +30,6 @@ else (tool-call chunks, the final result) in order.
 
 from __future__ import annotations
 
-import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 
