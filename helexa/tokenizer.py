@@ -182,6 +182,26 @@ class GgufTokenizer:
             return TokenCount(len(self._bpe.encode(text, add_special_tokens=False).ids) + extra, True)
         return TokenCount(math.ceil(len(text.encode("utf-8", "surrogatepass")) / self._longest) + extra, False)
 
+    def most_tokens(self, text: str, *, add_special: bool = True) -> int | None:
+        """At most how many tokens :meth:`count_text` finds in ``text``, without tokenizing
+        it: its UTF-8 bytes, plus BOS/EOS. Sound for the byte-level BPE vocabularies counted
+        exactly, where every token (special ones included) stands for at least one byte of
+        the text and no space is added in front. ``None`` for the others (a SentencePiece
+        vocabulary may spend a token on no byte of the text)."""
+        if self._bpe is None:
+            return None
+        extra = int(add_special and self._add_bos) + int(add_special and self._add_eos)
+        return len(text.encode("utf-8", "surrogatepass")) + extra
+
+    def most_chat_tokens(self, messages: list[dict[str, Any]]) -> int | None:
+        """At most how many tokens :meth:`count_chat` finds in the prompt ``messages``
+        make, from the rendered prompt's bytes (:meth:`most_tokens`); ``None`` without a
+        usable template or an exact vocabulary."""
+        if self._bpe is None:
+            return None
+        prompt = self.render_chat(messages)
+        return None if prompt is None else self.most_tokens(prompt)
+
     def render_chat(self, messages: list[dict[str, Any]]) -> str | None:
         """The prompt the model's chat template makes of ``messages`` (OpenAI-shaped), as
         llama.cpp renders it: ``developer`` is ``system``, text parts are joined by newlines,

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from helexa.runtime.llama_cpp import default_gguf_path
 from helexa.tokenizer import GgufTokenizer, TokenizerError, read_metadata
@@ -94,3 +96,27 @@ def test_metadata_alone_is_read(tmp_path: Path) -> None:
     bad.write_bytes(b"not a gguf at all")
     with pytest.raises(TokenizerError, match="not a GGUF"):
         GgufTokenizer.from_file(bad)
+
+
+@pytest.mark.parametrize("text", TEXTS + ["<|im_start|>" * 50, "<|endoftext|>" * 7 + "x", "\n" * 64, "🎉" * 9])
+def test_the_byte_bound_is_never_below_the_exact_count(smollm2: GgufTokenizer, text: str) -> None:
+    assert smollm2.most_tokens(text) >= smollm2.count_text(text).tokens
+    assert smollm2.most_tokens(text, add_special=False) >= smollm2.count_text(text, add_special=False).tokens
+
+
+@pytest.mark.parametrize("messages", CHATS)
+def test_a_chats_byte_bound_is_never_below_its_exact_count(smollm2: GgufTokenizer, messages) -> None:
+    assert smollm2.most_chat_tokens(messages) >= smollm2.count_chat(messages).tokens
+
+
+def test_no_byte_bound_where_counts_are_not_exact(smollm2: GgufTokenizer) -> None:
+    # A SentencePiece vocabulary may spend a token on no byte of the text.
+    other = GgufTokenizer({**read_metadata(default_gguf_path()), "tokenizer.ggml.pre": "not-mirrored"})
+    assert other.most_tokens("hello") is None and other.most_chat_tokens(CHATS[0]) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.lists(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=20) | st.sampled_from(
+    ["<|im_start|>", "<|im_end|>", "<|endoftext|>", " ", "\n"]), max_size=30).map("".join))
+def test_the_byte_bound_holds_for_any_text(smollm2: GgufTokenizer, text: str) -> None:
+    assert smollm2.most_tokens(text) >= smollm2.count_text(text).tokens

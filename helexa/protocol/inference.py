@@ -138,8 +138,10 @@ class GenerateRequest:
     output onto. ``extra`` passes backend fields such as ``logit_bias`` through (older
     cortexes also sent ``tools``, ``tool_choice`` and ``response_format`` there).
 
-    ``prompt_tokens`` is the prompt's exact token count when the cortex counted it (and
-    found it fits the model's context); ``None`` leaves the check to the neuron.
+    ``prompt_tokens`` is the prompt's token count when the cortex counted it and found it
+    fits the model's context: exact, or an upper bound that fits already (the prompt's
+    bytes, for most prompts: it never tokenized them). Only a context check reads it, and
+    either gives that check's answer. ``None`` leaves the check to the neuron.
     """
 
     request_id: str

@@ -158,6 +158,30 @@ async def test_a_prompt_that_fits_travels_with_its_exact_count() -> None:
     assert too_long.status_code == 400 and "1025 tokens (1021 in the messages, 4" in too_long.text
 
 
+@needs_smollm2
+async def test_a_short_prompt_travels_with_its_bytes_as_its_bound_and_is_never_tokenized(monkeypatch) -> None:
+    # Its UTF-8 bytes bound its tokens (byte-level BPE) far under the context: the cortex
+    # does not tokenize it, and the bound, which fits, answers the neuron's check the same.
+    from helexa.runtime.llama_cpp import default_gguf_path
+    from helexa.tokenizer import GgufTokenizer
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("a prompt that surely fits was tokenized")
+
+    monkeypatch.setattr(GgufTokenizer, "count_text", no_tokenizing)
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=(SMOL,))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "héllo wörld 🎉"}]
+    async with serving(fleet, CATALOGUE) as (_, url):
+        r = await post(url, {"model": SMOL, "messages": messages, "max_tokens": 3})
+    assert r.status_code == 200, r.text
+    monkeypatch.undo()
+    tokenizer = GgufTokenizer.from_file(default_gguf_path())
+    exact = tokenizer.count_chat(messages).tokens
+    bound = len(tokenizer.render_chat(messages).encode()) + int(tokenizer._add_bos) + int(tokenizer._add_eos)
+    assert neuron.requests[0].prompt_tokens == bound and bound >= exact
+
+
 def test_max_context_is_what_one_request_gets() -> None:
     entry = CATALOGUE.get(SMOL)
     assert entry.max_context == 1024  # n_ctx 2048 split across the default 2 slots

@@ -115,6 +115,25 @@ class TokenCounter:
             return tokenizer.count_text(text)
         return await trio.to_thread.run_sync(tokenizer.count_text, text)
 
+    async def most(self, request: GenerateRequest) -> int | None:
+        """At most how many prompt tokens ``request`` has, from its rendered prompt's bytes
+        (:meth:`~helexa.tokenizer.GgufTokenizer.most_tokens`: no tokenizing, a few
+        microseconds); ``None`` when there is no such bound here: no exact tokenizer, tools
+        offered (backends add their own instructions), or a prompt too long to render on
+        the event loop's thread."""
+        if request.wants_tools:
+            return None
+        tokenizer = await self.tokenizer(request.model_id)
+        if tokenizer is None:
+            return None
+        if request.task is Task.CHAT:
+            messages = list(request.messages)
+            if sum(len(str(m.get("content") or "")) for m in messages) > INLINE_CHARS:
+                return None
+            return tokenizer.most_chat_tokens(messages)
+        text = request.prompt or ""
+        return tokenizer.most_tokens(text) if len(text) <= INLINE_CHARS else None
+
     async def count(self, request: GenerateRequest) -> TokenCount | None:
         """The prompt tokens of a generation request (tools make it a lower bound)."""
         if request.task is Task.CHAT:
