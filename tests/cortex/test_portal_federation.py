@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from helexa.identity import Identity
 from helexa.mesh import MemoryMesh, MemoryNetwork, peer_id_from_ed25519
+from helexa.protocol import GenerateRequest, Task
 from helexa.roles.cortex.catalogue import Catalogue, CatalogueEntry
 from helexa.roles.cortex.config import CortexConfig
 from helexa.roles.cortex.federation.ledger import CONSUMED, Ledger
@@ -109,3 +110,20 @@ async def test_routing_preferences_keep_a_portals_requests_home_or_with_listed_p
     assert codes == {"home": (404, "model_not_found"), "listed": (403, "outbound_refused"),
                      "cheap": (403, "outbound_refused"), "trusting": (200, None)}
     assert len(neuron.generations) == 1
+
+
+async def test_a_peers_prompt_count_is_not_passed_on_to_the_neurons_here() -> None:
+    # The neuron skips its context check for a count it is handed: a peer must not be able
+    # to make it skip it for a prompt that does not fit.
+    fleet = Fleet()
+    neuron = NeuronDouble("b1", fleet, loaded=("tiny",), tokens=2)
+    orchestrator = Orchestrator(CortexConfig(), fleet, PEER_CATALOGUE)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(orchestrator.run)
+        request = GenerateRequest("r1", "tiny", Task.CHAT, messages=({"role": "user", "content": "x"},),
+                                  prompt_tokens=1)
+        async with LocalServing(orchestrator).generate(request) as frames:
+            async for _ in frames:
+                pass
+        nursery.cancel_scope.cancel()
+    assert [r.prompt_tokens for r in neuron.requests] == [None]

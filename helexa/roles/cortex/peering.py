@@ -28,6 +28,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import trio
@@ -158,6 +159,10 @@ class LocalServing:
         Raises:
             ServeFailure: it could not start (unknown model, no capacity, a failed load).
         """
+        # A peer's own prompt count is not trusted here: the neuron would skip its context
+        # check for it. This cortex's neurons count the prompt themselves.
+        if request.prompt_tokens is not None:
+            request = replace(request, prompt_tokens=None)
         return _LocalGeneration(self.orchestrator.generate(request, endpoint="federation", allow_peers=False))
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
