@@ -134,10 +134,13 @@ def _value(f: BinaryIO, vtype: int, *, keep: bool) -> Any:
 
 @dataclass(frozen=True, slots=True)
 class TokenCount:
-    """A prompt's token count: ``exact``, or a lower bound of the true count."""
+    """A prompt's token count: ``exact``, or a lower bound of the true count; or, with
+    ``bound``, an upper bound within the room a count was asked for (the prompt's bytes:
+    :meth:`GgufTokenizer.most_tokens`), the prompt not tokenized."""
 
     tokens: int
     exact: bool
+    bound: bool = False
 
 
 class GgufTokenizer:
@@ -174,13 +177,22 @@ class GgufTokenizer:
         """Whether :meth:`count_text` counts exactly (else it gives a lower bound)."""
         return self._bpe is not None
 
-    def count_text(self, text: str, *, add_special: bool = True) -> TokenCount:
+    def count_text(self, text: str, *, add_special: bool = True, room: int | None = None) -> TokenCount:
         """Tokens of ``text`` as llama.cpp tokenizes a prompt (special tokens written in the
-        text are parsed; BOS/EOS added when the vocabulary says so and ``add_special``)."""
+        text are parsed; BOS/EOS added when the vocabulary says so and ``add_special``).
+        With ``room``: when :meth:`most_tokens` is at most ``room``, that bound (``bound``),
+        without tokenizing (most prompts are far shorter than a context)."""
+        if room is not None and (most := self.most_tokens(text, add_special=add_special)) is not None \
+                and most <= room:
+            return TokenCount(most, False, bound=True)
         extra = int(add_special and self._add_bos) + int(add_special and self._add_eos)
         if self._bpe is not None:
-            return TokenCount(len(self._bpe.encode(text, add_special_tokens=False).ids) + extra, True)
+            return TokenCount(self._tokenize(text) + extra, True)
         return TokenCount(math.ceil(len(text.encode("utf-8", "surrogatepass")) / self._longest) + extra, False)
+
+    def _tokenize(self, text: str) -> int:
+        """The exact count of ``text``'s tokens (no BOS/EOS): the costly part of a count."""
+        return len(self._bpe.encode(text, add_special_tokens=False).ids)
 
     def most_tokens(self, text: str, *, add_special: bool = True) -> int | None:
         """At most how many tokens :meth:`count_text` finds in ``text``, without tokenizing
@@ -192,15 +204,6 @@ class GgufTokenizer:
             return None
         extra = int(add_special and self._add_bos) + int(add_special and self._add_eos)
         return len(text.encode("utf-8", "surrogatepass")) + extra
-
-    def most_chat_tokens(self, messages: list[dict[str, Any]]) -> int | None:
-        """At most how many tokens :meth:`count_chat` finds in the prompt ``messages``
-        make, from the rendered prompt's bytes (:meth:`most_tokens`); ``None`` without a
-        usable template or an exact vocabulary."""
-        if self._bpe is None:
-            return None
-        prompt = self.render_chat(messages)
-        return None if prompt is None else self.most_tokens(prompt)
 
     def render_chat(self, messages: list[dict[str, Any]]) -> str | None:
         """The prompt the model's chat template makes of ``messages`` (OpenAI-shaped), as
@@ -214,15 +217,17 @@ class GgufTokenizer:
         except Exception:  # a template may raise anything (raise_exception, bad filters)
             return None
 
-    def count_chat(self, messages: list[dict[str, Any]], *, tools: bool = False) -> TokenCount:
+    def count_chat(self, messages: list[dict[str, Any]], *, tools: bool = False,
+                   room: int | None = None) -> TokenCount:
         """The tokens of the prompt ``messages`` make; a lower bound with ``tools`` (backends
-        add their own tool instructions) or without a usable template (the contents alone)."""
+        add their own tool instructions) or without a usable template (the contents alone).
+        ``room``: as :meth:`count_text`'s, for the rendered prompt (never with ``tools``)."""
         prompt = self.render_chat(messages)
         if prompt is None:
             count = self.count_text("".join(_plain(m)["content"] for m in messages))
             return TokenCount(count.tokens, False)
-        count = self.count_text(prompt)
-        return TokenCount(count.tokens, count.exact and not tools)
+        count = self.count_text(prompt, room=None if tools else room)
+        return TokenCount(count.tokens, count.exact and not tools, count.bound)
 
 
 def _plain(message: dict[str, Any]) -> dict[str, Any]:

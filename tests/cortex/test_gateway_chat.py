@@ -168,7 +168,7 @@ async def test_a_short_prompt_travels_with_its_bytes_as_its_bound_and_is_never_t
     def no_tokenizing(*args, **kwargs):
         raise AssertionError("a prompt that surely fits was tokenized")
 
-    monkeypatch.setattr(GgufTokenizer, "count_text", no_tokenizing)
+    monkeypatch.setattr(GgufTokenizer, "_tokenize", no_tokenizing)
     fleet = Fleet()
     neuron = NeuronDouble("n1", fleet, loaded=(SMOL,))
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "héllo wörld 🎉"}]

@@ -129,12 +129,11 @@ class RequestLimits:
         # tokens under it, and tokenizing them (a cold tokenizer took ~0.3 ms of a
         # request's ~0.9 ms in the cortex before its frame went out) would only confirm it.
         room = min(limit - 1, limit - (max_tokens or 0))  # the most prompt tokens that fit
-        most = await self.counter.most(request)
-        if most is not None and most <= room:
-            return replace(request, prompt_tokens=most)
-        count = await self.counter.count(request)
+        count = await self.counter.count(request, room=room)
         if count is None:
             return request
+        if count.bound:  # within the room: it fits
+            return replace(request, prompt_tokens=count.tokens)
         if count.tokens >= limit or count.tokens + (max_tokens or 0) > limit:
             raise context_exceeded(limit, count.tokens, max_tokens, param)
         return replace(request, prompt_tokens=count.tokens) if count.exact else request

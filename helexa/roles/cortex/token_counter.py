@@ -96,46 +96,32 @@ class TokenCounter:
             await self.tokenizer(entry.id)
 
     async def count_messages(self, model_id: str, messages: list[dict[str, Any]], *,
-                             tools: bool = False) -> TokenCount | None:
-        """The prompt tokens of a chat (OpenAI-shaped messages); ``None``: no tokenizer here."""
+                             tools: bool = False, room: int | None = None) -> TokenCount | None:
+        """The prompt tokens of a chat (OpenAI-shaped messages); ``None``: no tokenizer here.
+        ``room``: see :meth:`~helexa.tokenizer.GgufTokenizer.count_text`."""
         tokenizer = await self.tokenizer(model_id)
         if tokenizer is None:
             return None
         size = sum(len(str(m.get("content") or "")) for m in messages)
         if size <= INLINE_CHARS:
-            return tokenizer.count_chat(messages, tools=tools)
-        return await trio.to_thread.run_sync(lambda: tokenizer.count_chat(messages, tools=tools))
+            return tokenizer.count_chat(messages, tools=tools, room=room)
+        return await trio.to_thread.run_sync(lambda: tokenizer.count_chat(messages, tools=tools, room=room))
 
-    async def count_text(self, model_id: str, text: str) -> TokenCount | None:
-        """The prompt tokens of a raw completion prompt; ``None``: no tokenizer here."""
+    async def count_text(self, model_id: str, text: str, *, room: int | None = None) -> TokenCount | None:
+        """The prompt tokens of a raw completion prompt; ``None``: no tokenizer here.
+        ``room``: see :meth:`~helexa.tokenizer.GgufTokenizer.count_text`."""
         tokenizer = await self.tokenizer(model_id)
         if tokenizer is None:
             return None
         if len(text) <= INLINE_CHARS:
-            return tokenizer.count_text(text)
-        return await trio.to_thread.run_sync(tokenizer.count_text, text)
+            return tokenizer.count_text(text, room=room)
+        return await trio.to_thread.run_sync(lambda: tokenizer.count_text(text, room=room))
 
-    async def most(self, request: GenerateRequest) -> int | None:
-        """At most how many prompt tokens ``request`` has, from its rendered prompt's bytes
-        (:meth:`~helexa.tokenizer.GgufTokenizer.most_tokens`: no tokenizing, a few
-        microseconds); ``None`` when there is no such bound here: no exact tokenizer, tools
-        offered (backends add their own instructions), or a prompt too long to render on
-        the event loop's thread."""
-        if request.wants_tools:
-            return None
-        tokenizer = await self.tokenizer(request.model_id)
-        if tokenizer is None:
-            return None
+    async def count(self, request: GenerateRequest, *, room: int | None = None) -> TokenCount | None:
+        """The prompt tokens of a generation request (tools make it a lower bound). With
+        ``room``, a prompt whose bytes bound its tokens within it is not tokenized (the
+        count is that bound: ``bound``)."""
         if request.task is Task.CHAT:
-            messages = list(request.messages)
-            if sum(len(str(m.get("content") or "")) for m in messages) > INLINE_CHARS:
-                return None
-            return tokenizer.most_chat_tokens(messages)
-        text = request.prompt or ""
-        return tokenizer.most_tokens(text) if len(text) <= INLINE_CHARS else None
-
-    async def count(self, request: GenerateRequest) -> TokenCount | None:
-        """The prompt tokens of a generation request (tools make it a lower bound)."""
-        if request.task is Task.CHAT:
-            return await self.count_messages(request.model_id, list(request.messages), tools=request.wants_tools)
-        return await self.count_text(request.model_id, request.prompt or "")
+            return await self.count_messages(request.model_id, list(request.messages), tools=request.wants_tools,
+                                             room=room)
+        return await self.count_text(request.model_id, request.prompt or "", room=room)
