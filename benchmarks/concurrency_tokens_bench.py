@@ -20,7 +20,10 @@ concurrency, so no stream waits for a slot. The client is one thread per stream 
 sockets (``http.client``), so a token's time is when its bytes arrived. Reported per path
 and concurrency: aggregate tokens/s (all completion tokens / wall time of the round,
 median over rounds), time to first token p50/p99 and inter-token latency p50/p99
-(gaps between consecutive content events, all rounds pooled).
+(gaps between consecutive content events, all rounds pooled); then each path paired
+with ``direct`` round by round (the same plan of staggers and lengths): the median over
+rounds of the tokens/s ratio and of the added TTFT p50 and ITL p99, with the lowest and
+highest round.
 
     flock /tmp/helexa-bench.lock .venv/bin/python benchmarks/concurrency_tokens_bench.py
 
@@ -529,8 +532,36 @@ metadata = {{ tokens = {a.tokens * 2}, tokens_per_second = {1e3 / a.idle_ms}, is
                   f"{statistics.median(x['cpu_per_request'] for x in runs) * 1e3:.2f} | "
                   f"{parts_text({k: statistics.median(x['cpu_parts'].get(k, 0.0) for x in runs) for k in PARTS})} | "
                   f"{errors} |")
+    print(paired_table(raw, concs, names))
     if a.json:
         Path(a.json).write_text(json.dumps(raw))
+
+
+def paired_table(raw: dict[str, list[dict]], concs: list[int], names: list[str]) -> str:
+    """Each path against ``direct`` round by round: within a round both ran the same plan
+    (the same stagger and lengths, see :func:`run_level`) minutes apart at most, where the
+    pooled figures above compare medians of rounds that ran different plans. Median over
+    rounds, and the lowest and highest round in brackets."""
+    rows = ["", "Paired by round (each round's path against direct's in the same round): median [min, max] over rounds", "",
+            "| concurrency | path | tokens/s vs direct | added TTFT p50 ms | added ITL p99 ms |", "|---:|---|---:|---:|---:|"]
+
+    def spread(xs: list[float], fmt: str) -> str:
+        return f"{fmt.format(statistics.median(xs))} [{fmt.format(min(xs))}, {fmt.format(max(xs))}]"
+
+    for c in concs:
+        base = raw.get(f"direct|{c}")
+        if not base:
+            continue
+        for name in names:
+            if name == "direct":
+                continue
+            pairs = list(zip(raw[f"{name}|{c}"], base))
+            ratio = [x["tokens_per_s"] / d["tokens_per_s"] for x, d in pairs]
+            ttft = [(pct(x["ttft"], 50) - pct(d["ttft"], 50)) * 1e3 for x, d in pairs]
+            itl = [(pct(x["gaps"], 99) - pct(d["gaps"], 99)) * 1e3 for x, d in pairs]
+            rows.append(f"| {c} | {name} | {spread([r * 100 for r in ratio], '{:.1f}%')} | "
+                        f"{spread(ttft, '{:+.1f}')} | {spread(itl, '{:+.1f}')} |")
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":
