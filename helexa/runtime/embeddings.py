@@ -30,7 +30,7 @@ import trio
 
 from helexa.protocol import EmbedRequest, EmbedResult, ModelConfig, Usage
 
-from . import start_signal
+from . import cpu_policy, start_signal
 from .base import Backend, BackendError, EmbeddingInference, InvalidRequest, LoadFailed, ProgressFn
 
 MAX_INPUTS = 2048
@@ -126,7 +126,8 @@ class OnnxEmbeddingBackend(Backend, EmbeddingInference):
             tokenizer.enable_padding()
             return session, tokenizer
 
-        self._session, self._tokenizer = await trio.to_thread.run_sync(build)
+        # ONNX Runtime's intra-op threads, started by the session, are the engine's own
+        self._session, self._tokenizer = await trio.to_thread.run_sync(cpu_policy.engine(build))
         self._size = size
         progress("load", size, size, "bytes")
 
@@ -150,7 +151,8 @@ class OnnxEmbeddingBackend(Backend, EmbeddingInference):
             raise BackendError(f"model {self.config.model_id!r} is not loaded", code="model_not_loaded")
         async with self._limiter:  # one batch at a time: the others queue here
             start_signal.report()
-            vectors, tokens = await trio.to_thread.run_sync(self._run, list(request.inputs))
+            # the calling thread computes too, as one of the intra-op threads
+            vectors, tokens = await trio.to_thread.run_sync(cpu_policy.engine(self._run), list(request.inputs))
         dim, blob = pack_vectors(vectors)
         return EmbedResult(request.request_id, dim, blob, Usage(prompt_tokens=tokens))
 

@@ -38,6 +38,7 @@ import trio
 
 from helexa.protocol import GenerateResult, SamplingParams, TokenChunk, Usage
 
+from . import cpu_policy
 from .base import BackendError, GenerationEvent, InvalidRequest, LoadFailed
 from .chat_template import ChatTemplate, read_json
 
@@ -238,6 +239,7 @@ class GeneratorWorker:
         return not self._thread.is_alive()
 
     def _run(self) -> None:
+        cpu_policy.engine_thread()  # the generator's own thread: relays never preempt it
         generator = self._generator
         routes: dict[Any, Post] = {}
         while True:

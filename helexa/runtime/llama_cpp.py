@@ -83,7 +83,7 @@ from helexa.protocol import (
     Workload,
 )
 
-from . import openai_shapes, start_signal, token_tap, tool_grammar
+from . import cpu_policy, openai_shapes, start_signal, token_tap, tool_grammar
 from .base import (
     Backend,
     BackendError,
@@ -196,7 +196,8 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
         progress("load", 0, size, "bytes")
         params = self._params(xllamacpp, path)
         try:
-            server = await trio.to_thread.run_sync(xllamacpp.Server, params)
+            # llama.cpp's loop thread, started by the constructor, is the engine's own
+            server = await trio.to_thread.run_sync(cpu_policy.engine(xllamacpp.Server), params)
         except RuntimeError as exc:
             raise LoadFailed(
                 f"llama.cpp could not load {path} ({exc}): a truncated or corrupt GGUF, an "

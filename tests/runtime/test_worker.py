@@ -11,7 +11,7 @@ import os
 import signal
 import stat
 import sys
-from contextlib import aclosing
+from contextlib import aclosing, suppress
 
 import pytest
 import trio
@@ -353,3 +353,56 @@ async def test_a_thread_posting_to_a_pipe_whose_peer_is_gone_is_told_so(nursery)
     with trio.fail_after(5):
         await writer.wait_flushed()  # a broken pipe counts as flushed: nobody waits forever
     await writer.aclose()
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+def test_under_batch_a_llama_cpp_worker_relays_in_batch_and_llama_cpps_loop_runs_normal(tiny_gguf):
+    """A neuron under ``cpu_policy = "batch"`` (here: the thread that runs trio) starts its
+    worker under it; in the worker, llama.cpp's loop thread (the thread that decoded: the
+    most CPU after the main thread's start) runs under the normal policy, and the worker's own threads, those that relay
+    each request's chunks among them, under batch."""
+    import threading
+    from pathlib import Path
+
+    from helexa.runtime import cpu_policy
+    from helexa.runtime.testing import tiny_llama_config
+
+    def policies(pid: int) -> list[tuple[int, int, int]]:
+        """(CPU ns, policy, tid) of each of ``pid``'s threads, most CPU first."""
+        out = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with suppress(OSError, ValueError):
+                out.append((int((task / "schedstat").read_text().split()[0]), os.sched_getscheduler(int(task.name)),
+                            int(task.name)))
+        return sorted(out, reverse=True)
+
+    async def scenario() -> tuple[int, list[tuple[int, int, int]]]:
+        async with trio.open_nursery() as nursery:
+            backend = await loaded(nursery, tiny_llama_config(tiny_gguf))
+            try:
+                request = GenerateRequest("b", tiny_llama_config(tiny_gguf).model_id, Task.CHAT,
+                                          messages=({"role": "user", "content": "hi"},),
+                                          sampling=SamplingParams(max_tokens=48, temperature=0.0))
+                with trio.fail_after(60):
+                    async with aclosing(backend.chat(request)) as events:
+                        async for _ in events:
+                            pass
+                return backend.pid, policies(backend.pid)
+            finally:
+                await backend.unload()
+
+    out: list = []
+
+    def run() -> None:
+        cpu_policy.apply("batch")
+        out.append(trio.run(scenario))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    pid, threads = out[0]
+    loop = next(policy for _, policy, tid in threads if tid != pid)  # the main thread imported it all
+    assert loop == os.SCHED_OTHER, threads
+    main = next(policy for _, policy, tid in threads if tid == pid)
+    assert main == os.SCHED_BATCH, threads  # the worker's trio thread
+    assert sum(policy == os.SCHED_BATCH for _, policy, _ in threads) >= 2, threads  # and those it started

@@ -91,13 +91,16 @@ class NeuronConfig(BaseModel):
     """The neuron's state: the model cache lives under it unless ``sources.cache_dir`` says."""
     sources: SourcesConfig = Field(default_factory=SourcesConfig)
     cpu_policy: Literal["normal", "batch"] = "normal"
-    """``batch``: the neuron runs under Linux's ``SCHED_BATCH`` (its threads and the engine
-    processes it starts inherit it), so a frame from the cortex that wakes it does not
-    preempt what runs on that core. For a neuron sharing cores with its own cortex: under
-    load the cortex then hands it several requests per wake-up instead of about two
-    (``docs/benchmarks.md``, issue 17 item 2, branch fab3). Where a core is idle the neuron
-    runs at once either way; where every core is busy, a wake-up waits up to a scheduler
-    slice, which a token stream's latency would feel. ``HELEXA_CPU_POLICY``."""
+    """``batch``: the neuron and the engine processes it starts run under Linux's
+    ``SCHED_BATCH``, except the engines' own threads (llama.cpp's loop, ExLlama's
+    generator, ONNX Runtime's), which stay under the normal policy
+    (:mod:`helexa.runtime.cpu_policy`). A frame from the cortex then does not preempt the
+    cortex on a core they share: under load the cortex hands the neuron several requests
+    per wake-up instead of about two (``docs/benchmarks.md``, issue 17 item 2, branch
+    fab3), and relaying a token never preempts a decode. Where a core is idle the neuron
+    runs at once either way; where every core is busy, a relay's wake-up waits up to a
+    scheduler slice. With SmolLM2 on two cores neither policy was measurably ahead (issue
+    17 item 4). ``HELEXA_CPU_POLICY``."""
 
     @model_validator(mode="after")
     def _cache_under_data_dir(self) -> "NeuronConfig":

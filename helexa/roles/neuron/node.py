@@ -9,6 +9,7 @@ import signal
 import trio
 
 from helexa import telemetry
+from helexa.runtime import cpu_policy
 
 from .agent import JoinRefused, Neuron, NeuronError
 from .config import NeuronConfig
@@ -34,26 +35,12 @@ async def serve(neuron: Neuron) -> None:
             nursery.start_soon(on_signal)
 
 
-def apply_cpu_policy(policy: str) -> bool:
-    """Put the calling thread under ``policy`` (``NeuronConfig.cpu_policy``); the threads
-    and processes it starts afterwards inherit it. Returns whether the policy holds:
-    ``batch`` where Linux's ``SCHED_BATCH`` is missing or refused is logged and left."""
-    if policy == "normal":
-        return True
-    try:
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))  # 0: this thread
-    except (AttributeError, OSError) as exc:
-        log.warning("cpu_policy = %s is not available here (%s): the neuron runs as normal", policy, exc)
-        return False
-    return True
-
-
 def run(config: NeuronConfig) -> int:
     """Entry point of ``helexa neuron``: returns the process exit code. Raises
     :class:`~helexa.config.ConfigError` when the node id or join token cannot be resolved."""
     neuron = Neuron(config, registry=ModelRegistry(sources=ModelSources(config.sources)))
     log.info("neuron %s (pid %d) dialing %s", neuron.resolved.node_id, os.getpid(), config.cortex)
-    apply_cpu_policy(config.cpu_policy)
+    cpu_policy.apply(config.cpu_policy, who="the neuron")
     code = 0
     try:
         trio.run(serve, neuron)

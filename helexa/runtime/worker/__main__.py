@@ -11,6 +11,7 @@ import sys
 
 import trio
 
+from .. import cpu_policy
 from .child import serve
 from .pipe import Pipe
 
@@ -20,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fd", type=int, required=True, help="this worker's end of the neuron's socketpair")
     ap.add_argument("--model", default="?", help="the model this worker runs (for logs and ps)")
     ap.add_argument("--log-level", default="info")
+    ap.add_argument("--cpu-policy", default="normal", choices=("normal", "batch"), help="the neuron's (cpu_policy)")
     args = ap.parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper(), logging.INFO),
@@ -30,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     # Ctrl-C on the neuron's terminal reaches its whole process group: the neuron drains
     # and unloads its models (which ends this worker), so the worker itself ignores it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Said, not inherited: the neuron forks from whichever of its threads trio lends it.
+    cpu_policy.apply(args.cpu_policy, who=f"worker[{args.model}]")
     sock = socket.socket(fileno=args.fd)
     trio.run(serve, Pipe(sock))
     return 0

@@ -63,6 +63,7 @@ from helexa.protocol.worker import (
 )
 from helexa.transport import ChannelClosed
 
+from .. import cpu_policy
 from ..base import BackendError, LoadFailed, ProgressFn
 from ..process_output import relay_lines
 from .pipe import Pipe
@@ -181,7 +182,7 @@ class WorkerProcess:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
         argv = [self.settings.python, "-m", "helexa.runtime.worker", "--fd", str(theirs.fileno()),
-                "--model", self.config.model_id, "--log-level", level]
+                "--model", self.config.model_id, "--log-level", level, "--cpu-policy", cpu_policy.current()]
         try:
             self._process = await trio.lowlevel.open_process(
                 argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
