@@ -38,6 +38,13 @@ one thread, as llama.cpp's does): with ``direct`` and ``proxy`` it tells what th
 adds when a model costs the cores nothing. ``synth`` and ``synth-worker`` are the
 ``synthetic`` backend at one token per ``--idle-ms``, in the neuron and in a worker process.
 
+``--policies`` measures the fabric's ``cpu_policy`` in the same processes: paths
+``NAME-normal`` run with every thread of the cortex, the neuron and its workers under the
+normal policy, the plain paths under the policies the processes gave themselves
+(``batch``: all but the engines' threads under ``SCHED_BATCH``), switched round by round.
+Separate processes per policy would also compare separate llama.cpp instances, whose speed
+differs by a few percent from one process to another.
+
 ``--json`` keeps every sample. ``--baseline DIR`` also starts a cortex and a neuron from
 another source tree with its own virtual environment (``DIR/.venv``, e.g. a ``git archive``
 of main with ``./scripts/setup.sh`` run in it, so that its worker processes run that tree
@@ -299,6 +306,47 @@ the worker's trio thread and the worker's other threads; for ``direct``, p0 is l
 server."""
 
 
+def threads_of(procs: list[subprocess.Popen]) -> list[int]:
+    """Every thread of ``procs`` and of their children (a neuron's workers)."""
+    import psutil
+
+    tids = []
+    for p in procs:
+        try:
+            pids = [p.pid, *(c.pid for c in psutil.Process(p.pid).children(recursive=True))]
+        except psutil.Error:
+            continue
+        tids += [int(t.name) for pid in pids for t in Path(f"/proc/{pid}/task").glob("*")]
+    return tids
+
+
+def engine_threads(servers: dict[str, list[subprocess.Popen]]) -> set[int]:
+    """The fabric's threads not under SCHED_BATCH as they run by themselves: under
+    ``cpu_policy = "batch"``, the engines' own (llama.cpp's loop)."""
+    out = set()
+    for tag, procs in servers.items():
+        for tid in threads_of(procs) if tag != "direct" else ():
+            try:
+                if os.sched_getscheduler(tid) != os.SCHED_BATCH:
+                    out.add(tid)
+            except OSError:
+                pass
+    return out
+
+
+def set_policy(servers: dict[str, list[subprocess.Popen]], engines: set[int], *, normal: bool) -> None:
+    """``normal``: every thread of the fabric under SCHED_OTHER (``cpu_policy = "normal"``);
+    else as its own policy had them (``engines`` normal, the rest batch), threads started
+    since among the rest."""
+    for tag, procs in servers.items():
+        for tid in threads_of(procs) if tag != "direct" else ():
+            try:
+                os.sched_setscheduler(tid, os.SCHED_OTHER if normal or tid in engines else os.SCHED_BATCH,
+                                      os.sched_param(0))
+            except OSError:
+                pass
+
+
 def place(servers: dict[str, list[subprocess.Popen]], *, pinned: bool) -> None:
     """Pinned: every engine thread (llama.cpp's server, the neuron's worker processes) on
     CPU 0 and every fabric process and this client on the other CPUs; else all anywhere."""
@@ -363,6 +411,10 @@ def main() -> None:
                     "waits --idle-ms before the first token and between tokens, sleeping (idle) or "
                     "computing on one thread (busy); see serve_idle")
     ap.add_argument("--idle-ms", type=float, default=20.0)
+    ap.add_argument("--policies", action="store_true",
+                    help="add paths NAME-normal for each fabric path: before each of their rounds every thread of "
+                    "the fabric's processes is put under the normal policy (cpu_policy = \"normal\"), before the "
+                    "others' back under the policies they started with; the same processes serve both")
     ap.add_argument("--pin", action="store_true",
                     help="add paths NAME-pin for each path: the engines (llama.cpp's server, the neuron's "
                     "workers) on the first CPU, the fabric's processes and the clients on the others, "
@@ -461,6 +513,8 @@ metadata = {{ tokens = {a.tokens * 2}, tokens_per_second = {1e3 / a.idle_ms}, is
             if "base" not in a.paths:
                 a.paths += ",base-fabric,base-proxy"
         targets = {k: v for k, v in targets.items() if k in a.paths.split(",")}
+        if a.policies:
+            targets.update({f"{k}-normal": v for k, v in list(targets.items()) if k != "direct"})
         if a.pin:
             targets.update({f"{k}-pin": v for k, v in list(targets.items())})
         deadline = time.monotonic() + 120
@@ -479,6 +533,7 @@ metadata = {{ tokens = {a.tokens * 2}, tokens_per_second = {1e3 / a.idle_ms}, is
             settle = time.monotonic() + a.warmup
             while time.monotonic() < settle:
                 run_level(url, model, 1, 1, 8)
+        engines = engine_threads(servers) if a.policies else set()
         concs = [int(c) for c in a.conc.split(",")]
         load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
         raw: dict[str, list[dict]] = {}
@@ -488,7 +543,9 @@ metadata = {{ tokens = {a.tokens * 2}, tokens_per_second = {1e3 / a.idle_ms}, is
                 order = names[r % len(names):] + names[:r % len(names)]
                 for name in order:
                     url, model = targets[name]
-                    plain = name.removesuffix("-pin")
+                    plain = name.removesuffix("-pin").removesuffix("-normal")
+                    if a.policies:
+                        set_policy(servers, engines, normal=name.endswith("-normal"))
                     side = servers["direct" if plain == "direct" else "base-" if plain.startswith("base-") else ""]
                     place(servers, pinned=name.endswith("-pin"))
                     before = cpu_parts(side)
