@@ -66,6 +66,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import suppress
 from pathlib import Path
 
 PROMPT = "Write a long story about a lighthouse keeper."
@@ -306,17 +307,19 @@ the worker's trio thread and the worker's other threads; for ``direct``, p0 is l
 server."""
 
 
-def threads_of(procs: list[subprocess.Popen]) -> list[int]:
-    """Every thread of ``procs`` and of their children (a neuron's workers)."""
+def fabric_threads(servers: dict[str, list[subprocess.Popen]]) -> list[int]:
+    """Every thread of the fabric's processes (all but ``direct``'s) and of their children
+    (a neuron's workers)."""
     import psutil
 
     tids = []
-    for p in procs:
-        try:
-            pids = [p.pid, *(c.pid for c in psutil.Process(p.pid).children(recursive=True))]
-        except psutil.Error:
-            continue
-        tids += [int(t.name) for pid in pids for t in Path(f"/proc/{pid}/task").glob("*")]
+    for tag, procs in servers.items():
+        for p in procs if tag != "direct" else ():
+            try:
+                pids = [p.pid, *(c.pid for c in psutil.Process(p.pid).children(recursive=True))]
+            except psutil.Error:
+                continue
+            tids += [int(t.name) for pid in pids for t in Path(f"/proc/{pid}/task").glob("*")]
     return tids
 
 
@@ -324,13 +327,10 @@ def engine_threads(servers: dict[str, list[subprocess.Popen]]) -> set[int]:
     """The fabric's threads not under SCHED_BATCH as they run by themselves: under
     ``cpu_policy = "batch"``, the engines' own (llama.cpp's loop)."""
     out = set()
-    for tag, procs in servers.items():
-        for tid in threads_of(procs) if tag != "direct" else ():
-            try:
-                if os.sched_getscheduler(tid) != os.SCHED_BATCH:
-                    out.add(tid)
-            except OSError:
-                pass
+    for tid in fabric_threads(servers):
+        with suppress(OSError):
+            if os.sched_getscheduler(tid) != os.SCHED_BATCH:
+                out.add(tid)
     return out
 
 
@@ -338,13 +338,10 @@ def set_policy(servers: dict[str, list[subprocess.Popen]], engines: set[int], *,
     """``normal``: every thread of the fabric under SCHED_OTHER (``cpu_policy = "normal"``);
     else as its own policy had them (``engines`` normal, the rest batch), threads started
     since among the rest."""
-    for tag, procs in servers.items():
-        for tid in threads_of(procs) if tag != "direct" else ():
-            try:
-                os.sched_setscheduler(tid, os.SCHED_OTHER if normal or tid in engines else os.SCHED_BATCH,
-                                      os.sched_param(0))
-            except OSError:
-                pass
+    for tid in fabric_threads(servers):
+        with suppress(OSError):
+            os.sched_setscheduler(tid, os.SCHED_OTHER if normal or tid in engines else os.SCHED_BATCH,
+                                  os.sched_param(0))
 
 
 def place(servers: dict[str, list[subprocess.Popen]], *, pinned: bool) -> None:

@@ -185,7 +185,7 @@ class GgufTokenizer:
         if room is not None and (most := self.most_tokens(text, add_special=add_special)) is not None \
                 and most <= room:
             return TokenCount(most, False, bound=True)
-        extra = int(add_special and self._add_bos) + int(add_special and self._add_eos)
+        extra = self._specials(add_special)
         if self._bpe is not None:
             return TokenCount(self._tokenize(text) + extra, True)
         return TokenCount(math.ceil(len(text.encode("utf-8", "surrogatepass")) / self._longest) + extra, False)
@@ -202,8 +202,11 @@ class GgufTokenizer:
         vocabulary may spend a token on no byte of the text)."""
         if self._bpe is None:
             return None
-        extra = int(add_special and self._add_bos) + int(add_special and self._add_eos)
-        return len(text.encode("utf-8", "surrogatepass")) + extra
+        return len(text.encode("utf-8", "surrogatepass")) + self._specials(add_special)
+
+    def _specials(self, add_special: bool) -> int:
+        """The BOS/EOS tokens a count adds."""
+        return int(add_special and self._add_bos) + int(add_special and self._add_eos)
 
     def render_chat(self, messages: list[dict[str, Any]]) -> str | None:
         """The prompt the model's chat template makes of ``messages`` (OpenAI-shaped), as

@@ -28,6 +28,7 @@ import functools
 import logging
 import os
 from collections.abc import Callable
+from contextlib import suppress
 from typing import Literal, ParamSpec, TypeVar
 
 __all__ = ["Policy", "apply", "current", "engine", "engine_thread"]
@@ -43,9 +44,10 @@ _OTHER = getattr(os, "SCHED_OTHER", None)
 
 
 def apply(policy: str, *, who: str = "this process") -> bool:
-    """Put the calling thread under ``policy`` (``normal``: out of ``SCHED_BATCH`` if it was
-    there); the threads and processes it starts afterwards inherit it. Returns whether the policy holds: ``batch`` where Linux's
-    ``SCHED_BATCH`` is missing or refused is logged and left."""
+    """Put the calling thread under ``policy`` (``normal``: out of ``SCHED_BATCH`` if it
+    was there); the threads and processes it starts afterwards inherit it. Returns whether
+    the policy holds: ``batch`` where Linux's ``SCHED_BATCH`` is missing or refused is
+    logged and left."""
     if policy == "normal":
         engine_thread()  # out of batch where it was inherited; nothing otherwise
         return True
@@ -62,7 +64,7 @@ def current() -> Policy:
     anything but ``SCHED_BATCH``): what a worker process it starts is told to run under."""
     try:
         return "batch" if _BATCH is not None and os.sched_getscheduler(0) == _BATCH else "normal"
-    except OSError:
+    except (AttributeError, OSError):
         return "normal"
 
 
@@ -70,11 +72,13 @@ def engine_thread() -> None:
     """Put the calling thread, an engine's own, under the normal policy: it preempts the
     relays that it wakes, and they never preempt it. Nothing where the policy is normal
     already."""
-    try:
-        if os.sched_getscheduler(0) == _BATCH:
-            os.sched_setscheduler(0, _OTHER, os.sched_param(0))  # type: ignore[arg-type]
-    except (AttributeError, TypeError, OSError):
-        pass
+    if current() == "batch":
+        _to_normal()
+
+
+def _to_normal() -> None:
+    with suppress(OSError):
+        os.sched_setscheduler(0, _OTHER, os.sched_param(0))  # type: ignore[arg-type]
 
 
 def engine(fn: Callable[P, T]) -> Callable[P, T]:
@@ -84,15 +88,13 @@ def engine(fn: Callable[P, T]) -> Callable[P, T]:
 
     @functools.wraps(fn)
     def run(*args: P.args, **kwargs: P.kwargs) -> T:
-        try:
-            before = os.sched_getscheduler(0)
-        except (AttributeError, OSError):
-            return fn(*args, **kwargs)
-        engine_thread()
+        was = current()
+        if was == "batch":
+            _to_normal()
         try:
             return fn(*args, **kwargs)
         finally:
-            if before == _BATCH:
+            if was == "batch":
                 apply("batch", who="the engine's loading thread")
 
     return run

@@ -16,6 +16,7 @@ from helexa.telemetry import TelemetryConfig
 from helexa.config import ConfigError
 from helexa.protocol import DEFAULT_MAX_FRAME
 from helexa.protocol.auth import split_token
+from helexa.runtime.cpu_policy import Policy
 
 MACHINE_ID = Path("/etc/machine-id")
 
@@ -90,7 +91,7 @@ class NeuronConfig(BaseModel):
     data_dir: Path = Field(default_factory=default_data_dir)
     """The neuron's state: the model cache lives under it unless ``sources.cache_dir`` says."""
     sources: SourcesConfig = Field(default_factory=SourcesConfig)
-    cpu_policy: Literal["normal", "batch"] = "normal"
+    cpu_policy: Policy = "normal"
     """``batch``: the neuron and the engine processes it starts run under Linux's
     ``SCHED_BATCH``, except the engines' own threads (llama.cpp's loop, ExLlama's
     generator, ONNX Runtime's), which stay under the normal policy

@@ -15,9 +15,10 @@ producer task only once it is sent (so a request reaches its backend, a worker's
 proxied server, with no task start and no scheduler pass before it). So does a later token
 that comes more than :data:`FAST_S` after the relay was last ready for it (every real
 model's), while the sender is idle and the last send did not have to wait for the link: one
-wake-up of the sender task and one pass of the scheduler less per token. A slow token that finds the sender busy, or a link that made the last send
-wait, goes to the sender as before, at once and alone, so tokens still queue up (and join)
-behind a slow send rather than in front of it.
+wake-up of the sender task and one pass of the scheduler less per token. A slow token that
+finds the sender busy, or a link that made the last send wait, goes to the sender as
+before, at once and alone, so tokens still queue up (and join) behind a slow send rather
+than in front of it.
 
 :func:`collect` is the non-streaming case: the client sees nothing before the end, so the
 whole generation goes out as one :class:`GenerateResult` (one frame instead of one per

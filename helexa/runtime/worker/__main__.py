@@ -8,6 +8,7 @@ import logging
 import signal
 import socket
 import sys
+from typing import get_args
 
 import trio
 
@@ -21,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fd", type=int, required=True, help="this worker's end of the neuron's socketpair")
     ap.add_argument("--model", default="?", help="the model this worker runs (for logs and ps)")
     ap.add_argument("--log-level", default="info")
-    ap.add_argument("--cpu-policy", default="normal", choices=("normal", "batch"), help="the neuron's (cpu_policy)")
+    ap.add_argument("--cpu-policy", default="normal", choices=get_args(cpu_policy.Policy), help="the neuron's (cpu_policy)")
     args = ap.parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper(), logging.INFO),
