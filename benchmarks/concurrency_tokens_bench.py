@@ -281,7 +281,9 @@ def cpu_parts(procs: list[subprocess.Popen]) -> dict[str, float]:
     clock-tick figures of ``stat`` are too coarse for a few requests), in parts: each of
     ``procs`` by its place (``p0``, ``p1``: the cortex and the neuron of a fabric), and its
     children's main threads (``trio``: a worker's event loop) apart from their other
-    threads (``threads``: llama.cpp's, its callback threads among them)."""
+    threads (``threads``: llama.cpp's, its callback threads among them). ``PART#`` counts
+    the part's time slices (the third field of ``schedstat``: each wake-up, and each
+    preemption, starts one)."""
     import psutil
 
     parts: dict[str, float] = {}
@@ -293,11 +295,13 @@ def cpu_parts(procs: list[subprocess.Popen]) -> dict[str, float]:
         for label, pid, main in pids:
             for task in Path(f"/proc/{pid}/task").glob("*"):
                 try:
-                    ns = int((task / "schedstat").read_text().split()[0])
+                    fields = (task / "schedstat").read_text().split()
+                    ns, slices = int(fields[0]), int(fields[2])
                 except (OSError, ValueError, IndexError):
                     continue
                 part = label if main is None else "trio" if int(task.name) == main else "threads"
                 parts[part] = parts.get(part, 0.0) + ns / 1e9
+                parts[part + "#"] = parts.get(part + "#", 0.0) + slices
     return parts
 
 
@@ -364,6 +368,10 @@ def place(servers: dict[str, list[subprocess.Popen]], *, pinned: bool) -> None:
                         os.sched_setaffinity(int(task.name), cpus)
                     except OSError:
                         pass
+
+
+def slices_text(slices: dict[str, float]) -> str:
+    return " / ".join(f"{slices.get(k, 0.0):.2f}" for k in PARTS)
 
 
 def parts_text(parts: dict[str, float]) -> str:
@@ -549,11 +557,16 @@ metadata = {{ tokens = {a.tokens * 2}, tokens_per_second = {1e3 / a.idle_ms}, is
                     res = run_level(url, model, c, a.requests, a.tokens, seed=r * 1000 + c)
                     after, n = cpu_parts(side), max(1, len(res["ttft"]))
                     res["cpu_parts"] = {k: (v - before.get(k, 0.0)) / n for k, v in after.items()}
+                    streamed = max(1, len(res["ttft"]) + len(res["gaps"]))  # token events the clients saw
+                    res["slices_per_event"] = {k[:-1]: (v - before.get(k, 0.0)) / streamed
+                                               for k, v in after.items() if k.endswith("#")}
+                    res["cpu_parts"] = {k: v for k, v in res["cpu_parts"].items() if not k.endswith("#")}
                     res["cpu_per_request"] = sum(res["cpu_parts"].values())
                     raw.setdefault(f"{name}|{c}", []).append(res)
                     print(f"# r{r} c={c} {name:6s} {res['tokens_per_s']:7.1f} tok/s  ttft p50 "
                           f"{pct(res['ttft'], 50) * 1e3:6.1f} ms  itl p99 {pct(res['gaps'], 99) * 1e3:6.1f} ms"
                           f"  cpu {res['cpu_per_request'] * 1e3:5.2f} ms/req ({parts_text(res['cpu_parts'])})"
+                          f"  slices/event {slices_text(res['slices_per_event'])}"
                           f"  errors {len(res['errors'])} {res['errors'][:1]}", file=sys.stderr, flush=True)
     finally:
         stop(procs)
