@@ -11,6 +11,14 @@ request on those; see docs/benchmarks.md). The framing is :mod:`helexa.runtime.h
   server closed (or that holds bytes nobody asked for) is dropped. At most
   ``max_connections`` are open at once; a request past that waits up to
   ``connect_timeout`` for one, then fails with :class:`PoolTimeout`.
+* **A connection dialled ahead.** Some servers close a connection after each response,
+  or each streamed one, without saying so in the head (llama.cpp's server does, after every
+  streamed answer). Once the pool has found one of its idle connections closed by the
+  server, each request that ends dials one more plain connection, if none dialled ahead is
+  waiting. Its connect (and the server's accept) then happens while the pool is idle, not
+  on the next request's way to its first byte. At most one such connection waits at a
+  time; it is checked and expires like any idle one. Servers that keep connections alive
+  never get one.
 * **One retry.** A request whose reused connection ends before a single byte of the
   response arrives (the server closed it while idle, the close racing our request) is
   sent once more on a new connection. Nothing else is retried.
@@ -36,6 +44,7 @@ let them through as they are)::
 
 from __future__ import annotations
 
+import errno
 import select
 import socket
 import ssl
@@ -85,13 +94,15 @@ class _Connection:
     """One connection and the reader of its responses: a plain socket driven directly
     (``sock``), or a TLS stream (``stream``)."""
 
-    __slots__ = ("sock", "stream", "reader", "poll", "idle_since", "_fd_owner")
+    __slots__ = ("sock", "stream", "reader", "poll", "idle_since", "ahead", "_fd_owner")
 
-    def __init__(self, sock: socket.socket | None, stream: trio.SSLStream | None, fd_owner: socket.socket) -> None:
+    def __init__(self, sock: socket.socket | None, stream: trio.SSLStream | None, fd_owner: socket.socket,
+                 *, ahead: bool = False) -> None:
         self.sock = sock
         self.stream = stream
         self.reader = http1.ResponseReader()
         self.idle_since = 0.0
+        self.ahead = ahead  # dialled ahead, not yet used; its connect may still be under way
         # A plain socket that is readable while idle was closed by the server (or holds
         # bytes nobody asked for): either way it is not reusable. TLS may send records
         # of its own (session tickets), so there the retry alone covers a stale connection.
@@ -155,6 +166,10 @@ class Upstream:
         self._open = 0
         self._waiting = trio.lowlevel.ParkingLot()
         self._closed = False
+        # Where the last plain connection went, and whether the server closes connections
+        # between requests (then one is dialled ahead: the module docstring).
+        self._peer: tuple[int, object] | None = None
+        self._dial_ahead = False
 
     @property
     def connections(self) -> tuple[int, int]:
@@ -241,6 +256,7 @@ class Upstream:
                 self._discard(conn)
                 # Closed by the server while idle, racing our request: once more, afresh.
                 if reused and attempt == 1 and not conn.reader.received_any:
+                    self._dial_ahead = True
                     continue
                 raise UpstreamClosed(f"{self.origin}: {exc}") from None
             except http1.ProtocolError as exc:
@@ -258,7 +274,13 @@ class Upstream:
             while self._idle:
                 conn = self._idle.pop()
                 if now - conn.idle_since < self.idle_timeout and conn.looks_alive():
+                    if conn.ahead:
+                        conn.ahead = False
+                        if not await self._connected(conn):
+                            continue
                     return conn, True
+                if not conn.ahead and now - conn.idle_since < self.idle_timeout:
+                    self._dial_ahead = True  # the server closed a connection we kept
                 self._discard(conn)
             if self._open < self.max_connections:
                 break
@@ -286,6 +308,7 @@ class Upstream:
             if self._ssl is None:
                 # The plain socket is driven directly (see _send, _receive): trio's stream
                 # layers cost more per request than the rest of the client.
+                self._peer = (sock.family, sock.getpeername())
                 return _Connection(sock, None, sock)
             tcp = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
             stream = trio.SSLStream(tcp, self._ssl, server_hostname=self.host, https_compatible=True)
@@ -370,11 +393,71 @@ class Upstream:
             self._waiting.unpark()
         else:
             self._discard(conn)
+        if self._dial_ahead:
+            self._dial()
+
+    def _dial(self) -> None:
+        """Dial one plain connection ahead, unless one waits already (module docstring).
+        The connect runs in the kernel; :meth:`_connected` finishes it when it is taken.
+
+        The idle connections the server closed since are let go first: the one dialled
+        ahead is taken before them, so they would otherwise pile up under it."""
+        now, kept, waiting = trio.current_time(), [], False
+        for conn in self._idle:
+            if conn.ahead or (now - conn.idle_since < self.idle_timeout and conn.looks_alive()):
+                kept.append(conn)
+                waiting = waiting or conn.ahead
+            else:
+                self._discard(conn)
+        self._idle = kept
+        if (waiting or self._peer is None or self._closed or self.idle_timeout <= 0
+                or self._open >= self.max_connections):
+            return
+        family, address = self._peer
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            err = sock.connect_ex(address)  # type: ignore[arg-type]
+        except OSError:
+            sock.close()
+            return
+        if err not in (0, errno.EINPROGRESS):
+            sock.close()
+            return
+        conn = _Connection(sock, None, sock, ahead=True)
+        conn.idle_since = trio.current_time()
+        self._open += 1
+        self._idle.append(conn)  # taken first: the pool takes its newest idle connection
+
+    async def _connected(self, conn: _Connection) -> bool:
+        """Finish the connect of a connection dialled ahead (done already on a local
+        server); False when it failed: it is discarded, and the pool dials as usual."""
+        sock = conn.sock
+        assert sock is not None
+        try:
+            if not _writable(sock):
+                with trio.move_on_after(self.connect_timeout):
+                    await trio.lowlevel.wait_writable(sock)
+            if _writable(sock) and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                return True
+        except BaseException:
+            self._discard(conn)
+            raise
+        self._discard(conn)
+        return False
 
     def _discard(self, conn: _Connection) -> None:
         conn.close()
         self._open -= 1
         self._waiting.unpark()
+
+
+def _writable(sock: socket.socket) -> bool:
+    """Whether ``sock``'s connect is over (either way), without waiting."""
+    poll = select.poll()
+    poll.register(sock.fileno(), select.POLLOUT)
+    return bool(poll.poll(0))
 
 
 class StreamedResponse:

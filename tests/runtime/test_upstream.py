@@ -6,6 +6,7 @@ import socket
 
 import pytest
 import trio
+import trio.testing
 from scripted_server import Conn, keep_answering, serving
 
 from helexa.runtime import BackendCrashed, Overloaded
@@ -74,6 +75,59 @@ async def test_a_connection_the_server_closed_while_idle_is_replaced(nursery: tr
     await closed.wait()
     assert (await upstream.request("GET", "/")).body == b"ok"
     assert server.accepted == 2
+
+
+async def test_a_server_that_closes_after_each_answer_finds_a_connection_dialled_ahead(nursery: trio.Nursery) -> None:
+    # llama.cpp's server closes the connection after every streamed answer. Once the pool
+    # has seen that, the connect for the next request happens while the pool is idle.
+    served: list[int] = []  # the connection each request came on
+    closed = trio.Semaphore(0, max_value=100)
+
+    async def handler(conn: Conn) -> None:
+        if await conn.request() is not None:
+            served.append(conn.index)
+            await conn.answer()
+        await conn.stream.aclose()
+        closed.release()
+
+    server = await serving(nursery, handler)
+    upstream = Upstream(server.url)
+    await upstream.request("GET", "/")  # connection 1
+    await closed.acquire()
+    assert (await upstream.request("GET", "/")).body == b"ok"  # 1 found closed: 2 dialled on the way
+    # 3 dialled ahead (and 2, unless its close came already: the server closes it)
+    assert upstream.connections in ((1, 1), (2, 2))
+    await closed.acquire()
+    for ahead in (3, 4, 5):
+        await trio.testing.wait_all_tasks_blocked()
+        assert server.accepted == ahead  # accepted before the request is made
+        async with await upstream.stream("GET", "/") as response:
+            assert await response.read() == b"ok"
+        assert served[-1] == ahead and upstream.connections in ((1, 1), (2, 2))
+        await closed.acquire()
+    assert served == [1, 2, 3, 4, 5]
+    await upstream.aclose()
+    assert upstream.connections == (0, 0)
+
+
+async def test_a_connection_dialled_ahead_to_a_server_gone_since_fails_like_any_connect() -> None:
+    async with trio.open_nursery() as servers:
+        async def handler(conn: Conn) -> None:
+            await conn.request()
+            await conn.answer()
+            await conn.stream.aclose()
+
+        server = await serving(servers, handler)
+        upstream = Upstream(server.url)
+        await upstream.request("GET", "/")
+        await trio.sleep(0.05)  # the server closed connection 1
+        await upstream.request("GET", "/")  # 2 dialled on the way, 3 ahead
+        await trio.testing.wait_all_tasks_blocked()
+        assert server.accepted == 3
+        servers.cancel_scope.cancel()
+    with pytest.raises(UpstreamUnreachable):
+        await upstream.request("GET", "/")
+    assert upstream.connections == (0, 0)
 
 
 async def test_a_request_racing_the_servers_idle_close_is_retried_once(nursery: trio.Nursery) -> None:
