@@ -414,7 +414,10 @@ class Upstream:
                 or self._open >= self.max_connections):
             return
         family, address = self._peer
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:  # best effort: out of descriptors, say, the next request connects as before
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:
+            return
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
