@@ -150,7 +150,7 @@ class ResponseReader:
     for malformed input or a connection that ended inside a response.
     """
 
-    __slots__ = ("state", "_buf", "_eof", "_remaining", "_no_body", "_keep_alive", "received_any")
+    __slots__ = ("state", "_buf", "_eof", "_remaining", "_no_body", "_keep_alive", "received_any", "chunked")
 
     def __init__(self) -> None:
         self.state = State.DONE
@@ -162,6 +162,8 @@ class ResponseReader:
         self.received_any = False
         """Whether any byte of the current response has arrived (a connection that ends
         before one did was probably closed by the server while idle)."""
+        self.chunked = False
+        """Whether the current (or last) response's body came in chunks."""
 
     @property
     def reusable(self) -> bool:
@@ -242,6 +244,7 @@ class ResponseReader:
             self._fail("both transfer-encoding and content-length")
         keep_alive = minor == b"1" and "close" not in connection
         self._keep_alive = keep_alive
+        self.chunked = chunked
         if self._no_body or status in (204, 304):
             self.state = State.DONE
         elif chunked:

@@ -11,14 +11,15 @@ request on those; see docs/benchmarks.md). The framing is :mod:`helexa.runtime.h
   server closed (or that holds bytes nobody asked for) is dropped. At most
   ``max_connections`` are open at once; a request past that waits up to
   ``connect_timeout`` for one, then fails with :class:`PoolTimeout`.
-* **A connection dialled ahead.** Some servers close a connection after each response,
-  or each streamed one, without saying so in the head (llama.cpp's server does, after every
-  streamed answer). Once the pool has found one of its idle connections closed by the
-  server, each request that ends dials one more plain connection, if none dialled ahead is
-  waiting. Its connect (and the server's accept) then happens while the pool is idle, not
-  on the next request's way to its first byte. At most one such connection waits at a
-  time; it is checked and expires like any idle one. Servers that keep connections alive
-  never get one.
+* **A connection dialled ahead.** Some servers close a connection after a streamed
+  (chunked) answer without saying so in the head: llama.cpp's server does, after every
+  one. Once the pool has found a connection closed by the server after such an answer
+  (idle, or as a request was sent on it), it closes each connection that ends a chunked
+  answer itself and dials a new plain one in its place, if none dialled ahead is waiting.
+  That connect, and the server's accept, then happen while the pool is idle, not on the
+  next request's way to its first byte. At most one such connection waits at a time; it
+  is checked and expires like any idle one. Servers that keep connections alive after
+  chunked answers never get one.
 * **One retry.** A request whose reused connection ends before a single byte of the
   response arrives (the server closed it while idle, the close racing our request) is
   sent once more on a new connection. Nothing else is retried.
@@ -94,7 +95,7 @@ class _Connection:
     """One connection and the reader of its responses: a plain socket driven directly
     (``sock``), or a TLS stream (``stream``)."""
 
-    __slots__ = ("sock", "stream", "reader", "poll", "idle_since", "ahead", "_fd_owner")
+    __slots__ = ("sock", "stream", "reader", "poll", "idle_since", "ahead", "after_chunked", "_fd_owner")
 
     def __init__(self, sock: socket.socket | None, stream: trio.SSLStream | None, fd_owner: socket.socket,
                  *, ahead: bool = False) -> None:
@@ -103,6 +104,7 @@ class _Connection:
         self.reader = http1.ResponseReader()
         self.idle_since = 0.0
         self.ahead = ahead  # dialled ahead, not yet used; its connect may still be under way
+        self.after_chunked = False  # its last answer came in chunks (while it is idle)
         # A plain socket that is readable while idle was closed by the server (or holds
         # bytes nobody asked for): either way it is not reusable. TLS may send records
         # of its own (session tickets), so there the retry alone covers a stale connection.
@@ -167,7 +169,7 @@ class Upstream:
         self._waiting = trio.lowlevel.ParkingLot()
         self._closed = False
         # Where the last plain connection went, and whether the server closes connections
-        # between requests (then one is dialled ahead: the module docstring).
+        # after chunked answers (then one is dialled ahead: the module docstring).
         self._peer: tuple[int, object] | None = None
         self._dial_ahead = False
 
@@ -256,7 +258,7 @@ class Upstream:
                 self._discard(conn)
                 # Closed by the server while idle, racing our request: once more, afresh.
                 if reused and attempt == 1 and not conn.reader.received_any:
-                    self._dial_ahead = True
+                    self._dial_ahead = self._dial_ahead or conn.after_chunked
                     continue
                 raise UpstreamClosed(f"{self.origin}: {exc}") from None
             except http1.ProtocolError as exc:
@@ -279,7 +281,7 @@ class Upstream:
                         if not await self._connected(conn):
                             continue
                     return conn, True
-                if not conn.ahead and now - conn.idle_since < self.idle_timeout:
+                if conn.after_chunked and now - conn.idle_since < self.idle_timeout:
                     self._dial_ahead = True  # the server closed a connection we kept
                 self._discard(conn)
             if self._open < self.max_connections:
@@ -387,31 +389,23 @@ class Upstream:
         raise UpstreamTimeout(f"{self.origin}: no answer within {self.read_timeout:g}s")
 
     def _release(self, conn: _Connection) -> None:
-        if conn.reader.reusable and not self._closed and self.idle_timeout > 0:
+        chunked = conn.reader.chunked
+        if chunked and self._dial_ahead:  # the server closes it: a new one takes its place
+            self._discard(conn)
+            self._dial()
+        elif conn.reader.reusable and not self._closed and self.idle_timeout > 0:
             conn.idle_since = trio.current_time()
+            conn.after_chunked = chunked
             self._idle.append(conn)
             self._waiting.unpark()
         else:
             self._discard(conn)
-        if self._dial_ahead:
-            self._dial()
 
     def _dial(self) -> None:
         """Dial one plain connection ahead, unless one waits already (module docstring).
-        The connect runs in the kernel; :meth:`_connected` finishes it when it is taken.
-
-        The idle connections the server closed since are let go first: the one dialled
-        ahead is taken before them, so they would otherwise pile up under it."""
-        now, kept, waiting = trio.current_time(), [], False
-        for conn in self._idle:
-            if conn.ahead or (now - conn.idle_since < self.idle_timeout and conn.looks_alive()):
-                kept.append(conn)
-                waiting = waiting or conn.ahead
-            else:
-                self._discard(conn)
-        self._idle = kept
-        if (waiting or self._peer is None or self._closed or self.idle_timeout <= 0
-                or self._open >= self.max_connections):
+        The connect runs in the kernel; :meth:`_connected` finishes it when it is taken."""
+        if (self._peer is None or self._closed or self.idle_timeout <= 0 or self._open >= self.max_connections
+                or any(c.ahead for c in self._idle)):
             return
         family, address = self._peer
         try:  # best effort: out of descriptors, say, the next request connects as before
