@@ -15,7 +15,8 @@ request on those; see docs/benchmarks.md). The framing is :mod:`helexa.runtime.h
   (chunked) answer without saying so in the head: llama.cpp's server does, after every
   one. Once the pool has found a connection closed by the server after such an answer
   (idle, or as a request was sent on it), it closes each connection that ends a chunked
-  answer itself and dials a new plain one in its place, if none dialled ahead is waiting.
+  answer itself and dials a new plain one in its place, if none dialled ahead is waiting;
+  so it does after a chunked answer whose head said ``connection: close``.
   That connect, and the server's accept, then happen while the pool is idle, not on the
   next request's way to its first byte. At most one such connection waits at a time; it
   is checked and expires like any idle one. Servers that keep connections alive after
@@ -390,7 +391,8 @@ class Upstream:
 
     def _release(self, conn: _Connection) -> None:
         chunked = conn.reader.chunked
-        if chunked and self._dial_ahead:  # the server closes it: a new one takes its place
+        if chunked and (self._dial_ahead or not conn.reader.reusable):
+            # The server closes it (or said it would): a new one takes its place.
             self._discard(conn)
             self._dial()
         elif conn.reader.reusable and not self._closed and self.idle_timeout > 0:

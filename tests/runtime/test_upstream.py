@@ -134,6 +134,24 @@ async def test_answers_of_known_length_keep_their_connections_beside_one_dialled
     await upstream.aclose()
 
 
+async def test_a_streamed_answer_that_says_connection_close_has_the_next_connection_dialled_ahead(
+        nursery: trio.Nursery) -> None:
+    async def handler(conn: Conn) -> None:
+        if await conn.request() is not None:
+            await conn.send(CHUNKED_OK.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n", 1))
+
+    server = await serving(nursery, handler)
+    upstream = Upstream(server.url)
+    assert (await upstream.request("GET", "/")).body == b"ok"
+    for n in (2, 3, 4):
+        await trio.testing.wait_all_tasks_blocked()
+        assert server.accepted == n  # accepted before the request is made
+        async with await upstream.stream("GET", "/") as response:
+            assert await response.read() == b"ok"
+        assert upstream.connections == (1, 1)
+    await upstream.aclose()
+
+
 async def test_a_connection_dialled_ahead_to_a_server_gone_since_fails_like_any_connect() -> None:
     async with trio.open_nursery() as servers:
         async def handler(conn: Conn) -> None:
