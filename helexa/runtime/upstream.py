@@ -46,8 +46,6 @@ let them through as they are)::
 
 from __future__ import annotations
 
-import errno
-import select
 import socket
 import ssl
 from dataclasses import dataclass
@@ -59,6 +57,7 @@ from helexa.transport.dial import dial
 
 from . import http1
 from .base import BackendCrashed, BackendError, Overloaded
+from .upstream_connection import Connection, connect_finished, dial_ahead
 
 _RECEIVE = 65536
 
@@ -90,37 +89,6 @@ class Response:
     status: int
     head: http1.Head
     body: bytes
-
-
-class _Connection:
-    """One connection and the reader of its responses: a plain socket driven directly
-    (``sock``), or a TLS stream (``stream``)."""
-
-    __slots__ = ("sock", "stream", "reader", "poll", "idle_since", "ahead", "after_chunked", "_fd_owner")
-
-    def __init__(self, sock: socket.socket | None, stream: trio.SSLStream | None, fd_owner: socket.socket,
-                 *, ahead: bool = False) -> None:
-        self.sock = sock
-        self.stream = stream
-        self.reader = http1.ResponseReader()
-        self.idle_since = 0.0
-        self.ahead = ahead  # dialled ahead, not yet used; its connect may still be under way
-        self.after_chunked = False  # its last answer came in chunks (while it is idle)
-        # A plain socket that is readable while idle was closed by the server (or holds
-        # bytes nobody asked for): either way it is not reusable. TLS may send records
-        # of its own (session tickets), so there the retry alone covers a stale connection.
-        self.poll: select.poll | None = None
-        if sock is not None:
-            self.poll = select.poll()
-            self.poll.register(fd_owner.fileno(), select.POLLIN)
-        self._fd_owner = fd_owner
-
-    def looks_alive(self) -> bool:
-        return self.poll is None or not self.poll.poll(0)
-
-    def close(self) -> None:
-        trio.lowlevel.notify_closing(self._fd_owner)
-        self._fd_owner.close()
 
 
 class Upstream:
@@ -165,7 +133,7 @@ class Upstream:
         http1.request_head("GET", "/", host_header, self._headers)  # validates them once
         self._ssl = (ssl_context or ssl.create_default_context()) if self.tls else None
         self._heads: dict[tuple[str, str, tuple[tuple[str, str], ...]], bytes] = {}
-        self._idle: list[_Connection] = []
+        self._idle: list[Connection] = []
         self._open = 0
         self._waiting = trio.lowlevel.ParkingLot()
         self._closed = False
@@ -233,7 +201,7 @@ class Upstream:
     # --- internals ------------------------------------------------------------------------
 
     async def _exchange(self, method: str, path: str, body: bytes | None,
-                        headers: tuple[tuple[str, str], ...]) -> tuple[_Connection, http1.Head]:
+                        headers: tuple[tuple[str, str], ...]) -> tuple[Connection, http1.Head]:
         if self._closed:
             raise UpstreamUnreachable(f"{self.origin}: the client is closed")
         key = (method, path, headers)
@@ -259,7 +227,8 @@ class Upstream:
                 self._discard(conn)
                 # Closed by the server while idle, racing our request: once more, afresh.
                 if reused and attempt == 1 and not conn.reader.received_any:
-                    self._dial_ahead = self._dial_ahead or conn.after_chunked
+                    if conn.after_chunked:
+                        self._dial_ahead = True  # the server closed a connection we kept
                     continue
                 raise UpstreamClosed(f"{self.origin}: {exc}") from None
             except http1.ProtocolError as exc:
@@ -270,7 +239,7 @@ class Upstream:
                 raise
         raise AssertionError("unreachable")
 
-    async def _acquire(self) -> tuple[_Connection, bool]:
+    async def _acquire(self) -> tuple[Connection, bool]:
         deadline = None
         while True:
             now = trio.current_time()
@@ -302,7 +271,7 @@ class Upstream:
             self._waiting.unpark()
             raise
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self) -> Connection:
         with trio.move_on_after(self.connect_timeout):
             try:
                 sock = await dial(self.host, self.port)
@@ -312,7 +281,7 @@ class Upstream:
                 # The plain socket is driven directly (see _send, _receive): trio's stream
                 # layers cost more per request than the rest of the client.
                 self._peer = (sock.family, sock.getpeername())
-                return _Connection(sock, None, sock)
+                return Connection(sock, None, sock)
             tcp = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
             stream = trio.SSLStream(tcp, self._ssl, server_hostname=self.host, https_compatible=True)
             try:
@@ -323,10 +292,10 @@ class Upstream:
             except BaseException:
                 tcp.socket.close()
                 raise
-            return _Connection(None, stream, tcp.socket)  # type: ignore[arg-type]
+            return Connection(None, stream, tcp.socket)  # type: ignore[arg-type]
         raise UpstreamUnreachable(f"{self.origin}: no connection within {self.connect_timeout:g}s")
 
-    async def _send(self, conn: _Connection, data: bytes) -> None:
+    async def _send(self, conn: Connection, data: bytes) -> None:
         sock = conn.sock
         if sock is None:
             with trio.move_on_after(self.write_timeout) as scope:
@@ -355,7 +324,7 @@ class Upstream:
         except OSError as exc:  # reset, broken pipe
             raise UpstreamClosed(str(exc)) from None
 
-    async def _receive(self, conn: _Connection, wait_first: bool = False) -> bytes:
+    async def _receive(self, conn: Connection, wait_first: bool = False) -> bytes:
         """The next bytes from the server; ``b""`` when it closed or reset the connection.
         Always a checkpoint, as trio's own receives are. ``wait_first``: wait until the
         socket is readable before trying to read."""
@@ -389,7 +358,7 @@ class Upstream:
                     return b""
         raise UpstreamTimeout(f"{self.origin}: no answer within {self.read_timeout:g}s")
 
-    def _release(self, conn: _Connection) -> None:
+    def _release(self, conn: Connection) -> None:
         chunked = conn.reader.chunked
         if chunked and (self._dial_ahead or not conn.reader.reusable):
             # The server closes it (or said it would): a new one takes its place.
@@ -409,36 +378,18 @@ class Upstream:
         if (self._peer is None or self._closed or self.idle_timeout <= 0 or self._open >= self.max_connections
                 or any(c.ahead for c in self._idle)):
             return
-        family, address = self._peer
-        try:  # best effort: out of descriptors, say, the next request connects as before
-            sock = socket.socket(family, socket.SOCK_STREAM)
-        except OSError:
+        conn = dial_ahead(*self._peer)
+        if conn is None:
             return
-        try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            err = sock.connect_ex(address)  # type: ignore[arg-type]
-        except OSError:
-            sock.close()
-            return
-        if err not in (0, errno.EINPROGRESS):
-            sock.close()
-            return
-        conn = _Connection(sock, None, sock, ahead=True)
         conn.idle_since = trio.current_time()
         self._open += 1
         self._idle.append(conn)  # taken first: the pool takes its newest idle connection
 
-    async def _connected(self, conn: _Connection) -> bool:
+    async def _connected(self, conn: Connection) -> bool:
         """Finish the connect of a connection dialled ahead (done already on a local
         server); False when it failed: it is discarded, and the pool dials as usual."""
-        sock = conn.sock
-        assert sock is not None
         try:
-            if not _writable(sock):
-                with trio.move_on_after(self.connect_timeout):
-                    await trio.lowlevel.wait_writable(sock)
-            if _writable(sock) and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+            if await connect_finished(conn, self.connect_timeout):
                 return True
         except BaseException:
             self._discard(conn)
@@ -446,17 +397,10 @@ class Upstream:
         self._discard(conn)
         return False
 
-    def _discard(self, conn: _Connection) -> None:
+    def _discard(self, conn: Connection) -> None:
         conn.close()
         self._open -= 1
         self._waiting.unpark()
-
-
-def _writable(sock: socket.socket) -> bool:
-    """Whether ``sock``'s connect is over (either way), without waiting."""
-    poll = select.poll()
-    poll.register(sock.fileno(), select.POLLOUT)
-    return bool(poll.poll(0))
 
 
 class StreamedResponse:
@@ -469,9 +413,9 @@ class StreamedResponse:
 
     __slots__ = ("_upstream", "_conn", "head", "status", "_done")
 
-    def __init__(self, upstream: Upstream, conn: _Connection, head: http1.Head) -> None:
+    def __init__(self, upstream: Upstream, conn: Connection, head: http1.Head) -> None:
         self._upstream = upstream
-        self._conn: _Connection | None = conn
+        self._conn: Connection | None = conn
         self.head = head
         self.status = head.status
         self._done = False
