@@ -71,6 +71,7 @@ class NeuronDouble:
         self.health = Health.HEALTHY
         self.metrics = NeuronMetrics()
         self.models: dict[str, ModelStatus] = {m: ModelStatus(m, ModelState.LOADED) for m in loaded}
+        self.loaded_since: dict[str, float] = {m: float("-inf") for m in loaded}  # loaded before anything failed
         self.configs = {}
         self.joined_at = time.time()
         self.last_heartbeat = time.time()
@@ -115,6 +116,7 @@ class NeuronDouble:
                     del self.models[mid]
                     return ProvisioningResponse(command.command_id, ok=False, error="no", code="load_failed")
                 self.models[mid] = ModelStatus(mid, ModelState.LOADED)
+                self.loaded_since[mid] = trio.current_time()
                 self._fleet.notify()
             case PullModel(model_id=mid):
                 if self.refuse_load:

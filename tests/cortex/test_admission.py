@@ -286,3 +286,18 @@ async def test_a_portals_priority_and_key_reach_the_queue_through_the_gateway(au
     assert statuses == [200] * 4 and order == ["b0", "live", "b1", "b2"]
     assert 'helexa_queue_wait_seconds_count{model="chat",portal="batch"} 2.0' in text
     assert 'helexa_queue_wait_seconds_count{model="chat",portal="live"} 1.0' in text
+
+
+def test_a_neuron_stays_excluded_until_the_model_is_loaded_there_again_after_the_failure() -> None:
+    from helexa.roles.cortex.admission import excluded
+
+    fleet = Fleet()
+    a = NeuronDouble("a", fleet, loaded=("m",))
+    NeuronDouble("b", fleet, loaded=("m",))
+    failed = (("a", 5.0), ("b", 5.0), ("gone", 5.0))
+    assert excluded(failed, "m", fleet) == {"a", "b", "gone"}
+    a.loaded_since["m"] = 5.0  # loaded as it failed: the same instance
+    assert excluded(failed, "m", fleet) == {"a", "b", "gone"}
+    a.loaded_since["m"] = 7.5  # loaded again since: a new instance
+    assert excluded(failed, "m", fleet) == {"b", "gone"}
+    assert excluded(failed, "other", fleet) == {"a", "b", "gone"}

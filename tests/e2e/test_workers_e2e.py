@@ -4,6 +4,7 @@ in the middle of a stream (as the kernel's out-of-memory killer would)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import signal
 import time
 from pathlib import Path
@@ -84,3 +85,21 @@ def test_a_worker_killed_mid_stream_ends_that_stream_and_the_other_model_keeps_s
     reloaded = client.chat.completions.create(model="tiny-a", messages=PROMPT, max_tokens=4)
     assert reloaded.choices[0].message.content
     assert worker_of(neuron.pid, "tiny-a").pid != victim.pid
+
+
+def test_a_request_whose_worker_is_killed_before_it_answers_is_served_by_the_model_loaded_again(cluster) -> None:
+    """The request had not started answering, so the cortex tries it again. The only neuron
+    is the one it failed on, but the model loaded there again runs in a new process: the
+    request goes to it (before, it waited out the queue's deadline, 300 s)."""
+    cortex, neuron, client = cluster
+    assert client.chat.completions.create(model="tiny-a", messages=PROMPT, max_tokens=4).choices[0].message.content
+    victim = worker_of(neuron.pid, "tiny-a")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        started = time.monotonic()
+        answer = pool.submit(client.chat.completions.create, model="tiny-a", messages=PROMPT, max_tokens=400)
+        time.sleep(0.3)  # generating by now; a non-streamed answer has sent nothing yet
+        victim.send_signal(signal.SIGKILL)
+        result = answer.result(timeout=60)
+    assert result.choices[0].finish_reason in ("stop", "length")
+    assert worker_of(neuron.pid, "tiny-a").pid != victim.pid
+    assert time.monotonic() - started < 60

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Awaitable, Callable, Container
+import math
+from collections.abc import Awaitable, Callable, Container, Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -94,9 +95,24 @@ class Pending:
     tenant: Tenant
     arrived: float
     deadline: float
-    exclude: frozenset[str] = frozenset()
+    failed: tuple[tuple[str, float], ...] = ()
+    """Neurons this request already failed on, each with when (see :func:`excluded`)."""
     blocks: tuple[bytes, ...] = ()
     session: str | None = None
+
+
+def excluded(failed: Iterable[tuple[str, float]], model_id: str, fleet: Fleet) -> frozenset[str]:
+    """The neurons a request that failed on ``failed`` (neuron, when) must not go to now:
+    each one, unless ``model_id`` has been loaded there again since the failure. A model
+    whose process died under the request (a worker killed, out of memory) is reloaded by
+    the provisioner, often on the same neuron; that new instance is not the one that
+    failed, and on a one-neuron fleet it is the only place the request can run."""
+    out = []
+    for node_id, at in failed:
+        link = fleet.get(node_id)
+        if link is None or link.loaded_since.get(model_id, -math.inf) <= at:
+            out.append(node_id)
+    return frozenset(out)
 
 
 @dataclass(eq=False)
@@ -249,7 +265,8 @@ class Admission:
             rooms = self.prefix.room(model_id, p.blocks, nodes) if p.blocks else None
             state = snapshot(links, self.live, model_id=model_id, slots=slots, reserved=self.reserved,
                              matches=matches, rooms=rooms, session_node=self.prefix.session_node(model_id, p.session))
-            decision = schedule(p.workload, Hints(model_id, p.exclude, blocks=len(p.blocks)), state,
+            exclude = excluded(p.failed, model_id, self.fleet) if p.failed else frozenset()
+            decision = schedule(p.workload, Hints(model_id, exclude, blocks=len(p.blocks)), state,
                                 max_skew=self._max_skew)
             if not decision.targets:
                 continue  # the free neurons are ones this request already failed on

@@ -5,7 +5,9 @@
 ``pick`` callable (the orchestrator's choice) for a :class:`Target`, starts the request
 there and waits for the first event. Before that first event, a neuron that dies
 (``NeuronGone(started=False)``) or refuses retryably (``RemoteError(retryable=True)``) is
-excluded and ``pick`` is asked again; after it, failures propagate as they are. Leaving the
+excluded and ``pick`` is asked again (the orchestrator lifts a neuron's exclusion once the
+model is loaded there again, in a new process: :func:`.admission.excluded`); after it,
+failures propagate as they are. Leaving the
 context early (a client disconnect is a cancellation) leaves the target's own context,
 which tells the neuron (or the peer) to stop. Every wait has a deadline from
 :class:`~.config.OrchestratorConfig`, and every outcome is fed back to

@@ -27,6 +27,7 @@ from helexa.protocol import (
     InferenceError,
     LoadProgress,
     ModelConfig,
+    ModelState,
     ModelStatus,
     ModelStatusChanged,
     NeuronDescriptor,
@@ -181,6 +182,10 @@ class NeuronLink:
         self.connected = True
         self.metrics = NeuronMetrics(ram_total=descriptor.hardware.ram_total)
         self.models: dict[str, ModelStatus] = {m.model_id: m for m in models}
+        now = trio.current_time()
+        self.loaded_since: dict[str, float] = {m.model_id: now for m in models if m.state is ModelState.LOADED}
+        """When each model last became loaded here, as this cortex saw it (a reload after its
+        process died is a new instance: :func:`.admission.excluded`)."""
         self.configs: dict[str, ModelConfig] = {c.model_id: c for c in configs}
         self.joined_at = time.time()
         self.last_heartbeat = time.time()
@@ -282,7 +287,7 @@ class NeuronLink:
                     self._on_change()
             case ProvisioningResponse(command_id=cid):
                 if msg.status is not None:
-                    self.models[msg.status.model_id] = msg.status
+                    self._set_model(msg.status)
                     self._on_change()
                 if (cmd := self._commands.get(cid)) is not None:
                     cmd.response = msg
@@ -294,7 +299,7 @@ class NeuronLink:
                 if (cmd := self._commands.get(cid)) is not None and cmd.on_progress is not None:
                     cmd.on_progress(msg)
             case ModelStatusChanged(status=status):
-                self.models[status.model_id] = status
+                self._set_model(status)
                 self._on_change()
             case Ping(nonce=n):
                 try:
@@ -320,10 +325,18 @@ class NeuronLink:
         changed = False
         for m in models:
             new[m.model_id] = m
-            if not changed and ((prev := old.get(m.model_id)) is None or prev.state is not m.state):
+            if (prev := old.get(m.model_id)) is None or prev.state is not m.state:
                 changed = True
+                if m.state is ModelState.LOADED:
+                    self.loaded_since[m.model_id] = trio.current_time()
         self.models = new
         return changed or len(new) != len(old)
+
+    def _set_model(self, status: ModelStatus) -> None:
+        prev = self.models.get(status.model_id)
+        if status.state is ModelState.LOADED and (prev is None or prev.state is not ModelState.LOADED):
+            self.loaded_since[status.model_id] = trio.current_time()
+        self.models[status.model_id] = status
 
     @property
     def provisioning(self) -> bool:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -35,7 +35,7 @@ from opentelemetry import context as otel_context
 from helexa import telemetry
 from helexa.protocol import EmbedRequest, EmbedResult, GenerateRequest, ModelState, WorkloadClass
 
-from .admission import Admission, OnWait, Pending, Tenant, WaitStatus
+from .admission import Admission, OnWait, Pending, Tenant, WaitStatus, excluded
 from .catalogue import Catalogue
 from .dispatch import Dispatcher, Generation, RemoteRouter, Target
 from .errors import GatewayError, ModelNotFound, NoCapacity
@@ -232,11 +232,14 @@ class Orchestrator:
         )
 
     async def _target(self, request: GenerateRequest | EmbedRequest, workload: WorkloadClass,
-                      exclude: frozenset[str], on_wait: OnWait | None, allow_peers: bool, tenant: Tenant,
+                      failed: dict[str, float], on_wait: OnWait | None, allow_peers: bool, tenant: Tenant,
                       arrived: float, deadline: float, blocks: tuple[bytes, ...], session: str | None,
                       chosen: list[RoutingDecision]) -> Target:
         model_id = request.model_id
+        if failed:  # a request that failed somewhere stays in the fleet (see decide)
+            allow_peers = False
         for _ in range(MAX_PICKS):
+            exclude = excluded(failed.items(), model_id, self.fleet) if failed else frozenset()
             decision = self.decide(request, workload, exclude, allow_peers=allow_peers, blocks=blocks, session=session)
             if telemetry.enabled():
                 with telemetry.tracer().start_as_current_span("orchestrator.decide", attributes={
@@ -257,7 +260,8 @@ class Orchestrator:
                         if exclude and any((st := l.models.get(model_id)) is not None
                                            and st.state is ModelState.LOADED for l in usable):
                             break  # it is loaded only where this request already failed
-                    pending = Pending(model_id, workload, tenant, arrived, deadline, exclude, blocks, session)
+                    pending = Pending(model_id, workload, tenant, arrived, deadline, tuple(failed.items()), blocks,
+                                      session)
                     self.waiting += 1
                     try:
                         with (telemetry.tracer().start_as_current_span(f"orchestrator.{decision.mode}", attributes={
@@ -283,7 +287,7 @@ class Orchestrator:
                             chosen.append(decision)
                             return handle
                     raise ModelNotFound(model_id)
-                case _ if not exclude:
+                case _ if not failed:
                     self._log(decision, None)
                     raise ModelNotFound(model_id)
             break
@@ -343,8 +347,10 @@ class Orchestrator:
         blocks = prompt.blocks if prompt is not None else ()
         chosen: list[RoutingDecision] = []
 
+        failed = failures()
+
         def pick(exclude: frozenset[str]) -> Awaitable[Target]:
-            return self._target(request, workload, exclude, on_wait, allow_peers, tenant, arrived, deadline,
+            return self._target(request, workload, failed(exclude), on_wait, allow_peers, tenant, arrived, deadline,
                                 blocks, session, chosen)
 
         return Running(self, request, self.dispatcher.generate(request, pick, endpoint=endpoint,
@@ -357,9 +363,11 @@ class Orchestrator:
         self.live.arrived(request.model_id, arrived)
         deadline = arrived + min(queue_timeout or self.config.queue_timeout, self.config.queue_timeout)
 
+        failed = failures()
+
         def pick(exclude: frozenset[str]) -> Awaitable[Target]:
-            return self._target(request, WorkloadClass.EMBEDDING, exclude, None, allow_peers, tenant, arrived,
-                                deadline, (), None, [])
+            return self._target(request, WorkloadClass.EMBEDDING, failed(exclude), None, allow_peers, tenant,
+                                arrived, deadline, (), None, [])
 
         return await self.dispatcher.embed(request, pick)
 
@@ -423,6 +431,21 @@ class Running:
                             answered_blocks(self._request, "".join(gen.text), o.config.prefix_block_chars,
                                             prompt=self._prompt))
         return suppressed
+
+
+def failures() -> Callable[[frozenset[str]], dict[str, float]]:
+    """The neurons a request failed on, each with when it first failed there, from the
+    dispatcher's growing ``exclude`` (a retry is asked for right after the failure)."""
+    failed: dict[str, float] = {}
+
+    def update(exclude: frozenset[str]) -> dict[str, float]:
+        if len(exclude) != len(failed):
+            now = trio.current_time()
+            for node_id in exclude:
+                failed.setdefault(node_id, now)
+        return failed
+
+    return update
 
 
 def _listing(model_id: str, owned_by: str | None, feasible: list[str], locations: list[str]) -> dict[str, Any]:
