@@ -43,9 +43,14 @@ def _admin_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _when(value: float | None) -> str:
+    """A time as a UTC date and minute; one no date can show (a key stored before the admin
+    API refused such expiries) as the raw number, so the key stays listable and revocable."""
     if value is None:
         return "-"
-    return datetime.fromtimestamp(value, timezone.utc).strftime("%Y-%m-%d %H:%M")
+    try:
+        return datetime.fromtimestamp(value, timezone.utc).strftime("%Y-%m-%d %H:%M")
+    except (OverflowError, ValueError, OSError, TypeError):
+        return str(value)
 
 
 def _limits(limits: dict[str, Any]) -> str:
@@ -81,11 +86,15 @@ def keys() -> None:
     """API keys of the portals: create, list, show, update, rotate, revoke."""
 
 
+_MAX_INT = 2**63 - 1  # the admin API's bounds (helexa.roles.cortex.portal.admin), checked here first
+_MAX_BUDGET = 1e15
+
 _LIMIT_OPTIONS = [
-    click.option("--rpm", type=click.IntRange(min=1), help="requests per minute"),
-    click.option("--tpm", type=click.IntRange(min=1), help="tokens per minute (prompt + completion)"),
-    click.option("--max-concurrent", type=click.IntRange(min=1), help="requests at once"),
-    click.option("--budget", type=click.FloatRange(min=0), help="a hard stop per period, in the portal's currency "
+    click.option("--rpm", type=click.IntRange(min=1, max=_MAX_INT), help="requests per minute"),
+    click.option("--tpm", type=click.IntRange(min=1, max=_MAX_INT),
+                 help="tokens per minute (prompt + completion)"),
+    click.option("--max-concurrent", type=click.IntRange(min=1, max=_MAX_INT), help="requests at once"),
+    click.option("--budget", type=click.FloatRange(min=0, max=_MAX_BUDGET), help="a hard stop per period, in the portal's currency "
                                                                 "(or tokens with --budget-unit tokens)"),
     click.option("--budget-unit", type=click.Choice(["money", "tokens"])),
     click.option("--period", type=click.Choice(["day", "month", "total"])),

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
 from helexa.roles.cortex.errors import (
     BadRequest,
+    ClientGone,
     ColdLoadFailed,
     ModelNotFound,
     NoCapacity,
     PayloadTooLarge,
+    client_gone,
     envelope,
+    to_gateway_error,
 )
 from helexa.roles.cortex.fleet import CommandTimeout, NeuronGone, RemoteError
 
@@ -50,3 +54,13 @@ def test_an_unexpected_error_says_nothing_about_internals() -> None:
     status, _, body = envelope(KeyError("secret_internal_name"))
     assert status == 500
     assert b"secret_internal_name" not in body and b"Traceback" not in body
+
+
+def test_a_client_that_went_away_is_no_error_even_in_a_nurserys_group(caplog) -> None:
+    caplog.set_level(logging.DEBUG, logger="helexa.roles.cortex.errors")
+    gone = ClientGone("the client closed the connection")
+    assert client_gone(gone) and client_gone(ExceptionGroup("nursery", [gone, ExceptionGroup("inner", [gone])]))
+    assert not client_gone(ExceptionGroup("nursery", [gone, KeyError("x")])) and not client_gone(KeyError("x"))
+    for exc in (gone, ExceptionGroup("nursery", [gone])):
+        assert to_gateway_error(exc).code == "client_gone"
+    assert all(r.levelno == logging.DEBUG and not r.exc_info for r in caplog.records) and caplog.records

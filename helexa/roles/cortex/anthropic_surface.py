@@ -41,7 +41,7 @@ from . import anthropic_api as api
 from .anthropic_requests import CountTokensRequest, MessagesRequest
 from .anthropic_stream import MessageStream, error_event
 from .asgi import JSON, Exchange, Route
-from .errors import ModelNotFound
+from .errors import ClientGone, ModelNotFound
 from .openai_api import parse
 from .orchestrator import WaitStatus
 from .portal.metering import Metering
@@ -99,6 +99,8 @@ class AnthropicSurface:
                             await out.body(frame)
                 assert gen.result is not None  # the record is on disk by now
                 await out.body(head + encoder.finish(gen.result))
+            except ClientGone:
+                raise  # the client left: nobody to tell, and no failed generation
             except Exception as exc:
                 if not out.started:
                     raise

@@ -180,12 +180,24 @@ _CLIENT_CODES = frozenset({"invalid_request", "unsupported", "context_length_exc
 _CLIENT_PARAMS = {"context_length_exceeded": "messages"}
 
 
+def client_gone(exc: BaseException) -> bool:
+    """Whether ``exc`` is only the client going away: a :class:`ClientGone`, or a group (a
+    nursery's) of nothing else. An ordinary disconnect, never an error to log."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(client_gone(e) for e in exc.exceptions)
+    return isinstance(exc, ClientGone)
+
+
 def to_gateway_error(exc: BaseException) -> GatewayError:
     """Map any exception onto the tree. Unexpected ones are logged with their traceback
-    here and become a bare 500 whose message says nothing about the internals."""
+    here and become a bare 500 whose message says nothing about the internals. A client
+    that went away (:class:`ClientGone`) is no fault: it is not logged as one."""
     match exc:
         case GatewayError():
             return exc
+        case _ if client_gone(exc):
+            log.debug("the client went away: %s", exc)
+            return GatewayError("the client went away", code="client_gone")
         case RemoteError(code=code) if code in _CLIENT_CODES:
             return BadRequest(str(exc), code=code, param=_CLIENT_PARAMS.get(code))
         case RemoteError(retryable=True):

@@ -59,7 +59,7 @@ from .anthropic_surface import AnthropicSurface
 from .asgi import Exchange, Limits, Receive, Responder, Route, Router, Scope, Send
 from .config import DEFAULT_PORTAL, PortalConfig
 from .disconnect_watch import DisconnectWatch
-from .errors import BadRequest, ClientGone, GatewayError, envelope
+from .errors import BadRequest, ClientGone, GatewayError, client_gone, envelope
 from .fleet_metrics import FleetCollector
 from .http import HttpServer
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -181,6 +181,8 @@ class PortalApp:
         except ClientGone:
             pass
         except Exception as exc:
+            if client_gone(exc):  # a ClientGone in a nursery's group
+                return
             if out.started:
                 log.warning("request %s failed after its response began: %s", request_id, exc)
                 return

@@ -44,7 +44,7 @@ from helexa.protocol import EmbedResult, Feature, GenerateRequest, GenerateResul
 from . import ollama_api as api
 from .asgi import Exchange, Route
 from .catalogue import CatalogueEntry
-from .errors import BadRequest, ModelNotFound, to_gateway_error
+from .errors import BadRequest, ClientGone, ModelNotFound, to_gateway_error
 from .openai_api import merge_tool_calls, parse
 from .orchestrator import WaitStatus
 from .portal.metering import Caller, Metering
@@ -285,6 +285,8 @@ class OllamaSurface:
                     lines.append(piece("", calls=api.tool_calls_body(merge_tool_calls(parts))))
                 lines.append(final(result))
                 await out.body(b"".join(map(_line, lines)))
+            except ClientGone:
+                raise  # the client left: nobody to tell, and no failed generation
             except Exception as exc:
                 if not out.started:
                     raise

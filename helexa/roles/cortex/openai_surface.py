@@ -29,7 +29,7 @@ from . import anthropic_api, anthropic_models, choices
 from . import openai_api as api
 from . import sse
 from .asgi import ErrorShape, Exchange, Route, Scope
-from .errors import BadRequest, ModelNotFound
+from .errors import BadRequest, ClientGone, ModelNotFound
 from .orchestrator import WaitStatus
 from .portal.metering import Caller, Metering
 from .prefix import session_of
@@ -101,6 +101,8 @@ class OpenAISurface:
                             await out.body(frame)
                 # the records are on disk by now
                 await out.body(head + b"".join(encoder.finish(r, i) for i, r in enumerate(gen.results)))
+            except ClientGone:
+                raise  # the client left: nobody to tell, and no failed generation
             except Exception as exc:
                 if not out.started:
                     raise

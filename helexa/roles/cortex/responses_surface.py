@@ -30,7 +30,7 @@ from typing import Any
 from . import openai_api
 from . import sse
 from .asgi import Exchange, Route
-from .errors import BadRequest, NotFound, error_body, to_gateway_error
+from .errors import BadRequest, ClientGone, NotFound, error_body, to_gateway_error
 from .orchestrator import WaitStatus
 from .portal.metering import Caller, Metering
 from .portal.response_store import ResponseStore, StoredResponse
@@ -124,6 +124,8 @@ class ResponsesSurface:
                 if body.stored:
                     await keep_built()
                 await out.body(b"".join(map(frame, [*tail, builder.completed()])))
+            except ClientGone:
+                raise  # the client left: nobody to tell, and no failed generation
             except Exception as exc:
                 if not out.started:
                     raise

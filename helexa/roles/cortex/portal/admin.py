@@ -25,7 +25,10 @@ Routes::
                                          the key when the new file is invalid
 
 Times (``since``, ``until``, ``expires_at``) are Unix seconds or ISO 8601 (a date is its
-midnight UTC). Unset limits of a new key are its portal's ``quotas``.
+midnight UTC). Unset limits of a new key are its portal's ``quotas``. A key's numbers are
+refused (400 naming the field) outside what can be stored and shown: ``rpm``, ``tpm`` and
+``max_concurrent`` up to 2**63 - 1, ``budget`` up to 1e15, ``expires_at`` before the end of
+the year 9999 (and, for a new key, in the future); a key's ``name`` has no control characters.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import dataclasses
 import io
 import json
 import logging
+import math
 from collections.abc import Callable
 from datetime import date, datetime, timezone
 from typing import Any
@@ -59,14 +63,24 @@ from .usage import GROUPS
 log = logging.getLogger(__name__)
 
 _LIMIT_FIELDS = ("rpm", "tpm", "max_concurrent", "budget", "budget_unit", "period")
+MAX_INT = 2**63 - 1
+"""The largest ``rpm``, ``tpm`` or ``max_concurrent`` (SQLite's and most clients' integers)."""
+MAX_BUDGET = 1e15
+MAX_TIME = datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc).timestamp()
+"""The latest ``expires_at``: what a date can still show."""
 
 
 def parse_time(value: Any, name: str) -> float | None:
     """Unix seconds from a number or an ISO 8601 date or time (naive means UTC)."""
     if value is None or value == "":
         return None
+    if isinstance(value, bool):
+        raise BadRequest(f"{name}: expected Unix seconds or an ISO 8601 date, got {value!r}", param=name)
     if isinstance(value, (int, float)):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise BadRequest(f"{name}: {value} is out of range", param=name) from None
     text = str(value).strip()
     try:
         return float(text)
@@ -82,18 +96,39 @@ def parse_time(value: Any, name: str) -> float | None:
         raise BadRequest(f"{name}: expected Unix seconds or an ISO 8601 date, got {text!r}", param=name) from None
 
 
+def expiry(value: Any, now: float, *, new: bool) -> float | None:
+    """``expires_at`` as Unix seconds (None: never), refused unless it can be shown as a date:
+    from 1970 to the end of 9999, and after ``now`` for a ``new`` key (one born expired is
+    a mistake; an existing key may be set to a past time, which expires it until changed)."""
+    when = parse_time(value, "expires_at")
+    if when is None:
+        return None
+    if not math.isfinite(when) or not 0 <= when <= MAX_TIME:
+        raise BadRequest(f"expires_at: must be between 1970-01-01 and 9999-12-31 (Unix seconds 0 to "
+                         f"{MAX_TIME:.0f}), got {value!r}", param="expires_at")
+    if new and when <= now:
+        raise BadRequest(f"expires_at: {value!r} is not in the future; a new key would be born expired",
+                         param="expires_at")
+    return when
+
+
+def _check_name(name: str | None) -> None:
+    if name is not None and any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise BadRequest("name: must not contain control characters (NUL, newline, tab...)", param="name")
+
+
 class _KeyFields(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str | None = Field(None, min_length=1, max_length=200)
-    rpm: int | None = Field(None, ge=1)
-    tpm: int | None = Field(None, ge=1)
-    max_concurrent: int | None = Field(None, ge=1)
-    budget: float | None = Field(None, ge=0)
+    rpm: int | None = Field(None, ge=1, le=MAX_INT)
+    tpm: int | None = Field(None, ge=1, le=MAX_INT)
+    max_concurrent: int | None = Field(None, ge=1, le=MAX_INT)
+    budget: float | None = Field(None, ge=0, le=MAX_BUDGET)
     budget_unit: str | None = Field(None, pattern="^(money|tokens)$")
     period: str | None = Field(None, pattern="^(day|month|total)$")
     models: list[str] | None = None
-    expires_at: float | str | None = None
+    expires_at: Any = None  # Unix seconds or ISO 8601: checked by expiry(), which names the field
 
 
 class _KeyCreate(_KeyFields):
@@ -261,11 +296,12 @@ class AdminApi:
         ``"key"``, the key itself, shown this once. Raises BadRequest, NotFound."""
         body = _parse(_KeyCreate, raw)
         assert isinstance(body, _KeyCreate)
+        _check_name(body.name)
         portal = self._portal(body.portal)
+        now = self.clock()
         secret, key = keys_mod.create(
             portal.id, body.name, limits=self._limits(portal.key_defaults, body),
-            models=self._models(portal, body.models), now=self.clock(),
-            expires_at=parse_time(body.expires_at, "expires_at"))
+            models=self._models(portal, body.models), now=now, expires_at=expiry(body.expires_at, now, new=True))
         await self._save(key)
         log.info("admin: created key %s (%r) on portal %s", key.key_id, key.name, portal.id)
         view: dict[str, Any] = {"key": secret, **self._view(key)}
@@ -285,6 +321,7 @@ class AdminApi:
         key = self._key(ex.path_rest)
         body = _parse(_KeyFields, await ex.body())
         assert isinstance(body, _KeyFields)
+        _check_name(body.name)
         given = body.model_fields_set
         changes: dict[str, Any] = {"limits": self._limits(key.limits, body)}
         if "name" in given and body.name:
@@ -292,7 +329,7 @@ class AdminApi:
         if "models" in given:
             changes["models"] = self._models(self._portal(key.portal), body.models)
         if "expires_at" in given:
-            changes["expires_at"] = parse_time(body.expires_at, "expires_at")
+            changes["expires_at"] = expiry(body.expires_at, self.clock(), new=False)
         key = dataclasses.replace(key, **changes)
         await self._save(key)
         log.info("admin: updated key %s", key.key_id)
