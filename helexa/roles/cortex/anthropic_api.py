@@ -31,7 +31,7 @@ Anthropic's shape, ``{"type": "error", "error": {"type", "message"}}``::
     404 not_found_error         NotFound, ModelNotFound                    x-should-retry: false
     405 invalid_request_error   MethodNotAllowed                           x-should-retry: false
     413 request_too_large       PayloadTooLarge                            x-should-retry: false
-    429 rate_limit_error        RateLimited (+ retry-after)
+    429 rate_limit_error        RateLimited (+ retry-after; x-should-retry: false when retrying cannot help)
     429 rate_limit_error        InsufficientQuota (a budget is spent)     x-should-retry: false
     500 api_error               UpstreamError, an internal error
     504 timeout_error           UpstreamTimeout
@@ -65,8 +65,8 @@ from .anthropic_requests import (
 from .errors import (
     BadRequest,
     Forbidden,
+    NO_RETRY,
     GatewayError,
-    InsufficientQuota,
     MethodNotAllowed,
     NoCapacity,
     NotFound,
@@ -261,9 +261,6 @@ def message_body(message_id: str, model: str, text: str, tool_calls: list[Any], 
 
 # --- errors --------------------------------------------------------------------------------
 
-NO_RETRY = (b"x-should-retry", b"false")
-
-
 def _kind(error: GatewayError) -> tuple[int, str, bool]:
     """``(status, Anthropic error type, retrying can help)``."""
     match error:
@@ -279,9 +276,7 @@ def _kind(error: GatewayError) -> tuple[int, str, bool]:
             return 405, "invalid_request_error", False
         case BadRequest():
             return 400, "invalid_request_error", False
-        case InsufficientQuota():
-            return 429, "rate_limit_error", False
-        case RateLimited():
+        case RateLimited():  # InsufficientQuota too: its headers say whether to retry
             return 429, "rate_limit_error", True
         case NoCapacity():
             return 529, "overloaded_error", True

@@ -51,6 +51,10 @@ from .http import ClientGone  # the client went away: nobody is left to answer (
 log = logging.getLogger(__name__)
 
 
+NO_RETRY = (b"x-should-retry", b"false")
+"""Tells the official OpenAI and Anthropic clients not to retry a request on their own."""
+
+
 class GatewayError(Exception):
     """Base of the tree; ``status``, ``type`` and ``code`` say how a client sees it."""
 
@@ -120,28 +124,41 @@ class PayloadTooLarge(GatewayError):
 
 class RateLimited(GatewayError):
     """Too many requests; the client should retry after ``retry_after`` s. ``extra``
-    headers go with it (a portal's ``x-ratelimit-*``)."""
+    headers go with it (a portal's ``x-ratelimit-*``).
+
+    ``retry=False``: retrying the same request cannot help (it is larger than the limit
+    itself, or the budget does not renew soon): ``x-should-retry: false``, which the
+    official OpenAI and Anthropic clients obey, and no ``Retry-After`` when
+    ``retry_after`` is None (nothing changes until an operator acts)."""
 
     status = 429
     type = "rate_limit_error"
     code = "rate_limited"
+    retry = True
 
-    def __init__(self, message: str, *, retry_after: float = 1.0, code: str | None = None,
-                 extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    def __init__(self, message: str, *, retry_after: float | None = 1.0, code: str | None = None,
+                 extra: list[tuple[bytes, bytes]] | None = None, retry: bool | None = None) -> None:
         super().__init__(message, code=code)
         self.retry_after = retry_after
         self.extra = extra or []
+        if retry is not None:
+            self.retry = retry
 
     def headers(self) -> list[tuple[bytes, bytes]]:
-        return [(b"retry-after", str(max(1, math.ceil(self.retry_after))).encode()),
-                (b"retry-after-ms", str(max(1, math.ceil(self.retry_after * 1000))).encode()), *self.extra]
+        out = [] if self.retry else [NO_RETRY]
+        if self.retry_after is not None:
+            out += [(b"retry-after", str(max(1, math.ceil(self.retry_after))).encode()),
+                    (b"retry-after-ms", str(max(1, math.ceil(self.retry_after * 1000))).encode())]
+        return out + self.extra
 
 
 class InsufficientQuota(RateLimited):
-    """A budget is spent: nothing more until its period ends (or an operator raises it)."""
+    """A budget is spent: nothing more until its period ends (``retry_after``, None for a
+    budget that never renews) or an operator raises it. Never worth an automatic retry."""
 
     type = "insufficient_quota"
     code = "insufficient_quota"
+    retry = False
 
 
 class NoCapacity(GatewayError):

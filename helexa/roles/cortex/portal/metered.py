@@ -16,11 +16,12 @@ import trio
 from helexa.protocol import GenerateRequest, GenerateResult, TokenChunk
 
 from ..errors import ModelNotFound, UpstreamError
+from .quota import Account, Refusal, admit
 from .routing import ASK_POLICY
 
 if TYPE_CHECKING:
     from ..orchestrator import OnWait
-    from .metering import Caller, Metering
+    from .metering import Caller, Metering, Plan
 
 
 class MeteredGeneration:
@@ -83,7 +84,8 @@ class MeteredRun:
         accounts = self._accounts = m.accounts(caller, now)
         plan = self._plan = m._plan_generate(caller, request, served, bounded=bool(accounts),
                                              counted=bool(accounts) or portal.records_usage)
-        m._admit(caller, plan, accounts, now)
+        if accounts and (refusal := admit(accounts, plan.reservation, now)) is not None:
+            plan = self._plan = await self._recounted(request, plan, refusal, served, accounts, now)
         run = self._run = MeteredGeneration()
         self._started, self._t0 = now, trio.current_time()
         if portal.ask_policy is not None:
@@ -100,6 +102,27 @@ class MeteredRun:
         run._gen = gen
         run.node_id = gen.node_id
         return run
+
+    async def _recounted(self, request: GenerateRequest, plan: Plan, refusal: Refusal, served: str,
+                         accounts: list[Account], now: float) -> Plan:
+        """A refused request's plan again, from its prompt's exact token count, when that
+        count admits it; else the refusal, raised. The edge bounds a short prompt's tokens
+        by its bytes (:mod:`..request_limits`), which is several times the count for a
+        short chat (a template's own text): enough for a small ``tpm`` or budget to refuse
+        what it can take."""
+        m, caller = self._metering, self._caller
+        if refusal.code in ("too_large", "tokens", "budget") and m.limits is not None:
+            count = await m.limits.counter.count(request if served == request.model_id
+                                                 else dataclasses.replace(request, model_id=served))
+            if count is not None and count.exact and count.tokens < plan.reservation.tokens:
+                exact = m._plan_generate(caller, dataclasses.replace(request, prompt_tokens=count.tokens), served,
+                                         bounded=True, counted=True)
+                if exact.reservation.tokens < plan.reservation.tokens:
+                    again = admit(accounts, exact.reservation, now)
+                    if again is None:
+                        return exact
+                    refusal = again
+        m._refuse(caller, refusal)
 
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         run = self._run

@@ -37,7 +37,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import trio
 
@@ -48,7 +48,7 @@ from ..metrics import Metrics
 from .keys import ApiKey
 from .metered import MeteredGeneration, MeteredRun
 from .portal import Portal
-from .quota import Account, Limits, Reservation, admit, period_bounds, rate_headers
+from .quota import Account, Limits, Refusal, Reservation, admit, period_bounds, rate_headers
 from .routing import ASK_POLICY
 from .usage import UsageRecord
 from .writer import LedgerWriter
@@ -272,13 +272,17 @@ class Metering:
         if accounts:
             refusal = admit(accounts, plan.reservation, now)
             if refusal is not None:
-                self.metrics.portal_refused(caller.portal.id, refusal.code)
-                log.info("portal %s: refused a request of %s: %s", caller.portal.id,
-                         f"key {caller.key_id}" if caller.key else "an open client", refusal.message)
-                if refusal.code == "budget":
-                    raise InsufficientQuota(refusal.message, retry_after=refusal.retry_after)
-                raise RateLimited(refusal.message, retry_after=refusal.retry_after, code="rate_limit_exceeded")
+                self._refuse(caller, refusal)
         return accounts
+
+    def _refuse(self, caller: Caller, refusal: Refusal) -> NoReturn:
+        self.metrics.portal_refused(caller.portal.id, refusal.code)
+        log.info("portal %s: refused a request of %s: %s", caller.portal.id,
+                 f"key {caller.key_id}" if caller.key else "an open client", refusal.message)
+        if refusal.code == "budget":
+            raise InsufficientQuota(refusal.message, retry_after=refusal.retry_after)
+        raise RateLimited(refusal.message, retry_after=refusal.retry_after, code="rate_limit_exceeded",
+                          retry=refusal.retry_after is not None)
 
     # --- running ---------------------------------------------------------------------------
 

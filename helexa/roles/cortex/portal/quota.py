@@ -36,8 +36,6 @@ _EPS = 1e-9
 _LEVEL_EPS = 1e-6
 """Bucket levels are compared with this slack: Unix times as floats resolve only about a
 quarter of a microsecond, so refills carry errors far above ``_EPS``."""
-REFUSE_FOREVER = 86400.0
-"""Retry-After for a spent ``total`` budget (nothing changes until an operator acts)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +150,8 @@ class Refusal:
     subject: str
     code: str
     message: str
-    retry_after: float
+    retry_after: float | None
+    """None: waiting cannot help (the request is over the limit itself, or the budget never renews)."""
 
 
 class Account:
@@ -230,9 +229,8 @@ class Account:
             wait = self.tokens.wait(r.tokens, now)
             if wait == math.inf:
                 return Refusal(self.subject, "too_large",
-                               f"{self.subject}: this request may use up to {r.tokens} tokens, over the limit of "
-                               f"{lim.tpm} tokens per minute (lower max_tokens or the prompt)",
-                               self.tokens.full_in(now))
+                               f"{self.subject}: this request may use up to {r.tokens:.0f} tokens, over the limit of "
+                               f"{lim.tpm} tokens per minute (lower max_tokens or the prompt)", None)
             if wait > 0:
                 return Refusal(self.subject, "tokens", f"{self.subject}: over {lim.tpm} tokens per minute", wait)
         if lim.budget is not None:
@@ -240,11 +238,14 @@ class Account:
             unit = lim.budget_unit
             if self.spent(unit) + self.reserved(unit) + r.amount(unit) > lim.budget * (1 + _EPS) + _EPS:
                 left = max(0.0, lim.budget - self.spent(unit) - self.reserved(unit))
-                what = f"{left:.6g} left of {lim.budget:g}" if unit == "money" else f"{left:.0f} of {lim.budget:.0f} tokens left"
-                until = self.period_end - now if lim.period != "total" else REFUSE_FOREVER
+                if unit == "money":
+                    what, ask = f"{left:.6g} left of {lim.budget:g}", f"cost up to {r.amount(unit):.6g}"
+                else:
+                    what, ask = f"{left:.0f} tokens left of {lim.budget:.0f}", f"use up to {r.amount(unit):.0f} tokens"
+                renews = "" if lim.period == "total" else f", until the {lim.period}'s budget renews"
                 return Refusal(self.subject, "budget",
-                               f"{self.subject}: the {lim.period} budget is spent ({what}; this request may "
-                               f"cost up to {r.amount(unit):.6g})", until)
+                               f"{self.subject}: the {lim.period} budget has {what}, and this request may {ask} "
+                               f"(lower max_tokens{renews})", self.period_end - now if lim.period != "total" else None)
         return None
 
     def reserve(self, r: Reservation, now: float) -> None:
