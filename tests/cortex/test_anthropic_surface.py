@@ -267,6 +267,13 @@ async def test_a_model_the_key_may_not_use_is_a_permission_error_for_messages_an
     ({"model": "fast", "max_tokens": 4, "messages": [{"role": "user", "content": [{"type": "video"}]}]},
      "messages[0].content[0]': type must be"),
     ({"model": "fast", "max_tokens": 4, "messages": ASK, "temperature": 1.5}, "temperature"),
+    ({"model": "fast", "max_tokens": "3", "messages": ASK, "stream": "yes"}, "'max_tokens': Input should be a valid "
+                                                                             "integer (got a string)"),
+    ({"model": "fast", "max_tokens": 3.0, "messages": ASK}, "'max_tokens': Input should be a valid integer"),
+    ({"model": "fast", "max_tokens": True, "messages": ASK}, "'max_tokens': Input should be a valid integer"),
+    ({"model": "fast", "max_tokens": 4, "messages": ASK, "stream": "yes"}, "'stream': Input should be a valid boolean"),
+    ({"model": "fast", "max_tokens": 4, "messages": ASK, "stream": "x"}, "'stream': Input should be a valid boolean"),
+    ({"model": "fast", "max_tokens": 4, "messages": ASK, "top_k": "5"}, "'top_k'"),
     ({"model": "fast", "max_tokens": 4, "messages": ASK, "stop_sequences": [""]}, "stop_sequences[0]"),
     ({"model": "fast", "max_tokens": 4, "messages": ASK, "tool_choice": {"type": "any"}}, "tool_choice"),
     ({"model": "fast", "max_tokens": 4, "messages": ASK, "tools": [{"name": "f", "input_schema": {}}],

@@ -124,6 +124,12 @@ async def test_an_empty_prompt_answers_load_without_running_a_model() -> None:
     ("/api/chat", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "nope"),
     ("/api/show", {"model": "nope"}, 404, "nope"),
     ("/api/generate", "not json", 400, "JSON"),
+    ("/api/chat", {"model": "fast", "messages": [{"role": "user", "content": "x"}], "stream": "no"}, 400, "stream"),
+    ("/api/generate", {"model": "fast", "prompt": "x", "raw": "yes"}, 400, "raw"),
+    ("/api/generate", {"model": "fast", "prompt": "x", "options": {"num_predict": "5"}}, 400, "options.num_predict"),
+    ("/api/generate", {"model": "fast", "prompt": "x", "options": {"num_predict": 5.0}}, 400, "options.num_predict"),
+    ("/api/generate", {"model": "fast", "prompt": "x", "options": {"seed": True}}, 400, "options.seed"),
+    ("/api/generate", {"model": "fast", "prompt": "x", "options": {"temperature": "0.2"}}, 400, "options.temperature"),
 ])
 async def test_errors_are_ollamas_shape_naming_the_field_before_a_neuron_sees_them(
         path: str, body: object, status: int, names: str) -> None:
