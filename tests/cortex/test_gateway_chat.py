@@ -123,6 +123,16 @@ async def test_the_official_client_sends_proper_types_and_a_float_may_be_written
     assert (s.max_tokens, s.seed, s.temperature, s.top_p, s.top_k, s.presence_penalty) == (3, 5, 1.0, 1.0, 4, 0.0)
 
 
+@pytest.mark.parametrize("seed", [-1, -7, -(2**63), 2**63 - 1])
+async def test_any_signed_64_bit_seed_is_taken_and_reaches_the_neuron_as_it_is(seed: int) -> None:
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=("chat",))
+    async with serving(fleet, CATALOGUE) as (_, url):
+        r = await post(url, body(seed=seed, max_tokens=2))
+    assert r.status_code == 200, r.text
+    assert neuron.requests[0].sampling.seed == seed
+
+
 async def test_integers_beyond_64_bits_and_nan_are_400s_not_500s() -> None:
     fleet = Fleet()
     neuron = NeuronDouble("n1", fleet, loaded=("chat",))

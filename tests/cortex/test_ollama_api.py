@@ -147,6 +147,20 @@ async def test_errors_are_ollamas_shape_naming_the_field_before_a_neuron_sees_th
     assert neuron.requests == []
 
 
+@pytest.mark.parametrize(("seed", "sent"), [(-1, None), (-7, -7), (-(2**63), -(2**63)), (0, 0), (2**63 - 1, 2**63 - 1)])
+async def test_options_seed_is_any_64_bit_integer_and_minus_one_is_no_seed_as_in_ollama(seed: int,
+                                                                                        sent: int | None) -> None:
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=("chat",))
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme")
+    async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
+        got = await in_thread(lambda: client(urls["acme"], key).generate(
+            model="fast", prompt="x", options={"seed": seed, "num_predict": 2, "temperature": 1}, stream=False))
+    assert got.done
+    assert neuron.requests[0].sampling.seed == sent
+
+
 async def test_the_client_raises_response_error_with_the_message_and_status() -> None:
     fleet = Fleet()
     NeuronDouble("n1", fleet, loaded=("chat",))
