@@ -304,6 +304,41 @@ async def test_a_malformed_request_is_a_400_naming_the_field_before_any_neuron(b
     assert not neuron.requests
 
 
+@pytest.mark.parametrize(("method", "path", "status", "kind"), [
+    ("POST", "/v1/messages/batches", 404, "not_found_error"),
+    ("POST", "/v1/messages/nosuch", 404, "not_found_error"),
+    ("GET", "/v1/messages", 405, "invalid_request_error"),
+    ("GET", "/v1/messages/count_tokens", 405, "invalid_request_error"),
+])
+async def test_a_path_under_v1_messages_no_route_takes_is_answered_in_anthropics_shape(method, path, status,
+                                                                                      kind) -> None:
+    fleet, neuron, store, key = keyed()
+    async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
+        async with httpx.AsyncClient() as http:
+            r = await http.request(method, urls["acme"] + path, headers={"x-api-key": key}, json={})
+
+        def batches() -> None:
+            with client(urls["acme"], key) as c:
+                c.messages.batches.list()
+
+        with pytest.raises(anthropic.NotFoundError) as info:
+            await in_thread(batches)
+    assert r.status_code == status
+    assert r.json() == {"type": "error", "error": {"type": kind, "message": r.json()["error"]["message"]}}, r.text
+    assert path in r.json()["error"]["message"] and r.headers["x-should-retry"] == "false"
+    assert info.value.body["type"] == "error" and info.value.body["error"]["type"] == "not_found_error"
+
+
+async def test_an_openai_path_no_route_takes_is_still_openais_envelope() -> None:
+    fleet, neuron, store, key = keyed()
+    async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
+        async with httpx.AsyncClient() as http:
+            nothing = await http.post(urls["acme"] + "/v1/messagesX", headers={"x-api-key": key}, json={})
+            wrong = await http.get(urls["acme"] + "/v1/chat/completions", headers={"x-api-key": key})
+    assert nothing.status_code == 404 and nothing.json()["error"]["code"] == "not_found"
+    assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
+
+
 async def test_an_image_names_the_models_that_can_see() -> None:
     fleet = Fleet()
     NeuronDouble("n1", fleet, loaded=("chat",))

@@ -161,6 +161,29 @@ async def test_options_seed_is_any_64_bit_integer_and_minus_one_is_no_seed_as_in
     assert neuron.requests[0].sampling.seed == sent
 
 
+@pytest.mark.parametrize(("method", "path", "status"), [
+    ("POST", "/api/tags", 405), ("GET", "/api/chat", 405), ("POST", "/api/nosuch", 404), ("GET", "/api", 404),
+    ("POST", "/api/blobs/sha256:00", 404),
+])
+async def test_a_path_under_api_no_route_takes_is_answered_in_ollamas_shape(method: str, path: str,
+                                                                           status: int) -> None:
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("chat",))
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme")
+    async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
+        async with httpx.AsyncClient() as http:
+            r = await http.request(method, urls["acme"] + path, headers=bearer(key), json={})
+
+        def call():  # noqa: ANN202
+            return _raises(lambda: client(urls["acme"], key)._request_raw("POST", "/api/tags"))
+
+        raised = await in_thread(call)
+    assert r.status_code == status
+    assert list(r.json()) == ["error"] and isinstance(r.json()["error"], str) and path in r.json()["error"], r.text
+    assert raised.status_code == 405 and "/api/tags" in raised.error  # what Ollama's client reads
+
+
 async def test_the_client_raises_response_error_with_the_message_and_status() -> None:
     fleet = Fleet()
     NeuronDouble("n1", fleet, loaded=("chat",))
