@@ -70,8 +70,6 @@ def validate(request: GenerateRequest, *, max_context: int | None = None,
         raise InvalidRequest("presence_penalty must be between -2 and 2")
     if s.repetition_penalty is not None and s.repetition_penalty <= 0.0:
         raise InvalidRequest("repetition_penalty must be positive")
-    if s.seed is not None and s.seed < 0:
-        raise InvalidRequest("seed must not be negative")
     if s.max_tokens is not None and max_context is not None and s.max_tokens > max_context:
         raise InvalidRequest(f"max_tokens {s.max_tokens} exceeds the model's context of {max_context}")
     if s.stop and not all(s.stop):
@@ -142,7 +140,9 @@ def request_body(request: GenerateRequest, *, dialect: str = "llama.cpp", model:
     }
     body.update({k: v for k, v in standard.items() if v is not None})
     if s.seed is not None and dialect == "llama.cpp":
-        body["seed"] = s.seed % 0xFFFFFFFF  # a uint32 there, and 0xFFFFFFFF means "random"
+        # Any 64-bit seed (negative ones too) folds, deterministically, into llama.cpp's
+        # uint32 short of 0xFFFFFFFF, which means "random" there (docs/api.md).
+        body["seed"] = s.seed % 0xFFFFFFFF
     if s.stop:
         body["stop"] = list(s.stop)
         if dialect == "llama.cpp":

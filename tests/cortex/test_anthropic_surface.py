@@ -267,6 +267,13 @@ async def test_a_model_the_key_may_not_use_is_a_permission_error_for_messages_an
     ({"model": "fast", "max_tokens": 4, "messages": [{"role": "user", "content": [{"type": "video"}]}]},
      "messages[0].content[0]': type must be"),
     ({"model": "fast", "max_tokens": 4, "messages": ASK, "temperature": 1.5}, "temperature"),
+    ({"model": "fast", "max_tokens": "3", "messages": ASK, "stream": "yes"}, "'max_tokens': Input should be a valid "
+                                                                             "integer (got a string)"),
+    ({"model": "fast", "max_tokens": 3.0, "messages": ASK}, "'max_tokens': Input should be a valid integer"),
+    ({"model": "fast", "max_tokens": True, "messages": ASK}, "'max_tokens': Input should be a valid integer"),
+    ({"model": "fast", "max_tokens": 4, "messages": ASK, "stream": "yes"}, "'stream': Input should be a valid boolean"),
+    ({"model": "fast", "max_tokens": 4, "messages": ASK, "stream": "x"}, "'stream': Input should be a valid boolean"),
+    ({"model": "fast", "max_tokens": 4, "messages": ASK, "top_k": "5"}, "'top_k'"),
     ({"model": "fast", "max_tokens": 4, "messages": ASK, "stop_sequences": [""]}, "stop_sequences[0]"),
     ({"model": "fast", "max_tokens": 4, "messages": ASK, "tool_choice": {"type": "any"}}, "tool_choice"),
     ({"model": "fast", "max_tokens": 4, "messages": ASK, "tools": [{"name": "f", "input_schema": {}}],
@@ -295,6 +302,41 @@ async def test_a_malformed_request_is_a_400_naming_the_field_before_any_neuron(b
     assert error["type"] == "invalid_request_error" and field in error["message"], error
     assert info.value.response.headers["x-should-retry"] == "false"
     assert not neuron.requests
+
+
+@pytest.mark.parametrize(("method", "path", "status", "kind"), [
+    ("POST", "/v1/messages/batches", 404, "not_found_error"),
+    ("POST", "/v1/messages/nosuch", 404, "not_found_error"),
+    ("GET", "/v1/messages", 405, "invalid_request_error"),
+    ("GET", "/v1/messages/count_tokens", 405, "invalid_request_error"),
+])
+async def test_a_path_under_v1_messages_no_route_takes_is_answered_in_anthropics_shape(method, path, status,
+                                                                                      kind) -> None:
+    fleet, neuron, store, key = keyed()
+    async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
+        async with httpx.AsyncClient() as http:
+            r = await http.request(method, urls["acme"] + path, headers={"x-api-key": key}, json={})
+
+        def batches() -> None:
+            with client(urls["acme"], key) as c:
+                c.messages.batches.list()
+
+        with pytest.raises(anthropic.NotFoundError) as info:
+            await in_thread(batches)
+    assert r.status_code == status
+    assert r.json() == {"type": "error", "error": {"type": kind, "message": r.json()["error"]["message"]}}, r.text
+    assert path in r.json()["error"]["message"] and r.headers["x-should-retry"] == "false"
+    assert info.value.body["type"] == "error" and info.value.body["error"]["type"] == "not_found_error"
+
+
+async def test_an_openai_path_no_route_takes_is_still_openais_envelope() -> None:
+    fleet, neuron, store, key = keyed()
+    async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
+        async with httpx.AsyncClient() as http:
+            nothing = await http.post(urls["acme"] + "/v1/messagesX", headers={"x-api-key": key}, json={})
+            wrong = await http.get(urls["acme"] + "/v1/chat/completions", headers={"x-api-key": key})
+    assert nothing.status_code == 404 and nothing.json()["error"]["code"] == "not_found"
+    assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
 
 
 async def test_an_image_names_the_models_that_can_see() -> None:

@@ -81,6 +81,58 @@ async def test_a_malformed_request_is_a_400_naming_the_field_and_no_neuron_sees_
     assert neuron.generations == []
 
 
+@pytest.mark.parametrize(("fields", "param", "got"), [
+    ({"max_tokens": "10"}, "max_tokens", "a string"),
+    ({"max_tokens": True}, "max_tokens", "a boolean"),
+    ({"max_tokens": 1e3}, "max_tokens", "a decimal number"),
+    ({"max_tokens": 10.0}, "max_tokens", "a decimal number"),
+    ({"n": "2"}, "n", "a string"),
+    ({"seed": "1"}, "seed", "a string"),
+    ({"top_logprobs": 2.0, "logprobs": True}, "top_logprobs", "a decimal number"),
+    ({"logprobs": "yes"}, "logprobs", "a string"),
+    ({"stream": "yes"}, "stream", "a string"),
+    ({"stream": 1}, "stream", "an integer"),
+    ({"stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage", "a string"),
+    ({"temperature": "0.5"}, "temperature", "a string"),
+    ({"parallel_tool_calls": "false"}, "parallel_tool_calls", "a string"),
+])
+async def test_known_fields_are_strictly_typed_no_string_or_boolean_or_decimal_is_coerced(fields, param, got) -> None:
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=("chat",))
+    async with serving(fleet, CATALOGUE) as (_, url):
+        r = await post(url, body(**fields))
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param, error
+    assert f"Invalid value for '{param}'" in error["message"] and f"(got {got})" in error["message"], error
+    assert neuron.generations == []
+
+
+async def test_the_official_client_sends_proper_types_and_a_float_may_be_written_as_an_integer() -> None:
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=("chat",))
+    async with serving(fleet, CATALOGUE) as (_, url):
+        def ask():  # noqa: ANN202
+            return client(url).chat.completions.create(
+                model="chat", messages=USER, max_tokens=3, n=1, seed=5, temperature=1, top_p=1, logprobs=False,
+                stream=False, presence_penalty=0, extra_body={"top_k": 4, "min_p": 0})
+
+        answer = await trio.to_thread.run_sync(ask)
+    assert answer.choices[0].message.content
+    s = neuron.requests[0].sampling
+    assert (s.max_tokens, s.seed, s.temperature, s.top_p, s.top_k, s.presence_penalty) == (3, 5, 1.0, 1.0, 4, 0.0)
+
+
+@pytest.mark.parametrize("seed", [-1, -7, -(2**63), 2**63 - 1])
+async def test_any_signed_64_bit_seed_is_taken_and_reaches_the_neuron_as_it_is(seed: int) -> None:
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=("chat",))
+    async with serving(fleet, CATALOGUE) as (_, url):
+        r = await post(url, body(seed=seed, max_tokens=2))
+    assert r.status_code == 200, r.text
+    assert neuron.requests[0].sampling.seed == seed
+
+
 async def test_integers_beyond_64_bits_and_nan_are_400s_not_500s() -> None:
     fleet = Fleet()
     neuron = NeuronDouble("n1", fleet, loaded=("chat",))

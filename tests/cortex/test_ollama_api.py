@@ -124,6 +124,12 @@ async def test_an_empty_prompt_answers_load_without_running_a_model() -> None:
     ("/api/chat", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "nope"),
     ("/api/show", {"model": "nope"}, 404, "nope"),
     ("/api/generate", "not json", 400, "JSON"),
+    ("/api/chat", {"model": "fast", "messages": [{"role": "user", "content": "x"}], "stream": "no"}, 400, "stream"),
+    ("/api/generate", {"model": "fast", "prompt": "x", "raw": "yes"}, 400, "raw"),
+    ("/api/generate", {"model": "fast", "prompt": "x", "options": {"num_predict": "5"}}, 400, "options.num_predict"),
+    ("/api/generate", {"model": "fast", "prompt": "x", "options": {"num_predict": 5.0}}, 400, "options.num_predict"),
+    ("/api/generate", {"model": "fast", "prompt": "x", "options": {"seed": True}}, 400, "options.seed"),
+    ("/api/generate", {"model": "fast", "prompt": "x", "options": {"temperature": "0.2"}}, 400, "options.temperature"),
 ])
 async def test_errors_are_ollamas_shape_naming_the_field_before_a_neuron_sees_them(
         path: str, body: object, status: int, names: str) -> None:
@@ -139,6 +145,43 @@ async def test_errors_are_ollamas_shape_naming_the_field_before_a_neuron_sees_th
     error = r.json()
     assert list(error) == ["error"] and isinstance(error["error"], str) and names in error["error"], error
     assert neuron.requests == []
+
+
+@pytest.mark.parametrize(("seed", "sent"), [(-1, None), (-7, -7), (-(2**63), -(2**63)), (0, 0), (2**63 - 1, 2**63 - 1)])
+async def test_options_seed_is_any_64_bit_integer_and_minus_one_is_no_seed_as_in_ollama(seed: int,
+                                                                                        sent: int | None) -> None:
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=("chat",))
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme")
+    async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
+        got = await in_thread(lambda: client(urls["acme"], key).generate(
+            model="fast", prompt="x", options={"seed": seed, "num_predict": 2, "temperature": 1}, stream=False))
+    assert got.done
+    assert neuron.requests[0].sampling.seed == sent
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [
+    ("POST", "/api/tags", 405), ("GET", "/api/chat", 405), ("POST", "/api/nosuch", 404), ("GET", "/api", 404),
+    ("POST", "/api/blobs/sha256:00", 404),
+])
+async def test_a_path_under_api_no_route_takes_is_answered_in_ollamas_shape(method: str, path: str,
+                                                                           status: int) -> None:
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("chat",))
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme")
+    async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
+        async with httpx.AsyncClient() as http:
+            r = await http.request(method, urls["acme"] + path, headers=bearer(key), json={})
+
+        def call():  # noqa: ANN202
+            return _raises(lambda: client(urls["acme"], key)._request_raw("POST", "/api/tags"))
+
+        raised = await in_thread(call)
+    assert r.status_code == status
+    assert list(r.json()) == ["error"] and isinstance(r.json()["error"], str) and path in r.json()["error"], r.text
+    assert raised.status_code == 405 and "/api/tags" in raised.error  # what Ollama's client reads
 
 
 async def test_the_client_raises_response_error_with_the_message_and_status() -> None:

@@ -161,3 +161,11 @@ async def test_a_non_streaming_request_gets_the_answer_a_stream_gets(backend: Ba
     assert text == "".join(c.text for c in chunks) + result.text
     assert events[-1].finish_reason == result.finish_reason == "length"
     assert events[-1].usage.completion_tokens == result.usage.completion_tokens == 6
+
+
+@pytest.mark.parametrize("seed", [-1, -(2**63)])
+async def test_a_negative_seed_is_served_as_any_other_seed(backend: Backend, seed: int) -> None:
+    # Refused once ("seed must not be negative") though the API takes any 64-bit seed.
+    with trio.fail_after(30):
+        _, result = await collect(backend.complete(completion(3, temperature=1.0, seed=seed)))
+    assert result.usage.completion_tokens == 3

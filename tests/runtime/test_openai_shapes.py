@@ -42,6 +42,16 @@ def test_typed_fields_become_openai_fields() -> None:
     assert openai["top_logprobs"] == 0
 
 
+@pytest.mark.parametrize("seed", [-1, -7, -(2**63), 0, 0xFFFFFFFF, 2**63 - 1, 2**64 - 1])
+def test_any_64_bit_seed_is_served_and_folds_into_llama_cpps_range_deterministically(seed: int) -> None:
+    request = chat(sampling=SamplingParams(seed=seed))
+    openai_shapes.validate(request)  # a negative seed was "seed must not be negative"
+    folded = openai_shapes.request_body(request, dialect="llama.cpp")["seed"]
+    assert 0 <= folded < 0xFFFFFFFF  # 0xFFFFFFFF (and -1 as llama.cpp reads it) would be "random"
+    assert folded == openai_shapes.request_body(chat(sampling=SamplingParams(seed=seed)), dialect="llama.cpp")["seed"]
+    assert openai_shapes.request_body(request, dialect="vllm")["seed"] == seed
+
+
 def test_features_a_backend_lacks_are_unsupported() -> None:
     request = chat(tools=(TOOL,), sampling=SamplingParams(logprobs=True))
     with pytest.raises(Unsupported, match="logprobs, tools"):

@@ -6,8 +6,9 @@ API surfaces there; all of them share one orchestrator, one metered path
 ledger) and one key ring. A :class:`PortalApp` is the ASGI app of one socket: it finds the
 route, authenticates the caller (a keyed portal's API key: ``Authorization: Bearer`` or
 ``x-api-key``), runs the handler, and turns every error into the route's surface's error
-shape (``Route.errors``; OpenAI's envelope, :mod:`.errors`, by default); every answer to a caller with rate limits carries the
-``x-ratelimit-*`` headers.
+shape (``Route.errors``; OpenAI's envelope, :mod:`.errors`, by default; where no route
+takes the path, the shape of the API whose prefix it is under, :data:`AREAS`); every
+answer to a caller with rate limits carries the ``x-ratelimit-*`` headers.
 
 Routes on every portal socket::
 
@@ -56,7 +57,8 @@ from helexa import logs, telemetry
 from helexa.config import split_socket
 
 from .anthropic_surface import AnthropicSurface
-from .asgi import Exchange, Limits, Receive, Responder, Route, Router, Scope, Send
+from .anthropic_api import error_shape as anthropic_error_shape
+from .asgi import ErrorShape, Exchange, Limits, Receive, Responder, Route, Router, Scope, Send
 from .config import DEFAULT_PORTAL, PortalConfig
 from .disconnect_watch import DisconnectWatch
 from .errors import BadRequest, ClientGone, GatewayError, client_gone, envelope
@@ -64,7 +66,7 @@ from .fleet_metrics import FleetCollector
 from .http import HttpServer
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .ollama_models import OllamaModels
-from .ollama_surface import OllamaSurface
+from .ollama_surface import OllamaSurface, ollama_errors
 from .openai_surface import OpenAISurface, model_listing
 from .orchestrator import Orchestrator
 from .portal.admin import AdminApi
@@ -90,6 +92,20 @@ def server_error_body(status: int, message: str) -> tuple[bytes, bytes]:
     """What the HTTP server says itself (malformed HTTP, a failed app), as OpenAI's envelope."""
     _, headers, body = envelope(BadRequest(message) if status < 500 else GatewayError(message))
     return dict(headers)[b"content-type"], body
+
+
+AREAS: tuple[tuple[str, ErrorShape], ...] = (("/api", ollama_errors), ("/v1/messages", anthropic_error_shape))
+"""Path prefixes another API than OpenAI's owns: a request under one that no route takes
+(``POST /api/tags``, ``/api/nosuch``, ``/v1/messages/batches``) is answered in that API's
+error shape, which its client reads, whether or not this portal serves that surface."""
+
+
+def unrouted_errors(path: str) -> ErrorShape | None:
+    """The error shape for a path no route takes (None: OpenAI's envelope); see :data:`AREAS`."""
+    for prefix, shape in AREAS:
+        if path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == "/"):
+            return shape
+    return None
 
 
 def _presented_key(scope: Scope) -> str | None:
@@ -186,9 +202,10 @@ class PortalApp:
             if out.started:
                 log.warning("request %s failed after its response began: %s", request_id, exc)
                 return
-            shape = None
             if route is not None:
                 shape = (route.errors_by(scope) if route.errors_by is not None else None) or route.errors
+            else:  # no route (404) or not this method (405): the shape of the API the path is under
+                shape = unrouted_errors(scope["path"])
             shape = shape or envelope
             status, headers, body = shape(exc)
             try:

@@ -5,8 +5,8 @@ The models are lenient to unknown fields and strict about the ones they know, li
 OpenAI ones (:mod:`.openai_requests`): a malformed body is a 400 naming the field before a
 neuron sees it. Ollama's ``options`` map onto the fabric's sampling: ``temperature``,
 ``top_p``, ``top_k``, ``min_p``, ``num_predict`` (``-1``/``-2``/``0``: no limit of its own),
-``stop``, ``seed``, ``repeat_penalty``, ``presence_penalty``, ``frequency_penalty``; the
-runner's own knobs (``num_ctx``, ``num_gpu``, ``mirostat``...) are accepted and left to
+``stop``, ``seed`` (``-1``: none, as Ollama means it), ``repeat_penalty``, ``presence_penalty``,
+``frequency_penalty``; the runner's own knobs (``num_ctx``, ``num_gpu``, ``mirostat``...) are accepted and left to
 the neuron's configuration. ``format`` is ``"json"`` (any JSON object) or a JSON schema,
 enforced by the backend's grammar as ``response_format`` is. ``keep_alive`` and ``think``
 are accepted; where a model stays loaded is the orchestrator's decision.
@@ -45,6 +45,11 @@ from .openai_requests import FieldError, Int64, Lenient, Tool, _wire_json
 VERSION = "0.12.0"
 """The Ollama API version ``/api/version`` reports: the one whose endpoints and fields this
 surface implements (clients gate features on it)."""
+
+
+RANDOM_SEED = -1
+"""``options.seed`` that means "no seed" to Ollama (its default): the fabric samples unseeded.
+Any other 64-bit seed, negative ones too, is a seed."""
 
 
 class Options(Lenient):
@@ -176,7 +181,8 @@ def sampling(body: GenerateCommon) -> SamplingParams:
     try:
         return SamplingParams(
             max_tokens=o.num_predict if o.num_predict is not None and o.num_predict > 0 else None,
-            temperature=o.temperature, top_p=o.top_p, top_k=o.top_k, min_p=o.min_p, stop=stop, seed=o.seed,
+            temperature=o.temperature, top_p=o.top_p, top_k=o.top_k, min_p=o.min_p, stop=stop,
+            seed=None if o.seed == RANDOM_SEED else o.seed,
             repetition_penalty=o.repeat_penalty, presence_penalty=o.presence_penalty,
             frequency_penalty=o.frequency_penalty, logprobs=bool(body.logprobs or body.top_logprobs),
             top_logprobs=body.top_logprobs or 0)

@@ -97,7 +97,7 @@ def param_of(loc: tuple[Any, ...]) -> str:
 
 def _got(value: Any) -> str:
     names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
-             float: "a number", type(None): "null"}
+             float: "a decimal number", type(None): "null"}
     return names.get(type(value), type(value).__name__)
 
 

@@ -6,7 +6,8 @@ Every shape OpenAI defines for ``/v1/chat/completions``, ``/v1/completions`` and
 *extra* fields (kept, logged once, never forwarded unless listed in
 :data:`~.openai_api.PASSTHROUGH`) and strict about the types of the fields they know:
 a ``content`` that is a number, a ``tools`` that is a string, a float that is ``NaN``, an
-integer beyond 64 bits are all refused here, with the field named, before a request
+integer beyond 64 bits, a ``max_tokens`` of ``"10"``, ``true`` or ``1e3``, a ``stream`` of
+``"yes"`` are all refused here, with the field named, before a request
 costs a neuron anything.
 
 Free-form JSON that travels to a neuron (a tool's ``parameters``, a ``json_schema``'s
@@ -76,9 +77,12 @@ def _wire_json(value: Any) -> Any:
 
 class Lenient(BaseModel):
     """Unknown extra fields are kept (and reported by :meth:`unknown_fields`); known fields
-    are typed strictly enough that nothing odd reaches a neuron."""
+    are typed strictly (pydantic's strict mode, for every model of every surface): a
+    boolean is ``true`` or ``false``, an integer a JSON integer (not ``"10"``, ``true`` or
+    ``10.0``: OpenAI refuses a decimal number where it wants an integer too), a string a
+    JSON string; a number where a float is meant may be written as an integer."""
 
-    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False, strict=True)
 
     def unknown_fields(self) -> list[str]:
         return sorted(self.model_extra or ())
