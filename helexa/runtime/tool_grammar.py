@@ -21,6 +21,7 @@ with tools (both need the one grammar).
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -122,12 +123,14 @@ def _text(content: Any) -> str:
 
 
 def parse(text: str) -> Parsed:
-    """Read a generic answer. Text that is not the expected JSON (an answer cut short by
-    ``max_tokens``) comes back as content, unchanged."""
+    """Read a generic answer. An answer cut short (by ``max_tokens`` or a stop sequence) is
+    not the whole JSON: its raw JSON never becomes content. What a cut ``{"response": "...``
+    had said so far is its content (as a plain answer cut short keeps its text); a cut tool
+    call is no content at all (the finish reason says it was cut)."""
     try:
         answer = json.loads(text)
     except ValueError:
-        return Parsed(text)
+        return Parsed(_cut_response(text))
     if isinstance(answer, dict) and isinstance(answer.get("tool_call"), dict):
         call = answer["tool_call"]
         arguments = call.get("arguments", {})
@@ -136,4 +139,22 @@ def parse(text: str) -> Parsed:
                                          "arguments": json.dumps(arguments, ensure_ascii=False)}},))
     if isinstance(answer, dict) and isinstance(answer.get("response"), str):
         return Parsed(answer["response"])
-    return Parsed(text)
+    return Parsed("")
+
+
+_CUT_RESPONSE = re.compile(r'\s*\{\s*"response"\s*:\s*"')
+
+
+def _cut_response(text: str) -> str:
+    """The text of a ``{"response": "...`` cut short: its string as far as it decodes (a
+    half-written escape at the end is dropped); "" for anything else."""
+    start = _CUT_RESPONSE.match(text)
+    if start is None:
+        return ""
+    rest = text[start.end():]
+    for cut in range(min(len(rest), 7) + 1):  # the longest escape, \uXXXX, is 6 characters; and its quote
+        try:
+            return json.loads('"' + rest[:len(rest) - cut] + '"')
+        except ValueError:
+            continue
+    return ""

@@ -280,6 +280,11 @@ async def test_a_model_the_key_may_not_use_is_a_permission_error_for_messages_an
       "tool_choice": {"type": "tool", "name": "g"}}, "tool_choice.name"),
     ({"model": "fast", "max_tokens": 4, "messages": ASK, "tools": [{"name": "f f", "input_schema": {}}]},
      "tools[0].name"),
+    ({"model": "fast", "max_tokens": 4, "messages": ASK, "tools": [{"name": "f", "input_schema": {"type": "wat"}}]},
+     "'tools.0.input_schema': not a valid JSON schema"),
+    ({"model": "fast", "max_tokens": 4, "messages": ASK, "tools": [{"name": "f", "input_schema": {"type": "object"}},
+                                                                    {"name": "g", "input_schema": {"$ref": "#/x"}}]},
+     "'tools.1.input_schema': $ref '#/x' does not resolve"),
     ({"model": "fast", "max_tokens": 4, "messages": ASK, "tools": [{"name": "web_search", "type": "web_search_20250305",
                                                                      "input_schema": {}}]}, "tools[0].type"),
     ({"model": "fast", "max_tokens": 4, "messages": [{"role": "user", "content": [

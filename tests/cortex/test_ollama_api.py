@@ -116,6 +116,13 @@ async def test_an_empty_prompt_answers_load_without_running_a_model() -> None:
     ("/api/chat", {"model": "fast", "messages": [{"role": "user", "content": "x"}],
                    "options": {"num_predict": 1000}}, 400, "options.num_predict"),
     ("/api/chat", {"model": "fast", "messages": [{"role": "user", "content": "x"}], "format": "json"}, 400, "format"),
+    ("/api/chat", {"model": "fast", "messages": [{"role": "user", "content": "x"}], "format": {"type": "wat"}}, 400,
+     "'format': not a valid JSON schema"),
+    ("/api/generate", {"model": "fast", "prompt": "x", "format": {"$ref": "#/defs/none"}}, 400,
+     "'format': $ref '#/defs/none' does not resolve"),
+    ("/api/chat", {"model": "fast", "messages": [{"role": "user", "content": "x"}], "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "wat"}}}]}, 400,
+     "'tools[0].function.parameters': not a valid JSON schema"),
     ("/api/generate", {"model": "fast", "prompt": "x", "suffix": "y"}, 400, "suffix"),
     ("/api/generate", {"model": "fast", "prompt": "x", "context": [1, 2]}, 400, "context"),
     ("/api/generate", {"model": "fast", "prompt": "x", "images": ["iVBORw0KGgo="]}, 400, "images[0]"),

@@ -104,6 +104,22 @@ def test_a_named_tool_call_streams_its_argument_events_to_the_sdk(oai: openai.Op
     jsonschema.validate(json.loads(call.arguments), WEATHER)
 
 
+def test_a_tool_call_cut_short_is_incomplete_and_shows_none_of_its_json(oai: openai.OpenAI) -> None:
+    # Three tokens cannot finish the JSON the tool grammar forces: the answer says it was cut,
+    # and none of its raw JSON comes back as text, streamed or not.
+    asked = dict(model=CHAT, input=ASK, tools=[TOOL], tool_choice="required", max_output_tokens=3)
+    r = oai.responses.create(**asked)
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens", r
+    assert r.output_text == "" and not [i for i in r.output if i.type == "function_call"], r
+    # (The SDK's responses.stream() helper wants a response.completed; the raw events, then.)
+    events = list(oai.responses.create(**asked, stream=True))
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert events[-1].type == "response.incomplete", [e.type for e in events]
+    final = events[-1].response
+    assert final.status == "incomplete" and final.incomplete_details.reason == "max_output_tokens"
+    assert "".join(deltas) == final.output_text == ""
+
+
 def test_a_json_schema_text_format_answer_validates(oai: openai.OpenAI) -> None:
     r = oai.responses.create(model=CHAT, input="Give me a person named Bob aged 30 as JSON.", temperature=0,
                              max_output_tokens=60, text={"format": {"type": "json_schema", "name": "person",
@@ -144,6 +160,15 @@ def test_ollama_tool_call_and_json_schema_format(oll: ollama.Client) -> None:
     person = oll.chat(model=CHAT, messages=[{"role": "user", "content": "Give me a person named Bob aged 30."}],
                       format=PERSON, options={"temperature": 0, "num_predict": 60})
     jsonschema.validate(json.loads(person.message.content), PERSON)
+
+
+def test_ollama_tool_call_cut_short_ends_with_length_and_shows_none_of_its_json(oll: ollama.Client) -> None:
+    asked = dict(model=CHAT, messages=[{"role": "user", "content": ASK}], tools=[OLLAMA_TOOL],
+                 options={"num_predict": 3})
+    r = oll.chat(**asked)
+    assert r.done_reason == "length" and r.message.content == "" and not r.message.tool_calls, r
+    pieces = list(oll.chat(**asked, stream=True))
+    assert pieces[-1].done_reason == "length" and "".join(p.message.content for p in pieces) == ""
 
 
 def test_every_answer_is_in_the_ledger_under_the_key(served, oai: openai.OpenAI, oll: ollama.Client) -> None:  # noqa: ANN001

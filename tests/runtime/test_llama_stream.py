@@ -71,6 +71,14 @@ def test_a_generic_tool_answer_is_held_and_read_at_the_end():
     assert result.finish_reason == "tool_calls" and result.tool_calls[0]["function"]["name"] == "f"
 
 
+def test_a_generic_tool_answer_cut_short_ends_with_length_and_none_of_its_json():
+    s = LlamaStream(request(), generic=True)
+    assert s.feed([delta("{\n  "), delta('"', finish="length")]) == []
+    result = s.result()
+    assert (result.finish_reason, result.text, result.tool_calls) == ("length", "", None)
+    assert s.answer == '{\n  "'  # the slot table still sees what was generated
+
+
 def test_progress_reports_carry_nothing_and_an_error_envelope_raises():
     s = LlamaStream(request())
     assert s.feed([{"prompt_progress": {"total": 3, "processed": 3}}]) == []

@@ -58,4 +58,14 @@ def test_answers_are_read_back_as_tool_calls_or_content() -> None:
     assert whole["type"] == "function" and whole["id"].startswith("call_")
     assert whole["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
     assert tool_grammar.parse('{"response": "Hi there"}') == tool_grammar.Parsed("Hi there")
-    assert tool_grammar.parse('{"tool_call": {"name": "get_w') == tool_grammar.Parsed('{"tool_call": {"name": "get_w')
+
+
+def test_an_answer_cut_short_never_shows_its_json_as_content() -> None:
+    # A tool call cut by max_tokens is no content (the finish reason, length, says it was cut).
+    assert tool_grammar.parse('{"tool_call": {"name": "get_w') == tool_grammar.Parsed("")
+    assert tool_grammar.parse('{\n  "') == tool_grammar.Parsed("")
+    assert tool_grammar.parse("") == tool_grammar.Parsed("")
+    # A direct answer cut short keeps what it said, as plain text cut short does.
+    assert tool_grammar.parse('{"response": "Hi th') == tool_grammar.Parsed("Hi th")
+    assert tool_grammar.parse('{ "response" : "Hi\\u00') == tool_grammar.Parsed("Hi")  # half an escape: dropped
+    assert tool_grammar.parse('{"response": "say \\"hi\\"",') == tool_grammar.Parsed('say "hi"')

@@ -78,6 +78,7 @@ from .errors import (
     to_gateway_error,
 )
 from .openai_api import merge_tool_calls
+from .schema_check import check_schema
 
 __all__ = ["to_generate_request", "to_messages", "to_tools", "image_location", "message_body", "stop_reason",
            "stop_sequence",
@@ -163,6 +164,8 @@ def to_messages(body: CountTokensRequest) -> list[dict[str, Any]]:
 
 def to_tools(body: CountTokensRequest) -> tuple[tuple[ToolSpec, ...], ToolChoice | None, bool | None]:
     """``(tools, tool_choice, parallel tool calls)`` in the fabric's terms."""
+    for i, t in enumerate(body.tools or ()):
+        check_schema(t.input_schema, f"tools.{i}.input_schema")
     tools = tuple(ToolSpec(t.name, t.description, t.input_schema) for t in body.tools or ())
     choice = body.tool_choice
     match choice:

@@ -36,11 +36,12 @@ from helexa.protocol import (
     SamplingParams,
     Task,
     TokenLogprob,
-    ToolSpec,
 )
 
 from .errors import BadRequest
+from .openai_api import tool_specs
 from .openai_requests import FieldError, Int64, Lenient, Tool, _wire_json
+from .schema_check import check_schema
 
 VERSION = "0.12.0"
 """The Ollama API version ``/api/version`` reports: the one whose endpoints and fields this
@@ -195,6 +196,7 @@ def response_format(fmt: Format | None) -> ResponseFormat | None:
         return None
     if fmt == "json":
         return ResponseFormat(OutputFormat.JSON_OBJECT)
+    check_schema(fmt, "format")
     return ResponseFormat(OutputFormat.JSON_SCHEMA, fmt, "schema")
 
 
@@ -263,9 +265,7 @@ def chat_request(body: ChatBody, request_id: str, model: str) -> tuple[GenerateR
     messages, image = chat_messages(body)
     return GenerateRequest(
         request_id, model, Task.CHAT, messages=tuple(messages), sampling=sampling(body), stream=True,
-        tools=tuple(ToolSpec(t.function.name, t.function.description, t.function.parameters,
-                             bool(t.function.strict)) for t in body.tools or ()),
-        response_format=response_format(body.format)), image
+        tools=tool_specs(body.tools or ()), response_format=response_format(body.format)), image
 
 
 def generate_request(body: GenerateBody, request_id: str, model: str) -> tuple[GenerateRequest, str | None]:

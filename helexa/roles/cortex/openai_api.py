@@ -56,6 +56,7 @@ from .openai_requests import (
     FieldError,
     check_wire_json,
 )
+from .schema_check import check_schema
 
 log = logging.getLogger(__name__)
 
@@ -187,8 +188,7 @@ def to_generate_request(body: ChatCompletionRequest | CompletionRequest, request
             request_id, body.model, Task.CHAT,
             messages=_wire_messages(body.messages),
             sampling=sampling, stream=body.stream, extra=extra,
-            tools=tuple(ToolSpec(t.function.name, t.function.description, t.function.parameters,
-                                 bool(t.function.strict)) for t in body.tools) if body.tools else (),
+            tools=tool_specs(body.tools) if body.tools else (),
             tool_choice=_tool_choice(body.tool_choice) if body.tool_choice is not None else None,
             response_format=_response_format(body.response_format) if body.response_format is not None else None,
         )
@@ -273,6 +273,18 @@ def _extra(body: GenerateBody) -> dict[str, Any]:
     return extra
 
 
+def tool_specs(given: list[Any]) -> tuple[ToolSpec, ...]:
+    """The fabric's tools for ``tools`` (OpenAI's shape, Ollama's too); a tool's ``parameters``
+    must be a usable JSON schema (:func:`~.schema_check.check_schema`)."""
+    out = []
+    for i, t in enumerate(given):
+        fn = t.function
+        if fn.parameters is not None:
+            check_schema(fn.parameters, f"tools[{i}].function.parameters")
+        out.append(ToolSpec(fn.name, fn.description, fn.parameters, bool(fn.strict)))
+    return tuple(out)
+
+
 def _tool_choice(choice: Any) -> ToolChoice | None:
     if choice is None:
         return None
@@ -286,6 +298,8 @@ def _response_format(fmt: Any) -> ResponseFormat | None:
         return None
     if isinstance(fmt, JsonSchemaResponseFormat):
         spec = fmt.json_schema
+        if spec.schema_ is not None:
+            check_schema(spec.schema_, "response_format.json_schema.schema")
         return ResponseFormat(OutputFormat.JSON_SCHEMA, spec.schema_ or {}, spec.name, bool(spec.strict))
     if isinstance(fmt, JsonObjectFormat):
         return ResponseFormat(OutputFormat.JSON_OBJECT)

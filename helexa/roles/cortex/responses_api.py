@@ -29,6 +29,7 @@ from helexa.protocol import GenerateRequest, OutputFormat, ResponseFormat, Sampl
 
 from .errors import BadRequest
 from .openai_requests import FieldError, JsonObjectFormat, Lenient, Name, TextFormat, _tagged, _wire_json
+from .schema_check import check_schema
 
 MAX_METADATA = 16
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
@@ -327,11 +328,19 @@ def _tool_choice(choice: Any) -> ToolChoice | None:
     return ToolChoice(ToolChoiceMode(choice))
 
 
+def _tools(body: ResponsesRequest) -> tuple[ToolSpec, ...]:
+    for i, t in enumerate(body.tools or ()):
+        if t.parameters is not None:
+            check_schema(t.parameters, f"tools[{i}].parameters")
+    return tuple(ToolSpec(t.name, t.description, t.parameters, bool(t.strict)) for t in body.tools or ())
+
+
 def _response_format(text: TextConfig | None) -> ResponseFormat | None:
     fmt = text.format if text is not None else None
     if fmt is None or isinstance(fmt, TextFormat):
         return None
     if isinstance(fmt, JsonSchemaTextFormat):
+        check_schema(fmt.schema_, "text.format.schema")
         return ResponseFormat(OutputFormat.JSON_SCHEMA, fmt.schema_, fmt.name, bool(fmt.strict))
     return ResponseFormat(OutputFormat.JSON_OBJECT)
 
@@ -363,7 +372,7 @@ def to_generate_request(body: ResponsesRequest, request_id: str, history: list[d
         extra["parallel_tool_calls"] = body.parallel_tool_calls
     request = GenerateRequest(
         request_id, body.model, Task.CHAT, messages=tuple(messages), sampling=sampling, stream=body.stream,
-        extra=extra, tools=tuple(ToolSpec(t.name, t.description, t.parameters, bool(t.strict)) for t in body.tools or ()),
+        extra=extra, tools=_tools(body),
         tool_choice=_tool_choice(body.tool_choice), response_format=_response_format(body.text))
     return request, conversation, image
 

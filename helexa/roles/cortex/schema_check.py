@@ -1,0 +1,107 @@
+"""A client's JSON schema checked at the edge, before it costs a neuron anything.
+
+A ``response_format`` / ``text.format`` / Ollama ``format`` schema and a tool's parameters
+(``parameters``, Anthropic's ``input_schema``) travel to the backend, which turns them into a
+grammar (llama.cpp) or shows them to the model. A schema that is not one (``{"type":
+"nonsense"}``) or whose ``$ref`` points nowhere would come back from llama.cpp in its own
+words; it is refused here instead, with a 400 naming the field as the client wrote it.
+
+:func:`check_schema` is the one check every surface calls. A schema must be valid against
+its meta-schema (the draft its ``$schema`` names, else 2020-12) and each ``$ref`` must be
+a JSON pointer into the schema itself (``#/$defs/x``) that resolves, as llama.cpp requires.
+Pure, and cached by the schema's serialized form: tools are often sent verbatim with every
+request of a conversation.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
+from jsonschema.validators import validator_for
+
+from .errors import BadRequest
+
+MAX_CACHED = 1024
+"""Distinct schemas whose verdict is kept (least recently used first out)."""
+
+MAX_CACHED_CHARS = 16_384
+"""A schema serialized longer than this is checked every time rather than kept: the cache
+holds at most ``MAX_CACHED * MAX_CACHED_CHARS`` characters of keys, whatever clients send."""
+
+MAX_DETAIL = 300
+"""An error's detail is cut to this many characters (it may quote a long value)."""
+
+_DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples"})
+"""Keywords whose values are data, not schemas: a ``$ref`` inside one is not a reference."""
+
+
+def check_schema(schema: Any, param: str) -> None:
+    """Raise :class:`BadRequest` naming ``param`` when ``schema`` is not a usable JSON schema
+    (see the module docstring); return quietly when it is."""
+    try:
+        key = json.dumps(schema, sort_keys=True, ensure_ascii=False)
+    except (TypeError, ValueError):  # not JSON at all (the request models rule this out)
+        raise BadRequest(f"Invalid value for '{param}': not a JSON schema", param=param) from None
+    problem = _problem(key) if len(key) <= MAX_CACHED_CHARS else _problem.__wrapped__(key)
+    if problem is not None:
+        raise BadRequest(f"Invalid value for '{param}': {problem}", param=param)
+
+
+@functools.lru_cache(maxsize=MAX_CACHED)
+def _problem(serialized: str) -> str | None:
+    """What is wrong with the schema serialized as ``serialized``, or None."""
+    schema = json.loads(serialized)
+    if not isinstance(schema, (dict, bool)):
+        return "a JSON schema must be an object"
+    cls = validator_for(schema, default=Draft202012Validator)
+    try:
+        cls.check_schema(schema)
+    except SchemaError as exc:
+        where = "".join(f"/{p}" for p in exc.path)
+        detail = exc.message if len(exc.message) <= MAX_DETAIL else exc.message[:MAX_DETAIL] + "..."
+        return f"not a valid JSON schema: {detail}" + (f" (at #{where})" if where else "")
+    for ref in _refs(schema):
+        problem = _ref_problem(schema, ref)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _refs(node: Any) -> list[str]:
+    """Every ``$ref`` in the schema, data keywords skipped."""
+    out: list[str] = []
+    stack = [node]
+    while stack:
+        here = stack.pop()
+        if isinstance(here, dict):
+            ref = here.get("$ref")
+            if isinstance(ref, str):
+                out.append(ref)
+            stack.extend(v for k, v in here.items() if k not in _DATA_KEYWORDS)
+        elif isinstance(here, list):
+            stack.extend(here)
+    return out
+
+
+def _ref_problem(root: Any, ref: str) -> str | None:
+    """What stops the backend following ``ref``, or None. llama.cpp follows a JSON pointer
+    into the same schema (``#/$defs/x``, ``#/prefixItems/0``), its parts taken literally as
+    it takes them (no ``~1`` or percent decoding); not ``#`` itself, an ``$anchor`` or
+    another document."""
+    if not ref.startswith("#/"):
+        return f"$ref {ref!r} is not supported here: a $ref must be a JSON pointer into the same schema (#/...)"
+    here = root
+    for token in ref[2:].split("/"):
+        if isinstance(here, dict) and token in here:
+            here = here[token]
+        elif isinstance(here, list) and token.isdigit() and int(token) < len(here):
+            here = here[int(token)]
+        else:
+            return f"$ref {ref!r} does not resolve within the schema"
+    if not isinstance(here, (dict, bool)):
+        return f"$ref {ref!r} does not point at a schema"
+    return None

@@ -1,0 +1,69 @@
+"""A client's JSON schema checked at the edge (helexa/roles/cortex/schema_check.py), pure.
+
+The surfaces' own tests (test_gateway_chat, test_anthropic_surface, test_responses_api,
+test_ollama_api) check that each field is named in its shape and that no neuron sees it.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from helexa.roles.cortex import schema_check
+from helexa.roles.cortex.errors import BadRequest
+
+
+@pytest.mark.parametrize("schema", [
+    {},
+    {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    {"type": "object", "properties": {"a": {"$ref": "#/$defs/a"}}, "$defs": {"a": {"type": "integer"}}},
+    {"$schema": "http://json-schema.org/draft-07/schema#", "definitions": {"a": {"type": "string"}},
+     "$ref": "#/definitions/a"},
+    {"type": "array", "prefixItems": [{"type": "string"}], "items": {"$ref": "#/prefixItems/0"}},
+    {"type": ["string", "null"], "format": "anything"},  # an unknown format is only an annotation
+    {"enum": [{"$ref": "#/not/a/reference"}]},  # data, not a schema
+    {"type": "object", "x-vendor": {"$ref": 3}},
+])
+def test_usable_schemas_pass(schema) -> None:
+    schema_check.check_schema(schema, "format")
+
+
+@pytest.mark.parametrize(("schema", "says"), [
+    ({"type": "nonsense"},
+     "not a valid JSON schema: 'nonsense' is not valid under any of the given schemas (at #/type)"),
+    ({"type": "object", "properties": {"x": {"type": "integer", "minimum": "a"}}}, "(at #/properties/x/minimum)"),
+    ({"type": "object", "required": "city"}, "(at #/required)"),
+    ({"$schema": "http://json-schema.org/draft-04/schema#", "exclusiveMinimum": True}, "dependency"),  # draft 4's rule
+    ({"$ref": "#/defs/none"}, "$ref '#/defs/none' does not resolve within the schema"),
+    ({"$defs": {"a": {"type": "string"}}, "$ref": "#/%24defs/a"}, "does not resolve"),  # taken literally, as llama.cpp
+    ({"required": ["x"], "$ref": "#/required/0"}, "does not point at a schema"),
+    ({"$ref": "#"}, "a $ref must be a JSON pointer into the same schema"),
+    ({"$defs": {"a": {"$anchor": "foo"}}, "$ref": "#foo"}, "a $ref must be a JSON pointer into the same schema"),
+    ({"$ref": "https://example.com/s.json"}, "a $ref must be a JSON pointer into the same schema"),
+    ({"properties": {"a": {"anyOf": [{"type": "null"}, {"$ref": "#/nowhere"}]}}}, "'#/nowhere' does not resolve"),
+])
+def test_a_schema_that_is_none_or_points_nowhere_is_a_400_naming_the_field(schema, says) -> None:
+    with pytest.raises(BadRequest) as info:
+        schema_check.check_schema(schema, "tools[2].function.parameters")
+    assert info.value.param == "tools[2].function.parameters" and info.value.status == 400
+    assert info.value.message.startswith("Invalid value for 'tools[2].function.parameters': ")
+    assert says in info.value.message, info.value.message
+
+
+def test_a_schema_seen_before_is_not_checked_again() -> None:
+    schema_check._problem.cache_clear()
+    tool = {"type": "object", "properties": {"b": {"type": "string"}, "a": {"type": "integer"}}}
+    for _ in range(3):
+        schema_check.check_schema(tool, "tools[0].function.parameters")
+    schema_check.check_schema(dict(reversed(tool.items())), "tools[0].function.parameters")  # the same, keys reordered
+    info = schema_check._problem.cache_info()
+    assert (info.misses, info.hits) == (1, 3)
+
+
+def test_a_large_schema_is_checked_but_not_kept_and_a_long_detail_is_cut() -> None:
+    schema_check._problem.cache_clear()
+    big = {"type": "object", "description": "x" * schema_check.MAX_CACHED_CHARS}
+    schema_check.check_schema(big, "format")
+    assert schema_check._problem.cache_info().currsize == 0
+    with pytest.raises(BadRequest) as info:
+        schema_check.check_schema({"type": "y" * 10_000}, "format")
+    assert len(info.value.message) < schema_check.MAX_DETAIL + 200
