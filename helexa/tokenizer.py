@@ -23,6 +23,11 @@ check for the rest before the request waits for a slot (``llama_cpp`` asks llama
 count). The metadata is read by :func:`read_metadata`, not ``gguf.GGUFReader``: that reader
 parses every tensor too and took 11.6 s for SmolLM2's 98 MB file on this machine; the
 metadata alone takes well under a second.
+
+Client text that spells a control token (``<|im_end|>``) is counted as the plain text it
+reaches the model as (:mod:`helexa.special_text`): a chat is rendered from its messages
+with those texts neutralised, exactly as the neuron neutralises them before llama.cpp
+renders and tokenizes the prompt.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from .special_text import ControlTexts, gguf_control_texts
 
 INLINE_CHARS = 32 * 1024
 """Prompts up to this size are counted on the event loop's thread (tens of microseconds);
@@ -57,6 +64,7 @@ _KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", 
          "tokenizer.ggml.token_type", "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token",
          "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.chat_template")
 _CONTROL, _USER_DEFINED = 3, 4
+_CONTROL_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.chat_template")
 
 
 class TokenizerError(Exception):
@@ -161,6 +169,7 @@ class GgufTokenizer:
         self._eos = tokens[eos] if isinstance(eos, int) and 0 <= eos < len(tokens) else ""
         template = metadata.get("tokenizer.chat_template")
         self._template = _compile(template) if isinstance(template, str) else None
+        self.control = control_texts(metadata)
         self._bpe = None
         merges = metadata.get("tokenizer.ggml.merges")
         if self.model == "gpt2" and self.pre in PRE_TOKENIZERS and isinstance(merges, list):
@@ -211,11 +220,13 @@ class GgufTokenizer:
     def render_chat(self, messages: list[dict[str, Any]]) -> str | None:
         """The prompt the model's chat template makes of ``messages`` (OpenAI-shaped), as
         llama.cpp renders it: ``developer`` is ``system``, text parts are joined by newlines,
-        a missing content is empty. ``None`` when the GGUF has no template or it fails."""
+        a missing content is empty; the messages' control texts are neutralised
+        (:mod:`helexa.special_text`). ``None`` when the GGUF has no template or it fails."""
         if self._template is None:
             return None
         try:
-            return self._template.render(messages=[_plain(m) for m in messages], add_generation_prompt=True,
+            return self._template.render(messages=[_plain(m) for m in self.control.messages(messages)],
+                                         add_generation_prompt=True,
                                          bos_token=self._bos, eos_token=self._eos)
         except Exception:  # a template may raise anything (raise_exception, bad filters)
             return None
@@ -227,10 +238,32 @@ class GgufTokenizer:
         ``room``: as :meth:`count_text`'s, for the rendered prompt (never with ``tools``)."""
         prompt = self.render_chat(messages)
         if prompt is None:
-            count = self.count_text("".join(_plain(m)["content"] for m in messages))
+            count = self.count_text("".join(_plain(m)["content"] for m in self.control.messages(messages)))
             return TokenCount(count.tokens, False)
         count = self.count_text(prompt, room=None if tools else room)
         return TokenCount(count.tokens, count.exact and not tools, count.bound)
+
+
+def control_texts(metadata: dict[str, Any]) -> ControlTexts:
+    """The control texts a GGUF's client text is cleared of (:mod:`helexa.special_text`),
+    from its metadata (the three keys of :func:`read_control_texts`)."""
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    types = metadata.get("tokenizer.ggml.token_type")
+    template = metadata.get("tokenizer.chat_template")
+    if not isinstance(tokens, list) or not isinstance(types, list):
+        return ControlTexts(())
+    return ControlTexts(gguf_control_texts(tokens, types, template if isinstance(template, str) else None))
+
+
+def read_control_texts(path: Path, extra_template: str | None = None) -> ControlTexts:
+    """:func:`control_texts` of the GGUF at ``path``, reading only the keys it needs
+    (about 70 ms for SmolLM2); ``extra_template``: another template the model is served
+    with (llama.cpp's own choice when the file has none), whose user-defined tokens count
+    too. Raises :class:`TokenizerError` as :func:`read_metadata` does."""
+    metadata = read_metadata(path, _CONTROL_KEYS)
+    if extra_template:
+        metadata["tokenizer.chat_template"] = f"{metadata.get('tokenizer.chat_template') or ''}\n{extra_template}"
+    return control_texts(metadata)
 
 
 def _plain(message: dict[str, Any]) -> dict[str, Any]:

@@ -4,7 +4,8 @@ Hugging Face model directories carry their chat template as Jinja (``chat_templa
 ``chat_template.json`` or ``tokenizer_config.json``); :class:`ChatTemplate` renders
 OpenAI-shaped messages with it in the sandboxed environment ``apply_chat_template`` uses.
 Used by the ExLlama backends (:mod:`helexa.runtime.exllama`), whose engines leave
-templating to the caller.
+templating to the caller. Those tokenize the prompt with special tokens parsed, so the
+tokenizer's control texts are neutralised in the messages first (:mod:`helexa.special_text`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import json
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from helexa.special_text import NONE, ControlTexts, added_token_texts
 
 from .base import InvalidRequest, LoadFailed, Unsupported
 
@@ -37,9 +40,11 @@ class ChatTemplate:
     Args:
         source: the Jinja template.
         special_tokens: ``bos_token``, ``eos_token``... as the template sees them.
+        control: the tokenizer's control texts, neutralised in the messages' text.
     """
 
-    def __init__(self, source: str, special_tokens: dict[str, str] | None = None) -> None:
+    def __init__(self, source: str, special_tokens: dict[str, str] | None = None,
+                 control: ControlTexts = NONE) -> None:
         import jinja2.ext
         import jinja2.sandbox
 
@@ -54,6 +59,7 @@ class ChatTemplate:
         except jinja2.TemplateSyntaxError as exc:
             raise LoadFailed(f"the model's chat template does not parse: {exc}", code="corrupt_model") from None
         self._special = dict(special_tokens or {})
+        self.control = control
 
     @classmethod
     def from_model_dir(cls, path: Path, tokenizer_config: dict[str, Any] | None = None) -> ChatTemplate | None:
@@ -81,7 +87,7 @@ class ChatTemplate:
                 value = value.get("content")
             if isinstance(value, str):
                 special[key] = value
-        return cls(source, special)
+        return cls(source, special, model_control_texts(path, tokenizer_config, source))
 
     def render(self, messages: list[dict[str, Any]] | tuple[dict[str, Any], ...]) -> str:
         """The prompt for ``messages``, ending with the assistant's turn.
@@ -92,13 +98,25 @@ class ChatTemplate:
         alternate) or fails on it."""
         import jinja2
 
-        plain = [_flatten(i, m) for i, m in enumerate(messages)]
+        plain = [self.control.value(_flatten(i, m)) for i, m in enumerate(messages)]
         try:
             return self._template.render(messages=plain, add_generation_prompt=True, **self._special)
         except _TemplateRefused as exc:
             raise InvalidRequest(f"the model's chat template refused the messages: {exc}") from None
         except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError) as exc:
             raise InvalidRequest(f"the model's chat template failed on the messages: {exc}") from None
+
+
+def model_control_texts(path: Path, tokenizer_config: dict[str, Any], template: str) -> ControlTexts:
+    """A model directory's control texts (:func:`~helexa.special_text.added_token_texts`):
+    the added tokens of ``tokenizer.json`` and of ``tokenizer_config.json``'s
+    ``added_tokens_decoder``."""
+    decoder = tokenizer_config.get("added_tokens_decoder")
+    added: list[Any] = list(decoder.values()) if isinstance(decoder, dict) else []
+    if (path / "tokenizer.json").is_file():
+        listed = read_json(path / "tokenizer.json").get("added_tokens")
+        added += listed if isinstance(listed, list) else []
+    return ControlTexts(added_token_texts(added, template))
 
 
 class _TemplateRefused(Exception):

@@ -82,6 +82,8 @@ from helexa.protocol import (
     Usage,
     Workload,
 )
+from helexa.special_text import NONE, ControlTexts
+from helexa.tokenizer import TokenizerError, read_control_texts
 
 from . import cpu_policy, openai_shapes, start_signal, token_tap, tool_grammar
 from .base import (
@@ -142,6 +144,7 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
         self._native_tools = False
         self._http: httpx.Client | None = None  # to the server's own loopback port
         self._counter: PromptCounter | None = None
+        self._control: ControlTexts = NONE  # the vocabulary's control texts, cleared from client text
         self._size = 0
         self._in_flight = 0
         self._cancels: set[threading.Event] = set()
@@ -212,6 +215,11 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
         if isinstance(settings.get("n_ctx"), int) and settings["n_ctx"] > 0:
             self._slot_ctx = settings["n_ctx"]
         self._native_tools = bool((props.get("chat_template_caps") or {}).get("supports_tool_calls"))
+        try:  # a chat is never served without them (the template: the one llama.cpp renders)
+            self._control = await trio.to_thread.run_sync(read_control_texts, path, props.get("chat_template"))
+        except TokenizerError as exc:
+            await self.unload()
+            raise LoadFailed(f"{path}: its vocabulary cannot be read ({exc})", code="corrupt_model") from None
         self._counter = PromptCounter(path)
         self._counter.start()  # in the background: llama.cpp counts until it is read
         progress("load", size, size, "bytes")
@@ -340,14 +348,16 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
 
     def _body(self, request: GenerateRequest) -> tuple[dict[str, Any], bool]:
         """The llama.cpp body, and whether tools go through :mod:`.tool_grammar` (the
-        model's template has no tool syntax of its own)."""
+        model's template has no tool syntax of its own). llama.cpp parses special tokens in
+        the whole rendered prompt, so the control texts in the chat's client text (and the
+        tool instructions made of it) are neutralised (:mod:`helexa.special_text`)."""
         generic = request.task is Task.CHAT and request.wants_tools and not self._native_tools
         if not generic:
             if request.tools and not request.wants_tools:
                 # tool_choice "none": nothing may be called, so nothing is offered (llama.cpp
                 # also refuses logprobs with tools when streaming).
                 request = replace(request, tools=(), tool_choice=None)
-            return openai_shapes.request_body(request, dialect="llama.cpp"), False
+            return self._control.chat_body(openai_shapes.request_body(request, dialect="llama.cpp")), False
         if request.wants_json:
             raise InvalidRequest(f"model {self.config.model_id!r} takes tools through a JSON grammar, so they "
                                  "cannot be combined with response_format")
@@ -357,7 +367,7 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
                         sampling=replace(request.sampling, logprobs=False, top_logprobs=0))
         body = openai_shapes.request_body(plain, dialect="llama.cpp")
         body.pop("parallel_tool_calls", None)
-        return body, True
+        return self._control.chat_body(body), True
 
     async def _check_context(self, request: GenerateRequest, body: dict[str, Any], generic: bool) -> None:
         """Refuse a prompt that does not fit one slot, before it waits for one. A count the
