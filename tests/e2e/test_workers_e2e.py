@@ -94,10 +94,11 @@ def test_a_request_whose_worker_is_killed_before_it_answers_is_served_by_the_mod
     cortex, neuron, client = cluster
     assert client.chat.completions.create(model="tiny-a", messages=PROMPT, max_tokens=4).choices[0].message.content
     victim = worker_of(neuron.pid, "tiny-a")
+    victim.send_signal(signal.SIGSTOP)  # it is sent the request but cannot answer it
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         started = time.monotonic()
-        answer = pool.submit(client.chat.completions.create, model="tiny-a", messages=PROMPT, max_tokens=400)
-        time.sleep(0.3)  # generating by now; a non-streamed answer has sent nothing yet
+        answer = pool.submit(client.chat.completions.create, model="tiny-a", messages=PROMPT, max_tokens=8)
+        time.sleep(1.0)  # the request is in the stopped worker's pipe by now
         victim.send_signal(signal.SIGKILL)
         result = answer.result(timeout=60)
     assert result.choices[0].finish_reason in ("stop", "length")
