@@ -76,8 +76,6 @@ from helexa.protocol import (
     Feature,
     GenerateRequest,
     ModelConfig,
-    OutputFormat,
-    ResponseFormat,
     Task,
     Usage,
     Workload,
@@ -361,11 +359,7 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
         if request.wants_json:
             raise InvalidRequest(f"model {self.config.model_id!r} takes tools through a JSON grammar, so they "
                                  "cannot be combined with response_format")
-        schema = tool_grammar.schema(request)
-        plain = replace(request, messages=tuple(tool_grammar.prepare(request)), tools=(), tool_choice=None,
-                        response_format=ResponseFormat(OutputFormat.JSON_SCHEMA, schema, "tool_call"),
-                        sampling=replace(request.sampling, logprobs=False, top_logprobs=0))
-        body = openai_shapes.request_body(plain, dialect="llama.cpp")
+        body = openai_shapes.request_body(tool_grammar.plain_request(request), dialect="llama.cpp")
         body.pop("parallel_tool_calls", None)
         return self._control.chat_body(body), True
 

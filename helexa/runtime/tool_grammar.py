@@ -23,10 +23,10 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from helexa.protocol import GenerateRequest, ToolChoiceMode, ToolSpec
+from helexa.protocol import GenerateRequest, OutputFormat, ResponseFormat, ToolChoiceMode, ToolSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +95,15 @@ def prepare(request: GenerateRequest) -> list[dict[str, Any]]:
     else:
         messages.insert(0, {"role": "system", "content": note})
     return messages
+
+
+def plain_request(request: GenerateRequest) -> GenerateRequest:
+    """``request`` as an engine with no tool syntax of its own gets it: the tools described
+    in its messages (:func:`prepare`), the answer held to :func:`schema`, no tools and no
+    log-probabilities (what the grammar samples is JSON, not the answer's tokens)."""
+    return replace(request, messages=tuple(prepare(request)), tools=(), tool_choice=None,
+                   response_format=ResponseFormat(OutputFormat.JSON_SCHEMA, schema(request), "tool_call"),
+                   sampling=replace(request.sampling, logprobs=False, top_logprobs=0))
 
 
 def _plain(message: dict[str, Any]) -> dict[str, Any]:
