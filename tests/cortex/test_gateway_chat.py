@@ -79,6 +79,11 @@ def body(**fields) -> dict:
      "messages[0].content[0]"),
 ])
 async def test_a_malformed_request_is_a_400_naming_the_field_and_no_neuron_sees_it(fields, param) -> None:
+    await refused(fields, param)
+
+
+async def refused(fields: dict, param: str) -> dict:
+    """The error of a chat with ``fields``: a 400 naming ``param``, and no neuron saw it."""
     fleet = Fleet()
     neuron = NeuronDouble("n1", fleet, loaded=("chat",))
     async with serving(fleet, CATALOGUE) as (_, url):
@@ -87,6 +92,7 @@ async def test_a_malformed_request_is_a_400_naming_the_field_and_no_neuron_sees_
     error = r.json()["error"]
     assert error["type"] == "invalid_request_error" and error["param"] == param, error
     assert neuron.generations == []
+    return error
 
 
 @pytest.mark.parametrize(("fields", "param", "got"), [
@@ -105,15 +111,8 @@ async def test_a_malformed_request_is_a_400_naming_the_field_and_no_neuron_sees_
     ({"parallel_tool_calls": "false"}, "parallel_tool_calls", "a string"),
 ])
 async def test_known_fields_are_strictly_typed_no_string_or_boolean_or_decimal_is_coerced(fields, param, got) -> None:
-    fleet = Fleet()
-    neuron = NeuronDouble("n1", fleet, loaded=("chat",))
-    async with serving(fleet, CATALOGUE) as (_, url):
-        r = await post(url, body(**fields))
-    assert r.status_code == 400, r.text
-    error = r.json()["error"]
-    assert error["type"] == "invalid_request_error" and error["param"] == param, error
+    error = await refused(fields, param)
     assert f"Invalid value for '{param}'" in error["message"] and f"(got {got})" in error["message"], error
-    assert neuron.generations == []
 
 
 async def test_the_official_client_sends_proper_types_and_a_float_may_be_written_as_an_integer() -> None:
