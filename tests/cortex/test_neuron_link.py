@@ -33,3 +33,27 @@ async def test_a_ping_flood_costs_pongs_not_the_reader(nursery):
         while link.heartbeats == 0:
             await trio.sleep(0.001)
     assert link.connected
+
+
+async def test_a_request_failing_because_its_models_process_died_marks_the_model_failed_at_once(nursery):
+    # The request's error can come before the model's own status frame; a retry picked
+    # the moment it comes must not find the model loaded here still.
+    import pytest
+
+    from helexa.protocol import GenerateRequest, InferenceError, ModelState, ModelStatus, Task
+    from helexa.roles.cortex.fleet import RemoteError
+
+    cortex_side, neuron = channel_pair()
+    link = NeuronLink(cortex_side, NeuronDescriptor("n1", Hardware(cpu_cores=1, ram_total=1)),
+                      models=(ModelStatus("m", ModelState.LOADED), ModelStatus("other", ModelState.LOADED)))
+    nursery.start_soon(link.serve)
+    request = GenerateRequest("r1", "m", Task.CHAT, messages=({"role": "user", "content": "hi"},))
+    with pytest.raises(RemoteError) as info:
+        async with link.generate(request) as events:
+            assert (await neuron.receive()).request_id == "r1"
+            await neuron.send(InferenceError("r1", "backend_crashed", "killed by SIGKILL", retryable=True))
+            async for _ in events:
+                pass
+    assert info.value.code == "backend_crashed" and info.value.retryable
+    assert link.models["m"].state is ModelState.FAILED and "SIGKILL" in link.models["m"].error
+    assert link.models["other"].state is ModelState.LOADED

@@ -274,6 +274,8 @@ class NeuronLink:
                     stream.finish(msg)
             case InferenceError(request_id=rid):
                 if (stream := self._streams.get(rid)) is not None:
+                    if msg.code == "backend_crashed":
+                        self._crashed(stream.request.model_id, msg.message)
                     stream.fail(RemoteError(msg.code, msg.message, retryable=msg.retryable))
             case Heartbeat():
                 self.heartbeats += 1
@@ -331,6 +333,17 @@ class NeuronLink:
                     self.loaded_since[m.model_id] = trio.current_time()
         self.models = new
         return changed or len(new) != len(old)
+
+    def _crashed(self, model_id: str, reason: str) -> None:
+        """The model's process died under a request (the neuron says so with the request's
+        error): it is not loaded here from now on, whichever of that error and the model's
+        own status frame comes first. A retry of the request, picked the moment the error
+        comes, must not find it loaded here still (and give up as if only a neuron it failed
+        on could serve it); the provisioner loads it again."""
+        cur = self.models.get(model_id)
+        if cur is not None and cur.state is ModelState.LOADED:
+            self.models[model_id] = replace(cur, state=ModelState.FAILED, error=reason)
+            self._on_change()
 
     def _set_model(self, status: ModelStatus) -> None:
         prev = self.models.get(status.model_id)
