@@ -345,3 +345,18 @@ async def test_a_json_body_that_is_not_an_object_is_a_400() -> None:
     async with serving(fleet, CATALOGUE) as (_, url):
         statuses = [(await post(url, raw)).status_code for raw in (b"[]", b"null", b"{", json.dumps(USER).encode())]
     assert statuses == [400, 400, 400, 400]
+
+
+async def test_null_switches_read_as_their_defaults_as_openais_nullable_fields_do() -> None:
+    # The official client sends "stream": null for stream=None; OpenAI's schema makes it nullable.
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("chat",))
+    async with serving(fleet, CATALOGUE) as (_, url):
+        plain = await post(url, body(stream=None, stream_options=None))
+        usage = await post(url, body(stream=True, stream_options={"include_usage": None}))
+        async with httpx.AsyncClient(timeout=10) as http:
+            embedded = await http.post(url + "/v1/embeddings", json={"model": "chat", "input": "x",
+                                                                        "encoding_format": None})
+    assert plain.status_code == 200 and plain.json()["object"] == "chat.completion", plain.text
+    assert usage.status_code == 200 and '"usage"' not in usage.text and usage.text.endswith("[DONE]\n\n")
+    assert "encoding_format" not in embedded.text, embedded.text  # (whatever else it says of model "chat")

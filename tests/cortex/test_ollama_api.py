@@ -374,3 +374,17 @@ async def test_a_stream_waiting_for_a_cold_load_sends_empty_pieces_the_client_ta
     # no "error", so cls(**part).
     parsed = [response_type(**p) for _, p in arrived]
     assert parsed[0].done is False and parsed[-1].done_reason == "length"
+
+
+async def test_a_null_stream_or_raw_is_the_default() -> None:
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("chat",))
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme")
+    async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
+        async with httpx.AsyncClient(base_url=urls["acme"], headers=bearer(key), timeout=10) as http:
+            chat = await http.post("/api/chat", json={"model": "fast", "stream": None,
+                                                      "messages": [{"role": "user", "content": "x"}]})
+            gen = await http.post("/api/generate", json={"model": "fast", "prompt": "x", "stream": False, "raw": None})
+    assert chat.status_code == 200 and chat.headers["content-type"].startswith("application/x-ndjson"), chat.text
+    assert gen.status_code == 200 and gen.json()["done"], gen.text

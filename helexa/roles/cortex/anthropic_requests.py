@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from .openai_requests import FieldError, Lenient, _tagged, _wire_json
+from .openai_requests import FieldError, Lenient, Off, _tagged, _wire_json
 
 ToolName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")]
 """A tool's name, as Anthropic constrains it."""
@@ -188,7 +188,7 @@ class MessagesRequest(CountTokensRequest):
     """``POST /v1/messages``. ``max_tokens`` is required, as Anthropic requires it."""
 
     max_tokens: int = Field(ge=1, le=2**31 - 1)
-    stream: bool = False
+    stream: Off = False
     temperature: float | None = Field(None, ge=0, le=1)
     top_p: float | None = Field(None, ge=0, le=1)
     top_k: int | None = Field(None, ge=0, le=2**31 - 1)

@@ -40,7 +40,7 @@ from helexa.protocol import (
 
 from .errors import BadRequest
 from .openai_api import tool_specs
-from .openai_requests import FieldError, Int64, Lenient, Tool, _wire_json
+from .openai_requests import FieldError, Int64, Lenient, Off, On, Tool, _wire_json
 from .schema_check import check_schema
 
 VERSION = "0.12.0"
@@ -77,7 +77,7 @@ class Common(Lenient):
 
 
 class GenerateCommon(Common):
-    stream: bool = True
+    stream: On = True
     format: Format | None = None
     think: bool | Literal["low", "medium", "high"] | None = None
     logprobs: bool | None = None
@@ -134,7 +134,7 @@ class GenerateBody(GenerateCommon):
     system: str | None = None
     template: str | None = None
     context: list[int] | None = None
-    raw: bool = False
+    raw: Off = False
     images: list[Annotated[str, Field(min_length=1)]] | None = None
 
 

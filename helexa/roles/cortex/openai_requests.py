@@ -26,7 +26,7 @@ import operator
 import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 INT64_MIN = -(2**63)
 UINT64_MAX = 2**64 - 1
@@ -92,6 +92,18 @@ Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-
 """A function or schema name, as OpenAI constrains it."""
 
 Int64 = Annotated[int, Field(ge=INT64_MIN, le=2**63 - 1)]
+
+
+def _null_as(default: Any) -> BeforeValidator:
+    return BeforeValidator(lambda value: default if value is None else value)
+
+
+Off = Annotated[bool, _null_as(False)]
+"""A switch off unless ``true``; ``null`` is its default, as OpenAI's schemas make these
+fields nullable and clients send ``"stream": null`` for a value not given."""
+
+On = Annotated[bool, _null_as(True)]
+"""A switch on unless ``false`` (Ollama's ``stream``); ``null`` is its default."""
 
 
 # --- content parts ------------------------------------------------------------------------
@@ -293,14 +305,14 @@ ResponseFormat = _tagged("type", TextFormat, JsonObjectFormat, JsonSchemaRespons
 
 
 class StreamOptions(Lenient):
-    include_usage: bool = False
+    include_usage: Off = False
 
 
 class GenerateBody(Lenient):
     """What chat completions and completions share."""
 
     model: str = Field(min_length=1)
-    stream: bool = False
+    stream: Off = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
     max_completion_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
@@ -358,7 +370,7 @@ class CompletionRequest(GenerateBody):
 class EmbeddingRequest(Lenient):
     model: str = Field(min_length=1)
     input: str | list[str] = Field(min_length=1)
-    encoding_format: Literal["float", "base64"] = "float"
+    encoding_format: Annotated[Literal["float", "base64"], _null_as("float")] = "float"
     dimensions: int | None = Field(None, ge=1, le=2**31 - 1)
     user: str | None = None
 

@@ -28,7 +28,7 @@ from helexa.protocol import GenerateRequest, OutputFormat, ResponseFormat, Sampl
     ToolChoiceMode, ToolSpec
 
 from .errors import BadRequest
-from .openai_requests import FieldError, JsonObjectFormat, Lenient, Name, TextFormat, _tagged, _wire_json
+from .openai_requests import FieldError, JsonObjectFormat, Lenient, Name, Off, TextFormat, _tagged, _wire_json
 from .schema_check import check_schema
 
 MAX_METADATA = 16
@@ -181,7 +181,7 @@ class ResponsesRequest(Lenient):
     top_p: float | None = Field(None, ge=0, le=1)
     top_logprobs: int | None = Field(None, ge=0, le=20)
     text: TextConfig | None = None
-    stream: bool = False
+    stream: Off = False
     store: bool | None = None
     previous_response_id: str | None = Field(None, min_length=1, max_length=256)
     metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = None
