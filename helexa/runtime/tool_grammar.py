@@ -53,22 +53,48 @@ def must_call(request: GenerateRequest) -> bool:
 
 
 def schema(request: GenerateRequest) -> dict[str, Any]:
-    """The JSON schema every answer must match (the backend turns it into a grammar)."""
-    calls = [_call_schema(t) for t in offered(request)]
+    """The JSON schema every answer must match (the backend turns it into a grammar).
+
+    Each tool's parameters sit inside it, so their local definitions (``$defs``, or draft
+    7's ``definitions``: what pydantic writes for nested models) move to its root, renamed
+    per tool, and their ``$ref`` s with them: ``#/$defs/Addr`` of the second tool is
+    ``#/$defs/t1_Addr`` here."""
+    defs: dict[str, Any] = {}
+    calls = [_call_schema(t, f"t{i}_", defs) for i, t in enumerate(offered(request))]
     call = calls[0] if len(calls) == 1 else {"anyOf": calls}
     tool_call = _object({"tool_call": call})
-    if must_call(request):
-        return tool_call
-    return {"anyOf": [tool_call, _object({"response": {"type": "string"}})]}
+    out = tool_call if must_call(request) else {"anyOf": [tool_call, _object({"response": {"type": "string"}})]}
+    return {**out, "$defs": defs} if defs else out
 
 
 def _object(properties: dict[str, Any]) -> dict[str, Any]:
     return {"type": "object", "properties": properties, "required": list(properties), "additionalProperties": False}
 
 
-def _call_schema(tool: ToolSpec) -> dict[str, Any]:
+def _call_schema(tool: ToolSpec, prefix: str, defs: dict[str, Any]) -> dict[str, Any]:
     arguments = tool.parameters if isinstance(tool.parameters, dict) else {"type": "object"}
+    local = {**(arguments.get("definitions") or {}), **(arguments.get("$defs") or {})}
+    if local:
+        arguments = _rebased({k: v for k, v in arguments.items() if k not in ("$defs", "definitions")}, prefix)
+        defs.update({prefix + name: _rebased(value, prefix) for name, value in local.items()})
     return _object({"name": {"type": "string", "const": tool.name}, "arguments": arguments})
+
+
+def _rebased(node: Any, prefix: str) -> Any:
+    """``node`` with each local ``$ref`` into its definitions renamed as :func:`schema` moves them."""
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            if key == "$ref" and isinstance(value, str):
+                for root in ("#/$defs/", "#/definitions/"):
+                    if value.startswith(root):
+                        value = "#/$defs/" + prefix + value[len(root):]
+                        break
+            out[key] = _rebased(value, prefix)
+        return out
+    if isinstance(node, list):
+        return [_rebased(item, prefix) for item in node]
+    return node
 
 
 def instructions(request: GenerateRequest) -> str:

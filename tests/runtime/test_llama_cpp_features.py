@@ -121,3 +121,14 @@ async def test_tools_under_tool_choice_none_are_not_offered_so_logprobs_stream(t
                    sampling=SamplingParams(max_tokens=2, temperature=0.0, logprobs=True, top_logprobs=1))
     events = await run(tiny, request)
     assert isinstance(events[-1], GenerateResult) and any(isinstance(e, TokenChunk) and e.logprobs for e in events)
+
+
+async def test_tools_whose_parameters_have_local_definitions_are_taken_by_llama_cpp(tiny) -> None:
+    # What pydantic writes for nested models (openai.pydantic_function_tool): "$defs" and
+    # "$ref"s into them (the unit tests of tool_grammar cover draft 7's "definitions").
+    send = {"$defs": {"A": {"type": "object", "properties": {"c": {"type": "string"}}}}, "type": "object",
+            "properties": {"to": {"$ref": "#/$defs/A"}}}
+    request = chat("hi", tools=(ToolSpec("send", None, send),), tool_choice=ToolChoice(ToolChoiceMode.REQUIRED),
+                   sampling=SamplingParams(max_tokens=8, temperature=0.0))
+    result = (await run(tiny, request))[-1]  # before: llama.cpp refused it ($defs not found)
+    assert result.finish_reason in ("tool_calls", "length")

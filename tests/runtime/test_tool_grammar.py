@@ -69,3 +69,22 @@ def test_an_answer_cut_short_never_shows_its_json_as_content() -> None:
     assert tool_grammar.parse('{"response": "Hi th') == tool_grammar.Parsed("Hi th")
     assert tool_grammar.parse('{ "response" : "Hi\\u00') == tool_grammar.Parsed("Hi")  # half an escape: dropped
     assert tool_grammar.parse('{"response": "say \\"hi\\"",') == tool_grammar.Parsed('say "hi"')
+
+
+def test_each_tools_local_definitions_move_to_the_root_renamed_with_their_refs() -> None:
+    import jsonschema
+
+    address = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    send = {"$defs": {"Addr": address}, "type": "object",
+            "properties": {"to": {"$ref": "#/$defs/Addr"}, "cc": {"type": "array", "items": {"$ref": "#/$defs/Addr"}}}}
+    bill = {"definitions": {"Addr": {"type": "integer"}}, "type": "object", "properties": {"n": {"$ref": "#/definitions/Addr"}}}
+    request = GenerateRequest("r", "m", Task.CHAT, messages=({"role": "user", "content": "hi"},),
+                              tools=(ToolSpec("send", None, send), ToolSpec("bill", None, bill)),
+                              tool_choice=ToolChoice(ToolChoiceMode.REQUIRED))
+    schema = tool_grammar.schema(request)
+    assert set(schema["$defs"]) == {"t0_Addr", "t1_Addr"}
+    check = jsonschema.Draft202012Validator(schema)
+    assert check.is_valid({"tool_call": {"name": "send", "arguments": {"to": {"city": "Oslo"}, "cc": [{"city": "Rome"}]}}})
+    assert not check.is_valid({"tool_call": {"name": "send", "arguments": {"to": {"town": "Oslo"}}}})
+    assert check.is_valid({"tool_call": {"name": "bill", "arguments": {"n": 3}}})
+    assert not check.is_valid({"tool_call": {"name": "bill", "arguments": {"n": {"city": "Oslo"}}}})
