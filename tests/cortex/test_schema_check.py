@@ -67,3 +67,20 @@ def test_a_large_schema_is_checked_but_not_kept_and_a_long_detail_is_cut() -> No
     with pytest.raises(BadRequest) as info:
         schema_check.check_schema({"type": "y" * 10_000}, "format")
     assert len(info.value.message) < schema_check.MAX_DETAIL + 200
+
+
+def test_a_schema_past_openais_size_limits_is_refused_before_llama_cpp_spends_seconds_on_it() -> None:
+    from helexa.roles.cortex.schema_check import MAX_ENUM_VALUES, check_schema
+
+    def enum(n: int, width: int = 3) -> dict:
+        return {"type": "string", "enum": [f"{i:0{width}d}" for i in range(n)]}
+
+    check_schema(enum(MAX_ENUM_VALUES), "response_format.json_schema.schema")  # at the limit: fine
+    split = {"type": "object", "properties": {"a": enum(600), "b": enum(600)}}
+    for schema, says in ((enum(5000), "5000 values"), (split, "hold 1200 values"),
+                         (enum(300, width=30), "an enum of 300 values may hold at most 7500 characters"),
+                         ({"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(5001)}},
+                          "5001 object properties")):
+        with pytest.raises(BadRequest) as info:
+            check_schema(schema, "response_format.json_schema.schema")
+        assert info.value.param == "response_format.json_schema.schema" and says in info.value.message
