@@ -118,6 +118,17 @@ def _check_content(content: Any, where: str, model_id: str, *, vision: bool) -> 
             raise InvalidRequest(f"{where}[{j}] has an unknown type {kind!r}")
 
 
+def _refusals_as_text(message: dict[str, Any]) -> dict[str, Any]:
+    """``message`` with its ``refusal`` parts (an assistant's earlier refusal, sent back in
+    the history) as text parts: llama.cpp refuses a part type it does not know."""
+    content = message.get("content")
+    if not isinstance(content, list) or not any(isinstance(p, dict) and p.get("type") == "refusal" for p in content):
+        return dict(message)
+    parts = [{"type": "text", "text": p.get("refusal") or ""} if isinstance(p, dict) and p.get("type") == "refusal"
+             else p for p in content]
+    return {**message, "content": parts}
+
+
 def request_body(request: GenerateRequest, *, dialect: str = "llama.cpp", model: str | None = None,
                  stream: bool = True) -> dict[str, Any]:
     """The OpenAI body for ``request`` (call :func:`validate` first): streamed with usage,
@@ -127,7 +138,8 @@ def request_body(request: GenerateRequest, *, dialect: str = "llama.cpp", model:
     if model is not None:
         body["model"] = model
     if request.task is Task.CHAT:
-        body["messages"] = [dict(m) for m in request.messages]
+        body["messages"] = [dict(m) if dialect != "llama.cpp" or isinstance(m.get("content"), str | None)
+                            else _refusals_as_text(m) for m in request.messages]
     else:
         body["prompt"] = request.prompt
     standard = {

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,13 @@ async def test_tools_whose_parameters_have_local_definitions_are_taken_by_llama_
                    sampling=SamplingParams(max_tokens=8, temperature=0.0))
     result = (await run(tiny, request))[-1]  # before: llama.cpp refused it ($defs not found)
     assert result.finish_reason in ("tool_calls", "length")
+
+
+async def test_an_assistants_refusal_part_in_the_history_is_read_as_its_text(tiny) -> None:
+    # OpenAI's clients send an earlier refusal back as {"type": "refusal"}; llama.cpp refused
+    # the whole request for a part type it does not know.
+    messages = ({"role": "user", "content": "hi"},
+                {"role": "assistant", "content": [{"type": "refusal", "refusal": "I cannot help with that."}]},
+                {"role": "user", "content": "why?"})
+    request = replace(chat("x"), messages=messages)
+    assert (await run(tiny, request))[-1].finish_reason in ("stop", "length")
