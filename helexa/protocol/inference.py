@@ -208,6 +208,10 @@ class GenerateResult:
     tool_calls: tuple[Json, ...] | None = None
     logprobs: tuple[TokenLogprob, ...] | None = None
     stop_sequence: str | None = added_field()
+    first_token_s: float | None = added_field()
+    """Of an answer not streamed: seconds from the neuron taking the request to the
+    backend's first text (what a streamed answer shows by its first chunk); ``None`` when
+    the backend gave no text before its result."""
 
 
 @message("embed_result")

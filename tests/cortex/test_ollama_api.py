@@ -388,3 +388,22 @@ async def test_a_null_stream_or_raw_is_the_default() -> None:
             gen = await http.post("/api/generate", json={"model": "fast", "prompt": "x", "stream": False, "raw": None})
     assert chat.status_code == 200 and chat.headers["content-type"].startswith("application/x-ndjson"), chat.text
     assert gen.status_code == 200 and gen.json()["done"], gen.text
+
+
+async def test_an_answer_in_one_object_asks_the_fabric_for_one_so_it_can_be_tried_again_until_it_ends() -> None:
+    # A streamed fabric request is the client's from its first token on: a worker killed
+    # mid-answer was a 502 for /api/chat with "stream": false, where /v1/chat/completions
+    # was answered from the model loaded again. (The retry itself: test_workers_e2e.)
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=("chat",), tokens=2)
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme")
+    async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
+        async with httpx.AsyncClient(base_url=urls["acme"], headers=bearer(key), timeout=10) as http:
+            one = await http.post("/api/chat", json={"model": "fast", "stream": False,
+                                                     "messages": [{"role": "user", "content": "x"}]})
+            lines = await http.post("/api/generate", json={"model": "fast", "prompt": "x"})
+    assert one.status_code == 200 and one.json()["done"] and one.json()["message"]["content"]
+    assert isinstance(one.json()["prompt_eval_duration"], int)
+    assert lines.status_code == 200 and lines.headers["content-type"] == "application/x-ndjson"
+    assert [r.stream for r in neuron.requests] == [False, True]

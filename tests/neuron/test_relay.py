@@ -216,7 +216,27 @@ async def _collected(events: list, **kw) -> list:  # type: ignore[type-arg]
 
 async def test_collect_sends_a_generation_as_one_result_with_all_the_text() -> None:
     events = [tok("a"), tok("", tool_calls=({"id": "x"},)), tok("b"), GenerateResult(RID, "stop", Usage(1, 3), text="c")]
-    assert await _collected(events) == [GenerateResult(RID, "stop", Usage(1, 3), "abc", ({"id": "x"},))]
+    (got,) = await _collected(events)
+    assert got == GenerateResult(RID, "stop", Usage(1, 3), "abc", ({"id": "x"},), first_token_s=got.first_token_s)
+    assert got.first_token_s is not None and got.first_token_s >= 0
+
+
+async def test_a_collected_result_says_when_its_first_text_came(autojump_clock) -> None:
+    # What an answer in one object cannot show by its first chunk (Ollama's durations).
+    async def backend():  # type: ignore[no-untyped-def]
+        await trio.sleep(2.5)  # the prompt
+        yield tok("a")
+        await trio.sleep(4.0)
+        yield GenerateResult(RID, "stop", Usage(1, 2), text="b")
+
+    out: list = []  # type: ignore[type-arg]
+
+    async def send(e) -> None:  # type: ignore[no-untyped-def]
+        out.append(e)
+
+    await collect(backend(), send)
+    assert out[0].text == "ab" and out[0].first_token_s == 2.5
+    assert (await _collected([result()]))[0].first_token_s is None  # no text before the result
 
 
 async def test_collect_sends_a_very_long_answer_in_pieces_no_frame_near_the_limit() -> None:

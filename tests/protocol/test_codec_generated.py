@@ -118,6 +118,10 @@ def test_generated_encoder_writes_what_the_reference_reads():
     """A field added later is left out at its default, and every other field is written."""
     result = p.GenerateResult("r", "stop", p.Usage(1, 2), "hi")
     wire = p.to_wire(result)
-    assert "stop_sequence" not in wire
-    assert set(wire) == {f.name for f in dataclasses.fields(p.GenerateResult)} - {"stop_sequence"}
+    added = {"stop_sequence", "first_token_s"}
+    assert not added & set(wire)
+    assert set(wire) == {f.name for f in dataclasses.fields(p.GenerateResult)} - added
     assert reference_decode(p.GenerateResult, msgpack.unpackb(msgpack.packb(wire))) == result
+    timed = dataclasses.replace(result, first_token_s=0.25)
+    assert p.to_wire(timed)["first_token_s"] == 0.25
+    assert reference_decode(p.GenerateResult, msgpack.unpackb(msgpack.packb(p.to_wire(timed)))) == timed

@@ -11,9 +11,11 @@ the neuron's configuration. ``format`` is ``"json"`` (any JSON object) or a JSON
 enforced by the backend's grammar as ``response_format`` is. ``keep_alive`` and ``think``
 are accepted; where a model stays loaded is the orchestrator's decision.
 
-The fabric request always streams (an answer in one object is gathered at the edge), so
-that the final object's durations split the prompt's evaluation (to the first token) from
-the generation. Model names are the portal's public names; ``name:latest`` is the same model as ``name``.
+The fabric request streams when the client's answer does, so that the final object's
+durations split the prompt's evaluation (to the first token) from the generation; an answer
+in one object asks the fabric for one too (it can then be tried again elsewhere until it
+ends), and the neuron's ``first_token_s`` makes the same split. Model names are the
+portal's public names; ``name:latest`` is the same model as ``name``.
 Tool calls travel as Ollama writes them (``arguments`` an object) and become OpenAI's
 (``arguments`` a JSON string, an ``id`` each) inside: a ``tool`` message is answered to
 the earliest unanswered call of the same ``tool_name`` (or the earliest at all).

@@ -30,6 +30,7 @@ in the message; a stream that fails after it began ends with such a line.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import struct
@@ -226,6 +227,10 @@ class OllamaSurface:
         caller = ex.caller
         assert caller is not None
         out = ex.out
+        if not body.stream:
+            # One object at the end: the fabric's answer need not stream either, and one that
+            # does not can be tried again elsewhere until it ends (a worker killed mid-answer).
+            request = dataclasses.replace(request, stream=False)
         t0 = trio.current_time()
         first: list[float] = []
         logprobs = request.sampling.logprobs
@@ -246,7 +251,10 @@ class OllamaSurface:
 
         def final(result: GenerateResult) -> dict[str, Any]:
             end = trio.current_time()
-            start = first[0] if first else t0
+            if first:
+                start = first[0]
+            else:  # not streamed: the neuron says when its first text came
+                start = min(end, t0 + result.first_token_s) if result.first_token_s is not None else t0
             obj = piece("")
             obj.update(done=True, done_reason=api.done_reason(result.finish_reason),
                        total_duration=_ns(end - t0), load_duration=0,

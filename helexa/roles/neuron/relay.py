@@ -176,7 +176,8 @@ async def collect(events: AsyncIterator[GenerationEvent], send: Callable[[Genera
                   on_first: Callable[[], None] = lambda: None) -> None:
     """Send a non-streaming generation as one :class:`GenerateResult` holding all its
     text and tool calls (or, past :data:`COLLECT_FLUSH_CHARS`, text chunks and then the
-    result; ``on_first`` is called before the first of those goes out).
+    result; ``on_first`` is called before the first of those goes out). The result says
+    when the first text came, from this call (``first_token_s``).
 
     Raises what the backend raises, or :class:`ValueError` if it ended without a result.
     """
@@ -186,17 +187,21 @@ async def collect(events: AsyncIterator[GenerationEvent], send: Callable[[Genera
     calls: list = []
     logprobs: list = []
     rid = ""
+    started, first = trio.current_time(), None
     async for event in events:
         if isinstance(event, GenerateResult):
-            if not parts and not calls and not logprobs:
+            if not parts and not calls and not logprobs and first is None:
                 await send(event)
                 return
             parts.append(event.text)
             calls.extend(event.tool_calls or ())
             logprobs.extend(event.logprobs or ())
             await send(replace(event, text="".join(parts), tool_calls=tuple(calls) or None,
-                               logprobs=tuple(logprobs) or None))
+                               logprobs=tuple(logprobs) or None,
+                               first_token_s=None if first is None else first - started))
             return
+        if first is None:
+            first = trio.current_time()
         rid = event.request_id
         parts.append(event.text)
         size += len(event.text)
