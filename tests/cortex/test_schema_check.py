@@ -34,7 +34,8 @@ def test_usable_schemas_pass(schema) -> None:
     ({"type": "object", "required": "city"}, "(at #/required)"),
     ({"$schema": "http://json-schema.org/draft-04/schema#", "exclusiveMinimum": True}, "dependency"),  # draft 4's rule
     ({"$ref": "#/defs/none"}, "$ref '#/defs/none' does not resolve within the schema"),
-    ({"$defs": {"a": {"type": "string"}}, "$ref": "#/%24defs/a"}, "does not resolve"),  # taken literally, as llama.cpp
+    ({"$defs": {"a": {"type": "string"}}, "$ref": "#/%24defs/a"}, "without ~0, ~1 or percent escapes"),  # as llama.cpp
+    ({"$defs": {"a/b": {"type": "string"}}, "$ref": "#/$defs/a~1b"}, "without ~0, ~1 or percent escapes"),
     ({"required": ["x"], "$ref": "#/required/0"}, "does not point at a schema"),
     ({"$ref": "#"}, "a $ref must be a JSON pointer into the same schema"),
     ({"$defs": {"a": {"$anchor": "foo"}}, "$ref": "#foo"}, "a $ref must be a JSON pointer into the same schema"),

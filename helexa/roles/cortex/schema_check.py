@@ -141,6 +141,9 @@ def _ref_problem(root: Any, ref: str) -> str | None:
             here = here[token]
         elif isinstance(here, list) and token.isdigit() and int(token) < len(here):
             here = here[int(token)]
+        elif "~" in token or "%" in token:
+            return (f"$ref {ref!r} is not supported here: the backend takes a pointer's parts literally, without "
+                    "~0, ~1 or percent escapes (name the definition without '/', '~' or '%')")
         else:
             return f"$ref {ref!r} does not resolve within the schema"
     if not isinstance(here, (dict, bool)):
