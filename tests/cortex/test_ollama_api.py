@@ -393,7 +393,7 @@ async def test_a_null_stream_or_raw_is_the_default() -> None:
 async def test_an_answer_in_one_object_asks_the_fabric_for_one_so_it_can_be_tried_again_until_it_ends() -> None:
     # A streamed fabric request is the client's from its first token on: a worker killed
     # mid-answer was a 502 for /api/chat with "stream": false, where /v1/chat/completions
-    # was answered from the model loaded again. (The retry itself: test_workers_e2e.)
+    # was answered from the model loaded again (that retry: test_workers_e2e, through OpenAI's route).
     fleet = Fleet()
     neuron = NeuronDouble("n1", fleet, loaded=("chat",), tokens=2)
     store = SqliteStore(":memory:")

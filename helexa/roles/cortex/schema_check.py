@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Iterator
 from typing import Any
 
 from jsonschema import Draft202012Validator
@@ -89,22 +90,15 @@ def _size_problem(schema: Any) -> str | None:
     """What makes the schema too costly to turn into a grammar (:data:`MAX_ENUM_VALUES`,
     :data:`MAX_LONG_ENUM_CHARS`, :data:`MAX_PROPERTIES`), or None."""
     values = properties = 0
-    stack = [schema]
-    while stack:
-        here = stack.pop()
-        if isinstance(here, dict):
-            enum = here.get("enum")
-            if isinstance(enum, list):
-                values += len(enum)
-                if len(enum) > LONG_ENUM and sum(len(v) for v in enum if isinstance(v, str)) > MAX_LONG_ENUM_CHARS:
-                    return (f"an enum of {len(enum)} values may hold at most {MAX_LONG_ENUM_CHARS} characters of "
-                            "strings")
-            props = here.get("properties")
-            if isinstance(props, dict):
-                properties += len(props)
-            stack.extend(v for k, v in here.items() if k not in _DATA_KEYWORDS)
-        elif isinstance(here, list):
-            stack.extend(here)
+    for here in _objects(schema):
+        enum = here.get("enum")
+        if isinstance(enum, list):
+            values += len(enum)
+            if len(enum) > LONG_ENUM and sum(len(v) for v in enum if isinstance(v, str)) > MAX_LONG_ENUM_CHARS:
+                return f"an enum of {len(enum)} values may hold at most {MAX_LONG_ENUM_CHARS} characters of strings"
+        props = here.get("properties")
+        if isinstance(props, dict):
+            properties += len(props)
     if values > MAX_ENUM_VALUES:
         return f"the schema's enums hold {values} values; at most {MAX_ENUM_VALUES} are allowed"
     if properties > MAX_PROPERTIES:
@@ -114,18 +108,20 @@ def _size_problem(schema: Any) -> str | None:
 
 def _refs(node: Any) -> list[str]:
     """Every ``$ref`` in the schema, data keywords skipped."""
-    out: list[str] = []
+    return [ref for here in _objects(node) if isinstance(ref := here.get("$ref"), str)]
+
+
+def _objects(node: Any) -> Iterator[dict[str, Any]]:
+    """Every object in the schema (its subschemas, and the objects ``properties`` and
+    ``$defs`` hold them in), the values of data keywords (:data:`_DATA_KEYWORDS`) skipped."""
     stack = [node]
     while stack:
         here = stack.pop()
         if isinstance(here, dict):
-            ref = here.get("$ref")
-            if isinstance(ref, str):
-                out.append(ref)
+            yield here
             stack.extend(v for k, v in here.items() if k not in _DATA_KEYWORDS)
         elif isinstance(here, list):
             stack.extend(here)
-    return out
 
 
 def _ref_problem(root: Any, ref: str) -> str | None:
