@@ -373,5 +373,8 @@ async def test_leaving_a_tapped_stream_early_stops_llama_cpp_and_frees_its_slot(
             again = await _events(backend, _tiny_chat("next", 4))  # the one slot is free again
     finally:
         await backend.unload()
-    assert 3 <= sent < 100 and len(tap.chunks) == sent
+    # Stopped long before the 4,000 tokens asked for: llama.cpp's thread learns the consumer
+    # left once the trio thread has run the cancel (a tiny model writes ~100 chunks in the
+    # few milliseconds that can take on a loaded machine: 118 were seen in a CI run).
+    assert 3 <= sent < 1000 and len(tap.chunks) == sent
     assert isinstance(again[-1], GenerateResult)
