@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .special_text import ControlTexts, gguf_control_texts
+from .special_text import GGUF_CONTROL, GGUF_USER_DEFINED, NONE, ControlTexts, gguf_control_texts
 
 INLINE_CHARS = 32 * 1024
 """Prompts up to this size are counted on the event loop's thread (tens of microseconds);
@@ -63,7 +63,6 @@ for _name in ("qwen2", "stablelm2"):
 _KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.merges",
          "tokenizer.ggml.token_type", "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token",
          "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.chat_template")
-_CONTROL, _USER_DEFINED = 3, 4
 _CONTROL_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.chat_template")
 
 
@@ -251,7 +250,7 @@ def control_texts(metadata: dict[str, Any]) -> ControlTexts:
     types = metadata.get("tokenizer.ggml.token_type")
     template = metadata.get("tokenizer.chat_template")
     if not isinstance(tokens, list) or not isinstance(types, list):
-        return ControlTexts(())
+        return NONE
     return ControlTexts(gguf_control_texts(tokens, types, template if isinstance(template, str) else None))
 
 
@@ -299,6 +298,6 @@ def _byte_level_bpe(tokens: list[str], merges: list[str], types: list[int], rege
         [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
     )
-    special = [tokens[i] for i, t in enumerate(types) if t in (_CONTROL, _USER_DEFINED) and i < len(tokens)]
+    special = [tokens[i] for i, t in enumerate(types) if t in (GGUF_CONTROL, GGUF_USER_DEFINED) and i < len(tokens)]
     tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special if t])
     return tk

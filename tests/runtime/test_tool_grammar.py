@@ -77,14 +77,16 @@ def test_each_tools_local_definitions_move_to_the_root_renamed_with_their_refs()
     address = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
     send = {"$defs": {"Addr": address}, "type": "object",
             "properties": {"to": {"$ref": "#/$defs/Addr"}, "cc": {"type": "array", "items": {"$ref": "#/$defs/Addr"}}}}
-    bill = {"definitions": {"Addr": {"type": "integer"}}, "type": "object", "properties": {"n": {"$ref": "#/definitions/Addr"}}}
+    bill = {"definitions": {"Addr": {"type": "integer"}}, "type": "object",
+            "properties": {"n": {"$ref": "#/definitions/Addr"}}}
     request = GenerateRequest("r", "m", Task.CHAT, messages=({"role": "user", "content": "hi"},),
                               tools=(ToolSpec("send", None, send), ToolSpec("bill", None, bill)),
                               tool_choice=ToolChoice(ToolChoiceMode.REQUIRED))
     schema = tool_grammar.schema(request)
     assert set(schema["$defs"]) == {"t0_Addr", "t1_Addr"}
     check = jsonschema.Draft202012Validator(schema)
-    assert check.is_valid({"tool_call": {"name": "send", "arguments": {"to": {"city": "Oslo"}, "cc": [{"city": "Rome"}]}}})
+    assert check.is_valid({"tool_call": {"name": "send",
+                                         "arguments": {"to": {"city": "Oslo"}, "cc": [{"city": "Rome"}]}}})
     assert not check.is_valid({"tool_call": {"name": "send", "arguments": {"to": {"town": "Oslo"}}}})
     assert check.is_valid({"tool_call": {"name": "bill", "arguments": {"n": 3}}})
     assert not check.is_valid({"tool_call": {"name": "bill", "arguments": {"n": {"city": "Oslo"}}}})

@@ -10,8 +10,8 @@ words; it is refused here instead, with a 400 naming the field as the client wro
 its meta-schema (the draft its ``$schema`` names, else 2020-12) and each ``$ref`` must be
 a JSON pointer into the schema itself (``#/$defs/x``) that resolves, as llama.cpp requires;
 and it must stay within OpenAI's documented size limits for structured outputs (enum values,
-properties), past which llama.cpp's grammar takes seconds to build. Pure, and cached by the schema's serialized form: tools are often sent verbatim with every
-request of a conversation.
+properties), past which llama.cpp's grammar takes seconds to build. Pure, and cached by the
+schema's serialized form: tools are often sent verbatim with every request of a conversation.
 """
 
 from __future__ import annotations
