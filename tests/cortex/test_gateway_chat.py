@@ -70,6 +70,16 @@ def body(**fields) -> dict:
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}},
                 {"type": "function", "function": {"name": "g", "parameters": {"type": "wat"}}}]},
      "tools[1].function.parameters"),
+    # grammars llama.cpp cannot parse ("failed to parse grammar", param null, otherwise)
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "array", "items": {"type": "integer"}, "minItems": 100000}}}}, "response_format.json_schema.schema"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"$ref": "#/$defs/a"}},
+        "$defs": {"a": {"anyOf": [{"type": "null"}, {"$ref": "#/$defs/a"}]}}}}}]}, "tools[0].function.parameters"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}},
+                {"type": "function", "function": {"name": "g", "parameters": {
+                    "type": "object", "properties": {"s": {"type": "string", "minLength": 5000}}}}}]},
+     "tools[1].function.parameters"),
     ({"messages": [{"role": "user", "content": "hi", "cache": 2**64}]}, "messages[0].cache"),
     ({"seed": 2**64}, "seed"),
     ({"n": 0}, "n"),
