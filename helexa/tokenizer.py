@@ -165,6 +165,8 @@ class GgufTokenizer:
         self.pre = str(metadata.get("tokenizer.ggml.pre", "default"))
         self._add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", False))
         self._add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False))
+        self.vocab_size = len(tokens)
+        """How many tokens the vocabulary has: token ids run from 0 to one less."""
         self._longest = max(len(t.encode()) for t in tokens)
         bos, eos = metadata.get("tokenizer.ggml.bos_token_id"), metadata.get("tokenizer.ggml.eos_token_id")
         self._bos = tokens[bos] if isinstance(bos, int) and 0 <= bos < len(tokens) else ""
