@@ -393,6 +393,18 @@ class CompletionRequest(GenerateBody):
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1, le=1)
 
+    @field_validator("prompt")
+    @classmethod
+    def _not_empty(cls, value: str | list[str]) -> str | list[str]:
+        # llama.cpp answers "" with an empty completion when its vocabulary adds no BOS
+        # (SmolLM2's), and refuses an empty prompt otherwise; OpenAI starts from its own
+        # document separator, which no other vocabulary shares (docs/api.md).
+        if value == "" or (isinstance(value, list) and len(value) == 1 and value[0] == ""):
+            raise FieldError("prompt must not be empty: there is nothing to complete (to generate from the start "
+                             "of a document, send the model's own document separator, such as <|endoftext|>)",
+                             "prompt")
+        return value
+
 
 class EmbeddingRequest(Lenient):
     model: str = Field(min_length=1)
