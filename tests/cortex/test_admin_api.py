@@ -135,8 +135,8 @@ async def test_a_wrong_method_on_an_admin_path_that_exists_is_a_405_naming_the_r
             assert (await admin.get(f"/admin/keys/{key_id}")).status_code == 200
     for (method, path), allow in wrong.items():
         r = got[(method, path)]
-        assert (r.status_code, r.headers.get("allow"), r.json()["error"]["code"]) == (405, allow, "method_not_allowed"), \
-            (method, path, r.text)
+        seen = (r.status_code, r.headers.get("allow"), r.json()["error"]["code"])
+        assert seen == (405, allow, "method_not_allowed"), (method, path, r.text)
     assert [r.status_code for r in missing] == [404, 404, 404]
     assert all("allow" not in r.headers for r in missing)
 
