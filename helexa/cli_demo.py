@@ -20,8 +20,10 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
 
 
-def stream_chat(gateway: str, model: str, prompt: str, *, max_tokens: int, temperature: float, timeout: float) -> dict:
-    """POST a streamed chat completion, echo the text as it arrives, return the usage."""
+def stream_chat(gateway: str, model: str, prompt: str, *, max_tokens: int, temperature: float, timeout: float,
+                api_key: str | None = None) -> dict:
+    """POST a streamed chat completion, echo the text as it arrives, return the usage.
+    ``api_key``: a portal's key, sent as ``Authorization: Bearer`` (never printed)."""
     body = {
         "model": model,
         "messages": [{"role": "user", "content": prompt}],
@@ -32,14 +34,17 @@ def stream_chat(gateway: str, model: str, prompt: str, *, max_tokens: int, tempe
     }
     usage: dict = {}
     url = gateway.rstrip("/") + "/v1/chat/completions"
-    with httpx.stream("POST", url, json=body, timeout=httpx.Timeout(timeout, connect=5.0)) as resp:
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    with httpx.stream("POST", url, json=body, headers=headers, timeout=httpx.Timeout(timeout, connect=5.0)) as resp:
         if resp.status_code != 200:
             resp.read()
             try:
                 message = resp.json()["error"]["message"]
             except (ValueError, KeyError, TypeError):
                 message = resp.text[:300]
-            raise click.ClickException(f"the gateway answered {resp.status_code}: {message}")
+            hint = " (a keyed portal: set HELEXA_API_KEY or pass --api-key-file)" \
+                if resp.status_code == 401 and not api_key else ""
+            raise click.ClickException(f"the gateway answered {resp.status_code}: {message}{hint}")
         for line in resp.iter_lines():
             if not line.startswith("data: "):
                 continue
@@ -65,15 +70,50 @@ def stream_chat(gateway: str, model: str, prompt: str, *, max_tokens: int, tempe
 @click.option("--max-tokens", default=128, show_default=True)
 @click.option("--temperature", default=0.0, show_default=True)
 @click.option("--timeout", default=300.0, show_default=True, help="seconds to wait (a cold load included)")
+@click.option("--api-key", envvar="HELEXA_API_KEY", show_envvar=True,
+              help="a keyed portal's API key (prefer HELEXA_API_KEY or --api-key-file: a command line is "
+                   "visible to other local users)")
+@click.option("--api-key-file", type=click.Path(path_type=Path, dir_okay=False),
+              help="file holding the API key (used instead of --api-key / HELEXA_API_KEY)")
 @click.argument("prompt", default=DEFAULT_PROMPT)
-def chat(gateway, model, max_tokens, temperature, timeout, prompt):
-    """Send one chat message to a gateway and stream the answer."""
+def chat(gateway, model, max_tokens, temperature, timeout, api_key, api_key_file, prompt):
+    """Send one chat message to a gateway (or a portal) and stream the answer."""
+    if api_key_file is not None:
+        api_key = read_api_key(api_key_file)
     try:
-        usage = stream_chat(gateway, model, prompt, max_tokens=max_tokens, temperature=temperature, timeout=timeout)
+        usage = stream_chat(gateway, model, prompt, max_tokens=max_tokens, temperature=temperature, timeout=timeout,
+                            api_key=checked_api_key(api_key))
     except httpx.HTTPError as exc:
         raise click.ClickException(f"cannot talk to the gateway at {gateway}: {exc}") from None
     if usage:
         click.echo(f"[{usage.get('prompt_tokens')} prompt + {usage.get('completion_tokens')} completion tokens]", err=True)
+
+
+def read_api_key(path: Path) -> str:
+    """The API key in ``path`` (surrounding whitespace dropped); a click error naming the
+    file, never its content, when it cannot be read or is empty."""
+    try:
+        key = path.read_text().strip()
+    except OSError as exc:
+        raise click.ClickException(f"cannot read the API key in {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise click.ClickException(f"the API key in {path} is not UTF-8 text") from None
+    if not key:
+        raise click.ClickException(f"{path} is empty")
+    return key
+
+
+def checked_api_key(key: str | None) -> str | None:
+    """``key`` without surrounding whitespace (``None`` for none); a click error, which
+    does not show it, for one an HTTP header cannot carry (an error from the HTTP library
+    would quote the header)."""
+    key = (key or "").strip()
+    if not key:
+        return None
+    if not (key.isascii() and key.isprintable()) or any(c.isspace() for c in key):
+        raise click.ClickException("the API key has characters an HTTP header cannot carry (spaces, control "
+                                   "or non-ASCII characters)")
+    return key
 
 
 def _free_port() -> int:

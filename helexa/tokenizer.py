@@ -15,8 +15,10 @@ How exact a count is:
   developer, user, assistant and tool messages with text content).
 * **A lower bound** for every other GGUF (SentencePiece vocabularies, pre-tokenizers not in
   the table): ``ceil(bytes / longest token)``, since no token stands for more bytes than the
-  longest one in the vocabulary. Also a lower bound whenever tools are offered (backends
-  add their own tool instructions to the prompt).
+  longest one in the vocabulary. Also a lower bound whenever tools are offered to a model
+  whose template writes tool calls (llama.cpp then adds its own tool instructions); a
+  template that does not (:attr:`GgufTokenizer.renders_tool_calls`) gets the tools as a
+  system message the caller writes (``helexa.runtime.tool_grammar``), counted exactly.
 
 A lower bound can only refuse prompts that certainly do not fit; the neuron makes the exact
 check for the rest before the request waits for a slot (``llama_cpp`` asks llama.cpp to
@@ -32,6 +34,7 @@ renders and tokenizes the prompt.
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from dataclasses import dataclass
@@ -162,6 +165,8 @@ class GgufTokenizer:
         self.pre = str(metadata.get("tokenizer.ggml.pre", "default"))
         self._add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", False))
         self._add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False))
+        self.vocab_size = len(tokens)
+        """How many tokens the vocabulary has: token ids run from 0 to one less."""
         self._longest = max(len(t.encode()) for t in tokens)
         bos, eos = metadata.get("tokenizer.ggml.bos_token_id"), metadata.get("tokenizer.ggml.eos_token_id")
         self._bos = tokens[bos] if isinstance(bos, int) and 0 <= bos < len(tokens) else ""
@@ -229,6 +234,27 @@ class GgufTokenizer:
                                          bos_token=self._bos, eos_token=self._eos)
         except Exception:  # a template may raise anything (raise_exception, bad filters)
             return None
+
+    @functools.cached_property
+    def renders_tool_calls(self) -> bool:
+        """Whether the chat template writes an assistant's tool calls, as llama.cpp tests a
+        template for ``supports_tool_calls`` (it renders a call whose argument is named
+        ``argument_needle``, as an object or as a string, and looks for the name). A template
+        that does not (SmolLM2's) is served tools through a JSON grammar, the tools
+        described in the system message (:mod:`helexa.runtime.tool_grammar`)."""
+        if self._template is None:
+            return False
+        for arguments in ({"argument_needle": "print('Hello, World!')"}, '{"argument_needle": "print(1)"}'):
+            call = {"id": "call_1___", "type": "function", "function": {"name": "tool1", "arguments": arguments}}
+            messages = [{"role": "user", "content": "Hey"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+            try:
+                out = self._template.render(messages=messages, add_generation_prompt=False,
+                                            bos_token=self._bos, eos_token=self._eos)
+            except Exception:  # a template may raise anything
+                continue
+            if "argument_needle" in out:
+                return True
+        return False
 
     def count_chat(self, messages: list[dict[str, Any]], *, tools: bool = False,
                    room: int | None = None) -> TokenCount:

@@ -77,6 +77,21 @@ def test_with_tools_a_count_is_only_a_lower_bound(smollm2: GgufTokenizer) -> Non
     assert not count.exact and count.tokens == smollm2.count_chat([{"role": "user", "content": "hi"}]).tokens
 
 
+TOOL_TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% for c in m.tool_calls or [] %}"
+                 "{{ c.function.name }}({{ c.function.arguments | tojson }}){% endfor %}{% endfor %}")
+
+
+def test_whether_a_template_writes_tool_calls_is_llama_cpps_answer(llama: httpx.Client,
+                                                                   smollm2: GgufTokenizer) -> None:
+    # SmolLM2's template has no tool syntax (llama.cpp then gets tools as a system message
+    # the neuron writes, which the edge counts); a template that writes calls has one.
+    caps = llama.get("/props").json()["chat_template_caps"]
+    assert smollm2.renders_tool_calls is caps["supports_tool_calls"] is False
+    metadata = read_metadata(default_gguf_path())
+    assert GgufTokenizer({**metadata, "tokenizer.chat_template": TOOL_TEMPLATE}).renders_tool_calls
+    assert not GgufTokenizer({**metadata, "tokenizer.chat_template": None}).renders_tool_calls
+
+
 def test_an_unknown_vocabulary_gets_a_lower_bound(smollm2: GgufTokenizer) -> None:
     metadata = read_metadata(default_gguf_path())
     other = GgufTokenizer({**metadata, "tokenizer.ggml.pre": "not-mirrored"})

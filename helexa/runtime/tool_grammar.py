@@ -74,26 +74,51 @@ def _object(properties: dict[str, Any]) -> dict[str, Any]:
 def _call_schema(tool: ToolSpec, prefix: str, defs: dict[str, Any]) -> dict[str, Any]:
     arguments = tool.parameters if isinstance(tool.parameters, dict) else {"type": "object"}
     local = {**(arguments.get("definitions") or {}), **(arguments.get("$defs") or {})}
-    if local:
-        arguments = _rebased({k: v for k, v in arguments.items() if k not in ("$defs", "definitions")}, prefix)
-        defs.update({prefix + name: _rebased(value, prefix) for name, value in local.items()})
+    # A $ref to another place in the tool's schema (#/properties/a) would point into the
+    # answer's schema here: the tool's schema then moves to $defs too, and such refs with it.
+    body = f"#/$defs/{prefix}arguments" if _points_into_body(arguments) else None
+    if local or body:
+        arguments = _rebased({k: v for k, v in arguments.items() if k not in ("$defs", "definitions")}, prefix, body)
+        defs.update({prefix + name: _rebased(value, prefix, body) for name, value in local.items()})
+    if body:
+        defs[prefix + "arguments"], arguments = arguments, {"$ref": body}
     return _object({"name": {"type": "string", "const": tool.name}, "arguments": arguments})
 
 
-def _rebased(node: Any, prefix: str) -> Any:
-    """``node`` with each local ``$ref`` into its definitions renamed as :func:`schema` moves them."""
+_DEFS_ROOTS = ("#/$defs/", "#/definitions/")
+
+
+def _points_into_body(node: Any) -> bool:
+    """Whether a ``$ref`` in ``node`` is a pointer into it outside its definitions."""
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/") and not ref.startswith(_DEFS_ROOTS):
+            return True
+        return any(_points_into_body(value) for value in node.values())
+    if isinstance(node, list):
+        return any(_points_into_body(item) for item in node)
+    return False
+
+
+def _rebased(node: Any, prefix: str, body: str | None = None) -> Any:
+    """``node`` with each local ``$ref`` into its definitions renamed as :func:`schema` moves
+    them, and (``body``: where the tool's schema moved) each other pointer into the tool's
+    schema pointing there."""
     if isinstance(node, dict):
         out = {}
         for key, value in node.items():
             if key == "$ref" and isinstance(value, str):
-                for root in ("#/$defs/", "#/definitions/"):
+                for root in _DEFS_ROOTS:
                     if value.startswith(root):
                         value = "#/$defs/" + prefix + value[len(root):]
                         break
-            out[key] = _rebased(value, prefix)
+                else:
+                    if body is not None and value.startswith("#/"):
+                        value = body + value[1:]
+            out[key] = _rebased(value, prefix, body)
         return out
     if isinstance(node, list):
-        return [_rebased(item, prefix) for item in node]
+        return [_rebased(item, prefix, body) for item in node]
     return node
 
 

@@ -112,6 +112,35 @@ async def test_bad_admin_requests_name_what_is_wrong() -> None:
     assert open_key.status_code == 201 and "open" in open_key.json()["warning"]
 
 
+async def test_a_wrong_method_on_an_admin_path_that_exists_is_a_405_naming_the_right_ones() -> None:
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("chat",))
+    async with portals(fleet, {"acme": acme()}) as (_, urls):
+        async with httpx.AsyncClient(base_url=urls["default"], headers=admin_headers()) as admin:
+            key_id = (await admin.post("/admin/keys", json={"portal": "acme", "name": "x"})).json()["key_id"]
+            wrong = {
+                ("POST", f"/admin/keys/{key_id}"): "GET, PATCH",  # was a 404
+                ("PUT", f"/admin/keys/{key_id}"): "GET, PATCH",
+                ("DELETE", "/admin/keys/0123456789abcdef"): "GET, PATCH",  # the path's methods, key or not
+                ("GET", f"/admin/keys/{key_id}/revoke"): "POST",
+                ("PATCH", f"/admin/keys/{key_id}/rotate"): "POST",
+                ("PUT", "/admin/keys"): "GET, POST",
+                ("DELETE", "/admin/usage"): "GET",
+                ("PATCH", "/admin/models/chat"): "GET",
+                ("PUT", "/admin/models/chat/load"): "GET, POST",
+            }
+            got = {(m, p): await admin.request(m, p) for m, p in wrong}
+            missing = [await admin.post(f"/admin/keys/{key_id}/explode"), await admin.put("/admin/keys/"),
+                       await admin.get(f"/admin/keys/{key_id}/revoke/x")]
+            assert (await admin.get(f"/admin/keys/{key_id}")).status_code == 200
+    for (method, path), allow in wrong.items():
+        r = got[(method, path)]
+        seen = (r.status_code, r.headers.get("allow"), r.json()["error"]["code"])
+        assert seen == (405, allow, "method_not_allowed"), (method, path, r.text)
+    assert [r.status_code for r in missing] == [404, 404, 404]
+    assert all("allow" not in r.headers for r in missing)
+
+
 async def test_the_portals_view_shows_settings_and_limits_state() -> None:
     fleet = Fleet()
     async with portals(fleet, {"acme": acme(limits={"rpm": 100}, theme={"logo": "/logo.svg",

@@ -113,6 +113,19 @@ async def test_non_streaming_chat_and_completions() -> None:
     assert text.choices[0].text == "t0 t1 t2 " and streamed == "t0 t1 t2 "
 
 
+@pytest.mark.parametrize("prompt", ["", [""]])
+async def test_an_empty_completion_prompt_is_a_400_naming_prompt_and_no_neuron_sees_it(prompt) -> None:
+    # llama.cpp answered "" with an empty completion of 0 tokens (SmolLM2 adds no BOS).
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=("chat",))
+    async with serving(fleet) as (_, url):
+        with pytest.raises(openai.BadRequestError) as info:
+            await in_thread(lambda: client(url).completions.create(model="chat", prompt=prompt, max_tokens=4))
+        spaced = await in_thread(lambda: client(url).completions.create(model="chat", prompt=" ", max_tokens=4))
+    assert info.value.body["param"] == "prompt" and "must not be empty" in info.value.body["message"]
+    assert spaced.choices[0].text and len(neuron.generations) == 1  # a space is a prompt
+
+
 async def test_embeddings_as_floats_and_base64() -> None:
     fleet = Fleet()
     NeuronDouble("n1", fleet, loaded=("embed",))

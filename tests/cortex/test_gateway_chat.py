@@ -70,6 +70,23 @@ def body(**fields) -> dict:
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}},
                 {"type": "function", "function": {"name": "g", "parameters": {"type": "wat"}}}]},
      "tools[1].function.parameters"),
+    # grammars llama.cpp cannot parse ("failed to parse grammar", param null, otherwise)
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "array", "items": {"type": "integer"}, "minItems": 100000}}}}, "response_format.json_schema.schema"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"$ref": "#/$defs/a"}},
+        "$defs": {"a": {"anyOf": [{"type": "null"}, {"$ref": "#/$defs/a"}]}}}}}]}, "tools[0].function.parameters"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}},
+                {"type": "function", "function": {"name": "g", "parameters": {
+                    "type": "object", "properties": {"s": {"type": "string", "minLength": 5000}}}}}]},
+     "tools[1].function.parameters"),
+    # logit_bias maps token ids (integers, written as strings) to biases from -100 to 100
+    ({"logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"logit_bias": {"-1": 1}}, "logit_bias"),
+    ({"logit_bias": {"99999999999": 1}}, "logit_bias"),
+    ({"logit_bias": {"1.5": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": 100.5}}, "logit_bias"),
+    ({"logit_bias": {"5": "1"}}, "logit_bias"),
     ({"messages": [{"role": "user", "content": "hi", "cache": 2**64}]}, "messages[0].cache"),
     ({"seed": 2**64}, "seed"),
     ({"n": 0}, "n"),
@@ -239,6 +256,23 @@ async def test_a_short_prompt_travels_with_its_bytes_as_its_bound_and_is_never_t
     exact = tokenizer.count_chat(messages).tokens
     bound = len(tokenizer.render_chat(messages).encode()) + int(tokenizer._add_bos) + int(tokenizer._add_eos)
     assert neuron.requests[0].prompt_tokens == bound and bound >= exact
+
+
+@needs_smollm2
+async def test_a_logit_bias_key_outside_the_models_vocabulary_is_refused_and_one_inside_travels() -> None:
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=(SMOL,))
+    async with serving(fleet, CATALOGUE) as (_, url):
+        def ask(bias: dict[str, int]):
+            return client(url).chat.completions.create(model=SMOL, messages=USER, max_tokens=2, logit_bias=bias)
+
+        with pytest.raises(openai.BadRequestError) as info:
+            await trio.to_thread.run_sync(ask, {"5": 1, "49152": -100})  # SmolLM2 has 49,152 tokens
+        assert neuron.generations == []
+        await trio.to_thread.run_sync(ask, {"0": 3, "49151": -100})
+    error = info.value.body
+    assert error["param"] == "logit_bias" and "'49152'" in error["message"] and "0 to 49151" in error["message"]
+    assert neuron.requests[0].extra["logit_bias"] == {"0": 3.0, "49151": -100.0}
 
 
 def test_max_context_is_what_one_request_gets() -> None:

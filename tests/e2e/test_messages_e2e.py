@@ -79,6 +79,29 @@ def test_count_tokens_is_the_exact_prompt_the_generation_is_billed_for(client: a
     assert message.stop_reason == "max_tokens" and u.output_tokens == 4
 
 
+CALENDAR = {"name": "add_event", "description": "Add an event to the calendar",
+            "input_schema": {"type": "object", "properties": {"title": {"type": "string"},
+                                                             "day": {"type": "integer", "minimum": 1}}}}
+
+
+@pytest.mark.parametrize("choice", [None, {"type": "auto"}, {"type": "any"}, {"type": "tool", "name": "add_event"},
+                                    {"type": "none"}])
+def test_count_tokens_with_tools_is_the_prompt_the_generation_is_billed_for(client: anthropic.Anthropic,
+                                                                            choice: dict | None) -> None:
+    # The tools are part of the prompt (SmolLM2's template has no tool syntax: the neuron
+    # describes them in the system message), so they are part of the count; a named tool
+    # offers that one alone; tool_choice none offers none.
+    asked = {"model": CHAT, "messages": ASK, "system": "Be brief.", "tools": [*TOOLS, CALENDAR],
+             **({"tool_choice": choice} if choice else {})}
+    raw = client.messages.with_raw_response.count_tokens(**asked)
+    assert raw.headers["x-helexa-token-count"] == "exact"
+    counted = raw.parse().input_tokens
+    u = client.messages.create(**asked, max_tokens=1).usage
+    assert counted == u.input_tokens + u.cache_read_input_tokens
+    bare = client.messages.count_tokens(model=CHAT, messages=ASK, system="Be brief.").input_tokens
+    assert counted == bare if choice == {"type": "none"} else counted > bare + 50
+
+
 def test_control_texts_in_content_are_counted_and_billed_as_plain_text(client: anthropic.Anthropic) -> None:
     # A client spelling the model's control tokens must not forge turns: the text reaches the
     # model as plain text (helexa/special_text.py), and is counted and billed as such.

@@ -135,6 +135,16 @@ async def test_tools_whose_parameters_have_local_definitions_are_taken_by_llama_
     assert result.finish_reason in ("tool_calls", "length")
 
 
+async def test_tools_whose_parameters_point_into_themselves_are_taken_by_llama_cpp(tiny) -> None:
+    # A $ref to another property (valid at the edge) pointed into the answer's schema once
+    # the tool sat inside it: "cannot resolve $ref #/properties/a".
+    first = {"type": "object", "properties": {"a": {"type": "string"}, "b": {"$ref": "#/properties/a"}}}
+    second = {"type": "array", "prefixItems": [{"type": "integer"}], "items": {"$ref": "#/properties/xs/prefixItems/0"}}
+    request = chat("hi", tools=(ToolSpec("f", None, first), ToolSpec("g", None, {"type": "object", "properties": {
+        "xs": second}})), sampling=SamplingParams(max_tokens=8, temperature=0.0))
+    assert (await run(tiny, request))[-1].finish_reason in ("tool_calls", "stop", "length")
+
+
 async def test_an_assistants_refusal_part_in_the_history_is_read_as_its_text(tiny) -> None:
     # OpenAI's clients send an earlier refusal back as {"type": "refusal"}; llama.cpp refused
     # the whole request for a part type it does not know.

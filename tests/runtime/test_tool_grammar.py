@@ -90,3 +90,22 @@ def test_each_tools_local_definitions_move_to_the_root_renamed_with_their_refs()
     assert not check.is_valid({"tool_call": {"name": "send", "arguments": {"to": {"town": "Oslo"}}}})
     assert check.is_valid({"tool_call": {"name": "bill", "arguments": {"n": 3}}})
     assert not check.is_valid({"tool_call": {"name": "bill", "arguments": {"n": {"city": "Oslo"}}}})
+
+
+def test_a_tools_pointer_into_its_own_schema_moves_with_it() -> None:
+    defs = {"Addr": {"type": "object", "properties": {"city": {"$ref": "#/properties/name"}}}}
+    send = {"$defs": defs, "type": "object",
+            "properties": {"name": {"type": "string"}, "alias": {"$ref": "#/properties/name"},
+                           "home": {"$ref": "#/$defs/Addr"}}}
+    plain = {"type": "object", "properties": {"n": {"type": "integer"}}}
+    request = GenerateRequest("r", "m", Task.CHAT, messages=({"role": "user", "content": "hi"},),
+                              tools=(ToolSpec("plain", None, plain), ToolSpec("send", None, send)))
+    schema = tool_grammar.schema(request)
+    assert set(schema["$defs"]) == {"t1_Addr", "t1_arguments"}  # a tool with no such pointer stays in place
+    assert schema["$defs"]["t1_arguments"]["properties"]["alias"] == {"$ref": "#/$defs/t1_arguments/properties/name"}
+    assert schema["$defs"]["t1_Addr"]["properties"]["city"] == {"$ref": "#/$defs/t1_arguments/properties/name"}
+    check = jsonschema.Draft202012Validator(schema)
+    call = {"name": "send", "arguments": {"name": "a", "alias": "b", "home": {"city": "Oslo"}}}
+    assert check.is_valid({"tool_call": call})
+    assert not check.is_valid({"tool_call": {**call, "arguments": {"alias": 3}}})
+    assert check.is_valid({"tool_call": {"name": "plain", "arguments": {"n": 1}}})

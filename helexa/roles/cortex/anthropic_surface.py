@@ -22,8 +22,10 @@ whatever they say.
 a generation would; 404 too for a model neither the catalogue nor the fleet nor a peer
 has), and counts the prompt as the fabric's request would carry it with the
 model's own tokenizer (:mod:`.token_counter`): exact for the vocabularies the edge mirrors
-(SmolLM2's), when no tools are offered; with tools, the count leaves out the tool
-instructions a backend adds (a lower bound). A model this cortex has no tokenizer for is
+(SmolLM2's), tools included when the model's template has no tool syntax (the tools then
+reach the model as a system message the neuron writes, which the count renders too); for a
+template with its own tool syntax, the count leaves out the tool instructions llama.cpp
+adds (a lower bound). A model this cortex has no tokenizer for is
 counted by estimate (a quarter of its UTF-8 bytes, plus a few per message), as Anthropic's
 own counts are documented to be estimates. The ``x-helexa-token-count`` header says which
 (``exact``, ``lower_bound``, ``estimate``).
@@ -35,7 +37,7 @@ import json
 import math
 from typing import Any
 
-from helexa.protocol import ToolChoiceMode, ToolSpec
+from helexa.protocol import GenerateRequest, Task, ToolSpec
 
 from . import anthropic_api as api
 from .anthropic_requests import CountTokensRequest, MessagesRequest
@@ -137,20 +139,20 @@ class AnthropicSurface:
             limits.check_image(served, image, named=body.model)
         messages = api.to_messages(body)
         tools, choice, _ = api.to_tools(body)
-        offered = bool(tools) and (choice is None or choice.mode is not ToolChoiceMode.NONE)
-        count = None
-        if limits is not None:
-            count = await limits.counter.count_messages(served, messages, tools=offered)
+        # counted as the generation's prompt would be, tools and all
+        request = GenerateRequest(ex.request_id, served, Task.CHAT, messages=tuple(messages), tools=tools,
+                                  tool_choice=choice)
+        count = None if limits is None else await limits.counter.count(request)
         if count is None:
-            tokens, kind = estimate(messages, tools), "estimate"
+            tokens, kind = estimate(messages, tools if request.wants_tools else ()), "estimate"
         else:
             tokens, kind = count.tokens, "exact" if count.exact else "lower_bound"
         await ex.out.full(200, [*JSON, (COUNT_HEADER, kind.encode())], json.dumps({"input_tokens": tokens}).encode())
 
 
 COUNT_HEADER = b"x-helexa-token-count"
-"""How exact a ``count_tokens`` answer is: ``exact``, ``lower_bound`` (tools offered: a
-backend adds its own instructions for them) or ``estimate`` (no tokenizer here)."""
+"""How exact a ``count_tokens`` answer is: ``exact``, ``lower_bound`` (tools offered to a
+template with its own tool syntax: llama.cpp adds its own instructions for them) or ``estimate`` (no tokenizer here)."""
 _MESSAGE_TOKENS = 4
 """What a chat template adds per message, about (role markers, separators), in an estimate."""
 

@@ -199,6 +199,10 @@ class Route:
     :class:`~.portal.metering.Metering` (a test checks every such route is metered).
     ``keyed``: on a portal with keys, the caller must present one (else 401).
     ``prefix``: ``path`` matches every path under it (``/admin/keys/``).
+    ``allow``: for a prefix route, the methods the rest of a path under it takes (empty:
+    no such path, a 404), so that a wrong method on a path that exists is a 405 naming
+    the right ones (``Allow``) and one on a path that does not is a 404; without it, every
+    path under the prefix takes the methods of the prefix's routes.
     ``errors``: how its errors are shaped (None: OpenAI's envelope), before and after the
     caller is authenticated. ``errors_by``: for a route that two APIs share, the shape
     chosen from the request (its headers); None from it falls back to ``errors``.
@@ -212,6 +216,7 @@ class Route:
     prefix: bool = False
     errors: ErrorShape | None = None
     errors_by: Callable[[Scope], ErrorShape | None] | None = None
+    allow: Callable[[str], tuple[str, ...]] | None = None
 
 
 class Router:
@@ -243,7 +248,14 @@ class Router:
                     break
             else:
                 raise NotFound(f"no route {path}")
+            allow = next((r.allow for r in methods.values() if r.allow is not None), None)
+            if allow is not None:
+                allowed = allow(rest)
+                if not allowed:
+                    raise NotFound(f"no route {path}")
+                if method not in allowed:
+                    raise MethodNotAllowed(f"{method} is not allowed on {path}", allow=allowed)
         route = methods[method] if method in methods else None
         if route is None:
-            raise MethodNotAllowed(f"{method} is not allowed on {path}")
+            raise MethodNotAllowed(f"{method} is not allowed on {path}", allow=tuple(methods))
         return route, rest

@@ -111,9 +111,19 @@ class Forbidden(GatewayError):
 
 
 class MethodNotAllowed(GatewayError):
+    """A method the path does not take; ``allow``: those it does (the ``Allow`` header)."""
+
     status = 405
     type = "invalid_request_error"
     code = "method_not_allowed"
+
+    def __init__(self, message: str, *, allow: tuple[str, ...] = (), param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message, param=param, code=code)
+        self.allow = tuple(sorted(set(allow)))
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"allow", ", ".join(self.allow).encode())] if self.allow else []
 
 
 class PayloadTooLarge(GatewayError):

@@ -304,6 +304,28 @@ ResponseFormat = _tagged("type", TextFormat, JsonObjectFormat, JsonSchemaRespons
 # --- request bodies -----------------------------------------------------------------------
 
 
+MAX_TOKEN_ID = 2**31 - 1
+"""The largest token id a ``logit_bias`` key may name (llama.cpp's are 32-bit); the model's
+vocabulary, where the cortex reads it, bounds them further (:mod:`.request_limits`)."""
+
+
+def logit_biases(value: dict[str, Any]) -> dict[str, float]:
+    """OpenAI's ``logit_bias``: token ids (decimal integers, as strings) to biases from -100
+    to 100. Raises :class:`FieldError` naming ``logit_bias`` (llama.cpp would take a key
+    that is not a number as text to tokenize, and quietly ignore an id it does not have)."""
+    out: dict[str, float] = {}
+    for key, bias in value.items():
+        if not (key.isascii() and key.isdigit() and len(key) <= 10) or int(key) > MAX_TOKEN_ID:
+            shown = key if len(key) <= 40 else key[:40] + "..."
+            raise FieldError(f"Invalid key in 'logit_bias': {shown!r} is not a token id (an integer from 0 to "
+                             f"{MAX_TOKEN_ID}, written as a string)", "logit_bias")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise FieldError(f"Invalid value in 'logit_bias' for token {key}: a bias must be a number from -100 to "
+                             "100", "logit_bias")
+        out[key] = float(bias)
+    return out
+
+
 class StreamOptions(Lenient):
     include_usage: Off = False
 
@@ -326,8 +348,13 @@ class GenerateBody(Lenient):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0, le=100)
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    logit_bias: dict[str, Any] | None = None
     user: str | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_biases(cls, value: dict[str, Any] | None) -> dict[str, float] | None:
+        return None if value is None else logit_biases(value)
 
     @property
     def include_usage(self) -> bool:
@@ -365,6 +392,18 @@ class CompletionRequest(GenerateBody):
     echo: bool | None = None
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1, le=1)
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_empty(cls, value: str | list[str]) -> str | list[str]:
+        # llama.cpp answers "" with an empty completion when its vocabulary adds no BOS
+        # (SmolLM2's), and refuses an empty prompt otherwise; OpenAI starts from its own
+        # document separator, which no other vocabulary shares (docs/api.md).
+        if value == "" or (isinstance(value, list) and len(value) == 1 and value[0] == ""):
+            raise FieldError("prompt must not be empty: there is nothing to complete (to generate from the start "
+                             "of a document, send the model's own document separator, such as <|endoftext|>)",
+                             "prompt")
+        return value
 
 
 class EmbeddingRequest(Lenient):

@@ -7,6 +7,7 @@
 * an image for a model that cannot see, naming the models here that can;
 * ``max_tokens`` over the model's ``max_output`` (a request without ``max_tokens`` gets
   ``max_output``, when the catalogue sets one);
+* a ``logit_bias`` key that is no token of the model's vocabulary (where the edge reads it);
 * a prompt that does not fit the context one request gets (``context_length_exceeded``,
   param ``messages`` or ``prompt``): the prompt alone reaches the context, or the prompt
   and an explicit ``max_tokens`` pass it, as OpenAI counts. The context is the catalogue's
@@ -90,6 +91,19 @@ class RequestLimits:
             raise BadRequest(f"model {(named or model_id)!r} cannot see images ({can})", param=image,
                              code="image_not_supported")
 
+    async def _check_token_ids(self, model_id: str, bias: dict[str, object]) -> None:
+        """Refuse a ``logit_bias`` key that is no token of the model's vocabulary, where this
+        cortex reads the vocabulary (:mod:`.token_counter`; elsewhere the keys are only
+        checked to be token ids, :func:`.openai_requests.logit_biases`)."""
+        tokenizer = await self.counter.tokenizer(model_id)
+        if tokenizer is None:
+            return
+        size = tokenizer.vocab_size
+        for key in bias:
+            if not key.isdigit() or int(key) >= size:
+                raise BadRequest(f"Invalid key in 'logit_bias': {key[:40]!r} is not a token of model {model_id!r}, "
+                                 f"whose vocabulary holds token ids 0 to {size - 1}", param="logit_bias")
+
     async def check(self, request: GenerateRequest, *, image: str | None = None) -> GenerateRequest:
         """Refuse what ``request``'s model cannot take (raises :class:`BadRequest`); return
         the request, with ``prompt_tokens`` when counted exactly.
@@ -116,6 +130,9 @@ class RequestLimits:
                                  param="max_tokens")
             if entry.max_output and max_tokens is None:
                 request = replace(request, sampling=replace(request.sampling, max_tokens=entry.max_output))
+        bias = request.extra.get("logit_bias")
+        if isinstance(bias, dict) and bias:
+            await self._check_token_ids(request.model_id, bias)
         limit = self._context(request.model_id, entry)
         if limit is None:
             return request

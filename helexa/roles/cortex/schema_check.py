@@ -10,14 +10,21 @@ words; it is refused here instead, with a 400 naming the field as the client wro
 its meta-schema (the draft its ``$schema`` names, else 2020-12) and each ``$ref`` must be
 a JSON pointer into the schema itself (``#/$defs/x``) that resolves, as llama.cpp requires;
 and it must stay within OpenAI's documented size limits for structured outputs (enum values,
-properties), past which llama.cpp's grammar takes seconds to build. Pure, and cached by the
-schema's serialized form: tools are often sent verbatim with every request of a conversation.
+properties), past which llama.cpp's grammar takes seconds to build. Two more things llama.cpp
+cannot turn into a grammar (it answers "failed to parse grammar", naming nothing) are
+refused here, by name: a lower bound on repetitions above its grammar parser's limit
+(:data:`MAX_REPETITIONS`: ``minItems``, ``minLength``, a pattern's ``{n}``; upper bounds
+above it are taken as unbounded), and a ``$ref`` that comes back to itself before the
+answer has a character of its own (left recursion: through ``$ref``, ``anyOf`` and
+``oneOf`` alone; recursion inside an object or array, a tree, is fine). Pure, and cached by
+the schema's serialized form: tools are often sent verbatim with every request of a conversation.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -53,6 +60,20 @@ at most (OpenAI's limit too)."""
 MAX_PROPERTIES = 5000
 """Object properties in one schema, all its objects together (OpenAI's limit)."""
 
+MAX_REPETITIONS = 2000
+"""The most repetitions a lower bound may ask for: llama.cpp's grammar parser refuses a
+repetition ``{n,...}`` with ``n`` over 2,000 (``MAX_REPETITION_THRESHOLD``); its JSON
+schema converter writes ``minLength: n`` as ``{n,...}`` and ``minItems: n`` as an item and
+``{n-1,...}`` more (measured: ``minLength`` 2,000 and ``minItems`` 2,001 are the largest
+taken). An upper bound over it is taken as no bound at all, so ``maxLength`` and
+``maxItems`` have no limit here."""
+
+_PATTERN_REPEAT = re.compile(r"(?<!\\)\{(\d+)(?:,\d*)?\}")
+"""A regex quantifier ``{n}``, ``{n,}`` or ``{n,m}`` (not an escaped brace): its ``n``."""
+_LEFT_KEYWORDS = ("anyOf", "oneOf")
+"""Keywords whose subschemas start where the schema starts (llama.cpp writes them as
+alternatives), so that a ``$ref`` in one is in "left" position."""
+
 
 def check_schema(schema: Any, param: str) -> None:
     """Raise :class:`BadRequest` naming ``param`` when ``schema`` is not a usable JSON schema
@@ -79,11 +100,85 @@ def _problem(serialized: str) -> str | None:
         where = "".join(f"/{p}" for p in exc.path)
         detail = exc.message if len(exc.message) <= MAX_DETAIL else exc.message[:MAX_DETAIL] + "..."
         return f"not a valid JSON schema: {detail}" + (f" (at #{where})" if where else "")
-    for ref in _refs(schema):
+    refs = _refs(schema)
+    for ref in refs:
         problem = _ref_problem(schema, ref)
         if problem is not None:
             return problem
-    return _size_problem(schema)
+    return _size_problem(schema) or _repetition_problem(schema) or _left_recursion(schema, refs)
+
+
+def _repetition_problem(schema: Any) -> str | None:
+    """A lower bound on repetitions the backend's grammar cannot hold (:data:`MAX_REPETITIONS`), or None."""
+    for here in _objects(schema):
+        for keyword, most in (("minLength", MAX_REPETITIONS), ("minItems", MAX_REPETITIONS + 1)):
+            value = here.get(keyword)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > most:
+                return f"{keyword} {value} is more than the {most} the backend's grammar can require"
+        pattern = here.get("pattern")
+        if isinstance(pattern, str):
+            for match in _PATTERN_REPEAT.finditer(pattern):
+                if int(match.group(1)) > MAX_REPETITIONS:
+                    return (f"pattern repeats {match.group(0)}: at most {MAX_REPETITIONS} repetitions can be "
+                            "required by the backend's grammar")
+    return None
+
+
+def _left_recursion(schema: Any, refs: list[str]) -> str | None:
+    """A ``$ref`` that reaches itself through ``$ref``, ``anyOf`` and ``oneOf`` alone (the
+    backend's grammar cannot hold left recursion), or None. The refs all resolve by now."""
+    edges = {ref: _left_refs(_resolve(schema, ref)) for ref in set(refs)}
+    done: set[str] = set()
+    for start in sorted(edges):
+        path: list[str] = []
+        on_path: set[str] = set()
+        stack: list[tuple[str, int]] = [(start, 0)]
+        while stack:
+            ref, i = stack.pop()
+            if i == 0:
+                if ref in on_path:
+                    loop = path[path.index(ref):] + [ref]
+                    return (f"$ref {ref!r} refers back to itself ({' -> '.join(loop)}) before any other part "
+                            "of the answer (left recursion), which the backend cannot turn into a grammar")
+                if ref in done:
+                    continue
+                path.append(ref)
+                on_path.add(ref)
+            nexts = edges.get(ref, [])
+            if i < len(nexts):
+                stack.append((ref, i + 1))
+                stack.append((nexts[i], 0))
+            else:
+                path.pop()
+                on_path.discard(ref)
+                done.add(ref)
+    return None
+
+
+def _left_refs(node: Any) -> list[str]:
+    """The ``$ref`` s in left position in ``node``: its own (which the backend follows
+    alone, its siblings ignored), else those of its ``anyOf`` / ``oneOf`` alternatives."""
+    out: list[str] = []
+    stack = [node]
+    while stack:
+        here = stack.pop()
+        if not isinstance(here, dict):
+            continue
+        if isinstance(ref := here.get("$ref"), str):
+            out.append(ref)
+            continue
+        for keyword in _LEFT_KEYWORDS:
+            if isinstance(alternatives := here.get(keyword), list):
+                stack.extend(alternatives)
+    return out
+
+
+def _resolve(root: Any, ref: str) -> Any:
+    """What the JSON pointer ``ref`` (``#/...``, checked by :func:`_ref_problem`) points at."""
+    here = root
+    for token in ref[2:].split("/"):
+        here = here[token] if isinstance(here, dict) else here[int(token)]
+    return here
 
 
 def _size_problem(schema: Any) -> str | None:

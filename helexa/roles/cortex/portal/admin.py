@@ -117,6 +117,21 @@ def _check_name(name: str | None) -> None:
         raise BadRequest("name: must not contain control characters (NUL, newline, tab...)", param="name")
 
 
+KEY_ACTIONS = ("revoke", "rotate")
+"""``POST /admin/keys/ID/<action>``."""
+
+
+def key_path_methods(rest: str) -> tuple[str, ...]:
+    """The methods of ``/admin/keys/<rest>``: a key (``ID``: GET, PATCH), a key's action
+    (``ID/revoke``, ``ID/rotate``: POST), else none (404)."""
+    key_id, _, action = rest.partition("/")
+    if not key_id:
+        return ()
+    if not action:
+        return ("GET", "PATCH")
+    return ("POST",) if action in KEY_ACTIONS else ()
+
+
 class _KeyFields(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -189,9 +204,9 @@ class AdminApi:
             Route("GET", "/admin/portals", guard(self.portals_view), keyed=False),
             Route("GET", "/admin/keys", guard(self.list_keys), keyed=False),
             Route("POST", "/admin/keys", guard(self.create_key), keyed=False),
-            Route("GET", "/admin/keys/", guard(self.show_key), keyed=False, prefix=True),
-            Route("PATCH", "/admin/keys/", guard(self.update_key), keyed=False, prefix=True),
-            Route("POST", "/admin/keys/", guard(self.key_action), keyed=False, prefix=True),
+            Route("GET", "/admin/keys/", guard(self.show_key), keyed=False, prefix=True, allow=key_path_methods),
+            Route("PATCH", "/admin/keys/", guard(self.update_key), keyed=False, prefix=True, allow=key_path_methods),
+            Route("POST", "/admin/keys/", guard(self.key_action), keyed=False, prefix=True, allow=key_path_methods),
             Route("GET", "/admin/usage", guard(self.usage), keyed=False),
             Route("GET", "/admin/usage/records", guard(self.records), keyed=False),
             Route("POST", "/admin/reload", guard(self.reload_config), keyed=False),

@@ -41,6 +41,18 @@ from ..orchestrator import Orchestrator
 NDJSON = [(b"content-type", b"application/x-ndjson"), (b"cache-control", b"no-cache")]
 
 
+MODEL_ACTIONS = ("pull", "load", "unload", "pin", "unpin")
+"""``POST /admin/models/MODEL/<action>``."""
+
+
+def model_path_methods(rest: str) -> tuple[str, ...]:
+    """The methods of ``/admin/models/<rest>``: a model (GET), and where ``rest`` ends in
+    an action, that action (POST) too (a model's id may hold ``/``, so ``org/pull`` may be
+    a model as well as ``org``'s pull)."""
+    model_id, _, action = rest.rpartition("/")
+    return ("GET", "POST") if model_id and action in MODEL_ACTIONS else ("GET",)
+
+
 class _Target(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -67,8 +79,10 @@ class ModelsAdmin:
     def routes(self, guard: Callable[[Callable[[Exchange], Awaitable[None]]], Any]) -> list[Route]:
         return [
             Route("GET", "/admin/models", guard(self.list_models), keyed=False),
-            Route("GET", "/admin/models/", guard(self.show_model), keyed=False, prefix=True),
-            Route("POST", "/admin/models/", guard(self.model_action), keyed=False, prefix=True),
+            Route("GET", "/admin/models/", guard(self.show_model), keyed=False, prefix=True,
+                  allow=model_path_methods),
+            Route("POST", "/admin/models/", guard(self.model_action), keyed=False, prefix=True,
+                  allow=model_path_methods),
         ]
 
     # --- views -------------------------------------------------------------------------------
@@ -114,7 +128,7 @@ class ModelsAdmin:
 
     async def model_action(self, ex: Exchange) -> None:
         model_id, _, action = ex.path_rest.rpartition("/")
-        if action not in ("pull", "load", "unload", "pin", "unpin") or not model_id:
+        if action not in MODEL_ACTIONS or not model_id:
             raise NotFound(f"no route /admin/models/{ex.path_rest}")
         target = _parse_target(await ex.body())
         entry = self.catalogue.get(model_id)

@@ -1,0 +1,50 @@
+"""``helexa chat`` against a keyed portal: the key comes from ``HELEXA_API_KEY``,
+``--api-key`` or ``--api-key-file``, goes out as ``Authorization: Bearer``, and is never
+printed (not even when it is wrong or cannot be sent)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import trio
+
+from helexa.roles.cortex.fleet import Fleet
+from helexa.roles.cortex.portal.store import SqliteStore
+from neuron_double import NeuronDouble
+from portals import acme, new_key, portals
+
+HELEXA = [sys.executable, "-m", "helexa.cli"]
+
+
+async def chat(url: str, *args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """``helexa chat`` in a process of its own: its exit code, stdout and stderr."""
+    environ = {k: v for k, v in os.environ.items() if k != "HELEXA_API_KEY"} | (env or {})
+    done = await trio.run_process([*HELEXA, "chat", "--gateway", url, "--model", "fast", "--max-tokens", "3", *args,
+                                   "hi"], capture_stdout=True, capture_stderr=True, check=False, env=environ)
+    return done.returncode, done.stdout.decode(), done.stderr.decode()
+
+
+async def test_chat_sends_the_api_key_to_a_keyed_portal_from_each_source_and_never_prints_it(tmp_path) -> None:
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=("chat",))
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme")
+    (tmp_path / "key").write_text(key + "\n")
+    async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
+        url = urls["acme"]
+        code, out, err = await chat(url)
+        assert code == 1 and "401" in err and "HELEXA_API_KEY" in err, err
+        for args, env in (((), {"HELEXA_API_KEY": key}), (("--api-key", key), None),
+                          (("--api-key-file", str(tmp_path / "key")), None)):
+            code, out, err = await chat(url, *args, env=env)
+            assert code == 0, err
+            assert out.strip() == "t0 t1 t2" and "3 completion tokens" in err
+            assert key not in out + err
+        wrong = key[:-4] + "zzzz"
+        code, out, err = await chat(url, env={"HELEXA_API_KEY": wrong})
+        assert code == 1 and "401" in err and wrong not in out + err
+        unsendable = key + "\u00e9\n"
+        code, out, err = await chat(url, "--api-key", "x" + unsendable)
+        assert code == 1 and "cannot carry" in err and key not in out + err
+    assert len(neuron.requests) == 3
