@@ -354,3 +354,28 @@ async def test_top_logprobs_come_with_the_text_and_each_delta() -> None:
     assert [(lp.token, lp.logprob, [t.token for t in lp.top_logprobs]) for lp in lps] == [
         ("t0 ", 0.0, ["t0 "]), ("t1 ", 0.0, ["t1 "])]
     assert [[lp.token for lp in d] for d in deltas] == [["t0 "], ["t1 "]]
+
+
+async def test_a_wrong_method_on_a_responses_path_that_exists_is_a_405_naming_the_right_ones() -> None:
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("chat",), tokens=2)
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme")
+    async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
+        stored = (await in_thread(lambda: client(urls["acme"], key).responses.create(model="fast", input="Hi"))).id
+        async with httpx.AsyncClient(base_url=urls["acme"], headers=bearer(key)) as http:
+            wrong = {
+                ("POST", f"/v1/responses/{stored}"): "DELETE, GET",  # was a 404
+                ("PUT", f"/v1/responses/{stored}"): "DELETE, GET",
+                ("DELETE", f"/v1/responses/{stored}/input_items"): "GET",
+                ("GET", f"/v1/responses/{stored}/cancel"): "POST",
+            }
+            got = {(m, p): await http.request(m, p) for m, p in wrong}
+            missing = [await http.post(f"/v1/responses/{stored}/explode"), await http.get(f"/v1/responses/{stored}/x"),
+                       await http.delete("/v1/responses/")]
+            assert (await http.get(f"/v1/responses/{stored}")).status_code == 200
+    for (method, path), allow in wrong.items():
+        r = got[(method, path)]
+        assert (r.status_code, r.headers.get("allow")) == (405, allow), (method, path, r.text)
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert [r.status_code for r in missing] == [404, 404, 404]

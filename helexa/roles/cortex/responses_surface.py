@@ -56,6 +56,15 @@ def responses_errors(exc: BaseException) -> tuple[int, list[tuple[bytes, bytes]]
     return error.status, [(b"content-type", b"application/json"), *error.headers()], json.dumps(body).encode()
 
 
+def path_methods(rest: str) -> tuple[str, ...]:
+    """The methods of ``/v1/responses/<rest>``: a response (``ID``: GET, DELETE), its
+    ``ID/input_items`` (GET) and ``ID/cancel`` (POST), else none (404)."""
+    response_id, _, sub = rest.partition("/")
+    if not response_id:
+        return ()
+    return {"": ("GET", "DELETE"), "input_items": ("GET",), "cancel": ("POST",)}.get(sub, ())
+
+
 class ResponsesSurface:
     """The Responses routes of a portal (see the module docstring).
 
@@ -71,9 +80,9 @@ class ResponsesSurface:
     def routes(self) -> list[Route]:
         return [
             Route("POST", "/v1/responses", self.create, metered=True, errors=responses_errors),
-            Route("GET", "/v1/responses/", self.retrieve, prefix=True, errors=responses_errors),
-            Route("DELETE", "/v1/responses/", self.delete, prefix=True, errors=responses_errors),
-            Route("POST", "/v1/responses/", self.cancel, prefix=True, errors=responses_errors),
+            Route("GET", "/v1/responses/", self.retrieve, prefix=True, errors=responses_errors, allow=path_methods),
+            Route("DELETE", "/v1/responses/", self.delete, prefix=True, errors=responses_errors, allow=path_methods),
+            Route("POST", "/v1/responses/", self.cancel, prefix=True, errors=responses_errors, allow=path_methods),
         ]
 
     async def _stored(self, caller: Caller, response_id: str, param: str | None = None) -> StoredResponse:
