@@ -37,6 +37,7 @@ from .errors import FederationError, NoPeerOffers, OutboundRefused, PeerFailed, 
 from .inbound import EmbedHandler, GenerateHandler, InboundServer, OfferedFn, OfferFn, ServeTimeouts
 from .ledger import Ledger
 from .outbound import AskTimeouts, Expectation, ReceiptKeeper, RemoteGeneration, refusal_error
+from .peer_usage import InvalidAnswer, bounded_embed
 from .policy import Admission, AskPolicy, Outbound, ServePolicy
 
 log = logging.getLogger(__name__)
@@ -323,8 +324,15 @@ class Federation:
         keeper = self._keeper(offer, request)
         try:
             if isinstance(first, EmbedResult):
+                try:
+                    result = bounded_embed(first, request)
+                except InvalidAnswer as exc:
+                    await stream.reset()
+                    await keeper.collect(None, 0, tokens_seen=0, outcome="error")
+                    raise PeerVanished(f"peer {offer.peer_id} sent an invalid answer: {exc}",
+                                       peer_id=offer.peer_id) from None
                 await keeper.collect(stream, self.settings.ask.receipt, tokens_seen=0, outcome="ok")
-                return first
+                return result
             if isinstance(first, InferenceError):
                 await keeper.collect(stream, self.settings.ask.receipt, tokens_seen=0, outcome="error")
                 raise PeerFailed(f"peer {offer.peer_id}: {first.message}", code=first.code,
@@ -354,7 +362,8 @@ class _Route:
         fed, request = self._fed, self._request
         workload = Workload.CHAT if request.task is Task.CHAT else Workload.COMPLETION
         self._offer, self._stream, first = await fed._first_answer(request, workload, self._exclude, self._also)
-        self._remote = RemoteGeneration(self._stream, first, fed._keeper(self._offer, request), fed.settings.ask)
+        self._remote = RemoteGeneration(self._stream, first, fed._keeper(self._offer, request), fed.settings.ask,
+                                        request)
         return self._remote
 
     async def __aexit__(self, *exc: object) -> None:

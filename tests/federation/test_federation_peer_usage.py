@@ -1,0 +1,121 @@
+"""What a peer's answer may claim: its usage is what the asking cortex shows its client
+and bills the client's key for, so it is held to what the asker can account for."""
+
+from contextlib import asynccontextmanager
+
+import pytest
+
+from helexa.mesh import MemoryNetwork
+from helexa.protocol import EmbedRequest, EmbedResult, GenerateRequest, GenerateResult, SamplingParams, Task
+from helexa.protocol import TokenChunk, Usage, Workload
+from helexa.protocol.federation import OfferedModel
+from helexa.roles.cortex.federation import PeerVanished
+from helexa.roles.cortex.federation.ledger import CONSUMED, SERVED
+
+from test_federation_service import cortex, recorded, settle
+
+
+class LyingFleet:
+    """A local handler whose answers carry the given chunks, result text and usage."""
+
+    def __init__(self, chunks=(("Hel", 1), ("lo", 1)), text="", usage=Usage(7, 2), embed_usage=Usage(3, 0)):
+        self.chunks = chunks
+        self.text = text
+        self.usage = usage
+        self.embed_usage = embed_usage
+
+    @asynccontextmanager
+    async def serve(self, request):
+        async def frames():
+            for text, tokens in self.chunks:
+                yield TokenChunk(request.request_id, text, tokens)
+            yield GenerateResult(request.request_id, "length", self.usage, text=self.text)
+
+        gen = frames()
+        try:
+            yield gen
+        finally:
+            await gen.aclose()
+
+    async def embed(self, request):
+        return EmbedResult(request.request_id, 2, b"\0" * 8 * len(request.inputs), self.embed_usage)
+
+
+def ask(rid="r1", max_tokens=None, stream=True):
+    return GenerateRequest(rid, "tiny", Task.CHAT, messages=({"role": "user", "content": "What is the capital of France?"},),
+                           sampling=SamplingParams(max_tokens=max_tokens), stream=stream)
+
+
+async def two(nursery, fleet):
+    net = MemoryNetwork()
+    a = await cortex(nursery, net, "A", offer=())
+    emb = OfferedModel("emb", True, workloads=(Workload.EMBEDDING,))
+    b = await cortex(nursery, net, "B", fleet=fleet, offer=(OfferedModel("tiny", True), emb))
+    await settle()
+    return a, b
+
+
+async def answer(a, req):
+    async with a.route(req) as frames:
+        return [f async for f in frames]
+
+
+async def test_an_answer_not_streamed_is_billed_and_recorded_unflagged(nursery, autojump_clock):
+    # A request not streamed comes back as one result holding all its text: its 24 tokens
+    # were flagged "bills far more completion tokens than were streamed" (none were).
+    text = "L'Étoile, la Marseillaise, la femme, la femme au martyre, la"
+    a, b = await two(nursery, LyingFleet(chunks=(), text=text, usage=Usage(37, 24)))
+    got = await answer(a, ask(max_tokens=24, stream=False))
+    assert got[-1].text == text and got[-1].usage == Usage(37, 24)
+    consumed = a.ledger.get(CONSUMED, "r1")
+    assert not consumed.flagged, consumed.flag_reason
+    assert consumed.receipt == (await recorded(b.ledger, SERVED, "r1")).receipt
+
+
+@pytest.mark.parametrize("fleet", [
+    LyingFleet(usage=Usage(-1_000_000, 2)),
+    LyingFleet(usage=Usage(7, -2)),
+    LyingFleet(chunks=(("Hel", -1_000_000),)),
+])
+async def test_a_peer_claiming_negative_tokens_sent_an_invalid_answer(nursery, autojump_clock, fleet):
+    # The asking cortex once passed these on: its metrics raised (a 500 to the client) and
+    # its ledger recorded a negative cost, unflagged.
+    a, _ = await two(nursery, fleet)
+    with pytest.raises(PeerVanished, match="invalid answer"):
+        await answer(a, ask())
+    consumed = a.ledger.get(CONSUMED, "r1")
+    assert consumed.flagged and consumed.receipt.outcome == "error"
+    assert consumed.receipt.prompt_tokens >= 0 and consumed.receipt.cost >= 0
+
+
+async def test_a_peer_inflating_its_usage_is_held_to_the_askers_bounds(nursery, autojump_clock):
+    # Three chunks, billed as 2**62 tokens each way: the asker's client (and its key's
+    # budget) once got exactly that.
+    huge = 2 ** 62
+    a, _ = await two(nursery, LyingFleet(chunks=(("a", 1), ("b", 1), ("c", 1)), usage=Usage(huge, huge, huge)))
+    got = await answer(a, ask(max_tokens=50))
+    usage = got[-1].usage
+    assert usage.completion_tokens == 3
+    assert 0 < usage.prompt_tokens <= 100 and usage.cached_tokens <= usage.prompt_tokens
+    assert a.ledger.get(CONSUMED, "r1").flagged  # the peer's own receipt keeps its claim, flagged
+    # A peer claiming more than max_tokens is held to it, and chunks to their bytes.
+    a2, _ = await two(nursery, LyingFleet(chunks=(("x" * 40, 40),), usage=Usage(7, 40)))
+    assert (await answer(a2, ask("r2", max_tokens=10)))[-1].usage == Usage(7, 10)
+    a3, _ = await two(nursery, LyingFleet(chunks=(("x", huge),), usage=Usage(7, huge)))
+    assert (await answer(a3, ask("r3")))[-1].usage == Usage(7, 1)
+
+
+async def test_honest_usage_crosses_the_hop_unchanged(nursery, autojump_clock):
+    a, _ = await two(nursery, LyingFleet(chunks=(("Hel", 1), ("lo", 1), ("", 1)), usage=Usage(37, 4, 30)))
+    assert (await answer(a, ask(max_tokens=4)))[-1].usage == Usage(37, 4, 30)
+    assert not a.ledger.get(CONSUMED, "r1").flagged
+
+
+async def test_embedding_usage_from_a_peer_is_checked_too(nursery, autojump_clock):
+    a, _ = await two(nursery, LyingFleet(embed_usage=Usage(-5, 0)))
+    with pytest.raises(PeerVanished, match="invalid answer"):
+        await a.embed(EmbedRequest("e1", "emb", ("x", "y")))
+    assert a.ledger.get(CONSUMED, "e1").flagged
+    a2, _ = await two(nursery, LyingFleet(embed_usage=Usage(2 ** 62, 0)))
+    result = await a2.embed(EmbedRequest("e2", "emb", ("x", "y")))
+    assert 0 < result.usage.prompt_tokens <= 40
