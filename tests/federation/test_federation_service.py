@@ -393,3 +393,19 @@ async def test_candidates_follow_new_announcements_expiries_and_policies_at_once
     assert not fed.can_route("tiny")
     fed.set_policies(ServePolicy(), AskPolicy())
     assert fed.can_route("tiny")
+
+
+async def test_a_peer_denied_by_its_announced_operator_cannot_claim_another_in_its_hello(nursery, autojump_clock):
+    # The hello's operator is the asker's word for one request: B once judged that, so a
+    # peer whose signed announcements say "A" got past deny_operators = ["A"] by sending
+    # another name in its hellos.
+    net = MemoryNetwork()
+    a = await cortex(nursery, net, "A", offer=())
+    b = await cortex(nursery, net, "B", fleet=FakeFleet(), serve_policy=ServePolicy(deny_operators=frozenset({"A"})))
+    await settle()
+    assert b.table.get(a.mesh.peer_id).operator == "A"
+    a.operator = "someone-else"  # the next hellos claim it; the announcement B holds says "A"
+    with pytest.raises(PeerRefused) as err:
+        async with a.route(request()):
+            pass
+    assert err.value.code == "denied"

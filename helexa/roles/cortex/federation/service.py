@@ -105,7 +105,11 @@ class Federation:
         self.inbound = InboundServer(
             identity=identity, admission=Admission(serve_policy), ledger=ledger, offer_fn=offer_fn,
             serve_generate=serve_generate, serve_embed=serve_embed, timeouts=settings.serve, clock=clock,
-            offered_fn=offered_fn)
+            offered_fn=offered_fn, operator_of=self._announced_operator)
+
+    def _announced_operator(self, peer_id: str) -> str | None:
+        ann = self.table.get(peer_id)
+        return ann.operator if ann is not None else None
 
     def set_policies(self, serve_policy: ServePolicy, ask_policy: AskPolicy) -> None:
         """New policies (a live reload); the next announcement carries the new offer."""
