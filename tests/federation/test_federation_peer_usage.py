@@ -99,7 +99,7 @@ async def test_a_peer_inflating_its_usage_is_held_to_the_askers_bounds(nursery, 
     assert 0 < usage.prompt_tokens <= 100 and usage.cached_tokens <= usage.prompt_tokens
     assert a.ledger.get(CONSUMED, "r1").flagged  # the peer's own receipt keeps its claim, flagged
     # A peer claiming more than max_tokens is held to it, and chunks to their bytes.
-    a2, _ = await two(nursery, LyingFleet(chunks=(("x" * 40, 40),), usage=Usage(7, 40)))
+    a2, _ = await two(nursery, LyingFleet(chunks=(("x" * 10, 10),), usage=Usage(7, 40)))
     assert (await answer(a2, ask("r2", max_tokens=10)))[-1].usage == Usage(7, 10)
     a3, _ = await two(nursery, LyingFleet(chunks=(("x", huge),), usage=Usage(7, huge)))
     assert (await answer(a3, ask("r3")))[-1].usage == Usage(7, 1)
@@ -119,3 +119,16 @@ async def test_embedding_usage_from_a_peer_is_checked_too(nursery, autojump_cloc
     a2, _ = await two(nursery, LyingFleet(embed_usage=Usage(2 ** 62, 0)))
     result = await a2.embed(EmbedRequest("e2", "emb", ("x", "y")))
     assert 0 < result.usage.prompt_tokens <= 40
+
+
+async def test_a_peer_streaming_past_max_tokens_is_cut_there_and_cancelled(nursery, autojump_clock):
+    # The peer ignores max_tokens = 5 and streams 3,000 tokens: the asker's client got all
+    # of them (and its key was billed for them, past the worst case it reserved).
+    fleet = LyingFleet(chunks=tuple((f"t{i} ", 1) for i in range(3000)), usage=Usage(10, 3000))
+    a, b = await two(nursery, fleet)
+    got = await answer(a, ask(max_tokens=5))
+    assert [f.text for f in got[:-1]] == ["t0 ", "t1 ", "t2 ", "t3 ", "t4 "]
+    assert got[-1].finish_reason == "length" and got[-1].usage.completion_tokens == 5
+    consumed = a.ledger.get(CONSUMED, "r1")
+    assert consumed.receipt.outcome == "cancelled"
+    assert (await recorded(b.ledger, SERVED, "r1")).receipt.outcome == "cancelled"

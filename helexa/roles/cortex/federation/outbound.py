@@ -14,7 +14,7 @@ from helexa.protocol.federation import Receipt, Refusal, cost_of
 
 from .errors import PeerFailed, PeerRefused, PeerVanished
 from .ledger import CONSUMED, Ledger
-from .peer_usage import InvalidAnswer, bounded_result, chunk_tokens, result_tokens
+from .peer_usage import InvalidAnswer, bounded_result, chunk_tokens, cut_usage, result_tokens
 from .receipts import verify_receipt
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,8 @@ class RemoteGeneration:
 
     ``tokens_seen`` counts what the asker can account for (:mod:`.peer_usage`): each
     chunk's tokens, at most one a byte it carries, then the result's own text; the
-    result's usage comes out held to those bounds and the request's.
+    result's usage comes out held to those bounds and the request's. A peer that streams
+    past the request's ``max_tokens`` is cut there (a ``"length"`` result, ``Cancel`` sent).
 
     Raises (from ``__anext__``):
         PeerVanished: the stream broke, timed out or carried garbage mid-answer, or the
@@ -193,7 +194,11 @@ class RemoteGeneration:
                 raise PeerVanished(f"peer {self.peer_id} went away mid-answer: {exc}", peer_id=self.peer_id) from None
         try:
             if isinstance(msg, TokenChunk):
-                self.tokens_seen += chunk_tokens(msg)
+                tokens = chunk_tokens(msg)
+                limit = self._request.sampling.max_tokens
+                if limit is not None and self.tokens_seen + tokens > limit:
+                    return await self._cut(limit)
+                self.tokens_seen += tokens
                 return msg
             if isinstance(msg, GenerateResult):
                 self.finished = True
@@ -210,6 +215,16 @@ class RemoteGeneration:
             raise refusal_error(msg, self.peer_id)
         await self._stream.reset()
         raise PeerVanished(f"peer {self.peer_id} sent an unexpected {type(msg).__name__}", peer_id=self.peer_id)
+
+    async def _cut(self, limit: int) -> GenerateResult:
+        """The peer streamed past the request's ``max_tokens`` (it ignored the limit): the
+        answer ends here, as one that ran out of tokens, and the peer is sent ``Cancel``.
+        Its usage is what the asker counted (the prompt as a cut stream's: a quarter of
+        its bytes); the peer's receipt is recorded as it comes, flagged if implausible."""
+        log.warning("federation: peer %s streamed past max_tokens %d for %s: cut", self.peer_id, limit,
+                    self._keeper.request_id)
+        await self.finish()
+        return GenerateResult(self._keeper.request_id, "length", cut_usage(self._request, self.tokens_seen))
 
     async def _invalid(self, what: str) -> None:
         """The peer sent ``what`` (no answer can): its stream is reset, the exchange

@@ -9,11 +9,12 @@ it sent, or than the request could make, is counted at the asker's own bound.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 
 from helexa.protocol import EmbedRequest, EmbedResult, GenerateRequest, GenerateResult, TokenChunk, Usage
 
-from ..prompt_size import prompt_upper_bound
+from ..prompt_size import prompt_bytes, prompt_upper_bound
 
 COMPLETION_SLACK = 16
 """Tokens a peer may bill beyond twice what it sent (a token may decode to nothing)."""
@@ -96,3 +97,9 @@ def bounded_embed(result: EmbedResult, request: EmbedRequest) -> EmbedResult:
         return result
     prompt = u.prompt_tokens if u.prompt_tokens <= bound * 2 + PROMPT_SLACK else bound
     return replace(result, usage=Usage(prompt, 0, min(u.cached_tokens, prompt)))
+
+
+def cut_usage(request: GenerateRequest, completion: int) -> Usage:
+    """The usage of an answer the asker cut short: the ``completion`` tokens it counted,
+    and the prompt as the portals bill a cut stream's (a quarter of its bytes)."""
+    return Usage(math.ceil(prompt_bytes(request)[0] / 4), completion)
