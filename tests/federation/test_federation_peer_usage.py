@@ -8,6 +8,7 @@ import pytest
 from helexa.mesh import MemoryNetwork
 from helexa.protocol import EmbedRequest, EmbedResult, GenerateRequest, GenerateResult, SamplingParams, Task
 from helexa.protocol import TokenChunk, Usage, Workload
+from helexa.protocol.inference import ToolSpec
 from helexa.protocol.federation import OfferedModel
 from helexa.roles.cortex.federation import PeerVanished
 from helexa.roles.cortex.federation.ledger import CONSUMED, SERVED
@@ -132,3 +133,13 @@ async def test_a_peer_streaming_past_max_tokens_is_cut_there_and_cancelled(nurse
     consumed = a.ledger.get(CONSUMED, "r1")
     assert consumed.receipt.outcome == "cancelled"
     assert (await recorded(b.ledger, SERVED, "r1")).receipt.outcome == "cancelled"
+
+
+async def test_a_prompt_with_tools_keeps_its_honest_count(nursery, autojump_clock):
+    # The chat template renders the tools into the prompt (SmolLM2: 1,070 tokens for "hi"
+    # and four tools): the prompt's size bound counted the messages only, and held an
+    # honest peer's count to 30.
+    tools = tuple(ToolSpec(f"f{i}", "Does a thing. " * 40, {"type": "object"}) for i in range(4))
+    a, _ = await two(nursery, LyingFleet(usage=Usage(1070, 2)))
+    req = GenerateRequest("r1", "tiny", Task.CHAT, messages=({"role": "user", "content": "hi"},), tools=tools)
+    assert (await answer(a, req))[-1].usage == Usage(1070, 2)

@@ -15,7 +15,8 @@ PROMPT_ALLOWANCE = 16
 
 def prompt_bytes(request: GenerateRequest) -> tuple[int, int]:
     """``(UTF-8 bytes of the prompt, messages)``: text parts counted as text, anything else
-    (images, tool calls) as its JSON; tools passed to the backend count too."""
+    (images, tool calls) as its JSON; the tools offered (``tools``, or ``extra["tools"]``
+    from older cortexes) and a structured-output schema count too, as their JSON."""
     if request.prompt is not None:
         return len(request.prompt.encode()), 1
     total = 0
@@ -29,7 +30,12 @@ def prompt_bytes(request: GenerateRequest) -> tuple[int, int]:
                     total += len(text.encode()) if isinstance(text, str) else len(json.dumps(part).encode())
             elif value is not None:
                 total += len(json.dumps(value).encode())
-    tools = request.extra.get("tools")
+    # Tools are rendered into the prompt by the chat template; a schema may be too.
+    for tool in request.tools:
+        total += len(json.dumps([tool.name, tool.description, tool.parameters]).encode())
+    if request.response_format is not None and request.response_format.schema is not None:
+        total += len(json.dumps(request.response_format.schema).encode())
+    tools = request.extra.get("tools")  # where older cortexes sent them
     if tools:
         total += len(json.dumps(tools).encode())
     return total, len(request.messages)
