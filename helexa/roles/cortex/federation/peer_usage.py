@@ -60,11 +60,22 @@ def _check(usage: Usage) -> None:
         raise InvalidAnswer("a usage with a negative token count")
 
 
+def _has_media(request: GenerateRequest) -> bool:
+    """Whether a message carries anything but text (an image by URL costs the model far
+    more tokens than its bytes here: no size bound holds)."""
+    for m in request.messages:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list) and any(not (isinstance(p, dict) and p.get("type") == "text") for p in content):
+            return True
+    return False
+
+
 def bounded_usage(usage: Usage, request: GenerateRequest, seen: int) -> Usage:
     """``usage`` as a peer reported it for ``request`` after sending ``seen`` tokens (see
     :func:`chunk_tokens`, :func:`result_tokens`), held to the asker's bounds: completion
     tokens at most ``max_tokens`` and plausible for ``seen`` (else ``seen``), prompt tokens
-    at most twice the prompt's size bound (else that bound)."""
+    at most twice the prompt's size bound (else that bound; no bound for a prompt with
+    images or other media)."""
     _check(usage)
     completion = usage.completion_tokens
     if not plausible_completion(completion, seen):
@@ -74,7 +85,7 @@ def bounded_usage(usage: Usage, request: GenerateRequest, seen: int) -> Usage:
         completion = min(completion, max_tokens)
     prompt = usage.prompt_tokens
     bound = prompt_upper_bound(request)
-    if prompt > bound * 2 + PROMPT_SLACK:
+    if prompt > bound * 2 + PROMPT_SLACK and not _has_media(request):
         prompt = bound
     cached = min(usage.cached_tokens, prompt)
     if (prompt, completion, cached) == (usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens):
