@@ -28,7 +28,7 @@ import trio
 
 from helexa.identity import Identity
 from helexa.mesh import DialFailed, Mesh, MessageStream, StreamClosed, StreamTimeout
-from helexa.protocol import EmbedRequest, EmbedResult, GenerateRequest, InferenceError, ProtocolError, Task, encode
+from helexa.protocol import Cancel, EmbedRequest, EmbedResult, GenerateRequest, InferenceError, ProtocolError, Task, encode
 from helexa.protocol.federation import ANNOUNCE_TOPIC, FEDERATION_PROTOCOL, FederatedHello, Refusal
 from helexa.protocol.model import Workload
 
@@ -268,15 +268,37 @@ class Federation:
                     continue
                 raise PeerUnreachable(f"peer {offer.peer_id} did not answer: {exc}", peer_id=offer.peer_id) from None
             except (StreamTimeout, ProtocolError) as exc:
-                await stream.reset()
+                if isinstance(exc, StreamTimeout):
+                    await self._abandon(offer, request, stream)  # it may be running there
+                else:
+                    await stream.reset()
                 raise PeerUnreachable(f"peer {offer.peer_id} did not answer: {exc}", peer_id=offer.peer_id) from None
             except BaseException:
-                await stream.reset()
+                # Cancelled (the client left) after the request went out, before any
+                # answer: the peer is told, and its receipt recorded as after an answer.
+                await self._abandon(offer, request, stream)
                 raise
             if isinstance(first, Refusal):
                 await self._release(offer.peer_id, stream, clean=True)
                 raise refusal_error(first, offer.peer_id)
             return stream, first
+
+    async def _abandon(self, offer: PeerOffer, request: GenerateRequest | EmbedRequest, stream: MessageStream) -> None:
+        """Send ``Cancel`` for a request left before its first answer frame, record the
+        peer's receipt (a flagged stand-in if none comes within the cancel budget), and
+        reset the stream. Shielded and bounded, like :meth:`RemoteGeneration.finish`."""
+        t = self.settings.ask
+        keeper = self._keeper(offer, request)
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(t.cancel + 0.5):
+                try:
+                    await stream.send(Cancel(request.request_id), timeout=t.cancel)
+                except (StreamClosed, StreamTimeout):
+                    pass
+                await keeper.collect(stream, t.cancel, tokens_seen=0, outcome="cancelled")
+            if not keeper.done:
+                await keeper.collect(None, 0, tokens_seen=0, outcome="cancelled")
+            await stream.reset()
 
     async def _first_answer(self, request: GenerateRequest | EmbedRequest, workload: Workload,
                             exclude: frozenset[str], also: AskPolicy | None = None
