@@ -43,7 +43,8 @@ class LyingFleet:
 
 
 def ask(rid="r1", max_tokens=None, stream=True):
-    return GenerateRequest(rid, "tiny", Task.CHAT, messages=({"role": "user", "content": "What is the capital of France?"},),
+    question = {"role": "user", "content": "What is the capital of France?"}
+    return GenerateRequest(rid, "tiny", Task.CHAT, messages=(question,),
                            sampling=SamplingParams(max_tokens=max_tokens), stream=stream)
 
 
@@ -148,6 +149,7 @@ async def test_a_prompt_with_tools_keeps_its_honest_count(nursery, autojump_cloc
 async def test_a_prompt_with_an_image_is_not_held_to_its_bytes(nursery, autojump_clock):
     # An image by URL is a few bytes here and hundreds of tokens to a vision model.
     a, _ = await two(nursery, LyingFleet(usage=Usage(900, 2)))
-    content = [{"type": "text", "text": "what is it?"}, {"type": "image_url", "image_url": {"url": "https://x.test/a.png"}}]
+    content = [{"type": "text", "text": "what is it?"},
+               {"type": "image_url", "image_url": {"url": "https://x.test/a.png"}}]
     req = GenerateRequest("r1", "tiny", Task.CHAT, messages=({"role": "user", "content": content},))
     assert (await answer(a, req))[-1].usage == Usage(900, 2)

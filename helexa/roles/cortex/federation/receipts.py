@@ -94,7 +94,8 @@ def verify_receipt(
     expected = cost_of(receipt.prompt_tokens, receipt.completion_tokens, receipt.price_input, receipt.price_output)
     if not abs(receipt.cost - expected) <= 1e-9 * max(1.0, abs(expected)):
         problems.append("cost does not match tokens and prices")
-    if completion_tokens_seen is not None and not plausible_completion(receipt.completion_tokens, completion_tokens_seen):
+    seen = completion_tokens_seen
+    if seen is not None and not plausible_completion(receipt.completion_tokens, seen):
         problems.append("bills far more completion tokens than were streamed")
     if receipt.ended_at < receipt.started_at:
         problems.append("ends before it starts")

@@ -28,7 +28,16 @@ import trio
 
 from helexa.identity import Identity
 from helexa.mesh import DialFailed, Mesh, MessageStream, StreamClosed, StreamTimeout
-from helexa.protocol import Cancel, EmbedRequest, EmbedResult, GenerateRequest, InferenceError, ProtocolError, Task, encode
+from helexa.protocol import (
+    Cancel,
+    EmbedRequest,
+    EmbedResult,
+    GenerateRequest,
+    InferenceError,
+    ProtocolError,
+    Task,
+    encode,
+)
 from helexa.protocol.federation import ANNOUNCE_TOPIC, FEDERATION_PROTOCOL, FederatedHello, Refusal
 from helexa.protocol.model import Workload
 
