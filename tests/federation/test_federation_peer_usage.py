@@ -12,6 +12,7 @@ from helexa.protocol.inference import ToolSpec
 from helexa.protocol.federation import OfferedModel
 from helexa.roles.cortex.federation import PeerVanished
 from helexa.roles.cortex.federation.ledger import CONSUMED, SERVED
+from helexa.roles.cortex.federation.peer_usage import UNBOUNDED_MAX_TOKENS
 
 from test_federation_service import cortex, recorded, settle
 
@@ -153,3 +154,13 @@ async def test_a_prompt_with_an_image_is_not_held_to_its_bytes(nursery, autojump
                {"type": "image_url", "image_url": {"url": "https://x.test/a.png"}}]
     req = GenerateRequest("r1", "tiny", Task.CHAT, messages=({"role": "user", "content": content},))
     assert (await answer(a, req))[-1].usage == Usage(900, 2)
+
+
+async def test_a_peer_streaming_without_end_is_cut_even_when_no_max_tokens_was_set(nursery, autojump_clock):
+    # An open portal sets no max_tokens: a peer that never sent its result kept the request
+    # open (and a request not streamed gathering its text) for as long as it kept sending.
+    chunk = ("x" * 1000, 1000)
+    a, _ = await two(nursery, LyingFleet(chunks=(chunk,) * 1000, usage=Usage(7, 10**6)))
+    got = await answer(a, ask(stream=False))
+    assert got[-1].finish_reason == "length" and got[-1].usage.completion_tokens == UNBOUNDED_MAX_TOKENS // 1000 * 1000
+    assert len(got) - 1 == UNBOUNDED_MAX_TOKENS // 1000

@@ -14,7 +14,7 @@ from helexa.protocol.federation import Receipt, Refusal, cost_of
 
 from .errors import PeerFailed, PeerRefused, PeerVanished
 from .ledger import CONSUMED, Ledger
-from .peer_usage import InvalidAnswer, bounded_result, chunk_tokens, cut_usage, result_tokens
+from .peer_usage import UNBOUNDED_MAX_TOKENS, InvalidAnswer, bounded_result, chunk_tokens, cut_usage, result_tokens
 from .receipts import verify_receipt
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,8 @@ class RemoteGeneration:
     ``tokens_seen`` counts what the asker can account for (:mod:`.peer_usage`): each
     chunk's tokens, at most one a byte it carries, then the result's own text; the
     result's usage comes out held to those bounds and the request's. A peer that streams
-    past the request's ``max_tokens`` is cut there (a ``"length"`` result, ``Cancel`` sent).
+    past the request's ``max_tokens`` (else :data:`.peer_usage.UNBOUNDED_MAX_TOKENS`) is
+    cut there (a ``"length"`` result, ``Cancel`` sent).
 
     Raises (from ``__anext__``):
         PeerVanished: the stream broke, timed out or carried garbage mid-answer, or the
@@ -195,8 +196,8 @@ class RemoteGeneration:
         try:
             if isinstance(msg, TokenChunk):
                 tokens = chunk_tokens(msg)
-                limit = self._request.sampling.max_tokens
-                if limit is not None and self.tokens_seen + tokens > limit:
+                limit = self._request.sampling.max_tokens or UNBOUNDED_MAX_TOKENS
+                if self.tokens_seen + tokens > limit:
                     return await self._cut(limit)
                 self.tokens_seen += tokens
                 return msg

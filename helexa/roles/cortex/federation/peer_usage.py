@@ -22,6 +22,11 @@ PROMPT_SLACK = 64
 """Tokens a prompt may make beyond twice its size bound (a template's own text)."""
 EMBED_INPUT_ALLOWANCE = 16
 """Tokens an embedding model may add per input (CLS, SEP)."""
+UNBOUNDED_MAX_TOKENS = 131_072
+"""The most tokens a peer's answer may hold when the request set no ``max_tokens`` (an
+open portal's): no answer outgrows its model's context, and 128 Ki is the largest of the
+common open models'. Without it a peer streaming forever held a request (and, not
+streamed, its growing text) open for as long as it kept sending."""
 
 
 class InvalidAnswer(ValueError):
