@@ -26,7 +26,10 @@ from neuron_double import NeuronDouble, hardware
     (OutboundRefused("no"), 403, "permission_error", "outbound_refused", None),
     (NoPeerOffers("none"), 404, "invalid_request_error", "model_not_found", None),
     (PeerRefused("no", code="denied"), 403, "permission_error", "peer_denied", None),
-    (PeerRefused("no", code="model_not_offered"), 403, "permission_error", "peer_model_not_offered", None),
+    # A peer refusing a model it announced: its offer went stale (it restarted, its neuron
+    # left), not a policy about us: once a 403, which the official clients never retry.
+    (PeerRefused("no", code="model_not_offered"), 503, "service_unavailable", "peer_model_not_offered", b"1"),
+    (PeerRefused("no", code="not_serving"), 503, "service_unavailable", "peer_not_serving", b"1"),
     (PeerRefused("slow down", code="rate_limited", retry_after=2.5), 429, "rate_limit_error", "peer_rate_limited", b"3"),
     (PeerRefused("full", code="busy", retry_after=1.0), 503, "service_unavailable", "peer_busy", b"1"),
     (PeerUnreachable("cannot open it"), 502, "upstream_error", "peer_unreachable", None),

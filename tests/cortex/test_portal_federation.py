@@ -20,8 +20,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from helexa.identity import Identity
 from helexa.mesh import MemoryMesh, MemoryNetwork, peer_id_from_ed25519
 from helexa.protocol import GenerateRequest, Task
+from helexa.protocol.inference import OutputFormat, ResponseFormat, ToolSpec
 from helexa.roles.cortex.catalogue import Catalogue, CatalogueEntry
 from helexa.roles.cortex.config import CortexConfig
+from helexa.roles.cortex.federation import PeerFailed
 from helexa.roles.cortex.federation.ledger import CONSUMED, Ledger
 from helexa.roles.cortex.federation.service import Federation, FederationSettings
 from helexa.roles.cortex.fleet import Fleet
@@ -127,3 +129,27 @@ async def test_a_peers_prompt_count_is_not_passed_on_to_the_neurons_here() -> No
                 pass
         nursery.cancel_scope.cancel()
     assert [r.prompt_tokens for r in neuron.requests] == [None]
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"response_format": ResponseFormat(OutputFormat.JSON_SCHEMA, {"type": "nonsense"})},
+     "response_format.json_schema.schema"),
+    ({"response_format": ResponseFormat(OutputFormat.JSON_SCHEMA, {"$ref": "#/$defs/missing"})},
+     "response_format.json_schema.schema"),
+    ({"response_format": ResponseFormat(OutputFormat.JSON_SCHEMA, {"enum": [f"v{i}" for i in range(3000)]})},
+     "response_format.json_schema.schema"),
+    ({"tools": (ToolSpec("f", None, {"type": "nonsense"}),)}, "tools[0].function.parameters"),
+])
+async def test_a_peers_request_gets_the_edges_checks_before_any_neuron_here(fields, param) -> None:
+    # A peer's request skips this cortex's API surfaces: a schema its own clients are
+    # refused went on to llama.cpp, which answered in its own words (or spent seconds
+    # building the grammar of a 3,000-value enum).
+    store = SqliteStore(":memory:")
+    async with two_operators({}, store) as (_, fed_a, _, neuron):
+        request = GenerateRequest("r1", "tiny", Task.CHAT, messages=({"role": "user", "content": "x"},), **fields)
+        with pytest.raises(PeerFailed) as err:
+            async with fed_a.route(request) as frames:
+                async for _ in frames:
+                    pass
+    assert err.value.code == "invalid_request" and param in str(err.value)
+    assert neuron.requests == []

@@ -114,3 +114,19 @@ def test_peers_that_do_not_serve_are_not_candidates():
     table.ingest(encode(ann), origin=None, now=NOW)
     assert table.candidates("m", NOW, AskPolicy()) == []
     assert isinstance(ann, Announcement)
+
+
+@pytest.mark.parametrize("models, issued_at", [
+    ((OfferedModel("m", True, price_output=float("nan")),), NOW),
+    ((OfferedModel("m", True, price_input=float("inf")),), NOW),
+    ((OfferedModel("m", False, load_time_s=-1.0),), NOW),
+    ((OfferedModel("m", False, load_time_s=float("nan")),), NOW),
+    ((OfferedModel("m", True),), float("nan")),
+])
+def test_announcements_with_figures_that_are_not_numbers_are_rejected(models, issued_at):
+    # A NaN price passes every price ceiling (NaN > cap is false) and a negative one ranks
+    # first; a NaN issued_at never expires.
+    ann = announce(new_identity(), models=models, issued_at=issued_at)
+    with pytest.raises(AnnouncementRejected) as err:
+        check_announcement(encode(ann), origin=ann.peer_id, now=NOW)
+    assert err.value.reason == "bad_figures"

@@ -145,3 +145,17 @@ def test_receipt_payload_is_signed_payload(prompt, completion, price_in, price_o
                      outcome=outcome)
     assert signed.signature and receipt_payload(signed) == signed_payload(signed)
     assert verify_signature(server.public_bytes, signed.signature, signed_payload(decode(encode(signed))))
+
+
+def test_receipts_with_negative_counts_or_figures_that_are_not_numbers_are_flagged():
+    server = new_identity()
+    peer = peer_id_from_ed25519(server.public_bytes)
+    for kw, problem in [
+        (dict(prompt_tokens=-1_000_000), "negative token count"),
+        (dict(completion_tokens=-5), "negative token count"),
+        (dict(price_output=float("nan")), "price or cost negative or not a number"),
+        (dict(price_input=float("inf")), "price or cost negative or not a number"),
+    ]:
+        problems = verify_receipt(receipt(server, **kw), server_peer_id=peer, client_peer_id=CLIENT,
+                                  completion_tokens_seen=20)
+        assert problem in problems, (kw, problems)

@@ -15,11 +15,13 @@ from helexa.roles.cortex.federation import (
     OutboundRefused,
     PeerFailed,
     PeerRefused,
+    PeerUnreachable,
     PeerVanished,
     ServePolicy,
 )
 from helexa.roles.cortex.federation.announcements import sign_announcement
 from helexa.roles.cortex.federation.ledger import CONSUMED, SERVED, Ledger
+from helexa.roles.cortex.federation.outbound import AskTimeouts
 from helexa.roles.cortex.federation.service import Federation, FederationSettings
 
 from conftest import FakeFleet, new_identity
@@ -189,6 +191,38 @@ async def test_cancellation_crosses_the_hop(nursery, autojump_clock):
     consumed = a.ledger.get(CONSUMED, "r1")
     assert consumed.receipt.outcome == "cancelled" and not consumed.flagged
 
+
+
+async def test_a_request_left_before_its_first_token_is_recorded_on_both_sides(nursery, autojump_clock):
+    # The client left during the peer's cold load (no answer frame yet): the peer recorded
+    # a cancelled receipt and the asker nothing, so the two ledgers disagreed.
+    net = MemoryNetwork()
+    fleet = FakeFleet(tokens=("a",) * 10, delay=5.0)
+    a = await cortex(nursery, net, "A", offer=())
+    b = await cortex(nursery, net, "B", fleet=fleet)
+    await settle()
+    with trio.move_on_after(1.0):
+        async with a.route(request()):
+            pass
+    served = await recorded(b.ledger, SERVED, "r1")
+    consumed = a.ledger.get(CONSUMED, "r1")
+    assert served.receipt.outcome == "cancelled" and fleet.closed_early == ["r1"]
+    assert consumed is not None and consumed.receipt == served.receipt and not consumed.flagged
+
+
+async def test_a_peer_too_slow_to_answer_is_told_and_its_receipt_recorded(nursery, autojump_clock):
+    net = MemoryNetwork()
+    fleet = FakeFleet(tokens=("a",) * 10, delay=5.0)
+    settings = FederationSettings(announce_interval=1.0, ask=AskTimeouts(first_frame=1.0))
+    a = await cortex(nursery, net, "A", offer=(), settings=settings)
+    b = await cortex(nursery, net, "B", fleet=fleet)
+    await settle()
+    with pytest.raises(PeerUnreachable):
+        async with a.route(request()):
+            pass
+    served = await recorded(b.ledger, SERVED, "r1")
+    assert served.receipt.outcome == "cancelled" and fleet.closed_early == ["r1"]
+    assert a.ledger.get(CONSUMED, "r1").receipt == served.receipt
 
 async def test_local_failure_on_the_peer_is_reported_as_peer_failed(nursery, autojump_clock):
     net = MemoryNetwork()
@@ -393,3 +427,19 @@ async def test_candidates_follow_new_announcements_expiries_and_policies_at_once
     assert not fed.can_route("tiny")
     fed.set_policies(ServePolicy(), AskPolicy())
     assert fed.can_route("tiny")
+
+
+async def test_a_peer_denied_by_its_announced_operator_cannot_claim_another_in_its_hello(nursery, autojump_clock):
+    # The hello's operator is the asker's word for one request: B once judged that, so a
+    # peer whose signed announcements say "A" got past deny_operators = ["A"] by sending
+    # another name in its hellos.
+    net = MemoryNetwork()
+    a = await cortex(nursery, net, "A", offer=())
+    b = await cortex(nursery, net, "B", fleet=FakeFleet(), serve_policy=ServePolicy(deny_operators=frozenset({"A"})))
+    await settle()
+    assert b.table.get(a.mesh.peer_id).operator == "A"
+    a.operator = "someone-else"  # the next hellos claim it; the announcement B holds says "A"
+    with pytest.raises(PeerRefused) as err:
+        async with a.route(request()):
+            pass
+    assert err.value.code == "denied"

@@ -23,8 +23,8 @@ Exception tree (HTTP status, OpenAI ``type``)::
     └── UpstreamTimeout               504 timeout                 no answer in time
 
 Federation errors (:mod:`.federation.errors`) map as: ``OutboundRefused`` and a peer's
-``denied`` / ``not_serving`` / ``model_not_offered`` refusal → 403; ``NoPeerOffers`` →
-404; a peer's ``rate_limited`` → 429 and ``busy`` → 503, both with Retry-After;
+``denied`` refusal → 403; ``NoPeerOffers`` → 404; a peer's ``rate_limited`` → 429 and
+``busy`` / ``not_serving`` / ``model_not_offered`` (a stale offer) → 503, with Retry-After;
 ``PeerUnreachable`` → 502 (504 when it timed out); ``PeerVanished`` → 502 (an SSE error
 event once streaming); ``PeerFailed`` → as the same failure on a local neuron.
 """
@@ -243,7 +243,10 @@ def to_gateway_error(exc: BaseException) -> GatewayError:
     return GatewayError("internal error")
 
 
-_PEER_POLICY_CODES = frozenset({"denied", "not_serving", "model_not_offered"})
+_PEER_POLICY_CODES = frozenset({"denied"})
+"""A peer's refusals that are its policy about us. ``model_not_offered`` / ``not_serving``
+for a model it announced mean the announcement went stale (it restarted, its neuron left,
+its policy changed): a 503 until its next announcement says so, like ``busy``."""
 
 
 def _federation_error(exc: FederationError) -> GatewayError:

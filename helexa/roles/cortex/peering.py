@@ -34,11 +34,12 @@ from typing import Any
 import trio
 
 from helexa.protocol import EmbedRequest, EmbedResult, GenerateRequest, GenerateResult, ModelState, TokenChunk
+from helexa.protocol.inference import OutputFormat
 from helexa.protocol.federation import OfferedModel, Receipt
 
 from .catalogue import Catalogue, CatalogueEntry
 from .dispatch import Generation
-from .errors import NoCapacity, to_gateway_error
+from .errors import BadRequest, NoCapacity, to_gateway_error
 from .federation.ledger import CONSUMED
 from .federation.policy import AskPolicy
 from .federation.service import Federation
@@ -47,6 +48,7 @@ from .neuron_link import NeuronLink
 from .orchestrator import Orchestrator
 from .portal.routing import ASK_POLICY
 from .provisioner import Provisioner
+from .schema_check import check_schema
 
 PEER_NODE_ID = "federation"
 """The node id under which requests sent to peers appear in metrics and live load."""
@@ -159,6 +161,13 @@ class LocalServing:
         Raises:
             ServeFailure: it could not start (unknown model, no capacity, a failed load).
         """
+        # A peer's request skips this cortex's API surfaces, so the edge's checks of what
+        # the request carries run here: a schema llama.cpp cannot use (or one whose grammar
+        # takes it seconds to build) is refused before it costs a neuron anything.
+        try:
+            check_peer_request(request, self.orchestrator.catalogue.get(request.model_id))
+        except BadRequest as exc:
+            raise ServeFailure(exc.message, code="invalid_request", retryable=False) from None
         # A peer's own prompt count is not trusted here: the neuron would skip its context
         # check for it. This cortex's neurons count the prompt themselves.
         if request.prompt_tokens is not None:
@@ -171,6 +180,22 @@ class LocalServing:
             return await self.orchestrator.embed(request, allow_peers=False)
         except Exception as exc:
             raise _failure(exc) from None
+
+
+def check_peer_request(request: GenerateRequest, entry: CatalogueEntry | None) -> None:
+    """The edge's checks of a generation request that came from a peer (pure): its
+    structured-output schema and its tools' parameters (:func:`.schema_check.check_schema`),
+    and ``max_tokens`` within the model's ``max_output``. Raises :class:`BadRequest`."""
+    fmt = request.response_format
+    if fmt is not None and fmt.kind is OutputFormat.JSON_SCHEMA and fmt.schema is not None:
+        check_schema(fmt.schema, "response_format.json_schema.schema")
+    for i, tool in enumerate(request.tools):
+        if tool.parameters is not None:
+            check_schema(tool.parameters, f"tools[{i}].function.parameters")
+    max_tokens = request.sampling.max_tokens
+    if entry is not None and entry.max_output and max_tokens and max_tokens > entry.max_output:
+        raise BadRequest(f"max_tokens {max_tokens} is over model {request.model_id!r}'s limit of {entry.max_output}",
+                         param="max_tokens")
 
 
 _RECEIPTS_KEPT = 10_000

@@ -8,6 +8,7 @@ stateful checks (sequence numbers) and expires what it learned.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from helexa.identity import Identity, verify_signature
@@ -77,7 +78,8 @@ def check_announcement(data: bytes, *, origin: str | None, now: float) -> Announ
     Raises:
         AnnouncementRejected: oversized, malformed, unknown version, bad signature, key
             not matching the peer id, author not the peer, too many models, issued in the
-            future, expired, or with an unreasonable ttl.
+            future, expired, with an unreasonable ttl, or a time, price or load time that
+            is not a finite number (or is negative).
     """
     if len(data) > MAX_ANNOUNCEMENT_BYTES:
         raise AnnouncementRejected("oversized", f"{len(data)} bytes")
@@ -103,6 +105,14 @@ def check_announcement(data: bytes, *, origin: str | None, now: float) -> Announ
         raise AnnouncementRejected("oversized", f"{len(ann.models)} models")
     if not 0 < ann.ttl <= MAX_TTL:
         raise AnnouncementRejected("bad_ttl", f"{ann.ttl}")
+    if not math.isfinite(ann.issued_at):
+        raise AnnouncementRejected("bad_figures", f"issued_at {ann.issued_at}")
+    for m in ann.models:
+        # A NaN compares false with every ceiling and every other price (a price cap it
+        # would pass, an ordering it would upset); a negative price ranks first.
+        figures = (m.price_input, m.price_output, 0.0 if m.load_time_s is None else m.load_time_s)
+        if not all(math.isfinite(v) and v >= 0 for v in figures):
+            raise AnnouncementRejected("bad_figures", f"model {m.model_id!r}: a price or load time not a number >= 0")
     if ann.issued_at > now + MAX_CLOCK_SKEW:
         raise AnnouncementRejected("future", f"issued {ann.issued_at - now:.0f}s ahead")
     if ann.issued_at + ann.ttl <= now:

@@ -73,8 +73,12 @@ class InboundServer:
 
     def __init__(self, *, identity: Identity, admission: Admission, ledger: Ledger, offer_fn: Callable[[], Sequence[OfferedModel]],
                  serve_generate: GenerateHandler | None, serve_embed: EmbedHandler | None,
-                 timeouts: ServeTimeouts, clock: Callable[[], float], offered_fn: OfferedFn | None = None) -> None:
+                 timeouts: ServeTimeouts, clock: Callable[[], float], offered_fn: OfferedFn | None = None,
+                 operator_of: Callable[[str], str | None] | None = None) -> None:
         self._identity = identity
+        self._operator_of = operator_of
+        """``operator_of(peer_id)``: the operator that peer's live signed announcement names
+        (None if it has none): what the policy judges, rather than the hello's claim."""
         self._admission = admission
         self._ledger = ledger
         self._offer_fn = offer_fn
@@ -140,8 +144,11 @@ class InboundServer:
         # The offer is read once: nothing awaits between this check and the serving.
         model = self._offered(request.model_id)
         refusal = self._check(request, model)
+        # The hello's operator is the asker's claim for this one request; its signed
+        # announcement's is the one it gossips to everyone: the policy judges that one.
+        operator = (self._operator_of(peer) if self._operator_of is not None else None) or hello.operator
         if refusal is None:
-            decision = self._admission.admit(peer, hello.operator, request.model_id, trio.current_time())
+            decision = self._admission.admit(peer, operator, request.model_id, trio.current_time())
             if not decision.admitted:
                 refusal = Refusal(request.request_id, decision.code, decision.reason, decision.retry_after)
         if refusal is not None:
@@ -155,7 +162,7 @@ class InboundServer:
             span = telemetry.tracer().start_span(
                 "federation.serve", context=telemetry.parent_context(request.trace), kind=SpanKind.SERVER,
                 attributes={"helexa.request_id": request.request_id, "helexa.model": request.model_id,
-                            "helexa.peer": peer, "helexa.operator": hello.operator})
+                            "helexa.peer": peer, "helexa.operator": operator})
         try:
             with trace.use_span(span, end_on_exit=True) if span is not None else contextlib.nullcontext():
                 if isinstance(request, GenerateRequest):

@@ -9,11 +9,12 @@ from dataclasses import dataclass
 import trio
 
 from helexa.mesh import MessageStream, StreamClosed, StreamTimeout
-from helexa.protocol import Cancel, GenerateResult, InferenceError, ProtocolError, TokenChunk
+from helexa.protocol import Cancel, GenerateRequest, GenerateResult, InferenceError, ProtocolError, TokenChunk
 from helexa.protocol.federation import Receipt, Refusal, cost_of
 
 from .errors import PeerFailed, PeerRefused, PeerVanished
 from .ledger import CONSUMED, Ledger
+from .peer_usage import UNBOUNDED_MAX_TOKENS, InvalidAnswer, bounded_result, chunk_tokens, cut_usage, result_tokens
 from .receipts import verify_receipt
 
 log = logging.getLogger(__name__)
@@ -140,13 +141,22 @@ def _buffered_receipt(stream: MessageStream) -> Receipt:
 class RemoteGeneration:
     """An async iterator of a peer's ``TokenChunk``s then its ``GenerateResult``.
 
+    ``tokens_seen`` counts what the asker can account for (:mod:`.peer_usage`): each
+    chunk's tokens, at most one a byte it carries, then the result's own text; the
+    result's usage comes out held to those bounds and the request's. A peer that streams
+    past the request's ``max_tokens`` (else :data:`.peer_usage.UNBOUNDED_MAX_TOKENS`) is
+    cut there (a ``"length"`` result, ``Cancel`` sent).
+
     Raises (from ``__anext__``):
-        PeerVanished: the stream broke, timed out or carried garbage mid-answer.
+        PeerVanished: the stream broke, timed out or carried garbage mid-answer, or the
+            answer claimed what none can (a negative token count).
         PeerFailed: the peer reported an ``InferenceError``.
     """
 
-    def __init__(self, stream: MessageStream, first: object, keeper: ReceiptKeeper, timeouts: AskTimeouts) -> None:
+    def __init__(self, stream: MessageStream, first: object, keeper: ReceiptKeeper, timeouts: AskTimeouts,
+                 request: GenerateRequest) -> None:
         self._stream = stream
+        self._request = request
         self._pending: object | None = first
         self._keeper = keeper
         self._t = timeouts
@@ -183,12 +193,20 @@ class RemoteGeneration:
                 with trio.CancelScope(shield=True):
                     await self._keeper.collect(None, 0, tokens_seen=self.tokens_seen, outcome="error")
                 raise PeerVanished(f"peer {self.peer_id} went away mid-answer: {exc}", peer_id=self.peer_id) from None
-        if isinstance(msg, TokenChunk):
-            self.tokens_seen += msg.tokens
-            return msg
-        if isinstance(msg, GenerateResult):
-            self.finished = True
-            return msg
+        try:
+            if isinstance(msg, TokenChunk):
+                tokens = chunk_tokens(msg)
+                limit = self._request.sampling.max_tokens or UNBOUNDED_MAX_TOKENS
+                if self.tokens_seen + tokens > limit:
+                    return await self._cut(limit)
+                self.tokens_seen += tokens
+                return msg
+            if isinstance(msg, GenerateResult):
+                self.finished = True
+                self.tokens_seen += result_tokens(msg)
+                return bounded_result(msg, self._request, self.tokens_seen)
+        except InvalidAnswer as exc:
+            await self._invalid(str(exc))
         self.finished = True
         if isinstance(msg, InferenceError):
             await self._keeper.collect(self._stream, self._t.receipt, tokens_seen=self.tokens_seen, outcome="error")
@@ -198,6 +216,26 @@ class RemoteGeneration:
             raise refusal_error(msg, self.peer_id)
         await self._stream.reset()
         raise PeerVanished(f"peer {self.peer_id} sent an unexpected {type(msg).__name__}", peer_id=self.peer_id)
+
+    async def _cut(self, limit: int) -> GenerateResult:
+        """The peer streamed past the request's ``max_tokens`` (it ignored the limit): the
+        answer ends here, as one that ran out of tokens, and the peer is sent ``Cancel``.
+        Its usage is what the asker counted (the prompt as a cut stream's: a quarter of
+        its bytes); the peer's receipt is recorded as it comes, flagged if implausible."""
+        log.warning("federation: peer %s streamed past max_tokens %d for %s: cut", self.peer_id, limit,
+                    self._keeper.request_id)
+        await self.finish()
+        return GenerateResult(self._keeper.request_id, "length", cut_usage(self._request, self.tokens_seen))
+
+    async def _invalid(self, what: str) -> None:
+        """The peer sent ``what`` (no answer can): its stream is reset, the exchange
+        recorded as an error (the receipt a flagged stand-in), and the answer ends."""
+        self.finished = True
+        with trio.CancelScope(shield=True):
+            await self._stream.reset()
+            await self._keeper.collect(None, 0, tokens_seen=self.tokens_seen, outcome="error")
+        log.warning("federation: peer %s sent %s for %s", self.peer_id, what, self._keeper.request_id)
+        raise PeerVanished(f"peer {self.peer_id} sent an invalid answer: {what}", peer_id=self.peer_id)
 
     async def finish(self) -> None:
         """Called when the consumer leaves (done, failed or cancelled): if the answer did

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 from helexa.identity import Identity, verify_signature
 from helexa.mesh.peer_id import peer_id_from_ed25519
 from helexa.protocol import encode
 from helexa.protocol.federation import Receipt, cost_of
+
+from .peer_usage import plausible_completion
 
 
 def receipt_payload(receipt: Receipt) -> bytes:
@@ -61,8 +65,8 @@ def verify_receipt(
 
     Checks the signature, that the key is the server's, both peer ids, and, where
     given, the request, the model, the prices agreed from the announcement, the cost
-    arithmetic, and that the billed completion tokens are not fewer than the chunks'
-    token counts the asker saw.
+    arithmetic (no negative or non-finite figure), and that the billed completion tokens
+    are plausible for what the asker saw (:func:`.peer_usage.plausible_completion`).
     """
     problems = []
     try:
@@ -79,14 +83,19 @@ def verify_receipt(
         problems.append("receipt is for another request")
     if model_id is not None and receipt.model_id != model_id:
         problems.append("receipt is for another model")
+    if receipt.prompt_tokens < 0 or receipt.completion_tokens < 0:
+        problems.append("negative token count")
+    if not all(math.isfinite(v) and v >= 0 for v in (receipt.price_input, receipt.price_output, receipt.cost)):
+        problems.append("price or cost negative or not a number")
     if price_input is not None and receipt.price_input > price_input + 1e-9:
         problems.append("input price above the announced one")
     if price_output is not None and receipt.price_output > price_output + 1e-9:
         problems.append("output price above the announced one")
     expected = cost_of(receipt.prompt_tokens, receipt.completion_tokens, receipt.price_input, receipt.price_output)
-    if abs(receipt.cost - expected) > 1e-9 * max(1.0, expected):
+    if not abs(receipt.cost - expected) <= 1e-9 * max(1.0, abs(expected)):
         problems.append("cost does not match tokens and prices")
-    if completion_tokens_seen is not None and receipt.completion_tokens > max(completion_tokens_seen, 0) * 2 + 16:
+    seen = completion_tokens_seen
+    if seen is not None and not plausible_completion(receipt.completion_tokens, seen):
         problems.append("bills far more completion tokens than were streamed")
     if receipt.ended_at < receipt.started_at:
         problems.append("ends before it starts")

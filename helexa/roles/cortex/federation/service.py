@@ -28,7 +28,16 @@ import trio
 
 from helexa.identity import Identity
 from helexa.mesh import DialFailed, Mesh, MessageStream, StreamClosed, StreamTimeout
-from helexa.protocol import EmbedRequest, EmbedResult, GenerateRequest, InferenceError, ProtocolError, Task, encode
+from helexa.protocol import (
+    Cancel,
+    EmbedRequest,
+    EmbedResult,
+    GenerateRequest,
+    InferenceError,
+    ProtocolError,
+    Task,
+    encode,
+)
 from helexa.protocol.federation import ANNOUNCE_TOPIC, FEDERATION_PROTOCOL, FederatedHello, Refusal
 from helexa.protocol.model import Workload
 
@@ -37,6 +46,7 @@ from .errors import FederationError, NoPeerOffers, OutboundRefused, PeerFailed, 
 from .inbound import EmbedHandler, GenerateHandler, InboundServer, OfferedFn, OfferFn, ServeTimeouts
 from .ledger import Ledger
 from .outbound import AskTimeouts, Expectation, ReceiptKeeper, RemoteGeneration, refusal_error
+from .peer_usage import InvalidAnswer, bounded_embed
 from .policy import Admission, AskPolicy, Outbound, ServePolicy
 
 log = logging.getLogger(__name__)
@@ -104,7 +114,11 @@ class Federation:
         self.inbound = InboundServer(
             identity=identity, admission=Admission(serve_policy), ledger=ledger, offer_fn=offer_fn,
             serve_generate=serve_generate, serve_embed=serve_embed, timeouts=settings.serve, clock=clock,
-            offered_fn=offered_fn)
+            offered_fn=offered_fn, operator_of=self._announced_operator)
+
+    def _announced_operator(self, peer_id: str) -> str | None:
+        ann = self.table.get(peer_id)
+        return ann.operator if ann is not None else None
 
     def set_policies(self, serve_policy: ServePolicy, ask_policy: AskPolicy) -> None:
         """New policies (a live reload); the next announcement carries the new offer."""
@@ -263,15 +277,37 @@ class Federation:
                     continue
                 raise PeerUnreachable(f"peer {offer.peer_id} did not answer: {exc}", peer_id=offer.peer_id) from None
             except (StreamTimeout, ProtocolError) as exc:
-                await stream.reset()
+                if isinstance(exc, StreamTimeout):
+                    await self._abandon(offer, request, stream)  # it may be running there
+                else:
+                    await stream.reset()
                 raise PeerUnreachable(f"peer {offer.peer_id} did not answer: {exc}", peer_id=offer.peer_id) from None
             except BaseException:
-                await stream.reset()
+                # Cancelled (the client left) after the request went out, before any
+                # answer: the peer is told, and its receipt recorded as after an answer.
+                await self._abandon(offer, request, stream)
                 raise
             if isinstance(first, Refusal):
                 await self._release(offer.peer_id, stream, clean=True)
                 raise refusal_error(first, offer.peer_id)
             return stream, first
+
+    async def _abandon(self, offer: PeerOffer, request: GenerateRequest | EmbedRequest, stream: MessageStream) -> None:
+        """Send ``Cancel`` for a request left before its first answer frame, record the
+        peer's receipt (a flagged stand-in if none comes within the cancel budget), and
+        reset the stream. Shielded and bounded, like :meth:`RemoteGeneration.finish`."""
+        t = self.settings.ask
+        keeper = self._keeper(offer, request)
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(t.cancel + 0.5):
+                try:
+                    await stream.send(Cancel(request.request_id), timeout=t.cancel)
+                except (StreamClosed, StreamTimeout):
+                    pass
+                await keeper.collect(stream, t.cancel, tokens_seen=0, outcome="cancelled")
+            if not keeper.done:
+                await keeper.collect(None, 0, tokens_seen=0, outcome="cancelled")
+            await stream.reset()
 
     async def _first_answer(self, request: GenerateRequest | EmbedRequest, workload: Workload,
                             exclude: frozenset[str], also: AskPolicy | None = None
@@ -323,8 +359,15 @@ class Federation:
         keeper = self._keeper(offer, request)
         try:
             if isinstance(first, EmbedResult):
+                try:
+                    result = bounded_embed(first, request)
+                except InvalidAnswer as exc:
+                    await stream.reset()
+                    await keeper.collect(None, 0, tokens_seen=0, outcome="error")
+                    raise PeerVanished(f"peer {offer.peer_id} sent an invalid answer: {exc}",
+                                       peer_id=offer.peer_id) from None
                 await keeper.collect(stream, self.settings.ask.receipt, tokens_seen=0, outcome="ok")
-                return first
+                return result
             if isinstance(first, InferenceError):
                 await keeper.collect(stream, self.settings.ask.receipt, tokens_seen=0, outcome="error")
                 raise PeerFailed(f"peer {offer.peer_id}: {first.message}", code=first.code,
@@ -354,7 +397,8 @@ class _Route:
         fed, request = self._fed, self._request
         workload = Workload.CHAT if request.task is Task.CHAT else Workload.COMPLETION
         self._offer, self._stream, first = await fed._first_answer(request, workload, self._exclude, self._also)
-        self._remote = RemoteGeneration(self._stream, first, fed._keeper(self._offer, request), fed.settings.ask)
+        self._remote = RemoteGeneration(self._stream, first, fed._keeper(self._offer, request), fed.settings.ask,
+                                        request)
         return self._remote
 
     async def __aexit__(self, *exc: object) -> None:

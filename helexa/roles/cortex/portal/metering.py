@@ -31,7 +31,6 @@ by the billed one.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -45,6 +44,7 @@ from helexa.protocol import EmbedRequest, EmbedResult, GenerateRequest, Usage
 
 from ..errors import BadRequest, ClientGone, GatewayError, InsufficientQuota, ModelNotFound, RateLimited, UpstreamError, to_gateway_error
 from ..metrics import Metrics
+from ..prompt_size import prompt_bytes, prompt_upper_bound
 from .keys import ApiKey
 from .metered import MeteredGeneration, MeteredRun
 from .portal import Portal
@@ -62,10 +62,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 PEER_NODE_ID = "federation"
-_MESSAGE_ALLOWANCE = 8
-"""Tokens a chat template may add per message (role markers, separators)."""
-_PROMPT_ALLOWANCE = 16
-"""Tokens a template may add once (the assistant's turn, a BOS token)."""
 
 _NOTHING_RESERVED = Reservation(0, 0.0)
 """The reservation of a request that is neither limited nor recorded (frozen: one for all)."""
@@ -94,28 +90,6 @@ class Plan:
     forward: GenerateRequest | EmbedRequest
     reservation: Reservation
     prompt_bytes: int
-
-
-def prompt_bytes(request: GenerateRequest) -> tuple[int, int]:
-    """``(UTF-8 bytes of the prompt, messages)``: text parts counted as text, anything else
-    (images, tool calls) as its JSON; tools passed to the backend count too."""
-    if request.prompt is not None:
-        return len(request.prompt.encode()), 1
-    total = 0
-    for m in request.messages:
-        for name, value in m.items():
-            if isinstance(value, str):
-                total += len(value.encode())
-            elif name == "content" and isinstance(value, list):
-                for part in value:
-                    text = part.get("text") if isinstance(part, dict) else None
-                    total += len(text.encode()) if isinstance(text, str) else len(json.dumps(part).encode())
-            elif value is not None:
-                total += len(json.dumps(value).encode())
-    tools = request.extra.get("tools")
-    if tools:
-        total += len(json.dumps(tools).encode())
-    return total, len(request.messages)
 
 
 class Metering:
@@ -238,10 +212,10 @@ class Metering:
         if not counted:
             forward = request if served == asked else dataclasses.replace(request, model_id=served)
             return Plan(asked, forward, _NOTHING_RESERVED, 0)
-        size, messages = prompt_bytes(request)
+        size, _ = prompt_bytes(request)
         completion = max_tokens or (entry.max_output if entry is not None else None) or portal.config.default_max_tokens
         # An exact count (the edge's tokenizer) bounds the prompt; else its bytes do.
-        prompt = request.prompt_tokens or size + _MESSAGE_ALLOWANCE * messages + _PROMPT_ALLOWANCE
+        prompt = prompt_upper_bound(request)
         context = entry.max_context if entry is not None else None
         if context:
             prompt, completion = min(prompt, context), min(completion, context)
