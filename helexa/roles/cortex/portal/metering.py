@@ -88,12 +88,21 @@ class Caller:
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """A request made ready to run: what goes to the orchestrator, and its worst case."""
+    """A request made ready to run: what goes to the orchestrator, its worst case, and the
+    tariff it was admitted under (``prices``: input and output per million tokens, in
+    ``currency``). A live reload changes the portal, not an admitted request: it is billed
+    at the prices its worst case was reserved at."""
 
     asked: str
     forward: GenerateRequest | EmbedRequest
     reservation: Reservation
     prompt_bytes: int
+    prices: tuple[float, float] = (0.0, 0.0)
+    currency: str = ""
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        p_in, p_out = self.prices
+        return (prompt_tokens * p_in + completion_tokens * p_out) / 1_000_000
 
 
 def prompt_bytes(request: GenerateRequest) -> tuple[int, int]:
@@ -237,7 +246,7 @@ class Metering:
                              param="max_tokens")
         if not counted:
             forward = request if served == asked else dataclasses.replace(request, model_id=served)
-            return Plan(asked, forward, _NOTHING_RESERVED, 0)
+            return Plan(asked, forward, _NOTHING_RESERVED, 0, portal.price(asked), portal.currency)
         size, messages = prompt_bytes(request)
         completion = max_tokens or (entry.max_output if entry is not None else None) or portal.config.default_max_tokens
         # An exact count (the edge's tokenizer) bounds the prompt; else its bytes do.
@@ -254,7 +263,7 @@ class Metering:
             if bounded and max_tokens is None:
                 sampling = dataclasses.replace(sampling, max_tokens=completion)
             forward = dataclasses.replace(request, model_id=served, sampling=sampling)
-        return Plan(asked, forward, Reservation(tokens, cost), size)
+        return Plan(asked, forward, Reservation(tokens, cost), size, (p_in, p_out), portal.currency)
 
     def _plan_embed(self, caller: Caller, request: EmbedRequest) -> Plan:
         portal = caller.portal
@@ -264,9 +273,10 @@ class Metering:
         context = entry.max_context if entry is not None else None
         sizes = [len(text.encode()) + 2 for text in request.inputs]
         tokens = sum(min(s, context) for s in sizes) if context else sum(sizes)
-        p_in, _ = portal.price(asked)
+        prices = portal.price(asked)
         forward = request if served == asked else dataclasses.replace(request, model_id=served)
-        return Plan(asked, forward, Reservation(tokens, tokens * p_in / 1_000_000), sum(sizes))
+        return Plan(asked, forward, Reservation(tokens, tokens * prices[0] / 1_000_000), sum(sizes), prices,
+                    portal.currency)
 
     def _admit(self, caller: Caller, plan: Plan, accounts: list[Account], now: float) -> list[Account]:
         if accounts:
@@ -360,7 +370,7 @@ class Metering:
         cancellation can come between a reservation and its settling); returns the usage
         record to make durable (:meth:`_record`), None when the portal records no usage."""
         portal = caller.portal
-        cost = portal.cost(plan.asked, prompt, completion)
+        cost = plan.cost(prompt, completion)  # at the admitted prices, whatever a reload did since
         now = self.clock()
         for account in accounts:
             account.settle(plan.reservation, prompt + completion, cost, now)
@@ -375,7 +385,7 @@ class Metering:
             code = code or "error"
         self.metrics.portal_request(portal.id, plan.asked if not isinstance(error, ModelNotFound) else "-", outcome,
                                     prompt_tokens=prompt, completion_tokens=completion, cost=cost,
-                                    currency=portal.currency)
+                                    currency=plan.currency)
         if self.traffic is not None:
             self.traffic.observe(portal.id, plan.asked, ok=outcome != "error", prompt_tokens=prompt,
                                  completion_tokens=completion, ttft=ttft, key_id=caller.key_id)
@@ -385,7 +395,7 @@ class Metering:
             request_id=plan.forward.request_id, portal=portal.id, key_id=caller.key_id, endpoint=endpoint,
             model_asked=plan.asked, model_served=plan.forward.model_id, started_at=started, ended_at=now,
             prompt_tokens=prompt, cached_tokens=cached, completion_tokens=completion, cost=cost,
-            currency=portal.currency, latency=trio.current_time() - t0, ttft=ttft, node_id=node_id,
+            currency=plan.currency, latency=trio.current_time() - t0, ttft=ttft, node_id=node_id,
             outcome=outcome, error_code=code)
 
     async def _record(self, record: UsageRecord | None) -> None:
