@@ -170,6 +170,17 @@ class Orchestrator:
         finish within ``drain_grace``, then it unloads."""
         await self.provisioner.unload(node_id, model_id, reason="operator")
 
+    def cut(self, error: GatewayError) -> None:
+        """The cortex's stop, past its grace: every request waiting in the queue and every
+        one running on a neuron ends with ``error`` now, so its surface answers it (a 503,
+        or a stream's error event) before the connections close."""
+        for model_id in self.admission.queue.models():
+            self.admission.fail(model_id, error, "stopping")
+        for link in self.fleet:
+            fail = getattr(link, "fail_streams", None)
+            if fail is not None:
+                fail(error)
+
     def slots(self, model_id: str) -> int:
         """Requests one neuron runs at once for ``model_id`` (0: no limit known): its
         config's ``n_parallel``, the backend's default, else ``default_slots``."""
