@@ -315,7 +315,10 @@ class Orchestrator:
         return link
 
     def _log(self, d: RoutingDecision, node_id: str | None) -> None:
-        self.om.decided(d.model_id, d.mode, d.cache, matched=d.matched, total=d.blocks)
+        # A name nothing serves is the client's to choose: as a label, each would be a new
+        # series (a client could grow /metrics without bound), so they all count as "-".
+        model = d.model_id if d.mode != "none" or d.model_id in self.catalogue else "-"
+        self.om.decided(model, d.mode, d.cache, matched=d.matched, total=d.blocks)
         self.routing_log.record(d, node_id, time.time())
         if log.isEnabledFor(logging.DEBUG):
             waited = f" waited={d.waited:.3f}s" if d.waited is not None else ""
