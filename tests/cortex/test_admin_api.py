@@ -8,8 +8,9 @@ import pytest
 
 from helexa.roles.cortex.fleet import Fleet
 from helexa.roles.cortex.portal.store import SqliteStore
+from helexa.roles.cortex.portal.usage import UsageRecord
 from neuron_double import NeuronDouble
-from portals import acme, bearer, portals
+from portals import T0, acme, bearer, new_key, portals
 from serving import admin_headers
 
 CHAT = {"model": "fast", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}]}
@@ -171,3 +172,28 @@ async def test_metrics_from_an_address_outside_admin_clients_are_forbidden_even_
         async with httpx.AsyncClient() as http:
             metrics = await http.get(url + "/metrics", headers=admin_headers())
     assert metrics.status_code == 403
+
+
+async def test_a_portal_removed_from_the_config_keeps_its_usage_and_keys_in_the_reports(tmp_path) -> None:
+    """A portal taken out of cortex.toml (a restart later) leaves its ledger rows and keys:
+    `helexa usage --portal` and `keys list --portal` still show them (the operator bills
+    them); a portal that never was is still 404."""
+    store = SqliteStore(tmp_path / "usage.sqlite")
+    secret_key = new_key(store, "beta")
+    key_id = secret_key.removeprefix("sk-hlx-").split("_")[0]
+    store.append([UsageRecord(request_id="r1", portal="beta", key_id=key_id, endpoint="chat", model_asked="chat",
+                              model_served="chat", started_at=T0, ended_at=T0 + 1, prompt_tokens=3,
+                              completion_tokens=4, cost=0.5, currency="USD")])
+    async with portals(Fleet(), {"acme": acme()}, store=store) as (_, urls):
+        async with httpx.AsyncClient(base_url=urls["default"], headers=admin_headers()) as admin:
+            usage = await admin.get("/admin/usage?by=portal&portal=beta")
+            records = await admin.get("/admin/usage/records?portal=beta")
+            listed = await admin.get("/admin/keys?portal=beta")
+            typos = [await admin.get(path + "?portal=betta")
+                     for path in ("/admin/usage", "/admin/usage/records", "/admin/keys")]
+    store.close()
+    assert usage.status_code == 200, usage.text
+    assert [(r["portal"], r["requests"], r["cost"]) for r in usage.json()["data"]] == [("beta", 1, 0.5)]
+    assert [r["request_id"] for r in records.json()["data"]] == ["r1"]
+    assert [k["key_id"] for k in listed.json()["data"]] == [key_id]
+    assert [(r.status_code, r.json()["error"]["param"]) for r in typos] == [(404, "portal")] * 3
