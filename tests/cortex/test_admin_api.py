@@ -82,6 +82,10 @@ async def test_usage_reports_group_filter_and_export() -> None:
             records = (await admin.get("/admin/usage/records", params={"key": k2["key_id"]})).json()["data"]
             bad = await admin.get("/admin/usage", params={"by": "week"})
             bad_time = await admin.get("/admin/usage", params={"since": "yesterday"})
+            # As bounds, NaN matched no row and -inf every one, answered 200 as if they meant something.
+            not_finite = [await admin.get(path, params={bound: value})
+                          for path in ("/admin/usage", "/admin/usage/records")
+                          for bound in ("since", "until") for value in ("nan", "inf", "-inf", "-Infinity")]
     assert by_key[k1["key_id"]]["requests"] == 2 and by_key[k1["key_id"]]["total_tokens"] == 16
     assert by_key[k2["key_id"]]["prompt_tokens"] == 2 and by_key[k2["key_id"]]["completion_tokens"] == 0
     assert [(r["model"], r["requests"]) for r in by_model] == [("fast", 2)]
@@ -91,6 +95,7 @@ async def test_usage_reports_group_filter_and_export() -> None:
     assert [(r["endpoint"], r["model_served"]) for r in records] == [("embeddings", "embed")]
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "by"
     assert bad_time.status_code == 400 and bad_time.json()["error"]["param"] == "since"
+    assert {(r.status_code, r.json()["error"]["param"]) for r in not_finite} == {(400, "since"), (400, "until")}
 
 
 async def test_bad_admin_requests_name_what_is_wrong() -> None:

@@ -78,14 +78,16 @@ def parse_time(value: Any, name: str) -> float | None:
         raise BadRequest(f"{name}: expected Unix seconds or an ISO 8601 date, got {value!r}", param=name)
     if isinstance(value, (int, float)):
         try:
-            return float(value)
+            return _finite(float(value), name)
         except OverflowError:
             raise BadRequest(f"{name}: {value} is out of range", param=name) from None
     text = str(value).strip()
     try:
-        return float(text)
+        seconds = float(text)
     except ValueError:
         pass
+    else:
+        return _finite(seconds, name)
     try:
         if len(text) == 10:
             d = date.fromisoformat(text)
@@ -94,6 +96,14 @@ def parse_time(value: Any, name: str) -> float | None:
         return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).timestamp()
     except ValueError:
         raise BadRequest(f"{name}: expected Unix seconds or an ISO 8601 date, got {text!r}", param=name) from None
+
+
+def _finite(seconds: float, name: str) -> float:
+    """``seconds``, unless it is NaN or infinite: as a bound, NaN matched no row and
+    ``-inf`` every one, silently."""
+    if not math.isfinite(seconds):
+        raise BadRequest(f"{name}: expected Unix seconds or an ISO 8601 date, got {seconds!r}", param=name)
+    return seconds
 
 
 def expiry(value: Any, now: float, *, new: bool) -> float | None:
