@@ -3,6 +3,8 @@ usage reports; the portals' state; the admin token and the admin socket."""
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -202,3 +204,40 @@ async def test_a_portal_removed_from_the_config_keeps_its_usage_and_keys_in_the_
     assert [r["request_id"] for r in records.json()["data"]] == ["r1"]
     assert [k["key_id"] for k in listed.json()["data"]] == [key_id]
     assert [(r.status_code, r.json()["error"]["param"]) for r in typos] == [(404, "portal")] * 3
+
+
+async def test_a_revoked_key_stops_its_streams_in_flight_and_a_rotated_one_does_not() -> None:
+    """`keys revoke` "stops at once" (docs/portals.md): a stream the key has running ends at
+    its next token with the 401 error event, the neuron is told to cancel, and the tokens
+    it produced are billed; a rotation (same key, new secret) lets its streams finish."""
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=("chat",), tokens=60, token_delay=0.05)
+    store = SqliteStore(":memory:")
+    async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
+        async with httpx.AsyncClient(base_url=urls["default"], headers=admin_headers()) as admin, \
+                httpx.AsyncClient(base_url=urls["acme"]) as api:
+            ends = {}
+            for action in ("rotate", "revoke"):
+                made = (await admin.post("/admin/keys", json={"portal": "acme", "name": action})).json()
+                chunks: list[str] = []
+                body = {"model": "fast", "max_tokens": 60, "stream": True,
+                        "messages": [{"role": "user", "content": "x"}]}
+                async with api.stream("POST", "/v1/chat/completions", json=body, headers=bearer(made["key"])) as r:
+                    assert r.status_code == 200
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: "):
+                            chunks.append(line)
+                            if len(chunks) == 5:
+                                acted = await admin.post(f"/admin/keys/{made['key_id']}/{action}")
+                                assert acted.status_code == 200
+                ends[action] = (len(chunks), chunks[-1], made["key_id"])
+            records = {r["key_id"]: r for r in (await admin.get("/admin/usage/records")).json()["data"]}
+    n, last, _ = ends["rotate"]
+    assert n > 60 and last == "data: [DONE]"  # all 60 tokens, then the end
+    n, last, key_id = ends["revoke"]
+    assert n < 15 and json.loads(last.removeprefix("data: "))["error"]["code"] == "invalid_api_key"
+    assert f"key {key_id} was revoked" in last
+    assert len(neuron.cancelled) == 1
+    billed = records[key_id]
+    assert (billed["outcome"], billed["error_code"]) == ("error", "invalid_api_key")
+    assert 4 <= billed["completion_tokens"] < 15 and billed["cost"] > 0

@@ -43,7 +43,8 @@ import trio
 
 from helexa.protocol import EmbedRequest, EmbedResult, GenerateRequest, Usage
 
-from ..errors import BadRequest, ClientGone, GatewayError, InsufficientQuota, ModelNotFound, RateLimited, UpstreamError, to_gateway_error
+from ..errors import (BadRequest, ClientGone, GatewayError, InsufficientQuota, ModelNotFound, RateLimited, Unauthorized,
+                      UpstreamError, to_gateway_error)
 from ..metrics import Metrics
 from .keys import ApiKey
 from .metered import MeteredGeneration, MeteredRun
@@ -154,6 +155,8 @@ class Metering:
         self.receipts: Receipts | None = None
         """Set when the mesh is on: links a federated request's ledger row to its receipt."""
         self._accounts: dict[str, Account] = {}
+        self.live: dict[str, set[MeteredGeneration]] = {}
+        """The generations running for each key (by id), stopped when it is revoked."""
         self.traffic: Any = None
         """Told of every settled request (the console's Traffic page; :mod:`..web.traffic`)."""
 
@@ -212,9 +215,14 @@ class Metering:
 
     async def key_changed(self, key: ApiKey) -> None:
         """A key's limits changed (admin API): its account follows, its budget period's
-        spending re-read from the ledger when the period changed."""
+        spending re-read from the ledger when the period changed. A key revoked (or expired)
+        stops its generations still running, at their next token: a revoke stops at once."""
         account = self._accounts.get("key:" + key.key_id)
         now = self.clock()
+        state = key.state(now)
+        if state != "active":
+            for run in self.live.get(key.key_id, ()):
+                run.stop = Unauthorized(f"key {key.key_id} was {state} while this answer ran")
         if account is None or account.set_limits(key.limits, now):
             start = period_bounds(key.limits.period, now)[0]
             spent = await self.blocking(self.store.spent_since, "key_id", start)
