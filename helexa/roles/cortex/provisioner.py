@@ -414,13 +414,10 @@ class Provisioner:
         wanted = [replace(d, rate=self.live.rate(m, now), load_time=self.load_times.get(m))
                   for m, d in demand.items() if m not in self._flights and m not in self._swapped
                   and m in self.catalogue]
-        # A model no usable neuron can hold (the only one left, or is draining) will not load:
-        # its waiters get the 503 a new request gets, not a wait to the queue's deadline.
+        # No usable neuron can hold it (its only one left): the 503 a new request gets, now.
         stranded = {d.model_id for d in wanted if d.model_id not in resident and (e := self.catalogue.get(d.model_id))
                     and not any(e.is_feasible_on(v.hardware) for v in views)}
         for model_id in stranded:
-            log.info("no usable neuron can hold %s: its %d waiting request(s) fail", model_id,
-                     demand[model_id].waiting)
             self._on_load_failed(model_id, NoCapacity(f"no usable neuron for model {model_id!r} right now",
                                                       retry_after=self.settings.retry_after))
         wanted = [d for d in wanted if d.model_id not in stranded]
