@@ -188,3 +188,39 @@ async def test_a_request_admitted_before_a_price_change_is_billed_at_the_prices_
             assert rec["completion_tokens"] == 20 and rec["currency"] == "EUR"
             assert rec["cost"] == pytest.approx((rec["prompt_tokens"] * p_in + rec["completion_tokens"] * p_out) / 1e6)
         cortex.stop()
+
+
+async def test_a_budget_a_reload_gives_a_portal_counts_what_the_portal_spent_in_its_period(tmp_path: Path) -> None:
+    """Budgets are rebuilt from the ledger at start; a budget a reload adds to a portal (or
+    whose period it changes) must be too: its account started from zero, so a portal that
+    had spent its new budget already was served on as if it had spent nothing."""
+    priced = CONFIG.replace("[portals.acme]", "[portals.acme]\nrecord_usage = true").replace(
+        "input = 1.0, output = 1.0", "input = 1000.0, output = 1000.0")
+    path = _write(tmp_path, priced, MODELS)
+    overrides = {"data_dir": str(tmp_path / "data"), "usage_store": str(tmp_path / "usage.sqlite")}
+
+    def loader() -> CortexConfig:
+        return load_config(CortexConfig, file=path, overrides=overrides)
+
+    cortex = Cortex(loader(), loader=loader)
+    NeuronDouble("n1", cortex.fleet, loaded=("chat",), tokens=20)
+    token = (tmp_path / "data" / "admin-token").read_text().strip()
+    body = {"model": "fast", "max_tokens": 20, "messages": [{"role": "user", "content": "x"}]}
+    async with trio.open_nursery() as nursery:
+        addrs = await nursery.start(cortex.run)
+        acme = addrs.portals["acme"][0]
+        admin = {"authorization": f"Bearer {token}"}
+        async with httpx.AsyncClient(timeout=10) as http:
+            for _ in range(3):
+                assert (await http.post(acme + "/v1/chat/completions", json=body)).status_code == 200
+            spent = sum(r["cost"] for r in (await http.get(addrs.admin_url + "/admin/usage?by=portal",
+                                                           headers=admin)).json()["data"])
+            assert spent > 0
+            # A budget the portal has all but spent this month: the next request cannot fit.
+            _write(tmp_path, priced + f'\n[portals.acme.limits]\nbudget = {spent * 1.01}\nperiod = "month"\n', MODELS)
+            reloaded = await http.post(addrs.admin_url + "/admin/reload", headers=admin)
+            assert reloaded.json()["applied"] == ["portals.acme.limits"], reloaded.text
+            refused = await http.post(acme + "/v1/chat/completions", json=body)
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["code"] == "insufficient_quota"
+        cortex.stop()

@@ -233,6 +233,23 @@ class Metering:
                 account = self._accounts["key:" + key.key_id] = Account(f"key {key.key_id}", key.limits, now)
             account.restore(money, tokens)
 
+    def portal_changed(self, portal: Portal) -> None:
+        """A reload changed ``portal``'s limits: its account follows at once, and a budget it
+        did not have, or a new budget period, counts what the portal spent in that period
+        (from the ledger, as at start). Read on this thread: a reload is rare, and reads its
+        files on it too."""
+        subject, limits, now = "portal:" + portal.id, portal.limits, self.clock()
+        account = self._accounts.get(subject)
+        if account is not None and not account.set_limits(limits, now):
+            return
+        if account is None:
+            if limits.unlimited:
+                return
+            account = self._accounts[subject] = Account(f"portal {portal.id}", limits, now)
+        start = period_bounds(limits.period, now)[0]
+        money, tokens = self.store.spent_since("portal", start).get(portal.id, (0.0, 0))
+        account.restore(money, tokens)
+
     def account_state(self, subject: str) -> dict[str, Any] | None:
         account = self._accounts.get(subject)
         return None if account is None else account.snapshot(self.clock())
