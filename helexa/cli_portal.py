@@ -210,8 +210,11 @@ def _usage_table(rows: list[dict[str, Any]], by: str) -> str:
         return "no usage recorded"
     out = [[by.upper(), "REQUESTS", "PROMPT", "COMPLETION", "COST", "INCOMPLETE"]]
     for r in rows:
+        # No cost: a sum the ledger cannot give (rows written at an infinite price, which
+        # the config refuses now); shown as such, not a traceback.
+        cost = "-" if r["cost"] is None else f"{r['cost']:.6f}"
         out.append([str(r[by]), str(r["requests"]), str(r["prompt_tokens"]), str(r["completion_tokens"]),
-                    f"{r['cost']:.6f} {r['currency']}".strip(), str(r.get("incomplete", 0))])
+                    f"{cost} {r['currency']}".strip(), str(r.get("incomplete", 0))])
     return table(out)
 
 

@@ -12,8 +12,9 @@ neuron: request id and model). They live in a ``contextvars`` variable, so in tr
 follow the task that bound them and its children, never another request.
 
 Secrets never reach a log: every record's text passes through :func:`redact`, which masks
-API keys (``sk-hlx-...``), join tokens (``hlx1....``) and ``Bearer`` credentials, however
-they got into a message or an exception.
+API keys (``sk-hlx-...``), join tokens (``hlx1....``), admin tokens (``hlx-admin-...``) and
+``Bearer`` credentials, however they got into a message or an exception (a token a client
+put in a URL or a model name is as secret as one in a header).
 """
 
 from __future__ import annotations
@@ -37,12 +38,13 @@ FIELDS = ("request_id", "portal", "model", "neuron")
 
 _context: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("helexa_log_fields", default={})
 
-_SECRETS = re.compile(r"(sk-hlx-)[A-Za-z0-9_\-]+|(hlx1\.)[A-Za-z0-9_\-.]+|((?i:bearer)\s+)[^\s'\",]+")
+_SECRETS = re.compile(r"(sk-hlx-)[A-Za-z0-9_\-]+|(hlx1\.)[A-Za-z0-9_\-.]+|(hlx-admin-)[A-Za-z0-9_\-]+"
+                      r"|((?i:bearer)\s+)[^\s'\",]+")
 
 
 def redact(text: str) -> str:
-    """``text`` with API keys, join tokens and bearer credentials masked."""
-    return _SECRETS.sub(lambda m: (m.group(1) or m.group(2) or m.group(3)) + "***", text)
+    """``text`` with API keys, join tokens, admin tokens and bearer credentials masked."""
+    return _SECRETS.sub(lambda m: next(g for g in m.groups() if g) + "***", text)
 
 
 @contextlib.contextmanager

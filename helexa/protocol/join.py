@@ -49,6 +49,11 @@ from .hardware import NeuronDescriptor
 from .messages import Challenge, Fault, Hello, Join, Refused, Welcome
 from .model import ModelConfig, ModelStatus
 
+CLOSE_REPLACED = 4001
+"""The websocket close code of a joined neuron's connection when a new join takes its node
+id. A neuron that redials closes its old connection itself, so a live connection closed
+with this code means another neuron joined under the same id (a cloned machine-id)."""
+
 
 class State(enum.Enum):
     START = "start"

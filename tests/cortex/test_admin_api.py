@@ -3,13 +3,16 @@ usage reports; the portals' state; the admin token and the admin socket."""
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
 from helexa.roles.cortex.fleet import Fleet
 from helexa.roles.cortex.portal.store import SqliteStore
+from helexa.roles.cortex.portal.usage import UsageRecord
 from neuron_double import NeuronDouble
-from portals import acme, bearer, portals
+from portals import T0, acme, bearer, new_key, portals
 from serving import admin_headers
 
 CHAT = {"model": "fast", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}]}
@@ -81,6 +84,10 @@ async def test_usage_reports_group_filter_and_export() -> None:
             records = (await admin.get("/admin/usage/records", params={"key": k2["key_id"]})).json()["data"]
             bad = await admin.get("/admin/usage", params={"by": "week"})
             bad_time = await admin.get("/admin/usage", params={"since": "yesterday"})
+            # As bounds, NaN matched no row and -inf every one, answered 200 as if they meant something.
+            not_finite = [await admin.get(path, params={bound: value})
+                          for path in ("/admin/usage", "/admin/usage/records")
+                          for bound in ("since", "until") for value in ("nan", "inf", "-inf", "-Infinity")]
     assert by_key[k1["key_id"]]["requests"] == 2 and by_key[k1["key_id"]]["total_tokens"] == 16
     assert by_key[k2["key_id"]]["prompt_tokens"] == 2 and by_key[k2["key_id"]]["completion_tokens"] == 0
     assert [(r["model"], r["requests"]) for r in by_model] == [("fast", 2)]
@@ -90,6 +97,7 @@ async def test_usage_reports_group_filter_and_export() -> None:
     assert [(r["endpoint"], r["model_served"]) for r in records] == [("embeddings", "embed")]
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "by"
     assert bad_time.status_code == 400 and bad_time.json()["error"]["param"] == "since"
+    assert {(r.status_code, r.json()["error"]["param"]) for r in not_finite} == {(400, "since"), (400, "until")}
 
 
 async def test_bad_admin_requests_name_what_is_wrong() -> None:
@@ -200,3 +208,65 @@ async def test_metrics_from_an_address_outside_admin_clients_are_forbidden_even_
         async with httpx.AsyncClient() as http:
             metrics = await http.get(url + "/metrics", headers=admin_headers())
     assert metrics.status_code == 403
+
+
+async def test_a_portal_removed_from_the_config_keeps_its_usage_and_keys_in_the_reports(tmp_path) -> None:
+    """A portal taken out of cortex.toml (a restart later) leaves its ledger rows and keys:
+    `helexa usage --portal` and `keys list --portal` still show them (the operator bills
+    them); a portal that never was is still 404."""
+    store = SqliteStore(tmp_path / "usage.sqlite")
+    secret_key = new_key(store, "beta")
+    key_id = secret_key.removeprefix("sk-hlx-").split("_")[0]
+    store.append([UsageRecord(request_id="r1", portal="beta", key_id=key_id, endpoint="chat", model_asked="chat",
+                              model_served="chat", started_at=T0, ended_at=T0 + 1, prompt_tokens=3,
+                              completion_tokens=4, cost=0.5, currency="USD")])
+    async with portals(Fleet(), {"acme": acme()}, store=store) as (_, urls):
+        async with httpx.AsyncClient(base_url=urls["default"], headers=admin_headers()) as admin:
+            usage = await admin.get("/admin/usage?by=portal&portal=beta")
+            records = await admin.get("/admin/usage/records?portal=beta")
+            listed = await admin.get("/admin/keys?portal=beta")
+            typos = [await admin.get(path + "?portal=betta")
+                     for path in ("/admin/usage", "/admin/usage/records", "/admin/keys")]
+    store.close()
+    assert usage.status_code == 200, usage.text
+    assert [(r["portal"], r["requests"], r["cost"]) for r in usage.json()["data"]] == [("beta", 1, 0.5)]
+    assert [r["request_id"] for r in records.json()["data"]] == ["r1"]
+    assert [k["key_id"] for k in listed.json()["data"]] == [key_id]
+    assert [(r.status_code, r.json()["error"]["param"]) for r in typos] == [(404, "portal")] * 3
+
+
+async def test_a_revoked_key_stops_its_streams_in_flight_and_a_rotated_one_does_not() -> None:
+    """`keys revoke` "stops at once" (docs/portals.md): a stream the key has running ends at
+    its next token with the 401 error event, the neuron is told to cancel, and the tokens
+    it produced are billed; a rotation (same key, new secret) lets its streams finish."""
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=("chat",), tokens=60, token_delay=0.05)
+    store = SqliteStore(":memory:")
+    async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
+        async with httpx.AsyncClient(base_url=urls["default"], headers=admin_headers()) as admin, \
+                httpx.AsyncClient(base_url=urls["acme"]) as api:
+            ends = {}
+            for action in ("rotate", "revoke"):
+                made = (await admin.post("/admin/keys", json={"portal": "acme", "name": action})).json()
+                chunks: list[str] = []
+                body = {"model": "fast", "max_tokens": 60, "stream": True,
+                        "messages": [{"role": "user", "content": "x"}]}
+                async with api.stream("POST", "/v1/chat/completions", json=body, headers=bearer(made["key"])) as r:
+                    assert r.status_code == 200
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: "):
+                            chunks.append(line)
+                            if len(chunks) == 5:
+                                acted = await admin.post(f"/admin/keys/{made['key_id']}/{action}")
+                                assert acted.status_code == 200
+                ends[action] = (len(chunks), chunks[-1], made["key_id"])
+            records = {r["key_id"]: r for r in (await admin.get("/admin/usage/records")).json()["data"]}
+    n, last, _ = ends["rotate"]
+    assert n > 60 and last == "data: [DONE]"  # all 60 tokens, then the end
+    n, last, key_id = ends["revoke"]
+    assert n < 15 and json.loads(last.removeprefix("data: "))["error"]["code"] == "invalid_api_key"
+    assert f"key {key_id} was revoked" in last
+    assert len(neuron.cancelled) == 1
+    billed = records[key_id]
+    assert (billed["outcome"], billed["error_code"]) == ("error", "invalid_api_key")
+    assert 4 <= billed["completion_tokens"] < 15 and billed["cost"] > 0

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import httpx
@@ -10,11 +11,13 @@ import trio
 from click.testing import CliRunner
 
 from helexa.cli_portal import keys as keys_cli
+from helexa.cli_portal import usage as usage_cli
 from helexa.roles.cortex.fleet import Fleet
 from helexa.roles.cortex.portal import keys
 from helexa.roles.cortex.portal.quota import Limits
 from helexa.roles.cortex.portal.store import SqliteStore
-from portals import acme, portals
+from helexa.roles.cortex.portal.usage import UsageRecord
+from portals import T0, acme, portals
 from serving import ADMIN_TOKEN, admin_headers
 
 BIG = 99999999999999999999999
@@ -88,3 +91,26 @@ def test_the_cli_refuses_out_of_range_limits_before_asking() -> None:
     done = CliRunner().invoke(keys_cli, ["create", "--portal", "acme", "--name", "x", "--rpm", str(BIG)],
                               env={"HELEXA_ADMIN_TOKEN": ADMIN_TOKEN})
     assert done.exit_code == 2 and "--rpm" in done.output
+
+
+async def test_the_usage_table_shows_a_cost_the_ledger_cannot_sum_instead_of_failing(tmp_path) -> None:
+    """A ledger written while a portal's price was infinite (the config refuses it now) has
+    rows whose cost the reports cannot give: `helexa usage` shows "-" for it, the other
+    rows as ever, and exits 0 (it failed with a TypeError traceback)."""
+    store = SqliteStore(tmp_path / "usage.sqlite")
+    rows = [UsageRecord(request_id=f"r{i}", portal="acme", key_id=key_id, endpoint="chat", model_asked="fast",
+                        model_served="chat", started_at=T0, ended_at=T0 + 1, prompt_tokens=3, completion_tokens=4,
+                        cost=cost, currency="EUR") for i, (key_id, cost) in enumerate([("k1", math.inf), ("k2", 0.25)])]
+    store.append(rows)
+    async with portals(Fleet(), {"acme": acme()}, store=store) as (_, urls):
+        def cli(*args: str) -> tuple[int, str]:
+            done = CliRunner().invoke(usage_cli, [*args, "--cortex", urls["default"]],
+                                      env={"HELEXA_ADMIN_TOKEN": ADMIN_TOKEN})
+            return done.exit_code, done.output + repr(done.exception or "")
+
+        table = await trio.to_thread.run_sync(cli, "--by", "key")
+    store.close()
+    assert table[0] == 0, table
+    lines = table[1].splitlines()
+    assert lines[1].split()[0] == "k1" and "- EUR" in lines[1]
+    assert lines[2].split()[0] == "k2" and "0.250000 EUR" in lines[2]

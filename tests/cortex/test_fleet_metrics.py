@@ -95,3 +95,22 @@ async def test_every_metric_the_dashboard_and_the_alerts_use_is_served() -> None
                       "helexa_model_load_progress", "helexa_neuron_queued_requests", "helexa_mesh_peers",
                       "helexa_federation_requests_total", "helexa_gateway_in_flight_requests"}
     assert fleet_families <= used
+
+
+async def test_model_names_nothing_serves_add_no_series_to_the_metrics() -> None:
+    """Names a client makes up (on an open portal, which serves every name the fleet has)
+    are refused 404 and counted under one label, "-": as their own label values, each
+    would add series to /metrics for as long as the cortex runs."""
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("chat",))
+    async with serving(fleet, CATALOGUE) as (_, url), httpx.AsyncClient(base_url=url) as http:
+        for i in range(20):
+            body = {"model": f"made-up-{i}", "messages": [{"role": "user", "content": "x"}]}
+            assert (await http.post("/v1/chat/completions", json=body)).status_code == 404
+            assert (await http.post("/v1/chat/completions", json={**body, "stream": True})).status_code == 404
+            assert (await http.post("/v1/embeddings", json={"model": f"made-up-{i}", "input": "x"})).status_code == 404
+        text = (await http.get("/metrics", headers=admin_headers())).text
+    assert "made-up" not in text
+    decisions = {s.labels["model"]: s.value for f in text_string_to_metric_families(text)
+                 if f.name == "helexa_routing_decisions" for s in f.samples if s.name.endswith("_total")}
+    assert decisions == {"-": 60}

@@ -189,6 +189,25 @@ def test_a_portal_on_a_public_address_must_say_how_it_authenticates() -> None:
     assert list(CortexConfig().portals) == ["default"] and CortexConfig().portals["default"].listen == ["127.0.0.1:8080"]
 
 
+def test_a_price_or_budget_that_is_not_a_finite_amount_is_refused_in_one_line(tmp_path) -> None:
+    """TOML has inf and nan: an infinite price made every request's cost inf, a ledger row
+    the reports showed as null and `helexa usage` failed on with a traceback. Refused at
+    start and by a reload (same loader), naming the key; 1e15 is the admin API's bound."""
+    from helexa.config import ConfigError, load_config
+
+    path = tmp_path / "cortex.toml"
+    for table, key in (("prices = { fast = { input = %s } }", "prices.fast.input"),
+                       ("prices = { fast = { output = %s } }", "prices.fast.output"),
+                       ("quotas = { budget = %s }", "quotas.budget")):
+        for value in ("inf", "-inf", "nan", "1e16"):
+            path.write_text(f"[portals.acme]\nlisten = [\"127.0.0.1:0\"]\n{table % value}\n")
+            with pytest.raises(ConfigError) as err:
+                load_config(CortexConfig, file=path, environ={})
+            assert f"portals.acme.{key}" in str(err.value) and "\n" not in str(err.value), (table, value)
+    path.write_text('[portals.acme]\nlisten = ["127.0.0.1:0"]\nprices = { fast = { input = 1e15 } }\n')
+    assert load_config(CortexConfig, file=path, environ={}).portals["acme"].prices["fast"].input == 1e15
+
+
 def _self_signed(tmp_path):  # noqa: ANN001, ANN202
     import datetime
 

@@ -142,3 +142,85 @@ async def test_reload_applies_portal_and_catalogue_changes_while_a_stream_runs(t
         assert len(chunks) >= 20
         assert json.loads(chunks[-1].removeprefix("data: "))["choices"][0]["finish_reason"] == "stop"
         cortex.stop()
+
+
+async def test_a_request_admitted_before_a_price_change_is_billed_at_the_prices_it_was_admitted_at(
+        tmp_path: Path) -> None:
+    """"Requests already admitted finish as they were admitted" (docs/operations.md): a stream
+    running across a reload that raises the price is billed at the old price (its worst
+    case was reserved at it, so billing it at the new one could overrun a budget), and the
+    next request at the new one."""
+    priced = CONFIG.replace("[portals.acme]", "[portals.acme]\nrecord_usage = true\ncurrency = \"EUR\"")
+    path = _write(tmp_path, priced, MODELS)
+    overrides = {"data_dir": str(tmp_path / "data")}
+
+    def loader() -> CortexConfig:
+        return load_config(CortexConfig, file=path, overrides=overrides)
+
+    cortex = Cortex(loader(), loader=loader)
+    NeuronDouble("n1", cortex.fleet, loaded=("chat",), tokens=20, token_delay=0.05)
+    token = (tmp_path / "data" / "admin-token").read_text().strip()
+    body = {"model": "fast", "max_tokens": 20, "messages": [{"role": "user", "content": "x"}]}
+    async with trio.open_nursery() as nursery:
+        addrs = await nursery.start(cortex.run)
+        acme = addrs.portals["acme"][0]
+        admin = {"authorization": f"Bearer {token}"}
+        async with httpx.AsyncClient(timeout=10) as http:
+            async with http.stream("POST", acme + "/v1/chat/completions",
+                                   json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+                assert r.status_code == 200
+                lines = r.aiter_lines()
+                async for line in lines:
+                    if line.startswith("data: {"):
+                        break
+                _write(tmp_path, priced.replace("input = 1.0, output = 1.0", "input = 1000.0, output = 3000.0"),
+                       MODELS)
+                reloaded = await http.post(addrs.admin_url + "/admin/reload", headers=admin)
+                assert reloaded.json()["applied"] == ["portals.acme.prices"]
+                async for line in lines:
+                    pass
+            after = await http.post(acme + "/v1/chat/completions", json=body)
+            assert after.status_code == 200
+            records = (await http.get(addrs.admin_url + "/admin/usage/records?portal=acme", headers=admin)).json()
+        by_start = sorted(records["data"], key=lambda rec: rec["started_at"])
+        assert len(by_start) == 2
+        for rec, (p_in, p_out) in zip(by_start, [(1.0, 1.0), (1000.0, 3000.0)]):
+            assert rec["completion_tokens"] == 20 and rec["currency"] == "EUR"
+            assert rec["cost"] == pytest.approx((rec["prompt_tokens"] * p_in + rec["completion_tokens"] * p_out) / 1e6)
+        cortex.stop()
+
+
+async def test_a_budget_a_reload_gives_a_portal_counts_what_the_portal_spent_in_its_period(tmp_path: Path) -> None:
+    """Budgets are rebuilt from the ledger at start; a budget a reload adds to a portal (or
+    whose period it changes) must be too: its account started from zero, so a portal that
+    had spent its new budget already was served on as if it had spent nothing."""
+    priced = CONFIG.replace("[portals.acme]", "[portals.acme]\nrecord_usage = true").replace(
+        "input = 1.0, output = 1.0", "input = 1000.0, output = 1000.0")
+    path = _write(tmp_path, priced, MODELS)
+    overrides = {"data_dir": str(tmp_path / "data"), "usage_store": str(tmp_path / "usage.sqlite")}
+
+    def loader() -> CortexConfig:
+        return load_config(CortexConfig, file=path, overrides=overrides)
+
+    cortex = Cortex(loader(), loader=loader)
+    NeuronDouble("n1", cortex.fleet, loaded=("chat",), tokens=20)
+    token = (tmp_path / "data" / "admin-token").read_text().strip()
+    body = {"model": "fast", "max_tokens": 20, "messages": [{"role": "user", "content": "x"}]}
+    async with trio.open_nursery() as nursery:
+        addrs = await nursery.start(cortex.run)
+        acme = addrs.portals["acme"][0]
+        admin = {"authorization": f"Bearer {token}"}
+        async with httpx.AsyncClient(timeout=10) as http:
+            for _ in range(3):
+                assert (await http.post(acme + "/v1/chat/completions", json=body)).status_code == 200
+            spent = sum(r["cost"] for r in (await http.get(addrs.admin_url + "/admin/usage?by=portal",
+                                                           headers=admin)).json()["data"])
+            assert spent > 0
+            # A budget the portal has all but spent this month: the next request cannot fit.
+            _write(tmp_path, priced + f'\n[portals.acme.limits]\nbudget = {spent * 1.01}\nperiod = "month"\n', MODELS)
+            reloaded = await http.post(addrs.admin_url + "/admin/reload", headers=admin)
+            assert reloaded.json()["applied"] == ["portals.acme.limits"], reloaded.text
+            refused = await http.post(acme + "/v1/chat/completions", json=body)
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["code"] == "insufficient_quota"
+        cortex.stop()

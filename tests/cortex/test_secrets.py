@@ -3,9 +3,12 @@ logger at DEBUG, then the logs and every file of the SQLite database are searche
 
 from __future__ import annotations
 
+import io
 import logging
 
 import httpx
+
+from helexa import logs
 
 from helexa.roles.cortex.fleet import Fleet
 from helexa.roles.cortex.portal.store import SqliteStore
@@ -55,3 +58,26 @@ async def test_keys_and_the_admin_token_appear_in_no_log_and_no_database_file(tm
         assert secret[-43:] not in logged  # not even its random part
         for path in files:
             assert secret.encode() not in path.read_bytes(), path.name
+
+
+async def test_an_admin_token_a_client_puts_in_a_path_or_a_model_name_is_masked_in_the_log(tmp_path) -> None:
+    """The gateway logs each request's path (at DEBUG) and an unknown model's name: an admin
+    token pasted there (a mistaken URL, a probing client) is masked like a key or a join
+    token, in text and JSON lines alike."""
+    for fmt in ("text", "json"):
+        out = io.StringIO()
+        logs.setup("debug", fmt, stream=out)
+        try:
+            fleet = Fleet()
+            NeuronDouble("n1", fleet, loaded=("chat", "embed"))
+            async with portals(fleet, {}) as (_, urls):
+                async with httpx.AsyncClient(base_url=urls["default"]) as api:
+                    assert (await api.get("/" + ADMIN_TOKEN)).status_code == 404
+                    assert (await api.get("/v1/models/" + ADMIN_TOKEN)).status_code == 404
+                    body = {"model": ADMIN_TOKEN, "messages": [{"role": "user", "content": "x"}]}
+                    assert (await api.post("/v1/chat/completions", json=body)).status_code == 404
+        finally:
+            logs.setup("info")
+        text = out.getvalue()
+        assert "GET /hlx-admin-*** -> 404" in text, fmt  # the lines were written, masked
+        assert ADMIN_TOKEN not in text and "test-token" not in text, fmt

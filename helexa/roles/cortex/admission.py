@@ -286,12 +286,13 @@ class Admission:
         for model_id in self.queue.models():
             self.pump(model_id)
 
-    def fail(self, model_id: str, error: GatewayError) -> None:
-        """Every request waiting for ``model_id`` fails with ``error`` (its load failed)."""
+    def fail(self, model_id: str, error: GatewayError, reason: str = "load_failed") -> None:
+        """Every request waiting for ``model_id`` fails with ``error`` (its load failed, or
+        the cortex is stopping: ``reason``, the rejection's label)."""
         for ticket in [t for t in self._tickets.values() if t.pending.model_id == model_id and not t.done.is_set()]:
             if self.queue.remove(ticket.waiter.ticket) is not None:
                 self.om.waiting(model_id, ticket.waiter.portal, -1)
-                self.om.rejected(model_id, ticket.waiter.portal, "load_failed")
+                self.om.rejected(model_id, ticket.waiter.portal, reason)
                 ticket.error = error
                 ticket.done.set()
 

@@ -25,6 +25,10 @@ from helexa.telemetry import TelemetryConfig
 from helexa.config import SocketAddr, split_socket
 from helexa.protocol import DEFAULT_MAX_FRAME
 
+MAX_AMOUNT = 1e15
+"""The largest price (per million tokens) or budget a portal may set: the admin API's bound
+on a key's budget, what the ledger and the reports can hold and show."""
+
 
 def default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
@@ -212,7 +216,7 @@ class QuotaConfig(BaseModel):
     rpm: int | None = Field(None, ge=1)
     tpm: int | None = Field(None, ge=1)
     max_concurrent: int | None = Field(None, ge=1)
-    budget: float | None = Field(None, ge=0)
+    budget: float | None = Field(None, ge=0, le=MAX_AMOUNT, allow_inf_nan=False)
     budget_unit: Literal["money", "tokens"] = "money"
     period: Literal["day", "month", "total"] = "month"
 
@@ -222,8 +226,10 @@ class PriceConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    input: float = Field(0.0, ge=0)
-    output: float = Field(0.0, ge=0)
+    # Finite and bounded as the admin API bounds a budget: an infinite price made every
+    # request's cost inf (a ledger row that reports show as null, and CLI tables failed on).
+    input: float = Field(0.0, ge=0, le=MAX_AMOUNT, allow_inf_nan=False)
+    output: float = Field(0.0, ge=0, le=MAX_AMOUNT, allow_inf_nan=False)
 
 
 class RoutingConfig(BaseModel):

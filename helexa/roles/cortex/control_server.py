@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from helexa.protocol import ProtocolError
-from helexa.protocol.join import Admitted, CortexJoin, Failure, RecentNonces, Refusal
+from helexa.protocol.join import CLOSE_REPLACED, Admitted, CortexJoin, Failure, RecentNonces, Refusal
 from helexa.transport import Channel, ChannelClosed
 from helexa.transport import websocket as ws_transport
 from helexa.transport.admission import FailedJoins, PendingHandshakes, host_of
@@ -185,8 +185,8 @@ class ControlServer:
         # Registered before the welcome goes out: once a neuron is welcomed, it is counted.
         old = self.fleet.add(link)
         if old is not None and old.connected:
-            log.info("neuron %s reconnected; closing its previous connection", link.node_id)
-            await old.close(1000, "replaced by a new connection")
+            log.info("neuron %s joined again from %s; closing its previous connection", link.node_id, channel.remote)
+            await old.close(CLOSE_REPLACED, f"replaced by a new connection of node id {link.node_id}")
         for frame in frames:  # the welcome
             await channel.send(frame)
         log.info(

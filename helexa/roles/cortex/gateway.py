@@ -61,7 +61,7 @@ from .anthropic_api import error_shape as anthropic_error_shape
 from .asgi import ErrorShape, Exchange, Limits, Receive, Responder, Route, Router, Scope, Send
 from .config import DEFAULT_PORTAL, PortalConfig
 from .disconnect_watch import DisconnectWatch
-from .errors import BadRequest, ClientGone, GatewayError, client_gone, envelope
+from .errors import BadRequest, ClientGone, GatewayError, NoCapacity, client_gone, envelope
 from .fleet_metrics import FleetCollector
 from .http import HttpServer
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -79,7 +79,7 @@ from .portal.store import SqliteStore, Store
 from .portal.writer import LedgerWriter
 from .request_limits import RequestLimits
 from .responses_surface import ResponsesSurface
-from .shutdown import InFlight
+from .shutdown import CUT_WAIT, InFlight
 
 if TYPE_CHECKING:
     from .config import CortexConfig
@@ -370,6 +370,13 @@ class Gateway:
         for server in self._servers:
             server.stop()
 
+    def cut(self) -> None:
+        """The stop's grace is over: every model request still waiting or running ends now
+        with a 503 ``shutting_down`` (an error event on a stream already under way), which
+        its surface writes before the servers close the connections (:data:`CUT_WAIT`)."""
+        self.orchestrator.cut(NoCapacity("the cortex is stopping: retry shortly", code="shutting_down",
+                                         retry_after=self.orchestrator.config.retry_after))
+
     async def _serve(self, app: PortalApp, addr: str, portal: PortalConfig | None,
                      task_status: trio.TaskStatus[list[str]]) -> None:
         host, port = split_socket(addr)
@@ -380,7 +387,7 @@ class Gateway:
         c = self.config
         server = HttpServer(app, host=host, port=port, keep_alive_timeout=c.keep_alive_timeout,
                             keep_alive_max_requests=c.keep_alive_max_requests, read_timeout=c.body_timeout,
-                            send_timeout=c.send_timeout, shutdown_grace=self.shutdown_grace,
+                            send_timeout=c.send_timeout, shutdown_grace=self.shutdown_grace + CUT_WAIT,
                             error_body=server_error_body)
         self._servers.append(server)
         if self._stop.is_set():
@@ -396,7 +403,7 @@ class Gateway:
         cfg.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
         cfg.keep_alive_timeout = self.config.keep_alive_timeout
         cfg.keep_alive_max_requests = self.config.keep_alive_max_requests
-        cfg.graceful_timeout = self.shutdown_grace
+        cfg.graceful_timeout = self.shutdown_grace + CUT_WAIT
         cfg.accesslog = None
         cfg.errorlog = logging.getLogger("helexa.gateway.http")
         if tls is not None:

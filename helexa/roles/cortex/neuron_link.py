@@ -256,6 +256,13 @@ class NeuronLink:
             stream.fail(NeuronGone(str(reason), started=stream.started))
         self._on_change()
 
+    def fail_streams(self, error: Exception) -> None:
+        """Every request running here ends with ``error`` (the cortex's stop, past its grace):
+        its consumer raises it at its next event, so its surface can still end the answer
+        with an error of its own shape."""
+        for stream in list(self._streams.values()):
+            stream.fail(error)
+
     async def drop_silent(self, reason: str) -> None:
         """The neuron went silent (missed heartbeats): mark it unhealthy at once, so no new
         work goes there, and close the connection so that its requests fail fast."""

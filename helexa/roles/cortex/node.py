@@ -237,6 +237,7 @@ class Cortex:
             live.portals[pid] = portal_config
             portal: Portal = self.gateway.portals[pid]
             portal.reconfigure(portal_config)
+            self.gateway.metering.portal_changed(portal)
         for name in type(live.orchestrator).model_fields:
             setattr(live.orchestrator, name, getattr(new.orchestrator, name))
         spare = live.federation.spare_slots_per_neuron

@@ -170,6 +170,17 @@ class Orchestrator:
         finish within ``drain_grace``, then it unloads."""
         await self.provisioner.unload(node_id, model_id, reason="operator")
 
+    def cut(self, error: GatewayError) -> None:
+        """The cortex's stop, past its grace: every request waiting in the queue and every
+        one running on a neuron ends with ``error`` now, so its surface answers it (a 503,
+        or a stream's error event) before the connections close."""
+        for model_id in self.admission.queue.models():
+            self.admission.fail(model_id, error, "stopping")
+        for link in self.fleet:
+            fail = getattr(link, "fail_streams", None)
+            if fail is not None:
+                fail(error)
+
     def slots(self, model_id: str) -> int:
         """Requests one neuron runs at once for ``model_id`` (0: no limit known): its
         config's ``n_parallel``, the backend's default, else ``default_slots``."""
@@ -304,7 +315,10 @@ class Orchestrator:
         return link
 
     def _log(self, d: RoutingDecision, node_id: str | None) -> None:
-        self.om.decided(d.model_id, d.mode, d.cache, matched=d.matched, total=d.blocks)
+        # A name nothing serves is the client's to choose: as a label, each would be a new
+        # series (a client could grow /metrics without bound), so they all count as "-".
+        model = d.model_id if d.mode != "none" or d.model_id in self.catalogue else "-"
+        self.om.decided(model, d.mode, d.cache, matched=d.matched, total=d.blocks)
         self.routing_log.record(d, node_id, time.time())
         if log.isEnabledFor(logging.DEBUG):
             waited = f" waited={d.waited:.3f}s" if d.waited is not None else ""

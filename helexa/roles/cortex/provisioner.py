@@ -414,6 +414,13 @@ class Provisioner:
         wanted = [replace(d, rate=self.live.rate(m, now), load_time=self.load_times.get(m))
                   for m, d in demand.items() if m not in self._flights and m not in self._swapped
                   and m in self.catalogue]
+        # No usable neuron can hold it (its only one left): the 503 a new request gets, now.
+        stranded = {d.model_id for d in wanted if d.model_id not in resident and (e := self.catalogue.get(d.model_id))
+                    and not any(e.is_feasible_on(v.hardware) for v in views)}
+        for model_id in stranded:
+            self._on_load_failed(model_id, NoCapacity(f"no usable neuron for model {model_id!r} right now",
+                                                      retry_after=self.settings.retry_after))
+        wanted = [d for d in wanted if d.model_id not in stranded]
         if not wanted:
             return None
         plans, retry = plan_loads([d for d in wanted if d.model_id not in resident],

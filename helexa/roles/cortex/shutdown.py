@@ -6,7 +6,10 @@ The order, on SIGINT/SIGTERM or :meth:`~.node.Cortex.stop`:
    keep-alive connections at once;
 2. **let in-flight work finish**: HTTP requests being served get ``shutdown_grace``
    seconds, and the stop goes on as soon as none is left (:class:`InFlight` wakes it, no
-   polling);
+   polling); the model requests still waiting or running after it are ended with a 503
+   ``shutting_down`` (a stream already under way: its surface's error event, and a whole
+   response), and get :data:`CUT_WAIT` more seconds to write it before the servers close
+   the connections;
 3. **tell the neurons**: each connected neuron gets ``Shutdown`` and its connection is
    closed, so it reconnects to whatever cortex comes back instead of waiting for a
    heartbeat timeout;
@@ -28,6 +31,10 @@ if TYPE_CHECKING:
     from .gateway import Gateway
 
 log = logging.getLogger(__name__)
+
+CUT_WAIT = 2.0
+"""Seconds the requests ended at the grace's end get to write their error (the servers
+keep their connections open this much longer than ``shutdown_grace``)."""
 
 
 class InFlight:
@@ -69,5 +76,9 @@ async def drain(gateway: Gateway, control: ControlServer, *, grace: float, reaso
         with trio.move_on_after(grace) as waited:
             await gateway.in_flight.wait_idle()
         if waited.cancelled_caught:
-            log.warning("%d request(s) still running after the %.0fs grace: cut", gateway.in_flight.count, grace)
+            log.warning("%d request(s) still running after the %.0fs grace: ended with 503 shutting_down",
+                        gateway.in_flight.count, grace)
+            gateway.cut()
+            with trio.move_on_after(CUT_WAIT):
+                await gateway.in_flight.wait_idle()
         await control.shutdown_neurons(reason, grace)

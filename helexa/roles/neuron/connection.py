@@ -24,7 +24,7 @@ from typing import Any
 import trio
 
 from helexa.protocol import NeuronDescriptor, ProtocolError
-from helexa.protocol.join import Failure, Impostor, NeuronJoin, Refusal, Welcomed
+from helexa.protocol.join import CLOSE_REPLACED, Failure, Impostor, NeuronJoin, Refusal, Welcomed
 from helexa.transport import Channel, ChannelClosed, ConnectFailed
 from helexa.transport import websocket as ws_transport
 from helexa.transport.handshake import exchange
@@ -139,6 +139,11 @@ class Connection:
                         welcomed = await self._join(channel)
                         await self._stay(channel, welcomed, serve)
                 except (ConnectFailed, ChannelClosed, ProtocolError, trio.TooSlowError) as exc:
+                    if isinstance(exc, ChannelClosed) and exc.code == CLOSE_REPLACED:
+                        # Not our own redial (that leaves the old connection first): another
+                        # neuron joined as us. Redialing would push it out, and it us, forever.
+                        raise JoinRefused("duplicate_node_id", f"another neuron joined {c.cortex} as "
+                                          f"{self._descriptor.node_id!r}: each neuron needs its own node_id") from None
                     log.info("connection to cortex lost: %s", exc or type(exc).__name__)
                 if self.joins > joined_before:
                     delays = backoff_delays(c.reconnect_initial, c.reconnect_max, self._rng)

@@ -78,14 +78,16 @@ def parse_time(value: Any, name: str) -> float | None:
         raise BadRequest(f"{name}: expected Unix seconds or an ISO 8601 date, got {value!r}", param=name)
     if isinstance(value, (int, float)):
         try:
-            return float(value)
+            return _finite(float(value), name)
         except OverflowError:
             raise BadRequest(f"{name}: {value} is out of range", param=name) from None
     text = str(value).strip()
     try:
-        return float(text)
+        seconds = float(text)
     except ValueError:
         pass
+    else:
+        return _finite(seconds, name)
     try:
         if len(text) == 10:
             d = date.fromisoformat(text)
@@ -94,6 +96,14 @@ def parse_time(value: Any, name: str) -> float | None:
         return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).timestamp()
     except ValueError:
         raise BadRequest(f"{name}: expected Unix seconds or an ISO 8601 date, got {text!r}", param=name) from None
+
+
+def _finite(seconds: float, name: str) -> float:
+    """``seconds``, unless it is NaN or infinite: as a bound, NaN matched no row and
+    ``-inf`` every one, silently."""
+    if not math.isfinite(seconds):
+        raise BadRequest(f"{name}: expected Unix seconds or an ISO 8601 date, got {seconds!r}", param=name)
+    return seconds
 
 
 def expiry(value: Any, now: float, *, new: bool) -> float | None:
@@ -299,9 +309,10 @@ class AdminApi:
 
     async def list_keys(self, ex: Exchange) -> None:
         portal = ex.query().get("portal")
-        if portal is not None:
-            self._portal(portal)
-        await ex.out.json({"object": "list", "data": self.key_views(portal)})
+        views = self.key_views(portal)
+        if portal is not None and not views:
+            self._portal(portal)  # a typo is 404; a portal removed from the config still has its keys
+        await ex.out.json({"object": "list", "data": views})
 
     async def create_key(self, ex: Exchange) -> None:
         await ex.out.json(await self.create(await ex.body()), status=201)
@@ -386,10 +397,15 @@ class AdminApi:
 
     # --- usage -----------------------------------------------------------------------------
 
+    def _known(self, portal: str | None, rows: list[Any]) -> None:
+        """A usage filter's ``portal`` that is neither configured nor in the ledger nor has
+        keys is a typo (404). A portal removed from the config keeps its ledger and its
+        keys, and the operator still bills it."""
+        if portal is not None and not rows and portal not in self.portals and not self.keyring.list(portal):
+            self._portal(portal)
+
     def _filters(self, ex: Exchange) -> dict[str, Any]:
         q = ex.query()
-        if q.get("portal") is not None:
-            self._portal(q["portal"])
         return {"portal": q.get("portal"), "key_id": q.get("key"), "since": parse_time(q.get("since"), "since"),
                 "until": parse_time(q.get("until"), "until")}
 
@@ -400,6 +416,7 @@ class AdminApi:
             raise BadRequest(f"by: one of {', '.join(GROUPS)}", param="by")
         filters = self._filters(ex)
         rows = await self.metering.blocking(lambda: self.store.report(by=by, **filters))
+        self._known(filters["portal"], rows)
         if q.get("format") == "csv":
             await ex.out.full(200, [(b"content-type", b"text/csv; charset=utf-8")], to_csv(rows).encode())
             return
@@ -413,6 +430,7 @@ class AdminApi:
             raise BadRequest("limit: an integer", param="limit") from None
         filters = self._filters(ex)
         rows = await self.metering.blocking(lambda: self.store.records(limit=max(1, min(limit, 100_000)), **filters))
+        self._known(filters["portal"], rows)
         await ex.out.full(200, [(b"content-type", b"application/json")],
                           json.dumps({"object": "list", "data": [r.as_dict() for r in rows]}).encode())
 

@@ -29,7 +29,7 @@ class MeteredGeneration:
     after the ``async with`` block, :attr:`result` is the :class:`GenerateResult` (text
     and tool calls not sent as chunks, and the usage billed), on disk in the ledger."""
 
-    __slots__ = ("_gen", "completion_tokens", "final", "result", "node_id", "ttft")
+    __slots__ = ("_gen", "completion_tokens", "final", "result", "node_id", "ttft", "stop")
 
     def __init__(self) -> None:
         self._gen: Any = None
@@ -38,6 +38,8 @@ class MeteredGeneration:
         self.result: GenerateResult | None = None
         self.node_id = ""
         self.ttft: float | None = None
+        self.stop: Exception | None = None
+        """Set when the key was revoked (or expired) while this ran: raised at its next event."""
 
     def __aiter__(self) -> "MeteredGeneration":
         return self
@@ -46,6 +48,8 @@ class MeteredGeneration:
         if self.final is not None:
             raise StopAsyncIteration
         event = await self._gen.__anext__()
+        if self.stop is not None:
+            raise self.stop
         if type(event) is TokenChunk:
             self.completion_tokens += event.tokens
             return event
@@ -87,6 +91,8 @@ class MeteredRun:
         if accounts and (refusal := admit(accounts, plan.reservation, now)) is not None:
             plan = self._plan = await self._recounted(request, plan, refusal, served, accounts, now)
         run = self._run = MeteredGeneration()
+        if caller.key is not None:
+            m.live.setdefault(caller.key.key_id, set()).add(run)
         self._started, self._t0 = now, trio.current_time()
         if portal.ask_policy is not None:
             self._token = ASK_POLICY.set(portal.ask_policy)
@@ -157,6 +163,11 @@ class MeteredRun:
             self._reset()
 
     def _reset(self) -> None:
+        key = self._caller.key
+        if key is not None and (live := self._metering.live.get(key.key_id)) is not None:
+            live.discard(self._run)
+            if not live:
+                del self._metering.live[key.key_id]
         if self._token is not None:
             ASK_POLICY.reset(self._token)
             self._token = None

@@ -42,7 +42,8 @@ import trio
 
 from helexa.protocol import EmbedRequest, EmbedResult, GenerateRequest, Usage
 
-from ..errors import BadRequest, ClientGone, GatewayError, InsufficientQuota, ModelNotFound, RateLimited, UpstreamError, to_gateway_error
+from ..errors import (BadRequest, ClientGone, GatewayError, InsufficientQuota, ModelNotFound, RateLimited, Unauthorized,
+                      UpstreamError, to_gateway_error)
 from ..metrics import Metrics
 from ..prompt_size import prompt_bytes, prompt_upper_bound
 from .keys import ApiKey
@@ -84,12 +85,21 @@ class Caller:
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """A request made ready to run: what goes to the orchestrator, and its worst case."""
+    """A request made ready to run: what goes to the orchestrator, its worst case, and the
+    tariff it was admitted under (``prices``: input and output per million tokens, in
+    ``currency``). A live reload changes the portal, not an admitted request: it is billed
+    at the prices its worst case was reserved at."""
 
     asked: str
     forward: GenerateRequest | EmbedRequest
     reservation: Reservation
     prompt_bytes: int
+    prices: tuple[float, float] = (0.0, 0.0)
+    currency: str = ""
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        p_in, p_out = self.prices
+        return (prompt_tokens * p_in + completion_tokens * p_out) / 1_000_000
 
 
 class Metering:
@@ -119,6 +129,8 @@ class Metering:
         self.receipts: Receipts | None = None
         """Set when the mesh is on: links a federated request's ledger row to its receipt."""
         self._accounts: dict[str, Account] = {}
+        self.live: dict[str, set[MeteredGeneration]] = {}
+        """The generations running for each key (by id), stopped when it is revoked."""
         self.traffic: Any = None
         """Told of every settled request (the console's Traffic page; :mod:`..web.traffic`)."""
 
@@ -177,9 +189,14 @@ class Metering:
 
     async def key_changed(self, key: ApiKey) -> None:
         """A key's limits changed (admin API): its account follows, its budget period's
-        spending re-read from the ledger when the period changed."""
+        spending re-read from the ledger when the period changed. A key revoked (or expired)
+        stops its generations still running, at their next token: a revoke stops at once."""
         account = self._accounts.get("key:" + key.key_id)
         now = self.clock()
+        state = key.state(now)
+        if state != "active":
+            for run in self.live.get(key.key_id, ()):
+                run.stop = Unauthorized(f"key {key.key_id} was {state} while this answer ran")
         if account is None or account.set_limits(key.limits, now):
             start = period_bounds(key.limits.period, now)[0]
             spent = await self.blocking(self.store.spent_since, "key_id", start)
@@ -189,6 +206,23 @@ class Metering:
                     return
                 account = self._accounts["key:" + key.key_id] = Account(f"key {key.key_id}", key.limits, now)
             account.restore(money, tokens)
+
+    def portal_changed(self, portal: Portal) -> None:
+        """A reload changed ``portal``'s limits: its account follows at once, and a budget it
+        did not have, or a new budget period, counts what the portal spent in that period
+        (from the ledger, as at start). Read on this thread: a reload is rare, and reads its
+        files on it too."""
+        subject, limits, now = "portal:" + portal.id, portal.limits, self.clock()
+        account = self._accounts.get(subject)
+        if account is not None and not account.set_limits(limits, now):
+            return
+        if account is None:
+            if limits.unlimited:
+                return
+            account = self._accounts[subject] = Account(f"portal {portal.id}", limits, now)
+        start = period_bounds(limits.period, now)[0]
+        money, tokens = self.store.spent_since("portal", start).get(portal.id, (0.0, 0))
+        account.restore(money, tokens)
 
     def account_state(self, subject: str) -> dict[str, Any] | None:
         account = self._accounts.get(subject)
@@ -211,7 +245,7 @@ class Metering:
                              param="max_tokens")
         if not counted:
             forward = request if served == asked else dataclasses.replace(request, model_id=served)
-            return Plan(asked, forward, _NOTHING_RESERVED, 0)
+            return Plan(asked, forward, _NOTHING_RESERVED, 0, portal.price(asked), portal.currency)
         size, _ = prompt_bytes(request)
         completion = max_tokens or (entry.max_output if entry is not None else None) or portal.config.default_max_tokens
         # An exact count (the edge's tokenizer) bounds the prompt; else its bytes do.
@@ -228,7 +262,7 @@ class Metering:
             if bounded and max_tokens is None:
                 sampling = dataclasses.replace(sampling, max_tokens=completion)
             forward = dataclasses.replace(request, model_id=served, sampling=sampling)
-        return Plan(asked, forward, Reservation(tokens, cost), size)
+        return Plan(asked, forward, Reservation(tokens, cost), size, (p_in, p_out), portal.currency)
 
     def _plan_embed(self, caller: Caller, request: EmbedRequest) -> Plan:
         portal = caller.portal
@@ -238,9 +272,10 @@ class Metering:
         context = entry.max_context if entry is not None else None
         sizes = [len(text.encode()) + 2 for text in request.inputs]
         tokens = sum(min(s, context) for s in sizes) if context else sum(sizes)
-        p_in, _ = portal.price(asked)
+        prices = portal.price(asked)
         forward = request if served == asked else dataclasses.replace(request, model_id=served)
-        return Plan(asked, forward, Reservation(tokens, tokens * p_in / 1_000_000), sum(sizes))
+        return Plan(asked, forward, Reservation(tokens, tokens * prices[0] / 1_000_000), sum(sizes), prices,
+                    portal.currency)
 
     def _admit(self, caller: Caller, plan: Plan, accounts: list[Account], now: float) -> list[Account]:
         if accounts:
@@ -334,7 +369,7 @@ class Metering:
         cancellation can come between a reservation and its settling); returns the usage
         record to make durable (:meth:`_record`), None when the portal records no usage."""
         portal = caller.portal
-        cost = portal.cost(plan.asked, prompt, completion)
+        cost = plan.cost(prompt, completion)  # at the admitted prices, whatever a reload did since
         now = self.clock()
         for account in accounts:
             account.settle(plan.reservation, prompt + completion, cost, now)
@@ -349,7 +384,7 @@ class Metering:
             code = code or "error"
         self.metrics.portal_request(portal.id, plan.asked if not isinstance(error, ModelNotFound) else "-", outcome,
                                     prompt_tokens=prompt, completion_tokens=completion, cost=cost,
-                                    currency=portal.currency)
+                                    currency=plan.currency)
         if self.traffic is not None:
             self.traffic.observe(portal.id, plan.asked, ok=outcome != "error", prompt_tokens=prompt,
                                  completion_tokens=completion, ttft=ttft, key_id=caller.key_id)
@@ -359,7 +394,7 @@ class Metering:
             request_id=plan.forward.request_id, portal=portal.id, key_id=caller.key_id, endpoint=endpoint,
             model_asked=plan.asked, model_served=plan.forward.model_id, started_at=started, ended_at=now,
             prompt_tokens=prompt, cached_tokens=cached, completion_tokens=completion, cost=cost,
-            currency=portal.currency, latency=trio.current_time() - t0, ttft=ttft, node_id=node_id,
+            currency=plan.currency, latency=trio.current_time() - t0, ttft=ttft, node_id=node_id,
             outcome=outcome, error_code=code)
 
     async def _record(self, record: UsageRecord | None) -> None:
