@@ -10,7 +10,7 @@ import trio
 from helexa.roles.cortex.config import PortalConfig
 from helexa.roles.cortex.fleet import Fleet
 from helexa.roles.cortex.portal.portal import Portal
-from helexa.roles.cortex.web.fleet_feed import FleetFeed
+from helexa.roles.cortex.web.fleet_feed import FleetFeed, finite
 from helexa.roles.cortex.web.portal_site import colors
 from helexa.roles.cortex.web.sessions import Sessions
 from helexa.roles.cortex.web.traffic import BUCKET, SPAN, Traffic
@@ -115,6 +115,26 @@ async def test_a_slow_watcher_gets_the_newest_document_not_a_queue(autojump_cloc
                 await sub.next()
             assert scope.cancelled_caught  # only the newest one was waiting
         nursery.cancel_scope.cancel()
+
+
+async def test_closing_the_feed_ends_every_watch_now_and_later(autojump_clock) -> None:
+    feed = FleetFeed(Fleet(), None, interval=1.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(feed.run)
+        with feed.subscribe() as sub:
+            assert await sub.next() is not None
+            feed.close()  # the cortex is stopping: an event stream must not wait for more
+            with trio.fail_after(0.01):
+                assert await sub.next() is None
+        with feed.subscribe() as late, trio.fail_after(0.01):
+            assert await late.next() is None
+        nursery.cancel_scope.cancel()
+
+
+def test_the_fleet_document_carries_no_nan_or_infinity() -> None:
+    nan, inf = float("nan"), float("inf")
+    assert finite({"cpu": nan, "gpus": [{"util": inf}, {"util": 0.5}], "n": 3, "t": (-inf, "x")}) == {
+        "cpu": None, "gpus": [{"util": None}, {"util": 0.5}], "n": 3, "t": [None, "x"]}
 
 
 def test_a_portal_theme_takes_plain_css_colours_only_and_picks_readable_text_on_its_primary() -> None:

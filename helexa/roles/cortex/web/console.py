@@ -161,8 +161,22 @@ async def fleet(session: Session) -> Any:
 @blueprint.get("/events")
 @action
 async def events(session: Session) -> Any:
-    """SSE: ``fleet`` documents as they change, ``traffic`` every 10 s."""
+    """SSE: ``fleet`` documents as they change, ``traffic`` every 10 s; until the session
+    ends (a sign-out, its expiry, a rotated admin token: checked at every fleet document, at
+    least once a second) or the cortex stops. The browser then reconnects, is refused (401)
+    and the page goes to the login page."""
     w = web()
+    headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+    if request.method == "HEAD":  # the stream's headers only: a HEAD never gets an endless body
+        return Response(b"", mimetype="text/event-stream", headers=headers)
+    secret = request.cookies.get(COOKIE)
+
+    def still_open() -> bool:
+        try:
+            token = w.gateway.admin.token()
+        except (OSError, ValueError):
+            token = None
+        return w.sessions.find(secret, token) is session
 
     async def stream() -> AsyncIterator[bytes]:
         with w.feed.subscribe() as sub:
@@ -172,15 +186,17 @@ async def events(session: Session) -> Any:
                 doc = None
                 with trio.move_on_after(max(0.0, next_traffic - trio.current_time())):
                     doc = await sub.next()
+                    if doc is None:  # the feed is closed: the cortex is stopping
+                        return
+                if not still_open():
+                    return
                 if doc is not None:
                     yield b"event: fleet\ndata: " + doc + b"\n\n"
                 if trio.current_time() >= next_traffic:
                     next_traffic = trio.current_time() + TRAFFIC_EVERY
                     yield b"event: traffic\ndata: " + json.dumps(w.traffic.view(), separators=(",", ":")).encode() + b"\n\n"
 
-    response = Response(stream(), mimetype="text/event-stream")
-    response.headers["Cache-Control"] = "no-store"
-    response.headers["X-Accel-Buffering"] = "no"
+    response = Response(stream(), mimetype="text/event-stream", headers=headers)
     response.timeout = None
     return response
 

@@ -1,0 +1,204 @@
+"""The console's live parts where things go wrong around them, in Debian's headless Chromium
+(Playwright) against real cortex and neuron processes: a neuron that reports NaN figures,
+a session that ends under an open event stream, a cortex restarted under an open page.
+
+One cortex serves the module (its admin socket apart from the default portal, a keyed and
+priced portal ``acme``, a neuron ``n1`` with a synthetic model); the restart test starts a
+cortex of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from procs import Cortex, ProcGroup, helexa_command
+
+pytestmark = pytest.mark.slow
+sync_api = pytest.importorskip("playwright.sync_api", reason="the web tests drive Chromium with Playwright")
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+if not Path(CHROMIUM).exists():
+    pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run does)",
+                allow_module_level=True)
+expect = sync_api.expect
+
+MODELS = """
+[models."synth"]
+backend = "synthetic"
+memory_mb = 10
+[models."synth".config]
+metadata = { tokens = 400, tokens_per_second = 400 }
+"""
+
+PORTALS = """
+[portals.acme]
+name = "Acme AI"
+listen = ["127.0.0.1:0"]
+auth = "keys"
+aliases = { fast = "synth" }
+currency = "EUR"
+prices = { fast = { input = 0.1, output = 0.3 } }
+"""
+
+# Imported at the start of the neuron's interpreter (PYTHONPATH): its heartbeats say its CPU
+# is NaN, as a driver's bad reading (or a hostile neuron) would.
+NAN_NEURON = """
+import dataclasses
+from helexa.roles.neuron import hardware
+
+_sample = hardware.MetricsSampler.sample
+
+
+def _nan_sample(self, **kw):
+    return dataclasses.replace(_sample(self, **kw), cpu_percent=float("nan"))
+
+
+hardware.MetricsSampler.sample = _nan_sample
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def procs(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    with ProcGroup(tmp_path_factory.mktemp("web-console")) as group:
+        yield group
+
+
+@pytest.fixture(scope="module")
+def cortex(procs: ProcGroup) -> Cortex:
+    c = procs.cortex(models=MODELS, config=f'admin_socket = "127.0.0.1:0"\n{PORTALS}')
+    procs.neuron(c, "n1")
+    return c
+
+
+@pytest.fixture(scope="module")
+def browser():  # noqa: ANN201
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+def login(browser, admin_url: str, token: str):  # noqa: ANN001, ANN201
+    page = browser.new_page(viewport={"width": 1280, "height": 860})
+    page.set_default_timeout(20_000)
+    problems: list[str] = []
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text} ({page.url})")
+            if m.type == "error" else None)
+    page.goto(admin_url + "/console/")
+    page.get_by_label("Admin token").fill(token)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page).to_have_url(re.compile(r"/console/fleet$"))
+    return page, problems
+
+
+def test_a_neuron_reporting_nan_leaves_every_card_on_the_fleet_page(
+        browser, cortex: Cortex, procs: ProcGroup, tmp_path: Path) -> None:  # noqa: ANN001
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(NAN_NEURON)
+    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
+    odd = procs.neuron(cortex, "odd", env={"PYTHONPATH": path})
+    cortex.wait_for(lambda f: next(n for n in f["neurons"] if n["node_id"] == "odd")["metrics"]["cpu_percent"] is None,
+                    "odd's NaN heartbeat")
+    page, problems = login(browser, cortex.admin_url, cortex.admin_token)
+    for node in ("n1", "odd"):  # one neuron's NaN does not blank the others (it was invalid JSON)
+        expect(page.locator(f"article.neuron[data-node={node}]")).to_be_visible()
+    cpu = page.locator("article.neuron[data-node=odd] [data-field=cpu]")
+    expect(cpu).to_have_text(re.compile(r"^\?% of \d+ cores"))
+    expect(page.locator("#fleet-age")).to_contain_text("2 neurons")
+    for section in ("models", "traffic", "keys", "usage", "mesh", "fleet"):
+        page.goto(cortex.admin_url + "/console/" + section)
+        expect(page.locator("main h1")).to_be_visible()
+    page.wait_for_timeout(1500)  # a few pushed updates
+    assert [p for p in problems if p.startswith("page error")] == [], problems  # no script error
+    page.close()
+    odd.stop(10)
+
+
+def test_the_event_stream_ends_with_its_session_on_sign_out_and_on_a_rotated_admin_token(cortex: Cortex) -> None:
+    def sign_in(client: httpx.Client) -> tuple[dict[str, str], str]:
+        signed = client.post("/console/login", data={"token": cortex.admin_token})
+        assert signed.status_code == 303
+        session = {"cookie": signed.headers["set-cookie"].split(";")[0]}
+        csrf = re.search(r'name="csrf-token" content="([^"]+)"', client.get("/console/fleet", headers=session).text)
+        assert csrf
+        return session, csrf.group(1)
+
+    def watch(session: dict[str, str], events: list[str]) -> None:
+        with httpx.stream("GET", cortex.admin_url + "/console/events", headers=session, timeout=30) as s:
+            assert s.status_code == 200
+            for line in s.iter_lines():
+                if line.startswith("event:"):
+                    events.append(line)
+        events.append("ended")
+
+    with httpx.Client(base_url=cortex.admin_url, timeout=10) as client:
+        (first, csrf), (second, _) = sign_in(client), sign_in(client)
+        seen: dict[str, list[str]] = {"first": [], "second": []}
+        readers = [threading.Thread(target=watch, args=(s, seen[n]), daemon=True)
+                   for n, s in (("first", first), ("second", second))]
+        for r in readers:
+            r.start()
+        time.sleep(2.5)
+        assert "event: fleet" in seen["first"] and "event: fleet" in seen["second"]
+
+        assert client.post("/console/logout", data={"csrf": csrf}, headers=first).status_code == 303
+        readers[0].join(5)
+        assert seen["first"][-1] == "ended"  # the signed-out session's stream ended with it
+        assert readers[1].is_alive() and seen["second"][-1] != "ended"  # the other session's stream goes on
+
+        rotated = subprocess.run([*helexa_command(), "admin-token", "--rotate", "--data-dir", str(cortex.data_dir)],
+                                 capture_output=True, text=True, timeout=60)
+        assert rotated.returncode == 0, rotated.stderr
+        readers[1].join(5)
+        assert seen["second"][-1] == "ended"  # a rotated admin token ends every session, its stream too
+        assert client.get("/console/events", headers=second).status_code == 401
+
+        # A HEAD gets the stream's headers and no endless body: the connection serves on.
+        third, _ = sign_in(client)
+        head = client.head("/console/events", headers=third, timeout=5)
+        assert head.status_code == 200 and head.headers["content-type"].startswith("text/event-stream")
+        assert client.get("/console/fleet", headers=third, timeout=5).status_code == 200
+
+
+def test_a_cortex_restarted_under_an_open_console_page_stops_promptly_and_the_page_goes_to_sign_in(
+        browser, procs: ProcGroup, tmp_path: Path) -> None:  # noqa: ANN001
+    config = f'admin_socket = "127.0.0.1:{free_port()}"\nshutdown_grace = 10.0\n'
+    data = tmp_path / "restarting"
+    first = procs.cortex(name="restarting", data_dir=data, models=MODELS, config=config)
+    page, _ = login(browser, first.admin_url, first.admin_token)
+    expect(page.locator("#fleet-age")).to_contain_text("0 neurons")
+    page.wait_for_timeout(1500)  # the event stream is open
+    t0 = time.monotonic()
+    assert first.stop(30) == 0
+    stopped_in = time.monotonic() - t0
+    assert stopped_in < 6, stopped_in  # the open stream does not hold the stop for all of its 10 s grace
+    expect(page.locator("#live")).to_contain_text("reconnecting")
+
+    again = procs.cortex(name="restarting", data_dir=data, models=MODELS, config=config)
+    assert again.admin_url == first.admin_url
+    # The restart ended the session: the browser's retry is refused and the page says so by
+    # going to the login page (it used to stay on "reconnecting…", frozen, for good).
+    expect(page).to_have_url(re.compile(r"/console/login$"), timeout=20_000)
+    page.get_by_label("Admin token").fill(again.admin_token)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.locator("#live")).to_have_text("")
+    expect(page.locator("#fleet-age")).to_contain_text("0 neurons")
+    page.close()
+    again.stop(15)
