@@ -1,6 +1,7 @@
 """The console's live parts where things go wrong around them, in Debian's headless Chromium
 (Playwright) against real cortex and neuron processes: a neuron that reports NaN figures,
-a session that ends under an open event stream, a cortex restarted under an open page.
+a session that ends under an open event stream, a cortex restarted under an open page, and
+money shown on the pages as ``helexa usage`` prints it.
 
 One cortex serves the module (its admin socket apart from the default portal, a keyed and
 priced portal ``acme``, a neuron ``n1`` with a synthetic model); the restart test starts a
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 from procs import Cortex, ProcGroup, helexa_command
@@ -105,6 +107,13 @@ def login(browser, admin_url: str, token: str):  # noqa: ANN001, ANN201
     page.get_by_role("button", name="Sign in").click()
     expect(page).to_have_url(re.compile(r"/console/fleet$"))
     return page, problems
+
+
+def cli(cortex: Cortex, *args: str) -> str:
+    done = subprocess.run([*helexa_command(), *args, "--cortex", cortex.admin_url, "--data-dir", str(cortex.data_dir)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
 def test_a_neuron_reporting_nan_leaves_every_card_on_the_fleet_page(
@@ -202,3 +211,33 @@ def test_a_cortex_restarted_under_an_open_console_page_stops_promptly_and_the_pa
     expect(page.locator("#fleet-age")).to_contain_text("0 neurons")
     page.close()
     again.stop(15)
+
+
+def test_the_keys_usage_and_portal_pages_show_money_as_helexa_usage_prints_it(
+        browser, cortex: Cortex) -> None:  # noqa: ANN001
+    made = cortex.admin("POST", "/admin/keys", json={"portal": "acme", "name": "money"}).json()
+    key, key_id = made["key"], made["key_id"]
+    acme = cortex.portal_urls["acme"][0]
+    with openai.OpenAI(base_url=acme + "/v1", api_key=key, max_retries=0, timeout=30) as client:
+        for _ in range(3):
+            client.chat.completions.create(model="fast", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    (row,) = [line.split() for line in cli(cortex, "usage", "--by", "key", "--key", key_id).splitlines()[1:]]
+    cost = row[4]  # KEY REQUESTS PROMPT COMPLETION COST CURRENCY INCOMPLETE
+    assert row[0] == key_id and re.fullmatch(r"0\.0000\d\d", cost), row  # millionths: per-million prices
+
+    page, _ = login(browser, cortex.admin_url, cortex.admin_token)
+    page.goto(cortex.admin_url + f"/console/usage?by=key&key={key_id}")
+    column = page.locator("#usage thead th").all_inner_texts().index("cost")
+    expect(page.locator("#usage tbody tr td").nth(column)).to_have_text(cost)  # it showed 7e-06
+    page.goto(cortex.admin_url + "/console/keys")
+    expect(page.locator(f"tr[data-key='{key_id}']")).to_contain_text(f"{cost} EUR")  # it showed 0.0 EUR
+    page.close()
+
+    portal = browser.new_page(viewport={"width": 390, "height": 844})
+    portal.goto(acme + "/portal/")
+    portal.get_by_label("API key").fill(key)
+    portal.get_by_role("button", name="Sign in").click()
+    expect(portal).to_have_url(re.compile(r"/portal/playground$"))
+    portal.goto(acme + "/portal/usage")
+    expect(portal.locator("#usage")).to_contain_text(f"{cost} EUR")  # it showed 0.0000 EUR
+    portal.close()

@@ -407,6 +407,13 @@ def ago_filter(ts: float | None) -> str:
     return _ago(ts)
 
 
+@blueprint.app_template_filter("money")
+def money_filter(amount: float | None) -> str:
+    """An amount as ``helexa usage`` prints it (six decimals, never an exponent): the page
+    and the CLI show the same figure for the same ledger."""
+    return "" if amount is None else f"{amount:.6f}"
+
+
 @blueprint.app_template_filter("utc")
 def utc_filter(ts: float | None) -> str:
     if not ts:

@@ -137,8 +137,11 @@
       const row = (k, v) => dl.append(mk("dt", k), mk("dd", v));
       row("Key", u.name + " (" + u.key_id + ")");
       row("Period", u.period.name + (u.period.start ? " from " + new Date(u.period.start * 1000).toISOString().slice(0, 10) : ""));
-      row("Spent", u.spent.money.toFixed(4) + " " + u.currency + ", " + u.spent.tokens + " tokens");
-      row("Remaining budget", u.remaining_budget == null ? "no budget" : String(Math.round(u.remaining_budget * 10000) / 10000) + (u.limits.budget_unit === "tokens" ? " tokens" : " " + u.currency));
+      // Money with six decimals, as the ledger's reports print it (per-million prices make
+      // a request cost millionths).
+      row("Spent", u.spent.money.toFixed(6) + " " + u.currency + ", " + u.spent.tokens + " tokens");
+      row("Remaining budget", u.remaining_budget == null ? "no budget" : (u.limits.budget_unit === "tokens"
+        ? Math.floor(u.remaining_budget) + " tokens" : u.remaining_budget.toFixed(6) + " " + u.currency));
       row("In flight", String(u.in_flight));
       const table = mk("table");
       const head = mk("tr");
