@@ -116,7 +116,7 @@ def cli(cortex: Cortex, *args: str) -> str:
     return done.stdout
 
 
-def test_a_neuron_reporting_nan_leaves_every_card_on_the_fleet_page(
+def test_a_neuron_reporting_nan_leaves_every_card_on_the_fleet_page_and_no_page_logs_an_error(
         browser, cortex: Cortex, procs: ProcGroup, tmp_path: Path) -> None:  # noqa: ANN001
     site = tmp_path / "site"
     site.mkdir()
@@ -135,7 +135,7 @@ def test_a_neuron_reporting_nan_leaves_every_card_on_the_fleet_page(
         page.goto(cortex.admin_url + "/console/" + section)
         expect(page.locator("main h1")).to_be_visible()
     page.wait_for_timeout(1500)  # a few pushed updates
-    assert [p for p in problems if p.startswith("page error")] == [], problems  # no script error
+    assert problems == [], problems  # no script error, no failed load (a favicon's 404 was one on every page)
     page.close()
     odd.stop(10)
 
