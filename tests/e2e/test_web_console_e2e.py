@@ -241,3 +241,23 @@ def test_the_keys_usage_and_portal_pages_show_money_as_helexa_usage_prints_it(
     portal.goto(acme + "/portal/usage")
     expect(portal.locator("#usage")).to_contain_text(f"{cost} EUR")  # it showed 0.0000 EUR
     portal.close()
+
+
+def test_the_playground_says_a_generation_failed_when_its_neuron_dies_part_way(
+        browser, procs: ProcGroup) -> None:  # noqa: ANN001
+    slow = MODELS.replace("tokens_per_second = 400", "tokens_per_second = 40")  # 10 s of tokens
+    own = procs.cortex(name="midstream", models=slow)
+    doomed = procs.neuron(own, "doomed")
+    page = browser.new_page(viewport={"width": 390, "height": 844})
+    page.set_default_timeout(30_000)
+    page.goto(own.gateway_url + "/portal/playground")  # the default portal: open
+    expect(page.locator("#model option[value=synth]")).to_have_count(1)
+    page.get_by_label("Max tokens").fill("400")
+    page.get_by_label("Message").fill("go")
+    page.get_by_role("button", name="Send").click()
+    expect(page.get_by_label("Answer")).to_contain_text("tok3")
+    doomed.kill()  # the stream's last event is an error: the neuron serving it went away
+    expect(page.locator("#chat-status")).to_have_text(re.compile(r"^Error: .*neuron"))  # it said "Done (end)."
+    assert "tok399" not in page.get_by_label("Answer").inner_text()
+    page.close()
+    own.stop(15)

@@ -96,7 +96,7 @@
         if (!resp.ok) { status.textContent = "Refused: " + await errorText(resp); return; }
         const reader = resp.body.getReader();
         const decoder = new TextDecoder();
-        let buffer = "", finish = null;
+        let buffer = "", finish = null, failure = null;
         for (;;) {
           const { value, done } = await reader.read();
           if (done) break;
@@ -109,7 +109,7 @@
               const data = line.slice(5).trim();
               if (data === "[DONE]") continue;
               const chunk = JSON.parse(data);
-              if (chunk.error) { status.textContent = "Error: " + chunk.error.message; continue; }
+              if (chunk.error) { failure = chunk.error.message; status.textContent = "Error: " + failure; continue; }
               for (const c of chunk.choices || []) {
                 if (c.delta && c.delta.content) { answer.append(c.delta.content); tokens++; }
                 if (c.finish_reason) finish = c.finish_reason;
@@ -117,7 +117,8 @@
             }
           }
         }
-        status.textContent = "Done (" + (finish || "end") + ").";
+        // A stream that failed part-way (its neuron gone...) says so; it is not "done".
+        status.textContent = failure != null ? "Error: " + failure : "Done (" + (finish || "end") + ").";
       } catch (e) {
         status.textContent = e.name === "AbortError" ? "Stopped." : "Failed: " + e.message;
       } finally {
