@@ -11,7 +11,8 @@ from helexa.roles.cortex.config import PortalConfig
 from helexa.roles.cortex.fleet import Fleet
 from helexa.roles.cortex.portal.portal import Portal
 from helexa.roles.cortex.web.fleet_feed import FleetFeed, finite
-from helexa.roles.cortex.web.portal_site import colors
+from helexa.roles.cortex.web.app import _SECURITY_HEADERS
+from helexa.roles.cortex.web.portal_site import colors, logo_src
 from helexa.roles.cortex.web.sessions import Sessions
 from helexa.roles.cortex.web.traffic import BUCKET, SPAN, Traffic
 
@@ -144,3 +145,20 @@ def test_a_portal_theme_takes_plain_css_colours_only_and_picks_readable_text_on_
     assert c["primary"] == "#ffe14d" and c["on_primary"] == "#000000"  # dark text on yellow
     assert c["background"] == "#f7f8fa"  # the injection attempt is ignored
     assert colors(Portal("b", PortalConfig(theme={"colors": {"primary": "#0b1f5c"}})))["on_primary"] == "#ffffff"
+
+
+def test_a_portal_logo_is_one_the_pages_content_security_policy_lets_load() -> None:
+    csp = dict(d.strip().split(" ", 1) for d in _SECURITY_HEADERS["Content-Security-Policy"].split(";"))
+    allowed = csp["img-src"].split()
+
+    def loads(src: str) -> bool:
+        return (src.startswith("/") and "'self'" in allowed) or any(
+            s.endswith(":") and src.startswith(s) for s in allowed)
+
+    for logo, src in (("https://acme.example/logo.svg", "https://acme.example/logo.svg"),
+                      ("data:image/png;base64,iVBORw0KGgo=", "data:image/png;base64,iVBORw0KGgo="),
+                      ("/etc/helexa/acme.svg", "/portal/logo"),
+                      ("http://acme.example/logo.svg", None)):  # was put on the page, and blocked there
+        got = logo_src(Portal("acme", PortalConfig(theme={"logo": logo})))
+        assert got == src, logo
+        assert got is None or loads(got), got
