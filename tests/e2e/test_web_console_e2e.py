@@ -4,7 +4,7 @@ a session that ends under an open event stream, a cortex restarted under an open
 money shown on the pages as ``helexa usage`` prints it.
 
 One cortex serves the module (its admin socket apart from the default portal, a keyed and
-priced portal ``acme``, a neuron ``n1`` with a synthetic model); the restart test starts a
+priced portal ``acme``, a keyed portal ``gamma`` that speaks only Anthropic's API, a neuron ``n1`` with a synthetic model); the restart test starts a
 cortex of its own.
 """
 
@@ -15,6 +15,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -49,6 +50,13 @@ auth = "keys"
 aliases = { fast = "synth" }
 currency = "EUR"
 prices = { fast = { input = 0.1, output = 0.3 } }
+
+[portals.gamma]
+name = "Gamma"
+listen = ["127.0.0.1:0"]
+auth = "keys"
+surfaces = ["anthropic"]
+aliases = { quick = "synth" }
 """
 
 # Imported at the start of the neuron's interpreter (PYTHONPATH): its heartbeats say its CPU
@@ -261,3 +269,26 @@ def test_the_playground_says_a_generation_failed_when_its_neuron_dies_part_way(
     assert "tok399" not in page.get_by_label("Answer").inner_text()
     page.close()
     own.stop(15)
+
+
+def test_a_portal_without_the_openai_api_says_so_on_its_pages_and_its_snippet_runs(
+        browser, cortex: Cortex) -> None:  # noqa: ANN001
+    key = cortex.admin("POST", "/admin/keys", json={"portal": "gamma", "name": "snippet"}).json()["key"]
+    gamma = cortex.portal_urls["gamma"][0]
+    page = browser.new_page(viewport={"width": 390, "height": 844})
+    problems: list[str] = []
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    for path in ("/portal/", "/portal/playground", "/portal/usage"):
+        page.goto(gamma + path)
+        expect(page).to_have_url(gamma + path)  # not sent to a sign-in whose key check (/v1/usage) is a 404
+        expect(page.locator("main .notice")).to_contain_text("serves the anthropic API, not OpenAI's")
+    expect(page.locator("#signin")).to_have_count(0)
+    page.goto(gamma + "/portal/snippets")
+    expect(page.locator("#snippet-curl")).to_have_count(0)  # no code for an API the portal does not serve
+    code = page.locator("#snippet-anthropic").inner_text()
+    assert "quick" in code and gamma in code
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "HELEXA_API_KEY": key},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("tok0"), done.stderr
+    assert problems == [], problems
+    page.close()

@@ -85,8 +85,12 @@ def logo_src(portal: Portal) -> str | None:
 async def _render(template: str, **context: Any) -> str:
     portal = _portal()
     base = f"{request.scheme}://{request.host}"
+    # The sign-in, the playground and the usage page call the portal's OpenAI API; a portal
+    # that does not serve it gets pages that say so, and only the snippets it can answer.
     return await render_template(template, portal=portal, logo=logo_src(portal), keyed=portal.keyed,
-                                 base_url=base + "/v1", section=template.split(".")[0], **context)
+                                 openai="openai" in portal.config.surfaces, base_url=base + "/v1",
+                                 model_hint=next(iter([*portal.config.aliases, *(portal.config.models or ())]), "MODEL"),
+                                 section=template.split(".")[0], **context)
 
 
 @blueprint.get("/")

@@ -5,6 +5,16 @@
   const $ = (sel) => document.querySelector(sel);
   const bar = $(".portal-bar");
   const keyed = bar && bar.dataset.keyed === "true";
+  // --- copy buttons ---
+  for (const b of document.querySelectorAll("button.copy")) {
+    b.addEventListener("click", async () => {
+      const text = document.getElementById(b.dataset.copy).textContent;
+      try { await navigator.clipboard.writeText(text); b.textContent = "Copied"; } catch (e) { b.textContent = "Select and copy"; }
+    });
+  }
+
+  // A portal without the OpenAI API: its pages say so and use no key (there is none to check).
+  if (bar && bar.dataset.openai === "false") return;
   const STORE = "helexa-key:" + (bar ? bar.dataset.portal : "");
   const key = () => sessionStorage.getItem(STORE);
   const headers = (extra) => {
@@ -158,11 +168,4 @@
     });
   }
 
-  // --- copy buttons ---
-  for (const b of document.querySelectorAll("button.copy")) {
-    b.addEventListener("click", async () => {
-      const text = document.getElementById(b.dataset.copy).textContent;
-      try { await navigator.clipboard.writeText(text); b.textContent = "Copied"; } catch (e) { b.textContent = "Select and copy"; }
-    });
-  }
 })();
