@@ -1,11 +1,12 @@
-"""The console's live parts where things go wrong around them, in Debian's headless Chromium
-(Playwright) against real cortex and neuron processes: a neuron that reports NaN figures,
-a session that ends under an open event stream, a cortex restarted under an open page, and
-money shown on the pages as ``helexa usage`` prints it.
+"""The console's and the portals' pages where things go wrong around them, in Debian's
+headless Chromium (Playwright) against real cortex and neuron processes: a neuron that
+reports NaN figures, a session that ends under an open event stream, a cortex restarted
+under an open page, money shown as ``helexa usage`` prints it, a playground whose neuron
+dies part-way, and a portal that does not speak OpenAI's API.
 
 One cortex serves the module (its admin socket apart from the default portal, a keyed and
-priced portal ``acme``, a keyed portal ``gamma`` that speaks only Anthropic's API, a neuron ``n1`` with a synthetic model); the restart test starts a
-cortex of its own.
+priced portal ``acme``, a keyed portal ``gamma`` that speaks only Anthropic's API, a neuron
+``n1`` with a synthetic model); the restart and mid-stream tests start cortexes of their own.
 """
 
 from __future__ import annotations

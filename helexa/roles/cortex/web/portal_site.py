@@ -89,7 +89,8 @@ async def _render(template: str, **context: Any) -> str:
     # that does not serve it gets pages that say so, and only the snippets it can answer.
     return await render_template(template, portal=portal, logo=logo_src(portal), keyed=portal.keyed,
                                  openai="openai" in portal.config.surfaces, base_url=base + "/v1",
-                                 model_hint=next(iter([*portal.config.aliases, *(portal.config.models or ())]), "MODEL"),
+                                 model_hint=next(iter([*portal.config.aliases, *(portal.config.models or ())]),
+                                                 "MODEL"),
                                  section=template.split(".")[0], **context)
 
 

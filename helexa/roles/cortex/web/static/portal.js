@@ -9,7 +9,8 @@
   for (const b of document.querySelectorAll("button.copy")) {
     b.addEventListener("click", async () => {
       const text = document.getElementById(b.dataset.copy).textContent;
-      try { await navigator.clipboard.writeText(text); b.textContent = "Copied"; } catch (e) { b.textContent = "Select and copy"; }
+      try { await navigator.clipboard.writeText(text); b.textContent = "Copied"; }
+      catch (e) { b.textContent = "Select and copy"; }
     });
   }
 
