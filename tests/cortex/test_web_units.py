@@ -4,11 +4,17 @@ the autojump clock) and a portal's theme colours."""
 from __future__ import annotations
 
 import hashlib
+import json
+from types import SimpleNamespace
+from typing import Any
 
+import pytest
 import trio
 
+from helexa.protocol.hardware import Hardware, NeuronDescriptor, NeuronMetrics
+from helexa.protocol.model import ModelState, ModelStatus
 from helexa.roles.cortex.config import PortalConfig
-from helexa.roles.cortex.fleet import Fleet
+from helexa.roles.cortex.fleet import Fleet, Health
 from helexa.roles.cortex.portal.portal import Portal
 from helexa.roles.cortex.web.fleet_feed import FleetFeed, finite
 from helexa.roles.cortex.web.app import _SECURITY_HEADERS
@@ -133,6 +139,23 @@ async def test_closing_the_feed_ends_every_watch_now_and_later(autojump_clock) -
 
 
 def test_the_fleet_document_carries_no_nan_or_infinity() -> None:
+    def link(node_id: str, hostname: str, cpu: float) -> SimpleNamespace:
+        hardware = Hardware(cpu_cores=2, cpu_model="x", ram_total=8 << 30, gpus=())
+        return SimpleNamespace(node_id=node_id, descriptor=NeuronDescriptor(node_id, hardware, hostname=hostname),
+                               metrics=NeuronMetrics(cpu_percent=cpu, ram_used=1 << 30, ram_total=8 << 30),
+                               models={"m": ModelStatus("m", ModelState.LOADING, "synthetic", progress=float("nan"))},
+                               health=Health.HEALTHY, last_heartbeat=1_000_000.0, in_flight=0)
+
+    def strict(text: bytes) -> Any:
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the fleet document"))
+
+    # orjson's path, and json's for what orjson refuses (a lone surrogate in a hostname)
+    for hostname in ("h", "h\ud800"):
+        feed = FleetFeed([link("ok", hostname, 12.5), link("odd", hostname, float("nan"))],  # type: ignore[arg-type]
+                         None, clock=Clock())
+        neurons = {n["id"]: n for n in strict(feed.document())["neurons"]}
+        assert neurons["odd"]["cpu"] is None and neurons["ok"]["cpu"] == 12.5
+        assert neurons["odd"]["models"][0]["progress"] is None
     nan, inf = float("nan"), float("inf")
     assert finite({"cpu": nan, "gpus": [{"util": inf}, {"util": 0.5}], "n": 3, "t": (-inf, "x")}) == {
         "cpu": None, "gpus": [{"util": None}, {"util": 0.5}], "n": 3, "t": [None, "x"]}

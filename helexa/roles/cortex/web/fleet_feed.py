@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import orjson
 import trio
 
 if TYPE_CHECKING:
@@ -93,8 +94,13 @@ class FleetFeed:
                "loading": {k: {"stage": v[0], "progress": v[1]} for k, v in loading.items()}}
         # A neuron's figures arrive as it sends them: one NaN or infinity (a driver's bad
         # reading, a hostile neuron) would be a bare NaN that no browser parses as JSON, and
-        # the whole Fleet page would stop. It goes out as null, which the page shows as "?".
-        return json.dumps(finite(doc), separators=(",", ":"), allow_nan=False).encode()
+        # the whole Fleet page would stop. It goes out as null, which the page shows as "?"
+        # (orjson writes null for them, and faster than json; json with finite() for what
+        # orjson refuses).
+        try:
+            return orjson.dumps(doc)
+        except TypeError:
+            return json.dumps(finite(doc), separators=(",", ":"), allow_nan=False).encode()
 
     def close(self) -> None:
         """End every watch, now and later (the cortex is stopping)."""
