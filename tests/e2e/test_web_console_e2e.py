@@ -313,3 +313,16 @@ def test_a_link_cannot_make_the_models_page_say_what_it_likes(browser, cortex: C
     row.get_by_role("button", name="Unpin", exact=True).click()
     expect(page.locator(".notice")).to_have_text("synth is no longer pinned on n1.")
     page.close()
+
+
+def test_a_key_pasted_with_a_character_no_header_carries_is_refused_on_the_sign_in_page(
+        browser, cortex: Cortex) -> None:  # noqa: ANN001
+    page = browser.new_page(viewport={"width": 390, "height": 844})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(cortex.portal_urls["acme"][0] + "/portal/")
+    page.get_by_label("API key").fill("sk-hlx-3f9a0c27…")  # copied from a shortened display
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("alert")).to_contain_text("not valid")  # it said nothing: fetch threw
+    assert errors == [], errors
+    page.close()

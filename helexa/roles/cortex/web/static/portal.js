@@ -45,7 +45,17 @@
       ev.preventDefault();
       const candidate = $("#api-key").value.trim();
       const err = $("#signin-error");
-      const resp = await fetch("/v1/usage", { headers: { Authorization: "Bearer " + candidate } });
+      let resp;
+      try {
+        resp = await fetch("/v1/usage", { headers: { Authorization: "Bearer " + candidate } });
+      } catch (e) {  // a character no header can carry (a pasted "…"), or no answer at all
+        err.textContent = e instanceof TypeError && !/^[\x20-\x7e]*$/.test(candidate)
+          ? "That key is not valid on this portal (it has characters no key has)."
+          : "The portal did not answer: " + e.message;
+        err.hidden = false;
+        $("#api-key").focus();
+        return;
+      }
       if (resp.ok) {
         sessionStorage.setItem(STORE, candidate);
         location.replace("/portal/playground");
