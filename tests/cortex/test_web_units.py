@@ -19,7 +19,7 @@ from helexa.roles.cortex.portal.portal import Portal
 from helexa.roles.cortex.web.fleet_feed import FleetFeed, finite
 from helexa.roles.cortex.web.app import _SECURITY_HEADERS
 from helexa.roles.cortex.web.portal_site import colors, logo_src
-from helexa.roles.cortex.web.sessions import Sessions
+from helexa.roles.cortex.web.sessions import SHOW_FOR, Sessions
 from helexa.roles.cortex.web.traffic import BUCKET, SPAN, Traffic
 
 
@@ -52,6 +52,17 @@ def test_a_session_expires_and_the_csrf_token_must_match() -> None:
     assert sessions.find(secret, "t") is session
     clock.t += 1
     assert sessions.find(secret, "t") is None
+
+
+def test_a_new_key_waits_in_its_session_for_one_page_and_a_minute_at_most() -> None:
+    clock = Clock()
+    _, session = Sessions(clock=clock).open("t")
+    session.keep_for_showing({"key": "sk-hlx-1"}, clock.t)
+    assert session.hand_over(clock.t + 1) == {"key": "sk-hlx-1"}
+    assert session.hand_over(clock.t + 2) is None  # shown once
+    session.keep_for_showing({"key": "sk-hlx-2"}, clock.t)
+    assert session.hand_over(clock.t + SHOW_FOR) is None  # nobody came for it: gone
+    assert session._new_key is None
 
 
 def test_sessions_are_bounded() -> None:

@@ -326,3 +326,31 @@ def test_a_key_pasted_with_a_character_no_header_carries_is_refused_on_the_sign_
     expect(page.get_by_role("alert")).to_contain_text("not valid")  # it said nothing: fetch threw
     assert errors == [], errors
     page.close()
+
+
+def test_reloading_the_page_that_shows_a_new_key_creates_or_rotates_nothing(
+        browser, cortex: Cortex) -> None:  # noqa: ANN001
+    def keys() -> list[dict]:
+        return cortex.admin("GET", "/admin/keys?portal=acme").json()["data"]
+
+    page, _ = login(browser, cortex.admin_url, cortex.admin_token)
+    page.goto(cortex.admin_url + "/console/keys")
+    before = len(keys())
+    page.get_by_label("Portal", exact=True).select_option("acme")
+    page.get_by_label("Name").fill("reloaded")
+    page.get_by_role("button", name="Create key").click()
+    key = page.get_by_label("API key").input_value()
+    key_id = key[len("sk-hlx-"):].split("_")[0]
+    page.reload()  # it re-sent the create: a second key
+    expect(page.get_by_label("API key")).to_have_count(0)  # shown once
+    assert len(keys()) == before + 1
+
+    page.get_by_role("button", name=f"Rotate key {key_id}").click()
+    rotated = page.get_by_label("API key").input_value()
+    page.reload()  # it re-sent the rotate: the key just copied stopped working
+    expect(page.get_by_label("API key")).to_have_count(0)
+    with openai.OpenAI(base_url=cortex.portal_urls["acme"][0] + "/v1", api_key=rotated, max_retries=0,
+                       timeout=30) as client:
+        assert client.chat.completions.create(model="fast", max_tokens=2, messages=[
+            {"role": "user", "content": "hi"}]).choices[0].message.content
+    page.close()

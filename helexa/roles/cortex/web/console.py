@@ -316,7 +316,8 @@ async def _keys_context() -> dict[str, Any]:
 @blueprint.get("/keys")
 @page
 async def keys(session: Session) -> Any:
-    return await _render("keys.html", session, **(await _keys_context()), created=None, error=None)
+    created = session.hand_over(time.time())  # shown this once
+    return await _render("keys.html", session, **(await _keys_context()), created=created, error=None)
 
 
 @blueprint.post("/keys")
@@ -343,7 +344,8 @@ async def create_key(session: Session) -> Any:
         created = await web().gateway.admin.create(json.dumps(body).encode())
     except GatewayError as exc:
         return await _render("keys.html", session, **(await _keys_context()), created=None, error=exc.message), 400
-    return await _render("keys.html", session, **(await _keys_context()), created=created, error=None)
+    session.keep_for_showing(created, time.time())
+    return redirect("/console/keys", 303)  # shown there: a reload shows the page, it creates nothing
 
 
 @blueprint.post("/keys/<key_id>/<verb>")
@@ -355,8 +357,8 @@ async def key_action(session: Session, key_id: str, verb: str) -> Any:
             await admin.revoke(key_id)
             return redirect("/console/keys", 303)
         if verb == "rotate":
-            created = await admin.rotate(key_id)
-            return await _render("keys.html", session, **(await _keys_context()), created=created, error=None)
+            session.keep_for_showing(await admin.rotate(key_id), time.time())
+            return redirect("/console/keys", 303)  # a reload of what shows the key does not rotate again
     except GatewayError as exc:
         return await _render("keys.html", session, **(await _keys_context()), created=None, error=exc.message), 400
     abort(404)
