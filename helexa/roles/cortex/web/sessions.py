@@ -6,6 +6,8 @@ only the secret's SHA-256 (a leaked process dump or log holds nothing to replay)
 session's CSRF token (sent back in every form and every ``fetch``), when it ends, and a
 hash of the admin token it was opened with, so rotating the token
 (``helexa admin-token --rotate``) ends every session at once. A restart ends them too.
+A key just created or rotated waits in its session for the one page that shows it, a minute
+at most (:meth:`Session.keep_for_showing`).
 """
 
 from __future__ import annotations
