@@ -4,15 +4,22 @@ the autojump clock) and a portal's theme colours."""
 from __future__ import annotations
 
 import hashlib
+import json
+from types import SimpleNamespace
+from typing import Any
 
+import pytest
 import trio
 
+from helexa.protocol.hardware import Hardware, NeuronDescriptor, NeuronMetrics
+from helexa.protocol.model import ModelState, ModelStatus
 from helexa.roles.cortex.config import PortalConfig
-from helexa.roles.cortex.fleet import Fleet
+from helexa.roles.cortex.fleet import Fleet, Health
 from helexa.roles.cortex.portal.portal import Portal
-from helexa.roles.cortex.web.fleet_feed import FleetFeed
-from helexa.roles.cortex.web.portal_site import colors
-from helexa.roles.cortex.web.sessions import Sessions
+from helexa.roles.cortex.web.fleet_feed import FleetFeed, finite
+from helexa.roles.cortex.web.app import _SECURITY_HEADERS
+from helexa.roles.cortex.web.portal_site import colors, logo_src
+from helexa.roles.cortex.web.sessions import SHOW_FOR, Sessions
 from helexa.roles.cortex.web.traffic import BUCKET, SPAN, Traffic
 
 
@@ -45,6 +52,17 @@ def test_a_session_expires_and_the_csrf_token_must_match() -> None:
     assert sessions.find(secret, "t") is session
     clock.t += 1
     assert sessions.find(secret, "t") is None
+
+
+def test_a_new_key_waits_in_its_session_for_one_page_and_a_minute_at_most() -> None:
+    clock = Clock()
+    _, session = Sessions(clock=clock).open("t")
+    session.keep_for_showing({"key": "sk-hlx-1"}, clock.t)
+    assert session.hand_over(clock.t + 1) == {"key": "sk-hlx-1"}
+    assert session.hand_over(clock.t + 2) is None  # shown once
+    session.keep_for_showing({"key": "sk-hlx-2"}, clock.t)
+    assert session.hand_over(clock.t + SHOW_FOR) is None  # nobody came for it: gone
+    assert session._new_key is None
 
 
 def test_sessions_are_bounded() -> None:
@@ -117,6 +135,43 @@ async def test_a_slow_watcher_gets_the_newest_document_not_a_queue(autojump_cloc
         nursery.cancel_scope.cancel()
 
 
+async def test_closing_the_feed_ends_every_watch_now_and_later(autojump_clock) -> None:
+    feed = FleetFeed(Fleet(), None, interval=1.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(feed.run)
+        with feed.subscribe() as sub:
+            assert await sub.next() is not None
+            feed.close()  # the cortex is stopping: an event stream must not wait for more
+            with trio.fail_after(0.01):
+                assert await sub.next() is None
+        with feed.subscribe() as late, trio.fail_after(0.01):
+            assert await late.next() is None
+        nursery.cancel_scope.cancel()
+
+
+def test_the_fleet_document_carries_no_nan_or_infinity() -> None:
+    def link(node_id: str, hostname: str, cpu: float) -> SimpleNamespace:
+        hardware = Hardware(cpu_cores=2, cpu_model="x", ram_total=8 << 30, gpus=())
+        return SimpleNamespace(node_id=node_id, descriptor=NeuronDescriptor(node_id, hardware, hostname=hostname),
+                               metrics=NeuronMetrics(cpu_percent=cpu, ram_used=1 << 30, ram_total=8 << 30),
+                               models={"m": ModelStatus("m", ModelState.LOADING, "synthetic", progress=float("nan"))},
+                               health=Health.HEALTHY, last_heartbeat=1_000_000.0, in_flight=0)
+
+    def strict(text: bytes) -> Any:
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the fleet document"))
+
+    # orjson's path, and json's for what orjson refuses (a lone surrogate in a hostname)
+    for hostname in ("h", "h\ud800"):
+        feed = FleetFeed([link("ok", hostname, 12.5), link("odd", hostname, float("nan"))],  # type: ignore[arg-type]
+                         None, clock=Clock())
+        neurons = {n["id"]: n for n in strict(feed.document())["neurons"]}
+        assert neurons["odd"]["cpu"] is None and neurons["ok"]["cpu"] == 12.5
+        assert neurons["odd"]["models"][0]["progress"] is None
+    nan, inf = float("nan"), float("inf")
+    assert finite({"cpu": nan, "gpus": [{"util": inf}, {"util": 0.5}], "n": 3, "t": (-inf, "x")}) == {
+        "cpu": None, "gpus": [{"util": None}, {"util": 0.5}], "n": 3, "t": [None, "x"]}
+
+
 def test_a_portal_theme_takes_plain_css_colours_only_and_picks_readable_text_on_its_primary() -> None:
     portal = Portal("acme", PortalConfig(name="Acme", theme={"colors": {
         "primary": "#ffe14d", "background": "red;} body{display:none", "text": "#111"}}))
@@ -124,3 +179,20 @@ def test_a_portal_theme_takes_plain_css_colours_only_and_picks_readable_text_on_
     assert c["primary"] == "#ffe14d" and c["on_primary"] == "#000000"  # dark text on yellow
     assert c["background"] == "#f7f8fa"  # the injection attempt is ignored
     assert colors(Portal("b", PortalConfig(theme={"colors": {"primary": "#0b1f5c"}})))["on_primary"] == "#ffffff"
+
+
+def test_a_portal_logo_is_one_the_pages_content_security_policy_lets_load() -> None:
+    csp = dict(d.strip().split(" ", 1) for d in _SECURITY_HEADERS["Content-Security-Policy"].split(";"))
+    allowed = csp["img-src"].split()
+
+    def loads(src: str) -> bool:
+        return (src.startswith("/") and "'self'" in allowed) or any(
+            s.endswith(":") and src.startswith(s) for s in allowed)
+
+    for logo, src in (("https://acme.example/logo.svg", "https://acme.example/logo.svg"),
+                      ("data:image/png;base64,iVBORw0KGgo=", "data:image/png;base64,iVBORw0KGgo="),
+                      ("/etc/helexa/acme.svg", "/portal/logo"),
+                      ("http://acme.example/logo.svg", None)):  # was put on the page, and blocked there
+        got = logo_src(Portal("acme", PortalConfig(theme={"logo": logo})))
+        assert got == src, logo
+        assert got is None or loads(got), got

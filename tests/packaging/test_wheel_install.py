@@ -123,7 +123,8 @@ def test_the_web_pages_templates_and_static_files_are_in_the_wheel(installed):
     venv, _, _ = installed
     code = ("from helexa.roles.cortex.web import app; "
             "files = [app.HERE / 'templates' / 'fleet.html', app.HERE / 'templates' / 'portal_playground.html', "
-            "app.HERE / 'static' / 'style.css', app.HERE / 'static' / 'console.js', app.HERE / 'static' / 'portal.js']; "
+            "app.HERE / 'static' / 'style.css', app.HERE / 'static' / 'console.js', app.HERE / 'static' / 'portal.js', "
+            "app.HERE / 'static' / 'favicon.svg']; "
             "print(app.HERE); print(all(f.is_file() for f in files))")
     done = run(venv / "bin" / "python", "-c", code)
     assert done.returncode == 0, done.stderr

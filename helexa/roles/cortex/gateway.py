@@ -367,6 +367,7 @@ class Gateway:
 
     def stop(self) -> None:
         self._stop.set()
+        self.web.stop()
         for server in self._servers:
             server.stop()
 

@@ -129,6 +129,11 @@ class WebApp:
                 routes.append(Route(method, prefix + "/", forward, keyed=False, prefix=True))
         return routes
 
+    def stop(self) -> None:
+        """The cortex is stopping: end the console's event streams (endless otherwise, they
+        would hold the graceful stop for all of ``shutdown_grace``)."""
+        self.feed.close()
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the fleet feed, build the app (on a worker thread) and run its startup, until
         cancelled. Reports started at once: the API does not wait for the pages."""

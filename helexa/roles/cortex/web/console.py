@@ -161,8 +161,22 @@ async def fleet(session: Session) -> Any:
 @blueprint.get("/events")
 @action
 async def events(session: Session) -> Any:
-    """SSE: ``fleet`` documents as they change, ``traffic`` every 10 s."""
+    """SSE: ``fleet`` documents as they change, ``traffic`` every 10 s; until the session
+    ends (a sign-out, its expiry, a rotated admin token: checked at every fleet document, at
+    least once a second) or the cortex stops. The browser then reconnects, is refused (401)
+    and the page goes to the login page."""
     w = web()
+    headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+    if request.method == "HEAD":  # the stream's headers only: a HEAD never gets an endless body
+        return Response(b"", mimetype="text/event-stream", headers=headers)
+    secret = request.cookies.get(COOKIE)
+
+    def still_open() -> bool:
+        try:
+            token = w.gateway.admin.token()
+        except (OSError, ValueError):
+            token = None
+        return w.sessions.find(secret, token) is session
 
     async def stream() -> AsyncIterator[bytes]:
         with w.feed.subscribe() as sub:
@@ -172,15 +186,17 @@ async def events(session: Session) -> Any:
                 doc = None
                 with trio.move_on_after(max(0.0, next_traffic - trio.current_time())):
                     doc = await sub.next()
+                    if doc is None:  # the feed is closed: the cortex is stopping
+                        return
+                if not still_open():
+                    return
                 if doc is not None:
                     yield b"event: fleet\ndata: " + doc + b"\n\n"
                 if trio.current_time() >= next_traffic:
                     next_traffic = trio.current_time() + TRAFFIC_EVERY
                     yield b"event: traffic\ndata: " + json.dumps(w.traffic.view(), separators=(",", ":")).encode() + b"\n\n"
 
-    response = Response(stream(), mimetype="text/event-stream")
-    response.headers["Cache-Control"] = "no-store"
-    response.headers["X-Accel-Buffering"] = "no"
+    response = Response(stream(), mimetype="text/event-stream", headers=headers)
     response.timeout = None
     return response
 
@@ -212,10 +228,31 @@ def _models_view() -> dict[str, Any]:
     return {"models": rows, "neurons": sorted(l.node_id for l in usable), "decisions": orch.routing_log.view()}
 
 
+_NOTICES = {
+    "load": "Loading {model} on {node}: the fleet shows it as it happens.",
+    "unload": "Unloading {model} from {node}.",
+    "pin": "{model} is pinned on {node}.",
+    "unpin": "{model} is no longer pinned on {node}.",
+}
+"""What the Models page says after an action. The redirect names the action, the model and
+the neuron, and the page says it in its own words, for a model in the catalogue and a neuron
+in the fleet only: a link cannot make the console say what it likes."""
+
+
+def _notice(what: str, model: str, node: str) -> str | None:
+    gw = web().gateway
+    if what not in _NOTICES or model not in {e.id for e in gw.orchestrator.catalogue} \
+            or node not in {l.node_id for l in gw.fleet}:
+        return None
+    return _NOTICES[what].format(model=model, node=node)
+
+
 @blueprint.get("/models")
 @page
 async def models(session: Session) -> Any:
-    return await _render("models.html", session, **_models_view(), notice=request.args.get("notice"))
+    args = request.args
+    notice = _notice(args.get("done", ""), args.get("model", ""), args.get("node", ""))
+    return await _render("models.html", session, **_models_view(), notice=notice)
 
 
 @blueprint.post("/models")
@@ -227,24 +264,20 @@ async def model_action(session: Session) -> Any:
     try:
         if what == "load":
             prov.operator.begin_load_on(model, node)
-            notice = f"Loading {model} on {node}: the fleet shows it as it happens."
         elif what == "unload":
             prov.operator.begin_unload_from(model, node)
-            notice = f"Unloading {model} from {node}."
-        elif what in ("pin", "unpin"):
-            if what == "pin":
-                prov.operator.pin(model, node)
-            else:
-                prov.operator.unpin(model, node)
-            notice = f"{model} is {'pinned' if what == 'pin' else 'no longer pinned'} on {node}."
+        elif what == "pin":
+            prov.operator.pin(model, node)
+        elif what == "unpin":
+            prov.operator.unpin(model, node)
         else:
             abort(400, "action: one of load, unload, pin, unpin")
     except GatewayError as exc:
         return await _render("models.html", session, **_models_view(), error=exc.message), 400
     log.info("console: %s %s on %s", what, model, node)
     if request.headers.get("X-CSRF-Token"):  # a fetch from the page: no redirect
-        return {"ok": True, "notice": notice}
-    return redirect("/console/models?" + _query(notice=notice), 303)
+        return {"ok": True, "notice": _NOTICES[what].format(model=model, node=node)}
+    return redirect("/console/models?" + _query(done=what, model=model, node=node), 303)
 
 
 def _query(**params: str) -> str:
@@ -283,7 +316,8 @@ async def _keys_context() -> dict[str, Any]:
 @blueprint.get("/keys")
 @page
 async def keys(session: Session) -> Any:
-    return await _render("keys.html", session, **(await _keys_context()), created=None, error=None)
+    created = session.hand_over(time.time())  # shown this once
+    return await _render("keys.html", session, **(await _keys_context()), created=created, error=None)
 
 
 @blueprint.post("/keys")
@@ -310,7 +344,8 @@ async def create_key(session: Session) -> Any:
         created = await web().gateway.admin.create(json.dumps(body).encode())
     except GatewayError as exc:
         return await _render("keys.html", session, **(await _keys_context()), created=None, error=exc.message), 400
-    return await _render("keys.html", session, **(await _keys_context()), created=created, error=None)
+    session.keep_for_showing(created, time.time())
+    return redirect("/console/keys", 303)  # shown there: a reload shows the page, it creates nothing
 
 
 @blueprint.post("/keys/<key_id>/<verb>")
@@ -322,8 +357,8 @@ async def key_action(session: Session, key_id: str, verb: str) -> Any:
             await admin.revoke(key_id)
             return redirect("/console/keys", 303)
         if verb == "rotate":
-            created = await admin.rotate(key_id)
-            return await _render("keys.html", session, **(await _keys_context()), created=created, error=None)
+            session.keep_for_showing(await admin.rotate(key_id), time.time())
+            return redirect("/console/keys", 303)  # a reload of what shows the key does not rotate again
     except GatewayError as exc:
         return await _render("keys.html", session, **(await _keys_context()), created=None, error=exc.message), 400
     abort(404)
@@ -389,6 +424,13 @@ def _ago(ts: float | None) -> str:
 @blueprint.app_template_filter("ago")
 def ago_filter(ts: float | None) -> str:
     return _ago(ts)
+
+
+@blueprint.app_template_filter("money")
+def money_filter(amount: float | None) -> str:
+    """An amount as ``helexa usage`` prints it (six decimals, never an exponent): the page
+    and the CLI show the same figure for the same ledger."""
+    return "" if amount is None else f"{amount:.6f}"
 
 
 @blueprint.app_template_filter("utc")

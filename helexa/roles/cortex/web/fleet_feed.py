@@ -11,10 +11,12 @@ the cortex queue them. With no subscriber the feed sleeps and costs nothing.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import orjson
 import trio
 
 if TYPE_CHECKING:
@@ -42,6 +44,18 @@ def neuron_view(link: Any, now: float, pins: set[tuple[str, str]]) -> dict[str, 
             "gpus": gpus, "in_flight": m.in_flight, "requests": link.in_flight, "models": models}
 
 
+def finite(value: Any) -> Any:
+    """``value`` with every float that is not finite (NaN, infinity) replaced by None, in
+    nested dicts and lists too."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
 class FleetFeed:
     """Builds and broadcasts the fleet document (see the module docstring).
 
@@ -60,6 +74,9 @@ class FleetFeed:
         self.min_gap = min_gap
         self.clock = clock
         self._subscribers: set[Subscription] = set()
+        self.closed = False
+        """Set by :meth:`close` (the cortex is stopping): every watcher's :meth:`Subscription.next`
+        returns None from then on, so the event streams end instead of holding the stop."""
         self._wanted = trio.Event()
         self._dirty = trio.Event()
         self.latest: bytes = b""
@@ -73,9 +90,23 @@ class FleetFeed:
                 if self.provisioner is not None else set())
         loading = dict(self.provisioner.load_progress) if self.provisioner is not None else {}
         neurons = [neuron_view(link, now, pins) for link in sorted(self.fleet, key=lambda l: l.node_id)]
-        return json.dumps({"at": now, "neurons": neurons,
-                           "loading": {k: {"stage": v[0], "progress": v[1]} for k, v in loading.items()}},
-                          separators=(",", ":")).encode()
+        doc = {"at": now, "neurons": neurons,
+               "loading": {k: {"stage": v[0], "progress": v[1]} for k, v in loading.items()}}
+        # A neuron's figures arrive as it sends them: one NaN or infinity (a driver's bad
+        # reading, a hostile neuron) would be a bare NaN that no browser parses as JSON, and
+        # the whole Fleet page would stop. It goes out as null, which the page shows as "?"
+        # (orjson writes null for them, and faster than json; json with finite() for what
+        # orjson refuses).
+        try:
+            return orjson.dumps(doc)
+        except TypeError:
+            return json.dumps(finite(doc), separators=(",", ":"), allow_nan=False).encode()
+
+    def close(self) -> None:
+        """End every watch, now and later (the cortex is stopping)."""
+        self.closed = True
+        for sub in self._subscribers:
+            sub._ready.set()
 
     def subscribe(self) -> Subscription:
         """A new watcher; use it as a context manager (it unsubscribes on exit)."""
@@ -116,16 +147,19 @@ class Subscription:
         self.feed = feed
         self._pending: bytes | None = feed.latest or None
         self._ready = trio.Event()
-        if self._pending is not None:
+        if self._pending is not None or feed.closed:
             self._ready.set()
 
     def offer(self, document: bytes) -> None:
         self._pending = document
         self._ready.set()
 
-    async def next(self) -> bytes:
-        """The newest document since the last call (waits for one)."""
+    async def next(self) -> bytes | None:
+        """The newest document since the last call (waits for one); None once the feed is
+        closed."""
         await self._ready.wait()
+        if self.feed.closed:
+            return None
         self._ready = trio.Event()
         doc, self._pending = self._pending, None
         assert doc is not None

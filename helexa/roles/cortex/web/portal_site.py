@@ -69,11 +69,15 @@ def _readable_on(color: str) -> str:
     return "#000000" if (lum + 0.05) / 0.05 > 1.05 / (lum + 0.05) else "#ffffff"
 
 
-def _logo(portal: Portal) -> str | None:
+def logo_src(portal: Portal) -> str | None:
+    """Where the pages load the portal's logo from: its ``https://`` URL (or a ``data:image/``
+    one), or ``/portal/logo`` for a file path. An ``http://`` URL is left out, as a colour
+    that is not a plain CSS colour is: the pages' Content-Security-Policy would block it
+    (``img-src 'self' data: https:``) and an https portal would mix content."""
     logo = portal.config.theme.logo
-    if not logo:
+    if not logo or logo.startswith("http://"):
         return None
-    if logo.startswith(("https://", "http://", "data:image/")):
+    if logo.startswith(("https://", "data:image/")):
         return logo
     return "/portal/logo"
 
@@ -81,8 +85,13 @@ def _logo(portal: Portal) -> str | None:
 async def _render(template: str, **context: Any) -> str:
     portal = _portal()
     base = f"{request.scheme}://{request.host}"
-    return await render_template(template, portal=portal, logo=_logo(portal), keyed=portal.keyed,
-                                 base_url=base + "/v1", section=template.split(".")[0], **context)
+    # The sign-in, the playground and the usage page call the portal's OpenAI API; a portal
+    # that does not serve it gets pages that say so, and only the snippets it can answer.
+    return await render_template(template, portal=portal, logo=logo_src(portal), keyed=portal.keyed,
+                                 openai="openai" in portal.config.surfaces, base_url=base + "/v1",
+                                 model_hint=next(iter([*portal.config.aliases, *(portal.config.models or ())]),
+                                                 "MODEL"),
+                                 section=template.split(".")[0], **context)
 
 
 @blueprint.get("/")

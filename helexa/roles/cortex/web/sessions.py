@@ -6,6 +6,8 @@ only the secret's SHA-256 (a leaked process dump or log holds nothing to replay)
 session's CSRF token (sent back in every form and every ``fetch``), when it ends, and a
 hash of the admin token it was opened with, so rotating the token
 (``helexa admin-token --rotate``) ends every session at once. A restart ends them too.
+A key just created or rotated waits in its session for the one page that shows it, a minute
+at most (:meth:`Session.keep_for_showing`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 COOKIE = "helexa_console"
 
@@ -24,11 +27,27 @@ def _digest(text: str) -> bytes:
     return hashlib.sha256(text.encode()).digest()
 
 
+SHOW_FOR = 60.0
+"""Seconds a new key waits in its session for the page that shows it (see :meth:`Session.hand_over`)."""
+
+
 @dataclass(slots=True)
 class Session:
     csrf: str
     expires_at: float
     token_digest: bytes
+    _new_key: tuple[float, dict[str, Any]] | None = None
+
+    def keep_for_showing(self, created: dict[str, Any], now: float) -> None:
+        """Hold a key just created or rotated for the page the browser is sent to next (a
+        redirect after the POST, so reloading that page cannot create or rotate again)."""
+        self._new_key = (now + SHOW_FOR, created)
+
+    def hand_over(self, now: float) -> dict[str, Any] | None:
+        """The key held by :meth:`keep_for_showing`, once: gone from memory after this call,
+        or after :data:`SHOW_FOR` seconds if no page came for it."""
+        held, self._new_key = self._new_key, None
+        return held[1] if held is not None and held[0] > now else None
 
     def csrf_ok(self, presented: str | None) -> bool:
         return presented is not None and hmac.compare_digest(self.csrf.encode(), presented.encode())

@@ -33,7 +33,7 @@
       dl.append(el("dt", { text: k }), el("dd", {}, el("span", { text: v, "data-field": field || "" }), bar || null));
     };
     row("heartbeat", n.heartbeat_age + " s ago", "heartbeat");
-    row("CPU", n.cpu.toFixed(0) + "% of " + n.cores + " cores", "cpu");
+    row("CPU", (n.cpu == null ? "?" : n.cpu.toFixed(0)) + "% of " + n.cores + " cores", "cpu");
     row("RAM", gib(n.ram_used) + " / " + gib(n.ram_total), "ram",
         meter(n.ram_total ? n.ram_used / n.ram_total : 0, "RAM used on " + n.id));
     for (const g of n.gpus) {
@@ -142,13 +142,34 @@
     }
   }
 
-  if ($("#fleet") || $("#models") || $("#traffic")) {
-    const source = new EventSource("/console/events");
-    let seen = 0;
-    source.addEventListener("fleet", (ev) => { seen = Date.now(); renderFleet(JSON.parse(ev.data)); });
+  // The browser retries a dropped stream by itself, but gives up for good on an answer that
+  // is not the stream (401 once the session is over: a sign-out, a rotated admin token, a
+  // restarted cortex). Then this page asks itself again: sent to the login page, it goes
+  // there; otherwise (the pages still starting, a network error) it opens a new stream.
+  let source = null;
+  const interrupted = () => { if (live) live.textContent = "Live updates interrupted: reconnecting…"; };
+  async function recover() {
+    interrupted();
+    try {
+      const resp = await fetch(location.pathname, { redirect: "manual", cache: "no-store" });
+      if (resp.type === "opaqueredirect" || resp.status === 401) {
+        location.assign("/console/login");
+        return;
+      }
+    } catch (e) { /* not answering yet */ }
+    setTimeout(connect, 2000);
+  }
+  function connect() {
+    source = new EventSource("/console/events");
+    source.addEventListener("fleet", (ev) => renderFleet(JSON.parse(ev.data)));
     source.addEventListener("traffic", (ev) => renderTraffic(JSON.parse(ev.data)));
-    source.onerror = () => { if (live) live.textContent = "Live updates interrupted: reconnecting…"; };
+    source.onerror = () => {
+      if (source.readyState === EventSource.CLOSED) recover(); else interrupted();
+    };
     source.onopen = () => { if (live) live.textContent = ""; };
-    window.addEventListener("beforeunload", () => source.close());
+  }
+  if ($("#fleet") || $("#models") || $("#traffic")) {
+    connect();
+    window.addEventListener("beforeunload", () => source && source.close());
   }
 })();

@@ -5,6 +5,17 @@
   const $ = (sel) => document.querySelector(sel);
   const bar = $(".portal-bar");
   const keyed = bar && bar.dataset.keyed === "true";
+  // --- copy buttons ---
+  for (const b of document.querySelectorAll("button.copy")) {
+    b.addEventListener("click", async () => {
+      const text = document.getElementById(b.dataset.copy).textContent;
+      try { await navigator.clipboard.writeText(text); b.textContent = "Copied"; }
+      catch (e) { b.textContent = "Select and copy"; }
+    });
+  }
+
+  // A portal without the OpenAI API: its pages say so and use no key (there is none to check).
+  if (bar && bar.dataset.openai === "false") return;
   const STORE = "helexa-key:" + (bar ? bar.dataset.portal : "");
   const key = () => sessionStorage.getItem(STORE);
   const headers = (extra) => {
@@ -34,7 +45,17 @@
       ev.preventDefault();
       const candidate = $("#api-key").value.trim();
       const err = $("#signin-error");
-      const resp = await fetch("/v1/usage", { headers: { Authorization: "Bearer " + candidate } });
+      let resp;
+      try {
+        resp = await fetch("/v1/usage", { headers: { Authorization: "Bearer " + candidate } });
+      } catch (e) {  // a character no header can carry (a pasted "…"), or no answer at all
+        err.textContent = e instanceof TypeError && !/^[\x20-\x7e]*$/.test(candidate)
+          ? "That key is not valid on this portal (it has characters no key has)."
+          : "The portal did not answer: " + e.message;
+        err.hidden = false;
+        $("#api-key").focus();
+        return;
+      }
       if (resp.ok) {
         sessionStorage.setItem(STORE, candidate);
         location.replace("/portal/playground");
@@ -96,7 +117,7 @@
         if (!resp.ok) { status.textContent = "Refused: " + await errorText(resp); return; }
         const reader = resp.body.getReader();
         const decoder = new TextDecoder();
-        let buffer = "", finish = null;
+        let buffer = "", finish = null, failure = null;
         for (;;) {
           const { value, done } = await reader.read();
           if (done) break;
@@ -109,7 +130,7 @@
               const data = line.slice(5).trim();
               if (data === "[DONE]") continue;
               const chunk = JSON.parse(data);
-              if (chunk.error) { status.textContent = "Error: " + chunk.error.message; continue; }
+              if (chunk.error) { failure = chunk.error.message; status.textContent = "Error: " + failure; continue; }
               for (const c of chunk.choices || []) {
                 if (c.delta && c.delta.content) { answer.append(c.delta.content); tokens++; }
                 if (c.finish_reason) finish = c.finish_reason;
@@ -117,7 +138,8 @@
             }
           }
         }
-        status.textContent = "Done (" + (finish || "end") + ").";
+        // A stream that failed part-way (its neuron gone...) says so; it is not "done".
+        status.textContent = failure != null ? "Error: " + failure : "Done (" + (finish || "end") + ").";
       } catch (e) {
         status.textContent = e.name === "AbortError" ? "Stopped." : "Failed: " + e.message;
       } finally {
@@ -137,8 +159,11 @@
       const row = (k, v) => dl.append(mk("dt", k), mk("dd", v));
       row("Key", u.name + " (" + u.key_id + ")");
       row("Period", u.period.name + (u.period.start ? " from " + new Date(u.period.start * 1000).toISOString().slice(0, 10) : ""));
-      row("Spent", u.spent.money.toFixed(4) + " " + u.currency + ", " + u.spent.tokens + " tokens");
-      row("Remaining budget", u.remaining_budget == null ? "no budget" : String(Math.round(u.remaining_budget * 10000) / 10000) + (u.limits.budget_unit === "tokens" ? " tokens" : " " + u.currency));
+      // Money with six decimals, as the ledger's reports print it (per-million prices make
+      // a request cost millionths).
+      row("Spent", u.spent.money.toFixed(6) + " " + u.currency + ", " + u.spent.tokens + " tokens");
+      row("Remaining budget", u.remaining_budget == null ? "no budget" : (u.limits.budget_unit === "tokens"
+        ? Math.floor(u.remaining_budget) + " tokens" : u.remaining_budget.toFixed(6) + " " + u.currency));
       row("In flight", String(u.in_flight));
       const table = mk("table");
       const head = mk("tr");
@@ -154,11 +179,4 @@
     });
   }
 
-  // --- copy buttons ---
-  for (const b of document.querySelectorAll("button.copy")) {
-    b.addEventListener("click", async () => {
-      const text = document.getElementById(b.dataset.copy).textContent;
-      try { await navigator.clipboard.writeText(text); b.textContent = "Copied"; } catch (e) { b.textContent = "Select and copy"; }
-    });
-  }
 })();
