@@ -109,6 +109,15 @@ def neuron(config_file, cortex_url, node_id, join_token_file, log_level, log_for
         _fail(str(exc))
 
 
+def _existing_data_dir(data: Path) -> Path:
+    """A cortex's data directory, which must exist: a token printed from a mistyped one
+    (made there on the spot) would be no running cortex's."""
+    if not data.is_dir():
+        _fail(f"no cortex data directory at {data}: give the --data-dir the cortex runs with "
+              "(a cortex makes its directory and tokens when it first starts)", 1)
+    return data
+
+
 @main.command("join-token")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="the cortex's data directory")
 @click.option("--rotate", is_flag=True, help="replace the token; neurons need the new one to rejoin")
@@ -118,7 +127,7 @@ def join_token_cmd(data_dir, rotate):
     from helexa.roles.cortex import join_token
     from helexa.roles.cortex.config import default_data_dir
 
-    data = data_dir or default_data_dir()
+    data = _existing_data_dir(data_dir or default_data_dir())
     try:
         if rotate:
             join_token.rotate(data)
@@ -135,7 +144,7 @@ def admin_token_cmd(data_dir, rotate):
     from helexa.roles.cortex import admin_token
     from helexa.roles.cortex.config import default_data_dir
 
-    data = data_dir or default_data_dir()
+    data = _existing_data_dir(data_dir or default_data_dir())
     try:
         click.echo(admin_token.rotate(data) if rotate else admin_token.load_or_create(data))
     except (OSError, ValueError) as exc:

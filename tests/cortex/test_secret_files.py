@@ -71,3 +71,18 @@ def test_the_process_says_it_in_one_line_and_exits_2(tmp_path, role) -> None:
     lines = [l for l in out.stderr.splitlines() if l.startswith("helexa: error:")]
     assert len(lines) == 1 and "is open to other users (mode 0644)" in lines[0], out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("command", [["join-token"], ["admin-token"], ["join-token", "--rotate"],
+                                     ["admin-token", "--rotate"]])
+def test_printing_a_token_from_a_data_dir_no_cortex_made_is_refused_and_makes_nothing(tmp_path, command) -> None:
+    data = tmp_path / "data"
+    Cortex(cortex_config(data)).gateway.store.close()
+    typo = tmp_path / "dtaa"
+    done = subprocess.run([*HELEXA, *command, "--data-dir", str(typo)], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr.startswith(f"helexa: error: no cortex data directory at {typo}:"), done.stderr
+    assert not typo.exists()
+    printed = subprocess.run([*HELEXA, *command, "--data-dir", str(data)], capture_output=True, text=True, timeout=60)
+    token = (data / command[0]).read_text().strip()
+    assert printed.returncode == 0 and token in printed.stdout
