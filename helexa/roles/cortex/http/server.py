@@ -180,7 +180,6 @@ class HttpServer:
                 self._drained.set()
             await trio.aclose_forcefully(stream)
 
-
     def _turn_away(self) -> None:
         self.turned_away += 1
         now = trio.current_time()
