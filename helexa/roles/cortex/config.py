@@ -52,6 +52,11 @@ class GatewayConfig(BaseModel):
     keep_alive_timeout: float = Field(75.0, gt=0)
     keep_alive_max_requests: int = Field(100_000, ge=1)
     """Requests served on one connection before it is closed (hypercorn's default is 1000)."""
+    max_connections: int = Field(0, ge=0)
+    """Client connections open at once on one listening socket; past it a new one is closed
+    at once. 0: the process's open-file limit less 256, shared evenly by the gateway's
+    sockets, so that clients of one portal's socket (a slowloris, idle keep-alives) cannot
+    take the files every other socket, the control plane and the ledger need."""
     owned_by: str = "helexa"
     admin_clients: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"])
     """Client addresses allowed on ``/admin/*`` (besides the admin token, which is always

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -389,11 +390,23 @@ class Gateway:
         server = HttpServer(app, host=host, port=port, keep_alive_timeout=c.keep_alive_timeout,
                             keep_alive_max_requests=c.keep_alive_max_requests, read_timeout=c.body_timeout,
                             send_timeout=c.send_timeout, shutdown_grace=self.shutdown_grace + CUT_WAIT,
-                            error_body=server_error_body)
+                            error_body=server_error_body, max_connections=self._max_connections())
         self._servers.append(server)
         if self._stop.is_set():
             server.stop()
         await server.run(task_status=task_status)
+
+    def _max_connections(self) -> int:
+        """Connections one socket may hold (``gateway.max_connections``, else its even share
+        of the open-file limit, less 256 kept for the control plane, the ledger, models)."""
+        if self.config.max_connections:
+            return self.config.max_connections
+        sockets = sum(len(p.config.listen) for p in self.portals.values())
+        sockets += self.cortex_config.admin_socket is not None
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            return 0
+        return max(16, (soft - 256) // max(1, sockets))
 
     async def _hypercorn(self, app: PortalApp, host: str, port: int, tls: PortalConfig | None,
                          task_status: trio.TaskStatus[list[str]]) -> None:

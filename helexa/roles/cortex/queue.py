@@ -15,6 +15,12 @@ Order, per model:
 3. **Fair share between keys** of one portal, the same way (equal weights).
 4. **Arrival order** for one key.
 
+**A full queue** (``max_waiting`` for a model) does not turn away a request that would be
+served before the last one waiting: that last one (the worst class, the tenant most
+served) is pushed out instead (:meth:`FairQueue.displace`), so one tenant's flood fills
+the queue only until another tenant, or a better class, arrives; the flood's own next
+request, last in its key's order, is refused.
+
 A waiter leaves by being served (:meth:`FairQueue.pop`, or :meth:`FairQueue.take` when
 the orchestrator serves it out of order because the neurons free for the head cannot take
 it), by giving up (:meth:`FairQueue.remove`) or at its deadline (:meth:`FairQueue.expire`).
@@ -132,6 +138,10 @@ class _Class:
                       dict(self.portal_vt), dict(self.key_vt), dict(self.weight), self.clock, dict(self.key_clock))
 
 
+def _class_of(w: Waiter) -> int:
+    return min(max(w.priority, 0), len(PRIORITIES) - 1)
+
+
 class _ModelQueue:
     def __init__(self) -> None:
         self.classes = [_Class() for _ in PRIORITIES]
@@ -183,12 +193,33 @@ class FairQueue:
             q = self._models[w.model_id] = _ModelQueue()
         if q.count >= self.max_waiting:
             return False
-        q.classes[min(max(w.priority, 0), len(PRIORITIES) - 1)].push(w)
+        q.classes[_class_of(w)].push(w)
         q.count += 1
         q.version += 1
         self._waiters[w.ticket] = w
         heapq.heappush(self._deadlines, (w.deadline, w.ticket))
         return True
+
+    def displace(self, w: Waiter) -> Waiter | None:
+        """For ``w`` arriving at a full queue: the waiter it pushes out, the one that would
+        then be served last, or None when that is ``w`` itself (refuse ``w``). Only reads:
+        the caller removes the waiter returned and pushes ``w``."""
+        q = self._models.get(w.model_id)
+        if q is None or not q.count:
+            return None
+        last = q.ordered()[-1]
+        cls = _class_of(w)
+        if cls != _class_of(last):
+            return last if cls < _class_of(last) else None
+        if (w.portal, w.key) == (last.portal, last.key):
+            return None  # after every waiter of its own key: last
+        sim = q.classes[cls].copy()
+        sim.push(w)
+        out = None
+        while (pk := sim.head()) is not None:
+            out = sim.waiting[pk[0]][pk[1]][0]
+            sim.serve(pk[0], pk[1], out)
+        return None if out is None or out.ticket == w.ticket else out
 
     def pop(self, model_id: str, now: float) -> Waiter | None:
         """Serve the next waiter for ``model_id`` (None when nobody waits)."""
@@ -204,7 +235,7 @@ class FairQueue:
         if w is None:
             return None
         q = self._models[w.model_id]
-        c = q.classes[min(max(w.priority, 0), len(PRIORITIES) - 1)]
+        c = q.classes[_class_of(w)]
         c.serve(w.portal, w.key, w)
         self._left(q, w.model_id)
         served = self._served.setdefault(w.model_id, deque(maxlen=DRAIN_WINDOW))
@@ -217,7 +248,7 @@ class FairQueue:
         if w is None:
             return None
         q = self._models[w.model_id]
-        q.classes[min(max(w.priority, 0), len(PRIORITIES) - 1)].discard(w)
+        q.classes[_class_of(w)].discard(w)
         self._left(q, w.model_id)
         return w
 

@@ -104,8 +104,12 @@ class HttpServer:
     def __init__(self, app: App, *, host: str = "127.0.0.1", port: int = 0, keep_alive_timeout: float = 75.0,
                  keep_alive_max_requests: int = 100_000, read_timeout: float = 30.0, send_timeout: float = 60.0,
                  shutdown_grace: float = 10.0, max_header_bytes: int = 65536,
-                 error_body: ErrorBody = plain_error) -> None:
+                 error_body: ErrorBody = plain_error, max_connections: int = 0) -> None:
         self.app = app
+        self.max_connections = max_connections
+        self.turned_away = 0
+        """Connections closed at accept because :attr:`max_connections` were open."""
+        self._warned_at = -math.inf
         self.host = host
         self.port = port
         self.keep_alive_timeout = keep_alive_timeout
@@ -157,6 +161,10 @@ class HttpServer:
             nursery.cancel_scope.cancel()
 
     async def _serve(self, stream: trio.SocketStream) -> None:
+        if self.max_connections and len(self._connections) >= self.max_connections:
+            self._turn_away()
+            await trio.aclose_forcefully(stream)
+            return
         conn = _ServerConnection(self, stream)
         self._connections.add(conn)
         try:
@@ -171,6 +179,14 @@ class HttpServer:
             if self.closing and not self._connections:
                 self._drained.set()
             await trio.aclose_forcefully(stream)
+
+    def _turn_away(self) -> None:
+        self.turned_away += 1
+        now = trio.current_time()
+        if now - self._warned_at >= 60:
+            self._warned_at = now
+            log.warning("HTTP %s:%s: %d connections open, the limit (gateway.max_connections): new ones are closed "
+                        "at once (%d so far)", self.host, self.port, len(self._connections), self.turned_away)
 
 
 class _ServerConnection:

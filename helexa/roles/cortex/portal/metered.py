@@ -16,7 +16,7 @@ import trio
 from helexa.protocol import GenerateRequest, GenerateResult, TokenChunk
 
 from ..errors import ModelNotFound, UpstreamError
-from .quota import Account, Refusal, admit
+from .quota import Account, Refusal, admit, beyond
 from .routing import ASK_POLICY
 
 if TYPE_CHECKING:
@@ -61,11 +61,12 @@ class MeteredRun:
     """``async with metering.generate(...) as run`` (see :meth:`Metering.generate`)."""
 
     __slots__ = ("_metering", "_caller", "_request", "_endpoint", "_on_wait", "_image", "_session",
-                 "_plan", "_accounts", "_run", "_context", "_gen", "_started", "_t0", "_token")
+                 "_plan", "_accounts", "_run", "_context", "_gen", "_started", "_t0", "_token", "_copies")
 
     def __init__(self, metering: Metering, caller: Caller, request: GenerateRequest, endpoint: str,
-                 on_wait: OnWait | None, image: str | None, session: str | None) -> None:
+                 on_wait: OnWait | None, image: str | None, session: str | None, copies: int = 1) -> None:
         self._metering = metering
+        self._copies = copies
         self._caller = caller
         self._request = request
         self._endpoint = endpoint
@@ -88,6 +89,10 @@ class MeteredRun:
         accounts = self._accounts = m.accounts(caller, now)
         plan = self._plan = m._plan_generate(caller, request, served, bounded=bool(accounts),
                                              counted=bool(accounts) or portal.records_usage)
+        if accounts and self._copies > 1:
+            plan = self._plan = await self._exact(request, plan, served)
+            if (refusal := beyond(accounts, plan.reservation, self._copies)) is not None:
+                m._refuse(caller, refusal)
         if accounts and (refusal := admit(accounts, plan.reservation, now)) is not None:
             plan = self._plan = await self._recounted(request, plan, refusal, served, accounts, now)
         run = self._run = MeteredGeneration()
@@ -109,6 +114,20 @@ class MeteredRun:
         run.node_id = gen.node_id
         return run
 
+    async def _exact(self, request: GenerateRequest, plan: Plan, served: str) -> Plan:
+        """``plan`` again from the prompt's exact token count, where that is smaller."""
+        m = self._metering
+        if m.limits is None:
+            return plan
+        count = await m.limits.counter.count(request if served == request.model_id
+                                             else dataclasses.replace(request, model_id=served))
+        if count is not None and count.exact and count.tokens < plan.reservation.tokens:
+            exact = m._plan_generate(self._caller, dataclasses.replace(request, prompt_tokens=count.tokens), served,
+                                     bounded=True, counted=True)
+            if exact.reservation.tokens < plan.reservation.tokens:
+                return exact
+        return plan
+
     async def _recounted(self, request: GenerateRequest, plan: Plan, refusal: Refusal, served: str,
                          accounts: list[Account], now: float) -> Plan:
         """A refused request's plan again, from its prompt's exact token count, when that
@@ -117,17 +136,13 @@ class MeteredRun:
         short chat (a template's own text): enough for a small ``tpm`` or budget to refuse
         what it can take."""
         m, caller = self._metering, self._caller
-        if refusal.code in ("too_large", "tokens", "budget") and m.limits is not None:
-            count = await m.limits.counter.count(request if served == request.model_id
-                                                 else dataclasses.replace(request, model_id=served))
-            if count is not None and count.exact and count.tokens < plan.reservation.tokens:
-                exact = m._plan_generate(caller, dataclasses.replace(request, prompt_tokens=count.tokens), served,
-                                         bounded=True, counted=True)
-                if exact.reservation.tokens < plan.reservation.tokens:
-                    again = admit(accounts, exact.reservation, now)
-                    if again is None:
-                        return exact
-                    refusal = again
+        if refusal.code in ("too_large", "tokens", "budget"):
+            exact = await self._exact(request, plan, served)
+            if exact is not plan:
+                again = admit(accounts, exact.reservation, now)
+                if again is None:
+                    return exact
+                refusal = again
         m._refuse(caller, refusal)
 
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:

@@ -297,8 +297,12 @@ class Metering:
 
     def generate(self, caller: Caller, request: GenerateRequest, *, endpoint: str,
                  on_wait: OnWait | None = None, image: str | None = None,
-                 session: str | None = None) -> MeteredRun:
+                 session: str | None = None, copies: int = 1) -> MeteredRun:
         """Run ``request`` (its ``model_id`` the public name the client asked for), metered.
+
+        ``copies``: the request is one of that many choices (OpenAI's ``n``) of one client
+        request: the whole is refused, with no retry, where no wait could admit them all
+        (:func:`.quota.beyond`).
 
         ``async with`` it for a :class:`MeteredGeneration`; its ``result`` is set when the block ends
         normally, once the ledger record is durable. ``session`` (the client's session id)
@@ -311,7 +315,7 @@ class Metering:
             errors (before or during the stream); UpstreamError when the stream ended
             without a result; ``LedgerError`` (500) when the record could not be written.
         """
-        return MeteredRun(self, caller, request, endpoint, on_wait, image, session)
+        return MeteredRun(self, caller, request, endpoint, on_wait, image, session, copies)
 
     async def embed(self, caller: Caller, request: EmbedRequest) -> EmbedResult:
         """Embed ``request`` (public model name), metered; raises as :meth:`generate`."""
