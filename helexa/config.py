@@ -126,7 +126,7 @@ def _set(data: dict[str, Any], path: list[str], value: Any) -> None:
 
 def _one_line(exc: ValidationError, file: Path | None) -> str:
     err = exc.errors()[0]
-    key = ".".join(str(p) for p in err["loc"]) or "(config)"
+    key = ".".join(str(p) for p in err["loc"])  # none for a check of the whole file, whose message names its keys
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
@@ -134,4 +134,4 @@ def _one_line(exc: ValidationError, file: Path | None) -> str:
         msg = msg[len("Value error, ") :]
     where = f" (in {file})" if file is not None else ""
     more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-    return f"{key}: {msg}{where}{more}"
+    return f"{key + ': ' if key else ''}{msg}{where}{more}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from helexa.config import load_config
+from helexa.config import ConfigError, load_config
 from helexa.roles.cortex.config import CortexConfig
 from helexa.roles.neuron.config import NeuronConfig
 
@@ -26,3 +26,13 @@ def test_a_string_setting_from_the_environment_keeps_its_commas() -> None:
     assert config.operator == "acme, inc"
     neuron = load_config(NeuronConfig, file=None, environ={"HELEXA_CPU_POLICY": "batch"})
     assert neuron.cpu_policy == "batch"
+
+
+def test_a_check_across_keys_names_them_without_a_placeholder() -> None:
+    # docs/portals.md quotes the line: portals.acme: listens on 0.0.0.0:8443, which is not loopback: ...
+    try:
+        load_config(CortexConfig, file=None, environ={}, overrides={"portals": {"acme": {"listen": ["0.0.0.0:8443"]}}})
+    except ConfigError as exc:
+        assert str(exc).startswith("portals.acme: listens on 0.0.0.0:8443, which is not loopback: set auth"), str(exc)
+    else:
+        raise AssertionError("a non-loopback portal without auth was accepted")
