@@ -76,7 +76,8 @@ echo "== operator-b: a neuron joins with the operator's join token"
 "$HELEXA" neuron --cortex "ws://127.0.0.1:$B_CONTROL" --node-id b-neuron \
     --join-token-file "$WORK/b/join-token" 2>"$WORK/neuron-b.log" &
 PIDS+=($!)
-has_neuron() { curl -fsS "$1/health" | grep -q '"neurons": [1-9]'; }
+# (JSON read as JSON: the gateway writes it compact, with no space after a colon)
+has_neuron() { curl -fsS "$1/health" | "$PYTHON" -c 'import json, sys; sys.exit(json.load(sys.stdin)["neurons"] < 1)'; }
 wait_for 30 "the neuron to join operator-b" has_neuron "$B_URL"
 
 B_ADDR=$("$HELEXA" mesh id --data-dir "$WORK/b" | sed -n 2p)
@@ -88,7 +89,10 @@ echo "== operator-a: cortex with no neuron (gateway $A_URL), bootstrapped to ope
     --mesh-listen "/ip4/127.0.0.1/tcp/$A_MESH" --bootstrap "$B_ADDR" 2>"$WORK/cortex-a.log" &
 PIDS+=($!)
 wait_for 30 "operator-a's cortex" grep -q "cortex ready" "$WORK/cortex-a.log"
-offered() { curl -fsS "$A_URL/v1/models" | grep -q '"federated": true'; }
+offered() {
+    curl -fsS "$A_URL/v1/models" | "$PYTHON" -c 'import json, sys
+sys.exit(not any(m.get("federated") for m in json.load(sys.stdin)["data"]))'
+}
 wait_for 30 "operator-b's announcement to reach operator-a" offered
 echo "   operator-a's /v1/models:"
 curl -fsS "$A_URL/v1/models" | "$PYTHON" -m json.tool | sed 's/^/     /'

@@ -33,7 +33,7 @@ def mesh_id(data_dir: Path | None, listen: str | None, as_json: bool) -> None:
     """Print this cortex's peer id, then its multiaddrs (one a line).
 
     The multiaddrs are those the running (or last) cortex bound; pass one of them to
-    another operator's ``helexa cortex --bootstrap``.
+    another operator's helexa cortex --bootstrap.
     """
     from helexa.mesh import format_identity, mesh_identity
 
@@ -55,7 +55,7 @@ def mesh_id(data_dir: Path | None, listen: str | None, as_json: bool) -> None:
 def ledger(data_dir: Path | None, as_json: bool) -> None:
     """What this cortex served to and consumed from its peers.
 
-    Without ``--json``: totals per direction and peer (requests, tokens, cost, receipts
+    Without --json: totals per direction and peer (requests, tokens, cost, receipts
     flagged because they failed verification). With it: every receipt as a JSON list.
     """
     from helexa.roles.cortex.federation.ledger import Ledger, format_report

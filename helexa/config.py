@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import os
 import tomllib
+import types
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 
 from pydantic import AfterValidator, BaseModel, ValidationError
 
@@ -75,7 +76,7 @@ def load_config(
             continue
         path = key[len(prefix) :].lower().split("__")
         if _known_path(model, path):
-            _set(data, path, _env_value(value))
+            _set(data, path, _env_value(value, is_list=_is_list_field(model, path)))
     for key, value in (overrides or {}).items():
         if value is not None:
             _set(data, key.split("."), value)
@@ -96,13 +97,24 @@ def _known_path(model: type[BaseModel], path: list[str]) -> bool:
     return isinstance(ann, type) and issubclass(ann, BaseModel) and _known_path(ann, path[1:])
 
 
-def _env_value(value: str) -> Any:
+def _is_list_field(model: type[BaseModel], path: list[str]) -> bool:
+    """Whether the field at ``path`` (a known one) holds a list (``list[X]`` or ``list[X] | None``)."""
+    for part in path[:-1]:
+        model = model.model_fields[part].annotation  # type: ignore[assignment]
+    ann = model.model_fields[path[-1]].annotation
+    options = get_args(ann) if get_origin(ann) in (Union, types.UnionType) else (ann,)
+    return any(get_origin(option) is list or option is list for option in options)
+
+
+def _env_value(value: str, *, is_list: bool = False) -> Any:
     stripped = value.strip()
     if stripped[:1] in "[{":
         try:
             return json.loads(stripped)
         except json.JSONDecodeError:
             pass
+    if is_list:
+        return [item.strip() for item in stripped.split(",") if item.strip()]
     return value
 
 
@@ -114,7 +126,7 @@ def _set(data: dict[str, Any], path: list[str], value: Any) -> None:
 
 def _one_line(exc: ValidationError, file: Path | None) -> str:
     err = exc.errors()[0]
-    key = ".".join(str(p) for p in err["loc"]) or "(config)"
+    key = ".".join(str(p) for p in err["loc"])  # none for a check of the whole file, whose message names its keys
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
@@ -122,4 +134,4 @@ def _one_line(exc: ValidationError, file: Path | None) -> str:
         msg = msg[len("Value error, ") :]
     where = f" (in {file})" if file is not None else ""
     more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-    return f"{key}: {msg}{where}{more}"
+    return f"{key + ': ' if key else ''}{msg}{where}{more}"

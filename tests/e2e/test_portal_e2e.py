@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import httpx
 import openai
@@ -86,3 +87,35 @@ def test_kill_9_after_an_answer_loses_no_record_and_keeps_the_budget_spent(tmp_p
                 assert key.encode() not in path.read_bytes()
         for proc in procs.procs:
             assert key not in proc.log()
+
+
+EXAMPLE_MODELS = Path(__file__).resolve().parents[2] / "examples" / "models.toml"
+
+SMOL_PORTAL = """
+[portals.acme]
+listen = ["127.0.0.1:0"]
+auth = "keys"
+aliases = { fast = "smollm2-135m-instruct" }
+quotas = { tpm = 100000 }              # a limit: the portal reserves a worst case, so it bounds the answer
+"""
+
+
+def test_a_keyed_portal_answers_a_request_that_sets_no_max_tokens(tmp_path) -> None:
+    """The portal's Snippets page shows a chat with no ``max_tokens``: the limit the portal
+    sets to bound its worst case must leave the prompt its room in SmolLM2's 2048 tokens
+    (it was the whole context, and every such request got 400 context_length_exceeded)."""
+    with ProcGroup(tmp_path) as procs:
+        cortex = procs.cortex(models=EXAMPLE_MODELS, config=SMOL_PORTAL, env={"HELEXA_MISSED_HEARTBEATS": "10"})
+        procs.neuron(cortex, "n1")
+        key = cli("keys", "create", "--portal", "acme", "--name", "snippet", data_dir=cortex.data_dir,
+                  admin_url=cortex.admin_url).strip()
+        acme = cortex.portal_urls["acme"][0]
+        hello = [{"role": "user", "content": "Hello"}]
+        with openai.OpenAI(base_url=acme + "/v1", api_key=key, max_retries=0, timeout=120) as client:
+            stream = client.chat.completions.create(model="fast", messages=hello, stream=True, temperature=0)
+            text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+            answer = client.chat.completions.create(model="fast", messages=hello, temperature=0)
+        assert text and answer.choices[0].message.content
+        generated = httpx.post(acme + "/api/chat", json={"model": "fast", "messages": hello, "stream": False},
+                               headers={"authorization": f"Bearer {key}"}, timeout=120)
+        assert generated.status_code == 200, generated.text

@@ -12,8 +12,9 @@ model name the client asked for, and calls :meth:`Metering.generate` or
    (:mod:`.quota`): the prompt's upper bound (its UTF-8 bytes plus a per-message
    allowance for the chat template, capped by the model's ``max_context``; a tokenizer
    makes at most about one token per byte) plus the completion limit (``max_tokens``, else
-   the model's ``max_output``, else the portal's ``default_max_tokens``, which then goes
-   to the neuron as the request's limit so the bound holds). Over a limit: 429;
+   the model's ``max_output``, else the portal's ``default_max_tokens``, at most the room
+   the context leaves the prompt, which then goes to the neuron as the request's limit so
+   the bound holds). Over a limit: 429;
 3. **runs** the request through the orchestrator with the portal's tenant, priority and
    routing preferences;
 4. **settles** what was really used: the neuron's usage when the answer completed, else
@@ -251,15 +252,25 @@ class Metering:
         # An exact count (the edge's tokenizer) bounds the prompt; else its bytes do.
         prompt = prompt_upper_bound(request)
         context = entry.max_context if entry is not None else None
+        implied = bounded and max_tokens is None  # the limit goes to the neuron, so the bound holds
         if context:
             prompt, completion = min(prompt, context), min(completion, context)
+            if implied:
+                # A limit the client did not ask for must leave the prompt its room (the
+                # neuron refuses prompt + max_tokens over the context); with none left by the
+                # prompt's bound, the context itself bounds the answer.
+                room = context - prompt
+                if room >= 1:
+                    completion = min(completion, room)
+                else:
+                    implied = False
         p_in, p_out = portal.price(asked)
         cost = (prompt * p_in + completion * p_out) / 1_000_000
         tokens = min(prompt + completion, context) if context else prompt + completion
         forward = request
-        if served != asked or (bounded and max_tokens is None):
+        if served != asked or implied:
             sampling = request.sampling
-            if bounded and max_tokens is None:
+            if implied:
                 sampling = dataclasses.replace(sampling, max_tokens=completion)
             forward = dataclasses.replace(request, model_id=served, sampling=sampling)
         return Plan(asked, forward, Reservation(tokens, cost), size, (p_in, p_out), portal.currency)
