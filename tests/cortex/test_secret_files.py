@@ -86,3 +86,12 @@ def test_printing_a_token_from_a_data_dir_no_cortex_made_is_refused_and_makes_no
     printed = subprocess.run([*HELEXA, *command, "--data-dir", str(data)], capture_output=True, text=True, timeout=60)
     token = (data / command[0]).read_text().strip()
     assert printed.returncode == 0 and token in printed.stdout
+
+
+def test_mesh_id_before_the_cortex_ran_makes_its_data_dir_private_as_the_cortex_does(tmp_path) -> None:
+    data = tmp_path / "new-data"
+    done = subprocess.run([*HELEXA, "mesh", "id", "--data-dir", str(data), "--json"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert data.stat().st_mode & 0o777 == 0o700
+    assert (data / "identity.key").stat().st_mode & 0o777 == 0o600
