@@ -67,17 +67,24 @@ class AdminClient:
         except httpx.HTTPError as exc:
             raise AdminError(f"cannot reach the cortex at {self.base}: {exc}") from None
         if resp.status_code >= 400:
-            try:
-                message = resp.json()["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                message = resp.text[:200]
-            raise AdminError(f"the cortex answered {resp.status_code} for {method} {path}: {message}")
+            raise self._refused(resp, method, path)
         if raw:
             return resp.text
         try:
             return resp.json()
         except ValueError:
             raise AdminError(f"the cortex sent something that is not JSON for {method} {path}") from None
+
+    def _refused(self, resp: httpx.Response, method: str, path: str) -> AdminError:
+        try:
+            message = resp.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = resp.text[:200]
+        if resp.status_code == 404 and str(message).startswith("no route /admin"):
+            # the admin API answers on the admin socket only, when the cortex has one
+            message += (f" ({self.base} serves no admin API: with admin_socket set in cortex.toml, pass "
+                        "--cortex http://ADMIN_HOST:PORT, that socket)")
+        return AdminError(f"the cortex answered {resp.status_code} for {method} {path}: {message}")
 
     def stream(self, method: str, path: str, *, json: Any = None, timeout: float | None = None) -> Iterator[Any]:
         """The answer's lines as JSON objects, as they arrive (an NDJSON stream of progress
@@ -89,11 +96,7 @@ class AdminClient:
                               timeout=httpx.Timeout(self.timeout, read=timeout)) as resp:
                 if resp.status_code >= 400:
                     resp.read()
-                    try:
-                        message = resp.json()["error"]["message"]
-                    except (ValueError, KeyError, TypeError):
-                        message = resp.text[:200]
-                    raise AdminError(f"the cortex answered {resp.status_code} for {method} {path}: {message}")
+                    raise self._refused(resp, method, path)
                 for line in resp.iter_lines():
                     if line.strip():
                         try:

@@ -7,13 +7,15 @@ import json
 
 import httpx
 import pytest
+import trio
 
+from helexa.admin_client import AdminClient, AdminError
 from helexa.roles.cortex.fleet import Fleet
 from helexa.roles.cortex.portal.store import SqliteStore
 from helexa.roles.cortex.portal.usage import UsageRecord
 from neuron_double import NeuronDouble
 from portals import T0, acme, bearer, new_key, portals
-from serving import admin_headers
+from serving import ADMIN_TOKEN, admin_headers
 
 CHAT = {"model": "fast", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}]}
 
@@ -177,6 +179,24 @@ async def test_an_admin_socket_takes_the_admin_api_off_the_default_portal() -> N
     assert admin_url != urls["default"]
     assert on_portal.status_code == metrics_on_portal.status_code == 404
     assert on_admin.status_code == 200 and metrics.status_code == 200 and models_on_admin.status_code == 404
+
+
+async def test_the_cli_pointed_at_a_portal_when_an_admin_socket_serves_the_admin_api_is_told_where_to_go() -> None:
+    fleet = Fleet()
+    async with portals(fleet, {}, admin_socket="127.0.0.1:0") as (gateway, urls):
+        (admin_url,) = gateway.admin_urls
+
+        def ask(url: str) -> str:
+            try:
+                return str(AdminClient(url, ADMIN_TOKEN).get("/admin/fleet"))
+            except AdminError as exc:
+                return str(exc)
+
+        wrong = await trio.to_thread.run_sync(ask, urls["default"])
+        right = await trio.to_thread.run_sync(ask, admin_url)
+    assert wrong.startswith("the cortex answered 404 for GET /admin/fleet: no route /admin/fleet")
+    assert f"{urls['default']} serves no admin API" in wrong and "pass --cortex" in wrong
+    assert "answered" not in right
 
 
 @pytest.mark.parametrize("admin_socket", [None, "127.0.0.1:0"], ids=["on-the-default-portal", "on-an-admin-socket"])
