@@ -36,6 +36,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+from ..watchdog import excuse_stall
 from .codec import DEFAULT_MAX_FRAME, added_field, decode, encode, message
 from .errors import DecodeError
 from .inference import Cancel, EmbedRequest, EmbedResult, GenerateRequest, GenerateResult, InferenceError, TokenChunk
@@ -197,7 +198,8 @@ class Liveness:
 
     Pure bookkeeping over times the caller passes in. A worker is alive while its last
     answer (or, before any, its start) is at most ``timeout`` seconds old; a ping is due
-    every ``interval`` seconds. Any frame from the worker counts as an answer.
+    every ``interval`` seconds. Any frame from the worker counts as an answer. Time the
+    watchdog itself did not run (see :meth:`checking`) is not silence.
 
     Args:
         interval: seconds between pings.
@@ -212,7 +214,15 @@ class Liveness:
         self.timeout = timeout
         self._heard = now
         self._pinged = now
+        self._checked = now
         self._nonce = 0
+
+    def checking(self, now: float) -> None:
+        """The watchdog checks at ``now``: silence while it did not run (its own process
+        stopped or starved longer than ``interval``, the most it waits between checks) does
+        not count against the worker, whose answers sat unread meanwhile."""
+        self._heard = excuse_stall(self._heard, now, self._checked, self.interval)
+        self._checked = max(self._checked, now)
 
     def heard(self, now: float) -> None:
         """The worker sent something at ``now``."""

@@ -107,3 +107,23 @@ def test_an_answer_heard_out_of_order_never_moves_the_deadline_back():
 def test_the_next_check_is_the_deadline_when_it_comes_before_the_next_ping():
     live = Liveness(interval=5.0, timeout=2.0, now=0.0)
     assert live.next_check(0.0) == pytest.approx(2.0)
+
+
+def test_time_the_watchdog_did_not_run_is_not_the_workers_silence():
+    live = Liveness(interval=1.0, timeout=10.0, now=0.0)
+    live.checking(1.0)
+    live.heard(1.0)
+    # The neuron (and its watchdog) stopped for 25 s: the next check comes 26 s after the last.
+    live.checking(27.0)
+    assert not live.hung(27.0) and live.silent_for(27.0) == pytest.approx(1.0)
+    # Silence the watchdog was awake to see still counts: a worker that never answers again is hung.
+    for t in range(28, 38):
+        live.checking(float(t))
+    assert live.hung(37.5)
+
+
+def test_a_watchdog_on_time_excuses_nothing():
+    live = Liveness(interval=1.0, timeout=3.0, now=0.0)
+    for t in (1.0, 2.0, 3.0):
+        live.checking(t)
+    assert live.hung(3.01)

@@ -30,6 +30,7 @@ from helexa.transport.admission import FailedJoins, PendingHandshakes, host_of
 from helexa.transport.handshake import exchange
 
 from helexa.config import split_socket
+from helexa.watchdog import excuse_stall
 
 from .fleet import Fleet
 from .neuron_link import NeuronLink
@@ -197,12 +198,16 @@ class ControlServer:
     async def _watchdog(self) -> None:
         s = self.settings
         silence = s.heartbeat_interval * s.missed_heartbeats
+        checked = trio.current_time()
         while True:
             await trio.sleep(s.heartbeat_interval / 2)
             now = trio.current_time()
             for link in self.fleet:
                 if not isinstance(link, NeuronLink):
                     continue
+                # A stall of the cortex itself (SIGSTOP, a paused VM) is not the neurons'
+                # silence: their heartbeats wait unread in the sockets meanwhile.
+                link.last_seen = excuse_stall(link.last_seen, now, checked, s.heartbeat_interval / 2)
                 # Loading or not, a neuron heartbeats: its models load in worker processes.
                 if link.connected and now - link.last_seen > silence:
                     log.warning("neuron %s missed %d heartbeats: unhealthy", link.node_id, s.missed_heartbeats)
@@ -214,6 +219,7 @@ class ControlServer:
                     and self.fleet.remove(link)
                 ):
                     log.info("neuron %s removed after %.0fs without a connection", link.node_id, s.remove_after)
+            checked = trio.current_time()
 
     async def shutdown_neurons(self, reason: str, grace: float) -> None:
         """Tell every connected neuron the cortex is going away (best effort, bounded)."""

@@ -246,6 +246,11 @@ class NeuronLink:
             self._lost(reason)
 
     def _lost(self, reason: Exception) -> None:
+        if self.health is Health.DRAINING:
+            # It said it was going away, and a stopping neuron unloads every model (its
+            # workers end with it): nothing is loaded or unloading there any more, whatever
+            # its last report said, until it joins again and reports what it holds.
+            self.models = {}
         self.connected = False
         self.health = Health.UNHEALTHY
         self.disconnected_at = trio.current_time()

@@ -299,6 +299,7 @@ class WorkerProcess:
         live = self._liveness = Liveness(interval=s.ping_interval, timeout=s.ping_timeout, now=trio.current_time())
         while True:
             now = trio.current_time()
+            live.checking(now)  # a stall of the neuron itself is not the worker's silence
             if self.phase is Phase.LOADED and live.hung(now):
                 self._kill(f"did not answer for {live.silent_for(now):.1f} s (ping_timeout {s.ping_timeout:g} s)")
                 return
