@@ -100,6 +100,43 @@ async def test_interactive_overtakes_normal_overtakes_bulk(autojump_clock) -> No
     assert rec.started == ["first", "interactive", "normal", "bulk"]
 
 
+TWO_SLOTS = Catalogue([CatalogueEntry(id="m", backend="synthetic", memory_mb=100,
+                                      config={"metadata": {"n_parallel": 2}})])
+
+
+@pytest.mark.parametrize("held", [0, 1])
+async def test_interactive_slots_keep_a_slot_for_an_interactive_request_while_bulk_work_runs(autojump_clock,
+                                                                                            held) -> None:
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("m",), tokens=4, token_delay=1.0)  # 4 s a request
+    async with orchestrating(fleet, TWO_SLOTS, interactive_slots=held) as orch:
+        rec = Recorder(orch)
+        async with trio.open_nursery() as clients:
+            for rid, priority, at in (("bulk0", "bulk", 0.0), ("bulk1", "bulk", 0.1), ("normal", "normal", 0.2),
+                                      ("chat", "interactive", 1.0)):
+                await trio.sleep_until(at)
+                clients.start_soon(partial(rec.run, rid, tenant=Tenant(priority=priority)))
+    began = {rid: round(t - 4.0, 1) for rid, t in rec.finished.items()}  # each ran 4 s
+    assert not rec.errors
+    if held:
+        # one slot is kept free: the lower classes run one at a time (normal before bulk), and
+        # not while the chat runs; the chat starts at once
+        assert rec.started == ["bulk0", "chat", "normal", "bulk1"]
+        assert began == {"bulk0": 0.0, "chat": 1.0, "normal": 5.0, "bulk1": 9.0}
+    else:
+        # every class may fill every slot: the chat waits for a bulk request to end
+        assert rec.started == ["bulk0", "bulk1", "chat", "normal"]
+        assert began == {"bulk0": 0.0, "bulk1": 0.1, "chat": 4.0, "normal": 4.1}
+
+
+def test_interactive_slots_hold_back_from_the_lower_classes_only_and_never_every_slot() -> None:
+    from helexa.roles.cortex.scheduler import slots_for
+
+    assert [slots_for(4, p, 1) for p in (0, 1, 2)] == [4, 3, 3]
+    assert [slots_for(2, p, 5) for p in (0, 1, 2)] == [2, 1, 1]  # one slot always stays open
+    assert slots_for(0, 2, 1) == 0 and slots_for(3, 2, 0) == 3  # slots unknown; nothing held
+
+
 async def test_one_tenants_burst_does_not_starve_anothers_trickle(autojump_clock) -> None:
     fleet = Fleet()
     NeuronDouble("n1", fleet, loaded=("m",), tokens=1, token_delay=1.0)

@@ -34,7 +34,7 @@ from .fleet import Fleet
 from .metrics import Metrics, OrchestratorMetrics
 from .prefix import PrefixIndex
 from .queue import FairQueue, Waiter, rank
-from .scheduler import Hints, LiveLoad, RoutingDecision, schedule, snapshot
+from .scheduler import Hints, LiveLoad, RoutingDecision, schedule, slots_for, snapshot
 
 if TYPE_CHECKING:
     from .config import OrchestratorConfig
@@ -285,13 +285,14 @@ class Admission:
             nodes = [l.node_id for l in links]
             matches = self.prefix.matches(model_id, p.blocks, nodes) if p.blocks else None
             rooms = self.prefix.room(model_id, p.blocks, nodes) if p.blocks else None
-            state = snapshot(links, self.live, model_id=model_id, slots=slots, reserved=self.reserved,
+            mine = slots_for(slots, waiter.priority, self.config.interactive_slots)  # none held for it if interactive
+            state = snapshot(links, self.live, model_id=model_id, slots=mine, reserved=self.reserved,
                              matches=matches, rooms=rooms, session_node=self.prefix.session_node(model_id, p.session))
             exclude = excluded(p.failed, model_id, self.fleet) if p.failed else frozenset()
             decision = schedule(p.workload, Hints(model_id, exclude, blocks=len(p.blocks)), state,
                                 max_skew=self._max_skew)
             if not decision.targets:
-                continue  # the free neurons are ones this request already failed on
+                continue  # the free neurons are ones this request failed on, or their free slots are held
             node_id = decision.targets[0]
             self.queue.take(waiter.ticket, now)
             key = (node_id, model_id)

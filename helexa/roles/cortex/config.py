@@ -118,6 +118,14 @@ class OrchestratorConfig(BaseModel):
     default_slots: int = Field(0, ge=0)
     """Requests a neuron runs at once for a model whose config gives no ``n_parallel``
     (llama.cpp's default of 2 is known); 0: no limit at the cortex, the backend queues."""
+    interactive_slots: int = Field(0, ge=0)
+    """Slots of each model on each neuron that only ``interactive`` requests may take:
+    ``normal`` and ``bulk`` ones start only while more than that many are free (counting
+    every request running there, interactive ones too; with no interactive request
+    running, one slot is always open to them), so that an interactive request starts at
+    once rather than waiting for a long generation to end. 0 (the default): every class
+    may fill every slot, and priority only orders the queue. Needs the model's slots known
+    (``n_parallel``, a backend's default, or ``default_slots``)."""
     swap_policy: Literal["cost", "lru", "fifo"] = "cost"
     """How models give way to the ones the queue waits for: ``cost`` (load time times
     demand, minimum residency, drain first), ``lru`` or ``fifo`` (see placement.py)."""

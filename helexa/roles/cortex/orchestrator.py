@@ -43,8 +43,10 @@ from .fleet import Fleet
 from .metrics import Metrics, OrchestratorMetrics
 from .prefix import PrefixIndex, Prompt, answered_blocks
 from .provisioner import Provisioner
+from .queue import rank
 from .routing_log import RoutingLog
-from .scheduler import Hints, LiveLoad, RoutingDecision, SchedulerState, classify, prompt_size, schedule, snapshot
+from .scheduler import (Hints, LiveLoad, RoutingDecision, SchedulerState, classify, prompt_size, schedule, slots_for,
+                        snapshot)
 
 if TYPE_CHECKING:
     from .config import CortexConfig
@@ -213,14 +215,16 @@ class Orchestrator:
 
     def decide(self, request: GenerateRequest | EmbedRequest, workload: WorkloadClass,
                exclude: frozenset[str] = frozenset(), *, allow_peers: bool = True, blocks: tuple[bytes, ...] = (),
-               session: str | None = None) -> RoutingDecision:
-        """:func:`decide` on the fleet as it is now."""
+               session: str | None = None, priority: str = "normal") -> RoutingDecision:
+        """:func:`decide` on the fleet as it is now, for a request of class ``priority``
+        (a class below ``interactive`` leaves ``interactive_slots`` free)."""
         model_id = request.model_id
         usable = self.fleet.usable()
         nodes = [l.node_id for l in usable]
         matches = self.prefix.matches(model_id, blocks, nodes) if blocks else None
         rooms = self.prefix.room(model_id, blocks, nodes) if blocks else None
-        state = snapshot(usable, self.live, model_id=model_id, slots=self.slots(model_id),
+        slots = slots_for(self.slots(model_id), rank(priority), self.config.interactive_slots)
+        state = snapshot(usable, self.live, model_id=model_id, slots=slots,
                          reserved=self.admission.reserved, matches=matches, rooms=rooms,
                          session_node=self.prefix.session_node(model_id, session), draining=self.provisioner.draining)
         hints = Hints(model_id, exclude, blocks=len(blocks))
@@ -251,7 +255,8 @@ class Orchestrator:
             allow_peers = False
         for _ in range(MAX_PICKS):
             exclude = excluded(failed.items(), model_id, self.fleet) if failed else frozenset()
-            decision = self.decide(request, workload, exclude, allow_peers=allow_peers, blocks=blocks, session=session)
+            decision = self.decide(request, workload, exclude, allow_peers=allow_peers, blocks=blocks, session=session,
+                                   priority=tenant.priority)
             if telemetry.enabled():
                 with telemetry.tracer().start_as_current_span("orchestrator.decide", attributes={
                         "helexa.model": model_id, "helexa.decision": decision.mode,

@@ -66,6 +66,16 @@ def prompt_size(request: GenerateRequest) -> int:
     return total
 
 
+def slots_for(slots: int, priority: int, held: int) -> int:
+    """The slots of a model on one neuron that a request of class ``priority`` (its rank:
+    0 is ``interactive``) may fill, when ``held`` of them are kept for interactive ones
+    (``orchestrator.interactive_slots``): all for an interactive request or when the slots
+    are unknown (0), else ``held`` fewer but never fewer than one."""
+    if slots <= 0 or held <= 0 or priority <= 0:
+        return slots
+    return max(1, slots - held)
+
+
 @dataclass(frozen=True, slots=True)
 class NeuronLoad:
     """One neuron as the scheduler sees it."""
