@@ -260,3 +260,20 @@ async def test_a_node_id_no_log_line_can_carry_is_refused_at_the_hello(nursery, 
     verdict = await nursery.start(lambda task_status: hostile(url, node_id=node_id, task_status=task_status))
     assert not isinstance(verdict, Welcomed) and verdict.code == "bad_request"
     assert len(fleet.snapshot()["neurons"]) == 0
+
+
+async def test_a_model_id_with_an_escape_sequence_never_reaches_the_operators_terminal(nursery):
+    from helexa.cli_models import _models_table
+
+    fleet = Fleet()
+    url = await control(nursery, fleet)
+    sneaky = "\x1b[2J\x1b[Hall neurons healthy"
+    nursery.start_soon(lambda: hostile(url, models=("chat", sneaky)))
+    await until(lambda: "evil" in fleet and fleet.get("evil").heartbeats > 0)
+    async with portals(fleet, {}) as (_, urls):
+        async with httpx.AsyncClient() as http:
+            fleet_view = (await http.get(urls["default"] + "/admin/fleet", headers=admin_headers())).json()
+            models = (await http.get(urls["default"] + "/admin/models", headers=admin_headers())).json()["data"]
+    status, listed = render_fleet(fleet_view), _models_table(models)  # helexa status, helexa models list
+    assert "\x1b" not in status and "\\x1b[2J\\x1b[Hall neurons healthy" in status
+    assert "\x1b" not in listed and "\\x1b[2J" in listed
