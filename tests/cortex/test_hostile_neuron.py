@@ -277,3 +277,25 @@ async def test_a_model_id_with_an_escape_sequence_never_reaches_the_operators_te
     status, listed = render_fleet(fleet_view), _models_table(models)  # helexa status, helexa models list
     assert "\x1b" not in status and "\\x1b[2J\\x1b[Hall neurons healthy" in status
     assert "\x1b" not in listed and "\\x1b[2J" in listed
+
+
+async def test_a_neuron_naming_new_models_each_heartbeat_does_not_grow_the_cortex(nursery):
+    fleet = Fleet()
+    url = await control(nursery, fleet)
+    beats: list[tuple[str, ...]] = [tuple(f"m{b}-{i}" for i in range(500)) for b in range(20)]
+
+    async def churn() -> None:
+        descriptor = NeuronDescriptor("evil", Hardware(cpu_cores=4, ram_total=8 << 30))
+        async with ws.connect(url) as channel:
+            session = NeuronJoin(TOKEN, descriptor, timeout=10)
+            await exchange(channel, session, session.start())
+            for seq, names in enumerate(beats):
+                await channel.send(Heartbeat(seq, NeuronMetrics(), tuple(ModelStatus(m, ModelState.LOADED)
+                                                                           for m in names)))
+            await trio.sleep_forever()
+
+    nursery.start_soon(churn)
+    await until(lambda: "evil" in fleet and fleet.get("evil").heartbeats == len(beats))
+    link = fleet.get("evil")
+    assert set(link.models) == set(beats[-1])
+    assert len(link.loaded_since) == 500  # 10,000 before: every id any heartbeat ever named, for the connection's life

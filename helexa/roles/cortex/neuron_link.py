@@ -104,8 +104,7 @@ class LinkStream:
             return  # after its end (or the cut): nothing more reaches the consumer
         chunk = counted_chunk(chunk)
         if self.seen + chunk.tokens > self.limit:
-            log.warning("neuron %s streamed past max_tokens %d for %s: cut", self.link.node_id, self.limit,
-                        chunk.request_id)
+            log.warning("neuron %s streamed past max_tokens %d: cut", self.link.node_id, self.limit)
             self.cut = True
             self.finish(cut_result(self.request, self.seen))  # type: ignore[arg-type]
             return
@@ -374,6 +373,8 @@ class NeuronLink:
                 if m.state is ModelState.LOADED:
                     self.loaded_since[m.model_id] = trio.current_time()
         self.models = new
+        if len(self.loaded_since) > len(new):  # only the reported models' (a neuron naming new ones each beat grew it)
+            self.loaded_since = {k: t for k, t in self.loaded_since.items() if k in new}
         return changed or len(new) != len(old)
 
     def _crashed(self, model_id: str, reason: str) -> None:
