@@ -21,6 +21,7 @@ from helexa.protocol import (
     EmbedResult,
     GenerateRequest,
     GenerateResult,
+    InferenceError,
     GpuInfo,
     GpuUsage,
     Hardware,
@@ -299,3 +300,47 @@ async def test_a_neuron_naming_new_models_each_heartbeat_does_not_grow_the_corte
     link = fleet.get("evil")
     assert set(link.models) == set(beats[-1])
     assert len(link.loaded_since) == 500  # 10,000 before: every id any heartbeat ever named, for the connection's life
+
+
+async def test_frames_for_another_neurons_request_never_reach_its_client(nursery):
+    fleet = Fleet()
+    url = await control(nursery, fleet)
+    evil_channel: list[Channel] = []
+    injected = trio.Event()
+
+    async def honest(channel: Channel, request) -> None:
+        # The liar learns this request's id (as if it could guess it) and answers it first.
+        rid = request.request_id
+        evil = evil_channel[0]
+        await evil.send(TokenChunk(rid, "INJECTED", tokens=BIG))
+        await evil.send(InferenceError(rid, "backend_crashed", "injected", retryable=False))
+        await evil.send(GenerateResult(rid, "stop", Usage(BIG, BIG, 0), text="INJECTED"))
+        await trio.sleep(0.2)  # the cortex read them (or not) before the real answer
+        injected.set()
+        await channel.send(TokenChunk(rid, "real ", tokens=1))
+        await channel.send(GenerateResult(rid, "stop", Usage(3, 2, 0), text="answer"))
+
+    async def evil_joined(task_status=trio.TASK_STATUS_IGNORED) -> None:
+        descriptor = NeuronDescriptor("evil", Hardware(cpu_cores=4, ram_total=8 << 30))
+        async with ws.connect(url) as channel:
+            session = NeuronJoin(TOKEN, descriptor, timeout=10)
+            await exchange(channel, session, session.start())
+            evil_channel.append(channel)
+            seq = 0
+            while True:
+                seq += 1
+                await channel.send(Heartbeat(seq, NeuronMetrics()))
+                await trio.sleep(0.2)
+
+    nursery.start_soon(evil_joined)
+    nursery.start_soon(lambda: hostile(url, honest, node_id="honest", models=("chat",)))
+    await until(lambda: "evil" in fleet and "honest" in fleet and bool(evil_channel))
+    async with portals(fleet, {}) as (_, urls):
+        def run():
+            return client(urls["default"]).chat.completions.create(
+                model="chat", messages=[{"role": "user", "content": "hi"}], max_tokens=8)
+
+        answer = await trio.to_thread.run_sync(run)
+    assert injected.is_set()
+    assert answer.choices[0].message.content == "real answer" and answer.usage.completion_tokens == 2
+    assert fleet.get("honest").models["chat"].state is ModelState.LOADED  # the injected crash did not count
