@@ -36,7 +36,7 @@ from helexa.protocol import (
 from helexa.protocol.join import NeuronJoin, Welcomed
 from helexa.roles.cortex.config import CortexConfig
 from helexa.roles.cortex.control_server import ControlServer
-from helexa.roles.cortex.fleet import Fleet
+from helexa.roles.cortex.fleet import Fleet, Health
 from helexa.roles.cortex.portal.store import SqliteStore
 from helexa.status import render_fleet
 from helexa.transport import Channel, ChannelClosed
@@ -344,3 +344,30 @@ async def test_frames_for_another_neurons_request_never_reach_its_client(nursery
     assert injected.is_set()
     assert answer.choices[0].message.content == "real answer" and answer.usage.completion_tokens == 2
     assert fleet.get("honest").models["chat"].state is ModelState.LOADED  # the injected crash did not count
+
+
+async def test_neurons_that_fall_silent_and_read_nothing_do_not_hold_up_the_watch_on_the_others(nursery):
+    fleet = Fleet()
+    url = await control(nursery, fleet)  # silence: 3 intervals of 0.5 s
+    names = [f"mute{i}" for i in range(6)]
+
+    async def mute(node_id: str) -> None:
+        """Joins, beats twice, then neither beats nor reads (so never answers the close)."""
+        descriptor = NeuronDescriptor(node_id, Hardware(cpu_cores=4, ram_total=8 << 30))
+        async with ws.connect(url) as channel:
+            session = NeuronJoin(TOKEN, descriptor, timeout=10)
+            await exchange(channel, session, session.start())
+            for seq in range(2):
+                await channel.send(Heartbeat(seq, NeuronMetrics()))
+                await trio.sleep(0.1)
+            await trio.sleep_forever()
+
+    for name in names:
+        nursery.start_soon(mute, name)
+    await until(lambda: all(n in fleet and fleet.get(n).heartbeats == 2 for n in names))
+    went_silent = trio.current_time()
+    await until(lambda: all(fleet.get(n).health is Health.UNHEALTHY for n in names))
+    # Judged 1.5 s after its last beat. One close waits up to 2 s for an answer: one after
+    # another, the sixth was judged (and its requests sent on meanwhile) 10 s late.
+    assert trio.current_time() - went_silent < 4
+    await until(lambda: all(not fleet.get(n).connected for n in names))
