@@ -19,6 +19,7 @@ from typing import Any
 import click
 
 from helexa.admin_client import DEFAULT_CORTEX, AdminClient, AdminError, find_token
+from helexa.status import table
 
 
 def _admin_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -59,11 +60,6 @@ def _limits(limits: dict[str, Any]) -> str:
         unit = "" if limits["budget_unit"] == "money" else " tokens"
         parts.append(f"budget={limits['budget']:g}{unit}/{limits['period']}")
     return " ".join(parts) or "unlimited"
-
-
-def table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
 def _key_rows(keys: list[dict[str, Any]]) -> str:

@@ -24,7 +24,18 @@ def _gib(n: int) -> str:
     return f"{n / (1 << 30):.1f}G"
 
 
-def _table(rows: list[list[str]]) -> str:
+def printable(text: str) -> str:
+    """``text`` with each unprintable character escaped (``\\x1b``): what neurons report
+    (model ids, GPU names) reaches the operator's terminal, where an escape sequence
+    rewrites the screen."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
+def table(rows: list[list[str]]) -> str:
+    """``rows`` as aligned columns, every cell :func:`printable`."""
+    rows = [[printable(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
@@ -55,4 +66,4 @@ def render_fleet(fleet: dict[str, Any], *, now: float | None = None) -> str:
                 models,
             ]
         )
-    return _table(rows)
+    return table(rows)

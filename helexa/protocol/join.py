@@ -49,6 +49,22 @@ from .hardware import NeuronDescriptor
 from .messages import Challenge, Fault, Hello, Join, Refused, Welcome
 from .model import ModelConfig, ModelStatus
 
+MAX_NODE_ID = 256
+"""The longest node id a cortex admits (a machine id is 32 characters, a host name at most 253)."""
+
+
+def node_id_problem(node_id: str) -> str | None:
+    """Why ``node_id`` cannot name a neuron (empty, too long, or holding a character that
+    is not printable: a newline in one forged the cortex's log lines), or None when it can."""
+    if not node_id:
+        return "the node id is empty"
+    if len(node_id) > MAX_NODE_ID:
+        return f"the node id is {len(node_id)} characters long; at most {MAX_NODE_ID}"
+    if not node_id.isprintable():
+        return f"the node id {node_id[:64]!r} holds a control or other unprintable character"
+    return None
+
+
 CLOSE_REPLACED = 4001
 """The websocket close code of a joined neuron's connection when a new join takes its node
 id. A neuron that redials closes its old connection itself, so a live connection closed
@@ -248,6 +264,8 @@ class CortexJoin(_Session):
 
     def _hello(self, hello: Hello) -> list[object]:
         self._hello = hello
+        if (problem := node_id_problem(hello.node_id)) is not None:
+            return self._refuse("bad_request", problem)
         if len(hello.nonce) != auth.NONCE_BYTES:
             return self._refuse("bad_request", f"the hello nonce must be {auth.NONCE_BYTES} bytes")
         if not self._recent.add(hello.nonce):

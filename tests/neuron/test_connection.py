@@ -124,3 +124,15 @@ async def test_an_unexpected_frame_during_the_join_is_answered_with_a_fault_and_
     await cortex.join()
     await neuron.joined.wait()
     assert len(cortex.dials) == 2
+
+
+@pytest.mark.parametrize("node_id", ["a\nb", "n" * 300, "\u202eevil"])
+def test_a_node_id_the_cortex_would_refuse_is_a_config_error_at_start(node_id, tmp_path):
+    from helexa.config import ConfigError
+    from helexa.roles.neuron.config import resolve_node_id
+
+    with pytest.raises(ConfigError, match="node_id"):
+        resolve_node_id(node_id)
+    machine_id = tmp_path / "machine-id"
+    machine_id.write_text("0123456789abcdef0123456789abcdef\n")
+    assert resolve_node_id(None, machine_id) == "0123456789abcdef0123456789abcdef"

@@ -202,7 +202,8 @@ class ControlServer:
         while True:
             await trio.sleep(s.heartbeat_interval / 2)
             now = trio.current_time()
-            for link in self.fleet:
+            silent: list[NeuronLink] = []
+            for link in list(self.fleet):
                 if not isinstance(link, NeuronLink):
                     continue
                 # A stall of the cortex itself (SIGSTOP, a paused VM) is not the neurons'
@@ -211,7 +212,7 @@ class ControlServer:
                 # Loading or not, a neuron heartbeats: its models load in worker processes.
                 if link.connected and now - link.last_seen > silence:
                     log.warning("neuron %s missed %d heartbeats: unhealthy", link.node_id, s.missed_heartbeats)
-                    await link.drop_silent("missed heartbeats")
+                    silent.append(link)
                 if (
                     not link.connected
                     and link.disconnected_at is not None
@@ -219,6 +220,12 @@ class ControlServer:
                     and self.fleet.remove(link)
                 ):
                     log.info("neuron %s removed after %.0fs without a connection", link.node_id, s.remove_after)
+            if silent:
+                # All at once: a close waits up to its own deadline for a peer that reads
+                # nothing, and one after another, silent neurons held up the watch on the rest.
+                async with trio.open_nursery() as nursery:
+                    for link in silent:
+                        nursery.start_soon(link.drop_silent, "missed heartbeats")
             checked = trio.current_time()
 
     async def shutdown_neurons(self, reason: str, grace: float) -> None:

@@ -44,6 +44,8 @@ from helexa.protocol import (
 from helexa.transport import Channel, ChannelClosed
 
 from .fleet import CommandTimeout, Health, NeuronGone, RemoteError
+from .neuron_reports import (UNBOUNDED_MAX_TOKENS, counted_chunk, cut_result, sane_descriptor, sane_embed, sane_metrics,
+                             sane_result)
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +67,18 @@ class LinkStream:
     yields the chunks, then the one result; leaving the context before the result sends
     ``Cancel`` to the neuron. The link's reader pushes into the buffer and never blocks on
     the consumer: text chunks that pile up while the consumer is slow are coalesced into
-    one. A class rather than an async generator or ``@asynccontextmanager``: it is on
-    every request's path, and a generator left suspended after the result must be
-    finalised by trio's GC hook, which cost a system task per request. The consumer parks
-    its own task and the reader reschedules it, rather than through a ``trio.Event`` made
-    anew for every wait: that is once per streamed event.
+    one. What the neuron says is held to the request's bounds (:mod:`.neuron_reports`): a
+    stream past ``max_tokens`` is cut (a ``"length"`` result, ``Cancel`` sent), the usage
+    held to what was counted; nothing after the end reaches the consumer. A class rather
+    than an async generator or ``@asynccontextmanager``: it is on every request's path, and
+    a generator left suspended after the result must be finalised by trio's GC hook, which
+    cost a system task per request. The consumer parks its own task and the reader
+    reschedules it, rather than through a ``trio.Event`` made anew for every wait: that is
+    once per streamed event.
     """
 
-    __slots__ = ("link", "request", "chunks", "final", "error", "waiter", "woken", "started", "delivered")
+    __slots__ = ("link", "request", "chunks", "final", "error", "waiter", "woken", "started", "delivered",
+                 "generating", "limit", "seen", "cut")
 
     def __init__(self, link: "NeuronLink", request: GenerateRequest | EmbedRequest) -> None:
         self.link = link
@@ -84,10 +90,25 @@ class LinkStream:
         self.woken = False  # something came while the consumer was not waiting
         self.started = False
         self.delivered = False
+        self.generating = type(request) is GenerateRequest
+        self.limit = (request.sampling.max_tokens or UNBOUNDED_MAX_TOKENS) if self.generating else 0
+        self.seen = 0  # the tokens the chunks counted for, as held to their bounds
+        self.cut = False  # ended here at ``limit``: the neuron is still generating
 
     # --- the reader's side ----------------------------------------------------------------
 
     def push(self, chunk: TokenChunk) -> None:
+        if not self.generating:
+            raise ProtocolError(f"a token chunk for the embedding request {chunk.request_id}", code="unexpected")
+        if self.final is not None or self.error is not None:
+            return  # after its end (or the cut): nothing more reaches the consumer
+        chunk = counted_chunk(chunk)
+        if self.seen + chunk.tokens > self.limit:
+            log.warning("neuron %s streamed past max_tokens %d: cut", self.link.node_id, self.limit)
+            self.cut = True
+            self.finish(cut_result(self.request, self.seen))  # type: ignore[arg-type]
+            return
+        self.seen += chunk.tokens
         self.started = True
         last = self.chunks[-1] if self.chunks else None
         if last is not None and last.tool_calls is None and chunk.tool_calls is None:
@@ -97,7 +118,8 @@ class LinkStream:
         self._wake()
 
     def finish(self, final: GenerateResult | EmbedResult) -> None:
-        self.final = final
+        if self.final is None and self.error is None:
+            self.final = final
         self._wake()
 
     def fail(self, error: Exception) -> None:
@@ -122,7 +144,7 @@ class LinkStream:
     async def __aexit__(self, *exc_info: object) -> None:
         link = self.link
         link._close(self)
-        if self.final is None and self.error is None and link.connected:
+        if (self.cut or self.final is None and self.error is None) and link.connected:
             with trio.move_on_after(2) as scope:
                 scope.shield = True
                 try:
@@ -177,7 +199,7 @@ class NeuronLink:
     ) -> None:
         self.channel = channel
         self.node_id = descriptor.node_id
-        self.descriptor = descriptor
+        self.descriptor = descriptor = sane_descriptor(descriptor)
         self.health = Health.HEALTHY
         self.connected = True
         self.metrics = NeuronMetrics(ram_total=descriptor.hardware.ram_total)
@@ -281,9 +303,16 @@ class NeuronLink:
             case TokenChunk(request_id=rid):
                 if (stream := self._streams.get(rid)) is not None:
                     stream.push(msg)
-            case GenerateResult(request_id=rid) | EmbedResult(request_id=rid):
+            case GenerateResult(request_id=rid):
                 if (stream := self._streams.get(rid)) is not None:
-                    stream.finish(msg)
+                    if not stream.generating:
+                        raise ProtocolError(f"a generation's result for the embedding request {rid}", code="unexpected")
+                    stream.finish(sane_result(msg, stream.request, stream.seen))  # type: ignore[arg-type]
+            case EmbedResult(request_id=rid):
+                if (stream := self._streams.get(rid)) is not None:
+                    if stream.generating:
+                        raise ProtocolError(f"an embedding for the generation request {rid}", code="unexpected")
+                    stream.finish(sane_embed(msg, stream.request))  # type: ignore[arg-type]
             case InferenceError(request_id=rid):
                 if (stream := self._streams.get(rid)) is not None:
                     if msg.code == "backend_crashed":
@@ -291,7 +320,7 @@ class NeuronLink:
                     stream.fail(RemoteError(msg.code, msg.message, retryable=msg.retryable))
             case Heartbeat():
                 self.heartbeats += 1
-                self.metrics = msg.metrics
+                self.metrics = sane_metrics(msg.metrics)
                 self.last_heartbeat = time.time()
                 changed = self._set_models(msg.models)
                 if self.health is Health.UNHEALTHY and self.connected:
@@ -309,7 +338,7 @@ class NeuronLink:
             case LoadProgress(command_id=cid):
                 cur = self.models.get(msg.model_id)
                 if cur is not None and msg.total:
-                    self.models[msg.model_id] = replace(cur, progress=msg.done / msg.total)
+                    self.models[msg.model_id] = replace(cur, progress=min(1.0, max(0.0, msg.done / msg.total)))
                 if (cmd := self._commands.get(cid)) is not None and cmd.on_progress is not None:
                     cmd.on_progress(msg)
             case ModelStatusChanged(status=status):
@@ -344,6 +373,8 @@ class NeuronLink:
                 if m.state is ModelState.LOADED:
                     self.loaded_since[m.model_id] = trio.current_time()
         self.models = new
+        if len(self.loaded_since) > len(new):  # only the reported models' (a neuron naming new ones each beat grew it)
+            self.loaded_since = {k: t for k, t in self.loaded_since.items() if k in new}
         return changed or len(new) != len(old)
 
     def _crashed(self, model_id: str, reason: str) -> None:

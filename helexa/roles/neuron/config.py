@@ -16,6 +16,7 @@ from helexa.telemetry import TelemetryConfig
 from helexa.config import ConfigError
 from helexa.protocol import DEFAULT_MAX_FRAME
 from helexa.protocol.auth import split_token
+from helexa.protocol.join import node_id_problem
 from helexa.runtime.cpu_policy import Policy
 
 MACHINE_ID = Path("/etc/machine-id")
@@ -154,13 +155,16 @@ class Resolved:
 def resolve_node_id(flag: str | None, machine_id: Path = MACHINE_ID) -> str:
     """``--node-id`` if given, else /etc/machine-id. Raises :class:`ConfigError` if neither."""
     if flag:
-        return flag
-    try:
-        value = machine_id.read_text().strip()
-    except OSError:
-        value = ""
-    if not value:
-        raise ConfigError(f"node_id: not given and {machine_id} is missing or empty; pass --node-id")
+        value = flag
+    else:
+        try:
+            value = machine_id.read_text().strip()
+        except OSError:
+            value = ""
+        if not value:
+            raise ConfigError(f"node_id: not given and {machine_id} is missing or empty; pass --node-id")
+    if (problem := node_id_problem(value)) is not None:
+        raise ConfigError(f"node_id: {problem} (the cortex refuses it)")
     return value
 
 

@@ -1,0 +1,121 @@
+"""What a joined neuron's reports may claim, as the cortex takes them (pure).
+
+A neuron holds the join token, so it is admitted; what it says about itself and its
+answers still passes here before the cortex acts on it. Its answers' usage is what a
+client's key is billed for, so it is held to what the cortex can account for itself, as a
+peer's is (:mod:`.federation.peer_usage`, whose bounds these are): a chunk counts at most
+one token a byte it carries, a result's usage at most ``max_tokens`` and what was seen;
+a negative count is a broken frame. Its heartbeat's figures drive scheduling, the fleet
+view, ``helexa status`` and ``/metrics``: a negative or not-a-number figure is read as
+zero (a neuron reporting ``queued = -10**9`` drew every request to itself).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+from helexa.protocol import (
+    EmbedRequest,
+    EmbedResult,
+    GenerateRequest,
+    GenerateResult,
+    GpuUsage,
+    NeuronDescriptor,
+    NeuronMetrics,
+    ProtocolError,
+    TokenChunk,
+)
+
+from .federation.peer_usage import (
+    UNBOUNDED_MAX_TOKENS,
+    InvalidAnswer,
+    bounded_embed,
+    bounded_result,
+    chunk_tokens,
+    cut_usage,
+    result_tokens,
+)
+
+__all__ = [
+    "UNBOUNDED_MAX_TOKENS",
+    "counted_chunk",
+    "cut_result",
+    "sane_descriptor",
+    "sane_embed",
+    "sane_metrics",
+    "sane_result",
+]
+
+
+def counted_chunk(chunk: TokenChunk) -> TokenChunk:
+    """``chunk`` with the tokens it may count for (:func:`.peer_usage.chunk_tokens`): the
+    same object when its own count holds, as a one-token chunk always does.
+
+    Raises ``ProtocolError`` for a negative count."""
+    n = chunk.tokens
+    if n == 1 or n == 0:
+        return chunk
+    try:
+        counted = chunk_tokens(chunk)
+    except InvalidAnswer as exc:
+        raise ProtocolError(f"chunk for {chunk.request_id}: {exc}", code="invalid_answer") from None
+    return chunk if counted == n else replace(chunk, tokens=counted)
+
+
+def sane_result(result: GenerateResult, request: GenerateRequest, seen: int) -> GenerateResult:
+    """``result``'s usage held to ``request``'s bounds after ``seen`` chunk tokens (the
+    same object when it holds). Raises ``ProtocolError`` for a negative count."""
+    try:
+        return bounded_result(result, request, seen + result_tokens(result))
+    except InvalidAnswer as exc:
+        raise ProtocolError(f"result for {result.request_id}: {exc}", code="invalid_answer") from None
+
+
+def sane_embed(result: EmbedResult, request: EmbedRequest) -> EmbedResult:
+    """An embedding's usage held to its inputs' size. Raises ``ProtocolError`` for a
+    negative count."""
+    try:
+        return bounded_embed(result, request)
+    except InvalidAnswer as exc:
+        raise ProtocolError(f"result for {result.request_id}: {exc}", code="invalid_answer") from None
+
+
+def cut_result(request: GenerateRequest, seen: int) -> GenerateResult:
+    """The end of an answer the cortex cut at ``max_tokens`` (the neuron streamed past it):
+    ``"length"``, billed for what was counted."""
+    return GenerateResult(request.request_id, "length", cut_usage(request, seen))
+
+
+def _count(n: int) -> int:
+    return n if n > 0 else 0
+
+
+def _share(x: float) -> float:
+    return x if x > 0.0 and x != math.inf else 0.0  # NaN, negative and infinity all fail x > 0 and x != inf
+
+
+def sane_metrics(m: NeuronMetrics) -> NeuronMetrics:
+    """A heartbeat's figures with every negative or not-finite one read as zero (the same
+    object when all hold, as an honest neuron's do)."""
+    if (
+        m.in_flight >= 0 and m.queued >= 0 and m.ram_used >= 0 and m.ram_total >= 0
+        and 0.0 <= m.cpu_percent < math.inf
+        and all(g.vram_used >= 0 and g.vram_free >= 0 and 0.0 <= g.utilization < math.inf for g in m.gpus)
+    ):
+        return m
+    gpus = tuple(GpuUsage(g.index, _count(g.vram_used), _count(g.vram_free), _share(g.utilization)) for g in m.gpus)
+    return NeuronMetrics(_share(m.cpu_percent), _count(m.ram_used), _count(m.ram_total), gpus,
+                         _count(m.in_flight), _count(m.queued))
+
+
+def sane_descriptor(d: NeuronDescriptor) -> NeuronDescriptor:
+    """A joining neuron's hardware with every negative figure read as zero (no memory, no
+    cores: nothing is placed there on their strength)."""
+    hw = d.hardware
+    if hw.cpu_cores >= 0 and hw.ram_total >= 0 and all(g.vram_total >= 0 and g.vram_free >= 0 for g in hw.gpus):
+        return d
+    gpus = tuple(replace(g, vram_total=_count(g.vram_total), vram_free=_count(g.vram_free)) for g in hw.gpus)
+    return replace(d, hardware=replace(hw, cpu_cores=_count(hw.cpu_cores), ram_total=_count(hw.ram_total),
+                                       gpus=gpus))
+
