@@ -133,13 +133,19 @@ def test_a_neuron_reporting_nan_leaves_every_card_on_the_fleet_page_and_no_page_
     (site / "sitecustomize.py").write_text(NAN_NEURON)
     path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
     odd = procs.neuron(cortex, "odd", env={"PYTHONPATH": path})
-    cortex.wait_for(lambda f: next(n for n in f["neurons"] if n["node_id"] == "odd")["metrics"]["cpu_percent"] is None,
-                    "odd's NaN heartbeat")
+    # The cortex reads a NaN figure from a neuron as 0 (neuron_reports.sane_metrics); the
+    # page must carry whatever the fleet document says, and the document no NaN (it was
+    # invalid JSON that blanked every card).
+    def beat(fleet: dict) -> bool:  # noqa: ANN001
+        node = next(n for n in fleet["neurons"] if n["node_id"] == "odd")
+        return node["metrics"]["cpu_percent"] in (None, 0.0) and (node["last_heartbeat"] or 0) > node["joined_at"] + 1.5
+
+    cortex.wait_for(beat, "odd's NaN heartbeats")
     page, problems = login(browser, cortex.admin_url, cortex.admin_token)
     for node in ("n1", "odd"):  # one neuron's NaN does not blank the others (it was invalid JSON)
         expect(page.locator(f"article.neuron[data-node={node}]")).to_be_visible()
     cpu = page.locator("article.neuron[data-node=odd] [data-field=cpu]")
-    expect(cpu).to_have_text(re.compile(r"^\?% of \d+ cores"))
+    expect(cpu).to_have_text(re.compile(r"^(\?|0)% of \d+ cores"))
     expect(page.locator("#fleet-age")).to_contain_text("2 neurons")
     for section in ("models", "traffic", "keys", "usage", "mesh", "fleet"):
         page.goto(cortex.admin_url + "/console/" + section)
