@@ -164,6 +164,21 @@ def test_an_embedding_input_over_the_models_context_is_refused_or_cut_as_asked(c
     assert kept.value.status_code == 400 and "256" in kept.value.error
 
 
+def test_a_model_asked_for_the_wrong_workload_is_refused_at_the_edge_naming_model(cortex: Cortex) -> None:
+    """An embeddings request for a chat model cold-loaded it on the neuron to be refused
+    there (param null); the catalogue says what each model does."""
+    c = client(cortex)
+    with pytest.raises(openai.BadRequestError) as embed:
+        c.embeddings.create(model=CHAT, input="hello")
+    assert embed.value.body["param"] == "model" and embed.value.body["code"] == "unsupported", embed.value.body
+    with pytest.raises(openai.BadRequestError) as chat:
+        c.chat.completions.create(model=EMBED, messages=QUESTION, max_tokens=4)
+    assert chat.value.body["param"] == "model" and "only does embeddings" in chat.value.body["message"]
+    with pytest.raises(ollama.ResponseError) as ol:
+        ollama.Client(host=cortex.gateway_url, timeout=60).embed(model="slow", input="hello")
+    assert ol.value.status_code == 400 and "does not do embeddings" in ol.value.error
+
+
 def _neuron_in_flight(cortex: Cortex, node_id: str) -> tuple[int, int]:
     """(what the cortex counts on its link, what the neuron itself last reported)."""
     n = cortex.neuron_view(node_id)
