@@ -177,6 +177,9 @@ class EmbedRequest:
     inputs: tuple[str, ...]
     trace: str = ""
     """The W3C ``traceparent`` of the sender's span (empty while tracing is off)."""
+    truncate: bool = False
+    """Cut an input longer than the model's context to it (Ollama's ``truncate``); else such
+    an input fails the request with ``context_length_exceeded``."""
 
 
 @message("chunk")

@@ -13,7 +13,9 @@ Metadata (``ModelConfig.metadata``):
         ``token_type_ids`` and output ``last_hidden_state``.
     tokenizer_path: a Hugging Face ``tokenizer.json``.
     onnx_file: which ONNX file of a ``path`` directory to use.
-    max_seq_length: tokens kept per input (default 256, the model's own).
+    max_seq_length: the most tokens an input may have (default 256, the model's own): a
+        longer one is refused (``context_length_exceeded``), or cut to it where the request
+        says ``truncate``.
     batch_size: inputs per ONNX run (default 32).
     n_threads: intra-op threads (default: all cores).
 """
@@ -31,7 +33,8 @@ import trio
 from helexa.protocol import EmbedRequest, EmbedResult, ModelConfig, Usage
 
 from . import cpu_policy, start_signal
-from .base import Backend, BackendError, EmbeddingInference, InvalidRequest, LoadFailed, ProgressFn
+from .base import (Backend, BackendError, ContextLengthExceeded, EmbeddingInference, InvalidRequest, LoadFailed,
+                   ProgressFn)
 
 MAX_INPUTS = 2048
 
@@ -138,9 +141,10 @@ class OnnxEmbeddingBackend(Backend, EmbeddingInference):
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         """Embed ``request.inputs`` (at most 2048, none empty): L2-normalised float32 vectors
-        in input order. Runs off the trio thread, one batch at a time per model; a
-        cancelled caller waits for the batch in progress (ONNX Runtime cannot be
-        interrupted; a batch takes milliseconds)."""
+        in input order. An input over ``max_seq_length`` tokens is a
+        :class:`ContextLengthExceeded`, or cut to it with ``request.truncate``. Runs off the
+        trio thread, one batch at a time per model; a cancelled caller waits for the batch in
+        progress (ONNX Runtime cannot be interrupted; a batch takes milliseconds)."""
         if not request.inputs:
             raise InvalidRequest("embeddings need at least one input")
         if len(request.inputs) > MAX_INPUTS:
@@ -152,17 +156,26 @@ class OnnxEmbeddingBackend(Backend, EmbeddingInference):
         async with self._limiter:  # one batch at a time: the others queue here
             start_signal.report()
             # the calling thread computes too, as one of the intra-op threads
-            vectors, tokens = await trio.to_thread.run_sync(cpu_policy.engine(self._run), list(request.inputs))
+            vectors, tokens = await trio.to_thread.run_sync(cpu_policy.engine(self._run), list(request.inputs),
+                                                            request.truncate)
         dim, blob = pack_vectors(vectors)
         return EmbedResult(request.request_id, dim, blob, Usage(prompt_tokens=tokens))
 
-    def _run(self, texts: list[str]) -> tuple[np.ndarray, int]:
+    def _run(self, texts: list[str], truncate: bool) -> tuple[np.ndarray, int]:
         session, tokenizer = self._session, self._tokenizer
         if session is None:
             raise BackendError(f"model {self.config.model_id!r} was unloaded", code="model_not_loaded")
+        # every input tokenized (per batch, padded as it runs) before any runs: one too long is refused whole
+        batches = [tokenizer.encode_batch(texts[start : start + self._batch_size])
+                   for start in range(0, len(texts), self._batch_size)]
+        if not truncate:
+            for index, encoding in enumerate(e for batch in batches for e in batch):
+                if encoding.overflowing:
+                    raise ContextLengthExceeded(
+                        f"input[{index}] is longer than this model's maximum context length of {self._max_len} "
+                        f"tokens; shorten it")
         out, tokens = [], 0
-        for start in range(0, len(texts), self._batch_size):
-            encodings = tokenizer.encode_batch(texts[start : start + self._batch_size])
+        for encodings in batches:
             ids = np.array([e.ids for e in encodings], dtype=np.int64)
             mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
             tokens += int(mask.sum())

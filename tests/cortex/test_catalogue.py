@@ -146,6 +146,20 @@ def test_a_max_context_no_request_gets_is_refused() -> None:
         llama(max_context=2048, config={"metadata": {"n_ctx": 2048}})
 
 
+def embedder(**table) -> CatalogueEntry:
+    return Catalogue.from_dict({"models": {"e": {"backend": "embeddings", **table}}}).get("e")
+
+
+def test_an_embedding_models_max_context_is_what_its_backend_takes_per_input() -> None:
+    # It was shown (/api/show, the fleet view) but not applied: the backend took 256 tokens whatever it said.
+    assert embedder().max_context == 256 and embedder().config.metadata["max_seq_length"] == 256
+    assert embedder(max_context=128).config.metadata["max_seq_length"] == 128
+    wide = embedder(config={"metadata": {"max_seq_length": 512}})
+    assert wide.max_context == 512 and embedder(max_context=512, config=wide.config.model_dump()).max_context == 512
+    with pytest.raises(CatalogueError, match=r"max_context 1024 is more than the model takes: max_seq_length 256"):
+        embedder(max_context=1024)
+
+
 def test_the_built_in_and_example_catalogues_give_smollm2_2048_per_request() -> None:
     from pathlib import Path
 

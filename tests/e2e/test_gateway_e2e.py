@@ -12,6 +12,7 @@ import signal
 import time
 
 import httpx
+import ollama
 import openai
 import pytest
 
@@ -137,6 +138,45 @@ def test_embeddings_cold_load_and_answer(cortex: Cortex) -> None:
     assert [d.index for d in resp.data] == [0, 1]
     assert all(len(d.embedding) == 384 for d in resp.data)
     assert cortex.neuron_view("n1")["models"][EMBED]["state"] == "loaded"
+
+
+def test_an_embedding_input_over_the_models_context_is_refused_or_cut_as_asked(cortex: Cortex) -> None:
+    """MiniLM takes 256 tokens (with its [CLS] and [SEP]): OpenAI's API refuses a longer
+    input (400 naming ``input``), Ollama's truncates it unless ``truncate: false``. Such an
+    input used to be cut silently everywhere."""
+    fits, too_long = "word " * 254, "word " * 255
+    c = client(cortex)
+    assert c.embeddings.create(model=EMBED, input=fits).usage.prompt_tokens == 256
+    with pytest.raises(openai.BadRequestError) as refused:
+        c.embeddings.create(model=EMBED, input=["short", too_long])
+    error = refused.value.body
+    assert error["param"] == "input" and error["code"] == "context_length_exceeded", error
+    assert "input[1]" in error["message"] and "256" in error["message"]
+    with pytest.raises(openai.BadRequestError) as many:
+        c.embeddings.create(model=EMBED, input=["x"] * 2049)
+    assert many.value.body["param"] == "input", many.value.body
+    o = ollama.Client(host=cortex.gateway_url, timeout=60)
+    cut = o.embed(model=EMBED, input=too_long)
+    assert cut.prompt_eval_count == 256 and len(cut.embeddings[0]) == 384
+    assert o.embed(model=EMBED, input=too_long, truncate=True).embeddings == cut.embeddings
+    with pytest.raises(ollama.ResponseError) as kept:
+        o.embed(model=EMBED, input=too_long, truncate=False)
+    assert kept.value.status_code == 400 and "256" in kept.value.error
+
+
+def test_a_model_asked_for_the_wrong_workload_is_refused_at_the_edge_naming_model(cortex: Cortex) -> None:
+    """An embeddings request for a chat model cold-loaded it on the neuron to be refused
+    there (param null); the catalogue says what each model does."""
+    c = client(cortex)
+    with pytest.raises(openai.BadRequestError) as embed:
+        c.embeddings.create(model=CHAT, input="hello")
+    assert embed.value.body["param"] == "model" and embed.value.body["code"] == "unsupported", embed.value.body
+    with pytest.raises(openai.BadRequestError) as chat:
+        c.chat.completions.create(model=EMBED, messages=QUESTION, max_tokens=4)
+    assert chat.value.body["param"] == "model" and "only does embeddings" in chat.value.body["message"]
+    with pytest.raises(ollama.ResponseError) as ol:
+        ollama.Client(host=cortex.gateway_url, timeout=60).embed(model="slow", input="hello")
+    assert ol.value.status_code == 400 and "does not do embeddings" in ol.value.error
 
 
 def _neuron_in_flight(cortex: Cortex, node_id: str) -> tuple[int, int]:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from helexa.protocol import EmbedRequest, ModelConfig, Workload
-from helexa.runtime import InvalidRequest, LoadFailed, create_backend
+from helexa.runtime import ContextLengthExceeded, InvalidRequest, LoadFailed, create_backend
 from helexa.runtime.worker import WorkerBackend
 
 pytestmark = pytest.mark.skipif(
@@ -61,6 +61,17 @@ async def test_empty_inputs_are_rejected(minilm) -> None:
         await minilm.embed(EmbedRequest("e", "m", ()))
     with pytest.raises(InvalidRequest):
         await minilm.embed(EmbedRequest("e", "m", ("ok", "")))
+
+
+@pytest.mark.slow
+async def test_an_input_over_the_context_is_refused_unless_the_request_truncates(minilm) -> None:
+    fits, too_long = "word " * 254, "word " * 255  # + [CLS] and [SEP]: 256, 257 tokens
+    assert (await minilm.embed(EmbedRequest("e", "m", (fits,)))).usage.prompt_tokens == 256
+    with pytest.raises(ContextLengthExceeded, match=r"input\[1\].*256"):
+        await minilm.embed(EmbedRequest("e", "m", ("short", too_long)))
+    cut = await minilm.embed(EmbedRequest("e", "m", (too_long,), truncate=True))
+    assert cut.usage.prompt_tokens == 256
+    assert cut.vectors == (await minilm.embed(EmbedRequest("e", "m", (fits,)))).vectors
 
 
 async def test_a_corrupt_onnx_file_fails_with_corrupt_model(tmp_path: Path) -> None:

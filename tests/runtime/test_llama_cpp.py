@@ -378,3 +378,18 @@ async def test_leaving_a_tapped_stream_early_stops_llama_cpp_and_frees_its_slot(
     # few milliseconds that can take on a loaded machine: 118 were seen in a CI run).
     assert 3 <= sent < 1000 and len(tap.chunks) == sent
     assert isinstance(again[-1], GenerateResult)
+
+
+async def test_an_embedding_input_longer_than_a_batch_is_a_context_length_error(tiny_gguf: Path) -> None:
+    """llama.cpp embeds an input in one batch (``n_batch``, 512 by default): a longer one
+    is the client's to shorten (a 400 at the cortex), not a backend failure (it was a 502)."""
+    from helexa.protocol import EmbedRequest
+
+    embedder = create_backend(tiny_llama_config(tiny_gguf, embeddings=True))
+    await embedder.load(lambda *args: None)
+    try:
+        with pytest.raises(ContextLengthExceeded, match="input"):
+            await embedder.embed(EmbedRequest("e", "m", ("hello", "word " * 600)))
+        assert (await embedder.embed(EmbedRequest("e", "m", ("word " * 100,)))).dim == 64
+    finally:
+        await embedder.unload()

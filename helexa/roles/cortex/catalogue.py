@@ -32,7 +32,9 @@ gateway checks prompts against. llama.cpp splits ``n_ctx`` across its ``n_parall
 (default 2), so for a ``llama_cpp`` entry the two are kept consistent: without ``n_ctx``
 the catalogue sets it to ``max_context * n_parallel``; without ``max_context`` it is
 ``n_ctx // n_parallel``; a ``max_context`` larger than that is refused (it would promise
-requests a context they do not get).
+requests a context they do not get). For an ``embeddings`` entry it is the most tokens an
+input may have, the backend's ``max_seq_length`` (256 by default): a smaller
+``max_context`` narrows it, a larger one is refused.
 
 ``features`` lists what the model can do beyond plain text (``structured_output``,
 ``tools``, ``logprobs``); by default what its backend can (:data:`BACKEND_FEATURES`). A
@@ -87,7 +89,33 @@ BACKEND_FEATURES: dict[str, frozenset[Feature]] = {
 (equal to each backend class's own ``features``; a test keeps them so)."""
 
 LLAMA_CPP_N_CTX, LLAMA_CPP_N_PARALLEL = 4096, 2
+EMBEDDINGS_MAX_SEQ_LENGTH = 256
+"""The ``embeddings`` backend's default ``max_seq_length`` (all-MiniLM-L6-v2's own)."""
 """The ``llama_cpp`` backend's defaults for ``n_ctx`` and ``n_parallel`` (a test keeps them equal)."""
+
+
+
+def _embedding_context(data: dict[str, Any]) -> dict[str, Any]:
+    """An ``embeddings`` entry's ``max_context`` is the most tokens an input may have: the
+    backend's ``max_seq_length`` (a smaller ``max_context`` narrows it; a larger one is
+    refused: the model would be promised inputs it cannot take)."""
+    config = data.get("config") or {}
+    if isinstance(config, BackendConfig):
+        config = config.model_dump()
+    if not isinstance(config, dict) or not isinstance(config.get("metadata", {}), dict):
+        return data
+    metadata = dict(config.get("metadata") or {})
+    most, max_context = metadata.get("max_seq_length", EMBEDDINGS_MAX_SEQ_LENGTH), data.get("max_context")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (most, max_context or 1)):
+        return data  # the field validators say what is wrong
+    if max_context is None:
+        max_context = most
+    elif max_context > most:
+        raise ValueError(f"max_context {max_context} is more than the model takes: max_seq_length {most}; set "
+                         f"config.metadata.max_seq_length = {max_context} (if the model takes it) or "
+                         f"max_context = {most}")
+    metadata["max_seq_length"] = max_context
+    return {**data, "max_context": max_context, "config": {**config, "metadata": metadata}}
 
 
 class CatalogueError(Exception):
@@ -148,6 +176,8 @@ class CatalogueEntry(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _context_per_request(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("backend") == "embeddings":
+            return _embedding_context(data)
         if not isinstance(data, dict) or data.get("backend") != "llama_cpp":
             return data
         config = data.get("config") or {}

@@ -207,6 +207,14 @@ _CLIENT_CODES = frozenset({"invalid_request", "unsupported", "context_length_exc
 _CLIENT_PARAMS = {"context_length_exceeded": "messages"}
 
 
+def embed_error(exc: BaseException, param: str) -> BaseException:
+    """``exc`` as an embeddings request answers it: an input over the model's context is a
+    400 naming the input field (``param``), not ``messages``."""
+    if isinstance(exc, RemoteError) and exc.code == "context_length_exceeded":
+        return BadRequest(str(exc), code=exc.code, param=param)
+    return exc
+
+
 def client_gone(exc: BaseException) -> bool:
     """Whether ``exc`` is only the client going away: a :class:`ClientGone`, or a group (a
     nursery's) of nothing else. An ordinary disconnect, never an error to log."""

@@ -41,7 +41,7 @@ from helexa.protocol import (
 )
 
 from .errors import BadRequest
-from .openai_api import tool_specs
+from .openai_api import MAX_EMBED_INPUTS, tool_specs
 from .openai_requests import FieldError, Int64, Lenient, Off, On, Tool, _wire_json
 from .schema_check import check_schema
 
@@ -292,11 +292,16 @@ def generate_request(body: GenerateBody, request_id: str, model: str) -> tuple[G
         "images[0]" if body.images else None)
 
 
-def embed_request(inputs: str | list[str], request_id: str, model: str, param: str) -> EmbedRequest:
+def embed_request(inputs: str | list[str], request_id: str, model: str, param: str, *,
+                  truncate: bool = True) -> EmbedRequest:
+    """An embedding request; ``truncate`` (Ollama's default) cuts an input longer than the
+    model's context to it, else such an input is a 400."""
     texts = (inputs,) if isinstance(inputs, str) else tuple(inputs)
     if not texts or any(not t for t in texts):
         raise BadRequest(f"{param}: every input must be a non-empty string", param=param)
-    return EmbedRequest(request_id, model, texts)
+    if len(texts) > MAX_EMBED_INPUTS:
+        raise BadRequest(f"{param}: at most {MAX_EMBED_INPUTS} inputs per request, got {len(texts)}", param=param)
+    return EmbedRequest(request_id, model, texts, truncate=truncate)
 
 
 # --- responses ----------------------------------------------------------------------------

@@ -45,7 +45,7 @@ from helexa.protocol import EmbedResult, Feature, GenerateRequest, GenerateResul
 from . import ollama_api as api
 from .asgi import Exchange, Route
 from .catalogue import CatalogueEntry
-from .errors import BadRequest, ClientGone, ModelNotFound, to_gateway_error
+from .errors import BadRequest, ClientGone, ModelNotFound, embed_error, to_gateway_error
 from .openai_api import merge_tool_calls, parse
 from .orchestrator import WaitStatus
 from .portal.metering import Caller, Metering
@@ -339,7 +339,8 @@ class OllamaSurface:
                              param="dimensions", code="unsupported")
 
         async def work() -> None:
-            vectors, result, took = await self._embed(ex, body.model, body.input, "input")
+            truncate = body.truncate is not False  # Ollama's default: cut to the context
+            vectors, result, took = await self._embed(ex, body.model, body.input, "input", truncate)
             await ex.out.json({"model": body.model, "embeddings": vectors, "total_duration": took,
                                "load_duration": 0, "prompt_eval_count": result.usage.prompt_tokens})
 
@@ -349,18 +350,21 @@ class OllamaSurface:
         body = parse(api.EmbeddingsBody, await ex.body())
 
         async def work() -> None:
-            vectors, _, _ = await self._embed(ex, body.model, body.prompt, "prompt")
+            vectors, _, _ = await self._embed(ex, body.model, body.prompt, "prompt", True)
             await ex.out.json({"embedding": vectors[0]})
 
         await ex.until_disconnect(work)
 
-    async def _embed(self, ex: Exchange, asked: str, inputs: str | list[str], param: str
+    async def _embed(self, ex: Exchange, asked: str, inputs: str | list[str], param: str, truncate: bool
                      ) -> tuple[list[list[float]], EmbedResult, int]:
         caller = ex.caller
         assert caller is not None
-        request = api.embed_request(inputs, ex.request_id, self.public_name(caller, asked), param)
+        request = api.embed_request(inputs, ex.request_id, self.public_name(caller, asked), param, truncate=truncate)
         t0 = trio.current_time()
-        result = await self.metering.embed(caller, request)
+        try:
+            result = await self.metering.embed(caller, request)
+        except Exception as exc:
+            raise embed_error(exc, param) from None
         values = struct.unpack(f"<{len(result.vectors) // 4}f", result.vectors)
         dim = result.dim or 1
         vectors = [list(values[i:i + dim]) for i in range(0, len(values), dim)]

@@ -316,10 +316,16 @@ def image_parts(body: ChatCompletionRequest) -> str | None:
     return None
 
 
+MAX_EMBED_INPUTS = 2048
+"""Inputs one embeddings request may carry (OpenAI's limit, and the backends')."""
+
+
 def to_embed_request(body: EmbeddingRequest, request_id: str) -> EmbedRequest:
     inputs = (body.input,) if isinstance(body.input, str) else tuple(body.input)
     if any(not isinstance(i, str) or not i for i in inputs):
         raise BadRequest("every input must be a non-empty string", param="input")
+    if len(inputs) > MAX_EMBED_INPUTS:
+        raise BadRequest(f"at most {MAX_EMBED_INPUTS} inputs per request, got {len(inputs)}", param="input")
     if body.dimensions is not None:
         raise BadRequest("dimensions is not supported: each model answers in its own size", param="dimensions")
     return EmbedRequest(request_id, body.model, inputs)

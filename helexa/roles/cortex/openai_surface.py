@@ -29,7 +29,7 @@ from . import anthropic_api, anthropic_models, choices
 from . import openai_api as api
 from . import sse
 from .asgi import ErrorShape, Exchange, Route, Scope
-from .errors import BadRequest, ClientGone, ModelNotFound
+from .errors import BadRequest, ClientGone, ModelNotFound, embed_error
 from .orchestrator import WaitStatus
 from .portal.metering import Caller, Metering
 from .prefix import session_of
@@ -127,7 +127,10 @@ class OpenAISurface:
         assert caller is not None
 
         async def work() -> None:
-            result = await self.metering.embed(caller, request)
+            try:
+                result = await self.metering.embed(caller, request)
+            except Exception as exc:
+                raise embed_error(exc, "input") from None
             await ex.out.json(api.embedding_response(request.model_id, result, body.encoding_format))
 
         await ex.until_disconnect(work)

@@ -5,6 +5,8 @@
 * a feature the model's backend lacks (``response_format`` JSON, ``tools``, ``logprobs``;
   the catalogue declares them per backend, see :data:`.catalogue.BACKEND_FEATURES`);
 * an image for a model that cannot see, naming the models here that can;
+* a generation for a model that only embeds, and (:meth:`RequestLimits.check_workload`)
+  an embeddings request for a model that does not embed (``param: model``);
 * ``max_tokens`` over the model's ``max_output`` (a request without ``max_tokens`` gets
   ``max_output``, when the catalogue sets one);
 * a ``logit_bias`` key that is no token of the model's vocabulary (where the edge reads it);
@@ -35,6 +37,7 @@ from .errors import BadRequest
 from .fleet import Fleet
 from .token_counter import TokenCounter
 
+_GENERATING = frozenset({Workload.CHAT, Workload.COMPLETION, Workload.VISION})
 _FEATURE_FIELDS = {Feature.STRUCTURED_OUTPUT: "response_format", Feature.TOOLS: "tools", Feature.LOGPROBS: "logprobs"}
 
 
@@ -91,6 +94,21 @@ class RequestLimits:
             raise BadRequest(f"model {(named or model_id)!r} cannot see images ({can})", param=image,
                              code="image_not_supported")
 
+    def check_workload(self, model_id: str, *, embedding: bool, named: str | None = None) -> None:
+        """Refuse (400 ``unsupported``, ``param: model``) an embeddings request for a
+        catalogued model without the ``embedding`` workload, and a generation for one that
+        only embeds, before either cold-loads it on a neuron to be refused there; ``named``
+        is the model as the client named it (default ``model_id``)."""
+        entry = self._catalogue.get(model_id)
+        if entry is None:  # outside the catalogue: its neurons refuse what it cannot do
+            return
+        name = named or model_id
+        if embedding and Workload.EMBEDDING not in entry.workloads:
+            raise BadRequest(f"model {name!r} does not do embeddings", param="model", code="unsupported")
+        if not embedding and not _GENERATING & set(entry.workloads):
+            raise BadRequest(f"model {name!r} only does embeddings (an embeddings request, not a generation)",
+                             param="model", code="unsupported")
+
     async def _check_token_ids(self, model_id: str, bias: dict[str, object]) -> None:
         """Refuse a ``logit_bias`` key that is no token of the model's vocabulary, where this
         cortex reads the vocabulary (:mod:`.token_counter`; elsewhere the keys are only
@@ -112,6 +130,7 @@ class RequestLimits:
             image: where the request's first image part is (``messages[0].content[1]``), if any.
         """
         entry = self._catalogue.get(request.model_id)
+        self.check_workload(request.model_id, embedding=False)
         if image is not None:
             self.check_image(request.model_id, image)
         if entry is not None:

@@ -56,6 +56,7 @@ from ..base import (
     BackendCrashed,
     BackendError,
     ChatInference,
+    ContextLengthExceeded,
     EmbeddingInference,
     GenerationEvent,
     InvalidRequest,
@@ -85,6 +86,7 @@ class _Crash:
 
 _ERRORS: dict[str, type[BackendError]] = {
     "invalid_request": InvalidRequest,
+    "context_length_exceeded": ContextLengthExceeded,
     "unsupported": Unsupported,
     "overloaded": Overloaded,
     "backend_crashed": BackendCrashed,

@@ -332,6 +332,8 @@ class Metering:
         """Embed ``request`` (public model name), metered; raises as :meth:`generate`."""
         portal = caller.portal
         plan = self._plan_embed(caller, request)
+        if self.limits is not None:
+            self.limits.check_workload(plan.forward.model_id, embedding=True, named=plan.asked)
         now = self.clock()
         accounts = self.accounts(caller, now)
         self._admit(caller, plan, accounts, now)
