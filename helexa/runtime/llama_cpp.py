@@ -58,7 +58,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import secrets
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -323,7 +322,7 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
                 self._slots.give_back(slot, kept=self._cache_ram != 0)
             self._slot_freed.unpark()  # the slot, or the turn this request was woken for, goes on
             self._release()
-        _raise_for_embed_error(answer)
+        openai_shapes.raise_for_embed_error(answer)
         vectors = [item["embedding"] for item in sorted(answer["data"], key=lambda d: d["index"])]
         dim, blob = pack_vectors(vectors)
         usage = openai_shapes.usage_of(answer) or Usage()
@@ -499,18 +498,3 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
             self._slot_freed.unpark()
             self._release()
 
-
-_TOO_LARGE = re.compile(r"input \((\d+) tokens\) is too large to process.*batch size: (\d+)", re.S)
-
-
-def _raise_for_embed_error(answer: Any) -> None:
-    """As :func:`openai_shapes.raise_for_error`; an input longer than llama.cpp embeds at
-    once (its physical batch) is the client's to shorten: :class:`ContextLengthExceeded`."""
-    try:
-        openai_shapes.raise_for_error(answer)
-    except BackendError as exc:
-        if (found := _TOO_LARGE.search(str(exc))) is None:
-            raise
-        tokens, most = found.groups()
-        raise ContextLengthExceeded(f"an input of {tokens} tokens is longer than this model's maximum of {most} "
-                                    "tokens per input; shorten it") from None

@@ -11,6 +11,7 @@ so that sampling parameters mean the same thing on every backend.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,7 @@ from helexa.protocol import (
 )
 from helexa.protocol.inference import MAX_TOP_LOGPROBS
 
-from .base import BackendError, InvalidRequest, Overloaded, Unsupported
+from .base import BackendError, ContextLengthExceeded, InvalidRequest, Overloaded, Unsupported
 
 PASSTHROUGH_EXTRA = frozenset(
     {"tools", "tool_choice", "parallel_tool_calls", "response_format", "logit_bias", "grammar", "json_schema", "n_probs"}
@@ -382,3 +383,19 @@ def raise_for_error(body: Any) -> None:
     if code in (429, 503) or kind == "unavailable_error":
         raise Overloaded(message)
     raise BackendError(message)
+
+
+_TOO_LARGE = re.compile(r"input \((\d+) tokens\) is too large to process.*batch size: (\d+)", re.S)
+
+
+def raise_for_embed_error(answer: Any) -> None:
+    """As :func:`raise_for_error`; an input longer than llama.cpp embeds at
+    once (its physical batch) is the client's to shorten: :class:`ContextLengthExceeded`."""
+    try:
+        raise_for_error(answer)
+    except BackendError as exc:
+        if (found := _TOO_LARGE.search(str(exc))) is None:
+            raise
+        tokens, most = found.groups()
+        raise ContextLengthExceeded(f"an input of {tokens} tokens is longer than this model's maximum of {most} "
+                                    "tokens per input; shorten it") from None
