@@ -224,3 +224,42 @@ async def test_a_budget_a_reload_gives_a_portal_counts_what_the_portal_spent_in_
         assert refused.status_code == 429, refused.text
         assert refused.json()["error"]["code"] == "insufficient_quota"
         cortex.stop()
+
+
+async def test_a_request_admitted_while_usage_was_recorded_is_recorded_after_a_reload_turns_recording_off(
+        tmp_path: Path) -> None:
+    """Whether a request is recorded is decided when it is admitted: a reload that turns
+    ``record_usage`` off while a stream runs must not lose that stream's ledger record (it
+    was read when the request was booked), and the next request is not recorded."""
+    recorded = CONFIG.replace("[portals.acme]", "[portals.acme]\nrecord_usage = true")
+    path = _write(tmp_path, recorded, MODELS)
+    overrides = {"data_dir": str(tmp_path / "data")}
+
+    def loader() -> CortexConfig:
+        return load_config(CortexConfig, file=path, overrides=overrides)
+
+    cortex = Cortex(loader(), loader=loader)
+    NeuronDouble("n1", cortex.fleet, loaded=("chat",), tokens=20, token_delay=0.05)
+    token = (tmp_path / "data" / "admin-token").read_text().strip()
+    body = {"model": "fast", "max_tokens": 20, "messages": [{"role": "user", "content": "x"}]}
+    async with trio.open_nursery() as nursery:
+        addrs = await nursery.start(cortex.run)
+        acme = addrs.portals["acme"][0]
+        admin = {"authorization": f"Bearer {token}"}
+        async with httpx.AsyncClient(timeout=10) as http:
+            async with http.stream("POST", acme + "/v1/chat/completions", json={**body, "stream": True}) as r:
+                assert r.status_code == 200
+                lines = r.aiter_lines()
+                async for line in lines:
+                    if line.startswith("data: {"):
+                        break
+                _write(tmp_path, recorded.replace("record_usage = true", "record_usage = false"), MODELS)
+                reloaded = await http.post(addrs.admin_url + "/admin/reload", headers=admin)
+                assert reloaded.json()["applied"] == ["portals.acme.record_usage"], reloaded.text
+                async for line in lines:
+                    pass
+            assert (await http.post(acme + "/v1/chat/completions", json=body)).status_code == 200
+            records = (await http.get(addrs.admin_url + "/admin/usage/records?portal=acme", headers=admin)).json()
+        assert [rec["completion_tokens"] for rec in records["data"]] == [20]
+        assert records["data"][0]["outcome"] == "ok"
+        cortex.stop()

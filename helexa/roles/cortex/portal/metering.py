@@ -88,8 +88,10 @@ class Caller:
 class Plan:
     """A request made ready to run: what goes to the orchestrator, its worst case, and the
     tariff it was admitted under (``prices``: input and output per million tokens, in
-    ``currency``). A live reload changes the portal, not an admitted request: it is billed
-    at the prices its worst case was reserved at."""
+    ``currency``), and whether its portal recorded usage then (``recorded``). A live reload
+    changes the portal, not an admitted request: it is billed at the prices its worst case
+    was reserved at, and recorded in the ledger if it was admitted while the portal
+    recorded usage (a reload that turns ``record_usage`` off does not lose its record)."""
 
     asked: str
     forward: GenerateRequest | EmbedRequest
@@ -97,6 +99,7 @@ class Plan:
     prompt_bytes: int
     prices: tuple[float, float] = (0.0, 0.0)
     currency: str = ""
+    recorded: bool = False
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         p_in, p_out = self.prices
@@ -246,7 +249,8 @@ class Metering:
                              param="max_tokens")
         if not counted:
             forward = request if served == asked else dataclasses.replace(request, model_id=served)
-            return Plan(asked, forward, _NOTHING_RESERVED, 0, portal.price(asked), portal.currency)
+            return Plan(asked, forward, _NOTHING_RESERVED, 0, portal.price(asked), portal.currency,
+                        portal.records_usage)
         size, _ = prompt_bytes(request)
         completion = max_tokens or (entry.max_output if entry is not None else None) or portal.config.default_max_tokens
         # An exact count (the edge's tokenizer) bounds the prompt; else its bytes do.
@@ -273,7 +277,8 @@ class Metering:
             if implied:
                 sampling = dataclasses.replace(sampling, max_tokens=completion)
             forward = dataclasses.replace(request, model_id=served, sampling=sampling)
-        return Plan(asked, forward, Reservation(tokens, cost), size, (p_in, p_out), portal.currency)
+        return Plan(asked, forward, Reservation(tokens, cost), size, (p_in, p_out), portal.currency,
+                    portal.records_usage)
 
     def _plan_embed(self, caller: Caller, request: EmbedRequest) -> Plan:
         portal = caller.portal
@@ -286,7 +291,7 @@ class Metering:
         prices = portal.price(asked)
         forward = request if served == asked else dataclasses.replace(request, model_id=served)
         return Plan(asked, forward, Reservation(tokens, tokens * prices[0] / 1_000_000), sum(sizes), prices,
-                    portal.currency)
+                    portal.currency, portal.records_usage)
 
     def _admit(self, caller: Caller, plan: Plan, accounts: list[Account], now: float) -> list[Account]:
         if accounts:
@@ -405,7 +410,7 @@ class Metering:
         if self.traffic is not None:
             self.traffic.observe(portal.id, plan.asked, ok=outcome != "error", prompt_tokens=prompt,
                                  completion_tokens=completion, ttft=ttft, key_id=caller.key_id)
-        if not portal.records_usage:
+        if not plan.recorded:  # as at admission, whatever a reload did since
             return None
         return UsageRecord(
             request_id=plan.forward.request_id, portal=portal.id, key_id=caller.key_id, endpoint=endpoint,
