@@ -35,7 +35,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
@@ -100,10 +100,28 @@ class Plan:
     prices: tuple[float, float] = (0.0, 0.0)
     currency: str = ""
     recorded: bool = False
+    answer: Reservation = _NOTHING_RESERVED
+    """The completion limit's share of ``reservation`` (its tokens and what they would cost)."""
+    bills_prompt: bool = True
+    """False for choices 1.. of OpenAI's ``n``: the prompt is reserved and billed once, with choice 0."""
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         p_in, p_out = self.prices
         return (prompt_tokens * p_in + completion_tokens * p_out) / 1_000_000
+
+    def whole(self, copies: int) -> Reservation:
+        """The worst case of ``copies`` choices of this (choice 0's) plan: the prompt once
+        and ``copies`` answers."""
+        r, a = self.reservation, self.answer
+        return Reservation(r.tokens + (copies - 1) * a.tokens, r.cost + (copies - 1) * a.cost)
+
+    def choice(self, index: int) -> "Plan":
+        """The plan of choice ``index`` of OpenAI's ``n`` (this one is choice 0's, which
+        carries the prompt): the others reserve and bill their answers only, as OpenAI
+        counts the prompt once per request."""
+        if index == 0:
+            return self
+        return dataclasses.replace(self, reservation=self.answer, prompt_bytes=0, bills_prompt=False)
 
 
 class Metering:
@@ -278,7 +296,7 @@ class Metering:
                 sampling = dataclasses.replace(sampling, max_tokens=completion)
             forward = dataclasses.replace(request, model_id=served, sampling=sampling)
         return Plan(asked, forward, Reservation(tokens, cost), size, (p_in, p_out), portal.currency,
-                    portal.records_usage)
+                    portal.records_usage, Reservation(completion, completion * p_out / 1_000_000))
 
     def _plan_embed(self, caller: Caller, request: EmbedRequest) -> Plan:
         portal = caller.portal
@@ -313,11 +331,14 @@ class Metering:
 
     def generate(self, caller: Caller, request: GenerateRequest, *, endpoint: str,
                  on_wait: OnWait | None = None, image: str | None = None,
-                 session: str | None = None, copies: int = 1) -> MeteredRun:
+                 session: str | None = None, copies: int = 1, choice: int = 0,
+                 group: Sequence[MeteredGeneration | None] = ()) -> MeteredRun:
         """Run ``request`` (its ``model_id`` the public name the client asked for), metered.
 
-        ``copies``: the request is one of that many choices (OpenAI's ``n``) of one client
-        request: the whole is refused, with no retry, where no wait could admit them all
+        ``copies``: the request is choice ``choice`` of that many (OpenAI's ``n``) of one
+        client request, whose generations are ``group`` (filled in as they start): the
+        prompt is reserved and billed once, with choice 0 (:meth:`Plan.choice`), and the
+        whole is refused, with no retry, where no wait could admit them all
         (:func:`.quota.beyond`).
 
         ``async with`` it for a :class:`MeteredGeneration`; its ``result`` is set when the block ends
@@ -331,7 +352,7 @@ class Metering:
             errors (before or during the stream); UpstreamError when the stream ended
             without a result; ``LedgerError`` (500) when the record could not be written.
         """
-        return MeteredRun(self, caller, request, endpoint, on_wait, image, session, copies)
+        return MeteredRun(self, caller, request, endpoint, on_wait, image, session, copies, choice, group)
 
     async def embed(self, caller: Caller, request: EmbedRequest) -> EmbedResult:
         """Embed ``request`` (public model name), metered; raises as :meth:`generate`."""
@@ -364,22 +385,28 @@ class Metering:
     # --- settling --------------------------------------------------------------------------
 
     def _book_generation(self, caller: Caller, plan: Plan, accounts: list[Account], run: MeteredGeneration,
-                         endpoint: str, started: float, t0: float, error: BaseException | None
-                         ) -> UsageRecord | None:
+                         endpoint: str, started: float, t0: float, error: BaseException | None,
+                         group: Sequence[MeteredGeneration | None] = ()) -> UsageRecord | None:
+        """``group``: the generations of every choice of the request (OpenAI's ``n``)."""
         final = run.final
         if final is not None and error is None:
             u = final.usage
             # Billed: the neuron's usage, unless the chunks counted more completion tokens
             # (then a new Usage and result). Nearly always it is the neuron's own, used as it is.
-            billed = u if run.completion_tokens <= u.completion_tokens else Usage(
-                u.prompt_tokens, run.completion_tokens, u.cached_tokens)
+            # A choice but the first bills its answer only (the first bills the prompt).
+            if not plan.bills_prompt:
+                billed = Usage(0, max(u.completion_tokens, run.completion_tokens), 0)
+            else:
+                billed = u if run.completion_tokens <= u.completion_tokens else Usage(
+                    u.prompt_tokens, run.completion_tokens, u.cached_tokens)
             record = self._book(caller, plan, accounts, endpoint, started, t0, prompt=billed.prompt_tokens,
                                 completion=billed.completion_tokens, cached=billed.cached_tokens, error=None,
                                 node_id=run.node_id, ttft=run.ttft)
             run.result = final if billed is u else dataclasses.replace(final, usage=billed)
             return record
         completion = run.completion_tokens
-        prompt = math.ceil(plan.prompt_bytes / 4) if completion else 0
+        output = completion or any(g is not None and g.completion_tokens for g in group)  # by any choice
+        prompt = math.ceil(plan.prompt_bytes / 4) if output else 0
         return self._book(caller, plan, accounts, endpoint, started, t0, prompt=prompt, completion=completion,
                           cached=0, error=error if error is not None else UpstreamError("no result"),
                           node_id=run.node_id, ttft=run.ttft)

@@ -297,24 +297,26 @@ def admit(accounts: Sequence[Account], r: Reservation, now: float) -> Refusal | 
     return None
 
 
-def beyond(accounts: Sequence[Account], r: Reservation, copies: int) -> Refusal | None:
-    """Why a request of ``copies`` generations (OpenAI's ``n`` choices, each reserving ``r``
-    and counted as a request of its own) can never be admitted whole, or None: more of them
-    than an account's ``max_concurrent``, more tokens than its ``tpm`` holds, more than its
-    whole budget. Each choice alone may fit, so :func:`admit` would refuse only the later
-    ones, with a wait after which they are refused again; this refusal says no wait helps."""
+def beyond(accounts: Sequence[Account], whole: Reservation, copies: int) -> Refusal | None:
+    """Why a request of ``copies`` generations (OpenAI's ``n`` choices, each counted as a
+    request of its own against ``rpm`` and ``max_concurrent``; ``whole``: their worst case
+    together, the prompt once and ``copies`` answers) can never be admitted whole, or None:
+    more of them than an account's ``max_concurrent``, more tokens than its ``tpm`` holds,
+    more than its whole budget. Each choice alone may fit, so :func:`admit` would refuse
+    only the later ones, with a wait after which they are refused again; this refusal says
+    no wait helps."""
     for account in accounts:
         lim, who = account.limits, account.subject
         if lim.max_concurrent is not None and copies > lim.max_concurrent:
             return Refusal(who, "concurrency", f"{who}: n={copies} choices run as {copies} concurrent requests, over "
                            f"the limit of {lim.max_concurrent} (lower n)", None)
-        if lim.tpm is not None and copies * r.tokens > lim.tpm:
-            return Refusal(who, "too_large", f"{who}: n={copies} choices may use up to {copies * r.tokens:.0f} "
+        if lim.tpm is not None and whole.tokens > lim.tpm:
+            return Refusal(who, "too_large", f"{who}: n={copies} choices may use up to {whole.tokens:.0f} "
                            f"tokens, over the limit of {lim.tpm} tokens per minute (lower n, max_tokens or the prompt)",
                            None)
-        if lim.budget is not None and copies * r.amount(lim.budget_unit) > lim.budget * (1 + _EPS) + _EPS:
+        if lim.budget is not None and whole.amount(lim.budget_unit) > lim.budget * (1 + _EPS) + _EPS:
             return Refusal(who, "budget", f"{who}: n={copies} choices may cost up to "
-                           f"{copies * r.amount(lim.budget_unit):.6g}, over the whole {lim.period} budget of "
+                           f"{whole.amount(lim.budget_unit):.6g}, over the whole {lim.period} budget of "
                            f"{lim.budget:g} (lower n or max_tokens)", None)
     return None
 
