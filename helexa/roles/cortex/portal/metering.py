@@ -43,14 +43,15 @@ import trio
 
 from helexa.protocol import EmbedRequest, EmbedResult, GenerateRequest, Usage
 
-from ..errors import (BadRequest, ClientGone, GatewayError, InsufficientQuota, ModelNotFound, RateLimited, Unauthorized,
+from ..errors import (BadRequest, ClientGone, GatewayError, InsufficientQuota, ModelNotFound, RateLimited,
                       UpstreamError, to_gateway_error)
 from ..metrics import Metrics
 from ..prompt_size import prompt_bytes, prompt_upper_bound
+from .accounts import AccountBook
 from .keys import ApiKey
 from .metered import MeteredGeneration, MeteredRun
 from .portal import Portal
-from .quota import Account, Limits, Refusal, Reservation, admit, period_bounds, rate_headers
+from .quota import Account, Refusal, Reservation, admit
 from .routing import ASK_POLICY
 from .usage import UsageRecord
 from .writer import LedgerWriter
@@ -124,8 +125,8 @@ class Plan:
         return dataclasses.replace(self, reservation=self.answer, prompt_bytes=0, bills_prompt=False)
 
 
-class Metering:
-    """The metered path (see the module docstring).
+class Metering(AccountBook):
+    """The metered path (see the module docstring); its quota accounts: :class:`.accounts.AccountBook`.
 
     Args:
         orchestrator: runs requests.
@@ -150,7 +151,7 @@ class Metering:
         self.clock = clock
         self.receipts: Receipts | None = None
         """Set when the mesh is on: links a federated request's ledger row to its receipt."""
-        self._accounts: dict[str, Account] = {}
+        super().__init__()
         self.live: dict[str, set[MeteredGeneration]] = {}
         """The generations running for each key (by id), stopped when it is revoked."""
         self.traffic: Any = None
@@ -161,94 +162,6 @@ class Metering:
         if self.writer.inline:
             return fn(*args)
         return await trio.to_thread.run_sync(fn, *args)
-
-    # --- accounts --------------------------------------------------------------------------
-
-    def _account(self, subject: str, label: str, limits: Limits, now: float) -> Account:
-        account = self._accounts.get(subject)
-        if account is None:
-            account = self._accounts[subject] = Account(label, limits, now)
-        elif account.limits is not limits and account.limits != limits:
-            account.set_limits(limits, now)
-        return account
-
-    def accounts(self, caller: Caller, now: float) -> list[Account]:
-        """The accounts a request of ``caller`` is admitted against (key's, then portal's)."""
-        out = []
-        key = caller.key
-        if key is not None and not key.limits.unlimited:
-            out.append(self._account("key:" + key.key_id, f"key {key.key_id}", key.limits, now))
-        portal = caller.portal
-        if not portal.limits.unlimited:
-            out.append(self._account("portal:" + portal.id, f"portal {portal.id}", portal.limits, now))
-        return out
-
-    def rate_headers(self, caller: Caller) -> list[tuple[bytes, bytes]]:
-        """OpenAI's ``x-ratelimit-*`` headers for ``caller`` now (empty without rpm/tpm limits)."""
-        accounts = self.accounts(caller, self.clock())
-        return rate_headers(accounts, self.clock()) if accounts else []
-
-    async def restore(self, keys: list[ApiKey], portals: list[Portal]) -> None:
-        """Rebuild every budget's spent amount from the ledger (at start, so a restart does
-        not reset a budget)."""
-        now = self.clock()
-        subjects: list[tuple[str, str, str, str, Limits]] = []
-        for key in keys:
-            if not key.limits.unlimited:
-                subjects.append(("key:" + key.key_id, f"key {key.key_id}", "key_id", key.key_id, key.limits))
-        for portal in portals:
-            if not portal.limits.unlimited:
-                subjects.append(("portal:" + portal.id, f"portal {portal.id}", "portal", portal.id, portal.limits))
-        starts = {(column, period_bounds(limits.period, now)[0]) for _, _, column, _, limits in subjects}
-
-        def query() -> dict[tuple[str, float], dict[str, tuple[float, int]]]:
-            return {(column, start): self.store.spent_since(column, start) for column, start in starts}
-
-        spent = await self.blocking(query)
-        for subject, label, column, ident, limits in subjects:
-            money, tokens = spent[(column, period_bounds(limits.period, now)[0])].get(ident, (0.0, 0))
-            self._accounts[subject] = Account(label, limits, now, spent_money=money, spent_tokens=tokens)
-
-    async def key_changed(self, key: ApiKey) -> None:
-        """A key's limits changed (admin API): its account follows, its budget period's
-        spending re-read from the ledger when the period changed. A key revoked (or expired)
-        stops its generations still running, at their next token: a revoke stops at once."""
-        account = self._accounts.get("key:" + key.key_id)
-        now = self.clock()
-        state = key.state(now)
-        if state != "active":
-            for run in self.live.get(key.key_id, ()):
-                run.stop = Unauthorized(f"key {key.key_id} was {state} while this answer ran")
-        if account is None or account.set_limits(key.limits, now):
-            start = period_bounds(key.limits.period, now)[0]
-            spent = await self.blocking(self.store.spent_since, "key_id", start)
-            money, tokens = spent.get(key.key_id, (0.0, 0))
-            if account is None:
-                if key.limits.unlimited:
-                    return
-                account = self._accounts["key:" + key.key_id] = Account(f"key {key.key_id}", key.limits, now)
-            account.restore(money, tokens)
-
-    def portal_changed(self, portal: Portal) -> None:
-        """A reload changed ``portal``'s limits: its account follows at once, and a budget it
-        did not have, or a new budget period, counts what the portal spent in that period
-        (from the ledger, as at start). Read on this thread: a reload is rare, and reads its
-        files on it too."""
-        subject, limits, now = "portal:" + portal.id, portal.limits, self.clock()
-        account = self._accounts.get(subject)
-        if account is not None and not account.set_limits(limits, now):
-            return
-        if account is None:
-            if limits.unlimited:
-                return
-            account = self._accounts[subject] = Account(f"portal {portal.id}", limits, now)
-        start = period_bounds(limits.period, now)[0]
-        money, tokens = self.store.spent_since("portal", start).get(portal.id, (0.0, 0))
-        account.restore(money, tokens)
-
-    def account_state(self, subject: str) -> dict[str, Any] | None:
-        account = self._accounts.get(subject)
-        return None if account is None else account.snapshot(self.clock())
 
     # --- planning --------------------------------------------------------------------------
 
@@ -421,7 +334,7 @@ class Metering:
         cost = plan.cost(prompt, completion)  # at the admitted prices, whatever a reload did since
         now = self.clock()
         for account in accounts:
-            account.settle(plan.reservation, prompt + completion, cost, now)
+            account.settle(plan.reservation, prompt + completion, cost, now, plan.currency)
         if error is None:
             outcome, code = "ok", ""
         elif isinstance(error, (trio.Cancelled, ClientGone)):
@@ -461,31 +374,6 @@ class Metering:
             w0 = trio.current_time()
             await self.writer.write(record)
             self.metrics.ledger_written(record.portal, trio.current_time() - w0)
-
-    # --- reading ---------------------------------------------------------------------------
-
-    async def usage_of(self, caller: Caller) -> dict[str, Any]:
-        """What ``GET /v1/usage`` answers a key holder: its limits, what it spent in the
-        current budget period, what is left, and its totals per model in that period."""
-        key = caller.key
-        assert key is not None
-        now = self.clock()
-        start, end = period_bounds(key.limits.period, now)
-        rows = await self.blocking(lambda: self.store.report(by="model", key_id=key.key_id, since=start or None))
-        state = self.account_state("key:" + key.key_id)
-        spent_money = sum(r["cost"] for r in rows)
-        spent_tokens = sum(r["total_tokens"] for r in rows)
-        budget = key.limits.budget
-        remaining = state["remaining_budget"] if state is not None else (
-            None if budget is None else max(0.0, budget - (spent_money if key.limits.budget_unit == "money"
-                                                           else spent_tokens)))
-        return {"object": "usage", "key_id": key.key_id, "name": key.name, "portal": caller.portal.id,
-                "currency": caller.portal.currency, "limits": key.limits.as_dict(),
-                "period": {"name": key.limits.period, "start": start, "end": None if end == math.inf else end},
-                "spent": {"money": spent_money, "tokens": spent_tokens}, "remaining_budget": remaining,
-                "in_flight": state["in_flight"] if state is not None else 0,
-                "models": [{k: r[k] for k in ("model", "requests", "prompt_tokens", "completion_tokens", "cost")}
-                           for r in rows]}
 
 
 __all__ = ["Caller", "Metering", "MeteredGeneration", "ModelNotFound", "PEER_NODE_ID"]

@@ -163,11 +163,13 @@ class Account:
         now: Unix seconds.
         spent_money, spent_tokens: already spent in the current period (rebuilt from the
             ledger at start, so a restart does not reset a budget).
+        currency: what a money budget is in (its portal's): only spending in it counts.
     """
 
     def __init__(self, subject: str, limits: Limits, now: float, *, spent_money: float = 0.0,
-                 spent_tokens: float = 0.0) -> None:
+                 spent_tokens: float = 0.0, currency: str = "") -> None:
         self.subject = subject
+        self.currency = currency
         self.in_flight = 0
         self.reserved_money = 0.0
         self.reserved_tokens = 0.0
@@ -257,8 +259,11 @@ class Account:
         self.reserved_money += r.cost
         self.reserved_tokens += r.tokens
 
-    def settle(self, r: Reservation, tokens: int, cost: float, now: float) -> None:
-        """End a reservation with what the request really used."""
+    def settle(self, r: Reservation, tokens: int, cost: float, now: float, currency: str | None = None) -> None:
+        """End a reservation with what the request really used; ``cost`` (in ``currency``:
+        its admitted tariff's) is spent only where that is the account's currency (a money
+        budget never adds amounts of two currencies: one admitted before a reload changed
+        the portal's currency is not counted in the new one)."""
         self.in_flight -= 1
         self.reserved_money = max(0.0, self.reserved_money - r.cost)
         self.reserved_tokens = max(0.0, self.reserved_tokens - r.tokens)
@@ -268,7 +273,8 @@ class Account:
             else:
                 self.tokens.take(tokens - r.tokens, now)
         self._roll(now)
-        self.spent_money += cost
+        if currency is None or currency == self.currency:
+            self.spent_money += cost
         self.spent_tokens += tokens
 
     def snapshot(self, now: float) -> dict[str, Any]:
