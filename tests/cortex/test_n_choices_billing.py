@@ -65,3 +65,33 @@ async def test_n_choices_count_the_prompt_once_in_the_answer_the_ledger_the_budg
     assert mine["remaining_budget"] == pytest.approx(100.0 - spent)
     assert 'helexa_portal_tokens_total{kind="prompt",model="fast",portal="acme"} 15.0' in metrics
     assert 'helexa_portal_tokens_total{kind="completion",model="fast",portal="acme"} 32.0' in metrics
+
+
+async def test_n_choices_a_client_leaves_bill_the_estimated_prompt_once() -> None:
+    """A stream the client cuts is billed for the tokens it produced plus its prompt
+    estimated from its bytes: once for the request, on choice 0's record, not per choice."""
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("chat",), tokens=50, token_delay=0.02)
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme", budget=100.0)
+    body = {"model": "fast", "max_tokens": 50, "n": 2, "stream": True, "messages": USER}
+    async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
+        async with httpx.AsyncClient(base_url=urls["acme"], headers=bearer(key), timeout=10) as http:
+            seen: set[int] = set()
+            async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                assert r.status_code == 200
+                async for line in r.aiter_lines():
+                    if '"content":"t' in line:
+                        seen.add(int(line.split('"index":')[1].split(",")[0]))
+                    if seen == {0, 1}:
+                        break  # the client leaves once both choices have answered
+            with trio.fail_after(5):
+                while len(store.records()) < 2:
+                    await trio.sleep(0.02)
+            mine = (await http.get("/v1/usage")).json()
+    first, second = sorted(store.records(), key=lambda row: row.request_id)
+    assert first.request_id.endswith("-0") and second.request_id.endswith("-1")
+    assert first.outcome == second.outcome == "client_gone"
+    assert first.completion_tokens > 0 and second.completion_tokens > 0
+    assert first.prompt_tokens > 0 and second.prompt_tokens == 0
+    assert mine["spent"]["tokens"] == first.prompt_tokens + first.completion_tokens + second.completion_tokens
