@@ -7,8 +7,9 @@ path at once (they may land on different neurons; each has its ledger record), a
 merges their token chunks, each tagged with its choice's index. As OpenAI counts it, the
 prompt is counted once per request: choice 0 reserves and bills the prompt and its
 answer, every other choice its answer only (its result's usage has no prompt tokens), so
-the sum of the choices' usage is the request's. Each choice's :class:`GenerateResult` exists once its ledger record does, so the
-results come after the block (:attr:`Choices.results`), as a single generation's does.
+the sum of the choices' usage is the request's. Each choice's :class:`GenerateResult`
+exists once its ledger record does, so the results come after the block
+(:attr:`Choices.results`), as a single generation's does.
 
 Each choice runs whole in its own task, so that ``n`` over the model's slots queues the
 later choices behind the earlier ones rather than deadlocking; the block is entered once
