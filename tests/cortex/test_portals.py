@@ -248,3 +248,29 @@ async def test_a_portal_with_a_certificate_serves_https(tmp_path) -> None:
             r = await http.post(f"https://localhost:{port}/v1/completions", json={"model": "fast", "prompt": "x"},
                                 headers=bearer(key))
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == "t0 t1 t2 "
+
+
+async def test_a_keys_money_budget_counts_only_its_portals_currency_after_the_currency_changes() -> None:
+    """A reload that changes the portal's currency (what ``Cortex.reload`` does to a
+    portal: reconfigure it, then tell the metering) leaves the key's budget counting what
+    it spent in the new currency: the euros spent are not dollars."""
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("chat",), tokens=4)
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme", budget=100.0)
+    key_id = key.split("_")[0].removeprefix("sk-hlx-")
+    async with portals(fleet, {"acme": acme()}, store=store) as (gateway, urls):
+        ask = {"model": "fast", "messages": [{"role": "user", "content": "x"}]}
+        async with httpx.AsyncClient(base_url=urls["acme"], headers=bearer(key)) as http:
+            assert (await http.post("/v1/chat/completions", json=ask)).status_code == 200
+            euros = (await http.get("/v1/usage")).json()
+            portal = gateway.portals["acme"]
+            portal.reconfigure(portal.config.model_copy(update={"currency": "USD"}))
+            gateway.metering.portal_changed(portal)
+            state = gateway.metering.account_state("key:" + key_id)
+            assert (await http.post("/v1/chat/completions", json=ask)).status_code == 200
+            dollars = (await http.get("/v1/usage")).json()
+    assert euros["currency"] == "EUR" and euros["spent"]["money"] == pytest.approx(0.009)
+    assert state is not None and state["spent"] == {"money": 0.0, "tokens": 9}
+    assert dollars["currency"] == "USD" and dollars["spent"] == {"money": pytest.approx(0.009), "tokens": 18}
+    assert dollars["remaining_budget"] == pytest.approx(100.0 - 0.009)

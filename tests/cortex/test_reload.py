@@ -224,3 +224,97 @@ async def test_a_budget_a_reload_gives_a_portal_counts_what_the_portal_spent_in_
         assert refused.status_code == 429, refused.text
         assert refused.json()["error"]["code"] == "insufficient_quota"
         cortex.stop()
+
+
+async def test_a_request_admitted_while_usage_was_recorded_is_recorded_after_a_reload_turns_recording_off(
+        tmp_path: Path) -> None:
+    """Whether a request is recorded is decided when it is admitted: a reload that turns
+    ``record_usage`` off while a stream runs must not lose that stream's ledger record (it
+    was read when the request was booked), and the next request is not recorded."""
+    recorded = CONFIG.replace("[portals.acme]", "[portals.acme]\nrecord_usage = true")
+    path = _write(tmp_path, recorded, MODELS)
+    overrides = {"data_dir": str(tmp_path / "data")}
+
+    def loader() -> CortexConfig:
+        return load_config(CortexConfig, file=path, overrides=overrides)
+
+    cortex = Cortex(loader(), loader=loader)
+    NeuronDouble("n1", cortex.fleet, loaded=("chat",), tokens=20, token_delay=0.05)
+    token = (tmp_path / "data" / "admin-token").read_text().strip()
+    body = {"model": "fast", "max_tokens": 20, "messages": [{"role": "user", "content": "x"}]}
+    async with trio.open_nursery() as nursery:
+        addrs = await nursery.start(cortex.run)
+        acme = addrs.portals["acme"][0]
+        admin = {"authorization": f"Bearer {token}"}
+        async with httpx.AsyncClient(timeout=10) as http:
+            async with http.stream("POST", acme + "/v1/chat/completions", json={**body, "stream": True}) as r:
+                assert r.status_code == 200
+                lines = r.aiter_lines()
+                async for line in lines:
+                    if line.startswith("data: {"):
+                        break
+                _write(tmp_path, recorded.replace("record_usage = true", "record_usage = false"), MODELS)
+                reloaded = await http.post(addrs.admin_url + "/admin/reload", headers=admin)
+                assert reloaded.json()["applied"] == ["portals.acme.record_usage"], reloaded.text
+                async for line in lines:
+                    pass
+            assert (await http.post(acme + "/v1/chat/completions", json=body)).status_code == 200
+            records = (await http.get(addrs.admin_url + "/admin/usage/records?portal=acme", headers=admin)).json()
+        assert [rec["completion_tokens"] for rec in records["data"]] == [20]
+        assert records["data"][0]["outcome"] == "ok"
+        cortex.stop()
+
+
+async def test_a_money_budget_counts_only_what_was_spent_in_its_portals_currency_across_a_reload(
+        tmp_path: Path) -> None:
+    """A budget is an amount in the portal's currency: after a reload changes the currency,
+    it counts what is spent in the new one, never adding euros to dollars, neither the
+    ledger's rows nor a stream admitted (and billed) in euros that ends after the change,
+    nor after a restart (budgets rebuilt from the ledger).
+    Each request here costs 25 and may cost 49 (x 1e-3); the budget, 60, holds one."""
+    priced = CONFIG.replace("[portals.acme]", "[portals.acme]\nrecord_usage = true\ncurrency = \"EUR\"").replace(
+        "input = 1.0, output = 1.0", "input = 1000.0, output = 1000.0") + (
+        '\n[portals.acme.limits]\nbudget = 0.06\nperiod = "month"\n')
+    path = _write(tmp_path, priced, MODELS)
+    overrides = {"data_dir": str(tmp_path / "data"), "usage_store": str(tmp_path / "usage.sqlite")}
+
+    def loader() -> CortexConfig:
+        return load_config(CortexConfig, file=path, overrides=overrides)
+
+    cortex = Cortex(loader(), loader=loader)
+    NeuronDouble("n1", cortex.fleet, loaded=("chat",), tokens=20, token_delay=0.05)
+    token = (tmp_path / "data" / "admin-token").read_text().strip()
+    body = {"model": "fast", "max_tokens": 20, "messages": [{"role": "user", "content": "x"}]}
+    async with trio.open_nursery() as nursery:
+        addrs = await nursery.start(cortex.run)
+        acme = addrs.portals["acme"][0]
+        admin = {"authorization": f"Bearer {token}"}
+        async with httpx.AsyncClient(timeout=10) as http:
+            async with http.stream("POST", acme + "/v1/chat/completions", json={**body, "stream": True}) as r:
+                assert r.status_code == 200
+                lines = r.aiter_lines()
+                async for line in lines:
+                    if line.startswith("data: {"):
+                        break
+                _write(tmp_path, priced.replace('currency = "EUR"', 'currency = "USD"'), MODELS)
+                reloaded = await http.post(addrs.admin_url + "/admin/reload", headers=admin)
+                assert reloaded.json()["applied"] == ["portals.acme.currency"], reloaded.text
+                async for line in lines:
+                    pass
+            state = cortex.gateway.metering.account_state("portal:acme")
+            in_dollars = await http.post(acme + "/v1/chat/completions", json=body)
+            over = await http.post(acme + "/v1/chat/completions", json=body)
+            records = (await http.get(addrs.admin_url + "/admin/usage/records?portal=acme", headers=admin)).json()
+        assert state is not None and state["spent"]["money"] == 0.0  # the euros are not dollars
+        assert in_dollars.status_code == 200, in_dollars.text
+        assert over.status_code == 429 and over.json()["error"]["code"] == "insufficient_quota"  # it still holds
+        assert sorted(rec["currency"] for rec in records["data"]) == ["EUR", "USD"]
+        assert all(rec["cost"] == pytest.approx(0.025) for rec in records["data"])
+        cortex.stop()
+
+    restarted = Cortex(loader(), loader=loader)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(restarted.run)
+        state = restarted.gateway.metering.account_state("portal:acme")
+        restarted.stop()
+    assert state is not None and state["spent"]["money"] == pytest.approx(0.025)  # the dollars alone

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 
 import pytest
@@ -45,6 +46,10 @@ def test_reports_group_by_key_model_day_and_portal(tmp_path) -> None:
     assert [r["requests"] for r in store.report(by="key", key_id="k1", since=11 * DAY)] == [1]
     assert store.spent_since("key_id", 11 * DAY) == {"k1": (0.5, 15)}
     assert store.spent_since("portal", 0) == {"acme": (2.0, 45), "beta": (0.5, 15)}
+    # A budget's currency: money in it alone (every token counts).
+    store.append([dataclasses.replace(record("e", at=12 * DAY, cost=7.0), currency="USD")])
+    assert store.spent_since("portal", 0, {"acme": "EUR", "beta": "USD"}) == {"acme": (2.0, 60), "beta": (0.0, 15)}
+    assert store.spent_since("portal", 0, {"acme": "USD"})["acme"] == (7.0, 60)
     assert [r.request_id for r in store.records(portal="acme", until=11 * DAY)] == ["a", "b"]
     assert store.records(request_id="c")[0].outcome == "client_gone"
     store.close()

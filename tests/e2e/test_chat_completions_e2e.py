@@ -128,3 +128,6 @@ def test_logprobs_n_and_seed(client: openai.OpenAI) -> None:
         assert "".join(t.token for t in content) == choice.message.content
     again = client.chat.completions.create(model=CHAT, messages=ASK, max_tokens=4, n=2, seed=11, temperature=1.0)
     assert [c.message.content for c in again.choices] == [c.message.content for c in r.choices]
+    # The prompt is counted once, as OpenAI counts it (it was once summed over the choices).
+    one = client.chat.completions.create(model=CHAT, messages=ASK, max_tokens=1)
+    assert r.usage.prompt_tokens == again.usage.prompt_tokens == one.usage.prompt_tokens > 0

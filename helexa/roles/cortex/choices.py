@@ -3,10 +3,13 @@
 OpenAI's ``n`` asks for several answers to one prompt. Every backend answers one, so the
 edge runs ``n`` fabric requests (ids ``<id>-0`` ... ``<id>-<n-1>``; with a ``seed``, choice
 ``i`` samples with ``seed + i`` so that the choices differ yet repeat) through the metered
-path at once (they may land on different neurons; each is reserved, billed and recorded
-as the generation it is), and merges their token chunks, each tagged with its choice's
-index. Each choice's :class:`GenerateResult` exists once its ledger record does, so the
-results come after the block (:attr:`Choices.results`), as a single generation's does.
+path at once (they may land on different neurons; each has its ledger record), and
+merges their token chunks, each tagged with its choice's index. As OpenAI counts it, the
+prompt is counted once per request: choice 0 reserves and bills the prompt and its
+answer, every other choice its answer only (its result's usage has no prompt tokens), so
+the sum of the choices' usage is the request's. Each choice's :class:`GenerateResult`
+exists once its ledger record does, so the results come after the block
+(:attr:`Choices.results`), as a single generation's does.
 
 Each choice runs whole in its own task, so that ``n`` over the model's slots queues the
 later choices behind the earlier ones rather than deadlocking; the block is entered once
@@ -134,12 +137,13 @@ async def _several(run: Run, request: GenerateRequest, n: int, **kwargs: Any) ->
     if kwargs.get("on_wait") is not None:
         kwargs["on_wait"] = _one_at_a_time(kwargs["on_wait"])  # choices may wait at once
     kwargs["copies"] = n  # quotas refuse the whole where no wait could admit every choice
+    kwargs["group"] = gens  # choice 0 bills the prompt when any choice produced output
 
     async def one(index: int, fabric: GenerateRequest, out: trio.MemorySendChannel) -> None:
         nonlocal started
         async with out:
             try:
-                async with run(fabric, **kwargs) as gen:
+                async with run(fabric, choice=index, **kwargs) as gen:
                     gens[index] = gen
                     started += 1
                     if started == n:

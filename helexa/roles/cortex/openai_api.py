@@ -418,7 +418,8 @@ class Choices:
 
     @property
     def usage(self) -> Usage:
-        """Usage summed over the choices (each is a whole generation)."""
+        """Usage summed over the choices: the prompt's tokens once (only choice 0's result
+        carries them, :mod:`.choices`), every choice's completion tokens."""
         results = [c.result for c in self._choices if c.result is not None]
         if len(results) == 1:  # one choice (nearly every request): its usage as it is, not summed anew
             return results[0].usage

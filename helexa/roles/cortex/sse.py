@@ -67,7 +67,8 @@ class StreamEncoder:
     Call :meth:`start` once, :meth:`chunk` per :class:`TokenChunk`, :meth:`finish` with each
     choice's :class:`GenerateResult`; each returns the bytes to send (possibly empty). The
     last choice's :meth:`finish` also ends the stream (the usage, summed over the choices,
-    when asked for; then ``[DONE]``). With ``logprobs`` a chunk carries its tokens'
+    when asked for: only choice 0's result carries the prompt's tokens, :mod:`.choices`,
+    so the sum counts the prompt once; then ``[DONE]``). With ``logprobs`` a chunk carries its tokens'
     log-probabilities; a whole tool call (a backend that answers tools in one piece) is
     given the per-choice ``index`` OpenAI's stream accumulator needs.
     """

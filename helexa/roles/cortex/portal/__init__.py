@@ -6,7 +6,8 @@ Modules: :mod:`.portal` (a portal's models, prices, routing and tenant; pure),
 and budgets as a state machine fed the time; pure), :mod:`.usage` (a ledger record),
 :mod:`.store` (the storage interface and its SQLite default), :mod:`.writer` (durable
 writes off the trio thread), :mod:`.metering` (the one metered path every model route
-takes), :mod:`.routing` (a portal's routing preferences for the federation),
+takes), :mod:`.accounts` (its quota accounts, their budgets rebuilt from the ledger, each
+in its portal's currency), :mod:`.routing` (a portal's routing preferences for the federation),
 :mod:`.admin` (the admin API).
 
 Errors raised toward clients are the gateway's (:mod:`..errors`): ``Unauthorized`` (401,

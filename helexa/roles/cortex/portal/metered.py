@@ -9,6 +9,7 @@ this is on every request's path, where each generator-based layer was a measurab
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -61,12 +62,16 @@ class MeteredRun:
     """``async with metering.generate(...) as run`` (see :meth:`Metering.generate`)."""
 
     __slots__ = ("_metering", "_caller", "_request", "_endpoint", "_on_wait", "_image", "_session",
-                 "_plan", "_accounts", "_run", "_context", "_gen", "_started", "_t0", "_token", "_copies")
+                 "_plan", "_accounts", "_run", "_context", "_gen", "_started", "_t0", "_token", "_copies",
+                 "_choice", "_group")
 
     def __init__(self, metering: Metering, caller: Caller, request: GenerateRequest, endpoint: str,
-                 on_wait: OnWait | None, image: str | None, session: str | None, copies: int = 1) -> None:
+                 on_wait: OnWait | None, image: str | None, session: str | None, copies: int = 1, choice: int = 0,
+                 group: Sequence[MeteredGeneration | None] = ()) -> None:
         self._metering = metering
         self._copies = copies
+        self._choice = choice
+        self._group = group
         self._caller = caller
         self._request = request
         self._endpoint = endpoint
@@ -89,11 +94,17 @@ class MeteredRun:
         accounts = self._accounts = m.accounts(caller, now)
         plan = self._plan = m._plan_generate(caller, request, served, bounded=bool(accounts),
                                              counted=bool(accounts) or portal.records_usage)
-        if accounts and self._copies > 1:
-            plan = self._plan = await self._exact(request, plan, served)
-            if (refusal := beyond(accounts, plan.reservation, self._copies)) is not None:
+        if self._copies > 1:
+            # The prompt is reserved (and billed) once, with choice 0; the whole request is
+            # judged from its exact count at once, so it is not counted again below.
+            if accounts:
+                plan = await self._exact(request, plan, served)
+                if (refusal := beyond(accounts, plan.whole(self._copies), self._copies)) is not None:
+                    m._refuse(caller, refusal)
+            plan = self._plan = plan.choice(self._choice)
+            if accounts and (refusal := admit(accounts, plan.reservation, now)) is not None:
                 m._refuse(caller, refusal)
-        if accounts and (refusal := admit(accounts, plan.reservation, now)) is not None:
+        elif accounts and (refusal := admit(accounts, plan.reservation, now)) is not None:
             plan = self._plan = await self._recounted(request, plan, refusal, served, accounts, now)
         run = self._run = MeteredGeneration()
         if caller.key is not None:
@@ -160,7 +171,7 @@ class MeteredRun:
         self._reset()
         m = self._metering
         await m._record(m._book_generation(self._caller, self._plan, self._accounts, run, self._endpoint,
-                                           self._started, self._t0, None))
+                                           self._started, self._t0, None, self._group))
         if run.result is None:
             raise UpstreamError("the generation ended without a result", code="empty_stream")
         return bool(suppressed)
@@ -171,7 +182,7 @@ class MeteredRun:
         m, plan = self._metering, self._plan
         try:
             await m._record(m._book_generation(self._caller, plan, self._accounts, self._run, self._endpoint,
-                                               self._started, self._t0, exc))
+                                               self._started, self._t0, exc, self._group))
             if isinstance(exc, ModelNotFound) and plan.forward.model_id != plan.asked:
                 raise ModelNotFound(plan.asked) from None  # never name the model behind an alias
         finally:

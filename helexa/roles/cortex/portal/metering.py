@@ -35,7 +35,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
@@ -43,14 +43,15 @@ import trio
 
 from helexa.protocol import EmbedRequest, EmbedResult, GenerateRequest, Usage
 
-from ..errors import (BadRequest, ClientGone, GatewayError, InsufficientQuota, ModelNotFound, RateLimited, Unauthorized,
+from ..errors import (BadRequest, ClientGone, GatewayError, InsufficientQuota, ModelNotFound, RateLimited,
                       UpstreamError, to_gateway_error)
 from ..metrics import Metrics
 from ..prompt_size import prompt_bytes, prompt_upper_bound
+from .accounts import AccountBook
 from .keys import ApiKey
 from .metered import MeteredGeneration, MeteredRun
 from .portal import Portal
-from .quota import Account, Limits, Refusal, Reservation, admit, period_bounds, rate_headers
+from .quota import Account, Refusal, Reservation, admit
 from .routing import ASK_POLICY
 from .usage import UsageRecord
 from .writer import LedgerWriter
@@ -88,8 +89,10 @@ class Caller:
 class Plan:
     """A request made ready to run: what goes to the orchestrator, its worst case, and the
     tariff it was admitted under (``prices``: input and output per million tokens, in
-    ``currency``). A live reload changes the portal, not an admitted request: it is billed
-    at the prices its worst case was reserved at."""
+    ``currency``), and whether its portal recorded usage then (``recorded``). A live reload
+    changes the portal, not an admitted request: it is billed at the prices its worst case
+    was reserved at, and recorded in the ledger if it was admitted while the portal
+    recorded usage (a reload that turns ``record_usage`` off does not lose its record)."""
 
     asked: str
     forward: GenerateRequest | EmbedRequest
@@ -97,14 +100,33 @@ class Plan:
     prompt_bytes: int
     prices: tuple[float, float] = (0.0, 0.0)
     currency: str = ""
+    recorded: bool = False
+    answer: Reservation = _NOTHING_RESERVED
+    """The completion limit's share of ``reservation`` (its tokens and what they would cost)."""
+    bills_prompt: bool = True
+    """False for choices 1.. of OpenAI's ``n``: the prompt is reserved and billed once, with choice 0."""
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         p_in, p_out = self.prices
         return (prompt_tokens * p_in + completion_tokens * p_out) / 1_000_000
 
+    def whole(self, copies: int) -> Reservation:
+        """The worst case of ``copies`` choices of this (choice 0's) plan: the prompt once
+        and ``copies`` answers."""
+        r, a = self.reservation, self.answer
+        return Reservation(r.tokens + (copies - 1) * a.tokens, r.cost + (copies - 1) * a.cost)
 
-class Metering:
-    """The metered path (see the module docstring).
+    def choice(self, index: int) -> "Plan":
+        """The plan of choice ``index`` of OpenAI's ``n`` (this one is choice 0's, which
+        carries the prompt): the others reserve and bill their answers only, as OpenAI
+        counts the prompt once per request."""
+        if index == 0:
+            return self
+        return dataclasses.replace(self, reservation=self.answer, prompt_bytes=0, bills_prompt=False)
+
+
+class Metering(AccountBook):
+    """The metered path (see the module docstring); its quota accounts: :class:`.accounts.AccountBook`.
 
     Args:
         orchestrator: runs requests.
@@ -129,7 +151,7 @@ class Metering:
         self.clock = clock
         self.receipts: Receipts | None = None
         """Set when the mesh is on: links a federated request's ledger row to its receipt."""
-        self._accounts: dict[str, Account] = {}
+        super().__init__()
         self.live: dict[str, set[MeteredGeneration]] = {}
         """The generations running for each key (by id), stopped when it is revoked."""
         self.traffic: Any = None
@@ -140,94 +162,6 @@ class Metering:
         if self.writer.inline:
             return fn(*args)
         return await trio.to_thread.run_sync(fn, *args)
-
-    # --- accounts --------------------------------------------------------------------------
-
-    def _account(self, subject: str, label: str, limits: Limits, now: float) -> Account:
-        account = self._accounts.get(subject)
-        if account is None:
-            account = self._accounts[subject] = Account(label, limits, now)
-        elif account.limits is not limits and account.limits != limits:
-            account.set_limits(limits, now)
-        return account
-
-    def accounts(self, caller: Caller, now: float) -> list[Account]:
-        """The accounts a request of ``caller`` is admitted against (key's, then portal's)."""
-        out = []
-        key = caller.key
-        if key is not None and not key.limits.unlimited:
-            out.append(self._account("key:" + key.key_id, f"key {key.key_id}", key.limits, now))
-        portal = caller.portal
-        if not portal.limits.unlimited:
-            out.append(self._account("portal:" + portal.id, f"portal {portal.id}", portal.limits, now))
-        return out
-
-    def rate_headers(self, caller: Caller) -> list[tuple[bytes, bytes]]:
-        """OpenAI's ``x-ratelimit-*`` headers for ``caller`` now (empty without rpm/tpm limits)."""
-        accounts = self.accounts(caller, self.clock())
-        return rate_headers(accounts, self.clock()) if accounts else []
-
-    async def restore(self, keys: list[ApiKey], portals: list[Portal]) -> None:
-        """Rebuild every budget's spent amount from the ledger (at start, so a restart does
-        not reset a budget)."""
-        now = self.clock()
-        subjects: list[tuple[str, str, str, str, Limits]] = []
-        for key in keys:
-            if not key.limits.unlimited:
-                subjects.append(("key:" + key.key_id, f"key {key.key_id}", "key_id", key.key_id, key.limits))
-        for portal in portals:
-            if not portal.limits.unlimited:
-                subjects.append(("portal:" + portal.id, f"portal {portal.id}", "portal", portal.id, portal.limits))
-        starts = {(column, period_bounds(limits.period, now)[0]) for _, _, column, _, limits in subjects}
-
-        def query() -> dict[tuple[str, float], dict[str, tuple[float, int]]]:
-            return {(column, start): self.store.spent_since(column, start) for column, start in starts}
-
-        spent = await self.blocking(query)
-        for subject, label, column, ident, limits in subjects:
-            money, tokens = spent[(column, period_bounds(limits.period, now)[0])].get(ident, (0.0, 0))
-            self._accounts[subject] = Account(label, limits, now, spent_money=money, spent_tokens=tokens)
-
-    async def key_changed(self, key: ApiKey) -> None:
-        """A key's limits changed (admin API): its account follows, its budget period's
-        spending re-read from the ledger when the period changed. A key revoked (or expired)
-        stops its generations still running, at their next token: a revoke stops at once."""
-        account = self._accounts.get("key:" + key.key_id)
-        now = self.clock()
-        state = key.state(now)
-        if state != "active":
-            for run in self.live.get(key.key_id, ()):
-                run.stop = Unauthorized(f"key {key.key_id} was {state} while this answer ran")
-        if account is None or account.set_limits(key.limits, now):
-            start = period_bounds(key.limits.period, now)[0]
-            spent = await self.blocking(self.store.spent_since, "key_id", start)
-            money, tokens = spent.get(key.key_id, (0.0, 0))
-            if account is None:
-                if key.limits.unlimited:
-                    return
-                account = self._accounts["key:" + key.key_id] = Account(f"key {key.key_id}", key.limits, now)
-            account.restore(money, tokens)
-
-    def portal_changed(self, portal: Portal) -> None:
-        """A reload changed ``portal``'s limits: its account follows at once, and a budget it
-        did not have, or a new budget period, counts what the portal spent in that period
-        (from the ledger, as at start). Read on this thread: a reload is rare, and reads its
-        files on it too."""
-        subject, limits, now = "portal:" + portal.id, portal.limits, self.clock()
-        account = self._accounts.get(subject)
-        if account is not None and not account.set_limits(limits, now):
-            return
-        if account is None:
-            if limits.unlimited:
-                return
-            account = self._accounts[subject] = Account(f"portal {portal.id}", limits, now)
-        start = period_bounds(limits.period, now)[0]
-        money, tokens = self.store.spent_since("portal", start).get(portal.id, (0.0, 0))
-        account.restore(money, tokens)
-
-    def account_state(self, subject: str) -> dict[str, Any] | None:
-        account = self._accounts.get(subject)
-        return None if account is None else account.snapshot(self.clock())
 
     # --- planning --------------------------------------------------------------------------
 
@@ -246,7 +180,8 @@ class Metering:
                              param="max_tokens")
         if not counted:
             forward = request if served == asked else dataclasses.replace(request, model_id=served)
-            return Plan(asked, forward, _NOTHING_RESERVED, 0, portal.price(asked), portal.currency)
+            return Plan(asked, forward, _NOTHING_RESERVED, 0, portal.price(asked), portal.currency,
+                        portal.records_usage)
         size, _ = prompt_bytes(request)
         completion = max_tokens or (entry.max_output if entry is not None else None) or portal.config.default_max_tokens
         # An exact count (the edge's tokenizer) bounds the prompt; else its bytes do.
@@ -273,7 +208,8 @@ class Metering:
             if implied:
                 sampling = dataclasses.replace(sampling, max_tokens=completion)
             forward = dataclasses.replace(request, model_id=served, sampling=sampling)
-        return Plan(asked, forward, Reservation(tokens, cost), size, (p_in, p_out), portal.currency)
+        return Plan(asked, forward, Reservation(tokens, cost), size, (p_in, p_out), portal.currency,
+                    portal.records_usage, Reservation(completion, completion * p_out / 1_000_000))
 
     def _plan_embed(self, caller: Caller, request: EmbedRequest) -> Plan:
         portal = caller.portal
@@ -286,7 +222,7 @@ class Metering:
         prices = portal.price(asked)
         forward = request if served == asked else dataclasses.replace(request, model_id=served)
         return Plan(asked, forward, Reservation(tokens, tokens * prices[0] / 1_000_000), sum(sizes), prices,
-                    portal.currency)
+                    portal.currency, portal.records_usage)
 
     def _admit(self, caller: Caller, plan: Plan, accounts: list[Account], now: float) -> list[Account]:
         if accounts:
@@ -308,11 +244,14 @@ class Metering:
 
     def generate(self, caller: Caller, request: GenerateRequest, *, endpoint: str,
                  on_wait: OnWait | None = None, image: str | None = None,
-                 session: str | None = None, copies: int = 1) -> MeteredRun:
+                 session: str | None = None, copies: int = 1, choice: int = 0,
+                 group: Sequence[MeteredGeneration | None] = ()) -> MeteredRun:
         """Run ``request`` (its ``model_id`` the public name the client asked for), metered.
 
-        ``copies``: the request is one of that many choices (OpenAI's ``n``) of one client
-        request: the whole is refused, with no retry, where no wait could admit them all
+        ``copies``: the request is choice ``choice`` of that many (OpenAI's ``n``) of one
+        client request, whose generations are ``group`` (filled in as they start): the
+        prompt is reserved and billed once, with choice 0 (:meth:`Plan.choice`), and the
+        whole is refused, with no retry, where no wait could admit them all
         (:func:`.quota.beyond`).
 
         ``async with`` it for a :class:`MeteredGeneration`; its ``result`` is set when the block ends
@@ -326,7 +265,7 @@ class Metering:
             errors (before or during the stream); UpstreamError when the stream ended
             without a result; ``LedgerError`` (500) when the record could not be written.
         """
-        return MeteredRun(self, caller, request, endpoint, on_wait, image, session, copies)
+        return MeteredRun(self, caller, request, endpoint, on_wait, image, session, copies, choice, group)
 
     async def embed(self, caller: Caller, request: EmbedRequest) -> EmbedResult:
         """Embed ``request`` (public model name), metered; raises as :meth:`generate`."""
@@ -359,22 +298,28 @@ class Metering:
     # --- settling --------------------------------------------------------------------------
 
     def _book_generation(self, caller: Caller, plan: Plan, accounts: list[Account], run: MeteredGeneration,
-                         endpoint: str, started: float, t0: float, error: BaseException | None
-                         ) -> UsageRecord | None:
+                         endpoint: str, started: float, t0: float, error: BaseException | None,
+                         group: Sequence[MeteredGeneration | None] = ()) -> UsageRecord | None:
+        """``group``: the generations of every choice of the request (OpenAI's ``n``)."""
         final = run.final
         if final is not None and error is None:
             u = final.usage
             # Billed: the neuron's usage, unless the chunks counted more completion tokens
             # (then a new Usage and result). Nearly always it is the neuron's own, used as it is.
-            billed = u if run.completion_tokens <= u.completion_tokens else Usage(
-                u.prompt_tokens, run.completion_tokens, u.cached_tokens)
+            # A choice but the first bills its answer only (the first bills the prompt).
+            if not plan.bills_prompt:
+                billed = Usage(0, max(u.completion_tokens, run.completion_tokens), 0)
+            else:
+                billed = u if run.completion_tokens <= u.completion_tokens else Usage(
+                    u.prompt_tokens, run.completion_tokens, u.cached_tokens)
             record = self._book(caller, plan, accounts, endpoint, started, t0, prompt=billed.prompt_tokens,
                                 completion=billed.completion_tokens, cached=billed.cached_tokens, error=None,
                                 node_id=run.node_id, ttft=run.ttft)
             run.result = final if billed is u else dataclasses.replace(final, usage=billed)
             return record
         completion = run.completion_tokens
-        prompt = math.ceil(plan.prompt_bytes / 4) if completion else 0
+        output = completion or any(g is not None and g.completion_tokens for g in group)  # by any choice
+        prompt = math.ceil(plan.prompt_bytes / 4) if output else 0
         return self._book(caller, plan, accounts, endpoint, started, t0, prompt=prompt, completion=completion,
                           cached=0, error=error if error is not None else UpstreamError("no result"),
                           node_id=run.node_id, ttft=run.ttft)
@@ -389,7 +334,7 @@ class Metering:
         cost = plan.cost(prompt, completion)  # at the admitted prices, whatever a reload did since
         now = self.clock()
         for account in accounts:
-            account.settle(plan.reservation, prompt + completion, cost, now)
+            account.settle(plan.reservation, prompt + completion, cost, now, plan.currency)
         if error is None:
             outcome, code = "ok", ""
         elif isinstance(error, (trio.Cancelled, ClientGone)):
@@ -405,7 +350,7 @@ class Metering:
         if self.traffic is not None:
             self.traffic.observe(portal.id, plan.asked, ok=outcome != "error", prompt_tokens=prompt,
                                  completion_tokens=completion, ttft=ttft, key_id=caller.key_id)
-        if not portal.records_usage:
+        if not plan.recorded:  # as at admission, whatever a reload did since
             return None
         return UsageRecord(
             request_id=plan.forward.request_id, portal=portal.id, key_id=caller.key_id, endpoint=endpoint,
@@ -429,31 +374,6 @@ class Metering:
             w0 = trio.current_time()
             await self.writer.write(record)
             self.metrics.ledger_written(record.portal, trio.current_time() - w0)
-
-    # --- reading ---------------------------------------------------------------------------
-
-    async def usage_of(self, caller: Caller) -> dict[str, Any]:
-        """What ``GET /v1/usage`` answers a key holder: its limits, what it spent in the
-        current budget period, what is left, and its totals per model in that period."""
-        key = caller.key
-        assert key is not None
-        now = self.clock()
-        start, end = period_bounds(key.limits.period, now)
-        rows = await self.blocking(lambda: self.store.report(by="model", key_id=key.key_id, since=start or None))
-        state = self.account_state("key:" + key.key_id)
-        spent_money = sum(r["cost"] for r in rows)
-        spent_tokens = sum(r["total_tokens"] for r in rows)
-        budget = key.limits.budget
-        remaining = state["remaining_budget"] if state is not None else (
-            None if budget is None else max(0.0, budget - (spent_money if key.limits.budget_unit == "money"
-                                                           else spent_tokens)))
-        return {"object": "usage", "key_id": key.key_id, "name": key.name, "portal": caller.portal.id,
-                "currency": caller.portal.currency, "limits": key.limits.as_dict(),
-                "period": {"name": key.limits.period, "start": start, "end": None if end == math.inf else end},
-                "spent": {"money": spent_money, "tokens": spent_tokens}, "remaining_budget": remaining,
-                "in_flight": state["in_flight"] if state is not None else 0,
-                "models": [{k: r[k] for k in ("model", "requests", "prompt_tokens", "completion_tokens", "cost")}
-                           for r in rows]}
 
 
 __all__ = ["Caller", "Metering", "MeteredGeneration", "ModelNotFound", "PEER_NODE_ID"]

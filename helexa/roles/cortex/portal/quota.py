@@ -163,11 +163,13 @@ class Account:
         now: Unix seconds.
         spent_money, spent_tokens: already spent in the current period (rebuilt from the
             ledger at start, so a restart does not reset a budget).
+        currency: what a money budget is in (its portal's): only spending in it counts.
     """
 
     def __init__(self, subject: str, limits: Limits, now: float, *, spent_money: float = 0.0,
-                 spent_tokens: float = 0.0) -> None:
+                 spent_tokens: float = 0.0, currency: str = "") -> None:
         self.subject = subject
+        self.currency = currency
         self.in_flight = 0
         self.reserved_money = 0.0
         self.reserved_tokens = 0.0
@@ -257,8 +259,11 @@ class Account:
         self.reserved_money += r.cost
         self.reserved_tokens += r.tokens
 
-    def settle(self, r: Reservation, tokens: int, cost: float, now: float) -> None:
-        """End a reservation with what the request really used."""
+    def settle(self, r: Reservation, tokens: int, cost: float, now: float, currency: str | None = None) -> None:
+        """End a reservation with what the request really used; ``cost`` (in ``currency``:
+        its admitted tariff's) is spent only where that is the account's currency (a money
+        budget never adds amounts of two currencies: one admitted before a reload changed
+        the portal's currency is not counted in the new one)."""
         self.in_flight -= 1
         self.reserved_money = max(0.0, self.reserved_money - r.cost)
         self.reserved_tokens = max(0.0, self.reserved_tokens - r.tokens)
@@ -268,7 +273,8 @@ class Account:
             else:
                 self.tokens.take(tokens - r.tokens, now)
         self._roll(now)
-        self.spent_money += cost
+        if currency is None or currency == self.currency:
+            self.spent_money += cost
         self.spent_tokens += tokens
 
     def snapshot(self, now: float) -> dict[str, Any]:
@@ -297,24 +303,26 @@ def admit(accounts: Sequence[Account], r: Reservation, now: float) -> Refusal | 
     return None
 
 
-def beyond(accounts: Sequence[Account], r: Reservation, copies: int) -> Refusal | None:
-    """Why a request of ``copies`` generations (OpenAI's ``n`` choices, each reserving ``r``
-    and counted as a request of its own) can never be admitted whole, or None: more of them
-    than an account's ``max_concurrent``, more tokens than its ``tpm`` holds, more than its
-    whole budget. Each choice alone may fit, so :func:`admit` would refuse only the later
-    ones, with a wait after which they are refused again; this refusal says no wait helps."""
+def beyond(accounts: Sequence[Account], whole: Reservation, copies: int) -> Refusal | None:
+    """Why a request of ``copies`` generations (OpenAI's ``n`` choices, each counted as a
+    request of its own against ``rpm`` and ``max_concurrent``; ``whole``: their worst case
+    together, the prompt once and ``copies`` answers) can never be admitted whole, or None:
+    more of them than an account's ``max_concurrent``, more tokens than its ``tpm`` holds,
+    more than its whole budget. Each choice alone may fit, so :func:`admit` would refuse
+    only the later ones, with a wait after which they are refused again; this refusal says
+    no wait helps."""
     for account in accounts:
         lim, who = account.limits, account.subject
         if lim.max_concurrent is not None and copies > lim.max_concurrent:
             return Refusal(who, "concurrency", f"{who}: n={copies} choices run as {copies} concurrent requests, over "
                            f"the limit of {lim.max_concurrent} (lower n)", None)
-        if lim.tpm is not None and copies * r.tokens > lim.tpm:
-            return Refusal(who, "too_large", f"{who}: n={copies} choices may use up to {copies * r.tokens:.0f} "
+        if lim.tpm is not None and whole.tokens > lim.tpm:
+            return Refusal(who, "too_large", f"{who}: n={copies} choices may use up to {whole.tokens:.0f} "
                            f"tokens, over the limit of {lim.tpm} tokens per minute (lower n, max_tokens or the prompt)",
                            None)
-        if lim.budget is not None and copies * r.amount(lim.budget_unit) > lim.budget * (1 + _EPS) + _EPS:
+        if lim.budget is not None and whole.amount(lim.budget_unit) > lim.budget * (1 + _EPS) + _EPS:
             return Refusal(who, "budget", f"{who}: n={copies} choices may cost up to "
-                           f"{copies * r.amount(lim.budget_unit):.6g}, over the whole {lim.period} budget of "
+                           f"{whole.amount(lim.budget_unit):.6g}, over the whole {lim.period} budget of "
                            f"{lim.budget:g} (lower n or max_tokens)", None)
     return None
 

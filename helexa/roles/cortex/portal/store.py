@@ -21,7 +21,7 @@ import json
 import operator
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -87,9 +87,11 @@ class Store(Protocol):
         """Add ledger rows in one transaction, durable on return."""
         ...
 
-    def spent_since(self, column: str, since: float) -> dict[str, tuple[float, int]]:
+    def spent_since(self, column: str, since: float,
+                    currencies: Mapping[str, str] | None = None) -> dict[str, tuple[float, int]]:
         """``{subject: (cost, tokens)}`` of rows that ended at or after ``since``, per
-        ``key_id`` or ``portal``."""
+        ``key_id`` or ``portal``; with ``currencies`` (``{subject: currency}``, a budget's
+        currency), a subject's cost sums only its rows in that currency (its tokens, all)."""
         ...
 
     def report(self, *, by: str = "key", portal: str | None = None, key_id: str | None = None,
@@ -183,14 +185,21 @@ class SqliteStore:
                 raise
             self._w.execute("COMMIT")
 
-    def spent_since(self, column: str, since: float) -> dict[str, tuple[float, int]]:
+    def spent_since(self, column: str, since: float,
+                    currencies: Mapping[str, str] | None = None) -> dict[str, tuple[float, int]]:
         if column not in ("key_id", "portal"):
             raise ValueError("column is key_id or portal")
         with self._rlock:
             rows = self._r.execute(
-                f"SELECT {column}, SUM(cost), SUM(prompt_tokens + completion_tokens) FROM usage "
-                f"WHERE ended_at >= ? GROUP BY {column}", (since,)).fetchall()
-        return {subject: (cost or 0.0, tokens or 0) for subject, cost, tokens in rows}
+                f"SELECT {column}, currency, SUM(cost), SUM(prompt_tokens + completion_tokens) FROM usage "
+                f"WHERE ended_at >= ? GROUP BY {column}, currency", (since,)).fetchall()
+        out: dict[str, tuple[float, int]] = {}
+        for subject, currency, cost, tokens in rows:
+            money, used = out.get(subject, (0.0, 0))
+            if currencies is None or currencies.get(subject) == currency:
+                money += cost or 0.0
+            out[subject] = (money, used + (tokens or 0))
+        return out
 
     def report(self, *, by: str = "key", portal: str | None = None, key_id: str | None = None,
                since: float | None = None, until: float | None = None) -> list[dict[str, Any]]:

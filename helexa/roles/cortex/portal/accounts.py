@@ -1,0 +1,186 @@
+"""The quota accounts of keys and portals, kept by :class:`~.metering.Metering` (this is
+its base): found or made for each request, their budgets' spending rebuilt from the ledger
+at start and when a key's or portal's limits change, and what ``GET /v1/usage`` answers.
+
+A money budget is in its portal's ``currency`` and counts only spending recorded in it:
+rows of another currency (from before the operator changed the portal's currency) are
+not added to it, at start as after a reload, and a request admitted before the change
+settles its cost in its own currency, which the new budget does not count. Token
+budgets count every token.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ..errors import Unauthorized
+from .keys import ApiKey
+from .portal import Portal
+from .quota import Account, Limits, period_bounds, rate_headers
+
+if TYPE_CHECKING:
+    from .metered import MeteredGeneration
+    from .metering import Caller
+    from .store import Store
+
+T = TypeVar("T")
+
+
+class AccountBook:
+    """Accounts by subject (``key:<id>``, ``portal:<id>``); see the module docstring."""
+
+    store: Store
+    clock: Callable[[], float]
+    live: dict[str, set[MeteredGeneration]]
+
+    def __init__(self) -> None:
+        self._accounts: dict[str, Account] = {}
+        self._currencies: dict[str, str] = {}
+        """Each portal's currency (by id), as its accounts were last given it."""
+        self._portal_of: dict[str, str] = {}
+        """The portal of each key's account (by subject)."""
+
+    async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        raise NotImplementedError
+
+    def _account(self, subject: str, label: str, limits: Limits, now: float, portal: Portal) -> Account:
+        account = self._accounts.get(subject)
+        if account is None:
+            account = self._accounts[subject] = Account(label, limits, now, currency=portal.currency)
+            self._portal_of[subject] = portal.id
+        elif account.limits is not limits and account.limits != limits:
+            account.set_limits(limits, now)
+        return account
+
+    def accounts(self, caller: Caller, now: float) -> list[Account]:
+        """The accounts a request of ``caller`` is admitted against (key's, then portal's)."""
+        out = []
+        key = caller.key
+        portal = caller.portal
+        if key is not None and not key.limits.unlimited:
+            out.append(self._account("key:" + key.key_id, f"key {key.key_id}", key.limits, now, portal))
+        if not portal.limits.unlimited:
+            out.append(self._account("portal:" + portal.id, f"portal {portal.id}", portal.limits, now, portal))
+        return out
+
+    def rate_headers(self, caller: Caller) -> list[tuple[bytes, bytes]]:
+        """OpenAI's ``x-ratelimit-*`` headers for ``caller`` now (empty without rpm/tpm limits)."""
+        accounts = self.accounts(caller, self.clock())
+        return rate_headers(accounts, self.clock()) if accounts else []
+
+    async def restore(self, keys: list[ApiKey], portals: list[Portal]) -> None:
+        """Rebuild every budget's spent amount from the ledger (at start, so a restart does
+        not reset a budget), counting money in its portal's currency only."""
+        now = self.clock()
+        self._currencies.update({p.id: p.currency for p in portals})
+        subjects: list[tuple[str, str, str, str, Limits, str]] = []
+        for key in keys:
+            if not key.limits.unlimited:
+                subjects.append(("key:" + key.key_id, f"key {key.key_id}", "key_id", key.key_id, key.limits,
+                                 key.portal))
+        for portal in portals:
+            if not portal.limits.unlimited:
+                subjects.append(("portal:" + portal.id, f"portal {portal.id}", "portal", portal.id, portal.limits,
+                                 portal.id))
+        starts = {(column, period_bounds(limits.period, now)[0]) for _, _, column, _, limits, _ in subjects}
+        currencies = {column: {ident: self._currencies.get(pid, "") for _, _, c, ident, _, pid in subjects
+                               if c == column} for column in ("key_id", "portal")}
+
+        def query() -> dict[tuple[str, float], dict[str, tuple[float, int]]]:
+            return {(column, start): self.store.spent_since(column, start, currencies[column])
+                    for column, start in starts}
+
+        spent = await self.blocking(query)
+        for subject, label, column, ident, limits, pid in subjects:
+            money, tokens = spent[(column, period_bounds(limits.period, now)[0])].get(ident, (0.0, 0))
+            self._accounts[subject] = Account(label, limits, now, spent_money=money, spent_tokens=tokens,
+                                              currency=self._currencies.get(pid, ""))
+            self._portal_of[subject] = pid
+
+    async def key_changed(self, key: ApiKey) -> None:
+        """A key's limits changed (admin API): its account follows, its budget period's
+        spending re-read from the ledger when the period changed. A key revoked (or expired)
+        stops its generations still running, at their next token: a revoke stops at once."""
+        subject = "key:" + key.key_id
+        account = self._accounts.get(subject)
+        now = self.clock()
+        state = key.state(now)
+        if state != "active":
+            for run in self.live.get(key.key_id, ()):
+                run.stop = Unauthorized(f"key {key.key_id} was {state} while this answer ran")
+        if account is None or account.set_limits(key.limits, now):
+            currency = self._currencies.get(key.portal, "")
+            start = period_bounds(key.limits.period, now)[0]
+            spent = await self.blocking(self.store.spent_since, "key_id", start, {key.key_id: currency})
+            money, tokens = spent.get(key.key_id, (0.0, 0))
+            if account is None:
+                if key.limits.unlimited:
+                    return
+                account = self._accounts[subject] = Account(f"key {key.key_id}", key.limits, now, currency=currency)
+                self._portal_of[subject] = key.portal
+            account.restore(money, tokens)
+
+    def portal_changed(self, portal: Portal) -> None:
+        """A reload changed ``portal``'s settings: its account follows at once, and a budget
+        it did not have, or a new budget period, counts what the portal spent in that period
+        (from the ledger, as at start). A new currency: every budget of the portal and its
+        keys counts what was spent in that currency alone from then on. Read on this thread:
+        a reload is rare, and reads its files on it too."""
+        subject, limits, now = "portal:" + portal.id, portal.limits, self.clock()
+        if self._currencies.get(portal.id, portal.currency) != portal.currency:
+            self._recount_currency(portal, now)
+        self._currencies[portal.id] = portal.currency
+        account = self._accounts.get(subject)
+        if account is not None and not account.set_limits(limits, now):
+            return
+        if account is None:
+            if limits.unlimited:
+                return
+            account = self._accounts[subject] = Account(f"portal {portal.id}", limits, now, currency=portal.currency)
+            self._portal_of[subject] = portal.id
+        start = period_bounds(limits.period, now)[0]
+        money, tokens = self.store.spent_since("portal", start, {portal.id: portal.currency}).get(portal.id, (0.0, 0))
+        account.restore(money, tokens)
+
+    def _recount_currency(self, portal: Portal, now: float) -> None:
+        """``portal``'s currency changed: its accounts' (and its keys') money budgets count
+        what was spent in the new one in their period, from the ledger."""
+        for subject, account in self._accounts.items():
+            if self._portal_of.get(subject) != portal.id:
+                continue
+            account.currency = portal.currency
+            column, ident = ("portal", portal.id) if subject.startswith("portal:") else ("key_id", subject[4:])
+            start = period_bounds(account.limits.period, now)[0]
+            money, tokens = self.store.spent_since(column, start, {ident: portal.currency}).get(ident, (0.0, 0))
+            account.restore(money, tokens)
+
+    def account_state(self, subject: str) -> dict[str, Any] | None:
+        account = self._accounts.get(subject)
+        return None if account is None else account.snapshot(self.clock())
+
+    async def usage_of(self, caller: Caller) -> dict[str, Any]:
+        """What ``GET /v1/usage`` answers a key holder: its limits, what it spent in the
+        current budget period (money in the portal's currency), what is left, and its
+        totals per model (and currency) in that period."""
+        key = caller.key
+        assert key is not None
+        now = self.clock()
+        currency = caller.portal.currency
+        start, end = period_bounds(key.limits.period, now)
+        rows = await self.blocking(lambda: self.store.report(by="model", key_id=key.key_id, since=start or None))
+        state = self.account_state("key:" + key.key_id)
+        spent_money = sum(r["cost"] for r in rows if r["currency"] == currency)
+        spent_tokens = sum(r["total_tokens"] for r in rows)
+        budget = key.limits.budget
+        remaining = state["remaining_budget"] if state is not None else (
+            None if budget is None else max(0.0, budget - (spent_money if key.limits.budget_unit == "money"
+                                                           else spent_tokens)))
+        return {"object": "usage", "key_id": key.key_id, "name": key.name, "portal": caller.portal.id,
+                "currency": currency, "limits": key.limits.as_dict(),
+                "period": {"name": key.limits.period, "start": start, "end": None if end == math.inf else end},
+                "spent": {"money": spent_money, "tokens": spent_tokens}, "remaining_budget": remaining,
+                "in_flight": state["in_flight"] if state is not None else 0,
+                "models": [{k: r[k] for k in ("model", "requests", "prompt_tokens", "completion_tokens", "cost",
+                                              "currency")} for r in rows]}
