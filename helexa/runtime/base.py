@@ -140,6 +140,11 @@ class Backend(abc.ABC):
     async def unload(self) -> None:
         """Free everything the load took (memory, VRAM, processes). Idempotent."""
 
+    def kill(self) -> None:
+        """The neuron is stopping and an :meth:`unload` under way took too long: end the
+        processes it waits for now (SIGKILL), so that the unload returns at once. Nothing
+        for a backend without processes of its own."""
+
     def memory_bytes(self) -> int:
         """Approximate resident memory of the loaded model (0 if unknown)."""
         return 0

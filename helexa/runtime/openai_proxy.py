@@ -171,6 +171,12 @@ class OpenAIProxyBackend(Backend, ChatInference, TextInference, EmbeddingInferen
                 await self._supervisor_done.wait()
         await self._close_client()
 
+    def kill(self) -> None:
+        """SIGKILL the server now (the neuron is stopping): an unload waiting out its
+        ``stop_grace`` returns once it is reaped."""
+        if self._process is not None and self._process.returncode is None:
+            self._process.kill()
+
     async def _close_client(self) -> None:
         client, self._client = self._client, None
         if client is not None:

@@ -4,7 +4,9 @@ default an even share of the process's open-file limit. Real sockets on 127.0.0.
 
 from __future__ import annotations
 
+import json
 import resource
+import ssl
 
 import httpx
 import trio
@@ -12,13 +14,13 @@ import trio
 from helexa.roles.cortex.fleet import Fleet
 from helexa.roles.cortex.portal.store import SqliteStore
 from neuron_double import NeuronDouble
-from portals import acme, bearer, new_key, portals
+from portals import acme, bearer, new_key, portals, self_signed
 
 CHAT = {"model": "fast", "max_tokens": 3, "messages": [{"role": "user", "content": "x"}]}
 
 
 def hostport(url: str) -> tuple[str, int]:
-    host, port = url.removeprefix("http://").rsplit(":", 1)
+    host, port = url.removeprefix("http://").removeprefix("https://").rsplit(":", 1)
     return host, int(port)
 
 
@@ -63,3 +65,85 @@ async def test_by_default_each_socket_gets_its_share_of_the_open_file_limit() ->
     async with portals(fleet, {"a": acme(), "b": acme(listen=["127.0.0.1:0", "127.0.0.1:0"])}) as (gateway, _):
         caps = {server.max_connections for server in gateway._servers}
     assert caps == {max(16, (soft - 256) // 4)}  # default, a, and b's two sockets
+
+
+async def tls(ctx: ssl.SSLContext, url: str) -> trio.SSLStream[trio.SocketStream]:
+    stream = trio.SSLStream(await trio.open_tcp_stream(*hostport(url)), ctx, server_hostname="localhost",
+                            https_compatible=True)
+    await stream.do_handshake()
+    return stream
+
+
+async def test_a_tls_portal_caps_its_connections_and_cuts_a_slow_head_but_not_a_long_stream(tmp_path) -> None:
+    """A TLS portal (hypercorn) holds the lean server's limits: ``max_connections`` per
+    socket, and a head must arrive within ``body_timeout`` of its first byte; a streamed
+    answer that lasts longer than that deadline still flows to its end."""
+    cert_file, key_file = self_signed(tmp_path)
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("chat",), tokens=8, token_delay=0.3)  # a 2.4 s stream
+    store = SqliteStore(":memory:")
+    key = new_key(store, "a")
+    ctx = ssl.create_default_context(cafile=str(cert_file))
+    tables = {"a": acme(tls_cert_file=str(cert_file), tls_key_file=str(key_file))}
+    async with portals(fleet, tables, store=store, gateway={"max_connections": 3, "body_timeout": 1.0}) as (_, urls):
+        url = urls["a"]
+        assert url.startswith("https://")
+        port = hostport(url)[1]
+        streamed: list[float] = []
+
+        async def stream_answer() -> None:
+            async with httpx.AsyncClient(verify=ctx, timeout=10) as http:
+                async with http.stream("POST", f"https://localhost:{port}/v1/chat/completions",
+                                       json=CHAT | {"stream": True, "max_tokens": 8}, headers=bearer(key)) as r:
+                    assert r.status_code == 200
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: ") and line != "data: [DONE]":
+                            if json.loads(line[6:])["choices"] and json.loads(line[6:])["choices"][0]["delta"]:
+                                streamed.append(trio.current_time())
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                started = trio.current_time()
+                nursery.start_soon(stream_answer)
+                await trio.sleep(0.3)
+                idle = [await tls(ctx, url) for _ in range(2)]  # with the stream: three open, the cap
+                extra = await trio.open_tcp_stream(*hostport(url))
+                assert await closed_at_once(extra)  # the fourth is closed unheard, before any TLS
+                await extra.aclose()
+                await idle.pop().aclose()
+                await trio.sleep(0.2)
+                # A slowloris: a head sent a byte at a time is cut at the deadline (1 s), not
+                # at keep_alive_timeout (75 s).
+                slow = await tls(ctx, url)
+                head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\n" + b"x-pad: " + b"a" * 400
+                first = trio.current_time()
+                cut_after = None
+                for byte in head:
+                    try:
+                        await slow.send_all(bytes([byte]))
+                        with trio.move_on_after(0.05):
+                            if await slow.receive_some() == b"":
+                                cut_after = trio.current_time() - first
+                                break
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        cut_after = trio.current_time() - first
+                        break
+                assert cut_after is not None and 0.8 <= cut_after < 3, cut_after
+                await trio.aclose_forcefully(slow)
+                # A body that stops arriving is answered 400 at the same deadline.
+                slow = await tls(ctx, url)
+                await slow.send_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\n"
+                                    b"authorization: Bearer " + key.encode() + b"\r\n"
+                                    b"content-type: application/json\r\ncontent-length: 100\r\n\r\n{")
+                first = trio.current_time()
+                answer = b""
+                with trio.move_on_after(5):
+                    while b"\r\n\r\n" not in answer:
+                        answer += await slow.receive_some()
+                assert answer.startswith(b"HTTP/1.1 400"), answer
+                assert 0.8 <= trio.current_time() - first < 3
+                await trio.aclose_forcefully(slow)
+                for s in idle:
+                    await s.aclose()
+        assert len(streamed) >= 8  # every token (and the role), the last well past the head deadline
+        assert streamed[-1] - started > 2.0

@@ -12,7 +12,7 @@ from helexa.roles.cortex.config import CortexConfig
 from helexa.roles.cortex.fleet import Fleet
 from helexa.roles.cortex.portal.store import SqliteStore
 from neuron_double import NeuronDouble
-from portals import acme, bearer, new_key, portals
+from portals import acme, bearer, new_key, portals, self_signed
 from serving import admin_headers
 
 BETA = {"listen": ["127.0.0.1:0"], "auth": "keys", "aliases": {"smart": "chat2"}}
@@ -208,33 +208,10 @@ def test_a_price_or_budget_that_is_not_a_finite_amount_is_refused_in_one_line(tm
     assert load_config(CortexConfig, file=path, environ={}).portals["acme"].prices["fast"].input == 1e15
 
 
-def _self_signed(tmp_path):  # noqa: ANN001, ANN202
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-            .sign(key, hashes.SHA256()))
-    cert_file, key_file = tmp_path / "portal.crt", tmp_path / "portal.key"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_file, key_file
-
-
 async def test_a_portal_with_a_certificate_serves_https(tmp_path) -> None:
     import ssl
 
-    cert_file, key_file = _self_signed(tmp_path)
+    cert_file, key_file = self_signed(tmp_path)
     fleet = Fleet()
     NeuronDouble("n1", fleet, loaded=("chat",))
     store = SqliteStore(":memory:")

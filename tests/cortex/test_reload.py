@@ -13,9 +13,12 @@ import pytest
 import trio
 
 from helexa.config import ConfigError, load_config
+from helexa.roles.cortex.catalogue import Priority
 from helexa.roles.cortex.config import CortexConfig
 from helexa.roles.cortex.node import Cortex
+from helexa.roles.cortex.placement import NodeView, Resident, Unload
 from helexa.roles.cortex.reload import plan_reload
+from helexa.roles.cortex.retirement import retired_unloads
 from neuron_double import NeuronDouble
 
 MODELS = """
@@ -60,6 +63,20 @@ def test_plan_sorts_live_keys_from_those_that_need_a_restart() -> None:
 
 def test_plan_of_an_unchanged_config_is_empty() -> None:
     assert plan_reload(config(), config()) == plan_reload(config(log_level="info"), config())
+
+
+def test_only_the_cortexs_own_copies_of_a_model_the_catalogue_dropped_are_retired() -> None:
+    from helexa.protocol import Hardware
+
+    def r(model_id: str) -> Resident:
+        return Resident(model_id, 100, False, Priority.NORMAL, 0.0)
+
+    hw = Hardware(4, 1 << 34)
+    nodes = [NodeView("a", hw, (r("old"), r("kept"), r("hand"), r("loading"))), NodeView("b", hw, ())]
+    provisioned = {("a", "old"), ("a", "kept"), ("b", "old"), ("a", "loading"), ("c", "old")}
+    # b's and c's copies of "old" are gone (unloaded, draining, or their neuron left).
+    assert retired_unloads({"kept"}, provisioned, nodes, loading=lambda m: m == "loading") == [Unload("a", "old")]
+    assert retired_unloads({"kept", "old", "loading"}, provisioned, nodes) == []
 
 
 def _write(tmp_path: Path, config_text: str, models_text: str) -> Path:
@@ -318,3 +335,62 @@ async def test_a_money_budget_counts_only_what_was_spent_in_its_portals_currency
         state = restarted.gateway.metering.account_state("portal:acme")
         restarted.stop()
     assert state is not None and state["spent"]["money"] == pytest.approx(0.025)  # the dollars alone
+
+
+async def test_a_model_renamed_or_removed_in_the_catalogue_is_unloaded_where_the_cortex_loaded_it(
+        tmp_path: Path) -> None:
+    """After a reload, the copies of a model the catalogue dropped that the cortex loaded
+    itself are unloaded once their requests finished (a rename holds the model once, not
+    twice); an operator's load and a model the neuron held before stay."""
+    models = MODELS + '\n[models.chat2]\nbackend = "synthetic"\nmemory_mb = 100\n'
+    path = _write(tmp_path, CONFIG, models)
+    overrides = {"data_dir": str(tmp_path / "data")}
+
+    def loader() -> CortexConfig:
+        return load_config(CortexConfig, file=path, overrides=overrides)
+
+    cortex = Cortex(loader(), loader=loader)
+    neuron = NeuronDouble("n1", cortex.fleet, loaded=("manual",), tokens=20, token_delay=0.05)
+    token = (tmp_path / "data" / "admin-token").read_text().strip()
+    async with trio.open_nursery() as nursery:
+        addrs = await nursery.start(cortex.run)
+        acme = addrs.portals["acme"][0]
+        admin = {"authorization": f"Bearer {token}"}
+        async with httpx.AsyncClient(timeout=10) as http:
+            chunks: list[str] = []
+            streaming = trio.Event()
+            finished_at: list[float] = []
+
+            async def stream() -> None:  # cold-loads chat: the cortex's own load
+                body = {"model": "fast", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+                async with http.stream("POST", acme + "/v1/chat/completions", json=body) as r:
+                    assert r.status_code == 200
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: {"):
+                            chunks.append(line)
+                            streaming.set()
+                finished_at.append(trio.current_time())
+
+            nursery.start_soon(stream)
+            await streaming.wait()
+            r = await http.post(addrs.admin_url + "/admin/models/chat2/load", json={"neuron": "n1"}, headers=admin)
+            assert r.status_code == 200 and '"done"' in r.text, r.text  # the operator's load
+            assert set(neuron.models) == {"manual", "chat", "chat2"}
+
+            # chat renamed to chat-new (the alias follows), chat2 removed.
+            _write(tmp_path, CONFIG.replace('fast = "chat" }', 'fast = "chat-new" }'),
+                   MODELS.replace("[models.chat]", "[models.chat-new]"))
+            r = await http.post(addrs.admin_url + "/admin/reload", headers=admin)
+            assert r.status_code == 200, r.text
+            assert r.json()["catalogue"] == {"added": ["chat-new"], "removed": ["chat", "chat2"], "changed": []}
+
+            with trio.fail_after(10):
+                while "chat" in neuron.models:
+                    await trio.sleep(0.05)
+            await trio.sleep(0.5)  # a few more housekeeping passes
+        # The stream under way finished whole before its model was unloaded.
+        assert finished_at and len(chunks) >= 20
+        assert json.loads(chunks[-1].removeprefix("data: "))["choices"][0]["finish_reason"] == "stop"
+        assert neuron.unloads() == ["chat"]  # the operator's chat2 and the neuron's own model stay
+        assert set(neuron.models) == {"manual", "chat2"}
+        cortex.stop()

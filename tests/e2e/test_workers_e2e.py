@@ -9,6 +9,7 @@ import signal
 import time
 from pathlib import Path
 
+import httpx
 import openai
 import psutil
 import pytest
@@ -104,3 +105,35 @@ def test_a_request_whose_worker_is_killed_before_it_answers_is_served_by_the_mod
     assert result.choices[0].finish_reason in ("stop", "length")
     assert worker_of(neuron.pid, "tiny-a").pid != victim.pid
     assert time.monotonic() - started < 60
+
+
+def test_a_neuron_stopped_with_a_hung_worker_kills_it_and_exits_within_seconds(tmp_path: Path) -> None:
+    """SIGTERM to a neuron whose worker is frozen (SIGSTOP): the worker gets a short grace
+    to unload, then SIGKILL, and the neuron exits 0 within seconds (not after the
+    worker's 30 s ``unload_timeout``), leaving no process behind."""
+    models = """
+[models.frozen]
+backend = "synthetic"
+[models.frozen.config]
+metadata = { isolate = true }
+"""
+    with ProcGroup(tmp_path) as procs:
+        cortex = procs.cortex(models=models)
+        neuron = procs.neuron(cortex, "n1")
+        r = httpx.post(cortex.gateway_url + "/v1/chat/completions", timeout=60,
+                       json={"model": "frozen", "max_tokens": 2, "messages": PROMPT})  # loads it, in a worker
+        assert r.status_code == 200, r.text
+        worker = worker_of(neuron.pid, "frozen")
+        worker.send_signal(signal.SIGSTOP)
+        began = time.monotonic()
+        neuron.terminate()
+        try:
+            code = neuron.popen.wait(20)
+        except Exception:
+            worker.send_signal(signal.SIGKILL)
+            raise
+        took = time.monotonic() - began
+        assert code == 0, neuron.tail()
+        assert took < 8, (took, neuron.tail())
+        assert not psutil.pid_exists(worker.pid) or worker.status() == psutil.STATUS_ZOMBIE
+        assert "killing its processes" in neuron.log()

@@ -46,7 +46,8 @@ class GatewayConfig(BaseModel):
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     """Request bodies over this get 413."""
     body_timeout: float = Field(30.0, gt=0)
-    """Seconds a client may take to send its request head or body."""
+    """Seconds a client may take to send its request head or body (and, on a TLS portal,
+    its TLS handshake); never applied to a response."""
     send_timeout: float = Field(60.0, gt=0)
     """Seconds a client may take to accept one write of a response."""
     keep_alive_timeout: float = Field(75.0, gt=0)

@@ -411,7 +411,8 @@ class Gateway:
     async def _hypercorn(self, app: PortalApp, host: str, port: int, tls: PortalConfig | None,
                          task_status: trio.TaskStatus[list[str]]) -> None:
         import hypercorn.config
-        import hypercorn.trio
+
+        from .hypercorn_server import serve
 
         cfg = hypercorn.config.Config()
         cfg.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
@@ -422,8 +423,8 @@ class Gateway:
         cfg.errorlog = logging.getLogger("helexa.gateway.http")
         if tls is not None:
             cfg.certfile, cfg.keyfile = str(tls.tls_cert_file), str(tls.tls_key_file)
-        await hypercorn.trio.serve(app, cfg, shutdown_trigger=self._stop.wait,  # type: ignore[arg-type]
-                                   task_status=task_status, mode="asgi")
+        await serve(app, cfg, max_connections=self._max_connections(), head_timeout=self.config.body_timeout,
+                    shutdown_trigger=self._stop.wait, task_status=task_status)
 
     # --- reads ---------------------------------------------------------------------------
 

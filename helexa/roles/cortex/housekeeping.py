@@ -8,7 +8,8 @@ change, or a deadline of its own, it:
   models (the latter only once the neurons had ``warm_start_delay`` to rejoin after a
   restart), retrying a failed one after ``warm_retry``;
 * starts the loads the admission queue waits for (:meth:`Provisioner.start_queue_loads`);
-* unloads **idle** models at their TTL (drained first, like every unload).
+* unloads **idle** models at their TTL, and the copies it loaded itself of models no
+  longer in the catalogue (:mod:`.retirement`), drained first like every unload.
 
 Passes woken by fleet changes are at least :data:`HOUSEKEEP_SPACING` apart.
 """
@@ -22,6 +23,7 @@ import trio
 
 from .errors import GatewayError
 from .placement import NodeView, idle_unloads, warm_loads
+from .retirement import retired_unloads
 
 if TYPE_CHECKING:
     from .provisioner import Provisioner
@@ -92,6 +94,9 @@ class Housekeeping:
             due, upcoming = idle_unloads(p.catalogue, views, now)
             for unload in due:
                 p.begin_unload(unload, "idle")
+            for unload in retired_unloads(p.catalogue, p.provisioned, views, loading=p.loading):
+                log.info("unloading %s from %s: no longer in the catalogue", unload.model_id, unload.node_id)
+                p.begin_unload(unload, "retired")
             if upcoming is not None:
                 wake_at = upcoming if wake_at is None else min(wake_at, upcoming)
             if wake_at is None:

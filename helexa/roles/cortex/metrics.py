@@ -166,7 +166,7 @@ class OrchestratorMetrics:
         self.prefix_blocks = Counter("helexa_prefix_blocks", "Prompt blocks routed, by whether the chosen neuron "
                                      "already held them (hit, miss)", ["model", "kind"], registry=r)
         self.evictions = Counter("helexa_evictions", "Models unloaded by the cortex, by reason (swap, idle, "
-                                 "operator)", ["model", "reason"], registry=r)
+                                 "operator, retired: no longer in the catalogue)", ["model", "reason"], registry=r)
         self._decided: dict[tuple[str, str, str], tuple] = {}
 
     def waiting(self, model: str, portal: str, delta: int) -> None:

@@ -34,15 +34,16 @@ import trio
 from opentelemetry.trace import Status, StatusCode
 
 from helexa import telemetry
-from helexa.protocol import LoadModel, LoadProgress, ModelState, UnloadModel, UpsertModelConfig
+from helexa.protocol import LoadModel, LoadProgress, UnloadModel, UpsertModelConfig
 
-from .catalogue import MB, Catalogue, CatalogueEntry, Priority
+from .catalogue import Catalogue, CatalogueEntry
 from .errors import GatewayError, ColdLoadFailed, ModelNotFound, NoCapacity
 from .fleet import Fleet, FleetError
 from .housekeeping import Housekeeping
 from .metrics import Metrics, OrchestratorMetrics
 from .operator_actions import OperatorActions
-from .placement import LoadPlan, NodeView, NoPlacement, Policy, Resident, Unload, place, plan_loads
+from .fleet_views import views as fleet_views
+from .placement import LoadPlan, NodeView, NoPlacement, Policy, Unload, place, plan_loads
 from .queue import Demand
 from .scheduler import LiveLoad
 
@@ -111,6 +112,9 @@ class Provisioner:
         """Models loading right now: (stage, fraction done), from the neuron's progress events."""
         self.loaded_at: dict[tuple[str, str], float] = {}
         """When each (neuron, model) became resident (first sight, for what was there before)."""
+        self.provisioned: set[tuple[str, str]] = set()
+        """(neuron, model) copies the cortex loaded of its own accord, not as an operator
+        asked: unloaded once their model leaves the catalogue (:mod:`.retirement`)."""
         self.draining: set[tuple[str, str]] = set()
         """(neuron, model) pairs being unloaded: no new work goes there."""
         self._swapped: set[str] = set()  # models draining to make room for another
@@ -251,7 +255,9 @@ class Provisioner:
         elapsed = now - started
         self.load_times[entry.id] = elapsed
         self.evictions[entry.id] = plan.evict
-        self.loaded_at[(plan.node_id, entry.id)] = now
+        key = (plan.node_id, entry.id)
+        self.loaded_at[key] = now
+        (self.provisioned.discard if how else self.provisioned.add)(key)  # an operator's load stays the operator's
         log.info("loaded %s on %s%s in %.2fs (evicted %s)", entry.id, plan.node_id, how, elapsed, list(plan.evict))
         if self.metrics is not None:
             self.metrics.cold_load(entry.id, plan.node_id, elapsed)
@@ -338,6 +344,7 @@ class Provisioner:
                                 self.settings.command_timeout + left)
             self.live.forget(*key)
             self.loaded_at.pop(key, None)
+            self.provisioned.discard(key)
             log.info("unloaded %s from %s (%s)", unload.model_id, unload.node_id, reason)
             if self._om is not None:
                 self._om.evicted(unload.model_id, reason)
@@ -442,56 +449,8 @@ class Provisioner:
             log.warning("%s unload of %s from %s failed: %s", reason, unload.model_id, unload.node_id, exc)
 
     def views(self, demand: dict[str, Demand] | None = None) -> list[NodeView]:
-        """The fleet as the pure core sees it (loads under way count as resident, models
-        being unloaded do not); first sight of a resident counts as a use."""
-        now = trio.current_time()
-        demand = demand if demand is not None else {}
-        pending: dict[str, list[str]] = {}
-        for model_id, node_id in self._pending.items():
-            pending.setdefault(node_id, []).append(model_id)
-        views = []
-        for link in self.fleet.usable():
-            residents = []
-            for model_id, status in link.models.items():
-                if status.state not in (ModelState.LOADED, ModelState.LOADING):
-                    continue
-                key = (link.node_id, model_id)
-                if key in self.draining:
-                    continue
-                last_used = self.live.last_used.setdefault(key, now)
-                entry = self.catalogue.get(model_id)
-                # The cortex's own count, not the neuron's (a heartbeat old): a plan must see a
-                # model go idle the moment its last request ends. What the cortex does not
-                # know of, the neuron drains by itself within the unload's grace.
-                busy = self._in_use(*key) > 0
-                wanted = demand.get(model_id)
-                residents.append(
-                    Resident(
-                        model_id=model_id,
-                        memory_mb=entry.memory_mb if entry else status.memory_bytes // MB,
-                        on_gpu=entry.on_gpu if entry else False,
-                        priority=entry.priority if entry else Priority.CRITICAL,
-                        last_used=last_used,
-                        busy=busy,
-                        evictable=entry is not None and status.state is ModelState.LOADED
-                        and model_id not in self._pending and not self.operator.pinned(*key),
-                        loaded_at=self.loaded_at.setdefault(key, now),
-                        keep_warm=entry is not None and entry.keep_warm,
-                        pinned=(entry is not None and link.node_id in entry.pinned_on) or self.operator.pinned(*key),
-                        queued=wanted.waiting if wanted is not None else 0,
-                        rate=self.live.rate(model_id, now),
-                        load_time=self.load_times.get(model_id),
-                    )
-                )
-            for model_id in pending.get(link.node_id, ()):
-                if model_id not in link.models or link.models[model_id].state not in (ModelState.LOADED,
-                                                                                        ModelState.LOADING):
-                    entry = self.catalogue.get(model_id)
-                    if entry is not None:
-                        residents.append(Resident(model_id, entry.memory_mb, entry.on_gpu, entry.priority, now,
-                                                  evictable=False))
-            views.append(NodeView(link.node_id, link.descriptor.hardware, tuple(residents)))
-        return views
+        """The fleet as the pure core sees it (:func:`.fleet_views.views`)."""
+        return fleet_views(self, demand)
 
 
 class _Refused(FleetError):

@@ -17,6 +17,7 @@ fail with ``backend_crashed``, and the next load starts a new worker.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -76,6 +77,7 @@ class ModelRegistry:
         self._sources = sources
         self.service_nursery: trio.Nursery | None = None
         """A nursery that outlives connections, for backends with background work."""
+        self._unloading: dict[str, Backend] = {}  # backends whose unload is under way
 
     def set_listener(self, on_status: Callable[[ModelStatus], None]) -> None:
         """Call ``on_status`` with a model's new status whenever its state changes, instead
@@ -242,10 +244,12 @@ class ModelRegistry:
                 e.idle = trio.Event()
                 await e.idle.wait()
         backend, e.backend = e.backend, None
+        self._unloading[model_id] = backend
         try:
             with trio.CancelScope(shield=True):
                 await backend.unload()
         finally:
+            self._unloading.pop(model_id, None)
             if e.fetched is not None:
                 self.sources.release(e.fetched)
                 e.fetched = None
@@ -266,12 +270,30 @@ class ModelRegistry:
             self.sources.release(e.fetched)
             e.fetched = None
 
-    async def unload_all(self) -> None:
-        for model_id in list(self._entries):
+    async def unload_all(self, *, kill_after: float = math.inf) -> None:
+        """Unload every model, side by side (the neuron is stopping). A backend still
+        unloading ``kill_after`` seconds in is killed (:meth:`Backend.kill`: a hung worker
+        would otherwise hold the stop for its whole ``unload_timeout``)."""
+
+        async def one(model_id: str) -> None:
             try:
                 await self.unload(model_id, drain_timeout=5.0)
             except Exception:
                 log.exception("unloading %s failed", model_id)
+
+        async with trio.open_nursery() as outer:
+            outer.start_soon(self._kill_after, kill_after)
+            async with trio.open_nursery() as unloads:
+                for model_id in list(self._entries):
+                    unloads.start_soon(one, model_id)
+            outer.cancel_scope.cancel()
+
+    async def _kill_after(self, seconds: float) -> None:
+        await trio.sleep(seconds)
+        for model_id, backend in list(self._unloading.items()):
+            log.warning("model %s did not unload within %gs of the neuron's stop: killing its processes",
+                        model_id, seconds)
+            backend.kill()
 
     # --- serving --------------------------------------------------------------------------
 

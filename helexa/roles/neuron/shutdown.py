@@ -3,7 +3,9 @@
 1. Refuse new work (as retryable, so the cortex sends it elsewhere).
 2. Announce :class:`Shutdown` to the cortex, so it stops routing here.
 3. Let in-flight requests finish, for at most the grace period; cancel what is left.
-4. Unload every model.
+4. Unload every model, side by side; a model's processes still unloading after
+   :data:`KILL_AFTER` seconds are killed (SIGKILL: a hung worker would otherwise hold the
+   stop for its whole ``unload_timeout``; an operator's unload of one model keeps it).
 5. Close the connection, so the neuron does not redial.
 
 Every step waits on an event (the last request ending, an unload finishing) under its
@@ -24,6 +26,9 @@ ANNOUNCE_TIMEOUT = 2.0
 """How long the Shutdown announcement may take to send."""
 MIN_UNLOAD_TIME = 5.0
 """Unloading gets the grace period, but at least this long."""
+KILL_AFTER = 3.0
+"""Seconds a model's processes get to unload and exit at the neuron's stop before they are
+killed (at most the unloading time above)."""
 
 
 async def drain(
@@ -38,6 +43,7 @@ async def drain(
         with trio.move_on_after(grace):
             await serving.wait_idle()
         serving.cancel_all()
-        with trio.move_on_after(max(grace, MIN_UNLOAD_TIME)):
-            await registry.unload_all()
+        unload_time = max(grace, MIN_UNLOAD_TIME)
+        with trio.move_on_after(unload_time):
+            await registry.unload_all(kill_after=min(KILL_AFTER, unload_time))
         await connection.close(reason)

@@ -233,6 +233,11 @@ class WorkerProcess:
                     await self._exited.wait()
         self._scope.cancel()
 
+    def kill(self, reason: str) -> None:
+        """SIGKILL the worker now (a hung one ignores everything else; SIGKILL ends even a
+        stopped process); :meth:`stop` and the supervision reap it."""
+        self._kill(reason)
+
     # --- supervision ----------------------------------------------------------------------
 
     async def _supervise(self) -> None:

@@ -166,6 +166,11 @@ class WorkerBackend(Backend, ChatInference, TextInference, EmbeddingInference):
         returns once the process is reaped."""
         await self._worker.stop()
 
+    def kill(self) -> None:
+        """SIGKILL the worker now (the neuron is stopping): an :meth:`unload` waiting for
+        it returns once it is reaped."""
+        self._worker.kill("did not unload before the neuron stopped")
+
     # --- the worker's side of things ------------------------------------------------------
 
     def _deliver(self, msg: Any) -> None:
