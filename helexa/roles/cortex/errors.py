@@ -36,6 +36,7 @@ import logging
 import math
 from typing import Any
 
+from ... import logs
 from .federation.errors import (
     FederationError,
     NoPeerOffers,
@@ -187,7 +188,27 @@ class NoCapacity(GatewayError):
 
 
 class ColdLoadFailed(NoCapacity):
+    """A load failed. Its ``message`` is the operator's (which neuron, the neuron's own
+    words: a file's path...); a client sees :meth:`for_client` instead, through
+    :func:`to_gateway_error`, and the log gets the detail beside the request id."""
+
     code = "load_failed"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0, code: str | None = None,
+                 model: str | None = None) -> None:
+        super().__init__(message, retry_after=retry_after, code=code)
+        self.model = model
+
+    def for_client(self) -> NoCapacity:
+        """What a client may learn: the model could not be loaded, with the request id the
+        operator can find the detail under. Logs the detail for that request."""
+        request_id = logs.current().get("request_id")
+        what = f"model {self.model!r}" if self.model else "the model"
+        log.warning("request %s: %s could not be loaded: %s", request_id or "-", what, self.message)
+        text = f"{what} could not be loaded; the operator has been told"
+        if request_id:
+            text += f" (request {request_id})"
+        return NoCapacity(text, retry_after=self.retry_after, code=self.code)
 
 
 class UpstreamError(GatewayError):
@@ -223,11 +244,15 @@ def client_gone(exc: BaseException) -> bool:
     return isinstance(exc, ClientGone)
 
 
-def to_gateway_error(exc: BaseException) -> GatewayError:
-    """Map any exception onto the tree. Unexpected ones are logged with their traceback
-    here and become a bare 500 whose message says nothing about the internals. A client
-    that went away (:class:`ClientGone`) is no fault: it is not logged as one."""
+def to_gateway_error(exc: BaseException, *, operator: bool = False) -> GatewayError:
+    """Map any exception onto the tree, as a client may see it. Unexpected ones are logged
+    with their traceback here and become a bare 500 whose message says nothing about the
+    internals; a failed load says only which model (:meth:`ColdLoadFailed.for_client`)
+    unless ``operator`` (the admin socket). A client that went away (:class:`ClientGone`)
+    is no fault: it is not logged as one."""
     match exc:
+        case ColdLoadFailed() if not operator:
+            return exc.for_client()
         case GatewayError():
             return exc
         case _ if client_gone(exc):
@@ -292,9 +317,10 @@ def error_body(error: GatewayError) -> dict[str, Any]:
     return {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
 
 
-def envelope(exc: BaseException) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    """``(status, headers, body)`` of the JSON error response for ``exc``."""
-    error = to_gateway_error(exc)
+def envelope(exc: BaseException, *, operator: bool = False) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """``(status, headers, body)`` of the JSON error response for ``exc`` (``operator``: on
+    the admin socket, where a failed load keeps its detail)."""
+    error = to_gateway_error(exc, operator=operator)
     body = json.dumps(error_body(error)).encode()
     headers = [(b"content-type", b"application/json"), *error.headers()]
     return error.status, headers, body

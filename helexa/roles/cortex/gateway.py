@@ -89,6 +89,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def _operator_envelope(exc: BaseException) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """The admin API's errors: the operator's, so a failed load keeps its detail."""
+    return envelope(exc, operator=True)
+
+
 def server_error_body(status: int, message: str) -> tuple[bytes, bytes]:
     """What the HTTP server says itself (malformed HTTP, a failed app), as OpenAI's envelope."""
     _, headers, body = envelope(BadRequest(message) if status < 500 else GatewayError(message))
@@ -207,7 +212,8 @@ class PortalApp:
                 shape = (route.errors_by(scope) if route.errors_by is not None else None) or route.errors
             else:  # no route (404) or not this method (405): the shape of the API the path is under
                 shape = unrouted_errors(scope["path"])
-            shape = shape or envelope
+            operator = route is not None and route.path.startswith("/admin/")
+            shape = shape or (_operator_envelope if operator else envelope)
             status, headers, body = shape(exc)
             try:
                 await out.full(status, headers, body)

@@ -61,9 +61,10 @@ def _line(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
 
 
-def ollama_errors(exc: BaseException) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    """Ollama's error shape, ``{"error": "message"}``, the field named in the message."""
-    error = to_gateway_error(exc)
+def ollama_errors(exc: BaseException, *, operator: bool = False) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """Ollama's error shape, ``{"error": "message"}``, the field named in the message
+    (``operator``: a route only the operator may use, where a failed load keeps its detail)."""
+    error = to_gateway_error(exc, operator=operator)
     message = error.message
     param = PARAMS.get(error.param or "", error.param)
     if param and param not in message:
