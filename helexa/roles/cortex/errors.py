@@ -14,6 +14,7 @@ Exception tree (HTTP status, OpenAI ``type``)::
     │   └── ModelNotFound             404 invalid_request_error   code model_not_found
     ├── Forbidden                     403 permission_error        a federation policy or the key said no
     ├── MethodNotAllowed              405 invalid_request_error
+    ├── RequestTimeout                408 invalid_request_error   the body came too slowly (the connection closes)
     ├── PayloadTooLarge               413 invalid_request_error
     ├── RateLimited                   429 rate_limit_error        (+ Retry-After, x-ratelimit-*)
     │   └── InsufficientQuota         429 insufficient_quota      a budget is spent
@@ -125,6 +126,18 @@ class MethodNotAllowed(GatewayError):
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         return [(b"allow", ", ".join(self.allow).encode())] if self.allow else []
+
+
+class RequestTimeout(GatewayError):
+    """The request's body did not arrive in time; the connection closes after the answer
+    (the rest of the body may still come)."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"connection", b"close")]
 
 
 class PayloadTooLarge(GatewayError):

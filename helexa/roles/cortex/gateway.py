@@ -62,7 +62,7 @@ from .anthropic_api import error_shape as anthropic_error_shape
 from .asgi import ErrorShape, Exchange, Limits, Receive, Responder, Route, Router, Scope, Send
 from .config import DEFAULT_PORTAL, PortalConfig
 from .disconnect_watch import DisconnectWatch
-from .errors import BadRequest, ClientGone, GatewayError, NoCapacity, client_gone, envelope
+from .errors import BadRequest, ClientGone, GatewayError, NoCapacity, RequestTimeout, client_gone, envelope
 from .fleet_metrics import FleetCollector
 from .http import HttpServer
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -94,9 +94,12 @@ def _operator_envelope(exc: BaseException) -> tuple[int, list[tuple[bytes, bytes
     return envelope(exc, operator=True)
 
 
-def server_error_body(status: int, message: str) -> tuple[bytes, bytes]:
-    """What the HTTP server says itself (malformed HTTP, a failed app), as OpenAI's envelope."""
-    _, headers, body = envelope(BadRequest(message) if status < 500 else GatewayError(message))
+def server_error_body(status: int, message: str, target: bytes = b"") -> tuple[bytes, bytes]:
+    """What the HTTP server says itself (malformed HTTP, a body too slow, a failed app), in
+    the error shape of the API ``target``'s path is under (OpenAI's envelope by default)."""
+    error = RequestTimeout(message) if status == 408 else BadRequest(message) if status < 500 else GatewayError(message)
+    path = target.split(b"?", 1)[0].decode("latin-1")
+    _, headers, body = (unrouted_errors(path) or envelope)(error)
     return dict(headers)[b"content-type"], body
 
 
