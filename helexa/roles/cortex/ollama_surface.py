@@ -25,7 +25,8 @@ nanoseconds; it goes out only once the ledger record is durable. While the reque
 ``done: false``) every keep-alive interval, as the other surfaces send their keep-alives. An empty ``prompt`` /
 ``messages`` loads the model, as Ollama does (the way its clients preload one): the
 cortex's cold load, admitted by the caller's limits as any request, then one
-``done_reason: "load"`` object once it is loaded, or the load's error. Errors are Ollama's ``{"error": "message"}`` with its status codes, the field named
+``done_reason: "load"`` object once it is loaded, or the load's error. Errors are Ollama's
+``{"error": "message"}`` with its status codes, the field named
 in the message; a stream that fails after it began ends with such a line.
 """
 

@@ -198,8 +198,7 @@ class Provisioner:
             flight.error = exc
         except Exception as exc:  # a bug; requests get a clean 503, the log gets the rest
             log.exception("loading %s failed unexpectedly", entry.id)
-            flight.error = ColdLoadFailed(f"loading model {entry.id!r} failed", retry_after=self.settings.retry_after,
-                                          model=entry.id)
+            flight.error = ColdLoadFailed("failed unexpectedly", retry_after=self.settings.retry_after, model=entry.id)
             del exc
         finally:
             del self._flights[entry.id]
