@@ -31,24 +31,28 @@ SURFACES = [
 ]
 
 
-def refusing(fleet: Fleet) -> NeuronDouble:
-    neuron = NeuronDouble(NODE, fleet)
+def refusing(fleet: Fleet, load_delay: float = 0.0) -> NeuronDouble:
+    neuron = NeuronDouble(NODE, fleet, load_delay=load_delay)
     neuron.refuse_load = True
     neuron.load_error = SECRET
     return neuron
 
 
-@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("stream", [False, True, "late"], ids=["whole", "streamed", "streamed-after-keepalives"])
 @pytest.mark.parametrize(("path", "body"), SURFACES)
 async def test_a_client_learns_the_model_could_not_be_loaded_and_nothing_of_the_operator(
         path, body, stream, caplog) -> None:
+    """``late``: the load fails after the stream began (its keep-alives went out), so the
+    error is the stream's last event rather than the response."""
     fleet = Fleet()
-    refusing(fleet)
+    refusing(fleet, load_delay=0.5 if stream == "late" else 0.0)
     caplog.set_level(logging.WARNING)
-    async with serving(fleet, CATALOGUE) as (_, url):
+    async with serving(fleet, CATALOGUE, orchestrator={"keepalive_interval": 0.1}) as (_, url):
         async with httpx.AsyncClient(timeout=10) as http:
-            r = await http.post(url + path, json={**body, "stream": stream})
+            r = await http.post(url + path, json={**body, "stream": bool(stream)})
     request_id = r.headers["x-request-id"]
+    if stream == "late":
+        assert r.status_code == 200  # the error came inside the stream
     assert NODE not in r.text and "/srv/" not in r.text and "invalid magic" not in r.text
     assert "could not be loaded" in r.text and request_id in r.text
     logged = caplog.text
