@@ -320,6 +320,27 @@ def test_the_renderer_given_writes_the_servers_own_answers() -> None:
     assert plain_error(404, "x") == (b"text/plain; charset=utf-8", b"404 Not Found: x\n")
 
 
+def test_the_renderer_is_told_the_requests_target_and_none_for_a_malformed_head_after_one() -> None:
+    seen: list[bytes] = []
+
+    def render(status: int, message: str, target: bytes) -> tuple[bytes, bytes]:
+        seen.append(target)
+        return b"text/plain", b"x"
+
+    conn = Connection(error_body=render)
+    assert read(conn, b"POST /api/chat HTTP/1.1\r\nhost: t\r\ncontent-length: 10\r\n\r\nabc", now=1.0)[1:] == [
+        Data(b"abc", True), NEED_DATA]
+    conn.timeout(1.0 + conn.read_timeout)
+    conn.app_returned()
+    assert seen == [b"/api/chat"]
+    conn = Connection(error_body=render)
+    read(conn, b"GET /api/tags HTTP/1.1\r\nhost: t\r\n\r\n")
+    answer(conn)
+    conn.app_returned()
+    read(conn, b"\x00\r\n\r\n")  # the next head on the connection is malformed
+    assert seen == [b"/api/chat", b""]
+
+
 # --- deadlines, as timer events --------------------------------------------------------------
 
 

@@ -374,6 +374,7 @@ class Connection:
             self._body = None
             self._error = None
             self._expect_continue = False
+            self._target = b""  # a malformed next head is no request of that path
         else:
             self._close()
 
