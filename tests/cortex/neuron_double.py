@@ -54,7 +54,7 @@ class NeuronDouble:
     log-probability 0, when logprobs are asked for, as the synthetic backend answers)
 
     Knobs: ``load_delay`` (seconds a LoadModel takes), ``token_delay`` (between chunks),
-    ``refuse_load`` (answer LoadModel ok=False), ``pull_bytes`` (a PullModel reports its
+    ``refuse_load`` (answer LoadModel ok=False with ``load_error``), ``pull_bytes`` (a PullModel reports its
     download in three steps of a third each, as a neuron's download progress), ``fail_before_start`` (die as soon as a
     generation arrives, with nothing produced), ``retryable_error`` (answer with a
     retryable RemoteError).
@@ -80,6 +80,7 @@ class NeuronDouble:
         self.token_delay = token_delay
         self.load_delay = load_delay
         self.refuse_load = False
+        self.load_error = "no"
         self.pull_bytes = 3000
         self.fail_before_start = False
         self.retryable_error = False
@@ -114,7 +115,8 @@ class NeuronDouble:
                     await trio.sleep(self.load_delay)
                 if self.refuse_load:
                     del self.models[mid]
-                    return ProvisioningResponse(command.command_id, ok=False, error="no", code="load_failed")
+                    return ProvisioningResponse(command.command_id, ok=False, error=self.load_error,
+                                                code="load_failed")
                 self.models[mid] = ModelStatus(mid, ModelState.LOADED)
                 self.loaded_since[mid] = trio.current_time()
                 self._fleet.notify()

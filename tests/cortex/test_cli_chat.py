@@ -48,3 +48,16 @@ async def test_chat_sends_the_api_key_to_a_keyed_portal_from_each_source_and_nev
         code, out, err = await chat(url, "--api-key", "x" + unsendable)
         assert code == 1 and "cannot carry" in err and key not in out + err
     assert len(neuron.requests) == 3
+
+
+async def test_chat_reports_its_errors_as_the_other_commands_do(tmp_path) -> None:
+    fleet = Fleet()
+    async with portals(fleet, {"acme": acme()}) as (_, urls):
+        code, _, err = await chat(urls["acme"])  # no key: a 401
+    assert code == 1 and err.startswith("helexa: error: the gateway answered 401") and "Error:" not in err, err
+    closed = urls["acme"]  # the gateway has stopped: nothing listens there now
+    code, _, err = await chat(closed)
+    assert code == 1 and err.startswith("helexa: error: cannot talk to the gateway") and "Error:" not in err, err
+    status = await trio.run_process([*HELEXA, "status", "--cortex", closed, "--admin-token-file",
+                                     str(tmp_path / "none")], capture_stderr=True, check=False)
+    assert status.returncode == 1 and status.stderr.decode().startswith("helexa: error: ")

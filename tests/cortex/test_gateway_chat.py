@@ -395,3 +395,46 @@ async def test_null_switches_read_as_their_defaults_as_openais_nullable_fields_d
     assert plain.status_code == 200 and plain.json()["object"] == "chat.completion", plain.text
     assert usage.status_code == 200 and '"usage"' not in usage.text and usage.text.endswith("[DONE]\n\n")
     assert "encoding_format" not in embedded.text, embedded.text  # (whatever else it says of model "chat")
+
+
+# --- stop: at most 4, as OpenAI allows --------------------------------------------------------
+
+
+async def test_more_than_four_stop_sequences_are_a_400_naming_stop_as_openai_answers() -> None:
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=("chat",))
+    five = ["a", "b", "c", "d", "e"]
+    async with serving(fleet, CATALOGUE) as (_, url):
+        def run() -> tuple[list[openai.BadRequestError], list[object]]:
+            c = client(url)
+            refused = []
+            for call in (lambda: c.chat.completions.create(model="chat", messages=USER, stop=five),
+                         lambda: c.chat.completions.create(model="chat", messages=USER, stop=five, stream=True),
+                         lambda: c.completions.create(model="chat", prompt="hi", stop=five)):
+                with pytest.raises(openai.BadRequestError) as caught:
+                    call()
+                refused.append(caught.value)
+            four = five[:4]
+            return refused, [c.chat.completions.create(model="chat", messages=USER, stop=four),
+                             c.completions.create(model="chat", prompt="hi", stop=four)]
+
+        refused, answered = await trio.to_thread.run_sync(run)
+    for error in refused:
+        assert error.status_code == 400 and error.param == "stop" and error.code == "array_above_max_length"
+        assert "maximum length 4" in error.message and "length 5" in error.message
+    assert len(answered) == 2 and len(neuron.requests) == 2  # the refused ones never reached the neuron
+    assert all(r.sampling.stop == ("a", "b", "c", "d") for r in neuron.requests)
+
+
+async def test_anthropic_and_ollama_take_more_than_four_stop_sequences() -> None:
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=("chat",))
+    five = ["a", "b", "c", "d", "e"]
+    async with serving(fleet, CATALOGUE) as (_, url):
+        async with httpx.AsyncClient(timeout=10) as http:
+            anthropic_r = await http.post(url + "/v1/messages", json={"model": "chat", "max_tokens": 8,
+                                                                       "messages": USER, "stop_sequences": five})
+            ollama_r = await http.post(url + "/api/chat", json={"model": "chat", "messages": USER, "stream": False,
+                                                                "options": {"stop": five}})
+    assert anthropic_r.status_code == 200 and ollama_r.status_code == 200
+    assert [r.sampling.stop for r in neuron.requests] == [tuple(five)] * 2

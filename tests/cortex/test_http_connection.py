@@ -312,11 +312,33 @@ def test_a_head_closed_midway_ends_quietly() -> None:
 
 
 def test_the_renderer_given_writes_the_servers_own_answers() -> None:
-    conn = Connection(error_body=lambda status, message: (b"application/json", b'{"m": "%b"}' % message.encode()))
+    conn = Connection(error_body=lambda status, message, target: (b"application/json",
+                                                                  b'{"m": "%b"}' % message.encode()))
     read(conn, b"\x00\r\n\r\n")
     out = conn.data_to_send()
     assert b"content-type: application/json\r\n" in out and out.endswith(b'{"m": "malformed HTTP request: illegal request line"}')
     assert plain_error(404, "x") == (b"text/plain; charset=utf-8", b"404 Not Found: x\n")
+
+
+def test_the_renderer_is_told_the_requests_target_and_none_for_a_malformed_head_after_one() -> None:
+    seen: list[bytes] = []
+
+    def render(status: int, message: str, target: bytes) -> tuple[bytes, bytes]:
+        seen.append(target)
+        return b"text/plain", b"x"
+
+    conn = Connection(error_body=render)
+    assert read(conn, b"POST /api/chat HTTP/1.1\r\nhost: t\r\ncontent-length: 10\r\n\r\nabc", now=1.0)[1:] == [
+        Data(b"abc", True), NEED_DATA]
+    conn.timeout(1.0 + conn.read_timeout)
+    conn.app_returned()
+    assert seen == [b"/api/chat"]
+    conn = Connection(error_body=render)
+    read(conn, b"GET /api/tags HTTP/1.1\r\nhost: t\r\n\r\n")
+    answer(conn)
+    conn.app_returned()
+    read(conn, b"\x00\r\n\r\n")  # the next head on the connection is malformed
+    assert seen == [b"/api/chat", b""]
 
 
 # --- deadlines, as timer events --------------------------------------------------------------
@@ -344,7 +366,7 @@ def test_a_head_must_arrive_whole_within_read_timeout_of_its_first_byte() -> Non
     assert states(conn) == (State.CLOSED, State.CLOSED) and conn.data_to_send() == b""
 
 
-def test_a_body_that_stops_arriving_ends_with_a_400_after_read_timeout() -> None:
+def test_a_body_that_stops_arriving_ends_with_a_408_after_read_timeout() -> None:
     conn = make(read_timeout=2.0)
     assert read(conn, post(b"abc", length=10), now=1.0)[1:] == [
         Data(b"abc", True), NEED_DATA]
@@ -354,7 +376,7 @@ def test_a_body_that_stops_arriving_ends_with_a_400_after_read_timeout() -> None
     assert read(conn) == [CLOSED] and conn.client_state is State.ERROR
     conn.app_returned()
     (status, _, body), = responses(conn.data_to_send())
-    assert status == 400 and b"the body did not arrive within 2s" in body
+    assert status == 408 and b"the body did not arrive within 2s" in body
     assert states(conn) == (State.CLOSED, State.CLOSED)
 
 

@@ -428,7 +428,8 @@ async def test_an_app_that_never_answers_gives_a_500_envelope() -> None:
     assert r.status == 500 and r.json()["error"]["type"] == "internal_error"
 
 
-async def test_a_body_that_stops_arriving_gets_a_400_after_read_timeout(autojump_clock) -> None:
+async def test_a_body_that_stops_arriving_gets_a_408_after_read_timeout_and_the_connection_closes(
+        autojump_clock) -> None:
     seen = []
 
     async def app(scope, receive, send) -> None:
@@ -442,9 +443,11 @@ async def test_a_body_that_stops_arriving_gets_a_400_after_read_timeout(autojump
         start = trio.current_time()
         r = await client.response()
         waited = trio.current_time() - start
+        rest = await client.rest()
     assert seen == [{"type": "http.disconnect"}]
-    assert r.status == 400 and "did not arrive within 20s" in r.json()["error"]["message"]
-    assert waited == 20
+    assert r.status == 408 and "did not arrive within 20s" in r.json()["error"]["message"]
+    assert r.json()["error"]["code"] == "request_timeout" and waited == 20
+    assert r.headers.get("connection") == "close" and rest == b""
 
 
 # --- disconnects --------------------------------------------------------------------------

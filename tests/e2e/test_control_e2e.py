@@ -115,7 +115,7 @@ def cluster(tmp_path):
     c.stop_all()
 
 
-def test_a_killed_neuron_goes_unhealthy_then_is_removed(cluster):
+def test_a_killed_neuron_goes_offline_then_is_removed(cluster):
     cluster.start_cortex()
     neuron = cluster.start_neuron("victim")
     cluster.wait(lambda: (n := cluster.neuron("victim")) is not None and n["health"] == "healthy", "the neuron to join")
@@ -123,7 +123,7 @@ def test_a_killed_neuron_goes_unhealthy_then_is_removed(cluster):
     beat = cluster.neuron("victim")["last_heartbeat"]
     cluster.wait(lambda: cluster.neuron("victim")["last_heartbeat"] > beat, "a heartbeat to update the fleet")
     neuron.kill()
-    cluster.wait(lambda: (n := cluster.neuron("victim")) is not None and n["health"] == "unhealthy", "unhealthy", 10)
+    cluster.wait(lambda: (n := cluster.neuron("victim")) is not None and n["health"] == "offline", "offline", 10)
     cluster.wait(lambda: cluster.neuron("victim") is None, "removal", 10)
 
 

@@ -67,6 +67,17 @@ def oll(served):  # noqa: ANN001, ANN201
     return ollama.Client(host=url, headers={"authorization": f"Bearer {key}"}, timeout=120)
 
 
+def test_ollamas_empty_generate_loads_the_model_before_it_answers_load(served, oll: ollama.Client) -> None:  # noqa: ANN001
+    """First in the module: nothing has loaded SmolLM2 yet."""
+    cortex = served[0]
+    assert CHAT not in cortex.neuron_view("n1")["models"]
+    got = oll.generate(model=CHAT, prompt="")
+    assert got.done and got.done_reason == "load" and got.response == ""
+    assert cortex.neuron_view("n1")["models"][CHAT]["state"] == "loaded"  # loaded when the answer came
+    again = oll.chat(model=CHAT, messages=[], stream=True)
+    assert [(p.done, p.done_reason) for p in again] == [(True, "load")]  # loaded already: at once
+
+
 def test_a_response_answers_and_continues_from_its_previous_response(oai: openai.OpenAI) -> None:
     first = oai.responses.create(model=CHAT, input="What is the capital of France? Answer in one sentence.",
                                  temperature=0, max_output_tokens=24)

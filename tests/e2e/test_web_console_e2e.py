@@ -321,6 +321,20 @@ def test_a_link_cannot_make_the_models_page_say_what_it_likes(browser, cortex: C
     page.close()
 
 
+def test_unpinning_a_model_from_a_neuron_not_in_the_fleet_says_the_neuron_is_unknown(
+        browser, cortex: Cortex) -> None:  # noqa: ANN001
+    page, _ = login(browser, cortex.admin_url, cortex.admin_token)
+    page.goto(cortex.admin_url + "/console/models")
+    row = page.locator("tr[data-model=synth]")
+    choice = row.get_by_label("Neuron for synth")
+    choice.evaluate("s => s.add(new Option('ghost', 'ghost'))")  # a neuron that left after the page was drawn
+    choice.select_option("ghost")
+    row.get_by_role("button", name="Unpin", exact=True).click()
+    expect(page.locator(".error")).to_have_text("no neuron 'ghost' in the fleet")
+    expect(page.locator(".notice")).to_have_count(0)
+    page.close()
+
+
 def test_a_key_pasted_with_a_character_no_header_carries_is_refused_on_the_sign_in_page(
         browser, cortex: Cortex) -> None:  # noqa: ANN001
     page = browser.new_page(viewport={"width": 390, "height": 844})

@@ -30,6 +30,7 @@ Anthropic's shape, ``{"type": "error", "error": {"type", "message"}}``::
     403 permission_error        Forbidden                                  x-should-retry: false
     404 not_found_error         NotFound, ModelNotFound                    x-should-retry: false
     405 invalid_request_error   MethodNotAllowed                           x-should-retry: false
+    408 invalid_request_error   RequestTimeout (the body came too slowly; the connection closes)
     413 request_too_large       PayloadTooLarge                            x-should-retry: false
     429 rate_limit_error        RateLimited (+ retry-after; x-should-retry: false when retrying cannot help)
     429 rate_limit_error        InsufficientQuota (a budget is spent)     x-should-retry: false
@@ -72,6 +73,7 @@ from .errors import (
     NotFound,
     PayloadTooLarge,
     RateLimited,
+    RequestTimeout,
     Unauthorized,
     UpstreamError,
     UpstreamTimeout,
@@ -275,6 +277,8 @@ def _kind(error: GatewayError) -> tuple[int, str, bool]:
             return 404, "not_found_error", False
         case PayloadTooLarge():
             return 413, "request_too_large", False
+        case RequestTimeout():
+            return 408, "invalid_request_error", True
         case MethodNotAllowed():
             return 405, "invalid_request_error", False
         case BadRequest():

@@ -20,7 +20,7 @@ import trio
 
 from . import sse
 from .disconnect_watch import DisconnectWatch
-from .errors import BadRequest, ClientGone, MethodNotAllowed, NotFound, PayloadTooLarge
+from .errors import BadRequest, ClientGone, MethodNotAllowed, NotFound, PayloadTooLarge, RequestTimeout
 from .http import BODY_EXTENSION, CANCEL_EXTENSION
 
 if TYPE_CHECKING:
@@ -127,7 +127,7 @@ class Exchange:
         return dict(parse_qsl(raw.decode("latin-1"))) if raw else {}
 
     async def body(self) -> bytes:
-        """The request body. Raises PayloadTooLarge (413), BadRequest (too slow), ClientGone.
+        """The request body. Raises PayloadTooLarge (413), RequestTimeout (408: too slow), ClientGone.
 
         A body the server already holds whole (:data:`.http.BODY_EXTENSION`) is taken as it
         is; otherwise it is read within ``body_timeout``."""
@@ -157,7 +157,7 @@ class Exchange:
                 parts.append(chunk)
                 if not msg.get("more_body", False):
                     return parts[0] if len(parts) == 1 else b"".join(parts)
-        raise BadRequest(f"the body did not arrive within {self._limits.body_timeout:g}s")
+        raise RequestTimeout(f"the body did not arrive within {self._limits.body_timeout:g}s")
 
     async def until_disconnect(self, work: Callable[[], Awaitable[None]]) -> None:
         """Run ``work``; cancel it if the client disconnects first (:mod:`.disconnect_watch`).

@@ -14,6 +14,7 @@ Exception tree (HTTP status, OpenAI ``type``)::
     │   └── ModelNotFound             404 invalid_request_error   code model_not_found
     ├── Forbidden                     403 permission_error        a federation policy or the key said no
     ├── MethodNotAllowed              405 invalid_request_error
+    ├── RequestTimeout                408 invalid_request_error   the body came too slowly (the connection closes)
     ├── PayloadTooLarge               413 invalid_request_error
     ├── RateLimited                   429 rate_limit_error        (+ Retry-After, x-ratelimit-*)
     │   └── InsufficientQuota         429 insufficient_quota      a budget is spent
@@ -36,6 +37,7 @@ import logging
 import math
 from typing import Any
 
+from ... import logs
 from .federation.errors import (
     FederationError,
     NoPeerOffers,
@@ -126,6 +128,18 @@ class MethodNotAllowed(GatewayError):
         return [(b"allow", ", ".join(self.allow).encode())] if self.allow else []
 
 
+class RequestTimeout(GatewayError):
+    """The request's body did not arrive in time; the connection closes after the answer
+    (the rest of the body may still come)."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"connection", b"close")]
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
     type = "invalid_request_error"
@@ -187,7 +201,27 @@ class NoCapacity(GatewayError):
 
 
 class ColdLoadFailed(NoCapacity):
+    """A load failed. Its ``message`` is the operator's (which neuron, the neuron's own
+    words: a file's path...); a client sees :meth:`for_client` instead, through
+    :func:`to_gateway_error`, and the log gets the detail beside the request id."""
+
     code = "load_failed"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0, code: str | None = None,
+                 model: str | None = None) -> None:
+        super().__init__(message, retry_after=retry_after, code=code)
+        self.model = model
+
+    def for_client(self) -> NoCapacity:
+        """What a client may learn: the model could not be loaded, with the request id the
+        operator can find the detail under. Logs the detail for that request."""
+        request_id = logs.current().get("request_id")
+        what = f"model {self.model!r}" if self.model else "the model"
+        log.warning("request %s: %s could not be loaded: %s", request_id or "-", what, self.message)
+        text = f"{what} could not be loaded; the operator has been told"
+        if request_id:
+            text += f" (request {request_id})"
+        return NoCapacity(text, retry_after=self.retry_after, code=self.code)
 
 
 class UpstreamError(GatewayError):
@@ -223,11 +257,15 @@ def client_gone(exc: BaseException) -> bool:
     return isinstance(exc, ClientGone)
 
 
-def to_gateway_error(exc: BaseException) -> GatewayError:
-    """Map any exception onto the tree. Unexpected ones are logged with their traceback
-    here and become a bare 500 whose message says nothing about the internals. A client
-    that went away (:class:`ClientGone`) is no fault: it is not logged as one."""
+def to_gateway_error(exc: BaseException, *, operator: bool = False) -> GatewayError:
+    """Map any exception onto the tree, as a client may see it. Unexpected ones are logged
+    with their traceback here and become a bare 500 whose message says nothing about the
+    internals; a failed load says only which model (:meth:`ColdLoadFailed.for_client`)
+    unless ``operator`` (the admin socket). A client that went away (:class:`ClientGone`)
+    is no fault: it is not logged as one."""
     match exc:
+        case ColdLoadFailed() if not operator:
+            return exc.for_client()
         case GatewayError():
             return exc
         case _ if client_gone(exc):
@@ -292,9 +330,10 @@ def error_body(error: GatewayError) -> dict[str, Any]:
     return {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
 
 
-def envelope(exc: BaseException) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    """``(status, headers, body)`` of the JSON error response for ``exc``."""
-    error = to_gateway_error(exc)
+def envelope(exc: BaseException, *, operator: bool = False) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """``(status, headers, body)`` of the JSON error response for ``exc`` (``operator``: on
+    the admin socket, where a failed load keeps its detail)."""
+    error = to_gateway_error(exc, operator=operator)
     body = json.dumps(error_body(error)).encode()
     headers = [(b"content-type", b"application/json"), *error.headers()]
     return error.status, headers, body

@@ -56,6 +56,32 @@ class Health(enum.Enum):
     DRAINING = "draining"  # announced Shutdown; no new work
 
 
+OFFLINE = "offline"
+"""What the operator's views (``/admin/fleet``, ``/admin/models``, the console) show for a
+neuron whose connection dropped (killed, its host gone) and for each model it held: until
+it reconnects or is removed (``remove_after``), nothing it reported is serving."""
+
+
+def online(link: Any) -> bool:
+    """Whether ``link``'s neuron is connected (a link without a connection of its own, as a
+    test double, counts as connected)."""
+    return getattr(link, "connected", True)
+
+
+def health_view(link: Any) -> str:
+    """``link``'s health as the operator's views show it: :data:`OFFLINE` once it disconnected."""
+    return link.health.value if online(link) else OFFLINE
+
+
+def model_view(link: Any, status: Any) -> dict[str, Any]:
+    """One model's status on ``link`` as wire data; a disconnected neuron's models are
+    :data:`OFFLINE`, with the state last reported as ``last_state``."""
+    out = to_wire(status)
+    if not online(link):
+        out["last_state"], out["state"] = out["state"], OFFLINE
+    return out
+
+
 class Fleet:
     """All neurons currently joined (healthy or not), by node id.
 
@@ -114,10 +140,11 @@ class Fleet:
             neurons.append(
                 {
                     "node_id": link.node_id,
-                    "health": link.health.value,
+                    "health": health_view(link),
+                    "connected": online(link),
                     "descriptor": to_wire(link.descriptor),
                     "metrics": to_wire(link.metrics),
-                    "models": {mid: to_wire(st) for mid, st in sorted(link.models.items())},
+                    "models": {mid: model_view(link, st) for mid, st in sorted(link.models.items())},
                     "joined_at": link.joined_at,
                     "last_heartbeat": link.last_heartbeat,
                     "in_flight": link.in_flight,

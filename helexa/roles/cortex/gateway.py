@@ -62,7 +62,7 @@ from .anthropic_api import error_shape as anthropic_error_shape
 from .asgi import ErrorShape, Exchange, Limits, Receive, Responder, Route, Router, Scope, Send
 from .config import DEFAULT_PORTAL, PortalConfig
 from .disconnect_watch import DisconnectWatch
-from .errors import BadRequest, ClientGone, GatewayError, NoCapacity, client_gone, envelope
+from .errors import BadRequest, ClientGone, GatewayError, NoCapacity, RequestTimeout, client_gone, envelope
 from .fleet_metrics import FleetCollector
 from .http import HttpServer
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -89,9 +89,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def server_error_body(status: int, message: str) -> tuple[bytes, bytes]:
-    """What the HTTP server says itself (malformed HTTP, a failed app), as OpenAI's envelope."""
-    _, headers, body = envelope(BadRequest(message) if status < 500 else GatewayError(message))
+def _operator_envelope(exc: BaseException) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """The admin API's errors: the operator's, so a failed load keeps its detail."""
+    return envelope(exc, operator=True)
+
+
+def server_error_body(status: int, message: str, target: bytes = b"") -> tuple[bytes, bytes]:
+    """What the HTTP server says itself (malformed HTTP, a body too slow, a failed app), in
+    the error shape of the API ``target``'s path is under (OpenAI's envelope by default)."""
+    error = RequestTimeout(message) if status == 408 else BadRequest(message) if status < 500 else GatewayError(message)
+    path = target.split(b"?", 1)[0].decode("latin-1")
+    _, headers, body = (unrouted_errors(path) or envelope)(error)
     return dict(headers)[b"content-type"], body
 
 
@@ -207,7 +215,8 @@ class PortalApp:
                 shape = (route.errors_by(scope) if route.errors_by is not None else None) or route.errors
             else:  # no route (404) or not this method (405): the shape of the API the path is under
                 shape = unrouted_errors(scope["path"])
-            shape = shape or envelope
+            operator = route is not None and route.path.startswith("/admin/")
+            shape = shape or (_operator_envelope if operator else envelope)
             status, headers, body = shape(exc)
             try:
                 await out.full(status, headers, body)

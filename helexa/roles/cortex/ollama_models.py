@@ -33,6 +33,7 @@ import hashlib
 import json
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import trio
@@ -75,9 +76,10 @@ class OllamaModels:
 
     def routes(self) -> list[Route]:
         e = ollama_errors
+        operator = partial(ollama_errors, operator=True)  # pull and delete need the admin token
         return [
-            Route("POST", "/api/pull", self.pull, keyed=False, errors=e),
-            Route("DELETE", "/api/delete", self.delete, keyed=False, errors=e),
+            Route("POST", "/api/pull", self.pull, keyed=False, errors=operator),
+            Route("DELETE", "/api/delete", self.delete, keyed=False, errors=operator),
             Route("POST", "/api/copy", self.copy, errors=e),
             Route("POST", "/api/create", self.create, errors=e),
             Route("POST", "/api/push", self.push, errors=e),
@@ -148,7 +150,7 @@ class OllamaModels:
             await ex.out.body(_line(line))
 
         await run(emit)
-        end = ({"error": json.loads(ollama_errors(failures[0])[2])["error"]} if failures
+        end = ({"error": json.loads(ollama_errors(failures[0], operator=True)[2])["error"]} if failures
                else {"status": "success"})
         await ex.out.body(_line(end), more=False)
 

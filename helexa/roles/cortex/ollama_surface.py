@@ -23,8 +23,10 @@ the final ``done: true`` line with ``done_reason``, the token counts and duratio
 nanoseconds; it goes out only once the ledger record is durable. While the request waits
 (a cold load, a queue) the stream sends an empty piece (``content`` / ``response`` ``""``,
 ``done: false``) every keep-alive interval, as the other surfaces send their keep-alives. An empty ``prompt`` /
-``messages`` answers ``done_reason: "load"`` at once, as Ollama does, without running a
-model. Errors are Ollama's ``{"error": "message"}`` with its status codes, the field named
+``messages`` loads the model, as Ollama does (the way its clients preload one): the
+cortex's cold load, admitted by the caller's limits as any request, then one
+``done_reason: "load"`` object once it is loaded, or the load's error. Errors are Ollama's
+``{"error": "message"}`` with its status codes, the field named
 in the message; a stream that fails after it began ends with such a line.
 """
 
@@ -40,7 +42,7 @@ from typing import Any
 
 import trio
 
-from helexa.protocol import EmbedResult, Feature, GenerateRequest, GenerateResult, Workload
+from helexa.protocol import EmbedResult, Feature, GenerateRequest, GenerateResult, Task, Workload
 
 from . import ollama_api as api
 from .asgi import Exchange, Route
@@ -61,9 +63,10 @@ def _line(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
 
 
-def ollama_errors(exc: BaseException) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    """Ollama's error shape, ``{"error": "message"}``, the field named in the message."""
-    error = to_gateway_error(exc)
+def ollama_errors(exc: BaseException, *, operator: bool = False) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """Ollama's error shape, ``{"error": "message"}``, the field named in the message
+    (``operator``: a route only the operator may use, where a failed load keeps its detail)."""
+    error = to_gateway_error(exc, operator=operator)
     message = error.message
     param = PARAMS.get(error.param or "", error.param)
     if param and param not in message:
@@ -210,17 +213,37 @@ class OllamaSurface:
         await self._run(ex, body, request, image, asked, chat=False)
 
     async def _loaded(self, ex: Exchange, stream: bool, head: dict[str, Any]) -> None:
-        """What Ollama answers a request with nothing to generate (it loads the model)."""
+        """What Ollama does with nothing to generate: load the model (the cortex's cold load,
+        admitted as any request of it) and answer ``done_reason: "load"`` once it is loaded;
+        a failed load is an error in Ollama's shape (a line, once the stream began)."""
         caller = ex.caller
         assert caller is not None
-        public = self.public_name(caller, head["model"])
-        if caller.portal.serves(public) is None or (caller.key is not None and not caller.key.allows(public)):
-            raise ModelNotFound(head["model"])
-        obj = {**head, "created_at": api.timestamp(), "done": True, "done_reason": "load"}
-        if stream:
-            await ex.out.full(200, NDJSON, _line(obj))
-        else:
-            await ex.out.json(obj)
+        out = ex.out
+        request = GenerateRequest(ex.request_id, self.public_name(caller, head["model"]), Task.CHAT)
+
+        async def keepalive(status: WaitStatus) -> None:  # as a generation's wait: an empty piece
+            await out.start(200, NDJSON)
+            await out.body(_line({**head, "created_at": api.timestamp(), "done": False}))
+
+        async def load() -> None:
+            try:
+                await self.metering.preload(caller, request, on_wait=keepalive if stream else None)
+            except ClientGone:
+                raise
+            except Exception as exc:
+                if not out.started:
+                    raise
+                await out.body(_line({"error": json.loads(ollama_errors(exc)[2])["error"]}), more=False)
+                return
+            obj = {**head, "created_at": api.timestamp(), "done": True, "done_reason": "load"}
+            if not stream:
+                await out.json(obj)
+            elif out.started:
+                await out.body(_line(obj), more=False)
+            else:
+                await out.full(200, NDJSON, _line(obj))
+
+        await ex.until_disconnect(load)
 
     async def _run(self, ex: Exchange, body: api.GenerateCommon, request: GenerateRequest, image: str | None,
                    asked: str, *, chat: bool) -> None:

@@ -146,14 +146,21 @@ def _bad_request(exc: ValidationError) -> BadRequest:
     return BadRequest(f"Invalid value for '{param}': {detail}", param=param)
 
 
+MAX_STOP = 4
+"""OpenAI's limit on ``stop`` (Chat Completions and legacy Completions): more is a 400 naming
+``stop``, as OpenAI answers. Anthropic's ``stop_sequences`` and Ollama's ``options.stop`` have
+no such limit of their own; the fabric's (16) bounds them."""
+
+
 def to_generate_request(body: ChatCompletionRequest | CompletionRequest, request_id: str) -> GenerateRequest:
     """The fabric request for a validated chat or completion body. Raises
     :class:`BadRequest` for what the types alone could not rule out."""
     stop: tuple[str, ...] = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     if "" in stop:
         raise BadRequest("stop sequences must not be empty", param="stop")
-    if len(stop) > 16:
-        raise BadRequest("at most 16 stop sequences", param="stop")
+    if len(stop) > MAX_STOP:
+        raise BadRequest(f"Invalid 'stop': array too long. Expected an array with maximum length {MAX_STOP}, but got "
+                         f"an array with length {len(stop)} instead.", param="stop", code="array_above_max_length")
     chat = isinstance(body, ChatCompletionRequest)
     if chat:
         logprobs, top = bool(body.logprobs), body.top_logprobs or 0

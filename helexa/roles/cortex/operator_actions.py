@@ -73,7 +73,7 @@ class OperatorActions:
             await self._prov.unload(node_id, model_id)
         except FleetError as exc:
             raise ColdLoadFailed(f"unloading {model_id!r} from {node_id} failed: {exc}",
-                                 retry_after=self._prov.settings.retry_after) from None
+                                 retry_after=self._prov.settings.retry_after, model=model_id) from None
 
     def begin_unload_from(self, model_id: str, node_id: str) -> None:
         """:meth:`unload_from`, started in the background; returns at once."""
@@ -98,7 +98,7 @@ class OperatorActions:
             await prov.command(link, PullModel(_cid(), entry.id), prov.settings.load_timeout, on_progress)
         except FleetError as exc:
             raise ColdLoadFailed(f"pulling {model_id!r} onto {node_id} failed: {exc}",
-                                 retry_after=prov.settings.retry_after) from None
+                                 retry_after=prov.settings.retry_after, model=model_id) from None
 
     # --- pins ------------------------------------------------------------------------------
 

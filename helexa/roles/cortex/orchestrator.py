@@ -375,6 +375,24 @@ class Orchestrator:
         return Running(self, request, self.dispatcher.generate(request, pick, endpoint=endpoint,
                                                                keep_text=self._track), chosen, prompt)
 
+    async def preload(self, request: GenerateRequest, *, on_wait: OnWait | None = None, allow_peers: bool = True,
+                      tenant: Tenant = Tenant()) -> None:
+        """Have ``request``'s model loaded, as a request of it would (the same decision,
+        queue and cold load, raising the same errors), and run nothing: Ollama's preload
+        (an empty prompt). Returns at once where it is loaded already, or a peer offers it."""
+        workload = classify(request.task, prompt_chars=0, max_tokens=request.sampling.max_tokens)
+        arrived = trio.current_time()
+        self.live.arrived(request.model_id, arrived)
+        model_id = request.model_id
+        if any((st := link.models.get(model_id)) is not None and st.state is ModelState.LOADED
+               for link in self.fleet.usable()):
+            return
+        if self.decide(request, workload, allow_peers=allow_peers, priority=tenant.priority).mode == "peer":
+            return
+        target = await self._target(request, workload, {}, on_wait, False, tenant, arrived,
+                                    arrived + self.config.queue_timeout, (), None, [])
+        self._ended(target.node_id, model_id)  # the slot it was handed goes to the next waiter
+
     async def embed(self, request: EmbedRequest, *, allow_peers: bool = True, tenant: Tenant = Tenant(),
                     queue_timeout: float | None = None) -> EmbedResult:
         """Embed where :meth:`decide` says; raises as :meth:`generate` does."""

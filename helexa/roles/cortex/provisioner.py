@@ -202,7 +202,7 @@ class Provisioner:
             flight.error = exc
         except Exception as exc:  # a bug; requests get a clean 503, the log gets the rest
             log.exception("loading %s failed unexpectedly", entry.id)
-            flight.error = ColdLoadFailed(f"loading model {entry.id!r} failed", retry_after=self.settings.retry_after)
+            flight.error = ColdLoadFailed("failed unexpectedly", retry_after=self.settings.retry_after, model=entry.id)
             del exc
         finally:
             del self._flights[entry.id]
@@ -223,7 +223,7 @@ class Provisioner:
                 except NoPlacement as exc:
                     if failed:
                         raise ColdLoadFailed(f"loading model {entry.id!r} failed: {last_error}",
-                                             retry_after=self.settings.retry_after) from None
+                                             retry_after=self.settings.retry_after, model=entry.id) from None
                     raise NoCapacity(str(exc), retry_after=self.settings.retry_after) from None
             self._pending[entry.id] = plan.node_id
             try:
@@ -245,7 +245,7 @@ class Provisioner:
         except (FleetError, _Refused) as exc:
             log.warning("loading %s on %s failed: %s", entry.id, plan.node_id, exc)
             raise ColdLoadFailed(f"loading model {entry.id!r} on {plan.node_id} failed: {exc}",
-                                 retry_after=self.settings.retry_after) from None
+                                 retry_after=self.settings.retry_after, model=entry.id) from None
         return self._loaded(entry, plan, started, " as the operator asked")
 
     def _loaded(self, entry: CatalogueEntry, plan: LoadPlan, started: float, how: str) -> str:

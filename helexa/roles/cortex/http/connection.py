@@ -19,7 +19,7 @@ What it owns:
   when the app first waits for a body that has not come), a body the app left unread
   (skipped if it is all here, else the connection closes);
 * the answers it makes itself: 400/431/501/505 for a malformed head, a 400 after a body
-  that was malformed or did not arrive, a 500 for an app that returned (or failed)
+  that was malformed, a 408 after one that did not arrive in time, a 500 for an app that returned (or failed)
   before answering, each rendered by the ``error_body`` the gateway supplies; after a
   response head went out, a failed app only closes the connection;
 * deadlines, as timer events: an idle keep-alive connection is closed after
@@ -45,11 +45,13 @@ from .states import MOVES, State, Trigger
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 _STATUS_LINES = {status: b"HTTP/1.1 %d %b\r\n" % (status, reason) for status, reason in _REASONS.items()}
 
-ErrorBody = Callable[[int, str], tuple[bytes, bytes]]
-"""``(status, message) -> (content type, body)`` of a response the server makes itself."""
+ErrorBody = Callable[[int, str, bytes], tuple[bytes, bytes]]
+"""``(status, message, target) -> (content type, body)`` of a response the server makes
+itself; ``target``: the request's (``b""`` when its head was not read), so that the answer
+can take the shape of the API the path is under."""
 
 
-def plain_error(status: int, message: str) -> tuple[bytes, bytes]:
+def plain_error(status: int, message: str, target: bytes = b"") -> tuple[bytes, bytes]:
     """The default :data:`ErrorBody`: one line of text."""
     return b"text/plain; charset=utf-8", f"{status} {_REASONS.get(status, b'').decode()}: {message}\n".encode()
 
@@ -103,6 +105,7 @@ class Connection:
         self._expect_continue = False
         self._http11 = True
         self._head_request = False
+        self._target = b""  # the current request's target, for the answers made here
         self._error: tuple[int, str] | None = None  # the 400 owed for a bad body
         self._status = 0
         self._headers: list[tuple[bytes, bytes]] = []
@@ -185,6 +188,7 @@ class Connection:
         self._expect_continue = expect_continue
         self._http11 = request.http_version == b"1.1"
         self._head_request = request.method == b"HEAD"
+        self._target = request.target
         return request
 
     def _next_body(self, now: float) -> Data | Sentinel:
@@ -237,14 +241,14 @@ class Connection:
         """The shell's timer fired: act on :attr:`deadline` if it has passed (an early or
         stale call does nothing). An idle connection and an unfinished head close without
         a word; a body that stopped arriving ends the body (:data:`.CLOSED`) and is
-        answered with a 400 once the app returns."""
+        answered with a 408 once the app returns (and the connection closes)."""
         if self.deadline is None or now < self.deadline:
             return
         self.deadline = None
         state = self.client_state
         self._fire(Trigger.TIMEOUT)
         if state is State.BODY:
-            self._error = (400, f"the body did not arrive within {self.read_timeout:g}s")
+            self._error = (408, f"the body did not arrive within {self.read_timeout:g}s")
         else:
             self._close()
 
@@ -370,6 +374,7 @@ class Connection:
             self._body = None
             self._error = None
             self._expect_continue = False
+            self._target = b""  # a malformed next head is no request of that path
         else:
             self._close()
 
@@ -419,7 +424,7 @@ class Connection:
         self.out = self.out + data if self.out else data
 
     def _error_response(self, status: int, message: str) -> bytes:
-        content_type, body = self.error_body(status, message)
+        content_type, body = self.error_body(status, message, self._target)
         date = b"" if self.date is None else b"date: %b\r\n" % self.date()
         return b"HTTP/1.1 %d %b\r\ncontent-type: %b\r\ncontent-length: %d\r\nconnection: close\r\n%b\r\n%b" % (
             status, _REASONS.get(status, b""), content_type, len(body), date, body)

@@ -32,10 +32,11 @@ from typing import Any
 import trio
 from pydantic import BaseModel, ConfigDict, Field
 
-from helexa.protocol import LoadProgress, to_wire
+from helexa.protocol import LoadProgress
 
 from ..asgi import Exchange, Route
 from ..errors import BadRequest, GatewayError, ModelNotFound, NotFound
+from ..fleet import model_view
 from ..orchestrator import Orchestrator
 
 NDJSON = [(b"content-type", b"application/x-ndjson"), (b"cache-control", b"no-cache")]
@@ -112,7 +113,7 @@ class ModelsAdmin:
 
     @staticmethod
     def _on_neurons(model_id: str, links: list[Any]) -> dict[str, Any]:
-        return {link.node_id: to_wire(link.models[model_id]) for link in links if model_id in link.models}
+        return {link.node_id: model_view(link, link.models[model_id]) for link in links if model_id in link.models}
 
     async def list_models(self, ex: Exchange) -> None:
         await ex.out.json({"object": "list", "data": self.view()})

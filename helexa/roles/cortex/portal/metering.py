@@ -295,6 +295,31 @@ class Metering(AccountBook):
                                       prompt=result.usage.prompt_tokens, completion=0, cached=0, error=None))
         return result
 
+    async def preload(self, caller: Caller, request: GenerateRequest, *, on_wait: OnWait | None = None) -> None:
+        """Load ``request``'s model (its public name) and run nothing (Ollama's empty prompt):
+        checked and admitted by the caller's limits as a request (one of its rpm and
+        concurrency, no tokens), then :meth:`Orchestrator.preload`, a request's cold load."""
+        portal = caller.portal
+        asked = request.model_id
+        served = portal.resolve(asked, caller.key)
+        if self.limits is not None:
+            self.limits.check_workload(served, embedding=False, named=asked)
+        now = self.clock()
+        accounts = self.accounts(caller, now)
+        if accounts and (refusal := admit(accounts, _NOTHING_RESERVED, now)) is not None:
+            self._refuse(caller, refusal)
+        token = ASK_POLICY.set(portal.ask_policy) if portal.ask_policy is not None else None
+        try:
+            await self.orchestrator.preload(dataclasses.replace(request, model_id=served), on_wait=on_wait,
+                                            allow_peers=portal.allow_peers, tenant=portal.tenant(caller.key))
+        except ModelNotFound:
+            raise ModelNotFound(asked) from None  # never name the model behind an alias
+        finally:
+            if token is not None:
+                ASK_POLICY.reset(token)
+            for account in accounts:
+                account.settle(_NOTHING_RESERVED, 0, 0.0, self.clock())
+
     # --- settling --------------------------------------------------------------------------
 
     def _book_generation(self, caller: Caller, plan: Plan, accounts: list[Account], run: MeteredGeneration,

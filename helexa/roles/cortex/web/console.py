@@ -29,7 +29,7 @@ import trio
 from quart import Blueprint, Response, abort, redirect, render_template, request
 
 from ..admin_token import matches
-from ..errors import GatewayError
+from ..errors import GatewayError, NotFound
 from ..portal.admin import parse_time, to_csv
 from ..portal.usage import GROUPS
 from .app import socket_admin, web
@@ -260,8 +260,13 @@ async def models(session: Session) -> Any:
 async def model_action(session: Session) -> Any:
     form = await request.form
     what, model, node = form.get("action", ""), form.get("model", ""), form.get("node", "")
-    prov = web().gateway.orchestrator.provisioner
+    gw = web().gateway
+    prov = gw.orchestrator.provisioner
     try:
+        if node not in gw.fleet and not (what == "unpin" and node in prov.operator.pins().get(model, ())):
+            # as the admin API: a neuron not in the fleet (it left since the page was drawn)
+            # is said to be unknown, not reported done (a pin it still has may be dropped)
+            raise NotFound(f"no neuron {node!r} in the fleet", param="neuron", code="neuron_not_found")
         if what == "load":
             prov.operator.begin_load_on(model, node)
         elif what == "unload":

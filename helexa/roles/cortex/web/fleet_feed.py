@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import trio
 
+from ..fleet import OFFLINE, health_view, online
+
 if TYPE_CHECKING:
     from ..fleet import Fleet
     from ..provisioner import Provisioner
@@ -36,9 +38,10 @@ def neuron_view(link: Any, now: float, pins: set[tuple[str, str]]) -> dict[str, 
                  "util": 0.0} for g in hw.gpus]
     models = []
     for mid, st in sorted(link.models.items()):
-        models.append({"id": mid, "state": st.state.value, "progress": st.progress, "in_flight": st.in_flight,
+        state = st.state.value if online(link) else OFFLINE
+        models.append({"id": mid, "state": state, "progress": st.progress, "in_flight": st.in_flight,
                        "memory": st.memory_bytes, "error": st.error, "pinned": (link.node_id, mid) in pins})
-    return {"id": link.node_id, "health": link.health.value, "host": link.descriptor.hostname,
+    return {"id": link.node_id, "health": health_view(link), "host": link.descriptor.hostname,
             "heartbeat_age": round(max(0.0, now - link.last_heartbeat), 1), "cpu": round(m.cpu_percent, 1),
             "cores": hw.cpu_cores, "ram_used": m.ram_used, "ram_total": m.ram_total or hw.ram_total,
             "gpus": gpus, "in_flight": m.in_flight, "requests": link.in_flight, "models": models}

@@ -1,0 +1,92 @@
+"""A failed cold load as each API's client sees it: which model could not be loaded and the
+request id, never the neuron's id or the neuron's own words (a model file's path). The
+cortex's log and the admin API keep the detail."""
+
+from __future__ import annotations
+
+import logging
+
+import anthropic
+import httpx
+import ollama
+import openai
+import pytest
+import trio
+
+from helexa.roles.cortex.fleet import Fleet
+from neuron_double import NeuronDouble
+from portals import CATALOGUE
+from serving import admin_headers, serving
+
+NODE = "gpu-box-7f3a"
+SECRET = "/srv/helexa/models/chat-q4.gguf: invalid magic"
+
+SURFACES = [
+    ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}),
+    ("/v1/completions", {"model": "chat", "prompt": "hi"}),
+    ("/v1/messages", {"model": "chat", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}),
+    ("/v1/responses", {"model": "chat", "input": "hi"}),
+    ("/api/chat", {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}),
+    ("/api/generate", {"model": "chat", "prompt": "hi"}),
+]
+
+
+def refusing(fleet: Fleet, load_delay: float = 0.0) -> NeuronDouble:
+    neuron = NeuronDouble(NODE, fleet, load_delay=load_delay)
+    neuron.refuse_load = True
+    neuron.load_error = SECRET
+    return neuron
+
+
+@pytest.mark.parametrize("stream", [False, True, "late"], ids=["whole", "streamed", "streamed-after-keepalives"])
+@pytest.mark.parametrize(("path", "body"), SURFACES)
+async def test_a_client_learns_the_model_could_not_be_loaded_and_nothing_of_the_operator(
+        path, body, stream, caplog) -> None:
+    """``late``: the load fails after the stream began (its keep-alives went out), so the
+    error is the stream's last event rather than the response."""
+    fleet = Fleet()
+    refusing(fleet, load_delay=0.5 if stream == "late" else 0.0)
+    caplog.set_level(logging.WARNING)
+    async with serving(fleet, CATALOGUE, orchestrator={"keepalive_interval": 0.1}) as (_, url):
+        async with httpx.AsyncClient(timeout=10) as http:
+            r = await http.post(url + path, json={**body, "stream": bool(stream)})
+    request_id = r.headers["x-request-id"]
+    if stream == "late":
+        assert r.status_code == 200  # the error came inside the stream
+    assert NODE not in r.text and "/srv/" not in r.text and "invalid magic" not in r.text
+    assert "could not be loaded" in r.text and request_id in r.text
+    logged = caplog.text
+    assert SECRET in logged and request_id in logged and NODE in logged
+
+
+async def test_the_official_clients_see_a_clean_error() -> None:
+    fleet = Fleet()
+    refusing(fleet)
+    async with serving(fleet, CATALOGUE) as (_, url):
+        def run() -> list[str]:
+            out = []
+            with pytest.raises(openai.APIStatusError) as caught:
+                openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0).chat.completions.create(
+                    model="chat", messages=[{"role": "user", "content": "hi"}])
+            out.append(str(caught.value))
+            with pytest.raises(anthropic.APIStatusError) as caught2:
+                anthropic.Anthropic(base_url=url, api_key="x", max_retries=0).messages.create(
+                    model="chat", max_tokens=8, messages=[{"role": "user", "content": "hi"}])
+            out.append(str(caught2.value))
+            with pytest.raises(ollama.ResponseError) as caught3:
+                ollama.Client(host=url).chat(model="chat", messages=[{"role": "user", "content": "hi"}],
+                                             stream=False)
+            out.append(caught3.value.error)
+            return out
+
+        for text in await trio.to_thread.run_sync(run):
+            assert "could not be loaded" in text and NODE not in text and "/srv/" not in text
+
+
+async def test_the_operator_sees_the_detail_in_the_admin_api() -> None:
+    fleet = Fleet()
+    refusing(fleet)
+    async with serving(fleet, CATALOGUE) as (_, url):
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            r = await http.post("/admin/models/chat/load", json={"neuron": NODE}, headers=admin_headers())
+    assert '"event": "error"' in r.text and NODE in r.text and SECRET in r.text  # the NDJSON stream's error line

@@ -1,0 +1,96 @@
+"""Ollama's preload: ``generate`` with an empty prompt, or ``chat`` with no messages, loads
+the model (the cortex's cold load, admitted by the caller's limits as any request) and
+answers ``done_reason: "load"`` once it is loaded; a failed load is Ollama's error. With
+Ollama's official client over real sockets, neuron doubles behind the cortex."""
+
+from __future__ import annotations
+
+import httpx
+import ollama
+import pytest
+import trio
+
+from helexa.protocol import LoadModel, ModelState
+from helexa.roles.cortex.fleet import Fleet
+from helexa.roles.cortex.portal.store import SqliteStore
+from neuron_double import NeuronDouble
+from portals import acme, bearer, new_key, portals
+
+
+def client(url: str, key: str) -> ollama.Client:
+    return ollama.Client(host=url, headers=bearer(key), timeout=20)
+
+
+def loads(neuron: NeuronDouble) -> list[str]:
+    return [c.model_id for c in neuron.commands if isinstance(c, LoadModel)]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("chat", [False, True], ids=["generate", "chat"])
+async def test_an_empty_request_loads_the_model_and_answers_load_once_it_is_loaded(chat, stream) -> None:
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, load_delay=0.5)
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme")
+    async with portals(fleet, {"acme": acme()}, store=store,
+                       orchestrator={"keepalive_interval": 0.2}) as (_, urls):
+        def run():  # noqa: ANN202
+            c = client(urls["acme"], key)
+            call = (lambda: c.chat(model="fast:latest", messages=[], stream=stream)) if chat else (
+                lambda: c.generate(model="fast", prompt="", stream=stream))
+            got = call()
+            return list(got) if stream else [got]
+
+        with trio.fail_after(15):
+            got = await trio.to_thread.run_sync(run)
+    final = got[-1]
+    assert final.done and final.done_reason == "load" and all(not g.done for g in got[:-1])
+    assert len(got) > 1 if stream else len(got) == 1  # a stream's empty pieces while it loads
+    assert (final.message.content if chat else final.response) == ""
+    assert loads(neuron) == ["chat"] and neuron.models["chat"].state is ModelState.LOADED
+    assert neuron.requests == []  # nothing ran
+
+
+async def test_a_loaded_model_answers_at_once_and_nothing_loads_again() -> None:
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=("chat",))
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme")
+    async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
+        got = await trio.to_thread.run_sync(lambda: client(urls["acme"], key).generate(model="fast", prompt=""))
+    assert got.done_reason == "load" and loads(neuron) == [] and neuron.requests == []
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_failed_load_is_an_error_the_client_raises(stream) -> None:
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet)
+    neuron.refuse_load = True
+    neuron.load_error = "/models/x.gguf: bad magic"
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme")
+    async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
+        def run():  # noqa: ANN202
+            got = client(urls["acme"], key).generate(model="fast", prompt="", stream=stream)
+            return list(got) if stream else got
+
+        with pytest.raises(ollama.ResponseError) as caught:
+            await trio.to_thread.run_sync(run)
+    assert "could not be loaded" in caught.value.error and "/models/" not in caught.value.error
+    assert loads(neuron) == ["chat"]
+
+
+async def test_a_preload_is_admitted_by_the_keys_limits_as_a_request() -> None:
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("chat",))
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme", rpm=1)
+    async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
+        async with httpx.AsyncClient(timeout=10) as http:
+            first = await http.post(urls["acme"] + "/api/generate", json={"model": "fast"}, headers=bearer(key))
+            second = await http.post(urls["acme"] + "/api/generate", json={"model": "fast"}, headers=bearer(key))
+            unknown = await http.post(urls["acme"] + "/api/chat", json={"model": "nope", "messages": []},
+                                      headers=bearer(key))
+    assert first.status_code == 200 and first.json()["done_reason"] == "load"
+    assert second.status_code == 429 and "requests per minute" in second.json()["error"]
+    assert unknown.status_code == 404 and set(unknown.json()) == {"error"}
