@@ -130,7 +130,7 @@ async def test_a_tls_portal_caps_its_connections_and_cuts_a_slow_head_but_not_a_
                         break
                 assert cut_after is not None and 0.8 <= cut_after < 3, cut_after
                 await trio.aclose_forcefully(slow)
-                # A body that stops arriving is answered 400 at the same deadline.
+                # A body that stops arriving is answered 408 (Request Timeout) at the same deadline.
                 slow = await tls(ctx, url)
                 await slow.send_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\n"
                                     b"authorization: Bearer " + key.encode() + b"\r\n"
@@ -140,7 +140,7 @@ async def test_a_tls_portal_caps_its_connections_and_cuts_a_slow_head_but_not_a_
                 with trio.move_on_after(5):
                     while b"\r\n\r\n" not in answer:
                         answer += await slow.receive_some()
-                assert answer.startswith(b"HTTP/1.1 400"), answer
+                assert answer.startswith(b"HTTP/1.1 408"), answer
                 assert 0.8 <= trio.current_time() - first < 3
                 await trio.aclose_forcefully(slow)
                 for s in idle:
