@@ -122,7 +122,7 @@ def test_a_malformed_key_is_refused(keys, key):
     assert signed_join(c, n, key, b"s" * 64)[0].code == "unauthorized"
 
 
-def test_two_processes_creating_one_key_file_end_with_the_same_key(tmp_path: Path):
+def test_a_key_file_is_made_once_private_and_whole(tmp_path: Path):
     path = tmp_path / "data" / "identity.key"
     first = identity.load_or_create(path)
     assert identity.load_or_create(path).public_bytes == first.public_bytes

@@ -215,7 +215,7 @@ class ControlServer:
         for frame in frames:  # the welcome
             await channel.send(frame)
         log.info(
-            "neuron %s joined from %s (%s, %d models reported)", link.node_id, channel.remote, key, len(join.models)
+            "neuron %s joined from %s with %s (%d models reported)", link.node_id, channel.remote, key, len(join.models)
         )
         return link
 
