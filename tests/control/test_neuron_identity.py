@@ -106,7 +106,7 @@ async def test_a_neuron_with_the_token_but_another_key_cannot_take_a_node_id_ove
     link = cortex.fleet.get("n1")
     assert (await s.chat()).status_code == 200
 
-    with pytest.raises(JoinRefused) as refused:
+    with pytest.raises(JoinRefused) as refused, trio.fail_after(10):
         await s.neuron("intruder").run()  # the same node id and join token, another key
     assert refused.value.code == IDENTITY_MISMATCH
     assert "'n1' is bound to another identity key" in str(refused.value)
@@ -164,7 +164,7 @@ async def test_the_operator_lists_and_forgets_a_binding_and_a_new_key_binds(tmp_
     new_machine = s.start(nursery, "new-machine")
     await s.joined(new_machine)
     assert cortex.neuron_keys.bound("n1") == key_of(tmp_path / "new-machine").public_bytes
-    with pytest.raises(JoinRefused):
+    with pytest.raises(JoinRefused), trio.fail_after(10):
         await s.neuron("real").run()  # now the old key is the other one
 
 
@@ -180,7 +180,7 @@ async def test_bindings_survive_a_restart_of_the_cortex(tmp_path):
     assert data["bindings"]["n1"]["public_key"] == key_of(tmp_path / "real").public_bytes.hex()
     async with trio.open_nursery() as nursery:
         await s.start_cortex(nursery)
-        with pytest.raises(JoinRefused) as refused:
+        with pytest.raises(JoinRefused) as refused, trio.fail_after(10):
             await s.neuron("intruder").run()
         assert refused.value.code == IDENTITY_MISMATCH
         back = s.start(nursery, "real")
