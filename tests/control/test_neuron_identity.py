@@ -150,6 +150,11 @@ async def test_the_operator_lists_and_forgets_a_binding_and_a_new_key_binds(tmp_
         assert listed["node_id"] == "n1" and listed["fingerprint"] == mine.fingerprint
         assert listed["public_key"] == mine.public_bytes.hex() and listed["connected"] is True
         assert (await admin.post("/admin/neurons/keys/n9/forget")).status_code == 404
+        assert (await admin.get("/admin/neurons/keys/n1/forget")).headers["allow"] == "POST"
+        assert (await admin.post("/admin/neurons/keys/n1/explode")).status_code == 404
+        await cortex.neuron_keys.bind("gpu/1", b"k" * 32)
+        slashed = await admin.post("/admin/neurons/keys/gpu%2F1/forget")
+        assert slashed.status_code == 200 and slashed.json()["node_id"] == "gpu/1"
         assert (await admin.post("/admin/neurons/keys/n1/forget", headers={"authorization": "Bearer no"})
                 ).status_code == 401
         gone = await admin.post("/admin/neurons/keys/n1/forget")
