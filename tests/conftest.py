@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -16,6 +18,7 @@ if TYPE_CHECKING:
 # the default under XDG_DATA_HOME: tests (and the processes they start) keep theirs in a
 # folder of this session's, never in the home directory of whoever runs them.
 os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="helexa-test-data-")
+atexit.register(shutil.rmtree, os.environ["XDG_DATA_HOME"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
