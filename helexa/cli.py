@@ -1,7 +1,8 @@
 """The ``helexa`` command: parses flags, loads config, calls a role's ``run``. Nothing else.
 
 Exit codes: 0 success, 1 runtime failure, 2 bad configuration or usage, 3 refused by the
-cortex (a neuron with a wrong join token or an incompatible version).
+cortex (a neuron with a wrong join token or an incompatible version), 4 a neuron whose node
+id the cortex has bound to another identity key (``helexa neurons forget``).
 """
 
 from __future__ import annotations
@@ -194,9 +195,10 @@ def _register_subcommands() -> None:
     from helexa.cli_demo import chat, demo
     from helexa.cli_mesh import ledger, mesh
     from helexa.cli_models import models, reload
+    from helexa.cli_neurons import neurons
     from helexa.cli_portal import keys, usage
 
-    for command in (demo, chat, mesh, ledger, keys, usage, models, reload):
+    for command in (demo, chat, mesh, ledger, keys, usage, models, reload, neurons):
         main.add_command(command)
 
 

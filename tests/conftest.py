@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -9,6 +13,12 @@ import pytest
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+# A neuron makes its identity key in its data directory on start, and one given none uses
+# the default under XDG_DATA_HOME: tests (and the processes they start) keep theirs in a
+# folder of this session's, never in the home directory of whoever runs them.
+os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="helexa-test-data-")
+atexit.register(shutil.rmtree, os.environ["XDG_DATA_HOME"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

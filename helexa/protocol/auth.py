@@ -5,6 +5,10 @@ compute HMAC-SHA256 over the two nonces and the node id. The cortex answers with
 counter-proof over the same values under another label, so a neuron also knows it joined
 the cortex that holds its token (and not an impostor on the same address).
 
+A neuron also signs the same nonces and its node id with its own Ed25519 identity key
+(:func:`identity_statement`): the cortex binds a node id to the first key that joins as
+it, so the token alone does not let one neuron pass for another.
+
 A join token handed to neurons may carry the cortex's TLS certificate fingerprint, as a
 k3s token carries its CA's hash: ``hlx1.<secret>::sha256:<64 hex>``. The neuron then
 verifies a ``wss://`` cortex by that pin, with no public CA; only ``<secret>`` enters the
@@ -20,6 +24,7 @@ import secrets
 NONCE_BYTES = 32
 _JOIN = b"helexa/join/v1\x00"
 _WELCOME = b"helexa/welcome/v1\x00"
+_IDENTITY = b"helexa/neuron-identity/v1\x00"
 
 
 def new_nonce() -> bytes:
@@ -69,6 +74,13 @@ def join_proof(token: str, cortex_nonce: bytes, neuron_nonce: bytes, node_id: st
 
 def welcome_proof(token: str, cortex_nonce: bytes, neuron_nonce: bytes, node_id: str) -> bytes:
     return _mac(_WELCOME, token, cortex_nonce, neuron_nonce, node_id)
+
+
+def identity_statement(cortex_nonce: bytes, neuron_nonce: bytes, node_id: str) -> bytes:
+    """What a neuron signs with its identity key at a join: the cortex's nonce, its own and
+    its node id, under a label of their own (a signature made for anything else never
+    passes for one; the nonces are fixed-length, so the node id cannot shift them)."""
+    return b"".join([_IDENTITY, cortex_nonce, neuron_nonce, node_id.encode()])
 
 
 def verify(expected: bytes, given: bytes) -> bool:

@@ -13,7 +13,9 @@ and the message it expects to the step that handles it)::
                                                                         nonce, no common version)
                  AWAIT_JOIN       Join       -> Welcome      JOINED
                                              -> Refused      REFUSED   (other node id, token
-                                                                        unreadable, wrong proof)
+                                                                        unreadable, wrong proof,
+                                                                        bad key signature, node
+                                                                        id bound to another key)
     neuron       START            start()    -> Hello        AWAIT_CHALLENGE
                  AWAIT_CHALLENGE  Challenge  -> Join         AWAIT_WELCOME
                                              -> ()           REFUSED   (version not ours)
@@ -25,6 +27,15 @@ and the message it expects to the step that handles it)::
     both         AWAIT_*          Fault      -> ()           FAILED
                                   other      -> Fault        FAILED
                                   expire()   -> ()           FAILED    (peer silent)
+
+From version 2 (:data:`IDENTITY_VERSION`) the neuron's join also carries its Ed25519
+identity key and a signature over both nonces and its node id
+(:func:`~helexa.protocol.auth.identity_statement`). The cortex looks up the key its node id
+is bound to (``bound``; the binding itself, trust on first use, is the shell's:
+:mod:`helexa.roles.cortex.neuron_keys`) and refuses a join whose key differs, or that
+carries none, with :data:`IDENTITY_MISMATCH`: the join token makes a neuron belong, its key
+makes it the neuron it says it is. A node id bound to no key admits any key (the shell
+then binds it), and a neuron of version 1, with none.
 
 Verdicts: the cortex admits a neuron (:class:`Admitted`), the neuron is welcomed
 (:class:`Welcomed`), either side ends in a :class:`Refusal` (retrying cannot help), the
@@ -44,7 +55,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from . import auth
-from .codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
+from helexa.identity import Identity, fingerprint, verify_signature
+
+from .codec import MIN_PROTOCOL_VERSION
 from .hardware import NeuronDescriptor
 from .messages import Challenge, Fault, Hello, Join, Refused, Welcome
 from .model import ModelConfig, ModelStatus
@@ -68,7 +81,21 @@ def node_id_problem(node_id: str) -> str | None:
 CLOSE_REPLACED = 4001
 """The websocket close code of a joined neuron's connection when a new join takes its node
 id. A neuron that redials closes its old connection itself, so a live connection closed
-with this code means another neuron joined under the same id (a cloned machine-id)."""
+with this code means another neuron joined under the same id with the same identity key
+(a cloned machine: a copied data directory); one with another key is refused instead."""
+
+IDENTITY_VERSION = 2
+"""The first handshake version whose :class:`Join` carries the neuron's identity key."""
+
+JOIN_VERSIONS = (MIN_PROTOCOL_VERSION, IDENTITY_VERSION)
+"""The handshake versions this build speaks, oldest and newest (what a hello offers and a
+challenge picks from). Frames keep the codec's ``PROTOCOL_VERSION`` stamp: a later version's
+frames only grow by fields an older build never receives (:func:`~.codec.added_field`)."""
+
+IDENTITY_MISMATCH = "identity_mismatch"
+"""The refusal of a join under a node id bound to another identity key (or sent without one)."""
+
+PUBLIC_KEY_BYTES = 32
 
 
 class State(enum.Enum):
@@ -96,6 +123,8 @@ class Admitted:
     descriptor: NeuronDescriptor
     models: tuple[ModelStatus, ...]
     configs: tuple[ModelConfig, ...]
+    public_key: bytes = b""
+    """The neuron's identity key, its signature verified (empty: a version-1 neuron sent none)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +250,8 @@ class CortexJoin(_Session):
             rotated token applies at once). ``OSError`` or ``ValueError`` from it refuses
             the neuron with ``"unavailable"``.
         recent: the neuron nonces seen lately, shared by all of this cortex's handshakes.
+        bound: the identity key a node id is bound to (None: none yet); called once, when
+            the join arrives.
         heartbeat_interval, operator, cortex_id: what the challenge and welcome tell.
         timeout: the handshake deadline the shell applies.
         versions: the protocol versions this cortex speaks, oldest and newest.
@@ -236,15 +267,17 @@ class CortexJoin(_Session):
         recent: RecentNonces,
         heartbeat_interval: float,
         timeout: float,
+        bound: Callable[[str], bytes | None] = lambda node_id: None,
         operator: str = "",
         cortex_id: str = "",
-        versions: tuple[int, int] = (MIN_PROTOCOL_VERSION, PROTOCOL_VERSION),
+        versions: tuple[int, int] = JOIN_VERSIONS,
         nonce: bytes | None = None,
         session_id: str | None = None,
     ) -> None:
         super().__init__(State.AWAIT_HELLO, timeout)
         self._token = token
         self._recent = recent
+        self._bound = bound
         self._interval = heartbeat_interval
         self._operator = operator
         self._cortex_id = cortex_id
@@ -296,13 +329,30 @@ class CortexJoin(_Session):
             return self._refuse(
                 "unauthorized", f"neuron {hello.node_id!r}: the join proof does not match this cortex's join token"
             )
+        key = join.public_key
+        if key or join.signature:
+            statement = auth.identity_statement(self._nonce, hello.nonce, hello.node_id)
+            if len(key) != PUBLIC_KEY_BYTES or not verify_signature(key, join.signature, statement):
+                return self._refuse(
+                    "unauthorized", f"neuron {hello.node_id!r}: the identity key's signature does not verify"
+                )
+        bound = self._bound(hello.node_id)
+        if bound is not None and bound != key:
+            theirs = f"its key {fingerprint(key)}" if key else "it sent no identity key (an older neuron)"
+            return self._refuse(
+                IDENTITY_MISMATCH,
+                f"node id {hello.node_id!r} is bound to another identity key on this cortex ({fingerprint(bound)}; "
+                f"{theirs}); if this is a new machine, the operator runs `helexa neurons forget {hello.node_id}`",
+            )
         welcome = Welcome(
             auth.welcome_proof(token, self._nonce, hello.nonce, hello.node_id),
             session_id=self._session_id,
             heartbeat_interval=self._interval,
             operator=self._operator,
         )
-        admitted = Admitted(hello.node_id, self._version, self._session_id, join.descriptor, join.models, join.configs)
+        admitted = Admitted(
+            hello.node_id, self._version, self._session_id, join.descriptor, join.models, join.configs, key
+        )
         return self._settle(State.JOINED, admitted, welcome)
 
     _TABLE = {(State.AWAIT_HELLO, Hello): _hello, (State.AWAIT_JOIN, Join): _join}
@@ -318,6 +368,8 @@ class NeuronJoin(_Session):
         token: the operator's join token (never sent; only proofs over it are).
         descriptor: who this neuron is; its ``node_id`` is the one the hello claims.
         models, configs: what the neuron already holds, so a restarted cortex rebuilds its view.
+        identity: the neuron's identity key, sent with a signature to a cortex of version 2
+            (None: none sent, as a version-1 neuron).
         timeout: the handshake deadline the shell applies.
         versions: the protocol versions this neuron speaks, oldest and newest.
         nonce: a fixed nonce for tests (a fresh random one by default).
@@ -335,11 +387,13 @@ class NeuronJoin(_Session):
         timeout: float,
         models: tuple[ModelStatus, ...] = (),
         configs: tuple[ModelConfig, ...] = (),
-        versions: tuple[int, int] = (MIN_PROTOCOL_VERSION, PROTOCOL_VERSION),
+        identity: Identity | None = None,
+        versions: tuple[int, int] = JOIN_VERSIONS,
         nonce: bytes | None = None,
     ) -> None:
         super().__init__(State.START, timeout)
         self._token = token
+        self._identity = identity
         self._descriptor = descriptor
         self._models = models
         self._configs = configs
@@ -375,7 +429,11 @@ class NeuronJoin(_Session):
         self._challenge = challenge
         self.state = State.AWAIT_WELCOME
         proof = auth.join_proof(self._token, challenge.nonce, self.nonce, self.node_id)
-        return [Join(proof, self._descriptor, self._models, self._configs)]
+        key = signature = b""
+        if self._identity is not None and challenge.version >= IDENTITY_VERSION:
+            key = self._identity.public_bytes
+            signature = self._identity.sign(auth.identity_statement(challenge.nonce, self.nonce, self.node_id))
+        return [Join(proof, self._descriptor, self._models, self._configs, key, signature)]
 
     def _refused(self, refused: Refused) -> list[object]:
         return self._settle(State.REFUSED, Refusal(refused.code, refused.reason))

@@ -6,7 +6,8 @@ The session, in order::
     neuron                               cortex
       Hello(node_id, versions, nonce) ->
                                       <- Challenge(nonce, version)   | Refused
-      Join(proof, descriptor, models) ->
+      Join(proof, descriptor, models,
+           public_key, signature)     ->
                                       <- Welcome(proof, interval)    | Refused
       Heartbeat ...                   ->
                                       <- UpsertModelConfig / LoadModel / UnloadModel / PullModel
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .codec import message
+from .codec import added_field, message
 from .hardware import NeuronDescriptor, NeuronMetrics
 from .model import ModelConfig, ModelId, ModelStatus
 
@@ -52,12 +53,19 @@ class Challenge:
 @message("join")
 @dataclass(frozen=True, slots=True)
 class Join:
-    """Proof of the join token, and everything the cortex needs to rebuild its view."""
+    """Proof of the join token, and everything the cortex needs to rebuild its view.
+
+    From handshake version 2 (:data:`helexa.protocol.join.IDENTITY_VERSION`), also the
+    neuron's Ed25519 identity key (32 bytes) and its signature over
+    :func:`helexa.protocol.auth.identity_statement`; empty from an older neuron, and never
+    sent to an older cortex (it would refuse a frame with fields it does not know)."""
 
     proof: bytes
     descriptor: NeuronDescriptor
     models: tuple[ModelStatus, ...] = ()
     configs: tuple[ModelConfig, ...] = ()
+    public_key: bytes = added_field(b"")
+    signature: bytes = added_field(b"")
 
 
 @message("welcome")

@@ -43,6 +43,8 @@ CORRUPTIONS = {
     "admin token empty": ("admin-token", lambda p: p.write_text("")),
     "usage store truncated": ("usage.sqlite", truncate_half),
     "usage store garbage": ("usage.sqlite", lambda p: p.write_bytes(b"SQLite format 3\x00" + os.urandom(4096))),
+    "neuron key bindings truncated": ("neuron-keys.json",
+                                      lambda p: p.write_text('{"version": 1, "bindings": {"n1": {"public_k')),
 }
 
 

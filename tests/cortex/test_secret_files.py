@@ -58,6 +58,21 @@ def test_a_neuron_refuses_a_join_token_file_open_to_others(tmp_path) -> None:
     assert Resolved.from_config(NeuronConfig(node_id="n", join_token_file=token)).token == "hlx1.x"
 
 
+def test_a_neuron_makes_its_identity_key_private_and_refuses_one_open_to_others(tmp_path) -> None:
+    config = NeuronConfig(node_id="n", join_token="hlx1.x", data_dir=tmp_path / "neuron")
+    made = Resolved.from_config(config).identity
+    key = tmp_path / "neuron" / "identity.key"
+    assert made is not None and key.stat().st_mode & 0o777 == 0o600
+    assert Resolved.from_config(config).identity.public_bytes == made.public_bytes  # the same key again
+    key.chmod(0o644)
+    with pytest.raises(ConfigError, match=r"^the identity key .* \(mode 0644\)"):
+        Resolved.from_config(config)
+    key.chmod(0o600)
+    key.write_text("garbage\n")
+    with pytest.raises(ConfigError, match=r"^data_dir: the identity key .* is corrupt .*helexa neurons forget"):
+        Resolved.from_config(config)
+
+
 @pytest.mark.parametrize("role", ["cortex", "neuron"])
 def test_the_process_says_it_in_one_line_and_exits_2(tmp_path, role) -> None:
     data = tmp_path / "data"

@@ -81,8 +81,8 @@ def test_a_neuron_with_the_token_is_admitted_and_welcomed():
     c = cortex(session_id="s1", cortex_id="cx")
     exchange(n, c)
     assert c.state is State.JOINED and n.state is State.JOINED
-    assert c.verdict == Admitted("n1", 1, "s1", descriptor(), models, configs)
-    assert n.verdict == Welcomed(1, "s1", 1.5, "op-a", "cx")
+    assert c.verdict == Admitted("n1", 2, "s1", descriptor(), models, configs)  # no identity key given here
+    assert n.verdict == Welcomed(2, "s1", 1.5, "op-a", "cx")
 
 
 def test_the_messages_follow_the_documented_order_and_never_carry_the_token():

@@ -11,6 +11,11 @@ answered ``503`` and closed at once;
 a neuron redials on its own backoff with jitter, so a join storm spreads out); an address whose
 join proofs were refused ``failed_joins_burst`` times has its connections closed unheard
 (code 1013, "try again later") until its allowance drains back.
+
+Identity (:mod:`.neuron_keys`): the first join of a node id with an identity key binds the
+id to that key, before the welcome goes out; a join of the id with another key is refused
+in the handshake (the neuron joined under it is not disturbed). A join with the same key
+(a restart, a redial, a cloned data directory) takes the id's old connection over (4001).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from helexa.identity import fingerprint
 from helexa.protocol import ProtocolError
 from helexa.protocol.join import CLOSE_REPLACED, Admitted, CortexJoin, Failure, RecentNonces, Refusal
 from helexa.transport import Channel, ChannelClosed
@@ -33,6 +39,7 @@ from helexa.config import split_socket
 from helexa.watchdog import excuse_stall
 
 from .fleet import Fleet
+from .neuron_keys import NeuronKeys
 from .neuron_link import NeuronLink
 
 if TYPE_CHECKING:
@@ -54,6 +61,7 @@ class ControlServer:
         token: returns the current join token (read per handshake, so rotation applies).
         cortex_id: this cortex's identity fingerprint, told to joining neurons.
         ssl_context: serve ``wss://`` when given.
+        keys: the node id -> identity key bindings (default: in memory only).
     """
 
     def __init__(
@@ -64,6 +72,7 @@ class ControlServer:
         *,
         cortex_id: str = "",
         ssl_context: ssl.SSLContext | None = None,
+        keys: NeuronKeys | None = None,
     ) -> None:
         self.settings = config
         self.host, self.port = split_socket(config.control_socket)
@@ -71,6 +80,7 @@ class ControlServer:
         self.fleet = fleet
         self._token = token
         self._ssl = ssl_context
+        self.keys = keys if keys is not None else NeuronKeys()
         self.refusals = 0
         self.throttled = 0
         self._recent_nonces = RecentNonces()
@@ -117,6 +127,7 @@ class ControlServer:
         session = CortexJoin(
             token,
             recent=self._recent_nonces,
+            bound=self.keys.bound,
             heartbeat_interval=s.heartbeat_interval,
             timeout=s.handshake_timeout,
             operator=s.operator,
@@ -175,6 +186,19 @@ class ControlServer:
                 return None
         join = session.verdict
         assert isinstance(join, Admitted)
+        # No checkpoint since the session looked the binding up: no other join came between.
+        if join.public_key:
+            key = f"identity key {fingerprint(join.public_key)}"
+            try:
+                if await self.keys.bind(join.node_id, join.public_key):
+                    log.info("node id %s bound to %s (its first join)", join.node_id, key)
+            except OSError as exc:
+                log.error("cannot record the binding of node id %s to %s: %s (it holds until the cortex restarts)",
+                          join.node_id, key, exc)
+        else:
+            key = "no identity key"
+            log.warning("neuron %s joined without an identity key (an older neuron): its node id stays unbound",
+                        join.node_id)
         link = NeuronLink(
             channel,
             join.descriptor,
@@ -191,7 +215,7 @@ class ControlServer:
         for frame in frames:  # the welcome
             await channel.send(frame)
         log.info(
-            "neuron %s joined from %s (%d models reported)", link.node_id, channel.remote, len(join.models)
+            "neuron %s joined from %s with %s (%d models reported)", link.node_id, channel.remote, key, len(join.models)
         )
         return link
 

@@ -72,6 +72,7 @@ from .openai_surface import OpenAISurface, model_listing
 from .orchestrator import Orchestrator
 from .portal.admin import AdminApi
 from .portal.admin_models import ModelsAdmin
+from .portal.admin_neurons import NeuronsAdmin
 from .portal.keys import Keyring
 from .portal.metering import Caller, Metering
 from .portal.portal import Portal
@@ -85,6 +86,7 @@ from .shutdown import CUT_WAIT, InFlight
 if TYPE_CHECKING:
     from .config import CortexConfig
     from .federation.service import Federation
+    from .neuron_keys import NeuronKeys
 
 log = logging.getLogger(__name__)
 
@@ -242,11 +244,14 @@ class Gateway:
         inline_ledger: write ledger records on the trio thread (tests under the autojump
             clock only; see :class:`~.portal.writer.LedgerWriter`).
         reload: re-reads the cortex's config (``POST /admin/reload``; None: not offered).
+        neuron_keys: the control plane's node id -> identity key bindings (``/admin/neurons/keys``;
+            None: not served).
     """
 
     def __init__(self, config: CortexConfig, orchestrator: Orchestrator, *, store: Store | None = None,
                  admin_token: Callable[[], str | None] = lambda: None, clock: Callable[[], float] = time.time,
-                 inline_ledger: bool = False, reload: Callable[[], Any] | None = None) -> None:
+                 inline_ledger: bool = False, reload: Callable[[], Any] | None = None,
+                 neuron_keys: NeuronKeys | None = None) -> None:
         self.cortex_config = config
         self.config = config.gateway
         self.shutdown_grace = config.shutdown_grace
@@ -277,7 +282,8 @@ class Gateway:
         self.anthropic = AnthropicSurface(self.metering)
         self.admin = AdminApi(portals=self.portals, keyring=self.keyring, store=self.store, metering=self.metering,
                               fleet=self.fleet, token=admin_token, admin_clients=self.config.admin_clients,
-                              clock=clock, reload=reload, models=ModelsAdmin(orchestrator))
+                              clock=clock, reload=reload, models=ModelsAdmin(orchestrator),
+                              neurons=NeuronsAdmin(neuron_keys, self.fleet) if neuron_keys is not None else None)
         self.ollama_models = OllamaModels(orchestrator, self.admin.authorize)
         self.addresses: dict[str, list[str]] = {}
         """Each portal's bound URLs, once :meth:`run` reported them."""

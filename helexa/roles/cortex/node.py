@@ -28,7 +28,7 @@ from helexa import identity as identity_mod
 from helexa import secret_files, telemetry
 from helexa.config import ConfigError
 
-from . import admin_token, collector, join_token
+from . import admin_token, collector, join_token, neuron_keys
 from .catalogue import Catalogue, CatalogueError, default_catalogue
 from .config import CortexConfig
 from .control_server import ControlServer
@@ -106,16 +106,20 @@ class Cortex:
             raise ConfigError(f"tls_cert_file: {exc}") from None
         with _data_file("the admin token", admin_token.path_in(data), "run 'helexa admin-token --rotate'"):
             admin_token.load_or_create(data)
+        with _data_file("the neurons' key bindings", neuron_keys.path_in(data),
+                        "restore it from a backup, or remove it: each node id binds the key of its next join"):
+            self.neuron_keys = neuron_keys.NeuronKeys(neuron_keys.path_in(data))
         self.fleet = Fleet()
         self.control = ControlServer(config, self.fleet, lambda: join_token.read(join_token.path_in(data)),
-                                     cortex_id=self.identity.fingerprint, ssl_context=self._ssl())
+                                     cortex_id=self.identity.fingerprint, ssl_context=self._ssl(),
+                                     keys=self.neuron_keys)
         self.catalogue = _catalogue(config)
         self.orchestrator = Orchestrator(config, self.fleet, self.catalogue, Metrics())
         with _data_file("the usage store", config.usage_store_path,
                         "it holds the API keys and the usage ledger: restore it from a backup"):
             self.gateway = Gateway(config, self.orchestrator,
                                    admin_token=lambda: admin_token.read(admin_token.path_in(data)),
-                                   reload=self.reload)
+                                   reload=self.reload, neuron_keys=self.neuron_keys)
         self.mesh: Mesh | None = None
         self.federation: Federation | None = None
         self.ledger: Ledger | None = None

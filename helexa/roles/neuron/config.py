@@ -1,5 +1,6 @@
 """The neuron's configuration (``neuron.toml``; see ``examples/neuron.toml``), and what it
-resolves to once at start (:class:`Resolved`: the node id, the join token, the TLS context)."""
+resolves to once at start (:class:`Resolved`: the node id, the join token, the TLS context,
+the identity key)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from helexa import identity as identity_mod
 from helexa import secret_files
 from helexa.telemetry import TelemetryConfig
 from helexa.config import ConfigError
@@ -90,7 +92,8 @@ class NeuronConfig(BaseModel):
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     """OpenTelemetry traces (off by default; :mod:`helexa.telemetry`)."""
     data_dir: Path = Field(default_factory=default_data_dir)
-    """The neuron's state: the model cache lives under it unless ``sources.cache_dir`` says."""
+    """The neuron's state: its identity key (``identity.key``, made on first start; the
+    cortex binds the node id to it) and the model cache, unless ``sources.cache_dir`` says."""
     sources: SourcesConfig = Field(default_factory=SourcesConfig)
     cpu_policy: Policy = "normal"
     """``batch``: the neuron and the engine processes it starts run under Linux's
@@ -130,6 +133,8 @@ class Resolved:
     or (with ``pin``) checks nothing itself: the pin is the verification."""
     pin: str | None = None
     """The cortex certificate's SHA-256 the join token carries (``::sha256:<hex>``)."""
+    identity: identity_mod.Identity | None = field(default=None, repr=False)
+    """This neuron's Ed25519 identity key (``<data_dir>/identity.key``), sent with every join."""
 
     @classmethod
     def from_config(cls, config: NeuronConfig, *, machine_id: Path = MACHINE_ID) -> Resolved:
@@ -149,7 +154,25 @@ class Resolved:
             ctx.verify_mode = ssl.CERT_NONE
         elif wss:
             ctx = ssl.create_default_context(cafile=str(config.tls_ca_file) if config.tls_ca_file else None)
-        return cls(resolve_node_id(config.node_id, machine_id), secret, ctx, pin)
+        return cls(resolve_node_id(config.node_id, machine_id), secret, ctx, pin, load_identity(config.data_dir))
+
+
+IDENTITY_FILE = "identity.key"
+
+
+def load_identity(data_dir: Path) -> identity_mod.Identity:
+    """The neuron's identity key in ``data_dir``, made (mode 0600) on first start. Raises
+    :class:`ConfigError` for a key file open to other users, unreadable or corrupt."""
+    path = data_dir / IDENTITY_FILE
+    secret_files.check(path, "the identity key")
+    try:
+        return identity_mod.load_or_create(path)
+    except (ValueError, TypeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"data_dir: the identity key {path} is corrupt ({exc}): restore it from a backup, or "
+                          "remove it to make a new one (the cortex then refuses this node id until the operator "
+                          "runs `helexa neurons forget NODE_ID`)") from None
+    except OSError as exc:
+        raise ConfigError(f"data_dir: cannot read or create the identity key {path} ({exc.strerror or exc})") from None
 
 
 def resolve_node_id(flag: str | None, machine_id: Path = MACHINE_ID) -> str:

@@ -10,7 +10,7 @@ Exception tree::
 
     NeuronError
     ├── JoinRefused        the join was refused (``code``: unauthorized, version_mismatch,
-    │                      ...); fatal, since retrying cannot help
+    │                      identity_mismatch, ...); fatal, since retrying cannot help
     └── CortexImpostor     the peer could not prove it holds our join token; fatal
 """
 
@@ -143,7 +143,8 @@ class Connection:
                         # Not our own redial (that leaves the old connection first): another
                         # neuron joined as us. Redialing would push it out, and it us, forever.
                         raise JoinRefused("duplicate_node_id", f"another neuron joined {c.cortex} as "
-                                          f"{self._descriptor.node_id!r}: each neuron needs its own node_id") from None
+                                          f"{self._descriptor.node_id!r} with this neuron's identity key (a copy of "
+                                          "its data_dir): each neuron needs its own node_id and data_dir") from None
                     log.info("connection to cortex lost: %s", exc or type(exc).__name__)
                 if self.joins > joined_before:
                     delays = backoff_delays(c.reconnect_initial, c.reconnect_max, self._rng)
@@ -159,6 +160,7 @@ class Connection:
             timeout=self._config.handshake_timeout,
             models=self._registry.statuses(),
             configs=self._registry.configs(),
+            identity=self._resolved.identity,
         )
         with trio.move_on_after(session.timeout):
             for frame in await exchange(channel, session, session.start()):
@@ -178,9 +180,11 @@ class Connection:
     async def _stay(self, channel: Channel, welcomed: Welcomed, serve: Serve) -> None:
         self.heartbeat_interval = welcomed.heartbeat_interval
         self.joins += 1
+        identity = self._resolved.identity
         log.info(
-            "joined cortex %s as %s (operator %s, %d models held)",
-            self._config.cortex, self._descriptor.node_id, welcomed.operator, len(self._registry.statuses()),
+            "joined cortex %s as %s (identity key %s, operator %s, %d models held)",
+            self._config.cortex, self._descriptor.node_id, identity.fingerprint if identity else "none",
+            welcomed.operator, len(self._registry.statuses()),
         )
         lost: Exception | None = None
         async with trio.open_nursery() as nursery:

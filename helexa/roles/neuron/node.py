@@ -11,6 +11,8 @@ import trio
 from helexa import telemetry
 from helexa.runtime import cpu_policy
 
+from helexa.protocol.join import IDENTITY_MISMATCH
+
 from .agent import JoinRefused, Neuron, NeuronError
 from .config import NeuronConfig
 from .registry import ModelRegistry
@@ -35,18 +37,27 @@ async def serve(neuron: Neuron) -> None:
             nursery.start_soon(on_signal)
 
 
+EXIT_IDENTITY = 4
+"""The exit code when the cortex refuses this neuron's identity key for its node id: neither
+a restart nor a retry can help until the operator forgets the binding (or the node id changes)."""
+
+
 def run(config: NeuronConfig) -> int:
     """Entry point of ``helexa neuron``: returns the process exit code. Raises
     :class:`~helexa.config.ConfigError` when the node id or join token cannot be resolved."""
     neuron = Neuron(config, registry=ModelRegistry(sources=ModelSources(config.sources)))
-    log.info("neuron %s (pid %d) dialing %s", neuron.resolved.node_id, os.getpid(), config.cortex)
+    identity = neuron.resolved.identity
+    log.info("neuron %s (pid %d, identity key %s) dialing %s", neuron.resolved.node_id, os.getpid(),
+             identity.fingerprint if identity else "none", config.cortex)
     cpu_policy.apply(config.cpu_policy, who="the neuron")
     code = 0
     try:
         trio.run(serve, neuron)
     except* JoinRefused as group:
-        log.error("%s", group.exceptions[0])
-        code = 3
+        refused = group.exceptions[0]
+        log.error("%s", refused)
+        # 4: this node id is another neuron's on that cortex (EXIT_IDENTITY); 3: any other refusal.
+        code = EXIT_IDENTITY if getattr(refused, "code", "") == IDENTITY_MISMATCH else 3
     except* NeuronError as group:
         log.error("%s", group.exceptions[0])
         code = 1

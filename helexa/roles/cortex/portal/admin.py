@@ -20,6 +20,8 @@ Routes::
     GET   /admin/usage/records?portal=&key=&since=&until=&limit=   ledger rows
     GET   /admin/models[/ID], POST /admin/models/ID/pull|load|unload|pin|unpin
                                          the catalogue against the fleet (:mod:`.admin_models`)
+    GET   /admin/neurons/keys, POST /admin/neurons/keys/NODE_ID/forget
+                                         node ids' identity keys (:mod:`.admin_neurons`)
     POST  /admin/reload                  re-read cortex.toml and models.toml (as SIGHUP does):
                                          what applied and what needs a restart; 400 naming
                                          the key when the new file is invalid
@@ -53,6 +55,7 @@ from ..errors import BadRequest, Forbidden, NotFound, Unauthorized
 from ..fleet import Fleet
 from . import keys as keys_mod
 from .admin_models import ModelsAdmin
+from .admin_neurons import NeuronsAdmin
 from .keys import ApiKey, Keyring
 from .metering import Metering
 from .portal import Portal
@@ -186,12 +189,13 @@ class AdminApi:
         reload: the cortex's reload (returns a report with ``as_dict()``; raises
             ``ConfigError``); None when the cortex offers none.
         models: the model routes (None: not served).
+        neurons: the neuron identity routes (None: not served).
     """
 
     def __init__(self, *, portals: dict[str, Portal], keyring: Keyring, store: Store, metering: Metering,
                  fleet: Fleet, token: Callable[[], str | None], admin_clients: list[str],
                  clock: Callable[[], float], reload: Callable[[], Any] | None = None,
-                 models: ModelsAdmin | None = None) -> None:
+                 models: ModelsAdmin | None = None, neurons: NeuronsAdmin | None = None) -> None:
         self.portals = portals
         self.keyring = keyring
         self.store = store
@@ -202,6 +206,7 @@ class AdminApi:
         self.clock = clock
         self.reload = reload
         self.models = models
+        self.neurons = neurons
 
     def set_admin_clients(self, admin_clients: list[str]) -> None:
         """Allow these addresses from now on (a live reload)."""
@@ -221,6 +226,7 @@ class AdminApi:
             Route("GET", "/admin/usage/records", guard(self.records), keyed=False),
             Route("POST", "/admin/reload", guard(self.reload_config), keyed=False),
             *(self.models.routes(guard) if self.models is not None else []),
+            *(self.neurons.routes(guard) if self.neurons is not None else []),
         ]
 
     def _guarded(self, handler: Callable[[Exchange], Any]) -> Callable[[Exchange], Any]:
