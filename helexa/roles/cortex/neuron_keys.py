@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ from typing import Any
 
 import trio
 
+from helexa import secret_files
 from helexa.identity import fingerprint
 
 log = logging.getLogger(__name__)
@@ -78,25 +77,6 @@ def render(bindings: dict[str, Binding]) -> str:
     entries = {b.node_id: {"public_key": b.public_key.hex(), "bound_at": b.bound_at}
                for b in sorted(bindings.values(), key=lambda b: b.node_id)}
     return json.dumps({"version": _FORMAT, "bindings": entries}, indent=1) + "\n"
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` whole (mode 0600), durable when this returns."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
 
 
 class NeuronKeys:
@@ -164,4 +144,4 @@ class NeuronKeys:
             return
         path = self.path
         async with self._writing:  # one writer at a time; each writes the state as it is then
-            await trio.to_thread.run_sync(write_atomically, path, render(self._bindings))
+            await trio.to_thread.run_sync(secret_files.write, path, render(self._bindings).rstrip("\n"))
