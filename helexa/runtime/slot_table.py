@@ -27,17 +27,42 @@ marks busy the slot it most likely takes (the least recently used idle one), so 
 generation is sent to wait behind it while another slot is free, and
 :meth:`~SlotTable.give_back` returns it, with what it held (llama.cpp's host-memory prompt
 cache saves and restores the conversation's state) or emptied (that cache off).
+
+Cache scopes: a request carries the scope of its caller (the cortex's opaque hash of its
+portal and API key, ``GenerateRequest.cache_scope``), and a prefix computed for one scope
+is never reused for another, or one tenant could tell from its time to first token what
+another recently sent. :meth:`~SlotTable.choose` sends a conversation back only to a slot
+its own scope filled, and :meth:`~SlotTable.reuses` says whether the request may reuse what
+llama.cpp holds (else it is sent with ``cache_prompt: false``, and llama.cpp computes the
+whole prompt afresh): not in a slot another scope filled; and while llama.cpp's host-memory
+prompt cache is on (``saves``), which hands a request the saved state (of any slot, any
+earlier request) sharing more of its prompt than its slot does, not while a state another
+scope left (saved when a request took its slot, or still in a slot) shares more of the
+prompt than the slot does. (Characters are compared here, tokens there: a state sharing as
+many characters may share a token more at the border, which neither shows in the time to
+first token nor tells anything past what the slot itself shares.) The table remembers the
+states llama.cpp may have saved (:data:`SAVED_CHARS`; a state that another of its scope
+extends is dropped: it can never share more). Without slot affinity
+(``pinned`` false) llama.cpp picks the slot, so a request reuses only while every state
+known is its own scope's.
 """
 
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["SlotTable", "common_prefix", "render_chat"]
+__all__ = ["SAVED_CHARS", "SlotTable", "common_prefix", "render_chat"]
 
 _SEP = "\x1e"
+_UNKNOWN = "\x00unknown"
+"""The scope of a slot whose contents are not known (a request failed in it, an embedding
+ran there): no request's scope, so none reuses it until one has filled it afresh."""
+SAVED_CHARS = 16 << 20
+"""Characters of saved states remembered (llama.cpp's default 8 GiB cache holds about 370k
+tokens of SmolLM2-135M, the smallest model's state per token; bigger models hold fewer)."""
 
 
 def render_chat(messages: Any, tools: Any = None) -> str:
@@ -76,24 +101,33 @@ class _Slot:
     prompt: int = 0  # characters of ``held`` that were prompt (the next turn repeats them)
     used: int = -1  # when it was last chosen (a counter): least recently used goes first
     busy: bool = False
+    scope: str | None = None  # the cache scope whose request filled it (None: never used)
+    asker: str = ""  # the scope of the request running in it
+    reuse: bool = False  # that request may reuse what llama.cpp holds
 
 
 class SlotTable:
     """The slots of one loaded model (see the module docstring)."""
 
-    def __init__(self, slots: int) -> None:
+    def __init__(self, slots: int, *, saves: bool = True, pinned: bool = True) -> None:
+        """``saves``: llama.cpp's host-memory prompt cache is on; ``pinned``: requests run in
+        the slot chosen here (``id_slot``), else llama.cpp picks it."""
         self._slots = [_Slot() for _ in range(max(1, slots))]
         self._clock = 0
+        self._saves, self._pinned = saves, pinned
+        self._saved: OrderedDict[tuple[str, str], None] = OrderedDict()  # (scope, state), oldest first
+        self._saved_chars = 0
 
-    def choose(self, prompt: str) -> int | None:
-        """Mark the best idle slot for ``prompt`` busy and return its id; None when all are busy."""
+    def choose(self, prompt: str, scope: str = "") -> int | None:
+        """Mark the best idle slot for ``prompt`` of ``scope`` busy and return its id; None
+        when all are busy. :meth:`reuses` then says whether the request may reuse a prefix."""
         idle = [i for i, s in enumerate(self._slots) if not s.busy]
         if not idle:
             return None
         best: tuple[int, int] | None = None  # (characters shared, slot)
         for i in idle:
             s = self._slots[i]
-            if s.prompt and (shared := common_prefix(s.held, prompt)) >= s.prompt:
+            if s.prompt and s.scope == scope and (shared := common_prefix(s.held, prompt)) >= s.prompt:
                 if best is None or shared > best[0]:
                     best = (shared, i)
         if best is not None:
@@ -103,8 +137,62 @@ class SlotTable:
             chosen = empty[0] if empty else min(idle, key=lambda i: self._slots[i].used)
         self._clock += 1
         slot = self._slots[chosen]
-        slot.busy, slot.used = True, self._clock
+        slot.busy, slot.used, slot.asker = True, self._clock, scope
+        slot.reuse = self._reusable(chosen, prompt, scope)
+        if self._saves and slot.held:  # taking the slot, llama.cpp saves what it held
+            self._save(slot.scope, slot.held)
         return chosen
+
+    def fields(self, slot_id: int) -> dict[str, Any]:
+        """What llama.cpp's request body says of the slot :meth:`choose` gave: ``id_slot``
+        (when pinned), and ``cache_prompt: false`` where it may not reuse a prefix."""
+        out: dict[str, Any] = {"id_slot": slot_id} if self._pinned else {}
+        if not self._slots[slot_id].reuse:
+            out["cache_prompt"] = False
+        return out
+
+    def clear(self) -> None:
+        """A fresh server: every slot is empty, nothing is saved."""
+        self._slots = [_Slot() for _ in self._slots]
+        self._clock = self._saved_chars = 0
+        self._saved.clear()
+
+    def reuses(self, slot_id: int) -> bool:
+        """Whether the request :meth:`choose` put in ``slot_id`` may reuse a cached prefix
+        (else send it with ``cache_prompt: false``; see the module docstring)."""
+        return self._slots[slot_id].reuse
+
+    def _reusable(self, chosen: int, prompt: str, scope: str) -> bool:
+        if not self._pinned:
+            return all(s == scope for s, _ in self._states(-1))
+        slot = self._slots[chosen]
+        if slot.scope is not None and slot.scope != scope:
+            return False
+        if not self._saves:
+            return True
+        mine = common_prefix(slot.held, prompt)
+        if mine >= len(prompt):  # the slot holds the whole prompt: nothing can share more
+            return True
+        head = prompt[:mine + 1]  # what a state sharing more than the slot starts with
+        return not any(s != scope and held.startswith(head) for s, held in self._states(chosen))
+
+    def _states(self, skip: int) -> list[tuple[str, str]]:
+        """Every state llama.cpp may hold or have saved, with its scope (``skip``: a slot left out)."""
+        return [(s.scope or "", s.held) for i, s in enumerate(self._slots) if s.held and i != skip] + list(self._saved)
+
+    def _save(self, scope: str | None, held: str) -> None:
+        scope = _UNKNOWN if scope is None else scope
+        for s, old in list(self._saved):
+            if s == scope and held.startswith(old):  # extended: it can never share more than ``held``
+                del self._saved[(s, old)]
+                self._saved_chars -= len(old)
+            elif s == scope and old.startswith(held):
+                return
+        self._saved[(scope, held)] = None
+        self._saved_chars += len(held)
+        while self._saved_chars > SAVED_CHARS and len(self._saved) > 1:
+            (_, old), _ = self._saved.popitem(last=False)
+            self._saved_chars -= len(old)
 
     def release(self, slot_id: int, prompt: str, answer: str = "") -> None:
         """The request in ``slot_id`` ended: the slot holds ``prompt`` then ``answer`` (an
@@ -113,6 +201,7 @@ class SlotTable:
         slot = self._slots[slot_id]
         slot.busy = False
         slot.held, slot.prompt = prompt + answer, len(prompt)
+        slot.scope = slot.asker if prompt else _UNKNOWN  # failed: it may still hold what it held
 
     def borrow(self) -> int | None:
         """Mark busy the idle slot llama.cpp gives a request that names none (an embedding):
@@ -126,13 +215,18 @@ class SlotTable:
         slot.busy, slot.used = True, self._clock
         return chosen
 
-    def give_back(self, slot_id: int, *, kept: bool) -> None:
+    def give_back(self, slot_id: int, *, kept: bool, inputs: Any = ()) -> None:
         """The embedding in ``slot_id`` ended; ``kept``: the slot still holds what it held
-        (restored from llama.cpp's prompt cache), else it holds nothing known."""
+        (restored from llama.cpp's prompt cache), else it holds nothing known. The embedded
+        ``inputs`` (of no known scope) may be in the slot or in that cache: a prompt sharing
+        more with one than with its own slot never reuses a prefix there."""
         slot = self._slots[slot_id]
-        slot.busy = False
+        slot.busy, slot.scope = False, _UNKNOWN  # what it holds now is no request's to reuse
         if not kept:
             slot.held, slot.prompt = "", 0
+        for text in inputs if self._saves else ():
+            if isinstance(text, str) and text:
+                self._save(None, text)
 
     def holding(self) -> list[int]:
         """Characters each slot is known to hold (for logs and tests)."""
