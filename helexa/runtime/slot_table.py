@@ -221,9 +221,9 @@ class SlotTable:
         ``inputs`` (of no known scope) may be in the slot or in that cache: a prompt sharing
         more with one than with its own slot never reuses a prefix there."""
         slot = self._slots[slot_id]
-        slot.busy, slot.scope = False, _UNKNOWN  # what it holds now is no request's to reuse
-        if not kept:
-            slot.held, slot.prompt = "", 0
+        slot.busy = False
+        if not kept:  # it holds the embedding's tokens: no request's to reuse
+            slot.held, slot.prompt, slot.scope = "", 0, _UNKNOWN
         for text in inputs if self._saves else ():
             if isinstance(text, str) and text:
                 self._save(None, text)
