@@ -50,6 +50,7 @@ known is its own scope's.
 from __future__ import annotations
 
 import json
+from bisect import bisect_left, insort
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -95,6 +96,61 @@ def common_prefix(a: str, b: str) -> int:
     return lo
 
 
+class _SavedStates:
+    """The states llama.cpp's prompt cache may hold, with their scopes, kept sorted by text:
+    the states that start with a prompt's first characters are found by bisection (they
+    sort together), not by a scan, so a request costs the same however many are kept."""
+
+    _WALK = 8  # neighbours looked at to drop a state another of its scope extends (memory only)
+
+    def __init__(self) -> None:
+        self._order: OrderedDict[tuple[str, str], None] = OrderedDict()  # (text, scope), oldest first
+        self._sorted: list[tuple[str, str]] = []  # (text, scope)
+        self._scopes: dict[str, int] = {}
+        self.chars = 0
+
+    def add(self, scope: str, text: str) -> None:
+        key = (text, scope)
+        if key in self._order:
+            self._order.move_to_end(key)
+            return
+        i = bisect_left(self._sorted, key)
+        for later, s in self._sorted[i:i + self._WALK]:  # those extending ``text`` sort just after it
+            if s == scope and later.startswith(text):
+                return  # one of its scope shares all ``text`` shares, and more
+        # its prefixes sort before it (and whatever lies between starts with them)
+        extended = [k for k in self._sorted[max(0, i - self._WALK):i] if k[1] == scope and text.startswith(k[0])]
+        for k in extended:
+            self.remove(k)
+        insort(self._sorted, key)
+        self._order[key] = None
+        self._scopes[scope] = self._scopes.get(scope, 0) + 1
+        self.chars += len(text)
+        while self.chars > SAVED_CHARS and len(self._order) > 1:
+            self.remove(next(iter(self._order)))
+
+    def remove(self, key: tuple[str, str]) -> None:
+        del self._order[key]
+        del self._sorted[bisect_left(self._sorted, key)]
+        self._scopes[key[1]] -= 1
+        if not self._scopes[key[1]]:
+            del self._scopes[key[1]]
+        self.chars -= len(key[0])
+
+    def foreign(self, head: str, scope: str) -> bool:
+        """Some state of another scope than ``scope`` starts with ``head``."""
+        i = bisect_left(self._sorted, (head, ""))
+        while i < len(self._sorted) and self._sorted[i][0].startswith(head):
+            if self._sorted[i][1] != scope:
+                return True
+            i += 1
+        return False
+
+    def only(self, scope: str) -> bool:
+        """Every state kept is of ``scope``."""
+        return not self._scopes.keys() - {scope}
+
+
 @dataclass(slots=True)
 class _Slot:
     held: str = ""  # what its cache holds: the last prompt, then its answer
@@ -115,8 +171,7 @@ class SlotTable:
         self._slots = [_Slot() for _ in range(max(1, slots))]
         self._clock = 0
         self._saves, self._pinned = saves, pinned
-        self._saved: OrderedDict[tuple[str, str], None] = OrderedDict()  # (scope, state), oldest first
-        self._saved_chars = 0
+        self._saved = _SavedStates()
 
     def choose(self, prompt: str, scope: str = "") -> int | None:
         """Mark the best idle slot for ``prompt`` of ``scope`` busy and return its id; None
@@ -140,7 +195,7 @@ class SlotTable:
         slot.busy, slot.used, slot.asker = True, self._clock, scope
         slot.reuse = self._reusable(chosen, prompt, scope)
         if self._saves and slot.held:  # taking the slot, llama.cpp saves what it held
-            self._save(slot.scope, slot.held)
+            self._saved.add(_UNKNOWN if slot.scope is None else slot.scope, slot.held)
         return chosen
 
     def fields(self, slot_id: int) -> dict[str, Any]:
@@ -154,8 +209,8 @@ class SlotTable:
     def clear(self) -> None:
         """A fresh server: every slot is empty, nothing is saved."""
         self._slots = [_Slot() for _ in self._slots]
-        self._clock = self._saved_chars = 0
-        self._saved.clear()
+        self._clock = 0
+        self._saved = _SavedStates()
 
     def reuses(self, slot_id: int) -> bool:
         """Whether the request :meth:`choose` put in ``slot_id`` may reuse a cached prefix
@@ -163,8 +218,8 @@ class SlotTable:
         return self._slots[slot_id].reuse
 
     def _reusable(self, chosen: int, prompt: str, scope: str) -> bool:
-        if not self._pinned:
-            return all(s == scope for s, _ in self._states(-1))
+        if not self._pinned:  # any slot, any saved state may be the one llama.cpp reuses
+            return all(s.scope == scope for s in self._slots if s.held) and self._saved.only(scope)
         slot = self._slots[chosen]
         if slot.scope is not None and slot.scope != scope:
             return False
@@ -174,25 +229,9 @@ class SlotTable:
         if mine >= len(prompt):  # the slot holds the whole prompt: nothing can share more
             return True
         head = prompt[:mine + 1]  # what a state sharing more than the slot starts with
-        return not any(s != scope and held.startswith(head) for s, held in self._states(chosen))
-
-    def _states(self, skip: int) -> list[tuple[str, str]]:
-        """Every state llama.cpp may hold or have saved, with its scope (``skip``: a slot left out)."""
-        return [(s.scope or "", s.held) for i, s in enumerate(self._slots) if s.held and i != skip] + list(self._saved)
-
-    def _save(self, scope: str | None, held: str) -> None:
-        scope = _UNKNOWN if scope is None else scope
-        for s, old in list(self._saved):
-            if s == scope and held.startswith(old):  # extended: it can never share more than ``held``
-                del self._saved[(s, old)]
-                self._saved_chars -= len(old)
-            elif s == scope and old.startswith(held):
-                return
-        self._saved[(scope, held)] = None
-        self._saved_chars += len(held)
-        while self._saved_chars > SAVED_CHARS and len(self._saved) > 1:
-            (_, old), _ = self._saved.popitem(last=False)
-            self._saved_chars -= len(old)
+        if any(i != chosen and s.held.startswith(head) and s.scope != scope for i, s in enumerate(self._slots)):
+            return False  # another slot's state (llama.cpp may have saved it, or save it idle)
+        return not self._saved.foreign(head, scope)
 
     def release(self, slot_id: int, prompt: str, answer: str = "") -> None:
         """The request in ``slot_id`` ended: the slot holds ``prompt`` then ``answer`` (an
@@ -226,7 +265,7 @@ class SlotTable:
             slot.held, slot.prompt, slot.scope = "", 0, _UNKNOWN
         for text in inputs if self._saves else ():
             if isinstance(text, str) and text:
-                self._save(None, text)
+                self._saved.add(_UNKNOWN, text)
 
     def holding(self) -> list[int]:
         """Characters each slot is known to hold (for logs and tests)."""

@@ -192,3 +192,22 @@ def test_a_fresh_server_forgets_every_slot_and_saved_state() -> None:
     table.release(0, "x")
     table.clear()
     assert table.holding() == [0] and table.choose(DOCUMENT, "a") == 0 and table.reuses(0)
+
+
+def test_the_saved_states_answer_as_a_scan_of_every_state_saved_would() -> None:
+    import random
+
+    from helexa.runtime.slot_table import _SavedStates
+
+    rng = random.Random(7)
+    saved, every = _SavedStates(), []
+    for _ in range(2000):
+        text = "".join(rng.choice("ab") for _ in range(rng.randint(1, 12)))
+        scope = rng.choice("xyz")
+        saved.add(scope, text)
+        every.append((scope, text))
+        head = "".join(rng.choice("ab") for _ in range(rng.randint(1, 6)))
+        asker = rng.choice("xyz")
+        assert saved.foreign(head, asker) == any(s != asker and t.startswith(head) for s, t in every)
+    assert len(saved._sorted) < len(set(every))  # a state its scope extended was dropped
+    assert saved.only("x") is False and _SavedStates().only("x")
