@@ -52,6 +52,7 @@ def test_a_scope_travels_in_a_generate_request_and_an_older_peers_frame_has_none
 
 def test_a_peers_scope_is_never_one_of_this_cortexs_tenants() -> None:
     mine = scope_of("acme", "0123456789abcdef")
-    assert peer_scope(mine) != mine and peer_scope("") != scope_of("acme") and peer_scope("x") == peer_scope("x")
+    assert peer_scope("p1", mine) != mine and peer_scope("p1", "") != scope_of("acme")
+    assert peer_scope("p1", "x") == peer_scope("p1", "x") != peer_scope("p2", "x")
     assert scope_of("acme", "") != scope_of("acme", "k") != scope_of("beta", "k")
     assert scope_of("a", "bc") != scope_of("ab", "c")  # the parts cannot run into each other

@@ -31,10 +31,10 @@ def scope_of(portal_id: str, key_id: str = "") -> str:
     return _hash(b"portal", portal_id, key_id)
 
 
-def peer_scope(scope: str) -> str:
-    """A peer cortex's request's own scope here, kept apart from this cortex's tenants'
-    (whatever a peer sends, it cannot claim one of theirs)."""
-    return _hash(b"peer", scope)
+def peer_scope(peer_id: str, scope: str) -> str:
+    """The scope here of a request peer ``peer_id`` sent with ``scope`` (its own tenant's):
+    apart from this cortex's tenants' and from every other peer's, whatever it sends."""
+    return _hash(b"peer", peer_id, scope)
 
 
 def _hash(kind: bytes, *parts: str) -> str:

@@ -37,7 +37,6 @@ from helexa.protocol import EmbedRequest, EmbedResult, GenerateRequest, Generate
 from helexa.protocol.inference import OutputFormat
 from helexa.protocol.federation import OfferedModel, Receipt
 
-from .cache_scope import peer_scope
 from .catalogue import Catalogue, CatalogueEntry
 from .dispatch import Generation
 from .errors import BadRequest, NoCapacity, to_gateway_error
@@ -170,9 +169,9 @@ class LocalServing:
         except BadRequest as exc:
             raise ServeFailure(exc.message, code="invalid_request", retryable=False) from None
         # A peer's own prompt count is not trusted here: the neuron would skip its context
-        # check for it. This cortex's neurons count the prompt themselves. Its cache scope
-        # is kept apart from this cortex's tenants' (helexa/roles/cortex/cache_scope.py).
-        request = replace(request, prompt_tokens=None, cache_scope=peer_scope(request.cache_scope))
+        # check for it. This cortex's neurons count the prompt themselves.
+        if request.prompt_tokens is not None:
+            request = replace(request, prompt_tokens=None)
         return _LocalGeneration(self.orchestrator.generate(request, endpoint="federation", allow_peers=False))
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
