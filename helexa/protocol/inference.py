@@ -158,6 +158,10 @@ class GenerateRequest:
     prompt_tokens: int | None = None
     trace: str = ""
     """The W3C ``traceparent`` of the sender's span (empty while tracing is off)."""
+    cache_scope: str = added_field("")
+    """Whose prompt cache the request may reuse: an opaque hash the cortex makes of the
+    portal and API key (see ``docs/portals.md``). A backend never reuses a prefix computed
+    for another scope (``helexa/runtime/slot_table.py``); empty is a scope too."""
 
     @property
     def wants_tools(self) -> bool:

@@ -148,10 +148,10 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
         self._cancels: set[threading.Event] = set()
         self._drained = trio.Event()
         self._drained.set()
-        self._slots = SlotTable(self._n_parallel)
         self._slot_affinity = bool(md.get("slot_affinity", True))
         self._slot_freed = trio.lowlevel.ParkingLot()
         self._cache_ram = int(md.get("cache_ram_mib", -1))  # -1: llama.cpp's default (on)
+        self._slots = SlotTable(self._n_parallel, saves=self._cache_ram != 0, pinned=self._slot_affinity)
         self._unloading = False
 
     @property
@@ -206,7 +206,8 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
                 code="corrupt_model",
             ) from None
         self._server, self._size = server, size
-        self._slots, self._unloading = SlotTable(self._n_parallel), False  # a fresh server's slots are empty
+        self._unloading = False
+        self._slots.clear()  # a fresh server's slots are empty
         self._base_url, self._api_key = server.listening_address, params.api_keys[0]
         props = await trio.to_thread.run_sync(self._props)
         settings = props.get("default_generation_settings") or {}
@@ -319,7 +320,7 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
             answer = await trio.to_thread.run_sync(server.handle_embeddings, body)
         finally:
             if slot is not None:  # with the prompt cache off, the embedding replaced the slot's cache
-                self._slots.give_back(slot, kept=self._cache_ram != 0)
+                self._slots.give_back(slot, kept=self._cache_ram != 0, inputs=request.inputs)
             self._slot_freed.unpark()  # the slot, or the turn this request was woken for, goes on
             self._release()
         openai_shapes.raise_for_embed_error(answer)
@@ -400,7 +401,7 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
         chat = request.task is Task.CHAT
         prompt = render_chat(body.get("messages"), body.get("tools")) if chat else str(body.get("prompt") or "")
         try:
-            while (slot := self._slots.choose(prompt)) is None:
+            while (slot := self._slots.choose(prompt, request.cache_scope)) is None:
                 await self._slot_freed.park()
                 if self._server is None or self._unloading:
                     raise BackendError(f"model {self.config.model_id!r} was unloaded", code="model_not_loaded")
@@ -408,8 +409,7 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
             self._slot_freed.unpark()  # a slot freed for this request goes to the next one
             self._release()
             raise
-        if self._slot_affinity:
-            body["id_slot"] = slot
+        body.update(self._slots.fields(slot))  # id_slot; cache_prompt false where another scope's prefix could serve
         stream = LlamaStream(request, generic=generic)
         tap = token_tap.current()
         cancel = threading.Event()

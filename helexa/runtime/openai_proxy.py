@@ -23,8 +23,10 @@ waits on, so the owner's nursery is never cancelled on our behalf.
 
 Other metadata: ``upstream_model`` (the ``model`` field sent; default the model id),
 ``dialect`` (``"vllm"``, ``"llama.cpp"`` or ``"openai"``: how non-OpenAI sampling fields are
-named), ``embeddings`` (true when the server serves ``/v1/embeddings``), ``request_timeout``
-(seconds the server may take to answer, or between two streamed pieces; default 600),
+named; to vLLM the request's cache scope goes as ``cache_salt``, so its prefix cache is never
+shared between tenants: other servers' caches are theirs to keep apart), ``embeddings``
+(true when the server serves ``/v1/embeddings``), ``request_timeout`` (seconds the server
+may take to answer, or between two streamed pieces; default 600),
 ``connect_timeout`` (default 10), ``max_connections`` (to the server at once, default 256).
 
 Requests go through :class:`~helexa.runtime.upstream.Upstream` (pooled keep-alive HTTP/1.1;

@@ -176,6 +176,8 @@ def request_body(request: GenerateRequest, *, dialect: str = "llama.cpp", model:
         else:
             body["logprobs"] = top
     body.update(request.extra)
+    if dialect == "vllm" and request.cache_scope:  # vLLM's prefix cache, salted per scope (after extra: ours)
+        body["cache_salt"] = request.cache_scope
     if request.tools:
         body["tools"] = [tool_body(t) for t in request.tools]
     if request.tool_choice is not None:

@@ -129,3 +129,18 @@ def test_an_answers_chain_continued_from_the_prompts_equals_the_whole_chain_hash
         prompt = Prompt(request, block)
         assert prompt.blocks == prompt_blocks(request, block)
         assert answered_blocks(request, answer, block, prompt=prompt) == answered_blocks(request, answer, block)
+
+
+def test_the_same_prompt_of_two_cache_scopes_is_two_chains_and_never_matches_the_other() -> None:
+    ask = (SYSTEM, {"role": "user", "content": "a shared document " * 20})
+    a = GenerateRequest("r", "m", Task.CHAT, messages=ask, cache_scope="a" * 32)
+    b = GenerateRequest("r", "m", Task.CHAT, messages=ask, cache_scope="b" * 32)
+    assert not set(prompt_blocks(a, 32)) & set(prompt_blocks(b, 32))
+    index = PrefixIndex()
+    index.record("n1", "m", answered_blocks(b, "an answer", 32))
+    assert index.matches("m", prompt_blocks(b, 32), ["n1"]) == {"n1": len(prompt_blocks(b, 32))}
+    assert index.matches("m", prompt_blocks(a, 32), ["n1"]) == {"n1": 0}  # b's cache neither used nor revealed
+    slotted = PrefixIndex(slots=lambda model_id: 1)
+    slotted.record("n1", "m", prompt_blocks(b, 32))
+    assert slotted.matches("m", prompt_blocks(a, 32), ["n1"]) == {"n1": 0}
+    assert slotted.room("m", prompt_blocks(a, 32), ["n1"]) == {"n1": False}  # a's request would push b's out

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 import trio
 
 from helexa.protocol import GenerateRequest, Task
+from helexa.roles.cortex.cache_scope import scope_of
 from helexa.roles.cortex.catalogue import Catalogue, CatalogueEntry
 from helexa.roles.cortex.fleet import Fleet
 from helexa.roles.cortex.orchestrator import Orchestrator
@@ -120,6 +121,33 @@ async def test_a_neuron_that_leaves_or_unloads_takes_its_prefixes_along(autojump
         assert orch.prefix.held() == {}
 
 
+def session_node(prefix, session: str) -> str | None:  # noqa: ANN001
+    """Where the open default portal's ``session`` went: a session is its cache scope's own."""
+    return prefix.session_node("m", f"{scope_of('default')}:{session}")
+
+
+async def test_a_conversation_of_another_cache_scope_neither_follows_nor_reveals_its_prefix(autojump_clock) -> None:
+    from dataclasses import replace
+
+    async with orchestrating() as (orch, _):
+        busy, release = trio.Event(), trio.Event()
+        orch.prefix.record("n2", "m", (), session="holder")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hold, orch, "n2", busy, release)
+            await busy.wait()
+            first = replace(conversation("rivers", 1), cache_scope="b" * 32)
+            assert (await ask(orch, first, session="s"))[0] == "n1"  # the idle one
+            mine = replace(conversation("rivers", 2), cache_scope="b" * 32)
+            theirs = replace(conversation("rivers", 2), cache_scope="a" * 32)
+            node, decision = await ask(orch, theirs)
+            assert decision.cache != "hit" and decision.matched == 0  # b's prefix is not a's
+            node, decision = await ask(orch, mine)
+            assert node == "n1" and decision.cache == "hit"
+            release.set()
+    assert orch.prefix.session_node("m", "s") is None  # a session id is its scope's own
+    assert orch.prefix.session_node("m", f"{'b' * 32}:s") == "n1"
+
+
 async def test_the_gateway_passes_the_session_header_or_the_user_field() -> None:
     import openai
 
@@ -137,7 +165,7 @@ async def test_the_gateway_passes_the_session_header_or_the_user_field() -> None
 
         await trio.to_thread.run_sync(ask)
         prefix = gateway.orchestrator.prefix
-    assert prefix.session_node("m", "s1") == "n1" and prefix.session_node("m", "user:alice") == "n1"
+    assert session_node(prefix, "s1") == "n1" and session_node(prefix, "user:alice") == "n1"
 
 
 async def test_the_responses_ollama_and_anthropic_surfaces_pass_the_session_too() -> None:
@@ -156,5 +184,5 @@ async def test_the_responses_ollama_and_anthropic_surfaces_pass_the_session_too(
                                  json={"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]})
         prefix = gateway.orchestrator.prefix
     assert r1.status_code == r2.status_code == r3.status_code == 200
-    assert prefix.session_node("m", "user:bob") == "n1" and prefix.session_node("m", "s2") == "n1"
-    assert prefix.session_node("m", "s3") == "n1"
+    assert session_node(prefix, "user:bob") == "n1" and session_node(prefix, "s2") == "n1"
+    assert session_node(prefix, "s3") == "n1"

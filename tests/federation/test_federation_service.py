@@ -59,6 +59,23 @@ async def recorded(ledger, direction, rid):
     return entry
 
 
+async def test_a_peers_tenants_keep_their_own_cache_scopes_apart_from_the_serving_cortexs(nursery, autojump_clock):
+    from dataclasses import replace
+
+    from helexa.roles.cortex.cache_scope import peer_scope
+
+    net = MemoryNetwork()
+    b_fleet = FakeFleet()
+    a = await cortex(nursery, net, "A", offer=())
+    await cortex(nursery, net, "B", fleet=b_fleet)
+    await settle()
+    for rid, scope in (("r1", "a" * 32), ("r2", "b" * 32), ("r3", "a" * 32)):
+        async with a.route(replace(request(rid), cache_scope=scope)) as frames:
+            _ = [f async for f in frames]
+    s1, s2, s3 = (r.cache_scope for r in b_fleet.requests)
+    assert s1 == s3 == peer_scope(a.mesh.peer_id, "a" * 32) and s2 not in (s1, "b" * 32)
+
+
 async def test_streamed_request_is_served_by_the_peer_and_both_ledgers_agree(nursery, autojump_clock):
     net = MemoryNetwork()
     b_fleet = FakeFleet()

@@ -110,3 +110,11 @@ def test_only_the_opening_role_chunk_says_nothing():
     two = {"choices": opening["choices"] * 2}
     for chunk in (text, ended, usage, progress, two, {"choices": []}, {"error": {"message": "x"}}, "data"):
         assert not openai_shapes.says_nothing(chunk), chunk
+
+
+def test_a_vllm_upstream_salts_its_prefix_cache_with_the_requests_cache_scope() -> None:
+    scoped = chat(cache_scope="ab" * 16, extra={"cache_salt": "a peer's own"})
+    assert openai_shapes.request_body(scoped, dialect="vllm")["cache_salt"] == "ab" * 16
+    assert "cache_salt" not in openai_shapes.request_body(chat(), dialect="vllm")  # no scope: no salt
+    for dialect in ("openai", "llama.cpp"):  # servers that may refuse a field they do not know
+        assert "cache_salt" not in openai_shapes.request_body(chat(cache_scope="ab" * 16), dialect=dialect)

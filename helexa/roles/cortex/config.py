@@ -317,6 +317,11 @@ class PortalConfig(BaseModel):
     """Share of this portal's keys in fair queueing."""
     record_usage: bool | None = None
     """Write a ledger row per request (default: on for ``auth = "keys"``, off when open)."""
+    prompt_cache: Literal["per_key", "portal"] = "per_key"
+    """Whose cached prompt prefixes a request may reuse (on a neuron, and in the cortex's
+    routing by prefix): its own key's (``per_key``), or any of this portal's keys'
+    (``portal``: one organisation's keys). An open portal's requests share one cache;
+    portals never share (see ``docs/portals.md``)."""
     default_max_tokens: int = Field(4096, ge=1)
     """The completion tokens reserved for a request that sets no ``max_tokens`` and whose
     model has no ``max_output`` (and passed to the neuron as its limit, so the reservation

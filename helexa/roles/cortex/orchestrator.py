@@ -363,6 +363,8 @@ class Orchestrator:
         self.live.arrived(request.model_id, arrived)
         deadline = arrived + min(queue_timeout or self.config.queue_timeout, self.config.queue_timeout)
         prompt = Prompt(request, self.config.prefix_block_chars) if self._track else None
+        if session is not None and request.cache_scope:  # one tenant's session id is not another's
+            session = f"{request.cache_scope}:{session}"
         blocks = prompt.blocks if prompt is not None else ()
         chosen: list[RoutingDecision] = []
 

@@ -8,7 +8,9 @@ it sent where: :func:`prompt_blocks` cuts the rendered prompt (no tokenizer need
 fixed-size blocks and hashes them as a chain, so a block's hash stands for the whole prefix
 up to it; :class:`PrefixIndex` remembers, per neuron and model, the chains it was given
 (bounded, least recently used first out, the earliest blocks of a chain last) and answers
-how many leading blocks of a new prompt each neuron holds.
+how many leading blocks of a new prompt each neuron holds. A chain starts from the
+request's cache scope (:mod:`.cache_scope`), so the same prompt of two tenants is two chains:
+routing never follows, and so never reveals, another tenant's cached prefix.
 
 Session affinity is the simpler mode beside it: a request naming a session (the
 ``x-session-id`` header, or OpenAI's ``user`` field) goes back where that session last
@@ -76,8 +78,8 @@ def chain(text: str, block_chars: int, *, start: bytes = b"") -> tuple[bytes, ..
 
 
 def prompt_blocks(request: GenerateRequest, block_chars: int) -> tuple[bytes, ...]:
-    """The block chain of ``request``'s rendered prompt (see :func:`chain`)."""
-    return chain(render(request), block_chars)
+    """The block chain of ``request``'s rendered prompt (see :func:`chain`), from its scope."""
+    return chain(render(request), block_chars, start=request.cache_scope.encode())
 
 
 def answered_blocks(request: GenerateRequest, answer: str, block_chars: int, *,
@@ -89,10 +91,11 @@ def answered_blocks(request: GenerateRequest, answer: str, block_chars: int, *,
     hashed, not the whole conversation again."""
     more = answer if request.prompt is not None else render_message({"role": "assistant", "content": answer})
     if prompt is None:
-        return chain(render(request) + more, block_chars)
+        return chain(render(request) + more, block_chars, start=request.cache_scope.encode())
     blocks = prompt.blocks
     step = max(1, block_chars)
-    return blocks + chain(prompt.text[len(blocks) * step:] + more, block_chars, start=blocks[-1] if blocks else b"")
+    start = blocks[-1] if blocks else request.cache_scope.encode()
+    return blocks + chain(prompt.text[len(blocks) * step:] + more, block_chars, start=start)
 
 
 class Prompt:
@@ -103,7 +106,7 @@ class Prompt:
 
     def __init__(self, request: GenerateRequest, block_chars: int) -> None:
         self.text = render(request)
-        self.blocks = chain(self.text, block_chars)
+        self.blocks = chain(self.text, block_chars, start=request.cache_scope.encode())
 
 
 def session_of(headers: Iterable[tuple[bytes, bytes]], body: Any = None) -> str | None:

@@ -10,7 +10,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import trio
 from opentelemetry import trace
@@ -31,6 +31,7 @@ from helexa.protocol import (
 )
 from helexa.protocol.federation import FederatedHello, OfferedModel, Receipt, Refusal
 
+from ..cache_scope import peer_scope
 from .ledger import SERVED, Ledger
 from .policy import Admission, ServePolicy
 from .receipts import sign_receipt
@@ -166,6 +167,8 @@ class InboundServer:
         try:
             with trace.use_span(span, end_on_exit=True) if span is not None else contextlib.nullcontext():
                 if isinstance(request, GenerateRequest):
+                    # the asking cortex's tenants stay apart, from this cortex's and from another peer's
+                    request = replace(request, cache_scope=peer_scope(peer, request.cache_scope))
                     return await self._serve_generate(stream, reader, exchange, request, model)
                 reader.end()
                 await self._serve_embed(stream, request, model)

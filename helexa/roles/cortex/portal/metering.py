@@ -175,11 +175,14 @@ class Metering(AccountBook):
         asked = request.model_id
         entry = self.catalogue.get(served)
         max_tokens = request.sampling.max_tokens
+        scope = portal.cache_scope(caller.key)  # whose cached prefixes it may reuse
         if entry is not None and entry.max_output and max_tokens and max_tokens > entry.max_output:
             raise BadRequest(f"max_tokens {max_tokens} is over model {asked!r}'s limit of {entry.max_output}",
                              param="max_tokens")
         if not counted:
-            forward = request if served == asked else dataclasses.replace(request, model_id=served)
+            forward = request
+            if served != asked or request.cache_scope != scope:
+                forward = dataclasses.replace(request, model_id=served, cache_scope=scope)
             return Plan(asked, forward, _NOTHING_RESERVED, 0, portal.price(asked), portal.currency,
                         portal.records_usage)
         size, _ = prompt_bytes(request)
@@ -203,11 +206,11 @@ class Metering(AccountBook):
         cost = (prompt * p_in + completion * p_out) / 1_000_000
         tokens = min(prompt + completion, context) if context else prompt + completion
         forward = request
-        if served != asked or implied:
+        if served != asked or implied or request.cache_scope != scope:
             sampling = request.sampling
             if implied:
                 sampling = dataclasses.replace(sampling, max_tokens=completion)
-            forward = dataclasses.replace(request, model_id=served, sampling=sampling)
+            forward = dataclasses.replace(request, model_id=served, sampling=sampling, cache_scope=scope)
         return Plan(asked, forward, Reservation(tokens, cost), size, (p_in, p_out), portal.currency,
                     portal.records_usage, Reservation(completion, completion * p_out / 1_000_000))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..cache_scope import scope_of
 from ..config import PortalConfig, QuotaConfig
 from ..errors import Forbidden, ModelNotFound
 from ..federation.policy import AskPolicy, Outbound
@@ -53,6 +54,8 @@ class Portal:
         self._prices = {name: (p.input, p.output) for name, p in config.prices.items()}
         self._tenants: dict[str, Tenant] = {}
         self._anonymous = Tenant(portal_id, "", config.priority, config.weight)
+        self._per_key = config.prompt_cache == "per_key"
+        self._scopes: dict[str, str] = {}
 
     def serves(self, public: str) -> str | None:
         """The catalogue model behind ``public``, or None when this portal does not serve it."""
@@ -92,6 +95,15 @@ class Portal:
         if tenant is None:
             tenant = self._tenants[key.key_id] = Tenant(self.id, key.key_id, self.config.priority, self.config.weight)
         return tenant
+
+    def cache_scope(self, key: ApiKey | None) -> str:
+        """The cache scope of ``key``'s requests (see :mod:`..cache_scope`): the key's own,
+        or the portal's (an open portal, or ``prompt_cache = "portal"``)."""
+        key_id = key.key_id if key is not None and self._per_key else ""
+        scope = self._scopes.get(key_id)
+        if scope is None:
+            scope = self._scopes[key_id] = scope_of(self.id, key_id)
+        return scope
 
     def listing(self, models: list[dict[str, Any]], *, full: bool) -> list[dict[str, Any]]:
         """This portal's ``/v1/models`` entries from the fabric's listing: the models it
