@@ -222,3 +222,28 @@ def test_a_corrupt_bindings_file_is_refused_not_emptied(tmp_path, text):
     with pytest.raises(ValueError):
         NeuronKeys(path)
     assert path.read_text() == text
+
+
+async def test_a_neuron_of_handshake_version_1_is_sent_no_cache_scope_it_could_not_decode(tmp_path, nursery,
+                                                                                           monkeypatch):
+    """An older neuron joins at version 1, and its codec refuses unknown fields: a keyed
+    request's cache scope is left out of what it is sent, rather than breaking its link.
+    A neuron at version 2 is sent the scope."""
+    from functools import partial
+
+    from helexa.protocol import GenerateRequest, Task
+    from helexa.protocol.join import NeuronJoin
+    from helexa.roles.neuron import connection
+
+    s = Setup(tmp_path)
+    cortex = await s.start_cortex(nursery)
+    monkeypatch.setattr(connection, "NeuronJoin", partial(NeuronJoin, versions=(1, 1)))
+    await s.joined(s.start(nursery, "old", "old"))
+    monkeypatch.undo()
+    await s.joined(s.start(nursery, "new", "new"))
+    old, new = cortex.fleet.get("old"), cortex.fleet.get("new")
+    assert not old.scopes_cache and new.scopes_cache
+    request = GenerateRequest("r1", "synth", Task.CHAT, messages=({"role": "user", "content": "x"},),
+                              cache_scope="ab" * 16)
+    assert old.generate(request).request.cache_scope == ""
+    assert new.generate(request).request.cache_scope == "ab" * 16

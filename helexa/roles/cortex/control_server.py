@@ -29,7 +29,7 @@ import trio
 
 from helexa.identity import fingerprint
 from helexa.protocol import ProtocolError
-from helexa.protocol.join import CLOSE_REPLACED, Admitted, CortexJoin, Failure, RecentNonces, Refusal
+from helexa.protocol.join import CLOSE_REPLACED, IDENTITY_VERSION, Admitted, CortexJoin, Failure, RecentNonces, Refusal
 from helexa.transport import Channel, ChannelClosed
 from helexa.transport import websocket as ws_transport
 from helexa.transport.admission import FailedJoins, PendingHandshakes, host_of
@@ -207,6 +207,7 @@ class ControlServer:
             on_change=self.fleet.notify,
             send_timeout=self.settings.send_timeout,
         )
+        link.scopes_cache = join.version >= IDENTITY_VERSION
         # Registered before the welcome goes out: once a neuron is welcomed, it is counted.
         old = self.fleet.add(link)
         if old is not None and old.connected:

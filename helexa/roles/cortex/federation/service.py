@@ -21,7 +21,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import trio
@@ -350,6 +350,8 @@ class Federation:
             PeerUnreachable: no peer could be reached or none answered in time.
             PeerVanished, PeerFailed: from the iterator, mid-answer.
         """
+        if request.cache_scope:  # a peer of an older release refuses the field: the peer scopes it
+            request = replace(request, cache_scope="")
         return _Route(self, request, exclude, also)
 
     async def embed(self, request: EmbedRequest, *, exclude: frozenset[str] = frozenset(),
