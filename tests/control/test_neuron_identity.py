@@ -268,3 +268,30 @@ async def test_a_neuron_of_handshake_version_1_is_sent_no_cache_scope_it_could_n
                               cache_scope="ab" * 16)
     assert old.generate(request).request.cache_scope == ""
     assert new.generate(request).request.cache_scope == "ab" * 16
+
+
+async def test_the_fleet_view_and_helexa_status_show_each_neurons_key_fingerprint(tmp_path, nursery, monkeypatch):
+    """``/admin/fleet`` (and so ``helexa status --json``) carries each neuron's identity key
+    fingerprint, null for an older neuron that sent none; ``helexa status`` shows it, "none"."""
+    from functools import partial
+
+    from helexa.protocol.join import NeuronJoin
+    from helexa.roles.neuron import connection
+    from helexa.status import render_fleet
+
+    s = Setup(tmp_path)
+    await s.start_cortex(nursery)
+    monkeypatch.setattr(connection, "NeuronJoin", partial(NeuronJoin, versions=(1, 1)))
+    await s.joined(s.start(nursery, "old", "old"))
+    monkeypatch.undo()
+    await s.joined(s.start(nursery, "new", "new"))
+    async with s.admin() as admin:
+        fleet = (await admin.get("/admin/fleet")).json()
+    keys = {n["node_id"]: n["identity_key"] for n in fleet["neurons"]}
+    mine = key_of(tmp_path / "new").fingerprint
+    assert keys == {"new": mine, "old": None}
+    rows = {line.split()[0]: line.split() for line in render_fleet(fleet).splitlines()}
+    assert rows["NODE"][:3] == ["NODE", "HEALTH", "KEY"]
+    assert rows["new"][1:3] == ["healthy", mine] and rows["old"][1:3] == ["healthy", "none"]
+    del fleet["neurons"][0]["identity_key"]  # from an older cortex, which does not say
+    assert render_fleet(fleet).splitlines()[1].split()[2] == "?"
