@@ -20,6 +20,7 @@ the operator forgot this neuron's (``helexa neurons forget``). The close reason 
 :data:`REPLACED_SAME_KEY` or :data:`REPLACED_NEW_KEY` to tell them apart
 (:func:`replaced_reason`, :func:`replaced_message`)."""
 
+
 def forget_command(node_id: str) -> str:
     """The ``helexa neurons forget`` command line for ``node_id``, as a shell reads it: quoted
     where needed (a node id may hold any printable character), after ``--`` when it starts

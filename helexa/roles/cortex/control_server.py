@@ -215,8 +215,10 @@ class ControlServer:
         # Registered before the welcome goes out: once a neuron is welcomed, it is counted.
         old = self.fleet.add(link)
         if old is not None and old.connected:
-            log.info("neuron %s joined again from %s; closing its previous connection", link.node_id, channel.remote)
-            await old.close(CLOSE_REPLACED, replaced_reason(old.public_key, link.public_key))
+            why = replaced_reason(old.public_key, link.public_key)
+            log.info("neuron %s joined again from %s; closing its previous connection (%s)", link.node_id,
+                     channel.remote, why)
+            await old.close(CLOSE_REPLACED, why)
         for frame in frames:  # the welcome
             await channel.send(frame)
         log.info(
