@@ -40,12 +40,20 @@ def table(rows: list[list[str]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
+def _key(neuron: dict[str, Any]) -> str:
+    """The neuron's identity key fingerprint; "none" for an older neuron that sent none, "?"
+    from an older cortex that does not say."""
+    if "identity_key" not in neuron:
+        return "?"
+    return neuron["identity_key"] or "none"
+
+
 def render_fleet(fleet: dict[str, Any], *, now: float | None = None) -> str:
     now = time.time() if now is None else now
     neurons = fleet.get("neurons", [])
     if not neurons:
         return "no neurons joined"
-    rows = [["NODE", "HEALTH", "CPU", "RAM", "GPUS", "IN-FLIGHT", "LAST BEAT", "MODELS"]]
+    rows = [["NODE", "HEALTH", "KEY", "CPU", "RAM", "GPUS", "IN-FLIGHT", "LAST BEAT", "MODELS"]]
     for n in neurons:
         hw = n["descriptor"]["hardware"]
         m = n["metrics"]
@@ -58,6 +66,7 @@ def render_fleet(fleet: dict[str, Any], *, now: float | None = None) -> str:
             [
                 n["node_id"],
                 n["health"],
+                _key(n),
                 f"{m['cpu_percent']:.0f}%/{hw['cpu_cores']}c",
                 f"{_gib(m['ram_used'])}/{_gib(hw['ram_total'])}",
                 gpus,

@@ -61,6 +61,7 @@ from .codec import MIN_PROTOCOL_VERSION
 from .hardware import NeuronDescriptor
 from .messages import Challenge, Fault, Hello, Join, Refused, Welcome
 from .model import ModelConfig, ModelStatus
+from .takeover import CLOSE_REPLACED, forget_command  # noqa: F401  (CLOSE_REPLACED: re-exported)
 
 MAX_NODE_ID = 256
 """The longest node id a cortex admits (a machine id is 32 characters, a host name at most 253)."""
@@ -77,12 +78,6 @@ def node_id_problem(node_id: str) -> str | None:
         return f"the node id {node_id[:64]!r} holds a control or other unprintable character"
     return None
 
-
-CLOSE_REPLACED = 4001
-"""The websocket close code of a joined neuron's connection when a new join takes its node
-id. A neuron that redials closes its old connection itself, so a live connection closed
-with this code means another neuron joined under the same id with the same identity key
-(a cloned machine: a copied data directory); one with another key is refused instead."""
 
 IDENTITY_VERSION = 2
 """The first handshake version whose :class:`Join` carries the neuron's identity key."""
@@ -342,7 +337,8 @@ class CortexJoin(_Session):
             return self._refuse(
                 IDENTITY_MISMATCH,
                 f"node id {hello.node_id!r} is bound to another identity key on this cortex ({fingerprint(bound)}; "
-                f"{theirs}); if this is a new machine, the operator runs `helexa neurons forget {hello.node_id}`",
+                f"{theirs}); if this is a new machine, the operator runs "
+                f"`{forget_command(hello.node_id)}`",
             )
         welcome = Welcome(
             auth.welcome_proof(token, self._nonce, hello.nonce, hello.node_id),

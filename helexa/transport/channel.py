@@ -27,9 +27,11 @@ class TransportError(Exception):
 
 
 class ChannelClosed(TransportError):
-    def __init__(self, message: str = "channel closed", *, code: int | None = None) -> None:
+    def __init__(self, message: str = "channel closed", *, code: int | None = None, reason: str = "") -> None:
         super().__init__(message)
         self.code = code
+        self.reason = reason
+        """The reason of the peer's close frame (empty when none came)."""
 
 
 class ConnectFailed(TransportError):

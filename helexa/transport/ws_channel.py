@@ -244,7 +244,7 @@ class FrameChannel(Channel):
                             except ChannelClosed:
                                 pass
                     await self._drop()
-                    raise ChannelClosed(f"closed by peer: {code} {reason}".strip(), code=code)
+                    raise ChannelClosed(f"closed by peer: {code} {reason}".strip(), code=code, reason=reason)
 
     async def _read_more(self) -> None:
         if self._closed:

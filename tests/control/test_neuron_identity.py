@@ -110,7 +110,7 @@ async def test_a_neuron_with_the_token_but_another_key_cannot_take_a_node_id_ove
         await s.neuron("intruder").run()  # the same node id and join token, another key
     assert refused.value.code == IDENTITY_MISMATCH
     assert "'n1' is bound to another identity key" in str(refused.value)
-    assert "helexa neurons forget n1" in str(refused.value)
+    assert "helexa neurons forget n1`" in str(refused.value)
 
     # The real neuron was not disturbed: the same connection, still serving.
     assert cortex.fleet.get("n1") is link and link.connected and real.neuron.joins == 1
@@ -136,6 +136,27 @@ async def test_the_same_neuron_restarted_rejoins_and_takes_its_old_connection_ov
     with trio.fail_after(10):
         await again.done.wait()
     assert isinstance(again.error, JoinRefused) and again.error.code == "duplicate_node_id"
+    assert "with this neuron's identity key (a copy of its data_dir)" in str(again.error)
+
+
+async def test_a_new_key_bound_after_forget_pushes_the_old_neuron_out_saying_so(tmp_path, nursery):
+    """After ``helexa neurons forget``, a new machine under the node id takes the connected
+    old neuron's place: the old one exits naming the forgotten binding, not a cloned data_dir."""
+    s = Setup(tmp_path)
+    cortex = await s.start_cortex(nursery)
+    old = s.start(nursery, "old", "-n 1'x")
+    await s.joined(old)
+    assert await cortex.neuron_keys.forget("-n 1'x") is not None
+    new = s.start(nursery, "new-machine", "-n 1'x")
+    await s.joined(new)
+    with trio.fail_after(10):
+        await old.done.wait()
+    assert isinstance(old.error, JoinRefused) and old.error.code == "node_id_rebound"
+    message = str(old.error)
+    assert "the operator forgot this neuron's identity key" in message and "copy of its data_dir" not in message
+    assert "helexa neurons forget -- '-n 1'\"'\"'x'" in message
+    assert cortex.neuron_keys.bound("-n 1'x") == key_of(tmp_path / "new-machine").public_bytes
+    assert new.error is None and new.neuron.joined.is_set()
 
 
 async def test_the_operator_lists_and_forgets_a_binding_and_a_new_key_binds(tmp_path, nursery):
@@ -247,3 +268,30 @@ async def test_a_neuron_of_handshake_version_1_is_sent_no_cache_scope_it_could_n
                               cache_scope="ab" * 16)
     assert old.generate(request).request.cache_scope == ""
     assert new.generate(request).request.cache_scope == "ab" * 16
+
+
+async def test_the_fleet_view_and_helexa_status_show_each_neurons_key_fingerprint(tmp_path, nursery, monkeypatch):
+    """``/admin/fleet`` (and so ``helexa status --json``) carries each neuron's identity key
+    fingerprint, null for an older neuron that sent none; ``helexa status`` shows it, "none"."""
+    from functools import partial
+
+    from helexa.protocol.join import NeuronJoin
+    from helexa.roles.neuron import connection
+    from helexa.status import render_fleet
+
+    s = Setup(tmp_path)
+    await s.start_cortex(nursery)
+    monkeypatch.setattr(connection, "NeuronJoin", partial(NeuronJoin, versions=(1, 1)))
+    await s.joined(s.start(nursery, "old", "old"))
+    monkeypatch.undo()
+    await s.joined(s.start(nursery, "new", "new"))
+    async with s.admin() as admin:
+        fleet = (await admin.get("/admin/fleet")).json()
+    keys = {n["node_id"]: n["identity_key"] for n in fleet["neurons"]}
+    mine = key_of(tmp_path / "new").fingerprint
+    assert keys == {"new": mine, "old": None}
+    rows = {line.split()[0]: line.split() for line in render_fleet(fleet).splitlines()}
+    assert rows["NODE"][:3] == ["NODE", "HEALTH", "KEY"]
+    assert rows["new"][1:3] == ["healthy", mine] and rows["old"][1:3] == ["healthy", "none"]
+    del fleet["neurons"][0]["identity_key"]  # from an older cortex, which does not say
+    assert render_fleet(fleet).splitlines()[1].split()[2] == "?"

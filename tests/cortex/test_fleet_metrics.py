@@ -32,6 +32,8 @@ async def _scrape() -> str:
     n2 = NeuronDouble("n2", fleet)
     n2.models["chat"] = ModelStatus("chat", ModelState.FAILED, error="no")
     n2.health = Health.UNHEALTHY
+    n3 = NeuronDouble("n3", fleet)  # its connection dropped: as NeuronLink leaves it until removed
+    n3.health, n3.connected = Health.UNHEALTHY, False
     async with serving(fleet, CATALOGUE) as (gateway, url), httpx.AsyncClient(base_url=url) as http:
         r = await http.post("/v1/chat/completions", json={"model": "chat", "messages": [{"role": "user",
                                                                                          "content": "x"}]})
@@ -54,6 +56,7 @@ async def test_metrics_show_the_fleets_neurons_memory_and_models() -> None:
         return samples[(name, frozenset(labels.items()))]
 
     assert value("helexa_neurons", health="healthy") == 1 and value("helexa_neurons", health="unhealthy") == 1
+    assert value("helexa_neurons", health="offline") == 1 and value("helexa_neurons", health="draining") == 0
     assert value("helexa_neuron_ram_bytes", neuron="n1", kind="used") == 4 * GB
     assert value("helexa_neuron_ram_bytes", neuron="n1", kind="total") == 16 * GB
     assert value("helexa_neuron_gpu_memory_bytes", neuron="n1", gpu="0", kind="used") == 3 * GB

@@ -5,7 +5,8 @@ neuron's node id, and that join pushed the real neuron out (4001, exit 3) and to
 traffic. Now a second neuron with the same node id and a valid token but another identity
 key is refused and exits 4 with one line naming the fix, while the first keeps serving;
 the same neuron restarted (same data directory) rejoins; the bindings survive a ``kill -9``
-of the cortex, which the real neuron rejoins; after ``helexa neurons forget`` a new key binds.
+of the cortex, which the real neuron rejoins; after ``helexa neurons forget`` a new key binds,
+and the neuron it pushes out exits 3 saying its binding was forgotten.
 """
 
 from __future__ import annotations
@@ -93,9 +94,12 @@ def test_another_key_cannot_take_a_node_id_and_the_operator_can_forget_a_binding
         assert json.loads(cli("keys", "--json")) == []
         time.sleep(1)
         assert real.alive and real.log().count("joined cortex") == 2 and chat() is not None
-        assert real.stop() == 0
         new = procs.neuron(cortex, "n1", env=data("intruder"), wait=False)  # a new machine, the old node id
         new.wait_log("joined cortex", 30)
+        # The connected one is pushed out, and says why: not a copy of its data_dir.
+        assert real.popen.wait(30) == 3
+        assert "the operator forgot this neuron's identity key" in real.log()
+        assert "copy of its data_dir" not in real.log() and "Traceback" not in real.log()
         (bound,) = json.loads(cli("keys", "--json"))
         assert bound["fingerprint"] == identity.load_or_create(tmp_path / "intruder" / "identity.key").fingerprint
         assert new.alive and chat() is not None

@@ -374,3 +374,37 @@ def test_reloading_the_page_that_shows_a_new_key_creates_or_rotates_nothing(
         assert client.chat.completions.create(model="fast", max_tokens=2, messages=[
             {"role": "user", "content": "hi"}]).choices[0].message.content
     page.close()
+
+
+# Imported at the start of the neuron's interpreter (PYTHONPATH): it joins at handshake
+# version 1, as a neuron of a release before identity keys, and so sends no key.
+KEYLESS_NEURON = """
+from functools import partial
+from helexa.protocol.join import NeuronJoin
+from helexa.roles.neuron import connection
+
+connection.NeuronJoin = partial(NeuronJoin, versions=(1, 1))
+"""
+
+
+def test_the_fleet_page_and_helexa_status_show_each_neurons_identity_key_fingerprint(
+        browser, cortex: Cortex, procs: ProcGroup, tmp_path: Path) -> None:  # noqa: ANN001
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(KEYLESS_NEURON)
+    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
+    old = procs.neuron(cortex, "old", env={"PYTHONPATH": path})
+    cortex.wait_neuron("old")
+    (n1,) = [b for b in cortex.admin("GET", "/admin/neurons/keys").json()["data"] if b["node_id"] == "n1"]
+    fleet = {n["node_id"]: n for n in cortex.admin("GET", "/admin/fleet").json()["neurons"]}
+    assert fleet["n1"]["identity_key"] == n1["fingerprint"] and fleet["old"]["identity_key"] is None
+    status = {line.split()[0]: line.split() for line in cli(cortex, "status").splitlines()}
+    assert status["NODE"][2] == "KEY" and status["n1"][2] == n1["fingerprint"] and status["old"][2] == "none"
+
+    page, problems = login(browser, cortex.admin_url, cortex.admin_token)
+    expect(page.locator("article.neuron[data-node=n1] [data-field=key]")).to_have_text(n1["fingerprint"])
+    expect(page.locator("article.neuron[data-node=old] [data-field=key]")).to_have_text("none")
+    expect(page.locator("article.neuron[data-node=n1] dt", has_text="identity key")).to_be_visible()
+    assert problems == [], problems
+    page.close()
+    old.stop(10)

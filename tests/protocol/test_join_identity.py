@@ -5,6 +5,7 @@ another. Every message goes through the real codec, as on the wire."""
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import msgpack
@@ -13,6 +14,7 @@ import pytest
 from helexa import identity
 from helexa.protocol import Challenge, Join, Refused, Welcome, auth, decode, encode
 from helexa.protocol.join import IDENTITY_MISMATCH, Admitted, CortexJoin, NeuronJoin, State, Welcomed
+from helexa.protocol.takeover import replaced_message, replaced_reason
 
 from test_join import TOKEN, cortex, descriptor, exchange, neuron
 
@@ -57,9 +59,37 @@ def test_a_node_id_bound_to_another_key_is_refused_naming_the_fix_even_with_the_
     exchange(n, c)
     assert c.state is State.REFUSED and c.verdict.code == IDENTITY_MISMATCH
     reason = c.verdict.reason
-    assert "'n1' is bound to another identity key" in reason and "helexa neurons forget n1" in reason
+    assert "'n1' is bound to another identity key" in reason and "`helexa neurons forget n1`" in reason
     assert mine.fingerprint in reason and theirs.fingerprint in reason
     assert n.state is State.REFUSED and n.verdict == c.verdict  # the neuron hears why
+
+
+@pytest.mark.parametrize("node_id, command", [
+    ("gpu 1", "helexa neurons forget 'gpu 1'"),
+    ("a'b;rm", "helexa neurons forget 'a'\"'\"'b;rm'"),
+    ("-x", "helexa neurons forget -- -x"),
+    ("gpu-1.lan", "helexa neurons forget gpu-1.lan"),
+])
+def test_the_suggested_forget_command_quotes_the_node_id_for_a_shell(keys, node_id, command):
+    mine, theirs = keys
+    n, c = neuron(identity=theirs, node_id=node_id), cortex(bound=bound_to(mine, node_id))
+    exchange(n, c)
+    assert c.verdict.code == IDENTITY_MISMATCH and f"`{command}`" in c.verdict.reason
+    assert shlex.split(command)[-1] == node_id
+
+
+def test_a_takeover_close_says_whether_the_key_was_the_same_or_rebound(keys):
+    mine, theirs = keys
+    a, b = mine.public_bytes, theirs.public_bytes
+    for reason in (replaced_reason(a, a), replaced_reason(a, b), replaced_reason(b"", a)):
+        assert len(reason.encode()) <= 123  # a websocket close frame's reason
+    code, message = replaced_message(replaced_reason(a, a), "ws://c", "n1")
+    assert code == "duplicate_node_id" and "a copy of its data_dir" in message and "forgot" not in message
+    code, message = replaced_message(replaced_reason(a, b), "ws://c", "n 1")
+    assert code == "node_id_rebound" and "data_dir)" not in message
+    assert "the operator forgot this neuron's identity key" in message and "helexa neurons forget 'n 1'" in message
+    code, message = replaced_message("replaced by a new connection of node id n1", "ws://c", "n1")  # an older cortex
+    assert code == "duplicate_node_id" and "copy of its data_dir" not in message
 
 
 def test_a_bound_node_id_joined_without_a_key_is_refused(keys):

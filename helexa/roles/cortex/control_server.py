@@ -15,7 +15,9 @@ join proofs were refused ``failed_joins_burst`` times has its connections closed
 Identity (:mod:`.neuron_keys`): the first join of a node id with an identity key binds the
 id to that key, before the welcome goes out; a join of the id with another key is refused
 in the handshake (the neuron joined under it is not disturbed). A join with the same key
-(a restart, a redial, a cloned data directory) takes the id's old connection over (4001).
+(a restart, a redial, a cloned data directory), or with a new key once the operator forgot
+the old one, takes the id's old connection over (4001, the reason saying which:
+:mod:`helexa.protocol.takeover`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ import trio
 
 from helexa.identity import fingerprint
 from helexa.protocol import ProtocolError
-from helexa.protocol.join import CLOSE_REPLACED, IDENTITY_VERSION, Admitted, CortexJoin, Failure, RecentNonces, Refusal
+from helexa.protocol.join import IDENTITY_VERSION, Admitted, CortexJoin, Failure, RecentNonces, Refusal
+from helexa.protocol.takeover import CLOSE_REPLACED, replaced_reason
 from helexa.transport import Channel, ChannelClosed
 from helexa.transport import websocket as ws_transport
 from helexa.transport.admission import FailedJoins, PendingHandshakes, host_of
@@ -208,11 +211,14 @@ class ControlServer:
             send_timeout=self.settings.send_timeout,
         )
         link.scopes_cache = join.version >= IDENTITY_VERSION
+        link.public_key = join.public_key
         # Registered before the welcome goes out: once a neuron is welcomed, it is counted.
         old = self.fleet.add(link)
         if old is not None and old.connected:
-            log.info("neuron %s joined again from %s; closing its previous connection", link.node_id, channel.remote)
-            await old.close(CLOSE_REPLACED, f"replaced by a new connection of node id {link.node_id}")
+            why = replaced_reason(old.public_key, link.public_key)
+            log.info("neuron %s joined again from %s; closing its previous connection (%s)", link.node_id,
+                     channel.remote, why)
+            await old.close(CLOSE_REPLACED, why)
         for frame in frames:  # the welcome
             await channel.send(frame)
         log.info(

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from helexa.identity import fingerprint
 from helexa.protocol import to_wire
 
 if TYPE_CHECKING:
@@ -71,6 +72,13 @@ def online(link: Any) -> bool:
 def health_view(link: Any) -> str:
     """``link``'s health as the operator's views show it: :data:`OFFLINE` once it disconnected."""
     return link.health.value if online(link) else OFFLINE
+
+
+def key_view(link: Any) -> str | None:
+    """The fingerprint of the identity key ``link``'s neuron proved at its join, as the
+    operator's views show it; None for an older neuron that sent none."""
+    key = getattr(link, "public_key", b"")
+    return fingerprint(key) if key else None
 
 
 def model_view(link: Any, status: Any) -> dict[str, Any]:
@@ -142,6 +150,7 @@ class Fleet:
                     "node_id": link.node_id,
                     "health": health_view(link),
                     "connected": online(link),
+                    "identity_key": key_view(link),
                     "descriptor": to_wire(link.descriptor),
                     "metrics": to_wire(link.metrics),
                     "models": {mid: model_view(link, st) for mid, st in sorted(link.models.items())},

@@ -2,7 +2,7 @@
 
 Families (all gauges unless said)::
 
-    helexa_neurons{health}                          neurons by health (healthy, unhealthy, draining)
+    helexa_neurons{health}                          neurons by health (healthy, unhealthy, draining, offline)
     helexa_neuron_ram_bytes{neuron, kind}           RAM used / total, from heartbeats
     helexa_neuron_gpu_memory_bytes{neuron, gpu, kind}   VRAM used / total per GPU
     helexa_neuron_in_flight_requests{neuron}        requests running on a neuron
@@ -32,7 +32,7 @@ from prometheus_client.registry import Collector
 
 from helexa.protocol import ModelState
 
-from .fleet import Fleet, Health
+from .fleet import OFFLINE, Fleet, Health, health_view
 
 if TYPE_CHECKING:
     from .federation.service import Federation
@@ -63,9 +63,13 @@ class FleetCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         links = sorted(self.fleet, key=lambda link: link.node_id)
-        health = GaugeMetricFamily("helexa_neurons", "Neurons by health", labels=["health"])
-        for h in Health:
-            health.add_metric([h.value], sum(1 for link in links if link.health is h))
+        # As the operator's views show it: a disconnected neuron is offline, not unhealthy
+        # (missed heartbeats while connected), until it rejoins or is removed.
+        health = GaugeMetricFamily("helexa_neurons", "Neurons by health (offline: disconnected, not yet removed)",
+                                   labels=["health"])
+        views = [health_view(link) for link in links]
+        for h in [*(h.value for h in Health), OFFLINE]:
+            health.add_metric([h], views.count(h))
         yield health
 
         ram = GaugeMetricFamily("helexa_neuron_ram_bytes", "A neuron's RAM, used and total",

@@ -67,6 +67,9 @@ class NeuronLink:
     """False for a neuron that joined at handshake version 1: its codec refuses a request's
     ``cache_scope``, which is then left out (its prompt cache stays shared by every tenant)."""
 
+    public_key = b""
+    """The identity key the neuron proved at its join (empty: an older neuron sent none)."""
+
     def __init__(
         self,
         channel: Channel,

@@ -10,7 +10,10 @@ Exception tree::
 
     NeuronError
     ├── JoinRefused        the join was refused (``code``: unauthorized, version_mismatch,
-    │                      identity_mismatch, ...); fatal, since retrying cannot help
+    │                      identity_mismatch, ...), or this neuron was pushed out by another
+    │                      join under its node id (duplicate_node_id: the same key;
+    │                      node_id_rebound: a new key after ``forget``); fatal, since retrying
+    │                      cannot help
     └── CortexImpostor     the peer could not prove it holds our join token; fatal
 """
 
@@ -24,7 +27,8 @@ from typing import Any
 import trio
 
 from helexa.protocol import NeuronDescriptor, ProtocolError
-from helexa.protocol.join import CLOSE_REPLACED, Failure, Impostor, NeuronJoin, Refusal, Welcomed
+from helexa.protocol.join import Failure, Impostor, NeuronJoin, Refusal, Welcomed
+from helexa.protocol.takeover import CLOSE_REPLACED, replaced_message
 from helexa.transport import Channel, ChannelClosed, ConnectFailed
 from helexa.transport import websocket as ws_transport
 from helexa.transport.handshake import exchange
@@ -142,9 +146,7 @@ class Connection:
                     if isinstance(exc, ChannelClosed) and exc.code == CLOSE_REPLACED:
                         # Not our own redial (that leaves the old connection first): another
                         # neuron joined as us. Redialing would push it out, and it us, forever.
-                        raise JoinRefused("duplicate_node_id", f"another neuron joined {c.cortex} as "
-                                          f"{self._descriptor.node_id!r} with this neuron's identity key (a copy of "
-                                          "its data_dir): each neuron needs its own node_id and data_dir") from None
+                        raise JoinRefused(*replaced_message(exc.reason, c.cortex, self._descriptor.node_id)) from None
                     log.info("connection to cortex lost: %s", exc or type(exc).__name__)
                 if self.joins > joined_before:
                     delays = backoff_delays(c.reconnect_initial, c.reconnect_max, self._rng)

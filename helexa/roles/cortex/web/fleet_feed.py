@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import trio
 
-from ..fleet import OFFLINE, health_view, online
+from ..fleet import OFFLINE, health_view, key_view, online
 
 if TYPE_CHECKING:
     from ..fleet import Fleet
@@ -41,7 +41,7 @@ def neuron_view(link: Any, now: float, pins: set[tuple[str, str]]) -> dict[str, 
         state = st.state.value if online(link) else OFFLINE
         models.append({"id": mid, "state": state, "progress": st.progress, "in_flight": st.in_flight,
                        "memory": st.memory_bytes, "error": st.error, "pinned": (link.node_id, mid) in pins})
-    return {"id": link.node_id, "health": health_view(link), "host": link.descriptor.hostname,
+    return {"id": link.node_id, "health": health_view(link), "key": key_view(link), "host": link.descriptor.hostname,
             "heartbeat_age": round(max(0.0, now - link.last_heartbeat), 1), "cpu": round(m.cpu_percent, 1),
             "cores": hw.cpu_cores, "ram_used": m.ram_used, "ram_total": m.ram_total or hw.ram_total,
             "gpus": gpus, "in_flight": m.in_flight, "requests": link.in_flight, "models": models}
