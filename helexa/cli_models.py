@@ -26,6 +26,8 @@ def reload(client: AdminClient, as_json: bool) -> None:
     """Re-read the cortex's config and models.toml (as SIGHUP does) and say what changed."""
     report = client.request("POST", "/admin/reload")
     click.echo(json.dumps(report, indent=2) if as_json else report["message"])
+    if not as_json and report.get("pins_dropped"):
+        click.echo("dropped the pins of models no longer in the catalogue: " + ", ".join(report["pins_dropped"]))
 
 
 def _state(model: dict[str, Any], node: str) -> str:

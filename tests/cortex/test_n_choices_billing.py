@@ -95,3 +95,30 @@ async def test_n_choices_a_client_leaves_bill_the_estimated_prompt_once() -> Non
     assert first.completion_tokens > 0 and second.completion_tokens > 0
     assert first.prompt_tokens > 0 and second.prompt_tokens == 0
     assert mine["spent"]["tokens"] == first.prompt_tokens + first.completion_tokens + second.completion_tokens
+
+
+async def test_n_choices_count_as_one_request_against_rpm() -> None:
+    """OpenAI counts one request per call against requests-per-minute, whatever ``n``: a key
+    of ``rpm`` 2 takes two ``n=3`` calls (each choosing three answers) and refuses a third
+    call; each remaining-requests header drops by one. Each call was refused outright when
+    every choice took a request of its own."""
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=("chat",), tokens=2)
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme", rpm=2)
+    async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
+        def run():
+            c = client(urls["acme"], key)
+            raw = [c.chat.completions.with_raw_response.create(model="fast", messages=USER, n=3) for _ in range(2)]
+            try:
+                c.chat.completions.create(model="fast", messages=USER, n=3)
+            except openai.RateLimitError as exc:
+                refused = exc
+            else:
+                refused = None
+            return [(r.headers.get("x-ratelimit-remaining-requests"), len(r.parse().choices)) for r in raw], refused
+
+        answered, refused = await trio.to_thread.run_sync(run)
+    assert answered == [("1", 3), ("0", 3)]
+    assert refused is not None and refused.code == "rate_limit_exceeded" and "requests per minute" in refused.message
+    assert len(neuron.requests) == 6  # two calls of three choices each, the third call none

@@ -94,3 +94,63 @@ async def test_a_preload_is_admitted_by_the_keys_limits_as_a_request() -> None:
     assert first.status_code == 200 and first.json()["done_reason"] == "load"
     assert second.status_code == 429 and "requests per minute" in second.json()["error"]
     assert unknown.status_code == 404 and set(unknown.json()) == {"error"}
+
+
+@pytest.mark.parametrize("keep_alive", [0, "0", "0s", "0m", 0.5])
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("chat", [False, True], ids=["generate", "chat"])
+async def test_keep_alive_zero_with_nothing_to_generate_answers_unload_and_neither_loads_nor_unloads(
+        chat, stream, keep_alive) -> None:
+    """Ollama's unload (``keep_alive`` 0, whole seconds of a number as Ollama truncates
+    them, and an empty prompt): answered as Ollama answers it, and nothing done, so that a
+    tenant of a shared fabric never unloads a model others use (nor loads one to answer)."""
+    fleet = Fleet()
+    loaded = NeuronDouble("n1", fleet, loaded=("chat",))
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme")
+    async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
+        def run():  # noqa: ANN202
+            c = client(urls["acme"], key)
+            got = c.chat(model="fast:latest", messages=[], stream=stream, keep_alive=keep_alive) if chat else (
+                c.generate(model="fast", prompt="", stream=stream, keep_alive=keep_alive))
+            return list(got) if stream else [got]
+
+        with trio.fail_after(15):
+            (got,) = await trio.to_thread.run_sync(run)
+    assert got.done and got.done_reason == "unload" and got.model in ("fast", "fast:latest")
+    assert (got.message.role, got.message.content) == ("assistant", "") if chat else got.response == ""
+    assert [type(c).__name__ for c in loaded.commands if "Load" in type(c).__name__] == []  # nor Unload
+    assert loaded.models["chat"].state is ModelState.LOADED and loaded.requests == []
+
+
+async def test_unload_of_a_model_not_loaded_loads_nothing_and_a_negative_keep_alive_loads_it() -> None:
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet)
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme")
+    async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
+        def run():  # noqa: ANN202
+            c = client(urls["acme"], key)
+            unload = c.generate(model="fast", prompt="", keep_alive="0s")
+            nothing = loads(neuron)
+            forever = c.generate(model="fast", prompt="", keep_alive="-1m")  # Ollama: loaded forever
+            return unload, nothing, forever
+
+        with trio.fail_after(15):
+            unload, nothing, forever = await trio.to_thread.run_sync(run)
+    assert unload.done_reason == "unload" and nothing == []
+    assert forever.done_reason == "load" and loads(neuron) == ["chat"]
+
+
+async def test_an_unload_names_no_model_it_may_not_use_and_a_malformed_keep_alive_is_refused() -> None:
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("chat",))
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme")
+    async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
+        async with httpx.AsyncClient(timeout=10, headers=bearer(key)) as http:
+            unknown = await http.post(urls["acme"] + "/api/generate", json={"model": "nope", "keep_alive": 0})
+            malformed = await http.post(urls["acme"] + "/api/chat",
+                                        json={"model": "fast", "messages": [], "keep_alive": "5"})
+    assert unknown.status_code == 404 and set(unknown.json()) == {"error"}
+    assert malformed.status_code == 400 and "keep_alive" in malformed.json()["error"]

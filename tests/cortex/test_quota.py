@@ -173,3 +173,17 @@ def test_limits_reject_nonsense() -> None:
     with pytest.raises(ValueError):
         Limits(rpm=0)
     assert Limits.from_dict({"rpm": 3, "junk": 1}) == Limits(rpm=3)
+
+
+def test_a_reservation_of_no_request_takes_nothing_from_rpm() -> None:
+    # Choices 1.. of OpenAI's n: the call's one request is choice 0's.
+    account = Account("key k", Limits(rpm=1, max_concurrent=3), 0.0)
+    assert admit([account], Reservation(10, 0.0), 0.0) is None
+    for _ in range(2):
+        assert admit([account], Reservation(10, 0.0, requests=0), 0.0) is None
+    assert account.in_flight == 3  # each choice still holds a concurrency slot
+    refusal = admit([account], Reservation(10, 0.0), 0.0)
+    assert refusal is not None and refusal.code == "concurrency"
+    account.settle(Reservation(10, 0.0), 5, 0.0, 0.0)
+    refusal = admit([account], Reservation(10, 0.0), 0.0)
+    assert refusal is not None and refusal.code == "requests"

@@ -394,3 +394,56 @@ async def test_a_model_renamed_or_removed_in_the_catalogue_is_unloaded_where_the
         assert neuron.unloads() == ["chat"]  # the operator's chat2 and the neuron's own model stay
         assert set(neuron.models) == {"manual", "chat2"}
         cortex.stop()
+
+
+async def test_a_reload_that_removes_a_pinned_model_drops_its_pins_with_one_line(tmp_path: Path, caplog) -> None:
+    """A pin of a model the catalogue dropped can never be honoured (a load needs its
+    entry): the reload drops it with one warning, and it is shown nowhere (the admin API,
+    the console's Fleet page); housekeeping no longer tries to load it every ``warm_retry``
+    with a warning each time. Its copy stays loaded until the operator unloads it."""
+    from helexa.roles.cortex.web.fleet_feed import FleetFeed
+
+    models = MODELS + '\n[models.chat2]\nbackend = "synthetic"\nmemory_mb = 100\n'
+    config_text = CONFIG.replace("retry_after = 5.0", "retry_after = 5.0\nwarm_retry = 0.1")
+    path = _write(tmp_path, config_text, models)
+    overrides = {"data_dir": str(tmp_path / "data")}
+
+    def loader() -> CortexConfig:
+        return load_config(CortexConfig, file=path, overrides=overrides)
+
+    cortex = Cortex(loader(), loader=loader)
+    neuron = NeuronDouble("n1", cortex.fleet)
+    token = (tmp_path / "data" / "admin-token").read_text().strip()
+    feed = FleetFeed(cortex.fleet, cortex.orchestrator.provisioner)
+
+    def pinned_on_the_fleet_page() -> bool:
+        (n1,) = json.loads(feed.document())["neurons"]
+        return any(m["pinned"] for m in n1["models"] if m["id"] == "chat2")
+
+    caplog.set_level(logging.INFO)
+    async with trio.open_nursery() as nursery:
+        addrs = await nursery.start(cortex.run)
+        admin = {"authorization": f"Bearer {token}"}
+        async with httpx.AsyncClient(base_url=addrs.admin_url, headers=admin, timeout=10) as http:
+            r = await http.post("/admin/models/chat2/pin", json={"neuron": "n1"})
+            assert r.json()["pinned"] is True, r.text
+            with trio.fail_after(5):
+                while "chat2" not in neuron.models:
+                    await trio.sleep(0.02)
+            assert pinned_on_the_fleet_page()
+
+            _write(tmp_path, config_text, MODELS)  # chat2 removed
+            r = await http.post("/admin/reload")
+            assert r.json()["catalogue"]["removed"] == ["chat2"] and r.json()["pins_dropped"] == ["chat2 on n1"]
+            assert "chat2" in neuron.models and not pinned_on_the_fleet_page()  # still loaded, no longer pinned
+            neuron.models.pop("chat2")  # then lost (a crash of its worker, say)
+            cortex.fleet.notify()
+            await trio.sleep(1.0)  # ten warm_retry periods
+            listed = {m["id"]: m for m in (await http.get("/admin/models")).json()["data"]}
+        cortex.stop()
+    warnings = [rec.getMessage() for rec in caplog.records if rec.levelno >= logging.WARNING]
+    assert [w for w in warnings if "chat2" in w] == [
+        "reload: dropped the pins of models no longer in the catalogue: chat2 on n1 "
+        "(a copy loaded stays until `helexa models unload MODEL`)"]
+    assert neuron.loads() == ["chat2"]  # never again once it left the catalogue
+    assert "chat2" not in listed and cortex.orchestrator.provisioner.operator.pins() == {}

@@ -5,9 +5,11 @@ edge runs ``n`` fabric requests (ids ``<id>-0`` ... ``<id>-<n-1>``; with a ``see
 ``i`` samples with ``seed + i`` so that the choices differ yet repeat) through the metered
 path at once (they may land on different neurons; each has its ledger record), and
 merges their token chunks, each tagged with its choice's index. As OpenAI counts it, the
-prompt is counted once per request: choice 0 reserves and bills the prompt and its
-answer, every other choice its answer only (its result's usage has no prompt tokens), so
-the sum of the choices' usage is the request's. Each choice's :class:`GenerateResult`
+prompt and the request are counted once per call: choice 0 reserves and bills the prompt
+and its answer and takes the call's one ``rpm`` request, every other choice its answer
+only (its result's usage has no prompt tokens), so the sum of the choices' usage is the
+request's. Each choice still holds a ``max_concurrent`` slot while it runs (it is a
+generation on a neuron). Each choice's :class:`GenerateResult`
 exists once its ledger record does, so the results come after the block
 (:attr:`Choices.results`), as a single generation's does.
 
@@ -138,6 +140,7 @@ async def _several(run: Run, request: GenerateRequest, n: int, **kwargs: Any) ->
         kwargs["on_wait"] = _one_at_a_time(kwargs["on_wait"])  # choices may wait at once
     kwargs["copies"] = n  # quotas refuse the whole where no wait could admit every choice
     kwargs["group"] = gens  # choice 0 bills the prompt when any choice produced output
+    kwargs["admitted"] = trio.Event()  # choice 0, which takes the call's rpm request, admitted first
 
     async def one(index: int, fabric: GenerateRequest, out: trio.MemorySendChannel) -> None:
         nonlocal started

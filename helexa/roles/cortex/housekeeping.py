@@ -75,6 +75,8 @@ class Housekeeping:
             now = last_pass = trio.current_time()
             demand = p.demand()
             views = p.views(demand)
+            # A pin dropped (unpinned, or its model left the catalogue) forgets its failure.
+            self._pin_failed = {k: t for k, t in self._pin_failed.items() if p.operator.pinned(k[1], k[0])}
             for model_id, node_id in self._pins_to_load(views):
                 key = (model_id, node_id)
                 failed_at = self._pin_failed.get(key)
@@ -122,7 +124,8 @@ class Housekeeping:
         for view in views:
             resident = {r.model_id for r in view.residents}
             out += [(model_id, node_id) for node_id, model_id in p.operator.pinned_pairs()
-                    if node_id == view.node_id and model_id not in resident and not p.loading(model_id)]
+                    if node_id == view.node_id and model_id not in resident and not p.loading(model_id)
+                    and model_id in p.catalogue]  # a pin outside it could never load
         return out
 
     async def _load_pinned(self, model_id: str, node_id: str) -> None:

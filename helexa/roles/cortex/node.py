@@ -234,6 +234,12 @@ class Cortex:
         report = ReloadReport(live=list(plan.live), restart=list(plan.restart))
         added, removed, changed = self.catalogue.replace(catalogue)
         report.catalogue = {"added": added, "removed": removed, "changed": changed}
+        if removed:
+            dropped = self.orchestrator.provisioner.operator.drop_pins_outside(self.catalogue)
+            report.pins_dropped = [f"{model_id} on {node_id}" for node_id, model_id in dropped]
+            if dropped:
+                log.warning("reload: dropped the pins of models no longer in the catalogue: %s (a copy loaded "
+                            "stays until `helexa models unload MODEL`)", ", ".join(report.pins_dropped))
         live = self.config
         for pid in plan.portals:
             kept = {name: getattr(live.portals[pid], name) for name in PORTAL_RESTART_FIELDS}

@@ -8,8 +8,10 @@ neuron sees it. Ollama's ``options`` map onto the fabric's sampling: ``temperatu
 ``stop``, ``seed`` (``-1``: none, as Ollama means it), ``repeat_penalty``, ``presence_penalty``,
 ``frequency_penalty``; the runner's own knobs (``num_ctx``, ``num_gpu``, ``mirostat``...) are accepted and left to
 the neuron's configuration. ``format`` is ``"json"`` (any JSON object) or a JSON schema,
-enforced by the backend's grammar as ``response_format`` is. ``keep_alive`` and ``think``
-are accepted; where a model stays loaded is the orchestrator's decision.
+enforced by the backend's grammar as ``response_format`` is. ``keep_alive`` (parsed as
+Ollama does, :mod:`.ollama_keep_alive`) and ``think`` are accepted; where a model stays
+loaded is the orchestrator's decision (``keep_alive`` 0 with nothing to generate, Ollama's
+unload, is answered as Ollama answers it and unloads nothing).
 
 The fabric request streams when the client's answer does, so that the final object's
 durations split the prompt's evaluation (to the first token) from the generation; an answer
@@ -41,6 +43,7 @@ from helexa.protocol import (
 )
 
 from .errors import BadRequest
+from .ollama_keep_alive import seconds as keep_alive_seconds
 from .openai_api import MAX_EMBED_INPUTS, tool_specs
 from .openai_requests import FieldError, Int64, Lenient, Off, On, Tool, _wire_json
 from .schema_check import check_schema
@@ -75,7 +78,13 @@ Format = Literal["json", ""] | dict[str, Any]
 class Common(Lenient):
     model: str = Field(min_length=1)
     options: Options | None = None
-    keep_alive: float | str | None = None
+    keep_alive: float | None = Field(None, allow_inf_nan=True)
+    """In seconds, parsed as Ollama parses it (:mod:`.ollama_keep_alive`; ``math.inf``: forever)."""
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> float | None:
+        return keep_alive_seconds(value)
 
 
 class GenerateCommon(Common):

@@ -25,7 +25,9 @@ nanoseconds; it goes out only once the ledger record is durable. While the reque
 ``done: false``) every keep-alive interval, as the other surfaces send their keep-alives. An empty ``prompt`` /
 ``messages`` loads the model, as Ollama does (the way its clients preload one): the
 cortex's cold load, admitted by the caller's limits as any request, then one
-``done_reason: "load"`` object once it is loaded, or the load's error. Errors are Ollama's
+``done_reason: "load"`` object once it is loaded, or the load's error; with ``keep_alive``
+0 (Ollama's unload) it answers ``done_reason: "unload"`` and unloads nothing (a tenant of a
+shared fabric never unloads a model others use). Errors are Ollama's
 ``{"error": "message"}`` with its status codes, the field named
 in the message; a stream that fails after it began ends with such a line.
 """
@@ -48,6 +50,7 @@ from . import ollama_api as api
 from .asgi import Exchange, Route
 from .catalogue import CatalogueEntry
 from .errors import BadRequest, ClientGone, ModelNotFound, embed_error, to_gateway_error
+from .ollama_keep_alive import unloads
 from .openai_api import merge_tool_calls, parse
 from .orchestrator import WaitStatus
 from .portal.metering import Caller, Metering
@@ -196,7 +199,11 @@ class OllamaSurface:
         assert caller is not None
         asked = body.model
         if not body.messages:
-            await self._loaded(ex, body.stream, {"model": asked, "message": {"role": "assistant", "content": ""}})
+            head = {"model": asked, "message": {"role": "assistant", "content": ""}}
+            if unloads(body.keep_alive):
+                await self._unloaded(ex, body.stream, head)
+            else:
+                await self._loaded(ex, body.stream, head)
             return
         request, image = api.chat_request(body, ex.request_id, self.public_name(caller, asked))
         await self._run(ex, body, request, image, asked, chat=True)
@@ -206,11 +213,29 @@ class OllamaSurface:
         caller = ex.caller
         assert caller is not None
         asked = body.model
+        if not body.prompt and unloads(body.keep_alive):  # as Ollama: its images do not matter
+            await self._unloaded(ex, body.stream, {"model": asked, "response": ""})
+            return
         if not body.prompt and not body.images:
             await self._loaded(ex, body.stream, {"model": asked, "response": ""})
             return
         request, image = api.generate_request(body, ex.request_id, self.public_name(caller, asked))
         await self._run(ex, body, request, image, asked, chat=False)
+
+    async def _unloaded(self, ex: Exchange, stream: bool, head: dict[str, Any]) -> None:
+        """Ollama's unload (``keep_alive`` 0, nothing to generate), answered as Ollama answers
+        it (``done_reason: "unload"``) once the model is known to be one the caller may use,
+        and nothing done: on a shared fabric one tenant never unloads a model others use,
+        and where a model stays loaded is the orchestrator's decision. Nothing loads, runs,
+        or counts against a limit."""
+        caller = ex.caller
+        assert caller is not None
+        caller.portal.resolve(self.public_name(caller, head["model"]), caller.key)  # 404 / 403 as a request's
+        obj = {**head, "created_at": api.timestamp(), "done": True, "done_reason": "unload"}
+        if stream:
+            await ex.out.full(200, NDJSON, _line(obj))
+        else:
+            await ex.out.json(obj)
 
     async def _loaded(self, ex: Exchange, stream: bool, head: dict[str, Any]) -> None:
         """What Ollama does with nothing to generate: load the model (the cortex's cold load,

@@ -8,13 +8,14 @@ unload cuts a running request.
 
 Pins live here (in memory, until the cortex restarts); the provisioner's housekeeping
 reads them to load a pinned model again when it is lost and never to evict or idle-unload
-it there.
+it there. A reload that removes a model from the catalogue drops its pins
+(:meth:`OperatorActions.drop_pins_outside`): they could never be honoured again.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import TYPE_CHECKING
 
 import trio
@@ -123,6 +124,15 @@ class OperatorActions:
         self._prov.entry(model_id)
         self._pinned.add((node_id, model_id))
         self._prov.pin_changed(model_id, node_id)
+
+    def drop_pins_outside(self, catalogue: Container[str]) -> list[tuple[str, str]]:
+        """Drop the pins of models no longer in ``catalogue`` (a reload removed them: no pin
+        of theirs can be honoured again, since a load needs the model's entry); returns
+        the ``(node, model)`` pins dropped, sorted. Their copies stay loaded, as after an
+        unpin, until the operator unloads them."""
+        dropped = sorted(pair for pair in self._pinned if pair[1] not in catalogue)
+        self._pinned.difference_update(dropped)
+        return dropped
 
     def unpin(self, model_id: str, node_id: str) -> bool:
         """Drop a pin (the model stays loaded, as any other); False if there was none."""

@@ -48,6 +48,8 @@ class ReloadReport:
     catalogue: dict[str, list[str]] = field(default_factory=lambda: {"added": [], "removed": [], "changed": []})
     live: list[str] = field(default_factory=list)
     restart: list[str] = field(default_factory=list)
+    pins_dropped: list[str] = field(default_factory=list)
+    """``MODEL on NEURON``: pins of the models the catalogue dropped, dropped with them."""
 
     def line(self) -> str:
         """One log line: what changed live and what needs a restart."""
@@ -61,7 +63,7 @@ class ReloadReport:
 
     def as_dict(self) -> dict[str, Any]:
         return {"catalogue": self.catalogue, "applied": self.live, "needs_restart": self.restart,
-                "message": self.line()}
+                "pins_dropped": self.pins_dropped, "message": self.line()}
 
 
 def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:

@@ -63,12 +63,13 @@ class MeteredRun:
 
     __slots__ = ("_metering", "_caller", "_request", "_endpoint", "_on_wait", "_image", "_session",
                  "_plan", "_accounts", "_run", "_context", "_gen", "_started", "_t0", "_token", "_copies",
-                 "_choice", "_group")
+                 "_choice", "_group", "_admitted")
 
     def __init__(self, metering: Metering, caller: Caller, request: GenerateRequest, endpoint: str,
                  on_wait: OnWait | None, image: str | None, session: str | None, copies: int = 1, choice: int = 0,
-                 group: Sequence[MeteredGeneration | None] = ()) -> None:
+                 group: Sequence[MeteredGeneration | None] = (), admitted: trio.Event | None = None) -> None:
         self._metering = metering
+        self._admitted = admitted
         self._copies = copies
         self._choice = choice
         self._group = group
@@ -102,8 +103,15 @@ class MeteredRun:
                 if (refusal := beyond(accounts, plan.whole(self._copies), self._copies)) is not None:
                     m._refuse(caller, refusal)
             plan = self._plan = plan.choice(self._choice)
+            if accounts and self._choice and self._admitted is not None:
+                # Choice 0 takes the call's one rpm request: none other runs before it is admitted
+                # (its refusal cancels the rest while they wait here, holding nothing).
+                await self._admitted.wait()
+                now = m.clock()
             if accounts and (refusal := admit(accounts, plan.reservation, now)) is not None:
                 m._refuse(caller, refusal)
+            if self._choice == 0 and self._admitted is not None:
+                self._admitted.set()
         elif accounts and (refusal := admit(accounts, plan.reservation, now)) is not None:
             plan = self._plan = await self._recounted(request, plan, refusal, served, accounts, now)
         run = self._run = MeteredGeneration()

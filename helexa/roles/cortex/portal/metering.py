@@ -118,11 +118,12 @@ class Plan:
 
     def choice(self, index: int) -> "Plan":
         """The plan of choice ``index`` of OpenAI's ``n`` (this one is choice 0's, which
-        carries the prompt): the others reserve and bill their answers only, as OpenAI
-        counts the prompt once per request."""
+        carries the prompt and the request's one ``rpm`` token): the others reserve and bill
+        their answers only, as OpenAI counts the prompt and the request once per call."""
         if index == 0:
             return self
-        return dataclasses.replace(self, reservation=self.answer, prompt_bytes=0, bills_prompt=False)
+        return dataclasses.replace(self, reservation=dataclasses.replace(self.answer, requests=0), prompt_bytes=0,
+                                   bills_prompt=False)
 
 
 class Metering(AccountBook):
@@ -248,14 +249,16 @@ class Metering(AccountBook):
     def generate(self, caller: Caller, request: GenerateRequest, *, endpoint: str,
                  on_wait: OnWait | None = None, image: str | None = None,
                  session: str | None = None, copies: int = 1, choice: int = 0,
-                 group: Sequence[MeteredGeneration | None] = ()) -> MeteredRun:
+                 group: Sequence[MeteredGeneration | None] = (), admitted: trio.Event | None = None) -> MeteredRun:
         """Run ``request`` (its ``model_id`` the public name the client asked for), metered.
 
         ``copies``: the request is choice ``choice`` of that many (OpenAI's ``n``) of one
         client request, whose generations are ``group`` (filled in as they start): the
         prompt is reserved and billed once, with choice 0 (:meth:`Plan.choice`), and the
         whole is refused, with no retry, where no wait could admit them all
-        (:func:`.quota.beyond`).
+        (:func:`.quota.beyond`). Choice 0 also takes the request's one ``rpm`` request,
+        and sets ``admitted`` (shared by the choices) once admitted: the others wait for it
+        before their own admission, so a call its ``rpm`` refuses runs no choice at all.
 
         ``async with`` it for a :class:`MeteredGeneration`; its ``result`` is set when the block ends
         normally, once the ledger record is durable. ``session`` (the client's session id)
@@ -268,7 +271,7 @@ class Metering(AccountBook):
             errors (before or during the stream); UpstreamError when the stream ended
             without a result; ``LedgerError`` (500) when the record could not be written.
         """
-        return MeteredRun(self, caller, request, endpoint, on_wait, image, session, copies, choice, group)
+        return MeteredRun(self, caller, request, endpoint, on_wait, image, session, copies, choice, group, admitted)
 
     async def embed(self, caller: Caller, request: EmbedRequest) -> EmbedResult:
         """Embed ``request`` (public model name), metered; raises as :meth:`generate`."""

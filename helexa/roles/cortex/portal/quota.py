@@ -132,10 +132,13 @@ class Bucket:
 
 @dataclass(frozen=True, slots=True)
 class Reservation:
-    """A request's worst case: ``tokens`` (prompt bound + completion limit) and ``cost``."""
+    """A request's worst case: ``tokens`` (prompt bound + completion limit) and ``cost``;
+    ``requests``: what it takes from an ``rpm`` bucket (1; 0 for choices 1.. of OpenAI's
+    ``n``, since OpenAI counts one request per call however many choices it asks for)."""
 
     tokens: int
     cost: float
+    requests: int = 1
 
     def amount(self, unit: str) -> float:
         return self.cost if unit == "money" else float(self.tokens)
@@ -223,8 +226,8 @@ class Account:
         if lim.max_concurrent is not None and self.in_flight >= lim.max_concurrent:
             return Refusal(self.subject, "concurrency",
                            f"{self.subject}: at most {lim.max_concurrent} concurrent requests", 1.0)
-        if self.requests is not None:
-            wait = self.requests.wait(1, now)
+        if self.requests is not None and r.requests:
+            wait = self.requests.wait(r.requests, now)
             if wait > 0:
                 return Refusal(self.subject, "requests", f"{self.subject}: over {lim.rpm} requests per minute", wait)
         if self.tokens is not None:
@@ -252,8 +255,8 @@ class Account:
 
     def reserve(self, r: Reservation, now: float) -> None:
         self.in_flight += 1
-        if self.requests is not None:
-            self.requests.take(1, now)
+        if self.requests is not None and r.requests:
+            self.requests.take(r.requests, now)
         if self.tokens is not None:
             self.tokens.take(r.tokens, now)
         self.reserved_money += r.cost
@@ -304,9 +307,10 @@ def admit(accounts: Sequence[Account], r: Reservation, now: float) -> Refusal | 
 
 
 def beyond(accounts: Sequence[Account], whole: Reservation, copies: int) -> Refusal | None:
-    """Why a request of ``copies`` generations (OpenAI's ``n`` choices, each counted as a
-    request of its own against ``rpm`` and ``max_concurrent``; ``whole``: their worst case
-    together, the prompt once and ``copies`` answers) can never be admitted whole, or None:
+    """Why a request of ``copies`` generations (OpenAI's ``n`` choices: one request against
+    ``rpm``, as OpenAI counts it, but ``copies`` against ``max_concurrent``, since each runs
+    as a generation of its own on a neuron; ``whole``: their worst case together, the
+    prompt once and ``copies`` answers) can never be admitted whole, or None:
     more of them than an account's ``max_concurrent``, more tokens than its ``tpm`` holds,
     more than its whole budget. Each choice alone may fit, so :func:`admit` would refuse
     only the later ones, with a wait after which they are refused again; this refusal says
