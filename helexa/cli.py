@@ -2,7 +2,8 @@
 
 Exit codes: 0 success, 1 runtime failure, 2 bad configuration or usage, 3 refused by the
 cortex (a neuron with a wrong join token or an incompatible version), 4 a neuron whose node
-id the cortex has bound to another identity key (``helexa neurons forget``).
+id the cortex has bound to another identity key (``helexa neurons forget``), or, on a cortex
+with strict enrolment, to none yet (``helexa neuron-key``, ``helexa neurons enrol``).
 """
 
 from __future__ import annotations
@@ -195,10 +196,10 @@ def _register_subcommands() -> None:
     from helexa.cli_demo import chat, demo
     from helexa.cli_mesh import ledger, mesh
     from helexa.cli_models import models, reload
-    from helexa.cli_neurons import neurons
+    from helexa.cli_neurons import neuron_key, neurons
     from helexa.cli_portal import keys, usage
 
-    for command in (demo, chat, mesh, ledger, keys, usage, models, reload, neurons):
+    for command in (demo, chat, mesh, ledger, keys, usage, models, reload, neurons, neuron_key):
         main.add_command(command)
 
 

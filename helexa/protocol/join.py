@@ -15,7 +15,8 @@ and the message it expects to the step that handles it)::
                                              -> Refused      REFUSED   (other node id, token
                                                                         unreadable, wrong proof,
                                                                         bad key signature, node
-                                                                        id bound to another key)
+                                                                        id bound to another key,
+                                                                        strict: id not enrolled)
     neuron       START            start()    -> Hello        AWAIT_CHALLENGE
                  AWAIT_CHALLENGE  Challenge  -> Join         AWAIT_WELCOME
                                              -> ()           REFUSED   (version not ours)
@@ -35,7 +36,9 @@ is bound to (``bound``; the binding itself, trust on first use, is the shell's:
 :mod:`helexa.roles.cortex.neuron_keys`) and refuses a join whose key differs, or that
 carries none, with :data:`IDENTITY_MISMATCH`: the join token makes a neuron belong, its key
 makes it the neuron it says it is. A node id bound to no key admits any key (the shell
-then binds it), and a neuron of version 1, with none.
+then binds it), and a neuron of version 1, with none; unless the cortex enrols ``strict``ly,
+when a node id bound to no key is refused with :data:`NOT_ENROLLED` (the operator binds it
+beforehand: ``helexa neurons enrol``).
 
 Verdicts: the cortex admits a neuron (:class:`Admitted`), the neuron is welcomed
 (:class:`Welcomed`), either side ends in a :class:`Refusal` (retrying cannot help), the
@@ -50,6 +53,7 @@ from __future__ import annotations
 
 import enum
 import secrets
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -90,7 +94,15 @@ frames only grow by fields an older build never receives (:func:`~.codec.added_f
 IDENTITY_MISMATCH = "identity_mismatch"
 """The refusal of a join under a node id bound to another identity key (or sent without one)."""
 
+NOT_ENROLLED = "not_enrolled"
+"""The refusal, on a cortex that enrols strictly, of a join under a node id bound to no key."""
+
 PUBLIC_KEY_BYTES = 32
+
+
+def enrol_command(node_id: str, key: str = "KEY") -> str:
+    """The ``helexa neurons enrol`` command line for ``node_id``, quoted as :func:`forget_command`."""
+    return f"helexa neurons enrol {'-- ' if node_id.startswith('-') else ''}{shlex.quote(node_id)} {key}"
 
 
 class State(enum.Enum):
@@ -247,6 +259,7 @@ class CortexJoin(_Session):
         recent: the neuron nonces seen lately, shared by all of this cortex's handshakes.
         bound: the identity key a node id is bound to (None: none yet); called once, when
             the join arrives.
+        strict: refuse a node id bound to no key (:data:`NOT_ENROLLED`) instead of admitting it.
         heartbeat_interval, operator, cortex_id: what the challenge and welcome tell.
         timeout: the handshake deadline the shell applies.
         versions: the protocol versions this cortex speaks, oldest and newest.
@@ -263,6 +276,7 @@ class CortexJoin(_Session):
         heartbeat_interval: float,
         timeout: float,
         bound: Callable[[str], bytes | None] = lambda node_id: None,
+        strict: bool = False,
         operator: str = "",
         cortex_id: str = "",
         versions: tuple[int, int] = JOIN_VERSIONS,
@@ -273,6 +287,7 @@ class CortexJoin(_Session):
         self._token = token
         self._recent = recent
         self._bound = bound
+        self._strict = strict
         self._interval = heartbeat_interval
         self._operator = operator
         self._cortex_id = cortex_id
@@ -332,6 +347,13 @@ class CortexJoin(_Session):
                     "unauthorized", f"neuron {hello.node_id!r}: the identity key's signature does not verify"
                 )
         bound = self._bound(hello.node_id)
+        if bound is None and self._strict:
+            older = "" if key else " (and it sent no identity key: an older neuron, upgrade it first)"
+            return self._refuse(
+                NOT_ENROLLED,
+                f"node id {hello.node_id!r} is not enrolled on this cortex{older}: on the neuron run "
+                f"`helexa neuron-key`, then on the cortex `{enrol_command(hello.node_id)}`",
+            )
         if bound is not None and bound != key:
             theirs = f"its key {fingerprint(key)}" if key else "it sent no identity key (an older neuron)"
             return self._refuse(

@@ -388,6 +388,11 @@ class CortexConfig(BaseModel):
     """Refused join proofs an address may send in a row before its connections are closed
     unheard; its allowance comes back at ``failed_joins_per_minute``."""
     failed_joins_per_minute: float = Field(6.0, gt=0)
+    enrolment: Literal["first_join", "strict"] = "first_join"
+    """How a node id comes to be bound to a neuron's identity key: ``first_join`` binds it to
+    the key of its first join (trust on first use); ``strict`` refuses the join of a node id
+    bound to no key, which the operator binds beforehand (``helexa neurons enrol``). Applied
+    live on reload, to the joins that follow (a neuron joined stays)."""
     send_timeout: float = Field(10.0, gt=0)
     max_frame_bytes: int = Field(DEFAULT_MAX_FRAME, ge=1024)
     shutdown_grace: float = Field(10.0, ge=0)

@@ -17,7 +17,8 @@ id to that key, before the welcome goes out; a join of the id with another key i
 in the handshake (the neuron joined under it is not disturbed). A join with the same key
 (a restart, a redial, a cloned data directory), or with a new key once the operator forgot
 the old one, takes the id's old connection over (4001, the reason saying which:
-:mod:`helexa.protocol.takeover`).
+:mod:`helexa.protocol.takeover`). With ``enrolment = "strict"`` no join binds: a node id the
+operator has not enrolled (``helexa neurons enrol``) is refused (``not_enrolled``).
 """
 
 from __future__ import annotations
@@ -131,6 +132,7 @@ class ControlServer:
             token,
             recent=self._recent_nonces,
             bound=self.keys.bound,
+            strict=s.enrolment == "strict",
             heartbeat_interval=s.heartbeat_interval,
             timeout=s.handshake_timeout,
             operator=s.operator,

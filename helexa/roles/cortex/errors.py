@@ -88,6 +88,14 @@ class NotFound(GatewayError):
     code = "not_found"
 
 
+class Conflict(GatewayError):
+    """The request contradicts the state it would change (a node id bound to another key)."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
 class ModelNotFound(NotFound):
     code = "model_not_found"
 

@@ -257,6 +257,7 @@ class Cortex:
         live.gateway.admin_clients = list(new.gateway.admin_clients)
         self.gateway.admin.set_admin_clients(new.gateway.admin_clients)
         live.models_file = new.models_file
+        live.enrolment = new.enrolment  # the control server reads it at each join
         if new.log_level != live.log_level:
             live.log_level = new.log_level
             logging.getLogger().setLevel(getattr(logging, new.log_level.upper(), logging.INFO))

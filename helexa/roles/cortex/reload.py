@@ -7,7 +7,7 @@ and sorts every changed key into what applies live and what waits for a restart:
 * live: the catalogue (entries added, removed, changed; and ``models_file`` itself), each
   existing portal's settings (auth, models, aliases, prices, quotas, limits, routing,
   priority, weight, theme...), ``[orchestrator]``, ``[federation]``'s policies,
-  ``gateway.admin_clients`` and ``log_level``;
+  ``gateway.admin_clients``, ``enrolment`` and ``log_level``;
 * restart: everything bound to a socket, a file opened at start or an identity
   (``*_socket``, ``data_dir``, TLS files, ``[mesh]``, a portal added or removed or its
   ``listen`` / TLS / ``surfaces`` changed, the rest of ``[gateway]``, heartbeats...).
@@ -27,7 +27,7 @@ from .config import CortexConfig
 
 PORTAL_RESTART_FIELDS = frozenset({"listen", "tls_cert_file", "tls_key_file", "surfaces"})
 """A portal's settings bound to its sockets and routes: kept as started until a restart."""
-_LIVE_TOP = frozenset({"orchestrator", "federation", "log_level", "models_file"})
+_LIVE_TOP = frozenset({"orchestrator", "federation", "log_level", "models_file", "enrolment"})
 _FEDERATION_RESTART = frozenset({"spare_slots_per_neuron"})
 
 

@@ -10,7 +10,7 @@ Exception tree::
 
     NeuronError
     ├── JoinRefused        the join was refused (``code``: unauthorized, version_mismatch,
-    │                      identity_mismatch, ...), or this neuron was pushed out by another
+    │                      identity_mismatch, not_enrolled, ...), or this neuron was pushed out by another
     │                      join under its node id (duplicate_node_id: the same key;
     │                      node_id_rebound: a new key after ``forget``); fatal, since retrying
     │                      cannot help

@@ -11,7 +11,7 @@ import trio
 from helexa import telemetry
 from helexa.runtime import cpu_policy
 
-from helexa.protocol.join import IDENTITY_MISMATCH
+from helexa.protocol.join import IDENTITY_MISMATCH, NOT_ENROLLED
 
 from .agent import JoinRefused, Neuron, NeuronError
 from .config import NeuronConfig
@@ -39,7 +39,8 @@ async def serve(neuron: Neuron) -> None:
 
 EXIT_IDENTITY = 4
 """The exit code when the cortex refuses this neuron's identity key for its node id: neither
-a restart nor a retry can help until the operator forgets the binding (or the node id changes)."""
+a restart nor a retry can help until the operator forgets the binding (or the node id changes),
+or, on a cortex that enrols strictly, enrols this neuron's key (``helexa neurons enrol``)."""
 
 
 def run(config: NeuronConfig) -> int:
@@ -56,8 +57,9 @@ def run(config: NeuronConfig) -> int:
     except* JoinRefused as group:
         refused = group.exceptions[0]
         log.error("%s", refused)
-        # 4: this node id is another neuron's on that cortex (EXIT_IDENTITY); 3: any other refusal.
-        code = EXIT_IDENTITY if getattr(refused, "code", "") == IDENTITY_MISMATCH else 3
+        # 4: this node id is another neuron's on that cortex, or (strict enrolment) no key's
+        # yet (EXIT_IDENTITY); 3: any other refusal.
+        code = EXIT_IDENTITY if getattr(refused, "code", "") in (IDENTITY_MISMATCH, NOT_ENROLLED) else 3
     except* NeuronError as group:
         log.error("%s", group.exceptions[0])
         code = 1

@@ -20,7 +20,7 @@ Routes::
     GET   /admin/usage/records?portal=&key=&since=&until=&limit=   ledger rows
     GET   /admin/models[/ID], POST /admin/models/ID/pull|load|unload|pin|unpin
                                          the catalogue against the fleet (:mod:`.admin_models`)
-    GET   /admin/neurons/keys, POST /admin/neurons/keys/NODE_ID/forget
+    GET   /admin/neurons/keys, POST /admin/neurons/keys/NODE_ID/{enrol,forget}
                                          node ids' identity keys (:mod:`.admin_neurons`)
     POST  /admin/reload                  re-read cortex.toml and models.toml (as SIGHUP does):
                                          what applied and what needs a restart; 400 naming
