@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from types import SimpleNamespace
 
 import pytest
 
@@ -16,6 +17,7 @@ from helexa.roles.cortex.errors import (
     PayloadTooLarge,
     client_gone,
     envelope,
+    schema_field,
     to_gateway_error,
 )
 from helexa.roles.cortex.fleet import CommandTimeout, NeuronGone, RemoteError
@@ -64,3 +66,23 @@ def test_a_client_that_went_away_is_no_error_even_in_a_nurserys_group(caplog) ->
     for exc in (gone, ExceptionGroup("nursery", [gone])):
         assert to_gateway_error(exc).code == "client_gone"
     assert all(r.levelno == logging.DEBUG and not r.exc_info for r in caplog.records) and caplog.records
+
+
+def test_a_schema_the_neuron_cannot_use_names_the_field_the_client_sent_it_in() -> None:
+    """llama.cpp's refusal of a schema as a grammar names nothing the client sent; the
+    surface's field names go into ``param`` (tools, or its structured-output field)."""
+    refused = RemoteError("invalid_request", "llama.cpp refused the request: Automatic parser generation failed: "
+                                             "JSON schema error at #/properties/a: schema must be an object")
+    via_tool = RemoteError("invalid_request", "JSON schema error at #/properties/tool_call/properties/arguments")
+    fmt_only = SimpleNamespace(tools=(), response_format=object())
+    tools_only = SimpleNamespace(tools=(object(),), response_format=None)
+    both = SimpleNamespace(tools=(object(),), response_format=object())
+    named = schema_field(refused, fmt_only, tools="tools", fmt="text.format")
+    assert isinstance(named, BadRequest) and named.param == "text.format" and "'text.format'" in named.message
+    assert schema_field(refused, tools_only, tools="tools", fmt="response_format").param == "tools"
+    assert schema_field(refused, both, tools="tools", fmt="response_format").param == "response_format"
+    assert schema_field(via_tool, both, tools="tools", fmt="response_format").param == "tools"
+    # anything else is left as it was
+    other = RemoteError("invalid_request", "the prompt is empty")
+    assert schema_field(other, both, tools="tools", fmt="response_format") is other
+    assert schema_field(refused, SimpleNamespace(tools=(), response_format=None), tools="tools", fmt=None) is refused

@@ -32,7 +32,7 @@ async def _scrape() -> str:
     n2 = NeuronDouble("n2", fleet)
     n2.models["chat"] = ModelStatus("chat", ModelState.FAILED, error="no")
     n2.health = Health.UNHEALTHY
-    n3 = NeuronDouble("n3", fleet)  # its connection dropped: as NeuronLink leaves it until removed
+    n3 = NeuronDouble("n3", fleet, loaded=("chat",))  # its connection dropped: as NeuronLink leaves it until removed
     n3.health, n3.connected = Health.UNHEALTHY, False
     async with serving(fleet, CATALOGUE) as (gateway, url), httpx.AsyncClient(base_url=url) as http:
         r = await http.post("/v1/chat/completions", json={"model": "chat", "messages": [{"role": "user",
@@ -64,6 +64,11 @@ async def test_metrics_show_the_fleets_neurons_memory_and_models() -> None:
     assert value("helexa_neuron_queued_requests", neuron="n1") == 2
     assert value("helexa_models", state="loaded") == 1 and value("helexa_models", state="failed") == 1
     assert value("helexa_model_state", model="chat", neuron="n2", state="failed") == 1
+    # a disconnected neuron's models are offline, as /admin/models shows them: not capacity still loaded
+    assert value("helexa_models", state="offline") == 1
+    assert value("helexa_model_state", model="chat", neuron="n3", state="offline") == 1
+    assert ("helexa_model_state", frozenset({"model": "chat", "neuron": "n3", "state": "loaded"}.items())) \
+        not in samples
     assert value("helexa_model_load_progress", model="big", stage="download") == 0.25
     assert value("helexa_catalogue_models") == 1
     assert value("helexa_gateway_in_flight_requests") == 1  # the scrape itself
@@ -91,6 +96,8 @@ async def test_every_metric_the_dashboard_and_the_alerts_use_is_served() -> None
     rules = [rule for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]]
     assert len(exprs) >= 15 and len(rules) >= 8
     assert all(rule["alert"] and rule["annotations"]["summary"] for rule in rules)
+    # a disconnected neuron is neither unhealthy nor its models loaded or failed: an alert of its own
+    assert any('health="offline"' in rule["expr"] for rule in rules)
     used = set().union(*map(_names, exprs + [rule["expr"] for rule in rules]))
     assert used - served == set()
     # the fleet's own families are all on the dashboard

@@ -52,6 +52,8 @@ def test_usable_schemas_pass(schema) -> None:
     ({"type": "array", "minItems": 2002}, "minItems 2002 is more than the 2001 the backend's grammar can require"),
     ({"properties": {"s": {"type": "string", "minLength": 2001}}}, "minLength 2001 is more than the 2000"),
     ({"type": "string", "pattern": "^(ab){3000,}$"}, "pattern repeats {3000,}"),
+    # llama.cpp never returns from this one (its loop stuck, every request of the model with it)
+    ({"properties": {"s": {"type": "string", "minLength": 5, "maxLength": 2}}}, "minLength 5 is more than maxLength 2"),
     ({"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}, "'#/$defs/a' refers back to itself"),
     ({"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"oneOf": [{"type": "integer"}, {"$ref": "#/$defs/a"}]}},
       "properties": {"x": {"$ref": "#/$defs/a"}}}, "(#/$defs/a -> #/$defs/b -> #/$defs/a)"),

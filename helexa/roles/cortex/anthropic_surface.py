@@ -43,7 +43,7 @@ from . import anthropic_api as api
 from .anthropic_requests import CountTokensRequest, MessagesRequest
 from .anthropic_stream import MessageStream, error_event
 from .asgi import JSON, Exchange, Route
-from .errors import ClientGone, ModelNotFound
+from .errors import ClientGone, ModelNotFound, schema_field
 from .openai_api import parse
 from .orchestrator import WaitStatus
 from .portal.metering import Metering
@@ -104,19 +104,28 @@ class AnthropicSurface:
             except ClientGone:
                 raise  # the client left: nobody to tell, and no failed generation
             except Exception as exc:
+                named = schema_field(exc, request, tools="tools", fmt=None)  # a tool schema the neuron refused
                 if not out.started:
-                    raise
-                await out.body(head + error_event(exc))
+                    if named is exc:
+                        raise
+                    raise named from None
+                await out.body(head + error_event(named))
             await out.body(b"", more=False)
 
         async def complete() -> None:
             parts: list[str] = []
             calls: list[object] = []
-            async with self.metering.generate(caller, request, endpoint=ENDPOINT, image=image,
-                                              session=session) as gen:
-                async for chunk in gen:
-                    parts.append(chunk.text)
-                    calls.extend(chunk.tool_calls or ())
+            try:
+                async with self.metering.generate(caller, request, endpoint=ENDPOINT, image=image,
+                                                  session=session) as gen:
+                    async for chunk in gen:
+                        parts.append(chunk.text)
+                        calls.extend(chunk.tool_calls or ())
+            except Exception as exc:
+                named = schema_field(exc, request, tools="tools", fmt=None)
+                if named is exc:
+                    raise
+                raise named from None
             result = gen.result
             assert result is not None
             parts.append(result.text)

@@ -257,6 +257,34 @@ def embed_error(exc: BaseException, param: str) -> BaseException:
     return exc
 
 
+_SCHEMA_REFUSALS = ("json schema", "grammar")
+"""Words of llama.cpp's refusal of a schema it cannot turn into a grammar (``JSON schema
+error at #/...``, ``failed to parse grammar``): one the edge's checks
+(:mod:`.schema_check`) did not foresee."""
+
+
+def schema_field(exc: BaseException, request: Any, *, tools: str, fmt: str | None) -> BaseException:
+    """``exc`` naming the field a client sent when it is the neuron refusing ``request``'s
+    schema as a grammar: a 400 whose ``param`` is ``tools`` (the surface's word, a tool's
+    schema) or ``fmt`` (its structured-output field), and whose message says which (an
+    Anthropic or Ollama client reads no ``param``). With both in the request, llama.cpp's
+    path into its combined schema (``tool_call``, ``arguments``) says it was a tool's."""
+    if not (isinstance(exc, RemoteError) and exc.code == "invalid_request"):
+        return exc
+    text = str(exc)
+    if not any(word in text.lower() for word in _SCHEMA_REFUSALS):
+        return exc
+    has_tools, has_format = bool(getattr(request, "tools", ())), getattr(request, "response_format", None) is not None
+    if has_tools and (not has_format or fmt is None or "tool_call" in text or "arguments" in text):
+        param = tools
+    elif has_format and fmt is not None:
+        param = fmt
+    else:
+        return exc
+    return BadRequest(f"Invalid value for '{param}': the backend cannot turn its schema into a grammar: {text}",
+                      code=exc.code, param=param)
+
+
 def client_gone(exc: BaseException) -> bool:
     """Whether ``exc`` is only the client going away: a :class:`ClientGone`, or a group (a
     nursery's) of nothing else. An ordinary disconnect, never an error to log."""

@@ -7,7 +7,8 @@ Families (all gauges unless said)::
     helexa_neuron_gpu_memory_bytes{neuron, gpu, kind}   VRAM used / total per GPU
     helexa_neuron_in_flight_requests{neuron}        requests running on a neuron
     helexa_neuron_queued_requests{neuron}           requests queued inside a neuron
-    helexa_models{state}                            (model, neuron) pairs by state
+    helexa_models{state}                            (model, neuron) pairs by state (offline: on a
+                                                    disconnected neuron, whatever it last reported)
     helexa_model_state{model, neuron, state}        1 for each model's state on each neuron
     helexa_model_load_progress{model, stage}        fraction done of a load in progress
     helexa_catalogue_models                         entries in the catalogue
@@ -32,13 +33,13 @@ from prometheus_client.registry import Collector
 
 from helexa.protocol import ModelState
 
-from .fleet import OFFLINE, Fleet, Health, health_view
+from .fleet import OFFLINE, Fleet, Health, health_view, online
 
 if TYPE_CHECKING:
     from .federation.service import Federation
     from .orchestrator import Orchestrator
 
-_STATES = [s.value for s in ModelState]
+_STATES = [*(s.value for s in ModelState), OFFLINE]
 
 
 class FleetCollector(Collector):
@@ -93,14 +94,18 @@ class FleetCollector(Collector):
             queued.add_metric([link.node_id], m.queued)
         yield from (ram, vram, running, queued)
 
-        by_state = GaugeMetricFamily("helexa_models", "Models on neurons, by state", labels=["state"])
-        each = GaugeMetricFamily("helexa_model_state", "1 for a model's state on a neuron",
-                                 labels=["model", "neuron", "state"])
+        # As /admin/models shows them: a disconnected neuron's models are offline, whatever
+        # they last reported, so that nothing counts as loaded capacity that is gone.
+        by_state = GaugeMetricFamily("helexa_models", "Models on neurons, by state (offline: on a disconnected "
+                                     "neuron)", labels=["state"])
+        each = GaugeMetricFamily("helexa_model_state", "1 for a model's state on a neuron (offline: the neuron "
+                                 "is disconnected)", labels=["model", "neuron", "state"])
         counts = dict.fromkeys(_STATES, 0)
         for link in links:
             for model_id, status in sorted(link.models.items()):
-                counts[status.state.value] += 1
-                each.add_metric([model_id, link.node_id, status.state.value], 1)
+                state = status.state.value if online(link) else OFFLINE
+                counts[state] += 1
+                each.add_metric([model_id, link.node_id, state], 1)
         for state, n in counts.items():
             by_state.add_metric([state], n)
         yield from (by_state, each)

@@ -29,7 +29,7 @@ from . import anthropic_api, anthropic_models, choices
 from . import openai_api as api
 from . import sse
 from .asgi import ErrorShape, Exchange, Route, Scope
-from .errors import BadRequest, ClientGone, ModelNotFound, embed_error
+from .errors import BadRequest, ClientGone, ModelNotFound, embed_error, schema_field
 from .orchestrator import WaitStatus
 from .portal.metering import Caller, Metering
 from .prefix import session_of
@@ -104,16 +104,25 @@ class OpenAISurface:
             except ClientGone:
                 raise  # the client left: nobody to tell, and no failed generation
             except Exception as exc:
+                named = _schema_field(exc, request)  # a schema the neuron could not use: the client's field
                 if not out.started:
-                    raise
-                await out.body(sse.error_event(exc))
+                    if named is exc:
+                        raise
+                    raise named from None
+                await out.body(sse.error_event(named))
             await out.body(b"", more=False)
 
         async def complete() -> None:
             answers = api.Choices(body.n)
-            async with choices.generate(run, request, body.n, endpoint=endpoint, image=image) as gen:
-                async for index, chunk in gen:
-                    answers.add(index, chunk)
+            try:
+                async with choices.generate(run, request, body.n, endpoint=endpoint, image=image) as gen:
+                    async for index, chunk in gen:
+                        answers.add(index, chunk)
+            except Exception as exc:
+                named = _schema_field(exc, request)
+                if named is exc:
+                    raise
+                raise named from None
             for index, result in enumerate(gen.results):
                 answers.add(index, result)
             await out.json(api.completion_body(request, response_id, answers, logprobs=request.sampling.logprobs))
@@ -169,6 +178,9 @@ class OpenAISurface:
         if caller.key is None:
             raise BadRequest("usage is reported per API key, and this portal has none")
         await ex.out.json(await self.metering.usage_of(caller))
+
+
+_schema_field = functools.partial(schema_field, tools="tools", fmt="response_format")
 
 
 def _models_errors(scope: Scope) -> ErrorShape | None:

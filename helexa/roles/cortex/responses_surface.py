@@ -24,13 +24,14 @@ shared path's field names given as this API names them (``max_output_tokens``, `
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
 from . import openai_api
 from . import sse
 from .asgi import Exchange, Route
-from .errors import BadRequest, ClientGone, NotFound, error_body, to_gateway_error
+from .errors import BadRequest, ClientGone, NotFound, error_body, schema_field, to_gateway_error
 from .orchestrator import WaitStatus
 from .portal.metering import Caller, Metering
 from .portal.response_store import ResponseStore, StoredResponse
@@ -54,6 +55,9 @@ def responses_errors(exc: BaseException) -> tuple[int, list[tuple[bytes, bytes]]
     if error.param in PARAMS:
         body["error"]["param"] = PARAMS[error.param]
     return error.status, [(b"content-type", b"application/json"), *error.headers()], json.dumps(body).encode()
+
+
+_schema_field = functools.partial(schema_field, tools="tools", fmt="text.format")
 
 
 def path_methods(rest: str) -> tuple[str, ...]:
@@ -136,10 +140,13 @@ class ResponsesSurface:
             except ClientGone:
                 raise  # the client left: nobody to tell, and no failed generation
             except Exception as exc:
+                named = _schema_field(exc, request)  # a schema the neuron could not use: the client's field
                 if not out.started:
-                    raise
+                    if named is exc:
+                        raise
+                    raise named from None
                 head = b"" if began else b"".join(map(frame, builder.start()))
-                await out.body(head + frame(builder.failed(to_gateway_error(exc))))
+                await out.body(head + frame(builder.failed(to_gateway_error(named))))
             await out.body(b"", more=False)
 
         async def keep_built() -> None:
@@ -150,9 +157,15 @@ class ResponsesSurface:
                 response, [*conversation, *output_messages(response["output"])], items))
 
         async def complete() -> None:
-            async with run() as gen:
-                async for chunk in gen:
-                    builder.chunk(chunk)
+            try:
+                async with run() as gen:
+                    async for chunk in gen:
+                        builder.chunk(chunk)
+            except Exception as exc:
+                named = _schema_field(exc, request)
+                if named is exc:
+                    raise
+                raise named from None
             builder.finish(gen.result)
             if body.stored:
                 await keep_built()

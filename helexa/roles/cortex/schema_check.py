@@ -16,7 +16,9 @@ refused here, by name: a lower bound on repetitions above its grammar parser's l
 (:data:`MAX_REPETITIONS`: ``minItems``, ``minLength``, a pattern's ``{n}``; upper bounds
 above it are taken as unbounded), and a ``$ref`` that comes back to itself before the
 answer has a character of its own (left recursion: through ``$ref``, ``anyOf`` and
-``oneOf`` alone; recursion inside an object or array, a tree, is fine). Pure, and cached by
+``oneOf`` alone; recursion inside an object or array, a tree, is fine). So is a
+``minLength`` above the ``maxLength``, which llama.cpp does not refuse: its converter never
+returns, and every request of the model waits behind it. Pure, and cached by
 the schema's serialized form: tools are often sent verbatim with every request of a conversation.
 """
 
@@ -115,6 +117,11 @@ def _repetition_problem(schema: Any) -> str | None:
             value = here.get(keyword)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value > most:
                 return f"{keyword} {value} is more than the {most} the backend's grammar can require"
+        least, most = here.get("minLength"), here.get("maxLength")
+        if _number(least) and _number(most) and least > most:
+            # llama.cpp's converter does not refuse this: it never returns (its loop, and every
+            # request of the model, stuck), measured with SmolLM2
+            return f"minLength {least} is more than maxLength {most}: no string can match"
         pattern = here.get("pattern")
         if isinstance(pattern, str):
             for match in _PATTERN_REPEAT.finditer(pattern):
@@ -122,6 +129,10 @@ def _repetition_problem(schema: Any) -> str | None:
                     return (f"pattern repeats {match.group(0)}: at most {MAX_REPETITIONS} repetitions can be "
                             "required by the backend's grammar")
     return None
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _left_recursion(schema: Any, refs: list[str]) -> str | None:
