@@ -207,3 +207,39 @@ async def test_a_neuron_heartbeats_at_its_interval_while_smollm2_loads_in_a_work
     # The model already held answered while the other one loaded.
     answered = [t for t, m in timeline if isinstance(m, GenerateResult) and m.request_id == "r1"]
     assert answered and answered[0] < end
+
+
+async def test_a_request_the_engine_cannot_cancel_gets_its_worker_killed_and_the_model_reloads(nursery, tiny_gguf):
+    """The cortex gives up on a request whose schema llama.cpp's grammar converter never
+    returns from (refused at the edge today; sent here by hand, as a peer's or a future
+    schema form could) and sends Cancel: past ``cancel_grace`` the neuron kills the wedged
+    worker, the model goes to failed, and a load brings it back serving."""
+    from helexa.protocol import Cancel, OutputFormat, ResponseFormat
+
+    neuron, channel = await joined_neuron(nursery)
+    config = tiny_llama_config(tiny_gguf, cancel_grace=2)
+    with trio.fail_after(90):
+        assert (await provision(channel, config, "c1"))[-1].ok
+        victim = worker_of("tiny-llama")
+        hanging = ResponseFormat(OutputFormat.JSON_SCHEMA, {"type": "string", "minLength": 5, "maxLength": 2})
+        await channel.send(GenerateRequest("wedge", "tiny-llama", Task.CHAT,
+                                           messages=({"role": "user", "content": "hi"},),
+                                           sampling=SamplingParams(max_tokens=8), response_format=hanging))
+        with trio.move_on_after(2):  # nothing comes back: the converter never returns
+            frames = await until(channel, lambda m: getattr(m, "request_id", None) == "wedge"
+                                 and isinstance(m, (GenerateResult, InferenceError, TokenChunk)))
+            raise AssertionError(f"the schema no longer hangs llama.cpp: {frames[-1]}")
+        cancelled = trio.current_time()
+        await channel.send(Cancel("wedge"))
+        await until(channel, lambda m: isinstance(m, ModelStatusChanged) and m.status.model_id == "tiny-llama"
+                    and m.status.state is ModelState.FAILED)
+        assert trio.current_time() - cancelled < 2 + 5  # the grace, and a margin for the kill and the reaping
+        status = neuron.registry.status("tiny-llama")
+        assert "request wedge" in status.error and "wedged" in status.error
+        assert not victim.is_running() or victim.status() == psutil.STATUS_ZOMBIE
+        await channel.send(LoadModel("c2", "tiny-llama"))
+        reloaded = (await until(channel, lambda m: isinstance(m, ProvisioningResponse) and m.command_id == "c2"))[-1]
+        assert reloaded.ok and reloaded.status.state is ModelState.LOADED
+        assert worker_of("tiny-llama").pid != victim.pid
+        await channel.send(chat("ok", "tiny-llama", max_tokens=3))
+        assert isinstance(await answer(channel, "ok"), GenerateResult)

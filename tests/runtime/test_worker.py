@@ -417,3 +417,63 @@ def test_under_batch_a_llama_cpp_worker_relays_in_batch_and_llama_cpps_loop_runs
     main = next(policy for _, policy, tid in threads if tid == pid)
     assert main == os.SCHED_BATCH, threads  # the worker's trio thread
     assert sum(policy == os.SCHED_BATCH for _, policy, _ in threads) >= 2, threads  # and those it started
+
+
+async def test_a_request_whose_engine_cannot_cancel_it_gets_its_worker_restarted(nursery, tiny_gguf, caplog):
+    """llama.cpp's JSON-schema-to-grammar converter never returns on this schema (a string
+    with minLength above maxLength; the cortex refuses it at the edge, but other schemas may
+    hang it too), and nothing can cancel it: its slot would never come back. Past
+    ``cancel_grace`` after the cancel the worker is killed, its other requests fail as in
+    a crash (retryable), and a new worker serves the model."""
+    from helexa.protocol import OutputFormat, ResponseFormat
+    from helexa.runtime.testing import tiny_llama_config
+
+    config = tiny_llama_config(tiny_gguf, cancel_grace=2)
+    backend = await loaded(nursery, config)
+    reported = []
+    backend.status_listener = reported.append
+    pid = backend.pid
+
+    def request(rid: str, **kw) -> GenerateRequest:
+        return GenerateRequest(rid, config.model_id, Task.CHAT, messages=({"role": "user", "content": "hi"},),
+                               sampling=SamplingParams(max_tokens=8, temperature=0.0), **kw)
+
+    hanging = request("wedge", response_format=ResponseFormat(
+        OutputFormat.JSON_SCHEMA, {"type": "string", "minLength": 5, "maxLength": 2}))
+
+    async def drain(req: GenerateRequest) -> None:
+        async with aclosing(backend.chat(req)) as it:
+            async for _ in it:
+                pass
+
+    with trio.move_on_after(3) as hung:  # the converter never returns: nothing comes back
+        await drain(hanging)
+    assert hung.cancelled_caught, "the schema no longer hangs llama.cpp: find another one for this test"
+    with trio.fail_after(10):  # the cancel's grace (2 s) ran out: the worker is killed, then reaped
+        while backend.crash_reason is None:
+            await trio.sleep(0.05)
+    assert "request wedge" in backend.crash_reason and "wedged" in backend.crash_reason
+    assert not _alive(pid)
+    assert [s.state for s in reported] == [ModelState.FAILED]
+    assert any("wedge" in r.getMessage() and config.model_id in r.getMessage() and r.levelname == "WARNING"
+               for r in caplog.records)
+    with pytest.raises(BackendCrashed) as err:  # later requests on the dead worker: retryable elsewhere
+        await drain(request("after"))
+    assert err.value.retryable
+    await backend.unload()
+    # What the registry does on the next load: a new worker, which serves.
+    fresh = await loaded(nursery, config)
+    try:
+        with trio.fail_after(60):
+            async with aclosing(fresh.chat(request("ok"))) as it:
+                events = [e async for e in it]
+        assert isinstance(events[-1], GenerateResult)
+    finally:
+        await fresh.unload()
+
+
+@pytest.mark.parametrize("grace", ["5", 0, -1, True, float("inf")])
+def test_a_cancel_grace_that_is_not_a_positive_number_is_refused(grace):
+    with pytest.raises(LoadFailed, match="cancel_grace") as err:
+        WorkerBackend(slow(cancel_grace=grace))
+    assert err.value.code == "invalid_config"

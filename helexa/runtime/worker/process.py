@@ -86,6 +86,13 @@ class WorkerSettings:
     """For the worker to unload and exit before it is killed."""
     exit_grace: float = 5.0
     """For a worker that closed its socket to exit before it is killed."""
+    cancel_grace: float = 10.0
+    """For a cancelled request (its caller left, or its deadline passed) to end in the
+    worker. Past it the engine is wedged (llama.cpp cannot cancel some steps, such as its
+    JSON-schema-to-grammar converter on a pathological schema, and the slot never comes
+    back): the worker is killed, its other requests fail as in a crash, and the model is
+    reloaded in a new one. Long enough for an engine to notice a cancel between two of its
+    steps (a prompt batch on a slow CPU)."""
     python: str = sys.executable
 
 

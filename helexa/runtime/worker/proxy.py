@@ -16,6 +16,10 @@ What the process boundary buys:
   (``backend_crashed``; retryable elsewhere when nothing of the answer was sent), and the
   backend reports the model ``FAILED`` with the reason through ``status_listener``; a new
   :class:`WorkerBackend` reloads it.
+* A request cancelled (its caller left, or its deadline passed) that the worker has not
+  ended within ``cancel_grace`` means its engine is wedged (a step it cannot cancel never
+  returns, and the slot never comes back): the worker is killed, which is then a crash as
+  above, so one request cannot take the model down for good.
 * Unloading ends the process, so all of its memory goes back to the system.
 
 Resource handling: the worker's supervision runs in ``service_nursery`` (required);
@@ -70,10 +74,6 @@ from .process import Phase, WorkerProcess, WorkerSettings
 
 log = logging.getLogger(__name__)
 
-CANCEL_GRACE_S = 30.0
-"""How long leaving a stream waits for the worker to confirm the request stopped (its slot
-is then free, as with an in-process backend)."""
-
 
 class _Crash:
     """Put in every open request's queue when the worker died."""
@@ -98,7 +98,8 @@ class WorkerBackend(Backend, ChatInference, TextInference, EmbeddingInference):
 
     Args:
         config: the model's config; its ``backend_kind`` is what runs in the worker.
-        settings: the worker's deadlines.
+        settings: the worker's deadlines; a config's ``metadata.cancel_grace`` (seconds)
+            replaces their ``cancel_grace``.
 
     Requests the worker's backend cannot serve fail as they would in-process
     (:class:`Unsupported`, from the worker).
@@ -110,6 +111,11 @@ class WorkerBackend(Backend, ChatInference, TextInference, EmbeddingInference):
     def __init__(self, config: ModelConfig, settings: WorkerSettings | None = None) -> None:
         super().__init__(config)
         self.settings = settings or WorkerSettings()
+        if (grace := config.metadata.get("cancel_grace")) is not None:  # the model's own, from models.toml
+            if isinstance(grace, bool) or not isinstance(grace, int | float) or not 0 < grace < math.inf:
+                raise LoadFailed(f"metadata.cancel_grace must be a positive number of seconds, got {grace!r}",
+                                 code="invalid_config")
+            self.settings = replace(self.settings, cancel_grace=float(grace))
         self._worker = WorkerProcess(config, self.settings, deliver=self._deliver, on_crash=self._crashed,
                                      on_status=self._status_changed)
         self._requests: dict[str, trio.MemorySendChannel[Any]] = {}
@@ -264,8 +270,10 @@ class WorkerBackend(Backend, ChatInference, TextInference, EmbeddingInference):
 
     async def _abandon(self, rid: str, receive: trio.MemoryReceiveChannel[Any]) -> None:
         """The caller left before the end: stop the request in the worker and wait until it
-        has (its slot is then free)."""
-        with trio.CancelScope(shield=True), trio.move_on_after(CANCEL_GRACE_S) as waited:
+        has (its slot is then free); a worker that does not within ``cancel_grace`` is
+        wedged, and killed (see the module docstring)."""
+        grace = self.settings.cancel_grace
+        with trio.CancelScope(shield=True), trio.move_on_after(grace) as waited:
             try:
                 self._worker.send(Cancel(rid))
             except ChannelClosed:
@@ -273,8 +281,10 @@ class WorkerBackend(Backend, ChatInference, TextInference, EmbeddingInference):
             while type(await receive.receive()) in (TokenChunk, WorkerStarted):
                 pass
         if waited.cancelled_caught:
-            log.error("the worker of %s kept request %s past %ss after cancel",
-                      self.config.model_id, rid, CANCEL_GRACE_S)
+            log.warning("model %s: request %s did not end within %gs of its cancel (cancel_grace): the engine "
+                        "is wedged; killing its worker (pid %s) to reload the model",
+                        self.config.model_id, rid, grace, self.pid)
+            self._worker.kill(f"did not end request {rid} within {grace:g} s of its cancel (the engine is wedged)")
 
 
 def _crash_error(reason: str) -> BackendCrashed:
