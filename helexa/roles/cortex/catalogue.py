@@ -95,16 +95,24 @@ EMBEDDINGS_MAX_SEQ_LENGTH = 256
 
 
 
-def _embedding_context(data: dict[str, Any]) -> dict[str, Any]:
-    """An ``embeddings`` entry's ``max_context`` is the most tokens an input may have: the
-    backend's ``max_seq_length`` (a smaller ``max_context`` narrows it; a larger one is
-    refused: the model would be promised inputs it cannot take)."""
+def _config_metadata(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """A catalogue entry's ``config`` as a dict and a copy of its ``metadata``; None when
+    either is malformed (the field validators then say what is wrong)."""
     config = data.get("config") or {}
     if isinstance(config, BackendConfig):
         config = config.model_dump()
     if not isinstance(config, dict) or not isinstance(config.get("metadata", {}), dict):
+        return None
+    return config, dict(config.get("metadata") or {})
+
+
+def _embedding_context(data: dict[str, Any]) -> dict[str, Any]:
+    """An ``embeddings`` entry's ``max_context`` is the most tokens an input may have: the
+    backend's ``max_seq_length`` (a smaller ``max_context`` narrows it; a larger one is
+    refused: the model would be promised inputs it cannot take)."""
+    if (found := _config_metadata(data)) is None:
         return data
-    metadata = dict(config.get("metadata") or {})
+    config, metadata = found
     most, max_context = metadata.get("max_seq_length", EMBEDDINGS_MAX_SEQ_LENGTH), data.get("max_context")
     if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (most, max_context or 1)):
         return data  # the field validators say what is wrong
@@ -180,12 +188,9 @@ class CatalogueEntry(BaseModel):
             return _embedding_context(data)
         if not isinstance(data, dict) or data.get("backend") != "llama_cpp":
             return data
-        config = data.get("config") or {}
-        if isinstance(config, BackendConfig):
-            config = config.model_dump()
-        if not isinstance(config, dict) or not isinstance(config.get("metadata", {}), dict):
+        if (found := _config_metadata(data)) is None:
             return data
-        metadata = dict(config.get("metadata") or {})
+        config, metadata = found
         slots, n_ctx, max_context = metadata.get("n_parallel", LLAMA_CPP_N_PARALLEL), metadata.get("n_ctx"), \
             data.get("max_context")
         if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (slots, n_ctx or 1, max_context or 1)):
