@@ -1,13 +1,21 @@
 """The Federation service end to end over the in-memory mesh."""
 
 import time
+from dataclasses import replace
 
 import pytest
 import trio
 
 from helexa.mesh import MemoryMesh, MemoryNetwork, peer_id_from_ed25519
 from helexa.protocol import EmbedRequest, GenerateRequest, GenerateResult, Task, TokenChunk, decode, encode
-from helexa.protocol.federation import ANNOUNCE_TOPIC, OfferedModel, PolicySummary
+from helexa.protocol.federation import (
+    ANNOUNCE_TOPIC,
+    FEDERATION_PROTOCOL,
+    SCOPED_FEDERATION_PROTOCOL,
+    OfferedModel,
+    PolicySummary,
+)
+from helexa.roles.cortex.cache_scope import peer_scope, scope_of, wire_scope
 from helexa.roles.cortex.federation import (
     AskPolicy,
     NoPeerOffers,
@@ -34,7 +42,10 @@ def request(rid="r1", model="tiny"):
 
 
 async def cortex(nursery, network, operator, *, fleet=None, offer=(MODEL,), serve_policy=ServePolicy(),
-                 ask_policy=AskPolicy(), mesh_node=None, settings=FederationSettings(announce_interval=1.0)):
+                 ask_policy=AskPolicy(), mesh_node=None, settings=FederationSettings(announce_interval=1.0),
+                 protocols=None):
+    """``protocols``: the request-stream protocols it speaks (``(FEDERATION_PROTOCOL,)``:
+    a cortex of a release before scoped federation)."""
     ident = new_identity()
     mesh = MemoryMesh(network, peer_id_from_ed25519(ident.public_bytes), timeout=5)
     await nursery.start(mesh.run)
@@ -43,6 +54,8 @@ async def cortex(nursery, network, operator, *, fleet=None, offer=(MODEL,), serv
         serve_generate=fleet.serve if fleet else None, serve_embed=fleet.embed if fleet else None,
         serve_policy=serve_policy, ask_policy=ask_policy, settings=settings,
         clock=trio.current_time)
+    if protocols is not None:
+        fed.protocols = protocols
     await nursery.start(fed.run)
     return fed
 
@@ -59,27 +72,94 @@ async def recorded(ledger, direction, rid):
     return entry
 
 
-async def test_a_peers_requests_share_one_cache_scope_apart_from_the_serving_cortexs_tenants(nursery, autojump_clock):
-    """The asking cortex leaves its tenants' scopes out (a peer of an older release refuses
-    the field, and would close the stream): the serving cortex scopes the peer's requests
-    by the peer, never one of its own tenants' scopes nor another peer's."""
-    from dataclasses import replace
+def arrived(fed):
+    """Every request the serving cortex ``fed`` decoded from its peers' streams, as it
+    came (before it puts the scope under the asking peer's id)."""
+    got = []
+    admit = fed.inbound._admit_and_serve
 
-    from helexa.protocol import encode
-    from helexa.roles.cortex.cache_scope import peer_scope
+    async def recording(stream, reader, exchange, hello, request):
+        got.append((stream.protocol, request))
+        return await admit(stream, reader, exchange, hello, request)
 
+    fed.inbound._admit_and_serve = recording
+    return got
+
+
+async def ask(fed, rid, scope):
+    async with fed.route(replace(request(rid), cache_scope=scope)) as frames:
+        return [f async for f in frames][-1]
+
+
+TENANT_1, TENANT_2 = "1" * 32, "2" * 32
+
+
+async def test_each_tenant_of_an_asking_cortex_has_a_cache_scope_of_its_own_on_the_serving_side(
+        nursery, autojump_clock):
+    """What reaches the serving cortex's fleet: one scope per tenant of the asking cortex
+    (the same each time), under the asking peer's id, never one of the serving cortex's
+    own tenants' (nor the asking side's scopes themselves: they do not cross)."""
     net = MemoryNetwork()
     b_fleet = FakeFleet()
     a = await cortex(nursery, net, "A", offer=())
-    await cortex(nursery, net, "B", fleet=b_fleet)
+    b = await cortex(nursery, net, "B", fleet=b_fleet)
+    wire = arrived(b)
     await settle()
-    for rid, scope in (("r1", "a" * 32), ("r2", "b" * 32)):
+    for rid, scope in (("r1", TENANT_1), ("r2", TENANT_2), ("r3", TENANT_1)):
+        assert isinstance(await ask(a, rid, scope), GenerateResult)
+    s1, s2, s3 = (r.cache_scope for r in b_fleet.requests)
+    assert s1 == s3 != s2
+    assert not {s1, s2} & {"", TENANT_1, TENANT_2, peer_scope(a.mesh.peer_id, ""), scope_of("B"), scope_of("A")}
+    assert s1 == peer_scope(a.mesh.peer_id, wire_scope(b.mesh.peer_id, TENANT_1))
+    assert [(p, r.cache_scope) for p, r in wire] == [(SCOPED_FEDERATION_PROTOCOL, wire_scope(b.mesh.peer_id, t))
+                                                     for t in (TENANT_1, TENANT_2, TENANT_1)]
+
+
+async def test_a_tenants_scope_is_another_for_each_peer_asked(nursery, autojump_clock):
+    """Two serving operators cannot match one tenant's requests between them."""
+    net = MemoryNetwork()
+    fleets = FakeFleet(), FakeFleet()
+    a = await cortex(nursery, net, "A", offer=())
+    b, c = [await cortex(nursery, net, op, fleet=f) for op, f in zip("BC", fleets)]
+    wires = arrived(b), arrived(c)
+    await settle()
+    assert isinstance(await ask(a, "r1", TENANT_1), GenerateResult)
+    first = b if fleets[0].requests else c
+    async with a.route(replace(request("r2"), cache_scope=TENANT_1), exclude=frozenset({first.mesh.peer_id})) as frames:
+        assert isinstance([f async for f in frames][-1], GenerateResult)
+    (_, r1), (_, r2) = wires[0][0], wires[1][0]
+    assert r1.cache_scope and r2.cache_scope and r1.cache_scope != r2.cache_scope
+
+
+async def test_an_asking_cortex_sends_no_scope_to_a_peer_of_an_older_release(nursery, autojump_clock):
+    """A peer that serves only the unscoped protocol (it would refuse the field and drop
+    the stream) is asked without scopes and serves as before: one scope for the peer."""
+    net = MemoryNetwork()
+    b_fleet = FakeFleet()
+    a = await cortex(nursery, net, "A", offer=())
+    b = await cortex(nursery, net, "B", fleet=b_fleet, protocols=(FEDERATION_PROTOCOL,))
+    wire = arrived(b)
+    await settle()
+    for rid, scope in (("r1", TENANT_1), ("r2", TENANT_2)):
         route = a.route(replace(request(rid), cache_scope=scope))
-        assert b"cache_scope" not in encode(route._request)  # what crosses the hop
         async with route as frames:
-            _ = [f async for f in frames]
-    s1, s2 = (r.cache_scope for r in b_fleet.requests)
-    assert s1 == s2 == peer_scope(a.mesh.peer_id, "") and s1 not in ("", "a" * 32, "b" * 32)
+            assert isinstance([f async for f in frames][-1], GenerateResult)
+    assert [(p, r.cache_scope) for p, r in wire] == [(FEDERATION_PROTOCOL, "")] * 2
+    assert b"cache_scope" not in encode(a._for_peer(replace(request(), cache_scope=TENANT_1), route._stream))
+    assert [r.cache_scope for r in b_fleet.requests] == [peer_scope(a.mesh.peer_id, "")] * 2
+
+
+async def test_an_asking_cortex_of_an_older_release_is_served_as_before(nursery, autojump_clock):
+    net = MemoryNetwork()
+    b_fleet = FakeFleet()
+    a = await cortex(nursery, net, "A", offer=(), protocols=(FEDERATION_PROTOCOL,))
+    b = await cortex(nursery, net, "B", fleet=b_fleet)
+    wire = arrived(b)
+    await settle()
+    for rid, scope in (("r1", TENANT_1), ("r2", TENANT_2)):
+        assert isinstance(await ask(a, rid, scope), GenerateResult)
+    assert [(p, r.cache_scope) for p, r in wire] == [(FEDERATION_PROTOCOL, "")] * 2
+    assert [r.cache_scope for r in b_fleet.requests] == [peer_scope(a.mesh.peer_id, "")] * 2
 
 
 async def test_streamed_request_is_served_by_the_peer_and_both_ledgers_agree(nursery, autojump_clock):
