@@ -329,7 +329,8 @@ class Federation:
             self._unscoped_until[peer_id] = trio.current_time() + UNSCOPED_RECHECK
         return stream
 
-    def _for_peer(self, request: GenerateRequest | EmbedRequest, stream: MessageStream) -> GenerateRequest | EmbedRequest:
+    def _for_peer(self, request: GenerateRequest | EmbedRequest,
+                  stream: MessageStream) -> GenerateRequest | EmbedRequest:
         """``request`` as it crosses to the peer: its tenant's scope as :func:`wire_scope`
         makes it for that peer, on a stream that carries one; none otherwise (a peer of an
         older release refuses the field, and keeps one scope for all our tenants)."""
