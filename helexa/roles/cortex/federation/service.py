@@ -117,7 +117,7 @@ class Federation:
         self.protocols: tuple[str, ...] = (SCOPED_FEDERATION_PROTOCOL, FEDERATION_PROTOCOL)
         """The request-stream protocols this cortex serves and asks with, newest first.
         A request goes out with its tenant's scope on a scoped stream only; over the
-        first protocol a peer of an older release knows it goes without."""
+        last, all a peer of an older release speaks, it goes without."""
         self._wire_scopes: dict[tuple[str, str], str] = {}
         self._unscoped_until: dict[str, float] = {}
         self.mesh = mesh
