@@ -22,7 +22,7 @@ already been reset.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +73,10 @@ class MessageStream(abc.ABC):
 
     remote_peer: str
     """The authenticated peer id at the other end."""
+
+    protocol: str = ""
+    """The protocol the stream speaks: the one it was opened for, or the first of the
+    opener's choices that the peer serves (:meth:`Mesh.open_stream`)."""
 
     @abc.abstractmethod
     async def send(self, *msgs: Any, timeout: float | None = None) -> None:
@@ -153,11 +157,14 @@ class Mesh(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def open_stream(self, peer_id: str, protocol: str, *, timeout: float | None = None) -> MessageStream:
-        """Open a stream to ``peer_id`` speaking ``protocol`` (dialing if needed).
+    async def open_stream(self, peer_id: str, protocol: str | Sequence[str], *,
+                          timeout: float | None = None) -> MessageStream:
+        """Open a stream to ``peer_id`` speaking ``protocol`` (dialing if needed), or the
+        first of several (newest first) that the peer serves: the stream's ``protocol``
+        says which (how a newer protocol is negotiated with a peer of an older release).
 
         Raises:
-            DialFailed: unreachable, unknown addresses, protocol not served, or timeout.
+            DialFailed: unreachable, unknown addresses, no protocol served, or timeout.
         """
 
     @abc.abstractmethod
@@ -180,3 +187,11 @@ class Mesh(abc.ABC):
     @abc.abstractmethod
     def add_addrs(self, peer_id: str, addrs: list[str]) -> None:
         """Learn addresses of ``peer_id`` (from an announcement, say) without dialing."""
+
+
+def protocol_choices(protocol: str | Sequence[str]) -> tuple[str, ...]:
+    """:meth:`Mesh.open_stream`'s ``protocol`` as a non-empty tuple, first choice first."""
+    choices = (protocol,) if isinstance(protocol, str) else tuple(protocol)
+    if not choices:
+        raise DialFailed("no protocol to open")
+    return choices

@@ -35,7 +35,7 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -321,19 +321,27 @@ class DirectChannel:
 
     # --- the dialling end ------------------------------------------------------------------
 
-    async def open(self, peer: str, protocol: str, ask: TicketAsker, *, deadline: float) -> DirectStream | None:
-        """A stream to ``peer`` speaking ``protocol`` over the direct channel, or
-        ``None`` if it cannot be had now (open it over libp2p then). Takes at most
-        ``direct_timeout`` or half the time left before ``deadline``.
+    async def open(self, peer: str, protocols: Sequence[str], ask: TicketAsker, *,
+                   deadline: float) -> DirectStream | None:
+        """A stream to ``peer`` over the direct channel speaking the first of
+        ``protocols`` the peer serves (its listener closes a connection that names one
+        it does not: each other choice costs a connection), or ``None`` if it cannot be
+        had now (open it over libp2p then). Takes at most ``direct_timeout`` or half the
+        time left before ``deadline``.
 
         Raises:
-            DialFailed: the peer's direct listener says it does not serve ``protocol``."""
+            DialFailed: the peer's direct listener says it serves none of ``protocols``."""
         now = trio.current_time()
         if self._retry_at.get(peer, 0.0) > now:
             return None
         try:
             with trio.fail_after(max(0.0, min(self._settings.direct_timeout, (deadline - now) / 2))):
-                return await self._open(peer, protocol, ask)
+                for protocol in protocols[:-1]:
+                    try:
+                        return await self._open(peer, protocol, ask)
+                    except DialFailed:
+                        continue  # not served there: the next choice
+                return await self._open(peer, protocols[-1], ask)
         except DialFailed:
             raise
         except (trio.TooSlowError, _Unavailable, DecodeError, trio.BrokenResourceError, trio.ClosedResourceError,
@@ -398,7 +406,9 @@ class DirectChannel:
             await trio.aclose_forcefully(sock)
             raise
         self.stats.opened += 1
-        return self._stream(sock, session, peer)
+        stream = self._stream(sock, session, peer)
+        stream.protocol = protocol
+        return stream
 
     # --- streams of both ends ------------------------------------------------------------
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import multiaddr
@@ -49,7 +49,16 @@ from libp2p.tools.anyio_service import background_trio_service
 from .gossip_limit import GossipLimiter
 from .liveness import Liveness
 from .direct_channel import DIRECT_PROTOCOL, DirectChannel
-from .base import DialFailed, GossipMessage, Mesh, MessageStream, StreamClosed, StreamHandler, TopicValidator
+from .base import (
+    DialFailed,
+    GossipMessage,
+    Mesh,
+    MessageStream,
+    StreamClosed,
+    StreamHandler,
+    TopicValidator,
+    protocol_choices,
+)
 from .settings import MeshSettings
 from .streams import FramedStream, run_handler
 from .ticket_exchange import ask_ticket, grant_ticket
@@ -298,9 +307,12 @@ class Libp2pMesh(Mesh):
 
         self._host.set_stream_handler(TProtocol(protocol), on_stream)
 
-    async def open_stream(self, peer_id: str, protocol: str, *, timeout: float | None = None) -> MessageStream:
+    async def open_stream(self, peer_id: str, protocol: str | Sequence[str], *,
+                          timeout: float | None = None) -> MessageStream:
         host = self._require_host()
         pid = _parse_id(peer_id)
+        choices = protocol_choices(protocol)
+        wanted = " or ".join(choices)
         host.get_network().unblock_peer(pid)
         deadline = trio.current_time() + (self._settings.dial_timeout if timeout is None else timeout)
         try:
@@ -308,19 +320,21 @@ class Libp2pMesh(Mesh):
                 if pid not in host.get_network().connections and pid in self._known:
                     await host.connect(PeerInfo(pid, self._known[pid]))
             if self.direct is not None and pid in host.get_network().connections:
-                stream = await self.direct.open(peer_id, protocol, self._ask_ticket, deadline=deadline)
+                stream = await self.direct.open(peer_id, choices, self._ask_ticket, deadline=deadline)
                 if stream is not None:
                     return stream
-            with trio.fail_at(deadline):
-                net_stream = await host.new_stream(pid, [TProtocol(protocol)])
+            with trio.fail_at(deadline):  # multistream-select takes the first the peer serves
+                net_stream = await host.new_stream(pid, [TProtocol(p) for p in choices])
         except trio.TooSlowError:
-            raise DialFailed(f"opening {protocol} to {peer_id} timed out") from None
+            raise DialFailed(f"opening {wanted} to {peer_id} timed out") from None
         except DialFailed:
             raise
         except Exception as exc:
-            raise DialFailed(f"cannot open {protocol} to {peer_id}: {exc or type(exc).__name__}") from None
-        return _Libp2pStream(net_stream, peer_id, timeout=self._settings.stream_timeout,
-                             max_frame=self._settings.max_frame)
+            raise DialFailed(f"cannot open {wanted} to {peer_id}: {exc or type(exc).__name__}") from None
+        stream = _Libp2pStream(net_stream, peer_id, timeout=self._settings.stream_timeout,
+                               max_frame=self._settings.max_frame)
+        stream.protocol = str(net_stream.get_protocol() or choices[0])
+        return stream
 
     # --- peers ----------------------------------------------------------------------------
 

@@ -14,14 +14,23 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import trio
 
 from helexa.protocol import DEFAULT_MAX_FRAME
 
-from .base import DialFailed, GossipMessage, Mesh, MessageStream, StreamClosed, StreamHandler, TopicValidator
+from .base import (
+    DialFailed,
+    GossipMessage,
+    Mesh,
+    MessageStream,
+    StreamClosed,
+    StreamHandler,
+    TopicValidator,
+    protocol_choices,
+)
 from .streams import FramedStream, run_handler
 
 log = logging.getLogger(__name__)
@@ -164,22 +173,26 @@ class MemoryMesh(Mesh):
         finally:
             self._subs.pop(topic, None)
 
-    async def open_stream(self, peer_id: str, protocol: str, *, timeout: float | None = None) -> MessageStream:
+    async def open_stream(self, peer_id: str, protocol: str | Sequence[str], *,
+                          timeout: float | None = None) -> MessageStream:
         await trio.lowlevel.checkpoint()
         if self._nursery is None:
             raise DialFailed("this node is not running")
         node = self._network.nodes.get(peer_id)
         if node is None or node._nursery is None:
             raise DialFailed(f"{peer_id} is unreachable")
-        handler = node._handlers.get(protocol)
-        if handler is None:
-            raise DialFailed(f"{peer_id} does not serve {protocol}")
+        choices = protocol_choices(protocol)
+        protocol = next((p for p in choices if p in node._handlers), "")
+        if not protocol:
+            raise DialFailed(f"{peer_id} does not serve {' or '.join(choices)}")
+        handler = node._handlers[protocol]
         a_send, b_recv = trio.open_memory_channel[bytes](math.inf)
         b_send, a_recv = trio.open_memory_channel[bytes](math.inf)
         ours = _MemoryStream(peer_id, a_send, a_recv, timeout=self._timeout, max_frame=self._max_frame,
                              on_close=self._streams.discard)
         theirs = _MemoryStream(self._peer_id, b_send, b_recv, timeout=node._timeout, max_frame=node._max_frame,
                                on_close=node._streams.discard)
+        ours.protocol = theirs.protocol = protocol
         self._streams.add(ours)
         node._streams.add(theirs)
         node._nursery.start_soon(run_handler, handler, theirs, protocol)

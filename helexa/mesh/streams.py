@@ -123,6 +123,7 @@ class FramedStream(MessageStream):
 async def run_handler(handler: StreamHandler, stream: MessageStream, protocol: str) -> None:
     """Run ``handler`` on ``stream`` so that nothing escapes: an exception escaping a
     libp2p stream handler tears the whole host down. Cancellation still propagates."""
+    stream.protocol = protocol
     try:
         await handler(stream)
     except BaseException as exc:

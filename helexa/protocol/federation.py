@@ -3,7 +3,8 @@
 Gossip (topic ``helexa/federation/1``): each cortex periodically publishes a signed
 :class:`Announcement` of what it offers to peers.
 
-A federated request runs over one libp2p stream (protocol ``/helexa/federation/1``)::
+A federated request runs over one libp2p stream (protocol ``/helexa/federation/2``, or
+``/1`` with a peer of an older release: the same frames, without the request's scope)::
 
     asker                                  server
       FederatedHello(operator, request_id) ->
@@ -37,6 +38,12 @@ MAX_ANNOUNCEMENT_BYTES = 64 * 1024
 
 ANNOUNCE_TOPIC = "helexa/federation/1"
 FEDERATION_PROTOCOL = "/helexa/federation/1"
+"""Request streams whose ``GenerateRequest`` carries no ``cache_scope`` (a release
+before scoped federation refuses the field)."""
+SCOPED_FEDERATION_PROTOCOL = "/helexa/federation/2"
+"""The same exchange, where the ``GenerateRequest`` may carry the asker's opaque scope of
+the tenant it asks for. An asker opens a stream offering both, this one first: the
+peer's choice is the negotiation, with no round trip of its own (``docs/mesh.md``)."""
 
 
 @dataclass(frozen=True, slots=True)

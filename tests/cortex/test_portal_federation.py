@@ -153,3 +153,23 @@ async def test_a_peers_request_gets_the_edges_checks_before_any_neuron_here(fiel
                     pass
     assert err.value.code == "invalid_request" and param in str(err.value)
     assert neuron.requests == []
+
+
+async def test_two_keys_of_a_portal_keep_apart_cache_scopes_on_the_peers_neurons() -> None:
+    """Through both cortexes' real glue: what the serving neuron gets is one scope per key
+    of the asking portal (the same for each request of a key), under the asking peer's id,
+    neither key's own scope nor the one all the asking cortex's requests shared before."""
+    from helexa.roles.cortex.cache_scope import peer_scope, scope_of, wire_scope
+
+    store = SqliteStore(":memory:")
+    k1, k2 = new_key(store, "acme"), new_key(store, "acme")
+    async with two_operators({"acme": keyed()}, store) as (urls, fed_a, fed_b, neuron):
+        async with httpx.AsyncClient(base_url=urls["acme"]) as http:
+            for key in (k1, k2, k1):
+                r = await http.post("/v1/chat/completions", json=CHAT, headers=bearer(key))
+                assert r.status_code == 200
+    s1, s2, s3 = (r.cache_scope for r in neuron.requests)
+    assert s1 == s3 != s2
+    local = {scope_of("acme", key.key_id) for key in store.keys()}
+    assert not {s1, s2} & (local | {"", scope_of("acme"), peer_scope(fed_a.mesh.peer_id, "")})
+    assert {s1, s2} == {peer_scope(fed_a.mesh.peer_id, wire_scope(fed_b.mesh.peer_id, s)) for s in local}

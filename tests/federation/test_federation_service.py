@@ -34,7 +34,10 @@ def request(rid="r1", model="tiny"):
 
 
 async def cortex(nursery, network, operator, *, fleet=None, offer=(MODEL,), serve_policy=ServePolicy(),
-                 ask_policy=AskPolicy(), mesh_node=None, settings=FederationSettings(announce_interval=1.0)):
+                 ask_policy=AskPolicy(), mesh_node=None, settings=FederationSettings(announce_interval=1.0),
+                 protocols=None):
+    """``protocols``: the request-stream protocols it speaks (``(FEDERATION_PROTOCOL,)``:
+    a cortex of a release before scoped federation)."""
     ident = new_identity()
     mesh = MemoryMesh(network, peer_id_from_ed25519(ident.public_bytes), timeout=5)
     await nursery.start(mesh.run)
@@ -43,6 +46,8 @@ async def cortex(nursery, network, operator, *, fleet=None, offer=(MODEL,), serv
         serve_generate=fleet.serve if fleet else None, serve_embed=fleet.embed if fleet else None,
         serve_policy=serve_policy, ask_policy=ask_policy, settings=settings,
         clock=trio.current_time)
+    if protocols is not None:
+        fed.protocols = protocols
     await nursery.start(fed.run)
     return fed
 
@@ -57,29 +62,6 @@ async def recorded(ledger, direction, rid):
     while (entry := ledger.get(direction, rid)) is None and time.monotonic() < deadline:
         await trio.sleep(0.01)
     return entry
-
-
-async def test_a_peers_requests_share_one_cache_scope_apart_from_the_serving_cortexs_tenants(nursery, autojump_clock):
-    """The asking cortex leaves its tenants' scopes out (a peer of an older release refuses
-    the field, and would close the stream): the serving cortex scopes the peer's requests
-    by the peer, never one of its own tenants' scopes nor another peer's."""
-    from dataclasses import replace
-
-    from helexa.protocol import encode
-    from helexa.roles.cortex.cache_scope import peer_scope
-
-    net = MemoryNetwork()
-    b_fleet = FakeFleet()
-    a = await cortex(nursery, net, "A", offer=())
-    await cortex(nursery, net, "B", fleet=b_fleet)
-    await settle()
-    for rid, scope in (("r1", "a" * 32), ("r2", "b" * 32)):
-        route = a.route(replace(request(rid), cache_scope=scope))
-        assert b"cache_scope" not in encode(route._request)  # what crosses the hop
-        async with route as frames:
-            _ = [f async for f in frames]
-    s1, s2 = (r.cache_scope for r in b_fleet.requests)
-    assert s1 == s2 == peer_scope(a.mesh.peer_id, "") and s1 not in ("", "a" * 32, "b" * 32)
 
 
 async def test_streamed_request_is_served_by_the_peer_and_both_ledgers_agree(nursery, autojump_clock):

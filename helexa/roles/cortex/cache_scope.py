@@ -14,6 +14,11 @@ portal's ``prompt_cache = "portal"`` shares the cache among its keys), the porta
 open one, never shared across portals; a peer's requests get scopes of their own. On the
 wire it is opaque: a keyed hash (the key is this process's own, drawn at start), never the
 key or its id. A cortex restart only costs the caches' next hits.
+
+Across federation the asking cortex sends, for a peer that speaks the scoped protocol,
+:func:`wire_scope` of its tenant's scope: another keyed hash, of that peer's own (two
+serving peers cannot match one tenant's requests between them), which the serving cortex
+puts under the asking peer's id (:func:`peer_scope`) before its neurons see it.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 
-__all__ = ["peer_scope", "scope_of"]
+__all__ = ["peer_scope", "scope_of", "wire_scope"]
 
 _SALT = secrets.token_bytes(32)
 
@@ -35,6 +40,13 @@ def peer_scope(peer_id: str, scope: str) -> str:
     """The scope here of a request peer ``peer_id`` sent with ``scope`` (its own tenant's):
     apart from this cortex's tenants' and from every other peer's, whatever it sends."""
     return _hash(b"peer", peer_id, scope)
+
+
+def wire_scope(peer_id: str, scope: str) -> str:
+    """What this cortex sends peer ``peer_id`` as the scope of a request it asks with
+    ``scope`` (its own tenant's): opaque to the peer, stable while this process runs, and
+    another for each peer."""
+    return _hash(b"wire", peer_id, scope)
 
 
 def _hash(kind: bytes, *parts: str) -> str:

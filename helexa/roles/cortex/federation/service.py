@@ -38,9 +38,16 @@ from helexa.protocol import (
     Task,
     encode,
 )
-from helexa.protocol.federation import ANNOUNCE_TOPIC, FEDERATION_PROTOCOL, FederatedHello, Refusal
+from helexa.protocol.federation import (
+    ANNOUNCE_TOPIC,
+    FEDERATION_PROTOCOL,
+    SCOPED_FEDERATION_PROTOCOL,
+    FederatedHello,
+    Refusal,
+)
 from helexa.protocol.model import Workload
 
+from ..cache_scope import wire_scope
 from .announcements import AnnouncementRejected, PeerOffer, PeerTable, check_announcement, sign_announcement
 from .errors import FederationError, NoPeerOffers, OutboundRefused, PeerFailed, PeerRefused, PeerUnreachable, PeerVanished
 from .inbound import EmbedHandler, GenerateHandler, InboundServer, OfferedFn, OfferFn, ServeTimeouts
@@ -55,6 +62,14 @@ _ALLOWED_MEMO = 256
 """Candidate lists kept (per model, workload, exclusions and policies)."""
 
 _RETRY_NEXT_PEER = {"busy", "rate_limited", "model_not_offered", "not_serving"}
+
+_WIRE_SCOPES = 4096
+"""Scopes sent to peers kept (per peer and local scope), not hashed again per request."""
+
+UNSCOPED_RECHECK = 600.0
+"""How long a peer that chose the unscoped protocol is offered only that one (asking it
+again costs a connection over the direct channel), before it is asked again: it may
+have been upgraded."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +90,9 @@ class FederationSettings:
 
 
 class Federation:
-    """Args:
+    """Request-stream protocols are offered newest first: :attr:`protocols`.
+
+    Args:
         mesh: a running (or about to run) :class:`helexa.mesh.Mesh`.
         identity: this cortex's identity (signs announcements and receipts).
         operator: this operator's name, as peers' policies see it.
@@ -97,6 +114,12 @@ class Federation:
         ask_policy: AskPolicy = AskPolicy(), settings: FederationSettings = FederationSettings(),
         clock: Callable[[], float] = time.time, offered_fn: OfferedFn | None = None,
     ) -> None:
+        self.protocols: tuple[str, ...] = (SCOPED_FEDERATION_PROTOCOL, FEDERATION_PROTOCOL)
+        """The request-stream protocols this cortex serves and asks with, newest first.
+        A request goes out with its tenant's scope on a scoped stream only; over the
+        last, all a peer of an older release speaks, it goes without."""
+        self._wire_scopes: dict[tuple[str, str], str] = {}
+        self._unscoped_until: dict[str, float] = {}
         self.mesh = mesh
         self.identity = identity
         self.operator = operator
@@ -131,7 +154,8 @@ class Federation:
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Serve, listen and announce until cancelled. ``started()`` once subscribed."""
         self.table = PeerTable(self.mesh.peer_id)
-        self.mesh.serve(FEDERATION_PROTOCOL, self.inbound.handle)
+        for protocol in self.protocols:
+            self.mesh.serve(protocol, self.inbound.handle)
         async with trio.open_nursery() as nursery:
             await nursery.start(self._listen)
             nursery.start_soon(self._announce_loop)
@@ -263,12 +287,10 @@ class Federation:
             stream = await self._take(offer.peer_id)
             reused = stream is not None
             if stream is None:
-                try:
-                    stream = await self.mesh.open_stream(offer.peer_id, FEDERATION_PROTOCOL, timeout=t.open)
-                except DialFailed as exc:
-                    raise PeerUnreachable(str(exc), peer_id=offer.peer_id) from None
+                stream = await self._new_stream(offer.peer_id)
             try:
-                await stream.send(FederatedHello(self.operator, request.request_id), request, timeout=t.send)
+                await stream.send(FederatedHello(self.operator, request.request_id), self._for_peer(request, stream),
+                                  timeout=t.send)
                 first = await stream.receive(timeout=t.first_frame)
             except StreamClosed as exc:
                 await stream.reset()
@@ -291,6 +313,38 @@ class Federation:
                 await self._release(offer.peer_id, stream, clean=True)
                 raise refusal_error(first, offer.peer_id)
             return stream, first
+
+    async def _new_stream(self, peer_id: str) -> MessageStream:
+        """A new request stream to ``peer_id``, in the newest protocol both speak."""
+        protocols = self.protocols
+        if self._unscoped_until.get(peer_id, -math.inf) > trio.current_time():
+            protocols = protocols[-1:]
+        try:
+            stream = await self.mesh.open_stream(peer_id, protocols, timeout=self.settings.ask.open)
+        except DialFailed as exc:
+            raise PeerUnreachable(str(exc), peer_id=peer_id) from None
+        if stream.protocol == SCOPED_FEDERATION_PROTOCOL:
+            self._unscoped_until.pop(peer_id, None)
+        elif protocols is self.protocols:
+            self._unscoped_until[peer_id] = trio.current_time() + UNSCOPED_RECHECK
+        return stream
+
+    def _for_peer(self, request: GenerateRequest | EmbedRequest,
+                  stream: MessageStream) -> GenerateRequest | EmbedRequest:
+        """``request`` as it crosses to the peer: its tenant's scope as :func:`wire_scope`
+        makes it for that peer, on a stream that carries one; none otherwise (a peer of an
+        older release refuses the field, and keeps one scope for all our tenants)."""
+        if not isinstance(request, GenerateRequest) or not request.cache_scope:
+            return request
+        scope = ""
+        if stream.protocol == SCOPED_FEDERATION_PROTOCOL:
+            key = (stream.remote_peer, request.cache_scope)
+            scope = self._wire_scopes.get(key, "")
+            if not scope:
+                if len(self._wire_scopes) >= _WIRE_SCOPES:
+                    self._wire_scopes.clear()
+                scope = self._wire_scopes[key] = wire_scope(*key)
+        return replace(request, cache_scope=scope)
 
     async def _abandon(self, offer: PeerOffer, request: GenerateRequest | EmbedRequest, stream: MessageStream) -> None:
         """Send ``Cancel`` for a request left before its first answer frame, record the
@@ -349,9 +403,10 @@ class Federation:
             PeerRefused: the peer's policy said no (``code``, ``retry_after``).
             PeerUnreachable: no peer could be reached or none answered in time.
             PeerVanished, PeerFailed: from the iterator, mid-answer.
+
+        ``request.cache_scope`` (its tenant's) crosses as an opaque scope of the peer's
+        own, to a peer that speaks the scoped protocol only (:meth:`_for_peer`).
         """
-        if request.cache_scope:  # a peer of an older release refuses the field: the peer scopes it
-            request = replace(request, cache_scope="")
         return _Route(self, request, exclude, also)
 
     async def embed(self, request: EmbedRequest, *, exclude: frozenset[str] = frozenset(),
