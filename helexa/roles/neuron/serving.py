@@ -75,15 +75,14 @@ class Serving:
         scope.cancel()
         backend = self._held.get(request_id)
         if nursery is not None and backend is not None and not backend.kills_wedged and request_id not in self._ended:
-            self._ended[request_id] = trio.Event()
-            nursery.start_soon(self._watch_cancel, request_id, backend)
+            ended = self._ended[request_id] = trio.Event()
+            nursery.start_soon(self._watch_cancel, request_id, backend, ended)
 
-    async def _watch_cancel(self, rid: str, backend: Backend) -> None:
+    async def _watch_cancel(self, rid: str, backend: Backend, ended: trio.Event) -> None:
         try:
             grace = cancel_grace(backend.config)
         except BackendError:  # refused when the model loaded; a backend made otherwise (a test's) gets the default
             grace = DEFAULT_CANCEL_GRACE
-        ended = self._ended[rid]
         with trio.move_on_after(grace):
             await ended.wait()
             return
