@@ -63,3 +63,6 @@ def test_neuron_key_finds_the_data_dir_as_the_neuron_does(tmp_path, monkeypatch)
     assert load_config(NeuronConfig, file=config, environ=env).data_dir == tmp_path / "unit"  # as the neuron
     assert f"in {tmp_path / 'flag'};" in key_in("--config", str(config), "--data-dir", str(tmp_path / "flag"), env=env)
     assert (tmp_path / "unit" / "identity.key").exists() and (tmp_path / "flag" / "identity.key").exists()
+    # Made now, it says so (a shell lacks the unit's HELEXA_DATA_DIR); found, it does not.
+    assert "no identity key was in" in key_in("--data-dir", str(tmp_path / "new"))
+    assert "no identity key was in" not in key_in("--data-dir", str(tmp_path / "new"))
