@@ -161,8 +161,8 @@ async def test_a_schema_the_backend_cannot_use_names_format_or_tools_in_ollamas_
     output is refused naming ``format`` too, not the ``response_format`` Ollama has none of."""
     fleet = Fleet()
     neuron = NeuronDouble("n1", fleet, loaded=("ll", "plain"))
-    neuron.error = RemoteError("invalid_request", "llama.cpp refused the request: Automatic parser generation "
-                                                  "failed: JSON schema error at #/properties/a: schema must be an object")
+    neuron.error = RemoteError("invalid_request", "llama.cpp refused the request: Automatic parser generation failed: "
+                                                  "JSON schema error at #/properties/a: schema must be an object")
     catalogue = Catalogue([CatalogueEntry(id="ll", backend="synthetic", memory_mb=10,
                                           features=["tools", "structured_output"]),
                            CatalogueEntry(id="plain", backend="synthetic", memory_mb=10)])
