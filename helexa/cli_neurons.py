@@ -81,9 +81,11 @@ def neuron_key(config_file: Path | None, data_dir: Path | None, node_id: str | N
     KEY` binds the node id to it."""
     from helexa.cli import _fail, _load
     from helexa.config import ConfigError
-    from helexa.roles.neuron.config import NeuronConfig, load_identity, resolve_node_id
+    from helexa.roles.neuron.config import IDENTITY_FILE, NeuronConfig, load_identity, resolve_node_id
 
+    # The data_dir as `helexa neuron` resolves it: --data-dir, HELEXA_DATA_DIR, the file's, the default.
     config = _load(NeuronConfig, config_file, {"data_dir": data_dir, "node_id": node_id})
+    made = not (config.data_dir / IDENTITY_FILE).exists()
     try:
         identity = load_identity(config.data_dir)
     except ConfigError as exc:
@@ -96,5 +98,9 @@ def neuron_key(config_file: Path | None, data_dir: Path | None, node_id: str | N
     click.echo(key)
     from helexa.protocol.join import enrol_command
 
+    if made:  # a shell lacks the unit's environment: a key made elsewhere is not the neuron's
+        click.echo(f"no identity key was in {config.data_dir}: made one now, for a neuron that runs with that "
+                   "data_dir; if yours runs with another (HELEXA_DATA_DIR in its systemd unit), run this again "
+                   "with --data-dir DIR", err=True)
     click.echo(f"identity key {identity.fingerprint} in {config.data_dir}; on the cortex run: "
                f"{enrol_command(name, key)}", err=True)

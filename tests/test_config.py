@@ -36,3 +36,33 @@ def test_a_check_across_keys_names_them_without_a_placeholder() -> None:
         assert str(exc).startswith("portals.acme: listens on 0.0.0.0:8443, which is not loopback: set auth"), str(exc)
     else:
         raise AssertionError("a non-loopback portal without auth was accepted")
+
+
+def test_neuron_key_finds_the_data_dir_as_the_neuron_does(tmp_path, monkeypatch) -> None:
+    """``helexa neuron-key`` and ``helexa neuron`` resolve the data directory one way:
+    --data-dir, then ``HELEXA_DATA_DIR`` (what the systemd unit sets), then the config
+    file's ``data_dir``, then the default; the key is made where the neuron would look."""
+    from click.testing import CliRunner
+
+    from helexa.cli import main
+
+    config = tmp_path / "neuron.toml"
+    config.write_text(f'cortex = "ws://127.0.0.1:1"\nnode_id = "n1"\ndata_dir = "{tmp_path / "file"}"\n')
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("HELEXA_DATA_DIR", raising=False)
+
+    def key_in(*args: str, env: dict[str, str] | None = None) -> str:
+        result = CliRunner().invoke(main, ["neuron-key", *args], env=env)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    assert f"in {tmp_path / 'xdg' / 'helexa' / 'neuron'};" in key_in()
+    assert f"in {tmp_path / 'file'};" in key_in("--config", str(config))
+    env = {"HELEXA_DATA_DIR": str(tmp_path / "unit")}
+    assert f"in {tmp_path / 'unit'};" in key_in("--config", str(config), env=env)
+    assert load_config(NeuronConfig, file=config, environ=env).data_dir == tmp_path / "unit"  # as the neuron
+    assert f"in {tmp_path / 'flag'};" in key_in("--config", str(config), "--data-dir", str(tmp_path / "flag"), env=env)
+    assert (tmp_path / "unit" / "identity.key").exists() and (tmp_path / "flag" / "identity.key").exists()
+    # Made now, it says so (a shell lacks the unit's HELEXA_DATA_DIR); found, it does not.
+    assert "no identity key was in" in key_in("--data-dir", str(tmp_path / "new"))
+    assert "no identity key was in" not in key_in("--data-dir", str(tmp_path / "new"))

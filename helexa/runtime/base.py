@@ -33,6 +33,7 @@ Exception tree::
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import AsyncIterator, Callable
 from typing import ClassVar
 
@@ -97,6 +98,24 @@ class BackendCrashed(BackendError):
     code = "backend_crashed"
 
 
+DEFAULT_CANCEL_GRACE = 10.0
+"""Seconds a cancelled request (its caller left, or its deadline passed) may take to end
+before its engine counts as wedged: long enough for an engine to notice a cancel between
+two of its steps (a prompt batch on a slow CPU)."""
+
+
+def cancel_grace(config: ModelConfig, default: float = DEFAULT_CANCEL_GRACE) -> float:
+    """``config``'s ``metadata.cancel_grace`` (seconds), else ``default``. Raises
+    :class:`LoadFailed` (``invalid_config``) when it is not a positive number."""
+    grace = config.metadata.get("cancel_grace")
+    if grace is None:
+        return default
+    if isinstance(grace, bool) or not isinstance(grace, int | float) or not 0 < grace < math.inf:
+        raise LoadFailed(f"metadata.cancel_grace must be a positive number of seconds, got {grace!r}",
+                         code="invalid_config")
+    return float(grace)
+
+
 class Backend(abc.ABC):
     """Lifecycle of one model in one backend.
 
@@ -125,6 +144,10 @@ class Backend(abc.ABC):
     request asking for a feature its backend lacks is refused (:class:`Unsupported`); the
     cortex's catalogue defaults match these (a test keeps them equal)."""
     needs_service_nursery: ClassVar[bool] = False
+    kills_wedged: ClassVar[bool] = False
+    """True when the backend itself ends a request its engine cannot (a worker process is
+    killed past ``cancel_grace``). Otherwise the neuron marks the model failed instead
+    (:meth:`helexa.roles.neuron.registry.ModelRegistry.wedged`): a thread cannot be killed."""
     service_nursery: trio.Nursery | None = None
     status_listener: StatusListener | None = None
 

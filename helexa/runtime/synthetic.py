@@ -15,12 +15,15 @@ says means anything.
 
 Metadata: ``tokens``, ``tokens_per_second``, ``prompt_tokens`` (the usage it reports for
 the prompt, default 8), ``load_seconds`` (a pretend load time, default 0), ``load_steps``
-(progress reports spread over it, default 1: the web console's tests watch a load progress).
+(progress reports spread over it, default 1: the web console's tests watch a load progress),
+``cancel_seconds`` (how long a request left before its end takes to end, default 0: an
+engine that cannot cancel a step, for the neuron's handling of a wedged engine).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import trio
 
@@ -45,6 +48,7 @@ class SyntheticBackend(Backend, ChatInference, TextInference):
         self._prompt_tokens = int(md.get("prompt_tokens", 8))
         self._load_seconds = float(md.get("load_seconds", 0))
         self._load_steps = max(1, int(md.get("load_steps", 1)))
+        self._cancel_seconds = float(md.get("cancel_seconds", 0))
         self._loaded = False
         # The fixed text's tokens, written once: "tok{i} ", the last one of an answer
         # without its space.
@@ -62,10 +66,24 @@ class SyntheticBackend(Backend, ChatInference, TextInference):
         self._loaded = False
 
     def chat(self, request: GenerateRequest) -> AsyncIterator[GenerationEvent]:
-        return self._generate(request)
+        return self._generate(request) if not self._cancel_seconds else self._slow_to_cancel(request)
 
     def complete(self, request: GenerateRequest) -> AsyncIterator[GenerationEvent]:
-        return self._generate(request)
+        return self.chat(request)
+
+    async def _slow_to_cancel(self, request: GenerateRequest) -> AsyncIterator[GenerationEvent]:
+        """:meth:`_generate`, but left before its end it takes ``cancel_seconds`` to end,
+        whatever cancels it (as a step an engine cannot cancel)."""
+        done = False
+        try:
+            async with aclosing(self._generate(request)) as events:
+                async for event in events:
+                    done = isinstance(event, GenerateResult)
+                    yield event
+        finally:
+            if not done:
+                with trio.CancelScope(shield=True):
+                    await trio.sleep(self._cancel_seconds)
 
     async def _generate(self, request: GenerateRequest) -> AsyncIterator[GenerationEvent]:
         openai_shapes.validate(request, features=self.features)

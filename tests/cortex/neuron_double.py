@@ -57,7 +57,8 @@ class NeuronDouble:
     ``refuse_load`` (answer LoadModel ok=False with ``load_error``), ``pull_bytes`` (a PullModel reports its
     download in three steps of a third each, as a neuron's download progress), ``fail_before_start`` (die as soon as a
     generation arrives, with nothing produced), ``retryable_error`` (answer with a
-    retryable RemoteError).
+    retryable RemoteError), ``error`` (answer each generation with this RemoteError: what a
+    real neuron's backend refused).
 
     An UnloadModel drains as a neuron's registry does: the model turns ``unloading`` (new
     generations are refused as retryable), the ones running get the command's ``grace`` to
@@ -84,6 +85,7 @@ class NeuronDouble:
         self.pull_bytes = 3000
         self.fail_before_start = False
         self.retryable_error = False
+        self.error: RemoteError | None = None
         self.commands: list[object] = []
         self.generations: list[str] = []
         self.requests: list[GenerateRequest] = []
@@ -165,6 +167,8 @@ class NeuronDouble:
                 raise NeuronGone(f"{self.node_id} died", started=False)
             if self.retryable_error:
                 raise RemoteError("model_not_loaded", "not here", retryable=True)
+            if self.error is not None:
+                raise self.error
             status = self.models.get(request.model_id)
             if status is None or status.state is not ModelState.LOADED:
                 # What a real neuron answers (its registry's ModelNotReady).

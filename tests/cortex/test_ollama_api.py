@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from helexa.roles.cortex.catalogue import Catalogue, CatalogueEntry
-from helexa.roles.cortex.fleet import Fleet
+from helexa.roles.cortex.fleet import Fleet, RemoteError
 from helexa.roles.cortex.ollama_api import ChatBody, chat_messages
 from helexa.roles.cortex.portal.store import SqliteStore
 from neuron_double import NeuronDouble
@@ -152,6 +152,55 @@ async def test_errors_are_ollamas_shape_naming_the_field_before_a_neuron_sees_th
     error = r.json()
     assert list(error) == ["error"] and isinstance(error["error"], str) and names in error["error"], error
     assert neuron.requests == []
+
+
+async def test_a_schema_the_backend_cannot_use_names_format_or_tools_in_ollamas_error() -> None:
+    """llama.cpp's refusal of a schema as a grammar names nothing the client sent: the Ollama
+    error says which field it came in, ``format`` or ``tools`` (as ``param`` does on OpenAI's
+    surfaces), streamed or not, through the official client. A model that has no structured
+    output is refused naming ``format`` too, not the ``response_format`` Ollama has none of."""
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=("ll", "plain"))
+    neuron.error = RemoteError("invalid_request", "llama.cpp refused the request: Automatic parser generation failed: "
+                                                  "JSON schema error at #/properties/a: schema must be an object")
+    catalogue = Catalogue([CatalogueEntry(id="ll", backend="synthetic", memory_mb=10,
+                                          features=["tools", "structured_output"]),
+                           CatalogueEntry(id="plain", backend="synthetic", memory_mb=10)])
+    schema = {"type": "object", "properties": {"a": True}}
+    # (the client checks a tool's schema itself: a plain one, which the double refuses anyway)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "string"}}}}}]
+    ask = [{"role": "user", "content": "x"}]
+    async with serving(fleet, catalogue) as (_, url):
+        def run():  # noqa: ANN202
+            c = ollama.Client(host=url, timeout=10)
+            calls = {
+                "chat format": lambda stream: c.chat(model="ll", messages=ask, format=schema, stream=stream),
+                "generate format": lambda stream: c.generate(model="ll", prompt="x", format=schema, stream=stream),
+                "chat tools": lambda stream: c.chat(model="ll", messages=ask, tools=tools, stream=stream),
+            }
+            out = {}
+            for name, call in calls.items():
+                for stream in (False, True):
+                    with pytest.raises(ollama.ResponseError) as refused:
+                        answer = call(stream)
+                        if stream:
+                            list(answer)
+                    out[name, stream] = refused.value
+            with pytest.raises(ollama.ResponseError) as plain:
+                c.chat(model="plain", messages=ask, format="json")
+            return out, plain.value
+
+        refused, plain = await in_thread(run)
+    for (name, stream), exc in refused.items():
+        field = name.split()[1]
+        assert f"Invalid value for '{field}': the backend cannot turn its schema into a grammar" in exc.error, exc
+        assert "schema must be an object" in exc.error
+        if not stream:
+            assert exc.status_code == 400
+    assert len(neuron.requests) == 6
+    assert plain.status_code == 400 and "response_format" not in plain.error, plain
+    assert plain.error.startswith("model 'plain' cannot do format (its backend"), plain
 
 
 @pytest.mark.parametrize(("seed", "sent"), [(-1, None), (-7, -7), (-(2**63), -(2**63)), (0, 0), (2**63 - 1, 2**63 - 1)])

@@ -1,7 +1,7 @@
 """A schema that passes the edge's checks (:mod:`helexa.roles.cortex.schema_check`) but that
 llama.cpp cannot turn into a grammar, against SmolLM2 in real processes, with the official
 clients: the 400 names the field the client sent it in (``param`` on OpenAI's shapes, the
-message on Anthropic's), not ``param: null``.
+message on Anthropic's and Ollama's), not ``param: null``.
 
 The schema: a property whose schema is ``true`` (valid JSON Schema, "anything"), which
 llama.cpp refuses: "JSON schema error at #/properties/a: schema must be an object".
@@ -10,6 +10,7 @@ llama.cpp refuses: "JSON schema error at #/properties/a: schema must be an objec
 from __future__ import annotations
 
 import anthropic
+import ollama
 import openai
 import pytest
 
@@ -79,3 +80,18 @@ def test_anthropic_names_tools_in_its_message(cortex: Cortex) -> None:
                                    tools=[{"name": "f", "input_schema": UNUSABLE}], tool_choice={"type": "any"})
     error = info.value.body["error"]
     assert error["type"] == "invalid_request_error" and "'tools'" in error["message"], error
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_ollama_names_format_in_its_message(cortex: Cortex, stream: bool) -> None:
+    client = ollama.Client(host=cortex.gateway_url, timeout=120)
+    with pytest.raises(ollama.ResponseError) as info:
+        answer = client.chat(model=CHAT, messages=ASK, format=UNUSABLE, options={"num_predict": 8}, stream=stream)
+        if stream:
+            list(answer)
+    assert "Invalid value for 'format'" in info.value.error and "grammar" in info.value.error, info.value
+    with pytest.raises(ollama.ResponseError) as info:
+        answer = client.generate(model=CHAT, prompt="hi", format=UNUSABLE, options={"num_predict": 8}, stream=stream)
+        if stream:
+            list(answer)
+    assert "Invalid value for 'format'" in info.value.error, info.value

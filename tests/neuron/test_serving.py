@@ -81,3 +81,57 @@ async def test_requests_end_with_their_connection(nursery, autojump_clock):
     await neuron.serving.wait_idle()
     assert trio.current_time() == pytest.approx(dropped_at)
     assert neuron.registry.in_flight == 0
+
+
+async def wait_for_status(channel, model_id: str, state) -> object:  # noqa: ANN001
+    from helexa.protocol import ModelStatusChanged
+
+    while True:
+        msg = await channel.receive()
+        if isinstance(msg, ModelStatusChanged) and msg.status.model_id == model_id and msg.status.state is state:
+            return msg.status
+
+
+async def test_a_request_an_in_process_engine_cannot_end_marks_the_model_failed(nursery, autojump_clock, caplog):
+    """A model run in the neuron's own process (``isolate = false``) whose engine does not
+    end a cancelled request within ``cancel_grace`` cannot be killed (a worker's would be):
+    the model goes to failed, the cortex is told, so nothing more is routed to the wedged
+    engine, and one ERROR names the model and says ``isolate = true`` recovers such a model.
+    A load brings it back."""
+    from helexa.protocol import LoadModel, ModelState, ProvisioningResponse
+
+    neuron, channel = await joined(nursery, tokens=1000, tokens_per_second=10, cancel_seconds=1000, cancel_grace=2)
+    await channel.send(generate("r1"))
+    assert isinstance(await next_frame(channel), TokenChunk)
+    cancelled_at = trio.current_time()
+    await channel.send(Cancel("r1"))
+    with trio.fail_after(30):
+        status = await wait_for_status(channel, "s", ModelState.FAILED)
+    assert trio.current_time() - cancelled_at == pytest.approx(2, abs=0.1)  # the grace, not the engine's 1000 s
+    assert "request r1 did not end within 2s of its cancel (cancel_grace)" in status.error
+    assert "metadata.isolate = true" in status.error
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "model s:" in errors[0].getMessage() and "isolate = true" in errors[0].getMessage()
+    # No new request runs on the wedged engine: retryable elsewhere.
+    await channel.send(generate("r2"))
+    msg = await next_frame(channel)
+    assert isinstance(msg, InferenceError) and msg.code == "model_not_loaded" and msg.retryable
+    # The next load replaces the backend, and it serves.
+    await channel.send(LoadModel("c2", "s"))
+    while not isinstance(msg := await next_frame(channel), ProvisioningResponse):
+        pass
+    assert msg.ok and msg.status.state is ModelState.LOADED
+    await channel.send(generate("r3", stream=False))
+    assert isinstance(await next_frame(channel), GenerateResult)
+
+
+async def test_a_cancelled_request_that_ends_within_the_grace_leaves_the_model_loaded(nursery, autojump_clock):
+    from helexa.protocol import ModelState
+
+    neuron, channel = await joined(nursery, tokens=1000, tokens_per_second=10, cancel_seconds=1.5, cancel_grace=2)
+    await channel.send(generate("r1"))
+    assert isinstance(await next_frame(channel), TokenChunk)
+    await channel.send(Cancel("r1"))
+    await neuron.serving.wait_idle()
+    await trio.sleep(5)
+    assert neuron.registry.status("s").state is ModelState.LOADED

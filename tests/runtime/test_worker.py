@@ -477,3 +477,7 @@ def test_a_cancel_grace_that_is_not_a_positive_number_is_refused(grace):
     with pytest.raises(LoadFailed, match="cancel_grace") as err:
         WorkerBackend(slow(cancel_grace=grace))
     assert err.value.code == "invalid_config"
+    # In the neuron's own process too (where a wedged engine marks the model failed), at the load.
+    with pytest.raises(LoadFailed, match="cancel_grace") as err:
+        backend_for(ModelConfig("s", "synthetic", metadata={"isolate": False, "cancel_grace": grace}))
+    assert err.value.code == "invalid_config"

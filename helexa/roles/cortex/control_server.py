@@ -18,7 +18,10 @@ in the handshake (the neuron joined under it is not disturbed). A join with the 
 (a restart, a redial, a cloned data directory), or with a new key once the operator forgot
 the old one, takes the id's old connection over (4001, the reason saying which:
 :mod:`helexa.protocol.takeover`). With ``enrolment = "strict"`` no join binds: a node id the
-operator has not enrolled (``helexa neurons enrol``) is refused (``not_enrolled``).
+operator has not enrolled (``helexa neurons enrol``) is refused (``not_enrolled``). A binding
+the cortex cannot write to its data directory is not made: the join is closed with 1013
+(try again later, :data:`BINDING_UNSAVED`) and the neuron redials on its backoff, since a
+binding held in memory only would let another key take the id after a restart.
 """
 
 from __future__ import annotations
@@ -50,6 +53,9 @@ if TYPE_CHECKING:
     from .config import CortexConfig
 
 log = logging.getLogger(__name__)
+
+BINDING_UNSAVED = "the cortex cannot store this node id's identity key binding: retry later"
+"""The reason of the close (1013, try again later) of a join whose binding the cortex could not write."""
 
 _FAILED_PROOF = frozenset({"unauthorized", "replayed_nonce", "bad_request"})
 """Refusals that count against an address: a wrong proof, a replay, a malformed join."""
@@ -198,8 +204,14 @@ class ControlServer:
                 if await self.keys.bind(join.node_id, join.public_key):
                     log.info("node id %s bound to %s (its first join)", join.node_id, key)
             except OSError as exc:
-                log.error("cannot record the binding of node id %s to %s: %s (it holds until the cortex restarts)",
-                          join.node_id, key, exc)
+                # Fail closed: a binding held in memory only would let another key take the
+                # id after a restart. The neuron redials on its backoff until the file is writable.
+                self.refusals += 1
+                log.error("cannot record the binding of node id %s to %s in %s: %s; its join is turned away "
+                          "(the neuron retries) until the cortex can write that file", join.node_id, key,
+                          self.keys.path, exc.strerror or exc)
+                await channel.aclose(ws_transport.CLOSE_TRY_LATER, BINDING_UNSAVED)
+                return None
         else:
             key = "no identity key"
             log.warning("neuron %s joined without an identity key (an older neuron): its node id stays unbound",

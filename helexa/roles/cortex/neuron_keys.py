@@ -4,7 +4,10 @@ The first neuron that joins under a node id with an identity key binds the id to
 (:mod:`helexa.protocol.join` refuses later joins of the id with any other key, or none).
 The bindings live in ``DATA_DIR/neuron-keys.json`` so they survive a restart; each change
 rewrites the file whole: a temporary file, synced, renamed over it, the folder synced, so
-a ``kill -9`` leaves the old file or the new one, never half of one.
+a ``kill -9`` leaves the old file or the new one, never half of one. A change that cannot
+be written is undone in memory too (:meth:`NeuronKeys.bind` raises ``OSError``; the control
+server then turns the join away to retry): a binding held in memory only would let another
+key take the id after a restart.
 
 ``helexa neurons keys`` lists them and ``helexa neurons forget NODE_ID`` drops one (a new
 machine under an old node id): the neuron joined under it stays connected, and the next
@@ -98,6 +101,7 @@ class NeuronKeys:
         if path is not None and path.exists():
             self._bindings = parse(path.read_text())
         self._writing = trio.Lock() if path is not None else None
+        self._saving: dict[str, trio.Event] = {}  # node id -> set when its new binding's write ended
 
     def bound(self, node_id: str) -> bytes | None:
         """The key ``node_id`` is bound to (None: none yet)."""
@@ -116,27 +120,48 @@ class NeuronKeys:
     async def bind(self, node_id: str, public_key: bytes) -> bool:
         """Bind ``node_id`` to ``public_key`` if it is bound to none; True when it was bound
         now. The binding holds in memory at once (a join that comes meanwhile sees it) and
-        on disk when this returns.
+        on disk when this returns; a bind of the same key meanwhile waits for the write.
 
         Raises ``ValueError`` when ``node_id`` is bound to another key (the join's check
         and this call are one step of the trio thread, so only a caller's bug gets here);
-        ``OSError`` when the file cannot be written (the binding still holds in memory).
+        ``OSError`` when the file cannot be written: then the binding is dropped again (a
+        binding that would not survive a restart would let another key take the id after
+        one), and a bind of the same key that waited for it raises ``OSError`` too.
         """
         current = self.bound(node_id)
         if current is not None:
             if current != public_key:
                 raise ValueError(f"node id {node_id!r} is bound to another identity key")
+            saving = self._saving.get(node_id)
+            if saving is not None:
+                await saving.wait()
+                if self.bound(node_id) != public_key:
+                    raise OSError(f"the binding of node id {node_id!r} could not be written")
             return False
-        self._bindings[node_id] = Binding(node_id, public_key, self._clock())
-        await self._save()
+        binding = self._bindings[node_id] = Binding(node_id, public_key, self._clock())
+        saving = self._saving[node_id] = trio.Event()
+        try:
+            await self._save()
+        except BaseException:
+            if self._bindings.get(node_id) is binding:
+                del self._bindings[node_id]
+            raise
+        finally:
+            del self._saving[node_id]
+            saving.set()
         return True
 
     async def forget(self, node_id: str) -> Binding | None:
         """Drop ``node_id``'s binding (its next join binds again); the binding dropped, or
-        None when there was none. Raises ``OSError`` when the file cannot be written."""
+        None when there was none. Raises ``OSError`` when the file cannot be written: the
+        binding then holds again, as it does on disk."""
         binding = self._bindings.pop(node_id, None)
         if binding is not None:
-            await self._save()
+            try:
+                await self._save()
+            except BaseException:
+                self._bindings.setdefault(node_id, binding)
+                raise
         return binding
 
     async def _save(self) -> None:

@@ -29,14 +29,18 @@ cortex's cold load, admitted by the caller's limits as any request, then one
 0 (Ollama's unload) it answers ``done_reason: "unload"`` and unloads nothing (a tenant of a
 shared fabric never unloads a model others use). Errors are Ollama's
 ``{"error": "message"}`` with its status codes, the field named
-in the message; a stream that fails after it began ends with such a line.
+in the message (a schema the backend cannot turn into a grammar too: ``'format'`` or
+``'tools'``, as the other surfaces name theirs); a stream that fails after it began ends
+with such a line.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+import re
 import struct
 import time
 from collections.abc import Awaitable, Callable
@@ -49,7 +53,7 @@ from helexa.protocol import EmbedResult, Feature, GenerateRequest, GenerateResul
 from . import ollama_api as api
 from .asgi import Exchange, Route
 from .catalogue import CatalogueEntry
-from .errors import BadRequest, ClientGone, ModelNotFound, embed_error, to_gateway_error
+from .errors import BadRequest, ClientGone, ModelNotFound, embed_error, schema_field, to_gateway_error
 from .ollama_keep_alive import unloads
 from .openai_api import merge_tool_calls, parse
 from .orchestrator import WaitStatus
@@ -59,6 +63,8 @@ from .prefix import session_of
 NDJSON = [(b"content-type", b"application/x-ndjson")]
 PARAMS = {"max_tokens": "options.num_predict", "response_format": "format"}
 """The shared path's field names (Chat Completions') as Ollama names them, for errors."""
+_schema_field = functools.partial(schema_field, tools="tools", fmt="format")
+"""A schema the backend refused as a grammar, as the 400 naming the Ollama field it came in."""
 _FORMATS = {"llama_cpp": "gguf", "embeddings": "onnx", "exllamav2": "exl2", "exllamav3": "exl3"}
 
 
@@ -72,6 +78,8 @@ def ollama_errors(exc: BaseException, *, operator: bool = False) -> tuple[int, l
     error = to_gateway_error(exc, operator=operator)
     message = error.message
     param = PARAMS.get(error.param or "", error.param)
+    if param and param != error.param:  # the shared path's word for the field, which an Ollama client never sent
+        message = re.sub(rf"(?<![\w.]){re.escape(error.param or '')}(?!\w)", param, message)
     if param and param not in message:
         message = f"{param}: {message}"
     return error.status, [(b"content-type", b"application/json"), *error.headers()], json.dumps(
@@ -344,22 +352,31 @@ class OllamaSurface:
             except ClientGone:
                 raise  # the client left: nobody to tell, and no failed generation
             except Exception as exc:
+                named = _schema_field(exc, request)  # a schema the neuron could not use: the client's field
                 if not out.started:
-                    raise
-                await out.body(_line({"error": json.loads(ollama_errors(exc)[2])["error"]}))
+                    if named is exc:
+                        raise
+                    raise named from None
+                await out.body(_line({"error": json.loads(ollama_errors(named)[2])["error"]}))
             await out.body(b"", more=False)
 
         async def complete() -> None:
             text: list[str] = []
             parts: list[Any] = []
             lps: list[Any] = []
-            async with run() as gen:
-                async for chunk in gen:
-                    if not first:
-                        first.append(trio.current_time())
-                    text.append(chunk.text)
-                    parts.extend(chunk.tool_calls or ())
-                    lps.extend(chunk.logprobs or ())
+            try:
+                async with run() as gen:
+                    async for chunk in gen:
+                        if not first:
+                            first.append(trio.current_time())
+                        text.append(chunk.text)
+                        parts.extend(chunk.tool_calls or ())
+                        lps.extend(chunk.logprobs or ())
+            except Exception as exc:
+                named = _schema_field(exc, request)
+                if named is exc:
+                    raise
+                raise named from None
             result = gen.result
             assert result is not None
             text.append(result.text)

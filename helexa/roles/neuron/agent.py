@@ -157,7 +157,7 @@ class Neuron:
             case GenerateRequest() | EmbedRequest():
                 self.serving.start(msg, nursery)
             case Cancel(request_id=rid):
-                self.serving.cancel(rid)
+                self.serving.cancel(rid, nursery)
             case UpsertModelConfig() | LoadModel() | UnloadModel() | PullModel():
                 self.commands.handle(msg, nursery)
             case Ping(nonce=n):

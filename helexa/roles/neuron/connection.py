@@ -147,7 +147,13 @@ class Connection:
                         # Not our own redial (that leaves the old connection first): another
                         # neuron joined as us. Redialing would push it out, and it us, forever.
                         raise JoinRefused(*replaced_message(exc.reason, c.cortex, self._descriptor.node_id)) from None
-                    log.info("connection to cortex lost: %s", exc or type(exc).__name__)
+                    if isinstance(exc, ChannelClosed) and exc.code == ws_transport.CLOSE_TRY_LATER:
+                        # Turned away for now (a join storm, or a cortex that cannot store
+                        # this node id's binding): the operator's to see, and worth a retry.
+                        log.warning("the cortex turned this join away for now (%s); retrying",
+                                    exc.reason or "try again later")
+                    else:
+                        log.info("connection to cortex lost: %s", exc or type(exc).__name__)
                 if self.joins > joined_before:
                     delays = backoff_delays(c.reconnect_initial, c.reconnect_max, self._rng)
                 delay = delays()

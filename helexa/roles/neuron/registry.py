@@ -11,7 +11,10 @@ unloaded.
 Backends run in worker processes by default (:mod:`helexa.runtime.worker`): a load never
 blocks the neuron, and a worker that dies takes only its own model down. Such a model goes
 to ``failed`` with the reason (reported to the cortex like any state change), its requests
-fail with ``backend_crashed``, and the next load starts a new worker.
+fail with ``backend_crashed``, and the next load starts a new worker. A model run in the
+neuron's own process (``metadata.isolate = false``) whose engine does not end a cancelled
+request within ``cancel_grace`` cannot be killed: it goes to ``failed`` as well
+(:meth:`ModelRegistry.wedged`), so that nothing more is routed to it.
 """
 
 from __future__ import annotations
@@ -312,6 +315,22 @@ class ModelRegistry:
             e.in_flight -= 1
             if e.in_flight == 0:
                 e.idle.set()
+
+    def wedged(self, model_id: str, backend: Backend, request_id: str, grace: float) -> None:
+        """``request_id`` on ``backend`` did not end within ``grace`` seconds of its cancel:
+        its engine is wedged in this process (a step it cannot cancel never returns), and a
+        thread cannot be killed. The model goes to ``failed`` (the cortex is told, so no new
+        request is routed to it; the next load replaces the backend), with one ERROR for
+        the operator. Nothing when the backend is no longer the model's."""
+        e = self._entries.get(model_id)
+        if e is None or e.backend is not backend or e.state is not ModelState.LOADED:
+            return
+        reason = (f"request {request_id} did not end within {grace:g}s of its cancel (cancel_grace): the engine is "
+                  "wedged in the neuron's own process, where it cannot be killed; metadata.isolate = true runs the "
+                  "model in a worker process, which the neuron kills and reloads")
+        log.error("model %s: %s. The model is marked failed so that no request is routed to it; the stuck thread "
+                  "and what it holds stay until the neuron restarts", model_id, reason)
+        self._set(model_id, ModelState.FAILED, error=reason)
 
     def _backend_changed(self, model_id: str, backend: Backend, status: ModelStatus) -> None:
         """A loaded backend changed state by itself (a supervised process died, restarted,

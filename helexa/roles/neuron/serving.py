@@ -3,7 +3,9 @@
 Each request runs in its own task and cancel scope (a :class:`Cancel` from the cortex, or
 the connection dropping, stops it). A generation's events go back through
 :mod:`.relay`; a failure goes back as one :class:`InferenceError`, retryable elsewhere
-only while nothing of the answer has been sent.
+only while nothing of the answer has been sent. A cancelled request of a model run in
+this process (not in a worker, which kills its own wedged engine) that has not ended
+within the model's ``cancel_grace`` marks the model failed (:meth:`.ModelRegistry.wedged`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from helexa import logs, telemetry
 from helexa.protocol import EmbedRequest, GenerateRequest, InferenceError
-from helexa.runtime import BackendError, embedder, events_of, start_signal
+from helexa.runtime import Backend, BackendError, embedder, events_of, start_signal
+from helexa.runtime.base import DEFAULT_CANCEL_GRACE, cancel_grace
 from helexa.transport import ChannelClosed
 
 from .connection import Connection
@@ -37,6 +40,8 @@ class Serving:
         self._registry = registry
         self._connection = connection
         self._running: dict[str, trio.CancelScope] = {}
+        self._held: dict[str, Backend] = {}  # the backend each running request holds
+        self._ended: dict[str, trio.Event] = {}  # set when a cancelled request ends (only those are watched)
         self._idle = trio.Event()
         self._idle.set()
         self.accepting = True
@@ -60,10 +65,28 @@ class Serving:
         self._running[req.request_id] = scope
         nursery.start_soon(self._run, req, scope)
 
-    def cancel(self, request_id: str) -> None:
-        """Stop a running request (nothing if it already ended)."""
-        if (scope := self._running.get(request_id)) is not None:
-            scope.cancel()
+    def cancel(self, request_id: str, nursery: trio.Nursery | None = None) -> None:
+        """Stop a running request (nothing if it already ended). With ``nursery`` (the
+        connection's), a request of a model run in this process that has not ended within
+        its ``cancel_grace`` marks the model failed (:meth:`.ModelRegistry.wedged`); a
+        worker's backend kills its wedged worker itself."""
+        if (scope := self._running.get(request_id)) is None:
+            return
+        scope.cancel()
+        backend = self._held.get(request_id)
+        if nursery is not None and backend is not None and not backend.kills_wedged and request_id not in self._ended:
+            ended = self._ended[request_id] = trio.Event()
+            nursery.start_soon(self._watch_cancel, request_id, backend, ended)
+
+    async def _watch_cancel(self, rid: str, backend: Backend, ended: trio.Event) -> None:
+        try:
+            grace = cancel_grace(backend.config)
+        except BackendError:  # refused when the model loaded; a backend made otherwise (a test's) gets the default
+            grace = DEFAULT_CANCEL_GRACE
+        with trio.move_on_after(grace):
+            await ended.wait()
+            return
+        self._registry.wedged(backend.config.model_id, backend, rid, grace)
 
     def cancel_all(self) -> None:
         for scope in self._running.values():
@@ -122,6 +145,8 @@ class Serving:
                         InferenceError(rid, "internal_error", f"the neuron failed: {type(exc).__name__}")
                     )
         finally:
+            if (ended := self._ended.pop(rid, None)) is not None:
+                ended.set()
             if self._running.get(rid) is scope:
                 del self._running[rid]
             if not self._running:
@@ -130,7 +155,7 @@ class Serving:
     async def _answer(self, req: GenerateRequest | EmbedRequest, *, on_first, traced: bool) -> None:
         send = self._connection.send
         busy = self._registry.in_flight_of(req.model_id) if traced else 0
-        backend = self._registry.acquire(req.model_id)
+        backend = self._held[req.request_id] = self._registry.acquire(req.model_id)
         wait: QueueWait | None = None
         listening = _NOT_LISTENING
         if traced:
@@ -160,3 +185,4 @@ class Serving:
             if wait is not None:
                 wait.end("failed")  # nothing when it ended before
             self._registry.release(req.model_id)
+            self._held.pop(req.request_id, None)

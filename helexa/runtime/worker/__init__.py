@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from helexa.protocol import ModelConfig
 
-from ..base import Backend, LoadFailed
+from ..base import Backend, LoadFailed, cancel_grace
 from ..registry import BACKENDS, create_backend
 from .process import WorkerSettings
 from .proxy import WorkerBackend
@@ -51,6 +51,7 @@ def backend_for(config: ModelConfig, settings: WorkerSettings | None = None) -> 
     """The backend the neuron runs ``config`` with: a :class:`WorkerBackend` when
     :func:`isolated`, else the in-process one. An unknown kind fails here, at once."""
     if config.backend_kind not in BACKENDS or not isolated(config):
+        cancel_grace(config)  # refused at the load, as a worker's is, not at a cancel's
         return create_backend(config)
     return WorkerBackend(config, settings)
 

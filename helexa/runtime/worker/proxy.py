@@ -69,6 +69,7 @@ from ..base import (
     ProgressFn,
     TextInference,
     Unsupported,
+    cancel_grace,
 )
 from .process import Phase, WorkerProcess, WorkerSettings
 
@@ -107,15 +108,13 @@ class WorkerBackend(Backend, ChatInference, TextInference, EmbeddingInference):
 
     kind = "worker"
     needs_service_nursery = True
+    kills_wedged = True
 
     def __init__(self, config: ModelConfig, settings: WorkerSettings | None = None) -> None:
         super().__init__(config)
         self.settings = settings or WorkerSettings()
-        if (grace := config.metadata.get("cancel_grace")) is not None:  # the model's own, from models.toml
-            if isinstance(grace, bool) or not isinstance(grace, int | float) or not 0 < grace < math.inf:
-                raise LoadFailed(f"metadata.cancel_grace must be a positive number of seconds, got {grace!r}",
-                                 code="invalid_config")
-            self.settings = replace(self.settings, cancel_grace=float(grace))
+        # the model's own, from models.toml
+        self.settings = replace(self.settings, cancel_grace=cancel_grace(config, self.settings.cancel_grace))
         self._worker = WorkerProcess(config, self.settings, deliver=self._deliver, on_crash=self._crashed,
                                      on_status=self._status_changed)
         self._requests: dict[str, trio.MemorySendChannel[Any]] = {}
