@@ -116,3 +116,30 @@ async def test_the_store_changes_nothing_in_memory_when_the_file_cannot_be_writt
             go.set()
     assert len(outcomes) == 4 and all(isinstance(o, OSError) for o in outcomes[:2])
     assert outcomes[2:] == [True, False] and NeuronKeys(path).bound("n3") == b"c" * 32
+
+
+async def test_a_cortex_that_cannot_read_its_join_token_tells_the_neuron_to_retry_not_to_exit(tmp_path, nursery,
+                                                                                             caplog):
+    # The token file unreadable (mid-rotation, a mount not yet there) is the cortex's fault:
+    # a Refused frame made the neuron exit 3, which systemd does not restart.
+    caplog.set_level(logging.INFO)
+    s = Setup(tmp_path)
+    cortex = await s.start_cortex(nursery)
+    token_file = tmp_path / "cortex" / "join-token"
+    real = s.start(nursery, "real")  # reads the token before it goes
+    token = token_file.read_text()
+    token_file.unlink()
+    token_file.mkdir()
+    with trio.fail_after(10):
+        while cortex.control.refusals < 3:
+            await trio.sleep(0.02)
+    assert real.error is None and real.neuron.joins == 0 and cortex.fleet.get("n1") is None
+    assert cortex.control.failed_joins.retry_after("127.0.0.1", trio.current_time()) == 0
+    told = [r.getMessage() for r in caplog.records if r.name.endswith("neuron.connection")
+            and r.levelno == logging.WARNING]
+    assert told and "cannot read its join token" in told[0] and "retrying" in told[0]
+
+    token_file.rmdir()
+    token_file.write_text(token)
+    await s.joined(real)
+    assert (await s.chat()).status_code == 200

@@ -59,6 +59,8 @@ BINDING_UNSAVED = "the cortex cannot store this node id's identity key binding: 
 
 _FAILED_PROOF = frozenset({"unauthorized", "replayed_nonce", "bad_request"})
 """Refusals that count against an address: a wrong proof, a replay, a malformed join."""
+_OURS_TO_MEND = frozenset({"unavailable"})
+"""Refusals for a fault of the cortex's own: the neuron is told to retry, not refused."""
 
 
 class ControlServer:
@@ -166,6 +168,13 @@ class ControlServer:
 
     async def _refuse(self, channel: Channel, refusal: Refusal, frames: list[object]) -> None:
         self.refusals += 1
+        if refusal.code in _OURS_TO_MEND:
+            # The cortex's own fault (its join token file unreadable, mid-rotation say), not
+            # the neuron's: a Refused frame would make the neuron exit for good. A close
+            # with "try again later" makes any neuron, of this release or before, redial.
+            log.warning("turned a neuron at %s away to retry: %s", channel.remote, refusal.reason)
+            await channel.aclose(ws_transport.CLOSE_TRY_LATER, f"{refusal.reason}: retry later")
+            return
         log.warning("refused neuron at %s: %s", channel.remote, refusal.reason)
         if refusal.code in _FAILED_PROOF:
             host, now = host_of(channel.remote), trio.current_time()
