@@ -153,3 +153,22 @@ async def test_a_stream_begun_after_the_goaway_is_refused(tmp_path) -> None:
             assert await client.wait_for("DataFrame", 1, timeout=5, flag="END_STREAM") is not None
             assert client.status(1) == 200 and len(tokens(client, 1)) == 8 and client.status(3) is None
 
+
+async def test_hypercorns_failure_on_one_connection_ends_that_connection_not_the_gateway(tmp_path, monkeypatch) -> None:
+    """With the late DATA let through to hypercorn (the guard's filter off), hypercorn fails
+    on a stream it no longer knows (a KeyError): that connection ends, logged, and the
+    portal serves on, where the failure stopped the whole gateway."""
+    from helexa.roles.cortex.h2_guard import H2Guard
+
+    monkeypatch.setattr(H2Guard, "_refused", lambda self, event: False)
+    async with tls_portal(tmp_path) as (cafile, port, key):
+        client = await H2Client.open(cafile, port)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.read)
+            await client.send(client.headers(3, request(key)), client.data(3, b"{"))
+            assert await client.wait_for("DataFrame", 3, timeout=5, flag="END_STREAM") is not None  # the 408
+            await client.send(client.data(3, b" " * 100))
+            assert await client.wait_closed(timeout=5) is not None
+        async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=cafile), timeout=5) as http:
+            r = await http.get(f"https://localhost:{port}/health")
+            assert r.status_code == 200

@@ -19,6 +19,7 @@ every open file of the cortex through a TLS portal. Here:
 * the idle timer (``keep_alive_timeout``) is restarted whatever cancels the task that ends
   a request (on HTTP/2 that task is the app's, which the stream's own ``http.disconnect``
   cancels; the timer was then never restarted and the connection stayed open for good);
+* a failure of hypercorn's on one connection ends that connection, logged, not the server.
 
 :func:`serve` is :func:`hypercorn.trio.serve` with the listener's handler wrapped: the same
 sockets, TLS context, graceful stop (idle connections close, requests in flight get
@@ -174,6 +175,8 @@ async def serve(app: Any, config: Config, *, max_connections: int, head_timeout:
         cap.open += 1
         try:
             await server_class(wrapped, config, context, ConnectionState({}), stream).run()
+        except Exception:  # hypercorn's own failure on one connection: that connection only, not the server
+            log.exception("HTTP %s: a connection failed in hypercorn; closed", cap.where)
         finally:
             cap.open -= 1
 
