@@ -30,14 +30,14 @@ class H2Client:
         self._changed = trio.Event()
 
     @classmethod
-    async def open(cls, cafile: str, port: int) -> H2Client:
+    async def open(cls, cafile: str, port: int, settings: dict[int, int] | None = None) -> H2Client:
         ctx = ssl.create_default_context(cafile=cafile)
         ctx.set_alpn_protocols(["h2"])
         stream = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", port), ctx, server_hostname="localhost")
         await stream.do_handshake()
         assert stream.selected_alpn_protocol() == "h2"
         client = cls(stream)
-        await client.send_raw(PREFACE + SettingsFrame(0).serialize())
+        await client.send_raw(PREFACE + SettingsFrame(0, settings=settings or {}).serialize())
         return client
 
     async def send_raw(self, data: bytes) -> None:
@@ -48,8 +48,8 @@ class H2Client:
 
     def headers(self, stream_id: int, fields: list[tuple[bytes, bytes]], *, end_stream: bool = False,
                 end_headers: bool = True) -> HeadersFrame:
-        flags = {"END_STREAM"} if end_stream else set()
-        return HeadersFrame(stream_id, data=self.encoder.encode(fields), flags=flags | ({"END_HEADERS"} if end_headers else set()))
+        flags = ({"END_STREAM"} if end_stream else set()) | ({"END_HEADERS"} if end_headers else set())
+        return HeadersFrame(stream_id, data=self.encoder.encode(fields), flags=flags)
 
     @staticmethod
     def data(stream_id: int, data: bytes, *, end_stream: bool = False) -> DataFrame:

@@ -2,12 +2,15 @@
 (:mod:`helexa.roles.cortex.h2_guard`): idle, it lives until ``keep_alive_timeout`` whatever
 PING or SETTINGS it carries; a request head left unfinished is cut at ``body_timeout``
 (a GOAWAY) while the streams already running complete; a body that stops is a 408 at
-``body_timeout``, and its late DATA resets that stream only. Raw frames over a real TLS
-socket (:mod:`h2_client`), small timeouts: ``body_timeout`` 1 s, ``keep_alive_timeout`` 3 s."""
+``body_timeout``, and its late DATA resets that stream only; an answer the client takes
+no window or no bytes for is cut at ``send_timeout``. Raw frames over a real TLS socket
+(:mod:`h2_client`), small timeouts: ``body_timeout`` 1 s, ``keep_alive_timeout`` 3 s,
+``send_timeout`` 1 s where it is tested."""
 
 from __future__ import annotations
 
 import json
+import socket
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,9 +18,9 @@ from contextlib import asynccontextmanager
 import httpx
 import pytest
 import trio
-from hyperframe.frame import ContinuationFrame, SettingsFrame
+from hyperframe.frame import ContinuationFrame, SettingsFrame, WindowUpdateFrame
 
-from h2_client import H2Client
+from h2_client import PREFACE, H2Client
 from helexa.roles.cortex.fleet import Fleet
 from helexa.roles.cortex.portal.store import SqliteStore
 from neuron_double import NeuronDouble
@@ -28,15 +31,16 @@ REFUSED_STREAM = 0x7
 
 
 @asynccontextmanager
-async def tls_portal(tmp_path) -> AsyncIterator[tuple[str, int, str]]:
-    """A TLS portal whose chat streams 8 tokens over 2.4 s: (CA file, port, key)."""
+async def tls_portal(tmp_path, **gateway: float) -> AsyncIterator[tuple[str, int, str]]:
+    """A TLS portal whose chat streams 8 tokens over 2.4 s, with embeddings: (CA file, port, key)."""
     cert_file, key_file = self_signed(tmp_path)
     fleet = Fleet()
-    NeuronDouble("n1", fleet, loaded=("chat",), tokens=8, token_delay=0.3)
+    NeuronDouble("n1", fleet, loaded=("chat", "embed"), tokens=8, token_delay=0.3)
     store = SqliteStore(":memory:")
     key = new_key(store, "a")
     tables = {"a": acme(tls_cert_file=str(cert_file), tls_key_file=str(key_file))}
-    async with portals(fleet, tables, store=store, gateway={"body_timeout": 1.0, "keep_alive_timeout": 3.0}) as (_, urls):
+    limits = {"body_timeout": 1.0, "keep_alive_timeout": 3.0, **gateway}
+    async with portals(fleet, tables, store=store, gateway=limits) as (_, urls):
         yield str(cert_file), int(urls["a"].rsplit(":", 1)[1]), key
 
 
@@ -53,7 +57,8 @@ async def start_chat(client: H2Client, key: str) -> None:
 def tokens(client: H2Client, stream_id: int) -> list[str]:
     lines = client.body(stream_id).decode().splitlines()
     chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
-    return [c["choices"][0]["delta"]["content"] for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
+    return [c["choices"][0]["delta"]["content"] for c in chunks
+            if c["choices"] and c["choices"][0]["delta"].get("content")]
 
 
 async def test_an_idle_h2_connection_lives_until_keep_alive_whatever_ping_or_settings_it_carries(tmp_path) -> None:
@@ -172,3 +177,56 @@ async def test_hypercorns_failure_on_one_connection_ends_that_connection_not_the
         async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=cafile), timeout=5) as http:
             r = await http.get(f"https://localhost:{port}/health")
             assert r.status_code == 200
+
+
+async def test_a_stream_whose_client_opens_no_window_for_its_answer_is_reset_at_send_timeout(tmp_path) -> None:
+    """The client allows 16 bytes of DATA a stream and never opens more: the answer cannot
+    go out, as from an HTTP/1.1 client that reads nothing. At ``send_timeout`` (1 s) the
+    stream is reset (CANCEL) and its request ends: the connection, with no stream left,
+    then closes at keep-alive (3 s). Hypercorn alone waits for ever."""
+    async with tls_portal(tmp_path, send_timeout=1.0) as (cafile, port, key):
+        client = await H2Client.open(cafile, port, settings={0x4: 16})  # SETTINGS_INITIAL_WINDOW_SIZE
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.read)
+            started = trio.current_time()
+            await start_chat(client, key)
+            reset = await client.wait_for("RstStreamFrame", 1, timeout=8)
+            assert reset is not None and reset - started < 5, reset and reset - started  # 2.4 s of tokens, then 1 s
+            assert [f.error_code for _, f in client.frames if type(f).__name__ == "RstStreamFrame"] == [0x8]
+            assert client.status(1) == 200 and len(client.body(1)) == 16
+            closed = await client.wait_closed(timeout=6)
+            assert closed is not None and 2.8 <= closed - reset < 4.5, closed and closed - reset
+
+
+async def test_a_client_that_takes_no_bytes_loses_the_connection_at_send_timeout(tmp_path) -> None:
+    """Twenty embeddings answers (~2.8 MB) asked for with every window open, then nothing
+    read: the server's writes stop, and at ``send_timeout`` (1 s) it drops the connection,
+    as the lean server does, where hypercorn's write waited for ever (shielded)."""
+    async with tls_portal(tmp_path, send_timeout=1.0) as (cafile, port, key):
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await sock.connect(("127.0.0.1", port))
+        ctx = ssl.create_default_context(cafile=cafile)
+        ctx.set_alpn_protocols(["h2"])
+        stream = trio.SSLStream(trio.SocketStream(sock), ctx, server_hostname="localhost")
+        await stream.do_handshake()
+        client = H2Client(stream)
+        await client.send_raw(PREFACE + SettingsFrame(0, settings={0x4: 2**31 - 1}).serialize()
+                              + WindowUpdateFrame(0, window_increment=2**31 - 1 - 65535).serialize())
+        body = json.dumps({"model": "embed", "input": ["x"] * 2048}).encode()
+        got, ended = 0, False
+        try:
+            for stream_id in range(1, 41, 2):
+                await client.send(client.headers(stream_id, request(key, "/v1/embeddings")),
+                                  client.data(stream_id, body, end_stream=True))
+        except trio.BrokenResourceError:
+            ended = True  # cut already, on a machine slow to send the twenty (over 1 s)
+        await trio.sleep(3)
+        with trio.move_on_after(2):
+            try:
+                while data := await stream.receive_some(65536):
+                    got += len(data)
+            except trio.BrokenResourceError:
+                pass
+            ended = True
+        assert ended and got < 1_000_000, (ended, got)  # cut: not the 2.8 MB

@@ -18,6 +18,10 @@ Here:
   and END_HEADERS, and its HPACK state cannot be skipped), so no finer cut exists;
 * a request body is read by the app within ``gateway.body_timeout`` (a 408 past it,
   :meth:`.asgi.Exchange.body`), as on HTTP/1.1;
+* a response's DATA must be taken within ``send_timeout``, as one write of HTTP/1.1 must:
+  a stream whose client opens no flow-control window for it that long (hypercorn would
+  wait for ever) is reset with CANCEL and its request ends as a client gone; a client
+  that takes no bytes at all loses the connection (:mod:`.hypercorn_server`);
 * DATA for a stream whose answer is complete (a 408 sent before the body ended) is
   acknowledged for flow control and the stream reset with NO_ERROR (RFC 9113 §8.1: the
   rest of the request is not wanted), where hypercorn would fail the whole connection,
@@ -27,14 +31,18 @@ Here:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Awaitable, Callable
 
 import h2.events
 import h2.exceptions
+import priority
+import trio
 from h2.errors import ErrorCodes
 from hypercorn.events import RawData
+from hypercorn.protocol.events import Body, Data, EndBody, EndData, Event as StreamEvent, StreamClosed, Trailers
 from hypercorn.protocol.h2 import H2Protocol
 from hyperframe.frame import GoAwayFrame
 
@@ -48,15 +56,18 @@ class H2Guard:
     :meth:`head_due` is when the bytes held unparsed must be whole; :meth:`go_away` when
     they are not. Filters the events of ``protocol`` (its ``_handle_events``, wrapped)."""
 
-    def __init__(self, protocol: H2Protocol, head_timeout: float) -> None:
+    def __init__(self, protocol: H2Protocol, head_timeout: float, send_timeout: float) -> None:
         self.protocol = protocol
         self.head_timeout = head_timeout
+        self.send_timeout = send_timeout
         self.last_stream_id: int | None = None
         """Set once the GOAWAY went out: streams above it are refused."""
         self._frame_due = math.inf
         self._block_due = math.inf
         self._handle: Callable[[list[h2.events.Event]], Awaitable[None]] = protocol._handle_events
         protocol._handle_events = self._handle_events  # type: ignore[method-assign]
+        self._stream_send: Callable[[StreamEvent], Awaitable[None]] = protocol.stream_send
+        protocol.stream_send = self._send  # type: ignore[method-assign]  (each stream is given it)
 
     @property
     def draining(self) -> bool:
@@ -110,6 +121,31 @@ class H2Guard:
             if not self._refused(event):
                 await self._handle([event])  # one at a time: a stream may end while one is handled
         await self.protocol._flush()
+
+    async def _send(self, event: StreamEvent) -> None:
+        """A stream's answer to hypercorn, a body's part within ``send_timeout``: hypercorn
+        holds it until the client's flow-control window lets it go."""
+        if not isinstance(event, (Body, Data, EndBody, EndData, Trailers)):
+            await self._stream_send(event)
+            return
+        with trio.move_on_after(self.send_timeout) as scope:
+            await self._stream_send(event)
+        if not scope.cancelled_caught:
+            return
+        stream_id = event.stream_id
+        log.debug("HTTP/2 stream %d: no window for its answer within %gs: reset", stream_id, self.send_timeout)
+        with trio.CancelScope(shield=True):
+            self._reset(stream_id, ErrorCodes.CANCEL)
+            # Emptied: hypercorn's sender then ends the stream, finds it reset and drops it.
+            if (buffer := self.protocol.stream_buffers.get(stream_id)) is not None:
+                await buffer.close()
+            with contextlib.suppress(priority.MissingStreamError):
+                self.protocol.priority.unblock(stream_id)
+            await self.protocol.has_data.set()
+            # Its app gets http.disconnect; the connection's idle timer starts if it was the last.
+            await self._stream_send(StreamClosed(stream_id=stream_id))
+            await self.protocol._flush()
+        raise OSError(f"the client took no data within {self.send_timeout:g}s")
 
     def _refused(self, event: h2.events.Event) -> bool:
         stream_id = getattr(event, "stream_id", 0)

@@ -16,6 +16,10 @@ every open file of the cortex through a TLS portal. Here:
   long as it lasts. On HTTP/2 the same holds per stream (:mod:`.h2_guard`): the head
   deadline runs while a frame or a header block is unfinished, not on an idle
   connection's PING or SETTINGS, nor only while no stream runs;
+* each write must be taken within ``send_timeout`` (hypercorn's write is shielded and had
+  no deadline: a client that read nothing held its request and connection for good); past
+  it the connection is closed, as on the lean server. On HTTP/2 a stream's answer must
+  also find a flow-control window within it (:mod:`.h2_guard`);
 * the idle timer (``keep_alive_timeout``) is restarted whatever cancels the task that ends
   a request (on HTTP/2 that task is the app's, which the stream's own ``http.disconnect``
   cancels; the timer was then never restarted and the connection stayed open for good);
@@ -56,6 +60,7 @@ class _GuardedTCPServer(TCPServer):
     """Hypercorn's connection, with a deadline on a request head (see the module docstring)."""
 
     head_timeout: float = 30.0
+    send_timeout: float = 60.0
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
@@ -67,10 +72,13 @@ class _GuardedTCPServer(TCPServer):
         """The HTTP/2 deadlines, once the connection speaks HTTP/2 (ALPN, or a client's preface)."""
         protocol = self.protocol.protocol
         if isinstance(protocol, H2Protocol) and (self._h2 is None or self._h2.protocol is not protocol):
-            self._h2 = H2Guard(protocol, self.head_timeout)
+            self._h2 = H2Guard(protocol, self.head_timeout, self.send_timeout)
         return self._h2
 
     async def protocol_send(self, event: Event) -> None:
+        if isinstance(event, RawData):
+            await self._send_raw(event.data)
+            return
         if not isinstance(event, Updated):
             await super().protocol_send(event)
             return
@@ -86,6 +94,23 @@ class _GuardedTCPServer(TCPServer):
             await super().protocol_send(event)
             if event.idle and self._h2 is not None and self._h2.draining:
                 await self.idle_task.restart(self._task_group, self._close_now)
+
+    async def _send_raw(self, data: bytes) -> None:
+        """Hypercorn's write, shielded from its caller's cancellation (a TLS record or frame
+        cut in half would break the connection), with ``send_timeout`` of its own: a client
+        that takes nothing for that long loses the connection, as on the lean server."""
+        async with self.send_lock:
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + self.send_timeout) as scope:
+                try:
+                    await self.stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self.protocol.handle(Closed())
+                    return
+            if scope.cancelled_caught:
+                log.debug("HTTP connection: a write took over %gs: closed", self.send_timeout)
+                await trio.aclose_forcefully(self.stream)
+                with trio.CancelScope(shield=True):
+                    await self.protocol.handle(Closed())
 
     async def _close_now(self) -> None:
         with trio.CancelScope(shield=True):
@@ -142,7 +167,7 @@ class _Cap:
                         "at once (%d so far)", self.where, self.open, self.turned_away)
 
 
-async def serve(app: Any, config: Config, *, max_connections: int, head_timeout: float,
+async def serve(app: Any, config: Config, *, max_connections: int, head_timeout: float, send_timeout: float,
                 shutdown_trigger: Callable[[], Awaitable[Any]],
                 task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``app`` (ASGI 3) as ``config`` says until ``shutdown_trigger`` returns, then stop
@@ -152,7 +177,8 @@ async def serve(app: Any, config: Config, *, max_connections: int, head_timeout:
     config.ssl_handshake_timeout = head_timeout
     wrapped = wrap_app(app, config.wsgi_max_body_size, "asgi")
     context = WorkerContext(None)
-    server_class = type("GuardedTCPServer", (_GuardedTCPServer,), {"head_timeout": head_timeout})
+    server_class = type("GuardedTCPServer", (_GuardedTCPServer,),
+                        {"head_timeout": head_timeout, "send_timeout": send_timeout})
     sockets = config.create_sockets()
     ssl_context = config.create_ssl_context()
     listeners: list[trio.abc.Listener[Any]] = []
