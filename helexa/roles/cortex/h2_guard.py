@@ -67,7 +67,7 @@ class H2Guard:
         self._handle: Callable[[list[h2.events.Event]], Awaitable[None]] = protocol._handle_events
         protocol._handle_events = self._handle_events  # type: ignore[method-assign]
         self._stream_send: Callable[[StreamEvent], Awaitable[None]] = protocol.stream_send
-        protocol.stream_send = self._send  # type: ignore[method-assign]  (each stream is given it)
+        protocol.stream_send = self._send  # type: ignore[method-assign]  # each stream is given it
 
     @property
     def draining(self) -> bool:
@@ -75,7 +75,7 @@ class H2Guard:
 
     def buffered(self) -> int:
         """Bytes received and not yet parsed into a whole frame (h2's ``FrameBuffer`` holds
-        them: ``_data`` since h2 4.2, ``data`` before)."""
+        them: ``_data`` in h2 4.4, ``data`` in earlier releases)."""
         frames = self.protocol.connection.incoming_buffer
         return len(frames._data if hasattr(frames, "_data") else frames.data)  # type: ignore[attr-defined]
 
