@@ -439,7 +439,7 @@ class Gateway:
         if tls is not None:
             cfg.certfile, cfg.keyfile = str(tls.tls_cert_file), str(tls.tls_key_file)
         await serve(app, cfg, max_connections=self._max_connections(), head_timeout=self.config.body_timeout,
-                    shutdown_trigger=self._stop.wait, task_status=task_status)
+                    send_timeout=self.config.send_timeout, shutdown_trigger=self._stop.wait, task_status=task_status)
 
     # --- reads ---------------------------------------------------------------------------
 

@@ -13,13 +13,24 @@ every open file of the cortex through a TLS portal. Here:
   handshake within ``head_timeout`` (hypercorn's ``ssl_handshake_timeout``); once a request
   is under way there is no read deadline (its body is read by the app within
   ``gateway.body_timeout``, :meth:`.asgi.Exchange.body`), so a streamed answer flows as
-  long as it lasts.
+  long as it lasts. On HTTP/2 the same holds per stream (:mod:`.h2_guard`): the head
+  deadline runs while a frame or a header block is unfinished, not on an idle
+  connection's PING or SETTINGS, nor only while no stream runs;
+* each write must be taken within ``send_timeout`` (hypercorn's write is shielded and had
+  no deadline: a client that read nothing held its request and connection for good); past
+  it the connection is closed, as on the lean server. On HTTP/2 a stream's answer must
+  also find a flow-control window within it (:mod:`.h2_guard`);
+* the idle timer (``keep_alive_timeout``) is restarted whatever cancels the task that ends
+  a request (on HTTP/2 that task is the app's, which the stream's own ``http.disconnect``
+  cancels; the timer was then never restarted and the connection stayed open for good);
+* a failure of hypercorn's on one connection ends that connection, logged, not the server.
 
 :func:`serve` is :func:`hypercorn.trio.serve` with the listener's handler wrapped: the same
 sockets, TLS context, graceful stop (idle connections close, requests in flight get
 ``graceful_timeout``) and ``TCPServer``, whose read loop learns when a request is under way
-from the protocol's own ``Updated`` events (HTTP/1.1 and HTTP/2 alike). The gateway's app
-has nothing to do at ASGI lifespan, so none is run.
+from the protocol's own ``Updated`` events (HTTP/1.1), or from the frames the HTTP/2
+connection holds unparsed (:class:`.h2_guard.H2Guard`). The gateway's app has nothing to
+do at ASGI lifespan, so none is run.
 """
 
 from __future__ import annotations
@@ -33,11 +44,14 @@ from typing import Any
 import trio
 from hypercorn.config import Config
 from hypercorn.events import Closed, Event, RawData, Updated
+from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.trio.statsd import StatsdLogger
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import repr_socket_addr, wrap_app
+
+from .h2_guard import H2Guard
 
 log = logging.getLogger("helexa.gateway.http")
 
@@ -46,19 +60,61 @@ class _GuardedTCPServer(TCPServer):
     """Hypercorn's connection, with a deadline on a request head (see the module docstring)."""
 
     head_timeout: float = 30.0
+    send_timeout: float = 60.0
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self._busy = False
         self._head_due = math.inf
+        self._h2: H2Guard | None = None
+
+    def _guard(self) -> H2Guard | None:
+        """The HTTP/2 deadlines, once the connection speaks HTTP/2 (ALPN, or a client's preface)."""
+        protocol = self.protocol.protocol
+        if isinstance(protocol, H2Protocol) and (self._h2 is None or self._h2.protocol is not protocol):
+            self._h2 = H2Guard(protocol, self.head_timeout, self.send_timeout)
+        return self._h2
 
     async def protocol_send(self, event: Event) -> None:
-        if isinstance(event, Updated):
+        if isinstance(event, RawData):
+            await self._send_raw(event.data)
+            return
+        if not isinstance(event, Updated):
+            await super().protocol_send(event)
+            return
+        if self._h2 is None:
             # A request began (idle=False: its head is in) or the last one ended: either
             # way no head is being waited for; the next bytes of an idle connection start one.
             self._busy = not event.idle
             self._head_due = math.inf
-        await super().protocol_send(event)
+        # Shielded: an HTTP/2 stream's end reaches its app as http.disconnect, whose watch
+        # cancels the app's task, the one sending this; a cancelled restart would leave the
+        # connection with no idle timer, open for good.
+        with trio.CancelScope(shield=True):
+            await super().protocol_send(event)
+            if event.idle and self._h2 is not None and self._h2.draining:
+                await self.idle_task.restart(self._task_group, self._close_now)
+
+    async def _send_raw(self, data: bytes) -> None:
+        """Hypercorn's write, shielded from its caller's cancellation (a TLS record or frame
+        cut in half would break the connection), with ``send_timeout`` of its own: a client
+        that takes nothing for that long loses the connection, as on the lean server."""
+        async with self.send_lock:
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + self.send_timeout) as scope:
+                try:
+                    await self.stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self.protocol.handle(Closed())
+                    return
+            if scope.cancelled_caught:
+                log.debug("HTTP connection: a write took over %gs: closed", self.send_timeout)
+                await trio.aclose_forcefully(self.stream)
+                with trio.CancelScope(shield=True):
+                    await self.protocol.handle(Closed())
+
+    async def _close_now(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self._initiate_server_close()
 
     async def _read_data(self) -> None:
         while True:
@@ -68,11 +124,22 @@ class _GuardedTCPServer(TCPServer):
                 except (trio.ClosedResourceError, trio.BrokenResourceError):
                     break
             if scope.cancelled_caught:
+                if self._h2 is not None and await self._h2.go_away():
+                    self._head_due = math.inf  # the streams running end; then the connection closes
+                    continue
                 log.debug("HTTP connection: a request head took over %gs: closed", self.head_timeout)
                 break
-            if data and not self._busy and self._head_due == math.inf:
-                self._head_due = trio.current_time() + self.head_timeout
-            await self.protocol.handle(RawData(bytes(data)))
+            guard = self._guard()
+            if guard is None:
+                if data and not self._busy and self._head_due == math.inf:
+                    self._head_due = trio.current_time() + self.head_timeout
+                await self.protocol.handle(RawData(bytes(data)))
+            else:
+                held = guard.buffered()
+                await self.protocol.handle(RawData(bytes(data)))
+                self._head_due = guard.head_due(trio.current_time(), held, len(data))
+            if self._h2 is None and self._guard() is not None:  # a client's preface, over cleartext
+                self._head_due = self._h2.head_due(trio.current_time(), 0, len(data))  # type: ignore[union-attr]
             if data == b"":
                 break
         await self.protocol.handle(Closed())
@@ -100,7 +167,7 @@ class _Cap:
                         "at once (%d so far)", self.where, self.open, self.turned_away)
 
 
-async def serve(app: Any, config: Config, *, max_connections: int, head_timeout: float,
+async def serve(app: Any, config: Config, *, max_connections: int, head_timeout: float, send_timeout: float,
                 shutdown_trigger: Callable[[], Awaitable[Any]],
                 task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``app`` (ASGI 3) as ``config`` says until ``shutdown_trigger`` returns, then stop
@@ -110,7 +177,8 @@ async def serve(app: Any, config: Config, *, max_connections: int, head_timeout:
     config.ssl_handshake_timeout = head_timeout
     wrapped = wrap_app(app, config.wsgi_max_body_size, "asgi")
     context = WorkerContext(None)
-    server_class = type("GuardedTCPServer", (_GuardedTCPServer,), {"head_timeout": head_timeout})
+    server_class = type("GuardedTCPServer", (_GuardedTCPServer,),
+                        {"head_timeout": head_timeout, "send_timeout": send_timeout})
     sockets = config.create_sockets()
     ssl_context = config.create_ssl_context()
     listeners: list[trio.abc.Listener[Any]] = []
@@ -133,6 +201,8 @@ async def serve(app: Any, config: Config, *, max_connections: int, head_timeout:
         cap.open += 1
         try:
             await server_class(wrapped, config, context, ConnectionState({}), stream).run()
+        except Exception:  # hypercorn's own failure on one connection: that connection only, not the server
+            log.exception("HTTP %s: a connection failed in hypercorn; closed", cap.where)
         finally:
             cap.open -= 1
 
