@@ -1,0 +1,93 @@
+"""The usage each official client reads against the ledger, through a keyed portal that
+serves SmolLM2 under an alias, in real processes (``helexa cortex`` and ``helexa neuron``,
+llama.cpp answering).
+
+Every call must be recorded once, with the tokens the answer's own usage shows; the
+answer and its errors name the model as the portal does (``fast``), never the model behind
+the alias.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import ollama
+import openai
+import pytest
+
+from procs import Cortex, ProcGroup
+
+pytestmark = pytest.mark.slow
+
+EXAMPLE_MODELS = Path(__file__).resolve().parents[2] / "examples" / "models.toml"
+HIDDEN = "smollm2"  # the catalogue model behind the alias: no answer may name it
+CONFIG = """
+[portals.acme]
+listen = ["127.0.0.1:0"]
+auth = "keys"
+aliases = { fast = "smollm2-135m-instruct" }
+"""
+WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Get the weather in a city",
+                                         "parameters": WEATHER}}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+CUT = 20  # tokens: SmolLM2's call to get_weather at temperature 0 takes 38, so the call is cut
+
+
+@pytest.fixture(scope="module")
+def cortex(tmp_path_factory: pytest.TempPathFactory):
+    with ProcGroup(tmp_path_factory.mktemp("sdk-usage-e2e")) as procs:
+        cortex = procs.cortex(models=EXAMPLE_MODELS, config=CONFIG, env={"HELEXA_MISSED_HEARTBEATS": "10"})
+        procs.neuron(cortex, "n1")
+        yield cortex
+
+
+def new_key(cortex: Cortex, name: str) -> tuple[str, str, str]:
+    """A key of its own for one test: (the portal's URL, the key, its id)."""
+    made = cortex.admin("POST", "/admin/keys", json={"portal": "acme", "name": name})
+    assert made.status_code in (200, 201), made.text
+    return cortex.portal_urls["acme"][0], made.json()["key"], made.json()["key_id"]
+
+
+def records(cortex: Cortex, key_id: str) -> list[dict[str, Any]]:
+    got = cortex.admin("GET", f"/admin/usage/records?key={key_id}&limit=1000")
+    assert got.status_code == 200, got.text
+    return got.json()["data"]
+
+
+def test_a_tool_call_cut_short_bills_every_token_it_generated_on_every_surface(cortex: Cortex) -> None:
+    """The grammar's JSON of a call cut by the token limit is never shown, but each of its
+    tokens was generated: the answer's usage and the ledger count all of them (they were 0:
+    the cortex held the neuron's count to what the answer showed)."""
+    url, key, key_id = new_key(cortex, "cut-tools")
+    seen: list[int] = []
+    with openai.OpenAI(base_url=url + "/v1", api_key=key, timeout=120, max_retries=0) as oai:
+        whole = oai.chat.completions.create(model="fast", messages=ASK, tools=[TOOL], tool_choice="required",
+                                            max_tokens=CUT, temperature=0)
+        assert whole.choices[0].finish_reason == "length" and not whole.choices[0].message.tool_calls
+        seen.append(whole.usage.completion_tokens)
+        stream = oai.chat.completions.create(model="fast", messages=ASK, tools=[TOOL], tool_choice="required",
+                                             max_tokens=CUT, temperature=0, stream=True,
+                                             stream_options={"include_usage": True})
+        seen.append([c.usage for c in stream if c.usage is not None][0].completion_tokens)
+        response = oai.responses.create(model="fast", input=ASK[0]["content"], tool_choice="required",
+                                        tools=[{"type": "function", **TOOL["function"]}], max_output_tokens=CUT,
+                                        temperature=0)
+        assert response.status == "incomplete"
+        seen.append(response.usage.output_tokens)
+    with anthropic.Anthropic(base_url=url, api_key=key, timeout=120, max_retries=0) as claude:
+        message = claude.messages.create(model="fast", messages=ASK, max_tokens=CUT, tool_choice={"type": "any"},
+                                         tools=[{"name": "get_weather", "description": "Get the weather in a city",
+                                                 "input_schema": WEATHER}], extra_body={"temperature": 0})
+        assert message.stop_reason == "max_tokens"
+        seen.append(message.usage.output_tokens)
+    chat = ollama.Client(host=url, headers={"authorization": f"Bearer {key}"}, timeout=120).chat(
+        model="fast", messages=ASK, tools=[TOOL], options={"num_predict": CUT, "temperature": 0})
+    assert chat.done_reason == "length" and not chat.message.tool_calls
+    seen.append(chat.eval_count)
+    assert seen == [CUT] * 5
+    rows = records(cortex, key_id)
+    assert [r["endpoint"] for r in rows] == ["chat", "chat", "responses", "messages", "ollama_chat"]
+    assert [r["completion_tokens"] for r in rows] == [CUT] * 5
