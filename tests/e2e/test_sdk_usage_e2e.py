@@ -91,3 +91,51 @@ def test_a_tool_call_cut_short_bills_every_token_it_generated_on_every_surface(c
     rows = records(cortex, key_id)
     assert [r["endpoint"] for r in rows] == ["chat", "chat", "responses", "messages", "ollama_chat"]
     assert [r["completion_tokens"] for r in rows] == [CUT] * 5
+
+
+def test_refusals_name_the_portals_model_never_the_one_behind_its_alias(cortex: Cortex) -> None:
+    url, key, key_id = new_key(cortex, "refusals")
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]
+    refusals: list[str] = []
+    with openai.OpenAI(base_url=url + "/v1", api_key=key, timeout=120, max_retries=0) as oai:
+        for kw in ({"messages": image}, {"messages": ASK, "max_tokens": 100_000},
+                   {"messages": ASK, "logit_bias": {"999999": 1}}):
+            with pytest.raises(openai.BadRequestError) as refused:
+                oai.chat.completions.create(model="fast", **({"max_tokens": 4} | kw))
+            refusals.append(refused.value.message)
+    with anthropic.Anthropic(base_url=url, api_key=key, timeout=120, max_retries=0) as claude:
+        for kw in ({"max_tokens": 100_000, "messages": ASK},
+                   {"max_tokens": 4, "messages": [{"role": "user", "content": [
+                       {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]}]}):
+            with pytest.raises(anthropic.BadRequestError) as refused:
+                claude.messages.create(model="fast", **kw)
+            refusals.append(refused.value.message)
+    with pytest.raises(ollama.ResponseError) as bad:
+        ollama.Client(host=url, headers={"authorization": f"Bearer {key}"}, timeout=120).generate(
+            model="fast", prompt="what is this?", images=["AAAA"])
+    refusals.append(bad.value.error)
+    assert all("'fast'" in r and HIDDEN not in r for r in refusals), refusals
+    assert records(cortex, key_id) == []  # all refused at the edge
+
+
+def test_tools_with_structured_output_are_refused_at_the_edge_in_each_surfaces_words(cortex: Cortex) -> None:
+    """SmolLM2's tools are a JSON grammar, which llama.cpp cannot combine with a format's:
+    a 400 naming the format field, before any neuron (it was the neuron's refusal, naming
+    the model behind the alias, with a ledger record and an rpm request spent)."""
+    url, key, key_id = new_key(cortex, "tools-format")
+    with openai.OpenAI(base_url=url + "/v1", api_key=key, timeout=120, max_retries=0) as oai:
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as refused:
+                oai.chat.completions.create(model="fast", messages=ASK, tools=[TOOL], max_tokens=8, stream=stream,
+                                            response_format={"type": "json_object"})
+            assert refused.value.body["param"] == "response_format" and refused.value.code == "unsupported"
+            assert HIDDEN not in refused.value.message
+        with pytest.raises(openai.BadRequestError) as refused:
+            oai.responses.create(model="fast", input="hi", tools=[{"type": "function", **TOOL["function"]}],
+                                 text={"format": {"type": "json_object"}}, max_output_tokens=8)
+        assert refused.value.body["param"] == "text.format" and HIDDEN not in refused.value.message
+    with pytest.raises(ollama.ResponseError) as bad:
+        ollama.Client(host=url, headers={"authorization": f"Bearer {key}"}, timeout=120).chat(
+            model="fast", messages=ASK, tools=[TOOL], format="json", options={"num_predict": 8})
+    assert bad.value.status_code == 400 and bad.value.error.startswith("format: ") and HIDDEN not in bad.value.error
+    assert records(cortex, key_id) == []

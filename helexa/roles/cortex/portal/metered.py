@@ -89,7 +89,7 @@ class MeteredRun:
         if m.limits is not None:
             # Checked as the model behind the portal's name, answered under the name asked.
             checked = await m.limits.check(request if served == asked else dataclasses.replace(request, model_id=served),
-                                           image=self._image)
+                                           image=self._image, named=asked)
             request = checked if served == asked else dataclasses.replace(checked, model_id=asked)
         now = m.clock()
         accounts = self._accounts = m.accounts(caller, now)
