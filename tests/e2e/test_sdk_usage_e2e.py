@@ -139,3 +139,25 @@ def test_tools_with_structured_output_are_refused_at_the_edge_in_each_surfaces_w
             model="fast", messages=ASK, tools=[TOOL], format="json", options={"num_predict": 8})
     assert bad.value.status_code == 400 and bad.value.error.startswith("format: ") and HIDDEN not in bad.value.error
     assert records(cortex, key_id) == []
+
+
+def test_chat_usage_shows_the_cached_prompt_tokens_the_ledger_records(cortex: Cortex) -> None:
+    """A key's repeated prompt reuses llama.cpp's cache: Chat Completions and completions
+    report it as OpenAI does (``prompt_tokens_details.cached_tokens``), streamed or not, as
+    the ledger records it (the usage carried no details at all)."""
+    url, key, key_id = new_key(cortex, "cached")
+    ask = [{"role": "user", "content": "Name three colours of the rainbow, please."}]
+    cached: list[int] = []
+    with openai.OpenAI(base_url=url + "/v1", api_key=key, timeout=120, max_retries=0) as oai:
+        for _ in range(2):
+            cached.append(oai.chat.completions.create(model="fast", messages=ask, max_tokens=4, temperature=0)
+                          .usage.prompt_tokens_details.cached_tokens)
+        stream = oai.chat.completions.create(model="fast", messages=ask, max_tokens=4, temperature=0, stream=True,
+                                             stream_options={"include_usage": True})
+        cached.append([c.usage for c in stream if c.usage is not None][0].prompt_tokens_details.cached_tokens)
+        for _ in range(2):
+            cached.append(oai.completions.create(model="fast", prompt="The rainbow has seven colours:", max_tokens=4,
+                                                 temperature=0).usage.prompt_tokens_details.cached_tokens)
+    rows = records(cortex, key_id)
+    assert cached == [r["cached_tokens"] for r in rows]
+    assert cached[1] > 0 and cached[2] > 0 and cached[4] > 0
