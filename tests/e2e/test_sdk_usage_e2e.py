@@ -9,6 +9,7 @@ the alias.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -161,3 +162,16 @@ def test_chat_usage_shows_the_cached_prompt_tokens_the_ledger_records(cortex: Co
     rows = records(cortex, key_id)
     assert cached == [r["cached_tokens"] for r in rows]
     assert cached[1] > 0 and cached[2] > 0 and cached[4] > 0
+
+
+def test_a_tool_defined_without_parameters_is_called_with_none(cortex: Cortex) -> None:
+    """OpenAI: omitting ``parameters`` defines a function with an empty parameter list (the
+    grammar let SmolLM2 invent arguments: ``{"type": "datetime.datetime", ...}``)."""
+    url, key, _ = new_key(cortex, "no-parameters")
+    now = {"type": "function", "function": {"name": "now", "description": "The current time"}}
+    with openai.OpenAI(base_url=url + "/v1", api_key=key, timeout=120, max_retries=0) as oai:
+        answer = oai.chat.completions.create(model="fast", messages=[{"role": "user", "content": "What time is it?"}],
+                                             tools=[now], tool_choice="required", max_tokens=60, temperature=0.8,
+                                             seed=3)
+    (call,) = answer.choices[0].message.tool_calls
+    assert call.function.name == "now" and json.loads(call.function.arguments) == {}
