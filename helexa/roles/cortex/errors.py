@@ -232,6 +232,19 @@ class ColdLoadFailed(NoCapacity):
         return NoCapacity(text, retry_after=self.retry_after, code=self.code)
 
 
+def as_asked(exc: BaseException, asked: str, served: str) -> BaseException | None:
+    """What a portal's client must see instead of ``exc`` when it names the catalogue model
+    ``served`` behind the portal's alias ``asked`` (None: ``exc`` as it is). A portal never
+    reveals the model behind an alias: not in a 404, nor in a failed load's message."""
+    if asked == served:
+        return None
+    if isinstance(exc, ModelNotFound):
+        return ModelNotFound(asked)
+    if isinstance(exc, ColdLoadFailed) and exc.model is not None:
+        return ColdLoadFailed(exc.message, retry_after=exc.retry_after, code=exc.code, model=asked)
+    return None
+
+
 class UpstreamError(GatewayError):
     status = 502
     type = "upstream_error"
