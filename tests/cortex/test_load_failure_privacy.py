@@ -128,3 +128,18 @@ async def test_a_portals_alias_is_what_a_failed_load_names_never_the_model_behin
         texts = await trio.to_thread.run_sync(run)
     for text in texts:
         assert "model 'fast' could not be loaded" in text and "'chat'" not in text, text
+
+
+async def test_no_capacity_names_the_portals_alias_too() -> None:
+    """No neuron at all: "no usable neuron for model 'chat' right now" told a key that asked
+    for ``fast`` what its portal serves it with."""
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme")
+    async with portals(Fleet(), {"acme": acme()}, store=store,
+                       orchestrator={"queue_timeout": 0.5, "cold_load_wait": 0.5}) as (_, urls):
+        async with httpx.AsyncClient(timeout=10, headers={"authorization": f"Bearer {key}"}) as http:
+            chat = await http.post(urls["acme"] + "/v1/chat/completions", json={
+                "model": "fast", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+            preload = await http.post(urls["acme"] + "/api/generate", json={"model": "fast", "prompt": ""})
+    for r in (chat, preload):
+        assert r.status_code == 503 and "'fast'" in r.text and "'chat'" not in r.text, r.text

@@ -32,6 +32,7 @@ event once streaming); ``PeerFailed`` → as the same failure on a local neuron.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -240,8 +241,16 @@ def as_asked(exc: BaseException, asked: str, served: str) -> BaseException | Non
         return None
     if isinstance(exc, ModelNotFound):
         return ModelNotFound(asked)
-    if isinstance(exc, ColdLoadFailed) and exc.model is not None:
+    if isinstance(exc, ColdLoadFailed):  # its message is the operator's; the client's names exc.model
+        if exc.model is None:
+            return None
         return ColdLoadFailed(exc.message, retry_after=exc.retry_after, code=exc.code, model=asked)
+    if isinstance(exc, GatewayError) and repr(served) in exc.message:
+        # "no usable neuron for model 'chat' right now", "the queue for model 'chat' is full"...
+        public = copy.copy(exc)
+        public.message = exc.message.replace(repr(served), repr(asked))
+        public.args = (public.message,)
+        return public
     return None
 
 

@@ -43,8 +43,8 @@ import trio
 
 from helexa.protocol import EmbedRequest, EmbedResult, GenerateRequest, Usage
 
-from ..errors import (BadRequest, ClientGone, ColdLoadFailed, GatewayError, InsufficientQuota, ModelNotFound,
-                      RateLimited, UpstreamError, as_asked, to_gateway_error)
+from ..errors import (BadRequest, ClientGone, GatewayError, InsufficientQuota, ModelNotFound, RateLimited,
+                      UpstreamError, as_asked, to_gateway_error)
 from ..metrics import Metrics
 from ..prompt_size import prompt_bytes, prompt_upper_bound
 from .accounts import AccountBook
@@ -318,7 +318,7 @@ class Metering(AccountBook):
         try:
             await self.orchestrator.preload(dataclasses.replace(request, model_id=served), on_wait=on_wait,
                                             allow_peers=portal.allow_peers, tenant=portal.tenant(caller.key))
-        except (ModelNotFound, ColdLoadFailed) as exc:
+        except GatewayError as exc:
             if (public := as_asked(exc, asked, served)) is not None:
                 raise public from None  # never name the model behind an alias
             raise
