@@ -175,3 +175,33 @@ def test_a_tool_defined_without_parameters_is_called_with_none(cortex: Cortex) -
                                              seed=3)
     (call,) = answer.choices[0].message.tool_calls
     assert call.function.name == "now" and json.loads(call.function.arguments) == {}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_the_anthropic_tool_runner_sends_its_whole_conversation_when_threads_are_refused(cortex: Cortex,
+                                                                                         stream: bool) -> None:
+    """The SDK's tool runner asks the server to hold the conversation (``thread``), then
+    sends only the tool result: ignored, that turn reached the model with no question, no
+    call and no tools. Refused (``thread_unsupported_request``), the SDK sends the whole
+    conversation again without ``thread``, and only the turns that ran are billed."""
+    url, key, key_id = new_key(cortex, f"tool-runner-{stream}")
+
+    @anthropic.beta_tool
+    def get_weather(city: str) -> str:
+        """Get the weather in a city."""
+        return "Sunny, 21 C"
+
+    with anthropic.Anthropic(base_url=url, api_key=key, timeout=120, max_retries=0) as claude:
+        runner = claude.beta.messages.tool_runner(model="fast", max_tokens=60, tools=[get_weather], messages=ASK,
+                                                  max_iterations=2, stream=stream, extra_body={"temperature": 0})
+        turns = [turn.get_final_message() if stream else turn for turn in runner]
+        assert [t.stop_reason for t in turns][:1] == ["tool_use"] and len(turns) == 2
+        prompts = [t.usage.input_tokens + t.usage.cache_read_input_tokens for t in turns]
+        assert prompts[1] > prompts[0]  # the question, the call and the tools came again with the result
+        rows = records(cortex, key_id)
+        assert [(r["prompt_tokens"], r["endpoint"]) for r in rows] == [(p, "messages") for p in prompts]
+        with pytest.raises(anthropic.BadRequestError) as refused:  # a thread asked for by hand: a clear refusal
+            claude.beta.messages.create(model="fast", max_tokens=4, messages=ASK, extra_body={"thread": {
+                "type": "continue", "previous_message_id": turns[0].id}})
+    assert refused.value.body["error"]["details"] == {"error_code": "thread_unsupported_request"}
+    assert "thread" in refused.value.message and len(records(cortex, key_id)) == 2

@@ -84,7 +84,7 @@ from .schema_check import check_schema
 
 __all__ = ["to_generate_request", "to_messages", "to_tools", "image_location", "message_body", "stop_reason",
            "stop_sequence",
-           "tool_use_blocks", "usage_body", "error_shape", "error_body"]
+           "tool_use_blocks", "usage_body", "error_shape", "error_body", "ThreadUnsupported"]
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
                 "content_filter": "refusal"}
@@ -292,12 +292,28 @@ def _kind(error: GatewayError) -> tuple[int, str, bool]:
     return 500, "api_error", True
 
 
+class ThreadUnsupported(BadRequest):
+    """A request with ``thread``: Anthropic's Threads keep a conversation on the server
+    between requests, which helexa does not. Ignored, a ``continue`` turn reached the model
+    with only its new messages (the SDK's tool runner threads by default, and its second
+    turn was a lone tool result); refused, the SDK's own recovery sends the whole
+    conversation again without ``thread`` (``error.details.error_code``
+    ``thread_unsupported_request``)."""
+
+    def __init__(self) -> None:
+        super().__init__("this server keeps no conversation between requests (Threads are not supported): send the "
+                         "whole conversation without thread", param="thread")
+
+
 def error_body(error: GatewayError) -> dict[str, Any]:
     """``{"type": "error", "error": {...}}``; the message names the field when one is at fault."""
     message = error.message
     if error.param and error.param not in message:
         message = f"{error.param}: {message}"
-    return {"type": "error", "error": {"type": _kind(error)[1], "message": message}}
+    body: dict[str, Any] = {"type": _kind(error)[1], "message": message}
+    if isinstance(error, ThreadUnsupported):
+        body["details"] = {"error_code": "thread_unsupported_request"}
+    return {"type": "error", "error": body}
 
 
 def error_shape(exc: BaseException) -> tuple[int, list[tuple[bytes, bytes]], bytes]:

@@ -193,5 +193,6 @@ class MessagesRequest(CountTokensRequest):
     top_p: float | None = Field(None, ge=0, le=1)
     top_k: int | None = Field(None, ge=0, le=2**31 - 1)
     stop_sequences: list[Annotated[str, Field(min_length=1)]] | None = Field(None, max_length=16)
+    thread: dict[str, Any] | None = None  # a server-held conversation (Threads): refused, see anthropic_api
     metadata: dict[str, Any] | None = None
     service_tier: str | None = None

@@ -71,6 +71,8 @@ class AnthropicSurface:
 
     async def messages(self, ex: Exchange) -> None:
         body = parse(MessagesRequest, await ex.body())
+        if body.thread is not None:
+            raise api.ThreadUnsupported()
         request = api.to_generate_request(body, ex.request_id)
         image = api.image_location(body)
         caller = ex.caller
