@@ -16,6 +16,7 @@ from typing import Any
 import anthropic
 import ollama
 import openai
+import pydantic
 import pytest
 
 from procs import Cortex, ProcGroup
@@ -205,3 +206,32 @@ def test_the_anthropic_tool_runner_sends_its_whole_conversation_when_threads_are
                 "type": "continue", "previous_message_id": turns[0].id}})
     assert refused.value.body["error"]["details"] == {"error_code": "thread_unsupported_request"}
     assert "thread" in refused.value.message and len(records(cortex, key_id)) == 2
+
+
+class City(pydantic.BaseModel):
+    name: str
+    country: str
+
+
+def test_anthropic_structured_output_parses_with_the_sdk(cortex: Cortex) -> None:
+    """``client.messages.parse(output_format=Model)`` sends ``output_config.format``: it was
+    ignored, the answer was free text and the SDK raised a ValidationError on a billed
+    answer. It is the same JSON-schema grammar as OpenAI's ``response_format``."""
+    url, key, key_id = new_key(cortex, "anthropic-structured")
+    ask = [{"role": "user", "content": "What is the capital of France? Answer as JSON."}]
+    with anthropic.Anthropic(base_url=url, api_key=key, timeout=120, max_retries=0) as claude:
+        whole = claude.messages.parse(model="fast", max_tokens=80, messages=ask, output_format=City)
+        with claude.messages.stream(model="fast", max_tokens=80, messages=ask, output_format=City) as stream:
+            streamed = stream.get_final_message()
+        beta = claude.messages.create(model="fast", max_tokens=80, messages=ask, extra_body={  # the beta's name
+            "output_format": {"type": "json_schema", "schema": City.model_json_schema()}})
+        with pytest.raises(anthropic.BadRequestError) as refused:
+            claude.messages.create(model="fast", max_tokens=8, messages=ask, output_config={"format": {
+                "type": "json_schema", "schema": {"type": "object", "properties": {"a": {"$ref": "#/nope"}}}}})
+    for answer in (whole, streamed, beta):
+        assert answer.stop_reason == "end_turn", answer
+    assert isinstance(whole.parsed_output, City) and isinstance(streamed.parsed_output, City)
+    City.model_validate_json(beta.content[0].text)
+    assert "output_config.format.schema" in refused.value.message
+    assert [r["completion_tokens"] for r in records(cortex, key_id)] == [
+        a.usage.output_tokens for a in (whole, streamed, beta)]

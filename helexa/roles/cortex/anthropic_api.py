@@ -45,7 +45,8 @@ import json
 import secrets
 from typing import Any
 
-from helexa.protocol import GenerateRequest, GenerateResult, SamplingParams, Task, ToolChoice, ToolChoiceMode, ToolSpec, Usage
+from helexa.protocol import (GenerateRequest, GenerateResult, OutputFormat, ResponseFormat, SamplingParams, Task,
+                             ToolChoice, ToolChoiceMode, ToolSpec, Usage)
 
 from .anthropic_requests import (
     AnyChoice,
@@ -193,7 +194,26 @@ def to_generate_request(body: MessagesRequest, request_id: str) -> GenerateReque
     tools, choice, parallel = to_tools(body)
     extra: dict[str, Any] = {} if parallel is None else {"parallel_tool_calls": parallel}
     return GenerateRequest(request_id, body.model, Task.CHAT, messages=tuple(to_messages(body)), sampling=sampling,
-                           stream=body.stream, extra=extra, tools=tools, tool_choice=choice)
+                           stream=body.stream, extra=extra, tools=tools, tool_choice=choice,
+                           response_format=to_response_format(body))
+
+
+def to_response_format(body: MessagesRequest) -> ResponseFormat | None:
+    """Structured output (``output_config.format``, or the beta's ``output_format``) as the
+    fabric's ``json_schema`` response format (a grammar on llama.cpp), its schema checked
+    at the edge as every surface checks one."""
+    fmt, param = body.output_format, "output_format"
+    if body.output_config is not None and body.output_config.format is not None:
+        fmt, param = body.output_config.format, FORMAT_PARAM
+    if fmt is None:
+        return None
+    check_schema(fmt.schema_, f"{param}.schema")
+    return ResponseFormat(OutputFormat.JSON_SCHEMA, fmt.schema_, None, True)
+
+
+FORMAT_PARAM = "output_config.format"
+PARAMS = {"response_format": FORMAT_PARAM}
+"""The shared path's field names (Chat Completions') as this API names them, for errors."""
 
 
 def image_location(body: CountTokensRequest) -> str | None:
@@ -308,8 +328,9 @@ class ThreadUnsupported(BadRequest):
 def error_body(error: GatewayError) -> dict[str, Any]:
     """``{"type": "error", "error": {...}}``; the message names the field when one is at fault."""
     message = error.message
-    if error.param and error.param not in message:
-        message = f"{error.param}: {message}"
+    param = PARAMS.get(error.param or "", error.param)
+    if param and param not in message:
+        message = f"{param}: {message}"
     body: dict[str, Any] = {"type": _kind(error)[1], "message": message}
     if isinstance(error, ThreadUnsupported):
         body["details"] = {"error_code": "thread_unsupported_request"}

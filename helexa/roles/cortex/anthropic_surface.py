@@ -106,7 +106,7 @@ class AnthropicSurface:
             except ClientGone:
                 raise  # the client left: nobody to tell, and no failed generation
             except Exception as exc:
-                named = schema_field(exc, request, tools="tools", fmt=None)  # a tool schema the neuron refused
+                named = schema_field(exc, request, tools="tools", fmt=api.FORMAT_PARAM)  # a tool schema the neuron refused
                 if not out.started:
                     if named is exc:
                         raise
@@ -124,7 +124,7 @@ class AnthropicSurface:
                         parts.append(chunk.text)
                         calls.extend(chunk.tool_calls or ())
             except Exception as exc:
-                named = schema_field(exc, request, tools="tools", fmt=None)
+                named = schema_field(exc, request, tools="tools", fmt=api.FORMAT_PARAM)
                 if named is exc:
                     raise
                 raise named from None
