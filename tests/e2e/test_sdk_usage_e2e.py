@@ -235,3 +235,17 @@ def test_anthropic_structured_output_parses_with_the_sdk(cortex: Cortex) -> None
     assert "output_config.format.schema" in refused.value.message
     assert [r["completion_tokens"] for r in records(cortex, key_id)] == [
         a.usage.output_tokens for a in (whole, streamed, beta)]
+
+
+def test_openais_deprecated_functions_are_refused_not_answered_as_text(cortex: Cortex) -> None:
+    """``functions`` / ``function_call`` (OpenAI's names before ``tools``) were ignored as
+    unknown fields: a forced call came back as free text, billed."""
+    url, key, key_id = new_key(cortex, "functions")
+    function = {"name": "get_weather", "parameters": WEATHER}
+    with openai.OpenAI(base_url=url + "/v1", api_key=key, timeout=120, max_retries=0) as oai:
+        for kw, param in (({"functions": [function]}, "functions"),
+                          ({"function_call": {"name": "get_weather"}, "tools": [TOOL]}, "function_call")):
+            with pytest.raises(openai.BadRequestError) as refused:
+                oai.chat.completions.create(model="fast", messages=ASK, max_tokens=8, **kw)
+            assert refused.value.body["param"] == param
+    assert records(cortex, key_id) == []
