@@ -358,8 +358,10 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
                 request = replace(request, tools=(), tool_choice=None)
             return self._control.chat_body(openai_shapes.request_body(request, dialect="llama.cpp")), False
         if request.wants_json:
-            raise InvalidRequest(f"model {self.config.model_id!r} takes tools through a JSON grammar, so they "
-                                 "cannot be combined with response_format")
+            # (the cortex refuses it at the edge where it reads the GGUF; the model is not named:
+            # a portal may serve it under another name)
+            raise InvalidRequest("this model takes tools through a JSON grammar, so tools cannot be combined with "
+                                 "structured output (a JSON object or schema) in one request")
         body = openai_shapes.request_body(tool_grammar.plain_request(request), dialect="llama.cpp")
         body.pop("parallel_tool_calls", None)
         return self._control.chat_body(body), True

@@ -71,8 +71,13 @@ def _object(properties: dict[str, Any]) -> dict[str, Any]:
     return {"type": "object", "properties": properties, "required": list(properties), "additionalProperties": False}
 
 
+NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
+"""The arguments of a tool defined without ``parameters``: OpenAI's "empty parameter list",
+so the call's ``arguments`` are ``{}`` (any object let the model invent some)."""
+
+
 def _call_schema(tool: ToolSpec, prefix: str, defs: dict[str, Any]) -> dict[str, Any]:
-    arguments = tool.parameters if isinstance(tool.parameters, dict) else {"type": "object"}
+    arguments = tool.parameters if isinstance(tool.parameters, dict) else NO_PARAMETERS
     local = {**(arguments.get("definitions") or {}), **(arguments.get("$defs") or {})}
     # A $ref to another place in the tool's schema (#/properties/a) would point into the
     # answer's schema here: the tool's schema then moves to $defs too, and such refs with it.

@@ -121,7 +121,8 @@ def test_non_streaming_bodies_for_chat_and_completion() -> None:
     out = api.completion_response(api.to_generate_request(body, "r"), "chatcmpl-r", "hello", result)
     assert out["object"] == "chat.completion"
     assert out["choices"][0]["message"] == {"role": "assistant", "content": "hello"}
-    assert out["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+    assert out["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5,
+                            "prompt_tokens_details": {"cached_tokens": 0}}
     body = api.parse(api.CompletionRequest, b'{"model": "m", "prompt": "p"}')
     out = api.completion_response(api.to_generate_request(body, "r"), "cmpl-r", "hello", result)
     assert out["object"] == "text_completion" and out["choices"][0]["text"] == "hello"

@@ -215,7 +215,8 @@ async def test_n_choices_no_wait_could_admit_together_are_refused_as_not_worth_a
     assert len(neuron.requests) == 7  # only the n=7 that fits ran
     assert fits.status_code == 200, fits.text
     # Settled: the prompt's 5 tokens once and 7 answers of 3.
-    assert fits.json()["usage"] == {"prompt_tokens": 5, "completion_tokens": 21, "total_tokens": 26}
+    assert fits.json()["usage"] == {"prompt_tokens": 5, "completion_tokens": 21, "total_tokens": 26,
+                                     "prompt_tokens_details": {"cached_tokens": 0}}
     assert limits(fits)["x-ratelimit-remaining-tokens"] == str(100 - 26)
 
 

@@ -171,6 +171,7 @@ async def test_input_items_list_a_stored_responses_own_input_in_the_sdks_pages()
                 "bad order": lambda: c.responses.input_items.list(first.id, order="up"),  # type: ignore[arg-type]
                 "cancel": lambda: c.responses.cancel(first.id),
                 "cancel unknown": lambda: c.responses.cancel("resp_nope"),
+                "retrieve streamed": lambda: list(c.responses.retrieve(first.id, stream=True)),
             }.items():
                 try:
                     call()
@@ -191,7 +192,7 @@ async def test_input_items_list_a_stored_responses_own_input_in_the_sdks_pages()
     assert (hello.role, hello.content[0].type, hello.content[0].text) == ("user", "input_text", "Hello")
     assert errors == {"other key": (404, "not_found", None), "bad limit": (400, None, "limit"),
                       "bad order": (400, None, "order"), "cancel": (400, "unsupported", None),
-                      "cancel unknown": (404, "not_found", None)}
+                      "cancel unknown": (404, "not_found", None), "retrieve streamed": (400, "unsupported", "stream")}
 
 
 async def test_a_stored_response_expires_after_the_portals_retention(autojump_clock) -> None:

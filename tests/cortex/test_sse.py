@@ -39,7 +39,8 @@ def test_a_chat_stream_starts_with_the_role_and_ends_with_finish_reason_then_don
 def test_include_usage_adds_a_usage_chunk_with_no_choices() -> None:
     enc = sse.StreamEncoder(request(), "id", include_usage=True)
     ev = events(enc.finish(GenerateResult("r", "length", Usage(3, 4))))
-    assert ev[1]["choices"] == [] and ev[1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    assert ev[1]["choices"] == [] and ev[1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7,
+                                                       "prompt_tokens_details": {"cached_tokens": 0}}
     assert ev[2] == "[DONE]"
 
 
@@ -75,7 +76,8 @@ def test_n_choices_each_start_and_finish_under_their_index_and_the_stream_ends_a
     assert one[0]["choices"][0] == {"index": 1, "delta": {"content": "b"}, "finish_reason": None}
     assert one[-1]["choices"][0]["finish_reason"] == "stop" and "[DONE]" not in one
     zero = events(enc.finish(GenerateResult("r", "length", Usage(2, 3)), 0))
-    assert zero[-2]["usage"] == {"prompt_tokens": 4, "completion_tokens": 4, "total_tokens": 8}
+    assert zero[-2]["usage"] == {"prompt_tokens": 4, "completion_tokens": 4, "total_tokens": 8,
+                                "prompt_tokens_details": {"cached_tokens": 0}}
     assert zero[-1] == "[DONE]"
 
 

@@ -147,6 +147,23 @@ async def test_a_prompt_with_tools_keeps_its_honest_count(nursery, autojump_cloc
     assert (await answer(a, req))[-1].usage == Usage(1070, 2)
 
 
+async def test_a_tool_call_cut_short_is_billed_its_tokens_and_its_receipt_not_flagged(nursery, autojump_clock):
+    # On a model whose tools are a JSON grammar, a call cut by max_tokens shows nothing (its
+    # JSON is never text), yet all 20 tokens were generated: they were held to 0 and the
+    # peer's honest receipt flagged "bills far more completion tokens than were streamed".
+    tool = ToolSpec("get_weather", None, {"type": "object", "properties": {"city": {"type": "string"}}})
+    a, b = await two(nursery, LyingFleet(chunks=(), usage=Usage(124, 20)))
+    req = GenerateRequest("r1", "tiny", Task.CHAT, messages=({"role": "user", "content": "Weather in Paris?"},),
+                          tools=(tool,), sampling=SamplingParams(max_tokens=20))
+    assert (await answer(a, req))[-1].usage == Usage(124, 20)
+    consumed = a.ledger.get(CONSUMED, "r1")
+    assert not consumed.flagged, consumed.flag_reason
+    # ...and never beyond max_tokens, tools or not.
+    a2, _ = await two(nursery, LyingFleet(chunks=(), usage=Usage(124, 10_000)))
+    assert (await answer(a2, GenerateRequest("r2", "tiny", Task.CHAT, messages=req.messages, tools=(tool,),
+                                             sampling=SamplingParams(max_tokens=20))))[-1].usage == Usage(124, 20)
+
+
 async def test_a_prompt_with_an_image_is_not_held_to_its_bytes(nursery, autojump_clock):
     # An image by URL is a few bytes here and hundreds of tokens to a vision model.
     a, _ = await two(nursery, LyingFleet(usage=Usage(900, 2)))

@@ -87,7 +87,7 @@ async def test_logprobs_come_with_each_token(tiny) -> None:
 
 async def test_tools_and_response_format_together_are_refused_for_a_grammar_tool_model(tiny) -> None:
     tools = (ToolSpec("f", None, {"type": "object"}),)
-    with pytest.raises(InvalidRequest, match="response_format"):
+    with pytest.raises(InvalidRequest, match="tools cannot be combined with structured output"):
         await run(tiny, chat("hi", tools=tools, tool_choice=ToolChoice(ToolChoiceMode.REQUIRED),
                              response_format=ResponseFormat(OutputFormat.JSON_OBJECT)))
 

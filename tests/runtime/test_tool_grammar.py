@@ -32,6 +32,18 @@ def test_required_allows_only_a_call_to_one_of_the_tools() -> None:
         raise AssertionError(f"{wrong} should not validate")
 
 
+def test_a_tool_without_parameters_takes_no_arguments() -> None:
+    """OpenAI: omitting ``parameters`` defines a function with an empty parameter list."""
+    schema = tool_grammar.schema(request(ToolChoiceMode.FUNCTION, "get_time"))
+    jsonschema.validate({"tool_call": {"name": "get_time", "arguments": {}}}, schema)
+    try:
+        jsonschema.validate({"tool_call": {"name": "get_time", "arguments": {"format": "YYYYMMDD"}}}, schema)
+    except jsonschema.ValidationError:
+        pass
+    else:
+        raise AssertionError("invented arguments were allowed")
+
+
 def test_a_named_function_and_auto() -> None:
     named = tool_grammar.schema(request(ToolChoiceMode.FUNCTION, "get_time"))
     assert named["properties"]["tool_call"]["properties"]["name"]["const"] == "get_time"

@@ -45,7 +45,8 @@ import json
 import secrets
 from typing import Any
 
-from helexa.protocol import GenerateRequest, GenerateResult, SamplingParams, Task, ToolChoice, ToolChoiceMode, ToolSpec, Usage
+from helexa.protocol import (GenerateRequest, GenerateResult, OutputFormat, ResponseFormat, SamplingParams, Task,
+                             ToolChoice, ToolChoiceMode, ToolSpec, Usage)
 
 from .anthropic_requests import (
     AnyChoice,
@@ -84,7 +85,7 @@ from .schema_check import check_schema
 
 __all__ = ["to_generate_request", "to_messages", "to_tools", "image_location", "message_body", "stop_reason",
            "stop_sequence",
-           "tool_use_blocks", "usage_body", "error_shape", "error_body"]
+           "tool_use_blocks", "usage_body", "error_shape", "error_body", "ThreadUnsupported"]
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
                 "content_filter": "refusal"}
@@ -193,7 +194,26 @@ def to_generate_request(body: MessagesRequest, request_id: str) -> GenerateReque
     tools, choice, parallel = to_tools(body)
     extra: dict[str, Any] = {} if parallel is None else {"parallel_tool_calls": parallel}
     return GenerateRequest(request_id, body.model, Task.CHAT, messages=tuple(to_messages(body)), sampling=sampling,
-                           stream=body.stream, extra=extra, tools=tools, tool_choice=choice)
+                           stream=body.stream, extra=extra, tools=tools, tool_choice=choice,
+                           response_format=to_response_format(body))
+
+
+def to_response_format(body: MessagesRequest) -> ResponseFormat | None:
+    """Structured output (``output_config.format``, or the beta's ``output_format``) as the
+    fabric's ``json_schema`` response format (a grammar on llama.cpp), its schema checked
+    at the edge as every surface checks one."""
+    fmt, param = body.output_format, "output_format"
+    if body.output_config is not None and body.output_config.format is not None:
+        fmt, param = body.output_config.format, FORMAT_PARAM
+    if fmt is None:
+        return None
+    check_schema(fmt.schema_, f"{param}.schema")
+    return ResponseFormat(OutputFormat.JSON_SCHEMA, fmt.schema_, None, True)
+
+
+FORMAT_PARAM = "output_config.format"
+PARAMS = {"response_format": FORMAT_PARAM}
+"""The shared path's field names (Chat Completions') as this API names them, for errors."""
 
 
 def image_location(body: CountTokensRequest) -> str | None:
@@ -292,12 +312,29 @@ def _kind(error: GatewayError) -> tuple[int, str, bool]:
     return 500, "api_error", True
 
 
+class ThreadUnsupported(BadRequest):
+    """A request with ``thread``: Anthropic's Threads keep a conversation on the server
+    between requests, which helexa does not. Ignored, a ``continue`` turn reached the model
+    with only its new messages (the SDK's tool runner threads by default, and its second
+    turn was a lone tool result); refused, the SDK's own recovery sends the whole
+    conversation again without ``thread`` (``error.details.error_code``
+    ``thread_unsupported_request``)."""
+
+    def __init__(self) -> None:
+        super().__init__("this server keeps no conversation between requests (Threads are not supported): send the "
+                         "whole conversation without thread", param="thread")
+
+
 def error_body(error: GatewayError) -> dict[str, Any]:
     """``{"type": "error", "error": {...}}``; the message names the field when one is at fault."""
     message = error.message
-    if error.param and error.param not in message:
-        message = f"{error.param}: {message}"
-    return {"type": "error", "error": {"type": _kind(error)[1], "message": message}}
+    param = PARAMS.get(error.param or "", error.param)
+    if param and param not in message:
+        message = f"{param}: {message}"
+    body: dict[str, Any] = {"type": _kind(error)[1], "message": message}
+    if isinstance(error, ThreadUnsupported):
+        body["details"] = {"error_code": "thread_unsupported_request"}
+    return {"type": "error", "error": body}
 
 
 def error_shape(exc: BaseException) -> tuple[int, list[tuple[bytes, bytes]], bytes]:

@@ -149,6 +149,25 @@ class NoneChoice(Lenient):
 ToolChoice = _tagged("type", AutoChoice, AnyChoice, NamedChoice, NoneChoice)
 
 
+class JsonSchemaFormat(Lenient):
+    """Structured output: the answer is JSON valid against ``schema`` (Anthropic's
+    ``output_config.format``; the beta's ``output_format``)."""
+
+    type: Literal["json_schema"]
+    schema_: dict[str, Any] = Field(alias="schema")
+
+    @field_validator("schema_")
+    @classmethod
+    def _travels(cls, value: Any) -> Any:
+        return _wire_json(value)
+
+
+class OutputConfig(Lenient):
+    """``output_config``: its ``format`` is served; other settings (``effort``) are ignored."""
+
+    format: JsonSchemaFormat | None = None
+
+
 class Thinking(Lenient):
     """Extended thinking: accepted and ignored (no thinking blocks are produced)."""
 
@@ -193,5 +212,8 @@ class MessagesRequest(CountTokensRequest):
     top_p: float | None = Field(None, ge=0, le=1)
     top_k: int | None = Field(None, ge=0, le=2**31 - 1)
     stop_sequences: list[Annotated[str, Field(min_length=1)]] | None = Field(None, max_length=16)
+    thread: dict[str, Any] | None = None  # a server-held conversation (Threads): refused, see anthropic_api
+    output_config: OutputConfig | None = None
+    output_format: JsonSchemaFormat | None = None  # the structured-outputs beta's name for output_config.format
     metadata: dict[str, Any] | None = None
     service_tier: str | None = None

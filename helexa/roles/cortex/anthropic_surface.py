@@ -71,6 +71,8 @@ class AnthropicSurface:
 
     async def messages(self, ex: Exchange) -> None:
         body = parse(MessagesRequest, await ex.body())
+        if body.thread is not None:
+            raise api.ThreadUnsupported()
         request = api.to_generate_request(body, ex.request_id)
         image = api.image_location(body)
         caller = ex.caller
@@ -104,7 +106,7 @@ class AnthropicSurface:
             except ClientGone:
                 raise  # the client left: nobody to tell, and no failed generation
             except Exception as exc:
-                named = schema_field(exc, request, tools="tools", fmt=None)  # a tool schema the neuron refused
+                named = schema_field(exc, request, tools="tools", fmt=api.FORMAT_PARAM)  # a tool schema the neuron refused
                 if not out.started:
                     if named is exc:
                         raise
@@ -122,7 +124,7 @@ class AnthropicSurface:
                         parts.append(chunk.text)
                         calls.extend(chunk.tool_calls or ())
             except Exception as exc:
-                named = schema_field(exc, request, tools="tools", fmt=None)
+                named = schema_field(exc, request, tools="tools", fmt=api.FORMAT_PARAM)
                 if named is exc:
                     raise
                 raise named from None

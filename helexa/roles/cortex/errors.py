@@ -32,6 +32,7 @@ event once streaming); ``PeerFailed`` → as the same failure on a local neuron.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -230,6 +231,27 @@ class ColdLoadFailed(NoCapacity):
         if request_id:
             text += f" (request {request_id})"
         return NoCapacity(text, retry_after=self.retry_after, code=self.code)
+
+
+def as_asked(exc: BaseException, asked: str, served: str) -> BaseException | None:
+    """What a portal's client must see instead of ``exc`` when it names the catalogue model
+    ``served`` behind the portal's alias ``asked`` (None: ``exc`` as it is). A portal never
+    reveals the model behind an alias: not in a 404, nor in a failed load's message."""
+    if asked == served:
+        return None
+    if isinstance(exc, ModelNotFound):
+        return ModelNotFound(asked)
+    if isinstance(exc, ColdLoadFailed):  # its message is the operator's; the client's names exc.model
+        if exc.model is None:
+            return None
+        return ColdLoadFailed(exc.message, retry_after=exc.retry_after, code=exc.code, model=asked)
+    if isinstance(exc, GatewayError) and repr(served) in exc.message:
+        # "no usable neuron for model 'chat' right now", "the queue for model 'chat' is full"...
+        public = copy.copy(exc)
+        public.message = exc.message.replace(repr(served), repr(asked))
+        public.args = (public.message,)
+        return public
+    return None
 
 
 class UpstreamError(GatewayError):

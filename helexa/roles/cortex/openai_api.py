@@ -341,9 +341,12 @@ def to_embed_request(body: EmbeddingRequest, request_id: str) -> EmbedRequest:
 # --- responses ---------------------------------------------------------------------------
 
 
-def usage_body(usage: Usage) -> dict[str, int]:
+def usage_body(usage: Usage) -> dict[str, Any]:
+    """OpenAI's usage for the billed usage: ``prompt_tokens_details.cached_tokens`` is the
+    part of the prompt the engine reused from its cache (what the ledger's ``cached_tokens``
+    records), as OpenAI reports it."""
     return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.total_tokens}
+            "total_tokens": usage.total_tokens, "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
 
 
 def merge_tool_calls(parts: list[Any]) -> list[dict[str, Any]]:

@@ -369,9 +369,14 @@ class ChatCompletionRequest(GenerateBody):
     response_format: ResponseFormat | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    functions: Any = None  # OpenAI's deprecated names for tools and tool_choice: refused, not ignored
+    function_call: Any = None
 
     @model_validator(mode="after")
     def _consistent(self) -> "ChatCompletionRequest":
+        for legacy, now in (("functions", "tools"), ("function_call", "tool_choice")):
+            if getattr(self, legacy) is not None:  # ignored, a forced call came back as text
+                raise FieldError(f"{legacy} is not supported (OpenAI deprecated it): send {now} instead", legacy)
         if self.top_logprobs is not None and not self.logprobs:
             raise FieldError("top_logprobs needs logprobs: true", "top_logprobs")
         if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:

@@ -7,6 +7,8 @@
 * an image for a model that cannot see, naming the models here that can;
 * a generation for a model that only embeds, and (:meth:`RequestLimits.check_workload`)
   an embeddings request for a model that does not embed (``param: model``);
+* tools with structured output for a ``llama_cpp`` model whose template has no tool syntax
+  (``param: response_format``, ``unsupported``): its tools are a JSON grammar already;
 * ``max_tokens`` over the model's ``max_output`` (a request without ``max_tokens`` gets
   ``max_output``, when the catalogue sets one);
 * a ``logit_bias`` key that is no token of the model's vocabulary (where the edge reads it);
@@ -21,6 +23,8 @@ neuron need not count again: the exact count, or, for a prompt whose UTF-8 bytes
 fit (the bytes bound the tokens of the vocabularies counted exactly; most prompts), that
 bound, with no tokenizing at all. A lower bound, or no count (:mod:`.token_counter` says
 which models get one), leaves the exact check to the neuron.
+
+Refusals name the model as the client named it (a portal's alias), never the model behind it.
 
 Models outside the catalogue (loaded by hand, or a peer's) have no declared features here:
 their neurons refuse what they cannot do, with the same 400.
@@ -109,7 +113,7 @@ class RequestLimits:
             raise BadRequest(f"model {name!r} only does embeddings (an embeddings request, not a generation)",
                              param="model", code="unsupported")
 
-    async def _check_token_ids(self, model_id: str, bias: dict[str, object]) -> None:
+    async def _check_token_ids(self, model_id: str, bias: dict[str, object], name: str) -> None:
         """Refuse a ``logit_bias`` key that is no token of the model's vocabulary, where this
         cortex reads the vocabulary (:mod:`.token_counter`; elsewhere the keys are only
         checked to be token ids, :func:`.openai_requests.logit_biases`)."""
@@ -119,20 +123,35 @@ class RequestLimits:
         size = tokenizer.vocab_size
         for key in bias:
             if not key.isdigit() or int(key) >= size:
-                raise BadRequest(f"Invalid key in 'logit_bias': {key[:40]!r} is not a token of model {model_id!r}, "
+                raise BadRequest(f"Invalid key in 'logit_bias': {key[:40]!r} is not a token of model {name!r}, "
                                  f"whose vocabulary holds token ids 0 to {size - 1}", param="logit_bias")
 
-    async def check(self, request: GenerateRequest, *, image: str | None = None) -> GenerateRequest:
+    async def _check_grammar_tools(self, model_id: str, name: str) -> None:
+        """Refuse tools with structured output for a ``llama_cpp`` model whose template has no
+        tool syntax (read from its GGUF here): its tools are a JSON grammar of their own
+        (:mod:`helexa.runtime.tool_grammar`), which the backend cannot combine with another.
+        Where the GGUF cannot be read here, the neuron refuses it with the same 400."""
+        tokenizer = await self.counter.tokenizer(model_id)
+        if tokenizer is not None and not tokenizer.renders_tool_calls:
+            raise BadRequest(f"model {name!r} takes tools through a JSON grammar, so tools cannot be combined with "
+                             "structured output (a JSON object or schema) in one request", param="response_format",
+                             code="unsupported")
+
+    async def check(self, request: GenerateRequest, *, image: str | None = None,
+                    named: str | None = None) -> GenerateRequest:
         """Refuse what ``request``'s model cannot take (raises :class:`BadRequest`); return
         the request, with ``prompt_tokens`` when counted exactly.
 
         Args:
             image: where the request's first image part is (``messages[0].content[1]``), if any.
+            named: the model as the client named it (a portal's alias), which the refusals
+                name; default ``request.model_id``. The model behind an alias is never named.
         """
         entry = self._catalogue.get(request.model_id)
-        self.check_workload(request.model_id, embedding=False)
+        name = named or request.model_id
+        self.check_workload(request.model_id, embedding=False, named=name)
         if image is not None:
-            self.check_image(request.model_id, image)
+            self.check_image(request.model_id, image, named=name)
         if entry is not None:
             tools, json_out, logprobs = request.wants_tools, request.wants_json, request.sampling.logprobs
             if tools or json_out or logprobs:  # (most requests want none: no feature set, no walk)
@@ -140,18 +159,20 @@ class RequestLimits:
                 for feature, on in ((Feature.TOOLS, tools), (Feature.STRUCTURED_OUTPUT, json_out),
                                     (Feature.LOGPROBS, logprobs)):
                     if on and feature not in features:
-                        raise BadRequest(f"model {request.model_id!r} cannot do {_FEATURE_FIELDS[feature]} "
+                        raise BadRequest(f"model {name!r} cannot do {_FEATURE_FIELDS[feature]} "
                                          f"(its backend {entry.backend!r} has no {feature.value.replace('_', ' ')})",
                                          param=_FEATURE_FIELDS[feature], code="unsupported")
+                if tools and json_out and entry.backend == "llama_cpp":
+                    await self._check_grammar_tools(request.model_id, name)
             max_tokens = request.sampling.max_tokens
             if entry.max_output and max_tokens and max_tokens > entry.max_output:
-                raise BadRequest(f"max_tokens {max_tokens} is over model {entry.id!r}'s limit of {entry.max_output}",
+                raise BadRequest(f"max_tokens {max_tokens} is over model {name!r}'s limit of {entry.max_output}",
                                  param="max_tokens")
             if entry.max_output and max_tokens is None:
                 request = replace(request, sampling=replace(request.sampling, max_tokens=entry.max_output))
         bias = request.extra.get("logit_bias")
         if isinstance(bias, dict) and bias:
-            await self._check_token_ids(request.model_id, bias)
+            await self._check_token_ids(request.model_id, bias, name)
         limit = self._context(request.model_id, entry)
         if limit is None:
             return request
@@ -159,7 +180,7 @@ class RequestLimits:
         max_tokens = request.sampling.max_tokens
         if max_tokens and max_tokens >= limit:
             raise BadRequest(
-                f"max_tokens {max_tokens} leaves no room for the prompt in model {request.model_id!r}'s context "
+                f"max_tokens {max_tokens} leaves no room for the prompt in model {name!r}'s context "
                 f"of {limit} tokens", param="max_tokens", code="context_length_exceeded")
         # Most prompts are far shorter than the context: their bytes already bound their
         # tokens under it, and tokenizing them (a cold tokenizer took ~0.3 ms of a

@@ -181,7 +181,14 @@ class ResponsesSurface:
             stored = await self._stored(caller, response_id)
             await ex.out.json(item_page(stored.input_items, ex.query()))
         elif not rest:
-            await ex.out.json((await self._stored(caller, response_id)).body)
+            stored = await self._stored(caller, response_id)
+            if ex.query().get("stream", "false") != "false":
+                # OpenAI streams only a background response's events, and helexa runs none: the
+                # SDK's retrieve(stream=True) read this JSON as an empty stream, silently.
+                raise BadRequest("Streaming a stored response is only for responses created with background=true, "
+                                 "and this server does not run background responses: retrieve it without stream.",
+                                 param="stream", code="unsupported")
+            await ex.out.json(stored.body)
         else:
             raise NotFound(f"no route /v1/responses/{ex.path_rest}")
 

@@ -204,7 +204,12 @@ class RemoteGeneration:
             if isinstance(msg, GenerateResult):
                 self.finished = True
                 self.tokens_seen += result_tokens(msg)
-                return bounded_result(msg, self._request, self.tokens_seen)
+                result = bounded_result(msg, self._request, self.tokens_seen)
+                if self._request.wants_tools:
+                    # A tool grammar's JSON cut short shows nothing, its tokens held to max_tokens
+                    # alone (peer_usage.bounded_usage): what is billed is what the receipt may bill.
+                    self.tokens_seen = max(self.tokens_seen, result.usage.completion_tokens)
+                return result
         except InvalidAnswer as exc:
             await self._invalid(str(exc))
         self.finished = True

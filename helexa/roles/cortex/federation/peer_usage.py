@@ -80,12 +80,18 @@ def bounded_usage(usage: Usage, request: GenerateRequest, seen: int) -> Usage:
     :func:`chunk_tokens`, :func:`result_tokens`), held to the asker's bounds: completion
     tokens at most ``max_tokens`` and plausible for ``seen`` (else ``seen``), prompt tokens
     at most twice the prompt's size bound (else that bound; no bound for a prompt with
-    images or other media)."""
+    images or other media).
+
+    A request that offers tools with a ``max_tokens`` is held to ``max_tokens`` alone: on a
+    model without tool syntax the answer is JSON that a grammar forces and that is shown
+    only once it is a whole call (:mod:`helexa.runtime.tool_grammar`), so a call cut short
+    sends nothing while every one of its tokens was generated (they were billed as 0)."""
     _check(usage)
     completion = usage.completion_tokens
-    if not plausible_completion(completion, seen):
-        completion = seen
     max_tokens = request.sampling.max_tokens
+    hidden = request.wants_tools and max_tokens is not None
+    if not hidden and not plausible_completion(completion, seen):
+        completion = seen
     if max_tokens is not None:
         completion = min(completion, max_tokens)
     prompt = usage.prompt_tokens

@@ -16,7 +16,7 @@ import trio
 
 from helexa.protocol import GenerateRequest, GenerateResult, TokenChunk
 
-from ..errors import ModelNotFound, UpstreamError
+from ..errors import UpstreamError, as_asked
 from .quota import Account, Refusal, admit, beyond
 from .routing import ASK_POLICY
 
@@ -89,7 +89,7 @@ class MeteredRun:
         if m.limits is not None:
             # Checked as the model behind the portal's name, answered under the name asked.
             checked = await m.limits.check(request if served == asked else dataclasses.replace(request, model_id=served),
-                                           image=self._image)
+                                           image=self._image, named=asked)
             request = checked if served == asked else dataclasses.replace(checked, model_id=asked)
         now = m.clock()
         accounts = self._accounts = m.accounts(caller, now)
@@ -191,8 +191,8 @@ class MeteredRun:
         try:
             await m._record(m._book_generation(self._caller, plan, self._accounts, self._run, self._endpoint,
                                                self._started, self._t0, exc, self._group))
-            if isinstance(exc, ModelNotFound) and plan.forward.model_id != plan.asked:
-                raise ModelNotFound(plan.asked) from None  # never name the model behind an alias
+            if (public := as_asked(exc, plan.asked, plan.forward.model_id)) is not None:
+                raise public from None  # never name the model behind an alias
         finally:
             self._reset()
 

@@ -44,7 +44,7 @@ import trio
 from helexa.protocol import EmbedRequest, EmbedResult, GenerateRequest, Usage
 
 from ..errors import (BadRequest, ClientGone, GatewayError, InsufficientQuota, ModelNotFound, RateLimited,
-                      UpstreamError, to_gateway_error)
+                      UpstreamError, as_asked, to_gateway_error)
 from ..metrics import Metrics
 from ..prompt_size import prompt_bytes, prompt_upper_bound
 from .accounts import AccountBook
@@ -291,8 +291,8 @@ class Metering(AccountBook):
         except BaseException as exc:
             await self._record(self._book(caller, plan, accounts, "embeddings", started, t0, prompt=0, completion=0,
                                           cached=0, error=exc))
-            if isinstance(exc, ModelNotFound) and plan.forward.model_id != plan.asked:
-                raise ModelNotFound(plan.asked) from None
+            if (public := as_asked(exc, plan.asked, plan.forward.model_id)) is not None:
+                raise public from None  # never name the model behind an alias
             raise
         finally:
             if token is not None:
@@ -318,8 +318,10 @@ class Metering(AccountBook):
         try:
             await self.orchestrator.preload(dataclasses.replace(request, model_id=served), on_wait=on_wait,
                                             allow_peers=portal.allow_peers, tenant=portal.tenant(caller.key))
-        except ModelNotFound:
-            raise ModelNotFound(asked) from None  # never name the model behind an alias
+        except GatewayError as exc:
+            if (public := as_asked(exc, asked, served)) is not None:
+                raise public from None  # never name the model behind an alias
+            raise
         finally:
             if token is not None:
                 ASK_POLICY.reset(token)
