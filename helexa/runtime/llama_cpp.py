@@ -111,12 +111,11 @@ log = logging.getLogger(__name__)
 PROBE_TIMEOUT_S = 10.0
 """Deadline of a call to the loaded server's own HTTP API (props, template, tokenize)."""
 CANCEL_GRACE_S = 30.0
-# How long an unload waits for llama.cpp's destructor to join its loop thread. Rarely (seen
-# twice in CI runs, not reproduced on demand) that join never returns; past this the thread
-# is abandoned with a warning, its memory held until the process exits (a worker process
-# exits on unload), so an unload can never hang its caller.
-UNLOAD_JOIN_S = 30.0
 """How long ``aclose`` waits for llama.cpp to hand a cancelled request's thread back."""
+UNLOAD_JOIN_S = 30.0
+"""How long an unload waits for llama.cpp's destructor to join its loop thread. Rarely (twice
+in CI, never on demand) that join never returns: the thread is then abandoned with a warning,
+its memory held until the process exits (a worker exits on unload); an unload never hangs."""
 
 
 class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference):
@@ -358,8 +357,7 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
                 request = replace(request, tools=(), tool_choice=None)
             return self._control.chat_body(openai_shapes.request_body(request, dialect="llama.cpp")), False
         if request.wants_json:
-            # (the cortex refuses it at the edge where it reads the GGUF; the model is not named:
-            # a portal may serve it under another name)
+            # (refused at the edge too; unnamed: a portal may serve it under another name)
             raise InvalidRequest("this model takes tools through a JSON grammar, so tools cannot be combined with "
                                  "structured output (a JSON object or schema) in one request")
         body = openai_shapes.request_body(tool_grammar.plain_request(request), dialect="llama.cpp")

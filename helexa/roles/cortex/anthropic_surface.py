@@ -106,7 +106,8 @@ class AnthropicSurface:
             except ClientGone:
                 raise  # the client left: nobody to tell, and no failed generation
             except Exception as exc:
-                named = schema_field(exc, request, tools="tools", fmt=api.FORMAT_PARAM)  # a tool schema the neuron refused
+                # a tool schema the neuron refused
+                named = schema_field(exc, request, tools="tools", fmt=api.FORMAT_PARAM)
                 if not out.started:
                     if named is exc:
                         raise
