@@ -44,7 +44,7 @@ from .metrics import Metrics, OrchestratorMetrics
 from .prefix import PrefixIndex, Prompt, answered_blocks
 from .provisioner import Provisioner
 from .queue import rank
-from .routing_log import RoutingLog
+from .routing_log import RoutingLog, shown
 from .scheduler import (Hints, LiveLoad, RoutingDecision, SchedulerState, classify, prompt_size, schedule, slots_for,
                         snapshot)
 
@@ -327,7 +327,7 @@ class Orchestrator:
         self.routing_log.record(d, node_id, time.time())
         if log.isEnabledFor(logging.DEBUG):
             waited = f" waited={d.waited:.3f}s" if d.waited is not None else ""
-            log.debug("route %s mode=%s to=%s cache=%s %d/%d%s evicted=%s: %s", d.model_id, d.mode, node_id,
+            log.debug("route %s mode=%s to=%s cache=%s %d/%d%s evicted=%s: %s", shown(d.model_id), d.mode, node_id,
                       d.cache, d.matched, d.blocks, waited, list(d.evictions), d.reason)
 
     # --- running --------------------------------------------------------------------------

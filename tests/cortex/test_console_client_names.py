@@ -1,0 +1,58 @@
+"""Model names a client makes up never reach the console whole: each request below asks,
+over real sockets, for a model nothing serves (a key pasted into ``model``, a megabyte of
+text, many distinct names), on the open portal and a keyed one; the console's Models page
+(its routing decisions) and Traffic page then hold no secret, stay small, and still count
+the real model asked afterwards (the Traffic page keeps a bounded number of series: made-up
+names used to fill it, and the real traffic went uncounted)."""
+
+from __future__ import annotations
+
+import httpx
+import trio
+
+from helexa.roles.cortex.fleet import Fleet
+from helexa.roles.cortex.portal.store import SqliteStore
+from neuron_double import NeuronDouble
+from portals import acme, bearer, new_key, portals
+from serving import ADMIN_TOKEN
+
+
+def chat(model: str) -> dict:
+    return {"model": model, "max_tokens": 4, "messages": [{"role": "user", "content": "x"}]}
+
+
+async def console_page(http: httpx.AsyncClient, base: str, path: str) -> str:
+    login = await http.post(base + "/console/login", data={"token": ADMIN_TOKEN})
+    assert login.status_code == 303
+    cookie = login.headers["set-cookie"].split(";")[0]  # Secure: httpx keeps it for https only
+    page = await http.get(base + path, headers={"cookie": cookie})
+    assert page.status_code == 200, page.text[:300]
+    return page.text
+
+
+async def test_made_up_model_names_leave_the_console_small_secret_free_and_counting() -> None:
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("chat", "embed"))
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme")
+    async with portals(fleet, {"acme": acme()}, store=store) as (gateway, urls):
+        gateway.web.traffic.max_series = 8
+        with trio.fail_after(60):
+            await gateway.web._built.wait()
+        names = [key, ADMIN_TOKEN, "m" * 1_000_000, *(f"made-up-{i}" for i in range(12))]
+        async with httpx.AsyncClient(timeout=60) as http:
+            for name in names:
+                for base, headers in ((urls["default"], {}), (urls["acme"], bearer(key))):
+                    r = await http.post(base + "/v1/chat/completions", json=chat(name), headers=headers)
+                    assert r.status_code == 404, r.text[:200]
+            assert (await http.post(urls["default"] + "/v1/chat/completions", json=chat("chat"))).status_code == 200
+            models = await console_page(http, urls["default"], "/console/models")
+            traffic = await console_page(http, urls["default"], "/console/traffic")
+    for page in (models, traffic):
+        assert len(page) < 300_000
+        assert key not in page and key[-43:] not in page and ADMIN_TOKEN not in page
+        assert "m" * 100 not in page
+    assert "made-up-11" in models  # the operator still sees what was asked for, cut and masked
+    assert "sk-hlx-***" in models
+    assert "made-up-" not in traffic  # counted together, as in /metrics
+    assert "&#34;model&#34;: &#34;chat&#34;" in traffic  # the real model's request was counted
