@@ -259,7 +259,7 @@ class Orchestrator:
                                    priority=tenant.priority)
             if telemetry.enabled():
                 with telemetry.tracer().start_as_current_span("orchestrator.decide", attributes={
-                        "helexa.model": model_id, "helexa.decision": decision.mode,
+                        "helexa.model": telemetry.text(model_id), "helexa.decision": decision.mode,
                         "helexa.targets": list(decision.targets), "helexa.excluded": sorted(exclude)}):
                     pass
             match decision.mode:
