@@ -52,6 +52,20 @@ def check(path: Path | str | None, what: str) -> None:
         )
 
 
+def private_file(path: Path | str) -> None:
+    """Make ``path`` empty and mode 0600 if it does not exist yet (its folder 0700 if new),
+    before SQLite opens it: SQLite creates a database at the process's umask (0644: every
+    local account could read it) and its ``-wal`` and ``-shm`` files with the database's
+    mode. The usage store holds every tenant's stored answers and its keys' digests. A file
+    that exists is left as its operator made it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+
+
 def write(path: Path, text: str) -> None:
     """Write a secret atomically, mode 0600 from its first byte (its folder 0700 if new),
     durable when this returns (the file and its folder synced)."""
