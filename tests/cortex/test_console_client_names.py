@@ -1,4 +1,6 @@
-"""Model names a client makes up never reach the console whole: each request below asks,
+"""Names a client makes up (a model's, an unknown field's) are never kept whole by the cortex.
+
+Model names never reach the console whole: each request below asks,
 over real sockets, for a model nothing serves (a key pasted into ``model``, a megabyte of
 text, many distinct names), on the open portal and a keyed one; the console's Models page
 (its routing decisions) and Traffic page then hold no secret, stay small, and still count
@@ -56,3 +58,22 @@ async def test_made_up_model_names_leave_the_console_small_secret_free_and_count
     assert "sk-hlx-***" in models
     assert "made-up-" not in traffic  # counted together, as in /metrics
     assert "&#34;model&#34;: &#34;chat&#34;" in traffic  # the real model's request was counted
+
+
+async def test_unknown_field_names_a_client_makes_up_are_never_kept_whole(monkeypatch, caplog) -> None:
+    """The gateway logs each unknown request field once, and remembers which it logged: a
+    megabyte of made-up name per request (up to 200 names) was kept whole, for good."""
+    from helexa.roles.cortex import openai_api
+
+    monkeypatch.setattr(openai_api, "_logged_unknown", set())
+    caplog.set_level("INFO", logger="helexa.roles.cortex.openai_api")
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("chat",))
+    async with portals(fleet, {}) as (_, urls):
+        async with httpx.AsyncClient(base_url=urls["default"], timeout=60) as http:
+            for i in range(5):
+                body = {**chat("chat"), f"{i}" + "x" * 1_000_000: 1}
+                assert (await http.post("/v1/chat/completions", json=body)).status_code == 200
+    assert len(openai_api._logged_unknown) == 5
+    assert sum(map(len, openai_api._logged_unknown)) <= 5 * 64
+    assert all(len(r.getMessage()) < 200 for r in caplog.records)
