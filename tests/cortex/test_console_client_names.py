@@ -77,3 +77,31 @@ async def test_unknown_field_names_a_client_makes_up_are_never_kept_whole(monkey
     assert len(openai_api._logged_unknown) == 5
     assert sum(map(len, openai_api._logged_unknown)) <= 5 * 64
     assert all(len(r.getMessage()) < 200 for r in caplog.records)
+
+
+async def test_the_cortex_keeps_nothing_of_a_made_up_model_name() -> None:
+    """Every request used to leave its made-up model name (3 copies, for good) in the
+    orchestrator's demand and slot tables and the edge's tokenizer cache: a client sending a
+    new megabyte name per request grew the cortex without bound (+8.6 MB a request)."""
+    import gc
+    import tracemalloc
+
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("chat",))
+    async with portals(fleet, {}) as (gateway, urls):
+        with trio.fail_after(60):
+            await gateway.web._built.wait()  # the pages' imports are not this test's
+        async with httpx.AsyncClient(base_url=urls["default"], timeout=60) as http:
+            assert (await http.post("/v1/chat/completions", json=chat("warm-up"))).status_code == 404
+            gc.collect()
+            tracemalloc.start()
+            try:
+                before = tracemalloc.get_traced_memory()[0]
+                for i in range(20):
+                    status = (await http.post("/v1/chat/completions", json=chat(f"{i}" + "m" * 1_000_000))).status_code
+                    assert status == 404
+                gc.collect()
+                kept = tracemalloc.get_traced_memory()[0] - before
+            finally:
+                tracemalloc.stop()
+    assert kept < 5_000_000, kept  # twenty names of a megabyte each: none of them kept
