@@ -331,10 +331,11 @@ class Orchestrator:
         # series (a client could grow /metrics without bound), so they all count as "-".
         model = d.model_id if d.mode != "none" or d.model_id in self.catalogue else "-"
         self.om.decided(model, d.mode, d.cache, matched=d.matched, total=d.blocks)
-        self.routing_log.record(d, node_id, time.time())
+        self.routing_log.record(d, node_id, time.time(), known=model != "-")
         if log.isEnabledFor(logging.DEBUG):
             waited = f" waited={d.waited:.3f}s" if d.waited is not None else ""
-            log.debug("route %s mode=%s to=%s cache=%s %d/%d%s evicted=%s: %s", shown(d.model_id), d.mode, node_id,
+            log.debug("route %s mode=%s to=%s cache=%s %d/%d%s evicted=%s: %s",
+                      d.model_id if model != "-" else shown(d.model_id), d.mode, node_id,
                       d.cache, d.matched, d.blocks, waited, list(d.evictions), d.reason)
 
     # --- running --------------------------------------------------------------------------

@@ -39,11 +39,12 @@ class RoutingLog:
     def __init__(self, capacity: int = CAPACITY) -> None:
         self._ring: deque[tuple[float, str | None, RoutingDecision]] = deque(maxlen=capacity)
 
-    def record(self, decision: RoutingDecision, node_id: str | None, at: float) -> None:
+    def record(self, decision: RoutingDecision, node_id: str | None, at: float, *, known: bool = True) -> None:
         """``decision`` was taken at ``at`` (Unix time) and sent the request to ``node_id``
-        (None: nowhere, it failed). The model's name is kept as :func:`shown`, so a ring of
-        names a client chose holds neither its secrets nor megabytes."""
-        if (name := shown(decision.model_id)) != decision.model_id:
+        (None: nowhere, it failed). ``known``: the model is the operator's (in the
+        catalogue); any other name is the client's to choose and is kept as :func:`shown`,
+        so a ring of them holds neither its secrets nor megabytes."""
+        if not known and (name := shown(decision.model_id)) != decision.model_id:
             decision = replace(decision, model_id=name)
         self._ring.append((at, node_id, decision))
 
