@@ -11,6 +11,10 @@ learns them (the gateway: request id and portal; the dispatcher: model and neuro
 neuron: request id and model). They live in a ``contextvars`` variable, so in trio they
 follow the task that bound them and its children, never another request.
 
+A record's message is one line: a line break in it (a client's path or model name at DEBUG,
+an exception's text) is written as ``\\n``, so no client can forge a line of its own (a
+traceback still follows on its own lines).
+
 Secrets never reach a log: every record's text passes through :func:`redact`, which masks
 API keys (``sk-hlx-...``), join tokens (``hlx1....``), admin tokens (``hlx-admin-...``) and
 ``Bearer`` credentials, however they got into a message or an exception (a token a client
@@ -91,6 +95,8 @@ class _ContextFilter(logging.Filter):
             pass
         message = record.getMessage()
         clean = redact(message)
+        if "\n" in clean or "\r" in clean:  # a path or a name a client chose could forge lines of its own
+            clean = clean.replace("\r", "\\r").replace("\n", "\\n")
         if clean != message or record.args:
             record.msg, record.args = clean, None
         return True

@@ -9,6 +9,7 @@ key, helexa refuses to start on one and says which file and the fix, in one line
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import stat
 from collections.abc import Callable
@@ -18,6 +19,19 @@ from helexa.config import ConfigError
 
 LOOSE = 0o077
 """Any permission bit for the group or others."""
+
+
+_SECRET_ENV = re.compile(r"HELEXA_\w*(TOKEN|KEY|SECRET|PASSWORD)")
+"""The variables by which helexa takes a secret itself (``HELEXA_JOIN_TOKEN``,
+``HELEXA_ADMIN_TOKEN``, ``HELEXA_API_KEY``, ``HELEXA_SOURCES__HF_TOKEN``...); a path to
+one (``..._FILE``) is not a secret."""
+
+
+def child_env() -> dict[str, str]:
+    """This process's environment for a process it starts (a model's worker, a supervised
+    server), without the secrets helexa took from it: a model's code, or a third party's
+    server, has no use for the operator's join or admin token, and may log its environment."""
+    return {name: value for name, value in os.environ.items() if not _SECRET_ENV.fullmatch(name)}
 
 
 def check(path: Path | str | None, what: str) -> None:
@@ -36,6 +50,20 @@ def check(path: Path | str | None, what: str) -> None:
         raise ConfigError(
             f"{what} {path} is open to other users (mode {mode:04o}); refusing to start: run 'chmod 600 {path}'"
         )
+
+
+def private_file(path: Path | str) -> None:
+    """Make ``path`` empty and mode 0600 if it does not exist yet (its folder 0700 if new),
+    before SQLite opens it: SQLite creates a database at the process's umask (0644: every
+    local account could read it) and its ``-wal`` and ``-shm`` files with the database's
+    mode. The usage store holds every tenant's stored answers and its keys' digests. A file
+    that exists is left as its operator made it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
 
 
 def write(path: Path, text: str) -> None:

@@ -55,6 +55,20 @@ class TelemetryConfig(BaseModel):
     """Fraction of new traces recorded (a trace begun upstream follows its parent's choice)."""
 
 
+TEXT_LIMIT = 256
+"""Characters of a client's text a span keeps (:func:`text`)."""
+
+
+def text(value: str, limit: int = TEXT_LIMIT) -> str:
+    """A client's text (a path, a model name) as a span may carry it: keys and tokens masked
+    as in the logs (:func:`helexa.logs.redact`; a trace leaves the host, to a collector),
+    cut to ``limit`` characters."""
+    from helexa.logs import redact
+
+    clean = redact(value)
+    return clean if len(clean) <= limit else clean[:limit - 1] + "\u2026"
+
+
 def setup(config: TelemetryConfig, *, service: str) -> None:
     """Install this process's tracer provider as ``config`` says (nothing for ``none``)."""
     if config.exporter == "none":

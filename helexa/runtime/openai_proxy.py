@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import signal
 import subprocess
 from collections.abc import AsyncIterator
@@ -53,6 +52,7 @@ import numpy as np
 import orjson
 import trio
 
+from helexa import secret_files
 from helexa.protocol import (
     Feature,
     EmbedRequest,
@@ -216,7 +216,7 @@ class OpenAIProxyBackend(Backend, ChatInference, TextInference, EmbeddingInferen
         try:
             process = await trio.lowlevel.open_process(
                 command,
-                env={**os.environ, **self.config.env},
+                env={**secret_files.child_env(), **self.config.env},  # the catalogue's env still wins
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,

@@ -69,6 +69,10 @@ class Channel(abc.ABC):
             ProtocolError: the peer sent a malformed frame; the channel is now closed.
         """
 
+    def set_max_frame(self, max_frame: int) -> None:
+        """From now on accept frames of up to ``max_frame`` bytes (a server raises its
+        limit for a peer that proved who it is). A channel without a limit ignores it."""
+
     @abc.abstractmethod
     async def aclose(self, code: int = 1000, reason: str = "") -> None:
         """Close the channel; idempotent; never raises for an already broken link."""

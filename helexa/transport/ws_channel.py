@@ -116,6 +116,10 @@ class FrameChannel(Channel):
         self._gone = trio.Event()  # set with _closed
         self._close_code: int | None = None  # the peer's Close, once read
 
+    def set_max_frame(self, max_frame: int) -> None:
+        self._max_frame = max_frame
+        self._conn.max_message = max_frame + 64  # as the server sized it (ws_server.serve)
+
     # --- sending --------------------------------------------------------------------------
 
     async def send(self, msg: Any, *, timeout: float | None = None) -> None:

@@ -45,6 +45,7 @@ async def serve(
     *,
     ssl_context: ssl.SSLContext | None = None,
     max_frame: int = DEFAULT_MAX_FRAME,
+    first_max_frame: int | None = None,
     handshake_timeout: float = 10.0,
     pending: PendingHandshakes | None = None,
     backlog: int | None = None,
@@ -58,14 +59,17 @@ async def serve(
     ``Retry-After: 1`` on ``ws://``, only closed on ``wss://``, where TLS has not started)
     until the handler releases it (or the connection ends); the TLS handshake and the
     websocket upgrade must finish within ``handshake_timeout``. ``backlog`` is the listen
-    backlog (the kernel's ``somaxconn`` when None).
+    backlog (the kernel's ``somaxconn`` when None). ``first_max_frame``: the largest frame a
+    connection may send until the handler raises its limit to ``max_frame``
+    (:meth:`~.channel.Channel.set_max_frame`, once the peer proved who it is), so a peer
+    nobody knows yet cannot make the server hold ``max_frame`` bytes per connection.
     """
     listeners = await trio.open_tcp_listeners(port, host=host, backlog=backlog)
     bound = listeners[0].socket.getsockname()[1]
     # Accepted by hand (below): the listening sockets leave trio's listener objects.
     socks = [socket.socket(fileno=l.socket.detach()) for l in listeners]
     # The frame budget also bounds what a client may send in one message.
-    max_message = max_frame + 64
+    first = min(max_frame, first_max_frame or max_frame)
 
     async def connection(raw: socket.socket, remote: str) -> None:
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(raw))
@@ -73,7 +77,7 @@ async def serve(
         try:
             if ssl_context is not None:
                 wire = trio.SSLStream(stream, ssl_context, server_side=True, https_compatible=True)
-            conn = wsframes.ServerConnection(max_message)
+            conn = wsframes.ServerConnection(first + 64)
             upgraded = False
             with trio.move_on_after(handshake_timeout) as scope:
                 upgraded = await _upgrade(wire, conn, remote)
@@ -81,7 +85,7 @@ async def serve(
                 log.info("no websocket upgrade from %s within %gs", remote, handshake_timeout)
             if not upgraded:
                 return
-            channel = ServerChannel(wire, conn, max_frame=max_frame, remote=remote,
+            channel = ServerChannel(wire, conn, max_frame=first, remote=remote,
                                     raw=raw if ssl_context is None else None)
             try:
                 await handler(channel)

@@ -27,3 +27,15 @@ def test_the_ring_is_bounded_and_a_view_can_be_limited() -> None:
     assert [d["model"] for d in log.view()] == ["m4", "m3", "m2"]
     assert [d["model"] for d in log.view(limit=1)] == ["m4"]
     assert log.view()[0]["node"] is None
+
+
+def test_a_name_nothing_serves_is_kept_cut_and_masked_and_a_catalogue_name_whole() -> None:
+    log = RoutingLog()
+    catalogued = "hf.co/some-org/" + "a-long-model-name-" * 5
+    log.record(decision(catalogued), "n1", 1.0)
+    log.record(decision("sk-hlx-0123456789abcdef_" + "S" * 43, mode="none"), None, 2.0, known=False)
+    log.record(decision("m" * 1_000_000, mode="none"), None, 3.0, known=False)
+    long_name, key, whole = (d["model"] for d in log.view())
+    assert whole == catalogued  # the operator's own name, whole (the page matches rows by it)
+    assert key == "sk-hlx-***"
+    assert len(long_name) == 64 and long_name.endswith("\u2026")

@@ -10,7 +10,8 @@ connections between accept and join verdict, fewer while handshakes finish late 
 answered ``503`` and closed at once;
 a neuron redials on its own backoff with jitter, so a join storm spreads out); an address whose
 join proofs were refused ``failed_joins_burst`` times has its connections closed unheard
-(code 1013, "try again later") until its allowance drains back.
+(code 1013, "try again later") until its allowance drains back. Until its join is admitted a
+connection's frames are held to :data:`HANDSHAKE_MAX_FRAME` (1009 past it).
 
 Identity (:mod:`.neuron_keys`): the first join of a node id with an identity key binds the
 id to that key, before the welcome goes out; a join of the id with another key is refused
@@ -56,7 +57,11 @@ log = logging.getLogger(__name__)
 
 BINDING_UNSAVED = "the cortex cannot store this node id's identity key binding: retry later"
 """The reason of the close (1013, try again later) of a join whose binding the cortex could not write."""
-
+HANDSHAKE_MAX_FRAME = 1 << 20
+"""The largest frame a connection may send before its join is admitted (a neuron's join,
+with every model it holds, is a few KiB); ``max_frame_bytes`` applies from then on. Until
+then nobody knows who sent it: with ``max_pending_handshakes`` connections each sending
+``max_frame_bytes`` (16 MiB), a stranger could make the cortex hold gigabytes."""
 _FAILED_PROOF = frozenset({"unauthorized", "replayed_nonce", "bad_request"})
 """Refusals that count against an address: a wrong proof, a replay, a malformed join."""
 _OURS_TO_MEND = frozenset({"unavailable"})
@@ -114,6 +119,7 @@ class ControlServer:
             self.port,
             ssl_context=self._ssl,
             max_frame=self.settings.max_frame_bytes,
+            first_max_frame=HANDSHAKE_MAX_FRAME,
             handshake_timeout=self.settings.handshake_timeout,
             pending=self.pending,
             task_status=task_status,
@@ -206,6 +212,7 @@ class ControlServer:
                 return None
         join = session.verdict
         assert isinstance(join, Admitted)
+        channel.set_max_frame(self.settings.max_frame_bytes)  # it proved the join token
         # No checkpoint since the session looked the binding up: no other join came between.
         if join.public_key:
             key = f"identity key {fingerprint(join.public_key)}"

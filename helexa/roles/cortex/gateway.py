@@ -159,9 +159,10 @@ class PortalApp:
             for name, value in scope["headers"]:
                 if name == b"traceparent":
                     parent = telemetry.parent_context(value)
+            # Named by its route once one matches; the path is the client's: masked and cut.
             span = telemetry.tracer().start_span(
-                f"{scope['method']} {scope['path']}", context=parent, kind=SpanKind.SERVER,
-                attributes={"http.request.method": scope["method"], "url.path": scope["path"],
+                scope["method"], context=parent, kind=SpanKind.SERVER,
+                attributes={"http.request.method": scope["method"], "url.path": telemetry.text(scope["path"]),
                             "helexa.request_id": request_id, "helexa.portal": portal})
             with trace.use_span(span, end_on_exit=True):
                 await self._handle(scope, receive, send, request_id, traced=True)

@@ -70,8 +70,8 @@ _IGNORED = frozenset({"user", "store", "metadata", "service_tier", "modalities",
                       "stream_options", "web_search_options", "safety_identifier", "prompt_cache_key", "verbosity"})
 _logged_unknown: set[str] = set()
 MAX_LOGGED_UNKNOWN = 200
-"""Distinct unknown field names logged (once each); past that, a client inventing names
-cannot grow the set or the log."""
+"""Distinct unknown field names logged (once each, by their first 64 characters); past that,
+a client inventing names cannot grow the set or the log."""
 
 __all__ = ["ChatCompletionRequest", "CompletionRequest", "EmbeddingRequest", "parse", "to_generate_request",
            "to_embed_request", "Choices", "completion_body", "completion_response", "embedding_response"]
@@ -112,10 +112,11 @@ def parse(model: type[M], raw: bytes) -> M:
     if not body.__pydantic_extra__:  # (nearly every body: no unknown field, nothing to sort)
         return body
     for name in body.unknown_fields():
-        if (name not in PASSTHROUGH and name not in _IGNORED and name not in _logged_unknown
+        shown = name[:64]  # the name is the client's, up to the body's limit: never kept whole
+        if (name not in PASSTHROUGH and name not in _IGNORED and shown not in _logged_unknown
                 and len(_logged_unknown) < MAX_LOGGED_UNKNOWN):
-            _logged_unknown.add(name)
-            log.info("ignoring unknown request field %r (%s)", name[:64], model.__name__)
+            _logged_unknown.add(shown)
+            log.info("ignoring unknown request field %r (%s)", shown, model.__name__)
     return body
 
 

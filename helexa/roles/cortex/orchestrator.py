@@ -44,7 +44,7 @@ from .metrics import Metrics, OrchestratorMetrics
 from .prefix import PrefixIndex, Prompt, answered_blocks
 from .provisioner import Provisioner
 from .queue import rank
-from .routing_log import RoutingLog
+from .routing_log import RoutingLog, shown
 from .scheduler import (Hints, LiveLoad, RoutingDecision, SchedulerState, classify, prompt_size, schedule, slots_for,
                         snapshot)
 
@@ -196,8 +196,15 @@ class Orchestrator:
                 n = BACKEND_SLOTS[entry.backend]
             else:
                 n = self.config.default_slots
-            self._slots[model_id] = n
+            if entry is not None:  # a name nothing serves is the client's: never kept
+                self._slots[model_id] = n
         return n
+
+    def _arrived(self, model_id: str, now: float) -> None:
+        """Count demand for ``model_id``, a catalogue model: a name nothing serves is the
+        client's to choose, and each would stay in the demand table for good."""
+        if model_id in self.catalogue:
+            self.live.arrived(model_id, now)
 
     def _loading(self, model_id: str) -> tuple[str | None, float | None] | None:
         if not self.provisioner.loading(model_id):
@@ -259,7 +266,7 @@ class Orchestrator:
                                    priority=tenant.priority)
             if telemetry.enabled():
                 with telemetry.tracer().start_as_current_span("orchestrator.decide", attributes={
-                        "helexa.model": model_id, "helexa.decision": decision.mode,
+                        "helexa.model": telemetry.text(model_id), "helexa.decision": decision.mode,
                         "helexa.targets": list(decision.targets), "helexa.excluded": sorted(exclude)}):
                     pass
             match decision.mode:
@@ -324,10 +331,11 @@ class Orchestrator:
         # series (a client could grow /metrics without bound), so they all count as "-".
         model = d.model_id if d.mode != "none" or d.model_id in self.catalogue else "-"
         self.om.decided(model, d.mode, d.cache, matched=d.matched, total=d.blocks)
-        self.routing_log.record(d, node_id, time.time())
+        self.routing_log.record(d, node_id, time.time(), known=model != "-")
         if log.isEnabledFor(logging.DEBUG):
             waited = f" waited={d.waited:.3f}s" if d.waited is not None else ""
-            log.debug("route %s mode=%s to=%s cache=%s %d/%d%s evicted=%s: %s", d.model_id, d.mode, node_id,
+            log.debug("route %s mode=%s to=%s cache=%s %d/%d%s evicted=%s: %s",
+                      d.model_id if model != "-" else shown(d.model_id), d.mode, node_id,
                       d.cache, d.matched, d.blocks, waited, list(d.evictions), d.reason)
 
     # --- running --------------------------------------------------------------------------
@@ -360,7 +368,7 @@ class Orchestrator:
         """
         workload = classify(request.task, prompt_chars=prompt_size(request), max_tokens=request.sampling.max_tokens)
         arrived = trio.current_time()
-        self.live.arrived(request.model_id, arrived)
+        self._arrived(request.model_id, arrived)
         deadline = arrived + min(queue_timeout or self.config.queue_timeout, self.config.queue_timeout)
         prompt = Prompt(request, self.config.prefix_block_chars) if self._track else None
         if session is not None and request.cache_scope:  # one tenant's session id is not another's
@@ -384,7 +392,7 @@ class Orchestrator:
         (an empty prompt). Returns at once where it is loaded already, or a peer offers it."""
         workload = classify(request.task, prompt_chars=0, max_tokens=request.sampling.max_tokens)
         arrived = trio.current_time()
-        self.live.arrived(request.model_id, arrived)
+        self._arrived(request.model_id, arrived)
         model_id = request.model_id
         if any((st := link.models.get(model_id)) is not None and st.state is ModelState.LOADED
                for link in self.fleet.usable()):
@@ -399,7 +407,7 @@ class Orchestrator:
                     queue_timeout: float | None = None) -> EmbedResult:
         """Embed where :meth:`decide` says; raises as :meth:`generate` does."""
         arrived = trio.current_time()
-        self.live.arrived(request.model_id, arrived)
+        self._arrived(request.model_id, arrived)
         deadline = arrived + min(queue_timeout or self.config.queue_timeout, self.config.queue_timeout)
 
         failed = failures()

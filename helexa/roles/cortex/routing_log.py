@@ -10,7 +10,10 @@ admission queue, and the evictions its cold load caused. Pure: the clock is pass
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import replace
 from typing import Any
+
+from helexa.logs import redact
 
 from .scheduler import RoutingDecision
 
@@ -18,6 +21,16 @@ __all__ = ["RoutingLog"]
 
 CAPACITY = 200
 """Decisions kept (older ones are forgotten)."""
+MAX_NAME = 64
+"""Characters of a model name kept: a name nothing serves is the client's to choose (up to
+the body's limit), and the console shows it."""
+
+
+def shown(model_id: str) -> str:
+    """``model_id`` as the console may show it: a key or token pasted into it masked, cut
+    to :data:`MAX_NAME` characters."""
+    text = redact(model_id)
+    return text if len(text) <= MAX_NAME else text[:MAX_NAME - 1] + "\u2026"
 
 
 class RoutingLog:
@@ -26,9 +39,13 @@ class RoutingLog:
     def __init__(self, capacity: int = CAPACITY) -> None:
         self._ring: deque[tuple[float, str | None, RoutingDecision]] = deque(maxlen=capacity)
 
-    def record(self, decision: RoutingDecision, node_id: str | None, at: float) -> None:
+    def record(self, decision: RoutingDecision, node_id: str | None, at: float, *, known: bool = True) -> None:
         """``decision`` was taken at ``at`` (Unix time) and sent the request to ``node_id``
-        (None: nowhere, it failed)."""
+        (None: nowhere, it failed). ``known``: the model is the operator's (in the
+        catalogue); any other name is the client's to choose and is kept as :func:`shown`,
+        so a ring of them holds neither its secrets nor megabytes."""
+        if not known and (name := shown(decision.model_id)) != decision.model_id:
+            decision = replace(decision, model_id=name)
         self._ring.append((at, node_id, decision))
 
     def view(self, limit: int = 50) -> list[dict[str, Any]]:

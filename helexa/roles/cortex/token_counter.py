@@ -74,7 +74,9 @@ class TokenCounter:
             await loading.wait()
             return self._tokenizers.get(model_id)
         entry = self._catalogue.get(model_id)
-        path = gguf_path(entry) if entry is not None else None
+        if entry is None:  # a name nothing serves is the client's: never kept (one per request)
+            return None
+        path = gguf_path(entry)
         if path is None:
             self._tokenizers[model_id] = None
             return None

@@ -37,6 +37,7 @@ from typing import Any
 
 import trio
 
+from helexa import secret_files
 from helexa.protocol import (
     EmbedResult,
     GenerateResult,
@@ -193,7 +194,7 @@ class WorkerProcess:
         try:
             self._process = await trio.lowlevel.open_process(
                 argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
+                stderr=subprocess.STDOUT, env=secret_files.child_env(),
             )
         except OSError as exc:
             ours.close()

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import trio
 
+from helexa import secret_files
 from helexa.protocol import decode, encode
 from helexa.protocol.federation import Receipt
 
@@ -91,7 +92,7 @@ class Ledger:
     def __init__(self, path: Path | str) -> None:
         self.path = str(path)
         if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            secret_files.private_file(self.path)  # peers' usage and receipts: 0600, as the usage store
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")

@@ -377,11 +377,13 @@ class Metering(AccountBook):
             code = (error.code if isinstance(error, GatewayError) else to_gateway_error(error).code
                     ) if isinstance(error, Exception) else "cancelled"
             code = code or "error"
-        self.metrics.portal_request(portal.id, plan.asked if not isinstance(error, ModelNotFound) else "-", outcome,
-                                    prompt_tokens=prompt, completion_tokens=completion, cost=cost,
-                                    currency=plan.currency)
+        # A name nothing serves is the client's to choose: each would be a series of its own
+        # (in /metrics, on the console's Traffic page), so they all count as "-".
+        asked = plan.asked if not isinstance(error, ModelNotFound) else "-"
+        self.metrics.portal_request(portal.id, asked, outcome, prompt_tokens=prompt, completion_tokens=completion,
+                                    cost=cost, currency=plan.currency)
         if self.traffic is not None:
-            self.traffic.observe(portal.id, plan.asked, ok=outcome != "error", prompt_tokens=prompt,
+            self.traffic.observe(portal.id, asked, ok=outcome != "error", prompt_tokens=prompt,
                                  completion_tokens=completion, ttft=ttft, key_id=caller.key_id)
         if not plan.recorded:  # as at admission, whatever a reload did since
             return None

@@ -25,6 +25,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from helexa import secret_files
+
 from .keys import ApiKey
 from .quota import Limits
 from .usage import FIELDS, GROUPS, UsageRecord
@@ -130,7 +132,7 @@ class SqliteStore:
         self.path = str(path)
         memory = self.path == ":memory:"
         if not memory:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            secret_files.private_file(self.path)  # others' answers and the keys' digests: 0600
         self._w = self._connect()
         self._r = self._w if memory else self._connect()
         self._wlock = threading.Lock()

@@ -100,6 +100,18 @@ async def signin() -> Any:
     return await _render("portal_signin.html")
 
 
+@blueprint.post("/")
+@blueprint.post("")
+async def signin_without_script() -> Any:
+    """The sign-in form, sent by the browser itself: the page's script (which checks the key
+    and keeps it in the tab) was off or not loaded yet. The form is a POST so the key never
+    lands in the URL (the address bar, the history, a proxy's access log); it is neither
+    read nor kept here."""
+    return await _render("portal_signin.html", error="Signing in needs this page's script (JavaScript): turn "
+                         "it on, or wait for the page to finish loading, and sign in again. Your key was not "
+                         "kept."), 400
+
+
 @blueprint.get("/playground")
 async def playground() -> Any:
     return await _render("portal_playground.html")
