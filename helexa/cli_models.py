@@ -18,6 +18,11 @@ import click
 from helexa.admin_client import AdminClient
 from helexa.cli_portal import _admin_options, table
 
+UNLOAD_WAIT = 900.0
+"""Seconds ``helexa models unload`` waits for the cortex's answer (``--timeout`` if longer):
+the cortex answers once the model is off, after its running requests finished (within
+``drain_grace``, 60 s by default) and its worker stopped."""
+
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="the report as JSON")
@@ -178,7 +183,7 @@ def models_load(client: AdminClient, model: str, neuron: str | None, as_json: bo
 @_admin_options
 def models_unload(client: AdminClient, model: str, neuron: str | None, as_json: bool) -> None:
     """Unload a model (its requests in flight finish first)."""
-    done = client.request("POST", f"/admin/models/{model}/unload", json={"neuron": neuron})
+    done = client.request("POST", f"/admin/models/{model}/unload", json={"neuron": neuron}, wait=UNLOAD_WAIT)
     click.echo(json.dumps(done, indent=2) if as_json else f"{model}: unloaded from {', '.join(done['unloaded_from'])}")
 
 

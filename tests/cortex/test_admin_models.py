@@ -5,6 +5,7 @@ from a real neuron's download is in ``tests/e2e/test_models_cli_e2e.py``."""
 from __future__ import annotations
 
 import json
+import sys
 
 import httpx
 import trio
@@ -12,7 +13,16 @@ import trio
 from helexa.roles.cortex.catalogue import Catalogue, CatalogueEntry
 from helexa.roles.cortex.fleet import Fleet
 from neuron_double import NeuronDouble, hardware
-from serving import admin_headers, serving
+from serving import ADMIN_TOKEN, admin_headers, serving
+
+HELEXA = [sys.executable, "-m", "helexa.cli"]
+
+
+async def helexa_models(url: str, token_file, *args: str) -> tuple[int, str, str]:  # noqa: ANN001
+    """``helexa models ARGS`` in a process of its own: its exit code, stdout and stderr."""
+    done = await trio.run_process([*HELEXA, "models", *args, "--cortex", url, "--admin-token-file", str(token_file)],
+                                  capture_stdout=True, capture_stderr=True, check=False)
+    return done.returncode, done.stdout.decode(), done.stderr.decode()
 
 CATALOGUE = Catalogue([
     CatalogueEntry(id="chat", backend="synthetic", memory_mb=500),
@@ -91,3 +101,30 @@ async def test_a_pinned_model_is_loaded_there_kept_past_its_idle_ttl_and_reloade
         assert r.json()["changed"] is True
         await trio.sleep(11)
         assert n1.unloads() == ["chat2"]  # an ordinary model again: idle past its TTL
+
+
+async def test_models_unload_waits_for_the_running_request_to_finish_past_the_client_timeout(tmp_path) -> None:
+    """The unload is answered once the model's running requests have finished (the drain),
+    which may take far longer than the command's --timeout for a plain answer: the command
+    waits for it and reports the unload, not a timed-out "cannot reach the cortex"."""
+    fleet = Fleet()
+    n1 = NeuronDouble("n1", fleet, loaded=("chat",), tokens=80, token_delay=0.1)
+    token_file = tmp_path / "admin-token"
+    token_file.write_text(ADMIN_TOKEN)
+    async with serving(fleet, CATALOGUE) as (gateway, url), httpx.AsyncClient(base_url=url, timeout=30) as http:
+        streamed: list[str] = []
+
+        async def stream() -> None:
+            body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+            async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                streamed.extend([line async for line in r.aiter_lines() if line.startswith("data: ")])
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stream)
+            await trio.sleep(0.5)
+            started = trio.current_time()
+            code, out, err = await helexa_models(url, token_file, "unload", "chat", "--timeout", "1")
+            took = trio.current_time() - started
+        assert code == 0, err
+        assert out.strip() == "chat: unloaded from n1" and took > 1.0
+        assert streamed[-1] == "data: [DONE]" and n1.unloads() == ["chat"]
