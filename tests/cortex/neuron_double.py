@@ -82,6 +82,8 @@ class NeuronDouble:
         self.refuse_load = False
         self.load_error = "no"
         self.pull_bytes = 3000
+        self.load_progress = False
+        """Report a load's progress (a ``load`` stage of one step) as a real neuron does."""
         self.fail_before_start = False
         self.retryable_error = False
         self.commands: list[object] = []
@@ -111,8 +113,12 @@ class NeuronDouble:
                 self.configs[config.model_id] = config
             case LoadModel(model_id=mid):
                 self.models[mid] = ModelStatus(mid, ModelState.LOADING)
+                if self.load_progress and on_progress is not None:
+                    on_progress(LoadProgress(command.command_id, mid, "load", 0, 1, "steps"))
                 with trio.fail_after(timeout):
                     await trio.sleep(self.load_delay)
+                if self.load_progress and on_progress is not None:
+                    on_progress(LoadProgress(command.command_id, mid, "load", 1, 1, "steps"))
                 if self.refuse_load:
                     del self.models[mid]
                     return ProvisioningResponse(command.command_id, ok=False, error=self.load_error,

@@ -128,3 +128,29 @@ async def test_models_unload_waits_for_the_running_request_to_finish_past_the_cl
         assert code == 0, err
         assert out.strip() == "chat: unloaded from n1" and took > 1.0
         assert streamed[-1] == "data: [DONE]" and n1.unloads() == ["chat"]
+
+
+async def test_a_load_where_a_cold_load_would_go_names_that_neuron_and_a_refused_one_says_why() -> None:
+    """``load`` without a neuron: every progress event names the neuron the load went to
+    (not null, which left ``helexa models load``'s bar open past its "loaded on" line); a
+    second load of a model already loading is an error event with a code."""
+    fleet = Fleet()
+    n1 = NeuronDouble("n1", fleet, load_delay=0.5)
+    n1.load_progress = True
+    async with serving(fleet, CATALOGUE) as (gateway, url), httpx.AsyncClient(base_url=url) as http:
+        answers: list[list[dict]] = []
+
+        async def load() -> None:
+            r = await http.post("/admin/models/chat/load", json={}, headers=admin_headers())
+            answers.append(_events(r.text))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(load)
+            await trio.sleep(0.2)
+            nursery.start_soon(load)
+    refused, loaded = answers
+    assert refused == [{"event": "error", "neuron": None, "code": "already_loading",
+                        "message": "model 'chat' is already loading"}, {"event": "end", "ok": False}]
+    progress = [e for e in loaded if e["event"] == "progress"]
+    assert [(e["neuron"], e["done"]) for e in progress] == [("n1", 0), ("n1", 1)]
+    assert loaded[-2:] == [{"event": "done", "neuron": "n1"}, {"event": "end", "ok": True}]

@@ -46,16 +46,20 @@ class OperatorActions:
     # --- loads and unloads -----------------------------------------------------------------
 
     async def load_on(self, model_id: str, node_id: str | None = None,
-                      on_progress: Callable[[LoadProgress], None] | None = None) -> str:
+                      on_progress: Callable[[LoadProgress], None] | None = None, *,
+                      on_plan: Callable[[str], None] | None = None) -> str:
         """Load ``model_id`` on ``node_id`` (evicting there as a cold load would, draining
         first), or where a cold load would put it; returns the node id once loaded. Requests
-        for the model meanwhile wait for this load.
+        for the model meanwhile wait for this load. ``on_plan`` is told the node chosen,
+        before any progress.
 
         Raises:
             ModelNotFound: not in the catalogue. NotFound: no usable neuron ``node_id``.
             BadRequest: already loading, or it cannot fit there. ColdLoadFailed: the neuron failed.
         """
         entry, plan = self._plan(model_id, node_id)
+        if on_plan is not None:
+            on_plan(plan.node_id)
         return await self._prov.load_planned(entry, plan, on_progress)
 
     def begin_load_on(self, model_id: str, node_id: str) -> None:
@@ -151,14 +155,15 @@ class OperatorActions:
         if node_id is not None:
             views = [v for v in views if v.node_id == node_id]
             if not views:
-                raise NotFound(f"no usable neuron {node_id!r}", param="node")
+                raise NotFound(f"no usable neuron {node_id!r}", param="node", code="neuron_not_found")
         if prov.loading(model_id):
-            raise BadRequest(f"model {model_id!r} is already loading", param="model")
+            raise BadRequest(f"model {model_id!r} is already loading", param="model", code="already_loading")
         try:
             plan = place(entry, views, headroom=prov.settings.memory_headroom, policy=prov.policy,
                          now=trio.current_time())
         except NoPlacement as exc:
-            raise BadRequest(f"{exc}" + (f" (on {node_id})" if node_id else ""), param="node") from None
+            raise BadRequest(f"{exc}" + (f" (on {node_id})" if node_id else ""), param="node",
+                             code="no_feasible_neuron") from None
         return entry, plan
 
     def _check_holds(self, model_id: str, node_id: str) -> None:

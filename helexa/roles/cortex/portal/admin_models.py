@@ -54,6 +54,11 @@ def model_path_methods(rest: str) -> tuple[str, ...]:
     return ("GET", "POST") if model_id and action in MODEL_ACTIONS else ("GET",)
 
 
+_Work = Callable[[Callable[[LoadProgress], None], str | None, Callable[[str], None]], Awaitable[str]]
+"""A streamed action on one neuron (``None``: wherever it goes): ``(on_progress, node,
+placed)``, returning the node it was done on."""
+
+
 class _Target(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -157,8 +162,9 @@ class ModelsAdmin:
         elif action == "load":
             node = target.neuron
 
-            async def load(on_progress: Callable[[LoadProgress], None], _node: str | None) -> str:
-                return await self.provisioner.operator.load_on(model_id, node, on_progress)
+            async def load(on_progress: Callable[[LoadProgress], None], _node: str | None,
+                           placed: Callable[[str], None]) -> str:
+                return await self.provisioner.operator.load_on(model_id, node, on_progress, on_plan=placed)
 
             await self._stream(ex, [node], load)
         else:
@@ -169,30 +175,39 @@ class ModelsAdmin:
                 raise BadRequest(f"no usable neuron can hold model {model_id!r}", param="neuron",
                                  code="no_feasible_neuron")
 
-            async def pull(on_progress: Callable[[LoadProgress], None], node_id: str | None) -> str:
+            async def pull(on_progress: Callable[[LoadProgress], None], node_id: str | None,
+                           _placed: Callable[[str], None]) -> str:
                 assert node_id is not None
                 await self.provisioner.operator.pull_on(model_id, node_id, on_progress)
                 return node_id
 
             await self._stream(ex, nodes, pull)
 
-    async def _stream(self, ex: Exchange, nodes: list[str | None],
-                      work: Callable[[Callable[[LoadProgress], None], str | None], Awaitable[str]]) -> None:
-        """Run ``work`` for each node at once, streaming its progress and outcome as NDJSON."""
+    async def _stream(self, ex: Exchange, nodes: list[str | None], work: _Work) -> None:
+        """Run ``work`` for each node at once, streaming its progress and outcome as NDJSON.
+        ``work`` names the neuron it chose (a load where a cold load would go) through its
+        third argument, so the progress events that follow name it too."""
         send, receive = trio.open_memory_channel[dict[str, Any]](math.inf)
         ok = True
 
         async def one(node: str | None, send: trio.MemorySendChannel[dict[str, Any]]) -> None:
             nonlocal ok
+            current = node
+
+            def placed(node_id: str) -> None:
+                nonlocal current
+                current = node_id
+
             async with send:
                 def progress(event: LoadProgress) -> None:
-                    send.send_nowait({"event": "progress", "neuron": node, "stage": event.stage,
+                    send.send_nowait({"event": "progress", "neuron": current, "stage": event.stage,
                                       "done": event.done, "total": event.total, "unit": event.unit})
                 try:
-                    where = await work(progress, node)
+                    where = await work(progress, node, placed)
                 except GatewayError as exc:
                     ok = False
-                    await send.send({"event": "error", "neuron": node, "code": exc.code, "message": exc.message})
+                    await send.send({"event": "error", "neuron": current, "code": exc.code or exc.type,
+                                     "message": exc.message})
                 else:
                     await send.send({"event": "done", "neuron": where})
 
