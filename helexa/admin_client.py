@@ -111,6 +111,9 @@ class AdminClient:
                             yield jsonlib.loads(line)
                         except ValueError:
                             raise AdminError(f"the cortex sent something that is not JSON for {method} {path}") from None
+        except httpx.ReadTimeout:
+            raise AdminError(f"the cortex at {self.base} sent nothing for {timeout:g}s during {method} {path}: "
+                             "it or the network to it is gone (the work may go on there)") from None
         except httpx.HTTPError as exc:
             raise AdminError(f"cannot reach the cortex at {self.base}: {exc}") from None
 

@@ -6,9 +6,16 @@ from __future__ import annotations
 
 import json
 import sys
+from functools import partial
 
 import httpx
+import pytest
 import trio
+from click.testing import CliRunner
+
+from helexa import cli_models
+from helexa.cli import main as cli_main
+from helexa.roles.cortex.portal import admin_models
 
 from helexa.roles.cortex.catalogue import Catalogue, CatalogueEntry
 from helexa.roles.cortex.fleet import Fleet
@@ -154,3 +161,40 @@ async def test_a_load_where_a_cold_load_would_go_names_that_neuron_and_a_refused
     progress = [e for e in loaded if e["event"] == "progress"]
     assert [(e["neuron"], e["done"]) for e in progress] == [("n1", 0), ("n1", 1)]
     assert loaded[-2:] == [{"event": "done", "neuron": "n1"}, {"event": "end", "ok": True}]
+
+
+async def test_a_quiet_load_sends_keepalives_so_a_client_can_tell_quiet_from_gone(monkeypatch) -> None:
+    monkeypatch.setattr(admin_models, "KEEPALIVE_INTERVAL", 0.2)
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, load_delay=1.0)
+    async with serving(fleet, CATALOGUE) as (gateway, url), httpx.AsyncClient(base_url=url) as http:
+        r = await http.post("/admin/models/chat/load", json={"neuron": "n1"}, headers=admin_headers())
+    events = _events(r.text)
+    assert events[-2:] == [{"event": "done", "neuron": "n1"}, {"event": "end", "ok": True}]
+    assert events[:-2] and all(e == {"event": "keepalive"} for e in events[:-2]), events
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+async def test_models_load_gives_up_on_a_cortex_gone_silent_mid_stream(monkeypatch, tmp_path, as_json) -> None:
+    """A cortex that answered and then went silent (a partition, its host gone: no FIN ever
+    comes) must not hold ``helexa models load`` forever: past STREAM_SILENCE without a line
+    (the cortex sends a keepalive at least every 10 s) it fails, saying so."""
+    monkeypatch.setattr(cli_models, "STREAM_SILENCE", 0.5)
+    token_file = tmp_path / "admin-token"
+    token_file.write_text(ADMIN_TOKEN)
+
+    async def silent(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\n"
+                              b"transfer-encoding: chunked\r\n\r\n")
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, silent, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        args = ["models", "load", "chat", "--cortex", f"http://127.0.0.1:{port}", "--admin-token-file", str(token_file)]
+        with trio.fail_after(15):
+            done = await trio.to_thread.run_sync(
+                lambda: CliRunner().invoke(cli_main, args + (["--json"] if as_json else [])), abandon_on_cancel=True)
+        nursery.cancel_scope.cancel()
+    assert done.exit_code == 1 and "sent nothing for 0.5s" in done.output, done.output

@@ -18,7 +18,8 @@ Routes::
 ``pull`` and ``load`` answer ``application/x-ndjson``: one JSON object a line as the work
 goes, ``{"event": "progress", "neuron", "stage", "done", "total", "unit"}`` (from the
 neuron's download and load progress), then ``{"event": "done", "neuron": ...}`` per neuron
-or ``{"event": "error", "neuron", "code", "message"}``, and last ``{"event": "end", "ok"}``.
+or ``{"event": "error", "neuron", "code", "message"}``, and last ``{"event": "end", "ok"}``;
+``{"event": "keepalive"}`` after every :data:`KEEPALIVE_INTERVAL` seconds without another line.
 What can be refused before any work (an unknown model or neuron) is a plain 4xx.
 """
 
@@ -41,6 +42,12 @@ from ..orchestrator import Orchestrator
 
 NDJSON = [(b"content-type", b"application/x-ndjson"), (b"cache-control", b"no-cache")]
 
+
+KEEPALIVE_INTERVAL = 10.0
+"""Seconds of silence after which a streamed action sends :data:`KEEPALIVE`: a load's last
+stage can report nothing for minutes, and the client tells a quiet cortex from a gone one
+(a partition, a host down) by these lines."""
+KEEPALIVE = b'{"event": "keepalive"}\n'
 
 MODEL_ACTIONS = ("pull", "load", "unload", "pin", "unpin")
 """``POST /admin/models/MODEL/<action>``."""
@@ -217,6 +224,11 @@ class ModelsAdmin:
                 for node in nodes:
                     nursery.start_soon(one, node, send.clone())
             async with receive:
-                async for event in receive:
-                    await ex.out.body(json.dumps(event).encode() + b"\n")
+                while True:
+                    with trio.move_on_after(KEEPALIVE_INTERVAL) as quiet:
+                        try:
+                            event = await receive.receive()
+                        except trio.EndOfChannel:
+                            break
+                    await ex.out.body(KEEPALIVE if quiet.cancelled_caught else json.dumps(event).encode() + b"\n")
         await ex.out.body(json.dumps({"event": "end", "ok": ok}).encode() + b"\n", more=False)
