@@ -198,3 +198,20 @@ async def test_models_load_gives_up_on_a_cortex_gone_silent_mid_stream(monkeypat
                 lambda: CliRunner().invoke(cli_main, args + (["--json"] if as_json else [])), abandon_on_cancel=True)
         nursery.cancel_scope.cancel()
     assert done.exit_code == 1 and "sent nothing for 0.5s" in done.output, done.output
+
+
+async def test_a_neurons_refusal_keeps_its_own_code_for_the_operator_and_only_load_failed_for_clients() -> None:
+    """docs/operations.md: a download that cannot fit fails with ``disk_full``, a file that
+    does not match with ``hash_mismatch``: the operator's pull and load events say so (they
+    said ``load_failed`` for every refusal); a client's cold load still learns only ``load_failed``."""
+    fleet = Fleet()
+    n1 = NeuronDouble("n1", fleet)
+    n1.refuse_load, n1.load_code, n1.load_error = True, "hash_mismatch", "x.gguf: SHA-256 mismatch"
+    async with serving(fleet, CATALOGUE) as (gateway, url), httpx.AsyncClient(base_url=url) as http:
+        pulled = _events((await http.post("/admin/models/chat/pull", json={}, headers=admin_headers())).text)
+        loaded = _events((await http.post("/admin/models/chat/load", json={}, headers=admin_headers())).text)
+        body = {"model": "chat2", "messages": [{"role": "user", "content": "hi"}]}
+        client = await http.post("/v1/chat/completions", json=body)
+    assert pulled[0]["event"] == "error" and pulled[0]["code"] == "disk_full", pulled
+    assert loaded[0]["event"] == "error" and loaded[0]["code"] == "hash_mismatch", loaded
+    assert client.status_code == 503 and client.json()["error"]["code"] == "load_failed", client.text

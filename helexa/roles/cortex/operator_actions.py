@@ -103,7 +103,8 @@ class OperatorActions:
             await prov.command(link, PullModel(_cid(), entry.id), prov.settings.load_timeout, on_progress)
         except FleetError as exc:
             raise ColdLoadFailed(f"pulling {model_id!r} onto {node_id} failed: {exc}",
-                                 retry_after=prov.settings.retry_after, model=model_id) from None
+                                 retry_after=prov.settings.retry_after, model=model_id,
+                                 reason=getattr(exc, "code", None)) from None
 
     # --- pins ------------------------------------------------------------------------------
 

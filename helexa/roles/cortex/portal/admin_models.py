@@ -213,8 +213,8 @@ class ModelsAdmin:
                     where = await work(progress, node, placed)
                 except GatewayError as exc:
                     ok = False
-                    await send.send({"event": "error", "neuron": current, "code": exc.code or exc.type,
-                                     "message": exc.message})
+                    code = getattr(exc, "reason", None) or exc.code or exc.type  # the neuron's own, if it said
+                    await send.send({"event": "error", "neuron": current, "code": code, "message": exc.message})
                 else:
                     await send.send({"event": "done", "neuron": where})
 
