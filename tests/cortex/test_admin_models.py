@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from helexa import cli_models
 from helexa.cli import main as cli_main
+from helexa.protocol import ModelState, ModelStatus
 from helexa.roles.cortex.portal import admin_models
 
 from helexa.roles.cortex.catalogue import Catalogue, CatalogueEntry
@@ -215,3 +216,17 @@ async def test_a_neurons_refusal_keeps_its_own_code_for_the_operator_and_only_lo
     assert pulled[0]["event"] == "error" and pulled[0]["code"] == "disk_full", pulled
     assert loaded[0]["event"] == "error" and loaded[0]["code"] == "hash_mismatch", loaded
     assert client.status_code == 503 and client.json()["error"]["code"] == "load_failed", client.text
+
+
+async def test_unloading_a_model_only_configured_on_a_neuron_says_it_is_not_loaded() -> None:
+    """A neuron lists a model it was only configured with (a pull, a past load): ``helexa
+    models unload`` said "unloaded from n1" for it, though nothing was loaded there."""
+    fleet = Fleet()
+    n1 = NeuronDouble("n1", fleet)
+    n1.models["chat"] = ModelStatus("chat", ModelState.CONFIGURED)
+    async with serving(fleet, CATALOGUE) as (gateway, url), httpx.AsyncClient(base_url=url) as http:
+        everywhere = await http.post("/admin/models/chat/unload", json={}, headers=admin_headers())
+        there = await http.post("/admin/models/chat/unload", json={"neuron": "n1"}, headers=admin_headers())
+    assert everywhere.status_code == 400 and everywhere.json()["error"]["code"] == "not_loaded", everywhere.text
+    assert there.status_code == 404 and "does not hold" in there.json()["error"]["message"], there.text
+    assert n1.unloads() == []

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from helexa.protocol import LoadProgress, PullModel, UpsertModelConfig
+from helexa.protocol import LoadProgress, ModelState, PullModel, UpsertModelConfig
 
 from .catalogue import CatalogueEntry
 from .errors import BadRequest, ColdLoadFailed, NotFound
@@ -167,9 +167,15 @@ class OperatorActions:
                              code="no_feasible_neuron") from None
         return entry, plan
 
-    def _check_holds(self, model_id: str, node_id: str) -> None:
+    def holds(self, model_id: str, node_id: str) -> bool:
+        """Whether ``node_id`` holds ``model_id``: loaded, loading, unloading or failed
+        (an unload clears a failure); one only configured there holds nothing to unload."""
         link = self._prov.fleet.get(node_id)
-        if link is None or model_id not in link.models:
+        status = None if link is None else link.models.get(model_id)
+        return status is not None and status.state is not ModelState.CONFIGURED
+
+    def _check_holds(self, model_id: str, node_id: str) -> None:
+        if not self.holds(model_id, node_id):
             raise NotFound(f"neuron {node_id!r} does not hold model {model_id!r}", param="model")
 
 

@@ -160,7 +160,8 @@ class ModelsAdmin:
             await ex.out.json({"model": model_id, "neuron": target.neuron, "pinned": action == "pin",
                                "changed": changed})
         elif action == "unload":
-            nodes = [target.neuron] if target.neuron else [l.node_id for l in self.fleet if model_id in l.models]
+            holds = self.provisioner.operator.holds
+            nodes = [target.neuron] if target.neuron else [l.node_id for l in self.fleet if holds(model_id, l.node_id)]
             if not nodes:
                 raise BadRequest(f"model {model_id!r} is loaded on no neuron", param="model", code="not_loaded")
             for node_id in nodes:
