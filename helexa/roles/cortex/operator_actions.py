@@ -51,12 +51,20 @@ class OperatorActions:
         """Load ``model_id`` on ``node_id`` (evicting there as a cold load would, draining
         first), or where a cold load would put it; returns the node id once loaded. Requests
         for the model meanwhile wait for this load. ``on_plan`` is told the node chosen,
-        before any progress.
+        before any progress. A load of the model already under way (a request's cold load,
+        another operator's) is waited for first: it is the answer when it lands where asked.
 
         Raises:
             ModelNotFound: not in the catalogue. NotFound: no usable neuron ``node_id``.
-            BadRequest: already loading, or it cannot fit there. ColdLoadFailed: the neuron failed.
+            BadRequest: it cannot fit there. ColdLoadFailed: the neuron failed (or the load
+            waited for did).
         """
+        self._prov.entry(model_id)
+        joined = await self._prov.join_load(model_id)
+        if joined is not None and node_id in (None, joined):
+            if on_plan is not None:
+                on_plan(joined)
+            return joined
         entry, plan = self._plan(model_id, node_id)
         if on_plan is not None:
             on_plan(plan.node_id)

@@ -163,6 +163,17 @@ class Provisioner:
     def loading(self, model_id: str) -> bool:
         return model_id in self._flights
 
+    async def join_load(self, model_id: str) -> str | None:
+        """Wait for the load of ``model_id`` under way, if any, and return the node it loaded
+        on (None: none was under way). Raises that load's error."""
+        flight = self._flights.get(model_id)
+        if flight is None:
+            return None
+        await flight.done.wait()
+        if flight.error is not None:
+            raise flight.error
+        return flight.node_id
+
     def wake(self) -> None:
         """Something the plans depend on changed (a request queued or ended): plan again."""
         self.housekeeping.wake()
