@@ -129,8 +129,7 @@ class NeuronDouble:
                 self._fleet.notify()
             case PullModel(model_id=mid):
                 if self.refuse_load:
-                    return ProvisioningResponse(command.command_id, ok=False, error="not enough disk space",
-                                                code="disk_full")
+                    return ProvisioningResponse(command.command_id, ok=False, error="disk full", code="disk_full")
                 for step in range(4):
                     if on_progress is not None:
                         on_progress(LoadProgress(command.command_id, mid, "download", self.pull_bytes * step // 3,
