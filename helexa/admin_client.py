@@ -58,12 +58,20 @@ class AdminClient:
         self.timeout = timeout
 
     def request(self, method: str, path: str, *, params: dict[str, Any] | None = None,
-                json: Any = None, raw: bool = False) -> Any:
-        """The answer's JSON (its text with ``raw``). Raises :class:`AdminError`."""
+                json: Any = None, raw: bool = False, wait: float | None = None) -> Any:
+        """The answer's JSON (its text with ``raw``). ``wait``: seconds the answer may take
+        once the request is sent (default: ``timeout``), for an action the cortex carries
+        out before it answers (an unload drains the model's running requests first).
+        Raises :class:`AdminError`."""
         url = self.base + path
         clean = {k: v for k, v in (params or {}).items() if v is not None}
+        read = self.timeout if wait is None else max(wait, self.timeout)
         try:
-            resp = httpx.request(method, url, params=clean, json=json, headers=self._headers, timeout=self.timeout)
+            resp = httpx.request(method, url, params=clean, json=json, headers=self._headers,
+                                 timeout=httpx.Timeout(self.timeout, read=read))
+        except httpx.ReadTimeout:
+            raise AdminError(f"the cortex at {self.base} did not answer {method} {path} within {read:g}s "
+                             "(it may still be carrying it out)") from None
         except httpx.HTTPError as exc:
             raise AdminError(f"cannot reach the cortex at {self.base}: {exc}") from None
         if resp.status_code >= 400:
@@ -103,6 +111,9 @@ class AdminClient:
                             yield jsonlib.loads(line)
                         except ValueError:
                             raise AdminError(f"the cortex sent something that is not JSON for {method} {path}") from None
+        except httpx.ReadTimeout:
+            raise AdminError(f"the cortex at {self.base} sent nothing for {timeout:g}s during {method} {path}: "
+                             "it or the network to it is gone (the work may go on there)") from None
         except httpx.HTTPError as exc:
             raise AdminError(f"cannot reach the cortex at {self.base}: {exc}") from None
 

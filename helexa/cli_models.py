@@ -18,6 +18,14 @@ import click
 from helexa.admin_client import AdminClient
 from helexa.cli_portal import _admin_options, table
 
+STREAM_SILENCE = 60.0
+"""Seconds ``pull`` and ``load`` wait for the next line of the cortex's progress stream (it
+sends one at least every 10 s, a keepalive when nothing else) before saying it is gone."""
+UNLOAD_WAIT = 900.0
+"""Seconds ``helexa models unload`` waits for the cortex's answer (``--timeout`` if longer):
+the cortex answers once the model is off, after its running requests finished (within
+``drain_grace``, 60 s by default) and its worker stopped."""
+
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="the report as JSON")
@@ -129,7 +137,10 @@ def _run_streamed(client: AdminClient, action: str, model: str, neuron: str | No
     bars = _Bars(model, enabled=not as_json and sys.stderr.isatty())
     ok = True
     try:
-        for event in client.stream("POST", f"/admin/models/{model}/{action}", json={"neuron": neuron}):
+        for event in client.stream("POST", f"/admin/models/{model}/{action}", json={"neuron": neuron},
+                                   timeout=STREAM_SILENCE):
+            if event.get("event") == "keepalive":
+                continue
             if as_json:
                 click.echo(json.dumps(event))
                 ok = ok and event.get("event") != "error"
@@ -178,7 +189,7 @@ def models_load(client: AdminClient, model: str, neuron: str | None, as_json: bo
 @_admin_options
 def models_unload(client: AdminClient, model: str, neuron: str | None, as_json: bool) -> None:
     """Unload a model (its requests in flight finish first)."""
-    done = client.request("POST", f"/admin/models/{model}/unload", json={"neuron": neuron})
+    done = client.request("POST", f"/admin/models/{model}/unload", json={"neuron": neuron}, wait=UNLOAD_WAIT)
     click.echo(json.dumps(done, indent=2) if as_json else f"{model}: unloaded from {', '.join(done['unloaded_from'])}")
 
 

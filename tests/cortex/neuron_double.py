@@ -82,7 +82,10 @@ class NeuronDouble:
         self.load_delay = load_delay
         self.refuse_load = False
         self.load_error = "no"
+        self.load_code = "load_failed"
         self.pull_bytes = 3000
+        self.load_progress = False
+        """Report a load's progress (a ``load`` stage of one step) as a real neuron does."""
         self.fail_before_start = False
         self.retryable_error = False
         self.error: RemoteError | None = None
@@ -113,18 +116,22 @@ class NeuronDouble:
                 self.configs[config.model_id] = config
             case LoadModel(model_id=mid):
                 self.models[mid] = ModelStatus(mid, ModelState.LOADING)
+                if self.load_progress and on_progress is not None:
+                    on_progress(LoadProgress(command.command_id, mid, "load", 0, 1, "steps"))
                 with trio.fail_after(timeout):
                     await trio.sleep(self.load_delay)
+                if self.load_progress and on_progress is not None:
+                    on_progress(LoadProgress(command.command_id, mid, "load", 1, 1, "steps"))
                 if self.refuse_load:
                     del self.models[mid]
                     return ProvisioningResponse(command.command_id, ok=False, error=self.load_error,
-                                                code="load_failed")
+                                                code=self.load_code)
                 self.models[mid] = ModelStatus(mid, ModelState.LOADED)
                 self.loaded_since[mid] = trio.current_time()
                 self._fleet.notify()
             case PullModel(model_id=mid):
                 if self.refuse_load:
-                    return ProvisioningResponse(command.command_id, ok=False, error="disk full", code="pull_failed")
+                    return ProvisioningResponse(command.command_id, ok=False, error="disk full", code="disk_full")
                 for step in range(4):
                     if on_progress is not None:
                         on_progress(LoadProgress(command.command_id, mid, "download", self.pull_bytes * step // 3,

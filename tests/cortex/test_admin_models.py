@@ -5,14 +5,32 @@ from a real neuron's download is in ``tests/e2e/test_models_cli_e2e.py``."""
 from __future__ import annotations
 
 import json
+import sys
+from functools import partial
 
 import httpx
+import pytest
 import trio
+from click.testing import CliRunner
+
+from helexa import cli_models
+from helexa.cli import main as cli_main
+from helexa.protocol import ModelState, ModelStatus
+from helexa.roles.cortex.portal import admin_models
 
 from helexa.roles.cortex.catalogue import Catalogue, CatalogueEntry
 from helexa.roles.cortex.fleet import Fleet
 from neuron_double import NeuronDouble, hardware
-from serving import admin_headers, serving
+from serving import ADMIN_TOKEN, admin_headers, serving
+
+HELEXA = [sys.executable, "-m", "helexa.cli"]
+
+
+async def helexa_models(url: str, token_file, *args: str) -> tuple[int, str, str]:  # noqa: ANN001
+    """``helexa models ARGS`` in a process of its own: its exit code, stdout and stderr."""
+    done = await trio.run_process([*HELEXA, "models", *args, "--cortex", url, "--admin-token-file", str(token_file)],
+                                  capture_stdout=True, capture_stderr=True, check=False)
+    return done.returncode, done.stdout.decode(), done.stderr.decode()
 
 CATALOGUE = Catalogue([
     CatalogueEntry(id="chat", backend="synthetic", memory_mb=500),
@@ -91,3 +109,138 @@ async def test_a_pinned_model_is_loaded_there_kept_past_its_idle_ttl_and_reloade
         assert r.json()["changed"] is True
         await trio.sleep(11)
         assert n1.unloads() == ["chat2"]  # an ordinary model again: idle past its TTL
+
+
+async def test_models_unload_waits_for_the_running_request_to_finish_past_the_client_timeout(tmp_path) -> None:
+    """The unload is answered once the model's running requests have finished (the drain),
+    which may take far longer than the command's --timeout for a plain answer: the command
+    waits for it and reports the unload, not a timed-out "cannot reach the cortex"."""
+    fleet = Fleet()
+    n1 = NeuronDouble("n1", fleet, loaded=("chat",), tokens=80, token_delay=0.1)
+    token_file = tmp_path / "admin-token"
+    token_file.write_text(ADMIN_TOKEN)
+    async with serving(fleet, CATALOGUE) as (gateway, url), httpx.AsyncClient(base_url=url, timeout=30) as http:
+        streamed: list[str] = []
+
+        async def stream() -> None:
+            body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+            async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                streamed.extend([line async for line in r.aiter_lines() if line.startswith("data: ")])
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stream)
+            await trio.sleep(0.5)
+            started = trio.current_time()
+            code, out, err = await helexa_models(url, token_file, "unload", "chat", "--timeout", "1")
+            took = trio.current_time() - started
+        assert code == 0, err
+        assert out.strip() == "chat: unloaded from n1" and took > 1.0
+        assert streamed[-1] == "data: [DONE]" and n1.unloads() == ["chat"]
+
+
+async def test_a_load_where_a_cold_load_would_go_names_that_neuron_and_a_second_one_waits_for_it() -> None:
+    """``load`` without a neuron: every progress event names the neuron the load went to
+    (not null, which left ``helexa models load``'s bar open past its "loaded on" line). A
+    second load of the model while one is under way (another operator's, a request's cold
+    load) waits for it and reports where it landed, instead of failing "already loading"
+    (with a null code) as a deploy script's ``helexa models load`` did whenever a request
+    happened to arrive first."""
+    fleet = Fleet()
+    n1 = NeuronDouble("n1", fleet, load_delay=0.5)
+    n1.load_progress = True
+    async with serving(fleet, CATALOGUE) as (gateway, url), httpx.AsyncClient(base_url=url) as http:
+        answers: list[list[dict]] = []
+
+        async def load(model: str = "chat", target: dict | None = None) -> None:
+            r = await http.post(f"/admin/models/{model}/load", json=target or {}, headers=admin_headers())
+            answers.append(_events(r.text))
+
+        async def ask() -> None:
+            body = {"model": "chat2", "messages": [{"role": "user", "content": "hi"}]}
+            answers.append([{"status": (await http.post("/v1/chat/completions", json=body)).status_code}])
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(load)
+            await trio.sleep(0.2)
+            nursery.start_soon(load)
+        loaded, joined = sorted(answers, key=len, reverse=True)  # the one that loaded has progress too
+        answers.clear()
+        async with trio.open_nursery() as nursery:  # a request's cold load first, then the operator's
+            nursery.start_soon(ask)
+            await trio.sleep(0.2)
+            nursery.start_soon(load, "chat2", {"neuron": "n1"})
+    progress = [e for e in loaded if e["event"] == "progress"]
+    assert [(e["neuron"], e["done"]) for e in progress] == [("n1", 0), ("n1", 1)]
+    assert loaded[-2:] == [{"event": "done", "neuron": "n1"}, {"event": "end", "ok": True}]
+    assert joined == [{"event": "done", "neuron": "n1"}, {"event": "end", "ok": True}]
+    assert sorted(answers, key=len) == [[{"status": 200}], [{"event": "done", "neuron": "n1"},
+                                                            {"event": "end", "ok": True}]]
+    assert n1.loads() == ["chat", "chat2"]  # each loaded once
+
+
+async def test_a_quiet_load_sends_keepalives_so_a_client_can_tell_quiet_from_gone(monkeypatch) -> None:
+    monkeypatch.setattr(admin_models, "KEEPALIVE_INTERVAL", 0.2)
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, load_delay=1.0)
+    async with serving(fleet, CATALOGUE) as (gateway, url), httpx.AsyncClient(base_url=url) as http:
+        r = await http.post("/admin/models/chat/load", json={"neuron": "n1"}, headers=admin_headers())
+    events = _events(r.text)
+    assert events[-2:] == [{"event": "done", "neuron": "n1"}, {"event": "end", "ok": True}]
+    assert events[:-2] and all(e == {"event": "keepalive"} for e in events[:-2]), events
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+async def test_models_load_gives_up_on_a_cortex_gone_silent_mid_stream(monkeypatch, tmp_path, as_json) -> None:
+    """A cortex that answered and then went silent (a partition, its host gone: no FIN ever
+    comes) must not hold ``helexa models load`` forever: past STREAM_SILENCE without a line
+    (the cortex sends a keepalive at least every 10 s) it fails, saying so."""
+    monkeypatch.setattr(cli_models, "STREAM_SILENCE", 0.5)
+    token_file = tmp_path / "admin-token"
+    token_file.write_text(ADMIN_TOKEN)
+
+    async def silent(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\n"
+                              b"transfer-encoding: chunked\r\n\r\n")
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, silent, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        args = ["models", "load", "chat", "--cortex", f"http://127.0.0.1:{port}", "--admin-token-file", str(token_file)]
+        with trio.fail_after(15):
+            done = await trio.to_thread.run_sync(
+                lambda: CliRunner().invoke(cli_main, args + (["--json"] if as_json else [])), abandon_on_cancel=True)
+        nursery.cancel_scope.cancel()
+    assert done.exit_code == 1 and "sent nothing for 0.5s" in done.output, done.output
+
+
+async def test_a_neurons_refusal_keeps_its_own_code_for_the_operator_and_only_load_failed_for_clients() -> None:
+    """docs/operations.md: a download that cannot fit fails with ``disk_full``, a file that
+    does not match with ``hash_mismatch``: the operator's pull and load events say so (they
+    said ``load_failed`` for every refusal); a client's cold load still learns only ``load_failed``."""
+    fleet = Fleet()
+    n1 = NeuronDouble("n1", fleet)
+    n1.refuse_load, n1.load_code, n1.load_error = True, "hash_mismatch", "x.gguf: SHA-256 mismatch"
+    async with serving(fleet, CATALOGUE) as (gateway, url), httpx.AsyncClient(base_url=url) as http:
+        pulled = _events((await http.post("/admin/models/chat/pull", json={}, headers=admin_headers())).text)
+        loaded = _events((await http.post("/admin/models/chat/load", json={}, headers=admin_headers())).text)
+        body = {"model": "chat2", "messages": [{"role": "user", "content": "hi"}]}
+        client = await http.post("/v1/chat/completions", json=body)
+    assert pulled[0]["event"] == "error" and pulled[0]["code"] == "disk_full", pulled
+    assert loaded[0]["event"] == "error" and loaded[0]["code"] == "hash_mismatch", loaded
+    assert client.status_code == 503 and client.json()["error"]["code"] == "load_failed", client.text
+
+
+async def test_unloading_a_model_only_configured_on_a_neuron_says_it_is_not_loaded() -> None:
+    """A neuron lists a model it was only configured with (a pull, a past load): ``helexa
+    models unload`` said "unloaded from n1" for it, though nothing was loaded there."""
+    fleet = Fleet()
+    n1 = NeuronDouble("n1", fleet)
+    n1.models["chat"] = ModelStatus("chat", ModelState.CONFIGURED)
+    async with serving(fleet, CATALOGUE) as (gateway, url), httpx.AsyncClient(base_url=url) as http:
+        everywhere = await http.post("/admin/models/chat/unload", json={}, headers=admin_headers())
+        there = await http.post("/admin/models/chat/unload", json={"neuron": "n1"}, headers=admin_headers())
+    assert everywhere.status_code == 400 and everywhere.json()["error"]["code"] == "not_loaded", everywhere.text
+    assert there.status_code == 404 and "does not hold" in there.json()["error"]["message"], there.text
+    assert n1.unloads() == []

@@ -13,6 +13,7 @@ import ollama
 import pytest
 import trio
 
+from helexa.protocol import ModelState, ModelStatus
 from helexa.roles.cortex.catalogue import Catalogue, CatalogueEntry
 from helexa.roles.cortex.fleet import Fleet, RemoteError
 from helexa.roles.cortex.ollama_api import ChatBody, chat_messages
@@ -369,6 +370,8 @@ async def test_a_failed_pull_ends_the_stream_with_an_error_the_client_raises() -
 async def test_delete_unloads_the_model_everywhere_and_copy_create_push_say_why_not() -> None:
     fleet = Fleet()
     n1, n2 = NeuronDouble("n1", fleet, loaded=("chat",)), NeuronDouble("n2", fleet, loaded=("chat", "embed"))
+    n3 = NeuronDouble("n3", fleet)
+    n3.models["chat"] = ModelStatus("chat", ModelState.CONFIGURED)  # only configured there: nothing to unload
     store = SqliteStore(":memory:")
     key = new_key(store, "acme")
     async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
@@ -391,7 +394,7 @@ async def test_delete_unloads_the_model_everywhere_and_copy_create_push_say_why_
 
         deleted, errors = await in_thread(run)
     assert deleted.status == "success"
-    assert "chat" not in n1.models and "chat" not in n2.models and "embed" in n2.models
+    assert "chat" not in n1.models and "chat" not in n2.models and "embed" in n2.models and n3.unloads() == []
     assert errors["again"][0] == 400 and "loaded on no neuron" in errors["again"][1]
     assert errors["key deletes"][0] == 401
     assert errors["copy"][0] == errors["create"][0] == errors["push"][0] == 400

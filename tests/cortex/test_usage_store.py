@@ -55,6 +55,16 @@ def test_reports_group_by_key_model_day_and_portal(tmp_path) -> None:
     store.close()
 
 
+def test_a_reports_cost_is_the_sum_of_the_costs_without_floating_point_residue(tmp_path) -> None:
+    """helexa usage --csv printed 0.0014759999999999999 for costs that add up to 0.001476."""
+    store = SqliteStore(tmp_path / "usage.sqlite")
+    store.append([record("a", cost=0.1), record("b", cost=0.2), record("c", model="smart", cost=0.000356),
+                  record("d", model="smart", cost=0.00112)])
+    assert [(r["model"], r["cost"]) for r in store.report(by="model")] == [("fast", 0.3), ("smart", 0.001476)]
+    assert store.report(by="key")[0]["cost"] == 0.301476
+    store.close()
+
+
 def test_keys_are_stored_as_digests_and_read_back(tmp_path) -> None:
     path = tmp_path / "usage.sqlite"
     store = SqliteStore(path)

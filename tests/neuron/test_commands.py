@@ -103,3 +103,19 @@ async def test_an_unload_lets_running_requests_finish_within_its_grace(nursery, 
     # 100 tokens would take 10 s; the grace is 3 s: the unload goes on at 3 s.
     took, _ = await generate_then_unload("r2", 100, grace=3.0)
     assert took == pytest.approx(3.0)
+
+
+async def test_a_load_cut_off_by_its_connection_ending_says_so_and_leaves_the_model_configured(
+        nursery, autojump_clock, caplog):
+    """After a partition the neuron's connection ends when it heals; a load it was carrying
+    out for that connection stopped without a word (the operator saw a download vanish)."""
+    caplog.set_level("INFO", logger="helexa.roles.neuron.commands")
+    neuron, channel = await joined(nursery)
+    await channel.send(UpsertModelConfig("c1", ModelConfig("s", "synthetic", metadata={"load_seconds": 30})))
+    await answer(channel, "c1")
+    await channel.send(LoadModel("c2", "s"))
+    await trio.sleep(2)
+    await channel.aclose(1006, "gone")
+    await trio.sleep(1)
+    assert neuron.registry.status("s").state is ModelState.CONFIGURED
+    assert "load of s stopped: the connection to the cortex that asked for it ended" in caplog.text

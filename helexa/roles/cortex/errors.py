@@ -217,9 +217,12 @@ class ColdLoadFailed(NoCapacity):
     code = "load_failed"
 
     def __init__(self, message: str, *, retry_after: float = 1.0, code: str | None = None,
-                 model: str | None = None) -> None:
+                 model: str | None = None, reason: str | None = None) -> None:
         super().__init__(message, retry_after=retry_after, code=code)
         self.model = model
+        self.reason = reason
+        """The neuron's own code (``disk_full``, ``hash_mismatch``...), for the operator
+        (``helexa models``' error events); a client sees ``code`` alone."""
 
     def for_client(self) -> NoCapacity:
         """What a client may learn: the model could not be loaded, with the request id the

@@ -158,7 +158,8 @@ class OllamaModels:
         self._authorize(ex)
         body = parse(ModelBody, await ex.body())
         model_id = self._served(ex, body.asked)
-        nodes = [link.node_id for link in self.fleet if model_id in link.models]
+        holds = self.provisioner.operator.holds
+        nodes = [link.node_id for link in self.fleet if holds(model_id, link.node_id)]
         if not nodes:
             raise BadRequest(f"model {body.asked!r} is loaded on no neuron, so there is nothing to delete (it stays "
                              "in the operator's catalogue)", param="model", code="not_loaded")

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from helexa.protocol import LoadProgress, PullModel, UpsertModelConfig
+from helexa.protocol import LoadProgress, ModelState, PullModel, UpsertModelConfig
 
 from .catalogue import CatalogueEntry
 from .errors import BadRequest, ColdLoadFailed, NotFound
@@ -46,16 +46,28 @@ class OperatorActions:
     # --- loads and unloads -----------------------------------------------------------------
 
     async def load_on(self, model_id: str, node_id: str | None = None,
-                      on_progress: Callable[[LoadProgress], None] | None = None) -> str:
+                      on_progress: Callable[[LoadProgress], None] | None = None, *,
+                      on_plan: Callable[[str], None] | None = None) -> str:
         """Load ``model_id`` on ``node_id`` (evicting there as a cold load would, draining
         first), or where a cold load would put it; returns the node id once loaded. Requests
-        for the model meanwhile wait for this load.
+        for the model meanwhile wait for this load. ``on_plan`` is told the node chosen,
+        before any progress. A load of the model already under way (a request's cold load,
+        another operator's) is waited for first: it is the answer when it lands where asked.
 
         Raises:
             ModelNotFound: not in the catalogue. NotFound: no usable neuron ``node_id``.
-            BadRequest: already loading, or it cannot fit there. ColdLoadFailed: the neuron failed.
+            BadRequest: it cannot fit there. ColdLoadFailed: the neuron failed (or the load
+            waited for did).
         """
+        self._prov.entry(model_id)
+        joined = await self._prov.join_load(model_id)
+        if joined is not None and node_id in (None, joined):
+            if on_plan is not None:
+                on_plan(joined)
+            return joined
         entry, plan = self._plan(model_id, node_id)
+        if on_plan is not None:
+            on_plan(plan.node_id)
         return await self._prov.load_planned(entry, plan, on_progress)
 
     def begin_load_on(self, model_id: str, node_id: str) -> None:
@@ -99,7 +111,8 @@ class OperatorActions:
             await prov.command(link, PullModel(_cid(), entry.id), prov.settings.load_timeout, on_progress)
         except FleetError as exc:
             raise ColdLoadFailed(f"pulling {model_id!r} onto {node_id} failed: {exc}",
-                                 retry_after=prov.settings.retry_after, model=model_id) from None
+                                 retry_after=prov.settings.retry_after, model=model_id,
+                                 reason=getattr(exc, "code", None)) from None
 
     # --- pins ------------------------------------------------------------------------------
 
@@ -151,19 +164,26 @@ class OperatorActions:
         if node_id is not None:
             views = [v for v in views if v.node_id == node_id]
             if not views:
-                raise NotFound(f"no usable neuron {node_id!r}", param="node")
+                raise NotFound(f"no usable neuron {node_id!r}", param="node", code="neuron_not_found")
         if prov.loading(model_id):
-            raise BadRequest(f"model {model_id!r} is already loading", param="model")
+            raise BadRequest(f"model {model_id!r} is already loading", param="model", code="already_loading")
         try:
             plan = place(entry, views, headroom=prov.settings.memory_headroom, policy=prov.policy,
                          now=trio.current_time())
         except NoPlacement as exc:
-            raise BadRequest(f"{exc}" + (f" (on {node_id})" if node_id else ""), param="node") from None
+            raise BadRequest(f"{exc}" + (f" (on {node_id})" if node_id else ""), param="node",
+                             code="no_feasible_neuron") from None
         return entry, plan
 
-    def _check_holds(self, model_id: str, node_id: str) -> None:
+    def holds(self, model_id: str, node_id: str) -> bool:
+        """Whether ``node_id`` holds ``model_id``: loaded, loading, unloading or failed
+        (an unload clears a failure); one only configured there holds nothing to unload."""
         link = self._prov.fleet.get(node_id)
-        if link is None or model_id not in link.models:
+        status = None if link is None else link.models.get(model_id)
+        return status is not None and status.state is not ModelState.CONFIGURED
+
+    def _check_holds(self, model_id: str, node_id: str) -> None:
+        if not self.holds(model_id, node_id):
             raise NotFound(f"neuron {node_id!r} does not hold model {model_id!r}", param="model")
 
 

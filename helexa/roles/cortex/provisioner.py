@@ -163,6 +163,17 @@ class Provisioner:
     def loading(self, model_id: str) -> bool:
         return model_id in self._flights
 
+    async def join_load(self, model_id: str) -> str | None:
+        """Wait for the load of ``model_id`` under way, if any, and return the node it loaded
+        on (None: none was under way). Raises that load's error."""
+        flight = self._flights.get(model_id)
+        if flight is None:
+            return None
+        await flight.done.wait()
+        if flight.error is not None:
+            raise flight.error
+        return flight.node_id
+
     def wake(self) -> None:
         """Something the plans depend on changed (a request queued or ended): plan again."""
         self.housekeeping.wake()
@@ -245,7 +256,8 @@ class Provisioner:
         except (FleetError, _Refused) as exc:
             log.warning("loading %s on %s failed: %s", entry.id, plan.node_id, exc)
             raise ColdLoadFailed(f"loading model {entry.id!r} on {plan.node_id} failed: {exc}",
-                                 retry_after=self.settings.retry_after, model=entry.id) from None
+                                 retry_after=self.settings.retry_after, model=entry.id,
+                                 reason=getattr(exc, "code", None)) from None
         return self._loaded(entry, plan, started, " as the operator asked")
 
     def _loaded(self, entry: CatalogueEntry, plan: LoadPlan, started: float, how: str) -> str:
@@ -318,7 +330,8 @@ class Provisioner:
         if not response.ok:
             if response.code == "already_loaded":
                 return
-            raise _Refused(f"{type(command).__name__} refused by {link.node_id}: {response.error or response.code}")
+            raise _Refused(f"{type(command).__name__} refused by {link.node_id}: {response.error or response.code}",
+                           response.code or None)
 
     async def _unload(self, unload: Unload, reason: str) -> None:
         key = (unload.node_id, unload.model_id)
@@ -455,7 +468,12 @@ class Provisioner:
 
 class _Refused(FleetError):
     """A neuron answered a provisioning command with ok=False (a :class:`FleetError`, so
-    that :mod:`.operator_actions` catches it as such)."""
+    that :mod:`.operator_actions` catches it as such); ``code`` is the neuron's own
+    (``disk_full``, ``hash_mismatch``...)."""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def _cid() -> str:

@@ -9,6 +9,8 @@ drains first: the model takes no new request, and the ones it runs get the comma
 
 from __future__ import annotations
 
+import logging
+
 import trio
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
@@ -28,6 +30,8 @@ from helexa.runtime import BackendError
 from .connection import Connection
 from .progress import LoadBars
 from .registry import ModelRegistry
+
+log = logging.getLogger(__name__)
 
 PROGRESS_STEP = 0.05
 """A load reports its progress each time it moves by this fraction (and when it ends)."""
@@ -95,6 +99,13 @@ class Commands:
                 status = await self._registry.pull(cmd.model_id, progress)
             else:
                 status = await self._registry.load(cmd.model_id, progress)
+        except trio.Cancelled:
+            # The connection it came on ended (a partition, a cortex restart): the work stops
+            # with it, and a download's partial file stays for the next load to resume.
+            self._bars.close(cmd.model_id)
+            log.info("%s of %s stopped: the connection to the cortex that asked for it ended",
+                     "pull" if isinstance(cmd, PullModel) else "load", cmd.model_id)
+            raise
         except BackendError as exc:
             if span is not None:
                 span.set_status(Status(StatusCode.ERROR, f"{exc.code}: {exc}"))

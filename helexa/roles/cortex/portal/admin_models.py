@@ -18,7 +18,8 @@ Routes::
 ``pull`` and ``load`` answer ``application/x-ndjson``: one JSON object a line as the work
 goes, ``{"event": "progress", "neuron", "stage", "done", "total", "unit"}`` (from the
 neuron's download and load progress), then ``{"event": "done", "neuron": ...}`` per neuron
-or ``{"event": "error", "neuron", "code", "message"}``, and last ``{"event": "end", "ok"}``.
+or ``{"event": "error", "neuron", "code", "message"}``, and last ``{"event": "end", "ok"}``;
+``{"event": "keepalive"}`` after every :data:`KEEPALIVE_INTERVAL` seconds without another line.
 What can be refused before any work (an unknown model or neuron) is a plain 4xx.
 """
 
@@ -42,6 +43,12 @@ from ..orchestrator import Orchestrator
 NDJSON = [(b"content-type", b"application/x-ndjson"), (b"cache-control", b"no-cache")]
 
 
+KEEPALIVE_INTERVAL = 10.0
+"""Seconds of silence after which a streamed action sends :data:`KEEPALIVE`: a load's last
+stage can report nothing for minutes, and the client tells a quiet cortex from a gone one
+(a partition, a host down) by these lines."""
+KEEPALIVE = b'{"event": "keepalive"}\n'
+
 MODEL_ACTIONS = ("pull", "load", "unload", "pin", "unpin")
 """``POST /admin/models/MODEL/<action>``."""
 
@@ -52,6 +59,11 @@ def model_path_methods(rest: str) -> tuple[str, ...]:
     a model as well as ``org``'s pull)."""
     model_id, _, action = rest.rpartition("/")
     return ("GET", "POST") if model_id and action in MODEL_ACTIONS else ("GET",)
+
+
+_Work = Callable[[Callable[[LoadProgress], None], str | None, Callable[[str], None]], Awaitable[str]]
+"""A streamed action on one neuron (``None``: wherever it goes): ``(on_progress, node,
+placed)``, returning the node it was done on."""
 
 
 class _Target(BaseModel):
@@ -148,7 +160,8 @@ class ModelsAdmin:
             await ex.out.json({"model": model_id, "neuron": target.neuron, "pinned": action == "pin",
                                "changed": changed})
         elif action == "unload":
-            nodes = [target.neuron] if target.neuron else [l.node_id for l in self.fleet if model_id in l.models]
+            holds = self.provisioner.operator.holds
+            nodes = [target.neuron] if target.neuron else [l.node_id for l in self.fleet if holds(model_id, l.node_id)]
             if not nodes:
                 raise BadRequest(f"model {model_id!r} is loaded on no neuron", param="model", code="not_loaded")
             for node_id in nodes:
@@ -157,8 +170,9 @@ class ModelsAdmin:
         elif action == "load":
             node = target.neuron
 
-            async def load(on_progress: Callable[[LoadProgress], None], _node: str | None) -> str:
-                return await self.provisioner.operator.load_on(model_id, node, on_progress)
+            async def load(on_progress: Callable[[LoadProgress], None], _node: str | None,
+                           placed: Callable[[str], None]) -> str:
+                return await self.provisioner.operator.load_on(model_id, node, on_progress, on_plan=placed)
 
             await self._stream(ex, [node], load)
         else:
@@ -169,30 +183,39 @@ class ModelsAdmin:
                 raise BadRequest(f"no usable neuron can hold model {model_id!r}", param="neuron",
                                  code="no_feasible_neuron")
 
-            async def pull(on_progress: Callable[[LoadProgress], None], node_id: str | None) -> str:
+            async def pull(on_progress: Callable[[LoadProgress], None], node_id: str | None,
+                           _placed: Callable[[str], None]) -> str:
                 assert node_id is not None
                 await self.provisioner.operator.pull_on(model_id, node_id, on_progress)
                 return node_id
 
             await self._stream(ex, nodes, pull)
 
-    async def _stream(self, ex: Exchange, nodes: list[str | None],
-                      work: Callable[[Callable[[LoadProgress], None], str | None], Awaitable[str]]) -> None:
-        """Run ``work`` for each node at once, streaming its progress and outcome as NDJSON."""
+    async def _stream(self, ex: Exchange, nodes: list[str | None], work: _Work) -> None:
+        """Run ``work`` for each node at once, streaming its progress and outcome as NDJSON.
+        ``work`` names the neuron it chose (a load where a cold load would go) through its
+        third argument, so the progress events that follow name it too."""
         send, receive = trio.open_memory_channel[dict[str, Any]](math.inf)
         ok = True
 
         async def one(node: str | None, send: trio.MemorySendChannel[dict[str, Any]]) -> None:
             nonlocal ok
+            current = node
+
+            def placed(node_id: str) -> None:
+                nonlocal current
+                current = node_id
+
             async with send:
                 def progress(event: LoadProgress) -> None:
-                    send.send_nowait({"event": "progress", "neuron": node, "stage": event.stage,
+                    send.send_nowait({"event": "progress", "neuron": current, "stage": event.stage,
                                       "done": event.done, "total": event.total, "unit": event.unit})
                 try:
-                    where = await work(progress, node)
+                    where = await work(progress, node, placed)
                 except GatewayError as exc:
                     ok = False
-                    await send.send({"event": "error", "neuron": node, "code": exc.code, "message": exc.message})
+                    code = getattr(exc, "reason", None) or exc.code or exc.type  # the neuron's own, if it said
+                    await send.send({"event": "error", "neuron": current, "code": code, "message": exc.message})
                 else:
                     await send.send({"event": "done", "neuron": where})
 
@@ -202,6 +225,11 @@ class ModelsAdmin:
                 for node in nodes:
                     nursery.start_soon(one, node, send.clone())
             async with receive:
-                async for event in receive:
-                    await ex.out.body(json.dumps(event).encode() + b"\n")
+                while True:
+                    with trio.move_on_after(KEEPALIVE_INTERVAL) as quiet:
+                        try:
+                            event = await receive.receive()
+                        except trio.EndOfChannel:
+                            break
+                    await ex.out.body(KEEPALIVE if quiet.cancelled_caught else json.dumps(event).encode() + b"\n")
         await ex.out.body(json.dumps({"event": "end", "ok": ok}).encode() + b"\n", more=False)

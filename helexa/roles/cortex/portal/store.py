@@ -215,7 +215,7 @@ class SqliteStore:
                 f"SUM(completion_tokens), SUM(cost), SUM(outcome != 'ok') FROM usage{where} "
                 f"GROUP BY {group}, currency ORDER BY {group}, currency", args).fetchall()
         return [{by: g, "currency": cur, "requests": n, "prompt_tokens": p, "cached_tokens": c,
-                 "completion_tokens": o, "total_tokens": p + o, "cost": cost, "incomplete": bad}
+                 "completion_tokens": o, "total_tokens": p + o, "cost": _money(cost), "incomplete": bad}
                 for g, cur, n, p, c, o, cost, bad in rows]
 
     def records(self, *, portal: str | None = None, key_id: str | None = None, since: float | None = None,
@@ -228,3 +228,10 @@ class SqliteStore:
         with self._rlock:
             rows = self._r.execute(sql, args).fetchall()
         return [UsageRecord(*row) for row in rows]
+
+
+def _money(total: float | None) -> float | None:
+    """A sum of costs without the binary floating-point residue of adding them up
+    (0.1 + 0.2 is 0.30000000000000004), which reports and CSV exports printed; 12
+    decimals keep any one token's cost exact (a price per million tokens, to 6 decimals)."""
+    return None if total is None else round(total, 12)
