@@ -181,9 +181,11 @@ class EmbedRequest:
     inputs: tuple[str, ...]
     trace: str = ""
     """The W3C ``traceparent`` of the sender's span (empty while tracing is off)."""
-    truncate: bool = False
+    truncate: bool = added_field(False)
     """Cut an input longer than the model's context to it (Ollama's ``truncate``); else such
-    an input fails the request with ``context_length_exceeded``."""
+    an input fails the request with ``context_length_exceeded``. Left out of a frame while
+    false, and never sent to a peer of an earlier release (:mod:`.compat`): the releases
+    before it refuse the field."""
 
 
 @message("chunk")

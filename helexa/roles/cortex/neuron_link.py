@@ -41,6 +41,7 @@ from helexa.protocol import (
     TokenChunk,
     UpsertModelConfig,
 )
+from helexa.protocol.compat import for_earlier
 from helexa.transport import Channel, ChannelClosed
 
 from .fleet import CommandTimeout, Health, NeuronGone, RemoteError
@@ -64,8 +65,10 @@ class NeuronLink:
     """The cortex's handle on one joined neuron: its state, and the calls that drive it."""
 
     scopes_cache = True
-    """False for a neuron that joined at handshake version 1: its codec refuses a request's
-    ``cache_scope``, which is then left out (its prompt cache stays shared by every tenant)."""
+    """False for a neuron that joined at handshake version 1, of an earlier release: its
+    codec refuses the fields added since (a request's ``cache_scope``, an embedding's
+    ``truncate``), which are then left out (:func:`helexa.protocol.compat.for_earlier`;
+    its prompt cache stays shared by every tenant)."""
 
     public_key = b""
     """The identity key the neuron proved at its join (empty: an older neuron sent none)."""
@@ -327,14 +330,14 @@ class NeuronLink:
         Raises (on entry): :class:`NeuronGone`, :class:`CommandTimeout` (the send).
         Raises (iterating): :class:`NeuronGone`, :class:`RemoteError`.
         """
-        if request.cache_scope and not self.scopes_cache:
-            request = replace(request, cache_scope="")
+        if not self.scopes_cache:
+            request = for_earlier(request)
         return LinkStream(self, request)
 
     async def embed(self, request: EmbedRequest, *, timeout: float) -> EmbedResult:
         """Embed on this neuron. Raises :class:`NeuronGone`, :class:`RemoteError`, or
         :class:`CommandTimeout` when no answer comes within ``timeout`` seconds."""
-        stream = LinkStream(self, request)
+        stream = LinkStream(self, request if self.scopes_cache else for_earlier(request))
         await self._open(stream)
         try:
             with trio.move_on_after(timeout):
