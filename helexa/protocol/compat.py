@@ -18,7 +18,8 @@ field                     what the earlier peer gets instead
                           before
 ``EmbedRequest``          no ``truncate``: it cuts an over-long input (the releases before the
                           field always did), or refuses it with ``context_length_exceeded``
-                          (the releases that have it, when it is left out)
+                          (the releases that have it, when it is left out); this release,
+                          not told (a cortex before the field), cuts as that cortex did
 ``GenerateResult``        no ``first_token_s``: an Ollama answer's timings from an earlier
                           cortex put the whole run in ``eval_duration``, as before
 ========================  =====================================================================
@@ -46,5 +47,5 @@ def for_earlier(msg: T) -> T:
     if isinstance(msg, GenerateResult):
         return replace(msg, first_token_s=None) if msg.first_token_s is not None else msg  # type: ignore[return-value]
     if isinstance(msg, EmbedRequest):
-        return replace(msg, truncate=False) if msg.truncate else msg  # type: ignore[return-value]
+        return replace(msg, truncate=None) if msg.truncate is not None else msg  # type: ignore[return-value]
     return msg

@@ -67,8 +67,9 @@ def setup(tmp_path) -> Setup:
 
 async def test_a_neuron_of_this_release_answers_a_cortex_of_the_earlier_one(tmp_path, nursery, monkeypatch,
                                                                            earlier_codec):
-    """A non-streamed answer (its first text timed) reaches the older cortex, and the
-    neuron stays on the connection it joined with."""
+    """A non-streamed answer (its first text timed) reaches the older cortex, an embedding
+    is cut as that release's neurons cut it, and the neuron stays on the connection it
+    joined with."""
     monkeypatch.setattr(control_server, "CortexJoin", partial(CortexJoin, versions=(1, 1)))
     s = setup(tmp_path)
     cortex = await s.start_cortex(nursery)
@@ -80,6 +81,11 @@ async def test_a_neuron_of_this_release_answers_a_cortex_of_the_earlier_one(tmp_
         answer = await s.chat()
         assert answer.status_code == 200, answer.text
         assert answer.json()["choices"][0]["message"]["content"] == "tok0 tok1 tok2"
+    # That cortex sends an embedding no truncate (it always cut an input over the context): cut.
+    async with httpx.AsyncClient(base_url=s.addrs.gateway_url, timeout=60) as http:
+        long = await http.post("/api/embed", json={"model": "all-minilm-l6-v2", "input": "word " * 300})
+    assert long.status_code == 200, long.text
+    assert long.json()["prompt_eval_count"] == 256
     assert cortex.fleet.get("n1") is link and link.connected and running.neuron.joins == 1
 
 

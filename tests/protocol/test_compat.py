@@ -10,11 +10,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import msgpack
 
-from helexa.protocol import EmbedRequest, GenerateRequest, GenerateResult, Task, Usage, encode, kinds
+from helexa.protocol import (
+    PROTOCOL_VERSION,
+    EmbedRequest,
+    GenerateRequest,
+    GenerateResult,
+    Task,
+    Usage,
+    decode,
+    encode,
+    kinds,
+)
 from helexa.protocol.codec import _OMIT_DEFAULT
 from helexa.protocol.compat import for_earlier
 
@@ -58,5 +69,14 @@ def test_what_a_new_build_sends_an_earlier_peer_decodes_there():
         assert unknown_to_earlier(encode(msg)), msg  # as sent to a peer of this release
         assert unknown_to_earlier(encode(for_earlier(msg))) == []
     assert for_earlier(embed) == EmbedRequest("r2", "m", ("a",))
+    assert for_earlier(replace(embed, truncate=False)) == EmbedRequest("r2", "m", ("a",))  # OpenAI's
     assert for_earlier(result).text == "hi" and for_earlier(result).first_token_s is None
-    assert unknown_to_earlier(encode(EmbedRequest("r4", "m", ("a",)))) == []  # truncate false: left out
+
+
+def test_an_embedding_from_a_cortex_before_truncate_is_cut_as_that_cortex_cut():
+    """Its frame has no ``truncate``: not said (None), which the backend reads as cut, what
+    that release always did; this release's cortex says true or false."""
+    old = msgpack.packb({"k": "embed", "v": PROTOCOL_VERSION, "request_id": "r", "model_id": "m", "inputs": ["a"],
+                         "trace": ""})
+    assert decode(old).truncate is None
+    assert decode(encode(EmbedRequest("r", "m", ("a",), truncate=False))).truncate is False
