@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import msgpack
 import pytest
+import trio
 
 from helexa.protocol import DecodeError
 from helexa.protocol.join import CortexJoin, NeuronJoin
@@ -108,3 +109,26 @@ async def test_a_neuron_of_the_earlier_release_serves_embeddings_for_a_cortex_of
         assert ollama.status_code == 200, ollama.text
         assert len(ollama.json()["embeddings"]) == 1
     assert cortex.fleet.get("n1") is link and link.connected and running.neuron.joins == 1
+
+
+async def test_a_neuron_that_cannot_read_a_frame_of_ours_is_logged_as_too_old_not_as_sending_a_bad_one(
+        tmp_path, nursery, caplog):
+    """A neuron of 2026-11-23 joins, then refuses the first model config it is sent (fields
+    it does not know) with a Fault: the cortex said it "sent a bad frame: unexpected Fault
+    from a neuron", which hid what the neuron said and that it is of a release too old."""
+    from helexa.protocol import Fault
+
+    s = setup(tmp_path)
+    cortex = await s.start_cortex(nursery)
+    running = s.start(nursery, "n")
+    await s.joined(running)
+    link = cortex.fleet.get("n1")
+    said = "upsert_model_config.config: unknown field(s) ['sha256', 'source']"
+    await running.neuron.connection.send(Fault("malformed", said))
+    with trio.fail_after(10):
+        while link.connected:
+            await trio.sleep(0.02)
+    lines = [r.getMessage() for r in caplog.records if r.name == "helexa.roles.cortex.neuron_link"]
+    assert any("neuron n1 could not read a frame of this cortex's" in line and said in line
+               and "earlier release" in line for line in lines), lines
+    assert not any("sent a bad frame" in line for line in lines)

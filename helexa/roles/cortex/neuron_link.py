@@ -61,6 +61,10 @@ class _Command:
     on_progress: Callable[[LoadProgress], None] | None = None
 
 
+class _Unreadable(ProtocolError):
+    """The neuron's :class:`Fault`: it could not read a frame this cortex sent."""
+
+
 class NeuronLink:
     """The cortex's handle on one joined neuron: its state, and the calls that drive it."""
 
@@ -140,6 +144,13 @@ class NeuronLink:
                 self._dispatch(msg)
         except ChannelClosed as exc:
             reason = NeuronGone(f"neuron {self.node_id} disconnected ({exc})")
+        except _Unreadable as exc:
+            # Its codec refused a frame of ours (a field it does not know): it is of a
+            # release older than this cortex can drive, and it closes the connection.
+            log.warning("neuron %s could not read a frame of this cortex's (%s); connection closed: a neuron of an "
+                        "earlier release than this cortex can drive? upgrade it", self.node_id, exc)
+            await self.channel.aclose(1002, exc.code)
+            reason = NeuronGone(f"neuron {self.node_id} could not read a frame of this cortex's")
         except ProtocolError as exc:
             log.warning("neuron %s sent a bad frame: %s; connection closed", self.node_id, exc)
             with trio.move_on_after(2) as scope:
@@ -242,6 +253,8 @@ class NeuronLink:
                 log.info("neuron %s is shutting down: %s", self.node_id, why)
                 self.health = Health.DRAINING
                 self._on_change()
+            case Fault(code=code, message=text):
+                raise _Unreadable(f"{code[:40]!r}: {text[:300]!r}", code="malformed")
             case _:
                 raise ProtocolError(f"unexpected {type(msg).__name__} from a neuron", code="unexpected")
 
