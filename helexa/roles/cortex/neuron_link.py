@@ -149,7 +149,9 @@ class NeuronLink:
             # release older than this cortex can drive, and it closes the connection.
             log.warning("neuron %s could not read a frame of this cortex's (%s); connection closed: a neuron of an "
                         "earlier release than this cortex can drive? upgrade it", self.node_id, exc)
-            await self.channel.aclose(1002, exc.code)
+            with trio.move_on_after(2) as scope:
+                scope.shield = True
+                await self.channel.aclose(1002, exc.code)
             reason = NeuronGone(f"neuron {self.node_id} could not read a frame of this cortex's")
         except ProtocolError as exc:
             log.warning("neuron %s sent a bad frame: %s; connection closed", self.node_id, exc)
