@@ -49,6 +49,17 @@ def _read(path: Path) -> str:
     return token
 
 
+def no_route_hint(base: str, path: str, serves_admin: bool) -> str:
+    """Why an admin route was not found at ``base``: a cortex that serves the admin API
+    there (``serves_admin``) but not ``path`` is of an earlier release than this command;
+    otherwise the admin API answers on the admin socket only, when the cortex has one."""
+    if serves_admin and path != "/admin/fleet":
+        return (f"{base} serves the admin API, but not this route: the cortex runs an earlier release than "
+                "this command; upgrade it, or use the helexa command of its release")
+    return (f"{base} serves no admin API: with admin_socket set in cortex.toml, pass "
+            "--cortex http://ADMIN_HOST:PORT, that socket")
+
+
 class AdminClient:
     """Requests to the admin API at ``cortex_url`` with ``token``."""
 
@@ -89,10 +100,17 @@ class AdminClient:
         except (ValueError, KeyError, TypeError):
             message = resp.text[:200]
         if resp.status_code == 404 and str(message).startswith("no route /admin"):
-            # the admin API answers on the admin socket only, when the cortex has one
-            message += (f" ({self.base} serves no admin API: with admin_socket set in cortex.toml, pass "
-                        "--cortex http://ADMIN_HOST:PORT, that socket)")
+            message += f" ({no_route_hint(self.base, path, self._serves_admin())})"
         return AdminError(f"the cortex answered {resp.status_code} for {method} {path}: {message}")
+
+    def _serves_admin(self) -> bool:
+        """Whether ``base`` serves the admin API at all: ``/admin/fleet``, which every
+        release with one has, answers other than 404."""
+        try:
+            probe = httpx.get(self.base + "/admin/fleet", headers=self._headers, timeout=self.timeout)
+        except httpx.HTTPError:
+            return False
+        return probe.status_code != 404
 
     def stream(self, method: str, path: str, *, json: Any = None, timeout: float | None = None) -> Iterator[Any]:
         """The answer's lines as JSON objects, as they arrive (an NDJSON stream of progress

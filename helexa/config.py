@@ -83,7 +83,7 @@ def load_config(
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_one_line(exc, file)) from None
+        raise ConfigError(_one_line(exc, file, getattr(model, "MOVED_KEYS", {}))) from None
 
 
 def _known_path(model: type[BaseModel], path: list[str]) -> bool:
@@ -124,14 +124,20 @@ def _set(data: dict[str, Any], path: list[str], value: Any) -> None:
     data[path[-1]] = value
 
 
-def _one_line(exc: ValidationError, file: Path | None) -> str:
-    err = exc.errors()[0]
-    key = ".".join(str(p) for p in err["loc"])  # none for a check of the whole file, whose message names its keys
+def _one_line(exc: ValidationError, file: Path | None, moved: Mapping[str, str] | None = None) -> str:
+    """The first problem, naming its key (with where an earlier release's key went, from
+    ``moved``: ``{dotted key: what to write instead}``), and the keys of the others."""
+    errors = exc.errors()
+    keys = [".".join(str(p) for p in e["loc"]) for e in errors]
+    err, key = errors[0], keys[0]  # no key for a check of the whole file, whose message names its keys
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
+        if moved and key in moved:
+            msg += f" (an earlier release's: {moved[key]})"
     elif msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
     where = f" (in {file})" if file is not None else ""
-    more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    others = [k or "?" for k in keys[1:4]] + (["..."] if len(keys) > 4 else [])
+    more = f" (+{len(errors) - 1} more: {', '.join(others)})" if len(errors) > 1 else ""
     return f"{key + ': ' if key else ''}{msg}{where}{more}"

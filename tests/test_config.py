@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
 from helexa.config import ConfigError, load_config
 from helexa.roles.cortex.config import CortexConfig
 from helexa.roles.neuron.config import NeuronConfig
@@ -36,6 +40,21 @@ def test_a_check_across_keys_names_them_without_a_placeholder() -> None:
         assert str(exc).startswith("portals.acme: listens on 0.0.0.0:8443, which is not loopback: set auth"), str(exc)
     else:
         raise AssertionError("a non-loopback portal without auth was accepted")
+
+
+def test_a_cortex_toml_of_an_earlier_release_is_refused_saying_where_its_keys_went() -> None:
+    """The release of 2026-11-23 had [gateway.provisioner] and [gateway.dispatch], whose keys
+    are [orchestrator]'s now: its cortex.toml was refused as 'unknown key (+1 more)', which
+    said neither where they went nor which the other was."""
+    old = Path(__file__).parent / "fixtures" / "cortex_2026-11-23.toml"
+    with pytest.raises(ConfigError) as err:
+        load_config(CortexConfig, file=old, environ={})
+    assert str(err.value) == (f"gateway.provisioner: unknown key (an earlier release's: its keys are [orchestrator]'s "
+                              f"now) (in {old}) (+1 more: gateway.dispatch)")
+    with pytest.raises(ConfigError, match=r"^busy_silence: unknown key \(an earlier release's: no longer a setting"):
+        load_config(CortexConfig, file=None, environ={}, overrides={"busy_silence": 3})
+    with pytest.raises(ConfigError, match=r"^gatway: unknown key$"):  # a typo gets no hint
+        load_config(CortexConfig, file=None, environ={}, overrides={"gatway": {}})
 
 
 def test_neuron_key_finds_the_data_dir_as_the_neuron_does(tmp_path, monkeypatch) -> None:

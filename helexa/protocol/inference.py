@@ -181,9 +181,11 @@ class EmbedRequest:
     inputs: tuple[str, ...]
     trace: str = ""
     """The W3C ``traceparent`` of the sender's span (empty while tracing is off)."""
-    truncate: bool = False
-    """Cut an input longer than the model's context to it (Ollama's ``truncate``); else such
-    an input fails the request with ``context_length_exceeded``."""
+    truncate: bool | None = added_field(None)
+    """Cut an input longer than the model's context to it (Ollama's ``truncate``); if false,
+    such an input fails the request with ``context_length_exceeded``. ``None``: not said, by
+    a cortex of a release before the field (or, through :mod:`.compat`, by one that sent it
+    to such a release, which refuses the field): cut, as those releases always did."""
 
 
 @message("chunk")

@@ -157,7 +157,7 @@ class OnnxEmbeddingBackend(Backend, EmbeddingInference):
             start_signal.report()
             # the calling thread computes too, as one of the intra-op threads
             vectors, tokens = await trio.to_thread.run_sync(cpu_policy.engine(self._run), list(request.inputs),
-                                                            request.truncate)
+                                                            request.truncate is not False)  # None: not said, cut
         dim, blob = pack_vectors(vectors)
         return EmbedResult(request.request_id, dim, blob, Usage(prompt_tokens=tokens))
 

@@ -199,6 +199,22 @@ async def test_the_cli_pointed_at_a_portal_when_an_admin_socket_serves_the_admin
     assert "answered" not in right
 
 
+async def test_the_cli_asking_a_route_an_earlier_cortex_lacks_is_told_so_not_sent_to_an_admin_socket() -> None:
+    """``helexa neurons keys`` of this release against a cortex of 2026-12-01 15:00 (no such
+    route): the hint said the address served no admin API and to look for an admin_socket."""
+    async with portals(Fleet(), {}) as (_, urls):
+        def ask() -> str:
+            try:
+                return str(AdminClient(urls["default"], ADMIN_TOKEN).get("/admin/neurons/of-a-later-release"))
+            except AdminError as exc:
+                return str(exc)
+
+        said = await trio.to_thread.run_sync(ask)
+    assert said.startswith("the cortex answered 404 for GET /admin/neurons/of-a-later-release: no route")
+    assert "serves the admin API, but not this route: the cortex runs an earlier release" in said
+    assert "admin_socket" not in said
+
+
 @pytest.mark.parametrize("admin_socket", [None, "127.0.0.1:0"], ids=["on-the-default-portal", "on-an-admin-socket"])
 async def test_metrics_need_the_admin_token_wherever_they_are_served(admin_socket) -> None:
     fields = {"admin_socket": admin_socket} if admin_socket else {}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -415,6 +415,17 @@ class CortexConfig(BaseModel):
     """Serve ``/admin/*`` and ``/metrics`` here instead of on the default portal's socket."""
     usage_store: Path | None = None
     """The SQLite file of API keys and the usage ledger (default ``DATA_DIR/usage.sqlite``)."""
+
+    MOVED_KEYS: ClassVar[dict[str, str]] = {
+        "gateway.provisioner": "its keys are [orchestrator]'s now",
+        "gateway.dispatch": "its keys are [orchestrator]'s now",
+        "gateway.host": 'gateway_socket = "HOST:PORT" now',
+        "gateway.port": 'gateway_socket = "HOST:PORT" now',
+        "gateway.shutdown_grace": "shutdown_grace, at the top level, now",
+        "busy_silence": "no longer a setting: remove it",
+    }
+    """Keys of the release of 2026-11-23 that this one refuses, and what to write instead
+    (the refusal says so: ``helexa.config``)."""
 
     @model_validator(mode="after")
     def _tls_pair(self) -> "CortexConfig":

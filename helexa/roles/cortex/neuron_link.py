@@ -41,6 +41,7 @@ from helexa.protocol import (
     TokenChunk,
     UpsertModelConfig,
 )
+from helexa.protocol.compat import for_earlier
 from helexa.transport import Channel, ChannelClosed
 
 from .fleet import CommandTimeout, Health, NeuronGone, RemoteError
@@ -60,12 +61,18 @@ class _Command:
     on_progress: Callable[[LoadProgress], None] | None = None
 
 
+class _Unreadable(ProtocolError):
+    """The neuron's :class:`Fault`: it could not read a frame this cortex sent."""
+
+
 class NeuronLink:
     """The cortex's handle on one joined neuron: its state, and the calls that drive it."""
 
     scopes_cache = True
-    """False for a neuron that joined at handshake version 1: its codec refuses a request's
-    ``cache_scope``, which is then left out (its prompt cache stays shared by every tenant)."""
+    """False for a neuron that joined at handshake version 1, of an earlier release: its
+    codec refuses the fields added since (a request's ``cache_scope``, an embedding's
+    ``truncate``), which are then left out (:func:`helexa.protocol.compat.for_earlier`;
+    its prompt cache stays shared by every tenant)."""
 
     public_key = b""
     """The identity key the neuron proved at its join (empty: an older neuron sent none)."""
@@ -137,6 +144,15 @@ class NeuronLink:
                 self._dispatch(msg)
         except ChannelClosed as exc:
             reason = NeuronGone(f"neuron {self.node_id} disconnected ({exc})")
+        except _Unreadable as exc:
+            # Its codec refused a frame of ours (a field it does not know): it is of a
+            # release older than this cortex can drive, and it closes the connection.
+            log.warning("neuron %s could not read a frame of this cortex's (%s); connection closed: a neuron of an "
+                        "earlier release than this cortex can drive? upgrade it", self.node_id, exc)
+            with trio.move_on_after(2) as scope:
+                scope.shield = True
+                await self.channel.aclose(1002, exc.code)
+            reason = NeuronGone(f"neuron {self.node_id} could not read a frame of this cortex's")
         except ProtocolError as exc:
             log.warning("neuron %s sent a bad frame: %s; connection closed", self.node_id, exc)
             with trio.move_on_after(2) as scope:
@@ -239,6 +255,8 @@ class NeuronLink:
                 log.info("neuron %s is shutting down: %s", self.node_id, why)
                 self.health = Health.DRAINING
                 self._on_change()
+            case Fault(code=code, message=text):
+                raise _Unreadable(f"{code[:40]!r}: {text[:300]!r}", code="malformed")
             case _:
                 raise ProtocolError(f"unexpected {type(msg).__name__} from a neuron", code="unexpected")
 
@@ -327,14 +345,14 @@ class NeuronLink:
         Raises (on entry): :class:`NeuronGone`, :class:`CommandTimeout` (the send).
         Raises (iterating): :class:`NeuronGone`, :class:`RemoteError`.
         """
-        if request.cache_scope and not self.scopes_cache:
-            request = replace(request, cache_scope="")
+        if not self.scopes_cache:
+            request = for_earlier(request)
         return LinkStream(self, request)
 
     async def embed(self, request: EmbedRequest, *, timeout: float) -> EmbedResult:
         """Embed on this neuron. Raises :class:`NeuronGone`, :class:`RemoteError`, or
         :class:`CommandTimeout` when no answer comes within ``timeout`` seconds."""
-        stream = LinkStream(self, request)
+        stream = LinkStream(self, request if self.scopes_cache else for_earlier(request))
         await self._open(stream)
         try:
             with trio.move_on_after(timeout):

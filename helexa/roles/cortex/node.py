@@ -94,6 +94,7 @@ class Cortex:
         data = config.data_dir
         data.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._check_secrets()
+        check_tls_files(config)
         with _data_file("the node key", data / "identity.key",
                         "restore it from a backup, or remove it to start as a new peer"):
             self.identity = identity_mod.load_or_create(data / "identity.key")
@@ -265,6 +266,31 @@ class Cortex:
         self.fleet.notify()
         log.info("%s", report.line())
         return report
+
+
+def check_tls_files(config: CortexConfig) -> None:
+    """Refuse to start on a certificate or key (the control plane's, a portal's) that cannot
+    be loaded, with one line naming the key: found only when a portal's listener started,
+    it stopped the cortex with a traceback (exit 1, which systemd restarts for ever).
+
+    Raises:
+        ConfigError: a file is unreadable, or the pair is not a certificate and its key.
+    """
+    pairs = [("", config.tls_cert_file, config.tls_key_file)]
+    pairs += [(f"portals.{name}.", p.tls_cert_file, p.tls_key_file) for name, p in config.portals.items()]
+    for prefix, cert, key in pairs:
+        if cert is None or key is None:
+            continue
+        for name, path in (("tls_cert_file", cert), ("tls_key_file", key)):
+            try:
+                Path(path).open("rb").close()
+            except OSError as exc:
+                raise ConfigError(f"{prefix}{name}: cannot read {path} ({exc.strerror or exc})") from None
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(str(cert), str(key))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"{prefix}tls_cert_file, {prefix}tls_key_file: not a PEM certificate and its "
+                              f"private key ({getattr(exc, 'reason', None) or exc})") from None
 
 
 def _catalogue(config: CortexConfig) -> Catalogue:

@@ -336,7 +336,7 @@ def to_embed_request(body: EmbeddingRequest, request_id: str) -> EmbedRequest:
         raise BadRequest(f"at most {MAX_EMBED_INPUTS} inputs per request, got {len(inputs)}", param="input")
     if body.dimensions is not None:
         raise BadRequest("dimensions is not supported: each model answers in its own size", param="dimensions")
-    return EmbedRequest(request_id, body.model, inputs)
+    return EmbedRequest(request_id, body.model, inputs, truncate=False)  # OpenAI cuts nothing: a 400
 
 
 # --- responses ---------------------------------------------------------------------------

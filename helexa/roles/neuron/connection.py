@@ -27,7 +27,8 @@ from typing import Any
 import trio
 
 from helexa.protocol import NeuronDescriptor, ProtocolError
-from helexa.protocol.join import Failure, Impostor, NeuronJoin, Refusal, Welcomed
+from helexa.protocol.compat import for_earlier
+from helexa.protocol.join import IDENTITY_VERSION, Failure, Impostor, NeuronJoin, Refusal, Welcomed
 from helexa.protocol.takeover import CLOSE_REPLACED, replaced_message
 from helexa.transport import Channel, ChannelClosed, ConnectFailed
 from helexa.transport import websocket as ws_transport
@@ -109,6 +110,10 @@ class Connection:
         self.joins = 0
         self.heartbeat_interval = 1.0
         """What the cortex asked for in its last welcome."""
+        self.earlier = False
+        """The cortex joined at handshake version 1, an earlier release: what is sent to it
+        leaves out the fields added since (:func:`~helexa.protocol.compat.for_earlier`),
+        which its codec would refuse, closing the connection."""
 
     def _ws_connect(self, url: str):
         return ws_transport.connect(
@@ -187,6 +192,7 @@ class Connection:
 
     async def _stay(self, channel: Channel, welcomed: Welcomed, serve: Serve) -> None:
         self.heartbeat_interval = welcomed.heartbeat_interval
+        self.earlier = welcomed.version < IDENTITY_VERSION
         self.joins += 1
         identity = self._resolved.identity
         log.info(
@@ -229,6 +235,8 @@ class Connection:
         channel = self._channel
         if channel is None:
             raise ChannelClosed("not connected")
+        if self.earlier:
+            msg = for_earlier(msg)
         # The channel applies the deadline only if it has to wait (a cancel scope per
         # relayed frame was a measurable share of a neuron's CPU per request).
         await channel.send(msg, timeout=self._config.send_timeout)

@@ -29,7 +29,8 @@ from helexa.protocol import (
     ProtocolError,
     TokenChunk,
 )
-from helexa.protocol.federation import FederatedHello, OfferedModel, Receipt, Refusal
+from helexa.protocol.compat import for_earlier
+from helexa.protocol.federation import SCOPED_FEDERATION_PROTOCOL, FederatedHello, OfferedModel, Receipt, Refusal
 
 from ..cache_scope import peer_scope
 from .ledger import SERVED, Ledger
@@ -228,6 +229,8 @@ class InboundServer:
                             if exchange.cancelled:  # the asker left meanwhile
                                 break
                             receipt = receipt_now()
+                            if stream.protocol != SCOPED_FEDERATION_PROTOCOL:
+                                frame = for_earlier(frame)  # an asker of an older release refuses newer fields
                             await stream.send(frame, receipt, timeout=self._t.send)
                             receipt_sent = receipt
                             break

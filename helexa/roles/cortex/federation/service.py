@@ -38,6 +38,7 @@ from helexa.protocol import (
     Task,
     encode,
 )
+from helexa.protocol.compat import for_earlier
 from helexa.protocol.federation import (
     ANNOUNCE_TOPIC,
     FEDERATION_PROTOCOL,
@@ -333,17 +334,19 @@ class Federation:
                   stream: MessageStream) -> GenerateRequest | EmbedRequest:
         """``request`` as it crosses to the peer: its tenant's scope as :func:`wire_scope`
         makes it for that peer, on a stream that carries one; none otherwise (a peer of an
-        older release refuses the field, and keeps one scope for all our tenants)."""
+        older release refuses the field, and keeps one scope for all our tenants). Over
+        the older protocol, the fields its releases may not know are left out
+        (:func:`~helexa.protocol.compat.for_earlier`: an embedding's ``truncate`` too)."""
+        if stream.protocol != SCOPED_FEDERATION_PROTOCOL:
+            return for_earlier(request)
         if not isinstance(request, GenerateRequest) or not request.cache_scope:
             return request
-        scope = ""
-        if stream.protocol == SCOPED_FEDERATION_PROTOCOL:
-            key = (stream.remote_peer, request.cache_scope)
-            scope = self._wire_scopes.get(key, "")
-            if not scope:
-                if len(self._wire_scopes) >= _WIRE_SCOPES:
-                    self._wire_scopes.clear()
-                scope = self._wire_scopes[key] = wire_scope(*key)
+        key = (stream.remote_peer, request.cache_scope)
+        scope = self._wire_scopes.get(key, "")
+        if not scope:
+            if len(self._wire_scopes) >= _WIRE_SCOPES:
+                self._wire_scopes.clear()
+            scope = self._wire_scopes[key] = wire_scope(*key)
         return replace(request, cache_scope=scope)
 
     async def _abandon(self, offer: PeerOffer, request: GenerateRequest | EmbedRequest, stream: MessageStream) -> None:

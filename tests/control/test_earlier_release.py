@@ -1,0 +1,134 @@
+"""A cortex and a neuron of different releases (a rolling upgrade), between a real cortex
+and a real neuron agent in this process: every control-plane frame is decoded as the
+release of 2026-11-30 decodes it (``tests/fixtures/wire_2026-11-30.json``: a frame with a
+field it does not know is a protocol error that closes the connection), and the side of
+that release joins at handshake version 1.
+
+The cortex sent every embedding a ``truncate`` such a neuron refused (each embedding
+request dropped its connection, and the request got a 503), and the neuron sent a
+non-streamed answer's ``first_token_s`` such a cortex refused, the same way."""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+
+import httpx
+import msgpack
+import pytest
+import trio
+
+from helexa.protocol import DecodeError
+from helexa.protocol.join import CortexJoin, NeuronJoin
+from helexa.roles.cortex import control_server
+from helexa.roles.neuron import connection
+from helexa.transport import ws_channel
+
+from test_neuron_identity import Setup
+
+EARLIER = json.loads((Path(__file__).parents[1] / "fixtures" / "wire_2026-11-30.json").read_text())["kinds"]
+
+MODELS = """
+[models.synth]
+backend = "synthetic"
+memory_mb = 10
+[models.synth.config]
+metadata = { tokens = 3, tokens_per_second = 1000 }
+
+[models."all-minilm-l6-v2"]
+backend = "embeddings"
+workloads = ["embedding"]
+memory_mb = 100
+max_context = 256
+"""
+
+
+@pytest.fixture
+def earlier_codec(monkeypatch):
+    """Every control-plane frame decoded under that release's field lists first."""
+    decode = ws_channel.decode
+
+    def strict(data, **kw):
+        body = msgpack.unpackb(data, raw=False)
+        if isinstance(body, dict) and body.get("k") in EARLIER:
+            extra = sorted(set(body) - {"k", "v"} - set(EARLIER[body["k"]]))
+            if extra:
+                raise DecodeError(f"{body['k']}: unknown field(s) {extra}")
+        return decode(data, **kw)
+
+    monkeypatch.setattr(ws_channel, "decode", strict)
+
+
+def setup(tmp_path) -> Setup:
+    s = Setup(tmp_path)
+    (tmp_path / "models.toml").write_text(MODELS)
+    return s
+
+
+async def test_a_neuron_of_this_release_answers_a_cortex_of_the_earlier_one(tmp_path, nursery, monkeypatch,
+                                                                           earlier_codec):
+    """A non-streamed answer (its first text timed) reaches the older cortex, an embedding
+    is cut as that release's neurons cut it, and the neuron stays on the connection it
+    joined with."""
+    monkeypatch.setattr(control_server, "CortexJoin", partial(CortexJoin, versions=(1, 1)))
+    s = setup(tmp_path)
+    cortex = await s.start_cortex(nursery)
+    running = s.start(nursery, "n")
+    await s.joined(running)
+    link = cortex.fleet.get("n1")
+    assert running.neuron.connection.earlier
+    for _ in range(2):
+        answer = await s.chat()
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["message"]["content"] == "tok0 tok1 tok2"
+    # That cortex sends an embedding no truncate (it always cut an input over the context): cut.
+    async with httpx.AsyncClient(base_url=s.addrs.gateway_url, timeout=60) as http:
+        long = await http.post("/api/embed", json={"model": "all-minilm-l6-v2", "input": "word " * 300})
+    assert long.status_code == 200, long.text
+    assert long.json()["prompt_eval_count"] == 256
+    assert cortex.fleet.get("n1") is link and link.connected and running.neuron.joins == 1
+
+
+async def test_a_neuron_of_the_earlier_release_serves_embeddings_for_a_cortex_of_this_one(tmp_path, nursery,
+                                                                                         monkeypatch, earlier_codec):
+    """OpenAI's embeddings (no truncation) and Ollama's (truncate by default) both reach the
+    older neuron, which keeps its connection."""
+    monkeypatch.setattr(connection, "NeuronJoin", partial(NeuronJoin, versions=(1, 1)))
+    s = setup(tmp_path)
+    cortex = await s.start_cortex(nursery)
+    running = s.start(nursery, "n")
+    await s.joined(running)
+    link = cortex.fleet.get("n1")
+    assert not link.scopes_cache
+    async with httpx.AsyncClient(base_url=s.addrs.gateway_url, timeout=60) as http:
+        openai = await http.post("/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": ["a", "b"]})
+        assert openai.status_code == 200, openai.text
+        assert len(openai.json()["data"]) == 2
+        ollama = await http.post("/api/embed", json={"model": "all-minilm-l6-v2", "input": "hello"})
+        assert ollama.status_code == 200, ollama.text
+        assert len(ollama.json()["embeddings"]) == 1
+    assert cortex.fleet.get("n1") is link and link.connected and running.neuron.joins == 1
+
+
+async def test_a_neuron_that_cannot_read_a_frame_of_ours_is_logged_as_too_old_not_as_sending_a_bad_one(
+        tmp_path, nursery, caplog):
+    """A neuron of 2026-11-23 joins, then refuses the first model config it is sent (fields
+    it does not know) with a Fault: the cortex said it "sent a bad frame: unexpected Fault
+    from a neuron", which hid what the neuron said and that it is of a release too old."""
+    from helexa.protocol import Fault
+
+    s = setup(tmp_path)
+    cortex = await s.start_cortex(nursery)
+    running = s.start(nursery, "n")
+    await s.joined(running)
+    link = cortex.fleet.get("n1")
+    said = "upsert_model_config.config: unknown field(s) ['sha256', 'source']"
+    await running.neuron.connection.send(Fault("malformed", said))
+    with trio.fail_after(10):
+        while link.connected:
+            await trio.sleep(0.02)
+    lines = [r.getMessage() for r in caplog.records if r.name == "helexa.roles.cortex.neuron_link"]
+    assert any("neuron n1 could not read a frame of this cortex's" in line and said in line
+               and "earlier release" in line for line in lines), lines
+    assert not any("sent a bad frame" in line for line in lines)

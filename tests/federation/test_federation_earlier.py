@@ -1,0 +1,92 @@
+"""Two cortexes of different releases federated, over the in-memory mesh: every frame is
+decoded as the release of 2026-11-30 decodes it (``tests/fixtures/wire_2026-11-30.json``:
+a frame with a field it does not know is refused, and the stream with it), and that
+release speaks only ``/helexa/federation/1``.
+
+Asking such a peer for an embedding failed (502: it refused the request's ``truncate``),
+and such a peer asking us for a non-streamed answer got a 502 for the answer's
+``first_token_s`` while our ledger recorded it served and its own recorded nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from helexa.mesh import MemoryNetwork, streams
+from helexa.protocol import DecodeError, EmbedRequest, GenerateResult, Workload
+from helexa.protocol.federation import FEDERATION_PROTOCOL, OfferedModel
+from helexa.roles.cortex.federation.ledger import CONSUMED, SERVED
+
+from conftest import FakeFleet
+from test_federation_service import cortex, recorded, request, settle
+
+EARLIER = json.loads((Path(__file__).parents[1] / "fixtures" / "wire_2026-11-30.json").read_text())["kinds"]
+
+
+@pytest.fixture
+def earlier_codec(monkeypatch):
+    """Every frame on the mesh's streams decoded under that release's field lists first."""
+    decode = streams.decode
+
+    def strict(data, **kw):
+        body = msgpack.unpackb(data, raw=False)
+        if isinstance(body, dict) and body.get("k") in EARLIER:
+            extra = sorted(set(body) - {"k", "v"} - set(EARLIER[body["k"]]))
+            if extra:
+                raise DecodeError(f"{body['k']}: unknown field(s) {extra}")
+        return decode(data, **kw)
+
+    monkeypatch.setattr(streams, "decode", strict)
+
+
+class TimedFleet(FakeFleet):
+    """A fleet whose non-streamed answers say when their first text came, as a neuron's do."""
+
+    def serve(self, request):
+        inner = super().serve(request)
+
+        class Timed:
+            async def __aenter__(self):
+                frames = await inner.__aenter__()
+
+                async def timed():
+                    async for frame in frames:
+                        if isinstance(frame, GenerateResult):
+                            frame = GenerateResult(frame.request_id, frame.finish_reason, frame.usage,
+                                                   text="Hello world", first_token_s=0.05)
+                        yield frame
+                return timed()
+
+            async def __aexit__(self, *exc):
+                return await inner.__aexit__(*exc)
+
+        return Timed()
+
+
+async def test_a_peer_of_the_earlier_release_asked_for_an_embedding_answers_it(nursery, autojump_clock,
+                                                                                earlier_codec):
+    net = MemoryNetwork()
+    offer = (OfferedModel("emb", True, price_input=1.0, workloads=(Workload.EMBEDDING,)),)
+    a = await cortex(nursery, net, "A", offer=())
+    b = await cortex(nursery, net, "B", fleet=FakeFleet(), offer=offer, protocols=(FEDERATION_PROTOCOL,))
+    await settle()
+    for rid, truncate in (("e1", True), ("e2", False)):  # Ollama's default, OpenAI's
+        assert (await a.embed(EmbedRequest(rid, "emb", ("x",), truncate=truncate))).dim == 2
+        served, consumed = await recorded(b.ledger, SERVED, rid), a.ledger.get(CONSUMED, rid)
+        assert served.receipt == consumed.receipt and not consumed.flagged
+
+
+async def test_a_peer_of_the_earlier_release_gets_our_answer_and_both_ledgers_agree(nursery, autojump_clock,
+                                                                                   earlier_codec):
+    net = MemoryNetwork()
+    a = await cortex(nursery, net, "A", offer=(), protocols=(FEDERATION_PROTOCOL,))
+    b = await cortex(nursery, net, "B", fleet=TimedFleet())
+    await settle()
+    async with a.route(request("r1")) as frames:
+        last = [f async for f in frames][-1]
+    assert isinstance(last, GenerateResult)
+    served, consumed = await recorded(b.ledger, SERVED, "r1"), a.ledger.get(CONSUMED, "r1")
+    assert consumed is not None and served.receipt == consumed.receipt and not consumed.flagged

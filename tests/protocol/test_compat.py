@@ -1,0 +1,82 @@
+"""Frames for a peer of an earlier release decode there: checked against the wire format of
+the release of 2026-11-30 (``tests/fixtures/wire_2026-11-30.json``: each kind's fields, as
+that tree's codec accepts them; it refuses a frame with any other and drops the link).
+
+A new cortex sent every embedding a ``truncate`` that such a neuron (or peer) refused,
+closing its connection, and a new neuron sent a non-streamed answer's ``first_token_s``
+that such a cortex refused the same way."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import msgpack
+
+from helexa.protocol import (
+    PROTOCOL_VERSION,
+    EmbedRequest,
+    GenerateRequest,
+    GenerateResult,
+    Task,
+    Usage,
+    decode,
+    encode,
+    kinds,
+)
+from helexa.protocol.codec import _OMIT_DEFAULT
+from helexa.protocol.compat import for_earlier
+
+EARLIER = json.loads((Path(__file__).parents[1] / "fixtures" / "wire_2026-11-30.json").read_text())["kinds"]
+
+HANDLED = {("generate", "cache_scope"), ("embed", "truncate"), ("result", "first_token_s"),
+           ("join", "public_key"), ("join", "signature")}
+"""Fields newer than that release in the frames both keep sending: ``for_earlier`` resets
+the first three for such a peer, the handshake the join's two (it sends no key to a cortex
+of version 1)."""
+
+
+def unknown_to_earlier(frame: bytes) -> list[str]:
+    """The fields of ``frame`` that the earlier release's codec would refuse."""
+    body = msgpack.unpackb(frame, raw=False)
+    kind = body.pop("k")
+    body.pop("v")
+    return sorted(set(body) - set(EARLIER[kind]))
+
+
+def test_every_field_added_since_is_left_out_at_its_default_and_each_is_accounted_for():
+    """A field added to a message that an earlier peer may get must be an ``added_field``
+    (left out while default): a plain field with a default is sent always, and refused
+    there. And each one is known to :func:`for_earlier` (or the handshake)."""
+    newer = set()
+    for kind, cls in kinds().items():
+        if kind not in EARLIER:
+            continue
+        for f in dataclasses.fields(cls):
+            if f.name not in EARLIER[kind]:
+                assert f.metadata.get(_OMIT_DEFAULT), f"{kind}.{f.name} is not an added_field"
+                newer.add((kind, f.name))
+    assert newer == HANDLED
+
+
+def test_what_a_new_build_sends_an_earlier_peer_decodes_there():
+    chat = GenerateRequest("r1", "m", Task.CHAT, messages=({"role": "user", "content": "x"},), cache_scope="ab" * 16)
+    embed = EmbedRequest("r2", "m", ("a",), truncate=True)
+    result = GenerateResult("r3", "stop", Usage(1, 1), text="hi", first_token_s=0.25)
+    for msg in (chat, embed, result):
+        assert unknown_to_earlier(encode(msg)), msg  # as sent to a peer of this release
+        assert unknown_to_earlier(encode(for_earlier(msg))) == []
+    assert for_earlier(embed) == EmbedRequest("r2", "m", ("a",))
+    assert for_earlier(replace(embed, truncate=False)) == EmbedRequest("r2", "m", ("a",))  # OpenAI's
+    assert for_earlier(result).text == "hi" and for_earlier(result).first_token_s is None
+
+
+def test_an_embedding_from_a_cortex_before_truncate_is_cut_as_that_cortex_cut():
+    """Its frame has no ``truncate``: not said (None), which the backend reads as cut, what
+    that release always did; this release's cortex says true or false."""
+    old = msgpack.packb({"k": "embed", "v": PROTOCOL_VERSION, "request_id": "r", "model_id": "m", "inputs": ["a"],
+                         "trace": ""})
+    assert decode(old).truncate is None
+    assert decode(encode(EmbedRequest("r", "m", ("a",), truncate=False))).truncate is False
