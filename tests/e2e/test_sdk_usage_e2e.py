@@ -249,3 +249,26 @@ def test_openais_deprecated_functions_are_refused_not_answered_as_text(cortex: C
                 oai.chat.completions.create(model="fast", messages=ASK, max_tokens=8, **kw)
             assert refused.value.body["param"] == param
     assert records(cortex, key_id) == []
+
+
+def test_a_stream_the_client_cuts_bills_the_prompt_the_whole_answer_would(cortex: Cortex) -> None:
+    """The neuron's usage never comes for a stream the client cuts: its prompt is billed at
+    the edge's exact count (SmolLM2's tokenizer), which is llama.cpp's own (a quarter of
+    the request's bytes billed a cut "hi" 1 token of 31)."""
+    import time
+
+    url, key, key_id = new_key(cortex, "cut-stream")
+    hi = [{"role": "user", "content": "hi"}]
+    with openai.OpenAI(base_url=url + "/v1", api_key=key, timeout=120, max_retries=0) as oai:
+        whole = oai.chat.completions.create(model="fast", messages=hi, max_tokens=2, temperature=0)
+        stream = oai.chat.completions.create(model="fast", messages=hi, max_tokens=400, temperature=0, stream=True)
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                break
+        stream.close()
+    deadline = time.monotonic() + 30
+    while len(rows := records(cortex, key_id)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [r["outcome"] for r in rows] == ["ok", "client_gone"]
+    assert rows[1]["completion_tokens"] >= 1
+    assert rows[1]["prompt_tokens"] == whole.usage.prompt_tokens > 20
