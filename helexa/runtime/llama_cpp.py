@@ -362,6 +362,11 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
                                  "structured output (a JSON object or schema) in one request")
         body = openai_shapes.request_body(tool_grammar.plain_request(request), dialect="llama.cpp")
         body.pop("parallel_tool_calls", None)
+        # Stop sequences apply to the answer's text, not to the grammar's JSON: llama.cpp
+        # would cut a call whose arguments hold one ("city"), losing it. They are applied to
+        # a text answer's content once it is read (LlamaStream.result).
+        body.pop("stop", None)
+        body.pop("verbose", None)
         return self._control.chat_body(body), True
 
     async def _check_context(self, request: GenerateRequest, body: dict[str, Any], generic: bool) -> None:
