@@ -6,7 +6,7 @@ model name the client asked for, and calls :meth:`Metering.generate` or
 :meth:`Metering.embed` with the :class:`Caller` (portal and key). In one place, that:
 
 1. **authorises the model**: the portal's public name is resolved to the catalogue model
-   (404 if the portal does not serve it, 403 if the key may not use it), and ``max_tokens``
+   (404 if the portal does not serve it or the key may not use it: one answer for both), and ``max_tokens``
    is checked against the model's limit;
 2. **reserves the worst case** against every limit of the key and the portal
    (:mod:`.quota`): the prompt's upper bound (its UTF-8 bytes plus a per-message
@@ -270,7 +270,7 @@ class Metering(AccountBook):
         goes to the orchestrator, which routes the request back to where the session went.
 
         Raises:
-            the :mod:`..errors` tree: ModelNotFound (404), Forbidden (403), BadRequest (what
+            the :mod:`..errors` tree: ModelNotFound (404), BadRequest (what
             the model cannot take, :mod:`..request_limits`; ``image`` names the request's
             first image part, if any), RateLimited / InsufficientQuota (429) before anything ran; the orchestrator's
             errors (before or during the stream); UpstreamError when the stream ended
