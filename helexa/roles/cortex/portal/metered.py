@@ -139,7 +139,8 @@ class MeteredRun:
         return run
 
     async def _exact(self, request: GenerateRequest, plan: Plan, served: str) -> Plan:
-        """``plan`` again from the prompt's exact token count, where that is smaller."""
+        """``plan`` again from the prompt's exact token count, where that is smaller; either
+        way with the count (:attr:`Plan.prompt_tokens`, what a generation cut short bills)."""
         m = self._metering
         if m.limits is None:
             return plan
@@ -163,7 +164,7 @@ class MeteredRun:
         m, caller = self._metering, self._caller
         if refusal.code in ("too_large", "tokens", "budget"):
             exact = await self._exact(request, plan, served)
-            if exact is not plan:
+            if exact.reservation.tokens < plan.reservation.tokens:  # (else it carries only the count)
                 again = admit(accounts, exact.reservation, now)
                 if again is None:
                     return exact
