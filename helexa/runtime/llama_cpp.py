@@ -362,6 +362,10 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
                                  "structured output (a JSON object or schema) in one request")
         body = openai_shapes.request_body(tool_grammar.plain_request(request), dialect="llama.cpp")
         body.pop("parallel_tool_calls", None)
+        # Stops apply to a text answer once read (LlamaStream.result), never to the grammar's
+        # JSON: llama.cpp would cut a call whose arguments hold one ("city"), losing it.
+        for name in ("stop", "verbose"):
+            body.pop(name, None)
         return self._control.chat_body(body), True
 
     async def _check_context(self, request: GenerateRequest, body: dict[str, Any], generic: bool) -> None:
@@ -390,7 +394,6 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
         openai_shapes.validate(request, max_context=self._slot_ctx, features=self.features)
         handle = method(self._require_loaded())
         body, generic = self._body(request)
-        stops = request.sampling.stop
         await self._check_context(request, body, generic)
         # llama.cpp reports prompt progress from the moment a slot takes the request: its
         # first report ends the request's wait in llama.cpp's own queue.

@@ -90,9 +90,13 @@ class LlamaStream:
         usage = self._usage or Usage(completion_tokens=self._emitted)
         if self._generic:
             parsed = tool_grammar.parse(self.answer)
-            finish = "tool_calls" if parsed.tool_calls else self._finish
-            return GenerateResult(self._rid, finish, usage, text=parsed.content, tool_calls=parsed.tool_calls or None,
-                                  stop_sequence=None if parsed.tool_calls else self._stop_sequence)
+            if parsed.tool_calls:  # whole, whatever stop sequence its arguments hold
+                return GenerateResult(self._rid, "tool_calls", usage, tool_calls=parsed.tool_calls)
+            # The stop sequences were not llama.cpp's to apply (they would have cut the JSON):
+            # a text answer ends before the first of them, as a plain answer would.
+            text, stop = tool_grammar.stopped(parsed.content, self._stops)
+            finish = "stop" if stop is not None else self._finish
+            return GenerateResult(self._rid, finish, usage, text=text, stop_sequence=stop)
         return GenerateResult(self._rid, self._finish, usage, stop_sequence=self._stop_sequence)
 
 

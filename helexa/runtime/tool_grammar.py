@@ -207,6 +207,19 @@ def parse(text: str) -> Parsed:
     return Parsed("")
 
 
+def stopped(content: str, stops: tuple[str, ...]) -> tuple[str, str | None]:
+    """``content`` up to the first of ``stops`` in it, and that stop sequence (the one that
+    starts first; of two starting together, the one listed first); ``(content, None)`` when
+    none occurs. A generic answer's stop sequences apply here, to its text, never to the
+    grammar's JSON, where they would cut a tool call's arguments."""
+    first: tuple[int, str] | None = None
+    for stop in stops:
+        at = content.find(stop) if stop else -1
+        if at >= 0 and (first is None or at < first[0]):
+            first = (at, stop)
+    return (content, None) if first is None else (content[:first[0]], first[1])
+
+
 _CUT_RESPONSE = re.compile(r'\s*\{\s*"response"\s*:\s*"')
 
 

@@ -240,22 +240,23 @@ async def test_an_unknown_model_is_not_found() -> None:
     assert info.value.body["error"]["type"] == "not_found_error" and "chat2" in info.value.body["error"]["message"]
 
 
-async def test_a_model_the_key_may_not_use_is_a_permission_error_for_messages_and_counts() -> None:
+async def test_a_model_the_key_may_not_use_is_not_found_for_messages_and_counts() -> None:
+    # As its listing answers (/v1/models/fast is a 404): a 403 would confirm the model is here.
     fleet, neuron, store, _ = keyed()
     key = new_key(store, "acme", models=("embed",))
     async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
-        def ask() -> list[anthropic.PermissionDeniedError]:
+        def ask() -> list[anthropic.NotFoundError]:
             errors = []
             with client(urls["acme"], key) as c:
                 for call in (lambda: c.messages.create(model="fast", max_tokens=4, messages=ASK),
                              lambda: c.messages.count_tokens(model="fast", messages=ASK)):
-                    with pytest.raises(anthropic.PermissionDeniedError) as info:
+                    with pytest.raises(anthropic.NotFoundError) as info:
                         call()
                     errors.append(info.value)
             return errors
 
         errors = await in_thread(ask)
-    assert [e.body["error"]["type"] for e in errors] == ["permission_error"] * 2
+    assert [e.body["error"]["type"] for e in errors] == ["not_found_error"] * 2
     assert not neuron.requests
 
 

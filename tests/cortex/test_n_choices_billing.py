@@ -63,6 +63,10 @@ async def test_n_choices_count_the_prompt_once_in_the_answer_the_ledger_the_budg
     spent = (3 * 5 + 32) * 1000 / 1e6
     assert mine["spent"] == {"money": pytest.approx(spent), "tokens": 3 * 5 + 32}
     assert mine["remaining_budget"] == pytest.approx(100.0 - spent)
+    # Three calls, as rpm counted them (it counted each call once whatever its n), not 8 choices.
+    assert [(m["model"], m["requests"], m["prompt_tokens"], m["completion_tokens"]) for m in mine["models"]] == [
+        ("fast", 3, 15, 32)]
+    assert [r["requests"] for r in store.report(by="key")] == [3]
     assert 'helexa_portal_tokens_total{kind="prompt",model="fast",portal="acme"} 15.0' in metrics
     assert 'helexa_portal_tokens_total{kind="completion",model="fast",portal="acme"} 32.0' in metrics
 

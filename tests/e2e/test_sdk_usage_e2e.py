@@ -249,3 +249,53 @@ def test_openais_deprecated_functions_are_refused_not_answered_as_text(cortex: C
                 oai.chat.completions.create(model="fast", messages=ASK, max_tokens=8, **kw)
             assert refused.value.body["param"] == param
     assert records(cortex, key_id) == []
+
+
+def test_a_stream_the_client_cuts_bills_the_prompt_the_whole_answer_would(cortex: Cortex) -> None:
+    """The neuron's usage never comes for a stream the client cuts: its prompt is billed at
+    the edge's exact count (SmolLM2's tokenizer), which is llama.cpp's own (a quarter of
+    the request's bytes billed a cut "hi" 1 token of 31)."""
+    import time
+
+    url, key, key_id = new_key(cortex, "cut-stream")
+    hi = [{"role": "user", "content": "hi"}]
+    with openai.OpenAI(base_url=url + "/v1", api_key=key, timeout=120, max_retries=0) as oai:
+        whole = oai.chat.completions.create(model="fast", messages=hi, max_tokens=2, temperature=0)
+        stream = oai.chat.completions.create(model="fast", messages=hi, max_tokens=400, temperature=0, stream=True)
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                break
+        stream.close()
+    deadline = time.monotonic() + 30
+    while len(rows := records(cortex, key_id)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [r["outcome"] for r in rows] == ["ok", "client_gone"]
+    assert rows[1]["completion_tokens"] >= 1
+    assert rows[1]["prompt_tokens"] == whole.usage.prompt_tokens > 20
+
+
+def test_a_stop_sequence_in_a_tool_calls_arguments_does_not_cut_the_call(cortex: Cortex) -> None:
+    """Stop sequences apply to the answer's text: SmolLM2's call (the grammar's JSON,
+    ``{"city": "Paris"}``) holds ``city`` and came back ``finish_reason: stop`` with no
+    content, the call lost, on every surface."""
+    url, key, _ = new_key(cortex, "stop-in-call")
+    with openai.OpenAI(base_url=url + "/v1", api_key=key, timeout=120, max_retries=0) as oai:
+        whole = oai.chat.completions.create(model="fast", messages=ASK, tools=[TOOL], tool_choice="required",
+                                            stop=["city"], max_tokens=80, temperature=0)
+        assert whole.choices[0].finish_reason == "tool_calls", whole
+        assert json.loads(whole.choices[0].message.tool_calls[0].function.arguments).get("city")
+        stream = oai.chat.completions.create(model="fast", messages=ASK, tools=[TOOL], tool_choice="required",
+                                             stop=["city"], max_tokens=80, temperature=0, stream=True)
+        chunks = [c for c in stream if c.choices]
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        assert any(c.choices[0].delta.tool_calls for c in chunks)
+    with anthropic.Anthropic(base_url=url, api_key=key, timeout=120, max_retries=0) as claude:
+        message = claude.messages.create(model="fast", messages=ASK, max_tokens=80, tool_choice={"type": "any"},
+                                         stop_sequences=["city"],
+                                         tools=[{"name": "get_weather", "description": "Get the weather in a city",
+                                                 "input_schema": WEATHER}], extra_body={"temperature": 0})
+        assert message.stop_reason == "tool_use" and message.stop_sequence is None, message
+        assert [b.type for b in message.content] == ["tool_use"] and message.content[0].input.get("city")
+    chat = ollama.Client(host=url, headers={"authorization": f"Bearer {key}"}, timeout=120).chat(
+        model="fast", messages=ASK, tools=[TOOL], options={"num_predict": 80, "temperature": 0, "stop": ["city"]})
+    assert chat.message.tool_calls and chat.message.tool_calls[0].function.arguments.get("city"), chat

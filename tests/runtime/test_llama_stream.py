@@ -79,6 +79,22 @@ def test_a_generic_tool_answer_cut_short_ends_with_length_and_none_of_its_json()
     assert s.answer == '{\n  "'  # the slot table still sees what was generated
 
 
+def test_a_generic_answers_stop_sequences_cut_its_text_and_never_its_tool_call():
+    # llama.cpp is not given them (they would cut the grammar's JSON): the text is cut here.
+    s = LlamaStream(request(stop=("city", "Par")), generic=True)
+    s.feed([delta('{"tool_call": {"name": "get_weather", "arguments": {"city": "Paris"}}}', finish="stop")])
+    call = s.result()
+    assert (call.finish_reason, call.stop_sequence, call.text) == ("tool_calls", None, "")
+    assert call.tool_calls[0]["function"]["arguments"] == '{"city": "Paris"}'
+    s = LlamaStream(request(stop=("city", "Par")), generic=True)
+    s.feed([delta('{"response": "In Paris the city is'), delta(' warm"}', finish="stop")])
+    text = s.result()
+    assert (text.finish_reason, text.stop_sequence, text.text) == ("stop", "Par", "In ")
+    s = LlamaStream(request(stop=("snow",)), generic=True)
+    s.feed([delta('{"response": "sunny"}', finish="stop")])
+    assert (s.result().stop_sequence, s.result().text) == (None, "sunny")
+
+
 def test_progress_reports_carry_nothing_and_an_error_envelope_raises():
     s = LlamaStream(request())
     assert s.feed([{"prompt_progress": {"total": 3, "processed": 3}}]) == []

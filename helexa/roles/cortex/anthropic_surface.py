@@ -18,7 +18,7 @@ The API key comes as ``x-api-key`` or ``Authorization: Bearer`` (the portal app 
 both); ``anthropic-version`` and ``anthropic-beta`` are informational and accepted
 whatever they say.
 
-``count_tokens`` runs no model: it resolves the portal's name for the model (404 / 403 as
+``count_tokens`` runs no model: it resolves the portal's name for the model (404 as
 a generation would; 404 too for a model neither the catalogue nor the fleet nor a peer
 has), and counts the prompt as the fabric's request would carry it with the
 model's own tokenizer (:mod:`.token_counter`): exact for the vocabularies the edge mirrors

@@ -12,7 +12,7 @@ Exception tree (HTTP status, OpenAI ``type``)::
     ├── Unauthorized                  401 invalid_request_error   code invalid_api_key
     ├── NotFound                      404 invalid_request_error   (unknown path)
     │   └── ModelNotFound             404 invalid_request_error   code model_not_found
-    ├── Forbidden                     403 permission_error        a federation policy or the key said no
+    ├── Forbidden                     403 permission_error        a federation policy (not a key's model: 404)
     ├── MethodNotAllowed              405 invalid_request_error
     ├── RequestTimeout                408 invalid_request_error   the body came too slowly (the connection closes)
     ├── PayloadTooLarge               413 invalid_request_error

@@ -238,7 +238,7 @@ class OllamaSurface:
         or counts against a limit."""
         caller = ex.caller
         assert caller is not None
-        caller.portal.resolve(self.public_name(caller, head["model"]), caller.key)  # 404 / 403 as a request's
+        caller.portal.resolve(self.public_name(caller, head["model"]), caller.key)  # 404 as a request's
         obj = {**head, "created_at": api.timestamp(), "done": True, "done_reason": "unload"}
         if stream:
             await ex.out.full(200, NDJSON, _line(obj))

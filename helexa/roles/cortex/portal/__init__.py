@@ -11,8 +11,8 @@ in its portal's currency), :mod:`.routing` (a portal's routing preferences for t
 :mod:`.admin` (the admin API).
 
 Errors raised toward clients are the gateway's (:mod:`..errors`): ``Unauthorized`` (401,
-a missing or bad key), ``Forbidden`` (403, a model the key may not use), ``ModelNotFound``
-(404, a model the portal does not serve), ``RateLimited`` / ``InsufficientQuota`` (429,
+a missing or bad key), ``ModelNotFound`` (404, a model the portal does not serve or the key
+may not use: one answer for both), ``RateLimited`` / ``InsufficientQuota`` (429,
 with ``Retry-After``); :class:`.writer.LedgerError` when a record cannot be made durable
 (500: the answer is not finished without its record).
 """

@@ -20,6 +20,9 @@ from ..errors import UpstreamError, as_asked
 from .quota import Account, Refusal, admit, beyond
 from .routing import ASK_POLICY
 
+_COUNT_TIMEOUT_S = 5.0
+"""How long counting a cut generation's prompt may hold its record (a cold tokenizer loads in under a second)."""
+
 if TYPE_CHECKING:
     from ..orchestrator import OnWait
     from .metering import Caller, Metering, Plan
@@ -63,7 +66,7 @@ class MeteredRun:
 
     __slots__ = ("_metering", "_caller", "_request", "_endpoint", "_on_wait", "_image", "_session",
                  "_plan", "_accounts", "_run", "_context", "_gen", "_started", "_t0", "_token", "_copies",
-                 "_choice", "_group", "_admitted")
+                 "_choice", "_group", "_admitted", "_forward")
 
     def __init__(self, metering: Metering, caller: Caller, request: GenerateRequest, endpoint: str,
                  on_wait: OnWait | None, image: str | None, session: str | None, copies: int = 1, choice: int = 0,
@@ -80,6 +83,7 @@ class MeteredRun:
         self._image = image
         self._session = session
         self._token: Any = None
+        self._forward: GenerateRequest | None = None
 
     async def __aenter__(self) -> MeteredGeneration:
         m, caller, request = self._metering, self._caller, self._request
@@ -95,6 +99,7 @@ class MeteredRun:
         accounts = self._accounts = m.accounts(caller, now)
         plan = self._plan = m._plan_generate(caller, request, served, bounded=bool(accounts),
                                              counted=bool(accounts) or portal.records_usage)
+        self._forward = request if served == asked else dataclasses.replace(request, model_id=served)
         if self._copies > 1:
             # The prompt is reserved (and billed) once, with choice 0; the whole request is
             # judged from its exact count at once, so it is not counted again below.
@@ -134,7 +139,8 @@ class MeteredRun:
         return run
 
     async def _exact(self, request: GenerateRequest, plan: Plan, served: str) -> Plan:
-        """``plan`` again from the prompt's exact token count, where that is smaller."""
+        """``plan`` again from the prompt's exact token count, where that is smaller; either
+        way with the count (:attr:`Plan.prompt_tokens`, what a generation cut short bills)."""
         m = self._metering
         if m.limits is None:
             return plan
@@ -144,7 +150,8 @@ class MeteredRun:
             exact = m._plan_generate(self._caller, dataclasses.replace(request, prompt_tokens=count.tokens), served,
                                      bounded=True, counted=True)
             if exact.reservation.tokens < plan.reservation.tokens:
-                return exact
+                return dataclasses.replace(exact, prompt_tokens=count.tokens)
+            return dataclasses.replace(plan, prompt_tokens=count.tokens)  # exact, though its bound held
         return plan
 
     async def _recounted(self, request: GenerateRequest, plan: Plan, refusal: Refusal, served: str,
@@ -157,7 +164,7 @@ class MeteredRun:
         m, caller = self._metering, self._caller
         if refusal.code in ("too_large", "tokens", "budget"):
             exact = await self._exact(request, plan, served)
-            if exact is not plan:
+            if exact.reservation.tokens < plan.reservation.tokens:  # (else it carries only the count)
                 again = admit(accounts, exact.reservation, now)
                 if again is None:
                     return exact
@@ -189,12 +196,31 @@ class MeteredRun:
         raises what the client must see instead (an alias's model is never named)."""
         m, plan = self._metering, self._plan
         try:
+            if plan.prompt_tokens is None and plan.prompt_bytes:  # a prompt billed here, with no exact count yet
+                plan = self._plan = await self._counted_prompt(plan)
             await m._record(m._book_generation(self._caller, plan, self._accounts, self._run, self._endpoint,
                                                self._started, self._t0, exc, self._group))
             if (public := as_asked(exc, plan.asked, plan.forward.model_id)) is not None:
                 raise public from None  # never name the model behind an alias
         finally:
             self._reset()
+
+    async def _counted_prompt(self, plan: Plan) -> Plan:
+        """``plan`` with its prompt's exact count (the edge's tokenizer), for a generation that
+        ends without the neuron's usage (the client left, or it failed) once it produced
+        output: so it is billed for its real prompt, not an estimate from its bytes. Shielded
+        (a client that left cancels the request) and bounded in time; no exact count (a model
+        the edge cannot tokenize, a tool syntax it does not render): ``plan`` as it was."""
+        m, run, forward = self._metering, self._run, self._forward
+        output = run is not None and (run.completion_tokens or any(g is not None and g.completion_tokens
+                                                                   for g in self._group))
+        if not output or m.limits is None or forward is None:
+            return plan
+        with trio.CancelScope(shield=True), trio.move_on_after(_COUNT_TIMEOUT_S):
+            count = await m.limits.counter.count(forward)
+            if count is not None and count.exact:
+                return dataclasses.replace(plan, prompt_tokens=count.tokens)
+        return plan
 
     def _reset(self) -> None:
         key = self._caller.key

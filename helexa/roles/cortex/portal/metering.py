@@ -6,7 +6,7 @@ model name the client asked for, and calls :meth:`Metering.generate` or
 :meth:`Metering.embed` with the :class:`Caller` (portal and key). In one place, that:
 
 1. **authorises the model**: the portal's public name is resolved to the catalogue model
-   (404 if the portal does not serve it, 403 if the key may not use it), and ``max_tokens``
+   (404 if the portal does not serve it or the key may not use it: one answer for both), and ``max_tokens``
    is checked against the model's limit;
 2. **reserves the worst case** against every limit of the key and the portal
    (:mod:`.quota`): the prompt's upper bound (its UTF-8 bytes plus a per-message
@@ -18,8 +18,9 @@ model name the client asked for, and calls :meth:`Metering.generate` or
 3. **runs** the request through the orchestrator with the portal's tenant, priority and
    routing preferences;
 4. **settles** what was really used: the neuron's usage when the answer completed, else
-   (the client left, or it failed) the tokens of the chunks it produced and the prompt
-   estimated at a quarter of its bytes when any output came;
+   (the client left, or it failed) the tokens of the chunks it produced and, when any
+   output came, the prompt's exact count where the edge has one (counted at admission, or
+   then with the model's tokenizer), else its estimate at a quarter of its bytes;
 5. **writes the ledger record**, durably (:mod:`.writer`), *before* the adapter gets the
    final result: a generation yields only its :class:`TokenChunk`\\ s, and its
    :attr:`MeteredGeneration.result` (with the usage that was billed) exists only once
@@ -105,6 +106,10 @@ class Plan:
     """The completion limit's share of ``reservation`` (its tokens and what they would cost)."""
     bills_prompt: bool = True
     """False for choices 1.. of OpenAI's ``n``: the prompt is reserved and billed once, with choice 0."""
+    prompt_tokens: int | None = None
+    """The prompt's exact token count, where the edge made one (at admission, or when the
+    generation ended without the neuron's usage): what a generation cut short bills for
+    its prompt; None bills the estimate from its bytes."""
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         p_in, p_out = self.prices
@@ -265,7 +270,7 @@ class Metering(AccountBook):
         goes to the orchestrator, which routes the request back to where the session went.
 
         Raises:
-            the :mod:`..errors` tree: ModelNotFound (404), Forbidden (403), BadRequest (what
+            the :mod:`..errors` tree: ModelNotFound (404), BadRequest (what
             the model cannot take, :mod:`..request_limits`; ``image`` names the request's
             first image part, if any), RateLimited / InsufficientQuota (429) before anything ran; the orchestrator's
             errors (before or during the stream); UpstreamError when the stream ended
@@ -352,7 +357,9 @@ class Metering(AccountBook):
             return record
         completion = run.completion_tokens
         output = completion or any(g is not None and g.completion_tokens for g in group)  # by any choice
-        prompt = math.ceil(plan.prompt_bytes / 4) if output else 0
+        prompt = 0
+        if output and plan.bills_prompt:  # exact where the edge counted it, else estimated from its bytes
+            prompt = plan.prompt_tokens if plan.prompt_tokens is not None else math.ceil(plan.prompt_bytes / 4)
         return self._book(caller, plan, accounts, endpoint, started, t0, prompt=prompt, completion=completion,
                           cached=0, error=error if error is not None else UpstreamError("no result"),
                           node_id=run.node_id, ttft=run.ttft)

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..cache_scope import scope_of
 from ..config import PortalConfig, QuotaConfig
-from ..errors import Forbidden, ModelNotFound
+from ..errors import ModelNotFound
 from ..federation.policy import AskPolicy, Outbound
 from ..orchestrator import Tenant
 from .keys import ApiKey
@@ -28,8 +28,8 @@ class Portal:
     Model names: a client asks for a *public* name, which is an alias (mapped to a
     catalogue model) or a model the portal lists under its own name (every model when the
     portal lists none and has no aliases). A name the portal does not serve is unknown
-    here (404), so a portal never reveals another's models; a name the portal serves but
-    the key may not use is 403.
+    here (404), so a portal never reveals another's models; nor does a key learn of a model
+    it may not use: that name is unknown to it too (404, as its listing leaves it out).
     """
 
     def __init__(self, portal_id: str, config: PortalConfig) -> None:
@@ -70,14 +70,13 @@ class Portal:
         """The catalogue model to run for ``public``.
 
         Raises:
-            ModelNotFound: the portal does not serve ``public`` (404).
-            Forbidden: it does, but ``key`` may not use it (403).
+            ModelNotFound: the portal does not serve ``public``, or ``key`` may not use it
+                (404 either way, word for word: a 403 would tell a key what its listing
+                hides, that the model exists here).
         """
         served = self.serves(public)
-        if served is None:
+        if served is None or (key is not None and not key.allows(public)):
             raise ModelNotFound(public)
-        if key is not None and not key.allows(public):
-            raise Forbidden(f"this key may not use model {public!r}", param="model", code="model_not_allowed")
         return served
 
     def price(self, public: str) -> tuple[float, float]:

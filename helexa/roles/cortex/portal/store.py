@@ -29,7 +29,7 @@ from helexa import secret_files
 
 from .keys import ApiKey
 from .quota import Limits
-from .usage import FIELDS, GROUPS, UsageRecord
+from .usage import CALL_SQL, FIELDS, GROUPS, UsageRecord
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -211,7 +211,7 @@ class SqliteStore:
         group = _GROUP_SQL[by]
         with self._rlock:
             rows = self._r.execute(
-                f"SELECT {group}, currency, COUNT(*), SUM(prompt_tokens), SUM(cached_tokens), "
+                f"SELECT {group}, currency, SUM({CALL_SQL}), SUM(prompt_tokens), SUM(cached_tokens), "
                 f"SUM(completion_tokens), SUM(cost), SUM(outcome != 'ok') FROM usage{where} "
                 f"GROUP BY {group}, currency ORDER BY {group}, currency", args).fetchall()
         return [{by: g, "currency": cur, "requests": n, "prompt_tokens": p, "cached_tokens": c,

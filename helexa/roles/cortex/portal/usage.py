@@ -54,3 +54,10 @@ class UsageRecord:
 
 
 FIELDS = tuple(UsageRecord.__dataclass_fields__)
+
+CALL_SQL = "request_id NOT GLOB '*-[1-9]*'"
+"""True (1) for the record that counts a client's call as a request in a report: every
+record but those of choices 1.. of OpenAI's ``n``. The cortex's request ids are hex (no
+``-``); the ``n`` choices of one call are ``<id>-0`` ... ``<id>-<n-1>``, each a record of
+its own (its tokens billed on it), and the call is one request, as ``rpm`` counts it."""
+
