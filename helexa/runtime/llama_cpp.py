@@ -57,8 +57,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import secrets
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import suppress
@@ -100,6 +98,7 @@ from .base import (
 )
 from .embeddings import pack_vectors
 from .gguf_file import check_gguf, default_gguf_path
+from .llama_params import LlamaSettings
 from .llama_stream import LlamaStream
 from .prompt_count import PromptCounter, context_message
 from .slot_table import SlotTable, render_answer, render_chat
@@ -126,18 +125,15 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
-        md = config.metadata
-        self._path = Path(str(md["path"])) if md.get("path") else None
-        self._n_ctx = int(md.get("n_ctx", 4096))
-        self._n_parallel = int(md.get("n_parallel", 2))
-        self._n_threads = int(md.get("n_threads", max(1, (os.cpu_count() or 2) - 1)))
-        self._n_gpu_layers = md.get("n_gpu_layers")
-        self._max_pending = int(md.get("max_pending", 8 * self._n_parallel))
-        self._embeddings = bool(md.get("embeddings", False))
+        s = self._settings = LlamaSettings.of(config.metadata)
+        self._path = s.path
+        self._n_parallel = s.n_parallel
+        self._max_pending = s.max_pending
+        self._embeddings = s.embeddings
         self._server: Any = None
         self._base_url = ""
         self._api_key = ""
-        self._slot_ctx = max(1, self._n_ctx // max(1, self._n_parallel))
+        self._slot_ctx = max(1, s.n_ctx // max(1, self._n_parallel))
         self._native_tools = False
         self._http: httpx.Client | None = None  # to the server's own loopback port
         self._counter: PromptCounter | None = None
@@ -147,10 +143,9 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
         self._cancels: set[threading.Event] = set()
         self._drained = trio.Event()
         self._drained.set()
-        self._slot_affinity = bool(md.get("slot_affinity", True))
+        self._slot_affinity = s.slot_affinity
         self._slot_freed = trio.lowlevel.ParkingLot()
-        self._cache_ram = int(md.get("cache_ram_mib", -1))  # -1: llama.cpp's default (on)
-        self._slots = SlotTable(self._n_parallel, saves=self._cache_ram != 0, pinned=self._slot_affinity)
+        self._slots = SlotTable(self._n_parallel, saves=s.cache_ram_mib != 0, pinned=self._slot_affinity)
         self._unloading = False
 
     @property
@@ -194,7 +189,7 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
                 code="out_of_memory",
             )
         progress("load", 0, size, "bytes")
-        params = self._params(xllamacpp, path)
+        params = self._settings.params(xllamacpp, path)
         try:
             # llama.cpp's loop thread, started by the constructor, is the engine's own
             server = await trio.to_thread.run_sync(cpu_policy.engine(xllamacpp.Server), params)
@@ -253,24 +248,6 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
         tokens = self._call("/tokenize", {"content": prompt, "add_special": True, "parse_special": True})["tokens"]
         return len(tokens)
 
-    def _params(self, xllamacpp: Any, path: Path) -> Any:
-        p = xllamacpp.CommonParams()
-        p.model.path = str(path)
-        p.n_ctx = self._n_ctx
-        p.n_parallel = self._n_parallel
-        p.cpuparams.n_threads = self._n_threads
-        p.cpuparams_batch.n_threads = self._n_threads
-        if self._n_gpu_layers is not None:
-            p.n_gpu_layers = int(self._n_gpu_layers)
-        if self._embeddings:
-            p.embedding = True
-            p.pooling_type = xllamacpp.llama_pooling_type.LLAMA_POOLING_TYPE_MEAN
-        p.api_keys = [secrets.token_hex(16)]
-        for key in ("cache_ram_mib", "slot_prompt_similarity", "n_cache_reuse"):
-            if key in self.config.metadata:
-                setattr(p, key, type(getattr(p, key))(self.config.metadata[key]))
-        return p
-
     async def unload(self) -> None:
         """Cancel what is running, wait for the worker threads, and free the model."""
         if self._server is None:
@@ -319,7 +296,7 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
             answer = await trio.to_thread.run_sync(server.handle_embeddings, body)
         finally:
             if slot is not None:  # with the prompt cache off, the embedding replaced the slot's cache
-                self._slots.give_back(slot, kept=self._cache_ram != 0, inputs=request.inputs)
+                self._slots.give_back(slot, kept=self._settings.cache_ram_mib != 0, inputs=request.inputs)
             self._slot_freed.unpark()  # the slot, or the turn this request was woken for, goes on
             self._release()
         openai_shapes.raise_for_embed_error(answer)

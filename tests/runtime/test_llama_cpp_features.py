@@ -53,7 +53,7 @@ async def run(backend, request) -> list:
 
 def test_the_catalogue_knows_the_backend_defaults() -> None:
     backend = LlamaCppBackend(ModelConfig("m", "llama_cpp"))
-    assert (backend._n_ctx, backend._n_parallel) == (LLAMA_CPP_N_CTX, LLAMA_CPP_N_PARALLEL)
+    assert (backend._settings.n_ctx, backend._n_parallel) == (LLAMA_CPP_N_CTX, LLAMA_CPP_N_PARALLEL)
     assert backend.context_length() == LLAMA_CPP_N_CTX // LLAMA_CPP_N_PARALLEL
 
 
