@@ -35,7 +35,7 @@ def request(rid="r1", model="tiny"):
 
 async def cortex(nursery, network, operator, *, fleet=None, offer=(MODEL,), serve_policy=ServePolicy(),
                  ask_policy=AskPolicy(), mesh_node=None, settings=FederationSettings(announce_interval=1.0),
-                 protocols=None):
+                 protocols=None, count_prompt=None):
     """``protocols``: the request-stream protocols it speaks (``(FEDERATION_PROTOCOL,)``:
     a cortex of a release before scoped federation)."""
     ident = new_identity()
@@ -45,7 +45,7 @@ async def cortex(nursery, network, operator, *, fleet=None, offer=(MODEL,), serv
         mesh=mesh, identity=ident, operator=operator, ledger=Ledger(":memory:"), offer_fn=lambda: list(offer),
         serve_generate=fleet.serve if fleet else None, serve_embed=fleet.embed if fleet else None,
         serve_policy=serve_policy, ask_policy=ask_policy, settings=settings,
-        clock=trio.current_time)
+        clock=trio.current_time, count_prompt=count_prompt)
     if protocols is not None:
         fed.protocols = protocols
     await nursery.start(fed.run)
@@ -196,6 +196,33 @@ async def test_cancellation_crosses_the_hop(nursery, autojump_clock):
     consumed = a.ledger.get(CONSUMED, "r1")
     assert consumed.receipt.outcome == "cancelled" and not consumed.flagged
 
+
+
+async def test_a_request_cut_after_its_tokens_began_is_billed_its_prompt_on_both_sides(nursery, autojump_clock):
+    # The serving side's receipt for a cut generation billed 0 prompt tokens (the neuron's
+    # usage comes with its result, which never came): the prompt's compute went unpaid.
+    net = MemoryNetwork()
+    fleet = FakeFleet(tokens=("a",) * 100, delay=1.0)
+    counted = []
+
+    async def count_prompt(req):
+        counted.append(req.request_id)
+        await trio.sleep(0)
+        return 31
+
+    a = await cortex(nursery, net, "A", offer=())
+    b = await cortex(nursery, net, "B", fleet=fleet, count_prompt=count_prompt)
+    await settle()
+    with trio.move_on_after(3.5):
+        async with a.route(request()) as frames:
+            async for _ in frames:
+                pass
+    served = await recorded(b.ledger, SERVED, "r1")
+    assert served.receipt.outcome == "cancelled" and counted == ["r1"]
+    assert served.receipt.prompt_tokens == 31 and served.receipt.completion_tokens > 0
+    await trio.sleep(1)
+    consumed = a.ledger.get(CONSUMED, "r1")
+    assert consumed.receipt == served.receipt and not consumed.flagged
 
 
 async def test_a_request_left_before_its_first_token_is_recorded_on_both_sides(nursery, autojump_clock):

@@ -41,6 +41,7 @@ from .reload import PORTAL_RESTART_FIELDS, ReloadReport, plan_reload
 from .shutdown import drain
 
 if TYPE_CHECKING:
+    from helexa.protocol import GenerateRequest
     from helexa.mesh import Mesh
 
     from .federation.ledger import Ledger
@@ -162,7 +163,7 @@ class Cortex:
             mesh=self.mesh, identity=self.identity, operator=self.config.operator, ledger=self.ledger,
             offer_fn=offer.offer, offered_fn=offer.offered, spare_fn=offer.spare,
             serve_generate=local.generate, serve_embed=local.embed,
-            serve_policy=serve_policy, ask_policy=ask_policy,
+            serve_policy=serve_policy, ask_policy=ask_policy, count_prompt=self._exact_prompt,
             settings=FederationSettings(announce_interval=mesh_cfg.announce_interval,
                                         idle_streams=self.config.federation.idle_streams))
         router = PeerRouter(self.federation)
@@ -170,6 +171,13 @@ class Cortex:
         self.gateway.metering.receipts = router.take_receipt
         self.gateway.web.mesh = (self.federation, self.ledger)
         self.gateway.set_federation(self.federation)
+
+    async def _exact_prompt(self, request: GenerateRequest) -> int | None:
+        """``request``'s exact prompt count by the edge's tokenizer, or None (a model it
+        cannot tokenize): what a peer's receipt bills for a generation cut short."""
+        limits = self.gateway.metering.limits
+        count = await limits.counter.count(request) if limits is not None else None
+        return count.tokens if count is not None and count.exact else None
 
     def _ssl(self) -> ssl.SSLContext | None:
         if self.config.tls_cert_file is None:

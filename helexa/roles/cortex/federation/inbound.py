@@ -70,14 +70,25 @@ class ServeTimeouts:
     """How long a stream may wait for its next request before it is closed."""
 
 
+PromptCountFn = Callable[[GenerateRequest], Awaitable[int | None]]
+"""``count_prompt(request)``: the exact token count of ``request``'s prompt, or None."""
+_COUNT_TIMEOUT_S = 5.0
+"""How long counting a cut generation's prompt may hold its receipt."""
+
+
 class InboundServer:
     """Serves ``/helexa/federation/1`` streams. Used by :class:`.service.Federation`."""
 
     def __init__(self, *, identity: Identity, admission: Admission, ledger: Ledger, offer_fn: Callable[[], Sequence[OfferedModel]],
                  serve_generate: GenerateHandler | None, serve_embed: EmbedHandler | None,
                  timeouts: ServeTimeouts, clock: Callable[[], float], offered_fn: OfferedFn | None = None,
-                 operator_of: Callable[[str], str | None] | None = None) -> None:
+                 operator_of: Callable[[str], str | None] | None = None,
+                 count_prompt: PromptCountFn | None = None) -> None:
         self._identity = identity
+        self._count_prompt = count_prompt
+        """``count_prompt(request)``: its prompt's exact token count, or None: what a
+        receipt bills for a generation that ended with no usage of the neuron's (the asker
+        left, or it failed) after its tokens were generated."""
         self._operator_of = operator_of
         """``operator_of(peer_id)``: the operator that peer's live signed announcement names
         (None if it has none): what the policy judges, rather than the hello's claim."""
@@ -250,6 +261,11 @@ class InboundServer:
         if receipt_sent is not None:
             await self._ledger.arecord(SERVED, receipt_sent)
             return True
+        if not prompt and completion and self._count_prompt is not None:
+            # Cut short after its prompt was read and tokens made: bill its real prompt,
+            # not none. Shielded (the asker leaving cancelled us) and bounded in time.
+            with trio.CancelScope(shield=True), trio.move_on_after(_COUNT_TIMEOUT_S):
+                prompt = await self._count_prompt(request) or 0
         receipt = receipt_now()
         if not exchange.asker_gone:  # the asker first: it is waiting, the disk is not
             try:

@@ -51,7 +51,7 @@ from helexa.protocol.model import Workload
 from ..cache_scope import wire_scope
 from .announcements import AnnouncementRejected, PeerOffer, PeerTable, check_announcement, sign_announcement
 from .errors import FederationError, NoPeerOffers, OutboundRefused, PeerFailed, PeerRefused, PeerUnreachable, PeerVanished
-from .inbound import EmbedHandler, GenerateHandler, InboundServer, OfferedFn, OfferFn, ServeTimeouts
+from .inbound import EmbedHandler, GenerateHandler, InboundServer, OfferedFn, OfferFn, PromptCountFn, ServeTimeouts
 from .ledger import Ledger
 from .outbound import AskTimeouts, Expectation, ReceiptKeeper, RemoteGeneration, refusal_error
 from .peer_usage import InvalidAnswer, bounded_embed
@@ -106,6 +106,8 @@ class Federation:
         clock: Unix time (announcements and receipts carry wall-clock times).
         offered_fn: ``offered(model_id)``, ``offer_fn``'s entry for one model (optional: a
             faster lookup for the check of each peer's request; default: ``offer_fn``).
+        count_prompt: a peer's request's exact prompt count (optional): what a receipt
+            bills for a generation cut short before the neuron's usage came.
     """
 
     def __init__(
@@ -114,6 +116,7 @@ class Federation:
         serve_embed: EmbedHandler | None = None, serve_policy: ServePolicy = ServePolicy(),
         ask_policy: AskPolicy = AskPolicy(), settings: FederationSettings = FederationSettings(),
         clock: Callable[[], float] = time.time, offered_fn: OfferedFn | None = None,
+        count_prompt: PromptCountFn | None = None,
     ) -> None:
         self.protocols: tuple[str, ...] = (SCOPED_FEDERATION_PROTOCOL, FEDERATION_PROTOCOL)
         """The request-stream protocols this cortex serves and asks with, newest first.
@@ -138,7 +141,7 @@ class Federation:
         self.inbound = InboundServer(
             identity=identity, admission=Admission(serve_policy), ledger=ledger, offer_fn=offer_fn,
             serve_generate=serve_generate, serve_embed=serve_embed, timeouts=settings.serve, clock=clock,
-            offered_fn=offered_fn, operator_of=self._announced_operator)
+            offered_fn=offered_fn, operator_of=self._announced_operator, count_prompt=count_prompt)
 
     def _announced_operator(self, peer_id: str) -> str | None:
         ann = self.table.get(peer_id)
