@@ -16,9 +16,10 @@ an exception's text) is written as ``\\n``, so no client can forge a line of its
 traceback still follows on its own lines).
 
 Secrets never reach a log: every record's text passes through :func:`redact`, which masks
-API keys (``sk-hlx-...``), join tokens (``hlx1....``), admin tokens (``hlx-admin-...``) and
-``Bearer`` credentials, however they got into a message or an exception (a token a client
-put in a URL or a model name is as secret as one in a header).
+API keys (``sk-hlx-...``), join tokens (``hlx1....``), admin tokens (``hlx-admin-...``), the
+keys a neuron draws for the servers it supervises (``hlx-up-...``) and ``Bearer``
+credentials, however they got into a message or an exception (a token a client put in a
+URL or a model name is as secret as one in a header).
 """
 
 from __future__ import annotations
@@ -43,11 +44,11 @@ FIELDS = ("request_id", "portal", "model", "neuron")
 _context: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("helexa_log_fields", default={})
 
 _SECRETS = re.compile(r"(sk-hlx-)[A-Za-z0-9_\-]+|(hlx1\.)[A-Za-z0-9_\-.]+|(hlx-admin-)[A-Za-z0-9_\-]+"
-                      r"|((?i:bearer)\s+)[^\s'\",]+")
+                      r"|(hlx-up-)[A-Za-z0-9_\-]+|((?i:bearer)\s+)[^\s'\",]+")
 
 
 def redact(text: str) -> str:
-    """``text`` with API keys, join tokens, admin tokens and bearer credentials masked."""
+    """``text`` with API keys, join tokens, admin tokens, upstream keys and bearer credentials masked."""
     return _SECRETS.sub(lambda m: next(g for g in m.groups() if g) + "***", text)
 
 

@@ -57,13 +57,15 @@ def test_keys_tokens_and_bearer_credentials_never_reach_a_log(captured) -> None:
     log.info("key %s presented", KEY)
     log.info("header: Authorization: Bearer hlx-admin-abcdef")
     log.info("join token hlx1.abc.def-ghi in a message")
+    log.info("server says: non-default args: {'api_key': 'hlx-up-Upstream_key-1'}")  # a supervised server's own line
     try:
         raise ValueError(f"bad key {KEY}")
     except ValueError:
         log.exception("failed")
     text = captured.getvalue()
     assert "SECRET" not in text and "hlx-admin-abcdef" not in text and "abc.def-ghi" not in text
-    assert "sk-hlx-***" in text and "Bearer ***" in text and "hlx1.***" in text
+    assert "Upstream_key-1" not in text
+    assert "sk-hlx-***" in text and "Bearer ***" in text and "hlx1.***" in text and "hlx-up-***" in text
     assert all(json.loads(line) for line in lines(captured))
 
 

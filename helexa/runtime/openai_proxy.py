@@ -15,6 +15,14 @@ Without ``command`` the backend proxies ``listen_endpoint`` (a base URL such as
   ``LOADED`` once it answers again, ``FAILED`` when it gives up). Requests in between fail
   with :class:`BackendCrashed` (retryable elsewhere).
 * :meth:`unload` sends SIGTERM, then SIGKILL after ``metadata.stop_grace`` seconds (default 10).
+* Each start gets a fresh API key, in the variable ``metadata.api_key_env`` of its
+  environment and/or in place of ``{api_key}`` in ``args``; every request to the server,
+  probes included, carries it as ``Authorization: Bearer``. The command line is logged at
+  each start with the key masked (:mod:`~helexa.runtime.upstream_key`). A server given no
+  key is started with a warning: it serves anyone who reaches its port.
+
+Without ``command``, ``metadata.api_key_env`` names a variable of the neuron's environment
+holding the server's key (sent the same way); without it no ``Authorization`` is sent.
 
 Why a service nursery: the supervisor must outlive :meth:`load`, and trio has no
 fire-and-forget tasks. The owner lends a long-lived nursery (``Backend.service_nursery``);
@@ -68,7 +76,7 @@ from helexa.protocol import (
     Workload,
 )
 
-from . import openai_shapes
+from . import openai_shapes, upstream_key
 from .base import (
     Backend,
     BackendCrashed,
@@ -119,6 +127,11 @@ class OpenAIProxyBackend(Backend, ChatInference, TextInference, EmbeddingInferen
         self._connect_timeout = float(md.get("connect_timeout", 10))
         self._max_connections = int(md.get("max_connections", 256))
         self._path = urlsplit(self._api).path.rstrip("/")
+        try:
+            self._key_env = upstream_key.env_name(md)
+        except ValueError as exc:
+            raise LoadFailed(f"openai_proxy: {exc}", code="invalid_config") from None
+        self._auth: tuple[tuple[str, str], ...] = ()  # the current key's header
         self._client: Upstream | None = None
         self._supervisor: trio.CancelScope | None = None
         self._supervisor_done = trio.Event()
@@ -145,9 +158,11 @@ class OpenAIProxyBackend(Backend, ChatInference, TextInference, EmbeddingInferen
         if self._client is not None:
             return
         try:
+            if self.config.command is None:
+                self._auth = upstream_key.headers(upstream_key.static_key(self._key_env))
             self._client = Upstream(self._base, connect_timeout=self._connect_timeout,
                                     read_timeout=self._request_timeout, write_timeout=self._connect_timeout,
-                                    max_connections=self._max_connections)
+                                    max_connections=self._max_connections, headers=self._auth)
         except ValueError as exc:
             raise LoadFailed(f"openai_proxy: {exc}", code="invalid_config") from None
         try:
@@ -159,6 +174,10 @@ class OpenAIProxyBackend(Backend, ChatInference, TextInference, EmbeddingInferen
                         "openai_proxy with a command needs Backend.service_nursery set by its owner",
                         code="load_failed",
                     )
+                if not upstream_key.takes_key(self.config.args, self._key_env):
+                    log.warning("%s: its server is started without an API key (name its variable in "
+                                "metadata.api_key_env, or put {api_key} in args): whoever reaches %s can use it "
+                                "past the cortex", self.config.model_id, self._base)
                 self._supervisor_done = trio.Event()
                 await self.service_nursery.start(self._supervise, progress)
         except BaseException:
@@ -212,11 +231,17 @@ class OpenAIProxyBackend(Backend, ChatInference, TextInference, EmbeddingInferen
         """Run the process once; returns why it ended and whether it had become ready
         (restarts that never get ready add up towards ``max_restarts``). On the first run
         (``task_status`` given) a failure raises :class:`LoadFailed` instead."""
-        command = [self.config.command or "", *self.config.args]
+        key = upstream_key.draw()  # a fresh one at each start
+        command = upstream_key.command(self.config.command or "", self.config.args, key)
+        self._auth = upstream_key.headers(key)
+        if self._client is not None:
+            self._client.set_headers(self._auth)
+        log.info("%s: starting %s", self.config.model_id, upstream_key.masked_command(command, key))
         try:
             process = await trio.lowlevel.open_process(
                 command,
-                env={**secret_files.child_env(), **self.config.env},  # the catalogue's env still wins
+                # The catalogue's env wins over the neuron's; the key over both.
+                env=upstream_key.child_env({**secret_files.child_env(), **self.config.env}, self._key_env, key),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -230,7 +255,8 @@ class OpenAIProxyBackend(Backend, ChatInference, TextInference, EmbeddingInferen
         failure: LoadFailed | None = None
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(relay_lines, process.stdout, lambda line: self._output_log.info("%s", line))
+                nursery.start_soon(relay_lines, process.stdout,
+                                   lambda line: self._output_log.info("%s", upstream_key.mask(line, key)))
                 try:
                     await self._wait_ready(process, progress if task_status is not None else None)
                 except LoadFailed as exc:
@@ -270,7 +296,7 @@ class OpenAIProxyBackend(Backend, ChatInference, TextInference, EmbeddingInferen
         # Its own short-lived connections with short deadlines: a probe must not wait
         # request_timeout for a server that is still starting.
         probe = Upstream(self._base, connect_timeout=2.0, read_timeout=2.0, write_timeout=2.0,
-                         max_connections=1, idle_timeout=0.0)
+                         max_connections=1, idle_timeout=0.0, headers=self._auth)
         timeout_s = int(math.ceil(self._ready_timeout))
         if progress is not None:
             progress("starting", 0, timeout_s, "seconds")

@@ -142,6 +142,14 @@ class Upstream:
         self._peer: tuple[int, object] | None = None
         self._dial_ahead = False
 
+    def set_headers(self, headers: tuple[tuple[str, str], ...]) -> None:
+        """Send ``headers`` with every request from now on, instead of those given before (a
+        supervised server's new key after a restart). Raises :class:`ValueError` as the
+        constructor does; each request head is prepared once again, then reused."""
+        http1.request_head("GET", "/", self._host_header, tuple(headers))
+        self._headers = tuple(headers)
+        self._heads.clear()
+
     @property
     def connections(self) -> tuple[int, int]:
         """(open, idle) connections right now."""

@@ -386,3 +386,25 @@ async def test_connections_are_dialled_with_nagle_off(nursery: trio.Nursery) -> 
     (conn,) = upstream._idle
     assert conn.sock is not None and conn.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     await upstream.aclose()
+
+
+async def test_headers_set_later_go_with_every_request_from_then_on(nursery: trio.Nursery) -> None:
+    # A supervised server restarted with a new key: the prepared request heads change with it.
+    heads: list[bytes] = []
+
+    async def handler(conn: Conn) -> None:
+        while (req := await conn.request()) is not None:
+            heads.append(req[0])
+            await conn.answer()
+
+    server = await serving(nursery, handler)
+    upstream = Upstream(server.url, headers=(("authorization", "Bearer one"),))
+    await upstream.request("POST", "/v1/x", b"{}")
+    upstream.set_headers((("authorization", "Bearer two"),))
+    await upstream.request("POST", "/v1/x", b"{}")
+    await upstream.request("POST", "/v1/x", b"{}")
+    assert [h.count(b"authorization: Bearer") for h in heads] == [1, 1, 1]
+    assert b"Bearer one" in heads[0] and all(b"Bearer two" in h for h in heads[1:])
+    with pytest.raises(ValueError):
+        upstream.set_headers((("authorization", "a\r\nb"),))
+    await upstream.aclose()
