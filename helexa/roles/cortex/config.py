@@ -62,6 +62,17 @@ class GatewayConfig(BaseModel):
     admin_clients: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"])
     """Client addresses allowed on ``/admin/*`` (besides the admin token, which is always
     required); loopback only by default, ``["*"]`` for any address."""
+    allowed_origins: list[str] = Field(default_factory=list)
+    """Web origins (``https://app.example``; ``"*"``: any) whose pages may call the gateway
+    from a browser. A request carrying an ``Origin`` that is neither its own (the console, a
+    portal's pages) nor listed here is refused with 403 before any work, so that a page the
+    operator visits cannot use their gateway; requests without ``Origin`` (SDKs, curl) are not
+    affected. Listed origins get ``Access-Control-Allow-Origin`` and their preflights answered."""
+    allowed_hosts: list[str] = Field(default_factory=list)
+    """``Host`` names (no port; ``"*"``: any) served besides loopback ones. On a socket bound
+    to loopback every other ``Host`` is refused with 403 (a DNS-rebinding page's requests name
+    its own domain): list the name a reverse proxy in front passes on. Sockets on other
+    addresses check ``Host`` only when this is set."""
     metrics_public: bool = False
     """Serve ``/metrics`` (on the admin socket) to anyone who can reach it, without the
     admin token or the ``admin_clients`` check; by default a scraper presents the token
