@@ -86,6 +86,11 @@ class PendingHandshakes:
         self._since.pop(remote, None)
 
 
+BLOCKED_NOW = 0.001
+"""The wait :meth:`FailedJoins.retry_after` says for a level at the burst exactly: blocked
+now, heard again as soon as any of it drains."""
+
+
 class FailedJoins:
     """A leaky bucket of refused join proofs per address.
 
@@ -109,11 +114,12 @@ class FailedJoins:
         return max(0.0, level - (now - at) * self.rate)
 
     def retry_after(self, addr: str, now: float) -> float:
-        """0 when ``addr`` may try to join; else the seconds until it may."""
+        """0 when ``addr`` may try to join; else the seconds until it may: until its level
+        drains under the burst (at least :data:`BLOCKED_NOW`, when it is at the burst exactly)."""
         level = self._now_level(addr, now)
         if level < self.burst:
             return 0.0
-        return (level - self.burst + 1) / self.rate
+        return max((level - self.burst) / self.rate, BLOCKED_NOW)
 
     def failed(self, addr: str, now: float) -> None:
         """Record one refused join proof from ``addr``."""

@@ -139,7 +139,7 @@ class ControlServer:
         if wait > 0:
             self.throttled += 1
             self.pending.release(channel.remote)
-            await channel.aclose(ws_transport.CLOSE_TRY_LATER, f"too many failed joins: retry in {wait:.0f}s")
+            await channel.aclose(ws_transport.CLOSE_TRY_LATER, f"too many failed joins: retry in {wait:.1f}s")
             return
         s = self.settings
         session = CortexJoin(
@@ -187,7 +187,7 @@ class ControlServer:
             self.failed_joins.failed(host, now)
             wait = self.failed_joins.retry_after(host, now)
             if wait > 0:
-                log.warning("%s failed to join too often: its connections are closed unheard for %.0fs", host, wait)
+                log.warning("%s failed to join too often: its connections are closed unheard for %.1fs", host, wait)
         try:
             for frame in frames:
                 await channel.send(frame)
