@@ -91,3 +91,17 @@ async def test_a_pinned_model_is_loaded_there_kept_past_its_idle_ttl_and_reloade
         assert r.json()["changed"] is True
         await trio.sleep(11)
         assert n1.unloads() == ["chat2"]  # an ordinary model again: idle past its TTL
+
+
+async def test_a_sources_credentials_and_signature_are_not_shown() -> None:
+    signed = "https://operator:s3cret@files.example/m/model.gguf?X-Amz-Signature=SIG0123&token=TOK0456"
+    catalogue = Catalogue([CatalogueEntry(id="signed", backend="synthetic", memory_mb=500, source=signed,
+                                          sha256="0" * 64)])
+    fleet = Fleet()
+    NeuronDouble("n1", fleet)
+    async with serving(fleet, catalogue) as (_, url), httpx.AsyncClient(base_url=url) as http:
+        listed = (await http.get("/admin/models", headers=admin_headers())).text
+        one = (await http.get("/admin/models/signed", headers=admin_headers())).json()
+    assert one["source"] == "https://***@files.example/m/model.gguf?***"
+    for leak in ("s3cret", "SIG0123", "TOK0456"):
+        assert leak not in listed and leak not in str(one)
