@@ -395,6 +395,12 @@ class CortexConfig(BaseModel):
     max_pending_handshakes: int = Field(1024, ge=1)
     """Control connections accepted but not yet joined at once; past it new connections
     are closed at once (a flood of half-open connections cannot exhaust the cortex)."""
+    max_handshake_bytes: int = Field(64 * 1024 * 1024, ge=2 * 1024 * 1024)
+    """Bytes read from control connections not yet joined, all of them together; past it a
+    pending connection is closed "try again later" (1013; the neuron redials on its
+    backoff). Each may send frames of at most 1 MiB before its join (a join with 256 models'
+    configs is about 115 KiB), so without this bound ``max_pending_handshakes`` strangers
+    could make the cortex hold a gigabyte."""
     failed_joins_burst: int = Field(10, ge=1)
     """Refused join proofs an address may send in a row before its connections are closed
     unheard; its allowance comes back at ``failed_joins_per_minute``."""
