@@ -103,7 +103,8 @@ async def test_allowed_origins_and_hosts_let_the_operators_own_in_with_cors_head
         assert "POST" in headers["access-control-allow-methods"]
         assert headers["access-control-allow-headers"] == "authorization, content-type"
         status, _, _ = await raw(url, "OPTIONS", "/v1/chat/completions",
-                                 {"host": host, "origin": "https://evil.example", "access-control-request-method": "POST"})
+                                 {"host": host, "origin": "https://evil.example",
+                                  "access-control-request-method": "POST"})
         assert status == 403
         status, _, _ = await raw(url, "GET", "/v1/models", {"host": "llm.internal:443"})  # behind a reverse proxy
         assert status == 200

@@ -97,7 +97,8 @@ class ModelsAdmin:
         for entry in self.catalogue:
             progress = self.provisioner.load_progress.get(entry.id)
             out.append({
-                "id": entry.id, "catalogued": True, "backend": entry.backend, "source": redact_url(entry.source) if entry.source else None,
+                "id": entry.id, "catalogued": True, "backend": entry.backend,
+                "source": redact_url(entry.source) if entry.source else None,
                 "memory_mb": entry.memory_mb, "on_gpu": entry.on_gpu, "keep_warm": entry.keep_warm,
                 "priority": entry.priority.name.lower(), "pinned_on": sorted(pins.get(entry.id, ())),
                 "feasible_on": [link.node_id for link in links if entry.is_feasible_on(link.descriptor.hardware)],
