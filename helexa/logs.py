@@ -19,7 +19,9 @@ Secrets never reach a log: every record's text passes through :func:`redact`, wh
 API keys (``sk-hlx-...``), join tokens (``hlx1....``), admin tokens (``hlx-admin-...``), the
 keys a neuron draws for the servers it supervises (``hlx-up-...``) and ``Bearer``
 credentials, however they got into a message or an exception (a token a client put in a
-URL or a model name is as secret as one in a header).
+URL or a model name is as secret as one in a header), and the userinfo and query string of
+any URL (a model source's ``https://user:pass@host/...`` or signed ``?X-Amz-Signature=...``;
+:func:`redact_url`).
 """
 
 from __future__ import annotations
@@ -47,8 +49,37 @@ _SECRETS = re.compile(r"(sk-hlx-)[A-Za-z0-9_\-]+|(hlx1\.)[A-Za-z0-9_\-.]+|(hlx-a
                       r"|(hlx-up-)[A-Za-z0-9_\-]+|((?i:bearer)\s+)[^\s'\",]+")
 
 
+_URL = re.compile(r"(?i)\b[a-z][a-z0-9+.\-]*://[^\s'\"<>]+")
+"""A URL in running text (up to a space or a quote)."""
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its secrets: userinfo (``https://user:pass@host``) and query string
+    (a signed URL's ``?X-Amz-Signature=...&token=...``) become ``***``; the scheme, host and
+    path stay, so that an operator still sees which file it was."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    end = len(rest)
+    for mark in "/?#":
+        at = rest.find(mark)
+        if at != -1 and at < end:
+            end = at
+    authority, tail = rest[:end], rest[end:]
+    if "@" in authority:
+        authority = "***@" + authority.rsplit("@", 1)[1]
+    query = tail.find("?")
+    if query != -1:
+        fragment = tail.find("#", query)
+        tail = tail[:query] + "?***" + (tail[fragment:] if fragment != -1 else "")
+    return f"{scheme}://{authority}{tail}"
+
+
 def redact(text: str) -> str:
-    """``text`` with API keys, join tokens, admin tokens, upstream keys and bearer credentials masked."""
+    """``text`` with API keys, join tokens, admin tokens, upstream keys, bearer credentials
+    and the secrets of URLs (:func:`redact_url`) masked."""
+    if "://" in text:
+        text = _URL.sub(lambda m: redact_url(m.group(0)), text)
     return _SECRETS.sub(lambda m: next(g for g in m.groups() if g) + "***", text)
 
 

@@ -83,3 +83,13 @@ async def test_fields_follow_the_trio_task_that_bound_them(captured) -> None:
             nursery.start_soon(request, rid)
     got = sorted(json.loads(line)["request_id"] for line in lines(captured))
     assert got == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize(("text", "shown"), [
+    ("https://u:p@h.example/a.gguf", "https://***@h.example/a.gguf"),
+    ("get https://h.example/a?X-Amz-Signature=s&token=t#x failed", "get https://h.example/a?***#x failed"),
+    ("'http://tok@h:80?q=1'", "'http://***@h:80?***'"),
+    ("hf://org/repo@main/f.gguf and /a/path?x", "hf://org/repo@main/f.gguf and /a/path?x"),  # nothing secret
+])
+def test_urls_lose_their_userinfo_and_query_string(text: str, shown: str) -> None:
+    assert logs.redact(text) == shown

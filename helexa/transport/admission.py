@@ -12,6 +12,10 @@ clock in the server, any number in tests); no I/O.
   at once (its connections are closed before a hello is read) until the level drains
   below it. A wrong token cannot be guessed at line rate, and one noisy address does not
   slow anyone else.
+- :class:`ReadBudget`: the bytes read from connections not yet joined, all of them
+  together. Each may send frames of at most the pre-join frame limit (1 MiB), but a
+  thousand pending ones at that limit would hold a gigabyte; past the budget a pending
+  connection is closed "try again later" instead of read further.
 """
 
 from __future__ import annotations
@@ -86,6 +90,11 @@ class PendingHandshakes:
         self._since.pop(remote, None)
 
 
+BLOCKED_NOW = 0.001
+"""The wait :meth:`FailedJoins.retry_after` says for a level at the burst exactly: blocked
+now, heard again as soon as any of it drains."""
+
+
 class FailedJoins:
     """A leaky bucket of refused join proofs per address.
 
@@ -109,11 +118,12 @@ class FailedJoins:
         return max(0.0, level - (now - at) * self.rate)
 
     def retry_after(self, addr: str, now: float) -> float:
-        """0 when ``addr`` may try to join; else the seconds until it may."""
+        """0 when ``addr`` may try to join; else the seconds until it may: until its level
+        drains under the burst (at least :data:`BLOCKED_NOW`, when it is at the burst exactly)."""
         level = self._now_level(addr, now)
         if level < self.burst:
             return 0.0
-        return (level - self.burst + 1) / self.rate
+        return max((level - self.burst) / self.rate, BLOCKED_NOW)
 
     def failed(self, addr: str, now: float) -> None:
         """Record one refused join proof from ``addr``."""
@@ -132,3 +142,28 @@ def host_of(remote: str) -> str:
     if not sep or not port.isdigit():
         return remote
     return host.strip("[]")
+
+
+class ReadBudget:
+    """Bytes read so far by connections whose join is not admitted yet, all together, under
+    ``limit``. A connection takes what it reads (:meth:`room` first, then :meth:`take`) and
+    gives it all back when it is admitted or ends (:meth:`give`); what a pending handshake
+    holds is at most what it read, so the cortex holds at most ``limit`` bytes for strangers.
+    """
+
+    __slots__ = ("limit", "used", "refused")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.refused = 0
+        """Reads refused because the budget was spent."""
+
+    def room(self) -> int:
+        return self.limit - self.used
+
+    def take(self, n: int) -> None:
+        self.used += n
+
+    def give(self, n: int) -> None:
+        self.used -= n

@@ -28,6 +28,7 @@ from trio._core._run import GLOBAL_RUN_CONTEXT as _RUN_CONTEXT  # see _others_ru
 from helexa.protocol import Fault, ProtocolError, decode, encode
 
 from . import wsframes, wsupgrade
+from .admission import ReadBudget
 from .channel import Channel, ChannelClosed
 
 log = logging.getLogger(__name__)
@@ -100,8 +101,11 @@ class FrameChannel(Channel):
     """
 
     def __init__(self, stream: trio.abc.Stream, conn: wsframes.Connection, *, max_frame: int,
-                 remote: str, raw: socket.socket | None = None, eager_read: bool = False) -> None:
+                 remote: str, raw: socket.socket | None = None, eager_read: bool = False,
+                 budget: ReadBudget | None = None) -> None:
         self._stream = stream
+        self._budget = budget  # until set_max_frame: what this connection reads is charged to it
+        self._charged = 0
         self._raw = raw
         self._conn = conn
         self._max_frame = max_frame
@@ -117,8 +121,33 @@ class FrameChannel(Channel):
         self._close_code: int | None = None  # the peer's Close, once read
 
     def set_max_frame(self, max_frame: int) -> None:
+        """The peer proved who it is: frames up to ``max_frame``, and no longer charged to the
+        pre-join read budget."""
         self._max_frame = max_frame
         self._conn.max_message = max_frame + 64  # as the server sized it (ws_server.serve)
+        self._release_budget()
+
+    def _release_budget(self) -> None:
+        if self._budget is not None:
+            self._budget.give(self._charged)
+            self._budget = None
+            self._charged = 0
+
+    def _read_size(self) -> int:
+        """How much the next read may take (the pre-join budget's room); raises _BudgetSpent."""
+        budget = self._budget
+        if budget is None:
+            return READ_SIZE
+        room = budget.room()
+        if room <= 0:
+            budget.refused += 1
+            raise _BudgetSpent
+        return min(READ_SIZE, room)
+
+    def _charge(self, n: int) -> None:
+        if self._budget is not None:
+            self._budget.take(n)
+            self._charged += n
 
     # --- sending --------------------------------------------------------------------------
 
@@ -254,13 +283,32 @@ class FrameChannel(Channel):
         if self._closed:
             raise ChannelClosed("channel closed", code=self._close_code)
         self._reading = True
+        spent = False
         try:
-            data = await (self._recv(self._raw) if self._raw is not None else self._stream.receive_some(READ_SIZE))
+            if self._raw is not None:
+                data = await self._recv(self._raw)
+            else:  # (TLS: the room is checked before the wait, so the budget may be passed by a read each)
+                data = await self._stream.receive_some(self._read_size())
+        except _BudgetSpent:
+            spent = True
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ValueError) as exc:
             await self._drop()
             raise ChannelClosed(f"connection broken: {exc}", code=self._close_code) from None
         finally:
             self._reading = False
+        if spent:
+            log.warning("closing %s before its join: the bytes read from connections not yet joined are at "
+                        "their limit (max_handshake_bytes); it may retry later", self.remote)
+            with trio.move_on_after(CLOSE_WAIT) as scope:  # not aclose: it would read the peer's Close
+                scope.shield = True
+                if self._conn.state is wsframes.State.OPEN:
+                    try:
+                        await self._write(self._conn.close(CLOSE_TRY_LATER, "busy with other joins: retry later"))
+                    except ChannelClosed:
+                        pass
+            await self._drop()
+            raise ChannelClosed("the pre-join read budget is spent", code=CLOSE_TRY_LATER)
+        self._charge(len(data))
         if not data:
             await self._drop()
             raise ChannelClosed("connection lost (no close frame)", code=self._close_code or wsframes.CLOSE_ABNORMAL)
@@ -274,7 +322,7 @@ class FrameChannel(Channel):
         if self._eager_read:
             await trio.lowlevel.checkpoint_if_cancelled()
             try:
-                data = sock.recv(READ_SIZE)
+                data = sock.recv(self._read_size())
             except BlockingIOError:
                 pass
             else:
@@ -285,7 +333,7 @@ class FrameChannel(Channel):
         while True:
             await trio.lowlevel.wait_readable(sock)
             try:
-                return sock.recv(READ_SIZE)
+                return sock.recv(self._read_size())  # (no checkpoint between the room and the read)
             except BlockingIOError:
                 continue
 
@@ -327,10 +375,15 @@ class FrameChannel(Channel):
         await self._drop()
 
     async def _drop(self) -> None:
+        self._release_budget()
         if not self._closed:
             self._closed = True
             self._gone.set()
             await trio.aclose_forcefully(self._stream)  # wakes a writer waiting on the socket
+
+
+class _BudgetSpent(Exception):
+    """A pending connection may read no more: the pre-join read budget is spent."""
 
 
 class ServerChannel(FrameChannel):

@@ -23,7 +23,7 @@ import trio
 from helexa.protocol import DEFAULT_MAX_FRAME, ProtocolError
 
 from . import wsframes, wsupgrade
-from .admission import PendingHandshakes
+from .admission import PendingHandshakes, ReadBudget
 from .channel import ChannelClosed
 from .ws_channel import ServerChannel, read_head
 
@@ -48,6 +48,7 @@ async def serve(
     first_max_frame: int | None = None,
     handshake_timeout: float = 10.0,
     pending: PendingHandshakes | None = None,
+    budget: ReadBudget | None = None,
     backlog: int | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -63,6 +64,9 @@ async def serve(
     connection may send until the handler raises its limit to ``max_frame``
     (:meth:`~.channel.Channel.set_max_frame`, once the peer proved who it is), so a peer
     nobody knows yet cannot make the server hold ``max_frame`` bytes per connection.
+    ``budget``: what every connection reads until then, all together (past it one is closed
+    1013, try again later), so that ``pending`` connections cannot hold ``first_max_frame``
+    bytes each either.
     """
     listeners = await trio.open_tcp_listeners(port, host=host, backlog=backlog)
     bound = listeners[0].socket.getsockname()[1]
@@ -86,7 +90,7 @@ async def serve(
             if not upgraded:
                 return
             channel = ServerChannel(wire, conn, max_frame=first, remote=remote,
-                                    raw=raw if ssl_context is None else None)
+                                    raw=raw if ssl_context is None else None, budget=budget)
             try:
                 await handler(channel)
             except (ProtocolError, ChannelClosed):

@@ -13,7 +13,7 @@ from helexa.roles.cortex.config import CortexConfig
 from helexa.roles.cortex.control_server import ControlServer
 from helexa.roles.cortex.fleet import Fleet
 from helexa.transport import ChannelClosed
-from helexa.transport.admission import FailedJoins, PendingHandshakes, host_of
+from helexa.transport.admission import BLOCKED_NOW, FailedJoins, PendingHandshakes, host_of
 from helexa.transport.handshake import exchange
 from helexa.transport.ws_client import handshake
 
@@ -41,10 +41,11 @@ def test_failed_joins_block_an_address_at_the_burst_and_drain_at_the_rate() -> N
         assert throttle.retry_after("10.0.0.1", t) == 0.0
     throttle.failed("10.0.0.1", 2.0)  # level 3 - 0.2 = 2.8 drained: still under 3
     assert throttle.retry_after("10.0.0.1", 2.0) == 0.0
-    throttle.failed("10.0.0.1", 2.0)  # 3.8: blocked until it drains under 3
-    assert throttle.retry_after("10.0.0.1", 2.0) == pytest.approx(18.0)
-    assert throttle.retry_after("10.0.0.1", 10.0) == pytest.approx(10.0)
-    assert throttle.retry_after("10.0.0.1", 20.0) == 0.0
+    throttle.failed("10.0.0.1", 2.0)  # 3.8: blocked until it drains under 3, 8 s later
+    assert throttle.retry_after("10.0.0.1", 2.0) == pytest.approx(8.0)
+    assert throttle.retry_after("10.0.0.1", 6.0) == pytest.approx(4.0)
+    assert throttle.retry_after("10.0.0.1", 10.0) == BLOCKED_NOW  # at 3 exactly: still blocked, this instant
+    assert throttle.retry_after("10.0.0.1", 10.01) == 0.0
     assert throttle.retry_after("10.0.0.2", 2.0) == 0.0  # other addresses are untouched
 
 
@@ -98,11 +99,28 @@ async def test_an_address_that_fails_its_proof_too_often_is_closed_unheard_until
     assert server.refusals == 3 and server.throttled == 2
     # Another address is not slowed at all.
     assert isinstance(await join(port, "elsewhere", TOKEN, source="127.0.0.2"), Welcomed)
-    # The level (3 at t0, less 0.1/s) is under the burst as soon as it drains a little;
-    # 10 s after t0 a failed proof is heard again.
+    # The level (3 at t0, less 0.1/s) is under the burst as soon as it drains a little:
+    # 10 s after t0 a proof is heard again.
     await trio.sleep(10.0 - (trio.current_time() - t0))
     assert isinstance(await join(port, "good", TOKEN), Welcomed)
     assert server.throttled == 2
+
+
+async def test_the_logged_block_is_the_real_one(nursery, autojump_clock, caplog) -> None:
+    server, port = await start(nursery, failed_joins_burst=3, failed_joins_per_minute=6.0)  # 0.1 forgiven a second
+    for _ in range(3):  # a second apart: the level is 2.8 after the third, under the burst
+        assert isinstance(await join(port, "intruder", "hlx1.wrong"), Refusal)
+        await trio.sleep(1.0)
+    assert "closed unheard" not in caplog.text
+    assert isinstance(await join(port, "intruder", "hlx1.wrong"), Refusal)  # 2.7 + 1: blocked 7 s
+    failed_at = trio.current_time()
+    logged = [r.getMessage() for r in caplog.records if "closed unheard" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].endswith("closed unheard for 7.0s"), logged
+    await trio.sleep(6.9 - (trio.current_time() - failed_at))
+    assert await join(port, "good", TOKEN) == 1013  # still blocked just before the logged figure
+    await trio.sleep(7.1 - (trio.current_time() - failed_at))
+    assert isinstance(await join(port, "good", TOKEN), Welcomed)  # heard just after it
+    assert server.throttled == 1
 
 
 async def test_a_flood_of_half_open_connections_holds_at_most_the_cap_and_ends_at_the_deadline(

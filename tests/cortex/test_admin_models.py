@@ -244,3 +244,17 @@ async def test_unloading_a_model_only_configured_on_a_neuron_says_it_is_not_load
     assert everywhere.status_code == 400 and everywhere.json()["error"]["code"] == "not_loaded", everywhere.text
     assert there.status_code == 404 and "does not hold" in there.json()["error"]["message"], there.text
     assert n1.unloads() == []
+
+
+async def test_a_sources_credentials_and_signature_are_not_shown() -> None:
+    signed = "https://operator:s3cret@files.example/m/model.gguf?X-Amz-Signature=SIG0123&token=TOK0456"
+    catalogue = Catalogue([CatalogueEntry(id="signed", backend="synthetic", memory_mb=500, source=signed,
+                                          sha256="0" * 64)])
+    fleet = Fleet()
+    NeuronDouble("n1", fleet)
+    async with serving(fleet, catalogue) as (_, url), httpx.AsyncClient(base_url=url) as http:
+        listed = (await http.get("/admin/models", headers=admin_headers())).text
+        one = (await http.get("/admin/models/signed", headers=admin_headers())).json()
+    assert one["source"] == "https://***@files.example/m/model.gguf?***"
+    for leak in ("s3cret", "SIG0123", "TOK0456"):
+        assert leak not in listed and leak not in str(one)

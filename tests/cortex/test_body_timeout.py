@@ -34,7 +34,7 @@ async def exchange(url: str, path: str, trickle: bool) -> tuple[int, dict[str, s
     read until the server closes; return the status, headers, JSON body and what followed."""
     host, port = url.removeprefix("http://").rsplit(":", 1)
     stream = await trio.open_tcp_stream(host, int(port))
-    await stream.send_all(f"POST {path} HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n"
+    await stream.send_all(f"POST {path} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n"
                           f"content-length: 100\r\n\r\n{{".encode())
     got = b""
 

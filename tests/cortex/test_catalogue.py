@@ -180,3 +180,11 @@ def test_features_default_to_the_backends_and_can_be_narrowed() -> None:
     assert llama(features=["logprobs"]).feature_set == {Feature.LOGPROBS}
     with pytest.raises(CatalogueError, match="features"):
         llama(features=["telepathy"])
+
+
+def test_a_refused_sources_credentials_and_signature_are_not_in_the_error() -> None:
+    with pytest.raises(CatalogueError) as err:
+        Catalogue.from_dict({"models": {"m": {"backend": "synthetic", "memory_mb": 1,
+                                              "source": "http://u:s3cret@h.example/x.gguf?token=TOK0456"}}})
+    assert "http://***@h.example/x.gguf?***" in str(err.value)
+    assert "s3cret" not in str(err.value) and "TOK0456" not in str(err.value)

@@ -43,7 +43,7 @@ async def test_a_client_leaving_mid_stream_is_no_error(path: str, body: dict, ca
         host, port = url.removeprefix("http://").rsplit(":", 1)
         raw = json.dumps(body)
         stream = await trio.open_tcp_stream(host, int(port))
-        await stream.send_all(f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        await stream.send_all(f"POST {path} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n"
                               f"content-length: {len(raw)}\r\n\r\n{raw}".encode())
         received = b""
         while b"t2 " not in received:

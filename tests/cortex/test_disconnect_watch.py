@@ -178,7 +178,8 @@ async def test_a_non_streaming_request_whose_client_left_is_cancelled_on_the_neu
             await nursery.start(gateway.orchestrator.run)
             url = (await nursery.start(gateway.run))[0]
             stream = await trio.open_tcp_stream("127.0.0.1", int(url.rsplit(":", 1)[1]))
-            await stream.send_all(f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json"
+            await stream.send_all(f"POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\n"
+                                  f"content-type: application/json"
                                   f"\r\ncontent-length: {len(body)}\r\n\r\n{body}".encode())
             await generating.wait()
             started_at = trio.current_time()

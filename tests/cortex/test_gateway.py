@@ -225,7 +225,7 @@ async def test_a_client_disconnect_cancels_the_generation() -> None:
         body = json.dumps({"model": "chat", "stream": True, "messages": [{"role": "user", "content": "x"}]})
         stream = await trio.open_tcp_stream(host, int(port))
         await stream.send_all(
-            f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            f"POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n"
             f"content-length: {len(body)}\r\n\r\n{body}".encode())
         received = b""
         while b"t2 " not in received:

@@ -148,7 +148,7 @@ async def test_a_client_that_hangs_up_mid_stream_is_billed_for_the_tokens_it_got
         body = json.dumps({**CHAT, "max_tokens": 64, "stream": True})
         stream = await trio.open_tcp_stream(host, int(port))
         await stream.send_all(
-            f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            f"POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n"
             f"authorization: Bearer {key}\r\ncontent-length: {len(body)}\r\n\r\n{body}".encode())
         received = b""
         while b"t2 " not in received:

@@ -319,3 +319,44 @@ def test_a_second_portal_renders_its_own_theme(browser, cortex: Cortex, artifact
         page.screenshot(path=artifacts / f"portal-{portal}-signin.png")
         page.close()
     assert looks["acme"] != looks["beta"]
+
+
+def test_another_sites_page_cannot_use_the_gateway_and_a_rebinding_name_is_refused(
+        browser, cortex: Cortex, tmp_path: Path) -> None:  # noqa: ANN001
+    """A page on another origin (the operator browsing an attacker's site) sends the CORS
+    "simple request" a browser sends without a preflight; the gateway refuses it before any
+    work. A name resolving to 127.0.0.1 (DNS rebinding) is refused too. The gateway's own
+    page's requests go through."""
+    import http.server
+    import threading
+    from functools import partial
+
+    (tmp_path / "index.html").write_text("<!doctype html><title>elsewhere</title>")
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                           partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path)))
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    gateway = cortex.gateway_url
+    port = gateway.rsplit(":", 1)[1]
+    body = '{"model": "synth", "messages": [{"role": "user", "content": "hi"}]}'
+    send = """([url, body, mode]) => fetch(url, {method: "POST", mode, headers: {"content-type": "text/plain"}, body})
+                                         .then(r => r.status, () => "failed")"""
+    # A browser of its own: the rebinding name resolves to 127.0.0.1 in it.
+    b = browser.browser_type.launch(executable_path=CHROMIUM,
+                                    args=["--no-sandbox", "--host-resolver-rules=MAP rebound.test 127.0.0.1"])
+    try:
+        page = b.new_page()
+        page.set_default_timeout(20_000)
+        page.goto(f"http://127.0.0.1:{site.server_address[1]}/")
+        # no-cors: the request is sent, its answer opaque to the page (status 0), not to the test.
+        with page.expect_response(lambda r: r.url.endswith("/v1/messages/count_tokens")) as sent:
+            assert page.evaluate(send, [gateway + "/v1/messages/count_tokens", body, "no-cors"]) == 0
+        assert sent.value.status == 403  # refused before any work
+        refused = page.goto(f"http://rebound.test:{port}/v1/models")
+        assert refused is not None and refused.status == 403
+        assert "host_not_allowed" in refused.text()
+        # The gateway's own page: its POST carries its own Origin, and goes through.
+        page.goto(gateway + "/portal/")
+        assert page.evaluate(send, [gateway + "/v1/messages/count_tokens", body, "cors"]) == 200
+    finally:
+        b.close()
+        site.shutdown()

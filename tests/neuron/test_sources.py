@@ -5,6 +5,7 @@ single-flight, evicted least recently used but never while in use."""
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import subprocess
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from helexa import logs
 from helexa.protocol import ModelConfig, ModelState
 from helexa.roles.neuron.cache import ModelCache
 from helexa.roles.neuron.config import SourcesConfig
@@ -353,3 +355,22 @@ async def test_an_unwritable_cache_is_a_clear_failure(hub, tiny_bytes, tmp_path)
     with pytest.raises(LoadFailed) as err:
         await make_sources(hub, tmp_path / "file" / "cache").fetch(config(f"hf://{REPO}/{FILE}"), Progress())
     assert err.value.code == "load_failed" and "the model cache" in str(err.value)
+
+
+async def test_a_urls_credentials_and_signature_never_reach_an_error_or_the_log(hub, tiny_bytes, tmp_path):
+    url = hub.add_url("tiny.gguf", tiny_bytes)
+    scheme, rest = url.split("://", 1)
+    secret = f"{scheme}://operator:s3cretpass@{rest}?X-Amz-Signature=SIG0123&token=TOK0456"
+    logged = io.StringIO()
+    logs.setup("debug", stream=logged)  # the neuron's own log set-up (httpx logs each request's URL)
+    try:
+        with pytest.raises(LoadFailed) as err:  # a wrong sha256: the error names the file
+            await make_sources(hub, tmp_path / "cache").fetch(config(secret, sha256=sha(b"other")), Progress())
+    finally:
+        logs.setup("info")
+    message = str(err.value)
+    assert err.value.code == "hash_mismatch"
+    assert f"{scheme}://***@{rest}?***" in message
+    assert f"{rest}?***" in logged.getvalue()  # the file is still named in the log
+    for leak in ("s3cretpass", "SIG0123", "TOK0456"):
+        assert leak not in message and leak not in logged.getvalue()

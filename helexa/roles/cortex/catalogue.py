@@ -72,6 +72,7 @@ from pydantic import (
     model_validator,
 )
 
+from helexa.logs import redact
 from helexa.protocol import Feature, Hardware, ModelCapability, ModelConfig, Workload, parse_source
 
 MB = 1024 * 1024
@@ -324,7 +325,7 @@ class Catalogue:
             except ValidationError as exc:
                 first = exc.errors(include_url=False)[0]
                 loc = "".join(f".{p}" for p in first["loc"])
-                msg = first["msg"].removeprefix("Value error, ")
+                msg = redact(first["msg"].removeprefix("Value error, "))  # a source URL's secrets
                 raise CatalogueError(f"{source}: models.{model_id}{loc}: {msg}") from None
         return cls(entries)
 

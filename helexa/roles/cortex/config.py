@@ -62,6 +62,17 @@ class GatewayConfig(BaseModel):
     admin_clients: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"])
     """Client addresses allowed on ``/admin/*`` (besides the admin token, which is always
     required); loopback only by default, ``["*"]`` for any address."""
+    allowed_origins: list[str] = Field(default_factory=list)
+    """Web origins (``https://app.example``; ``"*"``: any) whose pages may call the gateway
+    from a browser. A request carrying an ``Origin`` that is neither its own (the console, a
+    portal's pages) nor listed here is refused with 403 before any work, so that a page the
+    operator visits cannot use their gateway; requests without ``Origin`` (SDKs, curl) are not
+    affected. Listed origins get ``Access-Control-Allow-Origin`` and their preflights answered."""
+    allowed_hosts: list[str] = Field(default_factory=list)
+    """``Host`` names (no port; ``"*"``: any) served besides loopback ones. On a socket bound
+    to loopback every other ``Host`` is refused with 403 (a DNS-rebinding page's requests name
+    its own domain): list the name a reverse proxy in front passes on. Sockets on other
+    addresses check ``Host`` only when this is set."""
     metrics_public: bool = False
     """Serve ``/metrics`` (on the admin socket) to anyone who can reach it, without the
     admin token or the ``admin_clients`` check; by default a scraper presents the token
@@ -384,6 +395,12 @@ class CortexConfig(BaseModel):
     max_pending_handshakes: int = Field(1024, ge=1)
     """Control connections accepted but not yet joined at once; past it new connections
     are closed at once (a flood of half-open connections cannot exhaust the cortex)."""
+    max_handshake_bytes: int = Field(64 * 1024 * 1024, ge=2 * 1024 * 1024)
+    """Bytes read from control connections not yet joined, all of them together; past it a
+    pending connection is closed "try again later" (1013; the neuron redials on its
+    backoff). Each may send frames of at most 1 MiB before its join (a join with 256 models'
+    configs is about 115 KiB), so without this bound ``max_pending_handshakes`` strangers
+    could make the cortex hold a gigabyte."""
     failed_joins_burst: int = Field(10, ge=1)
     """Refused join proofs an address may send in a row before its connections are closed
     unheard; its allowance comes back at ``failed_joins_per_minute``."""

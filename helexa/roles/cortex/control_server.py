@@ -40,7 +40,7 @@ from helexa.protocol.join import IDENTITY_VERSION, Admitted, CortexJoin, Failure
 from helexa.protocol.takeover import CLOSE_REPLACED, replaced_reason
 from helexa.transport import Channel, ChannelClosed
 from helexa.transport import websocket as ws_transport
-from helexa.transport.admission import FailedJoins, PendingHandshakes, host_of
+from helexa.transport.admission import FailedJoins, PendingHandshakes, ReadBudget, host_of
 from helexa.transport.handshake import exchange
 
 from helexa.config import split_socket
@@ -61,7 +61,8 @@ HANDSHAKE_MAX_FRAME = 1 << 20
 """The largest frame a connection may send before its join is admitted (a neuron's join,
 with every model it holds, is a few KiB); ``max_frame_bytes`` applies from then on. Until
 then nobody knows who sent it: with ``max_pending_handshakes`` connections each sending
-``max_frame_bytes`` (16 MiB), a stranger could make the cortex hold gigabytes."""
+``max_frame_bytes`` (16 MiB), a stranger could make the cortex hold gigabytes (and with
+1 MiB each, a gigabyte: so what they read all together is held to ``max_handshake_bytes``)."""
 _FAILED_PROOF = frozenset({"unauthorized", "replayed_nonce", "bad_request"})
 """Refusals that count against an address: a wrong proof, a replay, a malformed join."""
 _OURS_TO_MEND = frozenset({"unavailable"})
@@ -103,6 +104,8 @@ class ControlServer:
         self._recent_nonces = RecentNonces()
         self.pending = PendingHandshakes(config.max_pending_handshakes, stale_after=config.handshake_timeout)
         self.failed_joins = FailedJoins(config.failed_joins_burst, config.failed_joins_per_minute)
+        self.read_budget = ReadBudget(config.max_handshake_bytes)
+        """Bytes read from connections not yet joined, all together (``max_handshake_bytes``)."""
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; ``started`` reports the bound port."""
@@ -122,6 +125,7 @@ class ControlServer:
             first_max_frame=HANDSHAKE_MAX_FRAME,
             handshake_timeout=self.settings.handshake_timeout,
             pending=self.pending,
+            budget=self.read_budget,
             task_status=task_status,
         )
 
@@ -139,7 +143,7 @@ class ControlServer:
         if wait > 0:
             self.throttled += 1
             self.pending.release(channel.remote)
-            await channel.aclose(ws_transport.CLOSE_TRY_LATER, f"too many failed joins: retry in {wait:.0f}s")
+            await channel.aclose(ws_transport.CLOSE_TRY_LATER, f"too many failed joins: retry in {wait:.1f}s")
             return
         s = self.settings
         session = CortexJoin(
@@ -187,7 +191,7 @@ class ControlServer:
             self.failed_joins.failed(host, now)
             wait = self.failed_joins.retry_after(host, now)
             if wait > 0:
-                log.warning("%s failed to join too often: its connections are closed unheard for %.0fs", host, wait)
+                log.warning("%s failed to join too often: its connections are closed unheard for %.1fs", host, wait)
         try:
             for frame in frames:
                 await channel.send(frame)

@@ -59,8 +59,9 @@ from helexa.config import split_socket
 
 from .anthropic_surface import AnthropicSurface
 from .anthropic_api import error_shape as anthropic_error_shape
+from .browser_guard import BrowserGuard, cors_headers, preflight_headers
 from .asgi import ErrorShape, Exchange, Limits, Receive, Responder, Route, Router, Scope, Send
-from .config import DEFAULT_PORTAL, PortalConfig
+from .config import DEFAULT_PORTAL, PortalConfig, is_loopback
 from .disconnect_watch import DisconnectWatch
 from .errors import BadRequest, ClientGone, GatewayError, NoCapacity, RequestTimeout, client_gone, envelope
 from .fleet_metrics import FleetCollector
@@ -133,8 +134,11 @@ class PortalApp:
     """The ASGI app of one socket: a portal's routes (and the admin routes on the admin
     socket). See the module docstring."""
 
-    def __init__(self, gateway: Gateway, portal: Portal | None, routes: list[Route]) -> None:
+    def __init__(self, gateway: Gateway, portal: Portal | None, routes: list[Route], *, loopback: bool = True) -> None:
         self.gateway = gateway
+        c = gateway.config
+        self.guard = BrowserGuard(c.allowed_origins, c.allowed_hosts, loopback=loopback)
+        """Other sites' pages and DNS rebinding refused (:mod:`.browser_guard`)."""
         self.portal = portal
         self.router = Router(routes)
         self.routes = self.router.routes
@@ -188,6 +192,12 @@ class PortalApp:
         g.in_flight.enter()
         route: Route | None = None
         try:
+            other_origin = self.guard.check(scope["headers"])  # before any work
+            if other_origin is not None:  # an origin the operator allowed
+                out.headers = out.headers + cors_headers(other_origin)
+                if scope["method"] == "OPTIONS":
+                    await out.full(204, preflight_headers(scope["headers"]), b"")
+                    return
             route, ex.path_rest = self.router.find(scope["method"], scope["path"])
             if traced:
                 trace.get_current_span().update_name(f"{route.method} {route.path}")
@@ -319,8 +329,9 @@ class Gateway:
         metrics = self._metrics if self.config.metrics_public else self._guarded_metrics
         return [Route("GET", "/metrics", metrics, keyed=False), *self.admin.routes()]
 
-    def app(self, portal_id: str, *, admin: bool = False) -> PortalApp:
-        """The ASGI app of a socket of ``portal_id`` (with the admin routes when ``admin``)."""
+    def app(self, portal_id: str, *, admin: bool = False, loopback: bool = True) -> PortalApp:
+        """The ASGI app of a socket of ``portal_id`` (with the admin routes when ``admin``;
+        ``loopback``: the socket binds loopback, so ``Host`` is checked, :mod:`.browser_guard`)."""
         portal = self.portals[portal_id]
         routes = self._common_routes()
         if "openai" in portal.config.surfaces:
@@ -335,11 +346,12 @@ class Gateway:
             routes += self._admin_routes()
         taken = {(r.method, r.path, r.prefix) for r in routes}  # a surface's own route wins over a page
         routes += [r for r in self.web.routes(portal_id, admin=admin) if (r.method, r.path, r.prefix) not in taken]
-        return PortalApp(self, portal, routes)
+        return PortalApp(self, portal, routes, loopback=loopback)
 
-    def admin_app(self) -> PortalApp:
+    def admin_app(self, *, loopback: bool = True) -> PortalApp:
         """The ASGI app of the admin socket alone."""
-        return PortalApp(self, None, self._common_routes() + self._admin_routes() + self.web.routes(None, admin=True))
+        return PortalApp(self, None, self._common_routes() + self._admin_routes() + self.web.routes(None, admin=True),
+                         loopback=loopback)
 
     # --- serving -------------------------------------------------------------------------
 
@@ -365,14 +377,15 @@ class Gateway:
                 for pid, portal in self.portals.items():
                     urls: list[str] = []
                     for i, addr in enumerate(portal.config.listen):
-                        app = self.app(pid, admin=admin_socket is None and pid == DEFAULT_PORTAL and i == 0)
+                        app = self.app(pid, admin=admin_socket is None and pid == DEFAULT_PORTAL and i == 0,
+                                       loopback=is_loopback(addr))
                         bound = await servers.start(self._serve, app, addr, portal.config)
                         self.apps.update(dict.fromkeys(bound, app))
                         urls += bound
                     self.addresses[pid] = urls
                     log.info("portal %s (%s) listening on %s", pid, portal.config.auth or "open", ", ".join(urls))
                 if admin_socket is not None:
-                    admin_app = self.admin_app()
+                    admin_app = self.admin_app(loopback=is_loopback(admin_socket))
                     self.admin_urls = await servers.start(self._serve, admin_app, admin_socket, None)
                     self.apps.update(dict.fromkeys(self.admin_urls, admin_app))
                     log.info("admin API listening on %s", ", ".join(self.admin_urls))

@@ -35,6 +35,8 @@ from typing import BinaryIO
 import httpx
 import trio
 
+from helexa.logs import redact
+
 log = logging.getLogger(__name__)
 
 WRITE_CHUNK = 1024 * 1024
@@ -43,8 +45,11 @@ _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
 class DownloadError(Exception):
+    """A fetch failed; its message has any URL's userinfo and query string masked
+    (:func:`helexa.logs.redact`: it travels to the cortex, its views and logs)."""
+
     def __init__(self, message: str, *, code: str = "download_failed") -> None:
-        super().__init__(message)
+        super().__init__(redact(message))
         self.code = code
 
 

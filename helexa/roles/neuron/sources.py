@@ -34,6 +34,7 @@ from urllib.parse import unquote, urlsplit
 import httpx
 import trio
 
+from helexa.logs import redact
 from helexa.protocol import ModelConfig, ModelSource, SourceKind
 from helexa.runtime import LoadFailed, ProgressFn
 
@@ -160,7 +161,7 @@ class ModelSources:
                 reason = f"the model cache {self.cache.root}: {exc.strerror or exc}"
             else:
                 code = "disk_full" if isinstance(exc, NoRoom) else exc.code
-            flight.error = LoadFailed(f"cannot fetch {source.location}: {reason}", code=code)
+            flight.error = LoadFailed(redact(f"cannot fetch {source.location}: {reason}"), code=code)
             raise flight.error from None
         finally:
             del self._flights[key]

@@ -33,6 +33,7 @@ from typing import Any
 import trio
 from pydantic import BaseModel, ConfigDict, Field
 
+from helexa.logs import redact_url
 from helexa.protocol import LoadProgress
 
 from ..asgi import Exchange, Route
@@ -108,7 +109,8 @@ class ModelsAdmin:
         for entry in self.catalogue:
             progress = self.provisioner.load_progress.get(entry.id)
             out.append({
-                "id": entry.id, "catalogued": True, "backend": entry.backend, "source": entry.source,
+                "id": entry.id, "catalogued": True, "backend": entry.backend,
+                "source": redact_url(entry.source) if entry.source else None,
                 "memory_mb": entry.memory_mb, "on_gpu": entry.on_gpu, "keep_warm": entry.keep_warm,
                 "priority": entry.priority.name.lower(), "pinned_on": sorted(pins.get(entry.id, ())),
                 "feasible_on": [link.node_id for link in links if entry.is_feasible_on(link.descriptor.hardware)],

@@ -12,7 +12,9 @@ nothing is fetched from elsewhere.
 
 Every response carries a strict Content-Security-Policy (scripts and styles from this
 origin only; no inline script), ``X-Frame-Options: DENY``, ``nosniff`` and
-``no-referrer``; an error is a plain page, never a traceback.
+``Referrer-Policy: same-origin`` (no address leaves for another site; under ``no-referrer`` a
+browser's form POST says ``Origin: null``, which :mod:`..browser_guard` refuses as another
+site's); an error is a plain page, never a traceback.
 
 A failed build (a broken template folder, a missing dependency, an error in a page's
 module) does not take the cortex down: :meth:`WebApp.run` logs one error line, the API
@@ -53,7 +55,7 @@ _SECURITY_HEADERS = {
                                "base-uri 'none'; form-action 'self'",
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",
 }
 
 
