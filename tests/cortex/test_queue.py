@@ -191,3 +191,21 @@ def test_the_drain_rate_is_measured_from_services_and_sets_eta_and_retry_after()
     assert q.drain_rate("m", 5.0) == pytest.approx(1.0)  # the next one is not overdue yet
     assert q.drain_rate("m", 8.0) == pytest.approx(4 / 7)  # 3 s overdue: it slows
     assert q.retry_after("m", 4.0, default=5.0, ceiling=3.0) == 3.0
+
+
+def test_keys_that_stopped_waiting_leave_no_fairness_state_behind() -> None:
+    """Each key that ever waited kept its virtual time in the queue of every model and
+    class it waited in, for good (keys minted per job, a long-running cortex). A key whose
+    virtual time the clock has passed is as a new one: it is forgotten; the fairness
+    between the keys still waiting holds."""
+    q = FairQueue()
+    q.push(w(key="batch", priority="bulk"))  # the model's queue is never empty under load
+    for i in range(5000):
+        q.push(w(key="steady"))
+        q.push(w(key=f"job-{i}"))
+        assert {q.pop("m", 0.0).key, q.pop("m", 0.0).key} == {"steady", f"job-{i}"}
+    assert sum(len(c.key_vt) for c in q._models["m"].classes) <= 2100
+    a, b = [w(key="a") for _ in range(3)], [w(key="b") for _ in range(3)]
+    for x in (*a, *b):
+        q.push(x)
+    assert [x.key for x in drain(q)] == ["a", "b", "a", "b", "a", "b", "batch"]

@@ -67,3 +67,16 @@ def test_a_reloaded_policy_applies_to_the_next_request_and_keeps_those_in_flight
     assert adm.admit("p1", "op", "m", 0.0).code == "busy"
     adm.set_policy(ServePolicy(deny_operators=frozenset({"op"})))
     assert adm.admit("p2", "op", "m", 0.0).code == "denied"
+
+
+def test_peers_that_stopped_asking_leave_no_rate_bucket_behind():
+    """Peer ids cost nothing to make: each one that ever asked kept its rate bucket, for
+    good. A refilled bucket is a new one, so those are forgotten; a peer still limited
+    keeps its own (the limit holds)."""
+    adm = Admission(ServePolicy(max_concurrent_per_peer=100, rate_per_second=1.0, burst=1))
+    for i in range(20_000):
+        assert adm.admit(f"peer-{i}", "op", "a", i * 0.01).admitted
+        adm.release(f"peer-{i}")
+    assert len(adm._buckets) <= 4096
+    assert adm.admit("peer-19999", "op", "a", 199.995).code == "rate_limited"  # the recent ones are kept
+    assert adm.admit("peer-19950", "op", "a", 199.995).code == "rate_limited"

@@ -48,6 +48,12 @@ class _Family:
             child = self._children[key] = self._child()
         return child
 
+    def forget(self, label: str, value: str) -> None:
+        """Drop every series whose ``label`` is ``value`` (a neuron that left for good)."""
+        i = self._labelnames.index(label)
+        for key in [k for k in self._children if k[i] == value]:
+            del self._children[key]
+
     def _child(self) -> object:  # pragma: no cover
         raise NotImplementedError
 

@@ -123,6 +123,16 @@ class Metrics:
         self.cold_loads.labels(model, neuron).inc()
         self.cold_load_seconds.labels(model, neuron).observe(seconds)
 
+    def neuron_gone(self, neuron: str) -> None:
+        """Drop ``neuron``'s series (it was removed from the fleet): a fleet whose neurons
+        come and go under new ids (containers, autoscaling) kept ~170 series of each one
+        that ever joined, in memory and in every scrape, for good."""
+        for family in (self.requests, self.errors, self.ttft, self.latency, self.tokens_per_second, self.tokens,
+                       self.cold_loads, self.cold_load_seconds):
+            family.forget("neuron", neuron)
+        for key in [k for k in self._children if k[1] == neuron]:
+            del self._children[key]
+
     def add_collector(self, collector: Collector) -> None:
         """Serve ``collector``'s families on ``/metrics`` too (the fleet's gauges)."""
         self.registry.register(collector)

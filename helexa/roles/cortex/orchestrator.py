@@ -164,6 +164,7 @@ class Orchestrator:
                 now = {link.node_id for link in self.fleet}
                 for gone in known - now:
                     self.prefix.forget(gone)
+                    self.provisioner.node_gone(gone)
                 known = now
                 self.admission.pump_all()
 

@@ -381,6 +381,17 @@ class Provisioner:
         assert flight.node_id is not None
         return flight.node_id
 
+    def node_gone(self, node_id: str) -> None:
+        """``node_id`` was removed from the fleet: what was kept of it goes too (its load,
+        residency and provisioning records, its series in ``/metrics``). A fleet whose
+        neurons come and go under new ids kept them all, for good."""
+        self.live.forget_node(node_id)
+        for key in [k for k in self.loaded_at if k[0] == node_id]:
+            del self.loaded_at[key]
+        self.provisioned.difference_update([k for k in self.provisioned if k[0] == node_id])
+        if self.metrics is not None:
+            self.metrics.neuron_gone(node_id)
+
     def begin_load_planned(self, entry: CatalogueEntry, plan: LoadPlan) -> None:
         """:meth:`load_planned` in the background; returns at once."""
         flight = self._operator_flight(entry, plan)

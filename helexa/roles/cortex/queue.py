@@ -77,6 +77,10 @@ class Demand:
     load_time: float | None = None  # its last measured load, seconds (likewise)
 
 
+_KEYS_KEPT = 1024
+"""Keys' virtual times kept per class before those no longer needed are forgotten."""
+
+
 @dataclass
 class _Class:
     """One priority class of one model's queue."""
@@ -87,6 +91,7 @@ class _Class:
     weight: dict[str, float] = field(default_factory=dict)
     clock: float = 0.0  # the virtual time of the last portal served
     key_clock: dict[str, float] = field(default_factory=dict)
+    prune_at: int = _KEYS_KEPT
 
     def push(self, w: Waiter) -> None:
         keys = self.waiting.get(w.portal)
@@ -95,11 +100,22 @@ class _Class:
             self.portal_vt[w.portal] = max(self.portal_vt.get(w.portal, 0.0), self.clock)
         fifo = keys.get(w.key)
         if fifo is None:
+            if len(self.key_vt) >= self.prune_at:
+                self._prune()
             fifo = keys[w.key] = deque()
             k = (w.portal, w.key)
             self.key_vt[k] = max(self.key_vt.get(k, 0.0), self.key_clock.get(w.portal, 0.0))
         self.weight[w.portal] = w.weight if w.weight > 0 else 1.0
         fifo.append(w)
+
+    def _prune(self) -> None:
+        """Forget the virtual times of keys not waiting that their portal's clock passed
+        (such a key comes back at the clock, as a new one would): each key that ever
+        waited was kept, for good."""
+        for (portal, key), vt in list(self.key_vt.items()):
+            if key not in self.waiting.get(portal, ()) and vt <= self.key_clock.get(portal, 0.0):
+                del self.key_vt[(portal, key)]
+        self.prune_at = max(_KEYS_KEPT, 2 * len(self.key_vt))  # amortised: not a scan per request
 
     def head(self) -> tuple[str, str] | None:
         """The (portal, key) served next, without serving it."""

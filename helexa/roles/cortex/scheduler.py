@@ -248,6 +248,15 @@ class LiveLoad:
         self.last_used.pop((node_id, model_id), None)
         self.model_in_flight.pop((node_id, model_id), None)
 
+    def forget_node(self, node_id: str) -> None:
+        """``node_id`` left the fleet: nothing of it is kept (a fleet whose neurons come and
+        go under new ids would otherwise keep an entry of each, for good)."""
+        self.nodes.pop(node_id, None)
+        for key in [k for k in self.last_used if k[0] == node_id]:
+            del self.last_used[key]
+        for key in [k for k in self.model_in_flight if k[0] == node_id]:
+            del self.model_in_flight[key]
+
 
 def snapshot(links: Iterable[NeuronLink], live: LiveLoad, *, model_id: str | None = None, slots: int = 0,
              reserved: Mapping[tuple[str, str], int] | None = None, matches: Mapping[str, int] | None = None,

@@ -80,12 +80,21 @@ class TokenBucket:
             return True
         return False
 
+    def full(self, now: float) -> bool:
+        """Refilled to ``burst``: as a new bucket would be."""
+        self._refill(now)
+        return self.tokens >= self.burst
+
     def wait_time(self, now: float) -> float:
         """Seconds until one token is available."""
         self._refill(now)
         if self.tokens >= 1.0 or self.rate <= 0:
             return 0.0 if self.tokens >= 1.0 else float("inf")
         return (1.0 - self.tokens) / self.rate
+
+
+_BUCKETS_KEPT = 1024
+"""Peers' rate buckets kept before the full ones are forgotten."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +115,7 @@ class Admission:
     def __init__(self, policy: ServePolicy) -> None:
         self.policy = policy
         self._buckets: dict[str, TokenBucket] = {}
+        self._prune_at = _BUCKETS_KEPT
         self.in_flight: dict[str, int] = {}
 
     def set_policy(self, policy: ServePolicy) -> None:
@@ -128,12 +138,21 @@ class Admission:
                             retry_after=1.0)
         bucket = self._buckets.get(peer_id)
         if bucket is None:
+            if len(self._buckets) >= self._prune_at:
+                self._prune(now)
             bucket = self._buckets[peer_id] = TokenBucket(p.rate_per_second, p.burst, now)
         if not bucket.take(now):
             return Decision(False, "rate_limited", f"more than {p.rate_per_second:g} requests/s",
                             retry_after=bucket.wait_time(now))
         self.in_flight[peer_id] = self.in_flight.get(peer_id, 0) + 1
         return Decision(True)
+
+    def _prune(self, now: float) -> None:
+        """Forget the buckets that refilled (a full bucket is a new one): peer ids cost
+        nothing to make, and each one that ever asked kept its bucket, for good."""
+        for peer_id in [k for k, b in self._buckets.items() if b.full(now)]:
+            del self._buckets[peer_id]
+        self._prune_at = max(_BUCKETS_KEPT, 2 * len(self._buckets))  # amortised: not a scan per request
 
     def release(self, peer_id: str) -> None:
         n = self.in_flight.get(peer_id, 0) - 1

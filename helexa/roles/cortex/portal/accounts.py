@@ -77,7 +77,7 @@ class AccountBook:
         self._currencies.update({p.id: p.currency for p in portals})
         subjects: list[tuple[str, str, str, str, Limits, str]] = []
         for key in keys:
-            if not key.limits.unlimited:
+            if not key.limits.unlimited and key.revoked_at is None:  # a revoked key never spends again
                 subjects.append(("key:" + key.key_id, f"key {key.key_id}", "key_id", key.key_id, key.limits,
                                  key.portal))
         for portal in portals:
@@ -110,6 +110,10 @@ class AccountBook:
         if state != "active":
             for run in self.live.get(key.key_id, ()):
                 run.stop = Unauthorized(f"key {key.key_id} was {state} while this answer ran")
+        if key.revoked_at is not None:  # for good (no rotate, no update brings it back): its account goes
+            self._accounts.pop(subject, None)
+            self._portal_of.pop(subject, None)
+            return
         if account is None or account.set_limits(key.limits, now):
             currency = self._currencies.get(key.portal, "")
             start = period_bounds(key.limits.period, now)[0]

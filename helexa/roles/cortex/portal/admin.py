@@ -383,6 +383,8 @@ class AdminApi:
         if key.revoked_at is None:
             key = dataclasses.replace(key, revoked_at=self.clock())
             await self._save(key)
+            if (portal := self.portals.get(key.portal)) is not None:
+                portal.key_revoked(key.key_id)
             log.info("admin: revoked key %s", key.key_id)
         return self._view(key)
 

@@ -95,6 +95,11 @@ class Portal:
             tenant = self._tenants[key.key_id] = Tenant(self.id, key.key_id, self.config.priority, self.config.weight)
         return tenant
 
+    def key_revoked(self, key_id: str) -> None:
+        """Forget what was kept for ``key_id`` (it never comes back)."""
+        self._tenants.pop(key_id, None)
+        self._scopes.pop(key_id, None)
+
     def cache_scope(self, key: ApiKey | None) -> str:
         """The cache scope of ``key``'s requests (see :mod:`..cache_scope`): the key's own,
         or the portal's (an open portal, or ``prompt_cache = "portal"``)."""
