@@ -66,7 +66,7 @@ class MeteredRun:
 
     __slots__ = ("_metering", "_caller", "_request", "_endpoint", "_on_wait", "_image", "_session",
                  "_plan", "_accounts", "_run", "_context", "_gen", "_started", "_t0", "_token", "_copies",
-                 "_choice", "_group", "_admitted", "_forward")
+                 "_choice", "_group", "_admitted")
 
     def __init__(self, metering: Metering, caller: Caller, request: GenerateRequest, endpoint: str,
                  on_wait: OnWait | None, image: str | None, session: str | None, copies: int = 1, choice: int = 0,
@@ -83,7 +83,6 @@ class MeteredRun:
         self._image = image
         self._session = session
         self._token: Any = None
-        self._forward: GenerateRequest | None = None
 
     async def __aenter__(self) -> MeteredGeneration:
         m, caller, request = self._metering, self._caller, self._request
@@ -99,7 +98,6 @@ class MeteredRun:
         accounts = self._accounts = m.accounts(caller, now)
         plan = self._plan = m._plan_generate(caller, request, served, bounded=bool(accounts),
                                              counted=bool(accounts) or portal.records_usage)
-        self._forward = request if served == asked else dataclasses.replace(request, model_id=served)
         if self._copies > 1:
             # The prompt is reserved (and billed) once, with choice 0; the whole request is
             # judged from its exact count at once, so it is not counted again below.
@@ -211,13 +209,13 @@ class MeteredRun:
         output: so it is billed for its real prompt, not an estimate from its bytes. Shielded
         (a client that left cancels the request) and bounded in time; no exact count (a model
         the edge cannot tokenize, a tool syntax it does not render): ``plan`` as it was."""
-        m, run, forward = self._metering, self._run, self._forward
+        m, run = self._metering, self._run
         output = run is not None and (run.completion_tokens or any(g is not None and g.completion_tokens
                                                                    for g in self._group))
-        if not output or m.limits is None or forward is None:
+        if not output or m.limits is None or not isinstance(plan.forward, GenerateRequest):
             return plan
         with trio.CancelScope(shield=True), trio.move_on_after(_COUNT_TIMEOUT_S):
-            count = await m.limits.counter.count(forward)
+            count = await m.limits.counter.count(plan.forward)
             if count is not None and count.exact:
                 return dataclasses.replace(plan, prompt_tokens=count.tokens)
         return plan
