@@ -146,23 +146,36 @@ def test_tools_with_structured_output_are_refused_at_the_edge_in_each_surfaces_w
 def test_chat_usage_shows_the_cached_prompt_tokens_the_ledger_records(cortex: Cortex) -> None:
     """A key's repeated prompt reuses llama.cpp's cache: Chat Completions and completions
     report it as OpenAI does (``prompt_tokens_details.cached_tokens``), streamed or not, as
-    the ledger records it (the usage carried no details at all)."""
+    the ledger records it (the usage carried no details at all). Each kind is asked again
+    until a repeat hits the cache: on a loaded machine the slot holding the prefix can still
+    be finishing an earlier test's generation, and llama.cpp then takes the other slot."""
     url, key, key_id = new_key(cortex, "cached")
     ask = [{"role": "user", "content": "Name three colours of the rainbow, please."}]
     cached: list[int] = []
     with openai.OpenAI(base_url=url + "/v1", api_key=key, timeout=120, max_retries=0) as oai:
-        for _ in range(2):
-            cached.append(oai.chat.completions.create(model="fast", messages=ask, max_tokens=4, temperature=0)
-                          .usage.prompt_tokens_details.cached_tokens)
-        stream = oai.chat.completions.create(model="fast", messages=ask, max_tokens=4, temperature=0, stream=True,
-                                             stream_options={"include_usage": True})
-        cached.append([c.usage for c in stream if c.usage is not None][0].prompt_tokens_details.cached_tokens)
-        for _ in range(2):
-            cached.append(oai.completions.create(model="fast", prompt="The rainbow has seven colours:", max_tokens=4,
-                                                 temperature=0).usage.prompt_tokens_details.cached_tokens)
+        def chat() -> int:
+            return oai.chat.completions.create(model="fast", messages=ask, max_tokens=4, temperature=0
+                                               ).usage.prompt_tokens_details.cached_tokens
+
+        def streamed() -> int:
+            stream = oai.chat.completions.create(model="fast", messages=ask, max_tokens=4, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True})
+            return [c.usage for c in stream if c.usage is not None][0].prompt_tokens_details.cached_tokens
+
+        def completion() -> int:
+            return oai.completions.create(model="fast", prompt="The rainbow has seven colours:", max_tokens=4,
+                                          temperature=0).usage.prompt_tokens_details.cached_tokens
+
+        hits = []
+        for ask_once in (chat, streamed, completion):
+            for _ in range(5):
+                cached.append(ask_once())
+                if cached[-1] > 0:
+                    break
+            hits.append(cached[-1])
     rows = records(cortex, key_id)
     assert cached == [r["cached_tokens"] for r in rows]
-    assert cached[1] > 0 and cached[2] > 0 and cached[4] > 0
+    assert cached[0] == 0 and all(h > 0 for h in hits), cached
 
 
 def test_a_tool_defined_without_parameters_is_called_with_none(cortex: Cortex) -> None:
