@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from helexa import __version__, logs, telemetry
+from helexa import build, logs, telemetry
 from helexa.config import ConfigError, load_config
 
 
@@ -32,7 +32,7 @@ def _load(model: type, file: Path | None, overrides: dict[str, Any]):
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="helexa")
+@click.version_option(build.version(), prog_name="helexa")
 def main() -> None:
     """helexa: a distributed AI inference fabric."""
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from helexa import identity as identity_mod
-from helexa import secret_files, telemetry
+from helexa import build, secret_files, telemetry
 from helexa.config import ConfigError
 
 from . import admin_token, collector, join_token, neuron_keys
@@ -209,8 +209,8 @@ class Cortex:
                     admin_url=self.gateway.admin_urls[0],
                     portals={pid: tuple(urls) for pid, urls in self.gateway.addresses.items()},
                 )
-                log.info("cortex ready: control=%s gateway=%s admin=%s", addrs.control_url, addrs.gateway_url,
-                         addrs.admin_url)
+                log.info("cortex ready: control=%s gateway=%s admin=%s version=%s", addrs.control_url,
+                         addrs.gateway_url, addrs.admin_url, build.version())
                 task_status.started(addrs)
                 await self._stop.wait()
                 await drain(self.gateway, self.control, grace=self.config.shutdown_grace)
