@@ -62,7 +62,7 @@ def render_fleet(fleet: dict[str, Any], *, now: float | None = None) -> str:
     head = f"cortex {cortex}\n" if cortex else ""  # an older cortex does not say
     if not neurons:
         return head + "no neurons joined"
-    rows = [["NODE", "HEALTH", "VERSION", "KEY", "CPU", "RAM", "GPUS", "IN-FLIGHT", "LAST BEAT", "MODELS"]]
+    rows = [["NODE", "HEALTH", "KEY", "VERSION", "CPU", "RAM", "GPUS", "IN-FLIGHT", "LAST BEAT", "MODELS"]]
     for n in neurons:
         hw = n["descriptor"]["hardware"]
         m = n["metrics"]
@@ -75,8 +75,8 @@ def render_fleet(fleet: dict[str, Any], *, now: float | None = None) -> str:
             [
                 n["node_id"],
                 n["health"],
-                _build(n),
                 _key(n),
+                _build(n),
                 f"{m['cpu_percent']:.0f}%/{hw['cpu_cores']}c",
                 f"{_gib(m['ram_used'])}/{_gib(hw['ram_total'])}",
                 gpus,
