@@ -193,13 +193,14 @@ def completion(shell):
 
 def _register_subcommands() -> None:
     """Command groups that live beside the roles they drive."""
+    from helexa.cli_config import config
     from helexa.cli_demo import chat, demo
     from helexa.cli_mesh import ledger, mesh
     from helexa.cli_models import models, reload
     from helexa.cli_neurons import neuron_key, neurons
     from helexa.cli_portal import keys, usage
 
-    for command in (demo, chat, mesh, ledger, keys, usage, models, reload, neurons, neuron_key):
+    for command in (config, demo, chat, mesh, ledger, keys, usage, models, reload, neurons, neuron_key):
         main.add_command(command)
 
 
