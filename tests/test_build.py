@@ -64,3 +64,13 @@ def test_helexa_version_names_the_commit_it_runs_from() -> None:
     out = subprocess.run([sys.executable, "-m", "helexa.cli", "--version"], capture_output=True, text=True,
                          timeout=60, check=True).stdout.strip()
     assert out == f"helexa, version {want}"
+
+
+def test_exported_spans_carry_the_build_as_service_version() -> None:
+    """A trace backend tells the builds of a rolling upgrade apart by ``service.version``."""
+    script = ("from helexa import telemetry\n"
+              "telemetry.setup(telemetry.TelemetryConfig(exporter='console'), service='helexa-cortex')\n"
+              "with telemetry.tracer().start_as_current_span('x'):\n    pass\n"
+              "telemetry.shutdown()\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    assert f'"service.version": "{build.version()}"' in out.stdout, out.stdout
