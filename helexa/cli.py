@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from helexa import __version__, logs, telemetry
+from helexa import build, logs, telemetry
 from helexa.config import ConfigError, load_config
 
 
@@ -32,7 +32,7 @@ def _load(model: type, file: Path | None, overrides: dict[str, Any]):
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="helexa")
+@click.version_option(build.version(), prog_name="helexa")
 def main() -> None:
     """helexa: a distributed AI inference fabric."""
 
@@ -193,13 +193,14 @@ def completion(shell):
 
 def _register_subcommands() -> None:
     """Command groups that live beside the roles they drive."""
+    from helexa.cli_config import config
     from helexa.cli_demo import chat, demo
     from helexa.cli_mesh import ledger, mesh
     from helexa.cli_models import models, reload
     from helexa.cli_neurons import neuron_key, neurons
     from helexa.cli_portal import keys, usage
 
-    for command in (demo, chat, mesh, ledger, keys, usage, models, reload, neurons, neuron_key):
+    for command in (config, demo, chat, mesh, ledger, keys, usage, models, reload, neurons, neuron_key):
         main.add_command(command)
 
 

@@ -26,7 +26,12 @@ M = TypeVar("M", bound=BaseModel)
 
 
 class ConfigError(Exception):
-    """A configuration problem, with a one-line message meant for the operator."""
+    """A configuration problem, with a one-line message meant for the operator; ``problems``
+    lists every problem found, one line each (``helexa config check`` prints them all)."""
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or [message]
 
 
 def _check_socket(value: str) -> str:
@@ -83,7 +88,8 @@ def load_config(
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_one_line(exc, file, getattr(model, "MOVED_KEYS", {}))) from None
+        moved = getattr(model, "MOVED_KEYS", {})
+        raise ConfigError(_one_line(exc, file, moved), _each_line(exc, file, moved)) from None
 
 
 def _known_path(model: type[BaseModel], path: list[str]) -> bool:
@@ -124,12 +130,11 @@ def _set(data: dict[str, Any], path: list[str], value: Any) -> None:
     data[path[-1]] = value
 
 
-def _one_line(exc: ValidationError, file: Path | None, moved: Mapping[str, str] | None = None) -> str:
-    """The first problem, naming its key (with where an earlier release's key went, from
-    ``moved``: ``{dotted key: what to write instead}``), and the keys of the others."""
-    errors = exc.errors()
-    keys = [".".join(str(p) for p in e["loc"]) for e in errors]
-    err, key = errors[0], keys[0]  # no key for a check of the whole file, whose message names its keys
+def _describe(err: Any, moved: Mapping[str, str] | None) -> tuple[str, str]:
+    """One validation error's dotted key (empty for a check of the whole file, whose message
+    names its keys) and message (with where an earlier release's key went, from ``moved``:
+    ``{dotted key: what to write instead}``)."""
+    key = ".".join(str(p) for p in err["loc"])
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
@@ -137,7 +142,21 @@ def _one_line(exc: ValidationError, file: Path | None, moved: Mapping[str, str] 
             msg += f" (an earlier release's: {moved[key]})"
     elif msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
+    return key, msg
+
+
+def _one_line(exc: ValidationError, file: Path | None, moved: Mapping[str, str] | None = None) -> str:
+    """The first problem, naming its key, and the keys of the others."""
+    errors = exc.errors()
+    keys = [_describe(e, moved)[0] for e in errors]
+    key, msg = _describe(errors[0], moved)
     where = f" (in {file})" if file is not None else ""
     others = [k or "?" for k in keys[1:4]] + (["..."] if len(keys) > 4 else [])
     more = f" (+{len(errors) - 1} more: {', '.join(others)})" if len(errors) > 1 else ""
     return f"{key + ': ' if key else ''}{msg}{where}{more}"
+
+
+def _each_line(exc: ValidationError, file: Path | None, moved: Mapping[str, str] | None = None) -> list[str]:
+    """Every problem, one line each, naming its key."""
+    where = f" (in {file})" if file is not None else ""
+    return [f"{key + ': ' if key else ''}{msg}{where}" for key, msg in (_describe(e, moved) for e in exc.errors())]

@@ -48,12 +48,21 @@ def _key(neuron: dict[str, Any]) -> str:
     return neuron["identity_key"] or "none"
 
 
+def _build(neuron: dict[str, Any]) -> str:
+    """The build a neuron runs (``0.1.0+g47c558a``), from its descriptor's ``software``
+    (``helexa 0.1.0+g47c558a``); "?" for one that does not say."""
+    software = neuron["descriptor"].get("software") or "?"
+    return software.removeprefix("helexa ")
+
+
 def render_fleet(fleet: dict[str, Any], *, now: float | None = None) -> str:
     now = time.time() if now is None else now
     neurons = fleet.get("neurons", [])
+    cortex = fleet.get("cortex", {}).get("version")
+    head = f"cortex {cortex}\n" if cortex else ""  # an older cortex does not say
     if not neurons:
-        return "no neurons joined"
-    rows = [["NODE", "HEALTH", "KEY", "CPU", "RAM", "GPUS", "IN-FLIGHT", "LAST BEAT", "MODELS"]]
+        return head + "no neurons joined"
+    rows = [["NODE", "HEALTH", "KEY", "VERSION", "CPU", "RAM", "GPUS", "IN-FLIGHT", "LAST BEAT", "MODELS"]]
     for n in neurons:
         hw = n["descriptor"]["hardware"]
         m = n["metrics"]
@@ -67,6 +76,7 @@ def render_fleet(fleet: dict[str, Any], *, now: float | None = None) -> str:
                 n["node_id"],
                 n["health"],
                 _key(n),
+                _build(n),
                 f"{m['cpu_percent']:.0f}%/{hw['cpu_cores']}c",
                 f"{_gib(m['ram_used'])}/{_gib(hw['ram_total'])}",
                 gpus,
@@ -75,4 +85,4 @@ def render_fleet(fleet: dict[str, Any], *, now: float | None = None) -> str:
                 models,
             ]
         )
-    return table(rows)
+    return head + table(rows)

@@ -84,7 +84,10 @@ def setup(config: TelemetryConfig, *, service: str) -> None:
         exporter = OTLPSpanExporter(endpoint=config.endpoint) if config.endpoint else OTLPSpanExporter()
     else:
         exporter = ConsoleSpanExporter()
-    provider = TracerProvider(resource=Resource.create({"service.name": config.service_name or service}),
+    from helexa import build
+
+    resource = Resource.create({"service.name": config.service_name or service, "service.version": build.version()})
+    provider = TracerProvider(resource=resource,
                               sampler=ParentBasedTraceIdRatio(config.sample_ratio))
     # The batch processor exports from its own thread: a slow collector never blocks trio.
     provider.add_span_processor(BatchSpanProcessor(exporter))

@@ -405,6 +405,8 @@ class Libp2pMesh(Mesh):
                 since = self._lost_since.setdefault(pid, now)
                 if pid not in self._bootstrap_ids and now - since > s.forget_after:
                     del self._known[pid]
+                    del self._lost_since[pid]  # a forgotten peer's entries went with it: the tables stay bounded
+                    self._next_dial.pop(pid, None)
                     continue
                 if now >= self._next_dial.get(pid, 0.0):
                     self._dialing.add(pid)
@@ -424,6 +426,8 @@ class Libp2pMesh(Mesh):
             log.debug("mesh: redial of %s failed: %s", pid, exc)
         finally:
             self._dialing.discard(pid)
+        if pid not in self._known:  # forgotten while this dial ran
+            return
         since = self._lost_since.get(pid, trio.current_time())
         backoff = min(s.max_redial_interval, max(s.reconnect_interval, (trio.current_time() - since) / 4))
         self._next_dial[pid] = trio.current_time() + backoff

@@ -172,6 +172,22 @@ def test_the_fleet_document_carries_no_nan_or_infinity() -> None:
         "cpu": None, "gpus": [{"util": None}, {"util": 0.5}], "n": 3, "t": [None, "x"]}
 
 
+def test_the_fleet_document_names_the_build_each_neuron_runs() -> None:
+    """The console's Fleet page shows each neuron's version: every release said 0.1.0, and the
+    page said nothing, so an upgrade's progress across the fleet could not be seen."""
+    hardware = Hardware(cpu_cores=2, cpu_model="x", ram_total=8 << 30, gpus=())
+
+    def link(node_id: str, software: str) -> SimpleNamespace:
+        return SimpleNamespace(node_id=node_id, descriptor=NeuronDescriptor(node_id, hardware, software=software),
+                               metrics=NeuronMetrics(), models={}, health=Health.HEALTHY, last_heartbeat=0.0,
+                               in_flight=0)
+
+    feed = FleetFeed([link("new", "helexa 0.1.0+g47c558a"), link("old", "")], None,  # type: ignore[arg-type]
+                     clock=Clock())
+    neurons = {n["id"]: n for n in json.loads(feed.document())["neurons"]}
+    assert neurons["new"]["version"] == "0.1.0+g47c558a" and neurons["old"]["version"] is None
+
+
 def test_a_portal_theme_takes_plain_css_colours_only_and_picks_readable_text_on_its_primary() -> None:
     portal = Portal("acme", PortalConfig(name="Acme", theme={"colors": {
         "primary": "#ffe14d", "background": "red;} body{display:none", "text": "#111"}}))

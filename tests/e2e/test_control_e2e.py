@@ -183,3 +183,25 @@ def test_a_cortex_stops_at_once_with_idle_client_connections_open(cluster):
         cortex.send_signal(signal.SIGTERM)
         assert cortex.wait(20) == 0
         assert time.monotonic() - started < 5
+
+
+def test_the_fleet_view_and_status_name_the_build_each_node_runs(cluster):
+    """Every release reported 0.1.0: an operator could not tell upgraded neurons apart."""
+    from helexa import build
+
+    version = build.version()
+    assert "+g" in version or not (Path(build.__file__).parent.parent / ".git").exists()
+    cluster.start_cortex()
+    cluster.start_neuron("upgraded")
+    cluster.wait(lambda: cluster.neuron("upgraded") is not None, "the neuron to join")
+    assert cluster.fleet()["cortex"] == {"version": version}
+    assert cluster.neuron("upgraded")["descriptor"]["software"] == f"helexa {version}"
+    out = subprocess.run(
+        HELEXA + ["status", "--cortex", f"http://127.0.0.1:{cluster.gateway}", "--data-dir", str(cluster.data)],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == f"cortex {version}"
+    header, row = lines[1].split(), lines[2].split()
+    assert row[0] == "upgraded" and row[header.index("VERSION")] == version

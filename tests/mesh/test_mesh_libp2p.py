@@ -322,3 +322,33 @@ async def test_liveness_pings_reuse_one_stream_and_a_dropped_one_is_replaced():
         await pinged(a, a.liveness.pings + 8)
         assert a.liveness.ping_streams >= 2 and a.liveness.silent_peers_closed == 0
         nursery.cancel_scope.cancel()
+
+
+async def test_forgotten_peers_leave_no_entries_in_the_redial_tables():
+    """A peer unreachable for ``forget_after`` was dropped from the known peers, but its
+    lost-since and next-dial entries stayed for ever: every peer ever announced and gone
+    (churn over months) grew the supervisor's tables."""
+    import os
+    import socket
+
+    from helexa.mesh.libp2p_mesh import Libp2pMesh
+
+    with socket.socket() as s:  # a port nobody listens on: every dial is refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    fast = MeshSettings(direct=False, reconnect_interval=0.02, max_redial_interval=0.05, forget_after=0.3,
+                        dial_timeout=1.0)
+    node = Libp2pMesh(os.urandom(32), fast)
+    gone = [Libp2pMesh(os.urandom(32)).peer_id for _ in range(20)]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.run)
+        for peer in gone:
+            node.add_addrs(peer, [f"/ip4/127.0.0.1/tcp/{port}"])
+        with trio.fail_after(20):
+            while len(node._lost_since) < len(gone):  # each was dialled and is lost
+                await trio.sleep(0.01)
+            while node._known or node._dialing:
+                await trio.sleep(0.01)
+        await trio.sleep(10 * fast.reconnect_interval)  # supervisor rounds after the forgetting
+        assert not node._known and not node._lost_since and not node._next_dial
+        nursery.cancel_scope.cancel()

@@ -138,6 +138,29 @@ async def test_a_wrong_sha256_is_refused_and_the_partial_file_removed(hub, tiny_
     assert not (tmp_path / "cache" / "blobs").exists() or not any((tmp_path / "cache" / "blobs").iterdir())
 
 
+async def test_another_models_wrong_sha256_leaves_this_models_partial_download_alone(hub, tiny_bytes, tmp_path):
+    """Partial files were named by the expected SHA-256 alone: a second model whose config
+    (wrongly) gave the first one's sha256 downloaded its own server's bytes into the first
+    one's partial file, then deleted it on the mismatch."""
+    url = hub.add_url("tiny.gguf", tiny_bytes)
+    other = hub.add_url("other.gguf", b"another model's bytes " * 4096)
+    cache, half = tmp_path / "cache", len(tiny_bytes) // 2
+    hub.cut.add("/files/tiny.gguf")
+    hub.down_after_cut = True
+    with pytest.raises(LoadFailed):
+        await make_sources(hub, cache, retries=0).fetch(config(url, "a", sha256=sha(tiny_bytes)), Progress())
+    hub.down.clear()
+    assert [p.stat().st_size for p in (cache / "partial").glob("*.part")] == [half]
+    with pytest.raises(LoadFailed) as err:
+        await make_sources(hub, cache).fetch(config(other, "b", sha256=sha(tiny_bytes)), Progress())
+    assert err.value.code == "hash_mismatch"
+    assert [p.stat().st_size for p in (cache / "partial").glob("*.part")] == [half]  # a's, untouched
+    fetched = await make_sources(hub, cache).fetch(config(url, "a", sha256=sha(tiny_bytes)), Progress())
+    assert fetched.path.read_bytes() == tiny_bytes
+    assert hub.gets("/files/tiny.gguf")[-1] == f"bytes={half}-"  # resumed where it stopped
+    assert hub.gets("/files/other.gguf") == [None]  # b began its own download from the start
+
+
 async def test_bytes_that_do_not_match_the_hubs_own_hash_are_refused(hub, tiny_bytes, tmp_path):
     hub.add_repo(REPO, {FILE: tiny_bytes})
     hub.lie.add(f"/cdn/{sha(tiny_bytes)}")

@@ -128,7 +128,12 @@ def _embedding_context(data: dict[str, Any]) -> dict[str, Any]:
 
 
 class CatalogueError(Exception):
-    """The catalogue file is missing, not TOML, or describes a model wrongly."""
+    """The catalogue file is missing, not TOML, or describes a model wrongly. The message is
+    the first problem; ``problems`` lists every one (``helexa config check``)."""
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or [message]
 
 
 class Priority(enum.IntEnum):
@@ -316,17 +321,20 @@ class Catalogue:
         models = data.get("models", {})
         if not isinstance(models, dict):
             raise CatalogueError(f"{source}: [models] must be a table of model tables")
-        entries = []
+        entries, problems = [], []
         for model_id, table in models.items():
             if not isinstance(table, dict):
-                raise CatalogueError(f"{source}: models.{model_id} must be a table")
+                problems.append(f"{source}: models.{model_id} must be a table")
+                continue
             try:
                 entries.append(CatalogueEntry.model_validate({**table, "id": model_id}))
             except ValidationError as exc:
-                first = exc.errors(include_url=False)[0]
-                loc = "".join(f".{p}" for p in first["loc"])
-                msg = redact(first["msg"].removeprefix("Value error, "))  # a source URL's secrets
-                raise CatalogueError(f"{source}: models.{model_id}{loc}: {msg}") from None
+                for err in exc.errors(include_url=False):
+                    loc = "".join(f".{p}" for p in err["loc"])
+                    msg = redact(err["msg"].removeprefix("Value error, "))  # a source URL's secrets
+                    problems.append(f"{source}: models.{model_id}{loc}: {msg}")
+        if problems:
+            raise CatalogueError(problems[0], problems)
         return cls(entries)
 
     @classmethod

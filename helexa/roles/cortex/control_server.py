@@ -255,9 +255,8 @@ class ControlServer:
             await old.close(CLOSE_REPLACED, why)
         for frame in frames:  # the welcome
             await channel.send(frame)
-        log.info(
-            "neuron %s joined from %s with %s (%d models reported)", link.node_id, channel.remote, key, len(join.models)
-        )
+        log.info("neuron %s joined from %s with %s, running %.80r (%d models reported)", link.node_id, channel.remote,
+                 key, link.descriptor.software or "an unnamed build", len(join.models))
         return link
 
     async def _watchdog(self) -> None:

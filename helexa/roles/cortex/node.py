@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING
 import trio
 
 from helexa import identity as identity_mod
-from helexa import secret_files, telemetry
+from helexa import build, secret_files, telemetry
 from helexa.config import ConfigError
 
 from . import admin_token, collector, join_token, neuron_keys
-from .catalogue import Catalogue, CatalogueError, default_catalogue
 from .config import CortexConfig
+from .config_files import check_key_files, check_tls_files, load_catalogue
 from .control_server import ControlServer
 from .fleet import Fleet
 from .gateway import Gateway
@@ -115,7 +115,7 @@ class Cortex:
         self.control = ControlServer(config, self.fleet, lambda: join_token.read(join_token.path_in(data)),
                                      cortex_id=self.identity.fingerprint, ssl_context=self._ssl(),
                                      keys=self.neuron_keys)
-        self.catalogue = _catalogue(config)
+        self.catalogue = load_catalogue(config)
         self.orchestrator = Orchestrator(config, self.fleet, self.catalogue, Metrics())
         with _data_file("the usage store", config.usage_store_path,
                         "it holds the API keys and the usage ledger: restore it from a backup"):
@@ -135,9 +135,7 @@ class Cortex:
         secret_files.check(data / "identity.key", "the node key")
         secret_files.check(join_token.path_in(data), "the join token")
         secret_files.check(admin_token.path_in(data), "the admin token")
-        secret_files.check(self.config.tls_key_file, "tls_key_file")
-        for name, portal in self.config.portals.items():
-            secret_files.check(portal.tls_key_file, f"portals.{name}.tls_key_file")
+        check_key_files(self.config)
 
     def _join_mesh(self) -> None:
         """Build the mesh host and the federation, and wire the gateway to ask peers."""
@@ -209,8 +207,8 @@ class Cortex:
                     admin_url=self.gateway.admin_urls[0],
                     portals={pid: tuple(urls) for pid, urls in self.gateway.addresses.items()},
                 )
-                log.info("cortex ready: control=%s gateway=%s admin=%s", addrs.control_url, addrs.gateway_url,
-                         addrs.admin_url)
+                log.info("cortex ready: control=%s gateway=%s admin=%s version=%s", addrs.control_url,
+                         addrs.gateway_url, addrs.admin_url, build.version())
                 task_status.started(addrs)
                 await self._stop.wait()
                 await drain(self.gateway, self.control, grace=self.config.shutdown_grace)
@@ -235,7 +233,7 @@ class Cortex:
         """
         try:
             new = self._loader()
-            catalogue = _catalogue(new)
+            catalogue = load_catalogue(new)
         except ConfigError as exc:
             log.error("reload refused, the running config stays: %s", exc)
             raise
@@ -274,38 +272,6 @@ class Cortex:
         self.fleet.notify()
         log.info("%s", report.line())
         return report
-
-
-def check_tls_files(config: CortexConfig) -> None:
-    """Refuse to start on a certificate or key (the control plane's, a portal's) that cannot
-    be loaded, with one line naming the key: found only when a portal's listener started,
-    it stopped the cortex with a traceback (exit 1, which systemd restarts for ever).
-
-    Raises:
-        ConfigError: a file is unreadable, or the pair is not a certificate and its key.
-    """
-    pairs = [("", config.tls_cert_file, config.tls_key_file)]
-    pairs += [(f"portals.{name}.", p.tls_cert_file, p.tls_key_file) for name, p in config.portals.items()]
-    for prefix, cert, key in pairs:
-        if cert is None or key is None:
-            continue
-        for name, path in (("tls_cert_file", cert), ("tls_key_file", key)):
-            try:
-                Path(path).open("rb").close()
-            except OSError as exc:
-                raise ConfigError(f"{prefix}{name}: cannot read {path} ({exc.strerror or exc})") from None
-        try:
-            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(str(cert), str(key))
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"{prefix}tls_cert_file, {prefix}tls_key_file: not a PEM certificate and its "
-                              f"private key ({getattr(exc, 'reason', None) or exc})") from None
-
-
-def _catalogue(config: CortexConfig) -> Catalogue:
-    try:
-        return Catalogue.load(config.models_file) if config.models_file else default_catalogue()
-    except CatalogueError as exc:
-        raise ConfigError(f"models_file: {exc}") from None
 
 
 def _federation_policies(config: CortexConfig):  # type: ignore[no-untyped-def]

@@ -10,8 +10,8 @@ cost that drain before they unload, idle unloads, keep-warm), the
 failover, feedback), and the one choice of target: a neuron of this fleet with the model
 and a free slot, the queue, a load first, or a peer cortex over the mesh.
 
-The choice is :func:`decide`, a pure function over plain data that returns the seed's
-:class:`~.scheduler.RoutingDecision`; :class:`Orchestrator` is the thin shell that builds
+The choice is :func:`~.decision.decide`, a pure function over plain data that returns the
+seed's :class:`~.scheduler.RoutingDecision`; :class:`Orchestrator` is the thin shell that builds
 its inputs from the fleet, acts on it and feeds back what happened. The gateway parses a
 request, calls :meth:`Orchestrator.generate` or :meth:`Orchestrator.embed`, and streams.
 Each decision is logged at debug level and counted in ``/metrics``
@@ -38,6 +38,7 @@ from helexa.protocol import EmbedRequest, EmbedResult, GenerateRequest, ModelSta
 from .admission import Admission, OnWait, Pending, Tenant, WaitStatus, excluded
 from .catalogue import Catalogue
 from .dispatch import Dispatcher, Generation, RemoteRouter, Target
+from .decision import decide
 from .errors import GatewayError, ModelNotFound, NoCapacity
 from .fleet import Fleet
 from .metrics import Metrics, OrchestratorMetrics
@@ -45,8 +46,7 @@ from .prefix import PrefixIndex, Prompt, answered_blocks
 from .provisioner import Provisioner
 from .queue import rank
 from .routing_log import RoutingLog, shown
-from .scheduler import (Hints, LiveLoad, RoutingDecision, SchedulerState, classify, prompt_size, schedule, slots_for,
-                        snapshot)
+from .scheduler import Hints, LiveLoad, RoutingDecision, classify, prompt_size, schedule, slots_for, snapshot
 
 if TYPE_CHECKING:
     from .config import CortexConfig
@@ -59,51 +59,6 @@ BACKEND_SLOTS = {"llama_cpp": 2}
 """Slots of backends that have a default ``n_parallel`` (llama_cpp.py's own default)."""
 MAX_PICKS = 8
 """Times one attempt may go back to the queue (its neuron left between admission and dispatch)."""
-
-
-def decide(
-    workload: WorkloadClass, hints: Hints, state: SchedulerState, *, catalogued: bool, feasible: bool,
-    peers: bool, peer_offers: bool, waiting: int = 0, max_skew: int | None = None,
-) -> RoutingDecision:
-    """Where a request for ``hints.model_id`` goes. Pure.
-
-    Args:
-        workload: the request's class.
-        hints: the model, neurons to avoid (those that already failed this request), and
-            the size of its prompt in prefix blocks.
-        state: the usable neurons that have the model loaded, with their live load, slots,
-            and the prefix blocks (or session) of this request each holds.
-        catalogued: the operator's catalogue lists the model.
-        feasible: some usable neuron here could hold it (all its memory free).
-        peers: the request may go to a peer cortex (a mesh is joined and policy allows).
-        peer_offers: a live peer offers the model and the ask policy allows it.
-        waiting: requests already queued for the model (a newcomer does not jump them).
-        max_skew: cache-aware routing's load bound (None: least busy only).
-
-    Returns:
-        A decision whose ``mode`` is ``local`` (``targets`` best first, each with a free
-        slot), ``queue`` (loaded here, but no slot free or others waiting), ``cold_load``
-        (load it here first), ``peer``, or ``none`` (nothing can serve it: 404 for a model
-        unknown here, 503 when it was known but every neuron failed).
-
-    A request that already failed somewhere (``hints.exclude``) never leaves for a peer:
-    failover stays in the fleet, and the federation tries its peers in turn itself.
-    """
-    local = schedule(workload, hints, state, max_skew=max_skew)
-    if local.targets and not waiting:
-        return local
-    if local.targets or local.mode == "queue":
-        reason = f"{waiting} request(s) wait ahead" if waiting else local.reason
-        return replace(local, targets=(), mode="queue", reason=reason)
-    retrying = bool(hints.exclude)
-    if catalogued and (feasible or retrying or not (peers and peer_offers)):
-        return RoutingDecision(hints.model_id, workload, (), mode="cold_load",
-                               reason="not loaded on a usable neuron" if feasible else "no neuron here can hold it")
-    if peers and not retrying:
-        return RoutingDecision(hints.model_id, workload, (), mode="peer",
-                               reason="offered by a peer" if peer_offers else "unknown here")
-    return RoutingDecision(hints.model_id, workload, (), mode="none",
-                           reason="every neuron with it failed" if retrying else "unknown here")
 
 
 class Orchestrator:

@@ -19,7 +19,7 @@ from typing import Any
 
 import trio
 
-from helexa import __version__
+from helexa import build
 from helexa.protocol import (
     Cancel,
     EmbedRequest,
@@ -89,7 +89,7 @@ class Neuron:
             node_id=self.resolved.node_id,
             hardware=hardware.discover(),
             hostname=hardware.hostname(),
-            software=f"helexa {__version__}",
+            software=f"helexa {build.version()}",
             labels=dict(config.labels),
         )
         self.connection = Connection(

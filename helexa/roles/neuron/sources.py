@@ -121,8 +121,10 @@ class ModelSources:
         )
         self._flights: dict[str, _Flight] = {}
         self._writing: dict[str, trio.Lock] = {}
-        """One writer per partial file: two sources can name the same bytes (a hub file
-        and a URL mirror of it with its sha256)."""
+        """One download at a time of the bytes one SHA-256 names (else of one partial file):
+        two sources can name the same bytes (a hub file and a URL mirror of it with its
+        sha256), and the second then finds the first's blob. Each writes its own partial
+        file (:func:`_part_name`)."""
         self._verified: dict[tuple[str, int, int], str] = {}
 
     async def fetch(self, config: ModelConfig, progress: ProgressFn) -> Fetched:
@@ -231,7 +233,7 @@ class ModelSources:
                 meter.reservations.append(self.cache.reserve(size - already, partials=[part]))
                 meter.total = (meter.total or 0) + size
 
-        async with self._writing.setdefault(part.name, trio.Lock()):
+        async with self._writing.setdefault(f.sha256 or part.name, trio.Lock()):
             if f.sha256 is not None and self.cache.has_blob(f.sha256):  # another source fetched it meanwhile
                 return f.sha256
             try:
@@ -281,7 +283,11 @@ class ModelSources:
 
 
 def _part_name(f: RemoteFile) -> str:
-    return f.sha256 or f.git_sha1 or source_key(f.url)
+    """A download's partial file, its own source's: its URL with the hash it is expected to
+    have. Named by the hash alone, another model's config with a wrong sha256 equal to this
+    one's wrote its own server's bytes into this partial file, then deleted it on the
+    mismatch, and this download started again from nothing."""
+    return source_key(f"{f.url} {f.sha256 or f.git_sha1 or ''}")
 
 
 def _url_filename(url: str) -> str:

@@ -47,6 +47,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from helexa import build
 from helexa.config import ConfigError
 
 from ..admin_token import matches
@@ -267,7 +268,9 @@ class AdminApi:
     # --- fleet and portals -----------------------------------------------------------------
 
     async def fleet_view(self, ex: Exchange) -> None:
-        await ex.out.json(self.fleet.snapshot())
+        # The cortex's own build beside each neuron's (its descriptor's "software"): what an
+        # upgrade has reached.
+        await ex.out.json({"cortex": {"version": build.version()}, **self.fleet.snapshot()})
 
     async def portals_view(self, ex: Exchange) -> None:
         data = []

@@ -42,6 +42,7 @@ def neuron_view(link: Any, now: float, pins: set[tuple[str, str]]) -> dict[str, 
         models.append({"id": mid, "state": state, "progress": st.progress, "in_flight": st.in_flight,
                        "memory": st.memory_bytes, "error": st.error, "pinned": (link.node_id, mid) in pins})
     return {"id": link.node_id, "health": health_view(link), "key": key_view(link), "host": link.descriptor.hostname,
+            "version": link.descriptor.software.removeprefix("helexa ") or None,
             "heartbeat_age": round(max(0.0, now - link.last_heartbeat), 1), "cpu": round(m.cpu_percent, 1),
             "cores": hw.cpu_cores, "ram_used": m.ram_used, "ram_total": m.ram_total or hw.ram_total,
             "gpus": gpus, "in_flight": m.in_flight, "requests": link.in_flight, "models": models}

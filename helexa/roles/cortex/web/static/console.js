@@ -33,6 +33,7 @@
       dl.append(el("dt", { text: k }), el("dd", {}, el("span", { text: v, "data-field": field || "" }), bar || null));
     };
     row("heartbeat", n.heartbeat_age + " s ago", "heartbeat");
+    row("version", n.version || "?", "version");
     row("identity key", n.key || "none", "key");
     row("CPU", (n.cpu == null ? "?" : n.cpu.toFixed(0)) + "% of " + n.cores + " cores", "cpu");
     row("RAM", gib(n.ram_used) + " / " + gib(n.ram_total), "ram",
