@@ -402,8 +402,9 @@ class CortexConfig(BaseModel):
     configs is about 115 KiB), so without this bound ``max_pending_handshakes`` strangers
     could make the cortex hold a gigabyte."""
     failed_joins_burst: int = Field(10, ge=1)
-    """Refused join proofs an address may send in a row before its connections are closed
-    unheard; its allowance comes back at ``failed_joins_per_minute``."""
+    """Refused join proofs an address may send in a row before its joins are screened (a
+    join without the token refused unread, one with it still admitted:
+    :mod:`helexa.protocol.join_screen`); its allowance comes back at ``failed_joins_per_minute``."""
     failed_joins_per_minute: float = Field(6.0, gt=0)
     enrolment: Literal["first_join", "strict"] = "first_join"
     """How a node id comes to be bound to a neuron's identity key: ``first_join`` binds it to
