@@ -174,6 +174,10 @@ class MeshConfig(BaseModel):
     """A peer that does not answer a ping (sent every second) within this is dropped: its
     streams fail at once and it is redialled (a frozen peer is detected in seconds)."""
     announce_interval: float = Field(5.0, gt=0)
+    unavailable_grace: float | None = Field(None, ge=0)
+    """Seconds after the last offer of a model only peers serve expired during which its
+    requests get 503 with Retry-After (temporarily unavailable: a partition, a peer
+    restarting) instead of 404 model_not_found. Unset: six announcement periods."""
     mdns: bool = False
     direct: bool = True
     """Carry federated requests over the mesh's direct channel (TCP sealed with keys
