@@ -124,7 +124,10 @@ class Neuron:
                 # a drain never waits on an engine that does not return.
                 self.serving.nursery = services
                 task_status.started()
-                await self.connection.run(self._serve)
+                try:
+                    await self.connection.run(self._serve)
+                finally:
+                    self.serving.nursery = None  # closing: what comes later runs in its connection's
                 services.cancel_scope.cancel()  # drained: every model is unloaded
         except BaseExceptionGroup as group:
             # A refusal is the one way out of the loop: raise it plainly for callers.
