@@ -58,7 +58,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from . import auth
+from . import auth, join_screen
 from helexa.identity import Identity, fingerprint, verify_signature
 
 from .codec import MIN_PROTOCOL_VERSION
@@ -304,6 +304,19 @@ class CortexJoin(_Session):
 
     def _refuse(self, code: str, reason: str) -> list[object]:
         return self._settle(State.REFUSED, Refusal(code, reason), Refused(code, reason))
+
+    def screen(self, frame: bytes) -> str | None:
+        """Why ``frame`` (raw, not yet decoded) is refused unread, or None
+        (:func:`helexa.protocol.join_screen.screen`: for an address being throttled)."""
+        return join_screen.screen(frame, awaiting_join=self.state is State.AWAIT_JOIN, proves=self._proves)
+
+    def _proves(self, proof: bytes) -> bool:
+        hello = self._hello
+        try:
+            token = self._token()
+        except (OSError, ValueError):
+            return True  # the cortex's own fault: the join is judged (and turned away to retry) as usual
+        return hello is not None and auth.verify(auth.join_proof(token, self._nonce, hello.nonce, hello.node_id), proof)
 
     def _hello(self, hello: Hello) -> list[object]:
         self._hello = hello

@@ -1,5 +1,5 @@
 """Message channels between cortex and neurons (see :mod:`.channel`)."""
 
-from .channel import Channel, ChannelClosed, ConnectFailed, TransportError
+from .channel import Channel, ChannelClosed, ConnectFailed, Screened, TransportError
 
-__all__ = ["Channel", "ChannelClosed", "ConnectFailed", "TransportError"]
+__all__ = ["Channel", "ChannelClosed", "ConnectFailed", "Screened", "TransportError"]

@@ -10,7 +10,8 @@ Exception tree::
     TransportError
     ├── ChannelClosed        the peer closed, or the connection broke (``code`` is the
     │                        websocket close code where there is one)
-    └── ConnectFailed        could not connect / the opening handshake failed or timed out
+    ├── ConnectFailed        could not connect / the opening handshake failed or timed out
+    └── Screened             a frame refused unread by the channel's ``screen``
 
 Decoding failures surface as :class:`helexa.protocol.ProtocolError`; the channel has then
 already sent a ``Fault`` frame and closed itself.
@@ -19,6 +20,7 @@ already sent a ``Fault`` frame and closed itself.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from typing import Any
 
 
@@ -38,6 +40,14 @@ class ConnectFailed(TransportError):
     pass
 
 
+class Screened(TransportError):
+    """A frame the channel's ``screen`` refused unread; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class Channel(abc.ABC):
     """A bidirectional stream of protocol messages.
 
@@ -46,6 +56,10 @@ class Channel(abc.ABC):
     """
 
     remote: str = "?"
+    screen: Callable[[bytes], str | None] | None = None
+    """While set, each binary frame is first passed to it undecoded; a reason back refuses
+    the frame unread (:class:`Screened`; the channel stays open for the caller to close). A
+    channel without raw frames ignores it."""
 
     @abc.abstractmethod
     async def send(self, msg: Any, *, timeout: float | None = None) -> None:

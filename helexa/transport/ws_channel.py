@@ -29,7 +29,7 @@ from helexa.protocol import Fault, ProtocolError, decode, encode
 
 from . import wsframes, wsupgrade
 from .admission import ReadBudget
-from .channel import Channel, ChannelClosed
+from .channel import Channel, ChannelClosed, Screened
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +245,8 @@ class FrameChannel(Channel):
                 continue
             match event:
                 case wsframes.Message(data=data, text=False):
+                    if self.screen is not None and (why := self.screen(data)) is not None:
+                        raise Screened(why)
                     try:
                         return decode(data, max_size=self._max_frame)
                     except ProtocolError as exc:

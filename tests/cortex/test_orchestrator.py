@@ -166,6 +166,9 @@ class _Peer:
     def can_route(self, model_id: str) -> bool:
         return model_id == "remote"
 
+    def unavailable(self, model_id: str) -> float | None:
+        return None
+
     def listing(self) -> dict:
         return {"remote": {"federated": True, "operators": ["op-b"], "peers": ["p"], "loaded": True}}
 

@@ -88,6 +88,9 @@ class _Router:
     def can_route(self, model_id: str) -> bool:
         return model_id in self.offered
 
+    def unavailable(self, model_id: str) -> float | None:
+        return None
+
     def listing(self) -> dict:
         return {m: {"federated": True, "operators": ["op-b"], "peers": ["p"], "loaded": True} for m in self.offered}
 

@@ -130,3 +130,39 @@ def test_announcements_with_figures_that_are_not_numbers_are_rejected(models, is
     with pytest.raises(AnnouncementRejected) as err:
         check_announcement(encode(ann), origin=ann.peer_id, now=NOW)
     assert err.value.reason == "bad_figures"
+
+
+def test_a_model_whose_offer_expired_is_unavailable_for_the_grace_then_forgotten():
+    """A partition: the peer's last offer expires; for ``unavailable_grace`` after that the
+    model is temporarily unavailable (not unknown), then forgotten."""
+    ident = new_identity()
+    table = PeerTable(unavailable_grace=20.0)
+    table.update(announce(ident, ttl=30.0), NOW)
+    assert table.offers("m", NOW + 29) and not table.unavailable("m", NOW + 29)  # offered: not "unavailable"
+    assert table.unavailable("m", NOW + 30) and table.unavailable("m", NOW + 49.9)
+    assert not table.unavailable("m", NOW + 50) and not table.unavailable("other", NOW + 30)
+    table.expire(NOW + 49)
+    assert len(table.recent) == 1
+    table.expire(NOW + 50)
+    assert len(table.recent) == 0
+
+
+def test_a_model_its_peer_withdrew_is_unknown_at_once():
+    """No partition: the peer's next announcement no longer offers it (unloaded, a policy
+    change), so it is not remembered for that peer."""
+    ident = new_identity()
+    table = PeerTable(unavailable_grace=20.0)
+    table.update(announce(ident, models=(OfferedModel("m", True), OfferedModel("n", True)), seq=1), NOW)
+    table.update(announce(ident, models=(OfferedModel("n", True),), issued_at=NOW + 5, seq=2), NOW + 5)
+    assert not table.unavailable("m", NOW + 6) and not table.offers("m", NOW + 6)
+    assert table.unavailable("n", NOW + 36)
+
+
+def test_the_memory_of_expired_offers_is_bounded():
+    from helexa.roles.cortex.federation.offer_memory import OfferMemory
+
+    memory = OfferMemory(grace=60.0, capacity=3)
+    for i in range(10):
+        memory.offered("p", [f"m{i}"], NOW + i)
+    assert len(memory) == 3
+    assert [memory.unavailable(f"m{i}", NOW + 10) for i in (6, 7, 8, 9)] == [False, True, True, True]

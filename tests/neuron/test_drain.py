@@ -105,3 +105,26 @@ async def test_drain_with_nothing_in_flight_takes_no_time(nursery, autojump_cloc
     await neuron.drain()
     assert trio.current_time() == t0
     assert neuron.registry.status("s").state is ModelState.CONFIGURED
+
+
+async def test_a_drain_does_not_wait_on_an_in_process_engine_that_cannot_end_a_request(
+        nursery, autojump_clock, caplog):
+    """What outlives the grace is stopped; an engine that does not end it within its
+    cancel_grace marks the model failed (one ERROR), and the drain ends then instead of
+    waiting on the engine (1000 s here)."""
+    cortex = HandCortex()
+    neuron = neuron_for(cortex, shutdown_grace=1.0)
+    nursery.start_soon(neuron.run)
+    channel = await cortex.join()
+    await load_synthetic(channel, tokens=1000, tokens_per_second=RATE, cancel_seconds=1000, cancel_grace=2)
+    await channel.send(generate("long"))
+    assert isinstance(await next_frame(channel), TokenChunk)
+    t0 = trio.current_time()
+    with trio.fail_after(60):
+        await neuron.drain()
+    assert trio.current_time() - t0 == pytest.approx(1 + 2, abs=0.1)  # the grace, then cancel_grace
+    status = neuron.registry.status("s")
+    assert status.state is ModelState.FAILED
+    assert "request long did not end within 2s of the neuron's drain stopping it (cancel_grace)" in status.error
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "model s:" in errors[0]

@@ -135,3 +135,69 @@ async def test_a_cancelled_request_that_ends_within_the_grace_leaves_the_model_l
     await neuron.serving.wait_idle()
     await trio.sleep(5)
     assert neuron.registry.status("s").state is ModelState.LOADED
+
+
+WEDGED = {"tokens": 1000, "tokens_per_second": 10, "cancel_seconds": 1000, "cancel_grace": 2}
+"""A model whose engine takes 1000 s to end a request left before its end (a step it cannot
+cancel), in the neuron's own process, judged wedged 2 s after the request is stopped."""
+
+
+async def test_a_request_an_in_process_engine_cannot_end_when_its_link_drops_marks_the_model_failed(
+        nursery, autojump_clock, caplog):
+    """The client vanished with the link, no Cancel came: the request is stopped all the
+    same, watched, and its model marked failed at the grace; the wedged request does not
+    hold the neuron off its cortex either (it redials at once, not when the engine returns)."""
+    from helexa.protocol import ModelState
+    from helexa.protocol.join import Admitted
+
+    cortex = HandCortex()
+    neuron = neuron_for(cortex)
+    nursery.start_soon(neuron.run)
+    channel = await cortex.join()
+    await load_synthetic(channel, **WEDGED)
+    await channel.send(generate("r1"))
+    assert isinstance(await next_frame(channel), TokenChunk)
+    dropped_at = trio.current_time()
+    await channel.aclose()
+    with trio.fail_after(30):
+        again = await cortex.accept()
+        session = await cortex.handshake(again)
+    assert isinstance(session.verdict, Admitted)
+    assert trio.current_time() - dropped_at < 2  # redialed on its backoff, before the engine was judged
+    with trio.fail_after(30):
+        status = await wait_for_status(again, "s", ModelState.FAILED)
+    assert trio.current_time() - dropped_at == pytest.approx(2, abs=0.1)
+    assert "request r1 did not end within 2s of the connection to the cortex dropping (cancel_grace)" in status.error
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "model s:" in errors[0] and "isolate = true" in errors[0]
+
+
+async def test_an_unload_stops_a_request_its_in_process_engine_cannot_end_and_leaves_the_model_failed(
+        nursery, autojump_clock):
+    """The unload's drain is over with the request still running: it is stopped (the cortex
+    told), and when it has not ended within the grace the unload returns, the model failed
+    (not waiting on the engine, nor freeing the backend under its thread); a load brings it back."""
+    from helexa.protocol import LoadModel, ModelState, ProvisioningResponse, UnloadModel
+
+    neuron, channel = await joined(nursery, **WEDGED)
+    await channel.send(generate("r1"))
+    assert isinstance(await next_frame(channel), TokenChunk)
+    t0 = trio.current_time()
+    await channel.send(UnloadModel("u1", "s", grace=1.0))
+    seen = []
+    with trio.fail_after(30):
+        while not isinstance(msg := await next_frame(channel), ProvisioningResponse):
+            seen.append((trio.current_time() - t0, msg))
+    assert trio.current_time() - t0 == pytest.approx(1 + 2, abs=0.1)  # its drain, then the grace
+    assert msg.command_id == "u1" and msg.status.state is ModelState.FAILED
+    assert "did not end within 2s of its model's unload stopping it" in msg.status.error
+    (cut_at, cut), = [(t, m) for t, m in seen if isinstance(m, InferenceError)]
+    assert cut.request_id == "r1" and cut.code == "model_not_loaded" and not cut.retryable
+    assert cut_at == pytest.approx(1, abs=0.1)
+    assert all(t <= cut_at for t, m in seen if isinstance(m, TokenChunk))  # nothing after the cut
+    await channel.send(LoadModel("c2", "s"))
+    while not isinstance(msg := await next_frame(channel), ProvisioningResponse):
+        pass
+    assert msg.ok and msg.status.state is ModelState.LOADED
+    await channel.send(generate("r3", stream=False))
+    assert isinstance(await next_frame(channel), GenerateResult)

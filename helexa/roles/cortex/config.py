@@ -174,6 +174,10 @@ class MeshConfig(BaseModel):
     """A peer that does not answer a ping (sent every second) within this is dropped: its
     streams fail at once and it is redialled (a frozen peer is detected in seconds)."""
     announce_interval: float = Field(5.0, gt=0)
+    unavailable_grace: float | None = Field(None, ge=0)
+    """Seconds after the last offer of a model only peers serve expired during which its
+    requests get 503 with Retry-After (temporarily unavailable: a partition, a peer
+    restarting) instead of 404 model_not_found. Unset: six announcement periods."""
     mdns: bool = False
     direct: bool = True
     """Carry federated requests over the mesh's direct channel (TCP sealed with keys
@@ -402,8 +406,9 @@ class CortexConfig(BaseModel):
     configs is about 115 KiB), so without this bound ``max_pending_handshakes`` strangers
     could make the cortex hold a gigabyte."""
     failed_joins_burst: int = Field(10, ge=1)
-    """Refused join proofs an address may send in a row before its connections are closed
-    unheard; its allowance comes back at ``failed_joins_per_minute``."""
+    """Refused join proofs an address may send in a row before its joins are screened (a
+    join without the token refused unread, one with it still admitted:
+    :mod:`helexa.protocol.join_screen`); its allowance comes back at ``failed_joins_per_minute``."""
     failed_joins_per_minute: float = Field(6.0, gt=0)
     enrolment: Literal["first_join", "strict"] = "first_join"
     """How a node id comes to be bound to a neuron's identity key: ``first_join`` binds it to

@@ -9,8 +9,11 @@ Admission (:mod:`helexa.transport.admission`): at most ``max_pending_handshakes`
 connections between accept and join verdict, fewer while handshakes finish late (more are
 answered ``503`` and closed at once;
 a neuron redials on its own backoff with jitter, so a join storm spreads out); an address whose
-join proofs were refused ``failed_joins_burst`` times has its connections closed unheard
-(code 1013, "try again later") until its allowance drains back. Until its join is admitted a
+join proofs were refused ``failed_joins_burst`` times has its joins screened until its allowance
+drains back (:mod:`helexa.protocol.join_screen`): a small hello, then the join's proof checked
+from the frame's first bytes; a join without the token is refused unread (code 1013, "try again
+later", counted as one more failure), one with it is decoded and judged as any other, so a
+neuron behind the same address (a NAT, a shared host) still joins at once. Until its join is admitted a
 connection's frames are held to :data:`HANDSHAKE_MAX_FRAME` (1009 past it).
 
 Identity (:mod:`.neuron_keys`): the first join of a node id with an identity key binds the
@@ -38,7 +41,7 @@ from helexa.identity import fingerprint
 from helexa.protocol import ProtocolError
 from helexa.protocol.join import IDENTITY_VERSION, Admitted, CortexJoin, Failure, RecentNonces, Refusal
 from helexa.protocol.takeover import CLOSE_REPLACED, replaced_reason
-from helexa.transport import Channel, ChannelClosed
+from helexa.transport import Channel, ChannelClosed, Screened
 from helexa.transport import websocket as ws_transport
 from helexa.transport.admission import FailedJoins, PendingHandshakes, ReadBudget, host_of
 from helexa.transport.handshake import exchange
@@ -139,12 +142,7 @@ class ControlServer:
                 log.error("cannot read the join token: %s", exc)
                 raise
 
-        wait = self.failed_joins.retry_after(host_of(channel.remote), trio.current_time())
-        if wait > 0:
-            self.throttled += 1
-            self.pending.release(channel.remote)
-            await channel.aclose(ws_transport.CLOSE_TRY_LATER, f"too many failed joins: retry in {wait:.1f}s")
-            return
+        host = host_of(channel.remote)
         s = self.settings
         session = CortexJoin(
             token,
@@ -156,14 +154,23 @@ class ControlServer:
             operator=s.operator,
             cortex_id=self.cortex_id,
         )
+        if self.failed_joins.retry_after(host, trio.current_time()) > 0:
+            # Heard, but screened: its join's proof is checked from the frame's first bytes
+            # before the rest is decoded, so a join with the token is never kept out by what
+            # wrong ones from its address earned, and a wrong one costs an HMAC.
+            channel.screen = session.screen
         link: NeuronLink | None = None
         try:
             with trio.move_on_after(session.timeout):
                 link = await self._handshake(channel, session)
+        except Screened as exc:
+            await self._throttle(channel, host, exc.reason)
+            return
         except (ProtocolError, ChannelClosed) as exc:
             log.info("handshake with %s failed: %s", channel.remote, exc)
             return
         finally:
+            channel.screen = None
             self.pending.finished(channel.remote, trio.current_time())
         session.expire()
         if link is None:
@@ -175,6 +182,15 @@ class ControlServer:
             await link.serve()
         finally:
             log.info("neuron %s disconnected", link.node_id)
+
+    async def _throttle(self, channel: Channel, host: str, why: str) -> None:
+        """Refuse a screened join unread ("try again later"): it counts as a failed proof."""
+        self.throttled += 1
+        now = trio.current_time()
+        self.failed_joins.failed(host, now)
+        wait = self.failed_joins.retry_after(host, now)
+        log.info("refused a join from %s unread (its address failed to join too often): %s", channel.remote, why)
+        await channel.aclose(ws_transport.CLOSE_TRY_LATER, f"too many failed joins: retry in {wait:.1f}s")
 
     async def _refuse(self, channel: Channel, refusal: Refusal, frames: list[object]) -> None:
         self.refusals += 1
@@ -191,7 +207,8 @@ class ControlServer:
             self.failed_joins.failed(host, now)
             wait = self.failed_joins.retry_after(host, now)
             if wait > 0:
-                log.warning("%s failed to join too often: its connections are closed unheard for %.1fs", host, wait)
+                log.warning("%s failed to join too often: its joins without the token are refused unread for %.1fs",
+                            host, wait)
         try:
             for frame in frames:
                 await channel.send(frame)

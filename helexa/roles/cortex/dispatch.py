@@ -29,7 +29,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from helexa import logs, telemetry
 from helexa.protocol import EmbedRequest, EmbedResult, GenerateRequest, GenerateResult, TokenChunk
 
-from .errors import ClientGone, UpstreamTimeout, to_gateway_error
+from .errors import ClientGone, GatewayError, ModelNotFound, NoCapacity, UpstreamTimeout, to_gateway_error
 from .fleet import CommandTimeout, NeuronGone, RemoteError
 from .metrics import Metrics
 from .scheduler import LiveLoad
@@ -70,6 +70,11 @@ class RemoteRouter(Protocol):
         """Whether a live peer offers ``model_id`` and the outbound policy allows asking it."""
         ...
 
+    def unavailable(self, model_id: str) -> float | None:
+        """The Retry-After for ``model_id`` when no live peer offers it but one did lately
+        (a partition): temporarily unavailable, not unknown. None otherwise."""
+        ...
+
     def listing(self) -> dict[str, dict[str, Any]]:
         """Models peers offer, each with the fields ``/v1/models`` shows for it."""
         ...
@@ -78,6 +83,17 @@ class RemoteRouter(Protocol):
         """A handle to a peer cortex that serves ``request.model_id``, or None when no
         peer does."""
         ...
+
+
+def model_not_found(model_id: str, router: RemoteRouter | None) -> GatewayError:
+    """What a request for a model nobody here or among live peers serves gets: unknown
+    (404), unless only peers served it and their offers expired lately (a partition, a peer
+    restarting): then temporarily unavailable (503 with Retry-After), which clients retry."""
+    retry = router.unavailable(model_id) if router is not None else None
+    if retry is None:
+        return ModelNotFound(model_id)
+    return NoCapacity(f"model {model_id!r} is served by a mesh peer that cannot be reached right now; it is "
+                      "temporarily unavailable", retry_after=retry, code="model_unavailable")
 
 
 def _retryable(exc: BaseException) -> bool:

@@ -163,6 +163,7 @@ class Cortex:
             serve_generate=local.generate, serve_embed=local.embed,
             serve_policy=serve_policy, ask_policy=ask_policy, count_prompt=self._exact_prompt,
             settings=FederationSettings(announce_interval=mesh_cfg.announce_interval,
+                                        unavailable_grace=mesh_cfg.unavailable_grace,
                                         idle_streams=self.config.federation.idle_streams))
         router = PeerRouter(self.federation)
         self.orchestrator.set_remote_router(router)

@@ -37,9 +37,9 @@ from helexa.protocol import EmbedRequest, EmbedResult, GenerateRequest, ModelSta
 
 from .admission import Admission, OnWait, Pending, Tenant, WaitStatus, excluded
 from .catalogue import Catalogue
-from .dispatch import Dispatcher, Generation, RemoteRouter, Target
 from .decision import decide
-from .errors import GatewayError, ModelNotFound, NoCapacity
+from .dispatch import Dispatcher, Generation, RemoteRouter, Target, model_not_found
+from .errors import GatewayError, NoCapacity
 from .fleet import Fleet
 from .metrics import Metrics, OrchestratorMetrics
 from .prefix import PrefixIndex, Prompt, answered_blocks
@@ -265,10 +265,10 @@ class Orchestrator:
                             self._log(decision, handle.node_id)
                             chosen.append(decision)
                             return handle
-                    raise ModelNotFound(model_id)
+                    raise model_not_found(model_id, self.remote_router if allow_peers else None)
                 case _ if not failed:
                     self._log(decision, None)
-                    raise ModelNotFound(model_id)
+                    raise model_not_found(model_id, self.remote_router if allow_peers else None)
             break
         self._log(decision, None)
         raise NoCapacity(f"no usable neuron for model {model_id!r} right now",

@@ -273,6 +273,9 @@ class PeerRouter:
     def can_route(self, model_id: str) -> bool:
         return self.federation.can_route(model_id, also=ASK_POLICY.get())
 
+    def unavailable(self, model_id: str) -> float | None:
+        return self.federation.unavailable(model_id)
+
     async def keep_receipt(self, request_id: str) -> None:
         """Keep the consumed receipt of ``request_id`` (as recorded in the federation
         ledger) for :meth:`take_receipt`; the oldest are dropped past a bound."""

@@ -96,6 +96,7 @@ class Neuron:
             config, self.resolved, self.descriptor, self.registry, connector=connector, rng=rng
         )
         self.serving = Serving(self.registry, self.connection)
+        self.registry.cut = self.serving.cut
         self.commands = Commands(self.registry, self.connection)
 
     @property
@@ -119,8 +120,14 @@ class Neuron:
                 # Backends with background work (supervised processes) live here, so they
                 # survive reconnects to the cortex.
                 self.registry.service_nursery = services
+                # Requests and their wedge watches too: a dropped link (redialed at once) or
+                # a drain never waits on an engine that does not return.
+                self.serving.nursery = services
                 task_status.started()
-                await self.connection.run(self._serve)
+                try:
+                    await self.connection.run(self._serve)
+                finally:
+                    self.serving.nursery = None  # closing: what comes later runs in its connection's
                 services.cancel_scope.cancel()  # drained: every model is unloaded
         except BaseExceptionGroup as group:
             # A refusal is the one way out of the loop: raise it plainly for callers.
@@ -149,8 +156,13 @@ class Neuron:
                 sampler=self._sampler,
             )
         )
-        while True:
-            self._dispatch(await channel.receive(), nursery)
+        try:
+            while True:
+                self._dispatch(await channel.receive(), nursery)
+        finally:
+            # Whoever asked for what still runs can no longer hear it: stop it, and watch
+            # that each request ends (an engine that does not marks its model failed).
+            self.serving.cancel_all(nursery, how="the connection to the cortex dropping")
 
     def _dispatch(self, msg: object, nursery: trio.Nursery) -> None:
         match msg:

@@ -12,16 +12,18 @@ Backends run in worker processes by default (:mod:`helexa.runtime.worker`): a lo
 blocks the neuron, and a worker that dies takes only its own model down. Such a model goes
 to ``failed`` with the reason (reported to the cortex like any state change), its requests
 fail with ``backend_crashed``, and the next load starts a new worker. A model run in the
-neuron's own process (``metadata.isolate = false``) whose engine does not end a cancelled
-request within ``cancel_grace`` cannot be killed: it goes to ``failed`` as well
-(:meth:`ModelRegistry.wedged`), so that nothing more is routed to it.
+neuron's own process (``metadata.isolate = false``) whose engine does not end a stopped
+request (cancelled, its connection dropped, the neuron draining, its unload's drain over)
+within ``cancel_grace`` cannot be killed: it goes to ``failed`` as well
+(:meth:`ModelRegistry.wedged`), so that nothing more is routed to it, and an unload waiting
+on it returns then, leaving the backend to the next load.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -51,6 +53,7 @@ class _Entry:
     progress: float | None = None
     error: str | None = None
     in_flight: int = 0
+    wedged: bool = False  # its backend's engine did not end a stopped request (ModelRegistry.wedged)
     settled: trio.Event = field(default_factory=trio.Event)
     idle: trio.Event = field(default_factory=trio.Event)
 
@@ -81,6 +84,10 @@ class ModelRegistry:
         self.service_nursery: trio.Nursery | None = None
         """A nursery that outlives connections, for backends with background work."""
         self._unloading: dict[str, Backend] = {}  # backends whose unload is under way
+        self.cut: Callable[[str, str], Awaitable[None]] | None = None
+        """Stops the requests still running on a model whose unload's drain is over, and
+        returns once each ended or was judged wedged (:meth:`.Serving.cut`: set by the
+        neuron). Used for models run in this process, whose unload cannot cut them."""
 
     def set_listener(self, on_status: Callable[[ModelStatus], None]) -> None:
         """Call ``on_status`` with a model's new status whenever its state changes, instead
@@ -180,7 +187,8 @@ class ModelRegistry:
         e.settled = trio.Event()
         e.progress = 0.0
         self._set(model_id, ModelState.LOADING)
-        await self._discard(e)  # what a crashed backend left behind
+        await self._discard(e)  # what a crashed (or wedged) backend left behind
+        e.wedged = False
         backend: Backend | None = None
         fetched: Fetched | None = None
 
@@ -227,15 +235,18 @@ class ModelRegistry:
     async def unload(self, model_id: str, *, drain_timeout: float = 30.0) -> ModelStatus:
         """Stop new work for the model (new requests are refused as retryable elsewhere), let
         the requests it runs finish for up to ``drain_timeout`` seconds, then unload it (the
-        backend's unload cuts what is still running). A second unload meanwhile waits for
-        the first."""
+        backend's unload cuts what is still running; for a model in this process the
+        requests still running are stopped first (:attr:`cut`), and one that does not end
+        within its ``cancel_grace`` leaves the model ``failed``, its backend not freed under a
+        thread still in it). A second unload meanwhile waits for the first."""
         e = self._entries.get(model_id)
         if e is None:
             raise ModelNotReady(f"model {model_id!r} is not configured on this neuron")
         if e.state in (ModelState.LOADING, ModelState.UNLOADING):
             await e.settled.wait()
-        if e.state is ModelState.FAILED and e.backend is not None:  # its worker died
+        if e.state is ModelState.FAILED and e.backend is not None:  # its worker died, or its engine wedged
             await self._discard(e)
+            e.wedged = False
             self._set(model_id, ModelState.CONFIGURED)
             return self.status(model_id)
         if e.state is not ModelState.LOADED or e.backend is None:
@@ -243,9 +254,17 @@ class ModelRegistry:
         e.settled = trio.Event()
         self._set(model_id, ModelState.UNLOADING)
         with trio.move_on_after(drain_timeout):
-            while e.in_flight:
+            while e.in_flight and not e.wedged:
                 e.idle = trio.Event()
                 await e.idle.wait()
+        if e.in_flight and not e.wedged and self.cut is not None and not e.backend.kills_wedged:
+            with trio.CancelScope(shield=True):  # bounded: each request is judged within its cancel_grace
+                await self.cut(model_id, "its model's unload stopping it")
+        if e.wedged:
+            # Failed (:meth:`wedged`): a thread may still run in the backend, so it is not
+            # freed under it; the next load replaces it, as after a cancel.
+            e.settled.set()
+            return self.status(model_id)
         backend, e.backend = e.backend, None
         self._unloading[model_id] = backend
         try:
@@ -316,21 +335,25 @@ class ModelRegistry:
             if e.in_flight == 0:
                 e.idle.set()
 
-    def wedged(self, model_id: str, backend: Backend, request_id: str, grace: float) -> None:
-        """``request_id`` on ``backend`` did not end within ``grace`` seconds of its cancel:
-        its engine is wedged in this process (a step it cannot cancel never returns), and a
-        thread cannot be killed. The model goes to ``failed`` (the cortex is told, so no new
-        request is routed to it; the next load replaces the backend), with one ERROR for
-        the operator. Nothing when the backend is no longer the model's."""
+    def wedged(self, model_id: str, backend: Backend, request_id: str, grace: float, *,
+               how: str = "its cancel") -> None:
+        """``request_id`` on ``backend`` did not end within ``grace`` seconds of ``how`` (its
+        cancel, the connection dropping, the neuron's drain or the model's unload stopping
+        it): its engine is wedged in this process (a step it cannot cancel never returns),
+        and a thread cannot be killed. The model goes to ``failed`` (the cortex is told, so
+        no new request is routed to it; the next load replaces the backend), with one ERROR
+        for the operator. Nothing when the backend is no longer the model's."""
         e = self._entries.get(model_id)
-        if e is None or e.backend is not backend or e.state is not ModelState.LOADED:
+        if e is None or e.backend is not backend or e.state not in (ModelState.LOADED, ModelState.UNLOADING):
             return
-        reason = (f"request {request_id} did not end within {grace:g}s of its cancel (cancel_grace): the engine is "
+        reason = (f"request {request_id} did not end within {grace:g}s of {how} (cancel_grace): the engine is "
                   "wedged in the neuron's own process, where it cannot be killed; metadata.isolate = true runs the "
                   "model in a worker process, which the neuron kills and reloads")
         log.error("model %s: %s. The model is marked failed so that no request is routed to it; the stuck thread "
                   "and what it holds stay until the neuron restarts", model_id, reason)
+        e.wedged = True
         self._set(model_id, ModelState.FAILED, error=reason)
+        e.idle.set()  # an unload waiting for its requests stops waiting for this one
 
     def _backend_changed(self, model_id: str, backend: Backend, status: ModelStatus) -> None:
         """A loaded backend changed state by itself (a supervised process died, restarted,

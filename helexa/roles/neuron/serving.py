@@ -1,11 +1,16 @@
 """The requests a neuron runs for its cortex: generations and embeddings, by request id.
 
-Each request runs in its own task and cancel scope (a :class:`Cancel` from the cortex, or
-the connection dropping, stops it). A generation's events go back through
-:mod:`.relay`; a failure goes back as one :class:`InferenceError`, retryable elsewhere
-only while nothing of the answer has been sent. A cancelled request of a model run in
-this process (not in a worker, which kills its own wedged engine) that has not ended
-within the model's ``cancel_grace`` marks the model failed (:meth:`.ModelRegistry.wedged`).
+Each request runs in its own task and cancel scope (a :class:`Cancel` from the cortex, the
+connection dropping, the neuron's drain or its model's unload stops it). A generation's
+events go back through :mod:`.relay`; a failure goes back as one :class:`InferenceError`,
+retryable elsewhere only while nothing of the answer has been sent.
+
+A request stopped in any of those ways, of a model run in this process (not in a worker,
+which kills its own wedged engine), that has not ended within the model's
+``cancel_grace`` marks the model failed (:meth:`.ModelRegistry.wedged`). Requests and
+these watches run in a nursery that outlives the connection (:attr:`Serving.nursery`, the
+neuron's services'), so that neither a dropped link (the neuron redials at once) nor a
+drain waits on an engine that never returns.
 """
 
 from __future__ import annotations
@@ -41,7 +46,11 @@ class Serving:
         self._connection = connection
         self._running: dict[str, trio.CancelScope] = {}
         self._held: dict[str, Backend] = {}  # the backend each running request holds
-        self._ended: dict[str, trio.Event] = {}  # set when a cancelled request ends (only those are watched)
+        self._ended: dict[str, trio.Event] = {}  # set when a stopped request ends (only those are watched)
+        self._judged: dict[str, trio.Event] = {}  # set when a watch is over: the request ended, or was judged
+        self.nursery: trio.Nursery | None = None
+        """Where requests and their watches run, when set: a nursery that outlives the
+        connection (the neuron's services'). Otherwise the connection's, given to :meth:`start`."""
         self._idle = trio.Event()
         self._idle.set()
         self.accepting = True
@@ -63,34 +72,56 @@ class Serving:
         if not self._running:
             self._idle = trio.Event()
         self._running[req.request_id] = scope
-        nursery.start_soon(self._run, req, scope)
+        (self.nursery or nursery).start_soon(self._run, req, scope)
 
-    def cancel(self, request_id: str, nursery: trio.Nursery | None = None) -> None:
-        """Stop a running request (nothing if it already ended). With ``nursery`` (the
-        connection's), a request of a model run in this process that has not ended within
-        its ``cancel_grace`` marks the model failed (:meth:`.ModelRegistry.wedged`); a
-        worker's backend kills its wedged worker itself."""
+    def cancel(self, request_id: str, nursery: trio.Nursery | None = None, *, how: str = "its cancel") -> None:
+        """Stop a running request (nothing if it already ended). A request of a model run in
+        this process that has not ended within its ``cancel_grace`` of this call marks the
+        model failed (:meth:`.ModelRegistry.wedged`; ``how`` says what stopped it); a
+        worker's backend kills its wedged worker itself. The watch runs in :attr:`nursery`,
+        else in ``nursery``; with neither, none."""
         if (scope := self._running.get(request_id)) is None:
             return
         scope.cancel()
         backend = self._held.get(request_id)
-        if nursery is not None and backend is not None and not backend.kills_wedged and request_id not in self._ended:
+        watch_in = self.nursery or nursery
+        if watch_in is not None and backend is not None and not backend.kills_wedged and request_id not in self._ended:
             ended = self._ended[request_id] = trio.Event()
-            nursery.start_soon(self._watch_cancel, request_id, backend, ended)
+            judged = self._judged[request_id] = trio.Event()
+            watch_in.start_soon(self._watch, request_id, backend, ended, judged, how)
 
-    async def _watch_cancel(self, rid: str, backend: Backend, ended: trio.Event) -> None:
+    async def _watch(self, rid: str, backend: Backend, ended: trio.Event, judged: trio.Event, how: str) -> None:
         try:
-            grace = cancel_grace(backend.config)
-        except BackendError:  # refused when the model loaded; a backend made otherwise (a test's) gets the default
-            grace = DEFAULT_CANCEL_GRACE
-        with trio.move_on_after(grace):
-            await ended.wait()
-            return
-        self._registry.wedged(backend.config.model_id, backend, rid, grace)
+            try:
+                grace = cancel_grace(backend.config)
+            except BackendError:  # refused when the model loaded; a backend made otherwise (a test's) gets the default
+                grace = DEFAULT_CANCEL_GRACE
+            with trio.move_on_after(grace):
+                await ended.wait()
+                return
+            self._registry.wedged(backend.config.model_id, backend, rid, grace, how=how)
+        finally:
+            self._judged.pop(rid, None)
+            judged.set()
 
-    def cancel_all(self) -> None:
-        for scope in self._running.values():
-            scope.cancel()
+    def cancel_all(self, nursery: trio.Nursery | None = None, *, how: str = "the neuron's drain stopping it") -> None:
+        """Stop every running request, each watched as :meth:`cancel` does."""
+        for rid in list(self._running):
+            self.cancel(rid, nursery, how=how)
+
+    async def cut(self, model_id: str, how: str) -> None:
+        """Stop the requests running on ``model_id`` (its unload's drain is over), tell the
+        cortex each was cut (not retryable: part of it may have been sent), and return once
+        each has ended or been judged wedged (within its ``cancel_grace``)."""
+        rids = [rid for rid, backend in self._held.items() if backend.config.model_id == model_id]
+        for rid in rids:
+            if rid in self._running and not self._running[rid].cancel_called:
+                self._connection.post(InferenceError(rid, "model_not_loaded",
+                                                     f"model {model_id!r} was unloaded under this request"))
+            self.cancel(rid, how=how)
+        for rid in rids:
+            if (judged := self._judged.get(rid)) is not None:
+                await judged.wait()
 
     def stop_accepting(self) -> None:
         """Refuse every request from now on (as retryable, so the cortex sends it elsewhere)."""

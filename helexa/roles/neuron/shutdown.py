@@ -2,7 +2,9 @@
 
 1. Refuse new work (as retryable, so the cortex sends it elsewhere).
 2. Announce :class:`Shutdown` to the cortex, so it stops routing here.
-3. Let in-flight requests finish, for at most the grace period; cancel what is left.
+3. Let in-flight requests finish, for at most the grace period; stop what is left (each
+   watched: one a model in this process cannot end within its ``cancel_grace`` marks the
+   model failed, and its unload below does not wait on it any longer).
 4. Unload every model, side by side; a model's processes still unloading after
    :data:`KILL_AFTER` seconds are killed (SIGKILL: a hung worker would otherwise hold the
    stop for its whole ``unload_timeout``; an operator's unload of one model keeps it).
@@ -35,7 +37,8 @@ async def drain(
     connection: Connection, serving: Serving, registry: ModelRegistry, *, grace: float, reason: str
 ) -> None:
     """Stop the neuron gracefully (the steps in the module docstring). Returns when done;
-    at most ``ANNOUNCE_TIMEOUT + grace + max(grace, MIN_UNLOAD_TIME)`` seconds plus the close."""
+    at most ``ANNOUNCE_TIMEOUT + grace + max(grace, MIN_UNLOAD_TIME, cancel_grace)`` seconds
+    plus the close (``cancel_grace``: the longest of the models run in this process)."""
     with trio.CancelScope(shield=True):
         serving.stop_accepting()
         with trio.move_on_after(ANNOUNCE_TIMEOUT):

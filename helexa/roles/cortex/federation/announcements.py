@@ -24,6 +24,7 @@ from helexa.protocol.federation import (
 )
 from helexa.protocol.model import Workload
 
+from .offer_memory import OfferMemory
 from .policy import AskPolicy
 
 MAX_TTL = 600.0
@@ -134,9 +135,11 @@ class PeerOffer:
 class PeerTable:
     """What live peers offer, from their latest valid announcements."""
 
-    def __init__(self, self_peer_id: str | None = None) -> None:
+    def __init__(self, self_peer_id: str | None = None, *, unavailable_grace: float = 30.0) -> None:
         self._self = self_peer_id
         self._latest: dict[str, Announcement] = {}
+        self.recent = OfferMemory(unavailable_grace)
+        """Models whose offers expired lately (:mod:`.offer_memory`)."""
         self.rejected: dict[str, int] = {}
         self.version = 0
         """Bumped whenever the set of announcements changes (for callers' memos)."""
@@ -152,6 +155,9 @@ class PeerTable:
             return False
         self._latest[ann.peer_id] = ann
         self.version += 1
+        offered = [m.model_id for m in ann.models] if ann.policy.serves_peers else []
+        before = [m.model_id for m in prev.models] if prev is not None and prev.policy.serves_peers else []
+        self.recent.offered(ann.peer_id, offered, ann.issued_at + ann.ttl, withdrawn=set(before) - set(offered))
         return True
 
     def ingest(self, data: bytes, *, origin: str | None, now: float) -> Announcement | None:
@@ -168,9 +174,15 @@ class PeerTable:
         gone = [p for p, a in self._latest.items() if a.issued_at + a.ttl <= now]
         for p in gone:
             del self._latest[p]
+        self.recent.forget(now)
         if gone:
             self.version += 1
         return gone
+
+    def unavailable(self, model_id: str, now: float) -> bool:
+        """Whether ``model_id`` is offered by no live peer now but was within the grace
+        (a partition, a peer restarting): temporarily unavailable rather than unknown."""
+        return not self.offers(model_id, now) and self.recent.unavailable(model_id, now)
 
     def get(self, peer_id: str) -> Announcement | None:
         return self._latest.get(peer_id)

@@ -88,6 +88,14 @@ class FederationSettings:
     stream_max_idle: float = 30.0
     """An idle stream older than this is closed rather than reused (under the serving
     side's ``ServeTimeouts.idle``, so that a reused stream is rarely one it just closed)."""
+    unavailable_grace: float | None = None
+    """Seconds after the last offer of a model only peers serve expired during which a
+    request for it is answered 503 (temporarily unavailable, Retry-After) rather than 404
+    (unknown): a partition, a peer restarting. None: six announcement periods."""
+
+    @property
+    def grace(self) -> float:
+        return 6 * self.announce_interval if self.unavailable_grace is None else self.unavailable_grace
 
 
 class Federation:
@@ -134,7 +142,7 @@ class Federation:
         self._offer_fn = offer_fn
         self._spare_fn = spare_fn
         self._clock = clock
-        self.table = PeerTable()
+        self.table = PeerTable(unavailable_grace=settings.grace)
         self._sequence = 0
         self._idle: dict[str, list[tuple[MessageStream, float]]] = {}
         self._allowed_memo: dict[tuple[Any, ...], tuple[PeerTable, int, float, list[PeerOffer]]] = {}
@@ -157,7 +165,7 @@ class Federation:
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Serve, listen and announce until cancelled. ``started()`` once subscribed."""
-        self.table = PeerTable(self.mesh.peer_id)
+        self.table = PeerTable(self.mesh.peer_id, unavailable_grace=self.settings.grace)
         for protocol in self.protocols:
             self.mesh.serve(protocol, self.inbound.handle)
         async with trio.open_nursery() as nursery:
@@ -248,6 +256,15 @@ class Federation:
         """Whether some live peer may be asked for ``model_id`` (under ``also`` too)."""
         return self.ask_policy.outbound is not Outbound.NEVER and bool(
             self._allowed(model_id, self._clock(), also, workload=workload))
+
+    def unavailable(self, model_id: str) -> float | None:
+        """Seconds a client should wait before asking for ``model_id`` again when only peers
+        served it, their offers expired less than ``unavailable_grace`` ago and none is live
+        now (a partition: the next announcement may bring it back); None otherwise (the
+        model is offered, or unknown here, or this cortex never asks peers)."""
+        if self.ask_policy.outbound is Outbound.NEVER or not self.table.unavailable(model_id, self._clock()):
+            return None
+        return float(max(1, math.ceil(self.settings.announce_interval)))
 
     def _candidates(self, model_id: str, workload: Workload, exclude: frozenset[str],
                     also: AskPolicy | None = None) -> list[PeerOffer]:

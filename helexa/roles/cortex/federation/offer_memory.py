@@ -1,0 +1,63 @@
+"""Which models peers offered lately, after their offers expired (pure).
+
+A model only peers serve is unknown here once its last offer expires: during a partition
+from the peer that served it, a client using it would get ``404 model_not_found``, which
+tells an SDK (and a user) that the name is wrong, and is not retried. For ``grace`` seconds
+after the last offer of a model expired it is remembered instead, and the gateway answers
+``503`` with Retry-After ("temporarily unavailable"); then it is forgotten, and unknown.
+
+A model a peer withdrew (its next announcement no longer offers it: unloaded, a policy
+change) is not remembered for that peer: that is no partition. Memory is bounded: entries
+older than the grace are dropped as time passes, and at most ``capacity`` models are held
+(the ones whose offers expired longest ago go first).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+
+DEFAULT_CAPACITY = 4096
+"""Models remembered at most (an announcement offers at most 256)."""
+
+
+class OfferMemory:
+    """When each peer's offer of each model expires, kept ``grace`` seconds past it."""
+
+    def __init__(self, grace: float, capacity: int = DEFAULT_CAPACITY) -> None:
+        self.grace = grace
+        self.capacity = capacity
+        self._until: OrderedDict[str, dict[str, float]] = OrderedDict()  # model -> peer -> offer's expiry
+
+    def offered(self, peer_id: str, models: Iterable[str], expires_at: float, withdrawn: Iterable[str] = ()) -> None:
+        """``peer_id`` announced ``models``, its offer good until ``expires_at``; it no longer
+        offers ``withdrawn`` (they were in its announcement before)."""
+        for model_id in withdrawn:
+            peers = self._until.get(model_id)
+            if peers is not None:
+                peers.pop(peer_id, None)
+                if not peers:
+                    del self._until[model_id]
+        for model_id in models:
+            peers = self._until.setdefault(model_id, {})
+            peers[peer_id] = max(expires_at, peers.get(peer_id, expires_at))
+            self._until.move_to_end(model_id)
+        while len(self._until) > self.capacity:
+            self._until.popitem(last=False)
+
+    def unavailable(self, model_id: str, now: float) -> bool:
+        """Whether some peer's offer of ``model_id`` expired less than ``grace`` ago (the
+        caller knows no live offer of it)."""
+        peers = self._until.get(model_id)
+        return peers is not None and any(until <= now < until + self.grace for until in peers.values())
+
+    def forget(self, now: float) -> None:
+        """Drop what expired ``grace`` or more ago."""
+        for model_id, peers in list(self._until.items()):
+            for peer_id in [p for p, until in peers.items() if until + self.grace <= now]:
+                del peers[peer_id]
+            if not peers:
+                del self._until[model_id]
+
+    def __len__(self) -> int:
+        return len(self._until)
