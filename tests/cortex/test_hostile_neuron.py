@@ -59,11 +59,14 @@ async def control(nursery: trio.Nursery, fleet: Fleet) -> str:
 
 async def hostile(url: str, answer: Answer | None = None, *, node_id: str = "evil",
                   metrics: NeuronMetrics = NeuronMetrics(), hardware: Hardware | None = None,
-                  models: tuple[str, ...] = ("chat", "embed"), task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Join ``url`` with the real token, heartbeat ``metrics`` with ``models`` loaded, and
-    ``answer`` every request it is sent; returns when the cortex closes the connection.
-    ``task_status.started`` gets the join's verdict."""
-    statuses = tuple(ModelStatus(m, ModelState.LOADED) for m in models)
+                  models: tuple[str, ...] = ("chat", "embed"), statuses: tuple[ModelStatus, ...] | None = None,
+                  commands: Callable[[Channel, object], Awaitable[None]] | None = None,
+                  task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Join ``url`` with the real token, heartbeat ``metrics`` with ``models`` loaded (or
+    ``statuses``), ``answer`` every request it is sent and hand ``commands`` every other
+    frame; returns when the cortex closes the connection. ``task_status.started`` gets the
+    join's verdict."""
+    statuses = statuses or tuple(ModelStatus(m, ModelState.LOADED) for m in models)
     descriptor = NeuronDescriptor(node_id, hardware or Hardware(cpu_cores=4, ram_total=8 << 30))
     async with ws.connect(url) as channel:
         session = NeuronJoin(TOKEN, descriptor, timeout=10, models=statuses)
@@ -85,6 +88,8 @@ async def hostile(url: str, answer: Answer | None = None, *, node_id: str = "evi
                     msg = await channel.receive()
                     if isinstance(msg, (GenerateRequest, EmbedRequest)) and answer is not None:
                         nursery.start_soon(answer, channel, msg)
+                    elif commands is not None:
+                        nursery.start_soon(commands, channel, msg)
             except ChannelClosed:
                 nursery.cancel_scope.cancel()
 
@@ -278,6 +283,44 @@ async def test_a_model_id_with_an_escape_sequence_never_reaches_the_operators_te
     status, listed = render_fleet(fleet_view), _models_table(models)  # helexa status, helexa models list
     assert "\x1b" not in status and "\\x1b[2J\\x1b[Hall neurons healthy" in status
     assert "\x1b" not in listed and "\\x1b[2J" in listed
+
+
+async def test_a_neurons_error_text_reaches_the_operators_terminal_escaped(nursery, tmp_path):
+    from click.testing import CliRunner
+
+    from helexa.cli import main
+    from helexa.protocol import LoadModel, ProvisioningResponse, UpsertModelConfig
+    from serving import ADMIN_TOKEN
+
+    fleet = Fleet()
+    url = await control(nursery, fleet)
+    sneaky = "\x1b]0;owned\x07\x1b[2J\x1b[Hall neurons healthy"  # sets the terminal's title, clears the screen
+    failed = ModelStatus("chat", ModelState.FAILED, error=sneaky)
+
+    async def refuse(channel: Channel, cmd: object) -> None:
+        if isinstance(cmd, UpsertModelConfig):
+            await channel.send(ProvisioningResponse(cmd.command_id, True, status=failed))
+        elif isinstance(cmd, LoadModel):
+            await channel.send(ProvisioningResponse(cmd.command_id, False, "load failed " + sneaky, "load_failed",
+                                                    failed))
+
+    nursery.start_soon(lambda: hostile(url, statuses=(failed,), commands=refuse))
+    await until(lambda: "evil" in fleet and fleet.get("evil").heartbeats > 0)
+    token = tmp_path / "admin-token"
+    token.write_text(ADMIN_TOKEN)
+    async with portals(fleet, {}) as (_, urls):
+        def helexa(*args: str):  # noqa: ANN202
+            return CliRunner().invoke(main, [*args, "--cortex", urls["default"], "--admin-token-file", str(token)])
+
+        shown = await trio.to_thread.run_sync(helexa, "models", "show", "chat")
+        loaded = await trio.to_thread.run_sync(helexa, "models", "load", "chat", "--neuron", "evil")
+        unloaded = await trio.to_thread.run_sync(helexa, "models", "unload", "chat", "--neuron", "nobody\x1b[2J")
+    assert shown.exit_code == 0 and loaded.exit_code == 1 and unloaded.exit_code == 1, (shown, loaded, unloaded)
+    for out in (shown.stdout, loaded.stderr, unloaded.stderr):  # helexa models show, load (and an admin error)
+        assert "\x1b" not in out and "\x07" not in out, out
+    assert "evil: failed, in flight 0 (\\x1b]0;owned\\x07\\x1b[2J" in shown.stdout
+    assert "load failed \\x1b]0;owned\\x07" in loaded.stderr
+    assert "nobody\\x1b[2J" in unloaded.stderr
 
 
 async def test_a_neuron_naming_new_models_each_heartbeat_does_not_grow_the_cortex(nursery):
