@@ -285,26 +285,30 @@ async def test_a_model_id_with_an_escape_sequence_never_reaches_the_operators_te
     assert "\x1b" not in listed and "\\x1b[2J" in listed
 
 
+SNEAKY = "\x1b]0;owned\x07\x1b[2J\x1b[Hall neurons healthy"
+"""Sets a terminal's title, clears its screen and writes a line of its own."""
+FAILED = ModelStatus("chat", ModelState.FAILED, error=SNEAKY)
+
+
+async def refuse_loads(channel: Channel, cmd: object) -> None:
+    """A neuron's answers to provisioning: every load refused with :data:`SNEAKY` in its error."""
+    from helexa.protocol import LoadModel, ProvisioningResponse, UpsertModelConfig
+
+    if isinstance(cmd, UpsertModelConfig):
+        await channel.send(ProvisioningResponse(cmd.command_id, True, status=FAILED))
+    elif isinstance(cmd, LoadModel):
+        await channel.send(ProvisioningResponse(cmd.command_id, False, "load failed " + SNEAKY, "load_failed", FAILED))
+
+
 async def test_a_neurons_error_text_reaches_the_operators_terminal_escaped(nursery, tmp_path):
     from click.testing import CliRunner
 
     from helexa.cli import main
-    from helexa.protocol import LoadModel, ProvisioningResponse, UpsertModelConfig
     from serving import ADMIN_TOKEN
 
     fleet = Fleet()
     url = await control(nursery, fleet)
-    sneaky = "\x1b]0;owned\x07\x1b[2J\x1b[Hall neurons healthy"  # sets the terminal's title, clears the screen
-    failed = ModelStatus("chat", ModelState.FAILED, error=sneaky)
-
-    async def refuse(channel: Channel, cmd: object) -> None:
-        if isinstance(cmd, UpsertModelConfig):
-            await channel.send(ProvisioningResponse(cmd.command_id, True, status=failed))
-        elif isinstance(cmd, LoadModel):
-            await channel.send(ProvisioningResponse(cmd.command_id, False, "load failed " + sneaky, "load_failed",
-                                                    failed))
-
-    nursery.start_soon(lambda: hostile(url, statuses=(failed,), commands=refuse))
+    nursery.start_soon(lambda: hostile(url, statuses=(FAILED,), commands=refuse_loads))
     await until(lambda: "evil" in fleet and fleet.get("evil").heartbeats > 0)
     token = tmp_path / "admin-token"
     token.write_text(ADMIN_TOKEN)
@@ -321,6 +325,30 @@ async def test_a_neurons_error_text_reaches_the_operators_terminal_escaped(nurse
     assert "evil: failed, in flight 0 (\\x1b]0;owned\\x07\\x1b[2J" in shown.stdout
     assert "load failed \\x1b]0;owned\\x07" in loaded.stderr
     assert "nobody\\x1b[2J" in unloaded.stderr
+
+
+async def test_a_neurons_error_text_reaches_the_cortexs_log_escaped(nursery):
+    import io
+
+    from helexa import logs
+
+    fleet = Fleet()
+    url = await control(nursery, fleet)
+    nursery.start_soon(lambda: hostile(url, statuses=(FAILED,), commands=refuse_loads))
+    await until(lambda: "evil" in fleet and fleet.get("evil").heartbeats > 0)
+    for fmt in ("text", "json"):
+        out = io.StringIO()
+        logs.setup("info", fmt, stream=out)
+        try:
+            async with portals(fleet, {}) as (_, urls), httpx.AsyncClient() as http:
+                refused = await http.post(urls["default"] + "/admin/models/chat/load", json={"neuron": "evil"},
+                                          headers=admin_headers())
+                assert refused.status_code == 200 and "load failed" in refused.text  # the stream's error event
+        finally:
+            logs.setup("info")
+        text = out.getvalue()
+        assert "load failed" in text, fmt  # logged (the provisioner's warning)...
+        assert "\x1b" not in text and "\x07" not in text, (fmt, text)  # ...with no escape a terminal would obey
 
 
 async def test_a_neuron_naming_new_models_each_heartbeat_does_not_grow_the_cortex(nursery):
