@@ -17,7 +17,7 @@ import click
 
 from helexa.admin_client import AdminClient
 from helexa.cli_portal import _admin_options, table
-from helexa.status import printable
+from helexa.status import clip, printable
 
 STREAM_SILENCE = 60.0
 """Seconds ``pull`` and ``load`` wait for the next line of the cortex's progress stream (it
@@ -58,7 +58,7 @@ def _models_table(models: list[dict[str, Any]]) -> str:
                   for n in sorted(m["neurons"]) if m["neurons"][n]["state"] in ("loaded", "loading", "failed")]
         cached = [n for n, st in sorted(m["neurons"].items()) if st.get("cached")]
         memory = f"{m['memory_mb']} MB{' GPU' if m['on_gpu'] else ''}" if m["memory_mb"] is not None else "-"
-        rows.append([m["id"] + ("" if m["catalogued"] else " (not catalogued)"), m["backend"] or "-", memory,
+        rows.append([clip(m["id"]) + ("" if m["catalogued"] else " (not catalogued)"), m["backend"] or "-", memory,
                      ",".join(m["feasible_on"]) or "-", ",".join(loaded) or "-", ",".join(cached) or "-",
                      ",".join(m["pinned_on"]) or "-"])
     return table(rows)

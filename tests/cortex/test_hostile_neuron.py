@@ -351,6 +351,29 @@ async def test_a_neurons_error_text_reaches_the_cortexs_log_escaped(nursery):
         assert "\x1b" not in text and "\x07" not in text, (fmt, text)  # ...with no escape a terminal would obey
 
 
+async def test_long_and_wide_names_from_a_neuron_keep_helexa_status_and_models_list_tables(nursery):
+    from helexa.cli_models import _models_table
+    from helexa.status import columns
+
+    fleet = Fleet()
+    url = await control(nursery, fleet)
+    hardware = Hardware(cpu_cores=4, ram_total=8 << 30, gpus=(GpuInfo(0, "G" * 5000, 8 << 30, 4 << 30),))
+    nursery.start_soon(lambda: hostile(url, node_id="节点一", models=("chat", "M" * 5000), hardware=hardware))
+    nursery.start_soon(lambda: hostile(url, node_id="n2"))
+    await until(lambda: all(n in fleet and fleet.get(n).heartbeats > 0 for n in ("节点一", "n2")))
+    async with portals(fleet, {}) as (_, urls):
+        async with httpx.AsyncClient() as http:
+            fleet_view = (await http.get(urls["default"] + "/admin/fleet", headers=admin_headers())).json()
+            models = (await http.get(urls["default"] + "/admin/models", headers=admin_headers())).json()["data"]
+    status, listed = render_fleet(fleet_view), _models_table(models)  # helexa status, helexa models list
+    for out in (status, listed):  # every line was 5,000 columns wide
+        assert max(columns(line) for line in out.splitlines()) < 500, out
+    assert "M" * 95 + "…" in status and "M" * 95 + "…" in listed and "G" * 95 + "…" in status
+    # a wide node id (two terminal columns a character) keeps the next column lined up
+    lines = status.splitlines()
+    assert len({columns(line[:line.index(word)]) for line, word in zip(lines, ("HEALTH", "healthy", "healthy"))}) == 1
+
+
 async def test_a_neuron_naming_new_models_each_heartbeat_does_not_grow_the_cortex(nursery):
     fleet = Fleet()
     url = await control(nursery, fleet)
