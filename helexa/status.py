@@ -3,6 +3,7 @@ token) and render it for a terminal."""
 
 from __future__ import annotations
 
+import re
 import time
 import unicodedata
 from pathlib import Path
@@ -52,6 +53,16 @@ def columns(text: str) -> int:
         return len(text)
     return sum(0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in "WF" else 1
                for ch in text)
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def terminal_text(text: str) -> str:
+    """Running text (a model's answer) for a terminal: lines and tabs as they are, every other
+    control character escaped (``\\x1b``). The text comes from a neuron, maybe a peer's:
+    an escape sequence in it would rewrite the screen or the terminal's title."""
+    return text if text.isprintable() else _CONTROL.sub(lambda m: m.group(0).encode("unicode_escape").decode(), text)
 
 
 def table(rows: list[list[str]]) -> str:

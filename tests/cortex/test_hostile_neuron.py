@@ -351,6 +351,28 @@ async def test_a_neurons_error_text_reaches_the_cortexs_log_escaped(nursery):
         assert "\x1b" not in text and "\x07" not in text, (fmt, text)  # ...with no escape a terminal would obey
 
 
+async def test_an_answer_with_escape_sequences_reaches_helexa_chats_terminal_escaped(nursery):
+    from click.testing import CliRunner
+
+    from helexa.cli import main
+
+    async def sneaky(channel: Channel, request) -> None:
+        await channel.send(TokenChunk(request.request_id, "Paris\x1b]0;owned\x07", tokens=1))
+        await channel.send(TokenChunk(request.request_id, "\x1b[2J\nis\tthe capital.", tokens=1))
+        await channel.send(GenerateResult(request.request_id, "stop", Usage(1, 2, 0)))
+
+    fleet = Fleet()
+    url = await control(nursery, fleet)
+    nursery.start_soon(hostile, url, sneaky)
+    await until(lambda: "evil" in fleet)
+    async with portals(fleet, {}) as (_, urls):
+        said = await trio.to_thread.run_sync(
+            lambda: CliRunner().invoke(main, ["chat", "--gateway", urls["default"], "--model", "chat", "--max-tokens", "8", "hi"]))
+    assert said.exit_code == 0, said.output
+    assert "\x1b" not in said.stdout and "\x07" not in said.stdout
+    assert said.stdout == "Paris\\x1b]0;owned\\x07\\x1b[2J\nis\tthe capital.\n"  # lines and tabs as they were
+
+
 async def test_long_and_wide_names_from_a_neuron_keep_helexa_status_and_models_list_tables(nursery):
     from helexa.cli_models import _models_table
     from helexa.status import columns
