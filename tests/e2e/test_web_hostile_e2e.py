@@ -5,6 +5,8 @@
   GPU and a model named by thousands of characters: the Fleet page stays as wide as the
   window (its card used to spill the page 70,000 pixels wide) and the Models page keeps
   every row's actions in view (they used to sit thousands of pixels to the right);
+* a key named by 200 characters in one word (the admin API's longest; a billing system
+  names keys after its customers): the Keys page keeps its Revoke and Rotate buttons in view;
 * a peer's signed receipt whose times no date can show (it verifies: the peer signed what it
   liked): the Mesh page shows it and stays up (it was a 500 for as long as the receipt was
   in the ledger).
@@ -33,6 +35,13 @@ MODELS = """
 [models."synth"]
 backend = "synthetic"
 memory_mb = 10
+"""
+
+CONFIG = """
+admin_socket = "127.0.0.1:0"
+[portals.acme]
+listen = ["127.0.0.1:0"]
+auth = "keys"
 """
 
 LONG_NODE = "N" * 200
@@ -84,7 +93,7 @@ def procs(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
 def cortex(procs: ProcGroup) -> Cortex:
     data = procs.workdir / "cortex-data"
     seed_hostile_receipt(data)
-    c = procs.cortex(models=MODELS, data_dir=data, config='admin_socket = "127.0.0.1:0"\n',
+    c = procs.cortex(models=MODELS, data_dir=data, config=CONFIG,
                      extra_args=["--operator", "probe", "--mesh-listen", "/ip4/127.0.0.1/tcp/0"])
     procs.neuron(c, "n1")
     site = procs.workdir / "site"
@@ -135,3 +144,14 @@ def test_a_peers_receipt_dated_beyond_any_calendar_leaves_the_mesh_page_up(page)
     row = page.locator("#receipts tbody tr").first
     expect(row).to_contain_text("synth")
     expect(row).to_contain_text("not a date")
+
+
+def test_a_key_named_by_200_characters_keeps_its_actions_in_view(page) -> None:  # noqa: ANN001
+    page.goto(page.url.split("/console/")[0] + "/console/keys")
+    page.get_by_label("Name").fill("K" * 200)
+    page.get_by_role("button", name="Create key").click()
+    expect(page.locator("#new-key")).to_have_value(re.compile(r"^sk-hlx-"))  # the key, shown once
+    revoke = page.locator("#keys tbody tr").filter(has_text="K" * 200).get_by_role("button", name=re.compile("Revoke"))
+    box = revoke.bounding_box()
+    assert box is not None and box["x"] + box["width"] <= 1280, box
+    assert page_width(page) <= 1280
