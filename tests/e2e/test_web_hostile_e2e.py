@@ -7,6 +7,8 @@
   every row's actions in view (they used to sit thousands of pixels to the right);
 * a key named by 200 characters in one word (the admin API's longest; a billing system
   names keys after its customers): the Keys page keeps its Revoke and Rotate buttons in view;
+* a model's answer of one word of 1,200 characters: the portal's playground wraps it, at
+  phone width too (the page was 11,000 pixels wide);
 * a peer's signed receipt whose times no date can show (it verifies: the peer signed what it
   liked): the Mesh page shows it and stays up (it was a 500 for as long as the receipt was
   in the ledger).
@@ -48,7 +50,24 @@ LONG_NODE = "N" * 200
 """A node id near the longest a cortex admits (256 characters; the test's log file is named
 after it), in one word."""
 
-# Imported at the start of the neuron's interpreter (PYTHONPATH): its hardware has a GPU
+# Imported at the start of each neuron's interpreter (PYTHONPATH): its synthetic model
+# answers in one word of 40 characters a token, as a model may (a URL, base64, a hostile
+# neuron's answer).
+ONE_WORD_ANSWERS = """
+from helexa.runtime import synthetic
+
+_init = synthetic.SyntheticBackend.__init__
+
+
+def _one_word(self, *args, **kwargs):
+    _init(self, *args, **kwargs)
+    self._spaced = ["x" * 40 for _ in range(self._tokens)]
+
+
+synthetic.SyntheticBackend.__init__ = _one_word
+"""
+
+# And the second neuron's: its hardware has a GPU
 # named by 3,000 characters and it reports a model of a 3,000-character id, as a hostile (or
 # broken) neuron may.
 LONG_NAMES_NEURON = """
@@ -95,12 +114,12 @@ def cortex(procs: ProcGroup) -> Cortex:
     seed_hostile_receipt(data)
     c = procs.cortex(models=MODELS, data_dir=data, config=CONFIG,
                      extra_args=["--operator", "probe", "--mesh-listen", "/ip4/127.0.0.1/tcp/0"])
-    procs.neuron(c, "n1")
-    site = procs.workdir / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(LONG_NAMES_NEURON)
-    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
-    procs.neuron(c, LONG_NODE, env={"PYTHONPATH": path})
+    for node, patch in (("n1", ONE_WORD_ANSWERS), (LONG_NODE, ONE_WORD_ANSWERS + LONG_NAMES_NEURON)):
+        site = procs.workdir / f"site-{node[:8]}"
+        site.mkdir()
+        (site / "sitecustomize.py").write_text(patch)
+        procs.neuron(c, node, env={"PYTHONPATH": os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", ""))
+                                                                 if p)})
     return c
 
 
@@ -155,3 +174,24 @@ def test_a_key_named_by_200_characters_keeps_its_actions_in_view(page) -> None: 
     box = revoke.bounding_box()
     assert box is not None and box["x"] + box["width"] <= 1280, box
     assert page_width(page) <= 1280
+
+
+def test_an_answer_in_one_long_word_wraps_in_the_playground_at_phone_width(cortex: Cortex, page) -> None:  # noqa: ANN001
+    import httpx
+
+    made = httpx.post(cortex.admin_url + "/admin/keys", json={"portal": "acme", "name": "phone"},
+                      headers={"authorization": f"Bearer {cortex.admin_token}"}, timeout=10)
+    assert made.status_code == 201, made.text
+    phone = page.context.browser.new_page(viewport={"width": 390, "height": 800})
+    phone.set_default_timeout(20_000)
+    phone.goto(cortex.portal_urls["acme"][0] + "/portal/")
+    phone.get_by_label("API key").fill(made.json()["key"])
+    phone.get_by_role("button", name="Sign in").click()
+    expect(phone).to_have_url(re.compile(r"/portal/playground$"))
+    phone.get_by_label("Max tokens").fill("30")
+    phone.get_by_label("Message").fill("hi")
+    phone.get_by_role("button", name="Send").click()
+    expect(phone.locator("#chat-status")).to_contain_text("Done")
+    assert len(phone.locator("#answer").text_content()) > 1000  # one word
+    assert page_width(phone) <= 390
+    phone.close()
