@@ -366,8 +366,8 @@ async def test_an_answer_with_escape_sequences_reaches_helexa_chats_terminal_esc
     nursery.start_soon(hostile, url, sneaky)
     await until(lambda: "evil" in fleet)
     async with portals(fleet, {}) as (_, urls):
-        said = await trio.to_thread.run_sync(
-            lambda: CliRunner().invoke(main, ["chat", "--gateway", urls["default"], "--model", "chat", "--max-tokens", "8", "hi"]))
+        args = ["chat", "--gateway", urls["default"], "--model", "chat", "--max-tokens", "8", "hi"]
+        said = await trio.to_thread.run_sync(lambda: CliRunner().invoke(main, args))
     assert said.exit_code == 0, said.output
     assert "\x1b" not in said.stdout and "\x07" not in said.stdout
     assert said.stdout == "Paris\\x1b]0;owned\\x07\\x1b[2J\nis\tthe capital.\n"  # lines and tabs as they were

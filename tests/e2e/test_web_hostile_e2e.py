@@ -118,8 +118,8 @@ def cortex(procs: ProcGroup) -> Cortex:
         site = procs.workdir / f"site-{node[:8]}"
         site.mkdir()
         (site / "sitecustomize.py").write_text(patch)
-        procs.neuron(c, node, env={"PYTHONPATH": os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", ""))
-                                                                 if p)})
+        path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
+        procs.neuron(c, node, env={"PYTHONPATH": path})
     return c
 
 
@@ -176,7 +176,8 @@ def test_a_key_named_by_200_characters_keeps_its_actions_in_view(page) -> None: 
     assert page_width(page) <= 1280
 
 
-def test_an_answer_in_one_long_word_wraps_in_the_playground_at_phone_width(cortex: Cortex, page) -> None:  # noqa: ANN001
+def test_an_answer_in_one_long_word_wraps_in_the_playground_at_phone_width(
+        cortex: Cortex, page) -> None:  # noqa: ANN001
     import httpx
 
     made = httpx.post(cortex.admin_url + "/admin/keys", json={"portal": "acme", "name": "phone"},
