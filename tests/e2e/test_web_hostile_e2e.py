@@ -8,7 +8,8 @@
 * a key named by 200 characters in one word (the admin API's longest; a billing system
   names keys after its customers): the Keys page keeps its Revoke and Rotate buttons in view;
 * a model's answer of one word of 1,200 characters: the portal's playground wraps it, at
-  phone width too (the page was 11,000 pixels wide);
+  phone width too (the page was 11,000 pixels wide), and the usage page fits a 360-pixel
+  phone (its table scrolls in its frame);
 * a peer's signed receipt whose times no date can show (it verifies: the peer signed what it
   liked): the Mesh page shows it and stays up (it was a 500 for as long as the receipt was
   in the ledger).
@@ -190,14 +191,14 @@ def test_a_key_named_by_200_characters_keeps_its_actions_in_view(page) -> None: 
     assert page_width(page) <= 1280
 
 
-def test_an_answer_in_one_long_word_wraps_in_the_playground_at_phone_width(
+def test_an_answer_in_one_long_word_wraps_in_the_playground_and_usage_fits_a_phone(
         cortex: Cortex, page) -> None:  # noqa: ANN001
     import httpx
 
     made = httpx.post(cortex.admin_url + "/admin/keys", json={"portal": "acme", "name": "phone"},
                       headers={"authorization": f"Bearer {cortex.admin_token}"}, timeout=10)
     assert made.status_code == 201, made.text
-    phone = page.context.browser.new_page(viewport={"width": 390, "height": 800})
+    phone = page.context.browser.new_page(viewport={"width": 360, "height": 760})  # a small phone
     phone.set_default_timeout(20_000)
     phone.goto(cortex.portal_urls["acme"][0] + "/portal/")
     phone.get_by_label("API key").fill(made.json()["key"])
@@ -208,5 +209,8 @@ def test_an_answer_in_one_long_word_wraps_in_the_playground_at_phone_width(
     phone.get_by_role("button", name="Send").click()
     expect(phone.locator("#chat-status")).to_contain_text("Done")
     assert len(phone.locator("#answer").text_content()) > 1000  # one word
-    assert page_width(phone) <= 390
+    assert page_width(phone) <= 360
+    phone.goto(cortex.portal_urls["acme"][0] + "/portal/usage")  # its per-model table scrolls in its frame
+    expect(phone.locator("#usage table")).to_contain_text("synth")
+    assert page_width(phone) <= 360
     phone.close()
