@@ -20,7 +20,9 @@ from helexa.config import ConfigError, load_config
 
 
 def _fail(message: str, code: int = 2) -> None:
-    click.echo(f"helexa: error: {message}", err=True)
+    from helexa.status import printable
+
+    click.echo(printable(f"helexa: error: {message}"), err=True)  # it may quote a cortex's or a neuron's words
     sys.exit(code)
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import click
 import httpx
 
+from helexa.status import printable, terminal_text
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
@@ -52,7 +54,7 @@ def stream_chat(gateway: str, model: str, prompt: str, *, max_tokens: int, tempe
                 message = resp.text[:300]
             hint = " (a keyed portal: set HELEXA_API_KEY or pass --api-key-file)" \
                 if resp.status_code == 401 and not api_key else ""
-            raise Failed(f"the gateway answered {resp.status_code}: {message}{hint}")
+            raise Failed(printable(f"the gateway answered {resp.status_code}: {message}{hint}"))
         for line in resp.iter_lines():
             if not line.startswith("data: "):
                 continue
@@ -61,11 +63,11 @@ def stream_chat(gateway: str, model: str, prompt: str, *, max_tokens: int, tempe
                 break
             event = json.loads(data)
             if "error" in event:
-                raise Failed(f"the stream ended with an error: {event['error'].get('message')}")
+                raise Failed(printable(f"the stream ended with an error: {event['error'].get('message')}"))
             for choice in event.get("choices", []):
                 text = (choice.get("delta") or {}).get("content")
-                if text:
-                    click.echo(text, nl=False)
+                if text:  # a neuron's (or a peer's) words: no escape sequence reaches the terminal as one
+                    click.echo(terminal_text(text), nl=False)
             if event.get("usage"):
                 usage = event["usage"]
     click.echo()

@@ -17,6 +17,7 @@ import click
 
 from helexa.admin_client import AdminClient
 from helexa.cli_portal import _admin_options, table
+from helexa.status import clip, printable
 
 STREAM_SILENCE = 60.0
 """Seconds ``pull`` and ``load`` wait for the next line of the cortex's progress stream (it
@@ -57,7 +58,7 @@ def _models_table(models: list[dict[str, Any]]) -> str:
                   for n in sorted(m["neurons"]) if m["neurons"][n]["state"] in ("loaded", "loading", "failed")]
         cached = [n for n, st in sorted(m["neurons"].items()) if st.get("cached")]
         memory = f"{m['memory_mb']} MB{' GPU' if m['on_gpu'] else ''}" if m["memory_mb"] is not None else "-"
-        rows.append([m["id"] + ("" if m["catalogued"] else " (not catalogued)"), m["backend"] or "-", memory,
+        rows.append([clip(m["id"]) + ("" if m["catalogued"] else " (not catalogued)"), m["backend"] or "-", memory,
                      ",".join(m["feasible_on"]) or "-", ",".join(loaded) or "-", ",".join(cached) or "-",
                      ",".join(m["pinned_on"]) or "-"])
     return table(rows)
@@ -91,8 +92,10 @@ def models_show(client: AdminClient, model: str, as_json: bool) -> None:
     if m.get("source"):
         click.echo(f"\nsource: {m['source']}")
     for node, status in sorted(m["neurons"].items()):
+        # a neuron's own words (its error text): escaped, as every table cell is, so an
+        # escape sequence in them cannot rewrite the operator's terminal
         extra = f" ({status['error']})" if status.get("error") else ""
-        click.echo(f"{node}: {_state(m, node)}, in flight {status.get('in_flight', 0)}{extra}")
+        click.echo(printable(f"{node}: {_state(m, node)}, in flight {status.get('in_flight', 0)}{extra}"))
 
 
 class _Bars:
@@ -113,8 +116,9 @@ class _Bars:
         if current is None or current[0] != stage:
             self.close(node)
             scale = event["unit"] == "bytes"
-            bar = tqdm(total=total, initial=done, desc=f"{stage} {self.model}" + (f" on {node}" if node else ""),
-                       unit="B" if scale else f" {event['unit']}", unit_scale=scale,
+            desc = printable(f"{stage} {self.model}" + (f" on {node}" if node else ""))  # the neuron's words
+            bar = tqdm(total=total, initial=done, desc=desc, unit="B" if scale else printable(f" {event['unit']}"),
+                       unit_scale=scale,
                        unit_divisor=1024 if scale else 1000, file=sys.stderr, leave=True)
             self._bars[node] = (stage, bar)
             return
@@ -151,11 +155,13 @@ def _run_streamed(client: AdminClient, action: str, model: str, neuron: str | No
             elif kind == "done":
                 bars.close(event["neuron"])
                 verb = "pulled onto" if action == "pull" else "loaded on"
-                click.echo(f"{model}: {verb} {event['neuron']}")
+                click.echo(printable(f"{model}: {verb} {event['neuron']}"))
             elif kind == "error":
                 bars.close(event["neuron"])
                 ok = False
-                click.echo(f"helexa: error: {model} on {event['neuron'] or 'the fleet'}: {event['message']}", err=True)
+                # the message carries the neuron's error text: escaped, never sent raw to a terminal
+                click.echo(printable(f"helexa: error: {model} on {event['neuron'] or 'the fleet'}: {event['message']}"),
+                           err=True)
     finally:
         bars.close_all()
     if not ok:

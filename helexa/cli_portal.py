@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from helexa.admin_client import DEFAULT_CORTEX, AdminClient, AdminError, find_token
-from helexa.status import table
+from helexa.status import printable, table
 
 
 def _admin_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -36,8 +36,8 @@ def _admin_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             client = AdminClient(cortex_url, find_token(token_file=admin_token_file, data_dir=data_dir),
                                  timeout=timeout)
             fn(client=client, **kwargs)
-        except AdminError as exc:
-            click.echo(f"helexa: error: {exc}", err=True)
+        except AdminError as exc:  # the cortex's words may quote a neuron's (an unload's refusal): escaped
+            click.echo(printable(f"helexa: error: {exc}"), err=True)
             sys.exit(1)
 
     return wrapper

@@ -13,7 +13,8 @@ follow the task that bound them and its children, never another request.
 
 A record's message is one line: a line break in it (a client's path or model name at DEBUG,
 an exception's text) is written as ``\\n``, so no client can forge a line of its own (a
-traceback still follows on its own lines).
+traceback still follows on its own lines); any other control character (a neuron's error
+text with a terminal's escape sequences) is escaped too (``\\x1b``).
 
 Secrets never reach a log: every record's text passes through :func:`redact`, which masks
 API keys (``sk-hlx-...``), join tokens (``hlx1....``), admin tokens (``hlx-admin-...``), the
@@ -109,6 +110,16 @@ def current() -> dict[str, str]:
     return dict(_context.get())
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+"""What a log line never carries as it is: line breaks (``\\n``, ``\\r``, and what a
+reader may take for one) and the other control characters, escape included (a tab stays)."""
+
+
+def _escape(match: re.Match[str]) -> str:
+    ch = match.group(0)
+    return {"\n": "\\n", "\r": "\\r"}.get(ch) or ch.encode("unicode_escape").decode("ascii")
+
+
 class _ContextFilter(logging.Filter):
     """Puts the bound fields, the trace ids and a redacted message on each record."""
 
@@ -127,8 +138,11 @@ class _ContextFilter(logging.Filter):
             pass
         message = record.getMessage()
         clean = redact(message)
-        if "\n" in clean or "\r" in clean:  # a path or a name a client chose could forge lines of its own
-            clean = clean.replace("\r", "\\r").replace("\n", "\\n")
+        if not clean.isprintable():
+            # a path or a name a client chose could forge lines of its own, and a neuron's
+            # error text (or a peer's) could carry escape sequences into whatever terminal
+            # shows the log (clear the screen, set its title...): each such character as an escape
+            clean = _CONTROL.sub(_escape, clean)
         if clean != message or record.args:
             record.msg, record.args = clean, None
         return True

@@ -3,7 +3,9 @@ token) and render it for a terminal."""
 
 from __future__ import annotations
 
+import re
 import time
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +35,41 @@ def printable(text: str) -> str:
     return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
+NAME_COLUMNS = 96
+"""The most columns a table shows of one name a neuron reports (a model id, a GPU's name):
+nothing bounds them on the wire, and one of thousands of characters made every line of
+``helexa status`` that wide. The whole name is in ``--json``."""
+
+
+def clip(name: str, limit: int = NAME_COLUMNS) -> str:
+    """``name`` cut to ``limit`` characters, the cut marked with ``…``."""
+    return name if len(name) <= limit else name[:limit - 1] + "…"
+
+
+def columns(text: str) -> int:
+    """The terminal columns ``text`` takes: two for a wide (East Asian) character, none for
+    a combining mark, one for the rest (``len`` lined up a column of CJK names wrongly)."""
+    if text.isascii():
+        return len(text)
+    return sum(0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in "WF" else 1
+               for ch in text)
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def terminal_text(text: str) -> str:
+    """Running text (a model's answer) for a terminal: lines and tabs as they are, every other
+    control character escaped (``\\x1b``). The text comes from a neuron, maybe a peer's:
+    an escape sequence in it would rewrite the screen or the terminal's title."""
+    return text if text.isprintable() else _CONTROL.sub(lambda m: m.group(0).encode("unicode_escape").decode(), text)
+
+
 def table(rows: list[list[str]]) -> str:
     """``rows`` as aligned columns, every cell :func:`printable`."""
     rows = [[printable(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    widths = [max(columns(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c + " " * (w - columns(c)) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
 def _key(neuron: dict[str, Any]) -> str:
@@ -66,9 +98,9 @@ def render_fleet(fleet: dict[str, Any], *, now: float | None = None) -> str:
     for n in neurons:
         hw = n["descriptor"]["hardware"]
         m = n["metrics"]
-        gpus = ",".join(f"{g['name']}" for g in hw.get("gpus", [])) or "-"
+        gpus = ",".join(clip(g["name"]) for g in hw.get("gpus", [])) or "-"
         models = ", ".join(
-            f"{mid}:{st['state']}" + (f"({st['progress']:.0%})" if st.get("progress") is not None else "")
+            f"{clip(mid)}:{st['state']}" + (f"({st['progress']:.0%})" if st.get("progress") is not None else "")
             for mid, st in n["models"].items()
         ) or "-"
         rows.append(

@@ -159,3 +159,32 @@ def test_receipts_with_negative_counts_or_figures_that_are_not_numbers_are_flagg
         problems = verify_receipt(receipt(server, **kw), server_peer_id=peer, client_peer_id=CLIENT,
                                   completion_tokens_seen=20)
         assert problem in problems, (kw, problems)
+
+
+def test_receipts_dated_where_no_request_was_are_flagged_and_kept(tmp_path):
+    # A peer signs what it likes: a receipt dated 1e300 verified, sorted after every other
+    # for good and made the console's Mesh page a 500; one with NaN times (or cost) was
+    # dropped by the ledger without a word (SQLite stores NaN as NULL in a NOT NULL column).
+    server = new_identity()
+    peer = peer_id_from_ed25519(server.public_bytes)
+    window = (100.0, 102.0)  # when the asker asked, when the answer ended
+    assert verify_receipt(receipt(server), server_peer_id=peer, client_peer_id=CLIENT, window=window) == []
+    late = receipt(server, ended_at=101.0 + 29)  # within the clocks' skew
+    assert verify_receipt(late, server_peer_id=peer, client_peer_id=CLIENT, window=window) == []
+    cases = [
+        (dict(request_id="far", started_at=1e300, ended_at=1e300), "times outside the request's"),
+        (dict(request_id="early", started_at=10.0, ended_at=11.0), "times outside the request's"),
+        (dict(request_id="nan", started_at=float("nan"), ended_at=float("nan")), "times not finite"),
+        (dict(request_id="inf", ended_at=float("inf")), "times not finite"),
+        (dict(request_id="cost", price_output=float("nan")), "price or cost negative or not a number"),
+    ]
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        for kw, problem in cases:
+            r = receipt(server, **kw)
+            problems = verify_receipt(r, server_peer_id=peer, client_peer_id=CLIENT, window=window)
+            assert problem in problems, (kw, problems)
+            assert ledger.record(CONSUMED, r, flagged=True, flag_reason="; ".join(problems)), kw
+        kept = {e.receipt.request_id: e for e in ledger.entries()}
+        assert set(kept) == {"far", "early", "nan", "inf", "cost"} and all(e.flagged for e in kept.values())
+        assert kept["nan"].receipt.signature == receipt(server, **cases[2][0]).signature  # as the peer signed it
+        assert ledger.summary()[0].requests == 5 and ledger.summary()[0].flagged == 5

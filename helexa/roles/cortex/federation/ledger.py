@@ -17,6 +17,7 @@ is never silently accepted, and never silently dropped either.
 
 from __future__ import annotations
 
+import math
 import sqlite3
 import threading
 from dataclasses import dataclass
@@ -149,7 +150,8 @@ class Ledger:
             cur = self._wdb.execute(
                 "INSERT OR IGNORE INTO receipts VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (direction, receipt.request_id, peer, receipt.model_id, receipt.prompt_tokens,
-                 receipt.completion_tokens, receipt.cost, receipt.started_at, receipt.ended_at,
+                 receipt.completion_tokens, _finite(receipt.cost), _finite(receipt.started_at),
+                 _finite(receipt.ended_at),
                  receipt.outcome, int(flagged), flag_reason, receipt.signature, encode(receipt)),
             )
             if cur.rowcount == 1:
@@ -196,6 +198,13 @@ class Ledger:
 
     async def asummary(self) -> list[PeerSummary]:
         return await trio.to_thread.run_sync(self.summary)
+
+
+def _finite(value: float) -> float:
+    """``value`` for a REAL NOT NULL column: SQLite stores NaN as NULL, so a peer's receipt
+    with a NaN cost or time failed the constraint and ``INSERT OR IGNORE`` dropped it
+    without a word (a flagged receipt must be kept). Its ``raw`` column keeps what it said."""
+    return value if math.isfinite(value) else 0.0
 
 
 def format_report(summary: list[PeerSummary]) -> str:

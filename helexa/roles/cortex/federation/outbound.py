@@ -120,7 +120,7 @@ class ReceiptKeeper:
             self.problems = verify_receipt(
                 receipt, server_peer_id=e.server_peer_id, client_peer_id=e.client_peer_id, request_id=e.request_id,
                 model_id=e.model_id, completion_tokens_seen=tokens_seen, price_input=e.price_input,
-                price_output=e.price_output)
+                price_output=e.price_output, window=(self.started_at, self._clock()))
         self.receipt = receipt
         if self.problems:
             log.warning("federation: receipt for %s from %s flagged: %s", e.request_id, e.server_peer_id,

@@ -12,6 +12,10 @@ from helexa.protocol.federation import Receipt, cost_of
 from .peer_usage import plausible_completion
 
 
+TIME_SKEW = 30.0
+"""Seconds a serving peer's clock may be off the asker's (as an announcement's may)."""
+
+
 def receipt_payload(receipt: Receipt) -> bytes:
     """The bytes a receipt's signature covers: the same bytes as
     :func:`helexa.protocol.federation.signed_payload` gives (the wire is unchanged),
@@ -60,13 +64,17 @@ def verify_receipt(
     completion_tokens_seen: int | None = None,
     price_input: float | None = None,
     price_output: float | None = None,
+    window: tuple[float, float] | None = None,
 ) -> list[str]:
     """Everything wrong with ``receipt`` (an empty list: it verifies).
 
     Checks the signature, that the key is the server's, both peer ids, and, where
     given, the request, the model, the prices agreed from the announcement, the cost
-    arithmetic (no negative or non-finite figure), and that the billed completion tokens
-    are plausible for what the asker saw (:func:`.peer_usage.plausible_completion`).
+    arithmetic (no negative or non-finite figure), that the billed completion tokens
+    are plausible for what the asker saw (:func:`.peer_usage.plausible_completion`), and
+    that its times are finite and, given the asker's ``window`` (when it asked, when the
+    answer ended), within it give or take :data:`TIME_SKEW` (a peer signs what it likes:
+    a receipt dated 1e300 sorted after every other for good).
     """
     problems = []
     try:
@@ -97,6 +105,11 @@ def verify_receipt(
     seen = completion_tokens_seen
     if seen is not None and not plausible_completion(receipt.completion_tokens, seen):
         problems.append("bills far more completion tokens than were streamed")
-    if receipt.ended_at < receipt.started_at:
+    if not (math.isfinite(receipt.started_at) and math.isfinite(receipt.ended_at)):
+        problems.append("times not finite")
+    elif receipt.ended_at < receipt.started_at:
         problems.append("ends before it starts")
+    elif window is not None and (receipt.started_at < window[0] - TIME_SKEW
+                                 or receipt.ended_at > window[1] + TIME_SKEW):
+        problems.append("times outside the request's")
     return problems

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timezone
@@ -423,7 +424,10 @@ async def mesh(session: Session) -> Any:
 def _ago(ts: float | None) -> str:
     if not ts:
         return ""
-    return f"{max(0, int(time.time() - ts))} s ago"
+    seconds = time.time() - ts
+    if not math.isfinite(seconds):  # a time no clock gives (NaN, infinite): shown as it is, the page stays up
+        return f"at {ts}"
+    return f"{max(0, int(seconds))} s ago"
 
 
 @blueprint.app_template_filter("ago")
@@ -442,6 +446,11 @@ def money_filter(amount: float | None) -> str:
 def utc_filter(ts: float | None) -> str:
     if not ts:
         return ""
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    try:
+        return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    except (OverflowError, ValueError, OSError):
+        # A time no date can show: a peer's signed receipt says what it likes (1e300, NaN),
+        # and one such receipt in the ledger made the Mesh page a 500 for good.
+        return f"{ts} (not a date)"
 
 

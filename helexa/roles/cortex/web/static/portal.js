@@ -175,7 +175,10 @@
         for (const v of [m.model, m.requests, m.prompt_tokens, m.completion_tokens, m.cost.toFixed(6)]) tr.append(mk("td", String(v)));
         table.tBodies[0].append(tr);
       }
-      usage.replaceChildren(dl, mk("h2", "This period, per model"), table);
+      const frame = mk("div");  // the table scrolls in it: a phone's page stays as wide as the phone
+      frame.className = "table-wrap";
+      frame.append(table);
+      usage.replaceChildren(dl, mk("h2", "This period, per model"), frame);
     });
   }
 
