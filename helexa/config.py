@@ -70,6 +70,7 @@ def load_config(
             raise ConfigError(f"config file {file}: cannot read it ({exc.strerror or exc})") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {file}: invalid TOML ({exc})") from None
+    origins: dict[tuple[str, ...], str] = {}  # keys set over the file: where they came from, for the message
     env = os.environ if environ is None else environ
     for key, value in env.items():
         if not key.startswith(prefix) or not value:
@@ -77,13 +78,15 @@ def load_config(
         path = key[len(prefix) :].lower().split("__")
         if _known_path(model, path):
             _set(data, path, _env_value(value, is_list=_is_list_field(model, path)))
+            origins[tuple(path)] = f"from {key}"
     for key, value in (overrides or {}).items():
         if value is not None:
             _set(data, key.split("."), value)
+            origins[tuple(key.split("."))] = "from the command line"
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_one_line(exc, file, getattr(model, "MOVED_KEYS", {}))) from None
+        raise ConfigError(_one_line(exc, file, getattr(model, "MOVED_KEYS", {}), origins)) from None
 
 
 def _known_path(model: type[BaseModel], path: list[str]) -> bool:
@@ -124,9 +127,12 @@ def _set(data: dict[str, Any], path: list[str], value: Any) -> None:
     data[path[-1]] = value
 
 
-def _one_line(exc: ValidationError, file: Path | None, moved: Mapping[str, str] | None = None) -> str:
+def _one_line(exc: ValidationError, file: Path | None, moved: Mapping[str, str] | None = None,
+              origins: Mapping[tuple[str, ...], str] | None = None) -> str:
     """The first problem, naming its key (with where an earlier release's key went, from
-    ``moved``: ``{dotted key: what to write instead}``), and the keys of the others."""
+    ``moved``: ``{dotted key: what to write instead}``) and where its value came from (the
+    file, or ``origins``: an environment variable or a flag that set it over the file), and
+    the keys of the others."""
     errors = exc.errors()
     keys = [".".join(str(p) for p in e["loc"]) for e in errors]
     err, key = errors[0], keys[0]  # no key for a check of the whole file, whose message names its keys
@@ -138,6 +144,10 @@ def _one_line(exc: ValidationError, file: Path | None, moved: Mapping[str, str] 
     elif msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
     where = f" (in {file})" if file is not None else ""
+    loc = tuple(str(p) for p in err["loc"])
+    came = [origin for path, origin in (origins or {}).items() if path and loc[: len(path)] == path]
+    if came:  # the file holds another value, or none: naming it sent the operator to the wrong place
+        where = f" ({came[0]})"
     others = [k or "?" for k in keys[1:4]] + (["..."] if len(keys) > 4 else [])
     more = f" (+{len(errors) - 1} more: {', '.join(others)})" if len(errors) > 1 else ""
     return f"{key + ': ' if key else ''}{msg}{where}{more}"
