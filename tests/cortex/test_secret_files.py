@@ -111,6 +111,11 @@ def test_mesh_id_before_the_cortex_ran_makes_its_data_dir_private_as_the_cortex_
     assert done.returncode == 0, done.stderr
     assert data.stat().st_mode & 0o777 == 0o700
     assert (data / "identity.key").stat().st_mode & 0o777 == 0o600
+    # it says so (a mistyped --data-dir printed a peer id no cortex has, and nothing else), once
+    assert done.stderr.startswith(f"no identity key was in {data}: made one now"), done.stderr
+    again = subprocess.run([*HELEXA, "mesh", "id", "--data-dir", str(data), "--json"], capture_output=True, text=True,
+                           timeout=60)
+    assert (again.returncode, again.stderr, again.stdout) == (0, "", done.stdout)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="giving files to another user needs root")
