@@ -27,7 +27,7 @@ def mesh() -> None:
 
 @mesh.command("id")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="the cortex's data directory")
-@click.option("--listen", metavar="MULTIADDR", help="the multiaddr to show for a cortex that never ran with the mesh on")
+@click.option("--listen", metavar="MULTIADDR", help="the multiaddr shown for a cortex that never ran its mesh")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def mesh_id(data_dir: Path | None, listen: str | None, as_json: bool) -> None:
     """Print this cortex's peer id, then its multiaddrs (one a line).
