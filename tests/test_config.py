@@ -109,3 +109,17 @@ def test_neuron_key_finds_the_data_dir_as_the_neuron_does(tmp_path, monkeypatch)
     # Made now, it says so (a shell lacks the unit's HELEXA_DATA_DIR); found, it does not.
     assert "no identity key was in" in key_in("--data-dir", str(tmp_path / "new"))
     assert "no identity key was in" not in key_in("--data-dir", str(tmp_path / "new"))
+
+
+def test_examples_cortex_toml_shows_every_orchestrator_key_with_its_default() -> None:
+    """docs/operations.md: "every key is in examples/cortex.toml, with its default" for
+    [orchestrator]; five were not (command_timeout, warm_retry, warm_start_delay,
+    embed_timeout, route_timeout)."""
+    import tomllib
+
+    from helexa.roles.cortex.config import OrchestratorConfig
+
+    example = Path(__file__).parent.parent / "examples" / "cortex.toml"
+    shown = tomllib.loads(example.read_text())["orchestrator"]
+    defaults = {name: field.default for name, field in OrchestratorConfig.model_fields.items()}
+    assert shown == defaults
