@@ -22,7 +22,7 @@ def _data_dir(data_dir: Path | None) -> Path:
 
 @click.group()
 def mesh() -> None:
-    """The cortex's mesh identity and peers."""
+    """The cortex's mesh identity (its peers: the console's Mesh page, helexa ledger)."""
 
 
 @mesh.command("id")
