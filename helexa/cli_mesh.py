@@ -22,12 +22,12 @@ def _data_dir(data_dir: Path | None) -> Path:
 
 @click.group()
 def mesh() -> None:
-    """The cortex's mesh identity and peers."""
+    """The cortex's mesh identity (its peers: the console's Mesh page, helexa ledger)."""
 
 
 @mesh.command("id")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="the cortex's data directory")
-@click.option("--listen", metavar="MULTIADDR", help="shown when the cortex never ran (default: its config's)")
+@click.option("--listen", metavar="MULTIADDR", help="the multiaddr shown for a cortex that never ran its mesh")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def mesh_id(data_dir: Path | None, listen: str | None, as_json: bool) -> None:
     """Print this cortex's peer id, then its multiaddrs (one a line).
@@ -38,11 +38,15 @@ def mesh_id(data_dir: Path | None, listen: str | None, as_json: bool) -> None:
     from helexa.mesh import format_identity, mesh_identity
 
     data = _data_dir(data_dir)
+    made = not (data / "identity.key").exists()
     try:
         ident = mesh_identity(data, listen)
     except (OSError, ValueError) as exc:
         click.echo(f"helexa: error: identity in {data}: {exc}", err=True)
         sys.exit(1)
+    if made:  # a mistyped --data-dir would otherwise print a peer id no cortex has, saying nothing
+        click.echo(f"no identity key was in {data}: made one now, the peer id of a cortex that runs with that "
+                   "data_dir; if yours runs with another, run this again with --data-dir DIR", err=True)
     if as_json:
         click.echo(json.dumps({"peer_id": ident.peer_id, "multiaddrs": list(ident.multiaddrs)}))
     else:

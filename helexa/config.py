@@ -75,6 +75,7 @@ def load_config(
             raise ConfigError(f"config file {file}: cannot read it ({exc.strerror or exc})") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {file}: invalid TOML ({exc})") from None
+    origins: dict[tuple[str, ...], str] = {}  # keys set over the file: where they came from, for the message
     env = os.environ if environ is None else environ
     for key, value in env.items():
         if not key.startswith(prefix) or not value:
@@ -82,14 +83,16 @@ def load_config(
         path = key[len(prefix) :].lower().split("__")
         if _known_path(model, path):
             _set(data, path, _env_value(value, is_list=_is_list_field(model, path)))
+            origins[tuple(path)] = f"from {key}"
     for key, value in (overrides or {}).items():
         if value is not None:
             _set(data, key.split("."), value)
+            origins[tuple(key.split("."))] = "from the command line"
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         moved = getattr(model, "MOVED_KEYS", {})
-        raise ConfigError(_one_line(exc, file, moved), _each_line(exc, file, moved)) from None
+        raise ConfigError(_one_line(exc, file, moved, origins), _each_line(exc, file, moved, origins)) from None
 
 
 def _known_path(model: type[BaseModel], path: list[str]) -> bool:
@@ -145,18 +148,29 @@ def _describe(err: Any, moved: Mapping[str, str] | None) -> tuple[str, str]:
     return key, msg
 
 
-def _one_line(exc: ValidationError, file: Path | None, moved: Mapping[str, str] | None = None) -> str:
-    """The first problem, naming its key, and the keys of the others."""
+def _where(err: Any, file: Path | None, origins: Mapping[tuple[str, ...], str] | None) -> str:
+    """Where one error's value came from: the file, or ``origins`` (an environment variable or
+    a flag that set it over the file: naming the file sent the operator to the wrong place)."""
+    loc = tuple(str(p) for p in err["loc"])
+    came = [origin for path, origin in (origins or {}).items() if path and loc[: len(path)] == path]
+    if came:
+        return f" ({came[0]})"
+    return f" (in {file})" if file is not None else ""
+
+
+def _one_line(exc: ValidationError, file: Path | None, moved: Mapping[str, str] | None = None,
+              origins: Mapping[tuple[str, ...], str] | None = None) -> str:
+    """The first problem, naming its key and where its value came from, and the keys of the others."""
     errors = exc.errors()
     keys = [_describe(e, moved)[0] for e in errors]
     key, msg = _describe(errors[0], moved)
-    where = f" (in {file})" if file is not None else ""
     others = [k or "?" for k in keys[1:4]] + (["..."] if len(keys) > 4 else [])
     more = f" (+{len(errors) - 1} more: {', '.join(others)})" if len(errors) > 1 else ""
-    return f"{key + ': ' if key else ''}{msg}{where}{more}"
+    return f"{key + ': ' if key else ''}{msg}{_where(errors[0], file, origins)}{more}"
 
 
-def _each_line(exc: ValidationError, file: Path | None, moved: Mapping[str, str] | None = None) -> list[str]:
-    """Every problem, one line each, naming its key."""
-    where = f" (in {file})" if file is not None else ""
-    return [f"{key + ': ' if key else ''}{msg}{where}" for key, msg in (_describe(e, moved) for e in exc.errors())]
+def _each_line(exc: ValidationError, file: Path | None, moved: Mapping[str, str] | None = None,
+               origins: Mapping[tuple[str, ...], str] | None = None) -> list[str]:
+    """Every problem, one line each, naming its key and where its value came from."""
+    return [f"{key + ': ' if key else ''}{msg}{_where(e, file, origins)}"
+            for e in exc.errors() for key, msg in [_describe(e, moved)]]

@@ -17,6 +17,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nacl import bindings as _sodium
 from nacl.exceptions import BadSignatureError
 
+from helexa.secret_files import keep_owner
+
 
 @dataclass(frozen=True)
 class Identity:
@@ -93,6 +95,7 @@ def load_or_create(path: Path) -> Identity:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "wb") as fh:
+            keep_owner(fh.fileno(), path)  # `sudo helexa mesh id` in the cortex user's data dir: the key stays its
             fh.write(pem)
             fh.flush()
             os.fsync(fh.fileno())

@@ -66,14 +66,32 @@ def private_file(path: Path | str) -> None:
         pass
 
 
+def keep_owner(fd: int, path: Path) -> None:
+    """Give the new file open as ``fd``, about to take the place of ``path``, the owner of
+    ``path`` (else of its folder) when this process runs as root. The cortex runs as its own
+    user (the unit's ``helexa``) and the docs run ``sudo helexa admin-token --rotate`` on
+    its data directory: a secret written there as root, mode 0600, is one the cortex can no
+    longer read (every admin request, or every join, refused until someone chowns it)."""
+    if os.geteuid() != 0:
+        return
+    try:
+        owner = os.stat(path)
+    except FileNotFoundError:
+        owner = os.stat(path.parent)
+    if (owner.st_uid, owner.st_gid) != (0, 0):
+        os.fchown(fd, owner.st_uid, owner.st_gid)
+
+
 def write(path: Path, text: str) -> None:
     """Write a secret atomically, mode 0600 from its first byte (its folder 0700 if new),
-    durable when this returns (the file and its folder synced)."""
+    owned as the file it replaces (:func:`keep_owner`), durable when this returns (the file
+    and its folder synced)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "w") as fh:
+            keep_owner(fh.fileno(), path)
             fh.write(text + "\n")
             fh.flush()
             os.fsync(fh.fileno())

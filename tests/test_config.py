@@ -53,8 +53,32 @@ def test_a_cortex_toml_of_an_earlier_release_is_refused_saying_where_its_keys_we
                               f"now) (in {old}) (+1 more: gateway.dispatch)")
     with pytest.raises(ConfigError, match=r"^busy_silence: unknown key \(an earlier release's: no longer a setting"):
         load_config(CortexConfig, file=None, environ={}, overrides={"busy_silence": 3})
-    with pytest.raises(ConfigError, match=r"^gatway: unknown key$"):  # a typo gets no hint
+    with pytest.raises(ConfigError, match=r"^gatway: unknown key \(from the command line\)$"):  # a typo: no hint
         load_config(CortexConfig, file=None, environ={}, overrides={"gatway": {}})
+
+
+def test_a_bad_value_from_the_environment_or_a_flag_is_not_blamed_on_the_file(tmp_path) -> None:
+    """README: a TOML file per role, overridden by HELEXA_* variables, overridden by flags; a
+    wrong value stops the process with one line naming the key. That line said "(in
+    cortex.toml)" for a value the file did not hold: the operator looked in the wrong place."""
+    toml = tmp_path / "cortex.toml"
+    toml.write_text('gateway_socket = "127.0.0.1:8080"\n[orchestrator]\nretry_after = 5.0\nload_timeout = 0\n')
+    env = {"HELEXA_ORCHESTRATOR__RETRY_AFTER": "-1"}
+    with pytest.raises(ConfigError) as err:
+        load_config(CortexConfig, file=toml, environ=env, overrides={"gateway_socket": None})
+    assert str(err.value) == ("orchestrator.load_timeout: Input should be greater than 0 (in "
+                              f"{toml}) (+1 more: orchestrator.retry_after)")  # the first is the file's
+    toml.write_text('gateway_socket = "127.0.0.1:8080"\n[orchestrator]\nretry_after = 5.0\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(CortexConfig, file=toml, environ=env)
+    assert str(err.value) == ("orchestrator.retry_after: Input should be greater than 0 "
+                              "(from HELEXA_ORCHESTRATOR__RETRY_AFTER)")
+    with pytest.raises(ConfigError) as err:
+        load_config(CortexConfig, file=toml, environ={}, overrides={"gateway_socket": "nonsense"})
+    assert str(err.value) == "gateway_socket: expected HOST:PORT, got 'nonsense' (from the command line)"
+    with pytest.raises(ConfigError) as err:
+        load_config(NeuronConfig, file=None, environ={"HELEXA_CONNECT_TIMEOUT": "-1"})
+    assert str(err.value) == "connect_timeout: Input should be greater than 0 (from HELEXA_CONNECT_TIMEOUT)"
 
 
 def test_neuron_key_finds_the_data_dir_as_the_neuron_does(tmp_path, monkeypatch) -> None:
@@ -85,3 +109,17 @@ def test_neuron_key_finds_the_data_dir_as_the_neuron_does(tmp_path, monkeypatch)
     # Made now, it says so (a shell lacks the unit's HELEXA_DATA_DIR); found, it does not.
     assert "no identity key was in" in key_in("--data-dir", str(tmp_path / "new"))
     assert "no identity key was in" not in key_in("--data-dir", str(tmp_path / "new"))
+
+
+def test_examples_cortex_toml_shows_every_orchestrator_key_with_its_default() -> None:
+    """docs/operations.md: "every key is in examples/cortex.toml, with its default" for
+    [orchestrator]; five were not (command_timeout, warm_retry, warm_start_delay,
+    embed_timeout, route_timeout)."""
+    import tomllib
+
+    from helexa.roles.cortex.config import OrchestratorConfig
+
+    example = Path(__file__).parent.parent / "examples" / "cortex.toml"
+    shown = tomllib.loads(example.read_text())["orchestrator"]
+    defaults = {name: field.default for name, field in OrchestratorConfig.model_fields.items()}
+    assert shown == defaults

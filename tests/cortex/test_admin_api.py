@@ -86,6 +86,11 @@ async def test_usage_reports_group_filter_and_export() -> None:
             records = (await admin.get("/admin/usage/records", params={"key": k2["key_id"]})).json()["data"]
             bad = await admin.get("/admin/usage", params={"by": "week"})
             bad_time = await admin.get("/admin/usage", params={"since": "yesterday"})
+            # Answered as if understood: format=xml in JSON, limit=-1 with one row, 10**6 with 100,000.
+            bad_format = await admin.get("/admin/usage", params={"format": "xml"})
+            bad_limits = [await admin.get("/admin/usage/records", params={"limit": v})
+                          for v in ("-1", "0", "1000001", "x")]
+            one = (await admin.get("/admin/usage/records", params={"limit": "1"})).json()["data"]
             # As bounds, NaN matched no row and -inf every one, answered 200 as if they meant something.
             not_finite = [await admin.get(path, params={bound: value})
                           for path in ("/admin/usage", "/admin/usage/records")
@@ -98,6 +103,9 @@ async def test_usage_reports_group_filter_and_export() -> None:
     assert csv.text.splitlines()[0].startswith("portal,currency,requests") and "acme,EUR,3" in csv.text
     assert [(r["endpoint"], r["model_served"]) for r in records] == [("embeddings", "embed")]
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "by"
+    assert bad_format.status_code == 400 and bad_format.json()["error"]["param"] == "format"
+    assert [(r.status_code, r.json()["error"]["param"]) for r in bad_limits] == [(400, "limit")] * 4
+    assert len(one) == 1
     assert bad_time.status_code == 400 and bad_time.json()["error"]["param"] == "since"
     assert {(r.status_code, r.json()["error"]["param"]) for r in not_finite} == {(400, "since"), (400, "until")}
 

@@ -152,6 +152,29 @@ async def test_the_anthropic_sdk_lists_pages_and_retrieves_the_portals_models() 
     assert bad.response.json()["error"]["type"] == "invalid_request_error" and "limit" in bad.message
 
 
+async def test_a_portal_that_speaks_only_anthropics_api_lists_its_models_to_the_anthropic_sdk() -> None:
+    """docs/api.md: GET /v1/models answers Anthropic's clients in Anthropic's shape; on a
+    portal with surfaces = ["anthropic"] the route was the OpenAI surface's alone, so the SDK's
+    models.list() got a 404 'no route /v1/models', in OpenAI's error shape."""
+    fleet, _, store, key = keyed()
+    async with portals(fleet, {"acme": acme(surfaces=["anthropic"])}, store=store) as (_, urls):
+        def ask():
+            with client(urls["acme"], key) as c:
+                listed = [m.id for m in c.models.list()]
+                one = c.models.retrieve("fast")
+                with pytest.raises(anthropic.NotFoundError) as missing:
+                    c.models.retrieve("nope")
+                return listed, one, missing.value
+
+        listed, one, missing = await in_thread(ask)
+        async with httpx.AsyncClient(timeout=10) as http:  # the OpenAI surface's other routes stay off
+            chat = await http.post(urls["acme"] + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
+                                   json={"model": "fast", "messages": ASK})
+    assert "fast" in listed and one.type == "model" and one.id == "fast"
+    assert missing.response.json()["error"]["type"] == "not_found_error"
+    assert chat.status_code == 404
+
+
 async def test_an_openai_client_still_gets_openais_model_list() -> None:
     fleet, _, store, key = keyed()
     async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):

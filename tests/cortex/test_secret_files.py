@@ -3,6 +3,7 @@ key) are refused at start with one line naming the file, its mode and the fix.""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -110,3 +111,28 @@ def test_mesh_id_before_the_cortex_ran_makes_its_data_dir_private_as_the_cortex_
     assert done.returncode == 0, done.stderr
     assert data.stat().st_mode & 0o777 == 0o700
     assert (data / "identity.key").stat().st_mode & 0o777 == 0o600
+    # it says so (a mistyped --data-dir printed a peer id no cortex has, and nothing else), once
+    assert done.stderr.startswith(f"no identity key was in {data}: made one now"), done.stderr
+    again = subprocess.run([*HELEXA, "mesh", "id", "--data-dir", str(data), "--json"], capture_output=True, text=True,
+                           timeout=60)
+    assert (again.returncode, again.stderr, again.stdout) == (0, "", done.stdout)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving files to another user needs root")
+@pytest.mark.parametrize(("command", "name"), [(["join-token", "--rotate"], "join-token"),
+                                               (["admin-token", "--rotate"], "admin-token"),
+                                               (["admin-token"], "admin-token"), (["mesh", "id"], "identity.key")])
+def test_a_secret_root_writes_in_the_cortex_users_data_dir_stays_that_users(tmp_path, command, name) -> None:
+    """The cortex runs as its own user and the docs say `sudo helexa admin-token --rotate`: a
+    file root wrote (mode 0600, root's) was one the cortex could no longer read."""
+    data = tmp_path / "data"
+    Cortex(cortex_config(data)).gateway.store.close()
+    if command in (["admin-token"], ["mesh", "id"]):
+        (data / name).unlink()  # made afresh (a data dir the unit made, no cortex run in it yet)
+    service = 4242  # the unit's user and group, as far as files go
+    for path in (data, *data.iterdir()):
+        os.chown(path, service, service)
+    done = subprocess.run([*HELEXA, *command, "--data-dir", str(data)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    made = (data / name).stat()
+    assert (made.st_uid, made.st_gid, made.st_mode & 0o777) == (service, service, 0o600)

@@ -342,6 +342,8 @@ class Gateway:
             routes += self.ollama.routes() + self.ollama_models.routes()
         if "anthropic" in portal.config.surfaces:
             routes += self.anthropic.routes()
+            if "openai" not in portal.config.surfaces:  # the anthropic SDK's models.list() / .retrieve()
+                routes += self.openai.model_routes()
         if admin:
             routes += self._admin_routes()
         taken = {(r.method, r.path, r.prefix) for r in routes}  # a surface's own route wins over a page

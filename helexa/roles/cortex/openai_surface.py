@@ -60,9 +60,17 @@ class OpenAISurface:
             Route("POST", "/v1/chat/completions", self.chat, metered=True),
             Route("POST", "/v1/completions", self.completions, metered=True),
             Route("POST", "/v1/embeddings", self.embeddings, metered=True),
+            *self.model_routes(),
+            Route("GET", "/v1/usage", self.usage),
+        ]
+
+    def model_routes(self) -> list[Route]:
+        """``GET /v1/models`` and ``/v1/models/{id}``, which Anthropic's clients read too (in
+        Anthropic's shape, told by their headers): a portal that speaks only Anthropic's API
+        serves them as well."""
+        return [
             Route("GET", "/v1/models", self.models, errors_by=_models_errors),
             Route("GET", "/v1/models/", self.model, prefix=True, errors_by=_models_errors),
-            Route("GET", "/v1/usage", self.usage),
         ]
 
     # --- generation ------------------------------------------------------------------------

@@ -425,10 +425,13 @@ class AdminApi:
         by = q.get("by", "key")
         if by not in GROUPS:
             raise BadRequest(f"by: one of {', '.join(GROUPS)}", param="by")
+        fmt = q.get("format", "json")
+        if fmt not in ("json", "csv"):  # format=xml was answered in JSON, as if it had been understood
+            raise BadRequest("format: json or csv", param="format")
         filters = self._filters(ex)
         rows = await self.metering.blocking(lambda: self.store.report(by=by, **filters))
         self._known(filters["portal"], rows)
-        if q.get("format") == "csv":
+        if fmt == "csv":
             await ex.out.full(200, [(b"content-type", b"text/csv; charset=utf-8")], to_csv(rows).encode())
             return
         await ex.out.json({"object": "list", "by": by, "data": rows})
@@ -438,12 +441,18 @@ class AdminApi:
         try:
             limit = int(q.get("limit", "1000"))
         except ValueError:
-            raise BadRequest("limit: an integer", param="limit") from None
+            limit = 0
+        if not 1 <= limit <= MAX_RECORDS:  # limit=-1 answered one row, limit=10**6 a tenth: both as if understood
+            raise BadRequest(f"limit: an integer from 1 to {MAX_RECORDS}", param="limit")
         filters = self._filters(ex)
-        rows = await self.metering.blocking(lambda: self.store.records(limit=max(1, min(limit, 100_000)), **filters))
+        rows = await self.metering.blocking(lambda: self.store.records(limit=limit, **filters))
         self._known(filters["portal"], rows)
         await ex.out.full(200, [(b"content-type", b"application/json")],
                           json.dumps({"object": "list", "data": [r.as_dict() for r in rows]}).encode())
+
+
+MAX_RECORDS = 100_000
+"""The most ledger rows one ``GET /admin/usage/records`` answers."""
 
 
 def to_csv(rows: list[dict[str, Any]]) -> str:
