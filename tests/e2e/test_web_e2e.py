@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -22,15 +21,10 @@ import httpx
 import openai
 import pytest
 
+from browser import CHROMIUM, expect, sync_api
 from procs import Cortex, ProcGroup
 
 pytestmark = pytest.mark.slow
-sync_api = pytest.importorskip("playwright.sync_api", reason="the web tests drive Chromium with Playwright")
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-if not Path(CHROMIUM).exists():
-    pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run does)",
-                allow_module_level=True)
-expect = sync_api.expect
 
 MODELS = """
 [models."synth"]

@@ -5,20 +5,13 @@ bar, the history, a proxy's access log)."""
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
 
 import pytest
 
+from browser import CHROMIUM, expect, sync_api
 from procs import Cortex, ProcGroup
 
 pytestmark = pytest.mark.slow
-sync_api = pytest.importorskip("playwright.sync_api", reason="the web tests drive Chromium with Playwright")
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-if not Path(CHROMIUM).exists():
-    pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run does)",
-                allow_module_level=True)
-expect = sync_api.expect
 
 PORTALS = """
 [portals.acme]
