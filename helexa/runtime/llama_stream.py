@@ -6,7 +6,9 @@ xllamacpp's streaming callback receives each chunk as an OpenAI-shaped dict. A
 :meth:`~LlamaStream.result` gives its :class:`~helexa.protocol.GenerateResult`. It keeps
 what the end needs: the finish reason and stop sequence, the usage, the whole answer (for
 the slot table), and a generic tool answer (:mod:`.tool_grammar`), which is JSON until it
-is whole and so is held back rather than streamed.
+is whole and so is held back rather than streamed. The prompt's token count from
+llama.cpp's prompt progress (:meth:`~LlamaStream.progress`) goes out on the first chunk
+(``TokenChunk.prompt_tokens``): a stream cut before its result is billed its real prompt.
 
 It touches no trio and holds no lock: it is fed on one thread at a time (llama.cpp's
 callback thread when the chunks go out through a :mod:`.token_tap`, the trio thread
@@ -33,7 +35,7 @@ class LlamaStream:
     """
 
     __slots__ = ("_rid", "_stops", "_top", "_generic", "_answer", "_finish", "_stop_sequence", "_usage",
-                 "_emitted")
+                 "_emitted", "_prompt")
 
     def __init__(self, request: GenerateRequest, *, generic: bool = False) -> None:
         self._rid = request.request_id
@@ -45,6 +47,16 @@ class LlamaStream:
         self._stop_sequence: str | None = None
         self._usage: Usage | None = None
         self._emitted = 0
+        self._prompt: int | None = None
+        """The prompt's token count until the first chunk carries it (then None)."""
+
+    def progress(self, chunk: dict[str, Any]) -> None:
+        """Keep the prompt's token count from a ``prompt_progress`` report (its ``total``,
+        cached tokens included, as llama.cpp's usage counts them), for the first chunk."""
+        report = chunk.get("prompt_progress")
+        total = report.get("total") if type(report) is dict else None
+        if type(total) is int and total >= 0 and not self._emitted:
+            self._prompt = total
 
     def feed(self, chunks: Iterable[dict[str, Any]]) -> list[TokenChunk]:
         """The chunks' events, in order: their text joined into one chunk, except around a
@@ -55,6 +67,7 @@ class LlamaStream:
         text, tokens, logprobs = "", 0, []
         for payload in chunks:
             if "prompt_progress" in payload:
+                self.progress(payload)
                 continue
             view = openai_shapes.parse_chunk(payload, self._stops)
             if view.usage is not None:
@@ -78,6 +91,9 @@ class LlamaStream:
         if text:
             self._emitted += tokens
             out.append(TokenChunk(self._rid, text, tokens, logprobs=tuple(logprobs) or None))
+        if self._prompt is not None and out:  # the first chunk only: the prompt's count goes with it
+            out[0] = replace(out[0], prompt_tokens=self._prompt)
+            self._prompt = None
         return out
 
     @property
