@@ -78,7 +78,7 @@ async def test_a_stream_the_client_cuts_bills_the_prompt_count_the_neuron_sent(t
     cut = next(r for r in rows if r.outcome == "client_gone")
     estimate = math.ceil(prompt_bytes(GenerateRequest("x", "tiny", Task.CHAT, messages=tuple(PROMPT)))[0] / 4)
     assert exact > estimate  # (SmolLM2's template adds its own system prompt)
-    assert 3 <= cut.completion_tokens < 3000
+    assert 1 <= cut.completion_tokens < 3000  # (not every event the client read held a token)
     assert cut.prompt_tokens == exact
 
 
