@@ -433,6 +433,9 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
                     if not tap.send(event):  # nobody reads any more: stop
                         cancel.set()
                         return True
+                if generic and stream.stopped:  # a grammar's text answer reached a stop sequence
+                    cancel.set()
+                    return True
             except BaseException as exc:  # raised on the trio thread, after what was sent before it
                 cancel.set()
                 post(("error", exc))
@@ -466,6 +469,8 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
                     raise failure
                 for event in stream.feed(chunks):
                     yield event
+                if generic and stream.stopped:
+                    break  # a grammar's text answer reached a stop sequence: llama.cpp is stopped below
                 if outcome is not None:
                     try:
                         outcome.unwrap()

@@ -153,3 +153,40 @@ async def test_an_assistants_refusal_part_in_the_history_is_read_as_its_text(tin
                 {"role": "user", "content": "why?"})
     request = replace(chat("x"), messages=messages)
     assert (await run(tiny, request))[-1].finish_reason in ("stop", "length")
+
+
+class _Tap:
+    """A token tap taking every chunk (llama.cpp's thread sends them straight to it)."""
+
+    def __init__(self) -> None:
+        self.chunks: list[TokenChunk] = []
+
+    def send(self, chunk: TokenChunk) -> bool:
+        self.chunks.append(chunk)
+        return True
+
+    def started(self) -> None:
+        pass
+
+
+async def test_a_grammar_s_text_answer_ends_at_its_stop_sequence_and_bills_no_token_past_it(tiny) -> None:
+    """Tools on a template without tool syntax: the stops are not llama.cpp's (they would
+    cut a call's JSON), so a text answer ran on past its stop, unseen, until its JSON ended
+    (here: the 120 tokens asked for), and all of them were billed."""
+    from helexa.runtime import token_tap
+
+    tools = (ToolSpec("count", None, {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}),)
+    base = chat("hi", tools=tools, tool_choice=ToolChoice(ToolChoiceMode.AUTO),
+                sampling=SamplingParams(max_tokens=120, temperature=0.0))
+    whole = (await run(tiny, base))[-1]
+    assert not whole.tool_calls and len(whole.text) > 20  # random weights answer in text here
+    stop = whole.text[8:14]
+    for tap in (None, _Tap()):  # the trio thread reads the chunks; llama.cpp's thread does
+        with token_tap.tap(tap) if tap is not None else contextlib.nullcontext():
+            result = (await run(tiny, replace(base, sampling=replace(base.sampling, stop=(stop,)))))[-1]
+        assert (result.finish_reason, result.stop_sequence) == ("stop", stop)
+        assert result.text == whole.text[:whole.text.index(stop)]
+        assert 1 <= result.usage.completion_tokens < 20 <= whole.usage.completion_tokens
+        assert result.usage.prompt_tokens == whole.usage.prompt_tokens
+    again = (await run(tiny, base))[-1]  # the slot was given back
+    assert again.text == whole.text

@@ -95,6 +95,31 @@ def test_a_generic_answers_stop_sequences_cut_its_text_and_never_its_tool_call()
     assert (s.result().stop_sequence, s.result().text) == (None, "sunny")
 
 
+def test_a_generic_text_answer_that_reaches_a_stop_says_the_engine_should_stop_there():
+    """llama.cpp is not given the stops (they would cut a tool call's JSON): the answer ran
+    on past its stop, unseen, until its JSON ended, and every token of it was billed."""
+    s = LlamaStream(request(stop=("Par",)), generic=True)
+    s.feed([{"prompt_progress": {"total": 30, "cache": 0, "processed": 30}}])
+    assert s.feed([delta('{"response": "In '), delta("P")]) == [] and not s.stopped
+    s.feed([delta("ar"), delta("is the city"), delta(' is warm"}', finish="stop")])
+    assert s.stopped  # at "ar": what came after it in the same read is not the answer's
+    result = s.result()
+    assert (result.finish_reason, result.stop_sequence, result.text) == ("stop", "Par", "In ")
+    assert result.usage == Usage(prompt_tokens=30, completion_tokens=3)  # billed up to the stop
+
+
+def test_a_stop_written_escaped_in_the_json_is_seen_and_a_tool_call_holding_one_is_never_cut():
+    s = LlamaStream(request(stop=("\n", 'say "')), generic=True)
+    s.feed([delta('{"response": "one'), delta("\\"), delta("n"), delta('two"}')])
+    assert s.stopped and s.result().text == "one" and s.result().stop_sequence == "\n"
+    s = LlamaStream(request(stop=("city",)), generic=True)
+    s.feed([delta('{"tool_call": {"name": "w", "arguments": {"city"'), delta(': "Paris"}}}', finish="stop")])
+    assert not s.stopped and s.result().tool_calls
+    s = LlamaStream(request(stop=("response",)), generic=True)  # in the JSON's key, not its text
+    s.feed([delta('{"response": "hi"}', finish="stop")])
+    assert not s.stopped and s.result().text == "hi"
+
+
 def test_progress_reports_carry_nothing_and_an_error_envelope_raises():
     s = LlamaStream(request())
     assert s.feed([{"prompt_progress": {"total": 3, "processed": 3}}]) == []
