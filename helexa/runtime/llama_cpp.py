@@ -335,7 +335,11 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
                 # tool_choice "none": nothing may be called, so nothing is offered (llama.cpp
                 # also refuses logprobs with tools when streaming).
                 request = replace(request, tools=(), tool_choice=None)
-            return self._control.chat_body(openai_shapes.request_body(request, dialect="llama.cpp")), False
+            body = self._control.chat_body(openai_shapes.request_body(request, dialect="llama.cpp"))
+            if request.wants_tools and request.sampling.stop:  # llama.cpp's stops cut a call ("city" in
+                for name in ("stop", "verbose"):  # its arguments): LlamaStream's cut_stops cut the text only
+                    body.pop(name, None)
+            return body, False
         if request.wants_json:
             # (refused at the edge too; unnamed: a portal may serve it under another name)
             raise InvalidRequest("this model takes tools through a JSON grammar, so tools cannot be combined with "
@@ -392,7 +396,9 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
             self._release()
             raise
         body.update(self._slots.fields(slot))  # id_slot; cache_prompt false where another scope's prefix could serve
-        stream = LlamaStream(request, generic=generic)
+        cutting = not generic and request.wants_tools and bool(request.sampling.stop)  # (see _body)
+        watching = generic or cutting  # the stream, not llama.cpp, ends the answer at a stop sequence
+        stream = LlamaStream(request, generic=generic, cut_stops=cutting)
         tap = token_tap.current()
         cancel = threading.Event()
         self._cancels.add(cancel)
@@ -433,7 +439,7 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
                     if not tap.send(event):  # nobody reads any more: stop
                         cancel.set()
                         return True
-                if generic and stream.stopped:  # a grammar's text answer reached a stop sequence
+                if watching and stream.stopped:  # a tool model's text answer reached a stop sequence
                     cancel.set()
                     return True
             except BaseException as exc:  # raised on the trio thread, after what was sent before it
@@ -469,8 +475,8 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
                     raise failure
                 for event in stream.feed(chunks):
                     yield event
-                if generic and stream.stopped:
-                    break  # a grammar's text answer reached a stop sequence: llama.cpp is stopped below
+                if watching and stream.stopped:
+                    break  # a tool model's text answer reached a stop sequence: llama.cpp is stopped below
                 if outcome is not None:
                     try:
                         outcome.unwrap()

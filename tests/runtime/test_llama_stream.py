@@ -120,6 +120,31 @@ def test_a_stop_written_escaped_in_the_json_is_seen_and_a_tool_call_holding_one_
     assert not s.stopped and s.result().text == "hi"
 
 
+def call(arguments: str) -> list:
+    return [{"index": 0, "id": "c1", "type": "function", "function": {"name": "w", "arguments": arguments}}]
+
+
+def test_with_the_stops_cut_here_text_ends_at_the_first_and_a_call_holding_one_is_whole():
+    """A template's own tool syntax: llama.cpp is not given the stops (they cut a call
+    whose arguments held one); the text is cut here, a possible start of a stop held."""
+    s = LlamaStream(request(stop=("Paris",)), cut_stops=True)
+    s.feed([{"prompt_progress": {"total": 9, "cache": 0, "processed": 9}}])
+    assert s.feed([delta("Hello Pa")]) == [TokenChunk("r", "Hello ", 1, prompt_tokens=9)]  # "Pa" held
+    assert s.feed([delta("th, "), delta("then Par")]) == [TokenChunk("r", "Path, then ", 2)]
+    assert s.feed([delta("is or"), delta(" more")]) == [] and s.stopped
+    result = s.result()
+    assert (result.finish_reason, result.stop_sequence, result.text) == ("stop", "Paris", "")
+    assert result.usage == Usage(prompt_tokens=9, completion_tokens=4)  # billed up to the stop
+    s = LlamaStream(request(stop=("Paris",)), cut_stops=True)
+    events = s.feed([delta("I will P"), delta(tool_calls=call('{"city": "Paris"}')), delta(finish="tool_calls")])
+    assert [(e.text, bool(e.tool_calls)) for e in events] == [("I will P", False), ("", True)]
+    assert events[1].tool_calls[0]["function"]["arguments"] == '{"city": "Paris"}' and not s.stopped
+    assert s.result().finish_reason == "tool_calls"
+    s = LlamaStream(request(stop=("Paris",)), cut_stops=True)
+    s.feed([delta("To P"), delta(finish="stop")])
+    assert s.result().text == "P"  # held, and the answer ended: its own text
+
+
 def test_progress_reports_carry_nothing_and_an_error_envelope_raises():
     s = LlamaStream(request())
     assert s.feed([{"prompt_progress": {"total": 3, "processed": 3}}]) == []
