@@ -22,6 +22,8 @@ field                     what the earlier peer gets instead
                           not told (a cortex before the field), cuts as that cortex did
 ``GenerateResult``        no ``first_token_s``: an Ollama answer's timings from an earlier
                           cortex put the whole run in ``eval_duration``, as before
+``TokenChunk``            no ``prompt_tokens`` (the first chunk's): an earlier cortex bills a
+                          cut stream's prompt as it did (its own count, else an estimate)
 ========================  =====================================================================
 
 Pure: no I/O; the shells (the cortex's neuron link, the neuron's connection, federation's
@@ -33,7 +35,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TypeVar
 
-from .inference import EmbedRequest, GenerateRequest, GenerateResult
+from .inference import EmbedRequest, GenerateRequest, GenerateResult, TokenChunk
 
 T = TypeVar("T")
 
@@ -42,6 +44,8 @@ def for_earlier(msg: T) -> T:
     """``msg`` as a peer of an earlier release can decode it: each field newer than that
     release set back to its default (so the encoder leaves it out). Other messages are
     returned as they are."""
+    if type(msg) is TokenChunk:  # the most frequent frame: one test, and a copy of the first chunk only
+        return replace(msg, prompt_tokens=None) if msg.prompt_tokens is not None else msg  # type: ignore[return-value]
     if isinstance(msg, GenerateRequest):
         return replace(msg, cache_scope="") if msg.cache_scope else msg  # type: ignore[return-value]
     if isinstance(msg, GenerateResult):

@@ -191,13 +191,20 @@ class EmbedRequest:
 @message("chunk")
 @dataclass(frozen=True, slots=True)
 class TokenChunk:
-    """Newly generated text (one token, or several coalesced when a reader fell behind)."""
+    """Newly generated text (one token, or several coalesced when a reader fell behind).
+
+    ``prompt_tokens``: on a generation's first chunk only, the prompt's exact token count
+    as the backend processed it (llama.cpp's prompt progress; an OpenAI-compatible
+    upstream's usage when it reported one before its text), so that a generation cut
+    short before its result (which carries the usage) bills its real prompt. ``None`` on
+    every other chunk, and where the backend cannot say."""
 
     request_id: str
     text: str
     tokens: int = 1
     tool_calls: tuple[Json, ...] | None = None
     logprobs: tuple[TokenLogprob, ...] | None = None
+    prompt_tokens: int | None = added_field()
 
 
 @message("result")

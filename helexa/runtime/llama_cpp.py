@@ -43,9 +43,13 @@ streaming callback answer True to llama.cpp at its next chunk, which cancels the
 releases the slot; ``aclose`` returns only after the worker thread has come back, so the
 slot is free when it does. A request still waiting for a slot just leaves.
 
-Queue wait: while the neuron traces, a request asks llama.cpp for ``return_progress``, and
-llama.cpp's first progress report (sent when a slot takes the request) is reported as its
-start (:mod:`.start_signal`); those reports carry no text and go no further.
+Prompt progress: every request asks llama.cpp for ``return_progress``. Its reports (one
+when a slot takes the request, one a batch of the prompt read: two for a short prompt, per
+request, never per token) are read on llama.cpp's thread: their ``total``, the prompt's
+token count, goes out on the first chunk (``TokenChunk.prompt_tokens``, what a stream cut
+before its usage bills). While the neuron traces, the first report is also reported as
+the request's start (:mod:`.start_signal`), ending its wait in llama.cpp's queue; the
+reports carry no text and go no further.
 
 Unload drops the last reference to the server; its destructor stops the loop and frees
 the weights and KV cache (measured: RSS falls by ~170 MB for SmolLM2 of ~170 MB loaded).
@@ -331,7 +335,11 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
                 # tool_choice "none": nothing may be called, so nothing is offered (llama.cpp
                 # also refuses logprobs with tools when streaming).
                 request = replace(request, tools=(), tool_choice=None)
-            return self._control.chat_body(openai_shapes.request_body(request, dialect="llama.cpp")), False
+            body = self._control.chat_body(openai_shapes.request_body(request, dialect="llama.cpp"))
+            if request.wants_tools and request.sampling.stop:  # llama.cpp's stops cut a call ("city" in
+                for name in ("stop", "verbose"):  # its arguments): LlamaStream's cut_stops cut the text only
+                    body.pop(name, None)
+            return body, False
         if request.wants_json:
             # (refused at the edge too; unnamed: a portal may serve it under another name)
             raise InvalidRequest("this model takes tools through a JSON grammar, so tools cannot be combined with "
@@ -371,11 +379,10 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
         handle = method(self._require_loaded())
         body, generic = self._body(request)
         await self._check_context(request, body, generic)
-        # llama.cpp reports prompt progress from the moment a slot takes the request: its
-        # first report ends the request's wait in llama.cpp's own queue.
+        # llama.cpp reports prompt progress from the moment a slot takes the request: the
+        # prompt's count (for the first chunk), and, first, the end of its wait in llama.cpp's queue.
         waiting = start_signal.listening()
-        if waiting:
-            body["return_progress"] = True
+        body["return_progress"] = True
         self._admit()
         chat = request.task is Task.CHAT
         prompt = render_chat(body.get("messages"), body.get("tools")) if chat else str(body.get("prompt") or "")
@@ -389,7 +396,9 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
             self._release()
             raise
         body.update(self._slots.fields(slot))  # id_slot; cache_prompt false where another scope's prefix could serve
-        stream = LlamaStream(request, generic=generic)
+        cutting = not generic and request.wants_tools and bool(request.sampling.stop)  # (see _body)
+        watching = generic or cutting  # the stream, not llama.cpp, ends the answer at a stop sequence
+        stream = LlamaStream(request, generic=generic, cut_stops=cutting)
         tap = token_tap.current()
         cancel = threading.Event()
         self._cancels.add(cancel)
@@ -400,7 +409,7 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
             with suppress(trio.RunFinishedError):
                 token.run_sync_soon(send.send_nowait, item)
 
-        unreported = waiting  # the tap's own flag: read and written on llama.cpp's thread only
+        unreported = waiting  # read and written on llama.cpp's thread only
 
         def on_chunk(chunk: dict[str, Any]) -> bool:
             if cancel.is_set():
@@ -409,21 +418,30 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
             # handing it over would make that token wait behind one more wake-up.
             if openai_shapes.says_nothing(chunk):
                 return False
+            nonlocal unreported
+            if "prompt_progress" in chunk:
+                # Read here, before any text (whose hand-over orders it for the trio thread):
+                # no wake-up of the trio thread for a report, but the one the start needs.
+                stream.progress(chunk)
+                if unreported:
+                    unreported = False
+                    if tap is None:
+                        post(("chunk", chunk))
+                    else:
+                        tap.started()
+                return False
             if tap is None:
                 post(("chunk", chunk))
                 return False
             # With a tap the chunk is read and sent from here, and the trio thread sleeps.
-            nonlocal unreported
             try:
-                if "prompt_progress" in chunk:
-                    if unreported:
-                        unreported = False
-                        tap.started()
-                    return False
                 for event in stream.feed((chunk,)):
                     if not tap.send(event):  # nobody reads any more: stop
                         cancel.set()
                         return True
+                if watching and stream.stopped:  # a tool model's text answer reached a stop sequence
+                    cancel.set()
+                    return True
             except BaseException as exc:  # raised on the trio thread, after what was sent before it
                 cancel.set()
                 post(("error", exc))
@@ -457,6 +475,8 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
                     raise failure
                 for event in stream.feed(chunks):
                     yield event
+                if watching and stream.stopped:
+                    break  # a tool model's text answer reached a stop sequence: llama.cpp is stopped below
                 if outcome is not None:
                     try:
                         outcome.unwrap()

@@ -11,6 +11,8 @@ read with orjson, and only the fields the fabric carries are looked at: the delt
 and tool calls, ``finish_reason``, and the usage. Every chunk that arrived in one read
 becomes one ``TokenChunk`` (texts joined, ``tokens`` counting the chunks), so a burst costs
 one event downstream, not one per token; a chunk carrying tool calls stays its own event.
+An upstream that reports its usage before its first text gives the first chunk the
+prompt's count (``TokenChunk.prompt_tokens``); most report it only at the end.
 
 Errors: an ``{"error": ...}`` chunk, a ``"object": "error"`` chunk (older vLLM) and
 llama.cpp's ``error:`` field raise the runtime error the envelope stands for
@@ -20,6 +22,7 @@ raises :class:`~helexa.runtime.upstream.UpstreamProtocolError`.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, NoReturn
 
 import orjson
@@ -142,9 +145,14 @@ class StreamReader:
                 self.chunks += chunks
                 raise
             self._error = exc
+        first = not self.chunks
         self.chunks += chunks
         if texts:
             out.append(TokenChunk(self.request_id, "".join(texts), len(texts)))
+        if first and out and self.usage is not None and self.usage.prompt_tokens:
+            # An upstream that reported usage before its text (vLLM's continuous usage
+            # stats, llama.cpp's timings per token): its prompt count goes on the first chunk.
+            out[0] = replace(out[0], prompt_tokens=self.usage.prompt_tokens)
         return out
 
     def result(self) -> GenerateResult:

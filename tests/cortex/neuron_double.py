@@ -80,6 +80,8 @@ class NeuronDouble:
         self.tokens = tokens
         self.token_delay = token_delay
         self.load_delay = load_delay
+        self.prompt_count: int | None = None
+        """The prompt's count a stream's first chunk carries (``TokenChunk.prompt_tokens``), as a real neuron's."""
         self.refuse_load = False
         self.load_error = "no"
         self.load_code = "load_failed"
@@ -199,7 +201,7 @@ class NeuronDouble:
                     return
                 lp = (TokenLogprob(text, 0.0, text.encode(), (TopLogprob(text, 0.0, text.encode()),)
                                    [:request.sampling.top_logprobs]),) if request.sampling.logprobs else None
-                yield TokenChunk(request.request_id, text, logprobs=lp)
+                yield TokenChunk(request.request_id, text, logprobs=lp, prompt_tokens=None if i else self.prompt_count)
             done = True
             yield GenerateResult(request.request_id, "stop" if limit >= self.tokens else "length",
                                  Usage(prompt_tokens=5, completion_tokens=min(self.tokens, limit)))

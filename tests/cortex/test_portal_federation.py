@@ -24,7 +24,7 @@ from helexa.protocol.inference import OutputFormat, ResponseFormat, ToolSpec
 from helexa.roles.cortex.catalogue import Catalogue, CatalogueEntry
 from helexa.roles.cortex.config import CortexConfig
 from helexa.roles.cortex.federation import PeerFailed
-from helexa.roles.cortex.federation.ledger import CONSUMED, Ledger
+from helexa.roles.cortex.federation.ledger import CONSUMED, SERVED, Ledger
 from helexa.roles.cortex.federation.service import Federation, FederationSettings
 from helexa.roles.cortex.fleet import Fleet
 from helexa.roles.cortex.orchestrator import Orchestrator
@@ -95,6 +95,33 @@ async def test_a_federated_request_is_billed_at_the_asking_portals_price_with_th
     assert (row.prompt_tokens, row.completion_tokens) == (receipt.prompt_tokens, receipt.completion_tokens) == (5, 3)
     assert row.cost == pytest.approx(8 * 500 / 1e6) and row.currency == "EUR"  # our price, not the peer's
     assert receipt.cost == pytest.approx((5 * 1.0 + 3 * 2.0) / 1e6)
+
+
+async def test_a_federated_stream_the_client_cuts_bills_the_prompt_count_the_peer_s_neuron_sent() -> None:
+    # The neuron's usage never comes for a cut stream: the asking portal billed a quarter of
+    # the prompt's bytes (2), and the peer's receipt 0 (it cannot tokenize a synthetic model).
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme")
+    async with two_operators({"acme": keyed()}, store) as (urls, fed_a, fed_b, neuron):
+        neuron.tokens, neuron.token_delay, neuron.prompt_count = 1000, 0.05, 42
+        async with httpx.AsyncClient(base_url=urls["acme"], headers=bearer(key)) as http:
+            with trio.fail_after(10):
+                async with http.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+                    seen = 0
+                    async for line in r.aiter_lines():
+                        seen += line.startswith("data: {") and '"content"' in line
+                        if seen == 3:
+                            break  # the client leaves mid-stream
+        with trio.fail_after(10):
+            while not store.records() or fed_b.ledger.get(SERVED, store.records()[0].request_id) is None:
+                await trio.sleep(0.01)
+        (row,) = store.records()
+        await trio.sleep(0.2)  # the asker's ledger: its receipt, collected after the cancel
+        consumed, served = fed_a.ledger.get(CONSUMED, row.request_id), fed_b.ledger.get(SERVED, row.request_id)
+    assert row.outcome == "client_gone" and row.completion_tokens >= 2
+    assert row.prompt_tokens == 42 and row.cost == pytest.approx((42 + row.completion_tokens) * 500 / 1e6)
+    assert served.receipt.prompt_tokens == 42 and served.receipt.outcome == "cancelled"
+    assert consumed.receipt == served.receipt and not consumed.flagged
 
 
 async def test_routing_preferences_keep_a_portals_requests_home_or_with_listed_peers() -> None:

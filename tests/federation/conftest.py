@@ -17,8 +17,10 @@ def new_identity() -> Identity:
 class FakeFleet:
     """A local handler that streams fixed tokens, optionally slowly; records cancels."""
 
-    def __init__(self, tokens=("Hel", "lo", " world"), delay=0.0, fail=None, stop_sequence=None):
+    def __init__(self, tokens=("Hel", "lo", " world"), delay=0.0, fail=None, stop_sequence=None, prompt_tokens=None):
+        """``prompt_tokens``: the prompt's count the first chunk carries, as a neuron's does."""
         self.tokens = tokens
+        self.prompt_tokens = prompt_tokens
         self.stop_sequence = stop_sequence
         self.delay = delay
         self.fail = fail
@@ -34,9 +36,9 @@ class FakeFleet:
 
         async def frames():
             nonlocal done
-            for t in self.tokens:
+            for i, t in enumerate(self.tokens):
                 await trio.sleep(self.delay)
-                yield TokenChunk(request.request_id, t)
+                yield TokenChunk(request.request_id, t, prompt_tokens=None if i else self.prompt_tokens)
             done = True
             yield GenerateResult(request.request_id, "stop", Usage(7, len(self.tokens)),
                                  stop_sequence=self.stop_sequence)

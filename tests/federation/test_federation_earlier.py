@@ -90,3 +90,18 @@ async def test_a_peer_of_the_earlier_release_gets_our_answer_and_both_ledgers_ag
     assert isinstance(last, GenerateResult)
     served, consumed = await recorded(b.ledger, SERVED, "r1"), a.ledger.get(CONSUMED, "r1")
     assert consumed is not None and served.receipt == consumed.receipt and not consumed.flagged
+
+
+async def test_a_peer_of_the_earlier_release_gets_our_streamed_answer_without_the_prompt_count(nursery, autojump_clock,
+                                                                                               earlier_codec):
+    """The first chunk's ``prompt_tokens`` (a neuron's exact count) is left out for it."""
+    net = MemoryNetwork()
+    a = await cortex(nursery, net, "A", offer=(), protocols=(FEDERATION_PROTOCOL,))
+    b = await cortex(nursery, net, "B", fleet=FakeFleet(prompt_tokens=42))
+    await settle()
+    async with a.route(request("r1")) as frames:
+        got = [f async for f in frames]
+    assert [f.text for f in got[:-1]] == ["Hel", "lo", " world"] and got[0].prompt_tokens is None
+    assert isinstance(got[-1], GenerateResult)
+    served, consumed = await recorded(b.ledger, SERVED, "r1"), a.ledger.get(CONSUMED, "r1")
+    assert consumed is not None and served.receipt == consumed.receipt and not consumed.flagged

@@ -24,6 +24,12 @@ def test_merge_joins_runs_of_text_and_sums_tokens() -> None:
     assert merge([tok("a"), tok("b"), tok("c", tokens=2), result()]) == [tok("abc", tokens=4), result()]
 
 
+def test_merge_keeps_the_first_chunk_s_prompt_count() -> None:
+    """A stream's first chunk says how many tokens its prompt made (what a cut stream
+    bills): joined with the chunks after it, the count stays."""
+    assert merge([tok("a", prompt_tokens=42), tok("b"), tok("c")]) == [tok("abc", tokens=3, prompt_tokens=42)]
+
+
 def test_merge_keeps_tool_call_chunks_and_other_requests_apart() -> None:
     call = tok("", tool_calls=({"id": "x"},))
     events = [tok("a"), call, tok("b"), tok("c", rid="r2"), tok("d")]

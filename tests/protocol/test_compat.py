@@ -21,6 +21,7 @@ from helexa.protocol import (
     GenerateRequest,
     GenerateResult,
     Task,
+    TokenChunk,
     Usage,
     decode,
     encode,
@@ -31,10 +32,10 @@ from helexa.protocol.compat import for_earlier
 
 EARLIER = json.loads((Path(__file__).parents[1] / "fixtures" / "wire_2026-11-30.json").read_text())["kinds"]
 
-HANDLED = {("generate", "cache_scope"), ("embed", "truncate"), ("result", "first_token_s"),
+HANDLED = {("generate", "cache_scope"), ("embed", "truncate"), ("result", "first_token_s"), ("chunk", "prompt_tokens"),
            ("join", "public_key"), ("join", "signature")}
 """Fields newer than that release in the frames both keep sending: ``for_earlier`` resets
-the first three for such a peer, the handshake the join's two (it sends no key to a cortex
+the first four for such a peer, the handshake the join's two (it sends no key to a cortex
 of version 1)."""
 
 
@@ -65,12 +66,16 @@ def test_what_a_new_build_sends_an_earlier_peer_decodes_there():
     chat = GenerateRequest("r1", "m", Task.CHAT, messages=({"role": "user", "content": "x"},), cache_scope="ab" * 16)
     embed = EmbedRequest("r2", "m", ("a",), truncate=True)
     result = GenerateResult("r3", "stop", Usage(1, 1), text="hi", first_token_s=0.25)
-    for msg in (chat, embed, result):
+    first = TokenChunk("r4", "Hel", 1, prompt_tokens=56)  # a generation's first chunk: the prompt's count
+    for msg in (chat, embed, result, first):
         assert unknown_to_earlier(encode(msg)), msg  # as sent to a peer of this release
         assert unknown_to_earlier(encode(for_earlier(msg))) == []
     assert for_earlier(embed) == EmbedRequest("r2", "m", ("a",))
     assert for_earlier(replace(embed, truncate=False)) == EmbedRequest("r2", "m", ("a",))  # OpenAI's
     assert for_earlier(result).text == "hi" and for_earlier(result).first_token_s is None
+    assert for_earlier(first) == TokenChunk("r4", "Hel", 1)
+    later = TokenChunk("r4", "lo", 1)
+    assert for_earlier(later) is later  # every other chunk goes as it is, not copied
 
 
 def test_an_embedding_from_a_cortex_before_truncate_is_cut_as_that_cortex_cut():

@@ -393,3 +393,31 @@ async def test_an_embedding_input_longer_than_a_batch_is_a_context_length_error(
         assert (await embedder.embed(EmbedRequest("e", "m", ("word " * 100,)))).dim == 64
     finally:
         await embedder.unload()
+
+
+@pytest.mark.parametrize("place", ["in-process", "in-a-worker"])
+async def test_the_first_chunk_carries_the_prompt_s_count_as_llama_cpp_read_it(tiny_gguf: Path, place: str,
+                                                                                nursery) -> None:
+    """A stream cut before its result (the usage) still bills its real prompt: the first
+    chunk says how many tokens llama.cpp read for it (its prompt progress), the same count
+    the usage gives, a prefix found cached or not; no other chunk carries it."""
+    from helexa.runtime.worker import WorkerBackend
+
+    config = tiny_llama_config(tiny_gguf)
+    backend = create_backend(config) if place == "in-process" else WorkerBackend(config)
+    backend.service_nursery = nursery
+    await backend.load(lambda *args: None)
+    try:
+        with trio.fail_after(60):
+            plain = await _events(backend, _tiny_chat("a", 8))
+            again = await _events(backend, _tiny_chat("b", 8))  # its prefix cached now
+            tap = RecordingTap()
+            tapped = await _events(backend, _tiny_chat("c", 8), tap)
+    finally:
+        await backend.unload()
+    # (a worker takes no tap of ours: its own sends the chunks from llama.cpp's thread to the pipe)
+    for chunks, result in ((plain[:-1], plain[-1]), (again[:-1], again[-1]), (tap.chunks or tapped[:-1], tapped[-1])):
+        assert chunks and isinstance(result, GenerateResult) and result.usage.prompt_tokens > 20
+        assert chunks[0].prompt_tokens == result.usage.prompt_tokens
+        assert all(c.prompt_tokens is None for c in chunks[1:])
+    assert again[-1].usage.cached_tokens > 0

@@ -153,3 +153,92 @@ async def test_an_assistants_refusal_part_in_the_history_is_read_as_its_text(tin
                 {"role": "user", "content": "why?"})
     request = replace(chat("x"), messages=messages)
     assert (await run(tiny, request))[-1].finish_reason in ("stop", "length")
+
+
+class _Tap:
+    """A token tap taking every chunk (llama.cpp's thread sends them straight to it)."""
+
+    def __init__(self) -> None:
+        self.chunks: list[TokenChunk] = []
+
+    def send(self, chunk: TokenChunk) -> bool:
+        self.chunks.append(chunk)
+        return True
+
+    def started(self) -> None:
+        pass
+
+
+async def test_a_grammar_s_text_answer_ends_at_its_stop_sequence_and_bills_no_token_past_it(tiny) -> None:
+    """Tools on a template without tool syntax: the stops are not llama.cpp's (they would
+    cut a call's JSON), so a text answer ran on past its stop, unseen, until its JSON ended
+    (here: the 120 tokens asked for), and all of them were billed."""
+    from helexa.runtime import token_tap
+
+    tools = (ToolSpec("count", None, {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}),)
+    base = chat("hi", tools=tools, tool_choice=ToolChoice(ToolChoiceMode.AUTO),
+                sampling=SamplingParams(max_tokens=120, temperature=0.0))
+    whole = (await run(tiny, base))[-1]
+    assert not whole.tool_calls and len(whole.text) > 20  # random weights answer in text here
+    stop = whole.text[8:14]
+    for tap in (None, _Tap()):  # the trio thread reads the chunks; llama.cpp's thread does
+        with token_tap.tap(tap) if tap is not None else contextlib.nullcontext():
+            result = (await run(tiny, replace(base, sampling=replace(base.sampling, stop=(stop,)))))[-1]
+        assert (result.finish_reason, result.stop_sequence) == ("stop", stop)
+        assert result.text == whole.text[:whole.text.index(stop)]
+        assert 1 <= result.usage.completion_tokens < 20 <= whole.usage.completion_tokens
+        assert result.usage.prompt_tokens == whole.usage.prompt_tokens
+    again = (await run(tiny, base))[-1]  # the slot was given back
+    assert again.text == whole.text
+
+
+TOOL_TEMPLATE = """{%- if tools %}<|im_start|>system
+Tools:<tools>{% for t in tools %}{{ t | tojson }}{% endfor %}</tools>
+Call one as <tool_call>{"name": <name>, "arguments": <args>}</tool_call><|im_end|>
+{% endif %}{%- for m in messages %}<|im_start|>{{ m.role }}
+{% if m.content %}{{ m.content }}{% endif %}{% if m.tool_calls %}{% for c in m.tool_calls %}<tool_call>
+{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}}
+</tool_call>{% endfor %}{% endif %}<|im_end|>
+{% endfor %}{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+"""A Hermes-style template with tool syntax of its own (llama.cpp then parses calls itself)."""
+
+
+async def test_with_a_template_s_own_tool_syntax_the_stops_cut_the_text_not_llama_cpp_s_raw_output(
+        tiny_gguf: Path, monkeypatch) -> None:
+    """llama.cpp matches stop sequences in the raw text, the template's tool syntax
+    included, so a stop in a call's arguments ("city") cut the call. They are applied to
+    the answer's text instead: a text answer still ends at its stop (and is billed up to
+    it); what llama.cpp is sent holds no stop to cut a call with."""
+    from helexa.runtime import llama_params, token_tap, tool_grammar
+
+    params = llama_params.LlamaSettings.params
+
+    def with_tool_syntax(self, xllamacpp, path):  # noqa: ANN001
+        p = params(self, xllamacpp, path)
+        p.chat_template, p.use_jinja = TOOL_TEMPLATE, True
+        return p
+
+    monkeypatch.setattr(llama_params.LlamaSettings, "params", with_tool_syntax)
+    backend = create_backend(tiny_llama_config(tiny_gguf, n_ctx=512))
+    await backend.load(lambda *args: None)
+    try:
+        assert backend._native_tools
+        tools = (ToolSpec("get_weather", None, {"type": "object", "properties": {"city": {"type": "string"}}}),)
+        base = chat("hi", tools=tools, tool_choice=ToolChoice(ToolChoiceMode.AUTO),
+                    sampling=SamplingParams(max_tokens=60, temperature=0.0))
+        whole = await run(backend, base)
+        text = "".join(e.text for e in whole[:-1]) + whole[-1].text
+        assert len(text) > 20 and whole[-1].usage.completion_tokens == 60  # random weights answer in text
+        stop = text[8:14]
+        stopped = replace(base, sampling=replace(base.sampling, stop=(stop, "city")))
+        assert "stop" not in backend._body(stopped)[0]
+        for tap in (None, _Tap()):
+            with token_tap.tap(tap) if tap is not None else contextlib.nullcontext():
+                events = await run(backend, stopped)
+            shown = "".join(e.text for e in (tap.chunks if tap else events[:-1])) + events[-1].text
+            assert (shown, events[-1].stop_sequence) == tool_grammar.stopped(text, (stop, "city"))
+            assert events[-1].finish_reason == "stop"
+            assert 1 <= events[-1].usage.completion_tokens < 20
+    finally:
+        await backend.unload()

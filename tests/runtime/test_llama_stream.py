@@ -95,6 +95,56 @@ def test_a_generic_answers_stop_sequences_cut_its_text_and_never_its_tool_call()
     assert (s.result().stop_sequence, s.result().text) == (None, "sunny")
 
 
+def test_a_generic_text_answer_that_reaches_a_stop_says_the_engine_should_stop_there():
+    """llama.cpp is not given the stops (they would cut a tool call's JSON): the answer ran
+    on past its stop, unseen, until its JSON ended, and every token of it was billed."""
+    s = LlamaStream(request(stop=("Par",)), generic=True)
+    s.feed([{"prompt_progress": {"total": 30, "cache": 0, "processed": 30}}])
+    assert s.feed([delta('{"response": "In '), delta("P")]) == [] and not s.stopped
+    s.feed([delta("ar"), delta("is the city"), delta(' is warm"}', finish="stop")])
+    assert s.stopped  # at "ar": what came after it in the same read is not the answer's
+    result = s.result()
+    assert (result.finish_reason, result.stop_sequence, result.text) == ("stop", "Par", "In ")
+    assert result.usage == Usage(prompt_tokens=30, completion_tokens=3)  # billed up to the stop
+
+
+def test_a_stop_written_escaped_in_the_json_is_seen_and_a_tool_call_holding_one_is_never_cut():
+    s = LlamaStream(request(stop=("\n", 'say "')), generic=True)
+    s.feed([delta('{"response": "one'), delta("\\"), delta("n"), delta('two"}')])
+    assert s.stopped and s.result().text == "one" and s.result().stop_sequence == "\n"
+    s = LlamaStream(request(stop=("city",)), generic=True)
+    s.feed([delta('{"tool_call": {"name": "w", "arguments": {"city"'), delta(': "Paris"}}}', finish="stop")])
+    assert not s.stopped and s.result().tool_calls
+    s = LlamaStream(request(stop=("response",)), generic=True)  # in the JSON's key, not its text
+    s.feed([delta('{"response": "hi"}', finish="stop")])
+    assert not s.stopped and s.result().text == "hi"
+
+
+def call(arguments: str) -> list:
+    return [{"index": 0, "id": "c1", "type": "function", "function": {"name": "w", "arguments": arguments}}]
+
+
+def test_with_the_stops_cut_here_text_ends_at_the_first_and_a_call_holding_one_is_whole():
+    """A template's own tool syntax: llama.cpp is not given the stops (they cut a call
+    whose arguments held one); the text is cut here, a possible start of a stop held."""
+    s = LlamaStream(request(stop=("Paris",)), cut_stops=True)
+    s.feed([{"prompt_progress": {"total": 9, "cache": 0, "processed": 9}}])
+    assert s.feed([delta("Hello Pa")]) == [TokenChunk("r", "Hello ", 1, prompt_tokens=9)]  # "Pa" held
+    assert s.feed([delta("th, "), delta("then Par")]) == [TokenChunk("r", "Path, then ", 2)]
+    assert s.feed([delta("is or"), delta(" more")]) == [] and s.stopped
+    result = s.result()
+    assert (result.finish_reason, result.stop_sequence, result.text) == ("stop", "Paris", "")
+    assert result.usage == Usage(prompt_tokens=9, completion_tokens=4)  # billed up to the stop
+    s = LlamaStream(request(stop=("Paris",)), cut_stops=True)
+    events = s.feed([delta("I will P"), delta(tool_calls=call('{"city": "Paris"}')), delta(finish="tool_calls")])
+    assert [(e.text, bool(e.tool_calls)) for e in events] == [("I will P", False), ("", True)]
+    assert events[1].tool_calls[0]["function"]["arguments"] == '{"city": "Paris"}' and not s.stopped
+    assert s.result().finish_reason == "tool_calls"
+    s = LlamaStream(request(stop=("Paris",)), cut_stops=True)
+    s.feed([delta("To P"), delta(finish="stop")])
+    assert s.result().text == "P"  # held, and the answer ended: its own text
+
+
 def test_progress_reports_carry_nothing_and_an_error_envelope_raises():
     s = LlamaStream(request())
     assert s.feed([{"prompt_progress": {"total": 3, "processed": 3}}]) == []

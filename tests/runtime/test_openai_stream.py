@@ -41,7 +41,8 @@ def read(data: bytes, step: int | None = None) -> tuple[list[TokenChunk], Stream
 
 def test_a_burst_becomes_one_chunk_and_the_result_carries_finish_and_usage() -> None:
     events, reader = read(STREAM)
-    assert events == [TokenChunk("r1", "Hello there", 3)]
+    # (read at once: the usage came before the one chunk went, which carries its prompt count)
+    assert events == [TokenChunk("r1", "Hello there", 3, prompt_tokens=5)]
     assert reader.done
     result = reader.result()
     assert (result.finish_reason, result.usage) == ("length", Usage(prompt_tokens=5, completion_tokens=3))
@@ -125,3 +126,20 @@ def test_the_result_names_the_stop_sequence_the_server_says_ended_it(final: dict
     reader.feed(sse(chunk("Hi"), final, "[DONE]"))
     result = reader.result()
     assert result.finish_reason == "stop" and result.stop_sequence == named
+
+
+def test_an_upstream_s_usage_before_its_text_gives_the_first_chunk_the_prompt_s_count() -> None:
+    """vLLM's continuous usage stats: every chunk has a usage; the first chunk out carries
+    the prompt's count (what a stream cut before its end bills), no other one."""
+    def counted(text: str, n: int) -> dict:
+        return {**chunk(text), "usage": {"prompt_tokens": 11, "completion_tokens": n}}
+
+    data = sse(counted("Hel", 1), counted("lo", 2), counted(" there", 3), chunk(finish="stop"), "[DONE]")
+    events, _ = read(data, step=data.index(b"\n\n") + 2)  # the first event alone, then the rest
+    assert [e.prompt_tokens for e in events][:2] == [11, None] and events[0].text == "Hel"
+
+
+@pytest.mark.parametrize("step", [1, 7])
+def test_a_usage_only_at_the_end_gives_no_chunk_a_count_streamed(step: int) -> None:
+    events, reader = read(STREAM, step=step)
+    assert all(e.prompt_tokens is None for e in events) and reader.result().usage.prompt_tokens == 5

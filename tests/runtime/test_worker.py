@@ -271,6 +271,11 @@ def _alive(pid: int | None) -> bool:
         return f.read().split(") ")[1][0] != "Z"
 
 
+def test_joined_text_keeps_the_first_chunk_s_prompt_count():
+    out = coalesce([TokenChunk("a", "x", prompt_tokens=42), TokenChunk("a", "y"), TokenChunk("a", "z")])
+    assert out == [TokenChunk("a", "xyz", 3, prompt_tokens=42)]
+
+
 def test_joined_text_stops_growing_at_its_limit():
     from helexa.runtime.worker.child import MAX_JOINED_CHARS
 

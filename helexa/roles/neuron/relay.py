@@ -59,7 +59,7 @@ def merge(events: list[GenerationEvent]) -> list[GenerationEvent]:
         if (isinstance(event, TokenChunk) and isinstance(prev, TokenChunk) and not event.tool_calls
                 and not prev.tool_calls and prev.request_id == event.request_id):
             out[-1] = TokenChunk(prev.request_id, prev.text + event.text, prev.tokens + event.tokens,
-                                 logprobs=_joined(prev.logprobs, event.logprobs))
+                                 logprobs=_joined(prev.logprobs, event.logprobs), prompt_tokens=prev.prompt_tokens)
         else:
             out.append(event)
     return out
@@ -187,6 +187,7 @@ async def collect(events: AsyncIterator[GenerationEvent], send: Callable[[Genera
     calls: list = []
     logprobs: list = []
     rid = ""
+    prompt = None  # the first chunk's count of the prompt, for the first piece sent
     started, first = trio.current_time(), None
     async for event in events:
         if isinstance(event, GenerateResult):
@@ -202,6 +203,7 @@ async def collect(events: AsyncIterator[GenerationEvent], send: Callable[[Genera
             return
         if first is None:
             first = trio.current_time()
+            prompt = event.prompt_tokens
         rid = event.request_id
         parts.append(event.text)
         size += len(event.text)
@@ -210,6 +212,6 @@ async def collect(events: AsyncIterator[GenerationEvent], send: Callable[[Genera
         logprobs.extend(event.logprobs or ())
         if size >= COLLECT_FLUSH_CHARS:
             on_first()
-            await send(TokenChunk(rid, "".join(parts), tokens, logprobs=tuple(logprobs) or None))
-            parts, size, tokens, logprobs = [], 0, 0, []
+            await send(TokenChunk(rid, "".join(parts), tokens, logprobs=tuple(logprobs) or None, prompt_tokens=prompt))
+            parts, size, tokens, logprobs, prompt = [], 0, 0, [], None
     raise ValueError("the backend ended without a result")

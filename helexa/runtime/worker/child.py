@@ -93,7 +93,8 @@ def coalesce(msgs: list[Any]) -> list[Any]:
             i = open_.get(m.request_id)
             if i is not None and len(out[i].text) < MAX_JOINED_CHARS:
                 prev = out[i]
-                out[i] = TokenChunk(m.request_id, prev.text + m.text, prev.tokens + m.tokens)
+                out[i] = TokenChunk(m.request_id, prev.text + m.text, prev.tokens + m.tokens,
+                                    prompt_tokens=prev.prompt_tokens)
                 continue
             open_[m.request_id] = len(out)
             out.append(m)

@@ -247,6 +247,10 @@ class InboundServer:
                             break
                         if isinstance(frame, TokenChunk):
                             completion += frame.tokens
+                            if frame.prompt_tokens is not None:  # the first chunk's: the neuron's exact count
+                                prompt = frame.prompt_tokens
+                                if stream.protocol != SCOPED_FEDERATION_PROTOCOL:
+                                    frame = for_earlier(frame)  # an asker of an older release refuses the field
                         elif isinstance(frame, InferenceError):
                             outcome = "error"
                         await stream.send(frame, timeout=self._t.send)

@@ -4,7 +4,7 @@ receipt verified and recorded when it ends."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import trio
 
@@ -14,7 +14,8 @@ from helexa.protocol.federation import Receipt, Refusal, cost_of
 
 from .errors import PeerFailed, PeerRefused, PeerVanished
 from .ledger import CONSUMED, Ledger
-from .peer_usage import UNBOUNDED_MAX_TOKENS, InvalidAnswer, bounded_result, chunk_tokens, cut_usage, result_tokens
+from .peer_usage import (UNBOUNDED_MAX_TOKENS, InvalidAnswer, bounded_prompt, bounded_result, chunk_tokens, cut_usage,
+                         estimated_prompt, result_tokens)
 from .receipts import verify_receipt
 
 log = logging.getLogger(__name__)
@@ -54,12 +55,22 @@ def refusal_error(refusal: Refusal, peer_id: str) -> PeerRefused:
 
 class ReceiptKeeper:
     """Reads the receipt that ends a stream, verifies it, and records it (flagged if it
-    fails, or as a flagged stand-in if none came)."""
+    fails, or as a flagged stand-in if none came).
 
-    def __init__(self, ledger: Ledger, expect: Expectation, clock) -> None:  # type: ignore[no-untyped-def]
+    A stand-in bills what the asker itself counted: the tokens it saw, and, once any came,
+    the prompt: the exact count the answer carried (its first chunk's, or its result's
+    usage; held to the asker's bounds, :attr:`prompt_tokens`), else the asker's estimate
+    (a quarter of the prompt's bytes, as a cut stream's); its flag says which."""
+
+    def __init__(self, ledger: Ledger, expect: Expectation, clock,  # type: ignore[no-untyped-def]
+                 request: GenerateRequest | None = None) -> None:
         self._ledger = ledger
         self._expect = expect
         self._clock = clock
+        self._request = request
+        self.prompt_tokens: int | None = None
+        """The prompt's exact count as the answer carried it, held to the asker's bounds (set
+        by :class:`RemoteGeneration`): what a stand-in receipt bills."""
         self.started_at = clock()
         self.receipt: Receipt | None = None
         self.problems: list[str] = []
@@ -112,10 +123,11 @@ class ReceiptKeeper:
         e = self._expect
         self.received = receipt is not None
         if receipt is None:
-            self.problems = ["no receipt from the serving peer"]
-            receipt = Receipt(e.request_id, e.model_id, 0, tokens_seen, e.price_input, e.price_output,
-                              cost_of(0, tokens_seen, e.price_input, e.price_output), self.started_at, self._clock(),
-                              e.server_peer_id, e.client_peer_id, b"", outcome)
+            prompt, whose = self._own_prompt(tokens_seen)
+            self.problems = [f"no receipt from the serving peer; the asker's own count (prompt: {whose})"]
+            receipt = Receipt(e.request_id, e.model_id, prompt, tokens_seen, e.price_input, e.price_output,
+                              cost_of(prompt, tokens_seen, e.price_input, e.price_output), self.started_at,
+                              self._clock(), e.server_peer_id, e.client_peer_id, b"", outcome)
         else:
             self.problems = verify_receipt(
                 receipt, server_peer_id=e.server_peer_id, client_peer_id=e.client_peer_id, request_id=e.request_id,
@@ -126,6 +138,17 @@ class ReceiptKeeper:
             log.warning("federation: receipt for %s from %s flagged: %s", e.request_id, e.server_peer_id,
                         "; ".join(self.problems))
         self._ledger.record(CONSUMED, receipt, flagged=bool(self.problems), flag_reason="; ".join(self.problems))
+
+
+    def _own_prompt(self, tokens_seen: int) -> tuple[int, str]:
+        """The prompt tokens a stand-in bills, and what they are: none before any output
+        (as a portal bills a cut stream), else the exact count the answer carried, else the
+        asker's estimate."""
+        if self.prompt_tokens is not None:
+            return self.prompt_tokens, "exact, as the answer carried it"
+        if not tokens_seen or self._request is None:
+            return 0, "none, no output came"
+        return estimated_prompt(self._request), "estimated, a quarter of its bytes"
 
 
 def _buffered_receipt(stream: MessageStream) -> Receipt:
@@ -197,6 +220,8 @@ class RemoteGeneration:
             if isinstance(msg, TokenChunk):
                 tokens = chunk_tokens(msg)
                 limit = self._request.sampling.max_tokens or UNBOUNDED_MAX_TOKENS
+                if msg.prompt_tokens is not None:  # the first chunk's: held to the asker's bounds
+                    msg = self._prompt_counted(msg)
                 if self.tokens_seen + tokens > limit:
                     return await self._cut(limit)
                 self.tokens_seen += tokens
@@ -205,6 +230,7 @@ class RemoteGeneration:
                 self.finished = True
                 self.tokens_seen += result_tokens(msg)
                 result = bounded_result(msg, self._request, self.tokens_seen)
+                self._keeper.prompt_tokens = result.usage.prompt_tokens
                 if self._request.wants_tools:
                     # A tool grammar's JSON cut short shows nothing, its tokens held to max_tokens
                     # alone (peer_usage.bounded_usage): what is billed is what the receipt may bill.
@@ -222,15 +248,24 @@ class RemoteGeneration:
         await self._stream.reset()
         raise PeerVanished(f"peer {self.peer_id} sent an unexpected {type(msg).__name__}", peer_id=self.peer_id)
 
+    def _prompt_counted(self, chunk: TokenChunk) -> TokenChunk:
+        """``chunk`` (the first) with its prompt count held to the asker's bounds
+        (:func:`.peer_usage.bounded_prompt`), which the receipt keeper and the cut keep."""
+        assert chunk.prompt_tokens is not None
+        prompt = self._keeper.prompt_tokens = bounded_prompt(chunk.prompt_tokens, self._request)
+        return chunk if prompt == chunk.prompt_tokens else replace(chunk, prompt_tokens=prompt)
+
     async def _cut(self, limit: int) -> GenerateResult:
         """The peer streamed past the request's ``max_tokens`` (it ignored the limit): the
         answer ends here, as one that ran out of tokens, and the peer is sent ``Cancel``.
-        Its usage is what the asker counted (the prompt as a cut stream's: a quarter of
-        its bytes); the peer's receipt is recorded as it comes, flagged if implausible."""
+        Its usage is what the asker counted (the prompt as a cut stream's: the exact count
+        the first chunk carried, else a quarter of its bytes); the peer's receipt is
+        recorded as it comes, flagged if implausible."""
         log.warning("federation: peer %s streamed past max_tokens %d for %s: cut", self.peer_id, limit,
                     self._keeper.request_id)
         await self.finish()
-        return GenerateResult(self._keeper.request_id, "length", cut_usage(self._request, self.tokens_seen))
+        return GenerateResult(self._keeper.request_id, "length",
+                              cut_usage(self._request, self.tokens_seen, self._keeper.prompt_tokens))
 
     async def _invalid(self, what: str) -> None:
         """The peer sent ``what`` (no answer can): its stream is reset, the exchange

@@ -94,14 +94,24 @@ def bounded_usage(usage: Usage, request: GenerateRequest, seen: int) -> Usage:
         completion = seen
     if max_tokens is not None:
         completion = min(completion, max_tokens)
-    prompt = usage.prompt_tokens
-    bound = prompt_upper_bound(request)
-    if prompt > bound * 2 + PROMPT_SLACK and not _has_media(request):
-        prompt = bound
+    prompt = bounded_prompt(usage.prompt_tokens, request)
     cached = min(usage.cached_tokens, prompt)
     if (prompt, completion, cached) == (usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens):
         return usage
     return Usage(prompt, completion, cached)
+
+
+def bounded_prompt(prompt: int, request: GenerateRequest) -> int:
+    """A peer's count of ``request``'s prompt (its usage's, or its first chunk's) held to
+    the asker's bound: at most twice the prompt's size bound plus :data:`PROMPT_SLACK`,
+    else that bound (no bound for a prompt with images or other media). Raises
+    :class:`InvalidAnswer` for a negative count."""
+    if prompt < 0:
+        raise InvalidAnswer("a negative prompt token count")
+    if prompt <= PROMPT_SLACK:  # no prompt makes fewer than that bound (nothing to measure)
+        return prompt
+    bound = prompt_upper_bound(request)
+    return bound if prompt > bound * 2 + PROMPT_SLACK and not _has_media(request) else prompt
 
 
 def bounded_result(result: GenerateResult, request: GenerateRequest, seen: int) -> GenerateResult:
@@ -121,7 +131,15 @@ def bounded_embed(result: EmbedResult, request: EmbedRequest) -> EmbedResult:
     return replace(result, usage=Usage(prompt, 0, min(u.cached_tokens, prompt)))
 
 
-def cut_usage(request: GenerateRequest, completion: int) -> Usage:
+def cut_usage(request: GenerateRequest, completion: int, prompt: int | None = None) -> Usage:
     """The usage of an answer the asker cut short: the ``completion`` tokens it counted,
-    and the prompt as the portals bill a cut stream's (a quarter of its bytes)."""
-    return Usage(math.ceil(prompt_bytes(request)[0] / 4), completion)
+    and the prompt as the portals bill a cut stream's: ``prompt``, the exact count the
+    answer's first chunk carried (held to :func:`bounded_prompt`), else
+    :func:`estimated_prompt`."""
+    return Usage(estimated_prompt(request) if prompt is None else prompt, completion)
+
+
+def estimated_prompt(request: GenerateRequest) -> int:
+    """``request``'s prompt estimated as a cut stream's is where no exact count is known:
+    a quarter of its bytes."""
+    return math.ceil(prompt_bytes(request)[0] / 4)

@@ -407,7 +407,8 @@ class Federation:
     def _keeper(self, offer: PeerOffer, request: GenerateRequest | EmbedRequest) -> ReceiptKeeper:
         return ReceiptKeeper(self.ledger, Expectation(
             offer.peer_id, self.mesh.peer_id, request.request_id, request.model_id,
-            offer.model.price_input, offer.model.price_output), self._clock)
+            offer.model.price_input, offer.model.price_output), self._clock,
+            request if isinstance(request, GenerateRequest) else None)
 
     def route(self, request: GenerateRequest, *, exclude: frozenset[str] = frozenset(),
               also: AskPolicy | None = None) -> "_Route":

@@ -33,11 +33,14 @@ class MeteredGeneration:
     after the ``async with`` block, :attr:`result` is the :class:`GenerateResult` (text
     and tool calls not sent as chunks, and the usage billed), on disk in the ledger."""
 
-    __slots__ = ("_gen", "completion_tokens", "final", "result", "node_id", "ttft", "stop")
+    __slots__ = ("_gen", "completion_tokens", "prompt_tokens", "final", "result", "node_id", "ttft", "stop")
 
     def __init__(self) -> None:
         self._gen: Any = None
         self.completion_tokens = 0
+        self.prompt_tokens: int | None = None
+        """The prompt's exact count as the neuron's backend read it, from the first chunk
+        (``TokenChunk.prompt_tokens``) where it says: what a generation cut short bills."""
         self.final: GenerateResult | None = None
         self.result: GenerateResult | None = None
         self.node_id = ""
@@ -56,6 +59,8 @@ class MeteredGeneration:
             raise self.stop
         if type(event) is TokenChunk:
             self.completion_tokens += event.tokens
+            if event.prompt_tokens is not None:  # the first chunk's (a neuron of an earlier release: none)
+                self.prompt_tokens = event.prompt_tokens
             return event
         self.final = event
         raise StopAsyncIteration
@@ -194,7 +199,8 @@ class MeteredRun:
         raises what the client must see instead (an alias's model is never named)."""
         m, plan = self._metering, self._plan
         try:
-            if plan.prompt_tokens is None and plan.prompt_bytes:  # a prompt billed here, with no exact count yet
+            if plan.prompt_tokens is None and plan.prompt_bytes and neurons_count(self._run, self._group) is None:
+                # a prompt billed here, with no exact count yet (neither the edge's nor the neuron's)
                 plan = self._plan = await self._counted_prompt(plan)
             await m._record(m._book_generation(self._caller, plan, self._accounts, self._run, self._endpoint,
                                                self._started, self._t0, exc, self._group))
@@ -229,3 +235,14 @@ class MeteredRun:
         if self._token is not None:
             ASK_POLICY.reset(self._token)
             self._token = None
+
+
+def neurons_count(run: MeteredGeneration | None, group: Sequence[MeteredGeneration | None] = ()) -> int | None:
+    """The prompt's exact count a neuron sent with the first chunk of ``run``, else of
+    another choice of its request (OpenAI's ``n``: one prompt for all); None if none did."""
+    if run is not None and run.prompt_tokens is not None:
+        return run.prompt_tokens
+    for g in group:
+        if g is not None and g.prompt_tokens is not None:
+            return g.prompt_tokens
+    return None

@@ -19,8 +19,9 @@ model name the client asked for, and calls :meth:`Metering.generate` or
    routing preferences;
 4. **settles** what was really used: the neuron's usage when the answer completed, else
    (the client left, or it failed) the tokens of the chunks it produced and, when any
-   output came, the prompt's exact count where the edge has one (counted at admission, or
-   then with the model's tokenizer), else its estimate at a quarter of its bytes;
+   output came, the prompt's exact count: the neuron's, sent with its first chunk
+   (``TokenChunk.prompt_tokens``), else the edge's (counted at admission, or then with the
+   model's tokenizer), else its estimate at a quarter of its bytes;
 5. **writes the ledger record**, durably (:mod:`.writer`), *before* the adapter gets the
    final result: a generation yields only its :class:`TokenChunk`\\ s, and its
    :attr:`MeteredGeneration.result` (with the usage that was billed) exists only once
@@ -50,7 +51,7 @@ from ..metrics import Metrics
 from ..prompt_size import prompt_bytes, prompt_upper_bound
 from .accounts import AccountBook
 from .keys import ApiKey
-from .metered import MeteredGeneration, MeteredRun
+from .metered import MeteredGeneration, MeteredRun, neurons_count
 from .portal import Portal
 from .quota import Account, Refusal, Reservation, admit
 from .routing import ASK_POLICY
@@ -109,7 +110,8 @@ class Plan:
     prompt_tokens: int | None = None
     """The prompt's exact token count, where the edge made one (at admission, or when the
     generation ended without the neuron's usage): what a generation cut short bills for
-    its prompt; None bills the estimate from its bytes."""
+    its prompt when the neuron sent none with its first chunk; None (and none from the
+    neuron) bills the estimate from its bytes."""
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         p_in, p_out = self.prices
@@ -358,8 +360,11 @@ class Metering(AccountBook):
         completion = run.completion_tokens
         output = completion or any(g is not None and g.completion_tokens for g in group)  # by any choice
         prompt = 0
-        if output and plan.bills_prompt:  # exact where the edge counted it, else estimated from its bytes
-            prompt = plan.prompt_tokens if plan.prompt_tokens is not None else math.ceil(plan.prompt_bytes / 4)
+        if output and plan.bills_prompt:
+            # Exact where the neuron said (its first chunk) or the edge counted it, else estimated from its bytes.
+            prompt = neurons_count(run, group)
+            if prompt is None:
+                prompt = plan.prompt_tokens if plan.prompt_tokens is not None else math.ceil(plan.prompt_bytes / 4)
         return self._book(caller, plan, accounts, endpoint, started, t0, prompt=prompt, completion=completion,
                           cached=0, error=error if error is not None else UpstreamError("no result"),
                           node_id=run.node_id, ttft=run.ttft)
