@@ -102,14 +102,15 @@ class AccountBook:
     async def key_changed(self, key: ApiKey) -> None:
         """A key's limits changed (admin API): its account follows, its budget period's
         spending re-read from the ledger when the period changed. A key revoked (or expired)
-        stops its generations still running, at their next token: a revoke stops at once."""
+        stops its generations still running (a stream at its next token, a whole answer or a request
+        still waiting at once): a revoke stops at once."""
         subject = "key:" + key.key_id
         account = self._accounts.get(subject)
         now = self.clock()
         state = key.state(now)
         if state != "active":
             for run in self.live.get(key.key_id, ()):
-                run.stop = Unauthorized(f"key {key.key_id} was {state} while this answer ran")
+                run.halt(Unauthorized(f"key {key.key_id} was {state} while this answer ran"))
         if key.revoked_at is not None:  # for good (no rotate, no update brings it back): its account goes
             self._accounts.pop(subject, None)
             self._portal_of.pop(subject, None)
