@@ -65,6 +65,20 @@ class AccountBook:
             out.append(self._account("portal:" + portal.id, f"portal {portal.id}", portal.limits, now, portal))
         return out
 
+    def spend_unreserved(self, caller: Caller, admitted: list[Account], tokens: int, cost: float, currency: str,
+                         now: float) -> None:
+        """Count a settled request's use on its key's and portal's accounts that it was not
+        admitted against: made, or given limits, while it ran (a budget set on a key with
+        answers running). Else what those answers spend would count nowhere until a restart
+        rebuilt the budget from the ledger, and the key could spend the budget again on top."""
+        subjects = ["portal:" + caller.portal.id]
+        if caller.key is not None:
+            subjects.append("key:" + caller.key.key_id)
+        for subject in subjects:
+            account = self._accounts.get(subject)
+            if account is not None and all(account is not a for a in admitted):
+                account.spend(tokens, cost, now, currency)
+
     def rate_headers(self, caller: Caller) -> list[tuple[bytes, bytes]]:
         """OpenAI's ``x-ratelimit-*`` headers for ``caller`` now (empty without rpm/tpm limits)."""
         accounts = self.accounts(caller, self.clock())

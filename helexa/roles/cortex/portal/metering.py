@@ -375,6 +375,7 @@ class Metering(AccountBook):
         now = self.clock()
         for account in accounts:
             account.settle(plan.reservation, prompt + completion, cost, now, plan.currency)
+        self.spend_unreserved(caller, accounts, prompt + completion, cost, plan.currency, now)
         if error is None:
             outcome, code = "ok", ""
         elif isinstance(error, (trio.Cancelled, ClientGone)):

@@ -275,6 +275,12 @@ class Account:
                 self.tokens.give(r.tokens - tokens, now)
             else:
                 self.tokens.take(tokens - r.tokens, now)
+        self.spend(tokens, cost, now, currency)
+
+    def spend(self, tokens: int, cost: float, now: float, currency: str | None = None) -> None:
+        """Count what a request used against the budget (``cost`` only in the account's
+        currency): :meth:`settle`'s spending, and all of it for a request admitted before
+        this account had limits (no reservation of it here to end)."""
         self._roll(now)
         if currency is None or currency == self.currency:
             self.spent_money += cost
