@@ -335,3 +335,25 @@ async def test_a_budget_set_while_the_key_has_answers_running_counts_what_they_s
     assert mine["spent"]["money"] == pytest.approx(0.06)
     assert mine["remaining_budget"] == pytest.approx(0.03)
     assert after.status_code == 429 and after.json()["error"]["code"] == "insufficient_quota"  # 0.039 > 0.03
+
+
+async def test_a_rate_limit_changed_live_keeps_what_the_last_minute_used(autojump_clock) -> None:
+    """A key has used its 5 requests of the minute when the operator lowers its rpm to 3
+    (PATCH): it is still refused, not handed a full new bucket of 3; raised to 8, it gets
+    the 3 the last minute left it."""
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("chat",), tokens=1)
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme", rpm=5)
+    key_id = key.removeprefix("sk-hlx-").split("_")[0]
+    async with portals(fleet, {"acme": acme()}, store=store, virtual=True) as (_, urls):
+        async with httpx.AsyncClient(base_url=urls["acme"], headers=bearer(key), timeout=60) as http, \
+                httpx.AsyncClient(base_url=urls["default"], headers=admin_headers(), timeout=60) as admin:
+            first = [(await http.post("/v1/chat/completions", json=CHAT)).status_code for _ in range(5)]
+            assert (await admin.patch(f"/admin/keys/{key_id}", json={"rpm": 3})).status_code == 200
+            lowered = (await http.post("/v1/chat/completions", json=CHAT)).status_code
+            assert (await admin.patch(f"/admin/keys/{key_id}", json={"rpm": 8})).status_code == 200
+            raised = [(await http.post("/v1/chat/completions", json=CHAT)).status_code for _ in range(4)]
+    assert first == [200] * 5
+    assert lowered == 429
+    assert raised == [200, 200, 200, 429]

@@ -157,6 +157,19 @@ class Refusal:
     """None: waiting cannot help (the request is over the limit itself, or the budget never renews)."""
 
 
+def _resized(bucket: Bucket | None, capacity: int | None, now: float) -> Bucket | None:
+    """A bucket of a new ``capacity`` (a minute's worth; None: no limit) that keeps what the
+    last minute took from ``bucket``: its level is the new capacity less what the old one
+    lacked (below zero, a debt, when a lower limit was already used up). A new bucket full
+    was a limit lowered live that handed a key which had spent its minute a whole new one."""
+    if not capacity:
+        return None
+    out = Bucket(capacity, capacity / 60.0, now)
+    if bucket is not None:
+        out.level = capacity - (bucket.capacity - bucket.at(now))
+    return out
+
+
 class Account:
     """The quota state of one subject (see the module docstring).
 
@@ -184,14 +197,14 @@ class Account:
         self.tokens = Bucket(limits.tpm, limits.tpm / 60.0, now) if limits.tpm else None
 
     def set_limits(self, limits: Limits, now: float) -> bool:
-        """New limits; the buckets start full again if their size changed. Returns True
-        when the budget period changed (the caller then restores the spent amounts for the
-        new period from the ledger with :meth:`restore`)."""
+        """New limits; a bucket whose size changed keeps what the last minute took from it
+        (:func:`_resized`). Returns True when the budget period changed (the caller then
+        restores the spent amounts for the new period from the ledger with :meth:`restore`)."""
         old, self.limits = self.limits, limits
         if limits.rpm != old.rpm:
-            self.requests = Bucket(limits.rpm, limits.rpm / 60.0, now) if limits.rpm else None
+            self.requests = _resized(self.requests, limits.rpm, now)
         if limits.tpm != old.tpm:
-            self.tokens = Bucket(limits.tpm, limits.tpm / 60.0, now) if limits.tpm else None
+            self.tokens = _resized(self.tokens, limits.tpm, now)
         if limits.period != old.period:
             self.period_start, self.period_end = period_bounds(limits.period, now)
             return True
