@@ -45,8 +45,9 @@ async def test_a_key_is_created_used_changed_rotated_and_revoked() -> None:
             assert shown["quota"]["spent"]["money"] == pytest.approx(0.008)
             assert shown["period_usage"][0]["model"] == "fast" and shown["period_usage"][0]["requests"] == 1
 
-            patched = (await admin.patch(f"/admin/keys/{key_id}", json={"rpm": 1, "name": "ci-2"})).json()
-            assert patched["limits"]["rpm"] == 1 and patched["limits"]["tpm"] == 5000 and patched["name"] == "ci-2"
+            # rpm 2, with the request of this minute counted: one more now, not two
+            patched = (await admin.patch(f"/admin/keys/{key_id}", json={"rpm": 2, "name": "ci-2"})).json()
+            assert patched["limits"]["rpm"] == 2 and patched["limits"]["tpm"] == 5000 and patched["name"] == "ci-2"
             first = await api.post("/v1/chat/completions", json=CHAT, headers=bearer(key))
             second = await api.post("/v1/chat/completions", json=CHAT, headers=bearer(key))
             assert (first.status_code, second.status_code) == (200, 429)
