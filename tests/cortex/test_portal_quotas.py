@@ -357,3 +357,20 @@ async def test_a_rate_limit_changed_live_keeps_what_the_last_minute_used(autojum
     assert first == [200] * 5
     assert lowered == 429
     assert raised == [200, 200, 200, 429]
+
+
+async def test_an_embedding_over_a_limit_is_told_to_lower_its_input_not_max_tokens(autojump_clock) -> None:
+    """An embedding has no max_tokens: the refusals told it to lower one."""
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("embed",))
+    store = SqliteStore(":memory:")
+    broke = new_key(store, "acme", budget=5, budget_unit="tokens")  # (embed is not priced here)
+    small = new_key(store, "acme", tpm=10)
+    body = {"model": "embed", "input": "a sentence of more than ten bytes"}
+    async with portals(fleet, {"acme": acme()}, store=store, virtual=True) as (_, urls):
+        async with httpx.AsyncClient(base_url=urls["acme"], timeout=60) as http:
+            budget = await http.post("/v1/embeddings", json=body, headers=bearer(broke))
+            tpm = await http.post("/v1/embeddings", json=body, headers=bearer(small))
+    for r, code in ((budget, "insufficient_quota"), (tpm, "rate_limit_exceeded")):
+        assert r.status_code == 429 and r.json()["error"]["code"] == code, r.text
+        assert "(lower the input" in r.json()["error"]["message"] and "max_tokens" not in r.text, r.text

@@ -139,6 +139,8 @@ class Reservation:
     tokens: int
     cost: float
     requests: int = 1
+    lower: str = "max_tokens"
+    """What a refusal tells the client to lower: ``max_tokens``; an embedding has only its input."""
 
     def amount(self, unit: str) -> float:
         return self.cost if unit == "money" else float(self.tokens)
@@ -246,9 +248,10 @@ class Account:
         if self.tokens is not None:
             wait = self.tokens.wait(r.tokens, now)
             if wait == math.inf:
+                lower = "max_tokens or the prompt" if r.lower == "max_tokens" else r.lower
                 return Refusal(self.subject, "too_large",
                                f"{self.subject}: this request may use up to {r.tokens:.0f} tokens, over the limit of "
-                               f"{lim.tpm} tokens per minute (lower max_tokens or the prompt)", None)
+                               f"{lim.tpm} tokens per minute (lower {lower})", None)
             if wait > 0:
                 return Refusal(self.subject, "tokens", f"{self.subject}: over {lim.tpm} tokens per minute", wait)
         if lim.budget is not None:
@@ -263,7 +266,7 @@ class Account:
                 renews = "" if lim.period == "total" else f", until the {lim.period}'s budget renews"
                 return Refusal(self.subject, "budget",
                                f"{self.subject}: the {lim.period} budget has {what}, and this request may {ask} "
-                               f"(lower max_tokens{renews})", self.period_end - now if lim.period != "total" else None)
+                               f"(lower {r.lower}{renews})", self.period_end - now if lim.period != "total" else None)
         return None
 
     def reserve(self, r: Reservation, now: float) -> None:
