@@ -102,10 +102,13 @@ class Bucket:
         self.stamp = now
 
     def at(self, now: float) -> float:
-        """The level at ``now`` (refilling up to then)."""
+        """The level at ``now`` (refilling up to then). A ``now`` before the last one (the
+        wall clock stepped back) refills nothing and becomes the stamp: the refill goes on
+        from the clock's new time, instead of waiting for it to pass the old one again (an
+        hour stepped back froze every bucket for an hour, its Retry-After saying a second)."""
         if now > self.stamp:
             self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
-            self.stamp = now
+        self.stamp = now
         return self.level
 
     def take(self, n: float, now: float) -> None:
