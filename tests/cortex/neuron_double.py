@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import replace
 
 import trio
@@ -88,6 +88,9 @@ class NeuronDouble:
         self.pull_bytes = 3000
         self.load_progress = False
         """Report a load's progress (a ``load`` stage of one step) as a real neuron does."""
+        self.collect = False
+        """Answer a non-streamed generation as one result holding its text, as a real neuron
+        does (:func:`helexa.roles.neuron.relay.collect`): no event comes before its end."""
         self.fail_before_start = False
         self.retryable_error = False
         self.error: RemoteError | None = None
@@ -206,8 +209,17 @@ class NeuronDouble:
             yield GenerateResult(request.request_id, "stop" if limit >= self.tokens else "length",
                                  Usage(prompt_tokens=5, completion_tokens=min(self.tokens, limit)))
 
+        async def collected() -> AsyncIterator[TokenChunk | GenerateResult]:
+            parts = []
+            async with aclosing(events()) as each:
+                async for event in each:
+                    if isinstance(event, GenerateResult):
+                        yield replace(event, text="".join(parts) + event.text)
+                        return
+                    parts.append(event.text)
+
         try:
-            yield events()
+            yield collected() if self.collect and not request.stream else events()
         finally:
             self.in_flight -= 1
             self.model_in_flight[request.model_id] -= 1

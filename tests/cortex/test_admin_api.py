@@ -45,8 +45,9 @@ async def test_a_key_is_created_used_changed_rotated_and_revoked() -> None:
             assert shown["quota"]["spent"]["money"] == pytest.approx(0.008)
             assert shown["period_usage"][0]["model"] == "fast" and shown["period_usage"][0]["requests"] == 1
 
-            patched = (await admin.patch(f"/admin/keys/{key_id}", json={"rpm": 1, "name": "ci-2"})).json()
-            assert patched["limits"]["rpm"] == 1 and patched["limits"]["tpm"] == 5000 and patched["name"] == "ci-2"
+            # rpm 2, with the request of this minute counted: one more now, not two
+            patched = (await admin.patch(f"/admin/keys/{key_id}", json={"rpm": 2, "name": "ci-2"})).json()
+            assert patched["limits"]["rpm"] == 2 and patched["limits"]["tpm"] == 5000 and patched["name"] == "ci-2"
             first = await api.post("/v1/chat/completions", json=CHAT, headers=bearer(key))
             second = await api.post("/v1/chat/completions", json=CHAT, headers=bearer(key))
             assert (first.status_code, second.status_code) == (200, 429)
@@ -314,3 +315,36 @@ async def test_a_revoked_key_stops_its_streams_in_flight_and_a_rotated_one_does_
     billed = records[key_id]
     assert (billed["outcome"], billed["error_code"]) == ("error", "invalid_api_key")
     assert 4 <= billed["completion_tokens"] < 15 and billed["cost"] > 0
+
+
+async def test_a_revoke_stops_a_whole_answer_still_generating_at_once() -> None:
+    """A non-streamed answer has no event before its end (a real neuron collects it), so a
+    revoke that waited for "its next token" let it generate to the end for nothing: here 5.5 s
+    of a neuron's time after the revoke, billed 0. It is stopped at once: the 401, the
+    neuron told to cancel, the ledger's record of the key's error."""
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=("chat",), tokens=60, token_delay=0.1)
+    neuron.collect = True
+    store = SqliteStore(":memory:")
+    async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
+        async with httpx.AsyncClient(base_url=urls["default"], headers=admin_headers()) as admin, \
+                httpx.AsyncClient(base_url=urls["acme"], timeout=30) as api:
+            made = (await admin.post("/admin/keys", json={"portal": "acme", "name": "whole"})).json()
+            answers = []
+
+            async def ask(path: str, body: dict) -> None:
+                answers.append(await api.post(path, json=body, headers=bearer(made["key"])))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask, "/v1/chat/completions", {**CHAT, "max_tokens": 60})
+                nursery.start_soon(ask, "/v1/messages", {**CHAT, "max_tokens": 60})
+                await trio.sleep(0.5)
+                assert (await admin.post(f"/admin/keys/{made['key_id']}/revoke")).status_code == 200
+                revoked = trio.current_time()
+            took = trio.current_time() - revoked
+            records = (await admin.get(f"/admin/usage/records?key={made['key_id']}")).json()["data"]
+    assert took < 2.0, (took, [a.text for a in answers])  # not the 5.5 s the answers had left
+    assert sorted(a.status_code for a in answers) == [401, 401], [a.text for a in answers]
+    assert all(f"key {made['key_id']} was revoked" in a.text for a in answers)
+    assert len(neuron.cancelled) == 2 and not neuron.finished
+    assert sorted((r["outcome"], r["error_code"]) for r in records) == [("error", "invalid_api_key")] * 2

@@ -42,6 +42,12 @@ async def test_out_of_range_key_fields_are_refused_naming_the_field() -> None:
                 "tpm": ("tpm", {"tpm": 2**63}),
                 "max_concurrent": ("max_concurrent", {"max_concurrent": BIG}),
                 "budget": ("budget", {"budget": 1e300}),
+                # loose types, as the client APIs refuse them: `true` was a limit of 1, "5" a budget
+                "rpm bool": ("rpm", {"rpm": True}),
+                "max_concurrent bool": ("max_concurrent", {"max_concurrent": True}),
+                "tpm decimal": ("tpm", {"tpm": 1000.0}),
+                "budget string": ("budget", {"budget": "5"}),
+                "models string": ("models", {"models": "fast"}),
                 "nul in name": ("name", {"name": "x\u0000y"}),
                 "newline in name": ("name", {"name": "x\n<script>"}),
             }
@@ -53,6 +59,7 @@ async def test_out_of_range_key_fields_are_refused_naming_the_field() -> None:
                 "rpm": ("rpm", {"rpm": BIG}),
                 "budget": ("budget", {"budget": 1e16}),
                 "tab in name": ("name", {"name": "a\tb"}),
+                "rpm string": ("rpm", {"rpm": "60"}),
             }
             patched = {case: await admin.patch(f"/admin/keys/{ok['key_id']}", json=fields)
                        for case, (_, fields) in updated.items()}

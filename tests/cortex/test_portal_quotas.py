@@ -21,7 +21,7 @@ from helexa.roles.cortex.fleet import Fleet
 from helexa.roles.cortex.portal.store import SqliteStore
 from neuron_double import NeuronDouble
 from portals import acme, bearer, new_key, portals
-from serving import serving
+from serving import admin_headers, serving
 
 CHAT = {"model": "fast", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}]}
 WORST_TOKENS = 39
@@ -306,3 +306,71 @@ async def test_a_stream_the_client_cuts_bills_its_prompt_exactly_where_the_edge_
         (row,) = store.records()
     assert row.outcome == "client_gone" and row.completion_tokens >= 3
     assert row.prompt_tokens == exact.tokens
+
+
+async def test_a_budget_set_while_the_key_has_answers_running_counts_what_they_spend(autojump_clock) -> None:
+    """The operator sets a budget (PATCH) on a key with no limits while 4 of its answers run.
+    Its account is made then, after their admission, so their cost went to no account:
+    `/v1/usage` showed them spent but the whole budget remaining, and the key could spend the
+    budget again on top (a restart, rebuilding it from the ledger, then found it over)."""
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("chat",), tokens=10, token_delay=1.0)
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme")
+    key_id = key.removeprefix("sk-hlx-").split("_")[0]
+    async with portals(fleet, {"acme": acme()}, store=store, virtual=True) as (_, urls):
+        async with httpx.AsyncClient(base_url=urls["acme"], headers=bearer(key), timeout=60) as http, \
+                httpx.AsyncClient(base_url=urls["default"], headers=admin_headers(), timeout=60) as admin:
+            async def ask() -> None:
+                assert (await http.post("/v1/chat/completions", json=CHAT)).status_code == 200
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(4):
+                    nursery.start_soon(ask)
+                await trio.sleep(2.5)  # each has 10 tokens, one a second
+                assert (await admin.patch(f"/admin/keys/{key_id}", json={"budget": 0.09})).status_code == 200
+            mine = (await http.get("/v1/usage")).json()
+            after = await http.post("/v1/chat/completions", json=CHAT)
+    # 4 answers of 5 prompt and 10 completion tokens at 1,000 EUR per million tokens each way
+    assert mine["spent"]["money"] == pytest.approx(0.06)
+    assert mine["remaining_budget"] == pytest.approx(0.03)
+    assert after.status_code == 429 and after.json()["error"]["code"] == "insufficient_quota"  # 0.039 > 0.03
+
+
+async def test_a_rate_limit_changed_live_keeps_what_the_last_minute_used(autojump_clock) -> None:
+    """A key has used its 5 requests of the minute when the operator lowers its rpm to 3
+    (PATCH): it is still refused, not handed a full new bucket of 3; raised to 8, it gets
+    the 3 the last minute left it."""
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("chat",), tokens=1)
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme", rpm=5)
+    key_id = key.removeprefix("sk-hlx-").split("_")[0]
+    async with portals(fleet, {"acme": acme()}, store=store, virtual=True) as (_, urls):
+        async with httpx.AsyncClient(base_url=urls["acme"], headers=bearer(key), timeout=60) as http, \
+                httpx.AsyncClient(base_url=urls["default"], headers=admin_headers(), timeout=60) as admin:
+            first = [(await http.post("/v1/chat/completions", json=CHAT)).status_code for _ in range(5)]
+            assert (await admin.patch(f"/admin/keys/{key_id}", json={"rpm": 3})).status_code == 200
+            lowered = (await http.post("/v1/chat/completions", json=CHAT)).status_code
+            assert (await admin.patch(f"/admin/keys/{key_id}", json={"rpm": 8})).status_code == 200
+            raised = [(await http.post("/v1/chat/completions", json=CHAT)).status_code for _ in range(4)]
+    assert first == [200] * 5
+    assert lowered == 429
+    assert raised == [200, 200, 200, 429]
+
+
+async def test_an_embedding_over_a_limit_is_told_to_lower_its_input_not_max_tokens(autojump_clock) -> None:
+    """An embedding has no max_tokens: the refusals told it to lower one."""
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("embed",))
+    store = SqliteStore(":memory:")
+    broke = new_key(store, "acme", budget=5, budget_unit="tokens")  # (embed is not priced here)
+    small = new_key(store, "acme", tpm=10)
+    body = {"model": "embed", "input": "a sentence of more than ten bytes"}
+    async with portals(fleet, {"acme": acme()}, store=store, virtual=True) as (_, urls):
+        async with httpx.AsyncClient(base_url=urls["acme"], timeout=60) as http:
+            budget = await http.post("/v1/embeddings", json=body, headers=bearer(broke))
+            tpm = await http.post("/v1/embeddings", json=body, headers=bearer(small))
+    for r, code in ((budget, "insufficient_quota"), (tpm, "rate_limit_exceeded")):
+        assert r.status_code == 429 and r.json()["error"]["code"] == code, r.text
+        assert "(lower the input" in r.json()["error"]["message"] and "max_tokens" not in r.text, r.text

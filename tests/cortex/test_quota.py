@@ -187,3 +187,17 @@ def test_a_reservation_of_no_request_takes_nothing_from_rpm() -> None:
     account.settle(Reservation(10, 0.0), 5, 0.0, 0.0)
     refusal = admit([account], Reservation(10, 0.0), 0.0)
     assert refusal is not None and refusal.code == "requests"
+
+
+def test_a_clock_stepped_back_does_not_freeze_the_buckets() -> None:
+    """The wall clock stepped back an hour (an NTP correction, a VM resumed): a bucket
+    refilled only once the clock passed its old stamp again, so every key with an rpm
+    limit that had used it waited an hour. It refills from the clock's new time."""
+    key = Account("key k", Limits(rpm=60), T0)
+    one = Reservation(tokens=0, cost=0.0)
+    for _ in range(60):
+        assert admit([key], one, T0) is None
+    assert admit([key], one, T0).code == "requests"
+    back = T0 - 3600
+    assert admit([key], one, back).code == "requests"  # nothing refilled yet: no time went by
+    assert admit([key], one, back + 2) is None  # two seconds later (at one a second): refilled

@@ -447,3 +447,35 @@ async def test_a_reload_that_removes_a_pinned_model_drops_its_pins_with_one_line
         "(a copy loaded stays until `helexa models unload MODEL`)"]
     assert neuron.loads() == ["chat2"]  # never again once it left the catalogue
     assert "chat2" not in listed and cortex.orchestrator.provisioner.operator.pins() == {}
+
+
+async def test_a_price_under_a_name_the_portal_does_not_serve_is_refused_not_left_free(tmp_path: Path) -> None:
+    """A reload whose price names no model of the portal (``fsat`` for its alias ``fast``)
+    was applied: the price applied to nothing and ``fast`` was served free from then on. It
+    is refused, naming the key, and the prices in force stay; a cortex does not start on it."""
+    priced = CONFIG.replace("[portals.acme]", "[portals.acme]\nrecord_usage = true")
+    path = _write(tmp_path, priced, MODELS)
+    overrides = {"data_dir": str(tmp_path / "data")}
+
+    def loader() -> CortexConfig:
+        return load_config(CortexConfig, file=path, overrides=overrides)
+
+    cortex = Cortex(loader(), loader=loader)
+    NeuronDouble("n1", cortex.fleet, loaded=("chat",), tokens=5)
+    token = (tmp_path / "data" / "admin-token").read_text().strip()
+    body = {"model": "fast", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}
+    typo = priced.replace("prices = { fast =", "prices = { fsat =")
+    async with trio.open_nursery() as nursery:
+        addrs = await nursery.start(cortex.run)
+        admin = {"authorization": f"Bearer {token}"}
+        async with httpx.AsyncClient(timeout=10) as http:
+            _write(tmp_path, typo, MODELS)
+            reloaded = await http.post(addrs.admin_url + "/admin/reload", headers=admin)
+            answer = await http.post(addrs.portals["acme"][0] + "/v1/chat/completions", json=body)
+            records = (await http.get(addrs.admin_url + "/admin/usage/records?portal=acme", headers=admin)).json()
+        cortex.stop()
+    assert reloaded.status_code == 400 and "prices.fsat" in reloaded.text, reloaded.text
+    assert answer.status_code == 200
+    assert [r["cost"] > 0 for r in records["data"]] == [True]  # still at the price in force
+    with pytest.raises(ConfigError, match=r"prices\.fsat: this portal serves no model of that name"):
+        loader()

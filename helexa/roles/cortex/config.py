@@ -353,6 +353,15 @@ class PortalConfig(BaseModel):
             clash = sorted(set(self.models) & set(self.aliases))
             if clash:
                 raise ValueError(f"{clash[0]!r} is both a model and an alias")
+        if self.models is not None or self.aliases:
+            # A price under a name the portal does not serve (a typo of an alias) applies to
+            # nothing, and leaves the model it meant free. (A portal serving every model may
+            # price a peer's, which no list here names.)
+            served = set(self.aliases) | set(self.models or ())
+            stray = sorted(set(self.prices) - served)
+            if stray:
+                raise ValueError(f"prices.{stray[0]}: this portal serves no model of that name "
+                                 f"(it serves {', '.join(sorted(served)) or 'none'}): the price would apply to nothing")
         return self
 
     @property

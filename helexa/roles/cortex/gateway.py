@@ -272,7 +272,7 @@ class Gateway:
         self.clock = clock
         self.portals = {pid: Portal(pid, pc) for pid, pc in config.portals.items()}
         self.store: Store = store if store is not None else SqliteStore(
-            config.usage_store_path, synchronous=self.config.ledger_sync.upper())
+            config.usage_store_path, synchronous=self.config.ledger_sync.upper(), exclusive=True)
         self.writer = LedgerWriter(self.store, timeout=self.config.ledger_timeout, inline=inline_ledger)
         self.limits = RequestLimits(orchestrator.catalogue, orchestrator.fleet)
         self.metering = Metering(orchestrator, self.writer, self.store, self.metrics, limits=self.limits, clock=clock)

@@ -65,6 +65,20 @@ class AccountBook:
             out.append(self._account("portal:" + portal.id, f"portal {portal.id}", portal.limits, now, portal))
         return out
 
+    def spend_unreserved(self, caller: Caller, admitted: list[Account], tokens: int, cost: float, currency: str,
+                         now: float) -> None:
+        """Count a settled request's use on its key's and portal's accounts that it was not
+        admitted against: made, or given limits, while it ran (a budget set on a key with
+        answers running). Else what those answers spend would count nowhere until a restart
+        rebuilt the budget from the ledger, and the key could spend the budget again on top."""
+        subjects = ["portal:" + caller.portal.id]
+        if caller.key is not None:
+            subjects.append("key:" + caller.key.key_id)
+        for subject in subjects:
+            account = self._accounts.get(subject)
+            if account is not None and all(account is not a for a in admitted):
+                account.spend(tokens, cost, now, currency)
+
     def rate_headers(self, caller: Caller) -> list[tuple[bytes, bytes]]:
         """OpenAI's ``x-ratelimit-*`` headers for ``caller`` now (empty without rpm/tpm limits)."""
         accounts = self.accounts(caller, self.clock())
@@ -102,14 +116,15 @@ class AccountBook:
     async def key_changed(self, key: ApiKey) -> None:
         """A key's limits changed (admin API): its account follows, its budget period's
         spending re-read from the ledger when the period changed. A key revoked (or expired)
-        stops its generations still running, at their next token: a revoke stops at once."""
+        stops its generations still running (a stream at its next token, a whole answer or a request
+        still waiting at once): a revoke stops at once."""
         subject = "key:" + key.key_id
         account = self._accounts.get(subject)
         now = self.clock()
         state = key.state(now)
         if state != "active":
             for run in self.live.get(key.key_id, ()):
-                run.stop = Unauthorized(f"key {key.key_id} was {state} while this answer ran")
+                run.halt(Unauthorized(f"key {key.key_id} was {state} while this answer ran"))
         if key.revoked_at is not None:  # for good (no rotate, no update brings it back): its account goes
             self._accounts.pop(subject, None)
             self._portal_of.pop(subject, None)

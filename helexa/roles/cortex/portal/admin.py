@@ -147,7 +147,7 @@ def key_path_methods(rest: str) -> tuple[str, ...]:
 
 
 class _KeyFields(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)  # rpm: true is no limit of 1
 
     name: str | None = Field(None, min_length=1, max_length=200)
     rpm: int | None = Field(None, ge=1, le=MAX_INT)

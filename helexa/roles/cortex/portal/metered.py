@@ -33,10 +33,16 @@ class MeteredGeneration:
     after the ``async with`` block, :attr:`result` is the :class:`GenerateResult` (text
     and tool calls not sent as chunks, and the usage billed), on disk in the ledger."""
 
-    __slots__ = ("_gen", "completion_tokens", "prompt_tokens", "final", "result", "node_id", "ttft", "stop")
+    __slots__ = ("_gen", "completion_tokens", "prompt_tokens", "final", "result", "node_id", "ttft", "stop", "_whole",
+                 "_scope", "_waiting")
 
-    def __init__(self) -> None:
+    def __init__(self, whole: bool = False) -> None:
         self._gen: Any = None
+        self._whole = whole
+        """A whole (non-streamed) answer: no event comes before its end, so :meth:`halt` cuts its wait."""
+        self._scope: trio.CancelScope | None = None
+        """Around the run (a keyed caller's), cancelled by :meth:`halt` while :attr:`_waiting`."""
+        self._waiting = False
         self.completion_tokens = 0
         self.prompt_tokens: int | None = None
         """The prompt's exact count as the neuron's backend read it, from the first chunk
@@ -48,13 +54,36 @@ class MeteredGeneration:
         self.stop: Exception | None = None
         """Set when the key was revoked (or expired) while this ran: raised at its next event."""
 
+    def halt(self, error: Exception) -> None:
+        """Stop this generation with ``error`` (its key was revoked or expired): a stream at its
+        next event; a request still waiting for its first event (queued, or a whole answer
+        generating, which has no event before its end) at once: its wait is cancelled, so the
+        neuron is told to stop instead of generating, unbilled, what the client never gets."""
+        self.stop = error
+        if self._waiting and self._scope is not None:
+            self._scope.cancel()
+
+    def halted(self, exc: BaseException) -> BaseException:
+        """What a generation that ended with ``exc`` tells its client: the :meth:`halt` error
+        where the halt cancelled it."""
+        return self.stop if self.stop is not None and isinstance(exc, trio.Cancelled) else exc
+
     def __aiter__(self) -> "MeteredGeneration":
         return self
 
     async def __anext__(self) -> TokenChunk:
         if self.final is not None:
             raise StopAsyncIteration
-        event = await self._gen.__anext__()
+        if self.stop is not None:
+            raise self.stop
+        if self._whole:
+            self._waiting = True
+            try:
+                event = await self._gen.__anext__()
+            finally:
+                self._waiting = False
+        else:
+            event = await self._gen.__anext__()
         if self.stop is not None:
             raise self.stop
         if type(event) is TokenChunk:
@@ -122,7 +151,7 @@ class MeteredRun:
                 self._admitted.set()
         elif accounts and (refusal := admit(accounts, plan.reservation, now)) is not None:
             plan = self._plan = await self._recounted(request, plan, refusal, served, accounts, now)
-        run = self._run = MeteredGeneration()
+        run = self._run = MeteredGeneration(whole=not request.stream)
         if caller.key is not None:
             m.live.setdefault(caller.key.key_id, set()).add(run)
         self._started, self._t0 = now, trio.current_time()
@@ -132,10 +161,23 @@ class MeteredRun:
                                           allow_peers=portal.allow_peers, tenant=portal.tenant(caller.key),
                                           session=self._session)
         try:
-            gen = self._gen = await context.__aenter__()
+            if caller.key is not None:  # a revoke of the key cuts the wait for the first event
+                run._scope = trio.CancelScope()
+                run._scope.__enter__()
+                run._waiting = True
+            try:
+                gen = self._gen = await context.__aenter__()
+            finally:
+                run._waiting = False
         except BaseException as exc:
-            await self._failed(exc)
-            raise
+            told = run.halted(exc)
+            try:
+                await self._failed(told)
+            finally:
+                self._leave()
+            if told is exc:
+                raise
+            raise told from None
         self._context = context
         run._gen = gen
         run.node_id = gen.node_id
@@ -175,16 +217,35 @@ class MeteredRun:
         m._refuse(caller, refusal)
 
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        try:
+            return await self._exit(exc_type, exc, tb)
+        finally:
+            self._leave()
+
+    def _leave(self) -> None:
+        """Leave the run's cancel scope (see :meth:`MeteredGeneration.halt`), if it has one."""
+        run = self._run
+        scope, run._scope = run._scope, None
+        if scope is not None:
+            scope.__exit__(None, None, None)
+
+    async def _exit(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         run = self._run
         try:
             if exc is None:
                 run.ttft = getattr(self._gen, "ttft", None)
             suppressed = await self._context.__aexit__(exc_type, exc, tb)
         except BaseException as raised:
-            await self._failed(raised)
-            raise
+            told = run.halted(raised)
+            await self._failed(told)
+            if told is raised:
+                raise
+            raise told from None
         if exc is not None and not suppressed:
-            await self._failed(exc)
+            told = run.halted(exc)
+            await self._failed(told)
+            if told is not exc:
+                raise told from None
             return False
         self._reset()
         m = self._metering

@@ -232,8 +232,8 @@ class Metering(AccountBook):
         tokens = sum(min(s, context) for s in sizes) if context else sum(sizes)
         prices = portal.price(asked)
         forward = request if served == asked else dataclasses.replace(request, model_id=served)
-        return Plan(asked, forward, Reservation(tokens, tokens * prices[0] / 1_000_000), sum(sizes), prices,
-                    portal.currency, portal.records_usage)
+        return Plan(asked, forward, Reservation(tokens, tokens * prices[0] / 1_000_000, lower="the input"),
+                    sum(sizes), prices, portal.currency, portal.records_usage)
 
     def _admit(self, caller: Caller, plan: Plan, accounts: list[Account], now: float) -> list[Account]:
         if accounts:
@@ -380,6 +380,7 @@ class Metering(AccountBook):
         now = self.clock()
         for account in accounts:
             account.settle(plan.reservation, prompt + completion, cost, now, plan.currency)
+        self.spend_unreserved(caller, accounts, prompt + completion, cost, plan.currency, now)
         if error is None:
             outcome, code = "ok", ""
         elif isinstance(error, (trio.Cancelled, ClientGone)):

@@ -102,10 +102,13 @@ class Bucket:
         self.stamp = now
 
     def at(self, now: float) -> float:
-        """The level at ``now`` (refilling up to then)."""
+        """The level at ``now`` (refilling up to then). A ``now`` before the last one (the
+        wall clock stepped back) refills nothing and becomes the stamp: the refill goes on
+        from the clock's new time, instead of waiting for it to pass the old one again (an
+        hour stepped back froze every bucket for an hour, its Retry-After saying a second)."""
         if now > self.stamp:
             self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
-            self.stamp = now
+        self.stamp = now
         return self.level
 
     def take(self, n: float, now: float) -> None:
@@ -139,6 +142,8 @@ class Reservation:
     tokens: int
     cost: float
     requests: int = 1
+    lower: str = "max_tokens"
+    """What a refusal tells the client to lower: ``max_tokens``; an embedding has only its input."""
 
     def amount(self, unit: str) -> float:
         return self.cost if unit == "money" else float(self.tokens)
@@ -155,6 +160,19 @@ class Refusal:
     message: str
     retry_after: float | None
     """None: waiting cannot help (the request is over the limit itself, or the budget never renews)."""
+
+
+def _resized(bucket: Bucket | None, capacity: int | None, now: float) -> Bucket | None:
+    """A bucket of a new ``capacity`` (a minute's worth; None: no limit) that keeps what the
+    last minute took from ``bucket``: its level is the new capacity less what the old one
+    lacked (below zero, a debt, when a lower limit was already used up). A new bucket full
+    was a limit lowered live that handed a key which had spent its minute a whole new one."""
+    if not capacity:
+        return None
+    out = Bucket(capacity, capacity / 60.0, now)
+    if bucket is not None:
+        out.level = capacity - (bucket.capacity - bucket.at(now))
+    return out
 
 
 class Account:
@@ -184,14 +202,14 @@ class Account:
         self.tokens = Bucket(limits.tpm, limits.tpm / 60.0, now) if limits.tpm else None
 
     def set_limits(self, limits: Limits, now: float) -> bool:
-        """New limits; the buckets start full again if their size changed. Returns True
-        when the budget period changed (the caller then restores the spent amounts for the
-        new period from the ledger with :meth:`restore`)."""
+        """New limits; a bucket whose size changed keeps what the last minute took from it
+        (:func:`_resized`). Returns True when the budget period changed (the caller then
+        restores the spent amounts for the new period from the ledger with :meth:`restore`)."""
         old, self.limits = self.limits, limits
         if limits.rpm != old.rpm:
-            self.requests = Bucket(limits.rpm, limits.rpm / 60.0, now) if limits.rpm else None
+            self.requests = _resized(self.requests, limits.rpm, now)
         if limits.tpm != old.tpm:
-            self.tokens = Bucket(limits.tpm, limits.tpm / 60.0, now) if limits.tpm else None
+            self.tokens = _resized(self.tokens, limits.tpm, now)
         if limits.period != old.period:
             self.period_start, self.period_end = period_bounds(limits.period, now)
             return True
@@ -233,9 +251,10 @@ class Account:
         if self.tokens is not None:
             wait = self.tokens.wait(r.tokens, now)
             if wait == math.inf:
+                lower = "max_tokens or the prompt" if r.lower == "max_tokens" else r.lower
                 return Refusal(self.subject, "too_large",
                                f"{self.subject}: this request may use up to {r.tokens:.0f} tokens, over the limit of "
-                               f"{lim.tpm} tokens per minute (lower max_tokens or the prompt)", None)
+                               f"{lim.tpm} tokens per minute (lower {lower})", None)
             if wait > 0:
                 return Refusal(self.subject, "tokens", f"{self.subject}: over {lim.tpm} tokens per minute", wait)
         if lim.budget is not None:
@@ -250,7 +269,7 @@ class Account:
                 renews = "" if lim.period == "total" else f", until the {lim.period}'s budget renews"
                 return Refusal(self.subject, "budget",
                                f"{self.subject}: the {lim.period} budget has {what}, and this request may {ask} "
-                               f"(lower max_tokens{renews})", self.period_end - now if lim.period != "total" else None)
+                               f"(lower {r.lower}{renews})", self.period_end - now if lim.period != "total" else None)
         return None
 
     def reserve(self, r: Reservation, now: float) -> None:
@@ -275,6 +294,12 @@ class Account:
                 self.tokens.give(r.tokens - tokens, now)
             else:
                 self.tokens.take(tokens - r.tokens, now)
+        self.spend(tokens, cost, now, currency)
+
+    def spend(self, tokens: int, cost: float, now: float, currency: str | None = None) -> None:
+        """Count what a request used against the budget (``cost`` only in the account's
+        currency): :meth:`settle`'s spending, and all of it for a request admitted before
+        this account had limits (no reservation of it here to end)."""
         self._roll(now)
         if currency is None or currency == self.currency:
             self.spent_money += cost

@@ -17,8 +17,10 @@ fsync. The database holds no usable key: keys are stored as their SHA-256 digest
 
 from __future__ import annotations
 
+import fcntl
 import json
 import operator
+import os
 import sqlite3
 import threading
 from collections.abc import Mapping, Sequence
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from helexa import secret_files
+from helexa.config import ConfigError
 
 from .keys import ApiKey
 from .quota import Limits
@@ -121,18 +124,42 @@ def _where(portal: str | None, key_id: str | None, since: float | None, until: f
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), args
 
 
+class StoreInUse(ConfigError):
+    """The usage store is held by another cortex (see :func:`_hold`): the cortex does not
+    start (one line, as a config error)."""
+
+
+def _hold(path: str) -> int:
+    """Lock ``path`` for this process (``flock``, beside SQLite's own locks, which it does not
+    touch) and return the descriptor holding the lock, or raise :class:`StoreInUse`. Two
+    cortexes on one usage store each kept their own keys and budgets in memory: a tenant
+    could spend its budget once on each, a key revoked on one kept working on the other, and
+    a key made on one was unknown to the other."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreInUse(f"the usage store {path} is in use by another cortex (two cortexes on one usage store "
+                         f"would each keep their own budgets and keys; give each its own usage_store)") from None
+    return fd
+
+
 class SqliteStore:
     """:class:`Store` in one SQLite file (``:memory:`` shares one connection, for tests);
     ``synchronous`` is SQLite's (``FULL`` or ``NORMAL``, see the module docstring)."""
 
-    def __init__(self, path: Path | str, *, synchronous: str = "FULL") -> None:
+    def __init__(self, path: Path | str, *, synchronous: str = "FULL", exclusive: bool = False) -> None:
         if synchronous not in ("FULL", "NORMAL"):
             raise ValueError("synchronous is FULL or NORMAL")
         self.synchronous = synchronous
         self.path = str(path)
         memory = self.path == ":memory:"
+        self._held: int | None = None
         if not memory:
             secret_files.private_file(self.path)  # others' answers and the keys' digests: 0600
+            if exclusive:
+                self._held = _hold(self.path)
         self._w = self._connect()
         self._r = self._w if memory else self._connect()
         self._wlock = threading.Lock()
@@ -152,6 +179,9 @@ class SqliteStore:
         if self._r is not self._w:
             with self._rlock:
                 self._r.close()
+        if self._held is not None:
+            os.close(self._held)  # (and its lock with it)
+            self._held = None
 
     # --- keys ------------------------------------------------------------------------------
 
