@@ -44,6 +44,23 @@ class LedgerError(NoCapacity):
         return self.detail
 
 
+class StoreUnavailable(NoCapacity):
+    """The store (keys, the ledger's reports, stored responses) refused a read or a write:
+    its disk is full or failed, another connection held its lock past SQLite's busy timeout,
+    it went read-only. 503 ``store_unavailable`` with ``Retry-After``, in the surface's (or
+    the admin API's) error shape; the detail goes to the log, not to the client."""
+
+    code = "store_unavailable"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("the cortex cannot use its store now (the operator's log says why); retry later",
+                         retry_after=5.0)
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return self.detail
+
+
 class _Waiter:
     """One record's wait for its commit. Its request gives up at ``deadline`` only while the
     record still waits in the queue (:meth:`abandon`): the thread then leaves it out. Once
