@@ -117,6 +117,9 @@ class Cortex:
             self.gateway = Gateway(config, self.orchestrator,
                                    admin_token=lambda: admin_token.read(admin_token.path_in(data)),
                                    reload=self.reload, neuron_keys=self.neuron_keys)
+        # Strangers' connections to the control socket, and each gateway socket's, hold at
+        # most an even share of the open-file limit each (:mod:`.open_files`).
+        self.control.cap_pending(self.gateway.connection_share())
         self.mesh: Mesh | None = None
         self.federation: Federation | None = None
         self.ledger: Ledger | None = None
