@@ -302,6 +302,8 @@ async def serve(config: CortexConfig, *, loader: Callable[[], CortexConfig] | No
                             cortex.reload()
                         except ConfigError:
                             pass  # logged by reload; the running config stays
+                        except Exception:  # a reload's failure never stops the cortex serving
+                            log.exception("reload failed, the running config stays")
                         continue
                     log.info("received %s: stopping", signal.Signals(sig).name)
                     cortex.stop()
