@@ -180,8 +180,9 @@ class Ledger:
             return False
 
     async def arecord(self, direction: str, receipt: Receipt, *, flagged: bool = False, flag_reason: str = "") -> bool:
-        """:meth:`record`, made on this thread (a log append, see the module docstring);
-        durable against ``kill -9`` when it returns. It never yields to the scheduler, so
+        """:meth:`keep`, made on this thread (a log append, see the module docstring);
+        durable against ``kill -9`` once it returns (False: a duplicate, or refused and
+        logged). It never yields to the scheduler, so
         a cancellation can never skip it (it used to take a shielded checkpoint first: a
         scheduler round trip on both sides of every federated request, for nothing)."""
         return self.keep(direction, receipt, flagged=flagged, flag_reason=flag_reason)
