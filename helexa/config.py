@@ -75,6 +75,9 @@ def load_config(
             raise ConfigError(f"config file {file}: cannot read it ({exc.strerror or exc})") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {file}: invalid TOML ({exc})") from None
+        except UnicodeDecodeError as exc:  # TOML is UTF-8; an editor may have saved another encoding
+            raise ConfigError(f"config file {file}: not UTF-8 text ({exc.reason} at byte {exc.start}): save it "
+                              "as UTF-8") from None
     origins: dict[tuple[str, ...], str] = {}  # keys set over the file: where they came from, for the message
     env = os.environ if environ is None else environ
     for key, value in env.items():

@@ -7,6 +7,7 @@ computed by :mod:`.peer_id`), so it answers instantly.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,8 @@ from pathlib import Path
 from helexa.identity import load_or_create
 
 from .peer_id import peer_id_from_ed25519
+
+log = logging.getLogger(__name__)
 
 IDENTITY_FILE = "identity.key"
 ADDRS_FILE = "mesh-addrs.json"
@@ -49,13 +52,27 @@ def mesh_identity(data_dir: Path, listen: str | None = None) -> MeshIdentity:
     return MeshIdentity(peer_id, tuple(addrs))
 
 
-def record_addrs(data_dir: Path, peer_id: str, multiaddrs: list[str]) -> None:
-    """Record the bound multiaddrs (called once the mesh has started) for ``mesh id``."""
+def record_addrs(data_dir: Path, peer_id: str, multiaddrs: list[str]) -> bool:
+    """Record the bound multiaddrs (called once the mesh has started) for ``mesh id``;
+    False when they could not be written (a full or read-only disk: logged, and the file
+    left as it was). ``mesh id`` then says the configured listen address, or the last run's:
+    no reason to stop a cortex whose mesh is up. Before, the ``OSError`` ended the start
+    with a traceback and left a partial ``mesh-addrs.tmp``."""
     path = Path(data_dir) / ADDRS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"peer_id": peer_id, "multiaddrs": list(multiaddrs)}))
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"peer_id": peer_id, "multiaddrs": list(multiaddrs)}))
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("mesh: cannot record the mesh addresses in %s (%s); `helexa mesh id` may show old ones",
+                    path, exc.strerror or exc)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        return False
+    return True
 
 
 def format_identity(ident: MeshIdentity) -> str:

@@ -22,7 +22,7 @@ import trio
 
 from helexa.protocol import DEFAULT_MAX_FRAME, ProtocolError
 
-from . import wsframes, wsupgrade
+from . import accept_errors, wsframes, wsupgrade
 from .admission import PendingHandshakes, ReadBudget
 from .channel import ChannelClosed
 from .ws_channel import ServerChannel, read_head
@@ -33,9 +33,6 @@ log = logging.getLogger(__name__)
 
 
 # --- the server ------------------------------------------------------------------------------
-
-
-_ACCEPT_RETRY = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 
 async def serve(
@@ -130,6 +127,7 @@ async def _accept_loop(sock: socket.socket, nursery: trio.Nursery, connection: A
     second, so joins came 64 a second while the kernel's accept queue grew older than the
     neurons' handshake deadline."""
     sock.setblocking(False)
+    failures = accept_errors.AcceptFailures(f"control socket {_name(sock)}")
     while True:
         await trio.lowlevel.wait_readable(sock)
         for _ in range(_ACCEPT_BATCH):
@@ -138,9 +136,9 @@ async def _accept_loop(sock: socket.socket, nursery: trio.Nursery, connection: A
             except BlockingIOError:
                 break
             except OSError as exc:
-                if exc.errno in _ACCEPT_RETRY:
-                    log.error("accept failed (%s); retrying in 0.1 s", errno.errorcode.get(exc.errno or 0, exc))
-                    await trio.sleep(0.1)
+                if exc.errno in accept_errors.RETRY:
+                    failures.note(exc, trio.current_time())
+                    await trio.sleep(accept_errors.RETRY_AFTER)
                     break
                 if exc.errno == errno.ECONNABORTED:  # reset while it waited in the backlog
                     continue
@@ -150,6 +148,11 @@ async def _accept_loop(sock: socket.socket, nursery: trio.Nursery, connection: A
                 _turn_away(raw, pending, tls)
                 continue
             nursery.start_soon(connection, raw, remote)
+
+
+def _name(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _turn_away(raw: socket.socket, pending: PendingHandshakes, tls: bool) -> None:

@@ -139,3 +139,42 @@ def test_a_full_disk_under_the_ledger_refuses_recorded_requests_and_nothing_is_c
     figure("full disk: recorded requests refused while full (503 ledger_unavailable)", "5 of 5 + 1 stream")
     figure("full disk: integrity_check after", "ok")
     figure("full disk: first request ok after room came back", recover, "s")
+
+
+def start_failure(data: Path) -> list[str]:
+    out = subprocess.run([*helexa_command(), "cortex", "--data-dir", str(data), *ARGS],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("helexa: error: "), out.stderr
+    return lines
+
+
+def test_a_full_disk_at_start_is_called_full_not_a_corrupt_store_to_restore(pristine, small_disk, figure) -> None:
+    """Before, a cortex started on a full disk said its usage store was "corrupt or
+    truncated" and to "restore it from a backup": the operator would have replaced a sound
+    ledger (the money) with an older one, when freeing space was the fix."""
+    data = small_disk / "data"
+    shutil.copytree(pristine, data)
+    filler = fill(small_disk)
+    [line] = start_failure(data)
+    assert "usage.sqlite" in line and "disk is full" in line, line
+    assert "corrupt" not in line and "backup" not in line, line
+    figure("full disk at start: the line", line.replace(str(data), "DATA"))
+    filler.unlink()
+    db = sqlite3.connect(data / "usage.sqlite")
+    assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    db.close()
+
+
+def test_a_read_only_data_directory_is_refused_at_start_saying_so(pristine, small_disk, figure) -> None:
+    """A data directory outside the packaged unit's writable paths (ProtectSystem=strict) is
+    read-only: before, the cortex blamed its ``tls_cert_file`` (which it has none of), or,
+    with the usage store's ``-wal`` there, started and refused every recorded request."""
+    data = small_disk / "data"
+    shutil.copytree(pristine, data)
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    [line] = start_failure(data)
+    assert str(data) in line and "read-only" in line and "tls_cert_file" not in line, line
+    figure("read-only data directory at start: the line", line.replace(str(data), "DATA"))

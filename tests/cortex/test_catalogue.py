@@ -66,6 +66,15 @@ def test_bad_files_are_rejected_naming_the_field(tmp_path, text, fragment) -> No
         Catalogue.load(path)
 
 
+def test_a_file_saved_in_another_encoding_is_a_catalogue_error(tmp_path) -> None:
+    """A Latin-1 accent in a comment was a UnicodeDecodeError: a traceback at start, and a
+    SIGHUP reload that stopped the cortex."""
+    path = tmp_path / "models.toml"
+    path.write_bytes('# caf\xe9\n[models."x"]\nbackend = "s"\n'.encode("latin-1"))
+    with pytest.raises(CatalogueError, match="not UTF-8 text"):
+        Catalogue.load(path)
+
+
 def test_a_missing_file_is_a_catalogue_error(tmp_path) -> None:
     with pytest.raises(CatalogueError, match="cannot read"):
         Catalogue.load(tmp_path / "absent.toml")

@@ -200,3 +200,25 @@ async def test_two_keys_of_a_portal_keep_apart_cache_scopes_on_the_peers_neurons
     local = {scope_of("acme", key.key_id) for key in store.keys()}
     assert not {s1, s2} & (local | {"", scope_of("acme"), peer_scope(fed_a.mesh.peer_id, "")})
     assert {s1, s2} == {peer_scope(fed_a.mesh.peer_id, wire_scope(fed_b.mesh.peer_id, s)) for s in local}
+
+
+async def test_a_federation_ledger_that_refuses_writes_neither_fails_nor_cuts_the_served_answer(caplog) -> None:
+    """Both operators' federation ledgers refuse writes (a full disk, an operator's sqlite3
+    session holding the lock): the answer goes out whole and is billed once, and each side
+    logs the receipt it could not keep. Before, the asker's client got a 500 (a stream was
+    cut without an error event) while its usage row was written as billed, and the serving
+    side's stream handler failed with a traceback."""
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme")
+    async with two_operators({"acme": keyed()}, store) as (urls, fed_a, fed_b, neuron):
+        for fed in (fed_a, fed_b):
+            fed.ledger._wdb.execute("PRAGMA query_only=1")  # SQLite's own refusal of every write
+        async with httpx.AsyncClient(base_url=urls["acme"], headers=bearer(key)) as http:
+            r = await http.post("/v1/chat/completions", json=CHAT)
+            s = await http.post("/v1/chat/completions", json=CHAT | {"stream": True})
+            await trio.sleep(0.2)  # the serving side's record, after its receipt went out
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "t0 t1 t2 "
+    assert s.status_code == 200 and s.text.rstrip().endswith("data: [DONE]") and '"error"' not in s.text
+    assert [(row.outcome, row.completion_tokens) for row in store.records()] == [("ok", 3), ("ok", 3)]
+    assert caplog.text.count("consumed receipt of") == 2 and caplog.text.count("served receipt of") == 2
+    assert "Traceback" not in caplog.text and "unexpected error" not in caplog.text

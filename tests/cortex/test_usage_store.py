@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import sqlite3
+import time
 
 import pytest
 import trio
@@ -102,7 +103,7 @@ async def test_a_write_returns_once_the_record_is_committed(tmp_path) -> None:
 
 async def test_a_failed_write_raises_a_ledger_error(tmp_path) -> None:
     class Broken(SqliteStore):
-        def append(self, records) -> None:  # noqa: ANN001
+        def append(self, records, *, wait=None) -> None:  # noqa: ANN001
             raise sqlite3.OperationalError("disk I/O error")
 
     writer = LedgerWriter(Broken(tmp_path / "u.sqlite"))
@@ -122,4 +123,54 @@ async def test_records_queued_when_the_writer_stops_are_still_written(tmp_path) 
         await trio.sleep(0)
         nursery.cancel_scope.cancel()
     assert [r.request_id for r in store.records()] == ["last"]
+    store.close()
+
+
+async def test_a_record_whose_request_gave_up_on_a_locked_ledger_is_never_written(tmp_path) -> None:
+    """An operator's ``sqlite3`` session holds the ledger's write lock through a burst. The
+    requests whose records cannot be committed within ``ledger_timeout`` are refused as not
+    served (or charged), so none of their records may land once the lock is released: the
+    commit waited 10 s (SQLite's busy timeout) for the lock whatever the request's deadline,
+    and a record committed after its request gave up billed a refused request."""
+    path = tmp_path / "usage.sqlite"
+    store = SqliteStore(path)
+    writer = LedgerWriter(store, timeout=1.0)
+    operator = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    released = trio.Event()
+
+    def hold_the_lock() -> None:
+        operator.execute("BEGIN IMMEDIATE")
+        operator.execute("CREATE TABLE notes (x)")
+        time.sleep(2.5)
+        operator.execute("ROLLBACK")
+
+    refused: list[str] = []
+
+    async def one(rid: str, delay: float) -> None:
+        await trio.sleep(delay)
+        try:
+            await writer.write(record(rid))
+        except LedgerError:
+            refused.append(rid)
+
+    async def operator_session() -> None:
+        await trio.to_thread.run_sync(hold_the_lock)
+        released.set()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        nursery.start_soon(operator_session)
+        await trio.sleep(0.1)
+        started = trio.current_time()
+        async with trio.open_nursery() as burst:
+            burst.start_soon(one, "a", 0.0)
+            burst.start_soon(one, "b", 0.5)
+        assert trio.current_time() - started < 2.4  # each request gave up at its own deadline
+        await released.wait()
+        await trio.sleep(0.5)
+        await writer.write(record("after"))  # the lock is gone: served and recorded
+        nursery.cancel_scope.cancel()
+    assert sorted(refused) == ["a", "b"]
+    assert [r.request_id for r in store.records()] == ["after"]
+    operator.close()
     store.close()

@@ -79,3 +79,30 @@ def test_sighup_applies_a_new_portal_config_while_a_stream_continues(tmp_path) -
         assert httpx.post(acme + "/v1/chat/completions", json={"model": "quick", "max_tokens": 2, "messages": [
             {"role": "user", "content": "hi"}]}, timeout=30).status_code == 404
         assert cortex.alive
+
+
+def test_a_config_saved_in_another_encoding_is_refused_on_reload_and_at_start_without_stopping_anything(
+        tmp_path) -> None:
+    """A portal's display name with an accent, saved by an editor in Latin-1: SIGHUP stopped
+    the whole cortex (an uncaught UnicodeDecodeError out of the signal task), ``helexa
+    reload`` got a 500, and a start printed a traceback and exited 1. Each is now the one
+    line naming the file, the running config staying."""
+    with ProcGroup(tmp_path) as procs:
+        cortex = procs.cortex(models=MODELS, config=CONFIG)
+        procs.neuron(cortex, "n1")
+        config_file = tmp_path / "cortex-cortex.toml"
+        config_file.write_bytes(CONFIG.replace("[portals.acme]", '[portals.acme]\nname = "Caf\xe9"').encode("latin-1"))
+        cortex.signal(signal.SIGHUP)
+        cortex.wait_log(r"reload refused, the running config stays: config file \S+: not UTF-8 text")
+        done = subprocess.run([*helexa_command(), "reload", "--cortex", cortex.admin_url, "--data-dir",
+                               str(cortex.data_dir)], capture_output=True, text=True, timeout=60)
+        assert done.returncode != 0 and "not UTF-8 text" in done.stderr and "500" not in done.stderr, done.stderr
+        acme = cortex.portal_urls["acme"][0]
+        assert httpx.post(acme + "/v1/chat/completions", json={"model": "fast", "max_tokens": 2, "messages": [
+            {"role": "user", "content": "hi"}]}, timeout=30).status_code == 200
+        assert cortex.alive and "Traceback" not in cortex.log()
+    started = subprocess.run([*helexa_command(), "cortex", "--config", str(config_file), "--data-dir",
+                              str(tmp_path / "other"), "--control-socket", "127.0.0.1:0", "--gateway-socket",
+                              "127.0.0.1:0"], capture_output=True, text=True, timeout=60)
+    assert started.returncode == 2 and "Traceback" not in started.stderr, started.stderr
+    assert started.stderr.strip().endswith("not UTF-8 text (invalid continuation byte at byte 27): save it as UTF-8")

@@ -346,6 +346,9 @@ class Catalogue:
             raise CatalogueError(f"cannot read {path}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise CatalogueError(f"{path} is not valid TOML: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise CatalogueError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}): save it as UTF-8") \
+                from None
         return cls.from_dict(data, source=str(path))
 
 

@@ -5,7 +5,8 @@ registered in the :class:`~.fleet.Fleet`, whose reader runs until the connection
 watchdog marks neurons unhealthy after missed heartbeats (closing a silent connection so
 its requests fail fast) and removes them from the fleet later.
 
-Admission (:mod:`helexa.transport.admission`): at most ``max_pending_handshakes``
+Admission (:mod:`helexa.transport.admission`): at most ``max_pending_handshakes`` (or the
+control plane's share of the open-file limit, :mod:`.open_files`, when lower)
 connections between accept and join verdict, fewer while handshakes finish late (more are
 answered ``503`` and closed at once;
 a neuron redials on its own backoff with jitter, so a join storm spreads out); an address whose
@@ -109,6 +110,13 @@ class ControlServer:
         self.failed_joins = FailedJoins(config.failed_joins_burst, config.failed_joins_per_minute)
         self.read_budget = ReadBudget(config.max_handshake_bytes)
         """Bytes read from connections not yet joined, all together (``max_handshake_bytes``)."""
+
+    def cap_pending(self, limit: int) -> None:
+        """Admit at most ``limit`` pending handshakes (the control plane's share of the
+        open-file limit, :mod:`.open_files`) when that is below ``max_pending_handshakes``;
+        0: no open-file limit. Before :meth:`run`."""
+        if 0 < limit < self.pending.limit:
+            self.pending = PendingHandshakes(limit, stale_after=self.settings.handshake_timeout)
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; ``started`` reports the bound port."""

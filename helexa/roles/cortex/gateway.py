@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -69,6 +68,7 @@ from .http import HttpServer
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .ollama_models import OllamaModels
 from .ollama_surface import OllamaSurface, ollama_errors
+from . import open_files
 from .openai_surface import OpenAISurface, model_listing
 from .orchestrator import Orchestrator
 from .portal.admin import AdminApi
@@ -429,15 +429,18 @@ class Gateway:
 
     def _max_connections(self) -> int:
         """Connections one socket may hold (``gateway.max_connections``, else its even share
-        of the open-file limit, less 256 kept for the control plane, the ledger, models)."""
+        of the open-file limit with the control plane's pending handshakes:
+        :mod:`.open_files`)."""
         if self.config.max_connections:
             return self.config.max_connections
+        return self.connection_share()
+
+    def connection_share(self) -> int:
+        """Each socket's even share of the open-file limit (0: unlimited): the gateway's
+        listening sockets and the control plane's pending handshakes, one share each."""
         sockets = sum(len(p.config.listen) for p in self.portals.values())
         sockets += self.cortex_config.admin_socket is not None
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft == resource.RLIM_INFINITY:
-            return 0
-        return max(16, (soft - 256) // max(1, sockets))
+        return open_files.share(open_files.soft_limit(), sockets + 1)
 
     async def _hypercorn(self, app: PortalApp, host: str, port: int, tls: PortalConfig | None,
                          task_status: trio.TaskStatus[list[str]]) -> None:

@@ -51,6 +51,8 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import repr_socket_addr, wrap_app
 
+from helexa.transport.accept_errors import serve_listener
+
 from .h2_guard import H2Guard
 
 log = logging.getLogger("helexa.gateway.http")
@@ -210,8 +212,7 @@ async def serve(app: Any, config: Config, *, max_connections: int, head_timeout:
         async with trio.open_nursery() as accepting:
             for listener, bind in zip(listeners, binds, strict=True):
                 cap = _Cap(max_connections, bind)
-                accepting.start_soon(partial(trio.serve_listeners, partial(handle, cap), [listener],
-                                             handler_nursery=connections))
+                accepting.start_soon(serve_listener, partial(handle, cap), listener, f"HTTP {bind}", connections)
             task_status.started(binds)
             await shutdown_trigger()
             accepting.cancel_scope.cancel()

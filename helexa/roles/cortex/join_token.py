@@ -50,7 +50,8 @@ def record_fingerprint(data_dir: Path, cert_file: Path | None) -> str | None:
     """
     path = Path(data_dir) / FINGERPRINT
     if cert_file is None:
-        path.unlink(missing_ok=True)
+        if path.exists():  # (unlinking a missing file fails on a read-only data directory)
+            path.unlink()
         return None
     try:
         der = ssl.PEM_cert_to_DER_cert(Path(cert_file).read_text())

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import logging
 import signal
-import sqlite3
 import ssl
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -32,6 +30,7 @@ from . import admin_token, collector, join_token, neuron_keys
 from .config import CortexConfig
 from .config_files import check_key_files, check_tls_files, load_catalogue
 from .control_server import ControlServer
+from .data_files import check_writable, data_file, unusable
 from .fleet import Fleet
 from .gateway import Gateway
 from .metrics import Metrics
@@ -62,20 +61,6 @@ class CortexAddresses:
     """Each portal's URLs."""
 
 
-@contextmanager
-def _data_file(what: str, path: Path, fix: str) -> Iterator[None]:
-    """Turn a data-directory file that cannot be read or is corrupt into one clear line
-    (a :class:`ConfigError`: the CLI prints it and exits 2, no traceback). Nothing is
-    repaired or replaced on its own: each of these files is a key, a secret or money."""
-    try:
-        yield
-    except (ValueError, TypeError, UnicodeDecodeError, sqlite3.DatabaseError) as exc:
-        reason = str(exc).split(". See ")[0] or type(exc).__name__
-        raise ConfigError(f"{what} {path} is corrupt or truncated ({reason}): {fix}") from None
-    except OSError as exc:
-        raise ConfigError(f"{what} {path}: cannot read it ({exc.strerror or exc})") from None
-
-
 class Cortex:
     """Everything a cortex runs, composed.
 
@@ -94,21 +79,31 @@ class Cortex:
         self._loader = loader or (lambda: config.model_copy(deep=True))
         data = config.data_dir
         data.mkdir(parents=True, exist_ok=True, mode=0o700)
+        check_writable("the data directory", data)
+        store_dir = config.usage_store_path.parent
+        if str(config.usage_store_path) != ":memory:" and store_dir != data:
+            store_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            check_writable("the usage store's folder", store_dir)
         self._check_secrets()
         check_tls_files(config)
-        with _data_file("the node key", data / "identity.key",
+        with data_file("the node key", data / "identity.key",
                         "restore it from a backup, or remove it to start as a new peer"):
             self.identity = identity_mod.load_or_create(data / "identity.key")
-        with _data_file("the join token", join_token.path_in(data),
+        with data_file("the join token", join_token.path_in(data),
                         "run 'helexa join-token --rotate' and give neurons the new token"):
             join_token.load_or_create(data)
+        pin = data / join_token.FINGERPRINT
         try:
             join_token.record_fingerprint(data, config.tls_cert_file)
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
+            if exc.filename == str(pin):  # the data directory's pin file, not the certificate
+                raise unusable("the certificate pin", pin, exc) from None
             raise ConfigError(f"tls_cert_file: {exc}") from None
-        with _data_file("the admin token", admin_token.path_in(data), "run 'helexa admin-token --rotate'"):
+        except ValueError as exc:
+            raise ConfigError(f"tls_cert_file: {exc}") from None
+        with data_file("the admin token", admin_token.path_in(data), "run 'helexa admin-token --rotate'"):
             admin_token.load_or_create(data)
-        with _data_file("the neurons' key bindings", neuron_keys.path_in(data),
+        with data_file("the neurons' key bindings", neuron_keys.path_in(data),
                         "restore it from a backup, or remove it: each node id binds the key of its next join"):
             self.neuron_keys = neuron_keys.NeuronKeys(neuron_keys.path_in(data))
         self.fleet = Fleet()
@@ -117,11 +112,14 @@ class Cortex:
                                      keys=self.neuron_keys)
         self.catalogue = load_catalogue(config)
         self.orchestrator = Orchestrator(config, self.fleet, self.catalogue, Metrics())
-        with _data_file("the usage store", config.usage_store_path,
+        with data_file("the usage store", config.usage_store_path,
                         "it holds the API keys and the usage ledger: restore it from a backup"):
             self.gateway = Gateway(config, self.orchestrator,
                                    admin_token=lambda: admin_token.read(admin_token.path_in(data)),
                                    reload=self.reload, neuron_keys=self.neuron_keys)
+        # Strangers' connections to the control socket, and each gateway socket's, hold at
+        # most an even share of the open-file limit each (:mod:`.open_files`).
+        self.control.cap_pending(self.gateway.connection_share())
         self.mesh: Mesh | None = None
         self.federation: Federation | None = None
         self.ledger: Ledger | None = None
@@ -150,7 +148,7 @@ class Cortex:
             listen=mesh_cfg.listen, bootstrap=tuple(mesh_cfg.bootstrap), mdns=mesh_cfg.mdns,
             max_frame=self.config.max_frame_bytes, liveness_timeout=mesh_cfg.liveness_timeout,
             direct=mesh_cfg.direct, direct_port=mesh_cfg.direct_port))
-        with _data_file("the federation ledger", self.config.data_dir / "ledger.sqlite",
+        with data_file("the federation ledger", self.config.data_dir / "ledger.sqlite",
                         "it holds the peers' signed receipts: restore it from a backup"):
             self.ledger = Ledger(self.config.data_dir / "ledger.sqlite")
         offer = FleetOffer(self.fleet, self.catalogue, self.orchestrator.provisioner,
@@ -305,6 +303,8 @@ async def serve(config: CortexConfig, *, loader: Callable[[], CortexConfig] | No
                             cortex.reload()
                         except ConfigError:
                             pass  # logged by reload; the running config stays
+                        except Exception:  # a reload's failure never stops the cortex serving
+                            log.exception("reload failed, the running config stays")
                         continue
                     log.info("received %s: stopping", signal.Signals(sig).name)
                     cortex.stop()

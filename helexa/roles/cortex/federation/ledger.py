@@ -17,6 +17,7 @@ is never silently accepted, and never silently dropped either.
 
 from __future__ import annotations
 
+import logging
 import math
 import sqlite3
 import threading
@@ -28,6 +29,8 @@ import trio
 from helexa import secret_files
 from helexa.protocol import decode, encode
 from helexa.protocol.federation import Receipt
+
+log = logging.getLogger(__name__)
 
 SERVED = "served"
 CONSUMED = "consumed"
@@ -161,12 +164,30 @@ class Ledger:
                 counts[1] += receipt.prompt_tokens + receipt.completion_tokens
             return cur.rowcount == 1
 
+    def keep(self, direction: str, receipt: Receipt, *, flagged: bool = False, flag_reason: str = "") -> bool:
+        """:meth:`record`, for the federated request paths: a receipt the database refuses
+        (its disk full, its lock held by another process past the busy timeout) is logged
+        at ERROR with what it says (request, peer, tokens, cost, signature), and False is
+        returned. The request it ends was served already: its answer is not turned into a
+        500 or cut short (the usage ledger, which bills it, decides whether it is served).
+        Before, the ``OperationalError`` ended the request with a 500 (a stream cut without
+        an error event) after its usage row was written as billed."""
+        try:
+            return self.record(direction, receipt, flagged=flagged, flag_reason=flag_reason)
+        except sqlite3.Error as exc:
+            log.error("federation ledger %s: the %s receipt of %s (peer %s, %d+%d tokens, cost %s, signature %s) "
+                      "was not recorded: %s", self.path, direction, receipt.request_id,
+                      receipt.client_peer_id if direction == SERVED else receipt.server_peer_id,
+                      receipt.prompt_tokens, receipt.completion_tokens, receipt.cost, receipt.signature.hex(), exc)
+            return False
+
     async def arecord(self, direction: str, receipt: Receipt, *, flagged: bool = False, flag_reason: str = "") -> bool:
-        """:meth:`record`, made on this thread (a log append, see the module docstring);
-        durable against ``kill -9`` when it returns. It never yields to the scheduler, so
+        """:meth:`keep`, made on this thread (a log append, see the module docstring);
+        durable against ``kill -9`` once it returns (False: a duplicate, or refused and
+        logged). It never yields to the scheduler, so
         a cancellation can never skip it (it used to take a shielded checkpoint first: a
         scheduler round trip on both sides of every federated request, for nothing)."""
-        return self.record(direction, receipt, flagged=flagged, flag_reason=flag_reason)
+        return self.keep(direction, receipt, flagged=flagged, flag_reason=flag_reason)
 
     def entries(self, direction: str | None = None, peer_id: str | None = None) -> list[LedgerEntry]:
         sql = "SELECT direction, raw, flagged, flag_reason FROM receipts WHERE 1=1"

@@ -137,7 +137,7 @@ class ReceiptKeeper:
         if self.problems:
             log.warning("federation: receipt for %s from %s flagged: %s", e.request_id, e.server_peer_id,
                         "; ".join(self.problems))
-        self._ledger.record(CONSUMED, receipt, flagged=bool(self.problems), flag_reason="; ".join(self.problems))
+        self._ledger.keep(CONSUMED, receipt, flagged=bool(self.problems), flag_reason="; ".join(self.problems))
 
 
     def _own_prompt(self, tokens_seen: int) -> tuple[int, str]:

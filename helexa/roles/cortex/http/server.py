@@ -31,11 +31,12 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
-from functools import partial
 from typing import Any
 from urllib.parse import unquote
 
 import trio
+
+from helexa.transport.accept_errors import serve_listener
 
 from .connection import Connection, ErrorBody, plain_error
 from .errors import ClientGone, LocalProtocolError
@@ -145,7 +146,9 @@ class HttpServer:
             binds.append(f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}")
         async with trio.open_nursery() as nursery:
             async with trio.open_nursery() as accepting:
-                accepting.start_soon(partial(trio.serve_listeners, self._serve, listeners, handler_nursery=nursery))
+                for listener, bind in zip(listeners, binds, strict=True):
+                    # (a failed accept, the open-file limit reached, is said once a minute)
+                    accepting.start_soon(serve_listener, self._serve, listener, f"HTTP {bind}", nursery)
                 task_status.started(binds)
                 await self._stop.wait()
                 accepting.cancel_scope.cancel()

@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -56,7 +57,7 @@ from .portal import Portal
 from .quota import Account, Refusal, Reservation, admit
 from .routing import ASK_POLICY
 from .usage import UsageRecord
-from .writer import LedgerWriter
+from .writer import LedgerWriter, StoreUnavailable
 
 if TYPE_CHECKING:
     from ..orchestrator import OnWait, Orchestrator
@@ -166,10 +167,18 @@ class Metering(AccountBook):
         """Told of every settled request (the console's Traffic page; :mod:`..web.traffic`)."""
 
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)``, a blocking store call, off the trio thread."""
-        if self.writer.inline:
-            return fn(*args)
-        return await trio.to_thread.run_sync(fn, *args)
+        """``fn(*args)``, a blocking store call, off the trio thread. Raises
+        :class:`StoreUnavailable` (503) when SQLite refuses it (a full or failed disk, a lock
+        held past its busy timeout), logged at ERROR without a traceback: before, each was a
+        500 ``internal_error`` and a traceback."""
+        try:
+            if self.writer.inline:
+                return fn(*args)
+            return await trio.to_thread.run_sync(fn, *args)
+        except sqlite3.OperationalError as exc:
+            log.error("the usage store %s refused %s: %s", getattr(self.writer.store, "path", "?"),
+                      getattr(fn, "__name__", "a call"), exc)
+            raise StoreUnavailable(str(exc)) from None
 
     # --- planning --------------------------------------------------------------------------
 

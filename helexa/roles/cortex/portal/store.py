@@ -88,8 +88,9 @@ class Store(Protocol):
     def keys(self) -> list[ApiKey]:
         ...
 
-    def append(self, records: Sequence[UsageRecord]) -> None:
-        """Add ledger rows in one transaction, durable on return."""
+    def append(self, records: Sequence[UsageRecord], *, wait: float | None = None) -> None:
+        """Add ledger rows in one transaction, durable on return. ``wait``: the longest to
+        wait for another writer's lock (an operator's ``sqlite3`` session) before raising."""
         ...
 
     def spent_since(self, column: str, since: float,
@@ -122,6 +123,10 @@ def _where(portal: str | None, key_id: str | None, since: float | None, until: f
             clauses.append(f"{column} {op} ?")
             args.append(value)
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), args
+
+
+_BUSY_MS = 10_000
+"""How long a statement waits for another connection's lock (milliseconds)."""
 
 
 class StoreInUse(ConfigError):
@@ -169,7 +174,7 @@ class SqliteStore:
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={self.synchronous}")
-        db.execute("PRAGMA busy_timeout=10000")
+        db.execute(f"PRAGMA busy_timeout={_BUSY_MS}")
         db.executescript(_SCHEMA)
         return db
 
@@ -202,20 +207,28 @@ class SqliteStore:
 
     # --- the ledger ------------------------------------------------------------------------
 
-    def append(self, records: Sequence[UsageRecord]) -> None:
+    def append(self, records: Sequence[UsageRecord], *, wait: float | None = None) -> None:
+        with self._wlock:
+            if wait is not None:
+                self._w.execute(f"PRAGMA busy_timeout={max(0, int(wait * 1000))}")
+            try:
+                self._append(records)
+            finally:
+                if wait is not None:
+                    self._w.execute(f"PRAGMA busy_timeout={_BUSY_MS}")
+
+    def _append(self, records: Sequence[UsageRecord]) -> None:
         if len(records) == 1:  # one statement, its own transaction (autocommit)
-            with self._wlock:
-                self._w.execute(_INSERT, _ROW(records[0]))
+            self._w.execute(_INSERT, _ROW(records[0]))
             return
         rows = [_ROW(r) for r in records]
-        with self._wlock:
-            self._w.execute("BEGIN IMMEDIATE")
-            try:
-                self._w.executemany(_INSERT, rows)
-            except BaseException:
-                self._w.execute("ROLLBACK")
-                raise
-            self._w.execute("COMMIT")
+        self._w.execute("BEGIN IMMEDIATE")
+        try:
+            self._w.executemany(_INSERT, rows)
+        except BaseException:
+            self._w.execute("ROLLBACK")
+            raise
+        self._w.execute("COMMIT")
 
     def spent_since(self, column: str, since: float,
                     currencies: Mapping[str, str] | None = None) -> dict[str, tuple[float, int]]:

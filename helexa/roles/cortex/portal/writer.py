@@ -44,12 +44,54 @@ class LedgerError(NoCapacity):
         return self.detail
 
 
-class _Waiter:
-    __slots__ = ("event", "error")
+class StoreUnavailable(NoCapacity):
+    """The store (keys, the ledger's reports, stored responses) refused a read or a write:
+    its disk is full or failed, another connection held its lock past SQLite's busy timeout,
+    it went read-only. 503 ``store_unavailable`` with ``Retry-After``, in the surface's (or
+    the admin API's) error shape; the detail goes to the log, not to the client."""
 
-    def __init__(self) -> None:
+    code = "store_unavailable"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("the cortex cannot use its store now (the operator's log says why); retry later",
+                         retry_after=5.0)
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return self.detail
+
+
+class _Waiter:
+    """One record's wait for its commit. Its request gives up at ``deadline`` only while the
+    record still waits in the queue (:meth:`abandon`): the thread then leaves it out. Once
+    the thread has taken it into a commit (:meth:`claim`), the commit's outcome is the
+    record's: a request told it was not served (or charged) must have no row in the ledger."""
+
+    __slots__ = ("event", "error", "deadline", "_lock", "_state")
+
+    def __init__(self, deadline: float) -> None:
         self.event = trio.Event()
         self.error: BaseException | None = None
+        self.deadline = deadline
+        """``time.monotonic()`` past which the request gives up on a record not yet committing."""
+        self._lock = threading.Lock()
+        self._state = "queued"
+
+    def claim(self) -> bool:
+        """The writer thread takes the record into a commit; False if its request gave up."""
+        with self._lock:
+            if self._state == "abandoned":
+                return False
+            self._state = "claimed"
+            return True
+
+    def abandon(self) -> bool:
+        """The request gives up on the record; False if a commit has it already."""
+        with self._lock:
+            if self._state == "claimed":
+                return False
+            self._state = "abandoned"
+            return True
 
     def done(self, error: BaseException | None) -> None:
         self.error = error
@@ -114,19 +156,29 @@ class LedgerWriter:
             return
         if self._token is None:
             raise LedgerError("the ledger writer is not running")
-        waiter = _Waiter()
+        waiter = _Waiter(time.monotonic() + self.timeout)
         self._queue.put((record, waiter))
         with trio.move_on_after(self.timeout):
             await waiter.event.wait()
-        if not waiter.event.is_set():
+        if not waiter.event.is_set() and waiter.abandon():
             raise LedgerError(f"the usage record of {record.request_id} was not on disk within {self.timeout:g}s")
+        if not waiter.event.is_set():
+            # Its commit is under way: it waits for no lock past this record's deadline (the
+            # thread set that), so what remains is the disk's own write.
+            with trio.move_on_after(self.timeout):
+                await waiter.event.wait()
+            if not waiter.event.is_set():
+                log.error("usage ledger: the commit holding the record of %s has not returned in %gs; the "
+                          "request fails, but its record may yet be written", record.request_id, 2 * self.timeout)
+                raise LedgerError(f"the usage record of {record.request_id} was not on disk within "
+                                  f"{2 * self.timeout:g}s")
         if waiter.error is not None:
             raise LedgerError(f"the usage record of {record.request_id} could not be written: "
                               f"{waiter.error}") from waiter.error
 
-    def _commit(self, records: list[UsageRecord]) -> None:
+    def _commit(self, records: list[UsageRecord], *, wait: float | None = None) -> None:
         t0 = time.perf_counter()
-        self.store.append(records)
+        self.store.append(records, wait=wait)
         took = time.perf_counter() - t0
         s = self.stats
         s.commits += 1
@@ -152,11 +204,16 @@ class LedgerWriter:
                     stopping = True
                 else:
                     batch.append(more)
+            batch = [(r, w) for r, w in batch if w.claim()]  # not those whose requests gave up
             if not batch:
                 continue
+            # Another writer's lock (an operator's sqlite3 session) is waited for only until the
+            # first deadline in the batch: a record committed after its request gave up would
+            # bill a request that was refused as not served.
+            wait = max(0.0, min(w.deadline for _, w in batch) - time.monotonic())
             error: BaseException | None = None
             try:
-                self._commit([r for r, _ in batch])
+                self._commit([r for r, _ in batch], wait=wait)
             except Exception as exc:  # reported to every waiter; the thread goes on
                 log.error("usage ledger: a commit of %d record(s) failed: %s", len(batch), exc)
                 error = exc
