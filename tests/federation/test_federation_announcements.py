@@ -163,6 +163,6 @@ def test_the_memory_of_expired_offers_is_bounded():
 
     memory = OfferMemory(grace=60.0, capacity=3)
     for i in range(10):
-        memory.offered("p", [f"m{i}"], NOW + i)
+        memory.offered("p", [OfferedModel(f"m{i}", True)], NOW + i)
     assert len(memory) == 3
     assert [memory.unavailable(f"m{i}", NOW + 10) for i in (6, 7, 8, 9)] == [False, True, True, True]

@@ -155,9 +155,10 @@ class PeerTable:
             return False
         self._latest[ann.peer_id] = ann
         self.version += 1
-        offered = [m.model_id for m in ann.models] if ann.policy.serves_peers else []
+        offered = list(ann.models) if ann.policy.serves_peers else []
         before = [m.model_id for m in prev.models] if prev is not None and prev.policy.serves_peers else []
-        self.recent.offered(ann.peer_id, offered, ann.issued_at + ann.ttl, withdrawn=set(before) - set(offered))
+        self.recent.offered(ann.peer_id, offered, ann.issued_at + ann.ttl,
+                            withdrawn=set(before) - {m.model_id for m in offered}, operator=ann.operator)
         return True
 
     def ingest(self, data: bytes, *, origin: str | None, now: float) -> Announcement | None:
