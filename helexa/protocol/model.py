@@ -12,6 +12,30 @@ from .codec import Json
 ModelId = str
 """A logical model identifier, as clients name it (``"smollm2-135m-instruct"``)."""
 
+MAX_MODEL_ID = 256
+"""The longest model id a cortex takes from its catalogue, its neurons or its peers (a
+hub repository and file name fit; a request's ``model`` longer than this names nothing)."""
+MAX_NEURON_MODELS = 1024
+"""The most models one neuron's report (a join, a heartbeat) may name; past it the rest are
+dropped (a neuron holds a few; each one reported is in the fleet document pushed to
+consoles every second, in ``/metrics`` labels and in the cortex's memory)."""
+
+
+def model_id_problem(model_id: object) -> str | None:
+    """Why ``model_id`` cannot name a model (not a string, empty, longer than
+    :data:`MAX_MODEL_ID`, or holding a control or other unprintable character, which
+    forged log lines and terminal output), or None when it can. Like
+    :func:`~.join.node_id_problem`."""
+    if not isinstance(model_id, str):
+        return f"the model id is a {type(model_id).__name__}, not a string"
+    if not model_id:
+        return "the model id is empty"
+    if len(model_id) > MAX_MODEL_ID:
+        return f"the model id {model_id[:64]!r}... is {len(model_id)} characters long; at most {MAX_MODEL_ID}"
+    if not model_id.isprintable():
+        return f"the model id {model_id[:64]!r} holds a control or other unprintable character"
+    return None
+
 
 class Workload(enum.Enum):
     """What kind of work a model can do."""

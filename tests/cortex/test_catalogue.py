@@ -57,6 +57,9 @@ def test_parses_every_field(tmp_path) -> None:
         ('[models."x"]\nbackend = "s"\nmemory_mb = -1\n', "models.x.memory_mb"),
         ('[models."x"]\nbackend = "s"\nbogus = 1\n', "models.x.bogus"),
         ("[models\n", "not valid TOML"),
+        # what a cortex takes from its neurons' reports: at most 256 printable characters
+        (f'[models."{"x" * 257}"]\nbackend = "s"\n', r"models.'x{64}'.id: the model id 'x{64}'... is 257 characters"),
+        ('[models."a\\nb"]\nbackend = "s"\n', r"models.'a\\nb'.id: the model id 'a\\nb' holds a control"),
     ],
 )
 def test_bad_files_are_rejected_naming_the_field(tmp_path, text, fragment) -> None:

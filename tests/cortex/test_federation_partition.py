@@ -7,6 +7,7 @@ offers ``tiny``; the partition is B's host closing."""
 
 from __future__ import annotations
 
+import time
 from contextlib import asynccontextmanager
 
 import anthropic
@@ -23,6 +24,7 @@ from helexa.mesh.libp2p_mesh import Libp2pMesh
 from helexa.protocol import GenerateResult, TokenChunk, Usage
 from helexa.protocol.federation import OfferedModel
 from helexa.roles.cortex.federation.ledger import Ledger
+from helexa.roles.cortex.federation.policy import AskPolicy, Outbound
 from helexa.roles.cortex.federation.service import Federation, FederationSettings
 from helexa.roles.cortex.fleet import Fleet
 from helexa.roles.cortex.peering import PeerRouter
@@ -113,3 +115,56 @@ async def test_a_peers_model_is_unavailable_during_a_partition_then_unknown(nurs
             assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
             assert "retry-after" not in r.headers
     assert len(fa.table.recent) == 0  # nothing kept of it
+
+
+async def test_a_model_only_a_peer_our_policy_excludes_served_stays_refused_after_its_offer_expires(
+        nursery, tmp_path) -> None:
+    """While B announced ``tiny``, A's outbound policy (only listed peers, B not among them)
+    refused it: 403 ``outbound_refused``. Once B's offer expired, the partition grace must
+    not turn that into "temporarily unavailable" (503, which clients retry, to get 403 at
+    best): it stays 403 for the grace, then the model is unknown (404)."""
+    ids = [Identity(Ed25519PrivateKey.generate()) for _ in range(2)]
+    a, b = Libp2pMesh(ids[0].seed, MeshSettings()), Libp2pMesh(ids[1].seed, MeshSettings())
+    fa = Federation(mesh=a, identity=ids[0], operator="A", ledger=Ledger(tmp_path / "a.sqlite"), offer_fn=lambda: [],
+                    ask_policy=AskPolicy(outbound=Outbound.LISTED, operators=frozenset({"C"})),
+                    settings=FederationSettings(announce_interval=0.2, unavailable_grace=GRACE))
+    fb = Federation(mesh=b, identity=ids[1], operator="B", ledger=Ledger(tmp_path / "b.sqlite"),
+                    offer_fn=lambda: [OfferedModel("tiny", True, price_input=1.0, price_output=2.0)],
+                    serve_generate=serve_tiny, settings=FederationSettings(announce_interval=0.2, announcement_ttl=TTL))
+    b_side = trio.CancelScope()
+
+    async def run_b(task_status=trio.TASK_STATUS_IGNORED):
+        with b_side:
+            async with trio.open_nursery() as b_nursery:
+                addrs = await b_nursery.start(b.run)
+                await b_nursery.start(fb.run)
+                task_status.started(addrs)
+
+    addrs = await nursery.start(run_b)
+    await nursery.start(a.run)
+    await nursery.start(fa.run)
+    await a.connect(addrs[0], timeout=10)
+    async with serving(Fleet(), CATALOGUE) as (gateway, url):
+        gateway.orchestrator.set_remote_router(PeerRouter(fa))
+        with trio.fail_after(20):
+            while not fa.table.offers("tiny", time.time()):
+                await trio.sleep(0.05)
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            r = await http.post("/v1/chat/completions", json=CHAT)
+            assert r.status_code == 403 and r.json()["error"]["code"] == "outbound_refused", r.text
+
+            b_side.cancel()  # B goes away; its offer expires
+            with trio.fail_after(TTL + 5):
+                while fa.table.offers("tiny", time.time()):
+                    await trio.sleep(0.05)
+            expired_at = trio.current_time()
+            r = await http.post("/v1/chat/completions", json=CHAT)
+            assert trio.current_time() - expired_at < GRACE
+            assert r.status_code == 403 and r.json()["error"]["code"] == "outbound_refused", r.text
+            assert "retry-after" not in r.headers
+            r = await http.post("/v1/messages", json={"max_tokens": 8, **CHAT})
+            assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error", r.text
+
+            await trio.sleep(GRACE + 0.5 - (trio.current_time() - expired_at))
+            r = await http.post("/v1/chat/completions", json=CHAT)
+            assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"

@@ -163,6 +163,28 @@ def test_the_memory_of_expired_offers_is_bounded():
 
     memory = OfferMemory(grace=60.0, capacity=3)
     for i in range(10):
-        memory.offered("p", [f"m{i}"], NOW + i)
+        memory.offered("p", [OfferedModel(f"m{i}", True)], NOW + i)
     assert len(memory) == 3
     assert [memory.unavailable(f"m{i}", NOW + 10) for i in (6, 7, 8, 9)] == [False, True, True, True]
+
+
+def test_model_ids_no_request_could_name_are_dropped_from_a_peers_offer_and_logged_once(caplog):
+    """Only the 64 KiB announcement bounded a peer's model ids: one could offer a 60,000
+    character name, or one that forges log lines, into ``/v1/models`` and the console. They
+    are dropped (the rest of its offer stands), logged once for the peer."""
+    ident = new_identity()
+    table = PeerTable()
+    models = (OfferedModel("m", True), OfferedModel("x" * 60_000, True), OfferedModel("a\nb", True),
+              OfferedModel("n" * 256, True))
+    with caplog.at_level("WARNING", logger="helexa.roles.cortex.federation.announcements"):
+        for seq in (1, 2, 3):
+            ann = announce(ident, models=models, seq=seq, issued_at=NOW + seq)
+            assert table.ingest(encode(ann), origin=ann.peer_id, now=NOW + seq) is not None
+    assert set(table.models(NOW + 4)) == {"m", "n" * 256}
+    assert not table.offers("x" * 60_000, NOW + 4) and not table.offers("a\nb", NOW + 4)
+    assert table.rejected["bad_model_id"] == 6
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "2 model(s)" in warned[0] and "60000 characters long" in warned[0]
+    assert "\n" not in warned[0] and len(warned[0]) < 1000
+    table.expire(NOW + 40)
+    assert not table.unavailable("x" * 60_000, NOW + 40) and table.unavailable("m", NOW + 40)

@@ -92,3 +92,71 @@ async def test_unload_waits_for_in_flight_requests(autojump_clock):
             reg.acquire("s")
         reg.release("s")
     assert done_at == [pytest.approx(5.0)]
+
+
+async def test_an_unload_cancelled_while_its_requests_drain_leaves_the_model_loaded_and_wakes_its_waiters(
+        autojump_clock):
+    # The neuron's drain cancels its unloads when its own deadline (max(grace, 5 s)) fires,
+    # which can be the instant the registry's 5 s wait for in-flight requests ends. Before,
+    # a cancel there left the model `unloading` for good and whoever waited for that unload
+    # (a load, another unload) waiting for ever.
+    seen: list[ModelState] = []
+    reg = ModelRegistry(on_status=lambda st: seen.append(st.state))
+    reg.upsert(ModelConfig("s", "synthetic"))
+    await reg.load("s", lambda *a: None)
+    reg.acquire("s")
+    scope = trio.CancelScope()
+    loaded = []
+
+    async def unload() -> None:
+        with scope:
+            await reg.unload("s", drain_timeout=5.0)
+
+    async def load() -> None:
+        loaded.append(await reg.load("s", lambda *a: None))
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(unload)
+            await trio.sleep(4.0)
+            assert reg.status("s").state is ModelState.UNLOADING
+            nursery.start_soon(load)  # waits for the unload to settle
+            await trio.sleep(0.5)
+            scope.cancel()  # the drain's deadline, just before the unload's own (at 5 s) here: deterministic
+    assert reg.status("s").state is ModelState.LOADED
+    assert [st.state for st in loaded] == [ModelState.LOADED]
+    assert seen[-2:] == [ModelState.UNLOADING, ModelState.LOADED]
+    reg.release("s")
+    with trio.fail_after(60):
+        assert (await reg.unload("s")).state is ModelState.CONFIGURED
+
+
+async def test_a_model_failed_for_a_wedged_engine_is_abandoned_not_unloaded():
+    # Its engine's thread is stuck in the backend (ModelRegistry.wedged): unloading it
+    # would free what that thread uses, or wait on it for ever. Unloading the failed model
+    # and loading it again both leave the old backend alone and build a new one.
+    built: list[str] = []
+    reg = ModelRegistry(factory=counting_factory(built))
+    reg.upsert(ModelConfig("s", "synthetic"))
+    await reg.load("s", lambda *a: None)
+    backend = reg.acquire("s")
+    unloaded = []
+
+    async def spy_unload() -> None:
+        unloaded.append(backend)
+
+    backend.unload = spy_unload
+    reg.wedged("s", backend, "req-1", 1.0)
+    assert reg.status("s").state is ModelState.FAILED
+    assert (await reg.unload("s")).state is ModelState.CONFIGURED
+    assert unloaded == []
+    await reg.load("s", lambda *a: None)
+    assert reg.status("s").state is ModelState.LOADED and built == ["s", "s"]
+    assert reg.acquire("s") is not backend
+    # Failed for a wedge again, then loaded again straight away: abandoned as well.
+    backend2 = reg.acquire("s")
+    backend2.unload = spy_unload
+    reg.wedged("s", backend2, "req-2", 1.0)
+    await reg.load("s", lambda *a: None)
+    assert unloaded == [] and built == ["s", "s", "s"]
+    reg.release("s")

@@ -397,3 +397,26 @@ async def test_a_urls_credentials_and_signature_never_reach_an_error_or_the_log(
     assert f"{rest}?***" in logged.getvalue()  # the file is still named in the log
     for leak in ("s3cretpass", "SIG0123", "TOK0456"):
         assert leak not in message and leak not in logged.getvalue()
+
+
+async def test_the_download_locks_go_when_no_download_holds_them(hub, tiny_bytes, tmp_path):
+    # One lock per file fetched used to stay for the neuron's life: a neuron that fetched
+    # many models over months kept an entry for each.
+    hub.add_repo(REPO, {FILE: tiny_bytes})
+    mirror = hub.add_url("mirror.gguf", tiny_bytes)
+    other = hub.add_url("other.bin", os.urandom(1000))
+    sources = make_sources(hub, tmp_path / "cache")
+    fetched = []
+
+    async def fetch(source: str, sha256: str | None, model_id: str) -> None:
+        fetched.append(await sources.fetch(config(source, model_id, sha256=sha256), Progress()))
+
+    async with trio.open_nursery() as nursery:  # two sources of one blob wait on one lock
+        nursery.start_soon(fetch, f"hf://{REPO}/{FILE}", None, "a")
+        nursery.start_soon(fetch, mirror, sha(tiny_bytes), "b")
+        nursery.start_soon(fetch, other, None, "c")
+    assert len(fetched) == 3 and len(hub.gets("/cdn/")) + len(hub.gets("/files/")) == 2
+    assert sources._writing == {}
+    with pytest.raises(LoadFailed):  # a failed download gives its lock back too
+        await sources.fetch(config(hub.add_url("bad.bin", b"x" * 100), "d", sha256="0" * 64), Progress())
+    assert sources._writing == {}

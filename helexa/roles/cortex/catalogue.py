@@ -74,6 +74,7 @@ from pydantic import (
 
 from helexa.logs import redact
 from helexa.protocol import Feature, Hardware, ModelCapability, ModelConfig, Workload, parse_source
+from helexa.protocol.model import model_id_problem
 
 MB = 1024 * 1024
 
@@ -179,6 +180,15 @@ class CatalogueEntry(BaseModel):
     owned_by: str = "helexa"
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     source: str | None = None
+
+    @field_validator("id")
+    @classmethod
+    def _model_id(cls, value: str) -> str:
+        # What a cortex takes from its neurons' reports (:func:`.neuron_reports.named_models`):
+        # a model its neurons would report under a longer or unprintable id would be dropped.
+        if (problem := model_id_problem(value)) is not None:
+            raise ValueError(problem)
+        return value
 
     @field_validator("source")
     @classmethod
@@ -323,8 +333,10 @@ class Catalogue:
             raise CatalogueError(f"{source}: [models] must be a table of model tables")
         entries, problems = [], []
         for model_id, table in models.items():
+            # named in a problem's line as it can be read
+            name = model_id if len(model_id) <= 64 and model_id.isprintable() else repr(model_id[:64])
             if not isinstance(table, dict):
-                problems.append(f"{source}: models.{model_id} must be a table")
+                problems.append(f"{source}: models.{name} must be a table")
                 continue
             try:
                 entries.append(CatalogueEntry.model_validate({**table, "id": model_id}))
@@ -332,7 +344,7 @@ class Catalogue:
                 for err in exc.errors(include_url=False):
                     loc = "".join(f".{p}" for p in err["loc"])
                     msg = redact(err["msg"].removeprefix("Value error, "))  # a source URL's secrets
-                    problems.append(f"{source}: models.{model_id}{loc}: {msg}")
+                    problems.append(f"{source}: models.{name}{loc}: {msg}")
         if problems:
             raise CatalogueError(problems[0], problems)
         return cls(entries)

@@ -72,7 +72,9 @@ class RemoteRouter(Protocol):
 
     def unavailable(self, model_id: str) -> float | None:
         """The Retry-After for ``model_id`` when no live peer offers it but one did lately
-        (a partition): temporarily unavailable, not unknown. None otherwise."""
+        (a partition): temporarily unavailable, not unknown. None otherwise. Raises
+        ``OutboundRefused`` when the peers that offered it lately are all ones the outbound
+        policy excludes (refused, as while they offered it)."""
         ...
 
     def listing(self) -> dict[str, dict[str, Any]]:

@@ -42,11 +42,12 @@ from helexa.protocol import (
     UpsertModelConfig,
 )
 from helexa.protocol.compat import for_earlier
+from helexa.protocol.model import MAX_NEURON_MODELS
 from helexa.transport import Channel, ChannelClosed
 
 from .fleet import CommandTimeout, Health, NeuronGone, RemoteError
 from .link_stream import LinkStream
-from .neuron_reports import sane_descriptor, sane_embed, sane_metrics, sane_result
+from .neuron_reports import named_models, sane_descriptor, sane_embed, sane_metrics, sane_result
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,9 @@ class NeuronLink:
         self.health = Health.HEALTHY
         self.connected = True
         self.metrics = NeuronMetrics(ram_total=descriptor.hardware.ram_total)
+        self._dropped_logged = False
+        models = self._named(models, "its join's models")
+        configs = self._named(configs, "its join's model configs")
         self.models: dict[str, ModelStatus] = {m.model_id: m for m in models}
         now = trio.current_time()
         self.loaded_since: dict[str, float] = {m.model_id: now for m in models if m.state is ModelState.LOADED}
@@ -267,7 +271,7 @@ class NeuronLink:
         old = self.models
         new: dict[str, ModelStatus] = {}
         changed = False
-        for m in models:
+        for m in self._named(models, "a heartbeat's models", old):
             new[m.model_id] = m
             if (prev := old.get(m.model_id)) is None or prev.state is not m.state:
                 changed = True
@@ -289,8 +293,28 @@ class NeuronLink:
             self.models[model_id] = replace(cur, state=ModelState.FAILED, error=reason)
             self._on_change()
 
+    def _named(self, items, what: str, known=()):  # noqa: ANN001, ANN202 (statuses or configs, as given)
+        """``items`` less what :func:`.neuron_reports.named_models` drops (logged)."""
+        kept, problems = named_models(items, known)
+        if problems:
+            self._dropped(what, problems)
+        return kept
+
+    def _dropped(self, what: str, problems: list[str]) -> None:
+        """The first time a report from this neuron loses models, one WARNING says what and why."""
+        level = logging.DEBUG if self._dropped_logged else logging.WARNING
+        self._dropped_logged = True
+        log.log(level, "neuron %s: %s: %s (logged once a connection)", self.node_id, what, "; ".join(problems))
+
     def _set_model(self, status: ModelStatus) -> None:
         prev = self.models.get(status.model_id)
+        if prev is None:
+            if len(self.models) >= MAX_NEURON_MODELS:
+                self._dropped("a model status", [f"it holds {MAX_NEURON_MODELS} models already, at most that many "
+                                                 f"are taken: {status.model_id[:64]!r} dropped"])
+                return
+            if not self._named((status,), "a model status"):
+                return
         if status.state is ModelState.LOADED and (prev is None or prev.state is not ModelState.LOADED):
             self.loaded_since[status.model_id] = trio.current_time()
         self.models[status.model_id] = status

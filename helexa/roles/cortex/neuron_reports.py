@@ -7,13 +7,20 @@ peer's is (:mod:`.federation.peer_usage`, whose bounds these are): a chunk count
 one token a byte it carries, a result's usage at most ``max_tokens`` and what was seen;
 a negative count is a broken frame. Its heartbeat's figures drive scheduling, the fleet
 view, ``helexa status`` and ``/metrics``: a negative or not-a-number figure is read as
-zero (a neuron reporting ``queued = -10**9`` drew every request to itself).
+zero (a neuron reporting ``queued = -10**9`` drew every request to itself). The models it
+names (a join's statuses and configs, a heartbeat's, a status frame's) are held to
+:func:`~helexa.protocol.model.model_id_problem` and at most
+:data:`~helexa.protocol.model.MAX_NEURON_MODELS` a report (:func:`named_models`): only the
+16 MiB frame bounded them, and one neuron could push megabytes of names into the fleet
+document consoles get every second, ``/metrics`` labels and the cortex's memory.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Container, Sequence
 from dataclasses import replace
+from typing import Protocol, TypeVar
 
 from helexa.protocol import (
     EmbedRequest,
@@ -26,6 +33,7 @@ from helexa.protocol import (
     ProtocolError,
     TokenChunk,
 )
+from helexa.protocol.model import MAX_NEURON_MODELS, model_id_problem
 
 from .federation.peer_usage import (
     UNBOUNDED_MAX_TOKENS,
@@ -41,6 +49,7 @@ __all__ = [
     "UNBOUNDED_MAX_TOKENS",
     "counted_chunk",
     "cut_result",
+    "named_models",
     "sane_descriptor",
     "sane_embed",
     "sane_metrics",
@@ -119,3 +128,40 @@ def sane_descriptor(d: NeuronDescriptor) -> NeuronDescriptor:
     return replace(d, hardware=replace(hw, cpu_cores=_count(hw.cpu_cores), ram_total=_count(hw.ram_total),
                                        gpus=gpus))
 
+
+
+class _Named(Protocol):
+    @property
+    def model_id(self) -> str: ...
+
+
+N = TypeVar("N", bound=_Named)
+
+
+def named_models(items: Sequence[N], known: Container[str] = ()) -> tuple[Sequence[N], list[str]]:
+    """The entries of a neuron's report (model statuses or configs) that may stand, and why
+    the others were dropped (empty when none was: then ``items`` itself comes back).
+
+    At most :data:`MAX_NEURON_MODELS` (the first ones), each named by an id
+    :func:`model_id_problem` takes. Ids in ``known`` (taken from this neuron before) are not
+    checked again: a heartbeat names the same models each second. Dropping rather than
+    refusing the frame keeps a neuron working whatever release it runs (nothing new is sent
+    to it); the caller logs the reasons for the operator."""
+    problems: list[str] = []
+    if len(items) > MAX_NEURON_MODELS:
+        problems.append(f"it named {len(items)} models, at most {MAX_NEURON_MODELS} are taken: the rest are dropped")
+        items = items[:MAX_NEURON_MODELS]
+    bad = None
+    for i, m in enumerate(items):
+        if m.model_id in known:
+            continue
+        if (problem := model_id_problem(m.model_id)) is not None:
+            if bad is None:
+                bad = set()
+                problems.append(f"{problem}: dropped")
+            bad.add(i)
+    if bad:
+        items = [m for i, m in enumerate(items) if i not in bad]
+        if len(bad) > 1:
+            problems.append(f"{len(bad) - 1} more model id(s) too long or unprintable: dropped")
+    return items, problems

@@ -274,7 +274,7 @@ class PeerRouter:
         return self.federation.can_route(model_id, also=ASK_POLICY.get())
 
     def unavailable(self, model_id: str) -> float | None:
-        return self.federation.unavailable(model_id)
+        return self.federation.unavailable(model_id, also=ASK_POLICY.get())
 
     async def keep_receipt(self, request_id: str) -> None:
         """Keep the consumed receipt of ``request_id`` (as recorded in the federation

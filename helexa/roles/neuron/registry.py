@@ -187,8 +187,7 @@ class ModelRegistry:
         e.settled = trio.Event()
         e.progress = 0.0
         self._set(model_id, ModelState.LOADING)
-        await self._discard(e)  # what a crashed (or wedged) backend left behind
-        e.wedged = False
+        await self._discard(e)  # what a crashed (or wedged: abandoned) backend left behind
         backend: Backend | None = None
         fetched: Fetched | None = None
 
@@ -245,18 +244,28 @@ class ModelRegistry:
         if e.state in (ModelState.LOADING, ModelState.UNLOADING):
             await e.settled.wait()
         if e.state is ModelState.FAILED and e.backend is not None:  # its worker died, or its engine wedged
-            await self._discard(e)
-            e.wedged = False
+            await self._discard(e)  # a wedged one is abandoned, not unloaded
             self._set(model_id, ModelState.CONFIGURED)
             return self.status(model_id)
         if e.state is not ModelState.LOADED or e.backend is None:
             return self.status(model_id)
         e.settled = trio.Event()
         self._set(model_id, ModelState.UNLOADING)
-        with trio.move_on_after(drain_timeout):
-            while e.in_flight and not e.wedged:
-                e.idle = trio.Event()
-                await e.idle.wait()
+        try:
+            with trio.move_on_after(drain_timeout):
+                while e.in_flight and not e.wedged:
+                    e.idle = trio.Event()
+                    await e.idle.wait()
+        except BaseException:
+            # Cancelled from outside while its requests drained (the neuron's drain ran out of
+            # time at the instant this wait did, a connection closing under an operator's
+            # unload): nothing was unloaded, so the model is loaded still (or failed, if it
+            # wedged meanwhile), and whoever waits for this unload is woken, never left
+            # waiting on a model stuck in ``unloading``.
+            if e.state is ModelState.UNLOADING:
+                self._set(model_id, ModelState.LOADED)
+            e.settled.set()
+            raise
         if e.in_flight and not e.wedged and self.cut is not None and not e.backend.kills_wedged:
             with trio.CancelScope(shield=True):  # bounded: each request is judged within its cancel_grace
                 await self.cut(model_id, "its model's unload stopping it")
@@ -280,9 +289,15 @@ class ModelRegistry:
         return self.status(model_id)
 
     async def _discard(self, e: _Entry) -> None:
-        """Free a backend that failed by itself (its worker died) and the files it held."""
+        """Free a backend that failed by itself (its worker died) and the files it held. A
+        wedged one (:meth:`wedged`) is abandoned instead: a thread is stuck in it, and its
+        unload would free what that thread uses, or wait on it for ever; the thread and what
+        it holds stay until the neuron restarts, and the next load builds a new backend."""
         backend, e.backend = e.backend, None
-        if backend is not None:
+        if backend is not None and e.wedged:
+            log.warning("model %s: its wedged backend is abandoned, not unloaded (a thread is still stuck in it)",
+                        e.config.model_id)
+        elif backend is not None:
             with trio.CancelScope(shield=True):
                 try:
                     await backend.unload()
@@ -291,6 +306,7 @@ class ModelRegistry:
         if e.fetched is not None:
             self.sources.release(e.fetched)
             e.fetched = None
+        e.wedged = False
 
     async def unload_all(self, *, kill_after: float = math.inf) -> None:
         """Unload every model, side by side (the neuron is stopping). A backend still

@@ -27,6 +27,8 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit
@@ -103,6 +105,14 @@ class _Meter:
         self.file = 0
 
 
+@dataclass
+class _KeyLock:
+    """A download lock and how many downloads hold or wait for it."""
+
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    users: int = 0
+
+
 class ModelSources:
     """The neuron's model sources and their cache (see the module docstring).
 
@@ -120,11 +130,12 @@ class ModelSources:
             min_free_bytes=int(self.config.min_free_gb * GB),
         )
         self._flights: dict[str, _Flight] = {}
-        self._writing: dict[str, trio.Lock] = {}
+        self._writing: dict[str, _KeyLock] = {}
         """One download at a time of the bytes one SHA-256 names (else of one partial file):
         two sources can name the same bytes (a hub file and a URL mirror of it with its
         sha256), and the second then finds the first's blob. Each writes its own partial
-        file (:func:`_part_name`)."""
+        file (:func:`_part_name`). An entry lives while some download holds or waits for it
+        (:meth:`_writer`): a neuron that fetches many models over months kept one per file."""
         self._verified: dict[tuple[str, int, int], str] = {}
 
     async def fetch(self, config: ModelConfig, progress: ProgressFn) -> Fetched:
@@ -233,7 +244,7 @@ class ModelSources:
                 meter.reservations.append(self.cache.reserve(size - already, partials=[part]))
                 meter.total = (meter.total or 0) + size
 
-        async with self._writing.setdefault(f.sha256 or part.name, trio.Lock()):
+        async with self._writer(f.sha256 or part.name):
             if f.sha256 is not None and self.cache.has_blob(f.sha256):  # another source fetched it meanwhile
                 return f.sha256
             try:
@@ -253,6 +264,21 @@ class ModelSources:
             self.cache.adopt(part, sha, meter.reservations[0])
         meter.end_file()
         return sha
+
+    @asynccontextmanager
+    async def _writer(self, key: str) -> AsyncIterator[None]:
+        """Hold the download lock of ``key``; its entry goes when no download holds or awaits it."""
+        entry = self._writing.get(key)
+        if entry is None:
+            entry = self._writing[key] = _KeyLock()
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if entry.users == 0 and self._writing.get(key) is entry:
+                del self._writing[key]
 
     async def _plan(self, source: ModelSource, sha256: str | None) -> list[RemoteFile]:
         if source.kind is SourceKind.URL:

@@ -8,7 +8,9 @@ stateful checks (sequence numbers) and expires what it learned.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from helexa.identity import Identity, verify_signature
@@ -22,7 +24,7 @@ from helexa.protocol.federation import (
     PolicySummary,
     signed_payload,
 )
-from helexa.protocol.model import Workload
+from helexa.protocol.model import Workload, model_id_problem
 
 from .offer_memory import OfferMemory
 from .policy import AskPolicy
@@ -30,6 +32,11 @@ from .policy import AskPolicy
 MAX_TTL = 600.0
 MAX_CLOCK_SKEW = 30.0
 MAX_MODELS = 256
+"""Models one announcement may offer (a peer's whole offer: the table keeps its latest)."""
+_WARNED_PEERS = 1024
+"""Peers whose dropped model ids were logged, remembered so each is logged once."""
+
+log = logging.getLogger(__name__)
 
 
 class AnnouncementRejected(ValueError):
@@ -121,6 +128,19 @@ def check_announcement(data: bytes, *, origin: str | None, now: float) -> Announ
     return ann
 
 
+def usable_models(ann: Announcement) -> tuple[Announcement, list[str]]:
+    """``ann`` less the models whose ids no request could name here (longer than
+    :data:`~helexa.protocol.model.MAX_MODEL_ID`, or unprintable:
+    :func:`~helexa.protocol.model.model_id_problem`), and why they went (empty, and ``ann``
+    itself, when none did). They are dropped rather than the announcement refused: the
+    rest of the peer's offer stays usable. Its signature was checked on the whole."""
+    problems = [p for m in ann.models if (p := model_id_problem(m.model_id)) is not None]
+    if not problems:
+        return ann, []
+    kept = tuple(m for m in ann.models if model_id_problem(m.model_id) is None)
+    return dataclasses.replace(ann, models=kept), problems
+
+
 @dataclass(frozen=True, slots=True)
 class PeerOffer:
     """One peer's offer of one model, as a routing candidate."""
@@ -141,6 +161,7 @@ class PeerTable:
         self.recent = OfferMemory(unavailable_grace)
         """Models whose offers expired lately (:mod:`.offer_memory`)."""
         self.rejected: dict[str, int] = {}
+        self._warned: OrderedDict[str, None] = OrderedDict()  # peers whose dropped model ids were logged
         self.version = 0
         """Bumped whenever the set of announcements changes (for callers' memos)."""
 
@@ -153,11 +174,21 @@ class PeerTable:
         if prev is not None and ann.sequence <= prev.sequence:
             self.rejected["replay"] = self.rejected.get("replay", 0) + 1
             return False
+        ann, problems = usable_models(ann)
+        if problems:
+            self.rejected["bad_model_id"] = self.rejected.get("bad_model_id", 0) + len(problems)
+            if ann.peer_id not in self._warned:
+                self._warned[ann.peer_id] = None
+                if len(self._warned) > _WARNED_PEERS:
+                    self._warned.popitem(last=False)
+                log.warning("federation: peer %s (operator %r) offers %d model(s) no request could name, dropped "
+                            "(logged once a peer): %s", ann.peer_id, ann.operator[:64], len(problems), problems[0])
         self._latest[ann.peer_id] = ann
         self.version += 1
-        offered = [m.model_id for m in ann.models] if ann.policy.serves_peers else []
+        offered = list(ann.models) if ann.policy.serves_peers else []
         before = [m.model_id for m in prev.models] if prev is not None and prev.policy.serves_peers else []
-        self.recent.offered(ann.peer_id, offered, ann.issued_at + ann.ttl, withdrawn=set(before) - set(offered))
+        self.recent.offered(ann.peer_id, offered, ann.issued_at + ann.ttl,
+                            withdrawn=set(before) - {m.model_id for m in offered}, operator=ann.operator)
         return True
 
     def ingest(self, data: bytes, *, origin: str | None, now: float) -> Announcement | None:

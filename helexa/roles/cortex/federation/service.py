@@ -257,13 +257,25 @@ class Federation:
         return self.ask_policy.outbound is not Outbound.NEVER and bool(
             self._allowed(model_id, self._clock(), also, workload=workload))
 
-    def unavailable(self, model_id: str) -> float | None:
+    def unavailable(self, model_id: str, *, also: AskPolicy | None = None) -> float | None:
         """Seconds a client should wait before asking for ``model_id`` again when only peers
         served it, their offers expired less than ``unavailable_grace`` ago and none is live
         now (a partition: the next announcement may bring it back); None otherwise (the
-        model is offered, or unknown here, or this cortex never asks peers)."""
-        if self.ask_policy.outbound is Outbound.NEVER or not self.table.unavailable(model_id, self._clock()):
+        model is offered, or unknown here, or this cortex never asks peers).
+
+        Raises:
+            OutboundRefused: the peers whose offers expired lately are all ones the ask
+                policy (narrowed by ``also``, an asking portal's) excludes: the request was
+                refused while they announced it (403), and the next announcement would not
+                change that, so it is no "temporarily unavailable"."""
+        now = self._clock()
+        if self.ask_policy.outbound is Outbound.NEVER or not self.table.unavailable(model_id, now):
             return None
+        policies = (self.ask_policy,) if also is None else (self.ask_policy, also)
+        if not any(all(p.allows_peer(peer_id, offer.operator) and p.allows_price(offer.model) for p in policies)
+                   for peer_id, offer in self.table.recent.lately(model_id, now)):
+            raise OutboundRefused(f"peers offered {model_id!r} until lately but the outbound policy excludes them "
+                                  "(not listed, or over the price ceiling)")
         return float(max(1, math.ceil(self.settings.announce_interval)))
 
     def _candidates(self, model_id: str, workload: Workload, exclude: frozenset[str],

@@ -1,0 +1,100 @@
+"""The models a joined neuron names are held to the limits node ids have: a model id is at
+most 256 printable characters, and a report (a join, a heartbeat) names at most 1,024
+models. Before, only the 16 MiB frame bounded them: one neuron pushed megabytes of names
+into the fleet document consoles get every second, ``/metrics`` labels and the cortex's
+memory. What breaks a limit is dropped with one WARNING (the neuron keeps working, whatever
+its release: nothing new is sent to it); the rest of the report stands.
+
+A real control server on 127.0.0.1:0 and the project's own join session and websocket
+client (:func:`test_hostile_neuron.hostile`)."""
+
+from __future__ import annotations
+
+import logging
+
+import httpx
+import trio
+
+from helexa.protocol import Heartbeat, ModelConfig, ModelState, ModelStatus, ModelStatusChanged, NeuronDescriptor
+from helexa.protocol import Hardware, NeuronMetrics
+from helexa.protocol.join import NeuronJoin
+from helexa.protocol.model import MAX_MODEL_ID, MAX_NEURON_MODELS
+from helexa.roles.cortex.fleet import Fleet
+from helexa.transport import websocket as ws
+from helexa.transport.handshake import exchange
+from portals import portals
+from serving import admin_headers
+from test_hostile_neuron import TOKEN, control, hostile, until
+
+LONG = "m" * 100_000
+FORGED = "chat\n12:00:00 WARNING cortex: all neurons healthy"
+
+
+async def test_overlong_and_unprintable_model_ids_are_dropped_from_a_neurons_reports(nursery, caplog):
+    fleet = Fleet()
+    url = await control(nursery, fleet)
+    fitting = "f" * MAX_MODEL_ID
+    with caplog.at_level(logging.WARNING, logger="helexa.roles.cortex.neuron_link"):
+        nursery.start_soon(lambda: hostile(url, models=("chat", LONG, FORGED, fitting, "\u202eevil")))
+        await until(lambda: "evil" in fleet and fleet.get("evil").heartbeats > 2)
+        assert set(fleet.get("evil").models) == {"chat", fitting}
+        async with portals(fleet, {}) as (_, urls):
+            async with httpx.AsyncClient() as http:
+                view = await http.get(urls["default"] + "/admin/fleet", headers=admin_headers())
+                metrics = await http.get(urls["default"] + "/metrics", headers=admin_headers())
+                listed = await http.get(urls["default"] + "/v1/models")
+        assert LONG not in view.text and LONG not in metrics.text and "12:00:00" not in view.text
+        assert len(view.content) < 20_000 and {m["id"] for m in listed.json()["data"]} >= {"chat", fitting}
+    dropped = [r for r in caplog.records if "neuron evil: " in r.getMessage() and "dropped" in r.getMessage()]
+    assert len(dropped) == 1, [r.getMessage() for r in dropped]  # once, not once a heartbeat
+    message = dropped[0].getMessage()
+    assert "100000 characters long" in message and "dropped" in message and "2 more" in message
+    assert "\n" not in message and len(message) < 1000
+
+
+async def test_a_neuron_naming_more_models_than_the_limit_keeps_the_first_ones(nursery, caplog):
+    fleet = Fleet()
+    url = await control(nursery, fleet)
+    names = tuple(f"model-{i}" for i in range(MAX_NEURON_MODELS + 500))
+    statuses = tuple(ModelStatus(m, ModelState.LOADED) for m in names)
+    configs = tuple(ModelConfig(m, "synthetic") for m in names)
+
+    async def flood() -> None:
+        descriptor = NeuronDescriptor("evil", Hardware(cpu_cores=4, ram_total=8 << 30))
+        async with ws.connect(url) as channel:
+            session = NeuronJoin(TOKEN, descriptor, timeout=10, models=statuses, configs=configs)
+            await exchange(channel, session, session.start())
+            await channel.send(Heartbeat(1, NeuronMetrics(), statuses))
+            await channel.send(ModelStatusChanged(ModelStatus("one-more", ModelState.LOADED)))
+            await channel.send(ModelStatusChanged(ModelStatus(LONG, ModelState.LOADED)))
+            await channel.send(Heartbeat(2, NeuronMetrics(), statuses))
+            await trio.sleep_forever()
+
+    with caplog.at_level(logging.WARNING, logger="helexa.roles.cortex.neuron_link"):
+        nursery.start_soon(flood)
+        await until(lambda: "evil" in fleet and fleet.get("evil").heartbeats == 2)
+    link = fleet.get("evil")
+    assert list(link.models) == list(names[:MAX_NEURON_MODELS])
+    assert list(link.configs) == list(names[:MAX_NEURON_MODELS])
+    assert len(link.loaded_since) == MAX_NEURON_MODELS
+    warned = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(warned) == 1 and f"at most {MAX_NEURON_MODELS}" in warned[0], warned
+
+
+async def test_an_honest_neuron_with_a_model_id_of_the_longest_length_serves_it(nursery):
+    from helexa.protocol import GenerateResult, Usage
+
+    longest = "org/" + "x" * (MAX_MODEL_ID - 4)
+
+    async def answer(channel, request) -> None:  # noqa: ANN001
+        await channel.send(GenerateResult(request.request_id, "stop", Usage(3, 1, 0), text="ok"))
+
+    fleet = Fleet()
+    url = await control(nursery, fleet)
+    nursery.start_soon(lambda: hostile(url, answer, node_id="honest", models=(longest,)))
+    await until(lambda: "honest" in fleet and longest in fleet.get("honest").models)
+    async with portals(fleet, {}) as (_, urls):
+        async with httpx.AsyncClient(timeout=10) as http:
+            r = await http.post(urls["default"] + "/v1/chat/completions",
+                                json={"model": longest, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "ok"
