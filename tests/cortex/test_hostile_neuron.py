@@ -281,8 +281,10 @@ async def test_a_model_id_with_an_escape_sequence_never_reaches_the_operators_te
             fleet_view = (await http.get(urls["default"] + "/admin/fleet", headers=admin_headers())).json()
             models = (await http.get(urls["default"] + "/admin/models", headers=admin_headers())).json()["data"]
     status, listed = render_fleet(fleet_view), _models_table(models)  # helexa status, helexa models list
-    assert "\x1b" not in status and "\\x1b[2J\\x1b[Hall neurons healthy" in status
-    assert "\x1b" not in listed and "\\x1b[2J" in listed
+    # The cortex drops an unprintable model id from the neuron's reports (test_neuron_model_limits.py);
+    # what the terminals show is escaped all the same (test_a_neurons_error_text_reaches_...).
+    assert "\x1b" not in status and "all neurons healthy" not in status and "chat" in status
+    assert "\x1b" not in listed and "all neurons healthy" not in listed
 
 
 SNEAKY = "\x1b]0;owned\x07\x1b[2J\x1b[Hall neurons healthy"
@@ -380,7 +382,7 @@ async def test_long_and_wide_names_from_a_neuron_keep_helexa_status_and_models_l
     fleet = Fleet()
     url = await control(nursery, fleet)
     hardware = Hardware(cpu_cores=4, ram_total=8 << 30, gpus=(GpuInfo(0, "G" * 5000, 8 << 30, 4 << 30),))
-    nursery.start_soon(lambda: hostile(url, node_id="节点一", models=("chat", "M" * 5000), hardware=hardware))
+    nursery.start_soon(lambda: hostile(url, node_id="节点一", models=("chat", "M" * 256), hardware=hardware))
     nursery.start_soon(lambda: hostile(url, node_id="n2"))
     await until(lambda: all(n in fleet and fleet.get(n).heartbeats > 0 for n in ("节点一", "n2")))
     async with portals(fleet, {}) as (_, urls):
@@ -388,11 +390,11 @@ async def test_long_and_wide_names_from_a_neuron_keep_helexa_status_and_models_l
             fleet_view = (await http.get(urls["default"] + "/admin/fleet", headers=admin_headers())).json()
             models = (await http.get(urls["default"] + "/admin/models", headers=admin_headers())).json()["data"]
     status, listed = render_fleet(fleet_view), _models_table(models)  # helexa status, helexa models list
-    for out in (status, listed):  # every line was 5,000 columns wide
+    for out in (status, listed):  # every line was 5,000 columns wide (model ids: 256 at most now)
         assert max(columns(line) for line in out.splitlines()) < 500, out
     assert "M" * 95 + "…" in status and "M" * 95 + "…" in listed and "G" * 95 + "…" in status
     # a wide node id (two terminal columns a character) keeps the next column lined up
-    lines = [line for line in status.splitlines() if not line.startswith("cortex ")]  # the table, under its build line
+    lines = [line for line in status.splitlines() if not line.startswith("cortex ")]  # the table, not the version
     assert len({columns(line[:line.index(word)]) for line, word in zip(lines, ("HEALTH", "healthy", "healthy"))}) == 1
 
 

@@ -21,7 +21,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import aclosing
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import trio
@@ -51,13 +51,16 @@ from helexa.protocol.model import Workload
 from ..cache_scope import wire_scope
 from .announcements import AnnouncementRejected, PeerOffer, PeerTable, check_announcement, sign_announcement
 from .errors import FederationError, NoPeerOffers, OutboundRefused, PeerFailed, PeerRefused, PeerUnreachable, PeerVanished
-from .inbound import EmbedHandler, GenerateHandler, InboundServer, OfferedFn, OfferFn, PromptCountFn, ServeTimeouts
+from .inbound import EmbedHandler, GenerateHandler, InboundServer, OfferedFn, OfferFn, PromptCountFn
 from .ledger import Ledger
-from .outbound import AskTimeouts, Expectation, ReceiptKeeper, RemoteGeneration, refusal_error
+from .outbound import Expectation, ReceiptKeeper, RemoteGeneration, refusal_error
 from .peer_usage import InvalidAnswer, bounded_embed
 from .policy import Admission, AskPolicy, Outbound, ServePolicy
+from .settings import FederationSettings
 
 log = logging.getLogger(__name__)
+
+__all__ = ["Federation", "FederationSettings"]
 
 _ALLOWED_MEMO = 256
 """Candidate lists kept (per model, workload, exclusions and policies)."""
@@ -71,31 +74,6 @@ UNSCOPED_RECHECK = 600.0
 """How long a peer that chose the unscoped protocol is offered only that one (asking it
 again costs a connection over the direct channel), before it is asked again: it may
 have been upgraded."""
-
-
-@dataclass(frozen=True, slots=True)
-class FederationSettings:
-    announce_interval: float = 5.0
-    announcement_ttl: float = 30.0
-    """Peers forget our offer this long after our last announcement."""
-    max_attempts: int = 3
-    """Peers tried in turn when one is unreachable or busy, before any output."""
-    serve: ServeTimeouts = field(default_factory=ServeTimeouts)
-    ask: AskTimeouts = field(default_factory=AskTimeouts)
-    idle_streams: int = 8
-    """Streams kept open to each peer between requests, for the next ones (0: a new
-    stream per request). Opening a libp2p stream costs ~10 ms; a reused one does not."""
-    stream_max_idle: float = 30.0
-    """An idle stream older than this is closed rather than reused (under the serving
-    side's ``ServeTimeouts.idle``, so that a reused stream is rarely one it just closed)."""
-    unavailable_grace: float | None = None
-    """Seconds after the last offer of a model only peers serve expired during which a
-    request for it is answered 503 (temporarily unavailable, Retry-After) rather than 404
-    (unknown): a partition, a peer restarting. None: six announcement periods."""
-
-    @property
-    def grace(self) -> float:
-        return 6 * self.announce_interval if self.unavailable_grace is None else self.unavailable_grace
 
 
 class Federation:
