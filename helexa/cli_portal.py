@@ -201,6 +201,10 @@ def keys_rotate(client: AdminClient, key_id: str, as_json: bool) -> None:
     click.echo(f"key {k['key_id']} rotated. Store it now: it is never shown again.", err=True)
 
 
+OPEN_KEY = "(open)"
+"""The KEY cell of an open portal's usage (its rows carry no key id)."""
+
+
 def _usage_table(rows: list[dict[str, Any]], by: str) -> str:
     if not rows:
         return "no usage recorded"
@@ -209,7 +213,9 @@ def _usage_table(rows: list[dict[str, Any]], by: str) -> str:
         # No cost: a sum the ledger cannot give (rows written at an infinite price, which
         # the config refuses now); shown as such, not a traceback.
         cost = "-" if r["cost"] is None else f"{r['cost']:.6f}"
-        out.append([str(r[by]), str(r["requests"]), str(r["prompt_tokens"]), str(r["completion_tokens"]),
+        # An open portal's rows (record_usage = true) have no key: the ledger's key id is "".
+        group = OPEN_KEY if by == "key" and not r[by] else str(r[by])
+        out.append([group, str(r["requests"]), str(r["prompt_tokens"]), str(r["completion_tokens"]),
                     f"{cost} {r['currency']}".strip(), str(r.get("incomplete", 0))])
     return table(out)
 

@@ -151,10 +151,16 @@ def _describe(err: Any, moved: Mapping[str, str] | None) -> tuple[str, str]:
     return key, msg
 
 
+KEY_CTX = "helexa_key"
+"""The context entry (of a ``PydanticCustomError``) by which a check across keys, raised by a
+model validator (its error has no key of its own), names the dotted key whose value it
+refused: where that value came from (the file, a variable, a flag) is then named right."""
+
+
 def _where(err: Any, file: Path | None, origins: Mapping[tuple[str, ...], str] | None) -> str:
     """Where one error's value came from: the file, or ``origins`` (an environment variable or
     a flag that set it over the file: naming the file sent the operator to the wrong place)."""
-    loc = tuple(str(p) for p in err["loc"])
+    loc = tuple(str(p) for p in err["loc"]) or tuple(str((err.get("ctx") or {}).get(KEY_CTX, "")).split("."))
     came = [origin for path, origin in (origins or {}).items() if path and loc[: len(path)] == path]
     if came:
         return f" ({came[0]})"

@@ -123,3 +123,26 @@ def test_examples_cortex_toml_shows_every_orchestrator_key_with_its_default() ->
     shown = tomllib.loads(example.read_text())["orchestrator"]
     defaults = {name: field.default for name, field in OrchestratorConfig.model_fields.items()}
     assert shown == defaults
+
+
+def test_a_default_portal_made_public_by_a_flag_or_variable_names_it_not_the_file(tmp_path) -> None:
+    """docs/portals.md: a portal on a socket that is not loopback must say ``auth``. A
+    ``--gateway-socket`` or ``HELEXA_GATEWAY_SOCKET`` of 0.0.0.0 made the default portal one,
+    and the refusal said "(in cortex.toml)", a file that set neither."""
+    toml = tmp_path / "cortex.toml"
+    toml.write_text('operator = "acme"\n')
+    line = 'portals.default: listens on 0.0.0.0:8080, which is not loopback: set auth = "keys"'
+    with pytest.raises(ConfigError) as err:
+        load_config(CortexConfig, file=toml, environ={}, overrides={"gateway_socket": "0.0.0.0:8080"})
+    assert str(err.value).startswith(line) and str(err.value).endswith("(from the command line)"), str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_config(CortexConfig, file=toml, environ={"HELEXA_GATEWAY_SOCKET": "0.0.0.0:8080"})
+    assert str(err.value).endswith("(from HELEXA_GATEWAY_SOCKET)"), str(err.value)
+    toml.write_text('gateway_socket = "0.0.0.0:8080"\n')  # the file's own: the file is named
+    with pytest.raises(ConfigError) as err:
+        load_config(CortexConfig, file=toml, environ={})
+    assert str(err.value).startswith(line) and str(err.value).endswith(f"(in {toml})"), str(err.value)
+    toml.write_text('[portals.default]\nlisten = ["10.0.0.1:8443"]\n')  # another listen of the file's, under a flag
+    with pytest.raises(ConfigError) as err:
+        load_config(CortexConfig, file=toml, environ={}, overrides={"gateway_socket": "127.0.0.1:9090"})
+    assert "10.0.0.1:8443" in str(err.value) and str(err.value).endswith(f"(in {toml})"), str(err.value)

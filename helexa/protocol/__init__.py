@@ -44,6 +44,7 @@ from .messages import (
     Join,
     LoadModel,
     LoadProgress,
+    MAX_CACHE_REPORT,
     ModelStatusChanged,
     Ping,
     Pong,
@@ -67,6 +68,7 @@ from .model import (
     Workload,
     WorkloadClass,
     SourceKind,
+    cache_key,
     parse_source,
 )
 from . import worker  # registers the neuron <-> worker process messages

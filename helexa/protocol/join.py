@@ -38,7 +38,8 @@ carries none, with :data:`IDENTITY_MISMATCH`: the join token makes a neuron belo
 makes it the neuron it says it is. A node id bound to no key admits any key (the shell
 then binds it), and a neuron of version 1, with none; unless the cortex enrols ``strict``ly,
 when a node id bound to no key is refused with :data:`NOT_ENROLLED` (the operator binds it
-beforehand: ``helexa neurons enrol``).
+beforehand: ``helexa neurons enrol``). From version 3 (:data:`CACHE_REPORT_VERSION`) the join also says what the
+neuron's model cache holds (:attr:`~.messages.Join.cached`).
 
 Verdicts: the cortex admits a neuron (:class:`Admitted`), the neuron is welcomed
 (:class:`Welcomed`), either side ends in a :class:`Refusal` (retrying cannot help), the
@@ -63,7 +64,7 @@ from helexa.identity import Identity, fingerprint, verify_signature
 
 from .codec import MIN_PROTOCOL_VERSION
 from .hardware import NeuronDescriptor
-from .messages import Challenge, Fault, Hello, Join, Refused, Welcome
+from .messages import MAX_CACHE_REPORT, Challenge, Fault, Hello, Join, Refused, Welcome
 from .model import ModelConfig, ModelStatus
 from .takeover import CLOSE_REPLACED, forget_command  # noqa: F401  (CLOSE_REPLACED: re-exported)
 
@@ -86,7 +87,10 @@ def node_id_problem(node_id: str) -> str | None:
 IDENTITY_VERSION = 2
 """The first handshake version whose :class:`Join` carries the neuron's identity key."""
 
-JOIN_VERSIONS = (MIN_PROTOCOL_VERSION, IDENTITY_VERSION)
+CACHE_REPORT_VERSION = 3
+"""The first handshake version whose :class:`Join` and heartbeats report the neuron's model cache."""
+
+JOIN_VERSIONS = (MIN_PROTOCOL_VERSION, CACHE_REPORT_VERSION)
 """The handshake versions this build speaks, oldest and newest (what a hello offers and a
 challenge picks from). Frames keep the codec's ``PROTOCOL_VERSION`` stamp: a later version's
 frames only grow by fields an older build never receives (:func:`~.codec.added_field`)."""
@@ -132,6 +136,8 @@ class Admitted:
     configs: tuple[ModelConfig, ...]
     public_key: bytes = b""
     """The neuron's identity key, its signature verified (empty: a version-1 neuron sent none)."""
+    cached: tuple[str, ...] = ()
+    """The cache keys of the sources its model cache holds (empty from a neuron before version 3)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,9 +387,8 @@ class CortexJoin(_Session):
             heartbeat_interval=self._interval,
             operator=self._operator,
         )
-        admitted = Admitted(
-            hello.node_id, self._version, self._session_id, join.descriptor, join.models, join.configs, key
-        )
+        admitted = Admitted(hello.node_id, self._version, self._session_id, join.descriptor, join.models,
+                            join.configs, key, join.cached[:MAX_CACHE_REPORT])
         return self._settle(State.JOINED, admitted, welcome)
 
     _TABLE = {(State.AWAIT_HELLO, Hello): _hello, (State.AWAIT_JOIN, Join): _join}
@@ -399,6 +404,7 @@ class NeuronJoin(_Session):
         token: the operator's join token (never sent; only proofs over it are).
         descriptor: who this neuron is; its ``node_id`` is the one the hello claims.
         models, configs: what the neuron already holds, so a restarted cortex rebuilds its view.
+        cached: the cache keys of the sources in its model cache, sent to a cortex of version 3.
         identity: the neuron's identity key, sent with a signature to a cortex of version 2
             (None: none sent, as a version-1 neuron).
         timeout: the handshake deadline the shell applies.
@@ -418,11 +424,13 @@ class NeuronJoin(_Session):
         timeout: float,
         models: tuple[ModelStatus, ...] = (),
         configs: tuple[ModelConfig, ...] = (),
+        cached: tuple[str, ...] = (),
         identity: Identity | None = None,
         versions: tuple[int, int] = JOIN_VERSIONS,
         nonce: bytes | None = None,
     ) -> None:
         super().__init__(State.START, timeout)
+        self._cached = cached
         self._token = token
         self._identity = identity
         self._descriptor = descriptor
@@ -464,7 +472,8 @@ class NeuronJoin(_Session):
         if self._identity is not None and challenge.version >= IDENTITY_VERSION:
             key = self._identity.public_bytes
             signature = self._identity.sign(auth.identity_statement(challenge.nonce, self.nonce, self.node_id))
-        return [Join(proof, self._descriptor, self._models, self._configs, key, signature)]
+        cached = self._cached[:MAX_CACHE_REPORT] if challenge.version >= CACHE_REPORT_VERSION else ()
+        return [Join(proof, self._descriptor, self._models, self._configs, key, signature, cached)]
 
     def _refused(self, refused: Refused) -> list[object]:
         return self._settle(State.REFUSED, Refusal(refused.code, refused.reason))

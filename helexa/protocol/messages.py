@@ -25,6 +25,11 @@ from .codec import added_field, message
 from .hardware import NeuronDescriptor, NeuronMetrics
 from .model import ModelConfig, ModelId, ModelStatus
 
+MAX_CACHE_REPORT = 1024
+"""The most cache keys a :class:`Join` or :class:`Heartbeat` carries (33 bytes each on the
+wire): a cache of thousands of files reports its sources, never its files, and no more of
+them than a catalogue names; the cortex keeps no more than this of what a neuron sends."""
+
 # --- handshake ---------------------------------------------------------------------------
 
 
@@ -66,6 +71,11 @@ class Join:
     configs: tuple[ModelConfig, ...] = ()
     public_key: bytes = added_field(b"")
     signature: bytes = added_field(b"")
+    cached: tuple[str, ...] = added_field(())
+    """From handshake version 3 (:data:`helexa.protocol.join.CACHE_REPORT_VERSION`): the
+    sources its model cache holds, as :func:`~helexa.protocol.model.cache_key` keys, at most
+    :data:`MAX_CACHE_REPORT` (the most recently used), so the cortex knows at once what a
+    restarted neuron holds. Never sent to an older cortex."""
 
 
 @message("welcome")
@@ -95,6 +105,10 @@ class Heartbeat:
     seq: int
     metrics: NeuronMetrics
     models: tuple[ModelStatus, ...] = ()
+    cached: tuple[str, ...] | None = added_field(None)
+    """What the neuron's model cache holds (as :attr:`Join.cached`) when that changed since
+    the join or the last heartbeat that said (``None``: unchanged). From handshake version 3
+    only: :func:`~helexa.protocol.compat.for_earlier` leaves it out for an older cortex."""
 
 
 @message("ping")

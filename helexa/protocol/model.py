@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import hashlib
 import re
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -151,6 +152,18 @@ def parse_source(text: str, *, sha256: str | None = None) -> ModelSource:
     if not path.startswith("/"):
         raise ValueError(f"expected an absolute path, hf://ORG/REPO[@REVISION][/FILE] or an https:// URL, got {text!r}")
     return ModelSource(SourceKind.PATH, path)
+
+
+def cache_key(source: str | None, sha256: str | None = None) -> str | None:
+    """The key under which a neuron's model cache holds ``source`` (with its ``sha256``): 32
+    hex digits, computed alike by the neuron (its cache's entries) and the cortex (to name
+    them from its catalogue). ``None``: no source, or a path used in place (never cached)."""
+    if source is None:
+        return None
+    parsed = parse_source(source, sha256=sha256)
+    if parsed.kind is SourceKind.PATH:
+        return None
+    return hashlib.sha256(f"{parsed.location} {sha256 or ''}".encode()).hexdigest()[:32]
 
 
 @dataclass(frozen=True, slots=True)

@@ -124,7 +124,7 @@ async def test_incompatible_version_is_refused_naming_both_versions(nursery):
         reply = decode(await ws.get_message())
     assert isinstance(reply, Refused)
     assert reply.code == "version_mismatch"
-    assert "7..9" in reply.reason and "1..2" in reply.reason  # JOIN_VERSIONS: 2 carries the identity key
+    assert "7..9" in reply.reason and "1..3" in reply.reason  # JOIN_VERSIONS: 2 carries the identity key, 3 the cache
 
 
 async def test_the_token_never_crosses_the_wire(nursery):

@@ -10,6 +10,7 @@ non-streamed answer's ``first_token_s`` such a cortex refused, the same way."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from functools import partial
 from pathlib import Path
@@ -22,12 +23,19 @@ import trio
 from helexa.protocol import DecodeError
 from helexa.protocol.join import CortexJoin, NeuronJoin
 from helexa.roles.cortex import control_server
+from helexa.protocol import cache_key
 from helexa.roles.neuron import connection
+from helexa.roles.neuron.agent import Neuron
+from helexa.roles.neuron.config import SourcesConfig
+from helexa.roles.neuron.registry import ModelRegistry
+from helexa.roles.neuron.sources import ModelSources
 from helexa.transport import ws_channel
 
-from test_neuron_identity import Setup
+from test_neuron_identity import Running, Setup
 
 EARLIER = json.loads((Path(__file__).parents[1] / "fixtures" / "wire_2026-11-30.json").read_text())["kinds"]
+BEFORE_CACHE = json.loads((Path(__file__).parents[1] / "fixtures" / "wire_2026-12-02.json").read_text())["kinds"]
+"""The tree of 2026-12-02 (handshake version 2): everything but the model cache report."""
 
 MODELS = """
 [models.synth]
@@ -44,20 +52,25 @@ max_context = 256
 """
 
 
-@pytest.fixture
-def earlier_codec(monkeypatch):
-    """Every control-plane frame decoded under that release's field lists first."""
+def strict_codec(monkeypatch, kinds: dict[str, list[str]]) -> None:
+    """Every control-plane frame decoded under ``kinds``' field lists first."""
     decode = ws_channel.decode
 
     def strict(data, **kw):
         body = msgpack.unpackb(data, raw=False)
-        if isinstance(body, dict) and body.get("k") in EARLIER:
-            extra = sorted(set(body) - {"k", "v"} - set(EARLIER[body["k"]]))
+        if isinstance(body, dict) and body.get("k") in kinds:
+            extra = sorted(set(body) - {"k", "v"} - set(kinds[body["k"]]))
             if extra:
                 raise DecodeError(f"{body['k']}: unknown field(s) {extra}")
         return decode(data, **kw)
 
     monkeypatch.setattr(ws_channel, "decode", strict)
+
+
+@pytest.fixture
+def earlier_codec(monkeypatch):
+    """Every control-plane frame decoded under that release's field lists first."""
+    strict_codec(monkeypatch, EARLIER)
 
 
 def setup(tmp_path) -> Setup:
@@ -132,3 +145,69 @@ async def test_a_neuron_that_cannot_read_a_frame_of_ours_is_logged_as_too_old_no
     assert any("neuron n1 could not read a frame of this cortex's" in line and said in line
                and "earlier release" in line for line in lines), lines
     assert not any("sent a bad frame" in line for line in lines)
+
+
+SOURCE = "https://models.example/tiny.gguf"
+
+
+def with_cache(s: Setup, data: str) -> Running:
+    """A neuron (not started) whose model cache holds ``SOURCE``: as after a pull and a restart."""
+    cache_dir = s.tmp / data / "models"
+    neuron = Neuron(s.neuron(data).config,
+                    registry=ModelRegistry(sources=ModelSources(SourcesConfig(cache_dir=cache_dir))))
+    cache = neuron.registry.sources.cache
+    blob = cache.blob(hashlib.sha256(b"weights").hexdigest())
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    blob.write_bytes(b"weights")
+    cache.commit(cache_key(SOURCE), SOURCE, {"tiny.gguf": blob.name}, file="tiny.gguf")
+    return Running(neuron)
+
+
+async def beats(link, n: int) -> None:
+    with trio.fail_after(10):
+        while link.heartbeats < n:
+            await trio.sleep(0.02)
+
+
+async def test_a_neuron_reporting_its_cache_keeps_its_connection_to_a_cortex_before_the_report(
+        tmp_path, nursery, monkeypatch):
+    """The cortex of 2026-12-02 (handshake version 2) refuses a join or heartbeat with
+    ``cached``: this neuron sends it neither, and stays joined through its heartbeats."""
+    strict_codec(monkeypatch, BEFORE_CACHE)
+    monkeypatch.setattr(control_server, "CortexJoin", partial(CortexJoin, versions=(1, 2)))
+    s = setup(tmp_path)
+    cortex = await s.start_cortex(nursery)
+    running = with_cache(s, "n")
+    nursery.start_soon(running.run)
+    await s.joined(running)
+    link = cortex.fleet.get("n1")
+    assert running.neuron.connection.version == 2 and not running.neuron.connection.earlier
+    await beats(link, 3)
+    assert link.cached == frozenset()  # that cortex is not told
+    assert (await s.chat()).status_code == 200
+    assert cortex.fleet.get("n1") is link and link.connected and running.neuron.joins == 1
+
+
+async def test_a_cortex_with_the_report_serves_a_neuron_before_it_and_hears_one_of_its_own_release(
+        tmp_path, nursery, monkeypatch):
+    """A neuron of 2026-12-02 (version 2) joins and serves as before, reporting nothing; one
+    of this release reports its cache in its join, before any heartbeat."""
+    strict_codec(monkeypatch, BEFORE_CACHE)  # what this cortex sends a version-2 neuron decodes there
+    monkeypatch.setattr(connection, "NeuronJoin", partial(NeuronJoin, versions=(1, 2)))
+    s = setup(tmp_path)
+    cortex = await s.start_cortex(nursery)
+    old = with_cache(s, "n")
+    nursery.start_soon(old.run)
+    await s.joined(old)
+    link = cortex.fleet.get("n1")
+    await beats(link, 2)
+    assert link.cached == frozenset() and (await s.chat()).status_code == 200
+    assert link.connected and old.neuron.joins == 1
+    old.scope.cancel()
+    monkeypatch.undo()
+    new = with_cache(s, "n")  # the same machine, upgraded
+    nursery.start_soon(new.run)
+    await s.joined(new)
+    link = cortex.fleet.get("n1")
+    assert link.cached == {cache_key(SOURCE)}  # from its join: registered before the welcome
+    assert new.neuron.connection.version == 3

@@ -121,3 +121,27 @@ async def test_the_usage_table_shows_a_cost_the_ledger_cannot_sum_instead_of_fai
     lines = table[1].splitlines()
     assert lines[1].split()[0] == "k1" and "- EUR" in lines[1]
     assert lines[2].split()[0] == "k2" and "0.250000 EUR" in lines[2]
+
+
+async def test_the_usage_table_by_key_names_an_open_portals_rows(tmp_path) -> None:
+    """docs/portals.md: ``record_usage = true`` records an open portal's requests, which
+    carry no key: ``helexa usage --by key`` printed their row with an empty KEY cell (the
+    columns after it then read as shifted)."""
+    store = SqliteStore(tmp_path / "usage.sqlite")
+    store.append([UsageRecord(request_id=f"r{i}", portal="acme", key_id=key_id, endpoint="chat", model_asked="fast",
+                              model_served="chat", started_at=T0, ended_at=T0 + 1, prompt_tokens=3,
+                              completion_tokens=4, cost=0.25, currency="EUR")
+                  for i, key_id in enumerate(["", "k2", ""])])
+    async with portals(Fleet(), {"acme": acme()}, store=store) as (_, urls):
+        def cli(*args: str) -> tuple[int, str]:
+            done = CliRunner().invoke(usage_cli, [*args, "--cortex", urls["default"]],
+                                      env={"HELEXA_ADMIN_TOKEN": ADMIN_TOKEN})
+            return done.exit_code, done.output + repr(done.exception or "")
+
+        table = await trio.to_thread.run_sync(cli, "--by", "key")
+        as_json = await trio.to_thread.run_sync(cli, "--by", "key", "--json")
+    store.close()
+    assert table[0] == 0, table
+    rows = {line.split()[0]: line.split()[1] for line in table[1].splitlines()[1:] if line.strip() != "''"}
+    assert rows == {"(open)": "2", "k2": "1"}, table
+    assert '"key": ""' in as_json[1]  # the data itself keeps the ledger's empty key id

@@ -188,6 +188,31 @@ def test_the_fleet_document_names_the_build_each_neuron_runs() -> None:
     assert neurons["new"]["version"] == "0.1.0+g47c558a" and neurons["old"]["version"] is None
 
 
+def test_the_fleet_document_names_the_catalogue_models_a_neurons_cache_holds() -> None:
+    """The console's Models page showed a restarted neuron's cached models nowhere: the
+    document lists, per neuron, the catalogue models its model cache holds that are not
+    configured there (the page shows them as cached)."""
+    from helexa.protocol import cache_key
+    from helexa.roles.cortex.catalogue import Catalogue
+
+    catalogue = Catalogue.from_dict({"models": {
+        "tiny": {"backend": "llama_cpp", "memory_mb": 10, "source": "hf://org/repo/tiny.gguf"},
+        "held": {"backend": "llama_cpp", "memory_mb": 10, "source": "https://example.test/held.gguf"},
+        "other": {"backend": "llama_cpp", "memory_mb": 10, "source": "hf://org/repo/other.gguf"},
+        "local": {"backend": "synthetic", "memory_mb": 10}}})
+    hardware = Hardware(cpu_cores=2, cpu_model="x", ram_total=8 << 30, gpus=())
+    link = SimpleNamespace(node_id="n1", descriptor=NeuronDescriptor("n1", hardware), metrics=NeuronMetrics(),
+                           models={"held": ModelStatus("held", ModelState.LOADED, "llama_cpp", cached=True)},
+                           health=Health.HEALTHY, last_heartbeat=0.0, in_flight=0,
+                           cached=frozenset({cache_key("hf://org/repo/tiny.gguf"),
+                                             cache_key("https://example.test/held.gguf")}))
+    provisioner = SimpleNamespace(catalogue=catalogue, load_progress={},
+                                  operator=SimpleNamespace(pins=lambda: {}))
+    feed = FleetFeed([link], provisioner, clock=Clock())  # type: ignore[arg-type]
+    (neuron,) = json.loads(feed.document())["neurons"]
+    assert neuron["cached"] == ["tiny"]  # "held" shows as its own state, "other" is not there
+
+
 def test_a_portal_theme_takes_plain_css_colours_only_and_picks_readable_text_on_its_primary() -> None:
     portal = Portal("acme", PortalConfig(name="Acme", theme={"colors": {
         "primary": "#ffe14d", "background": "red;} body{display:none", "text": "#111"}}))

@@ -9,6 +9,7 @@ import hashlib
 import json
 import subprocess
 
+import httpx
 import pytest
 
 from local_hub import serve_hub
@@ -77,3 +78,46 @@ metadata = {{ n_ctx = 512, n_threads = 1 }}
         bad = subprocess.run([*helexa_command(), "models", "load", "nope", "--cortex", cortex.admin_url,
                               "--data-dir", str(cortex.data_dir)], capture_output=True, text=True, timeout=60)
         assert bad.returncode == 1 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_restarted_neuron_shows_what_its_cache_holds_at_once(tmp_path) -> None:
+    """docs/operations.md: a restarted neuron keeps its model cache. ``helexa models list``
+    showed "-" under CACHED ON for it until each model was pulled or loaded there again;
+    the neuron's join says what the cache holds, so the first listing after it shows it."""
+    data = b"GGUF" + bytes(range(256)) * 64  # pulled, never loaded: any bytes do
+    models = f"""
+[models."tiny"]
+backend = "llama_cpp"
+memory_mb = 100
+source = "hf://{REPO}/{FILE}"
+sha256 = "{hashlib.sha256(data).hexdigest()}"
+
+[models."other"]
+backend = "llama_cpp"
+memory_mb = 100
+source = "hf://{REPO}/other.gguf"
+"""
+    with serve_hub() as hub, ProcGroup(tmp_path) as procs:
+        hub.add_repo(REPO, {FILE: data, "other.gguf": data[::-1]})
+        cortex = procs.cortex(models=models)
+        env = {"HF_ENDPOINT": hub.url, "HELEXA_DATA_DIR": str(tmp_path / "n1-data")}
+        neuron = procs.neuron(cortex, "n1", env=env)
+        events = [json.loads(line) for line in models_cli(cortex, "pull", "tiny", "--json").splitlines()]
+        assert events[-1] == {"event": "end", "ok": True}, events
+
+        neuron.terminate()
+        assert neuron.popen.wait(30) == 0
+        procs.neuron(cortex, "n1", env=env)  # returns once the cortex lists it healthy
+        table = models_cli(cortex, "list")
+        header, *lines = table.splitlines()
+        at = header.index("CACHED ON")  # the table's columns are aligned
+        cached_on = {line.split()[0]: line[at:].split()[0] for line in lines}
+        assert cached_on == {"tiny": "n1", "other": "-"}, table
+        shown = json.loads(models_cli(cortex, "show", "tiny", "--json"))
+        assert shown["neurons"]["n1"] == {**shown["neurons"]["n1"], "state": "cached", "cached": True}
+        assert hub.gets("/cdn/") == [None]  # fetched once, by the pull
+        with httpx.Client(base_url=cortex.admin_url, timeout=10) as http:  # the console's Models page too
+            login = http.post("/console/login", data={"token": cortex.admin_token})
+            assert login.status_code == 303, login.text[:300]
+            page = http.get("/console/models", headers={"cookie": login.headers["set-cookie"].split(";")[0]})
+        assert page.status_code == 200 and 'class="state state-cached" data-node="n1">n1: cached' in page.text

@@ -84,3 +84,28 @@ def test_a_committed_source_survives_a_new_cache_object_and_a_lost_blob_forgets_
     assert again.cached("key") == path
     cache.blob("d" * 64).unlink()
     assert again.cached("key") is None and not (tmp_path / "refs" / "key.json").exists()
+
+
+def test_what_the_cache_holds_is_its_sources_most_recently_used_first_and_bounded(tmp_path):
+    """What a neuron reports to its cortex (``Join.cached``): one key per source however many
+    files it has, at most ``limit``, newest first; a source whose blob went is not held; and
+    each change moves ``generation`` (the heartbeats report again)."""
+    import hashlib
+    import os
+
+    cache = ModelCache(tmp_path, limit_bytes=GB)
+    assert cache.held(10) == () and cache.generation == 0
+    for i in range(5):
+        data = f"weights {i}".encode()
+        sha = hashlib.sha256(data).hexdigest()
+        (tmp_path / "blobs").mkdir(exist_ok=True)
+        cache.blob(sha).write_bytes(data)
+        files = {f"shard-{j}.safetensors": sha for j in range(50)}  # a repository of many files
+        cache.commit(f"k{i}", f"hf://org/m{i}", files, file=None)
+        os.utime(tmp_path / "refs" / f"k{i}.json", (1000 + i, 1000 + i))
+    assert cache.generation == 5
+    assert cache.held(10) == ("k4", "k3", "k2", "k1", "k0")
+    assert cache.held(2) == ("k4", "k3")
+    cache.blob(hashlib.sha256(b"weights 3").hexdigest()).unlink()
+    assert cache.held(10) == ("k4", "k2", "k1", "k0")
+    assert cache.cached("k3") is None and cache.generation == 6  # dropped: a change

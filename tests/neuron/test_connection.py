@@ -76,7 +76,7 @@ async def test_a_cortex_choosing_a_version_the_neuron_does_not_speak_is_fatal(nu
     async def future_cortex():
         channel = await cortex.accept()
         await channel.receive()
-        await channel.send(Challenge(b"c" * 32, 3))  # this build speaks 1..2 (2: the identity key)
+        await channel.send(Challenge(b"c" * 32, 4))  # this build speaks 1..3 (2: the identity key, 3: the cache)
 
     nursery.start_soon(future_cortex)
     refused = await run_expecting(neuron, JoinRefused)

@@ -44,3 +44,31 @@ async def test_heartbeats_stop_with_the_connection_and_resume_after_the_redial(n
         pass
     assert msg.seq == 1  # a fresh sequence on the new connection
     assert neuron.joins == 2
+
+
+async def test_the_first_heartbeat_says_what_the_model_cache_holds_and_later_ones_only_a_change(
+        nursery, autojump_clock, tmp_path):
+    """A restarted neuron's cache is reported at once (the join, then the first heartbeat),
+    and again only when it changes (a pull, an eviction): not every interval."""
+    from helexa.roles.neuron.agent import Neuron
+    from helexa.roles.neuron.config import SourcesConfig
+    from helexa.roles.neuron.registry import ModelRegistry
+    from helexa.roles.neuron.sources import ModelSources
+
+    cortex = HandCortex(heartbeat_interval=1.0)
+    registry = ModelRegistry(sources=ModelSources(SourcesConfig(cache_dir=tmp_path)))
+    cache = registry.sources.cache
+    (tmp_path / "blobs").mkdir()
+    cache.blob("ab" * 32).write_bytes(b"x")
+    cache.commit("a" * 32, "https://example.test/a.gguf", {"a.gguf": "ab" * 32}, file="a.gguf")
+    base = neuron_for(cortex)
+    nursery.start_soon(Neuron(base.config, connector=cortex.connect, registry=registry).run)
+    channel = await cortex.join()
+    beats = []
+    while len(beats) < 4:
+        if isinstance(msg := await channel.receive(), Heartbeat):
+            beats.append(msg.cached)
+            if len(beats) == 2:
+                cache.commit("b" * 32, "https://example.test/b.gguf", {"b.gguf": "ab" * 32}, file="b.gguf")
+    assert beats[0] == ("a" * 32,) and beats[1] is None
+    assert set(beats[2]) == {"a" * 32, "b" * 32} and beats[3] is None

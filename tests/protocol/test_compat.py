@@ -20,6 +20,8 @@ from helexa.protocol import (
     EmbedRequest,
     GenerateRequest,
     GenerateResult,
+    Heartbeat,
+    NeuronMetrics,
     Task,
     TokenChunk,
     Usage,
@@ -27,24 +29,29 @@ from helexa.protocol import (
     encode,
     kinds,
 )
+from helexa.protocol import federation  # noqa: F401  (registers the mesh's kinds)
 from helexa.protocol.codec import _OMIT_DEFAULT
 from helexa.protocol.compat import for_earlier
 
 EARLIER = json.loads((Path(__file__).parents[1] / "fixtures" / "wire_2026-11-30.json").read_text())["kinds"]
 
 HANDLED = {("generate", "cache_scope"), ("embed", "truncate"), ("result", "first_token_s"), ("chunk", "prompt_tokens"),
-           ("join", "public_key"), ("join", "signature")}
+           ("join", "public_key"), ("join", "signature"), ("join", "cached"), ("heartbeat", "cached")}
 """Fields newer than that release in the frames both keep sending: ``for_earlier`` resets
-the first four for such a peer, the handshake the join's two (it sends no key to a cortex
-of version 1)."""
+the first four for such a peer and the heartbeat's cache report, the handshake the join's
+three (it sends no key to a cortex of version 1, no cache report to one before version 3)."""
+
+BEFORE_CACHE = json.loads((Path(__file__).parents[1] / "fixtures" / "wire_2026-12-02.json").read_text())["kinds"]
+"""The tree of 2026-12-02 (001ba7c): handshake version 2 and ``/helexa/federation/2``,
+every field above but the cache report and the first chunk's prompt count."""
 
 
-def unknown_to_earlier(frame: bytes) -> list[str]:
+def unknown_to_earlier(frame: bytes, earlier: dict[str, list[str]] = EARLIER) -> list[str]:
     """The fields of ``frame`` that the earlier release's codec would refuse."""
     body = msgpack.unpackb(frame, raw=False)
     kind = body.pop("k")
     body.pop("v")
-    return sorted(set(body) - set(EARLIER[kind]))
+    return sorted(set(body) - set(earlier[kind]))
 
 
 def test_every_field_added_since_is_left_out_at_its_default_and_each_is_accounted_for():
@@ -85,3 +92,36 @@ def test_an_embedding_from_a_cortex_before_truncate_is_cut_as_that_cortex_cut():
                          "trace": ""})
     assert decode(old).truncate is None
     assert decode(encode(EmbedRequest("r", "m", ("a",), truncate=False))).truncate is False
+
+
+def test_a_heartbeats_cache_report_reaches_only_a_cortex_of_handshake_version_3():
+    """The tree of 2026-12-02 (version 2) knows every field above but not the heartbeat's
+    ``cached``: its codec would refuse the heartbeat and drop the neuron's connection."""
+    beat = Heartbeat(1, NeuronMetrics(), cached=("ab" * 16,))
+    assert unknown_to_earlier(encode(beat), BEFORE_CACHE) == ["cached"]
+    for version in (1, 2):
+        assert unknown_to_earlier(encode(for_earlier(beat, version)), BEFORE_CACHE) == []
+        assert for_earlier(beat, version).cached is None
+    assert for_earlier(beat, 3) is beat
+    assert unknown_to_earlier(encode(Heartbeat(2, NeuronMetrics())), BEFORE_CACHE) == []  # unchanged: left out
+    assert decode(encode(Heartbeat(2, NeuronMetrics(), cached=()))).cached == ()  # emptied: said
+    # a version-2 peer keeps getting the fields it knows
+    chat = GenerateRequest("r1", "m", Task.CHAT, messages=({"role": "user", "content": "x"},), cache_scope="ab" * 16)
+    assert for_earlier(chat, 2) is chat
+    for kind, fields in BEFORE_CACHE.items():  # and every other kind is as it was
+        assert kind in kinds() and (set(fields) == {f.name for f in dataclasses.fields(kinds()[kind])}
+                                    or kind in ("join", "heartbeat", "chunk")), kind
+
+
+def test_a_first_chunks_prompt_count_reaches_only_a_peer_of_version_3():
+    """The tree of 2026-12-02 (handshake version 2, ``/helexa/federation/2``) refuses the
+    first chunk's ``prompt_tokens``: a neuron of this release streaming to that cortex, or
+    this cortex serving it over the mesh, would have its stream dropped at the first token."""
+    first = TokenChunk("r1", "Hel", 1, prompt_tokens=42)
+    assert unknown_to_earlier(encode(first), BEFORE_CACHE) == ["prompt_tokens"]
+    for version in (1, 2):
+        assert unknown_to_earlier(encode(for_earlier(first, version)), BEFORE_CACHE) == []
+        assert for_earlier(first, version).prompt_tokens is None
+    assert for_earlier(first, 3) is first
+    later = TokenChunk("r1", "lo", 1)
+    assert all(for_earlier(later, version) is later for version in (1, 2, 3))

@@ -14,6 +14,7 @@ from helexa.protocol import (
     Heartbeat,
     Hello,
     Join,
+    MAX_CACHE_REPORT,
     ModelConfig,
     ModelState,
     ModelStatus,
@@ -81,8 +82,8 @@ def test_a_neuron_with_the_token_is_admitted_and_welcomed():
     c = cortex(session_id="s1", cortex_id="cx")
     exchange(n, c)
     assert c.state is State.JOINED and n.state is State.JOINED
-    assert c.verdict == Admitted("n1", 2, "s1", descriptor(), models, configs)  # no identity key given here
-    assert n.verdict == Welcomed(2, "s1", 1.5, "op-a", "cx")
+    assert c.verdict == Admitted("n1", 3, "s1", descriptor(), models, configs)  # no identity key given here
+    assert n.verdict == Welcomed(3, "s1", 1.5, "op-a", "cx")
 
 
 def test_the_messages_follow_the_documented_order_and_never_carry_the_token():
@@ -318,3 +319,26 @@ def test_feeding_a_settled_session_is_a_caller_bug():
     n.start()
     with pytest.raises(RuntimeError):
         n.start()
+
+
+def test_the_join_says_what_the_model_cache_holds_to_a_cortex_of_version_3_only():
+    """A restarted neuron's cache was unknown to its cortex until each model was pulled or
+    loaded again; a cortex of version 2 (the tree before) refuses a join with the field."""
+    keys = tuple(f"{i:032x}" for i in range(3))
+    n, c = neuron(cached=keys), cortex()
+    exchange(n, c)
+    assert c.verdict.version == 3 and c.verdict.cached == keys
+    n, c = neuron(cached=keys), cortex(versions=(1, 2))
+    sent: list = []
+    to_cortex = wire(n.start())
+    while to_cortex and c.verdict is None:
+        sent += to_cortex
+        to_neuron = wire([out for msg in to_cortex for out in c.receive(msg)])
+        to_cortex = wire([out for msg in to_neuron for out in n.receive(msg)])
+    assert c.verdict.version == 2 and c.verdict.cached == ()
+    (join,) = [m for m in sent if isinstance(m, Join)]
+    assert join.cached == () and b"cached" not in encode(join)
+    many = tuple(f"{i:032x}" for i in range(MAX_CACHE_REPORT + 10))  # bounded on both sides
+    n, c = neuron(cached=many), cortex()
+    exchange(n, c)
+    assert c.verdict.cached == many[:MAX_CACHE_REPORT]

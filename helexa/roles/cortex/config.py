@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from helexa.telemetry import TelemetryConfig
-from helexa.config import SocketAddr, split_socket
+from helexa.config import KEY_CTX, SocketAddr, split_socket
 from helexa.protocol import DEFAULT_MAX_FRAME
 
 MAX_AMOUNT = 1e15
@@ -478,8 +479,13 @@ class CortexConfig(BaseModel):
                 raise ValueError(f"portals.{name}.listen: give at least one HOST:PORT")
             for addr in portal.listen:
                 if portal.auth is None and not is_loopback(addr):
-                    raise ValueError(f"portals.{name}: listens on {addr}, which is not loopback: set auth = \"keys\" "
-                                     f"(or auth = \"none\" to serve it open on purpose)")
+                    # The key whose value put it there: gateway_socket may come from a flag or
+                    # the environment, and the message must not send the operator to the file.
+                    key = "gateway_socket" if name == DEFAULT_PORTAL and addr == self.gateway_socket else \
+                        f"portals.{name}.listen"
+                    raise PydanticCustomError(
+                        "value_error", "portals.{name}: listens on {addr}, which is not loopback: set auth = \"keys\" "
+                        "(or auth = \"none\" to serve it open on purpose)", {"name": name, "addr": addr, KEY_CTX: key})
                 if not addr.endswith(":0"):
                     if addr in seen:
                         raise ValueError(f"portals.{name}.listen: {addr} is also portal {seen[addr]!r}'s")

@@ -266,6 +266,7 @@ class ControlServer:
             join.descriptor,
             models=join.models,
             configs=join.configs,
+            cached=join.cached,
             on_change=self.fleet.notify,
             send_timeout=self.settings.send_timeout,
         )

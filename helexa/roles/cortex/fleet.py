@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from helexa.identity import fingerprint
-from helexa.protocol import to_wire
+from helexa.protocol import ModelState, ModelStatus, cache_key, to_wire
 
 if TYPE_CHECKING:
     from .neuron_link import NeuronLink
@@ -88,6 +88,32 @@ def model_view(link: Any, status: Any) -> dict[str, Any]:
     if not online(link):
         out["last_state"], out["state"] = out["state"], OFFLINE
     return out
+
+
+CACHED = "cached"
+"""The state the operator's views show for a catalogue model whose source a neuron's model
+cache holds (its join and heartbeats say so) while the model is not configured there: a
+restarted neuron, say. A load there uses the cache."""
+
+
+def cached_view(link: Any, model_id: str) -> dict[str, Any]:
+    """A catalogue model only in ``link``'s model cache, as :func:`model_view` shows a status."""
+    return model_view(link, ModelStatus(model_id, ModelState.CONFIGURED, cached=True)) | (
+        {"state": CACHED} if online(link) else {"last_state": CACHED})
+
+
+def holds_source(link: Any, key: str | None) -> bool:
+    """Whether ``link``'s neuron reported its model cache holding the source keyed ``key``."""
+    return key is not None and key in getattr(link, "cached", ())
+
+
+def cached_only(link: Any, catalogue: Any) -> list[str]:
+    """The catalogue models whose sources ``link``'s model cache holds while they are not
+    configured there (:data:`CACHED`), by id."""
+    if not getattr(link, "cached", None):
+        return []
+    return sorted(e.id for e in catalogue
+                  if e.id not in link.models and holds_source(link, cache_key(e.source, e.sha256)))
 
 
 class Fleet:

@@ -26,6 +26,7 @@ from helexa.protocol import (
     Heartbeat,
     InferenceError,
     LoadProgress,
+    MAX_CACHE_REPORT,
     ModelConfig,
     ModelState,
     ModelStatus,
@@ -66,6 +67,13 @@ class _Unreadable(ProtocolError):
     """The neuron's :class:`Fault`: it could not read a frame this cortex sent."""
 
 
+
+def _cache_report(keys: tuple[str, ...]) -> frozenset[str]:
+    """A neuron's cache report as kept: at most :data:`~helexa.protocol.MAX_CACHE_REPORT`
+    keys, each of a key's length (a hostile neuron's longer strings are not kept)."""
+    return frozenset(k for k in keys[:MAX_CACHE_REPORT] if len(k) == 32)
+
+
 class NeuronLink:
     """The cortex's handle on one joined neuron: its state, and the calls that drive it."""
 
@@ -85,6 +93,7 @@ class NeuronLink:
         *,
         models: tuple[ModelStatus, ...] = (),
         configs: tuple[ModelConfig, ...] = (),
+        cached: tuple[str, ...] = (),
         on_change: Callable[[], None] = lambda: None,
         send_timeout: float = 10.0,
     ) -> None:
@@ -103,6 +112,9 @@ class NeuronLink:
         """When each model last became loaded here, as this cortex saw it (a reload after its
         process died is a new instance: :func:`.admission.excluded`)."""
         self.configs: dict[str, ModelConfig] = {c.model_id: c for c in configs}
+        self.cached = _cache_report(cached)
+        """The sources its model cache holds, as :func:`~helexa.protocol.cache_key` keys
+        (from its join and heartbeats; empty from a neuron before handshake version 3)."""
         self.joined_at = time.time()
         self.last_heartbeat = time.time()
         self.last_seen = trio.current_time()
@@ -226,6 +238,8 @@ class NeuronLink:
                 self.metrics = sane_metrics(msg.metrics)
                 self.last_heartbeat = time.time()
                 changed = self._set_models(msg.models)
+                if msg.cached is not None and (cached := _cache_report(msg.cached)) != self.cached:
+                    self.cached, changed = cached, True
                 if self.health is Health.UNHEALTHY and self.connected:
                     self.health = Health.HEALTHY
                     changed = True

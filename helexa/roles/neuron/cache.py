@@ -174,6 +174,9 @@ class ModelCache:
         self._free_space = free_space
         self._in_use: Counter[str] = Counter()
         self._reservations: set[Reservation] = set()
+        self.generation = 0
+        """Counts the changes to what the cache holds (a source recorded or dropped): the
+        heartbeats report :meth:`held` again when it moved."""
 
     # --- paths ----------------------------------------------------------------------------
 
@@ -214,6 +217,25 @@ class ModelCache:
         os.utime(self._ref(key))
         return path
 
+    def held(self, limit: int) -> tuple[str, ...]:
+        """The keys of the sources wholly in the cache, the most recently used first, at most
+        ``limit`` of them (what the neuron reports to its cortex). Marks nothing used."""
+        refs = []
+        for path in self._scan("refs"):
+            if path.suffix == ".json":
+                try:
+                    refs.append((path.stat().st_mtime, path.stem))
+                except OSError:
+                    continue
+        out: list[str] = []
+        for _, key in sorted(refs, reverse=True):
+            ref = self._read_ref(key)
+            if ref is not None and all(isinstance(sha, str) and self.has_blob(sha) for sha in ref["files"].values()):
+                out.append(key)
+                if len(out) >= limit:
+                    break
+        return tuple(out)
+
     def _read_ref(self, key: str) -> dict | None:
         try:
             ref = json.loads(self._ref(key).read_text())
@@ -252,6 +274,7 @@ class ModelCache:
         tmp = self._ref(key).with_suffix(".tmp")
         tmp.write_text(json.dumps({"source": source, "files": dict(files), "file": file}, indent=1))
         os.replace(tmp, self._ref(key))
+        self.generation += 1
         return self._build_tree(key, files, file)
 
     # --- use ------------------------------------------------------------------------------
@@ -358,6 +381,7 @@ class ModelCache:
         """Forget a source and delete the blobs no other source holds."""
         ref = self._read_ref(key)
         self._ref(key).unlink(missing_ok=True)
+        self.generation += 1
         shutil.rmtree(self._tree(key), ignore_errors=True)
         if ref is None:
             return

@@ -28,7 +28,7 @@ import trio
 
 from helexa.protocol import NeuronDescriptor, ProtocolError
 from helexa.protocol.compat import for_earlier
-from helexa.protocol.join import IDENTITY_VERSION, Failure, Impostor, NeuronJoin, Refusal, Welcomed
+from helexa.protocol.join import IDENTITY_VERSION, JOIN_VERSIONS, Failure, Impostor, NeuronJoin, Refusal, Welcomed
 from helexa.protocol.takeover import CLOSE_REPLACED, replaced_message
 from helexa.transport import Channel, ChannelClosed, ConnectFailed
 from helexa.transport import websocket as ws_transport
@@ -110,10 +110,11 @@ class Connection:
         self.joins = 0
         self.heartbeat_interval = 1.0
         """What the cortex asked for in its last welcome."""
-        self.earlier = False
-        """The cortex joined at handshake version 1, an earlier release: what is sent to it
-        leaves out the fields added since (:func:`~helexa.protocol.compat.for_earlier`),
-        which its codec would refuse, closing the connection."""
+        self.version = JOIN_VERSIONS[1]
+        """The handshake version the cortex joined at: below the newest, an earlier release,
+        what is sent to it leaves out the fields added since
+        (:func:`~helexa.protocol.compat.for_earlier`), which its codec would refuse, closing
+        the connection."""
 
     def _ws_connect(self, url: str):
         return ws_transport.connect(
@@ -123,6 +124,11 @@ class Connection:
             pin=self._resolved.pin,
             max_frame=self._config.max_frame_bytes,
         )
+
+    @property
+    def earlier(self) -> bool:
+        """The cortex joined at handshake version 1 (before the identity key)."""
+        return self.version < IDENTITY_VERSION
 
     @property
     def connected(self) -> bool:
@@ -173,6 +179,7 @@ class Connection:
             timeout=self._config.handshake_timeout,
             models=self._registry.statuses(),
             configs=self._registry.configs(),
+            cached=self._registry.cached_sources(),
             identity=self._resolved.identity,
         )
         with trio.move_on_after(session.timeout):
@@ -192,7 +199,7 @@ class Connection:
 
     async def _stay(self, channel: Channel, welcomed: Welcomed, serve: Serve) -> None:
         self.heartbeat_interval = welcomed.heartbeat_interval
-        self.earlier = welcomed.version < IDENTITY_VERSION
+        self.version = welcomed.version
         self.joins += 1
         identity = self._resolved.identity
         log.info(
@@ -235,8 +242,8 @@ class Connection:
         channel = self._channel
         if channel is None:
             raise ChannelClosed("not connected")
-        if self.earlier:
-            msg = for_earlier(msg)
+        if self.version < JOIN_VERSIONS[1]:
+            msg = for_earlier(msg, self.version)
         # The channel applies the deadline only if it has to wait (a cancel scope per
         # relayed frame was a measurable share of a neuron's CPU per request).
         await channel.send(msg, timeout=self._config.send_timeout)

@@ -22,18 +22,23 @@ async def send_heartbeats(
     sampler: MetricsSampler,
 ) -> None:
     """Send a :class:`Heartbeat` through ``send`` at once and then every ``interval``
-    seconds, until cancelled.
+    seconds, until cancelled. The first, and each after what the model cache holds changed,
+    also says what it holds (``cached``).
 
     A heartbeat that cannot be sent (``send`` raises ``ChannelClosed`` or
     ``trio.TooSlowError``) means the link is dead or stuck: ``channel`` is closed, which
     ends the connection's reader and so starts a redial. Returns then.
     """
     seq = 0
+    reported: int | None = None  # the cache's generation last reported: the first heartbeat says it anyway
     try:
         while True:
             seq += 1
             metrics = sampler.sample(in_flight=registry.in_flight)
-            await send(Heartbeat(seq, metrics, registry.statuses()))
+            cached = None
+            if (generation := registry.cache_generation()) != reported:
+                cached, reported = registry.cached_sources(), generation
+            await send(Heartbeat(seq, metrics, registry.statuses(), cached))
             await trio.sleep(interval)
     except (ChannelClosed, trio.TooSlowError):
         await channel.aclose(1001, "heartbeat could not be sent")

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from helexa.protocol import ModelConfig, ModelState, ModelStatus
+from helexa.protocol import MAX_CACHE_REPORT, ModelConfig, ModelState, ModelStatus
 from helexa.runtime import Backend, BackendError, LoadFailed, ProgressFn
 from helexa.runtime.worker import backend_for
 
@@ -119,6 +119,14 @@ class ModelRegistry:
 
     def configs(self) -> tuple[ModelConfig, ...]:
         return tuple(e.config for _, e in sorted(self._entries.items()))
+
+    def cache_generation(self) -> int:
+        """Moves whenever what the model cache holds changes (:meth:`cached_sources`)."""
+        return self.sources.cache.generation
+
+    def cached_sources(self) -> tuple[str, ...]:
+        """The sources in the model cache, as the cortex is told (``Join.cached``)."""
+        return self.sources.cache.held(MAX_CACHE_REPORT)
 
     @property
     def sources(self) -> ModelSources:

@@ -37,7 +37,7 @@ import httpx
 import trio
 
 from helexa.logs import redact
-from helexa.protocol import ModelConfig, ModelSource, SourceKind
+from helexa.protocol import ModelConfig, ModelSource, SourceKind, cache_key
 from helexa.runtime import LoadFailed, ProgressFn
 
 from . import hub
@@ -148,7 +148,8 @@ class ModelSources:
             raise LoadFailed(f"model {config.model_id!r} has no source", code="not_configured")
         if source.kind is SourceKind.PATH:
             return await self._local(source, config.sha256)
-        key = source_key(f"{source.location} {config.sha256 or ''}")
+        key = cache_key(config.source, config.sha256)
+        assert key is not None  # a source that is not a path
         while True:
             path = self.cache.cached(key)
             if path is not None:
@@ -187,7 +188,7 @@ class ModelSources:
         source = config.parsed_source
         if source is None or source.kind is SourceKind.PATH:
             return None
-        return self.cache.cached(source_key(f"{source.location} {config.sha256 or ''}")) is not None
+        return self.cache.cached(cache_key(config.source, config.sha256)) is not None
 
     def release(self, fetched: Fetched) -> None:
         """The model loaded from ``fetched`` is gone: its files may be evicted again."""

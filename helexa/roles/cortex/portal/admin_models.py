@@ -5,8 +5,9 @@ admin token.
 Routes::
 
     GET   /admin/models                  every catalogue model: where it is feasible, loaded,
-                                         loading (with progress), cached, pinned; then models
-                                         loaded outside the catalogue
+                                         loading (with progress), cached (state "cached" where
+                                         only a neuron's model cache holds it), pinned; then
+                                         models loaded outside the catalogue
     GET   /admin/models/ID               one of them
     POST  /admin/models/ID/pull          {neuron?}  fetch into the cache without loading
                                          (every feasible neuron when none is named)
@@ -34,11 +35,11 @@ import trio
 from pydantic import BaseModel, ConfigDict, Field
 
 from helexa.logs import redact_url
-from helexa.protocol import LoadProgress
+from helexa.protocol import LoadProgress, cache_key
 
 from ..asgi import Exchange, Route
 from ..errors import BadRequest, GatewayError, ModelNotFound, NotFound
-from ..fleet import model_view
+from ..fleet import cached_view, holds_source, model_view
 from ..orchestrator import Orchestrator
 
 NDJSON = [(b"content-type", b"application/x-ndjson"), (b"cache-control", b"no-cache")]
@@ -115,7 +116,7 @@ class ModelsAdmin:
                 "priority": entry.priority.name.lower(), "pinned_on": sorted(pins.get(entry.id, ())),
                 "feasible_on": [link.node_id for link in links if entry.is_feasible_on(link.descriptor.hardware)],
                 "loading": None if progress is None else {"stage": progress[0], "fraction": progress[1]},
-                "neurons": self._on_neurons(entry.id, links),
+                "neurons": self._on_neurons(entry.id, links, cache_key(entry.source, entry.sha256)),
             })
         known = {e.id for e in self.catalogue}
         others = sorted({mid for link in links for mid in link.models} - known)
@@ -126,8 +127,12 @@ class ModelsAdmin:
         return out
 
     @staticmethod
-    def _on_neurons(model_id: str, links: list[Any]) -> dict[str, Any]:
-        return {link.node_id: model_view(link, link.models[model_id]) for link in links if model_id in link.models}
+    def _on_neurons(model_id: str, links: list[Any], key: str | None = None) -> dict[str, Any]:
+        """Its status on each neuron that reports it; a neuron that holds its source in its
+        model cache without the model configured (restarted since) shows it ``cached``."""
+        return {link.node_id: model_view(link, link.models[model_id]) if model_id in link.models
+                else cached_view(link, model_id) for link in links
+                if model_id in link.models or holds_source(link, key)}
 
     async def list_models(self, ex: Exchange) -> None:
         await ex.out.json({"object": "list", "data": self.view()})

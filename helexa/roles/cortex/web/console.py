@@ -31,6 +31,7 @@ from quart import Blueprint, Response, abort, redirect, render_template, request
 
 from ..admin_token import matches
 from ..errors import GatewayError, NotFound
+from ..fleet import CACHED, cached_only
 from ..portal.admin import parse_time, to_csv
 from ..portal.usage import GROUPS
 from .app import socket_admin, web
@@ -217,6 +218,9 @@ def _models_view() -> dict[str, Any]:
         for link in gw.fleet:
             st = link.models.get(entry.id)
             if st is None:
+                if entry.id in cached_only(link, (entry,)):  # in its model cache only: a load there uses it
+                    where.append({"node": link.node_id, "state": CACHED, "progress": None, "idle": None,
+                                  "pinned": link.node_id in prov.operator.pins().get(entry.id, ())})
                 continue
             last = orch.live.last_used.get((link.node_id, entry.id))
             where.append({"node": link.node_id, "state": st.state.value, "progress": st.progress,

@@ -19,14 +19,14 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import trio
 
-from ..fleet import OFFLINE, health_view, key_view, online
+from ..fleet import OFFLINE, cached_only, health_view, key_view, online
 
 if TYPE_CHECKING:
     from ..fleet import Fleet
     from ..provisioner import Provisioner
 
 
-def neuron_view(link: Any, now: float, pins: set[tuple[str, str]]) -> dict[str, Any]:
+def neuron_view(link: Any, now: float, pins: set[tuple[str, str]], cached: list[str] | None = None) -> dict[str, Any]:
     """One neuron as the Fleet page shows it."""
     m = link.metrics
     hw = link.descriptor.hardware
@@ -45,7 +45,8 @@ def neuron_view(link: Any, now: float, pins: set[tuple[str, str]]) -> dict[str, 
             "version": link.descriptor.software.removeprefix("helexa ") or None,
             "heartbeat_age": round(max(0.0, now - link.last_heartbeat), 1), "cpu": round(m.cpu_percent, 1),
             "cores": hw.cpu_cores, "ram_used": m.ram_used, "ram_total": m.ram_total or hw.ram_total,
-            "gpus": gpus, "in_flight": m.in_flight, "requests": link.in_flight, "models": models}
+            "gpus": gpus, "in_flight": m.in_flight, "requests": link.in_flight, "models": models,
+            "cached": cached or []}
 
 
 def finite(value: Any) -> Any:
@@ -93,7 +94,9 @@ class FleetFeed:
         pins = ({(node, model) for model, nodes in self.provisioner.operator.pins().items() for node in nodes}
                 if self.provisioner is not None else set())
         loading = dict(self.provisioner.load_progress) if self.provisioner is not None else {}
-        neurons = [neuron_view(link, now, pins) for link in sorted(self.fleet, key=lambda l: l.node_id)]
+        catalogue = self.provisioner.catalogue if self.provisioner is not None else ()
+        neurons = [neuron_view(link, now, pins, cached_only(link, catalogue))
+                   for link in sorted(self.fleet, key=lambda l: l.node_id)]
         doc = {"at": now, "neurons": neurons,
                "loading": {k: {"stage": v[0], "progress": v[1]} for k, v in loading.items()}}
         # A neuron's figures arrive as it sends them: one NaN or infinity (a driver's bad

@@ -84,6 +84,11 @@
           if (m.pinned) text += ", pinned";
           spans.push(el("span", { class: "state state-" + m.state, "data-node": n.id, text: text }), " ");
         }
+        for (const n of doc.neurons) {  // in its model cache only (a restarted neuron): a load there uses it
+          if ((n.cached || []).includes(id) && !n.models.some((x) => x.id === id)) {
+            spans.push(el("span", { class: "state state-cached", "data-node": n.id, text: n.id + ": cached" }), " ");
+          }
+        }
         if (!spans.length) spans.push(el("span", { class: "muted", text: "not loaded" }));
         cell.replaceChildren(...spans);
       }
