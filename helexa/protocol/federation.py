@@ -44,6 +44,14 @@ SCOPED_FEDERATION_PROTOCOL = "/helexa/federation/2"
 """The same exchange, where the ``GenerateRequest`` may carry the asker's opaque scope of
 the tenant it asks for. An asker opens a stream offering both, this one first: the
 peer's choice is the negotiation, with no round trip of its own (``docs/mesh.md``)."""
+COUNTED_FEDERATION_PROTOCOL = "/helexa/federation/3"
+"""The same exchange again, where the answer's first ``TokenChunk`` may carry the prompt's
+exact count (``prompt_tokens``, what a cut stream bills), which releases up to helexa 001ba7c
+of 2026-12-02 refuse. Offered first, then the two before it."""
+
+FEDERATION_VERSIONS = {FEDERATION_PROTOCOL: 1, SCOPED_FEDERATION_PROTOCOL: 2, COUNTED_FEDERATION_PROTOCOL: 3}
+"""Each request-stream protocol's peers, in :func:`~.compat.for_earlier`'s versions: what a
+frame leaves out for a peer that chose it."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,24 +17,36 @@ import pytest
 
 from helexa.mesh import MemoryNetwork, streams
 from helexa.protocol import DecodeError, EmbedRequest, GenerateResult, Workload
-from helexa.protocol.federation import FEDERATION_PROTOCOL, OfferedModel
+from helexa.protocol.federation import FEDERATION_PROTOCOL, SCOPED_FEDERATION_PROTOCOL, OfferedModel
 from helexa.roles.cortex.federation.ledger import CONSUMED, SERVED
 
 from conftest import FakeFleet
 from test_federation_service import cortex, recorded, request, settle
 
 EARLIER = json.loads((Path(__file__).parents[1] / "fixtures" / "wire_2026-11-30.json").read_text())["kinds"]
+BEFORE_COUNTS = json.loads((Path(__file__).parents[1] / "fixtures" / "wire_2026-12-02.json").read_text())["kinds"]
+"""The release of 2026-12-02 (001ba7c): ``/helexa/federation/2`` and ``/1``, no first-chunk prompt count."""
 
 
 @pytest.fixture
 def earlier_codec(monkeypatch):
     """Every frame on the mesh's streams decoded under that release's field lists first."""
+    strict_codec(monkeypatch, EARLIER)
+
+
+@pytest.fixture
+def codec_of_001ba7c(monkeypatch):
+    """Every frame decoded under the field lists of the release of 2026-12-02 first."""
+    strict_codec(monkeypatch, BEFORE_COUNTS)
+
+
+def strict_codec(monkeypatch, kinds):
     decode = streams.decode
 
     def strict(data, **kw):
         body = msgpack.unpackb(data, raw=False)
-        if isinstance(body, dict) and body.get("k") in EARLIER:
-            extra = sorted(set(body) - {"k", "v"} - set(EARLIER[body["k"]]))
+        if isinstance(body, dict) and body.get("k") in kinds:
+            extra = sorted(set(body) - {"k", "v"} - set(kinds[body["k"]]))
             if extra:
                 raise DecodeError(f"{body['k']}: unknown field(s) {extra}")
         return decode(data, **kw)
@@ -98,6 +110,26 @@ async def test_a_peer_of_the_earlier_release_gets_our_streamed_answer_without_th
     net = MemoryNetwork()
     a = await cortex(nursery, net, "A", offer=(), protocols=(FEDERATION_PROTOCOL,))
     b = await cortex(nursery, net, "B", fleet=FakeFleet(prompt_tokens=42))
+    await settle()
+    async with a.route(request("r1")) as frames:
+        got = [f async for f in frames]
+    assert [f.text for f in got[:-1]] == ["Hel", "lo", " world"] and got[0].prompt_tokens is None
+    assert isinstance(got[-1], GenerateResult)
+    served, consumed = await recorded(b.ledger, SERVED, "r1"), a.ledger.get(CONSUMED, "r1")
+    assert consumed is not None and served.receipt == consumed.receipt and not consumed.flagged
+
+
+@pytest.mark.parametrize("old", ["asker", "server"])
+async def test_a_peer_of_001ba7c_streams_with_us_without_the_prompt_count(nursery, autojump_clock, codec_of_001ba7c,
+                                                                          old):
+    """That release speaks ``/helexa/federation/2`` but refuses the first chunk's
+    ``prompt_tokens``: asking us, it gets our stream without it; serving us, it is asked
+    over that protocol and its answer is read as it comes (the stream was dropped at the
+    first token, a 502, while its ledger recorded the request served)."""
+    net = MemoryNetwork()
+    earlier = {"protocols": (SCOPED_FEDERATION_PROTOCOL, FEDERATION_PROTOCOL)}
+    a = await cortex(nursery, net, "A", offer=(), **(earlier if old == "asker" else {}))
+    b = await cortex(nursery, net, "B", fleet=FakeFleet(prompt_tokens=42), **(earlier if old == "server" else {}))
     await settle()
     async with a.route(request("r1")) as frames:
         got = [f async for f in frames]

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from helexa.mesh import MemoryNetwork
 from helexa.protocol import GenerateResult, encode
-from helexa.protocol.federation import FEDERATION_PROTOCOL, SCOPED_FEDERATION_PROTOCOL
+from helexa.protocol.federation import COUNTED_FEDERATION_PROTOCOL, FEDERATION_PROTOCOL
 from helexa.roles.cortex.cache_scope import peer_scope, scope_of, wire_scope
 
 from conftest import FakeFleet
@@ -54,7 +54,7 @@ async def test_each_tenant_of_an_asking_cortex_has_a_cache_scope_of_its_own_on_t
     assert s1 == s3 != s2
     assert not {s1, s2} & {"", TENANT_1, TENANT_2, peer_scope(a.mesh.peer_id, ""), scope_of("B"), scope_of("A")}
     assert s1 == peer_scope(a.mesh.peer_id, wire_scope(b.mesh.peer_id, TENANT_1))
-    assert [(p, r.cache_scope) for p, r in wire] == [(SCOPED_FEDERATION_PROTOCOL, wire_scope(b.mesh.peer_id, t))
+    assert [(p, r.cache_scope) for p, r in wire] == [(COUNTED_FEDERATION_PROTOCOL, wire_scope(b.mesh.peer_id, t))
                                                      for t in (TENANT_1, TENANT_2, TENANT_1)]
 
 

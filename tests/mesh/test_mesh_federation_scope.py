@@ -14,7 +14,7 @@ from helexa.mesh import MeshSettings
 from helexa.mesh.direct_channel import DirectStream
 from helexa.mesh.libp2p_mesh import Libp2pMesh
 from helexa.protocol import GenerateRequest, GenerateResult, Task, TokenChunk, Usage
-from helexa.protocol.federation import FEDERATION_PROTOCOL, SCOPED_FEDERATION_PROTOCOL, OfferedModel
+from helexa.protocol.federation import COUNTED_FEDERATION_PROTOCOL, FEDERATION_PROTOCOL, OfferedModel
 from helexa.roles.cortex.cache_scope import peer_scope, scope_of, wire_scope
 from helexa.roles.cortex.federation.ledger import Ledger
 from helexa.roles.cortex.federation.service import Federation, FederationSettings
@@ -100,7 +100,7 @@ async def test_each_tenant_has_a_scope_of_its_own_on_the_serving_peer(nursery, t
     # one scope all of A's tenants shared before; A's own scopes never crossed.
     assert not {s1, s2} & {"", TENANT_1, TENANT_2, scope_of("B"), peer_scope(fa.mesh.peer_id, "")}
     assert s1 == peer_scope(fa.mesh.peer_id, wire_scope(fb.mesh.peer_id, TENANT_1))
-    assert {p for p, _ in wire} == {SCOPED_FEDERATION_PROTOCOL}
+    assert {p for p, _ in wire} == {COUNTED_FEDERATION_PROTOCOL}
     assert {r.cache_scope for _, r in wire} == {wire_scope(fb.mesh.peer_id, t) for t in (TENANT_1, TENANT_2)}
     assert isinstance(fa._idle[fb.mesh.peer_id][0][0], DirectStream) == (channel == "direct")
 
@@ -108,7 +108,8 @@ async def test_each_tenant_has_a_scope_of_its_own_on_the_serving_peer(nursery, t
 @pytest.mark.parametrize("channel", CHANNELS)
 async def test_a_peer_of_the_older_release_is_asked_without_scopes(nursery, tmp_path, channel):
     """It serves only ``/helexa/federation/1``: the stream is negotiated down to it (over
-    the direct channel, a second connection, once), and the requests carry no scope."""
+    the direct channel, a connection for each newer protocol, once), and the requests carry
+    no scope."""
     fleet = Fleet()
     fa, fb = await federated(nursery, tmp_path, fleet, CHANNELS[channel], server=OLD)
     wire = arrived(fb)
@@ -117,13 +118,13 @@ async def test_a_peer_of_the_older_release_is_asked_without_scopes(nursery, tmp_
     assert [(p, r.cache_scope) for p, r in wire] == [(FEDERATION_PROTOCOL, "")] * 3
     assert [r.cache_scope for r in fleet.requests] == [peer_scope(fa.mesh.peer_id, "")] * 3
     if channel == "direct":
-        assert fa.mesh.direct.stats.fallbacks == 0 and fb.mesh.direct.stats.refused == 1  # the /2 connection
+        assert fa.mesh.direct.stats.fallbacks == 0 and fb.mesh.direct.stats.refused == 2  # the /3 and /2 connections
     # A stream opened later goes straight to the protocol the peer chose.
     await fa._idle[fb.mesh.peer_id].pop()[0].aclose()
     assert isinstance(await ask(fa, "r4", TENANT_2), GenerateResult)
     assert wire[-1][0] == FEDERATION_PROTOCOL
     if channel == "direct":
-        assert fb.mesh.direct.stats.refused == 1
+        assert fb.mesh.direct.stats.refused == 2
 
 
 @pytest.mark.parametrize("channel", CHANNELS)

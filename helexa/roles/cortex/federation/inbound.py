@@ -30,7 +30,7 @@ from helexa.protocol import (
     TokenChunk,
 )
 from helexa.protocol.compat import for_earlier
-from helexa.protocol.federation import SCOPED_FEDERATION_PROTOCOL, FederatedHello, OfferedModel, Receipt, Refusal
+from helexa.protocol.federation import FEDERATION_VERSIONS, FederatedHello, OfferedModel, Receipt, Refusal
 
 from ..cache_scope import peer_scope
 from .ledger import SERVED, Ledger
@@ -39,6 +39,9 @@ from .receipts import sign_receipt
 from .stream_reader import Exchange, StreamReader
 
 log = logging.getLogger(__name__)
+
+NEWEST = max(FEDERATION_VERSIONS.values())
+"""An asker on the newest request-stream protocol is sent every field as it is."""
 
 GenerateHandler = Callable[
     [GenerateRequest], AbstractAsyncContextManager[AsyncIterator[TokenChunk | GenerateResult | InferenceError]]
@@ -212,6 +215,7 @@ class InboundServer:
     async def _serve_generate(self, stream: MessageStream, reader: StreamReader, exchange: Exchange,
                               request: GenerateRequest, model: OfferedModel) -> bool:
         assert self._generate is not None
+        version = FEDERATION_VERSIONS.get(stream.protocol, 1)  # what the asker's release can decode
         started = self._clock()
         outcome = "ok"
         prompt = completion = 0
@@ -240,8 +244,8 @@ class InboundServer:
                             if exchange.cancelled:  # the asker left meanwhile
                                 break
                             receipt = receipt_now()
-                            if stream.protocol != SCOPED_FEDERATION_PROTOCOL:
-                                frame = for_earlier(frame)  # an asker of an older release refuses newer fields
+                            if version < NEWEST:
+                                frame = for_earlier(frame, version)  # an asker of an older release refuses newer fields
                             await stream.send(frame, receipt, timeout=self._t.send)
                             receipt_sent = receipt
                             break
@@ -249,8 +253,8 @@ class InboundServer:
                             completion += frame.tokens
                             if frame.prompt_tokens is not None:  # the first chunk's: the neuron's exact count
                                 prompt = frame.prompt_tokens
-                                if stream.protocol != SCOPED_FEDERATION_PROTOCOL:
-                                    frame = for_earlier(frame)  # an asker of an older release refuses the field
+                                if version < NEWEST:
+                                    frame = for_earlier(frame, version)  # an asker of an older release refuses it
                         elif isinstance(frame, InferenceError):
                             outcome = "error"
                         await stream.send(frame, timeout=self._t.send)

@@ -41,7 +41,9 @@ from helexa.protocol import (
 from helexa.protocol.compat import for_earlier
 from helexa.protocol.federation import (
     ANNOUNCE_TOPIC,
+    COUNTED_FEDERATION_PROTOCOL,
     FEDERATION_PROTOCOL,
+    FEDERATION_VERSIONS,
     SCOPED_FEDERATION_PROTOCOL,
     FederatedHello,
     Refusal,
@@ -62,6 +64,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Federation", "FederationSettings"]
 
+SCOPED_VERSION = FEDERATION_VERSIONS[SCOPED_FEDERATION_PROTOCOL]
+
 _ALLOWED_MEMO = 256
 """Candidate lists kept (per model, workload, exclusions and policies)."""
 
@@ -70,10 +74,10 @@ _RETRY_NEXT_PEER = {"busy", "rate_limited", "model_not_offered", "not_serving"}
 _WIRE_SCOPES = 4096
 """Scopes sent to peers kept (per peer and local scope), not hashed again per request."""
 
-UNSCOPED_RECHECK = 600.0
-"""How long a peer that chose the unscoped protocol is offered only that one (asking it
-again costs a connection over the direct channel), before it is asked again: it may
-have been upgraded."""
+OLDER_RECHECK = 600.0
+"""How long a peer that chose an older protocol is offered only that one and those before
+it (asking it again costs a connection over the direct channel), before it is asked again:
+it may have been upgraded."""
 
 
 class Federation:
@@ -104,12 +108,16 @@ class Federation:
         clock: Callable[[], float] = time.time, offered_fn: OfferedFn | None = None,
         count_prompt: PromptCountFn | None = None,
     ) -> None:
-        self.protocols: tuple[str, ...] = (SCOPED_FEDERATION_PROTOCOL, FEDERATION_PROTOCOL)
+        self.protocols: tuple[str, ...] = (COUNTED_FEDERATION_PROTOCOL, SCOPED_FEDERATION_PROTOCOL,
+                                           FEDERATION_PROTOCOL)
         """The request-stream protocols this cortex serves and asks with, newest first.
         A request goes out with its tenant's scope on a scoped stream only; over the
-        last, all a peer of an older release speaks, it goes without."""
+        last, all a peer of an older release speaks, it goes without. What each side sends
+        leaves out what the stream's protocol does not carry (:data:`FEDERATION_VERSIONS`)."""
         self._wire_scopes: dict[tuple[str, str], str] = {}
-        self._unscoped_until: dict[str, float] = {}
+        self._older_until: dict[str, tuple[str, float]] = {}
+        """Peers that chose an older protocol: that protocol, and until when it is offered
+        first (:data:`OLDER_RECHECK`)."""
         self.mesh = mesh
         self.identity = identity
         self.operator = operator
@@ -328,16 +336,17 @@ class Federation:
     async def _new_stream(self, peer_id: str) -> MessageStream:
         """A new request stream to ``peer_id``, in the newest protocol both speak."""
         protocols = self.protocols
-        if self._unscoped_until.get(peer_id, -math.inf) > trio.current_time():
-            protocols = protocols[-1:]
+        chose, until = self._older_until.get(peer_id, ("", -math.inf))
+        if until > trio.current_time() and chose in protocols:
+            protocols = protocols[protocols.index(chose):]
         try:
             stream = await self.mesh.open_stream(peer_id, protocols, timeout=self.settings.ask.open)
         except DialFailed as exc:
             raise PeerUnreachable(str(exc), peer_id=peer_id) from None
-        if stream.protocol == SCOPED_FEDERATION_PROTOCOL:
-            self._unscoped_until.pop(peer_id, None)
+        if stream.protocol == self.protocols[0]:
+            self._older_until.pop(peer_id, None)
         elif protocols is self.protocols:
-            self._unscoped_until[peer_id] = trio.current_time() + UNSCOPED_RECHECK
+            self._older_until[peer_id] = (stream.protocol, trio.current_time() + OLDER_RECHECK)
         return stream
 
     def _for_peer(self, request: GenerateRequest | EmbedRequest,
@@ -347,7 +356,7 @@ class Federation:
         older release refuses the field, and keeps one scope for all our tenants). Over
         the older protocol, the fields its releases may not know are left out
         (:func:`~helexa.protocol.compat.for_earlier`: an embedding's ``truncate`` too)."""
-        if stream.protocol != SCOPED_FEDERATION_PROTOCOL:
+        if FEDERATION_VERSIONS.get(stream.protocol, 1) < SCOPED_VERSION:
             return for_earlier(request)
         if not isinstance(request, GenerateRequest) or not request.cache_scope:
             return request
