@@ -26,7 +26,7 @@ field                     what the earlier peer gets instead
 ========================  =====================================================================
 
 and those of version 2 (before :data:`~.join.CACHE_REPORT_VERSION`, and
-``/helexa/federation/2``: helexa 001ba7c of 2026-12-02 and earlier) know all of those but
+``/helexa/federation/2``: helexa 186c5c3 of 2026-12-02 and earlier) know all of those but
 not these:
 
 ========================  =====================================================================

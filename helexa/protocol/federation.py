@@ -46,7 +46,7 @@ the tenant it asks for. An asker opens a stream offering both, this one first: t
 peer's choice is the negotiation, with no round trip of its own (``docs/mesh.md``)."""
 COUNTED_FEDERATION_PROTOCOL = "/helexa/federation/3"
 """The same exchange again, where the answer's first ``TokenChunk`` may carry the prompt's
-exact count (``prompt_tokens``, what a cut stream bills), which releases up to helexa 001ba7c
+exact count (``prompt_tokens``, what a cut stream bills), which releases up to helexa 186c5c3
 of 2026-12-02 refuse. Offered first, then the two before it."""
 
 FEDERATION_VERSIONS = {FEDERATION_PROTOCOL: 1, SCOPED_FEDERATION_PROTOCOL: 2, COUNTED_FEDERATION_PROTOCOL: 3}

@@ -25,7 +25,8 @@ from test_federation_service import cortex, recorded, request, settle
 
 EARLIER = json.loads((Path(__file__).parents[1] / "fixtures" / "wire_2026-11-30.json").read_text())["kinds"]
 BEFORE_COUNTS = json.loads((Path(__file__).parents[1] / "fixtures" / "wire_2026-12-02.json").read_text())["kinds"]
-"""The release of 2026-12-02 (001ba7c): ``/helexa/federation/2`` and ``/1``, no first-chunk prompt count."""
+"""The release of 2026-12-02 (186c5c3, wire-identical to 001ba7c): ``/helexa/federation/2``
+and ``/1``, no first-chunk prompt count."""
 
 
 @pytest.fixture
@@ -35,7 +36,7 @@ def earlier_codec(monkeypatch):
 
 
 @pytest.fixture
-def codec_of_001ba7c(monkeypatch):
+def codec_of_186c5c3(monkeypatch):
     """Every frame decoded under the field lists of the release of 2026-12-02 first."""
     strict_codec(monkeypatch, BEFORE_COUNTS)
 
@@ -120,8 +121,8 @@ async def test_a_peer_of_the_earlier_release_gets_our_streamed_answer_without_th
 
 
 @pytest.mark.parametrize("old", ["asker", "server"])
-async def test_a_peer_of_001ba7c_streams_with_us_without_the_prompt_count(nursery, autojump_clock, codec_of_001ba7c,
-                                                                          old):
+async def test_a_peer_of_186c5c3_streams_with_us_without_the_prompt_count(nursery, autojump_clock,
+                                                                          codec_of_186c5c3, old):
     """That release speaks ``/helexa/federation/2`` but refuses the first chunk's
     ``prompt_tokens``: asking us, it gets our stream without it; serving us, it is asked
     over that protocol and its answer is read as it comes (the stream was dropped at the

@@ -42,7 +42,8 @@ the first four for such a peer and the heartbeat's cache report, the handshake t
 three (it sends no key to a cortex of version 1, no cache report to one before version 3)."""
 
 BEFORE_CACHE = json.loads((Path(__file__).parents[1] / "fixtures" / "wire_2026-12-02.json").read_text())["kinds"]
-"""The tree of 2026-12-02 (001ba7c): handshake version 2 and ``/helexa/federation/2``,
+"""The release of 2026-12-02 (186c5c3; the fixture was made from 001ba7c, wire-identical):
+handshake version 2 and ``/helexa/federation/2``,
 every field above but the cache report and the first chunk's prompt count."""
 
 
