@@ -16,21 +16,8 @@ from typing import Any
 import click
 
 from helexa import build, logs, telemetry
-from helexa.config import ConfigError, load_config
-
-
-def _fail(message: str, code: int = 2) -> None:
-    from helexa.status import printable
-
-    click.echo(printable(f"helexa: error: {message}"), err=True)  # it may quote a cortex's or a neuron's words
-    sys.exit(code)
-
-
-def _load(model: type, file: Path | None, overrides: dict[str, Any]):
-    try:
-        return load_config(model, file=file, overrides=overrides)
-    except ConfigError as exc:
-        _fail(str(exc))
+from helexa.cli_options import fail, load
+from helexa.config import ConfigError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -70,7 +57,7 @@ def cortex(config_file, data_dir, control_socket, gateway_socket, models_file, o
     if bootstrap:
         overrides["mesh.enabled"] = True
         overrides["mesh.bootstrap"] = list(bootstrap)
-    config = _load(CortexConfig, config_file, overrides)
+    config = load(CortexConfig, config_file, overrides)
     logs.setup(config.log_level, config.log_format)
     telemetry.setup(config.telemetry, service="helexa-cortex")
     from helexa.roles.cortex import node
@@ -81,9 +68,9 @@ def cortex(config_file, data_dir, control_socket, gateway_socket, models_file, o
     try:
         sys.exit(node.run(config, loader=loader))
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     except OSError as exc:
-        _fail(f"cannot start the cortex: {exc}", 1)
+        fail(f"cannot start the cortex: {exc}", 1)
 
 
 @main.command()
@@ -97,7 +84,7 @@ def neuron(config_file, cortex_url, node_id, join_token_file, log_level, log_for
     """Run a neuron: join a cortex and serve models it is told to load."""
     from helexa.roles.neuron.config import NeuronConfig
 
-    config = _load(
+    config = load(
         NeuronConfig,
         config_file,
         {"cortex": cortex_url, "node_id": node_id, "join_token_file": join_token_file, "log_level": log_level,
@@ -110,14 +97,14 @@ def neuron(config_file, cortex_url, node_id, join_token_file, log_level, log_for
     try:
         sys.exit(node.run(config))
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 def _existing_data_dir(data: Path) -> Path:
     """A cortex's data directory, which must exist: a token printed from a mistyped one
     (made there on the spot) would be no running cortex's."""
     if not data.is_dir():
-        _fail(f"no cortex data directory at {data}: give the --data-dir the cortex runs with "
+        fail(f"no cortex data directory at {data}: give the --data-dir the cortex runs with "
               "(a cortex makes its directory and tokens when it first starts)", 1)
     return data
 
@@ -137,7 +124,7 @@ def join_token_cmd(data_dir, rotate):
             join_token.rotate(data)
         click.echo(join_token.for_neurons(data))
     except (OSError, ValueError) as exc:
-        _fail(f"join token in {data}: {exc}", 1)
+        fail(f"join token in {data}: {exc}", 1)
 
 
 @main.command("admin-token")
@@ -152,7 +139,7 @@ def admin_token_cmd(data_dir, rotate):
     try:
         click.echo(admin_token.rotate(data) if rotate else admin_token.load_or_create(data))
     except (OSError, ValueError) as exc:
-        _fail(f"admin token in {data}: {exc}", 1)
+        fail(f"admin token in {data}: {exc}", 1)
 
 
 @main.command()
@@ -169,7 +156,7 @@ def status(cortex_url, data_dir, admin_token_file, as_json, timeout):
     try:
         fleet = fetch_fleet(cortex_url, timeout=timeout, token_file=admin_token_file, data_dir=data_dir)
     except RuntimeError as exc:
-        _fail(str(exc), 1)
+        fail(str(exc), 1)
     if as_json:
         click.echo(json.dumps(fleet, indent=2))
     else:

@@ -16,8 +16,8 @@ from typing import Any
 import click
 
 from helexa.admin_client import AdminClient
-from helexa.cli_portal import _admin_options, table
-from helexa.status import clip, printable
+from helexa.cli_options import admin_options
+from helexa.status import clip, printable, table
 
 STREAM_SILENCE = 60.0
 """Seconds ``pull`` and ``load`` wait for the next line of the cortex's progress stream (it
@@ -30,7 +30,7 @@ the cortex answers once the model is off, after its running requests finished (w
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="the report as JSON")
-@_admin_options
+@admin_options
 def reload(client: AdminClient, as_json: bool) -> None:
     """Re-read the cortex's config and models.toml (as SIGHUP does) and say what changed."""
     report = client.request("POST", "/admin/reload")
@@ -71,7 +71,7 @@ def models() -> None:
 
 @models.command("list")
 @click.option("--json", "as_json", is_flag=True)
-@_admin_options
+@admin_options
 def models_list(client: AdminClient, as_json: bool) -> None:
     """Every catalogue model: where it can run, where it is loaded, cached and pinned."""
     data = client.get("/admin/models")["data"]
@@ -81,7 +81,7 @@ def models_list(client: AdminClient, as_json: bool) -> None:
 @models.command("show")
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True)
-@_admin_options
+@admin_options
 def models_show(client: AdminClient, model: str, as_json: bool) -> None:
     """One model against the fleet, with its state on each neuron."""
     m = client.get(f"/admin/models/{model}")
@@ -172,7 +172,7 @@ def _run_streamed(client: AdminClient, action: str, model: str, neuron: str | No
 @click.argument("model")
 @click.option("--neuron", help="only this neuron (default: every neuron that can hold the model)")
 @click.option("--json", "as_json", is_flag=True, help="the progress events, one JSON object a line")
-@_admin_options
+@admin_options
 def models_pull(client: AdminClient, model: str, neuron: str | None, as_json: bool) -> None:
     """Fetch a model's files into neurons' caches without loading it (a progress bar each)."""
     _run_streamed(client, "pull", model, neuron, as_json)
@@ -182,7 +182,7 @@ def models_pull(client: AdminClient, model: str, neuron: str | None, as_json: bo
 @click.argument("model")
 @click.option("--neuron", help="this neuron (default: where a cold load would put it)")
 @click.option("--json", "as_json", is_flag=True, help="the progress events, one JSON object a line")
-@_admin_options
+@admin_options
 def models_load(client: AdminClient, model: str, neuron: str | None, as_json: bool) -> None:
     """Load a model (downloading it first if needed), with a progress bar."""
     _run_streamed(client, "load", model, neuron, as_json)
@@ -192,7 +192,7 @@ def models_load(client: AdminClient, model: str, neuron: str | None, as_json: bo
 @click.argument("model")
 @click.option("--neuron", help="only this neuron (default: every neuron that has it)")
 @click.option("--json", "as_json", is_flag=True)
-@_admin_options
+@admin_options
 def models_unload(client: AdminClient, model: str, neuron: str | None, as_json: bool) -> None:
     """Unload a model (its requests in flight finish first)."""
     done = client.request("POST", f"/admin/models/{model}/unload", json={"neuron": neuron}, wait=UNLOAD_WAIT)
@@ -213,7 +213,7 @@ def _pin(client: AdminClient, action: str, model: str, neuron: str, as_json: boo
 @click.argument("model")
 @click.option("--neuron", required=True)
 @click.option("--json", "as_json", is_flag=True)
-@_admin_options
+@admin_options
 def models_pin(client: AdminClient, model: str, neuron: str, as_json: bool) -> None:
     """Keep a model loaded on a neuron: loaded now, never evicted or unloaded for idleness."""
     _pin(client, "pin", model, neuron, as_json)
@@ -223,7 +223,7 @@ def models_pin(client: AdminClient, model: str, neuron: str, as_json: bool) -> N
 @click.argument("model")
 @click.option("--neuron", required=True)
 @click.option("--json", "as_json", is_flag=True)
-@_admin_options
+@admin_options
 def models_unpin(client: AdminClient, model: str, neuron: str, as_json: bool) -> None:
     """Drop a pin (the model stays loaded until evicted or idle, as any other)."""
     _pin(client, "unpin", model, neuron, as_json)

@@ -19,7 +19,8 @@ from urllib.parse import quote
 import click
 
 from helexa.admin_client import AdminClient
-from helexa.cli_portal import _admin_options, _when, table
+from helexa.cli_options import admin_options, fail, load, when
+from helexa.status import table
 
 
 def _bindings_table(data: list[dict[str, Any]]) -> str:
@@ -27,7 +28,7 @@ def _bindings_table(data: list[dict[str, Any]]) -> str:
         return "no node id is bound to an identity key"
     rows = [["NODE", "KEY", "BOUND", "CONNECTED"]]
     for b in data:
-        rows.append([b["node_id"], b["fingerprint"], _when(b["bound_at"]), "yes" if b["connected"] else "no"])
+        rows.append([b["node_id"], b["fingerprint"], when(b["bound_at"]), "yes" if b["connected"] else "no"])
     return table(rows)
 
 
@@ -38,7 +39,7 @@ def neurons() -> None:
 
 @neurons.command("keys")
 @click.option("--json", "as_json", is_flag=True, help="with each full public key")
-@_admin_options
+@admin_options
 def neurons_keys(client: AdminClient, as_json: bool) -> None:
     """Every node id and the fingerprint of the identity key it is bound to."""
     data = client.get("/admin/neurons/keys")["data"]
@@ -47,7 +48,7 @@ def neurons_keys(client: AdminClient, as_json: bool) -> None:
 
 @neurons.command("forget")
 @click.argument("node_id")
-@_admin_options
+@admin_options
 def neurons_forget(client: AdminClient, node_id: str) -> None:
     """Forget NODE_ID's identity key: the next neuron that joins as NODE_ID binds its own
     (a neuron joined as NODE_ID now stays connected)."""
@@ -59,7 +60,7 @@ def neurons_forget(client: AdminClient, node_id: str) -> None:
 @neurons.command("enrol")
 @click.argument("node_id")
 @click.argument("key")
-@_admin_options
+@admin_options
 def neurons_enrol(client: AdminClient, node_id: str, key: str) -> None:
     """Bind NODE_ID to KEY (the 64 hex digits `helexa neuron-key` prints on that neuron)
     before it joins: what a cortex with enrolment = "strict" needs. Refused while NODE_ID
@@ -79,17 +80,16 @@ def neuron_key(config_file: Path | None, data_dir: Path | None, node_id: str | N
     """Print this neuron's public identity key (64 hex digits), making the key in its
     data_dir if absent, as the neuron would. On the cortex, `helexa neurons enrol NODE_ID
     KEY` binds the node id to it."""
-    from helexa.cli import _fail, _load
     from helexa.config import ConfigError
     from helexa.roles.neuron.config import IDENTITY_FILE, NeuronConfig, load_identity, resolve_node_id
 
     # The data_dir as `helexa neuron` resolves it: --data-dir, HELEXA_DATA_DIR, the file's, the default.
-    config = _load(NeuronConfig, config_file, {"data_dir": data_dir, "node_id": node_id})
+    config = load(NeuronConfig, config_file, {"data_dir": data_dir, "node_id": node_id})
     made = not (config.data_dir / IDENTITY_FILE).exists()
     try:
         identity = load_identity(config.data_dir)
     except ConfigError as exc:
-        _fail(str(exc), 1)
+        fail(str(exc), 1)
     try:
         name = resolve_node_id(config.node_id)
     except ConfigError:

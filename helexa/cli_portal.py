@@ -8,50 +8,14 @@ finds the admin token as :mod:`helexa.admin_client` says (``--data-dir``,
 
 from __future__ import annotations
 
-import functools
 import json
-import sys
-from collections.abc import Callable
-from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import click
 
-from helexa.admin_client import DEFAULT_CORTEX, AdminClient, AdminError, find_token
-from helexa.status import printable, table
-
-
-def _admin_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Add the connection options; the command receives ``client`` instead of them."""
-    @click.option("--cortex", "cortex_url", default=DEFAULT_CORTEX, show_default=True,
-                  help="the cortex's admin address")
-    @click.option("--data-dir", type=click.Path(path_type=Path), help="the cortex's data directory (its admin token)")
-    @click.option("--admin-token-file", type=click.Path(path_type=Path), help="a file holding the admin token")
-    @click.option("--timeout", default=10.0, show_default=True)
-    @functools.wraps(fn)
-    def wrapper(cortex_url: str, data_dir: Path | None, admin_token_file: Path | None, timeout: float,
-                **kwargs: Any) -> None:
-        try:
-            client = AdminClient(cortex_url, find_token(token_file=admin_token_file, data_dir=data_dir),
-                                 timeout=timeout)
-            fn(client=client, **kwargs)
-        except AdminError as exc:  # the cortex's words may quote a neuron's (an unload's refusal): escaped
-            click.echo(printable(f"helexa: error: {exc}"), err=True)
-            sys.exit(1)
-
-    return wrapper
-
-
-def _when(value: float | None) -> str:
-    """A time as a UTC date and minute; one no date can show (a key stored before the admin
-    API refused such expiries) as the raw number, so the key stays listable and revocable."""
-    if value is None:
-        return "-"
-    try:
-        return datetime.fromtimestamp(value, timezone.utc).strftime("%Y-%m-%d %H:%M")
-    except (OverflowError, ValueError, OSError, TypeError):
-        return str(value)
+from helexa.admin_client import AdminClient
+from helexa.cli_options import admin_options, when
+from helexa.status import table
 
 
 def _limits(limits: dict[str, Any]) -> str:
@@ -68,8 +32,8 @@ def _key_rows(keys: list[dict[str, Any]]) -> str:
     rows = [["KEY ID", "PORTAL", "NAME", "STATE", "LIMITS", "MODELS", "CREATED", "EXPIRES"]]
     for k in keys:
         rows.append([k["key_id"], k["portal"], k["name"], k["state"], _limits(k["limits"]),
-                     ",".join(k["models"]) if k["models"] is not None else "all", _when(k["created_at"]),
-                     _when(k["expires_at"])])
+                     ",".join(k["models"]) if k["models"] is not None else "all", when(k["created_at"]),
+                     when(k["expires_at"])])
     return table(rows)
 
 
@@ -82,7 +46,7 @@ def keys() -> None:
     """API keys of the portals: create, list, show, update, rotate, revoke."""
 
 
-_MAX_INT = 2**63 - 1  # the admin API's bounds (helexa.roles.cortex.portal.admin), checked here first:
+_MAX_INT = 2**63 - 1  # the admin API's bounds (helexa.roles.cortex.portal.admin_fields), checked here first:
 # the CLI talks to the API and does not import the cortex (0.8 s of imports)
 _MAX_BUDGET = 1e15
 
@@ -117,7 +81,7 @@ def _key_fields(rpm, tpm, max_concurrent, budget, budget_unit, period, models, e
 @click.option("--name", required=True, help="who or what the key is for")
 @_limit_options
 @click.option("--json", "as_json", is_flag=True, help="the whole record, with the key, as JSON")
-@_admin_options
+@admin_options
 def keys_create(client: AdminClient, portal: str, name: str, as_json: bool, **limits: Any) -> None:
     """Create a key and print it (only this once: it is stored hashed)."""
     made = client.request("POST", "/admin/keys", json={"portal": portal, "name": name, **_key_fields(**limits)})
@@ -134,7 +98,7 @@ def keys_create(client: AdminClient, portal: str, name: str, as_json: bool, **li
 @keys.command("list")
 @click.option("--portal", help="only this portal's keys")
 @click.option("--json", "as_json", is_flag=True)
-@_admin_options
+@admin_options
 def keys_list(client: AdminClient, portal: str | None, as_json: bool) -> None:
     """List keys (never the keys themselves)."""
     data = client.get("/admin/keys", portal=portal)["data"]
@@ -144,7 +108,7 @@ def keys_list(client: AdminClient, portal: str | None, as_json: bool) -> None:
 @keys.command("show")
 @click.argument("key_id")
 @click.option("--json", "as_json", is_flag=True)
-@_admin_options
+@admin_options
 def keys_show(client: AdminClient, key_id: str, as_json: bool) -> None:
     """One key: its limits, its quota state and this period's usage."""
     k = client.get(f"/admin/keys/{key_id}")
@@ -156,7 +120,7 @@ def keys_show(client: AdminClient, key_id: str, as_json: bool) -> None:
     if quota is not None:
         left = quota["remaining_budget"]
         click.echo(f"\nin flight {quota['in_flight']}, spent {quota['spent']['money']:.6g} "
-                   f"({quota['spent']['tokens']} tokens) since {_when(quota['period_start'])}"
+                   f"({quota['spent']['tokens']} tokens) since {when(quota['period_start'])}"
                    + (f", {left:.6g} left" if left is not None else ""))
     if k["period_usage"]:
         click.echo("")
@@ -168,7 +132,7 @@ def keys_show(client: AdminClient, key_id: str, as_json: bool) -> None:
 @click.option("--name")
 @_limit_options
 @click.option("--json", "as_json", is_flag=True)
-@_admin_options
+@admin_options
 def keys_update(client: AdminClient, key_id: str, name: str | None, as_json: bool, **limits: Any) -> None:
     """Change a key's limits, models, expiry or name (the rest stays)."""
     fields = _key_fields(**limits)
@@ -180,7 +144,7 @@ def keys_update(client: AdminClient, key_id: str, name: str | None, as_json: boo
 
 @keys.command("revoke")
 @click.argument("key_id")
-@_admin_options
+@admin_options
 def keys_revoke(client: AdminClient, key_id: str) -> None:
     """Stop a key at once (its usage stays in the ledger)."""
     k = client.request("POST", f"/admin/keys/{key_id}/revoke")
@@ -190,7 +154,7 @@ def keys_revoke(client: AdminClient, key_id: str) -> None:
 @keys.command("rotate")
 @click.argument("key_id")
 @click.option("--json", "as_json", is_flag=True)
-@_admin_options
+@admin_options
 def keys_rotate(client: AdminClient, key_id: str, as_json: bool) -> None:
     """Replace a key's secret (same id, limits and budget); the old one stops working at once."""
     k = client.request("POST", f"/admin/keys/{key_id}/rotate")
@@ -228,7 +192,7 @@ def _usage_table(rows: list[dict[str, Any]], by: str) -> str:
 @click.option("--by", type=click.Choice(["key", "model", "day", "portal"]), default="key", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="rows as JSON")
 @click.option("--csv", "as_csv", is_flag=True, help="rows as CSV")
-@_admin_options
+@admin_options
 def usage(client: AdminClient, portal: str | None, key_id: str | None, since: str | None, until: str | None,
           by: str, as_json: bool, as_csv: bool) -> None:
     """What the portals served and billed, from the usage ledger."""

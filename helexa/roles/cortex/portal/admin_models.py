@@ -41,6 +41,7 @@ from ..asgi import Exchange, Route
 from ..errors import BadRequest, GatewayError, ModelNotFound, NotFound
 from ..fleet import cached_view, holds_source, model_view
 from ..orchestrator import Orchestrator
+from .admin_fields import parse_body
 
 NDJSON = [(b"content-type", b"application/x-ndjson"), (b"cache-control", b"no-cache")]
 
@@ -75,9 +76,7 @@ class _Target(BaseModel):
 
 
 def _parse_target(raw: bytes) -> _Target:
-    from .admin import _parse
-
-    body = _parse(_Target, raw)
+    body = parse_body(_Target, raw)
     assert isinstance(body, _Target)
     return body
 

@@ -32,6 +32,7 @@ import trio
 
 from ..asgi import Exchange, Route
 from .fleet_feed import FleetFeed
+from .page_context import socket_admin, socket_portal
 from .sessions import Sessions
 from .traffic import Traffic
 
@@ -167,25 +168,6 @@ class WebApp:
             finally:
                 with trio.CancelScope(shield=True), trio.move_on_after(2):
                     await app.shutdown()
-
-
-def web() -> WebApp:
-    """The :class:`WebApp` of the request being handled."""
-    from quart import current_app
-
-    return current_app.extensions["helexa"]  # type: ignore[no-any-return]
-
-
-def socket_portal() -> str | None:
-    from quart import request
-
-    return request.scope.get("helexa.portal")
-
-
-def socket_admin() -> bool:
-    from quart import request
-
-    return bool(request.scope.get("helexa.admin"))
 
 
 async def _root() -> Response:

@@ -32,9 +32,10 @@ from quart import Blueprint, Response, abort, redirect, render_template, request
 from ..admin_token import matches
 from ..errors import GatewayError, NotFound
 from ..fleet import CACHED, cached_only
-from ..portal.admin import parse_time, to_csv
+from ..portal.admin import to_csv
+from ..portal.admin_fields import parse_time
 from ..portal.usage import GROUPS
-from .app import socket_admin, web
+from .page_context import socket_admin, web
 from .sessions import COOKIE, Session
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from typing import Any
 from quart import Blueprint, Response, abort, render_template, request
 
 from ..portal.portal import Portal
-from .app import socket_portal, web
+from .page_context import socket_portal, web
 
 blueprint = Blueprint("portal", __name__, url_prefix="/portal")
 
