@@ -96,7 +96,7 @@ def neuron_key(config_file: Path | None, data_dir: Path | None, node_id: str | N
         name = "NODE_ID"
     key = identity.public_bytes.hex()
     click.echo(key)
-    from helexa.protocol.join import enrol_command
+    from helexa.protocol.join_identity import enrol_command
 
     if made:  # a shell lacks the unit's environment: a key made elsewhere is not the neuron's
         click.echo(f"no identity key was in {config.data_dir}: made one now, for a neuron that runs with that "

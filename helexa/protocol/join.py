@@ -34,12 +34,14 @@ identity key and a signature over both nonces and its node id
 (:func:`~helexa.protocol.auth.identity_statement`). The cortex looks up the key its node id
 is bound to (``bound``; the binding itself, trust on first use, is the shell's:
 :mod:`helexa.roles.cortex.neuron_keys`) and refuses a join whose key differs, or that
-carries none, with :data:`IDENTITY_MISMATCH`: the join token makes a neuron belong, its key
-makes it the neuron it says it is. A node id bound to no key admits any key (the shell
-then binds it), and a neuron of version 1, with none; unless the cortex enrols ``strict``ly,
-when a node id bound to no key is refused with :data:`NOT_ENROLLED` (the operator binds it
-beforehand: ``helexa neurons enrol``). From version 3 (:data:`CACHE_REPORT_VERSION`) the join also says what the
-neuron's model cache holds (:attr:`~.messages.Join.cached`).
+carries none, with :data:`~.join_identity.IDENTITY_MISMATCH`: the join token makes a neuron
+belong, its key makes it the neuron it says it is. A node id bound to no key admits any key
+(the shell then binds it), and a neuron of version 1, with none; unless the cortex enrols
+``strict``ly, when a node id bound to no key is refused with
+:data:`~.join_identity.NOT_ENROLLED` (the operator binds it beforehand: ``helexa neurons
+enrol``). Those rules are :func:`~.join_identity.identity_refusal`. From version 3
+(:data:`CACHE_REPORT_VERSION`) the join also says what the neuron's model cache holds
+(:attr:`~.messages.Join.cached`).
 
 Verdicts: the cortex admits a neuron (:class:`Admitted`), the neuron is welcomed
 (:class:`Welcomed`), either side ends in a :class:`Refusal` (retrying cannot help), the
@@ -54,35 +56,19 @@ from __future__ import annotations
 
 import enum
 import secrets
-import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from . import auth, join_screen
-from helexa.identity import Identity, fingerprint, verify_signature
+from helexa.identity import Identity
 
+from . import auth, join_screen
 from .codec import MIN_PROTOCOL_VERSION
 from .hardware import NeuronDescriptor
+from .join_identity import identity_refusal, node_id_problem
 from .messages import MAX_CACHE_REPORT, Challenge, Fault, Hello, Join, Refused, Welcome
 from .model import ModelConfig, ModelStatus
-from .takeover import CLOSE_REPLACED, forget_command  # noqa: F401  (CLOSE_REPLACED: re-exported)
-
-MAX_NODE_ID = 256
-"""The longest node id a cortex admits (a machine id is 32 characters, a host name at most 253)."""
-
-
-def node_id_problem(node_id: str) -> str | None:
-    """Why ``node_id`` cannot name a neuron (empty, too long, or holding a character that
-    is not printable: a newline in one forged the cortex's log lines), or None when it can."""
-    if not node_id:
-        return "the node id is empty"
-    if len(node_id) > MAX_NODE_ID:
-        return f"the node id is {len(node_id)} characters long; at most {MAX_NODE_ID}"
-    if not node_id.isprintable():
-        return f"the node id {node_id[:64]!r} holds a control or other unprintable character"
-    return None
-
+from .takeover import CLOSE_REPLACED  # noqa: F401  (re-exported)
 
 IDENTITY_VERSION = 2
 """The first handshake version whose :class:`Join` carries the neuron's identity key."""
@@ -94,20 +80,6 @@ JOIN_VERSIONS = (MIN_PROTOCOL_VERSION, CACHE_REPORT_VERSION)
 """The handshake versions this build speaks, oldest and newest (what a hello offers and a
 challenge picks from). Frames keep the codec's ``PROTOCOL_VERSION`` stamp: a later version's
 frames only grow by fields an older build never receives (:func:`~.codec.added_field`)."""
-
-IDENTITY_MISMATCH = "identity_mismatch"
-"""The refusal of a join under a node id bound to another identity key (or sent without one)."""
-
-NOT_ENROLLED = "not_enrolled"
-"""The refusal, on a cortex that enrols strictly, of a join under a node id bound to no key."""
-
-PUBLIC_KEY_BYTES = 32
-
-
-def enrol_command(node_id: str, key: str = "KEY") -> str:
-    """The ``helexa neurons enrol`` command line for ``node_id``, quoted as :func:`forget_command`."""
-    return f"helexa neurons enrol {'-- ' if node_id.startswith('-') else ''}{shlex.quote(node_id)} {key}"
-
 
 class State(enum.Enum):
     START = "start"
@@ -265,7 +237,7 @@ class CortexJoin(_Session):
         recent: the neuron nonces seen lately, shared by all of this cortex's handshakes.
         bound: the identity key a node id is bound to (None: none yet); called once, when
             the join arrives.
-        strict: refuse a node id bound to no key (:data:`NOT_ENROLLED`) instead of admitting it.
+        strict: refuse a node id bound to no key (:data:`~.join_identity.NOT_ENROLLED`) instead of admitting it.
         heartbeat_interval, operator, cortex_id: what the challenge and welcome tell.
         timeout: the handshake deadline the shell applies.
         versions: the protocol versions this cortex speaks, oldest and newest.
@@ -359,28 +331,10 @@ class CortexJoin(_Session):
                 "unauthorized", f"neuron {hello.node_id!r}: the join proof does not match this cortex's join token"
             )
         key = join.public_key
-        if key or join.signature:
-            statement = auth.identity_statement(self._nonce, hello.nonce, hello.node_id)
-            if len(key) != PUBLIC_KEY_BYTES or not verify_signature(key, join.signature, statement):
-                return self._refuse(
-                    "unauthorized", f"neuron {hello.node_id!r}: the identity key's signature does not verify"
-                )
-        bound = self._bound(hello.node_id)
-        if bound is None and self._strict:
-            older = "" if key else " (and it sent no identity key: an older neuron, upgrade it first)"
-            return self._refuse(
-                NOT_ENROLLED,
-                f"node id {hello.node_id!r} is not enrolled on this cortex{older}: on the neuron run "
-                f"`helexa neuron-key`, then on the cortex `{enrol_command(hello.node_id)}`",
-            )
-        if bound is not None and bound != key:
-            theirs = f"its key {fingerprint(key)}" if key else "it sent no identity key (an older neuron)"
-            return self._refuse(
-                IDENTITY_MISMATCH,
-                f"node id {hello.node_id!r} is bound to another identity key on this cortex ({fingerprint(bound)}; "
-                f"{theirs}); if this is a new machine, the operator runs "
-                f"`{forget_command(hello.node_id)}`",
-            )
+        statement = auth.identity_statement(self._nonce, hello.nonce, hello.node_id)
+        refusal = identity_refusal(hello.node_id, key, join.signature, statement, self._bound, strict=self._strict)
+        if refusal is not None:
+            return self._refuse(*refusal)
         welcome = Welcome(
             auth.welcome_proof(token, self._nonce, hello.nonce, hello.node_id),
             session_id=self._session_id,

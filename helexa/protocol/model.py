@@ -26,7 +26,7 @@ def model_id_problem(model_id: object) -> str | None:
     """Why ``model_id`` cannot name a model (not a string, empty, longer than
     :data:`MAX_MODEL_ID`, or holding a control or other unprintable character, which
     forged log lines and terminal output), or None when it can. Like
-    :func:`~.join.node_id_problem`."""
+    :func:`~.join_identity.node_id_problem`."""
     if not isinstance(model_id, str):
         return f"the model id is a {type(model_id).__name__}, not a string"
     if not model_id:

@@ -20,6 +20,9 @@ Pieces:
   :func:`stream_job` is the trio side of one request.
 * :func:`require_cuda`, :func:`load_error` and the ``metadata_*`` readers give both loads
   the same precise :class:`~helexa.runtime.LoadFailed` codes.
+
+The backend class both build on, their load, unload and generation around an engine, is
+:class:`~helexa.runtime.exllama_backend.ExLlamaBackend`.
 """
 
 from __future__ import annotations

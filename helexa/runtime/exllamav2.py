@@ -32,44 +32,18 @@ not ExLlamaV2's (which add a repetition penalty of 1.025 and top-p 0.8).
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
-from collections.abc import AsyncIterator
 from contextlib import suppress
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
-import trio
+from helexa.protocol import GenerateRequest
 
-from helexa.protocol import GenerateRequest, ModelConfig, Task
-
-from . import openai_shapes
-from .base import (
-    Backend,
-    BackendError,
-    ChatInference,
-    GenerationEvent,
-    InvalidRequest,
-    LoadFailed,
-    ProgressFn,
-    TextInference,
-    Unsupported,
-)
-from .exllama import (
-    GeneratorWorker,
-    ModelDir,
-    inspect_model_dir,
-    load_error,
-    metadata_int,
-    metadata_split,
-    require_cuda,
-    room_for,
-    sampling_of,
-    stream_job,
-)
+from .base import LoadFailed
+from .exllama import Sampling, metadata_int, metadata_split
+from .exllama_backend import Engine, ExLlamaBackend, Report, allocated
 
 log = logging.getLogger(__name__)
 
@@ -108,73 +82,22 @@ class ExLlamaV2Settings:
         )
 
 
-@dataclass(slots=True)
-class _Engine:
-    """One loaded model: everything ``unload`` frees."""
+class ExLlamaV2Backend(ExLlamaBackend):
+    """EXL2 models through ExLlamaV2's dynamic generator (see the module docstring).
 
-    torch: Any
-    model_dir: ModelDir
-    model: Any = None
-    cache: Any = None
-    tokenizer: Any = None
-    generator: Any = None
-    sampler: Any = None
-    job_class: Any = None
-    worker: GeneratorWorker | None = None
-    context: int = 0
-    stops: tuple[int, ...] = ()
-    memory: int = 0
-
-
-class ExLlamaV2Backend(Backend, ChatInference, TextInference):
-    """EXL2 models through ExLlamaV2's dynamic generator (see the module docstring)."""
+    Its load puts weights and cache onto the GPU(s); progress counts modules loaded (after
+    ``build``, the extension's import, which compiles it on first use). It raises
+    :class:`LoadFailed`: ``missing_extra`` (exllamav2 or torch absent), ``no_gpu``,
+    ``model_not_found``, ``corrupt_model`` (not a model directory ExLlamaV2 reads, e.g.
+    EXL3 weights), ``out_of_memory``, ``load_failed`` (e.g. the CUDA extension did not
+    build)."""
 
     kind = "exllamav2"
+    engine = "ExLlamaV2"
+    accepted = ACCEPTED
+    settings_class = ExLlamaV2Settings
 
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__(config)
-        self.settings = ExLlamaV2Settings.from_metadata(config.metadata)
-        self._engine: _Engine | None = None
-
-    def memory_bytes(self) -> int:
-        return self._engine.memory if self._engine is not None else 0
-
-    # --- lifecycle ------------------------------------------------------------------------
-
-    async def load(self, progress: ProgressFn) -> None:
-        """Load weights and cache onto the GPU(s); progress counts modules loaded (after
-        ``build``, the extension's import, which compiles it on first use).
-
-        Raises :class:`LoadFailed`: ``missing_extra`` (exllamav2 or torch absent),
-        ``no_gpu``, ``model_not_found``, ``corrupt_model`` (not a model directory
-        ExLlamaV2 reads, e.g. EXL3 weights), ``out_of_memory``, ``load_failed`` (e.g. the
-        CUDA extension did not build)."""
-        if self._engine is not None:
-            return
-        torch = require_cuda("exllamav2", "exllamav2")
-        model_dir = await trio.to_thread.run_sync(
-            partial(inspect_model_dir, self.settings.path, accepted=ACCEPTED, engine="ExLlamaV2")
-        )
-        token = trio.lowlevel.current_trio_token()
-
-        def report(stage: str, done: int, total: int | None, unit: str) -> None:
-            with suppress(trio.RunFinishedError):
-                token.run_sync_soon(progress, stage, done, total, unit)
-
-        engine = _Engine(torch=torch, model_dir=model_dir)
-        try:
-            await trio.to_thread.run_sync(self._load_sync, engine, report)
-        except BaseException as exc:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(_free, engine)
-            if isinstance(exc, Exception):
-                raise load_error(exc, torch, self.settings.path, "ExLlamaV2") from None
-            raise
-        engine.worker = GeneratorWorker(engine.generator, f"exllamav2-{self.config.model_id}")
-        engine.worker.start()
-        self._engine = engine
-
-    def _load_sync(self, engine: _Engine, report: Any) -> None:
+    def _load_sync(self, engine: Engine, report: Report) -> None:
         torch, s = engine.torch, self.settings
         report("build", 0, 1, "extension")
         import exllamav2
@@ -182,7 +105,7 @@ class ExLlamaV2Backend(Backend, ChatInference, TextInference):
         from exllamav2.generator import ExLlamaV2DynamicGenerator, ExLlamaV2DynamicJob, ExLlamaV2Sampler
 
         report("build", 1, 1, "extension")
-        before = _allocated(torch)
+        before = allocated(torch)
         config = exllamav2.ExLlamaV2Config(str(s.path))
         config.max_seq_len = s.max_seq_len or max(PAGE, config.max_seq_len // PAGE * PAGE)
         model = engine.model = exllamav2.ExLlamaV2(config)
@@ -214,53 +137,9 @@ class ExLlamaV2Backend(Backend, ChatInference, TextInference):
         engine.context = config.max_seq_len
         eos = engine.tokenizer.eos_token_id
         engine.stops = tuple(dict.fromkeys([*engine.model_dir.stop_token_ids, *([eos] if eos is not None else [])]))
-        engine.memory = max(0, _allocated(torch) - before)
+        engine.memory = max(0, allocated(torch) - before)
 
-    async def unload(self) -> None:
-        """Cancel every job, stop the generator thread, and free weights, cache and VRAM."""
-        engine, self._engine = self._engine, None
-        if engine is None:
-            return
-        if engine.worker is not None:
-            engine.worker.stop()
-            await trio.to_thread.run_sync(engine.worker.join, 60.0)
-        await trio.to_thread.run_sync(_free, engine)
-
-    # --- inference ------------------------------------------------------------------------
-
-    def chat(self, request: GenerateRequest) -> AsyncIterator[GenerationEvent]:
-        return self._generate(request)
-
-    def complete(self, request: GenerateRequest) -> AsyncIterator[GenerationEvent]:
-        return self._generate(request)
-
-    async def _generate(self, request: GenerateRequest) -> AsyncIterator[GenerationEvent]:
-        engine = self._engine
-        openai_shapes.validate(request, max_context=engine.context if engine else None, features=self.features)
-        if request.extra:
-            raise Unsupported(f"the exllamav2 backend does not support {', '.join(sorted(request.extra))}")
-        if engine is None or engine.worker is None:
-            raise BackendError(f"model {self.config.model_id!r} is not loaded", code="model_not_loaded")
-        job, prompt_tokens = await trio.to_thread.run_sync(self._job, engine, request)
-        stream = stream_job(engine.worker, job, request.request_id, prompt_tokens, "ExLlamaV2",
-                            request.sampling.stop)
-        async with contextlib.aclosing(stream) as events:
-            async for event in events:
-                yield event
-
-    def _job(self, engine: _Engine, request: GenerateRequest) -> tuple[Any, int]:
-        if request.task is Task.COMPLETION:
-            text, add_bos = request.prompt or "", engine.model_dir.add_bos
-        elif engine.model_dir.chat_template is None:
-            raise Unsupported(f"model {self.config.model_id!r} has no chat template")
-        else:
-            text, add_bos = engine.model_dir.chat_template.render(request.messages), False
-        ids = engine.tokenizer.encode(text, add_bos=add_bos, encode_special_tokens=True)
-        prompt_tokens = int(ids.shape[-1])
-        if prompt_tokens == 0:
-            raise InvalidRequest("the prompt is empty")
-        max_new = room_for(request.sampling.max_tokens, prompt_tokens, engine.context)
-        s = sampling_of(request.sampling)
+    def _new_job(self, engine: Engine, request: GenerateRequest, ids: Any, max_new: int, s: Sampling) -> Any:
         settings = engine.sampler.Settings()
         settings.temperature = 1.0 if s.greedy else s.temperature
         settings.top_k = 1 if s.greedy else s.top_k
@@ -268,7 +147,7 @@ class ExLlamaV2Backend(Backend, ChatInference, TextInference):
         settings.token_repetition_penalty = s.repetition_penalty
         settings.token_frequency_penalty = s.frequency_penalty
         settings.token_presence_penalty = s.presence_penalty
-        job = engine.job_class(
+        return engine.job_class(
             input_ids=ids,
             max_new_tokens=max_new,
             gen_settings=settings,
@@ -276,23 +155,18 @@ class ExLlamaV2Backend(Backend, ChatInference, TextInference):
             seed=request.sampling.seed,
             identifier=request.request_id,
         )
-        return job, prompt_tokens
 
-
-def _allocated(torch: Any) -> int:
-    return sum(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count()))
-
-
-def _free(engine: _Engine) -> None:
-    """Drop the model, cache and generator and hand their VRAM back to the driver."""
-    model = engine.model
-    engine.generator = engine.cache = engine.tokenizer = engine.model = engine.worker = None
-    if model is not None:
-        try:
-            model.unload()
-        except Exception:
-            log.exception("ExLlamaV2 unload failed")
-    del model
-    gc.collect()
-    with suppress(Exception):
-        engine.torch.cuda.empty_cache()
+    @staticmethod
+    def _free(engine: Engine) -> None:
+        """Drop the model, cache and generator and hand their VRAM back to the driver."""
+        model = engine.model
+        engine.generator = engine.cache = engine.tokenizer = engine.model = engine.worker = None
+        if model is not None:
+            try:
+                model.unload()
+            except Exception:
+                log.exception("ExLlamaV2 unload failed")
+        del model
+        gc.collect()
+        with suppress(Exception):
+            engine.torch.cuda.empty_cache()

@@ -40,45 +40,19 @@ parameters take OpenAI's defaults (:func:`~helexa.runtime.exllama.sampling_of`).
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import re
-from collections.abc import AsyncIterator
 from contextlib import suppress
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
-import trio
+from helexa.protocol import GenerateRequest
 
-from helexa.protocol import GenerateRequest, ModelConfig, Task
-
-from . import openai_shapes
-from .base import (
-    Backend,
-    BackendError,
-    ChatInference,
-    GenerationEvent,
-    InvalidRequest,
-    LoadFailed,
-    ProgressFn,
-    TextInference,
-    Unsupported,
-)
-from .exllama import (
-    GeneratorWorker,
-    ModelDir,
-    inspect_model_dir,
-    load_error,
-    metadata_int,
-    metadata_split,
-    require_cuda,
-    room_for,
-    sampling_of,
-    stream_job,
-)
+from .base import LoadFailed
+from .exllama import Sampling, metadata_int, metadata_split
+from .exllama_backend import Engine, ExLlamaBackend, Report, allocated
 
 log = logging.getLogger(__name__)
 
@@ -134,81 +108,29 @@ class ExLlamaV3Settings:
         return self.max_seq_len or min(model_context or self.cache_tokens, self.cache_tokens)
 
 
-@dataclass(slots=True)
-class _Engine:
-    """One loaded model: everything ``unload`` frees."""
+class ExLlamaV3Backend(ExLlamaBackend):
+    """EXL3 models through ExLlamaV3's generator (see the module docstring).
 
-    torch: Any
-    model_dir: ModelDir
-    model: Any = None
-    cache: Any = None
-    tokenizer: Any = None
-    generator: Any = None
-    sampler_class: Any = None
-    job_class: Any = None
-    worker: GeneratorWorker | None = None
-    context: int = 0
-    stops: tuple[int, ...] = ()
-    memory: int = 0
-
-
-class ExLlamaV3Backend(Backend, ChatInference, TextInference):
-    """EXL3 models through ExLlamaV3's generator (see the module docstring)."""
+    Its load puts weights and cache onto the GPU(s) and warms up. Progress stages:
+    ``build`` (the extension's import, which compiles it on first use), ``load`` (modules),
+    ``warmup`` (passes). It raises :class:`LoadFailed`: ``missing_extra`` (exllamav3,
+    torch or a module it imports absent), ``no_gpu``, ``model_not_found``,
+    ``corrupt_model`` (not a model directory ExLlamaV3 reads, e.g. EXL2 weights),
+    ``out_of_memory``, ``load_failed`` (e.g. the CUDA extension did not build)."""
 
     kind = "exllamav3"
+    engine = "ExLlamaV3"
+    accepted = ACCEPTED
+    settings_class = ExLlamaV3Settings
 
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__(config)
-        self.settings = ExLlamaV3Settings.from_metadata(config.metadata)
-        self._engine: _Engine | None = None
-
-    def memory_bytes(self) -> int:
-        return self._engine.memory if self._engine is not None else 0
-
-    # --- lifecycle ------------------------------------------------------------------------
-
-    async def load(self, progress: ProgressFn) -> None:
-        """Load weights and cache onto the GPU(s) and warm up. Progress stages: ``build``
-        (the extension's import, which compiles it on first use), ``load`` (modules),
-        ``warmup`` (passes).
-
-        Raises :class:`LoadFailed`: ``missing_extra`` (exllamav3, torch or a module it
-        imports absent), ``no_gpu``, ``model_not_found``, ``corrupt_model`` (not a model
-        directory ExLlamaV3 reads, e.g. EXL2 weights), ``out_of_memory``, ``load_failed``
-        (e.g. the CUDA extension did not build)."""
-        if self._engine is not None:
-            return
-        torch = require_cuda("exllamav3", "exllamav3")
-        model_dir = await trio.to_thread.run_sync(
-            partial(inspect_model_dir, self.settings.path, accepted=ACCEPTED, engine="ExLlamaV3")
-        )
-        token = trio.lowlevel.current_trio_token()
-
-        def report(stage: str, done: int, total: int | None, unit: str) -> None:
-            with suppress(trio.RunFinishedError):
-                token.run_sync_soon(progress, stage, done, total, unit)
-
-        engine = _Engine(torch=torch, model_dir=model_dir)
-        try:
-            await trio.to_thread.run_sync(self._load_sync, engine, report)
-        except BaseException as exc:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(_free, engine)
-            if isinstance(exc, Exception):
-                raise load_error(exc, torch, self.settings.path, "ExLlamaV3") from None
-            raise
-        engine.worker = GeneratorWorker(engine.generator, f"exllamav3-{self.config.model_id}")
-        engine.worker.start()
-        self._engine = engine
-
-    def _load_sync(self, engine: _Engine, report: Any) -> None:
+    def _load_sync(self, engine: Engine, report: Report) -> None:
         torch, s = engine.torch, self.settings
         report("build", 0, 1, "extension")
         import exllamav3
         from exllamav3.generator.sampler import ComboSampler
 
         report("build", 1, 1, "extension")
-        before = _allocated(torch)
+        before = allocated(torch)
         config = exllamav3.Config.from_directory(str(s.path))
         model = engine.model = exllamav3.Model.from_config(config)
         quant = {} if s.cache_bits is None else {
@@ -233,62 +155,18 @@ class ExLlamaV3Backend(Backend, ChatInference, TextInference):
             model=model, cache=engine.cache, tokenizer=engine.tokenizer,
             max_batch_size=s.max_batch_size, max_chunk_size=s.max_chunk_size,
         )
-        engine.sampler_class, engine.job_class = ComboSampler, exllamav3.Job
+        engine.sampler, engine.job_class = ComboSampler, exllamav3.Job
         engine.context = s.context(engine.model_dir.context or config.max_position_embeddings)
         eos = [engine.tokenizer.eos_token_id, *config.eos_token_id_list]
         engine.stops = tuple(dict.fromkeys([*engine.model_dir.stop_token_ids, *(e for e in eos if e is not None)]))
-        engine.memory = max(0, _allocated(torch) - before)
+        engine.memory = max(0, allocated(torch) - before)
 
-    async def unload(self) -> None:
-        """Cancel every job, stop the generator thread, and free weights, cache and VRAM."""
-        engine, self._engine = self._engine, None
-        if engine is None:
-            return
-        if engine.worker is not None:
-            engine.worker.stop()
-            await trio.to_thread.run_sync(engine.worker.join, 60.0)
-        await trio.to_thread.run_sync(_free, engine)
-
-    # --- inference ------------------------------------------------------------------------
-
-    def chat(self, request: GenerateRequest) -> AsyncIterator[GenerationEvent]:
-        return self._generate(request)
-
-    def complete(self, request: GenerateRequest) -> AsyncIterator[GenerationEvent]:
-        return self._generate(request)
-
-    async def _generate(self, request: GenerateRequest) -> AsyncIterator[GenerationEvent]:
-        engine = self._engine
-        openai_shapes.validate(request, max_context=engine.context if engine else None, features=self.features)
-        if request.extra:
-            raise Unsupported(f"the exllamav3 backend does not support {', '.join(sorted(request.extra))}")
-        if engine is None or engine.worker is None:
-            raise BackendError(f"model {self.config.model_id!r} is not loaded", code="model_not_loaded")
-        job, prompt_tokens = await trio.to_thread.run_sync(self._job, engine, request)
-        stream = stream_job(engine.worker, job, request.request_id, prompt_tokens, "ExLlamaV3",
-                            request.sampling.stop)
-        async with contextlib.aclosing(stream) as events:
-            async for event in events:
-                yield event
-
-    def _job(self, engine: _Engine, request: GenerateRequest) -> tuple[Any, int]:
-        if request.task is Task.COMPLETION:
-            text, add_bos = request.prompt or "", engine.model_dir.add_bos
-        elif engine.model_dir.chat_template is None:
-            raise Unsupported(f"model {self.config.model_id!r} has no chat template")
-        else:
-            text, add_bos = engine.model_dir.chat_template.render(request.messages), False
-        ids = engine.tokenizer.encode(text, add_bos=add_bos, encode_special_tokens=True)
-        prompt_tokens = int(ids.shape[-1])
-        if prompt_tokens == 0:
-            raise InvalidRequest("the prompt is empty")
-        max_new = room_for(request.sampling.max_tokens, prompt_tokens, engine.context)
-        s = sampling_of(request.sampling)
-        sampler = engine.sampler_class(
+    def _new_job(self, engine: Engine, request: GenerateRequest, ids: Any, max_new: int, s: Sampling) -> Any:
+        sampler = engine.sampler(
             rep_p=s.repetition_penalty, freq_p=s.frequency_penalty, pres_p=s.presence_penalty,
             temperature=0.0 if s.greedy else s.temperature, min_p=s.min_p, top_k=s.top_k, top_p=s.top_p,
         )
-        job = engine.job_class(
+        return engine.job_class(
             input_ids=ids,
             max_new_tokens=max_new,
             sampler=sampler,
@@ -296,29 +174,24 @@ class ExLlamaV3Backend(Backend, ChatInference, TextInference):
             stop_conditions=[*engine.stops, *request.sampling.stop],
             identifier=request.request_id,
         )
-        return job, prompt_tokens
 
-
-def _allocated(torch: Any) -> int:
-    return sum(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count()))
-
-
-def _free(engine: _Engine) -> None:
-    """Close the generator, unload the model (which drops the cache's tensors) and hand
-    the VRAM back to the driver."""
-    generator, model = engine.generator, engine.model
-    engine.generator = engine.cache = engine.tokenizer = engine.model = engine.worker = None
-    if generator is not None:
-        try:
-            generator.close()
-        except Exception:
-            log.exception("ExLlamaV3 generator close failed")
-    if model is not None:
-        try:
-            model.unload()
-        except Exception:
-            log.exception("ExLlamaV3 unload failed")
-    del generator, model
-    gc.collect()
-    with suppress(Exception):
-        engine.torch.cuda.empty_cache()
+    @staticmethod
+    def _free(engine: Engine) -> None:
+        """Close the generator, unload the model (which drops the cache's tensors) and hand
+        the VRAM back to the driver."""
+        generator, model = engine.generator, engine.model
+        engine.generator = engine.cache = engine.tokenizer = engine.model = engine.worker = None
+        if generator is not None:
+            try:
+                generator.close()
+            except Exception:
+                log.exception("ExLlamaV3 generator close failed")
+        if model is not None:
+            try:
+                model.unload()
+            except Exception:
+                log.exception("ExLlamaV3 unload failed")
+        del generator, model
+        gc.collect()
+        with suppress(Exception):
+            engine.torch.cuda.empty_cache()

@@ -64,7 +64,6 @@ import math
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import suppress
-from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -84,7 +83,7 @@ from helexa.protocol import (
 from helexa.special_text import NONE, ControlTexts
 from helexa.tokenizer import TokenizerError, read_control_texts
 
-from . import cpu_policy, openai_shapes, start_signal, token_tap, tool_grammar
+from . import cpu_policy, openai_shapes, start_signal, token_tap
 from .base import (
     Backend,
     BackendError,
@@ -101,6 +100,8 @@ from .base import (
 )
 from .embeddings import pack_vectors
 from .gguf_file import check_gguf, default_gguf_path
+from .llama_body import request_body
+from .llama_loopback import LoopbackApi
 from .llama_params import LlamaSettings
 from .llama_stream import LlamaStream
 from .prompt_count import PromptCounter, context_message
@@ -110,8 +111,6 @@ __all__ = ["LlamaCppBackend", "check_gguf", "context_message", "default_gguf_pat
 
 log = logging.getLogger(__name__)
 
-PROBE_TIMEOUT_S = 10.0
-"""Deadline of a call to the loaded server's own HTTP API (props, template, tokenize)."""
 CANCEL_GRACE_S = 30.0
 """How long ``aclose`` waits for llama.cpp to hand a cancelled request's thread back."""
 UNLOAD_JOIN_S = 30.0
@@ -134,11 +133,9 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
         self._max_pending = s.max_pending
         self._embeddings = s.embeddings
         self._server: Any = None
-        self._base_url = ""
-        self._api_key = ""
+        self._api = LoopbackApi("", "")  # the server's own HTTP API, on loopback (its address once loaded)
         self._slot_ctx = max(1, s.n_ctx // max(1, self._n_parallel))
         self._native_tools = False
-        self._http: httpx.Client | None = None  # to the server's own loopback port
         self._counter: PromptCounter | None = None
         self._control: ControlTexts = NONE  # the vocabulary's control texts, cleared from client text
         self._size = 0
@@ -205,8 +202,8 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
         self._server, self._size = server, size
         self._unloading = False
         self._slots.clear()  # a fresh server's slots are empty
-        self._base_url, self._api_key = server.listening_address, params.api_keys[0]
-        props = await trio.to_thread.run_sync(self._props)
+        self._api = LoopbackApi(server.listening_address, params.api_keys[0])
+        props = await trio.to_thread.run_sync(self._api.props, self._slot_ctx)
         settings = props.get("default_generation_settings") or {}
         if isinstance(settings.get("n_ctx"), int) and settings["n_ctx"] > 0:
             self._slot_ctx = settings["n_ctx"]
@@ -220,36 +217,10 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
         self._counter.start()  # in the background: llama.cpp counts until it is read
         progress("load", size, size, "bytes")
 
-    def _call(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        """One call to the loaded server's own HTTP API on loopback (``/props``,
-        ``/apply-template``, ``/tokenize``: answered by its HTTP threads, never queued behind
-        generations). Blocking: run it off the trio thread."""
-        if self._http is None:
-            self._http = httpx.Client(base_url=self._base_url, timeout=PROBE_TIMEOUT_S, verify=False,
-                                      headers={"Authorization": f"Bearer {self._api_key}"})
-        r = self._http.get(path) if body is None else self._http.post(path, json=body)
-        answer = r.json()
-        openai_shapes.raise_for_error(answer)
-        return answer
-
-    def _props(self) -> dict[str, Any]:
-        try:
-            return self._call("/props")
-        except (httpx.HTTPError, ValueError, BackendError) as exc:
-            log.warning("llama.cpp /props unreadable (%s): assuming %d tokens per slot, no native tools",
-                        exc, self._slot_ctx)
-            return {}
-
     def count_prompt(self, request: GenerateRequest, body: dict[str, Any]) -> int:
         """The exact number of tokens llama.cpp will see for ``body`` (its chat template
         applied, tools included), counted by llama.cpp itself. Blocking."""
-        if request.task is Task.CHAT:
-            prompt = self._call("/apply-template", {k: v for k, v in body.items()
-                                                    if k in ("messages", "tools", "tool_choice")})["prompt"]
-        else:
-            prompt = body.get("prompt") or ""
-        tokens = self._call("/tokenize", {"content": prompt, "add_special": True, "parse_special": True})["tokens"]
-        return len(tokens)
+        return self._api.count_prompt(request, body)
 
     async def unload(self) -> None:
         """Cancel what is running, wait for the worker threads, and free the model."""
@@ -263,9 +234,7 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
             await self._drained.wait()
         holder = [self._server]
         self._server = None
-        if self._http is not None:
-            self._http.close()
-            self._http = None
+        self._api.close()
         # The destructor joins llama.cpp's loop thread: run it off the trio thread, and never
         # wait for it past UNLOAD_JOIN_S (see there).
         with trio.move_on_after(UNLOAD_JOIN_S) as waited:
@@ -325,32 +294,8 @@ class LlamaCppBackend(Backend, ChatInference, TextInference, EmbeddingInference)
             self._drained.set()
 
     def _body(self, request: GenerateRequest) -> tuple[dict[str, Any], bool]:
-        """The llama.cpp body, and whether tools go through :mod:`.tool_grammar` (the
-        model's template has no tool syntax of its own). llama.cpp parses special tokens in
-        the whole rendered prompt, so the control texts in the chat's client text (and the
-        tool instructions made of it) are neutralised (:mod:`helexa.special_text`)."""
-        generic = request.task is Task.CHAT and request.wants_tools and not self._native_tools
-        if not generic:
-            if request.tools and not request.wants_tools:
-                # tool_choice "none": nothing may be called, so nothing is offered (llama.cpp
-                # also refuses logprobs with tools when streaming).
-                request = replace(request, tools=(), tool_choice=None)
-            body = self._control.chat_body(openai_shapes.request_body(request, dialect="llama.cpp"))
-            if request.wants_tools and request.sampling.stop:  # llama.cpp's stops cut a call ("city" in
-                for name in ("stop", "verbose"):  # its arguments): LlamaStream's cut_stops cut the text only
-                    body.pop(name, None)
-            return body, False
-        if request.wants_json:
-            # (refused at the edge too; unnamed: a portal may serve it under another name)
-            raise InvalidRequest("this model takes tools through a JSON grammar, so tools cannot be combined with "
-                                 "structured output (a JSON object or schema) in one request")
-        body = openai_shapes.request_body(tool_grammar.plain_request(request), dialect="llama.cpp")
-        body.pop("parallel_tool_calls", None)
-        # Stops apply to a text answer once read (LlamaStream.result), never to the grammar's
-        # JSON: llama.cpp would cut a call whose arguments hold one ("city"), losing it.
-        for name in ("stop", "verbose"):
-            body.pop(name, None)
-        return self._control.chat_body(body), True
+        """The llama.cpp body, and whether tools go through :mod:`.tool_grammar` (:mod:`.llama_body`)."""
+        return request_body(request, self._control, native_tools=self._native_tools)
 
     async def _check_context(self, request: GenerateRequest, body: dict[str, Any], generic: bool) -> None:
         """Refuse a prompt that does not fit one slot, before it waits for one. A count the

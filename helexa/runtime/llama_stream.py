@@ -93,15 +93,11 @@ class LlamaStream:
         out: list[TokenChunk] = []
         text, tokens, logprobs = "", 0, []
         for payload in chunks:
-            if "prompt_progress" in payload:
-                self.progress(payload)
+            view = self._read(payload)
+            if view is None:
                 continue
-            view = openai_shapes.parse_chunk(payload, self._stops)
-            if view.usage is not None:
-                self._usage = view.usage
             if view.finish_reason:
                 self._finish, self._stop_sequence = view.finish_reason, view.stop_sequence
-            self._answer.append(view.text or "")
             if self._generic:
                 if view.text:
                     self._pieces += 1
@@ -111,8 +107,7 @@ class LlamaStream:
                 continue
             if view.tool_calls:
                 if text:
-                    out.append(TokenChunk(self._rid, text, tokens, logprobs=tuple(logprobs) or None))
-                    self._emitted += tokens
+                    self._emit(out, text, tokens, logprobs)
                     text, tokens, logprobs = "", 0, []
                 out.append(TokenChunk(self._rid, "", 1, tool_calls=tuple(view.tool_calls)))
             elif view.text:
@@ -120,14 +115,8 @@ class LlamaStream:
                 tokens += 1
             if view.logprobs:
                 logprobs.extend(_trimmed(view.logprobs, self._top))
-        if text:
-            self._emitted += tokens
-            out.append(TokenChunk(self._rid, text, tokens, logprobs=tuple(logprobs) or None))
-        if out and self._stamp:  # the first chunk only: the prompt's count goes with it
-            self._stamp = False
-            if self._prompt is not None:
-                out[0] = replace(out[0], prompt_tokens=self._prompt)
-        return out
+        self._emit(out, text, tokens, logprobs)
+        return self._first_stamped(out)
 
     def _feed_cutting(self, chunks: Iterable[dict[str, Any]]) -> list[TokenChunk]:
         """:meth:`feed` with the stop sequences applied here (``cut_stops``): the text up to
@@ -136,15 +125,11 @@ class LlamaStream:
         out: list[TokenChunk] = []
         text, tokens = "", 0
         for payload in chunks:
-            if "prompt_progress" in payload:
-                self.progress(payload)
+            view = self._read(payload)
+            if view is None:
                 continue
-            view = openai_shapes.parse_chunk(payload, self._stops)
-            if view.usage is not None:
-                self._usage = view.usage
             if view.finish_reason:
                 self._finish = view.finish_reason
-            self._answer.append(view.text or "")
             if view.text:
                 self._pieces += 1
                 tokens += 1
@@ -158,16 +143,36 @@ class LlamaStream:
             if view.tool_calls:
                 text, self._held = text + self._held, ""  # no stop sequence runs across a call
                 if text:
-                    out.append(TokenChunk(self._rid, text, tokens + self._held_tokens))
-                    self._emitted += tokens + self._held_tokens
+                    self._emit(out, text, tokens + self._held_tokens)
                     text, tokens, self._held_tokens = "", 0, 0
                 out.append(TokenChunk(self._rid, "", 1, tool_calls=tuple(view.tool_calls)))
         if text:
-            out.append(TokenChunk(self._rid, text, tokens + self._held_tokens))
-            self._emitted += tokens + self._held_tokens
+            self._emit(out, text, tokens + self._held_tokens)
             self._held_tokens = 0
         else:
             self._held_tokens += tokens
+        return self._first_stamped(out)
+
+    def _read(self, payload: dict[str, Any]) -> openai_shapes.ChunkView | None:
+        """One chunk read, its usage kept and its text added to the answer; ``None`` for a
+        prompt progress report (kept by :meth:`progress`)."""
+        if "prompt_progress" in payload:
+            self.progress(payload)
+            return None
+        view = openai_shapes.parse_chunk(payload, self._stops)
+        if view.usage is not None:
+            self._usage = view.usage
+        self._answer.append(view.text or "")
+        return view
+
+    def _emit(self, out: list[TokenChunk], text: str, tokens: int, logprobs: list[Any] | None = None) -> None:
+        """Add a text chunk of ``tokens`` tokens to ``out`` (nothing when ``text`` is empty)."""
+        if text:
+            out.append(TokenChunk(self._rid, text, tokens, logprobs=tuple(logprobs or ()) or None))
+            self._emitted += tokens
+
+    def _first_stamped(self, out: list[TokenChunk]) -> list[TokenChunk]:
+        """``out``, its first chunk carrying the prompt's token count if it is the stream's first."""
         if out and self._stamp:
             self._stamp = False
             if self._prompt is not None:

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from procs import ProcGroup
+from procs import Cortex, ProcGroup
 
 pytestmark = pytest.mark.slow
 
@@ -32,20 +32,34 @@ LIMIT = 160
 FLOOD = 200
 
 
-def test_an_idle_flood_of_the_control_socket_under_a_low_file_limit_leaves_the_cortex_serving(tmp_path,
-                                                                                                 figure) -> None:
+@pytest.fixture
+def file_limit() -> tuple[int, int]:
+    """This process's open-file limits (soft, hard); skips where the hard one is below :data:`LIMIT`."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < LIMIT:
         pytest.skip(f"the hard open-file limit ({hard}) is below {LIMIT}")
+    return soft, hard
+
+
+def serving_under(limits: tuple[int, int], procs: ProcGroup, **cortex_args) -> tuple[Cortex, str]:
+    """A cortex started with :data:`LIMIT` as its open-file soft limit (``limits``: this
+    process's own, put back), neuron ``n1`` joined and one request served; and its chat URL."""
+    soft, hard = limits
+    resource.setrlimit(resource.RLIMIT_NOFILE, (LIMIT, hard))  # the cortex inherits it
+    try:
+        cortex = procs.cortex(models=MODELS, **cortex_args)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    procs.neuron(cortex, "n1")
+    url = cortex.gateway_url + "/v1/chat/completions"
+    assert httpx.post(url, json=ASK, timeout=30).status_code == 200
+    return cortex, url
+
+
+def test_an_idle_flood_of_the_control_socket_under_a_low_file_limit_leaves_the_cortex_serving(
+        tmp_path, figure, file_limit) -> None:
     with ProcGroup(tmp_path / "procs") as procs:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (LIMIT, hard))  # the cortex inherits it
-        try:
-            cortex = procs.cortex(models=MODELS)
-        finally:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-        procs.neuron(cortex, "n1")
-        url = cortex.gateway_url + "/v1/chat/completions"
-        assert httpx.post(url, json=ASK, timeout=30).status_code == 200
+        cortex, url = serving_under(file_limit, procs)
         control = urlsplit(cortex.control_url)
         flood: list[socket.socket] = []
         try:
@@ -72,22 +86,13 @@ def test_an_idle_flood_of_the_control_socket_under_a_low_file_limit_leaves_the_c
     figure("open-file limit 160, 200 idle connections to the control socket: 3 requests served in", took, "s")
 
 
-def test_accept_failing_at_the_file_limit_is_said_once_a_minute_and_the_cortex_recovers(tmp_path, figure) -> None:
+def test_accept_failing_at_the_file_limit_is_said_once_a_minute_and_the_cortex_recovers(tmp_path, figure,
+                                                                                         file_limit) -> None:
     """``gateway.max_connections`` set above what the open-file limit holds: a flood of the
     portal's socket reaches the limit and ``accept`` fails (EMFILE). It is retried every
     0.1 s and said once a minute, without a traceback; once the flood ends the portal serves."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and hard < LIMIT:
-        pytest.skip(f"the hard open-file limit ({hard}) is below {LIMIT}")
     with ProcGroup(tmp_path / "procs") as procs:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (LIMIT, hard))
-        try:
-            cortex = procs.cortex(models=MODELS, env={"HELEXA_GATEWAY__MAX_CONNECTIONS": "1000"})
-        finally:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-        procs.neuron(cortex, "n1")
-        url = cortex.gateway_url + "/v1/chat/completions"
-        assert httpx.post(url, json=ASK, timeout=30).status_code == 200
+        cortex, url = serving_under(file_limit, procs, env={"HELEXA_GATEWAY__MAX_CONNECTIONS": "1000"})
         gateway = urlsplit(cortex.gateway_url)
         flood = [socket.create_connection((gateway.hostname, gateway.port), timeout=2) for _ in range(FLOOD)]
         try:

@@ -11,16 +11,12 @@ non-streamed answer's ``first_token_s`` such a cortex refused, the same way."""
 from __future__ import annotations
 
 import hashlib
-import json
 from functools import partial
-from pathlib import Path
 
 import httpx
-import msgpack
 import pytest
 import trio
 
-from helexa.protocol import DecodeError
 from helexa.protocol.join import CortexJoin, NeuronJoin
 from helexa.roles.cortex import control_server
 from helexa.protocol import cache_key
@@ -31,10 +27,11 @@ from helexa.roles.neuron.registry import ModelRegistry
 from helexa.roles.neuron.sources import ModelSources
 from helexa.transport import ws_channel
 
+from earlier_wire import kinds_of, strict
 from test_neuron_identity import Running, Setup
 
-EARLIER = json.loads((Path(__file__).parents[1] / "fixtures" / "wire_2026-11-30.json").read_text())["kinds"]
-BEFORE_CACHE = json.loads((Path(__file__).parents[1] / "fixtures" / "wire_2026-12-02.json").read_text())["kinds"]
+EARLIER = kinds_of("2026-11-30")
+BEFORE_CACHE = kinds_of("2026-12-02")
 """The tree of 2026-12-02 (handshake version 2): everything but the model cache report."""
 
 MODELS = """
@@ -54,17 +51,7 @@ max_context = 256
 
 def strict_codec(monkeypatch, kinds: dict[str, list[str]]) -> None:
     """Every control-plane frame decoded under ``kinds``' field lists first."""
-    decode = ws_channel.decode
-
-    def strict(data, **kw):
-        body = msgpack.unpackb(data, raw=False)
-        if isinstance(body, dict) and body.get("k") in kinds:
-            extra = sorted(set(body) - {"k", "v"} - set(kinds[body["k"]]))
-            if extra:
-                raise DecodeError(f"{body['k']}: unknown field(s) {extra}")
-        return decode(data, **kw)
-
-    monkeypatch.setattr(ws_channel, "decode", strict)
+    monkeypatch.setattr(ws_channel, "decode", strict(ws_channel.decode, kinds))
 
 
 @pytest.fixture

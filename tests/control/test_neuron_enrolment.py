@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import trio
 
-from helexa.protocol.join import NOT_ENROLLED
+from helexa.protocol.join_identity import NOT_ENROLLED
 from helexa.roles.cortex.node import Cortex
 from helexa.roles.neuron.agent import JoinRefused
 

@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from helexa import identity
-from helexa.protocol.join import IDENTITY_MISMATCH
+from helexa.protocol.join_identity import IDENTITY_MISMATCH
 from helexa.roles.cortex import neuron_keys
 from helexa.roles.cortex.config import CortexConfig
 from helexa.roles.cortex.neuron_keys import NeuronKeys

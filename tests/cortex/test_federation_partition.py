@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import anthropic
 import httpx
@@ -47,11 +48,15 @@ async def serve_tiny(request):
     yield frames()
 
 
-async def test_a_peers_model_is_unavailable_during_a_partition_then_unknown(nursery, tmp_path) -> None:
+async def peers(nursery: trio.Nursery, tmp_path: Path, ask_policy: AskPolicy = AskPolicy()
+                ) -> tuple[Federation, trio.CancelScope]:
+    """A's federation (offering nothing, asking under ``ask_policy``), connected over real
+    libp2p to B's, which offers ``tiny``; cancelling the scope returned takes B's host away
+    (the partition)."""
     ids = [Identity(Ed25519PrivateKey.generate()) for _ in range(2)]
     a, b = Libp2pMesh(ids[0].seed, MeshSettings()), Libp2pMesh(ids[1].seed, MeshSettings())
     fa = Federation(mesh=a, identity=ids[0], operator="A", ledger=Ledger(tmp_path / "a.sqlite"), offer_fn=lambda: [],
-                    settings=FederationSettings(announce_interval=0.2, unavailable_grace=GRACE))
+                    ask_policy=ask_policy, settings=FederationSettings(announce_interval=0.2, unavailable_grace=GRACE))
     fb = Federation(mesh=b, identity=ids[1], operator="B", ledger=Ledger(tmp_path / "b.sqlite"),
                     offer_fn=lambda: [OfferedModel("tiny", True, price_input=1.0, price_output=2.0)],
                     serve_generate=serve_tiny, settings=FederationSettings(announce_interval=0.2, announcement_ttl=TTL))
@@ -68,6 +73,11 @@ async def test_a_peers_model_is_unavailable_during_a_partition_then_unknown(nurs
     await nursery.start(a.run)
     await nursery.start(fa.run)
     await a.connect(addrs[0], timeout=10)
+    return fa, b_side
+
+
+async def test_a_peers_model_is_unavailable_during_a_partition_then_unknown(nursery, tmp_path) -> None:
+    fa, b_side = await peers(nursery, tmp_path)
     async with serving(Fleet(), CATALOGUE) as (gateway, url):
         gateway.orchestrator.set_remote_router(PeerRouter(fa))
         with trio.fail_after(20):
@@ -123,27 +133,7 @@ async def test_a_model_only_a_peer_our_policy_excludes_served_stays_refused_afte
     refused it: 403 ``outbound_refused``. Once B's offer expired, the partition grace must
     not turn that into "temporarily unavailable" (503, which clients retry, to get 403 at
     best): it stays 403 for the grace, then the model is unknown (404)."""
-    ids = [Identity(Ed25519PrivateKey.generate()) for _ in range(2)]
-    a, b = Libp2pMesh(ids[0].seed, MeshSettings()), Libp2pMesh(ids[1].seed, MeshSettings())
-    fa = Federation(mesh=a, identity=ids[0], operator="A", ledger=Ledger(tmp_path / "a.sqlite"), offer_fn=lambda: [],
-                    ask_policy=AskPolicy(outbound=Outbound.LISTED, operators=frozenset({"C"})),
-                    settings=FederationSettings(announce_interval=0.2, unavailable_grace=GRACE))
-    fb = Federation(mesh=b, identity=ids[1], operator="B", ledger=Ledger(tmp_path / "b.sqlite"),
-                    offer_fn=lambda: [OfferedModel("tiny", True, price_input=1.0, price_output=2.0)],
-                    serve_generate=serve_tiny, settings=FederationSettings(announce_interval=0.2, announcement_ttl=TTL))
-    b_side = trio.CancelScope()
-
-    async def run_b(task_status=trio.TASK_STATUS_IGNORED):
-        with b_side:
-            async with trio.open_nursery() as b_nursery:
-                addrs = await b_nursery.start(b.run)
-                await b_nursery.start(fb.run)
-                task_status.started(addrs)
-
-    addrs = await nursery.start(run_b)
-    await nursery.start(a.run)
-    await nursery.start(fa.run)
-    await a.connect(addrs[0], timeout=10)
+    fa, b_side = await peers(nursery, tmp_path, AskPolicy(outbound=Outbound.LISTED, operators=frozenset({"C"})))
     async with serving(Fleet(), CATALOGUE) as (gateway, url):
         gateway.orchestrator.set_remote_router(PeerRouter(fa))
         with trio.fail_after(20):

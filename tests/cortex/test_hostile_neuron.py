@@ -1,14 +1,12 @@
-"""A compromised or buggy neuron: it holds the join token, so it is admitted, and then
-misbehaves. A real control server and gateway on 127.0.0.1:0; the hostile neuron is the
-project's own join session and websocket client sending frames no honest neuron sends;
-clients are the official ``openai`` client. What it says may not bill a key beyond what
-the cortex can account for, crash a request, draw every request to itself, or break
-``helexa status``."""
+"""A compromised or buggy neuron (:mod:`hostile_neuron`): it holds the join token, so it
+is admitted, and then misbehaves. A real control server and gateway on 127.0.0.1:0;
+clients are the official ``openai`` client. What it says may not bill a key beyond what the
+cortex can account for, crash a request, or draw every request to itself. (What its names
+and text do to the operator's terminals and logs: ``test_hostile_neuron_text.py``.)"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -19,7 +17,6 @@ import trio
 from helexa.protocol import (
     EmbedRequest,
     EmbedResult,
-    GenerateRequest,
     GenerateResult,
     InferenceError,
     GpuInfo,
@@ -28,80 +25,17 @@ from helexa.protocol import (
     Heartbeat,
     ModelState,
     ModelStatus,
-    NeuronDescriptor,
     NeuronMetrics,
     TokenChunk,
     Usage,
 )
-from helexa.protocol.join import NeuronJoin, Welcomed
-from helexa.roles.cortex.config import CortexConfig
-from helexa.roles.cortex.control_server import ControlServer
 from helexa.roles.cortex.fleet import Fleet, Health
 from helexa.roles.cortex.portal.store import SqliteStore
 from helexa.status import render_fleet
-from helexa.transport import Channel, ChannelClosed
-from helexa.transport import websocket as ws
-from helexa.transport.handshake import exchange
+from helexa.transport import Channel
+from hostile_neuron import BIG, Answer, client, control, hostile, joined, until
 from portals import acme, bearer, new_key, portals
 from serving import admin_headers
-
-TOKEN = "hlx1.hostile-test-token"
-BIG = 10**12
-
-Answer = Callable[[Channel, GenerateRequest | EmbedRequest], Awaitable[None]]
-
-
-async def control(nursery: trio.Nursery, fleet: Fleet) -> str:
-    server = ControlServer(CortexConfig(control_socket="127.0.0.1:0", heartbeat_interval=0.5), fleet, lambda: TOKEN)
-    port = await nursery.start(server.run)
-    return f"ws://127.0.0.1:{port}"
-
-
-async def hostile(url: str, answer: Answer | None = None, *, node_id: str = "evil",
-                  metrics: NeuronMetrics = NeuronMetrics(), hardware: Hardware | None = None,
-                  models: tuple[str, ...] = ("chat", "embed"), statuses: tuple[ModelStatus, ...] | None = None,
-                  commands: Callable[[Channel, object], Awaitable[None]] | None = None,
-                  task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Join ``url`` with the real token, heartbeat ``metrics`` with ``models`` loaded (or
-    ``statuses``), ``answer`` every request it is sent and hand ``commands`` every other
-    frame; returns when the cortex closes the connection. ``task_status.started`` gets the
-    join's verdict."""
-    statuses = statuses or tuple(ModelStatus(m, ModelState.LOADED) for m in models)
-    descriptor = NeuronDescriptor(node_id, hardware or Hardware(cpu_cores=4, ram_total=8 << 30))
-    async with ws.connect(url) as channel:
-        session = NeuronJoin(TOKEN, descriptor, timeout=10, models=statuses)
-        await exchange(channel, session, session.start())
-        task_status.started(session.verdict)
-        if not isinstance(session.verdict, Welcomed):
-            return
-        async with trio.open_nursery() as nursery:
-            async def beat() -> None:
-                seq = 0
-                while True:
-                    seq += 1
-                    await channel.send(Heartbeat(seq, metrics, statuses))
-                    await trio.sleep(0.2)
-
-            nursery.start_soon(beat)
-            try:
-                while True:
-                    msg = await channel.receive()
-                    if isinstance(msg, (GenerateRequest, EmbedRequest)) and answer is not None:
-                        nursery.start_soon(answer, channel, msg)
-                    elif commands is not None:
-                        nursery.start_soon(commands, channel, msg)
-            except ChannelClosed:
-                nursery.cancel_scope.cancel()
-
-
-def client(url: str, key: str = "none") -> openai.OpenAI:
-    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=10)
-
-
-async def until(predicate: Callable[[], bool]) -> None:
-    with trio.fail_after(10):
-        while not predicate():
-            await trio.sleep(0.01)
 
 
 async def test_a_neuron_claiming_a_huge_usage_bills_the_key_only_what_the_cortex_can_account_for(nursery):
@@ -259,155 +193,13 @@ async def test_nan_and_negative_figures_neither_draw_requests_nor_break_the_flee
     assert metrics.status_code == 200 and 'helexa_neuron_queued_requests{neuron="evil"} 0.0' in metrics.text
 
 
-@pytest.mark.parametrize("node_id", ["evil\n12:00:00 INFO forged line", "", "n" * 10_000, "tab\there", "\u202eevil"])
-async def test_a_node_id_no_log_line_can_carry_is_refused_at_the_hello(nursery, node_id):
-    fleet = Fleet()
-    url = await control(nursery, fleet)
-    verdict = await nursery.start(lambda task_status: hostile(url, node_id=node_id, task_status=task_status))
-    assert not isinstance(verdict, Welcomed) and verdict.code == "bad_request"
-    assert len(fleet.snapshot()["neurons"]) == 0
-
-
-async def test_a_model_id_with_an_escape_sequence_never_reaches_the_operators_terminal(nursery):
-    from helexa.cli_models import _models_table
-
-    fleet = Fleet()
-    url = await control(nursery, fleet)
-    sneaky = "\x1b[2J\x1b[Hall neurons healthy"
-    nursery.start_soon(lambda: hostile(url, models=("chat", sneaky)))
-    await until(lambda: "evil" in fleet and fleet.get("evil").heartbeats > 0)
-    async with portals(fleet, {}) as (_, urls):
-        async with httpx.AsyncClient() as http:
-            fleet_view = (await http.get(urls["default"] + "/admin/fleet", headers=admin_headers())).json()
-            models = (await http.get(urls["default"] + "/admin/models", headers=admin_headers())).json()["data"]
-    status, listed = render_fleet(fleet_view), _models_table(models)  # helexa status, helexa models list
-    # The cortex drops an unprintable model id from the neuron's reports (test_neuron_model_limits.py);
-    # what the terminals show is escaped all the same (test_a_neurons_error_text_reaches_...).
-    assert "\x1b" not in status and "all neurons healthy" not in status and "chat" in status
-    assert "\x1b" not in listed and "all neurons healthy" not in listed
-
-
-SNEAKY = "\x1b]0;owned\x07\x1b[2J\x1b[Hall neurons healthy"
-"""Sets a terminal's title, clears its screen and writes a line of its own."""
-FAILED = ModelStatus("chat", ModelState.FAILED, error=SNEAKY)
-
-
-async def refuse_loads(channel: Channel, cmd: object) -> None:
-    """A neuron's answers to provisioning: every load refused with :data:`SNEAKY` in its error."""
-    from helexa.protocol import LoadModel, ProvisioningResponse, UpsertModelConfig
-
-    if isinstance(cmd, UpsertModelConfig):
-        await channel.send(ProvisioningResponse(cmd.command_id, True, status=FAILED))
-    elif isinstance(cmd, LoadModel):
-        await channel.send(ProvisioningResponse(cmd.command_id, False, "load failed " + SNEAKY, "load_failed", FAILED))
-
-
-async def test_a_neurons_error_text_reaches_the_operators_terminal_escaped(nursery, tmp_path):
-    from click.testing import CliRunner
-
-    from helexa.cli import main
-    from serving import ADMIN_TOKEN
-
-    fleet = Fleet()
-    url = await control(nursery, fleet)
-    nursery.start_soon(lambda: hostile(url, statuses=(FAILED,), commands=refuse_loads))
-    await until(lambda: "evil" in fleet and fleet.get("evil").heartbeats > 0)
-    token = tmp_path / "admin-token"
-    token.write_text(ADMIN_TOKEN)
-    async with portals(fleet, {}) as (_, urls):
-        def helexa(*args: str):  # noqa: ANN202
-            return CliRunner().invoke(main, [*args, "--cortex", urls["default"], "--admin-token-file", str(token)])
-
-        shown = await trio.to_thread.run_sync(helexa, "models", "show", "chat")
-        loaded = await trio.to_thread.run_sync(helexa, "models", "load", "chat", "--neuron", "evil")
-        unloaded = await trio.to_thread.run_sync(helexa, "models", "unload", "chat", "--neuron", "nobody\x1b[2J")
-    assert shown.exit_code == 0 and loaded.exit_code == 1 and unloaded.exit_code == 1, (shown, loaded, unloaded)
-    for out in (shown.stdout, loaded.stderr, unloaded.stderr):  # helexa models show, load (and an admin error)
-        assert "\x1b" not in out and "\x07" not in out, out
-    assert "evil: failed, in flight 0 (\\x1b]0;owned\\x07\\x1b[2J" in shown.stdout
-    assert "load failed \\x1b]0;owned\\x07" in loaded.stderr
-    assert "nobody\\x1b[2J" in unloaded.stderr
-
-
-async def test_a_neurons_error_text_reaches_the_cortexs_log_escaped(nursery):
-    import io
-
-    from helexa import logs
-
-    fleet = Fleet()
-    url = await control(nursery, fleet)
-    nursery.start_soon(lambda: hostile(url, statuses=(FAILED,), commands=refuse_loads))
-    await until(lambda: "evil" in fleet and fleet.get("evil").heartbeats > 0)
-    for fmt in ("text", "json"):
-        out = io.StringIO()
-        logs.setup("info", fmt, stream=out)
-        try:
-            async with portals(fleet, {}) as (_, urls), httpx.AsyncClient() as http:
-                refused = await http.post(urls["default"] + "/admin/models/chat/load", json={"neuron": "evil"},
-                                          headers=admin_headers())
-                assert refused.status_code == 200 and "load failed" in refused.text  # the stream's error event
-        finally:
-            logs.setup("info")
-        text = out.getvalue()
-        assert "load failed" in text, fmt  # logged (the provisioner's warning)...
-        assert "\x1b" not in text and "\x07" not in text, (fmt, text)  # ...with no escape a terminal would obey
-
-
-async def test_an_answer_with_escape_sequences_reaches_helexa_chats_terminal_escaped(nursery):
-    from click.testing import CliRunner
-
-    from helexa.cli import main
-
-    async def sneaky(channel: Channel, request) -> None:
-        await channel.send(TokenChunk(request.request_id, "Paris\x1b]0;owned\x07", tokens=1))
-        await channel.send(TokenChunk(request.request_id, "\x1b[2J\nis\tthe capital.", tokens=1))
-        await channel.send(GenerateResult(request.request_id, "stop", Usage(1, 2, 0)))
-
-    fleet = Fleet()
-    url = await control(nursery, fleet)
-    nursery.start_soon(hostile, url, sneaky)
-    await until(lambda: "evil" in fleet)
-    async with portals(fleet, {}) as (_, urls):
-        args = ["chat", "--gateway", urls["default"], "--model", "chat", "--max-tokens", "8", "hi"]
-        said = await trio.to_thread.run_sync(lambda: CliRunner().invoke(main, args))
-    assert said.exit_code == 0, said.output
-    assert "\x1b" not in said.stdout and "\x07" not in said.stdout
-    assert said.stdout == "Paris\\x1b]0;owned\\x07\\x1b[2J\nis\tthe capital.\n"  # lines and tabs as they were
-
-
-async def test_long_and_wide_names_from_a_neuron_keep_helexa_status_and_models_list_tables(nursery):
-    from helexa.cli_models import _models_table
-    from helexa.status import columns
-
-    fleet = Fleet()
-    url = await control(nursery, fleet)
-    hardware = Hardware(cpu_cores=4, ram_total=8 << 30, gpus=(GpuInfo(0, "G" * 5000, 8 << 30, 4 << 30),))
-    nursery.start_soon(lambda: hostile(url, node_id="节点一", models=("chat", "M" * 256), hardware=hardware))
-    nursery.start_soon(lambda: hostile(url, node_id="n2"))
-    await until(lambda: all(n in fleet and fleet.get(n).heartbeats > 0 for n in ("节点一", "n2")))
-    async with portals(fleet, {}) as (_, urls):
-        async with httpx.AsyncClient() as http:
-            fleet_view = (await http.get(urls["default"] + "/admin/fleet", headers=admin_headers())).json()
-            models = (await http.get(urls["default"] + "/admin/models", headers=admin_headers())).json()["data"]
-    status, listed = render_fleet(fleet_view), _models_table(models)  # helexa status, helexa models list
-    for out in (status, listed):  # every line was 5,000 columns wide (model ids: 256 at most now)
-        assert max(columns(line) for line in out.splitlines()) < 500, out
-    assert "M" * 95 + "…" in status and "M" * 95 + "…" in listed and "G" * 95 + "…" in status
-    # a wide node id (two terminal columns a character) keeps the next column lined up
-    lines = [line for line in status.splitlines() if not line.startswith("cortex ")]  # the table, not the version
-    assert len({columns(line[:line.index(word)]) for line, word in zip(lines, ("HEALTH", "healthy", "healthy"))}) == 1
-
-
 async def test_a_neuron_naming_new_models_each_heartbeat_does_not_grow_the_cortex(nursery):
     fleet = Fleet()
     url = await control(nursery, fleet)
     beats: list[tuple[str, ...]] = [tuple(f"m{b}-{i}" for i in range(500)) for b in range(20)]
 
     async def churn() -> None:
-        descriptor = NeuronDescriptor("evil", Hardware(cpu_cores=4, ram_total=8 << 30))
-        async with ws.connect(url) as channel:
-            session = NeuronJoin(TOKEN, descriptor, timeout=10)
-            await exchange(channel, session, session.start())
+        async with joined(url) as (channel, _):
             for seq, names in enumerate(beats):
                 await channel.send(Heartbeat(seq, NeuronMetrics(), tuple(ModelStatus(m, ModelState.LOADED)
                                                                            for m in names)))
@@ -439,10 +231,7 @@ async def test_frames_for_another_neurons_request_never_reach_its_client(nursery
         await channel.send(GenerateResult(rid, "stop", Usage(3, 2, 0), text="answer"))
 
     async def evil_joined(task_status=trio.TASK_STATUS_IGNORED) -> None:
-        descriptor = NeuronDescriptor("evil", Hardware(cpu_cores=4, ram_total=8 << 30))
-        async with ws.connect(url) as channel:
-            session = NeuronJoin(TOKEN, descriptor, timeout=10)
-            await exchange(channel, session, session.start())
+        async with joined(url) as (channel, _):
             evil_channel.append(channel)
             seq = 0
             while True:
@@ -471,10 +260,7 @@ async def test_neurons_that_fall_silent_and_read_nothing_do_not_hold_up_the_watc
 
     async def mute(node_id: str) -> None:
         """Joins, beats twice, then neither beats nor reads (so never answers the close)."""
-        descriptor = NeuronDescriptor(node_id, Hardware(cpu_cores=4, ram_total=8 << 30))
-        async with ws.connect(url) as channel:
-            session = NeuronJoin(TOKEN, descriptor, timeout=10)
-            await exchange(channel, session, session.start())
+        async with joined(url, node_id) as (channel, _):
             for seq in range(2):
                 await channel.send(Heartbeat(seq, NeuronMetrics()))
                 await trio.sleep(0.1)

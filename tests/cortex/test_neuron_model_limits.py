@@ -24,7 +24,7 @@ from helexa.transport import websocket as ws
 from helexa.transport.handshake import exchange
 from portals import portals
 from serving import admin_headers
-from test_hostile_neuron import TOKEN, control, hostile, until
+from hostile_neuron import TOKEN, control, hostile, until
 
 LONG = "m" * 100_000
 FORGED = "chat\n12:00:00 WARNING cortex: all neurons healthy"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -86,20 +87,44 @@ def _write(tmp_path: Path, config_text: str, models_text: str) -> Path:
     return path
 
 
-async def test_reload_applies_portal_and_catalogue_changes_while_a_stream_runs(tmp_path: Path, caplog) -> None:
-    path = _write(tmp_path, CONFIG, MODELS)
-    overrides = {"data_dir": str(tmp_path / "data")}
+def reloadable(tmp_path: Path, config_text: str, models_text: str = MODELS,
+               **overrides: str) -> tuple[Cortex, Callable[[], CortexConfig], dict[str, str]]:
+    """A cortex of ``config_text`` and ``models_text``, written in ``tmp_path`` (rewrite
+    them with :func:`_write` before a reload), its loader, and the admin API's headers."""
+    path = _write(tmp_path, config_text, models_text)
+    overrides = {"data_dir": str(tmp_path / "data"), **overrides}
 
     def loader() -> CortexConfig:
         return load_config(CortexConfig, file=path, overrides=overrides)
 
     cortex = Cortex(loader(), loader=loader)
-    neuron = NeuronDouble("n1", cortex.fleet, loaded=("chat",), tokens=20, token_delay=0.05)
     token = (tmp_path / "data" / "admin-token").read_text().strip()
+    return cortex, loader, {"authorization": f"Bearer {token}"}
+
+
+async def reload_mid_stream(http: httpx.AsyncClient, url: str, body: dict, admin_url: str, admin: dict[str, str],
+                            rewrite: Callable[[], object]) -> httpx.Response:
+    """Stream ``body`` from ``url``; once its first chunk is in, ``rewrite`` the files and
+    reload; read the stream to its end. Returns the reload's answer."""
+    async with http.stream("POST", url, json={**body, "stream": True}) as r:
+        assert r.status_code == 200
+        lines = r.aiter_lines()
+        async for line in lines:
+            if line.startswith("data: {"):
+                break
+        rewrite()
+        reloaded = await http.post(admin_url + "/admin/reload", headers=admin)
+        async for line in lines:
+            pass
+    return reloaded
+
+
+async def test_reload_applies_portal_and_catalogue_changes_while_a_stream_runs(tmp_path: Path, caplog) -> None:
+    cortex, _, admin = reloadable(tmp_path, CONFIG)
+    neuron = NeuronDouble("n1", cortex.fleet, loaded=("chat",), tokens=20, token_delay=0.05)
     async with trio.open_nursery() as nursery:
         addrs = await nursery.start(cortex.run)
         acme = addrs.portals["acme"][0]
-        admin = {"authorization": f"Bearer {token}"}
         async with httpx.AsyncClient(timeout=10) as http:
             chunks: list[str] = []
             streaming, finished = trio.Event(), trio.Event()
@@ -168,34 +193,18 @@ async def test_a_request_admitted_before_a_price_change_is_billed_at_the_prices_
     case was reserved at it, so billing it at the new one could overrun a budget), and the
     next request at the new one."""
     priced = CONFIG.replace("[portals.acme]", "[portals.acme]\nrecord_usage = true\ncurrency = \"EUR\"")
-    path = _write(tmp_path, priced, MODELS)
-    overrides = {"data_dir": str(tmp_path / "data")}
-
-    def loader() -> CortexConfig:
-        return load_config(CortexConfig, file=path, overrides=overrides)
-
-    cortex = Cortex(loader(), loader=loader)
+    cortex, _, admin = reloadable(tmp_path, priced)
     NeuronDouble("n1", cortex.fleet, loaded=("chat",), tokens=20, token_delay=0.05)
-    token = (tmp_path / "data" / "admin-token").read_text().strip()
     body = {"model": "fast", "max_tokens": 20, "messages": [{"role": "user", "content": "x"}]}
     async with trio.open_nursery() as nursery:
         addrs = await nursery.start(cortex.run)
         acme = addrs.portals["acme"][0]
-        admin = {"authorization": f"Bearer {token}"}
         async with httpx.AsyncClient(timeout=10) as http:
-            async with http.stream("POST", acme + "/v1/chat/completions",
-                                   json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
-                assert r.status_code == 200
-                lines = r.aiter_lines()
-                async for line in lines:
-                    if line.startswith("data: {"):
-                        break
-                _write(tmp_path, priced.replace("input = 1.0, output = 1.0", "input = 1000.0, output = 3000.0"),
-                       MODELS)
-                reloaded = await http.post(addrs.admin_url + "/admin/reload", headers=admin)
-                assert reloaded.json()["applied"] == ["portals.acme.prices"]
-                async for line in lines:
-                    pass
+            reloaded = await reload_mid_stream(
+                http, acme + "/v1/chat/completions", {**body, "stream_options": {"include_usage": True}},
+                addrs.admin_url, admin, lambda: _write(
+                    tmp_path, priced.replace("input = 1.0, output = 1.0", "input = 1000.0, output = 3000.0"), MODELS))
+            assert reloaded.json()["applied"] == ["portals.acme.prices"]
             after = await http.post(acme + "/v1/chat/completions", json=body)
             assert after.status_code == 200
             records = (await http.get(addrs.admin_url + "/admin/usage/records?portal=acme", headers=admin)).json()
@@ -213,20 +222,12 @@ async def test_a_budget_a_reload_gives_a_portal_counts_what_the_portal_spent_in_
     had spent its new budget already was served on as if it had spent nothing."""
     priced = CONFIG.replace("[portals.acme]", "[portals.acme]\nrecord_usage = true").replace(
         "input = 1.0, output = 1.0", "input = 1000.0, output = 1000.0")
-    path = _write(tmp_path, priced, MODELS)
-    overrides = {"data_dir": str(tmp_path / "data"), "usage_store": str(tmp_path / "usage.sqlite")}
-
-    def loader() -> CortexConfig:
-        return load_config(CortexConfig, file=path, overrides=overrides)
-
-    cortex = Cortex(loader(), loader=loader)
+    cortex, _, admin = reloadable(tmp_path, priced, usage_store=str(tmp_path / "usage.sqlite"))
     NeuronDouble("n1", cortex.fleet, loaded=("chat",), tokens=20)
-    token = (tmp_path / "data" / "admin-token").read_text().strip()
     body = {"model": "fast", "max_tokens": 20, "messages": [{"role": "user", "content": "x"}]}
     async with trio.open_nursery() as nursery:
         addrs = await nursery.start(cortex.run)
         acme = addrs.portals["acme"][0]
-        admin = {"authorization": f"Bearer {token}"}
         async with httpx.AsyncClient(timeout=10) as http:
             for _ in range(3):
                 assert (await http.post(acme + "/v1/chat/completions", json=body)).status_code == 200
@@ -249,32 +250,17 @@ async def test_a_request_admitted_while_usage_was_recorded_is_recorded_after_a_r
     ``record_usage`` off while a stream runs must not lose that stream's ledger record (it
     was read when the request was booked), and the next request is not recorded."""
     recorded = CONFIG.replace("[portals.acme]", "[portals.acme]\nrecord_usage = true")
-    path = _write(tmp_path, recorded, MODELS)
-    overrides = {"data_dir": str(tmp_path / "data")}
-
-    def loader() -> CortexConfig:
-        return load_config(CortexConfig, file=path, overrides=overrides)
-
-    cortex = Cortex(loader(), loader=loader)
+    cortex, _, admin = reloadable(tmp_path, recorded)
     NeuronDouble("n1", cortex.fleet, loaded=("chat",), tokens=20, token_delay=0.05)
-    token = (tmp_path / "data" / "admin-token").read_text().strip()
     body = {"model": "fast", "max_tokens": 20, "messages": [{"role": "user", "content": "x"}]}
     async with trio.open_nursery() as nursery:
         addrs = await nursery.start(cortex.run)
         acme = addrs.portals["acme"][0]
-        admin = {"authorization": f"Bearer {token}"}
         async with httpx.AsyncClient(timeout=10) as http:
-            async with http.stream("POST", acme + "/v1/chat/completions", json={**body, "stream": True}) as r:
-                assert r.status_code == 200
-                lines = r.aiter_lines()
-                async for line in lines:
-                    if line.startswith("data: {"):
-                        break
-                _write(tmp_path, recorded.replace("record_usage = true", "record_usage = false"), MODELS)
-                reloaded = await http.post(addrs.admin_url + "/admin/reload", headers=admin)
-                assert reloaded.json()["applied"] == ["portals.acme.record_usage"], reloaded.text
-                async for line in lines:
-                    pass
+            reloaded = await reload_mid_stream(
+                http, acme + "/v1/chat/completions", body, addrs.admin_url, admin,
+                lambda: _write(tmp_path, recorded.replace("record_usage = true", "record_usage = false"), MODELS))
+            assert reloaded.json()["applied"] == ["portals.acme.record_usage"], reloaded.text
             assert (await http.post(acme + "/v1/chat/completions", json=body)).status_code == 200
             records = (await http.get(addrs.admin_url + "/admin/usage/records?portal=acme", headers=admin)).json()
         assert [rec["completion_tokens"] for rec in records["data"]] == [20]
@@ -292,32 +278,17 @@ async def test_a_money_budget_counts_only_what_was_spent_in_its_portals_currency
     priced = CONFIG.replace("[portals.acme]", "[portals.acme]\nrecord_usage = true\ncurrency = \"EUR\"").replace(
         "input = 1.0, output = 1.0", "input = 1000.0, output = 1000.0") + (
         '\n[portals.acme.limits]\nbudget = 0.06\nperiod = "month"\n')
-    path = _write(tmp_path, priced, MODELS)
-    overrides = {"data_dir": str(tmp_path / "data"), "usage_store": str(tmp_path / "usage.sqlite")}
-
-    def loader() -> CortexConfig:
-        return load_config(CortexConfig, file=path, overrides=overrides)
-
-    cortex = Cortex(loader(), loader=loader)
+    cortex, loader, admin = reloadable(tmp_path, priced, usage_store=str(tmp_path / "usage.sqlite"))
     NeuronDouble("n1", cortex.fleet, loaded=("chat",), tokens=20, token_delay=0.05)
-    token = (tmp_path / "data" / "admin-token").read_text().strip()
     body = {"model": "fast", "max_tokens": 20, "messages": [{"role": "user", "content": "x"}]}
     async with trio.open_nursery() as nursery:
         addrs = await nursery.start(cortex.run)
         acme = addrs.portals["acme"][0]
-        admin = {"authorization": f"Bearer {token}"}
         async with httpx.AsyncClient(timeout=10) as http:
-            async with http.stream("POST", acme + "/v1/chat/completions", json={**body, "stream": True}) as r:
-                assert r.status_code == 200
-                lines = r.aiter_lines()
-                async for line in lines:
-                    if line.startswith("data: {"):
-                        break
-                _write(tmp_path, priced.replace('currency = "EUR"', 'currency = "USD"'), MODELS)
-                reloaded = await http.post(addrs.admin_url + "/admin/reload", headers=admin)
-                assert reloaded.json()["applied"] == ["portals.acme.currency"], reloaded.text
-                async for line in lines:
-                    pass
+            reloaded = await reload_mid_stream(
+                http, acme + "/v1/chat/completions", body, addrs.admin_url, admin,
+                lambda: _write(tmp_path, priced.replace('currency = "EUR"', 'currency = "USD"'), MODELS))
+            assert reloaded.json()["applied"] == ["portals.acme.currency"], reloaded.text
             state = cortex.gateway.metering.account_state("portal:acme")
             in_dollars = await http.post(acme + "/v1/chat/completions", json=body)
             over = await http.post(acme + "/v1/chat/completions", json=body)
@@ -343,19 +314,11 @@ async def test_a_model_renamed_or_removed_in_the_catalogue_is_unloaded_where_the
     itself are unloaded once their requests finished (a rename holds the model once, not
     twice); an operator's load and a model the neuron held before stay."""
     models = MODELS + '\n[models.chat2]\nbackend = "synthetic"\nmemory_mb = 100\n'
-    path = _write(tmp_path, CONFIG, models)
-    overrides = {"data_dir": str(tmp_path / "data")}
-
-    def loader() -> CortexConfig:
-        return load_config(CortexConfig, file=path, overrides=overrides)
-
-    cortex = Cortex(loader(), loader=loader)
+    cortex, _, admin = reloadable(tmp_path, CONFIG, models)
     neuron = NeuronDouble("n1", cortex.fleet, loaded=("manual",), tokens=20, token_delay=0.05)
-    token = (tmp_path / "data" / "admin-token").read_text().strip()
     async with trio.open_nursery() as nursery:
         addrs = await nursery.start(cortex.run)
         acme = addrs.portals["acme"][0]
-        admin = {"authorization": f"Bearer {token}"}
         async with httpx.AsyncClient(timeout=10) as http:
             chunks: list[str] = []
             streaming = trio.Event()
@@ -405,15 +368,8 @@ async def test_a_reload_that_removes_a_pinned_model_drops_its_pins_with_one_line
 
     models = MODELS + '\n[models.chat2]\nbackend = "synthetic"\nmemory_mb = 100\n'
     config_text = CONFIG.replace("retry_after = 5.0", "retry_after = 5.0\nwarm_retry = 0.1")
-    path = _write(tmp_path, config_text, models)
-    overrides = {"data_dir": str(tmp_path / "data")}
-
-    def loader() -> CortexConfig:
-        return load_config(CortexConfig, file=path, overrides=overrides)
-
-    cortex = Cortex(loader(), loader=loader)
+    cortex, _, admin = reloadable(tmp_path, config_text, models)
     neuron = NeuronDouble("n1", cortex.fleet)
-    token = (tmp_path / "data" / "admin-token").read_text().strip()
     feed = FleetFeed(cortex.fleet, cortex.orchestrator.provisioner)
 
     def pinned_on_the_fleet_page() -> bool:
@@ -423,7 +379,6 @@ async def test_a_reload_that_removes_a_pinned_model_drops_its_pins_with_one_line
     caplog.set_level(logging.INFO)
     async with trio.open_nursery() as nursery:
         addrs = await nursery.start(cortex.run)
-        admin = {"authorization": f"Bearer {token}"}
         async with httpx.AsyncClient(base_url=addrs.admin_url, headers=admin, timeout=10) as http:
             r = await http.post("/admin/models/chat2/pin", json={"neuron": "n1"})
             assert r.json()["pinned"] is True, r.text
@@ -454,20 +409,12 @@ async def test_a_price_under_a_name_the_portal_does_not_serve_is_refused_not_lef
     was applied: the price applied to nothing and ``fast`` was served free from then on. It
     is refused, naming the key, and the prices in force stay; a cortex does not start on it."""
     priced = CONFIG.replace("[portals.acme]", "[portals.acme]\nrecord_usage = true")
-    path = _write(tmp_path, priced, MODELS)
-    overrides = {"data_dir": str(tmp_path / "data")}
-
-    def loader() -> CortexConfig:
-        return load_config(CortexConfig, file=path, overrides=overrides)
-
-    cortex = Cortex(loader(), loader=loader)
+    cortex, loader, admin = reloadable(tmp_path, priced)
     NeuronDouble("n1", cortex.fleet, loaded=("chat",), tokens=5)
-    token = (tmp_path / "data" / "admin-token").read_text().strip()
     body = {"model": "fast", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}
     typo = priced.replace("prices = { fast =", "prices = { fsat =")
     async with trio.open_nursery() as nursery:
         addrs = await nursery.start(cortex.run)
-        admin = {"authorization": f"Bearer {token}"}
         async with httpx.AsyncClient(timeout=10) as http:
             _write(tmp_path, typo, MODELS)
             reloaded = await http.post(addrs.admin_url + "/admin/reload", headers=admin)

@@ -13,7 +13,7 @@ import trio
 
 from helexa.protocol.hardware import Hardware, NeuronDescriptor, NeuronMetrics
 from helexa.protocol.model import ModelState, ModelStatus
-from helexa.roles.cortex.config import PortalConfig
+from helexa.roles.cortex.portal.config import PortalConfig
 from helexa.roles.cortex.fleet import Fleet, Health
 from helexa.roles.cortex.portal.portal import Portal
 from helexa.roles.cortex.web.fleet_feed import FleetFeed, finite

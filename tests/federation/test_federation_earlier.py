@@ -9,22 +9,19 @@ and such a peer asking us for a non-streamed answer got a 502 for the answer's
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-import msgpack
 import pytest
 
 from helexa.mesh import MemoryNetwork, streams
-from helexa.protocol import DecodeError, EmbedRequest, GenerateResult, Workload
+from helexa.protocol import EmbedRequest, GenerateResult, Workload
 from helexa.protocol.federation import FEDERATION_PROTOCOL, SCOPED_FEDERATION_PROTOCOL, OfferedModel
 from helexa.roles.cortex.federation.ledger import CONSUMED, SERVED
 
 from conftest import FakeFleet
+from earlier_wire import kinds_of, strict
 from test_federation_service import cortex, recorded, request, settle
 
-EARLIER = json.loads((Path(__file__).parents[1] / "fixtures" / "wire_2026-11-30.json").read_text())["kinds"]
-BEFORE_COUNTS = json.loads((Path(__file__).parents[1] / "fixtures" / "wire_2026-12-02.json").read_text())["kinds"]
+EARLIER = kinds_of("2026-11-30")
+BEFORE_COUNTS = kinds_of("2026-12-02")
 """The release of 2026-12-02 (186c5c3, wire-identical to 001ba7c): ``/helexa/federation/2``
 and ``/1``, no first-chunk prompt count."""
 
@@ -42,17 +39,7 @@ def codec_of_186c5c3(monkeypatch):
 
 
 def strict_codec(monkeypatch, kinds):
-    decode = streams.decode
-
-    def strict(data, **kw):
-        body = msgpack.unpackb(data, raw=False)
-        if isinstance(body, dict) and body.get("k") in kinds:
-            extra = sorted(set(body) - {"k", "v"} - set(kinds[body["k"]]))
-            if extra:
-                raise DecodeError(f"{body['k']}: unknown field(s) {extra}")
-        return decode(data, **kw)
-
-    monkeypatch.setattr(streams, "decode", strict)
+    monkeypatch.setattr(streams, "decode", strict(streams.decode, kinds))
 
 
 class TimedFleet(FakeFleet):
@@ -79,6 +66,17 @@ class TimedFleet(FakeFleet):
         return Timed()
 
 
+async def answered(a, b, rid: str = "r1") -> list:
+    """``a`` asks for ``request(rid)``, which ``b`` serves: the frames it got, once both
+    ledgers recorded the answer with the same receipt (and ``a`` did not flag it)."""
+    async with a.route(request(rid)) as frames:
+        got = [f async for f in frames]
+    assert isinstance(got[-1], GenerateResult)
+    served, consumed = await recorded(b.ledger, SERVED, rid), a.ledger.get(CONSUMED, rid)
+    assert consumed is not None and served.receipt == consumed.receipt and not consumed.flagged
+    return got
+
+
 async def test_a_peer_of_the_earlier_release_asked_for_an_embedding_answers_it(nursery, autojump_clock,
                                                                                 earlier_codec):
     net = MemoryNetwork()
@@ -98,11 +96,7 @@ async def test_a_peer_of_the_earlier_release_gets_our_answer_and_both_ledgers_ag
     a = await cortex(nursery, net, "A", offer=(), protocols=(FEDERATION_PROTOCOL,))
     b = await cortex(nursery, net, "B", fleet=TimedFleet())
     await settle()
-    async with a.route(request("r1")) as frames:
-        last = [f async for f in frames][-1]
-    assert isinstance(last, GenerateResult)
-    served, consumed = await recorded(b.ledger, SERVED, "r1"), a.ledger.get(CONSUMED, "r1")
-    assert consumed is not None and served.receipt == consumed.receipt and not consumed.flagged
+    await answered(a, b)
 
 
 async def test_a_peer_of_the_earlier_release_gets_our_streamed_answer_without_the_prompt_count(nursery, autojump_clock,
@@ -112,12 +106,8 @@ async def test_a_peer_of_the_earlier_release_gets_our_streamed_answer_without_th
     a = await cortex(nursery, net, "A", offer=(), protocols=(FEDERATION_PROTOCOL,))
     b = await cortex(nursery, net, "B", fleet=FakeFleet(prompt_tokens=42))
     await settle()
-    async with a.route(request("r1")) as frames:
-        got = [f async for f in frames]
+    got = await answered(a, b)
     assert [f.text for f in got[:-1]] == ["Hel", "lo", " world"] and got[0].prompt_tokens is None
-    assert isinstance(got[-1], GenerateResult)
-    served, consumed = await recorded(b.ledger, SERVED, "r1"), a.ledger.get(CONSUMED, "r1")
-    assert consumed is not None and served.receipt == consumed.receipt and not consumed.flagged
 
 
 @pytest.mark.parametrize("old", ["asker", "server"])
@@ -132,9 +122,5 @@ async def test_a_peer_of_186c5c3_streams_with_us_without_the_prompt_count(nurser
     a = await cortex(nursery, net, "A", offer=(), **(earlier if old == "asker" else {}))
     b = await cortex(nursery, net, "B", fleet=FakeFleet(prompt_tokens=42), **(earlier if old == "server" else {}))
     await settle()
-    async with a.route(request("r1")) as frames:
-        got = [f async for f in frames]
+    got = await answered(a, b)
     assert [f.text for f in got[:-1]] == ["Hel", "lo", " world"] and got[0].prompt_tokens is None
-    assert isinstance(got[-1], GenerateResult)
-    served, consumed = await recorded(b.ledger, SERVED, "r1"), a.ledger.get(CONSUMED, "r1")
-    assert consumed is not None and served.receipt == consumed.receipt and not consumed.flagged

@@ -9,9 +9,7 @@ that such a cortex refused the same way."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import replace
-from pathlib import Path
 
 import msgpack
 
@@ -33,7 +31,9 @@ from helexa.protocol import federation  # noqa: F401  (registers the mesh's kind
 from helexa.protocol.codec import _OMIT_DEFAULT
 from helexa.protocol.compat import for_earlier
 
-EARLIER = json.loads((Path(__file__).parents[1] / "fixtures" / "wire_2026-11-30.json").read_text())["kinds"]
+from earlier_wire import kinds_of
+
+EARLIER = kinds_of("2026-11-30")
 
 HANDLED = {("generate", "cache_scope"), ("embed", "truncate"), ("result", "first_token_s"), ("chunk", "prompt_tokens"),
            ("join", "public_key"), ("join", "signature"), ("join", "cached"), ("heartbeat", "cached")}
@@ -41,7 +41,7 @@ HANDLED = {("generate", "cache_scope"), ("embed", "truncate"), ("result", "first
 the first four for such a peer and the heartbeat's cache report, the handshake the join's
 three (it sends no key to a cortex of version 1, no cache report to one before version 3)."""
 
-BEFORE_CACHE = json.loads((Path(__file__).parents[1] / "fixtures" / "wire_2026-12-02.json").read_text())["kinds"]
+BEFORE_CACHE = kinds_of("2026-12-02")
 """The release of 2026-12-02 (186c5c3; the fixture was made from 001ba7c, wire-identical):
 handshake version 2 and ``/helexa/federation/2``,
 every field above but the cache report and the first chunk's prompt count."""

@@ -10,9 +10,8 @@ import shlex
 import pytest
 
 from helexa import identity
-from helexa.protocol.join import (
-    IDENTITY_MISMATCH, NOT_ENROLLED, Admitted, Refusal, State, Welcomed, enrol_command,
-)
+from helexa.protocol.join import Admitted, Refusal, State, Welcomed
+from helexa.protocol.join_identity import IDENTITY_MISMATCH, NOT_ENROLLED, enrol_command
 
 from test_join import cortex, exchange, neuron
 

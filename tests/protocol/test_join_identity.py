@@ -13,7 +13,8 @@ import pytest
 
 from helexa import identity
 from helexa.protocol import Challenge, Join, Refused, Welcome, auth, decode, encode
-from helexa.protocol.join import IDENTITY_MISMATCH, Admitted, CortexJoin, NeuronJoin, State, Welcomed
+from helexa.protocol.join import Admitted, CortexJoin, NeuronJoin, State, Welcomed
+from helexa.protocol.join_identity import IDENTITY_MISMATCH
 from helexa.protocol.takeover import replaced_message, replaced_reason
 
 from test_join import TOKEN, cortex, descriptor, exchange, neuron

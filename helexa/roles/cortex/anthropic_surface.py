@@ -43,7 +43,7 @@ from . import anthropic_api as api
 from .anthropic_requests import CountTokensRequest, MessagesRequest
 from .anthropic_stream import MessageStream, error_event
 from .asgi import JSON, Exchange, Route
-from .errors import ClientGone, ModelNotFound, schema_field
+from .errors import ClientGone, ModelNotFound, reraise_named, schema_field
 from .openai_api import parse
 from .orchestrator import WaitStatus
 from .portal.metering import Metering
@@ -109,9 +109,7 @@ class AnthropicSurface:
                 # a tool schema the neuron refused
                 named = schema_field(exc, request, tools="tools", fmt=api.FORMAT_PARAM)
                 if not out.started:
-                    if named is exc:
-                        raise
-                    raise named from None
+                    reraise_named(exc, named)
                 await out.body(head + error_event(named))
             await out.body(b"", more=False)
 
@@ -125,10 +123,7 @@ class AnthropicSurface:
                         parts.append(chunk.text)
                         calls.extend(chunk.tool_calls or ())
             except Exception as exc:
-                named = schema_field(exc, request, tools="tools", fmt=api.FORMAT_PARAM)
-                if named is exc:
-                    raise
-                raise named from None
+                reraise_named(exc, schema_field(exc, request, tools="tools", fmt=api.FORMAT_PARAM))
             result = gen.result
             assert result is not None
             parts.append(result.text)

@@ -36,7 +36,7 @@ import copy
 import json
 import logging
 import math
-from typing import Any
+from typing import Any, NoReturn
 
 from ... import logs
 from .federation.errors import (
@@ -280,6 +280,15 @@ def embed_error(exc: BaseException, param: str) -> BaseException:
     if isinstance(exc, RemoteError) and exc.code == "context_length_exceeded":
         return BadRequest(str(exc), code=exc.code, param=param)
     return exc
+
+
+def reraise_named(exc: BaseException, named: BaseException) -> NoReturn:
+    """Raise ``named``, :func:`schema_field`'s answer for ``exc``, in its place: ``exc``
+    itself as it was where it named no field, else the client's 400 without ``exc`` as its
+    context."""
+    if named is exc:
+        raise exc
+    raise named from None
 
 
 _SCHEMA_REFUSALS = ("json schema", "grammar")

@@ -60,7 +60,7 @@ from .anthropic_surface import AnthropicSurface
 from .anthropic_api import error_shape as anthropic_error_shape
 from .browser_guard import BrowserGuard, cors_headers, preflight_headers
 from .asgi import ErrorShape, Exchange, Limits, Receive, Responder, Route, Router, Scope, Send
-from .config import DEFAULT_PORTAL, PortalConfig, is_loopback
+from .portal.config import DEFAULT_PORTAL, PortalConfig, is_loopback
 from .disconnect_watch import DisconnectWatch
 from .errors import BadRequest, ClientGone, GatewayError, NoCapacity, RequestTimeout, client_gone, envelope
 from .fleet_metrics import FleetCollector

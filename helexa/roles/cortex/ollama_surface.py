@@ -53,7 +53,8 @@ from helexa.protocol import EmbedResult, Feature, GenerateRequest, GenerateResul
 from . import ollama_api as api
 from .asgi import Exchange, Route
 from .catalogue import CatalogueEntry
-from .errors import BadRequest, ClientGone, ModelNotFound, embed_error, schema_field, to_gateway_error
+from .errors import (BadRequest, ClientGone, ModelNotFound, embed_error, reraise_named, schema_field,
+                     to_gateway_error)
 from .ollama_keep_alive import unloads
 from .openai_api import merge_tool_calls, parse
 from .orchestrator import WaitStatus
@@ -354,9 +355,7 @@ class OllamaSurface:
             except Exception as exc:
                 named = _schema_field(exc, request)  # a schema the neuron could not use: the client's field
                 if not out.started:
-                    if named is exc:
-                        raise
-                    raise named from None
+                    reraise_named(exc, named)
                 await out.body(_line({"error": json.loads(ollama_errors(named)[2])["error"]}))
             await out.body(b"", more=False)
 
@@ -373,10 +372,7 @@ class OllamaSurface:
                         parts.extend(chunk.tool_calls or ())
                         lps.extend(chunk.logprobs or ())
             except Exception as exc:
-                named = _schema_field(exc, request)
-                if named is exc:
-                    raise
-                raise named from None
+                reraise_named(exc, _schema_field(exc, request))
             result = gen.result
             assert result is not None
             text.append(result.text)

@@ -29,7 +29,7 @@ from . import anthropic_api, anthropic_models, choices
 from . import openai_api as api
 from . import sse
 from .asgi import ErrorShape, Exchange, Route, Scope
-from .errors import BadRequest, ClientGone, ModelNotFound, embed_error, schema_field
+from .errors import BadRequest, ClientGone, ModelNotFound, embed_error, reraise_named, schema_field
 from .orchestrator import WaitStatus
 from .portal.metering import Caller, Metering
 from .prefix import session_of
@@ -114,9 +114,7 @@ class OpenAISurface:
             except Exception as exc:
                 named = _schema_field(exc, request)  # a schema the neuron could not use: the client's field
                 if not out.started:
-                    if named is exc:
-                        raise
-                    raise named from None
+                    reraise_named(exc, named)
                 await out.body(sse.error_event(named))
             await out.body(b"", more=False)
 
@@ -127,10 +125,7 @@ class OpenAISurface:
                     async for index, chunk in gen:
                         answers.add(index, chunk)
             except Exception as exc:
-                named = _schema_field(exc, request)
-                if named is exc:
-                    raise
-                raise named from None
+                reraise_named(exc, _schema_field(exc, request))
             for index, result in enumerate(gen.results):
                 answers.add(index, result)
             await out.json(api.completion_body(request, response_id, answers, logprobs=request.sampling.logprobs))

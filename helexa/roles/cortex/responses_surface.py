@@ -31,7 +31,8 @@ from typing import Any
 from . import openai_api
 from . import sse
 from .asgi import Exchange, Route
-from .errors import BadRequest, ClientGone, NotFound, error_body, schema_field, to_gateway_error
+from .errors import (BadRequest, ClientGone, NotFound, error_body, reraise_named, schema_field,
+                     to_gateway_error)
 from .orchestrator import WaitStatus
 from .portal.metering import Caller, Metering
 from .portal.response_store import ResponseStore, StoredResponse
@@ -142,9 +143,7 @@ class ResponsesSurface:
             except Exception as exc:
                 named = _schema_field(exc, request)  # a schema the neuron could not use: the client's field
                 if not out.started:
-                    if named is exc:
-                        raise
-                    raise named from None
+                    reraise_named(exc, named)
                 head = b"" if began else b"".join(map(frame, builder.start()))
                 await out.body(head + frame(builder.failed(to_gateway_error(named))))
             await out.body(b"", more=False)
@@ -162,10 +161,7 @@ class ResponsesSurface:
                     async for chunk in gen:
                         builder.chunk(chunk)
             except Exception as exc:
-                named = _schema_field(exc, request)
-                if named is exc:
-                    raise
-                raise named from None
+                reraise_named(exc, _schema_field(exc, request))
             builder.finish(gen.result)
             if body.stored:
                 await keep_built()

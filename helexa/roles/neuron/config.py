@@ -18,7 +18,7 @@ from helexa.telemetry import TelemetryConfig
 from helexa.config import ConfigError
 from helexa.protocol import DEFAULT_MAX_FRAME
 from helexa.protocol.auth import split_token
-from helexa.protocol.join import node_id_problem
+from helexa.protocol.join_identity import node_id_problem
 from helexa.runtime.cpu_policy import Policy
 
 MACHINE_ID = Path("/etc/machine-id")

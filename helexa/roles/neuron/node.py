@@ -11,7 +11,7 @@ import trio
 from helexa import telemetry
 from helexa.runtime import cpu_policy
 
-from helexa.protocol.join import IDENTITY_MISMATCH, NOT_ENROLLED
+from helexa.protocol.join_identity import IDENTITY_MISMATCH, NOT_ENROLLED
 
 from .agent import JoinRefused, Neuron, NeuronError
 from .config import NeuronConfig

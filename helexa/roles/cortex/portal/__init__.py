@@ -1,7 +1,8 @@
 """Portals: the gateway's branded front doors, with their API keys, quotas, prices and
 the usage ledger that bills every token (``docs/portals.md``).
 
-Modules: :mod:`.portal` (a portal's models, prices, routing and tenant; pure),
+Modules: :mod:`.config` (a portal's configuration, ``[portals.NAME]``), :mod:`.portal` (a
+portal's models, prices, routing and tenant; pure),
 :mod:`.keys` (API keys and the key ring; pure), :mod:`.quota` (rate buckets, concurrency
 and budgets as a state machine fed the time; pure), :mod:`.usage` (a ledger record),
 :mod:`.store` (the storage interface and its SQLite default), :mod:`.writer` (durable

@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from helexa.identity import fingerprint
-from helexa.protocol.join import PUBLIC_KEY_BYTES, node_id_problem
+from helexa.protocol.join_identity import PUBLIC_KEY_BYTES, node_id_problem
 from helexa.protocol.takeover import forget_command
 
 from ..asgi import Exchange, Route

@@ -1,16 +1,16 @@
 """A portal as the request path sees it: which models it serves under which names, what
 they cost, where its requests may run, and who they are for (pure, built from its
-:class:`~..config.PortalConfig`)."""
+:class:`~.config.PortalConfig`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from ..cache_scope import scope_of
-from ..config import PortalConfig, QuotaConfig
 from ..errors import ModelNotFound
 from ..federation.policy import AskPolicy, Outbound
 from ..orchestrator import Tenant
+from .config import PortalConfig, QuotaConfig
 from .keys import ApiKey
 from .quota import Limits
 
