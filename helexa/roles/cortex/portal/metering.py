@@ -320,7 +320,9 @@ class Metering(AccountBook):
     async def preload(self, caller: Caller, request: GenerateRequest, *, on_wait: OnWait | None = None) -> None:
         """Load ``request``'s model (its public name) and run nothing (Ollama's empty prompt):
         checked and admitted by the caller's limits as a request (one of its rpm and
-        concurrency, no tokens), then :meth:`Orchestrator.preload`, a request's cold load."""
+        concurrency, and one prompt token, the least any request of it could use: a key whose
+        budget cannot pay for that loads nothing), then :meth:`Orchestrator.preload`, a
+        request's cold load. It spends nothing."""
         portal = caller.portal
         asked = request.model_id
         served = portal.resolve(asked, caller.key)
@@ -328,7 +330,8 @@ class Metering(AccountBook):
             self.limits.check_workload(served, embedding=False, named=asked)
         now = self.clock()
         accounts = self.accounts(caller, now)
-        if accounts and (refusal := admit(accounts, _NOTHING_RESERVED, now)) is not None:
+        reserved = Reservation(1, portal.price(asked)[0] / 1_000_000, lower="")
+        if accounts and (refusal := admit(accounts, reserved, now)) is not None:
             self._refuse(caller, refusal)
         token = ASK_POLICY.set(portal.ask_policy) if portal.ask_policy is not None else None
         try:
@@ -342,7 +345,7 @@ class Metering(AccountBook):
             if token is not None:
                 ASK_POLICY.reset(token)
             for account in accounts:
-                account.settle(_NOTHING_RESERVED, 0, 0.0, self.clock())
+                account.settle(reserved, 0, 0.0, self.clock())
 
     # --- settling --------------------------------------------------------------------------
 
