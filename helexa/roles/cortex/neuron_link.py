@@ -389,10 +389,10 @@ class NeuronLink:
 
     async def embed(self, request: EmbedRequest, *, timeout: float) -> EmbedResult:
         """Embed on this neuron. Raises :class:`NeuronGone`, :class:`RemoteError`, or
-        :class:`CommandTimeout` when no answer comes within ``timeout`` seconds."""
-        stream = LinkStream(self, request if self.scopes_cache else for_earlier(request))
-        await self._open(stream)
-        try:
+        :class:`CommandTimeout` when no answer comes within ``timeout`` seconds. Left with
+        no answer (cancelled: the client left, its key was revoked; or timed out), the
+        neuron is told to stop (``Cancel``), as a generation's."""
+        async with LinkStream(self, request if self.scopes_cache else for_earlier(request)) as stream:
             with trio.move_on_after(timeout):
                 while stream.final is None and stream.error is None:
                     await stream.wait()
@@ -401,8 +401,6 @@ class NeuronLink:
             if not isinstance(stream.final, EmbedResult):
                 raise CommandTimeout(f"neuron {self.node_id} did not answer an embedding within {timeout:g}s")
             return stream.final
-        finally:
-            self._close(stream)
 
     async def _open(self, stream: LinkStream) -> None:
         rid = stream.request.request_id
