@@ -33,7 +33,14 @@ from helexa.protocol import (
     ProtocolError,
     TokenChunk,
 )
-from helexa.protocol.model import MAX_NEURON_MODELS, model_id_problem
+from helexa.protocol.model import (
+    MAX_NEURON_MODELS,
+    MAX_REPORT_TEXT,
+    ModelStatus,
+    backend_kind_problem,
+    bounded_text,
+    model_id_problem,
+)
 
 from .federation.peer_usage import (
     UNBOUNDED_MAX_TOKENS,
@@ -54,6 +61,7 @@ __all__ = [
     "sane_embed",
     "sane_metrics",
     "sane_result",
+    "sane_status",
 ]
 
 
@@ -128,6 +136,22 @@ def sane_descriptor(d: NeuronDescriptor) -> NeuronDescriptor:
     return replace(d, hardware=replace(hw, cpu_cores=_count(hw.cpu_cores), ram_total=_count(hw.ram_total),
                                        gpus=gpus))
 
+
+def sane_status(status: ModelStatus) -> tuple[ModelStatus, str | None]:
+    """``status`` as the cortex keeps it (the same object when it holds, as an honest
+    neuron's does), and what was wrong with it: its ``error`` text bounded
+    (:func:`~helexa.protocol.model.bounded_text`: at most 1,024 printable characters, cut
+    with a mark), a ``backend_kind`` that is no backend's name dropped (empty: not said).
+    They are shown on the console, by ``helexa status`` and in logs; only the frame's 16 MiB
+    bounded them. Bounded rather than refused: a neuron of any release keeps working."""
+    error, kind = status.error, status.backend_kind
+    bad_kind = backend_kind_problem(kind)
+    if (error is None or len(error) <= MAX_REPORT_TEXT and error.isprintable()) and bad_kind is None:
+        return status, None
+    problem = f"{bad_kind}: dropped" if bad_kind else (
+        f"model {status.model_id!r}: its error text is over {MAX_REPORT_TEXT} characters or unprintable: cut")
+    return replace(status, error=None if error is None else bounded_text(error),
+                   backend_kind="" if bad_kind is not None else kind), problem
 
 
 class _Named(Protocol):
