@@ -19,6 +19,7 @@ from typing import Any
 import click
 
 from helexa.admin_client import DEFAULT_CORTEX, AdminClient, AdminError, find_token
+from helexa.roles.cortex.portal.usage import OPEN_KEY
 from helexa.status import printable, table
 
 
@@ -201,8 +202,6 @@ def keys_rotate(client: AdminClient, key_id: str, as_json: bool) -> None:
     click.echo(f"key {k['key_id']} rotated. Store it now: it is never shown again.", err=True)
 
 
-OPEN_KEY = "(open)"
-"""The KEY cell of an open portal's usage (its rows carry no key id)."""
 
 
 def _usage_table(rows: list[dict[str, Any]], by: str) -> str:

@@ -33,7 +33,7 @@ from ..admin_token import matches
 from ..errors import GatewayError, NotFound
 from ..fleet import CACHED, cached_only
 from ..portal.admin import parse_time, to_csv
-from ..portal.usage import GROUPS
+from ..portal.usage import GROUPS, OPEN_KEY
 from .app import socket_admin, web
 from .sessions import COOKIE, Session
 
@@ -402,6 +402,7 @@ async def usage(session: Session) -> Any:
     by, filters, rows = await _usage_rows()
     top = max((r["total_tokens"] for r in rows), default=0)
     return await _render("usage.html", session, rows=rows, top=top, filters=filters, groups=GROUPS,
+                         open_key=OPEN_KEY,
                          portals=list(web().gateway.portals), csv_query=_query(**{**filters, "format": "csv"}))
 
 
