@@ -177,8 +177,14 @@ class _Stubborn:
         self.config, self._registry, self._killed = config, registry, killed
         self._dead = trio.Event()
 
+    hang_load = False
+
     async def load(self, progress) -> None:
-        pass
+        if self.hang_load:  # a load that ends only when its process is killed (or after 100 s)
+            with trio.move_on_after(100):
+                await self._dead.wait()
+            if self._dead.is_set():
+                raise LoadFailed("the worker was killed")
 
     async def unload(self) -> None:
         if self.hang_unload:
@@ -225,3 +231,40 @@ async def test_the_stops_kill_timer_ends_every_backend_even_one_whose_requests_s
     if hang_unload:  # each unload waits for its kill: both killed at the timer
         assert {m for m, _ in killed} == {"a", "b"} and [t - t0 for _, t in killed] == pytest.approx([3.0] * len(killed))
     assert [reg.status(m).state for m in ("a", "b")] == [ModelState.CONFIGURED] * 2
+
+
+async def test_the_stops_kill_timer_ends_a_load_under_way(nursery, autojump_clock):
+    """A model still loading when the neuron stops: its unload waited for the load to end,
+    which the kill timer did not reach (the backend is the load's until it is loaded), so
+    the stop waited out the whole load. At the timer the load's processes are killed: the
+    model ends failed, by the timer; a load asked for after it is refused."""
+    killed: list[tuple[str, float]] = []
+    holder: list[ModelRegistry] = []
+
+    def factory(config: ModelConfig):
+        backend = _Stubborn(config, holder, killed)
+        backend.hang_load = True
+        return backend
+
+    reg = ModelRegistry(factory=factory)
+    holder.append(reg)
+    reg.upsert(ModelConfig("a", "synthetic"))
+    loads: list[BaseException] = []
+
+    async def load() -> None:
+        try:
+            await reg.load("a", lambda *a: None)
+        except LoadFailed as exc:
+            loads.append(exc)
+
+    nursery.start_soon(load)
+    await trio.sleep(1)
+    assert reg.status("a").state is ModelState.LOADING
+    t0 = trio.current_time()
+    with trio.fail_after(60):
+        await reg.unload_all(kill_after=3.0)
+    assert trio.current_time() - t0 == pytest.approx(3.0)
+    assert killed == [("a", pytest.approx(t0 + 3.0))] and len(loads) == 1
+    assert reg.status("a").state in (ModelState.FAILED, ModelState.CONFIGURED)
+    with pytest.raises(LoadFailed):
+        await reg.load("a", lambda *a: None)
