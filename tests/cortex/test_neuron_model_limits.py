@@ -128,3 +128,23 @@ async def test_a_neurons_status_error_text_and_backend_kind_are_bounded(nursery,
     assert len(view.content) < 20_000
     warned = [r.getMessage() for r in caplog.records if "neuron evil: " in r.getMessage()]
     assert len(warned) == 1 and len(warned[0]) < 1000 and "\n" not in warned[0]
+
+
+async def test_a_joining_neurons_descriptor_text_is_bounded(nursery):
+    """The free text a neuron describes itself with (host name, build, CPU and GPU names,
+    labels) was bounded by the join's frame alone, and the console and ``helexa status``
+    show it: each is held to 256 printable characters with a mark, at most 64 GPUs and
+    labels; an honest descriptor's text is kept as it is."""
+    from helexa.protocol import GpuInfo
+
+    fleet = Fleet()
+    url = await control(nursery, fleet)
+    gpus = tuple(GpuInfo(i, "G" * 10_000 if i == 0 else "gpu\x1b[2J", 1 << 30, 1 << 30) for i in range(100))
+    hw = Hardware(cpu_cores=4, ram_total=8 << 30, cpu_model="c" * 10_000, gpus=gpus)
+    nursery.start_soon(lambda: hostile(url, hardware=hw))
+    await until(lambda: "evil" in fleet and fleet.get("evil").heartbeats > 0)
+    d = fleet.get("evil").descriptor
+    assert d.hardware.cpu_model == "c" * 256 + "... [cut from 10000 characters]"
+    assert len(d.hardware.gpus) == 64 and d.hardware.gpus[0].name == "G" * 256 + "... [cut from 10000 characters]"
+    assert d.hardware.gpus[1].name == "gpu\\x1b[2J"
+    assert d.hardware.cpu_cores == 4 and d.hardware.gpus[1].vram_total == 1 << 30
