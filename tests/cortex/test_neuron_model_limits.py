@@ -104,8 +104,9 @@ async def test_a_neurons_status_error_text_and_backend_kind_are_bounded(nursery,
     """A model status's ``error`` and ``backend_kind`` were bounded by the 16 MiB frame
     alone: a neuron put 100,000 characters (or a forged log line) into the fleet document
     every console gets each second and ``helexa status`` prints. The error text is cut at
-    1,024 printable characters with a mark (an unprintable one written as its escape); a backend kind that is no backend's name is
-    dropped (empty); the model stays, and an honest status is kept as it is."""
+    1,024 printable characters with a mark (an unprintable one written as its escape); a
+    backend kind that is no backend's name is dropped (empty); the model stays, and an
+    honest status is kept as it is."""
     fleet = Fleet()
     url = await control(nursery, fleet)
     statuses = (ModelStatus("chat", ModelState.FAILED, backend_kind="k" * 5000, error=LONG),

@@ -277,7 +277,8 @@ class Account:
                     lower = f"lower {r.lower}{renews}" if r.lower else renews.removeprefix(", ")
                     message = f"{self.subject}: the {lim.period} budget has {what}, and this request may {ask}" + (
                         f" ({lower})" if lower else "")
-                return Refusal(self.subject, "budget", message, self.period_end - now if lim.period != "total" else None)
+                retry = self.period_end - now if lim.period != "total" else None
+                return Refusal(self.subject, "budget", message, retry)
         return None
 
     def reserve(self, r: Reservation, now: float) -> None:
