@@ -15,6 +15,7 @@ import click
 
 from helexa.admin_client import AdminClient
 from helexa.cli_options import admin_options, when
+from helexa.roles.cortex.portal.usage import OPEN_KEY
 from helexa.status import table
 
 
@@ -163,10 +164,6 @@ def keys_rotate(client: AdminClient, key_id: str, as_json: bool) -> None:
         return
     click.echo(k["key"])
     click.echo(f"key {k['key_id']} rotated. Store it now: it is never shown again.", err=True)
-
-
-OPEN_KEY = "(open)"
-"""The KEY cell of an open portal's usage (its rows carry no key id)."""
 
 
 def _usage_table(rows: list[dict[str, Any]], by: str) -> str:

@@ -38,6 +38,43 @@ def model_id_problem(model_id: object) -> str | None:
     return None
 
 
+MAX_REPORT_TEXT = 1024
+"""The longest free text (a model status's ``error``) a cortex keeps from a neuron's report;
+longer is cut, with a mark (:func:`bounded_text`)."""
+MAX_NAME = 256
+"""The longest name (a peer's operator, a multiaddr) a cortex keeps from a peer, as a model id."""
+_BACKEND_KIND = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
+_GOOD_KINDS: set[str] = {""}
+
+
+def bounded_text(text: str, limit: int = MAX_REPORT_TEXT) -> str:
+    """``text`` as a cortex keeps a neuron's or a peer's free text: every unprintable
+    character (a newline or an escape, which forged log lines and terminal output) written
+    as its escape (``\\n``, ``\\x1b``), at most ``limit`` characters, and when that cut
+    it, a mark saying from how many. The same object when it holds (an honest report's, on
+    every heartbeat)."""
+    if len(text) <= limit and text.isprintable():
+        return text
+    shown = text[:limit]
+    cut = len(text) > limit
+    if not shown.isprintable():
+        shown = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in shown)
+        cut = cut or len(shown) > limit
+        shown = shown[:limit]
+    return f"{shown}... [cut from {len(text)} characters]" if cut else shown
+
+
+def backend_kind_problem(kind: object) -> str | None:
+    """Why ``kind`` cannot be a model status's ``backend_kind`` (a name of up to 64
+    letters, digits and ``_.+-``, as every backend's is; empty: not said), or None."""
+    if isinstance(kind, str) and (kind in _GOOD_KINDS or _BACKEND_KIND.fullmatch(kind)):
+        if len(_GOOD_KINDS) < 64:  # the few real kinds: a heartbeat's check is a set lookup
+            _GOOD_KINDS.add(kind)
+        return None
+    shown = repr(kind[:64]) if isinstance(kind, str) else type(kind).__name__
+    return f"the backend kind {shown} is not a name of up to 64 letters, digits and _.+-"
+
+
 class Workload(enum.Enum):
     """What kind of work a model can do."""
 

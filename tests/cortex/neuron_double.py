@@ -91,6 +91,8 @@ class NeuronDouble:
         self.collect = False
         """Answer a non-streamed generation as one result holding its text, as a real neuron
         does (:func:`helexa.roles.neuron.relay.collect`): no event comes before its end."""
+        self.embed_delay = 0.0
+        """How long an embedding takes (cancelled before its end: its id in :attr:`cancelled`)."""
         self.fail_before_start = False
         self.retryable_error = False
         self.error: RemoteError | None = None
@@ -229,6 +231,13 @@ class NeuronDouble:
     async def embed(self, request: EmbedRequest, *, timeout: float) -> EmbedResult:
         if self._dead.is_set():
             raise NeuronGone(f"{self.node_id} is gone")
+        if self.embed_delay:
+            try:
+                await trio.sleep(self.embed_delay)
+            except trio.Cancelled:
+                self.cancelled.append(request.request_id)
+                raise
+            self.finished.append(request.request_id)
         dim = 3
         values = [float(i + j) for i in range(len(request.inputs)) for j in range(dim)]
         return EmbedResult(request.request_id, dim, struct.pack(f"<{len(values)}f", *values),

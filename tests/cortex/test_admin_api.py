@@ -348,3 +348,39 @@ async def test_a_revoke_stops_a_whole_answer_still_generating_at_once() -> None:
     assert all(f"key {made['key_id']} was revoked" in a.text for a in answers)
     assert len(neuron.cancelled) == 2 and not neuron.finished
     assert sorted((r["outcome"], r["error_code"]) for r in records) == [("error", "invalid_api_key")] * 2
+
+
+async def test_a_revoke_stops_embeddings_in_flight_at_once() -> None:
+    """Embeddings follow the revoke rule of generations: one still running when its key is
+    revoked gets the 401 at once (OpenAI's and Ollama's shapes), its neuron work cancelled,
+    the ledger's record of the key's error; not the answer 5 s later."""
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=("embed",))
+    neuron.embed_delay = 5.0
+    store = SqliteStore(":memory:")
+    async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
+        async with httpx.AsyncClient(base_url=urls["default"], headers=admin_headers()) as admin, \
+                httpx.AsyncClient(base_url=urls["acme"], timeout=30) as api:
+            made = (await admin.post("/admin/keys", json={"portal": "acme", "name": "vectors"})).json()
+            answers = {}
+
+            async def ask(path: str) -> None:
+                field = "prompt" if path == "/api/embeddings" else "input"  # Ollama's legacy form
+                answers[path] = await api.post(path, json={"model": "embed", field: "x"}, headers=bearer(made["key"]))
+
+            async with trio.open_nursery() as nursery:
+                for path in ("/v1/embeddings", "/api/embed", "/api/embeddings"):
+                    nursery.start_soon(ask, path)
+                await trio.sleep(0.5)
+                assert (await admin.post(f"/admin/keys/{made['key_id']}/revoke")).status_code == 200
+                revoked = trio.current_time()
+            took = trio.current_time() - revoked
+            records = (await admin.get(f"/admin/usage/records?key={made['key_id']}")).json()["data"]
+    assert took < 2.0, (took, {p: a.text for p, a in answers.items()})
+    assert {p: a.status_code for p, a in answers.items()} == dict.fromkeys(answers, 401)
+    assert answers["/v1/embeddings"].json()["error"]["code"] == "invalid_api_key"
+    assert all(f"key {made['key_id']} was revoked" in a.text for a in answers.values())
+    assert set(answers["/api/embed"].json()) == {"error"}
+    assert len(neuron.cancelled) == 3 and not neuron.finished
+    assert sorted((r["outcome"], r["error_code"], r["prompt_tokens"]) for r in records) == [
+        ("error", "invalid_api_key", 0)] * 3

@@ -57,3 +57,18 @@ async def test_a_request_failing_because_its_models_process_died_marks_the_model
     assert info.value.code == "backend_crashed" and info.value.retryable
     assert link.models["m"].state is ModelState.FAILED and "SIGKILL" in link.models["m"].error
     assert link.models["other"].state is ModelState.LOADED
+
+
+async def test_an_embedding_left_without_its_answer_tells_the_neuron_to_cancel(nursery):
+    """An embedding its caller stops waiting for (the client left, its key was revoked) is
+    cancelled on the neuron, as a generation is: it was left to run there for nothing."""
+    from helexa.protocol import Cancel, EmbedRequest
+
+    link, neuron = _link()
+    nursery.start_soon(link.serve)
+    with trio.move_on_after(0.5):
+        await link.embed(EmbedRequest("e1", "m", ("a",)), timeout=30)
+    with trio.fail_after(1):
+        assert (await neuron.receive()).request_id == "e1"
+        assert await neuron.receive() == Cancel("e1")
+    assert link.in_flight == 0

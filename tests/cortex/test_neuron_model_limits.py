@@ -98,3 +98,54 @@ async def test_an_honest_neuron_with_a_model_id_of_the_longest_length_serves_it(
             r = await http.post(urls["default"] + "/v1/chat/completions",
                                 json={"model": longest, "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "ok"
+
+
+async def test_a_neurons_status_error_text_and_backend_kind_are_bounded(nursery, caplog):
+    """A model status's ``error`` and ``backend_kind`` were bounded by the 16 MiB frame
+    alone: a neuron put 100,000 characters (or a forged log line) into the fleet document
+    every console gets each second and ``helexa status`` prints. The error text is cut at
+    1,024 printable characters with a mark (an unprintable one written as its escape); a
+    backend kind that is no backend's name is dropped (empty); the model stays, and an
+    honest status is kept as it is."""
+    fleet = Fleet()
+    url = await control(nursery, fleet)
+    statuses = (ModelStatus("chat", ModelState.FAILED, backend_kind="k" * 5000, error=LONG),
+                ModelStatus("embed", ModelState.FAILED, backend_kind="llama_cpp\x1b[2J", error=FORGED),
+                ModelStatus("fine", ModelState.FAILED, backend_kind="llama_cpp", error="bad magic in x.gguf"))
+    with caplog.at_level(logging.WARNING, logger="helexa.roles.cortex.neuron_link"):
+        nursery.start_soon(lambda: hostile(url, statuses=statuses))
+        await until(lambda: "evil" in fleet and fleet.get("evil").heartbeats > 2)
+        models = fleet.get("evil").models
+        async with portals(fleet, {}) as (_, urls):
+            async with httpx.AsyncClient() as http:
+                view = await http.get(urls["default"] + "/admin/fleet", headers=admin_headers())
+    chat, embed, fine = models["chat"], models["embed"], models["fine"]
+    assert chat.error == "m" * 1024 + "... [cut from 100000 characters]"
+    assert len(chat.error) < 1100 and chat.backend_kind == ""
+    assert embed.error == FORGED.replace("\n", "\\n")
+    assert embed.backend_kind == ""
+    assert fine == statuses[2]
+    assert LONG not in view.text and "k" * 5000 not in view.text and "\n12:00:00" not in view.text
+    assert len(view.content) < 20_000
+    warned = [r.getMessage() for r in caplog.records if "neuron evil: " in r.getMessage()]
+    assert len(warned) == 1 and len(warned[0]) < 1000 and "\n" not in warned[0]
+
+
+async def test_a_joining_neurons_descriptor_text_is_bounded(nursery):
+    """The free text a neuron describes itself with (host name, build, CPU and GPU names,
+    labels) was bounded by the join's frame alone, and the console and ``helexa status``
+    show it: each is held to 256 printable characters with a mark, at most 64 GPUs and
+    labels; an honest descriptor's text is kept as it is."""
+    from helexa.protocol import GpuInfo
+
+    fleet = Fleet()
+    url = await control(nursery, fleet)
+    gpus = tuple(GpuInfo(i, "G" * 10_000 if i == 0 else "gpu\x1b[2J", 1 << 30, 1 << 30) for i in range(100))
+    hw = Hardware(cpu_cores=4, ram_total=8 << 30, cpu_model="c" * 10_000, gpus=gpus)
+    nursery.start_soon(lambda: hostile(url, hardware=hw))
+    await until(lambda: "evil" in fleet and fleet.get("evil").heartbeats > 0)
+    d = fleet.get("evil").descriptor
+    assert d.hardware.cpu_model == "c" * 256 + "... [cut from 10000 characters]"
+    assert len(d.hardware.gpus) == 64 and d.hardware.gpus[0].name == "G" * 256 + "... [cut from 10000 characters]"
+    assert d.hardware.gpus[1].name == "gpu\\x1b[2J"
+    assert d.hardware.cpu_cores == 4 and d.hardware.gpus[1].vram_total == 1 << 30

@@ -154,3 +154,24 @@ async def test_an_unload_names_no_model_it_may_not_use_and_a_malformed_keep_aliv
                                         json={"model": "fast", "messages": [], "keep_alive": "5"})
     assert unknown.status_code == 404 and set(unknown.json()) == {"error"}
     assert malformed.status_code == 400 and "keep_alive" in malformed.json()["error"]
+
+
+@pytest.mark.parametrize("budget", [0.0, 0.0005], ids=["nothing-left", "less-than-a-token"])
+async def test_a_key_whose_budget_is_spent_loads_nothing(budget) -> None:
+    """An empty prompt costs no tokens, but a key whose budget cannot pay for one (none
+    left, or less than one token at the model's price: 0.001 EUR here) is refused as its
+    requests are, in Ollama's shape, before any load: a spent key causes no work."""
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet)
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme", budget=budget)
+    async with portals(fleet, {"acme": acme()}, store=store) as (_, urls):
+        async with httpx.AsyncClient(timeout=10, headers=bearer(key)) as http:
+            got = []
+            for stream in (False, True):
+                got.append(await http.post(urls["acme"] + "/api/generate", json={"model": "fast", "stream": stream}))
+                got.append(await http.post(urls["acme"] + "/api/chat",
+                                           json={"model": "fast", "messages": [], "stream": stream}))
+    for r in got:
+        assert r.status_code == 429 and set(r.json()) == {"error"} and "budget" in r.json()["error"]
+    assert loads(neuron) == [] and neuron.requests == []

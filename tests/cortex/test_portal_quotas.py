@@ -374,3 +374,21 @@ async def test_an_embedding_over_a_limit_is_told_to_lower_its_input_not_max_toke
     for r, code in ((budget, "insufficient_quota"), (tpm, "rate_limit_exceeded")):
         assert r.status_code == 429 and r.json()["error"]["code"] == code, r.text
         assert "(lower the input" in r.json()["error"]["message"] and "max_tokens" not in r.text, r.text
+
+
+async def test_a_spent_budget_refuses_a_free_model_too_before_any_load(autojump_clock) -> None:
+    """A model the portal prices at nothing (``embed`` here) costs a request nothing, but a
+    key with no budget left is refused it as any other request (OpenAI's and Ollama's
+    shapes), before the model loads: a spent key causes no work."""
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet)
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme", budget=0.0)
+    async with portals(fleet, {"acme": acme()}, store=store, virtual=True) as (_, urls):
+        async with httpx.AsyncClient(base_url=urls["acme"], headers=bearer(key)) as http:
+            openai = await http.post("/v1/embeddings", json={"model": "embed", "input": "x"})
+            ollama = await http.post("/api/embed", json={"model": "embed", "input": "x"})
+    assert openai.status_code == 429 and openai.json()["error"]["code"] == "insufficient_quota"
+    assert openai.headers["x-should-retry"] == "false" and "budget is spent" in openai.json()["error"]["message"]
+    assert ollama.status_code == 429 and "budget is spent" in ollama.json()["error"]
+    assert neuron.loads() == []

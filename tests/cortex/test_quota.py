@@ -201,3 +201,14 @@ def test_a_clock_stepped_back_does_not_freeze_the_buckets() -> None:
     back = T0 - 3600
     assert admit([key], one, back).code == "requests"  # nothing refilled yet: no time went by
     assert admit([key], one, back + 2) is None  # two seconds later (at one a second): refilled
+
+
+@pytest.mark.parametrize("budget,spent", [(0.0, 0.0), (1.0, 1.0), (1.0, 1.5)])
+def test_a_spent_budget_refuses_even_a_request_that_costs_nothing(budget, spent) -> None:
+    """Nothing left (a budget of 0, or spent to the last cent or past it): a request that
+    reserves nothing (a model load, a free model) is refused too, so a spent key causes no work."""
+    key = Account("key k", Limits(budget=budget, period="total"), T0, spent_money=spent)
+    refusal = admit([key], Reservation(0, 0.0), T0)
+    assert refusal is not None and refusal.code == "budget" and refusal.retry_after is None
+    assert key.in_flight == 0
+    assert admit([Account("key k", Limits(budget=1.0), T0, spent_money=0.5)], Reservation(0, 0.0), T0) is None

@@ -188,3 +188,38 @@ def test_model_ids_no_request_could_name_are_dropped_from_a_peers_offer_and_logg
     assert "\n" not in warned[0] and len(warned[0]) < 1000
     table.expire(NOW + 40)
     assert not table.unavailable("x" * 60_000, NOW + 40) and table.unavailable("m", NOW + 40)
+
+
+def test_a_peers_operator_name_and_addresses_are_bounded_and_logged_once(caplog):
+    """Only the 64 KiB announcement bounded a peer's operator name (shown by consoles, the
+    ledger and logs) and its addresses (dialled): a 50,000 character name, one that forges
+    log lines, or thousands of addresses. The name is cut at 256 printable characters with a
+    mark (an unprintable one as its escape); a bad address is dropped, past 32 the rest;
+    the peer's offer stands, logged once. An honest announcement is kept as it is."""
+    ident, honest = new_identity(), new_identity()
+    table = PeerTable()
+    good = "/ip4/10.0.0.1/tcp/4001"
+    addrs = (good, "x" * 3000, "/ip4/1.2.3.4/tcp/1\n12:00 forged", "not/a/multiaddr",
+             *(f"/ip4/10.0.0.{i}/tcp/1" for i in range(100)))
+    with caplog.at_level("WARNING", logger="helexa.roles.cortex.federation.announcements"):
+        for seq, operator in ((1, "o" * 50_000), (2, "evil\n12:00:00 WARNING forged")):
+            unsigned = announce(ident, seq=seq, issued_at=NOW + seq, operator=operator)
+            ann = sign_announcement(ident, operator=operator, models=unsigned.models, spare_slots=1,
+                                    policy=PolicySummary(), addrs=addrs, issued_at=NOW + seq, ttl=30.0, sequence=seq)
+            kept = table.ingest(encode(ann), origin=ann.peer_id, now=NOW + seq)
+            assert kept is not None and kept is table.get(ann.peer_id)
+            if seq == 1:
+                assert kept.operator == "o" * 256 + "... [cut from 50000 characters]"
+            assert kept.addrs[0] == good and len(kept.addrs) <= 32
+            assert all(a.startswith("/") and a.isprintable() and len(a) <= 256 for a in kept.addrs)
+        plain = announce(honest, operator="Acme GmbH")
+        assert table.ingest(encode(plain), origin=plain.peer_id, now=NOW) == plain
+    assert table.get(ident_peer(ident)).operator == "evil\\n12:00:00 WARNING forged"
+    assert [o.operator for o in table.offers("m", NOW + 3)].count("evil\\n12:00:00 WARNING forged") == 1
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "\n" not in warned[0] and len(warned[0]) < 2000, warned
+    assert "operator name" in warned[0] and "dropped" in warned[0] and "at most 32" in warned[0]
+
+
+def ident_peer(ident) -> str:
+    return peer_id_from_ed25519(ident.public_bytes)

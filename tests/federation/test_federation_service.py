@@ -475,3 +475,20 @@ async def test_a_peer_denied_by_its_announced_operator_cannot_claim_another_in_i
         async with a.route(request()):
             pass
     assert err.value.code == "denied"
+
+
+async def test_a_hellos_operator_name_is_bounded_before_the_policy_logs_and_answers_it(nursery, autojump_clock):
+    """A peer with no announcement here is judged by its hello's operator name, which only
+    the frame bounded: a refusal quoted 50,000 characters (or a forged log line) back to it
+    and into the log. It is held to 256 printable characters with a mark, as an announced one."""
+    from helexa.protocol.federation import FEDERATION_PROTOCOL, FederatedHello, Refusal
+
+    net = MemoryNetwork()
+    b = await cortex(nursery, net, "B", fleet=FakeFleet(), serve_policy=ServePolicy(allow_operators=frozenset({"x"})))
+    asker = MemoryMesh(net, "asker", timeout=5)
+    await nursery.start(asker.run)
+    stream = await asker.open_stream(b.mesh.peer_id, FEDERATION_PROTOCOL)
+    await stream.send(FederatedHello("o" * 50_000 + "\n12:00 forged", "r1"), request("r1"))
+    refusal = await stream.receive()
+    assert isinstance(refusal, Refusal) and refusal.code == "denied"
+    assert "o" * 256 + "... [cut from 50013 characters]" in refusal.message and len(refusal.message) < 1000

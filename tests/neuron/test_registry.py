@@ -160,3 +160,112 @@ async def test_a_model_failed_for_a_wedged_engine_is_abandoned_not_unloaded():
     await reg.load("s", lambda *a: None)
     assert unloaded == [] and built == ["s", "s", "s"]
     reg.release("s")
+
+
+class _Stubborn:
+    """A backend of a worker process (as ``kills_wedged`` says): its requests end only
+    when its process is killed, and ``hang_unload`` makes its unload wait for that too (or
+    its 100 s ``unload_timeout``)."""
+
+    kind = "stubborn"
+    kills_wedged = True
+    service_nursery = None
+    status_listener = None
+    hang_unload = False
+
+    def __init__(self, config: ModelConfig, registry: list[ModelRegistry], killed: list[tuple[str, float]]) -> None:
+        self.config, self._registry, self._killed = config, registry, killed
+        self._dead = trio.Event()
+
+    hang_load = False
+
+    async def load(self, progress) -> None:
+        if self.hang_load:  # a load that ends only when its process is killed (or after 100 s)
+            with trio.move_on_after(100):
+                await self._dead.wait()
+            if self._dead.is_set():
+                raise LoadFailed("the worker was killed")
+
+    async def unload(self) -> None:
+        if self.hang_unload:
+            with trio.move_on_after(100):  # its unload_timeout
+                await self._dead.wait()
+
+    def kill(self) -> None:
+        self._killed.append((self.config.model_id, trio.current_time()))
+        self._dead.set()
+        while self._registry[0].in_flight_of(self.config.model_id):  # its requests fail with the process
+            self._registry[0].release(self.config.model_id)
+
+    def memory_bytes(self) -> int:
+        return 0
+
+    def context_length(self) -> int | None:
+        return None
+
+
+@pytest.mark.parametrize("hang_unload", [False, True])
+async def test_the_stops_kill_timer_ends_every_backend_even_one_whose_requests_still_drain(
+        autojump_clock, hang_unload):
+    """The neuron's stop (``unload_all``) ends every backend by its kill timer: one whose
+    requests have not ended yet (so its unload had not begun) is killed too, as is one whose
+    unload begins only then; it was left to drain past the timer, or loaded at the exit."""
+    killed: list[tuple[str, float]] = []
+    holder: list[ModelRegistry] = []
+
+    def factory(config: ModelConfig):
+        backend = _Stubborn(config, holder, killed)
+        backend.hang_unload = hang_unload
+        return backend
+
+    reg = ModelRegistry(factory=factory)
+    holder.append(reg)
+    for model_id in ("a", "b"):
+        reg.upsert(ModelConfig(model_id, "synthetic"))
+        await reg.load(model_id, lambda *a: None)
+    reg.acquire("a")  # a request that ends only with its process
+    t0 = trio.current_time()
+    with trio.fail_after(60):
+        await reg.unload_all(kill_after=3.0)
+    assert trio.current_time() - t0 == pytest.approx(3.0)
+    if hang_unload:  # each unload waits for its kill: both killed at the timer
+        assert {m for m, _ in killed} == {"a", "b"}
+        assert [t - t0 for _, t in killed] == pytest.approx([3.0] * len(killed))
+    assert [reg.status(m).state for m in ("a", "b")] == [ModelState.CONFIGURED] * 2
+
+
+async def test_the_stops_kill_timer_ends_a_load_under_way(nursery, autojump_clock):
+    """A model still loading when the neuron stops: its unload waited for the load to end,
+    which the kill timer did not reach (the backend is the load's until it is loaded), so
+    the stop waited out the whole load. At the timer the load's processes are killed: the
+    model ends failed, by the timer; a load asked for after it is refused."""
+    killed: list[tuple[str, float]] = []
+    holder: list[ModelRegistry] = []
+
+    def factory(config: ModelConfig):
+        backend = _Stubborn(config, holder, killed)
+        backend.hang_load = True
+        return backend
+
+    reg = ModelRegistry(factory=factory)
+    holder.append(reg)
+    reg.upsert(ModelConfig("a", "synthetic"))
+    loads: list[BaseException] = []
+
+    async def load() -> None:
+        try:
+            await reg.load("a", lambda *a: None)
+        except LoadFailed as exc:
+            loads.append(exc)
+
+    nursery.start_soon(load)
+    await trio.sleep(1)
+    assert reg.status("a").state is ModelState.LOADING
+    t0 = trio.current_time()
+    with trio.fail_after(60):
+        await reg.unload_all(kill_after=3.0)
+    assert trio.current_time() - t0 == pytest.approx(3.0)
+    assert killed == [("a", pytest.approx(t0 + 3.0))] and len(loads) == 1
+    assert reg.status("a").state in (ModelState.FAILED, ModelState.CONFIGURED)
+    with pytest.raises(LoadFailed):
+        await reg.load("a", lambda *a: None)

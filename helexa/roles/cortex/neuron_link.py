@@ -43,12 +43,12 @@ from helexa.protocol import (
     UpsertModelConfig,
 )
 from helexa.protocol.compat import for_earlier
-from helexa.protocol.model import MAX_NEURON_MODELS
+from helexa.protocol.model import MAX_NEURON_MODELS, bounded_text
 from helexa.transport import Channel, ChannelClosed
 
 from .fleet import CommandTimeout, Health, NeuronGone, RemoteError
 from .link_stream import LinkStream
-from .neuron_reports import named_models, sane_descriptor, sane_embed, sane_metrics, sane_result
+from .neuron_reports import named_models, sane_descriptor, sane_embed, sane_metrics, sane_result, sane_status
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class NeuronLink:
         self.connected = True
         self.metrics = NeuronMetrics(ram_total=descriptor.hardware.ram_total)
         self._dropped_logged = False
-        models = self._named(models, "its join's models")
+        models = [self._sane(m, "its join's models") for m in self._named(models, "its join's models")]
         configs = self._named(configs, "its join's model configs")
         self.models: dict[str, ModelStatus] = {m.model_id: m for m in models}
         now = trio.current_time()
@@ -286,6 +286,7 @@ class NeuronLink:
         new: dict[str, ModelStatus] = {}
         changed = False
         for m in self._named(models, "a heartbeat's models", old):
+            m = self._sane(m, "a heartbeat's models")
             new[m.model_id] = m
             if (prev := old.get(m.model_id)) is None or prev.state is not m.state:
                 changed = True
@@ -304,7 +305,7 @@ class NeuronLink:
         on could serve it); the provisioner loads it again."""
         cur = self.models.get(model_id)
         if cur is not None and cur.state is ModelState.LOADED:
-            self.models[model_id] = replace(cur, state=ModelState.FAILED, error=reason)
+            self.models[model_id] = replace(cur, state=ModelState.FAILED, error=bounded_text(reason))
             self._on_change()
 
     def _named(self, items, what: str, known=()):  # noqa: ANN001, ANN202 (statuses or configs, as given)
@@ -312,6 +313,13 @@ class NeuronLink:
         kept, problems = named_models(items, known)
         if problems:
             self._dropped(what, problems)
+        return kept
+
+    def _sane(self, status: ModelStatus, what: str) -> ModelStatus:
+        """``status`` as :func:`.neuron_reports.sane_status` keeps it (what it cut, logged)."""
+        kept, problem = sane_status(status)
+        if problem is not None:
+            self._dropped(what, [problem])
         return kept
 
     def _dropped(self, what: str, problems: list[str]) -> None:
@@ -329,6 +337,7 @@ class NeuronLink:
                 return
             if not self._named((status,), "a model status"):
                 return
+        status = self._sane(status, "a model status")
         if status.state is ModelState.LOADED and (prev is None or prev.state is not ModelState.LOADED):
             self.loaded_since[status.model_id] = trio.current_time()
         self.models[status.model_id] = status
@@ -389,10 +398,10 @@ class NeuronLink:
 
     async def embed(self, request: EmbedRequest, *, timeout: float) -> EmbedResult:
         """Embed on this neuron. Raises :class:`NeuronGone`, :class:`RemoteError`, or
-        :class:`CommandTimeout` when no answer comes within ``timeout`` seconds."""
-        stream = LinkStream(self, request if self.scopes_cache else for_earlier(request))
-        await self._open(stream)
-        try:
+        :class:`CommandTimeout` when no answer comes within ``timeout`` seconds. Left with
+        no answer (cancelled: the client left, its key was revoked; or timed out), the
+        neuron is told to stop (``Cancel``), as a generation's."""
+        async with LinkStream(self, request if self.scopes_cache else for_earlier(request)) as stream:
             with trio.move_on_after(timeout):
                 while stream.final is None and stream.error is None:
                     await stream.wait()
@@ -401,8 +410,6 @@ class NeuronLink:
             if not isinstance(stream.final, EmbedResult):
                 raise CommandTimeout(f"neuron {self.node_id} did not answer an embedding within {timeout:g}s")
             return stream.final
-        finally:
-            self._close(stream)
 
     async def _open(self, stream: LinkStream) -> None:
         rid = stream.request.request_id

@@ -33,7 +33,15 @@ from helexa.protocol import (
     ProtocolError,
     TokenChunk,
 )
-from helexa.protocol.model import MAX_NEURON_MODELS, model_id_problem
+from helexa.protocol.model import (
+    MAX_NAME,
+    MAX_NEURON_MODELS,
+    MAX_REPORT_TEXT,
+    ModelStatus,
+    backend_kind_problem,
+    bounded_text,
+    model_id_problem,
+)
 
 from .federation.peer_usage import (
     UNBOUNDED_MAX_TOKENS,
@@ -54,6 +62,7 @@ __all__ = [
     "sane_embed",
     "sane_metrics",
     "sane_result",
+    "sane_status",
 ]
 
 
@@ -120,7 +129,9 @@ def sane_metrics(m: NeuronMetrics) -> NeuronMetrics:
 
 def sane_descriptor(d: NeuronDescriptor) -> NeuronDescriptor:
     """A joining neuron's hardware with every negative figure read as zero (no memory, no
-    cores: nothing is placed there on their strength)."""
+    cores: nothing is placed there on their strength), and its free text (host name,
+    build, operator, CPU and GPU names, labels, endpoints) held to :func:`_named_text`."""
+    d = _named_text(d)
     hw = d.hardware
     if hw.cpu_cores >= 0 and hw.ram_total >= 0 and all(g.vram_total >= 0 and g.vram_free >= 0 for g in hw.gpus):
         return d
@@ -128,6 +139,55 @@ def sane_descriptor(d: NeuronDescriptor) -> NeuronDescriptor:
     return replace(d, hardware=replace(hw, cpu_cores=_count(hw.cpu_cores), ram_total=_count(hw.ram_total),
                                        gpus=gpus))
 
+
+_MAX_ITEMS = 64
+"""The most GPUs, labels, endpoints or prices a joining neuron's descriptor keeps."""
+
+
+def _fits(*texts: str) -> bool:
+    return all(len(t) <= MAX_NAME and t.isprintable() for t in texts)
+
+
+def _named_text(d: NeuronDescriptor) -> NeuronDescriptor:
+    """``d`` with each text at most :data:`~helexa.protocol.model.MAX_NAME` printable
+    characters (:func:`~helexa.protocol.model.bounded_text`: cut with a mark, an
+    unprintable character as its escape) and at most :data:`_MAX_ITEMS` GPUs, labels,
+    endpoints and prices (the first ones): shown by the console and ``helexa status``,
+    they were bounded by the join's frame alone. The same object when all hold."""
+    hw = d.hardware
+    if (_fits(d.hostname, d.software, d.operator, hw.cpu_model, hw.platform, *d.endpoints, *d.labels,
+              *d.labels.values(), *d.pricing)
+            and all(_fits(g.name, g.compute_capability, g.uuid) for g in hw.gpus)
+            and max(len(hw.gpus), len(d.labels), len(d.endpoints), len(d.pricing)) <= _MAX_ITEMS):
+        return d
+
+    def t(text: str) -> str:
+        return bounded_text(text, MAX_NAME)
+
+    gpus = tuple(replace(g, name=t(g.name), compute_capability=t(g.compute_capability), uuid=t(g.uuid))
+                 for g in hw.gpus[:_MAX_ITEMS])
+    return replace(d, hostname=t(d.hostname), software=t(d.software), operator=t(d.operator),
+                   hardware=replace(hw, cpu_model=t(hw.cpu_model), platform=t(hw.platform), gpus=gpus),
+                   labels={t(k): t(v) for k, v in list(d.labels.items())[:_MAX_ITEMS]},
+                   endpoints=tuple(t(e) for e in d.endpoints[:_MAX_ITEMS]),
+                   pricing={t(k): v for k, v in list(d.pricing.items())[:_MAX_ITEMS]})
+
+
+def sane_status(status: ModelStatus) -> tuple[ModelStatus, str | None]:
+    """``status`` as the cortex keeps it (the same object when it holds, as an honest
+    neuron's does), and what was wrong with it: its ``error`` text bounded
+    (:func:`~helexa.protocol.model.bounded_text`: at most 1,024 printable characters, cut
+    with a mark), a ``backend_kind`` that is no backend's name dropped (empty: not said).
+    They are shown on the console, by ``helexa status`` and in logs; only the frame's 16 MiB
+    bounded them. Bounded rather than refused: a neuron of any release keeps working."""
+    error, kind = status.error, status.backend_kind
+    bad_kind = backend_kind_problem(kind)
+    if (error is None or len(error) <= MAX_REPORT_TEXT and error.isprintable()) and bad_kind is None:
+        return status, None
+    problem = f"{bad_kind}: dropped" if bad_kind else (
+        f"model {status.model_id!r}: its error text is over {MAX_REPORT_TEXT} characters or unprintable: cut")
+    return replace(status, error=None if error is None else bounded_text(error),
+                   backend_kind="" if bad_kind is not None else kind), problem
 
 
 class _Named(Protocol):

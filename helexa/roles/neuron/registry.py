@@ -84,6 +84,8 @@ class ModelRegistry:
         self.service_nursery: trio.Nursery | None = None
         """A nursery that outlives connections, for backends with background work."""
         self._unloading: dict[str, Backend] = {}  # backends whose unload is under way
+        self._loading: dict[str, Backend] = {}  # backends whose load is under way
+        self._killing = False  # for good: the neuron is stopping, past its kill timer (:meth:`unload_all`)
         self.cut: Callable[[str, str], Awaitable[None]] | None = None
         """Stops the requests still running on a model whose unload's drain is over, and
         returns once each ended or was judged wedged (:meth:`.Serving.cut`: set by the
@@ -192,6 +194,8 @@ class ModelRegistry:
                 return self.status(model_id)
             if e.state is ModelState.FAILED:
                 raise LoadFailed(e.error or "load failed")
+        if self._killing:
+            raise LoadFailed("this neuron is stopping", code="draining")
         e.settled = trio.Event()
         e.progress = 0.0
         self._set(model_id, ModelState.LOADING)
@@ -212,7 +216,11 @@ class ModelRegistry:
             backend = self._factory(config)
             backend.service_nursery = self.service_nursery
             backend.status_listener = lambda status: self._backend_changed(model_id, backend, status)
-            await backend.load(report)
+            self._loading[model_id] = backend  # the stop's kill timer ends it (:meth:`unload_all`)
+            try:
+                await backend.load(report)
+            finally:
+                self._loading.pop(model_id, None)
         except BaseException as exc:
             reason = str(exc) if isinstance(exc, BackendError) else f"{type(exc).__name__}: {exc}"
             code = exc.code if isinstance(exc, BackendError) else "load_failed"
@@ -284,6 +292,8 @@ class ModelRegistry:
             return self.status(model_id)
         backend, e.backend = e.backend, None
         self._unloading[model_id] = backend
+        if self._killing:  # the stop's kill timer is past: its processes end now
+            backend.kill()
         try:
             with trio.CancelScope(shield=True):
                 await backend.unload()
@@ -317,13 +327,17 @@ class ModelRegistry:
         e.wedged = False
 
     async def unload_all(self, *, kill_after: float = math.inf) -> None:
-        """Unload every model, side by side (the neuron is stopping). A backend still
-        unloading ``kill_after`` seconds in is killed (:meth:`Backend.kill`: a hung worker
-        would otherwise hold the stop for its whole ``unload_timeout``)."""
+        """Unload every model, side by side (the neuron is stopping). ``kill_after`` seconds
+        in, every backend not unloaded yet is killed (:meth:`Backend.kill`: a hung worker
+        would otherwise hold the stop for its whole ``unload_timeout``): those unloading,
+        those whose requests still drain (their drain ends then too), those still loading
+        (the load fails), and any whose unload begins later; a load asked for after it is
+        refused. So each ends unloaded, killed, or failed (an in-process engine that cannot
+        end a request: :meth:`wedged`), never left loaded at the neuron's exit."""
 
         async def one(model_id: str) -> None:
             try:
-                await self.unload(model_id, drain_timeout=5.0)
+                await self.unload(model_id, drain_timeout=min(5.0, kill_after))
             except Exception:
                 log.exception("unloading %s failed", model_id)
 
@@ -336,7 +350,9 @@ class ModelRegistry:
 
     async def _kill_after(self, seconds: float) -> None:
         await trio.sleep(seconds)
-        for model_id, backend in list(self._unloading.items()):
+        self._killing = True
+        held = [(m, e.backend) for m, e in self._entries.items() if e.backend is not None and not e.wedged]
+        for model_id, backend in [*self._unloading.items(), *self._loading.items(), *held]:
             log.warning("model %s did not unload within %gs of the neuron's stop: killing its processes",
                         model_id, seconds)
             backend.kill()

@@ -5,9 +5,11 @@
 3. Let in-flight requests finish, for at most the grace period; stop what is left (each
    watched: one a model in this process cannot end within its ``cancel_grace`` marks the
    model failed, and its unload below does not wait on it any longer).
-4. Unload every model, side by side; a model's processes still unloading after
-   :data:`KILL_AFTER` seconds are killed (SIGKILL: a hung worker would otherwise hold the
-   stop for its whole ``unload_timeout``; an operator's unload of one model keeps it).
+4. Unload every model, side by side; a model's processes not unloaded after
+   :data:`KILL_AFTER` seconds (unloading still, their cancelled requests not ended yet, or
+   still loading) are killed (SIGKILL: a hung worker would otherwise hold the stop for its whole
+   ``unload_timeout``; an operator's unload of one model keeps it), so every backend ends
+   unloaded, killed or failed.
 5. Close the connection, so the neuron does not redial.
 
 Every step waits on an event (the last request ending, an unload finishing) under its

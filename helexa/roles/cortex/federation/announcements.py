@@ -24,7 +24,7 @@ from helexa.protocol.federation import (
     PolicySummary,
     signed_payload,
 )
-from helexa.protocol.model import Workload, model_id_problem
+from helexa.protocol.model import MAX_NAME, Workload, bounded_text, model_id_problem
 
 from .offer_memory import OfferMemory
 from .policy import AskPolicy
@@ -33,6 +33,8 @@ MAX_TTL = 600.0
 MAX_CLOCK_SKEW = 30.0
 MAX_MODELS = 256
 """Models one announcement may offer (a peer's whole offer: the table keeps its latest)."""
+MAX_ADDRS = 32
+"""Multiaddrs taken from one announcement (a node listens on a few)."""
 _WARNED_PEERS = 1024
 """Peers whose dropped model ids were logged, remembered so each is logged once."""
 
@@ -141,6 +143,41 @@ def usable_models(ann: Announcement) -> tuple[Announcement, list[str]]:
     return dataclasses.replace(ann, models=kept), problems
 
 
+def addr_problem(addr: object) -> str | None:
+    """Why ``addr`` cannot be a peer's multiaddr here (not a string of 1 to
+    :data:`~helexa.protocol.model.MAX_NAME` printable characters starting with ``/``), or None."""
+    if not isinstance(addr, str) or not addr.startswith("/") or len(addr) > MAX_NAME or not addr.isprintable():
+        shown = repr(addr[:64]) if isinstance(addr, str) else type(addr).__name__
+        return f"the address {shown} is not a multiaddr of at most {MAX_NAME} printable characters"
+    return None
+
+
+def bounded_peer(ann: Announcement) -> tuple[Announcement, list[str]]:
+    """``ann`` with its operator name and addresses as this cortex keeps them, and what was
+    wrong (empty, and ``ann`` itself, when nothing was): the operator name, which consoles,
+    the ledger and logs show, kept to :data:`~helexa.protocol.model.MAX_NAME` printable
+    characters (:func:`~helexa.protocol.model.bounded_text`: cut with a mark, an unprintable
+    character as its escape); each address :func:`addr_problem` refuses dropped, and past
+    :data:`MAX_ADDRS` the rest (they are dialled). Bounded rather than the announcement
+    refused: a peer of an earlier release, which bounds neither, stays usable."""
+    operator, addrs = ann.operator, ann.addrs
+    if (len(operator) <= MAX_NAME and operator.isprintable() and len(addrs) <= MAX_ADDRS
+            and all(addr_problem(a) is None for a in addrs)):
+        return ann, []
+    problems: list[str] = []
+    if (kept := bounded_text(operator, MAX_NAME)) is not operator:
+        problems.append(f"its operator name {operator[:64]!r} is over {MAX_NAME} characters or unprintable: cut")
+    bad = [p for a in addrs[:MAX_ADDRS] if (p := addr_problem(a)) is not None]
+    if bad:
+        problems.append(f"{bad[0]}: dropped")
+        if len(bad) > 1:
+            problems.append(f"{len(bad) - 1} more address(es) dropped")
+    if len(addrs) > MAX_ADDRS:
+        problems.append(f"it gave {len(addrs)} addresses, at most {MAX_ADDRS} are taken")
+    good = tuple(a for a in addrs[:MAX_ADDRS] if addr_problem(a) is None)
+    return dataclasses.replace(ann, operator=kept, addrs=good), problems
+
+
 @dataclass(frozen=True, slots=True)
 class PeerOffer:
     """One peer's offer of one model, as a routing candidate."""
@@ -175,14 +212,21 @@ class PeerTable:
             self.rejected["replay"] = self.rejected.get("replay", 0) + 1
             return False
         ann, problems = usable_models(ann)
+        ann, odd = bounded_peer(ann)
         if problems:
             self.rejected["bad_model_id"] = self.rejected.get("bad_model_id", 0) + len(problems)
-            if ann.peer_id not in self._warned:
-                self._warned[ann.peer_id] = None
-                if len(self._warned) > _WARNED_PEERS:
-                    self._warned.popitem(last=False)
+        if odd:
+            self.rejected["bad_peer_field"] = self.rejected.get("bad_peer_field", 0) + 1
+        if (problems or odd) and ann.peer_id not in self._warned:
+            self._warned[ann.peer_id] = None
+            if len(self._warned) > _WARNED_PEERS:
+                self._warned.popitem(last=False)
+            if problems:
                 log.warning("federation: peer %s (operator %r) offers %d model(s) no request could name, dropped "
                             "(logged once a peer): %s", ann.peer_id, ann.operator[:64], len(problems), problems[0])
+            if odd:
+                log.warning("federation: peer %s (operator %r): %s (logged once a peer)", ann.peer_id,
+                            ann.operator[:64], "; ".join(odd))
         self._latest[ann.peer_id] = ann
         self.version += 1
         offered = list(ann.models) if ann.policy.serves_peers else []
@@ -198,7 +242,7 @@ class PeerTable:
         except AnnouncementRejected as exc:
             self.rejected[exc.reason] = self.rejected.get(exc.reason, 0) + 1
             return None
-        return ann if self.update(ann, now) else None
+        return self._latest[ann.peer_id] if self.update(ann, now) else None  # as kept (:func:`bounded_peer`)
 
     def expire(self, now: float) -> list[str]:
         """Forget peers whose announcement expired; returns their ids."""

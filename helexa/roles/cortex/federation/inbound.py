@@ -31,6 +31,7 @@ from helexa.protocol import (
 )
 from helexa.protocol.compat import for_earlier
 from helexa.protocol.federation import FEDERATION_VERSIONS, FederatedHello, OfferedModel, Receipt, Refusal
+from helexa.protocol.model import MAX_NAME, bounded_text
 
 from ..cache_scope import peer_scope
 from .ledger import SERVED, Ledger
@@ -162,7 +163,9 @@ class InboundServer:
         refusal = self._check(request, model)
         # The hello's operator is the asker's claim for this one request; its signed
         # announcement's is the one it gossips to everyone: the policy judges that one.
-        operator = (self._operator_of(peer) if self._operator_of is not None else None) or hello.operator
+        # (held to a name's bounds, as an announcement's is: a refusal quotes it, the log too)
+        operator = (self._operator_of(peer) if self._operator_of is not None else None) or bounded_text(
+            hello.operator, MAX_NAME)
         if refusal is None:
             decision = self._admission.admit(peer, operator, request.model_id, trio.current_time())
             if not decision.admitted:

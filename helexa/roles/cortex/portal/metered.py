@@ -63,6 +63,13 @@ class MeteredGeneration:
         if self._waiting and self._scope is not None:
             self._scope.cancel()
 
+    def halting(self) -> trio.CancelScope:
+        """A cancel scope for a wait with no event before its end (an embedding's answer),
+        which :meth:`halt` cancels: enter it around that wait."""
+        self._scope = trio.CancelScope()
+        self._waiting = True
+        return self._scope
+
     def halted(self, exc: BaseException) -> BaseException:
         """What a generation that ended with ``exc`` tells its client: the :meth:`halt` error
         where the halt cancelled it."""

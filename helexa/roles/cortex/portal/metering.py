@@ -290,7 +290,9 @@ class Metering(AccountBook):
         return MeteredRun(self, caller, request, endpoint, on_wait, image, session, copies, choice, group, admitted)
 
     async def embed(self, caller: Caller, request: EmbedRequest) -> EmbedResult:
-        """Embed ``request`` (public model name), metered; raises as :meth:`generate`."""
+        """Embed ``request`` (public model name), metered; raises as :meth:`generate`. A
+        revoke (or expiry) of the key while it runs stops it at once with the 401, as a
+        generation's (:meth:`MeteredGeneration.halt`); the neuron is told to cancel."""
         portal = caller.portal
         plan = self._plan_embed(caller, request)
         if self.limits is not None:
@@ -301,18 +303,32 @@ class Metering(AccountBook):
         started = self.clock()
         t0 = trio.current_time()
         token = ASK_POLICY.set(portal.ask_policy) if portal.ask_policy is not None else None
+        run = MeteredGeneration(whole=True)  # only its halt: an embedding has no event before its answer
+        live = self.live.setdefault(caller.key.key_id, set()) if caller.key is not None else None
+        if live is not None:
+            live.add(run)
         try:
-            result = await self.orchestrator.embed(plan.forward, allow_peers=portal.allow_peers,
-                                                   tenant=portal.tenant(caller.key))
+            with run.halting():
+                result = await self.orchestrator.embed(plan.forward, allow_peers=portal.allow_peers,
+                                                       tenant=portal.tenant(caller.key))
+            if run.stop is not None:
+                raise run.stop
         except BaseException as exc:
+            told = run.halted(exc)
             await self._record(self._book(caller, plan, accounts, "embeddings", started, t0, prompt=0, completion=0,
-                                          cached=0, error=exc))
-            if (public := as_asked(exc, plan.asked, plan.forward.model_id)) is not None:
+                                          cached=0, error=told))
+            if (public := as_asked(told, plan.asked, plan.forward.model_id)) is not None:
                 raise public from None  # never name the model behind an alias
+            if told is not exc:
+                raise told from None
             raise
         finally:
             if token is not None:
                 ASK_POLICY.reset(token)
+            if live is not None and caller.key is not None:
+                live.discard(run)
+                if not live and self.live.get(caller.key.key_id) is live:
+                    del self.live[caller.key.key_id]
         await self._record(self._book(caller, plan, accounts, "embeddings", started, t0,
                                       prompt=result.usage.prompt_tokens, completion=0, cached=0, error=None))
         return result
@@ -320,7 +336,9 @@ class Metering(AccountBook):
     async def preload(self, caller: Caller, request: GenerateRequest, *, on_wait: OnWait | None = None) -> None:
         """Load ``request``'s model (its public name) and run nothing (Ollama's empty prompt):
         checked and admitted by the caller's limits as a request (one of its rpm and
-        concurrency, no tokens), then :meth:`Orchestrator.preload`, a request's cold load."""
+        concurrency, and one prompt token, the least any request of it could use: a key whose
+        budget cannot pay for that loads nothing), then :meth:`Orchestrator.preload`, a
+        request's cold load. It spends nothing."""
         portal = caller.portal
         asked = request.model_id
         served = portal.resolve(asked, caller.key)
@@ -328,7 +346,8 @@ class Metering(AccountBook):
             self.limits.check_workload(served, embedding=False, named=asked)
         now = self.clock()
         accounts = self.accounts(caller, now)
-        if accounts and (refusal := admit(accounts, _NOTHING_RESERVED, now)) is not None:
+        reserved = Reservation(1, portal.price(asked)[0] / 1_000_000, lower="")
+        if accounts and (refusal := admit(accounts, reserved, now)) is not None:
             self._refuse(caller, refusal)
         token = ASK_POLICY.set(portal.ask_policy) if portal.ask_policy is not None else None
         try:
@@ -342,7 +361,7 @@ class Metering(AccountBook):
             if token is not None:
                 ASK_POLICY.reset(token)
             for account in accounts:
-                account.settle(_NOTHING_RESERVED, 0, 0.0, self.clock())
+                account.settle(reserved, 0, 0.0, self.clock())
 
     # --- settling --------------------------------------------------------------------------
 

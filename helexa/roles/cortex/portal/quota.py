@@ -143,7 +143,8 @@ class Reservation:
     cost: float
     requests: int = 1
     lower: str = "max_tokens"
-    """What a refusal tells the client to lower: ``max_tokens``; an embedding has only its input."""
+    """What a refusal tells the client to lower: ``max_tokens``; an embedding has only its input;
+    empty: nothing (a model's load, which reserves one prompt token)."""
 
     def amount(self, unit: str) -> float:
         return self.cost if unit == "money" else float(self.tokens)
@@ -260,16 +261,24 @@ class Account:
         if lim.budget is not None:
             self._roll(now)
             unit = lim.budget_unit
-            if self.spent(unit) + self.reserved(unit) + r.amount(unit) > lim.budget * (1 + _EPS) + _EPS:
+            used = self.spent(unit) + self.reserved(unit)
+            # Nothing left refuses even what reserves nothing (a model's load, a free model):
+            # a spent key causes no work.
+            if used + r.amount(unit) > lim.budget * (1 + _EPS) + _EPS or used >= lim.budget * (1 - _EPS):
                 left = max(0.0, lim.budget - self.spent(unit) - self.reserved(unit))
                 if unit == "money":
                     what, ask = f"{left:.6g} left of {lim.budget:g}", f"cost up to {r.amount(unit):.6g}"
                 else:
                     what, ask = f"{left:.0f} tokens left of {lim.budget:.0f}", f"use up to {r.amount(unit):.0f} tokens"
                 renews = "" if lim.period == "total" else f", until the {lim.period}'s budget renews"
-                return Refusal(self.subject, "budget",
-                               f"{self.subject}: the {lim.period} budget has {what}, and this request may {ask} "
-                               f"(lower {r.lower}{renews})", self.period_end - now if lim.period != "total" else None)
+                if not r.amount(unit):
+                    message = f"{self.subject}: the {lim.period} budget is spent ({what}{renews})"
+                else:
+                    lower = f"lower {r.lower}{renews}" if r.lower else renews.removeprefix(", ")
+                    message = f"{self.subject}: the {lim.period} budget has {what}, and this request may {ask}" + (
+                        f" ({lower})" if lower else "")
+                retry = self.period_end - now if lim.period != "total" else None
+                return Refusal(self.subject, "budget", message, retry)
         return None
 
     def reserve(self, r: Reservation, now: float) -> None:

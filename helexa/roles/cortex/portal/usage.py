@@ -10,6 +10,10 @@ GROUPS = ("key", "model", "day", "portal")
 
 OUTCOMES = ("ok", "client_gone", "error")
 
+OPEN_KEY = "(open)"
+"""The key cell of an open portal's usage, by ``helexa usage`` and the console (its rows
+carry no key id: the ledger's is ``""``, which the data and CSV keep)."""
+
 
 @dataclass(frozen=True, slots=True)
 class UsageRecord:

@@ -34,7 +34,7 @@ from ..errors import GatewayError, NotFound
 from ..fleet import CACHED, cached_only
 from ..portal.admin import to_csv
 from ..portal.admin_fields import parse_time
-from ..portal.usage import GROUPS
+from ..portal.usage import GROUPS, OPEN_KEY
 from .page_context import socket_admin, web
 from .sessions import COOKIE, Session
 
@@ -403,6 +403,7 @@ async def usage(session: Session) -> Any:
     by, filters, rows = await _usage_rows()
     top = max((r["total_tokens"] for r in rows), default=0)
     return await _render("usage.html", session, rows=rows, top=top, filters=filters, groups=GROUPS,
+                         open_key=OPEN_KEY,
                          portals=list(web().gateway.portals), csv_query=_query(**{**filters, "format": "csv"}))
 
 
