@@ -74,7 +74,7 @@ STEPS: list[tuple[str, tuple[str, ...]]] = [
       "/pydantic_core/")),
     ("the surface and the choices (openai_surface, choices, the answer's JSON)",
      ("/helexa/roles/cortex/openai_surface.py", "/helexa/roles/cortex/choices.py", "/helexa/roles/cortex/sse.py",
-      "/orjson")),
+      "/helexa/roles/cortex/openai_answers.py", "/orjson")),
     ("request limits, metering, quotas, metrics, traffic",
      ("/helexa/roles/cortex/request_limits.py", "/helexa/roles/cortex/token_counter.py",
       "/helexa/roles/cortex/portal/", "/helexa/roles/cortex/metrics.py", "/helexa/roles/cortex/metric_families.py",

@@ -20,6 +20,7 @@ from helexa.protocol import (
     ToolSpec,
     Usage,
 )
+from helexa.roles.cortex import openai_answers as answers
 from helexa.roles.cortex import openai_api as api
 from helexa.roles.cortex.errors import BadRequest
 
@@ -108,23 +109,23 @@ def test_embedding_inputs_are_a_string_or_a_list_of_strings() -> None:
 def test_embedding_response_in_float_and_base64() -> None:
     vectors = struct.pack("<6f", 1, 2, 3, 4, 5, 6)
     result = EmbedResult("r", 3, vectors, Usage(prompt_tokens=4))
-    floats = api.embedding_response("e", result, "float")
+    floats = answers.embedding_response("e", result, "float")
     assert [d["embedding"] for d in floats["data"]] == [[1, 2, 3], [4, 5, 6]]
     assert floats["usage"] == {"prompt_tokens": 4, "total_tokens": 4}
-    b64 = api.embedding_response("e", result, "base64")
+    b64 = answers.embedding_response("e", result, "base64")
     assert base64.b64decode(b64["data"][1]["embedding"]) == vectors[12:]
 
 
 def test_non_streaming_bodies_for_chat_and_completion() -> None:
     result = GenerateResult("r", "stop", Usage(2, 3))
     body = api.parse(api.ChatCompletionRequest, chat())
-    out = api.completion_response(api.to_generate_request(body, "r"), "chatcmpl-r", "hello", result)
+    out = answers.completion_response(api.to_generate_request(body, "r"), "chatcmpl-r", "hello", result)
     assert out["object"] == "chat.completion"
     assert out["choices"][0]["message"] == {"role": "assistant", "content": "hello"}
     assert out["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5,
                             "prompt_tokens_details": {"cached_tokens": 0}}
     body = api.parse(api.CompletionRequest, b'{"model": "m", "prompt": "p"}')
-    out = api.completion_response(api.to_generate_request(body, "r"), "cmpl-r", "hello", result)
+    out = answers.completion_response(api.to_generate_request(body, "r"), "cmpl-r", "hello", result)
     assert out["object"] == "text_completion" and out["choices"][0]["text"] == "hello"
 
 
@@ -139,16 +140,16 @@ def test_a_non_streamed_answer_joins_streamed_tool_call_deltas_into_whole_calls(
         {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
         {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": "{}"}},
     ]
-    assert api.merge_tool_calls(deltas) == whole
+    assert answers.merge_tool_calls(deltas) == whole
     body = api.parse(api.ChatCompletionRequest, chat())
-    out = api.completion_response(api.to_generate_request(body, "r"), "chatcmpl-r", "", GenerateResult(
+    out = answers.completion_response(api.to_generate_request(body, "r"), "chatcmpl-r", "", GenerateResult(
         "r", "tool_calls", Usage(2, 3)), deltas)
     assert out["choices"][0]["message"]["tool_calls"] == whole
 
 
 def test_whole_tool_calls_pass_through_unchanged() -> None:
     whole = [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
-    assert api.merge_tool_calls(whole) == whole
+    assert answers.merge_tool_calls(whole) == whole
 
 
 def test_a_field_path_reads_as_the_client_wrote_it() -> None:
@@ -165,11 +166,11 @@ def test_logprobs_bodies_for_chat_and_for_completions() -> None:
 
     lps = (TokenLogprob("He", -0.5, b"He", (TopLogprob("He", -0.5, b"He"), TopLogprob("Hi", -1.5, None))),
            TokenLogprob("llo", -0.25, None))
-    chat_body = api.logprobs_body(Task.CHAT, lps)
+    chat_body = answers.logprobs_body(Task.CHAT, lps)
     assert chat_body["content"][0] == {"token": "He", "logprob": -0.5, "bytes": [72, 101], "top_logprobs": [
         {"token": "He", "logprob": -0.5, "bytes": [72, 101]}, {"token": "Hi", "logprob": -1.5, "bytes": [72, 105]}]}
     assert chat_body["content"][1]["bytes"] == [108, 108, 111]
-    legacy = api.logprobs_body(Task.COMPLETION, lps, text_offset=4)
+    legacy = answers.logprobs_body(Task.COMPLETION, lps, text_offset=4)
     assert legacy == {"tokens": ["He", "llo"], "token_logprobs": [-0.5, -0.25],
                       "top_logprobs": [{"He": -0.5, "Hi": -1.5}, {}], "text_offset": [4, 6]}
 

@@ -80,7 +80,7 @@ from .errors import (
     UpstreamTimeout,
     to_gateway_error,
 )
-from .openai_api import merge_tool_calls
+from .openai_answers import merge_tool_calls
 from .schema_check import check_schema
 
 __all__ = ["to_generate_request", "to_messages", "to_tools", "image_location", "message_body", "stop_reason",

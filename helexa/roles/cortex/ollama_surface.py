@@ -56,7 +56,8 @@ from .catalogue import CatalogueEntry
 from .errors import (BadRequest, ClientGone, ModelNotFound, embed_error, reraise_named, schema_field,
                      to_gateway_error)
 from .ollama_keep_alive import unloads
-from .openai_api import merge_tool_calls, parse
+from .openai_answers import merge_tool_calls
+from .openai_api import parse
 from .orchestrator import WaitStatus
 from .portal.metering import Caller, Metering
 from .prefix import session_of

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import anthropic_api, anthropic_models, choices
+from . import openai_answers
 from . import openai_api as api
 from . import sse
 from .asgi import ErrorShape, Exchange, Route, Scope
@@ -119,7 +120,7 @@ class OpenAISurface:
             await out.body(b"", more=False)
 
         async def complete() -> None:
-            answers = api.Choices(body.n)
+            answers = openai_answers.Choices(body.n)
             try:
                 async with choices.generate(run, request, body.n, endpoint=endpoint, image=image) as gen:
                     async for index, chunk in gen:
@@ -128,7 +129,8 @@ class OpenAISurface:
                 reraise_named(exc, _schema_field(exc, request))
             for index, result in enumerate(gen.results):
                 answers.add(index, result)
-            await out.json(api.completion_body(request, response_id, answers, logprobs=request.sampling.logprobs))
+            await out.json(openai_answers.completion_body(request, response_id, answers,
+                                                          logprobs=request.sampling.logprobs))
 
         await ex.until_disconnect(stream if request.stream else complete)
 
@@ -143,7 +145,7 @@ class OpenAISurface:
                 result = await self.metering.embed(caller, request)
             except Exception as exc:
                 raise embed_error(exc, "input") from None
-            await ex.out.json(api.embedding_response(request.model_id, result, body.encoding_format))
+            await ex.out.json(openai_answers.embedding_response(request.model_id, result, body.encoding_format))
 
         await ex.until_disconnect(work)
 

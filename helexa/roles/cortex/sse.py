@@ -26,7 +26,7 @@ import orjson
 from helexa.protocol import GenerateRequest, GenerateResult, Task, TokenChunk, Usage
 
 from .errors import error_body, to_gateway_error
-from .openai_api import logprobs_body, usage_body
+from .openai_answers import logprobs_body, usage_body
 
 DONE = b"data: [DONE]\n\n"
 CONTENT_TYPE = b"text/event-stream"
