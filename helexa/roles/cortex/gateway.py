@@ -277,6 +277,7 @@ class Gateway:
         self.limits = RequestLimits(orchestrator.catalogue, orchestrator.fleet)
         self.metering = Metering(orchestrator, self.writer, self.store, self.metrics, limits=self.limits, clock=clock)
         self.keyring = Keyring()
+        self.metering.keyring = self.keyring  # requests are admitted under their key as it is then
         self.watch = DisconnectWatch()
         self.edge_limits = Limits(self.config.max_body_bytes, self.config.body_timeout)
         self.in_flight = InFlight()

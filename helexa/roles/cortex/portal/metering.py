@@ -291,6 +291,7 @@ class Metering(AccountBook):
 
     async def embed(self, caller: Caller, request: EmbedRequest) -> EmbedResult:
         """Embed ``request`` (public model name), metered; raises as :meth:`generate`."""
+        caller = self.current(caller, self.clock())
         portal = caller.portal
         plan = self._plan_embed(caller, request)
         if self.limits is not None:
@@ -321,6 +322,7 @@ class Metering(AccountBook):
         """Load ``request``'s model (its public name) and run nothing (Ollama's empty prompt):
         checked and admitted by the caller's limits as a request (one of its rpm and
         concurrency, no tokens), then :meth:`Orchestrator.preload`, a request's cold load."""
+        caller = self.current(caller, self.clock())
         portal = caller.portal
         asked = request.model_id
         served = portal.resolve(asked, caller.key)
