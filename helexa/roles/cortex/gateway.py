@@ -408,8 +408,11 @@ class Gateway:
         """The stop's grace is over: every model request still waiting or running ends now
         with a 503 ``shutting_down`` (an error event on a stream already under way), which
         its surface writes before the servers close the connections (:data:`CUT_WAIT`)."""
-        self.orchestrator.cut(NoCapacity("the cortex is stopping: retry shortly", code="shutting_down",
-                                         retry_after=self.orchestrator.config.retry_after))
+        error = NoCapacity("the cortex is stopping: retry shortly", code="shutting_down",
+                           retry_after=self.orchestrator.config.retry_after)
+        self.orchestrator.cut(error)
+        if self.admin.models is not None:  # an operator's load or pull streaming its progress
+            self.admin.models.cut(error)
 
     async def _serve(self, app: PortalApp, addr: str, portal: PortalConfig | None,
                      task_status: trio.TaskStatus[list[str]]) -> None:

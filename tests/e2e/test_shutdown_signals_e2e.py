@@ -1,0 +1,70 @@
+"""A cortex stopping gracefully, seen by an operator: an admin action streaming its progress
+(``helexa models load``) ends with a line that says why, and a second signal during the
+drain (an impatient ``kill``, a second Ctrl-C) changes nothing, on the cortex or a neuron.
+
+Before: the load's NDJSON body was cut mid-stream past the grace (``helexa models load``
+said it could not reach the cortex), and the second signal, left unread, was delivered
+again once the drain ended: the process died of it (exit 143 for SIGTERM, 1 and
+``Aborted!`` for SIGINT) instead of exiting 0."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+from procs import ProcGroup
+
+pytestmark = pytest.mark.slow
+
+MODELS = """
+[models.slow]
+backend = "synthetic"
+[models.slow.config]
+metadata = { tokens = 2000, tokens_per_second = 50 }
+
+[models.heavy]
+backend = "synthetic"
+[models.heavy.config]
+metadata = { load_seconds = 60, load_steps = 60 }
+"""
+
+CONFIG = """
+shutdown_grace = 1.0
+"""
+
+
+def test_a_load_streaming_its_progress_ends_with_a_shutting_down_line(tmp_path) -> None:
+    with ProcGroup(tmp_path) as procs:
+        cortex = procs.cortex(models=MODELS, config=CONFIG)
+        procs.neuron(cortex, "n1")
+        lines: list[str] = []
+        errors: list[BaseException] = []
+
+        def load() -> None:
+            try:
+                with httpx.stream("POST", cortex.gateway_url + "/admin/models/heavy/load", json={"neuron": "n1"},
+                                  headers={"authorization": f"Bearer {cortex.admin_token}"}, timeout=30) as r:
+                    for line in r.iter_lines():  # raises on a body cut short
+                        if line.strip():
+                            lines.append(line)
+            except BaseException as exc:  # noqa: BLE001 - the test reads it
+                errors.append(exc)
+
+        reader = threading.Thread(target=load)
+        reader.start()
+        deadline = time.monotonic() + 15
+        while not any('"progress"' in line for line in lines):
+            assert time.monotonic() < deadline, (lines, errors)
+            time.sleep(0.05)
+        cortex.terminate()
+        reader.join(20)
+        assert not errors, errors
+        events = [json.loads(line) for line in lines]
+        assert events[-1] == {"event": "end", "ok": False}
+        assert events[-2]["event"] == "error" and events[-2]["code"] == "shutting_down", events[-3:]
+        assert events[-2]["neuron"] == "n1"
+        assert cortex.popen.wait(15) == 0
