@@ -10,6 +10,7 @@ again once the drain ended: the process died of it (exit 143 for SIGTERM, 1 and
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 
@@ -68,3 +69,47 @@ def test_a_load_streaming_its_progress_ends_with_a_shutting_down_line(tmp_path) 
         assert events[-2]["event"] == "error" and events[-2]["code"] == "shutting_down", events[-3:]
         assert events[-2]["neuron"] == "n1"
         assert cortex.popen.wait(15) == 0
+
+
+@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT])
+def test_a_second_signal_during_the_drain_still_ends_in_a_clean_exit(tmp_path, second: signal.Signals) -> None:
+    with ProcGroup(tmp_path) as procs:
+        cortex = procs.cortex(models=MODELS, config=CONFIG)
+        neuron = procs.neuron(cortex, "n1", config="shutdown_grace = 2.0\n")
+        got: list[str] = []
+
+        def stream() -> None:
+            with httpx.stream("POST", cortex.gateway_url + "/v1/chat/completions", timeout=30,
+                              json={"model": "slow", "stream": True,
+                                    "messages": [{"role": "user", "content": "x"}]}) as r:
+                got.extend(line for line in r.iter_lines() if line.strip())
+
+        client = threading.Thread(target=stream)
+        client.start()
+        deadline = time.monotonic() + 15
+        while len(got) < 3:
+            assert time.monotonic() < deadline, got
+            time.sleep(0.05)
+        # the neuron first: its drain waits for the stream (its grace), then the cortex's
+        neuron.popen.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        neuron.popen.send_signal(second)
+        client.join(20)
+        assert neuron.popen.wait(15) == 0, neuron.tail()
+        assert "already draining" in neuron.log()
+
+        client = threading.Thread(target=stream)
+        got.clear()
+        procs.neuron(cortex, "n2")
+        client.start()
+        deadline = time.monotonic() + 15
+        while len(got) < 3:
+            assert time.monotonic() < deadline, got
+            time.sleep(0.05)
+        cortex.terminate()
+        time.sleep(0.3)
+        cortex.popen.send_signal(second)
+        client.join(20)
+        assert "shutting_down" in got[-1]
+        assert cortex.popen.wait(15) == 0, cortex.tail()
+        assert "already stopping" in cortex.log() and "cortex stopped" in cortex.log()
