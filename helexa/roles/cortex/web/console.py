@@ -316,7 +316,14 @@ async def _keys_context() -> dict[str, Any]:
         portals.append({**p.describe(), "urls": gw.addresses.get(p.id, p.config.listen),
                         "state": gw.metering.account_state("portal:" + p.id)})
     keys = gw.admin.key_views()
-    spent = {r["key"]: r for r in await gw.metering.blocking(lambda: gw.store.report(by="key"))}
+    # One report row per key and currency: a key spent in two where its portal's currency
+    # changed (a reload); each amount is shown in its own (never added), the counts summed.
+    spent: dict[str, dict[str, Any]] = {}
+    for r in await gw.metering.blocking(lambda: gw.store.report(by="key")):
+        s = spent.setdefault(r["key"], {"costs": [], "total_tokens": 0, "requests": 0})
+        s["costs"].append((r["cost"], r["currency"]))
+        s["total_tokens"] += r["total_tokens"]
+        s["requests"] += r["requests"]
     for k in keys:
         k["spent"] = spent.get(k["key_id"])
         k["last_used"] = w.traffic.key_seen.get(k["key_id"])
