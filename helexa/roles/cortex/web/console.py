@@ -384,6 +384,15 @@ async def key_action(session: Session, key_id: str, verb: str) -> Any:
 # --- usage -----------------------------------------------------------------------------------
 
 
+def _billed_portals() -> list[str]:
+    """The portals a usage report may be filtered by: those configured, then those removed
+    from the config whose keys remain (their ledger rows too: the operator still bills them,
+    as ``helexa usage --portal`` and ``GET /admin/usage`` do)."""
+    gw = web().gateway
+    configured = list(gw.portals)
+    return configured + sorted({k.portal for k in gw.keyring.list()} - set(configured))
+
+
 async def _usage_rows() -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
     gw = web().gateway
     args = request.args
@@ -391,7 +400,7 @@ async def _usage_rows() -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
     if by not in GROUPS:
         abort(400, f"by: one of {', '.join(GROUPS)}")
     portal = args.get("portal") or None
-    if portal is not None and portal not in gw.portals:
+    if portal is not None and portal not in _billed_portals():
         abort(400, f"portal: no portal {portal!r}")
     try:
         since, until = parse_time(args.get("since"), "since"), parse_time(args.get("until"), "until")
@@ -409,7 +418,7 @@ async def usage(session: Session) -> Any:
     by, filters, rows = await _usage_rows()
     top = max((r["total_tokens"] for r in rows), default=0)
     return await _render("usage.html", session, rows=rows, top=top, filters=filters, groups=GROUPS,
-                         portals=list(web().gateway.portals), csv_query=_query(**{**filters, "format": "csv"}))
+                         portals=_billed_portals(), csv_query=_query(**{**filters, "format": "csv"}))
 
 
 @blueprint.get("/usage.csv")
