@@ -113,3 +113,33 @@ def test_a_second_signal_during_the_drain_still_ends_in_a_clean_exit(tmp_path, s
         assert "shutting_down" in got[-1]
         assert cortex.popen.wait(15) == 0, cortex.tail()
         assert "already stopping" in cortex.log() and "cortex stopped" in cortex.log()
+
+
+def test_a_request_waiting_for_a_load_on_a_neuron_that_starts_draining_gets_no_capacity_at_once(tmp_path) -> None:
+    """docs/operations.md: a request waiting for a model that no neuron left can hold (its only
+    one is draining) gets ``503 no_capacity`` at once. One waiting for the model's cold load on
+    the neuron that began to drain waited until that neuron had gone (its grace, and its
+    unloads), then got ``503 load_failed``, "could not be loaded; the operator has been told":
+    no load had failed. The cortex now gives the load up when the neuron says it is going."""
+    with ProcGroup(tmp_path) as procs:
+        cortex = procs.cortex(models=MODELS, config=CONFIG)
+        neuron = procs.neuron(cortex, "n1", config="shutdown_grace = 5.0\n")
+        answers: list[tuple[httpx.Response, float]] = []
+
+        def ask() -> None:
+            r = httpx.post(cortex.gateway_url + "/v1/chat/completions", timeout=60,
+                           json={"model": "heavy", "messages": [{"role": "user", "content": "x"}]})
+            answers.append((r, time.monotonic()))
+
+        client = threading.Thread(target=ask)
+        client.start()
+        cortex.wait_for(lambda _: "loading heavy on n1" in cortex.log(), "the cold load")
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        neuron.popen.send_signal(signal.SIGTERM)
+        client.join(30)
+        (r, at), = answers
+        assert r.status_code == 503 and r.json()["error"]["code"] == "no_capacity", r.text
+        assert r.headers["retry-after"]
+        assert at - t0 < 3, at - t0  # not after the neuron's 5 s grace
+        assert neuron.popen.wait(20) == 0
