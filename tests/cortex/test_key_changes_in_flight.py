@@ -23,19 +23,20 @@ import trio
 from helexa.roles.cortex.fleet import Fleet
 from neuron_double import NeuronDouble
 from portals import acme, bearer, portals
-from serving import admin_headers
+from serving import ADMIN_TOKEN, admin_headers
 
 CHAT = {"model": "fast", "max_tokens": 4, "messages": [{"role": "user", "content": "x"}]}
 EMBED = {"model": "embed", "input": "x"}
 
 
-async def head_then_body(url: str, key: str, path: str, body: dict[str, Any], between: Any) -> tuple[int, dict]:
-    """Send the head of a POST, await ``between()``, then send its body; the status and JSON answer."""
+async def head_then_body(url: str, key: str, path: str, body: dict[str, Any], between: Any,
+                         method: str = "POST") -> tuple[int, dict]:
+    """Send the head of a request, await ``between()``, then send its body; the status and JSON answer."""
     host, port = url.removeprefix("http://").rsplit(":", 1)
     data = json.dumps(body).encode()
     stream = await trio.open_tcp_stream(host, int(port))
     async with stream:
-        await stream.send_all(f"POST {path} HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {key}\r\n"
+        await stream.send_all(f"{method} {path} HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {key}\r\n"
                               f"content-type: application/json\r\ncontent-length: {len(data)}\r\n\r\n".encode())
         await trio.sleep(0.2)  # the head is read and authenticated
         await between()
@@ -122,3 +123,48 @@ async def test_answers_written_after_a_revoke_or_a_change_leave_the_key_account_
     assert shown_gone["quota"] is None
     assert "key:" + gone["key_id"] not in gateway.metering._accounts
     assert shown_kept["quota"]["limits"]["tpm"] == 5000
+
+
+@pytest.mark.parametrize("change", ["revoke", "rotate", "update"])
+async def test_an_update_whose_body_comes_after_another_change_keeps_that_change(change: str) -> None:
+    """``PATCH /admin/keys/ID`` read the key's record before its body, and wrote back that
+    record with its change once the body came: a revoke in between was undone (the revoked
+    key served again, and was stored active, so a restart kept it so), a rotation undone (the
+    old secret worked again, the new one not), another update's change lost."""
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("chat",))
+    async with portals(fleet, {"acme": acme()}) as (gateway, urls):
+        with trio.fail_after(30):
+            async with httpx.AsyncClient(base_url=urls["default"], headers=admin_headers()) as admin, \
+                    httpx.AsyncClient(base_url=urls["acme"]) as api:
+                made = (await admin.post("/admin/keys", json={"portal": "acme", "name": "k"})).json()
+                kid, secret = made["key_id"], made["key"]
+                rotated: dict[str, Any] = {}
+
+                async def operator() -> None:
+                    if change == "revoke":
+                        r = await admin.post(f"/admin/keys/{kid}/revoke")
+                    elif change == "rotate":
+                        r = await admin.post(f"/admin/keys/{kid}/rotate")
+                        rotated.update(r.json())
+                    else:
+                        r = await admin.patch(f"/admin/keys/{kid}", json={"budget": 2.0})
+                    assert r.status_code == 200, r.text
+
+                got, body = await head_then_body(urls["default"], ADMIN_TOKEN, f"/admin/keys/{kid}", {"rpm": 77},
+                                                 operator, method="PATCH")
+                assert got == 200, body
+                shown = (await admin.get(f"/admin/keys/{kid}")).json()
+                old = await api.post("/v1/chat/completions", json=CHAT, headers=bearer(secret))
+                new = await api.post("/v1/chat/completions", json=CHAT, headers=bearer(rotated["key"])) \
+                    if rotated else None
+    stored = next(k for k in gateway.store.keys() if k.key_id == kid)
+    assert shown["limits"]["rpm"] == 77 and stored.limits.rpm == 77  # the update applied
+    if change == "revoke":
+        assert shown["state"] == "revoked" and stored.revoked_at is not None
+        assert old.status_code == 401
+    elif change == "rotate":
+        assert old.status_code == 401 and new is not None and new.status_code == 200, (old.text, new)
+    else:
+        assert shown["limits"]["budget"] == 2.0 and stored.limits.budget == 2.0
+        assert old.status_code == 200
