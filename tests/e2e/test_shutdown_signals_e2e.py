@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import threading
 import time
 
@@ -143,3 +144,27 @@ def test_a_request_waiting_for_a_load_on_a_neuron_that_starts_draining_gets_no_c
         assert r.headers["retry-after"]
         assert at - t0 < 3, at - t0  # not after the neuron's 5 s grace
         assert neuron.popen.wait(20) == 0
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/chat"])
+def test_a_client_still_sending_its_body_past_the_grace_gets_a_503_in_its_apis_shape(tmp_path, path: str) -> None:
+    """A request whose head had come and whose body was still coming when the grace ended
+    had its connection closed with no answer at all (``shutdown_grace`` plus 2 s after the
+    SIGTERM); it now gets the 503 ``shutting_down`` every other unfinished request gets."""
+    with ProcGroup(tmp_path) as procs:
+        cortex = procs.cortex(models=MODELS, config=CONFIG)
+        host, port = cortex.gateway_url.removeprefix("http://").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=20) as s:
+            s.sendall(f"POST {path} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n"
+                      f"content-length: 100\r\n\r\n{{\"model\":".encode())
+            time.sleep(0.5)
+            cortex.terminate()
+            got = b""
+            while chunk := s.recv(65536):
+                got += chunk
+        head, _, body = got.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503"), got[:300]
+        assert b"retry-after:" in head.lower()
+        error = json.loads(body)["error"]
+        assert (error if path.startswith("/api/") else error["message"]) == "the cortex is stopping: retry shortly"
+        assert cortex.popen.wait(15) == 0

@@ -59,7 +59,7 @@ from helexa.config import split_socket
 from .anthropic_surface import AnthropicSurface
 from .anthropic_api import error_shape as anthropic_error_shape
 from .browser_guard import BrowserGuard, cors_headers, preflight_headers
-from .asgi import ErrorShape, Exchange, Limits, Receive, Responder, Route, Router, Scope, Send
+from .asgi import BodyReads, ErrorShape, Exchange, Limits, Receive, Responder, Route, Router, Scope, Send
 from .config import DEFAULT_PORTAL, PortalConfig, is_loopback
 from .disconnect_watch import DisconnectWatch
 from .errors import BadRequest, ClientGone, GatewayError, NoCapacity, RequestTimeout, client_gone, envelope
@@ -279,7 +279,7 @@ class Gateway:
         self.keyring = Keyring()
         self.metering.keyring = self.keyring  # requests are admitted under their key as it is then
         self.watch = DisconnectWatch()
-        self.edge_limits = Limits(self.config.max_body_bytes, self.config.body_timeout)
+        self.edge_limits = Limits(self.config.max_body_bytes, self.config.body_timeout, BodyReads())
         self.in_flight = InFlight()
         """HTTP requests being handled right now, on every socket (a drain waits for none)."""
         self.metrics.add_collector(FleetCollector(orchestrator, lambda: self.in_flight.count,
@@ -411,6 +411,8 @@ class Gateway:
         error = NoCapacity("the cortex is stopping: retry shortly", code="shutting_down",
                            retry_after=self.orchestrator.config.retry_after)
         self.orchestrator.cut(error)
+        if self.edge_limits.reads is not None:  # a client still sending its body
+            self.edge_limits.reads.cut(error)
         if self.admin.models is not None:  # an operator's load or pull streaming its progress
             self.admin.models.cut(error)
 
