@@ -84,12 +84,32 @@ class Responder:
         await self.full(status, JSON, data)
 
 
+class BodyReads:
+    """The request bodies being read from their clients (not yet whole): the stop's cut
+    (:meth:`~.gateway.Gateway.cut`) ends each with its error, so a client still sending its
+    body when the grace is over is answered (a 503 ``shutting_down``) instead of having its
+    connection closed with no answer."""
+
+    __slots__ = ("scopes", "error")
+
+    def __init__(self) -> None:
+        self.scopes: set[trio.CancelScope] = set()
+        self.error: Exception | None = None
+
+    def cut(self, error: Exception) -> None:
+        self.error = error
+        for scope in self.scopes:
+            scope.cancel()
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     """The edge's limits on a request (from ``[gateway]``)."""
 
     max_body_bytes: int
     body_timeout: float
+    reads: BodyReads | None = None
+    """Where bodies being read are registered for the stop's cut (None: not cut)."""
 
 
 class Exchange:
@@ -145,18 +165,30 @@ class Exchange:
                 raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
         parts: list[bytes] = []
         size = 0
-        with trio.move_on_after(self._limits.body_timeout):  # cheaper than fail_after, on every request
-            while True:
-                msg = await self.receive()
-                if msg["type"] == "http.disconnect":
-                    raise ClientGone("the client went away while sending its body")
-                chunk = msg.get("body", b"")
-                size += len(chunk)
-                if size > limit:
-                    raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
-                parts.append(chunk)
-                if not msg.get("more_body", False):
-                    return parts[0] if len(parts) == 1 else b"".join(parts)
+        reads = self._limits.reads
+        with trio.CancelScope() as cut:
+            if reads is not None:
+                if reads.error is not None:
+                    raise reads.error
+                reads.scopes.add(cut)
+            try:
+                with trio.move_on_after(self._limits.body_timeout):  # cheaper than fail_after, on every request
+                    while True:
+                        msg = await self.receive()
+                        if msg["type"] == "http.disconnect":
+                            raise ClientGone("the client went away while sending its body")
+                        chunk = msg.get("body", b"")
+                        size += len(chunk)
+                        if size > limit:
+                            raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+                        parts.append(chunk)
+                        if not msg.get("more_body", False):
+                            return parts[0] if len(parts) == 1 else b"".join(parts)
+            finally:
+                if reads is not None:
+                    reads.scopes.discard(cut)
+        if cut.cancelled_caught and reads is not None and reads.error is not None:
+            raise reads.error  # the cortex is stopping, past its grace
         raise RequestTimeout(f"the body did not arrive within {self._limits.body_timeout:g}s")
 
     async def until_disconnect(self, work: Callable[[], Awaitable[None]]) -> None:

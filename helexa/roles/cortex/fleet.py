@@ -40,6 +40,13 @@ class NeuronGone(FleetError):
         self.started = started
 
 
+class NeuronDraining(NeuronGone):
+    """The neuron said it is going away (``Shutdown``) while a model was loading on it for
+    us: the load is given up at once, as the neuron stops loads when its connection ends."""
+
+    code = "neuron_draining"
+
+
 class RemoteError(FleetError):
     def __init__(self, code: str, message: str, *, retryable: bool = False) -> None:
         super().__init__(message)

@@ -59,7 +59,7 @@ from helexa.config import split_socket
 from .anthropic_surface import AnthropicSurface
 from .anthropic_api import error_shape as anthropic_error_shape
 from .browser_guard import BrowserGuard, cors_headers, preflight_headers
-from .asgi import ErrorShape, Exchange, Limits, Receive, Responder, Route, Router, Scope, Send
+from .asgi import BodyReads, ErrorShape, Exchange, Limits, Receive, Responder, Route, Router, Scope, Send
 from .portal.config import DEFAULT_PORTAL, PortalConfig, is_loopback
 from .disconnect_watch import DisconnectWatch
 from .errors import BadRequest, ClientGone, GatewayError, NoCapacity, RequestTimeout, client_gone, envelope
@@ -277,8 +277,9 @@ class Gateway:
         self.limits = RequestLimits(orchestrator.catalogue, orchestrator.fleet)
         self.metering = Metering(orchestrator, self.writer, self.store, self.metrics, limits=self.limits, clock=clock)
         self.keyring = Keyring()
+        self.metering.keyring = self.keyring  # requests are admitted under their key as it is then
         self.watch = DisconnectWatch()
-        self.edge_limits = Limits(self.config.max_body_bytes, self.config.body_timeout)
+        self.edge_limits = Limits(self.config.max_body_bytes, self.config.body_timeout, BodyReads())
         self.in_flight = InFlight()
         """HTTP requests being handled right now, on every socket (a drain waits for none)."""
         self.metrics.add_collector(FleetCollector(orchestrator, lambda: self.in_flight.count,
@@ -407,8 +408,13 @@ class Gateway:
         """The stop's grace is over: every model request still waiting or running ends now
         with a 503 ``shutting_down`` (an error event on a stream already under way), which
         its surface writes before the servers close the connections (:data:`CUT_WAIT`)."""
-        self.orchestrator.cut(NoCapacity("the cortex is stopping: retry shortly", code="shutting_down",
-                                         retry_after=self.orchestrator.config.retry_after))
+        error = NoCapacity("the cortex is stopping: retry shortly", code="shutting_down",
+                           retry_after=self.orchestrator.config.retry_after)
+        self.orchestrator.cut(error)
+        if self.edge_limits.reads is not None:  # a client still sending its body
+            self.edge_limits.reads.cut(error)
+        if self.admin.models is not None:  # an operator's load or pull streaming its progress
+            self.admin.models.cut(error)
 
     async def _serve(self, app: PortalApp, addr: str, portal: PortalConfig | None,
                      task_status: trio.TaskStatus[list[str]]) -> None:

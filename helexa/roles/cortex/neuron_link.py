@@ -25,6 +25,7 @@ from helexa.protocol import (
     GenerateResult,
     Heartbeat,
     InferenceError,
+    LoadModel,
     LoadProgress,
     MAX_CACHE_REPORT,
     ModelConfig,
@@ -46,7 +47,7 @@ from helexa.protocol.compat import for_earlier
 from helexa.protocol.model import MAX_NEURON_MODELS, bounded_text
 from helexa.transport import Channel, ChannelClosed
 
-from .fleet import CommandTimeout, Health, NeuronGone, RemoteError
+from .fleet import CommandTimeout, Health, NeuronDraining, NeuronGone, RemoteError
 from .link_stream import LinkStream
 from .neuron_reports import named_models, sane_descriptor, sane_embed, sane_metrics, sane_result, sane_status
 
@@ -61,6 +62,8 @@ class _Command:
     response: ProvisioningResponse | None = None
     error: Exception | None = None
     on_progress: Callable[[LoadProgress], None] | None = None
+    load: bool = False
+    """A ``LoadModel``: given up when the neuron says it is going away (:class:`NeuronDraining`)."""
 
 
 class _Unreadable(ProtocolError):
@@ -272,6 +275,10 @@ class NeuronLink:
             case Shutdown(reason=why):
                 log.info("neuron %s is shutting down: %s", self.node_id, why)
                 self.health = Health.DRAINING
+                for cmd in self._commands.values():
+                    if cmd.load and not cmd.done.is_set():  # it stops loading as it goes: waiting helps no one
+                        cmd.error = NeuronDraining(f"neuron {self.node_id} is shutting down")
+                        cmd.done.set()
                 self._on_change()
             case Fault(code=code, message=text):
                 raise _Unreadable(f"{code[:40]!r}: {text[:300]!r}", code="malformed")
@@ -367,7 +374,7 @@ class NeuronLink:
         timeout: float,
         on_progress: Callable[[LoadProgress], None] | None = None,
     ) -> ProvisioningResponse:
-        cmd = _Command(on_progress=on_progress)
+        cmd = _Command(on_progress=on_progress, load=isinstance(command, LoadModel))
         self._commands[command.command_id] = cmd
         try:
             await self._send(command)

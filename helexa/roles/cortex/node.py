@@ -293,10 +293,22 @@ async def serve(config: CortexConfig, *, loader: Callable[[], CortexConfig] | No
     cortex = Cortex(config, loader=loader)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(cortex.run)
+
+            async def run_cortex(task_status: trio.TaskStatus[CortexAddresses] = trio.TASK_STATUS_IGNORED) -> None:
+                await cortex.run(task_status=task_status)
+                nursery.cancel_scope.cancel()  # stopped: no more signals to wait for
+
+            await nursery.start(run_cortex)
 
             async def on_signal() -> None:
+                # Signals are read until the cortex has stopped: one left unread when the
+                # receiver closes is delivered again, and a second SIGTERM (or a Ctrl-C) during
+                # the drain then killed the process at its end (exit 143, or 1 "Aborted!").
+                stopping = False
                 async for sig in signals:
+                    if stopping:
+                        log.info("received %s: already stopping", signal.Signals(sig).name)
+                        continue
                     if sig == signal.SIGHUP:
                         log.info("received SIGHUP: reloading")
                         try:
@@ -308,7 +320,7 @@ async def serve(config: CortexConfig, *, loader: Callable[[], CortexConfig] | No
                         continue
                     log.info("received %s: stopping", signal.Signals(sig).name)
                     cortex.stop()
-                    return
+                    stopping = True
 
             nursery.start_soon(on_signal)
 

@@ -38,7 +38,7 @@ from helexa.protocol import LoadModel, LoadProgress, UnloadModel, UpsertModelCon
 
 from .catalogue import Catalogue, CatalogueEntry
 from .errors import GatewayError, ColdLoadFailed, ModelNotFound, NoCapacity
-from .fleet import Fleet, FleetError
+from .fleet import Fleet, FleetError, NeuronDraining
 from .housekeeping import Housekeeping
 from .metrics import Metrics, OrchestratorMetrics
 from .operator_actions import OperatorActions
@@ -226,13 +226,14 @@ class Provisioner:
     async def _load(self, entry: CatalogueEntry, plan: LoadPlan | None) -> str:
         failed: set[str] = set()
         last_error = ""
+        left = True  # every neuron it failed on was going away (draining): no load failed
         while True:
             if plan is None:
                 try:
                     plan = place(entry, self.views(), headroom=self.settings.memory_headroom,
                                  exclude=frozenset(failed), policy=self.policy, now=trio.current_time())
                 except NoPlacement as exc:
-                    if failed:
+                    if failed and not left:
                         raise ColdLoadFailed(f"loading model {entry.id!r} failed: {last_error}",
                                              retry_after=self.settings.retry_after, model=entry.id) from None
                     raise NoCapacity(str(exc), retry_after=self.settings.retry_after) from None
@@ -243,6 +244,7 @@ class Provisioner:
                 log.warning("loading %s on %s failed: %s", entry.id, plan.node_id, exc)
                 failed.add(plan.node_id)
                 last_error = str(exc)
+                left = left and isinstance(exc, NeuronDraining)
                 plan = None
                 continue
             return self._loaded(entry, plan, started, "")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from collections.abc import AsyncIterator
 
 import trio
 
@@ -30,11 +31,22 @@ async def serve(neuron: Neuron) -> None:
             async def on_signal() -> None:
                 async for sig in signals:
                     log.info("received %s: draining", signal.Signals(sig).name)
+                    break
+                async with trio.open_nursery() as draining:
+                    # Later signals are read while it drains: one left unread when the
+                    # receiver closes is delivered again, and killed the process at the end
+                    # of its drain (exit 143, or 1 "Aborted!" for a Ctrl-C).
+                    draining.start_soon(_already_draining, signals)
                     await neuron.drain()
-                    nursery.cancel_scope.cancel()
-                    return
+                    draining.cancel_scope.cancel()
+                nursery.cancel_scope.cancel()
 
             nursery.start_soon(on_signal)
+
+
+async def _already_draining(signals: AsyncIterator[int]) -> None:
+    async for sig in signals:
+        log.info("received %s: already draining", signal.Signals(sig).name)
 
 
 EXIT_IDENTITY = 4

@@ -11,12 +11,13 @@ budgets count every token.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import Unauthorized
-from .keys import ApiKey
+from .keys import ApiKey, Keyring
 from .portal import Portal
 from .quota import Account, Limits, period_bounds, rate_headers
 
@@ -41,6 +42,8 @@ class AccountBook:
         """Each portal's currency (by id), as its accounts were last given it."""
         self._portal_of: dict[str, str] = {}
         """The portal of each key's account (by subject)."""
+        self.keyring: Keyring | None = None
+        """The keys as they are now (the gateway's), for :meth:`current`."""
 
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
         raise NotImplementedError
@@ -53,6 +56,24 @@ class AccountBook:
         elif account.limits is not limits and account.limits != limits:
             account.set_limits(limits, now)
         return account
+
+    def current(self, caller: Caller, now: float) -> Caller:
+        """``caller`` with its key's record as it is now. A request is authenticated when its
+        head arrives, and admitted once its body has (up to ``body_timeout`` later) and its
+        prompt was checked: a revoke, an expiry, new limits or models set in between apply
+        to it, as they do to every request after them (it held the record of before).
+
+        Raises:
+            Unauthorized: the key was revoked (or removed) or expired since.
+        """
+        key = caller.key
+        if key is None or self.keyring is None:
+            return caller
+        now_key = self.keyring.get(key.key_id)
+        state = now_key.state(now) if now_key is not None else "revoked"
+        if now_key is None or state != "active":
+            raise Unauthorized(f"key {key.key_id} is {state}")
+        return caller if now_key is key else dataclasses.replace(caller, key=now_key)
 
     def accounts(self, caller: Caller, now: float) -> list[Account]:
         """The accounts a request of ``caller`` is admitted against (key's, then portal's)."""
@@ -80,7 +101,14 @@ class AccountBook:
                 account.spend(tokens, cost, now, currency)
 
     def rate_headers(self, caller: Caller) -> list[tuple[bytes, bytes]]:
-        """OpenAI's ``x-ratelimit-*`` headers for ``caller`` now (empty without rpm/tpm limits)."""
+        """OpenAI's ``x-ratelimit-*`` headers for ``caller`` now (empty without rpm/tpm limits),
+        from its key's limits as they are now (an answer written after a change of them, or
+        after a revoke, neither puts the old limits back on the key's account nor makes the
+        revoked key an account again: it would stay in memory for good)."""
+        try:
+            caller = self.current(caller, self.clock())
+        except Unauthorized:
+            return []
         accounts = self.accounts(caller, self.clock())
         return rate_headers(accounts, self.clock()) if accounts else []
 

@@ -43,6 +43,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import trio
+
 from helexa import build
 from helexa.config import ConfigError
 
@@ -111,6 +113,9 @@ class AdminApi:
         self.reload = reload
         self.models = models
         self.neurons = neurons
+        self._changing = trio.Lock()
+        """Held while a key's record is read, changed and saved (update, revoke, rotate): two
+        changes at once each wrote back what it read, and the later undid the earlier."""
 
     def set_admin_clients(self, admin_clients: list[str]) -> None:
         """Allow these addresses from now on (a live reload)."""
@@ -256,20 +261,24 @@ class AdminApi:
         await ex.out.json({**self._view(key), "period_usage": rows})
 
     async def update_key(self, ex: Exchange) -> None:
-        key = self._key(ex.path_rest)
+        self._key(ex.path_rest)  # 404 before the body is read
         body = parse_body(KeyFields, await ex.body())
         assert isinstance(body, KeyFields)
         check_name(body.name)
         given = body.model_fields_set
-        changes: dict[str, Any] = {"limits": self._limits(key.limits, body)}
-        if "name" in given and body.name:
-            changes["name"] = body.name
-        if "models" in given:
-            changes["models"] = self._models(self._portal(key.portal), body.models)
-        if "expires_at" in given:
-            changes["expires_at"] = expiry(body.expires_at, self.clock(), new=False)
-        key = dataclasses.replace(key, **changes)
-        await self._save(key)
+        async with self._changing:
+            # The record as it is now, not as it was before the body came (a revoke or a
+            # rotation meanwhile would be undone by writing back the record read then).
+            key = self._key(ex.path_rest)
+            changes: dict[str, Any] = {"limits": self._limits(key.limits, body)}
+            if "name" in given and body.name:
+                changes["name"] = body.name
+            if "models" in given:
+                changes["models"] = self._models(self._portal(key.portal), body.models)
+            if "expires_at" in given:
+                changes["expires_at"] = expiry(body.expires_at, self.clock(), new=False)
+            key = dataclasses.replace(key, **changes)
+            await self._save(key)
         log.info("admin: updated key %s", key.key_id)
         await ex.out.json(self._view(key))
 
@@ -285,23 +294,25 @@ class AdminApi:
 
     async def revoke(self, key_id: str) -> dict[str, Any]:
         """Revoke a key at once (again: no change); its view. Raises NotFound."""
-        key = self._key(key_id)
-        if key.revoked_at is None:
-            key = dataclasses.replace(key, revoked_at=self.clock())
-            await self._save(key)
-            if (portal := self.portals.get(key.portal)) is not None:
-                portal.key_revoked(key.key_id)
-            log.info("admin: revoked key %s", key.key_id)
+        async with self._changing:
+            key = self._key(key_id)
+            if key.revoked_at is None:
+                key = dataclasses.replace(key, revoked_at=self.clock())
+                await self._save(key)
+                if (portal := self.portals.get(key.portal)) is not None:
+                    portal.key_revoked(key.key_id)
+                log.info("admin: revoked key %s", key.key_id)
         return self._view(key)
 
     async def rotate(self, key_id: str) -> dict[str, Any]:
         """A new secret for the same key id: its view with ``"key"``, shown this once.
         Raises NotFound, BadRequest (a revoked key)."""
-        key = self._key(key_id)
-        if key.revoked_at is not None:
-            raise BadRequest(f"key {key.key_id} is revoked; create a new one", code="key_revoked")
-        secret, key = keys_mod.rotate(key)
-        await self._save(key)
+        async with self._changing:
+            key = self._key(key_id)
+            if key.revoked_at is not None:
+                raise BadRequest(f"key {key.key_id} is revoked; create a new one", code="key_revoked")
+            secret, key = keys_mod.rotate(key)
+            await self._save(key)
         log.info("admin: rotated key %s", key.key_id)
         return {"key": secret, **self._view(key)}
 

@@ -89,6 +89,18 @@ class ModelsAdmin:
         self.fleet = orchestrator.fleet
         self.catalogue = orchestrator.catalogue
         self.provisioner = orchestrator.provisioner
+        self._streams: set[trio.CancelScope] = set()
+        """The streamed actions (load, pull) under way, for :meth:`cut`."""
+        self._cut: GatewayError | None = None
+
+    def cut(self, error: GatewayError) -> None:
+        """The cortex's stop, past its grace: each streamed action under way ends now with an
+        ``error`` event for every neuron it had not finished on, and its ``end`` line (``ok``
+        false), so its client reads a whole answer that says why (``helexa models load``
+        prints it) instead of a connection cut mid-body; one started after this ends so at once."""
+        self._cut = error
+        for scope in self._streams:
+            scope.cancel()
 
     def routes(self, guard: Callable[[Callable[[Exchange], Awaitable[None]]], Any]) -> list[Route]:
         return [
@@ -203,14 +215,16 @@ class ModelsAdmin:
         third argument, so the progress events that follow name it too."""
         send, receive = trio.open_memory_channel[dict[str, Any]](math.inf)
         ok = True
+        unfinished: dict[int, str | None] = dict(enumerate(nodes))
+        """Each action not finished yet: the neuron it runs on (None: not placed yet)."""
 
-        async def one(node: str | None, send: trio.MemorySendChannel[dict[str, Any]]) -> None:
+        async def one(index: int, send: trio.MemorySendChannel[dict[str, Any]]) -> None:
             nonlocal ok
-            current = node
+            node = current = nodes[index]
 
             def placed(node_id: str) -> None:
                 nonlocal current
-                current = node_id
+                current = unfinished[index] = node_id
 
             async with send:
                 def progress(event: LoadProgress) -> None:
@@ -220,22 +234,37 @@ class ModelsAdmin:
                     where = await work(progress, node, placed)
                 except GatewayError as exc:
                     ok = False
+                    unfinished.pop(index, None)
                     code = getattr(exc, "reason", None) or exc.code or exc.type  # the neuron's own, if it said
                     await send.send({"event": "error", "neuron": current, "code": code, "message": exc.message})
                 else:
+                    unfinished.pop(index, None)
                     await send.send({"event": "done", "neuron": where})
 
         await ex.out.start(200, NDJSON)
-        async with trio.open_nursery() as nursery:
-            async with send:
-                for node in nodes:
-                    nursery.start_soon(one, node, send.clone())
-            async with receive:
-                while True:
-                    with trio.move_on_after(KEEPALIVE_INTERVAL) as quiet:
-                        try:
-                            event = await receive.receive()
-                        except trio.EndOfChannel:
-                            break
-                    await ex.out.body(KEEPALIVE if quiet.cancelled_caught else json.dumps(event).encode() + b"\n")
+        with trio.CancelScope() as scope:
+            self._streams.add(scope)
+            if self._cut is not None:
+                scope.cancel()
+            try:
+                async with trio.open_nursery() as nursery:
+                    async with send:
+                        for index in range(len(nodes)):
+                            nursery.start_soon(one, index, send.clone())
+                    async with receive:
+                        while True:
+                            with trio.move_on_after(KEEPALIVE_INTERVAL) as quiet:
+                                try:
+                                    event = await receive.receive()
+                                except trio.EndOfChannel:
+                                    break
+                            await ex.out.body(KEEPALIVE if quiet.cancelled_caught
+                                              else json.dumps(event).encode() + b"\n")
+            finally:
+                self._streams.discard(scope)
+        if scope.cancelled_caught and self._cut is not None:
+            ok = False
+            for neuron in unfinished.values():
+                await ex.out.body(json.dumps({"event": "error", "neuron": neuron, "code": self._cut.code,
+                                              "message": self._cut.message}).encode() + b"\n")
         await ex.out.body(json.dumps({"event": "end", "ok": ok}).encode() + b"\n", more=False)

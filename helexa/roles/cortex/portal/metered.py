@@ -16,7 +16,7 @@ import trio
 
 from helexa.protocol import GenerateRequest, GenerateResult, TokenChunk
 
-from ..errors import UpstreamError, as_asked
+from ..errors import Unauthorized, UpstreamError, as_asked
 from .quota import Account, Refusal, admit, beyond
 from .routing import ASK_POLICY
 
@@ -126,7 +126,8 @@ class MeteredRun:
         self._token: Any = None
 
     async def __aenter__(self) -> MeteredGeneration:
-        m, caller, request = self._metering, self._caller, self._request
+        m, request = self._metering, self._request
+        caller = self._caller = m.current(self._caller, m.clock())  # its key as it is now, not at its head
         portal = caller.portal
         asked = request.model_id
         served = portal.resolve(asked, caller.key)  # once: the model checked is the model planned
@@ -161,6 +162,10 @@ class MeteredRun:
         run = self._run = MeteredGeneration(whole=not request.stream)
         if caller.key is not None:
             m.live.setdefault(caller.key.key_id, set()).add(run)
+            try:  # revoked while it was checked and admitted (awaits, before a revoke could find it here)
+                m.current(caller, m.clock())
+            except Unauthorized as exc:
+                run.stop = exc
         self._started, self._t0 = now, trio.current_time()
         if portal.ask_policy is not None:
             self._token = ASK_POLICY.set(portal.ask_policy)
@@ -172,6 +177,8 @@ class MeteredRun:
                 run._scope = trio.CancelScope()
                 run._scope.__enter__()
                 run._waiting = True
+                if run.stop is not None:
+                    run._scope.cancel()
             try:
                 gen = self._gen = await context.__aenter__()
             finally:

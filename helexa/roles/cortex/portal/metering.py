@@ -293,6 +293,7 @@ class Metering(AccountBook):
         """Embed ``request`` (public model name), metered; raises as :meth:`generate`. A
         revoke (or expiry) of the key while it runs stops it at once with the 401, as a
         generation's (:meth:`MeteredGeneration.halt`); the neuron is told to cancel."""
+        caller = self.current(caller, self.clock())
         portal = caller.portal
         plan = self._plan_embed(caller, request)
         if self.limits is not None:
@@ -339,6 +340,7 @@ class Metering(AccountBook):
         concurrency, and one prompt token, the least any request of it could use: a key whose
         budget cannot pay for that loads nothing), then :meth:`Orchestrator.preload`, a
         request's cold load. It spends nothing."""
+        caller = self.current(caller, self.clock())
         portal = caller.portal
         asked = request.model_id
         served = portal.resolve(asked, caller.key)

@@ -317,7 +317,14 @@ async def _keys_context() -> dict[str, Any]:
         portals.append({**p.describe(), "urls": gw.addresses.get(p.id, p.config.listen),
                         "state": gw.metering.account_state("portal:" + p.id)})
     keys = gw.admin.key_views()
-    spent = {r["key"]: r for r in await gw.metering.blocking(lambda: gw.store.report(by="key"))}
+    # One report row per key and currency: a key spent in two where its portal's currency
+    # changed (a reload); each amount is shown in its own (never added), the counts summed.
+    spent: dict[str, dict[str, Any]] = {}
+    for r in await gw.metering.blocking(lambda: gw.store.report(by="key")):
+        s = spent.setdefault(r["key"], {"costs": [], "total_tokens": 0, "requests": 0})
+        s["costs"].append((r["cost"], r["currency"]))
+        s["total_tokens"] += r["total_tokens"]
+        s["requests"] += r["requests"]
     for k in keys:
         k["spent"] = spent.get(k["key_id"])
         k["last_used"] = w.traffic.key_seen.get(k["key_id"])
@@ -378,6 +385,15 @@ async def key_action(session: Session, key_id: str, verb: str) -> Any:
 # --- usage -----------------------------------------------------------------------------------
 
 
+def _billed_portals() -> list[str]:
+    """The portals a usage report may be filtered by: those configured, then those removed
+    from the config whose keys remain (their ledger rows too: the operator still bills them,
+    as ``helexa usage --portal`` and ``GET /admin/usage`` do)."""
+    gw = web().gateway
+    configured = list(gw.portals)
+    return configured + sorted({k.portal for k in gw.keyring.list()} - set(configured))
+
+
 async def _usage_rows() -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
     gw = web().gateway
     args = request.args
@@ -385,7 +401,7 @@ async def _usage_rows() -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
     if by not in GROUPS:
         abort(400, f"by: one of {', '.join(GROUPS)}")
     portal = args.get("portal") or None
-    if portal is not None and portal not in gw.portals:
+    if portal is not None and portal not in _billed_portals():
         abort(400, f"portal: no portal {portal!r}")
     try:
         since, until = parse_time(args.get("since"), "since"), parse_time(args.get("until"), "until")
@@ -404,7 +420,7 @@ async def usage(session: Session) -> Any:
     top = max((r["total_tokens"] for r in rows), default=0)
     return await _render("usage.html", session, rows=rows, top=top, filters=filters, groups=GROUPS,
                          open_key=OPEN_KEY,
-                         portals=list(web().gateway.portals), csv_query=_query(**{**filters, "format": "csv"}))
+                         portals=_billed_portals(), csv_query=_query(**{**filters, "format": "csv"}))
 
 
 @blueprint.get("/usage.csv")
