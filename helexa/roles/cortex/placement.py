@@ -72,6 +72,7 @@ class Resident:
     queued: int = 0  # requests waiting for it
     rate: float = 0.0  # recent requests per second
     load_time: float | None = None  # its last measured load, seconds
+    draining: bool = False  # being unloaded: its memory is held until it is gone, it is not evictable
 
 
 @dataclass(frozen=True, slots=True)
