@@ -199,11 +199,13 @@ class Orchestrator:
             if local.targets:
                 return local
         entry = self.catalogue.get(model_id)
+        headroom = self.config.memory_headroom
         router = self.remote_router if allow_peers else None
         return decide(
             workload, hints, state,
             catalogued=entry is not None,
-            feasible=entry is not None and any(entry.is_feasible_on(link.descriptor.hardware) for link in usable),
+            feasible=entry is not None and any(entry.is_feasible_on(link.descriptor.hardware, headroom)
+                                                for link in usable),
             peers=router is not None,
             peer_offers=router is not None and router.can_route(model_id),
             waiting=waiting, max_skew=self._max_skew,
@@ -234,7 +236,8 @@ class Orchestrator:
                     if decision.mode == "cold_load":
                         entry = self.catalogue.get(model_id)
                         usable = self.fleet.usable()
-                        if entry is None or not any(entry.is_feasible_on(l.descriptor.hardware) for l in usable):
+                        room = self.config.memory_headroom
+                        if entry is None or not any(entry.is_feasible_on(l.descriptor.hardware, room) for l in usable):
                             break  # no neuron here can ever hold it
                         if exclude and any((st := l.models.get(model_id)) is not None
                                            and st.state is ModelState.LOADED for l in usable):
@@ -389,7 +392,8 @@ class Orchestrator:
                     loaded.setdefault(model_id, []).append(link.node_id)
         entries = []
         for entry in self.catalogue:
-            feasible = sorted(l.node_id for l in usable if entry.is_feasible_on(l.descriptor.hardware))
+            feasible = sorted(l.node_id for l in usable
+                              if entry.is_feasible_on(l.descriptor.hardware, self.config.memory_headroom))
             locations = sorted(loaded.get(entry.id, ()))
             if feasible or locations:
                 entries.append(_listing(entry.id, entry.owned_by, feasible, locations))

@@ -201,7 +201,7 @@ def place(entry: CatalogueEntry, nodes: list[NodeView], *, headroom: float = 1.0
     has waited; ``worth``: its :func:`worth`, inf for a load nobody queued for, which a
     resident's value never holds off; ``pressure``: the seconds its requests have waited,
     summed, and how many wait). Raises :class:`NoPlacement`."""
-    feasible = [n for n in nodes if n.node_id not in exclude and entry.is_feasible_on(n.hardware)]
+    feasible = [n for n in nodes if n.node_id not in exclude and entry.is_feasible_on(n.hardware, headroom)]
     if not feasible:
         raise NoPlacement(f"no connected neuron has the hardware for model {entry.id!r}", ever=False)
     ranked = []

@@ -447,7 +447,7 @@ class Provisioner:
                   and m in self.catalogue]
         # No usable neuron can hold it (its only one left): the 503 a new request gets, now.
         stranded = {d.model_id for d in wanted if d.model_id not in resident and (e := self.catalogue.get(d.model_id))
-                    and not any(e.is_feasible_on(v.hardware) for v in views)}
+                    and not any(e.is_feasible_on(v.hardware, self.settings.memory_headroom) for v in views)}
         for model_id in stranded:
             self._on_load_failed(model_id, NoCapacity(f"no usable neuron for model {model_id!r} right now",
                                                       retry_after=self.settings.retry_after))
