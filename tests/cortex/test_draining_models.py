@@ -98,3 +98,23 @@ async def test_a_request_for_a_draining_model_loads_it_again_only_once_it_left(a
     assert load_seconds == 2.0
     assert [log["started"][f"late{i}"] for i in range(4)] == [13.0] * 4  # its first token, 1 s after the load
     assert 'helexa_cold_loads_total{model="A",neuron="n1"} 1.0' in metrics
+
+
+async def test_a_preload_during_the_drain_answers_once_the_model_is_loaded_again(autojump_clock) -> None:
+    """Ollama's preload (an empty prompt) answered "loaded" at once for a model being
+    unloaded, which then left: its client went on as if it were loaded."""
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, hw=hardware(ram_gb=2), loaded=("A",), tokens=10, token_delay=1.0,
+                          load_delay=2.0)
+    log: dict = {}
+    async with orchestrating(fleet, min_residency=0.0, drain_grace=100.0) as orch:
+        async with trio.open_nursery() as clients:
+            clients.start_soon(run, orch, "long", "A", log)
+            await trio.sleep(1.0)
+            clients.start_soon(orch.unload, "n1", "A")
+            await trio.sleep(1.0)
+            await orch.preload(GenerateRequest("p", "A", Task.CHAT, messages=()))
+            preloaded = trio.current_time()
+            assert neuron.models["A"].state.value == "loaded"
+    assert neuron.unloaded_at == [("A", 10.0)]
+    assert preloaded == 12.0  # the drain (until 10), then the load (2 s)

@@ -348,12 +348,14 @@ class Orchestrator:
                       tenant: Tenant = Tenant()) -> None:
         """Have ``request``'s model loaded, as a request of it would (the same decision,
         queue and cold load, raising the same errors), and run nothing: Ollama's preload
-        (an empty prompt). Returns at once where it is loaded already, or a peer offers it."""
+        (an empty prompt). Returns at once where it is loaded already (and not being unloaded),
+        or a peer offers it."""
         workload = classify(request.task, prompt_chars=0, max_tokens=request.sampling.max_tokens)
         arrived = trio.current_time()
         self._arrived(request.model_id, arrived)
         model_id = request.model_id
         if any((st := link.models.get(model_id)) is not None and st.state is ModelState.LOADED
+               and (link.node_id, model_id) not in self.provisioner.draining  # being unloaded: not for long
                for link in self.fleet.usable()):
             return
         if self.decide(request, workload, allow_peers=allow_peers, priority=tenant.priority).mode == "peer":
