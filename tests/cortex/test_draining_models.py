@@ -118,3 +118,23 @@ async def test_a_preload_during_the_drain_answers_once_the_model_is_loaded_again
             assert neuron.models["A"].state.value == "loaded"
     assert neuron.unloaded_at == [("A", 10.0)]
     assert preloaded == 12.0  # the drain (until 10), then the load (2 s)
+
+
+async def test_a_second_unload_answers_when_the_model_is_off_not_while_it_drains(autojump_clock) -> None:
+    """``helexa models unload`` of a model another unload was draining said "unloaded from
+    n1" at once, the model still loaded and serving there (docs: it answers once the model
+    is off its neurons)."""
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, hw=hardware(ram_gb=2), loaded=("A",), tokens=10, token_delay=1.0)
+    log: dict = {}
+    answered: list[float] = []
+    async with orchestrating(fleet, min_residency=0.0, drain_grace=100.0) as orch:
+        async with trio.open_nursery() as clients:
+            clients.start_soon(run, orch, "long", "A", log)
+            await trio.sleep(1.0)
+            clients.start_soon(orch.unload, "n1", "A")
+            await trio.sleep(1.0)
+            await orch.unload("n1", "A")
+            answered.append(trio.current_time())
+    assert neuron.unloaded_at == [("A", 10.0)] and neuron.unloads() == ["A"]  # one unload
+    assert answered == [10.0]

@@ -14,7 +14,6 @@ it there. A reload that removes a model from the catalogue drops its pins
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Container
 from typing import TYPE_CHECKING
 
@@ -25,6 +24,7 @@ from helexa.protocol import LoadProgress, ModelState, PullModel, UpsertModelConf
 from .catalogue import CatalogueEntry
 from .errors import BadRequest, ColdLoadFailed, NotFound
 from .fleet import FleetError
+from .flights import command_id as _cid
 from .placement import LoadPlan, NoPlacement, Unload, place
 
 if TYPE_CHECKING:
@@ -206,7 +206,3 @@ class OperatorActions:
     def _check_holds(self, model_id: str, node_id: str) -> None:
         if not self.holds(model_id, node_id):
             raise NotFound(f"neuron {node_id!r} does not hold model {model_id!r}", param="model")
-
-
-def _cid() -> str:
-    return uuid.uuid4().hex
