@@ -258,3 +258,23 @@ async def test_a_sources_credentials_and_signature_are_not_shown() -> None:
     assert one["source"] == "https://***@files.example/m/model.gguf?***"
     for leak in ("s3cret", "SIG0123", "TOK0456"):
         assert leak not in listed and leak not in str(one)
+
+
+async def test_loading_a_model_already_loaded_there_touches_nothing() -> None:
+    """``helexa models load chat --neuron n1`` with chat loaded on n1 planned another copy of
+    it there: where n1 had no room for a second copy, the plan evicted chat itself (an unload
+    draining its requests, then the load again: "loaded chat on n1 ... (evicted ['chat'])");
+    and a load without a neuron loaded a second copy elsewhere. Both now answer where it is
+    loaded, sending the neuron nothing."""
+    fleet = Fleet()
+    n1 = NeuronDouble("n1", fleet, hw=hardware(ram_gb=1), loaded=("chat", "chat2"))  # no room for a copy
+    n2 = NeuronDouble("n2", fleet)
+    async with serving(fleet, CATALOGUE, orchestrator={"min_residency": 0.0}) as (gateway, url), \
+            httpx.AsyncClient(base_url=url) as http:
+        load = partial(http.post, "/admin/models/chat/load", headers=admin_headers())
+        here = _events((await load(json={"neuron": "n1"})).text)
+        anywhere = _events((await load(json={})).text)
+        gateway.orchestrator.provisioner.operator.begin_load_on("chat", "n1")  # the console's
+        await trio.sleep(0.5)
+    assert here == anywhere == [{"event": "done", "neuron": "n1"}, {"event": "end", "ok": True}]
+    assert n1.commands == [] and n2.commands == []

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from helexa.roles.cortex.catalogue import Catalogue
+from helexa.roles.cortex.config import OrchestratorConfig
 from helexa.roles.cortex.errors import envelope
 from helexa.roles.cortex.federation import (
     NoPeerOffers,
@@ -59,6 +60,7 @@ def test_offer_lists_catalogue_models_the_fleet_can_hold_warm_when_loaded() -> N
 
     class Prov:
         load_times = {"cold": 1.25}
+        settings = OrchestratorConfig()
 
     offer = FleetOffer(fleet, catalogue, Prov(), slots_per_neuron=3)  # type: ignore[arg-type]
     by_id = {m.model_id: m for m in offer.offer()}
@@ -76,6 +78,7 @@ def test_nothing_is_offered_without_a_usable_neuron() -> None:
 
     class Prov:
         load_times: dict = {}
+        settings = OrchestratorConfig()
 
     offer = FleetOffer(Fleet(), catalogue, Prov())  # type: ignore[arg-type]
     assert offer.offer() == [] and offer.spare() == 0 and offer.offered("small") is None

@@ -274,12 +274,17 @@ class CatalogueEntry(BaseModel):
             ),
         )
 
-    def is_feasible_on(self, hardware: Hardware) -> bool:
-        """Could a neuron with this hardware ever hold the model (all memory free)?
+    def is_feasible_on(self, hardware: Hardware, headroom: float = 1.0) -> bool:
+        """Could a neuron with this hardware ever hold the model (all memory free, of which
+        placement uses the ``headroom`` share: the orchestrator's ``memory_headroom``)?
 
         GPU models need ``min_devices`` GPUs each with ``min_device_vram_mb`` (or, when
         that is 0, an equal share of ``memory_mb``); CPU models need ``memory_mb`` of RAM.
+        Either way ``memory_mb`` must fit in the ``headroom`` share of the pool it draws
+        from (:meth:`capacity_mb`), as placement counts it.
         """
+        if self.capacity_mb(hardware) * headroom < self.memory_mb:
+            return False
         if not self.on_gpu:
             return hardware.ram_total >= self.memory_mb * MB
         per_device = self.min_device_vram_mb or -(-self.memory_mb // self.min_devices)

@@ -20,8 +20,10 @@ __all__ = ["views"]
 
 
 def views(prov: Provisioner, demand: dict[str, Demand] | None = None) -> list[NodeView]:
-    """The fleet as the pure core sees it (loads under way count as resident, models
-    being unloaded do not); first sight of a resident counts as a use."""
+    """The fleet as the pure core sees it (loads under way count as resident, and so do
+    models being unloaded, ``draining`` and not evictable, until they are gone: they hold
+    their memory, and a load of the model itself waits for them to leave); first sight of
+    a resident counts as a use."""
     now = trio.current_time()
     demand = demand if demand is not None else {}
     pending: dict[str, list[str]] = {}
@@ -34,8 +36,7 @@ def views(prov: Provisioner, demand: dict[str, Demand] | None = None) -> list[No
             if status.state not in (ModelState.LOADED, ModelState.LOADING):
                 continue
             key = (link.node_id, model_id)
-            if key in prov.draining:
-                continue
+            draining = key in prov.draining
             last_used = prov.live.last_used.setdefault(key, now)
             entry = prov.catalogue.get(model_id)
             # The cortex's own count, not the neuron's (a heartbeat old): a plan must see a
@@ -51,7 +52,7 @@ def views(prov: Provisioner, demand: dict[str, Demand] | None = None) -> list[No
                     priority=entry.priority if entry else Priority.CRITICAL,
                     last_used=last_used,
                     busy=busy,
-                    evictable=entry is not None and status.state is ModelState.LOADED
+                    evictable=entry is not None and status.state is ModelState.LOADED and not draining
                     and model_id not in prov._pending and not prov.operator.pinned(*key),
                     loaded_at=prov.loaded_at.setdefault(key, now),
                     keep_warm=entry is not None and entry.keep_warm,
@@ -59,6 +60,7 @@ def views(prov: Provisioner, demand: dict[str, Demand] | None = None) -> list[No
                     queued=wanted.waiting if wanted is not None else 0,
                     rate=prov.live.rate(model_id, now),
                     load_time=prov.load_times.get(model_id),
+                    draining=draining,
                 )
             )
         for model_id in pending.get(link.node_id, ()):

@@ -89,7 +89,8 @@ class Housekeeping:
                 if model_id in self._warming or (failed_at is not None and now - failed_at < p.settings.warm_retry):
                     continue
                 entry = p.catalogue.get(model_id)
-                if entry is not None and any(entry.is_feasible_on(v.hardware) for v in views):
+                headroom = p.settings.memory_headroom
+                if entry is not None and any(entry.is_feasible_on(v.hardware, headroom) for v in views):
                     self._warming.add(model_id)
                     nursery.start_soon(self._warm, model_id)
             wake_at = p.start_queue_loads(demand, views, now)

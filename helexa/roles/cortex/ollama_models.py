@@ -101,7 +101,8 @@ class OllamaModels:
         entry = self.catalogue.get(model_id)
         if entry is None:
             raise ModelNotFound(body.asked)
-        nodes = [link.node_id for link in self.fleet.usable() if entry.is_feasible_on(link.descriptor.hardware)]
+        nodes = [link.node_id for link in self.fleet.usable()
+                 if entry.is_feasible_on(link.descriptor.hardware, self.provisioner.settings.memory_headroom)]
         if not nodes:
             raise BadRequest(f"no usable neuron can hold model {body.asked!r}", param="model",
                              code="no_feasible_neuron")

@@ -14,7 +14,6 @@ it there. A reload that removes a model from the catalogue drops its pins
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Container
 from typing import TYPE_CHECKING
 
@@ -25,6 +24,7 @@ from helexa.protocol import LoadProgress, ModelState, PullModel, UpsertModelConf
 from .catalogue import CatalogueEntry
 from .errors import BadRequest, ColdLoadFailed, NotFound
 from .fleet import FleetError
+from .flights import command_id as _cid
 from .placement import LoadPlan, NoPlacement, Unload, place
 
 if TYPE_CHECKING:
@@ -52,7 +52,8 @@ class OperatorActions:
         first), or where a cold load would put it; returns the node id once loaded. Requests
         for the model meanwhile wait for this load. ``on_plan`` is told the node chosen,
         before any progress. A load of the model already under way (a request's cold load,
-        another operator's) is waited for first: it is the answer when it lands where asked.
+        another operator's) is waited for first: it is the answer when it lands where asked;
+        so is a neuron holding it loaded already (``node_id``, when named): nothing is loaded.
 
         Raises:
             ModelNotFound: not in the catalogue. NotFound: no usable neuron ``node_id``.
@@ -65,6 +66,10 @@ class OperatorActions:
             if on_plan is not None:
                 on_plan(joined)
             return joined
+        if (held := self._loaded_on(model_id, node_id)) is not None:  # nothing to do
+            if on_plan is not None:
+                on_plan(held)
+            return held
         entry, plan = self._plan(model_id, node_id)
         if on_plan is not None:
             on_plan(plan.node_id)
@@ -73,6 +78,9 @@ class OperatorActions:
     def begin_load_on(self, model_id: str, node_id: str) -> None:
         """:meth:`load_on`, started in the background; returns at once (the web console:
         the fleet's next updates show the load). Raises as :meth:`load_on` does before it starts."""
+        self._prov.entry(model_id)
+        if self._loaded_on(model_id, node_id) is not None:
+            return
         entry, plan = self._plan(model_id, node_id)
         self._prov.begin_load_planned(entry, plan)
 
@@ -175,6 +183,19 @@ class OperatorActions:
                              code="no_feasible_neuron") from None
         return entry, plan
 
+    def _loaded_on(self, model_id: str, node_id: str | None) -> str | None:
+        """The usable neuron (``node_id`` itself, when named) where ``model_id`` is loaded
+        and not being unloaded, if any: a load of it there, or where a cold load would go
+        (none would: it is loaded), is done already. Planned anyway, it was a second copy,
+        or an eviction of the model itself where no copy had room."""
+        prov = self._prov
+        for link in sorted(prov.fleet.usable(), key=lambda link: link.node_id):
+            status = link.models.get(model_id)
+            if (node_id in (None, link.node_id) and status is not None and status.state is ModelState.LOADED
+                    and (link.node_id, model_id) not in prov.draining):
+                return link.node_id
+        return None
+
     def holds(self, model_id: str, node_id: str) -> bool:
         """Whether ``node_id`` holds ``model_id``: loaded, loading, unloading or failed
         (an unload clears a failure); one only configured there holds nothing to unload."""
@@ -185,7 +206,3 @@ class OperatorActions:
     def _check_holds(self, model_id: str, node_id: str) -> None:
         if not self.holds(model_id, node_id):
             raise NotFound(f"neuron {node_id!r} does not hold model {model_id!r}", param="model")
-
-
-def _cid() -> str:
-    return uuid.uuid4().hex

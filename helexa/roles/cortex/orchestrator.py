@@ -199,11 +199,13 @@ class Orchestrator:
             if local.targets:
                 return local
         entry = self.catalogue.get(model_id)
+        headroom = self.config.memory_headroom
         router = self.remote_router if allow_peers else None
         return decide(
             workload, hints, state,
             catalogued=entry is not None,
-            feasible=entry is not None and any(entry.is_feasible_on(link.descriptor.hardware) for link in usable),
+            feasible=entry is not None and any(entry.is_feasible_on(link.descriptor.hardware, headroom)
+                                                for link in usable),
             peers=router is not None,
             peer_offers=router is not None and router.can_route(model_id),
             waiting=waiting, max_skew=self._max_skew,
@@ -234,7 +236,8 @@ class Orchestrator:
                     if decision.mode == "cold_load":
                         entry = self.catalogue.get(model_id)
                         usable = self.fleet.usable()
-                        if entry is None or not any(entry.is_feasible_on(l.descriptor.hardware) for l in usable):
+                        room = self.config.memory_headroom
+                        if entry is None or not any(entry.is_feasible_on(l.descriptor.hardware, room) for l in usable):
                             break  # no neuron here can ever hold it
                         if exclude and any((st := l.models.get(model_id)) is not None
                                            and st.state is ModelState.LOADED for l in usable):
@@ -345,12 +348,14 @@ class Orchestrator:
                       tenant: Tenant = Tenant()) -> None:
         """Have ``request``'s model loaded, as a request of it would (the same decision,
         queue and cold load, raising the same errors), and run nothing: Ollama's preload
-        (an empty prompt). Returns at once where it is loaded already, or a peer offers it."""
+        (an empty prompt). Returns at once where it is loaded already (and not being unloaded),
+        or a peer offers it."""
         workload = classify(request.task, prompt_chars=0, max_tokens=request.sampling.max_tokens)
         arrived = trio.current_time()
         self._arrived(request.model_id, arrived)
         model_id = request.model_id
         if any((st := link.models.get(model_id)) is not None and st.state is ModelState.LOADED
+               and (link.node_id, model_id) not in self.provisioner.draining  # being unloaded: not for long
                for link in self.fleet.usable()):
             return
         if self.decide(request, workload, allow_peers=allow_peers, priority=tenant.priority).mode == "peer":
@@ -389,7 +394,8 @@ class Orchestrator:
                     loaded.setdefault(model_id, []).append(link.node_id)
         entries = []
         for entry in self.catalogue:
-            feasible = sorted(l.node_id for l in usable if entry.is_feasible_on(l.descriptor.hardware))
+            feasible = sorted(l.node_id for l in usable
+                              if entry.is_feasible_on(l.descriptor.hardware, self.config.memory_headroom))
             locations = sorted(loaded.get(entry.id, ()))
             if feasible or locations:
                 entries.append(_listing(entry.id, entry.owned_by, feasible, locations))

@@ -84,7 +84,8 @@ class FleetOffer:
     def _offered(self, entry: CatalogueEntry, usable: list[NeuronLink]) -> OfferedModel | None:
         warm = any((st := link.models.get(entry.id)) is not None and st.state is ModelState.LOADED
                    for link in usable)
-        if not warm and not any(entry.is_feasible_on(link.descriptor.hardware) for link in usable):
+        headroom = self.provisioner.settings.memory_headroom
+        if not warm and not any(entry.is_feasible_on(link.descriptor.hardware, headroom) for link in usable):
             return None
         return OfferedModel(entry.id, warm, load_time_s=self.provisioner.load_times.get(entry.id),
                             price_input=entry.price_in, price_output=entry.price_out,

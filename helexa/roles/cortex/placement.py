@@ -72,6 +72,7 @@ class Resident:
     queued: int = 0  # requests waiting for it
     rate: float = 0.0  # recent requests per second
     load_time: float | None = None  # its last measured load, seconds
+    draining: bool = False  # being unloaded: its memory is held until it is gone, it is not evictable
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +201,7 @@ def place(entry: CatalogueEntry, nodes: list[NodeView], *, headroom: float = 1.0
     has waited; ``worth``: its :func:`worth`, inf for a load nobody queued for, which a
     resident's value never holds off; ``pressure``: the seconds its requests have waited,
     summed, and how many wait). Raises :class:`NoPlacement`."""
-    feasible = [n for n in nodes if n.node_id not in exclude and entry.is_feasible_on(n.hardware)]
+    feasible = [n for n in nodes if n.node_id not in exclude and entry.is_feasible_on(n.hardware, headroom)]
     if not feasible:
         raise NoPlacement(f"no connected neuron has the hardware for model {entry.id!r}", ever=False)
     ranked = []

@@ -24,9 +24,8 @@
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +38,7 @@ from helexa.protocol import LoadModel, LoadProgress, UnloadModel, UpsertModelCon
 from .catalogue import Catalogue, CatalogueEntry
 from .errors import GatewayError, ColdLoadFailed, ModelNotFound, NoCapacity
 from .fleet import Fleet, FleetError, NeuronDraining
+from .flights import Flight as _Flight, Refused as _Refused, command_id as _cid
 from .housekeeping import Housekeeping
 from .metrics import Metrics, OrchestratorMetrics
 from .operator_actions import OperatorActions
@@ -56,13 +56,6 @@ log = logging.getLogger(__name__)
 
 
 # --- the shell ---------------------------------------------------------------------------
-
-
-@dataclass
-class _Flight:
-    done: trio.Event = field(default_factory=trio.Event)
-    node_id: str | None = None
-    error: GatewayError | None = None
 
 
 class Provisioner:
@@ -122,6 +115,7 @@ class Provisioner:
         """The evictions each model's last load caused."""
         self._pending: dict[str, str] = {}  # model -> neuron of a load under way
         self._idle: dict[tuple[str, str], trio.Event] = {}
+        self._unloading: dict[tuple[str, str], _Flight] = {}  # (neuron, model) -> its unload under way
         self.trace_parents: dict[str, Any] = {}
         """Model -> the trace context of the first request waiting for its load (tracing on)."""
         self._nursery: trio.Nursery | None = None
@@ -338,9 +332,16 @@ class Provisioner:
     async def _unload(self, unload: Unload, reason: str) -> None:
         key = (unload.node_id, unload.model_id)
         link = self.fleet.get(unload.node_id)
-        if link is None or key in self.draining:
+        if link is None:
+            return
+        if key in self.draining:  # unloading already: that unload's outcome is this one's
+            if (under_way := self._unloading.get(key)) is not None:
+                await under_way.done.wait()
+                if under_way.failure is not None:
+                    raise under_way.failure
             return
         self.draining.add(key)
+        flight = self._unloading[key] = _Flight()
         if reason == "swap":
             self._swapped.add(unload.model_id)
         try:
@@ -364,7 +365,15 @@ class Provisioner:
             if self._om is not None:
                 self._om.evicted(unload.model_id, reason)
             self._on_unloaded(*key)
+            flight.node_id = unload.node_id
+        except FleetError as exc:
+            flight.failure = exc
+            raise
         finally:
+            if flight.node_id is None and flight.failure is None:  # cancelled
+                flight.failure = FleetError(f"the unload of {unload.model_id} from {unload.node_id} was cancelled")
+            flight.done.set()
+            self._unloading.pop(key, None)
             self.draining.discard(key)
             self._swapped.discard(unload.model_id)
             self._idle.pop(key, None)
@@ -449,7 +458,7 @@ class Provisioner:
                   and m in self.catalogue]
         # No usable neuron can hold it (its only one left): the 503 a new request gets, now.
         stranded = {d.model_id for d in wanted if d.model_id not in resident and (e := self.catalogue.get(d.model_id))
-                    and not any(e.is_feasible_on(v.hardware) for v in views)}
+                    and not any(e.is_feasible_on(v.hardware, self.settings.memory_headroom) for v in views)}
         for model_id in stranded:
             self._on_load_failed(model_id, NoCapacity(f"no usable neuron for model {model_id!r} right now",
                                                       retry_after=self.settings.retry_after))
@@ -477,17 +486,3 @@ class Provisioner:
     def views(self, demand: dict[str, Demand] | None = None) -> list[NodeView]:
         """The fleet as the pure core sees it (:func:`.fleet_views.views`)."""
         return fleet_views(self, demand)
-
-
-class _Refused(FleetError):
-    """A neuron answered a provisioning command with ok=False (a :class:`FleetError`, so
-    that :mod:`.operator_actions` catches it as such); ``code`` is the neuron's own
-    (``disk_full``, ``hash_mismatch``...)."""
-
-    def __init__(self, message: str, code: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def _cid() -> str:
-    return uuid.uuid4().hex

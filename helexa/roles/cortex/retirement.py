@@ -29,7 +29,7 @@ def retired_unloads(catalogue: Container[str], provisioned: Iterable[tuple[str, 
     (``provisioned``), resident on a usable neuron as ``nodes`` show it (a copy draining
     is not there), not in ``catalogue`` any more and not loading (``loading(model)``: its
     load ends first, and the next pass sees it). Sorted by neuron, then model."""
-    held = {(n.node_id, r.model_id) for n in nodes for r in n.residents}
+    held = {(n.node_id, r.model_id) for n in nodes for r in n.residents if not r.draining}
     return sorted((Unload(node_id, model_id) for node_id, model_id in provisioned
                    if model_id not in catalogue and not loading(model_id) and (node_id, model_id) in held),
                   key=lambda u: (u.node_id, u.model_id))

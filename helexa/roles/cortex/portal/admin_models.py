@@ -116,6 +116,7 @@ class ModelsAdmin:
     def view(self) -> list[dict[str, Any]]:
         """Every catalogue model against the fleet, then models loaded outside it."""
         pins = self.provisioner.operator.pins()
+        headroom = self.provisioner.settings.memory_headroom
         links = sorted(self.fleet, key=lambda link: link.node_id)
         out = []
         for entry in self.catalogue:
@@ -125,7 +126,8 @@ class ModelsAdmin:
                 "source": redact_url(entry.source) if entry.source else None,
                 "memory_mb": entry.memory_mb, "on_gpu": entry.on_gpu, "keep_warm": entry.keep_warm,
                 "priority": entry.priority.name.lower(), "pinned_on": sorted(pins.get(entry.id, ())),
-                "feasible_on": [link.node_id for link in links if entry.is_feasible_on(link.descriptor.hardware)],
+                "feasible_on": [link.node_id for link in links
+                                if entry.is_feasible_on(link.descriptor.hardware, headroom)],
                 "loading": None if progress is None else {"stage": progress[0], "fraction": progress[1]},
                 "neurons": self._on_neurons(entry.id, links, cache_key(entry.source, entry.sha256)),
             })
@@ -196,7 +198,7 @@ class ModelsAdmin:
         else:
             nodes = [target.neuron] if target.neuron else [
                 l.node_id for l in self.fleet.usable() if entry is not None
-                and entry.is_feasible_on(l.descriptor.hardware)]
+                and entry.is_feasible_on(l.descriptor.hardware, self.provisioner.settings.memory_headroom)]
             if not nodes:
                 raise BadRequest(f"no usable neuron can hold model {model_id!r}", param="neuron",
                                  code="no_feasible_neuron")

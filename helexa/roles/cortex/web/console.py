@@ -229,7 +229,8 @@ def _models_view() -> dict[str, Any]:
                           "pinned": link.node_id in prov.operator.pins().get(entry.id, ())})
         rows.append({"id": entry.id, "backend": entry.backend, "memory_mb": entry.memory_mb,
                      "keep_warm": entry.keep_warm, "idle_ttl": entry.idle_ttl,
-                     "feasible": sorted(l.node_id for l in usable if entry.is_feasible_on(l.descriptor.hardware)),
+                     "feasible": sorted(l.node_id for l in usable
+                                        if entry.is_feasible_on(l.descriptor.hardware, prov.settings.memory_headroom)),
                      "where": where, "loading": prov.load_progress.get(entry.id)})
     return {"models": rows, "neurons": sorted(l.node_id for l in usable), "decisions": orch.routing_log.view()}
 
