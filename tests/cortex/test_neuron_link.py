@@ -57,3 +57,35 @@ async def test_a_request_failing_because_its_models_process_died_marks_the_model
     assert info.value.code == "backend_crashed" and info.value.retryable
     assert link.models["m"].state is ModelState.FAILED and "SIGKILL" in link.models["m"].error
     assert link.models["other"].state is ModelState.LOADED
+
+
+def _generating_link():
+    from helexa.protocol import ModelState, ModelStatus
+
+    cortex_side, neuron = channel_pair()
+    link = NeuronLink(cortex_side, NeuronDescriptor("n1", Hardware(cpu_cores=1, ram_total=1)),
+                      models=(ModelStatus("m", ModelState.LOADED),))
+    return link, neuron
+
+
+def _request(stream: bool = False):
+    from helexa.protocol import GenerateRequest, Task
+
+    return GenerateRequest("r1", "m", Task.CHAT, messages=({"role": "user", "content": "hi"},), stream=stream)
+
+
+async def test_a_stream_left_early_whose_cancel_cannot_be_sent_ends_cleanly(nursery):
+    # The link's channel broke after the request went out, before its reader noticed: the
+    # Cancel's ChannelClosed is swallowed (it was a NameError: link_stream.py did not import it).
+    from helexa.transport import ChannelClosed
+
+    link, neuron = _generating_link()
+    nursery.start_soon(link.serve)
+
+    async def broken(msg, **kw):  # noqa: ANN001, ANN003, ANN202
+        raise ChannelClosed("connection broken")
+
+    async with link.generate(_request(stream=True)):
+        assert (await neuron.receive()).request_id == "r1"
+        link.channel.send = broken
+    assert link.in_flight == 0

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from helexa.protocol import Cancel, EmbedRequest, EmbedResult, GenerateRequest, GenerateResult, ProtocolError, TokenChunk
+from helexa.transport import ChannelClosed
 
 from .neuron_reports import UNBOUNDED_MAX_TOKENS, counted_chunk, cut_result
 
