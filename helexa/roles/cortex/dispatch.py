@@ -32,6 +32,7 @@ from helexa.protocol import EmbedRequest, EmbedResult, GenerateRequest, Generate
 
 from .errors import ClientGone, GatewayError, ModelNotFound, NoCapacity, UpstreamTimeout, to_gateway_error
 from .fleet import CommandTimeout, NeuronGone, RemoteError
+from .link_stream import LinkStream
 from .metrics import Metrics
 from .scheduler import LiveLoad
 
@@ -314,6 +315,8 @@ class Dispatching:
         on return the scope is entered (``self._scope``) with the idle deadline, else it
         was left (and is None when that event is the result: nothing more comes)."""
         config = self._dispatcher.config
+        if type(events) is LinkStream and not self._request.stream:
+            return await self._whole(events, config)
         scope = self._scope = trio.CancelScope(deadline=trio.current_time() + config.first_token_timeout)
         scope.__enter__()
         try:
@@ -341,6 +344,29 @@ class Dispatching:
             scope = self._scope = trio.CancelScope()
             scope.__enter__()
         scope.deadline = now + config.idle_timeout
+        return first, now
+
+    async def _whole(self, stream: LinkStream, config: OrchestratorConfig) -> tuple[TokenChunk | GenerateResult, float]:
+        """:meth:`_first` for a whole answer from a neuron link: its first-token deadline is
+        kept by the link's watch (:meth:`.NeuronLink.expire`, every ``heartbeat_interval / 2``
+        of the control server), which ends the stream with the same :class:`UpstreamTimeout`,
+        rather than by a cancel scope: a scope with a deadline, entered and left, was ~40 of
+        the cortex's ~740 Python calls per request (docs/benchmarks.md, issue 17 item 2,
+        branch fab5). An answer long enough to come in pieces (past the neuron's
+        ``COLLECT_FLUSH_CHARS``) gets the idle deadline's scope from its first piece on."""
+        stream.timeout = config.first_token_timeout
+        stream.deadline = trio.current_time() + config.first_token_timeout
+        try:
+            first = await stream.__anext__()
+        except StopAsyncIteration:
+            raise RemoteError("empty_stream", "the neuron ended the stream without a result") from None
+        now = trio.current_time()
+        if type(first) is GenerateResult:
+            self._scope = None
+            return first, now
+        stream.deadline = math.inf  # from here on the idle deadline's scope, as for a stream
+        scope = self._scope = trio.CancelScope(deadline=now + config.idle_timeout)
+        scope.__enter__()
         return first, now
 
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
