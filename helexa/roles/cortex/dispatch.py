@@ -254,8 +254,10 @@ class Dispatching:
     sent (inside the target's context, so the two nest), with ``first_token_timeout`` for
     the first event, then moved to ``idle_timeout`` from event to event, and left on exit
     (around the caller's block); when the first event is the result (a non-streamed
-    answer) the scope is left at once, as nothing more comes from the neuron. Opening a scope costs several times what moving a deadline
-    does (docs/benchmarks.md, issue 17 item 2), and this was two scopes per request.
+    answer) the scope is left at once, as nothing more comes from the neuron. Opening a
+    scope costs several times what moving a deadline does (docs/benchmarks.md, issue 17
+    item 2), and this was two scopes per request. A non-streamed request on a neuron link
+    opens none: its first-token deadline is kept by the link's watch (:meth:`_whole`).
     """
 
     __slots__ = ("_dispatcher", "_request", "_pick", "_endpoint", "_keep_text", "_context", "_gen", "_scope",
