@@ -4,6 +4,7 @@ with deadlines, failover of unstarted requests and feedback (all on the virtual 
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
 import pytest
 import trio
@@ -198,3 +199,20 @@ async def test_an_outer_cancellation_at_the_first_event_deadline_stays_a_cancell
             pass
     assert outer.cancelled_caught and slow.cancelled == ["r1"]
     assert d.live.nodes["a"].in_flight == 0
+
+
+async def test_a_whole_answer_leaves_the_attempts_deadlines_at_once(autojump_clock) -> None:
+    # A non-streamed answer comes as one result: nothing more is read from the neuron, so
+    # the attempt's scope is left at that event (not moved to the idle deadline and kept
+    # around the caller's block, which cost a deadline re-filed per request). A block that
+    # outlasts idle_timeout after the result is the caller's own time, not a stalled neuron.
+    fleet = Fleet()
+    n = NeuronDouble("a", fleet, loaded=("m",), tokens=3, token_delay=1)
+    n.collect = True
+    pick, _ = picker(n)
+    async with dispatcher(idle_timeout=4).generate(replace(request(), stream=False), pick) as gen:
+        answered = trio.current_time()
+        await trio.sleep(10)
+        events = [e async for e in gen]
+    assert [type(e) for e in events] == [GenerateResult] and gen.result is events[0]
+    assert trio.current_time() - answered == 10 and n.cancelled == []

@@ -7,6 +7,7 @@ and text do to the operator's terminals and logs: ``test_hostile_neuron_text.py`
 from __future__ import annotations
 
 import math
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -15,6 +16,7 @@ import pytest
 import trio
 
 from helexa.protocol import (
+    Cancel,
     EmbedRequest,
     EmbedResult,
     GenerateResult,
@@ -155,6 +157,39 @@ async def test_a_neuron_streaming_past_max_tokens_is_cut_there_and_told_to_stop(
     assert chunks[-1].usage.completion_tokens == 5
     with trio.fail_after(5):
         await cancelled.wait()
+
+
+async def test_a_neuron_that_never_answers_a_whole_answer_times_it_out_at_the_first_token_deadline(nursery):
+    # A non-streamed request's first-token deadline is kept by the link's watch (the control
+    # server's watchdog, every heartbeat_interval / 2: 0.25 s here), not by a cancel scope
+    # of the request's own (dispatch.py, Dispatching._whole); the neuron is told to stop.
+    cancelled: list[str] = []
+
+    async def silent(channel: Channel, request) -> None:
+        await trio.sleep_forever()
+
+    async def commands(channel: Channel, msg) -> None:
+        if isinstance(msg, Cancel):
+            cancelled.append(msg.request_id)
+
+    fleet = Fleet()
+    url = await control(nursery, fleet)
+    nursery.start_soon(lambda: hostile(url, silent, commands=commands))
+    await until(lambda: "evil" in fleet)
+    async with portals(fleet, {}, orchestrator={"first_token_timeout": 1.0}) as (_, urls):
+        def run():
+            t0 = time.monotonic()
+            with pytest.raises(openai.APIStatusError) as err:
+                client(urls["default"]).chat.completions.create(
+                    model="chat", messages=[{"role": "user", "content": "hi"}], max_tokens=8)
+            return err.value, time.monotonic() - t0
+
+        err, took = await trio.to_thread.run_sync(run)
+    assert err.status_code == 504 and "did not start within 1s" in str(err.body)
+    assert 1.0 <= took < 3.0
+    await until(lambda: len(cancelled) == 1)
+    link = fleet.get("evil")
+    assert link.connected and link.in_flight == 0
 
 
 async def test_nan_and_negative_figures_neither_draw_requests_nor_break_the_fleet_view(nursery):

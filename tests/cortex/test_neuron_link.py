@@ -71,4 +71,64 @@ async def test_an_embedding_left_without_its_answer_tells_the_neuron_to_cancel(n
     with trio.fail_after(1):
         assert (await neuron.receive()).request_id == "e1"
         assert await neuron.receive() == Cancel("e1")
+
+
+def _generating_link():
+    from helexa.protocol import ModelState, ModelStatus
+
+    cortex_side, neuron = channel_pair()
+    link = NeuronLink(cortex_side, NeuronDescriptor("n1", Hardware(cpu_cores=1, ram_total=1)),
+                      models=(ModelStatus("m", ModelState.LOADED),))
+    return link, neuron
+
+
+def _request(stream: bool = False):
+    from helexa.protocol import GenerateRequest, Task
+
+    return GenerateRequest("r1", "m", Task.CHAT, messages=({"role": "user", "content": "hi"},), stream=stream)
+
+
+async def test_a_stream_past_its_deadline_ends_with_a_timeout_and_the_neuron_is_told_to_stop(nursery):
+    # The dispatcher's first-token deadline of a whole answer, kept by the link's watch
+    # (the control server's watchdog calls expire) rather than a cancel scope.
+    import pytest
+
+    from helexa.protocol import Cancel
+    from helexa.roles.cortex.errors import UpstreamTimeout
+
+    link, neuron = _generating_link()
+    nursery.start_soon(link.serve)
+    with pytest.raises(UpstreamTimeout, match="neuron n1 did not start within 5s"):
+        async with link.generate(_request()) as events:
+            assert (await neuron.receive()).request_id == "r1"
+            now = trio.current_time()
+            events.timeout, events.deadline = 5.0, now + 5
+            link.expire(now + 4.9)  # not yet: nothing happens
+            assert events.error is None
+
+            async def watch() -> None:
+                await trio.sleep(0.01)  # the consumer waits first
+                link.expire(now + 5)
+
+            nursery.start_soon(watch)
+            await events.__anext__()
+    with trio.fail_after(1):
+        assert await neuron.receive() == Cancel("r1")
+    assert link.in_flight == 0
+
+
+async def test_a_stream_left_early_whose_cancel_cannot_be_sent_ends_cleanly(nursery):
+    # The link's channel broke after the request went out, before its reader noticed: the
+    # Cancel's ChannelClosed is swallowed (it was a NameError: link_stream.py did not import it).
+    from helexa.transport import ChannelClosed
+
+    link, neuron = _generating_link()
+    nursery.start_soon(link.serve)
+
+    async def broken(msg, **kw):  # noqa: ANN001, ANN003, ANN202
+        raise ChannelClosed("connection broken")
+
+    async with link.generate(_request(stream=True)):
+        assert (await neuron.receive()).request_id == "r1"
+        link.channel.send = broken
     assert link.in_flight == 0

@@ -299,6 +299,7 @@ class ControlServer:
                 # A stall of the cortex itself (SIGSTOP, a paused VM) is not the neurons'
                 # silence: their heartbeats wait unread in the sockets meanwhile.
                 link.last_seen = excuse_stall(link.last_seen, now, checked, s.heartbeat_interval / 2)
+                link.expire(now)  # whole answers past their first-token deadline (dispatch.py)
                 # Loading or not, a neuron heartbeats: its models load in worker processes.
                 if link.connected and now - link.last_seen > silence:
                     log.warning("neuron %s missed %d heartbeats: unhealthy", link.node_id, s.missed_heartbeats)

@@ -18,6 +18,7 @@ the next request waiting for the slot).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
@@ -31,6 +32,7 @@ from helexa.protocol import EmbedRequest, EmbedResult, GenerateRequest, Generate
 
 from .errors import ClientGone, GatewayError, ModelNotFound, NoCapacity, UpstreamTimeout, to_gateway_error
 from .fleet import CommandTimeout, NeuronGone, RemoteError
+from .link_stream import LinkStream
 from .metrics import Metrics
 from .scheduler import LiveLoad
 
@@ -123,7 +125,8 @@ class Generation:
     """
 
     def __init__(self, node_id: str, first: TokenChunk | GenerateResult, events: AsyncIterator,
-                 idle: trio.CancelScope, idle_timeout: float, ttft: float, *, keep_text: bool = False) -> None:
+                 idle: trio.CancelScope | None, idle_timeout: float, ttft: float, *, keep_text: bool = False
+                 ) -> None:
         self.node_id = node_id
         self.result: GenerateResult | None = None
         self.ttft: float | None = ttft
@@ -135,7 +138,9 @@ class Generation:
         self._events = events
         self._idle = idle
         self._idle_timeout = idle_timeout
-        self._idle_at = idle.deadline  # where the deadline is now (kept here: reading it back costs a call)
+        # Where the deadline is now (kept here: reading it back costs a call). No scope when
+        # ``first`` is the result: nothing more is read.
+        self._idle_at = idle.deadline if idle is not None else math.inf
 
     def __aiter__(self) -> "Generation":
         return self
@@ -248,8 +253,11 @@ class Dispatching:
     One cancel scope per attempt holds both of its deadlines: entered once the request is
     sent (inside the target's context, so the two nest), with ``first_token_timeout`` for
     the first event, then moved to ``idle_timeout`` from event to event, and left on exit
-    (around the caller's block). Opening a scope costs several times what moving a deadline
-    does (docs/benchmarks.md, issue 17 item 2), and this was two scopes per request.
+    (around the caller's block); when the first event is the result (a non-streamed
+    answer) the scope is left at once, as nothing more comes from the neuron. Opening a
+    scope costs several times what moving a deadline does (docs/benchmarks.md, issue 17
+    item 2), and this was two scopes per request. A non-streamed request on a neuron link
+    opens none: its first-token deadline is kept by the link's watch (:meth:`_whole`).
     """
 
     __slots__ = ("_dispatcher", "_request", "_pick", "_endpoint", "_keep_text", "_context", "_gen", "_scope",
@@ -307,8 +315,10 @@ class Dispatching:
     async def _first(self, events: AsyncIterator[Any], node_id: str) -> tuple[TokenChunk | GenerateResult, float]:
         """The attempt's first event, within ``first_token_timeout``, and the time it came;
         on return the scope is entered (``self._scope``) with the idle deadline, else it
-        was left."""
+        was left (and is None when that event is the result: nothing more comes)."""
         config = self._dispatcher.config
+        if type(events) is LinkStream and not self._request.stream:
+            return await self._whole(events, config)
         scope = self._scope = trio.CancelScope(deadline=trio.current_time() + config.first_token_timeout)
         scope.__enter__()
         try:
@@ -323,11 +333,42 @@ class Dispatching:
         # One clock read for the checks below and the first token's time (each read is
         # three Python calls through trio).
         now = trio.current_time()
+        if type(first) is GenerateResult:
+            # The whole answer (a non-streamed request's one event): nothing more is read from
+            # the neuron, so there is no idle deadline to keep. The scope is left here, not
+            # moved to the idle deadline and left on exit (a deadline moved re-files it in
+            # trio's deadline heap: docs/benchmarks.md, issue 17 item 2, branch fab5).
+            scope.__exit__(None, None, None)
+            self._scope = None
+            return first, now
         if now >= scope.deadline:  # it passed just as the event came (the scope's only cancel): a fresh scope
             scope.__exit__(None, None, None)
             scope = self._scope = trio.CancelScope()
             scope.__enter__()
         scope.deadline = now + config.idle_timeout
+        return first, now
+
+    async def _whole(self, stream: LinkStream, config: OrchestratorConfig) -> tuple[TokenChunk | GenerateResult, float]:
+        """:meth:`_first` for a whole answer from a neuron link: its first-token deadline is
+        kept by the link's watch (:meth:`.NeuronLink.expire`, every ``heartbeat_interval / 2``
+        of the control server), which ends the stream with the same :class:`UpstreamTimeout`,
+        rather than by a cancel scope: a scope with a deadline, entered and left, was ~40 of
+        the cortex's ~740 Python calls per request (docs/benchmarks.md, issue 17 item 2,
+        branch fab5). An answer long enough to come in pieces (past the neuron's
+        ``COLLECT_FLUSH_CHARS``) gets the idle deadline's scope from its first piece on."""
+        stream.timeout = config.first_token_timeout
+        stream.deadline = trio.current_time() + config.first_token_timeout
+        try:
+            first = await stream.__anext__()
+        except StopAsyncIteration:
+            raise RemoteError("empty_stream", "the neuron ended the stream without a result") from None
+        now = trio.current_time()
+        if type(first) is GenerateResult:
+            self._scope = None
+            return first, now
+        stream.deadline = math.inf  # from here on the idle deadline's scope, as for a stream
+        scope = self._scope = trio.CancelScope(deadline=now + config.idle_timeout)
+        scope.__enter__()
         return first, now
 
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
@@ -337,12 +378,13 @@ class Dispatching:
             if exc is not None:
                 d._failed(gen.node_id, model_id, exc)
                 _mark(span, exc)
-            swallowed = idle.__exit__(exc_type, exc, tb)  # its own Cancelled: the idle deadline passed
+            # Its own Cancelled: the idle deadline passed (None: left at the first event, the result).
+            swallowed = idle.__exit__(exc_type, exc, tb) if idle is not None else False
             if exc is not None and not swallowed:
                 await self._context.__aexit__(exc_type, exc, tb)
                 return False
             await self._context.__aexit__(None, None, None)
-            if idle.cancelled_caught:
+            if idle is not None and idle.cancelled_caught:
                 raise UpstreamTimeout(f"the stream from neuron {gen.node_id} made no progress "
                                       f"for {d.config.idle_timeout:g}s")
             d._done(gen, model_id, self._endpoint, self._started)

@@ -4,13 +4,16 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import trio
 
 from helexa.protocol import Cancel, EmbedRequest, EmbedResult, GenerateRequest, GenerateResult, ProtocolError, TokenChunk
+from helexa.transport import ChannelClosed
 
+from .errors import UpstreamTimeout
 from .neuron_reports import UNBOUNDED_MAX_TOKENS, counted_chunk, cut_result
 
 if TYPE_CHECKING:
@@ -37,7 +40,7 @@ class LinkStream:
     """
 
     __slots__ = ("link", "request", "chunks", "final", "error", "waiter", "woken", "started", "delivered",
-                 "generating", "limit", "seen", "cut")
+                 "generating", "limit", "seen", "cut", "deadline", "timeout")
 
     def __init__(self, link: "NeuronLink", request: GenerateRequest | EmbedRequest) -> None:
         self.link = link
@@ -52,7 +55,12 @@ class LinkStream:
         self.generating = type(request) is GenerateRequest
         self.limit = (request.sampling.max_tokens or UNBOUNDED_MAX_TOKENS) if self.generating else 0
         self.seen = 0  # the tokens the chunks counted for, as held to their bounds
-        self.cut = False  # ended here at ``limit``: the neuron is still generating
+        self.cut = False  # ended here (at ``limit``, or past ``deadline``): the neuron is still generating
+        self.deadline = math.inf
+        """When the link's watch (:meth:`expire`) ends this stream with an :class:`UpstreamTimeout`
+        if nothing ended it before: set by the dispatcher for a whole answer's one event
+        (``first_token_timeout``) in place of a cancel scope of its own."""
+        self.timeout = 0.0  # the timeout that set ``deadline`` (for the error's message)
 
     # --- the reader's side ----------------------------------------------------------------
 
@@ -85,6 +93,13 @@ class LinkStream:
         if self.final is None and self.error is None:
             self.error = error
         self._wake()
+
+    def expire(self, now: float) -> None:
+        """Past its ``deadline`` with no end: fail it with an :class:`UpstreamTimeout` (the
+        neuron is told to stop when the consumer leaves, as for a cut)."""
+        if now >= self.deadline and self.final is None and self.error is None:
+            self.cut = True
+            self.fail(UpstreamTimeout(f"neuron {self.link.node_id} did not start within {self.timeout:g}s"))
 
     def _wake(self) -> None:
         task = self.waiter

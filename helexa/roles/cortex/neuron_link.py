@@ -432,6 +432,13 @@ class NeuronLink:
         if self._streams.pop(stream.request.request_id, None) is stream:
             self.in_flight -= 1
 
+    def expire(self, now: float) -> None:
+        """End the streams past their deadline (:meth:`.LinkStream.expire`); the control
+        server's watchdog calls this every ``heartbeat_interval / 2``."""
+        for stream in list(self._streams.values()):
+            if now >= stream.deadline:
+                stream.expire(now)
+
     async def ping(self, nonce: int, *, timeout: float) -> None:
         """Round trip one Ping/Pong with the neuron (a liveness probe). Raises
         :class:`NeuronGone`, or ``trio.TooSlowError`` after ``timeout``."""
