@@ -9,6 +9,7 @@ finds the admin token as :mod:`helexa.admin_client` says (``--data-dir``,
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import click

@@ -71,7 +71,6 @@ from helexa.protocol import (
     ModelState,
     ModelStatus,
     Task,
-    TokenChunk,
     Usage,
     Workload,
 )

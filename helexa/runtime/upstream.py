@@ -46,7 +46,6 @@ let them through as they are)::
 
 from __future__ import annotations
 
-import socket
 import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit

@@ -20,7 +20,7 @@ import trio
 
 from . import sse
 from .disconnect_watch import DisconnectWatch
-from .errors import BadRequest, ClientGone, MethodNotAllowed, NotFound, PayloadTooLarge, RequestTimeout
+from .errors import ClientGone, MethodNotAllowed, NotFound, PayloadTooLarge, RequestTimeout
 from .http import BODY_EXTENSION, CANCEL_EXTENSION
 
 if TYPE_CHECKING:

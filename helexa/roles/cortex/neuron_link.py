@@ -17,7 +17,6 @@ from dataclasses import dataclass, field, replace
 import trio
 
 from helexa.protocol import (
-    Cancel,
     EmbedRequest,
     EmbedResult,
     Fault,

@@ -16,7 +16,6 @@ import logging
 import signal
 import ssl
 from collections.abc import Callable
-from pathlib import Path
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 

@@ -65,7 +65,7 @@ MAX_LOGGED_UNKNOWN = 200
 a client inventing names cannot grow the set or the log."""
 
 __all__ = ["ChatCompletionRequest", "CompletionRequest", "EmbeddingRequest", "parse", "to_generate_request",
-           "to_embed_request", "Choices", "completion_body", "completion_response", "embedding_response"]
+           "to_embed_request"]
 
 M = TypeVar("M", bound=Lenient)
 
