@@ -168,3 +168,33 @@ async def test_an_update_whose_body_comes_after_another_change_keeps_that_change
     else:
         assert shown["limits"]["budget"] == 2.0 and stored.limits.budget == 2.0
         assert old.status_code == 200
+
+
+async def test_a_concurrency_limit_given_to_a_key_counts_its_answers_already_running() -> None:
+    # A key with no limits has no quota account; one made by an update started empty: the
+    # key's two answers running did not count against max_concurrent = 2, and two more ran.
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("chat",), tokens=3, token_delay=0.3)
+    async with portals(fleet, {"acme": acme()}) as (gateway, urls):
+        with trio.fail_after(30):
+            async with httpx.AsyncClient(base_url=urls["default"], headers=admin_headers()) as admin, \
+                    httpx.AsyncClient(base_url=urls["acme"], timeout=20) as api:
+                made = (await admin.post("/admin/keys", json={"portal": "acme", "name": "k"})).json()
+                answers: list[int] = []
+
+                async def ask() -> None:
+                    answers.append((await api.post("/v1/chat/completions", json=CHAT,
+                                                   headers=bearer(made["key"]))).status_code)
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(ask)
+                    nursery.start_soon(ask)
+                    await trio.sleep(0.3)  # both admitted, generating
+                    r = await admin.patch(f"/admin/keys/{made['key_id']}", json={"max_concurrent": 2})
+                    assert r.status_code == 200, r.text
+                    during = await api.post("/v1/chat/completions", json=CHAT, headers=bearer(made["key"]))
+                after = await api.post("/v1/chat/completions", json=CHAT, headers=bearer(made["key"]))
+                shown = (await admin.get(f"/admin/keys/{made['key_id']}")).json()
+    assert answers == [200, 200]
+    assert during.status_code == 429 and "at most 2 concurrent" in during.json()["error"]["message"], during.text
+    assert after.status_code == 200 and shown["quota"]["in_flight"] == 0
