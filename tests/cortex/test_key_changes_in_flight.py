@@ -198,3 +198,32 @@ async def test_a_concurrency_limit_given_to_a_key_counts_its_answers_already_run
     assert answers == [200, 200]
     assert during.status_code == 429 and "at most 2 concurrent" in during.json()["error"]["message"], during.text
     assert after.status_code == 200 and shown["quota"]["in_flight"] == 0
+
+
+@pytest.mark.parametrize("change, status, kind", [
+    ("revoke", 401, "authentication_error"),
+    ("models", 404, "not_found_error"),
+])
+async def test_anthropic_count_tokens_reads_its_key_as_it_is_once_its_body_is_in(change: str, status: int,
+                                                                                 kind: str) -> None:
+    # count_tokens runs no model, but it held its head's record of the key: a revoked key
+    # could still count tokens, and a key narrowed away from a model count its prompts.
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("chat",))
+    async with portals(fleet, {"acme": acme(surfaces=["openai", "anthropic"])}) as (gateway, urls):
+        with trio.fail_after(30):
+            async with httpx.AsyncClient(base_url=urls["default"], headers=admin_headers()) as admin:
+                made = (await admin.post("/admin/keys", json={"portal": "acme", "name": "k"})).json()
+                kid = made["key_id"]
+
+                async def operator() -> None:
+                    if change == "revoke":
+                        r = await admin.post(f"/admin/keys/{kid}/revoke")
+                    else:
+                        r = await admin.patch(f"/admin/keys/{kid}", json={"models": ["embed"]})
+                    assert r.status_code == 200, r.text
+
+                body = {"model": "fast", "messages": [{"role": "user", "content": "x"}]}
+                got, answer = await head_then_body(urls["acme"], made["key"], "/v1/messages/count_tokens", body,
+                                                   operator)
+    assert (got, answer["type"], answer["error"]["type"]) == (status, "error", kind), answer
