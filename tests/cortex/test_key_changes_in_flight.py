@@ -168,3 +168,62 @@ async def test_an_update_whose_body_comes_after_another_change_keeps_that_change
     else:
         assert shown["limits"]["budget"] == 2.0 and stored.limits.budget == 2.0
         assert old.status_code == 200
+
+
+async def test_a_concurrency_limit_given_to_a_key_counts_its_answers_already_running() -> None:
+    # A key with no limits has no quota account; one made by an update started empty: the
+    # key's two answers running did not count against max_concurrent = 2, and two more ran.
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("chat",), tokens=3, token_delay=0.3)
+    async with portals(fleet, {"acme": acme()}) as (gateway, urls):
+        with trio.fail_after(30):
+            async with httpx.AsyncClient(base_url=urls["default"], headers=admin_headers()) as admin, \
+                    httpx.AsyncClient(base_url=urls["acme"], timeout=20) as api:
+                made = (await admin.post("/admin/keys", json={"portal": "acme", "name": "k"})).json()
+                answers: list[int] = []
+
+                async def ask() -> None:
+                    answers.append((await api.post("/v1/chat/completions", json=CHAT,
+                                                   headers=bearer(made["key"]))).status_code)
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(ask)
+                    nursery.start_soon(ask)
+                    await trio.sleep(0.3)  # both admitted, generating
+                    r = await admin.patch(f"/admin/keys/{made['key_id']}", json={"max_concurrent": 2})
+                    assert r.status_code == 200, r.text
+                    during = await api.post("/v1/chat/completions", json=CHAT, headers=bearer(made["key"]))
+                after = await api.post("/v1/chat/completions", json=CHAT, headers=bearer(made["key"]))
+                shown = (await admin.get(f"/admin/keys/{made['key_id']}")).json()
+    assert answers == [200, 200]
+    assert during.status_code == 429 and "at most 2 concurrent" in during.json()["error"]["message"], during.text
+    assert after.status_code == 200 and shown["quota"]["in_flight"] == 0
+
+
+@pytest.mark.parametrize("change, status, kind", [
+    ("revoke", 401, "authentication_error"),
+    ("models", 404, "not_found_error"),
+])
+async def test_anthropic_count_tokens_reads_its_key_as_it_is_once_its_body_is_in(change: str, status: int,
+                                                                                 kind: str) -> None:
+    # count_tokens runs no model, but it held its head's record of the key: a revoked key
+    # could still count tokens, and a key narrowed away from a model count its prompts.
+    fleet = Fleet()
+    NeuronDouble("n1", fleet, loaded=("chat",))
+    async with portals(fleet, {"acme": acme(surfaces=["openai", "anthropic"])}) as (gateway, urls):
+        with trio.fail_after(30):
+            async with httpx.AsyncClient(base_url=urls["default"], headers=admin_headers()) as admin:
+                made = (await admin.post("/admin/keys", json={"portal": "acme", "name": "k"})).json()
+                kid = made["key_id"]
+
+                async def operator() -> None:
+                    if change == "revoke":
+                        r = await admin.post(f"/admin/keys/{kid}/revoke")
+                    else:
+                        r = await admin.patch(f"/admin/keys/{kid}", json={"models": ["embed"]})
+                    assert r.status_code == 200, r.text
+
+                body = {"model": "fast", "messages": [{"role": "user", "content": "x"}]}
+                got, answer = await head_then_body(urls["acme"], made["key"], "/v1/messages/count_tokens", body,
+                                                   operator)
+    assert (got, answer["type"], answer["error"]["type"]) == (status, "error", kind), answer

@@ -134,8 +134,9 @@ class AnthropicSurface:
 
     async def count_tokens(self, ex: Exchange) -> None:
         body = parse(CountTokensRequest, await ex.body())
-        caller = ex.caller
-        assert caller is not None
+        assert ex.caller is not None
+        # its key as it is now that the body is in, not at its head: a revoke between them is a 401
+        caller = self.metering.current(ex.caller, self.metering.clock())
         served = caller.portal.resolve(body.model, caller.key)
         if self.metering.catalogue.get(served) is None and all(
                 m["id"] != served for m in self.metering.orchestrator.models()):

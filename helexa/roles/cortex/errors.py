@@ -100,8 +100,8 @@ class Conflict(GatewayError):
 class ModelNotFound(NotFound):
     code = "model_not_found"
 
-    def __init__(self, model: str) -> None:
-        super().__init__(f"The model '{model}' does not exist or is not served here", param="model")
+    def __init__(self, model: str, why: str = "") -> None:
+        super().__init__(why or f"The model '{model}' does not exist or is not served here", param="model")
 
 
 class Unauthorized(GatewayError):

@@ -35,7 +35,7 @@ from .gateway import Gateway
 from .metrics import Metrics
 from .orchestrator import Orchestrator
 from .portal.portal import Portal
-from .reload import PORTAL_RESTART_FIELDS, ReloadReport, plan_reload
+from .reload import PORTAL_RESTART_FIELDS, ReloadReport, plan_reload, stranded_keys
 from .shutdown import drain
 
 if TYPE_CHECKING:
@@ -251,6 +251,9 @@ class Cortex:
             portal_config = new.portals[pid].model_copy(update=kept)
             live.portals[pid] = portal_config
             portal: Portal = self.gateway.portals[pid]
+            after = Portal(pid, portal_config)
+            report.warnings += stranded_keys(pid, self.gateway.keyring.list(pid), portal.serves, after.serves,
+                                             portal_config.aliases)
             portal.reconfigure(portal_config)
             self.gateway.metering.portal_changed(portal)
         for name in type(live.orchestrator).model_fields:
@@ -268,7 +271,7 @@ class Cortex:
             logging.getLogger().setLevel(getattr(logging, new.log_level.upper(), logging.INFO))
         self.orchestrator.provisioner.wake()
         self.fleet.notify()
-        log.info("%s", report.line())
+        (log.warning if report.warnings else log.info)("%s", report.line())  # warnings: the operator must act
         return report
 
 

@@ -20,10 +20,14 @@ the key) and the running config stays.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import CortexConfig
+
+if TYPE_CHECKING:
+    from .portal.keys import ApiKey
 
 PORTAL_RESTART_FIELDS = frozenset({"listen", "tls_cert_file", "tls_key_file", "surfaces"})
 """A portal's settings bound to its sockets and routes: kept as started until a restart."""
@@ -50,6 +54,9 @@ class ReloadReport:
     restart: list[str] = field(default_factory=list)
     pins_dropped: list[str] = field(default_factory=list)
     """``MODEL on NEURON``: pins of the models the catalogue dropped, dropped with them."""
+    warnings: list[str] = field(default_factory=list)
+    """What the operator must act on, one sentence each (keys whose ``models`` name a
+    name their portal no longer serves: :func:`stranded_keys`)."""
 
     def line(self) -> str:
         """One log line: what changed live and what needs a restart."""
@@ -59,11 +66,41 @@ class ReloadReport:
         text = "reload: " + ("applied " + ", ".join(applied) if applied else "nothing changed")
         if self.restart:
             text += "; needs a restart to apply: " + ", ".join(self.restart)
+        if self.warnings:
+            text += "; warnings: " + "; ".join(self.warnings)
         return text
 
     def as_dict(self) -> dict[str, Any]:
         return {"catalogue": self.catalogue, "applied": self.live, "needs_restart": self.restart,
-                "pins_dropped": self.pins_dropped, "message": self.line()}
+                "pins_dropped": self.pins_dropped, "warnings": self.warnings, "message": self.line()}
+
+
+def stranded_keys(portal_id: str, keys: Iterable[ApiKey], served_before: Callable[[str], str | None],
+                  served_after: Callable[[str], str | None], aliases_after: dict[str, str]) -> list[str]:
+    """Warnings for the keys of ``portal_id`` restricted (``models``) to a name the portal
+    served before a reload and no longer does (an alias renamed or removed, a model no
+    longer listed), one per name. Such a key keeps its list as it is: it may not use the
+    name's new alias (a reload never widens a restricted key's access), and the old name
+    is refused with a 404 that says why, until the operator updates the key's models.
+    ``served_before`` / ``served_after``: the portal's ``serves`` before and after."""
+    by_name: dict[str, list[str]] = {}
+    for key in keys:
+        if key.portal != portal_id or key.models is None or key.revoked_at is not None:
+            continue
+        for name in key.models:
+            if served_after(name) is None and served_before(name) is not None:
+                by_name.setdefault(name, []).append(key.key_id)
+    out = []
+    for name, key_ids in sorted(by_name.items()):
+        target = served_before(name)
+        now_as = sorted(alias for alias, model in aliases_after.items() if model == target)
+        if served_after(target or "") is not None and target not in now_as:
+            now_as.append(str(target))
+        renamed = f" (its model is now served as {', '.join(repr(n) for n in now_as)})" if now_as else ""
+        out.append(f"portal {portal_id} no longer serves {name!r}{renamed}, which the models of key"
+                   f"{'s' if len(key_ids) > 1 else ''} {', '.join(sorted(key_ids))} name: refused (404) to "
+                   f"them until `helexa keys update KEY --models ...`")
+    return out
 
 
 def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:

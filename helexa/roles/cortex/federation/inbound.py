@@ -188,9 +188,7 @@ class InboundServer:
                     # the asking cortex's tenants stay apart, from this cortex's and from another peer's
                     request = replace(request, cache_scope=peer_scope(peer, request.cache_scope))
                     return await self._serve_generate(stream, reader, exchange, request, model)
-                reader.end()
-                await self._serve_embed(stream, request, model)
-                return True
+                return await self._serve_embed(stream, reader, exchange, request, model)
         finally:
             self._admission.release(peer)
 
@@ -286,28 +284,44 @@ class InboundServer:
         await self._ledger.arecord(SERVED, receipt)
         return not exchange.asker_gone
 
-    async def _serve_embed(self, stream: MessageStream, request: EmbedRequest, model: OfferedModel) -> None:
+    async def _serve_embed(self, stream: MessageStream, reader: StreamReader, exchange: Exchange,
+                           request: EmbedRequest, model: OfferedModel) -> bool:
+        """Serve an embedding under ``exchange``'s scope, as a generation is: a ``Cancel``
+        from the asker (its client left, its key was revoked) or the stream breaking stops
+        the local embedding, whose neuron is told to stop, and the receipt says
+        ``cancelled``. True if the stream is clean for the next request."""
         assert self._embed is not None
         started = self._clock()
         prompt = 0
-        try:
-            result = await self._embed(request)
-            prompt = result.usage.prompt_tokens
-            outcome = "ok"
-            await stream.send(result, timeout=self._t.send)
-        except (StreamClosed, StreamTimeout):
-            raise
-        except Exception as exc:
-            outcome = "error"
-            await self._send_error(stream, request.request_id, exc)
+        outcome = "ok"
+        with exchange.scope:
+            try:
+                result = await self._embed(request)
+                prompt = result.usage.prompt_tokens
+                reader.end()  # the answer goes: from here on frames are the next request's
+                if not exchange.cancelled:
+                    await stream.send(result, timeout=self._t.send)
+            except (StreamClosed, StreamTimeout):
+                exchange.cancelled = exchange.asker_gone = True
+            except Exception as exc:
+                outcome = "error"
+                reader.end()
+                await self._send_error(stream, request.request_id, exc)
+        reader.end()
         receipt = sign_receipt(
-            self._identity, request_id=request.request_id, model_id=request.model_id, prompt_tokens=prompt,
+            self._identity, request_id=request.request_id, model_id=request.model_id,
+            prompt_tokens=0 if exchange.cancelled else prompt,  # a cut embedding gave nothing: billed nothing
             completion_tokens=0, price_input=model.price_input, price_output=model.price_output,
-            started_at=started, ended_at=self._clock(), client_peer_id=stream.remote_peer, outcome=outcome)
+            started_at=started, ended_at=self._clock(), client_peer_id=stream.remote_peer,
+            outcome="cancelled" if exchange.cancelled else outcome)
         try:
-            await stream.send(receipt, timeout=self._t.send)
+            if not exchange.asker_gone:
+                await stream.send(receipt, timeout=self._t.send)
+        except (StreamClosed, StreamTimeout):
+            exchange.asker_gone = True
         finally:
             await self._ledger.arecord(SERVED, receipt)
+        return not exchange.asker_gone
 
     async def _send_error(self, stream: MessageStream, request_id: str, exc: Exception) -> None:
         err = InferenceError(request_id, str(getattr(exc, "code", "internal_error")), str(exc) or type(exc).__name__,

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ..errors import Unauthorized
 from .keys import ApiKey, Keyring
 from .portal import Portal
-from .quota import Account, Limits, period_bounds, rate_headers
+from .quota import Account, Limits, Reservation, period_bounds, rate_headers
 
 if TYPE_CHECKING:
     from .metered import MeteredGeneration
@@ -27,6 +27,18 @@ if TYPE_CHECKING:
     from .store import Store
 
 T = TypeVar("T")
+
+
+class Admission:
+    """A request admitted and not yet settled: its key's id, its worst case, and the accounts
+    it will be settled on (a list that :meth:`AccountBook.count_running` may add to)."""
+
+    __slots__ = ("key_id", "reservation", "accounts")
+
+    def __init__(self, key_id: str, reservation: Reservation, accounts: list[Account]) -> None:
+        self.key_id = key_id
+        self.reservation = reservation
+        self.accounts = accounts
 
 
 class AccountBook:
@@ -44,6 +56,8 @@ class AccountBook:
         """The portal of each key's account (by subject)."""
         self.keyring: Keyring | None = None
         """The keys as they are now (the gateway's), for :meth:`current`."""
+        self.running: dict[str, set[Admission]] = {}
+        """The requests admitted and not yet settled, by portal id (:meth:`count_running`)."""
 
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
         raise NotImplementedError
@@ -51,11 +65,68 @@ class AccountBook:
     def _account(self, subject: str, label: str, limits: Limits, now: float, portal: Portal) -> Account:
         account = self._accounts.get(subject)
         if account is None:
-            account = self._accounts[subject] = Account(label, limits, now, currency=portal.currency)
-            self._portal_of[subject] = portal.id
+            account = self._new_account(subject, label, limits, now, portal.id, portal.currency)
         elif account.limits is not limits and account.limits != limits:
-            account.set_limits(limits, now)
+            self._set_limits(subject, account, limits, now)
         return account
+
+    def _new_account(self, subject: str, label: str, limits: Limits, now: float, portal_id: str,
+                     currency: str) -> Account:
+        account = self._accounts[subject] = Account(label, limits, now, currency=currency)
+        self._portal_of[subject] = portal_id
+        self.count_running(subject, account, now)
+        return account
+
+    def _set_limits(self, subject: str, account: Account, limits: Limits, now: float) -> bool:
+        """:meth:`Account.set_limits`, and the requests running counted on a rate limit it
+        did not have; returns what that does (the budget period changed)."""
+        fresh = (account.requests is None and bool(limits.rpm), account.tokens is None and bool(limits.tpm))
+        changed = account.set_limits(limits, now)
+        if any(fresh):
+            self.count_running(subject, account, now, fresh)
+        return changed
+
+    def admitted(self, caller: Caller, reservation: Reservation, accounts: list[Account]) -> Admission:
+        """Note a request just admitted against ``accounts`` (the list it is settled on)
+        until :meth:`settled`: a limit made while it runs counts it."""
+        admission = Admission(caller.key_id, reservation, accounts)
+        running = self.running.get(caller.portal.id)
+        if running is None:
+            running = self.running[caller.portal.id] = set()
+        running.add(admission)
+        return admission
+
+    def settled(self, portal_id: str, admission: Admission) -> None:
+        """``admission`` is settled (its accounts are, at once, with no await between)."""
+        running = self.running.get(portal_id)
+        if running is not None:
+            running.discard(admission)
+            if not running:
+                del self.running[portal_id]
+
+    def count_running(self, subject: str, account: Account, now: float,
+                      fresh: tuple[bool, bool] = (True, True)) -> None:
+        """Count the requests of ``subject`` (a key's, or all its portal's) that are running
+        on ``account``, just made or given an ``rpm`` / ``tpm`` limit (``fresh``: which of
+        those two buckets is new) by a reload or a key's update: a request admitted before
+        it holds a concurrency slot of it, its worst case reserved and taken from its
+        buckets, as if admitted against it, and is settled on it. Else a limit a reload
+        adds (``max_concurrent = 2``) admitted two more requests beside those already
+        running. On an account it was admitted against, only a new bucket takes its share."""
+        portal_id = self._portal_of.get(subject)
+        key_id = subject[4:] if subject.startswith("key:") else None
+        for admission in self.running.get(portal_id or "", ()):
+            if key_id is not None and admission.key_id != key_id:
+                continue
+            r = admission.reservation
+            if all(a is not account for a in admission.accounts):
+                account.reserve(r, now)
+                admission.accounts.append(account)
+                continue
+            if fresh[0] and account.requests is not None and r.requests:
+                account.requests.take(r.requests, now)
+            if fresh[1] and account.tokens is not None:
+                account.tokens.take(r.tokens, now)
 
     def current(self, caller: Caller, now: float) -> Caller:
         """``caller`` with its key's record as it is now. A request is authenticated when its
@@ -157,7 +228,7 @@ class AccountBook:
             self._accounts.pop(subject, None)
             self._portal_of.pop(subject, None)
             return
-        if account is None or account.set_limits(key.limits, now):
+        if account is None or self._set_limits(subject, account, key.limits, now):
             currency = self._currencies.get(key.portal, "")
             start = period_bounds(key.limits.period, now)[0]
             spent = await self.blocking(self.store.spent_since, "key_id", start, {key.key_id: currency})
@@ -165,8 +236,10 @@ class AccountBook:
             if account is None:
                 if key.limits.unlimited:
                     return
-                account = self._accounts[subject] = Account(f"key {key.key_id}", key.limits, now, currency=currency)
-                self._portal_of[subject] = key.portal
+                account = self._accounts.get(subject)  # made by a request during the read
+                if account is None:
+                    account = self._new_account(subject, f"key {key.key_id}", key.limits, self.clock(), key.portal,
+                                                currency)
             account.restore(money, tokens)
 
     def portal_changed(self, portal: Portal) -> None:
@@ -180,13 +253,12 @@ class AccountBook:
             self._recount_currency(portal, now)
         self._currencies[portal.id] = portal.currency
         account = self._accounts.get(subject)
-        if account is not None and not account.set_limits(limits, now):
+        if account is not None and not self._set_limits(subject, account, limits, now):
             return
         if account is None:
             if limits.unlimited:
                 return
-            account = self._accounts[subject] = Account(f"portal {portal.id}", limits, now, currency=portal.currency)
-            self._portal_of[subject] = portal.id
+            account = self._new_account(subject, f"portal {portal.id}", limits, now, portal.id, portal.currency)
         start = period_bounds(limits.period, now)[0]
         money, tokens = self.store.spent_since("portal", start, {portal.id: portal.currency}).get(portal.id, (0.0, 0))
         account.restore(money, tokens)

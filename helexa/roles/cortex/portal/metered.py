@@ -25,6 +25,7 @@ _COUNT_TIMEOUT_S = 5.0
 
 if TYPE_CHECKING:
     from ..orchestrator import OnWait
+    from .accounts import Admission
     from .metering import Caller, Metering, Plan
 
 
@@ -107,7 +108,7 @@ class MeteredRun:
 
     __slots__ = ("_metering", "_caller", "_request", "_endpoint", "_on_wait", "_image", "_session",
                  "_plan", "_accounts", "_run", "_context", "_gen", "_started", "_t0", "_token", "_copies",
-                 "_choice", "_group", "_admitted")
+                 "_choice", "_group", "_admitted", "_admission")
 
     def __init__(self, metering: Metering, caller: Caller, request: GenerateRequest, endpoint: str,
                  on_wait: OnWait | None, image: str | None, session: str | None, copies: int = 1, choice: int = 0,
@@ -124,6 +125,7 @@ class MeteredRun:
         self._image = image
         self._session = session
         self._token: Any = None
+        self._admission: Admission | None = None
 
     async def __aenter__(self) -> MeteredGeneration:
         m, request = self._metering, self._request
@@ -153,12 +155,14 @@ class MeteredRun:
                 # (its refusal cancels the rest while they wait here, holding nothing).
                 await self._admitted.wait()
                 now = m.clock()
+                accounts[:] = m.accounts(caller, now)  # a reload may have given it limits meanwhile
             if accounts and (refusal := admit(accounts, plan.reservation, now)) is not None:
                 m._refuse(caller, refusal)
             if self._choice == 0 and self._admitted is not None:
                 self._admitted.set()
         elif accounts and (refusal := admit(accounts, plan.reservation, now)) is not None:
             plan = self._plan = await self._recounted(request, plan, refusal, served, accounts, now)
+        self._admission = m.admitted(caller, plan.reservation, accounts)  # settled by _book
         run = self._run = MeteredGeneration(whole=not request.stream)
         if caller.key is not None:
             m.live.setdefault(caller.key.key_id, set()).add(run)
@@ -224,6 +228,8 @@ class MeteredRun:
         if refusal.code in ("too_large", "tokens", "budget"):
             exact = await self._exact(request, plan, served)
             if exact.reservation.tokens < plan.reservation.tokens:  # (else it carries only the count)
+                now = m.clock()
+                accounts[:] = m.accounts(caller, now)  # a reload may have given it limits meanwhile
                 again = admit(accounts, exact.reservation, now)
                 if again is None:
                     return exact
@@ -264,7 +270,7 @@ class MeteredRun:
         self._reset()
         m = self._metering
         await m._record(m._book_generation(self._caller, self._plan, self._accounts, run, self._endpoint,
-                                           self._started, self._t0, None, self._group))
+                                           self._started, self._t0, None, self._group, self._admission))
         if run.result is None:
             raise UpstreamError("the generation ended without a result", code="empty_stream")
         return bool(suppressed)
@@ -278,7 +284,7 @@ class MeteredRun:
                 # a prompt billed here, with no exact count yet (neither the edge's nor the neuron's)
                 plan = self._plan = await self._counted_prompt(plan)
             await m._record(m._book_generation(self._caller, plan, self._accounts, self._run, self._endpoint,
-                                               self._started, self._t0, exc, self._group))
+                                               self._started, self._t0, exc, self._group, self._admission))
             if (public := as_asked(exc, plan.asked, plan.forward.model_id)) is not None:
                 raise public from None  # never name the model behind an alias
         finally:

@@ -50,7 +50,7 @@ from ..errors import (BadRequest, ClientGone, GatewayError, InsufficientQuota, M
                       UpstreamError, as_asked, to_gateway_error)
 from ..metrics import Metrics
 from ..prompt_size import prompt_bytes, prompt_upper_bound
-from .accounts import AccountBook
+from .accounts import AccountBook, Admission
 from .keys import ApiKey
 from .metered import MeteredGeneration, MeteredRun, neurons_count
 from .portal import Portal
@@ -301,6 +301,7 @@ class Metering(AccountBook):
         now = self.clock()
         accounts = self.accounts(caller, now)
         self._admit(caller, plan, accounts, now)
+        admission = self.admitted(caller, plan.reservation, accounts)
         started = self.clock()
         t0 = trio.current_time()
         token = ASK_POLICY.set(portal.ask_policy) if portal.ask_policy is not None else None
@@ -317,7 +318,7 @@ class Metering(AccountBook):
         except BaseException as exc:
             told = run.halted(exc)
             await self._record(self._book(caller, plan, accounts, "embeddings", started, t0, prompt=0, completion=0,
-                                          cached=0, error=told))
+                                          cached=0, error=told, admission=admission))
             if (public := as_asked(told, plan.asked, plan.forward.model_id)) is not None:
                 raise public from None  # never name the model behind an alias
             if told is not exc:
@@ -331,7 +332,8 @@ class Metering(AccountBook):
                 if not live and self.live.get(caller.key.key_id) is live:
                     del self.live[caller.key.key_id]
         await self._record(self._book(caller, plan, accounts, "embeddings", started, t0,
-                                      prompt=result.usage.prompt_tokens, completion=0, cached=0, error=None))
+                                      prompt=result.usage.prompt_tokens, completion=0, cached=0, error=None,
+                                      admission=admission))
         return result
 
     async def preload(self, caller: Caller, request: GenerateRequest, *, on_wait: OnWait | None = None) -> None:
@@ -351,6 +353,7 @@ class Metering(AccountBook):
         reserved = Reservation(1, portal.price(asked)[0] / 1_000_000, lower="")
         if accounts and (refusal := admit(accounts, reserved, now)) is not None:
             self._refuse(caller, refusal)
+        admission = self.admitted(caller, reserved, accounts)
         token = ASK_POLICY.set(portal.ask_policy) if portal.ask_policy is not None else None
         try:
             await self.orchestrator.preload(dataclasses.replace(request, model_id=served), on_wait=on_wait,
@@ -362,6 +365,7 @@ class Metering(AccountBook):
         finally:
             if token is not None:
                 ASK_POLICY.reset(token)
+            self.settled(portal.id, admission)
             for account in accounts:
                 account.settle(reserved, 0, 0.0, self.clock())
 
@@ -369,7 +373,8 @@ class Metering(AccountBook):
 
     def _book_generation(self, caller: Caller, plan: Plan, accounts: list[Account], run: MeteredGeneration,
                          endpoint: str, started: float, t0: float, error: BaseException | None,
-                         group: Sequence[MeteredGeneration | None] = ()) -> UsageRecord | None:
+                         group: Sequence[MeteredGeneration | None] = (),
+                         admission: Admission | None = None) -> UsageRecord | None:
         """``group``: the generations of every choice of the request (OpenAI's ``n``)."""
         final = run.final
         if final is not None and error is None:
@@ -384,7 +389,7 @@ class Metering(AccountBook):
                     u.prompt_tokens, run.completion_tokens, u.cached_tokens)
             record = self._book(caller, plan, accounts, endpoint, started, t0, prompt=billed.prompt_tokens,
                                 completion=billed.completion_tokens, cached=billed.cached_tokens, error=None,
-                                node_id=run.node_id, ttft=run.ttft)
+                                node_id=run.node_id, ttft=run.ttft, admission=admission)
             run.result = final if billed is u else dataclasses.replace(final, usage=billed)
             return record
         completion = run.completion_tokens
@@ -397,17 +402,21 @@ class Metering(AccountBook):
                 prompt = plan.prompt_tokens if plan.prompt_tokens is not None else math.ceil(plan.prompt_bytes / 4)
         return self._book(caller, plan, accounts, endpoint, started, t0, prompt=prompt, completion=completion,
                           cached=0, error=error if error is not None else UpstreamError("no result"),
-                          node_id=run.node_id, ttft=run.ttft)
+                          node_id=run.node_id, ttft=run.ttft, admission=admission)
 
     def _book(self, caller: Caller, plan: Plan, accounts: list[Account], endpoint: str, started: float,
               t0: float, *, prompt: int, completion: int, cached: int, error: BaseException | None,
-              node_id: str = "", ttft: float | None = None) -> UsageRecord | None:
+              node_id: str = "", ttft: float | None = None,
+              admission: Admission | None = None) -> UsageRecord | None:
         """Settle the accounts and count the metrics, at once (nothing here awaits, so no
         cancellation can come between a reservation and its settling); returns the usage
-        record to make durable (:meth:`_record`), None when the portal records no usage."""
+        record to make durable (:meth:`_record`), None when the portal records no usage.
+        ``admission``: the request's (:meth:`admitted`), settled with its accounts."""
         portal = caller.portal
         cost = plan.cost(prompt, completion)  # at the admitted prices, whatever a reload did since
         now = self.clock()
+        if admission is not None:
+            self.settled(portal.id, admission)
         for account in accounts:
             account.settle(plan.reservation, prompt + completion, cost, now, plan.currency)
         self.spend_unreserved(caller, accounts, prompt + completion, cost, plan.currency, now)

@@ -72,10 +72,17 @@ class Portal:
         Raises:
             ModelNotFound: the portal does not serve ``public``, or ``key`` may not use it
                 (404 either way, word for word: a 403 would tell a key what its listing
-                hides, that the model exists here).
+                hides, that the model exists here). A name the key's own ``models`` list
+                and the portal no longer serves (a reload renamed or removed its alias)
+                is a 404 that says so: the key holder knows its list, and the name's new
+                alias stays closed to it until the operator updates the key.
         """
         served = self.serves(public)
         if served is None or (key is not None and not key.allows(public)):
+            if served is None and key is not None and key.models is not None and public in key.models:
+                raise ModelNotFound(public, f"The model '{public}' is one this key may use, but this portal no "
+                                            "longer serves it under that name (its operator renamed or removed it): "
+                                            "ask the operator to update the key's models")
             raise ModelNotFound(public)
         return served
 
