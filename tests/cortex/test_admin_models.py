@@ -278,3 +278,32 @@ async def test_loading_a_model_already_loaded_there_touches_nothing() -> None:
         await trio.sleep(0.5)
     assert here == anywhere == [{"event": "done", "neuron": "n1"}, {"event": "end", "ok": True}]
     assert n1.commands == [] and n2.commands == []
+
+
+async def test_a_model_whose_load_keeps_failing_shows_its_backoff_and_requests_get_503_without_a_load(
+        tmp_path) -> None:
+    fleet = Fleet()
+    n1 = NeuronDouble("n1", fleet)
+    n1.refuse_load, n1.load_error = True, "no such file: /models/typo.gguf"
+    token_file = tmp_path / "admin-token"
+    token_file.write_text(ADMIN_TOKEN)
+    async with serving(fleet, CATALOGUE, orchestrator={"load_backoff": 30.0}) as (gateway, url), \
+            httpx.AsyncClient(base_url=url) as http:
+        body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+        first = await http.post("/v1/chat/completions", json=body)
+        again = await http.post("/v1/chat/completions", json=body)
+        models = {m["id"]: m for m in (await http.get("/admin/models", headers=admin_headers())).json()["data"]}
+        code, out, err = await helexa_models(url, token_file, "list")
+        shown = await helexa_models(url, token_file, "show", "chat")
+    assert n1.loads() == ["chat"]  # the second request started no load
+    for r in (first, again):
+        assert r.status_code == 503 and r.json()["error"]["code"] == "load_failed", r.text
+        assert "typo" not in r.text  # the neuron's words are the operator's
+    assert 25 <= int(again.headers["retry-after"]) <= 30
+    failed = models["chat"]["load_failed"]["n1"]
+    assert failed["failures"] == 1 and "typo.gguf" in failed["error"] and 25 < failed["retry_in"] <= 30
+    assert models["chat2"]["load_failed"] == {}
+    assert code == 0, err
+    row = next(line for line in out.splitlines() if line.startswith("chat "))
+    assert "n1(failed, retry in" in row, out
+    assert "n1: load failed 1 time(s) in a row, next try in" in shown[1] and "typo.gguf" in shown[1], shown

@@ -47,13 +47,15 @@ class OperatorActions:
 
     async def load_on(self, model_id: str, node_id: str | None = None,
                       on_progress: Callable[[LoadProgress], None] | None = None, *,
-                      on_plan: Callable[[str], None] | None = None) -> str:
+                      on_plan: Callable[[str], None] | None = None, fresh: bool = True) -> str:
         """Load ``model_id`` on ``node_id`` (evicting there as a cold load would, draining
         first), or where a cold load would put it; returns the node id once loaded. Requests
         for the model meanwhile wait for this load. ``on_plan`` is told the node chosen,
         before any progress. A load of the model already under way (a request's cold load,
         another operator's) is waited for first: it is the answer when it lands where asked;
         so is a neuron holding it loaded already (``node_id``, when named): nothing is loaded.
+        An operator's load forgets the model's failed loads there (``fresh``; not a pin's
+        retry): the operator may have fixed what failed.
 
         Raises:
             ModelNotFound: not in the catalogue. NotFound: no usable neuron ``node_id``.
@@ -61,6 +63,8 @@ class OperatorActions:
             waited for did).
         """
         self._prov.entry(model_id)
+        if fresh:
+            self._prov.backoff.forget(model_id, node_id)
         joined = await self._prov.join_load(model_id)
         if joined is not None and node_id in (None, joined):
             if on_plan is not None:
@@ -79,6 +83,7 @@ class OperatorActions:
         """:meth:`load_on`, started in the background; returns at once (the web console:
         the fleet's next updates show the load). Raises as :meth:`load_on` does before it starts."""
         self._prov.entry(model_id)
+        self._prov.backoff.forget(model_id, node_id)
         if self._loaded_on(model_id, node_id) is not None:
             return
         entry, plan = self._plan(model_id, node_id)

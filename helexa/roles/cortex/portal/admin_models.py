@@ -6,8 +6,10 @@ Routes::
 
     GET   /admin/models                  every catalogue model: where it is feasible, loaded,
                                          loading (with progress), cached (state "cached" where
-                                         only a neuron's model cache holds it), pinned; then
-                                         models loaded outside the catalogue
+                                         only a neuron's model cache holds it), pinned, where
+                                         its loads failed lately ("load_failed": per neuron,
+                                         failures in a row, the error, "retry_in" seconds of
+                                         backoff left); then models loaded outside the catalogue
     GET   /admin/models/ID               one of them
     POST  /admin/models/ID/pull          {neuron?}  fetch into the cache without loading
                                          (every feasible neuron when none is named)
@@ -129,6 +131,7 @@ class ModelsAdmin:
                 "feasible_on": [link.node_id for link in links
                                 if entry.is_feasible_on(link.descriptor.hardware, headroom)],
                 "loading": None if progress is None else {"stage": progress[0], "fraction": progress[1]},
+                "load_failed": self.provisioner.backoff.view(entry.id, trio.current_time()),
                 "neurons": self._on_neurons(entry.id, links, cache_key(entry.source, entry.sha256)),
             })
         known = {e.id for e in self.catalogue}
@@ -136,7 +139,7 @@ class ModelsAdmin:
         for model_id in others:
             out.append({"id": model_id, "catalogued": False, "backend": None, "source": None, "memory_mb": None,
                         "on_gpu": None, "keep_warm": False, "priority": None, "pinned_on": [], "feasible_on": [],
-                        "loading": None, "neurons": self._on_neurons(model_id, links)})
+                        "loading": None, "load_failed": {}, "neurons": self._on_neurons(model_id, links)})
         return out
 
     @staticmethod
