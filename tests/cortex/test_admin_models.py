@@ -307,3 +307,25 @@ async def test_a_model_whose_load_keeps_failing_shows_its_backoff_and_requests_g
     row = next(line for line in out.splitlines() if line.startswith("chat "))
     assert "n1(failed, retry in" in row, out
     assert "n1: load failed 1 time(s) in a row, next try in" in shown[1] and "typo.gguf" in shown[1], shown
+
+
+async def test_a_pin_that_cannot_fit_beside_the_neurons_other_pins_is_refused_with_409(tmp_path) -> None:
+    fleet = Fleet()
+    n1 = NeuronDouble("n1", fleet, hw=hardware(ram_gb=1))  # 921 MB usable: one 500 MB model
+    token_file = tmp_path / "admin-token"
+    token_file.write_text(ADMIN_TOKEN)
+    async with serving(fleet, CATALOGUE) as (gateway, url), httpx.AsyncClient(base_url=url) as http:
+        pin = partial(http.post, headers=admin_headers())
+        assert (await pin("/admin/models/chat/pin", json={"neuron": "n1"})).status_code == 200
+        r = await pin("/admin/models/chat2/pin", json={"neuron": "n1"})
+        code, out, err = await helexa_models(url, token_file, "pin", "chat2", "--neuron", "n1")
+        again = await pin("/admin/models/chat/pin", json={"neuron": "n1"})  # pinned already: still fine
+        models = {m["id"]: m for m in (await http.get("/admin/models", headers=admin_headers())).json()["data"]}
+    assert r.status_code == 409, r.text
+    error = r.json()["error"]
+    assert error["code"] == "pins_do_not_fit" and error["param"] == "neuron"
+    assert "beside its other pins (chat: 500 MB)" in error["message"] and "921 MB" in error["message"]
+    assert code != 0 and "beside its other pins" in err and "pinned on" not in out, (out, err)
+    assert again.status_code == 200
+    assert models["chat"]["pinned_on"] == ["n1"] and models["chat2"]["pinned_on"] == []
+    assert "chat2" not in n1.loads()

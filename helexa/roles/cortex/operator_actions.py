@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from helexa.protocol import LoadProgress, ModelState, PullModel, UpsertModelConfig
+from helexa.protocol import Hardware, LoadProgress, ModelState, PullModel, UpsertModelConfig
 
 from .catalogue import CatalogueEntry
-from .errors import BadRequest, ColdLoadFailed, NotFound
+from .errors import BadRequest, ColdLoadFailed, Conflict, NotFound
 from .fleet import FleetError
 from .flights import command_id as _cid
 from .placement import LoadPlan, NoPlacement, Unload, place
@@ -146,8 +146,13 @@ class OperatorActions:
     def pin(self, model_id: str, node_id: str) -> None:
         """Keep ``model_id`` loaded on ``node_id``: loaded now (in the background) and again
         whenever it is lost, never evicted nor unloaded for idleness there. Raises
-        :class:`ModelNotFound` for a model outside the catalogue."""
-        self._prov.entry(model_id)
+        :class:`ModelNotFound` for a model outside the catalogue, :class:`Conflict` where it
+        cannot be held there beside the neuron's other pins (every pinned model of the pool
+        it draws from, RAM or GPU memory, in the ``memory_headroom`` share of it): a pin
+        that can never be honoured would fail its load every ``warm_retry``, for ever."""
+        entry = self._prov.entry(model_id)
+        if (node_id, model_id) not in self._pinned and (link := self._prov.fleet.get(node_id)) is not None:
+            self._check_room(entry, node_id, link.descriptor.hardware)
         self._pinned.add((node_id, model_id))
         self._prov.pin_changed(model_id, node_id)
 
@@ -169,6 +174,23 @@ class OperatorActions:
         return True
 
     # --- inside ----------------------------------------------------------------------------
+
+    def _check_room(self, entry: CatalogueEntry, node_id: str, hardware: Hardware) -> None:
+        """Raise :class:`Conflict` unless ``entry`` fits on ``node_id`` with its other pins."""
+        prov = self._prov
+        headroom = prov.settings.memory_headroom
+        usable = int(entry.capacity_mb(hardware) * headroom)
+        if not entry.is_feasible_on(hardware, headroom):
+            raise Conflict(f"model {entry.id!r} ({entry.memory_mb} MB) can never be held on {node_id} "
+                           f"({usable} MB usable of its memory_headroom {headroom:g} share)", param="neuron",
+                           code="no_feasible_neuron")
+        others = sorted((m, e.memory_mb) for n, m in self._pinned if n == node_id and m != entry.id
+                        and (e := prov.catalogue.get(m)) is not None and e.on_gpu == entry.on_gpu)
+        if entry.memory_mb + sum(mb for _, mb in others) > usable:
+            pool = "GPU memory" if entry.on_gpu else "RAM"
+            raise Conflict(f"model {entry.id!r} ({entry.memory_mb} MB) does not fit on {node_id} beside its other "
+                           f"pins ({', '.join(f'{m}: {mb} MB' for m, mb in others)}): {usable} MB of its {pool} "
+                           "is usable (memory_headroom); unpin one first", param="neuron", code="pins_do_not_fit")
 
     def _plan(self, model_id: str, node_id: str | None) -> tuple[CatalogueEntry, LoadPlan]:
         prov = self._prov

@@ -15,7 +15,8 @@ Routes::
                                          (every feasible neuron when none is named)
     POST  /admin/models/ID/load          {neuron?}  load there (or where a cold load would)
     POST  /admin/models/ID/unload        {neuron?}  unload there (or everywhere)
-    POST  /admin/models/ID/pin           {neuron}   keep it loaded there (until restart)
+    POST  /admin/models/ID/pin           {neuron}   keep it loaded there (until restart); 409
+                                         where it cannot fit beside the neuron's other pins
     POST  /admin/models/ID/unpin         {neuron}
 
 ``pull`` and ``load`` answer ``application/x-ndjson``: one JSON object a line as the work
