@@ -38,7 +38,7 @@ from helexa.protocol import LoadModel, LoadProgress, UnloadModel, UpsertModelCon
 
 from .catalogue import Catalogue, CatalogueEntry
 from .errors import GatewayError, ColdLoadFailed, ModelNotFound, NoCapacity
-from .fleet import Fleet, FleetError, NeuronDraining
+from .fleet import Fleet, FleetError, NeuronGone
 from .flights import Flight as _Flight, Refused as _Refused, command_id as _cid
 from . import queue_loads
 from .housekeeping import Housekeeping
@@ -225,7 +225,7 @@ class Provisioner:
     async def _load(self, entry: CatalogueEntry, plan: LoadPlan | None) -> str:
         failed: set[str] = set()
         last_error = ""
-        left = True  # every neuron it failed on was going away (draining): no load failed
+        left = True  # every neuron it failed on went away (draining, disconnected): no load failed
         while True:
             if plan is None:
                 now = trio.current_time()
@@ -237,6 +237,10 @@ class Provisioner:
                     if failed and not left:
                         raise ColdLoadFailed(f"loading model {entry.id!r} failed: {last_error}",
                                              retry_after=self.settings.retry_after, model=entry.id) from None
+                    if failed:
+                        raise NoCapacity(f"the neuron loading model {entry.id!r} left ({', '.join(sorted(failed))})"
+                                         " and no other can take it now", retry_after=self.settings.retry_after
+                                         ) from None
                     if barred - failed:  # it failed there lately: not again before its backoff ends
                         raise self.backoff.error(entry.id, barred, now) from None
                     raise NoCapacity(str(exc), retry_after=self.settings.retry_after) from None
@@ -247,7 +251,7 @@ class Provisioner:
                 self._failed(entry.id, plan.node_id, exc)
                 failed.add(plan.node_id)
                 last_error = str(exc)
-                left = left and isinstance(exc, NeuronDraining)
+                left = left and isinstance(exc, NeuronGone)
                 plan = None
                 continue
             return self._loaded(entry, plan, started, "")
@@ -268,7 +272,7 @@ class Provisioner:
     def _failed(self, model_id: str, node_id: str, exc: Exception) -> None:
         """A load of ``model_id`` on ``node_id`` failed: logged, and in its backoff unless the
         neuron was only going away (draining, or gone: nothing to learn of the model)."""
-        if isinstance(exc, NeuronDraining) or self.fleet.get(node_id) is None:
+        if isinstance(exc, NeuronGone) or self.fleet.get(node_id) is None:
             log.warning("loading %s on %s failed: %s", model_id, node_id, exc)
             return
         s = self.settings
@@ -300,7 +304,7 @@ class Provisioner:
         costs to bring the model back excludes the victims' drains)."""
         link = self.fleet.get(plan.node_id)
         if link is None:
-            raise _Refused(f"neuron {plan.node_id} left")
+            raise NeuronGone(f"neuron {plan.node_id} left")
         errors: list[Exception] = []
 
         async def evict(victim: str) -> None:
