@@ -19,7 +19,7 @@ from helexa.protocol import ModelState, ModelStatus
 from helexa.roles.cortex.portal import admin_models
 
 from helexa.roles.cortex.catalogue import Catalogue, CatalogueEntry
-from helexa.roles.cortex.fleet import Fleet
+from helexa.roles.cortex.fleet import Fleet, Health
 from neuron_double import NeuronDouble, hardware
 from serving import ADMIN_TOKEN, admin_headers, serving
 
@@ -329,3 +329,15 @@ async def test_a_pin_that_cannot_fit_beside_the_neurons_other_pins_is_refused_wi
     assert again.status_code == 200
     assert models["chat"]["pinned_on"] == ["n1"] and models["chat2"]["pinned_on"] == []
     assert "chat2" not in n1.loads()
+
+
+async def test_feasible_on_lists_only_neurons_that_can_take_work_as_v1_models_does() -> None:
+    fleet = Fleet()
+    NeuronDouble("n1", fleet)
+    offline = NeuronDouble("n2", fleet, loaded=("chat2",))
+    offline.health = Health.UNHEALTHY  # missed its heartbeats: still in the fleet, given no work
+    async with serving(fleet, CATALOGUE) as (gateway, url), httpx.AsyncClient(base_url=url) as http:
+        models = {m["id"]: m for m in (await http.get("/admin/models", headers=admin_headers())).json()["data"]}
+        listed = {m["id"]: m for m in (await http.get("/v1/models")).json()["data"]}
+    assert models["chat"]["feasible_on"] == ["n1"] == listed["chat"]["feasible_on"]
+    assert models["chat2"]["neurons"]["n2"]["state"] == "loaded"  # its state there is still shown

@@ -4,7 +4,8 @@ admin token.
 
 Routes::
 
-    GET   /admin/models                  every catalogue model: where it is feasible, loaded,
+    GET   /admin/models                  every catalogue model: where it is feasible (neurons
+                                         that can take work now, as /v1/models), loaded,
                                          loading (with progress), cached (state "cached" where
                                          only a neuron's model cache holds it), pinned, where
                                          its loads failed lately ("load_failed": per neuron,
@@ -121,6 +122,9 @@ class ModelsAdmin:
         pins = self.provisioner.operator.pins()
         headroom = self.provisioner.settings.memory_headroom
         links = sorted(self.fleet, key=lambda link: link.node_id)
+        # Feasible on: neurons that can take work now, as /v1/models and the console count
+        # them (an offline one still shows its state under "neurons").
+        usable = sorted(link.node_id for link in self.fleet.usable())
         out = []
         for entry in self.catalogue:
             progress = self.provisioner.load_progress.get(entry.id)
@@ -129,8 +133,8 @@ class ModelsAdmin:
                 "source": redact_url(entry.source) if entry.source else None,
                 "memory_mb": entry.memory_mb, "on_gpu": entry.on_gpu, "keep_warm": entry.keep_warm,
                 "priority": entry.priority.name.lower(), "pinned_on": sorted(pins.get(entry.id, ())),
-                "feasible_on": [link.node_id for link in links
-                                if entry.is_feasible_on(link.descriptor.hardware, headroom)],
+                "feasible_on": [link.node_id for link in links if link.node_id in usable
+                                and entry.is_feasible_on(link.descriptor.hardware, headroom)],
                 "loading": None if progress is None else {"stage": progress[0], "fraction": progress[1]},
                 "load_failed": self.provisioner.backoff.view(entry.id, trio.current_time()),
                 "neurons": self._on_neurons(entry.id, links, cache_key(entry.source, entry.sha256)),
