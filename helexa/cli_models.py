@@ -10,6 +10,7 @@ fed by the neuron's download and load progress) and draw them as tqdm bars on a 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from typing import Any
 
@@ -56,6 +57,10 @@ def _models_table(models: list[dict[str, Any]]) -> str:
     for m in models:
         loaded = [f"{n}({_state(m, n)})" if _state(m, n) != "loaded" else n
                   for n in sorted(m["neurons"]) if m["neurons"][n]["state"] in ("loaded", "loading", "failed")]
+        for node, failure in sorted((m.get("load_failed") or {}).items()):  # in its backoff: no load there yet
+            if failure["retry_in"] > 0:
+                loaded = [n for n in loaded if n.partition("(")[0] != node]
+                loaded.append(f"{node}(failed, retry in {math.ceil(failure['retry_in'])}s)")
         cached = [n for n, st in sorted(m["neurons"].items()) if st.get("cached")]
         memory = f"{m['memory_mb']} MB{' GPU' if m['on_gpu'] else ''}" if m["memory_mb"] is not None else "-"
         rows.append([clip(m["id"]) + ("" if m["catalogued"] else " (not catalogued)"), m["backend"] or "-", memory,
@@ -96,6 +101,9 @@ def models_show(client: AdminClient, model: str, as_json: bool) -> None:
         # escape sequence in them cannot rewrite the operator's terminal
         extra = f" ({status['error']})" if status.get("error") else ""
         click.echo(printable(f"{node}: {_state(m, node)}, in flight {status.get('in_flight', 0)}{extra}"))
+    for node, failure in sorted((m.get("load_failed") or {}).items()):
+        click.echo(printable(f"{node}: load failed {failure['failures']} time(s) in a row, next try in "
+                             f"{failure['retry_in']:.0f}s: {failure['error']}"))
 
 
 class _Bars:

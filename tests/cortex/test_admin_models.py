@@ -19,7 +19,7 @@ from helexa.protocol import ModelState, ModelStatus
 from helexa.roles.cortex.portal import admin_models
 
 from helexa.roles.cortex.catalogue import Catalogue, CatalogueEntry
-from helexa.roles.cortex.fleet import Fleet
+from helexa.roles.cortex.fleet import Fleet, Health
 from neuron_double import NeuronDouble, hardware
 from serving import ADMIN_TOKEN, admin_headers, serving
 
@@ -278,3 +278,66 @@ async def test_loading_a_model_already_loaded_there_touches_nothing() -> None:
         await trio.sleep(0.5)
     assert here == anywhere == [{"event": "done", "neuron": "n1"}, {"event": "end", "ok": True}]
     assert n1.commands == [] and n2.commands == []
+
+
+async def test_a_model_whose_load_keeps_failing_shows_its_backoff_and_requests_get_503_without_a_load(
+        tmp_path) -> None:
+    fleet = Fleet()
+    n1 = NeuronDouble("n1", fleet)
+    n1.refuse_load, n1.load_error = True, "no such file: /models/typo.gguf"
+    token_file = tmp_path / "admin-token"
+    token_file.write_text(ADMIN_TOKEN)
+    async with serving(fleet, CATALOGUE, orchestrator={"load_backoff": 30.0}) as (gateway, url), \
+            httpx.AsyncClient(base_url=url) as http:
+        body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+        first = await http.post("/v1/chat/completions", json=body)
+        again = await http.post("/v1/chat/completions", json=body)
+        models = {m["id"]: m for m in (await http.get("/admin/models", headers=admin_headers())).json()["data"]}
+        code, out, err = await helexa_models(url, token_file, "list")
+        shown = await helexa_models(url, token_file, "show", "chat")
+    assert n1.loads() == ["chat"]  # the second request started no load
+    for r in (first, again):
+        assert r.status_code == 503 and r.json()["error"]["code"] == "load_failed", r.text
+        assert "typo" not in r.text  # the neuron's words are the operator's
+    assert 25 <= int(again.headers["retry-after"]) <= 30
+    failed = models["chat"]["load_failed"]["n1"]
+    assert failed["failures"] == 1 and "typo.gguf" in failed["error"] and 25 < failed["retry_in"] <= 30
+    assert models["chat2"]["load_failed"] == {}
+    assert code == 0, err
+    row = next(line for line in out.splitlines() if line.startswith("chat "))
+    assert "n1(failed, retry in" in row, out
+    assert "n1: load failed 1 time(s) in a row, next try in" in shown[1] and "typo.gguf" in shown[1], shown
+
+
+async def test_a_pin_that_cannot_fit_beside_the_neurons_other_pins_is_refused_with_409(tmp_path) -> None:
+    fleet = Fleet()
+    n1 = NeuronDouble("n1", fleet, hw=hardware(ram_gb=1))  # 921 MB usable: one 500 MB model
+    token_file = tmp_path / "admin-token"
+    token_file.write_text(ADMIN_TOKEN)
+    async with serving(fleet, CATALOGUE) as (gateway, url), httpx.AsyncClient(base_url=url) as http:
+        pin = partial(http.post, headers=admin_headers())
+        assert (await pin("/admin/models/chat/pin", json={"neuron": "n1"})).status_code == 200
+        r = await pin("/admin/models/chat2/pin", json={"neuron": "n1"})
+        code, out, err = await helexa_models(url, token_file, "pin", "chat2", "--neuron", "n1")
+        again = await pin("/admin/models/chat/pin", json={"neuron": "n1"})  # pinned already: still fine
+        models = {m["id"]: m for m in (await http.get("/admin/models", headers=admin_headers())).json()["data"]}
+    assert r.status_code == 409, r.text
+    error = r.json()["error"]
+    assert error["code"] == "pins_do_not_fit" and error["param"] == "neuron"
+    assert "beside its other pins (chat: 500 MB)" in error["message"] and "921 MB" in error["message"]
+    assert code != 0 and "beside its other pins" in err and "pinned on" not in out, (out, err)
+    assert again.status_code == 200
+    assert models["chat"]["pinned_on"] == ["n1"] and models["chat2"]["pinned_on"] == []
+    assert "chat2" not in n1.loads()
+
+
+async def test_feasible_on_lists_only_neurons_that_can_take_work_as_v1_models_does() -> None:
+    fleet = Fleet()
+    NeuronDouble("n1", fleet)
+    offline = NeuronDouble("n2", fleet, loaded=("chat2",))
+    offline.health = Health.UNHEALTHY  # missed its heartbeats: still in the fleet, given no work
+    async with serving(fleet, CATALOGUE) as (gateway, url), httpx.AsyncClient(base_url=url) as http:
+        models = {m["id"]: m for m in (await http.get("/admin/models", headers=admin_headers())).json()["data"]}
+        listed = {m["id"]: m for m in (await http.get("/v1/models")).json()["data"]}
+    assert models["chat"]["feasible_on"] == ["n1"] == listed["chat"]["feasible_on"]
+    assert models["chat2"]["neurons"]["n2"]["state"] == "loaded"  # its state there is still shown

@@ -268,3 +268,26 @@ async def test_a_keys_money_budget_counts_only_its_portals_currency_after_the_cu
     assert state is not None and state["spent"] == {"money": 0.0, "tokens": 9}
     assert dollars["currency"] == "USD" and dollars["spent"] == {"money": pytest.approx(0.009), "tokens": 18}
     assert dollars["remaining_budget"] == pytest.approx(100.0 - 0.009)
+
+
+async def test_a_stream_cut_by_its_neuron_dying_is_billed_with_its_time_to_first_token() -> None:
+    fleet = Fleet()
+    neuron = NeuronDouble("n1", fleet, loaded=("chat",), tokens=100, token_delay=0.05)
+    store = SqliteStore(":memory:")
+    key = new_key(store, "acme")
+    async with portals(fleet, {"acme": acme()}, store=store) as (gateway, urls):
+        def run() -> list[str]:
+            got = []
+            with pytest.raises(openai.APIError, match="went away"):
+                for chunk in client(urls["acme"], key).chat.completions.create(
+                        model="fast", messages=[{"role": "user", "content": "x"}], stream=True):
+                    if chunk.choices[0].delta.content:
+                        got.append(chunk.choices[0].delta.content)
+                    if len(got) == 2:
+                        trio.from_thread.run_sync(neuron.kill)
+            return got
+
+        got = await in_thread(run)
+    (row,) = store.records()
+    assert got == ["t0 ", "t1 "] and row.completion_tokens >= 2 and row.outcome != "ok"
+    assert row.ttft is not None and 0 <= row.ttft <= row.latency, row

@@ -426,3 +426,29 @@ async def test_a_price_under_a_name_the_portal_does_not_serve_is_refused_not_lef
     assert [r["cost"] > 0 for r in records["data"]] == [True]  # still at the price in force
     with pytest.raises(ConfigError, match=r"prices\.fsat: this portal serves no model of that name"):
         loader()
+
+
+async def test_a_reload_that_changes_a_models_entry_forgets_its_failed_loads(tmp_path: Path) -> None:
+    """A model whose load failed is not loaded again before its backoff ends (requests get
+    503 ``load_failed`` at once); the operator fixes its entry and reloads: the next request
+    tries the new config at once."""
+    config_text = CONFIG.replace("retry_after = 5.0", "retry_after = 5.0\nload_backoff = 300.0")
+    cortex, _, admin = reloadable(tmp_path, config_text)
+    neuron = NeuronDouble("n1", cortex.fleet)
+    neuron.refuse_load = True
+    ask = {"model": "chat", "messages": [{"role": "user", "content": "x"}]}
+    async with trio.open_nursery() as nursery:
+        addrs = await nursery.start(cortex.run)
+        async with httpx.AsyncClient(base_url=addrs.admin_url, headers=admin, timeout=10) as http:
+            first = await http.post("/v1/chat/completions", json=ask)
+            second = await http.post("/v1/chat/completions", json=ask)
+            neuron.refuse_load = False  # the operator fixes the model's entry...
+            _write(tmp_path, config_text, MODELS.replace("memory_mb = 100", "memory_mb = 120"))
+            r = await http.post("/admin/reload")
+            third = await http.post("/v1/chat/completions", json=ask)
+        cortex.stop()
+    assert [a.status_code for a in (first, second)] == [503, 503]
+    assert second.json()["error"]["code"] == "load_failed" and int(second.headers["retry-after"]) > 250
+    assert r.json()["catalogue"]["changed"] == ["chat"]
+    assert third.status_code == 200, third.text
+    assert neuron.loads() == ["chat", "chat"]  # none for the second request

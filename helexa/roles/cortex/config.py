@@ -101,6 +101,11 @@ class OrchestratorConfig(BaseModel):
     """Retry-After (seconds) on a 503 for want of capacity."""
     warm_retry: float = Field(30.0, gt=0)
     """Seconds between attempts to load a keep-warm model that failed to load."""
+    load_backoff: float = Field(5.0, gt=0)
+    """Seconds a model whose load failed on a neuron is not loaded there again (requests
+    for it get 503 ``load_failed`` at once meanwhile); doubled with each failure in a row."""
+    load_backoff_max: float = Field(300.0, gt=0)
+    """The most one ``load_backoff`` wait lasts."""
     warm_start_delay: float = Field(5.0, ge=0)
     """Seconds after the cortex starts before keep-warm models are loaded: after a restart
     the neurons rejoin and report what they hold first, so nothing is loaded twice (a

@@ -132,7 +132,7 @@ class Housekeeping:
     async def _load_pinned(self, model_id: str, node_id: str) -> None:
         p = self.provisioner
         try:
-            await p.operator.load_on(model_id, node_id)
+            await p.operator.load_on(model_id, node_id, fresh=False)
             self._pin_failed.pop((model_id, node_id), None)
         except GatewayError as exc:
             log.warning("loading %s pinned on %s failed: %s", model_id, node_id, exc.message)

@@ -239,6 +239,7 @@ class Cortex:
         report = ReloadReport(live=list(plan.live), restart=list(plan.restart))
         added, removed, changed = self.catalogue.replace(catalogue)
         report.catalogue = {"added": added, "removed": removed, "changed": changed}
+        self.orchestrator.provisioner.catalogue_changed(changed + removed)
         if removed:
             dropped = self.orchestrator.provisioner.operator.drop_pins_outside(self.catalogue)
             report.pins_dropped = [f"{model_id} on {node_id}" for node_id, model_id in dropped]

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from helexa.protocol import LoadProgress, ModelState, PullModel, UpsertModelConfig
+from helexa.protocol import Hardware, LoadProgress, ModelState, PullModel, UpsertModelConfig
 
 from .catalogue import CatalogueEntry
-from .errors import BadRequest, ColdLoadFailed, NotFound
+from .errors import BadRequest, ColdLoadFailed, Conflict, NotFound
 from .fleet import FleetError
 from .flights import command_id as _cid
 from .placement import LoadPlan, NoPlacement, Unload, place
@@ -47,13 +47,15 @@ class OperatorActions:
 
     async def load_on(self, model_id: str, node_id: str | None = None,
                       on_progress: Callable[[LoadProgress], None] | None = None, *,
-                      on_plan: Callable[[str], None] | None = None) -> str:
+                      on_plan: Callable[[str], None] | None = None, fresh: bool = True) -> str:
         """Load ``model_id`` on ``node_id`` (evicting there as a cold load would, draining
         first), or where a cold load would put it; returns the node id once loaded. Requests
         for the model meanwhile wait for this load. ``on_plan`` is told the node chosen,
         before any progress. A load of the model already under way (a request's cold load,
         another operator's) is waited for first: it is the answer when it lands where asked;
         so is a neuron holding it loaded already (``node_id``, when named): nothing is loaded.
+        An operator's load forgets the model's failed loads there (``fresh``; not a pin's
+        retry): the operator may have fixed what failed.
 
         Raises:
             ModelNotFound: not in the catalogue. NotFound: no usable neuron ``node_id``.
@@ -61,6 +63,8 @@ class OperatorActions:
             waited for did).
         """
         self._prov.entry(model_id)
+        if fresh:
+            self._prov.backoff.forget(model_id, node_id)
         joined = await self._prov.join_load(model_id)
         if joined is not None and node_id in (None, joined):
             if on_plan is not None:
@@ -79,6 +83,7 @@ class OperatorActions:
         """:meth:`load_on`, started in the background; returns at once (the web console:
         the fleet's next updates show the load). Raises as :meth:`load_on` does before it starts."""
         self._prov.entry(model_id)
+        self._prov.backoff.forget(model_id, node_id)
         if self._loaded_on(model_id, node_id) is not None:
             return
         entry, plan = self._plan(model_id, node_id)
@@ -141,8 +146,13 @@ class OperatorActions:
     def pin(self, model_id: str, node_id: str) -> None:
         """Keep ``model_id`` loaded on ``node_id``: loaded now (in the background) and again
         whenever it is lost, never evicted nor unloaded for idleness there. Raises
-        :class:`ModelNotFound` for a model outside the catalogue."""
-        self._prov.entry(model_id)
+        :class:`ModelNotFound` for a model outside the catalogue, :class:`Conflict` where it
+        cannot be held there beside the neuron's other pins (every pinned model of the pool
+        it draws from, RAM or GPU memory, in the ``memory_headroom`` share of it): a pin
+        that can never be honoured would fail its load every ``warm_retry``, for ever."""
+        entry = self._prov.entry(model_id)
+        if (node_id, model_id) not in self._pinned and (link := self._prov.fleet.get(node_id)) is not None:
+            self._check_room(entry, node_id, link.descriptor.hardware)
         self._pinned.add((node_id, model_id))
         self._prov.pin_changed(model_id, node_id)
 
@@ -164,6 +174,23 @@ class OperatorActions:
         return True
 
     # --- inside ----------------------------------------------------------------------------
+
+    def _check_room(self, entry: CatalogueEntry, node_id: str, hardware: Hardware) -> None:
+        """Raise :class:`Conflict` unless ``entry`` fits on ``node_id`` with its other pins."""
+        prov = self._prov
+        headroom = prov.settings.memory_headroom
+        usable = int(entry.capacity_mb(hardware) * headroom)
+        if not entry.is_feasible_on(hardware, headroom):
+            raise Conflict(f"model {entry.id!r} ({entry.memory_mb} MB) can never be held on {node_id} "
+                           f"({usable} MB usable of its memory_headroom {headroom:g} share)", param="neuron",
+                           code="no_feasible_neuron")
+        others = sorted((m, e.memory_mb) for n, m in self._pinned if n == node_id and m != entry.id
+                        and (e := prov.catalogue.get(m)) is not None and e.on_gpu == entry.on_gpu)
+        if entry.memory_mb + sum(mb for _, mb in others) > usable:
+            pool = "GPU memory" if entry.on_gpu else "RAM"
+            raise Conflict(f"model {entry.id!r} ({entry.memory_mb} MB) does not fit on {node_id} beside its other "
+                           f"pins ({', '.join(f'{m}: {mb} MB' for m, mb in others)}): {usable} MB of its {pool} "
+                           "is usable (memory_headroom); unpin one first", param="neuron", code="pins_do_not_fit")
 
     def _plan(self, model_id: str, node_id: str | None) -> tuple[CatalogueEntry, LoadPlan]:
         prov = self._prov

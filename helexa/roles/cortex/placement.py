@@ -224,14 +224,16 @@ def place(entry: CatalogueEntry, nodes: list[NodeView], *, headroom: float = 1.0
 
 
 def plan_loads(needs: Iterable[Demand], entries: Mapping[str, CatalogueEntry], nodes: list[NodeView], *,
-               policy: Policy, headroom: float = 1.0, now: float = 0.0, replicas: Iterable[Demand] = ()
-               ) -> tuple[list[LoadPlan], float | None]:
+               policy: Policy, headroom: float = 1.0, now: float = 0.0, replicas: Iterable[Demand] = (),
+               barred: Mapping[str, frozenset[str]] | None = None) -> tuple[list[LoadPlan], float | None]:
     """Which of the waiting models (``needs``: none resident anywhere usable, none loading)
     to load now, and where; and when to plan again if some must wait (None: on the next
     change). Models that cannot be placed ever are left out (their requests wait out their
     deadlines or are refused by the caller). Then ``replicas``: models resident somewhere
     whose requests still wait (every slot busy) get one more copy on a neuron with room for
-    it, but never at the price of an eviction."""
+    it, but never at the price of an eviction. No model is placed on a neuron ``barred``
+    lists for it (its load failed there lately: :mod:`.load_backoff`)."""
+    barred = barred or {}
     if policy.kind == "cost":
         order = sorted(needs, key=lambda d: (d.priority, -d.waiting, d.oldest, d.model_id))
     else:
@@ -244,7 +246,8 @@ def plan_loads(needs: Iterable[Demand], entries: Mapping[str, CatalogueEntry], n
         if entry is None:
             continue
         try:
-            plan = place(entry, views, headroom=headroom, policy=policy, now=now, waited=now - need.oldest,
+            plan = place(entry, views, headroom=headroom, exclude=barred.get(entry.id, frozenset()), policy=policy,
+                         now=now, waited=now - need.oldest,
                          worth=worth(need), pressure=(0.0, 0) if need.arrived_sum is None
                          else (need.waiting * now - need.arrived_sum, need.waiting))
         except NoPlacement as exc:
@@ -263,7 +266,8 @@ def plan_loads(needs: Iterable[Demand], entries: Mapping[str, CatalogueEntry], n
             continue
         holders = frozenset(v.node_id for v in views if any(r.model_id == entry.id for r in v.residents))
         try:
-            plan = place(entry, views, headroom=headroom, exclude=holders, policy=policy, now=now)
+            plan = place(entry, views, headroom=headroom, exclude=holders | barred.get(entry.id, frozenset()),
+                         policy=policy, now=now)
         except NoPlacement:
             continue
         if not plan.evict:

@@ -17,6 +17,8 @@
   admitting work to it), the requests it runs finish within ``drain_grace``, and only
   then is ``UnloadModel`` sent, carrying what is left of the grace for the neuron's own
   drain.
+* **Backoff.** A load that failed on a neuron is not tried there again until its backoff
+  ends (:mod:`.load_backoff`); requests meanwhile get ``load_failed`` at once.
 * **Keep-warm** models are kept resident; **idle** ones unload at their TTL (the
   background pass that sees to it, and to the loads above, is :mod:`.housekeeping`).
 """
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import replace
 
 from typing import TYPE_CHECKING, Any
 
@@ -37,13 +38,15 @@ from helexa.protocol import LoadModel, LoadProgress, UnloadModel, UpsertModelCon
 
 from .catalogue import Catalogue, CatalogueEntry
 from .errors import GatewayError, ColdLoadFailed, ModelNotFound, NoCapacity
-from .fleet import Fleet, FleetError, NeuronDraining
+from .fleet import Fleet, FleetError, NeuronGone
 from .flights import Flight as _Flight, Refused as _Refused, command_id as _cid
+from . import queue_loads
 from .housekeeping import Housekeeping
+from .load_backoff import LoadBackoff
 from .metrics import Metrics, OrchestratorMetrics
 from .operator_actions import OperatorActions
 from .fleet_views import views as fleet_views
-from .placement import LoadPlan, NodeView, NoPlacement, Policy, Unload, place, plan_loads
+from .placement import LoadPlan, NodeView, NoPlacement, Policy, Unload, place
 from .queue import Demand
 from .scheduler import LiveLoad
 
@@ -119,6 +122,8 @@ class Provisioner:
         self.trace_parents: dict[str, Any] = {}
         """Model -> the trace context of the first request waiting for its load (tracing on)."""
         self._nursery: trio.Nursery | None = None
+        self.backoff = LoadBackoff()
+        """The (model, neuron) loads that failed lately, not tried again until their backoff ends."""
         self.operator = OperatorActions(self)
         """The operator's commands: load here, unload there, pull, pin."""
         self.housekeeping = Housekeeping(self)
@@ -220,25 +225,33 @@ class Provisioner:
     async def _load(self, entry: CatalogueEntry, plan: LoadPlan | None) -> str:
         failed: set[str] = set()
         last_error = ""
-        left = True  # every neuron it failed on was going away (draining): no load failed
+        left = True  # every neuron it failed on went away (draining, disconnected): no load failed
         while True:
             if plan is None:
+                now = trio.current_time()
+                barred = self.backoff.barred(entry.id, now)
                 try:
                     plan = place(entry, self.views(), headroom=self.settings.memory_headroom,
-                                 exclude=frozenset(failed), policy=self.policy, now=trio.current_time())
+                                 exclude=frozenset(failed) | barred, policy=self.policy, now=now)
                 except NoPlacement as exc:
                     if failed and not left:
                         raise ColdLoadFailed(f"loading model {entry.id!r} failed: {last_error}",
                                              retry_after=self.settings.retry_after, model=entry.id) from None
+                    if failed:
+                        raise NoCapacity(f"the neuron loading model {entry.id!r} left ({', '.join(sorted(failed))})"
+                                         " and no other can take it now", retry_after=self.settings.retry_after
+                                         ) from None
+                    if barred - failed:  # it failed there lately: not again before its backoff ends
+                        raise self.backoff.error(entry.id, barred, now) from None
                     raise NoCapacity(str(exc), retry_after=self.settings.retry_after) from None
             self._pending[entry.id] = plan.node_id
             try:
                 started = await self._carry_out(entry, plan)
             except (FleetError, _Refused) as exc:
-                log.warning("loading %s on %s failed: %s", entry.id, plan.node_id, exc)
+                self._failed(entry.id, plan.node_id, exc)
                 failed.add(plan.node_id)
                 last_error = str(exc)
-                left = left and isinstance(exc, NeuronDraining)
+                left = left and isinstance(exc, NeuronGone)
                 plan = None
                 continue
             return self._loaded(entry, plan, started, "")
@@ -250,11 +263,23 @@ class Provisioner:
         try:
             started = await self._carry_out(entry, plan, on_progress)
         except (FleetError, _Refused) as exc:
-            log.warning("loading %s on %s failed: %s", entry.id, plan.node_id, exc)
+            self._failed(entry.id, plan.node_id, exc)
             raise ColdLoadFailed(f"loading model {entry.id!r} on {plan.node_id} failed: {exc}",
                                  retry_after=self.settings.retry_after, model=entry.id,
                                  reason=getattr(exc, "code", None)) from None
         return self._loaded(entry, plan, started, " as the operator asked")
+
+    def _failed(self, model_id: str, node_id: str, exc: Exception) -> None:
+        """A load of ``model_id`` on ``node_id`` failed: logged, and in its backoff unless the
+        neuron was only going away (draining, or gone: nothing to learn of the model)."""
+        if isinstance(exc, NeuronGone) or self.fleet.get(node_id) is None:
+            log.warning("loading %s on %s failed: %s", model_id, node_id, exc)
+            return
+        s = self.settings
+        f = self.backoff.failed(model_id, node_id, trio.current_time(), str(exc), base=s.load_backoff,
+                                ceiling=s.load_backoff_max)
+        log.warning("loading %s on %s failed (%d in a row; not tried there again for %gs): %s", model_id, node_id,
+                    f.count, f.until - f.at, exc)
 
     def _loaded(self, entry: CatalogueEntry, plan: LoadPlan, started: float, how: str) -> str:
         """Record a load that succeeded (its time, from ``started``, is what eviction weighs);
@@ -265,6 +290,7 @@ class Provisioner:
         self.evictions[entry.id] = plan.evict
         key = (plan.node_id, entry.id)
         self.loaded_at[key] = now
+        self.backoff.forget(entry.id, plan.node_id)
         (self.provisioned.discard if how else self.provisioned.add)(key)  # an operator's load stays the operator's
         log.info("loaded %s on %s%s in %.2fs (evicted %s)", entry.id, plan.node_id, how, elapsed, list(plan.evict))
         if self.metrics is not None:
@@ -278,7 +304,7 @@ class Provisioner:
         costs to bring the model back excludes the victims' drains)."""
         link = self.fleet.get(plan.node_id)
         if link is None:
-            raise _Refused(f"neuron {plan.node_id} left")
+            raise NeuronGone(f"neuron {plan.node_id} left")
         errors: list[Exception] = []
 
         async def evict(victim: str) -> None:
@@ -397,6 +423,7 @@ class Provisioner:
         residency and provisioning records, its series in ``/metrics``). A fleet whose
         neurons come and go under new ids kept them all, for good."""
         self.live.forget_node(node_id)
+        self.backoff.forget_node(node_id)
         for key in [k for k in self.loaded_at if k[0] == node_id]:
             del self.loaded_at[key]
         self.provisioned.difference_update([k for k in self.provisioned if k[0] == node_id])
@@ -417,8 +444,15 @@ class Provisioner:
 
     def pin_changed(self, model_id: str, node_id: str) -> None:
         """A pin was added: load it at once, even if its last load failed."""
+        self.backoff.forget(model_id, node_id)
         self.housekeeping.pin_changed(model_id, node_id)
         self.wake()
+
+    def catalogue_changed(self, model_ids: list[str]) -> None:
+        """A reload changed (or removed) these models' entries: their failed loads are
+        forgotten, the next request tries the new config at once."""
+        for model_id in model_ids:
+            self.backoff.forget(model_id)
 
     def _operator_flight(self, entry: CatalogueEntry, plan: LoadPlan) -> _Flight:
         if self._nursery is None:
@@ -450,32 +484,7 @@ class Provisioner:
     def start_queue_loads(self, demand: dict[str, Demand], views: list[NodeView], now: float) -> float | None:
         """Start the loads the queue needs now (``views``: :meth:`views` of ``demand``; each
         :mod:`.housekeeping` pass calls it); return when to plan again (None: on a change)."""
-        resident = {r.model_id for v in views for r in v.residents}
-        # A model draining to make room is not planned back before it left: its requests wait
-        # their turn, rather than evict a third model for it.
-        wanted = [replace(d, rate=self.live.rate(m, now), load_time=self.load_times.get(m))
-                  for m, d in demand.items() if m not in self._flights and m not in self._swapped
-                  and m in self.catalogue]
-        # No usable neuron can hold it (its only one left): the 503 a new request gets, now.
-        stranded = {d.model_id for d in wanted if d.model_id not in resident and (e := self.catalogue.get(d.model_id))
-                    and not any(e.is_feasible_on(v.hardware, self.settings.memory_headroom) for v in views)}
-        for model_id in stranded:
-            self._on_load_failed(model_id, NoCapacity(f"no usable neuron for model {model_id!r} right now",
-                                                      retry_after=self.settings.retry_after))
-        wanted = [d for d in wanted if d.model_id not in stranded]
-        if not wanted:
-            return None
-        plans, retry = plan_loads([d for d in wanted if d.model_id not in resident],
-                                  {d.model_id: e for d in wanted if (e := self.catalogue.get(d.model_id))},
-                                  views, policy=self.policy, headroom=self.settings.memory_headroom, now=now,
-                                  replicas=[d for d in wanted if d.model_id in resident])
-        for plan in plans:
-            entry = self.catalogue.get(plan.model_id)
-            assert entry is not None
-            log.info("loading %s on %s for %d waiting request(s), evicting %s", plan.model_id, plan.node_id,
-                     demand[plan.model_id].waiting, list(plan.evict) or "nothing")
-            self._start_flight(entry, plan)
-        return retry
+        return queue_loads.start(self, demand, views, now)
 
     async def _unload_quietly(self, unload: Unload, reason: str = "idle") -> None:
         try:

@@ -4,16 +4,20 @@ admin token.
 
 Routes::
 
-    GET   /admin/models                  every catalogue model: where it is feasible, loaded,
+    GET   /admin/models                  every catalogue model: where it is feasible (neurons
+                                         that can take work now, as /v1/models), loaded,
                                          loading (with progress), cached (state "cached" where
-                                         only a neuron's model cache holds it), pinned; then
-                                         models loaded outside the catalogue
+                                         only a neuron's model cache holds it), pinned, where
+                                         its loads failed lately ("load_failed": per neuron,
+                                         failures in a row, the error, "retry_in" seconds of
+                                         backoff left); then models loaded outside the catalogue
     GET   /admin/models/ID               one of them
     POST  /admin/models/ID/pull          {neuron?}  fetch into the cache without loading
                                          (every feasible neuron when none is named)
     POST  /admin/models/ID/load          {neuron?}  load there (or where a cold load would)
     POST  /admin/models/ID/unload        {neuron?}  unload there (or everywhere)
-    POST  /admin/models/ID/pin           {neuron}   keep it loaded there (until restart)
+    POST  /admin/models/ID/pin           {neuron}   keep it loaded there (until restart); 409
+                                         where it cannot fit beside the neuron's other pins
     POST  /admin/models/ID/unpin         {neuron}
 
 ``pull`` and ``load`` answer ``application/x-ndjson``: one JSON object a line as the work
@@ -118,6 +122,9 @@ class ModelsAdmin:
         pins = self.provisioner.operator.pins()
         headroom = self.provisioner.settings.memory_headroom
         links = sorted(self.fleet, key=lambda link: link.node_id)
+        # Feasible on: neurons that can take work now, as /v1/models and the console count
+        # them (an offline one still shows its state under "neurons").
+        usable = sorted(link.node_id for link in self.fleet.usable())
         out = []
         for entry in self.catalogue:
             progress = self.provisioner.load_progress.get(entry.id)
@@ -126,9 +133,10 @@ class ModelsAdmin:
                 "source": redact_url(entry.source) if entry.source else None,
                 "memory_mb": entry.memory_mb, "on_gpu": entry.on_gpu, "keep_warm": entry.keep_warm,
                 "priority": entry.priority.name.lower(), "pinned_on": sorted(pins.get(entry.id, ())),
-                "feasible_on": [link.node_id for link in links
-                                if entry.is_feasible_on(link.descriptor.hardware, headroom)],
+                "feasible_on": [link.node_id for link in links if link.node_id in usable
+                                and entry.is_feasible_on(link.descriptor.hardware, headroom)],
                 "loading": None if progress is None else {"stage": progress[0], "fraction": progress[1]},
+                "load_failed": self.provisioner.backoff.view(entry.id, trio.current_time()),
                 "neurons": self._on_neurons(entry.id, links, cache_key(entry.source, entry.sha256)),
             })
         known = {e.id for e in self.catalogue}
@@ -136,7 +144,7 @@ class ModelsAdmin:
         for model_id in others:
             out.append({"id": model_id, "catalogued": False, "backend": None, "source": None, "memory_mb": None,
                         "on_gpu": None, "keep_warm": False, "priority": None, "pinned_on": [], "feasible_on": [],
-                        "loading": None, "neurons": self._on_neurons(model_id, links)})
+                        "loading": None, "load_failed": {}, "neurons": self._on_neurons(model_id, links)})
         return out
 
     @staticmethod

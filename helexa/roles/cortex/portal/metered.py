@@ -252,8 +252,9 @@ class MeteredRun:
     async def _exit(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         run = self._run
         try:
-            if exc is None:
-                run.ttft = getattr(self._gen, "ttft", None)
+            # Its first event came (the generation began), however it ended: a stream its
+            # neuron cut, or its client left, is booked with its time to first token too.
+            run.ttft = getattr(self._gen, "ttft", None)
             suppressed = await self._context.__aexit__(exc_type, exc, tb)
         except BaseException as raised:
             told = run.halted(raised)

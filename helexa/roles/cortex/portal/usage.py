@@ -25,7 +25,8 @@ class UsageRecord:
     signed receipt in the federation ledger). ``cost`` is at the portal's price, in its
     ``currency``. ``outcome``: ``ok``; ``client_gone`` (the client left; billed for what
     it was sent); ``error`` (``error_code`` says which; billed for what was generated).
-    Times are Unix seconds; ``latency`` and ``ttft`` seconds.
+    Times are Unix seconds; ``latency`` and ``ttft`` seconds (``ttft`` whenever the
+    generation began, however it ended; None when no output came).
     """
 
     request_id: str
