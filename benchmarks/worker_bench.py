@@ -26,7 +26,6 @@ Needs ``wrk`` (``apt-get install -y wrk``) for part 5; ``--parts`` picks parts
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess

@@ -9,7 +9,6 @@ last test checks that the tests of both, together, take every transition of the 
 
 from __future__ import annotations
 
-import h11
 import pytest
 
 from helexa.roles.cortex.http.connection import Connection, plain_error

@@ -18,7 +18,7 @@ import openai
 import pydantic
 import pytest
 
-from procs import Cortex, ProcGroup
+from procs import ProcGroup
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ import openai
 import psutil
 import pytest
 
-from procs import Cortex, ProcGroup
+from procs import ProcGroup
 
 pytestmark = pytest.mark.slow
 

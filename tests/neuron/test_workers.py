@@ -8,7 +8,6 @@ virtual clock would jump past their work. The deadlines' arithmetic is tested on
 
 from __future__ import annotations
 
-import os
 import signal
 
 import psutil
@@ -26,7 +25,6 @@ from helexa.protocol import (
     LoadProgress,
     ModelConfig,
     ModelState,
-    ModelStatus,
     ModelStatusChanged,
     ProvisioningResponse,
     SamplingParams,

@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from helexa.protocol import GenerateRequest, GenerateResult, ModelConfig, ModelState, SamplingParams, Task, TokenChunk
-from helexa.runtime import BackendCrashed, LoadFailed, create_backend
+from helexa.runtime import BackendCrashed, LoadFailed
 from helexa.runtime.synthetic import SyntheticBackend
 from helexa.runtime.worker import WorkerBackend, WorkerSettings, backend_for, isolated
 
