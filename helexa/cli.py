@@ -17,7 +17,7 @@ import click
 
 from helexa import build, logs, telemetry
 from helexa.cli_options import fail, load
-from helexa.config import ConfigError
+from helexa.config import ConfigError, load_config
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
