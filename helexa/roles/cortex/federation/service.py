@@ -147,6 +147,11 @@ class Federation:
         self.ask_policy = ask_policy
         self.inbound.set_policy(serve_policy)
 
+    def stop_serving(self) -> None:
+        """The cortex is stopping: peers' new requests are refused ``busy``; those being
+        served run on (``self.inbound.in_flight`` counts them) until the stop's grace."""
+        self.inbound.stop()
+
     # --- the service ----------------------------------------------------------------------
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

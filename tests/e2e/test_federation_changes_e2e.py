@@ -1,0 +1,115 @@
+"""Federation while the operators change things, as real processes: operator B (a cortex and
+a neuron, ``synthetic`` backend) serving operator A (a cortex with no neuron) while B is
+stopped (SIGTERM) with a federated stream under way, and while B or A reload their
+configuration (``helexa reload``): prices, price caps.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from procs import HELEXA, CortexProcess, start_cortex, start_neuron, wait_until
+
+pytestmark = pytest.mark.slow
+
+SLOW = "synth-slow"
+SLOW_TOKENS = 12
+
+
+def models_toml(price_out: float = 2.0) -> str:
+    return f"""
+[models."{SLOW}"]
+backend = "synthetic"
+price_in = 1.0
+price_out = {price_out}
+[models."{SLOW}".config]
+metadata = {{ tokens = {SLOW_TOKENS}, prompt_tokens = 4, tokens_per_second = 4 }}
+"""
+
+
+def ledger(cortex: CortexProcess) -> list[dict[str, Any]]:
+    out = subprocess.run([*HELEXA, "ledger", "--data-dir", str(cortex.data_dir), "--json"],
+                         capture_output=True, text=True, timeout=30, check=True)
+    return json.loads(out.stdout)
+
+
+def client(cortex: CortexProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=cortex.gateway_url + "/v1", api_key="unused", timeout=60, max_retries=0)
+
+
+def start_pair(tmp: Path, *, a_config: str = "", b_config: str = "") -> tuple[list, CortexProcess, CortexProcess]:
+    models = tmp / "models.toml"
+    models.write_text(models_toml())
+    (tmp / "a.toml").write_text(a_config)
+    (tmp / "b.toml").write_text(b_config)
+    procs: list = []
+    try:
+        b = start_cortex(tmp / "b", operator="op-b", models=models, config=tmp / "b.toml", mesh=True)
+        procs.append(b)
+        procs.append(start_neuron(b, "b-neuron"))
+        a = start_cortex(tmp / "a", operator="op-a", config=tmp / "a.toml", bootstrap=b.mesh_addrs)
+        procs.append(a)
+        wait_until(lambda: SLOW in a.models(), 30, "A to learn B's offer", proc=a)
+    except BaseException:
+        for proc in reversed(procs):
+            proc.stop()
+        raise
+    return procs, a, b
+
+
+def test_a_peer_stopped_mid_federated_stream_finishes_it_within_its_grace_and_both_ledgers_agree(tmp_path) -> None:
+    """SIGTERM drains a cortex's in-flight requests within ``shutdown_grace``; a peer's
+    request being served is one of them. Before, the drain counted only the gateway's own
+    HTTP requests: it told the neuron to stop at once, the asker's client got an error
+    event (``peer_vanished`` or ``neuron_gone``) three tokens in, and the serving side's
+    ledger sometimes held no receipt for what it had served."""
+    procs, a, b = start_pair(tmp_path)
+    try:
+        text: list[str] = []
+        finish: list[str | None] = []
+        first = threading.Event()
+
+        def read() -> None:
+            with client(a) as cl:
+                stream = cl.chat.completions.create(model=SLOW, messages=[{"role": "user", "content": "hi"}],
+                                                    stream=True)
+                for chunk in stream:
+                    for choice in chunk.choices:
+                        if choice.delta.content:
+                            text.append(choice.delta.content)
+                            first.set()
+                        if choice.finish_reason:
+                            finish.append(choice.finish_reason)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        assert first.wait(30), a.tail()
+        b.terminate()  # 12 tokens at 4/s: the rest comes well within B's 10 s grace
+        reader.join(30)
+        assert not reader.is_alive()
+        assert "".join(text).split() == [f"tok{i}" for i in range(SLOW_TOKENS)]
+        assert finish == ["stop"]
+        assert b.stop() == 0, b.tail()
+        consumed = [r for r in ledger(a) if r["direction"] == "consumed"]
+        served = [r for r in ledger(b) if r["direction"] == "served"]
+        assert len(consumed) == 1 and len(served) == 1, (consumed, served)
+        mine, theirs = consumed[0], served[0]
+        assert not mine["flagged"], mine["flag_reason"]
+        for key in ("request_id", "prompt_tokens", "completion_tokens", "cost", "signature", "outcome"):
+            assert mine[key] == theirs[key], key
+        assert mine["outcome"] == "ok" and mine["completion_tokens"] == SLOW_TOKENS
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))
