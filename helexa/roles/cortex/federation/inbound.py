@@ -35,6 +35,7 @@ from helexa.protocol.model import MAX_NAME, bounded_text
 
 from ..cache_scope import peer_scope
 from ..shutdown import InFlight
+from .announced_prices import AnnouncedPrices
 from .ledger import SERVED, Ledger
 from .policy import Admission, ServePolicy
 from .receipts import sign_receipt
@@ -108,6 +109,9 @@ class InboundServer:
         self.in_flight = InFlight()
         """Requests admitted and not yet answered (with their receipts): what a stopping
         cortex lets finish within its ``shutdown_grace`` (:func:`..shutdown.drain`)."""
+        self.announced = AnnouncedPrices()
+        """The prices of the announcements peers may still hold: a request is billed at
+        the lowest (a price raised here applies once none is live)."""
         self.stopping = False
         """Set by :meth:`stop`: new requests are refused ``busy`` (the asker tries another peer)."""
 
@@ -171,6 +175,8 @@ class InboundServer:
         peer = stream.remote_peer
         # The offer is read once: nothing awaits between this check and the serving.
         model = self._offered(request.model_id)
+        if model is not None:
+            model = self.announced.honour(model, self._clock())
         refusal = self._check(request, model)
         # The hello's operator is the asker's claim for this one request; its signed
         # announcement's is the one it gossips to everyone: the policy judges that one.

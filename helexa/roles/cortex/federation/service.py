@@ -168,9 +168,11 @@ class Federation:
         """Sign and gossip our current offer (also done every ``announce_interval``)."""
         now = self._clock()
         self._sequence = max(self._sequence + 1, int(now * 1000))
+        models = self.serve_policy.filter_offer(list(self._offer_fn()))
+        self.inbound.announced.record(models, now + self.settings.announcement_ttl)
         ann = sign_announcement(
             self.identity, operator=self.operator,
-            models=self.serve_policy.filter_offer(list(self._offer_fn())),
+            models=models,
             spare_slots=max(0, int(self._spare_fn())), policy=self.serve_policy.summary(),
             addrs=tuple(self.mesh.listen_addrs), issued_at=now, ttl=self.settings.announcement_ttl,
             sequence=self._sequence)
