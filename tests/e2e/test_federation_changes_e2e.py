@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -106,6 +107,51 @@ def test_a_peer_stopped_mid_federated_stream_finishes_it_within_its_grace_and_bo
         for key in ("request_id", "prompt_tokens", "completion_tokens", "cost", "signature", "outcome"):
             assert mine[key] == theirs[key], key
         assert mine["outcome"] == "ok" and mine["completion_tokens"] == SLOW_TOKENS
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+
+
+def status_of(cortex: CortexProcess) -> tuple[int, dict[str, Any], str | None]:
+    r = httpx.post(cortex.gateway_url + "/v1/chat/completions", timeout=30,
+                   json={"model": SLOW, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    return r.status_code, r.json(), r.headers.get("retry-after")
+
+
+def test_reloads_of_the_peers_capacity_and_of_the_askers_price_cap_route_by_the_current_state(tmp_path) -> None:
+    """B's only neuron stops (its announced capacity goes to zero) and comes back; then A
+    sets a price cap below B's price with ``helexa reload``, and lifts it.
+
+    Before: a peer offering nothing at all was taken to have withdrawn its models, so A's
+    clients got 404 model_not_found (an SDK does not retry it) until the neuron was back,
+    as they did while a peer restarted (it announces before its neurons rejoin); and
+    ``helexa reload`` answered 500 (a NameError) on any cortex started by ``helexa cortex``."""
+    procs, a, b = start_pair(tmp_path, b_config="[mesh]\nannounce_interval = 1.0\n")
+    try:
+        assert status_of(a)[0] == 200
+        neuron = procs[1]
+        assert neuron.stop() == 0
+        wait_until(lambda: SLOW not in a.models(), 20, "B's empty offer to reach A", proc=a)
+        code, body, retry_after = status_of(a)
+        assert code == 503, body
+        assert body["error"]["code"] == "model_unavailable" and retry_after is not None
+        procs.append(start_neuron(b, "b-neuron"))
+        wait_until(lambda: SLOW in a.models(), 20, "B's offer to come back", proc=a)
+        assert status_of(a)[0] == 200
+
+        def reload(cortex: CortexProcess) -> str:
+            done = subprocess.run([*HELEXA, "reload", "--cortex", cortex.admin_url, "--data-dir",
+                                   str(cortex.data_dir)], capture_output=True, text=True, timeout=30)
+            assert done.returncode == 0, done.stderr
+            return done.stdout
+
+        (tmp_path / "a.toml").write_text("[federation]\nmax_price_output = 1.5\n")
+        assert "federation.max_price_output" in reload(a)
+        code, body, _ = status_of(a)
+        assert code == 403 and body["error"]["code"] == "outbound_refused", body
+        (tmp_path / "a.toml").write_text("")
+        reload(a)
+        assert status_of(a)[0] == 200
     finally:
         for proc in reversed(procs):
             proc.stop()
