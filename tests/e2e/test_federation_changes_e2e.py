@@ -23,6 +23,7 @@ pytestmark = pytest.mark.slow
 
 SLOW = "synth-slow"
 SLOW_TOKENS = 12
+LONG = "synth-long"  # 15 s: past any grace here
 
 
 def models_toml(price_out: float = 2.0) -> str:
@@ -33,6 +34,13 @@ price_in = 1.0
 price_out = {price_out}
 [models."{SLOW}".config]
 metadata = {{ tokens = {SLOW_TOKENS}, prompt_tokens = 4, tokens_per_second = 4 }}
+
+[models."{LONG}"]
+backend = "synthetic"
+price_in = 1.0
+price_out = {price_out}
+[models."{LONG}".config]
+metadata = {{ tokens = 60, prompt_tokens = 4, tokens_per_second = 4 }}
 """
 
 
@@ -107,6 +115,41 @@ def test_a_peer_stopped_mid_federated_stream_finishes_it_within_its_grace_and_bo
         for key in ("request_id", "prompt_tokens", "completion_tokens", "cost", "signature", "outcome"):
             assert mine[key] == theirs[key], key
         assert mine["outcome"] == "ok" and mine["completion_tokens"] == SLOW_TOKENS
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+
+
+def test_the_asker_stopped_past_its_grace_ends_a_federated_stream_in_its_shape_and_both_ledgers_agree(
+        tmp_path) -> None:
+    """A (the asking cortex) is stopped with a peer's answer streaming through it, past its
+    ``shutdown_grace``. Before, its cut reached only its own neurons' streams: the peer's
+    ran on until the servers closed the connections, and the client saw the body cut mid
+    answer (``incomplete chunked read``) instead of the documented error event. Now it gets
+    ``shutting_down`` as for a local stream, the peer a ``Cancel``, and both ledgers the
+    same receipt."""
+    procs, a, b = start_pair(tmp_path, a_config="shutdown_grace = 1.0\n")
+    try:
+        lines: list[str] = []
+        with httpx.stream("POST", a.gateway_url + "/v1/chat/completions", timeout=30,
+                          json={"model": LONG, "messages": [{"role": "user", "content": "hi"}], "stream": True}) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():  # raises RemoteProtocolError on a body cut short
+                if line.strip():
+                    lines.append(line)
+                    if len(lines) == 2:
+                        a.terminate()
+        assert lines[-1].startswith("data: {"), lines[-3:]
+        assert json.loads(lines[-1][6:])["error"]["code"] == "shutting_down"
+        assert a.stop() == 0, a.tail()
+        consumed = [r for r in ledger(a) if r["direction"] == "consumed"]
+        served = wait_until(lambda: [r for r in ledger(b) if r["direction"] == "served"] or None, 10,
+                            "B's receipt", proc=b)
+        assert len(consumed) == 1 and len(served) == 1, (consumed, served)
+        assert not consumed[0]["flagged"], consumed[0]["flag_reason"]
+        for key in ("request_id", "completion_tokens", "cost", "signature", "outcome"):
+            assert consumed[0][key] == served[0][key], key
+        assert consumed[0]["outcome"] == "cancelled"
     finally:
         for proc in reversed(procs):
             proc.stop()

@@ -131,6 +131,8 @@ class Federation:
         self.table = PeerTable(unavailable_grace=settings.grace)
         self._sequence = 0
         self._idle: dict[str, list[tuple[MessageStream, float]]] = {}
+        self.answering: set[RemoteGeneration] = set()
+        """Peers' answers being read now (for the cortex's stop: ``PeerRouter.fail_streams``)."""
         self._allowed_memo: dict[tuple[Any, ...], tuple[PeerTable, int, float, list[PeerOffer]]] = {}
         self.inbound = InboundServer(
             identity=identity, admission=Admission(serve_policy), ledger=ledger, offer_fn=offer_fn,
@@ -486,10 +488,12 @@ class _Route:
         self._offer, self._stream, first = await fed._first_answer(request, workload, self._exclude, self._also)
         self._remote = RemoteGeneration(self._stream, first, fed._keeper(self._offer, request), fed.settings.ask,
                                         request)
+        fed.answering.add(self._remote)
         return self._remote
 
     async def __aexit__(self, *exc: object) -> None:
         try:
+            self._fed.answering.discard(self._remote)
             await self._remote.finish()
         finally:
             await self._fed._release(self._offer.peer_id, self._stream, clean=self._remote.clean)
