@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +199,30 @@ def test_reloads_of_the_peers_capacity_and_of_the_askers_price_cap_route_by_the_
     finally:
         for proc in reversed(procs):
             proc.stop()
+
+
+def test_a_bootstrap_peer_with_a_new_identity_is_logged_in_the_operators_format_once(tmp_path) -> None:
+    """B's data directory was wiped: a new identity on the old address, so A's bootstrap
+    multiaddr names a peer id that is not there. A's redials (every second or three, for a
+    bootstrap peer forever) each logged py-libp2p's ERROR through Python's last-resort
+    handler: a bare line a second, not JSON under ``--log-format json``."""
+    b = start_cortex(tmp_path / "b", operator="op-b", mesh=True)
+    try:
+        wrong = b.mesh_addrs[0].rsplit("/p2p/", 1)[0] + "/p2p/12D3KooWFtASMx5JeGVBjx53bY6xUYtnkFSiRD7j8FNgqZL4oz31"
+        a = start_cortex(tmp_path / "a", operator="op-a", bootstrap=[wrong], extra_args=["--log-format", "json"])
+        try:
+            a.wait_log("failed to upgrade security", timeout=20)
+            time.sleep(6)  # several redials
+        finally:
+            assert a.stop() == 0
+        lines = [line for line in a.log().splitlines() if line.strip()]
+        assert all(line.startswith("{") for line in lines), [line for line in lines if not line.startswith("{")][:3]
+        records = [json.loads(line) for line in lines]
+        failed = [r for r in records if "failed to upgrade security" in r["message"]]
+        assert len(failed) == 1 and failed[0]["level"] == "ERROR", failed
+        assert not any(r["logger"].startswith("libp2p") and r["level"] == "INFO" for r in records)
+    finally:
+        b.stop()
 
 
 if __name__ == "__main__":  # pragma: no cover
