@@ -131,6 +131,11 @@ def test_the_asker_stopped_past_its_grace_ends_a_federated_stream_in_its_shape_a
     same receipt."""
     procs, a, b = start_pair(tmp_path, a_config="shutdown_grace = 1.0\n")
     try:
+        whole: list[httpx.Response] = []  # an answer not streamed waits for its first frame: the whole answer
+        waiter = threading.Thread(target=lambda: whole.append(httpx.post(
+            a.gateway_url + "/v1/chat/completions", timeout=30,
+            json={"model": LONG, "messages": [{"role": "user", "content": "hi"}]})))
+        waiter.start()
         lines: list[str] = []
         with httpx.stream("POST", a.gateway_url + "/v1/chat/completions", timeout=30,
                           json={"model": LONG, "messages": [{"role": "user", "content": "hi"}], "stream": True}) as r:
@@ -142,15 +147,20 @@ def test_the_asker_stopped_past_its_grace_ends_a_federated_stream_in_its_shape_a
                         a.terminate()
         assert lines[-1].startswith("data: {"), lines[-3:]
         assert json.loads(lines[-1][6:])["error"]["code"] == "shutting_down"
+        waiter.join(30)
+        assert whole and whole[0].status_code == 503, whole  # not "Server disconnected without a response"
+        assert whole[0].json()["error"]["code"] == "shutting_down"
         assert a.stop() == 0, a.tail()
-        consumed = [r for r in ledger(a) if r["direction"] == "consumed"]
-        served = wait_until(lambda: [r for r in ledger(b) if r["direction"] == "served"] or None, 10,
-                            "B's receipt", proc=b)
-        assert len(consumed) == 1 and len(served) == 1, (consumed, served)
-        assert not consumed[0]["flagged"], consumed[0]["flag_reason"]
-        for key in ("request_id", "completion_tokens", "cost", "signature", "outcome"):
-            assert consumed[0][key] == served[0][key], key
-        assert consumed[0]["outcome"] == "cancelled"
+        consumed = {r["request_id"]: r for r in ledger(a) if r["direction"] == "consumed"}
+        served = wait_until(lambda: [r for r in ledger(b) if r["direction"] == "served"][1:] and ledger(b), 10,
+                            "B's receipts", proc=b)
+        assert len(consumed) == 2 and len(served) == 2, (consumed, served)
+        for theirs in served:
+            mine = consumed[theirs["request_id"]]
+            assert not mine["flagged"], mine["flag_reason"]
+            for key in ("completion_tokens", "cost", "signature", "outcome"):
+                assert mine[key] == theirs[key], key
+            assert mine["outcome"] == "cancelled"
     finally:
         for proc in reversed(procs):
             proc.stop()

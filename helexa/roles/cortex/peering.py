@@ -278,8 +278,14 @@ class PeerRouter:
         """The cortex's stop, past its grace: every peer's answer being read ends with
         ``error`` at its next frame (``Cancel`` sent, the receipt collected), as a local
         neuron's stream does, so its surface ends the answer before the connections close."""
-        for remote in list(self.federation.answering):
+        fed = self.federation
+        fed.cut_error = error
+        for remote in list(fed.answering):
             remote.fail(error)
+        for stream in list(fed.first_waits):  # waiting for the first frame: now (StreamTimeout)
+            interrupt = getattr(stream, "interrupt", None)
+            if interrupt is not None:
+                interrupt()
 
     def unavailable(self, model_id: str) -> float | None:
         return self.federation.unavailable(model_id, also=ASK_POLICY.get())

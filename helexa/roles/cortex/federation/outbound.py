@@ -197,6 +197,9 @@ class RemoteGeneration:
         connections close (a local neuron's stream is failed the same way)."""
         if not self.finished:
             self.failed = error
+            interrupt = getattr(self._stream, "interrupt", None)
+            if interrupt is not None:  # waiting for a frame (an answer not streamed, a slow one): now
+                interrupt()
 
     @property
     def receipt(self) -> Receipt | None:
@@ -213,6 +216,9 @@ class RemoteGeneration:
         return self
 
     async def __anext__(self) -> TokenChunk | GenerateResult:
+        if self.failed is not None and not self.finished:
+            await self.finish()
+            raise self.failed
         if self.finished:
             await self._keeper.collect(self._stream, self._t.receipt, tokens_seen=self.tokens_seen, outcome="ok")
             raise StopAsyncIteration
@@ -222,6 +228,9 @@ class RemoteGeneration:
             try:
                 msg = await self._stream.receive(timeout=self._t.idle)
             except (StreamClosed, StreamTimeout, ProtocolError) as exc:
+                if self.failed is not None and isinstance(exc, StreamTimeout):
+                    await self.finish()  # interrupted by fail(): Cancel, then the peer's receipt
+                    raise self.failed from None
                 self.finished = True
                 with trio.CancelScope(shield=True):
                     await self._keeper.collect(None, 0, tokens_seen=self.tokens_seen, outcome="error")

@@ -132,7 +132,11 @@ class Federation:
         self._sequence = 0
         self._idle: dict[str, list[tuple[MessageStream, float]]] = {}
         self.answering: set[RemoteGeneration] = set()
-        """Peers' answers being read now (for the cortex's stop: ``PeerRouter.fail_streams``)."""
+        self.first_waits: set[MessageStream] = set()
+        """Peers' answers being read now, and streams waiting for one's first frame (an answer
+        not streamed waits there whole): what the cortex's stop past its grace ends
+        (``PeerRouter.fail_streams``, which sets ``cut_error``)."""
+        self.cut_error: Exception | None = None
         self._allowed_memo: dict[tuple[Any, ...], tuple[PeerTable, int, float, list[PeerOffer]]] = {}
         self.inbound = InboundServer(
             identity=identity, admission=Admission(serve_policy), ledger=ledger, offer_fn=offer_fn,
@@ -319,7 +323,11 @@ class Federation:
             try:
                 await stream.send(FederatedHello(self.operator, request.request_id), self._for_peer(request, stream),
                                   timeout=t.send)
-                first = await stream.receive(timeout=t.first_frame)
+                self.first_waits.add(stream)
+                try:
+                    first = await stream.receive(timeout=t.first_frame)
+                finally:
+                    self.first_waits.discard(stream)
             except StreamClosed as exc:
                 await stream.reset()
                 if reused:
@@ -329,6 +337,8 @@ class Federation:
             except (StreamTimeout, ProtocolError) as exc:
                 if isinstance(exc, StreamTimeout):
                     await self._abandon(offer, request, stream)  # it may be running there
+                    if self.cut_error is not None:  # interrupted: the cortex is stopping
+                        raise self.cut_error from None
                 else:
                     await stream.reset()
                 raise PeerUnreachable(f"peer {offer.peer_id} did not answer: {exc}", peer_id=offer.peer_id) from None
