@@ -86,6 +86,42 @@ class _DhtNoise(logging.Filter):
 logging.getLogger("libp2p.kad_dht.kad_dht").addFilter(_DhtNoise())
 
 
+class _Repeats(logging.Filter):
+    """A message said again within ``every`` seconds is dropped: the reconnect supervisor
+    redials a peer each second or three (a bootstrap peer forever), and each failed dial of
+    one whose key changed (its data directory wiped) logged the same ERROR every time."""
+
+    def __init__(self, every: float = 600.0, kept: int = 1024) -> None:
+        super().__init__()
+        self._every, self._kept = every, kept
+        self._last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text, now = record.getMessage(), record.created
+        last = self._last.get(text)
+        if last is not None and now - last < self._every:
+            return False
+        if len(self._last) >= self._kept:
+            self._last.clear()
+        self._last[text] = now
+        return True
+
+
+# py-libp2p's own setup (LIBP2P_DEBUG unset) leaves its "libp2p" logger with no handler and
+# not propagating, so its warnings and errors went to Python's last-resort handler: bare
+# lines on stderr outside the operator's format (a line that is not JSON under --log-format
+# json). Through the root handler they carry the time, level and name, in either format.
+# Its INFO lines stay out, as before: some of its modules set their own logger to INFO
+# (the auto-connector's state, every 10 s).
+if not logging.getLogger("libp2p").handlers:
+    logging.getLogger("libp2p").propagate = True
+    for _logger_name in [n for n in logging.root.manager.loggerDict if n.startswith("libp2p.")]:
+        _logger = logging.getLogger(_logger_name)
+        if logging.NOTSET < _logger.level < logging.WARNING:
+            _logger.setLevel(logging.WARNING)
+logging.getLogger("libp2p.network.swarm").addFilter(_Repeats())
+
+
 class _Libp2pStream(FramedStream):
     def __init__(self, net_stream: Any, remote_peer: str, *, timeout: float, max_frame: int) -> None:
         super().__init__(remote_peer, timeout=timeout, max_frame=max_frame)

@@ -33,6 +33,13 @@ class FramedStream(MessageStream):
         self._decoder = FrameDecoder(max_frame)
         self._send_lock = trio.Lock()
         self._closed = False
+        self._reading: trio.CancelScope | None = None
+
+    def interrupt(self) -> None:
+        """End a :meth:`receive` waiting now with :class:`StreamTimeout`, as if its deadline
+        had passed (nothing if none waits); the stream stays usable."""
+        if self._reading is not None:
+            self._reading.cancel()
 
     @abc.abstractmethod
     async def _write_raw(self, data: bytes) -> None: ...
@@ -83,7 +90,7 @@ class FramedStream(MessageStream):
     async def _read_frame(self, timeout: float) -> bytes:
         if timeout == math.inf:  # a reader for the stream's life: no deadline, no scope
             return await self._read_frame_now()
-        with trio.CancelScope(deadline=trio.current_time() + timeout):
+        with trio.CancelScope(deadline=trio.current_time() + timeout) as self._reading:
             return await self._read_frame_now()
         raise StreamTimeout(f"no frame from {self.remote_peer} in time")
 

@@ -158,6 +158,22 @@ def test_a_model_its_peer_withdrew_is_unknown_at_once():
     assert table.unavailable("n", NOW + 36)
 
 
+def test_a_peer_whose_offer_went_empty_leaves_its_models_unavailable_for_the_grace_not_unknown():
+    """Its capacity went to zero (its neurons gone, or not back yet after it restarted: a
+    cortex announces before its neurons rejoin): still serving peers but offering nothing.
+    Before, that was taken for a withdrawal of every model, and its clients got 404
+    model_not_found (not retried by SDKs) while it restarted."""
+    ident = new_identity()
+    table = PeerTable(unavailable_grace=20.0)
+    table.update(announce(ident, models=(OfferedModel("m", True),), seq=1), NOW)
+    table.update(announce(ident, models=(), issued_at=NOW + 5, seq=2), NOW + 5)
+    assert not table.offers("m", NOW + 6) and table.unavailable("m", NOW + 6)
+    table.update(announce(ident, models=(), issued_at=NOW + 10, seq=3), NOW + 10)  # still empty: the same grace
+    assert table.unavailable("m", NOW + 24.9) and not table.unavailable("m", NOW + 25)
+    table.update(announce(ident, models=(OfferedModel("m", True),), issued_at=NOW + 30, seq=4), NOW + 30)
+    assert table.offers("m", NOW + 31) and not table.unavailable("m", NOW + 31)  # back
+
+
 def test_the_memory_of_expired_offers_is_bounded():
     from helexa.roles.cortex.federation.offer_memory import OfferMemory
 

@@ -209,7 +209,7 @@ class Cortex:
                          addrs.gateway_url, addrs.admin_url, build.version())
                 task_status.started(addrs)
                 await self._stop.wait()
-                await drain(self.gateway, self.control, grace=self.config.shutdown_grace)
+                await drain(self.gateway, self.control, grace=self.config.shutdown_grace, federation=self.federation)
                 nursery.cancel_scope.cancel()
         finally:
             if self.ledger is not None:

@@ -134,7 +134,7 @@ class Orchestrator:
         or a stream's error event) before the connections close."""
         for model_id in self.admission.queue.models():
             self.admission.fail(model_id, error, "stopping")
-        for link in self.fleet:
+        for link in [*self.fleet, self.remote_router]:  # the peers' answers too
             fail = getattr(link, "fail_streams", None)
             if fail is not None:
                 fail(error)

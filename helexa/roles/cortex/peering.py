@@ -274,6 +274,19 @@ class PeerRouter:
     def can_route(self, model_id: str) -> bool:
         return self.federation.can_route(model_id, also=ASK_POLICY.get())
 
+    def fail_streams(self, error: Exception) -> None:
+        """The cortex's stop, past its grace: every peer's answer being read ends with
+        ``error`` at its next frame (``Cancel`` sent, the receipt collected), as a local
+        neuron's stream does, so its surface ends the answer before the connections close."""
+        fed = self.federation
+        fed.cut_error = error
+        for remote in list(fed.answering):
+            remote.fail(error)
+        for stream in list(fed.first_waits):  # waiting for the first frame: now (StreamTimeout)
+            interrupt = getattr(stream, "interrupt", None)
+            if interrupt is not None:
+                interrupt()
+
     def unavailable(self, model_id: str) -> float | None:
         return self.federation.unavailable(model_id, also=ASK_POLICY.get())
 

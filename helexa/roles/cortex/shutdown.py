@@ -28,6 +28,7 @@ import trio
 
 if TYPE_CHECKING:
     from .control_server import ControlServer
+    from .federation.service import Federation
     from .gateway import Gateway
 
 log = logging.getLogger(__name__)
@@ -68,17 +69,34 @@ class InFlight:
         return self.count > 0
 
 
-async def drain(gateway: Gateway, control: ControlServer, *, grace: float, reason: str = "cortex stopping") -> None:
+async def drain(gateway: Gateway, control: ControlServer, *, grace: float, reason: str = "cortex stopping",
+                federation: Federation | None = None) -> None:
     """Steps 1-3 of the stop (see the module docstring); shielded from cancellation so a
-    second signal cannot cut it short, and bounded by ``grace`` plus a few seconds."""
+    second signal cannot cut it short, and bounded by ``grace`` plus a few seconds.
+
+    Peers' requests being served (``federation``) are in-flight work like the gateway's:
+    they get the same grace (new ones are refused ``busy``, so the asker tries another
+    peer), and the cut ends their local generation as it ends the gateway's, so the asker
+    gets the error and its signed receipt, not a stream reset (nor its neuron told to stop
+    under it)."""
     with trio.CancelScope(shield=True):
         gateway.stop()
-        with trio.move_on_after(grace) as waited:
+        peers = None
+        if federation is not None:
+            federation.stop_serving()
+            peers = federation.inbound.in_flight
+
+        async def all_idle() -> None:
             await gateway.in_flight.wait_idle()
+            if peers is not None:
+                await peers.wait_idle()
+
+        with trio.move_on_after(grace) as waited:
+            await all_idle()
         if waited.cancelled_caught:
             log.warning("%d request(s) still running after the %.0fs grace: ended with 503 shutting_down",
-                        gateway.in_flight.count, grace)
+                        gateway.in_flight.count + (peers.count if peers is not None else 0), grace)
             gateway.cut()
             with trio.move_on_after(CUT_WAIT):
-                await gateway.in_flight.wait_idle()
+                await all_idle()
         await control.shutdown_neurons(reason, grace)

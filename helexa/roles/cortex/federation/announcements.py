@@ -231,6 +231,12 @@ class PeerTable:
         self.version += 1
         offered = list(ann.models) if ann.policy.serves_peers else []
         before = [m.model_id for m in prev.models] if prev is not None and prev.policy.serves_peers else []
+        if ann.policy.serves_peers and not offered and before:
+            # Nothing offered at all while still serving peers: its capacity went to zero (its
+            # neurons gone, or not back yet after a restart), not a withdrawal: for the grace,
+            # "temporarily unavailable" (503), as when its offer expires, not "unknown" (404).
+            self.recent.lapsed(ann.peer_id, before, now)
+            return True
         self.recent.offered(ann.peer_id, offered, ann.issued_at + ann.ttl,
                             withdrawn=set(before) - {m.model_id for m in offered}, operator=ann.operator)
         return True

@@ -34,6 +34,8 @@ from helexa.protocol.federation import FEDERATION_VERSIONS, FederatedHello, Offe
 from helexa.protocol.model import MAX_NAME, bounded_text
 
 from ..cache_scope import peer_scope
+from ..shutdown import InFlight
+from .announced_prices import AnnouncedPrices
 from .ledger import SERVED, Ledger
 from .policy import Admission, ServePolicy
 from .receipts import sign_receipt
@@ -104,6 +106,19 @@ class InboundServer:
         self._embed = serve_embed
         self._t = timeouts
         self._clock = clock
+        self.in_flight = InFlight()
+        """Requests admitted and not yet answered (with their receipts): what a stopping
+        cortex lets finish within its ``shutdown_grace`` (:func:`..shutdown.drain`)."""
+        self.announced = AnnouncedPrices()
+        """The prices of the announcements peers may still hold: a request is billed at
+        the lowest (a price raised here applies once none is live)."""
+        self.stopping = False
+        """Set by :meth:`stop`: new requests are refused ``busy`` (the asker tries another peer)."""
+
+    def stop(self) -> None:
+        """The cortex is stopping: refuse new requests; those admitted run on (their
+        local generation is ended by the gateway's cut when the grace is over)."""
+        self.stopping = True
 
     def set_policy(self, policy: ServePolicy) -> None:
         """Serve under ``policy`` from now on (a live reload)."""
@@ -160,12 +175,16 @@ class InboundServer:
         peer = stream.remote_peer
         # The offer is read once: nothing awaits between this check and the serving.
         model = self._offered(request.model_id)
+        if model is not None:
+            model = self.announced.honour(model, self._clock())
         refusal = self._check(request, model)
         # The hello's operator is the asker's claim for this one request; its signed
         # announcement's is the one it gossips to everyone: the policy judges that one.
         # (held to a name's bounds, as an announcement's is: a refusal quotes it, the log too)
         operator = (self._operator_of(peer) if self._operator_of is not None else None) or bounded_text(
             hello.operator, MAX_NAME)
+        if refusal is None and self.stopping:
+            refusal = Refusal(request.request_id, "busy", "this cortex is shutting down", 1.0)
         if refusal is None:
             decision = self._admission.admit(peer, operator, request.model_id, trio.current_time())
             if not decision.admitted:
@@ -176,6 +195,15 @@ class InboundServer:
             await stream.send(refusal, timeout=self._t.send)
             return True
         assert model is not None  # _check refused otherwise
+        self.in_flight.enter()
+        try:
+            return await self._serve_admitted(stream, reader, exchange, request, model, peer, operator)
+        finally:
+            self.in_flight.exit()
+
+    async def _serve_admitted(self, stream: MessageStream, reader: StreamReader, exchange: Exchange,
+                              request: GenerateRequest | EmbedRequest, model: OfferedModel, peer: str,
+                              operator: str) -> bool:
         span = None
         if telemetry.enabled():
             span = telemetry.tracer().start_span(

@@ -7,7 +7,11 @@ after the last offer of a model expired it is remembered instead, and the gatewa
 ``503`` with Retry-After ("temporarily unavailable"); then it is forgotten, and unknown.
 
 A model a peer withdrew (its next announcement no longer offers it: unloaded, a policy
-change) is not remembered for that peer: that is no partition. Memory is bounded: entries
+change) is not remembered for that peer: that is no partition. But a peer that still
+serves peers and now offers nothing at all has lost its capacity, not changed its mind (its
+neurons are gone, or not back yet after it restarted: a cortex announces as it starts,
+before its neurons rejoin): its offers are remembered as if they expired then
+(:meth:`OfferMemory.lapsed`). Memory is bounded: entries
 older than the grace are dropped as time passes, and at most ``capacity`` models are held
 (the ones whose offers expired longest ago go first).
 
@@ -63,6 +67,15 @@ class OfferMemory:
             self._until.move_to_end(model.model_id)
         while len(self._until) > self.capacity:
             self._until.popitem(last=False)
+
+    def lapsed(self, peer_id: str, model_ids: Iterable[str], now: float) -> None:
+        """``peer_id``'s offers of ``model_ids`` ended ``now`` (its capacity went to zero):
+        remembered as offers that expired now, for the grace."""
+        for model_id in model_ids:
+            peers = self._until.get(model_id)
+            offer = peers.get(peer_id) if peers is not None else None
+            if offer is not None:
+                peers[peer_id] = offer._replace(until=min(offer.until, now))
 
     def unavailable(self, model_id: str, now: float) -> bool:
         """Whether some peer's offer of ``model_id`` expired less than ``grace`` ago (the

@@ -187,6 +187,19 @@ class RemoteGeneration:
         self.tokens_seen = 0
         self.finished = False
         self.cancelled = False
+        self.failed: Exception | None = None
+        """Set by :meth:`fail`: the answer ends with it at its next frame."""
+
+    def fail(self, error: Exception) -> None:
+        """End the answer with ``error`` at its next frame (the cortex's stop, past its
+        grace): the peer is sent ``Cancel`` and its receipt collected, then the consumer
+        raises ``error``, so its surface ends the answer in its own shape before the
+        connections close (a local neuron's stream is failed the same way)."""
+        if not self.finished:
+            self.failed = error
+            interrupt = getattr(self._stream, "interrupt", None)
+            if interrupt is not None:  # waiting for a frame (an answer not streamed, a slow one): now
+                interrupt()
 
     @property
     def receipt(self) -> Receipt | None:
@@ -203,6 +216,9 @@ class RemoteGeneration:
         return self
 
     async def __anext__(self) -> TokenChunk | GenerateResult:
+        if self.failed is not None and not self.finished:
+            await self.finish()
+            raise self.failed
         if self.finished:
             await self._keeper.collect(self._stream, self._t.receipt, tokens_seen=self.tokens_seen, outcome="ok")
             raise StopAsyncIteration
@@ -212,10 +228,16 @@ class RemoteGeneration:
             try:
                 msg = await self._stream.receive(timeout=self._t.idle)
             except (StreamClosed, StreamTimeout, ProtocolError) as exc:
+                if self.failed is not None and isinstance(exc, StreamTimeout):
+                    await self.finish()  # interrupted by fail(): Cancel, then the peer's receipt
+                    raise self.failed from None
                 self.finished = True
                 with trio.CancelScope(shield=True):
                     await self._keeper.collect(None, 0, tokens_seen=self.tokens_seen, outcome="error")
                 raise PeerVanished(f"peer {self.peer_id} went away mid-answer: {exc}", peer_id=self.peer_id) from None
+        if self.failed is not None and isinstance(msg, TokenChunk):
+            await self.finish()  # Cancel, then the peer's receipt (bounded, shielded)
+            raise self.failed
         try:
             if isinstance(msg, TokenChunk):
                 tokens = chunk_tokens(msg)

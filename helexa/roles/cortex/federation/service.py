@@ -131,6 +131,12 @@ class Federation:
         self.table = PeerTable(unavailable_grace=settings.grace)
         self._sequence = 0
         self._idle: dict[str, list[tuple[MessageStream, float]]] = {}
+        self.answering: set[RemoteGeneration] = set()
+        self.first_waits: set[MessageStream] = set()
+        """Peers' answers being read now, and streams waiting for one's first frame (an answer
+        not streamed waits there whole): what the cortex's stop past its grace ends
+        (``PeerRouter.fail_streams``, which sets ``cut_error``)."""
+        self.cut_error: Exception | None = None
         self._allowed_memo: dict[tuple[Any, ...], tuple[PeerTable, int, float, list[PeerOffer]]] = {}
         self.inbound = InboundServer(
             identity=identity, admission=Admission(serve_policy), ledger=ledger, offer_fn=offer_fn,
@@ -146,6 +152,11 @@ class Federation:
         self.serve_policy = serve_policy
         self.ask_policy = ask_policy
         self.inbound.set_policy(serve_policy)
+
+    def stop_serving(self) -> None:
+        """The cortex is stopping: peers' new requests are refused ``busy``; those being
+        served run on (``self.inbound.in_flight`` counts them) until the stop's grace."""
+        self.inbound.stop()
 
     # --- the service ----------------------------------------------------------------------
 
@@ -163,9 +174,11 @@ class Federation:
         """Sign and gossip our current offer (also done every ``announce_interval``)."""
         now = self._clock()
         self._sequence = max(self._sequence + 1, int(now * 1000))
+        models = self.serve_policy.filter_offer(list(self._offer_fn()))
+        self.inbound.announced.record(models, now + self.settings.announcement_ttl)
         ann = sign_announcement(
             self.identity, operator=self.operator,
-            models=self.serve_policy.filter_offer(list(self._offer_fn())),
+            models=models,
             spare_slots=max(0, int(self._spare_fn())), policy=self.serve_policy.summary(),
             addrs=tuple(self.mesh.listen_addrs), issued_at=now, ttl=self.settings.announcement_ttl,
             sequence=self._sequence)
@@ -310,7 +323,11 @@ class Federation:
             try:
                 await stream.send(FederatedHello(self.operator, request.request_id), self._for_peer(request, stream),
                                   timeout=t.send)
-                first = await stream.receive(timeout=t.first_frame)
+                self.first_waits.add(stream)
+                try:
+                    first = await stream.receive(timeout=t.first_frame)
+                finally:
+                    self.first_waits.discard(stream)
             except StreamClosed as exc:
                 await stream.reset()
                 if reused:
@@ -320,6 +337,8 @@ class Federation:
             except (StreamTimeout, ProtocolError) as exc:
                 if isinstance(exc, StreamTimeout):
                     await self._abandon(offer, request, stream)  # it may be running there
+                    if self.cut_error is not None:  # interrupted: the cortex is stopping
+                        raise self.cut_error from None
                 else:
                     await stream.reset()
                 raise PeerUnreachable(f"peer {offer.peer_id} did not answer: {exc}", peer_id=offer.peer_id) from None
@@ -479,10 +498,12 @@ class _Route:
         self._offer, self._stream, first = await fed._first_answer(request, workload, self._exclude, self._also)
         self._remote = RemoteGeneration(self._stream, first, fed._keeper(self._offer, request), fed.settings.ask,
                                         request)
+        fed.answering.add(self._remote)
         return self._remote
 
     async def __aexit__(self, *exc: object) -> None:
         try:
+            self._fed.answering.discard(self._remote)
             await self._remote.finish()
         finally:
             await self._fed._release(self._offer.peer_id, self._stream, clean=self._remote.clean)
