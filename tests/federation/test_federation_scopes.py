@@ -88,7 +88,7 @@ async def test_an_asking_cortex_sends_no_scope_to_a_peer_of_an_older_release(nur
         async with route as frames:
             assert isinstance([f async for f in frames][-1], GenerateResult)
     assert [(p, r.cache_scope) for p, r in wire] == [(FEDERATION_PROTOCOL, "")] * 2
-    assert b"cache_scope" not in encode(a._for_peer(replace(request(), cache_scope=TENANT_1), route._stream))
+    assert b"cache_scope" not in encode(a.streams.for_peer(replace(request(), cache_scope=TENANT_1), route._stream))
     assert [r.cache_scope for r in b_fleet.requests] == [peer_scope(a.mesh.peer_id, "")] * 2
 
 

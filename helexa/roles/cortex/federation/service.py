@@ -21,13 +21,12 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import aclosing
-from dataclasses import replace
 from typing import Any
 
 import trio
 
 from helexa.identity import Identity
-from helexa.mesh import DialFailed, Mesh, MessageStream, StreamClosed, StreamTimeout
+from helexa.mesh import Mesh, MessageStream, StreamClosed, StreamTimeout
 from helexa.protocol import (
     Cancel,
     EmbedRequest,
@@ -38,24 +37,15 @@ from helexa.protocol import (
     Task,
     encode,
 )
-from helexa.protocol.compat import for_earlier
-from helexa.protocol.federation import (
-    ANNOUNCE_TOPIC,
-    COUNTED_FEDERATION_PROTOCOL,
-    FEDERATION_PROTOCOL,
-    FEDERATION_VERSIONS,
-    SCOPED_FEDERATION_PROTOCOL,
-    FederatedHello,
-    Refusal,
-)
+from helexa.protocol.federation import ANNOUNCE_TOPIC, FederatedHello, Refusal
 from helexa.protocol.model import Workload
 
-from ..cache_scope import wire_scope
 from .announcements import AnnouncementRejected, PeerOffer, PeerTable, check_announcement, sign_announcement
 from .errors import FederationError, NoPeerOffers, OutboundRefused, PeerFailed, PeerRefused, PeerUnreachable, PeerVanished
 from .inbound import EmbedHandler, GenerateHandler, InboundServer, OfferedFn, OfferFn, PromptCountFn
 from .ledger import Ledger
 from .outbound import Expectation, ReceiptKeeper, RemoteGeneration, refusal_error
+from .peer_streams import PeerStreams
 from .peer_usage import InvalidAnswer, bounded_embed
 from .policy import Admission, AskPolicy, Outbound, ServePolicy
 from .settings import FederationSettings
@@ -64,20 +54,10 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Federation", "FederationSettings"]
 
-SCOPED_VERSION = FEDERATION_VERSIONS[SCOPED_FEDERATION_PROTOCOL]
-
 _ALLOWED_MEMO = 256
 """Candidate lists kept (per model, workload, exclusions and policies)."""
 
 _RETRY_NEXT_PEER = {"busy", "rate_limited", "model_not_offered", "not_serving"}
-
-_WIRE_SCOPES = 4096
-"""Scopes sent to peers kept (per peer and local scope), not hashed again per request."""
-
-OLDER_RECHECK = 600.0
-"""How long a peer that chose an older protocol is offered only that one and those before
-it (asking it again costs a connection over the direct channel), before it is asked again:
-it may have been upgraded."""
 
 
 class Federation:
@@ -108,16 +88,8 @@ class Federation:
         clock: Callable[[], float] = time.time, offered_fn: OfferedFn | None = None,
         count_prompt: PromptCountFn | None = None,
     ) -> None:
-        self.protocols: tuple[str, ...] = (COUNTED_FEDERATION_PROTOCOL, SCOPED_FEDERATION_PROTOCOL,
-                                           FEDERATION_PROTOCOL)
-        """The request-stream protocols this cortex serves and asks with, newest first.
-        A request goes out with its tenant's scope on a scoped stream only; over the
-        last, all a peer of an older release speaks, it goes without. What each side sends
-        leaves out what the stream's protocol does not carry (:data:`FEDERATION_VERSIONS`)."""
-        self._wire_scopes: dict[tuple[str, str], str] = {}
-        self._older_until: dict[str, tuple[str, float]] = {}
-        """Peers that chose an older protocol: that protocol, and until when it is offered
-        first (:data:`OLDER_RECHECK`)."""
+        self.streams = PeerStreams(mesh, settings)
+        """The request streams to peers: idle ones kept for reuse, each peer's protocol."""
         self.mesh = mesh
         self.identity = identity
         self.operator = operator
@@ -130,7 +102,6 @@ class Federation:
         self._clock = clock
         self.table = PeerTable(unavailable_grace=settings.grace)
         self._sequence = 0
-        self._idle: dict[str, list[tuple[MessageStream, float]]] = {}
         self.answering: set[RemoteGeneration] = set()
         self.first_waits: set[MessageStream] = set()
         """Peers' answers being read now, and streams waiting for one's first frame (an answer
@@ -142,6 +113,20 @@ class Federation:
             identity=identity, admission=Admission(serve_policy), ledger=ledger, offer_fn=offer_fn,
             serve_generate=serve_generate, serve_embed=serve_embed, timeouts=settings.serve, clock=clock,
             offered_fn=offered_fn, operator_of=self._announced_operator, count_prompt=count_prompt)
+
+    @property
+    def protocols(self) -> tuple[str, ...]:
+        """The request-stream protocols this cortex serves and asks with, newest first
+        (:attr:`.PeerStreams.protocols`; a test may narrow them to an older release's)."""
+        return self.streams.protocols
+
+    @protocols.setter
+    def protocols(self, protocols: tuple[str, ...]) -> None:
+        self.streams.protocols = protocols
+
+    @property
+    def _idle(self) -> dict[str, list[tuple[MessageStream, float]]]:
+        return self.streams.idle
 
     def _announced_operator(self, peer_id: str) -> str | None:
         ann = self.table.get(peer_id)
@@ -290,38 +275,18 @@ class Federation:
             raise NoPeerOffers(f"no peer offers {model_id!r}")
         return cands[: self.settings.max_attempts]
 
-    async def _take(self, peer_id: str) -> MessageStream | None:
-        """An idle stream to ``peer_id`` young enough to reuse (the newest), if any."""
-        pool = self._idle.get(peer_id)
-        now = trio.current_time()
-        while pool:
-            stream, since = pool.pop()
-            if now - since < self.settings.stream_max_idle:
-                return stream
-            await stream.aclose()
-        return None
-
-    async def _release(self, peer_id: str, stream: MessageStream, *, clean: bool) -> None:
-        """Keep ``stream`` for the next request to ``peer_id`` if its exchange ended clean
-        and the pool has room; close it otherwise."""
-        pool = self._idle.setdefault(peer_id, [])
-        if clean and len(pool) < self.settings.idle_streams:
-            pool.append((stream, trio.current_time()))
-        else:
-            await stream.aclose()
-
     async def _open(self, offer: PeerOffer, request: GenerateRequest | EmbedRequest) -> tuple[MessageStream, Any]:
         """Send hello and request on an idle stream to the peer, else a new one, and read
         the first answer frame. A reused stream the peer closed meanwhile (its idle
         timeout, or a peer that serves one request a stream) is dropped for the next."""
         t = self.settings.ask
         while True:
-            stream = await self._take(offer.peer_id)
+            stream = await self.streams.take(offer.peer_id)
             reused = stream is not None
             if stream is None:
-                stream = await self._new_stream(offer.peer_id)
+                stream = await self.streams.new_stream(offer.peer_id)
             try:
-                await stream.send(FederatedHello(self.operator, request.request_id), self._for_peer(request, stream),
+                await stream.send(FederatedHello(self.operator, request.request_id), self.streams.for_peer(request, stream),
                                   timeout=t.send)
                 self.first_waits.add(stream)
                 try:
@@ -348,44 +313,9 @@ class Federation:
                 await self._abandon(offer, request, stream)
                 raise
             if isinstance(first, Refusal):
-                await self._release(offer.peer_id, stream, clean=True)
+                await self.streams.release(offer.peer_id, stream, clean=True)
                 raise refusal_error(first, offer.peer_id)
             return stream, first
-
-    async def _new_stream(self, peer_id: str) -> MessageStream:
-        """A new request stream to ``peer_id``, in the newest protocol both speak."""
-        protocols = self.protocols
-        chose, until = self._older_until.get(peer_id, ("", -math.inf))
-        if until > trio.current_time() and chose in protocols:
-            protocols = protocols[protocols.index(chose):]
-        try:
-            stream = await self.mesh.open_stream(peer_id, protocols, timeout=self.settings.ask.open)
-        except DialFailed as exc:
-            raise PeerUnreachable(str(exc), peer_id=peer_id) from None
-        if stream.protocol == self.protocols[0]:
-            self._older_until.pop(peer_id, None)
-        elif protocols is self.protocols:
-            self._older_until[peer_id] = (stream.protocol, trio.current_time() + OLDER_RECHECK)
-        return stream
-
-    def _for_peer(self, request: GenerateRequest | EmbedRequest,
-                  stream: MessageStream) -> GenerateRequest | EmbedRequest:
-        """``request`` as it crosses to the peer: its tenant's scope as :func:`wire_scope`
-        makes it for that peer, on a stream that carries one; none otherwise (a peer of an
-        older release refuses the field, and keeps one scope for all our tenants). Over
-        the older protocol, the fields its releases may not know are left out
-        (:func:`~helexa.protocol.compat.for_earlier`: an embedding's ``truncate`` too)."""
-        if FEDERATION_VERSIONS.get(stream.protocol, 1) < SCOPED_VERSION:
-            return for_earlier(request)
-        if not isinstance(request, GenerateRequest) or not request.cache_scope:
-            return request
-        key = (stream.remote_peer, request.cache_scope)
-        scope = self._wire_scopes.get(key, "")
-        if not scope:
-            if len(self._wire_scopes) >= _WIRE_SCOPES:
-                self._wire_scopes.clear()
-            scope = self._wire_scopes[key] = wire_scope(*key)
-        return replace(request, cache_scope=scope)
 
     async def _abandon(self, offer: PeerOffer, request: GenerateRequest | EmbedRequest, stream: MessageStream) -> None:
         """Send ``Cancel`` for a request left before its first answer frame, record the
@@ -447,7 +377,7 @@ class Federation:
             PeerVanished, PeerFailed: from the iterator, mid-answer.
 
         ``request.cache_scope`` (its tenant's) crosses as an opaque scope of the peer's
-        own, to a peer that speaks the scoped protocol only (:meth:`_for_peer`).
+        own, to a peer that speaks the scoped protocol only (:meth:`.PeerStreams.for_peer`).
         """
         return _Route(self, request, exclude, also)
 
@@ -475,7 +405,7 @@ class Federation:
         finally:
             with trio.CancelScope(shield=True):
                 await keeper.collect(None, 0, tokens_seen=0, outcome="cancelled")
-            await self._release(offer.peer_id, stream, clean=keeper.received)
+            await self.streams.release(offer.peer_id, stream, clean=keeper.received)
 
 
 class _Route:
@@ -506,4 +436,4 @@ class _Route:
             self._fed.answering.discard(self._remote)
             await self._remote.finish()
         finally:
-            await self._fed._release(self._offer.peer_id, self._stream, clean=self._remote.clean)
+            await self._fed.streams.release(self._offer.peer_id, self._stream, clean=self._remote.clean)
