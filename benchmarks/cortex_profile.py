@@ -220,6 +220,8 @@ def main() -> None:
     ap.add_argument("--no-checkout", action="store_true", help="profile only the --src trees")
     ap.add_argument("--neuron-cpu-policy", default="normal", choices=("normal", "batch"))
     ap.add_argument("--save", help="keep the pstats files in this folder")
+    ap.add_argument("--process", default="cortex", choices=("cortex", "neuron"),
+                    help="profile the cortex (its steps) or the neuron (its own code counts as 'other helexa code')")
     a = ap.parse_args()
     import gateway_vs_litellm as g
 
@@ -243,10 +245,11 @@ def main() -> None:
             pairs[Path(src).name] = g.start_helexa(ns, procs, started["direct"][0], tag,
                                                    {"HELEXA_SRC": str(Path(src).resolve())})[f"{tag}-synth"]
         for t, (base, model, key, pids) in pairs.items():
-            results[t] = profile_pair(g, t, base, model, key, pids[0], f"{out}-{t}", a)
+            pid = pids[0] if a.process == "cortex" else pids[1]
+            results[t] = profile_pair(g, t, base, model, key, pid, f"{out}-{t}", a)
     finally:
         procs.stop_all()
-    print(f"Python calls per request in the cortex, c={a.conc}, by step of the request path")
+    print(f"Python calls per request in the {a.process}, c={a.conc}, by step of the request path")
     print()
     step_table(results)
     for t, (stats, n) in results.items():

@@ -201,3 +201,88 @@ async def test_an_unload_stops_a_request_its_in_process_engine_cannot_end_and_le
     assert msg.ok and msg.status.state is ModelState.LOADED
     await channel.send(generate("r3", stream=False))
     assert isinstance(await next_frame(channel), GenerateResult)
+
+
+# --- the tasks requests run in --------------------------------------------------------
+
+
+class _Spawns(trio.abc.Instrument):
+    def __init__(self) -> None:
+        self.count = 0
+
+    def task_spawned(self, task) -> None:  # noqa: ANN001
+        self.count += 1
+
+
+async def test_requests_one_after_another_run_in_one_kept_task(nursery, autojump_clock):
+    neuron, channel = await joined(nursery, tokens=3)
+    spawns = _Spawns()
+    trio.lowlevel.add_instrument(spawns)
+    try:
+        for i in range(10):
+            await channel.send(generate(f"r{i}", stream=False))
+            msg = await next_frame(channel)
+            assert isinstance(msg, GenerateResult) and msg.request_id == f"r{i}"
+    finally:
+        trio.lowlevel.remove_instrument(spawns)
+    assert spawns.count <= 1  # the first request's task, kept for the nine after it
+    await neuron.serving.wait_idle()
+    assert neuron.registry.in_flight == 0
+
+
+async def test_a_cancel_for_a_request_that_ended_does_not_reach_the_next_one_in_the_same_task(
+        nursery, autojump_clock):
+    neuron, channel = await joined(nursery, tokens=50, tokens_per_second=10)
+    await channel.send(generate("r1", stream=False))
+    assert isinstance(await next_frame(channel), GenerateResult)
+    await channel.send(generate("r2"))  # run by the task that ran r1
+    assert isinstance(await next_frame(channel), TokenChunk)
+    await channel.send(Cancel("r1"))  # late: r1 is over
+    while not isinstance(msg := await next_frame(channel), GenerateResult):
+        assert isinstance(msg, TokenChunk)
+    assert msg.request_id == "r2" and msg.finish_reason == "stop"  # all of it
+
+
+async def test_after_a_cancelled_request_the_task_runs_the_next_in_a_new_scope(nursery, autojump_clock):
+    neuron, channel = await joined(nursery, tokens=1000, tokens_per_second=10)
+    for rid in ("r1", "r2"):
+        await channel.send(generate(rid))
+        assert isinstance(await next_frame(channel), TokenChunk)
+        await channel.send(Cancel(rid))
+        await neuron.serving.wait_idle()
+        assert neuron.registry.in_flight == 0
+    await channel.send(generate("r3", stream=False))  # not cancelled by r1's or r2's scope
+    msg = await next_frame(channel)
+    assert isinstance(msg, GenerateResult) and msg.request_id == "r3"
+
+
+async def test_a_request_cancelled_before_its_task_ran_it_sends_nothing(nursery, autojump_clock):
+    neuron, channel = await joined(nursery, tokens=3)
+    await channel.send(generate("warm", stream=False))  # a task is kept, waiting
+    assert isinstance(await next_frame(channel), GenerateResult)
+    neuron.serving.start(generate("r1", stream=False), nursery)
+    neuron.serving.cancel("r1")
+    await neuron.serving.wait_idle()
+    assert neuron.registry.in_flight == 0
+    await channel.send(generate("r2", stream=False))
+    msg = await next_frame(channel)
+    assert isinstance(msg, GenerateResult) and msg.request_id == "r2"  # nothing came for r1
+
+
+async def test_concurrent_requests_each_cancel_only_its_own(nursery, autojump_clock):
+    neuron, channel = await joined(nursery, tokens=30, tokens_per_second=10)
+    for rid in ("a", "b", "c"):
+        await channel.send(generate(rid))
+    await trio.sleep(0.5)
+    await channel.send(Cancel("b"))
+    results = {}
+    with trio.fail_after(60):
+        while len(results) < 2:
+            msg = await next_frame(channel)
+            if isinstance(msg, GenerateResult):
+                results[msg.request_id] = msg
+            elif isinstance(msg, TokenChunk):
+                assert msg.request_id != "b" or trio.current_time() <= 0.6
+    assert set(results) == {"a", "c"} and all(m.finish_reason == "stop" for m in results.values())
+    await neuron.serving.wait_idle()
+    assert neuron.registry.in_flight == 0

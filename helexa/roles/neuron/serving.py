@@ -1,7 +1,12 @@
 """The requests a neuron runs for its cortex: generations and embeddings, by request id.
 
-Each request runs in its own task and cancel scope (a :class:`Cancel` from the cortex, the
-connection dropping, the neuron's drain or its model's unload stops it). A generation's
+Each request runs in a task and cancel scope of its own while it runs (a :class:`Cancel`
+from the cortex, the connection dropping, the neuron's drain or its model's unload stops
+it). In the neuron's services nursery the tasks are kept between requests: a request is
+handed to a task waiting for one (``trio.lowlevel.reschedule``), which runs it in the
+scope it runs its requests in, and makes a new scope only after one was cancelled.
+Spawning a task and entering and leaving a scope per request were 41 of the neuron's
+Python calls per request (``docs/benchmarks.md``, issue 17 item 2, branch fab6). A generation's
 events go back through :mod:`.relay`; a failure goes back as one :class:`InferenceError`,
 retryable elsewhere only while nothing of the answer has been sent.
 
@@ -18,6 +23,7 @@ from __future__ import annotations
 import logging
 from contextlib import aclosing, nullcontext
 
+import outcome
 import trio
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -36,6 +42,24 @@ from .relay import collect, relay
 log = logging.getLogger(__name__)
 
 _NOT_LISTENING = nullcontext()
+_MAX_IDLE_WORKERS = 64  # tasks kept waiting for a request, at most (more end after theirs)
+
+
+class _Job:
+    """One request while it is in flight: what :meth:`Serving.cancel` reaches it by."""
+
+    __slots__ = ("req", "cancelled", "scope")
+
+    def __init__(self, req: GenerateRequest | EmbedRequest) -> None:
+        self.req = req
+        self.cancelled = False
+        self.scope: trio.CancelScope | None = None
+        """The scope of the task that runs it, while it runs."""
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self.scope is not None:
+            self.scope.cancel()
 
 
 class Serving:
@@ -44,7 +68,7 @@ class Serving:
     def __init__(self, registry: ModelRegistry, connection: Connection) -> None:
         self._registry = registry
         self._connection = connection
-        self._running: dict[str, trio.CancelScope] = {}
+        self._running: dict[str, _Job] = {}
         self._held: dict[str, Backend] = {}  # the backend each running request holds
         self._ended: dict[str, trio.Event] = {}  # set when a stopped request ends (only those are watched)
         self._judged: dict[str, trio.Event] = {}  # set when a watch is over: the request ended, or was judged
@@ -53,6 +77,8 @@ class Serving:
         connection (the neuron's services'). Otherwise the connection's, given to :meth:`start`."""
         self._idle = trio.Event()
         self._idle.set()
+        self._workers: list[trio.lowlevel.Task] = []  # tasks in _workers_in waiting for a request
+        self._workers_in: trio.Nursery | None = None
         self.accepting = True
         """False once :meth:`stop_accepting` was called: new requests are refused."""
 
@@ -68,11 +94,17 @@ class Serving:
                 InferenceError(req.request_id, "draining", "this neuron is shutting down", retryable=True)
             )
             return
-        scope = trio.CancelScope()
+        job = _Job(req)
         if not self._running:
             self._idle = trio.Event()
-        self._running[req.request_id] = scope
-        (self.nursery or nursery).start_soon(self._run, req, scope)
+        self._running[req.request_id] = job
+        if self._workers and self.nursery is self._workers_in:
+            trio.lowlevel.reschedule(self._workers.pop(), outcome.Value(job))
+        elif self.nursery is not None:
+            self._workers_in = self.nursery
+            self.nursery.start_soon(self._work, job, True)
+        else:
+            nursery.start_soon(self._work, job, False)
 
     def cancel(self, request_id: str, nursery: trio.Nursery | None = None, *, how: str = "its cancel") -> None:
         """Stop a running request (nothing if it already ended). A request of a model run in
@@ -80,9 +112,9 @@ class Serving:
         model failed (:meth:`.ModelRegistry.wedged`; ``how`` says what stopped it); a
         worker's backend kills its wedged worker itself. The watch runs in :attr:`nursery`,
         else in ``nursery``; with neither, none."""
-        if (scope := self._running.get(request_id)) is None:
+        if (job := self._running.get(request_id)) is None:
             return
-        scope.cancel()
+        job.cancel()
         backend = self._held.get(request_id)
         watch_in = self.nursery or nursery
         if watch_in is not None and backend is not None and not backend.kills_wedged and request_id not in self._ended:
@@ -115,7 +147,7 @@ class Serving:
         each has ended or been judged wedged (within its ``cancel_grace``)."""
         rids = [rid for rid, backend in self._held.items() if backend.config.model_id == model_id]
         for rid in rids:
-            if rid in self._running and not self._running[rid].cancel_called:
+            if rid in self._running and not self._running[rid].cancelled:
                 self._connection.post(InferenceError(rid, "model_not_loaded",
                                                      f"model {model_id!r} was unloaded under this request"))
             self.cancel(rid, how=how)
@@ -131,25 +163,55 @@ class Serving:
         """Return once no request is in flight."""
         await self._idle.wait()
 
-    async def _run(self, req: GenerateRequest | EmbedRequest, scope: trio.CancelScope) -> None:
+    async def _work(self, job: _Job | None, keep: bool) -> None:
+        """Run ``job``, then (``keep``: a task of the services nursery) each request handed
+        to this task, while no more than ``_MAX_IDLE_WORKERS`` others wait."""
+        while job is not None:
+            with trio.CancelScope() as scope:
+                while job is not None:
+                    job.scope = scope
+                    if job.cancelled:
+                        scope.cancel()
+                    running, job = job, None
+                    await self._run(running)
+                    if scope.cancel_called:
+                        break  # this scope is spent: the next request gets a new one
+                    job = await self._next_job(keep)
+            if scope.cancel_called:
+                job = await self._next_job(keep)
+
+    async def _next_job(self, keep: bool) -> _Job | None:
+        """The next request handed to this task (:meth:`start`), or None: it is not kept."""
+        if not keep or len(self._workers) >= _MAX_IDLE_WORKERS or self.nursery is not self._workers_in:
+            return None
+        task = trio.lowlevel.current_task()
+        self._workers.append(task)
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self._workers.remove(task)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        return await trio.lowlevel.wait_task_rescheduled(abort)
+
+    async def _run(self, job: _Job) -> None:
+        req = job.req
         # push/pop rather than logs.bound: a generator-based context per request was a
         # measurable share of the neuron's CPU per request.
         fields = logs.push(request_id=req.request_id, model=req.model_id)
         try:
             if not telemetry.enabled():
-                await self._run_traced(req, scope, None)
+                await self._run_traced(req, job, None)
                 return
             kind = "embed" if isinstance(req, EmbedRequest) else "generate"
             span = telemetry.tracer().start_span(
                 f"neuron.{kind}", context=telemetry.parent_context(req.trace), kind=SpanKind.SERVER,
                 attributes={"helexa.request_id": req.request_id, "helexa.model": req.model_id})
             with trace.use_span(span, end_on_exit=True):
-                await self._run_traced(req, scope, span)
+                await self._run_traced(req, job, span)
         finally:
             logs.pop(fields)
 
-    async def _run_traced(self, req: GenerateRequest | EmbedRequest, scope: trio.CancelScope,
-                          span: trace.Span | None) -> None:
+    async def _run_traced(self, req: GenerateRequest | EmbedRequest, job: _Job, span: trace.Span | None) -> None:
         rid = req.request_id
         started: list[bool] = []
 
@@ -159,26 +221,26 @@ class Serving:
                 span.add_event("first_output")
 
         try:
-            with scope:
-                try:
-                    await self._answer(req, on_first=first, traced=span is not None)
-                except BackendError as exc:
-                    if span is not None:
-                        span.set_status(Status(StatusCode.ERROR, f"{exc.code}: {exc}"))
-                    await self._connection.try_send(
-                        InferenceError(rid, exc.code, str(exc), retryable=exc.retryable and not started)
-                    )
-                except (ChannelClosed, trio.TooSlowError):
-                    pass
-                except Exception as exc:
-                    log.exception("request %s failed", rid)
-                    await self._connection.try_send(
-                        InferenceError(rid, "internal_error", f"the neuron failed: {type(exc).__name__}")
-                    )
+            try:
+                await self._answer(req, on_first=first, traced=span is not None)
+            except BackendError as exc:
+                if span is not None:
+                    span.set_status(Status(StatusCode.ERROR, f"{exc.code}: {exc}"))
+                await self._connection.try_send(
+                    InferenceError(rid, exc.code, str(exc), retryable=exc.retryable and not started)
+                )
+            except (ChannelClosed, trio.TooSlowError):
+                pass
+            except Exception as exc:
+                log.exception("request %s failed", rid)
+                await self._connection.try_send(
+                    InferenceError(rid, "internal_error", f"the neuron failed: {type(exc).__name__}")
+                )
         finally:
+            job.scope = None
             if (ended := self._ended.pop(rid, None)) is not None:
                 ended.set()
-            if self._running.get(rid) is scope:
+            if self._running.get(rid) is job:
                 del self._running[rid]
             if not self._running:
                 self._idle.set()

@@ -4,7 +4,10 @@ app; every decision about HTTP is the connection's.
 One task per connection, and the app runs in it (HTTP/1.1 answers one request at a time
 per connection), so a request costs no task of its own. Reads wait no later than the
 connection's :attr:`~.Connection.deadline`; when it passes the connection is told
-(:meth:`~.Connection.timeout`). Writes go straight to the non-blocking socket
+(:meth:`~.Connection.timeout`). A read between requests (an idle keep-alive connection, a
+head that has not arrived whole) has its deadline kept by the server's :class:`.ReadSweep`,
+at most ``read_timeout / 20`` (and 0.5 s) late, rather than by a cancel scope of its own; a
+read of a body the app waits for keeps its scope. Writes go straight to the non-blocking socket
 (``os.write``) and only what does not fit goes through trio, under ``send_timeout``.
 
 The app is plain ASGI 3 (HTTP only):
@@ -42,6 +45,7 @@ from .connection import Connection, ErrorBody, plain_error
 from .errors import ClientGone, LocalProtocolError
 from .events import NEED_DATA, Data, Request
 from .parser import BoundedMemo
+from .read_sweep import ReadSweep
 from .states import State
 
 log = logging.getLogger(__name__)
@@ -126,6 +130,8 @@ class HttpServer:
         self._stop = trio.Event()
         self._drained = trio.Event()
         self._connections: set[_ServerConnection] = set()
+        self.sweep = ReadSweep(min(0.5, read_timeout / 20, keep_alive_timeout / 20))
+        """Keeps the deadlines of the reads between requests (see the module docstring)."""
 
     def stop(self) -> None:
         """Begin the graceful shutdown (see the module docstring); :meth:`run` returns when done."""
@@ -145,6 +151,7 @@ class HttpServer:
             host, port = listener.socket.getsockname()[:2]
             binds.append(f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}")
         async with trio.open_nursery() as nursery:
+            await nursery.start(self.sweep.run)
             async with trio.open_nursery() as accepting:
                 for listener, bind in zip(listeners, binds, strict=True):
                     # (a failed accept, the open-file limit reached, is said once a minute)
@@ -204,6 +211,9 @@ class _ServerConnection:
                                    max_head_bytes=server.max_header_bytes, error_body=server.error_body,
                                    date=server.clock.date)
         self.scope = trio.CancelScope()
+        self.due = math.inf
+        """While a read between requests waits: its deadline, which the server's sweep keeps
+        (:meth:`expire`); otherwise ``math.inf``."""
         self.exchange: _Exchange | None = None
         self.now = trio.lowlevel.current_clock().current_time
         """The run's clock (``trio.current_time()`` is four Python calls, this two)."""
@@ -220,6 +230,16 @@ class _ServerConnection:
         """The server is stopping: an idle connection closes now (its task is in a read)."""
         if self.protocol.shutdown():
             self.scope.cancel()
+
+    def expire(self, now: float) -> None:
+        """The server's sweep: the deadline of this connection's read between requests has
+        passed. The connection is told (it closes without a word: an idle one, or a head
+        that did not arrive whole) and its task's wait is cancelled. Bytes that came just
+        as it passed, when the task has already been woken for them, are dropped by the
+        closed connection, and no app is called."""
+        self.due = math.inf
+        self.protocol.timeout(now)
+        self.scope.cancel()
 
     async def serve(self) -> None:
         protocol = self.protocol
@@ -256,22 +276,23 @@ class _ServerConnection:
                 now = clock()
             if event is not NEED_DATA:
                 return event
-            data = await self.read(protocol.deadline)
+            data = await self.read(protocol.deadline, swept=self.exchange is None)
             now = clock()
             if data is None:
                 protocol.timeout(now)
             else:
                 protocol.receive_data(data, now)
 
-    async def read(self, deadline: float | None) -> bytes | None:
+    async def read(self, deadline: float | None, *, swept: bool = False) -> bytes | None:
         """The next bytes from the client (``b""``: it closed, or the read failed), or
         ``None`` when ``deadline`` passed first.
 
         Under load the bytes are usually there already (a keep-alive client's next
         request, a body sent behind its head): they are read straight from the
-        non-blocking socket, and only a read that would block opens a cancel scope for
-        the deadline and waits (a scope and trio's socket wrapper were a measured share of
-        a request's CPU: docs/benchmarks.md, item 2 of issue 17)."""
+        non-blocking socket, and only a read that would block waits, in a cancel scope for
+        the deadline; a ``swept`` read (between requests) waits in none, its deadline kept
+        by the server's sweep (:meth:`expire`). Scopes and trio's socket wrapper were a
+        measured share of a request's CPU: docs/benchmarks.md, issue 17 item 2."""
         try:
             data = os.read(self.fd, _MAX_RECV)
         except BlockingIOError:
@@ -294,6 +315,8 @@ class _ServerConnection:
                 await trio.lowlevel.checkpoint_if_cancelled()
             self._yields = getattr(task, "_schedule_points", None)
             return data
+        if swept:
+            return await self._wait_swept(math.inf if deadline is None else deadline)
         with trio.move_on_at(math.inf if deadline is None else deadline):
             while True:
                 await trio.lowlevel.wait_readable(self.fd)
@@ -304,6 +327,23 @@ class _ServerConnection:
                 except OSError:
                     return b""
         return None
+
+    async def _wait_swept(self, deadline: float) -> bytes:
+        sweep = self.server.sweep
+        self.due = deadline
+        sweep.add(self)
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(self.fd)
+                try:
+                    return os.read(self.fd, _MAX_RECV)
+                except BlockingIOError:
+                    continue  # woken with nothing to read after all
+                except OSError:
+                    return b""
+        finally:
+            self.due = math.inf
+            sweep.discard(self)
 
     async def write(self, data: bytes) -> None:
         """Write ``data`` to the client.
