@@ -9,7 +9,8 @@ gateway's lean HTTP server").
 from .connection import Connection, ErrorBody, plain_error
 from .errors import ClientGone, LocalProtocolError, RemoteProtocolError
 from .events import CLOSED, NEED_DATA, PAUSED, Data, Request
-from .server import BODY_EXTENSION, CANCEL_EXTENSION, App, HttpServer
+from .exchange import BODY_EXTENSION, CANCEL_EXTENSION
+from .server import App, HttpServer
 from .states import TRANSITIONS, Role, State, Trigger
 
 __all__ = [

@@ -30,21 +30,19 @@ from __future__ import annotations
 import logging
 import math
 import os
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 from typing import Any
-from urllib.parse import unquote
 
 import trio
 
 from helexa.transport.accept_errors import serve_listener
 
 from .connection import Connection, ErrorBody, plain_error
-from .errors import ClientGone, LocalProtocolError
-from .events import NEED_DATA, Data, Request
-from .parser import BoundedMemo
+from .errors import ClientGone
+from .events import NEED_DATA, Request
+from .exchange import AsgiExchange
 from .read_sweep import ReadSweep
 from .states import State
 
@@ -56,21 +54,6 @@ App = Callable[[dict[str, Any], Callable[[], Awaitable[dict[str, Any]]],
 _MAX_RECV = 65536
 
 
-_METHODS = BoundedMemo(bytes.decode, limit=64, longest=16,
-                       seed=(b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS"))
-"""``_METHODS[b"POST"]`` is ``"POST"``: a request method as the ASGI scope's string."""
-_DISCONNECT = {"type": "http.disconnect"}
-
-BODY_EXTENSION = "helexa.body"
-"""The ASGI scope's ``extensions`` key under which a request's whole body is given when
-it came with the head: the app may take it from there rather than through ``receive()``
-(which still hands it out too), and so wait for nothing and need no deadline for it."""
-
-CANCEL_EXTENSION = "helexa.cancel_scope"
-"""The ASGI scope's ``extensions`` key of the connection's ``trio.CancelScope``, around the
-app's call: an app that learns the client went away may cancel it rather than open a scope
-of its own per request (the request ends, and so does the connection, which has nobody
-left to answer)."""
 
 
 class _Clock:
@@ -214,7 +197,7 @@ class _ServerConnection:
         self.due = math.inf
         """While a read between requests waits: its deadline, which the server's sweep keeps
         (:meth:`expire`); otherwise ``math.inf``."""
-        self.exchange: _Exchange | None = None
+        self.exchange: AsgiExchange | None = None
         self.now = trio.lowlevel.current_clock().current_time
         """The run's clock (``trio.current_time()`` is four Python calls, this two)."""
         self._yields: int | None = -1  # the task's count of yields to the scheduler at its last read
@@ -247,7 +230,7 @@ class _ServerConnection:
             event = await self.next_event()
             if type(event) is not Request:
                 return  # CLOSED
-            exchange = self.exchange = _Exchange(self, event)
+            exchange = self.exchange = AsgiExchange(self, event)
             if protocol.client_state is State.BODY:
                 exchange.body = protocol.whole_body()
             failed = False
@@ -318,29 +301,26 @@ class _ServerConnection:
         if swept:
             return await self._wait_swept(math.inf if deadline is None else deadline)
         with trio.move_on_at(math.inf if deadline is None else deadline):
-            while True:
-                await trio.lowlevel.wait_readable(self.fd)
-                try:
-                    return os.read(self.fd, _MAX_RECV)
-                except BlockingIOError:
-                    continue  # woken with nothing to read after all
-                except OSError:
-                    return b""
+            return await self._read_ready()
         return None
+
+    async def _read_ready(self) -> bytes:
+        """Wait until the socket is readable and read (``b""``: the client closed)."""
+        while True:
+            await trio.lowlevel.wait_readable(self.fd)
+            try:
+                return os.read(self.fd, _MAX_RECV)
+            except BlockingIOError:
+                continue  # woken with nothing to read after all
+            except OSError:
+                return b""
 
     async def _wait_swept(self, deadline: float) -> bytes:
         sweep = self.server.sweep
         self.due = deadline
         sweep.add(self)
         try:
-            while True:
-                await trio.lowlevel.wait_readable(self.fd)
-                try:
-                    return os.read(self.fd, _MAX_RECV)
-                except BlockingIOError:
-                    continue  # woken with nothing to read after all
-                except OSError:
-                    return b""
+            return await self._read_ready()
         finally:
             self.due = math.inf
             sweep.discard(self)
@@ -377,129 +357,3 @@ class _ServerConnection:
             await self.write(data)
         except ClientGone:
             pass
-
-
-class _Exchange:
-    """One request and its response: the ``receive`` and ``send`` the app gets."""
-
-    __slots__ = ("conn", "request", "ended", "_ended_event", "watch", "body")
-
-    def __init__(self, conn: _ServerConnection, request: Request) -> None:
-        self.conn = conn
-        self.request = request
-        self.body: bytes | None = None
-        """The whole body, when it came with the head (until ``receive()`` hands it out)."""
-        self.ended = False
-        """Whether ``http.disconnect`` is due: the response is complete, the client left,
-        or the app returned."""
-        self._ended_event: trio.Event | None = None  # made only for a receive() that waits for the end
-        self.watch: trio.CancelScope | None = None
-
-    def asgi_scope(self) -> dict[str, Any]:
-        req = self.request
-        conn = self.conn
-        target = req.target
-        if target == conn._target:  # a keep-alive client asks for the same path again and again
-            path, raw_path, query = conn._path
-        else:
-            raw_path, _, query = target.partition(b"?")
-            path = raw_path.decode("latin-1")
-            if "%" in path:
-                path = unquote(path)
-            conn._target, conn._path = target, (path, raw_path, query)
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0", "spec_version": "2.3"},
-            "http_version": "1.1" if req.http_version == b"1.1" else req.http_version.decode(),
-            "method": _METHODS[req.method],
-            "scheme": "http",
-            "path": path,
-            "raw_path": raw_path,
-            "query_string": query,
-            "root_path": "",
-            "headers": req.headers,
-            "client": conn.client,
-            "server": conn.local,
-        }
-        extensions: dict[str, Any] = {CANCEL_EXTENSION: conn.scope}
-        if self.body is not None:
-            extensions[BODY_EXTENSION] = self.body
-        scope["extensions"] = extensions
-        return scope
-
-    def end(self) -> None:
-        self.ended = True
-        if self._ended_event is not None:
-            self._ended_event.set()
-        if self.watch is not None:
-            self.watch.cancel()
-
-    async def _wait_ended(self) -> None:
-        if self.ended:
-            await trio.lowlevel.checkpoint()
-            return
-        if self._ended_event is None:
-            self._ended_event = trio.Event()
-        await self._ended_event.wait()
-
-    async def receive(self) -> dict[str, Any]:
-        """ASGI ``receive``: the body's parts, then ``http.disconnect`` when it is due."""
-        conn = self.conn
-        if conn.exchange is not self or self.ended:
-            return dict(_DISCONNECT)
-        if self.body is not None:
-            body, self.body = self.body, None
-            return {"type": "http.request", "body": body, "more_body": False}
-        if conn.protocol.client_state is State.BODY:
-            event = await conn.next_event()
-            if type(event) is Data:
-                return {"type": "http.request", "body": event.body, "more_body": event.more}
-            return dict(_DISCONNECT)  # the client left mid-body, or its body was malformed or late
-        if not conn.protocol.exchange_open:
-            return dict(_DISCONNECT)
-        if self.watch is not None:  # a task is already watching the socket
-            await self._wait_ended()
-            return dict(_DISCONNECT)
-        self.watch = trio.CancelScope()
-        with self.watch:
-            try:
-                peek = await conn.stream.socket.recv(1, socket.MSG_PEEK)
-            except OSError:
-                peek = b""
-            if peek:
-                await self._wait_ended()  # a pipelined request: it waits its turn
-            else:
-                conn.protocol.receive_data(b"", conn.now())
-                self.end()
-        return dict(_DISCONNECT)
-
-    async def send(self, message: dict[str, Any]) -> None:
-        """ASGI ``send``.
-
-        Raises:
-            ClientGone: the client went away (see :meth:`.Connection.send_body`).
-            LocalProtocolError: a message out of order, of an unknown type, or after the
-                app returned.
-        """
-        conn = self.conn
-        if conn.exchange is not self:
-            raise LocalProtocolError("send() after the app returned")
-        kind = message["type"]
-        if kind == "http.response.body":
-            protocol = conn.protocol
-            try:
-                # (`in` and subscripts rather than .get: no method call per message)
-                protocol.send_body(message["body"] if "body" in message else b"",
-                                   "more_body" in message and message["more_body"])
-                data = protocol.data_to_send()
-                if data:
-                    await conn.write(data)
-            except ClientGone:
-                self.end()
-                raise
-            if protocol.server_state is State.DONE:
-                self.end()
-        elif kind == "http.response.start":
-            conn.protocol.start_response(message["status"], list(message["headers"]) if "headers" in message else [])
-        else:
-            raise LocalProtocolError(f"unexpected ASGI message {kind!r}")
