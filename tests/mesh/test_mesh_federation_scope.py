@@ -102,7 +102,7 @@ async def test_each_tenant_has_a_scope_of_its_own_on_the_serving_peer(nursery, t
     assert s1 == peer_scope(fa.mesh.peer_id, wire_scope(fb.mesh.peer_id, TENANT_1))
     assert {p for p, _ in wire} == {COUNTED_FEDERATION_PROTOCOL}
     assert {r.cache_scope for _, r in wire} == {wire_scope(fb.mesh.peer_id, t) for t in (TENANT_1, TENANT_2)}
-    assert isinstance(fa._idle[fb.mesh.peer_id][0][0], DirectStream) == (channel == "direct")
+    assert isinstance(fa.streams.idle[fb.mesh.peer_id][0][0], DirectStream) == (channel == "direct")
 
 
 @pytest.mark.parametrize("channel", CHANNELS)
@@ -120,7 +120,7 @@ async def test_a_peer_of_the_older_release_is_asked_without_scopes(nursery, tmp_
     if channel == "direct":
         assert fa.mesh.direct.stats.fallbacks == 0 and fb.mesh.direct.stats.refused == 2  # the /3 and /2 connections
     # A stream opened later goes straight to the protocol the peer chose.
-    await fa._idle[fb.mesh.peer_id].pop()[0].aclose()
+    await fa.streams.idle[fb.mesh.peer_id].pop()[0].aclose()
     assert isinstance(await ask(fa, "r4", TENANT_2), GenerateResult)
     assert wire[-1][0] == FEDERATION_PROTOCOL
     if channel == "direct":

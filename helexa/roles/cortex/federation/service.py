@@ -124,10 +124,6 @@ class Federation:
     def protocols(self, protocols: tuple[str, ...]) -> None:
         self.streams.protocols = protocols
 
-    @property
-    def _idle(self) -> dict[str, list[tuple[MessageStream, float]]]:
-        return self.streams.idle
-
     def _announced_operator(self, peer_id: str) -> str | None:
         ann = self.table.get(peer_id)
         return ann.operator if ann is not None else None
